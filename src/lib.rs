@@ -1,0 +1,13 @@
+//! flashpack: pack Mixture-of-Experts checkpoints into page-aligned, checksummed `.flashpack`
+//! files and run them with experts streamed from disk.
+//!
+//! Two pipelines, each a folder of stages (see docs/architecture.md):
+//! - convert: load -> profile -> merge -> quantize -> encode -> layout -> write
+//! - run: open -> read/decode -> cache -> compute -> sample
+//!
+//! `format` is the spec in code (formats/flashpack-v1.md), shared by writer and reader.
+//! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
+
+pub mod format;
+pub mod mapped;
+pub mod progress;

@@ -1,0 +1,65 @@
+//! The one place that maps files into memory.
+//!
+//! Everything that reads large files (packs, safetensors shards) goes through [`Bytes`], which
+//! is either a read-only memory map or an owned buffer (tests, fuzzing). Readers only ever see
+//! `&[u8]` and check every offset against its length.
+
+use std::fs::File;
+use std::ops::Deref;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Read-only bytes of a file or of a buffer. Cheap to clone.
+#[derive(Clone)]
+pub struct Bytes(Arc<Backing>);
+
+enum Backing {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    /// Maps `path` read-only. An empty file gives an empty buffer (mapping zero bytes fails on
+    /// some platforms).
+    pub fn map(path: &Path) -> std::io::Result<Bytes> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        if len == 0 {
+            return Ok(Bytes::from_vec(Vec::new()));
+        }
+        // SAFETY: the map is read-only and we never create a mutable view of it. What can still
+        // go wrong is outside this process: if another process truncates or rewrites the file
+        // while it is mapped, reads may see changed bytes or fault (SIGBUS). Changed bytes are
+        // caught by the blake3 checks of the format; the fault cannot be prevented by any mapped
+        // reader. flashpack itself never modifies a file in place (writers go through a
+        // temporary file and rename), so a pack it wrote stays valid while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(Bytes(Arc::new(Backing::Mapped(map))))
+    }
+
+    /// Wraps an owned buffer: the same readers work over it (tests, fuzzing).
+    pub fn from_vec(bytes: Vec<u8>) -> Bytes {
+        Bytes(Arc::new(Backing::Owned(bytes)))
+    }
+
+    /// Whether these bytes come from a memory map (and so may be advised to the kernel).
+    pub fn is_mapped(&self) -> bool {
+        matches!(*self.0, Backing::Mapped(_))
+    }
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &*self.0 {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
