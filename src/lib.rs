@@ -9,5 +9,6 @@
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
 pub mod format;
+pub mod inspect;
 pub mod mapped;
 pub mod progress;
