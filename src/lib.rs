@@ -10,4 +10,5 @@
 
 pub mod format;
 pub mod mapped;
+pub mod mlx;
 pub mod progress;
