@@ -8,7 +8,9 @@
 //! `format` is the spec in code (formats/flashpack-v1.md), shared by writer and reader.
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
+pub mod arch;
 pub mod format;
 pub mod inspect;
 pub mod mapped;
+pub mod mlx;
 pub mod progress;

@@ -1,0 +1,723 @@
+//! Supported Mixture-of-Experts architectures: config parsing and tensor names.
+//!
+//! In: a Hugging Face `config.json` (as a `serde_json::Value`) and tensor names from safetensors.
+//! Out: a normalized [`ModelConfig`] (stored in the pack metadata) and, per tensor name, a
+//! [`TensorRole`] saying whether it is an expert projection (and which), a router, a tensor that
+//! must stay full precision, or a dense tensor quantized by policy.
+//! Invariant: every architecture-specific detail lives in one file per architecture
+//! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`); this file only holds what they
+//! share. Both config dialects are accepted: transformers 5.x (`rope_parameters`,
+//! `num_local_experts`) and legacy (top-level `rope_theta` / `rope_scaling`, `num_experts`).
+
+mod mixtral;
+mod olmoe;
+mod qwen2_moe;
+mod qwen3_moe;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+/// Architectures whose experts flashpack can pack and run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Arch {
+    Qwen3Moe,
+    Mixtral,
+    Olmoe,
+    Qwen2Moe,
+}
+
+/// `model_type`s that are recognised but not supported yet; named in the error so users know
+/// the gap is known rather than a typo.
+pub const PLANNED_MODEL_TYPES: &[&str] = &["deepseek_v3", "gpt_oss"];
+
+impl Arch {
+    /// Every supported architecture, in the order shown to users.
+    pub const ALL: &'static [Arch] = &[Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe];
+
+    /// The Hugging Face `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Mixtral => "mixtral",
+            Arch::Olmoe => "olmoe",
+            Arch::Qwen2Moe => "qwen2_moe",
+        }
+    }
+
+    /// Looks up an architecture by `model_type`.
+    pub fn from_model_type(model_type: &str) -> Result<Arch, ArchError> {
+        Arch::ALL
+            .iter()
+            .copied()
+            .find(|a| a.model_type() == model_type)
+            .ok_or_else(|| ArchError::Unsupported {
+                model_type: model_type.to_string(),
+                supported: supported_list(),
+                planned: PLANNED_MODEL_TYPES.join(", "),
+            })
+    }
+
+    /// The upstream modelling files this architecture's names and config mirror.
+    pub fn upstream(self) -> &'static [&'static str] {
+        match self {
+            Arch::Qwen3Moe => qwen3_moe::UPSTREAM,
+            Arch::Mixtral => mixtral::UPSTREAM,
+            Arch::Olmoe => olmoe::UPSTREAM,
+            Arch::Qwen2Moe => qwen2_moe::UPSTREAM,
+        }
+    }
+
+    /// How this architecture names its MoE tensors.
+    pub fn names(self) -> &'static TensorNames {
+        match self {
+            Arch::Qwen3Moe => &qwen3_moe::NAMES,
+            Arch::Mixtral => &mixtral::NAMES,
+            Arch::Olmoe => &olmoe::NAMES,
+            Arch::Qwen2Moe => &qwen2_moe::NAMES,
+        }
+    }
+
+    /// What the tensor called `name` is (see [`TensorNames::classify`]).
+    pub fn classify(self, name: &str) -> TensorRole {
+        self.names().classify(name)
+    }
+}
+
+fn supported_list() -> String {
+    Arch::ALL
+        .iter()
+        .map(|a| a.model_type())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// Errors reading a model's `config.json`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArchError {
+    #[error(
+        "model_type {model_type:?} is not supported; supported: {supported} (planned: {planned})"
+    )]
+    Unsupported {
+        model_type: String,
+        supported: String,
+        planned: String,
+    },
+    #[error("config.json has no {field:?}; it is required for {arch}")]
+    MissingField {
+        field: &'static str,
+        arch: &'static str,
+    },
+    #[error("config.json field {field:?} is {found}; expected {expected}")]
+    BadField {
+        field: &'static str,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("config.json is inconsistent: {what}")]
+    Inconsistent { what: String },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid JSON: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Which q/k normalisation the attention applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// No q/k norm (Mixtral, Qwen2-MoE).
+    None,
+    /// RMSNorm over each head's `head_dim` values (Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over the full projected width, `heads * head_dim` (OLMoE).
+    FullWidth,
+}
+
+/// Rotary position embedding settings, normalized from either dialect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    pub theta: f64,
+    /// MLX's `traditional` flag (interleaved pairs); false for every supported checkpoint
+    /// unless the config says otherwise (`rope_traditional`, mlx-lm's key).
+    pub traditional: bool,
+    /// `rope_type` (5.x) or `rope_scaling.type` (legacy); "default" when unscaled.
+    pub rope_type: String,
+    /// The remaining scaling parameters as written (factor, original_max_position_embeddings,
+    /// ...), `None` when unscaled. Kept verbatim so a runtime can refuse what it cannot do.
+    pub scaling: Option<Value>,
+}
+
+/// A shared expert that every token goes through (Qwen2-MoE).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedExpert {
+    pub intermediate_size: usize,
+    /// Whether its output is scaled by `sigmoid(shared_expert_gate(x))`.
+    pub gated: bool,
+}
+
+/// A model's configuration, normalized across architectures and config dialects.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// Width of the dense MLP (layers that are not sparse). For Mixtral and OLMoE, whose every
+    /// layer is sparse, this equals `moe_intermediate_size`.
+    pub intermediate_size: usize,
+    /// Width of one routed expert (rows of its gate/up projections).
+    pub moe_intermediate_size: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    /// Whether the top-k routing weights are renormalised to sum to 1.
+    pub norm_topk_prob: bool,
+    pub rms_norm_eps: f64,
+    pub rope: Rope,
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections carry a bias.
+    pub attention_bias: bool,
+    pub qk_norm: QkNorm,
+    /// OLMoE's clamp of q/k/v activations, when set.
+    pub clip_qkv: Option<f64>,
+    pub shared_expert: Option<SharedExpert>,
+    /// Layer L is sparse when `(L + 1) % decoder_sparse_step == 0` and L is not in
+    /// `mlp_only_layers` (transformers' Qwen2MoeDecoderLayer rule).
+    pub decoder_sparse_step: usize,
+    pub mlp_only_layers: Vec<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Parses a `config.json` value of any supported architecture and either dialect.
+    pub fn from_json(v: &Value) -> Result<ModelConfig, ArchError> {
+        let model_type =
+            v.get("model_type")
+                .and_then(Value::as_str)
+                .ok_or(ArchError::MissingField {
+                    field: "model_type",
+                    arch: "any architecture",
+                })?;
+        let arch = Arch::from_model_type(model_type)?;
+        let cfg = match arch {
+            Arch::Qwen3Moe => qwen3_moe::parse(v)?,
+            Arch::Mixtral => mixtral::parse(v)?,
+            Arch::Olmoe => olmoe::parse(v)?,
+            Arch::Qwen2Moe => qwen2_moe::parse(v)?,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses `path` (a `config.json`).
+    pub fn from_file(path: &Path) -> Result<ModelConfig, ArchError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ArchError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| ArchError::Json {
+            path: path.display().to_string(),
+            source,
+        })?;
+        ModelConfig::from_json(&v)
+    }
+
+    /// Whether layer `layer` has routed experts.
+    pub fn is_sparse_layer(&self, layer: usize) -> bool {
+        self.num_experts > 0
+            && !self.mlp_only_layers.contains(&layer)
+            && (layer + 1) % self.decoder_sparse_step.max(1) == 0
+    }
+
+    /// The sparse layers, ascending.
+    pub fn sparse_layers(&self) -> Vec<usize> {
+        (0..self.num_hidden_layers)
+            .filter(|&l| self.is_sparse_layer(l))
+            .collect()
+    }
+
+    fn check(&self) -> Result<(), ArchError> {
+        let bad = |what: String| Err(ArchError::Inconsistent { what });
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
+            return bad("attention needs at least one head and one KV head".into());
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+            return bad(format!(
+                "num_experts_per_tok {} must be in 1..={} (num_experts)",
+                self.num_experts_per_tok, self.num_experts
+            ));
+        }
+        if self.decoder_sparse_step == 0 {
+            return bad("decoder_sparse_step is 0; use 1 for every layer sparse".into());
+        }
+        Ok(())
+    }
+}
+
+// ---- config field helpers shared by the per-architecture parsers ----
+
+/// Reads a field from a config, knowing which architecture asks (for error messages).
+pub(crate) struct Fields<'a> {
+    v: &'a Value,
+    arch: Arch,
+}
+
+impl<'a> Fields<'a> {
+    pub(crate) fn new(v: &'a Value, arch: Arch) -> Self {
+        Fields { v, arch }
+    }
+
+    fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.v.get(key).filter(|x| !x.is_null())
+    }
+
+    /// The first of `keys` present (dialect aliases), as a usize.
+    pub(crate) fn usize_any(&self, keys: &[&'static str]) -> Result<Option<usize>, ArchError> {
+        for &k in keys {
+            if let Some(x) = self.raw(k) {
+                return x
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| ArchError::BadField {
+                        field: k,
+                        found: x.to_string(),
+                        expected: "a non-negative integer",
+                    });
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn usize_req(&self, keys: &[&'static str]) -> Result<usize, ArchError> {
+        self.usize_any(keys)?.ok_or(ArchError::MissingField {
+            field: keys[0],
+            arch: self.arch.model_type(),
+        })
+    }
+
+    pub(crate) fn f64_opt(&self, key: &'static str) -> Result<Option<f64>, ArchError> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some(x) => x.as_f64().map(Some).ok_or_else(|| ArchError::BadField {
+                field: key,
+                found: x.to_string(),
+                expected: "a number",
+            }),
+        }
+    }
+
+    pub(crate) fn bool_or(&self, key: &'static str, default: bool) -> Result<bool, ArchError> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(x) => x.as_bool().ok_or_else(|| ArchError::BadField {
+                field: key,
+                found: x.to_string(),
+                expected: "true or false",
+            }),
+        }
+    }
+
+    pub(crate) fn usize_list(&self, key: &'static str) -> Result<Vec<usize>, ArchError> {
+        let bad = |x: &Value| ArchError::BadField {
+            field: key,
+            found: x.to_string(),
+            expected: "a list of layer indices",
+        };
+        match self.raw(key) {
+            None => Ok(Vec::new()),
+            Some(x) => x
+                .as_array()
+                .ok_or_else(|| bad(x))?
+                .iter()
+                .map(|e| {
+                    e.as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| bad(x))
+                })
+                .collect(),
+        }
+    }
+
+    /// A token id field that may be absent, an integer, or a list of integers.
+    pub(crate) fn token_ids(&self, key: &'static str) -> Result<Vec<u32>, ArchError> {
+        let bad = |x: &Value| ArchError::BadField {
+            field: key,
+            found: x.to_string(),
+            expected: "a token id or a list of token ids",
+        };
+        let one = |x: &Value| {
+            x.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(x))
+        };
+        match self.raw(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a.iter().map(one).collect(),
+            Some(x) => Ok(vec![one(x)?]),
+        }
+    }
+
+    /// Rope settings from either dialect: 5.x `rope_parameters: {rope_theta, rope_type, ...}`
+    /// wins over legacy top-level `rope_theta` / `rope_scaling`.
+    pub(crate) fn rope(&self, default_theta: f64) -> Result<Rope, ArchError> {
+        let traditional = self.bool_or("rope_traditional", false)?;
+        let legacy_theta = self.f64_opt("rope_theta")?;
+        let (theta, scaling_dict) = match self.raw("rope_parameters") {
+            Some(Value::Object(p)) => {
+                let theta = match p.get("rope_theta") {
+                    Some(t) => Some(t.as_f64().ok_or_else(|| ArchError::BadField {
+                        field: "rope_parameters.rope_theta",
+                        found: t.to_string(),
+                        expected: "a number",
+                    })?),
+                    None => legacy_theta,
+                };
+                (theta, Some(p.clone()))
+            }
+            Some(x) => {
+                return Err(ArchError::BadField {
+                    field: "rope_parameters",
+                    found: x.to_string(),
+                    expected: "an object",
+                })
+            }
+            None => match self.raw("rope_scaling") {
+                Some(Value::Object(s)) => (legacy_theta, Some(s.clone())),
+                Some(x) => {
+                    return Err(ArchError::BadField {
+                        field: "rope_scaling",
+                        found: x.to_string(),
+                        expected: "an object or null",
+                    })
+                }
+                None => (legacy_theta, None),
+            },
+        };
+        let mut rope_type = "default".to_string();
+        let mut scaling = None;
+        if let Some(mut d) = scaling_dict {
+            d.remove("rope_theta");
+            for key in ["rope_type", "type"] {
+                if let Some(t) = d.remove(key) {
+                    if let Some(s) = t.as_str() {
+                        rope_type = s.to_string();
+                    }
+                }
+            }
+            if rope_type != "default" || !d.is_empty() {
+                scaling = Some(Value::Object(d));
+            }
+        }
+        Ok(Rope {
+            theta: theta.unwrap_or(default_theta),
+            traditional,
+            rope_type,
+            scaling,
+        })
+    }
+
+    /// The fields every supported architecture shares, with per-architecture defaults.
+    pub(crate) fn common(&self, d: &Defaults) -> Result<ModelConfig, ArchError> {
+        let hidden_size = self.usize_req(&["hidden_size"])?;
+        let num_attention_heads = self.usize_req(&["num_attention_heads"])?;
+        if num_attention_heads == 0 {
+            return Err(ArchError::BadField {
+                field: "num_attention_heads",
+                found: "0".into(),
+                expected: "at least 1",
+            });
+        }
+        let num_key_value_heads = self
+            .usize_any(&["num_key_value_heads"])?
+            .unwrap_or(num_attention_heads);
+        let head_dim = self
+            .usize_any(&["head_dim"])?
+            .unwrap_or(hidden_size / num_attention_heads);
+        let intermediate_size = self.usize_req(&["intermediate_size"])?;
+        let moe_intermediate_size = self
+            .usize_any(&["moe_intermediate_size"])?
+            .unwrap_or(intermediate_size);
+        Ok(ModelConfig {
+            arch: self.arch,
+            hidden_size,
+            num_hidden_layers: self.usize_req(&["num_hidden_layers"])?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size: self.usize_req(&["vocab_size"])?,
+            intermediate_size,
+            moe_intermediate_size,
+            // 5.x writes num_local_experts for Qwen3-MoE and Mixtral, legacy configs num_experts.
+            num_experts: self.usize_req(&["num_local_experts", "num_experts"])?,
+            num_experts_per_tok: self.usize_req(&["num_experts_per_tok"])?,
+            norm_topk_prob: self.bool_or("norm_topk_prob", d.norm_topk_prob)?,
+            rms_norm_eps: self.f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
+            rope: self.rope(d.rope_theta)?,
+            max_position_embeddings: self.usize_any(&["max_position_embeddings"])?,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            attention_bias: self.bool_or("attention_bias", d.attention_bias)?,
+            qk_norm: d.qk_norm,
+            clip_qkv: None,
+            shared_expert: None,
+            decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),
+            mlp_only_layers: self.usize_list("mlp_only_layers")?,
+            bos_token_id: self.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: self.token_ids("eos_token_id")?,
+        })
+    }
+}
+
+/// Per-architecture defaults for fields a config may omit (transformers' config classes).
+pub(crate) struct Defaults {
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub norm_topk_prob: bool,
+    pub attention_bias: bool,
+    pub qk_norm: QkNorm,
+}
+
+// ---- tensor names ----
+
+/// One of an expert's three projections (SwiGLU: down(silu(gate(x)) * up(x))).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proj {
+    /// [I, H]
+    Gate,
+    /// [I, H]
+    Up,
+    /// [H, I]
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 3] = [Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The mlx-lm `switch_mlp` name (`gate_proj`, `up_proj`, `down_proj`).
+    pub fn mlx_name(self) -> &'static str {
+        match self {
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+}
+
+/// Which tensor of an (optionally MLX-quantized) linear layer a name refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// `.weight`: float weights, or U32 codes in an MLX-quantized checkpoint.
+    Weight,
+    /// `.scales` of an MLX-quantized layer.
+    Scales,
+    /// `.biases` of an MLX-quantized layer (the affine offsets, not a linear bias).
+    Biases,
+}
+
+impl Part {
+    fn from_suffix(s: &str) -> Option<Part> {
+        match s {
+            "weight" => Some(Part::Weight),
+            "scales" => Some(Part::Scales),
+            "biases" => Some(Part::Biases),
+            _ => None,
+        }
+    }
+
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Part::Weight => "weight",
+            Part::Scales => "scales",
+            Part::Biases => "biases",
+        }
+    }
+}
+
+/// What a tensor is, as far as packing is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    /// One expert's projection, per-expert layout (`...experts.N.gate_proj.weight`).
+    Expert {
+        layer: usize,
+        expert: usize,
+        proj: Proj,
+        part: Part,
+    },
+    /// transformers 5.x in-memory fused `experts.gate_up_proj` [E, 2I, H] (gate rows first).
+    FusedGateUp { layer: usize },
+    /// transformers 5.x in-memory fused `experts.down_proj` [E, H, I].
+    FusedDown { layer: usize },
+    /// mlx-lm stacked `switch_mlp.{gate,up,down}_proj.{weight,scales,biases}` [E, out, ...].
+    Stacked {
+        layer: usize,
+        proj: Proj,
+        part: Part,
+    },
+    /// The router `[E, H]`: kept at full precision (routing decisions are sensitive to it).
+    Router { layer: usize },
+    /// Norm weights, linear biases, gates of shared experts: small and precision-critical.
+    KeepFull,
+    /// Everything else (embeddings, attention, dense MLPs, shared experts, lm_head):
+    /// quantized or kept by the dense policy.
+    Dense,
+}
+
+/// How one architecture names its MoE tensors. Names are
+/// `model.layers.{L}.{block}.{rest}` with `block` one of `moe_blocks`.
+#[derive(Debug)]
+pub struct TensorNames {
+    /// Module names of the sparse block: on-disk first, then aliases (Mixtral's on-disk
+    /// `block_sparse_moe` is `mlp` in transformers 5.x memory).
+    pub moe_blocks: &'static [&'static str],
+    /// Per-expert projection names for gate, up, down.
+    pub expert_projs: [&'static str; 3],
+    /// Router module under the block (`gate`).
+    pub router: &'static str,
+    /// Modules under the block that stay full precision besides the router
+    /// (Qwen2-MoE's `shared_expert_gate`).
+    pub keep_full: &'static [&'static str],
+}
+
+impl TensorNames {
+    /// The on-disk per-expert name of expert `expert`'s `proj` in layer `layer`.
+    pub fn expert(&self, layer: usize, expert: usize, proj: Proj, part: Part) -> String {
+        format!(
+            "model.layers.{layer}.{}.experts.{expert}.{}.{}",
+            self.moe_blocks[0],
+            self.expert_projs[proj as usize],
+            part.suffix()
+        )
+    }
+
+    /// The on-disk router weight name of layer `layer`.
+    pub fn router(&self, layer: usize) -> String {
+        format!(
+            "model.layers.{layer}.{}.{}.weight",
+            self.moe_blocks[0], self.router
+        )
+    }
+
+    /// The mlx-lm stacked name (`model.layers.L.{block}.switch_mlp.gate_proj.weight`).
+    pub fn stacked(&self, layer: usize, proj: Proj, part: Part) -> String {
+        format!(
+            "model.layers.{layer}.{}.switch_mlp.{}.{}",
+            self.moe_blocks[0],
+            proj.mlx_name(),
+            part.suffix()
+        )
+    }
+
+    /// Classifies one tensor name.
+    pub fn classify(&self, name: &str) -> TensorRole {
+        let Some((layer, block_rest)) = split_layer(name) else {
+            return if is_keep_full_leaf(name) {
+                TensorRole::KeepFull
+            } else {
+                TensorRole::Dense
+            };
+        };
+        let Some(rest) = self
+            .moe_blocks
+            .iter()
+            .find_map(|b| block_rest.strip_prefix(b).and_then(|r| r.strip_prefix('.')))
+        else {
+            return if is_keep_full_leaf(block_rest) {
+                TensorRole::KeepFull
+            } else {
+                TensorRole::Dense
+            };
+        };
+        if rest == format!("{}.weight", self.router) {
+            return TensorRole::Router { layer };
+        }
+        if self
+            .keep_full
+            .iter()
+            .any(|k| rest.starts_with(k) && rest[k.len()..].starts_with('.'))
+        {
+            return TensorRole::KeepFull;
+        }
+        if rest == "experts.gate_up_proj" {
+            return TensorRole::FusedGateUp { layer };
+        }
+        if rest == "experts.down_proj" {
+            return TensorRole::FusedDown { layer };
+        }
+        if let Some(r) = rest.strip_prefix("experts.") {
+            if let Some((n, tail)) = r.split_once('.') {
+                if let (Ok(expert), Some((pname, suffix))) = (n.parse(), tail.split_once('.')) {
+                    let proj = self.expert_projs.iter().position(|p| *p == pname);
+                    if let (Some(p), Some(part)) = (proj, Part::from_suffix(suffix)) {
+                        return TensorRole::Expert {
+                            layer,
+                            expert,
+                            proj: Proj::ALL[p],
+                            part,
+                        };
+                    }
+                }
+            }
+        }
+        if let Some(r) = rest.strip_prefix("switch_mlp.") {
+            if let Some((pname, suffix)) = r.split_once('.') {
+                let proj = Proj::ALL.iter().find(|p| p.mlx_name() == pname);
+                if let (Some(&proj), Some(part)) = (proj, Part::from_suffix(suffix)) {
+                    return TensorRole::Stacked { layer, proj, part };
+                }
+            }
+        }
+        if is_keep_full_leaf(rest) {
+            TensorRole::KeepFull
+        } else {
+            TensorRole::Dense
+        }
+    }
+}
+
+/// `model.layers.{L}.{rest}` -> (L, rest).
+fn split_layer(name: &str) -> Option<(usize, &str)> {
+    let r = name.strip_prefix("model.layers.")?;
+    let (l, rest) = r.split_once('.')?;
+    Some((l.parse().ok()?, rest))
+}
+
+/// Norm weights and linear biases stay full precision whatever the policy.
+fn is_keep_full_leaf(name: &str) -> bool {
+    name.ends_with(".bias")
+        || name
+            .rsplit('.')
+            .nth(1)
+            .is_some_and(|module| module.contains("norm"))
+        || name.ends_with("e_score_correction_bias")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,42 @@
+//! OLMoE: config fields and tensor names.
+//!
+//! In: a `config.json` with `model_type: "olmoe"`. Out: a [`ModelConfig`] where every layer is
+//! sparse, the expert width is `intermediate_size`, and q/k RMSNorm spans the full projected
+//! width (`heads * head_dim`), not one head.
+//! Experts on disk: `model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight`; router
+//! `model.layers.L.mlp.gate.weight` [E, H].
+
+use super::{Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, TensorNames};
+use serde_json::Value;
+
+pub(super) const UPSTREAM: &[&str] = &[
+    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/olmoe/modeling_olmoe.py",
+    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/olmoe.py",
+];
+
+pub(super) const NAMES: TensorNames = TensorNames {
+    moe_blocks: &["mlp"],
+    expert_projs: ["gate_proj", "up_proj", "down_proj"],
+    router: "gate",
+    keep_full: &[],
+};
+
+pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
+    let f = Fields::new(v, Arch::Olmoe);
+    // Defaults of transformers' OlmoeConfig.
+    let d = Defaults {
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        norm_topk_prob: false,
+        attention_bias: false,
+        // self.q_norm = nn.RMSNorm(n_heads * head_dim, args.rms_norm_eps)  (mlx-lm olmoe.py)
+        qk_norm: QkNorm::FullWidth,
+    };
+    let mut cfg = f.common(&d)?;
+    // OLMoE's experts are intermediate_size wide (SwitchGLU(hidden, intermediate_size, E)).
+    cfg.moe_intermediate_size = cfg.intermediate_size;
+    cfg.decoder_sparse_step = 1;
+    cfg.mlp_only_layers.clear();
+    cfg.clip_qkv = f.f64_opt("clip_qkv")?;
+    Ok(cfg)
+}

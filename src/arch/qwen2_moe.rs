@@ -1,0 +1,46 @@
+//! Qwen2-MoE: config fields and tensor names.
+//!
+//! In: a `config.json` with `model_type: "qwen2_moe"`. Out: a [`ModelConfig`] with q/k/v biases,
+//! no q/k norm, and a sigmoid-gated shared expert in every sparse layer.
+//! Experts on disk: `model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight`; router
+//! `mlp.gate.weight` [E, H]; shared expert `mlp.shared_expert.{gate,up,down}_proj.weight`
+//! (dense policy) and its gate `mlp.shared_expert_gate.weight` [1, H] (full precision).
+
+use super::{Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, SharedExpert, TensorNames};
+use serde_json::Value;
+
+pub(super) const UPSTREAM: &[&str] = &[
+    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2_moe/modeling_qwen2_moe.py",
+    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen2_moe.py",
+];
+
+pub(super) const NAMES: TensorNames = TensorNames {
+    moe_blocks: &["mlp"],
+    expert_projs: ["gate_proj", "up_proj", "down_proj"],
+    router: "gate",
+    // mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output  (mlx-lm qwen2_moe.py):
+    // a one-row gate that scales a whole branch; quantizing it buys nothing.
+    keep_full: &["shared_expert_gate"],
+};
+
+pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
+    let f = Fields::new(v, Arch::Qwen2Moe);
+    // Defaults of transformers' Qwen2MoeConfig; q/k/v always carry a bias
+    // (nn.Linear(dim, n_heads * head_dim, bias=True) in mlx-lm qwen2_moe.py).
+    let d = Defaults {
+        rope_theta: 1_000_000.0,
+        rms_norm_eps: 1e-6,
+        norm_topk_prob: false,
+        attention_bias: true,
+        qk_norm: QkNorm::None,
+    };
+    let mut cfg = f.common(&d)?;
+    cfg.attention_bias = f.bool_or("qkv_bias", true)?;
+    cfg.moe_intermediate_size = f.usize_req(&["moe_intermediate_size"])?;
+    let shared = f.usize_req(&["shared_expert_intermediate_size"])?;
+    cfg.shared_expert = (shared > 0).then_some(SharedExpert {
+        intermediate_size: shared,
+        gated: true,
+    });
+    Ok(cfg)
+}

@@ -1,0 +1,382 @@
+use super::*;
+use serde_json::json;
+
+fn qwen3_5x() -> Value {
+    // The bundled trained model's config minus its legacy keys: transformers 5.x dialect.
+    json!({
+        "model_type": "qwen3_moe", "hidden_size": 256, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 8192,
+        "intermediate_size": 512, "moe_intermediate_size": 128, "num_local_experts": 32,
+        "num_experts_per_tok": 4, "norm_topk_prob": true, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "max_position_embeddings": 2048, "tie_word_embeddings": false, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "bos_token_id": 0, "eos_token_id": 0
+    })
+}
+
+fn qwen3_legacy() -> Value {
+    let mut v = qwen3_5x();
+    let o = v.as_object_mut().unwrap();
+    o.remove("rope_parameters");
+    o.remove("num_local_experts");
+    o.insert("num_experts".into(), json!(32));
+    o.insert("rope_theta".into(), json!(10000.0));
+    o.insert("rope_scaling".into(), Value::Null);
+    v
+}
+
+#[test]
+fn qwen3_both_dialects_agree() {
+    let a = ModelConfig::from_json(&qwen3_5x()).unwrap();
+    let b = ModelConfig::from_json(&qwen3_legacy()).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.arch, Arch::Qwen3Moe);
+    assert_eq!(
+        (
+            a.num_experts,
+            a.num_experts_per_tok,
+            a.moe_intermediate_size
+        ),
+        (32, 4, 128)
+    );
+    assert_eq!(a.rope.theta, 10000.0);
+    assert_eq!(a.rope.rope_type, "default");
+    assert_eq!(a.rope.scaling, None);
+    assert_eq!(a.qk_norm, QkNorm::PerHead);
+    assert_eq!(a.bos_token_id, Some(0));
+    assert_eq!(a.eos_token_ids, vec![0]);
+    assert_eq!(a.sparse_layers(), vec![0, 1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn bundled_model_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny/config.json");
+    let c = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(c, ModelConfig::from_json(&qwen3_5x()).unwrap());
+}
+
+#[test]
+fn five_x_rope_parameters_win_and_keep_scaling() {
+    let mut v = qwen3_5x();
+    v["rope_theta"] = json!(1.0); // a stale legacy key must not override rope_parameters
+    v["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "yarn", "factor": 4.0,
+               "original_max_position_embeddings": 4096});
+    let c = ModelConfig::from_json(&v).unwrap();
+    assert_eq!(c.rope.theta, 500000.0);
+    assert_eq!(c.rope.rope_type, "yarn");
+    assert_eq!(
+        c.rope.scaling,
+        Some(json!({"factor": 4.0, "original_max_position_embeddings": 4096}))
+    );
+}
+
+#[test]
+fn legacy_rope_scaling_is_read() {
+    let mut v = qwen3_legacy();
+    v["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+    let c = ModelConfig::from_json(&v).unwrap();
+    assert_eq!(c.rope.rope_type, "linear");
+    assert_eq!(c.rope.scaling, Some(json!({"factor": 2.0})));
+}
+
+fn mixtral(five_x: bool) -> Value {
+    let mut v = json!({
+        "model_type": "mixtral", "hidden_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+        "intermediate_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "rope_traditional": false
+    });
+    if five_x {
+        v["rope_parameters"] = json!({"rope_theta": 1e6, "rope_type": "default"});
+    } else {
+        v["rope_theta"] = json!(1e6);
+    }
+    v
+}
+
+#[test]
+fn mixtral_both_dialects() {
+    let a = ModelConfig::from_json(&mixtral(true)).unwrap();
+    let b = ModelConfig::from_json(&mixtral(false)).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.arch, Arch::Mixtral);
+    assert_eq!(a.head_dim, 32); // hidden / heads when head_dim is absent
+    assert_eq!(a.moe_intermediate_size, 256);
+    assert!(a.norm_topk_prob);
+    assert_eq!(a.qk_norm, QkNorm::None);
+    assert_eq!(a.rope.theta, 1e6);
+}
+
+#[test]
+fn mixtral_default_theta_when_absent() {
+    let mut v = mixtral(false);
+    v.as_object_mut().unwrap().remove("rope_theta");
+    assert_eq!(ModelConfig::from_json(&v).unwrap().rope.theta, 1_000_000.0);
+}
+
+fn olmoe(five_x: bool) -> Value {
+    let mut v = json!({
+        "model_type": "olmoe", "hidden_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 512, "intermediate_size": 64,
+        "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": false,
+        "clip_qkv": null, "eos_token_id": [50279, 1]
+    });
+    if five_x {
+        v["rope_parameters"] = json!({"rope_theta": 10000.0, "rope_type": "default"});
+    } else {
+        v["rope_theta"] = json!(10000.0);
+    }
+    v
+}
+
+#[test]
+fn olmoe_both_dialects() {
+    let a = ModelConfig::from_json(&olmoe(true)).unwrap();
+    assert_eq!(a, ModelConfig::from_json(&olmoe(false)).unwrap());
+    assert_eq!(a.qk_norm, QkNorm::FullWidth);
+    assert_eq!(a.num_key_value_heads, 4); // defaults to the head count
+    assert_eq!(a.moe_intermediate_size, 64);
+    assert_eq!(a.eos_token_ids, vec![50279, 1]);
+    assert_eq!(a.bos_token_id, None);
+    assert_eq!(a.clip_qkv, None);
+}
+
+fn qwen2(five_x: bool) -> Value {
+    let mut v = json!({
+        "model_type": "qwen2_moe", "hidden_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512,
+        "intermediate_size": 256, "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
+        "decoder_sparse_step": 2, "mlp_only_layers": [3]
+    });
+    if five_x {
+        v["rope_parameters"] = json!({"rope_theta": 1e6, "rope_type": "default"});
+    } else {
+        v["rope_theta"] = json!(1e6);
+    }
+    v
+}
+
+#[test]
+fn qwen2_both_dialects_and_sparse_layers() {
+    let a = ModelConfig::from_json(&qwen2(true)).unwrap();
+    assert_eq!(a, ModelConfig::from_json(&qwen2(false)).unwrap());
+    assert_eq!(
+        a.shared_expert,
+        Some(SharedExpert {
+            intermediate_size: 128,
+            gated: true
+        })
+    );
+    assert!(a.attention_bias);
+    // (L + 1) % 2 == 0 -> layers 1 and 3; 3 is mlp-only.
+    assert_eq!(a.sparse_layers(), vec![1]);
+}
+
+#[test]
+fn config_round_trips_through_serde() {
+    let c = ModelConfig::from_json(&qwen2(true)).unwrap();
+    let s = serde_json::to_string(&c).unwrap();
+    assert_eq!(serde_json::from_str::<ModelConfig>(&s).unwrap(), c);
+    assert!(s.contains("\"arch\":\"qwen2_moe\""));
+}
+
+#[test]
+fn rejects_unsupported_model_type_naming_the_list() {
+    let mut v = qwen3_5x();
+    v["model_type"] = json!("deepseek_v3");
+    let err = ModelConfig::from_json(&v).unwrap_err();
+    assert!(
+        matches!(&err, ArchError::Unsupported { model_type, .. } if model_type == "deepseek_v3")
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("qwen3_moe, mixtral, olmoe, qwen2_moe"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn rejects_missing_expert_count() {
+    let mut v = qwen3_5x();
+    v.as_object_mut().unwrap().remove("num_local_experts");
+    let err = ModelConfig::from_json(&v).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArchError::MissingField {
+                field: "num_local_experts",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn rejects_wrong_field_type() {
+    let mut v = qwen3_5x();
+    v["hidden_size"] = json!("256");
+    let err = ModelConfig::from_json(&v).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArchError::BadField {
+                field: "hidden_size",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn rejects_top_k_above_expert_count() {
+    let mut v = qwen3_5x();
+    v["num_experts_per_tok"] = json!(33);
+    assert!(matches!(
+        ModelConfig::from_json(&v).unwrap_err(),
+        ArchError::Inconsistent { .. }
+    ));
+}
+
+#[test]
+fn classifies_qwen3_names() {
+    let a = Arch::Qwen3Moe;
+    assert_eq!(
+        a.classify("model.layers.3.mlp.experts.17.down_proj.weight"),
+        TensorRole::Expert {
+            layer: 3,
+            expert: 17,
+            proj: Proj::Down,
+            part: Part::Weight
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.0.mlp.gate.weight"),
+        TensorRole::Router { layer: 0 }
+    );
+    assert_eq!(
+        a.classify("model.layers.2.mlp.experts.gate_up_proj"),
+        TensorRole::FusedGateUp { layer: 2 }
+    );
+    assert_eq!(
+        a.classify("model.layers.2.mlp.experts.down_proj"),
+        TensorRole::FusedDown { layer: 2 }
+    );
+    assert_eq!(
+        a.classify("model.layers.5.mlp.switch_mlp.up_proj.scales"),
+        TensorRole::Stacked {
+            layer: 5,
+            proj: Proj::Up,
+            part: Part::Scales
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.0.self_attn.q_norm.weight"),
+        TensorRole::KeepFull
+    );
+    assert_eq!(
+        a.classify("model.layers.0.input_layernorm.weight"),
+        TensorRole::KeepFull
+    );
+    assert_eq!(a.classify("model.norm.weight"), TensorRole::KeepFull);
+    assert_eq!(
+        a.classify("model.layers.0.self_attn.q_proj.weight"),
+        TensorRole::Dense
+    );
+    assert_eq!(a.classify("model.embed_tokens.weight"), TensorRole::Dense);
+    assert_eq!(a.classify("lm_head.weight"), TensorRole::Dense);
+    // Dense MLP of an mlp-only layer: quantized by policy, not an expert.
+    assert_eq!(
+        a.classify("model.layers.1.mlp.gate_proj.weight"),
+        TensorRole::Dense
+    );
+    assert_eq!(
+        a.names().expert(3, 17, Proj::Down, Part::Weight),
+        "model.layers.3.mlp.experts.17.down_proj.weight"
+    );
+    assert_eq!(a.names().router(4), "model.layers.4.mlp.gate.weight");
+}
+
+#[test]
+fn classifies_mixtral_names_on_disk_and_in_memory() {
+    let a = Arch::Mixtral;
+    assert_eq!(
+        a.classify("model.layers.1.block_sparse_moe.experts.7.w3.weight"),
+        TensorRole::Expert {
+            layer: 1,
+            expert: 7,
+            proj: Proj::Up,
+            part: Part::Weight
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.1.block_sparse_moe.experts.7.w2.weight"),
+        TensorRole::Expert {
+            layer: 1,
+            expert: 7,
+            proj: Proj::Down,
+            part: Part::Weight
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.1.block_sparse_moe.gate.weight"),
+        TensorRole::Router { layer: 1 }
+    );
+    assert_eq!(
+        a.classify("model.layers.1.mlp.gate.weight"),
+        TensorRole::Router { layer: 1 }
+    );
+    assert_eq!(
+        a.classify("model.layers.1.mlp.experts.gate_up_proj"),
+        TensorRole::FusedGateUp { layer: 1 }
+    );
+    assert_eq!(
+        a.classify("model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight"),
+        TensorRole::Stacked {
+            layer: 0,
+            proj: Proj::Gate,
+            part: Part::Weight
+        }
+    );
+    assert_eq!(
+        a.names().expert(0, 2, Proj::Gate, Part::Weight),
+        "model.layers.0.block_sparse_moe.experts.2.w1.weight"
+    );
+    assert_eq!(
+        a.names().stacked(0, Proj::Down, Part::Biases),
+        "model.layers.0.block_sparse_moe.switch_mlp.down_proj.biases"
+    );
+}
+
+#[test]
+fn classifies_qwen2_shared_expert() {
+    let a = Arch::Qwen2Moe;
+    assert_eq!(
+        a.classify("model.layers.0.mlp.shared_expert_gate.weight"),
+        TensorRole::KeepFull
+    );
+    assert_eq!(
+        a.classify("model.layers.0.mlp.shared_expert.up_proj.weight"),
+        TensorRole::Dense
+    );
+    assert_eq!(
+        a.classify("model.layers.0.self_attn.q_proj.bias"),
+        TensorRole::KeepFull
+    );
+}
+
+#[test]
+fn mlx_quantized_dense_parts_are_dense_not_biases() {
+    // `.biases` is the affine offset of a quantized layer, not a linear bias.
+    let a = Arch::Olmoe;
+    assert_eq!(
+        a.classify("model.layers.0.self_attn.q_proj.biases"),
+        TensorRole::Dense
+    );
+    assert_eq!(
+        a.classify("model.layers.0.self_attn.q_proj.bias"),
+        TensorRole::KeepFull
+    );
+}
