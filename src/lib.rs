@@ -8,6 +8,7 @@
 //! `format` is the spec in code (formats/flashpack-v1.md), shared by writer and reader.
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
+pub mod codec;
 pub mod format;
 pub mod mapped;
 pub mod progress;
