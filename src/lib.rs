@@ -9,6 +9,7 @@
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
 pub mod arch;
+pub mod codec;
 pub mod format;
 pub mod inspect;
 pub mod mapped;

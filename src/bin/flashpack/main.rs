@@ -1,5 +1,6 @@
 //! The `flashpack` command line: one file per subcommand. Exit codes: 0 ok, 1 error, 2 usage.
 
+mod bench;
 mod inspect;
 mod verify;
 
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmarks that print tables (codecs, ...).
+    Bench(bench::BenchArgs),
     /// Show what a pack holds: model, sizes, bits per weight, codecs, layout, provenance.
     Inspect(inspect::InspectArgs),
     /// Hash every byte of a pack; name every damaged section, tensor or segment.
@@ -25,6 +28,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::run(args),
         Command::Verify(args) => verify::run(args),
     };
