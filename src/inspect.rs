@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::format::{codec_id, required, optional, Pack, SectionKind};
+use crate::format::{codec_id, optional, required, Pack, SectionKind};
 
 /// Sizes and bits of one kind of weight.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -99,14 +99,23 @@ impl PackReport {
         for e in pack.experts() {
             let weights = 3 * e.row_count as u64 * h;
             experts.add(e.stored_len, weights);
-            by_bits.entry(format!("{}-bit", e.bits)).or_default().add(e.stored_len, weights);
+            by_bits
+                .entry(format!("{}-bit", e.bits))
+                .or_default()
+                .add(e.stored_len, weights);
             let mut count = |codec: u8, part: &str, bytes: u64| {
-                let c = codecs.entry(format!("{part}:{}", codec_id::name(codec))).or_default();
+                let c = codecs
+                    .entry(format!("{part}:{}", codec_id::name(codec)))
+                    .or_default();
                 c.0 += 1;
                 c.1 += bytes;
             };
             count(e.weight_codec, "weights", e.weights_stored_len);
-            count(e.aux_codec, "scales+biases", e.stored_len - e.weights_stored_len);
+            count(
+                e.aux_codec,
+                "scales+biases",
+                e.stored_len - e.weights_stored_len,
+            );
             if e.segment == 0 {
                 *per_layer.entry(e.layer).or_default() += 1;
             }
@@ -130,12 +139,18 @@ impl PackReport {
             + crate::format::Header::encoded_len(header.sections.len()) as u64;
         let padding = file_bytes.saturating_sub(content);
         let names = |bits: u64, table: &[(u64, &'static str)]| {
-            table.iter().filter(|(b, _)| bits & b != 0).map(|(_, n)| *n).collect()
+            table
+                .iter()
+                .filter(|(b, _)| bits & b != 0)
+                .map(|(_, n)| *n)
+                .collect()
         };
         PackReport {
             format_version: format!("{}.{}", header.major, header.minor),
             architecture: meta["architecture"].as_str().unwrap_or("?").to_string(),
-            layers: meta["model"]["num_hidden_layers"].as_u64().unwrap_or(per_layer.len() as u64),
+            layers: meta["model"]["num_hidden_layers"]
+                .as_u64()
+                .unwrap_or(per_layer.len() as u64),
             experts_per_layer: per_layer,
             segments: pack.experts().len(),
             hidden_size: pack.hidden_size(),

@@ -15,3 +15,4 @@ pub mod inspect;
 pub mod mapped;
 pub mod mlx;
 pub mod progress;
+pub mod run;

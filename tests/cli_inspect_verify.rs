@@ -7,7 +7,10 @@ use std::process::Command;
 use common::*;
 
 fn flashpack(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flashpack")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -15,7 +18,11 @@ fn inspect_json_reports_sizes_and_layout() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_small_pack(dir.path(), 16384);
     let out = flashpack(&["inspect", path.to_str().unwrap(), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["architecture"], "qwen3_moe");
     assert_eq!(v["page_size"], 16384);
@@ -23,7 +30,10 @@ fn inspect_json_reports_sizes_and_layout() {
     assert_eq!(v["experts_per_layer"]["0"], 2);
     // raw 4-bit codes with bf16 group-64 scales and biases: 4 + 2*16/64 = 4.5 bits per weight
     assert_eq!(v["experts"]["bits_per_weight"], 4.5);
-    assert_eq!(v["expert_bits"]["4-bit"]["weights"], 2 * (128 + 128) * 3 * 128);
+    assert_eq!(
+        v["expert_bits"]["4-bit"]["weights"],
+        2 * (128 + 128) * 3 * 128
+    );
     assert_eq!(v["required_features"][0], "VERTICAL_SEGMENTS");
     let text = flashpack(&["inspect", path.to_str().unwrap()]);
     assert!(text.status.success());
@@ -35,7 +45,11 @@ fn verify_passes_then_names_damage() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_small_pack(dir.path(), 4096);
     let out = flashpack(&["verify", path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pack = flashpack::format::Pack::open(&path).unwrap();
     let seg = pack.expert_segments(0, 1)[0].clone();
     drop(pack);

@@ -86,7 +86,12 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     if a.synthetic {
         for &bits in &a.bits {
             let (codes, _) = quantize(&synthetic_weights(8 << 20, 0x5eed), 64, bits, 8 * 64);
-            datasets.push(Dataset::from_bytes(format!("synthetic-gauss-{bits}bit"), bits, &codes, seg));
+            datasets.push(Dataset::from_bytes(
+                format!("synthetic-gauss-{bits}bit"),
+                bits,
+                &codes,
+                seg,
+            ));
         }
     }
     for path in &a.codes {
@@ -97,10 +102,18 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     for path in &a.safetensors {
         let tensors = load_float_tensors(path, a.name_contains.as_deref())?;
         if tensors.is_empty() {
-            bail!("no 2-D float tensor with a last dimension that is a multiple of 64 in {}", path.display());
+            bail!(
+                "no 2-D float tensor with a last dimension that is a multiple of 64 in {}",
+                path.display()
+            );
         }
         let params: usize = tensors.iter().map(|t| t.values.len()).sum();
-        eprintln!("{}: {} tensors, {:.2}M weights", path.display(), tensors.len(), params as f64 / 1e6);
+        eprintln!(
+            "{}: {} tensors, {:.2}M weights",
+            path.display(),
+            tensors.len(),
+            params as f64 / 1e6
+        );
         for &bits in &a.bits {
             let mut codes = Vec::new();
             let mut aux = Vec::new();
@@ -110,9 +123,19 @@ fn codecs(a: CodecsArgs) -> Result<()> {
                 aux.extend_from_slice(&sb);
             }
             let name = file_label(path);
-            datasets.push(Dataset::from_bytes(format!("{name} {bits}-bit"), bits, &codes, seg));
+            datasets.push(Dataset::from_bytes(
+                format!("{name} {bits}-bit"),
+                bits,
+                &codes,
+                seg,
+            ));
             if a.aux {
-                datasets.push(Dataset::from_bytes(format!("{name} {bits}-bit scales+biases bf16"), 16, &aux, seg));
+                datasets.push(Dataset::from_bytes(
+                    format!("{name} {bits}-bit scales+biases bf16"),
+                    16,
+                    &aux,
+                    seg,
+                ));
             }
         }
     }
@@ -140,7 +163,10 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("segments of {} KiB; decode MB/s are of decoded bytes; best of {} rounds", a.segment_kib, a.rounds);
+        println!(
+            "segments of {} KiB; decode MB/s are of decoded bytes; best of {} rounds",
+            a.segment_kib, a.rounds
+        );
         println!();
         print!("{}", format_table(&rows));
     }
@@ -148,12 +174,19 @@ fn codecs(a: CodecsArgs) -> Result<()> {
 }
 
 fn file_label(path: &Path) -> String {
-    let p = if path.is_file() && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model")) {
+    let p = if path.is_file()
+        && path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("model"))
+    {
         path.parent().unwrap_or(path)
     } else {
         path
     };
-    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 struct Tensor {
@@ -181,7 +214,10 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
         let bytes = Bytes::map(&f).with_context(|| format!("mapping {}", f.display()))?;
         let b: &[u8] = &bytes;
         if b.len() < 8 {
-            bail!("{} is not a safetensors file (shorter than 8 bytes)", f.display());
+            bail!(
+                "{} is not a safetensors file (shorter than 8 bytes)",
+                f.display()
+            );
         }
         let hlen = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
         let hend = 8usize.checked_add(hlen).filter(|&e| e <= b.len());
@@ -189,7 +225,8 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
             bail!("{}: header length {hlen} runs past the file", f.display());
         };
         let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&b[8..hend]).with_context(|| format!("{}: bad header JSON", f.display()))?;
+            serde_json::from_slice(&b[8..hend])
+                .with_context(|| format!("{}: bad header JSON", f.display()))?;
         let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
         names.sort();
         for name in names {
@@ -200,11 +237,19 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
             let dtype = t["dtype"].as_str().unwrap_or("");
             let shape: Vec<usize> = t["shape"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|x| x as usize))
+                        .collect()
+                })
                 .unwrap_or_default();
             let offs: Vec<usize> = t["data_offsets"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|x| x as usize))
+                        .collect()
+                })
                 .unwrap_or_default();
             let size = match dtype {
                 "F32" => 4,
@@ -221,11 +266,17 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
                 bail!("{}: tensor {name} offsets overflow", f.display());
             };
             if end > b.len() || offs[1] - offs[0] != n * size {
-                bail!("{}: tensor {name} data out of bounds or of the wrong size", f.display());
+                bail!(
+                    "{}: tensor {name} data out of bounds or of the wrong size",
+                    f.display()
+                );
             }
             let raw = &b[start..end];
             let values: Vec<f32> = match dtype {
-                "F32" => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                "F32" => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
                 "BF16" => raw
                     .chunks_exact(2)
                     .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -235,7 +286,10 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
                     .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect(),
             };
-            out.push(Tensor { values, cols: shape[1] });
+            out.push(Tensor {
+                values,
+                cols: shape[1],
+            });
         }
     }
     Ok(out)

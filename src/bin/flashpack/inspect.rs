@@ -28,23 +28,48 @@ fn gib(bytes: u64) -> String {
 }
 
 fn kind(name: &str, s: &KindStats) {
-    println!("  {name:<10} {:>12}  {:>14} weights  {:.3} bits/weight", gib(s.bytes), s.weights, s.bits_per_weight);
+    println!(
+        "  {name:<10} {:>12}  {:>14} weights  {:.3} bits/weight",
+        gib(s.bytes),
+        s.weights,
+        s.bits_per_weight
+    );
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let pack = Pack::open(&args.pack).with_context(|| format!("{} failed to open", args.pack.display()))?;
+    let pack = Pack::open(&args.pack)
+        .with_context(|| format!("{} failed to open", args.pack.display()))?;
     let r = PackReport::new(&pack);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{} (flashpack format {})", args.pack.display(), r.format_version);
+    println!(
+        "{} (flashpack format {})",
+        args.pack.display(),
+        r.format_version
+    );
     println!("architecture  {}", r.architecture);
-    println!("layers        {}  (hidden {}, expert rows {})", r.layers, r.hidden_size, r.intermediate_size);
+    println!(
+        "layers        {}  (hidden {}, expert rows {})",
+        r.layers, r.hidden_size, r.intermediate_size
+    );
     let counts: Vec<u32> = r.experts_per_layer.values().copied().collect();
-    let (min, max) = (counts.iter().min().unwrap_or(&0), counts.iter().max().unwrap_or(&0));
-    println!("experts       {min}..{max} stored per layer, {} segments", r.segments);
-    println!("file          {}  page size {} B, padding {} ({:.2}%)", gib(r.file_bytes), r.page_size, gib(r.padding_bytes), r.padding_fraction * 100.0);
+    let (min, max) = (
+        counts.iter().min().unwrap_or(&0),
+        counts.iter().max().unwrap_or(&0),
+    );
+    println!(
+        "experts       {min}..{max} stored per layer, {} segments",
+        r.segments
+    );
+    println!(
+        "file          {}  page size {} B, padding {} ({:.2}%)",
+        gib(r.file_bytes),
+        r.page_size,
+        gib(r.padding_bytes),
+        r.padding_fraction * 100.0
+    );
     println!("sizes");
     kind("dense", &r.dense);
     kind("experts", &r.experts);
@@ -57,15 +82,32 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     for (codec, (n, bytes)) in &r.codecs {
         println!("  {codec:<22} {n:>8}  {}", gib(*bytes));
     }
-    println!("features      required [{}]  optional [{}]", r.required_features.join(", "), r.optional_features.join(", "));
+    println!(
+        "features      required [{}]  optional [{}]",
+        r.required_features.join(", "),
+        r.optional_features.join(", ")
+    );
     println!("quantization  {}", r.quantization);
     let p = &r.provenance;
-    println!("source        {}  revision {}", p["source"].as_str().unwrap_or("?"), p["revision"].as_str().unwrap_or("-"));
-    println!("tool          {} {}", p["tool"].as_str().unwrap_or("?"), p["tool_version"].as_str().unwrap_or("?"));
+    println!(
+        "source        {}  revision {}",
+        p["source"].as_str().unwrap_or("?"),
+        p["revision"].as_str().unwrap_or("-")
+    );
+    println!(
+        "tool          {} {}",
+        p["tool"].as_str().unwrap_or("?"),
+        p["tool_version"].as_str().unwrap_or("?")
+    );
     if let Some(files) = p["files"].as_array() {
         println!("source files  {}", files.len());
         for f in files {
-            println!("  {}  {}  {}", f["blake3"].as_str().unwrap_or("?"), f["size"], f["name"].as_str().unwrap_or("?"));
+            println!(
+                "  {}  {}  {}",
+                f["blake3"].as_str().unwrap_or("?"),
+                f["size"],
+                f["name"].as_str().unwrap_or("?")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "flashpack", version, about = "Run Mixture-of-Experts models larger than memory")]
+#[command(
+    name = "flashpack",
+    version,
+    about = "Run Mixture-of-Experts models larger than memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

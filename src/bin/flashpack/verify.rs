@@ -14,7 +14,8 @@ pub struct VerifyArgs {
 }
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let pack = Pack::open(&args.pack).with_context(|| format!("{} failed to open", args.pack.display()))?;
+    let pack = Pack::open(&args.pack)
+        .with_context(|| format!("{} failed to open", args.pack.display()))?;
     let report = pack.verify();
     if report.is_ok() {
         println!(

@@ -94,7 +94,10 @@ struct Reader {
 impl Reader {
     fn new(start: usize) -> Self {
         // A window that has consumed nothing: the first refill loads at `start`.
-        Self { buf: MARK, pos: start }
+        Self {
+            buf: MARK,
+            pos: start,
+        }
     }
 
     /// Bits consumed from the current window.
