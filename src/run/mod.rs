@@ -2,4 +2,5 @@
 //! See docs/architecture.md.
 
 pub mod cache;
+pub mod experts;
 pub mod read;

@@ -1,0 +1,559 @@
+//! Read/decode and cache stages, the memory part: expert weights in MLX slot pools.
+//!
+//! In: a [`Pack`] and the experts the router picked for one layer. Out: MLX quantized matrices
+//! (stacked `[slots, out, in*bits/32]`, what `gather_qmm` takes) holding those experts, and the
+//! slot of each one. Misses are read (pread or mmap), optionally checksummed, decoded with the
+//! pack's codecs and written into their slots in place, several experts in parallel.
+//! Invariants: resident expert bytes never exceed the slot pools sized at construction; a slot
+//! is written only between evaluations (the forward pass evaluates a layer before asking for the
+//! next one's experts); a segment whose checksum or decode fails is never used.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::cache::{
+    CacheError, EvictionPolicy, ExpertKey, Lfu, Lookup, Lru, ProfileWeighted, SlotTable,
+};
+use super::read::{IoMode, ReadError, SegmentReader};
+use crate::codec::{CodecId, Decoder};
+use crate::format::{DType, ExpertEntry, Pack, PackError};
+use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
+
+/// Why experts could not be made resident.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExpertError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Mlx(#[from] mlx::Error),
+    #[error("expert segment (layer {layer}, expert {expert}, segment {segment}): {source}")]
+    Decode {
+        layer: u32,
+        expert: u32,
+        segment: u16,
+        #[source]
+        source: crate::codec::CodecError,
+    },
+    #[error("layer {layer} expert {expert} is not stored in the pack (the merge map or router points past the expert directory)")]
+    Missing { layer: u32, expert: u32 },
+    #[error("pack is not usable by the runtime: {reason}")]
+    Unsupported { reason: String },
+}
+
+/// Which eviction policy the cache uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    Lru,
+    Lfu,
+    Profile,
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PolicyKind, String> {
+        match s {
+            "lru" => Ok(PolicyKind::Lru),
+            "lfu" => Ok(PolicyKind::Lfu),
+            "profile" => Ok(PolicyKind::Profile),
+            _ => Err(format!(
+                "unknown cache policy {s:?}: use lru, lfu or profile"
+            )),
+        }
+    }
+}
+
+/// How the store reads and caches.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Bytes the expert pools may use; `None` holds every stored expert.
+    pub budget_bytes: Option<u64>,
+    pub io: IoMode,
+    pub queue_depth: usize,
+    pub policy: PolicyKind,
+    /// Check each segment's blake3 when it is read.
+    pub verify: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            budget_bytes: None,
+            io: IoMode::Pread,
+            queue_depth: 8,
+            policy: PolicyKind::Profile,
+            verify: false,
+        }
+    }
+}
+
+/// The shape every expert of one pool shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PoolShape {
+    bits: u8,
+    group_size: u32,
+    scale_dtype: DType,
+}
+
+/// One stack of slots: gate, up and down, each as packed words, scales and biases.
+struct Pool {
+    shape: PoolShape,
+    /// gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b.
+    arrays: Vec<Array>,
+    table: SlotTable,
+    hidden: usize,
+    inter: usize,
+}
+
+fn mlx_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::U32 => Dtype::U32,
+        DType::I32 => Dtype::I32,
+        DType::U8 => Dtype::U8,
+    }
+}
+
+impl Pool {
+    /// Bytes one slot takes in each of the nine arrays.
+    fn slot_bytes(shape: PoolShape, hidden: usize, inter: usize) -> [usize; 9] {
+        let b = shape.bits as usize;
+        let g = shape.group_size as usize;
+        let ss = shape.scale_dtype.size() as usize;
+        let w = inter * hidden * b / 8;
+        let s = inter * (hidden / g) * ss;
+        let d = hidden * (inter / g) * ss;
+        [w, s, s, w, s, s, w, d, d]
+    }
+
+    fn new(
+        shape: PoolShape,
+        slots: u32,
+        hidden: usize,
+        inter: usize,
+        policy: Box<dyn EvictionPolicy>,
+    ) -> mlx::Result<Pool> {
+        let b = shape.bits as usize;
+        let g = shape.group_size as usize;
+        let n = slots as usize;
+        let sd = mlx_dtype(shape.scale_dtype);
+        let proj_in = |rows: usize, cols: usize| -> mlx::Result<[Array; 3]> {
+            Ok([
+                Array::host_buffer(&[n, rows, cols * b / 32], Dtype::U32)?,
+                Array::host_buffer(&[n, rows, cols / g], sd)?,
+                Array::host_buffer(&[n, rows, cols / g], sd)?,
+            ])
+        };
+        let mut arrays = Vec::with_capacity(9);
+        arrays.extend(proj_in(inter, hidden)?);
+        arrays.extend(proj_in(inter, hidden)?);
+        arrays.extend(proj_in(hidden, inter)?);
+        Ok(Pool {
+            shape,
+            arrays,
+            table: SlotTable::new(slots, policy),
+            hidden,
+            inter,
+        })
+    }
+
+    fn matrix(&self, proj: usize) -> QuantizedMatrix {
+        QuantizedMatrix {
+            weight: self.arrays[3 * proj].clone(),
+            scales: self.arrays[3 * proj + 1].clone(),
+            biases: Some(self.arrays[3 * proj + 2].clone()),
+            group_size: self.shape.group_size as i32,
+            bits: self.shape.bits as i32,
+        }
+    }
+}
+
+/// Per-layer hit and miss counts and timings.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StoreStats {
+    pub hits_per_layer: BTreeMap<u32, u64>,
+    pub misses_per_layer: BTreeMap<u32, u64>,
+    pub bytes_read: u64,
+    pub read_decode_ms: f64,
+    pub experts_loaded: u64,
+    pub slots: u32,
+    pub resident_bytes: u64,
+}
+
+/// The experts of a pack, resident in slot pools.
+pub struct ExpertStore {
+    pools: Vec<Pool>,
+    /// For each (layer, stored expert): pool index.
+    pool_of: BTreeMap<(u32, u32), usize>,
+    merge_map: Option<Vec<Vec<u32>>>,
+    reader: SegmentReader,
+    verify: bool,
+    stats: StoreStats,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<(Decoder, Vec<u8>, Vec<u8>, Vec<u8>)> =
+        RefCell::new((Decoder::new(), Vec::new(), Vec::new(), Vec::new()));
+}
+
+/// The stored id computing router expert `e` of `layer` (formats/flashpack-v1.md §4.3).
+fn stored_expert(merge_map: &Option<Vec<Vec<u32>>>, layer: u32, e: u32) -> u32 {
+    merge_map
+        .as_ref()
+        .and_then(|m| m.get(layer as usize))
+        .and_then(|l| l.get(e as usize))
+        .copied()
+        .unwrap_or(e)
+}
+
+impl ExpertStore {
+    /// Sizes the pools from the budget and the pack's experts. With no budget, every stored
+    /// expert gets a slot (all resident).
+    pub fn new(pack: &Pack, opts: &StoreOptions) -> Result<ExpertStore, ExpertError> {
+        let hidden = pack.hidden_size() as usize;
+        let inter = pack.intermediate_size() as usize;
+        let mut pool_of = BTreeMap::new();
+        let mut shapes: BTreeMap<PoolShape, u32> = BTreeMap::new();
+        for e in pack.experts().iter().filter(|e| e.segment == 0) {
+            let shape = PoolShape {
+                bits: e.bits,
+                group_size: e.group_size,
+                scale_dtype: e.scale_dtype,
+            };
+            if !matches!(e.bits, 2 | 4 | 8) {
+                return Err(ExpertError::Unsupported {
+                    reason: format!(
+                        "{}-bit experts (MLX's gather_qmm here takes 2, 4 or 8 bits)",
+                        e.bits
+                    ),
+                });
+            }
+            *shapes.entry(shape).or_default() += 1;
+            pool_of.insert((e.layer, e.expert), shape);
+        }
+        let shape_list: Vec<PoolShape> = shapes.keys().copied().collect();
+        let total_bytes: u64 = shapes
+            .iter()
+            .map(|(s, &n)| {
+                n as u64 * Pool::slot_bytes(*s, hidden, inter).iter().sum::<usize>() as u64
+            })
+            .sum();
+        let layers = pack.experts().last().map_or(1, |e| e.layer + 1);
+        let prior = profile_prior(pack.metadata());
+        let mut pools = Vec::new();
+        for (shape, &count) in &shapes {
+            let slot_bytes: u64 = Pool::slot_bytes(*shape, hidden, inter)
+                .iter()
+                .sum::<usize>() as u64;
+            let slots = match opts.budget_bytes {
+                None => count,
+                // Each pool gets the budget share of its bytes.
+                Some(budget) => {
+                    let share = budget as f64 * (count as u64 * slot_bytes) as f64
+                        / total_bytes.max(1) as f64;
+                    ((share / slot_bytes as f64) as u32).min(count)
+                }
+            };
+            let policy: Box<dyn EvictionPolicy> = match opts.policy {
+                PolicyKind::Lru => Box::new(Lru::default()),
+                PolicyKind::Lfu => Box::new(Lfu::new(256)),
+                PolicyKind::Profile => Box::new(ProfileWeighted::new(prior.clone(), layers, 256)),
+            };
+            pools.push(Pool::new(*shape, slots, hidden, inter, policy)?);
+        }
+        let pool_of = pool_of
+            .into_iter()
+            .map(|(k, s)| (k, shape_list.iter().position(|x| *x == s).expect("listed")))
+            .collect();
+        let merge_map = pack
+            .metadata()
+            .get("merge_map")
+            .and_then(|m| serde_json::from_value(m.clone()).ok());
+        let reader = SegmentReader::new(pack, opts.io, opts.queue_depth)?;
+        let mut stats = StoreStats::default();
+        for p in &pools {
+            stats.slots += p.table.capacity();
+            stats.resident_bytes += p.table.capacity() as u64
+                * Pool::slot_bytes(p.shape, hidden, inter)
+                    .iter()
+                    .sum::<usize>() as u64;
+        }
+        Ok(ExpertStore {
+            pools,
+            pool_of,
+            merge_map,
+            reader,
+            verify: opts.verify,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let mut s = self.stats.clone();
+        s.bytes_read = self.reader.bytes_read();
+        s
+    }
+
+    /// Number of pools (distinct expert precisions).
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// gate, up and down of pool `pool`, for `gather_qmm`.
+    pub fn matrices(&self, pool: usize) -> [QuantizedMatrix; 3] {
+        let p = &self.pools[pool];
+        [p.matrix(0), p.matrix(1), p.matrix(2)]
+    }
+
+    /// Makes the router's chosen experts of `layer` resident. Returns, for each entry of
+    /// `router_experts`, its (pool, slot).
+    pub fn prepare(
+        &mut self,
+        pack: &Pack,
+        layer: u32,
+        router_experts: &[u32],
+    ) -> Result<Vec<(usize, u32)>, ExpertError> {
+        for p in &mut self.pools {
+            p.table.begin_group();
+        }
+        let mut out = Vec::with_capacity(router_experts.len());
+        let mut misses: Vec<(usize, u32, u32)> = Vec::new(); // pool, slot, stored expert
+        for &e in router_experts {
+            let stored = stored_expert(&self.merge_map, layer, e);
+            let pool = *self
+                .pool_of
+                .get(&(layer, stored))
+                .ok_or(ExpertError::Missing {
+                    layer,
+                    expert: stored,
+                })?;
+            let key = ExpertKey {
+                layer,
+                expert: stored,
+            };
+            let slot = match self.pools[pool].table.request(key)? {
+                Lookup::Hit(slot) => {
+                    *self.stats.hits_per_layer.entry(layer).or_default() += 1;
+                    slot
+                }
+                Lookup::Miss { slot, .. } => {
+                    *self.stats.misses_per_layer.entry(layer).or_default() += 1;
+                    misses.push((pool, slot, stored));
+                    slot
+                }
+            };
+            out.push((pool, slot));
+        }
+        if !misses.is_empty() {
+            let started = Instant::now();
+            let result = self.load(pack, layer, &misses);
+            self.stats.read_decode_ms += started.elapsed().as_secs_f64() * 1e3;
+            if let Err(e) = result {
+                for &(pool, _, stored) in &misses {
+                    self.pools[pool].table.remove(ExpertKey {
+                        layer,
+                        expert: stored,
+                    });
+                }
+                return Err(e);
+            }
+            self.stats.experts_loaded += misses.len() as u64;
+        }
+        Ok(out)
+    }
+
+    /// Loads every stored expert (all-resident mode, or a warm start up to capacity).
+    pub fn warm_all(&mut self, pack: &Pack) -> Result<(), ExpertError> {
+        let keys: Vec<(u32, u32)> = self.pool_of.keys().copied().collect();
+        let mut by_layer: BTreeMap<u32, Vec<(usize, u32, u32)>> = BTreeMap::new();
+        for (layer, expert) in keys {
+            let pool = self.pool_of[&(layer, expert)];
+            if let Some(Lookup::Miss { slot, .. }) = self.pools[pool]
+                .table
+                .insert_unrequested(ExpertKey { layer, expert })
+            {
+                by_layer
+                    .entry(layer)
+                    .or_default()
+                    .push((pool, slot, expert));
+            }
+        }
+        for (layer, misses) in by_layer {
+            self.load(pack, layer, &misses)?;
+            self.stats.experts_loaded += misses.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads, checks, decodes and writes experts into their slots, in parallel.
+    fn load(
+        &mut self,
+        pack: &Pack,
+        layer: u32,
+        misses: &[(usize, u32, u32)],
+    ) -> Result<(), ExpertError> {
+        // Split every pool array into per-slot chunks, then hand each miss its own chunks.
+        let mut chunks: Vec<Vec<Vec<Option<&mut [u8]>>>> = Vec::with_capacity(self.pools.len());
+        for p in &mut self.pools {
+            let sizes = Pool::slot_bytes(p.shape, p.hidden, p.inter);
+            let mut per_array = Vec::with_capacity(9);
+            for (a, size) in p.arrays.iter_mut().zip(sizes) {
+                // SAFETY: the forward pass evaluates each layer before asking for the next
+                // one's experts, so no evaluation reads these pools now, and the slots written
+                // below belong to experts that are not in use (SlotTable protects the current group).
+                let bytes = unsafe { a.data_mut()? };
+                per_array.push(bytes.chunks_exact_mut(size).map(Some).collect::<Vec<_>>());
+            }
+            chunks.push(per_array);
+        }
+        let mut jobs = Vec::with_capacity(misses.len());
+        for &(pool, slot, stored) in misses {
+            let dst: Vec<&mut [u8]> = chunks[pool]
+                .iter_mut()
+                .map(|arr| arr[slot as usize].take().expect("one job per slot"))
+                .collect();
+            let segments = pack.expert_segments(layer, stored);
+            if segments.is_empty() {
+                return Err(ExpertError::Missing {
+                    layer,
+                    expert: stored,
+                });
+            }
+            jobs.push((segments, dst));
+        }
+        let reader = &self.reader;
+        let verify = self.verify;
+        let hidden = pack.hidden_size() as usize;
+        let inter = pack.intermediate_size() as usize;
+        jobs.into_par_iter().try_for_each(|(segments, mut dst)| {
+            segments
+                .iter()
+                .try_for_each(|e| load_segment(reader, e, verify, hidden, inter, &mut dst))
+        })
+    }
+}
+
+/// Reads one segment and scatters its decoded rows into the nine slot chunks.
+fn load_segment(
+    reader: &SegmentReader,
+    e: &ExpertEntry,
+    verify: bool,
+    hidden: usize,
+    inter: usize,
+    dst: &mut [&mut [u8]],
+) -> Result<(), ExpertError> {
+    SCRATCH.with(|s| {
+        let (decoder, stored, weights, aux) = &mut *s.borrow_mut();
+        reader.read_into(e, stored)?;
+        if verify && blake3::hash(stored).as_bytes() != &e.blake3 {
+            return Err(PackError::SegmentChecksum {
+                layer: e.layer,
+                expert: e.expert,
+                segment: e.segment,
+            }
+            .into());
+        }
+        let decode_err = |source| ExpertError::Decode {
+            layer: e.layer,
+            expert: e.expert,
+            segment: e.segment,
+            source,
+        };
+        let codec = |id: u8| CodecId::try_from(id).map_err(decode_err);
+        let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
+        weights.resize(e.weights_decoded_len as usize, 0);
+        decoder
+            .decode_into(codec(e.weight_codec)?, ws, weights)
+            .map_err(decode_err)?;
+        aux.resize(e.aux_decoded_len() as usize, 0);
+        decoder
+            .decode_into(codec(e.aux_codec)?, auxs, aux)
+            .map_err(decode_err)?;
+        scatter(e, hidden, inter, weights, aux, dst);
+        Ok(())
+    })
+}
+
+/// Copies a decoded segment (formats/flashpack-v1.md §6.2) into the slot's nine arrays.
+fn scatter(
+    e: &ExpertEntry,
+    hidden: usize,
+    inter: usize,
+    weights: &[u8],
+    aux: &[u8],
+    dst: &mut [&mut [u8]],
+) {
+    let (r0, r) = (e.row_start as usize, e.row_count as usize);
+    let bits = e.bits as usize;
+    let g = e.group_size as usize;
+    let ss = e.scale_dtype.size() as usize;
+    // gate and up: rows r0..r0+r of [inter, hidden*bits/32] words -> contiguous.
+    let row_w = hidden * bits / 8;
+    let row_s = hidden / g * ss;
+    let (gw, rest) = weights.split_at(r * row_w);
+    let (uw, dw) = rest.split_at(r * row_w);
+    dst[0][r0 * row_w..(r0 + r) * row_w].copy_from_slice(gw);
+    dst[3][r0 * row_w..(r0 + r) * row_w].copy_from_slice(uw);
+    let mut at = 0;
+    for arr in [1, 2, 4, 5] {
+        dst[arr][r0 * row_s..(r0 + r) * row_s].copy_from_slice(&aux[at..at + r * row_s]);
+        at += r * row_s;
+    }
+    // down: columns r0..r0+r of each of `hidden` rows.
+    let full_w = inter * bits / 8;
+    let seg_w = r * bits / 8;
+    let col_w = r0 * bits / 8;
+    for h in 0..hidden {
+        dst[6][h * full_w + col_w..h * full_w + col_w + seg_w]
+            .copy_from_slice(&dw[h * seg_w..(h + 1) * seg_w]);
+    }
+    let full_s = inter / g * ss;
+    let seg_s = r / g * ss;
+    let col_s = r0 / g * ss;
+    for arr in [7, 8] {
+        for h in 0..hidden {
+            dst[arr][h * full_s + col_s..h * full_s + col_s + seg_s]
+                .copy_from_slice(&aux[at + h * seg_s..at + (h + 1) * seg_s]);
+        }
+        at += hidden * seg_s;
+    }
+}
+
+/// Routing-mass shares per (layer, expert) from the pack's profile, when it has one.
+fn profile_prior(meta: &serde_json::Value) -> std::collections::HashMap<ExpertKey, f64> {
+    let mut prior = std::collections::HashMap::new();
+    if let Some(layers) = meta
+        .get("profile")
+        .and_then(|p| p.get("layers"))
+        .and_then(|l| l.as_array())
+    {
+        for (layer, l) in layers.iter().enumerate() {
+            let Some(mass) = l.get("mass").and_then(|m| m.as_array()) else {
+                continue;
+            };
+            let total: f64 = mass.iter().filter_map(|m| m.as_f64()).sum();
+            for (expert, m) in mass.iter().enumerate() {
+                if let Some(m) = m.as_f64() {
+                    prior.insert(
+                        ExpertKey {
+                            layer: layer as u32,
+                            expert: expert as u32,
+                        },
+                        m / total.max(f64::MIN_POSITIVE),
+                    );
+                }
+            }
+        }
+    }
+    prior
+}

@@ -1,0 +1,269 @@
+//! The expert store puts exactly the pack's experts into MLX slots: gather_qmm on a slot equals
+//! quantized_matmul on the original quantized matrices, through codecs, vertical segments and
+//! evictions.
+
+use flashpack::codec::{self, Codec};
+use flashpack::format::{DType, ExpertSegmentDesc, Pack, PackWriter};
+use flashpack::mlx::{self, Array, QuantizedMatrix};
+use flashpack::run::experts::{ExpertStore, PolicyKind, StoreOptions};
+use flashpack::run::read::IoMode;
+use half::bf16;
+
+const H: usize = 128;
+const I: usize = 128;
+const G: usize = 64;
+const BITS: usize = 4;
+const LAYERS: u32 = 2;
+const EXPERTS: u32 = 4;
+
+fn noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+fn quantized(seed: u64, rows: usize, cols: usize) -> QuantizedMatrix {
+    let w: Vec<bf16> = noise(seed, rows * cols)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let a = Array::from_slice(&w, &[rows, cols]).unwrap();
+    mlx::quantize(&a, G as i32, BITS as i32).unwrap()
+}
+
+fn bytes_u32(a: &Array) -> Vec<u8> {
+    a.to_vec::<u32>()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+fn bytes_bf16(a: &Array) -> Vec<u8> {
+    a.to_vec::<bf16>()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+/// Rows r0..r1 of a row-major matrix with `row` bytes per row.
+fn rows(b: &[u8], row: usize, r0: usize, r1: usize) -> Vec<u8> {
+    b[r0 * row..r1 * row].to_vec()
+}
+
+/// Columns [c0, c1) (in bytes) of each row of a row-major matrix with `row` bytes per row.
+fn cols(b: &[u8], row: usize, c0: usize, c1: usize) -> Vec<u8> {
+    b.chunks_exact(row)
+        .flat_map(|r| r[c0..c1].to_vec())
+        .collect()
+}
+
+struct Expert {
+    gate: QuantizedMatrix,
+    up: QuantizedMatrix,
+    down: QuantizedMatrix,
+}
+
+fn expert(layer: u32, e: u32) -> Expert {
+    let s = (layer * 100 + e * 10) as u64;
+    Expert {
+        gate: quantized(s + 1, I, H),
+        up: quantized(s + 2, I, H),
+        down: quantized(s + 3, H, I),
+    }
+}
+
+/// Writes a pack with every expert split into `segments` vertical segments.
+fn write_pack(dir: &std::path::Path, segments: usize) -> std::path::PathBuf {
+    let path = dir.join("experts.flashpack");
+    let mut w = PackWriter::create(&path, 4096, H as u32, I as u32).unwrap();
+    let r = I / segments;
+    for layer in 0..LAYERS {
+        for e in 0..EXPERTS {
+            let x = expert(layer, e);
+            for s in 0..segments {
+                let (r0, r1) = (s * r, (s + 1) * r);
+                let mut weights = Vec::new();
+                for m in [&x.gate, &x.up] {
+                    weights.extend(rows(&bytes_u32(&m.weight), H * BITS / 8, r0, r1));
+                }
+                weights.extend(cols(
+                    &bytes_u32(&x.down.weight),
+                    I * BITS / 8,
+                    r0 * BITS / 8,
+                    r1 * BITS / 8,
+                ));
+                let mut aux = Vec::new();
+                for m in [&x.gate, &x.up] {
+                    aux.extend(rows(&bytes_bf16(&m.scales), H / G * 2, r0, r1));
+                    aux.extend(rows(
+                        &bytes_bf16(m.biases.as_ref().unwrap()),
+                        H / G * 2,
+                        r0,
+                        r1,
+                    ));
+                }
+                for a in [&x.down.scales, x.down.biases.as_ref().unwrap()] {
+                    aux.extend(cols(&bytes_bf16(a), I / G * 2, r0 / G * 2, r1 / G * 2));
+                }
+                let mut coded = Vec::new();
+                let wc = codec::encode(Codec::Huffman, BITS as u8, &weights, &mut coded).unwrap();
+                let mut aux_coded = Vec::new();
+                let ac = codec::encode(Codec::Zstd { level: 3 }, 16, &aux, &mut aux_coded).unwrap();
+                w.add_expert_segment(
+                    ExpertSegmentDesc {
+                        layer,
+                        expert: e,
+                        segment: s as u16,
+                        segment_count: segments as u16,
+                        row_start: r0 as u32,
+                        row_count: r as u32,
+                        bits: BITS as u8,
+                        group_size: G as u32,
+                        scale_dtype: DType::BF16,
+                        weight_codec: wc as u8,
+                        aux_codec: ac as u8,
+                    },
+                    &coded,
+                    &aux_coded,
+                )
+                .unwrap();
+            }
+        }
+    }
+    let meta = serde_json::json!({
+        "format": "flashpack", "architecture": "test", "config": {}, "model": {},
+        "quantization": {}, "provenance": {},
+    });
+    w.finish(&meta).unwrap();
+    path
+}
+
+fn max_diff(a: &Array, b: &Array) -> f32 {
+    let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// gather_qmm on slot `slot` of the store equals quantized_matmul on the original expert.
+fn check_slot(store: &ExpertStore, pool: usize, slot: u32, x: &Expert) {
+    let [gate, up, down] = store.matrices(pool);
+    let xh: Vec<f32> = noise(7, H);
+    let xh = Array::from_slice(&xh, &[1, 1, H])
+        .unwrap()
+        .astype(mlx::Dtype::BF16)
+        .unwrap();
+    let xi: Vec<f32> = noise(8, I);
+    let xi = Array::from_slice(&xi, &[1, 1, I])
+        .unwrap()
+        .astype(mlx::Dtype::BF16)
+        .unwrap();
+    let idx = Array::from_slice(&[slot], &[1]).unwrap();
+    // Same kernel family on the same bytes: results must be identical.
+    const EXACT: f32 = 0.0;
+    for (pooled, original, input) in [
+        (&gate, &x.gate, &xh),
+        (&up, &x.up, &xh),
+        (&down, &x.down, &xi),
+    ] {
+        let got = mlx::gather_qmm(input, pooled, None, Some(&idx), true, false).unwrap();
+        let want = mlx::quantized_matmul(input, original, true).unwrap();
+        assert!(max_diff(&got, &want) <= EXACT, "slot {slot}");
+    }
+}
+
+fn run_store(segments: usize, io: IoMode) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pack(dir.path(), segments);
+    let pack = Pack::open(&path).unwrap();
+    let slot_bytes = (3 * I * H * BITS / 8 + 6 * I * (H / G) * 2) as u64;
+    let opts = StoreOptions {
+        budget_bytes: Some(3 * slot_bytes),
+        io,
+        queue_depth: 4,
+        policy: PolicyKind::Lru,
+        verify: true,
+    };
+    let mut store = ExpertStore::new(&pack, &opts).unwrap();
+    assert_eq!(store.stats().slots, 3);
+    // Several layers and experts through 3 slots: loads, hits and evictions.
+    let requests: [(u32, &[u32]); 5] = [
+        (0, &[1, 3]),
+        (0, &[3, 2]),
+        (1, &[0, 2]),
+        (0, &[2, 1]),
+        (1, &[3, 0]),
+    ];
+    for (layer, experts) in requests {
+        let slots = store.prepare(&pack, layer, experts).unwrap();
+        for (&e, &(pool, slot)) in experts.iter().zip(&slots) {
+            check_slot(&store, pool, slot, &expert(layer, e));
+        }
+    }
+    let stats = store.stats();
+    assert!(stats.experts_loaded >= 5, "{stats:?}");
+    assert!(stats.hits_per_layer.values().sum::<u64>() >= 1, "{stats:?}");
+}
+
+#[test]
+fn slots_hold_the_packed_experts_pread() {
+    run_store(1, IoMode::Pread);
+}
+
+#[test]
+fn slots_hold_the_packed_experts_vertical_segments_mmap() {
+    run_store(2, IoMode::Mmap);
+}
+
+#[test]
+fn all_resident_warm_start_and_too_small_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = Pack::open(&write_pack(dir.path(), 1)).unwrap();
+    let mut store = ExpertStore::new(&pack, &StoreOptions::default()).unwrap();
+    store.warm_all(&pack).unwrap();
+    assert_eq!(store.stats().experts_loaded, (LAYERS * EXPERTS) as u64);
+    let slots = store.prepare(&pack, 1, &[2]).unwrap();
+    check_slot(&store, slots[0].0, slots[0].1, &expert(1, 2));
+    assert_eq!(store.stats().hits_per_layer[&1], 1);
+
+    let opts = StoreOptions {
+        budget_bytes: Some(1),
+        ..StoreOptions::default()
+    };
+    let mut tiny = ExpertStore::new(&pack, &opts).unwrap();
+    let err = tiny.prepare(&pack, 0, &[0]).unwrap_err();
+    assert!(err.to_string().contains("--mem-budget"), "{err}");
+}
+
+#[test]
+fn damaged_segment_is_refused_when_verifying() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pack(dir.path(), 1);
+    let e = Pack::open(&path).unwrap().expert_segments(0, 2)[0].clone();
+    let mut b = std::fs::read(&path).unwrap();
+    b[e.offset as usize + 3] ^= 1;
+    std::fs::write(&path, &b).unwrap();
+    let pack = Pack::open(&path).unwrap();
+    let opts = StoreOptions {
+        verify: true,
+        ..StoreOptions::default()
+    };
+    let mut store = ExpertStore::new(&pack, &opts).unwrap();
+    let err = store.prepare(&pack, 0, &[2]).unwrap_err();
+    assert!(
+        err.to_string().contains("layer 0, expert 2, segment 0"),
+        "{err}"
+    );
+    // The failed expert is not left in the cache: asking again fails again, never uses bad bytes.
+    assert!(store.prepare(&pack, 0, &[2]).is_err());
+}
