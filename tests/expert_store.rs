@@ -267,3 +267,34 @@ fn damaged_segment_is_refused_when_verifying() {
     // The failed expert is not left in the cache: asking again fails again, never uses bad bytes.
     assert!(store.prepare(&pack, 0, &[2]).is_err());
 }
+
+#[test]
+fn prefetched_experts_are_hits_and_correct() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = Pack::open(&write_pack(dir.path(), 2)).unwrap();
+    let slot_bytes = (3 * I * H * BITS / 8 + 6 * I * (H / G) * 2) as u64;
+    let opts = StoreOptions {
+        budget_bytes: Some(4 * slot_bytes),
+        policy: PolicyKind::Lru,
+        ..StoreOptions::default()
+    };
+    let mut store = ExpertStore::new(&pack, &opts).unwrap();
+    store.prepare(&pack, 0, &[0, 1]).unwrap();
+    // While layer 0 "computes", the next layer's predicted experts load in the background.
+    store.prefetch(&pack, 1, &[2, 3]).unwrap();
+    let slots = store.prepare(&pack, 1, &[3, 2]).unwrap();
+    for (&e, &(pool, slot)) in [3u32, 2].iter().zip(&slots) {
+        check_slot(&store, pool, slot, &expert(1, e));
+    }
+    let s = store.stats();
+    assert_eq!(
+        (s.prefetch_issued, s.prefetch_loaded, s.prefetch_used),
+        (2, 2, 2),
+        "{s:?}"
+    );
+    assert_eq!(s.misses_per_layer.get(&1), None, "{s:?}");
+    // The in-use experts of layer 0 were not evicted by the prefetch (4 slots, 4 experts).
+    let again = store.prepare(&pack, 0, &[0, 1]).unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(store.stats().hits_per_layer[&0], 2);
+}

@@ -188,6 +188,11 @@ pub struct StoreStats {
     pub experts_loaded: u64,
     pub slots: u32,
     pub resident_bytes: u64,
+    /// Experts predicted for prefetch, loaded by prefetch, and later asked for by the router.
+    pub prefetch_issued: u64,
+    pub prefetch_loaded: u64,
+    pub prefetch_used: u64,
+    pub prefetch_wait_ms: f64,
 }
 
 /// The experts of a pack, resident in slot pools.
@@ -196,9 +201,18 @@ pub struct ExpertStore {
     /// For each (layer, stored expert): pool index.
     pool_of: BTreeMap<(u32, u32), usize>,
     merge_map: Option<Vec<Vec<u32>>>,
-    reader: SegmentReader,
+    reader: std::sync::Arc<SegmentReader>,
     verify: bool,
+    hidden: usize,
+    inter: usize,
     stats: StoreStats,
+    pending: Option<(
+        Vec<(usize, ExpertKey)>,
+        std::thread::JoinHandle<Result<(), ExpertError>>,
+        Instant,
+    )>,
+    /// Experts loaded by prefetch and not yet asked for.
+    prefetched: std::collections::HashSet<ExpertKey>,
 }
 
 thread_local! {
@@ -279,7 +293,7 @@ impl ExpertStore {
             .metadata()
             .get("merge_map")
             .and_then(|m| serde_json::from_value(m.clone()).ok());
-        let reader = SegmentReader::new(pack, opts.io, opts.queue_depth)?;
+        let reader = std::sync::Arc::new(SegmentReader::new(pack, opts.io, opts.queue_depth)?);
         let mut stats = StoreStats::default();
         for p in &pools {
             stats.slots += p.table.capacity();
@@ -294,7 +308,11 @@ impl ExpertStore {
             merge_map,
             reader,
             verify: opts.verify,
+            hidden,
+            inter,
             stats,
+            pending: None,
+            prefetched: Default::default(),
         })
     }
 
@@ -323,6 +341,7 @@ impl ExpertStore {
         layer: u32,
         router_experts: &[u32],
     ) -> Result<Vec<(usize, u32)>, ExpertError> {
+        self.join_prefetch()?;
         for p in &mut self.pools {
             p.table.begin_group();
         }
@@ -344,10 +363,14 @@ impl ExpertStore {
             let slot = match self.pools[pool].table.request(key)? {
                 Lookup::Hit(slot) => {
                     *self.stats.hits_per_layer.entry(layer).or_default() += 1;
+                    if self.prefetched.remove(&key) {
+                        self.stats.prefetch_used += 1;
+                    }
                     slot
                 }
                 Lookup::Miss { slot, .. } => {
                     *self.stats.misses_per_layer.entry(layer).or_default() += 1;
+                    self.prefetched.remove(&key);
                     misses.push((pool, slot, stored));
                     slot
                 }
@@ -395,33 +418,39 @@ impl ExpertStore {
         Ok(())
     }
 
-    /// Reads, checks, decodes and writes experts into their slots, in parallel.
+    /// Reads, checks, decodes and writes experts into their slots, in parallel, now.
     fn load(
         &mut self,
         pack: &Pack,
         layer: u32,
         misses: &[(usize, u32, u32)],
     ) -> Result<(), ExpertError> {
-        // Split every pool array into per-slot chunks, then hand each miss its own chunks.
-        let mut chunks: Vec<Vec<Vec<Option<&mut [u8]>>>> = Vec::with_capacity(self.pools.len());
+        let jobs = self.jobs(pack, layer, misses)?;
+        run_jobs(&self.reader, self.verify, self.hidden, self.inter, jobs)
+    }
+
+    /// One job per miss: its segments and its slot's nine destinations.
+    fn jobs(
+        &mut self,
+        pack: &Pack,
+        layer: u32,
+        misses: &[(usize, u32, u32)],
+    ) -> Result<Vec<Job>, ExpertError> {
+        let mut bases = Vec::with_capacity(self.pools.len());
         for p in &mut self.pools {
             let sizes = Pool::slot_bytes(p.shape, p.hidden, p.inter);
-            let mut per_array = Vec::with_capacity(9);
-            for (a, size) in p.arrays.iter_mut().zip(sizes) {
-                // SAFETY: the forward pass evaluates each layer before asking for the next
-                // one's experts, so no evaluation reads these pools now, and the slots written
-                // below belong to experts that are not in use (SlotTable protects the current group).
+            let mut arrays = [(0usize, 0usize); 9];
+            for (i, (a, size)) in p.arrays.iter_mut().zip(sizes).enumerate() {
+                // SAFETY: only the address is taken here; writes happen in `run_jobs`, into
+                // slots the SlotTable just assigned to the missing experts, which no pending
+                // evaluation reads (see the module invariants).
                 let bytes = unsafe { a.data_mut()? };
-                per_array.push(bytes.chunks_exact_mut(size).map(Some).collect::<Vec<_>>());
+                arrays[i] = (bytes.as_mut_ptr() as usize, size);
             }
-            chunks.push(per_array);
+            bases.push(arrays);
         }
         let mut jobs = Vec::with_capacity(misses.len());
         for &(pool, slot, stored) in misses {
-            let dst: Vec<&mut [u8]> = chunks[pool]
-                .iter_mut()
-                .map(|arr| arr[slot as usize].take().expect("one job per slot"))
-                .collect();
             let segments = pack.expert_segments(layer, stored);
             if segments.is_empty() {
                 return Err(ExpertError::Missing {
@@ -429,17 +458,126 @@ impl ExpertStore {
                     expert: stored,
                 });
             }
-            jobs.push((segments, dst));
+            let dst = bases[pool].map(|(base, size)| (base + slot as usize * size, size));
+            jobs.push(Job {
+                segments: segments.to_vec(),
+                dst,
+            });
         }
-        let reader = &self.reader;
-        let verify = self.verify;
-        let hidden = pack.hidden_size() as usize;
-        let inter = pack.intermediate_size() as usize;
-        jobs.into_par_iter().try_for_each(|(segments, mut dst)| {
-            segments
-                .iter()
-                .try_for_each(|e| load_segment(reader, e, verify, hidden, inter, &mut dst))
-        })
+        Ok(jobs)
+    }
+
+    /// Starts loading `experts` of `layer` in the background (a prediction of what the router
+    /// will pick). Non-resident ones get slots now, evicting only experts not in use; the load
+    /// is joined by the next [`Self::prepare`], before any slot memory is touched again.
+    pub fn prefetch(
+        &mut self,
+        pack: &Pack,
+        layer: u32,
+        router_experts: &[u32],
+    ) -> Result<(), ExpertError> {
+        self.join_prefetch()?;
+        self.stats.prefetch_issued += router_experts.len() as u64;
+        let mut misses = Vec::new();
+        for &e in router_experts {
+            let stored = stored_expert(&self.merge_map, layer, e);
+            let Some(&pool) = self.pool_of.get(&(layer, stored)) else {
+                continue;
+            };
+            let key = ExpertKey {
+                layer,
+                expert: stored,
+            };
+            if let Some(Lookup::Miss { slot, .. }) = self.pools[pool].table.insert_unrequested(key)
+            {
+                misses.push((pool, slot, stored));
+            }
+        }
+        if misses.is_empty() {
+            return Ok(());
+        }
+        let jobs = self.jobs(pack, layer, &misses)?;
+        let keys: Vec<(usize, ExpertKey)> = misses
+            .iter()
+            .map(|&(pool, _, expert)| (pool, ExpertKey { layer, expert }))
+            .collect();
+        let reader = self.reader.clone();
+        let (verify, hidden, inter) = (self.verify, self.hidden, self.inter);
+        let handle = std::thread::Builder::new()
+            .name("flashpack-prefetch".into())
+            .spawn(move || run_jobs(&reader, verify, hidden, inter, jobs))
+            .map_err(|e| ExpertError::Unsupported {
+                reason: format!("cannot start a prefetch thread: {e}"),
+            })?;
+        self.pending = Some((keys, handle, Instant::now()));
+        Ok(())
+    }
+
+    /// Waits for the background load, if any; drops experts whose load failed.
+    fn join_prefetch(&mut self) -> Result<(), ExpertError> {
+        let Some((keys, handle, started)) = self.pending.take() else {
+            return Ok(());
+        };
+        let wait = Instant::now();
+        let result = handle.join().unwrap_or_else(|_| {
+            Err(ExpertError::Unsupported {
+                reason: "the prefetch thread panicked".into(),
+            })
+        });
+        self.stats.prefetch_wait_ms += wait.elapsed().as_secs_f64() * 1e3;
+        self.stats.read_decode_ms += started.elapsed().as_secs_f64() * 1e3;
+        match result {
+            Ok(()) => {
+                self.stats.experts_loaded += keys.len() as u64;
+                self.stats.prefetch_loaded += keys.len() as u64;
+                self.prefetched.extend(keys.iter().map(|(_, k)| *k));
+                Ok(())
+            }
+            Err(e) => {
+                // A prediction that failed to load is dropped; the demand path will report the
+                // error if the expert is really needed.
+                for (pool, key) in keys {
+                    self.pools[pool].table.remove(key);
+                }
+                let _ = e;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where one expert goes: its segments and the (address, length) of its slot in the nine arrays.
+struct Job {
+    segments: Vec<ExpertEntry>,
+    dst: [(usize, usize); 9],
+}
+
+fn run_jobs(
+    reader: &SegmentReader,
+    verify: bool,
+    hidden: usize,
+    inter: usize,
+    jobs: Vec<Job>,
+) -> Result<(), ExpertError> {
+    jobs.into_par_iter().try_for_each(|job| {
+        // SAFETY: each job owns a distinct slot (SlotTable gives a slot to one key at a time),
+        // so these ranges are disjoint from each other and from every slot that a running
+        // evaluation may read; the pool arrays outlive the job because the store joins
+        // background loads before it is dropped or touches the pools again.
+        let mut dst: Vec<&mut [u8]> = job
+            .dst
+            .iter()
+            .map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) })
+            .collect();
+        job.segments
+            .iter()
+            .try_for_each(|e| load_segment(reader, e, verify, hidden, inter, &mut dst))
+    })
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        let _ = self.join_prefetch();
     }
 }
 
