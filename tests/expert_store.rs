@@ -5,7 +5,7 @@
 use flashpack::codec::{self, Codec};
 use flashpack::format::{DType, ExpertSegmentDesc, Pack, PackWriter};
 use flashpack::mlx::{self, Array, QuantizedMatrix};
-use flashpack::run::experts::{ExpertStore, PolicyKind, StoreOptions};
+use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::read::IoMode;
 use half::bf16;
 
@@ -156,7 +156,7 @@ fn max_diff(a: &Array, b: &Array) -> f32 {
 }
 
 /// gather_qmm on slot `slot` of the store equals quantized_matmul on the original expert.
-fn check_slot(store: &ExpertStore, pool: usize, slot: u32, x: &Expert) {
+fn check_slot(store: &ExpertCache, pool: usize, slot: u32, x: &Expert) {
     let [gate, up, down] = store.matrices(pool);
     let xh: Vec<f32> = noise(7, H);
     let xh = Array::from_slice(&xh, &[1, 1, H])
@@ -194,7 +194,7 @@ fn run_store(segments: usize, io: IoMode) {
         policy: PolicyKind::Lru,
         verify: true,
     };
-    let mut store = ExpertStore::new(&pack, &opts).unwrap();
+    let mut store = ExpertCache::new(&pack, &opts).unwrap();
     assert_eq!(store.stats().slots, 3);
     // Several layers and experts through 3 slots: loads, hits and evictions.
     let requests: [(u32, &[u32]); 5] = [
@@ -229,7 +229,7 @@ fn slots_hold_the_packed_experts_vertical_segments_mmap() {
 fn all_resident_warm_start_and_too_small_budget() {
     let dir = tempfile::tempdir().unwrap();
     let pack = Pack::open(&write_pack(dir.path(), 1)).unwrap();
-    let mut store = ExpertStore::new(&pack, &StoreOptions::default()).unwrap();
+    let mut store = ExpertCache::new(&pack, &StoreOptions::default()).unwrap();
     store.warm_all(&pack).unwrap();
     assert_eq!(store.stats().experts_loaded, (LAYERS * EXPERTS) as u64);
     let slots = store.prepare(&pack, 1, &[2]).unwrap();
@@ -240,7 +240,7 @@ fn all_resident_warm_start_and_too_small_budget() {
         budget_bytes: Some(1),
         ..StoreOptions::default()
     };
-    let mut tiny = ExpertStore::new(&pack, &opts).unwrap();
+    let mut tiny = ExpertCache::new(&pack, &opts).unwrap();
     let err = tiny.prepare(&pack, 0, &[0]).unwrap_err();
     assert!(err.to_string().contains("--mem-budget"), "{err}");
 }
@@ -258,7 +258,7 @@ fn damaged_segment_is_refused_when_verifying() {
         verify: true,
         ..StoreOptions::default()
     };
-    let mut store = ExpertStore::new(&pack, &opts).unwrap();
+    let mut store = ExpertCache::new(&pack, &opts).unwrap();
     let err = store.prepare(&pack, 0, &[2]).unwrap_err();
     assert!(
         err.to_string().contains("layer 0, expert 2, segment 0"),
@@ -278,7 +278,7 @@ fn prefetched_experts_are_hits_and_correct() {
         policy: PolicyKind::Lru,
         ..StoreOptions::default()
     };
-    let mut store = ExpertStore::new(&pack, &opts).unwrap();
+    let mut store = ExpertCache::new(&pack, &opts).unwrap();
     store.prepare(&pack, 0, &[0, 1]).unwrap();
     // While layer 0 "computes", the next layer's predicted experts load in the background.
     store.prefetch(&pack, 1, &[2, 3]).unwrap();

@@ -196,7 +196,7 @@ pub struct StoreStats {
 }
 
 /// The experts of a pack, resident in slot pools.
-pub struct ExpertStore {
+pub struct ExpertCache {
     pools: Vec<Pool>,
     /// For each (layer, stored expert): pool index.
     pool_of: BTreeMap<(u32, u32), usize>,
@@ -230,10 +230,10 @@ fn stored_expert(merge_map: &Option<Vec<Vec<u32>>>, layer: u32, e: u32) -> u32 {
         .unwrap_or(e)
 }
 
-impl ExpertStore {
+impl ExpertCache {
     /// Sizes the pools from the budget and the pack's experts. With no budget, every stored
     /// expert gets a slot (all resident).
-    pub fn new(pack: &Pack, opts: &StoreOptions) -> Result<ExpertStore, ExpertError> {
+    pub fn new(pack: &Pack, opts: &StoreOptions) -> Result<ExpertCache, ExpertError> {
         let hidden = pack.hidden_size() as usize;
         let inter = pack.intermediate_size() as usize;
         let mut pool_of = BTreeMap::new();
@@ -302,7 +302,7 @@ impl ExpertStore {
                     .iter()
                     .sum::<usize>() as u64;
         }
-        Ok(ExpertStore {
+        Ok(ExpertCache {
             pools,
             pool_of,
             merge_map,
@@ -575,7 +575,7 @@ fn run_jobs(
     })
 }
 
-impl Drop for ExpertStore {
+impl Drop for ExpertCache {
     fn drop(&mut self) {
         let _ = self.join_prefetch();
     }
