@@ -13,3 +13,4 @@ pub mod format;
 pub mod mapped;
 pub mod mlx;
 pub mod progress;
+pub mod run;
