@@ -46,6 +46,18 @@ extern "C" {
     ) -> c_int;
     pub fn fp_unary(op: c_int, a: *const FpArray, out: *mut *mut FpArray) -> c_int;
     pub fn fp_matmul(a: *const FpArray, b: *const FpArray, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_addmm(
+        c: *const FpArray,
+        a: *const FpArray,
+        b: *const FpArray,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_where(
+        cond: *const FpArray,
+        x: *const FpArray,
+        y: *const FpArray,
+        out: *mut *mut FpArray,
+    ) -> c_int;
     pub fn fp_astype(a: *const FpArray, dtype: c_int, out: *mut *mut FpArray) -> c_int;
     pub fn fp_reshape(
         a: *const FpArray,

@@ -414,6 +414,20 @@ impl Array {
         })
     }
 
+    /// `self + a @ b` in one op (what mlx.nn.Linear computes when it has a bias).
+    pub fn addmm(&self, a: &Array, b: &Array) -> Result<Array> {
+        make("addmm", |out| unsafe {
+            ffi::fp_addmm(self.raw(), a.raw(), b.raw(), out)
+        })
+    }
+
+    /// `cond ? x : y` element-wise with broadcasting; `self` is the condition.
+    pub fn select(&self, x: &Array, y: &Array) -> Result<Array> {
+        make("where", |out| unsafe {
+            ffi::fp_where(self.raw(), x.raw(), y.raw(), out)
+        })
+    }
+
     pub fn astype(&self, dtype: Dtype) -> Result<Array> {
         make("astype", |out| unsafe {
             ffi::fp_astype(self.raw(), dtype.code(), out)

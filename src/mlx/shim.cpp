@@ -221,6 +221,14 @@ int fp_matmul(const fp_array* a, const fp_array* b, fp_array** out) {
   return guard([&] { *out = wrap(mx::matmul(a->a, b->a)); });
 }
 
+int fp_addmm(const fp_array* c, const fp_array* a, const fp_array* b, fp_array** out) {
+  return guard([&] { *out = wrap(mx::addmm(c->a, a->a, b->a)); });
+}
+
+int fp_where(const fp_array* cond, const fp_array* x, const fp_array* y, fp_array** out) {
+  return guard([&] { *out = wrap(mx::where(cond->a, x->a, y->a)); });
+}
+
 int fp_astype(const fp_array* a, int dtype, fp_array** out) {
   return guard([&] { *out = wrap(mx::astype(a->a, to_dtype(dtype))); });
 }

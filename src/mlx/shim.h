@@ -44,6 +44,9 @@ int fp_eval(fp_array* const* arrays, size_t n);
 int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out);
 int fp_unary(int op, const fp_array* a, fp_array** out);
 int fp_matmul(const fp_array* a, const fp_array* b, fp_array** out);
+// c + a @ b (mlx.nn.Linear with a bias).
+int fp_addmm(const fp_array* c, const fp_array* a, const fp_array* b, fp_array** out);
+int fp_where(const fp_array* cond, const fp_array* x, const fp_array* y, fp_array** out);
 int fp_astype(const fp_array* a, int dtype, fp_array** out);
 int fp_reshape(const fp_array* a, const int32_t* shape, size_t ndim, fp_array** out);
 int fp_transpose(const fp_array* a, const int32_t* axes, size_t n, fp_array** out);

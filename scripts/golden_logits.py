@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Golden logits from mlx-lm for the Rust forward pass (src/run/compute) to match.
+
+In: a Hugging Face MoE folder (or, with --all, the tiny random checkpoints of scripts/tiny_moe.py for
+every architecture and the trained fixtures/qwen3moe-tiny). Out: a folder with mlx-lm's quantized
+weights (`mlx_lm convert -q --q-bits B --q-group-size 64`), its config.json, and golden.safetensors:
+  prompt          [L] int32     token ids fed as one prefill
+  decode_tokens   [S] int32     ids fed one at a time through the KV cache after the prefill
+  prefill_logits  [L, V]        logits of every prefill position (model dtype)
+  decode_logits   [S, V]        logits of each decode step
+For a trained model (--greedy N, --text) the decode tokens are mlx-lm's greedy continuation and only
+the top-32 logits per step are kept (`top_values` / `top_indices`, [1 + N, 32]); weights are not copied
+(the Rust test quantizes the bf16 checkpoint itself, as mlx-lm does).
+Invariant: same inputs and versions -> same file; versions are recorded in the metadata.
+
+    python scripts/golden_logits.py --all                 # regenerate fixtures/golden/*
+    python scripts/golden_logits.py --hf DIR --bits 4 --out OUT
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_moe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "fixtures/golden"
+PROMPT_LEN = 40  # x top-2 = 80 routed pairs >= 64: exercises mlx-lm's sorted gather path in prefill
+DECODE_STEPS = 8
+TOP = 32
+
+
+def convert(hf, out, bits):
+    subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(hf), "--mlx-path", str(out),
+         "-q", "--q-bits", str(bits), "--q-group-size", "64"],
+        check=True, stdout=subprocess.DEVNULL)
+
+
+def run(model, prompt, decode=None, greedy=0):
+    """Prefill `prompt`, then feed `decode` (or the greedy choice, `greedy` times) one by one."""
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompt, dtype=mx.int32)[None], cache=cache)[0]
+    mx.eval(logits)
+    prefill = logits
+    steps, fed = [], []
+    nxt = decode if decode is not None else [None] * greedy
+    for t in nxt:
+        if t is None:
+            t = int(mx.argmax(logits[-1]).item())
+        fed.append(t)
+        logits = model(mx.array([[t]], dtype=mx.int32), cache=cache)[0]
+        mx.eval(logits)
+        steps.append(logits[-1])
+    return prefill, mx.stack(steps), fed
+
+
+def metadata(extra):
+    meta = {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+            "script": "scripts/golden_logits.py"}
+    meta.update({k: str(v) for k, v in extra.items()})
+    return meta
+
+
+def golden_random(hf, out, bits, seed=0):
+    """Full logits for a random tiny checkpoint; copies mlx-lm's weights next to them."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        q = Path(tmp) / "q"
+        convert(hf, q, bits)
+        model, _ = mlx_lm.load(str(q))
+        vocab = json.loads((q / "config.json").read_text())["vocab_size"]
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, vocab, PROMPT_LEN).tolist()
+        decode = rng.integers(0, vocab, DECODE_STEPS).tolist()
+        prefill, steps, _ = run(model, prompt, decode=decode)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        for name in ["model.safetensors", "config.json"]:
+            shutil.copy(q / name, out / name)
+    mx.save_safetensors(str(out / "golden.safetensors"), {
+        "prompt": mx.array(prompt, dtype=mx.int32),
+        "decode_tokens": mx.array(decode, dtype=mx.int32),
+        "prefill_logits": prefill,
+        "decode_logits": steps,
+    }, metadata=metadata({"bits": bits, "group_size": 64, "source": "scripts/tiny_moe.py"}))
+    print(f"{out}: prefill {tuple(prefill.shape)}, decode {tuple(steps.shape)}")
+
+
+def golden_trained(hf, out, bits, text, greedy):
+    """Top-32 logits and greedy ids for a trained checkpoint (weights not copied)."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        q = Path(tmp) / "q"
+        convert(hf, q, bits)
+        model, tok = mlx_lm.load(str(q))
+        prompt = tok.encode(text)
+        prefill, steps, fed = run(model, prompt, greedy=greedy)
+    rows = mx.concatenate([prefill[-1:], steps]).astype(mx.float32)
+    # Ties at the 32nd place are harmless: the Rust test compares values at these indices.
+    idx = mx.argsort(-rows, axis=-1)[:, :TOP].astype(mx.int32)
+    vals = mx.take_along_axis(rows, idx, axis=-1)
+    continuation = tok.decode(fed)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "golden.safetensors"), {
+        "prompt": mx.array(prompt, dtype=mx.int32),
+        "greedy_tokens": mx.array(fed, dtype=mx.int32),
+        "top_indices": idx,
+        "top_values": vals,
+    }, metadata=metadata({"bits": bits, "group_size": 64, "text": text,
+                          "continuation": continuation, "source": str(hf)}))
+    print(f"{out}: {text!r} -> {continuation!r}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="regenerate fixtures/golden/*")
+    ap.add_argument("--hf", help="Hugging Face folder")
+    ap.add_argument("--out")
+    ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 6, 8])
+    ap.add_argument("--text", help="prompt text: trained-model mode (greedy continuation)")
+    ap.add_argument("--greedy", type=int, default=16)
+    args = ap.parse_args()
+    if args.all:
+        with tempfile.TemporaryDirectory() as tmp:
+            for arch in sorted(tiny_moe.CONFIGS):
+                hf = tiny_moe.write(arch, Path(tmp) / arch, seed=0)
+                for bits in (4, 2):
+                    golden_random(hf, GOLDEN / f"{arch}-q{bits}", bits)
+        golden_trained(ROOT / "fixtures/qwen3moe-tiny", GOLDEN / "qwen3moe-tiny-q4", 4,
+                       "The history of", 16)
+        return
+    if not (args.hf and args.out):
+        ap.error("--hf and --out are required without --all")
+    if args.text:
+        golden_trained(args.hf, args.out, args.bits, args.text, args.greedy)
+    else:
+        golden_random(args.hf, args.out, args.bits)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Write a tiny random Hugging Face MoE checkpoint (config.json + model.safetensors + tokenizer).
+
+In: an architecture name and a seed. Out: a folder that `mlx_lm convert` accepts, with tensors under
+the Hugging Face names of that architecture (see ../shared/REFERENCE.md, "Tensor names on disk").
+Invariant: same (arch, seed) -> same bytes. Widths are multiples of 64 so mlx-lm quantizes every
+linear layer at group size 64. Weights are bf16 like real checkpoints; the scale (1/sqrt(fan_in),
+norms near 1) keeps activations O(1) so routing and logits are not degenerate.
+
+Used by scripts/golden_logits.py; usable alone:
+    python scripts/tiny_moe.py qwen3_moe /tmp/tiny-qwen3 --seed 0
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
+
+HIDDEN = 128
+LAYERS = 2
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = 32
+EXPERTS = 4
+EXPERT_WIDTH = 64
+VOCAB = 256
+
+# Config fields per architecture. Legacy keys (rope_theta, num_experts) are what mlx-lm 0.32.2 reads;
+# qwen3_moe also carries the transformers 5.x spelling, as fixtures/qwen3moe-tiny does.
+CONFIGS = {
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "intermediate_size": 256,
+        "moe_intermediate_size": EXPERT_WIDTH,
+        "num_experts": EXPERTS,
+        "num_local_experts": EXPERTS,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "head_dim": HEAD_DIM,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    },
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "intermediate_size": EXPERT_WIDTH,
+        "num_local_experts": EXPERTS,
+        "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    },
+    "olmoe": {
+        "architectures": ["OlmoeForCausalLM"],
+        "intermediate_size": EXPERT_WIDTH,
+        "num_experts": EXPERTS,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    },
+    "qwen2_moe": {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "intermediate_size": 256,
+        "moe_intermediate_size": EXPERT_WIDTH,
+        "shared_expert_intermediate_size": 128,
+        "num_experts": EXPERTS,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def config_for(arch):
+    cfg = {
+        "model_type": arch,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "hidden_act": "silu",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    cfg.update(CONFIGS[arch])
+    return cfg
+
+
+def tensors_for(arch, cfg, rng):
+    def linear(out_dim, in_dim):
+        return rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)
+
+    def norm(dim):
+        return 1.0 + 0.1 * rng.standard_normal((dim,))
+
+    def bias(dim):
+        return 0.1 * rng.standard_normal((dim,))
+
+    t = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN))}
+    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}"
+        t[f"{p}.input_layernorm.weight"] = norm(HIDDEN)
+        t[f"{p}.post_attention_layernorm.weight"] = norm(HIDDEN)
+        a = f"{p}.self_attn"
+        t[f"{a}.q_proj.weight"] = linear(q_out, HIDDEN)
+        t[f"{a}.k_proj.weight"] = linear(kv_out, HIDDEN)
+        t[f"{a}.v_proj.weight"] = linear(kv_out, HIDDEN)
+        t[f"{a}.o_proj.weight"] = linear(HIDDEN, q_out)
+        if arch == "qwen3_moe":
+            t[f"{a}.q_norm.weight"] = norm(HEAD_DIM)
+            t[f"{a}.k_norm.weight"] = norm(HEAD_DIM)
+        if arch == "olmoe":
+            # OLMoE normalizes the whole projection, not each head.
+            t[f"{a}.q_norm.weight"] = norm(q_out)
+            t[f"{a}.k_norm.weight"] = norm(kv_out)
+        if arch == "qwen2_moe":
+            for n, d in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)]:
+                t[f"{a}.{n}.bias"] = bias(d)
+        m = f"{p}.{moe}"
+        t[f"{m}.gate.weight"] = linear(EXPERTS, HIDDEN)
+        for e in range(EXPERTS):
+            x = f"{m}.experts.{e}"
+            if arch == "mixtral":
+                t[f"{x}.w1.weight"] = linear(EXPERT_WIDTH, HIDDEN)
+                t[f"{x}.w3.weight"] = linear(EXPERT_WIDTH, HIDDEN)
+                t[f"{x}.w2.weight"] = linear(HIDDEN, EXPERT_WIDTH)
+            else:
+                t[f"{x}.gate_proj.weight"] = linear(EXPERT_WIDTH, HIDDEN)
+                t[f"{x}.up_proj.weight"] = linear(EXPERT_WIDTH, HIDDEN)
+                t[f"{x}.down_proj.weight"] = linear(HIDDEN, EXPERT_WIDTH)
+        if arch == "qwen2_moe":
+            width = cfg["shared_expert_intermediate_size"]
+            s = f"{m}.shared_expert"
+            t[f"{s}.gate_proj.weight"] = linear(width, HIDDEN)
+            t[f"{s}.up_proj.weight"] = linear(width, HIDDEN)
+            t[f"{s}.down_proj.weight"] = linear(HIDDEN, width)
+            t[f"{m}.shared_expert_gate.weight"] = linear(1, HIDDEN)
+    t["model.norm.weight"] = norm(HIDDEN)
+    t["lm_head.weight"] = linear(VOCAB, HIDDEN)
+    return t
+
+
+def write(arch, out, seed):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config_for(arch)
+    rng = np.random.default_rng([seed, sorted(CONFIGS).index(arch)])
+    tensors = tensors_for(arch, cfg, rng)
+    arrays = {k: mx.array(v.astype(np.float32)).astype(mx.bfloat16) for k, v in tensors.items()}
+    mx.save_safetensors(str(out / "model.safetensors"), arrays, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # mlx_lm convert insists on a tokenizer; any will do, the ids we feed stay below VOCAB.
+    for name in TOKENIZER_FILES:
+        shutil.copy(ROOT / "fixtures/qwen3moe-tiny" / name, out / name)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("arch", choices=sorted(CONFIGS))
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(write(args.arch, args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()

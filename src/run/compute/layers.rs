@@ -1,0 +1,244 @@
+//! The dense building blocks: linear layers (quantized or plain), embeddings, RMSNorm and the
+//! SwiGLU MLP, as mlx.nn and mlx-lm compute them.
+//!
+//! In: tensors from [`Weights`] with their expected logical shapes. Out: layers whose `forward`
+//! builds lazy MLX graphs. Invariant: shapes are checked at load time, so a mismatched checkpoint
+//! fails with the tensor's name instead of deep inside a forward pass.
+
+use super::weights::Weights;
+use super::ComputeError;
+use crate::mlx::{self, fast, Array, Dtype, QuantizedMatrix};
+
+type Result<T> = std::result::Result<T, ComputeError>;
+
+/// A weight matrix `[out, in]`, plain or MLX affine-quantized.
+#[derive(Debug, Clone)]
+pub enum Matrix {
+    Plain(Array),
+    Quantized(QuantizedMatrix),
+}
+
+pub(super) fn require(w: &dyn Weights, name: &str) -> Result<Array> {
+    w.get(name).ok_or_else(|| ComputeError::MissingTensor {
+        name: name.to_string(),
+    })
+}
+
+pub(super) fn check_shape(name: &str, a: &Array, expected: &[usize]) -> Result<()> {
+    let found = a.shape();
+    if found != expected {
+        return Err(ComputeError::BadShape {
+            name: name.to_string(),
+            found,
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Shapes of a quantized `[.., out, in]` stack: codes `[.., out, in*bits/32]`, scales and biases
+/// `[.., out, in/group]`.
+pub(super) fn check_quantized(
+    module: &str,
+    m: &QuantizedMatrix,
+    lead: &[usize],
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<()> {
+    let (group_size, bits) = (m.group_size, m.bits);
+    let bad = || ComputeError::BadQuantization {
+        module: module.to_string(),
+        group_size,
+        bits,
+        in_dim,
+    };
+    let (g, b) = (
+        usize::try_from(group_size).map_err(|_| bad())?,
+        usize::try_from(bits).map_err(|_| bad())?,
+    );
+    if g == 0 || b == 0 || in_dim % g != 0 || (in_dim * b) % 32 != 0 {
+        return Err(bad());
+    }
+    let with = |last: usize| [lead, &[out_dim, last]].concat();
+    check_shape(
+        &format!("{module}.weight"),
+        &m.weight,
+        &with(in_dim * b / 32),
+    )?;
+    check_shape(&format!("{module}.scales"), &m.scales, &with(in_dim / g))?;
+    if let Some(biases) = &m.biases {
+        check_shape(&format!("{module}.biases"), biases, &with(in_dim / g))?;
+    }
+    if m.weight.dtype() != Dtype::U32 {
+        return Err(ComputeError::BadDtype {
+            name: format!("{module}.weight"),
+            found: m.weight.dtype(),
+            expected: Dtype::U32,
+        });
+    }
+    Ok(())
+}
+
+/// `<module>.weight` (+ `.scales`/`.biases` when quantized) with logical shape `lead + [out, in]`.
+pub(super) fn load_matrix(
+    w: &dyn Weights,
+    module: &str,
+    lead: &[usize],
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<Matrix> {
+    let weight = require(w, &format!("{module}.weight"))?;
+    let Some(scales) = w.get(&format!("{module}.scales")) else {
+        check_shape(
+            &format!("{module}.weight"),
+            &weight,
+            &[lead, &[out_dim, in_dim]].concat(),
+        )?;
+        return Ok(Matrix::Plain(weight));
+    };
+    let q = w
+        .quantization(module)
+        .ok_or_else(|| ComputeError::MissingQuantization {
+            module: module.to_string(),
+        })?;
+    let m = QuantizedMatrix {
+        weight,
+        scales,
+        biases: w.get(&format!("{module}.biases")),
+        group_size: q.group_size,
+        bits: q.bits,
+    };
+    check_quantized(module, &m, lead, out_dim, in_dim)?;
+    Ok(Matrix::Quantized(m))
+}
+
+/// `y = x W^T (+ b)`: mlx.nn.QuantizedLinear or mlx.nn.Linear.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Matrix,
+    pub bias: Option<Array>,
+}
+
+impl Linear {
+    /// Loads `<module>` mapping `in_dim` to `out_dim` features; a `<module>.bias` is used when
+    /// present (which modules carry one is the checkpoint's business, e.g. Qwen2-MoE's q/k/v).
+    pub fn load(w: &dyn Weights, module: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
+        let weight = load_matrix(w, module, &[], out_dim, in_dim)?;
+        let bias_name = format!("{module}.bias");
+        let bias = w.get(&bias_name);
+        if let Some(b) = &bias {
+            check_shape(&bias_name, b, &[out_dim])?;
+        }
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        Ok(match (&self.weight, &self.bias) {
+            // mlx/nn/layers/quantized.py QuantizedLinear.__call__: quantized_matmul, then + bias.
+            (Matrix::Quantized(q), bias) => {
+                let y = mlx::quantized_matmul(x, q, true)?;
+                match bias {
+                    Some(b) => y.add(b)?,
+                    None => y,
+                }
+            }
+            // mlx/nn/layers/linear.py Linear.__call__: addmm(bias, x, W.T) or x @ W.T.
+            (Matrix::Plain(wt), Some(b)) => b.addmm(x, &wt.transpose(&[1, 0])?)?,
+            (Matrix::Plain(wt), None) => x.matmul(&wt.transpose(&[1, 0])?)?,
+        })
+    }
+}
+
+/// Token embeddings `[vocab, hidden]` (mlx.nn.Embedding / QuantizedEmbedding).
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub table: Matrix,
+}
+
+impl Embedding {
+    pub fn load(w: &dyn Weights, module: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        Ok(Embedding {
+            table: load_matrix(w, module, &[], vocab, hidden)?,
+        })
+    }
+
+    /// Rows for `ids` (any shape) -> `ids.shape + [hidden]`.
+    pub fn forward(&self, ids: &Array) -> Result<Array> {
+        Ok(match &self.table {
+            Matrix::Plain(t) => t.take(ids, 0)?,
+            // QuantizedEmbedding.__call__: dequantize(weight[x], scales[x], biases[x]).
+            Matrix::Quantized(q) => {
+                let rows = QuantizedMatrix {
+                    weight: q.weight.take(ids, 0)?,
+                    scales: q.scales.take(ids, 0)?,
+                    biases: q.biases.as_ref().map(|b| b.take(ids, 0)).transpose()?,
+                    group_size: q.group_size,
+                    bits: q.bits,
+                };
+                mlx::dequantize(&rows)?
+            }
+        })
+    }
+
+    /// Tied output head: `x @ table^T` (QuantizedEmbedding.as_linear / Embedding.as_linear).
+    pub fn as_linear(&self, x: &Array) -> Result<Array> {
+        Ok(match &self.table {
+            Matrix::Plain(t) => x.matmul(&t.transpose(&[1, 0])?)?,
+            Matrix::Quantized(q) => mlx::quantized_matmul(x, q, true)?,
+        })
+    }
+}
+
+/// `mx.fast.rms_norm(x, weight, eps)` over the last axis.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Array,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &dyn Weights, module: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        let name = format!("{module}.weight");
+        let weight = require(w, &name)?;
+        check_shape(&name, &weight, &[dim])?;
+        Ok(RmsNorm {
+            weight,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        Ok(fast::rms_norm(x, Some(&self.weight), self.eps)?)
+    }
+}
+
+/// `silu(gate) * x`, as mlx-lm's `swiglu(gate, x)` (models/activations.py) spells it, with
+/// mlx.nn.silu being `x * sigmoid(x)`.
+pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
+    Ok(gate.silu()?.mul(x)?)
+}
+
+/// A dense SwiGLU MLP: `down(swiglu(gate(x), up(x)))` (the `MLP` class of mlx-lm's
+/// qwen3_moe.py / qwen2_moe.py; also Qwen2-MoE's shared expert).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn load(w: &dyn Weights, module: &str, hidden: usize, width: usize) -> Result<Mlp> {
+        Ok(Mlp {
+            gate: Linear::load(w, &format!("{module}.gate_proj"), width, hidden)?,
+            up: Linear::load(w, &format!("{module}.up_proj"), width, hidden)?,
+            down: Linear::load(w, &format!("{module}.down_proj"), hidden, width)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        // return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        let h = swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?;
+        self.down.forward(&h)
+    }
+}

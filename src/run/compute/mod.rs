@@ -1,0 +1,241 @@
+//! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
+//! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE).
+//!
+//! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
+//! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
+//! and a [`KvCache`]. Out: lazy logits `[B, L, vocab]`; the caller evaluates them.
+//! Invariant: the graph is the one mlx-lm 0.32.2 builds for the same weights (each architecture's
+//! file cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
+//! `tests.rs` hold that to the tolerance they state.
+
+mod attention;
+mod layers;
+mod mixtral;
+mod moe;
+mod olmoe;
+mod qwen2_moe;
+mod qwen3_moe;
+mod weights;
+
+pub use attention::{mask_for, Attention, KvCache, LayerKv, RopeSpec};
+pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
+pub use moe::{
+    switch_glu, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute, ResidentExperts,
+    Routing, SharedExpert,
+};
+pub use weights::{MlxLmWeights, Quant, Weights};
+
+use std::path::PathBuf;
+
+use crate::arch::{Arch, ArchError, ModelConfig};
+use crate::mlx::{self, Array, Dtype};
+
+/// Errors of the forward pass and of loading its weights.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ComputeError {
+    #[error(transparent)]
+    Mlx(#[from] mlx::Error),
+    #[error(transparent)]
+    Config(#[from] ArchError),
+    #[error("tensor {name} is missing: the weights do not match the model config")]
+    MissingTensor { name: String },
+    #[error("tensor {name} has shape {found:?}, the config implies {expected:?}")]
+    BadShape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor {name} has dtype {found:?}, expected {expected:?}")]
+    BadDtype {
+        name: String,
+        found: Dtype,
+        expected: Dtype,
+    },
+    #[error("{module} is quantized (has .scales) but its group size and bits are unknown")]
+    MissingQuantization { module: String },
+    #[error(
+        "{module}: group size {group_size} / {bits} bits cannot quantize {in_dim} input features"
+    )]
+    BadQuantization {
+        module: String,
+        group_size: i32,
+        bits: i32,
+        in_dim: usize,
+    },
+    #[error("expert {expert} is placed at {what}, which does not exist")]
+    BadPlacement { expert: usize, what: String },
+    #[error("the expert store has no experts for layer {layer}")]
+    NoExperts { layer: usize },
+    #[error("not supported by the runtime yet: {what}")]
+    Unsupported { what: String },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{path}: {what}")]
+    BadConfig { path: PathBuf, what: String },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, ComputeError>;
+
+/// What differs between architectures once names and config are normalized: each
+/// architecture's file defines one.
+#[derive(Debug)]
+pub struct Spec {
+    /// Router logits `[.., E]` -> top-k indices and weights (`k`, `norm_topk_prob`).
+    route: fn(&Array, usize, bool) -> Result<Routing>,
+    /// Cast the weighted expert sum back to the activations' dtype (Qwen3-MoE does).
+    cast_moe_output: bool,
+    /// Add a shared expert's output (Qwen2-MoE); others never have one.
+    add_shared: fn(&Array, &Array, &SharedExpert) -> Result<Array>,
+}
+
+fn no_shared(_: &Array, _: &Array, _: &SharedExpert) -> Result<Array> {
+    Err(ComputeError::Unsupported {
+        what: "a shared expert in an architecture that has none".into(),
+    })
+}
+
+fn spec(arch: Arch) -> &'static Spec {
+    match arch {
+        Arch::Qwen3Moe => &qwen3_moe::SPEC,
+        Arch::Mixtral => &mixtral::SPEC,
+        Arch::Olmoe => &olmoe::SPEC,
+        Arch::Qwen2Moe => &qwen2_moe::SPEC,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Sparse(MoeBlock),
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    ffn: Ffn,
+}
+
+/// The dense part of a model (everything but the routed experts) and how to run it.
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// `None`: tied to the embeddings.
+    lm_head: Option<Linear>,
+}
+
+impl Model {
+    /// Build the model from its dense tensors. Experts are not read here: they come through
+    /// the [`ExpertStore`] given to [`Model::forward`].
+    pub fn load(cfg: &ModelConfig, w: &dyn Weights) -> Result<Model> {
+        if let Some(clip) = cfg.clip_qkv {
+            // transformers' OLMoE clamps q/k/v; mlx-lm does not, so there is no reference to
+            // match yet. Refuse instead of silently computing something else.
+            return Err(ComputeError::Unsupported {
+                what: format!("clip_qkv = {clip}"),
+            });
+        }
+        let spec = spec(cfg.arch);
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let ffn = if cfg.is_sparse_layer(l) {
+                Ffn::Sparse(MoeBlock::load(w, cfg, spec, l)?)
+            } else {
+                Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
+                attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+                post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
+                ffn,
+            });
+        }
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed: Embedding::load(w, "model.embed_tokens", cfg.vocab_size, h)?,
+            layers,
+            norm: RmsNorm::load(w, "model.norm", h, eps)?,
+            lm_head: if cfg.tie_word_embeddings {
+                None
+            } else {
+                Some(Linear::load(w, "lm_head", cfg.vocab_size, h)?)
+            },
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// A fresh cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Logits `[B, L, vocab]` for `tokens` `[B, L]` (integer ids) placed after what `cache`
+    /// holds; `cache` grows by `L` positions.
+    pub fn forward(
+        &self,
+        tokens: &Array,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<Array> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = self.new_cache();
+        }
+        let len = tokens.dim(-1).unwrap_or(0);
+        let mask = mask_for(len);
+        let mut h = self.embed.forward(tokens)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            // r = self.self_attn(self.input_layernorm(x), mask, cache); h = x + r
+            let r = layer
+                .attn
+                .forward(&layer.input_norm.forward(&h)?, mask, kv)?;
+            h = h.add(&r)?;
+            // r = self.mlp(self.post_attention_layernorm(h)); out = h + r
+            let x = layer.post_norm.forward(&h)?;
+            let r = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&x)?,
+                Ffn::Sparse(moe) => moe.forward(&x, experts)?,
+            };
+            h = h.add(&r)?;
+        }
+        let h = self.norm.forward(&h)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => self.embed.as_linear(&h),
+        }
+    }
+
+    /// [`Model::forward`] for one sequence given as ids; checks them against the vocabulary.
+    pub fn forward_ids(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<Array> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ComputeError::TokenOutOfRange {
+                id,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        let tokens = Array::from_slice(ids, &[1, ids.len()])?;
+        self.forward(&tokens, cache, experts)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,429 @@
+//! The sparse MoE block: router -> top-k -> experts through `gather_qmm` -> weighted sum.
+//!
+//! In: hidden states `[B, L, H]`, the router, and an [`ExpertStore`] that says where each routed
+//! expert's quantized weights live. Out: `[B, L, H]`. Invariant: an expert's weights are reached
+//! only through (pool, slot) pairs the store hands out for this call; with one pool and the
+//! identity table the graph is exactly mlx-lm's `SwitchGLU` (models/switch_layers.py), so logits
+//! match mlx-lm bit for bit.
+//!
+//! Mixed precision within a layer (hot 4-bit pool + cold 2-bit pool): each pool runs
+//! `gather_qmm` on all `k` routed entries and [`Array::select`] keeps, per entry, the result of
+//! the pool that holds that expert. That costs one extra expert pass per extra pool; a store that
+//! already knows the indices on the host (the streaming cache must, to load experts) could pass
+//! each pool only its own entries instead.
+
+use std::collections::BTreeMap;
+
+use super::layers::{check_quantized, swiglu, Linear, Mlp};
+use super::weights::Weights;
+use super::{ComputeError, Spec};
+use crate::arch::{ModelConfig, Proj};
+use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
+
+type Result<T> = std::result::Result<T, ComputeError>;
+
+/// The router's choice for each token: `indices` (u32) and `scores`, both `[.., k]`.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub indices: Array,
+    pub scores: Array,
+}
+
+/// Quantized SwiGLU experts stacked along a slot axis: gate/up `[slots, I, H*bits/32]`, down
+/// `[slots, H, I*bits/32]` (mlx-lm's `switch_mlp`). All three share one bit width.
+#[derive(Debug, Clone)]
+pub struct ExpertPool {
+    pub gate: QuantizedMatrix,
+    pub up: QuantizedMatrix,
+    pub down: QuantizedMatrix,
+}
+
+impl ExpertPool {
+    pub fn slots(&self) -> usize {
+        self.gate.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn bits(&self) -> i32 {
+        self.gate.bits
+    }
+
+    /// Check the three stacks against `slots` experts of width `inter` over `hidden` features.
+    pub fn check(&self, module: &str, slots: usize, hidden: usize, inter: usize) -> Result<()> {
+        check_quantized(
+            &format!("{module}.gate_proj"),
+            &self.gate,
+            &[slots],
+            inter,
+            hidden,
+        )?;
+        check_quantized(
+            &format!("{module}.up_proj"),
+            &self.up,
+            &[slots],
+            inter,
+            hidden,
+        )?;
+        check_quantized(
+            &format!("{module}.down_proj"),
+            &self.down,
+            &[slots],
+            hidden,
+            inter,
+        )
+    }
+}
+
+/// Which pool and slot serve the routed entries of one call, as arrays shaped like the router's
+/// `indices`. `serves` (bool) marks the entries this pool answers; `None` means all of them.
+pub struct PoolRoute<'a> {
+    pub pool: &'a ExpertPool,
+    pub slots: Array,
+    pub serves: Option<Array>,
+}
+
+/// Hands out expert weights for one MoE layer at a time. A resident model answers from memory;
+/// the streaming cache makes sure the routed experts are in its slot pools first.
+pub trait ExpertStore {
+    /// `indices`: the router's top-k expert ids (u32, `[.., k]`, lazy) for `layer`.
+    fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>>;
+}
+
+/// One layer's pools and its expert -> (pool, slot) table.
+#[derive(Debug)]
+pub struct LayerExperts {
+    pools: Vec<PoolTable>,
+}
+
+#[derive(Debug)]
+struct PoolTable {
+    pool: ExpertPool,
+    /// expert id -> slot (u32 `[E]`); `None`: the identity (slot == expert id).
+    slot_of: Option<Array>,
+    /// expert id -> held by this pool (bool `[E]`); `None`: every expert.
+    holds: Option<Array>,
+}
+
+impl LayerExperts {
+    /// Every expert in one pool at the slot of its own id.
+    pub fn resident(pool: ExpertPool) -> LayerExperts {
+        LayerExperts {
+            pools: vec![PoolTable {
+                pool,
+                slot_of: None,
+                holds: None,
+            }],
+        }
+    }
+
+    /// Experts spread over `pools`: `placement[e] = (pool, slot)` for each expert `e`.
+    pub fn placed(pools: Vec<ExpertPool>, placement: &[(usize, u32)]) -> Result<LayerExperts> {
+        let n_pools = pools.len();
+        let mut tables = Vec::with_capacity(n_pools);
+        for (p, pool) in pools.into_iter().enumerate() {
+            let mut slot_of = vec![0u32; placement.len()];
+            let mut holds = vec![0u8; placement.len()];
+            for (e, &(at, slot)) in placement.iter().enumerate() {
+                if at >= n_pools {
+                    return Err(ComputeError::BadPlacement {
+                        expert: e,
+                        what: format!("pool {at} of {n_pools}"),
+                    });
+                }
+                if at == p {
+                    if slot as usize >= pool.slots() {
+                        return Err(ComputeError::BadPlacement {
+                            expert: e,
+                            what: format!("slot {slot} of pool {p} with {} slots", pool.slots()),
+                        });
+                    }
+                    slot_of[e] = slot;
+                    holds[e] = 1;
+                }
+            }
+            let n = [placement.len()];
+            tables.push(PoolTable {
+                pool,
+                slot_of: Some(Array::from_slice(&slot_of, &n)?),
+                holds: Some(Array::from_slice(&holds, &n)?.astype(Dtype::Bool)?),
+            });
+        }
+        Ok(LayerExperts { pools: tables })
+    }
+
+    /// Pools and slots for router `indices` (u32, any shape).
+    pub fn route(&self, indices: &Array) -> Result<Vec<PoolRoute<'_>>> {
+        self.pools
+            .iter()
+            .map(|t| {
+                Ok(PoolRoute {
+                    pool: &t.pool,
+                    slots: match &t.slot_of {
+                        None => indices.clone(),
+                        Some(table) => table.take(indices, 0)?,
+                    },
+                    serves: t.holds.as_ref().map(|h| h.take(indices, 0)).transpose()?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// All experts in memory: what mlx-lm does, and the reference the streaming cache must match.
+#[derive(Debug, Default)]
+pub struct ResidentExperts {
+    pub layers: BTreeMap<usize, LayerExperts>,
+}
+
+impl ResidentExperts {
+    /// The stacked `switch_mlp` tensors of every sparse layer (mlx-lm names), one pool each.
+    pub fn load(cfg: &ModelConfig, w: &dyn Weights) -> Result<ResidentExperts> {
+        let names = cfg.arch.names();
+        let mut layers = BTreeMap::new();
+        for layer in cfg.sparse_layers() {
+            let stack = |proj: Proj| -> Result<QuantizedMatrix> {
+                let module = names
+                    .stacked(layer, proj, crate::arch::Part::Weight)
+                    .trim_end_matches(".weight")
+                    .to_string();
+                let get = |suffix: &str| {
+                    let name = format!("{module}.{suffix}");
+                    w.get(&name).ok_or(ComputeError::MissingTensor { name })
+                };
+                let q =
+                    w.quantization(&module)
+                        .ok_or_else(|| ComputeError::MissingQuantization {
+                            module: module.clone(),
+                        })?;
+                Ok(QuantizedMatrix {
+                    weight: get("weight")?,
+                    scales: get("scales")?,
+                    biases: Some(get("biases")?),
+                    group_size: q.group_size,
+                    bits: q.bits,
+                })
+            };
+            let pool = ExpertPool {
+                gate: stack(Proj::Gate)?,
+                up: stack(Proj::Up)?,
+                down: stack(Proj::Down)?,
+            };
+            let module = format!("model.layers.{layer}.{}.switch_mlp", names.moe_blocks[0]);
+            pool.check(
+                &module,
+                cfg.num_experts,
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+            )?;
+            layers.insert(layer, LayerExperts::resident(pool));
+        }
+        Ok(ResidentExperts { layers })
+    }
+}
+
+impl ExpertStore for ResidentExperts {
+    fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>> {
+        self.layers
+            .get(&layer)
+            .ok_or(ComputeError::NoExperts { layer })?
+            .route(indices)
+    }
+}
+
+/// `SwitchGLU.__call__` (mlx-lm models/switch_layers.py) over one pool: `x` `[.., H]`,
+/// `slots` `[.., k]` -> `[.., k, H]`.
+pub fn switch_glu(x: &Array, pool: &ExpertPool, slots: &Array) -> Result<Array> {
+    // x = mx.expand_dims(x, (-2, -3))
+    let x = x.expand_dims(-2)?.expand_dims(-3)?;
+    let shape = slots.shape();
+    // do_sort = indices.size >= 64: many tokens, so visit each expert's rows together.
+    let do_sort = shape.iter().product::<usize>() >= 64;
+    if !do_sort {
+        let up = mlx::gather_qmm(&x, &pool.up, None, Some(slots), true, false)?;
+        let gate = mlx::gather_qmm(&x, &pool.gate, None, Some(slots), true, false)?;
+        // self.down_proj(self.activation(x_up, x_gate)); SwiGLU(x, gate) = swiglu(gate, x)
+        let y = mlx::gather_qmm(
+            &swiglu(&gate, &up)?,
+            &pool.down,
+            None,
+            Some(slots),
+            true,
+            false,
+        )?;
+        return Ok(y.reshape(&squeeze_shape(&y, -2)?)?);
+    }
+    // _gather_sort: order = argsort(indices.flatten()); x.flatten(0, -3)[order // M]
+    let k = *shape.last().unwrap_or(&1);
+    let flat = slots.reshape(&[-1])?;
+    let order = flat.argsort(0)?;
+    let inv_order = order.argsort(0)?;
+    let hidden = x.dim(-1).unwrap_or(0) as i32;
+    let rows = x.reshape(&[-1, 1, hidden])?;
+    let m = Array::scalar(k as f64, order.dtype())?;
+    let x = rows.take(&order.floor_div(&m)?, 0)?;
+    let idx = flat.take(&order, 0)?;
+    let up = mlx::gather_qmm(&x, &pool.up, None, Some(&idx), true, true)?;
+    let gate = mlx::gather_qmm(&x, &pool.gate, None, Some(&idx), true, true)?;
+    let y = mlx::gather_qmm(
+        &swiglu(&gate, &up)?,
+        &pool.down,
+        None,
+        Some(&idx),
+        true,
+        true,
+    )?;
+    // _scatter_unsort: x[inv_order], unflattened back to indices.shape
+    let y = y.take(&inv_order, 0)?;
+    let mut back: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    back.extend([1, y.dim(-1).unwrap_or(0) as i32]);
+    let y = y.reshape(&back)?;
+    Ok(y.reshape(&squeeze_shape(&y, -2)?)?)
+}
+
+fn squeeze_shape(y: &Array, axis: i32) -> Result<Vec<i32>> {
+    let mut s: Vec<i32> = y.shape().iter().map(|&d| d as i32).collect();
+    let at = (s.len() as i32 + axis) as usize;
+    s.remove(at);
+    Ok(s)
+}
+
+/// A sparse block: router, experts (through the store), optional shared expert.
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    layer: usize,
+    router: Linear,
+    top_k: usize,
+    norm_topk_prob: bool,
+    shared: Option<SharedExpert>,
+    spec: &'static Spec,
+}
+
+/// Qwen2-MoE's always-on expert and its sigmoid gate.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub mlp: Mlp,
+    pub gate: Option<Linear>,
+}
+
+impl MoeBlock {
+    pub fn load(
+        w: &dyn Weights,
+        cfg: &ModelConfig,
+        spec: &'static Spec,
+        layer: usize,
+    ) -> Result<MoeBlock> {
+        let block = format!("model.layers.{layer}.{}", cfg.arch.names().moe_blocks[0]);
+        let router = Linear::load(
+            w,
+            &format!("{block}.gate"),
+            cfg.num_experts,
+            cfg.hidden_size,
+        )?;
+        let shared = match &cfg.shared_expert {
+            None => None,
+            Some(s) => Some(SharedExpert {
+                mlp: Mlp::load(
+                    w,
+                    &format!("{block}.shared_expert"),
+                    cfg.hidden_size,
+                    s.intermediate_size,
+                )?,
+                gate: if s.gated {
+                    Some(Linear::load(
+                        w,
+                        &format!("{block}.shared_expert_gate"),
+                        1,
+                        cfg.hidden_size,
+                    )?)
+                } else {
+                    None
+                },
+            }),
+        };
+        Ok(MoeBlock {
+            layer,
+            router,
+            top_k: cfg.num_experts_per_tok,
+            norm_topk_prob: cfg.norm_topk_prob,
+            shared,
+            spec,
+        })
+    }
+
+    /// The router's decision for `x` (exposed for the cache's prefetch and for tests).
+    pub fn route(&self, x: &Array) -> Result<Routing> {
+        let logits = self.router.forward(x)?;
+        (self.spec.route)(&logits, self.top_k, self.norm_topk_prob)
+    }
+
+    pub fn forward(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
+        let routing = self.route(x)?;
+        let routes = experts.route(self.layer, &routing.indices)?;
+        let mut y: Option<Array> = None;
+        for r in routes {
+            let part = switch_glu(x, r.pool, &r.slots)?;
+            y = Some(match (y, r.serves) {
+                (None, _) | (Some(_), None) => part,
+                (Some(acc), Some(serves)) => serves.expand_dims(-1)?.select(&part, &acc)?,
+            });
+        }
+        let y = y.ok_or(ComputeError::NoExperts { layer: self.layer })?;
+        // y = (y * scores[..., None]).sum(axis=-2)
+        let mut out = y.mul(&routing.scores.expand_dims(-1)?)?.sum(-2, false)?;
+        if self.spec.cast_moe_output {
+            // qwen3_moe.py: .astype(y.dtype)
+            out = out.astype(y.dtype())?;
+        }
+        if let Some(shared) = &self.shared {
+            out = (self.spec.add_shared)(&out, x, shared)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Route with `softmax` over all experts, then top-k, optionally renormalized. `take_last`:
+/// qwen3_moe.py picks `argpartition(gates, kth=-k)[..., -k:]`; olmoe.py and qwen2_moe.py pick
+/// `argpartition(-gates, kth=k-1)[..., :k]`. The order of the k entries decides the order of
+/// the weighted sum, so each architecture keeps its own.
+pub(super) fn softmax_then_topk(
+    logits: &Array,
+    k: usize,
+    renormalize: bool,
+    take_last: bool,
+) -> Result<Routing> {
+    let gates = logits.softmax(-1, true)?;
+    let k = k as i32;
+    let indices = if take_last {
+        last_k(&gates.argpartition(-k, -1)?, k)?
+    } else {
+        first_k(&gates.neg()?.argpartition(k - 1, -1)?, k)?
+    };
+    let mut scores = gates.take_along_axis(&indices, -1)?;
+    if renormalize {
+        // scores /= mx.sum(scores, axis=-1, keepdims=True)
+        scores = scores.div(&scores.sum(-1, true)?)?;
+    }
+    Ok(Routing { indices, scores })
+}
+
+/// `a[..., :k]`.
+pub(super) fn first_k(a: &Array, k: i32) -> Result<Array> {
+    let shape = a.shape();
+    let start = vec![0i32; shape.len()];
+    let mut stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    if let Some(last) = stop.last_mut() {
+        *last = k;
+    }
+    Ok(a.slice(&start, &stop)?)
+}
+
+/// `a[..., -k:]`.
+fn last_k(a: &Array, k: i32) -> Result<Array> {
+    let shape = a.shape();
+    let n = *shape.last().unwrap_or(&0) as i32;
+    let mut start = vec![0i32; shape.len()];
+    if let Some(last) = start.last_mut() {
+        *last = n - k;
+    }
+    let stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    Ok(a.slice(&start, &stop)?)
+}

@@ -1,0 +1,506 @@
+//! Forward-pass tests: logits against mlx-lm's (committed goldens from scripts/golden_logits.py),
+//! expert placement and mixed-precision pools, the KV cache, and load-time errors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn golden(name: &str) -> BTreeMap<String, Array> {
+    mlx::load_safetensors(&fixture(&format!("golden/{name}/golden.safetensors"))).unwrap()
+}
+
+fn ids(a: &Array) -> Vec<u32> {
+    a.to_vec::<i32>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// Largest |a - b| and the largest |b| (the logit scale).
+fn max_diff(a: &Array, b: &Array) -> (f32, f32) {
+    assert_eq!(a.shape(), b.shape());
+    let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    (diff, scale)
+}
+
+/// Rows `from..to` of a 2-D array.
+fn rows(a: &Array, from: usize, to: usize) -> Array {
+    let cols = a.dim(-1).unwrap() as i32;
+    a.slice(&[from as i32, 0], &[to as i32, cols]).unwrap()
+}
+
+// Tolerance for logits against mlx-lm on the same quantized weights. Both sides run the same MLX
+// kernels on the same graph, so on one machine the results are identical (measured: 0.0 for
+// every architecture and bit width). We still allow one bf16 rounding step at the largest logit
+// (2^-8 relative: bf16 keeps 8 significant bits) so that a different CPU vector path in CI, which
+// can round a reduction differently, does not fail the test; a real modelling error (a wrong
+// norm, mask or routing) moves logits by far more than that.
+const LOGIT_TOL_REL: f32 = 1.0 / 256.0;
+
+/// Prefill + cached decode against mlx-lm's logits for one golden folder; returns the max diff.
+fn check_golden(name: &str) -> f32 {
+    let (cfg, w) = MlxLmWeights::open(&fixture(&format!("golden/{name}"))).unwrap();
+    let model = Model::load(&cfg, &w).unwrap();
+    let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+    let g = golden(name);
+    let prompt = ids(&g["prompt"]);
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward_ids(&prompt, &mut cache, &mut experts)
+        .unwrap();
+    let logits = logits.reshape(&[prompt.len() as i32, -1]).unwrap();
+    let (mut worst, scale) = max_diff(&logits, &g["prefill_logits"]);
+    assert!(
+        scale > 1.0,
+        "{name}: degenerate golden logits (max {scale})"
+    );
+    assert!(
+        worst <= LOGIT_TOL_REL * scale,
+        "{name} prefill: {worst} > tol at scale {scale}"
+    );
+    for (step, &t) in ids(&g["decode_tokens"]).iter().enumerate() {
+        let logits = model.forward_ids(&[t], &mut cache, &mut experts).unwrap();
+        let logits = logits.reshape(&[1, -1]).unwrap();
+        let (d, s) = max_diff(&logits, &rows(&g["decode_logits"], step, step + 1));
+        assert!(
+            d <= LOGIT_TOL_REL * s,
+            "{name} decode step {step}: {d} at scale {s}"
+        );
+        worst = worst.max(d);
+    }
+    assert_eq!(cache.offset(), prompt.len() + 8);
+    eprintln!("{name}: max |logit diff| vs mlx-lm = {worst} (scale {scale})");
+    worst
+}
+
+#[test]
+fn qwen3_moe_matches_mlx_lm() {
+    check_golden("qwen3_moe-q4");
+    check_golden("qwen3_moe-q2");
+}
+
+#[test]
+fn mixtral_matches_mlx_lm() {
+    check_golden("mixtral-q4");
+    check_golden("mixtral-q2");
+}
+
+#[test]
+fn olmoe_matches_mlx_lm() {
+    check_golden("olmoe-q4");
+    check_golden("olmoe-q2");
+}
+
+#[test]
+fn qwen2_moe_matches_mlx_lm() {
+    check_golden("qwen2_moe-q4");
+    check_golden("qwen2_moe-q2");
+}
+
+/// mlx-lm's `convert -q` on a bf16 Hugging Face folder, done here with the same MLX calls:
+/// experts stacked per layer into `switch_mlp`, every linear and embedding whose input width is
+/// a multiple of 64 quantized at `bits` (group 64), routers at 8 bits (qwen3_moe's
+/// quant_predicate), norms kept.
+fn quantize_like_mlx_lm(dir: &Path, bits: i32) -> (ModelConfig, MlxLmWeights) {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut raw = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            raw.extend(mlx::load_safetensors(&p).unwrap());
+        }
+    }
+    let names = cfg.arch.names();
+    let mut plain: BTreeMap<String, Array> = BTreeMap::new();
+    for l in cfg.sparse_layers() {
+        for proj in crate::arch::Proj::ALL {
+            let parts: Vec<Array> = (0..cfg.num_experts)
+                .map(|e| {
+                    let n = names.expert(l, e, proj, crate::arch::Part::Weight);
+                    raw.remove(&n).unwrap().expand_dims(0).unwrap()
+                })
+                .collect();
+            let refs: Vec<&Array> = parts.iter().collect();
+            let name = names.stacked(l, proj, crate::arch::Part::Weight);
+            plain.insert(name, mlx::concatenate(&refs, 0).unwrap());
+        }
+    }
+    plain.extend(raw);
+    let mut w = MlxLmWeights {
+        default_quant: Some(Quant {
+            group_size: 64,
+            bits,
+        }),
+        ..Default::default()
+    };
+    for (name, t) in plain {
+        let module = name.trim_end_matches(".weight");
+        let is_norm = module
+            .rsplit('.')
+            .next()
+            .is_some_and(|m| m.contains("norm"));
+        if !name.ends_with(".weight") || is_norm || t.ndim() < 2 || t.dim(-1).unwrap() % 64 != 0 {
+            w.tensors.insert(name, t);
+            continue;
+        }
+        let b = if module.ends_with(".mlp.gate") {
+            8
+        } else {
+            bits
+        };
+        let q = mlx::quantize(&t, 64, b).unwrap();
+        if b != bits {
+            w.module_quant.insert(
+                module.to_string(),
+                Quant {
+                    group_size: 64,
+                    bits: b,
+                },
+            );
+        }
+        w.tensors.insert(format!("{module}.weight"), q.weight);
+        w.tensors.insert(format!("{module}.scales"), q.scales);
+        w.tensors
+            .insert(format!("{module}.biases"), q.biases.unwrap());
+    }
+    (cfg, w)
+}
+
+// The trained model's golden keeps mlx-lm's 32 largest logits per step. Same tolerance as above.
+#[test]
+fn trained_qwen3moe_tiny_continues_like_mlx_lm() {
+    let (cfg, w) = quantize_like_mlx_lm(&fixture("qwen3moe-tiny"), 4);
+    let model = Model::load(&cfg, &w).unwrap();
+    let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+    let g = golden("qwen3moe-tiny-q4");
+    let prompt = ids(&g["prompt"]);
+    let want = ids(&g["greedy_tokens"]);
+    let (top_idx, top_val) = (&g["top_indices"], &g["top_values"]);
+    let mut cache = model.new_cache();
+    let mut logits = model
+        .forward_ids(&prompt, &mut cache, &mut experts)
+        .unwrap();
+    let mut got = Vec::new();
+    let mut worst = 0f32;
+    for step in 0..=want.len() {
+        let last = logits.reshape(&[-1, cfg.vocab_size as i32]).unwrap();
+        let n = last.dim(0).unwrap();
+        let last = rows(&last, n - 1, n);
+        let picked = last
+            .take_along_axis(&rows(top_idx, step, step + 1), -1)
+            .unwrap();
+        let (d, s) = max_diff(&picked, &rows(top_val, step, step + 1));
+        assert!(d <= LOGIT_TOL_REL * s, "step {step}: {d} at scale {s}");
+        worst = worst.max(d);
+        if step == want.len() {
+            break;
+        }
+        let next = crate::run::sample::argmax(&last.to_vec_f32().unwrap());
+        got.push(next);
+        logits = model
+            .forward_ids(&[next], &mut cache, &mut experts)
+            .unwrap();
+    }
+    assert_eq!(got, want, "greedy continuation differs from mlx-lm's");
+    eprintln!("qwen3moe-tiny q4: greedy {got:?}, max top-32 logit diff {worst}");
+}
+
+/// A layer's expert pool from the qwen3_moe q4 fixture, with its config and weights.
+fn q4_fixture() -> (ModelConfig, MlxLmWeights) {
+    MlxLmWeights::open(&fixture("golden/qwen3_moe-q4")).unwrap()
+}
+
+fn pool_of(w: &MlxLmWeights, layer: usize) -> ExpertPool {
+    let get = |p: &str, bits: i32| {
+        let m = format!("model.layers.{layer}.mlp.switch_mlp.{p}");
+        QuantizedMatrix {
+            weight: w.get(&format!("{m}.weight")).unwrap(),
+            scales: w.get(&format!("{m}.scales")).unwrap(),
+            biases: w.get(&format!("{m}.biases")),
+            group_size: 64,
+            bits,
+        }
+    };
+    ExpertPool {
+        gate: get("gate_proj", 4),
+        up: get("up_proj", 4),
+        down: get("down_proj", 4),
+    }
+}
+
+/// `pool` with its experts reordered: slot `s` holds expert `order[s]`.
+fn permuted(pool: &ExpertPool, order: &[u32]) -> ExpertPool {
+    let idx = Array::from_slice(order, &[order.len()]).unwrap();
+    let p = |m: &QuantizedMatrix| QuantizedMatrix {
+        weight: m.weight.take(&idx, 0).unwrap(),
+        scales: m.scales.take(&idx, 0).unwrap(),
+        biases: m.biases.as_ref().map(|b| b.take(&idx, 0).unwrap()),
+        ..m.clone()
+    };
+    ExpertPool {
+        gate: p(&pool.gate),
+        up: p(&pool.up),
+        down: p(&pool.down),
+    }
+}
+
+fn logits_with(experts: &mut dyn ExpertStore) -> Array {
+    let (cfg, w) = q4_fixture();
+    let model = Model::load(&cfg, &w).unwrap();
+    let prompt = ids(&golden("qwen3_moe-q4")["prompt"]);
+    let mut cache = model.new_cache();
+    let a = model.forward_ids(&prompt, &mut cache, experts).unwrap();
+    let b = model.forward_ids(&[3], &mut cache, experts).unwrap();
+    mlx::concatenate(&[&a, &b], 1).unwrap()
+}
+
+#[test]
+fn slot_tables_and_split_pools_give_the_same_logits() {
+    let (cfg, w) = q4_fixture();
+    let reference = logits_with(&mut ResidentExperts::load(&cfg, &w).unwrap());
+
+    // Slots shuffled: slot s holds expert order[s], so expert e sits at slot position(e).
+    let order = [2u32, 0, 3, 1];
+    let place: Vec<(usize, u32)> = (0..4u32)
+        .map(|e| (0, order.iter().position(|&x| x == e).unwrap() as u32))
+        .collect();
+    let mut shuffled = ResidentExperts::default();
+    // Two pools holding the same permuted 4-bit weights: experts {0, 3} served by pool 1,
+    // {1, 2} by pool 0, each at its slot in the permuted stack.
+    let two: Vec<(usize, u32)> = place
+        .iter()
+        .enumerate()
+        .map(|(e, &(_, slot))| (usize::from(e == 0 || e == 3), slot))
+        .collect();
+    let mut split = ResidentExperts::default();
+    for l in cfg.sparse_layers() {
+        let pool = pool_of(&w, l);
+        let perm = permuted(&pool, &order);
+        shuffled
+            .layers
+            .insert(l, LayerExperts::placed(vec![perm.clone()], &place).unwrap());
+        split.layers.insert(
+            l,
+            LayerExperts::placed(vec![perm.clone(), perm], &two).unwrap(),
+        );
+    }
+    assert_eq!(max_diff(&logits_with(&mut shuffled), &reference).0, 0.0);
+    assert_eq!(max_diff(&logits_with(&mut split), &reference).0, 0.0);
+}
+
+/// Requantize a 4-bit pool to `bits` through its dequantized values.
+fn requantize(pool: &ExpertPool, bits: i32) -> ExpertPool {
+    let r = |m: &QuantizedMatrix| mlx::quantize(&mlx::dequantize(m).unwrap(), 64, bits).unwrap();
+    ExpertPool {
+        gate: r(&pool.gate),
+        up: r(&pool.up),
+        down: r(&pool.down),
+    }
+}
+
+/// One expert of a pool as a dense f32 matrix (dequantized with f32 scales and biases, as the
+/// quantized kernels do internally, so no bf16 rounding of the weights creeps in).
+fn dense(m: &QuantizedMatrix, slot: usize) -> Array {
+    let take = |a: &Array| {
+        let sh = a.shape();
+        a.slice(
+            &[slot as i32, 0, 0],
+            &[slot as i32 + 1, sh[1] as i32, sh[2] as i32],
+        )
+        .unwrap()
+        .reshape(&[sh[1] as i32, sh[2] as i32])
+        .unwrap()
+    };
+    let f32 = |a: &Array| take(a).astype(Dtype::F32).unwrap();
+    let one = QuantizedMatrix {
+        weight: take(&m.weight),
+        scales: f32(&m.scales),
+        biases: m.biases.as_ref().map(f32),
+        ..m.clone()
+    };
+    mlx::dequantize(&one).unwrap()
+}
+
+#[test]
+fn mixed_bit_pools_serve_each_expert_from_its_own_pool() {
+    let (_, w) = q4_fixture();
+    let hot = pool_of(&w, 0);
+    let cold = requantize(&hot, 2);
+    assert_eq!((hot.bits(), cold.bits()), (4, 2));
+    // Experts 0 and 2 hot (4-bit), 1 and 3 cold (2-bit), each at the slot of its own id.
+    let place = [(0usize, 0u32), (1, 1), (0, 2), (1, 3)];
+    let layer = LayerExperts::placed(vec![hot.clone(), cold.clone()], &place).unwrap();
+    let mut store = ResidentExperts::default();
+    store.layers.insert(0, layer);
+
+    let hidden = 128;
+    let tokens = 3;
+    let xs: Vec<f32> = (0..tokens * hidden)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let x = Array::from_slice(&xs, &[1, tokens, hidden]).unwrap();
+    let routed: [u32; 6] = [0, 1, 3, 2, 1, 0];
+    let inds = Array::from_slice(&routed, &[1, tokens, 2]).unwrap();
+    let routes = store.route(0, &inds).unwrap();
+    let mut y: Option<Array> = None;
+    for r in routes {
+        let part = switch_glu(&x, r.pool, &r.slots).unwrap();
+        y = Some(match (y, r.serves) {
+            (Some(acc), Some(s)) => s.expand_dims(-1).unwrap().select(&part, &acc).unwrap(),
+            (_, _) => part,
+        });
+    }
+    let y = y.unwrap().to_vec_f32().unwrap();
+
+    // Reference: dense f32 SwiGLU per (token, expert) with that expert's dequantized weights.
+    for t in 0..tokens {
+        let xt = Array::from_slice(&xs[t * hidden..(t + 1) * hidden], &[1, hidden]).unwrap();
+        for j in 0..2 {
+            let e = routed[t * 2 + j] as usize;
+            let pool = if place[e].0 == 0 { &hot } else { &cold };
+            let lin = |m: &QuantizedMatrix, v: &Array| {
+                v.matmul(&dense(m, e).transpose(&[1, 0]).unwrap()).unwrap()
+            };
+            let h = swiglu(&lin(&pool.gate, &xt), &lin(&pool.up, &xt)).unwrap();
+            let want = lin(&pool.down, &h).to_vec_f32().unwrap();
+            let got = &y[(t * 2 + j) * hidden..(t * 2 + j + 1) * hidden];
+            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            // The model path runs in f32 here too (x is f32); the only differences are the
+            // order of f32 accumulations in gather_qmm vs matmul: ~1e-6 relative, allow 1e-4.
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * scale.max(1.0),
+                    "token {t} expert {e}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_cache_grows_past_a_step_and_keeps_every_position() {
+    let mut kv = LayerKv::default();
+    let chunk = |n: usize, base: f32| {
+        let v: Vec<f32> = (0..n * 2).map(|i| base + i as f32).collect();
+        Array::from_slice(&v, &[1, 1, n, 2]).unwrap()
+    };
+    let mut want = Vec::new();
+    for (n, base) in [(250usize, 0.0f32), (10, 1000.0), (1, 5000.0)] {
+        let c = chunk(n, base);
+        want.extend(c.to_vec_f32().unwrap());
+        let (k, v) = kv.update_and_fetch(&c, &c).unwrap();
+        assert_eq!(k.shape(), vec![1, 1, want.len() / 2, 2]);
+        assert_eq!(k.to_vec_f32().unwrap(), want);
+        assert_eq!(v.to_vec_f32().unwrap(), want);
+    }
+    assert_eq!(kv.offset(), 261);
+}
+
+#[test]
+fn plain_and_quantized_linears_agree() {
+    let (_, w) = q4_fixture();
+    let module = "model.layers.0.self_attn.q_proj";
+    let q = Linear::load(&w, module, 128, 128).unwrap();
+    let Matrix::Quantized(qm) = &q.weight else {
+        panic!("fixture layer is quantized")
+    };
+    let bias = Array::from_slice(&vec![0.5f32; 128], &[128]).unwrap();
+    let plain = Linear {
+        weight: Matrix::Plain(mlx::dequantize(qm).unwrap().astype(Dtype::F32).unwrap()),
+        bias: Some(bias.clone()),
+    };
+    let quant = Linear {
+        bias: Some(bias),
+        ..q
+    };
+    let x: Vec<f32> = (0..256).map(|i| (i as f32 * 0.37).sin()).collect();
+    let x = Array::from_slice(&x, &[2, 128]).unwrap();
+    let (d, s) = max_diff(
+        &plain.forward(&x).unwrap(),
+        &quant.forward(&x).unwrap().astype(Dtype::F32).unwrap(),
+    );
+    // Quantized matmul returns the scales' dtype (bf16): one bf16 rounding of the output.
+    assert!(d <= s / 128.0, "{d} at scale {s}");
+}
+
+#[test]
+fn load_errors_name_the_tensor() {
+    let (cfg, mut w) = q4_fixture();
+    w.tensors.remove("model.layers.1.self_attn.k_norm.weight");
+    let err = Model::load(&cfg, &w).unwrap_err();
+    assert!(
+        matches!(&err, ComputeError::MissingTensor { name } if name == "model.layers.1.self_attn.k_norm.weight"),
+        "{err}"
+    );
+
+    let (cfg, mut w) = q4_fixture();
+    let bad = Array::from_slice(&[1f32; 64], &[64]).unwrap();
+    w.tensors.insert("model.norm.weight".into(), bad);
+    let err = Model::load(&cfg, &w).unwrap_err();
+    assert!(
+        matches!(&err, ComputeError::BadShape { found, .. } if found == &vec![64]),
+        "{err}"
+    );
+
+    let (cfg, mut w) = q4_fixture();
+    w.default_quant = None;
+    let err = Model::load(&cfg, &w).unwrap_err();
+    assert!(
+        matches!(err, ComputeError::MissingQuantization { .. }),
+        "{err}"
+    );
+
+    let (mut cfg, w) = q4_fixture();
+    cfg.rope.rope_type = "yarn".into();
+    assert!(matches!(
+        Model::load(&cfg, &w),
+        Err(ComputeError::Unsupported { .. })
+    ));
+
+    let (cfg, w) = q4_fixture();
+    let model = Model::load(&cfg, &w).unwrap();
+    let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+    let err = model
+        .forward_ids(&[256], &mut model.new_cache(), &mut experts)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ComputeError::TokenOutOfRange {
+            id: 256,
+            vocab: 256
+        }
+    ));
+    let err = model
+        .forward_ids(
+            &[1],
+            &mut model.new_cache(),
+            &mut ResidentExperts::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, ComputeError::NoExperts { layer: 0 }));
+}
+
+#[test]
+fn placement_errors_are_reported() {
+    let (_, w) = q4_fixture();
+    let pool = pool_of(&w, 0);
+    let err = LayerExperts::placed(vec![pool.clone()], &[(1, 0)]).unwrap_err();
+    assert!(matches!(err, ComputeError::BadPlacement { expert: 0, .. }));
+    let err = LayerExperts::placed(vec![pool], &[(0, 0), (0, 4)]).unwrap_err();
+    assert!(matches!(err, ComputeError::BadPlacement { expert: 1, .. }));
+}

@@ -1,0 +1,125 @@
+//! Where the forward pass gets its dense tensors: the [`Weights`] trait and an implementation over
+//! an mlx-lm folder (what `mlx_lm convert` writes), used by the golden tests and for debugging.
+//!
+//! In: tensor names as mlx-lm spells them (`model.layers.0.self_attn.q_proj.weight`, plus
+//! `.scales` / `.biases` when quantized). Out: lazy MLX arrays and, for quantized modules, their
+//! group size and bits. Invariant: a module is quantized exactly when `<module>.scales` exists.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::ComputeError;
+use crate::arch::ModelConfig;
+use crate::mlx::{self, Array};
+
+/// MLX affine quantization parameters of one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quant {
+    pub group_size: i32,
+    pub bits: i32,
+}
+
+/// A source of dense (non-expert) tensors by mlx-lm name.
+pub trait Weights {
+    /// The tensor called `name`, if present.
+    fn get(&self, name: &str) -> Option<Array>;
+    /// Group size and bits of the quantized module `module` (the name without `.weight`).
+    fn quantization(&self, module: &str) -> Option<Quant>;
+}
+
+/// The tensors of an mlx-lm folder with the `quantization` block of its config.json
+/// (a default plus per-module overrides such as the 8-bit routers).
+#[derive(Debug, Default)]
+pub struct MlxLmWeights {
+    pub tensors: BTreeMap<String, Array>,
+    pub default_quant: Option<Quant>,
+    pub module_quant: BTreeMap<String, Quant>,
+}
+
+impl Weights for MlxLmWeights {
+    fn get(&self, name: &str) -> Option<Array> {
+        self.tensors.get(name).cloned()
+    }
+
+    fn quantization(&self, module: &str) -> Option<Quant> {
+        self.module_quant
+            .get(module)
+            .copied()
+            .or(self.default_quant)
+    }
+}
+
+impl MlxLmWeights {
+    /// Read `dir/config.json` and every `dir/*.safetensors` (lazily, through MLX's loader).
+    pub fn open(dir: &Path) -> Result<(ModelConfig, MlxLmWeights), ComputeError> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| ComputeError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let json: Value =
+            serde_json::from_str(&text).map_err(|source| ComputeError::BadConfig {
+                path: config_path.clone(),
+                what: source.to_string(),
+            })?;
+        let cfg = ModelConfig::from_json(&json)?;
+        let mut weights = MlxLmWeights::default();
+        if let Some(q) = json.get("quantization") {
+            weights.read_quantization(q, &config_path)?;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| ComputeError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        for f in files {
+            weights.tensors.extend(mlx::load_safetensors(&f)?);
+        }
+        Ok((cfg, weights))
+    }
+
+    /// `"quantization": {"group_size": 64, "bits": 4, "mode": "affine", "<module>": {...}}`.
+    fn read_quantization(&mut self, q: &Value, path: &Path) -> Result<(), ComputeError> {
+        let bad = |what: String| ComputeError::BadConfig {
+            path: path.to_path_buf(),
+            what,
+        };
+        let obj = q
+            .as_object()
+            .ok_or_else(|| bad("`quantization` is not an object".into()))?;
+        let parse = |v: &Value, at: &str| -> Result<Quant, ComputeError> {
+            let field = |k: &str| {
+                v.get(k)
+                    .and_then(Value::as_i64)
+                    .and_then(|n| i32::try_from(n).ok())
+                    .ok_or_else(|| bad(format!("quantization {at}: no integer {k:?}")))
+            };
+            if let Some(mode) = v.get("mode").and_then(Value::as_str) {
+                if mode != "affine" {
+                    return Err(bad(format!(
+                        "quantization {at}: mode {mode:?}; only \"affine\" is supported"
+                    )));
+                }
+            }
+            Ok(Quant {
+                group_size: field("group_size")?,
+                bits: field("bits")?,
+            })
+        };
+        if obj.contains_key("bits") {
+            self.default_quant = Some(parse(q, "default")?);
+        }
+        for (k, v) in obj {
+            if v.is_object() {
+                self.module_quant.insert(k.clone(), parse(v, k)?);
+            }
+        }
+        Ok(())
+    }
+}
