@@ -134,7 +134,7 @@ mod tests {
         let plan = plan(4096, &[], &[], 16, 16, 10);
         assert_eq!(plan.dense, 4096..4096);
         assert_eq!(plan.experts, 4096..4096);
-        assert_eq!(plan.file_size, 4096 + 64 + 16 + 10);
+        assert_eq!(plan.file_size, 4096 + 64 + 64 + 10);
     }
 
     #[test]

@@ -239,6 +239,29 @@ impl Array {
         })
     }
 
+    /// Copy little-endian `bytes` holding `shape` elements of `dtype` into a new array (any
+    /// alignment: the shim copies).
+    pub fn from_bytes(bytes: &[u8], shape: &[usize], dtype: Dtype) -> Result<Array> {
+        let expected = element_count(shape)?;
+        if bytes.len() != expected * dtype.size() {
+            return Err(Error::LengthMismatch {
+                len: bytes.len() / dtype.size().max(1),
+                shape: shape.to_vec(),
+                expected,
+            });
+        }
+        let dims = dims(shape)?;
+        make("from_bytes", |out| unsafe {
+            ffi::fp_from_data(
+                bytes.as_ptr().cast::<c_void>(),
+                dims.as_ptr(),
+                dims.len(),
+                dtype.code(),
+                out,
+            )
+        })
+    }
+
     /// A 0-d array holding `value` converted to `dtype`.
     pub fn scalar(value: f64, dtype: Dtype) -> Result<Array> {
         make("scalar", |out| unsafe {
