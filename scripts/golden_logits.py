@@ -39,11 +39,13 @@ DECODE_STEPS = 8
 TOP = 32
 
 
-def convert(hf, out, bits):
-    subprocess.run(
-        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(hf), "--mlx-path", str(out),
-         "-q", "--q-bits", str(bits), "--q-group-size", "64"],
-        check=True, stdout=subprocess.DEVNULL)
+def convert(hf, out, bits, recipe=None):
+    cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(hf), "--mlx-path", str(out),
+           "-q", "--q-bits", str(bits), "--q-group-size", "64"]
+    if recipe:
+        # Bits per module by layer position (v_proj / down_proj / lm_head get more).
+        cmd += ["--quant-predicate", recipe]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
 def run(model, prompt, decode=None, greedy=0):
@@ -71,12 +73,12 @@ def metadata(extra):
     return meta
 
 
-def golden_random(hf, out, bits, seed=0):
+def golden_random(hf, out, bits, seed=0, recipe=None):
     """Full logits for a random tiny checkpoint; copies mlx-lm's weights next to them."""
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         q = Path(tmp) / "q"
-        convert(hf, q, bits)
+        convert(hf, q, bits, recipe)
         model, _ = mlx_lm.load(str(q))
         vocab = json.loads((q / "config.json").read_text())["vocab_size"]
         rng = np.random.default_rng(seed)
@@ -93,7 +95,8 @@ def golden_random(hf, out, bits, seed=0):
         "decode_tokens": mx.array(decode, dtype=mx.int32),
         "prefill_logits": prefill,
         "decode_logits": steps,
-    }, metadata=metadata({"bits": bits, "group_size": 64, "source": "scripts/tiny_moe.py"}))
+    }, metadata=metadata({"bits": bits, "group_size": 64, "recipe": recipe or "uniform",
+                          "source": "scripts/tiny_moe.py"}))
     print(f"{out}: prefill {tuple(prefill.shape)}, decode {tuple(steps.shape)}")
 
 
@@ -130,6 +133,7 @@ def main():
     ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 6, 8])
     ap.add_argument("--text", help="prompt text: trained-model mode (greedy continuation)")
     ap.add_argument("--greedy", type=int, default=16)
+    ap.add_argument("--quant-predicate", choices=["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"])
     args = ap.parse_args()
     if args.all:
         with tempfile.TemporaryDirectory() as tmp:
@@ -137,6 +141,10 @@ def main():
                 hf = tiny_moe.write(arch, Path(tmp) / arch, seed=0)
                 for bits in (4, 2):
                     golden_random(hf, GOLDEN / f"{arch}-q{bits}", bits)
+                # Different bits per module and per layer (2/6 and 3/4, experts included).
+                recipe = {"qwen3_moe": "mixed_2_6", "mixtral": "mixed_3_4"}.get(arch)
+                if recipe:
+                    golden_random(hf, GOLDEN / f"{arch}-{recipe}", 4, recipe=recipe)
         golden_trained(ROOT / "fixtures/qwen3moe-tiny", GOLDEN / "qwen3moe-tiny-q4", 4,
                        "The history of", 16)
         return
@@ -145,7 +153,7 @@ def main():
     if args.text:
         golden_trained(args.hf, args.out, args.bits, args.text, args.greedy)
     else:
-        golden_random(args.hf, args.out, args.bits)
+        golden_random(args.hf, args.out, args.bits, recipe=args.quant_predicate)
 
 
 if __name__ == "__main__":

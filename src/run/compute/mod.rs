@@ -69,6 +69,8 @@ pub enum ComputeError {
     NoExperts { layer: usize },
     #[error("not supported by the runtime yet: {what}")]
     Unsupported { what: String },
+    #[error("the KV cache has {layers} layers but the model {model}: use Model::new_cache")]
+    CacheMismatch { layers: usize, model: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{path}: {what}")]
@@ -85,7 +87,7 @@ type Result<T> = std::result::Result<T, ComputeError>;
 /// What differs between architectures once names and config are normalized: each
 /// architecture's file defines one.
 #[derive(Debug)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// Router logits `[.., E]` -> top-k indices and weights (`k`, `norm_topk_prob`).
     route: fn(&Array, usize, bool) -> Result<Routing>,
     /// Cast the weighted expert sum back to the activations' dtype (Qwen3-MoE does).
@@ -185,15 +187,20 @@ impl Model {
     }
 
     /// Logits `[B, L, vocab]` for `tokens` `[B, L]` (integer ids) placed after what `cache`
-    /// holds; `cache` grows by `L` positions.
+    /// holds; `cache` grows by `L` positions. An empty `KvCache::default()` is sized on first use.
     pub fn forward(
         &self,
         tokens: &Array,
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
     ) -> Result<Array> {
-        if cache.layers.len() != self.layers.len() {
+        if cache.layers.is_empty() {
             *cache = self.new_cache();
+        } else if cache.layers.len() != self.layers.len() {
+            return Err(ComputeError::CacheMismatch {
+                layers: cache.layers.len(),
+                model: self.layers.len(),
+            });
         }
         let len = tokens.dim(-1).unwrap_or(0);
         let mask = mask_for(len);

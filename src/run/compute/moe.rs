@@ -305,7 +305,7 @@ pub struct SharedExpert {
 }
 
 impl MoeBlock {
-    pub fn load(
+    pub(crate) fn load(
         w: &dyn Weights,
         cfg: &ModelConfig,
         spec: &'static Spec,

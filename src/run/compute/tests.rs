@@ -92,12 +92,45 @@ fn check_golden(name: &str) -> f32 {
 fn qwen3_moe_matches_mlx_lm() {
     check_golden("qwen3_moe-q4");
     check_golden("qwen3_moe-q2");
+    // mlx-lm's mixed_2_6 recipe: 2 or 6 bits per module, experts' down_proj 6-bit in layer 1.
+    check_golden("qwen3_moe-mixed_2_6");
 }
 
 #[test]
 fn mixtral_matches_mlx_lm() {
     check_golden("mixtral-q4");
     check_golden("mixtral-q2");
+    // mixed_3_4: 3-bit experts in layer 0, 4-bit down_proj in layer 1.
+    check_golden("mixtral-mixed_3_4");
+}
+
+/// The transformers 5.x spelling of a config (`rope_parameters`, `num_local_experts`, no legacy
+/// keys) must give the same model as the legacy one mlx-lm reads.
+#[test]
+fn both_config_dialects_give_the_same_logits() {
+    let dir = fixture("golden/qwen3_moe-q4");
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let o = v.as_object_mut().unwrap();
+    let theta = o.remove("rope_theta").unwrap();
+    let experts = o.remove("num_experts").unwrap();
+    o.insert("num_local_experts".into(), experts);
+    o.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_theta": theta, "rope_type": "default"}),
+    );
+    let new = ModelConfig::from_json(&v).unwrap();
+    let (legacy, w) = MlxLmWeights::open(&dir).unwrap();
+    assert_eq!(new, legacy);
+    let prompt = ids(&golden("qwen3_moe-q4")["prompt"]);
+    let run = |cfg: &ModelConfig| {
+        let model = Model::load(cfg, &w).unwrap();
+        let mut experts = ResidentExperts::load(cfg, &w).unwrap();
+        model
+            .forward_ids(&prompt, &mut model.new_cache(), &mut experts)
+            .unwrap()
+    };
+    assert_eq!(max_diff(&run(&new), &run(&legacy)).0, 0.0);
 }
 
 #[test]
@@ -493,6 +526,17 @@ fn load_errors_name_the_tensor() {
         )
         .unwrap_err();
     assert!(matches!(err, ComputeError::NoExperts { layer: 0 }));
+    let mut wrong = KvCache::new(5);
+    let err = model
+        .forward_ids(&[1], &mut wrong, &mut experts)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ComputeError::CacheMismatch {
+            layers: 5,
+            model: 2
+        }
+    ));
 }
 
 #[test]
