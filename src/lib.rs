@@ -9,6 +9,7 @@
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
 pub mod arch;
+pub mod convert;
 pub mod format;
 pub mod mapped;
 pub mod progress;
