@@ -326,7 +326,7 @@ impl FixtureSpec {
             f.write_all(&serialize_header(&header))?;
             for &k in members {
                 let (name, shape, fan_in) = &tensors[k];
-                let data = self.values(name, shape, *fan_in);
+                let data = self.tensor_bytes(name, shape, *fan_in);
                 f.write_all(&data)?;
                 total += data.len() as u64;
                 weight_map.insert(name.clone(), json!(file_name(s)));
@@ -339,6 +339,42 @@ impl FixtureSpec {
             std::fs::write(dir.join("model.safetensors.index.json"), text)?;
         }
         Ok(total)
+    }
+
+    /// The bytes of one tensor. Fused expert tensors are the per-expert tensors of the same
+    /// spec concatenated (gate rows then up rows per expert), so both layouts hold one model.
+    fn tensor_bytes(&self, name: &str, shape: &[usize], fan_in: usize) -> Vec<u8> {
+        let fused = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)));
+        let names = self.arch.names();
+        match fused {
+            Some((l, "mlp.experts.gate_up_proj")) => (0..shape[0])
+                .flat_map(|e| {
+                    let piece = [shape[1] / 2, shape[2]];
+                    let g = self.values(
+                        &names.expert(l, e, Proj::Gate, Part::Weight),
+                        &piece,
+                        fan_in,
+                    );
+                    let u =
+                        self.values(&names.expert(l, e, Proj::Up, Part::Weight), &piece, fan_in);
+                    [g, u].concat()
+                })
+                .collect(),
+            Some((l, "mlp.experts.down_proj")) => (0..shape[0])
+                .flat_map(|e| {
+                    let piece = [shape[1], shape[2]];
+                    self.values(
+                        &names.expert(l, e, Proj::Down, Part::Weight),
+                        &piece,
+                        fan_in,
+                    )
+                })
+                .collect(),
+            _ => self.values(name, shape, fan_in),
+        }
     }
 
     /// The bytes of one tensor: norms are `1 + 0.1 n`, the rest `n / sqrt(fan_in)`.

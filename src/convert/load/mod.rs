@@ -179,14 +179,31 @@ pub trait Resolver {
 }
 
 /// Resolves local folders, and Hub repositories only when a snapshot is already in the
-/// Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
-pub struct LocalResolver;
+/// Hugging Face cache.
+pub struct LocalResolver {
+    /// The hub cache folder (`models--org--name/snapshots/<commit>/`), if any.
+    pub hub_cache: Option<PathBuf>,
+}
+
+impl LocalResolver {
+    /// Uses `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`, as huggingface_hub.
+    pub fn from_env() -> LocalResolver {
+        let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        let hub_cache = env("HF_HUB_CACHE")
+            .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
+            .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")));
+        LocalResolver { hub_cache }
+    }
+}
 
 impl Resolver for LocalResolver {
     fn resolve(&self, spec: &SourceSpec) -> Result<PathBuf, LoadError> {
         match spec {
             SourceSpec::Local(p) => Ok(p.clone()),
-            SourceSpec::Hub { repo, revision } => hub_cache_snapshot(repo, revision.as_deref())
+            SourceSpec::Hub { repo, revision } => self
+                .hub_cache
+                .as_deref()
+                .and_then(|c| hub_cache_snapshot(c, repo, revision.as_deref()))
                 .ok_or_else(|| LoadError::HubUnavailable {
                     repo: repo.clone(),
                     revision: revision.clone(),
@@ -195,15 +212,12 @@ impl Resolver for LocalResolver {
     }
 }
 
-fn hub_cache_snapshot(repo: &str, revision: Option<&str>) -> Option<PathBuf> {
-    let cache = std::env::var_os("HF_HUB_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
-        })?;
+fn hub_cache_snapshot(cache: &Path, repo: &str, revision: Option<&str>) -> Option<PathBuf> {
     let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let rev = revision.unwrap_or("main");
+    if rev.is_empty() || rev.contains("..") || rev.starts_with('/') {
+        return None;
+    }
     // refs/<branch> holds the commit hash; a full hash may also be given directly.
     let commit = std::fs::read_to_string(dir.join("refs").join(rev))
         .map(|s| s.trim().to_string())
