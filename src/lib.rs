@@ -9,7 +9,11 @@
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
 pub mod arch;
+pub mod codec;
 pub mod convert;
 pub mod format;
+pub mod inspect;
 pub mod mapped;
+pub mod mlx;
 pub mod progress;
+pub mod run;

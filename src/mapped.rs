@@ -42,6 +42,17 @@ impl Bytes {
         Bytes(Arc::new(Backing::Owned(bytes)))
     }
 
+    /// Asks the kernel to page in `[offset, offset + len)` ahead of use (mapped bytes only).
+    pub fn will_need(&self, offset: usize, len: usize) {
+        if let Backing::Mapped(m) = &*self.0 {
+            let end = offset.saturating_add(len).min(m.len());
+            if offset < end {
+                #[cfg(unix)]
+                let _ = m.advise_range(memmap2::Advice::WillNeed, offset, end - offset);
+            }
+        }
+    }
+
     /// Whether these bytes come from a memory map (and so may be advised to the kernel).
     pub fn is_mapped(&self) -> bool {
         matches!(*self.0, Backing::Mapped(_))

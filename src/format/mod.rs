@@ -1,1 +1,180 @@
-//! The .flashpack v1 format in code: formats/flashpack-v1.md.
+//! The `.flashpack` v1 format in code: formats/flashpack-v1.md.
+//!
+//! Shared by the writer and the reader; no MLX, no threads, no I/O policy beyond the
+//! temp-file-and-rename writer. Every constant names the spec section that defines it.
+
+mod directory;
+mod error;
+mod header;
+pub mod layout;
+mod read;
+mod verify;
+mod write;
+
+pub use directory::{ExpertEntry, TensorEntry, EXPERT_ENTRY_SIZE, TENSOR_ENTRY_SIZE};
+pub use error::PackError;
+pub use header::{Header, SectionEntry, SectionKind, HEADER_SIZE, SECTION_ENTRY_SIZE};
+pub use read::Pack;
+pub use verify::{Damage, VerifyReport};
+pub use write::{ExpertSegmentDesc, PackSummary, PackWriter, TensorDesc};
+
+/// formats/flashpack-v1.md §2.1
+pub const MAGIC: [u8; 8] = *b"\x89FPACK\r\n";
+/// formats/flashpack-v1.md §2.1
+pub const MAJOR_VERSION: u16 = 1;
+/// formats/flashpack-v1.md §2.1
+pub const MINOR_VERSION: u16 = 0;
+/// formats/flashpack-v1.md §2.1: the Apple Silicon page.
+pub const DEFAULT_PAGE_SIZE: u32 = 16 * 1024;
+/// formats/flashpack-v1.md §2.1
+pub const MIN_PAGE_SIZE: u32 = 4 * 1024;
+/// formats/flashpack-v1.md §2.1
+pub const MAX_PAGE_SIZE: u32 = 64 * 1024;
+/// formats/flashpack-v1.md §2.1
+pub const MAX_SECTIONS: u32 = 64;
+/// formats/flashpack-v1.md §4: readers may refuse larger metadata.
+pub const MAX_METADATA_LEN: u64 = 1 << 30;
+/// formats/flashpack-v1.md §5: alignment of dense tensors chosen by the reference writer.
+pub const TENSOR_ALIGN: u64 = 64;
+
+/// Required feature flags, formats/flashpack-v1.md §2.2.
+pub mod required {
+    pub const CODEC_HUFFMAN: u64 = 1 << 0;
+    pub const CODEC_ZSTD: u64 = 1 << 1;
+    pub const CODEC_LZ4: u64 = 1 << 2;
+    pub const MERGED_EXPERTS: u64 = 1 << 3;
+    pub const VERTICAL_SEGMENTS: u64 = 1 << 4;
+    pub const MIXED_EXPERT_BITS: u64 = 1 << 5;
+    /// Every required flag this reader implements.
+    pub const KNOWN: u64 = (1 << 6) - 1;
+}
+
+/// Optional feature flags, formats/flashpack-v1.md §2.2.
+pub mod optional {
+    pub const EXPERT_PROFILE: u64 = 1 << 0;
+    pub const CHAT_TEMPLATE: u64 = 1 << 1;
+}
+
+/// Codec ids, formats/flashpack-v1.md §7.2 (stream formats in formats/codecs-v1.md).
+pub mod codec_id {
+    pub const RAW: u8 = 0;
+    pub const HUFFMAN: u8 = 1;
+    pub const ZSTD: u8 = 2;
+    pub const LZ4: u8 = 3;
+
+    /// The required feature flag a codec needs, or `None` for an unknown codec.
+    pub fn required_flag(codec: u8) -> Option<u64> {
+        match codec {
+            RAW => Some(0),
+            HUFFMAN => Some(super::required::CODEC_HUFFMAN),
+            ZSTD => Some(super::required::CODEC_ZSTD),
+            LZ4 => Some(super::required::CODEC_LZ4),
+            _ => None,
+        }
+    }
+
+    pub fn name(codec: u8) -> &'static str {
+        match codec {
+            RAW => "raw",
+            HUFFMAN => "huffman",
+            ZSTD => "zstd",
+            LZ4 => "lz4",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Element types, formats/flashpack-v1.md §7.1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32 = 0,
+    F16 = 1,
+    BF16 = 2,
+    U32 = 3,
+    I32 = 4,
+    U8 = 5,
+}
+
+impl DType {
+    pub fn from_code(code: u8) -> Option<DType> {
+        Some(match code {
+            0 => DType::F32,
+            1 => DType::F16,
+            2 => DType::BF16,
+            3 => DType::U32,
+            4 => DType::I32,
+            5 => DType::U8,
+            _ => return None,
+        })
+    }
+
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::U32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::U8 => 1,
+        }
+    }
+
+    /// Whether this dtype can hold quantization scales and biases.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::U32 => "u32",
+            DType::I32 => "i32",
+            DType::U8 => "u8",
+        }
+    }
+}
+
+/// Bits per code a v1 reader accepts, formats/flashpack-v1.md §6.1.
+pub fn valid_bits(bits: u8) -> bool {
+    matches!(bits, 2 | 3 | 4 | 5 | 6 | 8)
+}
+
+/// Quantization group sizes a v1 reader accepts, formats/flashpack-v1.md §6.1.
+pub fn valid_group_size(group_size: u32) -> bool {
+    matches!(group_size, 32 | 64 | 128)
+}
+
+/// Whether `page_size` is allowed, formats/flashpack-v1.md §2.1.
+pub fn valid_page_size(page_size: u32) -> bool {
+    page_size.is_power_of_two() && (MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size)
+}
+
+/// Decoded sizes of one expert segment's two parts, formats/flashpack-v1.md §6.1-6.2.
+/// `None` when the sizes overflow u64 or the shapes do not divide.
+pub fn segment_part_lens(
+    hidden: u32,
+    rows: u32,
+    bits: u8,
+    group_size: u32,
+    scale_dtype: DType,
+) -> Option<(u64, u64)> {
+    let (h, r, g) = (hidden as u64, rows as u64, group_size as u64);
+    if g == 0 || h % g != 0 || r % g != 0 {
+        return None;
+    }
+    let weights = 3u64
+        .checked_mul(r)?
+        .checked_mul(h)?
+        .checked_mul(bits as u64)?
+        / 8;
+    let aux = 6u64
+        .checked_mul(r)?
+        .checked_mul(h / g)?
+        .checked_mul(scale_dtype.size())?;
+    Some((weights, aux))
+}
+
+pub(crate) fn align_up(x: u64, align: u64) -> Option<u64> {
+    debug_assert!(align.is_power_of_two());
+    x.checked_add(align - 1).map(|v| v & !(align - 1))
+}

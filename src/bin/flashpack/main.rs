@@ -1,1 +1,46 @@
-fn main() {}
+//! The `flashpack` command line: one file per subcommand. Exit codes: 0 ok, 1 error, 2 usage.
+
+mod bench;
+mod inspect;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "flashpack",
+    version,
+    about = "Run Mixture-of-Experts models larger than memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks that print tables (codecs, ...).
+    Bench(bench::BenchArgs),
+    /// Show what a pack holds: model, sizes, bits per weight, codecs, layout, provenance.
+    Inspect(inspect::InspectArgs),
+    /// Hash every byte of a pack; name every damaged section, tensor or segment.
+    Verify(verify::VerifyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Verify(args) => verify::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! `flashpack bench codecs`: print the codec table (size vs entropy, decode speed vs memcpy and
+//! zstd) for real or synthetic quantization codes.
+//!
+//! In: safetensors files or folders (float weights, quantized here with MLX's affine rule,
+//! group 64), raw packed-code files (from scripts/dump_codes.py), or a synthetic Gaussian.
+//! Out: a Markdown table (or JSON rows) on stdout. The library does the measuring
+//! (`flashpack::codec::bench`); this file only turns inputs into datasets.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use flashpack::codec::bench::{bench_codecs, default_codecs, format_table, BenchOptions, Dataset};
+use flashpack::codec::CodecChoice;
+use flashpack::mapped::Bytes;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// Compare codecs on the same segments: bits per code, order-0 entropy bound, ratio,
+    /// encode and decode speed (one thread and all threads), decode speed relative to memcpy.
+    Codecs(CodecsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CodecsArgs {
+    /// A .flashpack file whose stored segments to re-code (needs the pack reader; not yet wired).
+    pub pack: Option<PathBuf>,
+    /// Synthetic Gaussian weights (4 MiB of 4-bit and of 2-bit codes), seeded.
+    #[arg(long)]
+    pub synthetic: bool,
+    /// Safetensors files or folders; 2-D float tensors whose last dimension is a multiple of 64
+    /// are quantized (MLX affine, group 64) at each of --bits.
+    #[arg(long, num_args = 1..)]
+    pub safetensors: Vec<PathBuf>,
+    /// Only tensors whose name contains this (e.g. `experts`).
+    #[arg(long)]
+    pub name_contains: Option<String>,
+    /// Raw packed-code files (little-endian MLX words), e.g. from scripts/dump_codes.py.
+    #[arg(long, num_args = 1..)]
+    pub codes: Vec<PathBuf>,
+    /// Code widths: for --codes, the width of the file's codes; for --safetensors, the widths
+    /// to quantize at.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4u8, 2])]
+    pub bits: Vec<u8>,
+    /// Segment size in KiB: inputs are cut into segments of this size, each coded on its own.
+    #[arg(long, default_value_t = 64)]
+    pub segment_kib: usize,
+    /// Also bench the scales and biases (bf16) of the quantized tensors.
+    #[arg(long)]
+    pub aux: bool,
+    /// Threads for the all-threads column (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timing rounds per measurement (best kept).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Codecs to compare, comma separated (auto, raw, huffman, lz4, zstd-N).
+    #[arg(long, value_delimiter = ',')]
+    pub codecs: Vec<String>,
+    /// Print JSON rows instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.what {
+        BenchWhat::Codecs(a) => codecs(a),
+    }
+}
+
+fn codecs(a: CodecsArgs) -> Result<()> {
+    if let Some(p) = &a.pack {
+        bail!(
+            "reading segments from a pack ({}) is not wired yet; use --safetensors DIR or --codes FILE",
+            p.display()
+        );
+    }
+    let seg = a.segment_kib.max(1) * 1024;
+    let mut datasets = Vec::new();
+    if a.synthetic {
+        for &bits in &a.bits {
+            let (codes, _) = quantize(&synthetic_weights(8 << 20, 0x5eed), 64, bits, 8 * 64);
+            datasets.push(Dataset::from_bytes(
+                format!("synthetic-gauss-{bits}bit"),
+                bits,
+                &codes,
+                seg,
+            ));
+        }
+    }
+    for path in &a.codes {
+        let bits = *a.bits.first().context("--codes needs --bits")?;
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        datasets.push(Dataset::from_bytes(file_label(path), bits, &data, seg));
+    }
+    for path in &a.safetensors {
+        let tensors = load_float_tensors(path, a.name_contains.as_deref())?;
+        if tensors.is_empty() {
+            bail!(
+                "no 2-D float tensor with a last dimension that is a multiple of 64 in {}",
+                path.display()
+            );
+        }
+        let params: usize = tensors.iter().map(|t| t.values.len()).sum();
+        eprintln!(
+            "{}: {} tensors, {:.2}M weights",
+            path.display(),
+            tensors.len(),
+            params as f64 / 1e6
+        );
+        for &bits in &a.bits {
+            let mut codes = Vec::new();
+            let mut aux = Vec::new();
+            for t in &tensors {
+                let (c, sb) = quantize(&t.values, 64, bits, t.cols);
+                codes.extend_from_slice(&c);
+                aux.extend_from_slice(&sb);
+            }
+            let name = file_label(path);
+            datasets.push(Dataset::from_bytes(
+                format!("{name} {bits}-bit"),
+                bits,
+                &codes,
+                seg,
+            ));
+            if a.aux {
+                datasets.push(Dataset::from_bytes(
+                    format!("{name} {bits}-bit scales+biases bf16"),
+                    16,
+                    &aux,
+                    seg,
+                ));
+            }
+        }
+    }
+    if datasets.is_empty() {
+        bail!("nothing to bench: give --synthetic, --safetensors PATH or --codes FILE --bits N");
+    }
+
+    let mut opts = BenchOptions {
+        rounds: a.rounds,
+        ..BenchOptions::default()
+    };
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
+    if !a.codecs.is_empty() {
+        opts.codecs = a
+            .codecs
+            .iter()
+            .map(|s| s.parse::<CodecChoice>())
+            .collect::<Result<_, _>>()?;
+    } else {
+        opts.codecs = default_codecs();
+    }
+    let rows = bench_codecs(&datasets, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "segments of {} KiB; decode MB/s are of decoded bytes; best of {} rounds",
+            a.segment_kib, a.rounds
+        );
+        println!();
+        print!("{}", format_table(&rows));
+    }
+    Ok(())
+}
+
+fn file_label(path: &Path) -> String {
+    let p = if path.is_file()
+        && path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("model"))
+    {
+        path.parent().unwrap_or(path)
+    } else {
+        path
+    };
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+struct Tensor {
+    values: Vec<f32>,
+    cols: usize,
+}
+
+/// 2-D F32/BF16/F16 tensors of a safetensors file or of every `*.safetensors` in a folder, in
+/// file then name order.
+fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Tensor>> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let bytes = Bytes::map(&f).with_context(|| format!("mapping {}", f.display()))?;
+        let b: &[u8] = &bytes;
+        if b.len() < 8 {
+            bail!(
+                "{} is not a safetensors file (shorter than 8 bytes)",
+                f.display()
+            );
+        }
+        let hlen = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
+        let hend = 8usize.checked_add(hlen).filter(|&e| e <= b.len());
+        let Some(hend) = hend else {
+            bail!("{}: header length {hlen} runs past the file", f.display());
+        };
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&b[8..hend])
+                .with_context(|| format!("{}: bad header JSON", f.display()))?;
+        let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+        names.sort();
+        for name in names {
+            if name_contains.is_some_and(|s| !name.contains(s)) {
+                continue;
+            }
+            let t = &header[name];
+            let dtype = t["dtype"].as_str().unwrap_or("");
+            let shape: Vec<usize> = t["shape"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|x| x as usize))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let offs: Vec<usize> = t["data_offsets"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|x| x as usize))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let size = match dtype {
+                "F32" => 4,
+                "BF16" | "F16" => 2,
+                _ => continue,
+            };
+            if shape.len() != 2 || shape[1] % 64 != 0 || offs.len() != 2 {
+                continue;
+            }
+            let n = shape[0] * shape[1];
+            let start = hend.checked_add(offs[0]);
+            let end = start.and_then(|s| s.checked_add(n * size));
+            let (Some(start), Some(end)) = (start, end) else {
+                bail!("{}: tensor {name} offsets overflow", f.display());
+            };
+            if end > b.len() || offs[1] - offs[0] != n * size {
+                bail!(
+                    "{}: tensor {name} data out of bounds or of the wrong size",
+                    f.display()
+                );
+            }
+            let raw = &b[start..end];
+            let values: Vec<f32> = match dtype {
+                "F32" => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                "BF16" => raw
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                _ => raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            };
+            out.push(Tensor {
+                values,
+                cols: shape[1],
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// MLX affine quantization (`mx.quantize(w.astype(float32), group_size, bits)`), packed into
+/// little-endian u32 words with the first code in the lowest bits. Returns (packed code bytes,
+/// scales then biases of each row as bf16 bytes). Only bits 2, 4, 8 (codes do not straddle words).
+///
+/// The rule mirrors mlx/ops.cpp `affine_quantize`: the edge of larger magnitude becomes the
+/// bias and the scale is nudged so that `edge / scale` is an integer, so that edge is exact.
+fn quantize(w: &[f32], group: usize, bits: u8, cols: usize) -> (Vec<u8>, Vec<u8>) {
+    let n_bins = ((1u32 << bits) - 1) as f32;
+    let per_word = 32 / bits as usize;
+    let mut packed = Vec::with_capacity(w.len() * bits as usize / 8);
+    let mut scales = Vec::new();
+    let mut biases = Vec::new();
+    for row in w.chunks_exact(cols) {
+        for g in row.chunks_exact(group) {
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            for &x in g {
+                lo = lo.min(x);
+                hi = hi.max(x);
+            }
+            let min_is_edge = lo.abs() > hi.abs();
+            let mut scale = ((hi - lo) / n_bins).max(1e-7);
+            if !min_is_edge {
+                scale = -scale;
+            }
+            let edge = if min_is_edge { lo } else { hi };
+            let q0 = (edge / scale).round_ties_even();
+            let bias = if q0 == 0.0 { 0.0 } else { edge };
+            if q0 != 0.0 {
+                scale = edge / q0;
+            }
+            scales.extend_from_slice(&half::bf16::from_f32(scale).to_le_bytes());
+            biases.extend_from_slice(&half::bf16::from_f32(bias).to_le_bytes());
+            for word in g.chunks_exact(per_word) {
+                let mut v = 0u32;
+                for (k, &x) in word.iter().enumerate() {
+                    let q = ((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u32;
+                    v |= q << (k * bits as usize);
+                }
+                packed.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    let mut aux = scales;
+    aux.extend_from_slice(&biases);
+    (packed, aux)
+}
+
+/// Deterministic standard-normal samples (xorshift64* and Box-Muller), row scales varying like
+/// real layers so groups differ in range.
+fn synthetic_weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    let mut next = || {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let (u1, u2) = (next().max(1e-300), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * t.cos()) as f32 * 0.02);
+        out.push((r * t.sin()) as f32 * 0.02);
+    }
+    out.truncate(n);
+    out
+}

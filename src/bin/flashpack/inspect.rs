@@ -1,0 +1,114 @@
+//! `flashpack inspect PACK [--json]`: what a pack holds.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use flashpack::format::Pack;
+use flashpack::inspect::{KindStats, PackReport};
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// The .flashpack file.
+    pub pack: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn gib(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else {
+        format!("{:.1} KB", b / 1e3)
+    }
+}
+
+fn kind(name: &str, s: &KindStats) {
+    println!(
+        "  {name:<10} {:>12}  {:>14} weights  {:.3} bits/weight",
+        gib(s.bytes),
+        s.weights,
+        s.bits_per_weight
+    );
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let pack = Pack::open(&args.pack)
+        .with_context(|| format!("{} failed to open", args.pack.display()))?;
+    let r = PackReport::new(&pack);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} (flashpack format {})",
+        args.pack.display(),
+        r.format_version
+    );
+    println!("architecture  {}", r.architecture);
+    println!(
+        "layers        {}  (hidden {}, expert rows {})",
+        r.layers, r.hidden_size, r.intermediate_size
+    );
+    let counts: Vec<u32> = r.experts_per_layer.values().copied().collect();
+    let (min, max) = (
+        counts.iter().min().unwrap_or(&0),
+        counts.iter().max().unwrap_or(&0),
+    );
+    println!(
+        "experts       {min}..{max} stored per layer, {} segments",
+        r.segments
+    );
+    println!(
+        "file          {}  page size {} B, padding {} ({:.2}%)",
+        gib(r.file_bytes),
+        r.page_size,
+        gib(r.padding_bytes),
+        r.padding_fraction * 100.0
+    );
+    println!("sizes");
+    kind("dense", &r.dense);
+    kind("experts", &r.experts);
+    kind("overall", &r.overall);
+    println!("expert bits");
+    for (bits, s) in &r.expert_bits {
+        kind(bits, s);
+    }
+    println!("codecs (parts, stored bytes)");
+    for (codec, (n, bytes)) in &r.codecs {
+        println!("  {codec:<22} {n:>8}  {}", gib(*bytes));
+    }
+    println!(
+        "features      required [{}]  optional [{}]",
+        r.required_features.join(", "),
+        r.optional_features.join(", ")
+    );
+    println!("quantization  {}", r.quantization);
+    let p = &r.provenance;
+    println!(
+        "source        {}  revision {}",
+        p["source"].as_str().unwrap_or("?"),
+        p["revision"].as_str().unwrap_or("-")
+    );
+    println!(
+        "tool          {} {}",
+        p["tool"].as_str().unwrap_or("?"),
+        p["tool_version"].as_str().unwrap_or("?")
+    );
+    if let Some(files) = p["files"].as_array() {
+        println!("source files  {}", files.len());
+        for f in files {
+            println!(
+                "  {}  {}  {}",
+                f["blake3"].as_str().unwrap_or("?"),
+                f["size"],
+                f["name"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,245 @@
+//! Huffman decoder: one segment in, exactly `dst.len()` bytes out, or a typed error.
+//!
+//! Invariant: never reads outside `src`, never writes outside `dst`, never panics, whatever the
+//! input. The fast loop's memory accesses are bounds-checked slices; the loop bound is computed
+//! so those checks never fail on any input, and the compiler turns most of them into cheap
+//! predictable branches. The streams are decoded in lock step so their table lookups (the
+//! latency chain of a Huffman decoder) overlap.
+//!
+//! Bit reader ("marker" refill): a window of 64 bits is loaded from the stream with its top bit
+//! forced to 1; consuming bits shifts the window right, so the marker drifts down and
+//! `leading_zeros` of the window is exactly the number of bits consumed from it. A refill
+//! advances by the whole bytes consumed and reloads, leaving at least 56 fresh bits: enough for
+//! five codes of at most 11 bits. No per-symbol bit counter is kept.
+
+use super::{parse_header, stream_quota, Header, MAX_CODE_LEN, SYMBOLS};
+use crate::codec::CodecError;
+
+const TABLE_BITS: u32 = MAX_CODE_LEN as u32;
+const TABLE_SIZE: usize = 1 << TABLE_BITS;
+const TABLE_MASK: u64 = TABLE_SIZE as u64 - 1;
+const MARK: u64 = 1 << 63;
+/// Codes decoded per stream between refills: 7 leftover bits + 5 * 11 <= 63 bits of window.
+const SYMS_PER_REFILL: usize = 5;
+/// Most bytes a refill can advance: at most 62 bits were consumed since the last one.
+const MAX_ADVANCE: usize = 7;
+
+/// A reusable Huffman decoder: holds the lookup table so decoding allocates nothing.
+pub struct HuffmanDecoder {
+    /// Entry for every 11-bit window: symbol in the low byte, code length in the high byte.
+    table: Box<[u16; TABLE_SIZE]>,
+}
+
+impl Default for HuffmanDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HuffmanDecoder {
+    pub fn new() -> Self {
+        Self {
+            table: Box::new([0; TABLE_SIZE]),
+        }
+    }
+
+    /// Decode one Huffman segment into `dst`, which must have exactly the segment's decoded length.
+    pub fn decode_into(&mut self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
+        let h = parse_header(src)?;
+        if h.decoded_len != dst.len() {
+            return Err(CodecError::LengthMismatch {
+                expected: dst.len(),
+                got: h.decoded_len,
+            });
+        }
+        build_table(&h.lens, &mut self.table);
+        let t = &*self.table;
+        match h.streams {
+            1 => decode_streams::<1>(t, src, &h, dst)?,
+            2 => decode_streams::<2>(t, src, &h, dst)?,
+            4 => decode_streams::<4>(t, src, &h, dst)?,
+            8 => decode_streams::<8>(t, src, &h, dst)?,
+            16 => decode_streams::<16>(t, src, &h, dst)?,
+            _ => decode_any(t, src, &h, dst)?,
+        }
+        Ok(dst.len())
+    }
+}
+
+/// Fill the table from validated (complete, <= 11 bits) lengths: a code `c` of length `l`
+/// (bit-reversed, first bit lowest) owns every index whose low `l` bits equal `c`.
+fn build_table(lens: &[u8; SYMBOLS], table: &mut [u16; TABLE_SIZE]) {
+    let codes = super::canonical_codes_reversed(lens);
+    for s in 0..SYMBOLS {
+        let l = lens[s] as usize;
+        if l == 0 {
+            continue;
+        }
+        let entry = s as u16 | (l as u16) << 8;
+        let mut i = codes[s] as usize;
+        while i < TABLE_SIZE {
+            table[i] = entry;
+            i += 1 << l;
+        }
+    }
+}
+
+/// One stream's reader state: the window and the byte offset (in the segment) it was loaded from.
+#[derive(Clone, Copy)]
+struct Reader {
+    buf: u64,
+    pos: usize,
+}
+
+impl Reader {
+    fn new(start: usize) -> Self {
+        // A window that has consumed nothing: the first refill loads at `start`.
+        Self {
+            buf: MARK,
+            pos: start,
+        }
+    }
+
+    /// Bits consumed from the current window.
+    #[inline(always)]
+    fn consumed(&self) -> u32 {
+        self.buf.leading_zeros()
+    }
+
+    /// Refill from a position known to have 8 readable bytes (see the fast-loop bound).
+    #[inline(always)]
+    fn refill_fast(&mut self, src: &[u8]) {
+        let c = self.consumed();
+        self.pos += (c >> 3) as usize;
+        let w = match src.get(self.pos..self.pos + 8) {
+            Some(b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            None => 0, // unreachable by the loop bound; decoding garbage is still memory-safe
+        };
+        self.buf = (w | MARK) >> (c & 7);
+    }
+
+    /// Refill anywhere: bytes past the end of the segment read as zero.
+    #[inline(always)]
+    fn refill_tail(&mut self, src: &[u8]) {
+        let c = self.consumed();
+        self.pos = self.pos.saturating_add((c >> 3) as usize);
+        let mut b = [0u8; 8];
+        if self.pos < src.len() {
+            let avail = (src.len() - self.pos).min(8);
+            b[..avail].copy_from_slice(&src[self.pos..self.pos + avail]);
+        }
+        self.buf = (u64::from_le_bytes(b) | MARK) >> (c & 7);
+    }
+
+    #[inline(always)]
+    fn symbol(&mut self, table: &[u16; TABLE_SIZE]) -> u8 {
+        let e = table[(self.buf & TABLE_MASK) as usize];
+        self.buf >>= e >> 8;
+        e as u8
+    }
+
+    /// Total bits consumed since the stream's `start`.
+    fn total_consumed(&self, start: usize) -> usize {
+        (self.pos - start) * 8 + self.consumed() as usize
+    }
+}
+
+/// Stream byte ranges inside the segment.
+fn stream_starts(h: &Header) -> [usize; super::MAX_STREAMS + 1] {
+    let mut starts = [0usize; super::MAX_STREAMS + 1];
+    starts[0] = h.data_start;
+    for s in 0..h.streams {
+        // Cannot overflow: parse_header checked that the sum ends inside the segment.
+        starts[s + 1] = starts[s] + h.stream_lens[s];
+    }
+    starts
+}
+
+/// A stream must end exactly where its stored length says: no bit read past it, no whole
+/// byte left unread.
+fn check_end(r: &Reader, start: usize, stored: usize, stream: usize) -> Result<(), CodecError> {
+    let bits = r.total_consumed(start);
+    if bits.div_ceil(8) != stored {
+        return Err(CodecError::StreamLength {
+            stream,
+            consumed_bits: bits,
+            stored_bytes: stored,
+        });
+    }
+    Ok(())
+}
+
+fn decode_streams<const N: usize>(
+    table: &[u16; TABLE_SIZE],
+    src: &[u8],
+    h: &Header,
+    dst: &mut [u8],
+) -> Result<(), CodecError> {
+    let starts = stream_starts(h);
+    let q = stream_quota(dst.len(), N).max(1);
+    let mut outs: [&mut [u8]; N] = std::array::from_fn(|_| &mut [][..]);
+    for (o, chunk) in outs.iter_mut().zip(dst.chunks_mut(q)) {
+        *o = chunk;
+    }
+    let mut rs: [Reader; N] = std::array::from_fn(|s| Reader::new(starts[s]));
+    let shortest = outs.iter().map(|o| o.len()).min().unwrap_or(0);
+
+    let mut i = 0;
+    loop {
+        // Iterations that keep every refill load inside `src` and every write inside the
+        // shortest output: a refill advances at most MAX_ADVANCE bytes and then reads 8.
+        let by_out = (shortest - i) / SYMS_PER_REFILL;
+        let by_in = rs
+            .iter()
+            .map(|r| src.len().saturating_sub(r.pos + 8) / MAX_ADVANCE)
+            .min()
+            .unwrap_or(0);
+        let k = by_out.min(by_in);
+        if k == 0 {
+            break;
+        }
+        for _ in 0..k {
+            for r in rs.iter_mut() {
+                r.refill_fast(src);
+            }
+            for j in 0..SYMS_PER_REFILL {
+                for s in 0..N {
+                    let b = rs[s].symbol(table);
+                    outs[s][i + j] = b;
+                }
+            }
+            i += SYMS_PER_REFILL;
+        }
+    }
+    for s in 0..N {
+        let r = &mut rs[s];
+        let done = i.min(outs[s].len());
+        for o in outs[s][done..].iter_mut() {
+            r.refill_tail(src);
+            *o = r.symbol(table);
+        }
+        check_end(r, starts[s], h.stream_lens[s], s)?;
+    }
+    Ok(())
+}
+
+/// Any stream count: each stream decoded on its own with the tail reader (slower, same result).
+fn decode_any(
+    table: &[u16; TABLE_SIZE],
+    src: &[u8],
+    h: &Header,
+    dst: &mut [u8],
+) -> Result<(), CodecError> {
+    let starts = stream_starts(h);
+    let q = stream_quota(dst.len(), h.streams).max(1);
+    let mut chunks = dst.chunks_mut(q);
+    for s in 0..h.streams {
+        let mut r = Reader::new(starts[s]);
+        for o in chunks.next().unwrap_or(&mut []).iter_mut() {
+            r.refill_tail(src);
+            *o = r.symbol(table);
+        }
+        check_end(&r, starts[s], h.stream_lens[s], s)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! What a pack holds, summarised for `flashpack inspect`.
+//!
+//! In: an opened [`Pack`]. Out: a serialisable [`PackReport`]. No I/O beyond the mapped bytes
+//! the pack already holds; payloads are not decoded.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::format::{codec_id, optional, required, Pack, SectionKind};
+
+/// Sizes and bits of one kind of weight.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KindStats {
+    /// Stored bytes (after coding).
+    pub bytes: u64,
+    /// Number of weights (quantized or not; scales and biases count as overhead of their weights).
+    pub weights: u64,
+    /// Stored bits per weight, overhead included.
+    pub bits_per_weight: f64,
+}
+
+impl KindStats {
+    fn add(&mut self, bytes: u64, weights: u64) {
+        self.bytes += bytes;
+        self.weights += weights;
+    }
+
+    fn finish(&mut self) {
+        self.bits_per_weight = if self.weights == 0 {
+            0.0
+        } else {
+            self.bytes as f64 * 8.0 / self.weights as f64
+        };
+    }
+}
+
+/// Everything `flashpack inspect` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct PackReport {
+    pub format_version: String,
+    pub architecture: String,
+    pub layers: u64,
+    pub experts_per_layer: BTreeMap<u32, u32>,
+    pub segments: usize,
+    pub hidden_size: u32,
+    pub intermediate_size: u32,
+    pub file_bytes: u64,
+    pub dense: KindStats,
+    pub experts: KindStats,
+    pub overall: KindStats,
+    /// Expert stored bytes and weights by bits ("4-bit", "2-bit").
+    pub expert_bits: BTreeMap<String, KindStats>,
+    /// Segment parts by codec: how many parts and stored bytes.
+    pub codecs: BTreeMap<String, (u64, u64)>,
+    pub page_size: u32,
+    pub padding_bytes: u64,
+    pub padding_fraction: f64,
+    pub required_features: Vec<&'static str>,
+    pub optional_features: Vec<&'static str>,
+    pub provenance: Value,
+    pub quantization: Value,
+}
+
+const REQUIRED_NAMES: [(u64, &str); 6] = [
+    (required::CODEC_HUFFMAN, "CODEC_HUFFMAN"),
+    (required::CODEC_ZSTD, "CODEC_ZSTD"),
+    (required::CODEC_LZ4, "CODEC_LZ4"),
+    (required::MERGED_EXPERTS, "MERGED_EXPERTS"),
+    (required::VERTICAL_SEGMENTS, "VERTICAL_SEGMENTS"),
+    (required::MIXED_EXPERT_BITS, "MIXED_EXPERT_BITS"),
+];
+const OPTIONAL_NAMES: [(u64, &str); 2] = [
+    (optional::EXPERT_PROFILE, "EXPERT_PROFILE"),
+    (optional::CHAT_TEMPLATE, "CHAT_TEMPLATE"),
+];
+
+impl PackReport {
+    pub fn new(pack: &Pack) -> PackReport {
+        let meta = pack.metadata();
+        let h = pack.hidden_size() as u64;
+        let mut dense = KindStats::default();
+        for t in pack.tensors() {
+            let weights = if t.name.ends_with(".scales") || t.name.ends_with(".biases") {
+                0
+            } else if t.bits > 0 {
+                let numel: u64 = t.shape.iter().product();
+                numel * 32 / t.bits as u64
+            } else {
+                t.shape.iter().product()
+            };
+            dense.add(t.stored_len, weights);
+        }
+        let mut experts = KindStats::default();
+        let mut by_bits: BTreeMap<String, KindStats> = BTreeMap::new();
+        let mut codecs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut per_layer: BTreeMap<u32, u32> = BTreeMap::new();
+        for e in pack.experts() {
+            let weights = 3 * e.row_count as u64 * h;
+            experts.add(e.stored_len, weights);
+            by_bits
+                .entry(format!("{}-bit", e.bits))
+                .or_default()
+                .add(e.stored_len, weights);
+            let mut count = |codec: u8, part: &str, bytes: u64| {
+                let c = codecs
+                    .entry(format!("{part}:{}", codec_id::name(codec)))
+                    .or_default();
+                c.0 += 1;
+                c.1 += bytes;
+            };
+            count(e.weight_codec, "weights", e.weights_stored_len);
+            count(
+                e.aux_codec,
+                "scales+biases",
+                e.stored_len - e.weights_stored_len,
+            );
+            if e.segment == 0 {
+                *per_layer.entry(e.layer).or_default() += 1;
+            }
+        }
+        let mut overall = KindStats::default();
+        overall.add(dense.bytes + experts.bytes, dense.weights + experts.weights);
+        for s in [&mut dense, &mut experts, &mut overall] {
+            s.finish();
+        }
+        by_bits.values_mut().for_each(KindStats::finish);
+        let header = pack.header();
+        let file_bytes = header.file_size;
+        let content: u64 = dense.bytes
+            + experts.bytes
+            + header
+                .sections
+                .iter()
+                .filter(|s| s.known_kind().is_none_or(SectionKind::hashed))
+                .map(|s| s.stored_len)
+                .sum::<u64>()
+            + crate::format::Header::encoded_len(header.sections.len()) as u64;
+        let padding = file_bytes.saturating_sub(content);
+        let names = |bits: u64, table: &[(u64, &'static str)]| {
+            table
+                .iter()
+                .filter(|(b, _)| bits & b != 0)
+                .map(|(_, n)| *n)
+                .collect()
+        };
+        PackReport {
+            format_version: format!("{}.{}", header.major, header.minor),
+            architecture: meta["architecture"].as_str().unwrap_or("?").to_string(),
+            layers: meta["model"]["num_hidden_layers"]
+                .as_u64()
+                .unwrap_or(per_layer.len() as u64),
+            experts_per_layer: per_layer,
+            segments: pack.experts().len(),
+            hidden_size: pack.hidden_size(),
+            intermediate_size: pack.intermediate_size(),
+            file_bytes,
+            dense,
+            experts,
+            overall,
+            expert_bits: by_bits,
+            codecs,
+            page_size: header.page_size,
+            padding_bytes: padding,
+            padding_fraction: padding as f64 / file_bytes.max(1) as f64,
+            required_features: names(header.required_features, &REQUIRED_NAMES),
+            optional_features: names(header.optional_features, &OPTIONAL_NAMES),
+            provenance: meta["provenance"].clone(),
+            quantization: meta["quantization"].clone(),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Raw declarations of `src/mlx/shim.h`. Nothing outside `crate::mlx` touches these.
+
+use std::ffi::{c_char, c_int, c_void};
+
+#[repr(C)]
+pub struct FpArray {
+    _private: [u8; 0],
+}
+
+pub type Visit = unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char, a: *mut FpArray);
+
+extern "C" {
+    pub fn fp_last_error() -> *const c_char;
+    pub fn fp_version() -> *const c_char;
+    pub fn fp_free(a: *mut FpArray);
+    pub fn fp_clone(a: *const FpArray, out: *mut *mut FpArray) -> c_int;
+
+    pub fn fp_from_data(
+        data: *const c_void,
+        shape: *const i32,
+        ndim: usize,
+        dtype: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_scalar(value: f64, dtype: c_int, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_zeros(shape: *const i32, ndim: usize, dtype: c_int, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_host_buffer(
+        shape: *const i32,
+        ndim: usize,
+        dtype: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_data_ptr(a: *mut FpArray, ptr: *mut *mut c_void, nbytes: *mut usize) -> c_int;
+
+    pub fn fp_ndim(a: *const FpArray, out: *mut usize) -> c_int;
+    pub fn fp_shape(a: *const FpArray, out: *mut i32, cap: usize) -> c_int;
+    pub fn fp_dtype(a: *const FpArray, out: *mut c_int) -> c_int;
+    pub fn fp_read(a: *mut FpArray, out: *mut c_void, nbytes: usize) -> c_int;
+    pub fn fp_eval(arrays: *const *mut FpArray, n: usize) -> c_int;
+
+    pub fn fp_binary(
+        op: c_int,
+        a: *const FpArray,
+        b: *const FpArray,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_unary(op: c_int, a: *const FpArray, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_matmul(a: *const FpArray, b: *const FpArray, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_astype(a: *const FpArray, dtype: c_int, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_reshape(
+        a: *const FpArray,
+        shape: *const i32,
+        ndim: usize,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_transpose(
+        a: *const FpArray,
+        axes: *const i32,
+        n: usize,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_concatenate(
+        arrays: *const *const FpArray,
+        n: usize,
+        axis: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_slice(
+        a: *const FpArray,
+        start: *const i32,
+        stop: *const i32,
+        n: usize,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_slice_update(
+        src: *const FpArray,
+        update: *const FpArray,
+        start: *const i32,
+        stop: *const i32,
+        n: usize,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_sum(a: *const FpArray, axis: c_int, keepdims: c_int, out: *mut *mut FpArray)
+        -> c_int;
+    pub fn fp_softmax(
+        a: *const FpArray,
+        axis: c_int,
+        precise: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_argpartition(
+        a: *const FpArray,
+        kth: c_int,
+        axis: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_argsort(a: *const FpArray, axis: c_int, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_take(
+        a: *const FpArray,
+        indices: *const FpArray,
+        axis: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_take_along_axis(
+        a: *const FpArray,
+        indices: *const FpArray,
+        axis: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+
+    pub fn fp_quantize(
+        w: *const FpArray,
+        group_size: c_int,
+        bits: c_int,
+        wq: *mut *mut FpArray,
+        scales: *mut *mut FpArray,
+        biases: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_dequantize(
+        w: *const FpArray,
+        scales: *const FpArray,
+        biases: *const FpArray,
+        group_size: c_int,
+        bits: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp_quantized_matmul(
+        x: *const FpArray,
+        w: *const FpArray,
+        scales: *const FpArray,
+        biases: *const FpArray,
+        transpose: c_int,
+        group_size: c_int,
+        bits: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp_gather_qmm(
+        x: *const FpArray,
+        w: *const FpArray,
+        scales: *const FpArray,
+        biases: *const FpArray,
+        lhs_indices: *const FpArray,
+        rhs_indices: *const FpArray,
+        transpose: c_int,
+        group_size: c_int,
+        bits: c_int,
+        sorted_indices: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+
+    pub fn fp_rms_norm(
+        x: *const FpArray,
+        weight: *const FpArray,
+        eps: f32,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_rope(
+        x: *const FpArray,
+        dims: c_int,
+        traditional: c_int,
+        base: f32,
+        scale: f32,
+        offset: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_sdpa(
+        q: *const FpArray,
+        k: *const FpArray,
+        v: *const FpArray,
+        scale: f32,
+        mask_mode: *const c_char,
+        mask: *const FpArray,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+
+    pub fn fp_load_safetensors(path: *const c_char, ctx: *mut c_void, visit: Visit) -> c_int;
+}

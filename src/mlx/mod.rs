@@ -1,0 +1,727 @@
+//! Safe Rust over MLX (the one C++ file is `shim.cpp`; decision record:
+//! docs/decisions/0001-mlx-binding.md).
+//!
+//! In: Rust slices, shapes and handles. Out: [`Array`]s, lazy MLX graph nodes that compute when
+//! evaluated ([`Array::eval`], [`eval`], or any read). Invariant: every MLX failure (a C++
+//! exception inside the shim) comes back as [`Error::Mlx`] with MLX's message; nothing here
+//! panics on bad shapes or dtypes.
+//!
+//! Shapes are `usize` on the Rust side and checked to fit MLX's `i32` dimensions; axes are `i32`
+//! so negative axes count from the end as in MLX.
+
+mod ffi;
+
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+use std::ptr::{self, NonNull};
+
+/// Errors from the MLX binding.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// MLX rejected an operation (bad shape, dtype, or argument) or failed while computing.
+    #[error("MLX {op} failed: {message}")]
+    Mlx { op: &'static str, message: String },
+    /// A slice's length does not match the element count of the shape given with it.
+    #[error("{len} elements given for shape {shape:?}, which holds {expected}")]
+    LengthMismatch {
+        len: usize,
+        shape: Vec<usize>,
+        expected: usize,
+    },
+    /// A typed read or write asked for another dtype than the array has.
+    #[error("array has dtype {found:?}, the caller asked for {expected:?}: convert with astype")]
+    DtypeMismatch { expected: Dtype, found: Dtype },
+    /// A dimension or element count beyond MLX's 32-bit shape limit.
+    #[error("dimension {dim} exceeds MLX's limit of {max}", max = i32::MAX)]
+    DimTooLarge { dim: usize },
+    /// A path with an interior NUL byte cannot be passed to MLX.
+    #[error("path {path:?} contains a NUL byte")]
+    BadPath { path: String },
+    /// MLX returned a dtype this binding does not know (a newer MLX than the pinned one).
+    #[error("MLX returned unknown dtype code {code}; rebuild against the pinned MLX")]
+    UnknownDtype { code: i32 },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Element types, numbered as in `shim.h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Dtype {
+    Bool,
+    U8,
+    U16,
+    U32,
+    U64,
+    I8,
+    I16,
+    I32,
+    I64,
+    F16,
+    F32,
+    F64,
+    BF16,
+    C64,
+}
+
+impl Dtype {
+    const ALL: [Dtype; 14] = [
+        Dtype::Bool,
+        Dtype::U8,
+        Dtype::U16,
+        Dtype::U32,
+        Dtype::U64,
+        Dtype::I8,
+        Dtype::I16,
+        Dtype::I32,
+        Dtype::I64,
+        Dtype::F16,
+        Dtype::F32,
+        Dtype::F64,
+        Dtype::BF16,
+        Dtype::C64,
+    ];
+
+    fn code(self) -> c_int {
+        Self::ALL.iter().position(|&d| d == self).unwrap_or(0) as c_int
+    }
+
+    fn from_code(code: c_int) -> Result<Dtype> {
+        usize::try_from(code)
+            .ok()
+            .and_then(|i| Self::ALL.get(i).copied())
+            .ok_or(Error::UnknownDtype { code })
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::Bool | Dtype::U8 | Dtype::I8 => 1,
+            Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::U32 | Dtype::I32 | Dtype::F32 => 4,
+            Dtype::U64 | Dtype::I64 | Dtype::F64 | Dtype::C64 => 8,
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Rust types whose bytes MLX can take as array elements.
+pub trait Element: Copy + Default + sealed::Sealed {
+    const DTYPE: Dtype;
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t { const DTYPE: Dtype = Dtype::$d; }
+    )*};
+}
+element!(u8 => U8, u16 => U16, u32 => U32, u64 => U64, i8 => I8, i16 => I16, i32 => I32,
+    i64 => I64, f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16);
+
+/// The version string of the linked MLX (build.rs pins it).
+pub fn version() -> &'static str {
+    // SAFETY: MLX returns a pointer to a static NUL-terminated string.
+    unsafe { CStr::from_ptr(ffi::fp_version()) }
+        .to_str()
+        .unwrap_or("unknown")
+}
+
+/// Turn a shim status into a Result, fetching the thread-local message on failure.
+fn check(op: &'static str, status: c_int) -> Result<()> {
+    if status == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim keeps a valid NUL-terminated message per thread until the next call.
+    let message = unsafe { CStr::from_ptr(ffi::fp_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error::Mlx { op, message })
+}
+
+/// Call a shim function that produces one array.
+fn make(op: &'static str, f: impl FnOnce(*mut *mut ffi::FpArray) -> c_int) -> Result<Array> {
+    let mut out = ptr::null_mut();
+    check(op, f(&mut out))?;
+    Array::from_raw(op, out)
+}
+
+fn dims(shape: &[usize]) -> Result<Vec<i32>> {
+    shape
+        .iter()
+        .map(|&d| i32::try_from(d).map_err(|_| Error::DimTooLarge { dim: d }))
+        .collect()
+}
+
+fn element_count(shape: &[usize]) -> Result<usize> {
+    shape.iter().try_fold(1usize, |n, &d| {
+        n.checked_mul(d).ok_or(Error::DimTooLarge { dim: d })
+    })
+}
+
+fn opt_ptr(a: Option<&Array>) -> *const ffi::FpArray {
+    a.map_or(ptr::null(), |a| a.raw())
+}
+
+/// An owned handle to one MLX array (a node of MLX's lazy graph). Dropping it releases the
+/// handle; the data lives on while other arrays still depend on it.
+pub struct Array {
+    raw: NonNull<ffi::FpArray>,
+}
+
+// SAFETY: the handle owns an `mlx::core::array`, a `shared_ptr` to its node; moving that to
+// another thread is sound (the count is atomic). It is not `Sync`: evaluating mutates the node
+// without a lock, so two threads must not use one array at once.
+unsafe impl Send for Array {}
+
+impl Drop for Array {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from the shim and is released exactly once, here.
+        unsafe { ffi::fp_free(self.raw.as_ptr()) }
+    }
+}
+
+impl Clone for Array {
+    /// Another handle to the same node (no copy of the data).
+    fn clone(&self) -> Self {
+        make("clone", |out| unsafe { ffi::fp_clone(self.raw(), out) })
+            .expect("copying an MLX handle only fails when out of memory")
+    }
+}
+
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Array")
+            .field("shape", &self.shape())
+            .field("dtype", &self.dtype())
+            .finish()
+    }
+}
+
+impl Array {
+    fn from_raw(op: &'static str, raw: *mut ffi::FpArray) -> Result<Array> {
+        NonNull::new(raw)
+            .map(|raw| Array { raw })
+            .ok_or(Error::Mlx {
+                op,
+                message: "shim returned no array".to_string(),
+            })
+    }
+
+    fn raw(&self) -> *const ffi::FpArray {
+        self.raw.as_ptr()
+    }
+
+    /// Copy `data` (row-major) into a new array of `shape`.
+    pub fn from_slice<T: Element>(data: &[T], shape: &[usize]) -> Result<Array> {
+        let expected = element_count(shape)?;
+        if data.len() != expected {
+            return Err(Error::LengthMismatch {
+                len: data.len(),
+                shape: shape.to_vec(),
+                expected,
+            });
+        }
+        let dims = dims(shape)?;
+        make("from_slice", |out| unsafe {
+            ffi::fp_from_data(
+                data.as_ptr().cast::<c_void>(),
+                dims.as_ptr(),
+                dims.len(),
+                T::DTYPE.code(),
+                out,
+            )
+        })
+    }
+
+    /// A 0-d array holding `value` converted to `dtype`.
+    pub fn scalar(value: f64, dtype: Dtype) -> Result<Array> {
+        make("scalar", |out| unsafe {
+            ffi::fp_scalar(value, dtype.code(), out)
+        })
+    }
+
+    /// Zeros of `shape` (lazy; MLX may store one element broadcast, so never write into it).
+    pub fn zeros(shape: &[usize], dtype: Dtype) -> Result<Array> {
+        let dims = dims(shape)?;
+        make("zeros", |out| unsafe {
+            ffi::fp_zeros(dims.as_ptr(), dims.len(), dtype.code(), out)
+        })
+    }
+
+    /// A zero-filled, row-contiguous array with its own host memory, ready for [`Self::data_mut`].
+    /// This is the expert cache's slot pool: Rust writes experts into it between evaluations.
+    pub fn host_buffer(shape: &[usize], dtype: Dtype) -> Result<Array> {
+        element_count(shape)?;
+        let dims = dims(shape)?;
+        make("host_buffer", |out| unsafe {
+            ffi::fp_host_buffer(dims.as_ptr(), dims.len(), dtype.code(), out)
+        })
+    }
+
+    /// The array's bytes, writable in place.
+    ///
+    /// Works on arrays made by [`Self::host_buffer`] (any evaluated array that is row-contiguous
+    /// and owns its elements is accepted; others are an error).
+    ///
+    /// # Safety
+    /// MLX does not know about these writes. The caller must make sure that:
+    /// - no evaluation that reads this array runs while the slice is being written (an eval on
+    ///   another thread, or an `async_eval` in flight);
+    /// - every array computed from this one that must see the *old* bytes has been evaluated
+    ///   before writing; lazy (unevaluated) arrays built on this one will read the *new* bytes
+    ///   when they are evaluated later;
+    /// - no other handle to the same data (a [`Clone`], a reshape or slice view) is used to
+    ///   read while writing.
+    ///
+    /// MLX never reuses ("donates") this buffer for an op's output while this handle is alive,
+    /// because donation needs the input to have no other owner.
+    pub unsafe fn data_mut(&mut self) -> Result<&mut [u8]> {
+        let mut p = ptr::null_mut();
+        let mut n = 0usize;
+        check(
+            "data_mut",
+            ffi::fp_data_ptr(self.raw.as_ptr(), &mut p, &mut n),
+        )?;
+        if n == 0 {
+            return Ok(&mut []);
+        }
+        // SAFETY: the shim checked the array is evaluated, row-contiguous and owns `n` bytes at
+        // `p`; `&mut self` keeps this handle (and so the buffer) alive and unaliased in Rust for
+        // the slice's lifetime. The caller upholds the MLX-side rules above.
+        Ok(std::slice::from_raw_parts_mut(p.cast::<u8>(), n))
+    }
+
+    pub fn ndim(&self) -> usize {
+        let mut n = 0usize;
+        // fp_ndim cannot fail on a valid handle.
+        let _ = unsafe { ffi::fp_ndim(self.raw(), &mut n) };
+        n
+    }
+
+    pub fn shape(&self) -> Vec<usize> {
+        let mut dims = vec![0i32; self.ndim()];
+        let _ = unsafe { ffi::fp_shape(self.raw(), dims.as_mut_ptr(), dims.len()) };
+        dims.into_iter().map(|d| d.max(0) as usize).collect()
+    }
+
+    /// Size of axis `axis` (negative counts from the end), or `None` when out of range.
+    pub fn dim(&self, axis: i32) -> Option<usize> {
+        let shape = self.shape();
+        let n = shape.len() as i64;
+        let i = if axis < 0 {
+            n + axis as i64
+        } else {
+            axis as i64
+        };
+        usize::try_from(i).ok().and_then(|i| shape.get(i).copied())
+    }
+
+    pub fn size(&self) -> usize {
+        self.shape().iter().product()
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        let mut code = 0;
+        let _ = unsafe { ffi::fp_dtype(self.raw(), &mut code) };
+        Dtype::from_code(code).unwrap_or(Dtype::Bool)
+    }
+
+    /// Compute this array now.
+    pub fn eval(&self) -> Result<()> {
+        eval(&[self])
+    }
+
+    /// Evaluate and copy out the elements in row-major order; `T` must match the dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        let found = self.dtype();
+        if found != T::DTYPE {
+            return Err(Error::DtypeMismatch {
+                expected: T::DTYPE,
+                found,
+            });
+        }
+        let mut v = vec![T::default(); self.size()];
+        let nbytes = std::mem::size_of_val(v.as_slice());
+        check("read", unsafe {
+            ffi::fp_read(self.raw.as_ptr(), v.as_mut_ptr().cast::<c_void>(), nbytes)
+        })?;
+        Ok(v)
+    }
+
+    /// Evaluate, convert to f32 and copy out in row-major order.
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        self.astype(Dtype::F32)?.to_vec::<f32>()
+    }
+
+    fn binary(&self, op: c_int, name: &'static str, other: &Array) -> Result<Array> {
+        make(name, |out| unsafe {
+            ffi::fp_binary(op, self.raw(), other.raw(), out)
+        })
+    }
+
+    fn unary(&self, op: c_int, name: &'static str) -> Result<Array> {
+        make(name, |out| unsafe { ffi::fp_unary(op, self.raw(), out) })
+    }
+
+    /// Element-wise with broadcasting, as in MLX (and NumPy).
+    pub fn add(&self, other: &Array) -> Result<Array> {
+        self.binary(0, "add", other)
+    }
+    pub fn sub(&self, other: &Array) -> Result<Array> {
+        self.binary(1, "subtract", other)
+    }
+    pub fn mul(&self, other: &Array) -> Result<Array> {
+        self.binary(2, "multiply", other)
+    }
+    pub fn div(&self, other: &Array) -> Result<Array> {
+        self.binary(3, "divide", other)
+    }
+    pub fn floor_div(&self, other: &Array) -> Result<Array> {
+        self.binary(4, "floor_divide", other)
+    }
+    pub fn maximum(&self, other: &Array) -> Result<Array> {
+        self.binary(5, "maximum", other)
+    }
+    pub fn exp(&self) -> Result<Array> {
+        self.unary(0, "exp")
+    }
+    pub fn sigmoid(&self) -> Result<Array> {
+        self.unary(1, "sigmoid")
+    }
+    pub fn neg(&self) -> Result<Array> {
+        self.unary(2, "negative")
+    }
+    pub fn sqrt(&self) -> Result<Array> {
+        self.unary(3, "sqrt")
+    }
+    pub fn log(&self) -> Result<Array> {
+        self.unary(4, "log")
+    }
+    /// `x * sigmoid(x)`, spelled as mlx.nn.silu spells it.
+    pub fn silu(&self) -> Result<Array> {
+        self.mul(&self.sigmoid()?)
+    }
+
+    pub fn matmul(&self, other: &Array) -> Result<Array> {
+        make("matmul", |out| unsafe {
+            ffi::fp_matmul(self.raw(), other.raw(), out)
+        })
+    }
+
+    pub fn astype(&self, dtype: Dtype) -> Result<Array> {
+        make("astype", |out| unsafe {
+            ffi::fp_astype(self.raw(), dtype.code(), out)
+        })
+    }
+
+    /// New shape with the same elements; one entry may be -1 (inferred).
+    pub fn reshape(&self, shape: &[i32]) -> Result<Array> {
+        make("reshape", |out| unsafe {
+            ffi::fp_reshape(self.raw(), shape.as_ptr(), shape.len(), out)
+        })
+    }
+
+    /// Permute axes (`axes[i]` is the input axis that becomes output axis `i`).
+    pub fn transpose(&self, axes: &[i32]) -> Result<Array> {
+        make("transpose", |out| unsafe {
+            ffi::fp_transpose(self.raw(), axes.as_ptr(), axes.len(), out)
+        })
+    }
+
+    /// Insert a size-1 axis at `axis`.
+    pub fn expand_dims(&self, axis: i32) -> Result<Array> {
+        let mut shape: Vec<i32> = dims(&self.shape())?;
+        let n = shape.len() as i32 + 1;
+        let at = if axis < 0 { axis + n } else { axis };
+        if !(0..n).contains(&at) {
+            return Err(Error::Mlx {
+                op: "expand_dims",
+                message: format!("axis {axis} out of range for {} dims", n - 1),
+            });
+        }
+        shape.insert(at as usize, 1);
+        self.reshape(&shape)
+    }
+
+    /// `a[start[0]..stop[0], start[1]..stop[1], ...]` with unit strides, one range per axis.
+    pub fn slice(&self, start: &[i32], stop: &[i32]) -> Result<Array> {
+        if start.len() != stop.len() {
+            return Err(Error::Mlx {
+                op: "slice",
+                message: format!("{} starts but {} stops", start.len(), stop.len()),
+            });
+        }
+        make("slice", |out| unsafe {
+            ffi::fp_slice(self.raw(), start.as_ptr(), stop.as_ptr(), start.len(), out)
+        })
+    }
+
+    /// A copy of `self` with `self[start..stop] = update`.
+    pub fn slice_update(&self, update: &Array, start: &[i32], stop: &[i32]) -> Result<Array> {
+        if start.len() != stop.len() {
+            return Err(Error::Mlx {
+                op: "slice_update",
+                message: format!("{} starts but {} stops", start.len(), stop.len()),
+            });
+        }
+        make("slice_update", |out| unsafe {
+            ffi::fp_slice_update(
+                self.raw(),
+                update.raw(),
+                start.as_ptr(),
+                stop.as_ptr(),
+                start.len(),
+                out,
+            )
+        })
+    }
+
+    pub fn sum(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        make("sum", |out| unsafe {
+            ffi::fp_sum(self.raw(), axis, keepdims as c_int, out)
+        })
+    }
+
+    /// Softmax along `axis`; `precise` computes in f32 for half-precision inputs.
+    pub fn softmax(&self, axis: i32, precise: bool) -> Result<Array> {
+        make("softmax", |out| unsafe {
+            ffi::fp_softmax(self.raw(), axis, precise as c_int, out)
+        })
+    }
+
+    /// Indices that partition along `axis` so position `kth` holds its sorted element.
+    pub fn argpartition(&self, kth: i32, axis: i32) -> Result<Array> {
+        make("argpartition", |out| unsafe {
+            ffi::fp_argpartition(self.raw(), kth, axis, out)
+        })
+    }
+
+    pub fn argsort(&self, axis: i32) -> Result<Array> {
+        make("argsort", |out| unsafe {
+            ffi::fp_argsort(self.raw(), axis, out)
+        })
+    }
+
+    /// Rows of `self` along `axis` at `indices` (an embedding lookup with axis 0).
+    pub fn take(&self, indices: &Array, axis: i32) -> Result<Array> {
+        make("take", |out| unsafe {
+            ffi::fp_take(self.raw(), indices.raw(), axis, out)
+        })
+    }
+
+    pub fn take_along_axis(&self, indices: &Array, axis: i32) -> Result<Array> {
+        make("take_along_axis", |out| unsafe {
+            ffi::fp_take_along_axis(self.raw(), indices.raw(), axis, out)
+        })
+    }
+}
+
+/// Evaluate several arrays in one graph walk (shared inputs computed once).
+pub fn eval(arrays: &[&Array]) -> Result<()> {
+    let raws: Vec<*mut ffi::FpArray> = arrays.iter().map(|a| a.raw.as_ptr()).collect();
+    check("eval", unsafe { ffi::fp_eval(raws.as_ptr(), raws.len()) })
+}
+
+pub fn concatenate(arrays: &[&Array], axis: i32) -> Result<Array> {
+    let raws: Vec<*const ffi::FpArray> = arrays.iter().map(|a| a.raw()).collect();
+    make("concatenate", |out| unsafe {
+        ffi::fp_concatenate(raws.as_ptr(), raws.len(), axis, out)
+    })
+}
+
+/// An MLX affine-quantized matrix (or stack of matrices): per group of `group_size` values along
+/// the last axis, `w ~= scales * q + biases`, `q` packed `32 / bits` to a `u32`.
+#[derive(Debug, Clone)]
+pub struct QuantizedMatrix {
+    /// `u32`, `[..., out, in * bits / 32]`.
+    pub weight: Array,
+    /// `[..., out, in / group_size]`.
+    pub scales: Array,
+    /// `[..., out, in / group_size]`; absent only for modes without biases.
+    pub biases: Option<Array>,
+    pub group_size: i32,
+    pub bits: i32,
+}
+
+impl QuantizedMatrix {
+    /// Number of input features (unpacked last-axis width).
+    pub fn input_dims(&self) -> Option<usize> {
+        let groups = self.scales.dim(-1)?;
+        groups.checked_mul(usize::try_from(self.group_size).ok()?)
+    }
+}
+
+/// `mx.quantize(w, group_size, bits)` in affine mode.
+pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<QuantizedMatrix> {
+    let (mut q, mut s, mut b) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
+    check("quantize", unsafe {
+        ffi::fp_quantize(w.raw(), group_size, bits, &mut q, &mut s, &mut b)
+    })?;
+    Ok(QuantizedMatrix {
+        weight: Array::from_raw("quantize", q)?,
+        scales: Array::from_raw("quantize", s)?,
+        biases: Some(Array::from_raw("quantize", b)?),
+        group_size,
+        bits,
+    })
+}
+
+/// `mx.dequantize`: back to the dtype of the scales.
+pub fn dequantize(m: &QuantizedMatrix) -> Result<Array> {
+    make("dequantize", |out| unsafe {
+        ffi::fp_dequantize(
+            m.weight.raw(),
+            m.scales.raw(),
+            opt_ptr(m.biases.as_ref()),
+            m.group_size,
+            m.bits,
+            out,
+        )
+    })
+}
+
+/// `x @ W.T` (`transpose`) or `x @ W` with a quantized `W`, as `mx.quantized_matmul`.
+pub fn quantized_matmul(x: &Array, w: &QuantizedMatrix, transpose: bool) -> Result<Array> {
+    make("quantized_matmul", |out| unsafe {
+        ffi::fp_quantized_matmul(
+            x.raw(),
+            w.weight.raw(),
+            w.scales.raw(),
+            opt_ptr(w.biases.as_ref()),
+            transpose as c_int,
+            w.group_size,
+            w.bits,
+            out,
+        )
+    })
+}
+
+/// `mx.gather_qmm`: batched quantized matmul where batch `i` multiplies `x[lhs_indices[i]]` by
+/// matrix `w[rhs_indices[i]]` of a stack `[E, out, in*bits/32]`. `sorted_indices` promises that
+/// `rhs_indices` is sorted (MLX then walks each matrix once).
+pub fn gather_qmm(
+    x: &Array,
+    w: &QuantizedMatrix,
+    lhs_indices: Option<&Array>,
+    rhs_indices: Option<&Array>,
+    transpose: bool,
+    sorted_indices: bool,
+) -> Result<Array> {
+    make("gather_qmm", |out| unsafe {
+        ffi::fp_gather_qmm(
+            x.raw(),
+            w.weight.raw(),
+            w.scales.raw(),
+            opt_ptr(w.biases.as_ref()),
+            opt_ptr(lhs_indices),
+            opt_ptr(rhs_indices),
+            transpose as c_int,
+            w.group_size,
+            w.bits,
+            sorted_indices as c_int,
+            out,
+        )
+    })
+}
+
+/// MLX's fused kernels (`mx.fast`).
+pub mod fast {
+    use super::*;
+
+    /// `x / sqrt(mean(x^2) + eps) * weight` over the last axis.
+    pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
+        make("rms_norm", |out| unsafe {
+            ffi::fp_rms_norm(x.raw(), opt_ptr(weight), eps, out)
+        })
+    }
+
+    /// Rotary position embedding over the first `dims` features of the last axis, positions
+    /// starting at `offset`. `traditional` rotates adjacent pairs; otherwise the two halves.
+    pub fn rope(
+        x: &Array,
+        dims: i32,
+        traditional: bool,
+        base: f32,
+        scale: f32,
+        offset: i32,
+    ) -> Result<Array> {
+        make("rope", |out| unsafe {
+            ffi::fp_rope(
+                x.raw(),
+                dims,
+                traditional as c_int,
+                base,
+                scale,
+                offset,
+                out,
+            )
+        })
+    }
+
+    /// What the attention may look at.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Mask<'a> {
+        None,
+        /// Query `i` of `L` sees keys up to `K - L + i` (queries are the last `L` positions).
+        Causal,
+        /// Boolean (keep) or additive mask broadcastable to `[B, heads, L, K]`.
+        Array(&'a Array),
+    }
+
+    /// `softmax(q k^T * scale + mask) v` with `q` `[B, Hq, L, D]`, `k`/`v` `[B, Hkv, K, D]`;
+    /// grouped-query attention when `Hq` is a multiple of `Hkv`.
+    pub fn scaled_dot_product_attention(
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        scale: f32,
+        mask: Mask<'_>,
+    ) -> Result<Array> {
+        let (mode, arr): (&CStr, *const ffi::FpArray) = match mask {
+            Mask::None => (c"", ptr::null()),
+            Mask::Causal => (c"causal", ptr::null()),
+            Mask::Array(a) => (c"array", a.raw()),
+        };
+        make("scaled_dot_product_attention", |out| unsafe {
+            ffi::fp_sdpa(q.raw(), k.raw(), v.raw(), scale, mode.as_ptr(), arr, out)
+        })
+    }
+}
+
+/// Load every tensor of a `.safetensors` file with MLX's own loader (lazy: bytes are read when
+/// an array is first evaluated).
+pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
+    let text = path.to_string_lossy().into_owned();
+    let c_path = CString::new(text.clone()).map_err(|_| Error::BadPath { path: text })?;
+    let mut map: BTreeMap<String, Array> = BTreeMap::new();
+
+    unsafe extern "C" fn visit(ctx: *mut c_void, name: *const c_char, a: *mut ffi::FpArray) {
+        // SAFETY: `ctx` is the `map` below, alive and exclusively borrowed for the whole call;
+        // `name` is a valid C string for the duration of this callback.
+        let map = unsafe { &mut *ctx.cast::<BTreeMap<String, Array>>() };
+        let name = unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned();
+        if let Some(raw) = NonNull::new(a) {
+            map.insert(name, Array { raw });
+        }
+    }
+
+    check("load_safetensors", unsafe {
+        ffi::fp_load_safetensors(
+            c_path.as_ptr(),
+            (&mut map as *mut BTreeMap<String, Array>).cast::<c_void>(),
+            visit,
+        )
+    })?;
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests;

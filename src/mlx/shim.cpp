@@ -1,0 +1,352 @@
+// The only C++ in flashpack: a thin extern "C" layer over MLX's C++ API (MLX 0.32.4).
+//
+// In: opaque `fp_array` handles (each owns one `mlx::core::array`, itself a ref-counted graph
+// node). Out: status codes and new handles. Invariant: every entry point catches all C++
+// exceptions (MLX reports bad shapes and dtypes by throwing), stores the message in a
+// thread-local string and returns 1, so unwinding never reaches Rust.
+#include "shim.h"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "mlx/mlx.h"
+
+namespace mx = mlx::core;
+
+struct fp_array {
+  mx::array a;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+template <typename F>
+int guard(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception from MLX";
+  }
+  return 1;
+}
+
+fp_array* wrap(mx::array a) { return new fp_array{std::move(a)}; }
+
+mx::Dtype to_dtype(int code) {
+  switch (code) {
+    case FP_BOOL: return mx::bool_;
+    case FP_U8: return mx::uint8;
+    case FP_U16: return mx::uint16;
+    case FP_U32: return mx::uint32;
+    case FP_U64: return mx::uint64;
+    case FP_I8: return mx::int8;
+    case FP_I16: return mx::int16;
+    case FP_I32: return mx::int32;
+    case FP_I64: return mx::int64;
+    case FP_F16: return mx::float16;
+    case FP_F32: return mx::float32;
+    case FP_F64: return mx::float64;
+    case FP_BF16: return mx::bfloat16;
+    case FP_C64: return mx::complex64;
+  }
+  throw std::invalid_argument("flashpack shim: unknown dtype code " + std::to_string(code));
+}
+
+int from_dtype(mx::Dtype d) {
+  switch (d.val()) {
+    case mx::Dtype::Val::bool_: return FP_BOOL;
+    case mx::Dtype::Val::uint8: return FP_U8;
+    case mx::Dtype::Val::uint16: return FP_U16;
+    case mx::Dtype::Val::uint32: return FP_U32;
+    case mx::Dtype::Val::uint64: return FP_U64;
+    case mx::Dtype::Val::int8: return FP_I8;
+    case mx::Dtype::Val::int16: return FP_I16;
+    case mx::Dtype::Val::int32: return FP_I32;
+    case mx::Dtype::Val::int64: return FP_I64;
+    case mx::Dtype::Val::float16: return FP_F16;
+    case mx::Dtype::Val::float32: return FP_F32;
+    case mx::Dtype::Val::float64: return FP_F64;
+    case mx::Dtype::Val::bfloat16: return FP_BF16;
+    case mx::Dtype::Val::complex64: return FP_C64;
+  }
+  return -1;
+}
+
+mx::Shape to_shape(const int32_t* s, size_t n) { return mx::Shape(s, s + n); }
+
+std::optional<mx::array> opt(const fp_array* a) {
+  if (a == nullptr) return std::nullopt;
+  return a->a;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* fp_last_error(void) { return last_error.c_str(); }
+
+const char* fp_version(void) { return mx::version(); }
+
+void fp_free(fp_array* a) { delete a; }
+
+int fp_clone(const fp_array* a, fp_array** out) {
+  return guard([&] { *out = wrap(a->a); });
+}
+
+int fp_from_data(const void* data, const int32_t* shape, size_t ndim, int dtype,
+                 fp_array** out) {
+  return guard([&] {
+    mx::Dtype dt = to_dtype(dtype);
+    mx::Shape sh = to_shape(shape, ndim);
+    size_t n = 1;
+    for (auto d : sh) n *= static_cast<size_t>(d);
+    // Copy into MLX-owned memory so the caller's slice may be dropped right away.
+    auto buf = mx::allocator::malloc(n * dt.size());
+    if (n > 0) std::memcpy(buf.buffer().raw_ptr(), data, n * dt.size());
+    *out = wrap(mx::array(std::move(buf), std::move(sh), dt));
+  });
+}
+
+int fp_scalar(double value, int dtype, fp_array** out) {
+  return guard([&] { *out = wrap(mx::array(value, to_dtype(dtype))); });
+}
+
+int fp_zeros(const int32_t* shape, size_t ndim, int dtype, fp_array** out) {
+  return guard([&] { *out = wrap(mx::zeros(to_shape(shape, ndim), to_dtype(dtype))); });
+}
+
+int fp_host_buffer(const int32_t* shape, size_t ndim, int dtype, fp_array** out) {
+  return guard([&] {
+    mx::Dtype dt = to_dtype(dtype);
+    mx::Shape sh = to_shape(shape, ndim);
+    size_t n = 1;
+    for (auto d : sh) n *= static_cast<size_t>(d);
+    // A fresh, row-contiguous, already-available buffer that nothing else references: unlike
+    // mx::zeros (a broadcast scalar) every element has its own bytes.
+    auto buf = mx::allocator::malloc(n * dt.size());
+    if (n > 0) std::memset(buf.buffer().raw_ptr(), 0, n * dt.size());
+    *out = wrap(mx::array(std::move(buf), std::move(sh), dt));
+  });
+}
+
+int fp_data_ptr(fp_array* a, void** ptr, size_t* nbytes) {
+  return guard([&] {
+    a->a.eval();
+    if (!a->a.flags().row_contiguous || a->a.data_size() != a->a.size()) {
+      throw std::invalid_argument(
+          "data_ptr needs a row-contiguous array that owns its elements (make it with "
+          "Array::host_buffer)");
+    }
+    *ptr = a->a.data<void>();
+    *nbytes = a->a.nbytes();
+  });
+}
+
+int fp_ndim(const fp_array* a, size_t* out) {
+  return guard([&] { *out = a->a.ndim(); });
+}
+
+int fp_shape(const fp_array* a, int32_t* out, size_t cap) {
+  return guard([&] {
+    const auto& s = a->a.shape();
+    if (s.size() > cap) throw std::invalid_argument("shape buffer too small");
+    for (size_t i = 0; i < s.size(); ++i) out[i] = s[i];
+  });
+}
+
+int fp_dtype(const fp_array* a, int* out) {
+  return guard([&] { *out = from_dtype(a->a.dtype()); });
+}
+
+int fp_read(fp_array* a, void* out, size_t nbytes) {
+  return guard([&] {
+    // Views (transposes, slices, broadcasts) are made dense first so bytes come out in
+    // row-major order.
+    mx::array c = mx::contiguous(a->a);
+    c.eval();
+    if (c.nbytes() != nbytes) {
+      throw std::invalid_argument("read: buffer has " + std::to_string(nbytes) +
+                                  " bytes, array has " + std::to_string(c.nbytes()));
+    }
+    if (nbytes > 0) std::memcpy(out, c.data<void>(), nbytes);
+  });
+}
+
+int fp_eval(fp_array* const* arrays, size_t n) {
+  return guard([&] {
+    std::vector<mx::array> v;
+    v.reserve(n);
+    for (size_t i = 0; i < n; ++i) v.push_back(arrays[i]->a);
+    mx::eval(std::move(v));
+  });
+}
+
+int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out) {
+  return guard([&] {
+    const auto &x = a->a, &y = b->a;
+    switch (op) {
+      case FP_ADD: *out = wrap(mx::add(x, y)); return;
+      case FP_SUB: *out = wrap(mx::subtract(x, y)); return;
+      case FP_MUL: *out = wrap(mx::multiply(x, y)); return;
+      case FP_DIV: *out = wrap(mx::divide(x, y)); return;
+      case FP_FLOOR_DIV: *out = wrap(mx::floor_divide(x, y)); return;
+      case FP_MAXIMUM: *out = wrap(mx::maximum(x, y)); return;
+    }
+    throw std::invalid_argument("unknown binary op " + std::to_string(op));
+  });
+}
+
+int fp_unary(int op, const fp_array* a, fp_array** out) {
+  return guard([&] {
+    const auto& x = a->a;
+    switch (op) {
+      case FP_EXP: *out = wrap(mx::exp(x)); return;
+      case FP_SIGMOID: *out = wrap(mx::sigmoid(x)); return;
+      case FP_NEG: *out = wrap(mx::negative(x)); return;
+      case FP_SQRT: *out = wrap(mx::sqrt(x)); return;
+      case FP_LOG: *out = wrap(mx::log(x)); return;
+    }
+    throw std::invalid_argument("unknown unary op " + std::to_string(op));
+  });
+}
+
+int fp_matmul(const fp_array* a, const fp_array* b, fp_array** out) {
+  return guard([&] { *out = wrap(mx::matmul(a->a, b->a)); });
+}
+
+int fp_astype(const fp_array* a, int dtype, fp_array** out) {
+  return guard([&] { *out = wrap(mx::astype(a->a, to_dtype(dtype))); });
+}
+
+int fp_reshape(const fp_array* a, const int32_t* shape, size_t ndim, fp_array** out) {
+  return guard([&] { *out = wrap(mx::reshape(a->a, to_shape(shape, ndim))); });
+}
+
+int fp_transpose(const fp_array* a, const int32_t* axes, size_t n, fp_array** out) {
+  return guard([&] { *out = wrap(mx::transpose(a->a, std::vector<int>(axes, axes + n))); });
+}
+
+int fp_concatenate(const fp_array* const* arrays, size_t n, int axis, fp_array** out) {
+  return guard([&] {
+    std::vector<mx::array> v;
+    v.reserve(n);
+    for (size_t i = 0; i < n; ++i) v.push_back(arrays[i]->a);
+    *out = wrap(mx::concatenate(std::move(v), axis));
+  });
+}
+
+int fp_slice(const fp_array* a, const int32_t* start, const int32_t* stop, size_t n,
+             fp_array** out) {
+  return guard([&] { *out = wrap(mx::slice(a->a, to_shape(start, n), to_shape(stop, n))); });
+}
+
+int fp_slice_update(const fp_array* src, const fp_array* update, const int32_t* start,
+                    const int32_t* stop, size_t n, fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::slice_update(src->a, update->a, to_shape(start, n), to_shape(stop, n)));
+  });
+}
+
+int fp_sum(const fp_array* a, int axis, int keepdims, fp_array** out) {
+  return guard([&] { *out = wrap(mx::sum(a->a, axis, keepdims != 0)); });
+}
+
+int fp_softmax(const fp_array* a, int axis, int precise, fp_array** out) {
+  return guard([&] { *out = wrap(mx::softmax(a->a, axis, precise != 0)); });
+}
+
+int fp_argpartition(const fp_array* a, int kth, int axis, fp_array** out) {
+  return guard([&] { *out = wrap(mx::argpartition(a->a, kth, axis)); });
+}
+
+int fp_argsort(const fp_array* a, int axis, fp_array** out) {
+  return guard([&] { *out = wrap(mx::argsort(a->a, axis)); });
+}
+
+int fp_take(const fp_array* a, const fp_array* indices, int axis, fp_array** out) {
+  return guard([&] { *out = wrap(mx::take(a->a, indices->a, axis)); });
+}
+
+int fp_take_along_axis(const fp_array* a, const fp_array* indices, int axis, fp_array** out) {
+  return guard([&] { *out = wrap(mx::take_along_axis(a->a, indices->a, axis)); });
+}
+
+int fp_quantize(const fp_array* w, int group_size, int bits, fp_array** wq, fp_array** scales,
+                fp_array** biases) {
+  return guard([&] {
+    auto r = mx::quantize(w->a, group_size, bits, "affine");
+    if (r.size() != 3) throw std::runtime_error("affine quantize did not return 3 arrays");
+    *wq = wrap(r[0]);
+    *scales = wrap(r[1]);
+    *biases = wrap(r[2]);
+  });
+}
+
+int fp_dequantize(const fp_array* w, const fp_array* scales, const fp_array* biases,
+                  int group_size, int bits, fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::dequantize(w->a, scales->a, opt(biases), group_size, bits, "affine"));
+  });
+}
+
+int fp_quantized_matmul(const fp_array* x, const fp_array* w, const fp_array* scales,
+                        const fp_array* biases, int transpose, int group_size, int bits,
+                        fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::quantized_matmul(x->a, w->a, scales->a, opt(biases), transpose != 0,
+                                     group_size, bits, "affine"));
+  });
+}
+
+int fp_gather_qmm(const fp_array* x, const fp_array* w, const fp_array* scales,
+                  const fp_array* biases, const fp_array* lhs_indices,
+                  const fp_array* rhs_indices, int transpose, int group_size, int bits,
+                  int sorted_indices, fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::gather_qmm(x->a, w->a, scales->a, opt(biases), opt(lhs_indices),
+                               opt(rhs_indices), transpose != 0, group_size, bits, "affine",
+                               std::nullopt, sorted_indices != 0));
+  });
+}
+
+int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array** out) {
+  return guard([&] { *out = wrap(mx::fast::rms_norm(x->a, opt(weight), eps)); });
+}
+
+int fp_rope(const fp_array* x, int dims, int traditional, float base, float scale, int offset,
+            fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::fast::rope(x->a, dims, traditional != 0, base, scale, offset));
+  });
+}
+
+int fp_sdpa(const fp_array* q, const fp_array* k, const fp_array* v, float scale,
+            const char* mask_mode, const fp_array* mask, fp_array** out) {
+  return guard([&] {
+    std::string mode = mask_mode == nullptr ? "" : mask_mode;
+    std::optional<mx::array> m;
+    if (mask != nullptr) m = mask->a;
+    *out = wrap(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mode, m));
+  });
+}
+
+int fp_load_safetensors(const char* path, void* ctx, fp_visit visit) {
+  return guard([&] {
+    auto loaded = mx::load_safetensors(std::string(path));
+    // Hand tensors over in name order so callers see a deterministic sequence.
+    std::vector<std::pair<std::string, mx::array>> items(loaded.first.begin(),
+                                                         loaded.first.end());
+    std::sort(items.begin(), items.end(),
+              [](const auto& x, const auto& y) { return x.first < y.first; });
+    for (auto& [name, arr] : items) visit(ctx, name.c_str(), wrap(std::move(arr)));
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,87 @@
+// flashpack's C surface over MLX's C++ API (see src/mlx/mod.rs for the safe side).
+//
+// In: opaque array handles made by these functions. Out: a status (0 = ok, 1 = error) and new
+// handles through out-pointers. Invariant: no C++ exception ever crosses this boundary; on error
+// the message is kept per thread and read with fp_last_error(). Every handle returned must be
+// released with fp_free exactly once. Optional inputs are NULL pointers.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fp_array fp_array;
+
+// Dtype codes shared with src/mlx/mod.rs (`Dtype`).
+enum {
+  FP_BOOL = 0, FP_U8 = 1, FP_U16 = 2, FP_U32 = 3, FP_U64 = 4, FP_I8 = 5, FP_I16 = 6, FP_I32 = 7,
+  FP_I64 = 8, FP_F16 = 9, FP_F32 = 10, FP_F64 = 11, FP_BF16 = 12, FP_C64 = 13
+};
+
+// Element-wise op codes (`BinaryOp` / `UnaryOp` in mod.rs).
+enum { FP_ADD = 0, FP_SUB = 1, FP_MUL = 2, FP_DIV = 3, FP_FLOOR_DIV = 4, FP_MAXIMUM = 5 };
+enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4 };
+
+const char* fp_last_error(void);
+const char* fp_version(void);
+void fp_free(fp_array* a);
+int fp_clone(const fp_array* a, fp_array** out);
+
+int fp_from_data(const void* data, const int32_t* shape, size_t ndim, int dtype, fp_array** out);
+int fp_scalar(double value, int dtype, fp_array** out);
+int fp_zeros(const int32_t* shape, size_t ndim, int dtype, fp_array** out);
+int fp_host_buffer(const int32_t* shape, size_t ndim, int dtype, fp_array** out);
+int fp_data_ptr(fp_array* a, void** ptr, size_t* nbytes);
+
+int fp_ndim(const fp_array* a, size_t* out);
+int fp_shape(const fp_array* a, int32_t* out, size_t cap);
+int fp_dtype(const fp_array* a, int* out);
+int fp_read(fp_array* a, void* out, size_t nbytes);
+int fp_eval(fp_array* const* arrays, size_t n);
+
+int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out);
+int fp_unary(int op, const fp_array* a, fp_array** out);
+int fp_matmul(const fp_array* a, const fp_array* b, fp_array** out);
+int fp_astype(const fp_array* a, int dtype, fp_array** out);
+int fp_reshape(const fp_array* a, const int32_t* shape, size_t ndim, fp_array** out);
+int fp_transpose(const fp_array* a, const int32_t* axes, size_t n, fp_array** out);
+int fp_concatenate(const fp_array* const* arrays, size_t n, int axis, fp_array** out);
+int fp_slice(const fp_array* a, const int32_t* start, const int32_t* stop, size_t n,
+             fp_array** out);
+int fp_slice_update(const fp_array* src, const fp_array* update, const int32_t* start,
+                    const int32_t* stop, size_t n, fp_array** out);
+int fp_sum(const fp_array* a, int axis, int keepdims, fp_array** out);
+int fp_softmax(const fp_array* a, int axis, int precise, fp_array** out);
+int fp_argpartition(const fp_array* a, int kth, int axis, fp_array** out);
+int fp_argsort(const fp_array* a, int axis, fp_array** out);
+int fp_take(const fp_array* a, const fp_array* indices, int axis, fp_array** out);
+int fp_take_along_axis(const fp_array* a, const fp_array* indices, int axis, fp_array** out);
+
+int fp_quantize(const fp_array* w, int group_size, int bits, fp_array** wq, fp_array** scales,
+                fp_array** biases);
+int fp_dequantize(const fp_array* w, const fp_array* scales, const fp_array* biases,
+                  int group_size, int bits, fp_array** out);
+int fp_quantized_matmul(const fp_array* x, const fp_array* w, const fp_array* scales,
+                        const fp_array* biases, int transpose, int group_size, int bits,
+                        fp_array** out);
+int fp_gather_qmm(const fp_array* x, const fp_array* w, const fp_array* scales,
+                  const fp_array* biases, const fp_array* lhs_indices,
+                  const fp_array* rhs_indices, int transpose, int group_size, int bits,
+                  int sorted_indices, fp_array** out);
+
+int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array** out);
+int fp_rope(const fp_array* x, int dims, int traditional, float base, float scale, int offset,
+            fp_array** out);
+// mask_mode: "" (none) or "causal"; mask may be NULL.
+int fp_sdpa(const fp_array* q, const fp_array* k, const fp_array* v, float scale,
+            const char* mask_mode, const fp_array* mask, fp_array** out);
+
+// Calls `visit(ctx, name, handle)` once per tensor; the visitor owns each handle.
+typedef void (*fp_visit)(void* ctx, const char* name, fp_array* a);
+int fp_load_safetensors(const char* path, void* ctx, fp_visit visit);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,421 @@
+//! Cache stage, the pure part: which experts hold which slots, and who is evicted.
+//!
+//! In: requests for (layer, expert) keys, in the order the forward pass needs them. Out: a slot
+//! per key and, on a miss, the key that slot held before (so the caller loads the new expert into
+//! it). No MLX and no I/O here: the slot memory lives in `run::experts`.
+//! Invariant: a key is in at most one slot; keys marked in use for the current layer are never
+//! evicted; the number of occupied slots never exceeds the capacity fixed at construction.
+
+use std::collections::HashMap;
+
+/// An expert of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExpertKey {
+    pub layer: u32,
+    pub expert: u32,
+}
+
+/// Chooses victims. Implementations see every hit and insert, with a logical clock.
+pub trait EvictionPolicy: Send {
+    fn name(&self) -> &'static str;
+    /// `key` was used at time `now` (hit or fresh load).
+    fn touch(&mut self, key: ExpertKey, now: u64);
+    /// `key` left the cache.
+    fn forget(&mut self, key: ExpertKey);
+    /// Among `candidates` (evictable keys), the one to evict.
+    fn victim(
+        &mut self,
+        candidates: &mut dyn Iterator<Item = ExpertKey>,
+        now: u64,
+    ) -> Option<ExpertKey>;
+}
+
+/// Least recently used.
+#[derive(Default)]
+pub struct Lru {
+    last: HashMap<ExpertKey, u64>,
+}
+
+impl EvictionPolicy for Lru {
+    fn name(&self) -> &'static str {
+        "lru"
+    }
+    fn touch(&mut self, key: ExpertKey, now: u64) {
+        self.last.insert(key, now);
+    }
+    fn forget(&mut self, key: ExpertKey) {
+        self.last.remove(&key);
+    }
+    fn victim(
+        &mut self,
+        candidates: &mut dyn Iterator<Item = ExpertKey>,
+        _now: u64,
+    ) -> Option<ExpertKey> {
+        candidates.min_by_key(|k| (self.last.get(k).copied().unwrap_or(0), *k))
+    }
+}
+
+/// Least frequently used, with counts halved every `half_life` uses so old popularity fades.
+pub struct Lfu {
+    count: HashMap<ExpertKey, (f64, u64)>,
+    half_life: f64,
+}
+
+impl Lfu {
+    pub fn new(half_life: u64) -> Lfu {
+        Lfu {
+            count: HashMap::new(),
+            half_life: half_life.max(1) as f64,
+        }
+    }
+
+    fn score(&self, k: &ExpertKey, now: u64) -> f64 {
+        self.count.get(k).map_or(0.0, |&(c, t)| {
+            c * 0.5f64.powf((now - t) as f64 / self.half_life)
+        })
+    }
+}
+
+impl EvictionPolicy for Lfu {
+    fn name(&self) -> &'static str {
+        "lfu"
+    }
+    fn touch(&mut self, key: ExpertKey, now: u64) {
+        let s = self.score(&key, now);
+        self.count.insert(key, (s + 1.0, now));
+    }
+    fn forget(&mut self, key: ExpertKey) {
+        self.count.remove(&key);
+    }
+    fn victim(
+        &mut self,
+        candidates: &mut dyn Iterator<Item = ExpertKey>,
+        now: u64,
+    ) -> Option<ExpertKey> {
+        candidates.min_by(|a, b| {
+            self.score(a, now)
+                .total_cmp(&self.score(b, now))
+                .then(a.cmp(b))
+        })
+    }
+}
+
+/// Profile-informed, depth-biased: an expert's worth is its measured routing mass (from the
+/// pack's calibration profile, a prior) plus its recent use (decayed), and deeper layers weigh
+/// a little less, since a miss there stalls the same but the layer's experts are read later
+/// and have more time to be prefetched. Evicts the least worth.
+pub struct ProfileWeighted {
+    prior: HashMap<ExpertKey, f64>,
+    recent: Lfu,
+    layers: u32,
+    depth_bias: f64,
+}
+
+impl ProfileWeighted {
+    /// `prior` maps keys to routing mass shares (summing to about 1 per layer).
+    pub fn new(prior: HashMap<ExpertKey, f64>, layers: u32, half_life: u64) -> ProfileWeighted {
+        ProfileWeighted {
+            prior,
+            recent: Lfu::new(half_life),
+            layers: layers.max(1),
+            depth_bias: 0.25,
+        }
+    }
+
+    fn worth(&self, k: &ExpertKey, now: u64) -> f64 {
+        let prior = self.prior.get(k).copied().unwrap_or(0.0);
+        let depth = 1.0 - self.depth_bias * k.layer as f64 / self.layers as f64;
+        (self.recent.score(k, now) + 4.0 * prior) * depth
+    }
+}
+
+impl EvictionPolicy for ProfileWeighted {
+    fn name(&self) -> &'static str {
+        "profile"
+    }
+    fn touch(&mut self, key: ExpertKey, now: u64) {
+        self.recent.touch(key, now);
+    }
+    fn forget(&mut self, key: ExpertKey) {
+        self.recent.forget(key);
+    }
+    fn victim(
+        &mut self,
+        candidates: &mut dyn Iterator<Item = ExpertKey>,
+        now: u64,
+    ) -> Option<ExpertKey> {
+        candidates.min_by(|a, b| {
+            self.worth(a, now)
+                .total_cmp(&self.worth(b, now))
+                .then(a.cmp(b))
+        })
+    }
+}
+
+/// The result of asking for a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Already resident in this slot.
+    Hit(u32),
+    /// Assigned this slot; the caller must load the expert. `evicted` held it before.
+    Miss {
+        slot: u32,
+        evicted: Option<ExpertKey>,
+    },
+}
+
+/// Hit and miss counts.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CacheCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+/// A fixed number of slots shared by all layers.
+pub struct SlotTable {
+    capacity: u32,
+    slots: HashMap<ExpertKey, u32>,
+    owners: Vec<Option<ExpertKey>>,
+    free: Vec<u32>,
+    in_use: Vec<ExpertKey>,
+    policy: Box<dyn EvictionPolicy>,
+    clock: u64,
+    pub counters: CacheCounters,
+}
+
+/// Why a request cannot be served.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheError {
+    #[error("the expert cache has {capacity} slots, fewer than the {needed} experts one layer uses at once; raise --mem-budget")]
+    TooSmall { capacity: u32, needed: usize },
+}
+
+impl SlotTable {
+    pub fn new(capacity: u32, policy: Box<dyn EvictionPolicy>) -> SlotTable {
+        SlotTable {
+            capacity,
+            slots: HashMap::new(),
+            owners: vec![None; capacity as usize],
+            free: (0..capacity).rev().collect(),
+            in_use: Vec::new(),
+            policy,
+            clock: 0,
+            counters: CacheCounters::default(),
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn contains(&self, key: ExpertKey) -> bool {
+        self.slots.contains_key(&key)
+    }
+
+    pub fn slot_of(&self, key: ExpertKey) -> Option<u32> {
+        self.slots.get(&key).copied()
+    }
+
+    /// Starts a new group of requests (one layer of one step): earlier groups' keys become evictable.
+    pub fn begin_group(&mut self) {
+        self.in_use.clear();
+    }
+
+    /// A slot for `key`, protected from eviction until the next [`Self::begin_group`].
+    pub fn request(&mut self, key: ExpertKey) -> Result<Lookup, CacheError> {
+        self.clock += 1;
+        if !self.in_use.contains(&key) {
+            self.in_use.push(key);
+        }
+        if let Some(&slot) = self.slots.get(&key) {
+            self.counters.hits += 1;
+            self.policy.touch(key, self.clock);
+            return Ok(Lookup::Hit(slot));
+        }
+        self.counters.misses += 1;
+        let (slot, evicted) = match self.free.pop() {
+            Some(slot) => (slot, None),
+            None => {
+                let in_use = &self.in_use;
+                let mut candidates = self.slots.keys().copied().filter(|k| !in_use.contains(k));
+                let victim = self.policy.victim(&mut candidates, self.clock);
+                let Some(victim) = victim else {
+                    self.in_use.retain(|k| *k != key);
+                    return Err(CacheError::TooSmall {
+                        capacity: self.capacity,
+                        needed: self.in_use.len() + 1,
+                    });
+                };
+                let slot = self.slots.remove(&victim).expect("victim is resident");
+                self.policy.forget(victim);
+                self.counters.evictions += 1;
+                (slot, Some(victim))
+            }
+        };
+        self.slots.insert(key, slot);
+        self.owners[slot as usize] = Some(key);
+        self.policy.touch(key, self.clock);
+        Ok(Lookup::Miss { slot, evicted })
+    }
+
+    /// Places `key` without counting a request (warm start, prefetch); `false` when no slot is
+    /// free and nothing may be evicted, or when it is already resident.
+    pub fn insert_unrequested(&mut self, key: ExpertKey) -> Option<Lookup> {
+        if self.slots.contains_key(&key) {
+            return None;
+        }
+        let (h, m) = (self.counters.hits, self.counters.misses);
+        let r = self.request(key).ok();
+        self.in_use.retain(|k| *k != key);
+        self.counters.hits = h;
+        self.counters.misses = m;
+        r
+    }
+
+    /// Removes `key` (a load failed); its slot becomes free.
+    pub fn remove(&mut self, key: ExpertKey) {
+        if let Some(slot) = self.slots.remove(&key) {
+            self.owners[slot as usize] = None;
+            self.free.push(slot);
+            self.policy.forget(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(layer: u32, expert: u32) -> ExpertKey {
+        ExpertKey { layer, expert }
+    }
+
+    #[test]
+    fn lru_evicts_the_oldest_not_in_use() {
+        let mut t = SlotTable::new(2, Box::new(Lru::default()));
+        t.begin_group();
+        assert_eq!(
+            t.request(k(0, 1)),
+            Ok(Lookup::Miss {
+                slot: 0,
+                evicted: None
+            })
+        );
+        assert_eq!(
+            t.request(k(0, 2)),
+            Ok(Lookup::Miss {
+                slot: 1,
+                evicted: None
+            })
+        );
+        t.begin_group();
+        assert_eq!(t.request(k(0, 1)), Ok(Lookup::Hit(0)));
+        assert_eq!(
+            t.request(k(1, 7)),
+            Ok(Lookup::Miss {
+                slot: 1,
+                evicted: Some(k(0, 2))
+            })
+        );
+        assert_eq!(t.counters.hits, 1);
+        assert_eq!(t.counters.misses, 3);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn in_use_keys_are_never_evicted() {
+        let mut t = SlotTable::new(2, Box::new(Lru::default()));
+        t.begin_group();
+        t.request(k(0, 1)).unwrap();
+        t.request(k(0, 2)).unwrap();
+        assert_eq!(
+            t.request(k(0, 3)),
+            Err(CacheError::TooSmall {
+                capacity: 2,
+                needed: 3
+            })
+        );
+        assert!(t.contains(k(0, 1)) && t.contains(k(0, 2)));
+    }
+
+    #[test]
+    fn lfu_keeps_the_popular_expert() {
+        let mut t = SlotTable::new(2, Box::new(Lfu::new(1000)));
+        for _ in 0..5 {
+            t.begin_group();
+            t.request(k(0, 1)).unwrap();
+        }
+        t.begin_group();
+        t.request(k(0, 2)).unwrap();
+        t.begin_group();
+        let r = t.request(k(0, 3)).unwrap();
+        assert_eq!(
+            r,
+            Lookup::Miss {
+                slot: 1,
+                evicted: Some(k(0, 2))
+            }
+        );
+    }
+
+    #[test]
+    fn profile_prior_protects_hot_experts() {
+        let prior = [(k(0, 1), 0.9), (k(0, 2), 0.01)].into_iter().collect();
+        let mut t = SlotTable::new(2, Box::new(ProfileWeighted::new(prior, 2, 100)));
+        t.begin_group();
+        t.request(k(0, 1)).unwrap();
+        t.begin_group();
+        t.request(k(0, 2)).unwrap();
+        t.request(k(0, 2)).unwrap();
+        t.begin_group();
+        // expert 2 is more recent and used twice, but the profile says expert 1 carries the mass
+        let r = t.request(k(0, 3)).unwrap();
+        assert_eq!(
+            r,
+            Lookup::Miss {
+                slot: 1,
+                evicted: Some(k(0, 2))
+            }
+        );
+    }
+
+    #[test]
+    fn slots_stay_within_capacity_under_random_use() {
+        let mut t = SlotTable::new(8, Box::new(Lru::default()));
+        let mut x = 12345u64;
+        for _ in 0..500 {
+            t.begin_group();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key = k((x % 3) as u32, (x >> 8) as u32 % 16);
+                let r = t.request(key).unwrap();
+                let slot = match r {
+                    Lookup::Hit(s) | Lookup::Miss { slot: s, .. } => s,
+                };
+                assert!(slot < 8);
+                assert_eq!(t.slot_of(key), Some(slot));
+            }
+            assert!(t.len() <= 8);
+        }
+        let mut seen: Vec<u32> = t.slots.values().copied().collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), t.len(), "no two keys share a slot");
+    }
+}

@@ -1,0 +1,248 @@
+//! Read stage: the stored bytes of expert segments, off the disk.
+//!
+//! In: directory entries of a [`Pack`]. Out: their stored bytes in caller-owned buffers.
+//! Two paths, chosen by measurement (docs/benchmarks.md): parallel positional reads (`pread`)
+//! of whole pages with a bounded queue depth, or the memory map with `madvise`. After a pread the
+//! pages are dropped from the OS page cache (Linux `POSIX_FADV_DONTNEED`; macOS `F_NOCACHE`), so a
+//! segment does not sit in memory twice: once decoded in the expert cache, once in the page cache.
+//! Invariant: every range read lies inside the EXPERT_DATA section (checked by `Pack::open`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::format::{ExpertEntry, Pack};
+use crate::mapped::Bytes;
+
+/// How segments come off the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// Positional reads into our own buffers, `queue_depth` at a time.
+    Pread,
+    /// Slices of the memory map; the kernel pages them in (with `MADV_WILLNEED` ahead).
+    Mmap,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IoMode, String> {
+        match s {
+            "pread" => Ok(IoMode::Pread),
+            "mmap" => Ok(IoMode::Mmap),
+            _ => Err(format!("unknown I/O mode {s:?}: use pread or mmap")),
+        }
+    }
+}
+
+/// Why a segment could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    #[error("reading {path} at offset {offset} (+{len}): {source}")]
+    Io {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pack was opened from memory; pread needs a file (use mmap mode)")]
+    NoFile,
+}
+
+/// Reads segments of one pack. Cheap to share between threads.
+pub struct SegmentReader {
+    mode: IoMode,
+    file: Option<File>,
+    path: PathBuf,
+    bytes: Bytes,
+    pool: rayon::ThreadPool,
+    bytes_read: AtomicU64,
+}
+
+impl SegmentReader {
+    /// `queue_depth` is how many reads are in flight at once (pread mode).
+    pub fn new(pack: &Pack, mode: IoMode, queue_depth: usize) -> Result<SegmentReader, ReadError> {
+        let path = pack.path().map(Path::to_path_buf).unwrap_or_default();
+        let file = match (mode, pack.path()) {
+            (IoMode::Pread, Some(p)) => Some(File::open(p).map_err(|source| ReadError::Io {
+                path: p.to_path_buf(),
+                offset: 0,
+                len: 0,
+                source,
+            })?),
+            (IoMode::Pread, None) => return Err(ReadError::NoFile),
+            (IoMode::Mmap, _) => None,
+        };
+        if let Some(f) = &file {
+            no_cache(f);
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(queue_depth.max(1))
+            .thread_name(|i| format!("flashpack-io-{i}"))
+            .build()
+            .expect("spawning I/O threads");
+        Ok(SegmentReader {
+            mode,
+            file,
+            path,
+            bytes: pack.bytes().clone(),
+            pool,
+            bytes_read: AtomicU64::new(0),
+        })
+    }
+
+    pub fn mode(&self) -> IoMode {
+        self.mode
+    }
+
+    /// Total stored bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Reads the stored bytes of each entry into the buffer of the same index (resized to fit).
+    pub fn read_batch(
+        &self,
+        entries: &[&ExpertEntry],
+        bufs: &mut [Vec<u8>],
+    ) -> Result<(), ReadError> {
+        assert_eq!(entries.len(), bufs.len(), "one buffer per entry");
+        let read_one = |(e, buf): (&&ExpertEntry, &mut Vec<u8>)| self.read_into(e, buf);
+        if entries.len() <= 1 || self.mode == IoMode::Mmap {
+            entries.iter().zip(bufs.iter_mut()).try_for_each(read_one)
+        } else {
+            self.pool.install(|| {
+                entries
+                    .par_iter()
+                    .zip(bufs.par_iter_mut())
+                    .try_for_each(read_one)
+            })
+        }
+    }
+
+    /// Reads one segment's stored bytes into `buf`.
+    pub fn read_into(&self, e: &ExpertEntry, buf: &mut Vec<u8>) -> Result<(), ReadError> {
+        let len = e.stored_len as usize;
+        buf.resize(len, 0);
+        match &self.file {
+            Some(f) => {
+                read_exact_at(f, buf, e.offset).map_err(|source| ReadError::Io {
+                    path: self.path.clone(),
+                    offset: e.offset,
+                    len: e.stored_len,
+                    source,
+                })?;
+                drop_cached(f, e.offset, e.stored_len);
+            }
+            None => buf.copy_from_slice(&self.bytes[e.stored_range()]),
+        }
+        self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Hints that these segments will be read soon (prefetch without reading them ourselves).
+    pub fn will_need(&self, entries: &[&ExpertEntry]) {
+        for e in entries {
+            match &self.file {
+                Some(f) => advise_willneed(f, e.offset, e.stored_len),
+                None => self
+                    .bytes
+                    .will_need(e.offset as usize, e.stored_len as usize),
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = f.seek_read(buf, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// macOS: reads on this descriptor bypass the unified buffer cache.
+fn no_cache(_f: &File) {
+    #[cfg(target_os = "macos")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor we own; failure only means the cache is used.
+        unsafe { libc::fcntl(_f.as_raw_fd(), libc::F_NOCACHE, 1) };
+    }
+}
+
+/// Linux: drop the pages we just copied out, so the segment is not cached twice.
+fn drop_cached(_f: &File, _offset: u64, _len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: advisory call on a descriptor we own; it cannot affect memory safety.
+        unsafe {
+            libc::posix_fadvise(
+                _f.as_raw_fd(),
+                _offset as i64,
+                _len as i64,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+    }
+}
+
+fn advise_willneed(_f: &File, _offset: u64, _len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: advisory call on a descriptor we own.
+        unsafe {
+            libc::posix_fadvise(
+                _f.as_raw_fd(),
+                _offset as i64,
+                _len as i64,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+    #[cfg(target_os = "macos")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut ra = libc::radvisory {
+            ra_offset: _offset as i64,
+            ra_count: _len.min(i32::MAX as u64) as i32,
+        };
+        // SAFETY: F_RDADVISE takes a pointer to a radvisory that lives through the call.
+        unsafe { libc::fcntl(_f.as_raw_fd(), libc::F_RDADVISE, &mut ra) };
+    }
+}
+
+/// Drops a whole file from the OS page cache, so that benchmarks measure the disk
+/// (Linux: `POSIX_FADV_DONTNEED`; elsewhere a no-op that returns `false`).
+pub fn evict_from_page_cache(path: &Path) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let f = File::open(path)?;
+        // SAFETY: advisory call on a descriptor we own.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        Ok(rc == 0)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        Ok(false)
+    }
+}

@@ -1,0 +1,78 @@
+//! `flashpack inspect` and `flashpack verify` from the outside: output, exit codes, damage names.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn flashpack(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn inspect_json_reports_sizes_and_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_small_pack(dir.path(), 16384);
+    let out = flashpack(&["inspect", path.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["architecture"], "qwen3_moe");
+    assert_eq!(v["page_size"], 16384);
+    assert_eq!(v["segments"], 6);
+    assert_eq!(v["experts_per_layer"]["0"], 2);
+    // raw 4-bit codes with bf16 group-64 scales and biases: 4 + 2*16/64 = 4.5 bits per weight
+    assert_eq!(v["experts"]["bits_per_weight"], 4.5);
+    assert_eq!(
+        v["expert_bits"]["4-bit"]["weights"],
+        2 * (128 + 128) * 3 * 128
+    );
+    assert_eq!(v["required_features"][0], "VERTICAL_SEGMENTS");
+    let text = flashpack(&["inspect", path.to_str().unwrap()]);
+    assert!(text.status.success());
+    assert!(String::from_utf8_lossy(&text.stdout).contains("bits/weight"));
+}
+
+#[test]
+fn verify_passes_then_names_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_small_pack(dir.path(), 4096);
+    let out = flashpack(&["verify", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pack = flashpack::format::Pack::open(&path).unwrap();
+    let seg = pack.expert_segments(0, 1)[0].clone();
+    drop(pack);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[seg.offset as usize + 7] ^= 4;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = flashpack(&["verify", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("layer 0, expert 1, segment 0"), "{err}");
+}
+
+#[test]
+fn errors_and_usage_have_their_exit_codes() {
+    let out = flashpack(&["inspect", "/nonexistent/model.flashpack"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.flashpack"));
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.flashpack");
+    std::fs::write(&junk, b"this is not a pack at all, just some words of text").unwrap();
+    let out = flashpack(&["verify", junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a .flashpack file"));
+    let out = flashpack(&["inspect", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+}

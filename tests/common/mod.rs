@@ -1,0 +1,141 @@
+//! Shared test helpers: small packs built with the real writer, and re-signing of edited bytes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use flashpack::format::{
+    codec_id, segment_part_lens, DType, ExpertSegmentDesc, Header, PackWriter, SectionKind,
+    TensorDesc, HEADER_SIZE, SECTION_ENTRY_SIZE,
+};
+use serde_json::json;
+
+pub const HIDDEN: u32 = 128;
+pub const INTER: u32 = 128;
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn metadata() -> serde_json::Value {
+    json!({
+        "format": "flashpack",
+        "architecture": "qwen3_moe",
+        "config": {"model_type": "qwen3_moe"},
+        "model": {"hidden_size": HIDDEN},
+        "quantization": {"group_size": 64, "expert_bits": 4, "dense_bits": 16, "mode": "affine"},
+        "provenance": {"source": "test", "tool": "flashpack"},
+        "tokenizer": null,
+    })
+}
+
+/// Writes a pack with 2 dense tensors and 2 layers x 2 experts, the second expert of each
+/// layer split into 2 segments. Returns its path.
+pub fn write_small_pack(dir: &Path, page_size: u32) -> PathBuf {
+    let path = dir.join("small.flashpack");
+    let mut w = PackWriter::create(&path, page_size, HIDDEN, INTER).unwrap();
+    w.add_tensor(
+        TensorDesc {
+            name: "model.embed_tokens.weight".into(),
+            dtype: DType::BF16,
+            shape: vec![16, HIDDEN as u64],
+            bits: 0,
+            group_size: 0,
+            codec: codec_id::RAW,
+        },
+        &noise(1, 16 * HIDDEN as usize * 2),
+    )
+    .unwrap();
+    w.add_tensor(
+        TensorDesc {
+            name: "model.norm.weight".into(),
+            dtype: DType::F32,
+            shape: vec![HIDDEN as u64],
+            bits: 0,
+            group_size: 0,
+            codec: codec_id::RAW,
+        },
+        &noise(2, HIDDEN as usize * 4),
+    )
+    .unwrap();
+    for layer in 0..2u32 {
+        for expert in 0..2u32 {
+            let segments: u16 = if expert == 1 { 2 } else { 1 };
+            let rows = INTER / segments as u32;
+            for segment in 0..segments {
+                let (wl, al) = segment_part_lens(HIDDEN, rows, 4, 64, DType::BF16).unwrap();
+                let seed = (layer * 100 + expert * 10 + segment as u32) as u64;
+                w.add_expert_segment(
+                    ExpertSegmentDesc {
+                        layer,
+                        expert,
+                        segment,
+                        segment_count: segments,
+                        row_start: rows * segment as u32,
+                        row_count: rows,
+                        bits: 4,
+                        group_size: 64,
+                        scale_dtype: DType::BF16,
+                        weight_codec: codec_id::RAW,
+                        aux_codec: codec_id::RAW,
+                    },
+                    &noise(seed, wl as usize),
+                    &noise(seed + 1000, al as usize),
+                )
+                .unwrap();
+            }
+        }
+    }
+    w.finish(&metadata()).unwrap();
+    path
+}
+
+/// Recomputes the checksums of the hashed sections and of the header after a test edited
+/// bytes on purpose, so that the reader's deeper checks are reached.
+pub fn resign(bytes: &mut [u8]) {
+    let Some(header) = Header::decode_unchecked(bytes) else {
+        return; // too damaged to re-sign
+    };
+    for (i, s) in header.sections.iter().enumerate() {
+        let hashed = SectionKind::from_code(s.kind).is_some_and(|k| k.hashed());
+        if !hashed {
+            continue;
+        }
+        let start = s.offset as usize;
+        let Some(end) = s.offset.checked_add(s.stored_len).map(|e| e as usize) else {
+            continue;
+        };
+        if end > bytes.len() {
+            continue;
+        }
+        let h = blake3::hash(&bytes[start..end]);
+        let at = HEADER_SIZE + i * SECTION_ENTRY_SIZE + 32;
+        bytes[at..at + 32].copy_from_slice(h.as_bytes());
+    }
+    let n = header.sections.len();
+    let hashed = Header::hashed_len(n);
+    if hashed + 32 > bytes.len() {
+        return;
+    }
+    let h = blake3::hash(&bytes[..hashed]);
+    bytes[hashed..hashed + 32].copy_from_slice(h.as_bytes());
+}
+
+/// Offset of the section table entry of `kind`.
+pub fn section_entry_at(bytes: &[u8], kind: SectionKind) -> usize {
+    let header = Header::decode_unchecked(bytes).unwrap();
+    let i = header
+        .sections
+        .iter()
+        .position(|s| s.kind == kind as u32)
+        .unwrap();
+    HEADER_SIZE + i * SECTION_ENTRY_SIZE
+}

@@ -1,0 +1,286 @@
+//! The spec and the code agree: a pack written by `PackWriter` is checked byte by byte against
+//! the offsets of formats/flashpack-v1.md, and read back by `Pack`.
+
+mod common;
+
+use common::*;
+use flashpack::format::{required, Pack, PackError, SectionKind, MAGIC};
+use flashpack::mapped::Bytes;
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// (kind, flags, offset, stored_len, decoded_len, blake3) of each section, read by the spec's §3 offsets.
+fn sections(b: &[u8]) -> Vec<(u32, u32, u64, u64, u64, [u8; 32])> {
+    let n = u32_at(b, 36) as usize;
+    (0..n)
+        .map(|i| {
+            let e = 64 + 64 * i;
+            (
+                u32_at(b, e),
+                u32_at(b, e + 4),
+                u64_at(b, e + 8),
+                u64_at(b, e + 16),
+                u64_at(b, e + 24),
+                b[e + 32..e + 64].try_into().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn bytes_follow_the_spec_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_small_pack(dir.path(), 16384);
+    let b = std::fs::read(&path).unwrap();
+    // §2.1 fixed header
+    assert_eq!(&b[0..8], &MAGIC);
+    assert_eq!(&b[0..8], b"\x89FPACK\r\n");
+    assert_eq!(u16_at(&b, 8), 1);
+    assert_eq!(u16_at(&b, 10), 0);
+    assert_eq!(u32_at(&b, 12), 64);
+    assert_eq!(
+        u64_at(&b, 16),
+        required::VERTICAL_SEGMENTS,
+        "expert 1 has two segments"
+    );
+    assert_eq!(u32_at(&b, 32), 16384);
+    assert_eq!(u32_at(&b, 36), 5);
+    assert_eq!(u64_at(&b, 40), b.len() as u64);
+    assert!(b[48..64].iter().all(|&x| x == 0));
+    // §2.3 header checksum right after the table
+    let hashed = 64 + 64 * 5;
+    assert_eq!(
+        &b[hashed..hashed + 32],
+        blake3::hash(&b[..hashed]).as_bytes()
+    );
+    assert!(
+        b[hashed + 32..16384].iter().all(|&x| x == 0),
+        "header region padding is zero"
+    );
+
+    let secs = sections(&b);
+    let find = |k: SectionKind| *secs.iter().find(|s| s.0 == k as u32).unwrap();
+    // §3.1 data sections: page-aligned, zero checksum, not compressed
+    for k in [SectionKind::DenseData, SectionKind::ExpertData] {
+        let s = find(k);
+        assert_eq!(s.2 % 16384, 0);
+        assert_eq!((s.1, s.3), (0, s.4));
+        assert_eq!(s.5, [0; 32]);
+    }
+    // hashed sections carry blake3 of their stored bytes; metadata is zstd
+    for k in [
+        SectionKind::Metadata,
+        SectionKind::TensorDir,
+        SectionKind::ExpertDir,
+    ] {
+        let s = find(k);
+        assert_eq!(
+            &s.5,
+            blake3::hash(&b[s.2 as usize..(s.2 + s.3) as usize]).as_bytes()
+        );
+    }
+    let meta = find(SectionKind::Metadata);
+    assert_eq!(meta.1, 1);
+    let json = zstd::decode_all(&b[meta.2 as usize..(meta.2 + meta.3) as usize]).unwrap();
+    assert_eq!(json.len() as u64, meta.4);
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["format"], "flashpack");
+
+    // §5 tensor directory
+    let td = find(SectionKind::TensorDir);
+    let t = &b[td.2 as usize..(td.2 + td.3) as usize];
+    let (count, entry_size, strings_len) = (
+        u32_at(t, 0) as usize,
+        u32_at(t, 4) as usize,
+        u64_at(t, 8) as usize,
+    );
+    assert_eq!((count, entry_size), (2, 112));
+    assert_eq!(t.len(), 16 + count * entry_size + strings_len);
+    let strings = &t[16 + count * entry_size..];
+    let e0 = &t[16..16 + 112];
+    let name = &strings[u32_at(e0, 0) as usize..][..u32_at(e0, 4) as usize];
+    assert_eq!(name, b"model.embed_tokens.weight");
+    assert_eq!(
+        (e0[8], e0[9], e0[10], e0[11]),
+        (2, 0, 0, 2),
+        "bf16, plain, raw, 2-D"
+    );
+    assert_eq!(
+        (u64_at(e0, 16), u64_at(e0, 24), u64_at(e0, 32)),
+        (16, HIDDEN as u64, 0)
+    );
+    let (off, stored, decoded) = (u64_at(e0, 48), u64_at(e0, 56), u64_at(e0, 64));
+    assert_eq!(off, find(SectionKind::DenseData).2);
+    assert_eq!((stored, decoded), (16 * 128 * 2, 16 * 128 * 2));
+    assert_eq!(
+        &e0[72..104],
+        blake3::hash(&b[off as usize..(off + stored) as usize]).as_bytes()
+    );
+    assert_eq!(
+        &b[off as usize..(off + stored) as usize],
+        &noise(1, stored as usize)[..]
+    );
+
+    // §6.1 expert directory: 2 layers x (1 + 2 segments)
+    let ed = find(SectionKind::ExpertDir);
+    let x = &b[ed.2 as usize..(ed.2 + ed.3) as usize];
+    assert_eq!(
+        (u32_at(x, 0), u32_at(x, 4), u32_at(x, 8), u32_at(x, 12)),
+        (6, 112, HIDDEN, INTER)
+    );
+    let data = find(SectionKind::ExpertData);
+    for i in 0..6 {
+        let e = &x[16 + 112 * i..][..112];
+        let (layer, expert, seg, nseg) = (u32_at(e, 0), u32_at(e, 4), u16_at(e, 8), u16_at(e, 10));
+        assert_eq!(
+            (layer, expert),
+            ((i / 3) as u32, if i % 3 == 0 { 0 } else { 1 })
+        );
+        assert_eq!(nseg, if expert == 0 { 1 } else { 2 });
+        assert_eq!(
+            (e[12], e[13], e[14], e[15], u32_at(e, 16)),
+            (4, 0, 0, 2, 64)
+        );
+        let rows = u32_at(e, 24);
+        assert_eq!(u32_at(e, 20), seg as u32 * rows);
+        let (off, stored, decoded, wst, wdec) = (
+            u64_at(e, 32),
+            u64_at(e, 40),
+            u64_at(e, 48),
+            u64_at(e, 56),
+            u64_at(e, 64),
+        );
+        assert_eq!(off % 16384, 0, "segments start on pages");
+        assert!(off >= data.2 && off + stored <= data.2 + data.3);
+        assert_eq!(wdec, 3 * rows as u64 * HIDDEN as u64 * 4 / 8);
+        assert_eq!(decoded - wdec, 6 * rows as u64 * (HIDDEN as u64 / 64) * 2);
+        assert_eq!((stored, wst), (decoded, wdec), "raw parts");
+        assert_eq!(
+            &e[72..104],
+            blake3::hash(&b[off as usize..(off + stored) as usize]).as_bytes()
+        );
+    }
+}
+
+#[test]
+fn reader_returns_what_the_writer_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_small_pack(dir.path(), 4096);
+    let pack = Pack::open(&path).unwrap();
+    assert_eq!(pack.page_size(), 4096);
+    assert_eq!(pack.tensors().len(), 2);
+    let norm = pack.tensor("model.norm.weight").unwrap();
+    assert_eq!(pack.tensor_stored(norm), &noise(2, HIDDEN as usize * 4)[..]);
+    assert!(pack.tensor("missing").is_none());
+    let segs = pack.expert_segments(1, 1);
+    assert_eq!(segs.len(), 2);
+    let seed = 100 + 10 + 1;
+    let stored = pack.segment_stored(&segs[1]);
+    let wl = segs[1].weights_stored_len as usize;
+    assert_eq!(&stored[..wl], &noise(seed, wl)[..]);
+    assert_eq!(&stored[wl..], &noise(seed + 1000, stored.len() - wl)[..]);
+    assert!(pack.expert_segments(5, 0).is_empty());
+    assert!(pack.verify().is_ok());
+    // The same reader works over a buffer.
+    let buf = Pack::from_bytes(Bytes::from_vec(std::fs::read(&path).unwrap())).unwrap();
+    assert_eq!(buf.experts(), pack.experts());
+}
+
+#[test]
+fn same_input_gives_identical_bytes() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let pa = std::fs::read(write_small_pack(a.path(), 16384)).unwrap();
+    let pb = std::fs::read(write_small_pack(b.path(), 16384)).unwrap();
+    assert_eq!(blake3::hash(&pa), blake3::hash(&pb));
+}
+
+#[test]
+fn unfinished_write_leaves_destination_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("model.flashpack");
+    std::fs::write(&dest, b"previous pack").unwrap();
+    {
+        let mut w = flashpack::format::PackWriter::create(&dest, 16384, HIDDEN, INTER).unwrap();
+        w.add_tensor(
+            flashpack::format::TensorDesc {
+                name: "a".into(),
+                dtype: flashpack::format::DType::F32,
+                shape: vec![4],
+                bits: 0,
+                group_size: 0,
+                codec: 0,
+            },
+            &[0; 16],
+        )
+        .unwrap();
+        // dropped without finish(): an interrupted conversion
+    }
+    assert_eq!(std::fs::read(&dest).unwrap(), b"previous pack");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temporary file left behind: {names:?}");
+}
+
+#[test]
+fn writer_refuses_unsorted_input_and_bad_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("x.flashpack");
+    let mut w = flashpack::format::PackWriter::create(&dest, 16384, HIDDEN, INTER).unwrap();
+    let desc = |name: &str| flashpack::format::TensorDesc {
+        name: name.into(),
+        dtype: flashpack::format::DType::F32,
+        shape: vec![1],
+        bits: 0,
+        group_size: 0,
+        codec: 0,
+    };
+    w.add_tensor(desc("b"), &[0; 4]).unwrap();
+    assert!(matches!(
+        w.add_tensor(desc("a"), &[0; 4]),
+        Err(PackError::Writer { .. })
+    ));
+    let seg = flashpack::format::ExpertSegmentDesc {
+        layer: 0,
+        expert: 0,
+        segment: 0,
+        segment_count: 1,
+        row_start: 0,
+        row_count: 100, // not a multiple of the group size
+        bits: 4,
+        group_size: 64,
+        scale_dtype: flashpack::format::DType::BF16,
+        weight_codec: 0,
+        aux_codec: 0,
+    };
+    assert!(matches!(
+        w.add_expert_segment(seg, &[], &[]),
+        Err(PackError::Writer { .. })
+    ));
+    drop(w);
+    assert!(!dest.exists());
+}
+
+#[test]
+fn missing_destination_folder_is_a_clear_error() {
+    let err = flashpack::format::PackWriter::create(
+        std::path::Path::new("/nonexistent-dir/x.flashpack"),
+        16384,
+        128,
+        128,
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, PackError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent-dir"));
+}

@@ -1,0 +1,490 @@
+//! Hostile input: damaged and malicious packs give their own typed error, never a panic
+//! (formats/flashpack-v1.md §8).
+
+mod common;
+
+use common::*;
+use flashpack::format::{Damage, Pack, PackError, SectionKind};
+use flashpack::mapped::Bytes;
+
+fn pack_bytes() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::read(write_small_pack(dir.path(), 4096)).unwrap()
+}
+
+fn open(bytes: &[u8]) -> Result<Pack, PackError> {
+    Pack::from_bytes(Bytes::from_vec(bytes.to_vec()))
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn section(b: &[u8], kind: SectionKind) -> (usize, usize) {
+    let at = section_entry_at(b, kind);
+    let off = u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap()) as usize;
+    (off, len)
+}
+
+#[test]
+fn rejects_truncation_at_every_section_boundary() {
+    let b = pack_bytes();
+    let mut cuts = vec![
+        0,
+        1,
+        63,
+        64,
+        100,
+        64 + 5 * 64,
+        64 + 5 * 64 + 31,
+        4095,
+        4096,
+        b.len() - 1,
+    ];
+    for kind in SectionKind::ALL {
+        let (off, len) = section(&b, kind);
+        cuts.extend([off, off + 1, off + len.saturating_sub(1), off + len]);
+    }
+    for cut in cuts.into_iter().filter(|&c| c < b.len()) {
+        let err = open(&b[..cut])
+            .err()
+            .unwrap_or_else(|| panic!("cut at {cut} opened"));
+        let expected = match cut {
+            0..64 => matches!(err, PackError::NotAPack { .. }),
+            _ => matches!(err, PackError::Truncated { .. }),
+        };
+        assert!(expected, "cut at {cut}: {err}");
+    }
+}
+
+#[test]
+fn rejects_trailing_data() {
+    let mut b = pack_bytes();
+    b.push(0);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::TrailingData { extra: 1, .. })
+    ));
+}
+
+#[test]
+fn rejects_bad_magic() {
+    let mut b = pack_bytes();
+    b[0] = b'F';
+    assert!(matches!(open(&b), Err(PackError::NotAPack { .. })));
+}
+
+#[test]
+fn rejects_newer_major() {
+    let mut b = pack_bytes();
+    b[8] = 2;
+    let err = open(&b).err().unwrap();
+    assert!(
+        matches!(err, PackError::UnsupportedVersion { found_major: 2, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn accepts_newer_minor() {
+    let mut b = pack_bytes();
+    b[10] = 7;
+    resign(&mut b);
+    assert!(open(&b).is_ok());
+}
+
+#[test]
+fn rejects_unknown_required_flag() {
+    let mut b = pack_bytes();
+    b[16 + 7] |= 0x80; // bit 63
+    let err = open(&b).err().unwrap();
+    assert!(
+        matches!(err, PackError::UnknownRequiredFeatures { unknown } if unknown == 1 << 63),
+        "{err}"
+    );
+}
+
+#[test]
+fn ignores_unknown_optional_flag() {
+    let mut b = pack_bytes();
+    b[24 + 7] |= 0x80;
+    resign(&mut b);
+    assert!(open(&b).is_ok());
+}
+
+#[test]
+fn rejects_undeclared_feature() {
+    let mut b = pack_bytes();
+    b[16] &= !(1 << 4); // VERTICAL_SEGMENTS, used by the small pack
+    resign(&mut b);
+    assert!(matches!(open(&b), Err(PackError::UndeclaredFeature { .. })));
+}
+
+#[test]
+fn rejects_bad_page_size() {
+    let mut b = pack_bytes();
+    b[32..36].copy_from_slice(&3000u32.to_le_bytes());
+    assert!(matches!(
+        open(&b),
+        Err(PackError::BadHeader {
+            field: "page_size",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn bit_flips_in_header_are_caught() {
+    let b = pack_bytes();
+    for byte in 0..64 + 5 * 64 + 32 {
+        for bit in [0, 3, 7] {
+            let mut d = b.clone();
+            d[byte] ^= 1 << bit;
+            let err = open(&d)
+                .err()
+                .unwrap_or_else(|| panic!("flip at {byte}.{bit} opened"));
+            let ok = match byte {
+                0..8 => matches!(err, PackError::NotAPack { .. }),
+                8..10 => matches!(err, PackError::UnsupportedVersion { .. }),
+                _ => !matches!(
+                    err,
+                    PackError::NotAPack { .. } | PackError::UnsupportedVersion { .. }
+                ),
+            };
+            assert!(ok, "flip at {byte}.{bit}: {err}");
+            if (40..64).contains(&byte) || byte >= 64 {
+                // fields only the checksum can vouch for
+                assert!(
+                    matches!(err, PackError::HeaderChecksum { .. }),
+                    "flip at {byte}.{bit}: {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bit_flips_in_directories_and_metadata_are_caught() {
+    let b = pack_bytes();
+    for (kind, name) in [
+        (SectionKind::TensorDir, "TENSOR_DIR"),
+        (SectionKind::ExpertDir, "EXPERT_DIR"),
+        (SectionKind::Metadata, "METADATA"),
+    ] {
+        let (off, len) = section(&b, kind);
+        for at in [off, off + len / 2, off + len - 1] {
+            let mut d = b.clone();
+            d[at] ^= 0x10;
+            let err = open(&d).err().unwrap();
+            assert!(
+                matches!(err, PackError::SectionChecksum { section, .. } if section == name),
+                "{name} at {at}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bit_flips_in_payload_are_named_by_verify() {
+    let b = pack_bytes();
+    let pack = open(&b).unwrap();
+    let seg = pack.expert_segments(1, 1)[1].clone();
+    let tensor = pack.tensor("model.norm.weight").unwrap().clone();
+    drop(pack);
+    let mut d = b.clone();
+    d[seg.offset as usize + 5] ^= 1;
+    d[tensor.offset as usize] ^= 0x40;
+    let pad = (seg.offset + seg.stored_len) as usize + 1; // zero padding after the last segment
+    d[pad] = 0xAA;
+    let pack = open(&d).expect("payload damage is found by verify, not open");
+    assert!(matches!(
+        pack.check_segment(&seg),
+        Err(PackError::SegmentChecksum {
+            layer: 1,
+            expert: 1,
+            segment: 1
+        })
+    ));
+    let report = pack.verify();
+    assert_eq!(report.damages.len(), 3, "{:?}", report.damages);
+    assert!(report.damages.iter().any(|d| matches!(
+        d,
+        Damage::Payload(PackError::SegmentChecksum {
+            layer: 1,
+            expert: 1,
+            segment: 1
+        })
+    )));
+    assert!(report.damages.iter().any(|d| matches!(d, Damage::Payload(PackError::TensorChecksum { name }) if name == "model.norm.weight")));
+    assert!(report
+        .damages
+        .iter()
+        .any(|d| matches!(d, Damage::Padding { offset, .. } if *offset == pad as u64)));
+}
+
+/// Offset of expert entry `i` inside the file.
+fn expert_entry(b: &[u8], i: usize) -> usize {
+    section(b, SectionKind::ExpertDir).0 + 16 + 112 * i
+}
+
+fn tensor_entry(b: &[u8], i: usize) -> usize {
+    section(b, SectionKind::TensorDir).0 + 16 + 112 * i
+}
+
+#[test]
+fn rejects_segment_offset_past_end() {
+    let mut b = pack_bytes();
+    let at = expert_entry(&b, 2);
+    put_u64(&mut b, at + 32, 1 << 40);
+    resign(&mut b);
+    let err = open(&b).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            PackError::EntryOutOfBounds {
+                section: "EXPERT_DIR",
+                index: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn rejects_tensor_offset_past_end() {
+    let mut b = pack_bytes();
+    let at = tensor_entry(&b, 1);
+    let len = b.len() as u64;
+    put_u64(&mut b, at + 48, len - 4);
+    resign(&mut b);
+    let err = open(&b).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            PackError::EntryOutOfBounds {
+                section: "TENSOR_DIR",
+                index: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn rejects_overflowing_lengths() {
+    let mut b = pack_bytes();
+    let at = expert_entry(&b, 0);
+    put_u64(&mut b, at + 40, u64::MAX - 8); // stored_len
+    put_u64(&mut b, at + 56, 0); // weights_stored_len (codec raw would object first)
+    resign(&mut b);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::BadEntry {
+            section: "EXPERT_DIR",
+            index: 0,
+            ..
+        })
+    ));
+
+    let mut b = pack_bytes();
+    let at = tensor_entry(&b, 0);
+    b[at + 10] = 2; // zstd, so stored_len may differ from decoded_len
+    b[16] |= 1 << 1; // and declare CODEC_ZSTD
+    put_u64(&mut b, at + 56, u64::MAX);
+    resign(&mut b);
+    let err = open(&b).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            PackError::EntryOutOfBounds {
+                section: "TENSOR_DIR",
+                index: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let mut b = pack_bytes();
+    let at = section_entry_at(&b, SectionKind::Metadata);
+    put_u64(&mut b, at + 16, u64::MAX);
+    resign(&mut b);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::SectionOutOfBounds {
+            section: "METADATA",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn rejects_huge_decoded_len() {
+    let mut b = pack_bytes();
+    let at = section_entry_at(&b, SectionKind::Metadata);
+    put_u64(&mut b, at + 24, u64::MAX);
+    resign(&mut b);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::SectionTooLarge {
+            section: "METADATA",
+            ..
+        })
+    ));
+    let mut b = pack_bytes();
+    put_u64(&mut b, at + 24, 5);
+    resign(&mut b);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::Decompress {
+            section: "METADATA",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn rejects_misaligned_segment() {
+    let mut b = pack_bytes();
+    let at = expert_entry(&b, 1);
+    let off = u64::from_le_bytes(b[at + 32..at + 40].try_into().unwrap());
+    put_u64(&mut b, at + 32, off + 16);
+    resign(&mut b);
+    assert!(matches!(open(&b), Err(PackError::Misaligned { .. })));
+}
+
+#[test]
+fn rejects_overlapping_and_missing_sections() {
+    let mut b = pack_bytes();
+    let (dir_off, _) = section(&b, SectionKind::TensorDir);
+    let at = section_entry_at(&b, SectionKind::ExpertDir);
+    put_u64(&mut b, at + 8, dir_off as u64);
+    resign(&mut b);
+    assert!(matches!(open(&b), Err(PackError::SectionOverlap { .. })));
+
+    let mut b = pack_bytes();
+    let at = section_entry_at(&b, SectionKind::ExpertDir);
+    b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+    resign(&mut b);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::MissingSection {
+            section: "EXPERT_DIR"
+        })
+    ));
+
+    let mut b = pack_bytes();
+    b[at..at + 4].copy_from_slice(&(SectionKind::TensorDir as u32).to_le_bytes());
+    resign(&mut b);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::DuplicateSection {
+            section: "TENSOR_DIR"
+        })
+    ));
+}
+
+#[test]
+fn rejects_bad_entry_fields() {
+    let cases: [(usize, usize, u8, &str); 6] = [
+        (12, 0, 7, "bits"),
+        (13, 0, 9, "weight_codec"),
+        (15, 0, 3, "scale_dtype"),
+        (16, 0, 48, "group_size"),
+        (0, 1, 1, "key"), // layer 1 before layer 0's expert 1: out of order
+        (8, 2, 0, "key"), // segment 1 -> 0 duplicates the previous key
+    ];
+    for (field_at, index, value, field) in cases {
+        let mut b = pack_bytes();
+        let at = expert_entry(&b, index);
+        b[at + field_at] = value;
+        resign(&mut b);
+        let err = open(&b).err().unwrap();
+        assert!(
+            matches!(&err, PackError::BadEntry { section: "EXPERT_DIR", field: f, .. } if *f == field),
+            "{field}: {err}"
+        );
+    }
+    let mut b = pack_bytes();
+    let at = tensor_entry(&b, 0);
+    b[at + 8] = 42; // dtype
+    resign(&mut b);
+    assert!(matches!(
+        open(&b),
+        Err(PackError::BadEntry {
+            section: "TENSOR_DIR",
+            field: "dtype",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn rejects_metadata_without_required_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.flashpack");
+    let w = flashpack::format::PackWriter::create(&dest, 4096, 128, 128).unwrap();
+    let err = w
+        .finish(&serde_json::json!({"format": "flashpack"}))
+        .err()
+        .unwrap();
+    assert!(matches!(err, PackError::Writer { .. }), "{err}");
+    assert!(!dest.exists());
+}
+
+/// Bounded randomized corruption: random bit flips, overwrites and truncations, with and
+/// without re-signed checksums. Nothing may panic; whatever opens must verify without panic.
+#[test]
+fn random_corruption_never_panics() {
+    let b = pack_bytes();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut r = std::iter::from_fn(move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        Some(state)
+    });
+    let mut opened = 0;
+    for _ in 0..1500 {
+        let mut d = b.clone();
+        let hot_end = section(&b, SectionKind::Metadata).0 + 64;
+        for _ in 0..1 + r.next().unwrap() % 4 {
+            let pos = match r.next().unwrap() % 3 {
+                0 => (r.next().unwrap() % 512) as usize,
+                1 => {
+                    section(&b, SectionKind::TensorDir).0
+                        + (r.next().unwrap() as usize
+                            % (hot_end - section(&b, SectionKind::TensorDir).0))
+                }
+                _ => (r.next().unwrap() % d.len() as u64) as usize,
+            };
+            let pos = pos % d.len();
+            match r.next().unwrap() % 3 {
+                0 => d[pos] ^= 1 << (r.next().unwrap() % 8),
+                1 => {
+                    let v = r.next().unwrap().to_le_bytes();
+                    let end = (pos + 8).min(d.len());
+                    d[pos..end].copy_from_slice(&v[..end - pos]);
+                }
+                _ => d.truncate(pos.max(1)),
+            }
+        }
+        if r.next().unwrap() % 2 == 0 && d.len() > 64 + 5 * 64 + 32 {
+            resign(&mut d);
+        }
+        if let Ok(p) = open(&d) {
+            opened += 1;
+            let _ = p.verify();
+            for e in p.experts() {
+                let _ = p.segment_stored(e);
+            }
+        }
+    }
+    assert!(
+        opened < 1500,
+        "corruption must be detected at least sometimes"
+    );
+}
