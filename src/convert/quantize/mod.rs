@@ -22,7 +22,10 @@
 //!    (round to nearest even) only when stored;
 //! 5. code k of a word sits at bits `[k * bits, (k + 1) * bits)`, lowest first.
 
+mod dense;
 mod expert;
+
+pub use dense::{plan_dense, DenseOut, DensePolicy};
 
 pub use expert::{
     build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentPlan,
