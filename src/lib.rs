@@ -10,6 +10,7 @@
 
 pub mod arch;
 pub mod codec;
+pub mod convert;
 pub mod format;
 pub mod inspect;
 pub mod mapped;

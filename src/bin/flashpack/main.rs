@@ -1,6 +1,7 @@
 //! The `flashpack` command line: one file per subcommand. Exit codes: 0 ok, 1 error, 2 usage.
 
 mod bench;
+mod convert;
 mod inspect;
 mod verify;
 
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Benchmarks that print tables (codecs, ...).
     Bench(bench::BenchArgs),
+    /// Convert a Hugging Face (or mlx-lm) MoE checkpoint into a .flashpack.
+    Convert(convert::ConvertArgs),
     /// Show what a pack holds: model, sizes, bits per weight, codecs, layout, provenance.
     Inspect(inspect::InspectArgs),
     /// Hash every byte of a pack; name every damaged section, tensor or segment.
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Convert(args) => convert::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::run(args),
         Command::Verify(args) => verify::run(args),
     };

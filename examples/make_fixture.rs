@@ -1,0 +1,118 @@
+//! Writes a seeded tiny Hugging Face MoE checkpoint (see `flashpack::convert::fixtures`), for
+//! Python scripts and benchmarks:
+//! `cargo run --release --example make_fixture -- --arch qwen3_moe --out DIR [options]`.
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use flashpack::arch::Arch;
+use flashpack::convert::fixtures::{Dialect, FixtureLayout, FixtureSpec};
+use flashpack::convert::tensor::FloatDtype;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    PerExpert,
+    Fused,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DialectArg {
+    V5,
+    Legacy,
+    Both,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Bf16,
+    F16,
+    F32,
+}
+
+#[derive(Parser)]
+struct Args {
+    /// qwen3_moe, mixtral, olmoe or qwen2_moe.
+    #[arg(long, default_value = "qwen3_moe")]
+    arch: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Width of one expert.
+    #[arg(long, default_value_t = 64)]
+    moe_intermediate: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 32)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 512)]
+    vocab: usize,
+    #[arg(long, value_enum, default_value = "per-expert")]
+    layout: LayoutArg,
+    #[arg(long, value_enum, default_value = "both")]
+    dialect: DialectArg,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DtypeArg,
+    /// Largest shard in MB (one model.safetensors when absent).
+    #[arg(long)]
+    shard_mb: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Copy tokenizer.json and tokenizer_config.json from this folder (mlx_lm convert needs
+    /// one; fixtures/qwen3moe-tiny has a vocabulary of 8192).
+    #[arg(long)]
+    tokenizer_from: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let arch = Arch::from_model_type(&a.arch)?;
+    let spec = FixtureSpec {
+        hidden_size: a.hidden,
+        num_layers: a.layers,
+        num_experts: a.experts,
+        top_k: a.top_k,
+        moe_intermediate_size: a.moe_intermediate,
+        num_heads: a.heads,
+        num_kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+        vocab_size: a.vocab,
+        layout: match a.layout {
+            LayoutArg::PerExpert => FixtureLayout::PerExpert,
+            LayoutArg::Fused => FixtureLayout::Fused,
+        },
+        dialect: match a.dialect {
+            DialectArg::V5 => Dialect::Transformers5,
+            DialectArg::Legacy => Dialect::Legacy,
+            DialectArg::Both => Dialect::Both,
+        },
+        dtype: match a.dtype {
+            DtypeArg::Bf16 => FloatDtype::Bf16,
+            DtypeArg::F16 => FloatDtype::F16,
+            DtypeArg::F32 => FloatDtype::F32,
+        },
+        max_shard_bytes: a.shard_mb.map(|m| m << 20),
+        seed: a.seed,
+        tokenizer_from: a.tokenizer_from,
+        ..FixtureSpec::tiny(arch)
+    };
+    let t = std::time::Instant::now();
+    let bytes = spec
+        .write(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} ({:.3} GB of weights) in {:.1} s",
+        a.out.display(),
+        bytes as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! `flashpack convert SRC -o OUT.flashpack`: a Hugging Face (or mlx-lm) checkpoint to a pack.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use flashpack::codec::CodecChoice;
+use flashpack::convert::load::{ExpertLayout, LocalResolver, SourceSpec};
+use flashpack::convert::{convert, ConvertOptions, ConvertReport};
+use flashpack::progress::Progress;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// A checkpoint folder (config.json + safetensors), or org/model[@rev] found in the local
+    /// Hugging Face cache.
+    pub src: String,
+    /// The pack to write (written to a temporary file, then renamed).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// auto (smallest of Huffman/lz4, raw when coding saves < 1%), huffman, zstd[-N], lz4, raw.
+    #[arg(long, default_value = "auto")]
+    pub codec: String,
+    /// Quantization group size: 32, 64 or 128.
+    #[arg(long, default_value_t = 64)]
+    pub group_size: usize,
+    /// Bits of expert weights: 2, 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    pub expert_bits: u8,
+    /// Bits of dense weights (attention, embeddings, shared experts): 4, 8, or 16 to keep the
+    /// source floats. Routers and norms always stay full precision.
+    #[arg(long, default_value_t = 4)]
+    pub dense_bits: u8,
+    /// Split each expert into this many vertical segments.
+    #[arg(long, default_value_t = 1)]
+    pub segments: usize,
+    /// Page size of the pack in bytes (power of two, 4096 to 65536).
+    #[arg(long, default_value_t = flashpack::format::DEFAULT_PAGE_SIZE)]
+    pub page_size: u32,
+    /// Bits of cold (rarely routed) experts (needs the profile stage: not available yet).
+    #[arg(long)]
+    pub cold_bits: Option<u8>,
+    /// Fraction of experts stored at --cold-bits (needs the profile stage: not available yet).
+    #[arg(long, conflicts_with = "target_size")]
+    pub cold_fraction: Option<f64>,
+    /// Choose cold experts until the pack fits this many GB (needs the profile stage).
+    #[arg(long)]
+    pub target_size: Option<f64>,
+    /// Merge experts whose weights are closer than this (needs the merge stage).
+    #[arg(long)]
+    pub merge_threshold: Option<f64>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// indicatif bars behind the library's [`Progress`] trait: one bar per stage.
+struct Bars {
+    target_hidden: bool,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Bars {
+    fn new(hidden: bool) -> Bars {
+        Bars {
+            target_hidden: hidden,
+            bar: Mutex::new(None),
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn stage(&self, name: &str, total: Option<u64>, unit: &str) {
+        let bar = match total {
+            Some(t) if unit == "B" => ProgressBar::new(t).with_style(
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            ),
+            Some(t) => ProgressBar::new(t),
+            None => {
+                let b = ProgressBar::new_spinner();
+                b.enable_steady_tick(Duration::from_millis(120));
+                b
+            }
+        };
+        if self.target_hidden {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        bar.set_prefix(name.to_string());
+        bar.set_message(name.to_string());
+        if let Ok(mut b) = self.bar.lock() {
+            *b = Some(bar);
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(b) = b.as_ref() {
+                b.inc(n);
+            }
+        }
+    }
+
+    fn finish_stage(&self) {
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(b) = b.take() {
+                b.finish_and_clear();
+            }
+        }
+    }
+
+    fn note(&self, msg: &str) {
+        if !self.target_hidden {
+            eprintln!("note: {msg}");
+        }
+    }
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.3} GB", bytes as f64 / 1e9)
+}
+
+fn print_report(r: &ConvertReport) {
+    let p = &r.pack;
+    println!("{} -> {}", r.source, r.output.display());
+    println!(
+        "  {} ({} experts{}), {:.2} s, {:.3} GB/s of source",
+        r.architecture,
+        match r.expert_layout {
+            Some(ExpertLayout::PerExpert) => "per-expert",
+            Some(ExpertLayout::Fused) => "fused",
+            Some(ExpertLayout::Stacked) => "stacked",
+            None => "no",
+        },
+        if r.source_mlx_quantized {
+            ", MLX-quantized source"
+        } else {
+            ""
+        },
+        r.seconds,
+        r.source_bytes_per_s / 1e9
+    );
+    let stages: Vec<String> = r
+        .stages
+        .iter()
+        .map(|s| format!("{} {:.2}s", s.stage, s.seconds))
+        .collect();
+    println!("  stages: {}", stages.join(", "));
+    println!(
+        "  source {}  ->  pack {}  ({:.1}% of the source)",
+        gb(r.source_bytes),
+        gb(r.pack_bytes),
+        100.0 * r.pack_bytes as f64 / r.source_bytes.max(1) as f64
+    );
+    for (name, k) in [
+        ("experts", &p.experts),
+        ("dense", &p.dense),
+        ("overall", &p.overall),
+    ] {
+        println!(
+            "  {name:<8} {:>12}  {:>14} weights  {:.3} bits/weight",
+            gb(k.bytes),
+            k.weights,
+            k.bits_per_weight
+        );
+    }
+    let codecs: Vec<String> = p
+        .codecs
+        .iter()
+        .map(|(k, (n, b))| format!("{k} {n} parts {}", gb(*b)))
+        .collect();
+    println!("  codecs: {}", codecs.join(", "));
+    println!(
+        "  padding {} ({:.2}%)",
+        gb(p.padding_bytes),
+        100.0 * p.padding_fraction
+    );
+}
+
+pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    let codec: CodecChoice = args.codec.parse().with_context(|| {
+        format!(
+            "--codec {}: use auto, huffman, zstd, zstd-N, lz4 or raw",
+            args.codec
+        )
+    })?;
+    let opts = ConvertOptions {
+        codec,
+        expert_bits: args.expert_bits,
+        group_size: args.group_size,
+        dense_bits: args.dense_bits,
+        segments: args.segments,
+        page_size: args.page_size,
+        cold_bits: args.cold_bits,
+        cold_fraction: args.cold_fraction,
+        target_size_gb: args.target_size,
+        merge_threshold: args.merge_threshold,
+    };
+    let hidden = args.quiet || !std::io::stderr().is_terminal();
+    let bars = Bars::new(hidden);
+    let spec = SourceSpec::parse(&args.src);
+    let report = convert(
+        &spec,
+        &LocalResolver::from_env(),
+        &args.output,
+        &opts,
+        &bars,
+    )
+    .with_context(|| format!("converting {}", args.src))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}

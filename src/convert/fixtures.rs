@@ -1,0 +1,434 @@
+//! Seeded tiny Hugging Face checkpoints for tests and benchmarks.
+//!
+//! In: a [`FixtureSpec`] (architecture, sizes, expert layout, config dialect, sharding, seed).
+//! Out: a folder with `config.json`, `model.safetensors` or shards plus
+//! `model.safetensors.index.json`, and optionally a copied tokenizer, loadable by transformers
+//! and mlx-lm (when the config carries the legacy keys and a tokenizer is present).
+//! Invariant: the same spec gives the same bytes, whatever the thread count: every 64 Ki-value
+//! chunk of every tensor draws from its own generator seeded by (seed, tensor name, chunk).
+//! Values are random (approximately normal, std `1/sqrt(fan_in)`), good for exactness tests
+//! only: use the trained `fixtures/qwen3moe-tiny` for quality questions.
+
+use crate::arch::{Arch, Part, Proj};
+use crate::convert::load::safetensors::serialize_header;
+use crate::convert::tensor::{Dtype, FloatDtype};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Which `config.json` keys to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// transformers 5.x: `rope_parameters`, and `num_local_experts` where 5.x writes it.
+    Transformers5,
+    /// Legacy: top-level `rope_theta`, `rope_scaling`, `num_experts`.
+    Legacy,
+    /// Both sets of keys (what mlx-lm 0.32 needs next to a 5.x config).
+    Both,
+}
+
+/// How expert weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FixtureLayout {
+    /// `experts.N.{gate,up,down}_proj.weight` (what `save_pretrained` writes).
+    PerExpert,
+    /// transformers 5.x in-memory `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj`.
+    Fused,
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct FixtureSpec {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Width of one expert.
+    pub moe_intermediate_size: usize,
+    /// Width of dense MLPs (Qwen dense layers); Mixtral/OLMoE use `moe_intermediate_size`.
+    pub intermediate_size: usize,
+    /// Qwen2-MoE shared expert width.
+    pub shared_expert_intermediate_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// Qwen2/3-MoE: every `decoder_sparse_step`-th layer is sparse.
+    pub decoder_sparse_step: usize,
+    pub layout: FixtureLayout,
+    pub dialect: Dialect,
+    pub dtype: FloatDtype,
+    /// Largest shard in bytes; `None` writes one `model.safetensors`.
+    pub max_shard_bytes: Option<u64>,
+    pub seed: u64,
+    /// A folder to copy `tokenizer.json` and `tokenizer_config.json` from.
+    pub tokenizer_from: Option<PathBuf>,
+}
+
+impl FixtureSpec {
+    /// A tiny model: hidden 128, 2 layers, 8 experts top-2, vocab 512, bf16, per-expert.
+    pub fn tiny(arch: Arch) -> FixtureSpec {
+        FixtureSpec {
+            arch,
+            hidden_size: 128,
+            num_layers: 2,
+            num_experts: 8,
+            top_k: 2,
+            moe_intermediate_size: 64,
+            intermediate_size: 256,
+            shared_expert_intermediate_size: 128,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 32,
+            vocab_size: 512,
+            decoder_sparse_step: 1,
+            layout: FixtureLayout::PerExpert,
+            dialect: Dialect::Both,
+            dtype: FloatDtype::Bf16,
+            max_shard_bytes: None,
+            seed: 0,
+            tokenizer_from: None,
+        }
+    }
+
+    fn is_sparse(&self, layer: usize) -> bool {
+        (layer + 1) % self.decoder_sparse_step.max(1) == 0
+    }
+
+    fn expert_width(&self) -> usize {
+        self.moe_intermediate_size
+    }
+
+    /// Every tensor as (name, shape, fan_in for the value scale; 0 means a norm weight).
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
+        let (h, e, i) = (self.hidden_size, self.num_experts, self.expert_width());
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let names = self.arch.names();
+        let mut t = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+            4,
+        )];
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut add = |n: String, s: Vec<usize>, fan: usize| t.push((n, s, fan));
+            add(format!("{p}.input_layernorm.weight"), vec![h], 0);
+            add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0);
+            for (n, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                add(format!("{p}.self_attn.{n}.weight"), vec![out, h], h);
+                if self.arch == Arch::Qwen2Moe {
+                    add(format!("{p}.self_attn.{n}.bias"), vec![out], h);
+                }
+            }
+            add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], q);
+            match self.arch {
+                Arch::Qwen3Moe => {
+                    add(
+                        format!("{p}.self_attn.q_norm.weight"),
+                        vec![self.head_dim],
+                        0,
+                    );
+                    add(
+                        format!("{p}.self_attn.k_norm.weight"),
+                        vec![self.head_dim],
+                        0,
+                    );
+                }
+                Arch::Olmoe => {
+                    add(format!("{p}.self_attn.q_norm.weight"), vec![q], 0);
+                    add(format!("{p}.self_attn.k_norm.weight"), vec![kv], 0);
+                }
+                _ => {}
+            }
+            if !self.is_sparse(l) {
+                let d = self.intermediate_size;
+                add(format!("{p}.mlp.gate_proj.weight"), vec![d, h], h);
+                add(format!("{p}.mlp.up_proj.weight"), vec![d, h], h);
+                add(format!("{p}.mlp.down_proj.weight"), vec![h, d], d);
+                continue;
+            }
+            add(names.router(l), vec![e, h], h);
+            match self.layout {
+                FixtureLayout::PerExpert => {
+                    for x in 0..e {
+                        add(names.expert(l, x, Proj::Gate, Part::Weight), vec![i, h], h);
+                        add(names.expert(l, x, Proj::Up, Part::Weight), vec![i, h], h);
+                        add(names.expert(l, x, Proj::Down, Part::Weight), vec![h, i], i);
+                    }
+                }
+                FixtureLayout::Fused => {
+                    // transformers 5.x keeps the fused experts under `mlp` for every arch.
+                    add(
+                        format!("{p}.mlp.experts.gate_up_proj"),
+                        vec![e, 2 * i, h],
+                        h,
+                    );
+                    add(format!("{p}.mlp.experts.down_proj"), vec![e, h, i], i);
+                }
+            }
+            if self.arch == Arch::Qwen2Moe {
+                let s = self.shared_expert_intermediate_size;
+                add(
+                    format!("{p}.mlp.shared_expert.gate_proj.weight"),
+                    vec![s, h],
+                    h,
+                );
+                add(
+                    format!("{p}.mlp.shared_expert.up_proj.weight"),
+                    vec![s, h],
+                    h,
+                );
+                add(
+                    format!("{p}.mlp.shared_expert.down_proj.weight"),
+                    vec![h, s],
+                    s,
+                );
+                add(format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h], h);
+            }
+        }
+        t.push(("model.norm.weight".into(), vec![h], 0));
+        t.push(("lm_head.weight".into(), vec![self.vocab_size, h], h));
+        t
+    }
+
+    /// The `config.json` this spec describes.
+    pub fn config(&self) -> Value {
+        let class = match self.arch {
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Olmoe => "OlmoeForCausalLM",
+            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
+        };
+        let theta = match self.arch {
+            Arch::Mixtral | Arch::Qwen2Moe => 1_000_000.0,
+            _ => 10_000.0,
+        };
+        // Mixtral and OLMoE have one `intermediate_size`, the experts' width.
+        let intermediate = match self.arch {
+            Arch::Mixtral | Arch::Olmoe => self.expert_width(),
+            _ => self.intermediate_size,
+        };
+        let dtype = match self.dtype {
+            FloatDtype::Bf16 => "bfloat16",
+            FloatDtype::F16 => "float16",
+            FloatDtype::F32 => "float32",
+        };
+        let mut c = json!({
+            "architectures": [class],
+            "model_type": self.arch.model_type(),
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "intermediate_size": intermediate,
+            "num_experts_per_tok": self.top_k,
+            "norm_topk_prob": self.arch != Arch::Olmoe,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "hidden_act": "silu",
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "dtype": dtype,
+            "torch_dtype": dtype,
+        });
+        if matches!(self.arch, Arch::Qwen3Moe | Arch::Qwen2Moe) {
+            c["moe_intermediate_size"] = json!(self.moe_intermediate_size);
+            c["decoder_sparse_step"] = json!(self.decoder_sparse_step);
+            c["mlp_only_layers"] = json!([]);
+        }
+        if self.arch == Arch::Qwen2Moe {
+            c["shared_expert_intermediate_size"] = json!(self.shared_expert_intermediate_size);
+            c["qkv_bias"] = json!(true);
+        }
+        // transformers 5.x writes num_local_experts for Qwen3-MoE and Mixtral (attribute_map),
+        // num_experts for OLMoE and Qwen2-MoE; Mixtral's legacy key is num_local_experts too.
+        let five_x_key = match self.arch {
+            Arch::Qwen3Moe | Arch::Mixtral => "num_local_experts",
+            _ => "num_experts",
+        };
+        let legacy_key = match self.arch {
+            Arch::Mixtral => "num_local_experts",
+            _ => "num_experts",
+        };
+        if self.dialect != Dialect::Legacy {
+            c["rope_parameters"] = json!({"rope_theta": theta, "rope_type": "default"});
+            c[five_x_key] = json!(self.num_experts);
+        }
+        if self.dialect != Dialect::Transformers5 {
+            c["rope_theta"] = json!(theta);
+            c["rope_scaling"] = Value::Null;
+            c[legacy_key] = json!(self.num_experts);
+        }
+        c
+    }
+
+    /// Writes the checkpoint into `dir` (created if needed). Returns the weight bytes written.
+    pub fn write(&self, dir: &Path) -> std::io::Result<u64> {
+        std::fs::create_dir_all(dir)?;
+        let cfg = serde_json::to_string_pretty(&self.config()).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join("config.json"), cfg)?;
+        if let Some(src) = &self.tokenizer_from {
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                std::fs::copy(src.join(f), dir.join(f))?;
+            }
+        }
+        let tensors = self.tensors();
+        let es = self.dtype.size() as u64;
+        let bytes_of = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>() * es;
+        // Greedy shards in tensor order, like save_pretrained(max_shard_size=...).
+        let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut fill = 0u64;
+        for (k, (_, shape, _)) in tensors.iter().enumerate() {
+            let n = bytes_of(shape);
+            if let Some(max) = self.max_shard_bytes {
+                if fill > 0 && fill + n > max {
+                    shards.push(Vec::new());
+                    fill = 0;
+                }
+            }
+            if let Some(s) = shards.last_mut() {
+                s.push(k);
+            }
+            fill += n;
+        }
+        let count = shards.len();
+        let file_name = |s: usize| {
+            if self.max_shard_bytes.is_none() {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", s + 1, count)
+            }
+        };
+        let mut weight_map = serde_json::Map::new();
+        let mut total = 0u64;
+        for (s, members) in shards.iter().enumerate() {
+            let header: Vec<(String, Dtype, Vec<usize>)> = members
+                .iter()
+                .map(|&k| {
+                    (
+                        tensors[k].0.clone(),
+                        self.dtype.dtype(),
+                        tensors[k].1.clone(),
+                    )
+                })
+                .collect();
+            let path = dir.join(file_name(s));
+            let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path)?);
+            f.write_all(&serialize_header(&header))?;
+            for &k in members {
+                let (name, shape, fan_in) = &tensors[k];
+                let data = self.tensor_bytes(name, shape, *fan_in);
+                f.write_all(&data)?;
+                total += data.len() as u64;
+                weight_map.insert(name.clone(), json!(file_name(s)));
+            }
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        if self.max_shard_bytes.is_some() {
+            let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let text = serde_json::to_string_pretty(&index).map_err(std::io::Error::other)?;
+            std::fs::write(dir.join("model.safetensors.index.json"), text)?;
+        }
+        Ok(total)
+    }
+
+    /// The bytes of one tensor. Fused expert tensors are the per-expert tensors of the same
+    /// spec concatenated (gate rows then up rows per expert), so both layouts hold one model.
+    fn tensor_bytes(&self, name: &str, shape: &[usize], fan_in: usize) -> Vec<u8> {
+        let fused = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)));
+        let names = self.arch.names();
+        match fused {
+            Some((l, "mlp.experts.gate_up_proj")) => (0..shape[0])
+                .flat_map(|e| {
+                    let piece = [shape[1] / 2, shape[2]];
+                    let g = self.values(
+                        &names.expert(l, e, Proj::Gate, Part::Weight),
+                        &piece,
+                        fan_in,
+                    );
+                    let u =
+                        self.values(&names.expert(l, e, Proj::Up, Part::Weight), &piece, fan_in);
+                    [g, u].concat()
+                })
+                .collect(),
+            Some((l, "mlp.experts.down_proj")) => (0..shape[0])
+                .flat_map(|e| {
+                    let piece = [shape[1], shape[2]];
+                    self.values(
+                        &names.expert(l, e, Proj::Down, Part::Weight),
+                        &piece,
+                        fan_in,
+                    )
+                })
+                .collect(),
+            _ => self.values(name, shape, fan_in),
+        }
+    }
+
+    /// The bytes of one tensor: norms are `1 + 0.1 n`, the rest `n / sqrt(fan_in)`.
+    fn values(&self, name: &str, shape: &[usize], fan_in: usize) -> Vec<u8> {
+        const CHUNK: usize = 1 << 16;
+        let n: usize = shape.iter().product();
+        let es = self.dtype.size();
+        let mut out = vec![0u8; n * es];
+        let name_seed = fnv1a(name.as_bytes()) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (scale, offset) = if fan_in == 0 {
+            (0.1f32, 1.0f32)
+        } else {
+            (1.0 / (fan_in as f32).sqrt(), 0.0)
+        };
+        let dtype = self.dtype;
+        out.par_chunks_mut(CHUNK * es)
+            .enumerate()
+            .for_each(|(c, buf)| {
+                let mut rng =
+                    SplitMix64(name_seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+                for o in buf.chunks_exact_mut(es) {
+                    dtype.write(offset + scale * rng.normal(), o);
+                }
+            });
+        out
+    }
+}
+
+/// FNV-1a: a stable hash of tensor names for seeding (std's hasher may change between
+/// releases, which would change fixture bytes).
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// SplitMix64: small, fast, and good enough for test weights.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Approximately standard normal: the sum of four 16-bit uniforms (Irwin-Hall), centred
+    /// and scaled to unit variance. One generator call per value keeps 4 GB fixtures quick.
+    fn normal(&mut self) -> f32 {
+        let r = self.next();
+        let s = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
+        // mean 2 * 65535, variance 4 * 65536^2 / 12
+        (s as f32 - 131_070.0) * (3.0f32.sqrt() / 65_536.0)
+    }
+}

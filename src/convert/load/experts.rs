@@ -1,0 +1,493 @@
+//! Finding experts and other tensors in a checkpoint, whatever the layout.
+//!
+//! In: the tensor names of a checkpoint and its architecture's [`crate::arch::TensorNames`].
+//! Out: for each (layer, expert), borrowed views of its gate `[I, H]`, up `[I, H]` and down
+//! `[H, I]` ([`ExpertProjections`]), and every other tensor grouped by module
+//! ([`DenseTensor`]): float, MLX-quantized (weight + scales + biases), or other.
+//! Layouts: per-expert (`experts.N.gate_proj.weight`, on disk), fused (transformers 5.x in
+//! memory: `experts.gate_up_proj` `[E, 2I, H]`, gate rows first, and `experts.down_proj`
+//! `[E, H, I]`), stacked (mlx-lm: `switch_mlp.gate_proj.weight` `[E, I, ...]`, float or U32
+//! codes with `scales`/`biases`).
+//! Invariant: shapes are checked against the config before any view is handed out.
+
+use super::{Checkpoint, LoadError, TensorRef};
+use crate::arch::{Arch, Part, Proj, TensorRole};
+use crate::convert::quantize::{ExpertProjections, ProjSource, QuantParams, QuantizedView};
+use crate::convert::tensor::{Dtype, FloatDtype, MatrixView};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How a layer stores its experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertLayout {
+    PerExpert,
+    Fused,
+    Stacked,
+}
+
+/// Names of expert tensors, by layer.
+#[derive(Debug, Default)]
+pub(super) struct ExpertIndex {
+    per_expert: BTreeMap<(usize, usize, Proj, PartKey), String>,
+    fused_gate_up: BTreeMap<usize, String>,
+    fused_down: BTreeMap<usize, String>,
+    stacked: BTreeMap<(usize, Proj, PartKey), String>,
+}
+
+/// [`Part`] with an order, for map keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum PartKey {
+    Weight,
+    Scales,
+    Biases,
+}
+
+impl From<Part> for PartKey {
+    fn from(p: Part) -> Self {
+        match p {
+            Part::Weight => PartKey::Weight,
+            Part::Scales => PartKey::Scales,
+            Part::Biases => PartKey::Biases,
+        }
+    }
+}
+
+impl ExpertIndex {
+    pub(super) fn build<'a>(arch: Arch, names: impl Iterator<Item = &'a str>) -> ExpertIndex {
+        let mut ix = ExpertIndex::default();
+        for name in names {
+            match arch.classify(name) {
+                TensorRole::Expert {
+                    layer,
+                    expert,
+                    proj,
+                    part,
+                } => {
+                    ix.per_expert
+                        .insert((layer, expert, proj, part.into()), name.to_string());
+                }
+                TensorRole::FusedGateUp { layer } => {
+                    ix.fused_gate_up.insert(layer, name.to_string());
+                }
+                TensorRole::FusedDown { layer } => {
+                    ix.fused_down.insert(layer, name.to_string());
+                }
+                TensorRole::Stacked { layer, proj, part } => {
+                    ix.stacked
+                        .insert((layer, proj, part.into()), name.to_string());
+                }
+                _ => {}
+            }
+        }
+        ix
+    }
+
+    fn layout(&self, layer: usize) -> Option<ExpertLayout> {
+        if self
+            .stacked
+            .contains_key(&(layer, Proj::Gate, PartKey::Weight))
+        {
+            Some(ExpertLayout::Stacked)
+        } else if self.fused_gate_up.contains_key(&layer) {
+            Some(ExpertLayout::Fused)
+        } else if self
+            .per_expert
+            .range((layer, 0, Proj::Gate, PartKey::Weight)..)
+            .next()
+            .is_some_and(|((l, ..), _)| *l == layer)
+        {
+            Some(ExpertLayout::PerExpert)
+        } else {
+            None
+        }
+    }
+
+    /// Layers that hold any expert tensor.
+    fn layers_with_experts(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .per_expert
+            .keys()
+            .map(|k| k.0)
+            .chain(self.fused_gate_up.keys().copied())
+            .chain(self.fused_down.keys().copied())
+            .chain(self.stacked.keys().map(|k| k.0))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// A non-expert tensor's values.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorData<'a> {
+    /// Float values of any shape.
+    Float {
+        dtype: FloatDtype,
+        shape: &'a [usize],
+        bytes: &'a [u8],
+    },
+    /// An MLX-quantized 2-D weight (logical shape `[rows, cols]`).
+    Quantized(QuantizedView<'a>),
+    /// Anything else (integer buffers): copied as is.
+    Other {
+        dtype: Dtype,
+        shape: &'a [usize],
+        bytes: &'a [u8],
+    },
+}
+
+/// A non-expert tensor, grouped by module for MLX-quantized ones.
+#[derive(Clone, Debug)]
+pub struct DenseTensor<'a> {
+    /// The tensor name (`...weight` for a quantized module).
+    pub name: String,
+    pub role: TensorRole,
+    pub data: TensorData<'a>,
+}
+
+fn float_matrix<'a>(
+    t: TensorRef<'a>,
+    bytes: &'a [u8],
+    rows: usize,
+    cols: usize,
+) -> Result<MatrixView<'a>, LoadError> {
+    let dtype = t.dtype.float().ok_or(LoadError::Dtype {
+        tensor: t.name.to_string(),
+        found: t.dtype,
+        expected: "BF16, F16 or F32",
+    })?;
+    MatrixView::new(dtype, rows, cols, bytes).ok_or_else(|| LoadError::Shape {
+        tensor: t.name.to_string(),
+        expected: vec![rows, cols],
+        found: t.shape.to_vec(),
+        why: "slice size".into(),
+    })
+}
+
+impl Checkpoint {
+    /// How layer `layer` stores its experts, or an error if it has none.
+    pub fn expert_layout(&self, layer: usize) -> Result<ExpertLayout, LoadError> {
+        self.index.layout(layer).ok_or_else(|| LoadError::Experts {
+            layer,
+            detail: format!(
+                "no expert tensors found (looked for {}, fused experts.gate_up_proj and \
+                 switch_mlp); is the config's sparse-layer setting right?",
+                self.config
+                    .arch
+                    .names()
+                    .expert(layer, 0, Proj::Gate, Part::Weight)
+            ),
+        })
+    }
+
+    /// Views of expert `expert`'s projections in layer `layer`. Cheap: no data is read.
+    pub fn expert(&self, layer: usize, expert: usize) -> Result<ExpertProjections<'_>, LoadError> {
+        let c = &self.config;
+        let (h, i, e) = (c.hidden_size, c.moe_intermediate_size, c.num_experts);
+        if expert >= e {
+            return Err(LoadError::Experts {
+                layer,
+                detail: format!("expert {expert} requested; the config has {e} experts"),
+            });
+        }
+        let want = |p: Proj| if p == Proj::Down { [h, i] } else { [i, h] };
+        let ix = &self.index;
+        let one = |p: Proj| -> Result<ProjSource<'_>, LoadError> {
+            let [rows, cols] = want(p);
+            match self.expert_layout(layer)? {
+                ExpertLayout::PerExpert => {
+                    let name = ix
+                        .per_expert
+                        .get(&(layer, expert, p, PartKey::Weight))
+                        .ok_or_else(|| LoadError::MissingTensor {
+                            tensor: self
+                                .config
+                                .arch
+                                .names()
+                                .expert(layer, expert, p, Part::Weight),
+                            hint: format!(" (layer {layer} stores experts one by one)"),
+                        })?;
+                    let scales = ix.per_expert.get(&(layer, expert, p, PartKey::Scales));
+                    let biases = ix.per_expert.get(&(layer, expert, p, PartKey::Biases));
+                    self.proj_source(name, scales, biases, None, rows, cols)
+                }
+                ExpertLayout::Stacked => {
+                    let name = ix
+                        .stacked
+                        .get(&(layer, p, PartKey::Weight))
+                        .ok_or_else(|| LoadError::MissingTensor {
+                            tensor: self.config.arch.names().stacked(layer, p, Part::Weight),
+                            hint: format!(" (layer {layer} stores experts stacked)"),
+                        })?;
+                    let scales = ix.stacked.get(&(layer, p, PartKey::Scales));
+                    let biases = ix.stacked.get(&(layer, p, PartKey::Biases));
+                    self.proj_source(name, scales, biases, Some((expert, e)), rows, cols)
+                }
+                ExpertLayout::Fused => {
+                    let (name, per_expert_rows, skip) = match p {
+                        Proj::Gate => (ix.fused_gate_up.get(&layer), 2 * i, 0),
+                        Proj::Up => (ix.fused_gate_up.get(&layer), 2 * i, i),
+                        Proj::Down => (ix.fused_down.get(&layer), h, 0),
+                    };
+                    let name = name.ok_or_else(|| LoadError::MissingTensor {
+                        tensor: format!("model.layers.{layer}.mlp.experts.down_proj"),
+                        hint: " (fused layout needs gate_up_proj and down_proj)".into(),
+                    })?;
+                    let t = self.tensor(name)?;
+                    let full = [e, per_expert_rows, cols];
+                    if t.shape != full {
+                        return Err(LoadError::Shape {
+                            tensor: name.clone(),
+                            expected: full.to_vec(),
+                            found: t.shape.to_vec(),
+                            why: "fused experts [E, 2I, H] / [E, H, I] from the config".into(),
+                        });
+                    }
+                    let es = t.dtype.size();
+                    let start = (expert * per_expert_rows + skip) * cols * es;
+                    let bytes = &t.data[start..start + rows * cols * es];
+                    Ok(ProjSource::Float(float_matrix(t, bytes, rows, cols)?))
+                }
+            }
+        };
+        Ok(ExpertProjections {
+            gate: one(Proj::Gate)?,
+            up: one(Proj::Up)?,
+            down: one(Proj::Down)?,
+        })
+    }
+
+    /// A projection from a weight tensor (and scales/biases when MLX-quantized), either whole
+    /// (`stack == None`) or expert `k` of a stack of `n`.
+    fn proj_source<'a>(
+        &'a self,
+        name: &str,
+        scales: Option<&String>,
+        biases: Option<&String>,
+        stack: Option<(usize, usize)>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<ProjSource<'a>, LoadError> {
+        let t = self.tensor(name)?;
+        let lead: Vec<usize> = stack.map(|(_, n)| vec![n]).unwrap_or_default();
+        let pick = |t: TensorRef<'a>, inner: usize| -> &'a [u8] {
+            match stack {
+                Some((k, _)) => &t.data[k * inner..(k + 1) * inner],
+                None => t.data,
+            }
+        };
+        if t.dtype != Dtype::U32 {
+            let shape = [lead.clone(), vec![rows, cols]].concat();
+            if t.shape != shape.as_slice() {
+                return Err(LoadError::Shape {
+                    tensor: name.to_string(),
+                    expected: shape,
+                    found: t.shape.to_vec(),
+                    why: "hidden_size / moe_intermediate_size / num_experts in config.json".into(),
+                });
+            }
+            let inner = rows * cols * t.dtype.size();
+            return Ok(ProjSource::Float(float_matrix(
+                t,
+                pick(t, inner),
+                rows,
+                cols,
+            )?));
+        }
+        self.quantized_view(name, scales, biases, stack, rows, cols)
+            .map(ProjSource::Quantized)
+    }
+
+    /// An MLX-quantized weight with its scales and biases, whole or expert `k` of `n`.
+    fn quantized_view<'a>(
+        &'a self,
+        name: &str,
+        scales: Option<&String>,
+        biases: Option<&String>,
+        stack: Option<(usize, usize)>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QuantizedView<'a>, LoadError> {
+        let t = self.tensor(name)?;
+        let lead: Vec<usize> = stack.map(|(_, n)| vec![n]).unwrap_or_default();
+        let pick = |t: TensorRef<'a>, inner: usize| -> &'a [u8] {
+            match stack {
+                Some((k, _)) => &t.data[k * inner..(k + 1) * inner],
+                None => t.data,
+            }
+        };
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let q = self
+            .mlx_quantization
+            .as_ref()
+            .ok_or_else(|| LoadError::MlxQuantization {
+                detail: format!(
+                    "{name} holds U32 codes but config.json has no quantization section"
+                ),
+            })?;
+        let p = q.params_for(module)?;
+        let (Some(sn), Some(bn)) = (scales, biases) else {
+            return Err(LoadError::MissingTensor {
+                tensor: format!("{module}.scales / {module}.biases"),
+                hint: format!(" ({name} is quantized)"),
+            });
+        };
+        let (st, bt) = (self.tensor(sn)?, self.tensor(bn)?);
+        let sd = st.dtype.float().ok_or(LoadError::Dtype {
+            tensor: sn.clone(),
+            found: st.dtype,
+            expected: "BF16, F16 or F32 scales",
+        })?;
+        if !p.fits(cols) {
+            return Err(LoadError::Shape {
+                tensor: name.to_string(),
+                expected: vec![rows, cols],
+                found: t.shape.to_vec(),
+                why: format!("{cols} columns are not whole groups of {}", p.group_size),
+            });
+        }
+        let wshape = [lead.clone(), vec![rows, p.words_per_row(cols)]].concat();
+        let sshape = [lead, vec![rows, p.groups_per_row(cols)]].concat();
+        for (tn, tt, want) in [
+            (name, t, &wshape),
+            (sn.as_str(), st, &sshape),
+            (bn.as_str(), bt, &sshape),
+        ] {
+            if tt.shape != want.as_slice() {
+                return Err(LoadError::Shape {
+                    tensor: tn.to_string(),
+                    expected: want.clone(),
+                    found: tt.shape.to_vec(),
+                    why: format!(
+                        "{} bits, group size {} from config.json",
+                        p.bits, p.group_size
+                    ),
+                });
+            }
+        }
+        if bt.dtype != st.dtype {
+            return Err(LoadError::Dtype {
+                tensor: bn.clone(),
+                found: bt.dtype,
+                expected: "the scales' type",
+            });
+        }
+        let wbytes = rows * p.words_per_row(cols) * 4;
+        let sbytes = rows * p.groups_per_row(cols) * sd.size();
+        Ok(QuantizedView {
+            rows,
+            cols,
+            params: p,
+            scale_dtype: sd,
+            codes: pick(t, wbytes),
+            scales: pick(st, sbytes),
+            biases: pick(bt, sbytes),
+        }
+        .checked(name)?)
+    }
+
+    /// Checks at open that every sparse layer has all its experts with the config's shapes.
+    pub(super) fn check_experts(&self) -> Result<(), LoadError> {
+        let sparse = self.config.sparse_layers();
+        for layer in self.index.layers_with_experts() {
+            if !sparse.contains(&layer) {
+                return Err(LoadError::Experts {
+                    layer,
+                    detail: format!(
+                        "has expert tensors but the config makes it dense (decoder_sparse_step \
+                         {}, mlp_only_layers {:?})",
+                        self.config.decoder_sparse_step, self.config.mlp_only_layers
+                    ),
+                });
+            }
+        }
+        for &layer in &sparse {
+            for e in 0..self.config.num_experts {
+                self.expert(layer, e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tensor that is not an expert projection, sorted by name, MLX-quantized modules
+    /// grouped under their `.weight` name.
+    pub fn dense_tensors(&self) -> Result<Vec<DenseTensor<'_>>, LoadError> {
+        let arch = self.config.arch;
+        let mut out = Vec::new();
+        for name in self.tensor_names() {
+            let role = arch.classify(name);
+            if matches!(
+                role,
+                TensorRole::Expert { .. }
+                    | TensorRole::FusedGateUp { .. }
+                    | TensorRole::FusedDown { .. }
+                    | TensorRole::Stacked { .. }
+            ) {
+                continue;
+            }
+            // `.scales` / `.biases` of a quantized module travel with its `.weight`.
+            if let Some(module) = name
+                .strip_suffix(".scales")
+                .or_else(|| name.strip_suffix(".biases"))
+            {
+                if self
+                    .get(&format!("{module}.weight"))
+                    .is_some_and(|w| w.dtype == Dtype::U32)
+                {
+                    continue;
+                }
+            }
+            let t = self.tensor(name)?;
+            let data = match (t.dtype, t.dtype.float()) {
+                (_, Some(dtype)) => TensorData::Float {
+                    dtype,
+                    shape: t.shape,
+                    bytes: t.data,
+                },
+                (Dtype::U32, None) if name.ends_with(".weight") && t.shape.len() == 2 => {
+                    let module = &name[..name.len() - ".weight".len()];
+                    let sn = format!("{module}.scales");
+                    let bn = format!("{module}.biases");
+                    if self.get(&sn).is_none() {
+                        TensorData::Other {
+                            dtype: t.dtype,
+                            shape: t.shape,
+                            bytes: t.data,
+                        }
+                    } else {
+                        let q = self.mlx_quantization.as_ref().ok_or_else(|| {
+                            LoadError::MlxQuantization {
+                                detail: format!(
+                                    "{name} is U32 but config.json has no quantization"
+                                ),
+                            }
+                        })?;
+                        let p: QuantParams = q.params_for(module)?;
+                        let cols = t.shape[1] * p.per_word();
+                        TensorData::Quantized(self.quantized_view(
+                            name,
+                            Some(&sn),
+                            Some(&bn),
+                            None,
+                            t.shape[0],
+                            cols,
+                        )?)
+                    }
+                }
+                _ => TensorData::Other {
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    bytes: t.data,
+                },
+            };
+            out.push(DenseTensor {
+                name: name.to_string(),
+                role,
+                data,
+            });
+        }
+        Ok(out)
+    }
+}

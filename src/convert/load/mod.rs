@@ -1,0 +1,583 @@
+//! Load stage: a Hugging Face checkpoint folder, mapped and indexed, nothing copied.
+//!
+//! In: a [`SourceSpec`] (a local folder, or `org/model[@rev]` that a [`Resolver`] turns into a
+//! folder) holding `config.json` and either `model.safetensors` or shards listed by
+//! `model.safetensors.index.json`; weights in bf16/f16/f32, or MLX-quantized (U32 codes with
+//! scales and biases, `quantization` in `config.json`).
+//! Out: a [`Checkpoint`]: the normalized [`ModelConfig`], every tensor's dtype, shape and bytes
+//! (borrowed from the mapped shards), each expert's projections whatever the layout
+//! (per-expert, transformers 5.x fused, mlx-lm stacked), and the [`Provenance`] of the source.
+//! Invariant: every tensor range was checked against its file's length at open, and every
+//! tensor the index names was found in its shard; later stages only slice checked ranges.
+
+mod experts;
+pub mod safetensors;
+
+pub use experts::{DenseTensor, ExpertLayout, TensorData};
+
+use crate::arch::{ArchError, ModelConfig};
+use crate::convert::quantize::{QuantError, QuantParams};
+use crate::convert::tensor::Dtype;
+use crate::mapped::Bytes;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use safetensors::TensorInfo;
+
+/// Errors of the load stage. Each names the file or tensor and the numbers involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a folder; pass the folder that holds config.json and the safetensors")]
+    NotAFolder { path: String },
+    #[error(
+        "{dir} has neither model.safetensors nor model.safetensors.index.json; \
+         is it a Hugging Face checkpoint folder?"
+    )]
+    NoWeights { dir: String },
+    #[error(
+        "shard {shard} is listed by {index} for {tensors} tensor(s) but is missing; \
+         download it again (all shards are needed)"
+    )]
+    MissingShard {
+        shard: String,
+        index: String,
+        tensors: usize,
+    },
+    #[error("{path} is truncated: {needed} bytes needed, file has {file_len}; download it again")]
+    Truncated {
+        path: String,
+        needed: u64,
+        file_len: u64,
+    },
+    #[error("{path}: bad safetensors header: {detail}")]
+    BadHeader { path: String, detail: String },
+    #[error(
+        "{path}: tensor {tensor} spans bytes {begin}..{end} of a {data_len}-byte data section \
+         (file truncated or corrupt; download it again)"
+    )]
+    TensorOutOfBounds {
+        path: String,
+        tensor: String,
+        begin: u64,
+        end: u64,
+        data_len: u64,
+    },
+    #[error(
+        "{path}: tensor {tensor} is {dtype} {shape:?} = {expected} bytes but its offsets \
+         span {found}"
+    )]
+    SizeMismatch {
+        path: String,
+        tensor: String,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        expected: u64,
+        found: u64,
+    },
+    #[error("{index} maps tensor {tensor} to {shard}, which does not contain it")]
+    TensorNotInShard {
+        tensor: String,
+        shard: String,
+        index: String,
+    },
+    #[error("tensor {tensor} appears in both {first} and {second}")]
+    DuplicateTensor {
+        tensor: String,
+        first: String,
+        second: String,
+    },
+    #[error("tensor {tensor} is missing{hint}")]
+    MissingTensor { tensor: String, hint: String },
+    #[error("tensor {tensor} has shape {found:?}; expected {expected:?} ({why})")]
+    Shape {
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        why: String,
+    },
+    #[error("tensor {tensor} is {found}; expected {expected}")]
+    Dtype {
+        tensor: String,
+        found: Dtype,
+        expected: &'static str,
+    },
+    #[error("layer {layer}: {detail}")]
+    Experts { layer: usize, detail: String },
+    #[error("config.json quantization: {detail}")]
+    MlxQuantization { detail: String },
+    #[error(
+        "{repo}{} is not a local folder and no Hub download is available in this build; \
+         download it (`huggingface-cli download {repo} --local-dir DIR`) and pass DIR",
+        revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default()
+    )]
+    HubUnavailable {
+        repo: String,
+        revision: Option<String>,
+    },
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+}
+
+/// What the user named as the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A folder on disk.
+    Local(PathBuf),
+    /// A Hugging Face Hub repository, optionally at a revision (`org/model@rev`).
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl SourceSpec {
+    /// An existing path is local; otherwise `org/name[@rev]` is a Hub repository; anything else
+    /// is taken as a (missing) local path so the error names it.
+    pub fn parse(s: &str) -> SourceSpec {
+        let path = Path::new(s);
+        if path.exists() {
+            return SourceSpec::Local(path.to_path_buf());
+        }
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) => (r, Some(rev.to_string())),
+            None => (s, None),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        let is_repo = parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    && !p.starts_with('.')
+            });
+        if is_repo {
+            SourceSpec::Hub {
+                repo: repo.to_string(),
+                revision,
+            }
+        } else {
+            SourceSpec::Local(path.to_path_buf())
+        }
+    }
+}
+
+/// Turns a [`SourceSpec`] into a local folder. A Hub downloader implements this later; the
+/// rest of the pipeline only ever sees folders.
+pub trait Resolver {
+    fn resolve(&self, spec: &SourceSpec) -> Result<PathBuf, LoadError>;
+}
+
+/// Resolves local folders, and Hub repositories only when a snapshot is already in the
+/// Hugging Face cache.
+pub struct LocalResolver {
+    /// The hub cache folder (`models--org--name/snapshots/<commit>/`), if any.
+    pub hub_cache: Option<PathBuf>,
+}
+
+impl LocalResolver {
+    /// Uses `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`, as huggingface_hub.
+    pub fn from_env() -> LocalResolver {
+        let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        let hub_cache = env("HF_HUB_CACHE")
+            .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
+            .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")));
+        LocalResolver { hub_cache }
+    }
+}
+
+impl Resolver for LocalResolver {
+    fn resolve(&self, spec: &SourceSpec) -> Result<PathBuf, LoadError> {
+        match spec {
+            SourceSpec::Local(p) => Ok(p.clone()),
+            SourceSpec::Hub { repo, revision } => self
+                .hub_cache
+                .as_deref()
+                .and_then(|c| hub_cache_snapshot(c, repo, revision.as_deref()))
+                .ok_or_else(|| LoadError::HubUnavailable {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                }),
+        }
+    }
+}
+
+fn hub_cache_snapshot(cache: &Path, repo: &str, revision: Option<&str>) -> Option<PathBuf> {
+    let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let rev = revision.unwrap_or("main");
+    if rev.is_empty() || rev.contains("..") || rev.starts_with('/') {
+        return None;
+    }
+    // refs/<branch> holds the commit hash; a full hash may also be given directly.
+    let commit = std::fs::read_to_string(dir.join("refs").join(rev))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| rev.to_string());
+    let snap = dir.join("snapshots").join(commit);
+    snap.join("config.json").is_file().then_some(snap)
+}
+
+/// MLX quantization recorded in an mlx-lm `config.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MlxQuantization {
+    pub group_size: usize,
+    pub bits: u8,
+    pub mode: String,
+    /// Per-module settings keyed by module path (`model.layers.0.mlp.gate`): `None` when the
+    /// module was left unquantized.
+    pub overrides: BTreeMap<String, Option<(u8, usize)>>,
+}
+
+impl MlxQuantization {
+    fn from_config(v: &Value) -> Result<Option<MlxQuantization>, LoadError> {
+        let Some(q) = v.get("quantization").filter(|q| !q.is_null()) else {
+            return Ok(None);
+        };
+        let bad = |detail: String| LoadError::MlxQuantization { detail };
+        let obj = q
+            .as_object()
+            .ok_or_else(|| bad(format!("{q} is not an object")))?;
+        let num = |o: &serde_json::Map<String, Value>, k: &str| o.get(k).and_then(Value::as_u64);
+        let group_size = num(obj, "group_size").ok_or_else(|| bad("no group_size".into()))?;
+        let bits = num(obj, "bits").ok_or_else(|| bad("no bits".into()))?;
+        let mode = obj
+            .get("mode")
+            .and_then(Value::as_str)
+            .unwrap_or("affine")
+            .to_string();
+        if mode != "affine" {
+            return Err(bad(format!(
+                "mode {mode:?} is not supported (only affine); convert from the float checkpoint"
+            )));
+        }
+        let mut overrides = BTreeMap::new();
+        for (k, val) in obj {
+            let setting = match val {
+                Value::Bool(false) => None,
+                Value::Bool(true) => Some((bits as u8, group_size as usize)),
+                Value::Object(o) => {
+                    let m = o.get("mode").and_then(Value::as_str).unwrap_or("affine");
+                    if m != "affine" {
+                        return Err(bad(format!("module {k} uses mode {m:?}; only affine")));
+                    }
+                    let b = num(o, "bits").unwrap_or(bits);
+                    let g = num(o, "group_size").unwrap_or(group_size);
+                    Some((b as u8, g as usize))
+                }
+                _ => continue, // group_size, bits, mode
+            };
+            overrides.insert(k.clone(), setting);
+        }
+        Ok(Some(MlxQuantization {
+            group_size: group_size as usize,
+            bits: bits as u8,
+            mode,
+            overrides,
+        }))
+    }
+
+    /// Bits and group size of the quantized module `module` (its path without `.weight`).
+    pub fn params_for(&self, module: &str) -> Result<QuantParams, LoadError> {
+        let (bits, gs) = match self.overrides.get(module) {
+            Some(Some(s)) => *s,
+            Some(None) | None => (self.bits, self.group_size),
+        };
+        QuantParams::new(bits, gs).map_err(|e| LoadError::MlxQuantization {
+            detail: format!("module {module}: {e}"),
+        })
+    }
+}
+
+/// One source file and its fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// Path relative to the checkpoint folder.
+    pub name: String,
+    pub size: u64,
+    /// blake3 of the whole file, hex.
+    pub blake3: String,
+}
+
+/// Where a pack came from: stored in its metadata so a pack can be traced to its source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub source: String,
+    pub files: Vec<SourceFile>,
+}
+
+/// A mapped safetensors shard.
+struct Shard {
+    name: String,
+    path: PathBuf,
+    bytes: Bytes,
+}
+
+/// Where a tensor lives.
+#[derive(Clone, Debug)]
+struct Entry {
+    shard: usize,
+    info: TensorInfo,
+}
+
+/// An opened checkpoint: config, index of tensors, mapped shards.
+pub struct Checkpoint {
+    root: PathBuf,
+    /// `config.json` as written.
+    pub raw_config: Value,
+    pub config: ModelConfig,
+    /// MLX quantization of the source, if it is an mlx-lm quantized folder.
+    pub mlx_quantization: Option<MlxQuantization>,
+    shards: Vec<Shard>,
+    tensors: BTreeMap<String, Entry>,
+    index: experts::ExpertIndex,
+}
+
+/// A borrowed tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
+    move |source| LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Checkpoint {
+    /// Resolves `spec` with `resolver` and opens the folder.
+    pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
+        Checkpoint::open(&resolver.resolve(spec)?)
+    }
+
+    /// Opens a checkpoint folder: parses `config.json`, maps every shard and checks every
+    /// safetensors header against its file.
+    pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::NotAFolder {
+                path: dir.display().to_string(),
+            });
+        }
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+        let raw_config: Value = serde_json::from_str(&text).map_err(|source| {
+            LoadError::Arch(ArchError::Json {
+                path: cfg_path.display().to_string(),
+                source,
+            })
+        })?;
+        let config = ModelConfig::from_json(&raw_config)?;
+        let mlx_quantization = MlxQuantization::from_config(&raw_config)?;
+
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        // shard name -> tensors the index says it holds (None: single file, no index).
+        let mut listed: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+        if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| LoadError::BadHeader {
+                path: index_path.display().to_string(),
+                detail: format!("not valid JSON: {e}"),
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| LoadError::BadHeader {
+                    path: index_path.display().to_string(),
+                    detail: "no weight_map object".into(),
+                })?;
+            for (tensor, shard) in map {
+                let shard = shard.as_str().ok_or_else(|| LoadError::BadHeader {
+                    path: index_path.display().to_string(),
+                    detail: format!("weight_map[{tensor:?}] is not a file name"),
+                })?;
+                if shard.contains("..") || Path::new(shard).is_absolute() {
+                    return Err(LoadError::BadHeader {
+                        path: index_path.display().to_string(),
+                        detail: format!("shard name {shard:?} leaves the folder"),
+                    });
+                }
+                listed
+                    .entry(shard.to_string())
+                    .or_insert_with(|| Some(Vec::new()))
+                    .get_or_insert_with(Vec::new)
+                    .push(tensor.clone());
+            }
+        } else if single.is_file() {
+            listed.insert("model.safetensors".into(), None);
+        } else {
+            return Err(LoadError::NoWeights {
+                dir: dir.display().to_string(),
+            });
+        }
+        for (shard, tensors) in &listed {
+            if !dir.join(shard).is_file() {
+                return Err(LoadError::MissingShard {
+                    shard: shard.clone(),
+                    index: index_path.display().to_string(),
+                    tensors: tensors.as_ref().map_or(0, Vec::len),
+                });
+            }
+        }
+        let shard_names: Vec<&String> = listed.keys().collect();
+        let parsed: Vec<(Shard, Vec<TensorInfo>)> = shard_names
+            .par_iter()
+            .map(|name| {
+                let path = dir.join(name);
+                let bytes = Bytes::map(&path).map_err(io_err(&path))?;
+                let infos = safetensors::parse(&path, &bytes)?;
+                Ok((
+                    Shard {
+                        name: (*name).clone(),
+                        path,
+                        bytes,
+                    },
+                    infos,
+                ))
+            })
+            .collect::<Result<_, LoadError>>()?;
+        let mut shards = Vec::with_capacity(parsed.len());
+        let mut tensors = BTreeMap::new();
+        for (i, (shard, infos)) in parsed.into_iter().enumerate() {
+            for info in infos {
+                if let Some(prev) = tensors.get(&info.name) {
+                    let prev: &Entry = prev;
+                    return Err(LoadError::DuplicateTensor {
+                        tensor: info.name,
+                        first: shards
+                            .get(prev.shard)
+                            .map_or_else(|| shard.name.clone(), |s: &Shard| s.name.clone()),
+                        second: shard.name.clone(),
+                    });
+                }
+                tensors.insert(info.name.clone(), Entry { shard: i, info });
+            }
+            shards.push(shard);
+        }
+        for (shard, names) in &listed {
+            for t in names.iter().flatten() {
+                let found = tensors
+                    .get(t)
+                    .is_some_and(|e| &shards[e.shard].name == shard);
+                if !found {
+                    return Err(LoadError::TensorNotInShard {
+                        tensor: t.clone(),
+                        shard: shard.clone(),
+                        index: index_path.display().to_string(),
+                    });
+                }
+            }
+        }
+        let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
+        let ckpt = Checkpoint {
+            index,
+            root: dir.to_path_buf(),
+            raw_config,
+            config,
+            mlx_quantization,
+            shards,
+            tensors,
+        };
+        ckpt.check_experts()?;
+        Ok(ckpt)
+    }
+
+    /// The checkpoint folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Tensor names, sorted.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn tensor_count(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// The tensor called `name`, if present.
+    pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
+        let e = self.tensors.get(name)?;
+        Some(TensorRef {
+            name: &e.info.name,
+            dtype: e.info.dtype,
+            shape: &e.info.shape,
+            data: &self.shards[e.shard].bytes[e.info.range.clone()],
+        })
+    }
+
+    /// The tensor called `name`, or an error naming it.
+    pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>, LoadError> {
+        self.get(name).ok_or_else(|| LoadError::MissingTensor {
+            tensor: name.to_string(),
+            hint: String::new(),
+        })
+    }
+
+    /// Bytes of all weight files (the "source size" of a conversion).
+    pub fn weight_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes.len() as u64).sum()
+    }
+
+    /// Hashes `config.json`, the index (if any) and every shard with blake3, files in parallel.
+    pub fn provenance(&self) -> Result<Provenance, LoadError> {
+        let mut names: Vec<String> = vec!["config.json".into()];
+        if self.root.join("model.safetensors.index.json").is_file() {
+            names.push("model.safetensors.index.json".into());
+        }
+        let mut jobs: Vec<(String, PathBuf, Option<&Bytes>)> = names
+            .into_iter()
+            .map(|n| (n.clone(), self.root.join(n), None))
+            .collect();
+        jobs.extend(
+            self.shards
+                .iter()
+                .map(|s| (s.name.clone(), s.path.clone(), Some(&s.bytes))),
+        );
+        let files = jobs
+            .par_iter()
+            .map(|(name, path, mapped)| {
+                let owned;
+                let bytes: &[u8] = match mapped {
+                    Some(b) => b,
+                    None => {
+                        owned = std::fs::read(path).map_err(io_err(path))?;
+                        &owned
+                    }
+                };
+                let mut h = blake3::Hasher::new();
+                // Chunks keep the hasher's SIMD path busy without touching the whole map at once.
+                for c in bytes.chunks(1 << 20) {
+                    h.update(c);
+                }
+                Ok(SourceFile {
+                    name: name.clone(),
+                    size: bytes.len() as u64,
+                    blake3: h.finalize().to_hex().to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        Ok(Provenance {
+            source: self.root.display().to_string(),
+            files,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

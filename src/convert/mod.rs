@@ -1,0 +1,377 @@
+//! The convert pipeline: Hugging Face checkpoint -> `.flashpack`.
+//!
+//! Stages, in order, one file each: `load` (map and index the source, hash it) -> profile ->
+//! merge -> `quantize` (MLX affine, bit-exact with `mx.quantize`) -> `encode` (a codec per
+//! part) -> layout (`format::layout::Planner`, driven by the writer) -> `write` (metadata,
+//! `format::PackWriter`). Profile and merge (calibration-driven cold experts and expert
+//! merging) are not implemented yet: options that need them are refused with a clear error.
+//! `tensor` holds the element types and views the stages share; `fixtures` makes seeded tiny
+//! checkpoints for tests and benchmarks.
+//!
+//! Memory stays near (threads x one expert) plus the dense tensors: experts are quantized and
+//! encoded in windows of a few per thread, straight from the mapped shards, and each window is
+//! written while the next one is computed. Output is identical whatever the thread count:
+//! windows are processed in parallel, then written in (layer, expert, segment) order.
+
+pub mod encode;
+pub mod load;
+pub mod quantize;
+pub mod write;
+
+pub mod fixtures;
+pub mod tensor;
+
+use crate::codec::{AutoPolicy, CodecChoice, CodecError};
+use crate::format::{Pack, PackError, PackSummary, PackWriter, DEFAULT_PAGE_SIZE};
+use crate::inspect::PackReport;
+use crate::progress::Progress;
+use encode::{EncodedSegment, Encoder};
+use load::{Checkpoint, ExpertLayout, LoadError, Resolver, SourceSpec};
+use quantize::{build_segments, plan_dense, DensePolicy, QuantError, QuantParams, SegmentPlan};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Errors of a conversion, by stage.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConvertError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    #[error("encoding: {0}")]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Unsupported { what: String },
+}
+
+/// What to produce. `Default` is the plain conversion: 4-bit experts, group 64, 4-bit dense
+/// weights, automatic codec choice, one segment per expert, 16 KiB pages.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub codec: CodecChoice,
+    pub expert_bits: u8,
+    pub group_size: usize,
+    /// 4 or 8 quantize dense weights; 16 keeps them in the source float type.
+    pub dense_bits: u8,
+    /// Vertical segments per expert (formats/flashpack-v1.md §6.3).
+    pub segments: usize,
+    pub page_size: u32,
+    /// Bits of cold experts; needs the profile stage.
+    pub cold_bits: Option<u8>,
+    /// Fraction of experts stored at `cold_bits`; needs the profile stage.
+    pub cold_fraction: Option<f64>,
+    /// Pick cold experts until the pack fits this many GB; needs the profile stage.
+    pub target_size_gb: Option<f64>,
+    /// Merge experts more similar than this; needs the merge stage.
+    pub merge_threshold: Option<f64>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            codec: CodecChoice::Auto(AutoPolicy::default()),
+            expert_bits: 4,
+            group_size: 64,
+            dense_bits: 4,
+            segments: 1,
+            page_size: DEFAULT_PAGE_SIZE,
+            cold_bits: None,
+            cold_fraction: None,
+            target_size_gb: None,
+            merge_threshold: None,
+        }
+    }
+}
+
+impl ConvertOptions {
+    /// The options as recorded in the pack's provenance.
+    pub fn describe(&self) -> Value {
+        let codec = match self.codec {
+            CodecChoice::Auto(_) => "auto".to_string(),
+            CodecChoice::Fixed(c) => c.label(),
+        };
+        json!({
+            "codec": codec,
+            "expert_bits": self.expert_bits,
+            "group_size": self.group_size,
+            "dense_bits": self.dense_bits,
+            "segments": self.segments,
+            "page_size": self.page_size,
+        })
+    }
+
+    fn check(&self) -> Result<(QuantParams, DensePolicy), ConvertError> {
+        let needs = |opt: &str, stage: &str| ConvertError::Unsupported {
+            what: format!(
+                "{opt} needs the {stage} stage, which this version of flashpack does not have \
+                 yet; convert without it (uniform {}-bit experts)",
+                self.expert_bits
+            ),
+        };
+        if self.cold_bits.is_some() || self.cold_fraction.is_some() {
+            return Err(needs("--cold-bits/--cold-fraction", "profile"));
+        }
+        if self.target_size_gb.is_some() {
+            return Err(needs("--target-size", "profile"));
+        }
+        if self.merge_threshold.is_some() {
+            return Err(needs("--merge-threshold", "merge"));
+        }
+        if self.segments == 0 {
+            return Err(ConvertError::Unsupported {
+                what: "--segments must be at least 1".into(),
+            });
+        }
+        Ok((
+            QuantParams::new(self.expert_bits, self.group_size)?,
+            DensePolicy::new(self.dense_bits, self.group_size)?,
+        ))
+    }
+}
+
+/// Seconds spent in one stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageTime {
+    pub stage: &'static str,
+    pub seconds: f64,
+}
+
+/// What a conversion did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvertReport {
+    pub source: String,
+    pub output: PathBuf,
+    pub architecture: String,
+    /// How the source stored its experts (first sparse layer).
+    pub expert_layout: Option<ExpertLayout>,
+    /// Whether the source was MLX-quantized.
+    pub source_mlx_quantized: bool,
+    pub seconds: f64,
+    pub stages: Vec<StageTime>,
+    /// Bytes of the source's weight files.
+    pub source_bytes: u64,
+    pub pack_bytes: u64,
+    /// Source bytes per second of the whole conversion.
+    pub source_bytes_per_s: f64,
+    pub summary: PackSummary,
+    /// Sizes and bits per weight by kind, as `flashpack inspect` reports them.
+    pub pack: PackReport,
+}
+
+/// Resolves `source` and converts it to `output`.
+pub fn convert(
+    source: &SourceSpec,
+    resolver: &dyn Resolver,
+    output: &std::path::Path,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertReport, ConvertError> {
+    opts.check()?;
+    let t0 = Instant::now();
+    progress.stage("load", None, "");
+    let ck = Checkpoint::open_spec(source, resolver)?;
+    progress.finish_stage();
+    convert_checkpoint(&ck, output, opts, progress, t0)
+}
+
+/// Converts an opened checkpoint; `t0` is when the conversion started (for the report).
+pub fn convert_checkpoint(
+    ck: &Checkpoint,
+    output: &std::path::Path,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+    t0: Instant,
+) -> Result<ConvertReport, ConvertError> {
+    let (expert_params, dense_policy) = opts.check()?;
+    let mut stages = vec![StageTime {
+        stage: "load",
+        seconds: t0.elapsed().as_secs_f64(),
+    }];
+    let mut lap = Instant::now();
+    let mut done = |stage: &'static str, lap: &mut Instant| {
+        stages.push(StageTime {
+            stage,
+            seconds: lap.elapsed().as_secs_f64(),
+        });
+        *lap = Instant::now();
+    };
+
+    // load (cont.): fingerprint the source for the provenance record.
+    progress.stage("hash", Some(ck.weight_bytes()), "B");
+    let provenance = ck.provenance()?;
+    progress.advance(ck.weight_bytes());
+    progress.finish_stage();
+    done("hash", &mut lap);
+
+    let c = &ck.config;
+    let mut writer = PackWriter::create(
+        output,
+        opts.page_size,
+        c.hidden_size as u32,
+        c.moe_intermediate_size as u32,
+    )?;
+
+    // quantize + encode + write: dense tensors.
+    let dense_in = ck.dense_tensors()?;
+    let dense_src: u64 = dense_in.iter().map(|d| dense_bytes(&d.data)).sum();
+    progress.stage("dense", Some(dense_src), "B");
+    let mut planned: Vec<quantize::DenseOut<'_>> = dense_in
+        .par_iter()
+        .map(|t| {
+            let out = plan_dense(t, dense_policy);
+            progress.advance(dense_bytes(&t.data));
+            out
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    planned.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = planned.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(ConvertError::Unsupported {
+            what: format!(
+                "two tensors would be stored as {}: the source has both a float and a quantized \
+                 form of it",
+                w[0].name
+            ),
+        });
+    }
+    for chunk in planned.chunks(64) {
+        let encoded = chunk
+            .par_iter()
+            .map_init(
+                || Encoder::new(opts.codec),
+                |enc, t| {
+                    let bits = if t.bits > 0 {
+                        t.bits
+                    } else {
+                        (t.dtype.size() * 8) as u8
+                    };
+                    enc.encode(bits, t.bytes.to_vec())
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()?;
+        for (t, (stored, codec)) in chunk.iter().zip(encoded) {
+            write::add_tensor(&mut writer, t, &stored, codec)?;
+        }
+    }
+    drop(planned);
+    progress.finish_stage();
+    done("dense", &mut lap);
+
+    // quantize + encode + write: experts, in windows.
+    let jobs: Vec<(usize, usize)> = c
+        .sparse_layers()
+        .into_iter()
+        .flat_map(|l| (0..c.num_experts).map(move |e| (l, e)))
+        .collect();
+    let job_bytes = |&(l, e): &(usize, usize)| -> Result<u64, ConvertError> {
+        let x = ck.expert(l, e)?;
+        Ok([x.gate, x.up, x.down].iter().map(proj_bytes).sum())
+    };
+    let expert_src: u64 = jobs.iter().map(job_bytes).sum::<Result<u64, _>>()?;
+    progress.stage("experts", Some(expert_src), "B");
+    let plan = SegmentPlan {
+        segment_count: opts.segments,
+    };
+    let window = (rayon::current_num_threads() * 4).max(8);
+    let compute = |chunk: &[(usize, usize)]| -> Result<Vec<EncodedSegment>, ConvertError> {
+        let per_job = chunk
+            .par_iter()
+            .map_init(
+                || Encoder::new(opts.codec),
+                |enc, &(l, e)| -> Result<Vec<EncodedSegment>, ConvertError> {
+                    let x = ck.expert(l, e)?;
+                    let segs = build_segments(l, e, &x, expert_params, plan)?;
+                    let out = segs
+                        .into_iter()
+                        .map(|s| enc.segment(s).map_err(ConvertError::from))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    progress.advance([x.gate, x.up, x.down].iter().map(proj_bytes).sum());
+                    Ok(out)
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(per_job.into_iter().flatten().collect())
+    };
+    let mut pending: Option<Vec<EncodedSegment>> = None;
+    for chunk in jobs.chunks(window) {
+        // Write the previous window on this thread while the pool computes this one.
+        let (written, computed) = rayon::join(
+            || -> Result<(), ConvertError> {
+                for s in pending.take().into_iter().flatten() {
+                    write::add_segment(&mut writer, &s)?;
+                }
+                Ok(())
+            },
+            || compute(chunk),
+        );
+        written?;
+        pending = Some(computed?);
+    }
+    for s in pending.take().into_iter().flatten() {
+        write::add_segment(&mut writer, &s)?;
+    }
+    progress.finish_stage();
+    done("experts", &mut lap);
+
+    progress.stage("finish", None, "");
+    let meta = write::metadata(ck, &provenance, opts)?;
+    let summary = writer.finish(&meta)?;
+    let pack = Pack::open(&summary.path)?;
+    let report = PackReport::new(&pack);
+    progress.finish_stage();
+    done("finish", &mut lap);
+
+    let seconds = t0.elapsed().as_secs_f64();
+    let source_bytes = ck.weight_bytes();
+    Ok(ConvertReport {
+        source: provenance.source.clone(),
+        output: summary.path.clone(),
+        architecture: c.arch.model_type().to_string(),
+        expert_layout: c
+            .sparse_layers()
+            .first()
+            .and_then(|&l| ck.expert_layout(l).ok()),
+        source_mlx_quantized: ck.mlx_quantization.is_some(),
+        seconds,
+        stages,
+        source_bytes,
+        pack_bytes: summary.file_size,
+        source_bytes_per_s: source_bytes as f64 / seconds.max(1e-9),
+        summary,
+        pack: report,
+    })
+}
+
+fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
+    match d {
+        load::TensorData::Float { bytes, .. } | load::TensorData::Other { bytes, .. } => {
+            bytes.len() as u64
+        }
+        load::TensorData::Quantized(q) => (q.codes.len() + q.scales.len() + q.biases.len()) as u64,
+    }
+}
+
+fn proj_bytes(p: &quantize::ProjSource<'_>) -> u64 {
+    match p {
+        quantize::ProjSource::Float(m) => m.bytes().len() as u64,
+        quantize::ProjSource::Quantized(q) => {
+            (q.codes.len() + q.scales.len() + q.biases.len()) as u64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,200 @@
+//! Dense tensors: what the pack stores for every tensor that is not an expert.
+//!
+//! In: a [`DenseTensor`] from the loader (float, MLX-quantized or other) and the dense policy
+//! (`dense_bits` 4, 8, or 16 = keep floats; the group size).
+//! Out: the tensors to store, named as MLX names them: a quantized linear layer `P.weight`
+//! becomes `P.weight` (U32 codes `[out, in*bits/32]`), `P.scales` and `P.biases`
+//! (`[out, in/group]`, in the source float type); kept tensors are borrowed from the source.
+//! Invariants: the router and every [`TensorRole::KeepFull`] tensor (norms, linear biases, the
+//! shared-expert gate) stay at full precision, dequantized if the source had quantized them;
+//! a weight whose input width is not a whole number of groups, or that is not 2-D, stays float;
+//! MLX codes whose bits and group size match are copied, not requantized.
+
+use super::{quantize, requantize, QuantError, QuantParams, QuantizedMatrix, QuantizedView};
+use crate::arch::TensorRole;
+use crate::convert::load::{DenseTensor, TensorData};
+use crate::convert::tensor::{Dtype, FloatDtype, MatrixView};
+use std::borrow::Cow;
+
+/// How dense (non-expert) weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DensePolicy {
+    /// 4 or 8: quantize 2-D weights; 16: keep them in the source float type.
+    pub bits: u8,
+    pub group_size: usize,
+}
+
+impl DensePolicy {
+    /// Checks `bits` is 4, 8 or 16 and the group size is supported.
+    pub fn new(bits: u8, group_size: usize) -> Result<DensePolicy, QuantError> {
+        match bits {
+            4 | 8 => {
+                QuantParams::new(bits, group_size)?;
+            }
+            16 => {}
+            _ => {
+                return Err(QuantError::Invalid {
+                    what: "dense bits".into(),
+                    detail: format!("{bits}: use 4, 8, or 16 (keep the source floats)"),
+                })
+            }
+        }
+        Ok(DensePolicy { bits, group_size })
+    }
+
+    fn params(self) -> Option<QuantParams> {
+        (self.bits != 16).then_some(QuantParams {
+            bits: self.bits,
+            group_size: self.group_size,
+        })
+    }
+}
+
+/// One tensor to store.
+#[derive(Clone, Debug)]
+pub struct DenseOut<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Bits per code of U32 packed codes, else 0.
+    pub bits: u8,
+    /// Group size of packed codes, else 0.
+    pub group_size: usize,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl<'a> DenseOut<'a> {
+    fn kept(name: &str, dtype: Dtype, shape: &[usize], bytes: &'a [u8]) -> DenseOut<'a> {
+        DenseOut {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            bits: 0,
+            group_size: 0,
+            bytes: Cow::Borrowed(bytes),
+        }
+    }
+}
+
+/// The three tensors of a quantized linear layer named `weight_name` (`P.weight`): codes,
+/// scales and biases, borrowed from an MLX source or owned after quantizing.
+fn quantized_outs<'a>(weight_name: &str, q: Quantized<'a>) -> Vec<DenseOut<'a>> {
+    let module = weight_name.strip_suffix(".weight").unwrap_or(weight_name);
+    let (rows, cols, p, sd) = q.shape;
+    let sshape = vec![rows, p.groups_per_row(cols)];
+    let sd = sd.dtype();
+    let mk = |suffix: &str, dtype, shape: Vec<usize>, bits, bytes| DenseOut {
+        name: format!("{module}.{suffix}"),
+        dtype,
+        shape,
+        bits,
+        group_size: if bits > 0 { p.group_size } else { 0 },
+        bytes,
+    };
+    vec![
+        mk("biases", sd, sshape.clone(), 0, q.biases),
+        mk("scales", sd, sshape, 0, q.scales),
+        mk(
+            "weight",
+            Dtype::U32,
+            vec![rows, p.words_per_row(cols)],
+            p.bits,
+            q.codes,
+        ),
+    ]
+}
+
+/// Codes, scales and biases with their shape (rows, cols, params, scale type).
+struct Quantized<'a> {
+    shape: (usize, usize, QuantParams, FloatDtype),
+    codes: Cow<'a, [u8]>,
+    scales: Cow<'a, [u8]>,
+    biases: Cow<'a, [u8]>,
+}
+
+impl<'a> Quantized<'a> {
+    fn owned(m: QuantizedMatrix) -> Quantized<'a> {
+        Quantized {
+            shape: (m.rows, m.cols, m.params, m.scale_dtype),
+            codes: Cow::Owned(m.codes),
+            scales: Cow::Owned(m.scales),
+            biases: Cow::Owned(m.biases),
+        }
+    }
+
+    fn borrowed(v: QuantizedView<'a>) -> Quantized<'a> {
+        Quantized {
+            shape: (v.rows, v.cols, v.params, v.scale_dtype),
+            codes: Cow::Borrowed(v.codes),
+            scales: Cow::Borrowed(v.scales),
+            biases: Cow::Borrowed(v.biases),
+        }
+    }
+}
+
+/// `q` dequantized into `out` (F32 for full-precision roles, else the scale type).
+fn dequantized(name: &str, q: &QuantizedView<'_>, out: FloatDtype) -> DenseOut<'static> {
+    let mut bytes = vec![0u8; q.rows * q.cols * out.size()];
+    let mut row = vec![0f32; q.cols];
+    let w = q.cols * out.size();
+    for r in 0..q.rows {
+        q.dequantize_row(r, &mut row);
+        out.write_all(&row, &mut bytes[r * w..(r + 1) * w]);
+    }
+    DenseOut {
+        name: name.to_string(),
+        dtype: out.dtype(),
+        shape: vec![q.rows, q.cols],
+        bits: 0,
+        group_size: 0,
+        bytes: Cow::Owned(bytes),
+    }
+}
+
+/// What to store for `t` under `policy`. Outputs are sorted by name.
+pub fn plan_dense<'a>(
+    t: &DenseTensor<'a>,
+    policy: DensePolicy,
+) -> Result<Vec<DenseOut<'a>>, QuantError> {
+    let full_precision = matches!(t.role, TensorRole::Router { .. } | TensorRole::KeepFull);
+    let name = t.name.as_str();
+    Ok(match t.data {
+        TensorData::Other {
+            dtype,
+            shape,
+            bytes,
+        } => vec![DenseOut::kept(name, dtype, shape, bytes)],
+        TensorData::Float {
+            dtype,
+            shape,
+            bytes,
+        } => {
+            let target = policy.params().filter(|p| {
+                !full_precision && shape.len() == 2 && p.fits(shape[1]) && name.ends_with(".weight")
+            });
+            match target {
+                None => vec![DenseOut::kept(name, dtype.dtype(), shape, bytes)],
+                Some(p) => {
+                    let m = MatrixView::new(dtype, shape[0], shape[1], bytes).ok_or_else(|| {
+                        QuantError::Invalid {
+                            what: name.to_string(),
+                            detail: "size".into(),
+                        }
+                    })?;
+                    quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?))
+                }
+            }
+        }
+        TensorData::Quantized(q) => {
+            if full_precision {
+                vec![dequantized(name, &q, FloatDtype::F32)]
+            } else {
+                match policy.params() {
+                    None => vec![dequantized(name, &q, q.scale_dtype)],
+                    Some(p) if p == q.params => quantized_outs(name, Quantized::borrowed(q)),
+                    Some(p) => quantized_outs(name, Quantized::owned(requantize(name, q, p)?)),
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,273 @@
+//! Expert segments: one expert's three projections, quantized alike and cut into row ranges.
+//!
+//! In: gate `[I, H]`, up `[I, H]`, down `[H, I]` of one expert, as float matrices or as MLX
+//! codes (an MLX-quantized checkpoint), and the wanted [`QuantParams`].
+//! Out: [`QuantizedExpertSegment`]s covering intermediate rows `[r0, r1)`, each with two byte
+//! parts, all little-endian row-major:
+//! - WEIGHTS = gate_w `[R, H*bits/32]` u32 | up_w `[R, H*bits/32]` u32 | down_w `[H, R*bits/32]`
+//!   u32 (down's columns r0..r1);
+//! - AUX = gate_scales `[R, H/g]` | gate_biases | up_scales | up_biases | down_scales `[H, R/g]`
+//!   | down_biases, in the scale type.
+//!
+//! Invariant: `r1 - r0` is a multiple of the group size, so a segment's groups are whole groups
+//! of the full matrix and quantizing the whole expert then cutting equals quantizing each cut.
+//! MLX codes whose bits and group size match are copied, never requantized.
+
+use super::{quantize, requantize, QuantError, QuantParams, QuantizedMatrix, QuantizedView};
+use crate::convert::tensor::{FloatDtype, MatrixView};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// Where one projection's values come from.
+#[derive(Clone, Copy, Debug)]
+pub enum ProjSource<'a> {
+    /// Float weights `[out, in]`.
+    Float(MatrixView<'a>),
+    /// Codes of an MLX-quantized checkpoint.
+    Quantized(QuantizedView<'a>),
+}
+
+impl ProjSource<'_> {
+    fn shape(&self) -> [usize; 2] {
+        match self {
+            ProjSource::Float(m) => [m.rows, m.cols],
+            ProjSource::Quantized(q) => [q.rows, q.cols],
+        }
+    }
+
+    /// The type scales are stored in: the float input's own type (as MLX does), or the
+    /// scale type of existing codes.
+    fn scale_dtype(&self) -> FloatDtype {
+        match self {
+            ProjSource::Float(m) => m.dtype,
+            ProjSource::Quantized(q) => q.scale_dtype,
+        }
+    }
+}
+
+/// One expert's SwiGLU projections.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertProjections<'a> {
+    pub gate: ProjSource<'a>,
+    pub up: ProjSource<'a>,
+    pub down: ProjSource<'a>,
+}
+
+/// How an expert's intermediate rows are cut. One segment (all rows) is the default; more
+/// segments allow loading the top rows of an expert without the bottom ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentPlan {
+    pub segment_count: usize,
+}
+
+impl Default for SegmentPlan {
+    fn default() -> Self {
+        SegmentPlan { segment_count: 1 }
+    }
+}
+
+/// A quantized row range of one expert, ready to encode and lay out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuantizedExpertSegment {
+    pub layer: usize,
+    pub expert: usize,
+    pub segment: usize,
+    pub segment_count: usize,
+    /// First intermediate row (r0).
+    pub row_start: usize,
+    /// Rows in this segment (R = r1 - r0).
+    pub row_count: usize,
+    /// Model width H (columns of gate/up, rows of down).
+    pub hidden_size: usize,
+    pub bits: u8,
+    pub group_size: usize,
+    pub scale_dtype: FloatDtype,
+    pub weights: Vec<u8>,
+    pub aux: Vec<u8>,
+}
+
+/// Byte ranges of each part inside a segment's WEIGHTS and AUX buffers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentParts {
+    pub gate_w: Range<usize>,
+    pub up_w: Range<usize>,
+    pub down_w: Range<usize>,
+    pub gate_scales: Range<usize>,
+    pub gate_biases: Range<usize>,
+    pub up_scales: Range<usize>,
+    pub up_biases: Range<usize>,
+    pub down_scales: Range<usize>,
+    pub down_biases: Range<usize>,
+}
+
+impl SegmentParts {
+    /// Offsets for a segment of `rows` intermediate rows of an expert of width `hidden`.
+    pub fn new(hidden: usize, rows: usize, p: QuantParams, scale_dtype: FloatDtype) -> Self {
+        let up_gate_w = rows * p.words_per_row(hidden) * 4;
+        let down_w = hidden * p.words_per_row(rows) * 4;
+        let up_gate_s = rows * p.groups_per_row(hidden) * scale_dtype.size();
+        let down_s = hidden * p.groups_per_row(rows) * scale_dtype.size();
+        let mut at = 0;
+        let mut next = |n: usize| {
+            let r = at..at + n;
+            at += n;
+            r
+        };
+        let (gate_w, up_w, down_w) = (next(up_gate_w), next(up_gate_w), next(down_w));
+        at = 0;
+        let mut next = |n: usize| {
+            let r = at..at + n;
+            at += n;
+            r
+        };
+        SegmentParts {
+            gate_w,
+            up_w,
+            down_w,
+            gate_scales: next(up_gate_s),
+            gate_biases: next(up_gate_s),
+            up_scales: next(up_gate_s),
+            up_biases: next(up_gate_s),
+            down_scales: next(down_s),
+            down_biases: next(down_s),
+        }
+    }
+
+    /// Total WEIGHTS bytes.
+    pub fn weights_len(&self) -> usize {
+        self.down_w.end
+    }
+
+    /// Total AUX bytes.
+    pub fn aux_len(&self) -> usize {
+        self.down_biases.end
+    }
+}
+
+impl QuantizedExpertSegment {
+    /// Where each part lies in `weights` and `aux`.
+    pub fn parts(&self) -> SegmentParts {
+        let p = QuantParams {
+            bits: self.bits,
+            group_size: self.group_size,
+        };
+        SegmentParts::new(self.hidden_size, self.row_count, p, self.scale_dtype)
+    }
+}
+
+/// Quantized or borrowed codes of one projection.
+enum Quant<'a> {
+    Owned(QuantizedMatrix),
+    Borrowed(QuantizedView<'a>),
+}
+
+impl Quant<'_> {
+    fn view(&self) -> QuantizedView<'_> {
+        match self {
+            Quant::Owned(m) => m.view(),
+            Quant::Borrowed(v) => *v,
+        }
+    }
+}
+
+fn to_quant<'a>(what: &str, src: ProjSource<'a>, p: QuantParams) -> Result<Quant<'a>, QuantError> {
+    Ok(match src {
+        ProjSource::Float(m) => Quant::Owned(quantize(what, m, p, m.dtype)?),
+        ProjSource::Quantized(q) if q.params == p => Quant::Borrowed(q),
+        ProjSource::Quantized(q) => Quant::Owned(requantize(what, q, p)?),
+    })
+}
+
+/// Quantizes one expert with `p` and cuts it into `plan.segment_count` segments of equal rows.
+pub fn build_segments(
+    layer: usize,
+    expert: usize,
+    src: &ExpertProjections<'_>,
+    p: QuantParams,
+    plan: SegmentPlan,
+) -> Result<Vec<QuantizedExpertSegment>, QuantError> {
+    let what = |proj: &str| format!("layer {layer} expert {expert} {proj}");
+    let [i, h] = src.gate.shape();
+    for (name, s, want) in [("up", &src.up, [i, h]), ("down", &src.down, [h, i])] {
+        if s.shape() != want {
+            return Err(QuantError::Shape {
+                what: what(name),
+                expected: want.to_vec(),
+                found: s.shape().to_vec(),
+            });
+        }
+    }
+    let sd = src.gate.scale_dtype();
+    if src.up.scale_dtype() != sd || src.down.scale_dtype() != sd {
+        return Err(QuantError::Invalid {
+            what: what("projections"),
+            detail: format!(
+                "gate/up/down differ in type ({sd:?}, {:?}, {:?}); convert them to one type",
+                src.up.scale_dtype(),
+                src.down.scale_dtype()
+            ),
+        });
+    }
+    let n = plan.segment_count;
+    if n == 0 || i % (n * p.group_size) != 0 {
+        return Err(QuantError::Invalid {
+            what: what("segments"),
+            detail: format!(
+                "{i} intermediate rows cannot be cut into {n} segments of whole groups of {}",
+                p.group_size
+            ),
+        });
+    }
+    let gate = to_quant(&what("gate"), src.gate, p)?;
+    let up = to_quant(&what("up"), src.up, p)?;
+    let down = to_quant(&what("down"), src.down, p)?;
+    let (gate, up, down) = (gate.view(), up.view(), down.view());
+    let rows = i / n;
+    Ok((0..n)
+        .map(|seg| {
+            let r0 = seg * rows;
+            let parts = SegmentParts::new(h, rows, p, sd);
+            let mut weights = Vec::with_capacity(parts.weights_len());
+            let mut aux = Vec::with_capacity(parts.aux_len());
+            let ss = sd.size();
+            // gate/up: rows r0..r1 are contiguous.
+            let wrow = p.words_per_row(h) * 4;
+            let srow = p.groups_per_row(h) * ss;
+            weights.extend_from_slice(&gate.codes[r0 * wrow..(r0 + rows) * wrow]);
+            weights.extend_from_slice(&up.codes[r0 * wrow..(r0 + rows) * wrow]);
+            // down: columns r0..r1 of every one of its H rows.
+            let dw = p.words_per_row(i) * 4;
+            let (c0, c1) = (p.words_per_row(r0) * 4, p.words_per_row(r0 + rows) * 4);
+            for r in 0..h {
+                weights.extend_from_slice(&down.codes[r * dw + c0..r * dw + c1]);
+            }
+            for q in [&gate, &up] {
+                aux.extend_from_slice(&q.scales[r0 * srow..(r0 + rows) * srow]);
+                aux.extend_from_slice(&q.biases[r0 * srow..(r0 + rows) * srow]);
+            }
+            let ds = p.groups_per_row(i) * ss;
+            let (g0, g1) = (p.groups_per_row(r0) * ss, p.groups_per_row(r0 + rows) * ss);
+            for buf in [down.scales, down.biases] {
+                for r in 0..h {
+                    aux.extend_from_slice(&buf[r * ds + g0..r * ds + g1]);
+                }
+            }
+            debug_assert_eq!(weights.len(), parts.weights_len());
+            debug_assert_eq!(aux.len(), parts.aux_len());
+            QuantizedExpertSegment {
+                layer,
+                expert,
+                segment: seg,
+                segment_count: n,
+                row_start: r0,
+                row_count: rows,
+                hidden_size: h,
+                bits: p.bits,
+                group_size: p.group_size,
+                scale_dtype: sd,
+                weights,
+                aux,
+            }
+        })
+        .collect())
+}

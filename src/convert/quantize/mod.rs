@@ -1,0 +1,388 @@
+//! Quantize stage: MLX affine quantization, bit-exact with `mx.quantize` (mlx 0.32).
+//!
+//! In: row-major float matrices (bf16/f16/f32) whose last axis is a multiple of the group size.
+//! Out: [`QuantizedMatrix`]: u32 words of packed codes, and per-group scales and biases in the
+//! input's float type, so that `w ~= scale * q + bias` with `q` in `[0, 2^bits)`.
+//! Invariant: for the same input bytes and [`QuantParams`], the output bytes equal what
+//! `mx.quantize(w, group_size, bits)` returns on the MLX CPU backend. This is proven against
+//! golden files made by `scripts/golden_quantize.py` (tests in `tests.rs`).
+//!
+//! The rule (read from MLX's `affine_quantize` kernel in
+//! `mlx/include/mlx/backend/metal/kernels/quantized.h` and confirmed by experiment against the
+//! CPU backend, which differs from that Metal kernel in starting `w_max` at -inf, not 0), per
+//! group, all in f32:
+//! 1. `scale = max((w_max - w_min) / (2^bits - 1), 1e-7)`;
+//! 2. the edge of larger magnitude becomes the bias: if `|w_min| > |w_max|` the edge is `w_min`
+//!    and the scale stays positive, else the edge is `w_max` and the scale is negated;
+//! 3. `q0 = round_half_even(edge / scale)`; if `q0 != 0` then `scale = edge / q0` and
+//!    `bias = edge` (so `bias / scale` is the integer `q0` and zero is representable exactly),
+//!    else `bias = 0`;
+//! 4. `q = clamp(round_half_even((w - bias) / scale), 0, 2^bits - 1)` with the f32 scale and
+//!    bias (the opposite edge may clip); the scale and bias are rounded to the input type
+//!    (round to nearest even) only when stored;
+//! 5. code k of a word sits at bits `[k * bits, (k + 1) * bits)`, lowest first.
+
+mod dense;
+mod expert;
+
+pub use dense::{plan_dense, DenseOut, DensePolicy};
+
+pub use expert::{
+    build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentPlan,
+};
+
+use super::tensor::{FloatDtype, MatrixView};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Bit widths flashpack quantizes to (2 and 4 for experts, 4 and 8 for dense tensors).
+pub const SUPPORTED_BITS: [u8; 3] = [2, 4, 8];
+/// Group sizes along the input axis.
+pub const SUPPORTED_GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+/// `eps` of MLX's affine quantization: the smallest scale, so constant groups do not divide
+/// by zero.
+const EPS: f32 = 1e-7;
+
+/// Errors of the quantize stage.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuantError {
+    #[error("{bits}-bit quantization is not supported; use one of {supported:?}")]
+    UnsupportedBits { bits: u8, supported: [u8; 3] },
+    #[error("group size {group_size} is not supported; use one of {supported:?}")]
+    UnsupportedGroupSize {
+        group_size: usize,
+        supported: [usize; 3],
+    },
+    #[error(
+        "{what}: {cols} input columns are not a multiple of the group size {group_size}; \
+         keep this tensor unquantized or pick a group size that divides {cols}"
+    )]
+    NotGroupAligned {
+        what: String,
+        cols: usize,
+        group_size: usize,
+    },
+    #[error("{what}: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        what: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{what}: {detail}")]
+    Invalid { what: String, detail: String },
+}
+
+/// Bits per code and values per group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QuantParams {
+    pub bits: u8,
+    pub group_size: usize,
+}
+
+impl QuantParams {
+    /// Checks that MLX supports this combination and flashpack packs it in whole u32 words.
+    pub fn new(bits: u8, group_size: usize) -> Result<QuantParams, QuantError> {
+        if !SUPPORTED_BITS.contains(&bits) {
+            return Err(QuantError::UnsupportedBits {
+                bits,
+                supported: SUPPORTED_BITS,
+            });
+        }
+        if !SUPPORTED_GROUP_SIZES.contains(&group_size) {
+            return Err(QuantError::UnsupportedGroupSize {
+                group_size,
+                supported: SUPPORTED_GROUP_SIZES,
+            });
+        }
+        Ok(QuantParams { bits, group_size })
+    }
+
+    /// Codes per u32 word.
+    pub fn per_word(self) -> usize {
+        32 / self.bits as usize
+    }
+
+    /// Whether a row of `cols` values can be quantized (whole groups).
+    pub fn fits(self, cols: usize) -> bool {
+        cols > 0 && cols % self.group_size == 0
+    }
+
+    /// u32 words per row of `cols` values (`cols` must fit).
+    pub fn words_per_row(self, cols: usize) -> usize {
+        cols / self.per_word()
+    }
+
+    /// Groups (scales, biases) per row of `cols` values.
+    pub fn groups_per_row(self, cols: usize) -> usize {
+        cols / self.group_size
+    }
+
+    fn n_bins(self) -> f32 {
+        ((1u32 << self.bits) - 1) as f32
+    }
+}
+
+/// Scale and bias of one group, in f32, before rounding to the storage type.
+#[inline]
+pub fn group_scale_bias(w: &[f32], bits: u8) -> (f32, f32) {
+    let n_bins = ((1u32 << bits) - 1) as f32;
+    let (mut w_min, mut w_max) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &x in w {
+        w_min = w_min.min(x);
+        w_max = w_max.max(x);
+    }
+    let scale = ((w_max - w_min) / n_bins).max(EPS);
+    // bool side = abs(w_min) > abs(w_max); scale = side ? scale : -scale;
+    let side = w_min.abs() > w_max.abs();
+    let scale = if side { scale } else { -scale };
+    let edge = if side { w_min } else { w_max };
+    let q0 = (edge / scale).round_ties_even();
+    if q0 != 0.0 {
+        (edge / q0, edge)
+    } else {
+        (scale, 0.0)
+    }
+}
+
+/// Quantizes one row: `codes.len() == words_per_row`, `scales`/`biases` hold
+/// `groups_per_row` values of `scale_dtype` each. `row.len()` must fit `p`.
+pub fn quantize_row(
+    row: &[f32],
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u32],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) {
+    let g = p.group_size;
+    let ss = scale_dtype.size();
+    let n_bins = p.n_bins();
+    let per_word = p.per_word();
+    let bits = p.bits as u32;
+    let words_per_group = g / per_word;
+    let mut q = [0u32; 128];
+    for (gi, group) in row.chunks_exact(g).enumerate() {
+        let (scale, bias) = group_scale_bias(group, p.bits);
+        scale_dtype.write(scale, &mut scales[gi * ss..(gi + 1) * ss]);
+        scale_dtype.write(bias, &mut biases[gi * ss..(gi + 1) * ss]);
+        for (qi, &x) in q.iter_mut().zip(group) {
+            // A true division, not a multiply by 1/scale: the reciprocal rounds differently.
+            *qi = ((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u32;
+        }
+        let out = &mut codes[gi * words_per_group..(gi + 1) * words_per_group];
+        for (word, chunk) in out.iter_mut().zip(q[..g].chunks_exact(per_word)) {
+            let mut w = 0u32;
+            for (k, &c) in chunk.iter().enumerate() {
+                w |= c << (k as u32 * bits);
+            }
+            *word = w;
+        }
+    }
+}
+
+/// An MLX affine-quantized matrix `[rows, cols]`: `codes` are `rows * cols * bits / 32`
+/// little-endian u32 words, `scales` and `biases` `rows * cols / group_size` values of
+/// `scale_dtype`, all row-major (exactly MLX's `(w_q, scales, biases)`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuantizedMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub params: QuantParams,
+    pub scale_dtype: FloatDtype,
+    pub codes: Vec<u8>,
+    pub scales: Vec<u8>,
+    pub biases: Vec<u8>,
+}
+
+/// A borrowed quantized matrix (from a [`QuantizedMatrix`] or an MLX-quantized checkpoint).
+#[derive(Clone, Copy, Debug)]
+pub struct QuantizedView<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub params: QuantParams,
+    pub scale_dtype: FloatDtype,
+    pub codes: &'a [u8],
+    pub scales: &'a [u8],
+    pub biases: &'a [u8],
+}
+
+impl<'a> QuantizedView<'a> {
+    /// Checks that the three buffers have the sizes `rows`, `cols` and `params` imply.
+    pub fn checked(self, what: &str) -> Result<QuantizedView<'a>, QuantError> {
+        let QuantizedView {
+            rows,
+            cols,
+            params,
+            scale_dtype,
+            codes,
+            scales,
+            biases,
+        } = self;
+        if !params.fits(cols) {
+            return Err(QuantError::NotGroupAligned {
+                what: what.to_string(),
+                cols,
+                group_size: params.group_size,
+            });
+        }
+        let words = rows * params.words_per_row(cols);
+        let groups = rows * params.groups_per_row(cols);
+        let want = [
+            words * 4,
+            groups * scale_dtype.size(),
+            groups * scale_dtype.size(),
+        ];
+        let got = [codes.len(), scales.len(), biases.len()];
+        if want != got {
+            return Err(QuantError::Invalid {
+                what: what.to_string(),
+                detail: format!(
+                    "codes/scales/biases hold {got:?} bytes; [{rows}, {cols}] at {} bits, \
+                     group {} needs {want:?}",
+                    params.bits, params.group_size
+                ),
+            });
+        }
+        Ok(QuantizedView {
+            rows,
+            cols,
+            params,
+            scale_dtype,
+            codes,
+            scales,
+            biases,
+        })
+    }
+
+    /// Row `r` back to f32: `scale * q + bias` (for requantizing; not bit-exact with
+    /// `mx.dequantize`, which computes in the scale type).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let p = self.params;
+        let wpr = p.words_per_row(self.cols);
+        let gpr = p.groups_per_row(self.cols);
+        let ss = self.scale_dtype.size();
+        let mask = (1u32 << p.bits) - 1;
+        let per_word = p.per_word();
+        for (j, chunk) in out.chunks_exact_mut(per_word).enumerate() {
+            let off = (r * wpr + j) * 4;
+            let w = u32::from_le_bytes(self.codes[off..off + 4].try_into().unwrap_or([0; 4]));
+            let gi = r * gpr + (j * per_word) / p.group_size;
+            let s = self.scale_dtype.read(&self.scales[gi * ss..(gi + 1) * ss]);
+            let b = self.scale_dtype.read(&self.biases[gi * ss..(gi + 1) * ss]);
+            for (k, o) in chunk.iter_mut().enumerate() {
+                *o = s * ((w >> (k as u32 * p.bits as u32)) & mask) as f32 + b;
+            }
+        }
+    }
+}
+
+impl QuantizedMatrix {
+    /// Borrows this matrix.
+    pub fn view(&self) -> QuantizedView<'_> {
+        QuantizedView {
+            rows: self.rows,
+            cols: self.cols,
+            params: self.params,
+            scale_dtype: self.scale_dtype,
+            codes: &self.codes,
+            scales: &self.scales,
+            biases: &self.biases,
+        }
+    }
+
+    /// Bytes of codes, scales and biases together.
+    pub fn byte_len(&self) -> usize {
+        self.codes.len() + self.scales.len() + self.biases.len()
+    }
+}
+
+/// Rows quantized per rayon task: enough work to amortise scheduling, small enough to split
+/// an expert's few hundred rows over the cores.
+const ROWS_PER_TASK: usize = 32;
+
+/// Quantizes `m` with `p`, storing scales and biases in `scale_dtype` (MLX uses the input
+/// type). Rows are spread over rayon's pool; output is identical whatever the thread count.
+pub fn quantize(
+    what: &str,
+    m: MatrixView<'_>,
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+) -> Result<QuantizedMatrix, QuantError> {
+    if !p.fits(m.cols) {
+        return Err(QuantError::NotGroupAligned {
+            what: what.to_string(),
+            cols: m.cols,
+            group_size: p.group_size,
+        });
+    }
+    let wpr = p.words_per_row(m.cols);
+    let gpr = p.groups_per_row(m.cols);
+    let sbytes = gpr * scale_dtype.size();
+    let mut codes = vec![0u32; m.rows * wpr];
+    let mut scales = vec![0u8; m.rows * sbytes];
+    let mut biases = vec![0u8; m.rows * sbytes];
+    codes
+        .par_chunks_mut(wpr * ROWS_PER_TASK)
+        .zip(scales.par_chunks_mut(sbytes * ROWS_PER_TASK))
+        .zip(biases.par_chunks_mut(sbytes * ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(t, ((c, s), b))| {
+            let mut row = vec![0f32; m.cols];
+            let r0 = t * ROWS_PER_TASK;
+            for i in 0..c.len() / wpr {
+                m.row_f32(r0 + i, &mut row);
+                quantize_row(
+                    &row,
+                    p,
+                    scale_dtype,
+                    &mut c[i * wpr..(i + 1) * wpr],
+                    &mut s[i * sbytes..(i + 1) * sbytes],
+                    &mut b[i * sbytes..(i + 1) * sbytes],
+                );
+            }
+        });
+    Ok(QuantizedMatrix {
+        rows: m.rows,
+        cols: m.cols,
+        params: p,
+        scale_dtype,
+        codes: words_to_le_bytes(&codes),
+        scales,
+        biases,
+    })
+}
+
+/// Dequantizes `q` and quantizes again with `p` (an MLX-quantized input asked for other bits
+/// or group size). The intermediate is f32 and the scale type is kept.
+pub fn requantize(
+    what: &str,
+    q: QuantizedView<'_>,
+    p: QuantParams,
+) -> Result<QuantizedMatrix, QuantError> {
+    let mut dense = vec![0u8; q.rows * q.cols * 4];
+    let mut row = vec![0f32; q.cols];
+    for r in 0..q.rows {
+        q.dequantize_row(r, &mut row);
+        FloatDtype::F32.write_all(&row, &mut dense[r * q.cols * 4..(r + 1) * q.cols * 4]);
+    }
+    let view = MatrixView::new(FloatDtype::F32, q.rows, q.cols, &dense).ok_or_else(|| {
+        QuantError::Invalid {
+            what: what.to_string(),
+            detail: "dequantized size".into(),
+        }
+    })?;
+    quantize(what, view, p, q.scale_dtype)
+}
+
+fn words_to_le_bytes(words: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(words.len() * 4);
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

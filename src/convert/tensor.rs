@@ -1,0 +1,226 @@
+//! Tensor element types and borrowed views shared by the convert stages.
+//!
+//! In: bytes of a safetensors tensor (little-endian, row-major) with its dtype and shape.
+//! Out: typed views that can hand out rows as `f32` without copying the whole tensor.
+//! Invariant: a [`MatrixView`] always has `data.len() == rows * cols * dtype.size()`; the
+//! constructor checks it, so row accessors never go out of bounds.
+
+use serde::{Deserialize, Serialize};
+
+/// Element types of safetensors files (the `dtype` strings of its header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Dtype {
+    Bool,
+    U8,
+    I8,
+    F8E4M3,
+    F8E5M2,
+    I16,
+    U16,
+    F16,
+    Bf16,
+    I32,
+    U32,
+    F32,
+    F64,
+    I64,
+    U64,
+}
+
+impl Dtype {
+    /// Parses a safetensors dtype string (`"BF16"`).
+    pub fn from_safetensors(s: &str) -> Option<Dtype> {
+        Some(match s {
+            "BOOL" => Dtype::Bool,
+            "U8" => Dtype::U8,
+            "I8" => Dtype::I8,
+            "F8_E4M3" => Dtype::F8E4M3,
+            "F8_E5M2" => Dtype::F8E5M2,
+            "I16" => Dtype::I16,
+            "U16" => Dtype::U16,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::Bf16,
+            "I32" => Dtype::I32,
+            "U32" => Dtype::U32,
+            "F32" => Dtype::F32,
+            "F64" => Dtype::F64,
+            "I64" => Dtype::I64,
+            "U64" => Dtype::U64,
+            _ => return None,
+        })
+    }
+
+    /// The safetensors dtype string.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            Dtype::Bool => "BOOL",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::I16 => "I16",
+            Dtype::U16 => "U16",
+            Dtype::F16 => "F16",
+            Dtype::Bf16 => "BF16",
+            Dtype::I32 => "I32",
+            Dtype::U32 => "U32",
+            Dtype::F32 => "F32",
+            Dtype::F64 => "F64",
+            Dtype::I64 => "I64",
+            Dtype::U64 => "U64",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+            Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
+            Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
+        }
+    }
+
+    /// The float type this is, if it is one flashpack can quantize from or store scales in.
+    pub fn float(self) -> Option<FloatDtype> {
+        match self {
+            Dtype::F32 => Some(FloatDtype::F32),
+            Dtype::F16 => Some(FloatDtype::F16),
+            Dtype::Bf16 => Some(FloatDtype::Bf16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.safetensors_name())
+    }
+}
+
+/// Float types that weights come in and that scales/biases are stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FloatDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FloatDtype {
+    pub fn size(self) -> usize {
+        match self {
+            FloatDtype::F32 => 4,
+            FloatDtype::F16 | FloatDtype::Bf16 => 2,
+        }
+    }
+
+    pub fn dtype(self) -> Dtype {
+        match self {
+            FloatDtype::F32 => Dtype::F32,
+            FloatDtype::F16 => Dtype::F16,
+            FloatDtype::Bf16 => Dtype::Bf16,
+        }
+    }
+
+    /// Rounds `x` to this type (round to nearest even, as `astype` does) and writes its
+    /// little-endian bytes to `out` (`out.len() == self.size()`).
+    #[inline]
+    pub fn write(self, x: f32, out: &mut [u8]) {
+        match self {
+            FloatDtype::F32 => out.copy_from_slice(&x.to_le_bytes()),
+            FloatDtype::F16 => out.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+            FloatDtype::Bf16 => out.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+        }
+    }
+
+    /// Reads one little-endian value (`b.len() == self.size()`).
+    #[inline]
+    pub fn read(self, b: &[u8]) -> f32 {
+        match self {
+            FloatDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            FloatDtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            FloatDtype::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        }
+    }
+
+    /// Decodes a run of little-endian values into `out` (`src.len() == out.len() * size`).
+    #[inline]
+    pub fn read_into(self, src: &[u8], out: &mut [f32]) {
+        match self {
+            FloatDtype::F32 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            FloatDtype::F16 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            FloatDtype::Bf16 => {
+                // bf16 is the top half of an f32: widening is a shift, exact.
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+        }
+    }
+
+    /// Encodes `src` into little-endian bytes of this type.
+    pub fn write_all(self, src: &[f32], out: &mut [u8]) {
+        for (x, o) in src.iter().zip(out.chunks_exact_mut(self.size())) {
+            self.write(*x, o);
+        }
+    }
+}
+
+/// A row-major float matrix borrowed from a file or buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct MatrixView<'a> {
+    pub dtype: FloatDtype,
+    pub rows: usize,
+    pub cols: usize,
+    data: &'a [u8],
+}
+
+impl<'a> MatrixView<'a> {
+    /// Wraps `data`, which must hold exactly `rows * cols` values of `dtype`.
+    pub fn new(dtype: FloatDtype, rows: usize, cols: usize, data: &'a [u8]) -> Option<Self> {
+        let want = rows.checked_mul(cols)?.checked_mul(dtype.size())?;
+        (data.len() == want).then_some(MatrixView {
+            dtype,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Bytes of row `r` (panics if `r >= rows`; callers iterate `0..rows`).
+    pub fn row_bytes(&self, r: usize) -> &'a [u8] {
+        let w = self.cols * self.dtype.size();
+        &self.data[r * w..(r + 1) * w]
+    }
+
+    /// Row `r` widened to f32 into `out` (`out.len() == cols`).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        self.dtype.read_into(self.row_bytes(r), out);
+    }
+
+    /// Rows `[r0, r1)` as a smaller view.
+    pub fn rows_range(&self, r0: usize, r1: usize) -> MatrixView<'a> {
+        let w = self.cols * self.dtype.size();
+        MatrixView {
+            dtype: self.dtype,
+            rows: r1 - r0,
+            cols: self.cols,
+            data: &self.data[r0 * w..r1 * w],
+        }
+    }
+}

@@ -1,0 +1,360 @@
+use super::*;
+use crate::arch::Arch;
+use crate::codec::{Codec, CodecId, Decoder};
+use crate::convert::fixtures::{FixtureLayout, FixtureSpec};
+use crate::convert::load::LocalResolver;
+use crate::format::{DType, ExpertEntry};
+use crate::progress::Silent;
+use std::path::Path;
+
+fn fixture(spec: &FixtureSpec) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    spec.write(dir.path()).unwrap();
+    dir
+}
+
+fn run(src: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
+    convert(
+        &SourceSpec::Local(src.to_path_buf()),
+        &LocalResolver { hub_cache: None },
+        out,
+        opts,
+        &Silent,
+    )
+}
+
+/// Decoded WEIGHTS and AUX of a stored segment.
+fn decode_segment(pack: &Pack, e: &ExpertEntry) -> (Vec<u8>, Vec<u8>) {
+    let stored = pack.segment_stored(e);
+    let (ws, aux) = stored.split_at(e.weights_stored_len as usize);
+    let mut w = vec![0u8; e.weights_decoded_len as usize];
+    let mut a = vec![0u8; e.aux_decoded_len() as usize];
+    let mut d = Decoder::new();
+    d.decode_into(CodecId::try_from(e.weight_codec).unwrap(), ws, &mut w)
+        .unwrap();
+    d.decode_into(CodecId::try_from(e.aux_codec).unwrap(), aux, &mut a)
+        .unwrap();
+    (w, a)
+}
+
+#[test]
+fn converts_a_tiny_model_whose_segments_decode_to_the_quantized_experts() {
+    let src = fixture(&FixtureSpec::tiny(Arch::Qwen3Moe));
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    let report = run(src.path(), &dest, &ConvertOptions::default()).unwrap();
+    let pack = Pack::open(&dest).unwrap();
+    assert!(pack.verify().is_ok());
+    assert_eq!(pack.experts().len(), 2 * 8);
+    assert_eq!(report.pack_bytes, std::fs::metadata(&dest).unwrap().len());
+    let ck = Checkpoint::open(src.path()).unwrap();
+    let p = QuantParams::new(4, 64).unwrap();
+    for e in pack.experts() {
+        let want = build_segments(
+            e.layer as usize,
+            e.expert as usize,
+            &ck.expert(e.layer as usize, e.expert as usize).unwrap(),
+            p,
+            SegmentPlan::default(),
+        )
+        .unwrap();
+        let (w, a) = decode_segment(&pack, e);
+        assert_eq!(
+            (w, a),
+            (want[0].weights.clone(), want[0].aux.clone()),
+            "{:?}",
+            e.key()
+        );
+        assert_eq!((e.bits, e.group_size, e.scale_dtype), (4, 64, DType::BF16));
+    }
+    // Dense policy: attention and embeddings 4-bit, router and norms full precision.
+    let t = |n: &str| pack.tensor(n).unwrap_or_else(|| panic!("{n} missing"));
+    assert_eq!(
+        t("model.layers.0.self_attn.q_proj.weight").dtype,
+        DType::U32
+    );
+    assert_eq!(t("model.layers.0.self_attn.q_proj.weight").bits, 4);
+    assert_eq!(
+        t("model.layers.0.self_attn.q_proj.scales").dtype,
+        DType::BF16
+    );
+    assert_eq!(t("model.embed_tokens.weight").dtype, DType::U32);
+    assert_eq!(t("model.layers.1.mlp.gate.weight").dtype, DType::BF16);
+    assert_eq!(
+        t("model.layers.1.self_attn.q_norm.weight").dtype,
+        DType::BF16
+    );
+    assert!(pack
+        .tensor("model.layers.0.mlp.experts.0.gate_proj.weight")
+        .is_none());
+    // Metadata: the normalized config and the provenance are there.
+    let m = pack.metadata();
+    assert_eq!(m["model"]["num_experts"], 8);
+    assert_eq!(m["quantization"]["expert_bits"], 4);
+    assert_eq!(m["provenance"]["files"].as_array().unwrap().len(), 2);
+    assert!(report.pack.experts.bits_per_weight > 4.0 && report.pack.experts.bits_per_weight < 5.0);
+}
+
+#[test]
+fn same_input_same_bytes_whatever_the_thread_count() {
+    let src = fixture(&FixtureSpec::tiny(Arch::Olmoe));
+    let out = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        out.path().join("a.flashpack"),
+        out.path().join("b.flashpack"),
+    );
+    run(src.path(), &a, &ConvertOptions::default()).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| run(src.path(), &b, &ConvertOptions::default()))
+        .unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn fused_and_per_expert_sources_give_the_same_experts() {
+    for arch in [Arch::Mixtral, Arch::Qwen2Moe] {
+        let per = fixture(&FixtureSpec::tiny(arch));
+        let fused = fixture(&FixtureSpec {
+            layout: FixtureLayout::Fused,
+            ..FixtureSpec::tiny(arch)
+        });
+        let out = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            out.path().join("a.flashpack"),
+            out.path().join("b.flashpack"),
+        );
+        let opts = ConvertOptions {
+            codec: CodecChoice::Fixed(Codec::Huffman),
+            ..Default::default()
+        };
+        run(per.path(), &a, &opts).unwrap();
+        let r = run(fused.path(), &b, &opts).unwrap();
+        assert_eq!(r.expert_layout, Some(ExpertLayout::Fused));
+        let (a, b) = (Pack::open(&a).unwrap(), Pack::open(&b).unwrap());
+        assert_eq!(a.experts().len(), b.experts().len());
+        for (x, y) in a.experts().iter().zip(b.experts()) {
+            assert_eq!(
+                a.segment_stored(x),
+                b.segment_stored(y),
+                "{arch} {:?}",
+                x.key()
+            );
+        }
+        let names = |p: &Pack| {
+            p.tensors()
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&a), names(&b));
+    }
+}
+
+#[test]
+fn every_architecture_converts_and_verifies() {
+    for arch in Arch::ALL.iter().copied() {
+        for dense_bits in [4, 8, 16] {
+            let src = fixture(&FixtureSpec::tiny(arch));
+            let out = tempfile::tempdir().unwrap();
+            let dest = out.path().join("m.flashpack");
+            let opts = ConvertOptions {
+                dense_bits,
+                expert_bits: 2,
+                ..Default::default()
+            };
+            run(src.path(), &dest, &opts).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            let pack = Pack::open(&dest).unwrap();
+            assert!(pack.verify().is_ok(), "{arch}");
+            assert!(pack.experts().iter().all(|e| e.bits == 2));
+            let q = pack
+                .tensor("model.layers.0.self_attn.o_proj.weight")
+                .unwrap();
+            match dense_bits {
+                16 => assert_eq!((q.dtype, q.bits), (DType::BF16, 0)),
+                b => assert_eq!((q.dtype, q.bits), (DType::U32, b)),
+            }
+            if arch == Arch::Qwen2Moe {
+                // The shared expert gate stays full precision; the shared expert follows policy.
+                let g = pack
+                    .tensor("model.layers.0.mlp.shared_expert_gate.weight")
+                    .unwrap();
+                assert_eq!(g.dtype, DType::BF16);
+            }
+        }
+    }
+}
+
+#[test]
+fn vertical_segments_tile_each_expert() {
+    let spec = FixtureSpec {
+        moe_intermediate_size: 128,
+        ..FixtureSpec::tiny(Arch::Qwen3Moe)
+    };
+    let src = fixture(&spec);
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    let opts = ConvertOptions {
+        segments: 2,
+        ..Default::default()
+    };
+    run(src.path(), &dest, &opts).unwrap();
+    let pack = Pack::open(&dest).unwrap();
+    assert!(pack.verify().is_ok());
+    let segs = pack.expert_segments(1, 3);
+    assert_eq!(segs.len(), 2);
+    assert_eq!((segs[1].row_start, segs[1].row_count), (64, 64));
+}
+
+#[test]
+fn failure_mid_way_leaves_no_file_at_the_destination() {
+    // 64 expert rows cannot be cut into 3 segments of whole groups: fails while writing experts.
+    let src = fixture(&FixtureSpec::tiny(Arch::Qwen3Moe));
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    let opts = ConvertOptions {
+        segments: 3,
+        ..Default::default()
+    };
+    let err = run(src.path(), &dest, &opts).unwrap_err();
+    assert!(
+        matches!(err, ConvertError::Quant(QuantError::Invalid { .. })),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().collect();
+    assert!(left.is_empty(), "nothing may be left behind: {left:?}");
+    // An existing pack at the destination survives a failed conversion untouched.
+    std::fs::write(&dest, b"previous pack").unwrap();
+    run(src.path(), &dest, &opts).unwrap_err();
+    assert_eq!(std::fs::read(&dest).unwrap(), b"previous pack");
+}
+
+#[test]
+fn bad_source_gives_a_typed_error_and_no_file() {
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    let err = run(
+        &out.path().join("missing"),
+        &dest,
+        &ConvertOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ConvertError::Load(LoadError::NotAFolder { .. })),
+        "{err}"
+    );
+    assert!(!dest.exists());
+}
+
+#[test]
+fn options_that_need_missing_stages_are_refused() {
+    let src = fixture(&FixtureSpec::tiny(Arch::Qwen3Moe));
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    for opts in [
+        ConvertOptions {
+            cold_bits: Some(2),
+            cold_fraction: Some(0.5),
+            ..Default::default()
+        },
+        ConvertOptions {
+            target_size_gb: Some(1.0),
+            ..Default::default()
+        },
+        ConvertOptions {
+            merge_threshold: Some(0.9),
+            ..Default::default()
+        },
+    ] {
+        let err = run(src.path(), &dest, &opts).unwrap_err();
+        assert!(matches!(err, ConvertError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("stage"), "{err}");
+    }
+    let err = run(
+        src.path(),
+        &dest,
+        &ConvertOptions {
+            dense_bits: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, ConvertError::Quant(_)), "{err}");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn converts_the_bundled_trained_model_with_its_tokenizer() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    let r = run(&src, &dest, &ConvertOptions::default()).unwrap();
+    let pack = Pack::open(&dest).unwrap();
+    assert_eq!(pack.experts().len(), 6 * 32);
+    assert!(pack.metadata()["tokenizer"]["model"].is_object());
+    assert_eq!(pack.metadata()["generation_config"]["bos_token_id"], 0);
+    // Huffman on trained 4-bit codes saves a few percent (REFERENCE.md: ~7% on real weights).
+    assert!(
+        r.pack.codecs.keys().any(|k| k == "weights:huffman"),
+        "{:?}",
+        r.pack.codecs
+    );
+}
+
+#[test]
+fn mlx_quantized_source_reuses_codes() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import mlx_lm"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("note: python3 with mlx_lm is not importable; MLX-source convert check skipped");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let spec = FixtureSpec {
+        vocab_size: 8192,
+        tokenizer_from: Some(root.join("fixtures/qwen3moe-tiny")),
+        ..FixtureSpec::tiny(Arch::Qwen3Moe)
+    };
+    let src = fixture(&spec);
+    let out = tempfile::tempdir().unwrap();
+    let mlx_dir = out.path().join("q4");
+    let st = std::process::Command::new("python3")
+        .args(["-m", "mlx_lm", "convert", "--hf-path"])
+        .arg(src.path())
+        .arg("--mlx-path")
+        .arg(&mlx_dir)
+        .args(["-q", "--q-bits", "4", "--q-group-size", "64"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let (a, b) = (
+        out.path().join("a.flashpack"),
+        out.path().join("b.flashpack"),
+    );
+    run(src.path(), &a, &ConvertOptions::default()).unwrap();
+    let r = run(&mlx_dir, &b, &ConvertOptions::default()).unwrap();
+    assert!(r.source_mlx_quantized);
+    assert_eq!(r.expert_layout, Some(ExpertLayout::Stacked));
+    let (a, b) = (Pack::open(&a).unwrap(), Pack::open(&b).unwrap());
+    for (x, y) in a.experts().iter().zip(b.experts()) {
+        assert_eq!(a.segment_stored(x), b.segment_stored(y), "{:?}", x.key());
+    }
+    // Dense 4-bit codes are copied too; the 8-bit router is dequantized to f32.
+    let (qa, qb) = (
+        a.tensor("model.layers.0.self_attn.k_proj.weight").unwrap(),
+        b.tensor("model.layers.0.self_attn.k_proj.weight").unwrap(),
+    );
+    assert_eq!(a.tensor_stored(qa), b.tensor_stored(qb));
+    assert_eq!(
+        b.tensor("model.layers.0.mlp.gate.weight").unwrap().dtype,
+        DType::F32
+    );
+}

@@ -1,0 +1,165 @@
+//! Write stage: metadata and the hand-off of encoded parts to the format's [`PackWriter`].
+//!
+//! In: the checkpoint (config, tokenizer files, provenance), the conversion options, encoded
+//! dense tensors (sorted by name) and encoded segments (sorted by layer, expert, segment).
+//! Out: the pack at the destination, via the writer's temp-file-fsync-rename.
+//! Invariants: the metadata holds no clock time and no host detail, and its keys are sorted by
+//! the writer, so the same input and options give the same bytes. Layout (offsets, padding,
+//! page alignment) is planned by `format::layout::Planner` inside the writer.
+
+use super::encode::EncodedSegment;
+use super::load::{Checkpoint, Provenance};
+use super::quantize::DenseOut;
+use super::tensor::{Dtype, FloatDtype};
+use super::{ConvertError, ConvertOptions};
+use crate::codec::CodecId;
+use crate::format::{DType, ExpertSegmentDesc, PackWriter, TensorDesc};
+use serde_json::{json, Value};
+
+/// The pack's dtype code for a source dtype, or an error naming the tensor.
+pub fn pack_dtype(name: &str, d: Dtype) -> Result<DType, ConvertError> {
+    Ok(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::U32 => DType::U32,
+        Dtype::I32 => DType::I32,
+        Dtype::U8 => DType::U8,
+        other => {
+            return Err(ConvertError::Unsupported {
+                what: format!(
+                    "tensor {name} is {other}; packs store F32, F16, BF16, U32, I32 or U8"
+                ),
+            })
+        }
+    })
+}
+
+fn scale_dtype(d: FloatDtype) -> DType {
+    match d {
+        FloatDtype::F32 => DType::F32,
+        FloatDtype::F16 => DType::F16,
+        FloatDtype::Bf16 => DType::BF16,
+    }
+}
+
+/// Adds one encoded dense tensor.
+pub fn add_tensor(
+    w: &mut PackWriter,
+    t: &DenseOut<'_>,
+    stored: &[u8],
+    codec: CodecId,
+) -> Result<(), ConvertError> {
+    w.add_tensor(
+        TensorDesc {
+            name: t.name.clone(),
+            dtype: pack_dtype(&t.name, t.dtype)?,
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            bits: t.bits,
+            group_size: t.group_size as u32,
+            codec: codec.into(),
+        },
+        stored,
+    )?;
+    Ok(())
+}
+
+/// Adds one encoded expert segment.
+pub fn add_segment(w: &mut PackWriter, s: &EncodedSegment) -> Result<(), ConvertError> {
+    let n = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| ConvertError::Unsupported {
+            what: format!("{what} {v} does not fit the format's 32-bit field"),
+        })
+    };
+    let n16 = |v: usize, what: &str| {
+        u16::try_from(v).map_err(|_| ConvertError::Unsupported {
+            what: format!("{what} {v} does not fit the format's 16-bit field"),
+        })
+    };
+    w.add_expert_segment(
+        ExpertSegmentDesc {
+            layer: n(s.layer, "layer")?,
+            expert: n(s.expert, "expert")?,
+            segment: n16(s.segment, "segment")?,
+            segment_count: n16(s.segment_count, "segment count")?,
+            row_start: n(s.row_start, "row")?,
+            row_count: n(s.row_count, "rows")?,
+            bits: s.bits,
+            group_size: n(s.group_size, "group size")?,
+            scale_dtype: scale_dtype(s.scale_dtype),
+            weight_codec: s.weight_codec.into(),
+            aux_codec: s.aux_codec.into(),
+        },
+        &s.weights,
+        &s.aux,
+    )?;
+    Ok(())
+}
+
+/// A JSON file of the checkpoint folder, or null when absent.
+fn json_file(ck: &Checkpoint, name: &str) -> Result<Value, ConvertError> {
+    let path = ck.root().join(name);
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| ConvertError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ConvertError::Unsupported {
+        what: format!("{} is not valid JSON: {e}", path.display()),
+    })
+}
+
+/// The pack metadata (formats/flashpack-v1.md §4).
+pub fn metadata(
+    ck: &Checkpoint,
+    provenance: &Provenance,
+    opts: &ConvertOptions,
+) -> Result<Value, ConvertError> {
+    let tokenizer_config = json_file(ck, "tokenizer_config.json")?;
+    // transformers >= 4.43 may keep the template in its own file.
+    let chat_template = match tokenizer_config
+        .get("chat_template")
+        .and_then(Value::as_str)
+    {
+        Some(t) => Value::String(t.to_string()),
+        None => std::fs::read_to_string(ck.root().join("chat_template.jinja"))
+            .map(Value::String)
+            .unwrap_or(Value::Null),
+    };
+    let mut m = json!({
+        "format": "flashpack",
+        "architecture": ck.config.arch.model_type(),
+        "config": ck.raw_config,
+        "model": serde_json::to_value(&ck.config).map_err(|e| ConvertError::Unsupported {
+            what: format!("model config: {e}"),
+        })?,
+        "quantization": {
+            "group_size": opts.group_size,
+            "expert_bits": opts.expert_bits,
+            "dense_bits": opts.dense_bits,
+            "mode": "affine",
+            "segments_per_expert": opts.segments,
+        },
+        "provenance": {
+            "source": provenance.source,
+            "revision": Value::Null,
+            "files": provenance.files,
+            "tool": "flashpack",
+            "tool_version": env!("CARGO_PKG_VERSION"),
+            "options": opts.describe(),
+            "source_quantization": ck.mlx_quantization,
+        },
+        "tokenizer": json_file(ck, "tokenizer.json")?,
+        "tokenizer_config": tokenizer_config,
+    });
+    if !chat_template.is_null() {
+        m["chat_template"] = chat_template;
+    }
+    let generation = json_file(ck, "generation_config.json")?;
+    if !generation.is_null() {
+        m["generation_config"] = generation;
+    }
+    Ok(m)
+}
