@@ -4,8 +4,12 @@
 //! next token. The stages before them feed `compute` through its `Weights` and `ExpertStore`
 //! traits, so the model never knows whether experts come from a pack, a cache or memory.
 
+pub mod budget;
 pub mod cache;
 pub mod compute;
 pub mod experts;
+pub mod generate;
+pub mod open;
 pub mod read;
 pub mod sample;
+pub mod stream;

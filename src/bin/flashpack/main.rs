@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod inspect;
+mod run;
 mod verify;
 
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Show what a pack holds: model, sizes, bits per weight, codecs, layout, provenance.
     Inspect(inspect::InspectArgs),
+    /// Generate text from a pack; experts stream from disk within --mem-budget.
+    Run(run::RunArgs),
     /// Hash every byte of a pack; name every damaged section, tensor or segment.
     Verify(verify::VerifyArgs),
 }
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Convert(args) => convert::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::run(args),
+        Command::Run(args) => run::run(args),
         Command::Verify(args) => verify::run(args),
     };
     match result {

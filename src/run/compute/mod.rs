@@ -75,6 +75,8 @@ pub enum ComputeError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{path}: {what}")]
     BadConfig { path: PathBuf, what: String },
+    #[error(transparent)]
+    Experts(#[from] crate::run::experts::ExpertError),
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -181,6 +183,14 @@ impl Model {
         &self.cfg
     }
 
+    /// The first sparse block after layer `l`.
+    fn next_sparse(&self, l: usize) -> Option<&MoeBlock> {
+        self.layers[l + 1..].iter().find_map(|layer| match &layer.ffn {
+            Ffn::Sparse(moe) => Some(moe),
+            Ffn::Dense(_) => None,
+        })
+    }
+
     /// A fresh cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
@@ -205,7 +215,7 @@ impl Model {
         let len = tokens.dim(-1).unwrap_or(0);
         let mask = mask_for(len);
         let mut h = self.embed.forward(tokens)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             // r = self.self_attn(self.input_layernorm(x), mask, cache); h = x + r
             let r = layer
                 .attn
@@ -215,7 +225,14 @@ impl Model {
             let x = layer.post_norm.forward(&h)?;
             let r = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&x)?,
-                Ffn::Sparse(moe) => moe.forward(&x, experts)?,
+                Ffn::Sparse(moe) => {
+                    if experts.wants_prediction() {
+                        if let Some(next) = self.next_sparse(l) {
+                            experts.predict(next.layer, &next.route(&x)?.indices)?;
+                        }
+                    }
+                    moe.forward(&x, experts)?
+                }
             };
             h = h.add(&r)?;
         }

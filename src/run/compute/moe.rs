@@ -86,6 +86,17 @@ pub struct PoolRoute<'a> {
 pub trait ExpertStore {
     /// `indices`: the router's top-k expert ids (u32, `[.., k]`, lazy) for `layer`.
     fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>>;
+
+    /// Whether the store wants a guess of the next sparse layer's routing (for prefetch).
+    fn wants_prediction(&self) -> bool {
+        false
+    }
+
+    /// A guess (lazy u32 `[.., k]`) of what `layer`'s router will pick: its router applied to
+    /// the current layer's input. Called before the current layer's [`ExpertStore::route`].
+    fn predict(&mut self, _layer: usize, _indices: &Array) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One layer's pools and its expert -> (pool, slot) table.
@@ -289,7 +300,7 @@ fn squeeze_shape(y: &Array, axis: i32) -> Result<Vec<i32>> {
 /// A sparse block: router, experts (through the store), optional shared expert.
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
-    layer: usize,
+    pub(crate) layer: usize,
     router: Linear,
     top_k: usize,
     norm_topk_prob: bool,

@@ -1,0 +1,213 @@
+//! `flashpack run PACK --prompt TEXT`: generated text alone on stdout, stats on stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use flashpack::run::budget::{parse_size, peak_rss, total_ram};
+use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
+use flashpack::run::generate::{generate, GenerateOptions};
+use flashpack::run::open;
+use flashpack::run::read::IoMode;
+use flashpack::run::sample::SamplerOptions;
+use flashpack::run::stream::StreamingExperts;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The .flashpack file.
+    pub pack: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Do not apply the pack's chat template; feed the prompt as is.
+    #[arg(long)]
+    pub raw: bool,
+    /// Memory for weights: 8GiB, 4GB, 0.5 or 50% (of RAM). Dense weights stay resident; experts
+    /// share the rest. Default: everything resident.
+    #[arg(long)]
+    pub mem_budget: Option<String>,
+    /// How experts come off the disk.
+    #[arg(long, default_value = "pread")]
+    pub io: IoMode,
+    /// Expert reads in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub queue_depth: usize,
+    /// Cache eviction policy: lru, lfu or profile.
+    #[arg(long, default_value = "profile")]
+    pub policy: PolicyKind,
+    /// Do not prefetch the next layer's predicted experts.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Check every tensor's and segment's blake3 as it is loaded.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print stats as JSON (on stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (pack, cfg, weights) =
+        open::open(&args.pack, args.verify).with_context(|| format!("cannot run {}", args.pack.display()))?;
+    let tokenizer = open::tokenizer(&pack)?;
+    let model = flashpack::run::compute::Model::load(&cfg, &weights).context("loading the model")?;
+
+    let budget = match &args.mem_budget {
+        None => None,
+        Some(text) => Some(parse_size(text, total_ram()).map_err(anyhow::Error::msg)?),
+    };
+    let expert_budget = match budget {
+        None => None,
+        Some(b) => {
+            // The dense weights stay resident; the KV cache (bf16, up to the longest context
+            // this run can reach) and activations come out of the budget too.
+            let positions = cfg.max_position_embeddings.unwrap_or(usize::MAX).min(args.prompt.len() + args.max_tokens) as u64;
+            let kv = cfg.num_hidden_layers as u64 * 2 * (cfg.num_key_value_heads * cfg.head_dim) as u64 * positions * 2;
+            let margin = kv + (cfg.hidden_size * cfg.vocab_size * 4) as u64 + (2 << 20);
+            let Some(rest) = b.checked_sub(weights.bytes + margin) else {
+                bail!(
+                    "--mem-budget {} is too small: the dense weights alone need {:.1} MB (plus {:.1} MB for the KV cache and activations); raise the budget",
+                    args.mem_budget.as_deref().unwrap_or_default(),
+                    weights.bytes as f64 / 1e6,
+                    margin as f64 / 1e6
+                );
+            };
+            Some(rest)
+        }
+    };
+    let opts = StoreOptions {
+        budget_bytes: expert_budget,
+        io: args.io,
+        queue_depth: args.queue_depth,
+        policy: args.policy,
+        verify: args.verify,
+    };
+    let mut cache = ExpertCache::new(&pack, &opts)?;
+    if expert_budget.is_none() {
+        cache.warm_all(&pack)?;
+    }
+    let mut experts = StreamingExperts::new(&pack, cache, cfg.num_experts, !args.no_prefetch && expert_budget.is_some());
+    let min_slots = experts.min_slots();
+    if min_slots < cfg.num_experts_per_tok {
+        bail!(
+            "--mem-budget leaves room for {min_slots} experts, fewer than the {} one token uses; raise the budget",
+            cfg.num_experts_per_tok
+        );
+    }
+
+    let text = if args.raw {
+        args.prompt.clone()
+    } else {
+        match open::chat_template(&pack) {
+            Some(template) => render_chat(&template, &args.prompt, &pack)?,
+            None => args.prompt.clone(),
+        }
+    };
+    let ids = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
+        .get_ids()
+        .to_vec();
+    let gen_opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampler: SamplerOptions {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+        // One chunk must not route to more distinct experts than the smallest pool holds.
+        prefill_chunk: if expert_budget.is_none() { 512 } else { (min_slots / cfg.num_experts_per_tok).max(1) },
+        eos: cfg.eos_token_ids.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let (_, stats) = generate(&model, &mut experts, &ids, &gen_opts, |id| {
+        generated.push(id);
+        if let Ok(text) = tokenizer.decode(&generated, false) {
+            // Hold back a trailing partial UTF-8 sequence until its next byte arrives.
+            if !text.ends_with('\u{FFFD}') && text.len() > printed {
+                let _ = stdout.write_all(&text.as_bytes()[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
+            }
+        }
+        true
+    })?;
+    let _ = writeln!(stdout);
+    let _ = stdout.flush();
+    let cache_stats = experts.cache_stats();
+    let stream = experts.stats.clone();
+    let report = serde_json::json!({
+        "generation": stats,
+        "peak_rss_bytes": peak_rss(),
+        "dense_bytes": weights.bytes,
+        "expert_cache": cache_stats,
+        "stream": stream,
+        "budget_bytes": budget,
+        "io": args.io,
+        "policy": args.policy,
+    });
+    if args.json {
+        eprintln!("{}", serde_json::to_string(&report)?);
+    } else {
+        let hits: u64 = cache_stats.hits_per_layer.values().sum();
+        let misses: u64 = cache_stats.misses_per_layer.values().sum();
+        eprintln!(
+            "prompt {} tokens at {:.1} tok/s, first token after {:.2} s; generated {} tokens at {:.1} tok/s; peak RSS {:.0} MB",
+            stats.prompt_tokens,
+            stats.prefill_tokens_per_s,
+            stats.time_to_first_token_s,
+            stats.generated_tokens,
+            stats.decode_tokens_per_s,
+            peak_rss() as f64 / 1e6
+        );
+        if budget.is_some() {
+            eprintln!(
+                "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}%, stall {:.0} ms",
+                cache_stats.slots,
+                100.0 * hits as f64 / (hits + misses).max(1) as f64,
+                cache_stats.bytes_read as f64 / 1e6,
+                100.0 * stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
+                stream.stall_ms
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Applies a Hugging Face chat template to one user message.
+fn render_chat(template: &str, prompt: &str, pack: &flashpack::format::Pack) -> anyhow::Result<String> {
+    let tc = pack.metadata().get("tokenizer_config");
+    let token = |key: &str| -> String {
+        tc.and_then(|t| t.get(key))
+            .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())))
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut env = minijinja::Environment::new();
+    env.add_template("chat", template).context("the pack's chat template does not parse; use --raw")?;
+    let ctx = minijinja::context! {
+        messages => vec![minijinja::context! { role => "user", content => prompt }],
+        add_generation_prompt => true,
+        bos_token => token("bos_token"),
+        eos_token => token("eos_token"),
+    };
+    env.get_template("chat")?
+        .render(ctx)
+        .context("the pack's chat template failed to render; use --raw")
+}

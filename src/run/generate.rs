@@ -1,0 +1,126 @@
+//! Sample stage and the generation loop: prompt ids in, generated ids out, one at a time.
+//!
+//! In: a [`Model`], an [`ExpertStore`], prompt token ids. Out: generated ids (streamed to a
+//! callback as they are produced) and timings. The prompt is prefilled in chunks so that one
+//! chunk never routes to more distinct experts than the cache has slots.
+//! Invariant: never runs past the model's context length; stops at EOS.
+
+use std::time::Instant;
+
+use crate::mlx::Array;
+use crate::run::compute::{ComputeError, ExpertStore, KvCache, Model};
+use crate::run::sample::{SampleError, Sampler, SamplerOptions};
+
+/// Why generation stopped early or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GenerateError {
+    #[error("the prompt is empty: give some text (or disable the chat template with --raw only if the text itself is non-empty)")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens, but the model's context is {context}: shorten the prompt")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error(transparent)]
+    Compute(#[from] ComputeError),
+    #[error(transparent)]
+    Sample(#[from] SampleError),
+    #[error(transparent)]
+    Mlx(#[from] crate::mlx::Error),
+}
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampler: SamplerOptions,
+    /// Most prompt tokens per forward call.
+    pub prefill_chunk: usize,
+    /// Token ids that end generation.
+    pub eos: Vec<u32>,
+}
+
+/// Timings of one generation.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GenerateStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub time_to_first_token_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub total_s: f64,
+    /// "eos", "max_tokens", "context" or "stopped".
+    pub stop_reason: String,
+}
+
+/// Logits of the last position of `[1, L, V]`, on the host.
+pub fn last_logits(logits: &Array) -> Result<Vec<f32>, crate::mlx::Error> {
+    let shape = logits.shape();
+    let (l, v) = (shape[1] as i32, shape[2] as i32);
+    logits.slice(&[0, l - 1, 0], &[1, l, v])?.to_vec_f32()
+}
+
+/// Prefills `prompt`, then samples up to `max_tokens`; `on_token` gets each id as it is
+/// produced and returns `false` to stop.
+pub fn generate(
+    model: &Model,
+    experts: &mut dyn ExpertStore,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, GenerateStats), GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
+    if prompt.len() >= context {
+        return Err(GenerateError::PromptTooLong {
+            tokens: prompt.len(),
+            context,
+        });
+    }
+    let mut sampler = Sampler::new(opts.sampler)?;
+    let mut cache: KvCache = model.new_cache();
+    let started = Instant::now();
+    let mut logits = None;
+    for chunk in prompt.chunks(opts.prefill_chunk.max(1)) {
+        let out = model.forward_ids(chunk, &mut cache, experts)?;
+        out.eval()?;
+        logits = Some(out);
+    }
+    let mut next = sampler.sample(&last_logits(&logits.expect("non-empty prompt"))?)?;
+    let prefill_s = started.elapsed().as_secs_f64();
+    let mut stats = GenerateStats {
+        prompt_tokens: prompt.len(),
+        time_to_first_token_s: prefill_s,
+        prefill_tokens_per_s: prompt.len() as f64 / prefill_s.max(1e-9),
+        ..GenerateStats::default()
+    };
+    let mut out = Vec::new();
+    let decode_started = Instant::now();
+    stats.stop_reason = "max_tokens".into();
+    while out.len() < opts.max_tokens {
+        if opts.eos.contains(&next) {
+            stats.stop_reason = "eos".into();
+            break;
+        }
+        out.push(next);
+        if !on_token(next) {
+            stats.stop_reason = "stopped".into();
+            break;
+        }
+        if out.len() == opts.max_tokens {
+            break;
+        }
+        if prompt.len() + out.len() >= context {
+            stats.stop_reason = "context".into();
+            break;
+        }
+        let logits = model.forward_ids(&[next], &mut cache, experts)?;
+        next = sampler.sample(&last_logits(&logits)?)?;
+    }
+    let decode_s = decode_started.elapsed().as_secs_f64();
+    stats.generated_tokens = out.len();
+    // The first token came from the prefill; the decode rate counts the forward passes after it.
+    stats.decode_tokens_per_s = out.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
+    stats.total_s = started.elapsed().as_secs_f64();
+    Ok((out, stats))
+}

@@ -1,0 +1,151 @@
+//! Open stage: a pack becomes a runnable model.
+//!
+//! In: a `.flashpack` path. Out: the normalized config, the dense tensors as MLX arrays (decoded
+//! with the pack's codecs, resident for the whole run), the tokenizer and the chat template.
+//! Experts are not touched here: they stream through [`crate::run::experts::ExpertCache`].
+//! Invariant: every dense tensor handed to the model came from a directory entry whose bounds
+//! `Pack::open` checked; with `verify`, its blake3 too.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::arch::ModelConfig;
+use crate::codec::{CodecId, Decoder};
+use crate::format::{DType, Pack, PackError};
+use crate::mlx::{Array, Dtype};
+use crate::run::compute::{Quant, Weights};
+
+/// Why a pack cannot be run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error("pack metadata: {what}; the pack was written by an incompatible tool: re-convert it")]
+    Metadata { what: String },
+    #[error("tensor {name}: {what}")]
+    Tensor { name: String, what: String },
+    #[error(transparent)]
+    Mlx(#[from] crate::mlx::Error),
+    #[error("the pack has no tokenizer: it cannot take text prompts (re-convert from a folder with tokenizer.json)")]
+    NoTokenizer,
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Dense tensors of a pack, decoded into MLX arrays, by mlx-lm name.
+pub struct PackWeights {
+    tensors: BTreeMap<String, Array>,
+    quant: BTreeMap<String, Quant>,
+    pub bytes: u64,
+}
+
+fn mlx_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::U32 => Dtype::U32,
+        DType::I32 => Dtype::I32,
+        DType::U8 => Dtype::U8,
+    }
+}
+
+impl PackWeights {
+    /// Decodes every dense tensor; with `verify`, checks each one's blake3 first.
+    pub fn load(pack: &Pack, verify: bool) -> Result<PackWeights, OpenError> {
+        let mut decoder = Decoder::new();
+        let mut buf = Vec::new();
+        let mut tensors = BTreeMap::new();
+        let mut quant = BTreeMap::new();
+        let mut bytes = 0;
+        for t in pack.tensors() {
+            if verify {
+                pack.check_tensor(t)?;
+            }
+            let stored = pack.tensor_stored(t);
+            let err = |what: String| OpenError::Tensor {
+                name: t.name.clone(),
+                what,
+            };
+            let codec = CodecId::try_from(t.codec).map_err(|e| err(e.to_string()))?;
+            let data: &[u8] = if codec == CodecId::Raw {
+                stored
+            } else {
+                buf.resize(t.decoded_len as usize, 0);
+                decoder
+                    .decode_into(codec, stored, &mut buf)
+                    .map_err(|e| err(format!("decoding failed: {e}")))?;
+                &buf
+            };
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            let array = Array::from_bytes(data, &shape, mlx_dtype(t.dtype))?;
+            bytes += t.decoded_len;
+            if t.bits > 0 {
+                if let Some(module) = t.name.strip_suffix(".weight") {
+                    quant.insert(
+                        module.to_string(),
+                        Quant {
+                            group_size: t.group_size as i32,
+                            bits: t.bits as i32,
+                        },
+                    );
+                }
+            }
+            tensors.insert(t.name.clone(), array);
+        }
+        Ok(PackWeights {
+            tensors,
+            quant,
+            bytes,
+        })
+    }
+}
+
+impl Weights for PackWeights {
+    fn get(&self, name: &str) -> Option<Array> {
+        self.tensors.get(name).cloned()
+    }
+
+    fn quantization(&self, module: &str) -> Option<Quant> {
+        self.quant.get(module).copied()
+    }
+}
+
+/// The normalized model config a pack carries (metadata key `model`).
+pub fn model_config(pack: &Pack) -> Result<ModelConfig, OpenError> {
+    let meta = pack.metadata();
+    if let Some(model) = meta.get("model") {
+        if let Ok(cfg) = serde_json::from_value::<ModelConfig>(model.clone()) {
+            return Ok(cfg);
+        }
+    }
+    // Fall back to the verbatim source config.
+    ModelConfig::from_json(&meta["config"]).map_err(|e| OpenError::Metadata {
+        what: format!("model config: {e}"),
+    })
+}
+
+/// The tokenizer a pack carries (metadata key `tokenizer`).
+pub fn tokenizer(pack: &Pack) -> Result<tokenizers::Tokenizer, OpenError> {
+    let tok = pack.metadata().get("tokenizer").filter(|t| !t.is_null()).ok_or(OpenError::NoTokenizer)?;
+    let text = serde_json::to_string(tok).map_err(|e| OpenError::Tokenizer(e.to_string()))?;
+    text.parse::<tokenizers::Tokenizer>().map_err(|e| OpenError::Tokenizer(e.to_string()))
+}
+
+/// The chat template: metadata `chat_template`, else `tokenizer_config.chat_template`.
+pub fn chat_template(pack: &Pack) -> Option<String> {
+    let meta = pack.metadata();
+    meta.get("chat_template")
+        .and_then(|t| t.as_str())
+        .or_else(|| meta.get("tokenizer_config")?.get("chat_template")?.as_str())
+        .map(str::to_string)
+}
+
+/// Opens a pack from a path: the file, its config and dense weights.
+pub fn open(path: &Path, verify: bool) -> Result<(Pack, ModelConfig, PackWeights), OpenError> {
+    let pack = Pack::open(path)?;
+    let cfg = model_config(&pack)?;
+    let weights = PackWeights::load(&pack, verify)?;
+    Ok((pack, cfg, weights))
+}
