@@ -193,6 +193,7 @@ fn run_store(segments: usize, io: IoMode) {
         queue_depth: 4,
         policy: PolicyKind::Lru,
         verify: true,
+        naive: false,
     };
     let mut store = ExpertCache::new(&pack, &opts).unwrap();
     assert_eq!(store.stats().slots, 3);
@@ -256,6 +257,7 @@ fn damaged_segment_is_refused_when_verifying() {
     let pack = Pack::open(&path).unwrap();
     let opts = StoreOptions {
         verify: true,
+        naive: false,
         ..StoreOptions::default()
     };
     let mut store = ExpertCache::new(&pack, &opts).unwrap();

@@ -38,7 +38,12 @@ pub fn total_ram() -> u64 {
     #[cfg(unix)]
     {
         // SAFETY: sysconf reads system constants and has no memory effects.
-        let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
         if pages > 0 && page > 0 {
             return pages as u64 * page as u64;
         }
@@ -57,7 +62,11 @@ pub fn peak_rss() -> u64 {
             // SAFETY: getrusage succeeded, so the struct is initialised.
             let max = unsafe { u.assume_init() }.ru_maxrss as u64;
             // Linux reports KiB, macOS bytes.
-            return if cfg!(target_os = "macos") { max } else { max * 1024 };
+            return if cfg!(target_os = "macos") {
+                max
+            } else {
+                max * 1024
+            };
         }
     }
     0

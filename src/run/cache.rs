@@ -286,6 +286,15 @@ impl SlotTable {
         r
     }
 
+    /// Forgets every resident expert (the naive, cache-less baseline calls this before each group).
+    pub fn clear(&mut self) {
+        let keys: Vec<ExpertKey> = self.slots.keys().copied().collect();
+        for k in keys {
+            self.remove(k);
+        }
+        self.in_use.clear();
+    }
+
     /// Removes `key` (a load failed); its slot becomes free.
     pub fn remove(&mut self, key: ExpertKey) {
         if let Some(slot) = self.slots.remove(&key) {

@@ -81,6 +81,8 @@ pub struct StoreOptions {
     pub policy: PolicyKind,
     /// Check each segment's blake3 when it is read.
     pub verify: bool,
+    /// No caching at all: every use reads and decodes again (the naive baseline of benchmarks).
+    pub naive: bool,
 }
 
 impl Default for StoreOptions {
@@ -91,6 +93,7 @@ impl Default for StoreOptions {
             queue_depth: 8,
             policy: PolicyKind::Profile,
             verify: false,
+            naive: false,
         }
     }
 }
@@ -203,6 +206,7 @@ pub struct ExpertCache {
     merge_map: Option<Vec<Vec<u32>>>,
     reader: std::sync::Arc<SegmentReader>,
     verify: bool,
+    naive: bool,
     hidden: usize,
     inter: usize,
     stats: StoreStats,
@@ -308,6 +312,7 @@ impl ExpertCache {
             merge_map,
             reader,
             verify: opts.verify,
+            naive: opts.naive,
             hidden,
             inter,
             stats,
@@ -343,6 +348,9 @@ impl ExpertCache {
     ) -> Result<Vec<(usize, u32)>, ExpertError> {
         self.join_prefetch()?;
         for p in &mut self.pools {
+            if self.naive {
+                p.table.clear();
+            }
             p.table.begin_group();
         }
         let mut out = Vec::with_capacity(router_experts.len());

@@ -17,7 +17,9 @@ use crate::run::sample::{SampleError, Sampler, SamplerOptions};
 pub enum GenerateError {
     #[error("the prompt is empty: give some text (or disable the chat template with --raw only if the text itself is non-empty)")]
     EmptyPrompt,
-    #[error("the prompt has {tokens} tokens, but the model's context is {context}: shorten the prompt")]
+    #[error(
+        "the prompt has {tokens} tokens, but the model's context is {context}: shorten the prompt"
+    )]
     PromptTooLong { tokens: usize, context: usize },
     #[error(transparent)]
     Compute(#[from] ComputeError),

@@ -128,9 +128,14 @@ pub fn model_config(pack: &Pack) -> Result<ModelConfig, OpenError> {
 
 /// The tokenizer a pack carries (metadata key `tokenizer`).
 pub fn tokenizer(pack: &Pack) -> Result<tokenizers::Tokenizer, OpenError> {
-    let tok = pack.metadata().get("tokenizer").filter(|t| !t.is_null()).ok_or(OpenError::NoTokenizer)?;
+    let tok = pack
+        .metadata()
+        .get("tokenizer")
+        .filter(|t| !t.is_null())
+        .ok_or(OpenError::NoTokenizer)?;
     let text = serde_json::to_string(tok).map_err(|e| OpenError::Tokenizer(e.to_string()))?;
-    text.parse::<tokenizers::Tokenizer>().map_err(|e| OpenError::Tokenizer(e.to_string()))
+    text.parse::<tokenizers::Tokenizer>()
+        .map_err(|e| OpenError::Tokenizer(e.to_string()))
 }
 
 /// The chat template: metadata `chat_template`, else `tokenizer_config.chat_template`.

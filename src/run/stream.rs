@@ -38,7 +38,12 @@ pub struct StreamingExperts<'p> {
 }
 
 impl<'p> StreamingExperts<'p> {
-    pub fn new(pack: &'p Pack, cache: ExpertCache, num_experts: usize, prefetch: bool) -> StreamingExperts<'p> {
+    pub fn new(
+        pack: &'p Pack,
+        cache: ExpertCache,
+        num_experts: usize,
+        prefetch: bool,
+    ) -> StreamingExperts<'p> {
         let pools = (0..cache.pool_count())
             .map(|i| {
                 let [gate, up, down] = cache.matrices(i);
@@ -104,13 +109,19 @@ impl ExpertStore for StreamingExperts<'_> {
         if let Some(&bad) = wanted.iter().find(|&&e| e as usize >= self.num_experts) {
             return Err(ComputeError::BadPlacement {
                 expert: bad as usize,
-                what: format!("router output of layer {layer} (only {} experts)", self.num_experts),
+                what: format!(
+                    "router output of layer {layer} (only {} experts)",
+                    self.num_experts
+                ),
             });
         }
         if let Some((l, guessed)) = self.last_prediction.take() {
             if l == layer {
                 self.stats.predicted += guessed.len() as u64;
-                self.stats.predicted_correct += guessed.iter().filter(|e| wanted.binary_search(e).is_ok()).count() as u64;
+                self.stats.predicted_correct += guessed
+                    .iter()
+                    .filter(|e| wanted.binary_search(e).is_ok())
+                    .count() as u64;
             }
         }
         let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;
@@ -135,10 +146,16 @@ impl ExpertStore for StreamingExperts<'_> {
         let used = tables.iter().filter(|t| t.is_some()).count();
         let mut routes = Vec::with_capacity(used);
         for (pool, table) in tables.into_iter().enumerate() {
-            let Some((slots, holds)) = table else { continue };
+            let Some((slots, holds)) = table else {
+                continue;
+            };
             let slots = Array::from_slice(&slots, &[n])?.take(indices, 0)?;
             let serves = if used > 1 {
-                Some(Array::from_slice(&holds, &[n])?.astype(Dtype::Bool)?.take(indices, 0)?)
+                Some(
+                    Array::from_slice(&holds, &[n])?
+                        .astype(Dtype::Bool)?
+                        .take(indices, 0)?,
+                )
             } else {
                 None
             };

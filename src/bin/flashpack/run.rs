@@ -51,6 +51,9 @@ pub struct RunArgs {
     /// Do not prefetch the next layer's predicted experts.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Benchmark baseline: no expert cache, every use reads and decodes again.
+    #[arg(long)]
+    pub no_cache: bool,
     /// Check every tensor's and segment's blake3 as it is loaded.
     #[arg(long)]
     pub verify: bool,
@@ -60,10 +63,11 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let (pack, cfg, weights) =
-        open::open(&args.pack, args.verify).with_context(|| format!("cannot run {}", args.pack.display()))?;
+    let (pack, cfg, weights) = open::open(&args.pack, args.verify)
+        .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let tokenizer = open::tokenizer(&pack)?;
-    let model = flashpack::run::compute::Model::load(&cfg, &weights).context("loading the model")?;
+    let model =
+        flashpack::run::compute::Model::load(&cfg, &weights).context("loading the model")?;
 
     let budget = match &args.mem_budget {
         None => None,
@@ -74,8 +78,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(b) => {
             // The dense weights stay resident; the KV cache (bf16, up to the longest context
             // this run can reach) and activations come out of the budget too.
-            let positions = cfg.max_position_embeddings.unwrap_or(usize::MAX).min(args.prompt.len() + args.max_tokens) as u64;
-            let kv = cfg.num_hidden_layers as u64 * 2 * (cfg.num_key_value_heads * cfg.head_dim) as u64 * positions * 2;
+            let positions = cfg
+                .max_position_embeddings
+                .unwrap_or(usize::MAX)
+                .min(args.prompt.len() + args.max_tokens) as u64;
+            let kv = cfg.num_hidden_layers as u64
+                * 2
+                * (cfg.num_key_value_heads * cfg.head_dim) as u64
+                * positions
+                * 2;
             let margin = kv + (cfg.hidden_size * cfg.vocab_size * 4) as u64 + (2 << 20);
             let Some(rest) = b.checked_sub(weights.bytes + margin) else {
                 bail!(
@@ -94,12 +105,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         queue_depth: args.queue_depth,
         policy: args.policy,
         verify: args.verify,
+        naive: args.no_cache,
     };
     let mut cache = ExpertCache::new(&pack, &opts)?;
-    if expert_budget.is_none() {
+    if expert_budget.is_none() && !args.no_cache {
         cache.warm_all(&pack)?;
     }
-    let mut experts = StreamingExperts::new(&pack, cache, cfg.num_experts, !args.no_prefetch && expert_budget.is_some());
+    let streaming = expert_budget.is_some() || args.no_cache;
+    let mut experts = StreamingExperts::new(
+        &pack,
+        cache,
+        cfg.num_experts,
+        !args.no_prefetch && !args.no_cache && streaming,
+    );
     let min_slots = experts.min_slots();
     if min_slots < cfg.num_experts_per_tok {
         bail!(
@@ -130,7 +148,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             seed: args.seed,
         },
         // One chunk must not route to more distinct experts than the smallest pool holds.
-        prefill_chunk: if expert_budget.is_none() { 512 } else { (min_slots / cfg.num_experts_per_tok).max(1) },
+        prefill_chunk: if !streaming {
+            512
+        } else {
+            (min_slots / cfg.num_experts_per_tok).max(1)
+        },
         eos: cfg.eos_token_ids.clone(),
     };
     let mut stdout = std::io::stdout().lock();
@@ -176,7 +198,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             stats.decode_tokens_per_s,
             peak_rss() as f64 / 1e6
         );
-        if budget.is_some() {
+        if streaming {
             eprintln!(
                 "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}%, stall {:.0} ms",
                 cache_stats.slots,
@@ -191,16 +213,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Applies a Hugging Face chat template to one user message.
-fn render_chat(template: &str, prompt: &str, pack: &flashpack::format::Pack) -> anyhow::Result<String> {
+fn render_chat(
+    template: &str,
+    prompt: &str,
+    pack: &flashpack::format::Pack,
+) -> anyhow::Result<String> {
     let tc = pack.metadata().get("tokenizer_config");
     let token = |key: &str| -> String {
         tc.and_then(|t| t.get(key))
-            .and_then(|v| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())))
+            .and_then(|v| {
+                v.as_str()
+                    .or_else(|| v.get("content").and_then(|c| c.as_str()))
+            })
             .unwrap_or("")
             .to_string()
     };
     let mut env = minijinja::Environment::new();
-    env.add_template("chat", template).context("the pack's chat template does not parse; use --raw")?;
+    env.add_template("chat", template)
+        .context("the pack's chat template does not parse; use --raw")?;
     let ctx = minijinja::context! {
         messages => vec![minijinja::context! { role => "user", content => prompt }],
         add_generation_prompt => true,

@@ -185,10 +185,12 @@ impl Model {
 
     /// The first sparse block after layer `l`.
     fn next_sparse(&self, l: usize) -> Option<&MoeBlock> {
-        self.layers[l + 1..].iter().find_map(|layer| match &layer.ffn {
-            Ffn::Sparse(moe) => Some(moe),
-            Ffn::Dense(_) => None,
-        })
+        self.layers[l + 1..]
+            .iter()
+            .find_map(|layer| match &layer.ffn {
+                Ffn::Sparse(moe) => Some(moe),
+                Ffn::Dense(_) => None,
+            })
     }
 
     /// A fresh cache for this model.
