@@ -11,6 +11,7 @@
 pub mod arch;
 pub mod codec;
 pub mod format;
+pub mod hub;
 pub mod inspect;
 pub mod mapped;
 pub mod mlx;
