@@ -585,7 +585,8 @@ impl Fetch<'_> {
             .write(true)
             .open(partial)
             .map_err(|e| fatal(io_err(partial)(e)))?;
-        let mut have = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let on_disk = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut have = on_disk;
         if have > meta.size {
             have = 0;
         }
@@ -645,7 +646,9 @@ impl Fetch<'_> {
             }));
         }
         self.hash_prefix(&mut out, partial, start, hasher, hashed)?;
-        out.set_len(start).map_err(|e| fatal(io_err(partial)(e)))?;
+        if on_disk != start {
+            out.set_len(start).map_err(|e| fatal(io_err(partial)(e)))?;
+        }
         out.seek(SeekFrom::Start(start))
             .map_err(|e| fatal(io_err(partial)(e)))?;
         let mut body = reply.into_reader();

@@ -2,6 +2,7 @@
 
 mod bench;
 mod inspect;
+mod publish;
 mod verify;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show what a pack holds: model, sizes, bits per weight, codecs, layout, provenance.
     Inspect(inspect::InspectArgs),
+    /// Upload a pack and a generated model card to the Hugging Face Hub.
+    Publish(publish::PublishArgs),
     /// Hash every byte of a pack; name every damaged section, tensor or segment.
     Verify(verify::VerifyArgs),
 }
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::run(args),
+        Command::Publish(args) => publish::run(args),
         Command::Verify(args) => verify::run(args),
     };
     match result {
