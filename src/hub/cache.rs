@@ -15,7 +15,9 @@ use super::{HubError, RepoId};
 
 /// A 40-hex-digit git commit hash (what `refs/` files hold and snapshot folders are named).
 pub(crate) fn is_commit_hash(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A repo's folder in the cache.

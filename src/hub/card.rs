@@ -268,12 +268,21 @@ mod tests {
         let p = json!({"source": "/h/.cache/huggingface/hub/models--Qwen--Qwen3-30B-A3B/snapshots/abc"});
         assert_eq!(base_model_of(&p).as_deref(), Some("Qwen/Qwen3-30B-A3B"));
         let p = json!({"source": "allenai/OLMoE-1B-7B-0924", "revision": "0123"});
-        assert_eq!(base_model_of(&p).as_deref(), Some("allenai/OLMoE-1B-7B-0924"));
+        assert_eq!(
+            base_model_of(&p).as_deref(),
+            Some("allenai/OLMoE-1B-7B-0924")
+        );
         // A bare org/name without a revision may be a local folder: not claimed.
-        assert_eq!(base_model_of(&json!({"source": "fixtures/qwen3moe-tiny"})), None);
+        assert_eq!(
+            base_model_of(&json!({"source": "fixtures/qwen3moe-tiny"})),
+            None
+        );
         assert_eq!(base_model_of(&json!({"source": "test"})), None);
         let p = json!({"source": "x", "base_model": "mistralai/Mixtral-8x7B-v0.1"});
-        assert_eq!(base_model_of(&p).as_deref(), Some("mistralai/Mixtral-8x7B-v0.1"));
+        assert_eq!(
+            base_model_of(&p).as_deref(),
+            Some("mistralai/Mixtral-8x7B-v0.1")
+        );
     }
 
     #[test]

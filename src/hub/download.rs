@@ -107,7 +107,9 @@ fn index_shards(text: &str) -> Result<Vec<String>, String> {
             .as_str()
             .ok_or_else(|| format!("{INDEX} maps {tensor} to {shard}, not a file name"))?;
         if !safe_repo_path(s) {
-            return Err(format!("{INDEX} names shard {s:?}, which is not a file in the repo"));
+            return Err(format!(
+                "{INDEX} names shard {s:?}, which is not a file in the repo"
+            ));
         }
         shards.insert(s.to_string());
     }
@@ -134,7 +136,10 @@ fn cached_files(cache: &RepoCache, commit: &str) -> Result<Vec<String>, Vec<Stri
     if cache.has_file(commit, INDEX) {
         files.push(INDEX.to_string());
         let text = std::fs::read_to_string(cache.snapshot_dir(commit).join(INDEX));
-        match text.map_err(|e| e.to_string()).and_then(|t| index_shards(&t)) {
+        match text
+            .map_err(|e| e.to_string())
+            .and_then(|t| index_shards(&t))
+        {
             Ok(shards) => {
                 for s in shards {
                     if !cache.has_file(commit, &s) {
@@ -159,7 +164,10 @@ fn cached_files(cache: &RepoCache, commit: &str) -> Result<Vec<String>, Vec<Stri
 
 /// `W/"abc"` -> `abc`.
 fn normalize_etag(e: &str) -> String {
-    e.trim().trim_start_matches("W/").trim_matches('"').to_string()
+    e.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_string()
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -467,7 +475,11 @@ impl Fetch<'_> {
         }
         let size = reply
             .header("x-linked-size")
-            .or_else(|| (!reply.is_redirect()).then(|| reply.header("content-length")).flatten())
+            .or_else(|| {
+                (!reply.is_redirect())
+                    .then(|| reply.header("content-length"))
+                    .flatten()
+            })
             .and_then(|s| s.trim().parse::<u64>().ok())
             .ok_or_else(|| bad(format!("no size for {file}")))?;
         if let Some(c) = reply.header("x-repo-commit") {
@@ -538,9 +550,7 @@ impl Fetch<'_> {
             }
         }
         // Complete: check, then move into place.
-        let found_len = std::fs::metadata(&partial)
-            .map_err(io_err(&partial))?
-            .len();
+        let found_len = std::fs::metadata(&partial).map_err(io_err(&partial))?.len();
         if found_len != meta.size {
             let _ = std::fs::remove_file(&partial);
             return Err(HubError::SizeMismatch {
@@ -611,25 +621,19 @@ impl Fetch<'_> {
             Err(e) => return Err(fatal(e)),
         };
         let repo = self.repo.to_string();
-        let reply = self
-            .hub
-            .client
-            .check(reply, &self.ctx(&meta.file, &repo))
-            .or_else(|e| match e {
-                // Asked past the end: what we have is all there is; the size check decides.
-                HubError::Http { status: 416, .. } => Err(Stop::Broken("range refused".into())),
-                e => Err(fatal(e)),
-            });
-        let reply = match reply {
+        let reply = match self.hub.client.check(reply, &self.ctx(&meta.file, &repo)) {
             Ok(r) => r,
-            Err(Stop::Broken(_)) => {
-                // Start over on the next attempt.
+            Err(HubError::Http { status: 416, .. }) => {
+                // The server has no bytes past what we hold, yet the size says more: the
+                // partial file is not a prefix of this blob. Start over on the next attempt.
                 out.set_len(0).map_err(|e| fatal(io_err(partial)(e)))?;
                 *hasher = Sha256::new();
                 *hashed = 0;
-                return Err(Stop::Broken("the server refused to resume; restarting".into()));
+                return Err(Stop::Broken(
+                    "the server refused to resume; restarting".into(),
+                ));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(fatal(e)),
         };
         let resumed = reply.status == 206
             && reply
@@ -734,7 +738,15 @@ mod tests {
         for ok in ["config.json", "sub/model-00001-of-00002.safetensors"] {
             assert!(safe_repo_path(ok), "{ok}");
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", ".git/config", "a\\b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            ".git/config",
+            "a\\b",
+        ] {
             assert!(!safe_repo_path(bad), "{bad}");
         }
     }

@@ -152,7 +152,10 @@ fn resolve_location(base: &str, location: &str) -> String {
         format!("{}{location}", origin(base))
     } else {
         let path_end = base.find(['?', '#']).unwrap_or(base.len());
-        let dir = &base[..base[..path_end].rfind('/').map(|i| i + 1).unwrap_or(path_end)];
+        let dir = &base[..base[..path_end]
+            .rfind('/')
+            .map(|i| i + 1)
+            .unwrap_or(path_end)];
         format!("{dir}{location}")
     }
 }
@@ -163,7 +166,9 @@ fn resolve_location(base: &str, location: &str) -> String {
 pub(crate) fn encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (keep_slash && b == b'/')
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~')
+            || (keep_slash && b == b'/')
         {
             out.push(b as char);
         } else {

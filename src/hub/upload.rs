@@ -216,8 +216,15 @@ impl Hub {
         }
 
         // 4. LFS transfer.
-        let uploaded_bytes =
-            self.lfs_upload(&repo, &opts.revision, &opts.pack, &oid, size, &ctx, progress)?;
+        let uploaded_bytes = self.lfs_upload(
+            &repo,
+            &opts.revision,
+            &opts.pack,
+            &oid,
+            size,
+            &ctx,
+            progress,
+        )?;
 
         // 5. Commit.
         let summary = opts.message.clone().unwrap_or_else(|| {
@@ -530,7 +537,10 @@ impl Hub {
             .collect();
         parts.sort();
         let expected = size.div_ceil(chunk);
-        let numbered = parts.iter().enumerate().all(|(i, (n, _))| *n == i as u64 + 1);
+        let numbered = parts
+            .iter()
+            .enumerate()
+            .all(|(i, (n, _))| *n == i as u64 + 1);
         if parts.len() as u64 != expected || !numbered {
             return Err(HubError::BadResponse {
                 url: upload.href.clone(),

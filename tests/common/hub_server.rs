@@ -242,7 +242,11 @@ fn who(state: &State, req: &Request) -> Who {
 fn can_read(state: &State, req: &Request, repo: &str) -> Result<(), Resp> {
     let w = who(state, req);
     if matches!(w, Who::BadToken) {
-        return Err(Resp::error(401, "", "Invalid credentials in Authorization header"));
+        return Err(Resp::error(
+            401,
+            "",
+            "Invalid credentials in Authorization header",
+        ));
     }
     match state.repos.get(repo) {
         None if matches!(w, Who::Nobody) => {
@@ -259,7 +263,11 @@ fn can_read(state: &State, req: &Request, repo: &str) -> Result<(), Resp> {
 fn can_write(state: &State, req: &Request) -> Result<String, Resp> {
     match who(state, req) {
         Who::Nobody => Err(Resp::error(401, "", "You must be authenticated")),
-        Who::BadToken => Err(Resp::error(401, "", "Invalid credentials in Authorization header")),
+        Who::BadToken => Err(Resp::error(
+            401,
+            "",
+            "Invalid credentials in Authorization header",
+        )),
         Who::User(_, false) => Err(Resp::error(403, "", "You don't have the rights to write")),
         Who::User(u, true) => Ok(u),
     }
@@ -463,7 +471,11 @@ fn serve(stream: TcpStream, origin: &'static str, state: &Mutex<State>) {
 
 fn route(s: &mut State, req: &Request, origin: &str, body: &[u8]) -> Resp {
     let (path, _query) = req.path.split_once('?').unwrap_or((&req.path, ""));
-    let segs: Vec<String> = path.trim_start_matches('/').split('/').map(percent_decode).collect();
+    let segs: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
     let seg: Vec<&str> = segs.iter().map(String::as_str).collect();
     let m = req.method.as_str();
     if origin == "cdn" {
@@ -507,7 +519,11 @@ fn revision_info(s: &State, req: &Request, repo: &str, rev: &str) -> Resp {
         return r;
     }
     let r = &s.repos[repo];
-    let commit = r.branches.get(rev).cloned().unwrap_or_else(|| rev.to_string());
+    let commit = r
+        .branches
+        .get(rev)
+        .cloned()
+        .unwrap_or_else(|| rev.to_string());
     let Some(files) = r.commits.get(&commit) else {
         return Resp::error(404, "RevisionNotFound", &format!("Invalid rev id: {rev}"));
     };
@@ -523,7 +539,11 @@ fn resolve(s: &mut State, req: &Request, repo: &str, rev: &str, file: &str) -> R
         return r;
     }
     let r = &s.repos[repo];
-    let commit = r.branches.get(rev).cloned().unwrap_or_else(|| rev.to_string());
+    let commit = r
+        .branches
+        .get(rev)
+        .cloned()
+        .unwrap_or_else(|| rev.to_string());
     let Some(files) = r.commits.get(&commit) else {
         return Resp::error(404, "RevisionNotFound", &format!("Invalid rev id: {rev}"));
     };
@@ -640,21 +660,27 @@ fn lfs_batch(s: &mut State, req: &Request, repo: &str, body: &[u8]) -> Resp {
         let oid = o["oid"].as_str().unwrap_or("").to_string();
         let size = o["size"].as_u64().unwrap_or(0);
         if oid.len() != 64 {
-            objects.push(json!({"oid": oid, "size": size, "error": {"code": 422, "message": "bad oid"}}));
+            objects.push(
+                json!({"oid": oid, "size": size, "error": {"code": 422, "message": "bad oid"}}),
+            );
             continue;
         }
         if s.lfs.get(&oid).is_some_and(|b| b.len() as u64 == size) {
             objects.push(json!({"oid": oid, "size": size}));
             continue;
         }
-        let verify = json!({"href": format!("{}/{repo}.git/info/lfs/objects/verify", s.hub), "header": {}});
+        let verify =
+            json!({"href": format!("{}/{repo}.git/info/lfs/objects/verify", s.hub), "header": {}});
         let upload = match s.multipart_chunk.filter(|&c| size > c) {
             Some(chunk) => {
                 transfer = "multipart";
                 let mut header = serde_json::Map::new();
                 header.insert("chunk_size".into(), json!(chunk.to_string()));
                 for n in 1..=size.div_ceil(chunk) {
-                    header.insert(n.to_string(), json!(format!("{}/upload/{oid}/part/{n}", s.cdn)));
+                    header.insert(
+                        n.to_string(),
+                        json!(format!("{}/upload/{oid}/part/{n}", s.cdn)),
+                    );
                 }
                 json!({"href": format!("{}/lfs-complete/{oid}", s.hub), "header": header})
             }
@@ -676,7 +702,13 @@ fn lfs_complete(s: &mut State, oid: &str, body: &[u8]) -> Resp {
         return Resp::error(400, "", "oid mismatch");
     }
     let mut all = Vec::new();
-    for (i, p) in v["parts"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+    for (i, p) in v["parts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let n = p["partNumber"].as_u64().unwrap_or(0);
         if n != i as u64 + 1 {
             return Resp::error(400, "", "parts out of order");
@@ -724,7 +756,11 @@ fn commit(s: &mut State, req: &Request, repo: &str, rev: &str, body: &[u8]) -> R
     };
     let mut files = r.commits[&parent].clone();
     let mut lines = Vec::new();
-    for (i, l) in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+    for (i, l) in body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
         let Ok(v) = serde_json::from_slice::<Value>(l) else {
             return Resp::error(400, "", "bad NDJSON line");
         };
@@ -750,12 +786,21 @@ fn commit(s: &mut State, req: &Request, repo: &str, rev: &str, body: &[u8]) -> R
                 if val["algo"] != "sha256" {
                     return Resp::error(400, "", "algo must be sha256");
                 }
-                let Some(bytes) = s.lfs.get(oid).filter(|b| Some(b.len() as u64) == val["size"].as_u64())
+                let Some(bytes) = s
+                    .lfs
+                    .get(oid)
+                    .filter(|b| Some(b.len() as u64) == val["size"].as_u64())
                 else {
                     return Resp::error(400, "", "LFS object not found; upload it first");
                 };
                 let path = val["path"].as_str().unwrap_or("").to_string();
-                files.insert(path, StoredFile { bytes: bytes.clone(), lfs: true });
+                files.insert(
+                    path,
+                    StoredFile {
+                        bytes: bytes.clone(),
+                        lfs: true,
+                    },
+                );
             }
             _ => return Resp::error(400, "", &format!("unknown key {key}")),
         }
