@@ -151,7 +151,7 @@ pub fn model_card(
         };
         let _ = writeln!(
             out,
-            "| experts stored per layer | {experts} ({} segments in all) |",
+            "| experts stored per layer | {experts} ({} expert segment(s) in all) |",
             report.segments
         );
     }
@@ -178,11 +178,18 @@ pub fn model_card(
         size(report.padding_bytes),
         report.padding_fraction * 100.0
     );
+    let list = |f: &[&str]| {
+        if f.is_empty() {
+            "none".to_string()
+        } else {
+            f.join(", ")
+        }
+    };
     let _ = writeln!(
         out,
-        "| features | required [{}], optional [{}] |\n",
-        report.required_features.join(", "),
-        report.optional_features.join(", ")
+        "| format features | required: {}; optional: {} |\n",
+        list(&report.required_features),
+        list(&report.optional_features)
     );
 
     out.push_str("### Sizes\n\n| part | stored | weights | bits/weight |\n|---|---:|---:|---:|\n");
@@ -249,8 +256,8 @@ pub fn model_card(
          huggingface-cli download {repo} {pack_file} --revision {revision} --local-dir .\n\
          # or\n\
          curl -L -o {pack_file} {endpoint}/{repo}/resolve/{revision}/{pack_file}\n```\n\n\
-         Then run it with [flashpack](https://crates.io/crates/flashpack) (experts stream from \
-         disk; the rest stays in memory):\n\n```sh\n\
+         Then run it with flashpack (experts stream from disk; the rest stays in \
+         memory):\n\n```sh\n\
          flashpack verify {pack_file}\n\
          flashpack run {pack_file} --prompt \"Explain mixture-of-experts models in one paragraph.\"\n\
          flashpack inspect {pack_file}\n```\n"
