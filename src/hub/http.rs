@@ -305,6 +305,16 @@ impl Client {
         }
         let code = reply.header("x-error-code").unwrap_or("").to_string();
         let repo = ctx.repo.to_string();
+        // Only the Hub's own answers speak of tokens and repos; a CDN or a presigned storage
+        // URL refusing a request (an expired signature) is reported as the HTTP error it is.
+        if origin(&reply.url) != self.origin {
+            return Err(HubError::Http {
+                method: reply.method.as_str(),
+                url: reply.url.clone(),
+                status,
+                detail: reply.error_detail(),
+            });
+        }
         match (status, code.as_str()) {
             (404, "RepoNotFound") | (401 | 403, "RepoNotFound") if reply.token_sent => {
                 Err(HubError::RepoNotFound {

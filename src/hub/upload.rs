@@ -415,9 +415,9 @@ impl Hub {
                         .and_then(|s| s.trim().parse::<u64>().ok())
                         .filter(|&c| c > 0)
                         .ok_or_else(|| bad(format!("chunk_size {c} is not a positive integer")))?;
-                    self.multipart(upload, path, oid, size, chunk, progress, &mut sent)?;
+                    self.multipart(ctx, upload, path, oid, size, chunk, progress, &mut sent)?;
                 }
-                None => self.single_part(upload, path, size, progress, &mut sent)?,
+                None => self.single_part(ctx, upload, path, size, progress, &mut sent)?,
             }
             progress.finish_stage();
         }
@@ -450,6 +450,7 @@ impl Hub {
     #[allow(clippy::too_many_arguments)]
     fn put_range(
         &self,
+        ctx: &Ctx<'_>,
         url: &str,
         headers: &[(&str, &str)],
         path: &std::path::Path,
@@ -458,12 +459,6 @@ impl Hub {
         progress: &dyn Progress,
         sent: &mut u64,
     ) -> Result<Reply, HubError> {
-        let ctx = Ctx {
-            repo: "",
-            revision: None,
-            file: None,
-            access: Access::Write,
-        };
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -483,7 +478,7 @@ impl Hub {
                     Body::Reader(&mut reader, len),
                     Follow::All,
                 )
-                .and_then(|r| self.client.check(r, &ctx));
+                .and_then(|r| self.client.check(r, ctx));
             match result {
                 Ok(r) => return Ok(r),
                 Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
@@ -496,6 +491,7 @@ impl Hub {
 
     fn single_part(
         &self,
+        ctx: &Ctx<'_>,
         upload: &Action,
         path: &std::path::Path,
         size: u64,
@@ -511,7 +507,7 @@ impl Hub {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        self.put_range(&upload.href, &h, path, 0, size, progress, sent)?;
+        self.put_range(ctx, &upload.href, &h, path, 0, size, progress, sent)?;
         Ok(())
     }
 
@@ -521,6 +517,7 @@ impl Hub {
     #[allow(clippy::too_many_arguments)]
     fn multipart(
         &self,
+        ctx: &Ctx<'_>,
         upload: &Action,
         path: &std::path::Path,
         oid: &str,
@@ -555,7 +552,7 @@ impl Hub {
         for (n, url) in &parts {
             let offset = (n - 1) * chunk;
             let len = chunk.min(size - offset);
-            let reply = self.put_range(url, &[], path, offset, len, progress, sent)?;
+            let reply = self.put_range(ctx, url, &[], path, offset, len, progress, sent)?;
             let etag = reply
                 .header("etag")
                 .map(str::to_string)
@@ -574,13 +571,7 @@ impl Hub {
             Body::Bytes(body.as_bytes()),
             Follow::All,
         )?;
-        let ctx = Ctx {
-            repo: "",
-            revision: None,
-            file: None,
-            access: Access::Write,
-        };
-        self.client.check(reply, &ctx)?;
+        self.client.check(reply, ctx)?;
         Ok(())
     }
 }
