@@ -9,14 +9,15 @@
 //! and sha256 for LFS files); partial downloads live as `blobs/<etag>.incomplete` and resume
 //! with HTTP `Range`. The endpoints and the exact API behaviour followed are in docs/hub.md.
 //!
-//! Pipelines: download: resolve revision -> plan files -> fetch blobs -> link snapshot
-//! (download.rs, cache.rs); publish: card -> hash -> create repo -> LFS transfer -> commit
+//! Pipelines: download: resolve revision -> plan files (download.rs) -> fetch blobs -> link
+//! snapshot (fetch.rs, cache.rs); publish: card -> hash -> create repo -> LFS transfer -> commit
 //! (card.rs, upload.rs). http.rs is the one place that speaks HTTP.
 
 mod cache;
 mod card;
 mod download;
 mod error;
+mod fetch;
 mod http;
 mod upload;
 
