@@ -12,6 +12,7 @@ pub mod arch;
 pub mod codec;
 pub mod convert;
 pub mod format;
+pub mod hub;
 pub mod inspect;
 pub mod mapped;
 pub mod mlx;

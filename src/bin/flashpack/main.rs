@@ -4,6 +4,7 @@ mod bench;
 mod convert;
 mod inspect;
 mod run;
+mod publish;
 mod verify;
 
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate text from a pack; experts stream from disk within --mem-budget.
     Run(run::RunArgs),
+    /// Upload a pack and a generated model card to the Hugging Face Hub.
+    Publish(publish::PublishArgs),
     /// Hash every byte of a pack; name every damaged section, tensor or segment.
     Verify(verify::VerifyArgs),
 }
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::run(args),
         Command::Run(args) => run::run(args),
+        Command::Publish(args) => publish::run(args),
         Command::Verify(args) => verify::run(args),
     };
     match result {
