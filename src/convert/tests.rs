@@ -347,14 +347,13 @@ fn mlx_quantized_source_reuses_codes() {
     for (x, y) in a.experts().iter().zip(b.experts()) {
         assert_eq!(a.segment_stored(x), b.segment_stored(y), "{:?}", x.key());
     }
-    // Dense 4-bit codes are copied too; the 8-bit router is dequantized to f32.
+    // Dense 4-bit codes are copied too, and so are the 8-bit router's (kept, not dequantized).
     let (qa, qb) = (
         a.tensor("model.layers.0.self_attn.k_proj.weight").unwrap(),
         b.tensor("model.layers.0.self_attn.k_proj.weight").unwrap(),
     );
     assert_eq!(a.tensor_stored(qa), b.tensor_stored(qb));
-    assert_eq!(
-        b.tensor("model.layers.0.mlp.gate.weight").unwrap().dtype,
-        DType::F32
-    );
+    let router = b.tensor("model.layers.0.mlp.gate.weight").unwrap();
+    assert_eq!((router.dtype, router.bits), (DType::U32, 8));
+    assert!(b.tensor("model.layers.0.mlp.gate.scales").is_some());
 }
