@@ -26,9 +26,10 @@ pub const SYMBOLS: usize = 256;
 pub const MAX_CODE_LEN: u8 = 11;
 /// Most interleaved streams a segment may have. formats/codecs-v1.md §2.3.
 pub const MAX_STREAMS: usize = 16;
-/// Streams the encoder writes by default: enough independent dependency chains to hide the
-/// table-lookup latency on one core (measured: docs/decisions/0002-huffman-symbols.md).
-pub const DEFAULT_STREAMS: usize = 8;
+/// Streams the encoder writes by default. Four chains hide most of the table-lookup latency;
+/// eight ran 20-30% slower on x86-64 (16 registers: the state spills). Measured in
+/// docs/decisions/0002-huffman-symbols.md.
+pub const DEFAULT_STREAMS: usize = 4;
 
 /// The parsed fixed part of a Huffman segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
