@@ -66,6 +66,9 @@ pub struct CodecsArgs {
     /// Print JSON rows instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Also write each dataset's bytes to DIR/<dataset>.bin (to compare with dump_codes.py).
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -120,6 +123,18 @@ fn codecs(a: CodecsArgs) -> Result<()> {
         bail!("nothing to bench: give --synthetic, --safetensors PATH or --codes FILE --bits N");
     }
 
+    if let Some(dir) = &a.dump {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for d in &datasets {
+            let name: String = d
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                .collect();
+            let path = dir.join(format!("{name}.bin"));
+            std::fs::write(&path, d.segments.concat()).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     let mut opts = BenchOptions {
         rounds: a.rounds,
         ..BenchOptions::default()
