@@ -4,6 +4,9 @@
 //! 1 MiB); the rest is the stored segment. Mode "decode" feeds it to the decoder as is: the
 //! result must be Ok(dst.len()) or a typed error, never a panic or an out-of-bounds access.
 //! Mode "round trip" treats the rest as data instead: every codec must give it back exactly.
+//! Mode "damage" encodes the first part of the rest with Huffman, applies the second part as
+//! (offset, xor) edits to the stored bytes, and decodes: valid tables with corrupt streams are
+//! what random bytes almost never reach.
 #![no_main]
 
 use flashpack::codec::{encode, Codec, CodecId, Decoder};
@@ -17,7 +20,22 @@ fuzz_target!(|input: &[u8]| {
     let len = u32::from_le_bytes([input[1], input[2], input[3], 0]) as usize % (1 << 20);
     let rest = &input[4..];
     let mut dec = Decoder::new();
-    if mode & 0x80 == 0 {
+    if mode & 0xc0 == 0x40 {
+        let split = (len % (rest.len() + 1)).min(rest.len());
+        let (data, edits) = rest.split_at(split);
+        let mut seg = Vec::new();
+        flashpack::codec::huffman::encode(data, 1 + (mode as usize & 15), &mut seg).expect("small input");
+        for e in edits.chunks_exact(3) {
+            let at = u16::from_le_bytes([e[0], e[1]]) as usize;
+            if let Some(b) = seg.get_mut(at) {
+                *b ^= e[2];
+            }
+        }
+        let mut dst = vec![0u8; data.len()];
+        if let Ok(n) = dec.decode_into(CodecId::Huffman, &seg, &mut dst) {
+            assert_eq!(n, data.len());
+        }
+    } else if mode & 0x80 == 0 {
         let id = CodecId::ALL[(mode & 3) as usize];
         let mut dst = vec![0u8; len];
         if let Ok(n) = dec.decode_into(id, rest, &mut dst) {
