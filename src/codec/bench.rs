@@ -12,7 +12,9 @@ use rayon::prelude::*;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{encode, encode_auto, entropy, AutoPolicy, Codec, CodecChoice, CodecError, CodecId, Decoder};
+use super::{
+    encode, encode_auto, entropy, AutoPolicy, Codec, CodecChoice, CodecError, CodecId, Decoder,
+};
 
 /// Segments of bytes that share a code width.
 pub struct Dataset {
@@ -24,11 +26,19 @@ pub struct Dataset {
 
 impl Dataset {
     /// Cut one buffer into segments of `segment_bytes` (the last may be shorter).
-    pub fn from_bytes(name: impl Into<String>, bits: u8, data: &[u8], segment_bytes: usize) -> Self {
+    pub fn from_bytes(
+        name: impl Into<String>,
+        bits: u8,
+        data: &[u8],
+        segment_bytes: usize,
+    ) -> Self {
         Self {
             name: name.into(),
             bits,
-            segments: data.chunks(segment_bytes.max(1)).map(<[u8]>::to_vec).collect(),
+            segments: data
+                .chunks(segment_bytes.max(1))
+                .map(<[u8]>::to_vec)
+                .collect(),
         }
     }
 
@@ -148,7 +158,10 @@ fn label(choice: &CodecChoice) -> String {
 ///
 /// Every codec's output is decoded and compared with its input before it is timed; a codec
 /// that does not round-trip is an error, not a row.
-pub fn bench_codecs(datasets: &[Dataset], opts: &BenchOptions) -> Result<Vec<BenchRow>, CodecError> {
+pub fn bench_codecs(
+    datasets: &[Dataset],
+    opts: &BenchOptions,
+) -> Result<Vec<BenchRow>, CodecError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()
@@ -182,7 +195,9 @@ pub fn bench_codecs(datasets: &[Dataset], opts: &BenchOptions) -> Result<Vec<Ben
         });
         let memcpy_all = pool.install(|| {
             measure(opts, input, || {
-                dsts.par_iter_mut().zip(&ds.segments).for_each(|(d, s)| d.copy_from_slice(s));
+                dsts.par_iter_mut()
+                    .zip(&ds.segments)
+                    .for_each(|(d, s)| d.copy_from_slice(s));
                 std::hint::black_box(&dsts);
             })
         });
@@ -211,7 +226,13 @@ pub fn bench_codecs(datasets: &[Dataset], opts: &BenchOptions) -> Result<Vec<Ben
             let encode_mb_s = input as f64 / start.elapsed().as_secs_f64() / 1e6;
             // Correctness first: a codec that does not round-trip gets no speed number.
             let mut dec = Decoder::new();
-            for (i, ((id, st), (d, s))) in enc.ids.iter().zip(&enc.stored).zip(dsts.iter_mut().zip(&ds.segments)).enumerate() {
+            for (i, ((id, st), (d, s))) in enc
+                .ids
+                .iter()
+                .zip(&enc.stored)
+                .zip(dsts.iter_mut().zip(&ds.segments))
+                .enumerate()
+            {
                 dec.decode_into(*id, st, d)?;
                 if d != s {
                     return Err(CodecError::RoundTrip {

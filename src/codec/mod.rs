@@ -152,7 +152,9 @@ impl Default for AutoPolicy {
 pub enum CodecError {
     #[error("unknown codec id {id} (known: 0 raw, 1 huffman, 2 zstd, 3 lz4); the pack may be newer than this reader")]
     UnknownCodec { id: u8 },
-    #[error("unknown codec name {name:?}: use auto, raw, huffman, lz4, zstd or zstd-N (N in 1..=22)")]
+    #[error(
+        "unknown codec name {name:?}: use auto, raw, huffman, lz4, zstd or zstd-N (N in 1..=22)"
+    )]
     UnknownCodecName { name: String },
     #[error("stored segment truncated: needs {needed} bytes, has {available}")]
     Truncated { needed: usize, available: usize },
@@ -172,7 +174,9 @@ pub enum CodecError {
     },
     #[error("input of {len} bytes is larger than a segment may be ({max} bytes); split it")]
     InputTooLarge { len: usize, max: usize },
-    #[error("{codec} output does not round-trip (segment {segment}): a codec bug, please report it")]
+    #[error(
+        "{codec} output does not round-trip (segment {segment}): a codec bug, please report it"
+    )]
     RoundTrip { codec: String, segment: usize },
     #[error("{codec} failed: {message}")]
     Backend {
@@ -187,7 +191,12 @@ pub enum CodecError {
 /// `bits` is the width of the codes packed in `src` (2, 3, 4, 5, 6 or 8 for MLX quantization
 /// codes; 16 or 32 for scale/bias bytes). The codecs themselves work on bytes; `bits` is kept so
 /// callers state what they store and so policies can differ by kind.
-pub fn encode(codec: Codec, bits: u8, src: &[u8], out: &mut Vec<u8>) -> Result<CodecId, CodecError> {
+pub fn encode(
+    codec: Codec,
+    bits: u8,
+    src: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<CodecId, CodecError> {
     let _ = bits;
     let start = out.len();
     match codec {
@@ -245,7 +254,7 @@ pub fn encode_auto(
         scratch.clear();
         if encode(codec, bits, src, scratch)? == codec.id() {
             let len = scratch.len();
-            if best.is_none_or(|(_, b)| len < b) {
+            if best.map_or(true, |(_, b)| len < b) {
                 best = Some((codec, len));
             }
         }
@@ -255,7 +264,9 @@ pub fn encode_auto(
         let codec = Codec::Zstd { level };
         if encode(codec, bits, src, scratch)? == CodecId::Zstd {
             let len = scratch.len();
-            let bar = best.map_or(usize::MAX as f64, |(_, b)| b as f64 * (1.0 - policy.zstd_min_advantage));
+            let bar = best.map_or(usize::MAX as f64, |(_, b)| {
+                b as f64 * (1.0 - policy.zstd_min_advantage)
+            });
             if (len as f64) < bar {
                 best = Some((codec, len));
             }
@@ -281,7 +292,12 @@ impl Decoder {
     }
 
     /// Decode `src` (stored with `codec`) into all of `dst`; returns `dst.len()` or an error.
-    pub fn decode_into(&mut self, codec: CodecId, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
+    pub fn decode_into(
+        &mut self,
+        codec: CodecId,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<usize, CodecError> {
         match codec {
             CodecId::Raw => {
                 if src.len() != dst.len() {
@@ -308,9 +324,11 @@ impl Decoder {
                         got: n,
                     });
                 }
-                let got = lz4_flex::block::decompress_into(&src[4..], dst).map_err(|e| CodecError::Backend {
-                    codec: "lz4",
-                    message: e.to_string(),
+                let got = lz4_flex::block::decompress_into(&src[4..], dst).map_err(|e| {
+                    CodecError::Backend {
+                        codec: "lz4",
+                        message: e.to_string(),
+                    }
                 })?;
                 check_len(dst.len(), got)
             }
@@ -333,7 +351,12 @@ impl Decoder {
                 // One frame, nothing after it (formats/codecs-v1.md §3).
                 match zstd::zstd_safe::find_frame_compressed_size(src) {
                     Ok(n) if n == src.len() => {}
-                    Ok(n) => return Err(CodecError::TrailingBytes { used: n, len: src.len() }),
+                    Ok(n) => {
+                        return Err(CodecError::TrailingBytes {
+                            used: n,
+                            len: src.len(),
+                        })
+                    }
                     Err(_) => {
                         return Err(CodecError::Backend {
                             codec: "zstd",
@@ -343,15 +366,21 @@ impl Decoder {
                 }
                 let ctx = match &mut self.zstd {
                     Some(c) => c,
-                    None => self.zstd.insert(zstd::bulk::Decompressor::new().map_err(|e| CodecError::Backend {
+                    None => self
+                        .zstd
+                        .insert(zstd::bulk::Decompressor::new().map_err(|e| {
+                            CodecError::Backend {
+                                codec: "zstd",
+                                message: e.to_string(),
+                            }
+                        })?),
+                };
+                let got = ctx
+                    .decompress_to_buffer(src, dst)
+                    .map_err(|e| CodecError::Backend {
                         codec: "zstd",
                         message: e.to_string(),
-                    })?),
-                };
-                let got = ctx.decompress_to_buffer(src, dst).map_err(|e| CodecError::Backend {
-                    codec: "zstd",
-                    message: e.to_string(),
-                })?;
+                    })?;
                 check_len(dst.len(), got)
             }
         }

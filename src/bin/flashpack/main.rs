@@ -5,7 +5,11 @@ mod bench;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "flashpack", version, about = "Pack and run Mixture-of-Experts models larger than memory")]
+#[command(
+    name = "flashpack",
+    version,
+    about = "Pack and run Mixture-of-Experts models larger than memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

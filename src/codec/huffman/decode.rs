@@ -99,7 +99,10 @@ struct Reader {
 impl Reader {
     fn new(start: usize) -> Self {
         // A window that has consumed nothing: the first refill loads at `start`.
-        Self { buf: MARK, pos: start }
+        Self {
+            buf: MARK,
+            pos: start,
+        }
     }
 
     /// Bits consumed from the current window.
@@ -308,13 +311,18 @@ fn decode_any(
     let starts = stream_starts(h);
     let q = stream_quota(dst.len(), h.streams).max(1);
     let mut chunks = dst.chunks_mut(q);
-    for s in 0..h.streams {
-        let mut r = Reader::new(starts[s]);
+    for (s, (&start, &stored)) in starts
+        .iter()
+        .zip(&h.stream_lens)
+        .take(h.streams)
+        .enumerate()
+    {
+        let mut r = Reader::new(start);
         for o in chunks.next().unwrap_or(&mut []).iter_mut() {
             r.refill_tail(src);
             *o = r.symbol(table);
         }
-        check_end(&r, starts[s], h.stream_lens[s], s)?;
+        check_end(&r, start, stored, s)?;
     }
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! Invariant: the output is a pure function of (`src`, `streams`): frequencies, package-merge
 //! lengths with symbol-order tie breaks and canonical codes leave no choice open.
 
-use super::{canonical_codes_reversed, code_lengths, stream_quota, MAX_CODE_LEN, MAX_STREAMS, SYMBOLS};
+use super::{
+    canonical_codes_reversed, code_lengths, stream_quota, MAX_CODE_LEN, MAX_STREAMS, SYMBOLS,
+};
 use crate::codec::CodecError;
 
 /// Append the Huffman segment of `src` split into `streams` interleaved streams to `out`.

@@ -143,7 +143,8 @@ pub fn check_lengths(lens: &[u8; SYMBOLS]) -> Result<(), CodecError> {
     match kraft.cmp(&(1u64 << MAX_CODE_LEN)) {
         std::cmp::Ordering::Equal => Ok(()),
         std::cmp::Ordering::Less => Err(CodecError::BadTable {
-            reason: "incomplete code: Kraft sum below 1 (some bit patterns would decode to nothing)",
+            reason:
+                "incomplete code: Kraft sum below 1 (some bit patterns would decode to nothing)",
         }),
         std::cmp::Ordering::Greater => Err(CodecError::BadTable {
             reason: "oversubscribed code: Kraft sum above 1 (not a prefix code)",
