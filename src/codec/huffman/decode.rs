@@ -1,10 +1,11 @@
 //! Huffman decoder: one segment in, exactly `dst.len()` bytes out, or a typed error.
 //!
 //! Invariant: never reads outside `src`, never writes outside `dst`, never panics, whatever the
-//! input. The fast loop's memory accesses are bounds-checked slices; the loop bound is computed
-//! so those checks never fail on any input, and the compiler turns most of them into cheap
-//! predictable branches. The streams are decoded in lock step so their table lookups (the
-//! latency chain of a Huffman decoder) overlap.
+//! input. The fast loop uses unchecked loads and stores; before it runs, the number of
+//! iterations is bounded so that every access is in bounds for any input (each refill advances
+//! at most 7 bytes, because every table entry of a validated complete code has a length of 1 to
+//! 11). The last symbols of each stream go through a checked reader. The streams are decoded in
+//! lock step so their table lookups (the latency chain of a Huffman decoder) overlap.
 //!
 //! Bit reader ("marker" refill): a window of 64 bits is loaded from the stream with its top bit
 //! forced to 1; consuming bits shifts the window right, so the marker drifts down and
