@@ -157,8 +157,11 @@ mod tests {
     fn huffman_cost(freq: &[u64]) -> (u64, u8) {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
-        let mut heap: BinaryHeap<Reverse<(u64, u8)>> =
-            freq.iter().filter(|&&f| f > 0).map(|&f| Reverse((f, 0))).collect();
+        let mut heap: BinaryHeap<Reverse<(u64, u8)>> = freq
+            .iter()
+            .filter(|&&f| f > 0)
+            .map(|&f| Reverse((f, 0)))
+            .collect();
         let (mut cost, mut depth) = (0u64, 0u8);
         while heap.len() > 1 {
             let Reverse((a, da)) = heap.pop().unwrap();
@@ -184,7 +187,7 @@ mod tests {
                 *f = x % 1000 + 1;
             }
             for (s, f) in freq.iter_mut().enumerate() {
-                let d = (s as i64 - 128).abs() as u64;
+                let d = (s as i64 - 128).unsigned_abs();
                 *f = *f * 64 / (1 + d / 16);
             }
             let (best, depth) = huffman_cost(&freq);
