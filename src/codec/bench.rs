@@ -64,7 +64,7 @@ impl Default for BenchOptions {
         Self {
             threads: rayon::current_num_threads(),
             rounds: 5,
-            min_round: Duration::from_millis(200),
+            min_round: Duration::from_millis(30),
             codecs: default_codecs(),
         }
     }

