@@ -125,20 +125,38 @@ impl QuantParams {
 }
 
 /// Scale and bias of one group, in f32, before rounding to the storage type.
-#[inline]
+#[inline(always)]
 pub fn group_scale_bias(w: &[f32], bits: u8) -> (f32, f32) {
     let n_bins = ((1u32 << bits) - 1) as f32;
-    let (mut w_min, mut w_max) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &x in w {
-        w_min = w_min.min(x);
-        w_max = w_max.max(x);
+    // Eight running minima and maxima with plain comparisons (not f32::min), so the loop
+    // compiles to vector min/max: min and max are exact, so the order does not matter. NaN
+    // inputs give an unspecified group (MLX propagates them); every other input the same one.
+    let mut lo = [f32::INFINITY; 8];
+    let mut hi = [f32::NEG_INFINITY; 8];
+    let chunks = w.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            lo[k] = if c[k] < lo[k] { c[k] } else { lo[k] };
+            hi[k] = if c[k] > hi[k] { c[k] } else { hi[k] };
+        }
     }
+    for &x in tail {
+        lo[0] = if x < lo[0] { x } else { lo[0] };
+        hi[0] = if x > hi[0] { x } else { hi[0] };
+    }
+    let w_min = lo
+        .iter()
+        .fold(f32::INFINITY, |m, &x| if x < m { x } else { m });
+    let w_max = hi
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     let scale = ((w_max - w_min) / n_bins).max(EPS);
     // bool side = abs(w_min) > abs(w_max); scale = side ? scale : -scale;
     let side = w_min.abs() > w_max.abs();
     let scale = if side { scale } else { -scale };
     let edge = if side { w_min } else { w_max };
-    let q0 = (edge / scale).round_ties_even();
+    let q0 = round_half_even(edge / scale);
     if q0 != 0.0 {
         (edge / q0, edge)
     } else {
@@ -146,9 +164,52 @@ pub fn group_scale_bias(w: &[f32], bits: u8) -> (f32, f32) {
     }
 }
 
+/// `x.round_ties_even()` in a form that vectorizes without SSE4.1: adding 2^23 to |x| leaves
+/// no fraction bits, so the FPU's round-to-nearest-even does the rounding; values of 2^23 and
+/// more are integers already.
+#[inline(always)]
+fn round_half_even(x: f32) -> f32 {
+    const TWO_23: f32 = 8_388_608.0;
+    let a = x.abs();
+    let r = if a < TWO_23 { (a + TWO_23) - TWO_23 } else { a };
+    r.copysign(x)
+}
+
 /// Quantizes one row: `codes.len() == words_per_row`, `scales`/`biases` hold
 /// `groups_per_row` values of `scale_dtype` each. `row.len()` must fit `p`.
 pub fn quantize_row(
+    row: &[f32],
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u32],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above); the function is otherwise safe.
+        return unsafe { quantize_row_avx2(row, p, scale_dtype, codes, scales, biases) };
+    }
+    quantize_row_generic(row, p, scale_dtype, codes, scales, biases)
+}
+
+/// The same code compiled for AVX2: 8-wide division and rounding. No FMA is enabled, and Rust
+/// never contracts `a * b + c` on its own, so results are identical to the generic path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(
+    row: &[f32],
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u32],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) {
+    quantize_row_generic(row, p, scale_dtype, codes, scales, biases)
+}
+
+#[inline(always)]
+fn quantize_row_generic(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
@@ -169,7 +230,12 @@ pub fn quantize_row(
         scale_dtype.write(bias, &mut biases[gi * ss..(gi + 1) * ss]);
         for (qi, &x) in q.iter_mut().zip(group) {
             // A true division, not a multiply by 1/scale: the reciprocal rounds differently.
-            *qi = ((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u32;
+            let v = round_half_even((x - bias) / scale);
+            let v = if v > 0.0 { v } else { 0.0 };
+            let v = if v < n_bins { v } else { n_bins };
+            // SAFETY: v is finite and in [0, n_bins] <= 255 (the comparisons above map NaN to
+            // 0), so the conversion is exact; unlike `as`, it needs no saturation and vectorizes.
+            *qi = unsafe { v.to_int_unchecked::<i32>() } as u32;
         }
         let out = &mut codes[gi * words_per_group..(gi + 1) * words_per_group];
         for (word, chunk) in out.iter_mut().zip(q[..g].chunks_exact(per_word)) {
