@@ -529,6 +529,20 @@ impl Checkpoint {
         })
     }
 
+    /// Drops the pages behind `bytes` (a slice of a tensor of this checkpoint) from this
+    /// process's resident set; they stay in the page cache. A slice that is not from a shard
+    /// is ignored.
+    pub fn release(&self, bytes: &[u8]) {
+        let p = bytes.as_ptr() as usize;
+        for s in &self.shards {
+            let base = s.bytes.as_ptr() as usize;
+            if p >= base && p + bytes.len() <= base + s.bytes.len() {
+                s.bytes.release(p - base, bytes.len());
+                return;
+            }
+        }
+    }
+
     /// Bytes of all weight files (the "source size" of a conversion).
     pub fn weight_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.bytes.len() as u64).sum()
@@ -561,9 +575,14 @@ impl Checkpoint {
                     }
                 };
                 let mut h = blake3::Hasher::new();
-                // Chunks keep the hasher's SIMD path busy without touching the whole map at once.
-                for c in bytes.chunks(1 << 20) {
+                // Hash in chunks and release each from our resident set once hashed, so hashing
+                // a model bigger than memory does not make this process as big as the model.
+                const CHUNK: usize = 8 << 20;
+                for (i, c) in bytes.chunks(CHUNK).enumerate() {
                     h.update(c);
+                    if let Some(b) = mapped {
+                        b.release(i * CHUNK, c.len());
+                    }
                 }
                 Ok(SourceFile {
                     name: name.clone(),

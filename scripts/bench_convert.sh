@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): flashpack convert vs mlx_lm convert on the same seeded checkpoint.
+#
+# Usage: scripts/bench_convert.sh [DIR] [LAYERS]
+#   DIR     scratch folder (default /tmp/flashpack-bench); the model is generated once there.
+#   LAYERS  decoder layers of the generated Qwen3-MoE (default 20: ~4.2 GB of bf16 weights).
+# Env: RUNS (default 1) repetitions per tool and cache state; SKIP_COLD=1 to skip cold runs.
+#
+# Prints a markdown table: wall time, source GB/s, peak RSS for each tool, warm and cold page
+# cache, and the disk's sequential read bandwidth (O_DIRECT dd of the largest shard).
+set -euo pipefail
+DIR=${1:-/tmp/flashpack-bench}
+LAYERS=${2:-20}
+RUNS=${RUNS:-1}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+cd "$ROOT"
+mkdir -p "$DIR"
+cargo build --release --quiet --bin flashpack --example make_fixture
+# Copies: a target folder shared with other checkouts may be rebuilt under us.
+cp "$CARGO_TARGET_DIR/release/flashpack" "$CARGO_TARGET_DIR/release/examples/make_fixture" "$DIR/"
+BIN=$DIR/flashpack
+SRC=$DIR/src-l$LAYERS
+if [ ! -f "$SRC/config.json" ]; then
+  "$DIR/make_fixture" --arch qwen3_moe --out "$SRC" \
+    --hidden 1024 --layers "$LAYERS" --experts 64 --top-k 8 --moe-intermediate 512 \
+    --heads 16 --kv-heads 4 --head-dim 64 --vocab 8192 --shard-mb 2000 --seed 1 \
+    --tokenizer-from fixtures/qwen3moe-tiny
+fi
+SRC_BYTES=$(cat "$SRC"/*.safetensors | wc -c)
+
+evict() { for f in "$SRC"/*.safetensors; do dd if="$f" iflag=nocache count=0 status=none; done; }
+warm() { cat "$SRC"/*.safetensors > /dev/null; }
+
+# Disk: sequential read of the largest shard with O_DIRECT (bypasses the page cache).
+BIG=$(ls -S "$SRC"/*.safetensors | head -1)
+DISK=$(dd if="$BIG" of=/dev/null bs=16M iflag=direct 2>&1 | tail -1 | sed -E 's/.*, ([0-9.]+ [GM]B\/s)$/\1/')
+
+# run NAME CACHE CMD...: prints "seconds peak_rss_kb"
+measure() {
+  local log; log=$(mktemp)
+  /usr/bin/time -v "$@" > /dev/null 2> "$log" || { cat "$log" >&2; exit 1; }
+  local wall rss
+  wall=$(grep "Elapsed (wall clock)" "$log" | awk '{print $NF}')
+  rss=$(grep "Maximum resident set size" "$log" | awk '{print $NF}')
+  rm -f "$log"
+  # h:mm:ss or m:ss.cc -> seconds
+  echo "$wall" | awk -F: '{ if (NF==3) s=$1*3600+$2*60+$3; else s=$1*60+$2; print s }' | tr '\n' ' '
+  echo "$rss"
+}
+
+rows=()
+for cache in warm cold; do
+  [ "$cache" = cold ] && [ "${SKIP_COLD:-0}" = 1 ] && continue
+  for i in $(seq 1 "$RUNS"); do
+    rm -rf "$DIR/out.flashpack" "$DIR/mlx-q4"
+    if [ "$cache" = cold ]; then evict; else warm; fi
+    read -r fs frss < <(measure "$BIN" convert "$SRC" -o "$DIR/out.flashpack" --quiet)
+    if [ "$cache" = cold ]; then evict; else warm; fi
+    read -r ms mrss < <(measure python3 -m mlx_lm convert --hf-path "$SRC" --mlx-path "$DIR/mlx-q4" \
+      -q --q-bits 4 --q-group-size 64)
+    rows+=("$cache $i $fs $frss $ms $mrss")
+  done
+done
+PACK_BYTES=$(wc -c < "$DIR/out.flashpack")
+MLX_BYTES=$(cat "$DIR"/mlx-q4/*.safetensors | wc -c)
+
+echo
+echo "source: $SRC ($(awk -v b="$SRC_BYTES" 'BEGIN{printf "%.2f", b/1e9}') GB bf16, qwen3_moe, $LAYERS layers x 64 experts, hidden 1024, expert width 512)"
+echo "disk sequential read (dd O_DIRECT, 16 MiB blocks): $DISK"
+echo "cores: $(nproc); flashpack pack $(awk -v b="$PACK_BYTES" 'BEGIN{printf "%.3f", b/1e9}') GB, mlx_lm output $(awk -v b="$MLX_BYTES" 'BEGIN{printf "%.3f", b/1e9}') GB"
+echo
+echo "| page cache | run | flashpack s | flashpack GB/s | flashpack peak RSS | mlx_lm s | mlx_lm GB/s | mlx_lm peak RSS | speed-up |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for r in "${rows[@]}"; do
+  set -- $r
+  awk -v c="$1" -v i="$2" -v fs="$3" -v fr="$4" -v ms="$5" -v mr="$6" -v b="$SRC_BYTES" 'BEGIN{
+    printf "| %s | %s | %.1f | %.2f | %.2f GB | %.1f | %.2f | %.2f GB | %.2fx |\n",
+      c, i, fs, b/1e9/fs, fr/1e6, ms, b/1e9/ms, mr/1e6, ms/fs }'
+done
