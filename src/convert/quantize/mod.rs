@@ -280,6 +280,8 @@ fn quantize_row_generic(
     )
 }
 
+// The two closures pick the instruction-set-specific pieces; the rest is `quantize_row`'s list.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn quantize_row_with(
     row: &[f32],
