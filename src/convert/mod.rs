@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Errors of a conversion, by stage.
@@ -193,11 +194,86 @@ pub fn convert_checkpoint(
     progress: &dyn Progress,
     t0: Instant,
 ) -> Result<ConvertReport, ConvertError> {
-    let (expert_params, dense_policy) = opts.check()?;
+    opts.check()?;
     let mut stages = vec![StageTime {
         stage: "load",
         seconds: t0.elapsed().as_secs_f64(),
     }];
+    let c = &ck.config;
+    let writer = PackWriter::create(
+        output,
+        opts.page_size,
+        c.hidden_size as u32,
+        c.moe_intermediate_size as u32,
+    )?;
+    // load (cont.): the source's fingerprint for the provenance record is computed on a thread
+    // of its own beside quantization, so its reads overlap that work (on a cold page cache the
+    // hashing is disk-bound while quantization is CPU-bound).
+    let cancel = AtomicBool::new(false);
+    let (payload, hashed) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| {
+            let t = Instant::now();
+            ck.provenance_in_order(&cancel)
+                .map(|p| (p, t.elapsed().as_secs_f64()))
+        });
+        let payload = write_payload(ck, writer, opts, progress, &mut stages);
+        if payload.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        (payload, hashing.join())
+    });
+    let writer = payload?;
+    let (provenance, hash_seconds) = hashed.map_err(|_| ConvertError::Unsupported {
+        what: "the hashing thread panicked".into(),
+    })??;
+    stages.push(StageTime {
+        stage: "hash (beside dense and experts)",
+        seconds: hash_seconds,
+    });
+    let lap = Instant::now();
+
+    progress.stage("finish", None, "");
+    let meta = write::metadata(ck, &provenance, opts)?;
+    let summary = writer.finish(&meta)?;
+    let pack = Pack::open(&summary.path)?;
+    let report = PackReport::new(&pack);
+    progress.finish_stage();
+    stages.push(StageTime {
+        stage: "finish",
+        seconds: lap.elapsed().as_secs_f64(),
+    });
+
+    let seconds = t0.elapsed().as_secs_f64();
+    let source_bytes = ck.weight_bytes();
+    Ok(ConvertReport {
+        source: provenance.source.clone(),
+        output: summary.path.clone(),
+        architecture: c.arch.model_type().to_string(),
+        expert_layout: c
+            .sparse_layers()
+            .first()
+            .and_then(|&l| ck.expert_layout(l).ok()),
+        source_mlx_quantized: ck.mlx_quantization.is_some(),
+        seconds,
+        stages,
+        source_bytes,
+        pack_bytes: summary.file_size,
+        source_bytes_per_s: source_bytes as f64 / seconds.max(1e-9),
+        summary,
+        pack: report,
+    })
+}
+
+/// quantize -> encode -> write of every dense tensor, then every expert segment.
+fn write_payload(
+    ck: &Checkpoint,
+    mut writer: PackWriter,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+    stages: &mut Vec<StageTime>,
+) -> Result<PackWriter, ConvertError> {
+    let (expert_params, dense_policy) = opts.check()?;
+    let c = &ck.config;
     let mut lap = Instant::now();
     let mut done = |stage: &'static str, lap: &mut Instant| {
         stages.push(StageTime {
@@ -206,21 +282,6 @@ pub fn convert_checkpoint(
         });
         *lap = Instant::now();
     };
-
-    // load (cont.): fingerprint the source for the provenance record.
-    progress.stage("hash", Some(ck.weight_bytes()), "B");
-    let provenance = ck.provenance()?;
-    progress.advance(ck.weight_bytes());
-    progress.finish_stage();
-    done("hash", &mut lap);
-
-    let c = &ck.config;
-    let mut writer = PackWriter::create(
-        output,
-        opts.page_size,
-        c.hidden_size as u32,
-        c.moe_intermediate_size as u32,
-    )?;
 
     // quantize + encode + write: dense tensors.
     let dense_in = ck.dense_tensors()?;
@@ -339,33 +400,7 @@ pub fn convert_checkpoint(
     progress.finish_stage();
     done("experts", &mut lap);
 
-    progress.stage("finish", None, "");
-    let meta = write::metadata(ck, &provenance, opts)?;
-    let summary = writer.finish(&meta)?;
-    let pack = Pack::open(&summary.path)?;
-    let report = PackReport::new(&pack);
-    progress.finish_stage();
-    done("finish", &mut lap);
-
-    let seconds = t0.elapsed().as_secs_f64();
-    let source_bytes = ck.weight_bytes();
-    Ok(ConvertReport {
-        source: provenance.source.clone(),
-        output: summary.path.clone(),
-        architecture: c.arch.model_type().to_string(),
-        expert_layout: c
-            .sparse_layers()
-            .first()
-            .and_then(|&l| ck.expert_layout(l).ok()),
-        source_mlx_quantized: ck.mlx_quantization.is_some(),
-        seconds,
-        stages,
-        source_bytes,
-        pack_bytes: summary.file_size,
-        source_bytes_per_s: source_bytes as f64 / seconds.max(1e-9),
-        summary,
-        pack: report,
-    })
+    Ok(writer)
 }
 
 fn dense_bytes(d: &load::TensorData<'_>) -> u64 {

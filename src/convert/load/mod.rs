@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use safetensors::TensorInfo;
 
@@ -123,6 +124,8 @@ pub enum LoadError {
         repo: String,
         revision: Option<String>,
     },
+    #[error("cancelled")]
+    Cancelled,
     #[error(transparent)]
     Arch(#[from] ArchError),
     #[error(transparent)]
@@ -312,6 +315,40 @@ pub struct SourceFile {
 pub struct Provenance {
     pub source: String,
     pub files: Vec<SourceFile>,
+}
+
+/// blake3 of one file (mapped when `mapped` is given, else read), released from the resident
+/// set chunk by chunk so hashing a model bigger than memory does not make the process as big.
+fn hash_file(
+    name: &str,
+    path: &Path,
+    mapped: Option<&Bytes>,
+    cancel: &AtomicBool,
+) -> Result<SourceFile, LoadError> {
+    let owned;
+    let bytes: &[u8] = match mapped {
+        Some(b) => b,
+        None => {
+            owned = std::fs::read(path).map_err(io_err(path))?;
+            &owned
+        }
+    };
+    let mut h = blake3::Hasher::new();
+    const CHUNK: usize = 8 << 20;
+    for (i, c) in bytes.chunks(CHUNK).enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(LoadError::Cancelled);
+        }
+        h.update(c);
+        if let Some(b) = mapped {
+            b.release(i * CHUNK, c.len());
+        }
+    }
+    Ok(SourceFile {
+        name: name.to_string(),
+        size: bytes.len() as u64,
+        blake3: h.finalize().to_hex().to_string(),
+    })
 }
 
 /// A mapped safetensors shard.
@@ -550,6 +587,35 @@ impl Checkpoint {
 
     /// Hashes `config.json`, the index (if any) and every shard with blake3, files in parallel.
     pub fn provenance(&self) -> Result<Provenance, LoadError> {
+        let never = AtomicBool::new(false);
+        let files = self
+            .hash_jobs()
+            .par_iter()
+            .map(|(name, path, mapped)| hash_file(name, path, *mapped, &never))
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        Ok(Provenance {
+            source: self.root.display().to_string(),
+            files,
+        })
+    }
+
+    /// [`Checkpoint::provenance`] on the calling thread, one file after another, so it can run
+    /// beside the conversion (which has the rayon pool) and overlap its reads with that work.
+    /// Stops with [`LoadError::Cancelled`] soon after `cancel` is set.
+    pub fn provenance_in_order(&self, cancel: &AtomicBool) -> Result<Provenance, LoadError> {
+        let files = self
+            .hash_jobs()
+            .iter()
+            .map(|(name, path, mapped)| hash_file(name, path, *mapped, cancel))
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        Ok(Provenance {
+            source: self.root.display().to_string(),
+            files,
+        })
+    }
+
+    /// Files to fingerprint: `config.json`, the index (if any), every shard.
+    fn hash_jobs(&self) -> Vec<(String, PathBuf, Option<&Bytes>)> {
         let mut names: Vec<String> = vec!["config.json".into()];
         if self.root.join("model.safetensors.index.json").is_file() {
             names.push("model.safetensors.index.json".into());
@@ -563,38 +629,7 @@ impl Checkpoint {
                 .iter()
                 .map(|s| (s.name.clone(), s.path.clone(), Some(&s.bytes))),
         );
-        let files = jobs
-            .par_iter()
-            .map(|(name, path, mapped)| {
-                let owned;
-                let bytes: &[u8] = match mapped {
-                    Some(b) => b,
-                    None => {
-                        owned = std::fs::read(path).map_err(io_err(path))?;
-                        &owned
-                    }
-                };
-                let mut h = blake3::Hasher::new();
-                // Hash in chunks and release each from our resident set once hashed, so hashing
-                // a model bigger than memory does not make this process as big as the model.
-                const CHUNK: usize = 8 << 20;
-                for (i, c) in bytes.chunks(CHUNK).enumerate() {
-                    h.update(c);
-                    if let Some(b) = mapped {
-                        b.release(i * CHUNK, c.len());
-                    }
-                }
-                Ok(SourceFile {
-                    name: name.clone(),
-                    size: bytes.len() as u64,
-                    blake3: h.finalize().to_hex().to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, LoadError>>()?;
-        Ok(Provenance {
-            source: self.root.display().to_string(),
-            files,
-        })
+        jobs
     }
 }
 
