@@ -276,7 +276,7 @@ fn options_that_need_missing_stages_are_refused() {
         src.path(),
         &dest,
         &ConvertOptions {
-            dense_bits: 2,
+            dense_bits: 3,
             ..Default::default()
         },
     )
