@@ -332,6 +332,19 @@ impl ExpertCache {
         self.pools.len()
     }
 
+    /// Whether router expert `e` of `layer` is resident (or being prefetched, which the next
+    /// `prepare` joins without a new read); a lookup without side effects.
+    pub fn is_resident(&self, layer: u32, e: u32) -> bool {
+        let stored = stored_expert(&self.merge_map, layer, e);
+        let key = ExpertKey {
+            layer,
+            expert: stored,
+        };
+        self.pool_of
+            .get(&(layer, stored))
+            .is_some_and(|&p| self.pools[p].table.contains(key))
+    }
+
     /// gate, up and down of pool `pool`, for `gather_qmm`.
     pub fn matrices(&self, pool: usize) -> [QuantizedMatrix; 3] {
         let p = &self.pools[pool];

@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// Do not prefetch the next layer's predicted experts.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Skip a non-resident expert whose routing weight is below THRESHOLD (and renormalize the
+    /// token's other weights) instead of reading it. An approximation; off by default.
+    #[arg(long, value_name = "THRESHOLD")]
+    pub skip_uncached: Option<f32>,
     /// Benchmark baseline: no expert cache, every use reads and decodes again.
     #[arg(long)]
     pub no_cache: bool,
@@ -112,12 +116,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cache.warm_all(&pack)?;
     }
     let streaming = expert_budget.is_some() || args.no_cache;
+    if let Some(t) = args.skip_uncached {
+        if !(0.0..=1.0).contains(&t) {
+            bail!("--skip-uncached {t}: give a routing weight between 0 and 1");
+        }
+    }
     let mut experts = StreamingExperts::new(
         &pack,
         cache,
         cfg.num_experts,
         !args.no_prefetch && !args.no_cache && streaming,
-    );
+    )
+    .skip_uncached(args.skip_uncached);
     let min_slots = experts.min_slots();
     if min_slots < cfg.num_experts_per_tok {
         bail!(
@@ -207,6 +217,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 100.0 * stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
                 stream.stall_ms
             );
+            if args.skip_uncached.is_some() {
+                eprintln!(
+                    "skipped {} of {} routed experts (--skip-uncached)",
+                    stream.skipped, stream.routed
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
