@@ -200,7 +200,7 @@ fn codecs(a: CodecsArgs) -> Result<()> {
 fn file_label(path: &Path) -> String {
     let generic = |p: &Path| {
         p.file_name()
-            .map_or(true, |n| n.to_string_lossy().starts_with("model"))
+            .is_none_or(|n| n.to_string_lossy().starts_with("model"))
     };
     let mut p = path;
     while generic(p) {
