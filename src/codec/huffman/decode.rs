@@ -247,14 +247,22 @@ unsafe fn fast_loop_body<const N: usize>(
             // SAFETY: the caller's bound covers this iteration's refill (see above).
             unsafe { r.refill_fast(src) };
         }
-        for j in 0..SYMS_PER_REFILL {
+        // Written out five times (SYMS_PER_REFILL) rather than as a loop: the compiler does
+        // not fully unroll a 5 x 8 nest, and a rolled loop keeps the streams' state in memory.
+        let mut round = |j: usize| {
             for s in 0..N {
                 let b = local[s].symbol(table);
                 // SAFETY: i + j < i + SYMS_PER_REFILL <= outs[s].len() by the caller's bound,
                 // and the N outputs are disjoint slices.
                 unsafe { *ptrs[s].add(i + j) = b };
             }
-        }
+        };
+        round(0);
+        round(1);
+        round(2);
+        round(3);
+        round(4);
+        const _: () = assert!(SYMS_PER_REFILL == 5);
         i += SYMS_PER_REFILL;
     }
     *rs = local;
