@@ -28,7 +28,8 @@ mod expert;
 pub use dense::{plan_dense, DenseOut, DensePolicy};
 
 pub use expert::{
-    build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentPlan,
+    build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentParts,
+    SegmentPlan,
 };
 
 use super::tensor::{FloatDtype, MatrixView};
@@ -216,13 +217,13 @@ fn round_half_even(x: f32) -> f32 {
     r.copysign(x)
 }
 
-/// Quantizes one row: `codes.len() == words_per_row`, `scales`/`biases` hold
+/// Quantizes one row: `codes` holds `words_per_row` little-endian u32 words, `scales`/`biases`
 /// `groups_per_row` values of `scale_dtype` each. `row.len()` must fit `p`.
 pub fn quantize_row(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
 ) {
@@ -242,7 +243,7 @@ unsafe fn quantize_row_avx2(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
 ) {
@@ -255,7 +256,7 @@ fn quantize_row_generic(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
 ) {
@@ -267,7 +268,7 @@ fn quantize_row_with(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
     min_max: impl Fn(&[f32]) -> (f32, f32),
@@ -308,14 +309,14 @@ fn quantize_row_with(
                 // vectorizes.
                 *qi = unsafe { v.to_int_unchecked::<i32>() } as u32;
             }
-            let w0 = (g0 + gi) * words_per_group;
-            let out = &mut codes[w0..w0 + words_per_group];
-            for (word, chunk) in out.iter_mut().zip(q[..g].chunks_exact(per_word)) {
+            let w0 = (g0 + gi) * words_per_group * 4;
+            let out = &mut codes[w0..w0 + words_per_group * 4];
+            for (word, chunk) in out.chunks_exact_mut(4).zip(q[..g].chunks_exact(per_word)) {
                 let mut w = 0u32;
                 for (k, &c) in chunk.iter().enumerate() {
                     w |= c << (k as u32 * bits);
                 }
-                *word = w;
+                word.copy_from_slice(&w.to_le_bytes());
             }
         }
     }
@@ -449,6 +450,43 @@ pub fn quantize(
     p: QuantParams,
     scale_dtype: FloatDtype,
 ) -> Result<QuantizedMatrix, QuantError> {
+    let words = m.rows * p.words_per_row(m.cols);
+    let groups = m.rows * p.groups_per_row(m.cols) * scale_dtype.size();
+    let mut codes = vec![0u8; words * 4];
+    let mut scales = vec![0u8; groups];
+    let mut biases = vec![0u8; groups];
+    quantize_into(
+        what,
+        m,
+        p,
+        scale_dtype,
+        &mut codes,
+        &mut scales,
+        &mut biases,
+    )?;
+    Ok(QuantizedMatrix {
+        rows: m.rows,
+        cols: m.cols,
+        params: p,
+        scale_dtype,
+        codes,
+        scales,
+        biases,
+    })
+}
+
+/// [`quantize`] into caller-provided buffers of exactly the right sizes (codes
+/// `rows * cols * bits / 8` bytes, scales and biases `rows * cols / group_size` values), so a
+/// segment can be assembled without copying.
+pub fn quantize_into(
+    what: &str,
+    m: MatrixView<'_>,
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) -> Result<(), QuantError> {
     if !p.fits(m.cols) {
         return Err(QuantError::NotGroupAligned {
             what: what.to_string(),
@@ -456,12 +494,20 @@ pub fn quantize(
             group_size: p.group_size,
         });
     }
-    let wpr = p.words_per_row(m.cols);
-    let gpr = p.groups_per_row(m.cols);
-    let sbytes = gpr * scale_dtype.size();
-    let mut codes = vec![0u32; m.rows * wpr];
-    let mut scales = vec![0u8; m.rows * sbytes];
-    let mut biases = vec![0u8; m.rows * sbytes];
+    let wpr = p.words_per_row(m.cols) * 4;
+    let sbytes = p.groups_per_row(m.cols) * scale_dtype.size();
+    let want = [m.rows * wpr, m.rows * sbytes, m.rows * sbytes];
+    if [codes.len(), scales.len(), biases.len()] != want {
+        return Err(QuantError::Invalid {
+            what: what.to_string(),
+            detail: format!(
+                "output buffers of {:?} bytes; [{}, {}] needs {want:?}",
+                [codes.len(), scales.len(), biases.len()],
+                m.rows,
+                m.cols
+            ),
+        });
+    }
     codes
         .par_chunks_mut(wpr * ROWS_PER_TASK)
         .zip(scales.par_chunks_mut(sbytes * ROWS_PER_TASK))
@@ -482,15 +528,7 @@ pub fn quantize(
                 );
             }
         });
-    Ok(QuantizedMatrix {
-        rows: m.rows,
-        cols: m.cols,
-        params: p,
-        scale_dtype,
-        codes: words_to_le_bytes(&codes),
-        scales,
-        biases,
-    })
+    Ok(())
 }
 
 /// Dequantizes `q` and quantizes again with `p` (an MLX-quantized input asked for other bits
@@ -513,14 +551,6 @@ pub fn requantize(
         }
     })?;
     quantize(what, view, p, q.scale_dtype)
-}
-
-fn words_to_le_bytes(words: &[u32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(words.len() * 4);
-    for w in words {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    out
 }
 
 #[cfg(test)]
