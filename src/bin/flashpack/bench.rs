@@ -389,3 +389,74 @@ fn synthetic_weights(n: usize, seed: u64) -> Vec<f32> {
     out.truncate(n);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::quantize;
+
+    /// Weights exactly representable in f32 (multiples of 1/1024), two rows of two groups; the
+    /// second row is scaled so its groups have other ranges.
+    fn weights() -> Vec<f32> {
+        let mut w: Vec<f32> = (0..256u64)
+            .map(|i| ((i * 2_654_435_761) % 1000) as f32 / 1024.0 - 500.0 / 1024.0)
+            .collect();
+        for x in &mut w[128..] {
+            *x *= 0.25;
+        }
+        w
+    }
+
+    fn words(packed: &[u8]) -> Vec<u32> {
+        packed
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    fn halves(aux: &[u8]) -> Vec<u16> {
+        aux.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    }
+
+    // Expected values printed by mlx 0.32.4:
+    //   q, s, b = mx.quantize(mx.array(w), group_size=64, bits=B)
+    //   q as u32 words; s and b cast to bfloat16 and viewed as u16.
+    // Exact equality: the bench claims bit-identical codes.
+    #[test]
+    fn matches_mx_quantize_4bit() {
+        let (packed, aux) = quantize(&weights(), 64, 4, 128);
+        assert_eq!(
+            words(&packed),
+            [
+                0x59d158c0, 0x7ae26ae1, 0x8cf47bf3, 0x9d159d04, 0xbf36ae26, 0xc048cf37, 0xe259d158,
+                0xf37be26a, 0xfc840c95, 0xea63fb73, 0xd951da62, 0xb74fc840, 0xa62eb73f, 0x851d951e,
+                0x73fc840c, 0x62ea62fb, 0x40d951d9, 0x3fb74fc8, 0x1ea62ea7, 0x0c851d95, 0xfb73fb84,
+                0xd962ea62, 0xc840d951, 0xa73fb73f, 0x7bf26ae2, 0x8c048cf3, 0xae159d15, 0xbf37be26,
+                0xd048cf47, 0xe26ad159, 0xf37bf36a, 0x159c048c,
+            ]
+        );
+        // Scales of the 4 groups, then their biases.
+        assert_eq!(
+            halves(&aux),
+            [0x3d7a, 0xbd76, 0xbc7a, 0x3c78, 0xbefa, 0x3ef6, 0x3dfa, 0xbdf8]
+        );
+    }
+
+    #[test]
+    fn matches_mx_quantize_2bit() {
+        let (packed, aux) = quantize(&weights(), 64, 2, 128);
+        assert_eq!(
+            words(&packed),
+            [
+                0xbd6c6c6c, 0xb1b1bdbd, 0xc6f6f6f1, 0xdbdac6c6, 0xf9f9f939, 0xe7e4e4e4, 0x9393a7e7,
+                0x4f9f9f93, 0x7e7e4e4e, 0x3939397e, 0xe4f9f9f9, 0xe7e7e4e4, 0xb1bdbdbc, 0xf6f5b1b1,
+                0xc6c6c6f6, 0x1b1bdbdb,
+            ]
+        );
+        assert_eq!(
+            halves(&aux),
+            [0x3e7a, 0xbe76, 0xbd7a, 0x3d78, 0xbefa, 0x3ef6, 0x3dfa, 0xbdf8]
+        );
+    }
+}
