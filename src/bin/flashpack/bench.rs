@@ -29,7 +29,8 @@ pub enum BenchWhat {
 
 #[derive(Args, Debug)]
 pub struct CodecsArgs {
-    /// A .flashpack file whose stored segments to re-code (needs the pack reader; not yet wired).
+    /// A .flashpack file: its expert segments are decoded and re-coded with every codec, one
+    /// segment per pack segment (grouped by bits).
     pub pack: Option<PathBuf>,
     /// Synthetic Gaussian weights (4 MiB of 4-bit and of 2-bit codes), seeded.
     #[arg(long)]
@@ -78,14 +79,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn codecs(a: CodecsArgs) -> Result<()> {
-    if let Some(p) = &a.pack {
-        bail!(
-            "reading segments from a pack ({}) is not wired yet; use --safetensors DIR or --codes FILE",
-            p.display()
-        );
-    }
     let seg = a.segment_kib.max(1) * 1024;
     let mut datasets = Vec::new();
+    if let Some(p) = &a.pack {
+        datasets.extend(pack_datasets(p, a.aux)?);
+    }
     if a.synthetic {
         for &bits in &a.bits {
             let (codes, _) = quantize(&synthetic_weights(8 << 20, 0x5eed), 64, bits, 8 * 64);
@@ -459,4 +457,46 @@ mod tests {
             [0x3e7a, 0xbe76, 0xbd7a, 0x3d78, 0xbefa, 0x3ef6, 0x3dfa, 0xbdf8]
         );
     }
+}
+
+/// The decoded WEIGHTS parts (and, with `aux`, the scales+biases parts) of every expert
+/// segment of a pack, one bench segment per pack segment, grouped by bits.
+fn pack_datasets(path: &Path, aux: bool) -> Result<Vec<Dataset>> {
+    use flashpack::codec::{CodecId, Decoder};
+    let pack = flashpack::format::Pack::open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut decoder = Decoder::new();
+    let mut by_bits: std::collections::BTreeMap<u8, (Vec<Vec<u8>>, Vec<Vec<u8>>)> =
+        Default::default();
+    for e in pack.experts() {
+        let stored = pack.segment_stored(e);
+        let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
+        let mut w = vec![0u8; e.weights_decoded_len as usize];
+        decoder.decode_into(CodecId::try_from(e.weight_codec)?, ws, &mut w)?;
+        let mut x = vec![0u8; e.aux_decoded_len() as usize];
+        decoder.decode_into(CodecId::try_from(e.aux_codec)?, auxs, &mut x)?;
+        let entry = by_bits.entry(e.bits).or_default();
+        entry.0.push(w);
+        entry.1.push(x);
+    }
+    if by_bits.is_empty() {
+        bail!("{} has no expert segments", path.display());
+    }
+    let name = file_label(path);
+    let mut out = Vec::new();
+    for (bits, (weights, scales)) in by_bits {
+        out.push(Dataset {
+            name: format!("{name} {bits}-bit"),
+            bits,
+            segments: weights,
+        });
+        if aux {
+            out.push(Dataset {
+                name: format!("{name} {bits}-bit scales+biases"),
+                bits: 16,
+                segments: scales,
+            });
+        }
+    }
+    Ok(out)
 }
