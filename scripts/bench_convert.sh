@@ -4,7 +4,8 @@
 # Usage: scripts/bench_convert.sh [DIR] [LAYERS]
 #   DIR     scratch folder (default /tmp/flashpack-bench); the model is generated once there.
 #   LAYERS  decoder layers of the generated Qwen3-MoE (default 20: ~4.2 GB of bf16 weights).
-# Env: RUNS (default 1) repetitions per tool and cache state; SKIP_COLD=1 to skip cold runs.
+# Env: RUNS (default 1) repetitions per tool and cache state; SKIP_COLD=1 to skip cold runs;
+#      BENCH_TARGET_DIR (default DIR/target) where flashpack is built.
 #
 # Prints a markdown table: wall time, source GB/s, peak RSS for each tool, warm and cold page
 # cache, and the disk's sequential read bandwidth (O_DIRECT dd of the largest shard).
@@ -13,11 +14,12 @@ DIR=${1:-/tmp/flashpack-bench}
 LAYERS=${2:-20}
 RUNS=${RUNS:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+# A target folder of its own (BENCH_TARGET_DIR): a CARGO_TARGET_DIR shared with other checkouts
+# can be rebuilt from another branch between our build and our run.
+export CARGO_TARGET_DIR=${BENCH_TARGET_DIR:-$DIR/target}
 cd "$ROOT"
 mkdir -p "$DIR"
 cargo build --release --quiet --bin flashpack --example make_fixture
-# Copies: a target folder shared with other checkouts may be rebuilt under us.
 cp "$CARGO_TARGET_DIR/release/flashpack" "$CARGO_TARGET_DIR/release/examples/make_fixture" "$DIR/"
 BIN=$DIR/flashpack
 SRC=$DIR/src-l$LAYERS
