@@ -327,6 +327,27 @@ impl ExpertCache {
         })
     }
 
+    /// Bytes the pools would take with every stored expert resident (what `budget_bytes: None`
+    /// allocates); budgets given as a share of the experts are shares of this.
+    pub fn all_resident_bytes(pack: &Pack) -> u64 {
+        let (hidden, inter) = (
+            pack.hidden_size() as usize,
+            pack.intermediate_size() as usize,
+        );
+        pack.experts()
+            .iter()
+            .filter(|e| e.segment == 0)
+            .map(|e| {
+                let shape = PoolShape {
+                    bits: e.bits,
+                    group_size: e.group_size,
+                    scale_dtype: e.scale_dtype,
+                };
+                Pool::slot_bytes(shape, hidden, inter).iter().sum::<usize>() as u64
+            })
+            .sum()
+    }
+
     pub fn stats(&self) -> StoreStats {
         let mut s = self.stats.clone();
         s.bytes_read = self.reader.bytes_read();
