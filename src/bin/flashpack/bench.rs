@@ -388,6 +388,49 @@ fn synthetic_weights(n: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+/// Decoded WEIGHTS parts and AUX parts of a pack's segments.
+type SegmentsByPart = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+/// The decoded WEIGHTS parts (and, with `aux`, the scales+biases parts) of every expert
+/// segment of a pack, one bench segment per pack segment, grouped by bits.
+fn pack_datasets(path: &Path, aux: bool) -> Result<Vec<Dataset>> {
+    use flashpack::codec::{CodecId, Decoder};
+    let pack = flashpack::format::Pack::open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut decoder = Decoder::new();
+    let mut by_bits: std::collections::BTreeMap<u8, SegmentsByPart> = Default::default();
+    for e in pack.experts() {
+        let stored = pack.segment_stored(e);
+        let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
+        let mut w = vec![0u8; e.weights_decoded_len as usize];
+        decoder.decode_into(CodecId::try_from(e.weight_codec)?, ws, &mut w)?;
+        let mut x = vec![0u8; e.aux_decoded_len() as usize];
+        decoder.decode_into(CodecId::try_from(e.aux_codec)?, auxs, &mut x)?;
+        let entry = by_bits.entry(e.bits).or_default();
+        entry.0.push(w);
+        entry.1.push(x);
+    }
+    if by_bits.is_empty() {
+        bail!("{} has no expert segments", path.display());
+    }
+    let name = file_label(path);
+    let mut out = Vec::new();
+    for (bits, (weights, scales)) in by_bits {
+        out.push(Dataset {
+            name: format!("{name} {bits}-bit"),
+            bits,
+            segments: weights,
+        });
+        if aux {
+            out.push(Dataset {
+                name: format!("{name} {bits}-bit scales+biases"),
+                bits: 16,
+                segments: scales,
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::quantize;
@@ -457,46 +500,4 @@ mod tests {
             [0x3e7a, 0xbe76, 0xbd7a, 0x3d78, 0xbefa, 0x3ef6, 0x3dfa, 0xbdf8]
         );
     }
-}
-
-/// The decoded WEIGHTS parts (and, with `aux`, the scales+biases parts) of every expert
-/// segment of a pack, one bench segment per pack segment, grouped by bits.
-fn pack_datasets(path: &Path, aux: bool) -> Result<Vec<Dataset>> {
-    use flashpack::codec::{CodecId, Decoder};
-    let pack = flashpack::format::Pack::open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let mut decoder = Decoder::new();
-    let mut by_bits: std::collections::BTreeMap<u8, (Vec<Vec<u8>>, Vec<Vec<u8>>)> =
-        Default::default();
-    for e in pack.experts() {
-        let stored = pack.segment_stored(e);
-        let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
-        let mut w = vec![0u8; e.weights_decoded_len as usize];
-        decoder.decode_into(CodecId::try_from(e.weight_codec)?, ws, &mut w)?;
-        let mut x = vec![0u8; e.aux_decoded_len() as usize];
-        decoder.decode_into(CodecId::try_from(e.aux_codec)?, auxs, &mut x)?;
-        let entry = by_bits.entry(e.bits).or_default();
-        entry.0.push(w);
-        entry.1.push(x);
-    }
-    if by_bits.is_empty() {
-        bail!("{} has no expert segments", path.display());
-    }
-    let name = file_label(path);
-    let mut out = Vec::new();
-    for (bits, (weights, scales)) in by_bits {
-        out.push(Dataset {
-            name: format!("{name} {bits}-bit"),
-            bits,
-            segments: weights,
-        });
-        if aux {
-            out.push(Dataset {
-                name: format!("{name} {bits}-bit scales+biases"),
-                bits: 16,
-                segments: scales,
-            });
-        }
-    }
-    Ok(out)
 }
