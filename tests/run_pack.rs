@@ -310,6 +310,50 @@ fn run_cli_on_the_bundled_model() {
     assert!(stats["expert_cache"]["slots"].as_u64().unwrap() < 192);
     assert!(stats["expert_cache"]["bytes_read"].as_u64().unwrap() > 0);
 
+    // --skip-uncached: 0 changes nothing; a high threshold skips reads and says how many.
+    let out = flashpack(&[
+        "run",
+        p,
+        "--prompt",
+        "The history of",
+        "--max-tokens",
+        "12",
+        "--mem-budget",
+        "16MB",
+        "--skip-uncached",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), text);
+    let out = flashpack(&[
+        "run",
+        p,
+        "--prompt",
+        "The history of",
+        "--max-tokens",
+        "12",
+        "--mem-budget",
+        "16MB",
+        "--skip-uncached",
+        "0.3",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let skipped: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).lines().last().unwrap()).unwrap();
+    assert!(
+        skipped["stream"]["skipped"].as_u64().unwrap() > 0,
+        "{skipped}"
+    );
+    assert!(
+        skipped["expert_cache"]["bytes_read"].as_u64()
+            < stats["expert_cache"]["bytes_read"].as_u64()
+    );
+
     // Errors: empty prompt, budget too small, damaged pack, bad flag.
     let out = flashpack(&["run", p, "--prompt", ""]);
     assert_eq!(out.status.code(), Some(1));

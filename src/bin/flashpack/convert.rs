@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flashpack::codec::CodecChoice;
-use flashpack::convert::load::{ExpertLayout, LocalResolver, SourceSpec};
+use flashpack::convert::load::{ExpertLayout, SourceSpec};
 use flashpack::convert::{convert, ConvertOptions, ConvertReport};
+use flashpack::hub::HubResolver;
 use flashpack::progress::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -209,7 +210,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let spec = SourceSpec::parse(&args.src);
     let report = convert(
         &spec,
-        &LocalResolver::from_env(),
+        &HubResolver { progress: &bars },
         &args.output,
         &opts,
         &bars,

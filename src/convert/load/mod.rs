@@ -32,6 +32,8 @@ pub use safetensors::TensorInfo;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     #[error("cannot read {path}: {source}")]
     Io {
         path: String,
@@ -314,6 +316,8 @@ pub struct SourceFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {
     pub source: String,
+    /// The commit a Hub source resolved to.
+    pub revision: Option<String>,
     pub files: Vec<SourceFile>,
 }
 
@@ -376,6 +380,8 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     tensors: BTreeMap<String, Entry>,
     index: experts::ExpertIndex,
+    /// The Hub repository and commit this folder is a snapshot of, when it came from the Hub.
+    origin: Option<(String, Option<String>)>,
 }
 
 /// A borrowed tensor.
@@ -397,7 +403,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
 impl Checkpoint {
     /// Resolves `spec` with `resolver` and opens the folder.
     pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
-        Checkpoint::open(&resolver.resolve(spec)?)
+        let dir = resolver.resolve(spec)?;
+        let mut ck = Checkpoint::open(&dir)?;
+        if let SourceSpec::Hub { repo, .. } = spec {
+            // Hub snapshots live in `snapshots/<commit>`: the folder name is the commit.
+            let commit = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            ck.origin = Some((repo.clone(), commit));
+        }
+        Ok(ck)
     }
 
     /// Opens a checkpoint folder: parses `config.json`, maps every shard and checks every
@@ -520,6 +533,7 @@ impl Checkpoint {
         }
         let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
         let ckpt = Checkpoint {
+            origin: None,
             index,
             root: dir.to_path_buf(),
             raw_config,
@@ -593,10 +607,7 @@ impl Checkpoint {
             .par_iter()
             .map(|(name, path, mapped)| hash_file(name, path, *mapped, &never))
             .collect::<Result<Vec<_>, LoadError>>()?;
-        Ok(Provenance {
-            source: self.root.display().to_string(),
-            files,
-        })
+        Ok(self.provenance_of(files))
     }
 
     /// [`Checkpoint::provenance`] on the calling thread, one file after another, so it can run
@@ -608,10 +619,20 @@ impl Checkpoint {
             .iter()
             .map(|(name, path, mapped)| hash_file(name, path, *mapped, cancel))
             .collect::<Result<Vec<_>, LoadError>>()?;
-        Ok(Provenance {
-            source: self.root.display().to_string(),
+        Ok(self.provenance_of(files))
+    }
+
+    /// The record for `files`: the Hub repository and commit when the source came from the Hub,
+    /// else the folder.
+    fn provenance_of(&self, files: Vec<SourceFile>) -> Provenance {
+        Provenance {
+            source: self
+                .origin
+                .as_ref()
+                .map_or_else(|| self.root.display().to_string(), |(repo, _)| repo.clone()),
+            revision: self.origin.as_ref().and_then(|(_, c)| c.clone()),
             files,
-        })
+        }
     }
 
     /// Files to fingerprint: `config.json`, the index (if any), every shard.
