@@ -53,6 +53,29 @@ impl Bytes {
         }
     }
 
+    /// Says this process is done with `[offset, offset + len)` for now: its pages leave the
+    /// process's resident set but stay in the OS page cache, and fault back in if read again
+    /// (mapped bytes only; a no-op on owned buffers). Lets the converter stream a model bigger
+    /// than memory through a map without its resident set growing to the model's size.
+    pub fn release(&self, offset: usize, len: usize) {
+        if let Backing::Mapped(m) = &*self.0 {
+            let end = offset.saturating_add(len).min(m.len());
+            if offset < end {
+                // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops page-table
+                // entries: the next read faults the file's bytes back in, so no reader ever sees
+                // zeroed memory (which DONTNEED gives only on private or anonymous mappings).
+                #[cfg(unix)]
+                let _ = unsafe {
+                    m.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        offset,
+                        end - offset,
+                    )
+                };
+            }
+        }
+    }
+
     /// Whether these bytes come from a memory map (and so may be advised to the kernel).
     pub fn is_mapped(&self) -> bool {
         matches!(*self.0, Backing::Mapped(_))

@@ -459,6 +459,37 @@ fn downloads_the_bundled_checkpoint_byte_for_byte() {
         );
     }
     assert!(!snap.dir.join("train_stats.json").exists());
+
+    // `flashpack convert org/model` downloads through the same client and records the repo and
+    // the commit it resolved to in the pack's provenance.
+    let home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let pack = out_dir.path().join("hub.flashpack");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args([
+            "convert",
+            "tiny/qwen3moe-tiny",
+            "-o",
+            pack.to_str().unwrap(),
+            "--quiet",
+        ])
+        .env("HF_ENDPOINT", &s.endpoint)
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = flashpack::format::Pack::open(&pack).unwrap();
+    let prov = &p.metadata()["provenance"];
+    assert_eq!(prov["source"], "tiny/qwen3moe-tiny");
+    assert_eq!(prov["revision"].as_str(), Some(snap.commit.as_str()));
+    assert!(p.metadata()["tokenizer"].is_object());
 }
 
 #[test]

@@ -248,33 +248,38 @@ pub fn encode_auto(
     scratch: &mut Vec<u8>,
 ) -> Result<CodecId, CodecError> {
     let limit = src.len() as f64 * (1.0 - policy.min_saving);
-    // Fast candidates in preference order for equal sizes.
-    let mut best: Option<(Codec, usize)> = None;
-    for codec in [Codec::Huffman, Codec::Lz4] {
-        scratch.clear();
-        if encode(codec, bits, src, scratch)? == codec.id() {
-            let len = scratch.len();
-            if best.is_none_or(|(_, b)| len < b) {
-                best = Some((codec, len));
-            }
-        }
+    let start = out.len();
+    // The best candidate so far lives in out[start..]; each candidate is encoded once.
+    let mut best: Option<(CodecId, usize)> = None;
+    if encode(Codec::Huffman, bits, src, out)? == CodecId::Huffman {
+        best = Some((CodecId::Huffman, out.len() - start));
+    } else {
+        out.truncate(start);
     }
+    let mut candidates = vec![(Codec::Lz4, 0.0)];
     if let Some(level) = policy.zstd_level {
+        candidates.push((Codec::Zstd { level }, policy.zstd_min_advantage));
+    }
+    for (codec, advantage) in candidates {
         scratch.clear();
-        let codec = Codec::Zstd { level };
-        if encode(codec, bits, src, scratch)? == CodecId::Zstd {
-            let len = scratch.len();
-            let bar = best.map_or(usize::MAX as f64, |(_, b)| {
-                b as f64 * (1.0 - policy.zstd_min_advantage)
-            });
-            if (len as f64) < bar {
-                best = Some((codec, len));
-            }
+        if encode(codec, bits, src, scratch)? != codec.id() {
+            continue;
+        }
+        // Fast candidates must be strictly smaller; slower ones by `advantage` as well.
+        let bar = best.map_or(f64::INFINITY, |(_, b)| b as f64 * (1.0 - advantage));
+        if (scratch.len() as f64) < bar {
+            out.truncate(start);
+            out.extend_from_slice(scratch);
+            best = Some((codec.id(), scratch.len()));
         }
     }
     match best {
-        Some((codec, len)) if (len as f64) <= limit => encode(codec, bits, src, out),
-        _ => encode(Codec::Raw, bits, src, out),
+        Some((id, len)) if (len as f64) <= limit => Ok(id),
+        _ => {
+            out.truncate(start);
+            out.extend_from_slice(src);
+            Ok(CodecId::Raw)
+        }
     }
 }
 

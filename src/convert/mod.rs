@@ -62,7 +62,7 @@ pub struct ConvertOptions {
     pub codec: CodecChoice,
     pub expert_bits: u8,
     pub group_size: usize,
-    /// 4 or 8 quantize dense weights; 16 keeps them in the source float type.
+    /// 2, 4 or 8 quantize dense weights; 16 keeps them in the source float type.
     pub dense_bits: u8,
     /// Vertical segments per expert (formats/flashpack-v1.md §6.3).
     pub segments: usize,
@@ -267,6 +267,16 @@ pub fn convert_checkpoint(
         }
     }
     drop(planned);
+    for t in &dense_in {
+        match t.data {
+            load::TensorData::Float { bytes, .. } | load::TensorData::Other { bytes, .. } => {
+                ck.release(bytes)
+            }
+            load::TensorData::Quantized(q) => [q.codes, q.scales, q.biases]
+                .iter()
+                .for_each(|b| ck.release(b)),
+        }
+    }
     progress.finish_stage();
     done("dense", &mut lap);
 
@@ -298,6 +308,9 @@ pub fn convert_checkpoint(
                         .into_iter()
                         .map(|s| enc.segment(s).map_err(ConvertError::from))
                         .collect::<Result<Vec<_>, _>>()?;
+                    for p in [x.gate, x.up, x.down] {
+                        release_proj(ck, &p);
+                    }
                     progress.advance([x.gate, x.up, x.down].iter().map(proj_bytes).sum());
                     Ok(out)
                 },
@@ -361,6 +374,15 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
             bytes.len() as u64
         }
         load::TensorData::Quantized(q) => (q.codes.len() + q.scales.len() + q.biases.len()) as u64,
+    }
+}
+
+fn release_proj(ck: &Checkpoint, p: &quantize::ProjSource<'_>) {
+    match p {
+        quantize::ProjSource::Float(m) => ck.release(m.bytes()),
+        quantize::ProjSource::Quantized(q) => [q.codes, q.scales, q.biases]
+            .iter()
+            .for_each(|b| ck.release(b)),
     }
 }
 

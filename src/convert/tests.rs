@@ -276,7 +276,7 @@ fn options_that_need_missing_stages_are_refused() {
         src.path(),
         &dest,
         &ConvertOptions {
-            dense_bits: 2,
+            dense_bits: 3,
             ..Default::default()
         },
     )
@@ -347,14 +347,30 @@ fn mlx_quantized_source_reuses_codes() {
     for (x, y) in a.experts().iter().zip(b.experts()) {
         assert_eq!(a.segment_stored(x), b.segment_stored(y), "{:?}", x.key());
     }
-    // Dense 4-bit codes are copied too; the 8-bit router is dequantized to f32.
+    // Dense 4-bit codes are copied too, and so are the 8-bit router's (kept, not dequantized).
     let (qa, qb) = (
         a.tensor("model.layers.0.self_attn.k_proj.weight").unwrap(),
         b.tensor("model.layers.0.self_attn.k_proj.weight").unwrap(),
     );
     assert_eq!(a.tensor_stored(qa), b.tensor_stored(qb));
+    let router = b.tensor("model.layers.0.mlp.gate.weight").unwrap();
+    assert_eq!((router.dtype, router.bits), (DType::U32, 8));
+    assert!(b.tensor("model.layers.0.mlp.gate.scales").is_some());
+    // Other bits than the source's: dequantized and quantized again.
+    let c = out.path().join("c.flashpack");
+    let opts = ConvertOptions {
+        expert_bits: 2,
+        dense_bits: 8,
+        ..Default::default()
+    };
+    run(&mlx_dir, &c, &opts).unwrap();
+    let c = Pack::open(&c).unwrap();
+    assert!(c.verify().is_ok());
+    assert!(c.experts().iter().all(|e| e.bits == 2));
     assert_eq!(
-        b.tensor("model.layers.0.mlp.gate.weight").unwrap().dtype,
-        DType::F32
+        c.tensor("model.layers.0.self_attn.k_proj.weight")
+            .unwrap()
+            .bits,
+        8
     );
 }

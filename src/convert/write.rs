@@ -144,7 +144,7 @@ pub fn metadata(
         },
         "provenance": {
             "source": provenance.source,
-            "revision": Value::Null,
+            "revision": provenance.revision,
             "files": provenance.files,
             "tool": "flashpack",
             "tool_version": env!("CARGO_PKG_VERSION"),

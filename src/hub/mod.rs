@@ -212,3 +212,24 @@ pub fn download_checkpoint(
 ) -> Result<Snapshot, HubError> {
     Hub::from_env().download_checkpoint(repo, revision, progress)
 }
+
+/// Resolves `org/model[@rev]` sources of `flashpack convert` by downloading (or reusing from the
+/// Hugging Face cache) the files conversion needs; local folders pass through.
+pub struct HubResolver<'a> {
+    pub progress: &'a dyn Progress,
+}
+
+impl crate::convert::load::Resolver for HubResolver<'_> {
+    fn resolve(
+        &self,
+        spec: &crate::convert::load::SourceSpec,
+    ) -> Result<std::path::PathBuf, crate::convert::load::LoadError> {
+        use crate::convert::load::SourceSpec;
+        match spec {
+            SourceSpec::Local(p) => Ok(p.clone()),
+            SourceSpec::Hub { repo, revision } => {
+                Ok(download_checkpoint(repo, revision.as_deref(), self.progress)?.dir)
+            }
+        }
+    }
+}

@@ -272,15 +272,16 @@ impl SlotTable {
         Ok(Lookup::Miss { slot, evicted })
     }
 
-    /// Places `key` without counting a request (warm start, prefetch); `false` when no slot is
-    /// free and nothing may be evicted, or when it is already resident.
+    /// Places `key` without counting a request (warm start, prefetch); `None` when no slot is
+    /// free and nothing may be evicted, or when it is already resident. The key stays protected
+    /// until the next [`Self::begin_group`], like a requested one: a batch of insertions never
+    /// evicts its own members (two loads would otherwise race for one slot).
     pub fn insert_unrequested(&mut self, key: ExpertKey) -> Option<Lookup> {
         if self.slots.contains_key(&key) {
             return None;
         }
         let (h, m) = (self.counters.hits, self.counters.misses);
         let r = self.request(key).ok();
-        self.in_use.retain(|k| *k != key);
         self.counters.hits = h;
         self.counters.misses = m;
         r
@@ -400,6 +401,26 @@ mod tests {
                 evicted: Some(k(0, 2))
             }
         );
+    }
+
+    #[test]
+    fn a_batch_of_insertions_never_evicts_its_own_members() {
+        // Profile-weighted eviction prefers the fresh, low-prior keys: without protection the
+        // second insertion would take the first one's slot while its load is in flight.
+        let prior = [(k(0, 1), 0.5), (k(0, 2), 0.5)].into_iter().collect();
+        let mut t = SlotTable::new(3, Box::new(ProfileWeighted::new(prior, 2, 100)));
+        t.begin_group();
+        t.request(k(0, 1)).unwrap();
+        t.request(k(0, 2)).unwrap();
+        t.begin_group();
+        t.request(k(0, 1)).unwrap();
+        let a = t.insert_unrequested(k(1, 5)).unwrap();
+        let b = t.insert_unrequested(k(1, 6)).unwrap();
+        let slot = |l: Lookup| match l {
+            Lookup::Hit(s) | Lookup::Miss { slot: s, .. } => s,
+        };
+        assert_ne!(slot(a), slot(b));
+        assert!(t.contains(k(1, 5)) && t.contains(k(1, 6)) && t.contains(k(0, 1)));
     }
 
     #[test]

@@ -198,6 +198,16 @@ pub struct StoreStats {
     pub prefetch_wait_ms: f64,
 }
 
+/// A background load in flight: the keys it fills, its thread, when it started.
+type Prefetch = (
+    Vec<(usize, ExpertKey)>,
+    std::thread::JoinHandle<Result<(), ExpertError>>,
+    Instant,
+);
+
+/// Per-thread decode state: decoder, stored bytes, decoded weights, decoded scales and biases.
+type Scratch = (Decoder, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// The experts of a pack, resident in slot pools.
 pub struct ExpertCache {
     pools: Vec<Pool>,
@@ -210,17 +220,13 @@ pub struct ExpertCache {
     hidden: usize,
     inter: usize,
     stats: StoreStats,
-    pending: Option<(
-        Vec<(usize, ExpertKey)>,
-        std::thread::JoinHandle<Result<(), ExpertError>>,
-        Instant,
-    )>,
+    pending: Option<Prefetch>,
     /// Experts loaded by prefetch and not yet asked for.
     prefetched: std::collections::HashSet<ExpertKey>,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<(Decoder, Vec<u8>, Vec<u8>, Vec<u8>)> =
+    static SCRATCH: RefCell<Scratch> =
         RefCell::new((Decoder::new(), Vec::new(), Vec::new(), Vec::new()));
 }
 
@@ -351,6 +357,19 @@ impl ExpertCache {
     /// Number of pools (distinct expert precisions).
     pub fn pool_count(&self) -> usize {
         self.pools.len()
+    }
+
+    /// Whether router expert `e` of `layer` is resident (or being prefetched, which the next
+    /// `prepare` joins without a new read); a lookup without side effects.
+    pub fn is_resident(&self, layer: u32, e: u32) -> bool {
+        let stored = stored_expert(&self.merge_map, layer, e);
+        let key = ExpertKey {
+            layer,
+            expert: stored,
+        };
+        self.pool_of
+            .get(&(layer, stored))
+            .is_some_and(|&p| self.pools[p].table.contains(key))
     }
 
     /// gate, up and down of pool `pool`, for `gather_qmm`.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::format::Pack;
 use crate::mlx::{self, Array, Dtype};
-use crate::run::compute::{ComputeError, ExpertPool, ExpertStore, PoolRoute};
+use crate::run::compute::{ComputeError, ExpertPool, ExpertStore, PoolRoute, Routing};
 use crate::run::experts::{ExpertCache, StoreStats};
 
 /// Prediction and stall counters.
@@ -23,6 +23,9 @@ pub struct StreamStats {
     /// prefetches), after the router's indices were known.
     pub stall_ms: f64,
     pub routes: u64,
+    /// Routed entries dropped by `--skip-uncached` (not resident, weight below the threshold).
+    pub skipped: u64,
+    pub routed: u64,
 }
 
 /// Experts streamed from a pack through a budgeted cache.
@@ -32,6 +35,8 @@ pub struct StreamingExperts<'p> {
     pools: Vec<ExpertPool>,
     num_experts: usize,
     prefetch: bool,
+    /// Drop non-resident experts whose routing weight is below this.
+    skip_below: Option<f32>,
     prediction: Option<(usize, Array)>,
     last_prediction: Option<(usize, Vec<u32>)>,
     pub stats: StreamStats,
@@ -56,10 +61,18 @@ impl<'p> StreamingExperts<'p> {
             pools,
             num_experts,
             prefetch,
+            skip_below: None,
             prediction: None,
             last_prediction: None,
             stats: StreamStats::default(),
         }
+    }
+
+    /// Skip (and renormalize around) non-resident experts whose routing weight is below
+    /// `threshold` instead of loading them. Off by default.
+    pub fn skip_uncached(mut self, threshold: Option<f32>) -> Self {
+        self.skip_below = threshold;
+        self
     }
 
     pub fn cache(&self) -> &ExpertCache {
@@ -98,15 +111,41 @@ impl ExpertStore for StreamingExperts<'_> {
     }
 
     fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
-        let prediction = self.prediction.take();
-        match &prediction {
-            Some((_, p)) => mlx::eval(&[indices, p])?,
-            None => indices.eval()?,
+        Ok(self.route_inner(layer, indices, None)?.0)
+    }
+
+    fn route_scored(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+    ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
+        if self.skip_below.is_none() {
+            return Ok((self.route(layer, &routing.indices)?, None));
         }
+        self.route_inner(layer, &routing.indices, Some(&routing.scores))
+    }
+}
+
+impl StreamingExperts<'_> {
+    /// Evaluates the routing (and any pending prediction), makes the needed experts resident,
+    /// starts the prefetch of the predicted ones, and builds the slot tables.
+    fn route_inner(
+        &mut self,
+        layer: usize,
+        indices: &Array,
+        scores: Option<&Array>,
+    ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
+        let prediction = self.prediction.take();
+        let mut to_eval = vec![indices];
+        to_eval.extend(scores);
+        if let Some((_, p)) = &prediction {
+            to_eval.push(p);
+        }
+        mlx::eval(&to_eval)?;
         // From here on the forward pass waits for experts, not for compute.
         let started = Instant::now();
-        let wanted = unique(&indices.to_vec::<u32>()?);
-        if let Some(&bad) = wanted.iter().find(|&&e| e as usize >= self.num_experts) {
+        let ids = indices.to_vec::<u32>()?;
+        if let Some(&bad) = ids.iter().find(|&&e| e as usize >= self.num_experts) {
             return Err(ComputeError::BadPlacement {
                 expert: bad as usize,
                 what: format!(
@@ -115,6 +154,15 @@ impl ExpertStore for StreamingExperts<'_> {
                 ),
             });
         }
+        let (needed, new_scores) = match (scores, self.skip_below) {
+            (Some(s), Some(threshold)) => {
+                let (needed, kept) =
+                    self.skip(layer, &ids, &s.to_vec_f32()?, threshold, indices)?;
+                (needed, Some(kept.astype(s.dtype())?))
+            }
+            _ => (ids.clone(), None),
+        };
+        let wanted = unique(&needed);
         if let Some((l, guessed)) = self.last_prediction.take() {
             if l == layer {
                 self.stats.predicted += guessed.len() as u64;
@@ -165,6 +213,51 @@ impl ExpertStore for StreamingExperts<'_> {
                 serves,
             });
         }
-        Ok(routes)
+        Ok((routes, new_scores))
+    }
+
+    /// `--skip-uncached`: which entries to keep, and the renormalized scores. An entry is dropped
+    /// when its expert is not resident and its weight is below `threshold`; a token keeps at
+    /// least its heaviest entry.
+    fn skip(
+        &mut self,
+        layer: usize,
+        ids: &[u32],
+        scores: &[f32],
+        threshold: f32,
+        indices: &Array,
+    ) -> Result<(Vec<u32>, Array), ComputeError> {
+        let k = indices.dim(-1).unwrap_or(1).max(1);
+        let mut kept_ids = Vec::with_capacity(ids.len());
+        let mut new = vec![0f32; scores.len()];
+        for (row_ids, (row_scores, row_new)) in
+            ids.chunks(k).zip(scores.chunks(k).zip(new.chunks_mut(k)))
+        {
+            let heaviest = (0..row_ids.len())
+                .max_by(|&a, &b| row_scores[a].total_cmp(&row_scores[b]))
+                .unwrap_or(0);
+            let keep: Vec<bool> = (0..row_ids.len())
+                .map(|j| {
+                    j == heaviest
+                        || row_scores[j] >= threshold
+                        || self.cache.is_resident(layer as u32, row_ids[j])
+                })
+                .collect();
+            let total: f32 = (0..row_ids.len())
+                .filter(|&j| keep[j])
+                .map(|j| row_scores[j])
+                .sum();
+            for j in 0..row_ids.len() {
+                self.stats.routed += 1;
+                if keep[j] {
+                    row_new[j] = row_scores[j] / total.max(f32::MIN_POSITIVE);
+                    kept_ids.push(row_ids[j]);
+                } else {
+                    self.stats.skipped += 1;
+                }
+            }
+        }
+        let shape = indices.shape();
+        Ok((kept_ids, Array::from_slice(&new, &shape)?))
     }
 }

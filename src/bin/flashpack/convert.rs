@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flashpack::codec::CodecChoice;
-use flashpack::convert::load::{ExpertLayout, LocalResolver, SourceSpec};
+use flashpack::convert::load::{ExpertLayout, SourceSpec};
 use flashpack::convert::{convert, ConvertOptions, ConvertReport};
+use flashpack::hub::HubResolver;
 use flashpack::progress::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -29,7 +30,7 @@ pub struct ConvertArgs {
     /// Bits of expert weights: 2, 4 or 8.
     #[arg(long, default_value_t = 4)]
     pub expert_bits: u8,
-    /// Bits of dense weights (attention, embeddings, shared experts): 4, 8, or 16 to keep the
+    /// Bits of dense weights (attention, embeddings, shared experts): 2, 4, 8, or 16 to keep the
     /// source floats. Routers and norms always stay full precision.
     #[arg(long, default_value_t = 4)]
     pub dense_bits: u8,
@@ -209,7 +210,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let spec = SourceSpec::parse(&args.src);
     let report = convert(
         &spec,
-        &LocalResolver::from_env(),
+        &HubResolver { progress: &bars },
         &args.output,
         &opts,
         &bars,

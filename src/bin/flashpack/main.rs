@@ -3,8 +3,8 @@
 mod bench;
 mod convert;
 mod inspect;
-mod run;
 mod publish;
+mod run;
 mod verify;
 
 use std::process::ExitCode;

@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// Do not prefetch the next layer's predicted experts.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Skip a non-resident expert whose routing weight is below THRESHOLD (and renormalize the
+    /// token's other weights) instead of reading it. An approximation; off by default.
+    #[arg(long, value_name = "THRESHOLD")]
+    pub skip_uncached: Option<f32>,
     /// Benchmark baseline: no expert cache, every use reads and decodes again.
     #[arg(long)]
     pub no_cache: bool,
@@ -120,12 +124,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cache.warm_all(&pack)?;
     }
     let streaming = expert_budget.is_some() || args.no_cache;
+    if let Some(t) = args.skip_uncached {
+        if !(0.0..=1.0).contains(&t) {
+            bail!("--skip-uncached {t}: give a routing weight between 0 and 1");
+        }
+    }
     let mut experts = StreamingExperts::new(
         &pack,
         cache,
         cfg.num_experts,
         !args.no_prefetch && !args.no_cache && streaming,
-    );
+    )
+    .skip_uncached(args.skip_uncached);
     let min_slots = experts.min_slots();
     if min_slots < cfg.num_experts_per_tok {
         bail!(
@@ -198,12 +208,36 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let at_first_token = phases.at_first_token.take();
     let cache_stats = experts.cache_stats();
     let stream = experts.stats.clone();
+    let hits: u64 = cache_stats.hits_per_layer.values().sum();
+    let misses: u64 = cache_stats.misses_per_layer.values().sum();
+    let hit_rate_per_layer: std::collections::BTreeMap<u32, f64> = cache_stats
+        .hits_per_layer
+        .keys()
+        .chain(cache_stats.misses_per_layer.keys())
+        .map(|l| {
+            let h = cache_stats.hits_per_layer.get(l).copied().unwrap_or(0);
+            let m = cache_stats.misses_per_layer.get(l).copied().unwrap_or(0);
+            (*l, h as f64 / (h + m).max(1) as f64)
+        })
+        .collect();
+    let tokens = (stats.prompt_tokens + stats.generated_tokens).max(1) as f64;
+    let derived = serde_json::json!({
+        "hit_rate": hits as f64 / (hits + misses).max(1) as f64,
+        "hit_rate_per_layer": hit_rate_per_layer,
+        // Of the loads the router needed, the share prefetch had already done.
+        "misses_hidden_by_prefetch": cache_stats.prefetch_used as f64 / (cache_stats.prefetch_used + misses).max(1) as f64,
+        "prefetch_accuracy": stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
+        "stall_ms_per_token": stream.stall_ms / tokens,
+        "bytes_read_per_token": cache_stats.bytes_read as f64 / tokens,
+        "read_decode_gb_per_s": cache_stats.bytes_read as f64 / 1e6 / cache_stats.read_decode_ms.max(1e-9),
+    });
     let report = serde_json::json!({
         "generation": stats,
         "peak_rss_bytes": peak_rss(),
         "dense_bytes": weights.bytes,
         "expert_cache": cache_stats,
         "stream": stream,
+        "derived": derived,
         "budget_bytes": budget,
         "expert_budget_bytes": expert_budget,
         "all_experts_bytes": all_experts,
@@ -221,8 +255,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         eprintln!("{}", serde_json::to_string(&report)?);
     } else {
-        let hits: u64 = cache_stats.hits_per_layer.values().sum();
-        let misses: u64 = cache_stats.misses_per_layer.values().sum();
         eprintln!(
             "prompt {} tokens at {:.1} tok/s, first token after {:.2} s; generated {} tokens at {:.1} tok/s; peak RSS {:.0} MB",
             stats.prompt_tokens,
@@ -234,13 +266,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         if streaming {
             eprintln!(
-                "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}%, stall {:.0} ms",
+                "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}% (hid {:.1}% of misses), stall {:.1} ms/token",
                 cache_stats.slots,
-                100.0 * hits as f64 / (hits + misses).max(1) as f64,
+                100.0 * derived["hit_rate"].as_f64().unwrap_or(0.0),
                 cache_stats.bytes_read as f64 / 1e6,
-                100.0 * stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
-                stream.stall_ms
+                100.0 * derived["prefetch_accuracy"].as_f64().unwrap_or(0.0),
+                100.0 * derived["misses_hidden_by_prefetch"].as_f64().unwrap_or(0.0),
+                derived["stall_ms_per_token"].as_f64().unwrap_or(0.0)
             );
+            if args.skip_uncached.is_some() {
+                eprintln!(
+                    "skipped {} of {} routed experts (--skip-uncached)",
+                    stream.skipped, stream.routed
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

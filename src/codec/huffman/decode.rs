@@ -1,10 +1,11 @@
 //! Huffman decoder: one segment in, exactly `dst.len()` bytes out, or a typed error.
 //!
 //! Invariant: never reads outside `src`, never writes outside `dst`, never panics, whatever the
-//! input. The fast loop's memory accesses are bounds-checked slices; the loop bound is computed
-//! so those checks never fail on any input, and the compiler turns most of them into cheap
-//! predictable branches. The streams are decoded in lock step so their table lookups (the
-//! latency chain of a Huffman decoder) overlap.
+//! input. The fast loop uses unchecked loads and stores; before it runs, the number of
+//! iterations is bounded so that every access is in bounds for any input (each refill advances
+//! at most 7 bytes, because every table entry of a validated complete code has a length of 1 to
+//! 11). The last symbols of each stream go through a checked reader. The streams are decoded in
+//! lock step so their table lookups (the latency chain of a Huffman decoder) overlap.
 //!
 //! Bit reader ("marker" refill): a window of 64 bits is loaded from the stream with its top bit
 //! forced to 1; consuming bits shifts the window right, so the marker drifts down and
@@ -26,7 +27,9 @@ const MAX_ADVANCE: usize = 7;
 
 /// A reusable Huffman decoder: holds the lookup table so decoding allocates nothing.
 pub struct HuffmanDecoder {
-    /// Entry for every 11-bit window: symbol in the low byte, code length in the high byte.
+    /// Entry for every 11-bit window: code length in the low byte, symbol in the high byte.
+    /// The length sits in the low bits so it can be the shift count as loaded (x86 `shrx`
+    /// and ARM `lsr` use only the low 6 bits of the count register).
     table: Box<[u16; TABLE_SIZE]>,
 }
 
@@ -58,6 +61,9 @@ impl HuffmanDecoder {
             1 => decode_streams::<1>(t, src, &h, dst)?,
             2 => decode_streams::<2>(t, src, &h, dst)?,
             4 => decode_streams::<4>(t, src, &h, dst)?,
+            5 => decode_streams::<5>(t, src, &h, dst)?,
+            6 => decode_streams::<6>(t, src, &h, dst)?,
+            7 => decode_streams::<7>(t, src, &h, dst)?,
             8 => decode_streams::<8>(t, src, &h, dst)?,
             16 => decode_streams::<16>(t, src, &h, dst)?,
             _ => decode_any(t, src, &h, dst)?,
@@ -75,7 +81,7 @@ fn build_table(lens: &[u8; SYMBOLS], table: &mut [u16; TABLE_SIZE]) {
         if l == 0 {
             continue;
         }
-        let entry = s as u16 | (l as u16) << 8;
+        let entry = l as u16 | (s as u16) << 8;
         let mut i = codes[s] as usize;
         while i < TABLE_SIZE {
             table[i] = entry;
@@ -106,16 +112,19 @@ impl Reader {
         self.buf.leading_zeros()
     }
 
-    /// Refill from a position known to have 8 readable bytes (see the fast-loop bound).
+    /// Refill from a position known to have 8 readable bytes.
+    ///
+    /// # Safety
+    /// `self.pos + MAX_ADVANCE + 8 <= src.len()`: the fast loop's iteration bound guarantees it.
     #[inline(always)]
-    fn refill_fast(&mut self, src: &[u8]) {
+    unsafe fn refill_fast(&mut self, src: &[u8]) {
         let c = self.consumed();
         self.pos += (c >> 3) as usize;
-        let w = match src.get(self.pos..self.pos + 8) {
-            Some(b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            None => 0, // unreachable by the loop bound; decoding garbage is still memory-safe
-        };
-        self.buf = (w | MARK) >> (c & 7);
+        debug_assert!(self.pos + 8 <= src.len());
+        // SAFETY: c <= 62 bits were consumed since the last refill, so pos advanced by at most
+        // MAX_ADVANCE bytes, and the caller guarantees 8 readable bytes from there.
+        let w = unsafe { src.as_ptr().add(self.pos).cast::<u64>().read_unaligned() };
+        self.buf = (u64::from_le(w) | MARK) >> (c & 7);
     }
 
     /// Refill anywhere: bytes past the end of the segment read as zero.
@@ -134,8 +143,8 @@ impl Reader {
     #[inline(always)]
     fn symbol(&mut self, table: &[u16; TABLE_SIZE]) -> u8 {
         let e = table[(self.buf & TABLE_MASK) as usize];
-        self.buf >>= e >> 8;
-        e as u8
+        self.buf >>= e & 63;
+        (e >> 8) as u8
     }
 
     /// Total bits consumed since the stream's `start`.
@@ -198,29 +207,122 @@ fn decode_streams<const N: usize>(
         if k == 0 {
             break;
         }
-        for _ in 0..k {
-            for r in rs.iter_mut() {
-                r.refill_fast(src);
-            }
-            for j in 0..SYMS_PER_REFILL {
-                for s in 0..N {
-                    let b = rs[s].symbol(table);
-                    outs[s][i + j] = b;
-                }
-            }
-            i += SYMS_PER_REFILL;
-        }
+        // SAFETY: k <= by_in gives every stream pos + 8 + k * MAX_ADVANCE <= src.len().
+        i = unsafe { fast_loop(table, src, &mut rs, &mut outs, i, k) };
     }
+    // The lock step stops when the most constrained stream (the last one, which ends at the
+    // segment's end) nears the end of its input; the others finish alone, still on the fast
+    // loop where their input allows, then on the checked reader.
     for s in 0..N {
-        let r = &mut rs[s];
-        let done = i.min(outs[s].len());
-        for o in outs[s][done..].iter_mut() {
+        let mut one = [rs[s]];
+        let mut out = [&mut *outs[s]];
+        let mut done = i.min(out[0].len());
+        loop {
+            let by_out = (out[0].len() - done) / SYMS_PER_REFILL;
+            let by_in = src.len().saturating_sub(one[0].pos + 8) / MAX_ADVANCE;
+            let k = by_out.min(by_in);
+            if k == 0 {
+                break;
+            }
+            // SAFETY: as above, for this one stream: k <= by_in and done + 5k <= its length.
+            done = unsafe { fast_loop(table, src, &mut one, &mut out, done, k) };
+        }
+        let r = &mut one[0];
+        for o in out[0][done..].iter_mut() {
             r.refill_tail(src);
             *o = r.symbol(table);
         }
         check_end(r, starts[s], h.stream_lens[s], s)?;
     }
     Ok(())
+}
+
+/// `k` iterations of: refill every stream, then decode SYMS_PER_REFILL symbols from each into
+/// `outs[s][i..]`. Symbols are decoded in symbol-major order (symbol j of every stream, then
+/// symbol j + 1): the streams' dependency chains then sit side by side in the instruction
+/// stream, so the scheduler always has independent work (stream-major order measured slower).
+///
+/// # Safety
+/// Each of the `k` iterations must find 8 readable bytes at every stream's refill position:
+/// `rs[s].pos + 8 + k * MAX_ADVANCE <= src.len()` for every stream, and every output must have
+/// room: `i + k * SYMS_PER_REFILL <= outs[s].len()` (see `decode_streams`).
+#[inline(always)]
+unsafe fn fast_loop_body<const N: usize>(
+    table: &[u16; TABLE_SIZE],
+    src: &[u8],
+    rs: &mut [Reader; N],
+    outs: &mut [&mut [u8]; N],
+    mut i: usize,
+    k: usize,
+) -> usize {
+    let ptrs: [*mut u8; N] = std::array::from_fn(|s| outs[s].as_mut_ptr());
+    let mut local = *rs;
+    for _ in 0..k {
+        for r in local.iter_mut() {
+            // SAFETY: the caller's bound covers this iteration's refill (see above).
+            unsafe { r.refill_fast(src) };
+        }
+        // Written out five times (SYMS_PER_REFILL) rather than as a loop: the compiler does
+        // not fully unroll a 5 x 8 nest, and a rolled loop keeps the streams' state in memory.
+        let mut round = |j: usize| {
+            for s in 0..N {
+                let b = local[s].symbol(table);
+                // SAFETY: i + j < i + SYMS_PER_REFILL <= outs[s].len() by the caller's bound,
+                // and the N outputs are disjoint slices.
+                unsafe { *ptrs[s].add(i + j) = b };
+            }
+        };
+        round(0);
+        round(1);
+        round(2);
+        round(3);
+        round(4);
+        const _: () = assert!(SYMS_PER_REFILL == 5);
+        i += SYMS_PER_REFILL;
+    }
+    *rs = local;
+    i
+}
+
+/// With BMI2 and LZCNT, variable shifts take any register (`shrx`) and `leading_zeros` is one
+/// instruction: the same loop, compiled for CPUs that have them.
+///
+/// # Safety
+/// As `fast_loop_body`, and the CPU must have BMI1, BMI2 and LZCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi1,bmi2,lzcnt")]
+unsafe fn fast_loop_bmi2<const N: usize>(
+    table: &[u16; TABLE_SIZE],
+    src: &[u8],
+    rs: &mut [Reader; N],
+    outs: &mut [&mut [u8]; N],
+    i: usize,
+    k: usize,
+) -> usize {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { fast_loop_body(table, src, rs, outs, i, k) }
+}
+
+/// # Safety
+/// As `fast_loop_body`.
+unsafe fn fast_loop<const N: usize>(
+    table: &[u16; TABLE_SIZE],
+    src: &[u8],
+    rs: &mut [Reader; N],
+    outs: &mut [&mut [u8]; N],
+    i: usize,
+    k: usize,
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("bmi2") && std::is_x86_feature_detected!("lzcnt") {
+            // SAFETY: the CPU has every feature the function is compiled for (checked just
+            // above); the bound is forwarded from this function's contract.
+            return unsafe { fast_loop_bmi2(table, src, rs, outs, i, k) };
+        }
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe { fast_loop_body(table, src, rs, outs, i, k) }
 }
 
 /// Any stream count: each stream decoded on its own with the tail reader (slower, same result).
@@ -233,13 +335,18 @@ fn decode_any(
     let starts = stream_starts(h);
     let q = stream_quota(dst.len(), h.streams).max(1);
     let mut chunks = dst.chunks_mut(q);
-    for s in 0..h.streams {
-        let mut r = Reader::new(starts[s]);
+    for (s, (&start, &stored)) in starts
+        .iter()
+        .zip(&h.stream_lens)
+        .take(h.streams)
+        .enumerate()
+    {
+        let mut r = Reader::new(start);
         for o in chunks.next().unwrap_or(&mut []).iter_mut() {
             r.refill_tail(src);
             *o = r.symbol(table);
         }
-        check_end(&r, starts[s], h.stream_lens[s], s)?;
+        check_end(&r, start, stored, s)?;
     }
     Ok(())
 }

@@ -77,21 +77,38 @@ pub fn histogram(src: &[u8]) -> [u64; SYMBOLS] {
 }
 
 /// LSB-first bit writer: the first code goes into the lowest bits of the first byte; the last
-/// byte is padded with zero bits.
+/// byte is padded with zero bits. Four codes (at most 44 bits) are added to the 64-bit
+/// accumulator between flushes, and each flush stores 8 bytes and advances by the whole bytes
+/// filled, so there is no data-dependent branch per symbol.
 fn write_stream(src: &[u8], book: &[u32; SYMBOLS], out: &mut Vec<u8>) {
-    out.reserve(src.len() * MAX_CODE_LEN as usize / 8 + 8);
+    let start = out.len();
+    // Worst case: every code 11 bits, plus 8 bytes of slack for the last 8-byte store.
+    out.resize(start + src.len() * MAX_CODE_LEN as usize / 8 + 16, 0);
+    let buf = &mut out[start..];
+    let mut pos = 0usize;
     let mut acc: u64 = 0;
     let mut nbits: u32 = 0;
-    for &b in src {
+    let put = |b: u8, acc: &mut u64, nbits: &mut u32| {
         let e = book[b as usize];
-        acc |= ((e & 0xffff) as u64) << nbits;
-        nbits += e >> 16;
-        if nbits >= 32 {
-            out.extend_from_slice(&(acc as u32).to_le_bytes());
-            acc >>= 32;
-            nbits -= 32;
+        *acc |= ((e & 0xffff) as u64) << *nbits;
+        *nbits += e >> 16;
+    };
+    let mut quads = src.chunks_exact(4);
+    for q in &mut quads {
+        for &b in q {
+            put(b, &mut acc, &mut nbits);
         }
+        buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
+        let whole = nbits & !7;
+        pos += (whole >> 3) as usize;
+        acc >>= whole; // whole <= 48: at most 7 + 4 * 11 bits were held
+        nbits -= whole;
     }
-    let tail = nbits.div_ceil(8) as usize;
-    out.extend_from_slice(&acc.to_le_bytes()[..tail]);
+    for &b in quads.remainder() {
+        put(b, &mut acc, &mut nbits);
+    }
+    // At most 7 + 3 * 11 = 40 bits remain.
+    buf[pos..pos + 8].copy_from_slice(&acc.to_le_bytes());
+    pos += nbits.div_ceil(8) as usize;
+    out.truncate(start + pos);
 }

@@ -31,6 +31,8 @@ pub use safetensors::TensorInfo;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     #[error("cannot read {path}: {source}")]
     Io {
         path: String,
@@ -311,6 +313,8 @@ pub struct SourceFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {
     pub source: String,
+    /// The commit a Hub source resolved to.
+    pub revision: Option<String>,
     pub files: Vec<SourceFile>,
 }
 
@@ -339,6 +343,8 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     tensors: BTreeMap<String, Entry>,
     index: experts::ExpertIndex,
+    /// The Hub repository and commit this folder is a snapshot of, when it came from the Hub.
+    origin: Option<(String, Option<String>)>,
 }
 
 /// A borrowed tensor.
@@ -360,7 +366,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
 impl Checkpoint {
     /// Resolves `spec` with `resolver` and opens the folder.
     pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
-        Checkpoint::open(&resolver.resolve(spec)?)
+        let dir = resolver.resolve(spec)?;
+        let mut ck = Checkpoint::open(&dir)?;
+        if let SourceSpec::Hub { repo, .. } = spec {
+            // Hub snapshots live in `snapshots/<commit>`: the folder name is the commit.
+            let commit = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            ck.origin = Some((repo.clone(), commit));
+        }
+        Ok(ck)
     }
 
     /// Opens a checkpoint folder: parses `config.json`, maps every shard and checks every
@@ -483,6 +496,7 @@ impl Checkpoint {
         }
         let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
         let ckpt = Checkpoint {
+            origin: None,
             index,
             root: dir.to_path_buf(),
             raw_config,
@@ -529,6 +543,20 @@ impl Checkpoint {
         })
     }
 
+    /// Drops the pages behind `bytes` (a slice of a tensor of this checkpoint) from this
+    /// process's resident set; they stay in the page cache. A slice that is not from a shard
+    /// is ignored.
+    pub fn release(&self, bytes: &[u8]) {
+        let p = bytes.as_ptr() as usize;
+        for s in &self.shards {
+            let base = s.bytes.as_ptr() as usize;
+            if p >= base && p + bytes.len() <= base + s.bytes.len() {
+                s.bytes.release(p - base, bytes.len());
+                return;
+            }
+        }
+    }
+
     /// Bytes of all weight files (the "source size" of a conversion).
     pub fn weight_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.bytes.len() as u64).sum()
@@ -561,9 +589,14 @@ impl Checkpoint {
                     }
                 };
                 let mut h = blake3::Hasher::new();
-                // Chunks keep the hasher's SIMD path busy without touching the whole map at once.
-                for c in bytes.chunks(1 << 20) {
+                // Hash in chunks and release each from our resident set once hashed, so hashing
+                // a model bigger than memory does not make this process as big as the model.
+                const CHUNK: usize = 8 << 20;
+                for (i, c) in bytes.chunks(CHUNK).enumerate() {
                     h.update(c);
+                    if let Some(b) = mapped {
+                        b.release(i * CHUNK, c.len());
+                    }
                 }
                 Ok(SourceFile {
                     name: name.clone(),
@@ -573,7 +606,11 @@ impl Checkpoint {
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
         Ok(Provenance {
-            source: self.root.display().to_string(),
+            source: self
+                .origin
+                .as_ref()
+                .map_or_else(|| self.root.display().to_string(), |(repo, _)| repo.clone()),
+            revision: self.origin.as_ref().and_then(|(_, c)| c.clone()),
             files,
         })
     }

@@ -6,7 +6,8 @@
 //! becomes `P.weight` (U32 codes `[out, in*bits/32]`), `P.scales` and `P.biases`
 //! (`[out, in/group]`, in the source float type); kept tensors are borrowed from the source.
 //! Invariants: the router and every [`TensorRole::KeepFull`] tensor (norms, linear biases, the
-//! shared-expert gate) stay at full precision, dequantized if the source had quantized them;
+//! shared-expert gate) stay at full precision; if the source had already quantized them, their
+//! codes are kept as they are (docs/decisions/0004-mlx-source-codes.md);
 //! a weight whose input width is not a whole number of groups, or that is not 2-D, stays float;
 //! MLX codes whose bits and group size match are copied, not requantized.
 
@@ -19,23 +20,23 @@ use std::borrow::Cow;
 /// How dense (non-expert) weights are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DensePolicy {
-    /// 4 or 8: quantize 2-D weights; 16: keep them in the source float type.
+    /// 2, 4 or 8: quantize 2-D weights; 16: keep them in the source float type.
     pub bits: u8,
     pub group_size: usize,
 }
 
 impl DensePolicy {
-    /// Checks `bits` is 4, 8 or 16 and the group size is supported.
+    /// Checks `bits` is 2, 4, 8 or 16 and the group size is supported.
     pub fn new(bits: u8, group_size: usize) -> Result<DensePolicy, QuantError> {
         match bits {
-            4 | 8 => {
+            2 | 4 | 8 => {
                 QuantParams::new(bits, group_size)?;
             }
             16 => {}
             _ => {
                 return Err(QuantError::Invalid {
                     what: "dense bits".into(),
-                    detail: format!("{bits}: use 4, 8, or 16 (keep the source floats)"),
+                    detail: format!("{bits}: use 2, 4, 8, or 16 (keep the source floats)"),
                 })
             }
         }
@@ -187,7 +188,10 @@ pub fn plan_dense<'a>(
         }
         TensorData::Quantized(q) => {
             if full_precision {
-                vec![dequantized(name, &q, FloatDtype::F32)]
+                // The source already quantized it (mlx-lm keeps routers at 8 bits): dequantizing
+                // restores no precision and would change the router's arithmetic, so the pack
+                // would no longer compute what the source computes. Keep its codes.
+                quantized_outs(name, Quantized::borrowed(q))
             } else {
                 match policy.params() {
                     None => vec![dequantized(name, &q, q.scale_dtype)],

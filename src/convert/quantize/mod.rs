@@ -28,7 +28,8 @@ mod expert;
 pub use dense::{plan_dense, DenseOut, DensePolicy};
 
 pub use expert::{
-    build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentPlan,
+    build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentParts,
+    SegmentPlan,
 };
 
 use super::tensor::{FloatDtype, MatrixView};
@@ -125,20 +126,79 @@ impl QuantParams {
 }
 
 /// Scale and bias of one group, in f32, before rounding to the storage type.
-#[inline]
+#[inline(always)]
 pub fn group_scale_bias(w: &[f32], bits: u8) -> (f32, f32) {
-    let n_bins = ((1u32 << bits) - 1) as f32;
-    let (mut w_min, mut w_max) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &x in w {
+    let (w_min, w_max) = min_max(w);
+    scale_bias(w_min, w_max, bits)
+}
+
+/// Smallest and largest value, with eight running lanes so the loop vectorizes (min and max
+/// are exact, so lane order does not matter). NaN inputs give an unspecified group (MLX
+/// propagates them instead); every other input gives MLX's result.
+#[inline(always)]
+fn min_max(w: &[f32]) -> (f32, f32) {
+    let mut lo = [f32::INFINITY; 8];
+    let mut hi = [f32::NEG_INFINITY; 8];
+    let chunks = w.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let c: &[f32; 8] = c.try_into().unwrap_or(&[0.0; 8]); // always 8: chunks_exact
+        for k in 0..8 {
+            lo[k] = lo[k].min(c[k]);
+            hi[k] = hi[k].max(c[k]);
+        }
+    }
+    for &x in tail {
+        lo[0] = lo[0].min(x);
+        hi[0] = hi[0].max(x);
+    }
+    (
+        lo.iter().fold(f32::INFINITY, |m, &x| m.min(x)),
+        hi.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)),
+    )
+}
+
+/// [`min_max`] with AVX intrinsics: LLVM does not turn the portable loop into plain
+/// `vminps`/`vmaxps` (it keeps NaN fix-ups), and this reduction is a third of the kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn min_max_avx2(w: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let chunks = w.chunks_exact(8);
+    let tail = chunks.remainder();
+    let mut lo = _mm256_set1_ps(f32::INFINITY);
+    let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in chunks {
+        // SAFETY: `c` holds exactly 8 f32 (chunks_exact); loadu has no alignment requirement.
+        let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        lo = _mm256_min_ps(v, lo);
+        hi = _mm256_max_ps(v, hi);
+    }
+    let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+    // SAFETY: both arrays hold 8 f32; storeu has no alignment requirement.
+    unsafe {
+        _mm256_storeu_ps(l.as_mut_ptr(), lo);
+        _mm256_storeu_ps(h.as_mut_ptr(), hi);
+    }
+    let mut w_min = l.iter().fold(f32::INFINITY, |m, &x| m.min(x));
+    let mut w_max = h.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for &x in tail {
         w_min = w_min.min(x);
         w_max = w_max.max(x);
     }
+    (w_min, w_max)
+}
+
+/// MLX's scale and bias from a group's range (see the module docs, steps 1-3).
+#[inline(always)]
+fn scale_bias(w_min: f32, w_max: f32, bits: u8) -> (f32, f32) {
+    let n_bins = ((1u32 << bits) - 1) as f32;
     let scale = ((w_max - w_min) / n_bins).max(EPS);
     // bool side = abs(w_min) > abs(w_max); scale = side ? scale : -scale;
     let side = w_min.abs() > w_max.abs();
     let scale = if side { scale } else { -scale };
     let edge = if side { w_min } else { w_max };
-    let q0 = (edge / scale).round_ties_even();
+    let q0 = round_half_even(edge / scale);
     if q0 != 0.0 {
         (edge / q0, edge)
     } else {
@@ -146,38 +206,147 @@ pub fn group_scale_bias(w: &[f32], bits: u8) -> (f32, f32) {
     }
 }
 
-/// Quantizes one row: `codes.len() == words_per_row`, `scales`/`biases` hold
+/// `x.round_ties_even()` in a form that vectorizes without SSE4.1: adding 2^23 to |x| leaves
+/// no fraction bits, so the FPU's round-to-nearest-even does the rounding; values of 2^23 and
+/// more are integers already.
+#[inline(always)]
+fn round_half_even(x: f32) -> f32 {
+    const TWO_23: f32 = 8_388_608.0;
+    let a = x.abs();
+    let r = if a < TWO_23 { (a + TWO_23) - TWO_23 } else { a };
+    r.copysign(x)
+}
+
+/// Quantizes one row: `codes` holds `words_per_row` little-endian u32 words, `scales`/`biases`
 /// `groups_per_row` values of `scale_dtype` each. `row.len()` must fit `p`.
 pub fn quantize_row(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above); the function is otherwise safe.
+        return unsafe { quantize_row_avx2(row, p, scale_dtype, codes, scales, biases) };
+    }
+    quantize_row_generic(row, p, scale_dtype, codes, scales, biases)
+}
+
+/// The same code compiled for AVX2: 8-wide division and rounding. No FMA is enabled, and Rust
+/// never contracts `a * b + c` on its own, so results are identical to the generic path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(
+    row: &[f32],
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) {
+    // With AVX (and so SSE4.1) enabled, round_ties_even is one vroundps.
+    quantize_row_with(
+        row,
+        p,
+        scale_dtype,
+        codes,
+        scales,
+        biases,
+        |w| min_max_avx2(w),
+        |x| x.round_ties_even(),
+    )
+}
+
+fn quantize_row_generic(
+    row: &[f32],
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) {
+    quantize_row_with(
+        row,
+        p,
+        scale_dtype,
+        codes,
+        scales,
+        biases,
+        min_max,
+        round_half_even,
+    )
+}
+
+// The two closures pick the instruction-set-specific pieces; the rest is `quantize_row`'s list.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn quantize_row_with(
+    row: &[f32],
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+    min_max: impl Fn(&[f32]) -> (f32, f32),
+    round: impl Fn(f32) -> f32,
+) {
+    // Groups are handled in blocks: first every group's range and scale/bias (independent
+    // scalar chains of divisions that the CPU overlaps, rather than one chain per group that
+    // stalls the value loop behind it), then the values.
+    const BLOCK: usize = 64;
     let g = p.group_size;
     let ss = scale_dtype.size();
     let n_bins = p.n_bins();
-    let per_word = p.per_word();
-    let bits = p.bits as u32;
-    let words_per_group = g / per_word;
-    let mut q = [0u32; 128];
-    for (gi, group) in row.chunks_exact(g).enumerate() {
-        let (scale, bias) = group_scale_bias(group, p.bits);
-        scale_dtype.write(scale, &mut scales[gi * ss..(gi + 1) * ss]);
-        scale_dtype.write(bias, &mut biases[gi * ss..(gi + 1) * ss]);
-        for (qi, &x) in q.iter_mut().zip(group) {
-            // A true division, not a multiply by 1/scale: the reciprocal rounds differently.
-            *qi = ((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u32;
+    let group_bytes = g * p.bits as usize / 8;
+    let mut q = [0u8; 128];
+    let mut sb = [(0f32, 0f32); BLOCK];
+    for (bi, block) in row.chunks(g * BLOCK).enumerate() {
+        let g0 = bi * BLOCK;
+        let n = block.len() / g;
+        for (gi, group) in block.chunks_exact(g).enumerate() {
+            let (w_min, w_max) = min_max(group);
+            sb[gi] = scale_bias(w_min, w_max, p.bits);
         }
-        let out = &mut codes[gi * words_per_group..(gi + 1) * words_per_group];
-        for (word, chunk) in out.iter_mut().zip(q[..g].chunks_exact(per_word)) {
-            let mut w = 0u32;
-            for (k, &c) in chunk.iter().enumerate() {
-                w |= c << (k as u32 * bits);
+        for (gi, &(scale, bias)) in sb[..n].iter().enumerate() {
+            let at = (g0 + gi) * ss;
+            scale_dtype.write(scale, &mut scales[at..at + ss]);
+            scale_dtype.write(bias, &mut biases[at..at + ss]);
+        }
+        for (gi, group) in block.chunks_exact(g).enumerate() {
+            let (scale, bias) = sb[gi];
+            for (qi, &x) in q.iter_mut().zip(group) {
+                // A true division, not a multiply by 1/scale: the reciprocal rounds differently.
+                let v = round((x - bias) / scale);
+                let v = if v > 0.0 { v } else { 0.0 };
+                let v = if v < n_bins { v } else { n_bins };
+                // SAFETY: v is finite and in [0, n_bins] <= 255 (the comparisons above map NaN
+                // to 0), so the conversion is exact; unlike `as`, it needs no saturation and
+                // vectorizes.
+                *qi = unsafe { v.to_int_unchecked::<i32>() } as u8;
             }
-            *word = w;
+            // Codes fill u32 words from the lowest bits up and the words are little-endian, so
+            // byte m of the output holds codes m * 8 / bits onwards, lowest first: packing by
+            // bytes is the same layout and lets the compiler vectorize it.
+            let at = (g0 + gi) * group_bytes;
+            let out = &mut codes[at..at + group_bytes];
+            let q = &q[..g];
+            match p.bits {
+                8 => out.copy_from_slice(q),
+                4 => {
+                    for (o, c) in out.iter_mut().zip(q.chunks_exact(2)) {
+                        *o = c[0] | c[1] << 4;
+                    }
+                }
+                _ => {
+                    // 2 bits (QuantParams only admits 2, 4 and 8).
+                    for (o, c) in out.iter_mut().zip(q.chunks_exact(4)) {
+                        *o = c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6;
+                    }
+                }
+            }
         }
     }
 }
@@ -310,6 +479,45 @@ pub fn quantize(
     p: QuantParams,
     scale_dtype: FloatDtype,
 ) -> Result<QuantizedMatrix, QuantError> {
+    let words = m.rows * p.words_per_row(m.cols);
+    let groups = m.rows * p.groups_per_row(m.cols) * scale_dtype.size();
+    let mut codes = vec![0u8; words * 4];
+    let mut scales = vec![0u8; groups];
+    let mut biases = vec![0u8; groups];
+    quantize_into(
+        what,
+        m,
+        p,
+        scale_dtype,
+        &mut codes,
+        &mut scales,
+        &mut biases,
+    )?;
+    Ok(QuantizedMatrix {
+        rows: m.rows,
+        cols: m.cols,
+        params: p,
+        scale_dtype,
+        codes,
+        scales,
+        biases,
+    })
+}
+
+/// [`quantize`] into caller-provided buffers of exactly the right sizes (codes
+/// `rows * cols * bits / 8` bytes, scales and biases `rows * cols / group_size` values), so a
+/// segment can be assembled without copying.
+pub fn quantize_into(
+    what: &str,
+    m: MatrixView<'_>,
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) -> Result<(), QuantError> {
+    // The fields are public: re-check what `QuantParams::new` guarantees (bits 2, 4 or 8).
+    QuantParams::new(p.bits, p.group_size)?;
     if !p.fits(m.cols) {
         return Err(QuantError::NotGroupAligned {
             what: what.to_string(),
@@ -317,12 +525,20 @@ pub fn quantize(
             group_size: p.group_size,
         });
     }
-    let wpr = p.words_per_row(m.cols);
-    let gpr = p.groups_per_row(m.cols);
-    let sbytes = gpr * scale_dtype.size();
-    let mut codes = vec![0u32; m.rows * wpr];
-    let mut scales = vec![0u8; m.rows * sbytes];
-    let mut biases = vec![0u8; m.rows * sbytes];
+    let wpr = p.words_per_row(m.cols) * 4;
+    let sbytes = p.groups_per_row(m.cols) * scale_dtype.size();
+    let want = [m.rows * wpr, m.rows * sbytes, m.rows * sbytes];
+    if [codes.len(), scales.len(), biases.len()] != want {
+        return Err(QuantError::Invalid {
+            what: what.to_string(),
+            detail: format!(
+                "output buffers of {:?} bytes; [{}, {}] needs {want:?}",
+                [codes.len(), scales.len(), biases.len()],
+                m.rows,
+                m.cols
+            ),
+        });
+    }
     codes
         .par_chunks_mut(wpr * ROWS_PER_TASK)
         .zip(scales.par_chunks_mut(sbytes * ROWS_PER_TASK))
@@ -343,15 +559,7 @@ pub fn quantize(
                 );
             }
         });
-    Ok(QuantizedMatrix {
-        rows: m.rows,
-        cols: m.cols,
-        params: p,
-        scale_dtype,
-        codes: words_to_le_bytes(&codes),
-        scales,
-        biases,
-    })
+    Ok(())
 }
 
 /// Dequantizes `q` and quantizes again with `p` (an MLX-quantized input asked for other bits
@@ -374,14 +582,6 @@ pub fn requantize(
         }
     })?;
     quantize(what, view, p, q.scale_dtype)
-}
-
-fn words_to_le_bytes(words: &[u32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(words.len() * 4);
-    for w in words {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    out
 }
 
 #[cfg(test)]

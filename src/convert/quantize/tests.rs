@@ -371,3 +371,63 @@ fn rejects_mismatched_expert_shapes() {
     .unwrap_err();
     assert!(matches!(err, QuantError::Invalid { .. }), "{err}");
 }
+
+#[test]
+fn round_half_even_matches_std_everywhere_it_is_used() {
+    let mut x = 0x1234_5678u32;
+    let mut vals = vec![
+        0.5f32,
+        1.5,
+        2.5,
+        -0.5,
+        -1.5,
+        -2.5,
+        0.0,
+        -0.0,
+        8_388_607.5,
+        8_388_608.0,
+        -8_388_609.0,
+        1.0e20,
+        -1.0e20,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        4_194_303.5,
+        254.5,
+        255.5,
+    ];
+    for _ in 0..100_000 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        vals.push(f32::from_bits(x));
+        vals.push((x % 2048) as f32 / 4.0 - 256.0); // quarter steps: many exact ties
+    }
+    for v in vals.into_iter().filter(|v| !v.is_nan()) {
+        assert_eq!(
+            round_half_even(v).to_bits(),
+            v.round_ties_even().to_bits(),
+            "{v:e}"
+        );
+    }
+}
+
+#[test]
+fn dispatched_row_kernel_equals_the_generic_one() {
+    let data = bf16_matrix(4, 256, 21);
+    let m = MatrixView::new(FloatDtype::Bf16, 4, 256, &data).unwrap();
+    let mut row = vec![0f32; 256];
+    for bits in SUPPORTED_BITS {
+        for gs in SUPPORTED_GROUP_SIZES {
+            let p = QuantParams::new(bits, gs).unwrap();
+            let (w, g) = (p.words_per_row(256), p.groups_per_row(256) * 2);
+            for r in 0..4 {
+                m.row_f32(r, &mut row);
+                let mut a = (vec![0u8; w * 4], vec![0u8; g], vec![0u8; g]);
+                let mut b = a.clone();
+                quantize_row(&row, p, FloatDtype::Bf16, &mut a.0, &mut a.1, &mut a.2);
+                quantize_row_generic(&row, p, FloatDtype::Bf16, &mut b.0, &mut b.1, &mut b.2);
+                assert_eq!(a, b, "bits {bits} group {gs} row {r}");
+            }
+        }
+    }
+}

@@ -87,6 +87,17 @@ pub trait ExpertStore {
     /// `indices`: the router's top-k expert ids (u32, `[.., k]`, lazy) for `layer`.
     fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>>;
 
+    /// Like [`ExpertStore::route`], seeing the routing weights too. A store may drop entries
+    /// (e.g. experts that are not resident and carry little weight) by returning new scores,
+    /// with the dropped entries at 0 and each token's rest renormalized.
+    fn route_scored(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+    ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>)> {
+        Ok((self.route(layer, &routing.indices)?, None))
+    }
+
     /// Whether the store wants a guess of the next sparse layer's routing (for prefetch).
     fn wants_prediction(&self) -> bool {
         false
@@ -367,8 +378,11 @@ impl MoeBlock {
     }
 
     pub fn forward(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
-        let routing = self.route(x)?;
-        let routes = experts.route(self.layer, &routing.indices)?;
+        let mut routing = self.route(x)?;
+        let (routes, scores) = experts.route_scored(self.layer, &routing)?;
+        if let Some(scores) = scores {
+            routing.scores = scores;
+        }
         let mut y: Option<Array> = None;
         for r in routes {
             let part = switch_glu(x, r.pool, &r.slots)?;
