@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use flashpack::run::budget::{parse_size, peak_rss, total_ram};
-use flashpack::run::compute::{ComputeError, ExpertStore, PoolRoute};
+use flashpack::run::compute::{ComputeError, ExpertStore, PoolRoute, Routing};
 use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::generate::{generate, GenerateOptions};
 use flashpack::run::open;
@@ -315,18 +315,17 @@ impl ExpertStore for PhaseMarker<'_, '_> {
         layer: usize,
         indices: &flashpack::mlx::Array,
     ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
-        if self.at_first_token.is_none() && self.first_token.get() {
-            let c = self.inner.cache_stats();
-            self.at_first_token = Some(serde_json::json!({
-                "bytes_read": c.bytes_read,
-                "experts_loaded": c.experts_loaded,
-                "misses": c.misses_per_layer.values().sum::<u64>(),
-                "hits": c.hits_per_layer.values().sum::<u64>(),
-                "read_decode_ms": c.read_decode_ms,
-                "stall_ms": self.inner.stats.stall_ms,
-            }));
-        }
+        self.mark();
         self.inner.route(layer, indices)
+    }
+
+    fn route_scored(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+    ) -> Result<(Vec<PoolRoute<'_>>, Option<flashpack::mlx::Array>), ComputeError> {
+        self.mark();
+        self.inner.route_scored(layer, routing)
     }
 
     fn wants_prediction(&self) -> bool {
@@ -339,6 +338,22 @@ impl ExpertStore for PhaseMarker<'_, '_> {
         indices: &flashpack::mlx::Array,
     ) -> Result<(), ComputeError> {
         self.inner.predict(layer, indices)
+    }
+}
+
+impl PhaseMarker<'_, '_> {
+    fn mark(&mut self) {
+        if self.at_first_token.is_none() && self.first_token.get() {
+            let c = self.inner.cache_stats();
+            self.at_first_token = Some(serde_json::json!({
+                "bytes_read": c.bytes_read,
+                "experts_loaded": c.experts_loaded,
+                "misses": c.misses_per_layer.values().sum::<u64>(),
+                "hits": c.hits_per_layer.values().sum::<u64>(),
+                "read_decode_ms": c.read_decode_ms,
+                "stall_ms": self.inner.stats.stall_ms,
+            }));
+        }
     }
 }
 
