@@ -366,44 +366,74 @@ def decode_bytes_per_token(s):
 
 
 def print_budget_table(res, fracs, bw, base, title):
-    print(f"\n{title}. Decode tokens/s, median [min-max]. Disk: {bw / 1e9:.2f} GB/s "
-          f"sequential.\n")
-    print("| experts resident | (a) flashpack | (b) naive | (c) all resident | (d) mmap, raw "
-          "pack | a/b | a/c | read per token (MB) | physical limit tok/s | peak RSS (MB) "
-          "| budget (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     c = [tps(s) for s in res["resident"]]
+    cc = [cpu_ms(s) for s in res["resident"]]
+    print(f"\n{title}. Disk: {bw / 1e9:.2f} GB/s sequential (dd).\n")
+    print("Decode tokens/s (wall clock), median [min-max]:\n")
+    print("| experts resident | (a) flashpack | (b) naive | (c) all resident | (d) mmap, raw "
+          "pack | a/b | a/c | MB read per token | physical limit tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for f in fracs:
         a = [tps(s) for s in res[f"flashpack@{f}"]]
         b = [tps(s) for s in res[f"naive@{f}"]]
         d = [tps(s) for s in res[f"mmap@{f}"]]
         per_tok = med([decode_bytes_per_token(s) for s in res[f"flashpack@{f}"]])
-        phys = bw / per_tok if per_tok > 0 else float("inf")
-        rss = med([s["peak_rss_bytes"] for s in res[f"flashpack@{f}"]])
-        budget = budget_of(res[f"flashpack@{f}"][0])
+        phys = f"{bw / per_tok:.0f}" if per_tok > 0 else "no reads"
         print(f"| {f}% | {cell(a)} | {cell(b)} | {cell(c)} | {cell(d)} | "
               f"{med(a) / med(b):.2f}x | {med(a) / med(c):.2f} | {mb(per_tok):.2f} | "
-              f"{phys:.0f} | {mb(rss):.0f} | {mb(budget):.1f} |")
-    if base:
-        print(f"\nProcess baseline (peak RSS on a tiny pack): {mb(base):.0f} MB.")
-    print("\nPeak RSS of every run (MB), median over repetitions, and what the budget covers:\n")
-    print("| run | peak RSS | RSS - baseline | budget (dense + KV/activations + experts) | "
-          "(RSS - baseline) / budget |")
-    print("|---|---:|---:|---:|---:|")
+              f"{phys} |")
+    print("\nCPU milliseconds per decoded token (process CPU time, all threads; steadier than "
+          "wall time on a shared machine), median [min-max]; ratios are of speeds (inverse "
+          "CPU time):\n")
+    print("| experts resident | (a) flashpack | (b) naive | (c) all resident | (d) mmap, raw "
+          "pack | a/b | a/c |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for f in fracs:
+        a = [cpu_ms(s) for s in res[f"flashpack@{f}"]]
+        b = [cpu_ms(s) for s in res[f"naive@{f}"]]
+        d = [cpu_ms(s) for s in res[f"mmap@{f}"]]
+        print(f"| {f}% | {cell(a)} | {cell(b)} | {cell(cc)} | {cell(d)} | "
+              f"{med(b) / med(a):.2f}x | {med(cc) / med(a):.2f} |")
+    print_rss(res, base)
+
+
+def print_rss(res, base):
+    print("\nPeak RSS (MB), median over repetitions, against what the run's budget covers "
+          "(dense weights + KV/activation margin + expert cache):\n")
+    print("| run | peak RSS | budget | RSS / budget | RSS - process baseline | (RSS - baseline) "
+          "/ budget |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, runs in res.items():
         rss = med([s["peak_rss_bytes"] for s in runs])
         budget = budget_of(runs[0])
         over = rss - base if base else None
-        ratio = f"{over / budget:.2f}" if (budget and over is not None) else "-"
-        print(f"| {name} | {mb(rss):.1f} | {mb(over):.1f} | "
-              f"{mb(budget) if budget else float('nan'):.1f} | {ratio} |"
-              if over is not None else f"| {name} | {mb(rss):.1f} | - | - | - |")
+
+        def r(x):
+            return f"{x / budget:.2f}" if (budget and x is not None) else "-"
+
+        print(f"| {name} | {mb(rss):.1f} | {f'{mb(budget):.1f}' if budget else '-'} | "
+              f"{r(rss)} | {f'{mb(over):.1f}' if over is not None else '-'} | {r(over)} |")
+    if base:
+        print(f"\nProcess baseline: {mb(base):.1f} MB, the peak RSS of `flashpack run` on a "
+              "pack of under 1 MB (binary, MLX, tokenizer, allocator).")
+
+
+def cpu_ms(s):
+    """Process CPU milliseconds per decoded token."""
+    return 1e3 * s["cpu_s"]["decode"] / max(s["generation"]["generated_tokens"] - 1, 1)
 
 
 # ----------------------------------------------------------------------------- io / policy
 
 
-def section_io(args, pack=None, prompt=None, n=None, budgets=None, tag="tiny"):
+def stall_per_token(s):
+    """Milliseconds per decoded token the forward pass waited for experts."""
+    first = s.get("at_first_token") or {"stall_ms": 0.0}
+    return (s["stream"]["stall_ms"] - first["stall_ms"]) / max(
+        s["generation"]["generated_tokens"] - 1, 1)
+
+
+def section_io(args, pack=None, prompt=None, n=None, budgets=None, tag="tiny", fmt="{:.1f}"):
     if pack is None:
         _, packs = prepare_tiny(args)
         pack = packs["auto"]
@@ -426,21 +456,23 @@ def section_io(args, pack=None, prompt=None, n=None, budgets=None, tag="tiny"):
         print(f"rep {i} done", file=sys.stderr)
     print(f"\n{pack.name}, {n} generated tokens, {args.reps} repetitions; decode tok/s median "
           f"[min-max].\n")
-    print("| budget | io | policy | prefetch | decode tok/s | prefill tok/s | hit rate (decode) "
-          "| MB read per decoded token | prefetch used/loaded | stall ms | peak RSS MB |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| budget | io | policy | prefetch | decode tok/s | CPU ms per token | prefill tok/s "
+          "| hit rate (decode) | MB read per decoded token | prefetch used/loaded | stall ms per "
+          "decoded token | peak RSS MB |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, runs in res.items():
         s0 = runs[0]
         ec = s0["expert_cache"]
         first = s0["at_first_token"] or {"hits": 0, "misses": 0}
         hits = sum(ec["hits_per_layer"].values()) - first["hits"]
         miss = sum(ec["misses_per_layer"].values()) - first["misses"]
-        print(f"| {name} | {cell([tps(s) for s in runs])} | "
-              f"{cell([s['generation']['prefill_tokens_per_s'] for s in runs])} | "
+        print(f"| {name} | {cell([tps(s) for s in runs], fmt)} | "
+              f"{cell([cpu_ms(s) for s in runs], '{:.0f}')} | "
+              f"{cell([s['generation']['prefill_tokens_per_s'] for s in runs], fmt)} | "
               f"{100 * hits / max(hits + miss, 1):.1f}% | "
               f"{mb(med([decode_bytes_per_token(s) for s in runs])):.2f} | "
               f"{ec['prefetch_used']}/{ec['prefetch_loaded']} | "
-              f"{med([s['stream']['stall_ms'] for s in runs]):.0f} | "
+              f"{med([stall_per_token(s) for s in runs]):.1f} | "
               f"{mb(med([s['peak_rss_bytes'] for s in runs])):.0f} |")
     save(args, f"io-{tag}", res)
 
@@ -486,19 +518,26 @@ def section_large(args):
           f" GB raw-codec pack); budget {args.large_budget}; prompt of "
           f"{res[configs[0][0]][0]['generation']['prompt_tokens']} tokens, {n} generated; "
           f"{args.reps} repetitions; disk {bw / 1e9:.2f} GB/s sequential.\n")
-    print("| run | decode tok/s | prefill tok/s | MB read per decoded token | physical limit "
-          "tok/s | measured / limit time | stall ms | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | decode tok/s | CPU ms per token | prefill tok/s | MB read per decoded token "
+          "| physical limit tok/s | limit / measured speed | stall ms per token | I/O limit ms "
+          "per token | stall / I/O limit | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, runs in res.items():
         per_tok = med([decode_bytes_per_token(s) for s in runs])
-        phys = bw / per_tok if per_tok > 0 else float("inf")
         t = med([tps(s) for s in runs])
-        print(f"| {name} | {cell([tps(s) for s in runs], '{:.2f}')} | "
-              f"{cell([s['generation']['prefill_tokens_per_s'] for s in runs], '{:.2f}')} | "
-              f"{mb(per_tok):.0f} | {phys:.1f} | "
-              f"{(phys / t if per_tok > 0 else float('nan')):.1f}x | "
-              f"{med([s['stream']['stall_ms'] for s in runs]):.0f} | "
+        io_ms = 1e3 * per_tok / bw
+        stall = med([stall_per_token(s) for s in runs])
+        has_reads = per_tok > 0
+        print(f"| {name} | {cell([tps(s) for s in runs], '{:.3f}')} | "
+              f"{cell([cpu_ms(s) for s in runs], '{:.0f}')} | "
+              f"{cell([s['generation']['prefill_tokens_per_s'] for s in runs], '{:.3f}')} | "
+              f"{mb(per_tok):.0f} | {f'{bw / per_tok:.2f}' if has_reads else '-'} | "
+              f"{f'{bw / per_tok / t:.1f}x' if has_reads else '-'} | {stall:.0f} | "
+              f"{f'{io_ms:.0f}' if has_reads else '-'} | "
+              f"{f'{stall / io_ms:.2f}' if has_reads else '-'} | "
               f"{mb(med([s['peak_rss_bytes'] for s in runs])):.0f} |")
+    base = load_results(Path(args.work) / "results-baseline.json").get("peak_rss_bytes")
+    print_rss(res, base)
     save(args, "large", {"disk_bw": bw, "runs": res})
 
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use flashpack::run::budget::{parse_size, peak_rss, total_ram};
-use flashpack::run::compute::{ComputeError, ExpertStore, PoolRoute};
+use flashpack::run::compute::{ComputeError, ExpertStore, PoolRoute, Routing};
 use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::generate::{generate, GenerateOptions};
 use flashpack::run::open;
@@ -322,7 +322,7 @@ impl ExpertStore for PhaseMarker<'_, '_> {
     fn route_scored(
         &mut self,
         layer: usize,
-        routing: &flashpack::run::compute::Routing,
+        routing: &Routing,
     ) -> Result<(Vec<PoolRoute<'_>>, Option<flashpack::mlx::Array>), ComputeError> {
         self.mark();
         self.inner.route_scored(layer, routing)
