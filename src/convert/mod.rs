@@ -15,6 +15,7 @@
 
 pub mod encode;
 pub mod load;
+pub mod profile;
 pub mod quantize;
 pub mod write;
 
@@ -75,6 +76,8 @@ pub struct ConvertOptions {
     pub target_size_gb: Option<f64>,
     /// Merge experts more similar than this; needs the merge stage.
     pub merge_threshold: Option<f64>,
+    /// Profiling, calibration text, merge ratio, quality report (profile stage).
+    pub plan: profile::PlanOptions,
 }
 
 impl Default for ConvertOptions {
@@ -90,6 +93,7 @@ impl Default for ConvertOptions {
             cold_fraction: None,
             target_size_gb: None,
             merge_threshold: None,
+            plan: profile::PlanOptions::default(),
         }
     }
 }
@@ -119,11 +123,16 @@ impl ConvertOptions {
                 self.expert_bits
             ),
         };
-        if self.cold_bits.is_some() || self.cold_fraction.is_some() {
-            return Err(needs("--cold-bits/--cold-fraction", "profile"));
+        if self.cold_bits.is_some() && self.cold_fraction.is_none() && self.target_size_gb.is_none()
+        {
+            return Err(ConvertError::Unsupported {
+                what: "--cold-bits needs --cold-fraction F or --target-size GB to say how many \
+                       experts go cold"
+                    .into(),
+            });
         }
-        if self.target_size_gb.is_some() {
-            return Err(needs("--target-size", "profile"));
+        if let Some(b) = self.cold_bits {
+            QuantParams::new(b, self.group_size)?;
         }
         if self.merge_threshold.is_some() {
             return Err(needs("--merge-threshold", "merge"));
@@ -214,6 +223,17 @@ pub fn convert_checkpoint(
     progress.finish_stage();
     done("hash", &mut lap);
 
+    // profile: how the routers use the experts, when an option needs it.
+    let profile = if profile::needed(opts) {
+        progress.stage("profile", None, "");
+        let p = profile::stage(ck, opts)?;
+        progress.finish_stage();
+        done("profile", &mut lap);
+        p
+    } else {
+        None
+    };
+
     let c = &ck.config;
     let mut writer = PackWriter::create(
         output,
@@ -238,6 +258,7 @@ pub fn convert_checkpoint(
         .flatten()
         .collect();
     planned.sort_by(|a, b| a.name.cmp(&b.name));
+    let dense_stored: u64 = planned.iter().map(|t| t.bytes.len() as u64).sum();
     if let Some(w) = planned.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(ConvertError::Unsupported {
             what: format!(
@@ -291,6 +312,7 @@ pub fn convert_checkpoint(
         Ok([x.gate, x.up, x.down].iter().map(proj_bytes).sum())
     };
     let expert_src: u64 = jobs.iter().map(job_bytes).sum::<Result<u64, _>>()?;
+    let bit_plan = profile::bit_plan(ck, opts, profile.as_ref(), dense_stored, &|_, _| false)?;
     progress.stage("experts", Some(expert_src), "B");
     let plan = SegmentPlan {
         segment_count: opts.segments,
@@ -303,7 +325,11 @@ pub fn convert_checkpoint(
                 || Encoder::new(opts.codec),
                 |enc, &(l, e)| -> Result<Vec<EncodedSegment>, ConvertError> {
                     let x = ck.expert(l, e)?;
-                    let segs = build_segments(l, e, &x, expert_params, plan)?;
+                    let params = match &bit_plan {
+                        Some(b) => QuantParams::new(b[l][e], opts.group_size)?,
+                        None => expert_params,
+                    };
+                    let segs = build_segments(l, e, &x, params, plan)?;
                     let out = segs
                         .into_iter()
                         .map(|s| enc.segment(s).map_err(ConvertError::from))
@@ -340,7 +366,14 @@ pub fn convert_checkpoint(
     done("experts", &mut lap);
 
     progress.stage("finish", None, "");
-    let meta = write::metadata(ck, &provenance, opts)?;
+    let mut meta = write::metadata(ck, &provenance, opts)?;
+    if let Some(b) = &bit_plan {
+        meta["quantization"]["expert_plan"] = profile::plan_json(b);
+        meta["quantization"]["cold_bits"] = opts.cold_bits.unwrap_or(2).into();
+    }
+    if let Some(p) = &profile {
+        meta["profile"] = p.to_json();
+    }
     let summary = writer.finish(&meta)?;
     let pack = Pack::open(&summary.path)?;
     let report = PackReport::new(&pack);
