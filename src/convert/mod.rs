@@ -3,8 +3,8 @@
 //! Stages, in order, one file each: `load` (map and index the source, hash it) -> profile ->
 //! merge -> `quantize` (MLX affine, bit-exact with `mx.quantize`) -> `encode` (a codec per
 //! part) -> layout (`format::layout::Planner`, driven by the writer) -> `write` (metadata,
-//! `format::PackWriter`). Profile and merge (calibration-driven cold experts and expert
-//! merging) are not implemented yet: options that need them are refused with a clear error.
+//! `format::PackWriter`). `profile` runs calibration text through the source when an option
+//! needs it (usage-based cold experts, merging, `--profile`); `merge` plans merged experts.
 //! `tensor` holds the element types and views the stages share; `fixtures` makes seeded tiny
 //! checkpoints for tests and benchmarks.
 //!
@@ -15,6 +15,7 @@
 
 pub mod encode;
 pub mod load;
+pub mod merge;
 pub mod profile;
 pub mod quantize;
 pub mod write;
@@ -116,13 +117,6 @@ impl ConvertOptions {
     }
 
     fn check(&self) -> Result<(QuantParams, DensePolicy), ConvertError> {
-        let needs = |opt: &str, stage: &str| ConvertError::Unsupported {
-            what: format!(
-                "{opt} needs the {stage} stage, which this version of flashpack does not have \
-                 yet; convert without it (uniform {}-bit experts)",
-                self.expert_bits
-            ),
-        };
         if self.cold_bits.is_some() && self.cold_fraction.is_none() && self.target_size_gb.is_none()
         {
             return Err(ConvertError::Unsupported {
@@ -133,9 +127,6 @@ impl ConvertOptions {
         }
         if let Some(b) = self.cold_bits {
             QuantParams::new(b, self.group_size)?;
-        }
-        if self.merge_threshold.is_some() {
-            return Err(needs("--merge-threshold", "merge"));
         }
         if self.segments == 0 {
             return Err(ConvertError::Unsupported {
@@ -234,6 +225,13 @@ pub fn convert_checkpoint(
         None
     };
 
+    // merge: near-duplicate experts of a layer share one stored expert.
+    let merges = merge::stage(ck, opts, profile.as_ref())?;
+    if merges.is_some() {
+        done("merge", &mut lap);
+    }
+    let stored = |l: usize, e: usize| merges.as_ref().is_none_or(|m| m.is_stored(l, e));
+
     let c = &ck.config;
     let mut writer = PackWriter::create(
         output,
@@ -306,13 +304,14 @@ pub fn convert_checkpoint(
         .sparse_layers()
         .into_iter()
         .flat_map(|l| (0..c.num_experts).map(move |e| (l, e)))
+        .filter(|&(l, e)| stored(l, e))
         .collect();
     let job_bytes = |&(l, e): &(usize, usize)| -> Result<u64, ConvertError> {
         let x = ck.expert(l, e)?;
         Ok([x.gate, x.up, x.down].iter().map(proj_bytes).sum())
     };
     let expert_src: u64 = jobs.iter().map(job_bytes).sum::<Result<u64, _>>()?;
-    let bit_plan = profile::bit_plan(ck, opts, profile.as_ref(), dense_stored, &|_, _| false)?;
+    let bit_plan = profile::bit_plan(ck, opts, profile.as_ref(), dense_stored, &|l, e| !stored(l, e))?;
     progress.stage("experts", Some(expert_src), "B");
     let plan = SegmentPlan {
         segment_count: opts.segments,
@@ -324,7 +323,14 @@ pub fn convert_checkpoint(
             .map_init(
                 || Encoder::new(opts.codec),
                 |enc, &(l, e)| -> Result<Vec<EncodedSegment>, ConvertError> {
-                    let x = ck.expert(l, e)?;
+                    let merged = match &merges {
+                        Some(m) => merge::merged_expert(ck, m, l, e)?,
+                        None => None,
+                    };
+                    let x = match &merged {
+                        Some(m) => m.projections(),
+                        None => ck.expert(l, e)?,
+                    };
                     let params = match &bit_plan {
                         Some(b) => QuantParams::new(b[l][e], opts.group_size)?,
                         None => expert_params,
@@ -373,6 +379,10 @@ pub fn convert_checkpoint(
     }
     if let Some(p) = &profile {
         meta["profile"] = p.to_json();
+    }
+    if let Some(m) = &merges {
+        meta["merge_map"] = m.to_json();
+        meta["merge"] = m.summary();
     }
     let summary = writer.finish(&meta)?;
     let pack = Pack::open(&summary.path)?;

@@ -64,9 +64,13 @@ pub struct ConvertArgs {
     /// top-1 agreement) and include it in the report.
     #[arg(long)]
     pub eval_text: Option<PathBuf>,
-    /// Merge experts whose weights are closer than this (needs the merge stage).
-    #[arg(long)]
+    /// Merge experts of a layer while the most similar pair's cosine similarity is at least
+    /// this (count-weighted averages; the merge map goes into the pack).
+    #[arg(long, conflicts_with = "merge_ratio")]
     pub merge_threshold: Option<f64>,
+    /// Merge this fraction of each layer's experts into their most similar neighbours.
+    #[arg(long)]
+    pub merge_ratio: Option<f64>,
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -223,6 +227,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
             profile: args.profile,
             calibration: args.calibration.clone(),
             eval_text: args.eval_text.clone(),
+            merge_ratio: args.merge_ratio,
             ..PlanOptions::default()
         },
     };
