@@ -500,3 +500,92 @@ pub fn bit_plan(
     )
     .map(Some)
 }
+
+/// What `flashpack inspect` shows of a pack's profile.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProfileView {
+    pub tokens: u64,
+    /// Tokens per calibration task.
+    pub tasks: BTreeMap<String, u64>,
+    pub layers: Vec<LayerView>,
+}
+
+/// One sparse layer of [`ProfileView`].
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerView {
+    pub layer: usize,
+    /// Share of the routing mass that goes to the hottest quarter of the experts.
+    pub top_quarter_share: f64,
+    /// exp(entropy) of the mass shares: how many experts the layer effectively uses.
+    pub effective_experts: f64,
+    /// The four hottest experts and their mass shares.
+    pub hottest: Vec<(usize, f64)>,
+    /// Experts stored at fewer bits than the layer's most, and experts merged away.
+    pub cold: usize,
+    pub merged: usize,
+}
+
+/// Summarizes metadata `profile` (with `quantization.expert_plan` and `merge_map` if present).
+pub fn view(meta: &Value) -> Option<ProfileView> {
+    let p = meta.get("profile")?;
+    let layers = p.get("layers")?.as_array()?;
+    let plan = meta
+        .get("quantization")
+        .and_then(|q| q.get("expert_plan"))
+        .and_then(|v| serde_json::from_value::<Vec<Vec<u8>>>(v.clone()).ok());
+    let merge = meta
+        .get("merge_map")
+        .and_then(|v| serde_json::from_value::<Vec<Vec<u32>>>(v.clone()).ok());
+    let mut out = Vec::new();
+    for (l, lp) in layers.iter().enumerate() {
+        let mass: Vec<f64> = match lp.get("mass").and_then(Value::as_array) {
+            Some(m) if !m.is_empty() => m.iter().filter_map(Value::as_f64).collect(),
+            _ => continue,
+        };
+        let total: f64 = mass.iter().sum();
+        let share: Vec<f64> = mass
+            .iter()
+            .map(|m| if total > 0.0 { m / total } else { 0.0 })
+            .collect();
+        let mut order: Vec<usize> = (0..share.len()).collect();
+        order.sort_by(|&a, &b| share[b].total_cmp(&share[a]).then(a.cmp(&b)));
+        let quarter = share.len().div_ceil(4);
+        let entropy: f64 = share
+            .iter()
+            .filter(|&&s| s > 0.0)
+            .map(|&s| -s * s.ln())
+            .sum();
+        let cold = plan.as_ref().and_then(|p| p.get(l)).map_or(0, |bits| {
+            let max = bits.iter().copied().max().unwrap_or(0);
+            bits.iter().filter(|&&b| b < max).count()
+        });
+        let merged = merge.as_ref().and_then(|m| m.get(l)).map_or(0, |m| {
+            m.iter()
+                .enumerate()
+                .filter(|&(e, &s)| s as usize != e)
+                .count()
+        });
+        out.push(LayerView {
+            layer: l,
+            top_quarter_share: order[..quarter].iter().map(|&e| share[e]).sum(),
+            effective_experts: entropy.exp(),
+            hottest: order.iter().take(4).map(|&e| (e, share[e])).collect(),
+            cold,
+            merged,
+        });
+    }
+    let tasks = p
+        .get("tasks")
+        .and_then(Value::as_object)
+        .map(|t| {
+            t.iter()
+                .map(|(k, v)| (k.clone(), v.get("tokens").and_then(Value::as_u64).unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(ProfileView {
+        tokens: p.get("tokens").and_then(Value::as_u64).unwrap_or(0),
+        tasks,
+        layers: out,
+    })
+}
