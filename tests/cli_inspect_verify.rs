@@ -76,3 +76,31 @@ fn errors_and_usage_have_their_exit_codes() {
     let out = flashpack(&["inspect", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn bench_codecs_recodes_a_packs_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_small_pack(dir.path(), 4096);
+    let out = flashpack(&[
+        "bench",
+        "codecs",
+        path.to_str().unwrap(),
+        "--rounds",
+        "1",
+        "--codecs",
+        "huffman,raw",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["codec"] == "huffman" && r["dataset"].as_str().unwrap().contains("4-bit")),
+        "{rows:?}"
+    );
+}

@@ -311,7 +311,12 @@ fn random_and_damaged_input_never_panics() {
         valid.push((CodecId::Huffman, out, data.len()));
     }
     let mut oks = 0;
-    for case in 0..4000 {
+    // FLASHPACK_ROBUSTNESS_CASES raises the count for a longer soak (`cargo test --release`).
+    let cases: usize = std::env::var("FLASHPACK_ROBUSTNESS_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
+    for case in 0..cases {
         let (id, mut src, mut len) = if case % 2 == 0 {
             let id = CodecId::ALL[rng.below(4)];
             let n = rng.below(300);
@@ -352,5 +357,5 @@ fn random_and_damaged_input_never_panics() {
         }
     }
     // Unchanged valid segments (about a fifth of half the cases) must have decoded.
-    assert!(oks > 200, "only {oks} cases decoded");
+    assert!(oks > cases / 20, "only {oks} of {cases} cases decoded");
 }

@@ -6,7 +6,7 @@
 //! output is deterministic; a part is stored raw whenever coding does not make it smaller.
 //! One [`Encoder`] per rayon worker reuses its scratch buffer.
 
-use crate::codec::{encode, AutoPolicy, Codec, CodecChoice, CodecError, CodecId};
+use crate::codec::{encode, encode_auto, Codec, CodecChoice, CodecError, CodecId};
 use crate::convert::quantize::QuantizedExpertSegment;
 use crate::convert::tensor::FloatDtype;
 
@@ -33,60 +33,14 @@ impl Encoder {
         let mut out = Vec::with_capacity(src.len() / 2);
         let id = match self.choice {
             CodecChoice::Fixed(c) => encode(c, bits, &src, &mut out)?,
-            CodecChoice::Auto(policy) => return self.auto(bits, src, &policy),
+            CodecChoice::Auto(policy) => {
+                encode_auto(bits, &src, &mut out, &policy, &mut self.scratch)?
+            }
         };
         Ok(if id == CodecId::Raw {
             (src, id)
         } else {
             (out, id)
-        })
-    }
-
-    /// `codec::encode_auto`'s choice without its final re-encode of the winner: every
-    /// candidate is encoded once into its own buffer and the winner's buffer is kept. The rule
-    /// is the same (smallest of Huffman and lz4, zstd only when `policy` enables it and it beats
-    /// them by `zstd_min_advantage`, raw unless the saving reaches `min_saving`), and since
-    /// encoding is deterministic the bytes are identical; Huffman encoding is the costliest
-    /// step of a conversion after quantization, so doing it once matters.
-    fn auto(
-        &mut self,
-        bits: u8,
-        src: Vec<u8>,
-        policy: &AutoPolicy,
-    ) -> Result<(Vec<u8>, CodecId), CodecError> {
-        let mut best: Option<(Vec<u8>, CodecId)> = None;
-        let mut consider = |codec: Codec, scratch: &mut Vec<u8>| -> Result<(), CodecError> {
-            scratch.clear();
-            let id = encode(codec, bits, &src, scratch)?;
-            if id != codec.id() {
-                return Ok(()); // stored raw: not a candidate
-            }
-            let bar = match (&best, codec) {
-                (None, _) => usize::MAX as f64,
-                (Some((b, _)), Codec::Zstd { .. }) => {
-                    b.len() as f64 * (1.0 - policy.zstd_min_advantage)
-                }
-                (Some((b, _)), _) => b.len() as f64,
-            };
-            if (scratch.len() as f64) < bar {
-                let buf = std::mem::take(scratch);
-                if let Some((old, _)) = best.replace((buf, id)) {
-                    *scratch = old; // reuse the loser's allocation
-                }
-            }
-            Ok(())
-        };
-        let mut scratch = std::mem::take(&mut self.scratch);
-        consider(Codec::Huffman, &mut scratch)?;
-        consider(Codec::Lz4, &mut scratch)?;
-        if let Some(level) = policy.zstd_level {
-            consider(Codec::Zstd { level }, &mut scratch)?;
-        }
-        self.scratch = scratch;
-        let limit = src.len() as f64 * (1.0 - policy.min_saving);
-        Ok(match best {
-            Some((buf, id)) if (buf.len() as f64) <= limit => (buf, id),
-            _ => (src, CodecId::Raw),
         })
     }
 
@@ -141,49 +95,8 @@ pub struct EncodedSegment {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn auto_agrees_with_codec_encode_auto_on_many_inputs() {
-        use crate::codec::encode_auto;
-        let policies = [
-            AutoPolicy::default(),
-            AutoPolicy {
-                zstd_level: Some(3),
-                ..AutoPolicy::default()
-            },
-            AutoPolicy {
-                min_saving: 0.3,
-                ..AutoPolicy::default()
-            },
-        ];
-        let mut x = 7u32;
-        for len in [0usize, 1, 100, 4096, 70_000] {
-            for skew in [1u32, 3, 16, 256] {
-                let src: Vec<u8> = (0..len)
-                    .map(|i| {
-                        x ^= x << 13;
-                        x ^= x >> 17;
-                        x ^= x << 5;
-                        if i % 64 < 32 {
-                            (x % skew) as u8
-                        } else {
-                            (i / 64 % 7) as u8
-                        }
-                    })
-                    .collect();
-                for p in policies {
-                    let (mut want, mut scratch) = (Vec::new(), Vec::new());
-                    let wid = encode_auto(4, &src, &mut want, &p, &mut scratch).unwrap();
-                    let (got, gid) = Encoder::new(CodecChoice::Auto(p))
-                        .encode(4, src.clone())
-                        .unwrap();
-                    assert_eq!((got, gid), (want, wid), "len {len} skew {skew} {p:?}");
-                }
-            }
-        }
-    }
-
     use super::*;
-    use crate::codec::{encode_auto, Decoder};
+    use crate::codec::{AutoPolicy, Decoder};
 
     #[test]
     fn raw_moves_and_auto_round_trips() {
@@ -200,17 +113,6 @@ mod tests {
             .unwrap();
         assert_ne!(id, CodecId::Raw);
         assert!(stored.len() < src.len() / 2);
-        // Same bytes and choice as the codec module's own auto encoder.
-        let (mut reference, mut scratch) = (Vec::new(), Vec::new());
-        let rid = encode_auto(
-            4,
-            &src,
-            &mut reference,
-            &AutoPolicy::default(),
-            &mut scratch,
-        )
-        .unwrap();
-        assert_eq!((stored.as_slice(), id), (reference.as_slice(), rid));
         let mut back = vec![0u8; src.len()];
         Decoder::new().decode_into(id, &stored, &mut back).unwrap();
         assert_eq!(back, src);

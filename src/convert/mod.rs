@@ -64,7 +64,7 @@ pub struct ConvertOptions {
     pub codec: CodecChoice,
     pub expert_bits: u8,
     pub group_size: usize,
-    /// 4 or 8 quantize dense weights; 16 keeps them in the source float type.
+    /// 2, 4 or 8 quantize dense weights; 16 keeps them in the source float type.
     pub dense_bits: u8,
     /// Vertical segments per expert (formats/flashpack-v1.md §6.3).
     pub segments: usize,

@@ -356,4 +356,21 @@ fn mlx_quantized_source_reuses_codes() {
     let router = b.tensor("model.layers.0.mlp.gate.weight").unwrap();
     assert_eq!((router.dtype, router.bits), (DType::U32, 8));
     assert!(b.tensor("model.layers.0.mlp.gate.scales").is_some());
+    // Other bits than the source's: dequantized and quantized again.
+    let c = out.path().join("c.flashpack");
+    let opts = ConvertOptions {
+        expert_bits: 2,
+        dense_bits: 8,
+        ..Default::default()
+    };
+    run(&mlx_dir, &c, &opts).unwrap();
+    let c = Pack::open(&c).unwrap();
+    assert!(c.verify().is_ok());
+    assert!(c.experts().iter().all(|e| e.bits == 2));
+    assert_eq!(
+        c.tensor("model.layers.0.self_attn.k_proj.weight")
+            .unwrap()
+            .bits,
+        8
+    );
 }

@@ -198,6 +198,16 @@ pub struct StoreStats {
     pub prefetch_wait_ms: f64,
 }
 
+/// A background load in flight: the keys it fills, its thread, when it started.
+type Prefetch = (
+    Vec<(usize, ExpertKey)>,
+    std::thread::JoinHandle<Result<(), ExpertError>>,
+    Instant,
+);
+
+/// Per-thread decode state: decoder, stored bytes, decoded weights, decoded scales and biases.
+type Scratch = (Decoder, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// The experts of a pack, resident in slot pools.
 pub struct ExpertCache {
     pools: Vec<Pool>,
@@ -210,17 +220,13 @@ pub struct ExpertCache {
     hidden: usize,
     inter: usize,
     stats: StoreStats,
-    pending: Option<(
-        Vec<(usize, ExpertKey)>,
-        std::thread::JoinHandle<Result<(), ExpertError>>,
-        Instant,
-    )>,
+    pending: Option<Prefetch>,
     /// Experts loaded by prefetch and not yet asked for.
     prefetched: std::collections::HashSet<ExpertKey>,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<(Decoder, Vec<u8>, Vec<u8>, Vec<u8>)> =
+    static SCRATCH: RefCell<Scratch> =
         RefCell::new((Decoder::new(), Vec::new(), Vec::new(), Vec::new()));
 }
 
@@ -319,6 +325,27 @@ impl ExpertCache {
             pending: None,
             prefetched: Default::default(),
         })
+    }
+
+    /// Bytes the pools would take with every stored expert resident (what `budget_bytes: None`
+    /// allocates); budgets given as a share of the experts are shares of this.
+    pub fn all_resident_bytes(pack: &Pack) -> u64 {
+        let (hidden, inter) = (
+            pack.hidden_size() as usize,
+            pack.intermediate_size() as usize,
+        );
+        pack.experts()
+            .iter()
+            .filter(|e| e.segment == 0)
+            .map(|e| {
+                let shape = PoolShape {
+                    bits: e.bits,
+                    group_size: e.group_size,
+                    scale_dtype: e.scale_dtype,
+                };
+                Pool::slot_bytes(shape, hidden, inter).iter().sum::<usize>() as u64
+            })
+            .sum()
     }
 
     pub fn stats(&self) -> StoreStats {

@@ -82,13 +82,14 @@ pub fn generate(
     let mut sampler = Sampler::new(opts.sampler)?;
     let mut cache: KvCache = model.new_cache();
     let started = Instant::now();
-    let mut logits = None;
-    for chunk in prompt.chunks(opts.prefill_chunk.max(1)) {
-        let out = model.forward_ids(chunk, &mut cache, experts)?;
-        out.eval()?;
-        logits = Some(out);
+    // As mlx-lm: every prompt position but the last only fills the KV cache; the last one
+    // runs alone and gives the first token's logits.
+    let (body, last) = prompt.split_at(prompt.len() - 1);
+    for chunk in body.chunks(opts.prefill_chunk.max(1)) {
+        model.prefill_ids(chunk, &mut cache, experts)?;
     }
-    let mut next = sampler.sample(&last_logits(&logits.expect("non-empty prompt"))?)?;
+    let logits = model.forward_last_ids(last, &mut cache, experts)?;
+    let mut next = sampler.sample(&last_logits(&logits)?)?;
     let prefill_s = started.elapsed().as_secs_f64();
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
@@ -116,7 +117,7 @@ pub fn generate(
             stats.stop_reason = "context".into();
             break;
         }
-        let logits = model.forward_ids(&[next], &mut cache, experts)?;
+        let logits = model.forward_last_ids(&[next], &mut cache, experts)?;
         next = sampler.sample(&last_logits(&logits)?)?;
     }
     let decode_s = decode_started.elapsed().as_secs_f64();

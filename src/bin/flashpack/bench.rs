@@ -29,7 +29,8 @@ pub enum BenchWhat {
 
 #[derive(Args, Debug)]
 pub struct CodecsArgs {
-    /// A .flashpack file whose stored segments to re-code (needs the pack reader; not yet wired).
+    /// A .flashpack file: its expert segments are decoded and re-coded with every codec, one
+    /// segment per pack segment (grouped by bits).
     pub pack: Option<PathBuf>,
     /// Synthetic Gaussian weights (4 MiB of 4-bit and of 2-bit codes), seeded.
     #[arg(long)]
@@ -78,14 +79,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn codecs(a: CodecsArgs) -> Result<()> {
-    if let Some(p) = &a.pack {
-        bail!(
-            "reading segments from a pack ({}) is not wired yet; use --safetensors DIR or --codes FILE",
-            p.display()
-        );
-    }
     let seg = a.segment_kib.max(1) * 1024;
     let mut datasets = Vec::new();
+    if let Some(p) = &a.pack {
+        datasets.extend(pack_datasets(p, a.aux)?);
+    }
     if a.synthetic {
         for &bits in &a.bits {
             let (codes, _) = quantize(&synthetic_weights(8 << 20, 0x5eed), 64, bits, 8 * 64);
@@ -200,7 +198,7 @@ fn codecs(a: CodecsArgs) -> Result<()> {
 fn file_label(path: &Path) -> String {
     let generic = |p: &Path| {
         p.file_name()
-            .map_or(true, |n| n.to_string_lossy().starts_with("model"))
+            .is_none_or(|n| n.to_string_lossy().starts_with("model"))
     };
     let mut p = path;
     while generic(p) {
@@ -388,4 +386,117 @@ fn synthetic_weights(n: usize, seed: u64) -> Vec<f32> {
     }
     out.truncate(n);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantize;
+
+    /// Weights exactly representable in f32 (multiples of 1/1024), two rows of two groups; the
+    /// second row is scaled so its groups have other ranges.
+    fn weights() -> Vec<f32> {
+        let mut w: Vec<f32> = (0..256u64)
+            .map(|i| ((i * 2_654_435_761) % 1000) as f32 / 1024.0 - 500.0 / 1024.0)
+            .collect();
+        for x in &mut w[128..] {
+            *x *= 0.25;
+        }
+        w
+    }
+
+    fn words(packed: &[u8]) -> Vec<u32> {
+        packed
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    fn halves(aux: &[u8]) -> Vec<u16> {
+        aux.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    }
+
+    // Expected values printed by mlx 0.32.4:
+    //   q, s, b = mx.quantize(mx.array(w), group_size=64, bits=B)
+    //   q as u32 words; s and b cast to bfloat16 and viewed as u16.
+    // Exact equality: the bench claims bit-identical codes.
+    #[test]
+    fn matches_mx_quantize_4bit() {
+        let (packed, aux) = quantize(&weights(), 64, 4, 128);
+        assert_eq!(
+            words(&packed),
+            [
+                0x59d158c0, 0x7ae26ae1, 0x8cf47bf3, 0x9d159d04, 0xbf36ae26, 0xc048cf37, 0xe259d158,
+                0xf37be26a, 0xfc840c95, 0xea63fb73, 0xd951da62, 0xb74fc840, 0xa62eb73f, 0x851d951e,
+                0x73fc840c, 0x62ea62fb, 0x40d951d9, 0x3fb74fc8, 0x1ea62ea7, 0x0c851d95, 0xfb73fb84,
+                0xd962ea62, 0xc840d951, 0xa73fb73f, 0x7bf26ae2, 0x8c048cf3, 0xae159d15, 0xbf37be26,
+                0xd048cf47, 0xe26ad159, 0xf37bf36a, 0x159c048c,
+            ]
+        );
+        // Scales of the 4 groups, then their biases.
+        assert_eq!(
+            halves(&aux),
+            [0x3d7a, 0xbd76, 0xbc7a, 0x3c78, 0xbefa, 0x3ef6, 0x3dfa, 0xbdf8]
+        );
+    }
+
+    #[test]
+    fn matches_mx_quantize_2bit() {
+        let (packed, aux) = quantize(&weights(), 64, 2, 128);
+        assert_eq!(
+            words(&packed),
+            [
+                0xbd6c6c6c, 0xb1b1bdbd, 0xc6f6f6f1, 0xdbdac6c6, 0xf9f9f939, 0xe7e4e4e4, 0x9393a7e7,
+                0x4f9f9f93, 0x7e7e4e4e, 0x3939397e, 0xe4f9f9f9, 0xe7e7e4e4, 0xb1bdbdbc, 0xf6f5b1b1,
+                0xc6c6c6f6, 0x1b1bdbdb,
+            ]
+        );
+        assert_eq!(
+            halves(&aux),
+            [0x3e7a, 0xbe76, 0xbd7a, 0x3d78, 0xbefa, 0x3ef6, 0x3dfa, 0xbdf8]
+        );
+    }
+}
+
+/// The decoded WEIGHTS parts (and, with `aux`, the scales+biases parts) of every expert
+/// segment of a pack, one bench segment per pack segment, grouped by bits.
+fn pack_datasets(path: &Path, aux: bool) -> Result<Vec<Dataset>> {
+    use flashpack::codec::{CodecId, Decoder};
+    let pack = flashpack::format::Pack::open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut decoder = Decoder::new();
+    let mut by_bits: std::collections::BTreeMap<u8, (Vec<Vec<u8>>, Vec<Vec<u8>>)> =
+        Default::default();
+    for e in pack.experts() {
+        let stored = pack.segment_stored(e);
+        let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
+        let mut w = vec![0u8; e.weights_decoded_len as usize];
+        decoder.decode_into(CodecId::try_from(e.weight_codec)?, ws, &mut w)?;
+        let mut x = vec![0u8; e.aux_decoded_len() as usize];
+        decoder.decode_into(CodecId::try_from(e.aux_codec)?, auxs, &mut x)?;
+        let entry = by_bits.entry(e.bits).or_default();
+        entry.0.push(w);
+        entry.1.push(x);
+    }
+    if by_bits.is_empty() {
+        bail!("{} has no expert segments", path.display());
+    }
+    let name = file_label(path);
+    let mut out = Vec::new();
+    for (bits, (weights, scales)) in by_bits {
+        out.push(Dataset {
+            name: format!("{name} {bits}-bit"),
+            bits,
+            segments: weights,
+        });
+        if aux {
+            out.push(Dataset {
+                name: format!("{name} {bits}-bit scales+biases"),
+                bits: 16,
+                segments: scales,
+            });
+        }
+    }
+    Ok(out)
 }

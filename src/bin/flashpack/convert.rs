@@ -31,7 +31,7 @@ pub struct ConvertArgs {
     /// Bits of expert weights: 2, 4 or 8.
     #[arg(long, default_value_t = 4)]
     pub expert_bits: u8,
-    /// Bits of dense weights (attention, embeddings, shared experts): 4, 8, or 16 to keep the
+    /// Bits of dense weights (attention, embeddings, shared experts): 2, 4, 8, or 16 to keep the
     /// source floats. Routers and norms always stay full precision.
     #[arg(long, default_value_t = 4)]
     pub dense_bits: u8,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use flashpack::run::budget::{parse_size, peak_rss, total_ram};
+use flashpack::run::compute::{ComputeError, ExpertStore, PoolRoute};
 use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::generate::{generate, GenerateOptions};
 use flashpack::run::open;
@@ -39,6 +40,11 @@ pub struct RunArgs {
     /// share the rest. Default: everything resident.
     #[arg(long)]
     pub mem_budget: Option<String>,
+    /// Size the expert cache directly instead (benchmarks): 2GB, or 50% / 0.5 of the bytes that
+    /// all of the pack's experts take resident. Dense weights, KV cache and activations come on
+    /// top.
+    #[arg(long, conflicts_with = "mem_budget")]
+    pub expert_budget: Option<String>,
     /// How experts come off the disk.
     #[arg(long, default_value = "pread")]
     pub io: IoMode,
@@ -77,21 +83,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => None,
         Some(text) => Some(parse_size(text, total_ram()).map_err(anyhow::Error::msg)?),
     };
-    let expert_budget = match budget {
-        None => None,
-        Some(b) => {
-            // The dense weights stay resident; the KV cache (bf16, up to the longest context
-            // this run can reach) and activations come out of the budget too.
-            let positions = cfg
-                .max_position_embeddings
-                .unwrap_or(usize::MAX)
-                .min(args.prompt.len() + args.max_tokens) as u64;
-            let kv = cfg.num_hidden_layers as u64
-                * 2
-                * (cfg.num_key_value_heads * cfg.head_dim) as u64
-                * positions
-                * 2;
-            let margin = kv + (cfg.hidden_size * cfg.vocab_size * 4) as u64 + (2 << 20);
+    // The dense weights stay resident; the KV cache (bf16, up to the longest context this run
+    // can reach) and activations come out of the budget too.
+    let positions = cfg
+        .max_position_embeddings
+        .unwrap_or(usize::MAX)
+        .min(args.prompt.len() + args.max_tokens) as u64;
+    let kv = cfg.num_hidden_layers as u64
+        * 2
+        * (cfg.num_key_value_heads * cfg.head_dim) as u64
+        * positions
+        * 2;
+    let margin = kv + (cfg.hidden_size * cfg.vocab_size * 4) as u64 + (2 << 20);
+    let all_experts = ExpertCache::all_resident_bytes(&pack);
+    let expert_budget = match (budget, &args.expert_budget) {
+        (None, None) => None,
+        (None, Some(text)) => Some(parse_size(text, all_experts).map_err(anyhow::Error::msg)?),
+        (Some(b), _) => {
             let Some(rest) = b.checked_sub(weights.bytes + margin) else {
                 bail!(
                     "--mem-budget {} is too small: the dense weights alone need {:.1} MB (plus {:.1} MB for the KV cache and activations); raise the budget",
@@ -168,7 +176,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
-    let (_, stats) = generate(&model, &mut experts, &ids, &gen_opts, |id| {
+    let first_token = std::rc::Rc::new(std::cell::Cell::new(false));
+    // Process CPU seconds at the start, at the first token and at the end: under load from
+    // other processes they measure the work of each phase more steadily than wall time.
+    let cpu_start = process_cpu_s();
+    let mut cpu_first = None;
+    let mut phases = PhaseMarker {
+        inner: &mut experts,
+        first_token: first_token.clone(),
+        at_first_token: None,
+    };
+    let (_, stats) = generate(&model, &mut phases, &ids, &gen_opts, |id| {
+        if !first_token.get() {
+            cpu_first = Some(process_cpu_s());
+        }
+        first_token.set(true);
         generated.push(id);
         if let Ok(text) = tokenizer.decode(&generated, false) {
             // Hold back a trailing partial UTF-8 sequence until its next byte arrives.
@@ -182,23 +204,57 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     let _ = writeln!(stdout);
     let _ = stdout.flush();
+    let cpu_end = process_cpu_s();
+    let at_first_token = phases.at_first_token.take();
     let cache_stats = experts.cache_stats();
     let stream = experts.stats.clone();
+    let hits: u64 = cache_stats.hits_per_layer.values().sum();
+    let misses: u64 = cache_stats.misses_per_layer.values().sum();
+    let hit_rate_per_layer: std::collections::BTreeMap<u32, f64> = cache_stats
+        .hits_per_layer
+        .keys()
+        .chain(cache_stats.misses_per_layer.keys())
+        .map(|l| {
+            let h = cache_stats.hits_per_layer.get(l).copied().unwrap_or(0);
+            let m = cache_stats.misses_per_layer.get(l).copied().unwrap_or(0);
+            (*l, h as f64 / (h + m).max(1) as f64)
+        })
+        .collect();
+    let tokens = (stats.prompt_tokens + stats.generated_tokens).max(1) as f64;
+    let derived = serde_json::json!({
+        "hit_rate": hits as f64 / (hits + misses).max(1) as f64,
+        "hit_rate_per_layer": hit_rate_per_layer,
+        // Of the loads the router needed, the share prefetch had already done.
+        "misses_hidden_by_prefetch": cache_stats.prefetch_used as f64 / (cache_stats.prefetch_used + misses).max(1) as f64,
+        "prefetch_accuracy": stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
+        "stall_ms_per_token": stream.stall_ms / tokens,
+        "bytes_read_per_token": cache_stats.bytes_read as f64 / tokens,
+        "read_decode_gb_per_s": cache_stats.bytes_read as f64 / 1e6 / cache_stats.read_decode_ms.max(1e-9),
+    });
     let report = serde_json::json!({
         "generation": stats,
         "peak_rss_bytes": peak_rss(),
         "dense_bytes": weights.bytes,
         "expert_cache": cache_stats,
         "stream": stream,
+        "derived": derived,
         "budget_bytes": budget,
+        "expert_budget_bytes": expert_budget,
+        "all_experts_bytes": all_experts,
+        "margin_bytes": margin,
+        // Counters as they stood when the first token came out (end of prefill): subtract
+        // them for the decode phase alone.
+        "at_first_token": at_first_token,
+        "cpu_s": {
+            "prefill": cpu_first.map(|c| c - cpu_start),
+            "decode": cpu_first.map(|c| cpu_end - c),
+        },
         "io": args.io,
         "policy": args.policy,
     });
     if args.json {
         eprintln!("{}", serde_json::to_string(&report)?);
     } else {
-        let hits: u64 = cache_stats.hits_per_layer.values().sum();
-        let misses: u64 = cache_stats.misses_per_layer.values().sum();
         eprintln!(
             "prompt {} tokens at {:.1} tok/s, first token after {:.2} s; generated {} tokens at {:.1} tok/s; peak RSS {:.0} MB",
             stats.prompt_tokens,
@@ -210,12 +266,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         if streaming {
             eprintln!(
-                "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}%, stall {:.0} ms",
+                "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}% (hid {:.1}% of misses), stall {:.1} ms/token",
                 cache_stats.slots,
-                100.0 * hits as f64 / (hits + misses).max(1) as f64,
+                100.0 * derived["hit_rate"].as_f64().unwrap_or(0.0),
                 cache_stats.bytes_read as f64 / 1e6,
-                100.0 * stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
-                stream.stall_ms
+                100.0 * derived["prefetch_accuracy"].as_f64().unwrap_or(0.0),
+                100.0 * derived["misses_hidden_by_prefetch"].as_f64().unwrap_or(0.0),
+                derived["stall_ms_per_token"].as_f64().unwrap_or(0.0)
             );
             if args.skip_uncached.is_some() {
                 eprintln!(
@@ -226,6 +283,63 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// CPU time of this process (all threads), in seconds; 0 where unknown.
+fn process_cpu_s() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the pointer we give it.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } == 0 {
+            return t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9;
+        }
+    }
+    0.0
+}
+
+/// Passes routing through, and snapshots the read counters at the first forward call after the
+/// first token (the end of the prefill), so the decode phase can be reported on its own.
+struct PhaseMarker<'a, 'p> {
+    inner: &'a mut StreamingExperts<'p>,
+    first_token: std::rc::Rc<std::cell::Cell<bool>>,
+    at_first_token: Option<serde_json::Value>,
+}
+
+impl ExpertStore for PhaseMarker<'_, '_> {
+    fn route(
+        &mut self,
+        layer: usize,
+        indices: &flashpack::mlx::Array,
+    ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
+        if self.at_first_token.is_none() && self.first_token.get() {
+            let c = self.inner.cache_stats();
+            self.at_first_token = Some(serde_json::json!({
+                "bytes_read": c.bytes_read,
+                "experts_loaded": c.experts_loaded,
+                "misses": c.misses_per_layer.values().sum::<u64>(),
+                "hits": c.hits_per_layer.values().sum::<u64>(),
+                "read_decode_ms": c.read_decode_ms,
+                "stall_ms": self.inner.stats.stall_ms,
+            }));
+        }
+        self.inner.route(layer, indices)
+    }
+
+    fn wants_prediction(&self) -> bool {
+        self.inner.wants_prediction()
+    }
+
+    fn predict(
+        &mut self,
+        layer: usize,
+        indices: &flashpack::mlx::Array,
+    ) -> Result<(), ComputeError> {
+        self.inner.predict(layer, indices)
+    }
 }
 
 /// Applies a Hugging Face chat template to one user message.

@@ -210,10 +210,25 @@ fn decode_streams<const N: usize>(
         // SAFETY: k <= by_in gives every stream pos + 8 + k * MAX_ADVANCE <= src.len().
         i = unsafe { fast_loop(table, src, &mut rs, &mut outs, i, k) };
     }
+    // The lock step stops when the most constrained stream (the last one, which ends at the
+    // segment's end) nears the end of its input; the others finish alone, still on the fast
+    // loop where their input allows, then on the checked reader.
     for s in 0..N {
-        let r = &mut rs[s];
-        let done = i.min(outs[s].len());
-        for o in outs[s][done..].iter_mut() {
+        let mut one = [rs[s]];
+        let mut out = [&mut *outs[s]];
+        let mut done = i.min(out[0].len());
+        loop {
+            let by_out = (out[0].len() - done) / SYMS_PER_REFILL;
+            let by_in = src.len().saturating_sub(one[0].pos + 8) / MAX_ADVANCE;
+            let k = by_out.min(by_in);
+            if k == 0 {
+                break;
+            }
+            // SAFETY: as above, for this one stream: k <= by_in and done + 5k <= its length.
+            done = unsafe { fast_loop(table, src, &mut one, &mut out, done, k) };
+        }
+        let r = &mut one[0];
+        for o in out[0][done..].iter_mut() {
             r.refill_tail(src);
             *o = r.symbol(table);
         }
@@ -247,14 +262,22 @@ unsafe fn fast_loop_body<const N: usize>(
             // SAFETY: the caller's bound covers this iteration's refill (see above).
             unsafe { r.refill_fast(src) };
         }
-        for j in 0..SYMS_PER_REFILL {
+        // Written out five times (SYMS_PER_REFILL) rather than as a loop: the compiler does
+        // not fully unroll a 5 x 8 nest, and a rolled loop keeps the streams' state in memory.
+        let mut round = |j: usize| {
             for s in 0..N {
                 let b = local[s].symbol(table);
                 // SAFETY: i + j < i + SYMS_PER_REFILL <= outs[s].len() by the caller's bound,
                 // and the N outputs are disjoint slices.
                 unsafe { *ptrs[s].add(i + j) = b };
             }
-        }
+        };
+        round(0);
+        round(1);
+        round(2);
+        round(3);
+        round(4);
+        const _: () = assert!(SYMS_PER_REFILL == 5);
         i += SYMS_PER_REFILL;
     }
     *rs = local;

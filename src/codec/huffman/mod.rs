@@ -28,9 +28,9 @@ pub const MAX_CODE_LEN: u8 = 11;
 pub const MAX_STREAMS: usize = 16;
 /// Streams the encoder writes by default. Decoding is bound by the latency of each stream's
 /// lookup chain, so more streams decode faster until their state no longer fits in registers:
-/// on x86-64, 4 streams 1.4 GB/s, 6 streams 1.83, 7 streams 1.87, 8 streams 1.1 (spills).
+/// on x86-64 (per CPU-second), 4 streams 1.43 GB/s, 5: 1.65, 6: 1.79, 7: 1.87, 8: 1.09 (spills).
 /// Measured in docs/decisions/0002-huffman-symbols.md.
-pub const DEFAULT_STREAMS: usize = 6;
+pub const DEFAULT_STREAMS: usize = 7;
 
 /// The parsed fixed part of a Huffman segment.
 #[derive(Debug, Clone, PartialEq, Eq)]

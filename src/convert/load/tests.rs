@@ -430,3 +430,55 @@ fn mlx_lm_quantized_folder_codes_equal_ours() {
             .any(|d| d.name.ends_with(".scales") || d.name.ends_with(".biases")));
     }
 }
+
+#[test]
+fn mlx_lm_float_folder_stacks_the_same_experts() {
+    if !mlx_lm_available() {
+        eprintln!("note: python3 with mlx_lm is not importable; MLX float-stack check skipped");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let spec = FixtureSpec {
+        vocab_size: 8192,
+        tokenizer_from: Some(root.join("fixtures/qwen3moe-tiny")),
+        ..FixtureSpec::tiny(Arch::Olmoe)
+    };
+    let src = write(&spec);
+    let out = tempfile::tempdir().unwrap();
+    let mlx_dir = out.path().join("f32");
+    let st = std::process::Command::new("python3")
+        .args(["-m", "mlx_lm", "convert", "--hf-path"])
+        .arg(src.path())
+        .arg("--mlx-path")
+        .arg(&mlx_dir)
+        .args(["--dtype", "float32"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let (a, b) = (
+        Checkpoint::open(src.path()).unwrap(),
+        Checkpoint::open(&mlx_dir).unwrap(),
+    );
+    assert_eq!(b.expert_layout(1).unwrap(), ExpertLayout::Stacked);
+    let widen = |p: &ProjSource<'_>| -> Vec<f32> {
+        let ProjSource::Float(m) = p else {
+            panic!("float stack expected")
+        };
+        let mut all = vec![0f32; m.rows * m.cols];
+        for r in 0..m.rows {
+            m.row_f32(r, &mut all[r * m.cols..(r + 1) * m.cols]);
+        }
+        all
+    };
+    for e in [0, 5] {
+        let (x, y) = (a.expert(1, e).unwrap(), b.expert(1, e).unwrap());
+        // bf16 -> f32 is exact, so the stacked f32 experts equal the bf16 ones widened.
+        assert_eq!(widen(&x.gate), widen(&y.gate));
+        assert_eq!(widen(&x.up), widen(&y.up));
+        assert_eq!(widen(&x.down), widen(&y.down));
+    }
+}

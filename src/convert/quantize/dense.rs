@@ -20,13 +20,13 @@ use std::borrow::Cow;
 /// How dense (non-expert) weights are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DensePolicy {
-    /// 4 or 8: quantize 2-D weights; 16: keep them in the source float type.
+    /// 2, 4 or 8: quantize 2-D weights; 16: keep them in the source float type.
     pub bits: u8,
     pub group_size: usize,
 }
 
 impl DensePolicy {
-    /// Checks `bits` is 4, 8 or 16 and the group size is supported.
+    /// Checks `bits` is 2, 4, 8 or 16 and the group size is supported.
     pub fn new(bits: u8, group_size: usize) -> Result<DensePolicy, QuantError> {
         match bits {
             2 | 4 | 8 => {

@@ -13,7 +13,9 @@
 //! of the full matrix and quantizing the whole expert then cutting equals quantizing each cut.
 //! MLX codes whose bits and group size match are copied, never requantized.
 
-use super::{quantize, requantize, QuantError, QuantParams, QuantizedMatrix, QuantizedView};
+use super::{
+    quantize, quantize_into, requantize, QuantError, QuantParams, QuantizedMatrix, QuantizedView,
+};
 use crate::convert::tensor::{FloatDtype, MatrixView};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -217,6 +219,39 @@ pub fn build_segments(
                 p.group_size
             ),
         });
+    }
+    if let (1, ProjSource::Float(g), ProjSource::Float(u), ProjSource::Float(d)) =
+        (n, src.gate, src.up, src.down)
+    {
+        // One segment from floats: quantize straight into the segment's buffers, whose layout
+        // is the three matrices' codes, then their scales and biases, one after the other.
+        let parts = SegmentParts::new(h, i, p, sd);
+        let mut weights = vec![0u8; parts.weights_len()];
+        let mut aux = vec![0u8; parts.aux_len()];
+        let (gw, rest) = weights.split_at_mut(parts.up_w.start);
+        let (uw, dw) = rest.split_at_mut(parts.up_w.len());
+        let (gs, rest) = aux.split_at_mut(parts.gate_biases.start);
+        let (gb, rest) = rest.split_at_mut(parts.gate_biases.len());
+        let (us, rest) = rest.split_at_mut(parts.up_scales.len());
+        let (ub, rest) = rest.split_at_mut(parts.up_biases.len());
+        let (ds, db) = rest.split_at_mut(parts.down_scales.len());
+        quantize_into(&what("gate"), g, p, sd, gw, gs, gb)?;
+        quantize_into(&what("up"), u, p, sd, uw, us, ub)?;
+        quantize_into(&what("down"), d, p, sd, dw, ds, db)?;
+        return Ok(vec![QuantizedExpertSegment {
+            layer,
+            expert,
+            segment: 0,
+            segment_count: 1,
+            row_start: 0,
+            row_count: i,
+            hidden_size: h,
+            bits: p.bits,
+            group_size: p.group_size,
+            scale_dtype: sd,
+            weights,
+            aux,
+        }]);
     }
     let gate = to_quant(&what("gate"), src.gate, p)?;
     let up = to_quant(&what("up"), src.up, p)?;

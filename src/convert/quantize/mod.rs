@@ -28,7 +28,8 @@ mod expert;
 pub use dense::{plan_dense, DenseOut, DensePolicy};
 
 pub use expert::{
-    build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentPlan,
+    build_segments, ExpertProjections, ProjSource, QuantizedExpertSegment, SegmentParts,
+    SegmentPlan,
 };
 
 use super::tensor::{FloatDtype, MatrixView};
@@ -216,13 +217,13 @@ fn round_half_even(x: f32) -> f32 {
     r.copysign(x)
 }
 
-/// Quantizes one row: `codes.len() == words_per_row`, `scales`/`biases` hold
+/// Quantizes one row: `codes` holds `words_per_row` little-endian u32 words, `scales`/`biases`
 /// `groups_per_row` values of `scale_dtype` each. `row.len()` must fit `p`.
 pub fn quantize_row(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
 ) {
@@ -242,35 +243,55 @@ unsafe fn quantize_row_avx2(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
 ) {
-    quantize_row_with(row, p, scale_dtype, codes, scales, biases, |w| {
-        min_max_avx2(w)
-    })
+    // With AVX (and so SSE4.1) enabled, round_ties_even is one vroundps.
+    quantize_row_with(
+        row,
+        p,
+        scale_dtype,
+        codes,
+        scales,
+        biases,
+        |w| min_max_avx2(w),
+        |x| x.round_ties_even(),
+    )
 }
 
 fn quantize_row_generic(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
 ) {
-    quantize_row_with(row, p, scale_dtype, codes, scales, biases, min_max)
+    quantize_row_with(
+        row,
+        p,
+        scale_dtype,
+        codes,
+        scales,
+        biases,
+        min_max,
+        round_half_even,
+    )
 }
 
+// The two closures pick the instruction-set-specific pieces; the rest is `quantize_row`'s list.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn quantize_row_with(
     row: &[f32],
     p: QuantParams,
     scale_dtype: FloatDtype,
-    codes: &mut [u32],
+    codes: &mut [u8],
     scales: &mut [u8],
     biases: &mut [u8],
     min_max: impl Fn(&[f32]) -> (f32, f32),
+    round: impl Fn(f32) -> f32,
 ) {
     // Groups are handled in blocks: first every group's range and scale/bias (independent
     // scalar chains of divisions that the CPU overlaps, rather than one chain per group that
@@ -279,10 +300,8 @@ fn quantize_row_with(
     let g = p.group_size;
     let ss = scale_dtype.size();
     let n_bins = p.n_bins();
-    let per_word = p.per_word();
-    let bits = p.bits as u32;
-    let words_per_group = g / per_word;
-    let mut q = [0u32; 128];
+    let group_bytes = g * p.bits as usize / 8;
+    let mut q = [0u8; 128];
     let mut sb = [(0f32, 0f32); BLOCK];
     for (bi, block) in row.chunks(g * BLOCK).enumerate() {
         let g0 = bi * BLOCK;
@@ -300,22 +319,33 @@ fn quantize_row_with(
             let (scale, bias) = sb[gi];
             for (qi, &x) in q.iter_mut().zip(group) {
                 // A true division, not a multiply by 1/scale: the reciprocal rounds differently.
-                let v = round_half_even((x - bias) / scale);
+                let v = round((x - bias) / scale);
                 let v = if v > 0.0 { v } else { 0.0 };
                 let v = if v < n_bins { v } else { n_bins };
                 // SAFETY: v is finite and in [0, n_bins] <= 255 (the comparisons above map NaN
                 // to 0), so the conversion is exact; unlike `as`, it needs no saturation and
                 // vectorizes.
-                *qi = unsafe { v.to_int_unchecked::<i32>() } as u32;
+                *qi = unsafe { v.to_int_unchecked::<i32>() } as u8;
             }
-            let w0 = (g0 + gi) * words_per_group;
-            let out = &mut codes[w0..w0 + words_per_group];
-            for (word, chunk) in out.iter_mut().zip(q[..g].chunks_exact(per_word)) {
-                let mut w = 0u32;
-                for (k, &c) in chunk.iter().enumerate() {
-                    w |= c << (k as u32 * bits);
+            // Codes fill u32 words from the lowest bits up and the words are little-endian, so
+            // byte m of the output holds codes m * 8 / bits onwards, lowest first: packing by
+            // bytes is the same layout and lets the compiler vectorize it.
+            let at = (g0 + gi) * group_bytes;
+            let out = &mut codes[at..at + group_bytes];
+            let q = &q[..g];
+            match p.bits {
+                8 => out.copy_from_slice(q),
+                4 => {
+                    for (o, c) in out.iter_mut().zip(q.chunks_exact(2)) {
+                        *o = c[0] | c[1] << 4;
+                    }
                 }
-                *word = w;
+                _ => {
+                    // 2 bits (QuantParams only admits 2, 4 and 8).
+                    for (o, c) in out.iter_mut().zip(q.chunks_exact(4)) {
+                        *o = c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6;
+                    }
+                }
             }
         }
     }
@@ -449,6 +479,45 @@ pub fn quantize(
     p: QuantParams,
     scale_dtype: FloatDtype,
 ) -> Result<QuantizedMatrix, QuantError> {
+    let words = m.rows * p.words_per_row(m.cols);
+    let groups = m.rows * p.groups_per_row(m.cols) * scale_dtype.size();
+    let mut codes = vec![0u8; words * 4];
+    let mut scales = vec![0u8; groups];
+    let mut biases = vec![0u8; groups];
+    quantize_into(
+        what,
+        m,
+        p,
+        scale_dtype,
+        &mut codes,
+        &mut scales,
+        &mut biases,
+    )?;
+    Ok(QuantizedMatrix {
+        rows: m.rows,
+        cols: m.cols,
+        params: p,
+        scale_dtype,
+        codes,
+        scales,
+        biases,
+    })
+}
+
+/// [`quantize`] into caller-provided buffers of exactly the right sizes (codes
+/// `rows * cols * bits / 8` bytes, scales and biases `rows * cols / group_size` values), so a
+/// segment can be assembled without copying.
+pub fn quantize_into(
+    what: &str,
+    m: MatrixView<'_>,
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) -> Result<(), QuantError> {
+    // The fields are public: re-check what `QuantParams::new` guarantees (bits 2, 4 or 8).
+    QuantParams::new(p.bits, p.group_size)?;
     if !p.fits(m.cols) {
         return Err(QuantError::NotGroupAligned {
             what: what.to_string(),
@@ -456,12 +525,20 @@ pub fn quantize(
             group_size: p.group_size,
         });
     }
-    let wpr = p.words_per_row(m.cols);
-    let gpr = p.groups_per_row(m.cols);
-    let sbytes = gpr * scale_dtype.size();
-    let mut codes = vec![0u32; m.rows * wpr];
-    let mut scales = vec![0u8; m.rows * sbytes];
-    let mut biases = vec![0u8; m.rows * sbytes];
+    let wpr = p.words_per_row(m.cols) * 4;
+    let sbytes = p.groups_per_row(m.cols) * scale_dtype.size();
+    let want = [m.rows * wpr, m.rows * sbytes, m.rows * sbytes];
+    if [codes.len(), scales.len(), biases.len()] != want {
+        return Err(QuantError::Invalid {
+            what: what.to_string(),
+            detail: format!(
+                "output buffers of {:?} bytes; [{}, {}] needs {want:?}",
+                [codes.len(), scales.len(), biases.len()],
+                m.rows,
+                m.cols
+            ),
+        });
+    }
     codes
         .par_chunks_mut(wpr * ROWS_PER_TASK)
         .zip(scales.par_chunks_mut(sbytes * ROWS_PER_TASK))
@@ -482,15 +559,7 @@ pub fn quantize(
                 );
             }
         });
-    Ok(QuantizedMatrix {
-        rows: m.rows,
-        cols: m.cols,
-        params: p,
-        scale_dtype,
-        codes: words_to_le_bytes(&codes),
-        scales,
-        biases,
-    })
+    Ok(())
 }
 
 /// Dequantizes `q` and quantizes again with `p` (an MLX-quantized input asked for other bits
@@ -513,14 +582,6 @@ pub fn requantize(
         }
     })?;
     quantize(what, view, p, q.scale_dtype)
-}
-
-fn words_to_le_bytes(words: &[u32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(words.len() * 4);
-    for w in words {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
-    out
 }
 
 #[cfg(test)]

@@ -422,7 +422,7 @@ fn dispatched_row_kernel_equals_the_generic_one() {
             let (w, g) = (p.words_per_row(256), p.groups_per_row(256) * 2);
             for r in 0..4 {
                 m.row_f32(r, &mut row);
-                let mut a = (vec![0u32; w], vec![0u8; g], vec![0u8; g]);
+                let mut a = (vec![0u8; w * 4], vec![0u8; g], vec![0u8; g]);
                 let mut b = a.clone();
                 quantize_row(&row, p, FloatDtype::Bf16, &mut a.0, &mut a.1, &mut a.2);
                 quantize_row_generic(&row, p, FloatDtype::Bf16, &mut b.0, &mut b.1, &mut b.2);

@@ -181,6 +181,15 @@ impl KvCache {
     pub fn offset(&self) -> usize {
         self.layers.first().map_or(0, LayerKv::offset)
     }
+
+    /// Every layer's key and value buffers, for `mlx::eval` (mlx-lm's `cache.state`).
+    pub fn state(&self) -> Vec<&Array> {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.keys.as_ref(), l.values.as_ref()])
+            .flatten()
+            .collect()
+    }
 }
 
 /// Multi-head attention with grouped KV heads.

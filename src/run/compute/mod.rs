@@ -198,13 +198,17 @@ impl Model {
         KvCache::new(self.layers.len())
     }
 
-    /// Logits `[B, L, vocab]` for `tokens` `[B, L]` (integer ids) placed after what `cache`
-    /// holds; `cache` grows by `L` positions. An empty `KvCache::default()` is sized on first use.
-    pub fn forward(
+    /// Hidden states `[B, L, H]` after the last layer (before the final norm).
+    /// With `cache_only`, stops after the last layer's attention has written the cache: its
+    /// feed-forward only feeds the logits, which a prompt position before the last never needs
+    /// (mlx-lm's prefill evaluates only the cache state and so skips the same work). The
+    /// returned array is then not the final hidden state and must not be used.
+    fn hidden(
         &self,
         tokens: &Array,
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
+        cache_only: bool,
     ) -> Result<Array> {
         if cache.layers.is_empty() {
             *cache = self.new_cache();
@@ -223,6 +227,10 @@ impl Model {
                 .attn
                 .forward(&layer.input_norm.forward(&h)?, mask, kv)?;
             h = h.add(&r)?;
+            let last = l + 1 == self.layers.len();
+            if cache_only && last {
+                break;
+            }
             // r = self.mlp(self.post_attention_layernorm(h)); out = h + r
             let x = layer.post_norm.forward(&h)?;
             let r = match &layer.ffn {
@@ -230,7 +238,11 @@ impl Model {
                 Ffn::Sparse(moe) => {
                     if experts.wants_prediction() {
                         if let Some(next) = self.next_sparse(l) {
-                            experts.predict(next.layer, &next.route(&x)?.indices)?;
+                            // Nothing to prefetch for a block that will be skipped.
+                            let skipped = cache_only && next.layer + 1 == self.layers.len();
+                            if !skipped {
+                                experts.predict(next.layer, &next.route(&x)?.indices)?;
+                            }
                         }
                     }
                     moe.forward(&x, experts)?
@@ -238,11 +250,49 @@ impl Model {
             };
             h = h.add(&r)?;
         }
-        let h = self.norm.forward(&h)?;
+        Ok(h)
+    }
+
+    /// The final norm and the LM head on hidden states `[B, L, H]`.
+    fn head(&self, h: &Array) -> Result<Array> {
+        let h = self.norm.forward(h)?;
         match &self.lm_head {
             Some(head) => head.forward(&h),
             None => self.embed.as_linear(&h),
         }
+    }
+
+    /// Logits `[B, L, vocab]` for `tokens` `[B, L]` (integer ids) placed after what `cache`
+    /// holds; `cache` grows by `L` positions. An empty `KvCache::default()` is sized on first use.
+    pub fn forward(
+        &self,
+        tokens: &Array,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<Array> {
+        let h = self.hidden(tokens, cache, experts, false)?;
+        self.head(&h)
+    }
+
+    /// Logits `[B, 1, vocab]` of the last position only. Generation needs no more, and on a
+    /// long prompt the LM head over every position costs as much as the rest of the prefill
+    /// (mlx-lm likewise never evaluates the prompt's logits). The norm and the head act on each
+    /// position alone, so this row is the last row of [`Model::forward`].
+    pub fn forward_last(
+        &self,
+        tokens: &Array,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<Array> {
+        let h = self.hidden(tokens, cache, experts, false)?;
+        // h[..., -1:, :]
+        let stop: Vec<i32> = h.shape().iter().map(|&d| d as i32).collect();
+        let mut start = vec![0i32; stop.len()];
+        if stop.len() >= 2 {
+            let at = stop.len() - 2;
+            start[at] = (stop[at] - 1).max(0);
+        }
+        self.head(&h.slice(&start, &stop)?)
     }
 
     /// [`Model::forward`] for one sequence given as ids; checks them against the vocabulary.
@@ -260,6 +310,50 @@ impl Model {
         }
         let tokens = Array::from_slice(ids, &[1, ids.len()])?;
         self.forward(&tokens, cache, experts)
+    }
+
+    /// Runs prompt `tokens` `[B, L]` (positions before the prompt's last) through the model
+    /// only as far as the KV cache needs, and evaluates the cache. Follow with
+    /// [`Model::forward_last`] on the last prompt token for its logits.
+    pub fn prefill(
+        &self,
+        tokens: &Array,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<()> {
+        self.hidden(tokens, cache, experts, true)?;
+        Ok(mlx::eval(&cache.state())?)
+    }
+
+    /// [`Model::prefill`] for one sequence given as ids.
+    pub fn prefill_ids(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<()> {
+        self.prefill(&self.ids_array(ids)?, cache, experts)
+    }
+
+    /// `[1, L]` ids, checked against the vocabulary.
+    fn ids_array(&self, ids: &[u32]) -> Result<Array> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ComputeError::TokenOutOfRange {
+                id,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        Ok(Array::from_slice(ids, &[1, ids.len()])?)
+    }
+
+    /// [`Model::forward_last`] for one sequence given as ids.
+    pub fn forward_last_ids(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<Array> {
+        self.forward_last(&self.ids_array(ids)?, cache, experts)
     }
 }
 

@@ -88,6 +88,56 @@ fn check_golden(name: &str) -> f32 {
     worst
 }
 
+/// `forward_last` and `prefill` (what generation uses) give the last row of mlx-lm's prefill
+/// logits and the same cache as `forward`.
+#[test]
+fn forward_last_is_the_last_row() {
+    let (cfg, w) = q4_fixture();
+    let model = Model::load(&cfg, &w).unwrap();
+    let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+    let g = golden("qwen3_moe-q4");
+    let prompt = ids(&g["prompt"]);
+    let mut cache = model.new_cache();
+    let last = model
+        .forward_last_ids(&prompt, &mut cache, &mut experts)
+        .unwrap();
+    assert_eq!(last.shape(), vec![1, 1, cfg.vocab_size]);
+    let last = last.reshape(&[1, -1]).unwrap();
+    let n = prompt.len();
+    let (d, s) = max_diff(&last, &rows(&g["prefill_logits"], n - 1, n));
+    // The head runs on one row here instead of n: another matmul kernel may round differently.
+    assert!(d <= LOGIT_TOL_REL * s, "last row: {d} > tol at scale {s}");
+    assert_eq!(cache.offset(), n);
+    let step = model
+        .forward_last_ids(&ids(&g["decode_tokens"])[..1], &mut cache, &mut experts)
+        .unwrap()
+        .reshape(&[1, -1])
+        .unwrap();
+    let (d, s) = max_diff(&step, &rows(&g["decode_logits"], 0, 1));
+    assert!(
+        d <= LOGIT_TOL_REL * s,
+        "decode step: {d} > tol at scale {s}"
+    );
+
+    // Generation's prefill: all but the last position only fill the cache (the last layer's
+    // experts are skipped), then the last position alone.
+    let mut cache = model.new_cache();
+    model
+        .prefill_ids(&prompt[..n - 1], &mut cache, &mut experts)
+        .unwrap();
+    assert_eq!(cache.offset(), n - 1);
+    let last = model
+        .forward_last_ids(&prompt[n - 1..], &mut cache, &mut experts)
+        .unwrap()
+        .reshape(&[1, -1])
+        .unwrap();
+    let (d, s) = max_diff(&last, &rows(&g["prefill_logits"], n - 1, n));
+    assert!(
+        d <= LOGIT_TOL_REL * s,
+        "prefill then last: {d} > tol at scale {s}"
+    );
+}
+
 #[test]
 fn qwen3_moe_matches_mlx_lm() {
     check_golden("qwen3_moe-q4");

@@ -1,0 +1,105 @@
+//! `flashpack convert` from the outside: a pack appears, the JSON report, exit codes, and no
+//! file left behind on bad input.
+
+use std::path::Path;
+use std::process::Command;
+
+use flashpack::arch::Arch;
+use flashpack::convert::fixtures::FixtureSpec;
+use flashpack::format::Pack;
+
+fn flashpack(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn converts_and_reports_json() {
+    let src = tempfile::tempdir().unwrap();
+    FixtureSpec::tiny(Arch::Mixtral).write(src.path()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    let o = flashpack(&[
+        "convert",
+        s(src.path()),
+        "-o",
+        s(&dest),
+        "--json",
+        "--codec",
+        "huffman",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["architecture"], "mixtral");
+    assert_eq!(v["pack_bytes"], std::fs::metadata(&dest).unwrap().len());
+    assert_eq!(v["pack"]["segments"], 16);
+    let bpw = v["pack"]["experts"]["bits_per_weight"].as_f64().unwrap();
+    // 4-bit codes + bf16 scale and bias per 64 weights = 4.5 bits before Huffman.
+    assert!(bpw > 3.0 && bpw <= 4.5, "{bpw}");
+    assert!(Pack::open(&dest).unwrap().verify().is_ok());
+    // The human report names the sizes and bits per weight.
+    let dest2 = out.path().join("m2.flashpack");
+    let o = flashpack(&[
+        "convert",
+        s(src.path()),
+        "-o",
+        s(&dest2),
+        "--quiet",
+        "--dense-bits",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("bits/weight") && text.contains("source"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_input_exits_1_with_a_message_and_leaves_no_file() {
+    let src = tempfile::tempdir().unwrap();
+    FixtureSpec::tiny(Arch::Qwen3Moe).write(src.path()).unwrap();
+    let cfg = src.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("qwen3_moe", "deepseek_v3");
+    std::fs::write(&cfg, text).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("m.flashpack");
+    let o = flashpack(&["convert", s(src.path()), "-o", s(&dest)]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("deepseek_v3") && err.contains("qwen3_moe, mixtral"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    // Options that need stages this version lacks are refused up front.
+    let o = flashpack(&[
+        "convert",
+        s(src.path()),
+        "-o",
+        s(&dest),
+        "--merge-threshold",
+        "0.9",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("merge"));
+    let o = flashpack(&[
+        "convert",
+        s(src.path()),
+        "-o",
+        s(&dest),
+        "--codec",
+        "brotli",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!dest.exists());
+}
