@@ -57,7 +57,10 @@ fn widen_2_to_4(words2: &[u8]) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(codes.len() / 2);
     for c in codes.chunks_exact(8) {
-        let w = c.iter().enumerate().fold(0u32, |w, (k, &q)| w | (q << (4 * k)));
+        let w = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (k, &q)| w | (q << (4 * k)));
         out.extend_from_slice(&w.to_le_bytes());
     }
     out
@@ -95,7 +98,10 @@ fn expert_parts(pack: &Pack, e: &ExpertEntry, hidden: usize, inter: usize) -> [V
 
 /// Every stored expert of the pack in one 4-bit pool per layer.
 fn widened_reference(pack: &Pack, layers: usize, experts: usize) -> ResidentExperts {
-    let (h, i) = (pack.hidden_size() as usize, pack.intermediate_size() as usize);
+    let (h, i) = (
+        pack.hidden_size() as usize,
+        pack.intermediate_size() as usize,
+    );
     let mut out = ResidentExperts {
         layers: BTreeMap::new(),
     };
@@ -113,8 +119,7 @@ fn widened_reference(pack: &Pack, layers: usize, experts: usize) -> ResidentExpe
             scales: Array::from_bytes(&parts[p + 1], &[experts, rows, cols / 64], Dtype::BF16)
                 .unwrap(),
             biases: Some(
-                Array::from_bytes(&parts[p + 2], &[experts, rows, cols / 64], Dtype::BF16)
-                    .unwrap(),
+                Array::from_bytes(&parts[p + 2], &[experts, rows, cols / 64], Dtype::BF16).unwrap(),
             ),
             group_size: 64,
             bits: 4,
@@ -131,9 +136,9 @@ fn widened_reference(pack: &Pack, layers: usize, experts: usize) -> ResidentExpe
 
 // 40 token ids below the vocabulary size (8192); any ids do for comparing two runs.
 const PROMPT: &[u32] = &[
-    464, 1502, 373, 257, 1110, 286, 262, 1578, 13, 383, 3290, 2068, 284, 262, 3952, 290, 3114,
-    351, 4120, 13, 632, 531, 1327, 11, 475, 340, 373, 407, 1479, 13, 198, 4299, 2163, 7, 87, 2599,
-    198, 220, 220, 1441,
+    464, 1502, 373, 257, 1110, 286, 262, 1578, 13, 383, 3290, 2068, 284, 262, 3952, 290, 3114, 351,
+    4120, 13, 632, 531, 1327, 11, 475, 340, 373, 407, 1479, 13, 198, 4299, 2163, 7, 87, 2599, 198,
+    220, 220, 1441,
 ];
 
 fn max_abs(v: &[f32]) -> f32 {
@@ -167,8 +172,8 @@ fn usage_based_mixed_precision_runs_like_a_single_pool_reference() {
         .collect();
     assert_eq!(cold.len(), 96);
     let share = |l: usize, e: usize| {
-        let m: Vec<f64> = serde_json::from_value(meta["profile"]["layers"][l]["mass"].clone())
-            .unwrap();
+        let m: Vec<f64> =
+            serde_json::from_value(meta["profile"]["layers"][l]["mass"].clone()).unwrap();
         m[e] / m.iter().sum::<f64>()
     };
     let hottest_cold = cold.iter().map(|&(l, e)| share(l, e)).fold(0f64, f64::max);
@@ -177,7 +182,10 @@ fn usage_based_mixed_precision_runs_like_a_single_pool_reference() {
         .filter(|&(l, e)| plan[l][e] == 4)
         .map(|(l, e)| share(l, e))
         .fold(f64::INFINITY, f64::min);
-    assert!(hottest_cold <= coldest_hot, "{hottest_cold} > {coldest_hot}");
+    assert!(
+        hottest_cold <= coldest_hot,
+        "{hottest_cold} > {coldest_hot}"
+    );
     // Each stored expert has the bits of the plan.
     for e in pack.experts() {
         assert_eq!(e.bits, plan[e.layer as usize][e.expert as usize]);
@@ -197,7 +205,10 @@ fn usage_based_mixed_precision_runs_like_a_single_pool_reference() {
     let d = max_diff(&got, &want);
     // Same weights, same graph but for the pool selection: allow one bf16 step (1/256) of the
     // largest logit for a different accumulation order of the 2- and 4-bit kernels.
-    assert!(d <= scale / 256.0, "mixed vs reference: {d} at scale {scale}");
+    assert!(
+        d <= scale / 256.0,
+        "mixed vs reference: {d} at scale {scale}"
+    );
 
     // The check can fail: a uniform 4-bit pack gives clearly different logits.
     let u4 = dir.path().join("u4.flashpack");
@@ -214,18 +225,27 @@ fn merging_stores_fewer_experts_and_the_pack_runs() {
     opts.plan.merge_ratio = Some(0.25);
     convert(&path, opts);
     let pack = Pack::open(&path).unwrap();
-    let map: Vec<Vec<u32>> =
-        serde_json::from_value(pack.metadata()["merge_map"].clone()).unwrap();
+    let map: Vec<Vec<u32>> = serde_json::from_value(pack.metadata()["merge_map"].clone()).unwrap();
     assert_eq!(map.len(), 6);
     for (l, m) in map.iter().enumerate() {
         assert_eq!(m.len(), 32);
         // 8 of 32 merged away; every router expert maps to a stored expert that maps to itself.
-        assert_eq!(m.iter().enumerate().filter(|&(e, &s)| s as usize != e).count(), 8);
+        assert_eq!(
+            m.iter()
+                .enumerate()
+                .filter(|&(e, &s)| s as usize != e)
+                .count(),
+            8
+        );
         for &s in m {
             assert_eq!(m[s as usize], s);
             assert_eq!(pack.expert_segments(l as u32, s).len(), 1);
         }
-        let stored = pack.experts().iter().filter(|e| e.layer as usize == l).count();
+        let stored = pack
+            .experts()
+            .iter()
+            .filter(|e| e.layer as usize == l)
+            .count();
         assert_eq!(stored, 24);
     }
     let logits = pack_logits(&path, PROMPT);

@@ -176,7 +176,9 @@ pub fn stage(
             sim[a][b] = v;
             sim[b][a] = v;
         }
-        let budget = ratio.map(|r| (r * n as f64).round() as usize).unwrap_or(n - 1);
+        let budget = ratio
+            .map(|r| (r * n as f64).round() as usize)
+            .unwrap_or(n - 1);
         let mut done = 0;
         while done < budget {
             let mut best: Option<(f64, usize, usize)> = None;
@@ -223,7 +225,10 @@ pub fn stage(
             let keep = *group
                 .iter()
                 .max_by(|&&x, &&y| {
-                    let (mx, my) = (mass.get(x).copied().unwrap_or(0.0), mass.get(y).copied().unwrap_or(0.0));
+                    let (mx, my) = (
+                        mass.get(x).copied().unwrap_or(0.0),
+                        mass.get(y).copied().unwrap_or(0.0),
+                    );
                     mx.total_cmp(&my).then(y.cmp(&x))
                 })
                 .expect("non-empty");

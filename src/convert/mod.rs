@@ -311,7 +311,9 @@ pub fn convert_checkpoint(
         Ok([x.gate, x.up, x.down].iter().map(proj_bytes).sum())
     };
     let expert_src: u64 = jobs.iter().map(job_bytes).sum::<Result<u64, _>>()?;
-    let bit_plan = profile::bit_plan(ck, opts, profile.as_ref(), dense_stored, &|l, e| !stored(l, e))?;
+    let bit_plan = profile::bit_plan(ck, opts, profile.as_ref(), dense_stored, &|l, e| {
+        !stored(l, e)
+    })?;
     progress.stage("experts", Some(expert_src), "B");
     let plan = SegmentPlan {
         segment_count: opts.segments,

@@ -40,7 +40,10 @@ pub struct CalibrationText {
 /// The built-in calibration set: prose, code, math, chat (see fixtures/calibration/README.md).
 pub fn builtin_calibration() -> Vec<CalibrationText> {
     [
-        ("prose", include_str!("../../fixtures/calibration/prose.txt")),
+        (
+            "prose",
+            include_str!("../../fixtures/calibration/prose.txt"),
+        ),
         ("code", include_str!("../../fixtures/calibration/code.txt")),
         ("math", include_str!("../../fixtures/calibration/math.txt")),
         ("chat", include_str!("../../fixtures/calibration/chat.txt")),
@@ -212,7 +215,14 @@ impl Recorder<'_, '_> {
                 }
             }
         }
-        if layer == self.profile.layers.iter().rposition(|l| !l.counts.is_empty()).unwrap_or(0) {
+        if layer
+            == self
+                .profile
+                .layers
+                .iter()
+                .rposition(|l| !l.counts.is_empty())
+                .unwrap_or(0)
+        {
             self.profile.tokens += tokens;
             task.tokens += tokens;
         }
@@ -263,11 +273,10 @@ pub fn profile(
             ),
         });
     }
-    let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
-        ConvertError::Unsupported {
+    let tok =
+        tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| ConvertError::Unsupported {
             what: format!("{}: {e}", tok_path.display()),
-        }
-    })?;
+        })?;
     let mut window = if window == 0 { 256 } else { window };
     if let Some(ctx) = c.max_position_embeddings {
         window = window.min(ctx.max(2));
@@ -313,7 +322,8 @@ pub fn profile(
         for batch in calls {
             let len = batch[0].len();
             let flat: Vec<u32> = batch.iter().flat_map(|w| w.iter().copied()).collect();
-            let tokens = Array::from_slice(&flat, &[batch.len(), len]).map_err(|e| compute_err(e.into()))?;
+            let tokens =
+                Array::from_slice(&flat, &[batch.len(), len]).map_err(|e| compute_err(e.into()))?;
             let mut rec = Recorder {
                 inner: &mut experts,
                 profile: &mut p,
@@ -323,7 +333,11 @@ pub fn profile(
             let mut kv = model.new_cache();
             // The last router was recorded when the forward pass asked for its experts; the
             // logits are never needed, so the rest of the graph is dropped unevaluated.
-            drop(model.forward(&tokens, &mut kv, &mut rec).map_err(compute_err)?);
+            drop(
+                model
+                    .forward(&tokens, &mut kv, &mut rec)
+                    .map_err(compute_err)?,
+            );
         }
     }
     Ok(p)
@@ -579,7 +593,12 @@ pub fn view(meta: &Value) -> Option<ProfileView> {
         .and_then(Value::as_object)
         .map(|t| {
             t.iter()
-                .map(|(k, v)| (k.clone(), v.get("tokens").and_then(Value::as_u64).unwrap_or(0)))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.get("tokens").and_then(Value::as_u64).unwrap_or(0),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();

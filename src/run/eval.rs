@@ -26,7 +26,9 @@ use crate::run::stream::StreamingExperts;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EvalError {
-    #[error("{path}: not found (give a .flashpack file, an mlx-lm folder or a Hugging Face folder)")]
+    #[error(
+        "{path}: not found (give a .flashpack file, an mlx-lm folder or a Hugging Face folder)"
+    )]
     NotFound { path: PathBuf },
     #[error("cannot read {path}: {source}")]
     Io {
@@ -210,7 +212,12 @@ pub struct Comparison {
 /// Log-softmax of one row, in f64.
 fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     out.clear();
     out.extend(row.iter().map(|&x| x as f64 - lse));
 }

@@ -58,7 +58,8 @@ impl SourceWeights {
                     shape,
                     bytes,
                 } => {
-                    let a = Array::from_bytes(bytes, shape, float_dtype(dtype))?.astype(Dtype::F32)?;
+                    let a =
+                        Array::from_bytes(bytes, shape, float_dtype(dtype))?.astype(Dtype::F32)?;
                     a.eval()?;
                     ck.release(bytes);
                     tensors.insert(t.name.clone(), a);
@@ -144,7 +145,7 @@ impl<'c> SourceExperts<'c> {
     fn build(&self, layer: usize) -> Result<LayerExperts, ComputeError> {
         let c = &self.ck.config;
         let n = c.num_experts;
-        let mut stacks: Vec<Vec<QuantizedMatrix>> = vec![Vec::with_capacity(n); 3];
+        let mut stacks: Vec<Vec<QuantizedMatrix>> = (0..3).map(|_| Vec::with_capacity(n)).collect();
         for e in 0..n {
             let x = self.ck.expert(layer, e).map_err(load_err)?;
             for (p, src) in [x.gate, x.up, x.down].into_iter().enumerate() {

@@ -30,8 +30,14 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let cand = Source::detect(&args.pack)?;
     let reference = args.reference.as_deref().map(Source::detect).transpose()?;
-    let report = evaluate_text(&cand, reference.as_ref(), &args.text, args.window)
-        .with_context(|| format!("evaluating {} on {}", args.pack.display(), args.text.display()))?;
+    let report =
+        evaluate_text(&cand, reference.as_ref(), &args.text, args.window).with_context(|| {
+            format!(
+                "evaluating {} on {}",
+                args.pack.display(),
+                args.text.display()
+            )
+        })?;
     let bytes = cand.weight_bytes()?;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
@@ -58,7 +64,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         "  {} tokens scored in {} windows of up to {}",
         report.tokens, report.windows, report.window
     );
-    println!("  perplexity        {:.4}  ({:.4} nats/token)", report.perplexity, report.nll);
+    println!(
+        "  perplexity        {:.4}  ({:.4} nats/token)",
+        report.perplexity, report.nll
+    );
     if let (Some(c), Some(r)) = (&report.reference, &reference) {
         println!(
             "  reference         {:.4}  ({}, {})",
