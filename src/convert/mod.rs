@@ -167,6 +167,8 @@ pub struct ConvertReport {
     pub summary: PackSummary,
     /// Sizes and bits per weight by kind, as `flashpack inspect` reports them.
     pub pack: PackReport,
+    /// The pack against the source on `--eval-text` (or the calibration file), when given.
+    pub quality: Option<crate::run::eval::EvalReport>,
 }
 
 /// Resolves `source` and converts it to `output`.
@@ -392,6 +394,32 @@ pub fn convert_checkpoint(
     progress.finish_stage();
     done("finish", &mut lap);
 
+    // The quality price of the choices above, when a text to measure it on was given.
+    let quality = match opts
+        .plan
+        .eval_text
+        .as_ref()
+        .or(opts.plan.calibration.as_ref())
+    {
+        Some(text) => {
+            progress.stage("eval", None, "");
+            use crate::run::eval::{evaluate_text, Source};
+            let q = evaluate_text(
+                &Source::Pack(summary.path.clone()),
+                Some(&Source::Checkpoint(ck.root().to_path_buf())),
+                text,
+                512,
+            )
+            .map_err(|e| ConvertError::Unsupported {
+                what: format!("quality report on {}: {e}", text.display()),
+            })?;
+            progress.finish_stage();
+            done("eval", &mut lap);
+            Some(q)
+        }
+        None => None,
+    };
+
     let seconds = t0.elapsed().as_secs_f64();
     let source_bytes = ck.weight_bytes();
     Ok(ConvertReport {
@@ -410,6 +438,7 @@ pub fn convert_checkpoint(
         source_bytes_per_s: source_bytes as f64 / seconds.max(1e-9),
         summary,
         pack: report,
+        quality,
     })
 }
 

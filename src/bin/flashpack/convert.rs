@@ -203,6 +203,21 @@ fn print_report(r: &ConvertReport) {
         gb(p.padding_bytes),
         100.0 * p.padding_fraction
     );
+    if let Some(q) = &r.quality {
+        print!(
+            "  quality on {} tokens: perplexity {:.3}",
+            q.tokens, q.perplexity
+        );
+        if let Some(c) = &q.reference {
+            print!(
+                " (source {:.3}), KL {:.4} nats/token, top-1 agreement {:.1}%",
+                c.perplexity,
+                c.kl_mean,
+                100.0 * c.top1_agreement
+            );
+        }
+        println!();
+    }
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
