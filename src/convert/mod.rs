@@ -3,8 +3,8 @@
 //! Stages, in order, one file each: `load` (map and index the source, hash it) -> profile ->
 //! merge -> `quantize` (MLX affine, bit-exact with `mx.quantize`) -> `encode` (a codec per
 //! part) -> layout (`format::layout::Planner`, driven by the writer) -> `write` (metadata,
-//! `format::PackWriter`). Profile and merge (calibration-driven cold experts and expert
-//! merging) are not implemented yet: options that need them are refused with a clear error.
+//! `format::PackWriter`). `profile` runs calibration text through the source when an option
+//! needs it (usage-based cold experts, merging, `--profile`); `merge` plans merged experts.
 //! `tensor` holds the element types and views the stages share; `fixtures` makes seeded tiny
 //! checkpoints for tests and benchmarks.
 //!
@@ -15,6 +15,8 @@
 
 pub mod encode;
 pub mod load;
+pub mod merge;
+pub mod profile;
 pub mod quantize;
 pub mod write;
 
@@ -76,6 +78,8 @@ pub struct ConvertOptions {
     pub target_size_gb: Option<f64>,
     /// Merge experts more similar than this; needs the merge stage.
     pub merge_threshold: Option<f64>,
+    /// Profiling, calibration text, merge ratio, quality report (profile stage).
+    pub plan: profile::PlanOptions,
 }
 
 impl Default for ConvertOptions {
@@ -91,6 +95,7 @@ impl Default for ConvertOptions {
             cold_fraction: None,
             target_size_gb: None,
             merge_threshold: None,
+            plan: profile::PlanOptions::default(),
         }
     }
 }
@@ -113,21 +118,16 @@ impl ConvertOptions {
     }
 
     fn check(&self) -> Result<(QuantParams, DensePolicy), ConvertError> {
-        let needs = |opt: &str, stage: &str| ConvertError::Unsupported {
-            what: format!(
-                "{opt} needs the {stage} stage, which this version of flashpack does not have \
-                 yet; convert without it (uniform {}-bit experts)",
-                self.expert_bits
-            ),
-        };
-        if self.cold_bits.is_some() || self.cold_fraction.is_some() {
-            return Err(needs("--cold-bits/--cold-fraction", "profile"));
+        if self.cold_bits.is_some() && self.cold_fraction.is_none() && self.target_size_gb.is_none()
+        {
+            return Err(ConvertError::Unsupported {
+                what: "--cold-bits needs --cold-fraction F or --target-size GB to say how many \
+                       experts go cold"
+                    .into(),
+            });
         }
-        if self.target_size_gb.is_some() {
-            return Err(needs("--target-size", "profile"));
-        }
-        if self.merge_threshold.is_some() {
-            return Err(needs("--merge-threshold", "merge"));
+        if let Some(b) = self.cold_bits {
+            QuantParams::new(b, self.group_size)?;
         }
         if self.segments == 0 {
             return Err(ConvertError::Unsupported {
@@ -168,6 +168,8 @@ pub struct ConvertReport {
     pub summary: PackSummary,
     /// Sizes and bits per weight by kind, as `flashpack inspect` reports them.
     pub pack: PackReport,
+    /// The pack against the source on `--eval-text` (or the calibration file), when given.
+    pub quality: Option<crate::run::eval::EvalReport>,
 }
 
 /// Resolves `source` and converts it to `output`.
@@ -199,6 +201,30 @@ pub fn convert_checkpoint(
         stage: "load",
         seconds: t0.elapsed().as_secs_f64(),
     }];
+    // profile: how the routers use the experts, when an option needs it.
+    let profile = if profile::needed(opts) {
+        progress.stage("profile", None, "");
+        let lap = Instant::now();
+        let p = profile::stage(ck, opts)?;
+        progress.finish_stage();
+        stages.push(StageTime {
+            stage: "profile",
+            seconds: lap.elapsed().as_secs_f64(),
+        });
+        p
+    } else {
+        None
+    };
+    // merge: near-duplicate experts of a layer share one stored expert.
+    let lap = Instant::now();
+    let merges = merge::stage(ck, opts, profile.as_ref())?;
+    if merges.is_some() {
+        stages.push(StageTime {
+            stage: "merge",
+            seconds: lap.elapsed().as_secs_f64(),
+        });
+    }
+
     let c = &ck.config;
     let writer = PackWriter::create(
         output,
@@ -216,13 +242,20 @@ pub fn convert_checkpoint(
             ck.provenance_in_order(&cancel)
                 .map(|p| (p, t.elapsed().as_secs_f64()))
         });
-        let payload = write_payload(ck, writer, opts, progress, &mut stages);
+        let payload = write_payload(
+            ck,
+            writer,
+            opts,
+            (profile.as_ref(), merges.as_ref()),
+            progress,
+            &mut stages,
+        );
         if payload.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }
         (payload, hashing.join())
     });
-    let writer = payload?;
+    let (writer, bit_plan) = payload?;
     let (provenance, hash_seconds) = hashed.map_err(|_| ConvertError::Unsupported {
         what: "the hashing thread panicked".into(),
     })??;
@@ -233,7 +266,18 @@ pub fn convert_checkpoint(
     let lap = Instant::now();
 
     progress.stage("finish", None, "");
-    let meta = write::metadata(ck, &provenance, opts)?;
+    let mut meta = write::metadata(ck, &provenance, opts)?;
+    if let Some(b) = &bit_plan {
+        meta["quantization"]["expert_plan"] = profile::plan_json(b);
+        meta["quantization"]["cold_bits"] = opts.cold_bits.unwrap_or(2).into();
+    }
+    if let Some(p) = &profile {
+        meta["profile"] = p.to_json();
+    }
+    if let Some(m) = &merges {
+        meta["merge_map"] = m.to_json();
+        meta["merge"] = m.summary();
+    }
     let summary = writer.finish(&meta)?;
     let pack = Pack::open(&summary.path)?;
     let report = PackReport::new(&pack);
@@ -242,6 +286,31 @@ pub fn convert_checkpoint(
         stage: "finish",
         seconds: lap.elapsed().as_secs_f64(),
     });
+
+    // The quality price of the choices above, when a text to measure it on was given.
+    let quality = match opts.plan.eval_text.as_ref().or(opts.plan.calibration.as_ref()) {
+        Some(text) => {
+            progress.stage("eval", None, "");
+            let lap = Instant::now();
+            use crate::run::eval::{evaluate_text, Source};
+            let q = evaluate_text(
+                &Source::Pack(summary.path.clone()),
+                Some(&Source::Checkpoint(ck.root().to_path_buf())),
+                text,
+                512,
+            )
+            .map_err(|e| ConvertError::Unsupported {
+                what: format!("quality report on {}: {e}", text.display()),
+            })?;
+            progress.finish_stage();
+            stages.push(StageTime {
+                stage: "eval",
+                seconds: lap.elapsed().as_secs_f64(),
+            });
+            Some(q)
+        }
+        None => None,
+    };
 
     let seconds = t0.elapsed().as_secs_f64();
     let source_bytes = ck.weight_bytes();
@@ -261,6 +330,7 @@ pub fn convert_checkpoint(
         source_bytes_per_s: source_bytes as f64 / seconds.max(1e-9),
         summary,
         pack: report,
+        quality,
     })
 }
 
@@ -269,9 +339,11 @@ fn write_payload(
     ck: &Checkpoint,
     mut writer: PackWriter,
     opts: &ConvertOptions,
+    (profile, merges): (Option<&profile::Profile>, Option<&merge::MergePlan>),
     progress: &dyn Progress,
     stages: &mut Vec<StageTime>,
-) -> Result<PackWriter, ConvertError> {
+) -> Result<(PackWriter, Option<profile::BitPlan>), ConvertError> {
+    let stored = |l: usize, e: usize| merges.is_none_or(|m| m.is_stored(l, e));
     let (expert_params, dense_policy) = opts.check()?;
     let c = &ck.config;
     let mut lap = Instant::now();
@@ -299,6 +371,7 @@ fn write_payload(
         .flatten()
         .collect();
     planned.sort_by(|a, b| a.name.cmp(&b.name));
+    let dense_stored: u64 = planned.iter().map(|t| t.bytes.len() as u64).sum();
     if let Some(w) = planned.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(ConvertError::Unsupported {
             what: format!(
@@ -346,12 +419,14 @@ fn write_payload(
         .sparse_layers()
         .into_iter()
         .flat_map(|l| (0..c.num_experts).map(move |e| (l, e)))
+        .filter(|&(l, e)| stored(l, e))
         .collect();
     let job_bytes = |&(l, e): &(usize, usize)| -> Result<u64, ConvertError> {
         let x = ck.expert(l, e)?;
         Ok([x.gate, x.up, x.down].iter().map(proj_bytes).sum())
     };
     let expert_src: u64 = jobs.iter().map(job_bytes).sum::<Result<u64, _>>()?;
+    let bit_plan = profile::bit_plan(ck, opts, profile, dense_stored, &|l, e| !stored(l, e))?;
     progress.stage("experts", Some(expert_src), "B");
     let plan = SegmentPlan {
         segment_count: opts.segments,
@@ -363,8 +438,19 @@ fn write_payload(
             .map_init(
                 || Encoder::new(opts.codec),
                 |enc, &(l, e)| -> Result<Vec<EncodedSegment>, ConvertError> {
-                    let x = ck.expert(l, e)?;
-                    let segs = build_segments(l, e, &x, expert_params, plan)?;
+                    let merged = match merges {
+                        Some(m) => merge::merged_expert(ck, m, l, e)?,
+                        None => None,
+                    };
+                    let x = match &merged {
+                        Some(m) => m.projections(),
+                        None => ck.expert(l, e)?,
+                    };
+                    let params = match &bit_plan {
+                        Some(b) => QuantParams::new(b[l][e], opts.group_size)?,
+                        None => expert_params,
+                    };
+                    let segs = build_segments(l, e, &x, params, plan)?;
                     let out = segs
                         .into_iter()
                         .map(|s| enc.segment(s).map_err(ConvertError::from))
@@ -400,7 +486,7 @@ fn write_payload(
     progress.finish_stage();
     done("experts", &mut lap);
 
-    Ok(writer)
+    Ok((writer, bit_plan))
 }
 
 fn dense_bytes(d: &load::TensorData<'_>) -> u64 {

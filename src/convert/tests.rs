@@ -249,7 +249,7 @@ fn bad_source_gives_a_typed_error_and_no_file() {
 }
 
 #[test]
-fn options_that_need_missing_stages_are_refused() {
+fn options_that_need_the_profile_are_refused_without_a_tokenizer() {
     let src = fixture(&FixtureSpec::tiny(Arch::Qwen3Moe));
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("m.flashpack");
@@ -270,7 +270,7 @@ fn options_that_need_missing_stages_are_refused() {
     ] {
         let err = run(src.path(), &dest, &opts).unwrap_err();
         assert!(matches!(err, ConvertError::Unsupported { .. }), "{err}");
-        assert!(err.to_string().contains("stage"), "{err}");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
     let err = run(
         src.path(),

@@ -7,9 +7,11 @@
 pub mod budget;
 pub mod cache;
 pub mod compute;
+pub mod eval;
 pub mod experts;
 pub mod generate;
 pub mod open;
 pub mod read;
 pub mod sample;
+pub mod source;
 pub mod stream;

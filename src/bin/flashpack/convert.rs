@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flashpack::codec::CodecChoice;
 use flashpack::convert::load::{ExpertLayout, SourceSpec};
+use flashpack::convert::profile::PlanOptions;
 use flashpack::convert::{convert, ConvertOptions, ConvertReport};
 use flashpack::hub::HubResolver;
 use flashpack::progress::Progress;
@@ -40,18 +41,36 @@ pub struct ConvertArgs {
     /// Page size of the pack in bytes (power of two, 4096 to 65536).
     #[arg(long, default_value_t = flashpack::format::DEFAULT_PAGE_SIZE)]
     pub page_size: u32,
-    /// Bits of cold (rarely routed) experts (needs the profile stage: not available yet).
+    /// Bits of cold (least routed) experts: 2 by default when --cold-fraction or --target-size
+    /// is given; --expert-bits is the hot experts' bits.
     #[arg(long)]
     pub cold_bits: Option<u8>,
-    /// Fraction of experts stored at --cold-bits (needs the profile stage: not available yet).
+    /// Fraction of all experts stored at --cold-bits: those with the least routing mass in the
+    /// calibration profile.
     #[arg(long, conflicts_with = "target_size")]
     pub cold_fraction: Option<f64>,
-    /// Choose cold experts until the pack fits this many GB (needs the profile stage).
+    /// Make the coldest experts cold until dense + expert weights (before entropy coding) fit
+    /// this many GB.
     #[arg(long)]
     pub target_size: Option<f64>,
-    /// Merge experts whose weights are closer than this (needs the merge stage).
+    /// Profile the experts on calibration text and store the profile in the pack (implied by
+    /// --cold-fraction, --target-size and merging).
     #[arg(long)]
+    pub profile: bool,
+    /// Calibration text for the profile instead of the built-in prose/code/math/chat set.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// After converting, evaluate the pack against the source on this text (perplexity, KL,
+    /// top-1 agreement) and include it in the report.
+    #[arg(long)]
+    pub eval_text: Option<PathBuf>,
+    /// Merge experts of a layer while the most similar pair's cosine similarity is at least
+    /// this (count-weighted averages; the merge map goes into the pack).
+    #[arg(long, conflicts_with = "merge_ratio")]
     pub merge_threshold: Option<f64>,
+    /// Merge this fraction of each layer's experts into their most similar neighbours.
+    #[arg(long)]
+    pub merge_ratio: Option<f64>,
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -184,6 +203,21 @@ fn print_report(r: &ConvertReport) {
         gb(p.padding_bytes),
         100.0 * p.padding_fraction
     );
+    if let Some(q) = &r.quality {
+        print!(
+            "  quality on {} tokens: perplexity {:.3}",
+            q.tokens, q.perplexity
+        );
+        if let Some(c) = &q.reference {
+            print!(
+                " (source {:.3}), KL {:.4} nats/token, top-1 agreement {:.1}%",
+                c.perplexity,
+                c.kl_mean,
+                100.0 * c.top1_agreement
+            );
+        }
+        println!();
+    }
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
@@ -204,6 +238,13 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         cold_fraction: args.cold_fraction,
         target_size_gb: args.target_size,
         merge_threshold: args.merge_threshold,
+        plan: PlanOptions {
+            profile: args.profile,
+            calibration: args.calibration.clone(),
+            eval_text: args.eval_text.clone(),
+            merge_ratio: args.merge_ratio,
+            ..PlanOptions::default()
+        },
     };
     let hidden = args.quiet || !std::io::stderr().is_terminal();
     let bars = Bars::new(hidden);

@@ -40,8 +40,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let pack = Pack::open(&args.pack)
         .with_context(|| format!("{} failed to open", args.pack.display()))?;
     let r = PackReport::new(&pack);
+    let profile = flashpack::convert::profile::view(pack.metadata());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["profile"] = serde_json::to_value(&profile)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -88,6 +91,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         r.optional_features.join(", ")
     );
     println!("quantization  {}", r.quantization);
+    if let Some(p) = &profile {
+        print_profile(p);
+    }
     let p = &r.provenance;
     println!(
         "source        {}  revision {}",
@@ -111,4 +117,30 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_profile(p: &flashpack::convert::profile::ProfileView) {
+    let tasks: Vec<String> = p.tasks.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!(
+        "profile       {} calibration tokens ({})",
+        p.tokens,
+        tasks.join(", ")
+    );
+    println!("  layer  top-25% mass  effective experts  cold  merged  hottest (share)");
+    for l in &p.layers {
+        let hot: Vec<String> = l
+            .hottest
+            .iter()
+            .map(|(e, s)| format!("{e} ({:.1}%)", 100.0 * s))
+            .collect();
+        println!(
+            "  {:>5}  {:>11.1}%  {:>17.1}  {:>4}  {:>6}  {}",
+            l.layer,
+            100.0 * l.top_quarter_share,
+            l.effective_experts,
+            l.cold,
+            l.merged,
+            hot.join(", ")
+        );
+    }
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod eval;
 mod inspect;
 mod publish;
 mod run;
@@ -28,6 +29,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Convert a Hugging Face (or mlx-lm) MoE checkpoint into a .flashpack.
     Convert(convert::ConvertArgs),
+    /// Perplexity of a pack on a text; KL divergence and top-1 agreement against a reference.
+    Eval(eval::EvalArgs),
     /// Show what a pack holds: model, sizes, bits per weight, codecs, layout, provenance.
     Inspect(inspect::InspectArgs),
     /// Generate text from a pack; experts stream from disk within --mem-budget.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Convert(args) => convert::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Eval(args) => eval::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Run(args) => run::run(args),
         Command::Publish(args) => publish::run(args),

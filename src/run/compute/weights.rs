@@ -117,7 +117,14 @@ impl MlxLmWeights {
         }
         for (k, v) in obj {
             if v.is_object() {
-                self.module_quant.insert(k.clone(), parse(v, k)?);
+                // mlx-lm's mixed recipes write `"group_size": null` per module: the default's.
+                let mut v = v.clone();
+                if v.get("group_size").is_some_and(Value::is_null) {
+                    if let Some(d) = self.default_quant {
+                        v["group_size"] = d.group_size.into();
+                    }
+                }
+                self.module_quant.insert(k.clone(), parse(&v, k)?);
             }
         }
         Ok(())
