@@ -81,17 +81,10 @@ fn bad_input_exits_1_with_a_message_and_leaves_no_file() {
         "{err}"
     );
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
-    // Options that need stages this version lacks are refused up front.
-    let o = flashpack(&[
-        "convert",
-        s(src.path()),
-        "-o",
-        s(&dest),
-        "--merge-threshold",
-        "0.9",
-    ]);
+    // Inconsistent quality options are refused up front.
+    let o = flashpack(&["convert", s(src.path()), "-o", s(&dest), "--cold-bits", "2"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("merge"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--cold-fraction"));
     let o = flashpack(&[
         "convert",
         s(src.path()),

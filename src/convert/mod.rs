@@ -288,7 +288,12 @@ pub fn convert_checkpoint(
     });
 
     // The quality price of the choices above, when a text to measure it on was given.
-    let quality = match opts.plan.eval_text.as_ref().or(opts.plan.calibration.as_ref()) {
+    let quality = match opts
+        .plan
+        .eval_text
+        .as_ref()
+        .or(opts.plan.calibration.as_ref())
+    {
         Some(text) => {
             progress.stage("eval", None, "");
             let lap = Instant::now();
