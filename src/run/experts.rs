@@ -21,6 +21,7 @@ use super::read::{IoMode, ReadError, SegmentReader};
 use crate::codec::{CodecId, Decoder};
 use crate::format::{DType, ExpertEntry, Pack, PackError};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
+use crate::run::open::mlx_dtype;
 
 /// Why experts could not be made resident.
 #[derive(Debug, thiserror::Error)]
@@ -114,17 +115,6 @@ struct Pool {
     table: SlotTable,
     hidden: usize,
     inter: usize,
-}
-
-fn mlx_dtype(d: DType) -> Dtype {
-    match d {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
-        DType::U32 => Dtype::U32,
-        DType::I32 => Dtype::I32,
-        DType::U8 => Dtype::U8,
-    }
 }
 
 impl Pool {

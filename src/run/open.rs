@@ -40,7 +40,8 @@ pub struct PackWeights {
     pub bytes: u64,
 }
 
-fn mlx_dtype(d: DType) -> Dtype {
+/// The MLX element type of a pack dtype (formats/flashpack-v1.md §7.1).
+pub(crate) fn mlx_dtype(d: DType) -> Dtype {
     match d {
         DType::F32 => Dtype::F32,
         DType::F16 => Dtype::F16,
