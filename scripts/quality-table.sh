@@ -42,7 +42,7 @@ for extra in "$@"; do
   pack "${extra%%:*}" ${extra#*:}
 done
 
-ls -d mlx-* *.flashpack | while read -r m; do
+for m in mlx-*/ *.flashpack; do m=${m%/}
   for t in prose code; do
     echo "$m $t"
   done
