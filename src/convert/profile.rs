@@ -10,11 +10,14 @@
 //! [`plan_bits`] turns it into bits per (layer, expert): the experts with the least routing
 //! mass go cold.
 //!
-//! How it runs: the source itself, through the runtime's forward pass, with dense weights in
-//! f32 and each layer's experts quantized at 8 bits when the router first reaches it
-//! ([`crate::run::source`]). All calibration windows of a batch go through together, so each
-//! layer is built once per batch and dropped when the next one is built: memory is the dense
-//! weights in f32, about two layers of 8-bit experts and the activations of one batch.
+//! How it runs: the source itself, layer by layer ([`profile`]). Every calibration window's
+//! residual stream goes through layer 0, then layer 1, and so on; a layer's dense tensors are
+//! widened to f32 when it starts and dropped when it ends, and its experts are applied one at a
+//! time in f32 straight from the mapped source ([`crate::run::source::StreamedExperts`]), to
+//! the tokens routed to them, in chunks of windows sized so that activations stay within a few
+//! experts' bytes. Memory is one layer's dense tensors, one expert, the residual stream of the
+//! calibration tokens and one chunk's activations: it does not grow with the number of layers
+//! or experts, and stays below what convert itself holds (docs/benchmarks.md, "Quality").
 //! Invariant: counts are exact integers from the router's top-k; the profile depends only on
 //! the source, the texts and the window, never on thread count or timing.
 
@@ -27,8 +30,10 @@ use serde_json::{json, Value};
 use super::load::Checkpoint;
 use super::ConvertError;
 use crate::mlx::{self, Array};
-use crate::run::compute::{ComputeError, ExpertStore, Model, PoolRoute, Routing};
-use crate::run::source::{SourceExperts, SourceWeights};
+use crate::run::compute::{
+    mask_for, Block, ComputeError, ExpertStore, LayerKv, PoolRoute, Routing,
+};
+use crate::run::source::{embed_rows, SourceWeights, StreamedExperts};
 
 /// One task's calibration text.
 #[derive(Clone, Debug)]
@@ -157,33 +162,60 @@ impl Profile {
     }
 }
 
-/// An [`ExpertStore`] that records the router's choices and passes them on.
+/// An [`ExpertStore`] that records the router's choices and passes them on. One sparse layer
+/// at a time, its tokens in one or more calls (chunks), in order.
 struct Recorder<'a, 'c> {
-    inner: &'a mut SourceExperts<'c>,
+    inner: &'a mut StreamedExperts<'c>,
     profile: &'a mut Profile,
-    task: String,
-    /// The previous sparse layer of this forward call and its top-k ids.
-    last: Option<(usize, Vec<u32>)>,
+    /// Task names, and the task of each calibration token.
+    tasks: &'a [String],
+    token_task: &'a [usize],
+    /// The first token of the next call.
+    row0: usize,
+    /// The previous sparse layer and its top-k ids for every token (row-major, k per token).
+    prev: Option<(usize, Vec<u32>)>,
+    /// This layer's top-k ids so far.
+    cur: Vec<u32>,
 }
 
 impl Recorder<'_, '_> {
+    /// Starts a layer: what the last one chose becomes `prev`.
+    fn next_layer(&mut self, finished: Option<usize>) {
+        if let Some(l) = finished {
+            self.prev = Some((l, std::mem::take(&mut self.cur)));
+        }
+        self.cur.clear();
+        self.row0 = 0;
+    }
+
     fn record(&mut self, layer: usize, ids: &[u32], scores: &[f32]) {
         let k = self.profile.top_k.max(1);
-        let tokens = (ids.len() / k) as u64;
-        let task = self.profile.tasks.entry(self.task.clone()).or_default();
-        if task.layers.len() < self.profile.layers.len() {
-            task.layers
-                .resize(self.profile.layers.len(), TaskLayer::default());
-        }
         let n = self.profile.layers[layer].counts.len();
-        let tl = &mut task.layers[layer];
-        if tl.counts.len() != n {
-            tl.counts = vec![0; n];
-            tl.mass = vec![0.0; n];
-        }
-        let lp = &mut self.profile.layers[layer];
-        for (row, srow) in ids.chunks(k).zip(scores.chunks(k)) {
-            for (j, (&e, &s)) in row.iter().zip(srow).enumerate() {
+        let layers = self.profile.layers.len();
+        let last_sparse = self
+            .profile
+            .layers
+            .iter()
+            .rposition(|l| !l.counts.is_empty())
+            .unwrap_or(0);
+        let rows = ids.len() / k;
+        for (row, (r_ids, r_scores)) in ids.chunks(k).zip(scores.chunks(k)).enumerate() {
+            let at = self.row0 + row;
+            let name = &self.tasks[self.token_task.get(at).copied().unwrap_or(0)];
+            let task = self.profile.tasks.entry(name.clone()).or_default();
+            if task.layers.len() < layers {
+                task.layers.resize(layers, TaskLayer::default());
+            }
+            let tl = &mut task.layers[layer];
+            if tl.counts.len() != n {
+                tl.counts = vec![0; n];
+                tl.mass = vec![0.0; n];
+            }
+            if layer == last_sparse {
+                task.tokens += 1;
+            }
+            let lp = &mut self.profile.layers[layer];
+            for (j, (&e, &s)) in r_ids.iter().zip(r_scores).enumerate() {
                 let e = e as usize;
                 if e >= n {
                     continue;
@@ -192,7 +224,7 @@ impl Recorder<'_, '_> {
                 lp.mass[e] += s as f64;
                 tl.counts[e] += 1;
                 tl.mass[e] += s as f64;
-                for &other in &row[j + 1..] {
+                for &other in &r_ids[j + 1..] {
                     let o = other as usize;
                     if o < n && o != e {
                         lp.coactivation[e][o] += 1;
@@ -200,13 +232,11 @@ impl Recorder<'_, '_> {
                     }
                 }
             }
-        }
-        if let Some((prev, prev_ids)) = self.last.take() {
-            if prev < layer && prev_ids.len() == ids.len() {
-                let pl = &mut self.profile.layers[prev];
-                for (a_row, b_row) in prev_ids.chunks(k).zip(ids.chunks(k)) {
+            if let Some((prev, prev_ids)) = &self.prev {
+                if let Some(a_row) = prev_ids.get(at * k..(at + 1) * k) {
+                    let pl = &mut self.profile.layers[*prev];
                     for &a in a_row {
-                        for &b in b_row {
+                        for &b in r_ids {
                             if (a as usize) < n && (b as usize) < n {
                                 pl.transitions[a as usize][b as usize] += 1;
                             }
@@ -215,18 +245,11 @@ impl Recorder<'_, '_> {
                 }
             }
         }
-        if layer
-            == self
-                .profile
-                .layers
-                .iter()
-                .rposition(|l| !l.counts.is_empty())
-                .unwrap_or(0)
-        {
-            self.profile.tokens += tokens;
-            task.tokens += tokens;
+        if layer == last_sparse {
+            self.profile.tokens += rows as u64;
         }
-        self.last = Some((layer, ids.to_vec()));
+        self.cur.extend_from_slice(ids);
+        self.row0 += rows;
     }
 }
 
@@ -235,21 +258,19 @@ impl ExpertStore for Recorder<'_, '_> {
         self.inner.route(layer, indices)
     }
 
-    fn route_scored(
+    fn mix(
         &mut self,
         layer: usize,
+        x: &Array,
         routing: &Routing,
-    ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
+    ) -> Result<Option<Array>, ComputeError> {
         mlx::eval(&[&routing.indices, &routing.scores])?;
         let ids = routing.indices.to_vec::<u32>()?;
         let scores = routing.scores.to_vec_f32()?;
         self.record(layer, &ids, &scores);
-        Ok((self.inner.route(layer, &routing.indices)?, None))
+        self.inner.mix(layer, x, routing)
     }
 }
-
-/// Windows of calibration tokens per forward call: at most this many windows together.
-const BATCH_WINDOWS: usize = 8;
 
 fn compute_err(e: ComputeError) -> ConvertError {
     ConvertError::Unsupported {
@@ -257,7 +278,27 @@ fn compute_err(e: ComputeError) -> ConvertError {
     }
 }
 
+/// Turns MLX's buffer cache off while alive.
+struct NoMlxCache(usize);
+
+impl NoMlxCache {
+    fn new() -> NoMlxCache {
+        NoMlxCache(mlx::set_cache_limit(0))
+    }
+}
+
+impl Drop for NoMlxCache {
+    fn drop(&mut self) {
+        mlx::set_cache_limit(self.0);
+    }
+}
+
 /// Runs `texts` through the source and records the routing of every sparse layer.
+///
+/// Layer by layer: every calibration window's hidden state goes through layer 0, then layer 1,
+/// and so on. Only one layer's dense tensors are held (in f32), and its experts are applied
+/// one at a time from the source ([`StreamedExperts`]), so memory is one layer's dense weights,
+/// one expert and the activations of the calibration text, whatever the size of the model.
 pub fn profile(
     ck: &Checkpoint,
     texts: &[CalibrationText],
@@ -281,9 +322,6 @@ pub fn profile(
     if let Some(ctx) = c.max_position_embeddings {
         window = window.min(ctx.max(2));
     }
-    let weights = SourceWeights::load(ck).map_err(compute_err)?;
-    let model = Model::load(c, &weights).map_err(compute_err)?;
-    let mut experts = SourceExperts::new(ck, 1);
     let mut p = Profile::new(
         c.num_hidden_layers,
         &c.sparse_layers(),
@@ -292,14 +330,14 @@ pub fn profile(
     );
     p.window = window;
     p.method = if ck.mlx_quantization.is_some() {
-        "the source's own MLX codes".into()
+        "dense weights as the source's MLX codes, experts dequantized to f32, one at a time".into()
     } else {
-        format!(
-            "dense weights in f32, experts quantized at {} bits (group {})",
-            crate::run::source::REFERENCE_EXPERT_BITS,
-            crate::run::source::REFERENCE_EXPERT_GROUP
-        )
+        "dense weights and experts in f32, layer by layer, one expert at a time".into()
     };
+
+    // The calibration windows (task, ids), in order.
+    let mut tasks: Vec<String> = Vec::new();
+    let mut windows: Vec<(usize, Vec<u32>)> = Vec::new();
     for t in texts {
         let ids = tok
             .encode(t.text.as_str(), false)
@@ -313,34 +351,137 @@ pub fn profile(
                 what: format!("the tokenizer produced id {bad} outside the vocabulary"),
             });
         }
-        let full: Vec<&[u32]> = ids.chunks_exact(window).collect();
-        let rest = &ids[full.len() * window..];
-        let mut calls: Vec<Vec<&[u32]>> = full.chunks(BATCH_WINDOWS).map(|b| b.to_vec()).collect();
-        if !rest.is_empty() {
-            calls.push(vec![rest]);
-        }
-        for batch in calls {
-            let len = batch[0].len();
-            let flat: Vec<u32> = batch.iter().flat_map(|w| w.iter().copied()).collect();
-            let tokens =
-                Array::from_slice(&flat, &[batch.len(), len]).map_err(|e| compute_err(e.into()))?;
-            let mut rec = Recorder {
-                inner: &mut experts,
-                profile: &mut p,
-                task: t.task.clone(),
-                last: None,
-            };
-            let mut kv = model.new_cache();
-            // The last router was recorded when the forward pass asked for its experts; the
-            // logits are never needed, so the rest of the graph is dropped unevaluated.
-            drop(
-                model
-                    .forward(&tokens, &mut kv, &mut rec)
-                    .map_err(compute_err)?,
-            );
+        let task = tasks.iter().position(|n| *n == t.task).unwrap_or_else(|| {
+            tasks.push(t.task.clone());
+            tasks.len() - 1
+        });
+        windows.extend(ids.chunks(window).map(|w| (task, w.to_vec())));
+    }
+    let token_task: Vec<usize> = windows
+        .iter()
+        .flat_map(|(t, w)| std::iter::repeat_n(*t, w.len()))
+        .collect();
+    let total = token_task.len();
+    if total == 0 {
+        return Err(ConvertError::Unsupported {
+            what: "the calibration text has no tokens".into(),
+        });
+    }
+
+    // Freed MLX buffers go back to the system at once: the per-expert temporaries come in
+    // many sizes, and a cache would keep the largest of each (restored when profiling ends).
+    let _cache = NoMlxCache::new();
+    let h = c.hidden_size;
+    let all: Vec<u32> = windows
+        .iter()
+        .flat_map(|(_, w)| w.iter().copied())
+        .collect();
+    // The residual stream of every window, [1, len, H], evaluated.
+    let mut hs: Vec<Array> = Vec::with_capacity(windows.len());
+    {
+        let rows = embed_rows(ck, &all).map_err(compute_err)?;
+        let mut at = 0;
+        for (_, w) in &windows {
+            let x = rows
+                .slice(&[at as i32, 0], &[(at + w.len()) as i32, h as i32])
+                .and_then(|x| x.reshape(&[1, w.len() as i32, h as i32]))
+                .map_err(|e| compute_err(e.into()))?;
+            x.eval().map_err(|e| compute_err(e.into()))?;
+            hs.push(x);
+            at += w.len();
         }
     }
+    let mut experts = StreamedExperts::new(ck);
+    let mut rec = Recorder {
+        inner: &mut experts,
+        profile: &mut p,
+        tasks: &tasks,
+        token_task: &token_task,
+        row0: 0,
+        prev: None,
+        cur: Vec::new(),
+    };
+    // Windows per feed-forward call: activations of at most `chunk_tokens` tokens at a time.
+    let chunks = group_windows(&windows, chunk_tokens(ck));
+    for l in 0..c.num_hidden_layers {
+        let prefix = format!("model.layers.{l}.");
+        let weights =
+            SourceWeights::load_where(ck, &|n| n.starts_with(&prefix)).map_err(compute_err)?;
+        let block = Block::load(c, &weights, l).map_err(compute_err)?;
+        let layer = |hs: &mut [Array], rec: &mut Recorder| -> Result<(), ComputeError> {
+            for x in hs.iter_mut() {
+                let len = x.dim(1).unwrap_or(0);
+                let mut kv = LayerKv::default();
+                let y = block.attend(x, mask_for(len), &mut kv)?;
+                y.eval()?;
+                *x = y;
+            }
+            for range in &chunks {
+                let part = &mut hs[range.clone()];
+                let x = {
+                    let xs = part
+                        .iter()
+                        .map(|x| Ok(block.ffn_input(x)?.reshape(&[-1, h as i32])?))
+                        .collect::<Result<Vec<Array>, ComputeError>>()?;
+                    let refs: Vec<&Array> = xs.iter().collect();
+                    let x = mlx::concatenate(&refs, 0)?;
+                    x.eval()?;
+                    x
+                };
+                let y = block.ffn(&x, rec)?;
+                drop(x);
+                y.eval()?;
+                let mut at = 0i32;
+                for x in part.iter_mut() {
+                    let len = x.dim(1).unwrap_or(0) as i32;
+                    let r = y
+                        .slice(&[at, 0], &[at + len, h as i32])?
+                        .reshape(&[1, len, h as i32])?
+                        .astype(x.dtype())?;
+                    let next = x.add(&r)?;
+                    next.eval()?;
+                    *x = next;
+                    at += len;
+                }
+            }
+            Ok(())
+        };
+        layer(&mut hs, &mut rec).map_err(compute_err)?;
+        rec.next_layer(c.is_sparse_layer(l).then_some(l));
+    }
+    drop(rec);
     Ok(p)
+}
+
+/// Calibration tokens per feed-forward call of the profile: as many as keep the call's
+/// activations (input, output and the per-expert temporaries, about four f32 copies of
+/// `[tokens, hidden]`) within the bytes of 8 source experts (the least convert itself holds at
+/// once: a window of `4 x threads`, at least 8), and at least 256. Each call reads the experts
+/// its tokens route to, so fewer, larger calls read less. It depends on the model's shape
+/// alone, never on the machine, so the profile (and the pack) does not either.
+fn chunk_tokens(ck: &Checkpoint) -> usize {
+    let c = &ck.config;
+    let expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2;
+    let per_token = 4 * c.hidden_size * 4;
+    (8 * expert_bytes / per_token.max(1)).max(256)
+}
+
+/// Consecutive windows grouped so that each group holds at most `max_tokens` tokens (a longer
+/// window stands alone).
+fn group_windows(windows: &[(usize, Vec<u32>)], max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, (_, w)) in windows.iter().enumerate() {
+        if i > start && tokens + w.len() > max_tokens {
+            out.push(start..i);
+            (start, tokens) = (i, 0);
+        }
+        tokens += w.len();
+    }
+    if start < windows.len() {
+        out.push(start..windows.len());
+    }
+    out
 }
 
 /// Bits per (layer, expert): `layers[l][e]`; dense layers have an empty list.
@@ -467,7 +608,31 @@ pub fn stage(
         Some(path) => read_calibration(path)?,
         None => builtin_calibration(),
     };
-    profile(ck, &texts, opts.plan.window).map(Some)
+    heap_policy(true);
+    let p = profile(ck, &texts, opts.plan.window);
+    heap_policy(false);
+    p.map(Some)
+}
+
+/// Keeps the profile's memory from outliving it, so the stages after it run in the resident
+/// set a plain conversion has. Before (`start`): buffers of 128 KiB and more get their own
+/// mappings, returned to the system when freed (glibc otherwise raises that threshold to the
+/// largest buffer freed so far, and the activations and per-expert temporaries would then be
+/// carved from the heap, fragmenting it for the stages that follow). After: free heap pages
+/// go back to the system.
+fn heap_policy(start: bool) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt changes allocation thresholds and malloc_trim returns free heap pages to
+    // the kernel; neither touches live data.
+    unsafe {
+        if start {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        } else {
+            libc::malloc_trim(0);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = start;
 }
 
 /// The bit plan the options ask for, or `None` for uniform `expert_bits`. `dense` is the bytes
@@ -607,4 +772,153 @@ pub fn view(meta: &Value) -> Option<ProfileView> {
         tasks,
         layers: out,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::compute::Model;
+
+    fn trained() -> Checkpoint {
+        Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny"))
+            .unwrap()
+    }
+
+    fn texts() -> Vec<CalibrationText> {
+        let cal = builtin_calibration();
+        // Two tasks, a few hundred tokens each: windows of 64 make several chunks per layer.
+        cal.into_iter()
+            .filter(|t| t.task == "prose" || t.task == "code")
+            .map(|t| CalibrationText {
+                task: t.task,
+                text: t.text.chars().take(900).collect(),
+            })
+            .collect()
+    }
+
+    /// Top-k ids of every sparse layer, token by token, from a plain model-major forward pass
+    /// (whole model, one window at a time) over the same streamed f32 experts.
+    struct Ids<'c> {
+        inner: StreamedExperts<'c>,
+        ids: BTreeMap<usize, Vec<u32>>,
+    }
+
+    impl ExpertStore for Ids<'_> {
+        fn route(&mut self, layer: usize, i: &Array) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
+            self.inner.route(layer, i)
+        }
+        fn mix(
+            &mut self,
+            layer: usize,
+            x: &Array,
+            r: &Routing,
+        ) -> Result<Option<Array>, ComputeError> {
+            mlx::eval(&[&r.indices])?;
+            self.ids
+                .entry(layer)
+                .or_default()
+                .extend(r.indices.to_vec::<u32>()?);
+            self.inner.mix(layer, x, r)
+        }
+    }
+
+    #[test]
+    fn layer_by_layer_profile_matches_a_whole_model_pass_and_adds_up() {
+        let ck = trained();
+        let c = ck.config.clone();
+        let (window, k, n) = (64, c.num_experts_per_tok, c.num_experts);
+        let texts = texts();
+        let p = profile(&ck, &texts, window).unwrap();
+
+        // The reference: every window through the whole model, layer after layer.
+        let tok = tokenizers::Tokenizer::from_file(ck.root().join("tokenizer.json")).unwrap();
+        let weights = SourceWeights::load(&ck).unwrap();
+        let model = Model::load(&c, &weights).unwrap();
+        let mut store = Ids {
+            inner: StreamedExperts::new(&ck),
+            ids: BTreeMap::new(),
+        };
+        let mut tokens = 0u64;
+        let mut per_task = BTreeMap::new();
+        for t in &texts {
+            let ids = tok
+                .encode(t.text.as_str(), false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            for w in ids.chunks(window) {
+                let mut kv = model.new_cache();
+                let a = Array::from_slice(w, &[1, w.len()]).unwrap();
+                drop(model.forward(&a, &mut kv, &mut store).unwrap());
+            }
+            tokens += ids.len() as u64;
+            *per_task.entry(t.task.clone()).or_insert(0u64) += ids.len() as u64;
+        }
+        assert_eq!(p.tokens, tokens);
+        assert_eq!(
+            p.tasks
+                .iter()
+                .map(|(t, tp)| (t.clone(), tp.tokens))
+                .collect::<BTreeMap<_, _>>(),
+            per_task
+        );
+        // Same experts chosen for (almost) every token: the two passes group the same f32
+        // products differently, so a near-tie may rarely flip.
+        let (mut same, mut all) = (0usize, 0usize);
+        for l in c.sparse_layers() {
+            let want = &store.ids[&l];
+            let mut counts = vec![0u64; n];
+            want.iter().for_each(|&e| counts[e as usize] += 1);
+            let got = &p.layers[l].counts;
+            all += want.len();
+            same += got.iter().zip(&counts).map(|(a, b)| a.min(b)).sum::<u64>() as usize;
+        }
+        assert!(
+            same as f64 >= 0.995 * all as f64,
+            "{same} of {all} selections agree"
+        );
+
+        // Internal consistency of what was recorded.
+        let sparse = c.sparse_layers();
+        for (i, &l) in sparse.iter().enumerate() {
+            let lp = &p.layers[l];
+            assert_eq!(lp.counts.iter().sum::<u64>(), tokens * k as u64);
+            let mass: f64 = lp.mass.iter().sum();
+            assert!(
+                (mass - tokens as f64).abs() < 1e-3 * tokens as f64,
+                "{mass}"
+            );
+            for a in 0..n {
+                assert_eq!(lp.coactivation[a][a], 0);
+                let row: u64 = lp.coactivation[a].iter().sum();
+                assert_eq!(row, lp.counts[a] * (k as u64 - 1), "layer {l} expert {a}");
+                for b in 0..n {
+                    assert_eq!(lp.coactivation[a][b], lp.coactivation[b][a]);
+                }
+                let out: u64 = lp.transitions[a].iter().sum();
+                let next = if i + 1 < sparse.len() {
+                    lp.counts[a] * k as u64
+                } else {
+                    0
+                };
+                assert_eq!(out, next, "layer {l} expert {a} transitions");
+            }
+            let by_task: u64 = p
+                .tasks
+                .values()
+                .map(|t| t.layers[l].counts.iter().sum::<u64>())
+                .sum();
+            assert_eq!(by_task, tokens * k as u64);
+        }
+    }
+
+    #[test]
+    fn windows_group_into_chunks_without_splitting_a_window() {
+        let w = |n: usize| (0usize, vec![0u32; n]);
+        let ws = vec![w(256), w(256), w(100), w(600), w(10)];
+        assert_eq!(group_windows(&ws, 512), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(group_windows(&ws, 10_000), vec![0..5]);
+        assert_eq!(group_windows(&ws, 1), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
+        assert!(group_windows(&[], 512).is_empty());
+    }
 }

@@ -12,6 +12,10 @@ pub type Visit = unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char, a: 
 extern "C" {
     pub fn fp_last_error() -> *const c_char;
     pub fn fp_version() -> *const c_char;
+    pub fn fp_set_cache_limit(limit: usize) -> usize;
+    pub fn fp_clear_cache();
+    pub fn fp_cache_memory() -> usize;
+    pub fn fp_active_memory() -> usize;
     pub fn fp_free(a: *mut FpArray);
     pub fn fp_clone(a: *const FpArray, out: *mut *mut FpArray) -> c_int;
 

@@ -132,6 +132,26 @@ pub fn version() -> &'static str {
         .unwrap_or("unknown")
 }
 
+/// `mx.set_cache_limit`: at most `bytes` of freed buffers stay in MLX's cache for reuse (0
+/// turns the cache off); returns the previous limit. MLX's default is its memory limit, so on a
+/// long run the cache can hold as much as the largest working set ever seen.
+pub fn set_cache_limit(bytes: usize) -> usize {
+    // SAFETY: plain call into MLX; no pointers cross.
+    unsafe { ffi::fp_set_cache_limit(bytes) }
+}
+
+/// `mx.clear_cache`: frees every cached buffer.
+pub fn clear_cache() {
+    // SAFETY: plain call into MLX; no pointers cross.
+    unsafe { ffi::fp_clear_cache() }
+}
+
+/// Bytes MLX holds in its cache of freed buffers, and bytes of live arrays.
+pub fn memory() -> (usize, usize) {
+    // SAFETY: plain calls into MLX; no pointers cross.
+    unsafe { (ffi::fp_cache_memory(), ffi::fp_active_memory()) }
+}
+
 /// Turn a shim status into a Result, fetching the thread-local message on failure.
 fn check(op: &'static str, status: c_int) -> Result<()> {
     if status == 0 {

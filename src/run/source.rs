@@ -2,15 +2,18 @@
 //! the model the profile stage of convert runs its calibration text through.
 //!
 //! In: an opened [`Checkpoint`] (Hugging Face floats, or an mlx-lm folder's codes). Out: a
-//! [`Weights`] with every dense tensor (floats widened to f32, so the reference computes in
-//! f32; MLX codes kept as they are) and an [`ExpertStore`] that builds one layer's experts when
-//! the router first asks for it. Float experts are quantized by MLX at 8 bits, group 32 (the
-//! runtime's expert kernel `gather_qmm` takes only quantized experts; 8-bit codes put every
-//! weight within half a step of 1/255 of its group's range, far below the 2..4-bit error that
-//! eval measures). MLX codes of the source are used unchanged.
-//! Invariant: [`SourceExperts`] holds at most `keep` layers' experts (plus the one the lazy
-//! graph still references), so with `keep = 1` memory is the dense weights, about two layers of
-//! 8-bit experts and the activations, whatever the number of layers.
+//! [`Weights`] with the dense tensors (all, or those a filter keeps, e.g. one layer's; floats
+//! widened to f32, so the reference computes in f32; MLX codes kept as they are), the token
+//! embedding's rows ([`embed_rows`]), and two [`ExpertStore`]s:
+//! - [`SourceExperts`] (eval's reference) builds one layer's experts when the router first asks
+//!   for it. Float experts are quantized by MLX at 8 bits, group 32 (the runtime's expert kernel
+//!   `gather_qmm` takes only quantized experts; 8-bit codes put every weight within half a step
+//!   of 1/255 of its group's range, far below the 2..4-bit error that eval measures). MLX codes
+//!   of the source are used unchanged. It holds at most `keep` layers' experts (plus the one the
+//!   lazy graph still references).
+//! - [`StreamedExperts`] (the profile's) computes the routed experts itself, one expert at a
+//!   time in f32 (MLX codes dequantized), releasing the source pages it read: memory is one
+//!   expert's weights plus the activations.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -19,7 +22,7 @@ use crate::convert::quantize::ProjSource;
 use crate::convert::tensor::{Dtype as SrcDtype, FloatDtype};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 use crate::run::compute::{
-    ComputeError, ExpertPool, ExpertStore, LayerExperts, PoolRoute, Quant, Weights,
+    ComputeError, ExpertPool, ExpertStore, LayerExperts, PoolRoute, Quant, Routing, Weights,
 };
 
 /// Bits and group size of float experts in the reference.
@@ -49,9 +52,23 @@ pub struct SourceWeights {
 
 impl SourceWeights {
     pub fn load(ck: &Checkpoint) -> Result<SourceWeights, ComputeError> {
+        Self::load_where(ck, &|_| true)
+    }
+
+    /// Only the dense tensors whose names `keep` accepts (one layer's, say).
+    pub fn load_where(
+        ck: &Checkpoint,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<SourceWeights, ComputeError> {
         let mut tensors = BTreeMap::new();
         let mut quant = BTreeMap::new();
+        // Float bytes widened so far: released once each and all again at the end (reading
+        // one tensor maps its neighbours' pages back in; see StreamedExperts::mix).
+        let mut read: Vec<&[u8]> = Vec::new();
         for t in ck.dense_tensors().map_err(load_err)? {
+            if !keep(&t.name) {
+                continue;
+            }
             match t.data {
                 TensorData::Float {
                     dtype,
@@ -62,6 +79,7 @@ impl SourceWeights {
                         Array::from_bytes(bytes, shape, float_dtype(dtype))?.astype(Dtype::F32)?;
                     a.eval()?;
                     ck.release(bytes);
+                    read.push(bytes);
                     tensors.insert(t.name.clone(), a);
                 }
                 TensorData::Quantized(q) => {
@@ -106,6 +124,7 @@ impl SourceWeights {
                 }
             }
         }
+        read.iter().for_each(|b| ck.release(b));
         Ok(SourceWeights { tensors, quant })
     }
 }
@@ -235,5 +254,186 @@ impl ExpertStore for SourceExperts<'_> {
             .get(&layer)
             .ok_or(ComputeError::NoExperts { layer })?
             .route(indices)
+    }
+}
+
+/// Rows `ids` of the source's token embedding, as f32 `[ids.len(), H]`. Float embeddings are
+/// read row by row from the mapped shards (never the whole table); an MLX-quantized one is
+/// looked up by MLX from its codes.
+pub fn embed_rows(ck: &Checkpoint, ids: &[u32]) -> Result<Array, ComputeError> {
+    let name = "model.embed_tokens.weight";
+    let h = ck.config.hidden_size;
+    let dense = ck.dense_tensors().map_err(load_err)?;
+    let t = dense
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| ComputeError::MissingTensor { name: name.into() })?;
+    match t.data {
+        TensorData::Float {
+            dtype,
+            shape,
+            bytes,
+        } => {
+            let rows = shape.first().copied().unwrap_or(0);
+            let m = crate::convert::tensor::MatrixView::new(dtype, rows, h, bytes).ok_or_else(
+                || ComputeError::BadShape {
+                    name: name.into(),
+                    found: shape.to_vec(),
+                    expected: vec![ck.config.vocab_size, h],
+                },
+            )?;
+            let mut v = vec![0f32; ids.len() * h];
+            for (row, &id) in v.chunks_exact_mut(h).zip(ids) {
+                if id as usize >= rows {
+                    return Err(ComputeError::TokenOutOfRange { id, vocab: rows });
+                }
+                m.row_f32(id as usize, row);
+            }
+            ck.release(bytes);
+            Ok(Array::from_slice(&v, &[ids.len(), h])?)
+        }
+        _ => {
+            let w = SourceWeights::load_where(ck, &|n| n.starts_with("model.embed_tokens."))?;
+            let e = crate::run::compute::Embedding::load(
+                &w,
+                "model.embed_tokens",
+                ck.config.vocab_size,
+                h,
+            )?;
+            let x = e.forward(&Array::from_slice(ids, &[ids.len()])?)?;
+            Ok(x.astype(Dtype::F32)?)
+        }
+    }
+}
+
+/// The experts of a checkpoint computed one expert at a time in f32, straight from the source:
+/// [`ExpertStore::mix`] gathers each routed expert's tokens, widens that expert's three
+/// projections to f32 (or dequantizes an MLX source's codes), applies it and adds the
+/// weighted result. Memory is one expert's f32 weights plus the activations, whatever the size
+/// of a layer; each expert is read once per call, so a caller passes all its tokens at once.
+pub struct StreamedExperts<'c> {
+    ck: &'c Checkpoint,
+    /// Experts applied so far (one read of an expert's weights each).
+    pub experts_applied: usize,
+}
+
+impl<'c> StreamedExperts<'c> {
+    pub fn new(ck: &'c Checkpoint) -> StreamedExperts<'c> {
+        StreamedExperts {
+            ck,
+            experts_applied: 0,
+        }
+    }
+
+    /// One projection as f32 `[out, in]`; the source bytes it read go to `read`.
+    fn f32_matrix(
+        &self,
+        src: ProjSource<'c>,
+        read: &mut Vec<&'c [u8]>,
+    ) -> Result<Array, ComputeError> {
+        match src {
+            ProjSource::Float(m) => {
+                let mut v = vec![0f32; m.rows * m.cols];
+                for (r, row) in v.chunks_exact_mut(m.cols).enumerate() {
+                    m.row_f32(r, row);
+                }
+                read.push(m.bytes());
+                Ok(Array::from_slice(&v, &[m.rows, m.cols])?)
+            }
+            ProjSource::Quantized(q) => {
+                let sd = float_dtype(q.scale_dtype);
+                let groups = q.cols / q.params.group_size;
+                let words = q.cols * q.params.bits as usize / 32;
+                let m = QuantizedMatrix {
+                    weight: Array::from_bytes(q.codes, &[q.rows, words], Dtype::U32)?,
+                    scales: Array::from_bytes(q.scales, &[q.rows, groups], sd)?,
+                    biases: Some(Array::from_bytes(q.biases, &[q.rows, groups], sd)?),
+                    group_size: q.params.group_size as i32,
+                    bits: q.params.bits as i32,
+                };
+                read.extend([q.codes, q.scales, q.biases]);
+                Ok(mlx::dequantize(&m)?.astype(Dtype::F32)?)
+            }
+        }
+    }
+}
+
+impl<'c> ExpertStore for StreamedExperts<'c> {
+    fn route(
+        &mut self,
+        layer: usize,
+        _indices: &Array,
+    ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
+        // Everything goes through `mix`; there are no pools to hand out.
+        Err(ComputeError::NoExperts { layer })
+    }
+
+    fn mix(
+        &mut self,
+        layer: usize,
+        x: &Array,
+        routing: &Routing,
+    ) -> Result<Option<Array>, ComputeError> {
+        let shape = x.shape();
+        let h = *shape.last().unwrap_or(&0);
+        let xf = x.astype(Dtype::F32)?.reshape(&[-1, h as i32])?;
+        mlx::eval(&[&xf, &routing.indices, &routing.scores])?;
+        let ids = routing.indices.to_vec::<u32>()?;
+        let scores = routing.scores.to_vec_f32()?;
+        let k = routing.indices.dim(-1).unwrap_or(1).max(1);
+        let n = self.ck.config.num_experts;
+        let mut rows: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
+        for (i, (&e, &s)) in ids.iter().zip(&scores).enumerate() {
+            let slot = rows
+                .get_mut(e as usize)
+                .ok_or_else(|| ComputeError::BadPlacement {
+                    expert: e as usize,
+                    what: format!("layer {layer}, which has {n} experts"),
+                })?;
+            slot.0.push((i / k) as u32);
+            slot.1.push(s);
+        }
+        let tokens = ids.len() / k;
+        let mut out = vec![0f32; tokens * h];
+        // Source bytes read for this layer. They are released after each expert and all again
+        // at the end: the kernel maps a fault's neighbouring pages too ("fault-around"), so
+        // reading one tensor maps part of the tensors beside it back in.
+        let mut read: Vec<&'c [u8]> = Vec::new();
+        let ck = self.ck;
+        let release = |read: &[&[u8]]| read.iter().for_each(|b| ck.release(b));
+        for (e, (at, weights)) in rows.iter().enumerate() {
+            if at.is_empty() {
+                continue;
+            }
+            let p = self.ck.expert(layer, e).map_err(load_err)?;
+            let start = read.len();
+            let gate = self.f32_matrix(p.gate, &mut read)?;
+            let up = self.f32_matrix(p.up, &mut read)?;
+            let down = self.f32_matrix(p.down, &mut read)?;
+            release(&read[start..]);
+            let xe = xf.take(&Array::from_slice(at, &[at.len()])?, 0)?;
+            let t = [1, 0];
+            // down(silu(gate(x)) * up(x)), scaled by each entry's routing weight
+            let y = crate::run::compute::swiglu(
+                &xe.matmul(&gate.transpose(&t)?)?,
+                &xe.matmul(&up.transpose(&t)?)?,
+            )?
+            .matmul(&down.transpose(&t)?)?
+            .mul(&Array::from_slice(weights, &[weights.len(), 1])?)?;
+            let y = y.to_vec_f32()?;
+            for (&row, part) in at.iter().zip(y.chunks_exact(h)) {
+                let acc = &mut out[row as usize * h..][..h];
+                for (a, b) in acc.iter_mut().zip(part) {
+                    *a += b;
+                }
+            }
+            self.experts_applied += 1;
+        }
+        release(&read);
+        let mut back: Vec<usize> = shape.clone();
+        if let Some(last) = back.last_mut() {
+            *last = h;
+        }
+        Ok(Some(Array::from_slice(&out, &back)?))
     }
 }

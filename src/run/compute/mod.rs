@@ -119,12 +119,61 @@ enum Ffn {
     Sparse(MoeBlock),
 }
 
+/// One decoder layer: attention and its feed-forward (dense or sparse), with their norms.
 #[derive(Debug, Clone)]
-struct Layer {
+pub struct Block {
     input_norm: RmsNorm,
     attn: Attention,
     post_norm: RmsNorm,
     ffn: Ffn,
+}
+
+impl Block {
+    /// Layer `l`'s dense tensors (experts come through an [`ExpertStore`]). Only the tensors of
+    /// this layer are read from `w`, so a caller can hold one layer at a time.
+    pub fn load(cfg: &ModelConfig, w: &dyn Weights, l: usize) -> Result<Block> {
+        let spec = spec(cfg.arch);
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let p = format!("model.layers.{l}");
+        let ffn = if cfg.is_sparse_layer(l) {
+            Ffn::Sparse(MoeBlock::load(w, cfg, spec, l)?)
+        } else {
+            Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+        };
+        Ok(Block {
+            input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
+            attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            ffn,
+        })
+    }
+
+    /// `h + self_attn(input_layernorm(h))`: the residual stream after attention.
+    pub fn attend(&self, h: &Array, mask: mlx::fast::Mask<'_>, kv: &mut LayerKv) -> Result<Array> {
+        let r = self.attn.forward(&self.input_norm.forward(h)?, mask, kv)?;
+        Ok(h.add(&r)?)
+    }
+
+    /// The feed-forward's input, `post_attention_layernorm(h)`.
+    pub fn ffn_input(&self, h: &Array) -> Result<Array> {
+        self.post_norm.forward(h)
+    }
+
+    /// The feed-forward's output on `x` (= [`Block::ffn_input`]); add it to `h`.
+    pub fn ffn(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
+        match &self.ffn {
+            Ffn::Dense(mlp) => mlp.forward(x),
+            Ffn::Sparse(moe) => moe.forward(x, experts),
+        }
+    }
+
+    /// The sparse block, for a sparse layer.
+    pub fn moe(&self) -> Option<&MoeBlock> {
+        match &self.ffn {
+            Ffn::Sparse(moe) => Some(moe),
+            Ffn::Dense(_) => None,
+        }
+    }
 }
 
 /// The dense part of a model (everything but the routed experts) and how to run it.
@@ -132,7 +181,7 @@ struct Layer {
 pub struct Model {
     cfg: ModelConfig,
     embed: Embedding,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     norm: RmsNorm,
     /// `None`: tied to the embeddings.
     lm_head: Option<Linear>,
@@ -149,28 +198,15 @@ impl Model {
                 what: format!("clip_qkv = {clip}"),
             });
         }
-        let spec = spec(cfg.arch);
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let ffn = if cfg.is_sparse_layer(l) {
-                Ffn::Sparse(MoeBlock::load(w, cfg, spec, l)?)
-            } else {
-                Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
-            };
-            layers.push(Layer {
-                input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
-                attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-                post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
-                ffn,
-            });
-        }
+        let h = cfg.hidden_size;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| Block::load(cfg, w, l))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             cfg: cfg.clone(),
             embed: Embedding::load(w, "model.embed_tokens", cfg.vocab_size, h)?,
             layers,
-            norm: RmsNorm::load(w, "model.norm", h, eps)?,
+            norm: RmsNorm::load(w, "model.norm", h, cfg.rms_norm_eps)?,
             lm_head: if cfg.tie_word_embeddings {
                 None
             } else {
@@ -185,12 +221,7 @@ impl Model {
 
     /// The first sparse block after layer `l`.
     fn next_sparse(&self, l: usize) -> Option<&MoeBlock> {
-        self.layers[l + 1..]
-            .iter()
-            .find_map(|layer| match &layer.ffn {
-                Ffn::Sparse(moe) => Some(moe),
-                Ffn::Dense(_) => None,
-            })
+        self.layers[l + 1..].iter().find_map(Block::moe)
     }
 
     /// A fresh cache for this model.
@@ -223,32 +254,23 @@ impl Model {
         let mut h = self.embed.forward(tokens)?;
         for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             // r = self.self_attn(self.input_layernorm(x), mask, cache); h = x + r
-            let r = layer
-                .attn
-                .forward(&layer.input_norm.forward(&h)?, mask, kv)?;
-            h = h.add(&r)?;
+            h = layer.attend(&h, mask, kv)?;
             let last = l + 1 == self.layers.len();
             if cache_only && last {
                 break;
             }
             // r = self.mlp(self.post_attention_layernorm(h)); out = h + r
-            let x = layer.post_norm.forward(&h)?;
-            let r = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&x)?,
-                Ffn::Sparse(moe) => {
-                    if experts.wants_prediction() {
-                        if let Some(next) = self.next_sparse(l) {
-                            // Nothing to prefetch for a block that will be skipped.
-                            let skipped = cache_only && next.layer + 1 == self.layers.len();
-                            if !skipped {
-                                experts.predict(next.layer, &next.route(&x)?.indices)?;
-                            }
-                        }
+            let x = layer.ffn_input(&h)?;
+            if layer.moe().is_some() && experts.wants_prediction() {
+                if let Some(next) = self.next_sparse(l) {
+                    // Nothing to prefetch for a block that will be skipped.
+                    let skipped = cache_only && next.layer + 1 == self.layers.len();
+                    if !skipped {
+                        experts.predict(next.layer, &next.route(&x)?.indices)?;
                     }
-                    moe.forward(&x, experts)?
                 }
-            };
-            h = h.add(&r)?;
+            }
+            h = h.add(&layer.ffn(&x, experts)?)?;
         }
         Ok(h)
     }

@@ -98,6 +98,14 @@ pub trait ExpertStore {
         Ok((self.route(layer, &routing.indices)?, None))
     }
 
+    /// The routed experts' weighted sum `sum_k scores[.., k] * expert_k(x)` (`[.., H]`, f32),
+    /// computed by the store itself, or `None` (the default) to let the block run `gather_qmm`
+    /// over the pools [`ExpertStore::route_scored`] hands out. A store that streams experts one
+    /// at a time from a source (the profile stage) answers here.
+    fn mix(&mut self, _layer: usize, _x: &Array, _routing: &Routing) -> Result<Option<Array>> {
+        Ok(None)
+    }
+
     /// Whether the store wants a guess of the next sparse layer's routing (for prefetch).
     fn wants_prediction(&self) -> bool {
         false
@@ -379,6 +387,15 @@ impl MoeBlock {
 
     pub fn forward(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
         let mut routing = self.route(x)?;
+        if let Some(mut out) = experts.mix(self.layer, x, &routing)? {
+            if self.spec.cast_moe_output {
+                out = out.astype(x.dtype())?;
+            }
+            if let Some(shared) = &self.shared {
+                out = (self.spec.add_shared)(&out, x, shared)?;
+            }
+            return Ok(out);
+        }
         let (routes, scores) = experts.route_scored(self.layer, &routing)?;
         if let Some(scores) = scores {
             routing.scores = scores;
