@@ -146,6 +146,20 @@ impl ConvertOptions {
 pub struct StageTime {
     pub stage: &'static str,
     pub seconds: f64,
+    /// Peak resident set of the process during the stage (Linux; `None` for a stage that ran
+    /// beside others, or where the platform cannot tell).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl StageTime {
+    /// A stage that started at `lap` and ends now; also closes the stage's peak-RSS period.
+    fn ended(stage: &'static str, lap: Instant) -> StageTime {
+        StageTime {
+            stage,
+            seconds: lap.elapsed().as_secs_f64(),
+            peak_rss_bytes: crate::run::budget::take_peak_rss(),
+        }
+    }
 }
 
 /// What a conversion did.
@@ -197,20 +211,14 @@ pub fn convert_checkpoint(
     t0: Instant,
 ) -> Result<ConvertReport, ConvertError> {
     opts.check()?;
-    let mut stages = vec![StageTime {
-        stage: "load",
-        seconds: t0.elapsed().as_secs_f64(),
-    }];
+    let mut stages = vec![StageTime::ended("load", t0)];
     // profile: how the routers use the experts, when an option needs it.
     let profile = if profile::needed(opts) {
         progress.stage("profile", None, "");
         let lap = Instant::now();
         let p = profile::stage(ck, opts)?;
         progress.finish_stage();
-        stages.push(StageTime {
-            stage: "profile",
-            seconds: lap.elapsed().as_secs_f64(),
-        });
+        stages.push(StageTime::ended("profile", lap));
         p
     } else {
         None
@@ -219,10 +227,7 @@ pub fn convert_checkpoint(
     let lap = Instant::now();
     let merges = merge::stage(ck, opts, profile.as_ref())?;
     if merges.is_some() {
-        stages.push(StageTime {
-            stage: "merge",
-            seconds: lap.elapsed().as_secs_f64(),
-        });
+        stages.push(StageTime::ended("merge", lap));
     }
 
     let c = &ck.config;
@@ -262,6 +267,7 @@ pub fn convert_checkpoint(
     stages.push(StageTime {
         stage: "hash (beside dense and experts)",
         seconds: hash_seconds,
+        peak_rss_bytes: None,
     });
     let lap = Instant::now();
 
@@ -282,10 +288,7 @@ pub fn convert_checkpoint(
     let pack = Pack::open(&summary.path)?;
     let report = PackReport::new(&pack);
     progress.finish_stage();
-    stages.push(StageTime {
-        stage: "finish",
-        seconds: lap.elapsed().as_secs_f64(),
-    });
+    stages.push(StageTime::ended("finish", lap));
 
     // The quality price of the choices above, when a text to measure it on was given.
     let quality = match opts
@@ -308,10 +311,7 @@ pub fn convert_checkpoint(
                 what: format!("quality report on {}: {e}", text.display()),
             })?;
             progress.finish_stage();
-            stages.push(StageTime {
-                stage: "eval",
-                seconds: lap.elapsed().as_secs_f64(),
-            });
+            stages.push(StageTime::ended("eval", lap));
             Some(q)
         }
         None => None,
@@ -353,10 +353,7 @@ fn write_payload(
     let c = &ck.config;
     let mut lap = Instant::now();
     let mut done = |stage: &'static str, lap: &mut Instant| {
-        stages.push(StageTime {
-            stage,
-            seconds: lap.elapsed().as_secs_f64(),
-        });
+        stages.push(StageTime::ended(stage, *lap));
         *lap = Instant::now();
     };
 

@@ -33,7 +33,7 @@ use crate::mlx::{self, Array};
 use crate::run::compute::{
     mask_for, Block, ComputeError, ExpertStore, LayerKv, PoolRoute, Routing,
 };
-use crate::run::source::{embed_rows, SourceWeights, StreamedExperts};
+use crate::run::source::{embed_windows, SourceWeights, StreamedExperts};
 
 /// One task's calibration text.
 #[derive(Clone, Debug)]
@@ -357,6 +357,8 @@ pub fn profile(
         });
         windows.extend(ids.chunks(window).map(|w| (task, w.to_vec())));
     }
+    // The tokenizer's tables are not needed past this point.
+    drop(tok);
     let token_task: Vec<usize> = windows
         .iter()
         .flat_map(|(t, w)| std::iter::repeat_n(*t, w.len()))
@@ -372,25 +374,9 @@ pub fn profile(
     // many sizes, and a cache would keep the largest of each (restored when profiling ends).
     let _cache = NoMlxCache::new();
     let h = c.hidden_size;
-    let all: Vec<u32> = windows
-        .iter()
-        .flat_map(|(_, w)| w.iter().copied())
-        .collect();
     // The residual stream of every window, [1, len, H], evaluated.
-    let mut hs: Vec<Array> = Vec::with_capacity(windows.len());
-    {
-        let rows = embed_rows(ck, &all).map_err(compute_err)?;
-        let mut at = 0;
-        for (_, w) in &windows {
-            let x = rows
-                .slice(&[at as i32, 0], &[(at + w.len()) as i32, h as i32])
-                .and_then(|x| x.reshape(&[1, w.len() as i32, h as i32]))
-                .map_err(|e| compute_err(e.into()))?;
-            x.eval().map_err(|e| compute_err(e.into()))?;
-            hs.push(x);
-            at += w.len();
-        }
-    }
+    let ws: Vec<&[u32]> = windows.iter().map(|(_, w)| w.as_slice()).collect();
+    let mut hs = embed_windows(ck, &ws).map_err(compute_err)?;
     let mut experts = StreamedExperts::new(ck);
     let mut rec = Recorder {
         inner: &mut experts,

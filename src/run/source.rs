@@ -257,10 +257,10 @@ impl ExpertStore for SourceExperts<'_> {
     }
 }
 
-/// Rows `ids` of the source's token embedding, as f32 `[ids.len(), H]`. Float embeddings are
-/// read row by row from the mapped shards (never the whole table); an MLX-quantized one is
-/// looked up by MLX from its codes.
-pub fn embed_rows(ck: &Checkpoint, ids: &[u32]) -> Result<Array, ComputeError> {
+/// The source's token embedding of each window of ids, as f32 `[1, len, H]` arrays. Float
+/// embeddings are read row by row from the mapped shards (never the whole table); an
+/// MLX-quantized one is looked up by MLX from its codes.
+pub fn embed_windows(ck: &Checkpoint, windows: &[&[u32]]) -> Result<Vec<Array>, ComputeError> {
     let name = "model.embed_tokens.weight";
     let h = ck.config.hidden_size;
     let dense = ck.dense_tensors().map_err(load_err)?;
@@ -282,15 +282,21 @@ pub fn embed_rows(ck: &Checkpoint, ids: &[u32]) -> Result<Array, ComputeError> {
                     expected: vec![ck.config.vocab_size, h],
                 },
             )?;
-            let mut v = vec![0f32; ids.len() * h];
-            for (row, &id) in v.chunks_exact_mut(h).zip(ids) {
-                if id as usize >= rows {
-                    return Err(ComputeError::TokenOutOfRange { id, vocab: rows });
-                }
-                m.row_f32(id as usize, row);
-            }
+            let out = windows
+                .iter()
+                .map(|ids| {
+                    let mut v = vec![0f32; ids.len() * h];
+                    for (row, &id) in v.chunks_exact_mut(h).zip(ids.iter()) {
+                        if id as usize >= rows {
+                            return Err(ComputeError::TokenOutOfRange { id, vocab: rows });
+                        }
+                        m.row_f32(id as usize, row);
+                    }
+                    Ok(Array::from_slice(&v, &[1, ids.len(), h])?)
+                })
+                .collect();
             ck.release(bytes);
-            Ok(Array::from_slice(&v, &[ids.len(), h])?)
+            out
         }
         _ => {
             let w = SourceWeights::load_where(ck, &|n| n.starts_with("model.embed_tokens."))?;
@@ -300,8 +306,16 @@ pub fn embed_rows(ck: &Checkpoint, ids: &[u32]) -> Result<Array, ComputeError> {
                 ck.config.vocab_size,
                 h,
             )?;
-            let x = e.forward(&Array::from_slice(ids, &[ids.len()])?)?;
-            Ok(x.astype(Dtype::F32)?)
+            windows
+                .iter()
+                .map(|ids| {
+                    let x = e
+                        .forward(&Array::from_slice(ids, &[1, ids.len()])?)?
+                        .astype(Dtype::F32)?;
+                    x.eval()?;
+                    Ok(x)
+                })
+                .collect()
         }
     }
 }

@@ -171,7 +171,15 @@ fn print_report(r: &ConvertReport) {
     let stages: Vec<String> = r
         .stages
         .iter()
-        .map(|s| format!("{} {:.2}s", s.stage, s.seconds))
+        .map(|s| match s.peak_rss_bytes {
+            Some(b) => format!(
+                "{} {:.2}s (peak RSS {:.0} MB)",
+                s.stage,
+                s.seconds,
+                b as f64 / 1e6
+            ),
+            None => format!("{} {:.2}s", s.stage, s.seconds),
+        })
         .collect();
     println!("  stages: {}", stages.join(", "));
     println!(
