@@ -146,9 +146,18 @@ impl ConvertOptions {
 pub struct StageTime {
     pub stage: &'static str,
     pub seconds: f64,
-    /// Peak resident set of the process during the stage (Linux; `None` for a stage that ran
-    /// beside others, or where the platform cannot tell).
+    /// Peak resident set of the process during the stage, with `FLASHPACK_STAGE_PEAKS=1` on
+    /// Linux; `None` otherwise, and for a stage that ran beside others.
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// Whether to measure each stage's peak RSS (`FLASHPACK_STAGE_PEAKS=1`). Off by default: the
+/// measurement restarts the kernel's high-water mark at every stage, so afterwards the
+/// process's own peak (`getrusage`, `/usr/bin/time`) covers only the last stage. With it on,
+/// the process's peak is the largest stage peak.
+fn stage_peaks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHPACK_STAGE_PEAKS").is_ok_and(|v| v == "1"))
 }
 
 impl StageTime {
@@ -157,7 +166,11 @@ impl StageTime {
         StageTime {
             stage,
             seconds: lap.elapsed().as_secs_f64(),
-            peak_rss_bytes: crate::run::budget::take_peak_rss(),
+            peak_rss_bytes: if stage_peaks() {
+                crate::run::budget::take_peak_rss()
+            } else {
+                None
+            },
         }
     }
 }
