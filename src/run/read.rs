@@ -5,6 +5,8 @@
 //! of whole pages with a bounded queue depth, or the memory map with `madvise`. After a pread the
 //! pages are dropped from the OS page cache (Linux `POSIX_FADV_DONTNEED`; macOS `F_NOCACHE`), so a
 //! segment does not sit in memory twice: once decoded in the expert cache, once in the page cache.
+//! After a mapped read the segment's pages are unmapped from the process (`MADV_DONTNEED`; they
+//! stay in the page cache), so mapped reads never count against the resident set either.
 //! Invariant: every range read lies inside the EXPERT_DATA section (checked by `Pack::open`).
 
 use std::fs::File;
@@ -138,7 +140,13 @@ impl SegmentReader {
                 })?;
                 drop_cached(f, e.offset, e.stored_len);
             }
-            None => buf.copy_from_slice(&self.bytes[e.stored_range()]),
+            None => {
+                buf.copy_from_slice(&self.bytes[e.stored_range()]);
+                // The bytes now live in `buf` (then in a slot): unmap the file's pages from the
+                // process so mapped reads do not grow the resident set past the budget. They
+                // stay in the OS page cache, and a later read maps them back in.
+                self.bytes.release(e.offset as usize, e.stored_len as usize);
+            }
         }
         self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
         Ok(())
