@@ -73,29 +73,9 @@ fn io(e: super::load::LoadError) -> ConvertError {
     ConvertError::Load(e)
 }
 
-/// One projection as f32 rows (dequantized if the source is MLX-quantized).
-fn proj_f32(p: &ProjSource<'_>) -> Vec<f32> {
-    match p {
-        ProjSource::Float(m) => {
-            let mut v = vec![0f32; m.rows * m.cols];
-            for (r, row) in v.chunks_exact_mut(m.cols).enumerate() {
-                m.row_f32(r, row);
-            }
-            v
-        }
-        ProjSource::Quantized(q) => {
-            let mut v = vec![0f32; q.rows * q.cols];
-            for (r, row) in v.chunks_exact_mut(q.cols).enumerate() {
-                q.dequantize_row(r, row);
-            }
-            v
-        }
-    }
-}
-
 fn expert_f32(ck: &Checkpoint, l: usize, e: usize) -> Result<[Vec<f32>; 3], ConvertError> {
     let x = ck.expert(l, e).map_err(io)?;
-    Ok([proj_f32(&x.gate), proj_f32(&x.up), proj_f32(&x.down)])
+    Ok([x.gate.to_f32(), x.up.to_f32(), x.down.to_f32()])
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {

@@ -514,21 +514,11 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
 }
 
 fn release_proj(ck: &Checkpoint, p: &quantize::ProjSource<'_>) {
-    match p {
-        quantize::ProjSource::Float(m) => ck.release(m.bytes()),
-        quantize::ProjSource::Quantized(q) => [q.codes, q.scales, q.biases]
-            .iter()
-            .for_each(|b| ck.release(b)),
-    }
+    p.source_bytes().iter().for_each(|b| ck.release(b));
 }
 
 fn proj_bytes(p: &quantize::ProjSource<'_>) -> u64 {
-    match p {
-        quantize::ProjSource::Float(m) => m.bytes().len() as u64,
-        quantize::ProjSource::Quantized(q) => {
-            (q.codes.len() + q.scales.len() + q.biases.len()) as u64
-        }
-    }
+    p.source_bytes().iter().map(|b| b.len() as u64).sum()
 }
 
 #[cfg(test)]

@@ -278,18 +278,38 @@ fn compute_err(e: ComputeError) -> ConvertError {
     }
 }
 
-/// Turns MLX's buffer cache off while alive.
-struct NoMlxCache(usize);
+/// Keeps the profile's memory from outliving it, so the stages after it run in the resident
+/// set a plain conversion has. While alive: MLX's buffer cache is off (the per-expert
+/// temporaries come in many sizes, and a cache would keep the largest of each), and on glibc
+/// buffers of 128 KiB and more get their own mappings, returned to the system when freed
+/// (glibc otherwise raises that threshold to the largest buffer freed so far, and activations
+/// would be carved from the heap, fragmenting it for the stages that follow). On drop: MLX's
+/// cache limit is restored and free heap pages go back to the system.
+struct ProfileMemory {
+    mlx_cache_limit: usize,
+}
 
-impl NoMlxCache {
-    fn new() -> NoMlxCache {
-        NoMlxCache(mlx::set_cache_limit(0))
+impl ProfileMemory {
+    fn new() -> ProfileMemory {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt changes an allocation threshold; it touches no live data.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
+        ProfileMemory {
+            mlx_cache_limit: mlx::set_cache_limit(0),
+        }
     }
 }
 
-impl Drop for NoMlxCache {
+impl Drop for ProfileMemory {
     fn drop(&mut self) {
-        mlx::set_cache_limit(self.0);
+        mlx::set_cache_limit(self.mlx_cache_limit);
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim returns free heap pages to the kernel; it touches no live data.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
@@ -304,6 +324,7 @@ pub fn profile(
     texts: &[CalibrationText],
     window: usize,
 ) -> Result<Profile, ConvertError> {
+    let _memory = ProfileMemory::new();
     let c = &ck.config;
     let tok_path = ck.root().join("tokenizer.json");
     if !tok_path.is_file() {
@@ -363,16 +384,12 @@ pub fn profile(
         .iter()
         .flat_map(|(t, w)| std::iter::repeat_n(*t, w.len()))
         .collect();
-    let total = token_task.len();
-    if total == 0 {
+    if token_task.is_empty() {
         return Err(ConvertError::Unsupported {
             what: "the calibration text has no tokens".into(),
         });
     }
 
-    // Freed MLX buffers go back to the system at once: the per-expert temporaries come in
-    // many sizes, and a cache would keep the largest of each (restored when profiling ends).
-    let _cache = NoMlxCache::new();
     let h = c.hidden_size;
     // The residual stream of every window, [1, len, H], evaluated.
     let ws: Vec<&[u32]> = windows.iter().map(|(_, w)| w.as_slice()).collect();
@@ -594,31 +611,7 @@ pub fn stage(
         Some(path) => read_calibration(path)?,
         None => builtin_calibration(),
     };
-    heap_policy(true);
-    let p = profile(ck, &texts, opts.plan.window);
-    heap_policy(false);
-    p.map(Some)
-}
-
-/// Keeps the profile's memory from outliving it, so the stages after it run in the resident
-/// set a plain conversion has. Before (`start`): buffers of 128 KiB and more get their own
-/// mappings, returned to the system when freed (glibc otherwise raises that threshold to the
-/// largest buffer freed so far, and the activations and per-expert temporaries would then be
-/// carved from the heap, fragmenting it for the stages that follow). After: free heap pages
-/// go back to the system.
-fn heap_policy(start: bool) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt changes allocation thresholds and malloc_trim returns free heap pages to
-    // the kernel; neither touches live data.
-    unsafe {
-        if start {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        } else {
-            libc::malloc_trim(0);
-        }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = start;
+    profile(ck, &texts, opts.plan.window).map(Some)
 }
 
 /// The bit plan the options ask for, or `None` for uniform `expert_bits`. `dense` is the bytes

@@ -13,9 +13,6 @@ extern "C" {
     pub fn fp_last_error() -> *const c_char;
     pub fn fp_version() -> *const c_char;
     pub fn fp_set_cache_limit(limit: usize) -> usize;
-    pub fn fp_clear_cache();
-    pub fn fp_cache_memory() -> usize;
-    pub fn fp_active_memory() -> usize;
     pub fn fp_free(a: *mut FpArray);
     pub fn fp_clone(a: *const FpArray, out: *mut *mut FpArray) -> c_int;
 

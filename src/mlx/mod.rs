@@ -140,18 +140,6 @@ pub fn set_cache_limit(bytes: usize) -> usize {
     unsafe { ffi::fp_set_cache_limit(bytes) }
 }
 
-/// `mx.clear_cache`: frees every cached buffer.
-pub fn clear_cache() {
-    // SAFETY: plain call into MLX; no pointers cross.
-    unsafe { ffi::fp_clear_cache() }
-}
-
-/// Bytes MLX holds in its cache of freed buffers, and bytes of live arrays.
-pub fn memory() -> (usize, usize) {
-    // SAFETY: plain calls into MLX; no pointers cross.
-    unsafe { (ffi::fp_cache_memory(), ffi::fp_active_memory()) }
-}
-
 /// Turn a shim status into a Result, fetching the thread-local message on failure.
 fn check(op: &'static str, status: c_int) -> Result<()> {
     if status == 0 {

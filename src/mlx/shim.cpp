@@ -96,12 +96,6 @@ const char* fp_version(void) { return mx::version(); }
 
 size_t fp_set_cache_limit(size_t limit) { return mx::set_cache_limit(limit); }
 
-void fp_clear_cache(void) { mx::clear_cache(); }
-
-size_t fp_cache_memory(void) { return mx::get_cache_memory(); }
-
-size_t fp_active_memory(void) { return mx::get_active_memory(); }
-
 void fp_free(fp_array* a) { delete a; }
 
 int fp_clone(const fp_array* a, fp_array** out) {

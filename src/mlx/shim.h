@@ -27,9 +27,6 @@ enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4 };
 const char* fp_last_error(void);
 const char* fp_version(void);
 size_t fp_set_cache_limit(size_t limit);
-void fp_clear_cache(void);
-size_t fp_cache_memory(void);
-size_t fp_active_memory(void);
 void fp_free(fp_array* a);
 int fp_clone(const fp_array* a, fp_array** out);
 

@@ -4,7 +4,7 @@
 //! In: an opened [`Checkpoint`] (Hugging Face floats, or an mlx-lm folder's codes). Out: a
 //! [`Weights`] with the dense tensors (all, or those a filter keeps, e.g. one layer's; floats
 //! widened to f32, so the reference computes in f32; MLX codes kept as they are), the token
-//! embedding's rows ([`embed_rows`]), and two [`ExpertStore`]s:
+//! embedding of each window ([`embed_windows`]), and two [`ExpertStore`]s:
 //! - [`SourceExperts`] (eval's reference) builds one layer's experts when the router first asks
 //!   for it. Float experts are quantized by MLX at 8 bits, group 32 (the runtime's expert kernel
 //!   `gather_qmm` takes only quantized experts; 8-bit codes put every weight within half a step
@@ -12,7 +12,7 @@
 //!   of the source are used unchanged. It holds at most `keep` layers' experts (plus the one the
 //!   lazy graph still references).
 //! - [`StreamedExperts`] (the profile's) computes the routed experts itself, one expert at a
-//!   time in f32 (MLX codes dequantized), releasing the source pages it read: memory is one
+//!   time in f32 (MLX codes dequantized by MLX), releasing the source pages it read: memory is one
 //!   expert's weights plus the activations.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -139,6 +139,24 @@ impl Weights for SourceWeights {
     }
 }
 
+/// An MLX source's codes of one projection as MLX arrays, shaped `[lead.., rows, ..]`.
+fn mlx_codes(
+    q: &crate::convert::quantize::QuantizedView<'_>,
+    lead: &[usize],
+) -> Result<QuantizedMatrix, ComputeError> {
+    let sd = float_dtype(q.scale_dtype);
+    let groups = q.cols / q.params.group_size;
+    let words = q.cols * q.params.bits as usize / 32;
+    let shape = |last: usize| [lead, &[q.rows, last]].concat();
+    Ok(QuantizedMatrix {
+        weight: Array::from_bytes(q.codes, &shape(words), Dtype::U32)?,
+        scales: Array::from_bytes(q.scales, &shape(groups), sd)?,
+        biases: Some(Array::from_bytes(q.biases, &shape(groups), sd)?),
+        group_size: q.params.group_size as i32,
+        bits: q.params.bits as i32,
+    })
+}
+
 /// The experts of a checkpoint, built one layer at a time on first use.
 pub struct SourceExperts<'c> {
     ck: &'c Checkpoint,
@@ -178,18 +196,7 @@ impl<'c> SourceExperts<'c> {
                         let a = Array::from_slice(&v, &[1, m.rows, m.cols])?;
                         mlx::quantize(&a, REFERENCE_EXPERT_GROUP, REFERENCE_EXPERT_BITS)?
                     }
-                    ProjSource::Quantized(q) => {
-                        let sd = float_dtype(q.scale_dtype);
-                        let groups = q.cols / q.params.group_size;
-                        let words = q.cols * q.params.bits as usize / 32;
-                        QuantizedMatrix {
-                            weight: Array::from_bytes(q.codes, &[1, q.rows, words], Dtype::U32)?,
-                            scales: Array::from_bytes(q.scales, &[1, q.rows, groups], sd)?,
-                            biases: Some(Array::from_bytes(q.biases, &[1, q.rows, groups], sd)?),
-                            group_size: q.params.group_size as i32,
-                            bits: q.params.bits as i32,
-                        }
-                    }
+                    ProjSource::Quantized(q) => mlx_codes(&q, &[1])?,
                 };
                 stacks[p].push(m);
             }
@@ -327,48 +334,23 @@ pub fn embed_windows(ck: &Checkpoint, windows: &[&[u32]]) -> Result<Vec<Array>, 
 /// of a layer; each expert is read once per call, so a caller passes all its tokens at once.
 pub struct StreamedExperts<'c> {
     ck: &'c Checkpoint,
-    /// Experts applied so far (one read of an expert's weights each).
-    pub experts_applied: usize,
 }
 
 impl<'c> StreamedExperts<'c> {
     pub fn new(ck: &'c Checkpoint) -> StreamedExperts<'c> {
-        StreamedExperts {
-            ck,
-            experts_applied: 0,
-        }
+        StreamedExperts { ck }
     }
 
-    /// One projection as f32 `[out, in]`; the source bytes it read go to `read`.
-    fn f32_matrix(
-        &self,
-        src: ProjSource<'c>,
-        read: &mut Vec<&'c [u8]>,
-    ) -> Result<Array, ComputeError> {
-        match src {
-            ProjSource::Float(m) => {
-                let mut v = vec![0f32; m.rows * m.cols];
-                for (r, row) in v.chunks_exact_mut(m.cols).enumerate() {
-                    m.row_f32(r, row);
-                }
-                read.push(m.bytes());
-                Ok(Array::from_slice(&v, &[m.rows, m.cols])?)
-            }
+    /// One projection as f32 `[out, in]` (MLX codes dequantized by MLX); the source bytes it
+    /// read go to `read`.
+    fn f32_matrix(src: ProjSource<'c>, read: &mut Vec<&'c [u8]>) -> Result<Array, ComputeError> {
+        read.extend(src.source_bytes());
+        Ok(match src {
+            ProjSource::Float(_) => Array::from_slice(&src.to_f32(), &src.shape())?,
             ProjSource::Quantized(q) => {
-                let sd = float_dtype(q.scale_dtype);
-                let groups = q.cols / q.params.group_size;
-                let words = q.cols * q.params.bits as usize / 32;
-                let m = QuantizedMatrix {
-                    weight: Array::from_bytes(q.codes, &[q.rows, words], Dtype::U32)?,
-                    scales: Array::from_bytes(q.scales, &[q.rows, groups], sd)?,
-                    biases: Some(Array::from_bytes(q.biases, &[q.rows, groups], sd)?),
-                    group_size: q.params.group_size as i32,
-                    bits: q.params.bits as i32,
-                };
-                read.extend([q.codes, q.scales, q.biases]);
-                Ok(mlx::dequantize(&m)?.astype(Dtype::F32)?)
+                mlx::dequantize(&mlx_codes(&q, &[])?)?.astype(Dtype::F32)?
             }
-        }
+        })
     }
 }
 
@@ -421,9 +403,9 @@ impl<'c> ExpertStore for StreamedExperts<'c> {
             }
             let p = self.ck.expert(layer, e).map_err(load_err)?;
             let start = read.len();
-            let gate = self.f32_matrix(p.gate, &mut read)?;
-            let up = self.f32_matrix(p.up, &mut read)?;
-            let down = self.f32_matrix(p.down, &mut read)?;
+            let gate = Self::f32_matrix(p.gate, &mut read)?;
+            let up = Self::f32_matrix(p.up, &mut read)?;
+            let down = Self::f32_matrix(p.down, &mut read)?;
             release(&read[start..]);
             let xe = xf.take(&Array::from_slice(at, &[at.len()])?, 0)?;
             let t = [1, 0];
@@ -441,7 +423,6 @@ impl<'c> ExpertStore for StreamedExperts<'c> {
                     *a += b;
                 }
             }
-            self.experts_applied += 1;
         }
         release(&read);
         let mut back: Vec<usize> = shape.clone();

@@ -29,11 +29,33 @@ pub enum ProjSource<'a> {
     Quantized(QuantizedView<'a>),
 }
 
-impl ProjSource<'_> {
-    fn shape(&self) -> [usize; 2] {
+impl<'a> ProjSource<'a> {
+    /// `[out, in]`.
+    pub fn shape(&self) -> [usize; 2] {
         match self {
             ProjSource::Float(m) => [m.rows, m.cols],
             ProjSource::Quantized(q) => [q.rows, q.cols],
+        }
+    }
+
+    /// The values as f32 rows (dequantized if the source is MLX-quantized).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let [rows, cols] = self.shape();
+        let mut v = vec![0f32; rows * cols];
+        for (r, row) in v.chunks_exact_mut(cols.max(1)).enumerate() {
+            match self {
+                ProjSource::Float(m) => m.row_f32(r, row),
+                ProjSource::Quantized(q) => q.dequantize_row(r, row),
+            }
+        }
+        v
+    }
+
+    /// The source bytes behind the projection: the floats, or the codes, scales and biases.
+    pub fn source_bytes(&self) -> Vec<&'a [u8]> {
+        match self {
+            ProjSource::Float(m) => vec![m.bytes()],
+            ProjSource::Quantized(q) => vec![q.codes, q.scales, q.biases],
         }
     }
 
