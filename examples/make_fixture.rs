@@ -70,6 +70,10 @@ struct Args {
     /// one; fixtures/qwen3moe-tiny has a vocabulary of 8192).
     #[arg(long)]
     tokenizer_from: Option<PathBuf>,
+    /// Skewed, correlated routing like a trained model's (0: near uniform). See
+    /// `FixtureSpec::routing_skew`; 3 gives a few hot experts per layer.
+    #[arg(long, default_value_t = 0.0)]
+    routing_skew: f32,
 }
 
 fn main() -> Result<()> {
@@ -102,6 +106,7 @@ fn main() -> Result<()> {
         max_shard_bytes: a.shard_mb.map(|m| m << 20),
         seed: a.seed,
         tokenizer_from: a.tokenizer_from,
+        routing_skew: a.routing_skew,
         ..FixtureSpec::tiny(arch)
     };
     let t = std::time::Instant::now();

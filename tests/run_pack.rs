@@ -394,6 +394,7 @@ fn prompt_longer_than_the_context_is_an_error() {
         sampler: Default::default(),
         prefill_chunk: 512,
         eos: vec![],
+        host_sampling: false,
     };
     let err = flashpack::run::generate::generate(&model, &mut experts, &prompt, &opts, |_| true)
         .unwrap_err();

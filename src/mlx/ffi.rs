@@ -13,6 +13,8 @@ extern "C" {
     pub fn fp_last_error() -> *const c_char;
     pub fn fp_version() -> *const c_char;
     pub fn fp_set_cache_limit(limit: usize) -> usize;
+    pub fn fp_active_memory() -> usize;
+    pub fn fp_peak_memory() -> usize;
     pub fn fp_free(a: *mut FpArray);
     pub fn fp_clone(a: *const FpArray, out: *mut *mut FpArray) -> c_int;
 
@@ -37,6 +39,7 @@ extern "C" {
     pub fn fp_shape(a: *const FpArray, out: *mut i32, cap: usize) -> c_int;
     pub fn fp_dtype(a: *const FpArray, out: *mut c_int) -> c_int;
     pub fn fp_read(a: *mut FpArray, out: *mut c_void, nbytes: usize) -> c_int;
+    pub fn fp_async_eval(arrays: *const *mut FpArray, n: usize) -> c_int;
     pub fn fp_eval(arrays: *const *mut FpArray, n: usize) -> c_int;
 
     pub fn fp_binary(
@@ -107,6 +110,7 @@ extern "C" {
         axis: c_int,
         out: *mut *mut FpArray,
     ) -> c_int;
+    pub fn fp_argmax(a: *const FpArray, axis: c_int, out: *mut *mut FpArray) -> c_int;
     pub fn fp_argsort(a: *const FpArray, axis: c_int, out: *mut *mut FpArray) -> c_int;
     pub fn fp_take(
         a: *const FpArray,

@@ -140,6 +140,18 @@ pub fn set_cache_limit(bytes: usize) -> usize {
     unsafe { ffi::fp_set_cache_limit(bytes) }
 }
 
+/// Bytes MLX's allocator holds for live arrays now (`mx.get_active_memory`).
+pub fn active_memory() -> usize {
+    // SAFETY: plain call into MLX; no pointers cross.
+    unsafe { ffi::fp_active_memory() }
+}
+
+/// The most bytes MLX's allocator held for live arrays at once (`mx.get_peak_memory`).
+pub fn peak_memory() -> usize {
+    // SAFETY: plain call into MLX; no pointers cross.
+    unsafe { ffi::fp_peak_memory() }
+}
+
 /// Turn a shim status into a Result, fetching the thread-local message on failure.
 fn check(op: &'static str, status: c_int) -> Result<()> {
     if status == 0 {
@@ -547,6 +559,11 @@ impl Array {
         })
     }
 
+    /// Index of the largest element along `axis` (the first one on ties), as u32.
+    pub fn argmax(&self, axis: i32) -> Result<Array> {
+        make("argmax", |out| unsafe { ffi::fp_argmax(self.raw(), axis, out) })
+    }
+
     pub fn argsort(&self, axis: i32) -> Result<Array> {
         make("argsort", |out| unsafe {
             ffi::fp_argsort(self.raw(), axis, out)
@@ -568,6 +585,16 @@ impl Array {
 }
 
 /// Evaluate several arrays in one graph walk (shared inputs computed once).
+/// `mx.async_eval`: schedule the evaluation of `arrays` and return at once. Reading one of
+/// them (or evaluating anything that depends on them) waits for it. The expert pools' rule
+/// still holds: no host write into an array that a scheduled evaluation may read.
+pub fn async_eval(arrays: &[&Array]) -> Result<()> {
+    let raws: Vec<*mut ffi::FpArray> = arrays.iter().map(|a| a.raw.as_ptr()).collect();
+    check("async_eval", unsafe {
+        ffi::fp_async_eval(raws.as_ptr(), raws.len())
+    })
+}
+
 pub fn eval(arrays: &[&Array]) -> Result<()> {
     let raws: Vec<*mut ffi::FpArray> = arrays.iter().map(|a| a.raw.as_ptr()).collect();
     check("eval", unsafe { ffi::fp_eval(raws.as_ptr(), raws.len()) })

@@ -96,6 +96,10 @@ const char* fp_version(void) { return mx::version(); }
 
 size_t fp_set_cache_limit(size_t limit) { return mx::set_cache_limit(limit); }
 
+size_t fp_active_memory(void) { return mx::get_active_memory(); }
+
+size_t fp_peak_memory(void) { return mx::get_peak_memory(); }
+
 void fp_free(fp_array* a) { delete a; }
 
 int fp_clone(const fp_array* a, fp_array** out) {
@@ -178,6 +182,15 @@ int fp_read(fp_array* a, void* out, size_t nbytes) {
                                   " bytes, array has " + std::to_string(c.nbytes()));
     }
     if (nbytes > 0) std::memcpy(out, c.data<void>(), nbytes);
+  });
+}
+
+int fp_async_eval(fp_array* const* arrays, size_t n) {
+  return guard([&] {
+    std::vector<mx::array> v;
+    v.reserve(n);
+    for (size_t i = 0; i < n; ++i) v.push_back(arrays[i]->a);
+    mx::async_eval(std::move(v));
   });
 }
 
@@ -274,6 +287,10 @@ int fp_softmax(const fp_array* a, int axis, int precise, fp_array** out) {
 
 int fp_argpartition(const fp_array* a, int kth, int axis, fp_array** out) {
   return guard([&] { *out = wrap(mx::argpartition(a->a, kth, axis)); });
+}
+
+int fp_argmax(const fp_array* a, int axis, fp_array** out) {
+  return guard([&] { *out = wrap(mx::argmax(a->a, axis)); });
 }
 
 int fp_argsort(const fp_array* a, int axis, fp_array** out) {

@@ -27,6 +27,8 @@ enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4 };
 const char* fp_last_error(void);
 const char* fp_version(void);
 size_t fp_set_cache_limit(size_t limit);
+size_t fp_active_memory(void);
+size_t fp_peak_memory(void);
 void fp_free(fp_array* a);
 int fp_clone(const fp_array* a, fp_array** out);
 
@@ -40,6 +42,7 @@ int fp_ndim(const fp_array* a, size_t* out);
 int fp_shape(const fp_array* a, int32_t* out, size_t cap);
 int fp_dtype(const fp_array* a, int* out);
 int fp_read(fp_array* a, void* out, size_t nbytes);
+int fp_async_eval(fp_array* const* arrays, size_t n);
 int fp_eval(fp_array* const* arrays, size_t n);
 
 int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out);
@@ -59,6 +62,7 @@ int fp_slice_update(const fp_array* src, const fp_array* update, const int32_t* 
 int fp_sum(const fp_array* a, int axis, int keepdims, fp_array** out);
 int fp_softmax(const fp_array* a, int axis, int precise, fp_array** out);
 int fp_argpartition(const fp_array* a, int kth, int axis, fp_array** out);
+int fp_argmax(const fp_array* a, int axis, fp_array** out);
 int fp_argsort(const fp_array* a, int axis, fp_array** out);
 int fp_take(const fp_array* a, const fp_array* indices, int axis, fp_array** out);
 int fp_take_along_axis(const fp_array* a, const fp_array* indices, int axis, fp_array** out);

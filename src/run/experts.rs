@@ -186,6 +186,45 @@ pub struct StoreStats {
     pub prefetch_loaded: u64,
     pub prefetch_used: u64,
     pub prefetch_wait_ms: f64,
+    /// Time spent in each step of a load, summed over the threads that ran it.
+    pub thread_ms: LoadTimes,
+}
+
+/// Milliseconds of each load step, summed over threads (so they can exceed wall time).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LoadTimes {
+    pub read: f64,
+    pub verify: f64,
+    pub decode: f64,
+    /// Copying decoded rows into the slot pools (MLX memory).
+    pub scatter: f64,
+}
+
+/// Nanoseconds per load step, process-wide (loads run on pool threads).
+static STEP_NS: [std::sync::atomic::AtomicU64; 4] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+fn step_done(step: usize, since: Instant) -> Instant {
+    let now = Instant::now();
+    STEP_NS[step].fetch_add(
+        (now - since).as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    now
+}
+
+fn load_times() -> LoadTimes {
+    let ms = |i: usize| STEP_NS[i].load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
+    LoadTimes {
+        read: ms(0),
+        verify: ms(1),
+        decode: ms(2),
+        scatter: ms(3),
+    }
 }
 
 /// A background load in flight: the keys it fills, its thread, when it started.
@@ -341,6 +380,7 @@ impl ExpertCache {
     pub fn stats(&self) -> StoreStats {
         let mut s = self.stats.clone();
         s.bytes_read = self.reader.bytes_read();
+        s.thread_ms = load_times();
         s
     }
 
@@ -360,6 +400,51 @@ impl ExpertCache {
         self.pool_of
             .get(&(layer, stored))
             .is_some_and(|&p| self.pools[p].table.contains(key))
+    }
+
+    /// Where each router expert `0..num_experts` of `layer` is resident: its (pool, slot), or
+    /// `None` if any of them is not resident (after [`Self::warm_all`] with no budget, all are).
+    pub fn placement(&self, layer: u32, num_experts: usize) -> Option<Vec<(usize, u32)>> {
+        (0..num_experts as u32)
+            .map(|e| {
+                let stored = stored_expert(&self.merge_map, layer, e);
+                let pool = *self.pool_of.get(&(layer, stored))?;
+                let slot = self.pools[pool].table.slot_of(ExpertKey {
+                    layer,
+                    expert: stored,
+                })?;
+                Some((pool, slot))
+            })
+            .collect()
+    }
+
+    /// Splits router experts `wanted` of `layer` into groups that each fit the pools at once
+    /// (per pool, no more distinct stored experts than it has slots), resident ones first so the
+    /// first group evicts nothing it could use. One group when they all fit.
+    pub fn fitting_groups(&self, layer: u32, wanted: &[u32]) -> Vec<Vec<u32>> {
+        let mut order: Vec<u32> = wanted.to_vec();
+        order.sort_by_key(|&e| (!self.is_resident(layer, e), e));
+        let mut groups: Vec<Vec<u32>> = Vec::new();
+        let mut counts: Vec<std::collections::BTreeSet<u32>> = vec![Default::default(); self.pools.len()];
+        let mut current: Vec<u32> = Vec::new();
+        for e in order {
+            let stored = stored_expert(&self.merge_map, layer, e);
+            let Some(&pool) = self.pool_of.get(&(layer, stored)) else {
+                current.push(e); // `prepare` reports it as missing
+                continue;
+            };
+            let cap = self.pools[pool].table.capacity() as usize;
+            if !counts[pool].contains(&stored) && counts[pool].len() >= cap && !current.is_empty() {
+                groups.push(std::mem::take(&mut current));
+                counts.iter_mut().for_each(|c| c.clear());
+            }
+            counts[pool].insert(stored);
+            current.push(e);
+        }
+        if !current.is_empty() || groups.is_empty() {
+            groups.push(current);
+        }
+        groups
     }
 
     /// gate, up and down of pool `pool`, for `gather_qmm`.
@@ -597,20 +682,15 @@ fn run_jobs(
     inter: usize,
     jobs: Vec<Job>,
 ) -> Result<(), ExpertError> {
-    jobs.into_par_iter().try_for_each(|job| {
-        // SAFETY: each job owns a distinct slot (SlotTable gives a slot to one key at a time),
-        // so these ranges are disjoint from each other and from every slot that a running
-        // evaluation may read; the pool arrays outlive the job because the store joins
-        // background loads before it is dropped or touches the pools again.
-        let mut dst: Vec<&mut [u8]> = job
-            .dst
-            .iter()
-            .map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) })
-            .collect();
-        job.segments
-            .iter()
-            .try_for_each(|e| load_segment(reader, e, verify, hidden, inter, &mut dst))
-    })
+    // One task per segment, not per expert: a lone miss split into row segments is read and
+    // decoded on as many cores as it has segments.
+    let tasks: Vec<(&Job, &ExpertEntry)> = jobs
+        .iter()
+        .flat_map(|job| job.segments.iter().map(move |e| (job, e)))
+        .collect();
+    tasks
+        .into_par_iter()
+        .try_for_each(|(job, e)| load_segment(reader, e, verify, hidden, inter, &job.dst))
 }
 
 impl Drop for ExpertCache {
@@ -626,11 +706,13 @@ fn load_segment(
     verify: bool,
     hidden: usize,
     inter: usize,
-    dst: &mut [&mut [u8]],
+    dst: &[(usize, usize); 9],
 ) -> Result<(), ExpertError> {
     SCRATCH.with(|s| {
         let (decoder, stored, weights, aux) = &mut *s.borrow_mut();
+        let t = Instant::now();
         reader.read_into(e, stored)?;
+        let t = step_done(0, t);
         if verify && blake3::hash(stored).as_bytes() != &e.blake3 {
             return Err(PackError::SegmentChecksum {
                 layer: e.layer,
@@ -639,6 +721,7 @@ fn load_segment(
             }
             .into());
         }
+        let t = step_done(1, t);
         let decode_err = |source| ExpertError::Decode {
             layer: e.layer,
             expert: e.expert,
@@ -655,20 +738,36 @@ fn load_segment(
         decoder
             .decode_into(codec(e.aux_codec)?, auxs, aux)
             .map_err(decode_err)?;
+        let t = step_done(2, t);
         scatter(e, hidden, inter, weights, aux, dst);
+        step_done(3, t);
         Ok(())
     })
 }
 
-/// Copies a decoded segment (formats/flashpack-v1.md §6.2) into the slot's nine arrays.
+/// Copies a decoded segment (formats/flashpack-v1.md §6.2) into the slot's nine arrays, given
+/// as (address, length) of the slot's part of each.
 fn scatter(
     e: &ExpertEntry,
     hidden: usize,
     inter: usize,
     weights: &[u8],
     aux: &[u8],
-    dst: &mut [&mut [u8]],
+    dst: &[(usize, usize); 9],
 ) {
+    // Writes `src` at byte `at` of destination array `arr`.
+    let put = |arr: usize, at: usize, src: &[u8]| {
+        let (base, len) = dst[arr];
+        assert!(at + src.len() <= len, "segment rows lie inside the slot");
+        // SAFETY: the range is inside the slot (checked above). Each slot belongs to one job
+        // (SlotTable gives a slot to one key at a time) and each segment of a job covers its own
+        // rows (gate/up) and columns (down), so no two threads write the same bytes, and no
+        // pending evaluation reads this slot (module invariants). The pool arrays outlive the
+        // load: the store joins background loads before it drops or touches the pools again.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), (base as *mut u8).add(at), src.len())
+        };
+    };
     let (r0, r) = (e.row_start as usize, e.row_count as usize);
     let bits = e.bits as usize;
     let g = e.group_size as usize;
@@ -678,11 +777,11 @@ fn scatter(
     let row_s = hidden / g * ss;
     let (gw, rest) = weights.split_at(r * row_w);
     let (uw, dw) = rest.split_at(r * row_w);
-    dst[0][r0 * row_w..(r0 + r) * row_w].copy_from_slice(gw);
-    dst[3][r0 * row_w..(r0 + r) * row_w].copy_from_slice(uw);
+    put(0, r0 * row_w, gw);
+    put(3, r0 * row_w, &uw[..r * row_w]);
     let mut at = 0;
     for arr in [1, 2, 4, 5] {
-        dst[arr][r0 * row_s..(r0 + r) * row_s].copy_from_slice(&aux[at..at + r * row_s]);
+        put(arr, r0 * row_s, &aux[at..at + r * row_s]);
         at += r * row_s;
     }
     // down: columns r0..r0+r of each of `hidden` rows.
@@ -690,16 +789,14 @@ fn scatter(
     let seg_w = r * bits / 8;
     let col_w = r0 * bits / 8;
     for h in 0..hidden {
-        dst[6][h * full_w + col_w..h * full_w + col_w + seg_w]
-            .copy_from_slice(&dw[h * seg_w..(h + 1) * seg_w]);
+        put(6, h * full_w + col_w, &dw[h * seg_w..(h + 1) * seg_w]);
     }
     let full_s = inter / g * ss;
     let seg_s = r / g * ss;
     let col_s = r0 / g * ss;
     for arr in [7, 8] {
         for h in 0..hidden {
-            dst[arr][h * full_s + col_s..h * full_s + col_s + seg_s]
-                .copy_from_slice(&aux[at + h * seg_s..at + (h + 1) * seg_s]);
+            put(arr, h * full_s + col_s, &aux[at + h * seg_s..at + (h + 1) * seg_s]);
         }
         at += hidden * seg_s;
     }

@@ -38,6 +38,10 @@ pub struct GenerateOptions {
     pub prefill_chunk: usize,
     /// Token ids that end generation.
     pub eos: Vec<u32>,
+    /// Greedy decoding normally picks tokens on the device and builds the next step's graph
+    /// before the current token reaches the host (mlx-lm's `async_eval` pipeline). This forces
+    /// the host sampler instead: one synchronous round trip per token (a benchmark baseline).
+    pub host_sampling: bool,
 }
 
 /// Timings of one generation.
@@ -89,6 +93,9 @@ pub fn generate(
         model.prefill_ids(chunk, &mut cache, experts)?;
     }
     let logits = model.forward_last_ids(last, &mut cache, experts)?;
+    if opts.sampler.temperature == 0.0 && !opts.host_sampling {
+        return greedy_pipelined(model, experts, prompt, opts, &mut cache, logits, started, on_token);
+    }
     let mut next = sampler.sample(&last_logits(&logits)?)?;
     let prefill_s = started.elapsed().as_secs_f64();
     let mut stats = GenerateStats {
@@ -123,6 +130,81 @@ pub fn generate(
     let decode_s = decode_started.elapsed().as_secs_f64();
     stats.generated_tokens = out.len();
     // The first token came from the prefill; the decode rate counts the forward passes after it.
+    stats.decode_tokens_per_s = out.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
+    stats.total_s = started.elapsed().as_secs_f64();
+    Ok((out, stats))
+}
+
+/// Greedy decoding, pipelined as mlx-lm's `generate_step`: the argmax stays on the device, and
+/// step `t + 1`'s graph is built and scheduled (`async_eval`) on step `t`'s lazy token before the
+/// host waits for token `t`. The host's work (streaming the token, building the graph, routing
+/// under a budget) overlaps the device's. Same tokens as the host sampler's greedy pick (the
+/// first maximum) on the same logits.
+#[allow(clippy::too_many_arguments)]
+fn greedy_pipelined(
+    model: &Model,
+    experts: &mut dyn ExpertStore,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    cache: &mut KvCache,
+    logits: Array,
+    started: Instant,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, GenerateStats), GenerateError> {
+    let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
+    let pick = |logits: &Array| -> Result<Array, GenerateError> {
+        // logits [1, 1, V] -> [1, 1] ids
+        Ok(logits.argmax(-1)?)
+    };
+    let mut y = pick(&logits)?;
+    crate::mlx::async_eval(&[&y])?;
+    let mut stats = GenerateStats {
+        prompt_tokens: prompt.len(),
+        stop_reason: "max_tokens".into(),
+        ..GenerateStats::default()
+    };
+    let mut out: Vec<u32> = Vec::new();
+    let mut decode_started = started;
+    while out.len() < opts.max_tokens {
+        // Would a token after this one be wanted (before knowing this one)?
+        let n = out.len() + 1;
+        let more = n < opts.max_tokens && prompt.len() + n < context;
+        let next = if more {
+            let l = model.forward_last(&y, cache, experts)?;
+            let ny = pick(&l)?;
+            crate::mlx::async_eval(&[&ny])?;
+            Some(ny)
+        } else {
+            None
+        };
+        let token = y.to_vec::<u32>()?[0];
+        if out.is_empty() {
+            let prefill_s = started.elapsed().as_secs_f64();
+            stats.time_to_first_token_s = prefill_s;
+            stats.prefill_tokens_per_s = prompt.len() as f64 / prefill_s.max(1e-9);
+            decode_started = Instant::now();
+        }
+        if opts.eos.contains(&token) {
+            stats.stop_reason = "eos".into();
+            break;
+        }
+        out.push(token);
+        if !on_token(token) {
+            stats.stop_reason = "stopped".into();
+            break;
+        }
+        match next {
+            Some(ny) => y = ny,
+            None => {
+                if out.len() < opts.max_tokens && prompt.len() + out.len() >= context {
+                    stats.stop_reason = "context".into();
+                }
+                break;
+            }
+        }
+    }
+    let decode_s = decode_started.elapsed().as_secs_f64();
+    stats.generated_tokens = out.len();
     stats.decode_tokens_per_s = out.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
     stats.total_s = started.elapsed().as_secs_f64();
     Ok((out, stats))

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::format::Pack;
 use crate::mlx::{self, Array, Dtype};
-use crate::run::compute::{ComputeError, ExpertPool, ExpertStore, PoolRoute, Routing};
+use crate::run::compute::{switch_glu, ComputeError, ExpertPool, ExpertStore, PoolRoute, Routing};
 use crate::run::experts::{ExpertCache, StoreStats};
 
 /// Prediction and stall counters.
@@ -23,6 +23,9 @@ pub struct StreamStats {
     /// prefetches), after the router's indices were known.
     pub stall_ms: f64,
     pub routes: u64,
+    /// Time spent waiting for the device to produce each layer's routing (compute up to the
+    /// router, plus the host round trip).
+    pub eval_wait_ms: f64,
     /// Routed entries dropped by `--skip-uncached` (not resident, weight below the threshold).
     pub skipped: u64,
     pub routed: u64,
@@ -114,6 +117,39 @@ impl ExpertStore for StreamingExperts<'_> {
         Ok(self.route_inner(layer, indices, None)?.0)
     }
 
+    fn mix(
+        &mut self,
+        layer: usize,
+        x: &Array,
+        routing: &Routing,
+    ) -> Result<Option<Array>, ComputeError> {
+        // Only a call whose distinct experts cannot all be resident at once needs grouping.
+        if self.skip_below.is_some() || self.min_slots() >= self.num_experts {
+            return Ok(None);
+        }
+        let shape = routing.indices.shape();
+        if shape.iter().product::<usize>() <= self.min_slots() {
+            return Ok(None);
+        }
+        let waited = Instant::now();
+        mlx::eval(&[&routing.indices])?;
+        self.stats.eval_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
+        let ids = routing.indices.to_vec::<u32>()?;
+        if let Some(&bad) = ids.iter().find(|&&e| e as usize >= self.num_experts) {
+            return Err(ComputeError::BadPlacement {
+                expert: bad as usize,
+                what: format!("router output of layer {layer} (only {} experts)", self.num_experts),
+            });
+        }
+        let groups = self.cache.fitting_groups(layer as u32, &unique(&ids));
+        if groups.len() <= 1 {
+            return Ok(None);
+        }
+        // A prediction made for this call's layer is moot: the groups load what is needed.
+        self.prediction = None;
+        Ok(Some(self.mix_in_groups(layer, x, routing, groups)?))
+    }
+
     fn route_scored(
         &mut self,
         layer: usize,
@@ -141,7 +177,9 @@ impl StreamingExperts<'_> {
         if let Some((_, p)) = &prediction {
             to_eval.push(p);
         }
+        let waited = Instant::now();
         mlx::eval(&to_eval)?;
+        self.stats.eval_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
         // From here on the forward pass waits for experts, not for compute.
         let started = Instant::now();
         let ids = indices.to_vec::<u32>()?;
@@ -184,9 +222,23 @@ impl StreamingExperts<'_> {
         self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
         self.stats.routes += 1;
 
+        let routes = self.routes(&wanted, &placement, indices, false)?;
+        Ok((routes, new_scores))
+    }
+
+    /// Slot tables for router `indices`: `wanted[i]` is at `placement[i]`. With `always_mask`,
+    /// or when several pools serve, each route says which entries it serves; entries of
+    /// experts outside `wanted` point at slot 0 and are served by no route.
+    fn routes(
+        &self,
+        wanted: &[u32],
+        placement: &[(usize, u32)],
+        indices: &Array,
+        always_mask: bool,
+    ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
         let n = self.num_experts;
         let mut tables: Vec<Option<(Vec<u32>, Vec<u8>)>> = vec![None; self.pools.len()];
-        for (&e, &(pool, slot)) in wanted.iter().zip(&placement) {
+        for (&e, &(pool, slot)) in wanted.iter().zip(placement) {
             let (slots, holds) = tables[pool].get_or_insert_with(|| (vec![0; n], vec![0; n]));
             slots[e as usize] = slot;
             holds[e as usize] = 1;
@@ -198,7 +250,7 @@ impl StreamingExperts<'_> {
                 continue;
             };
             let slots = Array::from_slice(&slots, &[n])?.take(indices, 0)?;
-            let serves = if used > 1 {
+            let serves = if used > 1 || always_mask {
                 Some(
                     Array::from_slice(&holds, &[n])?
                         .astype(Dtype::Bool)?
@@ -213,7 +265,46 @@ impl StreamingExperts<'_> {
                 serves,
             });
         }
-        Ok((routes, new_scores))
+        Ok(routes)
+    }
+
+    /// A layer whose routed experts do not fit the pools at once (a long prefill chunk under a
+    /// small budget): experts are made resident group by group, each group's entries computed
+    /// and evaluated before the next group reuses the slots. Every expert is read at most once
+    /// per call. Each routed entry's output is the one the single-pass path computes, and the
+    /// weighted sum over `k` is the same, so results do not depend on the grouping.
+    fn mix_in_groups(
+        &mut self,
+        layer: usize,
+        x: &Array,
+        routing: &Routing,
+        groups: Vec<Vec<u32>>,
+    ) -> Result<Array, ComputeError> {
+        let mut y: Option<Array> = None;
+        for group in groups {
+            let started = Instant::now();
+            let wanted = unique(&group);
+            let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;
+            self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
+            self.stats.routes += 1;
+            let routes = self.routes(&wanted, &placement, &routing.indices, true)?;
+            let mut acc = y.take();
+            for r in routes {
+                let part = switch_glu(x, r.pool, &r.slots)?;
+                let serves = r.serves.expect("masked").expand_dims(-1)?;
+                acc = Some(match acc {
+                    None => serves.select(&part, &part.mul(&Array::scalar(0.0, part.dtype())?)?)?,
+                    Some(a) => serves.select(&part, &a)?,
+                });
+            }
+            let a = acc.ok_or(ComputeError::NoExperts { layer })?;
+            // The next group may overwrite these slots: compute this group's entries now.
+            mlx::eval(&[&a])?;
+            y = Some(a);
+        }
+        let y = y.ok_or(ComputeError::NoExperts { layer })?;
+        // y = (y * scores[..., None]).sum(axis=-2), as the single-pass path.
+        Ok(y.mul(&routing.scores.expand_dims(-1)?)?.sum(-2, false)?)
     }
 
     /// `--skip-uncached`: which entries to keep, and the renormalized scores. An entry is dropped
@@ -260,4 +351,46 @@ impl StreamingExperts<'_> {
         let shape = indices.shape();
         Ok((kept_ids, Array::from_slice(&new, &shape)?))
     }
+}
+
+/// The forward pass's store when every expert is resident: per sparse layer, a device-side
+/// table from router expert to (pool, slot), so routing never leaves the device and a forward
+/// pass needs no host round trip. `None` if some expert of `layers` is not resident.
+pub fn resident_store(
+    cache: &ExpertCache,
+    layers: &[usize],
+    num_experts: usize,
+) -> Result<Option<crate::run::compute::ResidentExperts>, ComputeError> {
+    use crate::run::compute::{LayerExperts, ResidentExperts};
+    let mut store = ResidentExperts::default();
+    for &layer in layers {
+        let Some(placement) = cache.placement(layer as u32, num_experts) else {
+            return Ok(None);
+        };
+        // Only the pools this layer uses, renumbered in order of first use.
+        let mut used: Vec<usize> = placement.iter().map(|&(p, _)| p).collect();
+        used.sort_unstable();
+        used.dedup();
+        let local: Vec<(usize, u32)> = placement
+            .iter()
+            .map(|&(p, s)| (used.binary_search(&p).unwrap_or(0), s))
+            .collect();
+        let pools: Vec<ExpertPool> = used
+            .iter()
+            .map(|&p| {
+                let [gate, up, down] = cache.matrices(p);
+                ExpertPool { gate, up, down }
+            })
+            .collect();
+        let identity = pools.len() == 1
+            && pools[0].slots() == num_experts
+            && local.iter().enumerate().all(|(e, &(_, s))| s as usize == e);
+        let experts = if identity {
+            LayerExperts::resident(pools.into_iter().next().expect("one pool"))
+        } else {
+            LayerExperts::placed(pools, &local)?
+        };
+        store.layers.insert(layer, experts);
+    }
+    Ok(Some(store))
 }

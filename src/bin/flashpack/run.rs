@@ -67,10 +67,17 @@ pub struct RunArgs {
     /// Check every tensor's and segment's blake3 as it is loaded.
     #[arg(long)]
     pub verify: bool,
+    /// Benchmark baselines: route through the host-synchronised streaming store even when every
+    /// expert is resident, and pick greedy tokens on the host one synchronous step at a time.
+    #[arg(long, hide = true)]
+    pub sync_baseline: bool,
     /// Print stats as JSON (on stderr).
     #[arg(long)]
     pub json: bool,
 }
+
+/// Most prompt tokens per forward call (mlx-lm's `prefill_step_size`).
+const PREFILL_STEP: usize = 2048;
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (pack, cfg, weights) = open::open(&args.pack, args.verify)
@@ -94,7 +101,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         * (cfg.num_key_value_heads * cfg.head_dim) as u64
         * positions
         * 2;
-    let margin = kv + (cfg.hidden_size * cfg.vocab_size * 4) as u64 + (2 << 20);
+    // Prefill runs the prompt in chunks of up to 2,048 tokens (mlx-lm's prefill step); under a
+    // budget a chunk's activations (f32 upper bound: the residual stream, the k routed rows in
+    // and out of the experts and their hidden width) stay within a tenth of it.
+    let per_token = 4
+        * (cfg.hidden_size * (2 * cfg.num_experts_per_tok + 8)
+            + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size.max(1)) as u64;
+    let prefill_chunk = match budget {
+        None => PREFILL_STEP,
+        Some(b) => ((b / 10 / per_token.max(1)) as usize).clamp(16, PREFILL_STEP),
+    };
+    let margin = kv
+        + (cfg.hidden_size * cfg.vocab_size * 4) as u64
+        + prefill_chunk as u64 * per_token
+        + (2 << 20);
     let all_experts = ExpertCache::all_resident_bytes(&pack);
     let expert_budget = match (budget, &args.expert_budget) {
         (None, None) => None,
@@ -166,12 +186,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             seed: args.seed,
         },
         // One chunk must not route to more distinct experts than the smallest pool holds.
-        prefill_chunk: if !streaming {
-            512
-        } else {
-            (min_slots / cfg.num_experts_per_tok).max(1)
-        },
+        // Under a budget a chunk may route to more experts than fit: the store then loads and
+        // runs them group by group, each expert read at most once per chunk.
+        prefill_chunk,
         eos: cfg.eos_token_ids.clone(),
+        host_sampling: args.sync_baseline,
     };
     let mut stdout = std::io::stdout().lock();
     let mut generated: Vec<u32> = Vec::new();
@@ -181,12 +200,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // other processes they measure the work of each phase more steadily than wall time.
     let cpu_start = process_cpu_s();
     let mut cpu_first = None;
+    // Every expert resident: route on the device, with no host round trip per layer.
+    let mut resident = if streaming || args.sync_baseline {
+        None
+    } else {
+        flashpack::run::stream::resident_store(experts.cache(), &cfg.sparse_layers(), cfg.num_experts)?
+    };
     let mut phases = PhaseMarker {
         inner: &mut experts,
         first_token: first_token.clone(),
         at_first_token: None,
     };
-    let (_, stats) = generate(&model, &mut phases, &ids, &gen_opts, |id| {
+    let store: &mut dyn ExpertStore = match resident.as_mut() {
+        Some(r) => r,
+        None => &mut phases,
+    };
+    let (_, stats) = generate(&model, store, &ids, &gen_opts, |id| {
         if !first_token.get() {
             cpu_first = Some(process_cpu_s());
         }
@@ -234,6 +263,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let report = serde_json::json!({
         "generation": stats,
         "peak_rss_bytes": peak_rss(),
+        // MLX's allocator: live array bytes at the end and at most (device memory on a GPU).
+        "mlx_active_bytes": flashpack::mlx::active_memory(),
+        "mlx_peak_bytes": flashpack::mlx::peak_memory(),
         "dense_bytes": weights.bytes,
         "expert_cache": cache_stats,
         "stream": stream,

@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""The GPU runtime table (issue: mlx-lm's speed all-resident, the disk's under a budget).
+
+Runs on a machine where `flashpack` and `make_fixture` are on PATH and `python3 -m mlx_lm`
+works on the GPU (see scripts/bench_gpu.sh, which sets that up on the device's H200 through
+../shared/gpu/). One call builds everything and prints one table:
+
+1. two synthetic Qwen3-MoE models of Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts,
+   top-8, expert width 768, 16 heads of 128, 4 KV heads, vocabulary 8192) with `make_fixture`:
+   `uniform` (random weights: near-uniform routing) and `skewed` (`--routing-skew 0.3`: skewed,
+   token-to-token correlated routing, with hit rates near the bundled trained model's);
+2. `mlx_lm convert -q` (4-bit, group 64) of `uniform`, and `flashpack convert` of that mlx-lm
+   folder, so both runtimes run the same codes; `flashpack convert` of `skewed` from bf16;
+3. runs, interleaved by repetition, each after dropping the page cache: mlx-lm generate, then
+   flashpack all-resident, under expert budgets, with and without prefetch, and the naive
+   `--no-cache` baseline; a long-prompt (2,048-token) prefill for both runtimes.
+
+Writes `table.md` and `raw.json` into --out. Ratios are against numbers of the same call.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPE = ["--arch", "qwen3_moe", "--hidden", "2048", "--experts", "128", "--top-k", "8",
+         "--moe-intermediate", "768", "--heads", "16", "--kv-heads", "4", "--head-dim", "128",
+         "--vocab", "8192"]
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+PARAGRAPH = ("The committee met again in the spring to discuss the harbour, the new bridge, "
+             "the price of grain and the letters that had come from the capital. ")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
+
+
+def drop_caches():
+    subprocess.run(["sync"])
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        print(f"cannot drop the page cache: {e}", file=sys.stderr)
+
+
+def disk_bw(path):
+    drop_caches()
+    t = time.time()
+    out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", "iflag=direct"],
+                         capture_output=True, text=True)
+    size = os.path.getsize(path)
+    return size / (time.time() - t)
+
+
+def run_flashpack(pack, extra, prompt, max_tokens, raw=True):
+    drop_caches()
+    cmd = ["flashpack", "run", pack, "--prompt", prompt, "--max-tokens", str(max_tokens),
+           "--json"] + (["--raw"] if raw else []) + extra
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": p.stderr[-2000:], "cmd": " ".join(cmd)}
+    stats = json.loads(p.stderr.strip().splitlines()[-1])
+    stats["text"] = p.stdout
+    return stats
+
+
+MLX_SCRIPT = r"""
+import json, sys, time
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.sample_utils import make_sampler
+model, tok = load(sys.argv[1])
+prompt = open(sys.argv[2]).read()
+ids = tok.encode(prompt, add_special_tokens=False)
+last = None
+text = []
+for r in stream_generate(model, tok, ids, max_tokens=int(sys.argv[3]), sampler=make_sampler(0.0)):
+    last = r
+    text.append(r.text)
+print(json.dumps({"prompt_tokens": last.prompt_tokens, "prefill_tps": last.prompt_tps,
+                  "generated": last.generation_tokens, "decode_tps": last.generation_tps,
+                  "peak_gb": last.peak_memory, "text": "".join(text)}))
+"""
+
+
+def run_mlx(folder, prompt_file, max_tokens, work):
+    drop_caches()
+    script = os.path.join(work, "mlx_run.py")
+    with open(script, "w") as f:
+        f.write(MLX_SCRIPT)
+    p = subprocess.run([sys.executable, script, folder, prompt_file, str(max_tokens)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": p.stderr[-2000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def decode_stats(s):
+    """Decode-phase numbers from a flashpack --json report."""
+    g = s["generation"]
+    n = max(g["generated_tokens"], 1)
+    first = s.get("at_first_token") or {}
+    c = s["expert_cache"]
+    st = s["stream"]
+    read = c["bytes_read"] - first.get("bytes_read", 0)
+    stall = st["stall_ms"] - first.get("stall_ms", 0.0)
+    hits = sum(c["hits_per_layer"].values()) - first.get("hits", 0)
+    misses = sum(c["misses_per_layer"].values()) - first.get("misses", 0)
+    return {
+        "tps": g["decode_tokens_per_s"],
+        "prefill_tps": g["prefill_tokens_per_s"],
+        "ttft_s": g["time_to_first_token_s"],
+        "hit": hits / max(hits + misses, 1) if (hits + misses) else None,
+        "mb_per_tok": read / n / 1e6,
+        "stall_ms_per_tok": stall / n,
+        "eval_wait_ms_per_tok": st.get("eval_wait_ms", 0.0) / max(
+            g["generated_tokens"] + g["prompt_tokens"], 1),
+        "prefetch_acc": st["predicted_correct"] / max(st["predicted"], 1) if st["predicted"] else None,
+        "thread_ms": c.get("thread_ms"),
+        "rss_gb": s["peak_rss_bytes"] / 1e9,
+        "mlx_peak_gb": s.get("mlx_peak_bytes", 0) / 1e9,
+        "mlx_active_gb": s.get("mlx_active_bytes", 0) / 1e9,
+        "budget_gb": (s.get("expert_budget_bytes") or 0) / 1e9,
+        "dense_gb": s["dense_bytes"] / 1e9,
+        "text": s.get("text", ""),
+    }
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, f="{:.1f}"):
+    return "-" if x is None else f.format(x)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/root/fpbench")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--tokenizer-from", required=True)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--long-prompt", type=int, default=2048, help="tokens (0: skip)")
+    ap.add_argument("--runs", default="all",
+                    help="comma list of run names to do (see RUNS), or all")
+    ap.add_argument("--skip-skewed", action="store_true")
+    ap.add_argument("--small", action="store_true",
+                    help="a small model (hidden 256, 32 experts): a smoke test of the script")
+    a = ap.parse_args()
+    global SHAPE
+    if a.small:
+        SHAPE = ["--arch", "qwen3_moe", "--hidden", "256", "--experts", "32", "--top-k", "4",
+                 "--moe-intermediate", "128", "--heads", "4", "--kv-heads", "2",
+                 "--head-dim", "64", "--vocab", "8192"]
+    os.makedirs(a.work, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    w = a.work
+    t0 = time.time()
+    log = lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", file=sys.stderr, flush=True)
+
+    layers = ["--layers", str(a.layers)]
+    for name, extra in [("uniform", []), ("skewed", ["--routing-skew", "0.3"])]:
+        if name == "skewed" and a.skip_skewed:
+            continue
+        if not os.path.exists(f"{w}/{name}/config.json"):
+            sh(["make_fixture", "--out", f"{w}/{name}", "--tokenizer-from", a.tokenizer_from]
+               + SHAPE + layers + extra)
+            log(f"made {name}")
+    if not os.path.exists(f"{w}/uniform-mlx/config.json"):
+        sh([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", f"{w}/uniform",
+            "--mlx-path", f"{w}/uniform-mlx", "-q", "--q-bits", "4", "--q-group-size", "64"])
+        log("mlx_lm convert done")
+    packs = {"uniform": f"{w}/uniform.flashpack", "skewed": f"{w}/skewed.flashpack"}
+    if not os.path.exists(packs["uniform"]):
+        sh(["flashpack", "convert", f"{w}/uniform-mlx", "-o", packs["uniform"], "--quiet"])
+    if not a.skip_skewed and not os.path.exists(packs["skewed"]):
+        sh(["flashpack", "convert", f"{w}/skewed", "-o", packs["skewed"], "--quiet"])
+    log("packs ready")
+    bw = disk_bw(packs["uniform"])
+    log(f"disk {bw / 1e9:.2f} GB/s")
+
+    prompt_file = f"{w}/prompt.txt"
+    with open(prompt_file, "w") as f:
+        f.write(PROMPT)
+    long_file = f"{w}/long.txt"
+    long_text = PARAGRAPH * max(1, a.long_prompt // 28)
+    with open(long_file, "w") as f:
+        f.write(long_text)
+
+    # Warm-up: the first CUDA run compiles kernels (NVRTC); discard it.
+    run_flashpack(packs["uniform"], [], PROMPT, 4)
+    run_mlx(f"{w}/uniform-mlx", prompt_file, 4, w)
+    log("warm-up done")
+
+    RUNS = [
+        ("uniform", "resident", []),
+        ("uniform", "resident, sync baseline", ["--sync-baseline"]),
+        ("uniform", "50%", ["--expert-budget", "50%"]),
+        ("uniform", "50% no-prefetch", ["--expert-budget", "50%", "--no-prefetch"]),
+        ("uniform", "25%", ["--expert-budget", "25%"]),
+        ("uniform", "25% no-prefetch", ["--expert-budget", "25%", "--no-prefetch"]),
+        ("uniform", "25% mmap", ["--expert-budget", "25%", "--io", "mmap"]),
+        ("uniform", "12%", ["--expert-budget", "12%"]),
+        ("uniform", "no-cache", ["--no-cache"]),
+        ("skewed", "resident", []),
+        ("skewed", "50%", ["--expert-budget", "50%"]),
+        ("skewed", "25%", ["--expert-budget", "25%"]),
+    ]
+    wanted = None if a.runs == "all" else set(a.runs.split(","))
+    runs = [r for r in RUNS if (wanted is None or r[1] in wanted or f"{r[0]}:{r[1]}" in wanted)
+            and not (r[0] == "skewed" and a.skip_skewed)]
+    res = {"mlx": [], "mlx_long": [], "long": {}}
+    for rep in range(a.reps):
+        res["mlx"].append(run_mlx(f"{w}/uniform-mlx", prompt_file, a.max_tokens, w))
+        for model, name, extra in runs:
+            s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens)
+            res.setdefault(f"{model}:{name}", []).append(s)
+            if "error" in s:
+                log(f"{model}:{name} failed: {s['error'][-300:]}")
+        if a.long_prompt:
+            res["mlx_long"].append(run_mlx(f"{w}/uniform-mlx", long_file, 8, w))
+            for name, extra in [("resident", []), ("50%", ["--expert-budget", "50%"]),
+                                ("25%", ["--expert-budget", "25%"])]:
+                s = run_flashpack(packs["uniform"], extra, long_text, 8)
+                res["long"].setdefault(name, []).append(s)
+        log(f"rep {rep + 1} done")
+
+    # ---- table ----
+    mlx_tps = med([r.get("decode_tps") for r in res["mlx"]])
+    mlx_step = 1.0 / mlx_tps if mlx_tps else None
+    lines = [f"disk {bw / 1e9:.2f} GB/s (dd iflag=direct); {a.layers} layers; {a.reps} reps, "
+             f"medians; prompt {len(PROMPT)} chars, {a.max_tokens} greedy tokens; page cache "
+             f"dropped before each run", ""]
+    lines.append("| model | run | decode tok/s | vs mlx-lm | vs resident | hit rate | MB read/tok "
+                 "| stall ms/tok | limit tok/s | of limit | prefetch acc | RSS GB | MLX peak GB "
+                 "| expert budget GB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append(f"| uniform | mlx_lm generate | {fmt(mlx_tps)} | 1.00 | | | | | | | | | "
+                 f"{fmt(med([r.get('peak_gb') for r in res['mlx']]), '{:.2f}')} | |")
+    table = {}
+    for model, name, _ in runs:
+        ds = [decode_stats(s) for s in res[f"{model}:{name}"] if "error" not in s]
+        if not ds:
+            lines.append(f"| {model} | {name} | failed | | | | | | | | | | | |")
+            continue
+        row = {k: med([d[k] for d in ds]) for k in ds[0] if k not in ("thread_ms", "text")}
+        row["tps_all"] = [round(d["tps"], 1) for d in ds]
+        row["thread_ms"] = ds[0]["thread_ms"]
+        table[f"{model}:{name}"] = row
+        base = table.get(f"{model}:resident")
+        limit = None
+        if mlx_step and row["mb_per_tok"] and row["budget_gb"]:
+            limit = 1.0 / (row["mb_per_tok"] * 1e6 / bw + mlx_step)
+        lines.append(
+            f"| {model} | {name} | {'/'.join(fmt(x) for x in row['tps_all'])} | "
+            f"{fmt(row['tps'] / mlx_tps if mlx_tps else None, '{:.2f}')} | "
+            f"{fmt(row['tps'] / base['tps'] if base else None, '{:.2f}')} | "
+            f"{fmt(row['hit'], '{:.2f}')} | {fmt(row['mb_per_tok'])} | "
+            f"{fmt(row['stall_ms_per_tok'])} | {fmt(limit)} | "
+            f"{fmt(row['tps'] / limit if limit else None, '{:.2f}')} | "
+            f"{fmt(row['prefetch_acc'], '{:.2f}')} | {fmt(row['rss_gb'], '{:.2f}')} | "
+            f"{fmt(row['mlx_peak_gb'], '{:.2f}')} | {fmt(row['budget_gb'], '{:.2f}')} |")
+    nc, b50 = table.get("uniform:no-cache"), table.get("uniform:50%")
+    if nc and b50:
+        lines += ["", f"50% vs --no-cache: {b50['tps'] / nc['tps']:.2f}x"]
+    if a.long_prompt:
+        ml = med([r.get("prefill_tps") for r in res["mlx_long"]])
+        mlp = med([r.get("prompt_tokens") for r in res["mlx_long"]])
+        lines += ["", f"Long prompt ({mlp} tokens), prefill:", "",
+                  "| run | prefill tok/s | vs mlx-lm | first token s | MB read |",
+                  "|---|---|---|---|---|",
+                  f"| mlx_lm | {fmt(ml)} | 1.00 | {fmt(mlp / ml if ml and mlp else None, '{:.2f}')} | |"]
+        for name, ss in res["long"].items():
+            ss = [s for s in ss if "error" not in s]
+            if not ss:
+                lines.append(f"| flashpack {name} | failed | | | |")
+                continue
+            p = med([s["generation"]["prefill_tokens_per_s"] for s in ss])
+            t = med([s["generation"]["time_to_first_token_s"] for s in ss])
+            mb = med([(s.get("at_first_token") or {}).get("bytes_read", 0) / 1e6 for s in ss])
+            lines.append(f"| flashpack {name} | {fmt(p)} | {fmt(p / ml if ml else None, '{:.2f}')} "
+                         f"| {fmt(t, '{:.2f}')} | {fmt(mb)} |")
+    # Same text as mlx-lm?
+    mt = (res["mlx"][0] or {}).get("text", "") if res["mlx"] else ""
+    ft = (res.get("uniform:resident") or [{}])[0].get("text", "")
+    lines += ["", f"greedy text equal to mlx-lm's (first 64 chars): "
+              f"{mt.strip()[:64] == ft.strip()[:64]}"]
+    lines += ["", "load-step thread ms (first rep) per run:"]
+    for k, row in table.items():
+        lines.append(f"- {k}: {row['thread_ms']}, eval wait {fmt(row['eval_wait_ms_per_tok'], '{:.2f}')} ms/token")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    for k, v in res.items():
+        if isinstance(v, list):
+            for s in v:
+                if isinstance(s, dict):
+                    s.pop("text", None)
+    with open(os.path.join(a.out, "raw.json"), "w") as f:
+        json.dump({"disk_bw": bw, "res": res, "mlx_text": mt, "fp_text": ft}, f)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

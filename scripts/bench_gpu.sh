@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU runtime table (docs/benchmarks.md, "GPU") on the device's H200, MLX's CUDA backend.
+#
+# Here, from the project root:
+#   bash scripts/bench_gpu.sh prepare
+#   mv fixtures/qwen3moe-tiny /tmp/     # the tree must travel under 64 MiB; move it back after
+# Then two device calls, back to back (a machine stays warm 30 s):
+#   1. carry [".gpu/p1"], command: mkdir -p /root/stash && cp .gpu/p1/part.00 /root/stash/
+#   2. carry [".gpu/p2"], command: bash scripts/bench_gpu.sh device [bench_gpu.py options]
+# The table comes back as $OUT/table.md (raw numbers in $OUT/raw.json).
+set -euo pipefail
+root=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
+cd "$root"
+case "${1:-}" in
+  prepare)
+    bash ../shared/gpu/prepare.sh
+    mkdir -p .gpu/p2/whl .gpu/p2/tok
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_35_x86_64 -d .gpu/p2/whl mlx==0.32.4 mlx-lm==0.32.2
+    cp fixtures/qwen3moe-tiny/tokenizer.json fixtures/qwen3moe-tiny/tokenizer_config.json .gpu/p2/tok/
+    du -sh .gpu/p1 .gpu/p2
+    ;;
+  device)
+    shift
+    bash .gpu/p2/install.sh
+    python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
+    python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
+    PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@"
+    ;;
+  *)
+    echo "usage: bash scripts/bench_gpu.sh prepare | device [bench_gpu.py options]" >&2
+    exit 2
+    ;;
+esac
