@@ -35,6 +35,10 @@ fn main() {
 
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=mlx");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        // dlopen, for the CUDA driver hints in shim.cpp (part of libc from glibc 2.34 on).
+        println!("cargo:rustc-link-lib=dylib=dl");
+    }
     // The wheel's libmlx finds its own BLAS through its rpath (`$ORIGIN/../../mlx_cpu.libs`);
     // we only need to point at libmlx itself.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());

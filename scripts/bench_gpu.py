@@ -127,6 +127,8 @@ def decode_stats(s):
         "budget_gb": (s.get("expert_budget_bytes") or 0) / 1e9,
         "dense_gb": s["dense_bytes"] / 1e9,
         "text": s.get("text", ""),
+        "build_ms": g.get("host_build_ms", 0.0) / max(n - 1, 1),
+        "wait_ms": g.get("host_wait_ms", 0.0) / max(n - 1, 1),
     }
 
 
@@ -148,7 +150,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--long-prompt", type=int, default=2048, help="tokens (0: skip)")
+    ap.add_argument("--long-prompt", type=int, default=1900,
+                    help="about this many tokens, under the model's 2,048 context (0: skip)")
     ap.add_argument("--runs", default="all",
                     help="comma list of run names to do (see RUNS), or all")
     ap.add_argument("--skip-skewed", action="store_true")
@@ -191,13 +194,15 @@ def main():
     with open(prompt_file, "w") as f:
         f.write(PROMPT)
     long_file = f"{w}/long.txt"
-    long_text = PARAGRAPH * max(1, a.long_prompt // 28)
+    long_text = PARAGRAPH * max(1, a.long_prompt // 34)
     with open(long_file, "w") as f:
         f.write(long_text)
 
     # Warm-up: the first CUDA run compiles kernels (NVRTC); discard it.
     run_flashpack(packs["uniform"], [], PROMPT, 4)
+    run_flashpack(packs["uniform"], ["--expert-budget", "25%"], long_text, 2)
     run_mlx(f"{w}/uniform-mlx", prompt_file, 4, w)
+    run_mlx(f"{w}/uniform-mlx", long_file, 2, w)
     log("warm-up done")
 
     RUNS = [
@@ -217,7 +222,13 @@ def main():
     wanted = None if a.runs == "all" else set(a.runs.split(","))
     runs = [r for r in RUNS if (wanted is None or r[1] in wanted or f"{r[0]}:{r[1]}" in wanted)
             and not (r[0] == "skewed" and a.skip_skewed)]
+    # Results accumulate in the work folder across invocations (each call adds --reps), so a
+    # table can be built from several device calls on one warm machine.
+    res_path = os.path.join(w, "results.json")
     res = {"mlx": [], "mlx_long": [], "long": {}}
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            res = json.load(f)
     for rep in range(a.reps):
         res["mlx"].append(run_mlx(f"{w}/uniform-mlx", prompt_file, a.max_tokens, w))
         for model, name, extra in runs:
@@ -225,18 +236,28 @@ def main():
             res.setdefault(f"{model}:{name}", []).append(s)
             if "error" in s:
                 log(f"{model}:{name} failed: {s['error'][-300:]}")
+            else:
+                d = decode_stats(s)
+                g = s["generation"]
+                log(f"{model}:{name}: {d['tps']:.1f} tok/s, hit {fmt(d['hit'], '{:.2f}')}, "
+                    f"{d['mb_per_tok']:.1f} MB/tok, stall {d['stall_ms_per_tok']:.1f} ms/tok, "
+                    f"build {g.get('host_build_ms', 0) / max(g['generated_tokens'] - 1, 1):.2f} "
+                    f"wait {g.get('host_wait_ms', 0) / max(g['generated_tokens'] - 1, 1):.2f} ms/tok")
         if a.long_prompt:
             res["mlx_long"].append(run_mlx(f"{w}/uniform-mlx", long_file, 8, w))
             for name, extra in [("resident", []), ("50%", ["--expert-budget", "50%"]),
                                 ("25%", ["--expert-budget", "25%"])]:
                 s = run_flashpack(packs["uniform"], extra, long_text, 8)
                 res["long"].setdefault(name, []).append(s)
-        log(f"rep {rep + 1} done")
+        with open(res_path, "w") as f:
+            json.dump(res, f)
+        log(f"rep {rep + 1} done; mlx-lm {res['mlx'][-1].get('decode_tps')} tok/s")
 
     # ---- table ----
     mlx_tps = med([r.get("decode_tps") for r in res["mlx"]])
     mlx_step = 1.0 / mlx_tps if mlx_tps else None
-    lines = [f"disk {bw / 1e9:.2f} GB/s (dd iflag=direct); {a.layers} layers; {a.reps} reps, "
+    reps = len(res["mlx"])
+    lines = [f"disk {bw / 1e9:.2f} GB/s (dd iflag=direct); {a.layers} layers; {reps} reps, "
              f"medians; prompt {len(PROMPT)} chars, {a.max_tokens} greedy tokens; page cache "
              f"dropped before each run", ""]
     lines.append("| model | run | decode tok/s | vs mlx-lm | vs resident | hit rate | MB read/tok "
@@ -295,16 +316,22 @@ def main():
               f"{mt.strip()[:64] == ft.strip()[:64]}"]
     lines += ["", "load-step thread ms (first rep) per run:"]
     for k, row in table.items():
-        lines.append(f"- {k}: {row['thread_ms']}, eval wait {fmt(row['eval_wait_ms_per_tok'], '{:.2f}')} ms/token")
+        lines.append(f"- {k}: {row['thread_ms']}, eval wait "
+                     f"{fmt(row['eval_wait_ms_per_tok'], '{:.2f}')} ms/token, host build "
+                     f"{fmt(row['build_ms'], '{:.2f}')} / wait {fmt(row['wait_ms'], '{:.2f}')} ms/token")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(text + "\n")
-    for k, v in res.items():
-        if isinstance(v, list):
-            for s in v:
-                if isinstance(s, dict):
-                    s.pop("text", None)
+    def strip(v):
+        if isinstance(v, dict):
+            v.pop("text", None)
+            for x in v.values():
+                strip(x)
+        elif isinstance(v, list):
+            for x in v:
+                strip(x)
+    strip(res)
     with open(os.path.join(a.out, "raw.json"), "w") as f:
         json.dump({"disk_bw": bw, "res": res, "mlx_text": mt, "fp_text": ft}, f)
     log("done")

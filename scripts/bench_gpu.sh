@@ -7,10 +7,26 @@
 # Then two device calls, back to back (a machine stays warm 30 s):
 #   1. carry [".gpu/p1"], command: mkdir -p /root/stash && cp .gpu/p1/part.00 /root/stash/
 #   2. carry [".gpu/p2"], command: bash scripts/bench_gpu.sh device [bench_gpu.py options]
-# The table comes back as $OUT/table.md (raw numbers in $OUT/raw.json).
+#   3. (optional, at once, same machine) command: bash scripts/bench_gpu.sh more --reps 1
+# The table comes back as $OUT/table.md (raw numbers in $OUT/raw.json), built from every
+# repetition so far on that machine. Put $OUT/kcache.tar.zst in .gpu/kcache/ and carry
+# ".gpu/kcache" too, to skip the kernel compilation (minutes) on the next fresh machine.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
 cd "$root"
+z() { LD_LIBRARY_PATH=.gpu/p2/bin .gpu/p2/bin/zstd "$@"; }
+# The compiled-kernel caches (MLX's PTX in /tmp/mlx, the driver's in ~/.nv): restored from
+# .gpu/kcache.tar.zst when carried, saved to $OUT after each call, so a fresh machine does not
+# spend minutes compiling kernels again.
+bench() {
+  if [ -f .gpu/kcache/kcache.tar.zst ] && [ ! -d /tmp/mlx ]; then
+    z -dc .gpu/kcache/kcache.tar.zst | tar -xf - -C / || true
+  fi
+  PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@"
+  if [ -n "${OUT:-}" ]; then
+    tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
+  fi
+}
 case "${1:-}" in
   prepare)
     bash ../shared/gpu/prepare.sh
@@ -25,10 +41,15 @@ case "${1:-}" in
     bash .gpu/p2/install.sh
     python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
     python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
-    PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@"
+    bench "$@"
+    ;;
+  more)
+    # Another call on the same warm machine: more repetitions, one table from all of them.
+    shift
+    bench "$@"
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh prepare | device [bench_gpu.py options]" >&2
+    echo "usage: bash scripts/bench_gpu.sh prepare | device|more [bench_gpu.py options]" >&2
     exit 2
     ;;
 esac

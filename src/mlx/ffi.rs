@@ -14,6 +14,12 @@ extern "C" {
     pub fn fp_version() -> *const c_char;
     pub fn fp_set_cache_limit(limit: usize) -> usize;
     pub fn fp_active_memory() -> usize;
+    pub fn fp_unified_prefetch(
+        ptrs: *const *const c_void,
+        lens: *const usize,
+        n: usize,
+        to_gpu: c_int,
+    ) -> c_int;
     pub fn fp_peak_memory() -> usize;
     pub fn fp_free(a: *mut FpArray);
     pub fn fp_clone(a: *const FpArray, out: *mut *mut FpArray) -> c_int;

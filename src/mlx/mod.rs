@@ -152,6 +152,20 @@ pub fn peak_memory() -> usize {
     unsafe { ffi::fp_peak_memory() }
 }
 
+/// Moves the pages of these ranges of MLX host-allocated arrays (addresses and lengths from
+/// [`Array::data_mut`]) in bulk: to the GPU (`to_gpu`) or to the host. Only MLX's CUDA backend
+/// keeps such arrays in managed memory that pages between the two; there a host write into
+/// pages on the GPU, or a GPU read of pages on the host, otherwise moves them one page fault at
+/// a time. Elsewhere (CPU, Metal's unified memory) it does nothing and returns `false`. A hint:
+/// results are the same either way. Set `FLASHPACK_NO_GPU_HINTS` to turn it off.
+pub fn unified_prefetch(ranges: &[(usize, usize)], to_gpu: bool) -> bool {
+    let ptrs: Vec<*const c_void> = ranges.iter().map(|&(p, _)| p as *const c_void).collect();
+    let lens: Vec<usize> = ranges.iter().map(|&(_, n)| n).collect();
+    // SAFETY: the shim only passes the addresses to the CUDA driver as a migration hint; it
+    // neither reads nor writes through them.
+    unsafe { ffi::fp_unified_prefetch(ptrs.as_ptr(), lens.as_ptr(), ptrs.len(), to_gpu as c_int) == 1 }
+}
+
 /// Turn a shim status into a Result, fetching the thread-local message on failure.
 fn check(op: &'static str, status: c_int) -> Result<()> {
     if status == 0 {

@@ -14,6 +14,10 @@
 
 #include "mlx/mlx.h"
 
+#if defined(__linux__)
+#include <dlfcn.h>
+#endif
+
 namespace mx = mlx::core;
 
 struct fp_array {
@@ -377,3 +381,71 @@ int fp_load_safetensors(const char* path, void* ctx, fp_visit visit) {
 }
 
 }  // extern "C"
+
+// ---- Unified-memory placement hints (MLX's CUDA backend) ----
+//
+// On CUDA, MLX's host-allocated arrays (the expert slot pools) are managed memory. When the host
+// writes a slot whose pages sit on the GPU, and the GPU then reads it, each page moves on a page
+// fault, one at a time. These hints move a slot's pages in bulk instead: to the host before it
+// is written, to the GPU after. They go through the CUDA driver API, which libmlx has loaded
+// when (and only when) it runs on CUDA; elsewhere (CPU backend, Metal) they do nothing. They
+// never change results: managed memory stays coherent wherever its pages are.
+namespace {
+
+#if defined(__linux__)
+struct CudaDriver {
+  bool ok = false;
+  void* ctx = nullptr;
+  int (*ctx_set_current)(void*) = nullptr;
+  int (*prefetch)(unsigned long long, size_t, int, void*) = nullptr;
+  int (*stream_sync)(void*) = nullptr;
+};
+
+const CudaDriver& cuda_driver() {
+  static CudaDriver d = [] {
+    CudaDriver d;
+    if (std::getenv("FLASHPACK_NO_GPU_HINTS")) return d;
+    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!h) return d;
+    auto retain = reinterpret_cast<int (*)(void**, int)>(dlsym(h, "cuDevicePrimaryCtxRetain"));
+    d.ctx_set_current = reinterpret_cast<int (*)(void*)>(dlsym(h, "cuCtxSetCurrent"));
+    // The original (CUDA 8) entry point: device ordinal, or -1 for the host.
+    d.prefetch = reinterpret_cast<int (*)(unsigned long long, size_t, int, void*)>(
+        dlsym(h, "cuMemPrefetchAsync"));
+    d.stream_sync = reinterpret_cast<int (*)(void*)>(dlsym(h, "cuStreamSynchronize"));
+    if (!retain || !d.ctx_set_current || !d.prefetch || !d.stream_sync) return d;
+    if (retain(&d.ctx, 0) != 0) return d;
+    d.ok = true;
+    return d;
+  }();
+  return d;
+}
+#endif
+
+}  // namespace
+
+int fp_unified_prefetch(const void* const* ptrs, const size_t* lens, size_t n, int to_gpu) {
+#if defined(__linux__)
+  const CudaDriver& d = cuda_driver();
+  if (!d.ok) return 0;
+  thread_local bool current = false;
+  if (!current) {
+    if (d.ctx_set_current(d.ctx) != 0) return -1;
+    current = true;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (lens[i] == 0) continue;
+    if (d.prefetch(reinterpret_cast<unsigned long long>(ptrs[i]), lens[i], to_gpu ? 0 : -1,
+                   nullptr) != 0) {
+      return -1;
+    }
+  }
+  return d.stream_sync(nullptr) == 0 ? 1 : -1;
+#else
+  (void)ptrs;
+  (void)lens;
+  (void)n;
+  (void)to_gpu;
+  return 0;
+#endif
+}

@@ -28,6 +28,7 @@ const char* fp_last_error(void);
 const char* fp_version(void);
 size_t fp_set_cache_limit(size_t limit);
 size_t fp_active_memory(void);
+int fp_unified_prefetch(const void* const* ptrs, const size_t* lens, size_t n, int to_gpu);
 size_t fp_peak_memory(void);
 void fp_free(fp_array* a);
 int fp_clone(const fp_array* a, fp_array** out);

@@ -688,9 +688,17 @@ fn run_jobs(
         .iter()
         .flat_map(|job| job.segments.iter().map(move |e| (job, e)))
         .collect();
+    // MLX on CUDA: the slots are managed memory; bring their pages to the host in one move
+    // before writing, and to the GPU in one move after (a no-op on other backends).
+    let ranges: Vec<(usize, usize)> = jobs.iter().flat_map(|j| j.dst).collect();
+    let hinted = mlx::unified_prefetch(&ranges, false);
     tasks
         .into_par_iter()
-        .try_for_each(|(job, e)| load_segment(reader, e, verify, hidden, inter, &job.dst))
+        .try_for_each(|(job, e)| load_segment(reader, e, verify, hidden, inter, &job.dst))?;
+    if hinted {
+        mlx::unified_prefetch(&ranges, true);
+    }
+    Ok(())
 }
 
 impl Drop for ExpertCache {
@@ -711,7 +719,7 @@ fn load_segment(
     SCRATCH.with(|s| {
         let (decoder, stored, weights, aux) = &mut *s.borrow_mut();
         let t = Instant::now();
-        reader.read_into(e, stored)?;
+        let stored = reader.read_into(e, stored)?;
         let t = step_done(0, t);
         if verify && blake3::hash(stored).as_bytes() != &e.blake3 {
             return Err(PackError::SegmentChecksum {

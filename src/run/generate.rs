@@ -55,6 +55,11 @@ pub struct GenerateStats {
     pub total_s: f64,
     /// "eos", "max_tokens", "context" or "stopped".
     pub stop_reason: String,
+    /// Pipelined greedy decode: host time spent building and scheduling each next step, and
+    /// waiting for each token to reach the host, summed over the decode (ms). Build time above
+    /// the device's step time means the host is the bottleneck.
+    pub host_build_ms: f64,
+    pub host_wait_ms: f64,
 }
 
 /// Logits of the last position of `[1, L, V]`, on the host.
@@ -169,6 +174,7 @@ fn greedy_pipelined(
         // Would a token after this one be wanted (before knowing this one)?
         let n = out.len() + 1;
         let more = n < opts.max_tokens && prompt.len() + n < context;
+        let built = Instant::now();
         let next = if more {
             let l = model.forward_last(&y, cache, experts)?;
             let ny = pick(&l)?;
@@ -177,7 +183,12 @@ fn greedy_pipelined(
         } else {
             None
         };
+        let waited = Instant::now();
         let token = y.to_vec::<u32>()?[0];
+        if !out.is_empty() {
+            stats.host_build_ms += (waited - built).as_secs_f64() * 1e3;
+            stats.host_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
+        }
         if out.is_empty() {
             let prefill_s = started.elapsed().as_secs_f64();
             stats.time_to_first_token_s = prefill_s;

@@ -59,6 +59,12 @@ pub enum ReadError {
 pub struct SegmentReader {
     mode: IoMode,
     file: Option<File>,
+    /// Linux: the same file opened with `O_DIRECT`, when the file system allows it. A segment
+    /// then comes off the disk in one request of whole pages that the block layer splits and
+    /// issues in parallel, instead of a buffered read that trickles in readahead-sized steps
+    /// (measured on the H200 machine: 17 ms for a cold 1.2 MB expert, docs/benchmarks.md), and
+    /// it never enters the page cache.
+    direct: Option<File>,
     path: PathBuf,
     bytes: Bytes,
     pool: rayon::ThreadPool,
@@ -82,6 +88,12 @@ impl SegmentReader {
         if let Some(f) = &file {
             no_cache(f);
         }
+        let direct = match (&file, pack.path()) {
+            (Some(_), Some(p)) if std::env::var_os("FLASHPACK_NO_DIRECT_IO").is_none() => {
+                open_direct(p)
+            }
+            _ => None,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(queue_depth.max(1))
             .thread_name(|i| format!("flashpack-io-{i}"))
@@ -90,6 +102,7 @@ impl SegmentReader {
         Ok(SegmentReader {
             mode,
             file,
+            direct,
             path,
             bytes: pack.bytes().clone(),
             pool,
@@ -113,7 +126,12 @@ impl SegmentReader {
         bufs: &mut [Vec<u8>],
     ) -> Result<(), ReadError> {
         assert_eq!(entries.len(), bufs.len(), "one buffer per entry");
-        let read_one = |(e, buf): (&&ExpertEntry, &mut Vec<u8>)| self.read_into(e, buf);
+        let read_one = |(e, buf): (&&ExpertEntry, &mut Vec<u8>)| {
+            let range = self.read_range(e, buf)?;
+            buf.copy_within(range.clone(), 0);
+            buf.truncate(range.len());
+            Ok(())
+        };
         if entries.len() <= 1 || self.mode == IoMode::Mmap {
             entries.iter().zip(bufs.iter_mut()).try_for_each(read_one)
         } else {
@@ -126,30 +144,61 @@ impl SegmentReader {
         }
     }
 
-    /// Reads one segment's stored bytes into `buf`.
-    pub fn read_into(&self, e: &ExpertEntry, buf: &mut Vec<u8>) -> Result<(), ReadError> {
+    /// Reads one segment's stored bytes into `buf` (resized as needed) and returns them, a
+    /// slice of `buf` (not necessarily at its start: direct reads need aligned memory).
+    pub fn read_into<'b>(
+        &self,
+        e: &ExpertEntry,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8], ReadError> {
+        let range = self.read_range(e, buf)?;
+        Ok(&buf[range])
+    }
+
+    /// [`Self::read_into`], giving where in `buf` the bytes are.
+    fn read_range(
+        &self,
+        e: &ExpertEntry,
+        buf: &mut Vec<u8>,
+    ) -> Result<std::ops::Range<usize>, ReadError> {
         let len = e.stored_len as usize;
-        buf.resize(len, 0);
-        match &self.file {
-            Some(f) => {
-                read_exact_at(f, buf, e.offset).map_err(|source| ReadError::Io {
-                    path: self.path.clone(),
-                    offset: e.offset,
-                    len: e.stored_len,
-                    source,
-                })?;
+        let io_err = |source| ReadError::Io {
+            path: self.path.clone(),
+            offset: e.offset,
+            len: e.stored_len,
+            source,
+        };
+        let range = match (&self.direct, &self.file) {
+            (Some(d), _) => match read_direct(d, e.offset, len, buf) {
+                Ok(range) => range,
+                // A file system may refuse O_DIRECT for some ranges: read it buffered.
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                    buf.resize(len, 0);
+                    let f = self.file.as_ref().expect("direct implies a file");
+                    read_exact_at(f, buf, e.offset).map_err(io_err)?;
+                    drop_cached(f, e.offset, e.stored_len);
+                    0..len
+                }
+                Err(err) => return Err(io_err(err)),
+            },
+            (None, Some(f)) => {
+                buf.resize(len, 0);
+                read_exact_at(f, buf, e.offset).map_err(io_err)?;
                 drop_cached(f, e.offset, e.stored_len);
+                0..len
             }
-            None => {
+            (None, None) => {
+                buf.resize(len, 0);
                 buf.copy_from_slice(&self.bytes[e.stored_range()]);
                 // The bytes now live in `buf` (then in a slot): unmap the file's pages from the
                 // process so mapped reads do not grow the resident set past the budget. They
                 // stay in the OS page cache, and a later read maps them back in.
                 self.bytes.release(e.offset as usize, e.stored_len as usize);
+                0..len
             }
-        }
+        };
         self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
-        Ok(())
+        Ok(range)
     }
 
     /// Hints that these segments will be read soon (prefetch without reading them ourselves).
@@ -163,6 +212,65 @@ impl SegmentReader {
             }
         }
     }
+}
+
+/// Alignment of `O_DIRECT` offsets, lengths and buffers (the logical block size of common
+/// devices is 512 or 4096 bytes).
+const DIRECT_ALIGN: usize = 4096;
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
+}
+
+/// Reads `len` bytes at `offset` through an `O_DIRECT` descriptor: the aligned pages around
+/// them go into an aligned part of `buf`; returns where the bytes are. Reading past the end of
+/// the file stops short there (the last segment's pages may end before the next 4 KiB).
+fn read_direct(
+    f: &File,
+    offset: u64,
+    len: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<std::ops::Range<usize>> {
+    let start = offset & !(DIRECT_ALIGN as u64 - 1);
+    let head = (offset - start) as usize;
+    let total = (head + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    buf.resize(total + DIRECT_ALIGN, 0);
+    let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+    let dst = &mut buf[pad..pad + total];
+    let mut done = 0;
+    while done < head + len {
+        let n = read_at(f, &mut dst[done..], start + done as u64)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n;
+        if done % DIRECT_ALIGN != 0 && done < head + len {
+            // A short read not on a block boundary: the file ended.
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(pad + head..pad + head + len)
+}
+
+#[cfg(unix)]
+fn read_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(f, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    std::os::windows::fs::FileExt::seek_read(f, buf, offset)
 }
 
 #[cfg(unix)]

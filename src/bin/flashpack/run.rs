@@ -360,6 +360,16 @@ impl ExpertStore for PhaseMarker<'_, '_> {
         self.inner.route_scored(layer, routing)
     }
 
+    fn mix(
+        &mut self,
+        layer: usize,
+        x: &flashpack::mlx::Array,
+        routing: &Routing,
+    ) -> Result<Option<flashpack::mlx::Array>, ComputeError> {
+        self.mark();
+        self.inner.mix(layer, x, routing)
+    }
+
     fn wants_prediction(&self) -> bool {
         self.inner.wants_prediction()
     }
