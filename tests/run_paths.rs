@@ -1,0 +1,303 @@
+//! The runtime's fast paths give exactly what its reference paths give, on the bundled trained
+//! model (CPU backend, so bit for bit):
+//! - all experts resident: the device-routed store (`stream::resident_store`, what `run` uses
+//!   with no budget) against the host-routed streaming store, on uniform, mixed-precision
+//!   (4-bit hot / 2-bit cold: several pools) and merged packs;
+//! - a prefill chunk that routes to more experts than the cache holds (loaded group by group)
+//!   against all-resident;
+//! - pipelined greedy decoding (device argmax, `async_eval`) against the host sampler;
+//! - `O_DIRECT` segment reads against the memory map, and a truncated pack;
+//! - the prefetch gate closes on a model whose routing it cannot predict;
+//! - `make_fixture`'s skewed routing is skewed.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use flashpack::convert::fixtures::FixtureSpec;
+use flashpack::convert::{convert_checkpoint, load::Checkpoint, ConvertOptions};
+use flashpack::format::Pack;
+use flashpack::progress::Silent;
+use flashpack::run::compute::{ExpertStore, Model};
+use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
+use flashpack::run::generate::{generate, GenerateOptions};
+use flashpack::run::open;
+use flashpack::run::read::{IoMode, SegmentReader};
+use flashpack::run::stream::{resident_store, StreamingExperts};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
+fn convert(src: &Path, out: &Path, opts: ConvertOptions) {
+    let ck = Checkpoint::open(src).unwrap();
+    convert_checkpoint(&ck, out, &opts, &Silent, Instant::now()).unwrap();
+}
+
+const PROMPT: &[u32] = &[
+    785, 3840, 315, 279, 1879, 374, 264, 3364, 911, 1246, 11, 323, 279, 1156, 13, 632, 531, 1327,
+    11, 475, 340, 373, 407, 1479, 13, 198, 4299, 2163,
+];
+
+/// Logits of `PROMPT`, prefilled in one call, then 4 single-token steps, through `store`.
+fn logits(model: &Model, store: &mut dyn ExpertStore) -> Vec<f32> {
+    let mut kv = model.new_cache();
+    let mut all = model
+        .forward_ids(PROMPT, &mut kv, store)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    for t in [11u32, 279, 1879, 13] {
+        all.extend(
+            model
+                .forward_ids(&[t], &mut kv, store)
+                .unwrap()
+                .to_vec_f32()
+                .unwrap(),
+        );
+    }
+    all
+}
+
+fn cache(pack: &Pack, budget_slots: Option<u64>) -> ExpertCache {
+    let slot_bytes = ExpertCache::all_resident_bytes(pack) / pack.experts().len().max(1) as u64;
+    let opts = StoreOptions {
+        budget_bytes: budget_slots.map(|n| n * slot_bytes),
+        policy: PolicyKind::Lru,
+        verify: true,
+        ..StoreOptions::default()
+    };
+    let mut c = ExpertCache::new(pack, &opts).unwrap();
+    if budget_slots.is_none() {
+        c.warm_all(pack).unwrap();
+    }
+    c
+}
+
+fn differing(a: &[f32], b: &[f32]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).filter(|(x, y)| x != y).count()
+}
+
+#[test]
+fn device_routed_resident_store_matches_host_routing_on_uniform_mixed_and_merged_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let variants = [
+        ("uniform", ConvertOptions::default(), 1),
+        (
+            "mixed",
+            ConvertOptions {
+                cold_bits: Some(2),
+                cold_fraction: Some(0.5),
+                ..ConvertOptions::default()
+            },
+            2,
+        ),
+        (
+            "merged",
+            ConvertOptions {
+                merge_threshold: Some(0.5),
+                ..ConvertOptions::default()
+            },
+            1,
+        ),
+    ];
+    for (name, opts, pools) in variants {
+        let out = dir.path().join(format!("{name}.flashpack"));
+        convert(&fixture("qwen3moe-tiny"), &out, opts);
+        let (pack, cfg, weights) = open::open(&out, true).unwrap();
+        let model = Model::load(&cfg, &weights).unwrap();
+        let mut host = StreamingExperts::new(&pack, cache(&pack, None), cfg.num_experts, false);
+        let want = logits(&model, &mut host);
+        let c = cache(&pack, None);
+        assert_eq!(c.pool_count(), pools, "{name}: pools");
+        let mut device = resident_store(&c, &cfg.sparse_layers(), cfg.num_experts)
+            .unwrap()
+            .expect("every expert is resident");
+        assert_eq!(differing(&logits(&model, &mut device), &want), 0, "{name}");
+    }
+}
+
+#[test]
+fn a_prefill_chunk_larger_than_the_cache_loads_experts_in_groups_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trained.flashpack");
+    convert(&fixture("qwen3moe-tiny"), &out, ConvertOptions::default());
+    let (pack, cfg, weights) = open::open(&out, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let mut resident = StreamingExperts::new(&pack, cache(&pack, None), cfg.num_experts, false);
+    let want = logits(&model, &mut resident);
+    // 8 slots for 192 experts: a 28-token prompt routes to far more than 8 per layer.
+    let mut small = StreamingExperts::new(&pack, cache(&pack, Some(8)), cfg.num_experts, true);
+    assert_eq!(small.min_slots(), 8);
+    assert_eq!(differing(&logits(&model, &mut small), &want), 0);
+    let stats = small.cache_stats();
+    let loads_in_prefill: u64 = stats.misses_per_layer.values().sum();
+    // Each expert is read at most once per layer for the prompt, plus the 4 decode steps.
+    assert!(
+        loads_in_prefill <= 6 * 32 + 4 * 6 * 8,
+        "{loads_in_prefill} loads: {stats:?}"
+    );
+    assert!(small.stats.routes > 6 * 5, "grouped routes: {:?}", small.stats);
+}
+
+#[test]
+fn pipelined_greedy_decoding_picks_the_host_samplers_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trained.flashpack");
+    convert(&fixture("qwen3moe-tiny"), &out, ConvertOptions::default());
+    let (pack, cfg, weights) = open::open(&out, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let run = |host_sampling: bool, budget: Option<u64>| {
+        let c = cache(&pack, budget);
+        let mut streaming = StreamingExperts::new(&pack, c, cfg.num_experts, budget.is_some());
+        let mut device = if budget.is_none() {
+            resident_store(streaming.cache(), &cfg.sparse_layers(), cfg.num_experts).unwrap()
+        } else {
+            None
+        };
+        let store: &mut dyn ExpertStore = match device.as_mut() {
+            Some(d) => d,
+            None => &mut streaming,
+        };
+        let opts = GenerateOptions {
+            max_tokens: 20,
+            sampler: Default::default(),
+            prefill_chunk: 2048,
+            eos: vec![],
+            host_sampling,
+        };
+        let mut streamed = Vec::new();
+        let (ids, stats) = generate(&model, store, PROMPT, &opts, |t| {
+            streamed.push(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(ids, streamed);
+        assert_eq!(stats.generated_tokens, 20);
+        assert_eq!(stats.stop_reason, "max_tokens");
+        ids
+    };
+    let want = run(true, None);
+    assert_eq!(run(false, None), want, "pipelined, resident");
+    assert_eq!(run(false, Some(40)), want, "pipelined, streamed through 40 slots");
+
+    // A callback that stops early, and an EOS token, end the pipelined loop where they should.
+    let c = cache(&pack, None);
+    let mut device = resident_store(&c, &cfg.sparse_layers(), cfg.num_experts)
+        .unwrap()
+        .unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 20,
+        sampler: Default::default(),
+        prefill_chunk: 2048,
+        eos: vec![want[5]],
+        host_sampling: false,
+    };
+    let (ids, stats) = generate(&model, &mut device, PROMPT, &opts, |_| true).unwrap();
+    let first_eos = want.iter().position(|&t| t == want[5]).unwrap();
+    assert_eq!(ids, want[..first_eos]);
+    assert_eq!(stats.stop_reason, "eos");
+    let opts = GenerateOptions { eos: vec![], ..opts };
+    let mut n = 0;
+    let (ids, stats) = generate(&model, &mut device, PROMPT, &opts, |_| {
+        n += 1;
+        n < 3
+    })
+    .unwrap();
+    assert_eq!(ids, want[..3]);
+    assert_eq!(stats.stop_reason, "stopped");
+}
+
+#[test]
+fn direct_reads_match_the_map_and_a_truncated_pack_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trained.flashpack");
+    convert(
+        &fixture("qwen3moe-tiny"),
+        &out,
+        ConvertOptions {
+            page_size: 4096,
+            segments: 2,
+            ..ConvertOptions::default()
+        },
+    );
+    let pack = Pack::open(&out).unwrap();
+    let direct = SegmentReader::new(&pack, IoMode::Pread, 4).unwrap();
+    let mapped = SegmentReader::new(&pack, IoMode::Mmap, 4).unwrap();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for e in pack.experts() {
+        let x = direct.read_into(e, &mut a).unwrap().to_vec();
+        let y = mapped.read_into(e, &mut b).unwrap();
+        assert_eq!(x, y, "layer {} expert {} segment {}", e.layer, e.expert, e.segment);
+        assert_eq!(blake3::hash(&x).as_bytes(), &e.blake3);
+    }
+    // Cut the file inside the last segment: its read fails with an error naming the range.
+    let last = pack.experts().iter().max_by_key(|e| e.offset).unwrap().clone();
+    let f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+    f.set_len(last.offset + last.stored_len / 2).unwrap();
+    let err = direct.read_into(&last, &mut a).unwrap_err().to_string();
+    assert!(err.contains(&format!("offset {}", last.offset)), "{err}");
+}
+
+/// A small Qwen3-MoE with `routing_skew`, converted; returns the pack's path.
+fn skewed_pack(dir: &Path, skew: f32) -> PathBuf {
+    let src = dir.join(format!("src-{skew}"));
+    FixtureSpec {
+        hidden_size: 256,
+        num_layers: 3,
+        num_experts: 32,
+        top_k: 4,
+        moe_intermediate_size: 128,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        vocab_size: 8192,
+        tokenizer_from: Some(fixture("qwen3moe-tiny")),
+        routing_skew: skew,
+        ..FixtureSpec::tiny(flashpack::arch::Arch::Qwen3Moe)
+    }
+    .write(&src)
+    .unwrap();
+    let out = dir.join(format!("skew-{skew}.flashpack"));
+    convert(&src, &out, ConvertOptions::default());
+    out
+}
+
+/// Greedy tokens through a quarter of the experts, prefetch on; returns (hit rate, store).
+fn hit_rate_at_a_quarter(path: &Path) -> (f64, u64, u64) {
+    let (pack, cfg, weights) = open::open(path, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let c = cache(&pack, Some((cfg.num_experts * 3 / 4) as u64));
+    let mut s = StreamingExperts::new(&pack, c, cfg.num_experts, true);
+    let opts = GenerateOptions {
+        max_tokens: 48,
+        sampler: Default::default(),
+        prefill_chunk: 1,
+        eos: vec![],
+        host_sampling: false,
+    };
+    generate(&model, &mut s, &PROMPT[..8], &opts, |_| true).unwrap();
+    let st = s.cache_stats();
+    let hits: u64 = st.hits_per_layer.values().sum();
+    let misses: u64 = st.misses_per_layer.values().sum();
+    (
+        hits as f64 / (hits + misses) as f64,
+        s.stats.prefetch_gated,
+        st.prefetch_issued,
+    )
+}
+
+#[test]
+fn skewed_fixture_routing_is_skewed_and_the_prefetch_gate_closes_on_uniform_routing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uniform, gated, issued) = hit_rate_at_a_quarter(&skewed_pack(dir.path(), 0.0));
+    let (skewed, _, _) = hit_rate_at_a_quarter(&skewed_pack(dir.path(), 0.3));
+    assert!(
+        skewed > uniform + 0.15,
+        "skewed {skewed:.3} vs uniform {uniform:.3}"
+    );
+    // Random routers are hard to predict: the gate keeps prefetch mostly off.
+    assert!(gated > 0 && issued < gated, "gated {gated}, issued {issued}");
+}
