@@ -359,3 +359,45 @@ fn random_and_damaged_input_never_panics() {
     // Unchanged valid segments (about a fifth of half the cases) must have decoded.
     assert!(oks > cases / 20, "only {oks} of {cases} cases decoded");
 }
+
+#[test]
+fn parallel_stream_decode_gives_the_lock_step_bytes_and_errors() {
+    // A pool with a thread per stream, so the parallel path runs on any machine.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(MAX_STREAMS)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut rng = Rng(99);
+        for streams in [2, 3, 7, 8, MAX_STREAMS] {
+            for len in [300 << 10, (1 << 20) + 17, 700_001] {
+                let data = skewed(len, rng.next(), 1 + rng.below(40) as u32);
+                let mut seg = Vec::new();
+                huffman::encode(&data, streams, &mut seg).unwrap();
+                let mut dst = vec![0u8; len];
+                let n = Decoder::new()
+                    .decode_into_parallel(CodecId::Huffman, &seg, &mut dst)
+                    .unwrap();
+                assert_eq!(n, len);
+                assert_eq!(dst, data, "{streams} streams, {len} bytes");
+                // Damage: a flipped byte in the streams or a cut segment is an error on both
+                // paths (or, for a flip that still decodes, the same wrong bytes).
+                for _ in 0..20 {
+                    let mut bad = seg.clone();
+                    let at = rng.below(bad.len());
+                    bad[at] ^= 1 << rng.below(8);
+                    if rng.below(4) == 0 {
+                        bad.truncate(rng.below(bad.len()));
+                    }
+                    let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                    let ra = Decoder::new().decode_into(CodecId::Huffman, &bad, &mut a);
+                    let rb = Decoder::new().decode_into_parallel(CodecId::Huffman, &bad, &mut b);
+                    assert_eq!(ra.is_ok(), rb.is_ok(), "flip at {at}: {ra:?} vs {rb:?}");
+                    if ra.is_ok() {
+                        assert_eq!(a, b);
+                    }
+                }
+            }
+        }
+    });
+}

@@ -296,6 +296,20 @@ impl Decoder {
         Self::default()
     }
 
+    /// [`Self::decode_into`], spreading one large Huffman segment's streams over the rayon
+    /// pool's threads (see [`huffman::HuffmanDecoder::decode_into_parallel`]); same bytes out.
+    pub fn decode_into_parallel(
+        &mut self,
+        codec: CodecId,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<usize, CodecError> {
+        match codec {
+            CodecId::Huffman => self.huffman.decode_into_parallel(src, dst),
+            _ => self.decode_into(codec, src, dst),
+        }
+    }
+
     /// Decode `src` (stored with `codec`) into all of `dst`; returns `dst.len()` or an error.
     pub fn decode_into(
         &mut self,

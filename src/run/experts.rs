@@ -255,8 +255,7 @@ pub struct ExpertCache {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> =
-        RefCell::new((Decoder::new(), Vec::new(), Vec::new(), Vec::new()));
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// The stored id computing router expert `e` of `layer` (formats/flashpack-v1.md §4.3).
@@ -716,8 +715,26 @@ fn load_segment(
     inter: usize,
     dst: &[(usize, usize); 9],
 ) -> Result<(), ExpertError> {
-    SCRATCH.with(|s| {
-        let (decoder, stored, weights, aux) = &mut *s.borrow_mut();
+    // The scratch is taken out of the thread-local for the duration: the parallel decode below
+    // lets this thread run other rayon tasks (other segments) while it waits, and those take a
+    // fresh scratch instead of finding this one borrowed.
+    let mut scratch: Scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let result = load_segment_with(&mut scratch, reader, e, verify, hidden, inter, dst);
+    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+    result
+}
+
+fn load_segment_with(
+    scratch: &mut Scratch,
+    reader: &SegmentReader,
+    e: &ExpertEntry,
+    verify: bool,
+    hidden: usize,
+    inter: usize,
+    dst: &[(usize, usize); 9],
+) -> Result<(), ExpertError> {
+    {
+        let (decoder, stored, weights, aux) = scratch;
         let t = Instant::now();
         let stored = reader.read_into(e, stored)?;
         let t = step_done(0, t);
@@ -740,7 +757,7 @@ fn load_segment(
         let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
         weights.resize(e.weights_decoded_len as usize, 0);
         decoder
-            .decode_into(codec(e.weight_codec)?, ws, weights)
+            .decode_into_parallel(codec(e.weight_codec)?, ws, weights)
             .map_err(decode_err)?;
         aux.resize(e.aux_decoded_len() as usize, 0);
         decoder
@@ -750,7 +767,7 @@ fn load_segment(
         scatter(e, hidden, inter, weights, aux, dst);
         step_done(3, t);
         Ok(())
-    })
+    }
 }
 
 /// Copies a decoded segment (formats/flashpack-v1.md §6.2) into the slot's nine arrays, given

@@ -72,6 +72,75 @@ impl HuffmanDecoder {
     }
 }
 
+impl HuffmanDecoder {
+    /// [`Self::decode_into`] with the segment's streams decoded side by side on the rayon pool,
+    /// one task per stream, when the pool has a thread for each stream and the segment is large
+    /// enough to pay for the tasks; otherwise the single-thread lock-step decode. Same bytes out.
+    /// Streams are independent (formats/codecs-v1.md §2.5), so a lone expert that missed the
+    /// cache is decoded on as many cores as it has streams instead of one.
+    pub fn decode_into_parallel(&mut self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
+        use rayon::prelude::*;
+        let h = parse_header(src)?;
+        if h.streams < 2
+            || dst.len() < PARALLEL_MIN_BYTES
+            || rayon::current_num_threads() < h.streams
+        {
+            return self.decode_into(src, dst);
+        }
+        if h.decoded_len != dst.len() {
+            return Err(CodecError::LengthMismatch {
+                expected: dst.len(),
+                got: h.decoded_len,
+            });
+        }
+        build_table(&h.lens, &mut self.table);
+        let t = &*self.table;
+        let starts = stream_starts(&h);
+        let q = stream_quota(dst.len(), h.streams).max(1);
+        let mut chunks = dst.chunks_mut(q);
+        let work: Vec<(usize, &mut [u8])> = (0..h.streams)
+            .map(|s| (s, chunks.next().unwrap_or(&mut [])))
+            .collect();
+        work.into_par_iter()
+            .try_for_each(|(s, out)| decode_alone(t, src, starts[s], h.stream_lens[s], out, s))?;
+        Ok(dst.len())
+    }
+}
+
+/// Below this many decoded bytes a segment is decoded on one thread.
+const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+/// One stream on its own: the fast loop while its input allows, then the checked reader.
+fn decode_alone(
+    table: &[u16; TABLE_SIZE],
+    src: &[u8],
+    start: usize,
+    stored: usize,
+    out: &mut [u8],
+    stream: usize,
+) -> Result<(), CodecError> {
+    let mut one = [Reader::new(start)];
+    let mut outs = [out];
+    let mut done = 0;
+    loop {
+        let by_out = (outs[0].len() - done) / SYMS_PER_REFILL;
+        let by_in = src.len().saturating_sub(one[0].pos + 8) / MAX_ADVANCE;
+        let k = by_out.min(by_in);
+        if k == 0 {
+            break;
+        }
+        // SAFETY: k <= by_in keeps every refill load inside `src`, and done + 5k <= the
+        // output's length keeps every store inside it (as in `decode_streams`).
+        done = unsafe { fast_loop(table, src, &mut one, &mut outs, done, k) };
+    }
+    let r = &mut one[0];
+    for o in outs[0][done..].iter_mut() {
+        r.refill_tail(src);
+        *o = r.symbol(table);
+    }
+    check_end(r, start, stored, stream)
+}
+
 /// Fill the table from validated (complete, <= 11 bits) lengths: a code `c` of length `l`
 /// (bit-reversed, first bit lowest) owns every index whose low `l` bits equal `c`.
 fn build_table(lens: &[u8; SYMBOLS], table: &mut [u16; TABLE_SIZE]) {
