@@ -139,7 +139,11 @@ fn a_prefill_chunk_larger_than_the_cache_loads_experts_in_groups_and_changes_not
         loads_in_prefill <= 6 * 32 + 4 * 6 * 8,
         "{loads_in_prefill} loads: {stats:?}"
     );
-    assert!(small.stats.routes > 6 * 5, "grouped routes: {:?}", small.stats);
+    assert!(
+        small.stats.routes > 6 * 5,
+        "grouped routes: {:?}",
+        small.stats
+    );
 }
 
 #[test]
@@ -181,7 +185,11 @@ fn pipelined_greedy_decoding_picks_the_host_samplers_tokens() {
     };
     let want = run(true, None);
     assert_eq!(run(false, None), want, "pipelined, resident");
-    assert_eq!(run(false, Some(40)), want, "pipelined, streamed through 40 slots");
+    assert_eq!(
+        run(false, Some(40)),
+        want,
+        "pipelined, streamed through 40 slots"
+    );
 
     // A callback that stops early, and an EOS token, end the pipelined loop where they should.
     let c = cache(&pack, None);
@@ -199,7 +207,10 @@ fn pipelined_greedy_decoding_picks_the_host_samplers_tokens() {
     let first_eos = want.iter().position(|&t| t == want[5]).unwrap();
     assert_eq!(ids, want[..first_eos]);
     assert_eq!(stats.stop_reason, "eos");
-    let opts = GenerateOptions { eos: vec![], ..opts };
+    let opts = GenerateOptions {
+        eos: vec![],
+        ..opts
+    };
     let mut n = 0;
     let (ids, stats) = generate(&model, &mut device, PROMPT, &opts, |_| {
         n += 1;
@@ -230,11 +241,20 @@ fn direct_reads_match_the_map_and_a_truncated_pack_is_an_error() {
     for e in pack.experts() {
         let x = direct.read_into(e, &mut a).unwrap().to_vec();
         let y = mapped.read_into(e, &mut b).unwrap();
-        assert_eq!(x, y, "layer {} expert {} segment {}", e.layer, e.expert, e.segment);
+        assert_eq!(
+            x, y,
+            "layer {} expert {} segment {}",
+            e.layer, e.expert, e.segment
+        );
         assert_eq!(blake3::hash(&x).as_bytes(), &e.blake3);
     }
     // Cut the file inside the last segment: its read fails with an error naming the range.
-    let last = pack.experts().iter().max_by_key(|e| e.offset).unwrap().clone();
+    let last = pack
+        .experts()
+        .iter()
+        .max_by_key(|e| e.offset)
+        .unwrap()
+        .clone();
     let f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
     f.set_len(last.offset + last.stored_len / 2).unwrap();
     let err = direct.read_into(&last, &mut a).unwrap_err().to_string();
@@ -299,5 +319,8 @@ fn skewed_fixture_routing_is_skewed_and_the_prefetch_gate_closes_on_uniform_rout
         "skewed {skewed:.3} vs uniform {uniform:.3}"
     );
     // Random routers are hard to predict: the gate keeps prefetch mostly off.
-    assert!(gated > 0 && issued < gated, "gated {gated}, issued {issued}");
+    assert!(
+        gated > 0 && issued < gated,
+        "gated {gated}, issued {issued}"
+    );
 }

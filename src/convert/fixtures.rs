@@ -430,7 +430,10 @@ impl FixtureSpec {
         };
         if name == "model.embed_tokens.weight" {
             // The random part has standard deviation 1/sqrt(4) = 0.5 (fan_in 4).
-            return Some((vec![0.5 * self.routing_skew; self.vocab_size], normals("skew.u", h)));
+            return Some((
+                vec![0.5 * self.routing_skew; self.vocab_size],
+                normals("skew.u", h),
+            ));
         }
         let names = self.arch.names();
         let layer = (0..self.num_layers).find(|&l| self.is_sparse(l) && names.router(l) == name)?;

@@ -163,7 +163,9 @@ pub fn unified_prefetch(ranges: &[(usize, usize)], to_gpu: bool) -> bool {
     let lens: Vec<usize> = ranges.iter().map(|&(_, n)| n).collect();
     // SAFETY: the shim only passes the addresses to the CUDA driver as a migration hint; it
     // neither reads nor writes through them.
-    unsafe { ffi::fp_unified_prefetch(ptrs.as_ptr(), lens.as_ptr(), ptrs.len(), to_gpu as c_int) == 1 }
+    unsafe {
+        ffi::fp_unified_prefetch(ptrs.as_ptr(), lens.as_ptr(), ptrs.len(), to_gpu as c_int) == 1
+    }
 }
 
 /// Turn a shim status into a Result, fetching the thread-local message on failure.
@@ -575,7 +577,9 @@ impl Array {
 
     /// Index of the largest element along `axis` (the first one on ties), as u32.
     pub fn argmax(&self, axis: i32) -> Result<Array> {
-        make("argmax", |out| unsafe { ffi::fp_argmax(self.raw(), axis, out) })
+        make("argmax", |out| unsafe {
+            ffi::fp_argmax(self.raw(), axis, out)
+        })
     }
 
     pub fn argsort(&self, axis: i32) -> Result<Array> {

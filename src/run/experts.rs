@@ -424,7 +424,8 @@ impl ExpertCache {
         let mut order: Vec<u32> = wanted.to_vec();
         order.sort_by_key(|&e| (!self.is_resident(layer, e), e));
         let mut groups: Vec<Vec<u32>> = Vec::new();
-        let mut counts: Vec<std::collections::BTreeSet<u32>> = vec![Default::default(); self.pools.len()];
+        let mut counts: Vec<std::collections::BTreeSet<u32>> =
+            vec![Default::default(); self.pools.len()];
         let mut current: Vec<u32> = Vec::new();
         for e in order {
             let stored = stored_expert(&self.merge_map, layer, e);
@@ -821,7 +822,11 @@ fn scatter(
     let col_s = r0 / g * ss;
     for arr in [7, 8] {
         for h in 0..hidden {
-            put(arr, h * full_s + col_s, &aux[at + h * seg_s..at + (h + 1) * seg_s]);
+            put(
+                arr,
+                h * full_s + col_s,
+                &aux[at + h * seg_s..at + (h + 1) * seg_s],
+            );
         }
         at += hidden * seg_s;
     }

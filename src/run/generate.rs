@@ -99,7 +99,9 @@ pub fn generate(
     }
     let logits = model.forward_last_ids(last, &mut cache, experts)?;
     if opts.sampler.temperature == 0.0 && !opts.host_sampling {
-        return greedy_pipelined(model, experts, prompt, opts, &mut cache, logits, started, on_token);
+        return greedy_pipelined(
+            model, experts, prompt, opts, &mut cache, logits, started, on_token,
+        );
     }
     let mut next = sampler.sample(&last_logits(&logits)?)?;
     let prefill_s = started.elapsed().as_secs_f64();

@@ -154,7 +154,10 @@ impl ExpertStore for StreamingExperts<'_> {
         if let Some(&bad) = ids.iter().find(|&&e| e as usize >= self.num_experts) {
             return Err(ComputeError::BadPlacement {
                 expert: bad as usize,
-                what: format!("router output of layer {layer} (only {} experts)", self.num_experts),
+                what: format!(
+                    "router output of layer {layer} (only {} experts)",
+                    self.num_experts
+                ),
             });
         }
         let groups = self.cache.fitting_groups(layer as u32, &unique(&ids));
@@ -225,8 +228,8 @@ impl StreamingExperts<'_> {
                     .count();
                 self.stats.predicted += guessed.len() as u64;
                 self.stats.predicted_correct += correct as u64;
-                self.accuracy += ACCURACY_WEIGHT
-                    * (correct as f64 / guessed.len() as f64 - self.accuracy);
+                self.accuracy +=
+                    ACCURACY_WEIGHT * (correct as f64 / guessed.len() as f64 - self.accuracy);
             }
         }
         let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;

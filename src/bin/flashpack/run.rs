@@ -204,7 +204,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut resident = if streaming || args.sync_baseline {
         None
     } else {
-        flashpack::run::stream::resident_store(experts.cache(), &cfg.sparse_layers(), cfg.num_experts)?
+        flashpack::run::stream::resident_store(
+            experts.cache(),
+            &cfg.sparse_layers(),
+            cfg.num_experts,
+        )?
     };
     let mut phases = PhaseMarker {
         inner: &mut experts,

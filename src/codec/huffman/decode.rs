@@ -78,7 +78,11 @@ impl HuffmanDecoder {
     /// enough to pay for the tasks; otherwise the single-thread lock-step decode. Same bytes out.
     /// Streams are independent (formats/codecs-v1.md §2.5), so a lone expert that missed the
     /// cache is decoded on as many cores as it has streams instead of one.
-    pub fn decode_into_parallel(&mut self, src: &[u8], dst: &mut [u8]) -> Result<usize, CodecError> {
+    pub fn decode_into_parallel(
+        &mut self,
+        src: &[u8],
+        dst: &mut [u8],
+    ) -> Result<usize, CodecError> {
         use rayon::prelude::*;
         let h = parse_header(src)?;
         if h.streams < 2
