@@ -80,6 +80,12 @@ pub struct ConvertOptions {
     pub merge_threshold: Option<f64>,
     /// Profiling, calibration text, merge ratio, quality report (profile stage).
     pub plan: profile::PlanOptions,
+    /// Tensors that the source already holds as MLX codes (an mlx-lm folder) keep their own
+    /// bits and group size, whatever `expert_bits`, `dense_bits` and `group_size` say; only
+    /// experts that the bit plan sends to other bits (`cold_bits`) are requantized. `false`
+    /// requantizes every such tensor to the options (what `flashpack convert` does when
+    /// `--expert-bits`, `--dense-bits` or `--group-size` is given).
+    pub keep_source_codes: bool,
 }
 
 impl Default for ConvertOptions {
@@ -96,6 +102,7 @@ impl Default for ConvertOptions {
             target_size_gb: None,
             merge_threshold: None,
             plan: profile::PlanOptions::default(),
+            keep_source_codes: true,
         }
     }
 }
@@ -114,6 +121,7 @@ impl ConvertOptions {
             "dense_bits": self.dense_bits,
             "segments": self.segments,
             "page_size": self.page_size,
+            "keep_source_codes": self.keep_source_codes,
         })
     }
 
@@ -136,7 +144,8 @@ impl ConvertOptions {
         }
         Ok((
             QuantParams::new(self.expert_bits, self.group_size)?,
-            DensePolicy::new(self.dense_bits, self.group_size)?,
+            DensePolicy::new(self.dense_bits, self.group_size)?
+                .keeping_source_codes(self.keep_source_codes),
         ))
     }
 }
@@ -185,6 +194,9 @@ pub struct ConvertReport {
     pub expert_layout: Option<ExpertLayout>,
     /// Whether the source was MLX-quantized.
     pub source_mlx_quantized: bool,
+    /// Whether some of the source's MLX codes were requantized to other bits or group size
+    /// (only when asked for: explicit bits or group size, or a cold-expert plan).
+    pub requantized_source: bool,
     pub seconds: f64,
     pub stages: Vec<StageTime>,
     /// Bytes of the source's weight files.
@@ -273,7 +285,7 @@ pub fn convert_checkpoint(
         }
         (payload, hashing.join())
     });
-    let (writer, bit_plan) = payload?;
+    let (writer, bit_plan, stored_quant) = payload?;
     let (provenance, hash_seconds) = hashed.map_err(|_| ConvertError::Unsupported {
         what: "the hashing thread panicked".into(),
     })??;
@@ -286,6 +298,7 @@ pub fn convert_checkpoint(
 
     progress.stage("finish", None, "");
     let mut meta = write::metadata(ck, &provenance, opts)?;
+    stored_quant.record(&mut meta["quantization"]);
     if let Some(b) = &bit_plan {
         meta["quantization"]["expert_plan"] = profile::plan_json(b);
         meta["quantization"]["cold_bits"] = opts.cold_bits.unwrap_or(2).into();
@@ -341,6 +354,8 @@ pub fn convert_checkpoint(
             .first()
             .and_then(|&l| ck.expert_layout(l).ok()),
         source_mlx_quantized: ck.mlx_quantization.is_some(),
+        requantized_source: ck.mlx_quantization.is_some()
+            && (!opts.keep_source_codes || bit_plan.is_some() || merges.is_some()),
         seconds,
         stages,
         source_bytes,
@@ -360,7 +375,7 @@ fn write_payload(
     (profile, merges): (Option<&profile::Profile>, Option<&merge::MergePlan>),
     progress: &dyn Progress,
     stages: &mut Vec<StageTime>,
-) -> Result<(PackWriter, Option<profile::BitPlan>), ConvertError> {
+) -> Result<(PackWriter, Option<profile::BitPlan>, StoredQuantization), ConvertError> {
     let stored = |l: usize, e: usize| merges.is_none_or(|m| m.is_stored(l, e));
     let (expert_params, dense_policy) = opts.check()?;
     let c = &ck.config;
@@ -387,6 +402,11 @@ fn write_payload(
         .collect();
     planned.sort_by(|a, b| a.name.cmp(&b.name));
     let dense_stored: u64 = planned.iter().map(|t| t.bytes.len() as u64).sum();
+    let dense_quant: Vec<(u8, usize)> = planned
+        .iter()
+        .filter(|t| t.bits > 0)
+        .map(|t| (t.bits, t.group_size))
+        .collect();
     if let Some(w) = planned.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(ConvertError::Unsupported {
             what: format!(
@@ -447,6 +467,7 @@ fn write_payload(
         segment_count: opts.segments,
     };
     let window = (rayon::current_num_threads() * 4).max(8);
+    let stored_as: std::sync::Mutex<Vec<(usize, usize, QuantParams)>> = Default::default();
     let compute = |chunk: &[(usize, usize)]| -> Result<Vec<EncodedSegment>, ConvertError> {
         let per_job = chunk
             .par_iter()
@@ -461,10 +482,11 @@ fn write_payload(
                         Some(m) => m.projections(),
                         None => ck.expert(l, e)?,
                     };
-                    let params = match &bit_plan {
-                        Some(b) => QuantParams::new(b[l][e], opts.group_size)?,
-                        None => expert_params,
-                    };
+                    let params = expert_target(opts, &bit_plan, expert_params, &x, l, e)?;
+                    stored_as
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((l, e, params));
                     let segs = build_segments(l, e, &x, params, plan)?;
                     let out = segs
                         .into_iter()
@@ -501,7 +523,125 @@ fn write_payload(
     progress.finish_stage();
     done("experts", &mut lap);
 
-    Ok((writer, bit_plan))
+    let stored_as = stored_as.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((
+        writer,
+        bit_plan,
+        StoredQuantization::of(c, &stored_as, &dense_quant),
+    ))
+}
+
+/// What the pack really holds (for the metadata's `quantization` record): experts' bits and
+/// group sizes as stored, and the quantized dense tensors' bits.
+struct StoredQuantization {
+    /// Bits of each stored expert (`[layer][expert]`, 0 for experts not stored).
+    expert_bits: Vec<Vec<u8>>,
+    expert_groups: Vec<usize>,
+    dense_bits: Vec<u8>,
+    dense_groups: Vec<usize>,
+}
+
+impl StoredQuantization {
+    fn of(
+        c: &crate::arch::ModelConfig,
+        experts: &[(usize, usize, QuantParams)],
+        dense: &[(u8, usize)],
+    ) -> StoredQuantization {
+        let mut expert_bits = vec![vec![0u8; c.num_experts]; c.num_hidden_layers];
+        let mut expert_groups = Vec::new();
+        for &(l, e, p) in experts {
+            if let Some(b) = expert_bits.get_mut(l).and_then(|r| r.get_mut(e)) {
+                *b = p.bits;
+            }
+            expert_groups.push(p.group_size);
+        }
+        StoredQuantization {
+            expert_bits,
+            expert_groups,
+            dense_bits: dense.iter().map(|d| d.0).collect(),
+            dense_groups: dense.iter().map(|d| d.1).collect(),
+        }
+    }
+
+    /// The most common value, and whether there are others.
+    fn mode<T: Copy + Ord>(values: impl Iterator<Item = T>) -> Option<(T, bool)> {
+        let mut counts: std::collections::BTreeMap<T, usize> = Default::default();
+        for v in values {
+            *counts.entry(v).or_default() += 1;
+        }
+        let (&most, _) = counts
+            .iter()
+            .max_by_key(|&(&v, &n)| (n, std::cmp::Reverse(v)))?;
+        Some((most, counts.len() > 1))
+    }
+
+    /// Sets `expert_bits`, `dense_bits` and `group_size` to what is stored (the most common
+    /// value where several occur), `expert_plan` when experts differ, and `mixed` when any
+    /// of them varies.
+    fn record(&self, q: &mut Value) {
+        let experts = Self::mode(
+            self.expert_bits
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|&b| b > 0),
+        );
+        let dense = Self::mode(self.dense_bits.iter().copied());
+        let groups = Self::mode(self.expert_groups.iter().chain(&self.dense_groups).copied());
+        let mut mixed = false;
+        if let Some((b, more)) = experts {
+            q["expert_bits"] = b.into();
+            if more {
+                q["expert_plan"] = json!(self.expert_bits);
+                mixed = true;
+            }
+        }
+        match dense {
+            Some((b, more)) => {
+                q["dense_bits"] = b.into();
+                mixed |= more;
+            }
+            None => q["dense_bits"] = 16.into(),
+        }
+        if let Some((g, more)) = groups {
+            q["group_size"] = g.into();
+            mixed |= more;
+        }
+        if mixed {
+            q["mixed"] = true.into();
+        }
+    }
+}
+
+/// The bits and group size expert `e` of layer `l` is stored with. A source that holds the
+/// expert as MLX codes keeps them (its own bits and group size) when `keep_source_codes`, unless
+/// the bit plan sends the expert to other bits (then at the source's group size).
+fn expert_target(
+    opts: &ConvertOptions,
+    bit_plan: &Option<profile::BitPlan>,
+    default: QuantParams,
+    x: &quantize::ExpertProjections<'_>,
+    l: usize,
+    e: usize,
+) -> Result<QuantParams, ConvertError> {
+    use quantize::ProjSource;
+    let source = match (x.gate, x.up, x.down) {
+        (ProjSource::Quantized(g), ProjSource::Quantized(u), ProjSource::Quantized(d))
+            if opts.keep_source_codes && g.params == u.params && u.params == d.params =>
+        {
+            Some(g.params)
+        }
+        _ => None,
+    };
+    let planned = bit_plan.as_ref().map(|b| b[l][e]);
+    Ok(match (source, planned) {
+        (Some(sp), Some(bits)) if bits != opts.expert_bits => {
+            QuantParams::new(bits, sp.group_size)?
+        }
+        (Some(sp), _) => sp,
+        (None, Some(bits)) => QuantParams::new(bits, opts.group_size)?,
+        (None, None) => default,
+    })
 }
 
 fn dense_bytes(d: &load::TensorData<'_>) -> u64 {

@@ -361,6 +361,7 @@ fn mlx_quantized_source_reuses_codes() {
     let opts = ConvertOptions {
         expert_bits: 2,
         dense_bits: 8,
+        keep_source_codes: false,
         ..Default::default()
     };
     run(&mlx_dir, &c, &opts).unwrap();

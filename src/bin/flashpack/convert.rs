@@ -25,16 +25,19 @@ pub struct ConvertArgs {
     /// auto (smallest of Huffman/lz4, raw when coding saves < 1%), huffman, zstd[-N], lz4, raw.
     #[arg(long, default_value = "auto")]
     pub codec: String,
-    /// Quantization group size: 32, 64 or 128.
-    #[arg(long, default_value_t = 64)]
-    pub group_size: usize,
-    /// Bits of expert weights: 2, 4 or 8.
-    #[arg(long, default_value_t = 4)]
-    pub expert_bits: u8,
+    /// Quantization group size: 32, 64 or 128 [default: 64]. An mlx-lm source keeps its own
+    /// unless this, --expert-bits or --dense-bits is given.
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Bits of expert weights: 2, 4 or 8 [default: 4; an mlx-lm source keeps its own codes
+    /// unless this, --dense-bits or --group-size is given].
+    #[arg(long)]
+    pub expert_bits: Option<u8>,
     /// Bits of dense weights (attention, embeddings, shared experts): 2, 4, 8, or 16 to keep the
-    /// source floats. Routers and norms always stay full precision.
-    #[arg(long, default_value_t = 4)]
-    pub dense_bits: u8,
+    /// source floats [default: 4; an mlx-lm source keeps its own codes unless this,
+    /// --expert-bits or --group-size is given]. Routers and norms always stay full precision.
+    #[arg(long)]
+    pub dense_bits: Option<u8>,
     /// Split each expert into this many vertical segments.
     #[arg(long, default_value_t = 1)]
     pub segments: usize,
@@ -182,6 +185,14 @@ fn print_report(r: &ConvertReport) {
         })
         .collect();
     println!("  stages: {}", stages.join(", "));
+    if r.requantized_source {
+        println!(
+            "  note: the source's MLX codes were requantized where the options ask for other bits, \
+             group size, cold experts or merges; without those options they are kept as they are"
+        );
+    } else if r.source_mlx_quantized {
+        println!("  the source's MLX codes are kept as they are (its bits and group size)");
+    }
     println!(
         "  source {}  ->  pack {}  ({:.1}% of the source)",
         gb(r.source_bytes),
@@ -235,11 +246,16 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
             args.codec
         )
     })?;
+    // An already quantized source is requantized only when asked for explicitly.
+    let keep_source_codes =
+        args.expert_bits.is_none() && args.dense_bits.is_none() && args.group_size.is_none();
+    let defaults = ConvertOptions::default();
     let opts = ConvertOptions {
         codec,
-        expert_bits: args.expert_bits,
-        group_size: args.group_size,
-        dense_bits: args.dense_bits,
+        expert_bits: args.expert_bits.unwrap_or(defaults.expert_bits),
+        group_size: args.group_size.unwrap_or(defaults.group_size),
+        dense_bits: args.dense_bits.unwrap_or(defaults.dense_bits),
+        keep_source_codes,
         segments: args.segments,
         page_size: args.page_size,
         cold_bits: args.cold_bits,

@@ -235,6 +235,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         true
     })?;
+    // Flush what the streaming detokenizer held back: a final incomplete UTF-8 sequence prints
+    // as U+FFFD, as `tokenizer.decode(ids)` (and mlx-lm) give it.
+    if let Ok(text) = tokenizer.decode(&generated, false) {
+        if let Some(rest) = text.get(printed..).filter(|r| !r.is_empty()) {
+            let _ = stdout.write_all(rest.as_bytes());
+        }
+    }
     let _ = writeln!(stdout);
     let _ = stdout.flush();
     let cpu_end = process_cpu_s();

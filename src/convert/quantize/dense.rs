@@ -23,9 +23,19 @@ pub struct DensePolicy {
     /// 2, 4 or 8: quantize 2-D weights; 16: keep them in the source float type.
     pub bits: u8,
     pub group_size: usize,
+    /// Tensors the source holds as MLX codes keep them (their own bits and group size).
+    pub keep_source_codes: bool,
 }
 
 impl DensePolicy {
+    /// The same policy, keeping (or not) the codes of tensors the source already quantized.
+    pub fn keeping_source_codes(self, keep: bool) -> DensePolicy {
+        DensePolicy {
+            keep_source_codes: keep,
+            ..self
+        }
+    }
+
     /// Checks `bits` is 2, 4, 8 or 16 and the group size is supported.
     pub fn new(bits: u8, group_size: usize) -> Result<DensePolicy, QuantError> {
         match bits {
@@ -40,7 +50,11 @@ impl DensePolicy {
                 })
             }
         }
-        Ok(DensePolicy { bits, group_size })
+        Ok(DensePolicy {
+            bits,
+            group_size,
+            keep_source_codes: false,
+        })
     }
 
     fn params(self) -> Option<QuantParams> {
@@ -187,7 +201,7 @@ pub fn plan_dense<'a>(
             }
         }
         TensorData::Quantized(q) => {
-            if full_precision {
+            if full_precision || policy.keep_source_codes {
                 // The source already quantized it (mlx-lm keeps routers at 8 bits): dequantizing
                 // restores no precision and would change the router's arithmetic, so the pack
                 // would no longer compute what the source computes. Keep its codes.
