@@ -93,6 +93,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "fixtures/golden/quantize"))
     ap.add_argument("--seed", type=int, default=20261126)
+    ap.add_argument("--bits", default=",".join(map(str, BITS)),
+                    help="comma list of bit widths (the committed files: 2,4,8)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     mx.set_default_device(mx.cpu)
@@ -105,7 +107,7 @@ def main():
         for case, x in cases.items():
             w = mx.array(x).astype(dtype)
             tensors[f"{case}.w"] = w
-            for bits in BITS:
+            for bits in [int(b) for b in args.bits.split(",")]:
                 for gs in GROUPS:
                     if w.shape[-1] % gs:
                         continue

@@ -27,21 +27,21 @@ fn python_has_mlx_lm() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// `mlx_lm convert -q` of `src` into `dst`, and mlx-lm's logits for `PROMPT` on it, saved as
-/// `dst/logits.safetensors` (f32 `[L, vocab]`).
+/// `mlx_lm convert -q` of `src` into `dst` at `bits` and `group`.
 fn mlx_lm_folder(src: &Path, dst: &Path, bits: u8, group: usize) {
+    let (b, g) = (bits.to_string(), group.to_string());
+    mlx_lm_convert(src, dst, &["--q-bits", &b, "--q-group-size", &g]);
+}
+
+/// `mlx_lm convert -q ARGS` of `src` into `dst`.
+fn mlx_lm_convert(src: &Path, dst: &Path, args: &[&str]) {
     let st = Command::new("python3")
         .args(["-m", "mlx_lm", "convert", "--hf-path"])
         .arg(src)
         .arg("--mlx-path")
         .arg(dst)
-        .args([
-            "-q",
-            "--q-bits",
-            &bits.to_string(),
-            "--q-group-size",
-            &group.to_string(),
-        ])
+        .arg("-q")
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -49,6 +49,11 @@ fn mlx_lm_folder(src: &Path, dst: &Path, bits: u8, group: usize) {
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
+}
+
+/// mlx-lm's logits for `PROMPT` on the folder `dst`, saved as `dst/logits.safetensors`
+/// (f32 `[L, vocab]`).
+fn mlx_lm_logits(dst: &Path) {
     let ids: Vec<String> = PROMPT.iter().map(|t| t.to_string()).collect();
     let script = format!(
         "import mlx.core as mx\nfrom mlx_lm import load\nm, _ = load({dst:?})\n\
@@ -118,12 +123,13 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
     let dir = tempfile::tempdir().unwrap();
     for arch in [Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe] {
         let src = source(dir.path(), arch);
-        for (bits, group) in [(2u8, 64usize), (8, 64), (2, 32), (4, 32)] {
+        for (bits, group) in [(2u8, 64usize), (3, 64), (6, 64), (8, 64), (2, 32), (5, 32)] {
             let what = format!("{} {bits}-bit group {group}", arch.model_type());
             let mlx_dir = dir
                 .path()
                 .join(format!("{}-q{bits}-g{group}", arch.model_type()));
             mlx_lm_folder(&src, &mlx_dir, bits, group);
+            mlx_lm_logits(&mlx_dir);
             let pack = dir
                 .path()
                 .join(format!("{}-q{bits}-g{group}.flashpack", arch.model_type()));
@@ -186,5 +192,71 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
             );
             eprintln!("{what}: max |logit diff| {diff}");
         }
+    }
+}
+
+#[test]
+fn mixed_recipes_convert_and_say_what_they_requantized() {
+    if !python_has_mlx_lm() {
+        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // mixed_3_4 / mixed_2_6 give the experts' down_proj more bits than gate and up in some
+    // layers; a flashpack expert has one precision, so those experts are stored at the larger
+    // bits (requantizing the smaller ones), and the report and metadata say so.
+    for (arch, recipe, low, high) in [
+        (Arch::Qwen3Moe, "mixed_2_6", 2u8, 6u8),
+        (Arch::Mixtral, "mixed_3_4", 3, 4),
+    ] {
+        let src = source(dir.path(), arch);
+        let mlx_dir = dir.path().join(format!("{}-{recipe}", arch.model_type()));
+        mlx_lm_convert(&src, &mlx_dir, &["--quant-predicate", recipe]);
+        let pack = dir
+            .path()
+            .join(format!("{}-{recipe}.flashpack", arch.model_type()));
+        let out = flashpack(&[
+            "convert",
+            mlx_dir.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{recipe}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let p = Pack::open(&pack).unwrap();
+        let bits: std::collections::BTreeSet<u8> = p.experts().iter().map(|e| e.bits).collect();
+        assert!(
+            bits.iter().all(|b| [low, high].contains(b)),
+            "{recipe}: {bits:?}"
+        );
+        let q = &p.metadata()["quantization"];
+        assert_eq!(q["mixed"], true, "{recipe}: {q}");
+        let requantized = report["requantized_experts"].as_u64().unwrap();
+        assert_eq!(
+            report["requantized_source"],
+            requantized > 0,
+            "{recipe}: {report}"
+        );
+        // The pack runs.
+        let run = flashpack(&[
+            "run",
+            pack.to_str().unwrap(),
+            "--prompt",
+            "The history of",
+            "--raw",
+            "--max-tokens",
+            "4",
+        ]);
+        assert!(
+            run.status.success(),
+            "{recipe}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        eprintln!("{recipe}: expert bits {bits:?}, {requantized} experts requantized");
     }
 }

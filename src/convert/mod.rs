@@ -65,7 +65,7 @@ pub struct ConvertOptions {
     pub codec: CodecChoice,
     pub expert_bits: u8,
     pub group_size: usize,
-    /// 2, 4 or 8 quantize dense weights; 16 keeps them in the source float type.
+    /// 2 to 6 or 8 quantize dense weights; 16 keeps them in the source float type.
     pub dense_bits: u8,
     /// Vertical segments per expert (formats/flashpack-v1.md §6.3).
     pub segments: usize,
@@ -197,6 +197,8 @@ pub struct ConvertReport {
     /// Whether some of the source's MLX codes were requantized to other bits or group size
     /// (only when asked for: explicit bits or group size, or a cold-expert plan).
     pub requantized_source: bool,
+    /// Stored experts among them.
+    pub requantized_experts: usize,
     pub seconds: f64,
     pub stages: Vec<StageTime>,
     /// Bytes of the source's weight files.
@@ -355,7 +357,8 @@ pub fn convert_checkpoint(
             .and_then(|&l| ck.expert_layout(l).ok()),
         source_mlx_quantized: ck.mlx_quantization.is_some(),
         requantized_source: ck.mlx_quantization.is_some()
-            && (!opts.keep_source_codes || bit_plan.is_some() || merges.is_some()),
+            && (!opts.keep_source_codes || stored_quant.requantized_experts > 0),
+        requantized_experts: stored_quant.requantized_experts,
         seconds,
         stages,
         source_bytes,
@@ -467,7 +470,7 @@ fn write_payload(
         segment_count: opts.segments,
     };
     let window = (rayon::current_num_threads() * 4).max(8);
-    let stored_as: std::sync::Mutex<Vec<(usize, usize, QuantParams)>> = Default::default();
+    let stored_as: std::sync::Mutex<Vec<(usize, usize, QuantParams, bool)>> = Default::default();
     let compute = |chunk: &[(usize, usize)]| -> Result<Vec<EncodedSegment>, ConvertError> {
         let per_job = chunk
             .par_iter()
@@ -483,10 +486,12 @@ fn write_payload(
                         None => ck.expert(l, e)?,
                     };
                     let params = expert_target(opts, &bit_plan, expert_params, &x, l, e)?;
-                    stored_as
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((l, e, params));
+                    stored_as.lock().unwrap_or_else(|p| p.into_inner()).push((
+                        l,
+                        e,
+                        params,
+                        requantizes(&x, params),
+                    ));
                     let segs = build_segments(l, e, &x, params, plan)?;
                     let out = segs
                         .into_iter()
@@ -534,6 +539,8 @@ fn write_payload(
 /// What the pack really holds (for the metadata's `quantization` record): experts' bits and
 /// group sizes as stored, and the quantized dense tensors' bits.
 struct StoredQuantization {
+    /// Experts whose source codes were requantized (other bits or group size).
+    requantized_experts: usize,
     /// Bits of each stored expert (`[layer][expert]`, 0 for experts not stored).
     expert_bits: Vec<Vec<u8>>,
     expert_groups: Vec<usize>,
@@ -544,18 +551,20 @@ struct StoredQuantization {
 impl StoredQuantization {
     fn of(
         c: &crate::arch::ModelConfig,
-        experts: &[(usize, usize, QuantParams)],
+        experts: &[(usize, usize, QuantParams, bool)],
         dense: &[(u8, usize)],
     ) -> StoredQuantization {
         let mut expert_bits = vec![vec![0u8; c.num_experts]; c.num_hidden_layers];
         let mut expert_groups = Vec::new();
-        for &(l, e, p) in experts {
+        let requantized_experts = experts.iter().filter(|x| x.3).count();
+        for &(l, e, p, _) in experts {
             if let Some(b) = expert_bits.get_mut(l).and_then(|r| r.get_mut(e)) {
                 *b = p.bits;
             }
             expert_groups.push(p.group_size);
         }
         StoredQuantization {
+            requantized_experts,
             expert_bits,
             expert_groups,
             dense_bits: dense.iter().map(|d| d.0).collect(),
@@ -615,7 +624,9 @@ impl StoredQuantization {
 
 /// The bits and group size expert `e` of layer `l` is stored with. A source that holds the
 /// expert as MLX codes keeps them (its own bits and group size) when `keep_source_codes`, unless
-/// the bit plan sends the expert to other bits (then at the source's group size).
+/// the bit plan sends the expert to other bits (then at the source's group size). An expert whose
+/// projections the source quantized differently (mlx-lm's mixed recipes give `down_proj` more bits
+/// in some layers) is stored at the most bits among them: a flashpack expert has one precision.
 fn expert_target(
     opts: &ConvertOptions,
     bit_plan: &Option<profile::BitPlan>,
@@ -627,9 +638,12 @@ fn expert_target(
     use quantize::ProjSource;
     let source = match (x.gate, x.up, x.down) {
         (ProjSource::Quantized(g), ProjSource::Quantized(u), ProjSource::Quantized(d))
-            if opts.keep_source_codes && g.params == u.params && u.params == d.params =>
+            if opts.keep_source_codes
+                && g.params.group_size == u.params.group_size
+                && u.params.group_size == d.params.group_size =>
         {
-            Some(g.params)
+            let bits = g.params.bits.max(u.params.bits).max(d.params.bits);
+            Some(QuantParams::new(bits, g.params.group_size)?)
         }
         _ => None,
     };
@@ -642,6 +656,13 @@ fn expert_target(
         (None, Some(bits)) => QuantParams::new(bits, opts.group_size)?,
         (None, None) => default,
     })
+}
+
+/// Whether storing `x` at `p` requantizes codes the source already had.
+fn requantizes(x: &quantize::ExpertProjections<'_>, p: QuantParams) -> bool {
+    [x.gate, x.up, x.down]
+        .iter()
+        .any(|s| matches!(s, quantize::ProjSource::Quantized(q) if q.params != p))
 }
 
 fn dense_bytes(d: &load::TensorData<'_>) -> u64 {

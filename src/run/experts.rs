@@ -282,10 +282,10 @@ impl ExpertCache {
                 group_size: e.group_size,
                 scale_dtype: e.scale_dtype,
             };
-            if !matches!(e.bits, 2 | 4 | 8) {
+            if !matches!(e.bits, 2 | 3 | 4 | 5 | 6 | 8) {
                 return Err(ExpertError::Unsupported {
                     reason: format!(
-                        "{}-bit experts (MLX's gather_qmm here takes 2, 4 or 8 bits)",
+                        "{}-bit experts (MLX's gather_qmm takes 2, 3, 4, 5, 6 or 8 bits)",
                         e.bits
                     ),
                 });

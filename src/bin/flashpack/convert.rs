@@ -29,11 +29,11 @@ pub struct ConvertArgs {
     /// unless this, --expert-bits or --dense-bits is given.
     #[arg(long)]
     pub group_size: Option<usize>,
-    /// Bits of expert weights: 2, 4 or 8 [default: 4; an mlx-lm source keeps its own codes
+    /// Bits of expert weights: 2, 3, 4, 5, 6 or 8 [default: 4; an mlx-lm source keeps its own codes
     /// unless this, --dense-bits or --group-size is given].
     #[arg(long)]
     pub expert_bits: Option<u8>,
-    /// Bits of dense weights (attention, embeddings, shared experts): 2, 4, 8, or 16 to keep the
+    /// Bits of dense weights (attention, embeddings, shared experts): 2 to 6, 8, or 16 to keep the
     /// source floats [default: 4; an mlx-lm source keeps its own codes unless this,
     /// --expert-bits or --group-size is given]. Routers and norms always stay full precision.
     #[arg(long)]
@@ -187,8 +187,10 @@ fn print_report(r: &ConvertReport) {
     println!("  stages: {}", stages.join(", "));
     if r.requantized_source {
         println!(
-            "  note: the source's MLX codes were requantized where the options ask for other bits, \
-             group size, cold experts or merges; without those options they are kept as they are"
+            "  note: some of the source's MLX codes were requantized ({} experts): the options ask \
+             for other bits, group size, cold experts or merges, or an expert's projections had \
+             different bits (stored at the most of them)",
+            r.requantized_experts
         );
     } else if r.source_mlx_quantized {
         println!("  the source's MLX codes are kept as they are (its bits and group size)");

@@ -465,7 +465,7 @@ impl Checkpoint {
                             }
                         })?;
                         let p: QuantParams = q.params_for(module)?;
-                        let cols = t.shape[1] * p.per_word();
+                        let cols = t.shape[1] * 32 / p.bits as usize;
                         TensorData::Quantized(self.quantized_view(
                             name,
                             Some(&sn),

@@ -20,7 +20,7 @@ use std::borrow::Cow;
 /// How dense (non-expert) weights are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DensePolicy {
-    /// 2, 4 or 8: quantize 2-D weights; 16: keep them in the source float type.
+    /// 2, 3, 4, 5, 6 or 8: quantize 2-D weights; 16: keep them in the source float type.
     pub bits: u8,
     pub group_size: usize,
     /// Tensors the source holds as MLX codes keep them (their own bits and group size).
@@ -36,17 +36,17 @@ impl DensePolicy {
         }
     }
 
-    /// Checks `bits` is 2, 4, 8 or 16 and the group size is supported.
+    /// Checks `bits` is 2, 3, 4, 5, 6, 8 or 16 and the group size is supported.
     pub fn new(bits: u8, group_size: usize) -> Result<DensePolicy, QuantError> {
         match bits {
-            2 | 4 | 8 => {
+            2..=6 | 8 => {
                 QuantParams::new(bits, group_size)?;
             }
             16 => {}
             _ => {
                 return Err(QuantError::Invalid {
                     what: "dense bits".into(),
-                    detail: format!("{bits}: use 2, 4, 8, or 16 (keep the source floats)"),
+                    detail: format!("{bits}: use 2, 3, 4, 5, 6, 8, or 16 (keep the source floats)"),
                 })
             }
         }

@@ -37,7 +37,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Bit widths flashpack quantizes to (2 and 4 for experts, 4 and 8 for dense tensors).
-pub const SUPPORTED_BITS: [u8; 3] = [2, 4, 8];
+pub const SUPPORTED_BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
 /// Group sizes along the input axis.
 pub const SUPPORTED_GROUP_SIZES: [usize; 3] = [32, 64, 128];
 
@@ -50,7 +50,7 @@ const EPS: f32 = 1e-7;
 #[non_exhaustive]
 pub enum QuantError {
     #[error("{bits}-bit quantization is not supported; use one of {supported:?}")]
-    UnsupportedBits { bits: u8, supported: [u8; 3] },
+    UnsupportedBits { bits: u8, supported: [u8; 6] },
     #[error("group size {group_size} is not supported; use one of {supported:?}")]
     UnsupportedGroupSize {
         group_size: usize,
@@ -100,19 +100,15 @@ impl QuantParams {
         Ok(QuantParams { bits, group_size })
     }
 
-    /// Codes per u32 word.
-    pub fn per_word(self) -> usize {
-        32 / self.bits as usize
-    }
-
     /// Whether a row of `cols` values can be quantized (whole groups).
     pub fn fits(self, cols: usize) -> bool {
         cols > 0 && cols % self.group_size == 0
     }
 
-    /// u32 words per row of `cols` values (`cols` must fit).
+    /// u32 words per row of `cols` values (`cols` must fit: a whole number of groups of at
+    /// least 32 values, so `cols * bits` is a multiple of 32 for every supported `bits`).
     pub fn words_per_row(self, cols: usize) -> usize {
-        cols / self.per_word()
+        cols * self.bits as usize / 32
     }
 
     /// Groups (scales, biases) per row of `cols` values.
@@ -340,15 +336,48 @@ fn quantize_row_with(
                         *o = c[0] | c[1] << 4;
                     }
                 }
-                _ => {
-                    // 2 bits (QuantParams only admits 2, 4 and 8).
+                2 => {
                     for (o, c) in out.iter_mut().zip(q.chunks_exact(4)) {
                         *o = c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6;
                     }
                 }
+                // 3, 5 and 6 bits: MLX's packing is the same little-endian bit stream (code j
+                // at bits j * bits ..), with codes straddling bytes.
+                _ => pack_bits(q, p.bits, out),
             }
         }
     }
+}
+
+/// Packs `codes` (each below `2^bits`) into `out` as a little-endian bit stream: code `j` at bits
+/// `j * bits .. (j + 1) * bits`. `out` holds exactly `codes.len() * bits / 8` bytes.
+fn pack_bits(codes: &[u8], bits: u8, out: &mut [u8]) {
+    let mut acc = 0u64;
+    let mut n = 0u32;
+    let mut at = 0;
+    for &c in codes {
+        acc |= (c as u64) << n;
+        n += bits as u32;
+        while n >= 8 {
+            out[at] = acc as u8;
+            at += 1;
+            acc >>= 8;
+            n -= 8;
+        }
+    }
+    if n > 0 && at < out.len() {
+        out[at] = acc as u8;
+    }
+}
+
+/// Code `j` of a row packed as [`pack_bits`] does.
+fn unpack_code(row: &[u8], bits: u8, j: usize) -> u32 {
+    let bit = j * bits as usize;
+    let (byte, shift) = (bit / 8, bit % 8);
+    let mut w = [0u8; 4];
+    let end = (byte + 4).min(row.len());
+    w[..end - byte].copy_from_slice(&row[byte..end]);
+    (u32::from_le_bytes(w) >> shift) & ((1u32 << bits) - 1)
 }
 
 /// An MLX affine-quantized matrix `[rows, cols]`: `codes` are `rows * cols * bits / 32`
@@ -432,17 +461,12 @@ impl<'a> QuantizedView<'a> {
         let wpr = p.words_per_row(self.cols);
         let gpr = p.groups_per_row(self.cols);
         let ss = self.scale_dtype.size();
-        let mask = (1u32 << p.bits) - 1;
-        let per_word = p.per_word();
-        for (j, chunk) in out.chunks_exact_mut(per_word).enumerate() {
-            let off = (r * wpr + j) * 4;
-            let w = u32::from_le_bytes(self.codes[off..off + 4].try_into().unwrap_or([0; 4]));
-            let gi = r * gpr + (j * per_word) / p.group_size;
+        let row = &self.codes[r * wpr * 4..(r + 1) * wpr * 4];
+        for (j, o) in out.iter_mut().enumerate().take(self.cols) {
+            let gi = r * gpr + j / p.group_size;
             let s = self.scale_dtype.read(&self.scales[gi * ss..(gi + 1) * ss]);
             let b = self.scale_dtype.read(&self.biases[gi * ss..(gi + 1) * ss]);
-            for (k, o) in chunk.iter_mut().enumerate() {
-                *o = s * ((w >> (k as u32 * p.bits as u32)) & mask) as f32 + b;
-            }
+            *o = s * unpack_code(row, p.bits, j) as f32 + b;
         }
     }
 }
