@@ -145,6 +145,22 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                 "{what}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            if bits == 3 {
+                // Reproducible: a second conversion of the same folder gives the same bytes.
+                let again = dir.path().join("again.flashpack");
+                let out = flashpack(&[
+                    "convert",
+                    mlx_dir.to_str().unwrap(),
+                    "-o",
+                    again.to_str().unwrap(),
+                    "--quiet",
+                ]);
+                assert!(out.status.success());
+                assert!(
+                    std::fs::read(&again).unwrap() == std::fs::read(&pack).unwrap(),
+                    "{what}: two conversions differ"
+                );
+            }
 
             // What the pack says it holds is what the source holds.
             let p = Pack::open(&pack).unwrap();

@@ -276,7 +276,7 @@ fn options_that_need_the_profile_are_refused_without_a_tokenizer() {
         src.path(),
         &dest,
         &ConvertOptions {
-            dense_bits: 3,
+            dense_bits: 7,
             ..Default::default()
         },
     )
