@@ -276,3 +276,75 @@ fn mixed_recipes_convert_and_say_what_they_requantized() {
         eprintln!("{recipe}: expert bits {bits:?}, {requantized} experts requantized");
     }
 }
+
+#[test]
+fn greedy_tokens_of_mlx_lm_conversions_of_the_trained_model_through_the_default_cli() {
+    if !python_has_mlx_lm() {
+        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
+        return;
+    }
+    // scripts/golden_tokens.py: mlx-lm's greedy ids and smallest top-2 log-prob gap per prompt.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let goldens: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("fixtures/golden/tokens-qwen3moe-tiny.json")).unwrap(),
+    )
+    .unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("fixtures/qwen3moe-tiny/config.json")).unwrap(),
+    )
+    .unwrap();
+    let eos = cfg["eos_token_id"].as_u64();
+    let dir = tempfile::tempdir().unwrap();
+    let mut compared = 0;
+    for (name, cases) in goldens.as_object().unwrap() {
+        let bits: u8 = name[1..].parse().unwrap();
+        let folder = dir.path().join(name);
+        mlx_lm_folder(&root.join("fixtures/qwen3moe-tiny"), &folder, bits, 64);
+        let pack = dir.path().join(format!("{name}.flashpack"));
+        let out = flashpack(&[
+            "convert",
+            folder.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for case in cases.as_array().unwrap() {
+            // A smaller gap can be decided by bf16 rounding; EOS would end flashpack's run early.
+            let ids: Vec<u64> = serde_json::from_value(case["ids"].clone()).unwrap();
+            if case["min_gap"].as_f64().unwrap() < 0.06 || ids.iter().any(|&t| Some(t) == eos) {
+                continue;
+            }
+            let prompt = case["prompt"].as_str().unwrap();
+            let run = flashpack(&[
+                "run",
+                pack.to_str().unwrap(),
+                "--prompt",
+                prompt,
+                "--raw",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "20",
+            ]);
+            assert!(
+                run.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            let text = String::from_utf8_lossy(&run.stdout);
+            assert_eq!(
+                text.strip_suffix('\n').unwrap_or(&text),
+                case["text"].as_str().unwrap(),
+                "{name} {prompt:?} (min gap {})",
+                case["min_gap"]
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 10, "only {compared} prompts had clear gaps");
+}
