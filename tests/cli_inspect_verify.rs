@@ -104,3 +104,33 @@ fn bench_codecs_recodes_a_packs_segments() {
         "{rows:?}"
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `flashpack inspect P | head`: the reader is gone before flashpack writes. The process
+    // ends on SIGPIPE like other Unix tools, not with a panic about a failed print.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_small_pack(dir.path(), 16384);
+    for args in [vec!["inspect"], vec!["inspect", "--json"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .args(&args)
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert!(
+                out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+                "{args:?}: {:?}",
+                out.status
+            );
+        }
+    }
+}

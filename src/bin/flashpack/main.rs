@@ -42,6 +42,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`flashpack inspect P | head`) ends the
+    // process quietly, as it does for other Unix tools, instead of a panic in `println!`
+    // (Rust starts programs with SIGPIPE ignored, so writes fail with EPIPE).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
