@@ -406,3 +406,83 @@ fn prompt_longer_than_the_context_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn run_takes_a_prompt_file_refuses_non_files_and_bounds_the_queue_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("tiny.flashpack");
+    let p = pack.to_str().unwrap();
+    let src = fixture("qwen3moe-tiny");
+    assert!(
+        flashpack(&["convert", src.to_str().unwrap(), "-o", p, "--quiet"])
+            .status
+            .success()
+    );
+    let base = ["run", p, "--max-tokens", "6", "--raw"];
+    let want = flashpack(&[&base[..], &["--prompt", "The history of"]].concat());
+    assert!(
+        want.status.success(),
+        "{}",
+        String::from_utf8_lossy(&want.stderr)
+    );
+
+    // --prompt-file FILE and --prompt-file - (standard input) give the same text.
+    let file = dir.path().join("prompt.txt");
+    std::fs::write(&file, "The history of").unwrap();
+    let got = flashpack(&[&base[..], &["--prompt-file", file.to_str().unwrap()]].concat());
+    assert_eq!(got.stdout, want.stdout);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(base)
+        .args(["--prompt-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"The history of")
+        .unwrap();
+    assert_eq!(child.wait_with_output().unwrap().stdout, want.stdout);
+    // Neither, or both: usage errors.
+    assert_eq!(flashpack(&base).status.code(), Some(2));
+    let both = flashpack(
+        &[
+            &base[..],
+            &["--prompt", "x", "--prompt-file", file.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert_eq!(both.status.code(), Some(2));
+    let missing = flashpack(&[&base[..], &["--prompt-file", "/nonexistent/prompt.txt"]].concat());
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/prompt.txt"));
+
+    // A queue depth that would spawn millions of threads is a usage error.
+    let deep = flashpack(&[&base[..], &["--prompt", "x", "--queue-depth", "100000000"]].concat());
+    assert_eq!(deep.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&deep.stderr).contains("1 to 256"));
+
+    // A folder or a FIFO given as PACK: a clear error at once, not "No such device" or a hang.
+    let fifo = dir.path().join("pipe.flashpack");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (path, says) in [
+        (dir.path(), "is a folder"),
+        (fifo.as_path(), "not a regular file"),
+    ] {
+        for cmd in [
+            vec!["run", path.to_str().unwrap(), "--prompt", "x"],
+            vec!["inspect", path.to_str().unwrap()],
+            vec!["verify", path.to_str().unwrap()],
+        ] {
+            let out = flashpack(&cmd);
+            assert_eq!(out.status.code(), Some(1), "{cmd:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(says), "{cmd:?}: {err}");
+        }
+    }
+}

@@ -35,6 +35,22 @@ pub struct Pack {
 impl Pack {
     /// Maps and opens the pack at `path`.
     pub fn open(path: &Path) -> Result<Pack, PackError> {
+        // Opening a FIFO for reading would wait for a writer forever, and a folder or device
+        // gives a confusing error: refuse anything but a regular file first.
+        let meta = std::fs::metadata(path).map_err(|e| PackError::io(path, e))?;
+        if meta.is_dir() {
+            return Err(PackError::NotAPack {
+                reason: format!("{} is a folder", path.display()),
+            });
+        }
+        if !meta.is_file() {
+            return Err(PackError::NotAPack {
+                reason: format!(
+                    "{} is not a regular file (a pipe, socket or device)",
+                    path.display()
+                ),
+            });
+        }
         let bytes = Bytes::map(path).map_err(|e| PackError::io(path, e))?;
         let mut pack = Pack::from_bytes(bytes)?;
         pack.path = Some(path.to_path_buf());

@@ -19,8 +19,15 @@ pub struct RunArgs {
     /// The .flashpack file.
     pub pack: PathBuf,
     /// The prompt text.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(
+        long,
+        required_unless_present = "prompt_file",
+        conflicts_with = "prompt_file"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file instead (`-` reads standard input).
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// 0 is greedy.
@@ -48,8 +55,8 @@ pub struct RunArgs {
     /// How experts come off the disk.
     #[arg(long, default_value = "pread")]
     pub io: IoMode,
-    /// Expert reads in flight at once.
-    #[arg(long, default_value_t = 8)]
+    /// Expert reads in flight at once (1 to 256).
+    #[arg(long, default_value_t = 8, value_parser = parse_queue_depth)]
     pub queue_depth: usize,
     /// Cache eviction policy: lru, lfu or profile.
     #[arg(long, default_value = "profile")]
@@ -79,7 +86,39 @@ pub struct RunArgs {
 /// Most prompt tokens per forward call (mlx-lm's `prefill_step_size`).
 const PREFILL_STEP: usize = 2048;
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// `--queue-depth`: each read in flight is a thread, so a bound keeps a typo from spawning
+/// millions of them.
+fn parse_queue_depth(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_QUEUE_DEPTH).contains(&n) => Ok(n),
+        _ => Err(format!("use a number of reads from 1 to {MAX_QUEUE_DEPTH}")),
+    }
+}
+
+const MAX_QUEUE_DEPTH: usize = 256;
+
+/// The prompt from `--prompt`, or from `--prompt-file` (`-`: standard input).
+fn prompt_text(args: &RunArgs) -> anyhow::Result<String> {
+    use std::io::Read;
+    match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the prompt from standard input")?;
+            Ok(text)
+        }
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the prompt from {}", path.display())),
+        (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
+    }
+}
+
+pub fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
+    let prompt = prompt_text(&args)?;
+    args.prompt = Some(prompt);
+    let prompt = args.prompt.clone().unwrap_or_default();
     let (pack, cfg, weights) = open::open(&args.pack, args.verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let tokenizer = open::tokenizer(&pack)?;
@@ -95,7 +134,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let positions = cfg
         .max_position_embeddings
         .unwrap_or(usize::MAX)
-        .min(args.prompt.len() + args.max_tokens) as u64;
+        .min(prompt.len() + args.max_tokens) as u64;
     let kv = cfg.num_hidden_layers as u64
         * 2
         * (cfg.num_key_value_heads * cfg.head_dim) as u64
@@ -165,11 +204,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let text = if args.raw {
-        args.prompt.clone()
+        prompt.clone()
     } else {
         match open::chat_template(&pack) {
-            Some(template) => render_chat(&template, &args.prompt, &pack)?,
-            None => args.prompt.clone(),
+            Some(template) => render_chat(&template, &prompt, &pack)?,
+            None => prompt.clone(),
         }
     };
     let ids = tokenizer
@@ -245,6 +284,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = writeln!(stdout);
     let _ = stdout.flush();
     let cpu_end = process_cpu_s();
+    if stats.stop_reason == "context" {
+        eprintln!(
+            "note: generation stopped at the model's context length ({} tokens)",
+            cfg.max_position_embeddings.unwrap_or(0)
+        );
+    }
     let at_first_token = phases.at_first_token.take();
     let cache_stats = experts.cache_stats();
     let stream = experts.stats.clone();
