@@ -96,3 +96,74 @@ fn bad_input_exits_1_with_a_message_and_leaves_no_file() {
     assert_eq!(o.status.code(), Some(1));
     assert!(!dest.exists());
 }
+
+#[test]
+fn destinations_that_would_lose_data_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of the bundled model, so that nothing of the fixture can be harmed.
+    let src = dir.path().join("tiny");
+    std::fs::create_dir(&src).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
+    }
+    let shard = src.join("model-00004-of-00004.safetensors");
+    let before = std::fs::read(&shard).unwrap();
+    let link = dir.path().join("link.flashpack");
+    std::os::unix::fs::symlink(&shard, &link).unwrap();
+    let fifo = dir.path().join("fifo.flashpack");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let newdir = format!("{}/newdir/", dir.path().display());
+    let missing = dir.path().join("no/such/folder/m.flashpack");
+    for (dest, says) in [
+        (s(&shard).to_string(), "a file of the source"),
+        (
+            s(&src.join("config.json")).to_string(),
+            "a file of the source",
+        ),
+        (s(&link).to_string(), "a file of the source"),
+        (s(&fifo).to_string(), "not a regular file"),
+        ("/dev/null".to_string(), "not a regular file"),
+        (newdir, "ends with a slash"),
+        (s(&missing).to_string(), "does not exist"),
+    ] {
+        let out = flashpack(&["convert", s(&src), "-o", &dest, "--quiet"]);
+        assert_eq!(out.status.code(), Some(1), "{dest}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{dest}: {err}");
+    }
+    assert_eq!(
+        std::fs::read(&shard).unwrap(),
+        before,
+        "the source shard changed"
+    );
+    assert!(std::fs::read_link(&link).is_ok(), "the link was replaced");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".flashpack-tmp-")
+        })
+        .collect();
+    assert!(leftovers.is_empty());
+
+    // A new pack inside the source folder is fine, and gets the umask's permissions.
+    // SAFETY: umask only sets this process's file mode mask (inherited by the child).
+    let old = unsafe { libc::umask(0o022) };
+    let inside = src.join("packed.flashpack");
+    let out = flashpack(&["convert", s(&src), "-o", s(&inside), "--quiet"]);
+    unsafe { libc::umask(old) };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&inside).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
+}

@@ -56,6 +56,58 @@ pub enum ConvertError {
     },
     #[error("{what}")]
     Unsupported { what: String },
+    #[error("cannot write the pack to {path}: {why}")]
+    Destination { path: PathBuf, why: String },
+}
+
+/// Refuses a destination the conversion must not write: one ending in a slash (a folder, not a
+/// file name), one in a folder that does not exist, an existing file that is not a regular file
+/// (a device or a pipe, which renaming over would replace), or any file the conversion reads
+/// (`inputs`), through whatever links. Checked before any work, so a bad `-o` costs nothing.
+pub fn check_destination(dest: &std::path::Path, inputs: &[PathBuf]) -> Result<(), ConvertError> {
+    let bad = |why: String| ConvertError::Destination {
+        path: dest.to_path_buf(),
+        why,
+    };
+    let text = dest.as_os_str().to_string_lossy();
+    if text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
+        return Err(bad(
+            "it ends with a slash; give a file name such as DIR/model.flashpack".into(),
+        ));
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad(format!(
+            "the folder {} does not exist; create it first",
+            parent.display()
+        )));
+    }
+    if let Ok(meta) = std::fs::metadata(dest) {
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(bad(
+                "it exists and is not a regular file (a device, pipe or socket); \
+                 writing the pack would replace it"
+                    .into(),
+            ));
+        }
+        if let Ok(target) = std::fs::canonicalize(dest) {
+            let read = inputs
+                .iter()
+                .filter_map(|p| std::fs::canonicalize(p).ok())
+                .any(|p| p == target);
+            if read {
+                return Err(bad(format!(
+                    "it is a file of the source ({}), which the conversion reads; write the \
+                     pack elsewhere",
+                    target.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What to produce. `Default` is the plain conversion: 4-bit experts, group 64, 4-bit dense
@@ -222,6 +274,8 @@ pub fn convert(
     progress: &dyn Progress,
 ) -> Result<ConvertReport, ConvertError> {
     opts.check()?;
+    // Before any download: the destination's own problems (the source's files are known later).
+    check_destination(output, &[])?;
     let t0 = Instant::now();
     progress.stage("load", None, "");
     let ck = Checkpoint::open_spec(source, resolver)?;
@@ -238,6 +292,7 @@ pub fn convert_checkpoint(
     t0: Instant,
 ) -> Result<ConvertReport, ConvertError> {
     opts.check()?;
+    check_destination(output, &ck.input_files())?;
     let mut stages = vec![StageTime::ended("load", t0)];
     // profile: how the routers use the experts, when an option needs it.
     let profile = if profile::needed(opts) {

@@ -121,8 +121,16 @@ impl PackWriter {
                 ),
             });
         }
-        let tmp = tempfile::Builder::new()
-            .prefix(".flashpack-tmp-")
+        // Created with mode 0666 less the umask, like any other file (tempfile's default is
+        // 0600, which the rename would carry over to the pack).
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".flashpack-tmp-");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let tmp = builder
             .tempfile_in(&dir)
             .map_err(|e| PackError::io(&dir, e))?;
         let file = tmp.reopen().map_err(|e| PackError::io(tmp.path(), e))?;

@@ -635,6 +635,21 @@ impl Checkpoint {
         }
     }
 
+    /// Every file of the source folder that a conversion reads: the fingerprinted ones, and the
+    /// tokenizer and generation files that go into the metadata.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.hash_jobs().into_iter().map(|(_, p, _)| p).collect();
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "chat_template.jinja",
+        ] {
+            files.push(self.root.join(name));
+        }
+        files
+    }
+
     /// Files to fingerprint: `config.json`, the index (if any), every shard.
     fn hash_jobs(&self) -> Vec<(String, PathBuf, Option<&Bytes>)> {
         let mut names: Vec<String> = vec!["config.json".into()];
