@@ -134,3 +134,21 @@ fn output_into_a_closed_pipe_ends_quietly() {
         }
     }
 }
+
+#[test]
+fn an_error_names_its_cause_once() {
+    for cmd in [
+        vec!["inspect", "/nonexistent/x.flashpack"],
+        vec!["verify", "/nonexistent/x.flashpack"],
+        vec!["run", "/nonexistent/x.flashpack", "--prompt", "x"],
+    ] {
+        let out = flashpack(&cmd);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.matches("No such file or directory").count(),
+            1,
+            "{cmd:?}: {err}"
+        );
+    }
+}
