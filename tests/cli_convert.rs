@@ -167,3 +167,88 @@ fn destinations_that_would_lose_data_are_refused_before_any_work() {
     let mode = std::fs::metadata(&inside).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o644);
 }
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".flashpack-tmp-"))
+        .collect()
+}
+
+#[test]
+fn an_interrupted_convert_leaves_no_temp_file_and_stale_ones_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Large enough that the conversion is still writing when the signal comes.
+    let src = dir.path().join("src");
+    FixtureSpec {
+        hidden_size: 512,
+        num_layers: 4,
+        num_experts: 32,
+        top_k: 4,
+        moe_intermediate_size: 512,
+        ..FixtureSpec::tiny(Arch::Qwen3Moe)
+    }
+    .write(&src)
+    .unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let dest = out_dir.join("m.flashpack");
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .args(["convert", s(&src), "-o", s(&dest), "--quiet"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for the temporary pack to appear, then interrupt.
+        let started = std::time::Instant::now();
+        while temp_files(&out_dir).is_empty() && started.elapsed().as_secs() < 60 {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        if status.signal() == Some(sig) {
+            assert!(
+                temp_files(&out_dir).is_empty(),
+                "{sig}: {:?}",
+                temp_files(&out_dir)
+            );
+            assert!(!dest.exists());
+        } else {
+            // It finished before the signal: nothing to clean up either way.
+            assert!(status.success());
+            std::fs::remove_file(&dest).unwrap();
+        }
+    }
+
+    // A temporary file of a process that is gone (as after kill -9) is removed, and said so.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let stale = out_dir.join(format!(".flashpack-tmp-{pid}-abc123"));
+    std::fs::write(&stale, b"partial pack").unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(["convert", s(&tiny), "-o", s(&dest)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stale.exists());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("removed {}", stale.display())),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(temp_files(&out_dir).is_empty());
+}

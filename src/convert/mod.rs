@@ -251,6 +251,8 @@ pub struct ConvertReport {
     pub requantized_source: bool,
     /// Stored experts among them.
     pub requantized_experts: usize,
+    /// Temporary files of interrupted conversions found beside the output and removed.
+    pub removed_stale_temp_files: Vec<PathBuf>,
     pub seconds: f64,
     pub stages: Vec<StageTime>,
     /// Bytes of the source's weight files.
@@ -414,6 +416,7 @@ pub fn convert_checkpoint(
         requantized_source: ck.mlx_quantization.is_some()
             && (!opts.keep_source_codes || stored_quant.requantized_experts > 0),
         requantized_experts: stored_quant.requantized_experts,
+        removed_stale_temp_files: summary.removed_stale_temp_files.clone(),
         seconds,
         stages,
         source_bytes,

@@ -8,6 +8,7 @@ mod error;
 mod header;
 pub mod layout;
 mod read;
+pub mod tempfiles;
 mod verify;
 mod write;
 

@@ -69,6 +69,8 @@ pub struct PackSummary {
     pub required_features: u64,
     pub optional_features: u64,
     pub blake3: String,
+    /// Temporary files of interrupted writers that this one found in the folder and removed.
+    pub removed_stale_temp_files: Vec<PathBuf>,
 }
 
 enum Phase {
@@ -80,6 +82,9 @@ enum Phase {
 pub struct PackWriter {
     dest: PathBuf,
     tmp: tempfile::NamedTempFile<File>,
+    /// Removes the temporary file on SIGINT / SIGTERM until the pack is renamed into place.
+    cleanup: super::tempfiles::Registered,
+    removed_stale: Vec<PathBuf>,
     out: BufWriter<File>,
     hasher_pos: u64,
     planner: Planner,
@@ -124,7 +129,8 @@ impl PackWriter {
         // Created with mode 0666 less the umask, like any other file (tempfile's default is
         // 0600, which the rename would carry over to the pack).
         let mut builder = tempfile::Builder::new();
-        builder.prefix(".flashpack-tmp-");
+        let prefix = super::tempfiles::prefix();
+        builder.prefix(&prefix);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -133,6 +139,8 @@ impl PackWriter {
         let tmp = builder
             .tempfile_in(&dir)
             .map_err(|e| PackError::io(&dir, e))?;
+        let cleanup = super::tempfiles::register(tmp.path());
+        let removed_stale = super::tempfiles::remove_stale(&dir);
         let file = tmp.reopen().map_err(|e| PackError::io(tmp.path(), e))?;
         let mut planner = Planner::new(page_size, SECTION_COUNT);
         let dense_start = planner.align_page();
@@ -140,6 +148,8 @@ impl PackWriter {
             dest: dest.to_path_buf(),
             out: BufWriter::with_capacity(1 << 20, file),
             tmp,
+            cleanup,
+            removed_stale,
             hasher_pos: 0,
             planner,
             page_size,
@@ -377,6 +387,7 @@ impl PackWriter {
         self.tmp
             .persist(&self.dest)
             .map_err(|e| PackError::io(&self.dest, e.error))?;
+        drop(self.cleanup);
         sync_parent(&self.dest);
         let dense_bytes: u64 = self.tensors.iter().map(|t| t.stored_len).sum();
         let expert_bytes: u64 = self.experts.iter().map(|e| e.stored_len).sum();
@@ -393,6 +404,7 @@ impl PackWriter {
             required_features: required,
             optional_features: optional,
             blake3: header_hash,
+            removed_stale_temp_files: self.removed_stale,
         })
     }
 }

@@ -185,6 +185,12 @@ fn print_report(r: &ConvertReport) {
         })
         .collect();
     println!("  stages: {}", stages.join(", "));
+    for f in &r.removed_stale_temp_files {
+        println!(
+            "  removed {}: a temporary file left by an interrupted conversion",
+            f.display()
+        );
+    }
     if r.requantized_source {
         println!(
             "  note: some of the source's MLX codes were requantized ({} experts): the options ask \
