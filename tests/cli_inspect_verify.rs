@@ -152,3 +152,44 @@ fn an_error_names_its_cause_once() {
         );
     }
 }
+
+#[test]
+fn inspect_escapes_control_characters_from_the_metadata() {
+    // The provenance records the source folder's name; a crafted one must not reach the
+    // terminal as an escape sequence or a forged line.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("evil\u{1b}[2J\nsource        forged");
+    std::fs::create_dir(&src).unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
+    }
+    let pack = dir.path().join("p.flashpack");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .arg("convert")
+        .arg(&src)
+        .arg("-o")
+        .arg(&pack)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = flashpack(&["inspect", pack.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        !out.stdout.contains(&0x1b),
+        "an escape byte reached the output"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("source  ")).count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("\\u{1b}[2J\\nsource"), "{text}");
+}

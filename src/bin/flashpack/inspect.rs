@@ -52,7 +52,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         args.pack.display(),
         r.format_version
     );
-    println!("architecture  {}", r.architecture);
+    println!("architecture  {}", clean(&r.architecture));
     println!(
         "layers        {}  (hidden {}, expert rows {})",
         r.layers, r.hidden_size, r.intermediate_size
@@ -97,30 +97,49 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let p = &r.provenance;
     println!(
         "source        {}  revision {}",
-        p["source"].as_str().unwrap_or("?"),
-        p["revision"].as_str().unwrap_or("-")
+        clean(p["source"].as_str().unwrap_or("?")),
+        clean(p["revision"].as_str().unwrap_or("-"))
     );
     println!(
         "tool          {} {}",
-        p["tool"].as_str().unwrap_or("?"),
-        p["tool_version"].as_str().unwrap_or("?")
+        clean(p["tool"].as_str().unwrap_or("?")),
+        clean(p["tool_version"].as_str().unwrap_or("?"))
     );
     if let Some(files) = p["files"].as_array() {
         println!("source files  {}", files.len());
         for f in files {
             println!(
                 "  {}  {}  {}",
-                f["blake3"].as_str().unwrap_or("?"),
+                clean(f["blake3"].as_str().unwrap_or("?")),
                 f["size"],
-                f["name"].as_str().unwrap_or("?")
+                clean(f["name"].as_str().unwrap_or("?"))
             );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// A string from the pack's metadata, safe to print on a terminal: control characters (escape
+/// sequences, newlines, carriage returns) are shown escaped instead of acting on the terminal.
+fn clean(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 fn print_profile(p: &flashpack::convert::profile::ProfileView) {
-    let tasks: Vec<String> = p.tasks.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let tasks: Vec<String> = p
+        .tasks
+        .iter()
+        .map(|(k, n)| format!("{} {n}", clean(k)))
+        .collect();
     println!(
         "profile       {} calibration tokens ({})",
         p.tokens,
