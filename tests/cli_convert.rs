@@ -252,3 +252,22 @@ fn an_interrupted_convert_leaves_no_temp_file_and_stale_ones_are_removed() {
     );
     assert!(temp_files(&out_dir).is_empty());
 }
+
+#[test]
+fn an_invalid_tokenizer_fails_the_convert_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(src.join("tokenizer.json"), r#"{"model":5}"#).unwrap();
+    let dest = dir.path().join("m.flashpack");
+    let out = flashpack(&["convert", s(&src), "-o", s(&dest), "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokenizer.json is not a tokenizer"), "{err}");
+    assert!(!dest.exists());
+}

@@ -60,6 +60,28 @@ pub enum ConvertError {
     Destination { path: PathBuf, why: String },
 }
 
+/// A `tokenizer.json` that is present must be one the runtime can load: found now, not when
+/// `run` first needs it. (A source without one converts; its pack takes token ids only.)
+fn check_tokenizer(ck: &Checkpoint) -> Result<(), ConvertError> {
+    let path = ck.root().join("tokenizer.json");
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| ConvertError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    text.parse::<tokenizers::Tokenizer>()
+        .map(|_| ())
+        .map_err(|e| ConvertError::Unsupported {
+            what: format!(
+                "{} is not a tokenizer that can be loaded ({e}); replace it with the model's own \
+                 tokenizer.json",
+                path.display()
+            ),
+        })
+}
+
 /// Refuses a destination the conversion must not write: one ending in a slash (a folder, not a
 /// file name), one in a folder that does not exist, an existing file that is not a regular file
 /// (a device or a pipe, which renaming over would replace), or any file the conversion reads
@@ -295,6 +317,7 @@ pub fn convert_checkpoint(
 ) -> Result<ConvertReport, ConvertError> {
     opts.check()?;
     check_destination(output, &ck.input_files())?;
+    check_tokenizer(ck)?;
     let mut stages = vec![StageTime::ended("load", t0)];
     // profile: how the routers use the experts, when an option needs it.
     let profile = if profile::needed(opts) {
