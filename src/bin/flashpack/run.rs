@@ -115,10 +115,8 @@ fn prompt_text(args: &RunArgs) -> anyhow::Result<String> {
     }
 }
 
-pub fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let prompt = prompt_text(&args)?;
-    args.prompt = Some(prompt);
-    let prompt = args.prompt.clone().unwrap_or_default();
     let (pack, cfg, weights) = open::open(&args.pack, args.verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let tokenizer = open::tokenizer(&pack)?;

@@ -123,9 +123,29 @@ fn decode_alone(
     out: &mut [u8],
     stream: usize,
 ) -> Result<(), CodecError> {
-    let mut one = [Reader::new(start)];
+    finish_stream(
+        table,
+        src,
+        Reader::new(start),
+        out,
+        0,
+        (start, stored, stream),
+    )
+}
+
+/// Decodes `out[done..]` of one stream whose reader `r` has produced `out[..done]`: the fast
+/// loop while the stream's input allows, then the checked reader; then checks the stream ends
+/// where its stored length says. `(start, stored, stream)` locate the stream for that check.
+fn finish_stream(
+    table: &[u16; TABLE_SIZE],
+    src: &[u8],
+    r: Reader,
+    out: &mut [u8],
+    mut done: usize,
+    (start, stored, stream): (usize, usize, usize),
+) -> Result<(), CodecError> {
+    let mut one = [r];
     let mut outs = [out];
-    let mut done = 0;
     loop {
         let by_out = (outs[0].len() - done) / SYMS_PER_REFILL;
         let by_in = src.len().saturating_sub(one[0].pos + 8) / MAX_ADVANCE;
@@ -287,25 +307,15 @@ fn decode_streams<const N: usize>(
     // segment's end) nears the end of its input; the others finish alone, still on the fast
     // loop where their input allows, then on the checked reader.
     for s in 0..N {
-        let mut one = [rs[s]];
-        let mut out = [&mut *outs[s]];
-        let mut done = i.min(out[0].len());
-        loop {
-            let by_out = (out[0].len() - done) / SYMS_PER_REFILL;
-            let by_in = src.len().saturating_sub(one[0].pos + 8) / MAX_ADVANCE;
-            let k = by_out.min(by_in);
-            if k == 0 {
-                break;
-            }
-            // SAFETY: as above, for this one stream: k <= by_in and done + 5k <= its length.
-            done = unsafe { fast_loop(table, src, &mut one, &mut out, done, k) };
-        }
-        let r = &mut one[0];
-        for o in out[0][done..].iter_mut() {
-            r.refill_tail(src);
-            *o = r.symbol(table);
-        }
-        check_end(r, starts[s], h.stream_lens[s], s)?;
+        let done = i.min(outs[s].len());
+        finish_stream(
+            table,
+            src,
+            rs[s],
+            &mut *outs[s],
+            done,
+            (starts[s], h.stream_lens[s], s),
+        )?;
     }
     Ok(())
 }
