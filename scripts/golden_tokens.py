@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Greedy goldens of mlx-lm on mlx-lm conversions of the bundled trained model (issue 13).
 
-For each bit width, `mlx_lm convert -q --q-bits B --q-group-size 64 fixtures/qwen3moe-tiny`, then
+For each bit width, `mlx_lm convert -q --q-bits B --q-group-size 64 fixtures/qwen3moe-tiny` (and for
+mlx-lm's mixed recipes, `--quant-predicate mixed_2_6` / `mixed_3_4`, group 64), then
 20 greedy tokens for each prompt with mlx-lm's KV cache, and at every step the gap between the top-2
 log-probabilities. A prompt whose smallest gap is below 0.06 can be decided by bf16 rounding, so
 tests compare only the others. Writes fixtures/golden/tokens-qwen3moe-tiny.json:
-{"q{B}": [{"prompt", "ids", "text", "min_gap"}, ...], ...}.
+{"q{B}" or recipe: [{"prompt", "ids", "text", "min_gap"}, ...], ...}.
 
   python3 scripts/golden_tokens.py [--out FILE]
 """
@@ -17,8 +18,10 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BITS = [2, 3, 4, 6, 8]
+RECIPES = {f"q{b}": ["--q-bits", str(b), "--q-group-size", "64"] for b in [2, 3, 4, 6, 8]}
+RECIPES.update({r: ["--quant-predicate", r] for r in ["mixed_2_6", "mixed_3_4"]})
 PROMPTS = ["The history of", "Once upon a time", "def fibonacci(n):", "The capital of France is",
+           "The best way to learn", "Water is made of", "import numpy as np", "My favourite food is",
            "In 1905, Albert Einstein"]
 STEPS = 20
 
@@ -54,13 +57,12 @@ def main():
     src = os.path.join(ROOT, "fixtures/qwen3moe-tiny")
     goldens = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for bits in BITS:
-            folder = os.path.join(tmp, f"q{bits}")
+        for name, args in RECIPES.items():
+            folder = os.path.join(tmp, name)
             subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", src,
-                            "--mlx-path", folder, "-q", "--q-bits", str(bits),
-                            "--q-group-size", "64"], check=True, capture_output=True)
-            goldens[f"q{bits}"] = greedy(folder)
-            print(f"q{bits}: min gaps {[g['min_gap'] for g in goldens[f'q{bits}']]}", file=sys.stderr)
+                            "--mlx-path", folder, "-q", *args], check=True, capture_output=True)
+            goldens[name] = greedy(folder)
+            print(f"{name}: min gaps {[g['min_gap'] for g in goldens[name]]}", file=sys.stderr)
     with open(a.out, "w") as f:
         json.dump(goldens, f, indent=1, sort_keys=True)
         f.write("\n")

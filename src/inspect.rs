@@ -50,8 +50,14 @@ pub struct PackReport {
     pub dense: KindStats,
     pub experts: KindStats,
     pub overall: KindStats,
-    /// Expert stored bytes and weights by bits ("4-bit", "2-bit").
+    /// Expert stored bytes and weights by bits ("4-bit", "2-bit"; "2/2/6-bit" for an expert whose
+    /// gate, up and down projections have 2, 2 and 6 bits).
     pub expert_bits: BTreeMap<String, KindStats>,
+    /// Per layer: how many stored experts have each bits label.
+    pub expert_bits_by_layer: BTreeMap<u32, BTreeMap<String, u32>>,
+    /// Dense stored bytes and weights by bits ("8-bit", "4-bit", "float" for unquantized
+    /// tensors); scales and biases count with their codes.
+    pub dense_bits: BTreeMap<String, KindStats>,
     /// Segment parts by codec: how many parts and stored bytes.
     pub codecs: BTreeMap<String, (u64, u64)>,
     pub page_size: u32,
@@ -63,13 +69,14 @@ pub struct PackReport {
     pub quantization: Value,
 }
 
-const REQUIRED_NAMES: [(u64, &str); 6] = [
+const REQUIRED_NAMES: [(u64, &str); 7] = [
     (required::CODEC_HUFFMAN, "CODEC_HUFFMAN"),
     (required::CODEC_ZSTD, "CODEC_ZSTD"),
     (required::CODEC_LZ4, "CODEC_LZ4"),
     (required::MERGED_EXPERTS, "MERGED_EXPERTS"),
     (required::VERTICAL_SEGMENTS, "VERTICAL_SEGMENTS"),
     (required::MIXED_EXPERT_BITS, "MIXED_EXPERT_BITS"),
+    (required::PROJECTION_BITS, "PROJECTION_BITS"),
 ];
 const OPTIONAL_NAMES: [(u64, &str); 2] = [
     (optional::EXPERT_PROFILE, "EXPERT_PROFILE"),
@@ -81,8 +88,19 @@ impl PackReport {
         let meta = pack.metadata();
         let h = pack.hidden_size() as u64;
         let mut dense = KindStats::default();
+        let mut dense_bits: BTreeMap<String, KindStats> = BTreeMap::new();
+        let code_bits: BTreeMap<&str, u8> = pack
+            .tensors()
+            .iter()
+            .filter(|t| t.bits > 0)
+            .filter_map(|t| Some((t.name.strip_suffix(".weight")?, t.bits)))
+            .collect();
         for t in pack.tensors() {
-            let weights = if t.name.ends_with(".scales") || t.name.ends_with(".biases") {
+            let module = t
+                .name
+                .strip_suffix(".scales")
+                .or_else(|| t.name.strip_suffix(".biases"));
+            let weights = if module.is_some() {
                 0
             } else if t.bits > 0 {
                 let numel: u64 = t.shape.iter().product();
@@ -91,11 +109,26 @@ impl PackReport {
                 t.shape.iter().product()
             };
             dense.add(t.stored_len, weights);
+            let bits = match module {
+                Some(m) => code_bits.get(m).copied().unwrap_or(0),
+                None => t.bits,
+            };
+            let label = if bits > 0 {
+                format!("{bits}-bit")
+            } else {
+                "float".to_string()
+            };
+            dense_bits
+                .entry(label)
+                .or_default()
+                .add(t.stored_len, weights);
         }
+        dense_bits.values_mut().for_each(KindStats::finish);
         let mut experts = KindStats::default();
         let mut by_bits: BTreeMap<String, KindStats> = BTreeMap::new();
         let mut codecs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut per_layer: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut bits_by_layer: BTreeMap<u32, BTreeMap<String, u32>> = BTreeMap::new();
         for e in pack.experts() {
             let weights = 3 * e.row_count as u64 * h;
             experts.add(e.stored_len, weights);
@@ -118,6 +151,11 @@ impl PackReport {
             );
             if e.segment == 0 {
                 *per_layer.entry(e.layer).or_default() += 1;
+                *bits_by_layer
+                    .entry(e.layer)
+                    .or_default()
+                    .entry(format!("{}-bit", e.bits))
+                    .or_default() += 1;
             }
         }
         let mut overall = KindStats::default();
@@ -160,6 +198,8 @@ impl PackReport {
             experts,
             overall,
             expert_bits: by_bits,
+            expert_bits_by_layer: bits_by_layer,
+            dense_bits,
             codecs,
             page_size: header.page_size,
             padding_bytes: padding,

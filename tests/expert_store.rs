@@ -3,7 +3,7 @@
 //! evictions.
 
 use flashpack::codec::{self, Codec};
-use flashpack::format::{DType, ExpertSegmentDesc, Pack, PackWriter};
+use flashpack::format::{DType, ExpertSegmentDesc, Pack, PackWriter, ProjBits};
 use flashpack::mlx::{self, Array, QuantizedMatrix};
 use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::read::IoMode;
@@ -125,7 +125,7 @@ fn write_pack(dir: &std::path::Path, segments: usize) -> std::path::PathBuf {
                         segment_count: segments as u16,
                         row_start: r0 as u32,
                         row_count: r as u32,
-                        bits: BITS as u8,
+                        bits: ProjBits::uniform(BITS as u8),
                         group_size: G as u32,
                         scale_dtype: DType::BF16,
                         weight_codec: wc as u8,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use flashpack::format::{required, Pack, PackError, SectionKind, MAGIC};
+use flashpack::format::{required, Pack, PackError, ProjBits, SectionKind, MAGIC};
 use flashpack::mapped::Bytes;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -44,7 +44,7 @@ fn bytes_follow_the_spec_offsets() {
     assert_eq!(&b[0..8], &MAGIC);
     assert_eq!(&b[0..8], b"\x89FPACK\r\n");
     assert_eq!(u16_at(&b, 8), 1);
-    assert_eq!(u16_at(&b, 10), 0);
+    assert_eq!(u16_at(&b, 10), 1);
     assert_eq!(u32_at(&b, 12), 64);
     assert_eq!(
         u64_at(&b, 16),
@@ -257,7 +257,7 @@ fn writer_refuses_unsorted_input_and_bad_shapes() {
         segment_count: 1,
         row_start: 0,
         row_count: 100, // not a multiple of the group size
-        bits: 4,
+        bits: ProjBits::uniform(4),
         group_size: 64,
         scale_dtype: flashpack::format::DType::BF16,
         weight_codec: 0,
@@ -283,4 +283,82 @@ fn missing_destination_folder_is_a_clear_error() {
     .unwrap();
     assert!(matches!(err, PackError::Io { .. }), "{err}");
     assert!(err.to_string().contains("/nonexistent-dir"));
+}
+
+/// §6.1 (format 1.1): an expert whose projections have different bits stores them at offset
+/// 104, `bits` holds the largest, and the pack declares `PROJECTION_BITS`; uniform experts keep
+/// the 1.0 bytes (zeros). A reader refuses inconsistent values and undeclared use.
+#[test]
+fn projection_bits_round_trip_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = ProjBits([2, 2, 6]);
+    let path = write_small_pack_with_bits(dir.path(), 4096, |layer, expert| {
+        if (layer, expert) == (1, 1) {
+            split
+        } else {
+            ProjBits::uniform(4)
+        }
+    });
+    let pack = Pack::open(&path).unwrap();
+    for e in pack.experts() {
+        let want = if (e.layer, e.expert) == (1, 1) {
+            split
+        } else {
+            ProjBits::uniform(4)
+        };
+        assert_eq!(e.bits, want, "{:?}", e.key());
+        // rows * hidden * (2 + 2 + 6) / 8 for the split expert.
+        assert_eq!(
+            e.weights_decoded_len,
+            e.row_count as u64 * HIDDEN as u64 * want.sum() / 8
+        );
+    }
+    let b = std::fs::read(&path).unwrap();
+    assert_eq!(
+        u64_at(&b, 16) & required::PROJECTION_BITS,
+        required::PROJECTION_BITS
+    );
+    let dir_at = sections(&b)
+        .iter()
+        .find(|s| s.0 == SectionKind::ExpertDir as u32)
+        .unwrap()
+        .2 as usize;
+    let entry = |i: usize| dir_at + 16 + 112 * i;
+    // Entries: (0,0,0) (0,1,0) (0,1,1) (1,0,0) (1,1,0) (1,1,1).
+    assert_eq!(b[entry(0) + 12], 4);
+    assert_eq!(&b[entry(0) + 104..entry(0) + 112], &[0u8; 8]);
+    assert_eq!(b[entry(4) + 12], 6);
+    assert_eq!(
+        &b[entry(4) + 104..entry(4) + 112],
+        &[2, 2, 6, 0, 0, 0, 0, 0]
+    );
+
+    let edit = |at: usize, bytes: &[u8]| {
+        let mut c = b.clone();
+        c[at..at + bytes.len()].copy_from_slice(bytes);
+        resign(&mut c);
+        Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c))
+    };
+    for (bytes, field) in [
+        (&[6u8, 6, 6][..], "projection_bits"), // all equal: must be written as zeros
+        (&[2, 2, 7][..], "projection_bits"),   // not a valid width
+        (&[2, 2, 5][..], "projection_bits"),   // largest differs from `bits`
+        (&[2, 2, 6, 1][..], "reserved"),       // reserved byte
+    ] {
+        let err = edit(entry(4) + 104, bytes).err().unwrap();
+        assert!(
+            matches!(&err, PackError::BadEntry { field: f, .. } if *f == field),
+            "{bytes:?}: {err}"
+        );
+    }
+    // A uniform entry given projection bits that change its size no longer matches its lengths.
+    assert!(edit(entry(0) + 104, &[2, 2, 4]).is_err());
+    // Undeclared use.
+    let mut c = b.clone();
+    c[16] &= !(required::PROJECTION_BITS as u8);
+    resign(&mut c);
+    assert!(matches!(
+        Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c)),
+        Err(PackError::UndeclaredFeature { .. })
+    ));
 }

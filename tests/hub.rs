@@ -12,7 +12,7 @@ use std::process::Command;
 
 use base64::Engine;
 use flashpack::format::{
-    codec_id, segment_part_lens, DType, ExpertSegmentDesc, PackWriter, TensorDesc,
+    codec_id, segment_part_lens, DType, ExpertSegmentDesc, PackWriter, ProjBits, TensorDesc,
 };
 use flashpack::hub::{Hub, HubConfig, HubError, PublishOptions};
 use flashpack::progress::Silent;
@@ -546,7 +546,7 @@ fn pack_with(dir: &Path, extra: Value) -> PathBuf {
         &bytes(7, h as usize * 4),
     )
     .unwrap();
-    let (wl, al) = segment_part_lens(h, i, 4, 64, DType::BF16).unwrap();
+    let (wl, al) = segment_part_lens(h, i, ProjBits::uniform(4), 64, DType::BF16).unwrap();
     w.add_expert_segment(
         ExpertSegmentDesc {
             layer: 0,
@@ -555,7 +555,7 @@ fn pack_with(dir: &Path, extra: Value) -> PathBuf {
             segment_count: 1,
             row_start: 0,
             row_count: i,
-            bits: 4,
+            bits: ProjBits::uniform(4),
             group_size: 64,
             scale_dtype: DType::BF16,
             weight_codec: codec_id::RAW,

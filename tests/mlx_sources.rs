@@ -9,7 +9,7 @@ use std::process::Command;
 
 use flashpack::arch::Arch;
 use flashpack::convert::fixtures::FixtureSpec;
-use flashpack::format::Pack;
+use flashpack::format::{required, Pack, ProjBits};
 use flashpack::mlx;
 use flashpack::run::compute::Model;
 use flashpack::run::experts::{ExpertCache, StoreOptions};
@@ -114,6 +114,43 @@ fn source(dir: &Path, arch: Arch) -> PathBuf {
     src
 }
 
+/// One `mlx_lm convert -q` recipe.
+#[derive(Clone, Copy)]
+enum Recipe {
+    /// `--q-bits B --q-group-size G`.
+    Uniform(u8, usize),
+    /// `--quant-predicate NAME`: gate and up at `low` bits, `down_proj` at `high` bits in the
+    /// first and last eighth of the layers and every third one between (group 64).
+    Mixed(&'static str, u8, u8),
+}
+
+impl Recipe {
+    fn label(self) -> String {
+        match self {
+            Recipe::Uniform(b, g) => format!("q{b}-g{g}"),
+            Recipe::Mixed(name, ..) => name.to_string(),
+        }
+    }
+
+    fn convert(self, src: &Path, dst: &Path) {
+        match self {
+            Recipe::Uniform(b, g) => mlx_lm_folder(src, dst, b, g),
+            Recipe::Mixed(name, ..) => mlx_lm_convert(src, dst, &["--quant-predicate", name]),
+        }
+    }
+}
+
+const RECIPES: [Recipe; 8] = [
+    Recipe::Uniform(2, 64),
+    Recipe::Uniform(3, 64),
+    Recipe::Uniform(6, 64),
+    Recipe::Uniform(8, 64),
+    Recipe::Uniform(2, 32),
+    Recipe::Uniform(5, 32),
+    Recipe::Mixed("mixed_2_6", 2, 6),
+    Recipe::Mixed("mixed_3_4", 3, 4),
+];
+
 #[test]
 fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
     if !python_has_mlx_lm() {
@@ -123,29 +160,34 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
     let dir = tempfile::tempdir().unwrap();
     for arch in [Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe] {
         let src = source(dir.path(), arch);
-        for (bits, group) in [(2u8, 64usize), (3, 64), (6, 64), (8, 64), (2, 32), (5, 32)] {
-            let what = format!("{} {bits}-bit group {group}", arch.model_type());
+        for recipe in RECIPES {
+            let what = format!("{} {}", arch.model_type(), recipe.label());
             let mlx_dir = dir
                 .path()
-                .join(format!("{}-q{bits}-g{group}", arch.model_type()));
-            mlx_lm_folder(&src, &mlx_dir, bits, group);
+                .join(format!("{}-{}", arch.model_type(), recipe.label()));
+            recipe.convert(&src, &mlx_dir);
             mlx_lm_logits(&mlx_dir);
-            let pack = dir
-                .path()
-                .join(format!("{}-q{bits}-g{group}.flashpack", arch.model_type()));
+            let pack = dir.path().join(format!(
+                "{}-{}.flashpack",
+                arch.model_type(),
+                recipe.label()
+            ));
             let out = flashpack(&[
                 "convert",
                 mlx_dir.to_str().unwrap(),
                 "-o",
                 pack.to_str().unwrap(),
-                "--quiet",
+                "--json",
             ]);
             assert!(
                 out.status.success(),
                 "{what}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            if bits == 3 {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(report["requantized_source"], false, "{what}: {report}");
+            assert_eq!(report["requantized_experts"], 0, "{what}: {report}");
+            if matches!(recipe, Recipe::Uniform(3, _) | Recipe::Mixed(..)) {
                 // Reproducible: a second conversion of the same folder gives the same bytes.
                 let again = dir.path().join("again.flashpack");
                 let out = flashpack(&[
@@ -164,19 +206,45 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
 
             // What the pack says it holds is what the source holds.
             let p = Pack::open(&pack).unwrap();
-            assert!(
-                p.experts()
-                    .iter()
-                    .all(|e| e.bits == bits && e.group_size as usize == group),
-                "{what}: experts requantized"
-            );
             let q = &p.metadata()["quantization"];
-            assert_eq!(q["expert_bits"], bits, "{what}: {q}");
-            assert_eq!(q["group_size"], group, "{what}: {q}");
             let inspect = flashpack(&["inspect", pack.to_str().unwrap(), "--json"]);
-            let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
-            let kinds: Vec<&String> = report["expert_bits"].as_object().unwrap().keys().collect();
-            assert_eq!(kinds, vec![&format!("{bits}-bit")], "{what}");
+            let inspected: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+            let kinds: Vec<&String> = inspected["expert_bits"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect();
+            match recipe {
+                Recipe::Uniform(bits, group) => {
+                    assert!(
+                        p.experts()
+                            .iter()
+                            .all(|e| e.bits == bits && e.group_size as usize == group),
+                        "{what}: experts requantized"
+                    );
+                    assert_eq!(q["expert_bits"], bits, "{what}: {q}");
+                    assert_eq!(q["group_size"], group, "{what}: {q}");
+                    assert_eq!(kinds, vec![&format!("{bits}-bit")], "{what}");
+                }
+                Recipe::Mixed(_, low, high) => {
+                    // Gate and up keep the low bits; down has the high bits in some layers
+                    // (both of these 2-layer models' layers fall in the first or last eighth).
+                    let split = ProjBits([low, low, high]);
+                    assert!(
+                        p.experts().iter().all(|e| e.bits == split || e.bits == low),
+                        "{what}: {:?}",
+                        p.experts().iter().map(|e| e.bits).collect::<Vec<_>>()
+                    );
+                    assert!(p.experts().iter().any(|e| e.bits == split), "{what}");
+                    assert_ne!(p.header().required_features & required::PROJECTION_BITS, 0);
+                    assert_eq!(q["mixed"], true, "{what}: {q}");
+                    assert!(q["expert_projection_bits"].is_array(), "{what}: {q}");
+                    assert!(
+                        kinds.contains(&&format!("{split}-bit")),
+                        "{what}: {kinds:?}"
+                    );
+                }
+            }
 
             // And it computes what mlx-lm computes on that folder.
             let (pack, cfg, weights) = open::open(&pack, true).unwrap();
@@ -212,69 +280,61 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
 }
 
 #[test]
-fn mixed_recipes_convert_and_say_what_they_requantized() {
+fn cold_bits_on_an_mlx_lm_source_requantize_and_say_so() {
     if !python_has_mlx_lm() {
         eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
         return;
     }
+    // Requantizing happens only when asked for: --cold-bits 2 on a mixed 3/4-bit source sends
+    // the coldest experts to 2 bits (every projection), keeps the others as they are, and the
+    // report says how many were requantized.
     let dir = tempfile::tempdir().unwrap();
-    // mixed_3_4 / mixed_2_6 give the experts' down_proj more bits than gate and up in some
-    // layers; a flashpack expert has one precision, so those experts are stored at the larger
-    // bits (requantizing the smaller ones), and the report and metadata say so.
-    for (arch, recipe, low, high) in [
-        (Arch::Qwen3Moe, "mixed_2_6", 2u8, 6u8),
-        (Arch::Mixtral, "mixed_3_4", 3, 4),
-    ] {
-        let src = source(dir.path(), arch);
-        let mlx_dir = dir.path().join(format!("{}-{recipe}", arch.model_type()));
-        mlx_lm_convert(&src, &mlx_dir, &["--quant-predicate", recipe]);
-        let pack = dir
-            .path()
-            .join(format!("{}-{recipe}.flashpack", arch.model_type()));
-        let out = flashpack(&[
-            "convert",
-            mlx_dir.to_str().unwrap(),
-            "-o",
-            pack.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(
-            out.status.success(),
-            "{recipe}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let p = Pack::open(&pack).unwrap();
-        let bits: std::collections::BTreeSet<u8> = p.experts().iter().map(|e| e.bits).collect();
-        assert!(
-            bits.iter().all(|b| [low, high].contains(b)),
-            "{recipe}: {bits:?}"
-        );
-        let q = &p.metadata()["quantization"];
-        assert_eq!(q["mixed"], true, "{recipe}: {q}");
-        let requantized = report["requantized_experts"].as_u64().unwrap();
-        assert_eq!(
-            report["requantized_source"],
-            requantized > 0,
-            "{recipe}: {report}"
-        );
-        // The pack runs.
-        let run = flashpack(&[
-            "run",
-            pack.to_str().unwrap(),
-            "--prompt",
-            "The history of",
-            "--raw",
-            "--max-tokens",
-            "4",
-        ]);
-        assert!(
-            run.status.success(),
-            "{recipe}: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        eprintln!("{recipe}: expert bits {bits:?}, {requantized} experts requantized");
-    }
+    let src = source(dir.path(), Arch::Mixtral);
+    let mlx_dir = dir.path().join("mixtral-mixed_3_4");
+    mlx_lm_convert(&src, &mlx_dir, &["--quant-predicate", "mixed_3_4"]);
+    let pack = dir.path().join("cold.flashpack");
+    let out = flashpack(&[
+        "convert",
+        mlx_dir.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--cold-bits",
+        "2",
+        "--cold-fraction",
+        "0.25",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = Pack::open(&pack).unwrap();
+    let cold = p.experts().iter().filter(|e| e.bits == 2).count() as u64;
+    assert!(cold > 0, "no expert went to 2 bits");
+    assert_eq!(report["requantized_source"], true, "{report}");
+    assert_eq!(report["requantized_experts"], cold, "{report}");
+    assert!(
+        p.experts()
+            .iter()
+            .all(|e| e.bits == 2 || e.bits == 3 || e.bits == ProjBits([3, 3, 4])),
+        "the others keep their source bits"
+    );
+    let run = flashpack(&[
+        "run",
+        pack.to_str().unwrap(),
+        "--prompt",
+        "The history of",
+        "--raw",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 }
 
 #[test]
@@ -297,9 +357,15 @@ fn greedy_tokens_of_mlx_lm_conversions_of_the_trained_model_through_the_default_
     let dir = tempfile::tempdir().unwrap();
     let mut compared = 0;
     for (name, cases) in goldens.as_object().unwrap() {
-        let bits: u8 = name[1..].parse().unwrap();
         let folder = dir.path().join(name);
-        mlx_lm_folder(&root.join("fixtures/qwen3moe-tiny"), &folder, bits, 64);
+        let recipe = match name.strip_prefix('q') {
+            Some(bits) => Recipe::Uniform(bits.parse().unwrap(), 64),
+            None => *RECIPES
+                .iter()
+                .find(|r| r.label() == *name)
+                .unwrap_or_else(|| panic!("no recipe {name}")),
+        };
+        recipe.convert(&root.join("fixtures/qwen3moe-tiny"), &folder);
         let pack = dir.path().join(format!("{name}.flashpack"));
         let out = flashpack(&[
             "convert",
@@ -330,21 +396,30 @@ fn greedy_tokens_of_mlx_lm_conversions_of_the_trained_model_through_the_default_
                 "0",
                 "--max-tokens",
                 "20",
+                "--json",
             ]);
             assert!(
                 run.status.success(),
                 "{name}: {}",
                 String::from_utf8_lossy(&run.stderr)
             );
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            let report: serde_json::Value =
+                serde_json::from_str(stderr.lines().last().unwrap_or("")).unwrap();
+            assert_eq!(
+                report["token_ids"], case["ids"],
+                "{name} {prompt:?} (min gap {})",
+                case["min_gap"]
+            );
             let text = String::from_utf8_lossy(&run.stdout);
             assert_eq!(
                 text.strip_suffix('\n').unwrap_or(&text),
                 case["text"].as_str().unwrap(),
-                "{name} {prompt:?} (min gap {})",
-                case["min_gap"]
+                "{name} {prompt:?}"
             );
             compared += 1;
         }
     }
-    assert!(compared >= 10, "only {compared} prompts had clear gaps");
+    assert!(compared >= 25, "only {compared} prompts had clear gaps");
+    eprintln!("{compared} (recipe, prompt) pairs gave mlx-lm's 20 greedy token ids");
 }

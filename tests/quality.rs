@@ -70,7 +70,8 @@ fn widen_2_to_4(words2: &[u8]) -> Vec<u8> {
 fn expert_parts(pack: &Pack, e: &ExpertEntry, hidden: usize, inter: usize) -> [Vec<u8>; 9] {
     let stored = pack.segment_stored(e);
     let (w, aux) = stored.split_at(e.weights_stored_len as usize);
-    let b = e.bits as usize;
+    assert!(e.bits.is_uniform(), "uniform experts");
+    let b = e.bits.max() as usize;
     let proj_w = inter * hidden * b / 8;
     let widen = |x: &[u8]| {
         if b == 2 {

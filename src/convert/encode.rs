@@ -9,6 +9,7 @@
 use crate::codec::{encode, encode_auto, Codec, CodecChoice, CodecError, CodecId};
 use crate::convert::quantize::QuantizedExpertSegment;
 use crate::convert::tensor::FloatDtype;
+use crate::format::ProjBits;
 
 /// Encodes parts with one codec choice, reusing scratch space.
 pub struct Encoder {
@@ -52,7 +53,7 @@ impl Encoder {
             FloatDtype::F16 | FloatDtype::Bf16 => 16,
         };
         let QuantizedExpertSegment { weights, aux, .. } = seg;
-        let (weights, weight_codec) = self.encode(seg.bits, weights)?;
+        let (weights, weight_codec) = self.encode(seg.bits.max(), weights)?;
         let (aux, aux_codec) = self.encode(aux_bits, aux)?;
         Ok(EncodedSegment {
             layer: seg.layer,
@@ -82,7 +83,7 @@ pub struct EncodedSegment {
     pub segment_count: usize,
     pub row_start: usize,
     pub row_count: usize,
-    pub bits: u8,
+    pub bits: ProjBits,
     pub group_size: usize,
     pub scale_dtype: FloatDtype,
     pub weights: Vec<u8>,

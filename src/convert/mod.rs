@@ -24,12 +24,14 @@ pub mod fixtures;
 pub mod tensor;
 
 use crate::codec::{AutoPolicy, CodecChoice, CodecError};
-use crate::format::{Pack, PackError, PackSummary, PackWriter, DEFAULT_PAGE_SIZE};
+use crate::format::{Pack, PackError, PackSummary, PackWriter, ProjBits, DEFAULT_PAGE_SIZE};
 use crate::inspect::PackReport;
 use crate::progress::Progress;
 use encode::{EncodedSegment, Encoder};
 use load::{Checkpoint, ExpertLayout, LoadError, Resolver, SourceSpec};
-use quantize::{build_segments, plan_dense, DensePolicy, QuantError, QuantParams, SegmentPlan};
+use quantize::{
+    build_segments, plan_dense, DensePolicy, ExpertQuant, QuantError, QuantParams, SegmentPlan,
+};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -551,7 +553,7 @@ fn write_payload(
         segment_count: opts.segments,
     };
     let window = (rayon::current_num_threads() * 4).max(8);
-    let stored_as: std::sync::Mutex<Vec<(usize, usize, QuantParams, bool)>> = Default::default();
+    let stored_as: std::sync::Mutex<Vec<(usize, usize, ExpertQuant, bool)>> = Default::default();
     let compute = |chunk: &[(usize, usize)]| -> Result<Vec<EncodedSegment>, ConvertError> {
         let per_job = chunk
             .par_iter()
@@ -622,8 +624,11 @@ fn write_payload(
 struct StoredQuantization {
     /// Experts whose source codes were requantized (other bits or group size).
     requantized_experts: usize,
-    /// Bits of each stored expert (`[layer][expert]`, 0 for experts not stored).
+    /// Bits of each stored expert (`[layer][expert]`, 0 for experts not stored); the largest of
+    /// its projections.
     expert_bits: Vec<Vec<u8>>,
+    /// Bits of each stored expert's gate, up and down projections (`[layer][expert]`).
+    projection_bits: Vec<Vec<[u8; 3]>>,
     expert_groups: Vec<usize>,
     dense_bits: Vec<u8>,
     dense_groups: Vec<usize>,
@@ -632,21 +637,26 @@ struct StoredQuantization {
 impl StoredQuantization {
     fn of(
         c: &crate::arch::ModelConfig,
-        experts: &[(usize, usize, QuantParams, bool)],
+        experts: &[(usize, usize, ExpertQuant, bool)],
         dense: &[(u8, usize)],
     ) -> StoredQuantization {
         let mut expert_bits = vec![vec![0u8; c.num_experts]; c.num_hidden_layers];
+        let mut projection_bits = vec![vec![[0u8; 3]; c.num_experts]; c.num_hidden_layers];
         let mut expert_groups = Vec::new();
         let requantized_experts = experts.iter().filter(|x| x.3).count();
-        for &(l, e, p, _) in experts {
+        for &(l, e, q, _) in experts {
             if let Some(b) = expert_bits.get_mut(l).and_then(|r| r.get_mut(e)) {
-                *b = p.bits;
+                *b = q.bits.max();
             }
-            expert_groups.push(p.group_size);
+            if let Some(b) = projection_bits.get_mut(l).and_then(|r| r.get_mut(e)) {
+                *b = q.bits.0;
+            }
+            expert_groups.push(q.group_size);
         }
         StoredQuantization {
             requantized_experts,
             expert_bits,
+            projection_bits,
             expert_groups,
             dense_bits: dense.iter().map(|d| d.0).collect(),
             dense_groups: dense.iter().map(|d| d.1).collect(),
@@ -666,8 +676,8 @@ impl StoredQuantization {
     }
 
     /// Sets `expert_bits`, `dense_bits` and `group_size` to what is stored (the most common
-    /// value where several occur), `expert_plan` when experts differ, and `mixed` when any
-    /// of them varies.
+    /// value where several occur), `expert_plan` when experts differ, `expert_projection_bits`
+    /// when an expert's projections differ, and `mixed` when any of them varies.
     fn record(&self, q: &mut Value) {
         let experts = Self::mode(
             self.expert_bits
@@ -685,6 +695,15 @@ impl StoredQuantization {
                 q["expert_plan"] = json!(self.expert_bits);
                 mixed = true;
             }
+        }
+        if self
+            .projection_bits
+            .iter()
+            .flatten()
+            .any(|b| !ProjBits(*b).is_uniform())
+        {
+            q["expert_projection_bits"] = json!(self.projection_bits);
+            mixed = true;
         }
         match dense {
             Some((b, more)) => {
@@ -704,10 +723,10 @@ impl StoredQuantization {
 }
 
 /// The bits and group size expert `e` of layer `l` is stored with. A source that holds the
-/// expert as MLX codes keeps them (its own bits and group size) when `keep_source_codes`, unless
-/// the bit plan sends the expert to other bits (then at the source's group size). An expert whose
-/// projections the source quantized differently (mlx-lm's mixed recipes give `down_proj` more bits
-/// in some layers) is stored at the most bits among them: a flashpack expert has one precision.
+/// expert as MLX codes keeps them (each projection's own bits, and their common group size) when
+/// `keep_source_codes`, unless the bit plan sends the expert to other bits (then every projection
+/// at the planned bits and the source's group size). mlx-lm's mixed recipes give `down_proj` more
+/// bits than gate and up in some layers; the pack keeps that (formats/flashpack-v1.md §6.1).
 fn expert_target(
     opts: &ConvertOptions,
     bit_plan: &Option<profile::BitPlan>,
@@ -715,7 +734,7 @@ fn expert_target(
     x: &quantize::ExpertProjections<'_>,
     l: usize,
     e: usize,
-) -> Result<QuantParams, ConvertError> {
+) -> Result<ExpertQuant, ConvertError> {
     use quantize::ProjSource;
     let source = match (x.gate, x.up, x.down) {
         (ProjSource::Quantized(g), ProjSource::Quantized(u), ProjSource::Quantized(d))
@@ -723,27 +742,28 @@ fn expert_target(
                 && g.params.group_size == u.params.group_size
                 && u.params.group_size == d.params.group_size =>
         {
-            let bits = g.params.bits.max(u.params.bits).max(d.params.bits);
-            Some(QuantParams::new(bits, g.params.group_size)?)
+            let bits = ProjBits([g.params.bits, u.params.bits, d.params.bits]);
+            Some(ExpertQuant::new(bits, g.params.group_size)?)
         }
         _ => None,
     };
     let planned = bit_plan.as_ref().map(|b| b[l][e]);
     Ok(match (source, planned) {
-        (Some(sp), Some(bits)) if bits != opts.expert_bits => {
-            QuantParams::new(bits, sp.group_size)?
+        (Some(sq), Some(bits)) if bits != opts.expert_bits => {
+            QuantParams::new(bits, sq.group_size)?.into()
         }
-        (Some(sp), _) => sp,
-        (None, Some(bits)) => QuantParams::new(bits, opts.group_size)?,
-        (None, None) => default,
+        (Some(sq), _) => sq,
+        (None, Some(bits)) => QuantParams::new(bits, opts.group_size)?.into(),
+        (None, None) => default.into(),
     })
 }
 
-/// Whether storing `x` at `p` requantizes codes the source already had.
-fn requantizes(x: &quantize::ExpertProjections<'_>, p: QuantParams) -> bool {
+/// Whether storing `x` as `q` requantizes codes the source already had.
+fn requantizes(x: &quantize::ExpertProjections<'_>, q: ExpertQuant) -> bool {
     [x.gate, x.up, x.down]
         .iter()
-        .any(|s| matches!(s, quantize::ProjSource::Quantized(q) if q.params != p))
+        .enumerate()
+        .any(|(i, s)| matches!(s, quantize::ProjSource::Quantized(src) if src.params != q.proj(i)))
 }
 
 fn dense_bytes(d: &load::TensorData<'_>) -> u64 {

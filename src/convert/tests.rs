@@ -65,7 +65,11 @@ fn converts_a_tiny_model_whose_segments_decode_to_the_quantized_experts() {
             "{:?}",
             e.key()
         );
-        assert_eq!((e.bits, e.group_size, e.scale_dtype), (4, 64, DType::BF16));
+        assert_eq!(
+            (e.bits.max(), e.group_size, e.scale_dtype),
+            (4, 64, DType::BF16)
+        );
+        assert_eq!(e.bits, 4);
     }
     // Dense policy: attention and embeddings 4-bit, router and norms full precision.
     let t = |n: &str| pack.tensor(n).unwrap_or_else(|| panic!("{n} missing"));

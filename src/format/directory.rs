@@ -46,6 +46,72 @@ impl TensorEntry {
     }
 }
 
+/// Bits per code of an expert's three projections, gate, up and down (formats/flashpack-v1.md
+/// §6.1). Usually all three are equal; mlx-lm's mixed recipes give `down_proj` more bits in some
+/// layers, and a pack keeps that (flag `PROJECTION_BITS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProjBits(pub [u8; 3]);
+
+impl ProjBits {
+    pub const fn uniform(bits: u8) -> ProjBits {
+        ProjBits([bits; 3])
+    }
+
+    /// Bits of projection `i`: 0 gate, 1 up, 2 down.
+    pub fn get(self, i: usize) -> u8 {
+        self.0[i]
+    }
+
+    pub fn gate(self) -> u8 {
+        self.0[0]
+    }
+
+    pub fn up(self) -> u8 {
+        self.0[1]
+    }
+
+    pub fn down(self) -> u8 {
+        self.0[2]
+    }
+
+    /// The largest of the three: the entry's `bits` field.
+    pub fn max(self) -> u8 {
+        self.0.into_iter().max().unwrap_or(0)
+    }
+
+    pub fn is_uniform(self) -> bool {
+        self.0[0] == self.0[1] && self.0[1] == self.0[2]
+    }
+
+    /// Sum of the three, as u64: a segment's packed codes take `rows * hidden * sum / 8` bytes.
+    pub fn sum(self) -> u64 {
+        self.0.iter().map(|&b| b as u64).sum()
+    }
+
+    /// Mean bits per weight of the codes (the three projections have equal sizes).
+    pub fn mean(self) -> f64 {
+        self.sum() as f64 / 3.0
+    }
+}
+
+/// `bits == 4`: every projection has 4 bits.
+impl PartialEq<u8> for ProjBits {
+    fn eq(&self, other: &u8) -> bool {
+        self.0 == [*other; 3]
+    }
+}
+
+impl std::fmt::Display for ProjBits {
+    /// `4` when uniform, else `gate/up/down` such as `2/2/6`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_uniform() {
+            write!(f, "{}", self.0[0])
+        } else {
+            write!(f, "{}/{}/{}", self.0[0], self.0[1], self.0[2])
+        }
+    }
+}
+
 /// One stored (layer, expert, segment), formats/flashpack-v1.md §6.1.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpertEntry {
@@ -53,7 +119,9 @@ pub struct ExpertEntry {
     pub expert: u32,
     pub segment: u16,
     pub segment_count: u16,
-    pub bits: u8,
+    /// Bits of each projection. On disk: `bits` holds the largest, and the three are stored
+    /// at offset 104 only when they differ (zero there means all equal `bits`, as in 1.0).
+    pub bits: ProjBits,
     pub weight_codec: u8,
     pub aux_codec: u8,
     pub scale_dtype: DType,
@@ -128,7 +196,12 @@ pub(crate) fn encode_expert_dir(
         out.extend_from_slice(&e.expert.to_le_bytes());
         out.extend_from_slice(&e.segment.to_le_bytes());
         out.extend_from_slice(&e.segment_count.to_le_bytes());
-        out.extend_from_slice(&[e.bits, e.weight_codec, e.aux_codec, e.scale_dtype as u8]);
+        out.extend_from_slice(&[
+            e.bits.max(),
+            e.weight_codec,
+            e.aux_codec,
+            e.scale_dtype as u8,
+        ]);
         out.extend_from_slice(&e.group_size.to_le_bytes());
         out.extend_from_slice(&e.row_start.to_le_bytes());
         out.extend_from_slice(&e.row_count.to_le_bytes());
@@ -139,7 +212,13 @@ pub(crate) fn encode_expert_dir(
         out.extend_from_slice(&e.weights_stored_len.to_le_bytes());
         out.extend_from_slice(&e.weights_decoded_len.to_le_bytes());
         out.extend_from_slice(&e.blake3);
-        out.extend_from_slice(&[0u8; 8]);
+        let proj = if e.bits.is_uniform() {
+            [0; 3]
+        } else {
+            e.bits.0
+        };
+        out.extend_from_slice(&proj);
+        out.extend_from_slice(&[0u8; 5]);
     }
     out
 }
@@ -386,7 +465,7 @@ pub(crate) fn decode_expert_dir(
             expert: le_u32(b, 4),
             segment: le_u16(b, 8),
             segment_count: le_u16(b, 10),
-            bits: b[12],
+            bits: expert_bits(b, i)?,
             weight_codec: b[13],
             aux_codec: b[14],
             scale_dtype: DType::from_code(b[15])
@@ -438,6 +517,36 @@ pub(crate) fn decode_expert_dir(
     })
 }
 
+/// The `bits` field and the per-projection bits at offset 104 (§6.1, format 1.1): all zero means
+/// every projection has `bits`; otherwise each is a valid width and `bits` is the largest.
+fn expert_bits(b: &[u8], i: usize) -> Result<ProjBits, PackError> {
+    let s = EXPERT_DIR;
+    let proj: [u8; 3] = b[104..107].try_into().expect("3 bytes");
+    if b[107..112].iter().any(|&x| x != 0) {
+        return Err(bad(
+            s,
+            i,
+            "reserved",
+            format!("{:?}", &b[107..112]),
+            "must be zero",
+        ));
+    }
+    if proj == [0; 3] {
+        return Ok(ProjBits::uniform(b[12]));
+    }
+    let bits = ProjBits(proj);
+    if !proj.iter().all(|&x| valid_bits(x)) || bits.is_uniform() || bits.max() != b[12] {
+        return Err(bad(
+            s,
+            i,
+            "projection_bits",
+            bits,
+            "each must be 2, 3, 4, 5, 6 or 8, not all equal, the largest equal to bits",
+        ));
+    }
+    Ok(bits)
+}
+
 /// Field checks of one expert entry, plus order and tiling against the previous entry.
 fn check_expert_entry(
     e: &ExpertEntry,
@@ -447,7 +556,7 @@ fn check_expert_entry(
     prev: Option<&ExpertEntry>,
 ) -> Result<(), PackError> {
     let s = EXPERT_DIR;
-    if !valid_bits(e.bits) {
+    if !e.bits.0.iter().all(|&b| valid_bits(b)) {
         return Err(bad(s, i, "bits", e.bits, "must be 2, 3, 4, 5, 6 or 8"));
     }
     if !valid_group_size(e.group_size) {
@@ -500,7 +609,7 @@ fn check_expert_entry(
             i,
             "weights_decoded_len",
             e.weights_decoded_len,
-            "must equal 3 * rows * hidden * bits / 8",
+            "must equal rows * hidden * (gate + up + down bits) / 8",
         ));
     }
     if e.decoded_len.checked_sub(e.weights_decoded_len) != Some(aux) {

@@ -12,7 +12,7 @@ pub mod tempfiles;
 mod verify;
 mod write;
 
-pub use directory::{ExpertEntry, TensorEntry, EXPERT_ENTRY_SIZE, TENSOR_ENTRY_SIZE};
+pub use directory::{ExpertEntry, ProjBits, TensorEntry, EXPERT_ENTRY_SIZE, TENSOR_ENTRY_SIZE};
 pub use error::PackError;
 pub use header::{Header, SectionEntry, SectionKind, HEADER_SIZE, SECTION_ENTRY_SIZE};
 pub use read::Pack;
@@ -24,7 +24,7 @@ pub const MAGIC: [u8; 8] = *b"\x89FPACK\r\n";
 /// formats/flashpack-v1.md §2.1
 pub const MAJOR_VERSION: u16 = 1;
 /// formats/flashpack-v1.md §2.1
-pub const MINOR_VERSION: u16 = 0;
+pub const MINOR_VERSION: u16 = 1;
 /// formats/flashpack-v1.md §2.1: the Apple Silicon page.
 pub const DEFAULT_PAGE_SIZE: u32 = 16 * 1024;
 /// formats/flashpack-v1.md §2.1
@@ -46,8 +46,10 @@ pub mod required {
     pub const MERGED_EXPERTS: u64 = 1 << 3;
     pub const VERTICAL_SEGMENTS: u64 = 1 << 4;
     pub const MIXED_EXPERT_BITS: u64 = 1 << 5;
+    /// formats/flashpack-v1.md §6.1, format 1.1: an expert's projections have their own bits.
+    pub const PROJECTION_BITS: u64 = 1 << 6;
     /// Every required flag this reader implements.
-    pub const KNOWN: u64 = (1 << 6) - 1;
+    pub const KNOWN: u64 = (1 << 7) - 1;
 }
 
 /// Optional feature flags, formats/flashpack-v1.md §2.2.
@@ -155,7 +157,7 @@ pub fn valid_page_size(page_size: u32) -> bool {
 pub fn segment_part_lens(
     hidden: u32,
     rows: u32,
-    bits: u8,
+    bits: ProjBits,
     group_size: u32,
     scale_dtype: DType,
 ) -> Option<(u64, u64)> {
@@ -163,11 +165,7 @@ pub fn segment_part_lens(
     if g == 0 || h % g != 0 || r % g != 0 {
         return None;
     }
-    let weights = 3u64
-        .checked_mul(r)?
-        .checked_mul(h)?
-        .checked_mul(bits as u64)?
-        / 8;
+    let weights = r.checked_mul(h)?.checked_mul(bits.sum())? / 8;
     let aux = 6u64
         .checked_mul(r)?
         .checked_mul(h / g)?

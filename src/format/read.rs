@@ -247,7 +247,8 @@ fn feature_name(bits: u64) -> &'static str {
         required::CODEC_LZ4 => "codec lz4 (flag CODEC_LZ4)",
         required::MERGED_EXPERTS => "a merge map (flag MERGED_EXPERTS)",
         required::VERTICAL_SEGMENTS => "multi-segment experts (flag VERTICAL_SEGMENTS)",
-        _ => "mixed expert bits in a layer (flag MIXED_EXPERT_BITS)",
+        required::MIXED_EXPERT_BITS => "mixed expert bits in a layer (flag MIXED_EXPERT_BITS)",
+        _ => "per-projection expert bits (flag PROJECTION_BITS)",
     }
 }
 

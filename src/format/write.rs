@@ -21,7 +21,7 @@ use super::header::{SectionEntry, SECTION_ZSTD};
 use super::layout::{Planner, SECTION_COUNT};
 use super::{
     codec_id, optional, required, segment_part_lens, valid_page_size, DType, ExpertEntry, Header,
-    PackError, SectionKind, TensorEntry, MAJOR_VERSION, MINOR_VERSION,
+    PackError, ProjBits, SectionKind, TensorEntry, MAJOR_VERSION, MINOR_VERSION,
 };
 
 /// zstd level for the metadata section: fast enough, and deterministic (single-threaded).
@@ -49,7 +49,7 @@ pub struct ExpertSegmentDesc {
     pub segment_count: u16,
     pub row_start: u32,
     pub row_count: u32,
-    pub bits: u8,
+    pub bits: ProjBits,
     pub group_size: u32,
     pub scale_dtype: DType,
     pub weight_codec: u8,
@@ -446,6 +446,9 @@ pub(crate) fn features(
         .any(|w| w[0].layer == w[1].layer && w[0].bits != w[1].bits)
     {
         req |= required::MIXED_EXPERT_BITS;
+    }
+    if experts.iter().any(|e| !e.bits.is_uniform()) {
+        req |= required::PROJECTION_BITS;
     }
     if merge_map_is_identity(metadata) == Some(false) {
         req |= required::MERGED_EXPERTS;

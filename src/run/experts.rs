@@ -19,7 +19,7 @@ use super::cache::{
 };
 use super::read::{IoMode, ReadError, SegmentReader};
 use crate::codec::{CodecId, Decoder};
-use crate::format::{DType, ExpertEntry, Pack, PackError};
+use crate::format::{DType, ExpertEntry, Pack, PackError, ProjBits};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 use crate::run::open::mlx_dtype;
 
@@ -102,7 +102,7 @@ impl Default for StoreOptions {
 /// The shape every expert of one pool shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct PoolShape {
-    bits: u8,
+    bits: ProjBits,
     group_size: u32,
     scale_dtype: DType,
 }
@@ -120,13 +120,12 @@ struct Pool {
 impl Pool {
     /// Bytes one slot takes in each of the nine arrays.
     fn slot_bytes(shape: PoolShape, hidden: usize, inter: usize) -> [usize; 9] {
-        let b = shape.bits as usize;
+        let w = |p: usize| inter * hidden * shape.bits.get(p) as usize / 8;
         let g = shape.group_size as usize;
         let ss = shape.scale_dtype.size() as usize;
-        let w = inter * hidden * b / 8;
         let s = inter * (hidden / g) * ss;
         let d = hidden * (inter / g) * ss;
-        [w, s, s, w, s, s, w, d, d]
+        [w(0), s, s, w(1), s, s, w(2), d, d]
     }
 
     fn new(
@@ -136,11 +135,11 @@ impl Pool {
         inter: usize,
         policy: Box<dyn EvictionPolicy>,
     ) -> mlx::Result<Pool> {
-        let b = shape.bits as usize;
         let g = shape.group_size as usize;
         let n = slots as usize;
         let sd = mlx_dtype(shape.scale_dtype);
-        let proj_in = |rows: usize, cols: usize| -> mlx::Result<[Array; 3]> {
+        let proj_in = |rows: usize, cols: usize, p: usize| -> mlx::Result<[Array; 3]> {
+            let b = shape.bits.get(p) as usize;
             Ok([
                 Array::host_buffer(&[n, rows, cols * b / 32], Dtype::U32)?,
                 Array::host_buffer(&[n, rows, cols / g], sd)?,
@@ -148,9 +147,9 @@ impl Pool {
             ])
         };
         let mut arrays = Vec::with_capacity(9);
-        arrays.extend(proj_in(inter, hidden)?);
-        arrays.extend(proj_in(inter, hidden)?);
-        arrays.extend(proj_in(hidden, inter)?);
+        arrays.extend(proj_in(inter, hidden, 0)?);
+        arrays.extend(proj_in(inter, hidden, 1)?);
+        arrays.extend(proj_in(hidden, inter, 2)?);
         Ok(Pool {
             shape,
             arrays,
@@ -166,7 +165,7 @@ impl Pool {
             scales: self.arrays[3 * proj + 1].clone(),
             biases: Some(self.arrays[3 * proj + 2].clone()),
             group_size: self.shape.group_size as i32,
-            bits: self.shape.bits as i32,
+            bits: self.shape.bits.get(proj) as i32,
         }
     }
 }
@@ -282,7 +281,7 @@ impl ExpertCache {
                 group_size: e.group_size,
                 scale_dtype: e.scale_dtype,
             };
-            if !matches!(e.bits, 2 | 3 | 4 | 5 | 6 | 8) {
+            if !e.bits.0.iter().all(|b| matches!(b, 2 | 3 | 4 | 5 | 6 | 8)) {
                 return Err(ExpertError::Unsupported {
                     reason: format!(
                         "{}-bit experts (MLX's gather_qmm takes 2, 3, 4, 5, 6 or 8 bits)",
@@ -795,25 +794,25 @@ fn scatter(
         };
     };
     let (r0, r) = (e.row_start as usize, e.row_count as usize);
-    let bits = e.bits as usize;
+    let bits = |p: usize| e.bits.get(p) as usize;
     let g = e.group_size as usize;
     let ss = e.scale_dtype.size() as usize;
     // gate and up: rows r0..r0+r of [inter, hidden*bits/32] words -> contiguous.
-    let row_w = hidden * bits / 8;
+    let (gate_w, up_w) = (hidden * bits(0) / 8, hidden * bits(1) / 8);
     let row_s = hidden / g * ss;
-    let (gw, rest) = weights.split_at(r * row_w);
-    let (uw, dw) = rest.split_at(r * row_w);
-    put(0, r0 * row_w, gw);
-    put(3, r0 * row_w, &uw[..r * row_w]);
+    let (gw, rest) = weights.split_at(r * gate_w);
+    let (uw, dw) = rest.split_at(r * up_w);
+    put(0, r0 * gate_w, gw);
+    put(3, r0 * up_w, uw);
     let mut at = 0;
     for arr in [1, 2, 4, 5] {
         put(arr, r0 * row_s, &aux[at..at + r * row_s]);
         at += r * row_s;
     }
     // down: columns r0..r0+r of each of `hidden` rows.
-    let full_w = inter * bits / 8;
-    let seg_w = r * bits / 8;
-    let col_w = r0 * bits / 8;
+    let full_w = inter * bits(2) / 8;
+    let seg_w = r * bits(2) / 8;
+    let col_w = r0 * bits(2) / 8;
     for h in 0..hidden {
         put(6, h * full_w + col_w, &dw[h * seg_w..(h + 1) * seg_w]);
     }

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use flashpack::format::{
-    codec_id, segment_part_lens, DType, ExpertSegmentDesc, Header, PackWriter, SectionKind,
-    TensorDesc, HEADER_SIZE, SECTION_ENTRY_SIZE,
+    codec_id, segment_part_lens, DType, ExpertSegmentDesc, Header, PackWriter, ProjBits,
+    SectionKind, TensorDesc, HEADER_SIZE, SECTION_ENTRY_SIZE,
 };
 use serde_json::json;
 
@@ -40,6 +40,15 @@ pub fn metadata() -> serde_json::Value {
 /// Writes a pack with 2 dense tensors and 2 layers x 2 experts, the second expert of each
 /// layer split into 2 segments. Returns its path.
 pub fn write_small_pack(dir: &Path, page_size: u32) -> PathBuf {
+    write_small_pack_with_bits(dir, page_size, |_, _| ProjBits::uniform(4))
+}
+
+/// [`write_small_pack`] with the bits of each (layer, expert) from `bits`.
+pub fn write_small_pack_with_bits(
+    dir: &Path,
+    page_size: u32,
+    bits: impl Fn(u32, u32) -> ProjBits,
+) -> PathBuf {
     let path = dir.join("small.flashpack");
     let mut w = PackWriter::create(&path, page_size, HIDDEN, INTER).unwrap();
     w.add_tensor(
@@ -71,7 +80,8 @@ pub fn write_small_pack(dir: &Path, page_size: u32) -> PathBuf {
             let segments: u16 = if expert == 1 { 2 } else { 1 };
             let rows = INTER / segments as u32;
             for segment in 0..segments {
-                let (wl, al) = segment_part_lens(HIDDEN, rows, 4, 64, DType::BF16).unwrap();
+                let b = bits(layer, expert);
+                let (wl, al) = segment_part_lens(HIDDEN, rows, b, 64, DType::BF16).unwrap();
                 let seed = (layer * 100 + expert * 10 + segment as u32) as u64;
                 w.add_expert_segment(
                     ExpertSegmentDesc {
@@ -81,7 +91,7 @@ pub fn write_small_pack(dir: &Path, page_size: u32) -> PathBuf {
                         segment_count: segments,
                         row_start: rows * segment as u32,
                         row_count: rows,
-                        bits: 4,
+                        bits: b,
                         group_size: 64,
                         scale_dtype: DType::BF16,
                         weight_codec: codec_id::RAW,

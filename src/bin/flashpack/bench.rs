@@ -397,7 +397,8 @@ fn pack_datasets(path: &Path, aux: bool) -> Result<Vec<Dataset>> {
     let pack = flashpack::format::Pack::open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     let mut decoder = Decoder::new();
-    let mut by_bits: std::collections::BTreeMap<u8, SegmentsByPart> = Default::default();
+    let mut by_bits: std::collections::BTreeMap<flashpack::format::ProjBits, SegmentsByPart> =
+        Default::default();
     for e in pack.experts() {
         let stored = pack.segment_stored(e);
         let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
@@ -417,7 +418,7 @@ fn pack_datasets(path: &Path, aux: bool) -> Result<Vec<Dataset>> {
     for (bits, (weights, scales)) in by_bits {
         out.push(Dataset {
             name: format!("{name} {bits}-bit"),
-            bits,
+            bits: bits.max(),
             segments: weights,
         });
         if aux {

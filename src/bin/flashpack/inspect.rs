@@ -77,8 +77,13 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     kind("dense", &r.dense);
     kind("experts", &r.experts);
     kind("overall", &r.overall);
-    println!("expert bits");
+    println!("expert bits  (gate/up/down where the projections differ)");
     for (bits, s) in &r.expert_bits {
+        kind(bits, s);
+    }
+    print_layer_bits(&r.expert_bits_by_layer);
+    println!("dense bits");
+    for (bits, s) in &r.dense_bits {
         kind(bits, s);
     }
     println!("codecs (parts, stored bytes)");
@@ -90,7 +95,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         r.required_features.join(", "),
         r.optional_features.join(", ")
     );
-    println!("quantization  {}", r.quantization);
+    // Per-expert tables are summarised by "expert bits by layer" above; --json has them whole.
+    let mut q = r.quantization.clone();
+    let mut per_expert = Vec::new();
+    for key in ["expert_plan", "expert_projection_bits"] {
+        if q.as_object_mut().and_then(|o| o.remove(key)).is_some() {
+            per_expert.push(key);
+        }
+    }
+    if per_expert.is_empty() {
+        println!("quantization  {q}");
+    } else {
+        println!("quantization  {q}  ({} in --json)", per_expert.join(", "));
+    }
     if let Some(p) = &profile {
         print_profile(p);
     }
@@ -117,6 +134,39 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Expert bits per layer, consecutive layers with the same bits on one line
+/// ("  layers 0-11   4-bit x128").
+fn print_layer_bits(
+    by_layer: &std::collections::BTreeMap<u32, std::collections::BTreeMap<String, u32>>,
+) {
+    let describe = |m: &std::collections::BTreeMap<String, u32>| {
+        m.iter()
+            .map(|(b, n)| format!("{b} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut runs: Vec<(u32, u32, String)> = Vec::new();
+    for (&layer, m) in by_layer {
+        let d = describe(m);
+        match runs.last_mut() {
+            Some((_, last, prev)) if *prev == d && *last + 1 == layer => *last = layer,
+            _ => runs.push((layer, layer, d)),
+        }
+    }
+    if runs.len() <= 1 {
+        return;
+    }
+    println!("expert bits by layer");
+    for (a, b, d) in runs {
+        let layers = if a == b {
+            format!("layer {a}")
+        } else {
+            format!("layers {a}-{b}")
+        };
+        println!("  {layers:<16} {d}");
+    }
 }
 
 /// A string from the pack's metadata, safe to print on a terminal: control characters (escape

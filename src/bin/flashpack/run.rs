@@ -316,6 +316,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let report = serde_json::json!({
         "generation": stats,
+        // The generated token ids, in order (the text on stdout is their decoding).
+        "token_ids": generated,
         "peak_rss_bytes": peak_rss(),
         // MLX's allocator: live array bytes at the end and at most (device memory on a GPU).
         "mlx_active_bytes": flashpack::mlx::active_memory(),

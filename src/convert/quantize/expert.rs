@@ -1,11 +1,12 @@
-//! Expert segments: one expert's three projections, quantized alike and cut into row ranges.
+//! Expert segments: one expert's three projections, quantized and cut into row ranges.
 //!
 //! In: gate `[I, H]`, up `[I, H]`, down `[H, I]` of one expert, as float matrices or as MLX
-//! codes (an MLX-quantized checkpoint), and the wanted [`QuantParams`].
+//! codes (an MLX-quantized checkpoint), and the wanted [`ExpertQuant`]: one group size, and bits
+//! per projection (equal unless the source's mixed recipe gave them different bits).
 //! Out: [`QuantizedExpertSegment`]s covering intermediate rows `[r0, r1)`, each with two byte
 //! parts, all little-endian row-major:
-//! - WEIGHTS = gate_w `[R, H*bits/32]` u32 | up_w `[R, H*bits/32]` u32 | down_w `[H, R*bits/32]`
-//!   u32 (down's columns r0..r1);
+//! - WEIGHTS = gate_w `[R, H*bg/32]` u32 | up_w `[R, H*bu/32]` u32 | down_w `[H, R*bd/32]`
+//!   u32 (down's columns r0..r1), with each projection's own bits;
 //! - AUX = gate_scales `[R, H/g]` | gate_biases | up_scales | up_biases | down_scales `[H, R/g]`
 //!   | down_biases, in the scale type.
 //!
@@ -17,6 +18,7 @@ use super::{
     quantize, quantize_into, requantize, QuantError, QuantParams, QuantizedMatrix, QuantizedView,
 };
 use crate::convert::tensor::{FloatDtype, MatrixView};
+use crate::format::ProjBits;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -69,6 +71,40 @@ impl<'a> ProjSource<'a> {
     }
 }
 
+/// How one expert is stored: bits per projection (gate, up, down) and one group size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertQuant {
+    pub bits: ProjBits,
+    pub group_size: usize,
+}
+
+impl ExpertQuant {
+    /// Checks each projection's bits and the group size (as [`QuantParams::new`] does).
+    pub fn new(bits: ProjBits, group_size: usize) -> Result<ExpertQuant, QuantError> {
+        for b in bits.0 {
+            QuantParams::new(b, group_size)?;
+        }
+        Ok(ExpertQuant { bits, group_size })
+    }
+
+    /// The parameters of projection `i`: 0 gate, 1 up, 2 down.
+    pub fn proj(&self, i: usize) -> QuantParams {
+        QuantParams {
+            bits: self.bits.get(i),
+            group_size: self.group_size,
+        }
+    }
+}
+
+impl From<QuantParams> for ExpertQuant {
+    fn from(p: QuantParams) -> ExpertQuant {
+        ExpertQuant {
+            bits: ProjBits::uniform(p.bits),
+            group_size: p.group_size,
+        }
+    }
+}
+
 /// One expert's SwiGLU projections.
 #[derive(Clone, Copy, Debug)]
 pub struct ExpertProjections<'a> {
@@ -103,7 +139,7 @@ pub struct QuantizedExpertSegment {
     pub row_count: usize,
     /// Model width H (columns of gate/up, rows of down).
     pub hidden_size: usize,
-    pub bits: u8,
+    pub bits: ProjBits,
     pub group_size: usize,
     pub scale_dtype: FloatDtype,
     pub weights: Vec<u8>,
@@ -126,18 +162,21 @@ pub struct SegmentParts {
 
 impl SegmentParts {
     /// Offsets for a segment of `rows` intermediate rows of an expert of width `hidden`.
-    pub fn new(hidden: usize, rows: usize, p: QuantParams, scale_dtype: FloatDtype) -> Self {
-        let up_gate_w = rows * p.words_per_row(hidden) * 4;
-        let down_w = hidden * p.words_per_row(rows) * 4;
-        let up_gate_s = rows * p.groups_per_row(hidden) * scale_dtype.size();
-        let down_s = hidden * p.groups_per_row(rows) * scale_dtype.size();
+    pub fn new(hidden: usize, rows: usize, q: ExpertQuant, scale_dtype: FloatDtype) -> Self {
+        let (pg, pu, pd) = (q.proj(0), q.proj(1), q.proj(2));
+        let up_gate_s = rows * pg.groups_per_row(hidden) * scale_dtype.size();
+        let down_s = hidden * pd.groups_per_row(rows) * scale_dtype.size();
         let mut at = 0;
         let mut next = |n: usize| {
             let r = at..at + n;
             at += n;
             r
         };
-        let (gate_w, up_w, down_w) = (next(up_gate_w), next(up_gate_w), next(down_w));
+        let (gate_w, up_w, down_w) = (
+            next(rows * pg.words_per_row(hidden) * 4),
+            next(rows * pu.words_per_row(hidden) * 4),
+            next(hidden * pd.words_per_row(rows) * 4),
+        );
         at = 0;
         let mut next = |n: usize| {
             let r = at..at + n;
@@ -171,11 +210,11 @@ impl SegmentParts {
 impl QuantizedExpertSegment {
     /// Where each part lies in `weights` and `aux`.
     pub fn parts(&self) -> SegmentParts {
-        let p = QuantParams {
+        let q = ExpertQuant {
             bits: self.bits,
             group_size: self.group_size,
         };
-        SegmentParts::new(self.hidden_size, self.row_count, p, self.scale_dtype)
+        SegmentParts::new(self.hidden_size, self.row_count, q, self.scale_dtype)
     }
 }
 
@@ -202,14 +241,16 @@ fn to_quant<'a>(what: &str, src: ProjSource<'a>, p: QuantParams) -> Result<Quant
     })
 }
 
-/// Quantizes one expert with `p` and cuts it into `plan.segment_count` segments of equal rows.
+/// Quantizes one expert with `q` and cuts it into `plan.segment_count` segments of equal rows.
 pub fn build_segments(
     layer: usize,
     expert: usize,
     src: &ExpertProjections<'_>,
-    p: QuantParams,
+    q: impl Into<ExpertQuant>,
     plan: SegmentPlan,
 ) -> Result<Vec<QuantizedExpertSegment>, QuantError> {
+    let q: ExpertQuant = q.into();
+    let group = q.group_size;
     let what = |proj: &str| format!("layer {layer} expert {expert} {proj}");
     let [i, h] = src.gate.shape();
     for (name, s, want) in [("up", &src.up, [i, h]), ("down", &src.down, [h, i])] {
@@ -233,21 +274,21 @@ pub fn build_segments(
         });
     }
     let n = plan.segment_count;
-    if n == 0 || i % (n * p.group_size) != 0 {
+    if n == 0 || i % (n * group) != 0 {
         return Err(QuantError::Invalid {
             what: what("segments"),
             detail: format!(
-                "{i} intermediate rows cannot be cut into {n} segments of whole groups of {}",
-                p.group_size
+                "{i} intermediate rows cannot be cut into {n} segments of whole groups of {group}"
             ),
         });
     }
+    let (pg, pu, pd) = (q.proj(0), q.proj(1), q.proj(2));
     if let (1, ProjSource::Float(g), ProjSource::Float(u), ProjSource::Float(d)) =
         (n, src.gate, src.up, src.down)
     {
         // One segment from floats: quantize straight into the segment's buffers, whose layout
         // is the three matrices' codes, then their scales and biases, one after the other.
-        let parts = SegmentParts::new(h, i, p, sd);
+        let parts = SegmentParts::new(h, i, q, sd);
         let mut weights = vec![0u8; parts.weights_len()];
         let mut aux = vec![0u8; parts.aux_len()];
         let (gw, rest) = weights.split_at_mut(parts.up_w.start);
@@ -257,9 +298,9 @@ pub fn build_segments(
         let (us, rest) = rest.split_at_mut(parts.up_scales.len());
         let (ub, rest) = rest.split_at_mut(parts.up_biases.len());
         let (ds, db) = rest.split_at_mut(parts.down_scales.len());
-        quantize_into(&what("gate"), g, p, sd, gw, gs, gb)?;
-        quantize_into(&what("up"), u, p, sd, uw, us, ub)?;
-        quantize_into(&what("down"), d, p, sd, dw, ds, db)?;
+        quantize_into(&what("gate"), g, pg, sd, gw, gs, gb)?;
+        quantize_into(&what("up"), u, pu, sd, uw, us, ub)?;
+        quantize_into(&what("down"), d, pd, sd, dw, ds, db)?;
         return Ok(vec![QuantizedExpertSegment {
             layer,
             expert,
@@ -268,42 +309,46 @@ pub fn build_segments(
             row_start: 0,
             row_count: i,
             hidden_size: h,
-            bits: p.bits,
-            group_size: p.group_size,
+            bits: q.bits,
+            group_size: group,
             scale_dtype: sd,
             weights,
             aux,
         }]);
     }
-    let gate = to_quant(&what("gate"), src.gate, p)?;
-    let up = to_quant(&what("up"), src.up, p)?;
-    let down = to_quant(&what("down"), src.down, p)?;
+    let gate = to_quant(&what("gate"), src.gate, pg)?;
+    let up = to_quant(&what("up"), src.up, pu)?;
+    let down = to_quant(&what("down"), src.down, pd)?;
     let (gate, up, down) = (gate.view(), up.view(), down.view());
     let rows = i / n;
     Ok((0..n)
         .map(|seg| {
             let r0 = seg * rows;
-            let parts = SegmentParts::new(h, rows, p, sd);
+            let parts = SegmentParts::new(h, rows, q, sd);
             let mut weights = Vec::with_capacity(parts.weights_len());
             let mut aux = Vec::with_capacity(parts.aux_len());
             let ss = sd.size();
             // gate/up: rows r0..r1 are contiguous.
-            let wrow = p.words_per_row(h) * 4;
-            let srow = p.groups_per_row(h) * ss;
-            weights.extend_from_slice(&gate.codes[r0 * wrow..(r0 + rows) * wrow]);
-            weights.extend_from_slice(&up.codes[r0 * wrow..(r0 + rows) * wrow]);
+            for (m, p) in [(&gate, pg), (&up, pu)] {
+                let wrow = p.words_per_row(h) * 4;
+                weights.extend_from_slice(&m.codes[r0 * wrow..(r0 + rows) * wrow]);
+            }
             // down: columns r0..r1 of every one of its H rows.
-            let dw = p.words_per_row(i) * 4;
-            let (c0, c1) = (p.words_per_row(r0) * 4, p.words_per_row(r0 + rows) * 4);
+            let dw = pd.words_per_row(i) * 4;
+            let (c0, c1) = (pd.words_per_row(r0) * 4, pd.words_per_row(r0 + rows) * 4);
             for r in 0..h {
                 weights.extend_from_slice(&down.codes[r * dw + c0..r * dw + c1]);
             }
-            for q in [&gate, &up] {
-                aux.extend_from_slice(&q.scales[r0 * srow..(r0 + rows) * srow]);
-                aux.extend_from_slice(&q.biases[r0 * srow..(r0 + rows) * srow]);
+            let srow = pg.groups_per_row(h) * ss;
+            for m in [&gate, &up] {
+                aux.extend_from_slice(&m.scales[r0 * srow..(r0 + rows) * srow]);
+                aux.extend_from_slice(&m.biases[r0 * srow..(r0 + rows) * srow]);
             }
-            let ds = p.groups_per_row(i) * ss;
-            let (g0, g1) = (p.groups_per_row(r0) * ss, p.groups_per_row(r0 + rows) * ss);
+            let ds = pd.groups_per_row(i) * ss;
+            let (g0, g1) = (
+                pd.groups_per_row(r0) * ss,
+                pd.groups_per_row(r0 + rows) * ss,
+            );
             for buf in [down.scales, down.biases] {
                 for r in 0..h {
                     aux.extend_from_slice(&buf[r * ds + g0..r * ds + g1]);
@@ -319,8 +364,8 @@ pub fn build_segments(
                 row_start: r0,
                 row_count: rows,
                 hidden_size: h,
-                bits: p.bits,
-                group_size: p.group_size,
+                bits: q.bits,
+                group_size: group,
                 scale_dtype: sd,
                 weights,
                 aux,
