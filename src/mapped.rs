@@ -30,9 +30,12 @@ impl Bytes {
         // SAFETY: the map is read-only and we never create a mutable view of it. What can still
         // go wrong is outside this process: if another process truncates or rewrites the file
         // while it is mapped, reads may see changed bytes or fault (SIGBUS). Changed bytes are
-        // caught by the blake3 checks of the format; the fault cannot be prevented by any mapped
-        // reader. flashpack itself never modifies a file in place (writers go through a
-        // temporary file and rename), so a pack it wrote stays valid while mapped.
+        // caught by the blake3 checks of the format (on by default at run time). Against the
+        // fault, the runtime's mapped expert reads check the file's length first
+        // (`run::read::SegmentReader::check_still_mapped`), which leaves a truncation between
+        // that check and the copy as the one window where SIGBUS can still end the process.
+        // flashpack itself never modifies a file in place (writers go through a temporary file
+        // and rename), so a pack it wrote stays valid while mapped.
         let map = unsafe { memmap2::Mmap::map(&file)? };
         Ok(Bytes(Arc::new(Backing::Mapped(map))))
     }

@@ -488,3 +488,220 @@ fn random_corruption_never_panics() {
         "corruption must be detected at least sometimes"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Run time: checksums are checked by default (issue 14). Damaged payload bytes end a run with
+// an error naming the tensor or the (layer, expert, segment) and suggesting `flashpack verify`,
+// never with different text, and never with a signal.
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// No part of the message repeats the part before it ("x: x").
+fn assert_no_repeat(msg: &str) {
+    let parts: Vec<&str> = msg.trim().split(": ").collect();
+    for w in parts.windows(2) {
+        assert_ne!(w[0], w[1], "repeated in {msg}");
+    }
+}
+
+/// Seeded random bit flips inside the stored bytes of dense tensors and expert segments (never
+/// in padding, which no checksum covers), each in a fresh copy of the pack: `run` with default
+/// options must fail with exit code 1 every time, naming what it found.
+#[test]
+fn run_time_corruption_is_always_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_pack(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    let pack = Pack::open(&path).unwrap();
+    let tensors = pack.tensors().to_vec();
+    let experts = pack.experts().to_vec();
+    drop(pack);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let bad = dir.path().join("bad.flashpack");
+    for i in 0..10 {
+        let (offset, len, names) = if i % 2 == 0 {
+            let t = &tensors[next() as usize % tensors.len()];
+            (t.offset, t.stored_len, format!("tensor {}", t.name))
+        } else {
+            let e = &experts[next() as usize % experts.len()];
+            let names = format!(
+                "layer {}, expert {}, segment {}",
+                e.layer, e.expert, e.segment
+            );
+            (e.offset, e.stored_len, names)
+        };
+        let at = (offset + next() % len) as usize;
+        let mut d = good.clone();
+        d[at] ^= 1 << (next() % 8);
+        std::fs::write(&bad, &d).unwrap();
+        let out = flashpack_cli(
+            &[
+                "run",
+                bad.to_str().unwrap(),
+                "--prompt",
+                "The history of",
+                "--max-tokens",
+                "3",
+            ],
+            &[],
+        );
+        let err = stderr_of(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "flip {i} at {at} ({names}) was not caught: {:?} {err}",
+            out.status
+        );
+        assert!(err.contains(&names), "flip {i}: {err}");
+        assert!(err.contains("checksum does not match"), "flip {i}: {err}");
+        assert!(err.contains("flashpack verify"), "flip {i}: {err}");
+    }
+}
+
+/// A zeroed page at the start of a Huffman segment: by default the checksum names it; with
+/// `--no-verify` the decode error names it, suggests `flashpack verify`, and says the codec's
+/// reason once. A zeroed dense tensor is named the same way.
+#[test]
+fn a_zeroed_page_names_the_segment_with_and_without_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_pack(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    let pack = Pack::open(&path).unwrap();
+    let seg = pack
+        .experts()
+        .iter()
+        .find(|e| e.weight_codec == flashpack::format::codec_id::HUFFMAN && e.layer == 0)
+        .expect("the tiny pack codes experts with Huffman")
+        .clone();
+    let tensor = pack
+        .tensors()
+        .iter()
+        .find(|t| t.codec == flashpack::format::codec_id::HUFFMAN)
+        .expect("the tiny pack codes dense tensors with Huffman")
+        .clone();
+    drop(pack);
+    let bad = dir.path().join("zeroed.flashpack");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            bad.to_str().unwrap(),
+            "--prompt",
+            "The history of",
+            "--max-tokens",
+            "2",
+        ];
+        args.extend(extra);
+        flashpack_cli(&args, &[])
+    };
+
+    let mut d = good.clone();
+    let at = seg.offset as usize;
+    d[at..at + 4096.min(seg.stored_len as usize)].fill(0);
+    std::fs::write(&bad, &d).unwrap();
+    let names = format!(
+        "expert segment (layer {}, expert {}, segment {})",
+        seg.layer, seg.expert, seg.segment
+    );
+    let out = run(&[]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&names) && err.contains("checksum does not match"),
+        "{err}"
+    );
+    assert!(err.contains("flashpack verify"), "{err}");
+    assert_no_repeat(&err);
+    let out = run(&["--no-verify"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&names) && err.contains("does not decode"),
+        "{err}"
+    );
+    assert!(err.contains("flashpack verify"), "{err}");
+    assert_eq!(err.matches("bad header field").count(), 1, "{err}");
+    assert_no_repeat(&err);
+    // `--verify`, from scripts written when checking was opt-in, still works (and is the default).
+    let out = run(&["--verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert_eq!(run(&["--verify", "--no-verify"]).status.code(), Some(2));
+
+    let mut d = good.clone();
+    let at = tensor.offset as usize;
+    d[at..at + 4096.min(tensor.stored_len as usize)].fill(0);
+    std::fs::write(&bad, &d).unwrap();
+    let out = run(&["--no-verify"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let names = format!("tensor {} of", tensor.name);
+    assert!(
+        err.contains(&names) && err.contains("does not decode"),
+        "{err}"
+    );
+    assert!(err.contains("flashpack verify"), "{err}");
+    assert_no_repeat(&err);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Behaviour users do not expect: budgets need a unit or a percentage (issue 14).
+
+#[test]
+fn budgets_need_a_unit_and_name_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_pack(dir.path());
+    let p = path.to_str().unwrap();
+    let base = ["run", p, "--prompt", "The history of", "--max-tokens", "2"];
+    let with = |extra: &[&str]| flashpack_cli(&[&base[..], extra].concat(), &[]);
+    // A bare number once meant "all of RAM" (1) or "two bytes" (2): now a usage error showing
+    // the accepted forms, for both options.
+    for (opt, value) in [
+        ("--mem-budget", "1"),
+        ("--mem-budget", "2"),
+        ("--mem-budget", "0.5"),
+        ("--expert-budget", "1"),
+        ("--mem-budget", "plenty"),
+    ] {
+        let out = with(&[opt, value]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{opt} {value}: {err}");
+        assert!(
+            err.contains("8GiB") && err.contains("50%"),
+            "{opt} {value}: {err}"
+        );
+    }
+    // More than the machine has: it runs, with a warning.
+    let out = with(&["--mem-budget", "1000TB"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("warning: --mem-budget 1000TB"), "{err}");
+    assert!(err.contains("more than this machine's memory"), "{err}");
+    // Units in any case, and percentages.
+    for ok in [
+        ["--mem-budget", "50%"],
+        ["--expert-budget", "64MiB"],
+        ["--expert-budget", "64mb"],
+    ] {
+        let out = with(&ok);
+        assert_eq!(out.status.code(), Some(0), "{ok:?}: {}", stderr_of(&out));
+    }
+    // Too few experts for top-k: the message blames --expert-budget, not --mem-budget, and
+    // gives the expert size and top-k.
+    let out = with(&["--expert-budget", "100KB"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--expert-budget 100KB gives the expert cache"),
+        "{err}"
+    );
+    assert!(!err.contains("--mem-budget"), "{err}");
+    assert!(err.contains("each: hidden 256 x expert width"), "{err}");
+    assert!(err.contains("num_experts_per_tok"), "{err}");
+}

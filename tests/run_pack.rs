@@ -362,7 +362,7 @@ fn run_cli_on_the_bundled_model() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("too small"));
     let out = flashpack(&["run", p, "--prompt", "x", "--mem-budget", "plenty"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad size"));
     let out = flashpack(&["run", p, "--prompt", "x", "--temperature", "hot"]);
     assert_eq!(out.status.code(), Some(2));
@@ -485,4 +485,59 @@ fn run_takes_a_prompt_file_refuses_non_files_and_bounds_the_queue_depth() {
             assert!(err.contains(says), "{cmd:?}: {err}");
         }
     }
+}
+
+/// A long prompt shows its progress on stderr (the threshold, normally a second, is set to 0 so
+/// the test does not depend on the machine's speed); stdout keeps only the text.
+#[test]
+fn run_shows_the_prompts_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("tiny.flashpack");
+    let p = pack.to_str().unwrap();
+    let src = fixture("qwen3moe-tiny");
+    assert!(
+        flashpack(&["convert", src.to_str().unwrap(), "-o", p, "--quiet"])
+            .status
+            .success()
+    );
+    let prompt = "The history of the world is a story about how, and the first. ".repeat(12);
+    // 32MB: chunks of under a hundred tokens, so the prompt takes several.
+    let args = [
+        "run",
+        p,
+        "--prompt",
+        &prompt,
+        "--max-tokens",
+        "2",
+        "--raw",
+        "--mem-budget",
+        "32MB",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .env("FLASHPACK_PROGRESS_AFTER_MS", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("prompt: ")).collect();
+    assert!(lines.len() >= 3, "{err}");
+    let total: usize = err
+        .lines()
+        .find_map(|l| l.strip_prefix("prompt ")?.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert_eq!(
+        lines.last().unwrap(),
+        &format!("prompt: {total}/{total} tokens")
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("prompt:"));
+    // --json keeps stderr to the one JSON report.
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .arg("--json")
+        .env("FLASHPACK_PROGRESS_AFTER_MS", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("prompt: "), "{err}");
 }

@@ -324,3 +324,109 @@ fn skewed_fixture_routing_is_skewed_and_the_prefetch_gate_closes_on_uniform_rout
         "gated {gated}, issued {issued}"
     );
 }
+
+/// A pack truncated while a run has it mapped: a mapped read of a segment past the new end is an
+/// error naming the pack, where touching the map would have raised SIGBUS and killed the
+/// process with no message (issue 14).
+#[test]
+fn a_mapped_read_of_a_pack_that_shrank_is_an_error_not_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trained.flashpack");
+    convert(&fixture("qwen3moe-tiny"), &out, ConvertOptions::default());
+    let pack = Pack::open(&out).unwrap();
+    let opts = StoreOptions {
+        budget_bytes: Some(ExpertCache::all_resident_bytes(&pack) / 4),
+        io: IoMode::Mmap,
+        ..StoreOptions::default()
+    };
+    let mut store = ExpertCache::new(&pack, &opts).unwrap();
+    store.prepare(&pack, 0, &[0, 1]).unwrap();
+    // Cut the file in the middle of the expert data: the last layer's experts are gone.
+    let last = pack.experts().last().unwrap().clone();
+    let cut = pack.experts()[pack.experts().len() / 2].offset;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let err = store
+        .prepare(&pack, last.layer, &[last.expert])
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            flashpack::run::experts::ExpertError::Read(flashpack::run::read::ReadError::Shrunk { file_len, .. })
+                if file_len == cut
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("shrank") && msg.contains("trained.flashpack"),
+        "{msg}"
+    );
+    // The same through the reader alone.
+    let mapped = SegmentReader::new(&pack, IoMode::Mmap, 1).unwrap();
+    let err = mapped.read_into(&last, &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("shrank"), "{err}");
+}
+
+/// The prompt's progress is reported once per evaluated prefill chunk, then for the last token.
+#[test]
+fn prefill_reports_progress_per_chunk() {
+    use flashpack::progress::Progress;
+    use std::sync::Mutex;
+    #[derive(Default)]
+    struct Record(Mutex<Vec<String>>);
+    impl Progress for Record {
+        fn stage(&self, name: &str, total: Option<u64>, unit: &str) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{name} {total:?} {unit}"));
+        }
+        fn advance(&self, n: u64) {
+            self.0.lock().unwrap().push(format!("+{n}"));
+        }
+        fn finish_stage(&self) {
+            self.0.lock().unwrap().push("done".into());
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trained.flashpack");
+    convert(&fixture("qwen3moe-tiny"), &out, ConvertOptions::default());
+    let (pack, cfg, weights) = open::open(&out, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let mut store = StreamingExperts::new(&pack, cache(&pack, None), cfg.num_experts, false);
+    let opts = GenerateOptions {
+        max_tokens: 2,
+        sampler: Default::default(),
+        prefill_chunk: 8,
+        eos: vec![],
+        host_sampling: false,
+    };
+    let record = Record::default();
+    flashpack::run::generate::generate_reporting(
+        &model,
+        &mut store,
+        PROMPT,
+        &opts,
+        &record,
+        |_| true,
+    )
+    .unwrap();
+    // 28 tokens: 27 prefilled in chunks of 8, then the last with the first token's logits.
+    assert_eq!(
+        record.0.into_inner().unwrap(),
+        [
+            "prompt Some(28) tokens",
+            "+8",
+            "+8",
+            "+8",
+            "+3",
+            "+1",
+            "done"
+        ]
+    );
+}

@@ -188,7 +188,7 @@ pub struct SlotTable {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CacheError {
-    #[error("the expert cache has {capacity} slots, fewer than the {needed} experts one layer uses at once; raise --mem-budget")]
+    #[error("the expert cache has {capacity} slots, fewer than the {needed} experts one layer uses at once; raise --mem-budget (or --expert-budget)")]
     TooSmall { capacity: u32, needed: usize },
 }
 

@@ -162,7 +162,8 @@ pub fn with_model<T>(
 ) -> Result<T> {
     match src {
         Source::Pack(path) => {
-            let (pack, cfg, weights) = open::open(path, false)?;
+            // Checked as `run` checks by default: a damaged byte is an error, not a score.
+            let (pack, cfg, weights) = open::open(path, true)?;
             let model = Model::load(&cfg, &weights)?;
             let mut cache = ExpertCache::new(&pack, &StoreOptions::default())?;
             cache.warm_all(&pack)?;

@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -35,8 +36,19 @@ pub enum ExpertError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Mlx(#[from] mlx::Error),
-    #[error("expert segment (layer {layer}, expert {expert}, segment {segment}): {source}")]
+    /// The segment's stored bytes do not match its directory checksum.
+    #[error("expert segment (layer {layer}, expert {expert}, segment {segment}) of {} is damaged: its checksum does not match; {}", .path.display(), damaged_hint(.path))]
+    Checksum {
+        path: PathBuf,
+        layer: u32,
+        expert: u32,
+        segment: u16,
+    },
+    /// The segment's stored bytes do not decode (only reachable with verification off, or a
+    /// writer bug: a segment whose checksum matched decodes). The codec's reason is the source.
+    #[error("expert segment (layer {layer}, expert {expert}, segment {segment}) of {} does not decode, so the pack is damaged ({})", .path.display(), damaged_hint(.path))]
     Decode {
+        path: PathBuf,
         layer: u32,
         expert: u32,
         segment: u16,
@@ -47,6 +59,16 @@ pub enum ExpertError {
     Missing { layer: u32, expert: u32 },
     #[error("pack is not usable by the runtime: {reason}")]
     Unsupported { reason: String },
+}
+
+/// What to do about a damaged pack, for messages: `flashpack verify` lists every damaged part.
+pub(crate) fn damaged_hint(path: &Path) -> String {
+    let name = if path.as_os_str().is_empty() {
+        "PACK".to_string()
+    } else {
+        path.display().to_string()
+    };
+    format!("run `flashpack verify {name}` to list every damaged part, then re-download or re-convert the pack")
 }
 
 /// Which eviction policy the cache uses.
@@ -80,7 +102,8 @@ pub struct StoreOptions {
     pub io: IoMode,
     pub queue_depth: usize,
     pub policy: PolicyKind,
-    /// Check each segment's blake3 when it is read.
+    /// Check each segment's blake3 when it is read (on by default: a flipped byte must end the
+    /// run with an error, not change the text; `run --no-verify` turns it off).
     pub verify: bool,
     /// No caching at all: every use reads and decodes again (the naive baseline of benchmarks).
     pub naive: bool,
@@ -93,7 +116,7 @@ impl Default for StoreOptions {
             io: IoMode::Pread,
             queue_depth: 8,
             policy: PolicyKind::Profile,
-            verify: false,
+            verify: true,
             naive: false,
         }
     }
@@ -168,6 +191,17 @@ impl Pool {
             bits: self.shape.bits.get(proj) as i32,
         }
     }
+}
+
+/// One slot pool as sized (see [`ExpertCache::pool_sizes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSize {
+    pub bits: u8,
+    pub slots: u32,
+    /// Stored experts (all layers) of this precision.
+    pub stored: u32,
+    /// Bytes one resident expert takes.
+    pub slot_bytes: u64,
 }
 
 /// Per-layer hit and miss counts and timings.
@@ -380,6 +414,23 @@ impl ExpertCache {
         s.bytes_read = self.reader.bytes_read();
         s.thread_ms = load_times();
         s
+    }
+
+    /// Each pool as sized: its precision, slots, stored experts and bytes per slot (for
+    /// messages about a budget that holds too few experts).
+    pub fn pool_sizes(&self) -> Vec<PoolSize> {
+        self.pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PoolSize {
+                bits: p.shape.bits,
+                slots: p.table.capacity(),
+                stored: self.pool_of.values().filter(|&&x| x == i).count() as u32,
+                slot_bytes: Pool::slot_bytes(p.shape, p.hidden, p.inter)
+                    .iter()
+                    .sum::<usize>() as u64,
+            })
+            .collect()
     }
 
     /// Number of pools (distinct expert precisions).
@@ -739,15 +790,16 @@ fn load_segment_with(
         let stored = reader.read_into(e, stored)?;
         let t = step_done(0, t);
         if verify && blake3::hash(stored).as_bytes() != &e.blake3 {
-            return Err(PackError::SegmentChecksum {
+            return Err(ExpertError::Checksum {
+                path: reader.path().to_path_buf(),
                 layer: e.layer,
                 expert: e.expert,
                 segment: e.segment,
-            }
-            .into());
+            });
         }
         let t = step_done(1, t);
         let decode_err = |source| ExpertError::Decode {
+            path: reader.path().to_path_buf(),
             layer: e.layer,
             expert: e.expert,
             segment: e.segment,

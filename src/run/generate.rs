@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use crate::mlx::Array;
+use crate::progress::{Progress, Silent};
 use crate::run::compute::{ComputeError, ExpertStore, KvCache, Model};
 use crate::run::sample::{SampleError, Sampler, SamplerOptions};
 
@@ -76,6 +77,20 @@ pub fn generate(
     experts: &mut dyn ExpertStore,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, GenerateStats), GenerateError> {
+    generate_reporting(model, experts, prompt, opts, &Silent, on_token)
+}
+
+/// [`generate`], reporting the prompt's progress to `progress`: one stage `"prompt"` of
+/// `prompt.len()` tokens, advanced by each prefill chunk once it is evaluated (and by the last
+/// prompt token, which runs with the first token's logits).
+pub fn generate_reporting(
+    model: &Model,
+    experts: &mut dyn ExpertStore,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    progress: &dyn Progress,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, GenerateStats), GenerateError> {
     if prompt.is_empty() {
@@ -94,10 +109,14 @@ pub fn generate(
     // As mlx-lm: every prompt position but the last only fills the KV cache; the last one
     // runs alone and gives the first token's logits.
     let (body, last) = prompt.split_at(prompt.len() - 1);
+    progress.stage("prompt", Some(prompt.len() as u64), "tokens");
     for chunk in body.chunks(opts.prefill_chunk.max(1)) {
         model.prefill_ids(chunk, &mut cache, experts)?;
+        progress.advance(chunk.len() as u64);
     }
     let logits = model.forward_last_ids(last, &mut cache, experts)?;
+    progress.advance(1);
+    progress.finish_stage();
     if opts.sampler.temperature == 0.0 && !opts.host_sampling {
         return greedy_pipelined(
             model, experts, prompt, opts, &mut cache, logits, started, on_token,

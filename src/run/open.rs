@@ -4,16 +4,17 @@
 //! with the pack's codecs, resident for the whole run), the tokenizer and the chat template.
 //! Experts are not touched here: they stream through [`crate::run::experts::ExpertCache`].
 //! Invariant: every dense tensor handed to the model came from a directory entry whose bounds
-//! `Pack::open` checked; with `verify`, its blake3 too.
+//! `Pack::open` checked; with `verify` (the runtime's default), its blake3 too.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::arch::ModelConfig;
 use crate::codec::{CodecId, Decoder};
 use crate::format::{DType, Pack, PackError};
 use crate::mlx::{Array, Dtype};
 use crate::run::compute::{Quant, Weights};
+use crate::run::experts::damaged_hint;
 
 /// Why a pack cannot be run.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,16 @@ pub enum OpenError {
     Metadata { what: String },
     #[error("tensor {name}: {what}")]
     Tensor { name: String, what: String },
+    #[error("tensor {name} of {} is damaged: its checksum does not match; {}", .path.display(), damaged_hint(.path))]
+    TensorChecksum { path: PathBuf, name: String },
+    /// Only reachable with verification off (or a writer bug): the codec's reason is the source.
+    #[error("tensor {name} of {} does not decode, so the pack is damaged ({})", .path.display(), damaged_hint(.path))]
+    TensorDecode {
+        path: PathBuf,
+        name: String,
+        #[source]
+        source: crate::codec::CodecError,
+    },
     #[error(transparent)]
     Mlx(#[from] crate::mlx::Error),
     #[error("the pack has no tokenizer: it cannot take text prompts (re-convert from a folder with tokenizer.json)")]
@@ -53,30 +64,36 @@ pub(crate) fn mlx_dtype(d: DType) -> Dtype {
 }
 
 impl PackWeights {
-    /// Decodes every dense tensor; with `verify`, checks each one's blake3 first.
+    /// Decodes every dense tensor; with `verify`, checks each one's blake3 first (they stay
+    /// resident for the whole run, so this one pass covers every dense byte the model uses).
     pub fn load(pack: &Pack, verify: bool) -> Result<PackWeights, OpenError> {
         let mut decoder = Decoder::new();
         let mut buf = Vec::new();
         let mut tensors = BTreeMap::new();
         let mut quant = BTreeMap::new();
         let mut bytes = 0;
+        let path = pack.path().map(Path::to_path_buf).unwrap_or_default();
         for t in pack.tensors() {
-            if verify {
-                pack.check_tensor(t)?;
+            if verify && pack.check_tensor(t).is_err() {
+                return Err(OpenError::TensorChecksum {
+                    path,
+                    name: t.name.clone(),
+                });
             }
             let stored = pack.tensor_stored(t);
-            let err = |what: String| OpenError::Tensor {
+            let decode_err = |source| OpenError::TensorDecode {
+                path: path.clone(),
                 name: t.name.clone(),
-                what,
+                source,
             };
-            let codec = CodecId::try_from(t.codec).map_err(|e| err(e.to_string()))?;
+            let codec = CodecId::try_from(t.codec).map_err(decode_err)?;
             let data: &[u8] = if codec == CodecId::Raw {
                 stored
             } else {
                 buf.resize(t.decoded_len as usize, 0);
                 decoder
                     .decode_into(codec, stored, &mut buf)
-                    .map_err(|e| err(format!("decoding failed: {e}")))?;
+                    .map_err(decode_err)?;
                 &buf
             };
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();

@@ -149,3 +149,29 @@ pub fn section_entry_at(bytes: &[u8], kind: SectionKind) -> usize {
         .unwrap();
     HEADER_SIZE + i * SECTION_ENTRY_SIZE
 }
+
+/// The bundled trained model (fixtures/qwen3moe-tiny) converted with default options, as
+/// `flashpack convert` writes it: a small pack that `flashpack run` can run. Returns its path.
+pub fn tiny_pack(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    let out = dir.join("tiny.flashpack");
+    let ck = flashpack::convert::load::Checkpoint::open(&src).unwrap();
+    flashpack::convert::convert_checkpoint(
+        &ck,
+        &out,
+        &flashpack::convert::ConvertOptions::default(),
+        &flashpack::progress::Silent,
+        std::time::Instant::now(),
+    )
+    .unwrap();
+    out
+}
+
+/// Runs the `flashpack` binary with `args` (and `envs`).
+pub fn flashpack_cli(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap()
+}

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use flashpack::run::budget::{parse_size, peak_rss, total_ram};
+use flashpack::run::budget::{parse_size, peak_rss, total_ram, Size};
 use flashpack::run::compute::{ComputeError, ExpertStore, PoolRoute, Routing};
-use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
-use flashpack::run::generate::{generate, GenerateOptions};
+use flashpack::run::experts::{ExpertCache, PolicyKind, PoolSize, StoreOptions};
+use flashpack::run::generate::{generate_reporting, GenerateOptions};
 use flashpack::run::open;
 use flashpack::run::read::IoMode;
 use flashpack::run::sample::SamplerOptions;
@@ -43,15 +43,15 @@ pub struct RunArgs {
     /// Do not apply the pack's chat template; feed the prompt as is.
     #[arg(long)]
     pub raw: bool,
-    /// Memory for weights: 8GiB, 4GB, 0.5 or 50% (of RAM). Dense weights stay resident; experts
-    /// share the rest. Default: everything resident.
-    #[arg(long)]
-    pub mem_budget: Option<String>,
-    /// Size the expert cache directly instead (benchmarks): 2GB, or 50% / 0.5 of the bytes that
+    /// Memory for weights: 8GiB, 8GB, 8G (= GiB), 512MiB, 512MB, or 50% (of RAM). Dense weights
+    /// stay resident; experts share the rest. Default: everything resident.
+    #[arg(long, value_name = "SIZE", value_parser = Budget::parse)]
+    pub mem_budget: Option<Budget>,
+    /// Size the expert cache directly instead (benchmarks): 2GiB, 2GB, or 50% of the bytes that
     /// all of the pack's experts take resident. Dense weights, KV cache and activations come on
     /// top.
-    #[arg(long, conflicts_with = "mem_budget")]
-    pub expert_budget: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = Budget::parse, conflicts_with = "mem_budget")]
+    pub expert_budget: Option<Budget>,
     /// How experts come off the disk.
     #[arg(long, default_value = "pread")]
     pub io: IoMode,
@@ -71,8 +71,13 @@ pub struct RunArgs {
     /// Benchmark baseline: no expert cache, every use reads and decodes again.
     #[arg(long)]
     pub no_cache: bool,
-    /// Check every tensor's and segment's blake3 as it is loaded.
+    /// Do not check blake3 checksums: dense tensors at open and each expert segment as it is
+    /// read are checked by default, so that a damaged byte ends the run instead of changing
+    /// its text.
     #[arg(long)]
+    pub no_verify: bool,
+    /// Accepted for scripts written when checking was opt-in; it is the default now.
+    #[arg(long, hide = true, conflicts_with = "no_verify")]
     pub verify: bool,
     /// Benchmark baselines: route through the host-synchronised streaming store even when every
     /// expert is resident, and pick greedy tokens on the host one synchronous step at a time.
@@ -81,6 +86,189 @@ pub struct RunArgs {
     /// Print stats as JSON (on stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// A `--mem-budget` / `--expert-budget` value: as written (for messages) and parsed.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    text: String,
+    size: Size,
+}
+
+impl Budget {
+    /// The clap parser: a bare number or an unknown unit is a usage error (exit 2) that lists
+    /// the accepted forms.
+    fn parse(text: &str) -> Result<Budget, String> {
+        Ok(Budget {
+            text: text.trim().to_string(),
+            size: parse_size(text)?,
+        })
+    }
+}
+
+/// Says so on stderr when a budget is more than the machine's memory: it cannot be honoured, and
+/// is most likely a typo (`1TB` for `1GB`).
+fn warn_over_ram(option: &str, text: &str, bytes: u64, ram: u64) {
+    if ram > 0 && bytes > ram {
+        eprintln!(
+            "warning: {option} {text} ({}) is more than this machine's memory ({}); the budget cannot hold, and the system may swap",
+            fmt_bytes(bytes),
+            fmt_bytes(ram)
+        );
+    }
+}
+
+/// Bytes for people: MB below a GB, else GB (decimal, as the other reports print them).
+fn fmt_bytes(b: u64) -> String {
+    if b >= 1_000_000_000 {
+        format!("{:.2} GB", b as f64 / 1e9)
+    } else {
+        format!("{:.1} MB", b as f64 / 1e6)
+    }
+}
+
+/// Where the expert cache's size came from, for the message when it holds too few experts.
+enum BudgetCause {
+    /// `--mem-budget TEXT`, of which the dense weights, KV cache and activations took this much.
+    Mem { text: String, dense_and_margin: u64 },
+    /// `--expert-budget TEXT`.
+    Expert { text: String },
+    /// No budget: every stored expert has a slot.
+    None,
+}
+
+/// The message when the smallest slot pool holds fewer experts than one token routes to: it
+/// names the option that sized the cache (or, without one, the pack's own numbers), the size of
+/// one expert and where it comes from, top-k, and the least budget that would do.
+fn too_few_slots(
+    cause: &BudgetCause,
+    expert_budget: Option<u64>,
+    pools: &[PoolSize],
+    top_k: usize,
+    (hidden, inter): (u32, u32),
+) -> String {
+    let Some(p) = pools.iter().min_by_key(|p| p.slots) else {
+        return format!(
+            "the pack stores no experts, but the model config routes each token to {top_k} (num_experts_per_tok); the pack is damaged or was written by a broken tool: re-convert it"
+        );
+    };
+    // A pool gets the budget's share of its bytes (ExpertCache::new), so `top_k` slots in every
+    // pool need this many bytes in all.
+    let total: u64 = pools.iter().map(|q| q.stored as u64 * q.slot_bytes).sum();
+    let need = pools
+        .iter()
+        .map(|q| (top_k as u64 * total).div_ceil(q.stored.max(1) as u64))
+        .max()
+        .unwrap_or(0);
+    let room = format!(
+        "room for {} of its {}-bit experts ({} each: hidden {hidden} x expert width {inter}, from the pack's expert directory), fewer than the {top_k} one token uses (num_experts_per_tok in the model config)",
+        p.slots,
+        p.bits,
+        fmt_bytes(p.slot_bytes)
+    );
+    let eb = fmt_bytes(expert_budget.unwrap_or(0));
+    match cause {
+        BudgetCause::Expert { text } => format!(
+            "--expert-budget {text} gives the expert cache {eb}: {room}; raise --expert-budget to at least {}",
+            fmt_bytes(need)
+        ),
+        BudgetCause::Mem {
+            text,
+            dense_and_margin,
+        } => format!(
+            "--mem-budget {text} leaves {eb} for experts after {} of dense weights, KV cache and activations: {room}; raise --mem-budget to at least {}",
+            fmt_bytes(*dense_and_margin),
+            fmt_bytes(dense_and_margin + need)
+        ),
+        BudgetCause::None => format!(
+            "the model config routes each token to {top_k} experts (num_experts_per_tok), but the pack stores only {} {}-bit experts; its config and expert directory disagree: re-convert it",
+            p.stored, p.bits
+        ),
+    }
+}
+
+/// Draws the prompt's progress on stderr (`prompt: 4096/16384 tokens`) once the prompt has
+/// taken longer than `after`, then at most once per `after`; a short prompt draws nothing.
+/// On a terminal the line is redrawn in place.
+struct PromptProgress {
+    after: std::time::Duration,
+    enabled: bool,
+    state: std::sync::Mutex<PromptState>,
+}
+
+struct PromptState {
+    started: std::time::Instant,
+    last: Option<std::time::Instant>,
+    done: u64,
+    total: u64,
+    drawn: u64,
+}
+
+impl PromptProgress {
+    fn new(after: std::time::Duration, enabled: bool) -> PromptProgress {
+        PromptProgress {
+            after,
+            enabled,
+            state: std::sync::Mutex::new(PromptState {
+                started: std::time::Instant::now(),
+                last: None,
+                done: 0,
+                total: 0,
+                drawn: 0,
+            }),
+        }
+    }
+
+    fn draw(&self, s: &mut PromptState, last: bool) {
+        use std::io::IsTerminal;
+        let tty = std::io::stderr().is_terminal();
+        let end = if tty && !last { "\r" } else { "\n" };
+        eprint!("prompt: {}/{} tokens{end}", s.done, s.total);
+        s.drawn = s.done;
+        s.last = Some(std::time::Instant::now());
+    }
+}
+
+impl flashpack::progress::Progress for PromptProgress {
+    fn stage(&self, _name: &str, total: Option<u64>, _unit: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *s = PromptState {
+            started: std::time::Instant::now(),
+            last: None,
+            done: 0,
+            total: total.unwrap_or(0),
+            drawn: 0,
+        };
+    }
+
+    fn advance(&self, n: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.done += n;
+        let now = std::time::Instant::now();
+        let due = now - s.started >= self.after && s.last.is_none_or(|t| now - t >= self.after);
+        if self.enabled && due && s.done < s.total {
+            self.draw(&mut s, false);
+        }
+    }
+
+    fn finish_stage(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The last line, once any was drawn or the whole prompt took longer than `after`.
+        let slow = s.started.elapsed() >= self.after;
+        if self.enabled && (s.last.is_some() || slow) && s.drawn < s.done {
+            self.draw(&mut s, true);
+        }
+    }
+}
+
+/// After how long the prompt's progress shows: a second, or `FLASHPACK_PROGRESS_AFTER_MS`
+/// (tests set 0 to see every chunk without depending on the machine's speed).
+fn prompt_progress_after() -> std::time::Duration {
+    let ms = std::env::var("FLASHPACK_PROGRESS_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    std::time::Duration::from_millis(ms)
 }
 
 /// Most prompt tokens per forward call (mlx-lm's `prefill_step_size`).
@@ -116,17 +304,19 @@ fn prompt_text(args: &RunArgs) -> anyhow::Result<String> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let _ = args.verify; // checking is the default; the flag stays for old scripts
     let prompt = prompt_text(&args)?;
-    let (pack, cfg, weights) = open::open(&args.pack, args.verify)
+    let (pack, cfg, weights) = open::open(&args.pack, !args.no_verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let tokenizer = open::tokenizer(&pack)?;
     let model =
         flashpack::run::compute::Model::load(&cfg, &weights).context("loading the model")?;
 
-    let budget = match &args.mem_budget {
-        None => None,
-        Some(text) => Some(parse_size(text, total_ram()).map_err(anyhow::Error::msg)?),
-    };
+    let ram = total_ram();
+    let budget = args.mem_budget.as_ref().map(|b| b.size.resolve(ram));
+    if let (Some(b), Some(text)) = (budget, &args.mem_budget) {
+        warn_over_ram("--mem-budget", &text.text, b, ram);
+    }
     // The dense weights stay resident; the KV cache (bf16, up to the longest context this run
     // can reach) and activations come out of the budget too.
     let positions = cfg
@@ -155,12 +345,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let all_experts = ExpertCache::all_resident_bytes(&pack);
     let expert_budget = match (budget, &args.expert_budget) {
         (None, None) => None,
-        (None, Some(text)) => Some(parse_size(text, all_experts).map_err(anyhow::Error::msg)?),
+        (None, Some(eb)) => {
+            let bytes = eb.size.resolve(all_experts);
+            warn_over_ram("--expert-budget", &eb.text, bytes, ram);
+            Some(bytes)
+        }
         (Some(b), _) => {
             let Some(rest) = b.checked_sub(weights.bytes + margin) else {
                 bail!(
                     "--mem-budget {} is too small: the dense weights alone need {:.1} MB (plus {:.1} MB for the KV cache and activations); raise the budget",
-                    args.mem_budget.as_deref().unwrap_or_default(),
+                    args.mem_budget.as_ref().map_or("", |t| t.text.as_str()),
                     weights.bytes as f64 / 1e6,
                     margin as f64 / 1e6
                 );
@@ -173,7 +367,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         io: args.io,
         queue_depth: args.queue_depth,
         policy: args.policy,
-        verify: args.verify,
+        verify: !args.no_verify,
         naive: args.no_cache,
     };
     let mut cache = ExpertCache::new(&pack, &opts)?;
@@ -193,11 +387,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         !args.no_prefetch && !args.no_cache && streaming,
     )
     .skip_uncached(args.skip_uncached);
-    let min_slots = experts.min_slots();
-    if min_slots < cfg.num_experts_per_tok {
+    if experts.min_slots() < cfg.num_experts_per_tok {
+        let cause = match (&args.mem_budget, &args.expert_budget) {
+            (Some(b), _) => BudgetCause::Mem {
+                text: b.text.clone(),
+                dense_and_margin: weights.bytes + margin,
+            },
+            (None, Some(b)) => BudgetCause::Expert {
+                text: b.text.clone(),
+            },
+            (None, None) => BudgetCause::None,
+        };
         bail!(
-            "--mem-budget leaves room for {min_slots} experts, fewer than the {} one token uses; raise the budget",
-            cfg.num_experts_per_tok
+            "{}",
+            too_few_slots(
+                &cause,
+                expert_budget,
+                &experts.cache().pool_sizes(),
+                cfg.num_experts_per_tok,
+                (pack.hidden_size(), pack.intermediate_size()),
+            )
         );
     }
 
@@ -256,7 +465,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(r) => r,
         None => &mut phases,
     };
-    let (_, stats) = generate(&model, store, &ids, &gen_opts, |id| {
+    let progress = PromptProgress::new(prompt_progress_after(), !args.json);
+    let (_, stats) = generate_reporting(&model, store, &ids, &gen_opts, &progress, |id| {
         if !first_token.get() {
             cpu_first = Some(process_cpu_s());
         }
@@ -483,4 +693,74 @@ fn render_chat(
     env.get_template("chat")?
         .render(ctx)
         .context("the pack's chat template failed to render; use --raw")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POOL: PoolSize = PoolSize {
+        bits: 4,
+        slots: 3,
+        stored: 192,
+        slot_bytes: 50_000,
+    };
+
+    #[test]
+    fn too_few_slots_names_the_option_that_sized_the_cache() {
+        let msg = too_few_slots(
+            &BudgetCause::Expert { text: "1MB".into() },
+            Some(150_000),
+            &[POOL],
+            8,
+            (256, 128),
+        );
+        assert!(msg.starts_with("--expert-budget 1MB gives"), "{msg}");
+        assert!(!msg.contains("--mem-budget"), "{msg}");
+        assert!(
+            msg.contains(
+                "room for 3 of its 4-bit experts (0.1 MB each: hidden 256 x expert width 128"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("fewer than the 8 one token uses"), "{msg}");
+        // 8 slots of 192 experts' share: 8 * 192 * 50 kB / 192.
+        assert!(
+            msg.ends_with("raise --expert-budget to at least 0.4 MB"),
+            "{msg}"
+        );
+
+        let msg = too_few_slots(
+            &BudgetCause::Mem {
+                text: "40MB".into(),
+                dense_and_margin: 39_850_000,
+            },
+            Some(150_000),
+            &[POOL],
+            8,
+            (256, 128),
+        );
+        assert!(
+            msg.starts_with("--mem-budget 40MB leaves 0.1 MB for experts after 39.9 MB"),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with("raise --mem-budget to at least 40.2 MB"),
+            "{msg}"
+        );
+
+        // No budget: every stored expert has a slot, so only a config whose top-k exceeds the
+        // stored experts gets here, and the message says so instead of blaming a budget.
+        let all = PoolSize {
+            slots: 4,
+            stored: 4,
+            ..POOL
+        };
+        let msg = too_few_slots(&BudgetCause::None, None, &[all], 8, (256, 128));
+        assert!(!msg.contains("budget"), "{msg}");
+        assert!(
+            msg.contains("routes each token to 8 experts") && msg.contains("stores only 4"),
+            "{msg}"
+        );
+    }
 }
