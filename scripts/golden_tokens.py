@@ -2,7 +2,8 @@
 """Greedy goldens of mlx-lm on mlx-lm conversions of the bundled trained model (issue 13).
 
 For each bit width, `mlx_lm convert -q --q-bits B --q-group-size 64 fixtures/qwen3moe-tiny` (and for
-mlx-lm's mixed recipes, `--quant-predicate mixed_2_6` / `mixed_3_4`, group 64), then
+mlx-lm's mixed recipes, `--quant-predicate mixed_2_6` / `mixed_3_4`, group 64, and its microscaling modes,
+`--q-mode mxfp4` / `mxfp8`), then
 20 greedy tokens for each prompt with mlx-lm's KV cache, and at every step the gap between the top-2
 log-probabilities. A prompt whose smallest gap is below 0.06 can be decided by bf16 rounding, so
 tests compare only the others. Writes fixtures/golden/tokens-qwen3moe-tiny.json:
@@ -20,6 +21,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {f"q{b}": ["--q-bits", str(b), "--q-group-size", "64"] for b in [2, 3, 4, 6, 8]}
 RECIPES.update({r: ["--quant-predicate", r] for r in ["mixed_2_6", "mixed_3_4"]})
+RECIPES.update({m: ["--q-mode", m] for m in ["mxfp4", "mxfp8"]})
 PROMPTS = ["The history of", "Once upon a time", "def fibonacci(n):", "The capital of France is",
            "The best way to learn", "Water is made of", "import numpy as np", "My favourite food is",
            "In 1905, Albert Einstein"]

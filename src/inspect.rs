@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::format::{codec_id, optional, required, Pack, SectionKind};
+use crate::format::{codec_id, optional, required, Pack, QuantMode, SectionKind};
 
 /// Sizes and bits of one kind of weight.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -69,7 +69,7 @@ pub struct PackReport {
     pub quantization: Value,
 }
 
-const REQUIRED_NAMES: [(u64, &str); 7] = [
+const REQUIRED_NAMES: [(u64, &str); 8] = [
     (required::CODEC_HUFFMAN, "CODEC_HUFFMAN"),
     (required::CODEC_ZSTD, "CODEC_ZSTD"),
     (required::CODEC_LZ4, "CODEC_LZ4"),
@@ -77,11 +77,20 @@ const REQUIRED_NAMES: [(u64, &str); 7] = [
     (required::VERTICAL_SEGMENTS, "VERTICAL_SEGMENTS"),
     (required::MIXED_EXPERT_BITS, "MIXED_EXPERT_BITS"),
     (required::PROJECTION_BITS, "PROJECTION_BITS"),
+    (required::MX_MODES, "MX_MODES"),
 ];
 const OPTIONAL_NAMES: [(u64, &str); 2] = [
     (optional::EXPERT_PROFILE, "EXPERT_PROFILE"),
     (optional::CHAT_TEMPLATE, "CHAT_TEMPLATE"),
 ];
+
+/// "4-bit", "2/2/6-bit" (gate/up/down), or the mode's name ("mxfp4").
+fn expert_label(e: &crate::format::ExpertEntry) -> String {
+    match e.mode {
+        QuantMode::Affine => format!("{}-bit", e.bits),
+        m => m.name().to_string(),
+    }
+}
 
 impl PackReport {
     pub fn new(pack: &Pack) -> PackReport {
@@ -89,11 +98,11 @@ impl PackReport {
         let h = pack.hidden_size() as u64;
         let mut dense = KindStats::default();
         let mut dense_bits: BTreeMap<String, KindStats> = BTreeMap::new();
-        let code_bits: BTreeMap<&str, u8> = pack
+        let code_bits: BTreeMap<&str, (u8, QuantMode)> = pack
             .tensors()
             .iter()
             .filter(|t| t.bits > 0)
-            .filter_map(|t| Some((t.name.strip_suffix(".weight")?, t.bits)))
+            .filter_map(|t| Some((t.name.strip_suffix(".weight")?, (t.bits, t.mode))))
             .collect();
         for t in pack.tensors() {
             let module = t
@@ -109,14 +118,14 @@ impl PackReport {
                 t.shape.iter().product()
             };
             dense.add(t.stored_len, weights);
-            let bits = match module {
-                Some(m) => code_bits.get(m).copied().unwrap_or(0),
-                None => t.bits,
+            let (bits, mode) = match module {
+                Some(m) => code_bits.get(m).copied().unwrap_or_default(),
+                None => (t.bits, t.mode),
             };
-            let label = if bits > 0 {
-                format!("{bits}-bit")
-            } else {
-                "float".to_string()
+            let label = match (bits, mode) {
+                (0, _) => "float".to_string(),
+                (b, QuantMode::Affine) => format!("{b}-bit"),
+                (_, m) => m.name().to_string(),
             };
             dense_bits
                 .entry(label)
@@ -133,7 +142,7 @@ impl PackReport {
             let weights = 3 * e.row_count as u64 * h;
             experts.add(e.stored_len, weights);
             by_bits
-                .entry(format!("{}-bit", e.bits))
+                .entry(expert_label(e))
                 .or_default()
                 .add(e.stored_len, weights);
             let mut count = |codec: u8, part: &str, bytes: u64| {
@@ -154,7 +163,7 @@ impl PackReport {
                 *bits_by_layer
                     .entry(e.layer)
                     .or_default()
-                    .entry(format!("{}-bit", e.bits))
+                    .entry(expert_label(e))
                     .or_default() += 1;
             }
         }

@@ -3,7 +3,7 @@
 //! evictions.
 
 use flashpack::codec::{self, Codec};
-use flashpack::format::{DType, ExpertSegmentDesc, Pack, PackWriter, ProjBits};
+use flashpack::format::{DType, ExpertSegmentDesc, Pack, PackWriter, ProjBits, QuantMode};
 use flashpack::mlx::{self, Array, QuantizedMatrix};
 use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::read::IoMode;
@@ -128,6 +128,7 @@ fn write_pack(dir: &std::path::Path, segments: usize) -> std::path::PathBuf {
                         bits: ProjBits::uniform(BITS as u8),
                         group_size: G as u32,
                         scale_dtype: DType::BF16,
+                        mode: QuantMode::Affine,
                         weight_codec: wc as u8,
                         aux_codec: ac as u8,
                     },

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use flashpack::format::{required, Pack, PackError, ProjBits, SectionKind, MAGIC};
+use flashpack::format::{required, Pack, PackError, ProjBits, QuantMode, SectionKind, MAGIC};
 use flashpack::mapped::Bytes;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -217,6 +217,7 @@ fn unfinished_write_leaves_destination_untouched() {
                 shape: vec![4],
                 bits: 0,
                 group_size: 0,
+                mode: QuantMode::Affine,
                 codec: 0,
             },
             &[0; 16],
@@ -243,6 +244,7 @@ fn writer_refuses_unsorted_input_and_bad_shapes() {
         shape: vec![1],
         bits: 0,
         group_size: 0,
+        mode: QuantMode::Affine,
         codec: 0,
     };
     w.add_tensor(desc("b"), &[0; 4]).unwrap();
@@ -260,6 +262,7 @@ fn writer_refuses_unsorted_input_and_bad_shapes() {
         bits: ProjBits::uniform(4),
         group_size: 64,
         scale_dtype: flashpack::format::DType::BF16,
+        mode: QuantMode::Affine,
         weight_codec: 0,
         aux_codec: 0,
     };
@@ -343,7 +346,9 @@ fn projection_bits_round_trip_and_are_checked() {
         (&[6u8, 6, 6][..], "projection_bits"), // all equal: must be written as zeros
         (&[2, 2, 7][..], "projection_bits"),   // not a valid width
         (&[2, 2, 5][..], "projection_bits"),   // largest differs from `bits`
-        (&[2, 2, 6, 1][..], "reserved"),       // reserved byte
+        (&[2, 2, 6, 0, 1][..], "reserved"),    // reserved byte
+        (&[2, 2, 6, 9][..], "mode"),           // unknown mode
+        (&[2, 2, 6, 1][..], "mode"),           // mxfp4 needs uniform 4 bits and u8 scales
     ] {
         let err = edit(entry(4) + 104, bytes).err().unwrap();
         assert!(

@@ -12,7 +12,8 @@ use std::process::Command;
 
 use base64::Engine;
 use flashpack::format::{
-    codec_id, segment_part_lens, DType, ExpertSegmentDesc, PackWriter, ProjBits, TensorDesc,
+    codec_id, segment_part_lens, DType, ExpertSegmentDesc, PackWriter, ProjBits, QuantMode,
+    TensorDesc,
 };
 use flashpack::hub::{Hub, HubConfig, HubError, PublishOptions};
 use flashpack::progress::Silent;
@@ -541,12 +542,21 @@ fn pack_with(dir: &Path, extra: Value) -> PathBuf {
             shape: vec![h as u64],
             bits: 0,
             group_size: 0,
+            mode: QuantMode::Affine,
             codec: codec_id::RAW,
         },
         &bytes(7, h as usize * 4),
     )
     .unwrap();
-    let (wl, al) = segment_part_lens(h, i, ProjBits::uniform(4), 64, DType::BF16).unwrap();
+    let (wl, al) = segment_part_lens(
+        h,
+        i,
+        ProjBits::uniform(4),
+        64,
+        DType::BF16,
+        QuantMode::Affine,
+    )
+    .unwrap();
     w.add_expert_segment(
         ExpertSegmentDesc {
             layer: 0,
@@ -558,6 +568,7 @@ fn pack_with(dir: &Path, extra: Value) -> PathBuf {
             bits: ProjBits::uniform(4),
             group_size: 64,
             scale_dtype: DType::BF16,
+            mode: QuantMode::Affine,
             weight_codec: codec_id::RAW,
             aux_codec: codec_id::RAW,
         },

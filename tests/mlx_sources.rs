@@ -9,7 +9,7 @@ use std::process::Command;
 
 use flashpack::arch::Arch;
 use flashpack::convert::fixtures::FixtureSpec;
-use flashpack::format::{required, Pack, ProjBits};
+use flashpack::format::{required, DType, Pack, ProjBits, QuantMode};
 use flashpack::mlx;
 use flashpack::run::compute::Model;
 use flashpack::run::experts::{ExpertCache, StoreOptions};
@@ -122,6 +122,9 @@ enum Recipe {
     /// `--quant-predicate NAME`: gate and up at `low` bits, `down_proj` at `high` bits in the
     /// first and last eighth of the layers and every third one between (group 64).
     Mixed(&'static str, u8, u8),
+    /// `--q-mode NAME`: microscaling float codes (mxfp4: 4 bits, mxfp8: 8 bits; groups of 32
+    /// with power-of-two u8 scales, no biases).
+    Mode(QuantMode),
 }
 
 impl Recipe {
@@ -129,6 +132,7 @@ impl Recipe {
         match self {
             Recipe::Uniform(b, g) => format!("q{b}-g{g}"),
             Recipe::Mixed(name, ..) => name.to_string(),
+            Recipe::Mode(m) => m.name().to_string(),
         }
     }
 
@@ -136,11 +140,12 @@ impl Recipe {
         match self {
             Recipe::Uniform(b, g) => mlx_lm_folder(src, dst, b, g),
             Recipe::Mixed(name, ..) => mlx_lm_convert(src, dst, &["--quant-predicate", name]),
+            Recipe::Mode(m) => mlx_lm_convert(src, dst, &["--q-mode", m.name()]),
         }
     }
 }
 
-const RECIPES: [Recipe; 8] = [
+const RECIPES: [Recipe; 10] = [
     Recipe::Uniform(2, 64),
     Recipe::Uniform(3, 64),
     Recipe::Uniform(6, 64),
@@ -149,6 +154,8 @@ const RECIPES: [Recipe; 8] = [
     Recipe::Uniform(5, 32),
     Recipe::Mixed("mixed_2_6", 2, 6),
     Recipe::Mixed("mixed_3_4", 3, 4),
+    Recipe::Mode(QuantMode::Mxfp4),
+    Recipe::Mode(QuantMode::Mxfp8),
 ];
 
 #[test]
@@ -187,7 +194,10 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
             let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(report["requantized_source"], false, "{what}: {report}");
             assert_eq!(report["requantized_experts"], 0, "{what}: {report}");
-            if matches!(recipe, Recipe::Uniform(3, _) | Recipe::Mixed(..)) {
+            if matches!(
+                recipe,
+                Recipe::Uniform(3, _) | Recipe::Mixed(..) | Recipe::Mode(_)
+            ) {
                 // Reproducible: a second conversion of the same folder gives the same bytes.
                 let again = dir.path().join("again.flashpack");
                 let out = flashpack(&[
@@ -244,6 +254,30 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                         "{what}: {kinds:?}"
                     );
                 }
+                Recipe::Mode(m) => {
+                    let (bits, group) = m.fixed().unwrap();
+                    assert!(
+                        p.experts().iter().all(|e| e.mode == m
+                            && e.bits == bits
+                            && e.group_size == group
+                            && e.scale_dtype == DType::U8),
+                        "{what}: experts requantized"
+                    );
+                    assert_ne!(p.header().required_features & required::MX_MODES, 0);
+                    assert_eq!(q["mode"], m.name(), "{what}: {q}");
+                    assert_eq!(kinds, vec![m.name()], "{what}");
+                    // Dense layers keep their codes too (scales but no biases).
+                    let t = p
+                        .tensors()
+                        .iter()
+                        .find(|t| t.name == "model.layers.0.self_attn.q_proj.weight")
+                        .unwrap();
+                    assert_eq!((t.mode, t.bits), (m, bits), "{what}");
+                    assert!(!p
+                        .tensors()
+                        .iter()
+                        .any(|t| t.name == "model.layers.0.self_attn.q_proj.biases"));
+                }
             }
 
             // And it computes what mlx-lm computes on that folder.
@@ -285,56 +319,70 @@ fn cold_bits_on_an_mlx_lm_source_requantize_and_say_so() {
         eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
         return;
     }
-    // Requantizing happens only when asked for: --cold-bits 2 on a mixed 3/4-bit source sends
-    // the coldest experts to 2 bits (every projection), keeps the others as they are, and the
-    // report says how many were requantized.
+    // Requantizing happens only when asked for: --cold-bits 2 sends the coldest experts to 2
+    // bits (every projection, affine), keeps the others as the source has them (mixed 3/4 bits,
+    // or mxfp4), and the report says how many were requantized.
     let dir = tempfile::tempdir().unwrap();
-    let src = source(dir.path(), Arch::Mixtral);
-    let mlx_dir = dir.path().join("mixtral-mixed_3_4");
-    mlx_lm_convert(&src, &mlx_dir, &["--quant-predicate", "mixed_3_4"]);
-    let pack = dir.path().join("cold.flashpack");
-    let out = flashpack(&[
-        "convert",
-        mlx_dir.to_str().unwrap(),
-        "-o",
-        pack.to_str().unwrap(),
-        "--cold-bits",
-        "2",
-        "--cold-fraction",
-        "0.25",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let p = Pack::open(&pack).unwrap();
-    let cold = p.experts().iter().filter(|e| e.bits == 2).count() as u64;
-    assert!(cold > 0, "no expert went to 2 bits");
-    assert_eq!(report["requantized_source"], true, "{report}");
-    assert_eq!(report["requantized_experts"], cold, "{report}");
-    assert!(
-        p.experts()
+    for (arch, recipe) in [
+        (Arch::Mixtral, Recipe::Mixed("mixed_3_4", 3, 4)),
+        (Arch::Qwen3Moe, Recipe::Mode(QuantMode::Mxfp4)),
+    ] {
+        let what = format!("{} {}", arch.model_type(), recipe.label());
+        let src = source(dir.path(), arch);
+        let mlx_dir = dir.path().join(format!("cold-{}", recipe.label()));
+        recipe.convert(&src, &mlx_dir);
+        let pack = dir
+            .path()
+            .join(format!("cold-{}.flashpack", recipe.label()));
+        let out = flashpack(&[
+            "convert",
+            mlx_dir.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--cold-bits",
+            "2",
+            "--cold-fraction",
+            "0.25",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let p = Pack::open(&pack).unwrap();
+        let cold = p
+            .experts()
             .iter()
-            .all(|e| e.bits == 2 || e.bits == 3 || e.bits == ProjBits([3, 3, 4])),
-        "the others keep their source bits"
-    );
-    let run = flashpack(&[
-        "run",
-        pack.to_str().unwrap(),
-        "--prompt",
-        "The history of",
-        "--raw",
-        "--max-tokens",
-        "4",
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+            .filter(|e| e.bits == 2 && e.mode == QuantMode::Affine)
+            .count() as u64;
+        assert!(cold > 0, "{what}: no expert went to 2 bits");
+        assert_eq!(report["requantized_source"], true, "{what}: {report}");
+        assert_eq!(report["requantized_experts"], cold, "{what}: {report}");
+        let kept = |e: &flashpack::format::ExpertEntry| match recipe {
+            Recipe::Mode(m) => e.mode == m,
+            _ => e.bits == 3 || e.bits == ProjBits([3, 3, 4]),
+        };
+        assert!(
+            p.experts().iter().all(|e| e.bits == 2 || kept(e)),
+            "{what}: the others keep their source codes"
+        );
+        let run = flashpack(&[
+            "run",
+            pack.to_str().unwrap(),
+            "--prompt",
+            "The history of",
+            "--raw",
+            "--max-tokens",
+            "4",
+        ]);
+        assert!(
+            run.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
 }
 
 #[test]

@@ -124,6 +124,7 @@ fn widened_reference(pack: &Pack, layers: usize, experts: usize) -> ResidentExpe
             ),
             group_size: 64,
             bits: 4,
+            mode: flashpack::mlx::QuantMode::Affine,
         };
         let pool = ExpertPool {
             gate: m(0, i, h),

@@ -9,7 +9,7 @@
 use crate::codec::{encode, encode_auto, Codec, CodecChoice, CodecError, CodecId};
 use crate::convert::quantize::QuantizedExpertSegment;
 use crate::convert::tensor::FloatDtype;
-use crate::format::ProjBits;
+use crate::format::{ProjBits, QuantMode};
 
 /// Encodes parts with one codec choice, reusing scratch space.
 pub struct Encoder {
@@ -49,6 +49,7 @@ impl Encoder {
     pub fn segment(&mut self, seg: QuantizedExpertSegment) -> Result<EncodedSegment, CodecError> {
         let (weights_len, aux_len) = (seg.weights.len(), seg.aux.len());
         let aux_bits = match seg.scale_dtype {
+            _ if !seg.mode.has_biases() => 8,
             FloatDtype::F32 => 32,
             FloatDtype::F16 | FloatDtype::Bf16 => 16,
         };
@@ -65,6 +66,7 @@ impl Encoder {
             bits: seg.bits,
             group_size: seg.group_size,
             scale_dtype: seg.scale_dtype,
+            mode: seg.mode,
             weights,
             aux,
             weight_codec,
@@ -86,6 +88,7 @@ pub struct EncodedSegment {
     pub bits: ProjBits,
     pub group_size: usize,
     pub scale_dtype: FloatDtype,
+    pub mode: QuantMode,
     pub weights: Vec<u8>,
     pub aux: Vec<u8>,
     pub weight_codec: CodecId,

@@ -24,7 +24,9 @@ pub mod fixtures;
 pub mod tensor;
 
 use crate::codec::{AutoPolicy, CodecChoice, CodecError};
-use crate::format::{Pack, PackError, PackSummary, PackWriter, ProjBits, DEFAULT_PAGE_SIZE};
+use crate::format::{
+    Pack, PackError, PackSummary, PackWriter, ProjBits, QuantMode, DEFAULT_PAGE_SIZE,
+};
 use crate::inspect::PackReport;
 use crate::progress::Progress;
 use encode::{EncodedSegment, Encoder};
@@ -488,10 +490,10 @@ fn write_payload(
         .collect();
     planned.sort_by(|a, b| a.name.cmp(&b.name));
     let dense_stored: u64 = planned.iter().map(|t| t.bytes.len() as u64).sum();
-    let dense_quant: Vec<(u8, usize)> = planned
+    let dense_quant: Vec<(u8, usize, QuantMode)> = planned
         .iter()
         .filter(|t| t.bits > 0)
-        .map(|t| (t.bits, t.group_size))
+        .map(|t| (t.bits, t.group_size, t.mode))
         .collect();
     if let Some(w) = planned.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(ConvertError::Unsupported {
@@ -630,19 +632,22 @@ struct StoredQuantization {
     /// Bits of each stored expert's gate, up and down projections (`[layer][expert]`).
     projection_bits: Vec<Vec<[u8; 3]>>,
     expert_groups: Vec<usize>,
+    expert_modes: Vec<QuantMode>,
     dense_bits: Vec<u8>,
     dense_groups: Vec<usize>,
+    dense_modes: Vec<QuantMode>,
 }
 
 impl StoredQuantization {
     fn of(
         c: &crate::arch::ModelConfig,
         experts: &[(usize, usize, ExpertQuant, bool)],
-        dense: &[(u8, usize)],
+        dense: &[(u8, usize, QuantMode)],
     ) -> StoredQuantization {
         let mut expert_bits = vec![vec![0u8; c.num_experts]; c.num_hidden_layers];
         let mut projection_bits = vec![vec![[0u8; 3]; c.num_experts]; c.num_hidden_layers];
         let mut expert_groups = Vec::new();
+        let mut expert_modes = Vec::new();
         let requantized_experts = experts.iter().filter(|x| x.3).count();
         for &(l, e, q, _) in experts {
             if let Some(b) = expert_bits.get_mut(l).and_then(|r| r.get_mut(e)) {
@@ -652,14 +657,17 @@ impl StoredQuantization {
                 *b = q.bits.0;
             }
             expert_groups.push(q.group_size);
+            expert_modes.push(q.mode);
         }
         StoredQuantization {
             requantized_experts,
             expert_bits,
             projection_bits,
             expert_groups,
+            expert_modes,
             dense_bits: dense.iter().map(|d| d.0).collect(),
             dense_groups: dense.iter().map(|d| d.1).collect(),
+            dense_modes: dense.iter().map(|d| d.2).collect(),
         }
     }
 
@@ -716,6 +724,18 @@ impl StoredQuantization {
             q["group_size"] = g.into();
             mixed |= more;
         }
+        // The experts' mode (most of the bytes), else the dense tensors'.
+        let modes = Self::mode(self.expert_modes.iter().copied())
+            .or_else(|| Self::mode(self.dense_modes.iter().copied()));
+        if let Some((m, more)) = modes {
+            q["mode"] = m.name().into();
+            mixed |= more
+                || self
+                    .dense_modes
+                    .iter()
+                    .chain(&self.expert_modes)
+                    .any(|&x| x != m);
+        }
         if mixed {
             q["mixed"] = true.into();
         }
@@ -739,11 +759,11 @@ fn expert_target(
     let source = match (x.gate, x.up, x.down) {
         (ProjSource::Quantized(g), ProjSource::Quantized(u), ProjSource::Quantized(d))
             if opts.keep_source_codes
-                && g.params.group_size == u.params.group_size
-                && u.params.group_size == d.params.group_size =>
+                && (g.params.group_size, g.params.mode) == (u.params.group_size, u.params.mode)
+                && (u.params.group_size, u.params.mode) == (d.params.group_size, d.params.mode) =>
         {
             let bits = ProjBits([g.params.bits, u.params.bits, d.params.bits]);
-            Some(ExpertQuant::new(bits, g.params.group_size)?)
+            Some(ExpertQuant::new(bits, g.params.group_size, g.params.mode)?)
         }
         _ => None,
     };

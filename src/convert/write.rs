@@ -57,6 +57,7 @@ pub fn add_tensor(
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             bits: t.bits,
             group_size: t.group_size as u32,
+            mode: t.mode,
             codec: codec.into(),
         },
         stored,
@@ -86,7 +87,13 @@ pub fn add_segment(w: &mut PackWriter, s: &EncodedSegment) -> Result<(), Convert
             row_count: n(s.row_count, "rows")?,
             bits: s.bits,
             group_size: n(s.group_size, "group size")?,
-            scale_dtype: scale_dtype(s.scale_dtype),
+            // mxfp4/mxfp8 scales are E8M0 bytes.
+            scale_dtype: if s.mode.has_biases() {
+                scale_dtype(s.scale_dtype)
+            } else {
+                DType::U8
+            },
+            mode: s.mode,
             weight_codec: s.weight_codec.into(),
             aux_codec: s.aux_codec.into(),
         },

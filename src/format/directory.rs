@@ -8,7 +8,9 @@
 use std::ops::Range;
 
 use super::header::{hex, le_u16, le_u32, le_u64};
-use super::{codec_id, segment_part_lens, valid_bits, valid_group_size, DType, PackError};
+use super::{
+    codec_id, segment_part_lens, valid_bits, valid_group_size, DType, PackError, QuantMode,
+};
 
 /// formats/flashpack-v1.md §5
 pub const TENSOR_ENTRY_SIZE: usize = 112;
@@ -28,6 +30,9 @@ pub struct TensorEntry {
     pub bits: u8,
     pub codec: u8,
     pub group_size: u32,
+    /// Quantization mode of packed codes (affine for plain tensors). Its scales are the
+    /// `.scales` tensor beside it, and affine codes have `.biases` too (§5).
+    pub mode: QuantMode,
     pub shape: Vec<u64>,
     pub offset: u64,
     pub stored_len: u64,
@@ -126,6 +131,8 @@ pub struct ExpertEntry {
     pub aux_codec: u8,
     pub scale_dtype: DType,
     pub group_size: u32,
+    /// Quantization mode of all three projections (§7.3); stored at offset 107 (zero: affine).
+    pub mode: QuantMode,
     pub row_start: u32,
     pub row_count: u32,
     pub offset: u64,
@@ -172,7 +179,7 @@ pub(crate) fn encode_tensor_dir(tensors: &[TensorEntry]) -> Vec<u8> {
         out.extend_from_slice(&t.stored_len.to_le_bytes());
         out.extend_from_slice(&t.decoded_len.to_le_bytes());
         out.extend_from_slice(&t.blake3);
-        out.extend_from_slice(&[0u8; 8]);
+        out.extend_from_slice(&[t.mode as u8, 0, 0, 0, 0, 0, 0, 0]);
     }
     for t in tensors {
         out.extend_from_slice(t.name.as_bytes());
@@ -218,7 +225,7 @@ pub(crate) fn encode_expert_dir(
             e.bits.0
         };
         out.extend_from_slice(&proj);
-        out.extend_from_slice(&[0u8; 5]);
+        out.extend_from_slice(&[e.mode as u8, 0, 0, 0, 0]);
     }
     out
 }
@@ -368,6 +375,35 @@ pub(crate) fn decode_tensor_dir(
             return Err(bad(s, i, "ndim", ndim, "at most 4 dimensions"));
         }
         let group_size = le_u32(b, 12);
+        let mode = QuantMode::from_code(b[104])
+            .filter(|m| bits != 0 || *m == QuantMode::Affine)
+            .ok_or_else(|| {
+                bad(
+                    s,
+                    i,
+                    "mode",
+                    b[104],
+                    "0 (affine), 1 (mxfp4) or 2 (mxfp8); 0 for plain tensors",
+                )
+            })?;
+        if b[105..112].iter().any(|&x| x != 0) {
+            return Err(bad(
+                s,
+                i,
+                "reserved",
+                format!("{:?}", &b[105..112]),
+                "must be zero",
+            ));
+        }
+        if bits != 0 && mode != QuantMode::Affine && mode.fixed() != Some((bits, group_size)) {
+            return Err(bad(
+                s,
+                i,
+                "mode",
+                mode.name(),
+                "mxfp4 codes are 4 bits and mxfp8 codes 8 bits, in groups of 32",
+            ));
+        }
         if bits != 0 {
             if !valid_bits(bits) || dtype != DType::U32 {
                 return Err(bad(
@@ -430,6 +466,7 @@ pub(crate) fn decode_tensor_dir(
             bits,
             codec,
             group_size,
+            mode,
             shape,
             offset,
             stored_len,
@@ -469,9 +506,18 @@ pub(crate) fn decode_expert_dir(
             weight_codec: b[13],
             aux_codec: b[14],
             scale_dtype: DType::from_code(b[15])
-                .filter(|d| d.is_float())
-                .ok_or_else(|| bad(s, i, "scale_dtype", b[15], "must be f32, f16 or bf16"))?,
+                .filter(|d| d.is_float() || *d == DType::U8)
+                .ok_or_else(|| bad(s, i, "scale_dtype", b[15], "must be f32, f16, bf16 or u8"))?,
             group_size: le_u32(b, 16),
+            mode: QuantMode::from_code(b[107]).ok_or_else(|| {
+                bad(
+                    s,
+                    i,
+                    "mode",
+                    b[107],
+                    "must be 0 (affine), 1 (mxfp4) or 2 (mxfp8)",
+                )
+            })?,
             row_start: le_u32(b, 20),
             row_count: le_u32(b, 24),
             offset: le_u64(b, 32),
@@ -522,12 +568,12 @@ pub(crate) fn decode_expert_dir(
 fn expert_bits(b: &[u8], i: usize) -> Result<ProjBits, PackError> {
     let s = EXPERT_DIR;
     let proj: [u8; 3] = b[104..107].try_into().expect("3 bytes");
-    if b[107..112].iter().any(|&x| x != 0) {
+    if b[108..112].iter().any(|&x| x != 0) {
         return Err(bad(
             s,
             i,
             "reserved",
-            format!("{:?}", &b[107..112]),
+            format!("{:?}", &b[108..112]),
             "must be zero",
         ));
     }
@@ -568,6 +614,17 @@ fn check_expert_entry(
             "must be 32, 64 or 128",
         ));
     }
+    if !e.mode.accepts(e.bits.max(), e.group_size, e.scale_dtype)
+        || (e.mode != QuantMode::Affine && !e.bits.is_uniform())
+    {
+        return Err(bad(
+            s,
+            i,
+            "mode",
+            e.mode.name(),
+            "affine takes float scales; mxfp4 is 4 bits and mxfp8 8 bits, group 32, u8 scales",
+        ));
+    }
     for (field, codec) in [("weight_codec", e.weight_codec), ("aux_codec", e.aux_codec)] {
         if codec_id::required_flag(codec).is_none() {
             return Err(bad(s, i, field, codec, "unknown codec"));
@@ -591,18 +648,23 @@ fn check_expert_entry(
             "must be a positive multiple of group_size",
         ));
     }
-    let (weights, aux) =
-        segment_part_lens(hidden, e.row_count, e.bits, e.group_size, e.scale_dtype).ok_or_else(
-            || {
-                bad(
-                    s,
-                    i,
-                    "row_count",
-                    e.row_count,
-                    "hidden size and rows must be multiples of group_size",
-                )
-            },
-        )?;
+    let (weights, aux) = segment_part_lens(
+        hidden,
+        e.row_count,
+        e.bits,
+        e.group_size,
+        e.scale_dtype,
+        e.mode,
+    )
+    .ok_or_else(|| {
+        bad(
+            s,
+            i,
+            "row_count",
+            e.row_count,
+            "hidden size and rows must be multiples of group_size",
+        )
+    })?;
     if e.weights_decoded_len != weights {
         return Err(bad(
             s,
@@ -660,8 +722,8 @@ fn check_expert_entry(
         }
         Some(p) if (p.layer, p.expert) == (e.layer, e.expert) => {
             if e.segment != p.segment + 1
-                || (p.segment_count, p.bits, p.group_size, p.scale_dtype)
-                    != (e.segment_count, e.bits, e.group_size, e.scale_dtype)
+                || (p.segment_count, p.bits, p.group_size, p.scale_dtype, p.mode)
+                    != (e.segment_count, e.bits, e.group_size, e.scale_dtype, e.mode)
             {
                 return Err(bad(s, i, "segment", e.segment, "segments of one expert must be consecutive and share count, bits, group size and scale dtype"));
             }

@@ -48,8 +48,11 @@ pub mod required {
     pub const MIXED_EXPERT_BITS: u64 = 1 << 5;
     /// formats/flashpack-v1.md §6.1, format 1.1: an expert's projections have their own bits.
     pub const PROJECTION_BITS: u64 = 1 << 6;
+    /// formats/flashpack-v1.md §7.3, format 1.1: some tensor or expert uses a microscaling
+    /// quantization mode (mxfp4, mxfp8).
+    pub const MX_MODES: u64 = 1 << 7;
     /// Every required flag this reader implements.
-    pub const KNOWN: u64 = (1 << 7) - 1;
+    pub const KNOWN: u64 = (1 << 8) - 1;
 }
 
 /// Optional feature flags, formats/flashpack-v1.md §2.2.
@@ -137,6 +140,89 @@ impl DType {
     }
 }
 
+/// Quantization modes, formats/flashpack-v1.md §7.3: MLX's `mode` argument.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantMode {
+    /// `scale * q + bias` per group; any bits of [`valid_bits`], scales and biases in a float type.
+    #[default]
+    Affine = 0,
+    /// OCP microscaling: 4-bit E2M1 codes, one E8M0 (power of two) u8 scale per 32 values, no
+    /// biases.
+    Mxfp4 = 1,
+    /// 8-bit E4M3 codes, one E8M0 u8 scale per 32 values, no biases.
+    Mxfp8 = 2,
+}
+
+impl QuantMode {
+    pub fn from_code(code: u8) -> Option<QuantMode> {
+        Some(match code {
+            0 => QuantMode::Affine,
+            1 => QuantMode::Mxfp4,
+            2 => QuantMode::Mxfp8,
+            _ => return None,
+        })
+    }
+
+    /// MLX's name for the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantMode::Affine => "affine",
+            QuantMode::Mxfp4 => "mxfp4",
+            QuantMode::Mxfp8 => "mxfp8",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<QuantMode> {
+        [QuantMode::Affine, QuantMode::Mxfp4, QuantMode::Mxfp8]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+
+    /// Whether the mode has a bias per group (only affine).
+    pub fn has_biases(self) -> bool {
+        self == QuantMode::Affine
+    }
+
+    /// The bits and group size a microscaling mode fixes; `None` for affine.
+    pub fn fixed(self) -> Option<(u8, u32)> {
+        match self {
+            QuantMode::Affine => None,
+            QuantMode::Mxfp4 => Some((4, 32)),
+            QuantMode::Mxfp8 => Some((8, 32)),
+        }
+    }
+
+    /// Whether `bits`, `group_size` and the scale type go with this mode.
+    pub fn accepts(self, bits: u8, group_size: u32, scale_dtype: DType) -> bool {
+        match self.fixed() {
+            None => valid_bits(bits) && valid_group_size(group_size) && scale_dtype.is_float(),
+            Some(fixed) => (bits, group_size) == fixed && scale_dtype == DType::U8,
+        }
+    }
+
+    /// Scale-like arrays per quantized matrix: scales and biases (2), or scales alone (1).
+    pub fn aux_arrays(self) -> u64 {
+        if self.has_biases() {
+            2
+        } else {
+            1
+        }
+    }
+}
+
 /// Bits per code a v1 reader accepts, formats/flashpack-v1.md §6.1.
 pub fn valid_bits(bits: u8) -> bool {
     matches!(bits, 2 | 3 | 4 | 5 | 6 | 8)
@@ -160,13 +246,14 @@ pub fn segment_part_lens(
     bits: ProjBits,
     group_size: u32,
     scale_dtype: DType,
+    mode: QuantMode,
 ) -> Option<(u64, u64)> {
     let (h, r, g) = (hidden as u64, rows as u64, group_size as u64);
     if g == 0 || h % g != 0 || r % g != 0 {
         return None;
     }
     let weights = r.checked_mul(h)?.checked_mul(bits.sum())? / 8;
-    let aux = 6u64
+    let aux = (3 * mode.aux_arrays())
         .checked_mul(r)?
         .checked_mul(h / g)?
         .checked_mul(scale_dtype.size())?;

@@ -248,7 +248,8 @@ fn feature_name(bits: u64) -> &'static str {
         required::MERGED_EXPERTS => "a merge map (flag MERGED_EXPERTS)",
         required::VERTICAL_SEGMENTS => "multi-segment experts (flag VERTICAL_SEGMENTS)",
         required::MIXED_EXPERT_BITS => "mixed expert bits in a layer (flag MIXED_EXPERT_BITS)",
-        _ => "per-projection expert bits (flag PROJECTION_BITS)",
+        required::PROJECTION_BITS => "per-projection expert bits (flag PROJECTION_BITS)",
+        _ => "mxfp4/mxfp8 quantization (flag MX_MODES)",
     }
 }
 

@@ -21,7 +21,7 @@ use super::header::{SectionEntry, SECTION_ZSTD};
 use super::layout::{Planner, SECTION_COUNT};
 use super::{
     codec_id, optional, required, segment_part_lens, valid_page_size, DType, ExpertEntry, Header,
-    PackError, ProjBits, SectionKind, TensorEntry, MAJOR_VERSION, MINOR_VERSION,
+    PackError, ProjBits, QuantMode, SectionKind, TensorEntry, MAJOR_VERSION, MINOR_VERSION,
 };
 
 /// zstd level for the metadata section: fast enough, and deterministic (single-threaded).
@@ -35,6 +35,8 @@ pub struct TensorDesc {
     pub shape: Vec<u64>,
     /// 0 for a plain tensor, else bits per packed code (dtype U32).
     pub bits: u8,
+    /// Quantization mode of packed codes; affine for plain tensors.
+    pub mode: QuantMode,
     /// Quantization group size for packed codes, else 0.
     pub group_size: u32,
     pub codec: u8,
@@ -52,6 +54,7 @@ pub struct ExpertSegmentDesc {
     pub bits: ProjBits,
     pub group_size: u32,
     pub scale_dtype: DType,
+    pub mode: QuantMode,
     pub weight_codec: u8,
     pub aux_codec: u8,
 }
@@ -226,6 +229,7 @@ impl PackWriter {
             bits: desc.bits,
             codec: desc.codec,
             group_size: desc.group_size,
+            mode: desc.mode,
             shape: desc.shape,
             offset,
             stored_len: stored.len() as u64,
@@ -264,6 +268,7 @@ impl PackWriter {
             desc.bits,
             desc.group_size,
             desc.scale_dtype,
+            desc.mode,
         )
         .ok_or_else(|| PackError::Writer {
             reason: format!(
@@ -289,6 +294,7 @@ impl PackWriter {
             aux_codec: desc.aux_codec,
             scale_dtype: desc.scale_dtype,
             group_size: desc.group_size,
+            mode: desc.mode,
             row_start: desc.row_start,
             row_count: desc.row_count,
             offset,
@@ -449,6 +455,11 @@ pub(crate) fn features(
     }
     if experts.iter().any(|e| !e.bits.is_uniform()) {
         req |= required::PROJECTION_BITS;
+    }
+    if experts.iter().any(|e| e.mode != QuantMode::Affine)
+        || tensors.iter().any(|t| t.mode != QuantMode::Affine)
+    {
+        req |= required::MX_MODES;
     }
     if merge_map_is_identity(metadata) == Some(false) {
         req |= required::MERGED_EXPERTS;

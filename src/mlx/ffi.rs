@@ -145,6 +145,7 @@ extern "C" {
         biases: *const FpArray,
         group_size: c_int,
         bits: c_int,
+        mode: *const c_char,
         out: *mut *mut FpArray,
     ) -> c_int;
     #[allow(clippy::too_many_arguments)]
@@ -156,6 +157,7 @@ extern "C" {
         transpose: c_int,
         group_size: c_int,
         bits: c_int,
+        mode: *const c_char,
         out: *mut *mut FpArray,
     ) -> c_int;
     #[allow(clippy::too_many_arguments)]
@@ -169,6 +171,7 @@ extern "C" {
         transpose: c_int,
         group_size: c_int,
         bits: c_int,
+        mode: *const c_char,
         sorted_indices: c_int,
         out: *mut *mut FpArray,
     ) -> c_int;

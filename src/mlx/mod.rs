@@ -11,6 +11,7 @@
 
 mod ffi;
 
+pub use crate::format::QuantMode;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
@@ -625,8 +626,9 @@ pub fn concatenate(arrays: &[&Array], axis: i32) -> Result<Array> {
     })
 }
 
-/// An MLX affine-quantized matrix (or stack of matrices): per group of `group_size` values along
-/// the last axis, `w ~= scales * q + biases`, `q` packed `32 / bits` to a `u32`.
+/// An MLX-quantized matrix (or stack of matrices): per group of `group_size` values along the
+/// last axis, `w ~= scales * q + biases` (affine), `q` packed `32 / bits` to a `u32`; or
+/// mxfp4/mxfp8 float codes times a power-of-two u8 scale, without biases.
 #[derive(Debug, Clone)]
 pub struct QuantizedMatrix {
     /// `u32`, `[..., out, in * bits / 32]`.
@@ -637,6 +639,16 @@ pub struct QuantizedMatrix {
     pub biases: Option<Array>,
     pub group_size: i32,
     pub bits: i32,
+    pub mode: QuantMode,
+}
+
+/// MLX's name of `mode`, as a C string for the shim.
+fn mode_name(mode: QuantMode) -> &'static CStr {
+    match mode {
+        QuantMode::Affine => c"affine",
+        QuantMode::Mxfp4 => c"mxfp4",
+        QuantMode::Mxfp8 => c"mxfp8",
+    }
 }
 
 impl QuantizedMatrix {
@@ -659,6 +671,7 @@ pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<QuantizedMatrix
         biases: Some(Array::from_raw("quantize", b)?),
         group_size,
         bits,
+        mode: QuantMode::Affine,
     })
 }
 
@@ -671,6 +684,7 @@ pub fn dequantize(m: &QuantizedMatrix) -> Result<Array> {
             opt_ptr(m.biases.as_ref()),
             m.group_size,
             m.bits,
+            mode_name(m.mode).as_ptr(),
             out,
         )
     })
@@ -687,6 +701,7 @@ pub fn quantized_matmul(x: &Array, w: &QuantizedMatrix, transpose: bool) -> Resu
             transpose as c_int,
             w.group_size,
             w.bits,
+            mode_name(w.mode).as_ptr(),
             out,
         )
     })
@@ -714,6 +729,7 @@ pub fn gather_qmm(
             transpose as c_int,
             w.group_size,
             w.bits,
+            mode_name(w.mode).as_ptr(),
             sorted_indices as c_int,
             out,
         )

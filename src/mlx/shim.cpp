@@ -321,28 +321,28 @@ int fp_quantize(const fp_array* w, int group_size, int bits, fp_array** wq, fp_a
 }
 
 int fp_dequantize(const fp_array* w, const fp_array* scales, const fp_array* biases,
-                  int group_size, int bits, fp_array** out) {
+                  int group_size, int bits, const char* mode, fp_array** out) {
   return guard([&] {
-    *out = wrap(mx::dequantize(w->a, scales->a, opt(biases), group_size, bits, "affine"));
+    *out = wrap(mx::dequantize(w->a, scales->a, opt(biases), group_size, bits, mode));
   });
 }
 
 int fp_quantized_matmul(const fp_array* x, const fp_array* w, const fp_array* scales,
                         const fp_array* biases, int transpose, int group_size, int bits,
-                        fp_array** out) {
+                        const char* mode, fp_array** out) {
   return guard([&] {
     *out = wrap(mx::quantized_matmul(x->a, w->a, scales->a, opt(biases), transpose != 0,
-                                     group_size, bits, "affine"));
+                                     group_size, bits, mode));
   });
 }
 
 int fp_gather_qmm(const fp_array* x, const fp_array* w, const fp_array* scales,
                   const fp_array* biases, const fp_array* lhs_indices,
                   const fp_array* rhs_indices, int transpose, int group_size, int bits,
-                  int sorted_indices, fp_array** out) {
+                  const char* mode, int sorted_indices, fp_array** out) {
   return guard([&] {
     *out = wrap(mx::gather_qmm(x->a, w->a, scales->a, opt(biases), opt(lhs_indices),
-                               opt(rhs_indices), transpose != 0, group_size, bits, "affine",
+                               opt(rhs_indices), transpose != 0, group_size, bits, mode,
                                std::nullopt, sorted_indices != 0));
   });
 }

@@ -70,15 +70,16 @@ int fp_take_along_axis(const fp_array* a, const fp_array* indices, int axis, fp_
 
 int fp_quantize(const fp_array* w, int group_size, int bits, fp_array** wq, fp_array** scales,
                 fp_array** biases);
+// `mode` is MLX's quantization mode name: "affine", "mxfp4" or "mxfp8".
 int fp_dequantize(const fp_array* w, const fp_array* scales, const fp_array* biases,
-                  int group_size, int bits, fp_array** out);
+                  int group_size, int bits, const char* mode, fp_array** out);
 int fp_quantized_matmul(const fp_array* x, const fp_array* w, const fp_array* scales,
                         const fp_array* biases, int transpose, int group_size, int bits,
-                        fp_array** out);
+                        const char* mode, fp_array** out);
 int fp_gather_qmm(const fp_array* x, const fp_array* w, const fp_array* scales,
                   const fp_array* biases, const fp_array* lhs_indices,
                   const fp_array* rhs_indices, int transpose, int group_size, int bits,
-                  int sorted_indices, fp_array** out);
+                  const char* mode, int sorted_indices, fp_array** out);
 
 int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array** out);
 int fp_rope(const fp_array* x, int dims, int traditional, float base, float scale, int offset,

@@ -20,7 +20,7 @@ use super::cache::{
 };
 use super::read::{IoMode, ReadError, SegmentReader};
 use crate::codec::{CodecId, Decoder};
-use crate::format::{DType, ExpertEntry, Pack, PackError, ProjBits};
+use crate::format::{DType, ExpertEntry, Pack, PackError, ProjBits, QuantMode};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 use crate::run::open::mlx_dtype;
 
@@ -128,13 +128,15 @@ struct PoolShape {
     bits: ProjBits,
     group_size: u32,
     scale_dtype: DType,
+    mode: QuantMode,
 }
 
 /// One stack of slots: gate, up and down, each as packed words, scales and biases.
 struct Pool {
     shape: PoolShape,
-    /// gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b.
-    arrays: Vec<Array>,
+    /// gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b; the biases are `None`
+    /// for mxfp4/mxfp8, which have none.
+    arrays: Vec<Option<Array>>,
     table: SlotTable,
     hidden: usize,
     inter: usize,
@@ -148,7 +150,12 @@ impl Pool {
         let ss = shape.scale_dtype.size() as usize;
         let s = inter * (hidden / g) * ss;
         let d = hidden * (inter / g) * ss;
-        [w(0), s, s, w(1), s, s, w(2), d, d]
+        let (sb, db) = if shape.mode.has_biases() {
+            (s, d)
+        } else {
+            (0, 0)
+        };
+        [w(0), s, sb, w(1), s, sb, w(2), d, db]
     }
 
     fn new(
@@ -161,12 +168,16 @@ impl Pool {
         let g = shape.group_size as usize;
         let n = slots as usize;
         let sd = mlx_dtype(shape.scale_dtype);
-        let proj_in = |rows: usize, cols: usize, p: usize| -> mlx::Result<[Array; 3]> {
+        let proj_in = |rows: usize, cols: usize, p: usize| -> mlx::Result<[Option<Array>; 3]> {
             let b = shape.bits.get(p) as usize;
             Ok([
-                Array::host_buffer(&[n, rows, cols * b / 32], Dtype::U32)?,
-                Array::host_buffer(&[n, rows, cols / g], sd)?,
-                Array::host_buffer(&[n, rows, cols / g], sd)?,
+                Some(Array::host_buffer(&[n, rows, cols * b / 32], Dtype::U32)?),
+                Some(Array::host_buffer(&[n, rows, cols / g], sd)?),
+                if shape.mode.has_biases() {
+                    Some(Array::host_buffer(&[n, rows, cols / g], sd)?)
+                } else {
+                    None
+                },
             ])
         };
         let mut arrays = Vec::with_capacity(9);
@@ -184,11 +195,12 @@ impl Pool {
 
     fn matrix(&self, proj: usize) -> QuantizedMatrix {
         QuantizedMatrix {
-            weight: self.arrays[3 * proj].clone(),
-            scales: self.arrays[3 * proj + 1].clone(),
-            biases: Some(self.arrays[3 * proj + 2].clone()),
+            weight: self.arrays[3 * proj].clone().expect("codes"),
+            scales: self.arrays[3 * proj + 1].clone().expect("scales"),
+            biases: self.arrays[3 * proj + 2].clone(),
             group_size: self.shape.group_size as i32,
             bits: self.shape.bits.get(proj) as i32,
+            mode: self.shape.mode,
         }
     }
 }
@@ -196,7 +208,7 @@ impl Pool {
 /// One slot pool as sized (see [`ExpertCache::pool_sizes`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolSize {
-    pub bits: u8,
+    pub bits: ProjBits,
     pub slots: u32,
     /// Stored experts (all layers) of this precision.
     pub stored: u32,
@@ -314,6 +326,7 @@ impl ExpertCache {
                 bits: e.bits,
                 group_size: e.group_size,
                 scale_dtype: e.scale_dtype,
+                mode: e.mode,
             };
             if !e.bits.0.iter().all(|b| matches!(b, 2 | 3 | 4 | 5 | 6 | 8)) {
                 return Err(ExpertError::Unsupported {
@@ -403,6 +416,7 @@ impl ExpertCache {
                     bits: e.bits,
                     group_size: e.group_size,
                     scale_dtype: e.scale_dtype,
+                    mode: e.mode,
                 };
                 Pool::slot_bytes(shape, hidden, inter).iter().sum::<usize>() as u64
             })
@@ -614,9 +628,10 @@ impl ExpertCache {
             let sizes = Pool::slot_bytes(p.shape, p.hidden, p.inter);
             let mut arrays = [(0usize, 0usize); 9];
             for (i, (a, size)) in p.arrays.iter_mut().zip(sizes).enumerate() {
-                // SAFETY: only the address is taken here; writes happen in `run_jobs`, into
-                // slots the SlotTable just assigned to the missing experts, which no pending
-                // evaluation reads (see the module invariants).
+                let Some(a) = a else { continue }; // no biases: nothing is written there
+                                                   // SAFETY: only the address is taken here; writes happen in `run_jobs`, into
+                                                   // slots the SlotTable just assigned to the missing experts, which no pending
+                                                   // evaluation reads (see the module invariants).
                 let bytes = unsafe { a.data_mut()? };
                 arrays[i] = (bytes.as_mut_ptr() as usize, size);
             }
@@ -856,8 +871,15 @@ fn scatter(
     let (uw, dw) = rest.split_at(r * up_w);
     put(0, r0 * gate_w, gw);
     put(3, r0 * up_w, uw);
+    // AUX: scales then biases of each projection; mxfp4/mxfp8 have scales only.
+    let has_biases = e.mode.has_biases();
+    let (up_gate_aux, down_aux): (&[usize], &[usize]) = if has_biases {
+        (&[1, 2, 4, 5], &[7, 8])
+    } else {
+        (&[1, 4], &[7])
+    };
     let mut at = 0;
-    for arr in [1, 2, 4, 5] {
+    for &arr in up_gate_aux {
         put(arr, r0 * row_s, &aux[at..at + r * row_s]);
         at += r * row_s;
     }
@@ -871,7 +893,7 @@ fn scatter(
     let full_s = inter / g * ss;
     let seg_s = r / g * ss;
     let col_s = r0 / g * ss;
-    for arr in [7, 8] {
+    for &arr in down_aux {
         for h in 0..hidden {
             put(
                 arr,

@@ -106,6 +106,7 @@ impl PackWeights {
                         Quant {
                             group_size: t.group_size as i32,
                             bits: t.bits as i32,
+                            mode: t.mode,
                         },
                     );
                 }

@@ -84,27 +84,18 @@ impl SourceWeights {
                 }
                 TensorData::Quantized(q) => {
                     let module = t.name.trim_end_matches(".weight").to_string();
-                    let p = q.params;
-                    let sd = float_dtype(q.scale_dtype);
-                    let groups = q.cols / p.group_size;
-                    let words = q.cols * p.bits as usize / 32;
-                    tensors.insert(
-                        t.name.clone(),
-                        Array::from_bytes(q.codes, &[q.rows, words], Dtype::U32)?,
-                    );
-                    tensors.insert(
-                        format!("{module}.scales"),
-                        Array::from_bytes(q.scales, &[q.rows, groups], sd)?,
-                    );
-                    tensors.insert(
-                        format!("{module}.biases"),
-                        Array::from_bytes(q.biases, &[q.rows, groups], sd)?,
-                    );
+                    let m = mlx_codes(&q, &[])?;
+                    tensors.insert(t.name.clone(), m.weight);
+                    tensors.insert(format!("{module}.scales"), m.scales);
+                    if let Some(b) = m.biases {
+                        tensors.insert(format!("{module}.biases"), b);
+                    }
                     quant.insert(
                         module,
                         Quant {
-                            group_size: p.group_size as i32,
-                            bits: p.bits as i32,
+                            group_size: m.group_size,
+                            bits: m.bits,
+                            mode: m.mode,
                         },
                     );
                 }
@@ -144,16 +135,23 @@ fn mlx_codes(
     q: &crate::convert::quantize::QuantizedView<'_>,
     lead: &[usize],
 ) -> Result<QuantizedMatrix, ComputeError> {
-    let sd = float_dtype(q.scale_dtype);
     let groups = q.cols / q.params.group_size;
     let words = q.cols * q.params.bits as usize / 32;
     let shape = |last: usize| [lead, &[q.rows, last]].concat();
+    // mxfp4/mxfp8: u8 (E8M0) scales and no biases.
+    let (sd, biases) = if q.params.has_biases() {
+        let sd = float_dtype(q.scale_dtype);
+        (sd, Some(Array::from_bytes(q.biases, &shape(groups), sd)?))
+    } else {
+        (Dtype::U8, None)
+    };
     Ok(QuantizedMatrix {
         weight: Array::from_bytes(q.codes, &shape(words), Dtype::U32)?,
         scales: Array::from_bytes(q.scales, &shape(groups), sd)?,
-        biases: Some(Array::from_bytes(q.biases, &shape(groups), sd)?),
+        biases,
         group_size: q.params.group_size as i32,
         bits: q.params.bits as i32,
+        mode: q.params.mode,
     })
 }
 
@@ -203,8 +201,11 @@ impl<'c> SourceExperts<'c> {
         }
         let mut stacked = Vec::with_capacity(3);
         for (p, parts) in stacks.into_iter().enumerate() {
-            let (g, b) = (parts[0].group_size, parts[0].bits);
-            if let Some(other) = parts.iter().find(|m| m.group_size != g || m.bits != b) {
+            let (g, b, mode) = (parts[0].group_size, parts[0].bits, parts[0].mode);
+            if let Some(other) = parts
+                .iter()
+                .find(|m| m.group_size != g || m.bits != b || m.mode != mode)
+            {
                 return Err(ComputeError::Unsupported {
                     what: format!(
                         "layer {layer} projection {p}: experts quantized with different bits \
@@ -220,14 +221,21 @@ impl<'c> SourceExperts<'c> {
             };
             let weight = cat(&|m| m.weight.clone())?;
             let scales = cat(&|m| m.scales.clone())?;
-            let biases = cat(&|m| m.biases.clone().expect("affine has biases"))?;
-            mlx::eval(&[&weight, &scales, &biases])?;
+            let biases = if mode.has_biases() {
+                Some(cat(&|m| m.biases.clone().expect("affine has biases"))?)
+            } else {
+                None
+            };
+            let mut all = vec![&weight, &scales];
+            all.extend(biases.as_ref());
+            mlx::eval(&all)?;
             stacked.push(QuantizedMatrix {
                 weight,
                 scales,
-                biases: Some(biases),
+                biases,
                 group_size: g,
                 bits: b,
+                mode,
             });
         }
         let down = stacked.pop().expect("three");

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use flashpack::format::{
-    codec_id, segment_part_lens, DType, ExpertSegmentDesc, Header, PackWriter, ProjBits,
+    codec_id, segment_part_lens, DType, ExpertSegmentDesc, Header, PackWriter, ProjBits, QuantMode,
     SectionKind, TensorDesc, HEADER_SIZE, SECTION_ENTRY_SIZE,
 };
 use serde_json::json;
@@ -58,6 +58,7 @@ pub fn write_small_pack_with_bits(
             shape: vec![16, HIDDEN as u64],
             bits: 0,
             group_size: 0,
+            mode: QuantMode::Affine,
             codec: codec_id::RAW,
         },
         &noise(1, 16 * HIDDEN as usize * 2),
@@ -70,6 +71,7 @@ pub fn write_small_pack_with_bits(
             shape: vec![HIDDEN as u64],
             bits: 0,
             group_size: 0,
+            mode: QuantMode::Affine,
             codec: codec_id::RAW,
         },
         &noise(2, HIDDEN as usize * 4),
@@ -81,7 +83,8 @@ pub fn write_small_pack_with_bits(
             let rows = INTER / segments as u32;
             for segment in 0..segments {
                 let b = bits(layer, expert);
-                let (wl, al) = segment_part_lens(HIDDEN, rows, b, 64, DType::BF16).unwrap();
+                let (wl, al) =
+                    segment_part_lens(HIDDEN, rows, b, 64, DType::BF16, QuantMode::Affine).unwrap();
                 let seed = (layer * 100 + expert * 10 + segment as u32) as u64;
                 w.add_expert_segment(
                     ExpertSegmentDesc {
@@ -94,6 +97,7 @@ pub fn write_small_pack_with_bits(
                         bits: b,
                         group_size: 64,
                         scale_dtype: DType::BF16,
+                        mode: QuantMode::Affine,
                         weight_codec: codec_id::RAW,
                         aux_codec: codec_id::RAW,
                     },

@@ -700,7 +700,7 @@ mod tests {
     use super::*;
 
     const POOL: PoolSize = PoolSize {
-        bits: 4,
+        bits: flashpack::format::ProjBits::uniform(4),
         slots: 3,
         stored: 192,
         slot_bytes: 50_000,

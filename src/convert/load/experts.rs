@@ -300,6 +300,15 @@ impl Checkpoint {
             .map(ProjSource::Quantized)
     }
 
+    /// The float type of the model's unquantized tensors (its norms), bf16 when it has none:
+    /// what mxfp4/mxfp8 codes dequantize to.
+    fn model_float_dtype(&self) -> FloatDtype {
+        self.tensor_names()
+            .filter(|n| n.ends_with("norm.weight"))
+            .find_map(|n| self.get(n)?.dtype.float())
+            .unwrap_or(FloatDtype::Bf16)
+    }
+
     /// An MLX-quantized weight with its scales and biases, whole or expert `k` of `n`.
     fn quantized_view<'a>(
         &'a self,
@@ -328,18 +337,40 @@ impl Checkpoint {
                 ),
             })?;
         let p = q.params_for(module)?;
-        let (Some(sn), Some(bn)) = (scales, biases) else {
-            return Err(LoadError::MissingTensor {
-                tensor: format!("{module}.scales / {module}.biases"),
-                hint: format!(" ({name} is quantized)"),
-            });
-        };
-        let (st, bt) = (self.tensor(sn)?, self.tensor(bn)?);
-        let sd = st.dtype.float().ok_or(LoadError::Dtype {
-            tensor: sn.clone(),
-            found: st.dtype,
-            expected: "BF16, F16 or F32 scales",
+        // Affine codes have scales and biases in a float type; mxfp4/mxfp8 have u8 (E8M0)
+        // scales and no biases.
+        let sn = scales.ok_or_else(|| LoadError::MissingTensor {
+            tensor: format!("{module}.scales"),
+            hint: format!(" ({name} is quantized)"),
         })?;
+        let st = self.tensor(sn)?;
+        let bt = match (p.has_biases(), biases) {
+            (true, Some(bn)) => Some((bn, self.tensor(bn)?)),
+            (true, None) => {
+                return Err(LoadError::MissingTensor {
+                    tensor: format!("{module}.biases"),
+                    hint: format!(" ({name} is affine-quantized)"),
+                })
+            }
+            (false, _) => None,
+        };
+        let sd = if p.has_biases() {
+            st.dtype.float().ok_or(LoadError::Dtype {
+                tensor: sn.clone(),
+                found: st.dtype,
+                expected: "BF16, F16 or F32 scales",
+            })?
+        } else {
+            if st.dtype != Dtype::U8 {
+                return Err(LoadError::Dtype {
+                    tensor: sn.clone(),
+                    found: st.dtype,
+                    expected: "U8 (E8M0) scales of mxfp4/mxfp8 codes",
+                });
+            }
+            // The float type the codes stand for: the model's (mlx-lm keeps norms in it).
+            self.model_float_dtype()
+        };
         if !p.fits(cols) {
             return Err(LoadError::Shape {
                 tensor: name.to_string(),
@@ -350,32 +381,36 @@ impl Checkpoint {
         }
         let wshape = [lead.clone(), vec![rows, p.words_per_row(cols)]].concat();
         let sshape = [lead, vec![rows, p.groups_per_row(cols)]].concat();
-        for (tn, tt, want) in [
-            (name, t, &wshape),
-            (sn.as_str(), st, &sshape),
-            (bn.as_str(), bt, &sshape),
-        ] {
+        let mut parts = vec![(name, t, &wshape), (sn.as_str(), st, &sshape)];
+        if let Some((bn, bt)) = bt {
+            parts.push((bn.as_str(), bt, &sshape));
+        }
+        for (tn, tt, want) in parts {
             if tt.shape != want.as_slice() {
                 return Err(LoadError::Shape {
                     tensor: tn.to_string(),
                     expected: want.clone(),
                     found: tt.shape.to_vec(),
                     why: format!(
-                        "{} bits, group size {} from config.json",
-                        p.bits, p.group_size
+                        "{} bits, group size {} ({}) from config.json",
+                        p.bits,
+                        p.group_size,
+                        p.mode.name()
                     ),
                 });
             }
         }
-        if bt.dtype != st.dtype {
-            return Err(LoadError::Dtype {
-                tensor: bn.clone(),
-                found: bt.dtype,
-                expected: "the scales' type",
-            });
+        if let Some((bn, bt)) = bt {
+            if bt.dtype != st.dtype {
+                return Err(LoadError::Dtype {
+                    tensor: bn.clone(),
+                    found: bt.dtype,
+                    expected: "the scales' type",
+                });
+            }
         }
         let wbytes = rows * p.words_per_row(cols) * 4;
-        let sbytes = rows * p.groups_per_row(cols) * sd.size();
+        let sbytes = rows * p.groups_per_row(cols) * p.scale_size(sd);
         Ok(QuantizedView {
             rows,
             cols,
@@ -383,7 +418,7 @@ impl Checkpoint {
             scale_dtype: sd,
             codes: pick(t, wbytes),
             scales: pick(st, sbytes),
-            biases: pick(bt, sbytes),
+            biases: bt.map_or(&[][..], |(_, bt)| pick(bt, sbytes)),
         }
         .checked(name)?)
     }

@@ -18,6 +18,7 @@ pub use experts::{DenseTensor, ExpertLayout, TensorData};
 use crate::arch::{ArchError, ModelConfig};
 use crate::convert::quantize::{QuantError, QuantParams};
 use crate::convert::tensor::Dtype;
+use crate::format::QuantMode;
 use crate::mapped::Bytes;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -237,9 +238,9 @@ pub struct MlxQuantization {
     pub group_size: usize,
     pub bits: u8,
     pub mode: String,
-    /// Per-module settings keyed by module path (`model.layers.0.mlp.gate`): `None` when the
-    /// module was left unquantized.
-    pub overrides: BTreeMap<String, Option<(u8, usize)>>,
+    /// Per-module settings keyed by module path (`model.layers.0.mlp.gate`): bits, group size
+    /// and mode, or `None` when the module was left unquantized.
+    pub overrides: BTreeMap<String, Option<(u8, usize, QuantMode)>>,
 }
 
 impl MlxQuantization {
@@ -254,29 +255,30 @@ impl MlxQuantization {
         let num = |o: &serde_json::Map<String, Value>, k: &str| o.get(k).and_then(Value::as_u64);
         let group_size = num(obj, "group_size").ok_or_else(|| bad("no group_size".into()))?;
         let bits = num(obj, "bits").ok_or_else(|| bad("no bits".into()))?;
-        let mode = obj
-            .get("mode")
-            .and_then(Value::as_str)
-            .unwrap_or("affine")
-            .to_string();
-        if mode != "affine" {
-            return Err(bad(format!(
-                "mode {mode:?} is not supported (only affine); convert from the float checkpoint"
-            )));
-        }
+        let parse_mode = |m: &str, whose: &str| {
+            QuantMode::from_name(m).ok_or_else(|| {
+                bad(format!(
+                    "{whose}mode {m:?} is not supported (affine, mxfp4 and mxfp8 are); convert \
+                     from the float checkpoint"
+                ))
+            })
+        };
+        let mode_name = obj.get("mode").and_then(Value::as_str).unwrap_or("affine");
+        let default_mode = parse_mode(mode_name, "")?;
+        let mode = mode_name.to_string();
         let mut overrides = BTreeMap::new();
         for (k, val) in obj {
             let setting = match val {
                 Value::Bool(false) => None,
-                Value::Bool(true) => Some((bits as u8, group_size as usize)),
+                Value::Bool(true) => Some((bits as u8, group_size as usize, default_mode)),
                 Value::Object(o) => {
+                    // mlx-lm writes a module's own settings whole; a missing mode is affine
+                    // (its quantize default), as for the 8-bit routers of an mxfp4 model.
                     let m = o.get("mode").and_then(Value::as_str).unwrap_or("affine");
-                    if m != "affine" {
-                        return Err(bad(format!("module {k} uses mode {m:?}; only affine")));
-                    }
+                    let m = parse_mode(m, &format!("module {k}: "))?;
                     let b = num(o, "bits").unwrap_or(bits);
                     let g = num(o, "group_size").unwrap_or(group_size);
-                    Some((b as u8, g as usize))
+                    Some((b as u8, g as usize, m))
                 }
                 _ => continue, // group_size, bits, mode
             };
@@ -290,13 +292,18 @@ impl MlxQuantization {
         }))
     }
 
-    /// Bits and group size of the quantized module `module` (its path without `.weight`).
+    /// The quantization mode of the whole model (the default of its modules).
+    pub fn default_mode(&self) -> QuantMode {
+        QuantMode::from_name(&self.mode).unwrap_or_default()
+    }
+
+    /// Bits, group size and mode of the quantized module `module` (its path without `.weight`).
     pub fn params_for(&self, module: &str) -> Result<QuantParams, LoadError> {
-        let (bits, gs) = match self.overrides.get(module) {
+        let (bits, gs, mode) = match self.overrides.get(module) {
             Some(Some(s)) => *s,
-            Some(None) | None => (self.bits, self.group_size),
+            Some(None) | None => (self.bits, self.group_size, self.default_mode()),
         };
-        QuantParams::new(bits, gs).map_err(|e| LoadError::MlxQuantization {
+        QuantParams::with_mode(bits, gs, mode).map_err(|e| LoadError::MlxQuantization {
             detail: format!("module {module}: {e}"),
         })
     }

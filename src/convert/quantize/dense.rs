@@ -15,6 +15,7 @@ use super::{quantize, requantize, QuantError, QuantParams, QuantizedMatrix, Quan
 use crate::arch::TensorRole;
 use crate::convert::load::{DenseTensor, TensorData};
 use crate::convert::tensor::{Dtype, FloatDtype, MatrixView};
+use crate::format::QuantMode;
 use std::borrow::Cow;
 
 /// How dense (non-expert) weights are stored.
@@ -59,6 +60,7 @@ impl DensePolicy {
 
     fn params(self) -> Option<QuantParams> {
         (self.bits != 16).then_some(QuantParams {
+            mode: QuantMode::Affine,
             bits: self.bits,
             group_size: self.group_size,
         })
@@ -75,6 +77,8 @@ pub struct DenseOut<'a> {
     pub bits: u8,
     /// Group size of packed codes, else 0.
     pub group_size: usize,
+    /// Mode of packed codes (affine for everything else).
+    pub mode: QuantMode,
     pub bytes: Cow<'a, [u8]>,
 }
 
@@ -86,37 +90,46 @@ impl<'a> DenseOut<'a> {
             shape: shape.to_vec(),
             bits: 0,
             group_size: 0,
+            mode: QuantMode::Affine,
             bytes: Cow::Borrowed(bytes),
         }
     }
 }
 
-/// The three tensors of a quantized linear layer named `weight_name` (`P.weight`): codes,
-/// scales and biases, borrowed from an MLX source or owned after quantizing.
+/// The tensors of a quantized linear layer named `weight_name` (`P.weight`): codes, scales
+/// and (affine only) biases, borrowed from an MLX source or owned after quantizing. mxfp4 and
+/// mxfp8 scales are u8.
 fn quantized_outs<'a>(weight_name: &str, q: Quantized<'a>) -> Vec<DenseOut<'a>> {
     let module = weight_name.strip_suffix(".weight").unwrap_or(weight_name);
     let (rows, cols, p, sd) = q.shape;
     let sshape = vec![rows, p.groups_per_row(cols)];
-    let sd = sd.dtype();
+    let sd = if p.has_biases() {
+        sd.dtype()
+    } else {
+        Dtype::U8
+    };
     let mk = |suffix: &str, dtype, shape: Vec<usize>, bits, bytes| DenseOut {
         name: format!("{module}.{suffix}"),
         dtype,
         shape,
         bits,
         group_size: if bits > 0 { p.group_size } else { 0 },
+        mode: if bits > 0 { p.mode } else { QuantMode::Affine },
         bytes,
     };
-    vec![
-        mk("biases", sd, sshape.clone(), 0, q.biases),
-        mk("scales", sd, sshape, 0, q.scales),
-        mk(
-            "weight",
-            Dtype::U32,
-            vec![rows, p.words_per_row(cols)],
-            p.bits,
-            q.codes,
-        ),
-    ]
+    let mut out = Vec::with_capacity(3);
+    if p.has_biases() {
+        out.push(mk("biases", sd, sshape.clone(), 0, q.biases));
+    }
+    out.push(mk("scales", sd, sshape, 0, q.scales));
+    out.push(mk(
+        "weight",
+        Dtype::U32,
+        vec![rows, p.words_per_row(cols)],
+        p.bits,
+        q.codes,
+    ));
+    out
 }
 
 /// Codes, scales and biases with their shape (rows, cols, params, scale type).
@@ -162,6 +175,7 @@ fn dequantized(name: &str, q: &QuantizedView<'_>, out: FloatDtype) -> DenseOut<'
         shape: vec![q.rows, q.cols],
         bits: 0,
         group_size: 0,
+        mode: QuantMode::Affine,
         bytes: Cow::Owned(bytes),
     }
 }

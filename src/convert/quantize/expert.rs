@@ -18,7 +18,7 @@ use super::{
     quantize, quantize_into, requantize, QuantError, QuantParams, QuantizedMatrix, QuantizedView,
 };
 use crate::convert::tensor::{FloatDtype, MatrixView};
-use crate::format::ProjBits;
+use crate::format::{ProjBits, QuantMode};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -71,20 +71,31 @@ impl<'a> ProjSource<'a> {
     }
 }
 
-/// How one expert is stored: bits per projection (gate, up, down) and one group size.
+/// How one expert is stored: bits per projection (gate, up, down), one group size and one
+/// quantization mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExpertQuant {
     pub bits: ProjBits,
     pub group_size: usize,
+    pub mode: QuantMode,
 }
 
 impl ExpertQuant {
-    /// Checks each projection's bits and the group size (as [`QuantParams::new`] does).
-    pub fn new(bits: ProjBits, group_size: usize) -> Result<ExpertQuant, QuantError> {
+    /// Checks each projection's bits and the group size for `mode` (as
+    /// [`QuantParams::with_mode`] does).
+    pub fn new(
+        bits: ProjBits,
+        group_size: usize,
+        mode: QuantMode,
+    ) -> Result<ExpertQuant, QuantError> {
         for b in bits.0 {
-            QuantParams::new(b, group_size)?;
+            QuantParams::with_mode(b, group_size, mode)?;
         }
-        Ok(ExpertQuant { bits, group_size })
+        Ok(ExpertQuant {
+            bits,
+            group_size,
+            mode,
+        })
     }
 
     /// The parameters of projection `i`: 0 gate, 1 up, 2 down.
@@ -92,6 +103,7 @@ impl ExpertQuant {
         QuantParams {
             bits: self.bits.get(i),
             group_size: self.group_size,
+            mode: self.mode,
         }
     }
 }
@@ -101,6 +113,7 @@ impl From<QuantParams> for ExpertQuant {
         ExpertQuant {
             bits: ProjBits::uniform(p.bits),
             group_size: p.group_size,
+            mode: p.mode,
         }
     }
 }
@@ -141,7 +154,9 @@ pub struct QuantizedExpertSegment {
     pub hidden_size: usize,
     pub bits: ProjBits,
     pub group_size: usize,
+    /// Float type of affine scales and biases (mxfp4/mxfp8 scales are u8 whatever it says).
     pub scale_dtype: FloatDtype,
+    pub mode: QuantMode,
     pub weights: Vec<u8>,
     pub aux: Vec<u8>,
 }
@@ -164,8 +179,11 @@ impl SegmentParts {
     /// Offsets for a segment of `rows` intermediate rows of an expert of width `hidden`.
     pub fn new(hidden: usize, rows: usize, q: ExpertQuant, scale_dtype: FloatDtype) -> Self {
         let (pg, pu, pd) = (q.proj(0), q.proj(1), q.proj(2));
-        let up_gate_s = rows * pg.groups_per_row(hidden) * scale_dtype.size();
-        let down_s = hidden * pd.groups_per_row(rows) * scale_dtype.size();
+        let ss = pg.scale_size(scale_dtype);
+        let up_gate_s = rows * pg.groups_per_row(hidden) * ss;
+        let down_s = hidden * pd.groups_per_row(rows) * ss;
+        // mxfp4/mxfp8 codes have no biases: their ranges are empty.
+        let bias = |n: usize| if pg.has_biases() { n } else { 0 };
         let mut at = 0;
         let mut next = |n: usize| {
             let r = at..at + n;
@@ -188,11 +206,11 @@ impl SegmentParts {
             up_w,
             down_w,
             gate_scales: next(up_gate_s),
-            gate_biases: next(up_gate_s),
+            gate_biases: next(bias(up_gate_s)),
             up_scales: next(up_gate_s),
-            up_biases: next(up_gate_s),
+            up_biases: next(bias(up_gate_s)),
             down_scales: next(down_s),
-            down_biases: next(down_s),
+            down_biases: next(bias(down_s)),
         }
     }
 
@@ -213,6 +231,7 @@ impl QuantizedExpertSegment {
         let q = ExpertQuant {
             bits: self.bits,
             group_size: self.group_size,
+            mode: self.mode,
         };
         SegmentParts::new(self.hidden_size, self.row_count, q, self.scale_dtype)
     }
@@ -239,6 +258,15 @@ fn to_quant<'a>(what: &str, src: ProjSource<'a>, p: QuantParams) -> Result<Quant
         ProjSource::Quantized(q) if q.params == p => Quant::Borrowed(q),
         ProjSource::Quantized(q) => Quant::Owned(requantize(what, q, p)?),
     })
+}
+
+/// A projection's scales, then its biases when the mode has them.
+fn scale_parts<'a>(m: &QuantizedView<'a>, biases: bool) -> Vec<&'a [u8]> {
+    if biases {
+        vec![m.scales, m.biases]
+    } else {
+        vec![m.scales]
+    }
 }
 
 /// Quantizes one expert with `q` and cuts it into `plan.segment_count` segments of equal rows.
@@ -283,8 +311,13 @@ pub fn build_segments(
         });
     }
     let (pg, pu, pd) = (q.proj(0), q.proj(1), q.proj(2));
-    if let (1, ProjSource::Float(g), ProjSource::Float(u), ProjSource::Float(d)) =
-        (n, src.gate, src.up, src.down)
+    if let (
+        1,
+        QuantMode::Affine,
+        ProjSource::Float(g),
+        ProjSource::Float(u),
+        ProjSource::Float(d),
+    ) = (n, q.mode, src.gate, src.up, src.down)
     {
         // One segment from floats: quantize straight into the segment's buffers, whose layout
         // is the three matrices' codes, then their scales and biases, one after the other.
@@ -312,6 +345,7 @@ pub fn build_segments(
             bits: q.bits,
             group_size: group,
             scale_dtype: sd,
+            mode: q.mode,
             weights,
             aux,
         }]);
@@ -327,7 +361,7 @@ pub fn build_segments(
             let parts = SegmentParts::new(h, rows, q, sd);
             let mut weights = Vec::with_capacity(parts.weights_len());
             let mut aux = Vec::with_capacity(parts.aux_len());
-            let ss = sd.size();
+            let ss = pg.scale_size(sd);
             // gate/up: rows r0..r1 are contiguous.
             for (m, p) in [(&gate, pg), (&up, pu)] {
                 let wrow = p.words_per_row(h) * 4;
@@ -340,16 +374,19 @@ pub fn build_segments(
                 weights.extend_from_slice(&down.codes[r * dw + c0..r * dw + c1]);
             }
             let srow = pg.groups_per_row(h) * ss;
+            // Scales, then biases (none for mxfp4/mxfp8), of each projection.
+            let biases = pg.has_biases();
             for m in [&gate, &up] {
-                aux.extend_from_slice(&m.scales[r0 * srow..(r0 + rows) * srow]);
-                aux.extend_from_slice(&m.biases[r0 * srow..(r0 + rows) * srow]);
+                for buf in scale_parts(m, biases) {
+                    aux.extend_from_slice(&buf[r0 * srow..(r0 + rows) * srow]);
+                }
             }
             let ds = pd.groups_per_row(i) * ss;
             let (g0, g1) = (
                 pd.groups_per_row(r0) * ss,
                 pd.groups_per_row(r0 + rows) * ss,
             );
-            for buf in [down.scales, down.biases] {
+            for buf in scale_parts(&down, biases) {
                 for r in 0..h {
                     aux.extend_from_slice(&buf[r * ds + g0..r * ds + g1]);
                 }
@@ -367,6 +404,7 @@ pub fn build_segments(
                 bits: q.bits,
                 group_size: group,
                 scale_dtype: sd,
+                mode: q.mode,
                 weights,
                 aux,
             }

@@ -33,6 +33,7 @@ pub use expert::{
 };
 
 use super::tensor::{FloatDtype, MatrixView};
+use crate::format::QuantMode;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -75,11 +76,15 @@ pub enum QuantError {
     Invalid { what: String, detail: String },
 }
 
-/// Bits per code and values per group.
+/// Bits per code, values per group, and MLX's quantization mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct QuantParams {
     pub bits: u8,
     pub group_size: usize,
+    /// Affine unless a source holds microscaling codes (mxfp4, mxfp8), which flashpack keeps
+    /// but never produces.
+    #[serde(default)]
+    pub mode: QuantMode,
 }
 
 impl QuantParams {
@@ -97,7 +102,50 @@ impl QuantParams {
                 supported: SUPPORTED_GROUP_SIZES,
             });
         }
-        Ok(QuantParams { bits, group_size })
+        Ok(QuantParams {
+            bits,
+            group_size,
+            mode: QuantMode::Affine,
+        })
+    }
+
+    /// Parameters of a source's codes in `mode`: affine as [`QuantParams::new`]; mxfp4 and
+    /// mxfp8 only at their own bits and group size (4 or 8 bits, groups of 32).
+    pub fn with_mode(
+        bits: u8,
+        group_size: usize,
+        mode: QuantMode,
+    ) -> Result<QuantParams, QuantError> {
+        match mode.fixed() {
+            None => QuantParams::new(bits, group_size),
+            Some((b, g)) if (b, g as usize) == (bits, group_size) => Ok(QuantParams {
+                bits,
+                group_size,
+                mode,
+            }),
+            Some((b, g)) => Err(QuantError::Invalid {
+                what: format!("{} quantization", mode.name()),
+                detail: format!(
+                    "{bits} bits in groups of {group_size}; {} is {b} bits in groups of {g}",
+                    mode.name()
+                ),
+            }),
+        }
+    }
+
+    /// Bytes of one scale (and one bias): the float type's size for affine, 1 for the u8
+    /// (E8M0) scales of mxfp4 and mxfp8.
+    pub fn scale_size(self, scale_dtype: FloatDtype) -> usize {
+        if self.mode == QuantMode::Affine {
+            scale_dtype.size()
+        } else {
+            1
+        }
+    }
+
+    /// Whether codes of this mode have biases (only affine).
+    pub fn has_biases(self) -> bool {
+        self.mode.has_biases()
     }
 
     /// Whether a row of `cols` values can be quantized (whole groups).
@@ -380,9 +428,10 @@ fn unpack_code(row: &[u8], bits: u8, j: usize) -> u32 {
     (u32::from_le_bytes(w) >> shift) & ((1u32 << bits) - 1)
 }
 
-/// An MLX affine-quantized matrix `[rows, cols]`: `codes` are `rows * cols * bits / 32`
-/// little-endian u32 words, `scales` and `biases` `rows * cols / group_size` values of
-/// `scale_dtype`, all row-major (exactly MLX's `(w_q, scales, biases)`).
+/// An MLX-quantized matrix `[rows, cols]`: `codes` are `rows * cols * bits / 32` little-endian
+/// u32 words, `scales` and `biases` `rows * cols / group_size` values of `scale_dtype`, all
+/// row-major (exactly MLX's `(w_q, scales, biases)`). In mxfp4/mxfp8 mode the scales are u8
+/// (E8M0) whatever `scale_dtype` says (then the model's float type), and `biases` is empty.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuantizedMatrix {
     pub rows: usize,
@@ -427,10 +476,11 @@ impl<'a> QuantizedView<'a> {
         }
         let words = rows * params.words_per_row(cols);
         let groups = rows * params.groups_per_row(cols);
+        let ss = params.scale_size(scale_dtype);
         let want = [
             words * 4,
-            groups * scale_dtype.size(),
-            groups * scale_dtype.size(),
+            groups * ss,
+            if params.has_biases() { groups * ss } else { 0 },
         ];
         let got = [codes.len(), scales.len(), biases.len()];
         if want != got {
@@ -455,13 +505,26 @@ impl<'a> QuantizedView<'a> {
     }
 
     /// Row `r` back to f32: `scale * q + bias` (for requantizing; not bit-exact with
-    /// `mx.dequantize`, which computes in the scale type).
+    /// `mx.dequantize`, which computes in the scale type). mxfp4 and mxfp8 codes are exact:
+    /// the code's float value times the group's power of two.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let p = self.params;
         let wpr = p.words_per_row(self.cols);
         let gpr = p.groups_per_row(self.cols);
-        let ss = self.scale_dtype.size();
         let row = &self.codes[r * wpr * 4..(r + 1) * wpr * 4];
+        if p.mode != QuantMode::Affine {
+            for (j, o) in out.iter_mut().enumerate().take(self.cols) {
+                let scale = e8m0(self.scales[r * gpr + j / p.group_size]);
+                let code = unpack_code(row, p.bits, j) as u8;
+                let v = match p.mode {
+                    QuantMode::Mxfp4 => e2m1(code),
+                    _ => e4m3(code),
+                };
+                *o = v * scale;
+            }
+            return;
+        }
+        let ss = self.scale_dtype.size();
         for (j, o) in out.iter_mut().enumerate().take(self.cols) {
             let gi = r * gpr + j / p.group_size;
             let s = self.scale_dtype.read(&self.scales[gi * ss..(gi + 1) * ss]);
@@ -469,6 +532,41 @@ impl<'a> QuantizedView<'a> {
             *o = s * unpack_code(row, p.bits, j) as f32 + b;
         }
     }
+}
+
+/// An E8M0 scale: `2^(e - 127)`; 255 is NaN.
+fn e8m0(e: u8) -> f32 {
+    if e == 255 {
+        f32::NAN
+    } else {
+        (e as f32 - 127.0).exp2()
+    }
+}
+
+/// An FP4 E2M1 code (sign, 2 exponent bits, 1 mantissa bit): 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+fn e2m1(code: u8) -> f32 {
+    const V: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    let v = V[(code & 7) as usize];
+    if code & 8 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// An FP8 E4M3 ("fn": no infinities, S.1111.111 is NaN) code.
+fn e4m3(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((code >> 3) & 15, code & 7);
+    if e == 15 && m == 7 {
+        return f32::NAN;
+    }
+    let v = if e == 0 {
+        m as f32 / 8.0 * (-6f32).exp2()
+    } else {
+        (1.0 + m as f32 / 8.0) * (e as f32 - 7.0).exp2()
+    };
+    sign * v
 }
 
 impl QuantizedMatrix {
@@ -542,6 +640,15 @@ pub fn quantize_into(
 ) -> Result<(), QuantError> {
     // The fields are public: re-check what `QuantParams::new` guarantees (bits 2, 4 or 8).
     QuantParams::new(p.bits, p.group_size)?;
+    if p.mode != QuantMode::Affine {
+        return Err(QuantError::Invalid {
+            what: what.to_string(),
+            detail: format!(
+                "flashpack quantizes to affine codes only; {} codes are kept from a source",
+                p.mode.name()
+            ),
+        });
+    }
     if !p.fits(m.cols) {
         return Err(QuantError::NotGroupAligned {
             what: what.to_string(),

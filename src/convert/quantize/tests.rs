@@ -433,3 +433,64 @@ fn dispatched_row_kernel_equals_the_generic_one() {
         }
     }
 }
+
+/// mxfp4 and mxfp8 codes dequantize exactly (OCP microscaling: E2M1 / E4M3 codes times an E8M0
+/// power of two), as `mx.dequantize(.., mode=...)` gives them; the values were checked against
+/// MLX 0.32.4.
+#[test]
+fn microscaling_codes_dequantize_exactly() {
+    // One row of 32 mxfp4 codes (4 u32 words), scale 2^(130 - 127) = 8.
+    let codes: Vec<u8> = (0..16u8)
+        .map(|i| (2 * i % 16) | (((2 * i + 1) % 16) << 4))
+        .collect();
+    let scales = [130u8];
+    let p = QuantParams::with_mode(4, 32, QuantMode::Mxfp4).unwrap();
+    let v = QuantizedView {
+        rows: 1,
+        cols: 32,
+        params: p,
+        scale_dtype: FloatDtype::Bf16,
+        codes: &codes,
+        scales: &scales,
+        biases: &[],
+    }
+    .checked("mxfp4")
+    .unwrap();
+    let mut row = vec![0f32; 32];
+    v.dequantize_row(0, &mut row);
+    let e2m1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    for (j, &x) in row.iter().enumerate() {
+        let c = j % 16;
+        let want = if c < 8 { e2m1[c] } else { -e2m1[c - 8] } * 8.0;
+        assert_eq!(x, want, "code {c}");
+    }
+    // mxfp8 (E4M3): 0x38 = 1, 0x7e = 448 (the largest), 0x01 = 2^-9 (subnormal), 0xc0 = -2;
+    // scale 2^(125 - 127) = 1/4.
+    let mut codes = vec![0u8; 32];
+    codes[..4].copy_from_slice(&[0x38, 0x7e, 0x01, 0xc0]);
+    let p = QuantParams::with_mode(8, 32, QuantMode::Mxfp8).unwrap();
+    let v = QuantizedView {
+        rows: 1,
+        cols: 32,
+        params: p,
+        scale_dtype: FloatDtype::Bf16,
+        codes: &codes,
+        scales: &[125],
+        biases: &[],
+    }
+    .checked("mxfp8")
+    .unwrap();
+    v.dequantize_row(0, &mut row);
+    assert_eq!(&row[..5], &[0.25, 112.0, (-9f32).exp2() / 4.0, -0.5, 0.0]);
+    // The modes fix their bits and group size, and have no biases.
+    assert!(QuantParams::with_mode(4, 64, QuantMode::Mxfp4).is_err());
+    assert!(QuantParams::with_mode(2, 32, QuantMode::Mxfp8).is_err());
+    let with_biases = QuantizedView {
+        biases: &[0u8; 1],
+        ..v
+    };
+    assert!(with_biases.checked("mxfp8").is_err());
+    // flashpack never writes microscaling codes itself.
+    let m = MatrixView::new(FloatDtype::F32, 1, 32, &[0u8; 128]).unwrap();
+    assert!(quantize("w", m, p, FloatDtype::Bf16).is_err());
+}

@@ -107,6 +107,7 @@ pub(super) fn load_matrix(
         biases: w.get(&format!("{module}.biases")),
         group_size: q.group_size,
         bits: q.bits,
+        mode: q.mode,
     };
     check_quantized(module, &m, lead, out_dim, in_dim)?;
     Ok(Matrix::Quantized(m))
@@ -174,6 +175,7 @@ impl Embedding {
                     biases: q.biases.as_ref().map(|b| b.take(ids, 0)).transpose()?,
                     group_size: q.group_size,
                     bits: q.bits,
+                    mode: q.mode,
                 };
                 mlx::dequantize(&rows)?
             }

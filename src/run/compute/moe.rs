@@ -227,9 +227,14 @@ impl ResidentExperts {
                 Ok(QuantizedMatrix {
                     weight: get("weight")?,
                     scales: get("scales")?,
-                    biases: Some(get("biases")?),
+                    biases: if q.mode.has_biases() {
+                        Some(get("biases")?)
+                    } else {
+                        None
+                    },
                     group_size: q.group_size,
                     bits: q.bits,
+                    mode: q.mode,
                 })
             };
             let pool = ExpertPool {

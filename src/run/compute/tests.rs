@@ -228,6 +228,7 @@ fn quantize_like_mlx_lm(dir: &Path, bits: i32) -> (ModelConfig, MlxLmWeights) {
         default_quant: Some(Quant {
             group_size: 64,
             bits,
+            mode: mlx::QuantMode::Affine,
         }),
         ..Default::default()
     };
@@ -253,6 +254,7 @@ fn quantize_like_mlx_lm(dir: &Path, bits: i32) -> (ModelConfig, MlxLmWeights) {
                 Quant {
                     group_size: 64,
                     bits: b,
+                    mode: mlx::QuantMode::Affine,
                 },
             );
         }
@@ -317,6 +319,7 @@ fn pool_of(w: &MlxLmWeights, layer: usize) -> ExpertPool {
             biases: w.get(&format!("{m}.biases")),
             group_size: 64,
             bits,
+            mode: mlx::QuantMode::Affine,
         }
     };
     ExpertPool {

@@ -14,11 +14,12 @@ use super::ComputeError;
 use crate::arch::ModelConfig;
 use crate::mlx::{self, Array};
 
-/// MLX affine quantization parameters of one module.
+/// MLX quantization parameters of one module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quant {
     pub group_size: i32,
     pub bits: i32,
+    pub mode: mlx::QuantMode,
 }
 
 /// A source of dense (non-expert) tensors by mlx-lm name.
@@ -100,16 +101,17 @@ impl MlxLmWeights {
                     .and_then(|n| i32::try_from(n).ok())
                     .ok_or_else(|| bad(format!("quantization {at}: no integer {k:?}")))
             };
-            if let Some(mode) = v.get("mode").and_then(Value::as_str) {
-                if mode != "affine" {
-                    return Err(bad(format!(
-                        "quantization {at}: mode {mode:?}; only \"affine\" is supported"
-                    )));
-                }
-            }
+            // A module's own settings without a mode are affine (mlx-lm's default).
+            let name = v.get("mode").and_then(Value::as_str).unwrap_or("affine");
+            let mode = mlx::QuantMode::from_name(name).ok_or_else(|| {
+                bad(format!(
+                    "quantization {at}: mode {name:?}; affine, mxfp4 and mxfp8 are supported"
+                ))
+            })?;
             Ok(Quant {
                 group_size: field("group_size")?,
                 bits: field("bits")?,
+                mode,
             })
         };
         if obj.contains_key("bits") {
