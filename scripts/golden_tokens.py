@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {f"q{b}": ["--q-bits", str(b), "--q-group-size", "64"] for b in [2, 3, 4, 6, 8]}
 RECIPES.update({r: ["--quant-predicate", r] for r in ["mixed_2_6", "mixed_3_4"]})
 RECIPES.update({m: ["--q-mode", m] for m in ["mxfp4", "mxfp8"]})
+RECIPES["q4-g128"] = ["--q-bits", "4", "--q-group-size", "128"]
 PROMPTS = ["The history of", "Once upon a time", "def fibonacci(n):", "The capital of France is",
            "The best way to learn", "Water is made of", "import numpy as np", "My favourite food is",
            "In 1905, Albert Einstein"]

@@ -406,8 +406,12 @@ fn greedy_tokens_of_mlx_lm_conversions_of_the_trained_model_through_the_default_
     let mut compared = 0;
     for (name, cases) in goldens.as_object().unwrap() {
         let folder = dir.path().join(name);
+        // "q{bits}" (group 64), "q{bits}-g{group}", or a recipe's label.
         let recipe = match name.strip_prefix('q') {
-            Some(bits) => Recipe::Uniform(bits.parse().unwrap(), 64),
+            Some(rest) => match rest.split_once("-g") {
+                Some((b, g)) => Recipe::Uniform(b.parse().unwrap(), g.parse().unwrap()),
+                None => Recipe::Uniform(rest.parse().unwrap(), 64),
+            },
             None => *RECIPES
                 .iter()
                 .find(|r| r.label() == *name)
