@@ -71,8 +71,9 @@ def main():
     print(f"\n{a.reps} fresh processes each, interleaved; {a.max_tokens} tokens generated; "
           "median.\n")
     print("| pack | experts | wall s verify / no-verify | ratio | CPU s verify / no-verify | ratio "
+          "| first token s verify / no-verify | decode tok/s verify / no-verify | ratio "
           "| blake3 share of expert load time | same text |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for pack in a.packs:
         for b in budgets:
             on, off = res[(pack, b, True)], res[(pack, b, False)]
@@ -84,9 +85,14 @@ def main():
                 shares.append(t["verify"] / max(t["read"] + t["verify"] + t["decode"]
                                                 + t["scatter"], 1e-9))
             same = all(s["text"] == on[0]["text"] for s in on + off)
+            g = lambda runs, k: med([s["generation"][k] for s in runs])
+            f1, f0 = g(on, "time_to_first_token_s"), g(off, "time_to_first_token_s")
+            d1, d0 = g(on, "decode_tokens_per_s"), g(off, "decode_tokens_per_s")
             label = "all resident" if b == "resident" else f"--expert-budget {b}"
             print(f"| {os.path.basename(pack)} | {label} | {w1:.2f} / {w0:.2f} | {w1 / w0:.3f}x "
-                  f"| {c1:.2f} / {c0:.2f} | {c1 / c0:.3f}x | {100 * med(shares):.1f}% | {same} |")
+                  f"| {c1:.2f} / {c0:.2f} | {c1 / c0:.3f}x | {f1:.3f} / {f0:.3f} "
+                  f"| {d1:.1f} / {d0:.1f} | {d1 / max(d0, 1e-9):.3f}x "
+                  f"| {100 * med(shares):.1f}% | {same} |")
 
 
 if __name__ == "__main__":
