@@ -423,7 +423,7 @@ impl ExpertCache {
             .iter()
             .enumerate()
             .map(|(i, p)| PoolSize {
-                bits: p.shape.bits,
+                bits: p.shape.bits.max(),
                 slots: p.table.capacity(),
                 stored: self.pool_of.values().filter(|&&x| x == i).count() as u32,
                 slot_bytes: Pool::slot_bytes(p.shape, p.hidden, p.inter)
