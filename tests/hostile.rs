@@ -705,3 +705,188 @@ fn budgets_need_a_unit_and_name_their_cause() {
     assert!(err.contains("each: hidden 256 x expert width"), "{err}");
     assert!(err.contains("num_experts_per_tok"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metadata that breaks the format's rules (issue 14, item 9; formats/flashpack-v1.md §4.4):
+// refused at open with `BadMetadata` naming the key, its value and the rule, so inspect, verify
+// and run all stop before they size anything from it.
+
+/// The small pack (2 layers of 2 experts, hidden and expert rows 128, vocabulary 16) with its
+/// metadata edited and re-signed.
+/// A merge map is declared by flag MERGED_EXPERTS, so the flag is set when the edit adds one.
+fn with_metadata(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut b = pack_bytes();
+    let mut merges = false;
+    edit_metadata(&mut b, |m| {
+        edit(m);
+        merges = m.get("merge_map").is_some();
+    });
+    if merges {
+        b[16] |= flashpack::format::required::MERGED_EXPERTS as u8;
+        resign(&mut b);
+    }
+    b
+}
+
+/// Opens `bytes` expecting `BadMetadata` on `key`; returns the message.
+fn refused_on(bytes: &[u8], key: &str) -> String {
+    let err = open(bytes).err().expect("the pack must be refused");
+    let msg = err.to_string();
+    match &err {
+        PackError::BadMetadata { key: k, .. } => assert_eq!(k, key, "{msg}"),
+        _ => panic!("expected BadMetadata on {key}, got {msg}"),
+    }
+    msg
+}
+
+#[test]
+fn the_edited_small_pack_opens() {
+    // The helper itself keeps a valid pack valid.
+    let b = with_metadata(|_| {});
+    assert!(open(&b).is_ok());
+    let b = with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 0], [1, 1]]));
+    let p = open(&b).unwrap();
+    assert_eq!(p.meta().stored_expert(0, 1), 0);
+}
+
+#[test]
+fn rejects_merge_map_ids_past_the_experts() {
+    for id in [2u64, 1000, u32::MAX as u64] {
+        let b = with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 1], [0, id]]));
+        let msg = refused_on(&b, "merge_map[1][1]");
+        assert!(
+            msg.contains(&id.to_string()) && msg.contains("below 2"),
+            "{msg}"
+        );
+    }
+    // Past u32: a type error naming the key.
+    let b = with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 1], [0, 1u64 << 40]]));
+    refused_on(&b, "merge_map");
+}
+
+#[test]
+fn rejects_merge_map_rows_of_the_wrong_length() {
+    for (map, key) in [
+        (serde_json::json!([[0], [0, 1]]), "merge_map[0]"),
+        (serde_json::json!([[0, 1], []]), "merge_map[1]"),
+        (serde_json::json!([[0, 1, 1], [0, 1]]), "merge_map[0]"),
+        (serde_json::json!([[0, 1]]), "merge_map"),
+        (serde_json::json!([]), "merge_map"),
+        (serde_json::json!([[0, 1], [0, 1], [0, 1]]), "merge_map"),
+    ] {
+        let b = with_metadata(|m| m["merge_map"] = map.clone());
+        let msg = refused_on(&b, key);
+        assert!(
+            msg.contains("one id per expert") || msg.contains("one row per layer"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn rejects_model_dimensions_the_directories_contradict() {
+    for (field, value, key) in [
+        ("hidden_size", 1u64 << 30, "model.hidden_size"),
+        (
+            "moe_intermediate_size",
+            1 << 30,
+            "model.moe_intermediate_size",
+        ),
+        ("num_hidden_layers", 1 << 30, "model.num_hidden_layers"),
+        ("num_hidden_layers", 1, "model.num_hidden_layers"),
+        ("num_experts", 1 << 30, "model.num_experts"),
+        ("num_experts", 1, "model.num_experts"),
+        ("vocab_size", 1_000_000_000_000, "model.vocab_size"),
+        ("head_dim", 0, "model.head_dim"),
+    ] {
+        let b = with_metadata(|m| m["model"][field] = value.into());
+        let msg = refused_on(&b, key);
+        assert!(msg.contains(&value.to_string()), "{field}: {msg}");
+    }
+}
+
+#[test]
+fn rejects_an_expert_directory_layer_past_the_model() {
+    // The last stored expert (layer 1, expert 1: entries 4 and 5) moved to layer 0xFFFFFFF0;
+    // the directory stays sorted and tiled, so only the model record can say it is wrong.
+    let mut b = pack_bytes();
+    for i in [4, 5] {
+        let at = expert_entry(&b, i);
+        b[at..at + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    }
+    resign(&mut b);
+    let msg = refused_on(&b, "model.num_hidden_layers");
+    assert!(msg.contains("4294967280"), "{msg}");
+    // And the directory's own dimensions at 2^30.
+    let mut b = pack_bytes();
+    let dir = section(&b, SectionKind::ExpertDir).0;
+    b[dir + 8..dir + 12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    resign(&mut b);
+    assert!(open(&b).is_err());
+}
+
+#[test]
+fn rejects_top_k_outside_the_experts() {
+    for k in [0u64, 3, 1000] {
+        let b = with_metadata(|m| m["model"]["num_experts_per_tok"] = k.into());
+        let msg = refused_on(&b, "model");
+        assert!(
+            msg.contains("num_experts_per_tok") && msg.contains("1..=2"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn rejects_norm_and_rope_numbers_that_give_nan() {
+    for (field, value, key) in [
+        (
+            "rms_norm_eps",
+            serde_json::json!(-1.0),
+            "model.rms_norm_eps",
+        ),
+        ("rms_norm_eps", serde_json::json!(0.0), "model.rms_norm_eps"),
+    ] {
+        let b = with_metadata(|m| m["model"][field] = value.clone());
+        refused_on(&b, key);
+    }
+    let b = with_metadata(|m| m["model"]["rope"]["theta"] = 0.0.into());
+    refused_on(&b, "model.rope_theta");
+}
+
+#[test]
+fn rejects_metadata_keys_of_the_wrong_type() {
+    for (key, value) in [
+        ("chat_template", serde_json::json!(5)),
+        ("tokenizer", serde_json::json!("not a tokenizer")),
+        ("quantization", serde_json::json!({"group_size": 64})),
+        ("architecture", serde_json::json!("mixtral")),
+    ] {
+        let b = with_metadata(|m| m[key] = value.clone());
+        refused_on(&b, key);
+    }
+    let b = with_metadata(|m| m["quantization"]["expert_bits"] = 7.into());
+    refused_on(&b, "quantization.expert_bits");
+}
+
+#[test]
+fn bad_metadata_fails_inspect_verify_and_run_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.flashpack");
+    std::fs::write(
+        &path,
+        with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 1], [0, 7]])),
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    for args in [
+        vec!["inspect", p],
+        vec!["verify", p],
+        vec!["run", p, "--prompt", "hi", "--max-tokens", "1"],
+    ] {
+        let out = flashpack_cli(&args, &[]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("merge_map[1][1] = 7"), "{args:?}: {err}");
+    }
+}
