@@ -890,3 +890,115 @@ fn bad_metadata_fails_inspect_verify_and_run_with_the_key() {
         assert!(err.contains("merge_map[1][1] = 7"), "{args:?}: {err}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A config.json that contradicts its tensors (issue 14, item 5): `convert` fails before it sizes
+// anything from the config, naming the field, its value and what the tensors hold.
+
+/// A folder with the tiny fixture's files linked in and its config.json edited by `edit`.
+fn tiny_with_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap();
+        if name != "config.json" {
+            std::os::unix::fs::symlink(&f, dir.join(name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+}
+
+#[test]
+fn convert_refuses_a_config_that_contradicts_its_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], serde_json::Value, &[&str])] = &[
+        (
+            &["num_hidden_layers"],
+            serde_json::json!(1_000_000_000u64),
+            &["num_hidden_layers = 1000000000", "6 layers"],
+        ),
+        (
+            &["num_hidden_layers"],
+            serde_json::json!(1_000_000_000_000u64),
+            &["num_hidden_layers = 1000000000000", "6 layers"],
+        ),
+        (
+            &["num_hidden_layers"],
+            serde_json::json!(4),
+            &["num_hidden_layers = 4", "6 layers"],
+        ),
+        (
+            &["num_local_experts", "num_experts"],
+            serde_json::json!(16),
+            &["num_experts = 16", "holds 32 experts"],
+        ),
+        (
+            &["num_local_experts", "num_experts"],
+            serde_json::json!(64),
+            &["num_experts = 64", "holds 32 experts"],
+        ),
+        (
+            &["vocab_size"],
+            serde_json::json!(1_000_000_000_000u64),
+            &[
+                "vocab_size = 1000000000000",
+                "model.embed_tokens.weight has shape [8192, 256]",
+            ],
+        ),
+        (
+            &["head_dim"],
+            serde_json::json!(0),
+            &["\"head_dim\" is 0", "at least 1"],
+        ),
+        (
+            &["head_dim"],
+            serde_json::json!(32),
+            &[
+                "num_attention_heads x head_dim = 4 x 32",
+                "q_proj.weight has shape [256, 256]",
+            ],
+        ),
+        (
+            &["rms_norm_eps"],
+            serde_json::json!(-1.0),
+            &["\"rms_norm_eps\" is -1", "positive finite"],
+        ),
+        (
+            &["rope_theta"],
+            serde_json::json!(0.0),
+            &["\"rope_theta\" is 0", "positive finite"],
+        ),
+    ];
+    for (i, (keys, value, expect)) in cases.iter().enumerate() {
+        let src = tmp.path().join(format!("src{i}"));
+        tiny_with_config(&src, |cfg| {
+            for k in keys.iter() {
+                cfg[*k] = value.clone();
+            }
+            if keys == &["rope_theta"] {
+                cfg["rope_parameters"]["rope_theta"] = value.clone();
+            }
+        });
+        let out_path = tmp.path().join(format!("out{i}.flashpack"));
+        let out = flashpack_cli(
+            &[
+                "convert",
+                src.to_str().unwrap(),
+                "-o",
+                out_path.to_str().unwrap(),
+                "--quiet",
+            ],
+            &[],
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{keys:?} = {value}: {err}");
+        for e in expect.iter() {
+            assert!(err.contains(e), "{keys:?} = {value}: wants {e:?} in {err}");
+        }
+        assert!(!out_path.exists());
+    }
+}

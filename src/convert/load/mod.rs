@@ -10,6 +10,7 @@
 //! Invariant: every tensor range was checked against its file's length at open, and every
 //! tensor the index names was found in its shard; later stages only slice checked ranges.
 
+mod check;
 mod experts;
 pub mod safetensors;
 
@@ -125,6 +126,15 @@ pub enum LoadError {
     HubUnavailable {
         repo: String,
         revision: Option<String>,
+    },
+    #[error(
+        "config.json says {field} = {value}, but {tensors}; the config does not describe these \
+         weights: use the config.json that came with them"
+    )]
+    ConfigContradictsTensors {
+        field: &'static str,
+        value: String,
+        tensors: String,
     },
     #[error("cancelled")]
     Cancelled,
@@ -542,6 +552,7 @@ impl Checkpoint {
             shards,
             tensors,
         };
+        ckpt.check_config_against_tensors()?;
         ckpt.check_experts()?;
         Ok(ckpt)
     }
