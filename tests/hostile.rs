@@ -1002,3 +1002,134 @@ fn convert_refuses_a_config_that_contradicts_its_tensors() {
         assert!(!out_path.exists());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// What a source lacks or holds wrongly (issue 14, item 8): no tokenizer.json converts with a
+// warning and gives a pack that refuses text prompts; a tokenizer.json link that leads nowhere
+// is an error; NaN or infinite weights are refused, naming the tensor and the element.
+
+fn convert_cli(src: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    flashpack_cli(
+        &[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn a_source_without_tokenizer_converts_with_a_warning_and_refuses_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tiny_with_config(&src, |_| {});
+    std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+    let pack = tmp.path().join("p.flashpack");
+    let out = convert_cli(&src, &pack);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("has no tokenizer.json"),
+        "even with --quiet: {err}"
+    );
+    let out = flashpack_cli(
+        &[
+            "run",
+            pack.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1",
+        ],
+        &[],
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no tokenizer") && err.contains("text prompts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tokenizer_link_that_leads_nowhere_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (case, target) in [("dangling", "missing.json"), ("loop", "tokenizer.json")] {
+        let src = tmp.path().join(case);
+        tiny_with_config(&src, |_| {});
+        std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+        std::os::unix::fs::symlink(target, src.join("tokenizer.json")).unwrap();
+        let pack = tmp.path().join(format!("{case}.flashpack"));
+        let out = convert_cli(&src, &pack);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{case}: {err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("link that leads nowhere"),
+            "{case}: {err}"
+        );
+        assert!(!pack.exists());
+    }
+}
+
+/// Overwrites element `index` of `tensor` (bf16) in the folder's shard with the bf16 `bits`;
+/// the shard is copied first, so the fixture stays as it is.
+fn poke_bf16(dir: &std::path::Path, tensor: &str, index: usize, bits: u16) {
+    let map: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let shard = dir.join(map["weight_map"][tensor].as_str().unwrap());
+    let mut b = std::fs::read(&shard).unwrap();
+    std::fs::remove_file(&shard).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    assert_eq!(header[tensor]["dtype"], "BF16");
+    let start = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + n + start + 2 * index;
+    b[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+    std::fs::write(&shard, b).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "model.norm.weight",
+            7,
+            0x7FC0u16,
+            "model.norm.weight",
+            "element 7",
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            256 * 3 + 5,
+            0x7F80,
+            "model.layers.0.self_attn.q_proj.weight",
+            "row 3, column 5",
+        ),
+        (
+            "model.layers.2.mlp.experts.9.down_proj.weight",
+            128 + 1,
+            0xFF80,
+            "layer 2 expert 9 down_proj",
+            "row 1, column 1",
+        ),
+    ];
+    for (i, (tensor, index, bits, names, at)) in cases.into_iter().enumerate() {
+        let src = tmp.path().join(format!("src{i}"));
+        tiny_with_config(&src, |_| {});
+        poke_bf16(&src, tensor, index, bits);
+        let pack = tmp.path().join(format!("p{i}.flashpack"));
+        let out = convert_cli(&src, &pack);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{tensor}: {err}");
+        assert!(
+            err.contains(names) && err.contains(at) && err.contains("non-finite"),
+            "{tensor}: {err}"
+        );
+        assert!(!pack.exists());
+    }
+}
