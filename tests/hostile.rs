@@ -1133,3 +1133,40 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
         assert!(!pack.exists());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sources that are not there (issue 14): a name that is not a local folder is tried as a Hub id
+// only when it has that form, and the error says both; a link loop is local, never a Hub id.
+
+#[test]
+fn a_missing_source_says_there_is_no_local_folder_and_names_the_hub_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("models")).unwrap();
+    // models/loop -> loop: a link loop whose name has the form of a Hub id.
+    std::os::unix::fs::symlink("loop", tmp.path().join("models/loop")).unwrap();
+    let convert = |src: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .args(["convert", src, "-o", "out.flashpack"])
+            .current_dir(tmp.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", tmp.path().join("hf"))
+            .output()
+            .unwrap()
+    };
+    let out = convert("models/mixtral-typo");
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no local folder models/mixtral-typo")
+            && err.contains("Hub repository models/mixtral-typo"),
+        "{err}"
+    );
+    let out = convert("models/loop");
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("models/loop is a link that leads nowhere"),
+        "{err}"
+    );
+    assert!(!err.contains("Hub"), "{err}");
+}
