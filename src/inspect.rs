@@ -95,6 +95,7 @@ fn expert_label(e: &crate::format::ExpertEntry) -> String {
 impl PackReport {
     pub fn new(pack: &Pack) -> PackReport {
         let meta = pack.metadata();
+        let typed = pack.meta();
         let h = pack.hidden_size() as u64;
         let mut dense = KindStats::default();
         let mut dense_bits: BTreeMap<String, KindStats> = BTreeMap::new();
@@ -194,10 +195,8 @@ impl PackReport {
         };
         PackReport {
             format_version: format!("{}.{}", header.major, header.minor),
-            architecture: meta["architecture"].as_str().unwrap_or("?").to_string(),
-            layers: meta["model"]["num_hidden_layers"]
-                .as_u64()
-                .unwrap_or(per_layer.len() as u64),
+            architecture: typed.architecture.clone(),
+            layers: typed.model.num_hidden_layers as u64,
             experts_per_layer: per_layer,
             segments: pack.experts().len(),
             hidden_size: pack.hidden_size(),

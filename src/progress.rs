@@ -8,8 +8,13 @@ pub trait Progress: Send + Sync {
     fn advance(&self, n: u64);
     /// The current stage is finished.
     fn finish_stage(&self);
-    /// A one-line note for the user (warnings, decisions taken).
+    /// A one-line note for the user (decisions taken).
     fn note(&self, _msg: &str) {}
+    /// A problem the user must see even when progress is hidden (a pack that will lack
+    /// something). By default, a note.
+    fn warn(&self, msg: &str) {
+        self.note(msg)
+    }
 }
 
 /// Progress that goes nowhere (tests, `--quiet`, library users who do not care).

@@ -139,9 +139,17 @@ fn write_pack(dir: &std::path::Path, segments: usize) -> std::path::PathBuf {
             }
         }
     }
+    let config = serde_json::json!({
+        "model_type": "qwen3_moe", "hidden_size": H, "num_hidden_layers": LAYERS,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 16,
+        "intermediate_size": I, "moe_intermediate_size": I, "num_experts": EXPERTS,
+        "num_experts_per_tok": 2,
+    });
+    let model = flashpack::arch::ModelConfig::from_json(&config).unwrap();
     let meta = serde_json::json!({
-        "format": "flashpack", "architecture": "test", "config": {}, "model": {},
-        "quantization": {}, "provenance": {},
+        "format": "flashpack", "architecture": "qwen3_moe", "config": config, "model": model,
+        "quantization": {"group_size": G, "expert_bits": BITS, "dense_bits": 16, "mode": "affine"},
+        "provenance": {"source": "test"},
     });
     w.finish(&meta).unwrap();
     path

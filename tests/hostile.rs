@@ -705,3 +705,468 @@ fn budgets_need_a_unit_and_name_their_cause() {
     assert!(err.contains("each: hidden 256 x expert width"), "{err}");
     assert!(err.contains("num_experts_per_tok"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metadata that breaks the format's rules (issue 14, item 9; formats/flashpack-v1.md §4.4):
+// refused at open with `BadMetadata` naming the key, its value and the rule, so inspect, verify
+// and run all stop before they size anything from it.
+
+/// The small pack (2 layers of 2 experts, hidden and expert rows 128, vocabulary 16) with its
+/// metadata edited and re-signed.
+/// A merge map is declared by flag MERGED_EXPERTS, so the flag is set when the edit adds one.
+fn with_metadata(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut b = pack_bytes();
+    let mut merges = false;
+    edit_metadata(&mut b, |m| {
+        edit(m);
+        merges = m.get("merge_map").is_some();
+    });
+    if merges {
+        b[16] |= flashpack::format::required::MERGED_EXPERTS as u8;
+        resign(&mut b);
+    }
+    b
+}
+
+/// Opens `bytes` expecting `BadMetadata` on `key`; returns the message.
+fn refused_on(bytes: &[u8], key: &str) -> String {
+    let err = open(bytes).err().expect("the pack must be refused");
+    let msg = err.to_string();
+    match &err {
+        PackError::BadMetadata { key: k, .. } => assert_eq!(k, key, "{msg}"),
+        _ => panic!("expected BadMetadata on {key}, got {msg}"),
+    }
+    msg
+}
+
+#[test]
+fn the_edited_small_pack_opens() {
+    // The helper itself keeps a valid pack valid.
+    let b = with_metadata(|_| {});
+    assert!(open(&b).is_ok());
+    let b = with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 0], [1, 1]]));
+    let p = open(&b).unwrap();
+    assert_eq!(p.meta().stored_expert(0, 1), 0);
+}
+
+#[test]
+fn rejects_merge_map_ids_past_the_experts() {
+    for id in [2u64, 1000, u32::MAX as u64] {
+        let b = with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 1], [0, id]]));
+        let msg = refused_on(&b, "merge_map[1][1]");
+        assert!(
+            msg.contains(&id.to_string()) && msg.contains("below 2"),
+            "{msg}"
+        );
+    }
+    // Past u32: a type error naming the key.
+    let b = with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 1], [0, 1u64 << 40]]));
+    refused_on(&b, "merge_map");
+}
+
+#[test]
+fn rejects_merge_map_rows_of_the_wrong_length() {
+    for (map, key) in [
+        (serde_json::json!([[0], [0, 1]]), "merge_map[0]"),
+        (serde_json::json!([[0, 1], []]), "merge_map[1]"),
+        (serde_json::json!([[0, 1, 1], [0, 1]]), "merge_map[0]"),
+        (serde_json::json!([[0, 1]]), "merge_map"),
+        (serde_json::json!([]), "merge_map"),
+        (serde_json::json!([[0, 1], [0, 1], [0, 1]]), "merge_map"),
+    ] {
+        let b = with_metadata(|m| m["merge_map"] = map.clone());
+        let msg = refused_on(&b, key);
+        assert!(
+            msg.contains("one id per expert") || msg.contains("one row per layer"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn rejects_model_dimensions_the_directories_contradict() {
+    for (field, value, key) in [
+        ("hidden_size", 1u64 << 30, "model.hidden_size"),
+        (
+            "moe_intermediate_size",
+            1 << 30,
+            "model.moe_intermediate_size",
+        ),
+        ("num_hidden_layers", 1 << 30, "model.num_hidden_layers"),
+        ("num_hidden_layers", 1, "model.num_hidden_layers"),
+        ("num_experts", 1 << 30, "model.num_experts"),
+        ("num_experts", 1, "model.num_experts"),
+        ("vocab_size", 1_000_000_000_000, "model.vocab_size"),
+        ("head_dim", 0, "model.head_dim"),
+    ] {
+        let b = with_metadata(|m| m["model"][field] = value.into());
+        let msg = refused_on(&b, key);
+        assert!(msg.contains(&value.to_string()), "{field}: {msg}");
+    }
+}
+
+#[test]
+fn rejects_an_expert_directory_layer_past_the_model() {
+    // The last stored expert (layer 1, expert 1: entries 4 and 5) moved to layer 0xFFFFFFF0;
+    // the directory stays sorted and tiled, so only the model record can say it is wrong.
+    let mut b = pack_bytes();
+    for i in [4, 5] {
+        let at = expert_entry(&b, i);
+        b[at..at + 4].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    }
+    resign(&mut b);
+    let msg = refused_on(&b, "model.num_hidden_layers");
+    assert!(msg.contains("4294967280"), "{msg}");
+    // And the directory's own dimensions at 2^30.
+    let mut b = pack_bytes();
+    let dir = section(&b, SectionKind::ExpertDir).0;
+    b[dir + 8..dir + 12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    resign(&mut b);
+    assert!(open(&b).is_err());
+}
+
+#[test]
+fn rejects_top_k_outside_the_experts() {
+    for k in [0u64, 3, 1000] {
+        let b = with_metadata(|m| m["model"]["num_experts_per_tok"] = k.into());
+        let msg = refused_on(&b, "model");
+        assert!(
+            msg.contains("num_experts_per_tok") && msg.contains("1..=2"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn rejects_norm_and_rope_numbers_that_give_nan() {
+    for (field, value, key) in [
+        (
+            "rms_norm_eps",
+            serde_json::json!(-1.0),
+            "model.rms_norm_eps",
+        ),
+        ("rms_norm_eps", serde_json::json!(0.0), "model.rms_norm_eps"),
+    ] {
+        let b = with_metadata(|m| m["model"][field] = value.clone());
+        refused_on(&b, key);
+    }
+    let b = with_metadata(|m| m["model"]["rope"]["theta"] = 0.0.into());
+    refused_on(&b, "model.rope_theta");
+}
+
+#[test]
+fn rejects_metadata_keys_of_the_wrong_type() {
+    for (key, value) in [
+        ("chat_template", serde_json::json!(5)),
+        ("tokenizer", serde_json::json!("not a tokenizer")),
+        ("quantization", serde_json::json!({"group_size": 64})),
+        ("architecture", serde_json::json!("mixtral")),
+    ] {
+        let b = with_metadata(|m| m[key] = value.clone());
+        refused_on(&b, key);
+    }
+    let b = with_metadata(|m| m["quantization"]["expert_bits"] = 7.into());
+    refused_on(&b, "quantization.expert_bits");
+}
+
+#[test]
+fn bad_metadata_fails_inspect_verify_and_run_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.flashpack");
+    std::fs::write(
+        &path,
+        with_metadata(|m| m["merge_map"] = serde_json::json!([[0, 1], [0, 7]])),
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    for args in [
+        vec!["inspect", p],
+        vec!["verify", p],
+        vec!["run", p, "--prompt", "hi", "--max-tokens", "1"],
+    ] {
+        let out = flashpack_cli(&args, &[]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("merge_map[1][1] = 7"), "{args:?}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A config.json that contradicts its tensors (issue 14, item 5): `convert` fails before it sizes
+// anything from the config, naming the field, its value and what the tensors hold.
+
+/// A folder with the tiny fixture's files linked in and its config.json edited by `edit`.
+fn tiny_with_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap();
+        if name != "config.json" {
+            std::os::unix::fs::symlink(&f, dir.join(name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+}
+
+#[test]
+fn convert_refuses_a_config_that_contradicts_its_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], serde_json::Value, &[&str])] = &[
+        (
+            &["num_hidden_layers"],
+            serde_json::json!(1_000_000_000u64),
+            &["num_hidden_layers = 1000000000", "6 layers"],
+        ),
+        (
+            &["num_hidden_layers"],
+            serde_json::json!(1_000_000_000_000u64),
+            &["num_hidden_layers = 1000000000000", "6 layers"],
+        ),
+        (
+            &["num_hidden_layers"],
+            serde_json::json!(4),
+            &["num_hidden_layers = 4", "6 layers"],
+        ),
+        (
+            &["num_local_experts", "num_experts"],
+            serde_json::json!(16),
+            &["num_experts = 16", "holds 32 experts"],
+        ),
+        (
+            &["num_local_experts", "num_experts"],
+            serde_json::json!(64),
+            &["num_experts = 64", "holds 32 experts"],
+        ),
+        (
+            &["vocab_size"],
+            serde_json::json!(1_000_000_000_000u64),
+            &[
+                "vocab_size = 1000000000000",
+                "model.embed_tokens.weight has shape [8192, 256]",
+            ],
+        ),
+        (
+            &["head_dim"],
+            serde_json::json!(0),
+            &["\"head_dim\" is 0", "at least 1"],
+        ),
+        (
+            &["head_dim"],
+            serde_json::json!(32),
+            &[
+                "num_attention_heads x head_dim = 4 x 32",
+                "q_proj.weight has shape [256, 256]",
+            ],
+        ),
+        (
+            &["rms_norm_eps"],
+            serde_json::json!(-1.0),
+            &["\"rms_norm_eps\" is -1", "positive finite"],
+        ),
+        (
+            &["rope_theta"],
+            serde_json::json!(0.0),
+            &["\"rope_theta\" is 0", "positive finite"],
+        ),
+    ];
+    for (i, (keys, value, expect)) in cases.iter().enumerate() {
+        let src = tmp.path().join(format!("src{i}"));
+        tiny_with_config(&src, |cfg| {
+            for k in keys.iter() {
+                cfg[*k] = value.clone();
+            }
+            if keys == &["rope_theta"] {
+                cfg["rope_parameters"]["rope_theta"] = value.clone();
+            }
+        });
+        let out_path = tmp.path().join(format!("out{i}.flashpack"));
+        let out = flashpack_cli(
+            &[
+                "convert",
+                src.to_str().unwrap(),
+                "-o",
+                out_path.to_str().unwrap(),
+                "--quiet",
+            ],
+            &[],
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{keys:?} = {value}: {err}");
+        for e in expect.iter() {
+            assert!(err.contains(e), "{keys:?} = {value}: wants {e:?} in {err}");
+        }
+        assert!(!out_path.exists());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a source lacks or holds wrongly (issue 14, item 8): no tokenizer.json converts with a
+// warning and gives a pack that refuses text prompts; a tokenizer.json link that leads nowhere
+// is an error; NaN or infinite weights are refused, naming the tensor and the element.
+
+fn convert_cli(src: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    flashpack_cli(
+        &[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn a_source_without_tokenizer_converts_with_a_warning_and_refuses_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tiny_with_config(&src, |_| {});
+    std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+    let pack = tmp.path().join("p.flashpack");
+    let out = convert_cli(&src, &pack);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning:") && err.contains("has no tokenizer.json"),
+        "even with --quiet: {err}"
+    );
+    let out = flashpack_cli(
+        &[
+            "run",
+            pack.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1",
+        ],
+        &[],
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no tokenizer") && err.contains("text prompts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tokenizer_link_that_leads_nowhere_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (case, target) in [("dangling", "missing.json"), ("loop", "tokenizer.json")] {
+        let src = tmp.path().join(case);
+        tiny_with_config(&src, |_| {});
+        std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+        std::os::unix::fs::symlink(target, src.join("tokenizer.json")).unwrap();
+        let pack = tmp.path().join(format!("{case}.flashpack"));
+        let out = convert_cli(&src, &pack);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{case}: {err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("link that leads nowhere"),
+            "{case}: {err}"
+        );
+        assert!(!pack.exists());
+    }
+}
+
+/// Overwrites element `index` of `tensor` (bf16) in the folder's shard with the bf16 `bits`;
+/// the shard is copied first, so the fixture stays as it is.
+fn poke_bf16(dir: &std::path::Path, tensor: &str, index: usize, bits: u16) {
+    let map: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let shard = dir.join(map["weight_map"][tensor].as_str().unwrap());
+    let mut b = std::fs::read(&shard).unwrap();
+    std::fs::remove_file(&shard).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    assert_eq!(header[tensor]["dtype"], "BF16");
+    let start = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + n + start + 2 * index;
+    b[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+    std::fs::write(&shard, b).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "model.norm.weight",
+            7,
+            0x7FC0u16,
+            "model.norm.weight",
+            "element 7",
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            256 * 3 + 5,
+            0x7F80,
+            "model.layers.0.self_attn.q_proj.weight",
+            "row 3, column 5",
+        ),
+        (
+            "model.layers.2.mlp.experts.9.down_proj.weight",
+            128 + 1,
+            0xFF80,
+            "layer 2 expert 9 down_proj",
+            "row 1, column 1",
+        ),
+    ];
+    for (i, (tensor, index, bits, names, at)) in cases.into_iter().enumerate() {
+        let src = tmp.path().join(format!("src{i}"));
+        tiny_with_config(&src, |_| {});
+        poke_bf16(&src, tensor, index, bits);
+        let pack = tmp.path().join(format!("p{i}.flashpack"));
+        let out = convert_cli(&src, &pack);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{tensor}: {err}");
+        assert!(
+            err.contains(names) && err.contains(at) && err.contains("non-finite"),
+            "{tensor}: {err}"
+        );
+        assert!(!pack.exists());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sources that are not there (issue 14): a name that is not a local folder is tried as a Hub id
+// only when it has that form, and the error says both; a link loop is local, never a Hub id.
+
+#[test]
+fn a_missing_source_says_there_is_no_local_folder_and_names_the_hub_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("models")).unwrap();
+    // models/loop -> loop: a link loop whose name has the form of a Hub id.
+    std::os::unix::fs::symlink("loop", tmp.path().join("models/loop")).unwrap();
+    let convert = |src: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .args(["convert", src, "-o", "out.flashpack"])
+            .current_dir(tmp.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", tmp.path().join("hf"))
+            .output()
+            .unwrap()
+    };
+    let out = convert("models/mixtral-typo");
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no local folder models/mixtral-typo")
+            && err.contains("Hub repository models/mixtral-typo"),
+        "{err}"
+    );
+    let out = convert("models/loop");
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("models/loop is a link that leads nowhere"),
+        "{err}"
+    );
+    assert!(!err.contains("Hub"), "{err}");
+}

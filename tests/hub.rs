@@ -577,6 +577,7 @@ fn pack_with(dir: &Path, extra: Value) -> PathBuf {
     )
     .unwrap();
     let mut meta = common::metadata();
+    meta["model"] = common::model(1, 1);
     for (k, v) in extra.as_object().unwrap() {
         meta[k] = v.clone();
     }

@@ -225,7 +225,7 @@ impl ModelConfig {
             Arch::Olmoe => olmoe::parse(v)?,
             Arch::Qwen2Moe => qwen2_moe::parse(v)?,
         };
-        cfg.check()?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -256,25 +256,80 @@ impl ModelConfig {
             .collect()
     }
 
-    fn check(&self) -> Result<(), ArchError> {
-        let bad = |what: String| Err(ArchError::Inconsistent { what });
-        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
-            return bad("attention needs at least one head and one KV head".into());
+    /// The rules every normalized config keeps, whatever its source (formats/flashpack-v1.md
+    /// §4.1, key `model`): positive sizes, a top-k within the experts, heads that group, and a
+    /// norm epsilon and RoPE base that are positive and finite (0 or a negative value gives NaN
+    /// logits). The first broken rule is returned as `BadField` naming the field, or
+    /// `Inconsistent` for a rule between two fields.
+    pub fn validate(&self) -> Result<(), ArchError> {
+        let bad = |field: &'static str, found: String, expected: &'static str| {
+            Err(ArchError::BadField {
+                field,
+                found,
+                expected,
+            })
+        };
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("intermediate_size", self.intermediate_size),
+            ("moe_intermediate_size", self.moe_intermediate_size),
+            ("num_experts", self.num_experts),
+            ("decoder_sparse_step", self.decoder_sparse_step),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return bad(field, "0".into(), "at least 1");
+            }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return bad(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            });
         }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
-            return bad(format!(
-                "num_experts_per_tok {} must be in 1..={} (num_experts)",
-                self.num_experts_per_tok, self.num_experts
-            ));
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "num_experts_per_tok {} must be in 1..={} (num_experts)",
+                    self.num_experts_per_tok, self.num_experts
+                ),
+            });
         }
-        if self.decoder_sparse_step == 0 {
-            return bad("decoder_sparse_step is 0; use 1 for every layer sparse".into());
+        let positive_finite = |x: f64| x.is_finite() && x > 0.0;
+        if !positive_finite(self.rms_norm_eps) {
+            return bad(
+                "rms_norm_eps",
+                self.rms_norm_eps.to_string(),
+                "a positive finite number (0 or less gives NaN logits)",
+            );
+        }
+        if !positive_finite(self.rope.theta) {
+            return bad(
+                "rope_theta",
+                self.rope.theta.to_string(),
+                "a positive finite number (0 or less gives NaN logits)",
+            );
+        }
+        if let Some(c) = self.clip_qkv {
+            if !positive_finite(c) {
+                return bad("clip_qkv", c.to_string(), "a positive finite number");
+            }
+        }
+        if let Some(s) = &self.shared_expert {
+            if s.intermediate_size == 0 {
+                return bad(
+                    "shared_expert_intermediate_size",
+                    "0".into(),
+                    "at least 1 when there is a shared expert",
+                );
+            }
         }
         Ok(())
     }

@@ -58,6 +58,15 @@ pub enum ConvertError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{tensor} has a non-finite value ({value}) at {at}; the checkpoint is damaged or was \
+         saved from a diverged run: convert a checkpoint whose weights are all finite"
+    )]
+    NonFinite {
+        tensor: String,
+        at: String,
+        value: f32,
+    },
     #[error("{what}")]
     Unsupported { what: String },
     #[error("cannot write the pack to {path}: {why}")]
@@ -65,10 +74,17 @@ pub enum ConvertError {
 }
 
 /// A `tokenizer.json` that is present must be one the runtime can load: found now, not when
-/// `run` first needs it. (A source without one converts; its pack takes token ids only.)
-fn check_tokenizer(ck: &Checkpoint) -> Result<(), ConvertError> {
+/// `run` first needs it. A source without one converts, with a warning: its pack takes token
+/// ids only. A dangling link or a link loop in its place is an error, not a missing file.
+fn check_tokenizer(ck: &Checkpoint, progress: &dyn Progress) -> Result<(), ConvertError> {
     let path = ck.root().join("tokenizer.json");
-    if !path.exists() {
+    if !write::optional_file(&path)? {
+        progress.warn(&format!(
+            "{} has no tokenizer.json: the pack will take token ids only, and `flashpack run \
+             --prompt` will refuse it; copy the model's tokenizer.json into the folder and \
+             convert again to run text prompts",
+            ck.root().display()
+        ));
         return Ok(());
     }
     let text = std::fs::read_to_string(&path).map_err(|source| ConvertError::Io {
@@ -321,7 +337,7 @@ pub fn convert_checkpoint(
 ) -> Result<ConvertReport, ConvertError> {
     opts.check()?;
     check_destination(output, &ck.input_files())?;
-    check_tokenizer(ck)?;
+    check_tokenizer(ck, progress)?;
     let mut stages = vec![StageTime::ended("load", t0)];
     // profile: how the routers use the experts, when an option needs it.
     let profile = if profile::needed(opts) {
@@ -480,7 +496,8 @@ fn write_payload(
     let mut planned: Vec<quantize::DenseOut<'_>> = dense_in
         .par_iter()
         .map(|t| {
-            let out = plan_dense(t, dense_policy);
+            check_finite_dense(t)?;
+            let out = plan_dense(t, dense_policy).map_err(ConvertError::from);
             progress.advance(dense_bytes(&t.data));
             out
         })
@@ -570,6 +587,7 @@ fn write_payload(
                         Some(m) => m.projections(),
                         None => ck.expert(l, e)?,
                     };
+                    check_finite_expert(ck, &x, l, e)?;
                     let params = expert_target(opts, &bit_plan, expert_params, &x, l, e)?;
                     stored_as.lock().unwrap_or_else(|p| p.into_inner()).push((
                         l,
@@ -793,6 +811,87 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
         }
         load::TensorData::Quantized(q) => (q.codes.len() + q.scales.len() + q.biases.len()) as u64,
     }
+}
+
+/// Refuses NaN and infinity in float values (weights, or the scales and biases of MLX codes),
+/// naming the tensor and the first bad element: quantizing them would give NaN logits at run.
+fn check_finite(
+    tensor: impl FnOnce() -> String,
+    dtype: tensor::FloatDtype,
+    bytes: &[u8],
+    cols: usize,
+) -> Result<(), ConvertError> {
+    match dtype.first_non_finite(bytes) {
+        None => Ok(()),
+        Some((i, value)) => Err(ConvertError::NonFinite {
+            tensor: tensor(),
+            at: match i.checked_div(cols) {
+                Some(row) => format!("row {row}, column {} (element {i})", i % cols),
+                None => format!("element {i}"),
+            },
+            value,
+        }),
+    }
+}
+
+fn check_finite_quantized(
+    tensor: &dyn Fn(&str) -> String,
+    q: &quantize::QuantizedView<'_>,
+) -> Result<(), ConvertError> {
+    let groups = q.cols / q.params.group_size.max(1);
+    check_finite(|| tensor("scales"), q.scale_dtype, q.scales, groups)?;
+    check_finite(|| tensor("biases"), q.scale_dtype, q.biases, groups)
+}
+
+fn check_finite_dense(t: &load::DenseTensor<'_>) -> Result<(), ConvertError> {
+    match &t.data {
+        load::TensorData::Float {
+            dtype,
+            shape,
+            bytes,
+        } => {
+            let cols = if shape.len() >= 2 {
+                shape[shape.len() - 1]
+            } else {
+                0
+            };
+            check_finite(|| t.name.clone(), *dtype, bytes, cols)
+        }
+        load::TensorData::Quantized(q) => {
+            let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+            check_finite_quantized(&|part| format!("{module}.{part}"), q)
+        }
+        load::TensorData::Other { .. } => Ok(()),
+    }
+}
+
+fn check_finite_expert(
+    ck: &Checkpoint,
+    x: &quantize::ExpertProjections<'_>,
+    l: usize,
+    e: usize,
+) -> Result<(), ConvertError> {
+    let names = ck.config.arch.names();
+    for (proj, p) in crate::arch::Proj::ALL
+        .into_iter()
+        .zip([&x.gate, &x.up, &x.down])
+    {
+        let name = |part: &str| {
+            format!(
+                "layer {l} expert {e} {} ({})",
+                proj.mlx_name(),
+                names.expert(l, e, proj, crate::arch::Part::Weight)
+            )
+            .replace(".weight)", &format!(".{part})"))
+        };
+        match p {
+            quantize::ProjSource::Float(m) => {
+                check_finite(|| name("weight"), m.dtype, m.bytes(), m.cols)?
+            }
+            quantize::ProjSource::Quantized(q) => check_finite_quantized(&name, q)?,
+        }
+    }
+    Ok(())
 }
 
 fn release_proj(ck: &Checkpoint, p: &quantize::ProjSource<'_>) {

@@ -684,20 +684,14 @@ pub struct LayerView {
 }
 
 /// Summarizes metadata `profile` (with `quantization.expert_plan` and `merge_map` if present).
-pub fn view(meta: &Value) -> Option<ProfileView> {
-    let p = meta.get("profile")?;
-    let layers = p.get("layers")?.as_array()?;
-    let plan = meta
-        .get("quantization")
-        .and_then(|q| q.get("expert_plan"))
-        .and_then(|v| serde_json::from_value::<Vec<Vec<u8>>>(v.clone()).ok());
-    let merge = meta
-        .get("merge_map")
-        .and_then(|v| serde_json::from_value::<Vec<Vec<u32>>>(v.clone()).ok());
+pub fn view(meta: &crate::format::Metadata) -> Option<ProfileView> {
+    let p = meta.profile()?;
+    let plan = meta.quantization.expert_plan.as_ref();
+    let merge = meta.merge_map.as_ref();
     let mut out = Vec::new();
-    for (l, lp) in layers.iter().enumerate() {
-        let mass: Vec<f64> = match lp.get("mass").and_then(Value::as_array) {
-            Some(m) if !m.is_empty() => m.iter().filter_map(Value::as_f64).collect(),
+    for (l, mass) in meta.profile_mass().into_iter().enumerate() {
+        let mass: Vec<f64> = match mass {
+            Some(m) if !m.is_empty() => m,
             _ => continue,
         };
         let total: f64 = mass.iter().sum();
@@ -713,11 +707,11 @@ pub fn view(meta: &Value) -> Option<ProfileView> {
             .filter(|&&s| s > 0.0)
             .map(|&s| -s * s.ln())
             .sum();
-        let cold = plan.as_ref().and_then(|p| p.get(l)).map_or(0, |bits| {
+        let cold = plan.and_then(|p| p.get(l)).map_or(0, |bits| {
             let max = bits.iter().copied().max().unwrap_or(0);
             bits.iter().filter(|&&b| b < max).count()
         });
-        let merged = merge.as_ref().and_then(|m| m.get(l)).map_or(0, |m| {
+        let merged = merge.and_then(|m| m.get(l)).map_or(0, |m| {
             m.iter()
                 .enumerate()
                 .filter(|&(e, &s)| s as usize != e)

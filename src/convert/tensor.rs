@@ -168,6 +168,34 @@ impl FloatDtype {
         }
     }
 
+    /// The index of the first NaN or infinity among the little-endian values of `src`, and
+    /// that value. One pass over the bits (an all-ones exponent), with no conversion, so it
+    /// costs a read of the bytes and nothing per value that is finite.
+    pub fn first_non_finite(self, src: &[u8]) -> Option<(usize, f32)> {
+        fn scan<const N: usize>(src: &[u8], bad: impl Fn([u8; N]) -> bool) -> Option<usize> {
+            let bad = |c: &[u8]| bad(c.try_into().expect("N bytes"));
+            let src = &src[..src.len() / N * N];
+            // Blocks of 256 values without an early exit inside, which the compiler vectorizes;
+            // the block with a bad value is searched again for its position.
+            for (k, block) in src.chunks(256 * N).enumerate() {
+                if block.chunks_exact(N).fold(false, |acc, c| acc | bad(c)) {
+                    let at = block.chunks_exact(N).position(bad).expect("found above");
+                    return Some(k * 256 + at);
+                }
+            }
+            None
+        }
+        let i = match self {
+            FloatDtype::F32 => {
+                scan::<4>(src, |b| u32::from_le_bytes(b) & 0x7F80_0000 == 0x7F80_0000)
+            }
+            FloatDtype::F16 => scan::<2>(src, |b| u16::from_le_bytes(b) & 0x7C00 == 0x7C00),
+            FloatDtype::Bf16 => scan::<2>(src, |b| u16::from_le_bytes(b) & 0x7F80 == 0x7F80),
+        }?;
+        let n = self.size();
+        Some((i, self.read(&src[i * n..(i + 1) * n])))
+    }
+
     /// Encodes `src` into little-endian bytes of this type.
     pub fn write_all(self, src: &[f32], out: &mut [u8]) {
         for (x, o) in src.iter().zip(out.chunks_exact_mut(self.size())) {
@@ -221,6 +249,38 @@ impl<'a> MatrixView<'a> {
             rows: r1 - r0,
             cols: self.cols,
             data: &self.data[r0 * w..r1 * w],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FloatDtype;
+
+    #[test]
+    fn finds_the_first_non_finite_value_in_every_float_type() {
+        for dtype in [FloatDtype::F32, FloatDtype::F16, FloatDtype::Bf16] {
+            for (at, bad) in [
+                (0, f32::NAN),
+                (255, f32::INFINITY),
+                (700, f32::NEG_INFINITY),
+            ] {
+                let mut v = vec![0.5f32; 1000];
+                v[999] = 65000.0; // large but finite in every type
+                v[at] = bad;
+                if at < 999 {
+                    v[at + 1] = f32::NAN; // only the first is reported
+                }
+                let mut bytes = vec![0u8; v.len() * dtype.size()];
+                dtype.write_all(&v, &mut bytes);
+                let (i, x) = dtype.first_non_finite(&bytes).unwrap();
+                assert_eq!(i, at, "{dtype:?}");
+                assert!(!x.is_finite());
+                v[at] = 1.0;
+                v[at + 1] = 1.0;
+                dtype.write_all(&v, &mut bytes);
+                assert_eq!(dtype.first_non_finite(&bytes), None, "{dtype:?}");
+            }
         }
     }
 }

@@ -104,9 +104,34 @@ pub fn add_segment(w: &mut PackWriter, s: &EncodedSegment) -> Result<(), Convert
 }
 
 /// A JSON file of the checkpoint folder, or null when absent.
+/// Whether the optional source file `path` is there: `false` when nothing has that name; an
+/// error when something does but cannot be read as a file (a dangling link, a link loop, a
+/// folder), since converting without it would silently drop what it holds.
+pub(crate) fn optional_file(path: &std::path::Path) -> Result<bool, ConvertError> {
+    let io = |source| ConvertError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(e)),
+        Ok(_) => {}
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(true),
+        Ok(_) => Err(io(std::io::Error::other(
+            "it is not a regular file; remove it or put the model's file there",
+        ))),
+        Err(e) => Err(io(std::io::Error::new(
+            e.kind(),
+            format!("it is a link that leads nowhere ({e}); fix or remove the link"),
+        ))),
+    }
+}
+
 fn json_file(ck: &Checkpoint, name: &str) -> Result<Value, ConvertError> {
     let path = ck.root().join(name);
-    if !path.is_file() {
+    if !optional_file(&path)? {
         return Ok(Value::Null);
     }
     let text = std::fs::read_to_string(&path).map_err(|source| ConvertError::Io {

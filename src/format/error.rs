@@ -100,8 +100,12 @@ pub enum PackError {
         offset: u64,
         page_size: u32,
     },
-    #[error("metadata is invalid: {reason}")]
-    BadMetadata { reason: String },
+    #[error("metadata key {key} = {value} is invalid: {rule}; the pack was damaged or written by a broken tool: re-convert it")]
+    BadMetadata {
+        key: String,
+        value: String,
+        rule: String,
+    },
     #[error("tensor {name}: checksum mismatch; the pack is damaged: re-download or re-convert it")]
     TensorChecksum { name: String },
     #[error("expert segment (layer {layer}, expert {expert}, segment {segment}): checksum mismatch; the pack is damaged: re-download or re-convert it")]

@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use super::directory::{decode_expert_dir, decode_tensor_dir};
 use super::header::{hex, SECTION_ZSTD};
-use super::write::{features, merge_map_is_identity};
+use super::metadata::{Directories, Metadata};
+use super::write::features;
 use super::{
     required, ExpertEntry, Header, PackError, SectionEntry, SectionKind, TensorEntry,
     MAX_METADATA_LEN,
@@ -29,7 +30,7 @@ pub struct Pack {
     experts: Vec<ExpertEntry>,
     hidden_size: u32,
     intermediate_size: u32,
-    metadata: Value,
+    metadata: Metadata,
 }
 
 impl Pack {
@@ -111,9 +112,11 @@ impl Pack {
         let tensors = decode_tensor_dir(&tensor_dir, &dense)?;
         let dir = decode_expert_dir(&expert_dir, &expert_data, header.page_size)?;
         let metadata = serde_json::from_slice(&meta).map_err(|e| PackError::BadMetadata {
-            reason: format!("not JSON: {e}"),
+            key: "metadata".into(),
+            value: "not JSON".into(),
+            rule: e.to_string(),
         })?;
-        let metadata = parse_metadata(metadata)?;
+        let metadata = Metadata::parse(metadata)?;
         let (needed, _) = features(&tensors, &dir.entries, &metadata);
         let undeclared = needed & !header.required_features;
         if undeclared != 0 {
@@ -121,6 +124,12 @@ impl Pack {
                 feature: feature_name(undeclared),
             });
         }
+        metadata.validate(&Directories {
+            tensors: &tensors,
+            experts: &dir.entries,
+            hidden_size: dir.hidden_size,
+            intermediate_size: dir.intermediate_size,
+        })?;
         Ok(Pack {
             bytes,
             path: None,
@@ -147,7 +156,15 @@ impl Pack {
         &self.bytes
     }
 
+    /// The metadata JSON as stored (for tools that show it verbatim); [`Pack::meta`] has it
+    /// typed and checked.
     pub fn metadata(&self) -> &Value {
+        self.metadata.raw()
+    }
+
+    /// The metadata, typed and checked against the directories at open
+    /// (formats/flashpack-v1.md §4).
+    pub fn meta(&self) -> &Metadata {
         &self.metadata
     }
 
@@ -382,29 +399,4 @@ fn load_section(bytes: &[u8], s: &SectionEntry, kind: SectionKind) -> Result<Vec
         )));
     }
     Ok(out)
-}
-
-/// Step 9 of §8.
-pub(crate) fn parse_metadata(v: Value) -> Result<Value, PackError> {
-    let bad = |reason: String| PackError::BadMetadata { reason };
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("not a JSON object".into()))?;
-    if obj.get("format").and_then(Value::as_str) != Some("flashpack") {
-        return Err(bad("key \"format\" must be \"flashpack\"".into()));
-    }
-    if !obj.get("architecture").is_some_and(Value::is_string) {
-        return Err(bad("key \"architecture\" must be a string".into()));
-    }
-    for key in ["config", "model", "quantization", "provenance"] {
-        if !obj.get(key).is_some_and(Value::is_object) {
-            return Err(bad(format!("key \"{key}\" must be an object")));
-        }
-    }
-    if merge_map_is_identity(&v).is_none() {
-        return Err(bad(
-            "key \"merge_map\" must be an array of arrays of expert ids".into(),
-        ));
-    }
-    Ok(v)
 }

@@ -19,6 +19,7 @@ use super::directory::{
 };
 use super::header::{SectionEntry, SECTION_ZSTD};
 use super::layout::{Planner, SECTION_COUNT};
+use super::metadata::{Directories, Metadata};
 use super::{
     codec_id, optional, required, segment_part_lens, valid_page_size, DType, ExpertEntry, Header,
     PackError, ProjBits, QuantMode, SectionKind, TensorEntry, MAJOR_VERSION, MINOR_VERSION,
@@ -313,16 +314,24 @@ impl PackWriter {
             self.experts_start = self.planner.align_page();
         }
         let experts_end = self.planner.align_page();
-        let (required, optional) = features(&self.tensors, &self.experts, metadata);
+        // Parse back with the reader's checks: a pack this writer finishes is one readers accept.
+        let typed = Metadata::parse(metadata.clone()).map_err(self_check)?;
+        let (required, optional) = features(&self.tensors, &self.experts, &typed);
 
         let tensor_dir = encode_tensor_dir(&self.tensors);
         let expert_dir = encode_expert_dir(&self.experts, self.hidden_size, self.intermediate_size);
-        // Parse back with the reader's checks: a pack this writer finishes is one readers accept.
         let dense = self.dense_start..self.dense_end;
         decode_tensor_dir(&tensor_dir, &dense).map_err(self_check)?;
         let experts = self.experts_start..experts_end;
-        decode_expert_dir(&expert_dir, &experts, self.page_size).map_err(self_check)?;
-        super::read::parse_metadata(metadata.clone()).map_err(self_check)?;
+        let dir = decode_expert_dir(&expert_dir, &experts, self.page_size).map_err(self_check)?;
+        typed
+            .validate(&Directories {
+                tensors: &self.tensors,
+                experts: &dir.entries,
+                hidden_size: dir.hidden_size,
+                intermediate_size: dir.intermediate_size,
+            })
+            .map_err(self_check)?;
         let meta_json = canonical_json(metadata);
         let meta = zstd::bulk::compress(&meta_json, METADATA_ZSTD_LEVEL).map_err(|e| {
             PackError::Writer {
@@ -434,7 +443,7 @@ fn sync_parent(dest: &Path) {
 pub(crate) fn features(
     tensors: &[TensorEntry],
     experts: &[ExpertEntry],
-    metadata: &Value,
+    metadata: &Metadata,
 ) -> (u64, u64) {
     let mut req = 0;
     let codecs = tensors
@@ -461,35 +470,17 @@ pub(crate) fn features(
     {
         req |= required::MX_MODES;
     }
-    if merge_map_is_identity(metadata) == Some(false) {
+    if metadata.merges_experts() {
         req |= required::MERGED_EXPERTS;
     }
     let mut opt = 0;
-    if metadata.get("profile").is_some_and(|p| !p.is_null()) {
+    if metadata.profile().is_some() {
         opt |= optional::EXPERT_PROFILE;
     }
-    if metadata.get("chat_template").is_some_and(|t| t.is_string()) {
+    if metadata.chat_template.is_some() {
         opt |= optional::CHAT_TEMPLATE;
     }
     (req, opt)
-}
-
-/// `Some(true)` when the metadata has no merge map or an identity one; `Some(false)` when it
-/// merges; `None` when the merge map is malformed.
-pub(crate) fn merge_map_is_identity(metadata: &Value) -> Option<bool> {
-    match metadata.get("merge_map") {
-        None | Some(Value::Null) => Some(true),
-        Some(Value::Array(layers)) => {
-            let mut identity = true;
-            for layer in layers {
-                for (i, v) in layer.as_array()?.iter().enumerate() {
-                    identity &= v.as_u64()? == i as u64;
-                }
-            }
-            Some(identity)
-        }
-        Some(_) => None,
-    }
 }
 
 /// JSON with object keys sorted and no whitespace, whatever serde_json's map order is.

@@ -347,7 +347,7 @@ impl ExpertCache {
             })
             .sum();
         let layers = pack.experts().last().map_or(1, |e| e.layer + 1);
-        let prior = profile_prior(pack.metadata());
+        let prior = profile_prior(pack.meta());
         let mut pools = Vec::new();
         for (shape, &count) in &shapes {
             let slot_bytes: u64 = Pool::slot_bytes(*shape, hidden, inter)
@@ -373,10 +373,7 @@ impl ExpertCache {
             .into_iter()
             .map(|(k, s)| (k, shape_list.iter().position(|x| *x == s).expect("listed")))
             .collect();
-        let merge_map = pack
-            .metadata()
-            .get("merge_map")
-            .and_then(|m| serde_json::from_value(m.clone()).ok());
+        let merge_map = pack.meta().merge_map.clone();
         let reader = std::sync::Arc::new(SegmentReader::new(pack, opts.io, opts.queue_depth)?);
         let mut stats = StoreStats::default();
         for p in &pools {
@@ -906,29 +903,19 @@ fn scatter(
 }
 
 /// Routing-mass shares per (layer, expert) from the pack's profile, when it has one.
-fn profile_prior(meta: &serde_json::Value) -> std::collections::HashMap<ExpertKey, f64> {
+fn profile_prior(meta: &crate::format::Metadata) -> std::collections::HashMap<ExpertKey, f64> {
     let mut prior = std::collections::HashMap::new();
-    if let Some(layers) = meta
-        .get("profile")
-        .and_then(|p| p.get("layers"))
-        .and_then(|l| l.as_array())
-    {
-        for (layer, l) in layers.iter().enumerate() {
-            let Some(mass) = l.get("mass").and_then(|m| m.as_array()) else {
-                continue;
-            };
-            let total: f64 = mass.iter().filter_map(|m| m.as_f64()).sum();
-            for (expert, m) in mass.iter().enumerate() {
-                if let Some(m) = m.as_f64() {
-                    prior.insert(
-                        ExpertKey {
-                            layer: layer as u32,
-                            expert: expert as u32,
-                        },
-                        m / total.max(f64::MIN_POSITIVE),
-                    );
-                }
-            }
+    for (layer, mass) in meta.profile_mass().into_iter().enumerate() {
+        let Some(mass) = mass else { continue };
+        let total: f64 = mass.iter().sum();
+        for (expert, m) in mass.into_iter().enumerate() {
+            prior.insert(
+                ExpertKey {
+                    layer: layer as u32,
+                    expert: expert as u32,
+                },
+                m / total.max(f64::MIN_POSITIVE),
+            );
         }
     }
     prior

@@ -131,27 +131,14 @@ impl Weights for PackWeights {
     }
 }
 
-/// The normalized model config a pack carries (metadata key `model`).
+/// The normalized model config a pack carries (metadata key `model`, checked at open).
 pub fn model_config(pack: &Pack) -> Result<ModelConfig, OpenError> {
-    let meta = pack.metadata();
-    if let Some(model) = meta.get("model") {
-        if let Ok(cfg) = serde_json::from_value::<ModelConfig>(model.clone()) {
-            return Ok(cfg);
-        }
-    }
-    // Fall back to the verbatim source config.
-    ModelConfig::from_json(&meta["config"]).map_err(|e| OpenError::Metadata {
-        what: format!("model config: {e}"),
-    })
+    Ok(pack.meta().model.clone())
 }
 
 /// The tokenizer a pack carries (metadata key `tokenizer`).
 pub fn tokenizer(pack: &Pack) -> Result<tokenizers::Tokenizer, OpenError> {
-    let tok = pack
-        .metadata()
-        .get("tokenizer")
-        .filter(|t| !t.is_null())
-        .ok_or(OpenError::NoTokenizer)?;
+    let tok = pack.meta().tokenizer().ok_or(OpenError::NoTokenizer)?;
     let text = serde_json::to_string(tok).map_err(|e| OpenError::Tokenizer(e.to_string()))?;
     text.parse::<tokenizers::Tokenizer>()
         .map_err(|e| OpenError::Tokenizer(e.to_string()))
@@ -159,11 +146,7 @@ pub fn tokenizer(pack: &Pack) -> Result<tokenizers::Tokenizer, OpenError> {
 
 /// The chat template: metadata `chat_template`, else `tokenizer_config.chat_template`.
 pub fn chat_template(pack: &Pack) -> Option<String> {
-    let meta = pack.metadata();
-    meta.get("chat_template")
-        .and_then(|t| t.as_str())
-        .or_else(|| meta.get("tokenizer_config")?.get("chat_template")?.as_str())
-        .map(str::to_string)
+    pack.meta().chat_template().map(str::to_string)
 }
 
 /// Opens a pack from a path: the file, its config and dense weights.

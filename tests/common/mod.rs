@@ -25,12 +25,27 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A normalized qwen3_moe model record (metadata key `model`) of `layers` sparse layers of
+/// `experts` experts, `HIDDEN` wide with experts of `INTER` rows and a 16-token vocabulary:
+/// the shapes of the packs these helpers write.
+pub fn model(layers: usize, experts: usize) -> serde_json::Value {
+    let config = json!({
+        "model_type": "qwen3_moe", "hidden_size": HIDDEN, "num_hidden_layers": layers,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 16,
+        "intermediate_size": INTER, "moe_intermediate_size": INTER, "num_experts": experts,
+        "num_experts_per_tok": 1,
+    });
+    let cfg = flashpack::arch::ModelConfig::from_json(&config).unwrap();
+    serde_json::to_value(cfg).unwrap()
+}
+
+/// Metadata for the pack [`write_small_pack`] writes (2 layers of 2 experts).
 pub fn metadata() -> serde_json::Value {
     json!({
         "format": "flashpack",
         "architecture": "qwen3_moe",
         "config": {"model_type": "qwen3_moe"},
-        "model": {"hidden_size": HIDDEN},
+        "model": model(2, 2),
         "quantization": {"group_size": 64, "expert_bits": 4, "dense_bits": 16, "mode": "affine"},
         "provenance": {"source": "test", "tool": "flashpack"},
         "tokenizer": null,
@@ -141,6 +156,35 @@ pub fn resign(bytes: &mut [u8]) {
     }
     let h = blake3::hash(&bytes[..hashed]);
     bytes[hashed..hashed + 32].copy_from_slice(h.as_bytes());
+}
+
+/// Rewrites the metadata section of a pack the reference writer wrote (METADATA is its last
+/// section) with `edit` applied to its JSON, and re-signs it: how tests craft packs whose
+/// metadata breaks the format's rules while every checksum holds.
+pub fn edit_metadata(bytes: &mut Vec<u8>, edit: impl FnOnce(&mut serde_json::Value)) {
+    let at = section_entry_at(bytes, SectionKind::Metadata);
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let (offset, len) = (
+        u64_at(bytes, at + 8) as usize,
+        u64_at(bytes, at + 16) as usize,
+    );
+    assert_eq!(
+        offset + len,
+        bytes.len(),
+        "METADATA must be the last section"
+    );
+    let json = zstd::bulk::decompress(&bytes[offset..], 1 << 30).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    edit(&mut v);
+    let json = serde_json::to_vec(&v).unwrap();
+    let stored = zstd::bulk::compress(&json, 3).unwrap();
+    bytes.truncate(offset);
+    bytes.extend_from_slice(&stored);
+    bytes[at + 16..at + 24].copy_from_slice(&(stored.len() as u64).to_le_bytes());
+    bytes[at + 24..at + 32].copy_from_slice(&(json.len() as u64).to_le_bytes());
+    let file_size = bytes.len() as u64;
+    bytes[40..48].copy_from_slice(&file_size.to_le_bytes());
+    resign(bytes);
 }
 
 /// Offset of the section table entry of `kind`.

@@ -145,6 +145,13 @@ impl Progress for Bars {
             eprintln!("note: {msg}");
         }
     }
+
+    fn warn(&self, msg: &str) {
+        match self.bar.lock().ok().as_deref() {
+            Some(Some(bar)) => bar.suspend(|| eprintln!("warning: {msg}")),
+            _ => eprintln!("warning: {msg}"),
+        }
+    }
 }
 
 fn gb(bytes: u64) -> String {

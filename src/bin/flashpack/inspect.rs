@@ -40,7 +40,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let pack = Pack::open(&args.pack)
         .with_context(|| format!("{} failed to open", args.pack.display()))?;
     let r = PackReport::new(&pack);
-    let profile = flashpack::convert::profile::view(pack.metadata());
+    let profile = flashpack::convert::profile::view(pack.meta());
     if args.json {
         let mut v = serde_json::to_value(&r)?;
         v["profile"] = serde_json::to_value(&profile)?;

@@ -671,16 +671,7 @@ fn render_chat(
     prompt: &str,
     pack: &flashpack::format::Pack,
 ) -> anyhow::Result<String> {
-    let tc = pack.metadata().get("tokenizer_config");
-    let token = |key: &str| -> String {
-        tc.and_then(|t| t.get(key))
-            .and_then(|v| {
-                v.as_str()
-                    .or_else(|| v.get("content").and_then(|c| c.as_str()))
-            })
-            .unwrap_or("")
-            .to_string()
-    };
+    let token = |key: &str| -> String { pack.meta().special_token(key).unwrap_or("").to_string() };
     let mut env = minijinja::Environment::new();
     env.add_template("chat", template)
         .context("the pack's chat template does not parse; use --raw")?;

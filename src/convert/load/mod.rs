@@ -10,6 +10,7 @@
 //! Invariant: every tensor range was checked against its file's length at open, and every
 //! tensor the index names was found in its shard; later stages only slice checked ranges.
 
+mod check;
 mod experts;
 pub mod safetensors;
 
@@ -127,6 +128,33 @@ pub enum LoadError {
         repo: String,
         revision: Option<String>,
     },
+    #[error(
+        "config.json says {field} = {value}, but {tensors}; the config does not describe these \
+         weights: use the config.json that came with them"
+    )]
+    ConfigContradictsTensors {
+        field: &'static str,
+        value: String,
+        tensors: String,
+    },
+    #[error("{path} is a link that leads nowhere (a missing target or a loop): {source}; pass the checkpoint folder itself")]
+    BrokenLink {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "there is no local folder {repo}, so it was taken for the Hugging Face Hub repository \
+         {repo}{}, which could not be fetched (check the path, or the repository name and your \
+         network): {source}",
+        revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default()
+    )]
+    NotLocalNorHub {
+        repo: String,
+        revision: Option<String>,
+        #[source]
+        source: Box<LoadError>,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error(transparent)]
@@ -150,9 +178,13 @@ pub enum SourceSpec {
 impl SourceSpec {
     /// An existing path is local; otherwise `org/name[@rev]` is a Hub repository; anything else
     /// is taken as a (missing) local path so the error names it.
+    ///
+    /// A name that exists on disk in any form, a link that leads nowhere or a link loop
+    /// included, is local: opening it then says what is wrong with it, instead of the name
+    /// being tried on the Hub.
     pub fn parse(s: &str) -> SourceSpec {
         let path = Path::new(s);
-        if path.exists() {
+        if std::fs::symlink_metadata(path).is_ok() {
             return SourceSpec::Local(path.to_path_buf());
         }
         let (repo, revision) = match s.split_once('@') {
@@ -410,7 +442,17 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
 impl Checkpoint {
     /// Resolves `spec` with `resolver` and opens the folder.
     pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
-        let dir = resolver.resolve(spec)?;
+        let dir = resolver.resolve(spec).map_err(|e| match (spec, e) {
+            // The name was only taken for a Hub id because no local folder has it: say both.
+            (SourceSpec::Hub { repo, revision }, e @ LoadError::Hub(_)) => {
+                LoadError::NotLocalNorHub {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    source: Box::new(e),
+                }
+            }
+            (_, e) => e,
+        })?;
         let mut ck = Checkpoint::open(&dir)?;
         if let SourceSpec::Hub { repo, .. } = spec {
             // Hub snapshots live in `snapshots/<commit>`: the folder name is the commit.
@@ -423,6 +465,12 @@ impl Checkpoint {
     /// Opens a checkpoint folder: parses `config.json`, maps every shard and checks every
     /// safetensors header against its file.
     pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
+        if let (Ok(_), Err(source)) = (std::fs::symlink_metadata(dir), std::fs::metadata(dir)) {
+            return Err(LoadError::BrokenLink {
+                path: dir.display().to_string(),
+                source,
+            });
+        }
         if !dir.is_dir() {
             return Err(LoadError::NotAFolder {
                 path: dir.display().to_string(),
@@ -549,6 +597,7 @@ impl Checkpoint {
             shards,
             tensors,
         };
+        ckpt.check_config_against_tensors()?;
         ckpt.check_experts()?;
         Ok(ckpt)
     }

@@ -482,3 +482,48 @@ fn mlx_lm_float_folder_stacks_the_same_experts() {
         assert_eq!(widen(&x.down), widen(&y.down));
     }
 }
+
+/// issue 14: fewer experts (or layers) in config.json than in the tensors once dropped the
+/// rest silently; in every architecture and layout the config must match the tensors.
+#[test]
+fn rejects_config_counts_that_disagree_with_the_tensors() {
+    for arch in Arch::ALL.iter().copied() {
+        for layout in [FixtureLayout::PerExpert, FixtureLayout::Fused] {
+            let spec = FixtureSpec {
+                layout,
+                ..FixtureSpec::tiny(arch)
+            };
+            let dir = write(&spec);
+            let cfg_path = dir.path().join("config.json");
+            let cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+            let edits: [(&[&str], u64, &str); 3] = [
+                (
+                    &["num_local_experts", "num_experts"],
+                    spec.num_experts as u64 / 2,
+                    "num_experts",
+                ),
+                (
+                    &["num_hidden_layers"],
+                    spec.num_layers as u64 - 1,
+                    "num_hidden_layers",
+                ),
+                (&["vocab_size"], 1 << 40, "vocab_size"),
+            ];
+            for (keys, value, field) in edits {
+                let mut c = cfg.clone();
+                for k in keys {
+                    if c.get(*k).is_some() {
+                        c[*k] = value.into();
+                    }
+                }
+                std::fs::write(&cfg_path, c.to_string()).unwrap();
+                let err = Checkpoint::open(dir.path()).err().unwrap();
+                assert!(
+                    matches!(&err, LoadError::ConfigContradictsTensors { field: f, .. } if *f == field),
+                    "{arch:?} {layout:?} {field}: {err}"
+                );
+            }
+        }
+    }
+}
