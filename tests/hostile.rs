@@ -1170,3 +1170,66 @@ fn a_missing_source_says_there_is_no_local_folder_and_names_the_hub_id() {
     );
     assert!(!err.contains("Hub"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Convert errors have real kinds (issue 14, messages): an option out of range is a usage error
+// (exit 2) naming the option and its value; a side file that is not JSON names the file and
+// keeps the parser's reason as its cause; a tokenizer that does not load names the file and says
+// what to do, with the tokenizer's own reason once.
+
+#[test]
+fn convert_errors_name_their_kind_and_keep_their_cause_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    tiny_with_config(&src, |_| {});
+    let pack = tmp.path().join("p.flashpack");
+    let p = pack.to_str().unwrap();
+    let s = src.to_str().unwrap();
+    for (args, option) in [
+        (vec!["--cold-bits", "2"], "--cold-bits 2"),
+        (vec!["--merge-threshold", "3"], "--merge-threshold 3"),
+        (
+            vec!["--cold-bits", "2", "--cold-fraction", "1.5"],
+            "--cold-fraction 1.5",
+        ),
+        (vec!["--merge-ratio", "1"], "--merge-ratio 1"),
+    ] {
+        let mut all = vec!["convert", s, "-o", p, "--quiet"];
+        all.extend(args);
+        let out = flashpack_cli(&all, &[]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{option}: {err}");
+        assert!(err.contains(option), "{option}: {err}");
+        assert!(!pack.exists(), "{option}: no pack is written");
+    }
+    // A side JSON file that does not parse.
+    std::fs::remove_file(src.join("tokenizer_config.json")).unwrap();
+    std::fs::write(src.join("tokenizer_config.json"), "{not json").unwrap();
+    let out = convert_cli(&src, &pack);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json is not valid JSON") && err.contains("line 1"),
+        "{err}"
+    );
+    assert_no_repeat(&err);
+    // A tokenizer.json that does not load.
+    std::fs::remove_file(src.join("tokenizer_config.json")).unwrap();
+    std::os::unix::fs::symlink(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/qwen3moe-tiny/tokenizer_config.json"),
+        src.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    std::fs::remove_file(src.join("tokenizer.json")).unwrap();
+    std::fs::write(src.join("tokenizer.json"), r#"{"model": 5}"#).unwrap();
+    let out = convert_cli(&src, &pack);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is not a tokenizer that can be loaded") && err.contains("replace it"),
+        "{err}"
+    );
+    assert_no_repeat(&err);
+    assert!(!pack.exists());
+}

@@ -104,20 +104,24 @@ pub fn stage(
     }
     if let Some(t) = threshold {
         if !(-1.0..=1.0).contains(&t) {
-            return Err(ConvertError::Unsupported {
-                what: format!("--merge-threshold {t}: a cosine similarity lies in [-1, 1]"),
+            return Err(ConvertError::BadOption {
+                option: "--merge-threshold",
+                value: t.to_string(),
+                why: "a cosine similarity lies in [-1, 1]".into(),
             });
         }
     }
     if let Some(r) = ratio {
         if !(0.0..1.0).contains(&r) {
-            return Err(ConvertError::Unsupported {
-                what: format!("--merge-ratio {r}: give a fraction in [0, 1)"),
+            return Err(ConvertError::BadOption {
+                option: "--merge-ratio",
+                value: r.to_string(),
+                why: "give a fraction in [0, 1)".into(),
             });
         }
     }
-    let p = profile.ok_or_else(|| ConvertError::Unsupported {
-        what: "merging needs the profile".into(),
+    let p = profile.ok_or_else(|| ConvertError::Internal {
+        what: "merging was planned without a profile".into(),
     })?;
     let c = &ck.config;
     let n = c.num_experts;

@@ -67,8 +67,43 @@ pub enum ConvertError {
         at: String,
         value: f32,
     },
+    /// An option out of its range, or options that do not go together.
+    #[error("{option} {value}: {why}")]
+    BadOption {
+        option: &'static str,
+        value: String,
+        why: String,
+    },
+    /// A tokenizer that cannot be loaded, or that cannot encode the calibration text.
     #[error("{what}")]
-    Unsupported { what: String },
+    Tokenizer {
+        what: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// A JSON file of the source that does not parse.
+    #[error("{path} is not valid JSON; replace it with the model's own file")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Running the model failed (profiling, the quality report).
+    #[error("{stage} failed")]
+    Compute {
+        stage: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Calibration text that cannot profile the model.
+    #[error("calibration: {what}")]
+    Calibration { what: String },
+    /// Something in the source that the format cannot hold.
+    #[error("{what}")]
+    Unrepresentable { what: String },
+    /// A broken invariant of the pipeline: a bug.
+    #[error("internal error: {what}; please report it")]
+    Internal { what: String },
     #[error("cannot write the pack to {path}: {why}")]
     Destination { path: PathBuf, why: String },
 }
@@ -93,12 +128,13 @@ fn check_tokenizer(ck: &Checkpoint, progress: &dyn Progress) -> Result<(), Conve
     })?;
     text.parse::<tokenizers::Tokenizer>()
         .map(|_| ())
-        .map_err(|e| ConvertError::Unsupported {
+        .map_err(|e| ConvertError::Tokenizer {
             what: format!(
-                "{} is not a tokenizer that can be loaded ({e}); replace it with the model's own \
+                "{} is not a tokenizer that can be loaded; replace it with the model's own \
                  tokenizer.json",
                 path.display()
             ),
+            source: Some(e),
         })
 }
 
@@ -222,18 +258,57 @@ impl ConvertOptions {
     fn check(&self) -> Result<(QuantParams, DensePolicy), ConvertError> {
         if self.cold_bits.is_some() && self.cold_fraction.is_none() && self.target_size_gb.is_none()
         {
-            return Err(ConvertError::Unsupported {
-                what: "--cold-bits needs --cold-fraction F or --target-size GB to say how many \
-                       experts go cold"
+            return Err(ConvertError::BadOption {
+                option: "--cold-bits",
+                value: self.cold_bits.unwrap_or(0).to_string(),
+                why: "needs --cold-fraction F or --target-size GB to say how many experts go cold"
                     .into(),
             });
         }
         if let Some(b) = self.cold_bits {
             QuantParams::new(b, self.group_size)?;
         }
+        let out_of = |option: &'static str, v: f64, ok: bool, why: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConvertError::BadOption {
+                    option,
+                    value: v.to_string(),
+                    why: why.into(),
+                })
+            }
+        };
+        // Checked here, before any work, as well as where they are used.
+        if let Some(f) = self.cold_fraction {
+            out_of(
+                "--cold-fraction",
+                f,
+                (0.0..=1.0).contains(&f),
+                "give a fraction between 0 and 1",
+            )?;
+        }
+        if let Some(t) = self.merge_threshold {
+            out_of(
+                "--merge-threshold",
+                t,
+                (-1.0..=1.0).contains(&t),
+                "a cosine similarity lies in [-1, 1]",
+            )?;
+        }
+        if let Some(r) = self.plan.merge_ratio {
+            out_of(
+                "--merge-ratio",
+                r,
+                (0.0..1.0).contains(&r),
+                "give a fraction in [0, 1)",
+            )?;
+        }
         if self.segments == 0 {
-            return Err(ConvertError::Unsupported {
-                what: "--segments must be at least 1".into(),
+            return Err(ConvertError::BadOption {
+                option: "--segments",
+                value: "0".into(),
+                why: "give at least 1".into(),
             });
         }
         Ok((
@@ -388,7 +463,7 @@ pub fn convert_checkpoint(
         (payload, hashing.join())
     });
     let (writer, bit_plan, stored_quant) = payload?;
-    let (provenance, hash_seconds) = hashed.map_err(|_| ConvertError::Unsupported {
+    let (provenance, hash_seconds) = hashed.map_err(|_| ConvertError::Internal {
         what: "the hashing thread panicked".into(),
     })??;
     stages.push(StageTime {
@@ -435,8 +510,9 @@ pub fn convert_checkpoint(
                 text,
                 512,
             )
-            .map_err(|e| ConvertError::Unsupported {
-                what: format!("quality report on {}: {e}", text.display()),
+            .map_err(|e| ConvertError::Compute {
+                stage: format!("the quality report on {}", text.display()),
+                source: Box::new(e),
             })?;
             progress.finish_stage();
             stages.push(StageTime::ended("eval", lap));
@@ -513,7 +589,7 @@ fn write_payload(
         .map(|t| (t.bits, t.group_size, t.mode))
         .collect();
     if let Some(w) = planned.windows(2).find(|w| w[0].name == w[1].name) {
-        return Err(ConvertError::Unsupported {
+        return Err(ConvertError::Unrepresentable {
             what: format!(
                 "two tensors would be stored as {}: the source has both a float and a quantized \
                  form of it",

@@ -68,8 +68,8 @@ pub fn read_calibration(path: &Path) -> Result<Vec<CalibrationText>, ConvertErro
         source,
     })?;
     if text.trim().is_empty() {
-        return Err(ConvertError::Unsupported {
-            what: format!("calibration file {} is empty", path.display()),
+        return Err(ConvertError::Calibration {
+            what: format!("{} is empty; give a file with text", path.display()),
         });
     }
     let task = path
@@ -273,8 +273,9 @@ impl ExpertStore for Recorder<'_, '_> {
 }
 
 fn compute_err(e: ComputeError) -> ConvertError {
-    ConvertError::Unsupported {
-        what: format!("profile stage: {e}"),
+    ConvertError::Compute {
+        stage: "the profile stage (running the model on the calibration text)".into(),
+        source: Box::new(e),
     }
 }
 
@@ -328,17 +329,19 @@ pub fn profile(
     let c = &ck.config;
     let tok_path = ck.root().join("tokenizer.json");
     if !tok_path.is_file() {
-        return Err(ConvertError::Unsupported {
+        return Err(ConvertError::Tokenizer {
             what: format!(
-                "profiling needs the source's tokenizer.json ({} is missing)",
+                "profiling needs the source's tokenizer.json ({} is missing); copy the model's \
+                 tokenizer.json into the folder, or convert without quality options",
                 tok_path.display()
             ),
+            source: None,
         });
     }
-    let tok =
-        tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| ConvertError::Unsupported {
-            what: format!("{}: {e}", tok_path.display()),
-        })?;
+    let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| ConvertError::Tokenizer {
+        what: format!("{} cannot be loaded", tok_path.display()),
+        source: Some(e),
+    })?;
     let mut window = if window == 0 { 256 } else { window };
     if let Some(ctx) = c.max_position_embeddings {
         window = window.min(ctx.max(2));
@@ -362,14 +365,20 @@ pub fn profile(
     for t in texts {
         let ids = tok
             .encode(t.text.as_str(), false)
-            .map_err(|e| ConvertError::Unsupported {
-                what: format!("tokenizing calibration text {}: {e}", t.task),
+            .map_err(|e| ConvertError::Tokenizer {
+                what: format!("the tokenizer cannot encode calibration text {}", t.task),
+                source: Some(e),
             })?
             .get_ids()
             .to_vec();
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            return Err(ConvertError::Unsupported {
-                what: format!("the tokenizer produced id {bad} outside the vocabulary"),
+            return Err(ConvertError::Tokenizer {
+                what: format!(
+                    "the tokenizer produced id {bad}, outside the model's vocabulary of {}; the \
+                     folder's tokenizer.json is not this model's",
+                    c.vocab_size
+                ),
+                source: None,
             });
         }
         let task = tasks.iter().position(|n| *n == t.task).unwrap_or_else(|| {
@@ -385,7 +394,7 @@ pub fn profile(
         .flat_map(|(t, w)| std::iter::repeat_n(*t, w.len()))
         .collect();
     if token_task.is_empty() {
-        return Err(ConvertError::Unsupported {
+        return Err(ConvertError::Calibration {
             what: "the calibration text has no tokens".into(),
         });
     }
@@ -550,8 +559,10 @@ pub fn plan_bits(
     match target {
         ColdTarget::Fraction(f) => {
             if !(0.0..=1.0).contains(&f) {
-                return Err(ConvertError::Unsupported {
-                    what: format!("--cold-fraction {f}: give a fraction between 0 and 1"),
+                return Err(ConvertError::BadOption {
+                    option: "--cold-fraction",
+                    value: f.to_string(),
+                    why: "give a fraction between 0 and 1".into(),
                 });
             }
             let n = (f * order.len() as f64).round() as usize;
@@ -570,11 +581,12 @@ pub fn plan_bits(
                 cold_n += 1;
             }
             if size > target {
-                return Err(ConvertError::Unsupported {
-                    what: format!(
-                        "--target-size {:.4} GB cannot be reached: with every expert at {cold} \
-                         bits the weights take {:.4} GB; lower --dense-bits or raise the target",
-                        target as f64 / 1e9,
+                return Err(ConvertError::BadOption {
+                    option: "--target-size",
+                    value: format!("{:.4} GB", target as f64 / 1e9),
+                    why: format!(
+                        "cannot be reached: with every expert at {cold} bits the weights take \
+                         {:.4} GB; lower --dense-bits or raise the target",
                         size as f64 / 1e9
                     ),
                 });
@@ -631,8 +643,8 @@ pub fn bit_plan(
         },
         (None, None) => return Ok(None),
     };
-    let p = profile.ok_or_else(|| ConvertError::Unsupported {
-        what: "mixed precision needs the profile".into(),
+    let p = profile.ok_or_else(|| ConvertError::Internal {
+        what: "mixed precision was planned without a profile".into(),
     })?;
     let c = &ck.config;
     let scale_size = c

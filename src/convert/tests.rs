@@ -273,7 +273,7 @@ fn options_that_need_the_profile_are_refused_without_a_tokenizer() {
         },
     ] {
         let err = run(src.path(), &dest, &opts).unwrap_err();
-        assert!(matches!(err, ConvertError::Unsupported { .. }), "{err}");
+        assert!(matches!(err, ConvertError::Tokenizer { .. }), "{err}");
         assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
     let err = run(

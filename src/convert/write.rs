@@ -26,7 +26,7 @@ pub fn pack_dtype(name: &str, d: Dtype) -> Result<DType, ConvertError> {
         Dtype::I32 => DType::I32,
         Dtype::U8 => DType::U8,
         other => {
-            return Err(ConvertError::Unsupported {
+            return Err(ConvertError::Unrepresentable {
                 what: format!(
                     "tensor {name} is {other}; packs store F32, F16, BF16, U32, I32 or U8"
                 ),
@@ -68,12 +68,12 @@ pub fn add_tensor(
 /// Adds one encoded expert segment.
 pub fn add_segment(w: &mut PackWriter, s: &EncodedSegment) -> Result<(), ConvertError> {
     let n = |v: usize, what: &str| {
-        u32::try_from(v).map_err(|_| ConvertError::Unsupported {
+        u32::try_from(v).map_err(|_| ConvertError::Unrepresentable {
             what: format!("{what} {v} does not fit the format's 32-bit field"),
         })
     };
     let n16 = |v: usize, what: &str| {
-        u16::try_from(v).map_err(|_| ConvertError::Unsupported {
+        u16::try_from(v).map_err(|_| ConvertError::Unrepresentable {
             what: format!("{what} {v} does not fit the format's 16-bit field"),
         })
     };
@@ -138,8 +138,9 @@ fn json_file(ck: &Checkpoint, name: &str) -> Result<Value, ConvertError> {
         path: path.display().to_string(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| ConvertError::Unsupported {
-        what: format!("{} is not valid JSON: {e}", path.display()),
+    serde_json::from_str(&text).map_err(|source| ConvertError::Json {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
@@ -164,8 +165,8 @@ pub fn metadata(
         "format": "flashpack",
         "architecture": ck.config.arch.model_type(),
         "config": ck.raw_config,
-        "model": serde_json::to_value(&ck.config).map_err(|e| ConvertError::Unsupported {
-            what: format!("model config: {e}"),
+        "model": serde_json::to_value(&ck.config).map_err(|e| ConvertError::Internal {
+            what: format!("the model config does not serialise: {e}"),
         })?,
         "quantization": {
             "group_size": opts.group_size,

@@ -64,8 +64,23 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// 2 for a usage error (an option out of range, or options that do not go together), else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let usage = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<flashpack::convert::ConvertError>(),
+            Some(flashpack::convert::ConvertError::BadOption { .. })
+        )
+    });
+    if usage {
+        2
+    } else {
+        1
     }
 }
 
