@@ -81,9 +81,9 @@ fn bad_input_exits_1_with_a_message_and_leaves_no_file() {
         "{err}"
     );
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
-    // Inconsistent quality options are refused up front.
+    // Inconsistent quality options are refused up front, as usage errors.
     let o = flashpack(&["convert", s(src.path()), "-o", s(&dest), "--cold-bits", "2"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--cold-fraction"));
     let o = flashpack(&[
         "convert",
@@ -93,7 +93,8 @@ fn bad_input_exits_1_with_a_message_and_leaves_no_file() {
         "--codec",
         "brotli",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--codec brotli"));
     assert!(!dest.exists());
 }
 

@@ -255,12 +255,14 @@ fn print_report(r: &ConvertReport) {
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    let codec: CodecChoice = args.codec.parse().with_context(|| {
-        format!(
-            "--codec {}: use auto, huffman, zstd, zstd-N, lz4 or raw",
-            args.codec
-        )
-    })?;
+    let codec: CodecChoice =
+        args.codec
+            .parse()
+            .map_err(|_| flashpack::convert::ConvertError::BadOption {
+                option: "--codec",
+                value: args.codec.clone(),
+                why: "use auto, huffman, zstd, zstd-N, lz4 or raw".into(),
+            })?;
     // An already quantized source is requantized only when asked for explicitly.
     let keep_source_codes =
         args.expert_bits.is_none() && args.dense_bits.is_none() && args.group_size.is_none();
