@@ -439,8 +439,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         host_sampling: args.sync_baseline,
     };
     let mut stdout = std::io::stdout().lock();
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut text = TextStream::new(&tokenizer);
     let first_token = std::rc::Rc::new(std::cell::Cell::new(false));
     // Process CPU seconds at the start, at the first token and at the end: under load from
     // other processes they measure the work of each phase more steadily than wall time.
@@ -471,24 +470,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             cpu_first = Some(process_cpu_s());
         }
         first_token.set(true);
-        generated.push(id);
-        if let Ok(text) = tokenizer.decode(&generated, false) {
-            // Hold back a trailing partial UTF-8 sequence until its next byte arrives.
-            if !text.ends_with('\u{FFFD}') && text.len() > printed {
-                let _ = stdout.write_all(&text.as_bytes()[printed..]);
-                let _ = stdout.flush();
-                printed = text.len();
-            }
+        if let Some(piece) = text.push(id) {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
         }
         true
     })?;
-    // Flush what the streaming detokenizer held back: a final incomplete UTF-8 sequence prints
-    // as U+FFFD, as `tokenizer.decode(ids)` (and mlx-lm) give it.
-    if let Ok(text) = tokenizer.decode(&generated, false) {
-        if let Some(rest) = text.get(printed..).filter(|r| !r.is_empty()) {
-            let _ = stdout.write_all(rest.as_bytes());
-        }
+    if let Some(rest) = text.finish() {
+        let _ = stdout.write_all(rest.as_bytes());
     }
+    let generated = text.ids;
     let _ = writeln!(stdout);
     let _ = stdout.flush();
     let cpu_end = process_cpu_s();
@@ -686,9 +677,82 @@ fn render_chat(
         .context("the pack's chat template failed to render; use --raw")
 }
 
+/// The text of generated ids as it streams: [`TextStream::push`] gives what is new since the
+/// last piece, holding back a trailing incomplete UTF-8 sequence (which decodes to U+FFFD) until
+/// its next byte arrives; [`TextStream::finish`] gives what is left, a final incomplete sequence
+/// as U+FFFD. All pieces together equal `tokenizer.decode(ids)`, as mlx-lm prints.
+struct TextStream<'a> {
+    tokenizer: &'a tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    fn push(&mut self, id: u32) -> Option<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, false).ok()?;
+        if text.ends_with('\u{FFFD}') {
+            return None;
+        }
+        self.piece(text)
+    }
+
+    fn finish(&mut self) -> Option<String> {
+        let text = self.tokenizer.decode(&self.ids, false).ok()?;
+        self.piece(text)
+    }
+
+    fn piece(&mut self, text: String) -> Option<String> {
+        let rest = text
+            .get(self.printed..)
+            .filter(|r| !r.is_empty())?
+            .to_string();
+        self.printed = text.len();
+        Some(rest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "The 中" in the bundled tokenizer is The, Ġ, then the three byte tokens of 中
+    /// (0xE4 0xB8 0xAD): the partial character is held back until complete, and a generation
+    /// that stops inside it ends with U+FFFD, as `decode` gives it.
+    #[test]
+    fn streamed_text_holds_back_partial_characters_and_flushes_the_tail() {
+        let tok = tokenizers::Tokenizer::from_file(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/qwen3moe-tiny/tokenizer.json"),
+        )
+        .unwrap();
+        let ids = tok.encode("The 中", false).unwrap().get_ids().to_vec();
+        assert_eq!(ids.len(), 5, "{ids:?}");
+        let mut s = TextStream::new(&tok);
+        let pieces: Vec<Option<String>> = ids.iter().map(|&i| s.push(i)).collect();
+        assert_eq!(pieces[0].as_deref(), Some("The"));
+        assert_eq!(pieces[1].as_deref(), Some(" "));
+        assert_eq!((&pieces[2], &pieces[3]), (&None, &None), "held back");
+        assert_eq!(pieces[4].as_deref(), Some("中"));
+        assert_eq!(s.finish(), None);
+        // Stopped after the first byte of the character: the tail is flushed as U+FFFD.
+        let mut s = TextStream::new(&tok);
+        let mut out = String::new();
+        for &i in &ids[..3] {
+            out.extend(s.push(i));
+        }
+        out.extend(s.finish());
+        assert_eq!(out, tok.decode(&ids[..3], false).unwrap());
+        assert!(out.ends_with('\u{FFFD}'), "{out:?}");
+    }
 
     const POOL: PoolSize = PoolSize {
         bits: flashpack::format::ProjBits::uniform(4),
