@@ -11,7 +11,7 @@
 
 use crate::arch::{Arch, Part, Proj};
 use crate::convert::load::safetensors::serialize_header;
-use crate::convert::tensor::{Dtype, FloatDtype};
+use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -72,6 +72,20 @@ pub struct FixtureSpec {
     /// times the token's alignment with `u`, so some experts per layer take most of the traffic
     /// and neighbouring tokens share them. 0.2 gives hit rates near the bundled trained model's.
     pub routing_skew: f32,
+    /// FP8 linear weights, as DeepSeek-V3 and Qwen3 FP8 checkpoints ship them.
+    pub fp8: Fp8Fixture,
+}
+
+/// FP8 fixtures: the attention, MLP and expert weights (not the embeddings, the head, the
+/// routers or the norms) as E4M3 codes with one F32 `weight_scale_inv` per `block x block`
+/// (`quantization_config.quant_method = "fp8"`), or the same model written in bf16: the values
+/// those codes and scales stand for, `e4m3 * scale` in f32 rounded to bf16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fp8Fixture {
+    #[default]
+    Off,
+    Blocks(usize),
+    Dequantized(usize),
 }
 
 impl FixtureSpec {
@@ -98,7 +112,72 @@ impl FixtureSpec {
             seed: 0,
             tokenizer_from: None,
             routing_skew: 0.0,
+            fp8: Fp8Fixture::Off,
         }
+    }
+
+    /// The FP8 block size, when `name` (of `shape`, `fan_in`) is one of the FP8 weights.
+    fn fp8_block(&self, name: &str, shape: &[usize], fan_in: usize) -> Option<usize> {
+        let block = match self.fp8 {
+            Fp8Fixture::Off => return None,
+            Fp8Fixture::Blocks(b) | Fp8Fixture::Dequantized(b) => b,
+        };
+        let linear = shape.len() == 2
+            && fan_in > 0
+            && name.ends_with(".weight")
+            && !name.contains("embed_tokens")
+            && !name.starts_with("lm_head")
+            && !name.ends_with("shared_expert_gate.weight")
+            && !(0..self.num_layers).any(|l| self.arch.names().router(l) == name);
+        linear.then_some(block)
+    }
+
+    /// Every tensor as written: (name, dtype, shape, fan_in), with each FP8 weight followed by
+    /// its `_scale_inv` (fan_in 0, unused).
+    fn file_tensors(&self) -> Vec<(String, Dtype, Vec<usize>, usize)> {
+        let mut out = Vec::new();
+        for (name, shape, fan_in) in self.tensors() {
+            match (self.fp8, self.fp8_block(&name, &shape, fan_in)) {
+                (Fp8Fixture::Blocks(_), Some(b)) => {
+                    let scales = vec![shape[0].div_ceil(b), shape[1].div_ceil(b)];
+                    out.push((name.clone(), Dtype::F8E4M3, shape, fan_in));
+                    out.push((format!("{name}_scale_inv"), Dtype::F32, scales, 0));
+                }
+                _ => out.push((name, self.dtype.dtype(), shape, fan_in)),
+            }
+        }
+        out
+    }
+
+    /// FP8 codes and block scales of a weight: codes of magnitude 2^-6 .. 3.75 with a random
+    /// sign, scales `(1 + u) / (2 sqrt(fan_in))`, from the name's seed.
+    fn fp8_draw(
+        &self,
+        name: &str,
+        shape: &[usize],
+        fan_in: usize,
+        block: usize,
+    ) -> (Vec<u8>, Vec<f32>) {
+        let mut rng = SplitMix64(
+            fnv1a(name.as_bytes()) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xF8,
+        );
+        let codes = (0..shape[0] * shape[1])
+            .map(|_| {
+                let r = rng.next();
+                let sign = ((r & 1) as u8) << 7;
+                let exp = 1 + ((r >> 8) % 8) as u8;
+                let man = ((r >> 16) % 8) as u8;
+                sign | (exp << 3) | man
+            })
+            .collect();
+        let n = shape[0].div_ceil(block) * shape[1].div_ceil(block);
+        let scales = (0..n)
+            .map(|_| {
+                let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
+                (1.0 + u) / (2.0 * (fan_in as f32).sqrt())
+            })
+            .collect();
+        (codes, scales)
     }
 
     fn is_sparse(&self, layer: usize) -> bool {
@@ -267,6 +346,14 @@ impl FixtureSpec {
             Arch::Mixtral => "num_local_experts",
             _ => "num_experts",
         };
+        if let Fp8Fixture::Blocks(b) = self.fp8 {
+            c["quantization_config"] = json!({
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [b, b],
+            });
+        }
         if self.dialect != Dialect::Legacy {
             c["rope_parameters"] = json!({"rope_theta": theta, "rope_type": "default"});
             c[five_x_key] = json!(self.num_experts);
@@ -289,14 +376,14 @@ impl FixtureSpec {
                 std::fs::copy(src.join(f), dir.join(f))?;
             }
         }
-        let tensors = self.tensors();
-        let es = self.dtype.size() as u64;
-        let bytes_of = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>() * es;
+        let tensors = self.file_tensors();
+        let bytes_of =
+            |d: Dtype, s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>() * d.size() as u64;
         // Greedy shards in tensor order, like save_pretrained(max_shard_size=...).
         let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
         let mut fill = 0u64;
-        for (k, (_, shape, _)) in tensors.iter().enumerate() {
-            let n = bytes_of(shape);
+        for (k, (_, dtype, shape, _)) in tensors.iter().enumerate() {
+            let n = bytes_of(*dtype, shape);
             if let Some(max) = self.max_shard_bytes {
                 if fill > 0 && fill + n > max {
                     shards.push(Vec::new());
@@ -321,19 +408,13 @@ impl FixtureSpec {
         for (s, members) in shards.iter().enumerate() {
             let header: Vec<(String, Dtype, Vec<usize>)> = members
                 .iter()
-                .map(|&k| {
-                    (
-                        tensors[k].0.clone(),
-                        self.dtype.dtype(),
-                        tensors[k].1.clone(),
-                    )
-                })
+                .map(|&k| (tensors[k].0.clone(), tensors[k].1, tensors[k].2.clone()))
                 .collect();
             let path = dir.join(file_name(s));
             let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path)?);
             f.write_all(&serialize_header(&header))?;
             for &k in members {
-                let (name, shape, fan_in) = &tensors[k];
+                let (name, _, shape, fan_in) = &tensors[k];
                 let data = self.tensor_bytes(name, shape, *fan_in);
                 f.write_all(&data)?;
                 total += data.len() as u64;
@@ -352,6 +433,43 @@ impl FixtureSpec {
     /// The bytes of one tensor. Fused expert tensors are the per-expert tensors of the same
     /// spec concatenated (gate rows then up rows per expert), so both layouts hold one model.
     fn tensor_bytes(&self, name: &str, shape: &[usize], fan_in: usize) -> Vec<u8> {
+        if let Some(weight) = name.strip_suffix("_scale_inv") {
+            let (wshape, wfan) = self
+                .tensors()
+                .into_iter()
+                .find(|t| t.0 == weight)
+                .map(|t| (t.1, t.2))
+                .expect("the scales' weight");
+            let b = self
+                .fp8_block(weight, &wshape, wfan)
+                .expect("an FP8 weight");
+            let (_, scales) = self.fp8_draw(weight, &wshape, wfan, b);
+            return scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        }
+        if let Some(b) = self.fp8_block(name, shape, fan_in) {
+            let (codes, scales) = self.fp8_draw(name, shape, fan_in, b);
+            if matches!(self.fp8, Fp8Fixture::Blocks(_)) {
+                return codes;
+            }
+            // The same values in the fixture's float type: e4m3 * scale in f32, then rounded.
+            let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let blocks = Fp8Blocks {
+                scales: &scale_bytes,
+                scale_dtype: FloatDtype::F32,
+                block_rows: b,
+                block_cols: b,
+            };
+            let m = MatrixView::fp8(shape[0], shape[1], &codes, blocks).expect("sizes");
+            let es = self.dtype.size();
+            let mut out = vec![0u8; shape[0] * shape[1] * es];
+            let mut row = vec![0f32; shape[1]];
+            for r in 0..shape[0] {
+                m.row_f32(r, &mut row);
+                self.dtype
+                    .write_all(&row, &mut out[r * shape[1] * es..(r + 1) * shape[1] * es]);
+            }
+            return out;
+        }
         let fused = name
             .strip_prefix("model.layers.")
             .and_then(|r| r.split_once('.'))

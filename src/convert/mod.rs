@@ -625,6 +625,12 @@ fn write_payload(
             load::TensorData::Quantized(q) => [q.codes, q.scales, q.biases]
                 .iter()
                 .for_each(|b| ck.release(b)),
+            load::TensorData::Fp8(m) => {
+                ck.release(m.bytes());
+                if let Some(b) = m.fp8_blocks() {
+                    ck.release(b.scales);
+                }
+            }
         }
     }
     progress.finish_stage();
@@ -886,6 +892,9 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
             bytes.len() as u64
         }
         load::TensorData::Quantized(q) => (q.codes.len() + q.scales.len() + q.biases.len()) as u64,
+        load::TensorData::Fp8(m) => {
+            (m.bytes().len() + m.fp8_blocks().map_or(0, |b| b.scales.len())) as u64
+        }
     }
 }
 
@@ -915,8 +924,38 @@ fn check_finite_quantized(
     q: &quantize::QuantizedView<'_>,
 ) -> Result<(), ConvertError> {
     let groups = q.cols / q.params.group_size.max(1);
+    if !q.params.has_biases() {
+        // mxfp4/mxfp8: u8 E8M0 scales, whose only non-finite value is 255 (NaN).
+        return match q.scales.iter().position(|&e| e == 255) {
+            None => Ok(()),
+            Some(i) => Err(ConvertError::NonFinite {
+                tensor: tensor("scales"),
+                at: format!(
+                    "row {}, group {} (element {i})",
+                    i / groups.max(1),
+                    i % groups.max(1)
+                ),
+                value: f32::NAN,
+            }),
+        };
+    }
     check_finite(|| tensor("scales"), q.scale_dtype, q.scales, groups)?;
     check_finite(|| tensor("biases"), q.scale_dtype, q.biases, groups)
+}
+
+/// [`check_finite`] of a float or FP8 matrix.
+fn check_finite_matrix(
+    tensor: impl FnOnce() -> String,
+    m: &tensor::MatrixView<'_>,
+) -> Result<(), ConvertError> {
+    match m.first_non_finite() {
+        None => Ok(()),
+        Some((row, col, value)) => Err(ConvertError::NonFinite {
+            tensor: tensor(),
+            at: format!("row {row}, column {col}"),
+            value,
+        }),
+    }
 }
 
 fn check_finite_dense(t: &load::DenseTensor<'_>) -> Result<(), ConvertError> {
@@ -937,6 +976,7 @@ fn check_finite_dense(t: &load::DenseTensor<'_>) -> Result<(), ConvertError> {
             let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
             check_finite_quantized(&|part| format!("{module}.{part}"), q)
         }
+        load::TensorData::Fp8(m) => check_finite_matrix(|| t.name.clone(), m),
         load::TensorData::Other { .. } => Ok(()),
     }
 }
@@ -961,9 +1001,7 @@ fn check_finite_expert(
             .replace(".weight)", &format!(".{part})"))
         };
         match p {
-            quantize::ProjSource::Float(m) => {
-                check_finite(|| name("weight"), m.dtype, m.bytes(), m.cols)?
-            }
+            quantize::ProjSource::Float(m) => check_finite_matrix(|| name("weight"), m)?,
             quantize::ProjSource::Quantized(q) => check_finite_quantized(&name, q)?,
         }
     }

@@ -204,13 +204,42 @@ impl FloatDtype {
     }
 }
 
-/// A row-major float matrix borrowed from a file or buffer.
+/// An FP8 E4M3 ("fn": no infinities, S.1111.111 is NaN) value.
+pub fn e4m3_to_f32(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((code >> 3) & 15, code & 7);
+    if e == 15 && m == 7 {
+        return f32::NAN;
+    }
+    let v = if e == 0 {
+        m as f32 / 8.0 * (-6f32).exp2()
+    } else {
+        (1.0 + m as f32 / 8.0) * (e as f32 - 7.0).exp2()
+    };
+    sign * v
+}
+
+/// Block scales of an FP8 weight as DeepSeek-V3 and Qwen3 FP8 checkpoints ship them
+/// (`quantization_config.quant_method = "fp8"`): `W.weight` holds E4M3 codes and
+/// `W.weight_scale_inv` one float per `block_rows x block_cols` block (the last blocks partial),
+/// so `w[r, c] = e4m3(code[r, c]) * scale[r / block_rows, c / block_cols]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Blocks<'a> {
+    pub scales: &'a [u8],
+    pub scale_dtype: FloatDtype,
+    pub block_rows: usize,
+    pub block_cols: usize,
+}
+
+/// A row-major float matrix borrowed from a file or buffer: floats of `dtype`, or FP8 codes with
+/// block scales that stand for `dtype` (bf16) values.
 #[derive(Clone, Copy, Debug)]
 pub struct MatrixView<'a> {
     pub dtype: FloatDtype,
     pub rows: usize,
     pub cols: usize,
     data: &'a [u8],
+    fp8: Option<Fp8Blocks<'a>>,
 }
 
 impl<'a> MatrixView<'a> {
@@ -222,7 +251,50 @@ impl<'a> MatrixView<'a> {
             rows,
             cols,
             data,
+            fp8: None,
         })
+    }
+
+    /// FP8 codes `data` (`rows * cols` bytes) with their block scales; the values it gives are
+    /// `e4m3 * scale` computed in f32 and rounded to bf16, as DeepSeek's own dequantization
+    /// (`weight_dequant`, then `.to(bfloat16)`) gives them. `None` when the sizes disagree.
+    pub fn fp8(rows: usize, cols: usize, data: &'a [u8], blocks: Fp8Blocks<'a>) -> Option<Self> {
+        let (br, bc) = (blocks.block_rows, blocks.block_cols);
+        if br == 0 || bc == 0 || data.len() != rows.checked_mul(cols)? {
+            return None;
+        }
+        let want = rows.div_ceil(br) * cols.div_ceil(bc) * blocks.scale_dtype.size();
+        (blocks.scales.len() == want).then_some(MatrixView {
+            dtype: FloatDtype::Bf16,
+            rows,
+            cols,
+            data,
+            fp8: Some(blocks),
+        })
+    }
+
+    /// The block scales, for an FP8 matrix.
+    pub fn fp8_blocks(&self) -> Option<Fp8Blocks<'a>> {
+        self.fp8
+    }
+
+    /// The first NaN or infinity among the values, as (row, column, value). For FP8, a NaN code
+    /// or a non-finite block scale.
+    pub fn first_non_finite(&self) -> Option<(usize, usize, f32)> {
+        let Some(b) = self.fp8 else {
+            let (i, v) = self.dtype.first_non_finite(self.data)?;
+            return Some((i / self.cols.max(1), i % self.cols.max(1), v));
+        };
+        if let Some(i) = self.data.iter().position(|&c| c & 0x7f == 0x7f) {
+            return Some((i / self.cols, i % self.cols, f32::NAN));
+        }
+        let (k, v) = b.scale_dtype.first_non_finite(b.scales)?;
+        let per_row = self.cols.div_ceil(b.block_cols);
+        Some((
+            (k / per_row) * b.block_rows,
+            (k % per_row) * b.block_cols,
+            v,
+        ))
     }
 
     /// The raw little-endian bytes.
@@ -230,25 +302,62 @@ impl<'a> MatrixView<'a> {
         self.data
     }
 
+    /// Bytes per stored element: 1 for FP8, else the float type's size.
+    fn elem_size(&self) -> usize {
+        if self.fp8.is_some() {
+            1
+        } else {
+            self.dtype.size()
+        }
+    }
+
     /// Bytes of row `r` (panics if `r >= rows`; callers iterate `0..rows`).
     pub fn row_bytes(&self, r: usize) -> &'a [u8] {
-        let w = self.cols * self.dtype.size();
+        let w = self.cols * self.elem_size();
         &self.data[r * w..(r + 1) * w]
     }
 
     /// Row `r` widened to f32 into `out` (`out.len() == cols`).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        self.dtype.read_into(self.row_bytes(r), out);
+        let Some(b) = self.fp8 else {
+            self.dtype.read_into(self.row_bytes(r), out);
+            return;
+        };
+        let per_row = self.cols.div_ceil(b.block_cols);
+        let ss = b.scale_dtype.size();
+        let srow = (r / b.block_rows) * per_row;
+        for (c0, (o, codes)) in out
+            .chunks_mut(b.block_cols)
+            .zip(self.row_bytes(r).chunks(b.block_cols))
+            .enumerate()
+        {
+            let k = srow + c0;
+            let scale = b.scale_dtype.read(&b.scales[k * ss..(k + 1) * ss]);
+            for (o, &code) in o.iter_mut().zip(codes) {
+                *o = half::bf16::from_f32(e4m3_to_f32(code) * scale).to_f32();
+            }
+        }
     }
 
-    /// Rows `[r0, r1)` as a smaller view.
+    /// Rows `[r0, r1)` as a smaller view (for FP8, `r0` and `r1` must be multiples of the
+    /// block rows, or `r1 == rows`).
     pub fn rows_range(&self, r0: usize, r1: usize) -> MatrixView<'a> {
-        let w = self.cols * self.dtype.size();
+        let w = self.cols * self.elem_size();
+        let fp8 = self.fp8.map(|b| {
+            let per_row = self.cols.div_ceil(b.block_cols) * b.scale_dtype.size();
+            let (s0, s1) = (r0 / b.block_rows, r1.div_ceil(b.block_rows));
+            Fp8Blocks {
+                scales: &b.scales[s0 * per_row..s1 * per_row],
+                ..b
+            }
+        });
+        debug_assert!(fp8.is_none() || r0 % self.fp8.map_or(1, |b| b.block_rows) == 0);
         MatrixView {
             dtype: self.dtype,
             rows: r1 - r0,
             cols: self.cols,
             data: &self.data[r0 * w..r1 * w],
+            fp8,
         }
     }
 }

@@ -379,3 +379,104 @@ fn mlx_quantized_source_reuses_codes() {
         8
     );
 }
+
+/// FP8 checkpoints (E4M3 weights with `weight_scale_inv` per 128 x 128 block, DeepSeek-V3's and
+/// Qwen3 FP8's layout) convert to exactly the pack of the same model in bf16: the codes are
+/// dequantized as the bf16 values they stand for (e4m3 * scale in f32, rounded to bf16), with
+/// partial blocks at the edges (widths 192 and 320 are not multiples of 128).
+#[test]
+fn fp8_block_checkpoints_convert_to_the_pack_of_their_bf16_values() {
+    use crate::convert::fixtures::Fp8Fixture;
+    for arch in [Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe] {
+        let spec = |fp8| FixtureSpec {
+            hidden_size: 192,
+            intermediate_size: 320,
+            moe_intermediate_size: 128,
+            shared_expert_intermediate_size: 192,
+            decoder_sparse_step: if arch == Arch::Qwen3Moe { 2 } else { 1 },
+            fp8,
+            ..FixtureSpec::tiny(arch)
+        };
+        let fp8 = fixture(&spec(Fp8Fixture::Blocks(128)));
+        let bf16 = fixture(&spec(Fp8Fixture::Dequantized(128)));
+        let raw = std::fs::read_to_string(fp8.path().join("config.json")).unwrap();
+        assert!(raw.contains("\"fp8\""), "{raw}");
+        let out = tempfile::tempdir().unwrap();
+        let (pa, pb) = (
+            out.path().join("fp8.flashpack"),
+            out.path().join("bf16.flashpack"),
+        );
+        run(fp8.path(), &pa, &ConvertOptions::default()).unwrap();
+        run(bf16.path(), &pb, &ConvertOptions::default()).unwrap();
+        let (a, b) = (Pack::open(&pa).unwrap(), Pack::open(&pb).unwrap());
+        let names = |p: &Pack| {
+            p.tensors()
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&a), names(&b), "{arch:?}: no _scale_inv is stored");
+        for (x, y) in a.tensors().iter().zip(b.tensors()) {
+            assert_eq!(
+                (x.dtype, x.bits, &x.shape),
+                (y.dtype, y.bits, &y.shape),
+                "{}",
+                x.name
+            );
+            assert!(
+                a.tensor_stored(x) == b.tensor_stored(y),
+                "{arch:?} {}",
+                x.name
+            );
+        }
+        assert_eq!(a.experts().len(), b.experts().len());
+        for (x, y) in a.experts().iter().zip(b.experts()) {
+            assert!(
+                a.segment_stored(x) == b.segment_stored(y),
+                "{arch:?} expert {:?}",
+                x.key()
+            );
+        }
+    }
+}
+
+/// Profiling runs the FP8 model itself (dense FP8 weights dequantized for the forward pass):
+/// with cold experts chosen from the profile, the FP8 and bf16 checkpoints still give the same
+/// pack.
+#[test]
+fn fp8_checkpoints_profile_as_their_bf16_values() {
+    use crate::convert::fixtures::Fp8Fixture;
+    let spec = |fp8| FixtureSpec {
+        hidden_size: 192,
+        moe_intermediate_size: 128,
+        shared_expert_intermediate_size: 192,
+        vocab_size: 8192,
+        tokenizer_from: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny")),
+        fp8,
+        ..FixtureSpec::tiny(Arch::Qwen2Moe)
+    };
+    let fp8 = fixture(&spec(Fp8Fixture::Blocks(128)));
+    let bf16 = fixture(&spec(Fp8Fixture::Dequantized(128)));
+    let out = tempfile::tempdir().unwrap();
+    let (pa, pb) = (
+        out.path().join("fp8.flashpack"),
+        out.path().join("bf16.flashpack"),
+    );
+    let opts = ConvertOptions {
+        cold_bits: Some(2),
+        cold_fraction: Some(0.5),
+        ..ConvertOptions::default()
+    };
+    run(fp8.path(), &pa, &opts).unwrap();
+    run(bf16.path(), &pb, &opts).unwrap();
+    let (a, b) = (Pack::open(&pa).unwrap(), Pack::open(&pb).unwrap());
+    assert!(
+        a.experts().iter().any(|e| e.bits == 2),
+        "a cold plan was made"
+    );
+    assert_eq!(a.experts(), b.experts());
+    assert_eq!(
+        a.metadata()["profile"]["layers"],
+        b.metadata()["profile"]["layers"]
+    );
+}

@@ -82,6 +82,15 @@ impl SourceWeights {
                     read.push(bytes);
                     tensors.insert(t.name.clone(), a);
                 }
+                TensorData::Fp8(m) => {
+                    let a = Array::from_slice(&ProjSource::Float(m).to_f32(), &[m.rows, m.cols])?;
+                    a.eval()?;
+                    for b in ProjSource::Float(m).source_bytes() {
+                        ck.release(b);
+                        read.push(b);
+                    }
+                    tensors.insert(t.name.clone(), a);
+                }
                 TensorData::Quantized(q) => {
                     let module = t.name.trim_end_matches(".weight").to_string();
                     let m = mlx_codes(&q, &[])?;

@@ -13,7 +13,7 @@
 use super::{Checkpoint, LoadError, TensorRef};
 use crate::arch::{Arch, Part, Proj, TensorRole};
 use crate::convert::quantize::{ExpertProjections, ProjSource, QuantParams, QuantizedView};
-use crate::convert::tensor::{Dtype, FloatDtype, MatrixView};
+use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -130,6 +130,8 @@ pub enum TensorData<'a> {
     },
     /// An MLX-quantized 2-D weight (logical shape `[rows, cols]`).
     Quantized(QuantizedView<'a>),
+    /// An FP8 2-D weight with block scales, standing for bf16 values.
+    Fp8(MatrixView<'a>),
     /// Anything else (integer buffers): copied as is.
     Other {
         dtype: Dtype,
@@ -147,26 +149,84 @@ pub struct DenseTensor<'a> {
     pub data: TensorData<'a>,
 }
 
-fn float_matrix<'a>(
-    t: TensorRef<'a>,
-    bytes: &'a [u8],
-    rows: usize,
-    cols: usize,
-) -> Result<MatrixView<'a>, LoadError> {
-    let dtype = t.dtype.float().ok_or(LoadError::Dtype {
-        tensor: t.name.to_string(),
-        found: t.dtype,
-        expected: "BF16, F16 or F32",
-    })?;
-    MatrixView::new(dtype, rows, cols, bytes).ok_or_else(|| LoadError::Shape {
-        tensor: t.name.to_string(),
-        expected: vec![rows, cols],
-        found: t.shape.to_vec(),
-        why: "slice size".into(),
-    })
-}
-
 impl Checkpoint {
+    /// A float matrix view of `bytes` (all or part of tensor `t`): floats, or for an FP8
+    /// checkpoint E4M3 codes with their `weight_scale_inv` block scales (whole tensors only).
+    fn float_matrix<'a>(
+        &'a self,
+        t: TensorRef<'a>,
+        bytes: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<MatrixView<'a>, LoadError> {
+        let shape_err = || LoadError::Shape {
+            tensor: t.name.to_string(),
+            expected: vec![rows, cols],
+            found: t.shape.to_vec(),
+            why: "slice size".into(),
+        };
+        if t.dtype == Dtype::F8E4M3 {
+            return self.fp8_matrix(t, bytes, rows, cols);
+        }
+        let dtype = t.dtype.float().ok_or(LoadError::Dtype {
+            tensor: t.name.to_string(),
+            found: t.dtype,
+            expected: "BF16, F16 or F32 (or F8_E4M3 with block scales)",
+        })?;
+        MatrixView::new(dtype, rows, cols, bytes).ok_or_else(shape_err)
+    }
+
+    /// An FP8 weight and its `<name>_scale_inv` block scales.
+    fn fp8_matrix<'a>(
+        &'a self,
+        t: TensorRef<'a>,
+        bytes: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<MatrixView<'a>, LoadError> {
+        let [br, bc] = self.fp8_block.ok_or_else(|| LoadError::MlxQuantization {
+            detail: format!(
+                "{} is F8_E4M3 but quantization_config does not say quant_method \"fp8\" with \
+                 its weight_block_size",
+                t.name
+            ),
+        })?;
+        let sn = format!("{}_scale_inv", t.name);
+        let st = self.get(&sn).ok_or_else(|| LoadError::MissingTensor {
+            tensor: sn.clone(),
+            hint: format!(" ({} is FP8 and needs its block scales)", t.name),
+        })?;
+        let sd = st.dtype.float().ok_or(LoadError::Dtype {
+            tensor: sn.clone(),
+            found: st.dtype,
+            expected: "F32, BF16 or F16 block scales",
+        })?;
+        let want = [rows.div_ceil(br), cols.div_ceil(bc)];
+        if bytes.len() != t.data.len() || st.shape != want {
+            return Err(LoadError::Shape {
+                tensor: sn,
+                expected: want.to_vec(),
+                found: st.shape.to_vec(),
+                why: format!(
+                    "one scale per {br} x {bc} block of {} {:?}, whole tensors only",
+                    t.name, t.shape
+                ),
+            });
+        }
+        let blocks = Fp8Blocks {
+            scales: st.data,
+            scale_dtype: sd,
+            block_rows: br,
+            block_cols: bc,
+        };
+        MatrixView::fp8(rows, cols, bytes, blocks).ok_or_else(|| LoadError::Shape {
+            tensor: t.name.to_string(),
+            expected: vec![rows, cols],
+            found: t.shape.to_vec(),
+            why: "FP8 codes".into(),
+        })
+    }
+
     /// How layer `layer` stores its experts, or an error if it has none.
     pub fn expert_layout(&self, layer: usize) -> Result<ExpertLayout, LoadError> {
         self.index.layout(layer).ok_or_else(|| LoadError::Experts {
@@ -248,7 +308,7 @@ impl Checkpoint {
                     let es = t.dtype.size();
                     let start = (expert * per_expert_rows + skip) * cols * es;
                     let bytes = &t.data[start..start + rows * cols * es];
-                    Ok(ProjSource::Float(float_matrix(t, bytes, rows, cols)?))
+                    Ok(ProjSource::Float(self.float_matrix(t, bytes, rows, cols)?))
                 }
             }
         };
@@ -289,7 +349,7 @@ impl Checkpoint {
                 });
             }
             let inner = rows * cols * t.dtype.size();
-            return Ok(ProjSource::Float(float_matrix(
+            return Ok(ProjSource::Float(self.float_matrix(
                 t,
                 pick(t, inner),
                 rows,
@@ -462,6 +522,15 @@ impl Checkpoint {
             ) {
                 continue;
             }
+            // An FP8 weight's block scales travel with it.
+            if self.fp8_block.is_some()
+                && name
+                    .strip_suffix("_scale_inv")
+                    .and_then(|w| self.get(w))
+                    .is_some_and(|w| w.dtype == Dtype::F8E4M3)
+            {
+                continue;
+            }
             // `.scales` / `.biases` of a quantized module travel with its `.weight`.
             if let Some(module) = name
                 .strip_suffix(".scales")
@@ -476,6 +545,9 @@ impl Checkpoint {
             }
             let t = self.tensor(name)?;
             let data = match (t.dtype, t.dtype.float()) {
+                (Dtype::F8E4M3, _) if t.shape.len() == 2 => {
+                    TensorData::Fp8(self.fp8_matrix(t, t.data, t.shape[0], t.shape[1])?)
+                }
                 (_, Some(dtype)) => TensorData::Float {
                     dtype,
                     shape: t.shape,

@@ -341,6 +341,43 @@ impl MlxQuantization {
     }
 }
 
+/// The weight block size of an FP8 checkpoint: `quantization_config` with `quant_method`
+/// `"fp8"`, `fmt` `"e4m3"` (the default) and `weight_block_size` (default 128 x 128). `None`
+/// for any other checkpoint.
+fn fp8_block_size(config: &Value) -> Result<Option<[usize; 2]>, LoadError> {
+    let Some(q) = config.get("quantization_config") else {
+        return Ok(None);
+    };
+    if q.get("quant_method").and_then(Value::as_str) != Some("fp8") {
+        return Ok(None);
+    }
+    let bad = |detail: String| LoadError::MlxQuantization { detail };
+    if let Some(fmt) = q.get("fmt").and_then(Value::as_str) {
+        if fmt != "e4m3" {
+            return Err(bad(format!(
+                "FP8 format {fmt:?} is not supported (e4m3 is); convert from the bf16 checkpoint"
+            )));
+        }
+    }
+    match q.get("weight_block_size") {
+        None | Some(Value::Null) => Ok(Some([128, 128])),
+        Some(v) => {
+            let dims: Option<Vec<usize>> = v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .filter(|&d| d > 0)
+                    .collect()
+            });
+            match dims.as_deref() {
+                Some(&[r, c]) => Ok(Some([r, c])),
+                _ => Err(bad(format!(
+                    "FP8 weight_block_size {v} is not two positive integers"
+                ))),
+            }
+        }
+    }
+}
+
 /// One source file and its fingerprint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceFile {
@@ -416,6 +453,9 @@ pub struct Checkpoint {
     pub config: ModelConfig,
     /// MLX quantization of the source, if it is an mlx-lm quantized folder.
     pub mlx_quantization: Option<MlxQuantization>,
+    /// Block size (rows, columns) of an FP8 checkpoint's weight scales
+    /// (`quantization_config.quant_method = "fp8"`, as DeepSeek-V3 and Qwen3 FP8 ship).
+    pub fp8_block: Option<[usize; 2]>,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, Entry>,
     index: experts::ExpertIndex,
@@ -486,6 +526,7 @@ impl Checkpoint {
         })?;
         let config = ModelConfig::from_json(&raw_config)?;
         let mlx_quantization = MlxQuantization::from_config(&raw_config)?;
+        let fp8_block = fp8_block_size(&raw_config)?;
 
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
@@ -594,6 +635,7 @@ impl Checkpoint {
             raw_config,
             config,
             mlx_quantization,
+            fp8_block,
             shards,
             tensors,
         };

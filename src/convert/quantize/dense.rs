@@ -193,6 +193,34 @@ pub fn plan_dense<'a>(
             shape,
             bytes,
         } => vec![DenseOut::kept(name, dtype, shape, bytes)],
+        // FP8 with block scales: the bf16 values it stands for, quantized as a bf16 weight would
+        // be, or kept as bf16 (routers, and whatever the policy keeps in floats).
+        TensorData::Fp8(m) => {
+            let target = policy
+                .params()
+                .filter(|p| !full_precision && p.fits(m.cols) && name.ends_with(".weight"));
+            match target {
+                Some(p) => quantized_outs(name, Quantized::owned(quantize(name, m, p, m.dtype)?)),
+                None => {
+                    let mut bytes = vec![0u8; m.rows * m.cols * m.dtype.size()];
+                    let mut row = vec![0f32; m.cols];
+                    let w = m.cols * m.dtype.size();
+                    for r in 0..m.rows {
+                        m.row_f32(r, &mut row);
+                        m.dtype.write_all(&row, &mut bytes[r * w..(r + 1) * w]);
+                    }
+                    vec![DenseOut {
+                        name: name.to_string(),
+                        dtype: m.dtype.dtype(),
+                        shape: vec![m.rows, m.cols],
+                        bits: 0,
+                        group_size: 0,
+                        mode: QuantMode::Affine,
+                        bytes: Cow::Owned(bytes),
+                    }]
+                }
+            }
+        }
         TensorData::Float {
             dtype,
             shape,

@@ -56,7 +56,11 @@ impl<'a> ProjSource<'a> {
     /// The source bytes behind the projection: the floats, or the codes, scales and biases.
     pub fn source_bytes(&self) -> Vec<&'a [u8]> {
         match self {
-            ProjSource::Float(m) => vec![m.bytes()],
+            ProjSource::Float(m) => {
+                let mut v = vec![m.bytes()];
+                v.extend(m.fp8_blocks().map(|b| b.scales));
+                v
+            }
             ProjSource::Quantized(q) => vec![q.codes, q.scales, q.biases],
         }
     }

@@ -518,7 +518,7 @@ impl<'a> QuantizedView<'a> {
                 let code = unpack_code(row, p.bits, j) as u8;
                 let v = match p.mode {
                     QuantMode::Mxfp4 => e2m1(code),
-                    _ => e4m3(code),
+                    _ => super::tensor::e4m3_to_f32(code),
                 };
                 *o = v * scale;
             }
@@ -552,21 +552,6 @@ fn e2m1(code: u8) -> f32 {
     } else {
         v
     }
-}
-
-/// An FP8 E4M3 ("fn": no infinities, S.1111.111 is NaN) code.
-fn e4m3(code: u8) -> f32 {
-    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
-    let (e, m) = ((code >> 3) & 15, code & 7);
-    if e == 15 && m == 7 {
-        return f32::NAN;
-    }
-    let v = if e == 0 {
-        m as f32 / 8.0 * (-6f32).exp2()
-    } else {
-        (1.0 + m as f32 / 8.0) * (e as f32 - 7.0).exp2()
-    };
-    sign * v
 }
 
 impl QuantizedMatrix {
