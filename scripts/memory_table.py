@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""What a pack of the largest open MoE models needs at a given memory budget, from their shapes alone.
+
+No download: the shapes are those of the models' published config.json (or pass --config FILE).
+For each model: parameters by kind; pack sizes at 4-bit affine (group 64, bf16 scales and biases: 4.5 bits
+per weight) with every expert at 4 bits, and with the coldest experts at 2 bits; the KV cache per token
+(MLA's compressed latent for deepseek_v3 / kimi_k2, GQA keys and values otherwise); and, for budgets of common
+machines, how much of the experts stays resident and how many expert bytes a token reads from disk when
+routing is uniform (hit rate = resident share; real routing is skewed, so real hit rates are higher).
+
+  python3 scripts/memory_table.py [--context 8192] [--disk-gbs 5] [--config FILE ...]
+"""
+import argparse
+import json
+
+MODELS = {
+    # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json
+    "DeepSeek-V3 / R1": dict(model_type="deepseek_v3", hidden_size=7168, num_hidden_layers=61,
+                             intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256,
+                             n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=3,
+                             num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                             qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=129280,
+                             tie_word_embeddings=False),
+    # https://huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json
+    "Kimi K2": dict(model_type="kimi_k2", hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
+                    moe_intermediate_size=2048, n_routed_experts=384, n_shared_experts=1,
+                    num_experts_per_tok=8, first_k_dense_replace=1, num_attention_heads=64, q_lora_rank=1536,
+                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                    vocab_size=163840, tie_word_embeddings=False),
+    # https://huggingface.co/zai-org/GLM-4.5/blob/main/config.json (the MTP layer is dropped)
+    "GLM-4.5": dict(model_type="glm4_moe", hidden_size=5120, num_hidden_layers=92, intermediate_size=12288,
+                    moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=1,
+                    num_experts_per_tok=8, first_k_dense_replace=3, num_attention_heads=96,
+                    num_key_value_heads=8, head_dim=128, vocab_size=151552, tie_word_embeddings=False),
+}
+
+BITS4 = 4 + 2 * 16 / 64   # codes + bf16 scale and bias per group of 64
+BITS2 = 2 + 2 * 16 / 64
+BUDGETS_GB = [32, 64, 96, 128, 192, 256, 512]
+
+
+def params(c):
+    h, L = c["hidden_size"], c["num_hidden_layers"]
+    if c.get("kv_lora_rank"):
+        nh = c["num_attention_heads"]
+        qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+        q = (h * c["q_lora_rank"] + c["q_lora_rank"] * nh * qk) if c.get("q_lora_rank") else h * nh * qk
+        kv = h * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) \
+            + c["kv_lora_rank"] * nh * (c["qk_nope_head_dim"] + c["v_head_dim"])
+        attn = q + kv + nh * c["v_head_dim"] * h
+        kv_per_token = L * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 2
+    else:
+        nh, nkv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        attn = h * nh * d + 2 * h * nkv * d + nh * d * h
+        kv_per_token = L * 2 * nkv * d * 2
+    dense_layers = c["first_k_dense_replace"]
+    moe_layers = L - dense_layers
+    expert = 3 * h * c["moe_intermediate_size"]
+    out = {
+        "attention": L * attn,
+        "dense MLPs": dense_layers * 3 * h * c["intermediate_size"],
+        "shared experts": moe_layers * c["n_shared_experts"] * expert,
+        "routers": moe_layers * c["n_routed_experts"] * h,
+        "embeddings + head": (1 if c["tie_word_embeddings"] else 2) * c["vocab_size"] * h,
+        "routed experts": moe_layers * c["n_routed_experts"] * expert,
+    }
+    return out, expert, moe_layers, kv_per_token
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--disk-gbs", type=float, default=5.0, help="SSD read speed, GB/s")
+    ap.add_argument("--config", nargs="*", default=[])
+    a = ap.parse_args()
+    models = dict(MODELS)
+    for f in a.config:
+        models[f] = json.load(open(f))
+    for name, c in models.items():
+        p, expert, moe_layers, kv_tok = params(c)
+        dense = sum(v for k, v in p.items() if k != "routed experts")
+        experts = p["routed experts"]
+        dense_gb = dense * BITS4 / 8 / 1e9
+        experts_gb = experts * BITS4 / 8 / 1e9
+        expert_mb = expert * BITS4 / 8 / 1e6
+        kv_gb = kv_tok * a.context / 1e9
+        k = c["num_experts_per_tok"]
+        print(f"\n### {name} ({c['model_type']})\n")
+        print("| part | parameters | 4-bit (4.5 bits/weight) |\n|---|---:|---:|")
+        for part, n in p.items():
+            print(f"| {part} | {n / 1e9:.2f} B | {n * BITS4 / 8 / 1e9:.1f} GB |")
+        print(f"| **total** | {(dense + experts) / 1e9:.1f} B | {dense_gb + experts_gb:.1f} GB |")
+        print(f"\nOne routed expert: {expert / 1e6:.1f} M weights, {expert_mb:.1f} MB at 4 bits; "
+              f"{k} per token in each of {moe_layers} MoE layers = {k * moe_layers} expert reads per token "
+              f"when nothing is cached ({k * moe_layers * expert_mb / 1e3:.1f} GB). KV cache: "
+              f"{kv_tok / 1e3:.1f} KB per token, {kv_gb:.2f} GB at {a.context} tokens. "
+              f"With the coldest half of the experts at 2 bits the experts take "
+              f"{experts * (BITS4 + BITS2) / 2 / 8 / 1e9:.0f} GB.\n")
+        print(f"| --mem-budget | experts resident | share | expert GB read per token at that hit rate "
+              f"| tokens/s bound at {a.disk_gbs:g} GB/s |\n|---:|---:|---:|---:|---:|")
+        for b in BUDGETS_GB:
+            room = b - dense_gb - kv_gb
+            if room <= k * moe_layers * expert_mb / 1e3 / moe_layers:
+                print(f"| {b} GB | does not fit (dense {dense_gb:.1f} GB + KV {kv_gb:.2f} GB) | | | |")
+                continue
+            share = min(room / experts_gb, 1.0)
+            read = (1 - share) * k * moe_layers * expert_mb / 1e3
+            bound = "memory-bound" if read == 0 else f"{a.disk_gbs / read:.2f}"
+            print(f"| {b} GB | {room:.0f} GB | {share:.0%} | {read:.2f} | {bound} |")
+
+
+if __name__ == "__main__":
+    main()
