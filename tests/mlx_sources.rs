@@ -165,7 +165,7 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for arch in [Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe] {
+    for &arch in Arch::ALL {
         let src = source(dir.path(), arch);
         for recipe in RECIPES {
             let what = format!("{} {}", arch.model_type(), recipe.label());

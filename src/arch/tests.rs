@@ -190,10 +190,8 @@ fn rejects_unsupported_model_type_naming_the_list() {
         matches!(&err, ArchError::Unsupported { model_type, .. } if model_type == "deepseek_v3")
     );
     let msg = err.to_string();
-    assert!(
-        msg.contains("qwen3_moe, mixtral, olmoe, qwen2_moe"),
-        "{msg}"
-    );
+    let all: Vec<&str> = Arch::ALL.iter().map(|a| a.model_type()).collect();
+    assert!(msg.contains(&all.join(", ")), "{msg}");
 }
 
 #[test]
@@ -379,4 +377,45 @@ fn mlx_quantized_dense_parts_are_dense_not_biases() {
         a.classify("model.layers.0.self_attn.q_proj.bias"),
         TensorRole::KeepFull
     );
+}
+
+/// What every architecture must provide: a `model_type` that finds it again, links to the
+/// upstream modelling code it mirrors, and tensor names that classify as their own roles.
+#[test]
+fn every_architecture_names_itself_and_its_tensors() {
+    for &arch in Arch::ALL {
+        assert_eq!(Arch::from_model_type(arch.model_type()).unwrap(), arch);
+        let up = arch.upstream();
+        assert!(
+            up.iter().any(|u| u.contains("mlx-lm")) && up.iter().all(|u| u.starts_with("https://")),
+            "{arch}: {up:?}"
+        );
+        let names = arch.names();
+        assert_eq!(
+            arch.classify(&names.router(3)),
+            TensorRole::Router { layer: 3 },
+            "{arch}"
+        );
+        for proj in Proj::ALL {
+            assert_eq!(
+                arch.classify(&names.expert(2, 5, proj, Part::Weight)),
+                TensorRole::Expert {
+                    layer: 2,
+                    expert: 5,
+                    proj,
+                    part: Part::Weight
+                },
+                "{arch}"
+            );
+            assert_eq!(
+                arch.classify(&names.stacked(1, proj, Part::Scales)),
+                TensorRole::Stacked {
+                    layer: 1,
+                    proj,
+                    part: Part::Scales
+                },
+                "{arch}"
+            );
+        }
+    }
 }

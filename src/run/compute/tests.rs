@@ -138,20 +138,36 @@ fn forward_last_is_the_last_row() {
     );
 }
 
-#[test]
-fn qwen3_moe_matches_mlx_lm() {
-    check_golden("qwen3_moe-q4");
-    check_golden("qwen3_moe-q2");
-    // mlx-lm's mixed_2_6 recipe: 2 or 6 bits per module, experts' down_proj 6-bit in layer 1.
-    check_golden("qwen3_moe-mixed_2_6");
+/// The golden folders of `arch` (`fixtures/golden/<model_type>-<recipe>`, written by
+/// scripts/golden_logits.py): 4-bit and 2-bit always, plus mlx-lm's mixed recipes where the
+/// script makes one (qwen3_moe's mixed_2_6: experts' down_proj 6-bit in layer 1; mixtral's
+/// mixed_3_4: 3-bit experts in layer 0, 4-bit down_proj in layer 1).
+fn goldens_of(arch: Arch) -> Vec<String> {
+    let prefix = format!("{}-", arch.model_type());
+    let mut names: Vec<String> = std::fs::read_dir(fixture("golden"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    names.sort();
+    for bits in ["q4", "q2"] {
+        let want = format!("{prefix}{bits}");
+        assert!(
+            names.contains(&want),
+            "{arch} has no golden {want}: run scripts/golden_logits.py --all"
+        );
+    }
+    names
 }
 
+/// Every architecture's goldens, prefill and cached decode, against mlx-lm's logits.
 #[test]
-fn mixtral_matches_mlx_lm() {
-    check_golden("mixtral-q4");
-    check_golden("mixtral-q2");
-    // mixed_3_4: 3-bit experts in layer 0, 4-bit down_proj in layer 1.
-    check_golden("mixtral-mixed_3_4");
+fn every_architecture_matches_mlx_lm() {
+    for &arch in Arch::ALL {
+        for name in goldens_of(arch) {
+            check_golden(&name);
+        }
+    }
 }
 
 /// The transformers 5.x spelling of a config (`rope_parameters`, `num_local_experts`, no legacy
@@ -181,18 +197,6 @@ fn both_config_dialects_give_the_same_logits() {
             .unwrap()
     };
     assert_eq!(max_diff(&run(&new), &run(&legacy)).0, 0.0);
-}
-
-#[test]
-fn olmoe_matches_mlx_lm() {
-    check_golden("olmoe-q4");
-    check_golden("olmoe-q2");
-}
-
-#[test]
-fn qwen2_moe_matches_mlx_lm() {
-    check_golden("qwen2_moe-q4");
-    check_golden("qwen2_moe-q2");
 }
 
 /// mlx-lm's `convert -q` on a bf16 Hugging Face folder, done here with the same MLX calls:
