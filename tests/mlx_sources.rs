@@ -11,7 +11,7 @@ use flashpack::arch::Arch;
 use flashpack::convert::fixtures::FixtureSpec;
 use flashpack::format::{required, DType, Pack, ProjBits, QuantMode};
 use flashpack::mlx;
-use flashpack::run::compute::Model;
+use flashpack::model::Model;
 use flashpack::run::experts::{ExpertCache, StoreOptions};
 use flashpack::run::open;
 use flashpack::run::stream::resident_store;

@@ -7,8 +7,11 @@
 //! Invariant: the graph is the one mlx-lm 0.32.2 builds for the same weights (each architecture's
 //! file cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
 //! `tests.rs` hold that to the tolerance they state.
+//! Both pipelines run it (run on a pack, convert's profile stage on the source checkpoint), so it
+//! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
+mod kv_cache;
 mod layers;
 mod mixtral;
 mod moe;
@@ -17,7 +20,8 @@ mod qwen2_moe;
 mod qwen3_moe;
 mod weights;
 
-pub use attention::{mask_for, Attention, KvCache, LayerKv, RopeSpec};
+pub use attention::{mask_for, Attention, RopeSpec};
+pub use kv_cache::{KvCache, LayerKv};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
 pub use moe::{
     switch_glu, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute, ResidentExperts,
@@ -75,8 +79,9 @@ pub enum ComputeError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{path}: {what}")]
     BadConfig { path: PathBuf, what: String },
+    /// What an [`ExpertStore`] could not do (run's cache reading a pack, say), with its cause.
     #[error(transparent)]
-    Experts(#[from] crate::run::experts::ExpertError),
+    Store(Box<dyn std::error::Error + Send + Sync + 'static>),
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,

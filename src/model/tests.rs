@@ -25,6 +25,17 @@ fn ids(a: &Array) -> Vec<u32> {
         .collect()
 }
 
+/// The first index of the largest value (greedy decoding, as `mx.argmax`).
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Largest |a - b| and the largest |b| (the logit scale).
 fn max_diff(a: &Array, b: &Array) -> (f32, f32) {
     assert_eq!(a.shape(), b.shape());
@@ -299,7 +310,7 @@ fn trained_qwen3moe_tiny_continues_like_mlx_lm() {
         if step == want.len() {
             break;
         }
-        let next = crate::run::sample::argmax(&last.to_vec_f32().unwrap());
+        let next = argmax(&last.to_vec_f32().unwrap());
         got.push(next);
         logits = model
             .forward_ids(&[next], &mut cache, &mut experts)
