@@ -163,6 +163,55 @@ pub struct Rope {
     pub scaling: Option<Value>,
 }
 
+/// How a router turns its logits into expert scores (`scoring_func` in DeepSeek-V3 / GLM-4.5
+/// configs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// `softmax(logits)` over all experts (every architecture before DeepSeek-V3).
+    #[default]
+    Softmax,
+    /// `sigmoid(logits)` per expert, in f32.
+    Sigmoid,
+}
+
+/// Routing beyond softmax top-k with optional renormalisation (`norm_topk_prob`), as DeepSeek-V3
+/// and GLM-4.5 configure it. The default (softmax, no selection bias, one group, factor 1) is what
+/// the other architectures do; a pack's `model` record holds it only when it differs, so packs
+/// written before it existed read as the default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterConfig {
+    pub scoring: Scoring,
+    /// The router has an `e_score_correction_bias` `[E]` (`topk_method: "noaux_tc"`): added to
+    /// the scores to choose experts, never to weight them.
+    pub selection_bias: bool,
+    /// `n_group`: experts fall into this many equal groups, in id order; 1 = no groups.
+    pub n_group: usize,
+    /// `topk_group`: only the best groups (by the sum of their two best scores) may be chosen.
+    pub topk_group: usize,
+    /// `routed_scaling_factor`: the routed weights are multiplied by it, after renormalisation.
+    pub routed_scaling_factor: f64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            scoring: Scoring::Softmax,
+            selection_bias: false,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
+impl RouterConfig {
+    pub fn is_default(&self) -> bool {
+        *self == RouterConfig::default()
+    }
+}
+
 /// A shared expert that every token goes through (Qwen2-MoE).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SharedExpert {
@@ -190,6 +239,9 @@ pub struct ModelConfig {
     pub num_experts_per_tok: usize,
     /// Whether the top-k routing weights are renormalised to sum to 1.
     pub norm_topk_prob: bool,
+    /// Scoring, selection bias, expert groups and scaling of the router (default: softmax only).
+    #[serde(default, skip_serializing_if = "RouterConfig::is_default")]
+    pub router: RouterConfig,
     pub rms_norm_eps: f64,
     pub rope: Rope,
     pub max_position_embeddings: Option<usize>,
@@ -321,6 +373,44 @@ impl ModelConfig {
             if !positive_finite(c) {
                 return bad("clip_qkv", c.to_string(), "a positive finite number");
             }
+        }
+        let r = &self.router;
+        // A group is scored by its two best experts, so a grouped router needs groups of 2 or more.
+        let groups_ok = r.n_group == 1
+            || (r.n_group > 1
+                && self.num_experts % r.n_group == 0
+                && self.num_experts / r.n_group >= 2);
+        if !groups_ok {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "n_group {} must split num_experts {} into equal groups of at least 2",
+                    r.n_group, self.num_experts
+                ),
+            });
+        }
+        if r.topk_group == 0 || r.topk_group > r.n_group {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "topk_group {} must be in 1..={} (n_group)",
+                    r.topk_group, r.n_group
+                ),
+            });
+        }
+        let choosable = r.topk_group * (self.num_experts / r.n_group);
+        if self.num_experts_per_tok > choosable {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "num_experts_per_tok {} is more than the {choosable} experts of topk_group {} groups",
+                    self.num_experts_per_tok, r.topk_group
+                ),
+            });
+        }
+        if !positive_finite(r.routed_scaling_factor) {
+            return bad(
+                "routed_scaling_factor",
+                r.routed_scaling_factor.to_string(),
+                "a positive finite number",
+            );
         }
         if let Some(s) = &self.shared_expert {
             if s.intermediate_size == 0 {
@@ -533,6 +623,7 @@ impl<'a> Fields<'a> {
             num_experts: self.usize_req(&["num_local_experts", "num_experts"])?,
             num_experts_per_tok: self.usize_req(&["num_experts_per_tok"])?,
             norm_topk_prob: self.bool_or("norm_topk_prob", d.norm_topk_prob)?,
+            router: RouterConfig::default(),
             rms_norm_eps: self.f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
             rope: self.rope(d.rope_theta)?,
             max_position_embeddings: self.usize_any(&["max_position_embeddings"])?,

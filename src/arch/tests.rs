@@ -419,3 +419,57 @@ fn every_architecture_names_itself_and_its_tensors() {
         }
     }
 }
+
+/// The router record is written only when it differs from plain softmax routing, so packs of
+/// the existing architectures keep their exact metadata; a set one round-trips and is checked.
+#[test]
+fn router_record_is_optional_and_validated() {
+    let cfg = ModelConfig::from_json(&qwen3_5x()).unwrap();
+    let v = serde_json::to_value(&cfg).unwrap();
+    assert!(v.get("router").is_none(), "{v}");
+    let mut grouped = cfg.clone();
+    grouped.router = RouterConfig {
+        scoring: Scoring::Sigmoid,
+        selection_bias: true,
+        n_group: 4,
+        topk_group: 2,
+        routed_scaling_factor: 2.5,
+    };
+    grouped.validate().unwrap();
+    let back: ModelConfig =
+        serde_json::from_value(serde_json::to_value(&grouped).unwrap()).unwrap();
+    assert_eq!(back, grouped);
+    let broken = |f: &dyn Fn(&mut RouterConfig)| {
+        let mut c = grouped.clone();
+        f(&mut c.router);
+        c.validate().unwrap_err()
+    };
+    // 32 experts: 5 groups do not divide them, 16 groups of 2 do, 32 groups of 1 cannot be scored.
+    assert!(matches!(
+        broken(&|r| r.n_group = 5),
+        ArchError::Inconsistent { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r.n_group = 32),
+        ArchError::Inconsistent { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r.topk_group = 5),
+        ArchError::Inconsistent { .. }
+    ));
+    // top-4 out of one group of 8 experts is fine; out of 1 group of 2 (n_group 16) it is not.
+    assert!(matches!(
+        broken(&|r| {
+            r.n_group = 16;
+            r.topk_group = 1
+        }),
+        ArchError::Inconsistent { .. }
+    ));
+    assert!(matches!(
+        broken(&|r| r.routed_scaling_factor = 0.0),
+        ArchError::BadField {
+            field: "routed_scaling_factor",
+            ..
+        }
+    ));
+}

@@ -18,6 +18,7 @@ mod moe;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
+mod router;
 mod weights;
 
 pub use attention::{mask_for, Attention, RopeSpec};
@@ -25,7 +26,10 @@ pub use kv_cache::{KvCache, LayerKv};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
 pub use moe::{
     switch_glu, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute, ResidentExperts,
-    Routing, SharedExpert,
+    SharedExpert,
+};
+pub use router::{
+    route_logits, ExpertGroups, Router, RouterScoring, RouterSpec, Routing, TopKOrder,
 };
 pub use weights::{MlxLmWeights, Quant, Weights};
 
@@ -95,8 +99,8 @@ type Result<T> = std::result::Result<T, ComputeError>;
 /// architecture's file defines one.
 #[derive(Debug)]
 pub(crate) struct Spec {
-    /// Router logits `[.., E]` -> top-k indices and weights (`k`, `norm_topk_prob`).
-    route: fn(&Array, usize, bool) -> Result<Routing>,
+    /// The router, from the config (the block is shared: `router.rs`).
+    router: fn(&ModelConfig) -> RouterSpec,
     /// Cast the weighted expert sum back to the activations' dtype (Qwen3-MoE does).
     cast_moe_output: bool,
     /// Add a shared expert's output (Qwen2-MoE); others never have one.

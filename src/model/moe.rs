@@ -15,19 +15,13 @@
 use std::collections::BTreeMap;
 
 use super::layers::{check_quantized, swiglu, Linear, Mlp};
+use super::router::{Router, Routing};
 use super::weights::Weights;
 use super::{ComputeError, Spec};
 use crate::arch::{ModelConfig, Proj};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ComputeError>;
-
-/// The router's choice for each token: `indices` (u32) and `scores`, both `[.., k]`.
-#[derive(Debug, Clone)]
-pub struct Routing {
-    pub indices: Array,
-    pub scores: Array,
-}
 
 /// Quantized SwiGLU experts stacked along a slot axis: gate/up `[slots, I, H*bits/32]`, down
 /// `[slots, H, I*bits/32]` (mlx-lm's `switch_mlp`). All three share one bit width.
@@ -325,9 +319,7 @@ fn squeeze_shape(y: &Array, axis: i32) -> Result<Vec<i32>> {
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
     pub(crate) layer: usize,
-    router: Linear,
-    top_k: usize,
-    norm_topk_prob: bool,
+    router: Router,
     shared: Option<SharedExpert>,
     spec: &'static Spec,
 }
@@ -346,12 +338,14 @@ impl MoeBlock {
         spec: &'static Spec,
         layer: usize,
     ) -> Result<MoeBlock> {
-        let block = format!("model.layers.{layer}.{}", cfg.arch.names().moe_blocks[0]);
-        let router = Linear::load(
+        let names = cfg.arch.names();
+        let block = format!("model.layers.{layer}.{}", names.moe_blocks[0]);
+        let router = Router::load(
             w,
-            &format!("{block}.gate"),
+            &format!("{block}.{}", names.router),
             cfg.num_experts,
             cfg.hidden_size,
+            (spec.router)(cfg),
         )?;
         let shared = match &cfg.shared_expert {
             None => None,
@@ -377,8 +371,6 @@ impl MoeBlock {
         Ok(MoeBlock {
             layer,
             router,
-            top_k: cfg.num_experts_per_tok,
-            norm_topk_prob: cfg.norm_topk_prob,
             shared,
             spec,
         })
@@ -386,8 +378,7 @@ impl MoeBlock {
 
     /// The router's decision for `x` (exposed for the cache's prefetch and for tests).
     pub fn route(&self, x: &Array) -> Result<Routing> {
-        let logits = self.router.forward(x)?;
-        (self.spec.route)(&logits, self.top_k, self.norm_topk_prob)
+        self.router.route(x)
     }
 
     pub fn forward(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
@@ -425,52 +416,4 @@ impl MoeBlock {
         }
         Ok(out)
     }
-}
-
-/// Route with `softmax` over all experts, then top-k, optionally renormalized. `take_last`:
-/// qwen3_moe.py picks `argpartition(gates, kth=-k)[..., -k:]`; olmoe.py and qwen2_moe.py pick
-/// `argpartition(-gates, kth=k-1)[..., :k]`. The order of the k entries decides the order of
-/// the weighted sum, so each architecture keeps its own.
-pub(super) fn softmax_then_topk(
-    logits: &Array,
-    k: usize,
-    renormalize: bool,
-    take_last: bool,
-) -> Result<Routing> {
-    let gates = logits.softmax(-1, true)?;
-    let k = k as i32;
-    let indices = if take_last {
-        last_k(&gates.argpartition(-k, -1)?, k)?
-    } else {
-        first_k(&gates.neg()?.argpartition(k - 1, -1)?, k)?
-    };
-    let mut scores = gates.take_along_axis(&indices, -1)?;
-    if renormalize {
-        // scores /= mx.sum(scores, axis=-1, keepdims=True)
-        scores = scores.div(&scores.sum(-1, true)?)?;
-    }
-    Ok(Routing { indices, scores })
-}
-
-/// `a[..., :k]`.
-pub(super) fn first_k(a: &Array, k: i32) -> Result<Array> {
-    let shape = a.shape();
-    let start = vec![0i32; shape.len()];
-    let mut stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-    if let Some(last) = stop.last_mut() {
-        *last = k;
-    }
-    Ok(a.slice(&start, &stop)?)
-}
-
-/// `a[..., -k:]`.
-fn last_k(a: &Array, k: i32) -> Result<Array> {
-    let shape = a.shape();
-    let n = *shape.last().unwrap_or(&0) as i32;
-    let mut start = vec![0i32; shape.len()];
-    if let Some(last) = start.last_mut() {
-        *last = n - k;
-    }
-    let stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-    Ok(a.slice(&start, &stop)?)
 }

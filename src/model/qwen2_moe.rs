@@ -8,21 +8,23 @@
 //! mlx-lm ignores `norm_topk_prob`, `decoder_sparse_step` and `mlp_only_layers` for this
 //! architecture; released Qwen2-MoE checkpoints set them so that both agree (false, 1, []).
 
-use super::moe::{softmax_then_topk, Routing, SharedExpert};
+use super::moe::SharedExpert;
+use super::router::{RouterSpec, TopKOrder};
 use super::{ComputeError, Spec};
+use crate::arch::ModelConfig;
 use crate::mlx::Array;
 
 pub(super) const SPEC: Spec = Spec {
-    route,
+    router,
     cast_moe_output: false,
     add_shared,
 };
 
-fn route(logits: &Array, k: usize, norm_topk_prob: bool) -> Result<Routing, ComputeError> {
+fn router(cfg: &ModelConfig) -> RouterSpec {
     // gates = mx.softmax(gates, axis=-1, precise=True)
     // inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
     // scores = mx.take_along_axis(gates, inds, axis=-1)
-    softmax_then_topk(logits, k, norm_topk_prob, false)
+    RouterSpec::from_config(cfg, TopKOrder::FirstOfNegated)
 }
 
 fn add_shared(y: &Array, x: &Array, shared: &SharedExpert) -> Result<Array, ComputeError> {
