@@ -212,12 +212,26 @@ impl RouterConfig {
     }
 }
 
-/// A shared expert that every token goes through (Qwen2-MoE).
+/// The shared expert(s) every token goes through, besides the routed ones. N shared experts
+/// (DeepSeek-V3's `n_shared_experts`, GLM-4.5's) are one SwiGLU MLP N times as wide as a routed
+/// expert, which is how both checkpoints store them ([`SharedExpert::experts`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SharedExpert {
+    /// The MLP's width: Qwen2-MoE's `shared_expert_intermediate_size`, or N * moe_intermediate_size.
     pub intermediate_size: usize,
     /// Whether its output is scaled by `sigmoid(shared_expert_gate(x))`.
     pub gated: bool,
+}
+
+impl SharedExpert {
+    /// `n` shared experts of `width` each (`n_shared_experts`, `moe_intermediate_size`), ungated;
+    /// `None` for none.
+    pub fn experts(n: usize, width: usize) -> Option<SharedExpert> {
+        (n > 0).then_some(SharedExpert {
+            intermediate_size: n * width,
+            gated: false,
+        })
+    }
 }
 
 /// A model's configuration, normalized across architectures and config dialects.
@@ -750,6 +764,19 @@ pub struct TensorNames {
     /// Modules under the block that stay full precision besides the router
     /// (Qwen2-MoE's `shared_expert_gate`).
     pub keep_full: &'static [&'static str],
+    /// The always-on expert(s) under the block, for an architecture that has them.
+    pub shared: Option<SharedNames>,
+}
+
+/// Module names of a block's shared expert(s): Qwen2-MoE `shared_expert` with its gate
+/// `shared_expert_gate`; DeepSeek-V3 and GLM-4.5 `shared_experts`, ungated.
+#[derive(Debug)]
+pub struct SharedNames {
+    /// The SwiGLU MLP (`gate_proj`, `up_proj`, `down_proj` under it).
+    pub mlp: &'static str,
+    /// The `[1, H]` gate whose sigmoid scales the MLP's output, used when the config's
+    /// [`SharedExpert::gated`] says so.
+    pub gate: &'static str,
 }
 
 impl TensorNames {

@@ -6,13 +6,12 @@
 //! `block_sparse_moe.switch_mlp` (w1 = gate, w3 = up, w2 = down).
 
 use super::router::{RouterScoring, RouterSpec, TopKOrder};
-use super::{no_shared, Spec};
+use super::Spec;
 use crate::arch::ModelConfig;
 
 pub(super) const SPEC: Spec = Spec {
     router,
     cast_moe_output: false,
-    add_shared: no_shared,
 };
 
 fn router(cfg: &ModelConfig) -> RouterSpec {

@@ -103,14 +103,6 @@ pub(crate) struct Spec {
     router: fn(&ModelConfig) -> RouterSpec,
     /// Cast the weighted expert sum back to the activations' dtype (Qwen3-MoE does).
     cast_moe_output: bool,
-    /// Add a shared expert's output (Qwen2-MoE); others never have one.
-    add_shared: fn(&Array, &Array, &SharedExpert) -> Result<Array>,
-}
-
-fn no_shared(_: &Array, _: &Array, _: &SharedExpert) -> Result<Array> {
-    Err(ComputeError::Unsupported {
-        what: "a shared expert in an architecture that has none".into(),
-    })
 }
 
 fn spec(arch: Arch) -> &'static Spec {

@@ -324,11 +324,50 @@ pub struct MoeBlock {
     spec: &'static Spec,
 }
 
-/// Qwen2-MoE's always-on expert and its sigmoid gate.
+/// The always-on expert(s) of a sparse block: one SwiGLU MLP (N shared experts are one MLP N
+/// times as wide), optionally scaled by the sigmoid of a one-row gate.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     pub mlp: Mlp,
     pub gate: Option<Linear>,
+}
+
+impl SharedExpert {
+    /// The config's shared expert of the block `block` (`model.layers.L.mlp`), named as the
+    /// architecture names it; `None` when the config has none.
+    pub fn load(w: &dyn Weights, cfg: &ModelConfig, block: &str) -> Result<Option<SharedExpert>> {
+        let Some(s) = &cfg.shared_expert else {
+            return Ok(None);
+        };
+        let names = cfg
+            .arch
+            .names()
+            .shared
+            .as_ref()
+            .ok_or_else(|| ComputeError::Unsupported {
+                what: format!("a shared expert in {}, which names none", cfg.arch),
+            })?;
+        let h = cfg.hidden_size;
+        Ok(Some(SharedExpert {
+            mlp: Mlp::load(w, &format!("{block}.{}", names.mlp), h, s.intermediate_size)?,
+            gate: s
+                .gated
+                .then(|| Linear::load(w, &format!("{block}.{}", names.gate), 1, h))
+                .transpose()?,
+        }))
+    }
+
+    /// `y` plus this expert's output on `x`.
+    pub fn add_to(&self, y: &Array, x: &Array) -> Result<Array> {
+        // shared_expert_output = self.shared_expert(x)                  (qwen2_moe.py)
+        // shared_expert_output = mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output
+        // return y + shared_expert_output         (deepseek_v3.py: y = y + self.shared_experts(x))
+        let mut s = self.mlp.forward(x)?;
+        if let Some(gate) = &self.gate {
+            s = gate.forward(x)?.sigmoid()?.mul(&s)?;
+        }
+        Ok(y.add(&s)?)
+    }
 }
 
 impl MoeBlock {
@@ -347,27 +386,7 @@ impl MoeBlock {
             cfg.hidden_size,
             (spec.router)(cfg),
         )?;
-        let shared = match &cfg.shared_expert {
-            None => None,
-            Some(s) => Some(SharedExpert {
-                mlp: Mlp::load(
-                    w,
-                    &format!("{block}.shared_expert"),
-                    cfg.hidden_size,
-                    s.intermediate_size,
-                )?,
-                gate: if s.gated {
-                    Some(Linear::load(
-                        w,
-                        &format!("{block}.shared_expert_gate"),
-                        1,
-                        cfg.hidden_size,
-                    )?)
-                } else {
-                    None
-                },
-            }),
-        };
+        let shared = SharedExpert::load(w, cfg, &block)?;
         Ok(MoeBlock {
             layer,
             router,
@@ -388,7 +407,7 @@ impl MoeBlock {
                 out = out.astype(x.dtype())?;
             }
             if let Some(shared) = &self.shared {
-                out = (self.spec.add_shared)(&out, x, shared)?;
+                out = shared.add_to(&out, x)?;
             }
             return Ok(out);
         }
@@ -412,7 +431,7 @@ impl MoeBlock {
             out = out.astype(y.dtype())?;
         }
         if let Some(shared) = &self.shared {
-            out = (self.spec.add_shared)(&out, x, shared)?;
+            out = shared.add_to(&out, x)?;
         }
         Ok(out)
     }

@@ -8,13 +8,12 @@
 //! mlx-lm flattens tokens to `[B*L, H]` around the block; per-token results are the same.
 
 use super::router::{RouterSpec, TopKOrder};
-use super::{no_shared, Spec};
+use super::Spec;
 use crate::arch::ModelConfig;
 
 pub(super) const SPEC: Spec = Spec {
     router,
     cast_moe_output: false,
-    add_shared: no_shared,
 };
 
 fn router(cfg: &ModelConfig) -> RouterSpec {

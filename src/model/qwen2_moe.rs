@@ -3,21 +3,19 @@
 //!
 //! Attention: q/k/v biases (o_proj has none), no q/k norm. MoE (`Qwen2MoeSparseMoeBlock`):
 //! softmax over all experts, top-k by `argpartition(-gates, kth=k-1)[..., :k]`, then a shared
-//! expert every token goes through, scaled by `sigmoid(shared_expert_gate(x))`.
+//! expert every token goes through, scaled by `sigmoid(shared_expert_gate(x))` (the shared
+//! block in `moe.rs`, loaded from `ModelConfig::shared_expert`, `gated: true`).
 //! Where mlx-lm and transformers differ we follow the config as transformers does:
 //! mlx-lm ignores `norm_topk_prob`, `decoder_sparse_step` and `mlp_only_layers` for this
 //! architecture; released Qwen2-MoE checkpoints set them so that both agree (false, 1, []).
 
-use super::moe::SharedExpert;
 use super::router::{RouterSpec, TopKOrder};
-use super::{ComputeError, Spec};
+use super::Spec;
 use crate::arch::ModelConfig;
-use crate::mlx::Array;
 
 pub(super) const SPEC: Spec = Spec {
     router,
     cast_moe_output: false,
-    add_shared,
 };
 
 fn router(cfg: &ModelConfig) -> RouterSpec {
@@ -25,15 +23,4 @@ fn router(cfg: &ModelConfig) -> RouterSpec {
     // inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
     // scores = mx.take_along_axis(gates, inds, axis=-1)
     RouterSpec::from_config(cfg, TopKOrder::FirstOfNegated)
-}
-
-fn add_shared(y: &Array, x: &Array, shared: &SharedExpert) -> Result<Array, ComputeError> {
-    // shared_expert_output = self.shared_expert(x)
-    // shared_expert_output = mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output
-    // return y + shared_expert_output
-    let mut s = shared.mlp.forward(x)?;
-    if let Some(gate) = &shared.gate {
-        s = gate.forward(x)?.sigmoid()?.mul(&s)?;
-    }
-    Ok(y.add(&s)?)
 }

@@ -8,13 +8,12 @@
 //! `mlp_only_layers` use a dense SwiGLU MLP of `intermediate_size`.
 
 use super::router::{RouterSpec, TopKOrder};
-use super::{no_shared, Spec};
+use super::Spec;
 use crate::arch::ModelConfig;
 
 pub(super) const SPEC: Spec = Spec {
     router,
     cast_moe_output: true,
-    add_shared: no_shared,
 };
 
 fn router(cfg: &ModelConfig) -> RouterSpec {

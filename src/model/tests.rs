@@ -616,3 +616,42 @@ fn placement_errors_are_reported() {
     let err = LayerExperts::placed(vec![pool], &[(0, 0), (0, 4)]).unwrap_err();
     assert!(matches!(err, ComputeError::BadPlacement { expert: 1, .. }));
 }
+
+/// The shared-expert block: gated (Qwen2-MoE) scales the MLP by the gate's sigmoid, ungated
+/// (N shared experts, DeepSeek-V3 / GLM-4.5) adds the MLP as it is, none loads nothing, and an
+/// architecture that names no shared expert refuses a config that has one.
+#[test]
+fn shared_experts_gated_ungated_or_none() {
+    let (mut cfg, w) = MlxLmWeights::open(&fixture("golden/qwen2_moe-q4")).unwrap();
+    let block = "model.layers.0.mlp";
+    let gated = SharedExpert::load(&w, &cfg, block).unwrap().unwrap();
+    assert!(gated.gate.is_some());
+    cfg.shared_expert.as_mut().unwrap().gated = false;
+    let plain = SharedExpert::load(&w, &cfg, block).unwrap().unwrap();
+    assert!(plain.gate.is_none());
+
+    let h = cfg.hidden_size;
+    let xs: Vec<f32> = (0..3 * h).map(|i| (i as f32 * 0.11).sin()).collect();
+    let x = Array::from_slice(&xs, &[1, 3, h]).unwrap();
+    let y = Array::from_slice(&vec![0.25f32; 3 * h], &[1, 3, h]).unwrap();
+    let m = plain.mlp.forward(&x).unwrap();
+    let want_plain = y.add(&m).unwrap();
+    assert_eq!(max_diff(&plain.add_to(&y, &x).unwrap(), &want_plain).0, 0.0);
+    let g = gated.gate.as_ref().unwrap().forward(&x).unwrap();
+    let want_gated = y.add(&g.sigmoid().unwrap().mul(&m).unwrap()).unwrap();
+    assert_eq!(max_diff(&gated.add_to(&y, &x).unwrap(), &want_gated).0, 0.0);
+
+    cfg.shared_expert = None;
+    assert!(SharedExpert::load(&w, &cfg, block).unwrap().is_none());
+
+    let n = crate::arch::SharedExpert::experts(2, 64).unwrap();
+    assert_eq!((n.intermediate_size, n.gated), (128, false));
+    assert!(crate::arch::SharedExpert::experts(0, 64).is_none());
+
+    let (mut q3, w3) = q4_fixture();
+    q3.shared_expert = crate::arch::SharedExpert::experts(1, 64);
+    assert!(matches!(
+        SharedExpert::load(&w3, &q3, "model.layers.0.mlp"),
+        Err(ComputeError::Unsupported { .. })
+    ));
+}
