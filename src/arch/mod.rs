@@ -266,10 +266,18 @@ pub struct ModelConfig {
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
-    /// Layer L is sparse when `(L + 1) % decoder_sparse_step == 0` and L is not in
-    /// `mlp_only_layers` (transformers' Qwen2MoeDecoderLayer rule).
+    /// With `mlp_only_layers`, `first_k_dense_replace` and `moe_layer_freq`: which layers have
+    /// routed experts ([`ModelConfig::is_sparse_layer`]).
     pub decoder_sparse_step: usize,
     pub mlp_only_layers: Vec<usize>,
+    /// The first this-many layers are dense (DeepSeek-V3, GLM-4.5); 0 = none. Written to a pack
+    /// only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_k_dense_replace: usize,
+    /// Only layers `L % moe_layer_freq == 0` are sparse (DeepSeek-V3); 1 = every layer. Written
+    /// to a pack only when not 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub moe_layer_freq: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -308,11 +316,18 @@ impl ModelConfig {
         ModelConfig::from_json(&v)
     }
 
-    /// Whether layer `layer` has routed experts.
+    /// Whether layer `layer` has routed experts: the one place the dense/MoE layout is decided,
+    /// from every knob the supported configs use (each is a no-op at its default):
+    /// - `(L + 1) % decoder_sparse_step == 0` and L not in `mlp_only_layers` (transformers'
+    ///   Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer);
+    /// - `L >= first_k_dense_replace` and `L % moe_layer_freq == 0` (DeepseekV3DecoderLayer;
+    ///   mlx-lm deepseek_v3.py and glm4_moe.py).
     pub fn is_sparse_layer(&self, layer: usize) -> bool {
         self.num_experts > 0
             && !self.mlp_only_layers.contains(&layer)
             && (layer + 1) % self.decoder_sparse_step.max(1) == 0
+            && layer >= self.first_k_dense_replace
+            && layer % self.moe_layer_freq.max(1) == 0
     }
 
     /// The sparse layers, ascending.
@@ -346,6 +361,7 @@ impl ModelConfig {
             ("moe_intermediate_size", self.moe_intermediate_size),
             ("num_experts", self.num_experts),
             ("decoder_sparse_step", self.decoder_sparse_step),
+            ("moe_layer_freq", self.moe_layer_freq),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -437,6 +453,18 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn one() -> usize {
+    1
 }
 
 // ---- config field helpers shared by the per-architecture parsers ----
@@ -648,6 +676,8 @@ impl<'a> Fields<'a> {
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),
             mlp_only_layers: self.usize_list("mlp_only_layers")?,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
             bos_token_id: self.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: self.token_ids("eos_token_id")?,
         })

@@ -473,3 +473,65 @@ fn router_record_is_optional_and_validated() {
         }
     ));
 }
+
+/// The dense/MoE layout, one knob at a time and together (`ModelConfig::is_sparse_layer`).
+#[test]
+fn layer_layout_follows_each_knob() {
+    let base = || {
+        let mut c = ModelConfig::from_json(&qwen3_5x()).unwrap();
+        c.num_hidden_layers = 8;
+        c
+    };
+    let all: Vec<usize> = (0..8).collect();
+    assert_eq!(base().sparse_layers(), all);
+
+    // decoder_sparse_step: (L + 1) % step == 0
+    let mut c = base();
+    c.decoder_sparse_step = 3;
+    assert_eq!(c.sparse_layers(), vec![2, 5]);
+
+    // mlp_only_layers: listed layers are dense
+    let mut c = base();
+    c.mlp_only_layers = vec![0, 4, 7];
+    assert_eq!(c.sparse_layers(), vec![1, 2, 3, 5, 6]);
+
+    // first_k_dense_replace: the first k layers are dense (DeepSeek-V3: 3, GLM-4.5: 1)
+    let mut c = base();
+    c.first_k_dense_replace = 3;
+    assert_eq!(c.sparse_layers(), vec![3, 4, 5, 6, 7]);
+
+    // moe_layer_freq: L % freq == 0
+    let mut c = base();
+    c.moe_layer_freq = 2;
+    assert_eq!(c.sparse_layers(), vec![0, 2, 4, 6]);
+
+    // together: L >= 1, L % 2 == 0, (L + 1) % 1 == 0, not 6
+    let mut c = base();
+    c.first_k_dense_replace = 1;
+    c.moe_layer_freq = 2;
+    c.mlp_only_layers = vec![6];
+    assert_eq!(c.sparse_layers(), vec![2, 4]);
+
+    // no experts: every layer dense
+    let mut c = base();
+    c.num_experts = 0;
+    assert!(c.sparse_layers().is_empty());
+
+    // the new knobs stay out of a pack's metadata at their defaults, and round-trip when set
+    let c = base();
+    let v = serde_json::to_value(&c).unwrap();
+    assert!(v.get("first_k_dense_replace").is_none() && v.get("moe_layer_freq").is_none());
+    let mut d = base();
+    d.first_k_dense_replace = 2;
+    d.moe_layer_freq = 3;
+    let back: ModelConfig = serde_json::from_value(serde_json::to_value(&d).unwrap()).unwrap();
+    assert_eq!(back, d);
+    d.moe_layer_freq = 0;
+    assert!(matches!(
+        d.validate(),
+        Err(ArchError::BadField {
+            field: "moe_layer_freq",
+            ..
+        })
+    ));
+}
