@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use flashpack::run::compute::{MlxLmWeights, Model, ResidentExperts};
+use flashpack::model::{MlxLmWeights, Model, ResidentExperts};
 use flashpack::run::sample::argmax;
 
 fn main() -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden logits from mlx-lm for the Rust forward pass (src/run/compute) to match.
+"""Golden logits from mlx-lm for the Rust forward pass (src/model) to match.
 
 In: a Hugging Face MoE folder (or, with --all, the tiny random checkpoints of scripts/tiny_moe.py for
 every architecture and the trained fixtures/qwen3moe-tiny). Out: a folder with mlx-lm's quantized

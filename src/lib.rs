@@ -5,16 +5,21 @@
 //! - convert: load -> profile -> merge -> quantize -> encode -> layout -> write
 //! - run: open -> read/decode -> cache -> compute -> sample
 //!
+//! Both run the forward pass in `model` (profile runs the source through it, run the pack);
+//! neither imports the other. `eval` sits above both: it compares a pack with its source.
 //! `format` is the spec in code (formats/flashpack-v1.md), shared by writer and reader.
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
 pub mod arch;
 pub mod codec;
 pub mod convert;
+pub mod eval;
 pub mod format;
 pub mod hub;
 pub mod inspect;
 pub mod mapped;
+pub mod memory;
 pub mod mlx;
+pub mod model;
 pub mod progress;
 pub mod run;

@@ -11,7 +11,7 @@ use flashpack::arch::Arch;
 use flashpack::convert::fixtures::FixtureSpec;
 use flashpack::format::{required, DType, Pack, ProjBits, QuantMode};
 use flashpack::mlx;
-use flashpack::run::compute::Model;
+use flashpack::model::Model;
 use flashpack::run::experts::{ExpertCache, StoreOptions};
 use flashpack::run::open;
 use flashpack::run::stream::resident_store;
@@ -165,7 +165,7 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for arch in [Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe] {
+    for &arch in Arch::ALL {
         let src = source(dir.path(), arch);
         for recipe in RECIPES {
             let what = format!("{} {}", arch.model_type(), recipe.label());

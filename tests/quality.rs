@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use flashpack::codec::{Codec, CodecChoice};
 use flashpack::convert::{convert_checkpoint, load::Checkpoint, ConvertOptions};
+use flashpack::eval::{evaluate_text, EvalError, Source};
 use flashpack::format::{ExpertEntry, Pack};
 use flashpack::mlx::{Array, Dtype, QuantizedMatrix};
+use flashpack::model::{ExpertPool, LayerExperts, Model, ResidentExperts};
 use flashpack::progress::Silent;
-use flashpack::run::compute::{ExpertPool, LayerExperts, Model, ResidentExperts};
-use flashpack::run::eval::{evaluate_text, EvalError, Source};
 use flashpack::run::experts::{ExpertCache, StoreOptions};
 use flashpack::run::open;
 use flashpack::run::stream::StreamingExperts;

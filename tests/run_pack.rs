@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use flashpack::arch::Arch;
 use flashpack::convert::{convert_checkpoint, load::Checkpoint, ConvertOptions};
 use flashpack::mlx::{self, Array};
+use flashpack::model::Model;
 use flashpack::progress::Silent;
-use flashpack::run::compute::Model;
 use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::open;
 use flashpack::run::stream::StreamingExperts;
@@ -135,7 +136,7 @@ fn check(golden: &str, budget_experts: Option<u64>, segments: usize) -> f32 {
 
 #[test]
 fn packs_match_mlx_lm_all_resident() {
-    for arch in ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"] {
+    for arch in Arch::ALL {
         for bits in [4, 2] {
             let name = format!("{arch}-q{bits}");
             let worst = check(&name, None, 1);
@@ -148,7 +149,7 @@ fn packs_match_mlx_lm_all_resident() {
 fn packs_match_mlx_lm_streaming_through_a_small_cache() {
     // Goldens have 2 sparse layers x 4 experts, top-2: 4 slots for 8 experts force evictions
     // at every layer, and prefetch guesses run in the background.
-    for arch in ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"] {
+    for arch in Arch::ALL {
         let name = format!("{arch}-q4");
         let worst = check(&name, Some(4), 1);
         eprintln!("{name}: streaming, max |logit diff| {worst}");

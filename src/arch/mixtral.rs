@@ -21,6 +21,7 @@ pub(super) const NAMES: TensorNames = TensorNames {
     expert_projs: ["w1", "w3", "w2"],
     router: "gate",
     keep_full: &[],
+    shared: None,
 };
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {

@@ -163,12 +163,75 @@ pub struct Rope {
     pub scaling: Option<Value>,
 }
 
-/// A shared expert that every token goes through (Qwen2-MoE).
+/// How a router turns its logits into expert scores (`scoring_func` in DeepSeek-V3 / GLM-4.5
+/// configs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// `softmax(logits)` over all experts (every architecture before DeepSeek-V3).
+    #[default]
+    Softmax,
+    /// `sigmoid(logits)` per expert, in f32.
+    Sigmoid,
+}
+
+/// Routing beyond softmax top-k with optional renormalisation (`norm_topk_prob`), as DeepSeek-V3
+/// and GLM-4.5 configure it. The default (softmax, no selection bias, one group, factor 1) is what
+/// the other architectures do; a pack's `model` record holds it only when it differs, so packs
+/// written before it existed read as the default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterConfig {
+    pub scoring: Scoring,
+    /// The router has an `e_score_correction_bias` `[E]` (`topk_method: "noaux_tc"`): added to
+    /// the scores to choose experts, never to weight them.
+    pub selection_bias: bool,
+    /// `n_group`: experts fall into this many equal groups, in id order; 1 = no groups.
+    pub n_group: usize,
+    /// `topk_group`: only the best groups (by the sum of their two best scores) may be chosen.
+    pub topk_group: usize,
+    /// `routed_scaling_factor`: the routed weights are multiplied by it, after renormalisation.
+    pub routed_scaling_factor: f64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            scoring: Scoring::Softmax,
+            selection_bias: false,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
+impl RouterConfig {
+    pub fn is_default(&self) -> bool {
+        *self == RouterConfig::default()
+    }
+}
+
+/// The shared expert(s) every token goes through, besides the routed ones. N shared experts
+/// (DeepSeek-V3's `n_shared_experts`, GLM-4.5's) are one SwiGLU MLP N times as wide as a routed
+/// expert, which is how both checkpoints store them ([`SharedExpert::experts`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SharedExpert {
+    /// The MLP's width: Qwen2-MoE's `shared_expert_intermediate_size`, or N * moe_intermediate_size.
     pub intermediate_size: usize,
     /// Whether its output is scaled by `sigmoid(shared_expert_gate(x))`.
     pub gated: bool,
+}
+
+impl SharedExpert {
+    /// `n` shared experts of `width` each (`n_shared_experts`, `moe_intermediate_size`), ungated;
+    /// `None` for none.
+    pub fn experts(n: usize, width: usize) -> Option<SharedExpert> {
+        (n > 0).then_some(SharedExpert {
+            intermediate_size: n * width,
+            gated: false,
+        })
+    }
 }
 
 /// A model's configuration, normalized across architectures and config dialects.
@@ -190,6 +253,9 @@ pub struct ModelConfig {
     pub num_experts_per_tok: usize,
     /// Whether the top-k routing weights are renormalised to sum to 1.
     pub norm_topk_prob: bool,
+    /// Scoring, selection bias, expert groups and scaling of the router (default: softmax only).
+    #[serde(default, skip_serializing_if = "RouterConfig::is_default")]
+    pub router: RouterConfig,
     pub rms_norm_eps: f64,
     pub rope: Rope,
     pub max_position_embeddings: Option<usize>,
@@ -200,10 +266,18 @@ pub struct ModelConfig {
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
-    /// Layer L is sparse when `(L + 1) % decoder_sparse_step == 0` and L is not in
-    /// `mlp_only_layers` (transformers' Qwen2MoeDecoderLayer rule).
+    /// With `mlp_only_layers`, `first_k_dense_replace` and `moe_layer_freq`: which layers have
+    /// routed experts ([`ModelConfig::is_sparse_layer`]).
     pub decoder_sparse_step: usize,
     pub mlp_only_layers: Vec<usize>,
+    /// The first this-many layers are dense (DeepSeek-V3, GLM-4.5); 0 = none. Written to a pack
+    /// only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_k_dense_replace: usize,
+    /// Only layers `L % moe_layer_freq == 0` are sparse (DeepSeek-V3); 1 = every layer. Written
+    /// to a pack only when not 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub moe_layer_freq: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -242,11 +316,18 @@ impl ModelConfig {
         ModelConfig::from_json(&v)
     }
 
-    /// Whether layer `layer` has routed experts.
+    /// Whether layer `layer` has routed experts: the one place the dense/MoE layout is decided,
+    /// from every knob the supported configs use (each is a no-op at its default):
+    /// - `(L + 1) % decoder_sparse_step == 0` and L not in `mlp_only_layers` (transformers'
+    ///   Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer);
+    /// - `L >= first_k_dense_replace` and `L % moe_layer_freq == 0` (DeepseekV3DecoderLayer;
+    ///   mlx-lm deepseek_v3.py and glm4_moe.py).
     pub fn is_sparse_layer(&self, layer: usize) -> bool {
         self.num_experts > 0
             && !self.mlp_only_layers.contains(&layer)
             && (layer + 1) % self.decoder_sparse_step.max(1) == 0
+            && layer >= self.first_k_dense_replace
+            && layer % self.moe_layer_freq.max(1) == 0
     }
 
     /// The sparse layers, ascending.
@@ -280,6 +361,7 @@ impl ModelConfig {
             ("moe_intermediate_size", self.moe_intermediate_size),
             ("num_experts", self.num_experts),
             ("decoder_sparse_step", self.decoder_sparse_step),
+            ("moe_layer_freq", self.moe_layer_freq),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -322,6 +404,44 @@ impl ModelConfig {
                 return bad("clip_qkv", c.to_string(), "a positive finite number");
             }
         }
+        let r = &self.router;
+        // A group is scored by its two best experts, so a grouped router needs groups of 2 or more.
+        let groups_ok = r.n_group == 1
+            || (r.n_group > 1
+                && self.num_experts % r.n_group == 0
+                && self.num_experts / r.n_group >= 2);
+        if !groups_ok {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "n_group {} must split num_experts {} into equal groups of at least 2",
+                    r.n_group, self.num_experts
+                ),
+            });
+        }
+        if r.topk_group == 0 || r.topk_group > r.n_group {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "topk_group {} must be in 1..={} (n_group)",
+                    r.topk_group, r.n_group
+                ),
+            });
+        }
+        let choosable = r.topk_group * (self.num_experts / r.n_group);
+        if self.num_experts_per_tok > choosable {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "num_experts_per_tok {} is more than the {choosable} experts of topk_group {} groups",
+                    self.num_experts_per_tok, r.topk_group
+                ),
+            });
+        }
+        if !positive_finite(r.routed_scaling_factor) {
+            return bad(
+                "routed_scaling_factor",
+                r.routed_scaling_factor.to_string(),
+                "a positive finite number",
+            );
+        }
         if let Some(s) = &self.shared_expert {
             if s.intermediate_size == 0 {
                 return bad(
@@ -333,6 +453,18 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn one() -> usize {
+    1
 }
 
 // ---- config field helpers shared by the per-architecture parsers ----
@@ -533,6 +665,7 @@ impl<'a> Fields<'a> {
             num_experts: self.usize_req(&["num_local_experts", "num_experts"])?,
             num_experts_per_tok: self.usize_req(&["num_experts_per_tok"])?,
             norm_topk_prob: self.bool_or("norm_topk_prob", d.norm_topk_prob)?,
+            router: RouterConfig::default(),
             rms_norm_eps: self.f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
             rope: self.rope(d.rope_theta)?,
             max_position_embeddings: self.usize_any(&["max_position_embeddings"])?,
@@ -543,6 +676,8 @@ impl<'a> Fields<'a> {
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),
             mlp_only_layers: self.usize_list("mlp_only_layers")?,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
             bos_token_id: self.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: self.token_ids("eos_token_id")?,
         })
@@ -659,6 +794,19 @@ pub struct TensorNames {
     /// Modules under the block that stay full precision besides the router
     /// (Qwen2-MoE's `shared_expert_gate`).
     pub keep_full: &'static [&'static str],
+    /// The always-on expert(s) under the block, for an architecture that has them.
+    pub shared: Option<SharedNames>,
+}
+
+/// Module names of a block's shared expert(s): Qwen2-MoE `shared_expert` with its gate
+/// `shared_expert_gate`; DeepSeek-V3 and GLM-4.5 `shared_experts`, ungated.
+#[derive(Debug)]
+pub struct SharedNames {
+    /// The SwiGLU MLP (`gate_proj`, `up_proj`, `down_proj` under it).
+    pub mlp: &'static str,
+    /// The `[1, H]` gate whose sigmoid scales the MLP's output, used when the config's
+    /// [`SharedExpert::gated`] says so.
+    pub gate: &'static str,
 }
 
 impl TensorNames {

@@ -6,7 +6,9 @@
 //! `mlp.gate.weight` [E, H]; shared expert `mlp.shared_expert.{gate,up,down}_proj.weight`
 //! (dense policy) and its gate `mlp.shared_expert_gate.weight` [1, H] (full precision).
 
-use super::{Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, SharedExpert, TensorNames};
+use super::{
+    Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, SharedExpert, SharedNames, TensorNames,
+};
 use serde_json::Value;
 
 pub(super) const UPSTREAM: &[&str] = &[
@@ -21,6 +23,10 @@ pub(super) const NAMES: TensorNames = TensorNames {
     // mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output  (mlx-lm qwen2_moe.py):
     // a one-row gate that scales a whole branch; quantizing it buys nothing.
     keep_full: &["shared_expert_gate"],
+    shared: Some(SharedNames {
+        mlp: "shared_expert",
+        gate: "shared_expert_gate",
+    }),
 };
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {

@@ -18,6 +18,7 @@ pub(super) const NAMES: TensorNames = TensorNames {
     expert_projs: ["gate_proj", "up_proj", "down_proj"],
     router: "gate",
     keep_full: &[],
+    shared: None,
 };
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {

@@ -18,6 +18,7 @@ pub mod load;
 pub mod merge;
 pub mod profile;
 pub mod quantize;
+pub mod source;
 pub mod write;
 
 pub mod fixtures;
@@ -345,7 +346,7 @@ impl StageTime {
             stage,
             seconds: lap.elapsed().as_secs_f64(),
             peak_rss_bytes: if stage_peaks() {
-                crate::run::budget::take_peak_rss()
+                crate::memory::take_peak_rss()
             } else {
                 None
             },
@@ -381,7 +382,7 @@ pub struct ConvertReport {
     /// Sizes and bits per weight by kind, as `flashpack inspect` reports them.
     pub pack: PackReport,
     /// The pack against the source on `--eval-text` (or the calibration file), when given.
-    pub quality: Option<crate::run::eval::EvalReport>,
+    pub quality: Option<crate::eval::EvalReport>,
 }
 
 /// Resolves `source` and converts it to `output`.
@@ -503,7 +504,7 @@ pub fn convert_checkpoint(
         Some(text) => {
             progress.stage("eval", None, "");
             let lap = Instant::now();
-            use crate::run::eval::{evaluate_text, Source};
+            use crate::eval::{evaluate_text, Source};
             let q = evaluate_text(
                 &Source::Pack(summary.path.clone()),
                 Some(&Source::Checkpoint(ck.root().to_path_buf())),

@@ -13,7 +13,7 @@
 //! How it runs: the source itself, layer by layer ([`profile`]). Every calibration window's
 //! residual stream goes through layer 0, then layer 1, and so on; a layer's dense tensors are
 //! widened to f32 when it starts and dropped when it ends, and its experts are applied one at a
-//! time in f32 straight from the mapped source ([`crate::run::source::StreamedExperts`]), to
+//! time in f32 straight from the mapped source ([`crate::convert::source::StreamedExperts`]), to
 //! the tokens routed to them, in chunks of windows sized so that activations stay within a few
 //! experts' bytes. Memory is one layer's dense tensors, one expert, the residual stream of the
 //! calibration tokens and one chunk's activations: it does not grow with the number of layers
@@ -29,11 +29,9 @@ use serde_json::{json, Value};
 
 use super::load::Checkpoint;
 use super::ConvertError;
+use crate::convert::source::{embed_windows, SourceWeights, StreamedExperts};
 use crate::mlx::{self, Array};
-use crate::run::compute::{
-    mask_for, Block, ComputeError, ExpertStore, LayerKv, PoolRoute, Routing,
-};
-use crate::run::source::{embed_windows, SourceWeights, StreamedExperts};
+use crate::model::{mask_for, Block, ComputeError, ExpertStore, LayerKv, PoolRoute, Routing};
 
 /// One task's calibration text.
 #[derive(Clone, Debug)]
@@ -762,7 +760,7 @@ pub fn view(meta: &crate::format::Metadata) -> Option<ProfileView> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::compute::Model;
+    use crate::model::Model;
 
     fn trained() -> Checkpoint {
         Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny"))

@@ -130,6 +130,14 @@ extern "C" {
         axis: c_int,
         out: *mut *mut FpArray,
     ) -> c_int;
+    pub fn fp_put_along_axis(
+        a: *const FpArray,
+        indices: *const FpArray,
+        values: *const FpArray,
+        axis: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_topk(a: *const FpArray, k: c_int, axis: c_int, out: *mut *mut FpArray) -> c_int;
 
     pub fn fp_quantize(
         w: *const FpArray,

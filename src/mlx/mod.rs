@@ -601,6 +601,21 @@ impl Array {
             ffi::fp_take_along_axis(self.raw(), indices.raw(), axis, out)
         })
     }
+
+    /// `mx.put_along_axis`: a copy of `self` with `values` (broadcast to `indices`) written at
+    /// `indices` along `axis`.
+    pub fn put_along_axis(&self, indices: &Array, values: &Array, axis: i32) -> Result<Array> {
+        make("put_along_axis", |out| unsafe {
+            ffi::fp_put_along_axis(self.raw(), indices.raw(), values.raw(), axis, out)
+        })
+    }
+
+    /// `mx.topk`: the `k` largest values along `axis`, in no particular order.
+    pub fn topk(&self, k: i32, axis: i32) -> Result<Array> {
+        make("topk", |out| unsafe {
+            ffi::fp_topk(self.raw(), k, axis, out)
+        })
+    }
 }
 
 /// Evaluate several arrays in one graph walk (shared inputs computed once).

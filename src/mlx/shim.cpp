@@ -309,6 +309,15 @@ int fp_take_along_axis(const fp_array* a, const fp_array* indices, int axis, fp_
   return guard([&] { *out = wrap(mx::take_along_axis(a->a, indices->a, axis)); });
 }
 
+int fp_put_along_axis(const fp_array* a, const fp_array* indices, const fp_array* values, int axis,
+                      fp_array** out) {
+  return guard([&] { *out = wrap(mx::put_along_axis(a->a, indices->a, values->a, axis)); });
+}
+
+int fp_topk(const fp_array* a, int k, int axis, fp_array** out) {
+  return guard([&] { *out = wrap(mx::topk(a->a, k, axis)); });
+}
+
 int fp_quantize(const fp_array* w, int group_size, int bits, fp_array** wq, fp_array** scales,
                 fp_array** biases) {
   return guard([&] {

@@ -67,6 +67,9 @@ int fp_argmax(const fp_array* a, int axis, fp_array** out);
 int fp_argsort(const fp_array* a, int axis, fp_array** out);
 int fp_take(const fp_array* a, const fp_array* indices, int axis, fp_array** out);
 int fp_take_along_axis(const fp_array* a, const fp_array* indices, int axis, fp_array** out);
+int fp_put_along_axis(const fp_array* a, const fp_array* indices, const fp_array* values, int axis,
+                      fp_array** out);
+int fp_topk(const fp_array* a, int k, int axis, fp_array** out);
 
 int fp_quantize(const fp_array* w, int group_size, int bits, fp_array** wq, fp_array** scales,
                 fp_array** biases);

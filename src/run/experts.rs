@@ -61,6 +61,13 @@ pub enum ExpertError {
     Unsupported { reason: String },
 }
 
+/// The streaming store answers the forward pass with the cache's own error as the cause.
+impl From<ExpertError> for crate::model::ComputeError {
+    fn from(e: ExpertError) -> Self {
+        crate::model::ComputeError::Store(Box::new(e))
+    }
+}
+
 /// What to do about a damaged pack, for messages: `flashpack verify` lists every damaged part.
 pub(crate) fn damaged_hint(path: &Path) -> String {
     let name = if path.as_os_str().is_empty() {

@@ -8,8 +8,8 @@
 use std::time::Instant;
 
 use crate::mlx::Array;
+use crate::model::{ComputeError, ExpertStore, KvCache, Model};
 use crate::progress::{Progress, Silent};
-use crate::run::compute::{ComputeError, ExpertStore, KvCache, Model};
 use crate::run::sample::{SampleError, Sampler, SamplerOptions};
 
 /// Why generation stopped early or could not start.

@@ -13,7 +13,7 @@ use crate::arch::ModelConfig;
 use crate::codec::{CodecId, Decoder};
 use crate::format::{DType, Pack, PackError};
 use crate::mlx::{Array, Dtype};
-use crate::run::compute::{Quant, Weights};
+use crate::model::{Quant, Weights};
 use crate::run::experts::damaged_hint;
 
 /// Why a pack cannot be run.

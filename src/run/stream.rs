@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::format::Pack;
 use crate::mlx::{self, Array, Dtype};
-use crate::run::compute::{switch_glu, ComputeError, ExpertPool, ExpertStore, PoolRoute, Routing};
+use crate::model::{switch_glu, ComputeError, ExpertPool, ExpertStore, PoolRoute, Routing};
 use crate::run::experts::{ExpertCache, StoreStats};
 
 /// Prediction and stall counters.
@@ -386,8 +386,8 @@ pub fn resident_store(
     cache: &ExpertCache,
     layers: &[usize],
     num_experts: usize,
-) -> Result<Option<crate::run::compute::ResidentExperts>, ComputeError> {
-    use crate::run::compute::{LayerExperts, ResidentExperts};
+) -> Result<Option<crate::model::ResidentExperts>, ComputeError> {
+    use crate::model::{LayerExperts, ResidentExperts};
     let mut store = ResidentExperts::default();
     for &layer in layers {
         let Some(placement) = cache.placement(layer as u32, num_experts) else {

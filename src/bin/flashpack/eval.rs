@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use flashpack::run::eval::{evaluate_text, Source};
+use flashpack::eval::{evaluate_text, Source};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use flashpack::run::budget::{parse_size, peak_rss, total_ram, Size};
-use flashpack::run::compute::{ComputeError, ExpertStore, PoolRoute, Routing};
+use flashpack::memory::{peak_rss, total_ram};
+use flashpack::model::{ComputeError, ExpertStore, PoolRoute, Routing};
+use flashpack::run::budget::{parse_size, Size};
 use flashpack::run::experts::{ExpertCache, PolicyKind, PoolSize, StoreOptions};
 use flashpack::run::generate::{generate_reporting, GenerateOptions};
 use flashpack::run::open;
@@ -309,8 +310,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (pack, cfg, weights) = open::open(&args.pack, !args.no_verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let tokenizer = open::tokenizer(&pack)?;
-    let model =
-        flashpack::run::compute::Model::load(&cfg, &weights).context("loading the model")?;
+    let model = flashpack::model::Model::load(&cfg, &weights).context("loading the model")?;
 
     let ram = total_ram();
     let budget = args.mem_budget.as_ref().map(|b| b.size.resolve(ram));

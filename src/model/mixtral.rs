@@ -5,22 +5,23 @@
 //! router logits, then softmax over the k chosen (so the weights always sum to 1); experts are
 //! `block_sparse_moe.switch_mlp` (w1 = gate, w3 = up, w2 = down).
 
-use super::moe::{first_k, Routing};
-use super::{no_shared, ComputeError, Spec};
-use crate::mlx::Array;
+use super::router::{RouterScoring, RouterSpec, TopKOrder};
+use super::Spec;
+use crate::arch::ModelConfig;
 
 pub(super) const SPEC: Spec = Spec {
-    route,
+    router,
     cast_moe_output: false,
-    add_shared: no_shared,
 };
 
-fn route(logits: &Array, k: usize, _norm_topk_prob: bool) -> Result<Routing, ComputeError> {
-    let k = k as i32;
+fn router(cfg: &ModelConfig) -> RouterSpec {
     // inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
-    let indices = first_k(&logits.neg()?.argpartition(k - 1, -1)?, k)?;
     // scores = mx.take_along_axis(gates, inds, axis=-1)
     // scores = mx.softmax(scores, axis=-1, precise=True)
-    let scores = logits.take_along_axis(&indices, -1)?.softmax(-1, true)?;
-    Ok(Routing { indices, scores })
+    RouterSpec {
+        scoring: RouterScoring::SoftmaxOfChosen,
+        // The softmax over the chosen already sums to one (arch/mixtral.rs sets norm_topk_prob).
+        renormalize: false,
+        ..RouterSpec::from_config(cfg, TopKOrder::FirstOfNegated)
+    }
 }

@@ -3,35 +3,24 @@
 //!
 //! Attention: q/k/v biases (o_proj has none), no q/k norm. MoE (`Qwen2MoeSparseMoeBlock`):
 //! softmax over all experts, top-k by `argpartition(-gates, kth=k-1)[..., :k]`, then a shared
-//! expert every token goes through, scaled by `sigmoid(shared_expert_gate(x))`.
+//! expert every token goes through, scaled by `sigmoid(shared_expert_gate(x))` (the shared
+//! block in `moe.rs`, loaded from `ModelConfig::shared_expert`, `gated: true`).
 //! Where mlx-lm and transformers differ we follow the config as transformers does:
 //! mlx-lm ignores `norm_topk_prob`, `decoder_sparse_step` and `mlp_only_layers` for this
 //! architecture; released Qwen2-MoE checkpoints set them so that both agree (false, 1, []).
 
-use super::moe::{softmax_then_topk, Routing, SharedExpert};
-use super::{ComputeError, Spec};
-use crate::mlx::Array;
+use super::router::{RouterSpec, TopKOrder};
+use super::Spec;
+use crate::arch::ModelConfig;
 
 pub(super) const SPEC: Spec = Spec {
-    route,
+    router,
     cast_moe_output: false,
-    add_shared,
 };
 
-fn route(logits: &Array, k: usize, norm_topk_prob: bool) -> Result<Routing, ComputeError> {
+fn router(cfg: &ModelConfig) -> RouterSpec {
     // gates = mx.softmax(gates, axis=-1, precise=True)
     // inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
     // scores = mx.take_along_axis(gates, inds, axis=-1)
-    softmax_then_topk(logits, k, norm_topk_prob, false)
-}
-
-fn add_shared(y: &Array, x: &Array, shared: &SharedExpert) -> Result<Array, ComputeError> {
-    // shared_expert_output = self.shared_expert(x)
-    // shared_expert_output = mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output
-    // return y + shared_expert_output
-    let mut s = shared.mlp.forward(x)?;
-    if let Some(gate) = &shared.gate {
-        s = gate.forward(x)?.sigmoid()?.mul(&s)?;
-    }
-    Ok(y.add(&s)?)
+    RouterSpec::from_config(cfg, TopKOrder::FirstOfNegated)
 }

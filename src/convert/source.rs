@@ -21,7 +21,7 @@ use crate::convert::load::{Checkpoint, LoadError, TensorData};
 use crate::convert::quantize::ProjSource;
 use crate::convert::tensor::{Dtype as SrcDtype, FloatDtype};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
-use crate::run::compute::{
+use crate::model::{
     ComputeError, ExpertPool, ExpertStore, LayerExperts, PoolRoute, Quant, Routing, Weights,
 };
 
@@ -324,12 +324,8 @@ pub fn embed_windows(ck: &Checkpoint, windows: &[&[u32]]) -> Result<Vec<Array>, 
         }
         _ => {
             let w = SourceWeights::load_where(ck, &|n| n.starts_with("model.embed_tokens."))?;
-            let e = crate::run::compute::Embedding::load(
-                &w,
-                "model.embed_tokens",
-                ck.config.vocab_size,
-                h,
-            )?;
+            let e =
+                crate::model::Embedding::load(&w, "model.embed_tokens", ck.config.vocab_size, h)?;
             windows
                 .iter()
                 .map(|ids| {
@@ -427,7 +423,7 @@ impl<'c> ExpertStore for StreamedExperts<'c> {
             let xe = xf.take(&Array::from_slice(at, &[at.len()])?, 0)?;
             let t = [1, 0];
             // down(silu(gate(x)) * up(x)), scaled by each entry's routing weight
-            let y = crate::run::compute::swiglu(
+            let y = crate::model::swiglu(
                 &xe.matmul(&gate.transpose(&t)?)?,
                 &xe.matmul(&up.transpose(&t)?)?,
             )?

@@ -7,20 +7,19 @@
 //! weighted sum cast back to the activations' dtype. Layers outside `decoder_sparse_step` /
 //! `mlp_only_layers` use a dense SwiGLU MLP of `intermediate_size`.
 
-use super::moe::{softmax_then_topk, Routing};
-use super::{no_shared, ComputeError, Spec};
-use crate::mlx::Array;
+use super::router::{RouterSpec, TopKOrder};
+use super::Spec;
+use crate::arch::ModelConfig;
 
 pub(super) const SPEC: Spec = Spec {
-    route,
+    router,
     cast_moe_output: true,
-    add_shared: no_shared,
 };
 
-fn route(logits: &Array, k: usize, norm_topk_prob: bool) -> Result<Routing, ComputeError> {
+fn router(cfg: &ModelConfig) -> RouterSpec {
     // gates = mx.softmax(gates, axis=-1, precise=True)
     // inds = mx.argpartition(gates, kth=-k, axis=-1)[..., -k:]
     // scores = mx.take_along_axis(gates, inds, axis=-1)
     // if self.norm_topk_prob: scores /= mx.sum(scores, axis=-1, keepdims=True)
-    softmax_then_topk(logits, k, norm_topk_prob, true)
+    RouterSpec::from_config(cfg, TopKOrder::LastOf)
 }

@@ -15,19 +15,13 @@
 use std::collections::BTreeMap;
 
 use super::layers::{check_quantized, swiglu, Linear, Mlp};
+use super::router::{Router, Routing};
 use super::weights::Weights;
 use super::{ComputeError, Spec};
 use crate::arch::{ModelConfig, Proj};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ComputeError>;
-
-/// The router's choice for each token: `indices` (u32) and `scores`, both `[.., k]`.
-#[derive(Debug, Clone)]
-pub struct Routing {
-    pub indices: Array,
-    pub scores: Array,
-}
 
 /// Quantized SwiGLU experts stacked along a slot axis: gate/up `[slots, I, H*bits/32]`, down
 /// `[slots, H, I*bits/32]` (mlx-lm's `switch_mlp`). All three share one bit width.
@@ -325,18 +319,55 @@ fn squeeze_shape(y: &Array, axis: i32) -> Result<Vec<i32>> {
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
     pub(crate) layer: usize,
-    router: Linear,
-    top_k: usize,
-    norm_topk_prob: bool,
+    router: Router,
     shared: Option<SharedExpert>,
     spec: &'static Spec,
 }
 
-/// Qwen2-MoE's always-on expert and its sigmoid gate.
+/// The always-on expert(s) of a sparse block: one SwiGLU MLP (N shared experts are one MLP N
+/// times as wide), optionally scaled by the sigmoid of a one-row gate.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     pub mlp: Mlp,
     pub gate: Option<Linear>,
+}
+
+impl SharedExpert {
+    /// The config's shared expert of the block `block` (`model.layers.L.mlp`), named as the
+    /// architecture names it; `None` when the config has none.
+    pub fn load(w: &dyn Weights, cfg: &ModelConfig, block: &str) -> Result<Option<SharedExpert>> {
+        let Some(s) = &cfg.shared_expert else {
+            return Ok(None);
+        };
+        let names = cfg
+            .arch
+            .names()
+            .shared
+            .as_ref()
+            .ok_or_else(|| ComputeError::Unsupported {
+                what: format!("a shared expert in {}, which names none", cfg.arch),
+            })?;
+        let h = cfg.hidden_size;
+        Ok(Some(SharedExpert {
+            mlp: Mlp::load(w, &format!("{block}.{}", names.mlp), h, s.intermediate_size)?,
+            gate: s
+                .gated
+                .then(|| Linear::load(w, &format!("{block}.{}", names.gate), 1, h))
+                .transpose()?,
+        }))
+    }
+
+    /// `y` plus this expert's output on `x`.
+    pub fn add_to(&self, y: &Array, x: &Array) -> Result<Array> {
+        // shared_expert_output = self.shared_expert(x)                  (qwen2_moe.py)
+        // shared_expert_output = mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output
+        // return y + shared_expert_output         (deepseek_v3.py: y = y + self.shared_experts(x))
+        let mut s = self.mlp.forward(x)?;
+        if let Some(gate) = &self.gate {
+            s = gate.forward(x)?.sigmoid()?.mul(&s)?;
+        }
+        Ok(y.add(&s)?)
+    }
 }
 
 impl MoeBlock {
@@ -346,39 +377,19 @@ impl MoeBlock {
         spec: &'static Spec,
         layer: usize,
     ) -> Result<MoeBlock> {
-        let block = format!("model.layers.{layer}.{}", cfg.arch.names().moe_blocks[0]);
-        let router = Linear::load(
+        let names = cfg.arch.names();
+        let block = format!("model.layers.{layer}.{}", names.moe_blocks[0]);
+        let router = Router::load(
             w,
-            &format!("{block}.gate"),
+            &format!("{block}.{}", names.router),
             cfg.num_experts,
             cfg.hidden_size,
+            (spec.router)(cfg),
         )?;
-        let shared = match &cfg.shared_expert {
-            None => None,
-            Some(s) => Some(SharedExpert {
-                mlp: Mlp::load(
-                    w,
-                    &format!("{block}.shared_expert"),
-                    cfg.hidden_size,
-                    s.intermediate_size,
-                )?,
-                gate: if s.gated {
-                    Some(Linear::load(
-                        w,
-                        &format!("{block}.shared_expert_gate"),
-                        1,
-                        cfg.hidden_size,
-                    )?)
-                } else {
-                    None
-                },
-            }),
-        };
+        let shared = SharedExpert::load(w, cfg, &block)?;
         Ok(MoeBlock {
             layer,
             router,
-            top_k: cfg.num_experts_per_tok,
-            norm_topk_prob: cfg.norm_topk_prob,
             shared,
             spec,
         })
@@ -386,8 +397,7 @@ impl MoeBlock {
 
     /// The router's decision for `x` (exposed for the cache's prefetch and for tests).
     pub fn route(&self, x: &Array) -> Result<Routing> {
-        let logits = self.router.forward(x)?;
-        (self.spec.route)(&logits, self.top_k, self.norm_topk_prob)
+        self.router.route(x)
     }
 
     pub fn forward(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
@@ -397,7 +407,7 @@ impl MoeBlock {
                 out = out.astype(x.dtype())?;
             }
             if let Some(shared) = &self.shared {
-                out = (self.spec.add_shared)(&out, x, shared)?;
+                out = shared.add_to(&out, x)?;
             }
             return Ok(out);
         }
@@ -421,56 +431,8 @@ impl MoeBlock {
             out = out.astype(y.dtype())?;
         }
         if let Some(shared) = &self.shared {
-            out = (self.spec.add_shared)(&out, x, shared)?;
+            out = shared.add_to(&out, x)?;
         }
         Ok(out)
     }
-}
-
-/// Route with `softmax` over all experts, then top-k, optionally renormalized. `take_last`:
-/// qwen3_moe.py picks `argpartition(gates, kth=-k)[..., -k:]`; olmoe.py and qwen2_moe.py pick
-/// `argpartition(-gates, kth=k-1)[..., :k]`. The order of the k entries decides the order of
-/// the weighted sum, so each architecture keeps its own.
-pub(super) fn softmax_then_topk(
-    logits: &Array,
-    k: usize,
-    renormalize: bool,
-    take_last: bool,
-) -> Result<Routing> {
-    let gates = logits.softmax(-1, true)?;
-    let k = k as i32;
-    let indices = if take_last {
-        last_k(&gates.argpartition(-k, -1)?, k)?
-    } else {
-        first_k(&gates.neg()?.argpartition(k - 1, -1)?, k)?
-    };
-    let mut scores = gates.take_along_axis(&indices, -1)?;
-    if renormalize {
-        // scores /= mx.sum(scores, axis=-1, keepdims=True)
-        scores = scores.div(&scores.sum(-1, true)?)?;
-    }
-    Ok(Routing { indices, scores })
-}
-
-/// `a[..., :k]`.
-pub(super) fn first_k(a: &Array, k: i32) -> Result<Array> {
-    let shape = a.shape();
-    let start = vec![0i32; shape.len()];
-    let mut stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-    if let Some(last) = stop.last_mut() {
-        *last = k;
-    }
-    Ok(a.slice(&start, &stop)?)
-}
-
-/// `a[..., -k:]`.
-fn last_k(a: &Array, k: i32) -> Result<Array> {
-    let shape = a.shape();
-    let n = *shape.last().unwrap_or(&0) as i32;
-    let mut start = vec![0i32; shape.len()];
-    if let Some(last) = start.last_mut() {
-        *last = n - k;
-    }
-    let stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-    Ok(a.slice(&start, &stop)?)
 }

@@ -7,20 +7,19 @@
 //! `argpartition(-weights, kth=k-1)[..., :k]`, renormalized only with `norm_topk_prob`.
 //! mlx-lm flattens tokens to `[B*L, H]` around the block; per-token results are the same.
 
-use super::moe::{softmax_then_topk, Routing};
-use super::{no_shared, ComputeError, Spec};
-use crate::mlx::Array;
+use super::router::{RouterSpec, TopKOrder};
+use super::Spec;
+use crate::arch::ModelConfig;
 
 pub(super) const SPEC: Spec = Spec {
-    route,
+    router,
     cast_moe_output: false,
-    add_shared: no_shared,
 };
 
-fn route(logits: &Array, k: usize, norm_topk_prob: bool) -> Result<Routing, ComputeError> {
+fn router(cfg: &ModelConfig) -> RouterSpec {
     // routing_weights = mx.softmax(router_logits, axis=1, precise=True)
     // indices = mx.argpartition(-routing_weights, kth=k - 1, axis=-1)[..., :k]
     // scores = mx.take_along_axis(routing_weights, indices, axis=-1)
     // if self.norm_topk_prob: scores = scores / scores.sum(axis=-1, keepdims=True)
-    softmax_then_topk(logits, k, norm_topk_prob, false)
+    RouterSpec::from_config(cfg, TopKOrder::FirstOfNegated)
 }

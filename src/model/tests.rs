@@ -25,6 +25,17 @@ fn ids(a: &Array) -> Vec<u32> {
         .collect()
 }
 
+/// The first index of the largest value (greedy decoding, as `mx.argmax`).
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Largest |a - b| and the largest |b| (the logit scale).
 fn max_diff(a: &Array, b: &Array) -> (f32, f32) {
     assert_eq!(a.shape(), b.shape());
@@ -138,20 +149,36 @@ fn forward_last_is_the_last_row() {
     );
 }
 
-#[test]
-fn qwen3_moe_matches_mlx_lm() {
-    check_golden("qwen3_moe-q4");
-    check_golden("qwen3_moe-q2");
-    // mlx-lm's mixed_2_6 recipe: 2 or 6 bits per module, experts' down_proj 6-bit in layer 1.
-    check_golden("qwen3_moe-mixed_2_6");
+/// The golden folders of `arch` (`fixtures/golden/<model_type>-<recipe>`, written by
+/// scripts/golden_logits.py): 4-bit and 2-bit always, plus mlx-lm's mixed recipes where the
+/// script makes one (qwen3_moe's mixed_2_6: experts' down_proj 6-bit in layer 1; mixtral's
+/// mixed_3_4: 3-bit experts in layer 0, 4-bit down_proj in layer 1).
+fn goldens_of(arch: Arch) -> Vec<String> {
+    let prefix = format!("{}-", arch.model_type());
+    let mut names: Vec<String> = std::fs::read_dir(fixture("golden"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    names.sort();
+    for bits in ["q4", "q2"] {
+        let want = format!("{prefix}{bits}");
+        assert!(
+            names.contains(&want),
+            "{arch} has no golden {want}: run scripts/golden_logits.py --all"
+        );
+    }
+    names
 }
 
+/// Every architecture's goldens, prefill and cached decode, against mlx-lm's logits.
 #[test]
-fn mixtral_matches_mlx_lm() {
-    check_golden("mixtral-q4");
-    check_golden("mixtral-q2");
-    // mixed_3_4: 3-bit experts in layer 0, 4-bit down_proj in layer 1.
-    check_golden("mixtral-mixed_3_4");
+fn every_architecture_matches_mlx_lm() {
+    for &arch in Arch::ALL {
+        for name in goldens_of(arch) {
+            check_golden(&name);
+        }
+    }
 }
 
 /// The transformers 5.x spelling of a config (`rope_parameters`, `num_local_experts`, no legacy
@@ -181,18 +208,6 @@ fn both_config_dialects_give_the_same_logits() {
             .unwrap()
     };
     assert_eq!(max_diff(&run(&new), &run(&legacy)).0, 0.0);
-}
-
-#[test]
-fn olmoe_matches_mlx_lm() {
-    check_golden("olmoe-q4");
-    check_golden("olmoe-q2");
-}
-
-#[test]
-fn qwen2_moe_matches_mlx_lm() {
-    check_golden("qwen2_moe-q4");
-    check_golden("qwen2_moe-q2");
 }
 
 /// mlx-lm's `convert -q` on a bf16 Hugging Face folder, done here with the same MLX calls:
@@ -295,7 +310,7 @@ fn trained_qwen3moe_tiny_continues_like_mlx_lm() {
         if step == want.len() {
             break;
         }
-        let next = crate::run::sample::argmax(&last.to_vec_f32().unwrap());
+        let next = argmax(&last.to_vec_f32().unwrap());
         got.push(next);
         logits = model
             .forward_ids(&[next], &mut cache, &mut experts)
@@ -600,4 +615,43 @@ fn placement_errors_are_reported() {
     assert!(matches!(err, ComputeError::BadPlacement { expert: 0, .. }));
     let err = LayerExperts::placed(vec![pool], &[(0, 0), (0, 4)]).unwrap_err();
     assert!(matches!(err, ComputeError::BadPlacement { expert: 1, .. }));
+}
+
+/// The shared-expert block: gated (Qwen2-MoE) scales the MLP by the gate's sigmoid, ungated
+/// (N shared experts, DeepSeek-V3 / GLM-4.5) adds the MLP as it is, none loads nothing, and an
+/// architecture that names no shared expert refuses a config that has one.
+#[test]
+fn shared_experts_gated_ungated_or_none() {
+    let (mut cfg, w) = MlxLmWeights::open(&fixture("golden/qwen2_moe-q4")).unwrap();
+    let block = "model.layers.0.mlp";
+    let gated = SharedExpert::load(&w, &cfg, block).unwrap().unwrap();
+    assert!(gated.gate.is_some());
+    cfg.shared_expert.as_mut().unwrap().gated = false;
+    let plain = SharedExpert::load(&w, &cfg, block).unwrap().unwrap();
+    assert!(plain.gate.is_none());
+
+    let h = cfg.hidden_size;
+    let xs: Vec<f32> = (0..3 * h).map(|i| (i as f32 * 0.11).sin()).collect();
+    let x = Array::from_slice(&xs, &[1, 3, h]).unwrap();
+    let y = Array::from_slice(&vec![0.25f32; 3 * h], &[1, 3, h]).unwrap();
+    let m = plain.mlp.forward(&x).unwrap();
+    let want_plain = y.add(&m).unwrap();
+    assert_eq!(max_diff(&plain.add_to(&y, &x).unwrap(), &want_plain).0, 0.0);
+    let g = gated.gate.as_ref().unwrap().forward(&x).unwrap();
+    let want_gated = y.add(&g.sigmoid().unwrap().mul(&m).unwrap()).unwrap();
+    assert_eq!(max_diff(&gated.add_to(&y, &x).unwrap(), &want_gated).0, 0.0);
+
+    cfg.shared_expert = None;
+    assert!(SharedExpert::load(&w, &cfg, block).unwrap().is_none());
+
+    let n = crate::arch::SharedExpert::experts(2, 64).unwrap();
+    assert_eq!((n.intermediate_size, n.gated), (128, false));
+    assert!(crate::arch::SharedExpert::experts(0, 64).is_none());
+
+    let (mut q3, w3) = q4_fixture();
+    q3.shared_expert = crate::arch::SharedExpert::experts(1, 64);
+    assert!(matches!(
+        SharedExpert::load(&w3, &q3, "model.layers.0.mlp"),
+        Err(ComputeError::Unsupported { .. })
+    ));
 }

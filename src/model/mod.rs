@@ -7,21 +7,29 @@
 //! Invariant: the graph is the one mlx-lm 0.32.2 builds for the same weights (each architecture's
 //! file cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
 //! `tests.rs` hold that to the tolerance they state.
+//! Both pipelines run it (run on a pack, convert's profile stage on the source checkpoint), so it
+//! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
+mod kv_cache;
 mod layers;
 mod mixtral;
 mod moe;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
+mod router;
 mod weights;
 
-pub use attention::{mask_for, Attention, KvCache, LayerKv, RopeSpec};
+pub use attention::{mask_for, Attention, RopeSpec};
+pub use kv_cache::{KvCache, LayerKv};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
 pub use moe::{
     switch_glu, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute, ResidentExperts,
-    Routing, SharedExpert,
+    SharedExpert,
+};
+pub use router::{
+    route_logits, ExpertGroups, Router, RouterScoring, RouterSpec, Routing, TopKOrder,
 };
 pub use weights::{MlxLmWeights, Quant, Weights};
 
@@ -75,8 +83,9 @@ pub enum ComputeError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{path}: {what}")]
     BadConfig { path: PathBuf, what: String },
+    /// What an [`ExpertStore`] could not do (run's cache reading a pack, say), with its cause.
     #[error(transparent)]
-    Experts(#[from] crate::run::experts::ExpertError),
+    Store(Box<dyn std::error::Error + Send + Sync + 'static>),
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -90,18 +99,10 @@ type Result<T> = std::result::Result<T, ComputeError>;
 /// architecture's file defines one.
 #[derive(Debug)]
 pub(crate) struct Spec {
-    /// Router logits `[.., E]` -> top-k indices and weights (`k`, `norm_topk_prob`).
-    route: fn(&Array, usize, bool) -> Result<Routing>,
+    /// The router, from the config (the block is shared: `router.rs`).
+    router: fn(&ModelConfig) -> RouterSpec,
     /// Cast the weighted expert sum back to the activations' dtype (Qwen3-MoE does).
     cast_moe_output: bool,
-    /// Add a shared expert's output (Qwen2-MoE); others never have one.
-    add_shared: fn(&Array, &Array, &SharedExpert) -> Result<Array>,
-}
-
-fn no_shared(_: &Array, _: &Array, _: &SharedExpert) -> Result<Array> {
-    Err(ComputeError::Unsupported {
-        what: "a shared expert in an architecture that has none".into(),
-    })
 }
 
 fn spec(arch: Arch) -> &'static Spec {

@@ -3,7 +3,7 @@
 //!
 //! In: a candidate and an optional reference, each a [`Source`] (a `.flashpack`, an mlx-lm
 //! quantized folder, or a Hugging Face / unquantized folder run through
-//! [`crate::run::source`]), and token ids. Out: an [`EvalReport`].
+//! [`crate::convert::source`]), and token ids. Out: an [`EvalReport`].
 //! The ids are cut into non-overlapping windows of at most `window` tokens (never longer than
 //! the model's context); each window is one forward pass from an empty KV cache and scores its
 //! tokens 1.. given the tokens before them in the window. Log-softmax, KL(reference || candidate)
@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::convert::load::{Checkpoint, LoadError};
+use crate::convert::source::{SourceExperts, SourceWeights};
 use crate::format::PackError;
-use crate::run::compute::{ComputeError, ExpertStore, MlxLmWeights, Model, ResidentExperts};
+use crate::model::{ComputeError, ExpertStore, MlxLmWeights, Model, ResidentExperts};
 use crate::run::experts::{ExpertCache, ExpertError, StoreOptions};
 use crate::run::open::{self, OpenError};
-use crate::run::source::{SourceExperts, SourceWeights};
 use crate::run::stream::StreamingExperts;
 
 /// Why an evaluation could not run.

@@ -1,0 +1,84 @@
+//! What the process holds and the machine has: physical RAM and peak resident set size.
+//!
+//! Shared by run (budgets as a share of RAM, the run's peak in its stats) and convert (each
+//! stage's peak with `FLASHPACK_STAGE_PEAKS=1`), so neither pipeline reaches into the other for it.
+
+/// Physical memory of this machine, in bytes (0 when unknown).
+pub fn total_ram() -> u64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf reads system constants and has no memory effects.
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if pages > 0 && page > 0 {
+            return pages as u64 * page as u64;
+        }
+    }
+    0
+}
+
+/// Peak resident set size of this process so far, in bytes.
+pub fn peak_rss() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes one rusage into the pointer we give it.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) };
+        if rc == 0 {
+            // SAFETY: getrusage succeeded, so the struct is initialised.
+            let max = unsafe { u.assume_init() }.ru_maxrss as u64;
+            // Linux reports KiB, macOS bytes.
+            return if cfg!(target_os = "macos") {
+                max
+            } else {
+                max * 1024
+            };
+        }
+    }
+    0
+}
+
+/// Peak resident set size since the last call (the first call: since the process started),
+/// then starts a new period. Linux only (`VmHWM`, reset through `/proc/self/clear_refs`); `None`
+/// elsewhere or where the reset is refused, so a caller never reports a stale peak as new.
+pub fn take_peak_rss() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        Some(kb * 1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn peak_periods_restart() {
+        let _ = take_peak_rss();
+        // A 64 MiB buffer, touched, then freed: the period's peak holds it...
+        let v = vec![1u8; 64 << 20];
+        std::hint::black_box(&v);
+        drop(v);
+        let first = take_peak_rss().expect("VmHWM on Linux");
+        // ...and the next period's does not.
+        let second = take_peak_rss().expect("VmHWM on Linux");
+        assert!(first >= second + (48 << 20), "{first} vs {second}");
+    }
+}

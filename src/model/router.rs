@@ -1,0 +1,241 @@
+//! The router block: a layer's input -> the experts each token goes to and their weights.
+//!
+//! In: hidden states `[.., H]`, the router's linear layer (`[E, H]`), an optional selection bias
+//! `[E]`, and a [`RouterSpec`] saying how to score and pick. Out: [`Routing`], expert ids (u32)
+//! and weights, both `[.., k]`. Invariant: one implementation for every architecture; an
+//! architecture's forward file only fills in a [`RouterSpec`], so its graph is the op sequence
+//! its mlx-lm model builds (the golden tests hold that bit for bit). Prefetch prediction runs the
+//! next layer's router through the same block ([`Router::route`]).
+//!
+//! Steps, each optional except scoring and top-k (mlx-lm deepseek_v3.py `group_expert_select`,
+//! qwen3_moe.py, mixtral.py, olmoe.py, qwen2_moe.py):
+//! 1. scores: softmax over all experts, or sigmoid in f32;
+//! 2. choice scores = scores + selection bias (DeepSeek's `e_score_correction_bias`);
+//! 3. groups: experts in `n_group` equal groups; each group scored by the sum of its two best
+//!    choice scores; all but the `topk_group` best groups set to 0;
+//! 4. top-k of the choice scores; weights are the (unbiased) scores of the chosen;
+//! 5. renormalise the k weights to sum to 1 (`norm_topk_prob`);
+//! 6. multiply by `routed_scaling_factor`.
+
+use super::layers::Linear;
+use super::ComputeError;
+use crate::arch::{ModelConfig, Scoring};
+use crate::mlx::{Array, Dtype};
+
+type Result<T> = std::result::Result<T, ComputeError>;
+
+/// The router's choice for each token: `indices` (u32) and `scores`, both `[.., k]`.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub indices: Array,
+    pub scores: Array,
+}
+
+/// How the router scores experts before choosing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterScoring {
+    /// `softmax(logits)` over all experts, then top-k of the probabilities.
+    Softmax,
+    /// Top-k of the raw logits, then softmax over the k chosen logits (Mixtral). The result is
+    /// softmax with renormalisation, computed the way mlx-lm's mixtral.py does (so bit-identical
+    /// to it); `renormalize` is then not applied again.
+    SoftmaxOfChosen,
+    /// `sigmoid(logits)` in f32 (DeepSeek-V3, GLM-4.5).
+    Sigmoid,
+}
+
+/// Which `argpartition` spelling picks the top k. Both pick the same set; the order of the k
+/// entries decides the order of the weighted sum, so each architecture keeps its model's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopKOrder {
+    /// `argpartition(-x, kth=k-1)[..., :k]` (mixtral.py, olmoe.py, qwen2_moe.py, deepseek_v3.py).
+    FirstOfNegated,
+    /// `argpartition(x, kth=-k)[..., -k:]` (qwen3_moe.py).
+    LastOf,
+}
+
+/// Limit the choice to the best groups of experts (DeepSeek-V3's `n_group` / `topk_group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGroups {
+    pub n_group: usize,
+    pub topk_group: usize,
+}
+
+/// How a router turns logits into a routing: plain data, filled in by each architecture's
+/// forward file from the config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterSpec {
+    pub scoring: RouterScoring,
+    pub order: TopKOrder,
+    pub top_k: usize,
+    /// Renormalise the k weights to sum to 1.
+    pub renormalize: bool,
+    /// Add `<router>.e_score_correction_bias` to the scores when choosing (not to the weights).
+    pub selection_bias: bool,
+    pub groups: Option<ExpertGroups>,
+    /// Multiply the weights by this (`routed_scaling_factor`); `None` for 1.
+    pub scaling: Option<f64>,
+}
+
+impl RouterSpec {
+    /// The config's router with `order` for top-k: softmax or sigmoid as `cfg.router.scoring`
+    /// says, `norm_topk_prob`, selection bias, groups (when `n_group > 1`) and scaling (when not 1).
+    pub fn from_config(cfg: &ModelConfig, order: TopKOrder) -> RouterSpec {
+        let r = &cfg.router;
+        RouterSpec {
+            scoring: match r.scoring {
+                Scoring::Softmax => RouterScoring::Softmax,
+                Scoring::Sigmoid => RouterScoring::Sigmoid,
+            },
+            order,
+            top_k: cfg.num_experts_per_tok,
+            renormalize: cfg.norm_topk_prob,
+            selection_bias: r.selection_bias,
+            groups: (r.n_group > 1).then_some(ExpertGroups {
+                n_group: r.n_group,
+                topk_group: r.topk_group,
+            }),
+            scaling: (r.routed_scaling_factor != 1.0).then_some(r.routed_scaling_factor),
+        }
+    }
+}
+
+/// A layer's router: its linear layer, its selection bias when the spec has one, and the spec.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub gate: Linear,
+    pub bias: Option<Array>,
+    pub spec: RouterSpec,
+}
+
+impl Router {
+    /// `<module>` (`[E, H]`, mlx-lm's `gate`) and, when `spec.selection_bias`,
+    /// `<module>.e_score_correction_bias` `[E]`.
+    pub fn load(
+        w: &dyn super::Weights,
+        module: &str,
+        experts: usize,
+        hidden: usize,
+        spec: RouterSpec,
+    ) -> Result<Router> {
+        let gate = Linear::load(w, module, experts, hidden)?;
+        let bias = if spec.selection_bias {
+            let name = format!("{module}.e_score_correction_bias");
+            let b = super::layers::require(w, &name)?;
+            super::layers::check_shape(&name, &b, &[experts])?;
+            Some(b)
+        } else {
+            None
+        };
+        Ok(Router { gate, bias, spec })
+    }
+
+    /// The routing of `x` `[.., H]`.
+    pub fn route(&self, x: &Array) -> Result<Routing> {
+        route_logits(&self.gate.forward(x)?, self.bias.as_ref(), &self.spec)
+    }
+}
+
+/// Steps 1-6 of the module header on router logits `[.., E]`.
+pub fn route_logits(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Result<Routing> {
+    let k = i32::try_from(spec.top_k).map_err(|_| ComputeError::Unsupported {
+        what: format!("top-k {}", spec.top_k),
+    })?;
+    if spec.scoring == RouterScoring::SoftmaxOfChosen {
+        // inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
+        // scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
+        let indices = top_k(logits, k, spec.order)?;
+        let scores = logits.take_along_axis(&indices, -1)?.softmax(-1, true)?;
+        return Ok(Routing { indices, scores });
+    }
+    let scores = match spec.scoring {
+        // gates = mx.softmax(gates, axis=-1, precise=True)
+        RouterScoring::Softmax => logits.softmax(-1, true)?,
+        // scores = mx.sigmoid(gates.astype(mx.float32))
+        _ => logits.astype(Dtype::F32)?.sigmoid()?,
+    };
+    let mut choice = match bias {
+        // scores = scores + e_score_correction_bias
+        Some(b) => scores.add(b)?,
+        None => scores.clone(),
+    };
+    if let Some(g) = spec.groups {
+        choice = keep_best_groups(&choice, g)?;
+    }
+    let indices = top_k(&choice, k, spec.order)?;
+    // scores = mx.take_along_axis(orig_scores, inds, axis=-1)
+    let mut weights = scores.take_along_axis(&indices, -1)?;
+    if spec.renormalize {
+        // scores /= mx.sum(scores, axis=-1, keepdims=True)
+        weights = weights.div(&weights.sum(-1, true)?)?;
+    }
+    if let Some(f) = spec.scaling {
+        // scores = scores * routed_scaling_factor
+        weights = weights.mul(&Array::scalar(f, weights.dtype())?)?;
+    }
+    Ok(Routing {
+        indices,
+        scores: weights,
+    })
+}
+
+/// deepseek_v3.py, `if n_group > 1:` — zero the choice scores outside the `topk_group` groups
+/// whose two best scores sum highest.
+fn keep_best_groups(choice: &Array, g: ExpertGroups) -> Result<Array> {
+    let drop = g.n_group.saturating_sub(g.topk_group) as i32;
+    if drop == 0 {
+        return Ok(choice.clone());
+    }
+    let shape: Vec<i32> = choice.shape().iter().map(|&d| d as i32).collect();
+    let mut grouped = shape[..shape.len() - 1].to_vec();
+    grouped.extend([g.n_group as i32, -1]);
+    // scores = mx.unflatten(scores, axis=-1, shape=(n_group, -1))
+    let scores = choice.reshape(&grouped)?;
+    // group_scores = mx.topk(scores, 2, axis=-1).sum(axis=-1, keepdims=True)
+    let group_scores = scores.topk(2, -1)?.sum(-1, true)?;
+    // group_idx = mx.argpartition(group_scores, kth=k - 1, axis=-2)[..., :k, :]
+    let part = group_scores.argpartition(drop - 1, -2)?;
+    let mut stop: Vec<i32> = part.shape().iter().map(|&d| d as i32).collect();
+    let at = stop.len() - 2;
+    stop[at] = drop;
+    let group_idx = part.slice(&vec![0; stop.len()], &stop)?;
+    // scores = mx.put_along_axis(scores, group_idx, mx.array(0.0), axis=-2)
+    let zero = Array::scalar(0.0, scores.dtype())?;
+    let masked = scores.put_along_axis(&group_idx, &zero, -2)?;
+    // scores = mx.flatten(scores, -2, -1)
+    Ok(masked.reshape(&shape)?)
+}
+
+/// The `k` largest along the last axis, in `order`'s spelling.
+fn top_k(x: &Array, k: i32, order: TopKOrder) -> Result<Array> {
+    match order {
+        TopKOrder::FirstOfNegated => first_k(&x.neg()?.argpartition(k - 1, -1)?, k),
+        TopKOrder::LastOf => last_k(&x.argpartition(-k, -1)?, k),
+    }
+}
+
+/// `a[..., :k]`.
+fn first_k(a: &Array, k: i32) -> Result<Array> {
+    let shape = a.shape();
+    let start = vec![0i32; shape.len()];
+    let mut stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    if let Some(last) = stop.last_mut() {
+        *last = k;
+    }
+    Ok(a.slice(&start, &stop)?)
+}
+
+/// `a[..., -k:]`.
+fn last_k(a: &Array, k: i32) -> Result<Array> {
+    let shape = a.shape();
+    let n = *shape.last().unwrap_or(&0) as i32;
+    let mut start = vec![0i32; shape.len()];
+    if let Some(last) = start.last_mut() {
+        *last = n - k;
+    }
+    let stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    Ok(a.slice(&start, &stop)?)
+}
+
+#[cfg(test)]
+mod tests;
