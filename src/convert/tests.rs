@@ -387,7 +387,7 @@ fn mlx_quantized_source_reuses_codes() {
 #[test]
 fn fp8_block_checkpoints_convert_to_the_pack_of_their_bf16_values() {
     use crate::convert::fixtures::Fp8Fixture;
-    for arch in [Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe] {
+    for &arch in Arch::ALL {
         let spec = |fp8| FixtureSpec {
             hidden_size: 192,
             intermediate_size: 320,

@@ -492,8 +492,11 @@ impl Checkpoint {
                     layer,
                     detail: format!(
                         "has expert tensors but the config makes it dense (decoder_sparse_step \
-                         {}, mlp_only_layers {:?})",
-                        self.config.decoder_sparse_step, self.config.mlp_only_layers
+                         {}, mlp_only_layers {:?}, first_k_dense_replace {}, moe_layer_freq {})",
+                        self.config.decoder_sparse_step,
+                        self.config.mlp_only_layers,
+                        self.config.first_k_dense_replace,
+                        self.config.moe_layer_freq
                     ),
                 });
             }
