@@ -1083,11 +1083,13 @@ fn poke_bf16(dir: &std::path::Path, tensor: &str, index: usize, bits: u16) {
     let shard = dir.join(map["weight_map"][tensor].as_str().unwrap());
     let mut b = std::fs::read(&shard).unwrap();
     std::fs::remove_file(&shard).unwrap();
-    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
-    assert_eq!(header[tensor]["dtype"], "BF16");
-    let start = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
-    let at = 8 + n + start + 2 * index;
+    let t = flashpack::convert::load::safetensors::parse(&shard, &b)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == tensor)
+        .unwrap();
+    assert_eq!(t.dtype, flashpack::convert::tensor::Dtype::Bf16);
+    let at = t.range.start + 2 * index;
     b[at..at + 2].copy_from_slice(&bits.to_le_bytes());
     std::fs::write(&shard, b).unwrap();
 }

@@ -412,7 +412,7 @@ impl FixtureSpec {
                 .collect();
             let path = dir.join(file_name(s));
             let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path)?);
-            f.write_all(&serialize_header(&header))?;
+            f.write_all(&serialize_header(&header)?)?;
             for &k in members {
                 let (name, _, shape, fan_in) = &tensors[k];
                 let data = self.tensor_bytes(name, shape, *fan_in);

@@ -19,6 +19,7 @@ use super::error::{io_err, Access};
 use super::fetch::Fetch;
 use super::http::{encode, Body, Ctx, Follow, Method};
 use super::{check_revision, Hub, HubError, RepoId};
+use crate::convert::load::safetensors::ShardIndex;
 use crate::progress::Progress;
 
 const CONFIG: &str = "config.json";
@@ -78,27 +79,17 @@ pub(super) fn safe_repo_path(p: &str) -> bool {
 
 /// The shards `model.safetensors.index.json` lists, sorted and unique.
 fn index_shards(text: &str) -> Result<Vec<String>, String> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("{INDEX}: {e}"))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| format!("{INDEX} has no weight_map object"))?;
-    let mut shards = BTreeSet::new();
-    for (tensor, shard) in map {
-        let s = shard
-            .as_str()
-            .ok_or_else(|| format!("{INDEX} maps {tensor} to {shard}, not a file name"))?;
-        if !safe_repo_path(s) {
-            return Err(format!(
-                "{INDEX} names shard {s:?}, which is not a file in the repo"
-            ));
-        }
-        shards.insert(s.to_string());
+    let index = ShardIndex::parse(text).map_err(|e| format!("{INDEX}: {e}"))?;
+    let shards = index.shards();
+    if let Some(s) = shards.iter().find(|s| !safe_repo_path(s)) {
+        return Err(format!(
+            "{INDEX} names shard {s:?}, which is not a file in the repo"
+        ));
     }
     if shards.is_empty() {
         return Err(format!("{INDEX} lists no shard"));
     }
-    Ok(shards.into_iter().collect())
+    Ok(shards.into_iter().map(str::to_string).collect())
 }
 
 /// The files of a snapshot already in the cache, if it holds everything conversion needs;

@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use flashpack::codec::bench::{bench_codecs, default_codecs, format_table, BenchOptions, Dataset};
 use flashpack::codec::CodecChoice;
+use flashpack::convert::load::safetensors;
+use flashpack::convert::tensor::MatrixView;
 use flashpack::mapped::Bytes;
 
 #[derive(Args, Debug)]
@@ -236,84 +238,23 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
     let mut out = Vec::new();
     for f in files {
         let bytes = Bytes::map(&f).with_context(|| format!("mapping {}", f.display()))?;
-        let b: &[u8] = &bytes;
-        if b.len() < 8 {
-            bail!(
-                "{} is not a safetensors file (shorter than 8 bytes)",
-                f.display()
-            );
-        }
-        let hlen = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
-        let hend = 8usize.checked_add(hlen).filter(|&e| e <= b.len());
-        let Some(hend) = hend else {
-            bail!("{}: header length {hlen} runs past the file", f.display());
-        };
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&b[8..hend])
-                .with_context(|| format!("{}: bad header JSON", f.display()))?;
-        let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
-        names.sort();
-        for name in names {
-            if name_contains.is_some_and(|s| !name.contains(s)) {
+        for t in safetensors::parse(&f, &bytes)? {
+            if name_contains.is_some_and(|s| !t.name.contains(s)) {
                 continue;
             }
-            let t = &header[name];
-            let dtype = t["dtype"].as_str().unwrap_or("");
-            let shape: Vec<usize> = t["shape"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_u64().map(|x| x as usize))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let offs: Vec<usize> = t["data_offsets"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_u64().map(|x| x as usize))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let size = match dtype {
-                "F32" => 4,
-                "BF16" | "F16" => 2,
-                _ => continue,
+            let (Some(fd), &[rows, cols]) = (t.dtype.float(), &t.shape[..]) else {
+                continue;
             };
-            if shape.len() != 2 || shape[1] % 64 != 0 || offs.len() != 2 {
+            if cols % 64 != 0 {
                 continue;
             }
-            let n = shape[0] * shape[1];
-            let start = hend.checked_add(offs[0]);
-            let end = start.and_then(|s| s.checked_add(n * size));
-            let (Some(start), Some(end)) = (start, end) else {
-                bail!("{}: tensor {name} offsets overflow", f.display());
-            };
-            if end > b.len() || offs[1] - offs[0] != n * size {
-                bail!(
-                    "{}: tensor {name} data out of bounds or of the wrong size",
-                    f.display()
-                );
+            let m = MatrixView::new(fd, rows, cols, &bytes[t.range.clone()])
+                .context("the loader checked this tensor's size")?;
+            let mut values = vec![0f32; rows * cols];
+            for (r, row) in values.chunks_exact_mut(cols).enumerate() {
+                m.row_f32(r, row);
             }
-            let raw = &b[start..end];
-            let values: Vec<f32> = match dtype {
-                "F32" => raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                "BF16" => raw
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                _ => raw
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            };
-            out.push(Tensor {
-                values,
-                cols: shape[1],
-            });
+            out.push(Tensor { values, cols });
         }
     }
     Ok(out)

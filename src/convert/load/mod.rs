@@ -88,6 +88,32 @@ pub enum LoadError {
         expected: u64,
         found: u64,
     },
+    #[error(
+        "{path}: the header names tensor {tensor} twice; readers disagree on which entry counts \
+         (the safetensors crate keeps the last, others the first), so the file is refused: \
+         export it again"
+    )]
+    DuplicateName { path: String, tensor: String },
+    #[error(
+        "{path}: tensors {first} and {second} share bytes {begin}..{end} of the data section; \
+         each tensor must have bytes of its own (the file is corrupt: download or export it again)"
+    )]
+    TensorsOverlap {
+        path: String,
+        first: String,
+        second: String,
+        begin: u64,
+        end: u64,
+    },
+    #[error(
+        "{path}: tensor {tensor} is {dtype}, a safetensors dtype flashpack does not read \
+         (it reads BOOL, U8, I8, F8_E4M3, F8_E5M2, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64)"
+    )]
+    UnsupportedDtype {
+        path: String,
+        tensor: String,
+        dtype: String,
+    },
     #[error("{index} maps tensor {tensor} to {shard}, which does not contain it")]
     TensorNotInShard {
         tensor: String,
@@ -534,22 +560,14 @@ impl Checkpoint {
         let mut listed: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
         if index_path.is_file() {
             let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| LoadError::BadHeader {
-                path: index_path.display().to_string(),
-                detail: format!("not valid JSON: {e}"),
-            })?;
-            let map = v
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| LoadError::BadHeader {
+            let index =
+                safetensors::ShardIndex::parse(&text).map_err(|e| LoadError::BadHeader {
                     path: index_path.display().to_string(),
-                    detail: "no weight_map object".into(),
+                    detail: format!(
+                        "not a shard index ({{\"weight_map\": {{tensor: file}}}}): {e}"
+                    ),
                 })?;
-            for (tensor, shard) in map {
-                let shard = shard.as_str().ok_or_else(|| LoadError::BadHeader {
-                    path: index_path.display().to_string(),
-                    detail: format!("weight_map[{tensor:?}] is not a file name"),
-                })?;
+            for (tensor, shard) in &index.weight_map {
                 if shard.contains("..") || Path::new(shard).is_absolute() {
                     return Err(LoadError::BadHeader {
                         path: index_path.display().to_string(),

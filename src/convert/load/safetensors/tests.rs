@@ -1,0 +1,170 @@
+//! Hand-made headers: each fault the loader must refuse, by exact variant.
+
+use super::*;
+use std::path::Path;
+
+/// A file with header `json` (as written, not re-serialized) and `data_len` data bytes.
+fn file(json: &str, data_len: usize) -> Vec<u8> {
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out.resize(out.len() + data_len, 0);
+    out
+}
+
+fn err(json: &str, data_len: usize) -> LoadError {
+    parse(Path::new("x.safetensors"), &file(json, data_len)).unwrap_err()
+}
+
+#[test]
+fn parses_what_the_writer_writes() {
+    let tensors = vec![
+        ("b".to_string(), Dtype::Bf16, vec![2, 3]),
+        ("a".to_string(), Dtype::U32, vec![4]),
+    ];
+    let mut bytes = serialize_header(&tensors).unwrap();
+    assert_eq!(bytes.len() % 8, 0);
+    let start = bytes.len();
+    bytes.resize(start + 12 + 16, 7);
+    let got = parse(Path::new("x"), &bytes).unwrap();
+    assert_eq!(got[0].name, "a");
+    assert_eq!(got[0].range, start + 12..start + 28);
+    assert_eq!(
+        (got[1].dtype, &got[1].shape[..]),
+        (Dtype::Bf16, &[2, 3][..])
+    );
+    assert_eq!(got[1].range, start..start + 12);
+}
+
+#[test]
+fn metadata_is_skipped() {
+    let json =
+        r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let got = parse(Path::new("x"), &file(json, 8)).unwrap();
+    assert_eq!(got.len(), 1);
+}
+
+#[test]
+fn rejects_a_name_twice_over_the_same_bytes() {
+    // The crate alone accepts this file (it keeps the second entry); a first-wins reader
+    // would see F32 [2] where we see BF16 [4].
+    let json = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"BF16","shape":[4],"data_offsets":[0,8]}}"#;
+    assert!(matches!(err(json, 8), LoadError::DuplicateName { tensor, .. } if tensor == "a"));
+}
+
+#[test]
+fn rejects_a_name_twice_over_other_bytes() {
+    let json = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"a":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}"#;
+    assert!(matches!(err(json, 16), LoadError::DuplicateName { tensor, .. } if tensor == "a"));
+}
+
+#[test]
+fn rejects_overlapping_tensors() {
+    let json = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+    let e = err(json, 12);
+    assert!(
+        matches!(&e, LoadError::TensorsOverlap { first, second, begin: 4, end: 8, .. }
+            if first == "a" && second == "b"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rejects_bytes_that_belong_to_no_tensor() {
+    let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+    let e = err(gap, 12);
+    assert!(
+        matches!(&e, LoadError::BadHeader { detail, .. } if detail.contains("4..8")),
+        "{e}"
+    );
+    let trailing = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let e = err(trailing, 6);
+    assert!(
+        matches!(&e, LoadError::BadHeader { detail, .. } if detail.contains("2 bytes after")),
+        "{e}"
+    );
+}
+
+#[test]
+fn rejects_a_tensor_past_the_end() {
+    let json = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+    let e = err(json, 10);
+    assert!(
+        matches!(&e, LoadError::TensorOutOfBounds { tensor, end: 16, data_len: 10, .. } if tensor == "a"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rejects_a_size_that_disagrees_with_the_shape() {
+    let json = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+    let e = err(json, 8);
+    assert!(
+        matches!(&e, LoadError::SizeMismatch { tensor, expected: 12, found: 8, .. } if tensor == "a"),
+        "{e}"
+    );
+}
+
+#[test]
+fn names_the_tensor_of_a_malformed_entry() {
+    let json = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w.q":{"dtype":"Q4","shape":[1],"data_offsets":[4,5]}}"#;
+    let e = err(json, 5);
+    assert!(
+        matches!(&e, LoadError::BadHeader { detail, .. } if detail.contains("\"w.q\"")),
+        "{e}"
+    );
+    let json = r#"{"w.k":{"dtype":"F32","data_offsets":[0,4]}}"#;
+    let e = err(json, 4);
+    assert!(
+        matches!(&e, LoadError::BadHeader { detail, .. } if detail.contains("\"w.k\"")),
+        "{e}"
+    );
+}
+
+#[test]
+fn rejects_a_dtype_flashpack_does_not_read() {
+    let json = r#"{"a":{"dtype":"F8_E8M0","shape":[4],"data_offsets":[0,4]}}"#;
+    let e = err(json, 4);
+    assert!(
+        matches!(&e, LoadError::UnsupportedDtype { tensor, dtype, .. } if tensor == "a" && dtype == "F8_E8M0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rejects_short_and_cut_headers() {
+    let e = parse(Path::new("x"), &[1, 2, 3]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LoadError::Truncated {
+                needed: 8,
+                file_len: 3,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut b = file(
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        4,
+    );
+    b.truncate(20);
+    let e = parse(Path::new("x"), &b).unwrap_err();
+    assert!(
+        matches!(e, LoadError::Truncated { file_len: 20, .. }),
+        "{e}"
+    );
+    let mut b = file("{}", 0);
+    b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let e = parse(Path::new("x"), &b).unwrap_err();
+    assert!(matches!(e, LoadError::BadHeader { .. }), "{e}");
+}
+
+#[test]
+fn reads_the_shard_index() {
+    let text = r#"{"metadata": {"total_size": 8}, "weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}}"#;
+    let index = ShardIndex::parse(text).unwrap();
+    assert_eq!(index.shards(), ["m-1.safetensors", "m-2.safetensors"]);
+    assert!(ShardIndex::parse(r#"{"weight_map": {"a": 3}}"#).is_err());
+    assert!(ShardIndex::parse(r#"{"metadata": {}}"#).is_err());
+}
