@@ -130,20 +130,27 @@ impl PackWriter {
                 ),
             });
         }
-        // Created with mode 0666 less the umask, like any other file (tempfile's default is
-        // 0600, which the rename would carry over to the pack).
+        // The name is registered for removal on SIGINT/SIGTERM before the file exists, so no
+        // signal can leave it behind. Created with mode 0666 less the umask, like any other file
+        // (tempfile's default is 0600, which the rename would carry over to the pack).
         let mut builder = tempfile::Builder::new();
         let prefix = super::tempfiles::prefix();
         builder.prefix(&prefix);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            builder.permissions(std::fs::Permissions::from_mode(0o666));
-        }
+        let mut cleanup = None;
         let tmp = builder
-            .tempfile_in(&dir)
+            .make_in(&dir, |path| {
+                cleanup = Some(super::tempfiles::register(path));
+                let mut o = std::fs::OpenOptions::new();
+                o.read(true).write(true).create_new(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    o.mode(0o666);
+                }
+                o.open(path)
+            })
             .map_err(|e| PackError::io(&dir, e))?;
-        let cleanup = super::tempfiles::register(tmp.path());
+        let cleanup = cleanup.expect("registered before the file was created");
         let removed_stale = super::tempfiles::remove_stale(&dir);
         let file = tmp.reopen().map_err(|e| PackError::io(tmp.path(), e))?;
         let mut planner = Planner::new(page_size, SECTION_COUNT);
