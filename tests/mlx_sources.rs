@@ -281,36 +281,110 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
             }
 
             // And it computes what mlx-lm computes on that folder.
-            let (pack, cfg, weights) = open::open(&pack, true).unwrap();
-            let model = Model::load(&cfg, &weights).unwrap();
-            let mut c = ExpertCache::new(&pack, &StoreOptions::default()).unwrap();
-            c.warm_all(&pack).unwrap();
-            let mut store = resident_store(&c, &cfg.sparse_layers(), cfg.num_experts)
-                .unwrap()
-                .unwrap();
-            let mut kv = model.new_cache();
-            let got = model
-                .forward_ids(PROMPT, &mut kv, &mut store)
-                .unwrap()
-                .to_vec_f32()
-                .unwrap();
-            let want = mlx::load_safetensors(&mlx_dir.join("logits.safetensors")).unwrap()
-                ["logits"]
-                .to_vec_f32()
-                .unwrap();
-            assert_eq!(got.len(), want.len(), "{what}");
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let diff = got
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                diff <= scale / 256.0,
-                "{what}: max |logit diff| {diff} at scale {scale}"
-            );
-            eprintln!("{what}: max |logit diff| {diff}");
+            assert_logits_match(&pack, &mlx_dir, &what);
         }
     }
+}
+
+/// flashpack's logits for `PROMPT` from `pack` (every expert resident) equal mlx-lm's, saved in
+/// `mlx_dir/logits.safetensors`, within 1/256 of the largest.
+fn assert_logits_match(pack: &Path, mlx_dir: &Path, what: &str) {
+    let (pack, cfg, weights) = open::open(pack, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let mut c = ExpertCache::new(&pack, &StoreOptions::default()).unwrap();
+    c.warm_all(&pack).unwrap();
+    let mut store = resident_store(&c, &cfg.sparse_layers(), cfg.num_experts)
+        .unwrap()
+        .unwrap();
+    let mut kv = model.new_cache();
+    let got = model
+        .forward_ids(PROMPT, &mut kv, &mut store)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    let want = mlx::load_safetensors(&mlx_dir.join("logits.safetensors")).unwrap()["logits"]
+        .to_vec_f32()
+        .unwrap();
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= scale / 256.0,
+        "{what}: max |logit diff| {diff} at scale {scale}"
+    );
+    eprintln!("{what}: max |logit diff| {diff}");
+}
+
+/// YaRN RoPE (`rope_type` "yarn", as DeepSeek-V3 and long-context configs use it): a factor-4
+/// scaling whose correction range falls inside the head's frequencies, with mscale, gives
+/// mlx-lm's logits through the default CLI. OLMoE is the architecture here whose mlx-lm model
+/// builds its RoPE with `initialize_rope` (mlx-lm's qwen3_moe ignores `rope_scaling`).
+#[test]
+fn yarn_rope_gives_mlx_lms_logits() {
+    if !python_has_mlx_lm() {
+        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), Arch::Olmoe);
+    let path = src.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let theta = c["rope_theta"].clone();
+    let yarn = serde_json::json!({"factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1});
+    let mut legacy = yarn.clone();
+    legacy["type"] = "yarn".into();
+    legacy["rope_type"] = "yarn".into();
+    c["rope_scaling"] = legacy;
+    let mut params = yarn;
+    params["rope_type"] = "yarn".into();
+    params["rope_theta"] = theta;
+    c["rope_parameters"] = params;
+    std::fs::write(&path, c.to_string()).unwrap();
+    let mlx_dir = dir.path().join("yarn-q4");
+    mlx_lm_folder(&src, &mlx_dir, 4, 64);
+    mlx_lm_logits(&mlx_dir);
+    let pack = dir.path().join("yarn.flashpack");
+    let out = flashpack(&[
+        "convert",
+        mlx_dir.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        Pack::open(&pack).unwrap().meta().model.rope.rope_type,
+        "yarn"
+    );
+    assert_logits_match(&pack, &mlx_dir, "olmoe yarn");
+    // The same model without the scaling gives other logits: the test sees YaRN.
+    let plain = dir.path().join("plain-q4");
+    let mut c2 = c.clone();
+    c2["rope_scaling"] = serde_json::Value::Null;
+    c2["rope_parameters"] =
+        serde_json::json!({"rope_type": "default", "rope_theta": c["rope_theta"]});
+    std::fs::write(&path, c2.to_string()).unwrap();
+    mlx_lm_folder(&src, &plain, 4, 64);
+    mlx_lm_logits(&plain);
+    let a = mlx::load_safetensors(&plain.join("logits.safetensors")).unwrap()["logits"]
+        .to_vec_f32()
+        .unwrap();
+    let b = mlx::load_safetensors(&mlx_dir.join("logits.safetensors")).unwrap()["logits"]
+        .to_vec_f32()
+        .unwrap();
+    assert!(
+        a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 0.01),
+        "yarn changed nothing"
+    );
 }
 
 #[test]

@@ -190,6 +190,15 @@ extern "C" {
         eps: f32,
         out: *mut *mut FpArray,
     ) -> c_int;
+    pub fn fp_rope_freqs(
+        x: *const FpArray,
+        dims: c_int,
+        traditional: c_int,
+        scale: f32,
+        offset: c_int,
+        freqs: *const FpArray,
+        out: *mut *mut FpArray,
+    ) -> c_int;
     pub fn fp_rope(
         x: *const FpArray,
         dims: c_int,

@@ -785,6 +785,29 @@ pub mod fast {
         })
     }
 
+    /// `mx.fast.rope(x, dims, traditional, base=None, scale, offset, freqs)`: rotary embedding
+    /// with one frequency per rotated pair given explicitly (YaRN's).
+    pub fn rope_freqs(
+        x: &Array,
+        dims: i32,
+        traditional: bool,
+        scale: f32,
+        offset: i32,
+        freqs: &Array,
+    ) -> Result<Array> {
+        make("rope_freqs", |out| unsafe {
+            ffi::fp_rope_freqs(
+                x.raw(),
+                dims,
+                traditional as c_int,
+                scale,
+                offset,
+                freqs.raw(),
+                out,
+            )
+        })
+    }
+
     /// What the attention may look at.
     #[derive(Debug, Clone, Copy)]
     pub enum Mask<'a> {

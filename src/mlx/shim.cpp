@@ -360,6 +360,14 @@ int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array**
   return guard([&] { *out = wrap(mx::fast::rms_norm(x->a, opt(weight), eps)); });
 }
 
+int fp_rope_freqs(const fp_array* x, int dims, int traditional, float scale, int offset,
+                  const fp_array* freqs, fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::fast::rope(x->a, dims, traditional != 0, std::nullopt, scale, offset,
+                               freqs->a));
+  });
+}
+
 int fp_rope(const fp_array* x, int dims, int traditional, float base, float scale, int offset,
             fp_array** out) {
   return guard([&] {

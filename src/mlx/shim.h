@@ -85,6 +85,9 @@ int fp_gather_qmm(const fp_array* x, const fp_array* w, const fp_array* scales,
                   const char* mode, int sorted_indices, fp_array** out);
 
 int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array** out);
+// mx.fast.rope with explicit frequencies (base unused), as YaRN gives them.
+int fp_rope_freqs(const fp_array* x, int dims, int traditional, float scale, int offset,
+                  const fp_array* freqs, fp_array** out);
 int fp_rope(const fp_array* x, int dims, int traditional, float base, float scale, int offset,
             fp_array** out);
 // mask_mode: "" (none) or "causal"; mask may be NULL.

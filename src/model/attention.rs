@@ -16,13 +16,76 @@ use crate::mlx::Array;
 
 type Result<T> = std::result::Result<T, ComputeError>;
 
-/// Rotary embedding as `mlx.nn.RoPE(dims, traditional, base, scale)` applies it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Rotary embedding as `mlx.nn.RoPE(dims, traditional, base, scale)` applies it, or as
+/// mlx-lm's `YarnRoPE` does (explicit frequencies, inputs scaled by `mscale`).
+#[derive(Debug, Clone)]
 pub struct RopeSpec {
     pub dims: i32,
     pub traditional: bool,
     pub base: f32,
     pub scale: f32,
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN's frequencies (one per rotated pair) and input scale.
+#[derive(Debug, Clone)]
+pub struct Yarn {
+    pub freqs: Vec<f32>,
+    pub mscale: f32,
+    freqs_array: Array,
+}
+
+impl Yarn {
+    /// mlx-lm's `YarnRoPE(dims, base, scaling_factor, original_max_position_embeddings,
+    /// beta_fast, beta_slow, mscale, mscale_all_dim)` (models/rope_utils.py): frequencies
+    /// interpolated by `factor` below the correction range, kept above it, mixed linearly within.
+    pub fn new(dims: usize, base: f64, scaling: &serde_json::Value) -> Result<Yarn> {
+        let num =
+            |k: &str, default: f64| scaling.get(k).and_then(|v| v.as_f64()).unwrap_or(default);
+        let factor = num("factor", 0.0);
+        let bad = |v: f64, min: f64| v.is_nan() || v <= min;
+        if bad(factor, 0.0) || bad(base, 1.0) || dims < 2 {
+            return Err(ComputeError::Unsupported {
+                what: format!("yarn rope scaling with factor {factor}, base {base}, dims {dims}"),
+            });
+        }
+        let original = num("original_max_position_embeddings", 4096.0);
+        let (beta_fast, beta_slow) = (num("beta_fast", 32.0), num("beta_slow", 1.0));
+        let (mscale, mscale_all_dim) = (num("mscale", 1.0), num("mscale_all_dim", 0.0));
+        let d = dims as f64;
+        let correction_dim = |rotations: f64| {
+            d * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+        };
+        let low = correction_dim(beta_fast).floor().max(0.0);
+        let mut high = correction_dim(beta_slow).ceil().min(d - 1.0);
+        if low == high {
+            high += 0.001;
+        }
+        let get_mscale = |m: f64| {
+            if factor <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * factor.ln() + 1.0
+            }
+        };
+        let half = dims / 2;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| {
+                // In f32, as MLX computes them.
+                let extra = (base as f32).powf((2 * i) as f32 / dims as f32);
+                let inter = factor as f32 * extra;
+                let ramp = (((i as f64 - low) / (high - low)) as f32).clamp(0.0, 1.0);
+                let mask = 1.0 - ramp;
+                (inter * extra) / (inter * mask + extra * (1.0 - mask))
+            })
+            .collect();
+        let freqs_array = Array::from_slice(&freqs, &[half])?;
+        Ok(Yarn {
+            mscale: (get_mscale(mscale) / get_mscale(mscale_all_dim)) as f32,
+            freqs,
+            freqs_array,
+        })
+    }
 }
 
 impl RopeSpec {
@@ -44,13 +107,26 @@ impl RopeSpec {
                     })?;
                 (1.0 / factor) as f32
             }
+            "yarn" => 1.0,
             other => {
                 return Err(ComputeError::Unsupported {
                     what: format!(
-                        "rope_type {other:?} (the runtime implements \"default\" and \"linear\")"
+                        "rope_type {other:?} (the runtime implements \"default\", \"linear\" \
+                         and \"yarn\")"
                     ),
                 })
             }
+        };
+        let yarn = match cfg.rope.rope_type.as_str() {
+            "yarn" => Some(Yarn::new(
+                cfg.head_dim,
+                cfg.rope.theta,
+                cfg.rope
+                    .scaling
+                    .as_ref()
+                    .unwrap_or(&serde_json::Value::Null),
+            )?),
+            _ => None,
         };
         Ok(RopeSpec {
             dims: i32::try_from(cfg.head_dim).map_err(|_| ComputeError::Unsupported {
@@ -59,6 +135,7 @@ impl RopeSpec {
             traditional: cfg.rope.traditional,
             base: cfg.rope.theta as f32,
             scale,
+            yarn,
         })
     }
 
@@ -66,6 +143,22 @@ impl RopeSpec {
         let offset = i32::try_from(offset).map_err(|_| ComputeError::Unsupported {
             what: format!("position {offset} beyond i32"),
         })?;
+        if let Some(y) = &self.yarn {
+            // x.at[..., :dims].multiply(mscale): the whole head, as dims is the head width.
+            let x = if y.mscale != 1.0 {
+                x.mul(&Array::scalar(y.mscale as f64, x.dtype())?)?
+            } else {
+                x.clone()
+            };
+            return Ok(fast::rope_freqs(
+                &x,
+                self.dims,
+                self.traditional,
+                self.scale,
+                offset,
+                &y.freqs_array,
+            )?);
+        }
         Ok(fast::rope(
             x,
             self.dims,

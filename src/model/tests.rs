@@ -567,7 +567,7 @@ fn load_errors_name_the_tensor() {
     );
 
     let (mut cfg, w) = q4_fixture();
-    cfg.rope.rope_type = "yarn".into();
+    cfg.rope.rope_type = "longrope".into();
     assert!(matches!(
         Model::load(&cfg, &w),
         Err(ComputeError::Unsupported { .. })
