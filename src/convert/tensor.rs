@@ -338,28 +338,6 @@ impl<'a> MatrixView<'a> {
             }
         }
     }
-
-    /// Rows `[r0, r1)` as a smaller view (for FP8, `r0` and `r1` must be multiples of the
-    /// block rows, or `r1 == rows`).
-    pub fn rows_range(&self, r0: usize, r1: usize) -> MatrixView<'a> {
-        let w = self.cols * self.elem_size();
-        let fp8 = self.fp8.map(|b| {
-            let per_row = self.cols.div_ceil(b.block_cols) * b.scale_dtype.size();
-            let (s0, s1) = (r0 / b.block_rows, r1.div_ceil(b.block_rows));
-            Fp8Blocks {
-                scales: &b.scales[s0 * per_row..s1 * per_row],
-                ..b
-            }
-        });
-        debug_assert!(fp8.is_none() || r0 % self.fp8.map_or(1, |b| b.block_rows) == 0);
-        MatrixView {
-            dtype: self.dtype,
-            rows: r1 - r0,
-            cols: self.cols,
-            data: &self.data[r0 * w..r1 * w],
-            fp8,
-        }
-    }
 }
 
 #[cfg(test)]

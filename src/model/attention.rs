@@ -30,9 +30,9 @@ pub struct RopeSpec {
 /// YaRN's frequencies (one per rotated pair) and input scale.
 #[derive(Debug, Clone)]
 pub struct Yarn {
-    pub freqs: Vec<f32>,
     pub mscale: f32,
-    freqs_array: Array,
+    /// One frequency per rotated pair.
+    freqs: Array,
 }
 
 impl Yarn {
@@ -79,11 +79,9 @@ impl Yarn {
                 (inter * extra) / (inter * mask + extra * (1.0 - mask))
             })
             .collect();
-        let freqs_array = Array::from_slice(&freqs, &[half])?;
         Ok(Yarn {
             mscale: (get_mscale(mscale) / get_mscale(mscale_all_dim)) as f32,
-            freqs,
-            freqs_array,
+            freqs: Array::from_slice(&freqs, &[half])?,
         })
     }
 }
@@ -156,7 +154,7 @@ impl RopeSpec {
                 self.traditional,
                 self.scale,
                 offset,
-                &y.freqs_array,
+                &y.freqs,
             )?);
         }
         Ok(fast::rope(

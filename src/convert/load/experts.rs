@@ -159,12 +159,6 @@ impl Checkpoint {
         rows: usize,
         cols: usize,
     ) -> Result<MatrixView<'a>, LoadError> {
-        let shape_err = || LoadError::Shape {
-            tensor: t.name.to_string(),
-            expected: vec![rows, cols],
-            found: t.shape.to_vec(),
-            why: "slice size".into(),
-        };
         if t.dtype == Dtype::F8E4M3 {
             return self.fp8_matrix(t, bytes, rows, cols);
         }
@@ -173,7 +167,12 @@ impl Checkpoint {
             found: t.dtype,
             expected: "BF16, F16 or F32 (or F8_E4M3 with block scales)",
         })?;
-        MatrixView::new(dtype, rows, cols, bytes).ok_or_else(shape_err)
+        MatrixView::new(dtype, rows, cols, bytes).ok_or_else(|| LoadError::Shape {
+            tensor: t.name.to_string(),
+            expected: vec![rows, cols],
+            found: t.shape.to_vec(),
+            why: "slice size".into(),
+        })
     }
 
     /// An FP8 weight and its `<name>_scale_inv` block scales.
