@@ -5,10 +5,12 @@
 //! [`TensorRole`] saying whether it is an expert projection (and which), a router, a tensor that
 //! must stay full precision, or a dense tensor quantized by policy.
 //! Invariant: every architecture-specific detail lives in one file per architecture
-//! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`); this file only holds what they
-//! share. Both config dialects are accepted: transformers 5.x (`rope_parameters`,
+//! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`, `deepseek_v3.rs`, `glm4_moe.rs`);
+//! this file only holds what they share. Both config dialects are accepted: transformers 5.x (`rope_parameters`,
 //! `num_local_experts`) and legacy (top-level `rope_theta` / `rope_scaling`, `num_experts`).
 
+mod deepseek_v3;
+mod glm4_moe;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -27,15 +29,28 @@ pub enum Arch {
     Mixtral,
     Olmoe,
     Qwen2Moe,
+    DeepseekV3,
+    Glm4Moe,
 }
 
 /// `model_type`s that are recognised but not supported yet; named in the error so users know
 /// the gap is known rather than a typo.
-pub const PLANNED_MODEL_TYPES: &[&str] = &["deepseek_v3", "gpt_oss"];
+pub const PLANNED_MODEL_TYPES: &[&str] = &["gpt_oss", "qwen3_next", "qwen3_5_moe"];
+
+/// Other `model_type`s that are one of the supported architectures under another name (as
+/// mlx-lm's `MODEL_REMAPPING` maps them).
+pub const MODEL_TYPE_ALIASES: &[(&str, Arch)] = &[("kimi_k2", Arch::DeepseekV3)];
 
 impl Arch {
     /// Every supported architecture, in the order shown to users.
-    pub const ALL: &'static [Arch] = &[Arch::Qwen3Moe, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2Moe];
+    pub const ALL: &'static [Arch] = &[
+        Arch::Qwen3Moe,
+        Arch::Mixtral,
+        Arch::Olmoe,
+        Arch::Qwen2Moe,
+        Arch::DeepseekV3,
+        Arch::Glm4Moe,
+    ];
 
     /// The Hugging Face `model_type` string.
     pub fn model_type(self) -> &'static str {
@@ -44,6 +59,8 @@ impl Arch {
             Arch::Mixtral => "mixtral",
             Arch::Olmoe => "olmoe",
             Arch::Qwen2Moe => "qwen2_moe",
+            Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Glm4Moe => "glm4_moe",
         }
     }
 
@@ -53,6 +70,12 @@ impl Arch {
             .iter()
             .copied()
             .find(|a| a.model_type() == model_type)
+            .or_else(|| {
+                MODEL_TYPE_ALIASES
+                    .iter()
+                    .find(|(alias, _)| *alias == model_type)
+                    .map(|&(_, a)| a)
+            })
             .ok_or_else(|| ArchError::Unsupported {
                 model_type: model_type.to_string(),
                 supported: supported_list(),
@@ -67,6 +90,8 @@ impl Arch {
             Arch::Mixtral => mixtral::UPSTREAM,
             Arch::Olmoe => olmoe::UPSTREAM,
             Arch::Qwen2Moe => qwen2_moe::UPSTREAM,
+            Arch::DeepseekV3 => deepseek_v3::UPSTREAM,
+            Arch::Glm4Moe => glm4_moe::UPSTREAM,
         }
     }
 
@@ -77,6 +102,8 @@ impl Arch {
             Arch::Mixtral => &mixtral::NAMES,
             Arch::Olmoe => &olmoe::NAMES,
             Arch::Qwen2Moe => &qwen2_moe::NAMES,
+            Arch::DeepseekV3 => &deepseek_v3::NAMES,
+            Arch::Glm4Moe => &glm4_moe::NAMES,
         }
     }
 
@@ -234,6 +261,22 @@ impl SharedExpert {
     }
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): keys and values come from one
+/// compressed latent per token (`kv_lora_rank` wide) plus a `qk_rope_head_dim`-wide rotary key
+/// shared by every head; that pair is all the KV cache holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mla {
+    /// Queries through a low-rank bottleneck (`q_a_proj`, norm, `q_b_proj`) this wide, or a
+    /// plain `q_proj` when `None`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key width with RoPE (the key part is shared by all heads).
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
 /// A model's configuration, normalized across architectures and config dialects.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -263,6 +306,14 @@ pub struct ModelConfig {
     /// Whether q/k/v projections carry a bias.
     pub attention_bias: bool,
     pub qk_norm: QkNorm,
+    /// The rotated share of each head (GLM-4.5's `partial_rotary_factor`): RoPE turns the
+    /// first `int(head_dim * factor)` values. Written to a pack only when not 1.
+    #[serde(default = "one_f64", skip_serializing_if = "is_one_f64")]
+    pub partial_rotary_factor: f64,
+    /// Multi-head latent attention instead of grouped-query attention (DeepSeek-V3); then
+    /// `head_dim` is the query/key width `qk_nope_head_dim + qk_rope_head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<Mla>,
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
@@ -298,6 +349,8 @@ impl ModelConfig {
             Arch::Mixtral => mixtral::parse(v)?,
             Arch::Olmoe => olmoe::parse(v)?,
             Arch::Qwen2Moe => qwen2_moe::parse(v)?,
+            Arch::DeepseekV3 => deepseek_v3::parse(v)?,
+            Arch::Glm4Moe => glm4_moe::parse(v)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -328,6 +381,26 @@ impl ModelConfig {
             && (layer + 1) % self.decoder_sparse_step.max(1) == 0
             && layer >= self.first_k_dense_replace
             && layer % self.moe_layer_freq.max(1) == 0
+    }
+
+    /// How many of each head's query/key values RoPE rotates: `qk_rope_head_dim` under MLA,
+    /// else `int(head_dim * partial_rotary_factor)` (mlx-lm glm4_moe.py's `nn.RoPE` dims).
+    pub fn rope_dims(&self) -> usize {
+        match &self.mla {
+            Some(m) => m.qk_rope_head_dim,
+            None => (self.head_dim as f64 * self.partial_rotary_factor) as usize,
+        }
+    }
+
+    /// Values the KV cache holds per token, over all layers: keys and values of every KV head,
+    /// or under MLA the latent and the rotary key (`kv_lora_rank + qk_rope_head_dim`), which
+    /// is what makes DeepSeek-V3's cache ~57x smaller than its 128 heads would need.
+    pub fn kv_values_per_token(&self) -> u64 {
+        let per_layer = match &self.mla {
+            Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            None => 2 * self.num_key_value_heads * self.head_dim,
+        };
+        (self.num_hidden_layers * per_layer) as u64
     }
 
     /// The sparse layers, ascending.
@@ -442,6 +515,33 @@ impl ModelConfig {
                 "a positive finite number",
             );
         }
+        let f = self.partial_rotary_factor;
+        if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+            return bad("partial_rotary_factor", f.to_string(), "a number in (0, 1]");
+        }
+        let rope = self.rope_dims();
+        if rope < 2 || rope % 2 != 0 {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "RoPE would rotate {rope} values per head (head_dim {} x partial_rotary_factor {f}); it needs an even number of at least 2",
+                    self.head_dim
+                ),
+            });
+        }
+        if let Some(m) = &self.mla {
+            let sizes = [
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_nope_head_dim", m.qk_nope_head_dim),
+                ("qk_rope_head_dim", m.qk_rope_head_dim),
+                ("v_head_dim", m.v_head_dim),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+            ];
+            for (field, v) in sizes {
+                if v == 0 {
+                    return bad(field, "0".into(), "at least 1");
+                }
+            }
+        }
         if let Some(s) = &self.shared_expert {
             if s.intermediate_size == 0 {
                 return bad(
@@ -453,6 +553,14 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+fn is_one_f64(x: &f64) -> bool {
+    *x == 1.0
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -516,6 +624,22 @@ impl<'a> Fields<'a> {
                 field: key,
                 found: x.to_string(),
                 expected: "a number",
+            }),
+        }
+    }
+
+    /// Whether the config has `key` at all (`null` included).
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.v.get(key).is_some()
+    }
+
+    pub(crate) fn str_or(&self, key: &'static str, default: &'a str) -> Result<&'a str, ArchError> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(x) => x.as_str().ok_or_else(|| ArchError::BadField {
+                field: key,
+                found: x.to_string(),
+                expected: "a string",
             }),
         }
     }
@@ -662,7 +786,12 @@ impl<'a> Fields<'a> {
             intermediate_size,
             moe_intermediate_size,
             // 5.x writes num_local_experts for Qwen3-MoE and Mixtral, legacy configs num_experts.
-            num_experts: self.usize_req(&["num_local_experts", "num_experts"])?,
+            // DeepSeek-V3 and GLM-4.5 call it n_routed_experts.
+            num_experts: self.usize_req(&[
+                "num_local_experts",
+                "num_experts",
+                "n_routed_experts",
+            ])?,
             num_experts_per_tok: self.usize_req(&["num_experts_per_tok"])?,
             norm_topk_prob: self.bool_or("norm_topk_prob", d.norm_topk_prob)?,
             router: RouterConfig::default(),
@@ -672,6 +801,8 @@ impl<'a> Fields<'a> {
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             attention_bias: self.bool_or("attention_bias", d.attention_bias)?,
             qk_norm: d.qk_norm,
+            partial_rotary_factor: 1.0,
+            mla: None,
             clip_qkv: None,
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),

@@ -74,6 +74,15 @@ pub struct FixtureSpec {
     pub routing_skew: f32,
     /// FP8 linear weights, as DeepSeek-V3 and Qwen3 FP8 checkpoints ship them.
     pub fp8: Fp8Fixture,
+    /// DeepSeek-V3's MLA: the query bottleneck (`None`: a plain `q_proj`), the latent width
+    /// and the rotary width (`qk_nope_head_dim` and `v_head_dim` are `head_dim`).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_rope_head_dim: usize,
+    /// DeepSeek-V3 / GLM-4.5: the first this-many layers are dense.
+    pub first_k_dense_replace: usize,
+    /// A `rope_scaling` record (e.g. YaRN), written in both dialects; `None`: unscaled.
+    pub rope_scaling: Option<Value>,
 }
 
 /// FP8 fixtures: the attention, MLP and expert weights (not the embeddings, the head, the
@@ -113,6 +122,38 @@ impl FixtureSpec {
             tokenizer_from: None,
             routing_skew: 0.0,
             fp8: Fp8Fixture::Off,
+            q_lora_rank: Some(128),
+            kv_lora_rank: 128,
+            qk_rope_head_dim: 32,
+            first_k_dense_replace: 1,
+            rope_scaling: None,
+        }
+    }
+
+    /// DeepSeek-V3 and GLM-4.5: sigmoid router with a selection bias, ungated shared experts,
+    /// dense first layers.
+    fn deepseek_moe(&self) -> bool {
+        matches!(self.arch, Arch::DeepseekV3 | Arch::Glm4Moe)
+    }
+
+    /// `n_group` and `topk_group` of a DeepSeek-V3 fixture: 4 groups, the best 2, when the
+    /// experts split so and top-k fits; else no groups.
+    fn groups(&self) -> (usize, usize) {
+        let e = self.num_experts;
+        if self.arch == Arch::DeepseekV3 && e % 4 == 0 && e / 4 >= 2 && self.top_k <= e / 2 {
+            (4, 2)
+        } else {
+            (1, 1)
+        }
+    }
+
+    /// The float type a tensor is written in: the fixture's, but f32 for DeepSeek's
+    /// `e_score_correction_bias` (as the checkpoints ship it).
+    fn tensor_dtype(&self, name: &str) -> FloatDtype {
+        if name.ends_with("e_score_correction_bias") {
+            FloatDtype::F32
+        } else {
+            self.dtype
         }
     }
 
@@ -143,7 +184,10 @@ impl FixtureSpec {
                     out.push((name.clone(), Dtype::F8E4M3, shape, fan_in));
                     out.push((format!("{name}_scale_inv"), Dtype::F32, scales, 0));
                 }
-                _ => out.push((name, self.dtype.dtype(), shape, fan_in)),
+                _ => {
+                    let dtype = self.tensor_dtype(&name).dtype();
+                    out.push((name, dtype, shape, fan_in))
+                }
             }
         }
         out
@@ -181,6 +225,9 @@ impl FixtureSpec {
     }
 
     fn is_sparse(&self, layer: usize) -> bool {
+        if self.deepseek_moe() {
+            return layer >= self.first_k_dense_replace;
+        }
         (layer + 1) % self.decoder_sparse_step.max(1) == 0
     }
 
@@ -206,15 +253,45 @@ impl FixtureSpec {
             let mut add = |n: String, s: Vec<usize>, fan: usize| t.push((n, s, fan));
             add(format!("{p}.input_layernorm.weight"), vec![h], 0);
             add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0);
-            for (n, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                add(format!("{p}.self_attn.{n}.weight"), vec![out, h], h);
-                if self.arch == Arch::Qwen2Moe {
-                    add(format!("{p}.self_attn.{n}.bias"), vec![out], h);
+            let a = format!("{p}.self_attn");
+            if self.arch == Arch::DeepseekV3 {
+                let (d, rope, lora) = (self.head_dim, self.qk_rope_head_dim, self.kv_lora_rank);
+                let heads = self.num_heads;
+                match self.q_lora_rank {
+                    None => add(format!("{a}.q_proj.weight"), vec![heads * (d + rope), h], h),
+                    Some(r) => {
+                        add(format!("{a}.q_a_proj.weight"), vec![r, h], h);
+                        add(format!("{a}.q_a_layernorm.weight"), vec![r], 0);
+                        add(
+                            format!("{a}.q_b_proj.weight"),
+                            vec![heads * (d + rope), r],
+                            r,
+                        );
+                    }
                 }
+                add(
+                    format!("{a}.kv_a_proj_with_mqa.weight"),
+                    vec![lora + rope, h],
+                    h,
+                );
+                add(format!("{a}.kv_a_layernorm.weight"), vec![lora], 0);
+                add(
+                    format!("{a}.kv_b_proj.weight"),
+                    vec![heads * 2 * d, lora],
+                    lora,
+                );
+                add(format!("{a}.o_proj.weight"), vec![h, heads * d], heads * d);
+            } else {
+                for (n, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                    add(format!("{a}.{n}.weight"), vec![out, h], h);
+                    if matches!(self.arch, Arch::Qwen2Moe | Arch::Glm4Moe) {
+                        add(format!("{a}.{n}.bias"), vec![out], h);
+                    }
+                }
+                add(format!("{a}.o_proj.weight"), vec![h, q], q);
             }
-            add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], q);
             match self.arch {
-                Arch::Qwen3Moe => {
+                Arch::Qwen3Moe | Arch::Glm4Moe => {
                     add(
                         format!("{p}.self_attn.q_norm.weight"),
                         vec![self.head_dim],
@@ -240,6 +317,30 @@ impl FixtureSpec {
                 continue;
             }
             add(names.router(l), vec![e, h], h);
+            if self.deepseek_moe() {
+                // Small, like a trained bias: values near 0.1 (fan_in 100).
+                add(
+                    format!("{p}.mlp.gate.e_score_correction_bias"),
+                    vec![e],
+                    100,
+                );
+                let s = self.moe_intermediate_size;
+                add(
+                    format!("{p}.mlp.shared_experts.gate_proj.weight"),
+                    vec![s, h],
+                    h,
+                );
+                add(
+                    format!("{p}.mlp.shared_experts.up_proj.weight"),
+                    vec![s, h],
+                    h,
+                );
+                add(
+                    format!("{p}.mlp.shared_experts.down_proj.weight"),
+                    vec![h, s],
+                    s,
+                );
+            }
             match self.layout {
                 FixtureLayout::PerExpert => {
                     for x in 0..e {
@@ -290,6 +391,8 @@ impl FixtureSpec {
             Arch::Mixtral => "MixtralForCausalLM",
             Arch::Olmoe => "OlmoeForCausalLM",
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Arch::Glm4Moe => "Glm4MoeForCausalLM",
         };
         let theta = match self.arch {
             Arch::Mixtral | Arch::Qwen2Moe => 1_000_000.0,
@@ -336,14 +439,46 @@ impl FixtureSpec {
             c["shared_expert_intermediate_size"] = json!(self.shared_expert_intermediate_size);
             c["qkv_bias"] = json!(true);
         }
+        if self.deepseek_moe() {
+            let (n_group, topk_group) = self.groups();
+            for (k, v) in [
+                ("moe_intermediate_size", json!(self.moe_intermediate_size)),
+                ("n_shared_experts", json!(1)),
+                ("routed_scaling_factor", json!(2.5)),
+                ("topk_method", json!("noaux_tc")),
+                ("scoring_func", json!("sigmoid")),
+                ("n_group", json!(n_group)),
+                ("topk_group", json!(topk_group)),
+                ("first_k_dense_replace", json!(self.first_k_dense_replace)),
+                ("num_nextn_predict_layers", json!(0)),
+            ] {
+                c[k] = v;
+            }
+        }
+        if self.arch == Arch::DeepseekV3 {
+            c["num_key_value_heads"] = json!(self.num_heads);
+            c["q_lora_rank"] = json!(self.q_lora_rank);
+            c["kv_lora_rank"] = json!(self.kv_lora_rank);
+            c["qk_rope_head_dim"] = json!(self.qk_rope_head_dim);
+            c["qk_nope_head_dim"] = json!(self.head_dim);
+            c["v_head_dim"] = json!(self.head_dim);
+            c["moe_layer_freq"] = json!(1);
+        }
+        if self.arch == Arch::Glm4Moe {
+            c["partial_rotary_factor"] = json!(0.5);
+            c["use_qk_norm"] = json!(true);
+            c["attention_bias"] = json!(true);
+        }
         // transformers 5.x writes num_local_experts for Qwen3-MoE and Mixtral (attribute_map),
         // num_experts for OLMoE and Qwen2-MoE; Mixtral's legacy key is num_local_experts too.
         let five_x_key = match self.arch {
             Arch::Qwen3Moe | Arch::Mixtral => "num_local_experts",
+            Arch::DeepseekV3 | Arch::Glm4Moe => "n_routed_experts",
             _ => "num_experts",
         };
         let legacy_key = match self.arch {
             Arch::Mixtral => "num_local_experts",
+            Arch::DeepseekV3 | Arch::Glm4Moe => "n_routed_experts",
             _ => "num_experts",
         };
         if let Fp8Fixture::Blocks(b) = self.fp8 {
@@ -355,12 +490,19 @@ impl FixtureSpec {
             });
         }
         if self.dialect != Dialect::Legacy {
-            c["rope_parameters"] = json!({"rope_theta": theta, "rope_type": "default"});
+            let mut p = json!({"rope_theta": theta, "rope_type": "default"});
+            if let Some(Value::Object(sc)) = &self.rope_scaling {
+                for (k, v) in sc {
+                    let k = if k == "type" { "rope_type" } else { k.as_str() };
+                    p[k] = v.clone();
+                }
+            }
+            c["rope_parameters"] = p;
             c[five_x_key] = json!(self.num_experts);
         }
         if self.dialect != Dialect::Transformers5 {
             c["rope_theta"] = json!(theta);
-            c["rope_scaling"] = Value::Null;
+            c["rope_scaling"] = self.rope_scaling.clone().unwrap_or(Value::Null);
             c[legacy_key] = json!(self.num_experts);
         }
         c
@@ -507,7 +649,8 @@ impl FixtureSpec {
     fn values(&self, name: &str, shape: &[usize], fan_in: usize) -> Vec<u8> {
         const CHUNK: usize = 1 << 16;
         let n: usize = shape.iter().product();
-        let es = self.dtype.size();
+        let dtype = self.tensor_dtype(name);
+        let es = dtype.size();
         let mut out = vec![0u8; n * es];
         let name_seed = fnv1a(name.as_bytes()) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let (scale, offset) = if fan_in == 0 {
@@ -515,7 +658,6 @@ impl FixtureSpec {
         } else {
             (1.0 / (fan_in as f32).sqrt(), 0.0)
         };
-        let dtype = self.dtype;
         let skew = self.skew_terms(name);
         out.par_chunks_mut(CHUNK * es)
             .enumerate()

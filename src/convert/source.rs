@@ -91,6 +91,11 @@ impl SourceWeights {
                     }
                     tensors.insert(t.name.clone(), a);
                 }
+                TensorData::Derived(d) => {
+                    let a = Array::from_slice(&d.values(), &d.shape())?;
+                    a.eval()?;
+                    tensors.insert(t.name.clone(), a);
+                }
                 TensorData::Quantized(q) => {
                     let module = t.name.trim_end_matches(".weight").to_string();
                     let m = mlx_codes(&q, &[])?;

@@ -117,7 +117,7 @@ impl RopeSpec {
         };
         let yarn = match cfg.rope.rope_type.as_str() {
             "yarn" => Some(Yarn::new(
-                cfg.head_dim,
+                cfg.rope_dims(),
                 cfg.rope.theta,
                 cfg.rope
                     .scaling
@@ -127,8 +127,10 @@ impl RopeSpec {
             _ => None,
         };
         Ok(RopeSpec {
-            dims: i32::try_from(cfg.head_dim).map_err(|_| ComputeError::Unsupported {
-                what: format!("head_dim {}", cfg.head_dim),
+            // nn.RoPE(int(head_dim * partial_rotary_factor)) (glm4_moe.py), qk_rope_head_dim
+            // under MLA, else the whole head.
+            dims: i32::try_from(cfg.rope_dims()).map_err(|_| ComputeError::Unsupported {
+                what: format!("RoPE over {} values", cfg.rope_dims()),
             })?,
             traditional: cfg.rope.traditional,
             base: cfg.rope.theta as f32,
@@ -137,16 +139,30 @@ impl RopeSpec {
         })
     }
 
-    fn apply(&self, x: &Array, offset: usize) -> Result<Array> {
+    pub(super) fn apply(&self, x: &Array, offset: usize) -> Result<Array> {
         let offset = i32::try_from(offset).map_err(|_| ComputeError::Unsupported {
             what: format!("position {offset} beyond i32"),
         })?;
         if let Some(y) = &self.yarn {
-            // x.at[..., :dims].multiply(mscale): the whole head, as dims is the head width.
-            let x = if y.mscale != 1.0 {
-                x.mul(&Array::scalar(y.mscale as f64, x.dtype())?)?
-            } else {
+            // x[..., :dims] = mscale * x[..., :dims]
+            let x = if y.mscale == 1.0 {
                 x.clone()
+            } else {
+                let m = Array::scalar(y.mscale as f64, x.dtype())?;
+                let s = x.shape();
+                let width = s.last().copied().unwrap_or(0);
+                if width as i32 == self.dims {
+                    x.mul(&m)?
+                } else {
+                    let stop: Vec<i32> = s.iter().map(|&d| d as i32).collect();
+                    let mut mid = stop.clone();
+                    *mid.last_mut().unwrap_or(&mut 0) = self.dims;
+                    let mut start = vec![0i32; stop.len()];
+                    let head = x.slice(&start, &mid)?.mul(&m)?;
+                    *start.last_mut().unwrap_or(&mut 0) = self.dims;
+                    let tail = x.slice(&start, &stop)?;
+                    crate::mlx::concatenate(&[&head, &tail], -1)?
+                }
             };
             return Ok(fast::rope_freqs(
                 &x,

@@ -1,5 +1,5 @@
 //! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
-//! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE).
+//! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2, GLM-4.5).
 //!
 //! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
@@ -11,9 +11,12 @@
 //! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
+mod deepseek_v3;
+mod glm4_moe;
 mod kv_cache;
 mod layers;
 mod mixtral;
+mod mla;
 mod moe;
 mod olmoe;
 mod qwen2_moe;
@@ -24,6 +27,7 @@ mod weights;
 pub use attention::{mask_for, Attention, RopeSpec};
 pub use kv_cache::{KvCache, LayerKv};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
+pub use mla::{MlaAttention, MultiLinear};
 pub use moe::{
     switch_glu, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute, ResidentExperts,
     SharedExpert,
@@ -111,6 +115,8 @@ fn spec(arch: Arch) -> &'static Spec {
         Arch::Mixtral => &mixtral::SPEC,
         Arch::Olmoe => &olmoe::SPEC,
         Arch::Qwen2Moe => &qwen2_moe::SPEC,
+        Arch::DeepseekV3 => &deepseek_v3::SPEC,
+        Arch::Glm4Moe => &glm4_moe::SPEC,
     }
 }
 
@@ -120,11 +126,34 @@ enum Ffn {
     Sparse(MoeBlock),
 }
 
+/// A layer's attention: grouped-query (with its options) or multi-head latent.
+#[derive(Debug, Clone)]
+enum SelfAttention {
+    Gqa(Attention),
+    Mla(MlaAttention),
+}
+
+impl SelfAttention {
+    fn load(w: &dyn Weights, module: &str, cfg: &ModelConfig) -> Result<SelfAttention> {
+        Ok(match &cfg.mla {
+            Some(m) => SelfAttention::Mla(MlaAttention::load(w, module, cfg, m)?),
+            None => SelfAttention::Gqa(Attention::load(w, module, cfg)?),
+        })
+    }
+
+    fn forward(&self, x: &Array, mask: mlx::fast::Mask<'_>, kv: &mut LayerKv) -> Result<Array> {
+        match self {
+            SelfAttention::Gqa(a) => a.forward(x, mask, kv),
+            SelfAttention::Mla(a) => a.forward(x, mask, kv),
+        }
+    }
+}
+
 /// One decoder layer: attention and its feed-forward (dense or sparse), with their norms.
 #[derive(Debug, Clone)]
 pub struct Block {
     input_norm: RmsNorm,
-    attn: Attention,
+    attn: SelfAttention,
     post_norm: RmsNorm,
     ffn: Ffn,
 }
@@ -143,7 +172,7 @@ impl Block {
         };
         Ok(Block {
             input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
-            attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            attn: SelfAttention::load(w, &format!("{p}.self_attn"), cfg)?,
             post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
             ffn,
         })

@@ -10,6 +10,7 @@
 //! codes with `scales`/`biases`).
 //! Invariant: shapes are checked against the config before any view is handed out.
 
+use super::derived::{kv_b_split_names, HeadSplit, KvPart};
 use super::{Checkpoint, LoadError, TensorRef};
 use crate::arch::{Arch, Part, Proj, TensorRole};
 use crate::convert::quantize::{ExpertProjections, ProjSource, QuantParams, QuantizedView};
@@ -132,6 +133,8 @@ pub enum TensorData<'a> {
     Quantized(QuantizedView<'a>),
     /// An FP8 2-D weight with block scales, standing for bf16 values.
     Fp8(MatrixView<'a>),
+    /// A 2-D float tensor computed from a source tensor on request (`derived.rs`).
+    Derived(HeadSplit<'a>),
     /// Anything else (integer buffers): copied as is.
     Other {
         dtype: Dtype,
@@ -445,7 +448,14 @@ impl Checkpoint {
             parts.push((bn.as_str(), bt, &sshape));
         }
         for (tn, tt, want) in parts {
-            if tt.shape != want.as_slice() {
+            // A [heads, out, ...] stack of a dense module is compared as its rows.
+            let found: Vec<usize> = match (stack, tt.shape) {
+                (None, [lead @ .., last]) if lead.len() > 1 => {
+                    vec![lead.iter().product(), *last]
+                }
+                _ => tt.shape.to_vec(),
+            };
+            if found != *want {
                 return Err(LoadError::Shape {
                     tensor: tn.to_string(),
                     expected: want.clone(),
@@ -546,6 +556,31 @@ impl Checkpoint {
                 }
             }
             let t = self.tensor(name)?;
+            // mlx-lm's sanitize: kv_b_proj -> embed_q + unembed_out (derived.rs).
+            if let (Some(m), Some((keys, values))) = (&self.config.mla, kv_b_split_names(name)) {
+                if t.shape.len() == 2 && (t.dtype.float().is_some() || t.dtype == Dtype::F8E4M3) {
+                    let view = self.float_matrix(t, t.data, t.shape[0], t.shape[1])?;
+                    for (n, part) in [(keys, KvPart::Keys), (values, KvPart::Values)] {
+                        let split = HeadSplit::new(view, self.config.num_attention_heads, m, part)
+                            .ok_or_else(|| LoadError::Shape {
+                                tensor: name.to_string(),
+                                expected: vec![
+                                    self.config.num_attention_heads
+                                        * (m.qk_nope_head_dim + m.v_head_dim),
+                                    m.kv_lora_rank,
+                                ],
+                                found: t.shape.to_vec(),
+                                why: "num_attention_heads x (qk_nope_head_dim + v_head_dim) rows of kv_lora_rank".into(),
+                            })?;
+                        out.push(DenseTensor {
+                            name: n,
+                            role: TensorRole::Dense,
+                            data: TensorData::Derived(split),
+                        });
+                    }
+                    continue;
+                }
+            }
             let data = match (t.dtype, t.dtype.float()) {
                 (Dtype::F8E4M3, _) if t.shape.len() == 2 => {
                     TensorData::Fp8(self.fp8_matrix(t, t.data, t.shape[0], t.shape[1])?)
@@ -555,7 +590,10 @@ impl Checkpoint {
                     shape: t.shape,
                     bytes: t.data,
                 },
-                (Dtype::U32, None) if name.ends_with(".weight") && t.shape.len() == 2 => {
+                // 2-D, or mlx-lm's [heads, out, in] MultiLinear codes (stored as their rows).
+                (Dtype::U32, None) if name.ends_with(".weight") && t.shape.len() >= 2 => {
+                    let rows: usize = t.shape[..t.shape.len() - 1].iter().product();
+                    let words = t.shape[t.shape.len() - 1];
                     let module = &name[..name.len() - ".weight".len()];
                     let sn = format!("{module}.scales");
                     let bn = format!("{module}.biases");
@@ -574,13 +612,13 @@ impl Checkpoint {
                             }
                         })?;
                         let p: QuantParams = q.params_for(module)?;
-                        let cols = t.shape[1] * 32 / p.bits as usize;
+                        let cols = words * 32 / p.bits as usize;
                         TensorData::Quantized(self.quantized_view(
                             name,
                             Some(&sn),
                             Some(&bn),
                             None,
-                            t.shape[0],
+                            rows,
                             cols,
                         )?)
                     }

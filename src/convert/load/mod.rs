@@ -11,6 +11,7 @@
 //! tensor the index names was found in its shard; later stages only slice checked ranges.
 
 mod check;
+pub mod derived;
 mod experts;
 pub mod safetensors;
 

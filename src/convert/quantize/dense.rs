@@ -221,6 +221,32 @@ pub fn plan_dense<'a>(
                 }
             }
         }
+        // kv_b_proj's halves (load/derived.rs): computed now, then as a float weight.
+        TensorData::Derived(d) => {
+            let [rows, cols] = d.shape();
+            let bytes = d.bytes();
+            let dtype = d.dtype();
+            let target = policy
+                .params()
+                .filter(|p| !full_precision && p.fits(cols) && name.ends_with(".weight"));
+            let m =
+                MatrixView::new(dtype, rows, cols, &bytes).ok_or_else(|| QuantError::Invalid {
+                    what: name.to_string(),
+                    detail: "size".into(),
+                })?;
+            match target {
+                Some(p) => quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?)),
+                None => vec![DenseOut {
+                    name: name.to_string(),
+                    dtype: dtype.dtype(),
+                    shape: vec![rows, cols],
+                    bits: 0,
+                    group_size: 0,
+                    mode: QuantMode::Affine,
+                    bytes: Cow::Owned(bytes),
+                }],
+            }
+        }
         TensorData::Float {
             dtype,
             shape,

@@ -1,0 +1,111 @@
+//! Tensors the pack stores under other names than the source: mlx-lm's `sanitize` done at
+//! conversion, so a pack holds what mlx-lm's model reads and the runtime needs no source names.
+//!
+//! In: a source tensor's float view (bf16, or FP8 codes with block scales). Out: the derived
+//! tensor's values on request ([`HeadSplit::values`]); nothing is computed before the quantize
+//! stage asks, so conversion holds one derived tensor at a time.
+//! Today one rule: DeepSeek-V3's `self_attn.kv_b_proj.weight` `[heads * (nope + v), kv_lora]`
+//! becomes `embed_q.weight` `[heads * kv_lora, nope]` (each head's key rows, transposed) and
+//! `unembed_out.weight` `[heads * v, kv_lora]` (each head's value rows), as mlx-lm 0.32.2's
+//! deepseek_v3.py `sanitize` splits it. Stored as 2-D rows they quantize exactly as mlx-lm
+//! quantizes its `[heads, out, in]` `MultiLinear` weights (groups run along the last axis).
+
+use crate::arch::Mla;
+use crate::convert::tensor::{FloatDtype, MatrixView};
+
+/// Which half of `kv_b_proj`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvPart {
+    /// `embed_q`: per head, the `qk_nope_head_dim` key rows, transposed.
+    Keys,
+    /// `unembed_out`: per head, the `v_head_dim` value rows.
+    Values,
+}
+
+/// One half of a `kv_b_proj`, split per head.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadSplit<'a> {
+    pub source: MatrixView<'a>,
+    pub heads: usize,
+    pub nope: usize,
+    pub v: usize,
+    pub part: KvPart,
+}
+
+/// The names of the two halves: `(embed_q, unembed_out)` weight names for a
+/// `...self_attn.kv_b_proj.weight`, else `None`.
+pub fn kv_b_split_names(name: &str) -> Option<(String, String)> {
+    let module = name.strip_suffix(".kv_b_proj.weight")?;
+    Some((
+        format!("{module}.embed_q.weight"),
+        format!("{module}.unembed_out.weight"),
+    ))
+}
+
+impl<'a> HeadSplit<'a> {
+    /// `None` when `source`'s shape is not `[heads * (nope + v), kv_lora]`.
+    pub fn new(source: MatrixView<'a>, heads: usize, m: &Mla, part: KvPart) -> Option<Self> {
+        let per_head = m.qk_nope_head_dim + m.v_head_dim;
+        (source.rows == heads * per_head && source.cols == m.kv_lora_rank).then_some(HeadSplit {
+            source,
+            heads,
+            nope: m.qk_nope_head_dim,
+            v: m.v_head_dim,
+            part,
+        })
+    }
+
+    /// The float type of the values (bf16 for an FP8 source).
+    pub fn dtype(&self) -> FloatDtype {
+        self.source.dtype
+    }
+
+    /// `[rows, cols]` as stored.
+    pub fn shape(&self) -> [usize; 2] {
+        let lora = self.source.cols;
+        match self.part {
+            KvPart::Keys => [self.heads * lora, self.nope],
+            KvPart::Values => [self.heads * self.v, lora],
+        }
+    }
+
+    /// The values, row-major, as f32 (exact: they are the source's values, only moved).
+    pub fn values(&self) -> Vec<f32> {
+        let lora = self.source.cols;
+        let [rows, cols] = self.shape();
+        let mut out = vec![0f32; rows * cols];
+        let mut row = vec![0f32; lora];
+        let per_head = self.nope + self.v;
+        for h in 0..self.heads {
+            match self.part {
+                KvPart::Keys => {
+                    // wk = v[:, :nope, :].swapaxes(-1, -2): out[h, c, j] = src[h, j, c]
+                    for j in 0..self.nope {
+                        self.source.row_f32(h * per_head + j, &mut row);
+                        for (c, &x) in row.iter().enumerate() {
+                            out[(h * lora + c) * cols + j] = x;
+                        }
+                    }
+                }
+                KvPart::Values => {
+                    // wv = v[:, nope:, :]
+                    for j in 0..self.v {
+                        let at = (h * self.v + j) * cols;
+                        self.source
+                            .row_f32(h * per_head + self.nope + j, &mut out[at..at + cols]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The values in [`HeadSplit::dtype`], little-endian.
+    pub fn bytes(&self) -> Vec<u8> {
+        let vals = self.values();
+        let dtype = self.dtype();
+        let mut out = vec![0u8; vals.len() * dtype.size()];
+        dtype.write_all(&vals, &mut out);
+        out
+    }
+}

@@ -1,0 +1,253 @@
+//! DeepSeek-V3 (MLA, YaRN, grouped sigmoid routing, shared experts, dense first layer) and
+//! GLM-4.5 (partial rotary, q/k/v biases, q/k norm, the same router) through the default CLI:
+//! `flashpack convert SRC -o P` of a Hugging Face bf16 folder and of mlx-lm's 4-bit conversion
+//! of it give mlx-lm's logits for a prefill plus 8 cached decode steps, with every expert
+//! resident and streaming through a cache smaller than one layer's experts. The configs have
+//! odd widths (hidden 192, 3 heads), no BOS token, and a non-default RoPE (YaRN with mscale for
+//! DeepSeek-V3, a half-rotary head and theta 50,000 for GLM-4.5). Needs python3 with mlx-lm (CI
+//! installs it); skipped with a note otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flashpack::arch::Arch;
+use flashpack::convert::fixtures::FixtureSpec;
+use flashpack::format::Pack;
+use flashpack::mlx::{self, Array};
+use flashpack::model::{ExpertStore, Model};
+use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
+use flashpack::run::open;
+use flashpack::run::stream::{resident_store, StreamingExperts};
+
+const PROMPT: &[u32] = &[
+    785, 3840, 315, 279, 1879, 374, 264, 3364, 911, 1246, 11, 323, 13, 5112, 42, 977, 8000, 12, 1,
+    2048, 333, 4444, 5, 6001,
+];
+const DECODE: &[u32] = &[17, 4093, 220, 7, 8191, 300, 1500, 64];
+/// One bf16 step of the largest logit (the golden tests' tolerance).
+const LOGIT_TOL_REL: f32 = 1.0 / 256.0;
+
+fn python_has_mlx_lm() -> bool {
+    Command::new("python3")
+        .args(["-c", "import mlx_lm"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn flashpack(args: &[&str]) {
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_flashpack")).args(args),
+        &format!("flashpack {}", args.join(" ")),
+    );
+}
+
+/// The test model of `arch`: not the fixture defaults (3 heads of 64, 12 experts top-3, three
+/// layers of which the first is dense), no BOS, and a non-default RoPE.
+fn spec(arch: Arch) -> FixtureSpec {
+    let yarn = serde_json::json!({"type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 0.8});
+    FixtureSpec {
+        hidden_size: 192,
+        num_layers: 3,
+        num_experts: 12,
+        top_k: 3,
+        moe_intermediate_size: 128,
+        intermediate_size: 320,
+        num_heads: 3,
+        num_kv_heads: 1,
+        head_dim: 64,
+        vocab_size: 8192,
+        q_lora_rank: Some(128),
+        kv_lora_rank: 192,
+        qk_rope_head_dim: 32,
+        first_k_dense_replace: 1,
+        rope_scaling: (arch == Arch::DeepseekV3).then_some(yarn),
+        tokenizer_from: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny")),
+        ..FixtureSpec::tiny(arch)
+    }
+}
+
+/// Writes `spec` into `dir` without a BOS token (and for GLM-4.5 with theta 50,000).
+fn write(spec: &FixtureSpec, dir: &Path) -> PathBuf {
+    spec.write(dir).unwrap();
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c.as_object_mut().unwrap().remove("bos_token_id");
+    if spec.arch == Arch::Glm4Moe {
+        c["rope_theta"] = 50_000.0.into();
+        c["rope_parameters"]["rope_theta"] = 50_000.0.into();
+    }
+    std::fs::write(&path, c.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// mlx-lm's logits on `mlx_dir`: the prompt in one call, then each decode token through the
+/// cache, saved as `mlx_dir/logits.safetensors` (`prefill` [L, V], `decode` [S, V], f32).
+fn mlx_lm_logits(mlx_dir: &Path) {
+    let list = |ids: &[u32]| {
+        ids.iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let script = format!(
+        "import mlx.core as mx\nfrom mlx_lm import load\nfrom mlx_lm.models.cache import make_prompt_cache\n\
+         m, _ = load({dir:?})\nc = make_prompt_cache(m)\n\
+         p = m(mx.array([[{prompt}]]), cache=c)[0].astype(mx.float32)\nsteps = []\n\
+         for t in [{decode}]:\n    steps.append(m(mx.array([[t]]), cache=c)[0, -1].astype(mx.float32))\n\
+         mx.save_safetensors({out:?}, {{'prefill': p, 'decode': mx.stack(steps)}})\n",
+        dir = mlx_dir.display().to_string(),
+        prompt = list(PROMPT),
+        decode = list(DECODE),
+        out = mlx_dir.join("logits.safetensors").display().to_string(),
+    );
+    run_ok(
+        Command::new("python3").args(["-c", &script]),
+        "mlx-lm logits",
+    );
+}
+
+fn max_diff(got: &Array, want: &Array) -> (f32, f32) {
+    let (a, b) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+    assert_eq!(a.len(), b.len());
+    let d = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (d, b.iter().fold(0f32, |m, y| m.max(y.abs())))
+}
+
+/// The pack's logits equal mlx-lm's for the prompt and each decode step; `budget`: a cache of
+/// this many expert slots (streaming), or every expert resident.
+fn check(pack: &Path, mlx_dir: &Path, budget: Option<u64>, what: &str) {
+    let (pack, cfg, weights) = open::open(pack, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let g = mlx::load_safetensors(&mlx_dir.join("logits.safetensors")).unwrap();
+    let slot = {
+        let e = &pack.experts()[0];
+        e.decoded_len / e.row_count as u64 * pack.intermediate_size() as u64
+    };
+    let opts = StoreOptions {
+        budget_bytes: budget.map(|n| n * slot),
+        policy: PolicyKind::Lru,
+        verify: true,
+        ..StoreOptions::default()
+    };
+    let mut cache = ExpertCache::new(&pack, &opts).unwrap();
+    let mut streaming;
+    let mut resident;
+    let store: &mut dyn ExpertStore = match budget {
+        None => {
+            cache.warm_all(&pack).unwrap();
+            resident = resident_store(&cache, &cfg.sparse_layers(), cfg.num_experts)
+                .unwrap()
+                .unwrap();
+            &mut resident
+        }
+        Some(_) => {
+            streaming = StreamingExperts::new(&pack, cache, cfg.num_experts, true);
+            &mut streaming
+        }
+    };
+    let mut kv = model.new_cache();
+    let logits = model.forward_ids(PROMPT, &mut kv, store).unwrap();
+    let (d, s) = max_diff(&logits, &g["prefill"]);
+    assert!(d <= LOGIT_TOL_REL * s, "{what} prefill: {d} at scale {s}");
+    let mut worst = d;
+    for (step, &t) in DECODE.iter().enumerate() {
+        let logits = model.forward_ids(&[t], &mut kv, store).unwrap();
+        let v = logits.dim(-1).unwrap() as i32;
+        let want = g["decode"]
+            .slice(&[step as i32, 0], &[step as i32 + 1, v])
+            .unwrap();
+        let (d, s) = max_diff(&logits, &want);
+        assert!(
+            d <= LOGIT_TOL_REL * s,
+            "{what} decode {step}: {d} at scale {s}"
+        );
+        worst = worst.max(d);
+    }
+    eprintln!("{what}: max |logit diff| {worst}");
+}
+
+#[test]
+fn deepseek_v3_and_glm4_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
+    if !python_has_mlx_lm() {
+        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm checks skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut cases = vec![(Arch::DeepseekV3, "deepseek_v3", spec(Arch::DeepseekV3))];
+    // DeepSeek-V2-Lite style: no query bottleneck, a plain q_proj.
+    cases.push((
+        Arch::DeepseekV3,
+        "deepseek_v3 q_lora_rank null",
+        FixtureSpec {
+            q_lora_rank: None,
+            seed: 1,
+            ..spec(Arch::DeepseekV3)
+        },
+    ));
+    cases.push((Arch::Glm4Moe, "glm4_moe", spec(Arch::Glm4Moe)));
+    for (k, (arch, what, s)) in cases.into_iter().enumerate() {
+        let hf = write(&s, &d.join(format!("hf-{k}")));
+        let mlx_dir = d.join(format!("mlx-{k}"));
+        run_ok(
+            Command::new("python3")
+                .args(["-m", "mlx_lm", "convert", "--hf-path"])
+                .arg(&hf)
+                .arg("--mlx-path")
+                .arg(&mlx_dir)
+                .args(["-q", "--q-bits", "4", "--q-group-size", "64"]),
+            "mlx_lm convert",
+        );
+        mlx_lm_logits(&mlx_dir);
+        for (src, label) in [(&hf, "hf bf16"), (&mlx_dir, "mlx-lm 4-bit")] {
+            let pack = d.join(format!("{k}-{}.flashpack", label.replace(' ', "-")));
+            flashpack(&[
+                "convert",
+                src.to_str().unwrap(),
+                "-o",
+                pack.to_str().unwrap(),
+                "--quiet",
+            ]);
+            let meta = Pack::open(&pack).unwrap().meta().model.clone();
+            assert_eq!(meta.arch, arch);
+            assert_eq!(meta.bos_token_id, None, "{what}: no BOS");
+            match arch {
+                Arch::DeepseekV3 => {
+                    assert_eq!(meta.rope.rope_type, "yarn", "{what}");
+                    assert!(meta.mla.is_some(), "{what}");
+                    assert_eq!(meta.router.n_group, 4, "{what}");
+                }
+                _ => assert_eq!(meta.rope_dims(), 32, "{what}: half the head rotates"),
+            }
+            assert!(meta.router.selection_bias && meta.shared_expert.is_some());
+            assert!(
+                !meta.is_sparse_layer(0) && meta.is_sparse_layer(1),
+                "{what}"
+            );
+            check(&pack, &mlx_dir, None, &format!("{what} {label} resident"));
+            // 4 slots for 12 experts top-3: every layer evicts, and prefill chunks route to
+            // more experts than fit.
+            check(
+                &pack,
+                &mlx_dir,
+                Some(4),
+                &format!("{what} {label} streaming"),
+            );
+        }
+    }
+}
