@@ -14,6 +14,7 @@ the top-32 logits per step are kept (`top_values` / `top_indices`, [1 + N, 32]);
 Invariant: same inputs and versions -> same file; versions are recorded in the metadata.
 
     python scripts/golden_logits.py --all                 # regenerate fixtures/golden/*
+    python scripts/golden_logits.py --all --arch glm4_moe # one architecture's
     python scripts/golden_logits.py --hf DIR --bits 4 --out OUT
 """
 import argparse
@@ -128,6 +129,9 @@ def golden_trained(hf, out, bits, text, greedy):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="regenerate fixtures/golden/*")
+    ap.add_argument("--arch", action="append", choices=sorted(tiny_moe.CONFIGS),
+                    help="with --all: only these architectures (repeatable); the trained model's "
+                         "golden only when none is given")
     ap.add_argument("--hf", help="Hugging Face folder")
     ap.add_argument("--out")
     ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 6, 8])
@@ -137,7 +141,7 @@ def main():
     args = ap.parse_args()
     if args.all:
         with tempfile.TemporaryDirectory() as tmp:
-            for arch in sorted(tiny_moe.CONFIGS):
+            for arch in sorted(args.arch or tiny_moe.CONFIGS):
                 hf = tiny_moe.write(arch, Path(tmp) / arch, seed=0)
                 for bits in (4, 2):
                     golden_random(hf, GOLDEN / f"{arch}-q{bits}", bits)
@@ -145,8 +149,9 @@ def main():
                 recipe = {"qwen3_moe": "mixed_2_6", "mixtral": "mixed_3_4"}.get(arch)
                 if recipe:
                     golden_random(hf, GOLDEN / f"{arch}-{recipe}", 4, recipe=recipe)
-        golden_trained(ROOT / "fixtures/qwen3moe-tiny", GOLDEN / "qwen3moe-tiny-q4", 4,
-                       "The history of", 16)
+        if not args.arch:
+            golden_trained(ROOT / "fixtures/qwen3moe-tiny", GOLDEN / "qwen3moe-tiny-q4", 4,
+                           "The history of", 16)
         return
     if not (args.hf and args.out):
         ap.error("--hf and --out are required without --all")

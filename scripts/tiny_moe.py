@@ -4,7 +4,7 @@
 In: an architecture name and a seed. Out: a folder that `mlx_lm convert` accepts, with tensors under
 the Hugging Face names of that architecture (see ../shared/REFERENCE.md, "Tensor names on disk").
 Invariant: same (arch, seed) -> same bytes. Widths are multiples of 64 so mlx-lm quantizes every
-linear layer at group size 64. Weights are bf16 like real checkpoints; the scale (1/sqrt(fan_in),
+linear layer at group size 64 (DeepSeek-V3's rotary width, 32, is only ever an output width). Weights are bf16 like real checkpoints; the scale (1/sqrt(fan_in),
 norms near 1) keeps activations O(1) so routing and logits are not degenerate.
 
 Used by scripts/golden_logits.py; usable alone:
@@ -29,6 +29,30 @@ HEAD_DIM = 32
 EXPERTS = 4
 EXPERT_WIDTH = 64
 VOCAB = 256
+
+# DeepSeek-V3 and GLM-4.5: odd widths (hidden 192, 3 heads), 3 layers of which the first is dense,
+# 8 experts top-3 (DeepSeek-V3 in 4 groups of which 2 are chosen), one shared expert, no BOS, and a
+# non-default RoPE (DeepSeek-V3: YaRN with mscale; GLM-4.5: half-rotary heads, theta 50,000).
+DS_HIDDEN = 192
+DS_HEADS = 3
+DS_LAYERS = 3
+DS_EXPERTS = 8
+DEEPSEEK_MOE = {
+    "intermediate_size": 320,
+    "moe_intermediate_size": EXPERT_WIDTH,
+    "n_routed_experts": DS_EXPERTS,
+    "num_experts_per_tok": 3,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 1,
+    "num_nextn_predict_layers": 0,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
 
 # Config fields per architecture. Legacy keys (rope_theta, num_experts) are what mlx-lm 0.32.2 reads;
 # qwen3_moe also carries the transformers 5.x spelling, as fixtures/qwen3moe-tiny does.
@@ -87,7 +111,51 @@ CONFIGS = {
         "max_position_embeddings": 2048,
         "tie_word_embeddings": False,
     },
+    "deepseek_v3": {
+        **DEEPSEEK_MOE,
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "hidden_size": DS_HIDDEN,
+        "num_hidden_layers": DS_LAYERS,
+        "num_attention_heads": DS_HEADS,
+        "num_key_value_heads": DS_HEADS,
+        "q_lora_rank": 128,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+        "n_group": 4,
+        "topk_group": 2,
+        "moe_layer_freq": 1,
+        "attention_bias": False,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8},
+        "bos_token_id": None,
+    },
+    "glm4_moe": {
+        **DEEPSEEK_MOE,
+        "architectures": ["Glm4MoeForCausalLM"],
+        "hidden_size": DS_HIDDEN,
+        "num_hidden_layers": DS_LAYERS,
+        "num_attention_heads": DS_HEADS,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "partial_rotary_factor": 0.5,
+        "use_qk_norm": True,
+        "attention_bias": True,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.5,
+        "rope_theta": 50000.0,
+        "rope_scaling": None,
+        "bos_token_id": None,
+    },
 }
+
+# Seeds per architecture: the first four keep the indices they had when they were the only ones,
+# so adding an architecture leaves their goldens byte-identical.
+SEED_INDEX = {"mixtral": 0, "olmoe": 1, "qwen2_moe": 2, "qwen3_moe": 3, "deepseek_v3": 4,
+              "glm4_moe": 5}
 
 
 def config_for(arch):
@@ -103,7 +171,58 @@ def config_for(arch):
         "eos_token_id": 0,
     }
     cfg.update(CONFIGS[arch])
-    return cfg
+    return {k: v for k, v in cfg.items() if v is not None or k == "rope_scaling" or k == "q_lora_rank"}
+
+
+def deepseek_tensors(arch, cfg, rng, linear, norm, bias):
+    """DeepSeek-V3 (MLA) and GLM-4.5 (GQA with biases and q/k norm); shared MoE block."""
+    h, heads, e, w = cfg["hidden_size"], cfg["num_attention_heads"], cfg["n_routed_experts"], EXPERT_WIDTH
+    t = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, h))}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        t[f"{p}.input_layernorm.weight"] = norm(h)
+        t[f"{p}.post_attention_layernorm.weight"] = norm(h)
+        a = f"{p}.self_attn"
+        if arch == "deepseek_v3":
+            nope, rope, v, lora = (cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"],
+                                   cfg["kv_lora_rank"])
+            r = cfg["q_lora_rank"]
+            t[f"{a}.q_a_proj.weight"] = linear(r, h)
+            t[f"{a}.q_a_layernorm.weight"] = norm(r)
+            t[f"{a}.q_b_proj.weight"] = linear(heads * (nope + rope), r)
+            t[f"{a}.kv_a_proj_with_mqa.weight"] = linear(lora + rope, h)
+            t[f"{a}.kv_a_layernorm.weight"] = norm(lora)
+            t[f"{a}.kv_b_proj.weight"] = linear(heads * (nope + v), lora)
+            t[f"{a}.o_proj.weight"] = linear(h, heads * v)
+        else:
+            d, kv = cfg["head_dim"], cfg["num_key_value_heads"]
+            for n, out in [("q_proj", heads * d), ("k_proj", kv * d), ("v_proj", kv * d)]:
+                t[f"{a}.{n}.weight"] = linear(out, h)
+                t[f"{a}.{n}.bias"] = bias(out)
+            t[f"{a}.o_proj.weight"] = linear(h, heads * d)
+            t[f"{a}.q_norm.weight"] = norm(d)
+            t[f"{a}.k_norm.weight"] = norm(d)
+        m = f"{p}.mlp"
+        if layer < cfg["first_k_dense_replace"]:
+            i = cfg["intermediate_size"]
+            t[f"{m}.gate_proj.weight"] = linear(i, h)
+            t[f"{m}.up_proj.weight"] = linear(i, h)
+            t[f"{m}.down_proj.weight"] = linear(h, i)
+            continue
+        t[f"{m}.gate.weight"] = linear(e, h)
+        # float32 on disk, as DeepSeek ships it (write() keeps it so).
+        t[f"{m}.gate.e_score_correction_bias"] = bias(e)
+        for x in range(e):
+            t[f"{m}.experts.{x}.gate_proj.weight"] = linear(w, h)
+            t[f"{m}.experts.{x}.up_proj.weight"] = linear(w, h)
+            t[f"{m}.experts.{x}.down_proj.weight"] = linear(h, w)
+        s = w * cfg["n_shared_experts"]
+        t[f"{m}.shared_experts.gate_proj.weight"] = linear(s, h)
+        t[f"{m}.shared_experts.up_proj.weight"] = linear(s, h)
+        t[f"{m}.shared_experts.down_proj.weight"] = linear(h, s)
+    t["model.norm.weight"] = norm(h)
+    t["lm_head.weight"] = linear(VOCAB, h)
+    return t
 
 
 def tensors_for(arch, cfg, rng):
@@ -116,6 +235,8 @@ def tensors_for(arch, cfg, rng):
     def bias(dim):
         return 0.1 * rng.standard_normal((dim,))
 
+    if arch in ("deepseek_v3", "glm4_moe"):
+        return deepseek_tensors(arch, cfg, rng, linear, norm, bias)
     t = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN))}
     q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
@@ -166,9 +287,11 @@ def write(arch, out, seed):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config_for(arch)
-    rng = np.random.default_rng([seed, sorted(CONFIGS).index(arch)])
+    rng = np.random.default_rng([seed, SEED_INDEX[arch]])
     tensors = tensors_for(arch, cfg, rng)
-    arrays = {k: mx.array(v.astype(np.float32)).astype(mx.bfloat16) for k, v in tensors.items()}
+    arrays = {k: mx.array(v.astype(np.float32)) for k, v in tensors.items()}
+    arrays = {k: v if k.endswith("e_score_correction_bias") else v.astype(mx.bfloat16)
+              for k, v in arrays.items()}
     mx.save_safetensors(str(out / "model.safetensors"), arrays, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     # mlx_lm convert insists on a tokenizer; any will do, the ids we feed stay below VOCAB.
