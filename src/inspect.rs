@@ -46,6 +46,12 @@ pub struct PackReport {
     pub segments: usize,
     pub hidden_size: u32,
     pub intermediate_size: u32,
+    /// "GQA, 32 heads / 4 KV heads of 128" or "MLA, 128 heads, latent 512 + rotary 64".
+    pub attention: String,
+    /// Bytes the KV cache takes per token over all layers, in bf16: every KV head's key and
+    /// value, or under MLA one latent and one rotary key (what the run's budget reserves).
+    pub kv_cache_bytes_per_token: u64,
+    pub max_position_embeddings: Option<usize>,
     pub file_bytes: u64,
     pub dense: KindStats,
     pub experts: KindStats,
@@ -83,6 +89,34 @@ const OPTIONAL_NAMES: [(u64, &str); 2] = [
     (optional::EXPERT_PROFILE, "EXPERT_PROFILE"),
     (optional::CHAT_TEMPLATE, "CHAT_TEMPLATE"),
 ];
+
+/// The attention kind and its widths, for [`PackReport::attention`].
+fn attention_label(m: &crate::arch::ModelConfig) -> String {
+    match &m.mla {
+        Some(a) => format!(
+            "MLA, {} heads, latent {} + rotary {}{}",
+            m.num_attention_heads,
+            a.kv_lora_rank,
+            a.qk_rope_head_dim,
+            a.q_lora_rank
+                .map_or(String::new(), |r| format!(", query rank {r}"))
+        ),
+        None => {
+            let rope = m.rope_dims();
+            format!(
+                "GQA, {} heads / {} KV heads of {}{}",
+                m.num_attention_heads,
+                m.num_key_value_heads,
+                m.head_dim,
+                if rope < m.head_dim {
+                    format!(" ({rope} rotated)")
+                } else {
+                    String::new()
+                }
+            )
+        }
+    }
+}
 
 /// "4-bit", "2/2/6-bit" (gate/up/down), or the mode's name ("mxfp4").
 fn expert_label(e: &crate::format::ExpertEntry) -> String {
@@ -201,6 +235,9 @@ impl PackReport {
             segments: pack.experts().len(),
             hidden_size: pack.hidden_size(),
             intermediate_size: pack.intermediate_size(),
+            attention: attention_label(&typed.model),
+            kv_cache_bytes_per_token: typed.model.kv_values_per_token() * 2,
+            max_position_embeddings: typed.model.max_position_embeddings,
             file_bytes,
             dense,
             experts,

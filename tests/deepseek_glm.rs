@@ -251,3 +251,138 @@ fn deepseek_v3_and_glm4_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
         }
     }
 }
+
+fn flashpack_out(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flashpack {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Every stage on both architectures through the CLI: convert with profiling, cold 2-bit
+/// experts and merging (routing mass from the sigmoid router), `inspect` (MLA's latent KV
+/// cache counted), `eval` against the bf16 source, and `run` under a memory budget that
+/// streams the experts. Shared experts stay with the dense tensors, never in the expert
+/// directory.
+#[test]
+fn every_stage_runs_on_deepseek_v3_and_glm4_moe() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let calib = root.join("fixtures/calibration/prose.txt");
+    let text = root.join("fixtures/eval/prose.txt");
+    for arch in [Arch::DeepseekV3, Arch::Glm4Moe] {
+        let name = arch.model_type();
+        let s = FixtureSpec {
+            routing_skew: 0.2,
+            ..spec(arch)
+        };
+        let src = write(&s, &dir.path().join(format!("src-{name}")));
+        let pack = dir.path().join(format!("{name}.flashpack"));
+        let (src_s, pack_s) = (src.to_str().unwrap(), pack.to_str().unwrap());
+        let out = flashpack_out(&[
+            "convert",
+            src_s,
+            "-o",
+            pack_s,
+            "--cold-bits",
+            "2",
+            "--cold-fraction",
+            "0.5",
+            "--merge-threshold",
+            "0.1",
+            "--calibration",
+            calib.to_str().unwrap(),
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let p = Pack::open(&pack).unwrap();
+        // Two sparse layers of 12 experts, half of them cold at 2 bits.
+        let bits: Vec<u8> = p.experts().iter().map(|e| e.bits.max()).collect();
+        assert!(
+            bits.contains(&2) && bits.contains(&4),
+            "{name}: {bits:?} {report}"
+        );
+        assert!(
+            p.experts().iter().all(|e| e.layer >= 1),
+            "{name}: layer 0 is dense"
+        );
+        assert!(
+            p.tensors()
+                .iter()
+                .any(|t| t.name == "model.layers.1.mlp.shared_experts.down_proj.weight"),
+            "{name}: shared experts are dense tensors"
+        );
+        let profile = &p.metadata()["profile"];
+        assert!(profile.is_object(), "{name}: the profile is stored");
+
+        let inspect = flashpack_out(&["inspect", pack_s, "--json"]);
+        let r: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+        let kv = r["kv_cache_bytes_per_token"].as_u64().unwrap();
+        match arch {
+            // 3 layers x (latent 192 + rotary 32) values x 2 bytes.
+            Arch::DeepseekV3 => {
+                assert_eq!(kv, 3 * (192 + 32) * 2);
+                assert!(r["attention"].as_str().unwrap().starts_with("MLA"), "{r}");
+            }
+            // 3 layers x keys and values of 1 KV head of 64 x 2 bytes.
+            _ => {
+                assert_eq!(kv, 3 * 2 * 64 * 2);
+                assert!(
+                    r["attention"].as_str().unwrap().contains("32 rotated"),
+                    "{r}"
+                );
+            }
+        }
+        let human = flashpack_out(&["inspect", pack_s]);
+        assert!(String::from_utf8_lossy(&human.stdout).contains("KV cache"));
+
+        let eval = flashpack_out(&[
+            "eval",
+            pack_s,
+            "--text",
+            text.to_str().unwrap(),
+            "--reference",
+            src_s,
+            "--window",
+            "64",
+            "--json",
+        ]);
+        let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+        let top1 = e["reference"]["top1_agreement"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        assert!(top1 > 0.5 && top1 <= 1.0, "{name}: {e}");
+
+        // A budget that holds the dense part and only some of the experts: they stream.
+        let all = p.experts().iter().map(|e| e.decoded_len).sum::<u64>();
+        let dense: u64 = p.tensors().iter().map(|t| t.decoded_len).sum();
+        let budget = format!("{}KiB", (dense + all / 3 + (8 << 20)) / 1024);
+        let run = flashpack_out(&[
+            "run",
+            pack_s,
+            "--prompt",
+            "The history of",
+            "--max-tokens",
+            "8",
+            "--mem-budget",
+            &budget,
+            "--json",
+        ]);
+        // --json puts the report on stderr (stdout is the text); its last line.
+        let err = String::from_utf8_lossy(&run.stderr);
+        let last = err.lines().last().unwrap_or("");
+        let j: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(
+            j["token_ids"].as_array().map(Vec::len),
+            Some(8),
+            "{name}: {j}"
+        );
+    }
+}

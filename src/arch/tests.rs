@@ -184,11 +184,9 @@ fn config_round_trips_through_serde() {
 #[test]
 fn rejects_unsupported_model_type_naming_the_list() {
     let mut v = qwen3_5x();
-    v["model_type"] = json!("deepseek_v3");
+    v["model_type"] = json!("gpt_oss");
     let err = ModelConfig::from_json(&v).unwrap_err();
-    assert!(
-        matches!(&err, ArchError::Unsupported { model_type, .. } if model_type == "deepseek_v3")
-    );
+    assert!(matches!(&err, ArchError::Unsupported { model_type, .. } if model_type == "gpt_oss"));
     let msg = err.to_string();
     let all: Vec<&str> = Arch::ALL.iter().map(|a| a.model_type()).collect();
     assert!(msg.contains(&all.join(", ")), "{msg}");
@@ -534,4 +532,150 @@ fn layer_layout_follows_each_knob() {
             ..
         })
     ));
+}
+
+/// DeepSeek-V3's published config.json (huggingface.co/deepseek-ai/DeepSeek-V3), as shipped.
+fn deepseek_v3_published() -> Value {
+    serde_json::from_str(
+        r#"{
+        "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": false,
+        "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1,
+        "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
+        "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+        "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": true,
+        "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+        "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+            "quant_method": "fp8", "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "seq_aux": true, "tie_word_embeddings": false, "topk_group": 4,
+        "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "use_cache": true,
+        "v_head_dim": 128, "vocab_size": 129280
+    }"#,
+    )
+    .unwrap()
+}
+
+/// GLM-4.5's published config.json (huggingface.co/zai-org/GLM-4.5).
+fn glm45_published() -> Value {
+    serde_json::from_str(
+        r#"{
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": true,
+        "attention_dropout": 0.0, "pad_token_id": 151329,
+        "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 5120, "partial_rotary_factor": 0.5, "initializer_range": 0.02,
+        "intermediate_size": 12288, "max_position_embeddings": 131072, "model_type": "glm4_moe",
+        "moe_intermediate_size": 1536, "norm_topk_prob": true, "num_attention_heads": 96,
+        "n_group": 1, "topk_group": 1, "n_routed_experts": 160, "n_shared_experts": 1,
+        "routed_scaling_factor": 2.5, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+        "num_hidden_layers": 92, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+        "rope_scaling": null, "rope_theta": 1000000, "num_nextn_predict_layers": 1,
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
+        "use_qk_norm": true, "vocab_size": 151552
+    }"#,
+    )
+    .unwrap()
+}
+
+/// The published configs parse into what their modelling code builds, and the KV cache is
+/// counted as each caches it: DeepSeek-V3's MLA latent (512 + 64 values per layer, 70 KB per
+/// token in bf16, docs/memory.md) and GLM-4.5's 8 KV heads (377 KB per token).
+#[test]
+fn published_deepseek_v3_kimi_k2_and_glm45_configs_parse() {
+    let ds = ModelConfig::from_json(&deepseek_v3_published()).unwrap();
+    assert_eq!(ds.arch, Arch::DeepseekV3);
+    let m = ds.mla.as_ref().unwrap();
+    assert_eq!(
+        (
+            m.q_lora_rank,
+            m.kv_lora_rank,
+            m.qk_rope_head_dim,
+            m.v_head_dim
+        ),
+        (Some(1536), 512, 64, 128)
+    );
+    assert_eq!((ds.head_dim, ds.rope_dims()), (192, 64));
+    assert!(ds.rope.traditional && ds.rope.rope_type == "yarn");
+    assert_eq!(ds.num_experts, 256);
+    assert_eq!(
+        (ds.router.scoring, ds.router.selection_bias),
+        (Scoring::Sigmoid, true)
+    );
+    assert_eq!((ds.router.n_group, ds.router.topk_group), (8, 4));
+    assert_eq!(ds.router.routed_scaling_factor, 2.5);
+    assert_eq!(ds.shared_expert.as_ref().unwrap().intermediate_size, 2048);
+    assert_eq!(ds.sparse_layers().len(), 58);
+    assert!(!ds.is_sparse_layer(2) && ds.is_sparse_layer(3));
+    assert_eq!(ds.kv_values_per_token() * 2, 61 * 576 * 2);
+
+    // Kimi K2 is the same network under another model_type.
+    let mut kimi = deepseek_v3_published();
+    kimi["model_type"] = json!("kimi_k2");
+    kimi["n_routed_experts"] = json!(384);
+    kimi["num_attention_heads"] = json!(64);
+    kimi["n_group"] = json!(1);
+    kimi["topk_group"] = json!(1);
+    kimi["first_k_dense_replace"] = json!(1);
+    let k = ModelConfig::from_json(&kimi).unwrap();
+    assert_eq!(k.arch, Arch::DeepseekV3);
+    assert_eq!(
+        (k.num_experts, k.router.n_group, k.sparse_layers().len()),
+        (384, 1, 60)
+    );
+    // The latent does not grow with the heads.
+    assert_eq!(k.kv_values_per_token(), ds.kv_values_per_token());
+
+    let glm = ModelConfig::from_json(&glm45_published()).unwrap();
+    assert_eq!(glm.arch, Arch::Glm4Moe);
+    assert!(glm.mla.is_none());
+    assert_eq!((glm.head_dim, glm.rope_dims()), (128, 64));
+    assert_eq!(glm.qk_norm, QkNorm::PerHead);
+    assert!(glm.attention_bias);
+    assert_eq!(
+        (glm.router.scoring, glm.router.n_group),
+        (Scoring::Sigmoid, 1)
+    );
+    assert_eq!(glm.sparse_layers().len(), 89);
+    assert_eq!(glm.kv_values_per_token() * 2, 92 * 2 * 8 * 128 * 2);
+    assert_eq!(glm.eos_token_ids, vec![151329, 151336, 151338]);
+}
+
+/// What DeepSeek-V3's router needs is refused by name when a config asks for something else,
+/// and MLA's widths are required.
+#[test]
+fn deepseek_v3_refuses_other_routers_and_missing_mla_widths() {
+    for (key, value, field) in [
+        ("topk_method", json!("greedy"), "topk_method"),
+        ("scoring_func", json!("softmax"), "scoring_func"),
+    ] {
+        let mut c = deepseek_v3_published();
+        c[key] = value;
+        let e = ModelConfig::from_json(&c).unwrap_err();
+        assert!(
+            matches!(&e, ArchError::BadField { field: f, .. } if *f == field),
+            "{e}"
+        );
+    }
+    for key in ["q_lora_rank", "kv_lora_rank", "qk_rope_head_dim"] {
+        let mut c = deepseek_v3_published();
+        c.as_object_mut().unwrap().remove(key);
+        let e = ModelConfig::from_json(&c).unwrap_err();
+        assert!(e.to_string().contains(key), "{key}: {e}");
+    }
+    // null q_lora_rank: a plain q_proj.
+    let mut c = deepseek_v3_published();
+    c["q_lora_rank"] = Value::Null;
+    let cfg = ModelConfig::from_json(&c).unwrap();
+    assert_eq!(cfg.mla.unwrap().q_lora_rank, None);
+    // A partial rotary factor that rotates an odd count is refused.
+    let mut g = glm45_published();
+    g["partial_rotary_factor"] = json!(0.01);
+    let e = ModelConfig::from_json(&g).unwrap_err();
+    assert!(e.to_string().contains("RoPE would rotate"), "{e}");
 }

@@ -57,6 +57,16 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         "layers        {}  (hidden {}, expert rows {})",
         r.layers, r.hidden_size, r.intermediate_size
     );
+    let kv = r.kv_cache_bytes_per_token;
+    match r.max_position_embeddings {
+        Some(n) => println!(
+            "attention     {}; KV cache {}/token, {} at {n} tokens",
+            r.attention,
+            gib(kv),
+            gib(kv * n as u64)
+        ),
+        None => println!("attention     {}; KV cache {}/token", r.attention, gib(kv)),
+    }
     let counts: Vec<u32> = r.experts_per_layer.values().copied().collect();
     let (min, max) = (
         counts.iter().min().unwrap_or(&0),
