@@ -217,6 +217,132 @@ fn reuses_the_cache_and_works_offline() {
     assert!(snap.from_cache_only);
 }
 
+/// Notes a download gives, kept for the test to read.
+#[derive(Default)]
+struct Notes(std::sync::Mutex<Vec<String>>);
+
+impl flashpack::progress::Progress for Notes {
+    fn stage(&self, _: &str, _: Option<u64>, _: &str) {}
+    fn advance(&self, _: u64) {}
+    fn finish_stage(&self) {}
+    fn note(&self, msg: &str) {
+        self.0.lock().unwrap().push(msg.to_string());
+    }
+}
+
+const MTP_SHARDS: [&str; 3] = [
+    "model-00001-of-00003.safetensors",
+    "model-00002-of-00003.safetensors",
+    "model-00003-of-00003.safetensors",
+];
+
+/// A DeepSeek-V3-style checkpoint: two layers, then the multi-token-prediction layer 2
+/// (`num_nextn_predict_layers: 1`), one tensor of it in the second shard beside layer 1 and
+/// the rest in the last shard, alone, as DeepSeek-V3 ships its layer 61. `with_last: false`
+/// leaves that shard out of the repo, as a mirror that pruned it would.
+fn mtp_repo(s: &HubServer, repo: &str, with_last: bool) -> String {
+    let config = json!({"model_type": "deepseek_v3", "num_hidden_layers": 2,
+                        "num_nextn_predict_layers": 1});
+    let index = json!({"weight_map": {
+        "model.embed_tokens.weight": MTP_SHARDS[0],
+        "model.layers.0.mlp.gate.weight": MTP_SHARDS[0],
+        "model.layers.1.mlp.gate.weight": MTP_SHARDS[1],
+        "lm_head.weight": MTP_SHARDS[1],
+        "model.layers.2.input_layernorm.weight": MTP_SHARDS[1],
+        "model.layers.2.eh_proj.weight": MTP_SHARDS[2],
+        "model.layers.2.mlp.experts.0.down_proj.weight": MTP_SHARDS[2]}});
+    let mut files = vec![
+        ("config.json", config.to_string().into_bytes(), false),
+        ("tokenizer.json", br#"{"model": {}}"#.to_vec(), false),
+        (
+            "model.safetensors.index.json",
+            index.to_string().into_bytes(),
+            false,
+        ),
+        (MTP_SHARDS[0], bytes(11, 40_000), true),
+        (MTP_SHARDS[1], bytes(12, 30_000), true),
+    ];
+    if with_last {
+        files.push((MTP_SHARDS[2], bytes(13, 90_000), true));
+    }
+    s.add_repo(repo, false, &files)
+}
+
+#[test]
+fn shards_of_multi_token_prediction_layers_alone_are_never_downloaded() {
+    let s = server();
+    let commit = mtp_repo(&s, "org/mtp", true);
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub::new(config(&s, cache.path(), None));
+    let notes = Notes::default();
+    let snap = hub.download_checkpoint("org/mtp", None, &notes).unwrap();
+    let needed = [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+        MTP_SHARDS[0],
+        MTP_SHARDS[1],
+    ];
+    assert_eq!(snap.files, needed);
+    assert_eq!(snap.skipped_shards, [MTP_SHARDS[2]]);
+    assert!(!snap.dir.join(MTP_SHARDS[2]).exists());
+    let total: u64 = needed
+        .iter()
+        .map(|f| std::fs::metadata(snap.dir.join(f)).unwrap().len())
+        .sum();
+    assert_eq!(snap.downloaded_bytes, total);
+    let log = s.take_log();
+    assert!(
+        !log.iter().any(|r| r.path.contains(MTP_SHARDS[2])),
+        "{log:?}"
+    );
+    assert_eq!(log.iter().filter(|r| r.origin == "cdn").count(), 2);
+    let notes = notes.0.lock().unwrap().clone();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("not downloading 1 shard(s)") && n.contains(MTP_SHARDS[2])),
+        "{notes:?}"
+    );
+
+    // The snapshot is complete without it: by commit hash no request at all, and offline the
+    // cache alone serves it.
+    let by_hash = hub
+        .download_checkpoint("org/mtp", Some(&commit), &Silent)
+        .unwrap();
+    assert!(by_hash.from_cache_only);
+    assert_eq!(
+        (&by_hash.files, &by_hash.skipped_shards),
+        (&snap.files, &snap.skipped_shards)
+    );
+    assert!(s.take_log().is_empty());
+    let mut offline = config(&s, cache.path(), None);
+    offline.offline = true;
+    let off = Hub::new(offline);
+    let again = off.download_checkpoint("org/mtp", None, &Silent).unwrap();
+    assert!(again.from_cache_only);
+    assert_eq!(again.commit, commit);
+    assert_eq!(again.files, needed);
+    assert!(s.take_log().is_empty());
+
+    // A needed shard is still needed: missing offline, it is named.
+    std::fs::remove_file(snap.dir.join(MTP_SHARDS[1])).unwrap();
+    let err = off
+        .download_checkpoint("org/mtp", None, &Silent)
+        .unwrap_err();
+    assert!(
+        matches!(&err, HubError::NotInCache { missing, .. } if missing == &[MTP_SHARDS[1]]),
+        "{err}"
+    );
+
+    // A repo without the MTP shard at all (a pruned mirror) downloads the same.
+    mtp_repo(&s, "org/mtp-pruned", false);
+    let pruned = hub
+        .download_checkpoint("org/mtp-pruned", None, &Silent)
+        .unwrap();
+    assert_eq!(pruned.files, needed);
+}
+
 #[test]
 fn resumes_a_dropped_download_with_range() {
     let s = server();

@@ -139,6 +139,30 @@ fn check_tokenizer(ck: &Checkpoint, progress: &dyn Progress) -> Result<(), Conve
         })
 }
 
+/// Says once what the loader left out of a checkpoint with multi-token-prediction layers.
+fn note_dropped_mtp(ck: &Checkpoint, progress: &dyn Progress) {
+    let d = ck.dropped_mtp();
+    if d.tensors == 0 {
+        return;
+    }
+    let skipped = match d.skipped_shards.len() {
+        0 => String::new(),
+        n => format!(
+            "; {n} shard(s) holding only them were not read ({})",
+            d.skipped_shards.join(", ")
+        ),
+    };
+    progress.note(&format!(
+        "dropped {} tensor(s) of the multi-token-prediction layer(s) {}..={} \
+         (num_nextn_predict_layers in config.json), as mlx-lm does: the pack holds the model's \
+         {} decoder layers{skipped}",
+        d.tensors,
+        d.layers.start,
+        d.layers.end.saturating_sub(1),
+        ck.config.num_hidden_layers
+    ));
+}
+
 /// Refuses a destination the conversion must not write: one ending in a slash (a folder, not a
 /// file name), one in a folder that does not exist, an existing file that is not a regular file
 /// (a device or a pipe, which renaming over would replace), or any file the conversion reads
@@ -371,6 +395,8 @@ pub struct ConvertReport {
     pub requantized_experts: usize,
     /// Temporary files of interrupted conversions found beside the output and removed.
     pub removed_stale_temp_files: Vec<PathBuf>,
+    /// The source's multi-token-prediction layers, left out of the pack.
+    pub dropped_mtp: load::DroppedMtp,
     pub seconds: f64,
     pub stages: Vec<StageTime>,
     /// Bytes of the source's weight files.
@@ -414,6 +440,7 @@ pub fn convert_checkpoint(
     opts.check()?;
     check_destination(output, &ck.input_files())?;
     check_tokenizer(ck, progress)?;
+    note_dropped_mtp(ck, progress);
     let mut stages = vec![StageTime::ended("load", t0)];
     // profile: how the routers use the experts, when an option needs it.
     let profile = if profile::needed(opts) {
@@ -537,6 +564,7 @@ pub fn convert_checkpoint(
             && (!opts.keep_source_codes || stored_quant.requantized_experts > 0),
         requantized_experts: stored_quant.requantized_experts,
         removed_stale_temp_files: summary.removed_stale_temp_files.clone(),
+        dropped_mtp: ck.dropped_mtp().clone(),
         seconds,
         stages,
         source_bytes,

@@ -3,8 +3,10 @@
 //! In: a repo id and revision, the [`HubConfig`] of the [`Hub`]. Out: a [`Snapshot`].
 //! Order: resolve the revision to a commit (`GET /api/models/{repo}/revision/{rev}`, or
 //! `refs/` when offline) -> plan the files (`config.json`, tokenizer and generation files when
-//! present, then `model.safetensors` or the index and every shard it lists) -> fetch what the
-//! snapshot lacks (fetch.rs: etag by `HEAD`, resumable `GET`, checks, link).
+//! present, then `model.safetensors`, or `config.json` and the index first and every shard the
+//! index lists except those holding only multi-token-prediction layers, which conversion drops:
+//! [`ShardIndex::plan`], the loader's own rule) -> fetch what the snapshot lacks (fetch.rs:
+//! etag by `HEAD`, resumable `GET`, checks, link).
 //! Invariant: a snapshot entry exists only for a complete, checked blob. No request is made
 //! when `HF_HUB_OFFLINE` is set, or when the revision is a commit hash whose snapshot already
 //! holds every file; a file already in the snapshot is never requested again.
@@ -13,13 +15,14 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::cache::{is_commit_hash, RepoCache};
 use super::error::{io_err, Access};
 use super::fetch::Fetch;
 use super::http::{encode, Body, Ctx, Follow, Method};
 use super::{check_revision, Hub, HubError, RepoId};
-use crate::convert::load::safetensors::ShardIndex;
+use crate::convert::load::safetensors::{MtpLayers, ShardIndex};
 use crate::progress::Progress;
 
 const CONFIG: &str = "config.json";
@@ -47,6 +50,9 @@ pub struct Snapshot {
     pub commit: String,
     /// The files conversion uses, relative to `dir`, in download order.
     pub files: Vec<String>,
+    /// Shards the index lists that were left out: they hold only multi-token-prediction
+    /// layers, which conversion drops.
+    pub skipped_shards: Vec<String>,
     /// Bytes received over the network by this call.
     pub downloaded_bytes: u64,
     /// Files that were already in the cache.
@@ -77,9 +83,21 @@ pub(super) fn safe_repo_path(p: &str) -> bool {
             .all(|s| !s.is_empty() && s != "." && s != ".." && !s.starts_with(".git"))
 }
 
-/// The shards `model.safetensors.index.json` lists, sorted and unique.
-fn index_shards(text: &str) -> Result<Vec<String>, String> {
-    let index = ShardIndex::parse(text).map_err(|e| format!("{INDEX}: {e}"))?;
+/// The shards of `model.safetensors.index.json` that conversion reads, and those it skips.
+#[derive(Debug, PartialEq, Eq)]
+struct ShardsNeeded {
+    /// Sorted and unique.
+    needed: Vec<String>,
+    /// Shards holding only multi-token-prediction layers, sorted.
+    skipped: Vec<String>,
+}
+
+/// Plans the shards from the texts of `config.json` and the index: every shard the index
+/// lists must be a path inside the repo; those holding only tensors of the MTP layers that
+/// `config.json` declares (`num_nextn_predict_layers`) are skipped, by the loader's own rule
+/// ([`ShardIndex::plan`]). Pure: the caller reads the files.
+fn plan_shards(config: &str, index: &str) -> Result<ShardsNeeded, String> {
+    let index = ShardIndex::parse(index).map_err(|e| format!("{INDEX}: {e}"))?;
     let shards = index.shards();
     if let Some(s) = shards.iter().find(|s| !safe_repo_path(s)) {
         return Err(format!(
@@ -89,13 +107,32 @@ fn index_shards(text: &str) -> Result<Vec<String>, String> {
     if shards.is_empty() {
         return Err(format!("{INDEX} lists no shard"));
     }
-    Ok(shards.into_iter().map(str::to_string).collect())
+    let config: Value =
+        serde_json::from_str(config).map_err(|e| format!("{CONFIG} is not JSON: {e}"))?;
+    let mtp = MtpLayers::from_config(&config).map_err(|e| e.to_string())?;
+    let plan = index.plan(&mtp);
+    let owned = |v: Vec<&str>| v.into_iter().map(str::to_string).collect();
+    Ok(ShardsNeeded {
+        needed: owned(plan.needed),
+        skipped: owned(plan.skipped),
+    })
 }
 
-/// The files of a snapshot already in the cache, if it holds everything conversion needs;
-/// else the missing ones.
-fn cached_files(cache: &RepoCache, commit: &str) -> Result<Vec<String>, Vec<String>> {
+/// [`plan_shards`] on the snapshot's `config.json` and index.
+fn plan_cached_shards(cache: &RepoCache, commit: &str) -> Result<ShardsNeeded, String> {
+    let dir = cache.snapshot_dir(commit);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("{f}: {e}"));
+    plan_shards(&read(CONFIG)?, &read(INDEX)?)
+}
+
+/// The files of a snapshot already in the cache, if it holds everything conversion needs
+/// (with the shards skipped), else the missing ones.
+fn cached_files(
+    cache: &RepoCache,
+    commit: &str,
+) -> Result<(Vec<String>, Vec<String>), Vec<String>> {
     let mut files = vec![CONFIG.to_string()];
+    let mut skipped = Vec::new();
     let mut missing = Vec::new();
     if !cache.has_file(commit, CONFIG) {
         missing.push(CONFIG.to_string());
@@ -108,20 +145,20 @@ fn cached_files(cache: &RepoCache, commit: &str) -> Result<Vec<String>, Vec<Stri
     );
     if cache.has_file(commit, INDEX) {
         files.push(INDEX.to_string());
-        let text = std::fs::read_to_string(cache.snapshot_dir(commit).join(INDEX));
-        match text
-            .map_err(|e| e.to_string())
-            .and_then(|t| index_shards(&t))
-        {
-            Ok(shards) => {
-                for s in shards {
-                    if !cache.has_file(commit, &s) {
-                        missing.push(s.clone());
+        // Without config.json the shards cannot be planned; it is already named as missing.
+        if cache.has_file(commit, CONFIG) {
+            match plan_cached_shards(cache, commit) {
+                Ok(plan) => {
+                    for s in plan.needed {
+                        if !cache.has_file(commit, &s) {
+                            missing.push(s.clone());
+                        }
+                        files.push(s);
                     }
-                    files.push(s);
+                    skipped = plan.skipped;
                 }
+                Err(e) => missing.push(format!("a readable {INDEX} and {CONFIG} ({e})")),
             }
-            Err(e) => missing.push(format!("a readable {INDEX} ({e})")),
         }
     } else if cache.has_file(commit, SINGLE_WEIGHTS) {
         files.push(SINGLE_WEIGHTS.to_string());
@@ -129,7 +166,7 @@ fn cached_files(cache: &RepoCache, commit: &str) -> Result<Vec<String>, Vec<Stri
         missing.push(format!("{SINGLE_WEIGHTS} or {INDEX}"));
     }
     if missing.is_empty() {
-        Ok(files)
+        Ok((files, skipped))
     } else {
         Err(missing)
     }
@@ -148,16 +185,18 @@ impl Hub {
         let revision = revision.unwrap_or("main");
         check_revision(revision)?;
         let cache = RepoCache::new(&self.cfg.cache_dir, &repo);
-        let from_cache = |commit: String, files: Vec<String>| Snapshot {
-            dir: cache.snapshot_dir(&commit),
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-            reused_files: files.len(),
-            commit,
-            files,
-            downloaded_bytes: 0,
-            from_cache_only: true,
-        };
+        let from_cache =
+            |commit: String, (files, skipped_shards): (Vec<String>, Vec<String>)| Snapshot {
+                dir: cache.snapshot_dir(&commit),
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+                reused_files: files.len(),
+                commit,
+                files,
+                skipped_shards,
+                downloaded_bytes: 0,
+                from_cache_only: true,
+            };
 
         // 1. No request at all: offline, or a commit hash already complete in the cache.
         if self.cfg.offline || is_commit_hash(revision) {
@@ -212,7 +251,8 @@ impl Hub {
             detail,
         };
 
-        // 3. Plan: config, optional files, weights (the index first: it names the shards).
+        // 3. Plan: config, optional files, weights (config.json and the index first: they name
+        // the shards and the layers conversion drops).
         if !listed.contains(CONFIG) {
             return Err(not_ckpt(format!("it has no {CONFIG}")));
         }
@@ -224,18 +264,31 @@ impl Hub {
                 .map(|f| f.to_string()),
         );
         let mut fetch = Fetch::new(self, &repo, revision, &commit, &cache, progress);
+        let mut skipped_shards = Vec::new();
+        // Fetched before the rest, to plan it.
+        let mut planning: Vec<String> = Vec::new();
         if listed.contains(INDEX) {
-            fetch.all(&[INDEX.to_string()], "index")?;
-            let text = std::fs::read_to_string(cache.snapshot_dir(&commit).join(INDEX))
-                .map_err(io_err(cache.snapshot_dir(&commit).join(INDEX)))?;
-            let shards = index_shards(&text).map_err(not_ckpt)?;
-            if let Some(s) = shards.iter().find(|s| !listed.contains(s.as_str())) {
+            planning = vec![CONFIG.to_string(), INDEX.to_string()];
+            fetch.all(&planning, "config and index")?;
+            let dir = cache.snapshot_dir(&commit);
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(io_err(dir.join(f)));
+            let plan = plan_shards(&read(CONFIG)?, &read(INDEX)?).map_err(not_ckpt)?;
+            if let Some(s) = plan.needed.iter().find(|s| !listed.contains(s.as_str())) {
                 return Err(not_ckpt(format!(
                     "{INDEX} lists shard {s}, which the repo does not have"
                 )));
             }
+            if !plan.skipped.is_empty() {
+                progress.note(&format!(
+                    "not downloading {} shard(s) of {repo} that hold only multi-token-prediction \
+                     layers (num_nextn_predict_layers), which conversion drops: {}",
+                    plan.skipped.len(),
+                    plan.skipped.join(", ")
+                ));
+            }
             files.push(INDEX.to_string());
-            files.extend(shards);
+            files.extend(plan.needed);
+            skipped_shards = plan.skipped;
         } else if listed.contains(SINGLE_WEIGHTS) {
             files.push(SINGLE_WEIGHTS.to_string());
         } else {
@@ -257,7 +310,11 @@ impl Hub {
         }
 
         // 4. Fetch what is missing.
-        let rest: Vec<String> = files.iter().filter(|f| *f != INDEX).cloned().collect();
+        let rest: Vec<String> = files
+            .iter()
+            .filter(|f| !planning.contains(f))
+            .cloned()
+            .collect();
         fetch.all(&rest, "files")?;
         let (downloaded_bytes, reused_files) = fetch.totals();
         Ok(Snapshot {
@@ -266,6 +323,7 @@ impl Hub {
             revision: revision.to_string(),
             commit,
             files,
+            skipped_shards,
             downloaded_bytes,
             reused_files,
             from_cache_only: false,
@@ -319,14 +377,44 @@ mod tests {
     }
 
     #[test]
-    fn index_shards_are_sorted_unique_and_checked() {
+    fn shard_plans_are_sorted_unique_and_checked() {
+        let cfg = r#"{"num_hidden_layers": 2}"#;
         let text = r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}}"#;
         assert_eq!(
-            index_shards(text).unwrap(),
-            vec!["m-1.safetensors", "m-2.safetensors"]
+            plan_shards(cfg, text).unwrap(),
+            ShardsNeeded {
+                needed: vec!["m-1.safetensors".into(), "m-2.safetensors".into()],
+                skipped: vec![],
+            }
         );
-        assert!(index_shards(r#"{"weight_map": {"a": "../x"}}"#).is_err());
-        assert!(index_shards(r#"{"weight_map": {}}"#).is_err());
-        assert!(index_shards(r#"{"metadata": {}}"#).is_err());
+        assert!(plan_shards(cfg, r#"{"weight_map": {"a": "../x"}}"#).is_err());
+        assert!(plan_shards(cfg, r#"{"weight_map": {}}"#).is_err());
+        assert!(plan_shards(cfg, r#"{"metadata": {}}"#).is_err());
+    }
+
+    #[test]
+    fn shards_of_mtp_layers_alone_are_skipped() {
+        let index = r#"{"weight_map": {
+            "model.layers.0.mlp.gate.weight": "m-1.safetensors",
+            "model.layers.1.mlp.gate.weight": "m-2.safetensors",
+            "model.layers.2.mlp.gate.weight": "m-2.safetensors",
+            "model.layers.2.eh_proj.weight": "m-3.safetensors",
+            "model.layers.2.enorm.weight": "m-3.safetensors"}}"#;
+        let plan = |cfg: &str| plan_shards(cfg, index);
+        let with_mtp = plan(r#"{"num_hidden_layers": 2, "num_nextn_predict_layers": 1}"#).unwrap();
+        assert_eq!(with_mtp.needed, ["m-1.safetensors", "m-2.safetensors"]);
+        assert_eq!(with_mtp.skipped, ["m-3.safetensors"]);
+        for none in [
+            r#"{"num_hidden_layers": 3}"#,
+            r#"{"num_hidden_layers": 3, "num_nextn_predict_layers": null}"#,
+            r#"{"num_hidden_layers": 2, "num_nextn_predict_layers": 0}"#,
+        ] {
+            assert!(plan(none).unwrap().skipped.is_empty(), "{none}");
+        }
+        let e = plan(r#"{"num_hidden_layers": 2, "num_nextn_predict_layers": "1"}"#).unwrap_err();
+        assert!(e.contains("num_nextn_predict_layers"), "{e}");
+        let e = plan(r#"{"num_nextn_predict_layers": 1}"#).unwrap_err();
+        assert!(e.contains("num_hidden_layers"), "{e}");
+        assert!(plan("not json").unwrap_err().contains(CONFIG));
     }
 }

@@ -6,10 +6,13 @@
 //! shapes, read before any weight). Out: `Ok`, or [`LoadError::ConfigContradictsTensors`] naming
 //! the field, its value and what the tensors hold.
 //! Invariant: runs before anything is allocated from a config number, so a `num_hidden_layers`
-//! of 10^12 is an error, not an allocation.
+//! of 10^12 is an error, not an allocation. The tensors are those left once the MTP layers
+//! (`num_nextn_predict_layers`) were dropped, so layers are counted against `num_hidden_layers`
+//! alone.
 
 use std::collections::BTreeMap;
 
+use super::safetensors::layer_of;
 use super::{Checkpoint, LoadError};
 use crate::arch::TensorRole;
 
@@ -45,7 +48,7 @@ impl Checkpoint {
             }
         }
         if c.num_hidden_layers != layers {
-            let held = if layers == 0 {
+            let mut held = if layers == 0 {
                 "the checkpoint has no model.layers.* tensors".to_string()
             } else {
                 format!(
@@ -53,6 +56,15 @@ impl Checkpoint {
                     layers - 1
                 )
             };
+            let mtp = &self.dropped_mtp.layers;
+            if !mtp.is_empty() {
+                held.push_str(&format!(
+                    " besides the multi-token-prediction layers {}..={} \
+                     (num_nextn_predict_layers), which are dropped",
+                    mtp.start,
+                    mtp.end - 1
+                ));
+            }
             return mismatch("num_hidden_layers", c.num_hidden_layers.to_string(), held);
         }
         for (&layer, &(count, tensor)) in &experts {
@@ -112,13 +124,4 @@ impl Checkpoint {
         }
         Ok(())
     }
-}
-
-/// `model.layers.{L}.` -> L.
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
 }

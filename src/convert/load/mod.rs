@@ -7,6 +7,9 @@
 //! Out: a [`Checkpoint`]: the normalized [`ModelConfig`], every tensor's dtype, shape and bytes
 //! (borrowed from the mapped shards), each expert's projections whatever the layout
 //! (per-expert, transformers 5.x fused, mlx-lm stacked), and the [`Provenance`] of the source.
+//! The multi-token-prediction layers some checkpoints carry after their own
+//! (`num_nextn_predict_layers`, [`safetensors::MtpLayers`]) are left out here, as mlx-lm leaves
+//! them out: no later stage sees them, and a shard holding nothing else is not opened.
 //! Invariant: every tensor range was checked against its file's length at open, and every
 //! tensor the index names was found in its shard; later stages only slice checked ranges.
 
@@ -31,6 +34,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use safetensors::TensorInfo;
 
+/// What the loader left out of a checkpoint: its multi-token-prediction layers
+/// ([`safetensors::MtpLayers`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DroppedMtp {
+    /// The layers dropped (`num_hidden_layers ..`); empty when config.json names none.
+    pub layers: std::ops::Range<usize>,
+    /// Tensors of those layers left out: those in the shards read, and those the index lists
+    /// for the shards skipped.
+    pub tensors: usize,
+    /// Shards the index lists only for such tensors: never opened, so they may be absent.
+    pub skipped_shards: Vec<String>,
+}
+
 /// Errors of the load stage. Each names the file or tensor and the numbers involved.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -51,7 +67,7 @@ pub enum LoadError {
     NoWeights { dir: String },
     #[error(
         "shard {shard} is listed by {index} for {tensors} tensor(s) but is missing; \
-         download it again (all shards are needed)"
+         download it again (every shard holding a tensor of the model's own layers is needed)"
     )]
     MissingShard {
         shard: String,
@@ -488,6 +504,7 @@ pub struct Checkpoint {
     index: experts::ExpertIndex,
     /// The Hub repository and commit this folder is a snapshot of, when it came from the Hub.
     origin: Option<(String, Option<String>)>,
+    dropped_mtp: DroppedMtp,
 }
 
 /// A borrowed tensor.
@@ -529,8 +546,8 @@ impl Checkpoint {
         Ok(ck)
     }
 
-    /// Opens a checkpoint folder: parses `config.json`, maps every shard and checks every
-    /// safetensors header against its file.
+    /// Opens a checkpoint folder: parses `config.json`, maps every shard it needs (all but
+    /// those holding only MTP layers) and checks every safetensors header against its file.
     pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
         if let (Ok(_), Err(source)) = (std::fs::symlink_metadata(dir), std::fs::metadata(dir)) {
             return Err(LoadError::BrokenLink {
@@ -554,6 +571,11 @@ impl Checkpoint {
         let config = ModelConfig::from_json(&raw_config)?;
         let mlx_quantization = MlxQuantization::from_config(&raw_config)?;
         let fp8_block = fp8_block_size(&raw_config)?;
+        let mtp = safetensors::MtpLayers::from_config(&raw_config)?;
+        let mut dropped_mtp = DroppedMtp {
+            layers: mtp.layers.clone(),
+            ..DroppedMtp::default()
+        };
 
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
@@ -568,12 +590,18 @@ impl Checkpoint {
                         "not a shard index ({{\"weight_map\": {{tensor: file}}}}): {e}"
                     ),
                 })?;
+            let plan = index.plan(&mtp);
+            dropped_mtp.tensors = plan.skipped_tensors;
+            dropped_mtp.skipped_shards = plan.skipped.iter().map(|s| s.to_string()).collect();
             for (tensor, shard) in &index.weight_map {
                 if shard.contains("..") || Path::new(shard).is_absolute() {
                     return Err(LoadError::BadHeader {
                         path: index_path.display().to_string(),
                         detail: format!("shard name {shard:?} leaves the folder"),
                     });
+                }
+                if plan.skipped.contains(&shard.as_str()) {
+                    continue;
                 }
                 listed
                     .entry(shard.to_string())
@@ -646,9 +674,14 @@ impl Checkpoint {
                 }
             }
         }
+        // Dropped only now, so the index's claims about mixed shards were checked like any other.
+        let before = tensors.len();
+        tensors.retain(|name, _| !mtp.holds(name));
+        dropped_mtp.tensors += before - tensors.len();
         let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
         let ckpt = Checkpoint {
             origin: None,
+            dropped_mtp,
             index,
             root: dir.to_path_buf(),
             raw_config,
@@ -666,6 +699,11 @@ impl Checkpoint {
     /// The checkpoint folder.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The multi-token-prediction layers left out at open, and what of them.
+    pub fn dropped_mtp(&self) -> &DroppedMtp {
+        &self.dropped_mtp
     }
 
     /// Tensor names, sorted.
@@ -753,9 +791,16 @@ impl Checkpoint {
     }
 
     /// Every file of the source folder that a conversion reads: the fingerprinted ones, and the
-    /// tokenizer and generation files that go into the metadata.
+    /// tokenizer and generation files that go into the metadata; also the shards of MTP layers
+    /// it skips, which are the source's files all the same (no pack may be written over them).
     pub fn input_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.hash_jobs().into_iter().map(|(_, p, _)| p).collect();
+        files.extend(
+            self.dropped_mtp
+                .skipped_shards
+                .iter()
+                .map(|s| self.root.join(s)),
+        );
         for name in [
             "tokenizer.json",
             "tokenizer_config.json",
@@ -786,5 +831,7 @@ impl Checkpoint {
     }
 }
 
+#[cfg(test)]
+mod mtp_tests;
 #[cfg(test)]
 mod tests;

@@ -168,3 +168,90 @@ fn reads_the_shard_index() {
     assert!(ShardIndex::parse(r#"{"weight_map": {"a": 3}}"#).is_err());
     assert!(ShardIndex::parse(r#"{"metadata": {}}"#).is_err());
 }
+
+#[test]
+fn mtp_layers_come_from_num_nextn_predict_layers() {
+    let mtp = |cfg: serde_json::Value| MtpLayers::from_config(&cfg);
+    let none = MtpLayers::default();
+    for cfg in [
+        serde_json::json!({"num_hidden_layers": 61}),
+        serde_json::json!({"num_hidden_layers": 61, "num_nextn_predict_layers": null}),
+        serde_json::json!({"num_hidden_layers": 61, "num_nextn_predict_layers": 0}),
+        // Nothing to drop: the layer count is not needed (the architecture checks it).
+        serde_json::json!({"num_nextn_predict_layers": 0}),
+    ] {
+        assert_eq!(mtp(cfg.clone()).unwrap(), none, "{cfg}");
+    }
+    let dsv3 =
+        mtp(serde_json::json!({"num_hidden_layers": 61, "num_nextn_predict_layers": 1})).unwrap();
+    assert_eq!(dsv3.layers, 61..62);
+    assert!(dsv3.holds("model.layers.61.eh_proj.weight"));
+    assert!(dsv3.holds("model.layers.61.mlp.experts.255.down_proj.weight_scale_inv"));
+    for kept in [
+        "model.layers.60.mlp.gate.weight",
+        "model.layers.62.input_layernorm.weight",
+        "model.layers.610.input_layernorm.weight",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    ] {
+        assert!(!dsv3.holds(kept), "{kept}");
+    }
+    assert_eq!(
+        mtp(serde_json::json!({"num_hidden_layers": 4, "num_nextn_predict_layers": 2}))
+            .unwrap()
+            .layers,
+        4..6
+    );
+    for bad in [
+        serde_json::json!("1"),
+        serde_json::json!(-1),
+        serde_json::json!(1.5),
+        serde_json::json!(true),
+    ] {
+        let e = mtp(serde_json::json!({"num_hidden_layers": 2, "num_nextn_predict_layers": bad}))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ArchError::BadField {
+                    field: "num_nextn_predict_layers",
+                    ..
+                }
+            ),
+            "{bad}: {e}"
+        );
+    }
+    let e = mtp(serde_json::json!({"num_nextn_predict_layers": 1})).unwrap_err();
+    assert!(matches!(e, ArchError::Inconsistent { .. }), "{e}");
+    assert!(e.to_string().contains("num_hidden_layers"), "{e}");
+    let e = mtp(serde_json::json!({"num_hidden_layers": u64::MAX, "num_nextn_predict_layers": 1}))
+        .unwrap_err();
+    assert!(matches!(e, ArchError::Inconsistent { .. }), "{e}");
+}
+
+#[test]
+fn shard_plan_skips_only_shards_of_mtp_tensors_alone() {
+    let text = r#"{"weight_map": {
+        "model.embed_tokens.weight": "m-1.safetensors",
+        "model.layers.0.mlp.gate.weight": "m-1.safetensors",
+        "model.layers.1.mlp.gate.weight": "m-2.safetensors",
+        "model.layers.2.mlp.gate.weight": "m-2.safetensors",
+        "model.layers.2.enorm.weight": "m-3.safetensors",
+        "model.layers.2.eh_proj.weight": "m-3.safetensors",
+        "model.layers.3.hnorm.weight": "m-4.safetensors",
+        "lm_head.weight": "m-5.safetensors"}}"#;
+    let index = ShardIndex::parse(text).unwrap();
+    let mtp = MtpLayers { layers: 2..4 };
+    assert_eq!(
+        index.plan(&mtp),
+        ShardPlan {
+            // m-2 holds layer 1 too: needed, its layer-2 tensor dropped when it is indexed.
+            needed: vec!["m-1.safetensors", "m-2.safetensors", "m-5.safetensors"],
+            skipped: vec!["m-3.safetensors", "m-4.safetensors"],
+            skipped_tensors: 3,
+        }
+    );
+    let all = index.plan(&MtpLayers::default());
+    assert_eq!(all.needed, index.shards());
+    assert!(all.skipped.is_empty() && all.skipped_tensors == 0);
+}
