@@ -355,34 +355,48 @@ fn every_stage_runs_on_deepseek_v3_and_glm4_moe() {
             "--json",
         ]);
         let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+        // A random model's next-token distribution is nearly flat, so top-1 agreement is noise
+        // here; the KL of the 2-bit, merged pack against the bf16 source is what eval measures.
+        let kl = e["reference"]["kl_mean"].as_f64().unwrap_or(f64::NAN);
         let top1 = e["reference"]["top1_agreement"]
             .as_f64()
             .unwrap_or(f64::NAN);
-        assert!(top1 > 0.5 && top1 <= 1.0, "{name}: {e}");
+        assert!(kl > 0.0 && kl < 2.0, "{name}: {e}");
+        assert!((0.0..=1.0).contains(&top1), "{name}: {e}");
 
-        // A budget that holds the dense part and only some of the experts: they stream.
-        let all = p.experts().iter().map(|e| e.decoded_len).sum::<u64>();
-        let dense: u64 = p.tensors().iter().map(|t| t.decoded_len).sum();
-        let budget = format!("{}KiB", (dense + all / 3 + (8 << 20)) / 1024);
-        let run = flashpack_out(&[
-            "run",
-            pack_s,
-            "--prompt",
-            "The history of",
-            "--max-tokens",
-            "8",
-            "--mem-budget",
-            &budget,
-            "--json",
-        ]);
-        // --json puts the report on stderr (stdout is the text); its last line.
-        let err = String::from_utf8_lossy(&run.stderr);
-        let last = err.lines().last().unwrap_or("");
-        let j: serde_json::Value = serde_json::from_str(last).unwrap();
+        // Under an ample budget every expert stays; under an expert budget of 45% of them
+        // they stream, and greedy decoding gives the same tokens.
+        let run = |budget: &[&str]| -> serde_json::Value {
+            let mut args = vec![
+                "run",
+                pack_s,
+                "--prompt",
+                "The history of",
+                "--max-tokens",
+                "8",
+                "--json",
+            ];
+            args.extend_from_slice(budget);
+            let out = flashpack_out(&args);
+            // --json puts the report on stderr (stdout is the text); its last line.
+            let err = String::from_utf8_lossy(&out.stderr);
+            serde_json::from_str(err.lines().last().unwrap_or("")).unwrap()
+        };
+        let n = |j: &serde_json::Value, k: &str| j[k].as_u64().unwrap();
+        let ample = run(&["--mem-budget", "1GiB"]);
+        let j = run(&["--expert-budget", "45%"]);
         assert_eq!(
             j["token_ids"].as_array().map(Vec::len),
             Some(8),
             "{name}: {j}"
         );
+        assert_eq!(
+            j["token_ids"], ample["token_ids"],
+            "{name}: streaming changes nothing"
+        );
+        let c = &j["expert_cache"];
+        let stored = p.experts().len() as u64;
+        assert!(n(c, "slots") < stored, "{name}: {stored} experts, {c}");
+        assert!(n(c, "experts_loaded") > n(c, "slots"), "{name}: {c}");
     }
 }
