@@ -31,7 +31,7 @@ enum DtypeArg {
 
 #[derive(Parser)]
 struct Args {
-    /// qwen3_moe, mixtral, olmoe or qwen2_moe.
+    /// qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3 or glm4_moe.
     #[arg(long, default_value = "qwen3_moe")]
     arch: String,
     #[arg(long)]

@@ -48,8 +48,17 @@ case "${1:-}" in
     shift
     bench "$@"
     ;;
+  archs)
+    # DeepSeek-V3 and GLM-4.5 against mlx-lm (scripts/bench_archs_gpu.py); installs first when
+    # this machine has not been set up (call 2 of the recipe).
+    shift
+    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
+    python3 -c 'import mlx_lm' 2>/dev/null ||
+      python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
+    PYTHONUNBUFFERED=1 python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@"
+    ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh prepare | device|more [bench_gpu.py options]" >&2
+    echo "usage: bash scripts/bench_gpu.sh prepare | device|more [bench_gpu.py options] | archs" >&2
     exit 2
     ;;
 esac
