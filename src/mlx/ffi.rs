@@ -219,4 +219,29 @@ extern "C" {
     ) -> c_int;
 
     pub fn fp_load_safetensors(path: *const c_char, ctx: *mut c_void, visit: Visit) -> c_int;
+
+    pub fn fp_default_device_is_gpu() -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp_compiled_call(
+        fun_id: usize,
+        constants: *const u64,
+        n_const: usize,
+        f: TracedFn,
+        ctx: *mut c_void,
+        inputs: *const *mut FpArray,
+        n_in: usize,
+        outputs: *mut *mut FpArray,
+        max_out: usize,
+        n_out: *mut usize,
+    ) -> c_int;
 }
+
+/// `fp_traced_fn`: see shim.h.
+pub type TracedFn = unsafe extern "C" fn(
+    ctx: *mut c_void,
+    inputs: *const *mut FpArray,
+    n_in: usize,
+    outputs: *mut *mut FpArray,
+    max_out: usize,
+    n_out: *mut usize,
+) -> c_int;

@@ -250,6 +250,13 @@ impl Array {
             })
     }
 
+    /// Gives the handle away (to the shim, which then owns it).
+    fn into_raw(self) -> *mut ffi::FpArray {
+        let raw = self.raw.as_ptr();
+        std::mem::forget(self);
+        raw
+    }
+
     fn raw(&self) -> *const ffi::FpArray {
         self.raw.as_ptr()
     }
@@ -836,6 +843,129 @@ pub mod fast {
             ffi::fp_sdpa(q.raw(), k.raw(), v.raw(), scale, mode.as_ptr(), arr, out)
         })
     }
+}
+
+/// Whether MLX's default device is a GPU (Metal or CUDA), where kernel launches cost enough for
+/// [`compiled`] to pay.
+pub fn default_device_is_gpu() -> bool {
+    // SAFETY: no arguments; reads MLX's default device.
+    unsafe { ffi::fp_default_device_is_gpu() != 0 }
+}
+
+/// Names one function for [`compiled`]: a `static` of this type (its address is the id MLX
+/// caches the compiled graph under, as mlx's Python binding uses a function's id).
+pub struct CompileId(#[allow(dead_code)] u8);
+
+impl CompileId {
+    pub const fn new() -> CompileId {
+        CompileId(0)
+    }
+}
+
+impl Default for CompileId {
+    fn default() -> Self {
+        CompileId::new()
+    }
+}
+
+/// A function of arrays to compile, as [`compiled`] takes it.
+pub type ArrayFn<'a> = dyn Fn(&[Array]) -> Result<Vec<Array>> + 'a;
+
+/// `mx.compile(f)(*inputs)`: MLX traces `f` once per (`id`, `constants`, input shapes and
+/// types) and afterwards replays the traced graph, with its elementwise ops fused into single
+/// kernels. `f` must read arrays only from its arguments (any other array would be baked in
+/// as a constant of the first trace) and everything else that shapes its graph must be in
+/// `constants`. At most `max_out` outputs.
+pub fn compiled(
+    id: &'static CompileId,
+    constants: &[u64],
+    inputs: &[&Array],
+    max_out: usize,
+    f: &ArrayFn<'_>,
+) -> Result<Vec<Array>> {
+    struct Ctx<'a, 'b> {
+        f: &'a ArrayFn<'b>,
+        err: Option<Error>,
+    }
+    unsafe extern "C" fn trampoline(
+        ctx: *mut c_void,
+        inputs: *const *mut ffi::FpArray,
+        n_in: usize,
+        outputs: *mut *mut ffi::FpArray,
+        max_out: usize,
+        n_out: *mut usize,
+    ) -> c_int {
+        // SAFETY: `ctx` is the `Ctx` below, alive and exclusively ours for the whole call.
+        let ctx = unsafe { &mut *ctx.cast::<Ctx<'_, '_>>() };
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let xs = (0..n_in)
+                .map(|i| {
+                    let mut out = ptr::null_mut();
+                    // SAFETY: the shim hands `n_in` valid handles, borrowed for this call.
+                    check("compiled input", unsafe {
+                        ffi::fp_clone(*inputs.add(i), &mut out)
+                    })?;
+                    Array::from_raw("compiled input", out)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (ctx.f)(&xs)
+        }));
+        let err = match run {
+            Ok(Ok(outs)) if outs.len() <= max_out => {
+                // SAFETY: `n_out` and `max_out` output slots are the shim's, valid for the call.
+                unsafe { *n_out = outs.len() };
+                for (i, a) in outs.into_iter().enumerate() {
+                    unsafe { *outputs.add(i) = a.into_raw() };
+                }
+                return 0;
+            }
+            Ok(Ok(outs)) => Error::Mlx {
+                op: "compiled",
+                message: format!("{} outputs, at most {max_out} allowed", outs.len()),
+            },
+            Ok(Err(e)) => e,
+            Err(_) => Error::Mlx {
+                op: "compiled",
+                message: "the compiled function panicked".into(),
+            },
+        };
+        ctx.err = Some(err);
+        1
+    }
+    let mut ctx = Ctx { f, err: None };
+    let raw_in: Vec<*mut ffi::FpArray> = inputs.iter().map(|a| a.raw() as *mut _).collect();
+    let mut raw_out: Vec<*mut ffi::FpArray> = vec![ptr::null_mut(); max_out];
+    let mut n_out = 0usize;
+    // SAFETY: every pointer is valid for the call; the shim only reads the inputs and writes
+    // at most `max_out` new handles, which we own afterwards.
+    let status = unsafe {
+        ffi::fp_compiled_call(
+            id as *const CompileId as usize,
+            constants.as_ptr(),
+            constants.len(),
+            trampoline,
+            (&mut ctx as *mut Ctx<'_, '_>).cast(),
+            raw_in.as_ptr(),
+            raw_in.len(),
+            raw_out.as_mut_ptr(),
+            max_out,
+            &mut n_out,
+        )
+    };
+    if status != 0 {
+        return Err(match ctx.err.take() {
+            Some(e) => e,
+            None => check("compiled", status).err().unwrap_or(Error::Mlx {
+                op: "compiled",
+                message: "failed".into(),
+            }),
+        });
+    }
+    raw_out
+        .into_iter()
+        .take(n_out)
+        .map(|p| Array::from_raw("compiled", p))
+        .collect()
 }
 
 /// Load every tensor of a `.safetensors` file with MLX's own loader (lazy: bytes are read when

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "mlx/compile_impl.h"
 #include "mlx/mlx.h"
 
 #if defined(__linux__)
@@ -382,6 +383,45 @@ int fp_sdpa(const fp_array* q, const fp_array* k, const fp_array* v, float scale
     std::optional<mx::array> m;
     if (mask != nullptr) m = mask->a;
     *out = wrap(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mode, m));
+  });
+}
+
+int fp_default_device_is_gpu(void) {
+  return mx::default_device() == mx::Device::gpu ? 1 : 0;
+}
+
+int fp_compiled_call(uintptr_t fun_id, const uint64_t* constants, size_t n_const, fp_traced_fn f,
+                     void* ctx, fp_array* const* inputs, size_t n_in, fp_array** outputs,
+                     size_t max_out, size_t* n_out) {
+  return guard([&] {
+    std::vector<mx::array> in;
+    in.reserve(n_in);
+    for (size_t i = 0; i < n_in; ++i) in.push_back(inputs[i]->a);
+    // Traced on a cache miss only; a fresh lambda each call, so `ctx` is always this call's.
+    auto traced = [f, ctx, max_out](const std::vector<mx::array>& xs) {
+      std::vector<fp_array*> handles;
+      handles.reserve(xs.size());
+      for (const auto& x : xs) handles.push_back(wrap(x));
+      std::vector<fp_array*> outs(max_out, nullptr);
+      size_t n = 0;
+      int rc = f(ctx, handles.data(), handles.size(), outs.data(), max_out, &n);
+      for (auto* h : handles) delete h;
+      std::vector<mx::array> r;
+      for (size_t i = 0; i < max_out; ++i) {
+        if (outs[i] != nullptr) {
+          if (i < n) r.push_back(outs[i]->a);
+          delete outs[i];
+        }
+      }
+      if (rc != 0) throw std::runtime_error("compiled function: " + last_error);
+      return r;
+    };
+    std::vector<uint64_t> c(constants, constants + n_const);
+    auto compiled = mx::detail::compile(traced, fun_id, false, std::move(c));
+    auto r = compiled(in);
+    if (r.size() > max_out) throw std::runtime_error("compiled function: too many outputs");
+    for (size_t i = 0; i < r.size(); ++i) outputs[i] = wrap(r[i]);
+    *n_out = r.size();
   });
 }
 

@@ -94,6 +94,20 @@ int fp_rope(const fp_array* x, int dims, int traditional, float base, float scal
 int fp_sdpa(const fp_array* q, const fp_array* k, const fp_array* v, float scale,
             const char* mask_mode, const fp_array* mask, fp_array** out);
 
+// Whether MLX's default device is a GPU (Metal or CUDA).
+int fp_default_device_is_gpu(void);
+
+// A function for MLX to trace and compile: reads the `n_in` input handles (borrowed for the
+// call), writes up to `max_out` new output handles (the caller takes them) and their count,
+// returns 0, or 1 with the shim's last error set.
+typedef int (*fp_traced_fn)(void* ctx, fp_array* const* inputs, size_t n_in, fp_array** outputs,
+                            size_t max_out, size_t* n_out);
+// mx.compile: runs `f` on `inputs` as one compiled function, cached under (`fun_id`,
+// `constants`, the inputs' shapes and types); `f` is traced only on a cache miss.
+int fp_compiled_call(uintptr_t fun_id, const uint64_t* constants, size_t n_const, fp_traced_fn f,
+                     void* ctx, fp_array* const* inputs, size_t n_in, fp_array** outputs,
+                     size_t max_out, size_t* n_out);
+
 // Calls `visit(ctx, name, handle)` once per tensor; the visitor owns each handle.
 typedef void (*fp_visit)(void* ctx, const char* name, fp_array* a);
 int fp_load_safetensors(const char* path, void* ctx, fp_visit visit);

@@ -18,5 +18,9 @@ pub(super) const SPEC: Spec = Spec {
 
 fn router(cfg: &ModelConfig) -> RouterSpec {
     // inds = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
-    RouterSpec::from_config(cfg, TopKOrder::FirstOfNegated)
+    // if top_k > 1 and norm_topk_prob: scores = scores / scores.sum(-1, keepdims=True)
+    RouterSpec {
+        renormalize: cfg.norm_topk_prob && cfg.num_experts_per_tok > 1,
+        ..RouterSpec::from_config(cfg, TopKOrder::FirstOfNegated)
+    }
 }

@@ -20,7 +20,7 @@
 use super::layers::Linear;
 use super::ComputeError;
 use crate::arch::{ModelConfig, Scoring};
-use crate::mlx::{Array, Dtype};
+use crate::mlx::{self, Array, Dtype};
 
 type Result<T> = std::result::Result<T, ComputeError>;
 
@@ -136,8 +136,67 @@ impl Router {
     }
 }
 
+/// The sigmoid router's steps as one compiled MLX function (mlx-lm compiles its
+/// `group_expert_select` with `@mx.compile`); used where kernel launches cost (a GPU) unless
+/// `FLASHPACK_COMPILE=0`, and anywhere with `FLASHPACK_COMPILE=1`.
+static SIGMOID_ROUTER: mlx::CompileId = mlx::CompileId::new();
+
+fn compile_router() -> bool {
+    match std::env::var("FLASHPACK_COMPILE").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => mlx::default_device_is_gpu(),
+    }
+}
+
 /// Steps 1-6 of the module header on router logits `[.., E]`.
 pub fn route_logits(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Result<Routing> {
+    if spec.scoring == RouterScoring::Sigmoid && compile_router() {
+        return route_compiled(logits, bias, spec);
+    }
+    route_steps(logits, bias, spec)
+}
+
+/// [`route_steps`] through [`mlx::compiled`]: the same ops, traced once per shape and spec.
+fn route_compiled(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Result<Routing> {
+    {
+        let g = spec.groups.unwrap_or(ExpertGroups {
+            n_group: 1,
+            topk_group: 1,
+        });
+        let constants = [
+            spec.top_k as u64,
+            spec.order as u64,
+            spec.renormalize as u64,
+            bias.is_some() as u64,
+            g.n_group as u64,
+            g.topk_group as u64,
+            spec.groups.is_some() as u64,
+            spec.scaling.map_or(0, f64::to_bits),
+        ];
+        let mut inputs = vec![logits];
+        inputs.extend(bias);
+        let f = |xs: &[Array]| -> std::result::Result<Vec<Array>, mlx::Error> {
+            let r = route_steps(&xs[0], xs.get(1), spec).map_err(|e| match e {
+                ComputeError::Mlx(e) => e,
+                other => mlx::Error::Mlx {
+                    op: "router",
+                    message: other.to_string(),
+                },
+            })?;
+            Ok(vec![r.indices, r.scores])
+        };
+        let mut out = mlx::compiled(&SIGMOID_ROUTER, &constants, &inputs, 2, &f)?.into_iter();
+        if let (Some(indices), Some(scores)) = (out.next(), out.next()) {
+            return Ok(Routing { indices, scores });
+        }
+        Err(ComputeError::Unsupported {
+            what: "the compiled router returned fewer than 2 arrays".into(),
+        })
+    }
+}
+
+fn route_steps(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Result<Routing> {
     let k = i32::try_from(spec.top_k).map_err(|_| ComputeError::Unsupported {
         what: format!("top-k {}", spec.top_k),
     })?;

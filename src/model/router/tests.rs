@@ -272,3 +272,56 @@ fn softmax_of_the_chosen_is_softmax_renormalized() {
         assert!((x - y).abs() <= MAX_WEIGHT_DIFF, "{x} vs {y}");
     }
 }
+
+/// The compiled sigmoid router (what a GPU runs, `mx.compile` as mlx-lm compiles its
+/// `group_expert_select`) gives the same experts and weights as the op-by-op one, for each
+/// spec: the compile cache keys on every knob, so one spec never replays another's graph.
+#[test]
+fn compiled_sigmoid_router_equals_the_op_by_op_one() {
+    let mut rng = Rng(7);
+    let (tokens, experts) = (5usize, 16usize);
+    let logits: Vec<f32> = (0..tokens * experts).map(|_| 4.0 * rng.next()).collect();
+    let bias: Vec<f32> = (0..experts).map(|_| 0.1 * rng.next()).collect();
+    let logits = Array::from_slice(&logits, &[tokens, experts])
+        .unwrap()
+        .astype(Dtype::BF16)
+        .unwrap();
+    let bias = Array::from_slice(&bias, &[experts]).unwrap();
+    let specs = [
+        RouterSpec {
+            renormalize: true,
+            selection_bias: true,
+            groups: Some(ExpertGroups {
+                n_group: 4,
+                topk_group: 2,
+            }),
+            scaling: Some(2.5),
+            ..spec(RouterScoring::Sigmoid, 3)
+        },
+        RouterSpec {
+            renormalize: true,
+            selection_bias: true,
+            scaling: Some(1.5),
+            ..spec(RouterScoring::Sigmoid, 4)
+        },
+        spec(RouterScoring::Sigmoid, 2),
+    ];
+    for s in &specs {
+        // Twice: the second call replays the cached graph.
+        for _ in 0..2 {
+            let b = s.selection_bias.then_some(&bias);
+            let a = route_steps(&logits, b, s).unwrap();
+            let c = route_compiled(&logits, b, s).unwrap();
+            assert_eq!(
+                a.indices.to_vec::<u32>().unwrap(),
+                c.indices.to_vec::<u32>().unwrap(),
+                "{s:?}"
+            );
+            assert_eq!(
+                a.scores.to_vec_f32().unwrap(),
+                c.scores.to_vec_f32().unwrap(),
+                "{s:?}"
+            );
+        }
+    }
+}
