@@ -580,6 +580,13 @@ impl Checkpoint {
                     }
                     continue;
                 }
+                return Err(LoadError::Dtype {
+                    tensor: name.to_string(),
+                    found: t.dtype,
+                    expected: "a 2-D BF16, F16, F32 or FP8 (E4M3) weight, which conversion splits into \
+                               embed_q and unembed_out as mlx-lm does; convert the original checkpoint, \
+                               or mlx-lm's conversion of it (which stores the two halves)",
+                });
             }
             let data = match (t.dtype, t.dtype.float()) {
                 (Dtype::F8E4M3, _) if t.shape.len() == 2 => {

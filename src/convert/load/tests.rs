@@ -532,3 +532,42 @@ fn rejects_config_counts_that_disagree_with_the_tensors() {
         }
     }
 }
+
+/// DeepSeek-V3's `kv_b_proj` is split into mlx-lm's `embed_q` / `unembed_out` from its float
+/// (or FP8) values; a checkpoint that holds it as anything else is refused by name at
+/// `dense_tensors`, not turned into a pack the runtime cannot load.
+#[test]
+fn deepseek_v3_kv_b_proj_splits_and_a_non_float_one_is_refused() {
+    let dir = write(&FixtureSpec::tiny(Arch::DeepseekV3));
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let dense = ck.dense_tensors().unwrap();
+    let names: Vec<&str> = dense.iter().map(|d| d.name.as_str()).collect();
+    assert!(names.contains(&"model.layers.0.self_attn.embed_q.weight"));
+    assert!(names.contains(&"model.layers.0.self_attn.unembed_out.weight"));
+    assert!(!names.iter().any(|n| n.contains("kv_b_proj")), "{names:?}");
+    drop(ck);
+
+    // Retype layer 1's kv_b_proj (bf16 [4 * 64, 128]) as U32 [256, 64]: same bytes.
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &mut header["model.layers.1.self_attn.kv_b_proj.weight"];
+    assert_eq!(t["dtype"], "BF16");
+    t["dtype"] = "U32".into();
+    t["shape"] = serde_json::json!([256, 64]);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = ck.dense_tensors().err().unwrap().to_string();
+    assert!(
+        err.contains("kv_b_proj") && err.contains("embed_q and unembed_out"),
+        "{err}"
+    );
+}
