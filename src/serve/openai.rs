@@ -454,6 +454,23 @@ pub fn usage(c: &Completion) -> Value {
     })
 }
 
+/// The engine's own timings (llama-server's `timings` object, which OpenAI clients ignore): the
+/// prompt's time to the first token and the decode time per token, measured in the engine, so a
+/// client can tell the server's overhead from the model's time.
+pub fn timings(c: &Completion) -> Value {
+    let per_token = if c.stats.decode_tokens_per_s > 0.0 {
+        1e3 / c.stats.decode_tokens_per_s
+    } else {
+        0.0
+    };
+    json!({
+        "prompt_n": c.prompt_tokens - c.cached_tokens,
+        "prompt_ms": c.stats.time_to_first_token_s * 1e3,
+        "predicted_n": c.completion_tokens,
+        "predicted_per_token_ms": per_token,
+    })
+}
+
 fn chat_logprobs(lps: &[TokenText]) -> Value {
     let entry = |t: &str, lp: f32| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()});
     json!({"content": lps.iter().map(|l| {
@@ -538,6 +555,7 @@ impl Responder {
             "model": self.model,
             "choices": [choice],
             "usage": usage(c),
+            "timings": timings(c),
         })
     }
 
@@ -604,7 +622,9 @@ impl Responder {
                 "finish_reason": finish_reason(c.finish),
             }),
         };
-        let mut out = vec![self.chunk(finish)];
+        let mut end = self.chunk(finish);
+        end["timings"] = timings(c);
+        let mut out = vec![end];
         if self.include_usage {
             let mut u = self.chunk(Value::Null);
             u["choices"] = json!([]);

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses part of it
 //! A `flashpack serve` process on the bundled tiny model, and a small HTTP/1.1 client over a
 //! plain socket (so tests can also send what no client library would).
 
