@@ -306,6 +306,33 @@ fn bodies_and_prompts_over_the_limits_are_refused_and_the_model_must_exist() {
 }
 
 #[test]
+fn answers_end_where_the_sequence_reaches_max_context() {
+    let server = Server::start(pack(), &["--max-context", "24"]);
+    let r = post(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "The history of", "max_tokens": 23, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        24 - prompt,
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // More than the whole sequence may hold is refused up front.
+    let r = post(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "The", "max_tokens": 25}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "max_tokens");
+}
+
+#[test]
 fn idle_and_stalled_connections_are_closed() {
     let server = Server::start(pack(), &["--idle-timeout", "1"]);
     // Sends nothing: closed without a response.
@@ -483,10 +510,12 @@ fn malformed_requests_get_openai_errors_and_never_crash_the_server() {
 }
 
 /// Peak RSS may exceed the budget by the process's fixed cost: the MLX library and its
-/// allocator pools, the tokenizer, the runtime's threads, and the HTTP buffers of 32 clients.
-/// `flashpack run` on the same pack with every expert resident peaks at ~50 MB, so 64 MiB on top
-/// of the budget leaves room for that and for 32 connections.
-const RSS_MARGIN: u64 = 64 << 20;
+/// allocator, the tokenizer, the runtime's threads and the buffers of 32 connections. Measured
+/// on the CI machine's kind: 48.3 MB peak for a 25.2 MB budget, 23 MB over. 40 MiB leaves room
+/// for allocator differences; what it catches is growth with load (a KV cache or a queue that
+/// is not bounded, memory kept per request), not the expert cache's exact size, which
+/// tests/run_pack.rs checks through `run --mem-budget`.
+const RSS_MARGIN: u64 = 40 << 20;
 
 #[test]
 fn load_32_clients_of_4_requests_each_are_all_answered_within_the_memory_budget() {

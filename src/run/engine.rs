@@ -207,6 +207,8 @@ pub struct Engine<'p> {
     host_sampling: bool,
     sizes: EngineSizes,
     template: ChatTemplate,
+    /// The longest sequence this engine was sized for (`positions`, within the context).
+    max_sequence: usize,
 }
 
 impl<'p> Engine<'p> {
@@ -343,6 +345,7 @@ impl<'p> Engine<'p> {
                 margin_bytes: margin,
             },
             template: ChatTemplate::of_pack_or_plain(pack),
+            max_sequence: positions as usize,
         })
     }
 
@@ -379,6 +382,13 @@ impl<'p> Engine<'p> {
     /// The model's context length (`usize::MAX` when the config does not say).
     pub fn context(&self) -> usize {
         self.cfg.max_position_embeddings.unwrap_or(usize::MAX)
+    }
+
+    /// The longest sequence (prompt and answer) the engine was sized for: the model's context,
+    /// or less where [`EngineOptions::positions`] asked for less. Under a budget a longer one
+    /// would take more memory than was set aside for its KV cache; callers keep within it.
+    pub fn max_sequence(&self) -> usize {
+        self.max_sequence
     }
 
     /// The ids whose keys and values the KV cache holds.

@@ -40,6 +40,7 @@ pub enum Event {
 /// What the engine told the HTTP side once it was ready.
 #[derive(Clone, Debug)]
 pub struct Ready {
+    /// The longest sequence a request may reach (`Engine::max_sequence`).
     pub context: usize,
 }
 
@@ -104,11 +105,12 @@ pub fn run(
         }
     };
     drop(weights);
-    let context = engine.context();
+    let context = engine.max_sequence();
     if ready.send(Ok(Ready { context })).is_err() {
         return;
     }
-    let max_prompt = opts.max_prompt_tokens.min(context.saturating_sub(1));
+    let max_sequence = engine.max_sequence();
+    let max_prompt = opts.max_prompt_tokens.min(max_sequence.saturating_sub(1));
     while let Some(job) = jobs.blocking_recv() {
         counters.queued.fetch_sub(1, Ordering::Relaxed);
         if job.events.is_closed() {
@@ -191,6 +193,10 @@ fn serve_job(
         .with_code("context_length_exceeded"));
     }
     let mut request = job.request.clone();
+    // The answer ends where the sequence reaches what the engine was sized for ("length").
+    request.max_tokens = request
+        .max_tokens
+        .min(engine.max_sequence().saturating_sub(ids.len()));
     if job.chat {
         request.stop.extend(engine.template().stops());
     }

@@ -162,13 +162,13 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         }
         messages.push(Message::new("user", input));
         let ids = engine.encode_chat(&messages)?;
-        let room = engine.context().saturating_sub(ids.len());
+        let room = engine.max_sequence().saturating_sub(ids.len());
         if room < 2 {
             messages.pop();
             eprintln!(
-                "the conversation has {} tokens, and the model's context is {}: /reset to start a new one",
+                "the conversation has {} tokens, and this chat holds at most {} (the model's context, or --max-context): /reset to start a new one",
                 ids.len(),
-                engine.context()
+                engine.max_sequence()
             );
             continue;
         }
