@@ -306,6 +306,44 @@ fn bodies_and_prompts_over_the_limits_are_refused_and_the_model_must_exist() {
 }
 
 #[test]
+fn a_second_turn_reports_the_prompt_tokens_it_took_from_the_cache() {
+    let server = Server::start(pack(), &[]);
+    let mut messages = vec![
+        json!({"role": "system", "content": "A history lesson."}),
+        json!({"role": "user", "content": "Tell me about Rome."}),
+    ];
+    let first = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 8, "temperature": 0}),
+    )
+    .json();
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    messages
+        .push(json!({"role": "assistant", "content": first["choices"][0]["message"]["content"]}));
+    messages.push(json!({"role": "user", "content": "And Greece?"}));
+    let second = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 2, "temperature": 0}),
+    )
+    .json();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= first["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{second}"
+    );
+    assert!(cached < second["usage"]["prompt_tokens"].as_u64().unwrap());
+    // The engine's timings count only what it computed.
+    assert_eq!(
+        second["timings"]["prompt_n"].as_u64().unwrap(),
+        second["usage"]["prompt_tokens"].as_u64().unwrap() - cached
+    );
+}
+
+#[test]
 fn answers_end_where_the_sequence_reaches_max_context() {
     let server = Server::start(pack(), &["--max-context", "24"]);
     let r = post(

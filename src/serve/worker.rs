@@ -5,7 +5,8 @@
 //! [`Event`]s on the job's own channel: `Started`, `Piece`s, then `Done` or `Error`.
 //! Invariant: one job runs at a time, so two answers never interleave and the KV cache always
 //! holds one conversation; a job whose client has gone (its channel closed) stops at its next
-//! token, and one that went while queued never starts. See docs/decisions/0009-serve-queue.md.
+//! token, and one that went while queued never starts. Why no batching:
+//! docs/decisions/0009-serve-queue-no-batching.md.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

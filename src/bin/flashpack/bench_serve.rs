@@ -6,7 +6,7 @@
 //!   greedy `/v1/completions` stream on loopback) against the engine's own decode time per token
 //!   in the same request (its `timings`).
 //! - Batching: one decode step of two sequences against one, all experts resident (what a
-//!   batched server could gain; docs/decisions/0009-serve-queue.md).
+//!   batched server could gain; docs/decisions/0009-serve-queue-no-batching.md).
 //!
 //! Medians of `--reps` runs; a Markdown table (or JSON) on stdout.
 
