@@ -7,6 +7,7 @@
 //!
 //! Both run the forward pass in `model` (profile runs the source through it, run the pack);
 //! neither imports the other. `eval` sits above both: it compares a pack with its source.
+//! `serve` (the OpenAI-compatible server) sits above run: it queues requests for run's engine.
 //! `format` is the spec in code (formats/flashpack-v1.md), shared by writer and reader.
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
@@ -23,3 +24,4 @@ pub mod mlx;
 pub mod model;
 pub mod progress;
 pub mod run;
+pub mod serve;

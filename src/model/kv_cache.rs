@@ -1,8 +1,11 @@
 //! The KV cache: each layer's keys and values, as mlx-lm's `KVCache` (models/cache.py) keeps them.
 //!
 //! In: per call, a layer's new keys and values `[B, kv_heads, L, D]`. Out: all valid positions so
-//! far. Invariant: capacity grows in whole steps of 256 positions and position `p` of the cache
-//! always holds what the caller wrote for position `p` (keys after RoPE, so never rotated twice).
+//! far. Invariant: capacity grows in whole steps of 256 positions and position `p < offset` of
+//! the cache always holds what the caller wrote for position `p` (keys after RoPE, so never
+//! rotated twice). [`KvCache::truncate`] lowers the offset only: what lies past it is never
+//! fetched, and the next update writes over it, so a truncated cache is the cache the kept
+//! positions alone would have built (prefix reuse across requests relies on this).
 
 use super::ComputeError;
 use crate::mlx::{concatenate, Array};
@@ -24,6 +27,11 @@ const KV_STEP: usize = 256;
 impl LayerKv {
     pub fn offset(&self) -> usize {
         self.offset
+    }
+
+    /// Keep the first `n` positions (all of them if fewer are held); mlx-lm's `KVCache.trim`.
+    pub fn truncate(&mut self, n: usize) {
+        self.offset = self.offset.min(n);
     }
 
     /// Append `keys`/`values` `[B, kv_heads, L, D]` and return all valid positions
@@ -115,6 +123,12 @@ impl KvCache {
         self.layers.first().map_or(0, LayerKv::offset)
     }
 
+    /// Keep the first `n` positions of every layer: the next token goes to position `n` (or
+    /// stays where it was, if fewer are held). The buffers are kept for reuse.
+    pub fn truncate(&mut self, n: usize) {
+        self.layers.iter_mut().for_each(|l| l.truncate(n));
+    }
+
     /// Every layer's key and value buffers, for `mlx::eval` (mlx-lm's `cache.state`).
     pub fn state(&self) -> Vec<&Array> {
         self.layers
@@ -122,5 +136,51 @@ impl KvCache {
             .flat_map(|l| [l.keys.as_ref(), l.values.as_ref()])
             .flatten()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[1, 1, len, 2]` keys whose values name their position and a tag.
+    fn rows(first: usize, len: usize, tag: f32) -> Array {
+        let v: Vec<f32> = (first..first + len).flat_map(|p| [p as f32, tag]).collect();
+        Array::from_slice(&v, &[1, 1, len, 2]).unwrap()
+    }
+
+    /// Truncating and writing again gives exactly what a cache holding only the kept positions
+    /// and the new ones gives, also across a capacity step (300 > 256) and back below it.
+    #[test]
+    fn a_truncated_cache_equals_one_built_from_the_kept_positions() {
+        for (held, keep, more) in [(5, 3, 2), (300, 10, 4), (200, 200, 100), (260, 0, 3)] {
+            let mut kv = LayerKv::default();
+            kv.update_and_fetch(&rows(0, held, 1.0), &rows(0, held, 1.0))
+                .unwrap();
+            kv.truncate(keep);
+            assert_eq!(kv.offset(), keep.min(held));
+            let (k, v) = kv
+                .update_and_fetch(&rows(keep, more, 2.0), &rows(keep, more, 2.0))
+                .unwrap();
+
+            let mut fresh = LayerKv::default();
+            if keep > 0 {
+                fresh
+                    .update_and_fetch(&rows(0, keep, 1.0), &rows(0, keep, 1.0))
+                    .unwrap();
+            }
+            let (fk, fv) = fresh
+                .update_and_fetch(&rows(keep, more, 2.0), &rows(keep, more, 2.0))
+                .unwrap();
+            assert_eq!(k.shape(), vec![1, 1, keep + more, 2]);
+            assert_eq!(k.to_vec_f32().unwrap(), fk.to_vec_f32().unwrap());
+            assert_eq!(v.to_vec_f32().unwrap(), fv.to_vec_f32().unwrap());
+        }
+        // Truncating past the end keeps everything.
+        let mut kv = LayerKv::default();
+        kv.update_and_fetch(&rows(0, 4, 1.0), &rows(0, 4, 1.0))
+            .unwrap();
+        kv.truncate(10);
+        assert_eq!(kv.offset(), 4);
     }
 }

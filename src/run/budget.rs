@@ -22,6 +22,23 @@ impl Size {
     }
 }
 
+/// A `--mem-budget` / `--expert-budget` value: as written (for messages) and parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Budget {
+    pub text: String,
+    pub size: Size,
+}
+
+impl Budget {
+    /// For clap: a bare number or an unknown unit is an error that lists the accepted forms.
+    pub fn parse(text: &str) -> Result<Budget, String> {
+        Ok(Budget {
+            text: text.trim().to_string(),
+            size: parse_size(text)?,
+        })
+    }
+}
+
 /// The forms [`parse_size`] accepts, for messages.
 pub const SIZE_FORMS: &str =
     "8GiB, 8GB, 8G (= 8GiB), 512MiB, 512MB, 512M, or a percentage such as 50%; \

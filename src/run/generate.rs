@@ -4,6 +4,13 @@
 //! callback as they are produced) and timings. The prompt is prefilled in chunks so that one
 //! chunk never routes to more distinct experts than the cache has slots.
 //! Invariant: never runs past the model's context length; stops at EOS.
+//!
+//! Prefix reuse: a [`Prefix`] is a KV cache together with the token ids whose keys and values it
+//! holds. [`generate_with_prefix`] keeps the longest prefix those ids share with the new prompt
+//! (truncating the cache there, `KvCache::truncate`) and computes only the rest, as mlx-lm's
+//! prompt cache does; the prefix then holds the prompt and every generated token that was fed
+//! back. After an error the prefix is emptied, since a failed forward pass may have written
+//! part of a chunk.
 
 use std::time::Instant;
 
@@ -70,6 +77,109 @@ pub fn last_logits(logits: &Array) -> Result<Vec<f32>, crate::mlx::Error> {
     logits.slice(&[0, l - 1, 0], &[1, l, v])?.to_vec_f32()
 }
 
+/// A KV cache and the token ids, in order, whose keys and values it holds: what the next
+/// prompt can start from.
+#[derive(Debug, Default)]
+pub struct Prefix {
+    kv: KvCache,
+    ids: Vec<u32>,
+}
+
+impl Prefix {
+    /// The ids whose keys and values the cache holds.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Forget everything (the buffers go too).
+    pub fn clear(&mut self) {
+        *self = Prefix::default();
+    }
+
+    /// Keeps the longest prefix shared with `prompt`, but never the whole prompt (its last
+    /// token must run to give the first logits); returns how many positions were kept.
+    fn keep_shared(&mut self, prompt: &[u32]) -> usize {
+        let shared = self
+            .ids
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len().saturating_sub(1));
+        if self.kv.offset() != self.ids.len() {
+            // Cannot happen while every path below records what it feeds; stay correct anyway.
+            self.clear();
+            return 0;
+        }
+        self.kv.truncate(shared);
+        self.ids.truncate(shared);
+        shared
+    }
+}
+
+/// One generated token; with logprobs asked for, its log-probability and the most likely
+/// alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Log-probabilities (natural log, of the model's distribution before temperature and
+/// filtering, as OpenAI and mlx-lm report them) of a sampled token and of the `top` most
+/// likely tokens, most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// From one row of logits: log-softmax in f64, the `top` best ids (lowest id first on ties).
+    pub fn of(logits: &[f32], id: u32, top: usize) -> TokenLogprobs {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_z = max
+            + logits
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let lp = |i: u32| {
+            (logits.get(i as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64 - log_z) as f32
+        };
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let top = top.min(order.len());
+        if top > 0 {
+            order.select_nth_unstable_by(top - 1, |&a, &b| {
+                logits[b as usize]
+                    .total_cmp(&logits[a as usize])
+                    .then(a.cmp(&b))
+            });
+            order.truncate(top);
+            order.sort_by(|&a, &b| {
+                logits[b as usize]
+                    .total_cmp(&logits[a as usize])
+                    .then(a.cmp(&b))
+            });
+        } else {
+            order.clear();
+        }
+        TokenLogprobs {
+            logprob: lp(id),
+            top: order.into_iter().map(|i| (i, lp(i))).collect(),
+        }
+    }
+}
+
+/// What [`generate_with_prefix`] produced.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub stats: GenerateStats,
+    /// Prompt positions taken from the prefix instead of computed.
+    pub cached_tokens: usize,
+}
+
 /// Prefills `prompt`, then samples up to `max_tokens`; `on_token` gets each id as it is
 /// produced and returns `false` to stop.
 pub fn generate(
@@ -93,6 +203,56 @@ pub fn generate_reporting(
     progress: &dyn Progress,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, GenerateStats), GenerateError> {
+    let mut prefix = Prefix::default();
+    let g = generate_with_prefix(
+        model,
+        experts,
+        &mut prefix,
+        prompt,
+        opts,
+        None,
+        progress,
+        |t| on_token(t.id),
+    )?;
+    Ok((g.tokens, g.stats))
+}
+
+/// [`generate_reporting`] starting from what `prefix` holds: only the prompt positions after
+/// the shared prefix are computed (the progress stage counts those). With `logprobs`
+/// (`Some(n)`: the `n` most likely alternatives too) each token carries its log-probabilities,
+/// which takes the logits to the host at every step. Afterwards `prefix` holds the prompt and
+/// the generated tokens that were fed back.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_prefix(
+    model: &Model,
+    experts: &mut dyn ExpertStore,
+    prefix: &mut Prefix,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    logprobs: Option<usize>,
+    progress: &dyn Progress,
+    on_token: impl FnMut(&Token) -> bool,
+) -> Result<Generation, GenerateError> {
+    let result = generate_inner(
+        model, experts, prefix, prompt, opts, logprobs, progress, on_token,
+    );
+    if result.is_err() || prefix.kv.offset() != prefix.ids.len() {
+        prefix.clear();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_inner(
+    model: &Model,
+    experts: &mut dyn ExpertStore,
+    prefix: &mut Prefix,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    logprobs: Option<usize>,
+    progress: &dyn Progress,
+    mut on_token: impl FnMut(&Token) -> bool,
+) -> Result<Generation, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
@@ -104,30 +264,35 @@ pub fn generate_reporting(
         });
     }
     let mut sampler = Sampler::new(opts.sampler)?;
-    let mut cache: KvCache = model.new_cache();
+    let cached = prefix.keep_shared(prompt);
     let started = Instant::now();
     // As mlx-lm: every prompt position but the last only fills the KV cache; the last one
     // runs alone and gives the first token's logits.
-    let (body, last) = prompt.split_at(prompt.len() - 1);
-    progress.stage("prompt", Some(prompt.len() as u64), "tokens");
+    let (body, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
+    progress.stage("prompt", Some((prompt.len() - cached) as u64), "tokens");
     for chunk in body.chunks(opts.prefill_chunk.max(1)) {
-        model.prefill_ids(chunk, &mut cache, experts)?;
+        model.prefill_ids(chunk, &mut prefix.kv, experts)?;
+        prefix.ids.extend_from_slice(chunk);
         progress.advance(chunk.len() as u64);
     }
-    let logits = model.forward_last_ids(last, &mut cache, experts)?;
+    let logits = model.forward_last_ids(last, &mut prefix.kv, experts)?;
+    prefix.ids.extend_from_slice(last);
     progress.advance(1);
     progress.finish_stage();
-    if opts.sampler.temperature == 0.0 && !opts.host_sampling {
+    if opts.sampler.temperature == 0.0 && !opts.host_sampling && logprobs.is_none() {
         return greedy_pipelined(
-            model, experts, prompt, opts, &mut cache, logits, started, on_token,
+            model, experts, prefix, prompt, cached, opts, logits, started, on_token,
         );
     }
-    let mut next = sampler.sample(&last_logits(&logits)?)?;
+    let computed = prompt.len() - cached;
+    let host_logits = last_logits(&logits)?;
+    let mut next = sampler.sample(&host_logits)?;
+    let mut next_lp = logprobs.map(|n| TokenLogprobs::of(&host_logits, next, n));
     let prefill_s = started.elapsed().as_secs_f64();
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
         time_to_first_token_s: prefill_s,
-        prefill_tokens_per_s: prompt.len() as f64 / prefill_s.max(1e-9),
+        prefill_tokens_per_s: computed as f64 / prefill_s.max(1e-9),
         ..GenerateStats::default()
     };
     let mut out = Vec::new();
@@ -139,7 +304,11 @@ pub fn generate_reporting(
             break;
         }
         out.push(next);
-        if !on_token(next) {
+        let token = Token {
+            id: next,
+            logprobs: next_lp.take(),
+        };
+        if !on_token(&token) {
             stats.stop_reason = "stopped".into();
             break;
         }
@@ -150,33 +319,42 @@ pub fn generate_reporting(
             stats.stop_reason = "context".into();
             break;
         }
-        let logits = model.forward_last_ids(&[next], &mut cache, experts)?;
-        next = sampler.sample(&last_logits(&logits)?)?;
+        let logits = model.forward_last_ids(&[next], &mut prefix.kv, experts)?;
+        prefix.ids.push(next);
+        let host_logits = last_logits(&logits)?;
+        next = sampler.sample(&host_logits)?;
+        next_lp = logprobs.map(|n| TokenLogprobs::of(&host_logits, next, n));
     }
     let decode_s = decode_started.elapsed().as_secs_f64();
     stats.generated_tokens = out.len();
     // The first token came from the prefill; the decode rate counts the forward passes after it.
     stats.decode_tokens_per_s = out.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
     stats.total_s = started.elapsed().as_secs_f64();
-    Ok((out, stats))
+    Ok(Generation {
+        tokens: out,
+        stats,
+        cached_tokens: cached,
+    })
 }
 
 /// Greedy decoding, pipelined as mlx-lm's `generate_step`: the argmax stays on the device, and
 /// step `t + 1`'s graph is built and scheduled (`async_eval`) on step `t`'s lazy token before the
 /// host waits for token `t`. The host's work (streaming the token, building the graph, routing
 /// under a budget) overlaps the device's. Same tokens as the host sampler's greedy pick (the
-/// first maximum) on the same logits.
+/// first maximum) on the same logits. A token whose next step was scheduled has been fed to the
+/// cache, so it joins the prefix even when generation stops on it.
 #[allow(clippy::too_many_arguments)]
 fn greedy_pipelined(
     model: &Model,
     experts: &mut dyn ExpertStore,
+    prefix: &mut Prefix,
     prompt: &[u32],
+    cached: usize,
     opts: &GenerateOptions,
-    cache: &mut KvCache,
     logits: Array,
     started: Instant,
-    mut on_token: impl FnMut(u32) -> bool,
-) -> Result<(Vec<u32>, GenerateStats), GenerateError> {
+    mut on_token: impl FnMut(&Token) -> bool,
+) -> Result<Generation, GenerateError> {
     let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
     let pick = |logits: &Array| -> Result<Array, GenerateError> {
         // logits [1, 1, V] -> [1, 1] ids
@@ -197,7 +375,7 @@ fn greedy_pipelined(
         let more = n < opts.max_tokens && prompt.len() + n < context;
         let built = Instant::now();
         let next = if more {
-            let l = model.forward_last(&y, cache, experts)?;
+            let l = model.forward_last(&y, &mut prefix.kv, experts)?;
             let ny = pick(&l)?;
             crate::mlx::async_eval(&[&ny])?;
             Some(ny)
@@ -206,6 +384,9 @@ fn greedy_pipelined(
         };
         let waited = Instant::now();
         let token = y.to_vec::<u32>()?[0];
+        if next.is_some() {
+            prefix.ids.push(token);
+        }
         if !out.is_empty() {
             stats.host_build_ms += (waited - built).as_secs_f64() * 1e3;
             stats.host_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
@@ -213,7 +394,7 @@ fn greedy_pipelined(
         if out.is_empty() {
             let prefill_s = started.elapsed().as_secs_f64();
             stats.time_to_first_token_s = prefill_s;
-            stats.prefill_tokens_per_s = prompt.len() as f64 / prefill_s.max(1e-9);
+            stats.prefill_tokens_per_s = (prompt.len() - cached) as f64 / prefill_s.max(1e-9);
             decode_started = Instant::now();
         }
         if opts.eos.contains(&token) {
@@ -221,7 +402,10 @@ fn greedy_pipelined(
             break;
         }
         out.push(token);
-        if !on_token(token) {
+        if !on_token(&Token {
+            id: token,
+            logprobs: None,
+        }) {
             stats.stop_reason = "stopped".into();
             break;
         }
@@ -239,5 +423,12 @@ fn greedy_pipelined(
     stats.generated_tokens = out.len();
     stats.decode_tokens_per_s = out.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
     stats.total_s = started.elapsed().as_secs_f64();
-    Ok((out, stats))
+    // A step scheduled for a token that was not wanted still wrote the cache: finish it, so the
+    // cache holds values, not a pending graph over expert slots that may be rewritten.
+    crate::mlx::eval(&prefix.kv.state())?;
+    Ok(Generation {
+        tokens: out,
+        stats,
+        cached_tokens: cached,
+    })
 }

@@ -7,9 +7,12 @@
 
 pub mod budget;
 pub mod cache;
+pub mod engine;
 pub mod experts;
 pub mod generate;
 pub mod open;
 pub mod read;
 pub mod sample;
 pub mod stream;
+pub mod template;
+pub mod text;

@@ -27,6 +27,9 @@ pub enum BenchWhat {
     /// Compare codecs on the same segments: bits per code, order-0 entropy bound, ratio,
     /// encode and decode speed (one thread and all threads), decode speed relative to memcpy.
     Codecs(CodecsArgs),
+    /// Prefix reuse (second-turn time to first token, warm vs cold), the server's overhead per
+    /// streamed token, and what batching two sequences would gain.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +80,7 @@ pub struct CodecsArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchWhat::Codecs(a) => codecs(a),
+        BenchWhat::Serve(a) => crate::bench_serve::run(a),
     }
 }
 

@@ -1,11 +1,14 @@
 //! The `flashpack` command line: one file per subcommand. Exit codes: 0 ok, 1 error, 2 usage.
 
 mod bench;
+mod bench_serve;
+mod chat;
 mod convert;
 mod eval;
 mod inspect;
 mod publish;
 mod run;
+mod serve;
 mod verify;
 
 use std::process::ExitCode;
@@ -27,6 +30,8 @@ struct Cli {
 enum Command {
     /// Benchmarks that print tables (codecs, ...).
     Bench(bench::BenchArgs),
+    /// Talk with a pack in the terminal: multi-turn, streamed, the KV cache kept between turns.
+    Chat(chat::ChatArgs),
     /// Convert a Hugging Face (or mlx-lm) MoE checkpoint into a .flashpack.
     Convert(convert::ConvertArgs),
     /// Perplexity of a pack on a text; KL divergence and top-1 agreement against a reference.
@@ -37,6 +42,8 @@ enum Command {
     Run(run::RunArgs),
     /// Upload a pack and a generated model card to the Hugging Face Hub.
     Publish(publish::PublishArgs),
+    /// Serve a pack over an OpenAI-compatible HTTP API (127.0.0.1:8080 by default).
+    Serve(serve::ServeArgs),
     /// Hash every byte of a pack; name every damaged section, tensor or segment.
     Verify(verify::VerifyArgs),
 }
@@ -53,11 +60,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Chat(args) => chat::run(args),
         Command::Convert(args) => convert::run(args).map(|()| ExitCode::SUCCESS),
         Command::Eval(args) => eval::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Run(args) => run::run(args),
         Command::Publish(args) => publish::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Verify(args) => verify::run(args),
     };
     match result {

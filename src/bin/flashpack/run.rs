@@ -5,15 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use flashpack::memory::{peak_rss, total_ram};
-use flashpack::model::{ComputeError, ExpertStore, PoolRoute, Routing};
-use flashpack::run::budget::{parse_size, Size};
-use flashpack::run::experts::{ExpertCache, PolicyKind, PoolSize, StoreOptions};
-use flashpack::run::generate::{generate_reporting, GenerateOptions};
+use flashpack::memory::peak_rss;
+use flashpack::run::budget::Budget;
+use flashpack::run::engine::{Engine, EngineOptions, Request};
+use flashpack::run::experts::PolicyKind;
 use flashpack::run::open;
 use flashpack::run::read::IoMode;
 use flashpack::run::sample::SamplerOptions;
-use flashpack::run::stream::StreamingExperts;
+use flashpack::run::template::{ChatTemplate, Message};
+use flashpack::run::text::TextStream;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -89,105 +89,6 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-/// A `--mem-budget` / `--expert-budget` value: as written (for messages) and parsed.
-#[derive(Clone, Debug)]
-pub struct Budget {
-    text: String,
-    size: Size,
-}
-
-impl Budget {
-    /// The clap parser: a bare number or an unknown unit is a usage error (exit 2) that lists
-    /// the accepted forms.
-    fn parse(text: &str) -> Result<Budget, String> {
-        Ok(Budget {
-            text: text.trim().to_string(),
-            size: parse_size(text)?,
-        })
-    }
-}
-
-/// Says so on stderr when a budget is more than the machine's memory: it cannot be honoured, and
-/// is most likely a typo (`1TB` for `1GB`).
-fn warn_over_ram(option: &str, text: &str, bytes: u64, ram: u64) {
-    if ram > 0 && bytes > ram {
-        eprintln!(
-            "warning: {option} {text} ({}) is more than this machine's memory ({}); the budget cannot hold, and the system may swap",
-            fmt_bytes(bytes),
-            fmt_bytes(ram)
-        );
-    }
-}
-
-/// Bytes for people: MB below a GB, else GB (decimal, as the other reports print them).
-fn fmt_bytes(b: u64) -> String {
-    if b >= 1_000_000_000 {
-        format!("{:.2} GB", b as f64 / 1e9)
-    } else {
-        format!("{:.1} MB", b as f64 / 1e6)
-    }
-}
-
-/// Where the expert cache's size came from, for the message when it holds too few experts.
-enum BudgetCause {
-    /// `--mem-budget TEXT`, of which the dense weights, KV cache and activations took this much.
-    Mem { text: String, dense_and_margin: u64 },
-    /// `--expert-budget TEXT`.
-    Expert { text: String },
-    /// No budget: every stored expert has a slot.
-    None,
-}
-
-/// The message when the smallest slot pool holds fewer experts than one token routes to: it
-/// names the option that sized the cache (or, without one, the pack's own numbers), the size of
-/// one expert and where it comes from, top-k, and the least budget that would do.
-fn too_few_slots(
-    cause: &BudgetCause,
-    expert_budget: Option<u64>,
-    pools: &[PoolSize],
-    top_k: usize,
-    (hidden, inter): (u32, u32),
-) -> String {
-    let Some(p) = pools.iter().min_by_key(|p| p.slots) else {
-        return format!(
-            "the pack stores no experts, but the model config routes each token to {top_k} (num_experts_per_tok); the pack is damaged or was written by a broken tool: re-convert it"
-        );
-    };
-    // A pool gets the budget's share of its bytes (ExpertCache::new), so `top_k` slots in every
-    // pool need this many bytes in all.
-    let total: u64 = pools.iter().map(|q| q.stored as u64 * q.slot_bytes).sum();
-    let need = pools
-        .iter()
-        .map(|q| (top_k as u64 * total).div_ceil(q.stored.max(1) as u64))
-        .max()
-        .unwrap_or(0);
-    let room = format!(
-        "room for {} of its {}-bit experts ({} each: hidden {hidden} x expert width {inter}, from the pack's expert directory), fewer than the {top_k} one token uses (num_experts_per_tok in the model config)",
-        p.slots,
-        p.bits,
-        fmt_bytes(p.slot_bytes)
-    );
-    let eb = fmt_bytes(expert_budget.unwrap_or(0));
-    match cause {
-        BudgetCause::Expert { text } => format!(
-            "--expert-budget {text} gives the expert cache {eb}: {room}; raise --expert-budget to at least {}",
-            fmt_bytes(need)
-        ),
-        BudgetCause::Mem {
-            text,
-            dense_and_margin,
-        } => format!(
-            "--mem-budget {text} leaves {eb} for experts after {} of dense weights, KV cache and activations: {room}; raise --mem-budget to at least {}",
-            fmt_bytes(*dense_and_margin),
-            fmt_bytes(dense_and_margin + need)
-        ),
-        BudgetCause::None => format!(
-            "the model config routes each token to {top_k} experts (num_experts_per_tok), but the pack stores only {} {}-bit experts; its config and expert directory disagree: re-convert it",
-            p.stored, p.bits
-        ),
-    }
-}
-
 /// Draws the prompt's progress on stderr (`prompt: 4096/16384 tokens`) once the prompt has
 /// taken longer than `after`, then at most once per `after`; a short prompt draws nothing.
 /// On a terminal the line is redrawn in place.
@@ -260,6 +161,11 @@ impl flashpack::progress::Progress for PromptProgress {
             self.draw(&mut s, true);
         }
     }
+
+    /// Shown with `--json` too.
+    fn warn(&self, msg: &str) {
+        eprintln!("warning: {msg}");
+    }
 }
 
 /// After how long the prompt's progress shows: a second, or `FLASHPACK_PROGRESS_AFTER_MS`
@@ -271,9 +177,6 @@ fn prompt_progress_after() -> std::time::Duration {
         .unwrap_or(1000);
     std::time::Duration::from_millis(ms)
 }
-
-/// Most prompt tokens per forward call (mlx-lm's `prefill_step_size`).
-const PREFILL_STEP: usize = 2048;
 
 /// `--queue-depth`: each read in flight is a thread, so a bound keeps a typo from spawning
 /// millions of them.
@@ -309,118 +212,33 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let prompt = prompt_text(&args)?;
     let (pack, cfg, weights) = open::open(&args.pack, !args.no_verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
-    let tokenizer = open::tokenizer(&pack)?;
-    let model = flashpack::model::Model::load(&cfg, &weights).context("loading the model")?;
-
-    let ram = total_ram();
-    let budget = args.mem_budget.as_ref().map(|b| b.size.resolve(ram));
-    if let (Some(b), Some(text)) = (budget, &args.mem_budget) {
-        warn_over_ram("--mem-budget", &text.text, b, ram);
-    }
-    // The dense weights stay resident; the KV cache (bf16, up to the longest context this run
-    // can reach) and activations come out of the budget too.
-    let positions = cfg
-        .max_position_embeddings
-        .unwrap_or(usize::MAX)
-        .min(prompt.len() + args.max_tokens) as u64;
-    // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig).
-    let kv = cfg.kv_values_per_token() * positions * 2;
-    // Prefill runs the prompt in chunks of up to 2,048 tokens (mlx-lm's prefill step); under a
-    // budget a chunk's activations (f32 upper bound: the residual stream, the k routed rows in
-    // and out of the experts and their hidden width) stay within a tenth of it.
-    let per_token = 4
-        * (cfg.hidden_size * (2 * cfg.num_experts_per_tok + 8)
-            + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size.max(1)) as u64;
-    let prefill_chunk = match budget {
-        None => PREFILL_STEP,
-        Some(b) => ((b / 10 / per_token.max(1)) as usize).clamp(16, PREFILL_STEP),
-    };
-    let margin = kv
-        + (cfg.hidden_size * cfg.vocab_size * 4) as u64
-        + prefill_chunk as u64 * per_token
-        + (2 << 20);
-    let all_experts = ExpertCache::all_resident_bytes(&pack);
-    let expert_budget = match (budget, &args.expert_budget) {
-        (None, None) => None,
-        (None, Some(eb)) => {
-            let bytes = eb.size.resolve(all_experts);
-            warn_over_ram("--expert-budget", &eb.text, bytes, ram);
-            Some(bytes)
-        }
-        (Some(b), _) => {
-            let Some(rest) = b.checked_sub(weights.bytes + margin) else {
-                bail!(
-                    "--mem-budget {} is too small: the dense weights alone need {:.1} MB (plus {:.1} MB for the KV cache and activations); raise the budget",
-                    args.mem_budget.as_ref().map_or("", |t| t.text.as_str()),
-                    weights.bytes as f64 / 1e6,
-                    margin as f64 / 1e6
-                );
-            };
-            Some(rest)
-        }
-    };
-    let opts = StoreOptions {
-        budget_bytes: expert_budget,
+    let progress = PromptProgress::new(prompt_progress_after(), !args.json);
+    let opts = EngineOptions {
+        mem_budget: args.mem_budget.clone(),
+        expert_budget: args.expert_budget.clone(),
         io: args.io,
         queue_depth: args.queue_depth,
         policy: args.policy,
         verify: !args.no_verify,
-        naive: args.no_cache,
+        no_cache: args.no_cache,
+        prefetch: !args.no_prefetch,
+        skip_uncached: args.skip_uncached,
+        sync_baseline: args.sync_baseline,
+        // The prompt's length in bytes bounds its tokens.
+        positions: prompt.len().saturating_add(args.max_tokens),
     };
-    let mut cache = ExpertCache::new(&pack, &opts)?;
-    if expert_budget.is_none() && !args.no_cache {
-        cache.warm_all(&pack)?;
-    }
-    let streaming = expert_budget.is_some() || args.no_cache;
-    if let Some(t) = args.skip_uncached {
-        if !(0.0..=1.0).contains(&t) {
-            bail!("--skip-uncached {t}: give a routing weight between 0 and 1");
-        }
-    }
-    let mut experts = StreamingExperts::new(
-        &pack,
-        cache,
-        cfg.num_experts,
-        !args.no_prefetch && !args.no_cache && streaming,
-    )
-    .skip_uncached(args.skip_uncached);
-    if experts.min_slots() < cfg.num_experts_per_tok {
-        let cause = match (&args.mem_budget, &args.expert_budget) {
-            (Some(b), _) => BudgetCause::Mem {
-                text: b.text.clone(),
-                dense_and_margin: weights.bytes + margin,
-            },
-            (None, Some(b)) => BudgetCause::Expert {
-                text: b.text.clone(),
-            },
-            (None, None) => BudgetCause::None,
-        };
-        bail!(
-            "{}",
-            too_few_slots(
-                &cause,
-                expert_budget,
-                &experts.cache().pool_sizes(),
-                cfg.num_experts_per_tok,
-                (pack.hidden_size(), pack.intermediate_size()),
-            )
-        );
-    }
+    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &progress)?;
 
     let text = if args.raw {
         prompt.clone()
     } else {
-        match open::chat_template(&pack) {
-            Some(template) => render_chat(&template, &prompt, &pack)?,
+        match ChatTemplate::of_pack(&pack) {
+            Some(template) => template.render(&[Message::new("user", &prompt)])?,
             None => prompt.clone(),
         }
     };
-    let ids = tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
-        .get_ids()
-        .to_vec();
-    let gen_opts = GenerateOptions {
+    let ids = engine.encode(&text)?;
+    let req = Request {
         max_tokens: args.max_tokens,
         sampler: SamplerOptions {
             temperature: args.temperature,
@@ -428,46 +246,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             top_k: args.top_k,
             seed: args.seed,
         },
-        // One chunk must not route to more distinct experts than the smallest pool holds.
-        // Under a budget a chunk may route to more experts than fit: the store then loads and
-        // runs them group by group, each expert read at most once per chunk.
-        prefill_chunk,
-        eos: cfg.eos_token_ids.clone(),
-        host_sampling: args.sync_baseline,
+        logprobs: None,
+        stop: Vec::new(),
     };
+    let tokenizer = engine.tokenizer().clone();
     let mut stdout = std::io::stdout().lock();
     let mut text = TextStream::new(&tokenizer);
-    let first_token = std::rc::Rc::new(std::cell::Cell::new(false));
     // Process CPU seconds at the start, at the first token and at the end: under load from
     // other processes they measure the work of each phase more steadily than wall time.
     let cpu_start = process_cpu_s();
     let mut cpu_first = None;
-    // Every expert resident: route on the device, with no host round trip per layer.
-    let mut resident = if streaming || args.sync_baseline {
-        None
-    } else {
-        flashpack::run::stream::resident_store(
-            experts.cache(),
-            &cfg.sparse_layers(),
-            cfg.num_experts,
-        )?
-    };
-    let mut phases = PhaseMarker {
-        inner: &mut experts,
-        first_token: first_token.clone(),
-        at_first_token: None,
-    };
-    let store: &mut dyn ExpertStore = match resident.as_mut() {
-        Some(r) => r,
-        None => &mut phases,
-    };
-    let progress = PromptProgress::new(prompt_progress_after(), !args.json);
-    let (_, stats) = generate_reporting(&model, store, &ids, &gen_opts, &progress, |id| {
-        if !first_token.get() {
+    let out = engine.generate(&ids, &req, &progress, |t| {
+        if cpu_first.is_none() {
             cpu_first = Some(process_cpu_s());
         }
-        first_token.set(true);
-        if let Some(piece) = text.push(id) {
+        if let Some(piece) = text.push(t.id) {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         }
@@ -476,19 +269,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(rest) = text.finish() {
         let _ = stdout.write_all(rest.as_bytes());
     }
-    let generated = text.ids;
+    let generated = text.ids().to_vec();
     let _ = writeln!(stdout);
     let _ = stdout.flush();
     let cpu_end = process_cpu_s();
+    let stats = out.generation.stats;
     if stats.stop_reason == "context" {
         eprintln!(
             "note: generation stopped at the model's context length ({} tokens)",
             cfg.max_position_embeddings.unwrap_or(0)
         );
     }
-    let at_first_token = phases.at_first_token.take();
-    let cache_stats = experts.cache_stats();
-    let stream = experts.stats.clone();
+    let at_first_token = out.at_first_token;
+    let sizes = engine.sizes();
+    let cache_stats = engine.cache_stats();
+    let stream = engine.stream_stats().clone();
     let hits: u64 = cache_stats.hits_per_layer.values().sum();
     let misses: u64 = cache_stats.misses_per_layer.values().sum();
     let hit_rate_per_layer: std::collections::BTreeMap<u32, f64> = cache_stats
@@ -520,14 +315,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // MLX's allocator: live array bytes at the end and at most (device memory on a GPU).
         "mlx_active_bytes": flashpack::mlx::active_memory(),
         "mlx_peak_bytes": flashpack::mlx::peak_memory(),
-        "dense_bytes": weights.bytes,
+        "dense_bytes": sizes.dense_bytes,
         "expert_cache": cache_stats,
         "stream": stream,
         "derived": derived,
-        "budget_bytes": budget,
-        "expert_budget_bytes": expert_budget,
-        "all_experts_bytes": all_experts,
-        "margin_bytes": margin,
+        "budget_bytes": sizes.budget_bytes,
+        "expert_budget_bytes": sizes.expert_budget_bytes,
+        "all_experts_bytes": sizes.all_experts_bytes,
+        "margin_bytes": sizes.margin_bytes,
         // Counters as they stood when the first token came out (end of prefill): subtract
         // them for the decode phase alone.
         "at_first_token": at_first_token,
@@ -550,7 +345,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             stats.decode_tokens_per_s,
             peak_rss() as f64 / 1e6
         );
-        if streaming {
+        if engine.streaming() {
             eprintln!(
                 "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}% (hid {:.1}% of misses), stall {:.1} ms/token",
                 cache_stats.slots,
@@ -585,234 +380,4 @@ fn process_cpu_s() -> f64 {
         }
     }
     0.0
-}
-
-/// Passes routing through, and snapshots the read counters at the first forward call after the
-/// first token (the end of the prefill), so the decode phase can be reported on its own.
-struct PhaseMarker<'a, 'p> {
-    inner: &'a mut StreamingExperts<'p>,
-    first_token: std::rc::Rc<std::cell::Cell<bool>>,
-    at_first_token: Option<serde_json::Value>,
-}
-
-impl ExpertStore for PhaseMarker<'_, '_> {
-    fn route(
-        &mut self,
-        layer: usize,
-        indices: &flashpack::mlx::Array,
-    ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
-        self.mark();
-        self.inner.route(layer, indices)
-    }
-
-    fn route_scored(
-        &mut self,
-        layer: usize,
-        routing: &Routing,
-    ) -> Result<(Vec<PoolRoute<'_>>, Option<flashpack::mlx::Array>), ComputeError> {
-        self.mark();
-        self.inner.route_scored(layer, routing)
-    }
-
-    fn mix(
-        &mut self,
-        layer: usize,
-        x: &flashpack::mlx::Array,
-        routing: &Routing,
-    ) -> Result<Option<flashpack::mlx::Array>, ComputeError> {
-        self.mark();
-        self.inner.mix(layer, x, routing)
-    }
-
-    fn wants_prediction(&self) -> bool {
-        self.inner.wants_prediction()
-    }
-
-    fn predict(
-        &mut self,
-        layer: usize,
-        indices: &flashpack::mlx::Array,
-    ) -> Result<(), ComputeError> {
-        self.inner.predict(layer, indices)
-    }
-}
-
-impl PhaseMarker<'_, '_> {
-    fn mark(&mut self) {
-        if self.at_first_token.is_none() && self.first_token.get() {
-            let c = self.inner.cache_stats();
-            self.at_first_token = Some(serde_json::json!({
-                "bytes_read": c.bytes_read,
-                "experts_loaded": c.experts_loaded,
-                "misses": c.misses_per_layer.values().sum::<u64>(),
-                "hits": c.hits_per_layer.values().sum::<u64>(),
-                "read_decode_ms": c.read_decode_ms,
-                "stall_ms": self.inner.stats.stall_ms,
-            }));
-        }
-    }
-}
-
-/// Applies a Hugging Face chat template to one user message.
-fn render_chat(
-    template: &str,
-    prompt: &str,
-    pack: &flashpack::format::Pack,
-) -> anyhow::Result<String> {
-    let token = |key: &str| -> String { pack.meta().special_token(key).unwrap_or("").to_string() };
-    let mut env = minijinja::Environment::new();
-    env.add_template("chat", template)
-        .context("the pack's chat template does not parse; use --raw")?;
-    let ctx = minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => prompt }],
-        add_generation_prompt => true,
-        bos_token => token("bos_token"),
-        eos_token => token("eos_token"),
-    };
-    env.get_template("chat")?
-        .render(ctx)
-        .context("the pack's chat template failed to render; use --raw")
-}
-
-/// The text of generated ids as it streams: [`TextStream::push`] gives what is new since the
-/// last piece, holding back a trailing incomplete UTF-8 sequence (which decodes to U+FFFD) until
-/// its next byte arrives; [`TextStream::finish`] gives what is left, a final incomplete sequence
-/// as U+FFFD. All pieces together equal `tokenizer.decode(ids)`, as mlx-lm prints.
-struct TextStream<'a> {
-    tokenizer: &'a tokenizers::Tokenizer,
-    ids: Vec<u32>,
-    printed: usize,
-}
-
-impl<'a> TextStream<'a> {
-    fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
-        TextStream {
-            tokenizer,
-            ids: Vec::new(),
-            printed: 0,
-        }
-    }
-
-    fn push(&mut self, id: u32) -> Option<String> {
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, false).ok()?;
-        if text.ends_with('\u{FFFD}') {
-            return None;
-        }
-        self.piece(text)
-    }
-
-    fn finish(&mut self) -> Option<String> {
-        let text = self.tokenizer.decode(&self.ids, false).ok()?;
-        self.piece(text)
-    }
-
-    fn piece(&mut self, text: String) -> Option<String> {
-        let rest = text
-            .get(self.printed..)
-            .filter(|r| !r.is_empty())?
-            .to_string();
-        self.printed = text.len();
-        Some(rest)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// "The 中" in the bundled tokenizer is The, Ġ, then the three byte tokens of 中
-    /// (0xE4 0xB8 0xAD): the partial character is held back until complete, and a generation
-    /// that stops inside it ends with U+FFFD, as `decode` gives it.
-    #[test]
-    fn streamed_text_holds_back_partial_characters_and_flushes_the_tail() {
-        let tok = tokenizers::Tokenizer::from_file(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("fixtures/qwen3moe-tiny/tokenizer.json"),
-        )
-        .unwrap();
-        let ids = tok.encode("The 中", false).unwrap().get_ids().to_vec();
-        assert_eq!(ids.len(), 5, "{ids:?}");
-        let mut s = TextStream::new(&tok);
-        let pieces: Vec<Option<String>> = ids.iter().map(|&i| s.push(i)).collect();
-        assert_eq!(pieces[0].as_deref(), Some("The"));
-        assert_eq!(pieces[1].as_deref(), Some(" "));
-        assert_eq!((&pieces[2], &pieces[3]), (&None, &None), "held back");
-        assert_eq!(pieces[4].as_deref(), Some("中"));
-        assert_eq!(s.finish(), None);
-        // Stopped after the first byte of the character: the tail is flushed as U+FFFD.
-        let mut s = TextStream::new(&tok);
-        let mut out = String::new();
-        for &i in &ids[..3] {
-            out.extend(s.push(i));
-        }
-        out.extend(s.finish());
-        assert_eq!(out, tok.decode(&ids[..3], false).unwrap());
-        assert!(out.ends_with('\u{FFFD}'), "{out:?}");
-    }
-
-    const POOL: PoolSize = PoolSize {
-        bits: flashpack::format::ProjBits::uniform(4),
-        slots: 3,
-        stored: 192,
-        slot_bytes: 50_000,
-    };
-
-    #[test]
-    fn too_few_slots_names_the_option_that_sized_the_cache() {
-        let msg = too_few_slots(
-            &BudgetCause::Expert { text: "1MB".into() },
-            Some(150_000),
-            &[POOL],
-            8,
-            (256, 128),
-        );
-        assert!(msg.starts_with("--expert-budget 1MB gives"), "{msg}");
-        assert!(!msg.contains("--mem-budget"), "{msg}");
-        assert!(
-            msg.contains(
-                "room for 3 of its 4-bit experts (0.1 MB each: hidden 256 x expert width 128"
-            ),
-            "{msg}"
-        );
-        assert!(msg.contains("fewer than the 8 one token uses"), "{msg}");
-        // 8 slots of 192 experts' share: 8 * 192 * 50 kB / 192.
-        assert!(
-            msg.ends_with("raise --expert-budget to at least 0.4 MB"),
-            "{msg}"
-        );
-
-        let msg = too_few_slots(
-            &BudgetCause::Mem {
-                text: "40MB".into(),
-                dense_and_margin: 39_850_000,
-            },
-            Some(150_000),
-            &[POOL],
-            8,
-            (256, 128),
-        );
-        assert!(
-            msg.starts_with("--mem-budget 40MB leaves 0.1 MB for experts after 39.9 MB"),
-            "{msg}"
-        );
-        assert!(
-            msg.ends_with("raise --mem-budget to at least 40.2 MB"),
-            "{msg}"
-        );
-
-        // No budget: every stored expert has a slot, so only a config whose top-k exceeds the
-        // stored experts gets here, and the message says so instead of blaming a budget.
-        let all = PoolSize {
-            slots: 4,
-            stored: 4,
-            ..POOL
-        };
-        let msg = too_few_slots(&BudgetCause::None, None, &[all], 8, (256, 128));
-        assert!(!msg.contains("budget"), "{msg}");
-        assert!(
-            msg.contains("routes each token to 8 experts") && msg.contains("stores only 4"),
-            "{msg}"
-        );
-    }
 }

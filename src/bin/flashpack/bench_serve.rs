@@ -1,0 +1,319 @@
+//! `flashpack bench serve PACK`: what the engine and the server cost, as ratios.
+//!
+//! - Prefix reuse: the time to first token of an agent's second turn (a long history, the
+//!   model's answer, a new question) with the first turn in the KV cache, against a cold cache.
+//! - Server overhead: the time per streamed token a client sees (gaps between SSE chunks of a
+//!   greedy `/v1/completions` stream on loopback) against the engine's own decode time per token
+//!   in the same request (its `timings`).
+//! - Batching: one decode step of two sequences against one, all experts resident (what a
+//!   batched server could gain; docs/decisions/0009-serve-queue-no-batching.md).
+//!
+//! Medians of `--reps` runs; a Markdown table (or JSON) on stdout.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use flashpack::progress::Silent;
+use flashpack::run::engine::{Engine, EngineOptions, Request};
+use flashpack::run::sample::SamplerOptions;
+use flashpack::run::template::Message;
+use flashpack::serve::{serve, ServeOptions};
+
+#[derive(Args, Debug)]
+pub struct ServeBenchArgs {
+    /// The .flashpack file.
+    pub pack: PathBuf,
+    /// Tokens of conversation history before the second turn.
+    #[arg(long, default_value_t = 1000)]
+    pub history: usize,
+    /// Tokens streamed per request for the overhead measurement.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn greedy(max_tokens: usize, stop: Vec<String>) -> Request {
+    Request {
+        max_tokens,
+        sampler: SamplerOptions::default(),
+        logprobs: None,
+        stop,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Sentences for a deterministic history of user questions and assistant answers.
+const TOPICS: [&str; 8] = [
+    "the history of Rome and its emperors",
+    "how rivers shape the land around them",
+    "the first printing presses in Europe",
+    "why the seasons change through the year",
+    "the trade routes across the desert",
+    "how ships found their way at sea",
+    "the music of the old royal courts",
+    "the building of the great cathedrals",
+];
+
+/// A conversation of at least `tokens` tokens: a system prompt, then question/answer turns.
+fn history(engine: &Engine<'_>, tokens: usize) -> Result<Vec<Message>> {
+    let mut messages = vec![Message::new(
+        "system",
+        "You are a patient teacher who answers questions about history and nature.",
+    )];
+    let mut i = 0;
+    while engine.encode_chat(&messages)?.len() < tokens {
+        let topic = TOPICS[i % TOPICS.len()];
+        messages.push(Message::new("user", &format!("Tell me about {topic}.")));
+        messages.push(Message::new(
+            "assistant",
+            &format!(
+                "Here is what is known about {topic}. The records are old, and each tells part of the story; \
+                 taken together they show how people lived, worked and thought in those times."
+            ),
+        ));
+        i += 1;
+    }
+    messages.push(Message::new("user", "Summarise what we said so far."));
+    Ok(messages)
+}
+
+struct Prefix {
+    cold_s: f64,
+    warm_s: f64,
+    history_tokens: usize,
+    cached: usize,
+    prompt: usize,
+}
+
+fn prefix_reuse(engine: &mut Engine<'_>, args: &ServeBenchArgs) -> Result<Prefix> {
+    let first = history(engine, args.history)?;
+    let stops = engine.template().stops();
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let (mut cached, mut prompt, mut history_tokens) = (0, 0, 0);
+    for _ in 0..args.reps {
+        // Turn one fills the cache; turn two is the history, the answer and a new question.
+        engine.reset();
+        let ids = engine.encode_chat(&first)?;
+        history_tokens = ids.len();
+        let answer = engine.complete(&ids, &greedy(16, stops.clone()), |_| true)?;
+        let mut second = first.clone();
+        second.push(Message::new("assistant", &answer.text));
+        second.push(Message::new("user", "And what happened next?"));
+        let ids2 = engine.encode_chat(&second)?;
+        let w = engine.generate(&ids2, &greedy(1, Vec::new()), &Silent, |_| true)?;
+        warm.push(w.generation.stats.time_to_first_token_s);
+        cached = w.generation.cached_tokens;
+        prompt = ids2.len();
+        engine.reset();
+        let c = engine.generate(&ids2, &greedy(1, Vec::new()), &Silent, |_| true)?;
+        cold.push(c.generation.stats.time_to_first_token_s);
+    }
+    Ok(Prefix {
+        cold_s: median(cold),
+        warm_s: median(warm),
+        history_tokens,
+        cached,
+        prompt,
+    })
+}
+
+/// One streamed greedy completion: (client ms per token between the first and last chunk,
+/// the engine's ms per token, tokens).
+fn stream_once(addr: SocketAddr, prompt: &str, tokens: usize) -> Result<(f64, f64, usize)> {
+    let body = serde_json::json!({
+        "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": true,
+    })
+    .to_string();
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reader = BufReader::new(s);
+    let mut arrivals = Vec::new();
+    let mut engine_ms = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let Some(data) = text.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(e) = v.get("error") {
+            bail!("the server answered an error: {e}");
+        }
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            arrivals.push(Instant::now());
+        }
+        if let Some(ms) = v["timings"]["predicted_per_token_ms"].as_f64() {
+            engine_ms = Some(ms);
+        }
+    }
+    let (Some(first), Some(last)) = (arrivals.first(), arrivals.last()) else {
+        bail!("the stream carried no text");
+    };
+    let n = arrivals.len();
+    if n < 2 {
+        bail!("the stream carried {n} text chunk(s); use a prompt that generates more");
+    }
+    let client_ms = (*last - *first).as_secs_f64() * 1e3 / (n - 1) as f64;
+    Ok((
+        client_ms,
+        engine_ms.context("the stream had no timings")?,
+        n,
+    ))
+}
+
+/// (ms per decode step of one sequence, of two sequences), all experts resident.
+fn batch_steps(
+    pack: &flashpack::format::Pack,
+    cfg: &flashpack::arch::ModelConfig,
+    weights: &flashpack::run::open::PackWeights,
+    reps: usize,
+) -> Result<(f64, f64)> {
+    use flashpack::mlx::Array;
+    use flashpack::run::experts::{ExpertCache, StoreOptions};
+    let model = flashpack::model::Model::load(cfg, weights)?;
+    let mut cache = ExpertCache::new(pack, &StoreOptions::default())?;
+    cache.warm_all(pack)?;
+    let mut store =
+        flashpack::run::stream::resident_store(&cache, &cfg.sparse_layers(), cfg.num_experts)?
+            .context("not every expert is resident")?;
+    let steps = 32;
+    let mut time = |batch: usize| -> Result<f64> {
+        let mut kv = model.new_cache();
+        let prompt: Vec<u32> = (0..64u32 * batch as u32).map(|i| 10 + i % 64).collect();
+        model.prefill(
+            &Array::from_slice(&prompt, &[batch, 64])?,
+            &mut kv,
+            &mut store,
+        )?;
+        let mut y = Array::from_slice(&vec![11u32; batch], &[batch, 1])?;
+        let started = Instant::now();
+        for _ in 0..steps {
+            let logits = model.forward(&y, &mut kv, &mut store)?;
+            y = logits.argmax(-1)?;
+            flashpack::mlx::eval(&[&y])?;
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e3 / steps as f64)
+    };
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        one.push(time(1)?);
+        two.push(time(2)?);
+    }
+    Ok((median(one), median(two)))
+}
+
+pub fn run(args: ServeBenchArgs) -> Result<()> {
+    let (pack, cfg, weights) = flashpack::run::open::open(&args.pack, true)
+        .with_context(|| format!("cannot open {}", args.pack.display()))?;
+    let (one, two) = batch_steps(&pack, &cfg, &weights, args.reps)?;
+    let opts = EngineOptions::default();
+    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &crate::chat::Warnings)?;
+    let prefix = prefix_reuse(&mut engine, &args)?;
+    drop(engine);
+
+    // The server, on loopback, in this process (its engine on its own thread).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut serve_opts = ServeOptions::new(args.pack.clone());
+    serve_opts.port = 0;
+    std::thread::spawn(move || {
+        let failed = serve(serve_opts, |addr| {
+            let _ = tx.send(Ok(addr));
+        });
+        if let Err(e) = failed {
+            let _ = tx.send(Err(e.to_string()));
+        }
+    });
+    let addr = match rx.recv() {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => bail!("the server did not start: {e}"),
+        Err(_) => bail!("the server did not start"),
+    };
+    let (mut client, mut inside, mut streamed) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..args.reps {
+        let (c, e, n) = stream_once(addr, "The history of", args.tokens)?;
+        client.push(c);
+        inside.push(e);
+        streamed = n;
+    }
+    let (client_ms, engine_ms) = (median(client), median(inside));
+    let overhead = client_ms / engine_ms - 1.0;
+    let speedup = prefix.cold_s / prefix.warm_s;
+    let report = serde_json::json!({
+        "prefix_reuse": {
+            "history_tokens": prefix.history_tokens,
+            "second_turn_prompt_tokens": prefix.prompt,
+            "cached_tokens": prefix.cached,
+            "ttft_cold_s": prefix.cold_s,
+            "ttft_warm_s": prefix.warm_s,
+            "speedup": speedup,
+        },
+        "server": {
+            "streamed_tokens": streamed,
+            "client_ms_per_token": client_ms,
+            "engine_ms_per_token": engine_ms,
+            "overhead": overhead,
+        },
+        "batch": {
+            "step_ms_1_sequence": one,
+            "step_ms_2_sequences": two,
+            "throughput_gain_2": 2.0 * one / two,
+        },
+        "reps": args.reps,
+    });
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| second turn, time to first token, cold cache ({} prompt tokens) | {:.3} s |",
+        prefix.prompt, prefix.cold_s
+    );
+    println!(
+        "| second turn, time to first token, prefix reuse ({} of {} cached) | {:.3} s |",
+        prefix.cached, prefix.prompt, prefix.warm_s
+    );
+    println!("| prefix reuse speedup | {speedup:.1}x |");
+    println!("| decode per token, engine | {engine_ms:.2} ms |");
+    println!("| decode per token, seen by an SSE client | {client_ms:.2} ms |");
+    println!(
+        "| server overhead per streamed token | {:.2}% |",
+        overhead * 100.0
+    );
+    println!("| decode step, 1 sequence | {one:.2} ms |");
+    println!("| decode step, 2 sequences batched | {two:.2} ms |");
+    println!(
+        "| throughput of 2 batched sequences vs 1 | {:.2}x |",
+        2.0 * one / two
+    );
+    Ok(())
+}

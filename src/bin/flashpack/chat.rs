@@ -1,0 +1,234 @@
+//! `flashpack chat PACK`: a multi-turn conversation in the terminal, streamed, through the
+//! pack's chat template; the KV cache carries over between turns, so a turn computes only its
+//! new tokens. `/reset` starts over, `/exit` (or end of input) quits, Ctrl-C stops the answer
+//! being written and keeps the program.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use flashpack::run::budget::Budget;
+use flashpack::run::engine::{Engine, EngineOptions, Finish, Request};
+use flashpack::run::open;
+use flashpack::run::sample::SamplerOptions;
+use flashpack::run::template::Message;
+
+/// The memory options `chat` and `serve` share with `run`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct MemoryArgs {
+    /// Memory for weights and the KV cache: 8GiB, 8GB, 8G (= GiB), 512MiB, or 50% (of RAM).
+    /// Default: every expert resident.
+    #[arg(long, value_name = "SIZE", value_parser = Budget::parse)]
+    pub mem_budget: Option<Budget>,
+    /// Size the expert cache directly instead: 2GiB, or 50% of all experts resident.
+    #[arg(long, value_name = "SIZE", value_parser = Budget::parse, conflicts_with = "mem_budget")]
+    pub expert_budget: Option<Budget>,
+    /// The longest conversation, in tokens, the KV cache is sized for under --mem-budget
+    /// (default: the model's context length).
+    #[arg(long, value_name = "TOKENS")]
+    pub max_context: Option<usize>,
+    /// Do not check blake3 checksums of dense tensors and expert segments.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+impl MemoryArgs {
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            mem_budget: self.mem_budget.clone(),
+            expert_budget: self.expert_budget.clone(),
+            verify: !self.no_verify,
+            positions: self.max_context.unwrap_or(usize::MAX),
+            ..EngineOptions::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// The .flashpack file.
+    pub pack: PathBuf,
+    /// A system prompt that opens the conversation (and survives /reset).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+    /// After each answer, print its counts as one JSON line on stderr (prompt, cached and
+    /// generated tokens, time to first token).
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Set while an answer is being written: Ctrl-C then stops it instead of the program.
+static ANSWERING: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl-C during an answer; the token callback sees it and stops.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    if ANSWERING.load(Ordering::SeqCst) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    } else {
+        // At the prompt Ctrl-C quits, as in a shell. Only async-signal-safe calls here.
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is static.
+        unsafe {
+            libc::write(2, b"\n".as_ptr().cast(), 1);
+            libc::_exit(130);
+        }
+    }
+}
+
+const HELP: &str =
+    "/reset starts a new conversation, /exit (or Ctrl-D) quits; Ctrl-C stops an answer";
+
+pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
+    let (pack, cfg, weights) = open::open(&args.pack, !args.memory.no_verify)
+        .with_context(|| format!("cannot chat with {}", args.pack.display()))?;
+    let mut engine = Engine::new(
+        &pack,
+        &cfg,
+        &weights,
+        &args.memory.engine_options(),
+        &Warnings,
+    )?;
+    drop(weights);
+    // Checked before the first turn, so a bad value is not found after the user has typed.
+    flashpack::run::sample::Sampler::new(sampler(&args))?;
+    #[cfg(unix)]
+    // SAFETY: installs a handler that only touches atomics and calls write/_exit.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        let note = if engine.template().is_plain() {
+            " (the pack has no chat template: a plain User:/Assistant: transcript)"
+        } else {
+            ""
+        };
+        eprintln!("chatting with {}{note}; {HELP}", args.pack.display());
+    }
+    let opening: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s))
+        .collect();
+    let mut messages = opening.clone();
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    loop {
+        if interactive {
+            print!(">>> ");
+            let _ = std::io::stdout().flush();
+        }
+        line.clear();
+        if stdin
+            .read_line(&mut line)
+            .context("reading standard input")?
+            == 0
+        {
+            break;
+        }
+        let input = line.trim_end_matches(['\n', '\r']);
+        match input.trim() {
+            "" => continue,
+            "/exit" | "/quit" | "/bye" => break,
+            "/reset" => {
+                messages = opening.clone();
+                engine.reset();
+                eprintln!("(new conversation)");
+                continue;
+            }
+            "/help" | "/?" => {
+                eprintln!("{HELP}");
+                continue;
+            }
+            cmd if cmd.starts_with('/') => {
+                eprintln!("unknown command {cmd}: {HELP}");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", input));
+        let ids = engine.encode_chat(&messages)?;
+        let room = engine.max_sequence().saturating_sub(ids.len());
+        if room < 2 {
+            messages.pop();
+            eprintln!(
+                "the conversation has {} tokens, and this chat holds at most {} (the model's context, or --max-context): /reset to start a new one",
+                ids.len(),
+                engine.max_sequence()
+            );
+            continue;
+        }
+        let req = Request {
+            max_tokens: args.max_tokens.min(room - 1),
+            sampler: sampler(&args),
+            logprobs: None,
+            stop: engine.template().stops(),
+        };
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        ANSWERING.store(true, Ordering::SeqCst);
+        let mut stdout = std::io::stdout().lock();
+        let answer = engine.complete(&ids, &req, |p| {
+            let _ = stdout.write_all(p.text.as_bytes());
+            let _ = stdout.flush();
+            !INTERRUPTED.load(Ordering::SeqCst)
+        });
+        ANSWERING.store(false, Ordering::SeqCst);
+        let _ = writeln!(stdout);
+        let _ = stdout.flush();
+        drop(stdout);
+        let answer = answer?;
+        if answer.finish == Finish::Cancelled {
+            eprintln!("(stopped)");
+        }
+        if args.stats {
+            eprintln!(
+                "{}",
+                serde_json::json!({
+                    "prompt_tokens": answer.prompt_tokens,
+                    "cached_tokens": answer.cached_tokens,
+                    "completion_tokens": answer.completion_tokens,
+                    "time_to_first_token_s": answer.stats.time_to_first_token_s,
+                    "decode_tokens_per_s": answer.stats.decode_tokens_per_s,
+                    "finish": answer.finish,
+                })
+            );
+        }
+        messages.push(Message::new("assistant", &answer.text));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sampler(args: &ChatArgs) -> SamplerOptions {
+    SamplerOptions {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: 0,
+        seed: args.seed,
+    }
+}
+
+/// Budget warnings on stderr.
+pub struct Warnings;
+
+impl flashpack::progress::Progress for Warnings {
+    fn stage(&self, _name: &str, _total: Option<u64>, _unit: &str) {}
+    fn advance(&self, _n: u64) {}
+    fn finish_stage(&self) {}
+    fn warn(&self, msg: &str) {
+        eprintln!("warning: {msg}");
+    }
+}

@@ -1,0 +1,538 @@
+//! `flashpack serve`: an OpenAI-compatible HTTP server over one [`crate::run::engine::Engine`].
+//!
+//! In: HTTP requests on `/v1/chat/completions`, `/v1/completions` (both streaming as
+//! server-sent events, ending `data: [DONE]`, or not), `/v1/models` and `/health`. Out: OpenAI's
+//! response and error objects.
+//! Invariant: requests queue for the one engine thread (`worker.rs`) in arrival order, at most
+//! `max_queue` waiting (then 429 with Retry-After); a client that goes away stops its
+//! generation at the next token; no request body, however malformed, panics the server: it
+//! gets a 4xx with OpenAI's error object.
+//!
+//! Safety limits: bound to 127.0.0.1 unless told otherwise; with an API key every request
+//! without it gets 401; bodies over `max_body_bytes` get 413, prompts over the limit 400;
+//! a connection that sends no complete request head within `idle_timeout` (a new connection,
+//! or a kept-alive one between requests) is closed, and so is one whose body stalls that long.
+
+pub mod openai;
+pub mod worker;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::run::engine::EngineOptions;
+use openai::{ApiError, Endpoint, Limits, Parsed, Responder};
+use worker::{Counters, Event, Job, WorkerOptions};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The pack could not be opened or the engine built (the message has the cause).
+    #[error("{0}")]
+    Engine(String),
+    #[error("cannot listen on {addr}: {source}; pick another --port or --host")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the server's runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// How to serve.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub pack: PathBuf,
+    /// The model id clients name (`model` in requests, `/v1/models`).
+    pub model: String,
+    pub host: String,
+    /// 0 picks a free port (the bound address is reported to `on_listen`).
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub engine: EngineOptions,
+    /// Requests that may wait for the engine; one more gets 429.
+    pub max_queue: usize,
+    pub max_body_bytes: usize,
+    pub max_prompt_tokens: usize,
+    /// `max_tokens` when a request gives none (chat; completions default to 16).
+    pub default_max_tokens: usize,
+    pub max_tokens: usize,
+    pub idle_timeout: Duration,
+}
+
+impl ServeOptions {
+    /// Defaults for `pack`: 127.0.0.1:8080, no key, 64 queued, 1 MiB bodies, prompts up to the
+    /// model's context, 512 tokens per answer by default and at most 32768, 30 s idle timeout.
+    pub fn new(pack: PathBuf) -> ServeOptions {
+        let model = pack
+            .file_stem()
+            .map_or("flashpack".into(), |s| s.to_string_lossy().into_owned());
+        ServeOptions {
+            pack,
+            model,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: None,
+            engine: EngineOptions::default(),
+            max_queue: 64,
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: usize::MAX,
+            default_max_tokens: 512,
+            max_tokens: 32768,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Most open connections; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 512;
+
+struct Shared {
+    opts: ServeOptions,
+    limits: Limits,
+    jobs: mpsc::Sender<Job>,
+    counters: Arc<Counters>,
+    requests: AtomicU64,
+    started: u64,
+}
+
+/// Opens the pack, binds, reports the address to `on_listen`, and serves until SIGINT or
+/// SIGTERM.
+pub fn serve(opts: ServeOptions, on_listen: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let (jobs_tx, jobs_rx) = mpsc::channel(opts.max_queue.max(1));
+    let counters = Arc::new(Counters::default());
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let worker_opts = WorkerOptions {
+        pack: opts.pack.clone(),
+        engine: opts.engine.clone(),
+        max_prompt_tokens: opts.max_prompt_tokens,
+    };
+    let worker_counters = counters.clone();
+    let worker = std::thread::Builder::new()
+        .name("flashpack-engine".into())
+        .spawn(move || worker::run(worker_opts, jobs_rx, worker_counters, ready_tx))
+        .map_err(ServeError::Runtime)?;
+    let ready = match ready_rx.blocking_recv() {
+        Ok(Ok(r)) => r,
+        Ok(Err(msg)) => return Err(ServeError::Engine(msg)),
+        Err(_) => {
+            let _ = worker.join();
+            return Err(ServeError::Engine(
+                "the engine thread stopped while opening the pack".into(),
+            ));
+        }
+    };
+    let limits = Limits {
+        default_max_tokens: opts.default_max_tokens.min(opts.max_tokens),
+        max_tokens: opts.max_tokens.min(ready.context),
+    };
+    let shared = Arc::new(Shared {
+        opts: opts.clone(),
+        limits,
+        jobs: jobs_tx,
+        counters,
+        requests: AtomicU64::new(0),
+        started: openai::now_s(),
+    });
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", opts.host, opts.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        on_listen(local);
+        let app = router(shared);
+        tokio::select! {
+            _ = accept_loop(listener, app, opts.idle_timeout) => {}
+            _ = shutdown_signal() => {}
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Accepts connections and serves each with hyper's HTTP/1 server, whose header-read timeout
+/// closes connections idle for `idle` (axum's `serve` has no such setting).
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, idle: Duration) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(_) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(idle)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), auth))
+        .with_state(shared)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// With `--api-key`, every request must carry `Authorization: Bearer KEY`.
+async fn auth(State(shared): State<Arc<Shared>>, req: HttpRequest, next: Next) -> Response {
+    if let Some(key) = &shared.opts.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            return ApiError {
+                status: 401,
+                message: "a valid API key is needed: send `Authorization: Bearer KEY` with the server's --api-key".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+                retry_after_s: None,
+            }
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(req: HttpRequest) -> ApiError {
+    ApiError::invalid(
+        None,
+        format!(
+            "no endpoint {} {}: this server has /v1/chat/completions, /v1/completions, /v1/models and /health",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+    .status(404)
+    .with_code("unknown_url")
+}
+
+async fn method_not_allowed(req: HttpRequest) -> ApiError {
+    ApiError::invalid(
+        None,
+        format!(
+            "{} is not allowed on {}: completions take POST, models and health GET",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+    .status(405)
+}
+
+fn model_object(shared: &Shared) -> Value {
+    json!({
+        "id": shared.opts.model,
+        "object": "model",
+        "created": shared.started,
+        "owned_by": "flashpack",
+    })
+}
+
+async fn models(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({"object": "list", "data": [model_object(&shared)]})).into_response()
+}
+
+async fn model(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match check_model(&shared, Some(&id)) {
+        Ok(()) => axum::Json(model_object(&shared)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let c = &shared.counters;
+    axum::Json(json!({
+        "status": "ok",
+        "model": shared.opts.model,
+        "queued": c.queued.load(Ordering::Relaxed),
+        "busy": c.busy.load(Ordering::Relaxed),
+        "completed": c.completed.load(Ordering::Relaxed),
+        "cancelled": c.cancelled.load(Ordering::Relaxed),
+        "failed": c.failed.load(Ordering::Relaxed),
+        "generated_tokens": c.generated_tokens.load(Ordering::Relaxed),
+        "prompt_tokens": c.prompt_tokens.load(Ordering::Relaxed),
+        "cached_tokens": c.cached_tokens.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+fn check_model(shared: &Shared, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        // Absent: the one model this server has (llama-server and mlx-lm's server do the same).
+        None => Ok(()),
+        Some(m) if m == shared.opts.model => Ok(()),
+        Some(m) => Err(ApiError::invalid(
+            Some("model"),
+            format!(
+                "the model {m:?} does not exist here: this server serves {:?}",
+                shared.opts.model
+            ),
+        )
+        .status(404)
+        .with_code("model_not_found")),
+    }
+}
+
+/// The request body, within the size limit and the idle timeout.
+async fn read_body(shared: &Shared, req: HttpRequest) -> Result<axum::body::Bytes, ApiError> {
+    let limit = shared.opts.max_body_bytes;
+    let too_large = || {
+        ApiError::invalid(
+            None,
+            format!("the request body is larger than this server takes ({limit} bytes): send a shorter prompt"),
+        )
+        .status(413)
+        .with_code("request_too_large")
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    let body = req.into_body();
+    match tokio::time::timeout(shared.opts.idle_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::invalid(
+            None,
+            "the request body did not arrive in time: send it whole",
+        )
+        .status(408)),
+        Ok(Err(e)) => {
+            // http-body-util's `LengthLimitError`, which axum does not name publicly.
+            if worker::chain(&e).contains("length limit") {
+                Err(too_large())
+            } else {
+                Err(ApiError::invalid(
+                    None,
+                    format!("the request body could not be read: {e}"),
+                ))
+            }
+        }
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, req: HttpRequest) -> Response {
+    respond(shared, req, Endpoint::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(shared): State<Arc<Shared>>, req: HttpRequest) -> Response {
+    respond(shared, req, Endpoint::Completion)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn respond(
+    shared: Arc<Shared>,
+    req: HttpRequest,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let body = read_body(&shared, req).await?;
+    let parsed: Parsed = match endpoint {
+        Endpoint::Chat => openai::parse_chat(&body, &shared.limits)?,
+        Endpoint::Completion => openai::parse_completion(&body, &shared.limits)?,
+    };
+    check_model(&shared, parsed.model.as_deref())?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = Job {
+        prompt: parsed.prompt.clone(),
+        request: parsed.request.clone(),
+        chat: endpoint == Endpoint::Chat,
+        events: tx,
+    };
+    shared.counters.queued.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = shared.jobs.try_send(job) {
+        shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
+        return Err(match e {
+            mpsc::error::TrySendError::Full(_) => ApiError {
+                status: 429,
+                message: format!(
+                    "the server is busy: {} requests are already waiting; retry later",
+                    shared.opts.max_queue
+                ),
+                kind: "rate_limit_error",
+                param: None,
+                code: Some("queue_full"),
+                retry_after_s: Some(1),
+            },
+            mpsc::error::TrySendError::Closed(_) => {
+                ApiError::server("the engine has stopped; restart the server").status(503)
+            }
+        });
+    }
+    let n = shared.requests.fetch_add(1, Ordering::Relaxed);
+    let responder = Responder::new(endpoint, n, &shared.opts.model, parsed.include_usage);
+    let logprobs = parsed.request.logprobs.is_some();
+    // The first event says whether the prompt was taken: refusals are plain 4xx responses,
+    // not a stream that starts and fails.
+    match rx.recv().await {
+        Some(Event::Started { .. }) => {}
+        Some(Event::Error(e)) => return Err(e),
+        Some(_) | None => return Err(ApiError::server("the engine stopped before answering")),
+    }
+    if parsed.stream {
+        Ok(stream_response(rx, responder, logprobs))
+    } else {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Piece(p) => text.push_str(&p.text),
+                Event::Done(c) => {
+                    debug_assert_eq!(text, c.text);
+                    return Ok(axum::Json(responder.full(&c, logprobs)).into_response());
+                }
+                Event::Error(e) => return Err(e),
+                Event::Started { .. } => {}
+            }
+        }
+        Err(ApiError::server("the engine stopped before finishing"))
+    }
+}
+
+/// Server-sent events: a role chunk (chat), one chunk per text piece, the finish chunk, usage
+/// when asked for, then `data: [DONE]`. Dropping the stream (the client went away) drops the
+/// receiver, and the engine stops at its next token.
+fn stream_response(
+    rx: mpsc::UnboundedReceiver<Event>,
+    responder: Responder,
+    logprobs: bool,
+) -> Response {
+    let first: Vec<Value> = responder.role_chunk().into_iter().collect();
+    let state = (rx, responder, first, false);
+    let events =
+        futures_util::stream::unfold(state, move |(mut rx, mut r, mut queued, done)| async move {
+            if let Some(v) = queued.pop() {
+                return Some((data(&v), (rx, r, queued, done)));
+            }
+            if done {
+                return None;
+            }
+            match rx.recv().await {
+                Some(Event::Piece(p)) => {
+                    let v = r.piece_chunk(&p, logprobs);
+                    Some((data(&v), (rx, r, queued, false)))
+                }
+                Some(Event::Done(c)) => {
+                    let mut end = r.end_chunks(&c);
+                    end.reverse();
+                    let first = end.pop().unwrap_or(Value::Null);
+                    Some((data(&first), (rx, r, end, true)))
+                }
+                Some(Event::Error(e)) => Some((data(&e.body()), (rx, r, queued, true))),
+                Some(Event::Started { .. }) | None => None,
+            }
+        });
+    let done =
+        futures_util::stream::iter([Ok::<_, Infallible>(SseEvent::default().data("[DONE]"))]);
+    let stream = futures_util::StreamExt::chain(events, done);
+    let mut resp = Sse::new(stream).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn data(v: &Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(v.to_string()))
+}

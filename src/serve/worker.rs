@@ -1,0 +1,246 @@
+//! The engine's thread: it owns the pack and the [`Engine`], and runs queued jobs one at a
+//! time, in arrival order.
+//!
+//! In: [`Job`]s from a bounded queue (the HTTP side answers 429 when it is full). Out: per job,
+//! [`Event`]s on the job's own channel: `Started`, `Piece`s, then `Done` or `Error`.
+//! Invariant: one job runs at a time, so two answers never interleave and the KV cache always
+//! holds one conversation; a job whose client has gone (its channel closed) stops at its next
+//! token, and one that went while queued never starts. Why no batching:
+//! docs/decisions/0009-serve-queue-no-batching.md.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::progress::Progress;
+use crate::run::engine::{Completion, Engine, EngineOptions, Piece, Request};
+
+use super::openai::{ApiError, Prompt};
+
+/// One request for the engine.
+pub struct Job {
+    pub prompt: Prompt,
+    pub request: Request,
+    /// Chat requests add the template's own stop strings (the plain transcript's `\nUser:`).
+    pub chat: bool,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// What a job's client hears, in this order: `Started` (or `Error`), `Piece`s, `Done` (or
+/// `Error`).
+#[derive(Debug)]
+pub enum Event {
+    Started { prompt_tokens: usize },
+    Piece(Piece),
+    Done(Completion),
+    Error(ApiError),
+}
+
+/// What the engine told the HTTP side once it was ready.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    /// The longest sequence a request may reach (`Engine::max_sequence`).
+    pub context: usize,
+}
+
+/// Counters `/health` shows.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub queued: AtomicU64,
+    pub busy: AtomicBool,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub failed: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+}
+
+/// How the engine is built, and the prompt limit.
+pub struct WorkerOptions {
+    pub pack: PathBuf,
+    pub engine: EngineOptions,
+    /// Longest prompt in tokens (within the model's context).
+    pub max_prompt_tokens: usize,
+}
+
+/// Warnings go to stderr.
+struct Stderr;
+
+impl Progress for Stderr {
+    fn stage(&self, _name: &str, _total: Option<u64>, _unit: &str) {}
+    fn advance(&self, _n: u64) {}
+    fn finish_stage(&self) {}
+    fn warn(&self, msg: &str) {
+        eprintln!("warning: {msg}");
+    }
+}
+
+/// Runs on its own thread until the queue's senders are gone: opens the pack, reports through
+/// `ready`, then serves jobs. An error before it is ready goes to `ready` as text.
+pub fn run(
+    opts: WorkerOptions,
+    mut jobs: mpsc::Receiver<Job>,
+    counters: Arc<Counters>,
+    ready: oneshot::Sender<Result<Ready, String>>,
+) {
+    let opened = crate::run::open::open(&opts.pack, opts.engine.verify);
+    let (pack, cfg, weights) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "cannot serve {}: {}",
+                opts.pack.display(),
+                chain(&e)
+            )));
+            return;
+        }
+    };
+    let mut engine = match Engine::new(&pack, &cfg, &weights, &opts.engine, &Stderr) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = ready.send(Err(chain(&e)));
+            return;
+        }
+    };
+    drop(weights);
+    let context = engine.max_sequence();
+    if ready.send(Ok(Ready { context })).is_err() {
+        return;
+    }
+    let max_sequence = engine.max_sequence();
+    let max_prompt = opts.max_prompt_tokens.min(max_sequence.saturating_sub(1));
+    while let Some(job) = jobs.blocking_recv() {
+        counters.queued.fetch_sub(1, Ordering::Relaxed);
+        if job.events.is_closed() {
+            counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        counters.busy.store(true, Ordering::Relaxed);
+        // A panic is a bug, but it must not take the server down: the job fails, the KV cache
+        // is dropped (it may hold half a step), and the next job runs.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_job(&mut engine, &job, max_prompt)
+        }));
+        let outcome = outcome.unwrap_or_else(|_| {
+            engine.reset();
+            Err(ApiError::server(
+                "the engine failed on this request (a bug: please report it with the request)",
+            ))
+        });
+        match outcome {
+            Ok(c) if c.finish == crate::run::engine::Finish::Cancelled => {
+                counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .generated_tokens
+                    .fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
+            }
+            Ok(c) => {
+                counters.completed.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .generated_tokens
+                    .fetch_add(c.completion_tokens as u64, Ordering::Relaxed);
+                counters
+                    .prompt_tokens
+                    .fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+                counters
+                    .cached_tokens
+                    .fetch_add(c.cached_tokens as u64, Ordering::Relaxed);
+                let _ = job.events.send(Event::Done(c));
+            }
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Error(e));
+            }
+        }
+        counters.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+fn serve_job(
+    engine: &mut Engine<'_>,
+    job: &Job,
+    max_prompt: usize,
+) -> Result<Completion, ApiError> {
+    let ids = match &job.prompt {
+        Prompt::Chat(messages) => engine.encode_chat(messages),
+        Prompt::Text(t) => engine.encode(t),
+        Prompt::Ids(ids) => Ok(ids.clone()),
+    }
+    .map_err(|e| ApiError::server(chain(&e)))?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "the prompt is empty: send some text",
+        ));
+    }
+    let vocab = engine.config().vocab_size;
+    if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            format!("token id {id} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    if ids.len() > max_prompt {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            format!(
+                "the prompt has {} tokens; this server takes at most {max_prompt}: shorten it",
+                ids.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let mut request = job.request.clone();
+    // The answer ends where the sequence reaches what the engine was sized for ("length").
+    request.max_tokens = request
+        .max_tokens
+        .min(engine.max_sequence().saturating_sub(ids.len()));
+    if job.chat {
+        request.stop.extend(engine.template().stops());
+    }
+    if job
+        .events
+        .send(Event::Started {
+            prompt_tokens: ids.len(),
+        })
+        .is_err()
+    {
+        return Ok(cancelled(ids.len()));
+    }
+    let events = &job.events;
+    engine
+        .complete(&ids, &request, |p| {
+            events.send(Event::Piece(p.clone())).is_ok()
+        })
+        .map_err(|e| ApiError::server(chain(&e)))
+}
+
+fn cancelled(prompt_tokens: usize) -> Completion {
+    Completion {
+        text: String::new(),
+        finish: crate::run::engine::Finish::Cancelled,
+        prompt_tokens,
+        completion_tokens: 0,
+        cached_tokens: 0,
+        logprobs: Vec::new(),
+        stats: Default::default(),
+    }
+}
+
+/// An error and its causes, joined with ": ".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !msg.contains(&s) {
+            msg.push_str(": ");
+            msg.push_str(&s);
+        }
+        cause = c.source();
+    }
+    msg
+}

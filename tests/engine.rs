@@ -1,0 +1,180 @@
+//! The generation engine on the bundled tiny model: prefix reuse computes only new tokens and
+//! changes no token, in every store (all resident, streaming through a small cache); stop
+//! strings, logprobs and cancellation at the text level.
+
+#[path = "common/http.rs"]
+mod http;
+
+use flashpack::progress::Silent;
+use flashpack::run::budget::Budget;
+use flashpack::run::engine::{Engine, EngineOptions, Finish, Request};
+use flashpack::run::open;
+use flashpack::run::sample::SamplerOptions;
+use flashpack::run::template::Message;
+
+fn greedy(max_tokens: usize) -> Request {
+    Request {
+        max_tokens,
+        sampler: SamplerOptions::default(),
+        logprobs: None,
+        stop: Vec::new(),
+    }
+}
+
+fn options(budget: Option<&str>) -> EngineOptions {
+    EngineOptions {
+        mem_budget: budget.map(|b| Budget::parse(b).unwrap()),
+        positions: 512,
+        ..EngineOptions::default()
+    }
+}
+
+fn tokens(engine: &mut Engine<'_>, prompt: &[u32], req: &Request) -> (Vec<u32>, usize) {
+    let g = engine.generate(prompt, req, &Silent, |_| true).unwrap();
+    (g.generation.tokens, g.generation.cached_tokens)
+}
+
+#[test]
+fn a_shared_prefix_is_reused_and_gives_the_cold_tokens() {
+    let path = http::tiny_pack("engine-tests");
+    let (pack, cfg, weights) = open::open(path, true).unwrap();
+    for budget in [None, Some("20MB")] {
+        let mut warm = Engine::new(&pack, &cfg, &weights, &options(budget), &Silent).unwrap();
+        let mut cold = Engine::new(&pack, &cfg, &weights, &options(budget), &Silent).unwrap();
+        let first = warm.encode("The history of the Roman empire").unwrap();
+        let (answer, cached) = tokens(&mut warm, &first, &greedy(12));
+        assert_eq!(cached, 0);
+        // The cache holds the prompt and every answer token but the last (never fed back).
+        assert_eq!(warm.cached_ids().len(), first.len() + answer.len() - 1);
+        // An agent's next turn: everything so far, then more.
+        let mut next = first.clone();
+        next.extend(&answer);
+        next.extend(warm.encode(" and the fall of the west").unwrap());
+        assert_eq!(warm.shared_prefix(&next), first.len() + answer.len() - 1);
+        let (reused, cached) = tokens(&mut warm, &next, &greedy(12));
+        assert_eq!(cached, first.len() + answer.len() - 1, "{budget:?}");
+        let (fresh, cached) = tokens(&mut cold, &next, &greedy(12));
+        assert_eq!(cached, 0);
+        assert_eq!(
+            reused, fresh,
+            "prefix reuse changed the tokens ({budget:?})"
+        );
+
+        // A prompt that diverges earlier keeps only the shared part.
+        let other = warm.encode("The history of Greece").unwrap();
+        let shared = first.iter().zip(&other).take_while(|(a, b)| a == b).count();
+        let (a, cached) = tokens(&mut warm, &other, &greedy(6));
+        assert_eq!(cached, shared);
+        cold.reset();
+        let (b, cached) = tokens(&mut cold, &other, &greedy(6));
+        assert_eq!(cached, 0);
+        assert_eq!(a, b);
+        // The same prompt twice reuses all but its last token; sampled tokens are the same too.
+        let sampled = Request {
+            sampler: SamplerOptions {
+                temperature: 0.8,
+                seed: 3,
+                ..SamplerOptions::default()
+            },
+            ..greedy(6)
+        };
+        let (s1, _) = tokens(&mut warm, &other, &sampled);
+        let (s2, cached) = tokens(&mut warm, &other, &sampled);
+        assert_eq!(cached, other.len() - 1);
+        assert_eq!(s1, s2);
+    }
+}
+
+#[test]
+fn completions_stop_at_stop_strings_report_logprobs_and_can_be_cancelled() {
+    let path = http::tiny_pack("engine-tests");
+    let (pack, cfg, weights) = open::open(path, true).unwrap();
+    let mut engine = Engine::new(&pack, &cfg, &weights, &options(None), &Silent).unwrap();
+    let prompt = engine.encode("The history of").unwrap();
+    let full = engine.complete(&prompt, &greedy(20), |_| true).unwrap();
+    assert_eq!(full.finish, Finish::Length);
+    assert_eq!(full.completion_tokens, 20);
+    // Stop at the third word of the greedy text.
+    let word = full.text.split(' ').nth(3).unwrap();
+    let stop = format!(" {word}");
+    let cut = full.text.find(&stop).unwrap();
+    let mut pieces = String::new();
+    let stopped = engine
+        .complete(
+            &prompt,
+            &Request {
+                stop: vec![stop.clone()],
+                ..greedy(20)
+            },
+            |p| {
+                pieces.push_str(&p.text);
+                true
+            },
+        )
+        .unwrap();
+    assert_eq!(stopped.finish, Finish::Stop);
+    assert_eq!(stopped.text, full.text[..cut]);
+    assert_eq!(pieces, stopped.text, "streamed pieces are the text");
+    // Logprobs: one per token, the greedy token the most likely.
+    let lp = engine
+        .complete(
+            &prompt,
+            &Request {
+                logprobs: Some(4),
+                ..greedy(5)
+            },
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!(lp.logprobs.len(), 5);
+    assert_eq!(
+        lp.text,
+        full.text[..lp.text.len()],
+        "same greedy text with logprobs"
+    );
+    for t in &lp.logprobs {
+        assert_eq!(t.top.len(), 4);
+        assert_eq!(t.top[0].0, t.token);
+        assert!(t.logprob <= 0.0 && (t.top[0].1 - t.logprob).abs() < 1e-6);
+        assert!(t.top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+    // The callback stops generation at once.
+    let mut seen = 0;
+    let c = engine
+        .complete(&prompt, &greedy(20), |_| {
+            seen += 1;
+            seen < 2
+        })
+        .unwrap();
+    assert_eq!(c.finish, Finish::Cancelled);
+    assert!(c.completion_tokens < 20, "{}", c.completion_tokens);
+}
+
+#[test]
+fn chat_turns_through_the_template_reuse_the_previous_turn() {
+    let path = http::tiny_pack("engine-tests");
+    let (pack, cfg, weights) = open::open(path, true).unwrap();
+    let mut engine = Engine::new(&pack, &cfg, &weights, &options(None), &Silent).unwrap();
+    let stops = engine.template().stops();
+    let mut messages = vec![
+        Message::new("system", "A history lesson."),
+        Message::new("user", "Tell me about Rome."),
+    ];
+    let ids = engine.encode_chat(&messages).unwrap();
+    let req = Request {
+        stop: stops,
+        ..greedy(16)
+    };
+    let first = engine.complete(&ids, &req, |_| true).unwrap();
+    messages.push(Message::new("assistant", &first.text));
+    messages.push(Message::new("user", "And Greece?"));
+    let ids2 = engine.encode_chat(&messages).unwrap();
+    let second = engine.complete(&ids2, &req, |_| true).unwrap();
+    assert!(
+        second.cached_tokens >= ids.len(),
+        "{} cached of {} (first prompt {})",
+        second.cached_tokens,
+        ids2.len(),
+        ids.len()
+    );
+}
