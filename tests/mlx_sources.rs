@@ -270,13 +270,13 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                     let t = p
                         .tensors()
                         .iter()
-                        .find(|t| t.name == "model.layers.0.self_attn.q_proj.weight")
+                        .find(|t| t.name == "model.layers.0.self_attn.o_proj.weight")
                         .unwrap();
                     assert_eq!((t.mode, t.bits), (m, bits), "{what}");
                     assert!(!p
                         .tensors()
                         .iter()
-                        .any(|t| t.name == "model.layers.0.self_attn.q_proj.biases"));
+                        .any(|t| t.name == "model.layers.0.self_attn.o_proj.biases"));
                 }
             }
 
