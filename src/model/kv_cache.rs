@@ -1,8 +1,29 @@
-//! The KV cache: each layer's keys and values, as mlx-lm's `KVCache` (models/cache.py) keeps them.
+//! The per-layer cache of the forward pass: one [`LayerCache`] per layer, of the kind its
+//! attention needs (mlx-lm's `make_cache`: a `KVCache` for softmax attention, an
+//! `ArraysCache(size=2)` for linear attention; models/cache.py).
 //!
-//! In: per call, a layer's new keys and values `[B, kv_heads, L, D]`. Out: all valid positions so
-//! far. Invariant: capacity grows in whole steps of 256 positions and position `p` of the cache
-//! always holds what the caller wrote for position `p` (keys after RoPE, so never rotated twice).
+//! - [`LayerKv`]: keys and values. In: per call, a layer's new keys and values
+//!   `[B, kv_heads, L, D]`. Out: all valid positions so far. Invariant: capacity grows in whole
+//!   steps of 256 positions and position `p` of the cache always holds what the caller wrote for
+//!   position `p` (keys after RoPE, so never rotated twice).
+//! - [`LinearState`]: Gated DeltaNet's convolution state (the last `conv_kernel_dim - 1` inputs)
+//!   and recurrent state, of a fixed size; each call replaces both. Invariant: they are the state
+//!   after exactly `offset` positions, so prefill in chunks carries them exactly.
+//!
+//! Another kind (a rotating sliding-window cache, say) is one more [`LayerCache`] variant with
+//! its `offset`, `arrays` and `truncate` arms.
+//!
+//! ## Reusing a prefix
+//! A KV cache can be cut back to any earlier position ([`KvCache::truncate`]: positions past it
+//! are simply overwritten later). A linear-attention state cannot: it folds every position into
+//! one matrix, and no earlier state can be recovered from it. A prefix is therefore reusable only
+//! from a state saved at a known position: after prefilling the prefix's `p` tokens, take
+//! [`KvCache::snapshot`] and keep it with those tokens; a later sequence that starts with the
+//! same `p` tokens starts from a copy of the snapshot and prefills only the rest. `truncate`
+//! refuses ([`ComputeError::CannotTruncate`]) any position but the current one for a model with
+//! linear-attention layers, so a caller falls back to its snapshot (or to a fresh cache) and
+//! never decodes from a state that does not match its tokens. A snapshot is cheap: MLX arrays are
+//! immutable, so it shares the buffers, and a later write copies instead of updating in place.
 
 use super::ComputeError;
 use crate::mlx::{concatenate, Array};
@@ -11,7 +32,7 @@ type Result<T> = std::result::Result<T, ComputeError>;
 
 /// One layer's cached keys and values, `[B, kv_heads, capacity, head_dim]`, of which the first
 /// `offset` positions are valid.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LayerKv {
     keys: Option<Array>,
     values: Option<Array>,
@@ -97,30 +118,157 @@ fn trim(x: &Array, n: usize) -> Result<Array> {
     )?)
 }
 
-/// The KV caches of all layers (mlx-lm's `make_prompt_cache`: one `KVCache` per layer).
-#[derive(Debug, Default)]
+/// One linear-attention layer's state (mlx-lm's `ArraysCache(size=2)`: `cache[0]` the
+/// convolution state `[B, conv_kernel_dim - 1, conv_dim]`, `cache[1]` the recurrent state
+/// `[B, value_heads, value_head_dim, key_head_dim]` in f32); `None` before the first call.
+#[derive(Debug, Default, Clone)]
+pub struct LinearState {
+    pub(super) conv: Option<Array>,
+    pub(super) recurrent: Option<Array>,
+    offset: usize,
+}
+
+impl LinearState {
+    /// Positions folded into the state.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// `cache.advance(S)` after a call of `len` positions.
+    pub(super) fn advance(&mut self, len: usize) {
+        self.offset += len;
+    }
+}
+
+/// One layer's cache, of the kind its attention keeps.
+#[derive(Debug, Clone)]
+pub enum LayerCache {
+    /// Softmax attention (grouped-query or latent): keys and values per position.
+    Kv(LayerKv),
+    /// Gated DeltaNet linear attention: a fixed-size state.
+    Linear(LinearState),
+}
+
+impl Default for LayerCache {
+    fn default() -> Self {
+        LayerCache::Kv(LayerKv::default())
+    }
+}
+
+impl LayerCache {
+    /// Positions processed (the next token's position).
+    pub fn offset(&self) -> usize {
+        match self {
+            LayerCache::Kv(kv) => kv.offset(),
+            LayerCache::Linear(s) => s.offset(),
+        }
+    }
+
+    /// The arrays to evaluate to materialize the cache.
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            LayerCache::Kv(kv) => [kv.keys.as_ref(), kv.values.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            LayerCache::Linear(s) => [s.conv.as_ref(), s.recurrent.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+        }
+    }
+
+    /// The keys and values of a softmax-attention layer; `layer` names it in the error.
+    pub(super) fn kv(&mut self, layer: &str) -> Result<&mut LayerKv> {
+        match self {
+            LayerCache::Kv(kv) => Ok(kv),
+            LayerCache::Linear(_) => Err(ComputeError::CacheKind {
+                module: layer.to_string(),
+                wanted: "a KV cache",
+            }),
+        }
+    }
+
+    /// The state of a linear-attention layer; `layer` names it in the error.
+    pub(super) fn linear(&mut self, layer: &str) -> Result<&mut LinearState> {
+        match self {
+            LayerCache::Linear(s) => Ok(s),
+            LayerCache::Kv(_) => Err(ComputeError::CacheKind {
+                module: layer.to_string(),
+                wanted: "a linear-attention state",
+            }),
+        }
+    }
+
+    /// Whether [`LayerCache::truncate`] to `position` would succeed.
+    pub fn can_truncate(&self, position: usize) -> bool {
+        match self {
+            LayerCache::Kv(kv) => position <= kv.offset(),
+            LayerCache::Linear(s) => position == s.offset(),
+        }
+    }
+
+    /// Forget every position from `position` on (mlx-lm's `KVCache.trim`). A linear state
+    /// holds no positions apart, so only its current position is accepted.
+    pub fn truncate(&mut self, position: usize) -> Result<()> {
+        if !self.can_truncate(position) {
+            return Err(ComputeError::CannotTruncate {
+                offset: self.offset(),
+                position,
+                linear: matches!(self, LayerCache::Linear(_)),
+            });
+        }
+        if let LayerCache::Kv(kv) = self {
+            kv.offset = position;
+        }
+        Ok(())
+    }
+}
+
+/// The caches of all layers (mlx-lm's `make_prompt_cache`: one per layer, of its kind).
+#[derive(Debug, Default, Clone)]
 pub struct KvCache {
-    pub layers: Vec<LayerKv>,
+    pub layers: Vec<LayerCache>,
 }
 
 impl KvCache {
+    /// `layers` KV caches (a model of softmax attention only); [`super::Model::new_cache`]
+    /// gives each layer its own kind.
     pub fn new(layers: usize) -> KvCache {
         KvCache {
-            layers: (0..layers).map(|_| LayerKv::default()).collect(),
+            layers: (0..layers).map(|_| LayerCache::default()).collect(),
         }
     }
 
     /// Positions already processed (the next token's position).
     pub fn offset(&self) -> usize {
-        self.layers.first().map_or(0, LayerKv::offset)
+        self.layers.first().map_or(0, LayerCache::offset)
     }
 
-    /// Every layer's key and value buffers, for `mlx::eval` (mlx-lm's `cache.state`).
+    /// Every layer's buffers (keys and values, or the linear-attention states), for
+    /// `mlx::eval` (mlx-lm's `cache.state`).
     pub fn state(&self) -> Vec<&Array> {
+        self.layers.iter().flat_map(LayerCache::arrays).collect()
+    }
+
+    /// A copy of the cache as it is now, to restart from later (see "Reusing a prefix" above).
+    /// Shares the buffers: nothing is copied until one of the two is written.
+    pub fn snapshot(&self) -> KvCache {
+        self.clone()
+    }
+
+    /// Cuts every layer back to `position` when all of them can be (a linear-attention layer only
+    /// to its current position); otherwise changes nothing and says why.
+    pub fn truncate(&mut self, position: usize) -> Result<()> {
+        if let Some(l) = self.layers.iter().find(|l| !l.can_truncate(position)) {
+            return Err(ComputeError::CannotTruncate {
+                offset: l.offset(),
+                position,
+                linear: matches!(l, LayerCache::Linear(_)),
+            });
+        }
         self.layers
-            .iter()
-            .flat_map(|l| [l.keys.as_ref(), l.values.as_ref()])
-            .flatten()
-            .collect()
+            .iter_mut()
+            .try_for_each(|l| l.truncate(position))
     }
 }
