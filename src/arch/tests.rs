@@ -707,7 +707,11 @@ fn qwen3_next_and_qwen3_5_moe_configs_parse() {
     assert_eq!(c.arch, Arch::Qwen3Next);
     let la = c.linear_attention.clone().unwrap();
     assert_eq!(
-        (la.full_attention_interval, la.num_key_heads, la.num_value_heads),
+        (
+            la.full_attention_interval,
+            la.num_key_heads,
+            la.num_value_heads
+        ),
         (4, 16, 32)
     );
     assert_eq!(la.projections, DeltaProjections::Qkvz);
@@ -732,7 +736,12 @@ fn qwen3_next_and_qwen3_5_moe_configs_parse() {
     // Qwen3.5: the text model's fields under text_config (multimodal) or at the top level.
     let mut text = qwen3_next_published();
     let t = text.as_object_mut().unwrap();
-    for k in ["rope_theta", "partial_rotary_factor", "decoder_sparse_step", "intermediate_size"] {
+    for k in [
+        "rope_theta",
+        "partial_rotary_factor",
+        "decoder_sparse_step",
+        "intermediate_size",
+    ] {
         t.remove(k);
     }
     t.insert("model_type".into(), json!("qwen3_5_moe_text"));
@@ -756,7 +765,10 @@ fn qwen3_next_and_qwen3_5_moe_configs_parse() {
         DeltaProjections::Split
     );
     assert_eq!((m.rope.theta, m.rope_dims()), (10_000_000.0, 64));
-    assert_eq!(m.intermediate_size, 512, "dense width unused: every layer is sparse");
+    assert_eq!(
+        m.intermediate_size, 512,
+        "dense width unused: every layer is sparse"
+    );
     assert_eq!(m.eos_token_ids, vec![151645]);
     assert_eq!(m.kv_values_per_token(), c.kv_values_per_token());
 }
@@ -767,7 +779,11 @@ fn qwen3_next_refuses_bad_linear_attention_widths() {
     for (key, value, field) in [
         ("linear_conv_kernel_dim", json!(1), "linear_conv_kernel_dim"),
         ("linear_num_key_heads", json!(0), "linear_num_key_heads"),
-        ("full_attention_interval", json!(0), "full_attention_interval"),
+        (
+            "full_attention_interval",
+            json!(0),
+            "full_attention_interval",
+        ),
     ] {
         let mut c = qwen3_next_published();
         c[key] = value;

@@ -691,7 +691,11 @@ fn prefix_reuse_truncates_kv_and_restores_linear_state_from_a_snapshot() {
                 ),
                 "{name}: {cut:?}"
             );
-            assert_eq!(cache.offset(), q, "{name}: a refused truncate changes nothing");
+            assert_eq!(
+                cache.offset(),
+                q,
+                "{name}: a refused truncate changes nothing"
+            );
             saved
         } else {
             cut.unwrap();
