@@ -272,13 +272,13 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                     assert_ne!(p.header().required_features & required::MX_MODES, 0);
                     assert_eq!(q["mode"], m.name(), "{what}: {q}");
                     assert_eq!(kinds, vec![m.name()], "{what}");
-                    // Dense layers keep their codes too (scales but no biases); the first layer
-                    // of full attention (Qwen3-Next's first layers are linear).
+                    // Dense layers keep their codes too (scales but no biases): the o_proj of
+                    // the first layer of full attention (Qwen3-Next's first layers are linear).
                     let cfg = &p.meta().model;
                     let l = (0..cfg.num_hidden_layers)
                         .find(|&l| !cfg.is_linear_layer(l))
                         .unwrap();
-                    let q = format!("model.layers.{l}.self_attn.q_proj");
+                    let q = format!("model.layers.{l}.self_attn.o_proj");
                     let t = p
                         .tensors()
                         .iter()
