@@ -81,7 +81,8 @@ def golden_random(hf, out, bits, seed=0, recipe=None):
         q = Path(tmp) / "q"
         convert(hf, q, bits, recipe)
         model, _ = mlx_lm.load(str(q))
-        vocab = json.loads((q / "config.json").read_text())["vocab_size"]
+        config = json.loads((q / "config.json").read_text())
+        vocab = config.get("text_config", config)["vocab_size"]
         rng = np.random.default_rng(seed)
         prompt = rng.integers(0, vocab, PROMPT_LEN).tolist()
         decode = rng.integers(0, vocab, DECODE_STEPS).tolist()

@@ -54,6 +54,37 @@ DEEPSEEK_MOE = {
     "tie_word_embeddings": False,
 }
 
+# Qwen3-Next and Qwen3.5 MoE: 4 layers of which the last has full attention (the released
+# pattern), Gated DeltaNet with 2 key and 4 value heads of 32 and a convolution of 4, gated full
+# attention rotating a quarter of each head, a sigmoid-gated shared expert, norms stored offset by
+# one (drawn around 0), a multi-token-prediction tensor (dropped), no BOS. Qwen3.5 in its
+# multimodal layout: text_config, model.language_model.* names, fused experts, a vision tensor.
+HYBRID_LAYERS = 4
+HYBRID = {
+    "intermediate_size": 256,
+    "moe_intermediate_size": EXPERT_WIDTH,
+    "shared_expert_intermediate_size": 128,
+    "num_experts": EXPERTS,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "head_dim": HEAD_DIM,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.25,
+    "full_attention_interval": 4,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_conv_kernel_dim": 4,
+    "num_hidden_layers": HYBRID_LAYERS,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+}
+
 # Config fields per architecture. Legacy keys (rope_theta, num_experts) are what mlx-lm 0.32.2 reads;
 # qwen3_moe also carries the transformers 5.x spelling, as fixtures/qwen3moe-tiny does.
 CONFIGS = {
@@ -150,12 +181,19 @@ CONFIGS = {
         "rope_scaling": None,
         "bos_token_id": None,
     },
+    "qwen3_next": {**HYBRID, "architectures": ["Qwen3NextForCausalLM"]},
+    "qwen3_5_moe": {
+        **HYBRID,
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]},
+    },
 }
 
 # Seeds per architecture: the first four keep the indices they had when they were the only ones,
 # so adding an architecture leaves their goldens byte-identical.
 SEED_INDEX = {"mixtral": 0, "olmoe": 1, "qwen2_moe": 2, "qwen3_moe": 3, "deepseek_v3": 4,
-              "glm4_moe": 5}
+              "glm4_moe": 5, "qwen3_next": 6, "qwen3_5_moe": 7}
 
 
 def config_for(arch):
@@ -171,7 +209,81 @@ def config_for(arch):
         "eos_token_id": 0,
     }
     cfg.update(CONFIGS[arch])
-    return {k: v for k, v in cfg.items() if v is not None or k == "rope_scaling" or k == "q_lora_rank"}
+    cfg = {k: v for k, v in cfg.items() if v is not None or k == "rope_scaling" or k == "q_lora_rank"}
+    if arch == "qwen3_5_moe":
+        # Qwen3_5MoeConfig: the text model under text_config, beside a vision config.
+        text = dict(cfg, model_type="qwen3_5_moe_text")
+        return {"model_type": arch, "architectures": cfg["architectures"], "text_config": text,
+                "vision_config": {"depth": 1}, "tie_word_embeddings": False, "eos_token_id": 0}
+    return cfg
+
+
+def hybrid_tensors(arch, cfg, rng, linear, norm):
+    """Qwen3-Next (fused in_proj_qkvz / in_proj_ba, per-expert experts) and Qwen3.5 MoE (split
+    projections, fused experts, multimodal names)."""
+    if "text_config" in cfg:
+        cfg = cfg["text_config"]
+    h, e, w = HIDDEN, EXPERTS, EXPERT_WIDTH
+    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    kd, vd = nk * cfg["linear_key_head_dim"], nv * cfg["linear_value_head_dim"]
+    conv, k = 2 * kd + vd, cfg["linear_conv_kernel_dim"]
+    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+
+    def offset_norm(dim):  # stored as w, used as 1 + w
+        return 0.1 * rng.standard_normal((dim,))
+
+    t = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, h))}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        t[f"{p}.input_layernorm.weight"] = offset_norm(h)
+        t[f"{p}.post_attention_layernorm.weight"] = offset_norm(h)
+        if (layer + 1) % cfg["full_attention_interval"] != 0:
+            a = f"{p}.linear_attn"
+            if arch == "qwen3_next":
+                t[f"{a}.in_proj_qkvz.weight"] = linear(2 * kd + 2 * vd, h)
+                t[f"{a}.in_proj_ba.weight"] = linear(2 * nv, h)
+            else:
+                t[f"{a}.in_proj_qkv.weight"] = linear(conv, h)
+                t[f"{a}.in_proj_z.weight"] = linear(vd, h)
+                t[f"{a}.in_proj_b.weight"] = linear(nv, h)
+                t[f"{a}.in_proj_a.weight"] = linear(nv, h)
+            t[f"{a}.conv1d.weight"] = rng.standard_normal((conv, 1, k)) / np.sqrt(k)
+            t[f"{a}.dt_bias"] = norm(nv)
+            t[f"{a}.A_log"] = 0.1 * rng.standard_normal((nv,))
+            t[f"{a}.norm.weight"] = norm(cfg["linear_value_head_dim"])
+            t[f"{a}.out_proj.weight"] = linear(h, vd)
+        else:
+            a = f"{p}.self_attn"
+            t[f"{a}.q_proj.weight"] = linear(2 * q_out, h)
+            t[f"{a}.k_proj.weight"] = linear(kv_out, h)
+            t[f"{a}.v_proj.weight"] = linear(kv_out, h)
+            t[f"{a}.o_proj.weight"] = linear(h, q_out)
+            t[f"{a}.q_norm.weight"] = offset_norm(HEAD_DIM)
+            t[f"{a}.k_norm.weight"] = offset_norm(HEAD_DIM)
+        m = f"{p}.mlp"
+        t[f"{m}.gate.weight"] = linear(e, h)
+        if arch == "qwen3_next":
+            for x in range(e):
+                t[f"{m}.experts.{x}.gate_proj.weight"] = linear(w, h)
+                t[f"{m}.experts.{x}.up_proj.weight"] = linear(w, h)
+                t[f"{m}.experts.{x}.down_proj.weight"] = linear(h, w)
+        else:
+            t[f"{m}.experts.gate_up_proj"] = np.stack(
+                [np.concatenate([linear(w, h), linear(w, h)]) for _ in range(e)])
+            t[f"{m}.experts.down_proj"] = np.stack([linear(h, w) for _ in range(e)])
+        s = cfg["shared_expert_intermediate_size"]
+        t[f"{m}.shared_expert.gate_proj.weight"] = linear(s, h)
+        t[f"{m}.shared_expert.up_proj.weight"] = linear(s, h)
+        t[f"{m}.shared_expert.down_proj.weight"] = linear(h, s)
+        t[f"{m}.shared_expert_gate.weight"] = linear(1, h)
+    t["model.norm.weight"] = offset_norm(h)
+    t["lm_head.weight"] = linear(VOCAB, h)
+    t["mtp.fc.weight"] = linear(h, 2 * h)
+    if arch == "qwen3_5_moe":
+        t = {("model.language_model." + n[len("model."):] if n.startswith("model.") else n): v
+             for n, v in t.items()}
+        t["model.visual.merger.mlp.0.weight"] = linear(h, h)
+    return t
 
 
 def deepseek_tensors(arch, cfg, rng, linear, norm, bias):
@@ -237,6 +349,8 @@ def tensors_for(arch, cfg, rng):
 
     if arch in ("deepseek_v3", "glm4_moe"):
         return deepseek_tensors(arch, cfg, rng, linear, norm, bias)
+    if arch in ("qwen3_next", "qwen3_5_moe"):
+        return hybrid_tensors(arch, cfg, rng, linear, norm)
     t = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN))}
     q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     moe = "block_sparse_moe" if arch == "mixtral" else "mlp"

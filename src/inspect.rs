@@ -46,11 +46,17 @@ pub struct PackReport {
     pub segments: usize,
     pub hidden_size: u32,
     pub intermediate_size: u32,
-    /// "GQA, 32 heads / 4 KV heads of 128" or "MLA, 128 heads, latent 512 + rotary 64".
+    /// "GQA, 32 heads / 4 KV heads of 128" or "MLA, 128 heads, latent 512 + rotary 64"; for a
+    /// hybrid model (Qwen3-Next, Qwen3.5) the full-attention layers' kind, then the Gated
+    /// DeltaNet layers'.
     pub attention: String,
     /// Bytes the KV cache takes per token over all layers, in bf16: every KV head's key and
-    /// value, or under MLA one latent and one rotary key (what the run's budget reserves).
+    /// value, or under MLA one latent and one rotary key (what the run's budget reserves). Layers
+    /// of linear attention have none.
     pub kv_cache_bytes_per_token: u64,
+    /// Bytes of the linear-attention layers' state (convolution state in bf16, recurrent state
+    /// in f32), the same at any context length; 0 without linear attention.
+    pub recurrent_state_bytes: u64,
     pub max_position_embeddings: Option<usize>,
     pub file_bytes: u64,
     pub dense: KindStats,
@@ -103,8 +109,8 @@ fn attention_label(m: &crate::arch::ModelConfig) -> String {
         ),
         None => {
             let rope = m.rope_dims();
-            format!(
-                "GQA, {} heads / {} KV heads of {}{}",
+            let gqa = format!(
+                "GQA, {} heads / {} KV heads of {}{}{}",
                 m.num_attention_heads,
                 m.num_key_value_heads,
                 m.head_dim,
@@ -112,8 +118,30 @@ fn attention_label(m: &crate::arch::ModelConfig) -> String {
                     format!(" ({rope} rotated)")
                 } else {
                     String::new()
+                },
+                if m.attn_output_gate {
+                    ", output gate"
+                } else {
+                    ""
                 }
-            )
+            );
+            match &m.linear_attention {
+                None => gqa,
+                Some(la) => {
+                    let full = m.full_attention_layers();
+                    format!(
+                        "{full} of {} layers {gqa}; {} Gated DeltaNet ({} key heads of {}, {} value \
+                         heads of {}, conv {})",
+                        m.num_hidden_layers,
+                        m.num_hidden_layers - full,
+                        la.num_key_heads,
+                        la.key_head_dim,
+                        la.num_value_heads,
+                        la.value_head_dim,
+                        la.conv_kernel_dim
+                    )
+                }
+            }
         }
     }
 }
@@ -237,6 +265,7 @@ impl PackReport {
             intermediate_size: pack.intermediate_size(),
             attention: attention_label(&typed.model),
             kv_cache_bytes_per_token: typed.model.kv_values_per_token() * 2,
+            recurrent_state_bytes: typed.model.recurrent_state_bytes(),
             max_position_embeddings: typed.model.max_position_embeddings,
             file_bytes,
             dense,

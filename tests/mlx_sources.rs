@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use flashpack::arch::Arch;
-use flashpack::convert::fixtures::FixtureSpec;
+use flashpack::convert::fixtures::{FixtureLayout, FixtureSpec};
 use flashpack::format::{required, DType, Pack, ProjBits, QuantMode};
 use flashpack::mlx;
 use flashpack::model::Model;
@@ -96,6 +96,12 @@ fn source(dir: &Path, arch: Arch) -> PathBuf {
         num_kv_heads: 1,
         head_dim: 64,
         vocab_size: 8192,
+        // mlx-lm's qwen3_5 sanitize reads only fused experts.
+        layout: if arch == Arch::Qwen35Moe {
+            FixtureLayout::Fused
+        } else {
+            FixtureLayout::PerExpert
+        },
         tokenizer_from: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny")),
         ..FixtureSpec::tiny(arch)
     }
@@ -266,17 +272,20 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                     assert_ne!(p.header().required_features & required::MX_MODES, 0);
                     assert_eq!(q["mode"], m.name(), "{what}: {q}");
                     assert_eq!(kinds, vec![m.name()], "{what}");
-                    // Dense layers keep their codes too (scales but no biases).
+                    // Dense layers keep their codes too (scales but no biases): the o_proj of
+                    // the first layer of full attention (Qwen3-Next's first layers are linear).
+                    let cfg = &p.meta().model;
+                    let l = (0..cfg.num_hidden_layers)
+                        .find(|&l| !cfg.is_linear_layer(l))
+                        .unwrap();
+                    let q = format!("model.layers.{l}.self_attn.o_proj");
                     let t = p
                         .tensors()
                         .iter()
-                        .find(|t| t.name == "model.layers.0.self_attn.o_proj.weight")
+                        .find(|t| t.name == format!("{q}.weight"))
                         .unwrap();
                     assert_eq!((t.mode, t.bits), (m, bits), "{what}");
-                    assert!(!p
-                        .tensors()
-                        .iter()
-                        .any(|t| t.name == "model.layers.0.self_attn.o_proj.biases"));
+                    assert!(!p.tensors().iter().any(|t| t.name == format!("{q}.biases")));
                 }
             }
 

@@ -5,7 +5,8 @@
 //! [`TensorRole`] saying whether it is an expert projection (and which), a router, a tensor that
 //! must stay full precision, or a dense tensor quantized by policy.
 //! Invariant: every architecture-specific detail lives in one file per architecture
-//! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`, `deepseek_v3.rs`, `glm4_moe.rs`);
+//! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`, `deepseek_v3.rs`, `glm4_moe.rs`,
+//! `qwen3_next.rs`, `qwen3_5_moe.rs`);
 //! this file only holds what they share. Both config dialects are accepted: transformers 5.x (`rope_parameters`,
 //! `num_local_experts`) and legacy (top-level `rope_theta` / `rope_scaling`, `num_experts`).
 
@@ -14,7 +15,9 @@ mod glm4_moe;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
+mod qwen3_5_moe;
 mod qwen3_moe;
+mod qwen3_next;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -31,11 +34,14 @@ pub enum Arch {
     Qwen2Moe,
     DeepseekV3,
     Glm4Moe,
+    Qwen3Next,
+    #[serde(rename = "qwen3_5_moe")]
+    Qwen35Moe,
 }
 
 /// `model_type`s that are recognised but not supported yet; named in the error so users know
 /// the gap is known rather than a typo.
-pub const PLANNED_MODEL_TYPES: &[&str] = &["gpt_oss", "qwen3_next", "qwen3_5_moe"];
+pub const PLANNED_MODEL_TYPES: &[&str] = &["gpt_oss"];
 
 /// Other `model_type`s that are one of the supported architectures under another name (as
 /// mlx-lm's `MODEL_REMAPPING` maps them).
@@ -50,6 +56,8 @@ impl Arch {
         Arch::Qwen2Moe,
         Arch::DeepseekV3,
         Arch::Glm4Moe,
+        Arch::Qwen3Next,
+        Arch::Qwen35Moe,
     ];
 
     /// The Hugging Face `model_type` string.
@@ -61,6 +69,8 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::DeepseekV3 => "deepseek_v3",
             Arch::Glm4Moe => "glm4_moe",
+            Arch::Qwen3Next => "qwen3_next",
+            Arch::Qwen35Moe => "qwen3_5_moe",
         }
     }
 
@@ -92,6 +102,8 @@ impl Arch {
             Arch::Qwen2Moe => qwen2_moe::UPSTREAM,
             Arch::DeepseekV3 => deepseek_v3::UPSTREAM,
             Arch::Glm4Moe => glm4_moe::UPSTREAM,
+            Arch::Qwen3Next => qwen3_next::UPSTREAM,
+            Arch::Qwen35Moe => qwen3_5_moe::UPSTREAM,
         }
     }
 
@@ -104,7 +116,32 @@ impl Arch {
             Arch::Qwen2Moe => &qwen2_moe::NAMES,
             Arch::DeepseekV3 => &deepseek_v3::NAMES,
             Arch::Glm4Moe => &glm4_moe::NAMES,
+            Arch::Qwen3Next => &qwen3_next::NAMES,
+            Arch::Qwen35Moe => &qwen3_5_moe::NAMES,
         }
+    }
+
+    /// The name a source tensor goes by in a pack (mlx-lm's), or `None` for a tensor that is not
+    /// part of the text model. Qwen3.5's multimodal checkpoints hold the language model under
+    /// `model.language_model.*` beside a vision tower (`model.visual.*`), and mlx-lm's folders
+    /// under `language_model.*` (mlx-lm qwen3_5_moe.py `sanitize`); every other name, and every
+    /// name of the other architectures, is its own.
+    pub fn text_model_name(self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        if self != Arch::Qwen35Moe {
+            return Some(Cow::Borrowed(name));
+        }
+        // if key.startswith("vision_tower") or key.startswith("model.visual"): continue
+        if name.starts_with("vision_tower") || name.starts_with("model.visual") {
+            return None;
+        }
+        if let Some(rest) = name.strip_prefix("model.language_model.") {
+            return Some(Cow::Owned(format!("model.{rest}")));
+        }
+        if let Some(rest) = name.strip_prefix("language_model.") {
+            return Some(Cow::Owned(rest.to_string()));
+        }
+        Some(Cow::Borrowed(name))
     }
 
     /// What the tensor called `name` is (see [`TensorNames::classify`]).
@@ -277,6 +314,48 @@ pub struct Mla {
     pub v_head_dim: usize,
 }
 
+/// How a Gated DeltaNet layer names its input projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaProjections {
+    /// Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, grouped per key head.
+    Qkvz,
+    /// Qwen3.5: `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, each contiguous.
+    Split,
+}
+
+/// Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): every layer but each
+/// `full_attention_interval`-th keeps, instead of a KV cache, a convolution state (the last
+/// `conv_kernel_dim - 1` inputs of a depthwise causal convolution) and a recurrent state
+/// `[value_heads, value_head_dim, key_head_dim]`, both of a fixed size whatever the context.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearAttention {
+    /// Layers `L` with `(L + 1) % full_attention_interval == 0` use full attention.
+    pub full_attention_interval: usize,
+    pub num_key_heads: usize,
+    pub num_value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// `linear_conv_kernel_dim`: the convolution's width.
+    pub conv_kernel_dim: usize,
+    pub projections: DeltaProjections,
+}
+
+impl LinearAttention {
+    /// Channels of the convolution: queries, keys and values (`key_dim * 2 + value_dim`).
+    pub fn conv_dim(&self) -> usize {
+        2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+    }
+
+    /// Bytes of one layer's state: the convolution's last inputs in the activations' dtype
+    /// (bf16, 2 bytes) and the recurrent state in f32 (mlx-lm's `gated_delta_update`).
+    pub fn state_bytes_per_layer(&self) -> u64 {
+        let conv = (self.conv_kernel_dim.saturating_sub(1) * self.conv_dim()) as u64 * 2;
+        let recurrent = (self.num_value_heads * self.value_head_dim * self.key_head_dim) as u64 * 4;
+        conv + recurrent
+    }
+}
+
 /// A model's configuration, normalized across architectures and config dialects.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -314,6 +393,14 @@ pub struct ModelConfig {
     /// `head_dim` is the query/key width `qk_nope_head_dim + qk_rope_head_dim`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<Mla>,
+    /// Gated DeltaNet linear attention in all layers but every `full_attention_interval`-th
+    /// (Qwen3-Next, Qwen3.5). Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linear_attention: Option<LinearAttention>,
+    /// Full attention's output is scaled by `sigmoid(gate)`, the gate being the second half of
+    /// each head's `q_proj` rows (Qwen3-Next, Qwen3.5). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attn_output_gate: bool,
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
@@ -351,6 +438,8 @@ impl ModelConfig {
             Arch::Qwen2Moe => qwen2_moe::parse(v)?,
             Arch::DeepseekV3 => deepseek_v3::parse(v)?,
             Arch::Glm4Moe => glm4_moe::parse(v)?,
+            Arch::Qwen3Next => qwen3_next::parse(v)?,
+            Arch::Qwen35Moe => qwen3_5_moe::parse(v)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -394,13 +483,39 @@ impl ModelConfig {
 
     /// Values the KV cache holds per token, over all layers: keys and values of every KV head,
     /// or under MLA the latent and the rotary key (`kv_lora_rank + qk_rope_head_dim`), which
-    /// is what makes DeepSeek-V3's cache ~57x smaller than its 128 heads would need.
+    /// is what makes DeepSeek-V3's cache ~57x smaller than its 128 heads would need. Layers of
+    /// linear attention hold no KV cache (their state is [`ModelConfig::recurrent_state_bytes`]).
     pub fn kv_values_per_token(&self) -> u64 {
         let per_layer = match &self.mla {
             Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
             None => 2 * self.num_key_value_heads * self.head_dim,
         };
-        (self.num_hidden_layers * per_layer) as u64
+        (self.full_attention_layers() * per_layer) as u64
+    }
+
+    /// Whether layer `layer` uses linear attention (mlx-lm qwen3_next.py:
+    /// `self.is_linear = (layer_idx + 1) % args.full_attention_interval != 0`).
+    pub fn is_linear_layer(&self, layer: usize) -> bool {
+        self.linear_attention
+            .as_ref()
+            .is_some_and(|la| (layer + 1) % la.full_attention_interval.max(1) != 0)
+    }
+
+    /// Layers with full (softmax) attention and so a KV cache.
+    pub fn full_attention_layers(&self) -> usize {
+        (0..self.num_hidden_layers)
+            .filter(|&l| !self.is_linear_layer(l))
+            .count()
+    }
+
+    /// Bytes of the fixed-size state of the linear-attention layers (convolution and recurrent
+    /// state), whatever the context length; 0 without linear attention.
+    pub fn recurrent_state_bytes(&self) -> u64 {
+        let Some(la) = &self.linear_attention else {
+            return 0;
+        };
+        let linear = (self.num_hidden_layers - self.full_attention_layers()) as u64;
+        linear * la.state_bytes_per_layer()
     }
 
     /// The sparse layers, ascending.
@@ -542,6 +657,37 @@ impl ModelConfig {
                 }
             }
         }
+        if let Some(la) = &self.linear_attention {
+            let sizes = [
+                ("full_attention_interval", la.full_attention_interval),
+                ("linear_num_key_heads", la.num_key_heads),
+                ("linear_num_value_heads", la.num_value_heads),
+                ("linear_key_head_dim", la.key_head_dim),
+                ("linear_value_head_dim", la.value_head_dim),
+            ];
+            for (field, v) in sizes {
+                if v == 0 {
+                    return bad(field, "0".into(), "at least 1");
+                }
+            }
+            // n_keep = conv_kernel_size - 1 must be at least 1: conv_input[:, -0:] would keep
+            // every input instead of none.
+            if la.conv_kernel_dim < 2 {
+                return bad(
+                    "linear_conv_kernel_dim",
+                    la.conv_kernel_dim.to_string(),
+                    "at least 2",
+                );
+            }
+            if la.num_value_heads % la.num_key_heads != 0 {
+                return Err(ArchError::Inconsistent {
+                    what: format!(
+                        "linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
+                        la.num_value_heads, la.num_key_heads
+                    ),
+                });
+            }
+        }
         if let Some(s) = &self.shared_expert {
             if s.intermediate_size == 0 {
                 return bad(
@@ -561,6 +707,10 @@ fn one_f64() -> f64 {
 
 fn is_one_f64(x: &f64) -> bool {
     *x == 1.0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -803,6 +953,8 @@ impl<'a> Fields<'a> {
             qk_norm: d.qk_norm,
             partial_rotary_factor: 1.0,
             mla: None,
+            linear_attention: None,
+            attn_output_gate: false,
             clip_qkv: None,
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),

@@ -679,3 +679,136 @@ fn deepseek_v3_refuses_other_routers_and_missing_mla_widths() {
     let e = ModelConfig::from_json(&g).unwrap_err();
     assert!(e.to_string().contains("RoPE would rotate"), "{e}");
 }
+
+/// Qwen3-Next-80B-A3B's published config.json.
+fn qwen3_next_published() -> Value {
+    json!({
+        "architectures": ["Qwen3NextForCausalLM"], "attention_bias": false,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645,
+        "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 5120, "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+        "linear_value_head_dim": 128, "max_position_embeddings": 262144, "mlp_only_layers": [],
+        "model_type": "qwen3_next", "moe_intermediate_size": 512, "norm_topk_prob": true,
+        "num_attention_heads": 16, "num_experts": 512, "num_experts_per_tok": 10,
+        "num_hidden_layers": 48, "num_key_value_heads": 2, "partial_rotary_factor": 0.25,
+        "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 10000000,
+        "shared_expert_intermediate_size": 512, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16", "vocab_size": 151936
+    })
+}
+
+/// Qwen3-Next: three of every four layers linear, a KV cache only in the fourth, the linear
+/// layers' fixed state counted apart; Qwen3.5's multimodal and text-only configs give the same
+/// model.
+#[test]
+fn qwen3_next_and_qwen3_5_moe_configs_parse() {
+    let c = ModelConfig::from_json(&qwen3_next_published()).unwrap();
+    assert_eq!(c.arch, Arch::Qwen3Next);
+    let la = c.linear_attention.clone().unwrap();
+    assert_eq!(
+        (
+            la.full_attention_interval,
+            la.num_key_heads,
+            la.num_value_heads
+        ),
+        (4, 16, 32)
+    );
+    assert_eq!(la.projections, DeltaProjections::Qkvz);
+    assert!(c.attn_output_gate);
+    assert_eq!((c.head_dim, c.rope_dims()), (256, 64));
+    assert!((0..3).all(|l| c.is_linear_layer(l)) && !c.is_linear_layer(3));
+    assert_eq!(c.full_attention_layers(), 12);
+    // 12 layers x keys and values of 2 KV heads of 256 x 2 bytes.
+    assert_eq!(c.kv_values_per_token() * 2, 12 * 2 * 2 * 256 * 2);
+    // 36 layers x (3 conv inputs of 8,192 channels in bf16 + 32 x 128 x 128 f32).
+    assert_eq!(
+        c.recurrent_state_bytes(),
+        36 * (3 * 8192 * 2 + 32 * 128 * 128 * 4)
+    );
+    let s = c.shared_expert.as_ref().unwrap();
+    assert_eq!((s.intermediate_size, s.gated), (512, true));
+    assert_eq!(c.sparse_layers().len(), 48);
+    // The pack record round-trips, and a record without the new fields reads as before.
+    let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+
+    // Qwen3.5: the text model's fields under text_config (multimodal) or at the top level.
+    let mut text = qwen3_next_published();
+    let t = text.as_object_mut().unwrap();
+    for k in [
+        "rope_theta",
+        "partial_rotary_factor",
+        "decoder_sparse_step",
+        "intermediate_size",
+    ] {
+        t.remove(k);
+    }
+    t.insert("model_type".into(), json!("qwen3_5_moe_text"));
+    t.insert(
+        "rope_parameters".into(),
+        json!({"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+               "mrope_section": [11, 11, 10], "mrope_interleaved": true}),
+    );
+    let multimodal = json!({
+        "model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "text_config": text, "vision_config": {"depth": 27}, "tie_word_embeddings": false
+    });
+    let m = ModelConfig::from_json(&multimodal).unwrap();
+    let mut flat = text.clone();
+    flat["model_type"] = json!("qwen3_5_moe");
+    let f = ModelConfig::from_json(&flat).unwrap();
+    assert_eq!(m, f);
+    assert_eq!(m.arch, Arch::Qwen35Moe);
+    assert_eq!(
+        m.linear_attention.as_ref().unwrap().projections,
+        DeltaProjections::Split
+    );
+    assert_eq!((m.rope.theta, m.rope_dims()), (10_000_000.0, 64));
+    assert_eq!(
+        m.intermediate_size, 512,
+        "dense width unused: every layer is sparse"
+    );
+    assert_eq!(m.eos_token_ids, vec![151645]);
+    assert_eq!(m.kv_values_per_token(), c.kv_values_per_token());
+}
+
+/// Linear-attention widths that cannot work are refused by name.
+#[test]
+fn qwen3_next_refuses_bad_linear_attention_widths() {
+    for (key, value, field) in [
+        ("linear_conv_kernel_dim", json!(1), "linear_conv_kernel_dim"),
+        ("linear_num_key_heads", json!(0), "linear_num_key_heads"),
+        (
+            "full_attention_interval",
+            json!(0),
+            "full_attention_interval",
+        ),
+    ] {
+        let mut c = qwen3_next_published();
+        c[key] = value;
+        let e = ModelConfig::from_json(&c).unwrap_err();
+        assert!(
+            matches!(&e, ArchError::BadField { field: f, .. } if *f == field),
+            "{key}: {e}"
+        );
+    }
+    let mut c = qwen3_next_published();
+    c["linear_num_value_heads"] = json!(24);
+    c["linear_num_key_heads"] = json!(16);
+    let e = ModelConfig::from_json(&c).unwrap_err();
+    assert!(e.to_string().contains("not a multiple"), "{e}");
+    let mut c = qwen3_next_published();
+    c.as_object_mut().unwrap().remove("linear_key_head_dim");
+    let e = ModelConfig::from_json(&c).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ArchError::MissingField {
+                field: "linear_key_head_dim",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

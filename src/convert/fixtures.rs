@@ -83,6 +83,17 @@ pub struct FixtureSpec {
     pub first_k_dense_replace: usize,
     /// A `rope_scaling` record (e.g. YaRN), written in both dialects; `None`: unscaled.
     pub rope_scaling: Option<Value>,
+    /// Qwen3-Next / Qwen3.5: every this-many-th layer has full attention, the others Gated
+    /// DeltaNet linear attention with these heads, head widths and convolution width.
+    pub full_attention_interval: usize,
+    pub linear_key_heads: usize,
+    pub linear_value_heads: usize,
+    pub linear_key_head_dim: usize,
+    pub linear_value_head_dim: usize,
+    pub conv_kernel: usize,
+    /// Qwen3.5: the multimodal layout (`text_config`, `model.language_model.*` names and a
+    /// vision tower tensor) instead of the text-only one.
+    pub multimodal: bool,
 }
 
 /// FP8 fixtures: the attention, MLP and expert weights (not the embeddings, the head, the
@@ -127,6 +138,49 @@ impl FixtureSpec {
             qk_rope_head_dim: 32,
             first_k_dense_replace: 1,
             rope_scaling: None,
+            full_attention_interval: 2,
+            linear_key_heads: 2,
+            linear_value_heads: 4,
+            linear_key_head_dim: 32,
+            linear_value_head_dim: 32,
+            conv_kernel: 4,
+            multimodal: false,
+        }
+    }
+
+    /// Qwen3-Next and Qwen3.5: hybrid linear attention, gated shared expert, norms offset by one.
+    fn hybrid(&self) -> bool {
+        matches!(self.arch, Arch::Qwen3Next | Arch::Qwen35Moe)
+    }
+
+    /// Whether layer `l` has linear attention.
+    fn is_linear(&self, l: usize) -> bool {
+        self.hybrid() && (l + 1) % self.full_attention_interval.max(1) != 0
+    }
+
+    /// Norm weights the checkpoint stores offset by one (mlx-lm's `sanitize` adds the one):
+    /// they are drawn around 0 instead of 1.
+    fn offset_norm(&self, name: &str) -> bool {
+        self.hybrid()
+            && [
+                ".input_layernorm.weight",
+                ".post_attention_layernorm.weight",
+                "model.norm.weight",
+                ".q_norm.weight",
+                ".k_norm.weight",
+            ]
+            .iter()
+            .any(|s| name.ends_with(s))
+    }
+
+    /// The name a tensor has on disk: Qwen3.5's multimodal layout holds the text model under
+    /// `model.language_model.`.
+    fn disk_name(&self, name: &str) -> String {
+        match name.strip_prefix("model.") {
+            Some(rest) if self.multimodal && !rest.starts_with("visual.") => {
+                format!("model.language_model.{rest}")
+            }
+            _ => name.to_string(),
         }
     }
 
@@ -254,7 +308,40 @@ impl FixtureSpec {
             add(format!("{p}.input_layernorm.weight"), vec![h], 0);
             add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0);
             let a = format!("{p}.self_attn");
-            if self.arch == Arch::DeepseekV3 {
+            if self.is_linear(l) {
+                let la = format!("{p}.linear_attn");
+                let (nk, nv) = (self.linear_key_heads, self.linear_value_heads);
+                let (kd, vd) = (
+                    nk * self.linear_key_head_dim,
+                    nv * self.linear_value_head_dim,
+                );
+                let conv_dim = 2 * kd + vd;
+                if self.arch == Arch::Qwen3Next {
+                    add(
+                        format!("{la}.in_proj_qkvz.weight"),
+                        vec![2 * kd + 2 * vd, h],
+                        h,
+                    );
+                    add(format!("{la}.in_proj_ba.weight"), vec![2 * nv, h], h);
+                } else {
+                    add(format!("{la}.in_proj_qkv.weight"), vec![conv_dim, h], h);
+                    add(format!("{la}.in_proj_z.weight"), vec![vd, h], h);
+                    add(format!("{la}.in_proj_b.weight"), vec![nv, h], h);
+                    add(format!("{la}.in_proj_a.weight"), vec![nv, h], h);
+                }
+                // Hugging Face's Conv1d layout [out, in / groups, K].
+                let k = self.conv_kernel;
+                add(format!("{la}.conv1d.weight"), vec![conv_dim, 1, k], k);
+                add(format!("{la}.dt_bias"), vec![nv], 0);
+                // Small, like log(uniform(0, 16)) shrunk: decays near exp(-softplus(.)).
+                add(format!("{la}.A_log"), vec![nv], 100);
+                add(
+                    format!("{la}.norm.weight"),
+                    vec![self.linear_value_head_dim],
+                    0,
+                );
+                add(format!("{la}.out_proj.weight"), vec![h, vd], vd);
+            } else if self.arch == Arch::DeepseekV3 {
                 let (d, rope, lora) = (self.head_dim, self.qk_rope_head_dim, self.kv_lora_rank);
                 let heads = self.num_heads;
                 match self.q_lora_rank {
@@ -282,7 +369,9 @@ impl FixtureSpec {
                 );
                 add(format!("{a}.o_proj.weight"), vec![h, heads * d], heads * d);
             } else {
-                for (n, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                // Qwen3-Next's q_proj also gives the output gate.
+                let q_rows = if self.hybrid() { 2 * q } else { q };
+                for (n, out) in [("q_proj", q_rows), ("k_proj", kv), ("v_proj", kv)] {
                     add(format!("{a}.{n}.weight"), vec![out, h], h);
                     if matches!(self.arch, Arch::Qwen2Moe | Arch::Glm4Moe) {
                         add(format!("{a}.{n}.bias"), vec![out], h);
@@ -291,7 +380,8 @@ impl FixtureSpec {
                 add(format!("{a}.o_proj.weight"), vec![h, q], q);
             }
             match self.arch {
-                Arch::Qwen3Moe | Arch::Glm4Moe => {
+                _ if self.is_linear(l) => {}
+                Arch::Qwen3Moe | Arch::Glm4Moe | Arch::Qwen3Next | Arch::Qwen35Moe => {
                     add(
                         format!("{p}.self_attn.q_norm.weight"),
                         vec![self.head_dim],
@@ -359,7 +449,10 @@ impl FixtureSpec {
                     add(format!("{p}.mlp.experts.down_proj"), vec![e, h, i], i);
                 }
             }
-            if self.arch == Arch::Qwen2Moe {
+            if matches!(
+                self.arch,
+                Arch::Qwen2Moe | Arch::Qwen3Next | Arch::Qwen35Moe
+            ) {
                 let s = self.shared_expert_intermediate_size;
                 add(
                     format!("{p}.mlp.shared_expert.gate_proj.weight"),
@@ -381,6 +474,14 @@ impl FixtureSpec {
         }
         t.push(("model.norm.weight".into(), vec![h], 0));
         t.push(("lm_head.weight".into(), vec![self.vocab_size, h], h));
+        if self.hybrid() {
+            // The multi-token-prediction module, which the loader drops.
+            t.push(("mtp.fc.weight".into(), vec![h, 2 * h], 2 * h));
+        }
+        if self.multimodal {
+            // A vision tower tensor, which the loader drops.
+            t.push(("model.visual.merger.mlp.0.weight".into(), vec![h, h], h));
+        }
         t
     }
 
@@ -393,6 +494,9 @@ impl FixtureSpec {
             Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
             Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
             Arch::Glm4Moe => "Glm4MoeForCausalLM",
+            Arch::Qwen3Next => "Qwen3NextForCausalLM",
+            Arch::Qwen35Moe if self.multimodal => "Qwen3_5MoeForConditionalGeneration",
+            Arch::Qwen35Moe => "Qwen3_5MoeForCausalLM",
         };
         let theta = match self.arch {
             Arch::Mixtral | Arch::Qwen2Moe => 1_000_000.0,
@@ -430,7 +534,10 @@ impl FixtureSpec {
             "dtype": dtype,
             "torch_dtype": dtype,
         });
-        if matches!(self.arch, Arch::Qwen3Moe | Arch::Qwen2Moe) {
+        if matches!(
+            self.arch,
+            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next | Arch::Qwen35Moe
+        ) {
             c["moe_intermediate_size"] = json!(self.moe_intermediate_size);
             c["decoder_sparse_step"] = json!(self.decoder_sparse_step);
             c["mlp_only_layers"] = json!([]);
@@ -438,6 +545,27 @@ impl FixtureSpec {
         if self.arch == Arch::Qwen2Moe {
             c["shared_expert_intermediate_size"] = json!(self.shared_expert_intermediate_size);
             c["qkv_bias"] = json!(true);
+        }
+        if self.hybrid() {
+            for (k, v) in [
+                (
+                    "shared_expert_intermediate_size",
+                    json!(self.shared_expert_intermediate_size),
+                ),
+                (
+                    "full_attention_interval",
+                    json!(self.full_attention_interval),
+                ),
+                ("linear_num_key_heads", json!(self.linear_key_heads)),
+                ("linear_num_value_heads", json!(self.linear_value_heads)),
+                ("linear_key_head_dim", json!(self.linear_key_head_dim)),
+                ("linear_value_head_dim", json!(self.linear_value_head_dim)),
+                ("linear_conv_kernel_dim", json!(self.conv_kernel)),
+                ("partial_rotary_factor", json!(0.25)),
+                ("mtp_num_hidden_layers", json!(1)),
+            ] {
+                c[k] = v;
+            }
         }
         if self.deepseek_moe() {
             let (n_group, topk_group) = self.groups();
@@ -497,6 +625,9 @@ impl FixtureSpec {
                     p[k] = v.clone();
                 }
             }
+            if self.hybrid() {
+                p["partial_rotary_factor"] = json!(0.25);
+            }
             c["rope_parameters"] = p;
             c[five_x_key] = json!(self.num_experts);
         }
@@ -504,6 +635,19 @@ impl FixtureSpec {
             c["rope_theta"] = json!(theta);
             c["rope_scaling"] = self.rope_scaling.clone().unwrap_or(Value::Null);
             c[legacy_key] = json!(self.num_experts);
+        }
+        if self.multimodal {
+            // Qwen3_5MoeConfig: the text model's fields under text_config.
+            let mut text = c.clone();
+            text["model_type"] = json!("qwen3_5_moe_text");
+            return json!({
+                "architectures": c["architectures"].clone(),
+                "model_type": c["model_type"].clone(),
+                "text_config": text,
+                "vision_config": {"depth": 1, "hidden_size": self.hidden_size},
+                "tie_word_embeddings": false,
+                "eos_token_id": c["eos_token_id"].clone(),
+            });
         }
         c
     }
@@ -550,7 +694,13 @@ impl FixtureSpec {
         for (s, members) in shards.iter().enumerate() {
             let header: Vec<(String, Dtype, Vec<usize>)> = members
                 .iter()
-                .map(|&k| (tensors[k].0.clone(), tensors[k].1, tensors[k].2.clone()))
+                .map(|&k| {
+                    (
+                        self.disk_name(&tensors[k].0),
+                        tensors[k].1,
+                        tensors[k].2.clone(),
+                    )
+                })
                 .collect();
             let path = dir.join(file_name(s));
             let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path)?);
@@ -560,7 +710,7 @@ impl FixtureSpec {
                 let data = self.tensor_bytes(name, shape, *fan_in);
                 f.write_all(&data)?;
                 total += data.len() as u64;
-                weight_map.insert(name.clone(), json!(file_name(s)));
+                weight_map.insert(self.disk_name(name), json!(file_name(s)));
             }
             f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         }
@@ -653,7 +803,9 @@ impl FixtureSpec {
         let es = dtype.size();
         let mut out = vec![0u8; n * es];
         let name_seed = fnv1a(name.as_bytes()) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let (scale, offset) = if fan_in == 0 {
+        let (scale, offset) = if fan_in == 0 && self.offset_norm(name) {
+            (0.1f32, 0.0f32)
+        } else if fan_in == 0 {
             (0.1f32, 1.0f32)
         } else {
             (1.0 / (fan_in as f32).sqrt(), 0.0)

@@ -654,8 +654,14 @@ fn write_payload(
             load::TensorData::Quantized(q) => [q.codes, q.scales, q.biases]
                 .iter()
                 .for_each(|b| ck.release(b)),
-            load::TensorData::Fp8(m)
-            | load::TensorData::Derived(load::derived::HeadSplit { source: m, .. }) => {
+            load::TensorData::Fp8(m) => {
+                ck.release(m.bytes());
+                if let Some(b) = m.fp8_blocks() {
+                    ck.release(b.scales);
+                }
+            }
+            load::TensorData::Derived(d) => {
+                let m = d.source();
                 ck.release(m.bytes());
                 if let Some(b) = m.fp8_blocks() {
                     ck.release(b.scales);
@@ -925,10 +931,14 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
         load::TensorData::Fp8(m) => {
             (m.bytes().len() + m.fp8_blocks().map_or(0, |b| b.scales.len())) as u64
         }
-        // Half of its source each (the two halves of one tensor).
+        // A head split is half of its source (the two halves of one tensor).
         load::TensorData::Derived(d) => {
-            let m = d.source;
-            (m.bytes().len() + m.fp8_blocks().map_or(0, |b| b.scales.len())) as u64 / 2
+            let m = d.source();
+            let n = (m.bytes().len() + m.fp8_blocks().map_or(0, |b| b.scales.len())) as u64;
+            match d {
+                load::derived::Derived::HeadSplit(_) => n / 2,
+                load::derived::Derived::PlusOne(_) => n,
+            }
         }
     }
 }
@@ -1012,7 +1022,7 @@ fn check_finite_dense(t: &load::DenseTensor<'_>) -> Result<(), ConvertError> {
             check_finite_quantized(&|part| format!("{module}.{part}"), q)
         }
         load::TensorData::Fp8(m) => check_finite_matrix(|| t.name.clone(), m),
-        load::TensorData::Derived(d) => check_finite_matrix(|| t.name.clone(), &d.source),
+        load::TensorData::Derived(d) => check_finite_matrix(|| t.name.clone(), &d.source()),
         load::TensorData::Other { .. } => Ok(()),
     }
 }

@@ -31,7 +31,7 @@ use super::load::Checkpoint;
 use super::ConvertError;
 use crate::convert::source::{embed_windows, SourceWeights, StreamedExperts};
 use crate::mlx::{self, Array};
-use crate::model::{mask_for, Block, ComputeError, ExpertStore, LayerKv, PoolRoute, Routing};
+use crate::model::{mask_for, Block, ComputeError, ExpertStore, PoolRoute, Routing};
 
 /// One task's calibration text.
 #[derive(Clone, Debug)]
@@ -421,7 +421,7 @@ pub fn profile(
         let layer = |hs: &mut [Array], rec: &mut Recorder| -> Result<(), ComputeError> {
             for x in hs.iter_mut() {
                 let len = x.dim(1).unwrap_or(0);
-                let mut kv = LayerKv::default();
+                let mut kv = block.new_cache();
                 let y = block.attend(x, mask_for(len), &mut kv)?;
                 y.eval()?;
                 *x = y;

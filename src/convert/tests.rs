@@ -173,14 +173,19 @@ fn every_architecture_converts_and_verifies() {
             let pack = Pack::open(&dest).unwrap();
             assert!(pack.verify().is_ok(), "{arch}");
             assert!(pack.experts().iter().all(|e| e.bits == 2));
+            // The first layer of full attention (Qwen3-Next's first layers are linear).
+            let cfg = &pack.meta().model;
+            let l = (0..cfg.num_hidden_layers)
+                .find(|&l| !cfg.is_linear_layer(l))
+                .unwrap();
             let q = pack
-                .tensor("model.layers.0.self_attn.o_proj.weight")
+                .tensor(&format!("model.layers.{l}.self_attn.o_proj.weight"))
                 .unwrap();
             match dense_bits {
                 16 => assert_eq!((q.dtype, q.bits), (DType::BF16, 0)),
                 b => assert_eq!((q.dtype, q.bits), (DType::U32, b)),
             }
-            if arch == Arch::Qwen2Moe {
+            if matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Next | Arch::Qwen35Moe) {
                 // The shared expert gate stays full precision; the shared expert follows policy.
                 let g = pack
                     .tensor("model.layers.0.mlp.shared_expert_gate.weight")

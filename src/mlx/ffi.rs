@@ -184,6 +184,16 @@ extern "C" {
         out: *mut *mut FpArray,
     ) -> c_int;
 
+    pub fn fp_contiguous(a: *const FpArray, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_conv1d(
+        x: *const FpArray,
+        w: *const FpArray,
+        stride: c_int,
+        padding: c_int,
+        dilation: c_int,
+        groups: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
     pub fn fp_rms_norm(
         x: *const FpArray,
         weight: *const FpArray,

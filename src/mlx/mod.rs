@@ -455,6 +455,10 @@ impl Array {
     pub fn maximum(&self, other: &Array) -> Result<Array> {
         self.binary(5, "maximum", other)
     }
+    /// `log(exp(a) + exp(b))`, as `mx.logaddexp` (mlx.nn.softplus is `logaddexp(x, 0)`).
+    pub fn logaddexp(&self, other: &Array) -> Result<Array> {
+        self.binary(6, "logaddexp", other)
+    }
     pub fn exp(&self) -> Result<Array> {
         self.unary(0, "exp")
     }
@@ -492,6 +496,14 @@ impl Array {
     pub fn select(&self, x: &Array, y: &Array) -> Result<Array> {
         make("where", |out| unsafe {
             ffi::fp_where(self.raw(), x.raw(), y.raw(), out)
+        })
+    }
+
+    /// A row-major copy when this is a view (`mx.contiguous`): a slice that should not keep its
+    /// whole source buffer alive.
+    pub fn contiguous(&self) -> Result<Array> {
+        make("contiguous", |out| unsafe {
+            ffi::fp_contiguous(self.raw(), out)
         })
     }
 
@@ -639,6 +651,21 @@ pub fn async_eval(arrays: &[&Array]) -> Result<()> {
 pub fn eval(arrays: &[&Array]) -> Result<()> {
     let raws: Vec<*mut ffi::FpArray> = arrays.iter().map(|a| a.raw.as_ptr()).collect();
     check("eval", unsafe { ffi::fp_eval(raws.as_ptr(), raws.len()) })
+}
+
+/// `mx.conv1d(x, w, stride, padding, dilation, groups)`: `x` `[N, L, C_in]` (channels last),
+/// `w` `[C_out, K, C_in / groups]`; mlx.nn.Conv1d without a bias.
+pub fn conv1d(
+    x: &Array,
+    w: &Array,
+    stride: i32,
+    padding: i32,
+    dilation: i32,
+    groups: i32,
+) -> Result<Array> {
+    make("conv1d", |out| unsafe {
+        ffi::fp_conv1d(x.raw(), w.raw(), stride, padding, dilation, groups, out)
+    })
 }
 
 pub fn concatenate(arrays: &[&Array], axis: i32) -> Result<Array> {

@@ -218,6 +218,7 @@ int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out) {
       case FP_DIV: *out = wrap(mx::divide(x, y)); return;
       case FP_FLOOR_DIV: *out = wrap(mx::floor_divide(x, y)); return;
       case FP_MAXIMUM: *out = wrap(mx::maximum(x, y)); return;
+      case FP_LOGADDEXP: *out = wrap(mx::logaddexp(x, y)); return;
     }
     throw std::invalid_argument("unknown binary op " + std::to_string(op));
   });
@@ -247,6 +248,10 @@ int fp_addmm(const fp_array* c, const fp_array* a, const fp_array* b, fp_array**
 
 int fp_where(const fp_array* cond, const fp_array* x, const fp_array* y, fp_array** out) {
   return guard([&] { *out = wrap(mx::where(cond->a, x->a, y->a)); });
+}
+
+int fp_contiguous(const fp_array* a, fp_array** out) {
+  return guard([&] { *out = wrap(mx::contiguous(a->a)); });
 }
 
 int fp_astype(const fp_array* a, int dtype, fp_array** out) {
@@ -354,6 +359,13 @@ int fp_gather_qmm(const fp_array* x, const fp_array* w, const fp_array* scales,
     *out = wrap(mx::gather_qmm(x->a, w->a, scales->a, opt(biases), opt(lhs_indices),
                                opt(rhs_indices), transpose != 0, group_size, bits, mode,
                                std::nullopt, sorted_indices != 0));
+  });
+}
+
+int fp_conv1d(const fp_array* x, const fp_array* w, int stride, int padding, int dilation,
+              int groups, fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::conv1d(x->a, w->a, stride, padding, dilation, groups));
   });
 }
 

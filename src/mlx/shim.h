@@ -21,7 +21,10 @@ enum {
 };
 
 // Element-wise op codes (`BinaryOp` / `UnaryOp` in mod.rs).
-enum { FP_ADD = 0, FP_SUB = 1, FP_MUL = 2, FP_DIV = 3, FP_FLOOR_DIV = 4, FP_MAXIMUM = 5 };
+enum {
+  FP_ADD = 0, FP_SUB = 1, FP_MUL = 2, FP_DIV = 3, FP_FLOOR_DIV = 4, FP_MAXIMUM = 5,
+  FP_LOGADDEXP = 6
+};
 enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4 };
 
 const char* fp_last_error(void);
@@ -52,6 +55,7 @@ int fp_matmul(const fp_array* a, const fp_array* b, fp_array** out);
 // c + a @ b (mlx.nn.Linear with a bias).
 int fp_addmm(const fp_array* c, const fp_array* a, const fp_array* b, fp_array** out);
 int fp_where(const fp_array* cond, const fp_array* x, const fp_array* y, fp_array** out);
+int fp_contiguous(const fp_array* a, fp_array** out);
 int fp_astype(const fp_array* a, int dtype, fp_array** out);
 int fp_reshape(const fp_array* a, const int32_t* shape, size_t ndim, fp_array** out);
 int fp_transpose(const fp_array* a, const int32_t* axes, size_t n, fp_array** out);
@@ -83,6 +87,10 @@ int fp_gather_qmm(const fp_array* x, const fp_array* w, const fp_array* scales,
                   const fp_array* biases, const fp_array* lhs_indices,
                   const fp_array* rhs_indices, int transpose, int group_size, int bits,
                   const char* mode, int sorted_indices, fp_array** out);
+
+// mx.conv1d(x [N, L, C_in], w [C_out, K, C_in / groups], stride, padding, dilation, groups).
+int fp_conv1d(const fp_array* x, const fp_array* w, int stride, int padding, int dilation,
+              int groups, fp_array** out);
 
 int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array** out);
 // mx.fast.rope with explicit frequencies (base unused), as YaRN gives them.

@@ -4,7 +4,8 @@
 //! `L` positions. Invariant: keys are cached after RoPE, so position `p` of the cache always
 //! holds the key rotated for position `p`; the queries of a call sit at positions
 //! `offset .. offset + L`. Mirrors the `Attention` classes of mlx-lm 0.32.2
-//! (models/qwen3_moe.py, mixtral.py, olmoe.py, qwen2_moe.py).
+//! (models/qwen3_moe.py, mixtral.py, olmoe.py, qwen2_moe.py, glm4_moe.py, and qwen3_next.py's
+//! gated attention, whose `q_proj` also gives a sigmoid gate on the output).
 
 use super::kv_cache::{to_i32, LayerKv};
 use super::layers::{Linear, RmsNorm};
@@ -197,6 +198,8 @@ pub struct Attention {
     kv_heads: usize,
     scale: f32,
     rope: RopeSpec,
+    /// Qwen3-Next: `q_proj` also gives a per-head output gate.
+    output_gate: bool,
 }
 
 impl Attention {
@@ -218,8 +221,14 @@ impl Attention {
                 RmsNorm::load(w, &format!("{module}.k_norm"), kv_out, cfg.rms_norm_eps)?,
             )),
         };
+        // Qwen3NextAttention: q_proj is n_heads * head_dim * 2 wide (queries and the gate).
+        let q_rows = if cfg.attn_output_gate {
+            2 * q_out
+        } else {
+            q_out
+        };
         Ok(Attention {
-            q_proj: Linear::load(w, &format!("{module}.q_proj"), q_out, h)?,
+            q_proj: Linear::load(w, &format!("{module}.q_proj"), q_rows, h)?,
             k_proj: Linear::load(w, &format!("{module}.k_proj"), kv_out, h)?,
             v_proj: Linear::load(w, &format!("{module}.v_proj"), kv_out, h)?,
             o_proj: Linear::load(w, &format!("{module}.o_proj"), h, q_out)?,
@@ -229,6 +238,7 @@ impl Attention {
             // self.scale = head_dim**-0.5 (a Python float, passed to MLX as float)
             scale: (d as f64).powf(-0.5) as f32,
             rope: RopeSpec::from_config(cfg)?,
+            output_gate: cfg.attn_output_gate,
         })
     }
 
@@ -236,14 +246,26 @@ impl Attention {
     pub fn forward(&self, x: &Array, mask: Mask<'_>, cache: &mut LayerKv) -> Result<Array> {
         let s = x.shape();
         let (b, l) = (to_i32(s[0])?, to_i32(s[1])?);
+        let (hq, hkv) = (to_i32(self.heads)?, to_i32(self.kv_heads)?);
         let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?);
+        let mut gate = None;
+        if self.output_gate {
+            // queries, gate = mx.split(q_proj_output.reshape(B, L, n_heads, -1), 2, axis=-1)
+            let both = q.reshape(&[b, l, hq, -1])?;
+            let d = both.dim(-1).unwrap_or(0) as i32 / 2;
+            q = both.slice(&[0, 0, 0, 0], &[b, l, hq, d])?;
+            // gate = gate.reshape(B, L, -1)
+            gate = Some(
+                both.slice(&[0, 0, 0, d], &[b, l, hq, 2 * d])?
+                    .reshape(&[b, l, -1])?,
+            );
+        }
         let v = self.v_proj.forward(x)?;
         // OLMoE: queries = self.q_norm(queries); keys = self.k_norm(keys)  (before the reshape)
         if let Some((QkNorm::FullWidth, qn, kn)) = &self.qk_norm {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let (hq, hkv) = (to_i32(self.heads)?, to_i32(self.kv_heads)?);
         q = q.reshape(&[b, l, hq, -1])?;
         k = k.reshape(&[b, l, hkv, -1])?;
         // Qwen3-MoE: self.q_norm(queries.reshape(B, L, n_heads, -1)) (per head, then transpose)
@@ -261,7 +283,11 @@ impl Attention {
         let (k, v) = cache.update_and_fetch(&k, &v)?;
 
         let out = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask)?;
-        let out = out.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        let mut out = out.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        if let Some(gate) = gate {
+            // self.o_proj(output * mx.sigmoid(gate))
+            out = out.mul(&gate.sigmoid()?)?;
+        }
         self.o_proj.forward(&out)
     }
 }

@@ -1,11 +1,30 @@
-//! The KV cache: each layer's keys and values, as mlx-lm's `KVCache` (models/cache.py) keeps them.
+//! The per-layer cache of the forward pass: one [`LayerCache`] per layer, of the kind its
+//! attention needs (mlx-lm's `make_cache`: a `KVCache` for softmax attention, an
+//! `ArraysCache(size=2)` for linear attention; models/cache.py).
 //!
-//! In: per call, a layer's new keys and values `[B, kv_heads, L, D]`. Out: all valid positions so
-//! far. Invariant: capacity grows in whole steps of 256 positions and position `p < offset` of
-//! the cache always holds what the caller wrote for position `p` (keys after RoPE, so never
-//! rotated twice). [`KvCache::truncate`] lowers the offset only: what lies past it is never
-//! fetched, and the next update writes over it, so a truncated cache is the cache the kept
-//! positions alone would have built (prefix reuse across requests relies on this).
+//! - [`LayerKv`]: keys and values. In: per call, a layer's new keys and values
+//!   `[B, kv_heads, L, D]`. Out: all valid positions so far. Invariant: capacity grows in whole
+//!   steps of 256 positions and position `p` of the cache always holds what the caller wrote for
+//!   position `p` (keys after RoPE, so never rotated twice).
+//! - [`LinearState`]: Gated DeltaNet's convolution state (the last `conv_kernel_dim - 1` inputs)
+//!   and recurrent state, of a fixed size; each call replaces both. Invariant: they are the state
+//!   after exactly `offset` positions, so prefill in chunks carries them exactly.
+//!
+//! Another kind (a rotating sliding-window cache, say) is one more [`LayerCache`] variant with
+//! its `offset`, `arrays` and `truncate` arms.
+//!
+//! ## Reusing a prefix
+//! A KV cache can be cut back to any earlier position ([`KvCache::truncate`]: it lowers the
+//! offset only; what lies past it is never fetched, and the next update writes over it, so a
+//! truncated cache is the cache the kept positions alone would have built). A linear-attention state cannot: it folds every position into
+//! one matrix, and no earlier state can be recovered from it. A prefix is therefore reusable only
+//! from a state saved at a known position: after prefilling the prefix's `p` tokens, take
+//! [`KvCache::snapshot`] and keep it with those tokens; a later sequence that starts with the
+//! same `p` tokens starts from a copy of the snapshot and prefills only the rest. `truncate`
+//! refuses ([`ComputeError::CannotTruncate`]) any position but the current one for a model with
+//! linear-attention layers, so a caller falls back to its snapshot (or to a fresh cache) and
+//! never decodes from a state that does not match its tokens. A snapshot is cheap: MLX arrays are
+//! immutable, so it shares the buffers, and a later write copies instead of updating in place.
 
 use super::ComputeError;
 use crate::mlx::{concatenate, Array};
@@ -14,7 +33,7 @@ type Result<T> = std::result::Result<T, ComputeError>;
 
 /// One layer's cached keys and values, `[B, kv_heads, capacity, head_dim]`, of which the first
 /// `offset` positions are valid.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LayerKv {
     keys: Option<Array>,
     values: Option<Array>,
@@ -27,11 +46,6 @@ const KV_STEP: usize = 256;
 impl LayerKv {
     pub fn offset(&self) -> usize {
         self.offset
-    }
-
-    /// Keep the first `n` positions (all of them if fewer are held); mlx-lm's `KVCache.trim`.
-    pub fn truncate(&mut self, n: usize) {
-        self.offset = self.offset.min(n);
     }
 
     /// Append `keys`/`values` `[B, kv_heads, L, D]` and return all valid positions
@@ -105,37 +119,158 @@ fn trim(x: &Array, n: usize) -> Result<Array> {
     )?)
 }
 
-/// The KV caches of all layers (mlx-lm's `make_prompt_cache`: one `KVCache` per layer).
-#[derive(Debug, Default)]
+/// One linear-attention layer's state (mlx-lm's `ArraysCache(size=2)`: `cache[0]` the
+/// convolution state `[B, conv_kernel_dim - 1, conv_dim]`, `cache[1]` the recurrent state
+/// `[B, value_heads, value_head_dim, key_head_dim]` in f32); `None` before the first call.
+#[derive(Debug, Default, Clone)]
+pub struct LinearState {
+    pub(super) conv: Option<Array>,
+    pub(super) recurrent: Option<Array>,
+    offset: usize,
+}
+
+impl LinearState {
+    /// Positions folded into the state.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// `cache.advance(S)` after a call of `len` positions.
+    pub(super) fn advance(&mut self, len: usize) {
+        self.offset += len;
+    }
+}
+
+/// One layer's cache, of the kind its attention keeps.
+#[derive(Debug, Clone)]
+pub enum LayerCache {
+    /// Softmax attention (grouped-query or latent): keys and values per position.
+    Kv(LayerKv),
+    /// Gated DeltaNet linear attention: a fixed-size state.
+    Linear(LinearState),
+}
+
+impl Default for LayerCache {
+    fn default() -> Self {
+        LayerCache::Kv(LayerKv::default())
+    }
+}
+
+impl LayerCache {
+    /// Positions processed (the next token's position).
+    pub fn offset(&self) -> usize {
+        match self {
+            LayerCache::Kv(kv) => kv.offset(),
+            LayerCache::Linear(s) => s.offset(),
+        }
+    }
+
+    /// The arrays to evaluate to materialize the cache.
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            LayerCache::Kv(kv) => [kv.keys.as_ref(), kv.values.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            LayerCache::Linear(s) => [s.conv.as_ref(), s.recurrent.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+        }
+    }
+
+    /// The keys and values of a softmax-attention layer; `layer` names it in the error.
+    pub(super) fn kv(&mut self, layer: &str) -> Result<&mut LayerKv> {
+        match self {
+            LayerCache::Kv(kv) => Ok(kv),
+            LayerCache::Linear(_) => Err(ComputeError::CacheKind {
+                module: layer.to_string(),
+                wanted: "a KV cache",
+            }),
+        }
+    }
+
+    /// The state of a linear-attention layer; `layer` names it in the error.
+    pub(super) fn linear(&mut self, layer: &str) -> Result<&mut LinearState> {
+        match self {
+            LayerCache::Linear(s) => Ok(s),
+            LayerCache::Kv(_) => Err(ComputeError::CacheKind {
+                module: layer.to_string(),
+                wanted: "a linear-attention state",
+            }),
+        }
+    }
+
+    /// Whether [`LayerCache::truncate`] to `position` would succeed.
+    pub fn can_truncate(&self, position: usize) -> bool {
+        match self {
+            LayerCache::Kv(kv) => position <= kv.offset(),
+            LayerCache::Linear(s) => position == s.offset(),
+        }
+    }
+
+    /// Forget every position from `position` on (mlx-lm's `KVCache.trim`). A linear state
+    /// holds no positions apart, so only its current position is accepted.
+    pub fn truncate(&mut self, position: usize) -> Result<()> {
+        if !self.can_truncate(position) {
+            return Err(ComputeError::CannotTruncate {
+                offset: self.offset(),
+                position,
+                linear: matches!(self, LayerCache::Linear(_)),
+            });
+        }
+        if let LayerCache::Kv(kv) = self {
+            kv.offset = position;
+        }
+        Ok(())
+    }
+}
+
+/// The caches of all layers (mlx-lm's `make_prompt_cache`: one per layer, of its kind).
+#[derive(Debug, Default, Clone)]
 pub struct KvCache {
-    pub layers: Vec<LayerKv>,
+    pub layers: Vec<LayerCache>,
 }
 
 impl KvCache {
+    /// `layers` KV caches (a model of softmax attention only); [`super::Model::new_cache`]
+    /// gives each layer its own kind.
     pub fn new(layers: usize) -> KvCache {
         KvCache {
-            layers: (0..layers).map(|_| LayerKv::default()).collect(),
+            layers: (0..layers).map(|_| LayerCache::default()).collect(),
         }
     }
 
     /// Positions already processed (the next token's position).
     pub fn offset(&self) -> usize {
-        self.layers.first().map_or(0, LayerKv::offset)
+        self.layers.first().map_or(0, LayerCache::offset)
     }
 
-    /// Keep the first `n` positions of every layer: the next token goes to position `n` (or
-    /// stays where it was, if fewer are held). The buffers are kept for reuse.
-    pub fn truncate(&mut self, n: usize) {
-        self.layers.iter_mut().for_each(|l| l.truncate(n));
-    }
-
-    /// Every layer's key and value buffers, for `mlx::eval` (mlx-lm's `cache.state`).
+    /// Every layer's buffers (keys and values, or the linear-attention states), for
+    /// `mlx::eval` (mlx-lm's `cache.state`).
     pub fn state(&self) -> Vec<&Array> {
+        self.layers.iter().flat_map(LayerCache::arrays).collect()
+    }
+
+    /// A copy of the cache as it is now, to restart from later (see "Reusing a prefix" above).
+    /// Shares the buffers: nothing is copied until one of the two is written.
+    pub fn snapshot(&self) -> KvCache {
+        self.clone()
+    }
+
+    /// Cuts every layer back to `position` when all of them can be (a linear-attention layer only
+    /// to its current position); otherwise changes nothing and says why.
+    pub fn truncate(&mut self, position: usize) -> Result<()> {
+        if let Some(l) = self.layers.iter().find(|l| !l.can_truncate(position)) {
+            return Err(ComputeError::CannotTruncate {
+                offset: l.offset(),
+                position,
+                linear: matches!(l, LayerCache::Linear(_)),
+            });
+        }
         self.layers
-            .iter()
-            .flat_map(|l| [l.keys.as_ref(), l.values.as_ref()])
-            .flatten()
-            .collect()
+            .iter_mut()
+            .try_for_each(|l| l.truncate(position))
     }
 }
 
@@ -149,38 +284,38 @@ mod tests {
         Array::from_slice(&v, &[1, 1, len, 2]).unwrap()
     }
 
+    fn fetch(c: &mut LayerCache, first: usize, len: usize, tag: f32) -> (Array, Array) {
+        match c {
+            LayerCache::Kv(kv) => kv
+                .update_and_fetch(&rows(first, len, tag), &rows(first, len, tag))
+                .unwrap(),
+            LayerCache::Linear(_) => unreachable!("a KV layer"),
+        }
+    }
+
     /// Truncating and writing again gives exactly what a cache holding only the kept positions
-    /// and the new ones gives, also across a capacity step (300 > 256) and back below it.
+    /// and the new ones gives, also across a capacity step (300 > 256) and back below it; a
+    /// position past the held ones is refused.
     #[test]
     fn a_truncated_cache_equals_one_built_from_the_kept_positions() {
         for (held, keep, more) in [(5, 3, 2), (300, 10, 4), (200, 200, 100), (260, 0, 3)] {
-            let mut kv = LayerKv::default();
-            kv.update_and_fetch(&rows(0, held, 1.0), &rows(0, held, 1.0))
-                .unwrap();
-            kv.truncate(keep);
-            assert_eq!(kv.offset(), keep.min(held));
-            let (k, v) = kv
-                .update_and_fetch(&rows(keep, more, 2.0), &rows(keep, more, 2.0))
-                .unwrap();
-
-            let mut fresh = LayerKv::default();
+            let mut c = LayerCache::Kv(LayerKv::default());
+            fetch(&mut c, 0, held, 1.0);
+            c.truncate(keep).unwrap();
+            assert_eq!(c.offset(), keep);
+            let (k, v) = fetch(&mut c, keep, more, 2.0);
+            let mut fresh = LayerCache::Kv(LayerKv::default());
             if keep > 0 {
-                fresh
-                    .update_and_fetch(&rows(0, keep, 1.0), &rows(0, keep, 1.0))
-                    .unwrap();
+                fetch(&mut fresh, 0, keep, 1.0);
             }
-            let (fk, fv) = fresh
-                .update_and_fetch(&rows(keep, more, 2.0), &rows(keep, more, 2.0))
-                .unwrap();
+            let (fk, fv) = fetch(&mut fresh, keep, more, 2.0);
             assert_eq!(k.shape(), vec![1, 1, keep + more, 2]);
             assert_eq!(k.to_vec_f32().unwrap(), fk.to_vec_f32().unwrap());
             assert_eq!(v.to_vec_f32().unwrap(), fv.to_vec_f32().unwrap());
         }
-        // Truncating past the end keeps everything.
-        let mut kv = LayerKv::default();
-        kv.update_and_fetch(&rows(0, 4, 1.0), &rows(0, 4, 1.0))
-            .unwrap();
-        kv.truncate(10);
-        assert_eq!(kv.offset(), 4);
+        let mut c = LayerCache::Kv(LayerKv::default());
+        fetch(&mut c, 0, 4, 1.0);
+        assert!(c.truncate(10).is_err());
+        assert_eq!(c.offset(), 4);
     }
 }

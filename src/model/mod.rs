@@ -1,9 +1,10 @@
 //! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
-//! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2, GLM-4.5).
+//! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2, GLM-4.5, Qwen3-Next, Qwen3.5
+//! MoE).
 //!
 //! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
-//! and a [`KvCache`]. Out: lazy logits `[B, L, vocab]`; the caller evaluates them.
+//! and a [`KvCache`] (a KV cache or a linear-attention state per layer). Out: lazy logits `[B, L, vocab]`; the caller evaluates them.
 //! Invariant: the graph is the one mlx-lm 0.32.2 builds for the same weights (each architecture's
 //! file cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
 //! `tests.rs` hold that to the tolerance they state.
@@ -12,6 +13,7 @@
 
 mod attention;
 mod deepseek_v3;
+mod gated_delta;
 mod glm4_moe;
 mod kv_cache;
 mod layers;
@@ -20,12 +22,15 @@ mod mla;
 mod moe;
 mod olmoe;
 mod qwen2_moe;
+mod qwen3_5_moe;
 mod qwen3_moe;
+mod qwen3_next;
 mod router;
 mod weights;
 
 pub use attention::{mask_for, Attention, RopeSpec};
-pub use kv_cache::{KvCache, LayerKv};
+pub use gated_delta::GatedDeltaNet;
+pub use kv_cache::{KvCache, LayerCache, LayerKv, LinearState};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
 pub use mla::{MlaAttention, MultiLinear};
 pub use moe::{
@@ -83,6 +88,25 @@ pub enum ComputeError {
     Unsupported { what: String },
     #[error("the KV cache has {layers} layers but the model {model}: use Model::new_cache")]
     CacheMismatch { layers: usize, model: usize },
+    #[error("{module} needs {wanted} but its layer's cache is another kind: use Model::new_cache")]
+    CacheKind {
+        module: String,
+        wanted: &'static str,
+    },
+    #[error(
+        "the cache holds {offset} positions and cannot be cut back to {position}{}",
+        if *linear {
+            ": a linear-attention state keeps no earlier positions; restart from a snapshot \
+             taken at that position (KvCache::snapshot) or from a fresh cache"
+        } else {
+            ""
+        }
+    )]
+    CannotTruncate {
+        offset: usize,
+        position: usize,
+        linear: bool,
+    },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{path}: {what}")]
@@ -117,6 +141,8 @@ fn spec(arch: Arch) -> &'static Spec {
         Arch::Qwen2Moe => &qwen2_moe::SPEC,
         Arch::DeepseekV3 => &deepseek_v3::SPEC,
         Arch::Glm4Moe => &glm4_moe::SPEC,
+        Arch::Qwen3Next => &qwen3_next::SPEC,
+        Arch::Qwen35Moe => &qwen3_5_moe::SPEC,
     }
 }
 
@@ -126,25 +152,58 @@ enum Ffn {
     Sparse(MoeBlock),
 }
 
-/// A layer's attention: grouped-query (with its options) or multi-head latent.
+/// A layer's attention: grouped-query (with its options), multi-head latent, or Gated
+/// DeltaNet linear attention.
 #[derive(Debug, Clone)]
 enum SelfAttention {
     Gqa(Attention),
     Mla(MlaAttention),
+    Linear(GatedDeltaNet),
 }
 
 impl SelfAttention {
-    fn load(w: &dyn Weights, module: &str, cfg: &ModelConfig) -> Result<SelfAttention> {
+    /// Layer `l`'s attention (`model.layers.L.self_attn`, or `linear_attn` for a layer of
+    /// linear attention).
+    fn load(w: &dyn Weights, l: usize, cfg: &ModelConfig) -> Result<SelfAttention> {
+        let p = format!("model.layers.{l}");
+        if let Some(la) = cfg
+            .linear_attention
+            .as_ref()
+            .filter(|_| cfg.is_linear_layer(l))
+        {
+            return Ok(SelfAttention::Linear(GatedDeltaNet::load(
+                w,
+                &format!("{p}.linear_attn"),
+                cfg,
+                la,
+            )?));
+        }
+        let module = format!("{p}.self_attn");
         Ok(match &cfg.mla {
-            Some(m) => SelfAttention::Mla(MlaAttention::load(w, module, cfg, m)?),
-            None => SelfAttention::Gqa(Attention::load(w, module, cfg)?),
+            Some(m) => SelfAttention::Mla(MlaAttention::load(w, &module, cfg, m)?),
+            None => SelfAttention::Gqa(Attention::load(w, &module, cfg)?),
         })
     }
 
-    fn forward(&self, x: &Array, mask: mlx::fast::Mask<'_>, kv: &mut LayerKv) -> Result<Array> {
+    /// A fresh cache of the kind this attention keeps.
+    fn new_cache(&self) -> LayerCache {
         match self {
-            SelfAttention::Gqa(a) => a.forward(x, mask, kv),
-            SelfAttention::Mla(a) => a.forward(x, mask, kv),
+            SelfAttention::Linear(_) => LayerCache::Linear(LinearState::default()),
+            _ => LayerCache::Kv(LayerKv::default()),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Array,
+        mask: mlx::fast::Mask<'_>,
+        cache: &mut LayerCache,
+    ) -> Result<Array> {
+        match self {
+            SelfAttention::Gqa(a) => a.forward(x, mask, cache.kv("self_attn")?),
+            SelfAttention::Mla(a) => a.forward(x, mask, cache.kv("self_attn")?),
+            // No mask: one sequence without padding (mlx-lm's create_ssm_mask gives None).
+            SelfAttention::Linear(a) => a.forward(x, cache.linear(a.module())?),
         }
     }
 }
@@ -172,14 +231,25 @@ impl Block {
         };
         Ok(Block {
             input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
-            attn: SelfAttention::load(w, &format!("{p}.self_attn"), cfg)?,
+            attn: SelfAttention::load(w, l, cfg)?,
             post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
             ffn,
         })
     }
 
-    /// `h + self_attn(input_layernorm(h))`: the residual stream after attention.
-    pub fn attend(&self, h: &Array, mask: mlx::fast::Mask<'_>, kv: &mut LayerKv) -> Result<Array> {
+    /// A fresh cache for this layer: a KV cache, or a linear-attention state.
+    pub fn new_cache(&self) -> LayerCache {
+        self.attn.new_cache()
+    }
+
+    /// `h + self_attn(input_layernorm(h))` (or `linear_attn`): the residual stream after
+    /// attention.
+    pub fn attend(
+        &self,
+        h: &Array,
+        mask: mlx::fast::Mask<'_>,
+        kv: &mut LayerCache,
+    ) -> Result<Array> {
         let r = self.attn.forward(&self.input_norm.forward(h)?, mask, kv)?;
         Ok(h.add(&r)?)
     }
@@ -254,9 +324,12 @@ impl Model {
         self.layers[l + 1..].iter().find_map(Block::moe)
     }
 
-    /// A fresh cache for this model.
+    /// A fresh cache for this model: per layer, a KV cache or a linear-attention state (mlx-lm's
+    /// `make_cache`).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache {
+            layers: self.layers.iter().map(Block::new_cache).collect(),
+        }
     }
 
     /// Hidden states `[B, L, H]` after the last layer (before the final norm).

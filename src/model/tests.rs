@@ -655,3 +655,62 @@ fn shared_experts_gated_ungated_or_none() {
         Err(ComputeError::Unsupported { .. })
     ));
 }
+
+/// Prefix reuse: a KV cache cuts back to any earlier position; a model with linear-attention
+/// layers refuses to (its state holds no earlier positions) and instead restarts from a snapshot
+/// taken at the prefix's end. Both continue to mlx-lm's logits.
+#[test]
+fn prefix_reuse_truncates_kv_and_restores_linear_state_from_a_snapshot() {
+    for (name, hybrid) in [("qwen3_moe-q4", false), ("qwen3_next-q4", true)] {
+        let (cfg, w) = MlxLmWeights::open(&fixture(&format!("golden/{name}"))).unwrap();
+        let model = Model::load(&cfg, &w).unwrap();
+        let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+        let g = golden(name);
+        let prompt = ids(&g["prompt"]);
+        let n = prompt.len();
+        let (p, q) = (20, 30);
+        let mut cache = model.new_cache();
+        model
+            .prefill_ids(&prompt[..p], &mut cache, &mut experts)
+            .unwrap();
+        let saved = cache.snapshot();
+        model
+            .prefill_ids(&prompt[p..q], &mut cache, &mut experts)
+            .unwrap();
+        assert_eq!(cache.offset(), q);
+        let cut = cache.truncate(p);
+        let mut resumed = if hybrid {
+            assert!(
+                matches!(
+                    cut,
+                    Err(ComputeError::CannotTruncate {
+                        offset: 30,
+                        position: 20,
+                        linear: true
+                    })
+                ),
+                "{name}: {cut:?}"
+            );
+            assert_eq!(
+                cache.offset(),
+                q,
+                "{name}: a refused truncate changes nothing"
+            );
+            saved
+        } else {
+            cut.unwrap();
+            assert_eq!(cache.offset(), p);
+            cache
+        };
+        // The current position is always accepted.
+        resumed.truncate(p).unwrap();
+        let last = model
+            .forward_last_ids(&prompt[p..], &mut resumed, &mut experts)
+            .unwrap()
+            .reshape(&[1, -1])
+            .unwrap();
+        let (d, s) = max_diff(&last, &rows(&g["prefill_logits"], n - 1, n));
+        assert!(d <= LOGIT_TOL_REL * s, "{name}: {d} at scale {s}");
+        assert_eq!(resumed.offset(), n);
+    }
+}

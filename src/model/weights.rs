@@ -80,8 +80,17 @@ impl MlxLmWeights {
             .collect();
         files.sort();
         for f in files {
-            weights.tensors.extend(mlx::load_safetensors(&f)?);
+            // Under the names the model reads (Qwen3.5's `language_model.*` is `model.*`).
+            for (name, a) in mlx::load_safetensors(&f)? {
+                if let Some(n) = cfg.arch.text_model_name(&name) {
+                    weights.tensors.insert(n.into_owned(), a);
+                }
+            }
         }
+        weights.module_quant = std::mem::take(&mut weights.module_quant)
+            .into_iter()
+            .filter_map(|(k, q)| Some((cfg.arch.text_model_name(&k)?.into_owned(), q)))
+            .collect();
         Ok((cfg, weights))
     }
 

@@ -234,8 +234,9 @@ impl<'p> Engine<'p> {
             .max_position_embeddings
             .unwrap_or(usize::MAX)
             .min(opts.positions) as u64;
-        // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig).
-        let kv = cfg.kv_values_per_token() * positions * 2;
+        // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), plus
+        // the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
+        let kv = cfg.kv_values_per_token() * positions * 2 + cfg.recurrent_state_bytes();
         // Prefill runs the prompt in chunks of up to 2,048 tokens (mlx-lm's prefill step);
         // under a budget a chunk's activations (f32 upper bound: the residual stream, the k
         // routed rows in and out of the experts and their hidden width) stay within a tenth of

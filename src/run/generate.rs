@@ -111,7 +111,12 @@ impl Prefix {
             self.clear();
             return 0;
         }
-        self.kv.truncate(shared);
+        // A linear-attention state cannot go back (model/kv_cache.rs, "Reusing a prefix"): a
+        // hybrid model reuses only a cache whose every position the prompt keeps.
+        if self.kv.truncate(shared).is_err() {
+            self.clear();
+            return 0;
+        }
         self.ids.truncate(shared);
         shared
     }

@@ -67,6 +67,12 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         ),
         None => println!("attention     {}; KV cache {}/token", r.attention, gib(kv)),
     }
+    if r.recurrent_state_bytes > 0 {
+        println!(
+            "              linear-attention state {} at any context length",
+            gib(r.recurrent_state_bytes)
+        );
+    }
     let counts: Vec<u32> = r.experts_per_layer.values().copied().collect();
     let (min, max) = (
         counts.iter().min().unwrap_or(&0),

@@ -96,17 +96,34 @@ impl Checkpoint {
                 );
             }
         }
-        // Attention widths from the first layer (every supported architecture names them so).
-        let q = "model.layers.0.self_attn.q_proj.weight";
-        let k = "model.layers.0.self_attn.k_proj.weight";
-        for (name, heads, field) in [
-            (q, c.num_attention_heads, "num_attention_heads x head_dim"),
-            (k, c.num_key_value_heads, "num_key_value_heads x head_dim"),
+        // Attention widths from the first layer of full attention (every supported architecture
+        // names them so); Qwen3-Next's q_proj also holds the output gate.
+        let first = (0..c.num_hidden_layers)
+            .find(|&l| !c.is_linear_layer(l))
+            .unwrap_or(0);
+        let q = format!("model.layers.{first}.self_attn.q_proj.weight");
+        let k = format!("model.layers.{first}.self_attn.k_proj.weight");
+        let gate = if c.attn_output_gate { 2 } else { 1 };
+        for (name, heads, per_head, field) in [
+            (
+                &q,
+                c.num_attention_heads,
+                gate,
+                "num_attention_heads x head_dim",
+            ),
+            (
+                &k,
+                c.num_key_value_heads,
+                1,
+                "num_key_value_heads x head_dim",
+            ),
         ] {
             let Some((shape, float)) = rows(name) else {
                 continue;
             };
-            let want = heads.checked_mul(c.head_dim);
+            let want = heads
+                .checked_mul(c.head_dim)
+                .and_then(|n| n.checked_mul(per_head));
             if shape.first().copied() != want {
                 return mismatch(
                     field,

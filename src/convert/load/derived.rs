@@ -4,14 +4,94 @@
 //! In: a source tensor's float view (bf16, or FP8 codes with block scales). Out: the derived
 //! tensor's values on request ([`HeadSplit::values`]); nothing is computed before the quantize
 //! stage asks, so conversion holds one derived tensor at a time.
-//! Today one rule: DeepSeek-V3's `self_attn.kv_b_proj.weight` `[heads * (nope + v), kv_lora]`
-//! becomes `embed_q.weight` `[heads * kv_lora, nope]` (each head's key rows, transposed) and
-//! `unembed_out.weight` `[heads * v, kv_lora]` (each head's value rows), as mlx-lm 0.32.2's
-//! deepseek_v3.py `sanitize` splits it. Stored as 2-D rows they quantize exactly as mlx-lm
-//! quantizes its `[heads, out, in]` `MultiLinear` weights (groups run along the last axis).
+//! Two rules ([`Derived`]):
+//! - DeepSeek-V3's `self_attn.kv_b_proj.weight` `[heads * (nope + v), kv_lora]` becomes
+//!   `embed_q.weight` `[heads * kv_lora, nope]` (each head's key rows, transposed) and
+//!   `unembed_out.weight` `[heads * v, kv_lora]` (each head's value rows), as mlx-lm 0.32.2's
+//!   deepseek_v3.py `sanitize` splits it. Stored as 2-D rows they quantize exactly as mlx-lm
+//!   quantizes its `[heads, out, in]` `MultiLinear` weights (groups run along the last axis).
+//! - Qwen3-Next's and Qwen3.5's RMSNorm weights, which Hugging Face checkpoints store offset by
+//!   one (the model computes with `1 + w`), get the one added in their own float type
+//!   (`weights[k] = v + 1.0` in qwen3_next.py / qwen3_5.py `sanitize`; [`offset_norm`]).
+//!   mlx-lm folders already hold the sums and are read as they are.
 
 use crate::arch::Mla;
 use crate::convert::tensor::{FloatDtype, MatrixView};
+
+/// A tensor computed from a source tensor at conversion.
+#[derive(Clone, Copy, Debug)]
+pub enum Derived<'a> {
+    /// One half of DeepSeek-V3's `kv_b_proj`.
+    HeadSplit(HeadSplit<'a>),
+    /// A 1-D norm weight plus one, `source` seen as one row.
+    PlusOne(MatrixView<'a>),
+}
+
+/// The suffixes of the norms mlx-lm's qwen3_next.py / qwen3_5.py `sanitize` offsets by one
+/// (not the gated norm of the linear attention, `linear_attn.norm`).
+const OFFSET_NORMS: [&str; 5] = [
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    "model.norm.weight",
+    ".q_norm.weight",
+    ".k_norm.weight",
+];
+
+/// Whether `name` is one of the norm weights stored offset by one.
+pub fn offset_norm(name: &str) -> bool {
+    OFFSET_NORMS.iter().any(|s| name.ends_with(s))
+}
+
+impl<'a> Derived<'a> {
+    /// The source tensor's view (to release its pages once read).
+    pub fn source(&self) -> MatrixView<'a> {
+        match self {
+            Derived::HeadSplit(h) => h.source,
+            Derived::PlusOne(m) => *m,
+        }
+    }
+
+    pub fn dtype(&self) -> FloatDtype {
+        self.source().dtype
+    }
+
+    /// The shape as stored.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Derived::HeadSplit(h) => h.shape().to_vec(),
+            Derived::PlusOne(m) => vec![m.cols],
+        }
+    }
+
+    /// The values, row-major, as f32 (for `PlusOne` already rounded to the source's type, as
+    /// MLX's `v + 1.0` in that type rounds them).
+    pub fn values(&self) -> Vec<f32> {
+        match self {
+            Derived::HeadSplit(h) => h.values(),
+            Derived::PlusOne(m) => {
+                let mut row = vec![0f32; m.cols];
+                m.row_f32(0, &mut row);
+                let mut b = [0u8; 4];
+                row.iter()
+                    .map(|&x| {
+                        let es = m.dtype.size();
+                        m.dtype.write(x + 1.0, &mut b[..es]);
+                        m.dtype.read(&b[..es])
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The values in [`Derived::dtype`], little-endian.
+    pub fn bytes(&self) -> Vec<u8> {
+        let vals = self.values();
+        let dtype = self.dtype();
+        let mut out = vec![0u8; vals.len() * dtype.size()];
+        dtype.write_all(&vals, &mut out);
+        out
+    }
+}
 
 /// Which half of `kv_b_proj`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 //! codes with `scales`/`biases`).
 //! Invariant: shapes are checked against the config before any view is handed out.
 
-use super::derived::{kv_b_split_names, HeadSplit, KvPart};
+use super::derived::{kv_b_split_names, offset_norm, Derived, HeadSplit, KvPart};
 use super::{Checkpoint, LoadError, TensorRef};
 use crate::arch::{Arch, Part, Proj, TensorRole};
 use crate::convert::quantize::{ExpertProjections, ProjSource, QuantParams, QuantizedView};
@@ -133,8 +133,8 @@ pub enum TensorData<'a> {
     Quantized(QuantizedView<'a>),
     /// An FP8 2-D weight with block scales, standing for bf16 values.
     Fp8(MatrixView<'a>),
-    /// A 2-D float tensor computed from a source tensor on request (`derived.rs`).
-    Derived(HeadSplit<'a>),
+    /// A float tensor computed from a source tensor on request (`derived.rs`).
+    Derived(Derived<'a>),
     /// Anything else (integer buffers): copied as is.
     Other {
         dtype: Dtype,
@@ -518,10 +518,23 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Whether the norm weights are stored offset by one (Qwen3-Next / Qwen3.5 as Hugging Face
+    /// writes them): mlx-lm's qwen3_5.py tells by the convolution weights still in Hugging
+    /// Face's `[C, 1, K]` layout (`"conv1d.weight" in k and v.shape[-1] != 1`); qwen3_next.py by
+    /// per-expert tensors, which only Hugging Face checkpoints of it have. Both agree on both
+    /// kinds of source; the first rule is used for both.
+    fn norms_offset_by_one(&self) -> bool {
+        self.config.linear_attention.is_some()
+            && self.tensors.iter().any(|(name, e)| {
+                name.ends_with(".conv1d.weight") && e.info.shape.last().is_some_and(|&k| k != 1)
+            })
+    }
+
     /// Every tensor that is not an expert projection, sorted by name, MLX-quantized modules
     /// grouped under their `.weight` name.
     pub fn dense_tensors(&self) -> Result<Vec<DenseTensor<'_>>, LoadError> {
         let arch = self.config.arch;
+        let offset_norms = self.norms_offset_by_one();
         let mut out = Vec::new();
         for name in self.tensor_names() {
             let role = arch.classify(name);
@@ -575,7 +588,7 @@ impl Checkpoint {
                         out.push(DenseTensor {
                             name: n,
                             role: TensorRole::Dense,
-                            data: TensorData::Derived(split),
+                            data: TensorData::Derived(Derived::HeadSplit(split)),
                         });
                     }
                     continue;
@@ -587,6 +600,25 @@ impl Checkpoint {
                                embed_q and unembed_out as mlx-lm does; convert the original checkpoint, \
                                or mlx-lm's conversion of it (which stores the two halves)",
                 });
+            }
+            // Qwen3-Next / Qwen3.5 norms stored offset by one: sanitize's `v + 1.0`.
+            if offset_norms && offset_norm(name) && t.shape.len() == 1 {
+                if let Some(dtype) = t.dtype.float() {
+                    let view = MatrixView::new(dtype, 1, t.shape[0], t.data).ok_or_else(|| {
+                        LoadError::Shape {
+                            tensor: name.to_string(),
+                            expected: t.shape.to_vec(),
+                            found: t.shape.to_vec(),
+                            why: "its bytes do not match its shape".into(),
+                        }
+                    })?;
+                    out.push(DenseTensor {
+                        name: name.to_string(),
+                        role,
+                        data: TensorData::Derived(Derived::PlusOne(view)),
+                    });
+                    continue;
+                }
             }
             let data = match (t.dtype, t.dtype.float()) {
                 (Dtype::F8E4M3, _) if t.shape.len() == 2 => {

@@ -488,6 +488,32 @@ struct Entry {
     info: TensorInfo,
 }
 
+/// The tensors under the names a pack gives them ([`crate::arch::Arch::text_model_name`]:
+/// Qwen3.5's `model.language_model.*` is `model.*`), those of no text model (a vision tower)
+/// left out.
+fn text_model_tensors(
+    arch: crate::arch::Arch,
+    tensors: BTreeMap<String, Entry>,
+    shards: &[Shard],
+) -> Result<BTreeMap<String, Entry>, LoadError> {
+    let mut out = BTreeMap::new();
+    for (name, mut e) in tensors {
+        let Some(renamed) = arch.text_model_name(&name).map(|n| n.into_owned()) else {
+            continue;
+        };
+        let shard = e.shard;
+        e.info.name = renamed.clone();
+        if let Some(prev) = out.insert(renamed.clone(), e) {
+            return Err(LoadError::DuplicateTensor {
+                tensor: renamed,
+                first: shards[prev.shard].name.clone(),
+                second: format!("{} (as {name})", shards[shard].name),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// An opened checkpoint: config, index of tensors, mapped shards.
 pub struct Checkpoint {
     root: PathBuf,
@@ -569,7 +595,14 @@ impl Checkpoint {
             })
         })?;
         let config = ModelConfig::from_json(&raw_config)?;
-        let mlx_quantization = MlxQuantization::from_config(&raw_config)?;
+        let mlx_quantization = MlxQuantization::from_config(&raw_config)?.map(|mut q| {
+            // Module paths under the names the tensors go by (Qwen3.5's `language_model.`).
+            q.overrides = std::mem::take(&mut q.overrides)
+                .into_iter()
+                .filter_map(|(k, v)| Some((config.arch.text_model_name(&k)?.into_owned(), v)))
+                .collect();
+            q
+        });
         let fp8_block = fp8_block_size(&raw_config)?;
         let mtp = safetensors::MtpLayers::from_config(&raw_config)?;
         let mut dropped_mtp = DroppedMtp {
@@ -678,6 +711,7 @@ impl Checkpoint {
         let before = tensors.len();
         tensors.retain(|name, _| !mtp.holds(name));
         dropped_mtp.tensors += before - tensors.len();
+        let tensors = text_model_tensors(config.arch, tensors, &shards)?;
         let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
         let ckpt = Checkpoint {
             origin: None,

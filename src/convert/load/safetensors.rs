@@ -413,9 +413,14 @@ impl MtpLayers {
         Ok(MtpLayers { layers: first..end })
     }
 
-    /// Whether `tensor` belongs to one of these layers (`model.layers.{L}.*`, L in range).
+    /// Whether `tensor` belongs to one of these layers (`model.layers.{L}.*`, L in range), or
+    /// to a multi-token-prediction module named apart: Qwen3-Next's and Qwen3.5's `mtp.*`
+    /// (mlx-lm qwen3_next.py / qwen3_5.py `sanitize`: keep keys where `"mtp." not in key`), which
+    /// their configs count as `num_nextn_predict_layers` or `mtp_num_hidden_layers`.
     pub fn holds(&self, tensor: &str) -> bool {
         layer_of(tensor).is_some_and(|l| self.layers.contains(&l))
+            || tensor.starts_with("mtp.")
+            || tensor.contains(".mtp.")
     }
 
     pub fn is_empty(&self) -> bool {

@@ -46,7 +46,13 @@ fn opens_every_arch_layout_dialect_and_sharding() {
                     ProjSource::Float(m) => assert_eq!((m.rows, m.cols), (128, 64)),
                     ProjSource::Quantized(_) => panic!("float fixture"),
                 }
-                assert_eq!(ck.tensor_count(), spec.tensors().len());
+                // All but the multi-token-prediction module (Qwen3-Next, Qwen3.5), dropped.
+                let kept = spec
+                    .tensors()
+                    .iter()
+                    .filter(|t| !t.0.starts_with("mtp."))
+                    .count();
+                assert_eq!(ck.tensor_count(), kept, "{arch}");
                 // Everything that is not an expert is in the dense set, routers included.
                 let dense = ck.dense_tensors().unwrap();
                 let routers = dense

@@ -221,25 +221,29 @@ pub fn plan_dense<'a>(
                 }
             }
         }
-        // kv_b_proj's halves (load/derived.rs): computed now, then as a float weight.
+        // Derived tensors (load/derived.rs): computed now, then as a float tensor.
         TensorData::Derived(d) => {
-            let [rows, cols] = d.shape();
+            let shape = d.shape();
             let bytes = d.bytes();
             let dtype = d.dtype();
-            let target = policy
-                .params()
-                .filter(|p| !full_precision && p.fits(cols) && name.ends_with(".weight"));
-            let m =
-                MatrixView::new(dtype, rows, cols, &bytes).ok_or_else(|| QuantError::Invalid {
-                    what: name.to_string(),
-                    detail: "size".into(),
-                })?;
+            let target = policy.params().filter(|p| {
+                !full_precision && shape.len() == 2 && p.fits(shape[1]) && name.ends_with(".weight")
+            });
             match target {
-                Some(p) => quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?)),
+                Some(p) => {
+                    let m =
+                        MatrixView::new(dtype, shape[0], shape[1], &bytes).ok_or_else(|| {
+                            QuantError::Invalid {
+                                what: name.to_string(),
+                                detail: "size".into(),
+                            }
+                        })?;
+                    quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?))
+                }
                 None => vec![DenseOut {
                     name: name.to_string(),
                     dtype: dtype.dtype(),
-                    shape: vec![rows, cols],
+                    shape,
                     bits: 0,
                     group_size: 0,
                     mode: QuantMode::Affine,

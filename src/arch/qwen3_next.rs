@@ -1,0 +1,79 @@
+//! Qwen3-Next (Qwen3-Next-80B-A3B, Qwen3-Coder-Next): config fields and tensor names.
+//!
+//! In: a `config.json` with `model_type: "qwen3_next"`. Out: a [`ModelConfig`] with Gated
+//! DeltaNet linear attention ([`LinearAttention`], fused `in_proj_qkvz` / `in_proj_ba`) in every
+//! layer but each `full_attention_interval`-th, which is gated full attention (`q_proj` twice as
+//! wide, its second half the output gate; per-head q/k RMSNorm; RoPE on the first
+//! `partial_rotary_factor` of each head), softmax top-k routing, and a sigmoid-gated shared
+//! expert. The RMSNorm weights of a Hugging Face checkpoint are stored offset by one
+//! (`1 + w`); the loader adds the one, as mlx-lm's `sanitize` does (convert/load/derived.rs).
+//! Tensors: `model.layers.L.linear_attn.{in_proj_qkvz,in_proj_ba,conv1d,dt_bias,A_log,norm,
+//! out_proj}` or `model.layers.L.self_attn.{q,k,v,o}_proj`, `q_norm`, `k_norm`; experts
+//! `mlp.experts.N.{gate,up,down}_proj.weight`, router `mlp.gate.weight`, shared expert
+//! `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`. The multi-token-prediction
+//! module (`mtp.*`) is not part of the model (the loader drops it).
+
+use super::{
+    Arch, ArchError, Defaults, DeltaProjections, Fields, LinearAttention, ModelConfig, QkNorm,
+    SharedExpert, SharedNames, TensorNames,
+};
+use serde_json::Value;
+
+pub(super) const UPSTREAM: &[&str] = &[
+    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py",
+    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_next.py",
+];
+
+pub(super) const NAMES: TensorNames = TensorNames {
+    moe_blocks: &["mlp"],
+    expert_projs: ["gate_proj", "up_proj", "down_proj"],
+    router: "gate",
+    // mx.sigmoid(self.shared_expert_gate(x)) * shared_y: a one-row gate, kept full.
+    keep_full: &["shared_expert_gate"],
+    shared: Some(SharedNames {
+        mlp: "shared_expert",
+        gate: "shared_expert_gate",
+    }),
+};
+
+pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
+    parse_text(&Fields::new(v, Arch::Qwen3Next), DeltaProjections::Qkvz)
+}
+
+/// The text model's fields, shared with Qwen3.5 (`qwen3_5_moe.rs`), which reads them from its
+/// `text_config` and names its projections apart.
+pub(super) fn parse_text(
+    f: &Fields<'_>,
+    projections: DeltaProjections,
+) -> Result<ModelConfig, ArchError> {
+    // Defaults of mlx-lm's ModelArgs (qwen3_next.py) where a config may omit a field;
+    // mlx-lm's qwen3_5.py defaults norm_topk_prob to true (set by the caller).
+    let d = Defaults {
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-6,
+        norm_topk_prob: false,
+        attention_bias: false,
+        // self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps), per head
+        qk_norm: QkNorm::PerHead,
+    };
+    let mut cfg = f.common(&d)?;
+    cfg.moe_intermediate_size = f.usize_req(&["moe_intermediate_size"])?;
+    let shared = f.usize_req(&["shared_expert_intermediate_size"])?;
+    // self.shared_expert = Qwen3NextMLP(dim, shared_expert_intermediate_size) with its gate.
+    cfg.shared_expert = (shared > 0).then_some(SharedExpert {
+        intermediate_size: shared,
+        gated: true,
+    });
+    cfg.partial_rotary_factor = f.f64_opt("partial_rotary_factor")?.unwrap_or(0.25);
+    cfg.attn_output_gate = true;
+    cfg.linear_attention = Some(LinearAttention {
+        full_attention_interval: f.usize_any(&["full_attention_interval"])?.unwrap_or(4),
+        num_key_heads: f.usize_req(&["linear_num_key_heads"])?,
+        num_value_heads: f.usize_req(&["linear_num_value_heads"])?,
+        key_head_dim: f.usize_req(&["linear_key_head_dim"])?,
+        value_head_dim: f.usize_req(&["linear_value_head_dim"])?,
+        conv_kernel_dim: f.usize_req(&["linear_conv_kernel_dim"])?,
+        projections,
+    });
+    Ok(cfg)
+}

@@ -1,0 +1,292 @@
+//! Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5), as mlx-lm 0.32.2 computes it on the
+//! CPU: `Qwen3NextGatedDeltaNet` (models/qwen3_next.py), `GatedDeltaNet` (models/qwen3_5.py)
+//! and the ops path of `gated_delta_update` (models/gated_delta.py: `compute_g`,
+//! `normalize_qk`, `gated_delta_ops`, `_gated_delta_step_ops`).
+//!
+//! In: hidden states `[B, S, H]` and the layer's [`LinearState`]. Out: `[B, S, H]`, and the
+//! state advanced by `S` positions: the convolution state holds the last `conv_kernel_dim - 1`
+//! inputs of the causal depthwise convolution, the recurrent state `[B, Hv, Dv, Dk]` (f32) every
+//! position so far. Invariant: the recurrence runs one position at a time in the op order of
+//! `_gated_delta_step_ops`, so a prompt prefilled in chunks gives the state, and the logits,
+//! of one call over the whole prompt.
+
+use super::kv_cache::{to_i32, LinearState};
+use super::layers::{check_shape, require, Linear, RmsNorm};
+use super::weights::Weights;
+use super::ComputeError;
+use crate::arch::{DeltaProjections, LinearAttention, ModelConfig};
+use crate::mlx::{self, fast, Array, Dtype};
+
+type Result<T> = std::result::Result<T, ComputeError>;
+
+/// The input projections, as each architecture names and lays them out.
+#[derive(Debug, Clone)]
+enum Projections {
+    /// Qwen3-Next: `in_proj_qkvz` `[nk * (2 dk + 2 r dv), H]` and `in_proj_ba` `[nk * 2r, H]`,
+    /// both grouped per key head (`r = nv / nk`).
+    Qkvz { qkvz: Linear, ba: Linear },
+    /// Qwen3.5: `in_proj_qkv` `[2 nk dk + nv dv, H]`, `in_proj_z` `[nv dv, H]`, `in_proj_b` and
+    /// `in_proj_a` `[nv, H]`.
+    Split {
+        qkv: Linear,
+        z: Linear,
+        b: Linear,
+        a: Linear,
+    },
+}
+
+/// One linear-attention layer.
+#[derive(Debug, Clone)]
+pub struct GatedDeltaNet {
+    module: String,
+    proj: Projections,
+    /// Depthwise `[conv_dim, K, 1]` (mlx.nn.Conv1d's layout; a Hugging Face `[conv_dim, 1, K]`
+    /// holds the same values in the same order).
+    conv: Array,
+    dt_bias: Array,
+    a_log: Array,
+    /// `Qwen3NextRMSNormGated` over each value head (its weight is not offset by one).
+    norm: RmsNorm,
+    out_proj: Linear,
+    nk: usize,
+    nv: usize,
+    dk: usize,
+    dv: usize,
+    kernel: usize,
+}
+
+impl GatedDeltaNet {
+    pub fn load(
+        w: &dyn Weights,
+        module: &str,
+        cfg: &ModelConfig,
+        la: &LinearAttention,
+    ) -> Result<GatedDeltaNet> {
+        let h = cfg.hidden_size;
+        let (nk, nv, dk, dv) = (
+            la.num_key_heads,
+            la.num_value_heads,
+            la.key_head_dim,
+            la.value_head_dim,
+        );
+        let (key_dim, value_dim) = (nk * dk, nv * dv);
+        let conv_dim = la.conv_dim();
+        let m = |n: &str| format!("{module}.{n}");
+        let proj = match la.projections {
+            DeltaProjections::Qkvz => Projections::Qkvz {
+                qkvz: Linear::load(w, &m("in_proj_qkvz"), 2 * key_dim + 2 * value_dim, h)?,
+                ba: Linear::load(w, &m("in_proj_ba"), 2 * nv, h)?,
+            },
+            DeltaProjections::Split => Projections::Split {
+                qkv: Linear::load(w, &m("in_proj_qkv"), conv_dim, h)?,
+                z: Linear::load(w, &m("in_proj_z"), value_dim, h)?,
+                b: Linear::load(w, &m("in_proj_b"), nv, h)?,
+                a: Linear::load(w, &m("in_proj_a"), nv, h)?,
+            },
+        };
+        let conv_name = m("conv1d.weight");
+        let conv = require(w, &conv_name)?;
+        let k = la.conv_kernel_dim;
+        // sanitize: if "conv1d.weight" in k and v.shape[-1] != 1: v.moveaxis(2, 1)
+        let conv = if conv.shape() == [conv_dim, 1, k] {
+            conv.reshape(&[to_i32(conv_dim)?, to_i32(k)?, 1])?
+        } else {
+            check_shape(&conv_name, &conv, &[conv_dim, k, 1])?;
+            conv
+        };
+        let vector = |n: &str| -> Result<Array> {
+            let name = m(n);
+            let a = require(w, &name)?;
+            check_shape(&name, &a, &[nv])?;
+            Ok(a)
+        };
+        Ok(GatedDeltaNet {
+            module: module.to_string(),
+            proj,
+            conv,
+            dt_bias: vector("dt_bias")?,
+            a_log: vector("A_log")?,
+            norm: RmsNorm::load(w, &m("norm"), dv, cfg.rms_norm_eps)?,
+            out_proj: Linear::load(w, &m("out_proj"), h, value_dim)?,
+            nk,
+            nv,
+            dk,
+            dv,
+            kernel: k,
+        })
+    }
+
+    /// `x` `[B, S, H]` -> `[B, S, H]`, reading and advancing `cache`.
+    pub fn forward(&self, x: &Array, cache: &mut LinearState) -> Result<Array> {
+        let s = x.shape();
+        let (b, sl) = (to_i32(s[0])?, to_i32(s[1])?);
+        let (nk, nv, dk, dv) = (
+            to_i32(self.nk)?,
+            to_i32(self.nv)?,
+            to_i32(self.dk)?,
+            to_i32(self.dv)?,
+        );
+        let (mixed, z, beta_in, a) = match &self.proj {
+            Projections::Qkvz { qkvz, ba } => {
+                // fix_query_key_value_ordering: per key head [q | k | v | z] and [b | a].
+                let r = nv / nk;
+                let qkvz = qkvz.forward(x)?.reshape(&[b, sl, nk, -1])?;
+                let ba = ba.forward(x)?.reshape(&[b, sl, nk, -1])?;
+                let cut = |t: &Array, from: i32, to: i32| -> Result<Array> {
+                    Ok(t.slice(&[0, 0, 0, from], &[b, sl, nk, to])?)
+                };
+                let q = cut(&qkvz, 0, dk)?;
+                let k = cut(&qkvz, dk, 2 * dk)?;
+                let v = cut(&qkvz, 2 * dk, 2 * dk + r * dv)?;
+                let z = cut(&qkvz, 2 * dk + r * dv, 2 * dk + 2 * r * dv)?;
+                let beta_in = cut(&ba, 0, r)?.reshape(&[b, sl, nv])?;
+                let a = cut(&ba, r, 2 * r)?.reshape(&[b, sl, nv])?;
+                let z = z.reshape(&[b, sl, -1, dv])?;
+                // mixed_qkv = concat([q.reshape(B, S, -1), k..., v...], axis=-1)
+                let flat = |t: &Array| t.reshape(&[b, sl, -1]);
+                let mixed = mlx::concatenate(&[&flat(&q)?, &flat(&k)?, &flat(&v)?], -1)?;
+                (mixed, z, beta_in, a)
+            }
+            Projections::Split { qkv, z, b: pb, a } => (
+                qkv.forward(x)?,
+                z.forward(x)?.reshape(&[b, sl, nv, dv])?,
+                pb.forward(x)?,
+                a.forward(x)?,
+            ),
+        };
+        let conv_dim = to_i32(self.conv.shape()[0])?;
+        let keep = to_i32(self.kernel - 1)?;
+        let conv_state = match &cache.conv {
+            Some(c) => c.clone(),
+            None => Array::zeros(&[s[0], self.kernel - 1, self.conv.shape()[0]], x.dtype())?,
+        };
+        let conv_input = mlx::concatenate(&[&conv_state, &mixed], 1)?;
+        // cache[0] = mx.contiguous(conv_input[:, -n_keep:, :])
+        let total = keep + sl;
+        cache.conv = Some(
+            conv_input
+                .slice(&[0, total - keep, 0], &[b, total, conv_dim])?
+                .contiguous()?,
+        );
+        // conv_out = nn.silu(self.conv1d(conv_input))
+        let conv_out = mlx::conv1d(&conv_input, &self.conv, 1, 0, 1, conv_dim)?.silu()?;
+        let key_dim = nk * dk;
+        let part = |from: i32, to: i32, heads: i32, d: i32| -> Result<Array> {
+            Ok(conv_out
+                .slice(&[0, 0, from], &[b, sl, to])?
+                .reshape(&[b, sl, heads, d])?)
+        };
+        let q = part(0, key_dim, nk, dk)?;
+        let k = part(key_dim, 2 * key_dim, nk, dk)?;
+        let v = part(2 * key_dim, conv_dim, nv, dv)?;
+
+        // normalize_qk(q, k, inv_scale=head_k_dim**-0.5, eps=1e-6)
+        let inv_scale = (self.dk as f64).powf(-0.5);
+        let inv2 = inv_scale.powi(2);
+        let rms_eps = (1e-6 * inv2) as f32;
+        let q = Array::scalar(inv2, q.dtype())?.mul(&fast::rms_norm(&q, None, rms_eps)?)?;
+        let k = Array::scalar(inv_scale, k.dtype())?.mul(&fast::rms_norm(&k, None, rms_eps)?)?;
+
+        // gated_delta_update: beta = sigmoid(b); g = compute_g(A_log, a, dt_bias)
+        let beta = beta_in.sigmoid()?;
+        // softplus(a + dt_bias) = logaddexp(a + dt_bias, 0)
+        let ad = a.add(&self.dt_bias)?;
+        let softplus = ad.logaddexp(&Array::scalar(0.0, ad.dtype())?)?;
+        // mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
+        let g = self
+            .a_log
+            .astype(Dtype::F32)?
+            .exp()?
+            .neg()?
+            .mul(&softplus)?
+            .exp()?;
+        let state = match &cache.recurrent {
+            Some(st) => st.clone(),
+            None => Array::zeros(&[s[0], self.nv, self.dv, self.dk], Dtype::F32)?,
+        };
+        let (y, state) = self.recurrence(&q, &k, &v, &g, &beta, state)?;
+        cache.recurrent = Some(state);
+        cache.advance(s[1]);
+
+        // out = self.norm(out, z): precise_swiglu(out, z, rms_norm(out, w, eps))
+        let normed = self.norm.forward(&y)?;
+        let out = z
+            .astype(Dtype::F32)?
+            .silu()?
+            .mul(&normed.astype(Dtype::F32)?)?
+            .astype(y.dtype())?;
+        self.out_proj.forward(&out.reshape(&[b, sl, -1])?)
+    }
+
+    /// `gated_delta_ops`: q, k `[B, T, Hk, Dk]`, v `[B, T, Hv, Dv]`, g and beta `[B, T, Hv]`,
+    /// state `[B, Hv, Dv, Dk]` -> y `[B, T, Hv, Dv]` (q's dtype) and the new state.
+    fn recurrence(
+        &self,
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        g: &Array,
+        beta: &Array,
+        mut state: Array,
+    ) -> Result<(Array, Array)> {
+        let s = q.shape();
+        let (b, t_len) = (to_i32(s[0])?, to_i32(s[1])?);
+        let (hk, hv, dk, dv) = (
+            to_i32(self.nk)?,
+            to_i32(self.nv)?,
+            to_i32(self.dk)?,
+            to_i32(self.dv)?,
+        );
+        // if (repeat_factor := Hv // Hk) > 1: q = mx.repeat(q, repeat_factor, -2) (and k)
+        let repeat = |x: &Array| -> Result<Array> {
+            let r = hv / hk;
+            if r == 1 {
+                return Ok(x.clone());
+            }
+            let e = x.expand_dims(3)?;
+            let copies: Vec<&Array> = (0..r).map(|_| &e).collect();
+            Ok(mlx::concatenate(&copies, 3)?.reshape(&[b, t_len, hv, dk])?)
+        };
+        let (q, k) = (repeat(q)?, repeat(k)?);
+        let dtype = q.dtype();
+        let at = |x: &Array, t: i32, tail: &[i32]| -> Result<Array> {
+            // x[:, t]
+            let shape = x.shape();
+            let mut start = vec![0i32; shape.len()];
+            let mut stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+            start[1] = t;
+            stop[1] = t + 1;
+            let mut to = vec![b];
+            to.extend_from_slice(tail);
+            Ok(x.slice(&start, &stop)?.reshape(&to)?)
+        };
+        let mut ys = Vec::with_capacity(s[1]);
+        for t in 0..t_len {
+            // _gated_delta_step_ops, scalar gating: decay = g[..., None, None]
+            let qt = at(&q, t, &[hv, 1, dk])?;
+            let kt = at(&k, t, &[hv, 1, dk])?;
+            let vt = at(v, t, &[hv, dv])?;
+            let decay = at(g, t, &[hv, 1, 1])?;
+            let bt = at(beta, t, &[hv, 1])?;
+            state = state.mul(&decay)?;
+            // kv_mem = (state * k[..., None, :]).sum(axis=-1)
+            let kv_mem = state.mul(&kt)?.sum(-1, false)?;
+            // delta = (v - kv_mem) * beta[..., None]
+            let delta = vt.sub(&kv_mem)?.mul(&bt)?;
+            // state = state + k[..., None, :] * delta[..., None]
+            state = state.add(&kt.mul(&delta.expand_dims(-1)?)?)?;
+            // y = (state * q[..., None, :]).sum(axis=-1)
+            let y = state.mul(&qt)?.sum(-1, false)?.astype(dtype)?;
+            ys.push(y.expand_dims(1)?);
+        }
+        let refs: Vec<&Array> = ys.iter().collect();
+        // y = mx.stack(ys, axis=1)
+        let y = mlx::concatenate(&refs, 1)?;
+        Ok((y, state))
+    }
+
+    /// The module name (`model.layers.L.linear_attn`), for errors.
+    pub fn module(&self) -> &str {
+        &self.module
+    }
+}
