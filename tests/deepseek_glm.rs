@@ -8,47 +8,22 @@
 //! installs it); skipped with a note otherwise.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use flashpack::arch::Arch;
 use flashpack::convert::fixtures::FixtureSpec;
 use flashpack::format::Pack;
-use flashpack::mlx::{self, Array};
-use flashpack::model::{ExpertStore, Model};
-use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
-use flashpack::run::open;
-use flashpack::run::stream::{resident_store, StreamingExperts};
+
+#[path = "common/mlx_lm.rs"]
+mod mlx_lm;
+use mlx_lm::{
+    check, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits, python_has_mlx_lm,
+};
 
 const PROMPT: &[u32] = &[
     785, 3840, 315, 279, 1879, 374, 264, 3364, 911, 1246, 11, 323, 13, 5112, 42, 977, 8000, 12, 1,
     2048, 333, 4444, 5, 6001,
 ];
 const DECODE: &[u32] = &[17, 4093, 220, 7, 8191, 300, 1500, 64];
-/// One bf16 step of the largest logit (the golden tests' tolerance).
-const LOGIT_TOL_REL: f32 = 1.0 / 256.0;
-
-fn python_has_mlx_lm() -> bool {
-    Command::new("python3")
-        .args(["-c", "import mlx_lm"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn run_ok(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn flashpack(args: &[&str]) {
-    run_ok(
-        Command::new(env!("CARGO_BIN_EXE_flashpack")).args(args),
-        &format!("flashpack {}", args.join(" ")),
-    );
-}
 
 /// The test model of `arch`: not the fixture defaults (3 heads of 64, 12 experts top-3, three
 /// layers of which the first is dense), no BOS, and a non-default RoPE.
@@ -92,95 +67,6 @@ fn write(spec: &FixtureSpec, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// mlx-lm's logits on `mlx_dir`: the prompt in one call, then each decode token through the
-/// cache, saved as `mlx_dir/logits.safetensors` (`prefill` [L, V], `decode` [S, V], f32).
-fn mlx_lm_logits(mlx_dir: &Path) {
-    let list = |ids: &[u32]| {
-        ids.iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let script = format!(
-        "import mlx.core as mx\nfrom mlx_lm import load\nfrom mlx_lm.models.cache import make_prompt_cache\n\
-         m, _ = load({dir:?})\nc = make_prompt_cache(m)\n\
-         p = m(mx.array([[{prompt}]]), cache=c)[0].astype(mx.float32)\nsteps = []\n\
-         for t in [{decode}]:\n    steps.append(m(mx.array([[t]]), cache=c)[0, -1].astype(mx.float32))\n\
-         mx.save_safetensors({out:?}, {{'prefill': p, 'decode': mx.stack(steps)}})\n",
-        dir = mlx_dir.display().to_string(),
-        prompt = list(PROMPT),
-        decode = list(DECODE),
-        out = mlx_dir.join("logits.safetensors").display().to_string(),
-    );
-    run_ok(
-        Command::new("python3").args(["-c", &script]),
-        "mlx-lm logits",
-    );
-}
-
-fn max_diff(got: &Array, want: &Array) -> (f32, f32) {
-    let (a, b) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
-    assert_eq!(a.len(), b.len());
-    let d = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    (d, b.iter().fold(0f32, |m, y| m.max(y.abs())))
-}
-
-/// The pack's logits equal mlx-lm's for the prompt and each decode step; `budget`: a cache of
-/// this many expert slots (streaming), or every expert resident.
-fn check(pack: &Path, mlx_dir: &Path, budget: Option<u64>, what: &str) {
-    let (pack, cfg, weights) = open::open(pack, true).unwrap();
-    let model = Model::load(&cfg, &weights).unwrap();
-    let g = mlx::load_safetensors(&mlx_dir.join("logits.safetensors")).unwrap();
-    let slot = {
-        let e = &pack.experts()[0];
-        e.decoded_len / e.row_count as u64 * pack.intermediate_size() as u64
-    };
-    let opts = StoreOptions {
-        budget_bytes: budget.map(|n| n * slot),
-        policy: PolicyKind::Lru,
-        verify: true,
-        ..StoreOptions::default()
-    };
-    let mut cache = ExpertCache::new(&pack, &opts).unwrap();
-    let mut streaming;
-    let mut resident;
-    let store: &mut dyn ExpertStore = match budget {
-        None => {
-            cache.warm_all(&pack).unwrap();
-            resident = resident_store(&cache, &cfg.sparse_layers(), cfg.num_experts)
-                .unwrap()
-                .unwrap();
-            &mut resident
-        }
-        Some(_) => {
-            streaming = StreamingExperts::new(&pack, cache, cfg.num_experts, true);
-            &mut streaming
-        }
-    };
-    let mut kv = model.new_cache();
-    let logits = model.forward_ids(PROMPT, &mut kv, store).unwrap();
-    let (d, s) = max_diff(&logits, &g["prefill"]);
-    assert!(d <= LOGIT_TOL_REL * s, "{what} prefill: {d} at scale {s}");
-    let mut worst = d;
-    for (step, &t) in DECODE.iter().enumerate() {
-        let logits = model.forward_ids(&[t], &mut kv, store).unwrap();
-        let v = logits.dim(-1).unwrap() as i32;
-        let want = g["decode"]
-            .slice(&[step as i32, 0], &[step as i32 + 1, v])
-            .unwrap();
-        let (d, s) = max_diff(&logits, &want);
-        assert!(
-            d <= LOGIT_TOL_REL * s,
-            "{what} decode {step}: {d} at scale {s}"
-        );
-        worst = worst.max(d);
-    }
-    eprintln!("{what}: max |logit diff| {worst}");
-}
-
 #[test]
 fn deepseek_v3_and_glm4_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
     if !python_has_mlx_lm() {
@@ -204,16 +90,8 @@ fn deepseek_v3_and_glm4_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
     for (k, (arch, what, s)) in cases.into_iter().enumerate() {
         let hf = write(&s, &d.join(format!("hf-{k}")));
         let mlx_dir = d.join(format!("mlx-{k}"));
-        run_ok(
-            Command::new("python3")
-                .args(["-m", "mlx_lm", "convert", "--hf-path"])
-                .arg(&hf)
-                .arg("--mlx-path")
-                .arg(&mlx_dir)
-                .args(["-q", "--q-bits", "4", "--q-group-size", "64"]),
-            "mlx_lm convert",
-        );
-        mlx_lm_logits(&mlx_dir);
+        mlx_lm_convert_q4(&hf, &mlx_dir);
+        mlx_lm_logits(&mlx_dir, PROMPT, DECODE);
         for (src, label) in [(&hf, "hf bf16"), (&mlx_dir, "mlx-lm 4-bit")] {
             let pack = d.join(format!("{k}-{}.flashpack", label.replace(' ', "-")));
             flashpack(&[
@@ -239,31 +117,24 @@ fn deepseek_v3_and_glm4_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
                 !meta.is_sparse_layer(0) && meta.is_sparse_layer(1),
                 "{what}"
             );
-            check(&pack, &mlx_dir, None, &format!("{what} {label} resident"));
+            check(
+                &pack,
+                &mlx_dir,
+                None,
+                (PROMPT, DECODE, None),
+                &format!("{what} {label} resident"),
+            );
             // 4 slots for 12 experts top-3: every layer evicts, and prefill chunks route to
             // more experts than fit.
             check(
                 &pack,
                 &mlx_dir,
                 Some(4),
+                (PROMPT, DECODE, None),
                 &format!("{what} {label} streaming"),
             );
         }
     }
-}
-
-fn flashpack_out(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "flashpack {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// Every stage on both architectures through the CLI: convert with profiling, cold 2-bit

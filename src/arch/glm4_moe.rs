@@ -11,8 +11,7 @@
 //! (with `.bias`), `o_proj`, `q_norm`, `k_norm`.
 
 use super::{
-    deepseek_v3, Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, SharedExpert, SharedNames,
-    TensorNames,
+    deepseek_v3, Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, SharedExpert, TensorNames,
 };
 use serde_json::Value;
 
@@ -21,16 +20,8 @@ pub(super) const UPSTREAM: &[&str] = &[
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/glm4_moe.py",
 ];
 
-pub(super) const NAMES: TensorNames = TensorNames {
-    moe_blocks: &["mlp"],
-    expert_projs: ["gate_proj", "up_proj", "down_proj"],
-    router: "gate",
-    keep_full: &[],
-    shared: Some(SharedNames {
-        mlp: "shared_experts",
-        gate: "",
-    }),
-};
+/// DeepSeek-V3's MoE block names (`mlp.gate`, `mlp.experts.N`, `mlp.shared_experts`).
+pub(super) const NAMES: TensorNames = deepseek_v3::NAMES;
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     let f = Fields::new(v, Arch::Glm4Moe);

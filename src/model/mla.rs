@@ -248,11 +248,26 @@ impl MlaAttention {
 /// mlx-lm `create_causal_mask(L, offset)`: `[L, offset + L]` booleans, query `i` (at position
 /// `offset + i`) keeps keys `0 ..= offset + i`.
 fn causal_mask(len: usize, offset: usize) -> Result<Array> {
+    // Every MLA layer of one forward call asks for the same mask: build it once.
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(usize, usize, Array)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    if let Some(m) = LAST.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|(n, o, _)| (*n, *o) == (len, offset))
+            .map(|(_, _, m)| m.clone())
+    }) {
+        return Ok(m);
+    }
     let total = offset + len;
     let keep: Vec<u8> = (0..len)
         .flat_map(|i| (0..total).map(move |j| u8::from(offset + i >= j)))
         .collect();
-    Ok(Array::from_bytes(&keep, &[len, total], Dtype::Bool)?)
+    let m = Array::from_bytes(&keep, &[len, total], Dtype::Bool)?;
+    LAST.with(|l| *l.borrow_mut() = Some((len, offset, m.clone())));
+    Ok(m)
 }
 
 /// `mx.finfo(dtype).min`.

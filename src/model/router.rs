@@ -142,11 +142,13 @@ impl Router {
 static SIGMOID_ROUTER: mlx::CompileId = mlx::CompileId::new();
 
 fn compile_router() -> bool {
-    match std::env::var("FLASHPACK_COMPILE").as_deref() {
+    // Decided once per process: the router runs for every sparse layer of every step.
+    static COMPILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *COMPILE.get_or_init(|| match std::env::var("FLASHPACK_COMPILE").as_deref() {
         Ok("0") => false,
         Ok("1") => true,
         _ => mlx::default_device_is_gpu(),
-    }
+    })
 }
 
 /// Steps 1-6 of the module header on router logits `[.., E]`.

@@ -1,0 +1,196 @@
+//! Shared helpers of the tests that compare architectures against a live mlx-lm
+//! (tests/deepseek_glm.rs, tests/qwen_hybrid.rs): run mlx-lm and flashpack, and check a pack's
+//! logits against mlx-lm's for a prefill plus cached decode steps, resident or streaming.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+use flashpack::mlx::{self, Array};
+use flashpack::model::{ExpertStore, Model};
+use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
+use flashpack::run::open;
+use flashpack::run::stream::{resident_store, StreamingExperts};
+
+/// One bf16 step of the largest logit (the golden tests' tolerance).
+pub const LOGIT_TOL_REL: f32 = 1.0 / 256.0;
+
+pub fn python_has_mlx_lm() -> bool {
+    Command::new("python3")
+        .args(["-c", "import mlx_lm"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `flashpack ARGS`, which must succeed; its output.
+pub fn flashpack_out(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flashpack {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn flashpack(args: &[&str]) {
+    flashpack_out(args);
+}
+
+/// `mlx_lm convert -q` at 4 bits, group 64, of `src` into `dst`.
+pub fn mlx_lm_convert_q4(src: &Path, dst: &Path) {
+    run_ok(
+        Command::new("python3")
+            .args(["-m", "mlx_lm", "convert", "--hf-path"])
+            .arg(src)
+            .arg("--mlx-path")
+            .arg(dst)
+            .args(["-q", "--q-bits", "4", "--q-group-size", "64"]),
+        "mlx_lm convert",
+    );
+}
+
+/// mlx-lm's logits on `mlx_dir`: `prompt` in one call, then each `decode` token through the
+/// cache, saved as `mlx_dir/logits.safetensors` (`prefill` [L, V], `decode` [S, V], f32).
+pub fn mlx_lm_logits(mlx_dir: &Path, prompt: &[u32], decode: &[u32]) {
+    let list = |ids: &[u32]| {
+        ids.iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let script = format!(
+        "import mlx.core as mx\nfrom mlx_lm import load\nfrom mlx_lm.models.cache import make_prompt_cache\n\
+         m, _ = load({dir:?})\nc = make_prompt_cache(m)\n\
+         p = m(mx.array([[{prompt}]]), cache=c)[0].astype(mx.float32)\nsteps = []\n\
+         for t in [{decode}]:\n    steps.append(m(mx.array([[t]]), cache=c)[0, -1].astype(mx.float32))\n\
+         mx.save_safetensors({out:?}, {{'prefill': p, 'decode': mx.stack(steps)}})\n",
+        dir = mlx_dir.display().to_string(),
+        prompt = list(prompt),
+        decode = list(decode),
+        out = mlx_dir.join("logits.safetensors").display().to_string(),
+    );
+    run_ok(
+        Command::new("python3").args(["-c", &script]),
+        "mlx-lm logits",
+    );
+}
+
+/// The largest |got - want| and the largest |want|.
+pub fn max_diff(got: &Array, want: &Array) -> (f32, f32) {
+    let (a, b) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+    assert_eq!(a.len(), b.len());
+    let d = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (d, b.iter().fold(0f32, |m, y| m.max(y.abs())))
+}
+
+/// Row `r` of a 2-D array.
+fn row(a: &Array, r: usize) -> Array {
+    let v = a.dim(-1).unwrap() as i32;
+    a.slice(&[r as i32, 0], &[r as i32 + 1, v]).unwrap()
+}
+
+/// The pack's logits equal mlx-lm's (`mlx_lm_logits` of the same `prompt` and `decode`) for the
+/// prompt and each decode step, the prompt in one call and, with `chunk`, then in chunks of that
+/// many tokens (generation's path: every position but the last only fills the cache, the last
+/// runs alone); `budget`: a cache of this many expert slots (streaming), or every expert
+/// resident. MLA passes no `chunk`: a lone last token takes its absorbed path, which rounds
+/// differently in bf16 from the one-call prefill it is compared with (mlx-lm's own chunked and
+/// one-call logits differ the same way), while the decode steps check that path.
+pub fn check(
+    pack: &Path,
+    mlx_dir: &Path,
+    budget: Option<u64>,
+    (prompt, decode, chunk): (&[u32], &[u32], Option<usize>),
+    what: &str,
+) {
+    let (pack, cfg, weights) = open::open(pack, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let g = mlx::load_safetensors(&mlx_dir.join("logits.safetensors")).unwrap();
+    let slot = {
+        let e = &pack.experts()[0];
+        e.decoded_len / e.row_count as u64 * pack.intermediate_size() as u64
+    };
+    let opts = StoreOptions {
+        budget_bytes: budget.map(|n| n * slot),
+        policy: PolicyKind::Lru,
+        verify: true,
+        ..StoreOptions::default()
+    };
+    let mut cache = ExpertCache::new(&pack, &opts).unwrap();
+    let mut streaming;
+    let mut resident;
+    let store: &mut dyn ExpertStore = match budget {
+        None => {
+            cache.warm_all(&pack).unwrap();
+            resident = resident_store(&cache, &cfg.sparse_layers(), cfg.num_experts)
+                .unwrap()
+                .unwrap();
+            &mut resident
+        }
+        Some(_) => {
+            streaming = StreamingExperts::new(&pack, cache, cfg.num_experts, true);
+            &mut streaming
+        }
+    };
+    let n = prompt.len();
+    let mut worst = 0f32;
+    let passes: &[bool] = if chunk.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &chunked in passes {
+        let mut kv = model.new_cache();
+        let (got, want) = if chunked {
+            for c in prompt[..n - 1].chunks(chunk.unwrap_or(n)) {
+                model.prefill_ids(c, &mut kv, store).unwrap();
+            }
+            assert_eq!(
+                kv.offset(),
+                n - 1,
+                "{what}: the cache counts the prefilled positions"
+            );
+            let last = model
+                .forward_last_ids(&prompt[n - 1..], &mut kv, store)
+                .unwrap();
+            (last, row(&g["prefill"], n - 1))
+        } else {
+            let all = model.forward_ids(prompt, &mut kv, store).unwrap();
+            (all, g["prefill"].clone())
+        };
+        let (d, s) = max_diff(&got, &want);
+        assert!(
+            d <= LOGIT_TOL_REL * s,
+            "{what} prefill (chunked: {chunked}): {d} at scale {s}"
+        );
+        worst = worst.max(d);
+        for (step, &t) in decode.iter().enumerate() {
+            let logits = model.forward_ids(&[t], &mut kv, store).unwrap();
+            let (d, s) = max_diff(&logits, &row(&g["decode"], step));
+            assert!(
+                d <= LOGIT_TOL_REL * s,
+                "{what} decode {step} (chunked: {chunked}): {d} at scale {s}"
+            );
+            worst = worst.max(d);
+        }
+        assert_eq!(kv.offset(), n + decode.len());
+    }
+    eprintln!("{what}: max |logit diff| {worst}");
+}
