@@ -6,12 +6,13 @@
 //! must stay full precision, or a dense tensor quantized by policy.
 //! Invariant: every architecture-specific detail lives in one file per architecture
 //! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`, `deepseek_v3.rs`, `glm4_moe.rs`,
-//! `qwen3_next.rs`, `qwen3_5_moe.rs`);
+//! `qwen3_next.rs`, `qwen3_5_moe.rs`, `gpt_oss.rs`);
 //! this file only holds what they share. Both config dialects are accepted: transformers 5.x (`rope_parameters`,
 //! `num_local_experts`) and legacy (top-level `rope_theta` / `rope_scaling`, `num_experts`).
 
 mod deepseek_v3;
 mod glm4_moe;
+mod gpt_oss;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -37,11 +38,12 @@ pub enum Arch {
     Qwen3Next,
     #[serde(rename = "qwen3_5_moe")]
     Qwen35Moe,
+    GptOss,
 }
 
 /// `model_type`s that are recognised but not supported yet; named in the error so users know
 /// the gap is known rather than a typo.
-pub const PLANNED_MODEL_TYPES: &[&str] = &["gpt_oss"];
+pub const PLANNED_MODEL_TYPES: &[&str] = &["qwen3_vl_moe", "llama4", "minimax_m2"];
 
 /// Other `model_type`s that are one of the supported architectures under another name (as
 /// mlx-lm's `MODEL_REMAPPING` maps them).
@@ -58,6 +60,7 @@ impl Arch {
         Arch::Glm4Moe,
         Arch::Qwen3Next,
         Arch::Qwen35Moe,
+        Arch::GptOss,
     ];
 
     /// The Hugging Face `model_type` string.
@@ -71,6 +74,7 @@ impl Arch {
             Arch::Glm4Moe => "glm4_moe",
             Arch::Qwen3Next => "qwen3_next",
             Arch::Qwen35Moe => "qwen3_5_moe",
+            Arch::GptOss => "gpt_oss",
         }
     }
 
@@ -104,6 +108,7 @@ impl Arch {
             Arch::Glm4Moe => glm4_moe::UPSTREAM,
             Arch::Qwen3Next => qwen3_next::UPSTREAM,
             Arch::Qwen35Moe => qwen3_5_moe::UPSTREAM,
+            Arch::GptOss => gpt_oss::UPSTREAM,
         }
     }
 
@@ -118,6 +123,7 @@ impl Arch {
             Arch::Glm4Moe => &glm4_moe::NAMES,
             Arch::Qwen3Next => &qwen3_next::NAMES,
             Arch::Qwen35Moe => &qwen3_5_moe::NAMES,
+            Arch::GptOss => &gpt_oss::NAMES,
         }
     }
 
@@ -356,6 +362,24 @@ impl LinearAttention {
     }
 }
 
+/// Sliding-window attention (gpt-oss): the listed layers attend to the last `size` positions
+/// only (the query's own included) and keep a rotating KV cache of that many positions; the
+/// others attend to everything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    pub size: usize,
+    /// Layers of `layer_types` `"sliding_attention"`, ascending.
+    pub layers: Vec<usize>,
+}
+
+/// gpt-oss's expert activation (mlx-lm `swiglu_oai`): with `g = min(gate, limit)` and
+/// `u = clip(up, -limit, limit)`, `(u + 1) * g * sigmoid(alpha * g)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClampedSwiglu {
+    pub alpha: f64,
+    pub limit: f64,
+}
+
 /// A model's configuration, normalized across architectures and config dialects.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -401,6 +425,21 @@ pub struct ModelConfig {
     /// each head's `q_proj` rows (Qwen3-Next, Qwen3.5). Written to a pack only when true.
     #[serde(default, skip_serializing_if = "is_false")]
     pub attn_output_gate: bool,
+    /// Sliding-window layers (gpt-oss). Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<SlidingWindow>,
+    /// Each attention head has a learned sink logit (`self_attn.sinks` `[heads]`) that joins
+    /// the softmax without a value (gpt-oss). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attention_sinks: bool,
+    /// Routed experts add a bias to each projection's output (gpt-oss), stored with the expert
+    /// (formats/flashpack-v1.md §6.4). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub expert_bias: bool,
+    /// The routed experts' activation is gpt-oss's clamped SwiGLU instead of SwiGLU. Written
+    /// to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamped_swiglu: Option<ClampedSwiglu>,
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
@@ -440,6 +479,7 @@ impl ModelConfig {
             Arch::Glm4Moe => glm4_moe::parse(v)?,
             Arch::Qwen3Next => qwen3_next::parse(v)?,
             Arch::Qwen35Moe => qwen3_5_moe::parse(v)?,
+            Arch::GptOss => gpt_oss::parse(v)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -516,6 +556,14 @@ impl ModelConfig {
         };
         let linear = (self.num_hidden_layers - self.full_attention_layers()) as u64;
         linear * la.state_bytes_per_layer()
+    }
+
+    /// The window of layer `layer` when it is a sliding-window layer.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .as_ref()
+            .filter(|w| w.layers.contains(&layer))
+            .map(|w| w.size)
     }
 
     /// The sparse layers, ascending.
@@ -686,6 +734,28 @@ impl ModelConfig {
                         la.num_value_heads, la.num_key_heads
                     ),
                 });
+            }
+        }
+        if let Some(w) = &self.sliding_window {
+            if w.size == 0 {
+                return bad("sliding_window", "0".into(), "at least 1");
+            }
+            if let Some(&l) = w.layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+                return Err(ArchError::Inconsistent {
+                    what: format!(
+                        "sliding-window layer {l} is past num_hidden_layers {}",
+                        self.num_hidden_layers
+                    ),
+                });
+            }
+        }
+        if let Some(c) = &self.clamped_swiglu {
+            if !positive_finite(c.limit) || !positive_finite(c.alpha) {
+                return bad(
+                    "swiglu_limit",
+                    c.limit.to_string(),
+                    "a positive finite number",
+                );
             }
         }
         if let Some(s) = &self.shared_expert {
@@ -955,6 +1025,10 @@ impl<'a> Fields<'a> {
             mla: None,
             linear_attention: None,
             attn_output_gate: false,
+            sliding_window: None,
+            attention_sinks: false,
+            expert_bias: false,
+            clamped_swiglu: None,
             clip_qkv: None,
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),

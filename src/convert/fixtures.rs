@@ -497,6 +497,7 @@ impl FixtureSpec {
             Arch::Qwen3Next => "Qwen3NextForCausalLM",
             Arch::Qwen35Moe if self.multimodal => "Qwen3_5MoeForConditionalGeneration",
             Arch::Qwen35Moe => "Qwen3_5MoeForCausalLM",
+            Arch::GptOss => "GptOssForCausalLM",
         };
         let theta = match self.arch {
             Arch::Mixtral | Arch::Qwen2Moe => 1_000_000.0,

@@ -15,6 +15,7 @@ mod attention;
 mod deepseek_v3;
 mod gated_delta;
 mod glm4_moe;
+mod gpt_oss;
 mod kv_cache;
 mod layers;
 mod mixtral;
@@ -143,6 +144,7 @@ fn spec(arch: Arch) -> &'static Spec {
         Arch::Glm4Moe => &glm4_moe::SPEC,
         Arch::Qwen3Next => &qwen3_next::SPEC,
         Arch::Qwen35Moe => &qwen3_5_moe::SPEC,
+        Arch::GptOss => &gpt_oss::SPEC,
     }
 }
 

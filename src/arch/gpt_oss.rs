@@ -1,0 +1,127 @@
+//! gpt-oss (20B / 120B): config fields and tensor names.
+//!
+//! In: a `config.json` with `model_type: "gpt_oss"`. Out: a [`ModelConfig`] where every layer
+//! is sparse, the expert width is `intermediate_size`, q/k/v/o carry biases, each head has a
+//! learned attention sink (`self_attn.sinks`), layers alternate sliding-window (`sliding_window`,
+//! 128) and full attention as `layer_types` says, RoPE is YaRN, and the experts are clamped
+//! SwiGLU (`swiglu_limit`, alpha 1.702, `up + 1`) with a bias on each projection. The router is
+//! a linear layer with a bias; the top-k logits are chosen first, then softmaxed (mlx-lm
+//! gpt_oss.py `MLPBlock`), so the k weights always sum to one.
+//! Experts on disk (Hugging Face, MXFP4): `model.layers.L.mlp.experts.gate_up_proj_blocks`
+//! `[E, 2I, H/32, 16]` u8 and `gate_up_proj_scales` `[E, 2I, H/32]` u8 (E8M0), gate and up rows
+//! interleaved (gate the even rows); `gate_up_proj_bias` `[E, 2I]` (interleaved the same way);
+//! `down_proj_blocks` `[E, H, I/32, 16]`, `down_proj_scales`, `down_proj_bias` `[E, H]`.
+//! mlx-lm's folders: `mlp.experts.{gate,up,down}_proj.{weight,scales,bias}` stacked `[E, ..]`.
+//! Router: `mlp.router.weight` `[E, H]` and `mlp.router.bias` `[E]`.
+
+use super::{
+    Arch, ArchError, ClampedSwiglu, Defaults, Fields, ModelConfig, QkNorm, SlidingWindow,
+    TensorNames,
+};
+use serde_json::Value;
+
+pub(super) const UPSTREAM: &[&str] = &[
+    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt_oss/modeling_gpt_oss.py",
+    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/gpt_oss.py",
+];
+
+pub(super) const NAMES: TensorNames = TensorNames {
+    moe_blocks: &["mlp"],
+    expert_projs: ["gate_proj", "up_proj", "down_proj"],
+    router: "router",
+    keep_full: &[],
+    shared: None,
+};
+
+/// `SwigluOAI(alpha=1.702, limit=7.0)` (mlx-lm models/activations.py).
+pub(super) const SWIGLU_ALPHA: f64 = 1.702;
+
+pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
+    let f = Fields::new(v, Arch::GptOss);
+    // Defaults of mlx-lm's gpt_oss ModelArgs where a config may omit a field.
+    let d = Defaults {
+        rope_theta: 150_000.0,
+        rms_norm_eps: 1e-5,
+        norm_topk_prob: true,
+        attention_bias: true,
+        qk_norm: QkNorm::None,
+    };
+    let mut cfg = f.common(&d)?;
+    // expert_weights = mx.softmax(experts, axis=-1, precise=True): top-k logits, then softmax.
+    cfg.norm_topk_prob = true;
+    cfg.moe_intermediate_size = cfg.intermediate_size;
+    cfg.decoder_sparse_step = 1;
+    cfg.mlp_only_layers.clear();
+    // nn.Linear(..., bias=True) for q, k, v and o whatever the config says.
+    cfg.attention_bias = true;
+    cfg.attention_sinks = true;
+    cfg.expert_bias = true;
+    cfg.clamped_swiglu = Some(ClampedSwiglu {
+        alpha: SWIGLU_ALPHA,
+        limit: f.f64_opt("swiglu_limit")?.unwrap_or(7.0),
+    });
+    let size = f.usize_any(&["sliding_window"])?.unwrap_or(128);
+    let n = cfg.num_hidden_layers;
+    // layer_types or ["sliding_attention", "full_attention"] * (num_hidden_layers // 2)
+    let types: Vec<String> = match v.get("layer_types").filter(|x| !x.is_null()) {
+        None => (0..n)
+            .map(|l| {
+                if l % 2 == 0 {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+                .to_string()
+            })
+            .collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str().map(str::to_string).ok_or(ArchError::BadField {
+                    field: "layer_types",
+                    found: t.to_string(),
+                    expected: "a list of \"sliding_attention\" / \"full_attention\"",
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(x) => {
+            return Err(ArchError::BadField {
+                field: "layer_types",
+                found: x.to_string(),
+                expected: "a list of \"sliding_attention\" / \"full_attention\"",
+            })
+        }
+    };
+    if types.len() < n {
+        return Err(ArchError::Inconsistent {
+            what: format!(
+                "layer_types lists {} layers, num_hidden_layers is {n}",
+                types.len()
+            ),
+        });
+    }
+    let mut layers = Vec::new();
+    for (l, t) in types.iter().take(n).enumerate() {
+        match t.as_str() {
+            "sliding_attention" => layers.push(l),
+            "full_attention" => {}
+            other => {
+                return Err(ArchError::BadField {
+                    field: "layer_types",
+                    found: format!("{other:?}"),
+                    expected: "\"sliding_attention\" or \"full_attention\"",
+                })
+            }
+        }
+    }
+    // mlx-lm indexes the first layer of each kind (swa_idx / ga_idx) for its masks.
+    if layers.is_empty() || layers.len() == n {
+        return Err(ArchError::Inconsistent {
+            what: "layer_types must hold both sliding_attention and full_attention layers \
+                   (mlx-lm's gpt_oss.py looks up one of each)"
+                .into(),
+        });
+    }
+    cfg.sliding_window = Some(SlidingWindow { size, layers });
+    Ok(cfg)
+}
