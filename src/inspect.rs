@@ -81,7 +81,7 @@ pub struct PackReport {
     pub quantization: Value,
 }
 
-const REQUIRED_NAMES: [(u64, &str); 8] = [
+const REQUIRED_NAMES: [(u64, &str); 9] = [
     (required::CODEC_HUFFMAN, "CODEC_HUFFMAN"),
     (required::CODEC_ZSTD, "CODEC_ZSTD"),
     (required::CODEC_LZ4, "CODEC_LZ4"),
@@ -90,6 +90,7 @@ const REQUIRED_NAMES: [(u64, &str); 8] = [
     (required::MIXED_EXPERT_BITS, "MIXED_EXPERT_BITS"),
     (required::PROJECTION_BITS, "PROJECTION_BITS"),
     (required::MX_MODES, "MX_MODES"),
+    (required::EXPERT_BIASES, "EXPERT_BIASES"),
 ];
 const OPTIONAL_NAMES: [(u64, &str); 2] = [
     (optional::EXPERT_PROFILE, "EXPERT_PROFILE"),

@@ -131,6 +131,7 @@ fn write_pack(dir: &std::path::Path, segments: usize) -> std::path::PathBuf {
                         mode: QuantMode::Affine,
                         weight_codec: wc as u8,
                         aux_codec: ac as u8,
+                        bias_dtype: None,
                     },
                     &coded,
                     &aux_coded,

@@ -265,6 +265,7 @@ fn writer_refuses_unsorted_input_and_bad_shapes() {
         mode: QuantMode::Affine,
         weight_codec: 0,
         aux_codec: 0,
+        bias_dtype: None,
     };
     assert!(matches!(
         w.add_expert_segment(seg, &[], &[]),

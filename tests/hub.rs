@@ -697,6 +697,7 @@ fn pack_with(dir: &Path, extra: Value) -> PathBuf {
             mode: QuantMode::Affine,
             weight_codec: codec_id::RAW,
             aux_codec: codec_id::RAW,
+            bias_dtype: None,
         },
         &bytes(8, wl as usize),
         &bytes(9, al as usize),

@@ -126,11 +126,7 @@ fn widened_reference(pack: &Pack, layers: usize, experts: usize) -> ResidentExpe
             bits: 4,
             mode: flashpack::mlx::QuantMode::Affine,
         };
-        let pool = ExpertPool {
-            gate: m(0, i, h),
-            up: m(3, i, h),
-            down: m(6, h, i),
-        };
+        let pool = ExpertPool::swiglu(m(0, i, h), m(3, i, h), m(6, h, i));
         out.layers.insert(l, LayerExperts::resident(pool));
     }
     out

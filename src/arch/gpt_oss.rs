@@ -28,6 +28,8 @@ pub(super) const UPSTREAM: &[&str] = &[
 pub(super) const NAMES: TensorNames = TensorNames {
     moe_blocks: &["mlp"],
     expert_projs: ["gate_proj", "up_proj", "down_proj"],
+    // mlx-lm stacks them under `experts` (`SwitchGLU` named `experts` in `MLPBlock`).
+    stacked_module: "experts",
     router: "router",
     keep_full: &[],
     shared: None,

@@ -1128,6 +1128,20 @@ pub enum TensorRole {
         proj: Proj,
         part: Part,
     },
+    /// Biases of the routed experts' projections, stacked `[E, out]`: mlx-lm's
+    /// `experts.{gate,up,down}_proj.bias` (`proj` set), or gpt-oss's upstream
+    /// `experts.gate_up_proj_bias` `[E, 2I]` with gate and up interleaved (`proj` `None`) and
+    /// `experts.down_proj_bias` (`Some(Down)`).
+    ExpertBias { layer: usize, proj: Option<Proj> },
+    /// gpt-oss's upstream MXFP4 experts: `experts.gate_up_proj_blocks` / `_scales` (`proj`
+    /// `None`: gate and up rows interleaved, `[E, 2I, H/32, 16]` u8 codes and `[E, 2I, H/32]`
+    /// E8M0 scales) and `experts.down_proj_blocks` / `_scales` (`Some(Down)`); `part` is
+    /// `Weight` for the blocks.
+    MxBlocks {
+        layer: usize,
+        proj: Option<Proj>,
+        part: Part,
+    },
     /// The router `[E, H]`: kept at full precision (routing decisions are sensitive to it).
     Router { layer: usize },
     /// Norm weights, linear biases, gates of shared experts: small and precision-critical.
@@ -1146,6 +1160,9 @@ pub struct TensorNames {
     pub moe_blocks: &'static [&'static str],
     /// Per-expert projection names for gate, up, down.
     pub expert_projs: [&'static str; 3],
+    /// The module under the block holding mlx-lm's stacked experts: `switch_mlp`, or gpt-oss's
+    /// `experts`.
+    pub stacked_module: &'static str,
     /// Router module under the block (`gate`).
     pub router: &'static str,
     /// Modules under the block that stay full precision besides the router
@@ -1187,11 +1204,17 @@ impl TensorNames {
 
     /// The mlx-lm stacked name (`model.layers.L.{block}.switch_mlp.gate_proj.weight`).
     pub fn stacked(&self, layer: usize, proj: Proj, part: Part) -> String {
+        format!("{}.{}", self.stacked_module(layer, proj), part.suffix())
+    }
+
+    /// The mlx-lm stacked module (`model.layers.L.{block}.switch_mlp.gate_proj`); its linear
+    /// bias, when the experts have one, is `<module>.bias`.
+    pub fn stacked_module(&self, layer: usize, proj: Proj) -> String {
         format!(
-            "model.layers.{layer}.{}.switch_mlp.{}.{}",
+            "model.layers.{layer}.{}.{}.{}",
             self.moe_blocks[0],
+            self.stacked_module,
             proj.mlx_name(),
-            part.suffix()
         )
     }
 
@@ -1231,6 +1254,27 @@ impl TensorNames {
         if rest == "experts.down_proj" {
             return TensorRole::FusedDown { layer };
         }
+        // gpt-oss upstream: experts.{gate_up,down}_proj_{blocks,scales,bias}
+        for (fused, proj) in [("gate_up_proj", None), ("down_proj", Some(Proj::Down))] {
+            if let Some(tail) = rest
+                .strip_prefix("experts.")
+                .and_then(|r| r.strip_prefix(fused))
+                .and_then(|r| r.strip_prefix('_'))
+            {
+                match tail {
+                    "blocks" | "scales" => {
+                        let part = if tail == "blocks" {
+                            Part::Weight
+                        } else {
+                            Part::Scales
+                        };
+                        return TensorRole::MxBlocks { layer, proj, part };
+                    }
+                    "bias" => return TensorRole::ExpertBias { layer, proj },
+                    _ => {}
+                }
+            }
+        }
         if let Some(r) = rest.strip_prefix("experts.") {
             if let Some((n, tail)) = r.split_once('.') {
                 if let (Ok(expert), Some((pname, suffix))) = (n.parse(), tail.split_once('.')) {
@@ -1246,11 +1290,22 @@ impl TensorNames {
                 }
             }
         }
-        if let Some(r) = rest.strip_prefix("switch_mlp.") {
+        if let Some(r) = rest
+            .strip_prefix(self.stacked_module)
+            .and_then(|r| r.strip_prefix('.'))
+        {
             if let Some((pname, suffix)) = r.split_once('.') {
                 let proj = Proj::ALL.iter().find(|p| p.mlx_name() == pname);
-                if let (Some(&proj), Some(part)) = (proj, Part::from_suffix(suffix)) {
-                    return TensorRole::Stacked { layer, proj, part };
+                if let Some(&proj) = proj {
+                    if suffix == "bias" {
+                        return TensorRole::ExpertBias {
+                            layer,
+                            proj: Some(proj),
+                        };
+                    }
+                    if let Some(part) = Part::from_suffix(suffix) {
+                        return TensorRole::Stacked { layer, proj, part };
+                    }
                 }
             }
         }

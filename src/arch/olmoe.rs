@@ -17,6 +17,7 @@ pub(super) const UPSTREAM: &[&str] = &[
 pub(super) const NAMES: TensorNames = TensorNames {
     moe_blocks: &["mlp"],
     expert_projs: ["gate_proj", "up_proj", "down_proj"],
+    stacked_module: "switch_mlp",
     router: "gate",
     keep_full: &[],
     shared: None,

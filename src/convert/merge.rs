@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::load::Checkpoint;
 use super::profile::Profile;
-use super::quantize::{ExpertProjections, ProjSource};
+use super::quantize::{BiasVector, ExpertBiases, ExpertProjections, ProjSource};
 use super::tensor::{FloatDtype, MatrixView};
 use super::{ConvertError, ConvertOptions};
 
@@ -225,12 +225,14 @@ pub fn stage(
     Ok(Some(plan))
 }
 
-/// A merged expert's weights, owned, in the source's float type.
+/// A merged expert's weights, owned, in the source's float type (and its biases, the same
+/// weighted mean, in theirs).
 pub struct MergedExpert {
     dtype: FloatDtype,
     inter: usize,
     hidden: usize,
     parts: [Vec<u8>; 3],
+    bias: Option<(FloatDtype, [Vec<u8>; 3])>,
 }
 
 impl MergedExpert {
@@ -241,10 +243,23 @@ impl MergedExpert {
                 MatrixView::new(d, rows, cols, &self.parts[p]).expect("sized at construction"),
             )
         };
+        fn vector(dtype: FloatDtype, bytes: &[u8]) -> BiasVector<'_> {
+            BiasVector {
+                dtype,
+                bytes,
+                len: bytes.len() / dtype.size(),
+                step: 1,
+            }
+        }
         ExpertProjections {
             gate: view(0, i, h),
             up: view(1, i, h),
             down: view(2, h, i),
+            bias: self.bias.as_ref().map(|(bd, b)| ExpertBiases {
+                gate: vector(*bd, &b[0]),
+                up: vector(*bd, &b[1]),
+                down: vector(*bd, &b[2]),
+            }),
         }
     }
 }
@@ -263,10 +278,12 @@ pub fn merged_expert(
     }
     let c = &ck.config;
     let (i, h) = (c.moe_intermediate_size, c.hidden_size);
-    let dtype = match ck.expert(l, e).map_err(io)?.gate {
+    let first = ck.expert(l, e).map_err(io)?;
+    let dtype = match first.gate {
         ProjSource::Float(m) => m.dtype,
-        ProjSource::Quantized(q) => q.scale_dtype,
+        ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => q.scale_dtype,
     };
+    let bias_dtype = first.bias.map(|b| b.gate.dtype);
     let total: f64 = members.iter().map(|&m| plan.weights[l][m]).sum();
     let mut acc = [vec![0f32; i * h], vec![0f32; i * h], vec![0f32; i * h]];
     for &m in &members {
@@ -282,10 +299,39 @@ pub fn merged_expert(
         dtype.write_all(&a, &mut b);
         b
     });
+    let bias =
+        match bias_dtype {
+            None => None,
+            Some(bd) => {
+                let mut acc = [vec![0f32; i], vec![0f32; i], vec![0f32; h]];
+                for &m in &members {
+                    let f = (plan.weights[l][m] / total) as f32;
+                    let b = ck.expert(l, m).map_err(io)?.bias.ok_or_else(|| {
+                        ConvertError::Internal {
+                            what: format!("layer {l} expert {m} has no biases, expert {e} does"),
+                        }
+                    })?;
+                    for (a, v) in acc.iter_mut().zip([b.gate, b.up, b.down]) {
+                        for (y, x) in a.iter_mut().zip(v.to_f32()) {
+                            *y += f * x;
+                        }
+                    }
+                }
+                Some((
+                    bd,
+                    acc.map(|a| {
+                        let mut b = vec![0u8; a.len() * bd.size()];
+                        bd.write_all(&a, &mut b);
+                        b
+                    }),
+                ))
+            }
+        };
     Ok(Some(MergedExpert {
         dtype,
         inter: i,
         hidden: h,
         parts,
+        bias,
     }))
 }

@@ -891,15 +891,18 @@ fn expert_target(
     l: usize,
     e: usize,
 ) -> Result<ExpertQuant, ConvertError> {
-    use quantize::ProjSource;
-    let source = match (x.gate, x.up, x.down) {
-        (ProjSource::Quantized(g), ProjSource::Quantized(u), ProjSource::Quantized(d))
+    let source = match (
+        x.gate.quant_params(),
+        x.up.quant_params(),
+        x.down.quant_params(),
+    ) {
+        (Some(g), Some(u), Some(d))
             if opts.keep_source_codes
-                && (g.params.group_size, g.params.mode) == (u.params.group_size, u.params.mode)
-                && (u.params.group_size, u.params.mode) == (d.params.group_size, d.params.mode) =>
+                && (g.group_size, g.mode) == (u.group_size, u.mode)
+                && (u.group_size, u.mode) == (d.group_size, d.mode) =>
         {
-            let bits = ProjBits([g.params.bits, u.params.bits, d.params.bits]);
-            Some(ExpertQuant::new(bits, g.params.group_size, g.params.mode)?)
+            let bits = ProjBits([g.bits, u.bits, d.bits]);
+            Some(ExpertQuant::new(bits, g.group_size, g.mode)?)
         }
         _ => None,
     };
@@ -919,7 +922,7 @@ fn requantizes(x: &quantize::ExpertProjections<'_>, q: ExpertQuant) -> bool {
     [x.gate, x.up, x.down]
         .iter()
         .enumerate()
-        .any(|(i, s)| matches!(s, quantize::ProjSource::Quantized(src) if src.params != q.proj(i)))
+        .any(|(i, s)| s.quant_params().is_some_and(|p| p != q.proj(i)))
 }
 
 fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
@@ -1048,7 +1051,8 @@ fn check_finite_expert(
         };
         match p {
             quantize::ProjSource::Float(m) => check_finite_matrix(|| name("weight"), m)?,
-            quantize::ProjSource::Quantized(q) => check_finite_quantized(&name, q)?,
+            quantize::ProjSource::Quantized(q)
+            | quantize::ProjSource::Interleaved { all: q, .. } => check_finite_quantized(&name, q)?,
         }
     }
     Ok(())

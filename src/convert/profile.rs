@@ -651,7 +651,8 @@ pub fn bit_plan(
         .and_then(|&l| ck.expert(l, 0).ok())
         .map(|x| match x.gate {
             super::quantize::ProjSource::Float(m) => m.dtype.size(),
-            super::quantize::ProjSource::Quantized(q) => q.scale_dtype.size(),
+            super::quantize::ProjSource::Quantized(q)
+            | super::quantize::ProjSource::Interleaved { all: q, .. } => q.scale_dtype.size(),
         })
         .unwrap_or(2);
     let (h, i, g) = (c.hidden_size, c.moe_intermediate_size, opts.group_size);

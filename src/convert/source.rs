@@ -22,7 +22,8 @@ use crate::convert::quantize::ProjSource;
 use crate::convert::tensor::{Dtype as SrcDtype, FloatDtype};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 use crate::model::{
-    ComputeError, ExpertPool, ExpertStore, LayerExperts, PoolRoute, Quant, Routing, Weights,
+    ComputeError, ExpertAct, ExpertBias, ExpertPool, ExpertStore, LayerExperts, PoolRoute, Quant,
+    Routing, Weights,
 };
 
 /// Bits and group size of float experts in the reference.
@@ -195,6 +196,7 @@ impl<'c> SourceExperts<'c> {
         let c = &self.ck.config;
         let n = c.num_experts;
         let mut stacks: Vec<Vec<QuantizedMatrix>> = (0..3).map(|_| Vec::with_capacity(n)).collect();
+        let mut biases: [Vec<Array>; 3] = Default::default();
         for e in 0..n {
             let x = self.ck.expert(layer, e).map_err(load_err)?;
             for (p, src) in [x.gate, x.up, x.down].into_iter().enumerate() {
@@ -209,8 +211,22 @@ impl<'c> SourceExperts<'c> {
                         mlx::quantize(&a, REFERENCE_EXPERT_GROUP, REFERENCE_EXPERT_BITS)?
                     }
                     ProjSource::Quantized(q) => mlx_codes(&q, &[1])?,
+                    ProjSource::Interleaved { .. } => {
+                        let own = src.own().ok_or_else(|| ComputeError::Unsupported {
+                            what: "interleaved rows".into(),
+                        })?;
+                        mlx_codes(&own.view(), &[1])?
+                    }
                 };
                 stacks[p].push(m);
+            }
+            if let Some(b) = &x.bias {
+                let one = |v: crate::convert::quantize::BiasVector<'_>| {
+                    Array::from_bytes(&v.bytes_of(0..v.len), &[1, v.len], float_dtype(v.dtype))
+                };
+                biases[0].push(one(b.gate)?);
+                biases[1].push(one(b.up)?);
+                biases[2].push(one(b.down)?);
             }
         }
         let mut stacked = Vec::with_capacity(3);
@@ -255,7 +271,27 @@ impl<'c> SourceExperts<'c> {
         let down = stacked.pop().expect("three");
         let up = stacked.pop().expect("three");
         let gate = stacked.pop().expect("three");
-        let pool = ExpertPool { gate, up, down };
+        let bias = if biases[0].len() == n && n > 0 {
+            let cat = |v: &Vec<Array>| -> Result<Array, ComputeError> {
+                let refs: Vec<&Array> = v.iter().collect();
+                Ok(mlx::concatenate(&refs, 0)?)
+            };
+            let [g, u, d] = &biases;
+            Some(ExpertBias {
+                gate: cat(g)?,
+                up: cat(u)?,
+                down: cat(d)?,
+            })
+        } else {
+            None
+        };
+        let pool = ExpertPool {
+            gate,
+            up,
+            down,
+            bias,
+            act: ExpertAct::of(c),
+        };
         pool.check(
             &format!("layer {layer} experts"),
             n,
@@ -352,11 +388,15 @@ pub fn embed_windows(ck: &Checkpoint, windows: &[&[u32]]) -> Result<Vec<Array>, 
 /// of a layer; each expert is read once per call, so a caller passes all its tokens at once.
 pub struct StreamedExperts<'c> {
     ck: &'c Checkpoint,
+    act: ExpertAct,
 }
 
 impl<'c> StreamedExperts<'c> {
     pub fn new(ck: &'c Checkpoint) -> StreamedExperts<'c> {
-        StreamedExperts { ck }
+        StreamedExperts {
+            ck,
+            act: ExpertAct::of(&ck.config),
+        }
     }
 
     /// One projection as f32 `[out, in]` (MLX codes dequantized by MLX); the source bytes it
@@ -368,8 +408,22 @@ impl<'c> StreamedExperts<'c> {
             ProjSource::Quantized(q) => {
                 mlx::dequantize(&mlx_codes(&q, &[])?)?.astype(Dtype::F32)?
             }
+            ProjSource::Interleaved { .. } => {
+                let own = src.own().ok_or_else(|| ComputeError::Unsupported {
+                    what: "interleaved rows".into(),
+                })?;
+                mlx::dequantize(&mlx_codes(&own.view(), &[])?)?.astype(Dtype::F32)?
+            }
         })
     }
+}
+
+/// An expert's biases as f32 arrays (gate, up, down), for the f32 reference.
+fn f32_biases(b: &crate::convert::quantize::ExpertBiases<'_>) -> Result<[Array; 3], ComputeError> {
+    let one = |v: crate::convert::quantize::BiasVector<'_>| -> Result<Array, ComputeError> {
+        Ok(Array::from_slice(&v.to_f32(), &[v.len])?)
+    };
+    Ok([one(b.gate)?, one(b.up)?, one(b.down)?])
 }
 
 impl<'c> ExpertStore for StreamedExperts<'c> {
@@ -427,12 +481,23 @@ impl<'c> ExpertStore for StreamedExperts<'c> {
             release(&read[start..]);
             let xe = xf.take(&Array::from_slice(at, &[at.len()])?, 0)?;
             let t = [1, 0];
-            // down(silu(gate(x)) * up(x)), scaled by each entry's routing weight
-            let y = crate::model::swiglu(
-                &xe.matmul(&gate.transpose(&t)?)?,
-                &xe.matmul(&up.transpose(&t)?)?,
+            let bias = p.bias.as_ref().map(f32_biases).transpose()?;
+            let lin = |x: &Array, w: &Array, b: Option<&Array>| -> Result<Array, ComputeError> {
+                let y = x.matmul(&w.transpose(&t)?)?;
+                Ok(match b {
+                    Some(b) => y.add(b)?,
+                    None => y,
+                })
+            };
+            let b = |i: usize| bias.as_ref().map(|b| &b[i]);
+            // down(act(gate(x), up(x))), scaled by each entry's routing weight
+            let y = lin(
+                &self
+                    .act
+                    .apply(&lin(&xe, &gate, b(0))?, &lin(&xe, &up, b(1))?)?,
+                &down,
+                b(2),
             )?
-            .matmul(&down.transpose(&t)?)?
             .mul(&Array::from_slice(weights, &[weights.len(), 1])?)?;
             let y = y.to_vec_f32()?;
             for (&row, part) in at.iter().zip(y.chunks_exact(h)) {

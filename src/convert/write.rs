@@ -94,6 +94,7 @@ pub fn add_segment(w: &mut PackWriter, s: &EncodedSegment) -> Result<(), Convert
                 DType::U8
             },
             mode: s.mode,
+            bias_dtype: s.bias_dtype.map(scale_dtype),
             weight_codec: s.weight_codec.into(),
             aux_codec: s.aux_codec.into(),
         },

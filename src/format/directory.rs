@@ -9,7 +9,8 @@ use std::ops::Range;
 
 use super::header::{hex, le_u16, le_u32, le_u64};
 use super::{
-    codec_id, segment_part_lens, valid_bits, valid_group_size, DType, PackError, QuantMode,
+    codec_id, expert_bias_len, segment_part_lens, valid_bits, valid_group_size, DType, PackError,
+    QuantMode,
 };
 
 /// formats/flashpack-v1.md §5
@@ -17,6 +18,8 @@ pub const TENSOR_ENTRY_SIZE: usize = 112;
 /// formats/flashpack-v1.md §6.1
 pub const EXPERT_ENTRY_SIZE: usize = 112;
 const DIR_HEADER_SIZE: usize = 16;
+/// Expert entry flag bit 0 (§6.4, format 1.2): the segment's AUX part ends with expert biases.
+const EXPERT_FLAG_BIASES: u32 = 1;
 
 const TENSOR_DIR: &str = "TENSOR_DIR";
 const EXPERT_DIR: &str = "EXPERT_DIR";
@@ -133,6 +136,9 @@ pub struct ExpertEntry {
     pub group_size: u32,
     /// Quantization mode of all three projections (§7.3); stored at offset 107 (zero: affine).
     pub mode: QuantMode,
+    /// The float type of the expert's projection biases when it has them (§6.4, format 1.2:
+    /// flag bit 0 at offset 28, the dtype at offset 108); `None` for an expert without.
+    pub bias_dtype: Option<DType>,
     pub row_start: u32,
     pub row_count: u32,
     pub offset: u64,
@@ -212,7 +218,12 @@ pub(crate) fn encode_expert_dir(
         out.extend_from_slice(&e.group_size.to_le_bytes());
         out.extend_from_slice(&e.row_start.to_le_bytes());
         out.extend_from_slice(&e.row_count.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        let flags: u32 = if e.bias_dtype.is_some() {
+            EXPERT_FLAG_BIASES
+        } else {
+            0
+        };
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&e.offset.to_le_bytes());
         out.extend_from_slice(&e.stored_len.to_le_bytes());
         out.extend_from_slice(&e.decoded_len.to_le_bytes());
@@ -225,7 +236,8 @@ pub(crate) fn encode_expert_dir(
             e.bits.0
         };
         out.extend_from_slice(&proj);
-        out.extend_from_slice(&[e.mode as u8, 0, 0, 0, 0]);
+        let bias = e.bias_dtype.map_or(0, |d| d as u8);
+        out.extend_from_slice(&[e.mode as u8, bias, 0, 0, 0]);
     }
     out
 }
@@ -497,6 +509,34 @@ pub(crate) fn decode_expert_dir(
     let mut out: Vec<ExpertEntry> = Vec::with_capacity(count);
     for i in 0..count {
         let b = &bytes[DIR_HEADER_SIZE + i * entry_size..][..EXPERT_ENTRY_SIZE];
+        let flags = le_u32(b, 28);
+        if flags & !EXPERT_FLAG_BIASES != 0 {
+            return Err(bad(
+                s,
+                i,
+                "flags",
+                flags,
+                "only bit 0 (expert biases, format 1.2) may be set",
+            ));
+        }
+        let bias_dtype = if flags & EXPERT_FLAG_BIASES != 0 {
+            Some(
+                DType::from_code(b[108])
+                    .filter(|d| d.is_float())
+                    .ok_or_else(|| bad(s, i, "bias_dtype", b[108], "must be f32, f16 or bf16"))?,
+            )
+        } else {
+            if b[108] != 0 {
+                return Err(bad(
+                    s,
+                    i,
+                    "bias_dtype",
+                    b[108],
+                    "must be 0 when flags bit 0 (expert biases) is clear",
+                ));
+            }
+            None
+        };
         let e = ExpertEntry {
             layer: le_u32(b, 0),
             expert: le_u32(b, 4),
@@ -518,6 +558,7 @@ pub(crate) fn decode_expert_dir(
                     "must be 0 (affine), 1 (mxfp4) or 2 (mxfp8)",
                 )
             })?,
+            bias_dtype,
             row_start: le_u32(b, 20),
             row_count: le_u32(b, 24),
             offset: le_u64(b, 32),
@@ -528,10 +569,6 @@ pub(crate) fn decode_expert_dir(
             blake3: b[72..104].try_into().expect("32 bytes"),
         };
         check_expert_entry(&e, i, hidden, intermediate, out.last())?;
-        let flags = le_u32(b, 28);
-        if flags != 0 {
-            return Err(bad(s, i, "flags", flags, "must be 0 in format 1.0"));
-        }
         check_in(s, i, e.offset, e.stored_len, "EXPERT_DATA", data)?;
         if e.offset % page_size as u64 != 0 {
             return Err(PackError::Misaligned {
@@ -568,12 +605,12 @@ pub(crate) fn decode_expert_dir(
 fn expert_bits(b: &[u8], i: usize) -> Result<ProjBits, PackError> {
     let s = EXPERT_DIR;
     let proj: [u8; 3] = b[104..107].try_into().expect("3 bytes");
-    if b[108..112].iter().any(|&x| x != 0) {
+    if b[109..112].iter().any(|&x| x != 0) {
         return Err(bad(
             s,
             i,
             "reserved",
-            format!("{:?}", &b[108..112]),
+            format!("{:?}", &b[109..112]),
             "must be zero",
         ));
     }
@@ -656,6 +693,13 @@ fn check_expert_entry(
         e.scale_dtype,
         e.mode,
     )
+    .and_then(|(w, a)| {
+        let b = match e.bias_dtype {
+            Some(d) => expert_bias_len(hidden, e.row_count, e.segment == 0, d)?,
+            None => 0,
+        };
+        Some((w, a.checked_add(b)?))
+    })
     .ok_or_else(|| {
         bad(
             s,
@@ -680,7 +724,7 @@ fn check_expert_entry(
             i,
             "decoded_len",
             e.decoded_len,
-            "scales and biases do not have 6 * rows * hidden / group_size elements",
+            "the AUX part's scales, quantization biases and expert biases do not add up (§6.1, §6.4)",
         ));
     }
     if e.weights_stored_len > e.stored_len {
@@ -722,10 +766,23 @@ fn check_expert_entry(
         }
         Some(p) if (p.layer, p.expert) == (e.layer, e.expert) => {
             if e.segment != p.segment + 1
-                || (p.segment_count, p.bits, p.group_size, p.scale_dtype, p.mode)
-                    != (e.segment_count, e.bits, e.group_size, e.scale_dtype, e.mode)
+                || (
+                    p.segment_count,
+                    p.bits,
+                    p.group_size,
+                    p.scale_dtype,
+                    p.mode,
+                    p.bias_dtype,
+                ) != (
+                    e.segment_count,
+                    e.bits,
+                    e.group_size,
+                    e.scale_dtype,
+                    e.mode,
+                    e.bias_dtype,
+                )
             {
-                return Err(bad(s, i, "segment", e.segment, "segments of one expert must be consecutive and share count, bits, group size and scale dtype"));
+                return Err(bad(s, i, "segment", e.segment, "segments of one expert must be consecutive and share count, bits, group size, scale dtype and bias dtype"));
             }
             p.row_start + p.row_count
         }

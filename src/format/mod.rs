@@ -26,7 +26,7 @@ pub const MAGIC: [u8; 8] = *b"\x89FPACK\r\n";
 /// formats/flashpack-v1.md §2.1
 pub const MAJOR_VERSION: u16 = 1;
 /// formats/flashpack-v1.md §2.1
-pub const MINOR_VERSION: u16 = 1;
+pub const MINOR_VERSION: u16 = 2;
 /// formats/flashpack-v1.md §2.1: the Apple Silicon page.
 pub const DEFAULT_PAGE_SIZE: u32 = 16 * 1024;
 /// formats/flashpack-v1.md §2.1
@@ -53,8 +53,10 @@ pub mod required {
     /// formats/flashpack-v1.md §7.3, format 1.1: some tensor or expert uses a microscaling
     /// quantization mode (mxfp4, mxfp8).
     pub const MX_MODES: u64 = 1 << 7;
+    /// formats/flashpack-v1.md §6.4, format 1.2: some expert carries biases on its projections.
+    pub const EXPERT_BIASES: u64 = 1 << 8;
     /// Every required flag this reader implements.
-    pub const KNOWN: u64 = (1 << 8) - 1;
+    pub const KNOWN: u64 = (1 << 9) - 1;
 }
 
 /// Optional feature flags, formats/flashpack-v1.md §2.2.
@@ -260,6 +262,15 @@ pub fn segment_part_lens(
         .checked_mul(h / g)?
         .checked_mul(scale_dtype.size())?;
     Some((weights, aux))
+}
+
+/// Bytes of a segment's expert biases (formats/flashpack-v1.md §6.4, format 1.2): the gate and
+/// up biases of its `rows` rows, and in the expert's first segment the `hidden` down biases.
+pub fn expert_bias_len(hidden: u32, rows: u32, first_segment: bool, dtype: DType) -> Option<u64> {
+    let down = if first_segment { hidden as u64 } else { 0 };
+    (2 * rows as u64)
+        .checked_add(down)?
+        .checked_mul(dtype.size())
 }
 
 pub(crate) fn align_up(x: u64, align: u64) -> Option<u64> {

@@ -266,6 +266,7 @@ fn feature_name(bits: u64) -> &'static str {
         required::VERTICAL_SEGMENTS => "multi-segment experts (flag VERTICAL_SEGMENTS)",
         required::MIXED_EXPERT_BITS => "mixed expert bits in a layer (flag MIXED_EXPERT_BITS)",
         required::PROJECTION_BITS => "per-projection expert bits (flag PROJECTION_BITS)",
+        required::EXPERT_BIASES => "expert biases (flag EXPERT_BIASES)",
         _ => "mxfp4/mxfp8 quantization (flag MX_MODES)",
     }
 }

@@ -21,8 +21,9 @@ use super::header::{SectionEntry, SECTION_ZSTD};
 use super::layout::{Planner, SECTION_COUNT};
 use super::metadata::{Directories, Metadata};
 use super::{
-    codec_id, optional, required, segment_part_lens, valid_page_size, DType, ExpertEntry, Header,
-    PackError, ProjBits, QuantMode, SectionKind, TensorEntry, MAJOR_VERSION, MINOR_VERSION,
+    codec_id, expert_bias_len, optional, required, segment_part_lens, valid_page_size, DType,
+    ExpertEntry, Header, PackError, ProjBits, QuantMode, SectionKind, TensorEntry, MAJOR_VERSION,
+    MINOR_VERSION,
 };
 
 /// zstd level for the metadata section: fast enough, and deterministic (single-threaded).
@@ -56,6 +57,8 @@ pub struct ExpertSegmentDesc {
     pub group_size: u32,
     pub scale_dtype: DType,
     pub mode: QuantMode,
+    /// The expert's projection biases' float type, when its AUX part ends with them (§6.4).
+    pub bias_dtype: Option<DType>,
     pub weight_codec: u8,
     pub aux_codec: u8,
 }
@@ -278,6 +281,13 @@ impl PackWriter {
             desc.scale_dtype,
             desc.mode,
         )
+        .and_then(|(w, a)| {
+            let b = match desc.bias_dtype {
+                Some(d) => expert_bias_len(self.hidden_size, desc.row_count, desc.segment == 0, d)?,
+                None => 0,
+            };
+            Some((w, a.checked_add(b)?))
+        })
         .ok_or_else(|| PackError::Writer {
             reason: format!(
                 "segment {key:?}: {} rows of width {} do not divide into groups of {}",
@@ -303,6 +313,7 @@ impl PackWriter {
             scale_dtype: desc.scale_dtype,
             group_size: desc.group_size,
             mode: desc.mode,
+            bias_dtype: desc.bias_dtype,
             row_start: desc.row_start,
             row_count: desc.row_count,
             offset,
@@ -479,6 +490,9 @@ pub(crate) fn features(
     }
     if metadata.merges_experts() {
         req |= required::MERGED_EXPERTS;
+    }
+    if experts.iter().any(|e| e.bias_dtype.is_some()) {
+        req |= required::EXPERT_BIASES;
     }
     let mut opt = 0;
     if metadata.profile().is_some() {

@@ -455,6 +455,9 @@ impl Array {
     pub fn maximum(&self, other: &Array) -> Result<Array> {
         self.binary(5, "maximum", other)
     }
+    pub fn minimum(&self, other: &Array) -> Result<Array> {
+        self.binary(7, "minimum", other)
+    }
     /// `log(exp(a) + exp(b))`, as `mx.logaddexp` (mlx.nn.softplus is `logaddexp(x, 0)`).
     pub fn logaddexp(&self, other: &Array) -> Result<Array> {
         self.binary(6, "logaddexp", other)

@@ -219,6 +219,7 @@ int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out) {
       case FP_FLOOR_DIV: *out = wrap(mx::floor_divide(x, y)); return;
       case FP_MAXIMUM: *out = wrap(mx::maximum(x, y)); return;
       case FP_LOGADDEXP: *out = wrap(mx::logaddexp(x, y)); return;
+      case FP_MINIMUM: *out = wrap(mx::minimum(x, y)); return;
     }
     throw std::invalid_argument("unknown binary op " + std::to_string(op));
   });

@@ -23,7 +23,7 @@ enum {
 // Element-wise op codes (`BinaryOp` / `UnaryOp` in mod.rs).
 enum {
   FP_ADD = 0, FP_SUB = 1, FP_MUL = 2, FP_DIV = 3, FP_FLOOR_DIV = 4, FP_MAXIMUM = 5,
-  FP_LOGADDEXP = 6
+  FP_LOGADDEXP = 6, FP_MINIMUM = 7
 };
 enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4 };
 

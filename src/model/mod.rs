@@ -35,8 +35,8 @@ pub use kv_cache::{KvCache, LayerCache, LayerKv, LinearState};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
 pub use mla::{MlaAttention, MultiLinear};
 pub use moe::{
-    switch_glu, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute, ResidentExperts,
-    SharedExpert,
+    switch_glu, ExpertAct, ExpertBias, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute,
+    ResidentExperts, SharedExpert,
 };
 pub use router::{
     route_logits, ExpertGroups, Router, RouterScoring, RouterSpec, Routing, TopKOrder,

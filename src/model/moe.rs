@@ -23,16 +23,79 @@ use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ComputeError>;
 
+/// How routed experts combine their gate and up projections into the down projection's input.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ExpertAct {
+    /// `silu(gate) * up` (mlx-lm's `SwiGLU`).
+    #[default]
+    Swiglu,
+    /// gpt-oss's `swiglu_oai(gate, up, alpha, limit)`: `g = min(gate, limit)`,
+    /// `u = clip(up, -limit, limit)`, `(u + 1) * (g * sigmoid(alpha * g))`.
+    Clamped { alpha: f64, limit: f64 },
+}
+
+impl ExpertAct {
+    pub fn of(cfg: &ModelConfig) -> ExpertAct {
+        match cfg.clamped_swiglu {
+            Some(c) => ExpertAct::Clamped {
+                alpha: c.alpha,
+                limit: c.limit,
+            },
+            None => ExpertAct::Swiglu,
+        }
+    }
+
+    /// `self.activation(x_up, x_gate)` of mlx-lm's `SwitchGLU`.
+    pub fn apply(&self, gate: &Array, up: &Array) -> Result<Array> {
+        match *self {
+            ExpertAct::Swiglu => swiglu(gate, up),
+            ExpertAct::Clamped { alpha, limit } => {
+                let dt = gate.dtype();
+                let s = |v: f64| Array::scalar(v, dt);
+                // gate = mx.minimum(gate, limit); x = mx.clip(x, -limit, limit)
+                let g = gate.minimum(&s(limit)?)?;
+                let u = up.maximum(&s(-limit)?)?.minimum(&s(limit)?)?;
+                // (x + 1.0) * (gate * mx.sigmoid(alpha * gate))
+                let glu = g.mul(&g.mul(&s(alpha)?)?.sigmoid()?)?;
+                Ok(u.add(&s(1.0)?)?.mul(&glu)?)
+            }
+        }
+    }
+}
+
+/// The routed experts' projection biases, stacked along the pool's slot axis like the weights:
+/// gate and up `[slots, I]`, down `[slots, H]` (gpt-oss).
+#[derive(Debug, Clone)]
+pub struct ExpertBias {
+    pub gate: Array,
+    pub up: Array,
+    pub down: Array,
+}
+
 /// Quantized SwiGLU experts stacked along a slot axis: gate/up `[slots, I, H*bits/32]`, down
-/// `[slots, H, I*bits/32]` (mlx-lm's `switch_mlp`). All three share one bit width.
+/// `[slots, H, I*bits/32]` (mlx-lm's `switch_mlp`), with their biases when they have them and
+/// the activation they use. All three share one bit width.
 #[derive(Debug, Clone)]
 pub struct ExpertPool {
     pub gate: QuantizedMatrix,
     pub up: QuantizedMatrix,
     pub down: QuantizedMatrix,
+    pub bias: Option<ExpertBias>,
+    pub act: ExpertAct,
 }
 
 impl ExpertPool {
+    /// Bias-free SwiGLU experts (every architecture but gpt-oss).
+    pub fn swiglu(gate: QuantizedMatrix, up: QuantizedMatrix, down: QuantizedMatrix) -> Self {
+        ExpertPool {
+            gate,
+            up,
+            down,
+            bias: None,
+            act: ExpertAct::Swiglu,
+        }
+    }
+
     pub fn slots(&self) -> usize {
         self.gate.weight.dim(0).unwrap_or(0)
     }
@@ -63,7 +126,17 @@ impl ExpertPool {
             &[slots],
             hidden,
             inter,
-        )
+        )?;
+        if let Some(b) = &self.bias {
+            for (name, a, out) in [
+                ("gate_proj", &b.gate, inter),
+                ("up_proj", &b.up, inter),
+                ("down_proj", &b.down, hidden),
+            ] {
+                super::layers::check_shape(&format!("{module}.{name}.bias"), a, &[slots, out])?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -231,12 +304,30 @@ impl ResidentExperts {
                     mode: q.mode,
                 })
             };
+            let bias = if cfg.expert_bias {
+                let get = |proj: Proj| {
+                    let name = format!("{}.bias", names.stacked_module(layer, proj));
+                    w.get(&name).ok_or(ComputeError::MissingTensor { name })
+                };
+                Some(ExpertBias {
+                    gate: get(Proj::Gate)?,
+                    up: get(Proj::Up)?,
+                    down: get(Proj::Down)?,
+                })
+            } else {
+                None
+            };
             let pool = ExpertPool {
                 gate: stack(Proj::Gate)?,
                 up: stack(Proj::Up)?,
                 down: stack(Proj::Down)?,
+                bias,
+                act: ExpertAct::of(cfg),
             };
-            let module = format!("model.layers.{layer}.{}.switch_mlp", names.moe_blocks[0]);
+            let module = format!(
+                "model.layers.{layer}.{}.{}",
+                names.moe_blocks[0], names.stacked_module
+            );
             pool.check(
                 &module,
                 cfg.num_experts,
@@ -266,17 +357,24 @@ pub fn switch_glu(x: &Array, pool: &ExpertPool, slots: &Array) -> Result<Array> 
     let shape = slots.shape();
     // do_sort = indices.size >= 64: many tokens, so visit each expert's rows together.
     let do_sort = shape.iter().product::<usize>() >= 64;
+    // QuantizedSwitchLinear.__call__: gather_qmm, then `x + expand_dims(bias[indices], -2)`.
+    let linear = |x: &Array, m: &QuantizedMatrix, bias: Option<&Array>, idx: &Array| {
+        let y = mlx::gather_qmm(x, m, None, Some(idx), true, do_sort)?;
+        Ok::<_, ComputeError>(match bias {
+            Some(b) => y.add(&b.take(idx, 0)?.expand_dims(-2)?)?,
+            None => y,
+        })
+    };
+    let b = pool.bias.as_ref();
     if !do_sort {
-        let up = mlx::gather_qmm(&x, &pool.up, None, Some(slots), true, false)?;
-        let gate = mlx::gather_qmm(&x, &pool.gate, None, Some(slots), true, false)?;
+        let up = linear(&x, &pool.up, b.map(|b| &b.up), slots)?;
+        let gate = linear(&x, &pool.gate, b.map(|b| &b.gate), slots)?;
         // self.down_proj(self.activation(x_up, x_gate)); SwiGLU(x, gate) = swiglu(gate, x)
-        let y = mlx::gather_qmm(
-            &swiglu(&gate, &up)?,
+        let y = linear(
+            &pool.act.apply(&gate, &up)?,
             &pool.down,
-            None,
-            Some(slots),
-            true,
-            false,
+            b.map(|b| &b.down),
+            slots,
         )?;
         return Ok(y.reshape(&squeeze_shape(&y, -2)?)?);
     }
@@ -290,15 +388,13 @@ pub fn switch_glu(x: &Array, pool: &ExpertPool, slots: &Array) -> Result<Array> 
     let m = Array::scalar(k as f64, order.dtype())?;
     let x = rows.take(&order.floor_div(&m)?, 0)?;
     let idx = flat.take(&order, 0)?;
-    let up = mlx::gather_qmm(&x, &pool.up, None, Some(&idx), true, true)?;
-    let gate = mlx::gather_qmm(&x, &pool.gate, None, Some(&idx), true, true)?;
-    let y = mlx::gather_qmm(
-        &swiglu(&gate, &up)?,
+    let up = linear(&x, &pool.up, b.map(|b| &b.up), &idx)?;
+    let gate = linear(&x, &pool.gate, b.map(|b| &b.gate), &idx)?;
+    let y = linear(
+        &pool.act.apply(&gate, &up)?,
         &pool.down,
-        None,
-        Some(&idx),
-        true,
-        true,
+        b.map(|b| &b.down),
+        &idx,
     )?;
     // _scatter_unsort: x[inv_order], unflattened back to indices.shape
     let y = y.take(&inv_order, 0)?;

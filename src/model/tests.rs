@@ -337,11 +337,7 @@ fn pool_of(w: &MlxLmWeights, layer: usize) -> ExpertPool {
             mode: mlx::QuantMode::Affine,
         }
     };
-    ExpertPool {
-        gate: get("gate_proj", 4),
-        up: get("up_proj", 4),
-        down: get("down_proj", 4),
-    }
+    ExpertPool::swiglu(get("gate_proj", 4), get("up_proj", 4), get("down_proj", 4))
 }
 
 /// `pool` with its experts reordered: slot `s` holds expert `order[s]`.
@@ -353,11 +349,7 @@ fn permuted(pool: &ExpertPool, order: &[u32]) -> ExpertPool {
         biases: m.biases.as_ref().map(|b| b.take(&idx, 0).unwrap()),
         ..m.clone()
     };
-    ExpertPool {
-        gate: p(&pool.gate),
-        up: p(&pool.up),
-        down: p(&pool.down),
-    }
+    ExpertPool::swiglu(p(&pool.gate), p(&pool.up), p(&pool.down))
 }
 
 fn logits_with(experts: &mut dyn ExpertStore) -> Array {
@@ -407,11 +399,7 @@ fn slot_tables_and_split_pools_give_the_same_logits() {
 /// Requantize a 4-bit pool to `bits` through its dequantized values.
 fn requantize(pool: &ExpertPool, bits: i32) -> ExpertPool {
     let r = |m: &QuantizedMatrix| mlx::quantize(&mlx::dequantize(m).unwrap(), 64, bits).unwrap();
-    ExpertPool {
-        gate: r(&pool.gate),
-        up: r(&pool.up),
-        down: r(&pool.down),
-    }
+    ExpertPool::swiglu(r(&pool.gate), r(&pool.up), r(&pool.down))
 }
 
 /// One expert of a pool as a dense f32 matrix (dequantized with f32 scales and biases, as the

@@ -22,6 +22,7 @@ use super::read::{IoMode, ReadError, SegmentReader};
 use crate::codec::{CodecId, Decoder};
 use crate::format::{DType, ExpertEntry, Pack, PackError, ProjBits, QuantMode};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
+use crate::model::{ExpertAct, ExpertBias, ExpertPool};
 use crate::run::open::mlx_dtype;
 
 /// Why experts could not be made resident.
@@ -136,13 +137,20 @@ struct PoolShape {
     group_size: u32,
     scale_dtype: DType,
     mode: QuantMode,
+    /// The experts' projection biases' type, when they have them (gpt-oss).
+    bias_dtype: Option<DType>,
 }
+
+/// Arrays of a pool: codes, scales and quantization biases of gate, up and down, then the
+/// gate, up and down expert biases.
+const SLOT_ARRAYS: usize = 12;
 
 /// One stack of slots: gate, up and down, each as packed words, scales and biases.
 struct Pool {
     shape: PoolShape,
-    /// gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b; the biases are `None`
-    /// for mxfp4/mxfp8, which have none.
+    /// gate_w, gate_s, gate_b, up_w, up_s, up_b, down_w, down_s, down_b, then the expert
+    /// biases gate_bias, up_bias, down_bias; the quantization biases are `None` for
+    /// mxfp4/mxfp8, which have none, and the expert biases for experts without.
     arrays: Vec<Option<Array>>,
     table: SlotTable,
     hidden: usize,
@@ -151,7 +159,7 @@ struct Pool {
 
 impl Pool {
     /// Bytes one slot takes in each of the nine arrays.
-    fn slot_bytes(shape: PoolShape, hidden: usize, inter: usize) -> [usize; 9] {
+    fn slot_bytes(shape: PoolShape, hidden: usize, inter: usize) -> [usize; SLOT_ARRAYS] {
         let w = |p: usize| inter * hidden * shape.bits.get(p) as usize / 8;
         let g = shape.group_size as usize;
         let ss = shape.scale_dtype.size() as usize;
@@ -162,7 +170,21 @@ impl Pool {
         } else {
             (0, 0)
         };
-        [w(0), s, sb, w(1), s, sb, w(2), d, db]
+        let bs = shape.bias_dtype.map_or(0, |t| t.size() as usize);
+        [
+            w(0),
+            s,
+            sb,
+            w(1),
+            s,
+            sb,
+            w(2),
+            d,
+            db,
+            inter * bs,
+            inter * bs,
+            hidden * bs,
+        ]
     }
 
     fn new(
@@ -187,10 +209,16 @@ impl Pool {
                 },
             ])
         };
-        let mut arrays = Vec::with_capacity(9);
+        let mut arrays = Vec::with_capacity(SLOT_ARRAYS);
         arrays.extend(proj_in(inter, hidden, 0)?);
         arrays.extend(proj_in(inter, hidden, 1)?);
         arrays.extend(proj_in(hidden, inter, 2)?);
+        for out in [inter, inter, hidden] {
+            arrays.push(match shape.bias_dtype {
+                Some(t) => Some(Array::host_buffer(&[n, out], mlx_dtype(t))?),
+                None => None,
+            });
+        }
         Ok(Pool {
             shape,
             arrays,
@@ -198,6 +226,18 @@ impl Pool {
             hidden,
             inter,
         })
+    }
+
+    /// The expert biases, for experts that have them.
+    fn bias(&self) -> Option<ExpertBias> {
+        match (&self.arrays[9], &self.arrays[10], &self.arrays[11]) {
+            (Some(g), Some(u), Some(d)) => Some(ExpertBias {
+                gate: g.clone(),
+                up: u.clone(),
+                down: d.clone(),
+            }),
+            _ => None,
+        }
     }
 
     fn matrix(&self, proj: usize) -> QuantizedMatrix {
@@ -291,6 +331,8 @@ type Scratch = (Decoder, Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// The experts of a pack, resident in slot pools.
 pub struct ExpertCache {
+    /// The experts' activation (every pool's).
+    act: ExpertAct,
     pools: Vec<Pool>,
     /// For each (layer, stored expert): pool index.
     pool_of: BTreeMap<(u32, u32), usize>,
@@ -334,6 +376,7 @@ impl ExpertCache {
                 group_size: e.group_size,
                 scale_dtype: e.scale_dtype,
                 mode: e.mode,
+                bias_dtype: e.bias_dtype,
             };
             if !e.bits.0.iter().all(|b| matches!(b, 2 | 3 | 4 | 5 | 6 | 8)) {
                 return Err(ExpertError::Unsupported {
@@ -391,6 +434,14 @@ impl ExpertCache {
                     .sum::<usize>() as u64;
         }
         Ok(ExpertCache {
+            act: pack
+                .meta()
+                .model
+                .clamped_swiglu
+                .map_or(ExpertAct::Swiglu, |c| ExpertAct::Clamped {
+                    alpha: c.alpha,
+                    limit: c.limit,
+                }),
             pools,
             pool_of,
             merge_map,
@@ -421,6 +472,7 @@ impl ExpertCache {
                     group_size: e.group_size,
                     scale_dtype: e.scale_dtype,
                     mode: e.mode,
+                    bias_dtype: e.bias_dtype,
                 };
                 Pool::slot_bytes(shape, hidden, inter).iter().sum::<usize>() as u64
             })
@@ -519,6 +571,19 @@ impl ExpertCache {
     pub fn matrices(&self, pool: usize) -> [QuantizedMatrix; 3] {
         let p = &self.pools[pool];
         [p.matrix(0), p.matrix(1), p.matrix(2)]
+    }
+
+    /// Pool `pool` as the forward pass takes it: the three stacks, the expert biases and the
+    /// experts' activation.
+    pub fn expert_pool(&self, pool: usize) -> ExpertPool {
+        let [gate, up, down] = self.matrices(pool);
+        ExpertPool {
+            gate,
+            up,
+            down,
+            bias: self.pools[pool].bias(),
+            act: self.act,
+        }
     }
 
     /// Makes the router's chosen experts of `layer` resident. Returns, for each entry of
@@ -630,7 +695,7 @@ impl ExpertCache {
         let mut bases = Vec::with_capacity(self.pools.len());
         for p in &mut self.pools {
             let sizes = Pool::slot_bytes(p.shape, p.hidden, p.inter);
-            let mut arrays = [(0usize, 0usize); 9];
+            let mut arrays = [(0usize, 0usize); SLOT_ARRAYS];
             for (i, (a, size)) in p.arrays.iter_mut().zip(sizes).enumerate() {
                 let Some(a) = a else { continue }; // no biases: nothing is written there
                                                    // SAFETY: only the address is taken here; writes happen in `run_jobs`, into
@@ -741,7 +806,7 @@ impl ExpertCache {
 /// Where one expert goes: its segments and the (address, length) of its slot in the nine arrays.
 struct Job {
     segments: Vec<ExpertEntry>,
-    dst: [(usize, usize); 9],
+    dst: [(usize, usize); SLOT_ARRAYS],
 }
 
 fn run_jobs(
@@ -783,7 +848,7 @@ fn load_segment(
     verify: bool,
     hidden: usize,
     inter: usize,
-    dst: &[(usize, usize); 9],
+    dst: &[(usize, usize); SLOT_ARRAYS],
 ) -> Result<(), ExpertError> {
     // The scratch is taken out of the thread-local for the duration: the parallel decode below
     // lets this thread run other rayon tasks (other segments) while it waits, and those take a
@@ -801,7 +866,7 @@ fn load_segment_with(
     verify: bool,
     hidden: usize,
     inter: usize,
-    dst: &[(usize, usize); 9],
+    dst: &[(usize, usize); SLOT_ARRAYS],
 ) -> Result<(), ExpertError> {
     {
         let (decoder, stored, weights, aux) = scratch;
@@ -849,7 +914,7 @@ fn scatter(
     inter: usize,
     weights: &[u8],
     aux: &[u8],
-    dst: &[(usize, usize); 9],
+    dst: &[(usize, usize); SLOT_ARRAYS],
 ) {
     // Writes `src` at byte `at` of destination array `arr`.
     let put = |arr: usize, at: usize, src: &[u8]| {
@@ -906,6 +971,17 @@ fn scatter(
             );
         }
         at += hidden * seg_s;
+    }
+    // Expert biases (§6.4): gate and up of these rows, then (segment 0) down's.
+    if let Some(t) = e.bias_dtype {
+        let bs = t.size() as usize;
+        for arr in [9, 10] {
+            put(arr, r0 * bs, &aux[at..at + r * bs]);
+            at += r * bs;
+        }
+        if e.segment == 0 {
+            put(11, 0, &aux[at..at + hidden * bs]);
+        }
     }
 }
 

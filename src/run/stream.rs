@@ -67,10 +67,7 @@ impl<'p> StreamingExperts<'p> {
         prefetch: bool,
     ) -> StreamingExperts<'p> {
         let pools = (0..cache.pool_count())
-            .map(|i| {
-                let [gate, up, down] = cache.matrices(i);
-                ExpertPool { gate, up, down }
-            })
+            .map(|i| cache.expert_pool(i))
             .collect();
         StreamingExperts {
             pack,
@@ -401,13 +398,7 @@ pub fn resident_store(
             .iter()
             .map(|&(p, s)| (used.binary_search(&p).unwrap_or(0), s))
             .collect();
-        let pools: Vec<ExpertPool> = used
-            .iter()
-            .map(|&p| {
-                let [gate, up, down] = cache.matrices(p);
-                ExpertPool { gate, up, down }
-            })
-            .collect();
+        let pools: Vec<ExpertPool> = used.iter().map(|&p| cache.expert_pool(p)).collect();
         let identity = pools.len() == 1
             && pools[0].slots() == num_experts
             && local.iter().enumerate().all(|(e, &(_, s))| s as usize == e);

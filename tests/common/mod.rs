@@ -115,6 +115,7 @@ pub fn write_small_pack_with_bits(
                         mode: QuantMode::Affine,
                         weight_codec: codec_id::RAW,
                         aux_codec: codec_id::RAW,
+                        bias_dtype: None,
                     },
                     &noise(seed, wl as usize),
                     &noise(seed + 1000, al as usize),

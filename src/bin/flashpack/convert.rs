@@ -168,6 +168,7 @@ fn print_report(r: &ConvertReport) {
             Some(ExpertLayout::PerExpert) => "per-expert",
             Some(ExpertLayout::Fused) => "fused",
             Some(ExpertLayout::Stacked) => "stacked",
+            Some(ExpertLayout::MxBlocks) => "MXFP4-block",
             None => "no",
         },
         if r.source_mlx_quantized {

@@ -37,7 +37,9 @@ impl Checkpoint {
                 TensorRole::Expert { layer, expert, .. } => (layer, expert.saturating_add(1)),
                 TensorRole::FusedGateUp { layer }
                 | TensorRole::FusedDown { layer }
-                | TensorRole::Stacked { layer, .. } => {
+                | TensorRole::Stacked { layer, .. }
+                | TensorRole::MxBlocks { layer, .. }
+                | TensorRole::ExpertBias { layer, .. } => {
                     (layer, entry.info.shape.first().copied().unwrap_or(0))
                 }
                 _ => continue,

@@ -7,13 +7,18 @@
 //! Layouts: per-expert (`experts.N.gate_proj.weight`, on disk), fused (transformers 5.x in
 //! memory: `experts.gate_up_proj` `[E, 2I, H]`, gate rows first, and `experts.down_proj`
 //! `[E, H, I]`), stacked (mlx-lm: `switch_mlp.gate_proj.weight` `[E, I, ...]`, float or U32
-//! codes with `scales`/`biases`).
+//! codes with `scales`/`biases`), and gpt-oss's upstream MXFP4 blocks (`experts.gate_up_proj_blocks`
+//! `[E, 2I, H/32, 16]` u8 with gate and up rows interleaved, `experts.down_proj_blocks`, their
+//! `_scales`). Experts with projection biases (gpt-oss) get them from `experts.*_proj.bias`
+//! (mlx-lm) or `experts.gate_up_proj_bias` / `down_proj_bias` (upstream, interleaved alike).
 //! Invariant: shapes are checked against the config before any view is handed out.
 
 use super::derived::{kv_b_split_names, offset_norm, Derived, HeadSplit, KvPart};
 use super::{Checkpoint, LoadError, TensorRef};
 use crate::arch::{Arch, Part, Proj, TensorRole};
-use crate::convert::quantize::{ExpertProjections, ProjSource, QuantParams, QuantizedView};
+use crate::convert::quantize::{
+    BiasVector, ExpertBiases, ExpertProjections, ProjSource, QuantParams, QuantizedView,
+};
 use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,6 +30,8 @@ pub enum ExpertLayout {
     PerExpert,
     Fused,
     Stacked,
+    /// gpt-oss's upstream MXFP4 blocks, gate and up interleaved.
+    MxBlocks,
 }
 
 /// Names of expert tensors, by layer.
@@ -34,6 +41,10 @@ pub(super) struct ExpertIndex {
     fused_gate_up: BTreeMap<usize, String>,
     fused_down: BTreeMap<usize, String>,
     stacked: BTreeMap<(usize, Proj, PartKey), String>,
+    /// gpt-oss upstream: (layer, None = gate_up / Some(Down), blocks or scales).
+    mx_blocks: BTreeMap<(usize, Option<Proj>, PartKey), String>,
+    /// Expert biases: (layer, None = interleaved gate_up / Some(proj)).
+    bias: BTreeMap<(usize, Option<Proj>), String>,
 }
 
 /// [`Part`] with an order, for map keys.
@@ -78,6 +89,13 @@ impl ExpertIndex {
                     ix.stacked
                         .insert((layer, proj, part.into()), name.to_string());
                 }
+                TensorRole::MxBlocks { layer, proj, part } => {
+                    ix.mx_blocks
+                        .insert((layer, proj, part.into()), name.to_string());
+                }
+                TensorRole::ExpertBias { layer, proj } => {
+                    ix.bias.insert((layer, proj), name.to_string());
+                }
                 _ => {}
             }
         }
@@ -90,6 +108,8 @@ impl ExpertIndex {
             .contains_key(&(layer, Proj::Gate, PartKey::Weight))
         {
             Some(ExpertLayout::Stacked)
+        } else if self.mx_blocks.contains_key(&(layer, None, PartKey::Weight)) {
+            Some(ExpertLayout::MxBlocks)
         } else if self.fused_gate_up.contains_key(&layer) {
             Some(ExpertLayout::Fused)
         } else if self
@@ -113,6 +133,7 @@ impl ExpertIndex {
             .chain(self.fused_gate_up.keys().copied())
             .chain(self.fused_down.keys().copied())
             .chain(self.stacked.keys().map(|k| k.0))
+            .chain(self.mx_blocks.keys().map(|k| k.0))
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -287,6 +308,7 @@ impl Checkpoint {
                     let biases = ix.stacked.get(&(layer, p, PartKey::Biases));
                     self.proj_source(name, scales, biases, Some((expert, e)), rows, cols)
                 }
+                ExpertLayout::MxBlocks => self.mx_blocks_proj(layer, expert, p, rows, cols),
                 ExpertLayout::Fused => {
                     let (name, per_expert_rows, skip) = match p {
                         Proj::Gate => (ix.fused_gate_up.get(&layer), 2 * i, 0),
@@ -318,7 +340,154 @@ impl Checkpoint {
             gate: one(Proj::Gate)?,
             up: one(Proj::Up)?,
             down: one(Proj::Down)?,
+            bias: if c.expert_bias {
+                Some(self.expert_biases(layer, expert)?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// gpt-oss's upstream MXFP4 codes of `proj` of expert `expert`: gate and up are the even
+    /// and odd rows of `gate_up_proj_blocks` (mlx-lm gpt_oss.py `sanitize`: `v[..., ::2, :]`,
+    /// `v[..., 1::2, :]`, after viewing the `[.., H/32, 16]` bytes as `[.., H/8]` u32 words).
+    fn mx_blocks_proj(
+        &self,
+        layer: usize,
+        expert: usize,
+        proj: Proj,
+        rows: usize,
+        cols: usize,
+    ) -> Result<ProjSource<'_>, LoadError> {
+        let e = self.config.num_experts;
+        let key = if proj == Proj::Down {
+            Some(Proj::Down)
+        } else {
+            None
+        };
+        let fused = if proj == Proj::Down {
+            "down_proj"
+        } else {
+            "gate_up_proj"
+        };
+        let name = |part: PartKey| -> Result<&String, LoadError> {
+            self.index
+                .mx_blocks
+                .get(&(layer, key, part))
+                .ok_or_else(|| LoadError::MissingTensor {
+                    tensor: format!(
+                        "model.layers.{layer}.mlp.experts.{fused}_{}",
+                        if part == PartKey::Weight {
+                            "blocks"
+                        } else {
+                            "scales"
+                        }
+                    ),
+                    hint: " (gpt-oss MXFP4 experts come as _blocks and _scales)".into(),
+                })
+        };
+        let (bn, sn) = (name(PartKey::Weight)?, name(PartKey::Scales)?);
+        let (bt, st) = (self.tensor(bn)?, self.tensor(sn)?);
+        // The interleaved tensor holds both projections' rows.
+        let all_rows = if proj == Proj::Down { rows } else { 2 * rows };
+        let groups = cols / 32;
+        let (want_b, want_s) = (vec![e, all_rows, groups, 16], vec![e, all_rows, groups]);
+        for (n, t, want) in [(bn, bt, &want_b), (sn, st, &want_s)] {
+            if t.dtype != Dtype::U8 || t.shape != want.as_slice() || cols % 32 != 0 {
+                return Err(LoadError::Shape {
+                    tensor: n.clone(),
+                    expected: want.clone(),
+                    found: t.shape.to_vec(),
+                    why: format!(
+                        "u8 MXFP4 {} of {e} experts, {all_rows} rows of {cols} values in groups of                          32, from config.json ({:?} here)",
+                        if n == bn { "blocks" } else { "scales" },
+                        t.dtype
+                    ),
+                });
+            }
+        }
+        let (cb, sb) = (all_rows * cols / 2, all_rows * groups);
+        let params =
+            QuantParams::with_mode(4, 32, crate::format::QuantMode::Mxfp4).map_err(|e| {
+                LoadError::MlxQuantization {
+                    detail: e.to_string(),
+                }
+            })?;
+        let all = QuantizedView {
+            rows: all_rows,
+            cols,
+            params,
+            scale_dtype: self.model_float_dtype(),
+            codes: &bt.data[expert * cb..(expert + 1) * cb],
+            scales: &st.data[expert * sb..(expert + 1) * sb],
+            biases: &[],
+        }
+        .checked(bn)?;
+        Ok(match proj {
+            Proj::Down => ProjSource::Quantized(all),
+            Proj::Gate => ProjSource::Interleaved { all, first: 0 },
+            Proj::Up => ProjSource::Interleaved { all, first: 1 },
+        })
+    }
+
+    /// Expert `expert`'s projection biases: mlx-lm's stacked `experts.{gate,up,down}_proj.bias`
+    /// `[E, out]`, or gpt-oss's upstream `gate_up_proj_bias` `[E, 2I]` (gate the even values)
+    /// and `down_proj_bias` `[E, H]`.
+    fn expert_biases(&self, layer: usize, expert: usize) -> Result<ExpertBiases<'_>, LoadError> {
+        let c = &self.config;
+        let (e, h, i) = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
+        let vector = |key: Option<Proj>, len: usize, step: usize, first: usize| {
+            let name =
+                self.index
+                    .bias
+                    .get(&(layer, key))
+                    .ok_or_else(|| LoadError::MissingTensor {
+                        tensor: match key {
+                            None => format!("model.layers.{layer}.mlp.experts.gate_up_proj_bias"),
+                            Some(p) => format!("{}.bias", c.arch.names().stacked_module(layer, p)),
+                        },
+                        hint: format!(" ({} experts carry a bias on each projection)", c.arch),
+                    })?;
+            let t = self.tensor(name)?;
+            let dtype = t.dtype.float().ok_or(LoadError::Dtype {
+                tensor: name.clone(),
+                found: t.dtype,
+                expected: "BF16, F16 or F32 biases",
+            })?;
+            let per = len * step;
+            if t.shape != [e, per] {
+                return Err(LoadError::Shape {
+                    tensor: name.clone(),
+                    expected: vec![e, per],
+                    found: t.shape.to_vec(),
+                    why: "one bias per output of each expert, from config.json".into(),
+                });
+            }
+            let s = dtype.size();
+            Ok(BiasVector {
+                dtype,
+                bytes: &t.data[(expert * per + first) * s..(expert + 1) * per * s],
+                len,
+                step,
+            })
+        };
+        let (gate, up) = if self.index.bias.contains_key(&(layer, None)) {
+            (vector(None, i, 2, 0)?, vector(None, i, 2, 1)?)
+        } else {
+            (
+                vector(Some(Proj::Gate), i, 1, 0)?,
+                vector(Some(Proj::Up), i, 1, 0)?,
+            )
+        };
+        let down = vector(Some(Proj::Down), h, 1, 0)?;
+        if gate.dtype != down.dtype || up.dtype != down.dtype {
+            return Err(LoadError::Dtype {
+                tensor: format!("model.layers.{layer}.mlp.experts biases"),
+                found: down.dtype.dtype(),
+                expected: "one float type for the gate, up and down biases",
+            });
+        }
+        Ok(ExpertBiases { gate, up, down })
     }
 
     /// A projection from a weight tensor (and scales/biases when MLX-quantized), either whole
@@ -544,6 +713,8 @@ impl Checkpoint {
                     | TensorRole::FusedGateUp { .. }
                     | TensorRole::FusedDown { .. }
                     | TensorRole::Stacked { .. }
+                    | TensorRole::MxBlocks { .. }
+                    | TensorRole::ExpertBias { .. }
             ) {
                 continue;
             }

@@ -8,7 +8,9 @@
 //! - WEIGHTS = gate_w `[R, H*bg/32]` u32 | up_w `[R, H*bu/32]` u32 | down_w `[H, R*bd/32]`
 //!   u32 (down's columns r0..r1), with each projection's own bits;
 //! - AUX = gate_scales `[R, H/g]` | gate_biases | up_scales | up_biases | down_scales `[H, R/g]`
-//!   | down_biases, in the scale type.
+//!   | down_biases, in the scale type; then, for experts with projection biases (gpt-oss), the
+//!   gate and up biases of rows r0..r1 and, in segment 0 only, the `[H]` down bias, in the
+//!   biases' own float type (formats/flashpack-v1.md §6.4).
 //!
 //! Invariant: `r1 - r0` is a multiple of the group size, so a segment's groups are whole groups
 //! of the full matrix and quantizing the whole expert then cutting equals quantizing each cut.
@@ -29,6 +31,13 @@ pub enum ProjSource<'a> {
     Float(MatrixView<'a>),
     /// Codes of an MLX-quantized checkpoint.
     Quantized(QuantizedView<'a>),
+    /// Every other row of quantized codes, starting at row `first`: gpt-oss's upstream
+    /// `gate_up_proj` `[2I, H]` holds gate (`first` 0) and up (`first` 1) interleaved. The codes
+    /// are copied out ([`ProjSource::own`]) only when a stage needs them.
+    Interleaved {
+        all: QuantizedView<'a>,
+        first: usize,
+    },
 }
 
 impl<'a> ProjSource<'a> {
@@ -37,6 +46,7 @@ impl<'a> ProjSource<'a> {
         match self {
             ProjSource::Float(m) => [m.rows, m.cols],
             ProjSource::Quantized(q) => [q.rows, q.cols],
+            ProjSource::Interleaved { all, first } => [(all.rows - first).div_ceil(2), all.cols],
         }
     }
 
@@ -48,12 +58,14 @@ impl<'a> ProjSource<'a> {
             match self {
                 ProjSource::Float(m) => m.row_f32(r, row),
                 ProjSource::Quantized(q) => q.dequantize_row(r, row),
+                ProjSource::Interleaved { all, first } => all.dequantize_row(2 * r + first, row),
             }
         }
         v
     }
 
-    /// The source bytes behind the projection: the floats, or the codes, scales and biases.
+    /// The source bytes behind the projection: the floats, or the codes, scales and biases
+    /// (for interleaved rows, those of both projections that share them).
     pub fn source_bytes(&self) -> Vec<&'a [u8]> {
         match self {
             ProjSource::Float(m) => {
@@ -61,8 +73,54 @@ impl<'a> ProjSource<'a> {
                 v.extend(m.fp8_blocks().map(|b| b.scales));
                 v
             }
-            ProjSource::Quantized(q) => vec![q.codes, q.scales, q.biases],
+            ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => {
+                vec![q.codes, q.scales, q.biases]
+            }
         }
+    }
+
+    /// The parameters of the source's codes, for a quantized source.
+    pub fn quant_params(&self) -> Option<QuantParams> {
+        match self {
+            ProjSource::Float(_) => None,
+            ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => Some(q.params),
+        }
+    }
+
+    /// Interleaved rows copied out into a matrix of their own; `None` for the other sources,
+    /// which are already contiguous.
+    pub fn own(&self) -> Option<QuantizedMatrix> {
+        let ProjSource::Interleaved { all, first } = *self else {
+            return None;
+        };
+        let [rows, cols] = self.shape();
+        let p = all.params;
+        let (w, s) = (
+            p.words_per_row(cols) * 4,
+            p.groups_per_row(cols) * p.scale_size(all.scale_dtype),
+        );
+        let pick = |buf: &[u8], n: usize| -> Vec<u8> {
+            (0..rows)
+                .flat_map(|r| {
+                    buf[(2 * r + first) * n..(2 * r + first + 1) * n]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        Some(QuantizedMatrix {
+            rows,
+            cols,
+            params: p,
+            scale_dtype: all.scale_dtype,
+            codes: pick(all.codes, w),
+            scales: pick(all.scales, s),
+            biases: if p.has_biases() {
+                pick(all.biases, s)
+            } else {
+                Vec::new()
+            },
+        })
     }
 
     /// The type scales are stored in: the float input's own type (as MLX does), or the
@@ -70,9 +128,54 @@ impl<'a> ProjSource<'a> {
     fn scale_dtype(&self) -> FloatDtype {
         match self {
             ProjSource::Float(m) => m.dtype,
-            ProjSource::Quantized(q) => q.scale_dtype,
+            ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => q.scale_dtype,
         }
     }
+}
+
+/// A vector of floats, possibly every `step`-th value of a buffer (gpt-oss's interleaved gate
+/// and up biases).
+#[derive(Clone, Copy, Debug)]
+pub struct BiasVector<'a> {
+    pub dtype: FloatDtype,
+    /// Starts at the vector's first value.
+    pub bytes: &'a [u8],
+    pub len: usize,
+    pub step: usize,
+}
+
+impl<'a> BiasVector<'a> {
+    /// Values `range`, contiguous, in the vector's type.
+    pub fn bytes_of(&self, range: Range<usize>) -> Vec<u8> {
+        let s = self.dtype.size();
+        if self.step == 1 {
+            return self.bytes[range.start * s..range.end * s].to_vec();
+        }
+        range
+            .flat_map(|i| {
+                self.bytes[i * self.step * s..(i * self.step + 1) * s]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    }
+
+    /// Every value as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let s = self.dtype.size();
+        self.bytes_of(0..self.len)
+            .chunks_exact(s)
+            .map(|b| self.dtype.read(b))
+            .collect()
+    }
+}
+
+/// The biases of an expert's projections (gpt-oss): gate and up `[I]`, down `[H]`, one type.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertBiases<'a> {
+    pub gate: BiasVector<'a>,
+    pub up: BiasVector<'a>,
+    pub down: BiasVector<'a>,
 }
 
 /// How one expert is stored: bits per projection (gate, up, down), one group size and one
@@ -128,6 +231,8 @@ pub struct ExpertProjections<'a> {
     pub gate: ProjSource<'a>,
     pub up: ProjSource<'a>,
     pub down: ProjSource<'a>,
+    /// The projections' biases, for experts that have them (gpt-oss).
+    pub bias: Option<ExpertBiases<'a>>,
 }
 
 /// How an expert's intermediate rows are cut. One segment (all rows) is the default; more
@@ -161,6 +266,8 @@ pub struct QuantizedExpertSegment {
     /// Float type of affine scales and biases (mxfp4/mxfp8 scales are u8 whatever it says).
     pub scale_dtype: FloatDtype,
     pub mode: QuantMode,
+    /// The type of the expert's projection biases, which end the AUX part, when it has them.
+    pub bias_dtype: Option<FloatDtype>,
     pub weights: Vec<u8>,
     pub aux: Vec<u8>,
 }
@@ -261,7 +368,27 @@ fn to_quant<'a>(what: &str, src: ProjSource<'a>, p: QuantParams) -> Result<Quant
         ProjSource::Float(m) => Quant::Owned(quantize(what, m, p, m.dtype)?),
         ProjSource::Quantized(q) if q.params == p => Quant::Borrowed(q),
         ProjSource::Quantized(q) => Quant::Owned(requantize(what, q, p)?),
+        ProjSource::Interleaved { all, .. } => {
+            let own = src.own().ok_or_else(|| QuantError::Invalid {
+                what: what.to_string(),
+                detail: "interleaved rows".into(),
+            })?;
+            if all.params == p {
+                Quant::Owned(own)
+            } else {
+                Quant::Owned(requantize(what, own.view(), p)?)
+            }
+        }
     })
+}
+
+/// Appends the expert biases of rows `rows` (and the down bias in segment 0) to `aux`.
+fn push_biases(aux: &mut Vec<u8>, b: &ExpertBiases<'_>, rows: Range<usize>, first: bool) {
+    aux.extend(b.gate.bytes_of(rows.clone()));
+    aux.extend(b.up.bytes_of(rows));
+    if first {
+        aux.extend(b.down.bytes_of(0..b.down.len));
+    }
 }
 
 /// A projection's scales, then its biases when the mode has them.
@@ -315,13 +442,27 @@ pub fn build_segments(
         });
     }
     let (pg, pu, pd) = (q.proj(0), q.proj(1), q.proj(2));
+    if let Some(b) = &src.bias {
+        let want = [("gate", b.gate, i), ("up", b.up, i), ("down", b.down, h)];
+        for (name, v, len) in want {
+            if v.len != len || v.dtype != b.gate.dtype {
+                return Err(QuantError::Shape {
+                    what: what(&format!("{name} bias")),
+                    expected: vec![len],
+                    found: vec![v.len],
+                });
+            }
+        }
+    }
+    let bias_dtype = src.bias.map(|b| b.gate.dtype);
     if let (
         1,
         QuantMode::Affine,
         ProjSource::Float(g),
         ProjSource::Float(u),
         ProjSource::Float(d),
-    ) = (n, q.mode, src.gate, src.up, src.down)
+        None,
+    ) = (n, q.mode, src.gate, src.up, src.down, src.bias)
     {
         // One segment from floats: quantize straight into the segment's buffers, whose layout
         // is the three matrices' codes, then their scales and biases, one after the other.
@@ -350,6 +491,7 @@ pub fn build_segments(
             group_size: group,
             scale_dtype: sd,
             mode: q.mode,
+            bias_dtype: None,
             weights,
             aux,
         }]);
@@ -397,6 +539,9 @@ pub fn build_segments(
             }
             debug_assert_eq!(weights.len(), parts.weights_len());
             debug_assert_eq!(aux.len(), parts.aux_len());
+            if let Some(b) = &src.bias {
+                push_biases(&mut aux, b, r0..r0 + rows, seg == 0);
+            }
             QuantizedExpertSegment {
                 layer,
                 expert,
@@ -409,6 +554,7 @@ pub fn build_segments(
                 group_size: group,
                 scale_dtype: sd,
                 mode: q.mode,
+                bias_dtype,
                 weights,
                 aux,
             }

@@ -28,8 +28,8 @@ mod expert;
 pub use dense::{plan_dense, DenseOut, DensePolicy};
 
 pub use expert::{
-    build_segments, ExpertProjections, ExpertQuant, ProjSource, QuantizedExpertSegment,
-    SegmentParts, SegmentPlan,
+    build_segments, BiasVector, ExpertBiases, ExpertProjections, ExpertQuant, ProjSource,
+    QuantizedExpertSegment, SegmentParts, SegmentPlan,
 };
 
 use super::tensor::{FloatDtype, MatrixView};

@@ -222,6 +222,7 @@ fn projections(x: &Expert, i: usize, h: usize) -> ExpertProjections<'_> {
         gate: v(&x.gate, i, h),
         up: v(&x.up, i, h),
         down: v(&x.down, h, i),
+        bias: None,
     }
 }
 
@@ -290,6 +291,7 @@ fn segments_equal_quantizing_each_row_range() {
                 gate: ProjSource::Float(MatrixView::new(FloatDtype::Bf16, r, h, gate).unwrap()),
                 up: ProjSource::Float(MatrixView::new(FloatDtype::Bf16, r, h, up).unwrap()),
                 down: ProjSource::Float(MatrixView::new(FloatDtype::Bf16, h, r, &down).unwrap()),
+                bias: None,
             },
             p,
             SegmentPlan::default(),
@@ -324,6 +326,7 @@ fn mlx_codes_with_matching_params_are_copied_not_requantized() {
             gate: ProjSource::Quantized(g.view()),
             up: ProjSource::Quantized(u.view()),
             down: ProjSource::Quantized(d.view()),
+            bias: None,
         },
         p,
         SegmentPlan::default(),
@@ -339,6 +342,7 @@ fn mlx_codes_with_matching_params_are_copied_not_requantized() {
             gate: ProjSource::Quantized(g.view()),
             up: ProjSource::Quantized(u.view()),
             down: ProjSource::Quantized(d.view()),
+            bias: None,
         },
         p2,
         SegmentPlan::default(),
