@@ -283,6 +283,28 @@ impl Metadata {
                 ));
             }
         }
+        // Rule 7: expert biases in the directory exactly when the model says so.
+        if let Some(e) = dir
+            .experts
+            .iter()
+            .find(|e| e.bias_dtype.is_some() != m.expert_bias)
+        {
+            return Err(bad(
+                "model.expert_bias",
+                m.expert_bias,
+                format!(
+                    "must be true exactly when the expert entries carry expert biases; layer {} \
+                     expert {} {}",
+                    e.layer,
+                    e.expert,
+                    if e.bias_dtype.is_some() {
+                        "has them"
+                    } else {
+                        "has none"
+                    }
+                ),
+            ));
+        }
         self.validate_merge_map(dir)?;
         self.quantization.validate()?;
         Ok(())
