@@ -44,7 +44,7 @@ fn bytes_follow_the_spec_offsets() {
     assert_eq!(&b[0..8], &MAGIC);
     assert_eq!(&b[0..8], b"\x89FPACK\r\n");
     assert_eq!(u16_at(&b, 8), 1);
-    assert_eq!(u16_at(&b, 10), 1);
+    assert_eq!(u16_at(&b, 10), 2);
     assert_eq!(u32_at(&b, 12), 64);
     assert_eq!(
         u64_at(&b, 16),
@@ -347,7 +347,7 @@ fn projection_bits_round_trip_and_are_checked() {
         (&[6u8, 6, 6][..], "projection_bits"), // all equal: must be written as zeros
         (&[2, 2, 7][..], "projection_bits"),   // not a valid width
         (&[2, 2, 5][..], "projection_bits"),   // largest differs from `bits`
-        (&[2, 2, 6, 0, 1][..], "reserved"),    // reserved byte
+        (&[2, 2, 6, 0, 0, 1][..], "reserved"), // reserved byte
         (&[2, 2, 6, 9][..], "mode"),           // unknown mode
         (&[2, 2, 6, 1][..], "mode"),           // mxfp4 needs uniform 4 bits and u8 scales
     ] {
@@ -367,4 +367,81 @@ fn projection_bits_round_trip_and_are_checked() {
         Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c)),
         Err(PackError::UndeclaredFeature { .. })
     ));
+}
+
+/// §6.4 (format 1.2): experts with projection biases set bit 0 of `flags` and the biases' dtype at
+/// offset 108, end their AUX part with the gate and up biases of their rows (and, in segment 0,
+/// the down bias), and the pack declares `EXPERT_BIASES`. A reader refuses other flag bits, a
+/// non-float or stray dtype, sizes that leave the biases out, undeclared use, and metadata whose
+/// `model.expert_bias` disagrees with the directory.
+#[test]
+fn expert_biases_round_trip_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_small_pack_with_biases(dir.path(), flashpack::format::DType::BF16);
+    let pack = Pack::open(&path).unwrap();
+    assert_eq!(pack.header().minor, 2);
+    for e in pack.experts() {
+        assert_eq!(e.bias_dtype, Some(flashpack::format::DType::BF16));
+        let down = if e.segment == 0 { HIDDEN as u64 } else { 0 };
+        // scales + quantization biases (6 * R * H / 64 bf16), then 2R + (H) bf16 biases.
+        assert_eq!(
+            e.aux_decoded_len(),
+            6 * e.row_count as u64 * (HIDDEN as u64 / 64) * 2 + (2 * e.row_count as u64 + down) * 2
+        );
+    }
+    assert!(pack.meta().model.expert_bias);
+    let b = std::fs::read(&path).unwrap();
+    assert_eq!(
+        u64_at(&b, 16) & required::EXPERT_BIASES,
+        required::EXPERT_BIASES
+    );
+    let dir_at = sections(&b)
+        .iter()
+        .find(|s| s.0 == SectionKind::ExpertDir as u32)
+        .unwrap()
+        .2 as usize;
+    let entry = |i: usize| dir_at + 16 + 112 * i;
+    assert_eq!(&b[entry(0) + 28..entry(0) + 32], &[1, 0, 0, 0]);
+    assert_eq!(b[entry(0) + 108], 2, "bf16");
+    let edit = |at: usize, bytes: &[u8]| {
+        let mut c = b.clone();
+        c[at..at + bytes.len()].copy_from_slice(bytes);
+        resign(&mut c);
+        Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c))
+    };
+    for (at, bytes, field) in [
+        (28, &[3u8][..], "flags"),     // an unknown flag bit
+        (108, &[5][..], "bias_dtype"), // u8 biases
+        (108, &[9][..], "bias_dtype"), // no such dtype
+        (108, &[0, 1][..], "reserved"),
+    ] {
+        let err = edit(entry(0) + at, bytes).err().unwrap();
+        assert!(
+            matches!(&err, PackError::BadEntry { field: f, .. } if *f == field),
+            "{at} {bytes:?}: {err}"
+        );
+    }
+    // Biases switched off: the AUX length no longer adds up.
+    let err = edit(entry(0) + 28, &[0]).err().unwrap();
+    assert!(
+        matches!(&err, PackError::BadEntry { field, .. } if *field == "bias_dtype" || *field == "decoded_len"),
+        "{err}"
+    );
+    // f32 biases in the same bytes: twice as long, so the sizes disagree.
+    assert!(edit(entry(0) + 108, &[0]).is_err());
+    // Undeclared use.
+    let mut c = b.clone();
+    c[17] &= !((required::EXPERT_BIASES >> 8) as u8);
+    resign(&mut c);
+    assert!(matches!(
+        Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c)),
+        Err(PackError::UndeclaredFeature { .. })
+    ));
+    // The metadata must agree with the directory.
+    let mut c = b.clone();
+    common::edit_metadata(&mut c, |m| m["model"]["expert_bias"] = false.into());
+    let err = Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("expert_bias"), "{err}");
 }

@@ -64,6 +64,21 @@ pub fn write_small_pack_with_bits(
     page_size: u32,
     bits: impl Fn(u32, u32) -> ProjBits,
 ) -> PathBuf {
+    write_small_pack_full(dir, page_size, bits, None)
+}
+
+/// [`write_small_pack`] whose experts carry projection biases of type `bias` (formats/flashpack-v1.md
+/// §6.4), the metadata saying so (`model.expert_bias`).
+pub fn write_small_pack_with_biases(dir: &Path, bias: DType) -> PathBuf {
+    write_small_pack_full(dir, 4096, |_, _| ProjBits::uniform(4), Some(bias))
+}
+
+fn write_small_pack_full(
+    dir: &Path,
+    page_size: u32,
+    bits: impl Fn(u32, u32) -> ProjBits,
+    bias: Option<DType>,
+) -> PathBuf {
     let path = dir.join("small.flashpack");
     let mut w = PackWriter::create(&path, page_size, HIDDEN, INTER).unwrap();
     w.add_tensor(
@@ -100,6 +115,9 @@ pub fn write_small_pack_with_bits(
                 let b = bits(layer, expert);
                 let (wl, al) =
                     segment_part_lens(HIDDEN, rows, b, 64, DType::BF16, QuantMode::Affine).unwrap();
+                let bl = bias.map_or(0, |t| {
+                    flashpack::format::expert_bias_len(HIDDEN, rows, segment == 0, t).unwrap()
+                });
                 let seed = (layer * 100 + expert * 10 + segment as u32) as u64;
                 w.add_expert_segment(
                     ExpertSegmentDesc {
@@ -115,16 +133,20 @@ pub fn write_small_pack_with_bits(
                         mode: QuantMode::Affine,
                         weight_codec: codec_id::RAW,
                         aux_codec: codec_id::RAW,
-                        bias_dtype: None,
+                        bias_dtype: bias,
                     },
                     &noise(seed, wl as usize),
-                    &noise(seed + 1000, al as usize),
+                    &noise(seed + 1000, (al + bl) as usize),
                 )
                 .unwrap();
             }
         }
     }
-    w.finish(&metadata()).unwrap();
+    let mut meta = metadata();
+    if bias.is_some() {
+        meta["model"]["expert_bias"] = true.into();
+    }
+    w.finish(&meta).unwrap();
     path
 }
 
