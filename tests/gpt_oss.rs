@@ -397,6 +397,11 @@ fn every_stage_runs_on_gpt_oss() {
     let ample = run(&["--mem-budget", "1GiB"]);
     let j = run(&["--expert-budget", "45%"]);
     assert_eq!(j["token_ids"].as_array().map(Vec::len), Some(12), "{j}");
+    let prompt_tokens = n(&j["generation"], "prompt_tokens") as usize;
+    assert!(
+        prompt_tokens > WINDOW,
+        "the prompt alone passes the window: {j}"
+    );
     assert_eq!(
         j["token_ids"], ample["token_ids"],
         "streaming changes nothing"
