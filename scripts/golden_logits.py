@@ -3,7 +3,8 @@
 
 In: a Hugging Face MoE folder (or, with --all, the tiny random checkpoints of scripts/tiny_moe.py for
 every architecture and the trained fixtures/qwen3moe-tiny). Out: a folder with mlx-lm's quantized
-weights (`mlx_lm convert -q --q-bits B --q-group-size 64`), its config.json, and golden.safetensors:
+weights (`mlx_lm convert -q --q-bits B --q-group-size 64`; a gpt_oss source's MXFP4 experts keep their
+codes, the rest is quantized at B bits and the router at 8), its config.json, and golden.safetensors:
   prompt          [L] int32     token ids fed as one prefill
   decode_tokens   [S] int32     ids fed one at a time through the KV cache after the prefill
   prefill_logits  [L, V]        logits of every prefill position (model dtype)
@@ -36,6 +37,8 @@ import tiny_moe  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "fixtures/golden"
 PROMPT_LEN = 40  # x top-2 = 80 routed pairs >= 64: exercises mlx-lm's sorted gather path in prefill
+# gpt_oss's window is 8 (tiny_moe.py): the prompt fills its rotating cache five times over, and every
+# decode step overwrites the oldest entry.
 DECODE_STEPS = 8
 TOP = 32
 

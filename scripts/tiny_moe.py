@@ -85,6 +85,44 @@ HYBRID = {
     "bos_token_id": None,
 }
 
+# gpt-oss: odd widths (hidden 192, 3 heads of 64 over 1 KV head), 3 layers alternating sliding
+# (window 8, shorter than the golden prompt) and full attention, 8 experts of width 128 top-3 in the
+# upstream MXFP4 layout (random FP4 codes and E8M0 exponents GPT_OSS_EXPONENTS, which push some
+# gate/up pre-activations past swiglu_limit), YaRN (factor 4 over 16 positions), attention sinks,
+# biases everywhere. The width is a multiple of 32 (MXFP4 blocks), hidden of 64 (mlx-lm's 4-bit
+# g64 quantization of the other tensors).
+# E8M0 exponents, drawn from [lo, hi): gate/up scales 2^-7 .. 2^-3 (about 1% of pre-activations past
+# the limit of 7), down 2^-11 .. 2^-7 (the experts' output of the order of the residual, so that
+# attention still moves the logits).
+GPT_OSS_EXPONENTS = {"gate_up_proj": (120, 125), "down_proj": (116, 121)}
+GPT_OSS = {
+    "architectures": ["GptOssForCausalLM"],
+    "hidden_size": DS_HIDDEN,
+    "num_hidden_layers": 3,
+    "num_attention_heads": DS_HEADS,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "intermediate_size": 128,
+    "num_local_experts": DS_EXPERTS,
+    "num_experts_per_tok": 3,
+    "experts_per_token": 3,
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    "rope_theta": 150000.0,
+    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "original_max_position_embeddings": 16, "truncate": False},
+    "swiglu_limit": 7.0,
+    "attention_bias": True,
+    "rms_norm_eps": 1e-5,
+    # factor x original_max_position_embeddings, as upstream (131072 = 32 x 4096).
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": None,
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}
+
 # Config fields per architecture. Legacy keys (rope_theta, num_experts) are what mlx-lm 0.32.2 reads;
 # qwen3_moe also carries the transformers 5.x spelling, as fixtures/qwen3moe-tiny does.
 CONFIGS = {
@@ -188,12 +226,13 @@ CONFIGS = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                             "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]},
     },
+    "gpt_oss": GPT_OSS,
 }
 
 # Seeds per architecture: the first four keep the indices they had when they were the only ones,
 # so adding an architecture leaves their goldens byte-identical.
 SEED_INDEX = {"mixtral": 0, "olmoe": 1, "qwen2_moe": 2, "qwen3_moe": 3, "deepseek_v3": 4,
-              "glm4_moe": 5, "qwen3_next": 6, "qwen3_5_moe": 7}
+              "glm4_moe": 5, "qwen3_next": 6, "qwen3_5_moe": 7, "gpt_oss": 8}
 
 
 def config_for(arch):
@@ -337,6 +376,48 @@ def deepseek_tensors(arch, cfg, rng, linear, norm, bias):
     return t
 
 
+def mxfp4(rng, experts, rows, cols, exponents):
+    """Random MXFP4 weights in gpt-oss's on-disk layout: `blocks` [E, rows, cols/32, 16] uint8,
+    two E2M1 codes a byte (the first in the low nibble), and `scales` [E, rows, cols/32] uint8,
+    E8M0 exponents (127 is 1.0). The codes are the weights: nothing is rounded."""
+    blocks = rng.integers(0, 256, (experts, rows, cols // 32, 16), dtype=np.uint8)
+    scales = rng.integers(*exponents, (experts, rows, cols // 32), dtype=np.uint8)
+    return blocks, scales
+
+
+def gpt_oss_tensors(cfg, rng, linear, norm, bias):
+    """gpt-oss as openai/gpt-oss-* ships it: bf16 attention (q/k/v/o with biases, a sink logit per
+    head), a router with a bias, and MXFP4 experts with gate and up interleaved by row (gate the
+    even rows), their biases interleaved the same way."""
+    h, heads, kv, d = (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                       cfg["head_dim"])
+    e, w = cfg["num_local_experts"], cfg["intermediate_size"]
+    t = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, h))}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        t[f"{p}.input_layernorm.weight"] = norm(h)
+        t[f"{p}.post_attention_layernorm.weight"] = norm(h)
+        a = f"{p}.self_attn"
+        for n, out, fan_in in [("q_proj", heads * d, h), ("k_proj", kv * d, h),
+                               ("v_proj", kv * d, h), ("o_proj", h, heads * d)]:
+            t[f"{a}.{n}.weight"] = linear(out, fan_in)
+            t[f"{a}.{n}.bias"] = bias(out)
+        t[f"{a}.sinks"] = rng.standard_normal((heads,))
+        m = f"{p}.mlp"
+        t[f"{m}.router.weight"] = linear(e, h)
+        t[f"{m}.router.bias"] = bias(e)
+        x = f"{m}.experts"
+        t[f"{x}.gate_up_proj_blocks"], t[f"{x}.gate_up_proj_scales"] = mxfp4(
+            rng, e, 2 * w, h, GPT_OSS_EXPONENTS["gate_up_proj"])
+        t[f"{x}.gate_up_proj_bias"] = 0.5 * rng.standard_normal((e, 2 * w))
+        t[f"{x}.down_proj_blocks"], t[f"{x}.down_proj_scales"] = mxfp4(
+            rng, e, h, w, GPT_OSS_EXPONENTS["down_proj"])
+        t[f"{x}.down_proj_bias"] = 0.5 * rng.standard_normal((e, h))
+    t["model.norm.weight"] = norm(h)
+    t["lm_head.weight"] = linear(VOCAB, h)
+    return t
+
+
 def tensors_for(arch, cfg, rng):
     def linear(out_dim, in_dim):
         return rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)
@@ -351,6 +432,8 @@ def tensors_for(arch, cfg, rng):
         return deepseek_tensors(arch, cfg, rng, linear, norm, bias)
     if arch in ("qwen3_next", "qwen3_5_moe"):
         return hybrid_tensors(arch, cfg, rng, linear, norm)
+    if arch == "gpt_oss":
+        return gpt_oss_tensors(cfg, rng, linear, norm, bias)
     t = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN))}
     q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
@@ -403,9 +486,11 @@ def write(arch, out, seed):
     cfg = config_for(arch)
     rng = np.random.default_rng([seed, SEED_INDEX[arch]])
     tensors = tensors_for(arch, cfg, rng)
-    arrays = {k: mx.array(v.astype(np.float32)) for k, v in tensors.items()}
-    arrays = {k: v if k.endswith("e_score_correction_bias") else v.astype(mx.bfloat16)
-              for k, v in arrays.items()}
+    # MXFP4 blocks and scales (gpt-oss) are written as drawn, uint8.
+    arrays = {k: mx.array(v if v.dtype == np.uint8 else v.astype(np.float32))
+              for k, v in tensors.items()}
+    arrays = {k: v if k.endswith("e_score_correction_bias") or v.dtype == mx.uint8
+              else v.astype(mx.bfloat16) for k, v in arrays.items()}
     mx.save_safetensors(str(out / "model.safetensors"), arrays, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     # mlx_lm convert insists on a tokenizer; any will do, the ids we feed stay below VOCAB.

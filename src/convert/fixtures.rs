@@ -6,8 +6,9 @@
 //! and mlx-lm (when the config carries the legacy keys and a tokenizer is present).
 //! Invariant: the same spec gives the same bytes, whatever the thread count: every 64 Ki-value
 //! chunk of every tensor draws from its own generator seeded by (seed, tensor name, chunk).
-//! Values are random (approximately normal, std `1/sqrt(fan_in)`), good for exactness tests
-//! only: use the trained `fixtures/qwen3moe-tiny` for quality questions.
+//! Values are random (approximately normal, std `1/sqrt(fan_in)`; gpt-oss's MXFP4 expert codes
+//! uniform bytes and their E8M0 exponents uniform in [`MXFP4_EXPONENTS`]), good for exactness
+//! tests only: use the trained `fixtures/qwen3moe-tiny` for quality questions.
 
 use crate::arch::{Arch, Part, Proj};
 use crate::convert::load::safetensors::serialize_header;
@@ -28,7 +29,8 @@ pub enum Dialect {
     Both,
 }
 
-/// How expert weights are stored.
+/// How expert weights are stored. gpt-oss ignores it: its experts are always written as the
+/// released checkpoints ship them, MXFP4 blocks and scales (see [`FixtureSpec::tensors`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FixtureLayout {
     /// `experts.N.{gate,up,down}_proj.weight` (what `save_pretrained` writes).
@@ -94,12 +96,26 @@ pub struct FixtureSpec {
     /// Qwen3.5: the multimodal layout (`text_config`, `model.language_model.*` names and a
     /// vision tower tensor) instead of the text-only one.
     pub multimodal: bool,
+    /// gpt-oss: the window of its sliding-attention layers, which are the even ones (`layer_types`
+    /// alternates `sliding_attention` and `full_attention` from layer 0, as upstream), and the
+    /// clamp of its experts' SwiGLU (`swiglu_limit`).
+    pub sliding_window: usize,
+    pub swiglu_limit: f64,
 }
+
+/// gpt-oss's MXFP4 experts: the E8M0 exponents drawn for each 32-value block, uniform in these
+/// inclusive ranges (127 is a scale of 1). With uniform E2M1 codes the gate/up scales 2^-7 ..
+/// 2^-3 push about 1% of the pre-activations past a `swiglu_limit` of 7, so the clamp matters,
+/// and the down scales 2^-11 .. 2^-7 keep the experts' output of the order of the residual, so
+/// attention still moves the logits (the same ranges as scripts/tiny_moe.py).
+pub const MXFP4_EXPONENTS: [(&str, std::ops::RangeInclusive<u8>); 2] =
+    [("gate_up_proj", 120..=124), ("down_proj", 116..=120)];
 
 /// FP8 fixtures: the attention, MLP and expert weights (not the embeddings, the head, the
 /// routers or the norms) as E4M3 codes with one F32 `weight_scale_inv` per `block x block`
 /// (`quantization_config.quant_method = "fp8"`), or the same model written in bf16: the values
-/// those codes and scales stand for, `e4m3 * scale` in f32 rounded to bf16.
+/// those codes and scales stand for, `e4m3 * scale` in f32 rounded to bf16. gpt-oss ignores it:
+/// its checkpoints are MXFP4 (one `quantization_config`), with attention in bf16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Fp8Fixture {
     #[default]
@@ -145,7 +161,28 @@ impl FixtureSpec {
             linear_value_head_dim: 32,
             conv_kernel: 4,
             multimodal: false,
+            sliding_window: 8,
+            swiglu_limit: 7.0,
         }
+    }
+
+    /// gpt-oss's `layer_types`: sliding attention on the even layers, full on the odd ones.
+    pub fn layer_types(&self) -> Vec<&'static str> {
+        (0..self.num_layers)
+            .map(|l| {
+                if l % 2 == 0 {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect()
+    }
+
+    /// Whether `name` holds gpt-oss's MXFP4 expert codes (`_blocks`) or exponents (`_scales`),
+    /// written as U8.
+    fn is_mxfp4(&self, name: &str) -> bool {
+        self.arch == Arch::GptOss && (name.ends_with("_blocks") || name.ends_with("_scales"))
     }
 
     /// Qwen3-Next and Qwen3.5: hybrid linear attention, gated shared expert, norms offset by one.
@@ -214,6 +251,7 @@ impl FixtureSpec {
     /// The FP8 block size, when `name` (of `shape`, `fan_in`) is one of the FP8 weights.
     fn fp8_block(&self, name: &str, shape: &[usize], fan_in: usize) -> Option<usize> {
         let block = match self.fp8 {
+            _ if self.arch == Arch::GptOss => return None,
             Fp8Fixture::Off => return None,
             Fp8Fixture::Blocks(b) | Fp8Fixture::Dequantized(b) => b,
         };
@@ -238,6 +276,7 @@ impl FixtureSpec {
                     out.push((name.clone(), Dtype::F8E4M3, shape, fan_in));
                     out.push((format!("{name}_scale_inv"), Dtype::F32, scales, 0));
                 }
+                _ if self.is_mxfp4(&name) => out.push((name, Dtype::U8, shape, fan_in)),
                 _ => {
                     let dtype = self.tensor_dtype(&name).dtype();
                     out.push((name, dtype, shape, fan_in))
@@ -373,11 +412,16 @@ impl FixtureSpec {
                 let q_rows = if self.hybrid() { 2 * q } else { q };
                 for (n, out) in [("q_proj", q_rows), ("k_proj", kv), ("v_proj", kv)] {
                     add(format!("{a}.{n}.weight"), vec![out, h], h);
-                    if matches!(self.arch, Arch::Qwen2Moe | Arch::Glm4Moe) {
+                    if matches!(self.arch, Arch::Qwen2Moe | Arch::Glm4Moe | Arch::GptOss) {
                         add(format!("{a}.{n}.bias"), vec![out], h);
                     }
                 }
                 add(format!("{a}.o_proj.weight"), vec![h, q], q);
+                if self.arch == Arch::GptOss {
+                    add(format!("{a}.o_proj.bias"), vec![h], q);
+                    // One sink logit per head, of the order of the attention logits (std 1).
+                    add(format!("{a}.sinks"), vec![self.num_heads], 1);
+                }
             }
             match self.arch {
                 _ if self.is_linear(l) => {}
@@ -407,6 +451,32 @@ impl FixtureSpec {
                 continue;
             }
             add(names.router(l), vec![e, h], h);
+            if self.arch == Arch::GptOss {
+                assert!(
+                    h % 32 == 0 && i % 32 == 0,
+                    "gpt-oss's MXFP4 experts need widths in blocks of 32 (hidden {h}, expert {i})"
+                );
+                // Router bias near 0.1 (fan_in 100); expert biases of std 0.5 (fan_in 4), so
+                // that they matter. Gate and up rows interleave (gate the even rows), in the
+                // codes, the exponents and the biases alike.
+                let x = format!("{p}.mlp.experts");
+                add(format!("{p}.mlp.router.bias"), vec![e], 100);
+                add(
+                    format!("{x}.gate_up_proj_blocks"),
+                    vec![e, 2 * i, h / 32, 16],
+                    h,
+                );
+                add(
+                    format!("{x}.gate_up_proj_scales"),
+                    vec![e, 2 * i, h / 32],
+                    h,
+                );
+                add(format!("{x}.gate_up_proj_bias"), vec![e, 2 * i], 4);
+                add(format!("{x}.down_proj_blocks"), vec![e, h, i / 32, 16], i);
+                add(format!("{x}.down_proj_scales"), vec![e, h, i / 32], i);
+                add(format!("{x}.down_proj_bias"), vec![e, h], 4);
+                continue;
+            }
             if self.deepseek_moe() {
                 // Small, like a trained bias: values near 0.1 (fan_in 100).
                 add(
@@ -501,11 +571,12 @@ impl FixtureSpec {
         };
         let theta = match self.arch {
             Arch::Mixtral | Arch::Qwen2Moe => 1_000_000.0,
+            Arch::GptOss => 150_000.0,
             _ => 10_000.0,
         };
-        // Mixtral and OLMoE have one `intermediate_size`, the experts' width.
+        // Mixtral, OLMoE and gpt-oss have one `intermediate_size`, the experts' width.
         let intermediate = match self.arch {
-            Arch::Mixtral | Arch::Olmoe => self.expert_width(),
+            Arch::Mixtral | Arch::Olmoe | Arch::GptOss => self.expert_width(),
             _ => self.intermediate_size,
         };
         let dtype = match self.dtype {
@@ -598,15 +669,18 @@ impl FixtureSpec {
             c["use_qk_norm"] = json!(true);
             c["attention_bias"] = json!(true);
         }
+        if self.arch == Arch::GptOss {
+            self.gpt_oss_config(&mut c);
+        }
         // transformers 5.x writes num_local_experts for Qwen3-MoE and Mixtral (attribute_map),
         // num_experts for OLMoE and Qwen2-MoE; Mixtral's legacy key is num_local_experts too.
         let five_x_key = match self.arch {
-            Arch::Qwen3Moe | Arch::Mixtral => "num_local_experts",
+            Arch::Qwen3Moe | Arch::Mixtral | Arch::GptOss => "num_local_experts",
             Arch::DeepseekV3 | Arch::Glm4Moe => "n_routed_experts",
             _ => "num_experts",
         };
         let legacy_key = match self.arch {
-            Arch::Mixtral => "num_local_experts",
+            Arch::Mixtral | Arch::GptOss => "num_local_experts",
             Arch::DeepseekV3 | Arch::Glm4Moe => "n_routed_experts",
             _ => "num_experts",
         };
@@ -651,6 +725,43 @@ impl FixtureSpec {
             });
         }
         c
+    }
+
+    /// gpt-oss's keys, as openai/gpt-oss-20b's config.json spells them (no BOS): the experts' count in
+    /// `num_local_experts` (set by the caller), top-k also as `experts_per_token`, the window and
+    /// `layer_types`, the SwiGLU clamp, biases on attention, `rms_norm_eps` 1e-5, and the MXFP4
+    /// `quantization_config` that names the modules left in bf16. `max_position_embeddings` is
+    /// YaRN's `factor x original_max_position_embeddings` when the fixture has YaRN, as
+    /// upstream (32 x 4096), which keeps transformers from warning that they disagree.
+    fn gpt_oss_config(&self, c: &mut Value) {
+        // Upstream has neither (no BOS token; the router always softmaxes the chosen k).
+        if let Some(o) = c.as_object_mut() {
+            o.remove("norm_topk_prob");
+            o.remove("bos_token_id");
+        }
+        c["experts_per_token"] = json!(self.top_k);
+        c["sliding_window"] = json!(self.sliding_window);
+        c["layer_types"] = json!(self.layer_types());
+        c["swiglu_limit"] = json!(self.swiglu_limit);
+        c["attention_bias"] = json!(true);
+        c["rms_norm_eps"] = json!(1e-5);
+        c["quantization_config"] = json!({
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        });
+        let yarn = self.rope_scaling.as_ref().and_then(|r| {
+            let f = r.get("factor")?.as_f64()?;
+            let n = r.get("original_max_position_embeddings")?.as_f64()?;
+            Some((f * n) as u64)
+        });
+        if let Some(n) = yarn {
+            c["max_position_embeddings"] = json!(n);
+        }
     }
 
     /// Writes the checkpoint into `dir` (created if needed). Returns the weight bytes written.
@@ -726,6 +837,9 @@ impl FixtureSpec {
     /// The bytes of one tensor. Fused expert tensors are the per-expert tensors of the same
     /// spec concatenated (gate rows then up rows per expert), so both layouts hold one model.
     fn tensor_bytes(&self, name: &str, shape: &[usize], fan_in: usize) -> Vec<u8> {
+        if self.is_mxfp4(name) {
+            return self.mxfp4_bytes(name, shape.iter().product());
+        }
         if let Some(weight) = name.strip_suffix("_scale_inv") {
             let (wshape, wfan) = self
                 .tensors()
@@ -794,6 +908,32 @@ impl FixtureSpec {
                 .collect(),
             _ => self.values(name, shape, fan_in),
         }
+    }
+
+    /// gpt-oss's MXFP4 codes (`_blocks`: uniform bytes, two E2M1 codes each, the first in the
+    /// low nibble) or E8M0 exponents (`_scales`: uniform in the projection's
+    /// [`MXFP4_EXPONENTS`] range), drawn per chunk like [`Self::values`].
+    fn mxfp4_bytes(&self, name: &str, n: usize) -> Vec<u8> {
+        const CHUNK: usize = 1 << 16;
+        let name_seed = fnv1a(name.as_bytes()) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let range = match name.strip_suffix("_scales") {
+            None => 0..=255u8,
+            Some(stem) => MXFP4_EXPONENTS
+                .iter()
+                .find(|(proj, _)| stem.ends_with(proj))
+                .map(|(_, r)| r.clone())
+                .expect("gate_up_proj or down_proj"),
+        };
+        let lo = *range.start() as u64;
+        let span = *range.end() as u64 - lo + 1;
+        let mut out = vec![0u8; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, buf)| {
+            let mut rng = SplitMix64(name_seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            for o in buf {
+                *o = (lo + (rng.next() >> 32) % span) as u8;
+            }
+        });
+        out
     }
 
     /// The bytes of one tensor: norms are `1 + 0.1 n`, the rest `n / sqrt(fan_in)`.
@@ -885,5 +1025,168 @@ impl SplitMix64 {
         let s = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
         // mean 2 * 65535, variance 4 * 65536^2 / 12
         (s as f32 - 131_070.0) * (3.0f32.sqrt() / 65_536.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::{ClampedSwiglu, ModelConfig, SlidingWindow};
+
+    /// The gpt-oss test model of tests/gpt_oss.rs and scripts/tiny_moe.py.
+    fn gpt_oss(dialect: Dialect) -> FixtureSpec {
+        FixtureSpec {
+            hidden_size: 192,
+            num_layers: 3,
+            num_heads: 3,
+            num_kv_heads: 1,
+            head_dim: 64,
+            moe_intermediate_size: 128,
+            top_k: 3,
+            rope_scaling: Some(
+                json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "original_max_position_embeddings": 16, "truncate": false}),
+            ),
+            dialect,
+            ..FixtureSpec::tiny(Arch::GptOss)
+        }
+    }
+
+    /// The config a gpt-oss fixture writes (upstream's keys) parses, in each dialect, into the
+    /// model the spec describes.
+    #[test]
+    fn gpt_oss_config_parses_into_the_spec() {
+        for dialect in [Dialect::Legacy, Dialect::Transformers5, Dialect::Both] {
+            let spec = gpt_oss(dialect);
+            let c = spec.config();
+            assert_eq!(c["quantization_config"]["quant_method"], "mxfp4");
+            assert_eq!(
+                c["layer_types"],
+                json!(["sliding_attention", "full_attention", "sliding_attention"])
+            );
+            assert!(c.get("bos_token_id").is_none(), "{c}");
+            let cfg = ModelConfig::from_json(&c).unwrap_or_else(|e| panic!("{dialect:?}: {e}"));
+            assert_eq!(cfg.arch, Arch::GptOss);
+            assert_eq!(
+                (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size),
+                (192, 3, 512)
+            );
+            assert_eq!(
+                (
+                    cfg.num_attention_heads,
+                    cfg.num_key_value_heads,
+                    cfg.head_dim
+                ),
+                (3, 1, 64)
+            );
+            assert_eq!((cfg.num_experts, cfg.num_experts_per_tok), (8, 3));
+            assert_eq!(cfg.moe_intermediate_size, 128);
+            assert_eq!(cfg.sparse_layers(), vec![0, 1, 2]);
+            assert_eq!(
+                cfg.sliding_window,
+                Some(SlidingWindow {
+                    size: 8,
+                    layers: vec![0, 2]
+                })
+            );
+            assert_eq!(
+                (cfg.window_of(0), cfg.window_of(1), cfg.window_of(2)),
+                (Some(8), None, Some(8))
+            );
+            assert_eq!(
+                cfg.clamped_swiglu,
+                Some(ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 7.0
+                })
+            );
+            assert!(cfg.attention_sinks && cfg.expert_bias && cfg.attention_bias);
+            assert_eq!(cfg.rope.theta, 150_000.0);
+            assert_eq!(cfg.rope.rope_type, "yarn", "{dialect:?}");
+            let scaling = cfg.rope.scaling.as_ref().expect("YaRN's parameters");
+            assert_eq!(scaling["factor"], 4.0, "{dialect:?}");
+            assert_eq!(scaling["original_max_position_embeddings"], 16);
+            assert_eq!(cfg.max_position_embeddings, Some(64));
+            assert_eq!(cfg.bos_token_id, None);
+            assert!(!cfg.tie_word_embeddings);
+        }
+    }
+
+    /// gpt-oss's experts are written as upstream ships them: U8 MXFP4 codes and E8M0 exponents
+    /// in their ranges, gate and up interleaved in one tensor, biases beside them; the bf16
+    /// attention carries biases and sinks. Whatever `layout` says.
+    #[test]
+    fn gpt_oss_writes_the_upstream_mxfp4_layout() {
+        let spec = FixtureSpec {
+            layout: FixtureLayout::Fused,
+            ..gpt_oss(Dialect::Both)
+        };
+        let t: std::collections::BTreeMap<String, (Dtype, Vec<usize>)> = spec
+            .file_tensors()
+            .into_iter()
+            .map(|(n, d, s, _)| (n, (d, s)))
+            .collect();
+        let x = "model.layers.1.mlp.experts";
+        for (name, dtype, shape) in [
+            (
+                format!("{x}.gate_up_proj_blocks"),
+                Dtype::U8,
+                vec![8, 256, 6, 16],
+            ),
+            (
+                format!("{x}.gate_up_proj_scales"),
+                Dtype::U8,
+                vec![8, 256, 6],
+            ),
+            (format!("{x}.gate_up_proj_bias"), Dtype::Bf16, vec![8, 256]),
+            (
+                format!("{x}.down_proj_blocks"),
+                Dtype::U8,
+                vec![8, 192, 4, 16],
+            ),
+            (format!("{x}.down_proj_scales"), Dtype::U8, vec![8, 192, 4]),
+            (format!("{x}.down_proj_bias"), Dtype::Bf16, vec![8, 192]),
+            (
+                "model.layers.1.mlp.router.weight".into(),
+                Dtype::Bf16,
+                vec![8, 192],
+            ),
+            (
+                "model.layers.1.mlp.router.bias".into(),
+                Dtype::Bf16,
+                vec![8],
+            ),
+            (
+                "model.layers.1.self_attn.o_proj.bias".into(),
+                Dtype::Bf16,
+                vec![192],
+            ),
+            (
+                "model.layers.1.self_attn.sinks".into(),
+                Dtype::Bf16,
+                vec![3],
+            ),
+        ] {
+            assert_eq!(t.get(&name), Some(&(dtype, shape)), "{name}");
+        }
+        assert!(!t
+            .keys()
+            .any(|n| n.contains(".experts.0.") || n.contains("q_norm")));
+        for (proj, range) in MXFP4_EXPONENTS {
+            let name = format!("{x}.{proj}_scales");
+            let n = t[&name].1.iter().product();
+            let e = spec.mxfp4_bytes(&name, n);
+            assert!(e.iter().all(|b| range.contains(b)), "{name}");
+            assert!(
+                range.clone().all(|r| e.contains(&r)),
+                "{name}: every exponent drawn"
+            );
+        }
+        let codes = spec.mxfp4_bytes(&format!("{x}.down_proj_blocks"), 8 * 192 * 64);
+        assert!(codes.iter().any(|&b| b < 16) && codes.iter().any(|&b| b >= 0xF0));
+        assert_ne!(
+            codes,
+            spec.mxfp4_bytes(&format!("{x}.gate_up_proj_blocks"), 8 * 192 * 64)
+        );
     }
 }

@@ -392,7 +392,9 @@ fn mlx_quantized_source_reuses_codes() {
 #[test]
 fn fp8_block_checkpoints_convert_to_the_pack_of_their_bf16_values() {
     use crate::convert::fixtures::Fp8Fixture;
-    for &arch in Arch::ALL {
+    // gpt-oss ships MXFP4 experts and bf16 attention only: no FP8 variant (the fixture ignores
+    // `fp8`).
+    for &arch in Arch::ALL.iter().filter(|&&a| a != Arch::GptOss) {
         let spec = |fp8| FixtureSpec {
             hidden_size: 192,
             intermediate_size: 320,
