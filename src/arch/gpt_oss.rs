@@ -116,14 +116,6 @@ pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
             }
         }
     }
-    // mlx-lm indexes the first layer of each kind (swa_idx / ga_idx) for its masks.
-    if layers.is_empty() || layers.len() == n {
-        return Err(ArchError::Inconsistent {
-            what: "layer_types must hold both sliding_attention and full_attention layers \
-                   (mlx-lm's gpt_oss.py looks up one of each)"
-                .into(),
-        });
-    }
     cfg.sliding_window = Some(SlidingWindow { size, layers });
     Ok(cfg)
 }

@@ -37,14 +37,24 @@ fn opens_every_arch_layout_dialect_and_sharding() {
                 assert_eq!((c.arch, c.num_experts, c.hidden_size), (arch, 8, 128));
                 assert_eq!(c.moe_intermediate_size, 64);
                 let want = match layout {
+                    // gpt-oss ships MXFP4 blocks whatever the layout asked for.
+                    _ if arch == Arch::GptOss => ExpertLayout::MxBlocks,
                     FixtureLayout::PerExpert => ExpertLayout::PerExpert,
                     FixtureLayout::Fused => ExpertLayout::Fused,
                 };
                 assert_eq!(ck.expert_layout(1).unwrap(), want);
                 let x = ck.expert(1, 7).unwrap();
-                match x.down {
-                    ProjSource::Float(m) => assert_eq!((m.rows, m.cols), (128, 64)),
-                    _ => panic!("float fixture"),
+                match (x.down, x.gate) {
+                    (ProjSource::Float(m), _) => assert_eq!((m.rows, m.cols), (128, 64)),
+                    (ProjSource::Quantized(d), ProjSource::Interleaved { all, first: 0 })
+                        if arch == Arch::GptOss =>
+                    {
+                        assert_eq!((d.rows, d.cols, all.rows, all.cols), (128, 64, 128, 128));
+                        assert_eq!(x.gate.shape(), [64, 128]);
+                        let b = x.bias.expect("gpt-oss experts have biases");
+                        assert_eq!((b.gate.len, b.gate.step, b.down.len), (64, 2, 128));
+                    }
+                    _ => panic!("{arch}: unexpected expert sources"),
                 }
                 // All but the multi-token-prediction module (Qwen3-Next, Qwen3.5), dropped.
                 let kept = spec
