@@ -31,7 +31,7 @@ enum DtypeArg {
 
 #[derive(Parser)]
 struct Args {
-    /// qwen3_moe, mixtral, olmoe, qwen2_moe, deepseek_v3 or glm4_moe.
+    /// Any supported `model_type` (qwen3_moe, mixtral, ..., gpt_oss).
     #[arg(long, default_value = "qwen3_moe")]
     arch: String,
     #[arg(long)]
@@ -74,6 +74,9 @@ struct Args {
     /// `FixtureSpec::routing_skew`; 3 gives a few hot experts per layer.
     #[arg(long, default_value_t = 0.0)]
     routing_skew: f32,
+    /// gpt-oss: the window of its sliding-window layers (the released models use 128).
+    #[arg(long, default_value_t = 8)]
+    sliding_window: usize,
 }
 
 fn main() -> Result<()> {
@@ -107,6 +110,7 @@ fn main() -> Result<()> {
         seed: a.seed,
         tokenizer_from: a.tokenizer_from,
         routing_skew: a.routing_skew,
+        sliding_window: a.sliding_window,
         ..FixtureSpec::tiny(arch)
     };
     let t = std::time::Instant::now();

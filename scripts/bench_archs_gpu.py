@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""DeepSeek-V3 (MLA) and GLM-4.5 on the GPU: flashpack against mlx-lm on the same codes.
+"""DeepSeek-V3 (MLA), GLM-4.5 and gpt-oss on the GPU: flashpack against mlx-lm on the same codes.
 
 Runs where `flashpack` and `make_fixture` are on PATH and `python3 -m mlx_lm` works on the GPU
 (scripts/bench_gpu.sh sets that up on the device's H200: `bash scripts/bench_gpu.sh archs`).
 For each architecture: a synthetic model of one shape (hidden 2048, 8 layers of which the first is
 dense, 64 experts top-8 of width 768, 16 heads of 128; DeepSeek-V3 with MLA, 4 expert groups of
-which 2 are chosen; GLM-4.5 with 4 KV heads, half-rotary heads, q/k/v biases, q/k norm),
+which 2 are chosen; GLM-4.5 with 4 KV heads, half-rotary heads, q/k/v biases, q/k norm; gpt-oss with
+4 KV heads, sinks, a window of 128 on every other layer and MXFP4 experts, which mlx-lm keeps),
 `mlx_lm convert -q` (4-bit, group 64), `flashpack convert` of that folder, then greedy runs
 interleaved by repetition: mlx-lm generate and flashpack all resident. Prints one table (decode
 tok/s, the ratio, whether the generated text is the same and how far it agrees) and writes `archs.json` into --out.
@@ -20,7 +21,8 @@ from bench_gpu import PROMPT, decode_stats, med, run_flashpack, run_mlx, sh  # n
 
 SHAPE = ["--hidden", "2048", "--layers", "8", "--experts", "64", "--top-k", "8",
          "--moe-intermediate", "768", "--heads", "16", "--head-dim", "128", "--vocab", "8192"]
-KV_HEADS = {"deepseek_v3": "16", "glm4_moe": "4"}
+KV_HEADS = {"deepseek_v3": "16", "glm4_moe": "4", "gpt_oss": "4"}
+EXTRA = {"gpt_oss": ["--sliding-window", "128"]}
 
 
 def main():
@@ -30,18 +32,19 @@ def main():
     ap.add_argument("--tokenizer-from", required=True)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--archs", default="deepseek_v3,glm4_moe,gpt_oss")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     prompt_file = os.path.join(a.work, "prompt.txt")
     with open(prompt_file, "w") as f:
         f.write(PROMPT)
     rows = {}
-    for arch in ["deepseek_v3", "glm4_moe"]:
+    for arch in a.archs.split(","):
         hf, q = os.path.join(a.work, arch), os.path.join(a.work, arch + "-q4")
         pack = os.path.join(a.work, arch + ".flashpack")
         if not os.path.exists(pack):
             sh(["make_fixture", "--arch", arch, "--out", hf, "--kv-heads", KV_HEADS[arch],
-                "--tokenizer-from", a.tokenizer_from] + SHAPE)
+                "--tokenizer-from", a.tokenizer_from] + SHAPE + EXTRA.get(arch, []))
             sh([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", hf, "--mlx-path", q, "-q",
                 "--q-bits", "4", "--q-group-size", "64"])
             sh(["flashpack", "convert", q, "-o", pack, "--quiet"])

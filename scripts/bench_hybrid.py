@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Decode speed of `flashpack run` against `mlx_lm generate` on Qwen3-Next / Qwen3.5 MoE (issue 17).
+"""Decode speed of `flashpack run` against `mlx_lm generate` on Qwen3-Next / Qwen3.5 MoE (issue 17) and
+gpt-oss (issue 18).
 
 In: the flashpack binary and mlx-lm. Out: a Markdown table on stdout (decode and prefill tok/s of each
 tool, median and range over the repetitions, and the ratio of the medians) and the raw numbers as JSON in
 WORK/results-hybrid-<arch>.json. A random checkpoint of the architecture (scripts/tiny_moe.py's tensors
-at the sizes below) is converted by `mlx_lm convert -q` (4-bit, group 64), and that folder by
-`flashpack convert` (its codes kept), so both tools run the same codes with every expert resident. Runs
+at the sizes below) is converted by `mlx_lm convert -q` (4-bit, group 64; gpt-oss's experts stay the
+MXFP4 codes of its upstream layout), and that folder by `flashpack convert` (its codes kept), so both
+tools run the same codes with every expert resident. Runs
 alternate (flashpack, mlx-lm, flashpack, ...) so that load from other processes hits both alike. Greedy
 decoding of a fixed prompt; times are never asserted on.
 
   python scripts/bench_hybrid.py --arch qwen3_next --reps 5
+  python scripts/bench_hybrid.py --arch gpt_oss --reps 5
 """
 
 import argparse
@@ -43,16 +46,31 @@ CONFIG = {
 }
 
 
+# gpt-oss-20b's layout at a twelfth of its expert bytes: 8 layers alternating a window of 128 (the
+# released one) and full attention, 16 heads / 4 KV heads of 64, 32 experts of 512 top-4 (MXFP4).
+GPT_OSS_CONFIG = {
+    "num_hidden_layers": 8, "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4,
+    "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4, "experts_per_token": 4,
+    "intermediate_size": 512, "vocab_size": 8192, "sliding_window": 128,
+    "layer_types": ["sliding_attention", "full_attention"] * 4,
+    "max_position_embeddings": 4096,
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "original_max_position_embeddings": 128, "truncate": False},
+}
+
+
 def write_checkpoint(arch, out):
     for k, v in SIZES.items():
         setattr(tiny_moe, k, v)
     cfg = tiny_moe.config_for(arch)
     text = cfg.get("text_config", cfg)
-    text.update(CONFIG)
+    text.update(GPT_OSS_CONFIG if arch == "gpt_oss" else CONFIG)
     rng = np.random.default_rng([0, tiny_moe.SEED_INDEX[arch]])
     tensors = tiny_moe.tensors_for(arch, cfg, rng)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {k: mx.array(v.astype(np.float32)).astype(mx.bfloat16) for k, v in tensors.items()}
+    # Floats as bf16; gpt-oss's MXFP4 blocks and scales stay bytes.
+    arrays = {k: mx.array(v) if v.dtype == np.uint8 else mx.array(v.astype(np.float32)).astype(mx.bfloat16)
+              for k, v in tensors.items()}
     mx.save_safetensors(str(out / "model.safetensors"), arrays, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for name in tiny_moe.TOKENIZER_FILES:
@@ -80,7 +98,7 @@ def mlx_lm_run(folder, tokens):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="qwen3_next", choices=["qwen3_next", "qwen3_5_moe"])
+    ap.add_argument("--arch", default="qwen3_next", choices=["qwen3_next", "qwen3_5_moe", "gpt_oss"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     target = os.environ.get("CARGO_TARGET_DIR", str(REPO / "target"))
