@@ -234,9 +234,6 @@ impl<'p> Engine<'p> {
             .max_position_embeddings
             .unwrap_or(usize::MAX)
             .min(opts.positions) as u64;
-        // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), plus
-        // the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
-        let kv = cfg.kv_values_per_token() * positions * 2 + cfg.recurrent_state_bytes();
         // Prefill runs the prompt in chunks of up to 2,048 tokens (mlx-lm's prefill step);
         // under a budget a chunk's activations (f32 upper bound: the residual stream, the k
         // routed rows in and out of the experts and their hidden width) stay within a tenth of
@@ -249,6 +246,10 @@ impl<'p> Engine<'p> {
             None => PREFILL_STEP,
             Some(b) => ((b / 10 / per_token.max(1)) as usize).clamp(16, PREFILL_STEP),
         };
+        // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), for
+        // every position; a sliding-window layer's at most a window and one prefill chunk
+        // (gpt-oss); plus the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
+        let kv = cfg.kv_values(positions, prefill_chunk as u64) * 2 + cfg.recurrent_state_bytes();
         let margin = kv
             + (cfg.hidden_size * cfg.vocab_size * 4) as u64
             + prefill_chunk as u64 * per_token
