@@ -50,10 +50,15 @@ pub struct PackReport {
     /// hybrid model (Qwen3-Next, Qwen3.5) the full-attention layers' kind, then the Gated
     /// DeltaNet layers'.
     pub attention: String,
-    /// Bytes the KV cache takes per token over all layers, in bf16: every KV head's key and
-    /// value, or under MLA one latent and one rotary key (what the run's budget reserves). Layers
-    /// of linear attention have none.
+    /// Bytes the KV cache takes per token over the layers whose cache grows with the context, in
+    /// bf16: every KV head's key and value, or under MLA one latent and one rotary key (what the
+    /// run's budget reserves per position). Layers of linear attention have none; sliding-window
+    /// layers are counted in `kv_cache_window_bytes` instead.
     pub kv_cache_bytes_per_token: u64,
+    /// Bytes the sliding-window layers' caches take once their windows are full (gpt-oss), the
+    /// same at any longer context; 0 without sliding-window layers. A prefill chunk adds up to
+    /// its own length to each while it runs; the run's budget counts that too.
+    pub kv_cache_window_bytes: u64,
     /// Bytes of the linear-attention layers' state (convolution state in bf16, recurrent state
     /// in f32), the same at any context length; 0 without linear attention.
     pub recurrent_state_bytes: u64,
@@ -125,6 +130,17 @@ fn attention_label(m: &crate::arch::ModelConfig) -> String {
                 } else {
                     ""
                 }
+            );
+            // gpt-oss: ", sinks; 12 of 24 layers a sliding window of 128"
+            let gqa = format!(
+                "{gqa}{}{}",
+                if m.attention_sinks { ", sinks" } else { "" },
+                m.sliding_window.as_ref().map_or(String::new(), |w| format!(
+                    "; {} of {} layers a sliding window of {}",
+                    w.layers.len(),
+                    m.num_hidden_layers,
+                    w.size
+                ))
             );
             match &m.linear_attention {
                 None => gqa,
@@ -266,6 +282,10 @@ impl PackReport {
             intermediate_size: pack.intermediate_size(),
             attention: attention_label(&typed.model),
             kv_cache_bytes_per_token: typed.model.kv_values_per_token() * 2,
+            kv_cache_window_bytes: typed.model.sliding_window.as_ref().map_or(0, |w| {
+                // Decoding: `size` positions per layer (the prefill's extra chunk is transient).
+                typed.model.window_kv_values(w.size as u64, 1) * 2
+            }),
             recurrent_state_bytes: typed.model.recurrent_state_bytes(),
             max_position_embeddings: typed.model.max_position_embeddings,
             file_bytes,

@@ -521,16 +521,42 @@ impl ModelConfig {
         }
     }
 
-    /// Values the KV cache holds per token, over all layers: keys and values of every KV head,
-    /// or under MLA the latent and the rotary key (`kv_lora_rank + qk_rope_head_dim`), which
-    /// is what makes DeepSeek-V3's cache ~57x smaller than its 128 heads would need. Layers of
-    /// linear attention hold no KV cache (their state is [`ModelConfig::recurrent_state_bytes`]).
+    /// Values the KV cache holds per token, over the layers whose cache grows with the
+    /// context: keys and values of every KV head, or under MLA the latent and the rotary key
+    /// (`kv_lora_rank + qk_rope_head_dim`), which is what makes DeepSeek-V3's cache ~57x smaller
+    /// than its 128 heads would need. Layers of linear attention hold no KV cache (their state is
+    /// [`ModelConfig::recurrent_state_bytes`]); sliding-window layers hold a bounded one
+    /// ([`ModelConfig::window_kv_values`]).
     pub fn kv_values_per_token(&self) -> u64 {
-        let per_layer = match &self.mla {
+        let windowed = self.sliding_window.as_ref().map_or(0, |w| w.layers.len());
+        ((self.full_attention_layers() - windowed) * self.kv_values_per_layer()) as u64
+    }
+
+    /// Values one softmax-attention layer caches per position.
+    fn kv_values_per_layer(&self) -> usize {
+        match &self.mla {
             Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
             None => 2 * self.num_key_value_heads * self.head_dim,
+        }
+    }
+
+    /// Values the sliding-window layers' caches hold at most over a sequence of `positions`
+    /// prefilled in calls of at most `chunk` tokens; 0 without sliding-window layers. A layer
+    /// keeps its last `size - 1` positions and appends a call's tokens (mlx-lm's
+    /// `RotatingKVCache`, `model/rotating.rs`), so it holds at most `size - 1 + chunk`
+    /// positions, and `size` while decoding.
+    pub fn window_kv_values(&self, positions: u64, chunk: u64) -> u64 {
+        let Some(w) = &self.sliding_window else {
+            return 0;
         };
-        (self.full_attention_layers() * per_layer) as u64
+        let held = positions.min(w.size as u64 - 1 + chunk.max(1));
+        w.layers.len() as u64 * self.kv_values_per_layer() as u64 * held
+    }
+
+    /// Values the whole KV cache holds at most for a sequence of `positions` prefilled in calls
+    /// of at most `chunk` tokens: what a run's budget sets aside (in bf16, twice this in bytes).
+    pub fn kv_values(&self, positions: u64, chunk: u64) -> u64 {
+        self.kv_values_per_token() * positions + self.window_kv_values(positions, chunk)
     }
 
     /// Whether layer `layer` uses linear attention (mlx-lm qwen3_next.py:

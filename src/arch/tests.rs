@@ -698,6 +698,52 @@ fn qwen3_next_published() -> Value {
     })
 }
 
+/// gpt-oss-20b's published config.json (its MXFP4 `quantization_config` left out).
+fn gpt_oss_20b_published() -> Value {
+    let types: Vec<&str> = (0..24)
+        .map(|l| ["sliding_attention", "full_attention"][l % 2])
+        .collect();
+    json!({
+        "architectures": ["GptOssForCausalLM"], "attention_bias": true, "attention_dropout": 0.0,
+        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+        "intermediate_size": 2880, "layer_types": types, "max_position_embeddings": 131072,
+        "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4,
+        "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+        "output_router_logits": false, "pad_token_id": 199999, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128,
+        "swiglu_limit": 7.0, "tie_word_embeddings": false, "use_cache": true,
+        "vocab_size": 201088
+    })
+}
+
+/// gpt-oss's KV cache: the 12 full-attention layers grow with the context, the 12 sliding ones
+/// hold at most a window (128) plus one prefill chunk less one position, and no more than the
+/// sequence itself.
+#[test]
+fn gpt_oss_sliding_layers_hold_a_window_of_the_kv_cache() {
+    let c = ModelConfig::from_json(&gpt_oss_20b_published()).unwrap();
+    // Keys and values of 8 KV heads of 64 per layer.
+    let layer = 2 * 8 * 64;
+    assert_eq!(c.kv_values_per_token(), 12 * layer);
+    assert_eq!(c.window_kv_values(100_000, 2048), 12 * layer * (127 + 2048));
+    assert_eq!(c.window_kv_values(100_000, 1), 12 * layer * 128);
+    assert_eq!(c.window_kv_values(50, 2048), 12 * layer * 50);
+    assert_eq!(
+        c.kv_values(4096, 512),
+        12 * layer * 4096 + 12 * layer * (127 + 512)
+    );
+    // 24 KiB per token in bf16, against 48 KiB if every layer kept every position.
+    assert_eq!(c.kv_values_per_token() * 2, 24_576);
+    assert_eq!(c.recurrent_state_bytes(), 0);
+    // Without sliding windows nothing changes.
+    let q = ModelConfig::from_json(&qwen3_5x()).unwrap();
+    assert_eq!(q.window_kv_values(1000, 2048), 0);
+    assert_eq!(q.kv_values(1000, 2048), q.kv_values_per_token() * 1000);
+}
+
 /// Qwen3-Next: three of every four layers linear, a KV cache only in the fourth, the linear
 /// layers' fixed state counted apart; Qwen3.5's multimodal and text-only configs give the same
 /// model.

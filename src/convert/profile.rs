@@ -31,7 +31,7 @@ use super::load::Checkpoint;
 use super::ConvertError;
 use crate::convert::source::{embed_windows, SourceWeights, StreamedExperts};
 use crate::mlx::{self, Array};
-use crate::model::{mask_for, Block, ComputeError, ExpertStore, PoolRoute, Routing};
+use crate::model::{Block, ComputeError, ExpertStore, PoolRoute, Routing};
 
 /// One task's calibration text.
 #[derive(Clone, Debug)]
@@ -422,7 +422,9 @@ pub fn profile(
             for x in hs.iter_mut() {
                 let len = x.dim(1).unwrap_or(0);
                 let mut kv = block.new_cache();
-                let y = block.attend(x, mask_for(len), &mut kv)?;
+                // A sliding-window layer's mask depends on its cache (a window past its size).
+                let mask = kv.mask(len)?;
+                let y = block.attend(x, mask.as_mask(), &mut kv)?;
                 y.eval()?;
                 *x = y;
             }

@@ -225,6 +225,7 @@ extern "C" {
         scale: f32,
         mask_mode: *const c_char,
         mask: *const FpArray,
+        sinks: *const FpArray,
         out: *mut *mut FpArray,
     ) -> c_int;
 

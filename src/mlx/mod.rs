@@ -864,13 +864,36 @@ pub mod fast {
         scale: f32,
         mask: Mask<'_>,
     ) -> Result<Array> {
+        scaled_dot_product_attention_sinks(q, k, v, scale, mask, None)
+    }
+
+    /// [`scaled_dot_product_attention`] with attention sinks (`mx.fast.scaled_dot_product_attention(
+    /// ..., sinks=)`): `sinks` `[Hq]` adds one logit per query head to each softmax, a logit
+    /// with no value, so it only takes weight away from the keys (gpt-oss).
+    pub fn scaled_dot_product_attention_sinks(
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        scale: f32,
+        mask: Mask<'_>,
+        sinks: Option<&Array>,
+    ) -> Result<Array> {
         let (mode, arr): (&CStr, *const ffi::FpArray) = match mask {
             Mask::None => (c"", ptr::null()),
             Mask::Causal => (c"causal", ptr::null()),
             Mask::Array(a) => (c"array", a.raw()),
         };
         make("scaled_dot_product_attention", |out| unsafe {
-            ffi::fp_sdpa(q.raw(), k.raw(), v.raw(), scale, mode.as_ptr(), arr, out)
+            ffi::fp_sdpa(
+                q.raw(),
+                k.raw(),
+                v.raw(),
+                scale,
+                mode.as_ptr(),
+                arr,
+                opt_ptr(sinks),
+                out,
+            )
         })
     }
 }

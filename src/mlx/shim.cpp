@@ -390,12 +390,14 @@ int fp_rope(const fp_array* x, int dims, int traditional, float base, float scal
 }
 
 int fp_sdpa(const fp_array* q, const fp_array* k, const fp_array* v, float scale,
-            const char* mask_mode, const fp_array* mask, fp_array** out) {
+            const char* mask_mode, const fp_array* mask, const fp_array* sinks, fp_array** out) {
   return guard([&] {
     std::string mode = mask_mode == nullptr ? "" : mask_mode;
     std::optional<mx::array> m;
     if (mask != nullptr) m = mask->a;
-    *out = wrap(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mode, m));
+    std::optional<mx::array> s;
+    if (sinks != nullptr) s = sinks->a;
+    *out = wrap(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mode, m, s));
   });
 }
 

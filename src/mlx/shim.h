@@ -98,9 +98,10 @@ int fp_rope_freqs(const fp_array* x, int dims, int traditional, float scale, int
                   const fp_array* freqs, fp_array** out);
 int fp_rope(const fp_array* x, int dims, int traditional, float base, float scale, int offset,
             fp_array** out);
-// mask_mode: "" (none) or "causal"; mask may be NULL.
+// mask_mode: "" (none) or "causal"; mask may be NULL. sinks (one logit per query head, which
+// joins each softmax without a value) may be NULL.
 int fp_sdpa(const fp_array* q, const fp_array* k, const fp_array* v, float scale,
-            const char* mask_mode, const fp_array* mask, fp_array** out);
+            const char* mask_mode, const fp_array* mask, const fp_array* sinks, fp_array** out);
 
 // Whether MLX's default device is a GPU (Metal or CUDA).
 int fp_default_device_is_gpu(void);

@@ -317,6 +317,94 @@ fn rms_norm_rope_and_attention() {
     assert_eq!(masked, o);
 }
 
+/// Attention sinks as gpt-oss uses them: each query head's softmax gets one more logit, its
+/// sink, which has no value. Checked against the sum written out by hand, for grouped heads
+/// (two query heads on one KV head), a causal mask with more keys than queries, and a
+/// boolean mask; without sinks the same call is plain attention.
+#[test]
+fn sdpa_with_sinks_adds_one_logit_per_head_that_has_no_value() {
+    // Budget: f32 softmax of a handful of logits; MLX and the f64 sum differ in rounding only.
+    const MAX_ABS_ERR: f64 = 1e-5;
+    let (hq, len, keys, d) = (2usize, 3usize, 5usize, 4usize);
+    let val = |i: usize, scale: f32| ((i * 7 % 11) as f32 - 5.0) * scale;
+    let qd: Vec<f32> = (0..hq * len * d).map(|i| val(i, 0.25)).collect();
+    let kd: Vec<f32> = (0..keys * d).map(|i| val(i + 3, 0.2)).collect();
+    let vd: Vec<f32> = (0..keys * d).map(|i| val(i + 5, 1.0)).collect();
+    let sinks = [0.5f32, -1.25];
+    let scale = 0.5f32;
+    let (q, k, v) = (
+        arr(&qd, &[1, hq, len, d]),
+        arr(&kd, &[1, 1, keys, d]),
+        arr(&vd, &[1, 1, keys, d]),
+    );
+    let s = arr(&sinks, &[hq]);
+    // Query i sits at position keys - len + i and sees keys up to it (MLX's causal mask).
+    let want = |sinks: Option<&[f32]>| -> Vec<f64> {
+        let mut out = Vec::new();
+        for h in 0..hq {
+            for i in 0..len {
+                let seen = keys - len + i + 1;
+                let logits: Vec<f64> = (0..seen)
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| qd[(h * len + i) * d + x] as f64 * kd[j * d + x] as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let sink = sinks.map(|s| s[h] as f64);
+                let top = logits.iter().copied().chain(sink).fold(f64::MIN, f64::max);
+                let total: f64 = logits
+                    .iter()
+                    .chain(sink.as_ref())
+                    .map(|l| (l - top).exp())
+                    .sum();
+                for x in 0..d {
+                    let o: f64 = (0..seen)
+                        .map(|j| (logits[j] - top).exp() / total * vd[j * d + x] as f64)
+                        .sum();
+                    out.push(o);
+                }
+            }
+        }
+        out
+    };
+    let close = |got: Vec<f32>, want: Vec<f64>| {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < MAX_ABS_ERR, "{got:?} vs {want:?}");
+        }
+    };
+    let with =
+        fast::scaled_dot_product_attention_sinks(&q, &k, &v, scale, fast::Mask::Causal, Some(&s))
+            .unwrap();
+    assert_eq!(with.shape(), vec![1, hq, len, d]);
+    close(with.to_vec_f32().unwrap(), want(Some(&sinks)));
+    let without = fast::scaled_dot_product_attention(&q, &k, &v, scale, fast::Mask::Causal)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    close(without, want(None));
+    // The same causal pattern as a boolean mask [len, keys] gives the same output.
+    let keep: Vec<u8> = (0..len)
+        .flat_map(|i| (0..keys).map(move |j| u8::from(j <= keys - len + i)))
+        .collect();
+    let keep = Array::from_slice(&keep, &[len, keys])
+        .unwrap()
+        .astype(Dtype::Bool)
+        .unwrap();
+    let masked = fast::scaled_dot_product_attention_sinks(
+        &q,
+        &k,
+        &v,
+        scale,
+        fast::Mask::Array(&keep),
+        Some(&s),
+    )
+    .unwrap();
+    close(masked.to_vec_f32().unwrap(), want(Some(&sinks)));
+}
+
 #[test]
 fn host_buffer_writes_are_seen_by_later_ops() {
     let mut pool = Array::host_buffer(&[2, 3], Dtype::F32).unwrap();

@@ -1,14 +1,17 @@
-//! Self-attention with RoPE, grouped-query heads and optional q/k RMSNorm.
+//! Self-attention with RoPE, grouped-query heads, optional q/k RMSNorm, attention sinks and a
+//! sliding window.
 //!
-//! In: hidden states `[B, L, H]` and the layer's cache (`kv_cache.rs`). Out: `[B, L, H]` and the cache grown by
-//! `L` positions. Invariant: keys are cached after RoPE, so position `p` of the cache always
-//! holds the key rotated for position `p`; the queries of a call sit at positions
-//! `offset .. offset + L`. Mirrors the `Attention` classes of mlx-lm 0.32.2
-//! (models/qwen3_moe.py, mixtral.py, olmoe.py, qwen2_moe.py, glm4_moe.py, and qwen3_next.py's
-//! gated attention, whose `q_proj` also gives a sigmoid gate on the output).
+//! In: hidden states `[B, L, H]` and the layer's cache (`kv_cache.rs`, or `rotating.rs` for a
+//! sliding-window layer). Out: `[B, L, H]` and the cache grown by `L` positions. Invariant: keys
+//! are cached after RoPE, so a cached key is always the key rotated for its own position; the
+//! queries of a call sit at positions `offset .. offset + L`. Mirrors the `Attention` classes of
+//! mlx-lm 0.32.2 (models/qwen3_moe.py, mixtral.py, olmoe.py, qwen2_moe.py, glm4_moe.py,
+//! qwen3_next.py's gated attention, whose `q_proj` also gives a sigmoid gate on the output, and
+//! gpt_oss.py's `AttentionBlock`: biases on q/k/v/o, a learned sink logit per head, and on the
+//! sliding layers a `RotatingKVCache` of the window's size).
 
-use super::kv_cache::{to_i32, LayerKv};
-use super::layers::{Linear, RmsNorm};
+use super::kv_cache::{to_i32, LayerCache};
+use super::layers::{check_shape, require, Linear, RmsNorm};
 use super::weights::Weights;
 use super::ComputeError;
 use crate::arch::{ModelConfig, QkNorm};
@@ -200,6 +203,10 @@ pub struct Attention {
     rope: RopeSpec,
     /// Qwen3-Next: `q_proj` also gives a per-head output gate.
     output_gate: bool,
+    /// gpt-oss: one sink logit per query head (`self_attn.sinks` `[heads]`).
+    sinks: Option<Array>,
+    /// gpt-oss's sliding-window layers: the window, which is also the size of their cache.
+    window: Option<usize>,
 }
 
 impl Attention {
@@ -227,6 +234,15 @@ impl Attention {
         } else {
             q_out
         };
+        // self.sinks = mx.zeros((num_attention_heads,)), loaded from the checkpoint.
+        let sinks = if cfg.attention_sinks {
+            let name = format!("{module}.sinks");
+            let s = require(w, &name)?;
+            check_shape(&name, &s, &[cfg.num_attention_heads])?;
+            Some(s)
+        } else {
+            None
+        };
         Ok(Attention {
             q_proj: Linear::load(w, &format!("{module}.q_proj"), q_rows, h)?,
             k_proj: Linear::load(w, &format!("{module}.k_proj"), kv_out, h)?,
@@ -239,11 +255,25 @@ impl Attention {
             scale: (d as f64).powf(-0.5) as f32,
             rope: RopeSpec::from_config(cfg)?,
             output_gate: cfg.attn_output_gate,
+            sinks,
+            window: None,
         })
     }
 
-    /// `x` `[B, L, H]` -> `[B, L, H]`, reading and extending `cache`.
-    pub fn forward(&self, x: &Array, mask: Mask<'_>, cache: &mut LayerKv) -> Result<Array> {
+    /// The same attention on a sliding window of `window` positions (`None`: every position).
+    pub fn windowed(self, window: Option<usize>) -> Attention {
+        Attention { window, ..self }
+    }
+
+    /// The window of a sliding-window layer.
+    pub fn window(&self) -> Option<usize> {
+        self.window
+    }
+
+    /// `x` `[B, L, H]` -> `[B, L, H]`, reading and extending `cache` (a KV cache, or a rotating
+    /// one on a sliding-window layer); `mask` is the one the cache gave before this call
+    /// ([`LayerCache::mask`]).
+    pub fn forward(&self, x: &Array, mask: Mask<'_>, cache: &mut LayerCache) -> Result<Array> {
         let s = x.shape();
         let (b, l) = (to_i32(s[0])?, to_i32(s[1])?);
         let (hq, hkv) = (to_i32(self.heads)?, to_i32(self.kv_heads)?);
@@ -280,9 +310,17 @@ impl Attention {
         // queries = self.rope(queries, offset=cache.offset); keys likewise; then the cache.
         let q = self.rope.apply(&q, cache.offset())?;
         let k = self.rope.apply(&k, cache.offset())?;
-        let (k, v) = cache.update_and_fetch(&k, &v)?;
+        let (k, v) = cache.update_and_fetch("self_attn", &k, &v)?;
 
-        let out = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask)?;
+        // scaled_dot_product_attention(q, k, v, cache, scale, mask=mask, sinks=self.sinks)
+        let out = fast::scaled_dot_product_attention_sinks(
+            &q,
+            &k,
+            &v,
+            self.scale,
+            mask,
+            self.sinks.as_ref(),
+        )?;
         let mut out = out.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         if let Some(gate) = gate {
             // self.o_proj(output * mx.sigmoid(gate))

@@ -6,12 +6,14 @@
 //!   `[B, kv_heads, L, D]`. Out: all valid positions so far. Invariant: capacity grows in whole
 //!   steps of 256 positions and position `p` of the cache always holds what the caller wrote for
 //!   position `p` (keys after RoPE, so never rotated twice).
+//! - [`RotatingKv`] (`rotating.rs`): a sliding-window layer's keys and values, at most the
+//!   window's worth once the window is full, in mlx-lm's rotated order (gpt-oss).
 //! - [`LinearState`]: Gated DeltaNet's convolution state (the last `conv_kernel_dim - 1` inputs)
 //!   and recurrent state, of a fixed size; each call replaces both. Invariant: they are the state
 //!   after exactly `offset` positions, so prefill in chunks carries them exactly.
 //!
-//! Another kind (a rotating sliding-window cache, say) is one more [`LayerCache`] variant with
-//! its `offset`, `arrays` and `truncate` arms.
+//! Another kind is one more [`LayerCache`] variant with its `offset`, `arrays`, `mask` and
+//! `truncate` arms.
 //!
 //! ## Reusing a prefix
 //! A KV cache can be cut back to any earlier position ([`KvCache::truncate`]: it lowers the
@@ -22,10 +24,12 @@
 //! [`KvCache::snapshot`] and keep it with those tokens; a later sequence that starts with the
 //! same `p` tokens starts from a copy of the snapshot and prefills only the rest. `truncate`
 //! refuses ([`ComputeError::CannotTruncate`]) any position but the current one for a model with
-//! linear-attention layers, so a caller falls back to its snapshot (or to a fresh cache) and
-//! never decodes from a state that does not match its tokens. A snapshot is cheap: MLX arrays are
+//! linear-attention layers, and for a model with sliding-window layers once they have dropped
+//! a position (`rotating.rs`, "Cutting back"), so a caller falls back to its snapshot (or to a
+//! fresh cache) and never decodes from a state that does not match its tokens. A snapshot is cheap: MLX arrays are
 //! immutable, so it shares the buffers, and a later write copies instead of updating in place.
 
+use super::rotating::{AttnMask, RotatingKv};
 use super::ComputeError;
 use crate::mlx::{concatenate, Array};
 
@@ -146,6 +150,8 @@ impl LinearState {
 pub enum LayerCache {
     /// Softmax attention (grouped-query or latent): keys and values per position.
     Kv(LayerKv),
+    /// Sliding-window attention: keys and values of the last positions only.
+    Rotating(RotatingKv),
     /// Gated DeltaNet linear attention: a fixed-size state.
     Linear(LinearState),
 }
@@ -161,7 +167,39 @@ impl LayerCache {
     pub fn offset(&self) -> usize {
         match self {
             LayerCache::Kv(kv) => kv.offset(),
+            LayerCache::Rotating(r) => r.offset(),
             LayerCache::Linear(s) => s.offset(),
+        }
+    }
+
+    /// The mask a call of `len` tokens attends with, from this cache before the call updates
+    /// it (mlx-lm's `create_attention_mask(h, cache)`: `KVCache.make_mask`, or
+    /// `RotatingKVCache.make_mask` with the layer's window).
+    pub fn mask(&self, len: usize) -> Result<AttnMask> {
+        match self {
+            // KVCache.make_mask: "causal" for several tokens, None for one. (A linear layer
+            // ignores its mask; it gets the same, so one mask serves both kinds of a hybrid.)
+            LayerCache::Kv(_) | LayerCache::Linear(_) if len > 1 => Ok(AttnMask::Causal),
+            LayerCache::Kv(_) | LayerCache::Linear(_) => Ok(AttnMask::None),
+            LayerCache::Rotating(r) => r.mask(len),
+        }
+    }
+
+    /// Stores a softmax-attention layer's new `keys`/`values` and returns the keys and values
+    /// the call attends to; `layer` names it in the error.
+    pub(super) fn update_and_fetch(
+        &mut self,
+        layer: &str,
+        keys: &Array,
+        values: &Array,
+    ) -> Result<(Array, Array)> {
+        match self {
+            LayerCache::Kv(kv) => kv.update_and_fetch(keys, values),
+            LayerCache::Rotating(r) => r.update_and_fetch(keys, values),
+            LayerCache::Linear(_) => Err(ComputeError::CacheKind {
+                module: layer.to_string(),
+                wanted: "a KV cache",
+            }),
         }
     }
 
@@ -172,6 +210,7 @@ impl LayerCache {
                 .into_iter()
                 .flatten()
                 .collect(),
+            LayerCache::Rotating(r) => r.arrays().collect(),
             LayerCache::Linear(s) => [s.conv.as_ref(), s.recurrent.as_ref()]
                 .into_iter()
                 .flatten()
@@ -183,7 +222,7 @@ impl LayerCache {
     pub(super) fn kv(&mut self, layer: &str) -> Result<&mut LayerKv> {
         match self {
             LayerCache::Kv(kv) => Ok(kv),
-            LayerCache::Linear(_) => Err(ComputeError::CacheKind {
+            LayerCache::Rotating(_) | LayerCache::Linear(_) => Err(ComputeError::CacheKind {
                 module: layer.to_string(),
                 wanted: "a KV cache",
             }),
@@ -194,7 +233,7 @@ impl LayerCache {
     pub(super) fn linear(&mut self, layer: &str) -> Result<&mut LinearState> {
         match self {
             LayerCache::Linear(s) => Ok(s),
-            LayerCache::Kv(_) => Err(ComputeError::CacheKind {
+            LayerCache::Kv(_) | LayerCache::Rotating(_) => Err(ComputeError::CacheKind {
                 module: layer.to_string(),
                 wanted: "a linear-attention state",
             }),
@@ -205,24 +244,36 @@ impl LayerCache {
     pub fn can_truncate(&self, position: usize) -> bool {
         match self {
             LayerCache::Kv(kv) => position <= kv.offset(),
+            LayerCache::Rotating(r) => r.can_truncate(position),
             LayerCache::Linear(s) => position == s.offset(),
         }
     }
 
     /// Forget every position from `position` on (mlx-lm's `KVCache.trim`). A linear state
-    /// holds no positions apart, so only its current position is accepted.
+    /// holds no positions apart, so only its current position is accepted; a sliding-window
+    /// cache goes back only while it has dropped nothing.
     pub fn truncate(&mut self, position: usize) -> Result<()> {
         if !self.can_truncate(position) {
-            return Err(ComputeError::CannotTruncate {
-                offset: self.offset(),
-                position,
-                linear: matches!(self, LayerCache::Linear(_)),
-            });
+            return Err(self.cannot_truncate(position));
         }
-        if let LayerCache::Kv(kv) = self {
-            kv.offset = position;
+        match self {
+            LayerCache::Kv(kv) => kv.offset = position,
+            LayerCache::Rotating(r) => r.truncate_unchecked(position),
+            LayerCache::Linear(_) => {}
         }
         Ok(())
+    }
+
+    fn cannot_truncate(&self, position: usize) -> ComputeError {
+        ComputeError::CannotTruncate {
+            offset: self.offset(),
+            position,
+            linear: matches!(self, LayerCache::Linear(_)),
+            window: match self {
+                LayerCache::Rotating(r) => Some(r.max_size()),
+                _ => None,
+            },
+        }
     }
 }
 
@@ -252,6 +303,29 @@ impl KvCache {
         self.layers.iter().flat_map(LayerCache::arrays).collect()
     }
 
+    /// The mask of each layer for a call of `len` tokens, made before the call updates the
+    /// cache: one per kind of layer, from the first layer of that kind, as mlx-lm's
+    /// gpt_oss.py makes `full_mask` from `cache[ga_idx]` and `swa_mask` from `cache[swa_idx]`
+    /// (layers of one kind have seen the same positions, so any one of them gives the same).
+    pub fn masks(&self, len: usize) -> Result<Vec<AttnMask>> {
+        let mut made: Vec<(Option<usize>, AttnMask)> = Vec::new();
+        self.layers
+            .iter()
+            .map(|l| {
+                let kind = match l {
+                    LayerCache::Rotating(r) => Some(r.max_size()),
+                    _ => None,
+                };
+                if let Some((_, m)) = made.iter().find(|(k, _)| *k == kind) {
+                    return Ok(m.clone());
+                }
+                let m = l.mask(len)?;
+                made.push((kind, m.clone()));
+                Ok(m)
+            })
+            .collect()
+    }
+
     /// A copy of the cache as it is now, to restart from later (see "Reusing a prefix" above).
     /// Shares the buffers: nothing is copied until one of the two is written.
     pub fn snapshot(&self) -> KvCache {
@@ -259,14 +333,11 @@ impl KvCache {
     }
 
     /// Cuts every layer back to `position` when all of them can be (a linear-attention layer only
-    /// to its current position); otherwise changes nothing and says why.
+    /// to its current position, a sliding-window layer only while it has dropped nothing);
+    /// otherwise changes nothing and says why.
     pub fn truncate(&mut self, position: usize) -> Result<()> {
         if let Some(l) = self.layers.iter().find(|l| !l.can_truncate(position)) {
-            return Err(ComputeError::CannotTruncate {
-                offset: l.offset(),
-                position,
-                linear: matches!(l, LayerCache::Linear(_)),
-            });
+            return Err(l.cannot_truncate(position));
         }
         self.layers
             .iter_mut()
@@ -285,12 +356,8 @@ mod tests {
     }
 
     fn fetch(c: &mut LayerCache, first: usize, len: usize, tag: f32) -> (Array, Array) {
-        match c {
-            LayerCache::Kv(kv) => kv
-                .update_and_fetch(&rows(first, len, tag), &rows(first, len, tag))
-                .unwrap(),
-            LayerCache::Linear(_) => unreachable!("a KV layer"),
-        }
+        c.update_and_fetch("test", &rows(first, len, tag), &rows(first, len, tag))
+            .unwrap()
     }
 
     /// Truncating and writing again gives exactly what a cache holding only the kept positions

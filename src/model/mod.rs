@@ -26,6 +26,7 @@ mod qwen2_moe;
 mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
+mod rotating;
 mod router;
 mod weights;
 
@@ -38,6 +39,7 @@ pub use moe::{
     switch_glu, ExpertAct, ExpertBias, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute,
     ResidentExperts, SharedExpert,
 };
+pub use rotating::{causal_window, AttnMask, RotatingKv};
 pub use router::{
     route_logits, ExpertGroups, Router, RouterScoring, RouterSpec, Routing, TopKOrder,
 };
@@ -96,17 +98,25 @@ pub enum ComputeError {
     },
     #[error(
         "the cache holds {offset} positions and cannot be cut back to {position}{}",
-        if *linear {
-            ": a linear-attention state keeps no earlier positions; restart from a snapshot \
-             taken at that position (KvCache::snapshot) or from a fresh cache"
-        } else {
-            ""
+        match (linear, window) {
+            (true, _) => ": a linear-attention state keeps no earlier positions; restart from a \
+                          snapshot taken at that position (KvCache::snapshot) or from a fresh \
+                          cache".to_string(),
+            (false, Some(w)) => format!(
+                ": a sliding-window layer keeps only the last {w} positions and has dropped \
+                 earlier ones; restart from a snapshot taken at that position \
+                 (KvCache::snapshot) or from a fresh cache"
+            ),
+            (false, None) => String::new(),
         }
     )]
     CannotTruncate {
         offset: usize,
         position: usize,
+        /// A linear-attention layer refused.
         linear: bool,
+        /// A sliding-window layer of this window refused.
+        window: Option<usize>,
     },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
@@ -183,15 +193,22 @@ impl SelfAttention {
         let module = format!("{p}.self_attn");
         Ok(match &cfg.mla {
             Some(m) => SelfAttention::Mla(MlaAttention::load(w, &module, cfg, m)?),
-            None => SelfAttention::Gqa(Attention::load(w, &module, cfg)?),
+            None => {
+                SelfAttention::Gqa(Attention::load(w, &module, cfg)?.windowed(cfg.window_of(l)))
+            }
         })
     }
 
-    /// A fresh cache of the kind this attention keeps.
+    /// A fresh cache of the kind this attention keeps (mlx-lm's `make_cache`: gpt-oss gives a
+    /// sliding-window layer `RotatingKVCache(max_size=sliding_window)`).
     fn new_cache(&self) -> LayerCache {
         match self {
             SelfAttention::Linear(_) => LayerCache::Linear(LinearState::default()),
-            _ => LayerCache::Kv(LayerKv::default()),
+            SelfAttention::Gqa(a) => match a.window() {
+                Some(w) => LayerCache::Rotating(RotatingKv::new(w)),
+                None => LayerCache::Kv(LayerKv::default()),
+            },
+            SelfAttention::Mla(_) => LayerCache::Kv(LayerKv::default()),
         }
     }
 
@@ -202,7 +219,7 @@ impl SelfAttention {
         cache: &mut LayerCache,
     ) -> Result<Array> {
         match self {
-            SelfAttention::Gqa(a) => a.forward(x, mask, cache.kv("self_attn")?),
+            SelfAttention::Gqa(a) => a.forward(x, mask, cache),
             SelfAttention::Mla(a) => a.forward(x, mask, cache.kv("self_attn")?),
             // No mask: one sequence without padding (mlx-lm's create_ssm_mask gives None).
             SelfAttention::Linear(a) => a.forward(x, cache.linear(a.module())?),
@@ -355,11 +372,18 @@ impl Model {
             });
         }
         let len = tokens.dim(-1).unwrap_or(0);
-        let mask = mask_for(len);
+        // One mask per kind of layer, made before any layer updates its cache.
+        let masks = cache.masks(len)?;
         let mut h = self.embed.forward(tokens)?;
-        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        for (l, ((layer, kv), mask)) in self
+            .layers
+            .iter()
+            .zip(cache.layers.iter_mut())
+            .zip(&masks)
+            .enumerate()
+        {
             // r = self.self_attn(self.input_layernorm(x), mask, cache); h = x + r
-            h = layer.attend(&h, mask, kv)?;
+            h = layer.attend(&h, mask.as_mask(), kv)?;
             let last = l + 1 == self.layers.len();
             if cache_only && last {
                 break;

@@ -674,7 +674,8 @@ fn prefix_reuse_truncates_kv_and_restores_linear_state_from_a_snapshot() {
                     Err(ComputeError::CannotTruncate {
                         offset: 30,
                         position: 20,
-                        linear: true
+                        linear: true,
+                        window: None
                     })
                 ),
                 "{name}: {cut:?}"

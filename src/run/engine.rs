@@ -25,6 +25,7 @@ use crate::run::experts::{ExpertCache, ExpertError, PolicyKind, PoolSize, StoreO
 use crate::run::generate::{
     GenerateError, GenerateOptions, GenerateStats, Generation, Prefix, Token,
 };
+use crate::run::harmony::{Harmony, Split};
 use crate::run::open::{OpenError, PackWeights};
 use crate::run::read::IoMode;
 use crate::run::sample::SamplerOptions;
@@ -177,14 +178,20 @@ pub struct TokenText {
 /// A piece of a completion's text, with the log-probabilities of the tokens it completed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Piece {
+    /// The answer's text (for a harmony model, its `final` channel).
     pub text: String,
+    /// A harmony model's other channels (its reasoning); empty for other models.
+    pub reasoning: String,
     pub logprobs: Vec<TokenText>,
 }
 
 /// A finished completion.
 #[derive(Clone, Debug)]
 pub struct Completion {
+    /// The answer (for a harmony model, its `final` channel: what the next turn renders).
     pub text: String,
+    /// A harmony model's reasoning (`analysis` and `commentary` channels); empty otherwise.
+    pub reasoning: String,
     pub finish: Finish,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -207,6 +214,8 @@ pub struct Engine<'p> {
     host_sampling: bool,
     sizes: EngineSizes,
     template: ChatTemplate,
+    /// Token ids that end generation (`Engine::stop_ids`).
+    eos: Vec<u32>,
     /// The longest sequence this engine was sized for (`positions`, within the context).
     max_sequence: usize,
 }
@@ -234,9 +243,6 @@ impl<'p> Engine<'p> {
             .max_position_embeddings
             .unwrap_or(usize::MAX)
             .min(opts.positions) as u64;
-        // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), plus
-        // the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
-        let kv = cfg.kv_values_per_token() * positions * 2 + cfg.recurrent_state_bytes();
         // Prefill runs the prompt in chunks of up to 2,048 tokens (mlx-lm's prefill step);
         // under a budget a chunk's activations (f32 upper bound: the residual stream, the k
         // routed rows in and out of the experts and their hidden width) stay within a tenth of
@@ -249,6 +255,10 @@ impl<'p> Engine<'p> {
             None => PREFILL_STEP,
             Some(b) => ((b / 10 / per_token.max(1)) as usize).clamp(16, PREFILL_STEP),
         };
+        // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), for
+        // every position; a sliding-window layer's at most a window and one prefill chunk
+        // (gpt-oss); plus the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
+        let kv = cfg.kv_values(positions, prefill_chunk as u64) * 2 + cfg.recurrent_state_bytes();
         let margin = kv
             + (cfg.hidden_size * cfg.vocab_size * 4) as u64
             + prefill_chunk as u64 * per_token
@@ -328,6 +338,8 @@ impl<'p> Engine<'p> {
                 cfg.num_experts,
             )?
         };
+        let template = ChatTemplate::of_pack_or_plain(pack);
+        let eos = stop_ids(pack, cfg, &tokenizer, template.is_harmony());
         Ok(Engine {
             cfg: cfg.clone(),
             model,
@@ -345,7 +357,8 @@ impl<'p> Engine<'p> {
                 all_experts_bytes: all_experts,
                 margin_bytes: margin,
             },
-            template: ChatTemplate::of_pack_or_plain(pack),
+            template,
+            eos,
             max_sequence: positions as usize,
         })
     }
@@ -361,6 +374,27 @@ impl<'p> Engine<'p> {
     /// The pack's chat template, or the plain transcript for a pack without one.
     pub fn template(&self) -> &ChatTemplate {
         &self.template
+    }
+
+    /// Whether the answer to `prompt` comes in harmony channels: the template writes harmony
+    /// and the prompt ends with its generation prompt (`<|start|>assistant`), as a rendered
+    /// conversation does; a raw text prompt gets the text as generated.
+    pub fn answers_in_channels(&self, prompt: &[u32]) -> bool {
+        self.harmony()
+            && self
+                .encode("<|start|>assistant")
+                .is_ok_and(|tail| !tail.is_empty() && prompt.ends_with(&tail))
+    }
+
+    /// The token ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Whether the answer comes in harmony channels (the template writes harmony): then
+    /// [`Engine::complete`]'s text is the `final` channel and the rest is its reasoning.
+    pub fn harmony(&self) -> bool {
+        self.template.is_harmony()
     }
 
     /// Whether experts stream through a budgeted cache (else all are resident).
@@ -445,7 +479,7 @@ impl<'p> Engine<'p> {
             // Under a budget a chunk may route to more experts than fit: the store then loads
             // and runs them group by group, each expert read at most once per chunk.
             prefill_chunk: self.prefill_chunk,
-            eos: self.cfg.eos_token_ids.clone(),
+            eos: self.eos.clone(),
             host_sampling: self.host_sampling,
         };
         let logprobs = req.logprobs.map(|n| n.min(MAX_TOP_LOGPROBS));
@@ -490,6 +524,16 @@ impl<'p> Engine<'p> {
         let tokenizer = self.tokenizer.clone();
         let mut stream = TextStream::new(&tokenizer);
         let mut scan = StopScan::new(&req.stop);
+        // Harmony: stop strings apply to the answer; the reasoning passes through.
+        let mut harmony = self.answers_in_channels(prompt).then(Harmony::new);
+        let mut split = |new: &str| match harmony.as_mut() {
+            Some(h) => h.push(new),
+            None => Split {
+                answer: new.to_string(),
+                reasoning: String::new(),
+            },
+        };
+        let mut reasoning = String::new();
         let mut text = String::new();
         let mut all_logprobs = Vec::new();
         let mut pending: Vec<TokenText> = Vec::new();
@@ -507,18 +551,21 @@ impl<'p> Engine<'p> {
             let Some(new) = stream.push(t.id) else {
                 return true;
             };
-            let (out, stop) = match scan.push(&new) {
+            let new = split(&new);
+            let (out, stop) = match scan.push(&new.answer) {
                 Scan::Send(s) => (s, false),
                 Scan::Stop(s) => (s, true),
             };
-            if out.is_empty() && !stop {
+            if out.is_empty() && new.reasoning.is_empty() && !stop {
                 return true;
             }
             let piece = Piece {
                 text: out,
+                reasoning: new.reasoning,
                 logprobs: std::mem::take(&mut pending),
             };
             text.push_str(&piece.text);
+            reasoning.push_str(&piece.reasoning);
             all_logprobs.extend(piece.logprobs.iter().cloned());
             if stop {
                 hit_stop = true;
@@ -535,24 +582,30 @@ impl<'p> Engine<'p> {
         })?;
         if !hit_stop && !cancelled {
             let mut tail = String::new();
-            if let Some(rest) = stream.finish() {
-                match scan.push(&rest) {
-                    Scan::Send(s) => tail.push_str(&s),
-                    Scan::Stop(s) => {
-                        tail.push_str(&s);
-                        hit_stop = true;
-                    }
+            let mut rest = split(&stream.finish().unwrap_or_default());
+            if let Some(h) = harmony.as_mut() {
+                let last = h.finish();
+                rest.answer.push_str(&last.answer);
+                rest.reasoning.push_str(&last.reasoning);
+            }
+            match scan.push(&rest.answer) {
+                Scan::Send(s) => tail.push_str(&s),
+                Scan::Stop(s) => {
+                    tail.push_str(&s);
+                    hit_stop = true;
                 }
             }
             if !hit_stop {
                 tail.push_str(&scan.finish());
             }
-            if !tail.is_empty() || !pending.is_empty() {
+            if !tail.is_empty() || !rest.reasoning.is_empty() || !pending.is_empty() {
                 let piece = Piece {
                     text: tail,
+                    reasoning: rest.reasoning,
                     logprobs: std::mem::take(&mut pending),
                 };
                 text.push_str(&piece.text);
+                reasoning.push_str(&piece.reasoning);
                 all_logprobs.extend(piece.logprobs.iter().cloned());
                 on_piece(&piece);
             }
@@ -571,6 +624,7 @@ impl<'p> Engine<'p> {
         };
         Ok(Completion {
             text,
+            reasoning,
             finish,
             prompt_tokens: prompt.len(),
             completion_tokens: g.tokens.len(),
@@ -579,6 +633,52 @@ impl<'p> Engine<'p> {
             stats: g.stats,
         })
     }
+}
+
+/// The ids that end generation: the config's `eos_token_id`, the pack's generation_config's
+/// (gpt-oss adds `<|call|>` and `<|endoftext|>` there to `<|return|>`), and for a harmony
+/// template the tokens that end an assistant's turn (`<|return|>`, `<|call|>`), which a pack
+/// converted from an older generation_config may lack. Sorted, without repeats.
+pub fn stop_ids(
+    pack: &Pack,
+    cfg: &ModelConfig,
+    tokenizer: &tokenizers::Tokenizer,
+    harmony: bool,
+) -> Vec<u32> {
+    let turn_ends: Vec<u32> = if harmony {
+        ["<|return|>", "<|call|>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    gather_stop_ids(
+        &cfg.eos_token_ids,
+        pack.metadata().get("generation_config"),
+        &turn_ends,
+    )
+}
+
+/// [`stop_ids`] from its sources: the config's ids, a generation_config (its `eos_token_id`, a
+/// number or a list), and more ids.
+fn gather_stop_ids(
+    config: &[u32],
+    generation: Option<&serde_json::Value>,
+    more: &[u32],
+) -> Vec<u32> {
+    let mut ids = config.to_vec();
+    if let Some(v) = generation.and_then(|g| g.get("eos_token_id")) {
+        let one = |v: &serde_json::Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
+        match v.as_array() {
+            Some(a) => ids.extend(a.iter().filter_map(one)),
+            None => ids.extend(one(v)),
+        }
+    }
+    ids.extend_from_slice(more);
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Says so when a budget is more than the machine's memory: it cannot be honoured, and is most
@@ -722,6 +822,26 @@ impl PhaseMarker<'_, '_> {
 
 #[cfg(test)]
 mod tests {
+    /// gpt-oss: config.json names `<|return|>`, its generation_config adds `<|call|>` and
+    /// `<|endoftext|>`; an older generation_config without `<|call|>` still stops there under a
+    /// harmony template; a single id is a number.
+    #[test]
+    fn stop_ids_gather_config_generation_config_and_turn_ends() {
+        let g = serde_json::json!({"eos_token_id": [200002, 199999, 200012]});
+        assert_eq!(
+            super::gather_stop_ids(&[200002], Some(&g), &[]),
+            [199999, 200002, 200012]
+        );
+        let old = serde_json::json!({"eos_token_id": [200002, 199999]});
+        assert_eq!(
+            super::gather_stop_ids(&[200002], Some(&old), &[200002, 200012]),
+            [199999, 200002, 200012]
+        );
+        let one = serde_json::json!({"eos_token_id": 7});
+        assert_eq!(super::gather_stop_ids(&[2], Some(&one), &[]), [2, 7]);
+        assert_eq!(super::gather_stop_ids(&[2], None, &[]), [2]);
+    }
+
     use super::*;
 
     const POOL: PoolSize = PoolSize {

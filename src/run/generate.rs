@@ -111,8 +111,9 @@ impl Prefix {
             self.clear();
             return 0;
         }
-        // A linear-attention state cannot go back (model/kv_cache.rs, "Reusing a prefix"): a
-        // hybrid model reuses only a cache whose every position the prompt keeps.
+        // A linear-attention state cannot go back, nor a sliding-window cache that has dropped
+        // positions (model/kv_cache.rs, "Reusing a prefix"): such a model reuses only a cache
+        // whose every position the prompt keeps.
         if self.kv.truncate(shared).is_err() {
             self.clear();
             return 0;

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod engine;
 pub mod experts;
 pub mod generate;
+pub mod harmony;
 pub mod open;
 pub mod read;
 pub mod sample;

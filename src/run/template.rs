@@ -6,6 +6,17 @@
 //! Invariant: rendering the conversation so far and then the same conversation with one more
 //! turn gives texts that share the first as a prefix wherever the template allows it, which is
 //! what lets the KV cache be reused across turns (prefix reuse, `generate.rs`).
+//!
+//! The environment is the one transformers renders with (`apply_chat_template`,
+//! utils/chat_template_utils.py `_compile_jinja_template`): `trim_blocks` and `lstrip_blocks`,
+//! `raise_exception(msg)`, `strftime_now(format)` (local time, C `strftime`), and a `tojson`
+//! that writes what Python's `json.dumps` writes (`", "` and `": "` separators, no HTML
+//! escaping, non-ASCII kept); Python's string and dict methods (`.items()`, `.startswith()`,
+//! `.strip()`, ...) come from minijinja-contrib's `pycompat`. gpt-oss's harmony template
+//! (fixtures/templates/) needs all of these.
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Error, ErrorKind};
 
 use crate::format::Pack;
 
@@ -56,6 +67,8 @@ pub struct ChatTemplate {
     plain: bool,
     bos: String,
     eos: String,
+    /// `strftime_now`'s time, seconds since the epoch in UTC; `None`: now, local time.
+    fixed_time: Option<i64>,
 }
 
 impl ChatTemplate {
@@ -78,7 +91,38 @@ impl ChatTemplate {
             plain,
             bos: token("bos_token"),
             eos: token("eos_token"),
+            fixed_time: None,
         }
+    }
+
+    /// `source` with the given special tokens (a template read from elsewhere than a pack).
+    pub fn from_source(source: &str, bos: &str, eos: &str) -> ChatTemplate {
+        ChatTemplate {
+            source: source.to_string(),
+            plain: false,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+            fixed_time: None,
+        }
+    }
+
+    /// The same template with `strftime_now` reading this time (seconds since the epoch, in
+    /// UTC) instead of the clock: for reproducible prompts and tests.
+    pub fn at_time(self, unix_seconds: i64) -> ChatTemplate {
+        ChatTemplate {
+            fixed_time: Some(unix_seconds),
+            ..self
+        }
+    }
+
+    /// Whether the template writes OpenAI's harmony format (gpt-oss): messages framed by
+    /// `<|start|>` and `<|message|>` with a `<|channel|>`; the answer then comes in channels
+    /// (`harmony.rs`).
+    pub fn is_harmony(&self) -> bool {
+        !self.plain
+            && ["<|start|>", "<|channel|>", "<|message|>"]
+                .iter()
+                .all(|t| self.source.contains(t))
     }
 
     /// Whether this is the plain transcript (the pack has no template).
@@ -98,6 +142,15 @@ impl ChatTemplate {
     /// The prompt text for `messages`, ending with the assistant's turn.
     pub fn render(&self, messages: &[Message]) -> Result<String, TemplateError> {
         let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        let fixed = self.fixed_time;
+        env.add_function("strftime_now", move |format: &str| {
+            strftime_now(format, fixed)
+        });
+        env.add_filter("tojson", tojson);
         env.add_template("chat", &self.source)
             .map_err(TemplateError::Parse)?;
         let ctx = minijinja::context! {
@@ -112,6 +165,101 @@ impl ChatTemplate {
     }
 }
 
+/// `raise_exception(message)`: the template refuses the conversation.
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `strftime_now(format)`: `datetime.now().strftime(format)`, through the C library's
+/// `strftime` as Python's goes (in the "C" locale: flashpack never sets another); `fixed`
+/// formats that time in UTC instead.
+fn strftime_now(format: &str, fixed: Option<i64>) -> Result<String, Error> {
+    let bad = |what: &str| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {what}"));
+    let fmt = std::ffi::CString::new(format).map_err(|_| bad("a NUL in the format"))?;
+    // SAFETY: `tm` is plain data that `localtime_r` / `gmtime_r` fill in (they return NULL,
+    // checked, when they cannot); `strftime` writes at most `buf.len()` bytes into `buf` and
+    // returns how many, reading the NUL-terminated `fmt` and the filled `tm`.
+    unsafe {
+        let now = fixed.unwrap_or_else(|| libc::time(std::ptr::null_mut()) as i64) as libc::time_t;
+        let mut tm: libc::tm = std::mem::zeroed();
+        let filled = match fixed {
+            Some(_) => libc::gmtime_r(&now, &mut tm),
+            None => libc::localtime_r(&now, &mut tm),
+        };
+        if filled.is_null() {
+            return Err(bad("the clock is out of range"));
+        }
+        let mut buf = vec![0u8; 256 + 8 * format.len()];
+        let n = libc::strftime(buf.as_mut_ptr().cast(), buf.len(), fmt.as_ptr(), &tm);
+        if n == 0 && !format.is_empty() {
+            return Err(bad("the formatted date is too long or empty"));
+        }
+        buf.truncate(n);
+        String::from_utf8(buf).map_err(|_| bad("the formatted date is not UTF-8"))
+    }
+}
+
+/// transformers' `tojson` filter: `json.dumps(x, ensure_ascii=False, indent=indent,
+/// separators=separators, sort_keys=sort_keys)` with Python's default separators (`", "`,
+/// `": "`; `","` and `": "` with an indent). Custom separators and `sort_keys` are refused
+/// rather than ignored.
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    // Non-ASCII is always kept, as with transformers' default ensure_ascii=False.
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    // Serialized straight from the value, so maps keep their order as Python's dicts do.
+    let json = value;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let f = serde_json::ser::PrettyFormatter::with_indent(&pad);
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, f);
+            serde::Serialize::serialize(&json, &mut ser)
+        }
+        None => {
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonJson);
+            serde::Serialize::serialize(&json, &mut ser)
+        }
+    };
+    written.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(Value::from(String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// `json.dumps`'s one-line layout: `", "` between items, `": "` after keys.
+struct PythonJson;
+
+impl serde_json::ser::Formatter for PythonJson {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +270,7 @@ mod tests {
             plain: true,
             bos: String::new(),
             eos: String::new(),
+            fixed_time: None,
         }
     }
 
@@ -149,6 +298,96 @@ mod tests {
         assert_eq!(t.stops(), vec!["\nUser:".to_string()]);
     }
 
+    /// gpt-oss's harmony template (fixtures/templates/gpt-oss-chat_template.jinja) renders as
+    /// transformers renders it (the expected texts are jinja2's, with transformers' settings):
+    /// the system message with today's date, the first message as the developer's
+    /// instructions, and after an answer the next turn's prompt extends the first (the
+    /// answer's reasoning is not rendered back).
+    #[test]
+    fn the_gpt_oss_harmony_template_renders_as_transformers_does() {
+        let source = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/templates/gpt-oss-chat_template.jinja"
+        ))
+        .unwrap();
+        // 2026-11-30 12:00 UTC.
+        let t = ChatTemplate::from_source(&source, "<|startoftext|>", "<|return|>")
+            .at_time(1_796_040_000);
+        assert!(t.is_harmony() && !plain().is_harmony());
+        let system = "<|start|>system<|message|>You are ChatGPT, a large language model trained \
+                      by OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: 2026-11-30\n\n\
+                      Reasoning: medium\n\n# Valid channels: analysis, commentary, final. \
+                      Channel must be included for every message.<|end|>";
+        let one = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+        ];
+        let first = t.render(&one).unwrap();
+        assert_eq!(
+            first,
+            format!(
+                "{system}<|start|>developer<|message|># Instructions\n\nBe brief.\n\n<|end|>\
+                 <|start|>user<|message|>Hi<|end|><|start|>assistant"
+            )
+        );
+        let two = [
+            one[0].clone(),
+            one[1].clone(),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+        ];
+        let second = t.render(&two).unwrap();
+        assert_eq!(
+            second,
+            format!(
+                "{first}<|channel|>final<|message|>Hello!<|end|><|start|>user<|message|>Bye\
+                 <|end|><|start|>assistant"
+            )
+        );
+        // Without a system message there is no developer message.
+        assert_eq!(
+            t.render(&[Message::new("user", "Hi")]).unwrap(),
+            format!("{system}<|start|>user<|message|>Hi<|end|><|start|>assistant")
+        );
+        // The template refuses channel tags in an answer (raise_exception).
+        let tagged = [
+            Message::new("user", "Hi"),
+            Message::new("assistant", "<|channel|>final<|message|>x"),
+            Message::new("user", "Hi"),
+        ];
+        let err = t.render(&tagged).unwrap_err();
+        assert!(matches!(err, TemplateError::Render(_)), "{err}");
+        // The clock: today's date in the local time zone.
+        let now = ChatTemplate::from_source(&source, "", "")
+            .render(&one)
+            .unwrap();
+        let date = now.split("Current date: ").nth(1).unwrap();
+        assert!(date.as_bytes()[..10]
+            .iter()
+            .enumerate()
+            .all(|(i, c)| if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }));
+    }
+
+    /// `tojson` writes what Python's `json.dumps` writes; `.items()` works on mappings.
+    #[test]
+    fn tojson_and_dict_methods_follow_python() {
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}{{ m | tojson }}{% for k, v in m.items() %}|{{ k }}{% endfor %}\
+             {{ m.content.startswith('é') }}{% endfor %}",
+            "",
+            "",
+        );
+        let out = t.render(&[Message::new("user", "é <b>\"x\"")]).unwrap();
+        assert_eq!(
+            out,
+            "{\"role\": \"user\", \"content\": \"é <b>\\\"x\\\"\"}|role|contentTrue"
+        );
+    }
+
     #[test]
     fn a_broken_template_is_an_error_that_names_it() {
         let t = ChatTemplate {
@@ -156,6 +395,7 @@ mod tests {
             plain: false,
             bos: String::new(),
             eos: String::new(),
+            fixed_time: None,
         };
         let err = t.render(&[Message::new("user", "x")]).unwrap_err();
         assert!(matches!(err, TemplateError::Parse(_)), "{err}");

@@ -535,12 +535,18 @@ impl Responder {
     pub fn full(&self, c: &Completion, logprobs: bool) -> Value {
         let lp = self.logprobs(&c.logprobs, logprobs, 0);
         let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": lp,
-                "finish_reason": finish_reason(c.finish),
-            }),
+            Endpoint::Chat => {
+                let mut message = json!({"role": "assistant", "content": c.text});
+                if !c.reasoning.is_empty() {
+                    message["reasoning_content"] = json!(c.reasoning);
+                }
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": lp,
+                    "finish_reason": finish_reason(c.finish),
+                })
+            }
             Endpoint::Completion => json!({
                 "index": 0,
                 "text": c.text,
@@ -591,12 +597,20 @@ impl Responder {
         let lp = self.logprobs(&p.logprobs, logprobs, self.offset);
         self.offset += p.text.chars().count();
         match self.endpoint {
-            Endpoint::Chat => self.chunk(json!({
-                "index": 0,
-                "delta": {"content": p.text},
-                "logprobs": lp,
-                "finish_reason": Value::Null,
-            })),
+            Endpoint::Chat => {
+                // A harmony model's reasoning as `reasoning_content` (DeepSeek's and vLLM's
+                // field), beside the answer's `content`.
+                let mut delta = json!({"content": p.text});
+                if !p.reasoning.is_empty() {
+                    delta["reasoning_content"] = json!(p.reasoning);
+                }
+                self.chunk(json!({
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": lp,
+                    "finish_reason": Value::Null,
+                }))
+            }
             Endpoint::Completion => self.chunk(json!({
                 "index": 0,
                 "text": p.text,
@@ -765,6 +779,7 @@ mod tests {
 
     fn completion(text: &str, finish: Finish) -> Completion {
         Completion {
+            reasoning: String::new(),
             text: text.into(),
             finish,
             prompt_tokens: 10,
@@ -803,6 +818,7 @@ mod tests {
         let c = r.piece_chunk(
             &Piece {
                 text: "Hi".into(),
+                reasoning: String::new(),
                 logprobs: completion("", Finish::Stop).logprobs,
             },
             true,

@@ -220,6 +220,7 @@ fn serve_job(
 
 fn cancelled(prompt_tokens: usize) -> Completion {
     Completion {
+        reasoning: String::new(),
         text: String::new(),
         finish: crate::run::engine::Finish::Cancelled,
         prompt_tokens,

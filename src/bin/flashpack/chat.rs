@@ -182,6 +182,12 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         ANSWERING.store(true, Ordering::SeqCst);
         let mut stdout = std::io::stdout().lock();
         let answer = engine.complete(&ids, &req, |p| {
+            // A harmony model's reasoning streams on stderr, its answer on stdout
+            // (docs/decisions/0011-harmony-output.md).
+            if !p.reasoning.is_empty() {
+                let _ = std::io::stderr().write_all(p.reasoning.as_bytes());
+                let _ = std::io::stderr().flush();
+            }
             let _ = stdout.write_all(p.text.as_bytes());
             let _ = stdout.flush();
             !INTERRUPTED.load(Ordering::SeqCst)

@@ -58,14 +58,24 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         r.layers, r.hidden_size, r.intermediate_size
     );
     let kv = r.kv_cache_bytes_per_token;
+    // Sliding-window layers: a fixed part, the same at any context past the window.
+    let window = if r.kv_cache_window_bytes > 0 {
+        format!(" + {} for the windows", gib(r.kv_cache_window_bytes))
+    } else {
+        String::new()
+    };
     match r.max_position_embeddings {
         Some(n) => println!(
-            "attention     {}; KV cache {}/token, {} at {n} tokens",
+            "attention     {}; KV cache {}/token{window}, {} at {n} tokens",
             r.attention,
             gib(kv),
-            gib(kv * n as u64)
+            gib(kv * n as u64 + r.kv_cache_window_bytes)
         ),
-        None => println!("attention     {}; KV cache {}/token", r.attention, gib(kv)),
+        None => println!(
+            "attention     {}; KV cache {}/token{window}",
+            r.attention,
+            gib(kv)
+        ),
     }
     if r.recurrent_state_bytes > 0 {
         println!(

@@ -9,6 +9,7 @@ use flashpack::memory::peak_rss;
 use flashpack::run::budget::Budget;
 use flashpack::run::engine::{Engine, EngineOptions, Request};
 use flashpack::run::experts::PolicyKind;
+use flashpack::run::harmony::{Harmony, Split};
 use flashpack::run::open;
 use flashpack::run::read::IoMode;
 use flashpack::run::sample::SamplerOptions;
@@ -252,6 +253,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let tokenizer = engine.tokenizer().clone();
     let mut stdout = std::io::stdout().lock();
     let mut text = TextStream::new(&tokenizer);
+    // A harmony model (gpt-oss): the final channel on stdout, its reasoning on stderr
+    // (docs/decisions/0011-harmony-output.md).
+    let mut harmony = engine.answers_in_channels(&ids).then(Harmony::new);
+    let mut out_piece = |piece: &str, stdout: &mut std::io::StdoutLock| match harmony.as_mut() {
+        Some(h) => show(h.push(piece), stdout),
+        None => {
+            let _ = stdout.write_all(piece.as_bytes());
+        }
+    };
     // Process CPU seconds at the start, at the first token and at the end: under load from
     // other processes they measure the work of each phase more steadily than wall time.
     let cpu_start = process_cpu_s();
@@ -261,13 +271,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             cpu_first = Some(process_cpu_s());
         }
         if let Some(piece) = text.push(t.id) {
-            let _ = stdout.write_all(piece.as_bytes());
+            out_piece(&piece, &mut stdout);
             let _ = stdout.flush();
         }
         true
     })?;
     if let Some(rest) = text.finish() {
-        let _ = stdout.write_all(rest.as_bytes());
+        out_piece(&rest, &mut stdout);
+    }
+    if let Some(h) = harmony.as_mut() {
+        show(h.finish(), &mut stdout);
     }
     let generated = text.ids().to_vec();
     let _ = writeln!(stdout);
@@ -380,4 +393,14 @@ fn process_cpu_s() -> f64 {
         }
     }
     0.0
+}
+
+/// A harmony piece: the answer on stdout, the reasoning on stderr.
+fn show(split: Split, stdout: &mut std::io::StdoutLock) {
+    if !split.reasoning.is_empty() {
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr.write_all(split.reasoning.as_bytes());
+        let _ = stderr.flush();
+    }
+    let _ = stdout.write_all(split.answer.as_bytes());
 }
