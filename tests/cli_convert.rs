@@ -69,7 +69,7 @@ fn bad_input_exits_1_with_a_message_and_leaves_no_file() {
     let cfg = src.path().join("config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("qwen3_moe", "gpt_oss");
+        .replace("qwen3_moe", "llama4");
     std::fs::write(&cfg, text).unwrap();
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("m.flashpack");
@@ -77,7 +77,7 @@ fn bad_input_exits_1_with_a_message_and_leaves_no_file() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("gpt_oss") && err.contains("qwen3_moe, mixtral"),
+        err.contains("llama4") && err.contains("qwen3_moe, mixtral"),
         "{err}"
     );
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);

@@ -230,6 +230,22 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                 .unwrap()
                 .keys()
                 .collect();
+            if arch == Arch::GptOss {
+                // mlx-lm keeps gpt-oss's MXFP4 experts whatever the recipe (they are quantized
+                // already); the recipe quantizes the rest.
+                assert!(
+                    p.experts().iter().all(|e| e.mode == QuantMode::Mxfp4
+                        && e.bits == 4
+                        && e.group_size == 32
+                        && e.scale_dtype == DType::U8
+                        && e.bias_dtype.is_some()),
+                    "{what}: experts requantized"
+                );
+                assert_eq!(kinds, vec!["mxfp4"], "{what}");
+                assert_eq!(q["mode"], "mxfp4", "{what}: {q}");
+                assert_logits_match(&pack, &mlx_dir, &what);
+                continue;
+            }
             match recipe {
                 Recipe::Uniform(bits, group) => {
                     assert!(

@@ -351,8 +351,12 @@ impl MlxQuantization {
                     // (its quantize default), as for the 8-bit routers of an mxfp4 model.
                     let m = o.get("mode").and_then(Value::as_str).unwrap_or("affine");
                     let m = parse_mode(m, &format!("module {k}: "))?;
-                    let b = num(o, "bits").unwrap_or(bits);
-                    let g = num(o, "group_size").unwrap_or(group_size);
+                    // A missing or null bits / group_size is the mode's default, as MLX's
+                    // `to_quantized(group_size=None, bits=None, mode)` takes it (mlx-lm writes
+                    // `group_size: null` in mixed recipes over an mxfp4 model).
+                    let (db, dg) = m.fixed().map_or((4, 64), |(b, g)| (b as u64, g as u64));
+                    let b = num(o, "bits").unwrap_or(db);
+                    let g = num(o, "group_size").unwrap_or(dg);
                     Some((b as u8, g as usize, m))
                 }
                 _ => continue, // group_size, bits, mode
