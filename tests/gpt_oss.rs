@@ -425,3 +425,55 @@ fn every_stage_runs_on_gpt_oss() {
     assert!(n(c, "slots") < stored, "{stored} experts, {c}");
     assert!(n(c, "experts_loaded") > n(c, "slots"), "{c}");
 }
+
+/// A gpt-oss pack carries its harmony chat template (from the source's `chat_template.jinja`),
+/// and `run` renders it by default: the prompt the model sees is the template's system, user and
+/// assistant-start turns around the text, far longer than the text alone (`--raw`); both run.
+#[test]
+fn gpt_oss_runs_its_harmony_template_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = write(&spec(2), &dir.path().join("src"));
+    // The fixture's context (64 positions) is shorter than the template's system turn.
+    let cfg = src.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["max_position_embeddings"] = 4096.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    std::fs::copy(
+        root.join("fixtures/templates/gpt-oss-chat_template.jinja"),
+        src.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let pack = dir.path().join("harmony.flashpack");
+    let pack_s = pack.to_str().unwrap();
+    flashpack(&["convert", src.to_str().unwrap(), "-o", pack_s, "--quiet"]);
+    let meta = Pack::open(&pack).unwrap().metadata().clone();
+    assert!(
+        meta["chat_template"]
+            .as_str()
+            .is_some_and(|t| t.contains("<|start|>assistant")),
+        "the pack keeps the harmony template"
+    );
+    let prompt_tokens = |extra: &[&str]| -> u64 {
+        let mut args = vec![
+            "run",
+            pack_s,
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "4",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = flashpack_out(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let j: serde_json::Value = serde_json::from_str(err.lines().last().unwrap_or("")).unwrap();
+        assert_eq!(j["token_ids"].as_array().map(Vec::len), Some(4), "{j}");
+        j["generation"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let (templated, raw) = (prompt_tokens(&[]), prompt_tokens(&["--raw"]));
+    // "<|start|>system<|message|>You are ChatGPT, ...<|end|><|start|>user<|message|>Hi<|end|>
+    // <|start|>assistant": dozens of tokens (this fixture's tokenizer spells the markers out).
+    assert!(templated > raw + 30, "templated {templated}, raw {raw}");
+}
