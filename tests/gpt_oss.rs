@@ -477,3 +477,82 @@ fn gpt_oss_runs_its_harmony_template_by_default() {
     // <|start|>assistant": dozens of tokens (this fixture's tokenizer spells the markers out).
     assert!(templated > raw + 30, "templated {templated}, raw {raw}");
 }
+
+/// Prefix reuse on sliding windows: once a window has dropped positions the cache cannot be cut
+/// back, so a next prompt that extends the last prompt but not the answer generated after it
+/// (a harmony chat's next turn: the template renders the answer without its reasoning) starts
+/// from the checkpoint at the end of the last prompt, and gives a cold engine's tokens. A next
+/// prompt that extends the answer too reuses everything.
+#[test]
+fn gpt_oss_reuses_the_last_prompt_past_the_window() {
+    use flashpack::progress::Silent;
+    use flashpack::run::engine::{Engine, EngineOptions, Request};
+    use flashpack::run::open;
+    use flashpack::run::sample::SamplerOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(&spec(3), &dir.path().join("src"));
+    let cfg = src.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["max_position_embeddings"] = 4096.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let pack = dir.path().join("reuse.flashpack");
+    flashpack(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let (pack, cfg, weights) = open::open(&pack, true).unwrap();
+    let opts = EngineOptions {
+        positions: 256,
+        ..EngineOptions::default()
+    };
+    let req = Request {
+        max_tokens: 6,
+        sampler: SamplerOptions::default(),
+        logprobs: None,
+        stop: Vec::new(),
+    };
+    let mut warm = Engine::new(&pack, &cfg, &weights, &opts, &Silent).unwrap();
+    let mut cold = Engine::new(&pack, &cfg, &weights, &opts, &Silent).unwrap();
+    let run = |e: &mut Engine<'_>, p: &[u32]| {
+        let g = e.generate(p, &req, &Silent, |_| true).unwrap().generation;
+        (g.tokens, g.cached_tokens)
+    };
+    let first = warm
+        .encode("The history of the world is a story about how, and why, and when.")
+        .unwrap();
+    assert!(first.len() > 2 * WINDOW, "the prompt wraps the window");
+    let (_, cached) = run(&mut warm, &first);
+    assert_eq!(cached, 0);
+    // The next turn: the last prompt, then other text than the answer.
+    let mut next = first.clone();
+    next.extend(
+        warm.encode(" Tell me more about the Roman empire.")
+            .unwrap(),
+    );
+    assert_eq!(warm.shared_prefix(&next), first.len());
+    let (reused, cached) = run(&mut warm, &next);
+    assert_eq!(
+        cached,
+        first.len(),
+        "restarts from the end of the last prompt"
+    );
+    let (fresh, _) = run(&mut cold, &next);
+    assert_eq!(reused, fresh, "the checkpoint changes no token");
+    // Everything so far, then more: all of it reused.
+    let mut agent = next.clone();
+    agent.extend(&reused);
+    agent.extend(warm.encode(" And then?").unwrap());
+    let (again, cached) = run(&mut warm, &agent);
+    assert_eq!(cached, next.len() + reused.len() - 1);
+    cold.reset();
+    let (fresh, _) = run(&mut cold, &agent);
+    assert_eq!(again, fresh);
+    // A prompt that leaves the last one early cannot be cut back to: computed whole.
+    let other = warm.encode("A different question").unwrap();
+    let (_, cached) = run(&mut warm, &other);
+    assert_eq!(cached, 0);
+}

@@ -28,6 +28,10 @@
 //! a position (`rotating.rs`, "Cutting back"), so a caller falls back to its snapshot (or to a
 //! fresh cache) and never decodes from a state that does not match its tokens. A snapshot is cheap: MLX arrays are
 //! immutable, so it shares the buffers, and a later write copies instead of updating in place.
+//! [`KvCache::checkpoint`] keeps less: only the layers that cannot be cut back (a window, a
+//! state: fixed sizes) and the position, to which [`KvCache::restore`] cuts the others back, so
+//! keeping one never doubles the growing KV cache. `run::generate::Prefix` takes one at the end
+//! of every prompt.
 
 use super::rotating::{AttnMask, RotatingKv};
 use super::ComputeError;
@@ -283,6 +287,21 @@ pub struct KvCache {
     pub layers: Vec<LayerCache>,
 }
 
+/// A position of a [`KvCache`] it can be brought back to ([`KvCache::checkpoint`]).
+#[derive(Debug, Clone)]
+pub struct KvCheckpoint {
+    offset: usize,
+    /// The layers that cannot be cut back, as they were; `None` for the others.
+    layers: Vec<Option<LayerCache>>,
+}
+
+impl KvCheckpoint {
+    /// The position it holds.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+}
+
 impl KvCache {
     /// `layers` KV caches (a model of softmax attention only); [`super::Model::new_cache`]
     /// gives each layer its own kind.
@@ -330,6 +349,59 @@ impl KvCache {
     /// Shares the buffers: nothing is copied until one of the two is written.
     pub fn snapshot(&self) -> KvCache {
         self.clone()
+    }
+
+    /// What [`KvCache::restore`] needs to bring this cache back to the position it is at now,
+    /// however far it goes on: the layers that cannot be cut back (linear-attention states,
+    /// sliding windows) as they are, and the position, to which the others are cut back. Only
+    /// those fixed-size layers are kept, so a checkpoint costs a window and a state per layer,
+    /// never a second copy of the growing KV cache; `None` for a model of plain KV caches,
+    /// which [`KvCache::truncate`] brings back to any position.
+    pub fn checkpoint(&self) -> Option<KvCheckpoint> {
+        let fixed = |l: &LayerCache| !matches!(l, LayerCache::Kv(_));
+        if !self.layers.iter().any(fixed) {
+            return None;
+        }
+        Some(KvCheckpoint {
+            offset: self.offset(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| fixed(l).then(|| l.clone()))
+                .collect(),
+        })
+    }
+
+    /// Brings the cache back to `cp`'s position: its fixed-size layers as `cp` kept them, the
+    /// others cut back. Refused (nothing changed) when `cp` is of another model, or ahead of
+    /// the cache.
+    pub fn restore(&mut self, cp: &KvCheckpoint) -> Result<()> {
+        let fits = cp.layers.len() == self.layers.len()
+            && self.offset() >= cp.offset
+            && self.layers.iter().zip(&cp.layers).all(|(l, c)| match c {
+                Some(c) => std::mem::discriminant(l) == std::mem::discriminant(c),
+                None => l.can_truncate(cp.offset),
+            });
+        if !fits {
+            return Err(ComputeError::CannotTruncate {
+                offset: self.offset(),
+                position: cp.offset,
+                linear: false,
+                window: None,
+            });
+        }
+        for (l, c) in self.layers.iter_mut().zip(&cp.layers) {
+            match c {
+                Some(c) => *l = c.clone(),
+                None => l.truncate(cp.offset)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`KvCache::truncate`] to `position` would succeed.
+    pub fn can_truncate(&self, position: usize) -> bool {
+        self.layers.iter().all(|l| l.can_truncate(position))
     }
 
     /// Cuts every layer back to `position` when all of them can be (a linear-attention layer only

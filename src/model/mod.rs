@@ -32,7 +32,7 @@ mod weights;
 
 pub use attention::{mask_for, Attention, RopeSpec};
 pub use gated_delta::GatedDeltaNet;
-pub use kv_cache::{KvCache, LayerCache, LayerKv, LinearState};
+pub use kv_cache::{KvCache, KvCheckpoint, LayerCache, LayerKv, LinearState};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
 pub use mla::{MlaAttention, MultiLinear};
 pub use moe::{

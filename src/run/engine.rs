@@ -432,15 +432,10 @@ impl<'p> Engine<'p> {
     }
 
     /// How many positions of `prompt` the KV cache can give (what [`Engine::generate`] will
-    /// not compute): the shared prefix, short of the prompt's last token.
+    /// not compute): the shared prefix, short of the prompt's last token, or for a cache that
+    /// cannot be cut back there, its checkpoint at the end of the last prompt.
     pub fn shared_prefix(&self, prompt: &[u32]) -> usize {
-        self.prefix
-            .ids()
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len().saturating_sub(1))
+        self.prefix.reusable(prompt)
     }
 
     /// Empties the KV cache (the next request computes its whole prompt).

@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use crate::mlx::Array;
-use crate::model::{ComputeError, ExpertStore, KvCache, Model};
+use crate::model::{ComputeError, ExpertStore, KvCache, KvCheckpoint, Model};
 use crate::progress::{Progress, Silent};
 use crate::run::sample::{SampleError, Sampler, SamplerOptions};
 
@@ -78,11 +78,16 @@ pub fn last_logits(logits: &Array) -> Result<Vec<f32>, crate::mlx::Error> {
 }
 
 /// A KV cache and the token ids, in order, whose keys and values it holds: what the next
-/// prompt can start from.
+/// prompt can start from. For a model whose cache cannot be cut back everywhere (sliding
+/// windows, linear attention) it also keeps a checkpoint at the end of the last prompt, so a
+/// next prompt that extends the last one (a chat's next turn, whose template renders the
+/// answer differently from how it was generated, as harmony drops the reasoning) starts there.
 #[derive(Debug, Default)]
 pub struct Prefix {
     kv: KvCache,
     ids: Vec<u32>,
+    /// The cache at the end of the last prompt: it holds `ids[..checkpoint.offset()]`.
+    checkpoint: Option<KvCheckpoint>,
 }
 
 impl Prefix {
@@ -94,6 +99,29 @@ impl Prefix {
     /// Forget everything (the buffers go too).
     pub fn clear(&mut self) {
         *self = Prefix::default();
+    }
+
+    /// How many positions of `prompt` [`Prefix::keep_shared`] would keep, without changing
+    /// anything.
+    pub fn reusable(&self, prompt: &[u32]) -> usize {
+        let shared = self
+            .ids
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len().saturating_sub(1));
+        if self.kv.offset() != self.ids.len() {
+            0
+        } else if self.kv.can_truncate(shared) {
+            shared
+        } else {
+            self.checkpoint
+                .as_ref()
+                .map(KvCheckpoint::offset)
+                .filter(|&at| at <= shared)
+                .unwrap_or(0)
+        }
     }
 
     /// Keeps the longest prefix shared with `prompt`, but never the whole prompt (its last
@@ -112,11 +140,31 @@ impl Prefix {
             return 0;
         }
         // A linear-attention state cannot go back, nor a sliding-window cache that has dropped
-        // positions (model/kv_cache.rs, "Reusing a prefix"): such a model reuses only a cache
-        // whose every position the prompt keeps.
+        // positions (model/kv_cache.rs, "Reusing a prefix"): such a model reuses a cache whose
+        // every position the prompt keeps, or else its checkpoint at the end of the last prompt
+        // when the new prompt keeps that much.
         if self.kv.truncate(shared).is_err() {
-            self.clear();
-            return 0;
+            let restored = match self.checkpoint.take() {
+                Some(cp) if cp.offset() <= shared && self.kv.restore(&cp).is_ok() => {
+                    let at = cp.offset();
+                    self.checkpoint = Some(cp);
+                    Some(at)
+                }
+                _ => None,
+            };
+            let Some(at) = restored else {
+                self.clear();
+                return 0;
+            };
+            self.ids.truncate(at);
+            return at;
+        }
+        if self
+            .checkpoint
+            .as_ref()
+            .is_some_and(|cp| cp.offset() > shared)
+        {
+            self.checkpoint = None;
         }
         self.ids.truncate(shared);
         shared
@@ -283,6 +331,8 @@ fn generate_inner(
     }
     let logits = model.forward_last_ids(last, &mut prefix.kv, experts)?;
     prefix.ids.extend_from_slice(last);
+    // The cache now holds exactly the prompt: the next turn may start here.
+    prefix.checkpoint = prefix.kv.checkpoint();
     progress.advance(1);
     progress.finish_stage();
     if opts.sampler.temperature == 0.0 && !opts.host_sampling && logprobs.is_none() {
