@@ -309,6 +309,15 @@ impl Checkpoint {
                     self.proj_source(name, scales, biases, Some((expert, e)), rows, cols)
                 }
                 ExpertLayout::MxBlocks => self.mx_blocks_proj(layer, expert, p, rows, cols),
+                // transformers' bf16 re-export of gpt-oss: gate_up_proj [E, H, 2I], interleaved.
+                ExpertLayout::Fused if c.arch == Arch::GptOss => Err(LoadError::Experts {
+                    layer,
+                    detail:
+                        "float experts.gate_up_proj is the bf16 re-export of gpt-oss, which is \
+                             not read (mlx-lm does not read it either); convert the original MXFP4 \
+                             checkpoint (openai/gpt-oss-20b or -120b) or mlx-lm's conversion of it"
+                            .into(),
+                }),
                 ExpertLayout::Fused => {
                     let (name, per_expert_rows, skip) = match p {
                         Proj::Gate => (ix.fused_gate_up.get(&layer), 2 * i, 0),
