@@ -16,7 +16,8 @@ use flashpack::format::Pack;
 #[path = "common/mlx_lm.rs"]
 mod mlx_lm;
 use mlx_lm::{
-    check, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits, python_has_mlx_lm,
+    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits,
+    python_has_mlx_lm, run_report,
 };
 
 const PROMPT: &[u32] = &[
@@ -214,24 +215,9 @@ fn every_stage_runs_on_deepseek_v3_and_glm4_moe() {
         let human = flashpack_out(&["inspect", pack_s]);
         assert!(String::from_utf8_lossy(&human.stdout).contains("KV cache"));
 
-        let eval = flashpack_out(&[
-            "eval",
-            pack_s,
-            "--text",
-            text.to_str().unwrap(),
-            "--reference",
-            src_s,
-            "--window",
-            "64",
-            "--json",
-        ]);
-        let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
         // A random model's next-token distribution is nearly flat, so top-1 agreement is noise
         // here; the KL of the 2-bit, merged pack against the bf16 source is what eval measures.
-        let kl = e["reference"]["kl_mean"].as_f64().unwrap_or(f64::NAN);
-        let top1 = e["reference"]["top1_agreement"]
-            .as_f64()
-            .unwrap_or(f64::NAN);
+        let (kl, top1, e) = eval_against(pack_s, &text, src_s);
         assert!(kl > 0.0 && kl < 2.0, "{name}: {e}");
         assert!((0.0..=1.0).contains(&top1), "{name}: {e}");
 
@@ -248,10 +234,7 @@ fn every_stage_runs_on_deepseek_v3_and_glm4_moe() {
                 "--json",
             ];
             args.extend_from_slice(budget);
-            let out = flashpack_out(&args);
-            // --json puts the report on stderr (stdout is the text); its last line.
-            let err = String::from_utf8_lossy(&out.stderr);
-            serde_json::from_str(err.lines().last().unwrap_or("")).unwrap()
+            run_report(&args)
         };
         let n = |j: &serde_json::Value, k: &str| j[k].as_u64().unwrap();
         let ample = run(&["--mem-budget", "1GiB"]);

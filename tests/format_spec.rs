@@ -322,12 +322,7 @@ fn projection_bits_round_trip_and_are_checked() {
         u64_at(&b, 16) & required::PROJECTION_BITS,
         required::PROJECTION_BITS
     );
-    let dir_at = sections(&b)
-        .iter()
-        .find(|s| s.0 == SectionKind::ExpertDir as u32)
-        .unwrap()
-        .2 as usize;
-    let entry = |i: usize| dir_at + 16 + 112 * i;
+    let entry = |i: usize| expert_entry_at(&b, i);
     // Entries: (0,0,0) (0,1,0) (0,1,1) (1,0,0) (1,1,0) (1,1,1).
     assert_eq!(b[entry(0) + 12], 4);
     assert_eq!(&b[entry(0) + 104..entry(0) + 112], &[0u8; 8]);
@@ -337,12 +332,7 @@ fn projection_bits_round_trip_and_are_checked() {
         &[2, 2, 6, 0, 0, 0, 0, 0]
     );
 
-    let edit = |at: usize, bytes: &[u8]| {
-        let mut c = b.clone();
-        c[at..at + bytes.len()].copy_from_slice(bytes);
-        resign(&mut c);
-        Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c))
-    };
+    let edit = |at: usize, bytes: &[u8]| opened_with(&b, at, bytes);
     for (bytes, field) in [
         (&[6u8, 6, 6][..], "projection_bits"), // all equal: must be written as zeros
         (&[2, 2, 7][..], "projection_bits"),   // not a valid width
@@ -395,20 +385,10 @@ fn expert_biases_round_trip_and_are_checked() {
         u64_at(&b, 16) & required::EXPERT_BIASES,
         required::EXPERT_BIASES
     );
-    let dir_at = sections(&b)
-        .iter()
-        .find(|s| s.0 == SectionKind::ExpertDir as u32)
-        .unwrap()
-        .2 as usize;
-    let entry = |i: usize| dir_at + 16 + 112 * i;
+    let entry = |i: usize| expert_entry_at(&b, i);
     assert_eq!(&b[entry(0) + 28..entry(0) + 32], &[1, 0, 0, 0]);
     assert_eq!(b[entry(0) + 108], 2, "bf16");
-    let edit = |at: usize, bytes: &[u8]| {
-        let mut c = b.clone();
-        c[at..at + bytes.len()].copy_from_slice(bytes);
-        resign(&mut c);
-        Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c))
-    };
+    let edit = |at: usize, bytes: &[u8]| opened_with(&b, at, bytes);
     for (at, bytes, field) in [
         (28, &[3u8][..], "flags"),     // an unknown flag bit
         (108, &[5][..], "bias_dtype"), // u8 biases
@@ -444,4 +424,23 @@ fn expert_biases_round_trip_and_are_checked() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("expert_bias"), "{err}");
+}
+
+/// Offset in the file of expert directory entry `i` (§6.1; the directory is stored raw).
+fn expert_entry_at(b: &[u8], i: usize) -> usize {
+    let dir_at = sections(b)
+        .iter()
+        .find(|s| s.0 == SectionKind::ExpertDir as u32)
+        .unwrap()
+        .2 as usize;
+    dir_at + 16 + 112 * i
+}
+
+/// `Pack::from_bytes` of `b` with `bytes` written at `at`, re-signed so the reader's field
+/// checks are reached.
+fn opened_with(b: &[u8], at: usize, bytes: &[u8]) -> Result<Pack, PackError> {
+    let mut c = b.to_vec();
+    c[at..at + bytes.len()].copy_from_slice(bytes);
+    resign(&mut c);
+    Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c))
 }

@@ -20,7 +20,8 @@ use flashpack::format::{DType, Pack, QuantMode};
 #[path = "common/mlx_lm.rs"]
 mod mlx_lm;
 use mlx_lm::{
-    check, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits, python_has_mlx_lm, run_ok,
+    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits,
+    python_has_mlx_lm, run_ok, run_report,
 };
 
 /// The sliding layers' window: the prompt is more than three windows long.
@@ -366,25 +367,10 @@ fn every_stage_runs_on_gpt_oss() {
     assert!(String::from_utf8_lossy(&human.stdout).contains("KV cache"));
     flashpack(&["verify", pack_s]);
 
-    let eval = flashpack_out(&[
-        "eval",
-        pack_s,
-        "--text",
-        text.to_str().unwrap(),
-        "--reference",
-        src_s,
-        "--window",
-        "64",
-        "--json",
-    ]);
-    let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     // A random model's next-token distribution is nearly flat, so top-1 agreement is noise; the
     // KL of the 2-bit, merged pack against the MXFP4 source is what eval measures. The eval
     // window (64) is 8 sliding windows.
-    let kl = e["reference"]["kl_mean"].as_f64().unwrap_or(f64::NAN);
-    let top1 = e["reference"]["top1_agreement"]
-        .as_f64()
-        .unwrap_or(f64::NAN);
+    let (kl, top1, e) = eval_against(pack_s, &text, src_s);
     assert!(kl > 0.0 && kl < 2.0, "{e}");
     assert!((0.0..=1.0).contains(&top1), "{e}");
 
@@ -402,10 +388,7 @@ fn every_stage_runs_on_gpt_oss() {
             "--json",
         ];
         args.extend_from_slice(budget);
-        let out = flashpack_out(&args);
-        // --json puts the report on stderr (stdout is the text); its last line.
-        let err = String::from_utf8_lossy(&out.stderr);
-        serde_json::from_str(err.lines().last().unwrap_or("")).unwrap()
+        run_report(&args)
     };
     let n = |j: &serde_json::Value, k: &str| j[k].as_u64().unwrap();
     let ample = run(&["--mem-budget", "1GiB"]);
@@ -466,9 +449,7 @@ fn gpt_oss_runs_its_harmony_template_by_default() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let out = flashpack_out(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        let j: serde_json::Value = serde_json::from_str(err.lines().last().unwrap_or("")).unwrap();
+        let j = run_report(&args);
         assert_eq!(j["token_ids"].as_array().map(Vec::len), Some(4), "{j}");
         j["generation"]["prompt_tokens"].as_u64().unwrap()
     };

@@ -21,7 +21,8 @@ use flashpack::format::Pack;
 #[path = "common/mlx_lm.rs"]
 mod mlx_lm;
 use mlx_lm::{
-    check, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits, python_has_mlx_lm, run_ok,
+    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits,
+    python_has_mlx_lm, run_ok, run_report,
 };
 
 const PROMPT: &[u32] = &[
@@ -270,19 +271,7 @@ fn every_stage_runs_on_qwen3_next_and_qwen3_5_moe() {
         let human = String::from_utf8_lossy(&human.stdout);
         assert!(human.contains("KV cache") && human.contains("linear-attention state"));
 
-        let eval = flashpack_out(&[
-            "eval",
-            pack_s,
-            "--text",
-            text.to_str().unwrap(),
-            "--reference",
-            src_s,
-            "--window",
-            "64",
-            "--json",
-        ]);
-        let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
-        let kl = e["reference"]["kl_mean"].as_f64().unwrap_or(f64::NAN);
+        let (kl, _, e) = eval_against(pack_s, &text, src_s);
         assert!(kl > 0.0 && kl.is_finite(), "{name}: {e}");
         // The random model's logits are nearly flat (its perplexity is about its vocabulary), so
         // the 2-bit cold and merged experts move the top token often; at 8 bits the pack and
@@ -300,22 +289,7 @@ fn every_stage_runs_on_qwen3_next_and_qwen3_5_moe() {
             "8",
             "--quiet",
         ]);
-        let eval8 = flashpack_out(&[
-            "eval",
-            p8_s,
-            "--text",
-            text.to_str().unwrap(),
-            "--reference",
-            src_s,
-            "--window",
-            "64",
-            "--json",
-        ]);
-        let e8: serde_json::Value = serde_json::from_slice(&eval8.stdout).unwrap();
-        let kl8 = e8["reference"]["kl_mean"].as_f64().unwrap_or(f64::NAN);
-        let top1 = e8["reference"]["top1_agreement"]
-            .as_f64()
-            .unwrap_or(f64::NAN);
+        let (kl8, top1, e8) = eval_against(p8_s, &text, src_s);
         assert!(kl8 < 0.1 && kl8 < kl, "{name}: {e8}");
         assert!(top1 > 0.5 && top1 <= 1.0, "{name}: {e8}");
 
@@ -323,7 +297,7 @@ fn every_stage_runs_on_qwen3_next_and_qwen3_5_moe() {
         let all = p.experts().iter().map(|e| e.decoded_len).sum::<u64>();
         let dense: u64 = p.tensors().iter().map(|t| t.decoded_len).sum();
         let budget = format!("{}KiB", (dense + all / 3 + (12 << 20)) / 1024);
-        let run = flashpack_out(&[
+        let j = run_report(&[
             "run",
             pack_s,
             "--prompt",
@@ -334,10 +308,6 @@ fn every_stage_runs_on_qwen3_next_and_qwen3_5_moe() {
             &budget,
             "--json",
         ]);
-        // --json puts the report on stderr (stdout is the text); its last line.
-        let err = String::from_utf8_lossy(&run.stderr);
-        let last = err.lines().last().unwrap_or("");
-        let j: serde_json::Value = serde_json::from_str(last).unwrap();
         assert_eq!(
             j["token_ids"].as_array().map(Vec::len),
             Some(8),

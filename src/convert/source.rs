@@ -170,6 +170,23 @@ fn mlx_codes(
     })
 }
 
+/// A quantized source's codes as MLX arrays ([`mlx_codes`]); interleaved rows are copied out
+/// first. A float source has no codes: an error.
+fn source_codes(src: ProjSource<'_>, lead: &[usize]) -> Result<QuantizedMatrix, ComputeError> {
+    match src {
+        ProjSource::Quantized(q) => mlx_codes(&q, lead),
+        ProjSource::Interleaved { .. } => {
+            let own = src.own().ok_or_else(|| ComputeError::Unsupported {
+                what: "interleaved rows".into(),
+            })?;
+            mlx_codes(&own.view(), lead)
+        }
+        ProjSource::Float(_) => Err(ComputeError::Unsupported {
+            what: "codes of a float projection".into(),
+        }),
+    }
+}
+
 /// The experts of a checkpoint, built one layer at a time on first use.
 pub struct SourceExperts<'c> {
     ck: &'c Checkpoint,
@@ -210,13 +227,7 @@ impl<'c> SourceExperts<'c> {
                         let a = Array::from_slice(&v, &[1, m.rows, m.cols])?;
                         mlx::quantize(&a, REFERENCE_EXPERT_GROUP, REFERENCE_EXPERT_BITS)?
                     }
-                    ProjSource::Quantized(q) => mlx_codes(&q, &[1])?,
-                    ProjSource::Interleaved { .. } => {
-                        let own = src.own().ok_or_else(|| ComputeError::Unsupported {
-                            what: "interleaved rows".into(),
-                        })?;
-                        mlx_codes(&own.view(), &[1])?
-                    }
+                    _ => source_codes(src, &[1])?,
                 };
                 stacks[p].push(m);
             }
@@ -405,15 +416,7 @@ impl<'c> StreamedExperts<'c> {
         read.extend(src.source_bytes());
         Ok(match src {
             ProjSource::Float(_) => Array::from_slice(&src.to_f32(), &src.shape())?,
-            ProjSource::Quantized(q) => {
-                mlx::dequantize(&mlx_codes(&q, &[])?)?.astype(Dtype::F32)?
-            }
-            ProjSource::Interleaved { .. } => {
-                let own = src.own().ok_or_else(|| ComputeError::Unsupported {
-                    what: "interleaved rows".into(),
-                })?;
-                mlx::dequantize(&mlx_codes(&own.view(), &[])?)?.astype(Dtype::F32)?
-            }
+            _ => mlx::dequantize(&source_codes(src, &[])?)?.astype(Dtype::F32)?,
         })
     }
 }

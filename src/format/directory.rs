@@ -694,10 +694,7 @@ fn check_expert_entry(
         e.mode,
     )
     .and_then(|(w, a)| {
-        let b = match e.bias_dtype {
-            Some(d) => expert_bias_len(hidden, e.row_count, e.segment == 0, d)?,
-            None => 0,
-        };
+        let b = expert_bias_len(hidden, e.row_count, e.segment == 0, e.bias_dtype)?;
         Some((w, a.checked_add(b)?))
     })
     .ok_or_else(|| {

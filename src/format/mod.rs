@@ -265,8 +265,15 @@ pub fn segment_part_lens(
 }
 
 /// Bytes of a segment's expert biases (formats/flashpack-v1.md §6.4, format 1.2): the gate and
-/// up biases of its `rows` rows, and in the expert's first segment the `hidden` down biases.
-pub fn expert_bias_len(hidden: u32, rows: u32, first_segment: bool, dtype: DType) -> Option<u64> {
+/// up biases of its `rows` rows, and in the expert's first segment the `hidden` down biases, in
+/// `dtype`; 0 for an expert without biases (`None`).
+pub fn expert_bias_len(
+    hidden: u32,
+    rows: u32,
+    first_segment: bool,
+    dtype: Option<DType>,
+) -> Option<u64> {
+    let Some(dtype) = dtype else { return Some(0) };
     let down = if first_segment { hidden as u64 } else { 0 };
     (2 * rows as u64)
         .checked_add(down)?

@@ -282,10 +282,12 @@ impl PackWriter {
             desc.mode,
         )
         .and_then(|(w, a)| {
-            let b = match desc.bias_dtype {
-                Some(d) => expert_bias_len(self.hidden_size, desc.row_count, desc.segment == 0, d)?,
-                None => 0,
-            };
+            let b = expert_bias_len(
+                self.hidden_size,
+                desc.row_count,
+                desc.segment == 0,
+                desc.bias_dtype,
+            )?;
             Some((w, a.checked_add(b)?))
         })
         .ok_or_else(|| PackError::Writer {

@@ -434,14 +434,7 @@ impl ExpertCache {
                     .sum::<usize>() as u64;
         }
         Ok(ExpertCache {
-            act: pack
-                .meta()
-                .model
-                .clamped_swiglu
-                .map_or(ExpertAct::Swiglu, |c| ExpertAct::Clamped {
-                    alpha: c.alpha,
-                    limit: c.limit,
-                }),
+            act: ExpertAct::of(&pack.meta().model),
             pools,
             pool_of,
             merge_map,

@@ -127,47 +127,32 @@ impl Prefix {
     /// Keeps the longest prefix shared with `prompt`, but never the whole prompt (its last
     /// token must run to give the first logits); returns how many positions were kept.
     fn keep_shared(&mut self, prompt: &[u32]) -> usize {
-        let shared = self
-            .ids
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len().saturating_sub(1));
-        if self.kv.offset() != self.ids.len() {
-            // Cannot happen while every path below records what it feeds; stay correct anyway.
-            self.clear();
-            return 0;
-        }
+        let keep = self.reusable(prompt);
         // A linear-attention state cannot go back, nor a sliding-window cache that has dropped
         // positions (model/kv_cache.rs, "Reusing a prefix"): such a model reuses a cache whose
         // every position the prompt keeps, or else its checkpoint at the end of the last prompt
-        // when the new prompt keeps that much.
-        if self.kv.truncate(shared).is_err() {
-            let restored = match self.checkpoint.take() {
-                Some(cp) if cp.offset() <= shared && self.kv.restore(&cp).is_ok() => {
-                    let at = cp.offset();
-                    self.checkpoint = Some(cp);
-                    Some(at)
-                }
-                _ => None,
-            };
-            let Some(at) = restored else {
-                self.clear();
-                return 0;
-            };
-            self.ids.truncate(at);
-            return at;
+        // when the new prompt keeps that much (`reusable` then says the checkpoint's position).
+        // An offset that disagrees with the ids cannot happen while every path below records
+        // what it feeds (`reusable` gives 0); the cache is cleared to stay correct anyway.
+        let kept = self.kv.offset() == self.ids.len()
+            && (self.kv.truncate(keep).is_ok()
+                || self
+                    .checkpoint
+                    .as_ref()
+                    .is_some_and(|cp| cp.offset() == keep && self.kv.restore(cp).is_ok()));
+        if !kept {
+            self.clear();
+            return 0;
         }
         if self
             .checkpoint
             .as_ref()
-            .is_some_and(|cp| cp.offset() > shared)
+            .is_some_and(|cp| cp.offset() > keep)
         {
             self.checkpoint = None;
         }
-        self.ids.truncate(shared);
-        shared
+        self.ids.truncate(keep);
+        keep
     }
 }
 

@@ -213,6 +213,22 @@ pub fn now_s() -> u64 {
 }
 
 impl Common {
+    /// The parsed request: `prompt` and the checked `request`, with the fields every endpoint
+    /// shares (model, streaming and its usage chunk).
+    fn parsed(&self, prompt: Prompt, request: Request) -> Parsed {
+        Parsed {
+            prompt,
+            request,
+            model: self.model.clone(),
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        }
+    }
+
     fn check(&self, max_tokens: Option<u64>, limits: &Limits) -> Result<Request, ApiError> {
         if let Some(n) = self.n {
             if n != 1 {
@@ -358,18 +374,7 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
     } else if let Some(n) = b.top_logprobs {
         check_top(n, "top_logprobs")?;
     }
-    Ok(Parsed {
-        prompt: Prompt::Chat(messages),
-        request,
-        model: b.common.model.clone(),
-        stream: b.common.stream.unwrap_or(false),
-        include_usage: b
-            .common
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-    })
+    Ok(b.common.parsed(Prompt::Chat(messages), request))
 }
 
 /// Parses and checks a `/v1/completions` body. `max_tokens` defaults to 16, as OpenAI's.
@@ -403,18 +408,7 @@ pub fn parse_completion(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError
     if let Some(n) = b.logprobs {
         request.logprobs = Some(check_top(n, "logprobs")?);
     }
-    Ok(Parsed {
-        prompt,
-        request,
-        model: b.common.model.clone(),
-        stream: b.common.stream.unwrap_or(false),
-        include_usage: b
-            .common
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-    })
+    Ok(b.common.parsed(prompt, request))
 }
 
 /// Which endpoint a response is for.

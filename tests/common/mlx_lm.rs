@@ -194,3 +194,30 @@ pub fn check(
     }
     eprintln!("{what}: max |logit diff| {worst}");
 }
+
+/// `flashpack run ... --json` (ARGS include `run` and `--json`), which must succeed: its report,
+/// the last line of stderr (stdout is the text).
+pub fn run_report(args: &[&str]) -> serde_json::Value {
+    let out = flashpack_out(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    serde_json::from_str(err.lines().last().unwrap_or("")).unwrap()
+}
+
+/// `flashpack eval PACK --text TEXT --reference SRC --window 64 --json`: the KL and top-1
+/// agreement against the reference (NaN when absent), and the whole report.
+pub fn eval_against(pack: &str, text: &Path, src: &str) -> (f64, f64, serde_json::Value) {
+    let out = flashpack_out(&[
+        "eval",
+        pack,
+        "--text",
+        text.to_str().unwrap(),
+        "--reference",
+        src,
+        "--window",
+        "64",
+        "--json",
+    ]);
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |k: &str| e["reference"][k].as_f64().unwrap_or(f64::NAN);
+    (get("kl_mean"), get("top1_agreement"), e)
+}

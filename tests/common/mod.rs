@@ -115,9 +115,8 @@ fn write_small_pack_full(
                 let b = bits(layer, expert);
                 let (wl, al) =
                     segment_part_lens(HIDDEN, rows, b, 64, DType::BF16, QuantMode::Affine).unwrap();
-                let bl = bias.map_or(0, |t| {
-                    flashpack::format::expert_bias_len(HIDDEN, rows, segment == 0, t).unwrap()
-                });
+                let bl =
+                    flashpack::format::expert_bias_len(HIDDEN, rows, segment == 0, bias).unwrap();
                 let seed = (layer * 100 + expert * 10 + segment as u32) as u64;
                 w.add_expert_segment(
                     ExpertSegmentDesc {

@@ -100,13 +100,11 @@ impl<'a> ProjSource<'a> {
             p.groups_per_row(cols) * p.scale_size(all.scale_dtype),
         );
         let pick = |buf: &[u8], n: usize| -> Vec<u8> {
-            (0..rows)
-                .flat_map(|r| {
-                    buf[(2 * r + first) * n..(2 * r + first + 1) * n]
-                        .iter()
-                        .copied()
-                })
-                .collect()
+            let mut out = Vec::with_capacity(rows * n);
+            for r in 0..rows {
+                out.extend_from_slice(&buf[(2 * r + first) * n..][..n]);
+            }
+            out
         };
         Some(QuantizedMatrix {
             rows,
