@@ -20,6 +20,14 @@ extern "C" {
         n: usize,
         to_gpu: c_int,
     ) -> c_int;
+    pub fn fp_upload(
+        dsts: *const *mut c_void,
+        srcs: *const *const c_void,
+        lens: *const usize,
+        n: usize,
+    ) -> c_int;
+    pub fn fp_pin_host(p: *mut c_void, len: usize) -> c_int;
+    pub fn fp_upload_available() -> c_int;
     pub fn fp_peak_memory() -> usize;
     pub fn fp_free(a: *mut FpArray);
     pub fn fp_clone(a: *const FpArray, out: *mut *mut FpArray) -> c_int;

@@ -169,6 +169,45 @@ pub fn unified_prefetch(ranges: &[(usize, usize)], to_gpu: bool) -> bool {
     }
 }
 
+/// Whether [`upload`] copies through the GPU (MLX on CUDA, where the slot pools are managed
+/// memory). Elsewhere a slot is plain host-visible memory, written in place.
+pub fn upload_available() -> bool {
+    // SAFETY: no arguments; the shim only looks up the CUDA driver.
+    unsafe { ffi::fp_upload_available() == 1 }
+}
+
+/// Copies each `(dst, src, len)` from host memory into device-visible memory (a slot of a pool)
+/// with the CUDA driver, on this thread's own non-blocking stream, and waits for the copies.
+/// Returns `false` (copying nothing) where no CUDA driver serves, so the caller writes the bytes
+/// itself.
+///
+/// # Safety
+/// Each `src` must be readable and each `dst` writable for `len` bytes for the whole call, the
+/// ranges must not overlap, and no evaluation may read a `dst` range during the call (the slot
+/// invariants of `run::experts`).
+pub unsafe fn upload(ranges: &[(usize, usize, usize)]) -> Result<bool> {
+    let dsts: Vec<*mut c_void> = ranges.iter().map(|&(d, _, _)| d as *mut c_void).collect();
+    let srcs: Vec<*const c_void> = ranges.iter().map(|&(_, s, _)| s as *const c_void).collect();
+    let lens: Vec<usize> = ranges.iter().map(|&(_, _, n)| n).collect();
+    match ffi::fp_upload(dsts.as_ptr(), srcs.as_ptr(), lens.as_ptr(), ranges.len()) {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Error::Mlx {
+            op: "upload",
+            message: "the CUDA driver refused a host-to-device copy into an expert slot".into(),
+        }),
+    }
+}
+
+/// Page-locks `len` bytes at `p` for faster [`upload`]s (CUDA only; `false` where not done).
+///
+/// # Safety
+/// `p..p+len` must be one live allocation that outlives every upload from it; it is never
+/// unlocked, so it must not be freed while the process keeps using CUDA.
+pub unsafe fn pin_host(p: *mut u8, len: usize) -> bool {
+    ffi::fp_pin_host(p.cast(), len) == 1
+}
+
 /// Turn a shim status into a Result, fetching the thread-local message on failure.
 fn check(op: &'static str, status: c_int) -> Result<()> {
     if status == 0 {

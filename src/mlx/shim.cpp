@@ -471,6 +471,9 @@ struct CudaDriver {
   int (*ctx_set_current)(void*) = nullptr;
   int (*prefetch)(unsigned long long, size_t, int, void*) = nullptr;
   int (*stream_sync)(void*) = nullptr;
+  int (*stream_create)(void**, unsigned) = nullptr;
+  int (*copy_htod)(unsigned long long, const void*, size_t, void*) = nullptr;
+  int (*host_register)(void*, size_t, unsigned) = nullptr;
 };
 
 const CudaDriver& cuda_driver() {
@@ -485,34 +488,95 @@ const CudaDriver& cuda_driver() {
     d.prefetch = reinterpret_cast<int (*)(unsigned long long, size_t, int, void*)>(
         dlsym(h, "cuMemPrefetchAsync"));
     d.stream_sync = reinterpret_cast<int (*)(void*)>(dlsym(h, "cuStreamSynchronize"));
-    if (!retain || !d.ctx_set_current || !d.prefetch || !d.stream_sync) return d;
+    d.stream_create = reinterpret_cast<int (*)(void**, unsigned)>(dlsym(h, "cuStreamCreate"));
+    d.copy_htod = reinterpret_cast<int (*)(unsigned long long, const void*, size_t, void*)>(
+        dlsym(h, "cuMemcpyHtoDAsync_v2"));
+    d.host_register =
+        reinterpret_cast<int (*)(void*, size_t, unsigned)>(dlsym(h, "cuMemHostRegister_v2"));
+    if (!retain || !d.ctx_set_current || !d.prefetch || !d.stream_sync || !d.stream_create ||
+        !d.copy_htod)
+      return d;
     if (retain(&d.ctx, 0) != 0) return d;
     d.ok = true;
     return d;
   }();
   return d;
 }
+
+// This thread's copy stream: made current on the primary context, non-blocking (flag 1), so
+// copies and migrations issued here neither wait for MLX's compute streams nor hold them up
+// (the legacy default stream would serialize with both). Null when it cannot be made.
+void* thread_stream(const CudaDriver& d) {
+  thread_local bool ready = false;
+  thread_local void* stream = nullptr;
+  if (!ready) {
+    ready = true;
+    if (d.ctx_set_current(d.ctx) != 0) return nullptr;
+    if (d.stream_create(&stream, 1) != 0) stream = nullptr;
+  }
+  return stream;
+}
 #endif
 
 }  // namespace
+
+int fp_upload(void* const* dsts, const void* const* srcs, const size_t* lens, size_t n) {
+#if defined(__linux__)
+  const CudaDriver& d = cuda_driver();
+  if (!d.ok || std::getenv("FLASHPACK_NO_UPLOAD")) return 0;
+  void* s = thread_stream(d);
+  if (!s) return -1;
+  for (size_t i = 0; i < n; ++i) {
+    if (lens[i] == 0) continue;
+    if (d.copy_htod(reinterpret_cast<unsigned long long>(dsts[i]), srcs[i], lens[i], s) != 0)
+      return -1;
+  }
+  return d.stream_sync(s) == 0 ? 1 : -1;
+#else
+  (void)dsts;
+  (void)srcs;
+  (void)lens;
+  (void)n;
+  return 0;
+#endif
+}
+
+int fp_pin_host(void* p, size_t len) {
+#if defined(__linux__)
+  const CudaDriver& d = cuda_driver();
+  if (!d.ok || !d.host_register || len == 0) return 0;
+  if (!thread_stream(d)) return -1;
+  return d.host_register(p, len, 0) == 0 ? 1 : -1;
+#else
+  (void)p;
+  (void)len;
+  return 0;
+#endif
+}
+
+int fp_upload_available() {
+#if defined(__linux__)
+  const CudaDriver& d = cuda_driver();
+  return d.ok && !std::getenv("FLASHPACK_NO_UPLOAD") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 int fp_unified_prefetch(const void* const* ptrs, const size_t* lens, size_t n, int to_gpu) {
 #if defined(__linux__)
   const CudaDriver& d = cuda_driver();
   if (!d.ok) return 0;
-  thread_local bool current = false;
-  if (!current) {
-    if (d.ctx_set_current(d.ctx) != 0) return -1;
-    current = true;
-  }
+  void* s = thread_stream(d);
+  if (!s) return -1;
   for (size_t i = 0; i < n; ++i) {
     if (lens[i] == 0) continue;
-    if (d.prefetch(reinterpret_cast<unsigned long long>(ptrs[i]), lens[i], to_gpu ? 0 : -1,
-                   nullptr) != 0) {
+    if (d.prefetch(reinterpret_cast<unsigned long long>(ptrs[i]), lens[i], to_gpu ? 0 : -1, s) !=
+        0) {
       return -1;
     }
   }
-  return d.stream_sync(nullptr) == 0 ? 1 : -1;
+  return d.stream_sync(s) == 0 ? 1 : -1;
 #else
   (void)ptrs;
   (void)lens;

@@ -346,6 +346,8 @@ pub struct ExpertCache {
     pending: Option<Prefetch>,
     /// Experts loaded by prefetch and not yet asked for.
     prefetched: std::collections::HashSet<ExpertKey>,
+    /// Whether slots are written by device copies (`mlx::upload_available`).
+    upload: bool,
 }
 
 thread_local! {
@@ -446,6 +448,7 @@ impl ExpertCache {
             stats,
             pending: None,
             prefetched: Default::default(),
+            upload: mlx::upload_available(),
         })
     }
 
@@ -587,6 +590,20 @@ impl ExpertCache {
         layer: u32,
         router_experts: &[u32],
     ) -> Result<Vec<(usize, u32)>, ExpertError> {
+        let stored: Vec<u32> = router_experts
+            .iter()
+            .map(|&e| stored_expert(&self.merge_map, layer, e))
+            .collect();
+        self.prepare_stored(pack, layer, &stored)
+    }
+
+    /// [`Self::prepare`] for stored expert ids (no merge map applied): what `bench io` loads.
+    pub fn prepare_stored(
+        &mut self,
+        pack: &Pack,
+        layer: u32,
+        stored: &[u32],
+    ) -> Result<Vec<(usize, u32)>, ExpertError> {
         self.join_prefetch()?;
         for p in &mut self.pools {
             if self.naive {
@@ -594,10 +611,18 @@ impl ExpertCache {
             }
             p.table.begin_group();
         }
-        let mut out = Vec::with_capacity(router_experts.len());
+        self.prepare_stored_ids(pack, layer, stored)
+    }
+
+    fn prepare_stored_ids(
+        &mut self,
+        pack: &Pack,
+        layer: u32,
+        stored_ids: &[u32],
+    ) -> Result<Vec<(usize, u32)>, ExpertError> {
+        let mut out = Vec::with_capacity(stored_ids.len());
         let mut misses: Vec<(usize, u32, u32)> = Vec::new(); // pool, slot, stored expert
-        for &e in router_experts {
-            let stored = stored_expert(&self.merge_map, layer, e);
+        for &stored in stored_ids {
             let pool = *self
                 .pool_of
                 .get(&(layer, stored))
@@ -667,6 +692,15 @@ impl ExpertCache {
         Ok(())
     }
 
+    fn load_ctx(&self) -> LoadCtx {
+        LoadCtx {
+            verify: self.verify,
+            hidden: self.hidden,
+            inter: self.inter,
+            upload: self.upload,
+        }
+    }
+
     /// Reads, checks, decodes and writes experts into their slots, in parallel, now.
     fn load(
         &mut self,
@@ -675,7 +709,7 @@ impl ExpertCache {
         misses: &[(usize, u32, u32)],
     ) -> Result<(), ExpertError> {
         let jobs = self.jobs(pack, layer, misses)?;
-        run_jobs(&self.reader, self.verify, self.hidden, self.inter, jobs)
+        run_jobs(&self.reader, self.load_ctx(), jobs)
     }
 
     /// One job per miss: its segments and its slot's nine destinations.
@@ -752,10 +786,10 @@ impl ExpertCache {
             .map(|&(pool, _, expert)| (pool, ExpertKey { layer, expert }))
             .collect();
         let reader = self.reader.clone();
-        let (verify, hidden, inter) = (self.verify, self.hidden, self.inter);
+        let ctx = self.load_ctx();
         let handle = std::thread::Builder::new()
             .name("flashpack-prefetch".into())
-            .spawn(move || run_jobs(&reader, verify, hidden, inter, jobs))
+            .spawn(move || run_jobs(&reader, ctx, jobs))
             .map_err(|e| ExpertError::Unsupported {
                 reason: format!("cannot start a prefetch thread: {e}"),
             })?;
@@ -802,26 +836,41 @@ struct Job {
     dst: [(usize, usize); SLOT_ARRAYS],
 }
 
-fn run_jobs(
-    reader: &SegmentReader,
+/// How a load writes and checks: what every segment task of one batch shares.
+#[derive(Clone, Copy)]
+struct LoadCtx {
     verify: bool,
     hidden: usize,
     inter: usize,
-    jobs: Vec<Job>,
-) -> Result<(), ExpertError> {
+    /// MLX on CUDA: whole-expert segments go from the decode buffers to the slot in one copy
+    /// per array (`mlx::upload`), the slot's pages never visiting the host.
+    upload: bool,
+}
+
+fn run_jobs(reader: &SegmentReader, ctx: LoadCtx, jobs: Vec<Job>) -> Result<(), ExpertError> {
     // One task per segment, not per expert: a lone miss split into row segments is read and
     // decoded on as many cores as it has segments.
     let tasks: Vec<(&Job, &ExpertEntry)> = jobs
         .iter()
         .flat_map(|job| job.segments.iter().map(move |e| (job, e)))
         .collect();
-    // MLX on CUDA: the slots are managed memory; bring their pages to the host in one move
-    // before writing, and to the GPU in one move after (a no-op on other backends).
-    let ranges: Vec<(usize, usize)> = jobs.iter().flat_map(|j| j.dst).collect();
-    let hinted = mlx::unified_prefetch(&ranges, false);
-    tasks
-        .into_par_iter()
-        .try_for_each(|(job, e)| load_segment(reader, e, verify, hidden, inter, &job.dst))?;
+    // MLX on CUDA, for experts stored in several row segments (written row by row on the
+    // host): the slots are managed memory; bring their pages to the host in one move before
+    // writing, and to the GPU in one move after (a no-op on other backends).
+    let ranges: Vec<(usize, usize)> = jobs
+        .iter()
+        .filter(|j| !(ctx.upload && j.segments.len() == 1))
+        .flat_map(|j| j.dst)
+        .collect();
+    let hinted = !ranges.is_empty() && mlx::unified_prefetch(&ranges, false);
+    // On the reader's I/O threads (queue depth), not the global pool (one per core): each
+    // task reads and then decodes, so as many reads are in flight as the queue depth allows
+    // even on two cores, and a segment is decoded as soon as its own read is done.
+    reader.install(|| {
+        tasks
+            .into_par_iter()
+            .try_for_each(|(job, e)| load_segment(reader, e, ctx, &job.dst))
+    })?;
     if hinted {
         mlx::unified_prefetch(&ranges, true);
     }
@@ -838,16 +887,14 @@ impl Drop for ExpertCache {
 fn load_segment(
     reader: &SegmentReader,
     e: &ExpertEntry,
-    verify: bool,
-    hidden: usize,
-    inter: usize,
+    ctx: LoadCtx,
     dst: &[(usize, usize); SLOT_ARRAYS],
 ) -> Result<(), ExpertError> {
     // The scratch is taken out of the thread-local for the duration: the parallel decode below
     // lets this thread run other rayon tasks (other segments) while it waits, and those take a
     // fresh scratch instead of finding this one borrowed.
     let mut scratch: Scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    let result = load_segment_with(&mut scratch, reader, e, verify, hidden, inter, dst);
+    let result = load_segment_with(&mut scratch, reader, e, ctx, dst);
     SCRATCH.with(|s| *s.borrow_mut() = scratch);
     result
 }
@@ -856,47 +903,191 @@ fn load_segment_with(
     scratch: &mut Scratch,
     reader: &SegmentReader,
     e: &ExpertEntry,
-    verify: bool,
-    hidden: usize,
-    inter: usize,
+    ctx: LoadCtx,
     dst: &[(usize, usize); SLOT_ARRAYS],
 ) -> Result<(), ExpertError> {
-    {
-        let (decoder, stored, weights, aux) = scratch;
-        let t = Instant::now();
-        let stored = reader.read_into(e, stored)?;
-        let t = step_done(0, t);
-        if verify && blake3::hash(stored).as_bytes() != &e.blake3 {
-            return Err(ExpertError::Checksum {
-                path: reader.path().to_path_buf(),
-                layer: e.layer,
-                expert: e.expert,
-                segment: e.segment,
-            });
+    let LoadCtx {
+        verify,
+        hidden,
+        inter,
+        upload,
+    } = ctx;
+    let whole = e.row_start == 0 && e.row_count as usize == inter;
+    let (decoder, stored, weights, aux) = scratch;
+    // CUDA: whole-expert segments are copied to the device from these buffers (the read
+    // buffer too, for raw segments), so they are page-locked.
+    let pin = upload && whole;
+    sized(stored, e.stored_len as usize + 3 * 4096, pin);
+    let t = Instant::now();
+    let stored = reader.read_into(e, stored)?;
+    step_done(0, t);
+    let decode_err = |source| ExpertError::Decode {
+        path: reader.path().to_path_buf(),
+        layer: e.layer,
+        expert: e.expert,
+        segment: e.segment,
+        source,
+    };
+    let codec = |id: u8| CodecId::try_from(id).map_err(decode_err);
+    let (weight_codec, aux_codec) = (codec(e.weight_codec)?, codec(e.aux_codec)?);
+    let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
+    // The checksum and the decode run side by side: the decode writes only this thread's
+    // buffers, and nothing reaches the slot before the checksum has matched. Raw parts are not
+    // copied at all: the slot is written from the read buffer.
+    let hash = || {
+        if !verify {
+            return true;
         }
-        let t = step_done(1, t);
-        let decode_err = |source| ExpertError::Decode {
+        let t = Instant::now();
+        let digest = if stored.len() >= 1 << 20 && cores() >= 4 {
+            blake3::Hasher::new().update_rayon(stored).finalize()
+        } else {
+            blake3::hash(stored)
+        };
+        step_done(1, t);
+        digest.as_bytes() == &e.blake3
+    };
+    let decode = || -> Result<(), ExpertError> {
+        let t = Instant::now();
+        if weight_codec != CodecId::Raw {
+            sized(weights, e.weights_decoded_len as usize, pin);
+            decoder
+                .decode_into_parallel(weight_codec, ws, weights)
+                .map_err(decode_err)?;
+        }
+        if aux_codec != CodecId::Raw {
+            sized(aux, e.aux_decoded_len() as usize, pin);
+            decoder
+                .decode_into(aux_codec, auxs, aux)
+                .map_err(decode_err)?;
+        }
+        step_done(2, t);
+        Ok(())
+    };
+    let (matched, decoded) = rayon::join(hash, decode);
+    if !matched {
+        return Err(ExpertError::Checksum {
             path: reader.path().to_path_buf(),
             layer: e.layer,
             expert: e.expert,
             segment: e.segment,
-            source,
-        };
-        let codec = |id: u8| CodecId::try_from(id).map_err(decode_err);
-        let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
-        weights.resize(e.weights_decoded_len as usize, 0);
-        decoder
-            .decode_into_parallel(codec(e.weight_codec)?, ws, weights)
-            .map_err(decode_err)?;
-        aux.resize(e.aux_decoded_len() as usize, 0);
-        decoder
-            .decode_into(codec(e.aux_codec)?, auxs, aux)
-            .map_err(decode_err)?;
-        let t = step_done(2, t);
-        scatter(e, hidden, inter, weights, aux, dst);
-        step_done(3, t);
-        Ok(())
+        });
     }
+    decoded?;
+    let t = Instant::now();
+    let check_len = |got: usize, want: u64| {
+        if got == want as usize {
+            Ok(())
+        } else {
+            Err(decode_err(crate::codec::CodecError::LengthMismatch {
+                expected: want as usize,
+                got,
+            }))
+        }
+    };
+    let weights: &[u8] = if weight_codec == CodecId::Raw {
+        check_len(ws.len(), e.weights_decoded_len)?;
+        ws
+    } else {
+        weights
+    };
+    let aux: &[u8] = if aux_codec == CodecId::Raw {
+        check_len(auxs.len(), e.aux_decoded_len())?;
+        auxs
+    } else {
+        aux
+    };
+    if pin {
+        let ranges = whole_expert_ranges(e, hidden, inter, weights, aux, dst);
+        // SAFETY: the sources are this thread's buffers, alive for the call; the destinations
+        // are the slot's own parts (inside the pool arrays, one job per slot), which no pending
+        // evaluation reads (module invariants).
+        if !unsafe { mlx::upload(&ranges)? } {
+            scatter(e, hidden, inter, weights, aux, dst);
+        }
+    } else {
+        scatter(e, hidden, inter, weights, aux, dst);
+    }
+    step_done(3, t);
+    Ok(())
+}
+
+/// Cores of this machine (cached).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Resizes a decode buffer to `len`. With `pin` (CUDA uploads), the buffer is page-locked once
+/// so uploads from it run at the bus's speed; growing it past its pinned capacity moves to a
+/// new pinned buffer and leaks the old one (a thread's buffers only grow to the largest
+/// expert, so this happens a few times per thread, ever).
+fn sized(buf: &mut Vec<u8>, len: usize, pin: bool) {
+    if pin && len > buf.capacity() {
+        let cap = len.next_power_of_two().max(1 << 20);
+        let mut fresh: Vec<u8> = Vec::with_capacity(cap);
+        // SAFETY: `fresh` owns `cap` bytes; it is never freed while pinned (the buffer is leaked
+        // rather than dropped when it is replaced, below).
+        unsafe { mlx::pin_host(fresh.as_mut_ptr(), cap) };
+        let old = std::mem::replace(buf, fresh);
+        if old.capacity() > 0 {
+            // A buffer that may be page-locked must not go back to the allocator.
+            std::mem::forget(old);
+        }
+    }
+    buf.resize(len, 0);
+}
+
+/// A whole-expert segment (one segment holds every row): its decoded parts are laid out as
+/// the slot's arrays are, so each array is one contiguous copy. Returns (dst, src, len) triples.
+fn whole_expert_ranges(
+    e: &ExpertEntry,
+    hidden: usize,
+    inter: usize,
+    weights: &[u8],
+    aux: &[u8],
+    dst: &[(usize, usize); SLOT_ARRAYS],
+) -> Vec<(usize, usize, usize)> {
+    let bits = |p: usize| e.bits.get(p) as usize;
+    let g = e.group_size as usize;
+    let ss = e.scale_dtype.size() as usize;
+    let gate_w = inter * hidden * bits(0) / 8;
+    let up_w = inter * hidden * bits(1) / 8;
+    let down_w = hidden * inter * bits(2) / 8;
+    let up_gate_s = inter * (hidden / g) * ss;
+    let down_s = hidden * (inter / g) * ss;
+    let mut out = Vec::with_capacity(SLOT_ARRAYS);
+    let mut push = |arr: usize, src: &[u8], at: usize, len: usize| {
+        let (base, size) = dst[arr];
+        assert!(len == size && at + len <= src.len(), "a whole segment fills its slot");
+        out.push((base, src.as_ptr() as usize + at, len));
+    };
+    push(0, weights, 0, gate_w);
+    push(3, weights, gate_w, up_w);
+    push(6, weights, gate_w + up_w, down_w);
+    let up_gate_aux: &[usize] = if e.mode.has_biases() {
+        &[1, 2, 4, 5]
+    } else {
+        &[1, 4]
+    };
+    let down_aux: &[usize] = if e.mode.has_biases() { &[7, 8] } else { &[7] };
+    let mut at = 0;
+    for &arr in up_gate_aux {
+        push(arr, aux, at, up_gate_s);
+        at += up_gate_s;
+    }
+    for &arr in down_aux {
+        push(arr, aux, at, down_s);
+        at += down_s;
+    }
+    if let Some(t) = e.bias_dtype {
+        let bs = t.size() as usize;
+        for (arr, n) in [(9, inter), (10, inter), (11, hidden)] {
+            push(arr, aux, at, n * bs);
+            at += n * bs;
+        }
+    }
+    out
 }
 
 /// Copies a decoded segment (formats/flashpack-v1.md §6.2) into the slot's nine arrays, given

@@ -5,6 +5,7 @@
 //! and `ExpertStore` traits, so the model never knows whether experts come from a pack, a cache
 //! or memory. Nothing here imports `crate::convert`.
 
+pub mod bench_io;
 pub mod budget;
 pub mod cache;
 pub mod engine;

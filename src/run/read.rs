@@ -79,6 +79,23 @@ pub struct SegmentReader {
     bytes: Bytes,
     pool: rayon::ThreadPool,
     bytes_read: AtomicU64,
+    /// Direct reads longer than this are split into parts of this size read in parallel
+    /// (0: never split).
+    split: usize,
+}
+
+/// Default part size of a split direct read (`FLASHPACK_READ_SPLIT_KIB` overrides; 0 turns
+/// splitting off). Measured with `flashpack bench io` (docs/benchmarks.md).
+pub const DEFAULT_SPLIT_KIB: usize = 512;
+
+/// The part size of split reads, from `FLASHPACK_READ_SPLIT_KIB` or the default, in bytes
+/// (a multiple of the direct-I/O alignment).
+pub fn split_bytes() -> usize {
+    let kib = std::env::var("FLASHPACK_READ_SPLIT_KIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(DEFAULT_SPLIT_KIB);
+    (kib * 1024).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
 }
 
 impl SegmentReader {
@@ -122,7 +139,14 @@ impl SegmentReader {
             bytes: pack.bytes().clone(),
             pool,
             bytes_read: AtomicU64::new(0),
+            split: split_bytes(),
         })
+    }
+
+    /// Runs `f` on this reader's I/O threads (`queue_depth` of them): parallel work inside it
+    /// keeps that many reads in flight.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
     }
 
     /// The pack's path (empty for a pack opened from memory).
@@ -189,7 +213,7 @@ impl SegmentReader {
             source,
         };
         let range = match (&self.direct, &self.file) {
-            (Some(d), _) => match read_direct(d, e.offset, len, buf) {
+            (Some(d), _) => match self.read_direct_split(d, e.offset, len, buf) {
                 Ok(range) => range,
                 // A file system may refuse O_DIRECT for some ranges: read it buffered.
                 Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
@@ -220,6 +244,49 @@ impl SegmentReader {
         };
         self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
         Ok(range)
+    }
+
+    /// [`read_direct`], with a read longer than [`Self::split_bytes`] cut into that many
+    /// aligned parts issued side by side on the I/O threads: one miss keeps several requests in
+    /// flight, as a queue-depth-16 plain read does (docs/decisions/0013-streaming-miss-path.md).
+    fn read_direct_split(
+        &self,
+        f: &File,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<std::ops::Range<usize>> {
+        let part = self.split;
+        if part == 0 || len <= part {
+            return read_direct(f, offset, len, buf);
+        }
+        let start = offset & !(DIRECT_ALIGN as u64 - 1);
+        let head = (offset - start) as usize;
+        let total = (head + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        buf.resize(total + DIRECT_ALIGN, 0);
+        let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        let dst = &mut buf[pad..pad + total];
+        let wanted = head + len;
+        self.pool.install(|| {
+            dst.par_chunks_mut(part)
+                .enumerate()
+                .try_for_each(|(i, chunk)| {
+                    let at = i * part;
+                    // Bytes of this part that the segment needs; the file may end inside the
+                    // last part's final block.
+                    let need = wanted.saturating_sub(at).min(chunk.len());
+                    let mut done = 0;
+                    while done < need {
+                        let n = read_at(f, &mut chunk[done..], start + (at + done) as u64)?;
+                        if n == 0 || (done + n < need && (done + n) % DIRECT_ALIGN != 0) {
+                            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                        }
+                        done += n;
+                    }
+                    Ok(())
+                })
+        })?;
+        Ok(pad + head..pad + head + len)
     }
 
     /// Mmap mode: fails if the file no longer holds the segment. Touching a mapped page past the

@@ -30,6 +30,34 @@ pub enum BenchWhat {
     /// Prefix reuse (second-turn time to first token, warm vs cold), the server's overhead per
     /// streamed token, and what batching two sequences would gain.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// The expert miss path against the disk: plain O_DIRECT reads of random experts' stored
+    /// bytes (queue depth 1, the batch's and 16) against the runtime's load of the same number
+    /// of experts, from "needed" to "usable in its slot".
+    Io(IoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IoArgs {
+    /// The .flashpack file.
+    pub pack: PathBuf,
+    /// Experts per phase.
+    #[arg(long, default_value_t = 64)]
+    pub experts: usize,
+    /// Experts loaded together in the batched phases (a layer's misses).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Seed of the expert choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Part sizes in KiB of split direct reads to try (0: one request per segment).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![flashpack::run::read::DEFAULT_SPLIT_KIB])]
+    pub split_kib: Vec<usize>,
+    /// Skip the checksum of each segment in the runtime phases (`run --no-verify`).
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -81,7 +109,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchWhat::Codecs(a) => codecs(a),
         BenchWhat::Serve(a) => crate::bench_serve::run(a),
+        BenchWhat::Io(a) => io(a),
     }
+}
+
+fn io(a: IoArgs) -> Result<()> {
+    use flashpack::run::bench_io::{bench_io, format_report, IoBenchOptions};
+    let pack = flashpack::format::Pack::open(&a.pack)
+        .with_context(|| format!("opening {}", a.pack.display()))?;
+    let opts = IoBenchOptions {
+        experts: a.experts,
+        batch: a.batch,
+        seed: a.seed,
+        splits_kib: a.split_kib,
+        verify: !a.no_verify,
+    };
+    let report = bench_io(&pack, &a.pack, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", format_report(&report));
+    }
+    Ok(())
 }
 
 fn codecs(a: CodecsArgs) -> Result<()> {

@@ -77,7 +77,8 @@ impl HuffmanDecoder {
     /// one task per stream, when the pool has a thread for each stream and the segment is large
     /// enough to pay for the tasks; otherwise the single-thread lock-step decode. Same bytes out.
     /// Streams are independent (formats/codecs-v1.md §2.5), so a lone expert that missed the
-    /// cache is decoded on as many cores as it has streams instead of one.
+    /// cache is decoded on as many cores as it has streams instead of one. The machine must
+    /// have a core for each stream too (an I/O pool may have more threads than cores).
     pub fn decode_into_parallel(
         &mut self,
         src: &[u8],
@@ -85,10 +86,8 @@ impl HuffmanDecoder {
     ) -> Result<usize, CodecError> {
         use rayon::prelude::*;
         let h = parse_header(src)?;
-        if h.streams < 2
-            || dst.len() < PARALLEL_MIN_BYTES
-            || rayon::current_num_threads() < h.streams
-        {
+        let lanes = rayon::current_num_threads().min(cores()).min(h.streams);
+        if h.streams < 2 || dst.len() < PARALLEL_MIN_BYTES || lanes < h.streams {
             return self.decode_into(src, dst);
         }
         if h.decoded_len != dst.len() {
@@ -432,4 +431,10 @@ fn decode_any(
         check_end(&r, start, stored, s)?;
     }
     Ok(())
+}
+
+/// Cores of this machine (cached).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
