@@ -395,11 +395,14 @@ impl Model {
                     // Nothing to prefetch for a block that will be skipped.
                     let skipped = cache_only && next.layer + 1 == self.layers.len();
                     if !skipped {
-                        experts.predict(next.layer, &next.route(&x)?.indices)?;
+                        experts.predict(next.layer, &next.route(&x)?)?;
                     }
                 }
             }
             h = h.add(&layer.ffn(&x, experts)?)?;
+            if layer.moe().is_some() && experts.eager() && !last {
+                mlx::async_eval(&[&h])?;
+            }
         }
         Ok(h)
     }

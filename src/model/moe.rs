@@ -173,14 +173,23 @@ pub trait ExpertStore {
         Ok(None)
     }
 
+    /// Whether the forward pass should schedule (`async_eval`) each sparse layer's output as
+    /// soon as it is built. A store that evaluates every layer's routing on the host (the
+    /// streaming cache) answers yes: the device then computes this layer's experts while the
+    /// host builds the next layer's graph, instead of idling until the next routing is asked for.
+    fn eager(&self) -> bool {
+        false
+    }
+
     /// Whether the store wants a guess of the next sparse layer's routing (for prefetch).
     fn wants_prediction(&self) -> bool {
         false
     }
 
-    /// A guess (lazy u32 `[.., k]`) of what `layer`'s router will pick: its router applied to
-    /// the current layer's input. Called before the current layer's [`ExpertStore::route`].
-    fn predict(&mut self, _layer: usize, _indices: &Array) -> Result<()> {
+    /// A guess of what `layer`'s router will pick (lazy ids and weights, `[.., k]`): its router
+    /// applied to the current layer's input. Called before the current layer's
+    /// [`ExpertStore::route`].
+    fn predict(&mut self, _layer: usize, _guess: &Routing) -> Result<()> {
         Ok(())
     }
 }

@@ -309,7 +309,8 @@ impl<'p> Engine<'p> {
             cfg.num_experts,
             opts.prefetch && !opts.no_cache && streaming,
         )
-        .skip_uncached(opts.skip_uncached);
+        .skip_uncached(opts.skip_uncached)
+        .working_set(cfg.sparse_layers().len(), cfg.num_experts_per_tok);
         if experts.min_slots() < cfg.num_experts_per_tok {
             let cause = match (&opts.mem_budget, &opts.expert_budget) {
                 (Some(b), _) => BudgetCause::Mem {
@@ -794,8 +795,12 @@ impl ExpertStore for PhaseMarker<'_, '_> {
         self.inner.wants_prediction()
     }
 
-    fn predict(&mut self, layer: usize, indices: &Array) -> Result<(), ComputeError> {
-        self.inner.predict(layer, indices)
+    fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
+        self.inner.predict(layer, guess)
+    }
+
+    fn eager(&self) -> bool {
+        ExpertStore::eager(&*self.inner)
     }
 }
 

@@ -517,6 +517,17 @@ impl ExpertCache {
             .is_some_and(|&p| self.pools[p].table.contains(key))
     }
 
+    /// Whether stored expert `stored` of `layer` holds a slot.
+    fn is_stored_resident(&self, layer: u32, stored: u32) -> bool {
+        let key = ExpertKey {
+            layer,
+            expert: stored,
+        };
+        self.pool_of
+            .get(&(layer, stored))
+            .is_some_and(|&p| self.pools[p].table.contains(key))
+    }
+
     /// Where each router expert `0..num_experts` of `layer` is resident: its (pool, slot), or
     /// `None` if any of them is not resident (after [`Self::warm_all`] with no budget, all are).
     pub fn placement(&self, layer: u32, num_experts: usize) -> Option<Vec<(usize, u32)>> {
@@ -620,9 +631,14 @@ impl ExpertCache {
         layer: u32,
         stored_ids: &[u32],
     ) -> Result<Vec<(usize, u32)>, ExpertError> {
-        let mut out = Vec::with_capacity(stored_ids.len());
+        let mut out = vec![(0usize, 0u32); stored_ids.len()];
         let mut misses: Vec<(usize, u32, u32)> = Vec::new(); // pool, slot, stored expert
-        for &stored in stored_ids {
+        // Resident experts are asked for first: asking marks them in use, so a miss of this
+        // group can never evict one of them (which would be read again a moment later).
+        let mut order: Vec<usize> = (0..stored_ids.len()).collect();
+        order.sort_by_key(|&i| !self.is_stored_resident(layer, stored_ids[i]));
+        for i in order {
+            let stored = stored_ids[i];
             let pool = *self
                 .pool_of
                 .get(&(layer, stored))
@@ -649,7 +665,7 @@ impl ExpertCache {
                     slot
                 }
             };
-            out.push((pool, slot));
+            out[i] = (pool, slot);
         }
         if !misses.is_empty() {
             let started = Instant::now();

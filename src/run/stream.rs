@@ -31,6 +31,12 @@ pub struct StreamStats {
     /// Routed entries dropped by `--skip-uncached` (not resident, weight below the threshold).
     pub skipped: u64,
     pub routed: u64,
+    /// Per rank of a guess (0: a token's heaviest predicted expert): guessed experts that were
+    /// not resident (would-be prefetch reads), and how many of them the router then picked.
+    pub rank_reads: Vec<u64>,
+    pub rank_reads_correct: Vec<u64>,
+    /// Prefetch turned off for want of room (see `StreamingExperts::working_set`).
+    pub prefetch_no_room: bool,
 }
 
 /// Experts streamed from a pack through a budgeted cache.
@@ -40,24 +46,41 @@ pub struct StreamingExperts<'p> {
     pools: Vec<ExpertPool>,
     num_experts: usize,
     prefetch: bool,
+    eager: bool,
     /// Drop non-resident experts whose routing weight is below this.
     skip_below: Option<f32>,
-    prediction: Option<(usize, Array)>,
-    last_prediction: Option<(usize, Vec<u32>)>,
-    /// Running share of predicted experts that the router then picked (exponential average
-    /// over predictions, acted on or not). Prefetch reads only while it is at least
-    /// [`PREFETCH_MIN_ACCURACY`].
-    accuracy: f64,
+    /// The next sparse layer's guessed routing (layer, ids, weights), lazy.
+    prediction: Option<(usize, Array, Array)>,
+    /// The last guess, scored when its layer routes: every guessed expert, and the guesses
+    /// that were not resident (what a prefetch would read) with their rank.
+    last_prediction: Option<Guess>,
+    /// Per rank of a guess (0: the token's heaviest predicted expert), the running share of
+    /// would-be reads (guessed experts not resident) that the router then picked. A rank is
+    /// prefetched only while its precision is at least [`PREFETCH_MIN_PRECISION`].
+    precision: Vec<f64>,
+    /// Whether the pools can hold one token's experts in every sparse layer plus one more
+    /// layer's: below that, a prefetch evicts what the token itself still needs.
+    room: bool,
     pub stats: StreamStats,
 }
 
-/// Below this measured prediction accuracy a speculative read costs more than it saves: on the
-/// GPU table (docs/benchmarks.md) prefetch at 53% accuracy read 1.5-2.4x the bytes and ran
-/// 0.57-0.71x as fast as no prefetch, while the trained model predicts 83-88% right.
-pub const PREFETCH_MIN_ACCURACY: f64 = 0.8;
+/// A guess of one layer's routing, kept until that layer routes.
+struct Guess {
+    layer: usize,
+    experts: Vec<u32>,
+    reads: Vec<(u32, usize)>,
+}
 
-/// Weight of the newest prediction in the running accuracy.
-const ACCURACY_WEIGHT: f64 = 0.1;
+/// A prefetched read that the router does not then use costs its bytes and delays the next
+/// demand read (a load joins the prefetch in flight first). Only ranks whose would-be reads were
+/// right at least this often are read ahead: on the bundled trained model that is the heaviest
+/// guess (94-95% right) and, at 25%, the second (90%); the others are 13-71% right. Wasted
+/// reads stay near 1.05x the needed bytes (issue 25), where gating on the overall accuracy
+/// (80%) read up to 1.9x at a tight budget on the GPU table.
+pub const PREFETCH_MIN_PRECISION: f64 = 0.9;
+
+/// Weight of the newest observation in a rank's running precision.
+const PRECISION_WEIGHT: f64 = 0.05;
 
 impl<'p> StreamingExperts<'p> {
     pub fn new(
@@ -75,13 +98,30 @@ impl<'p> StreamingExperts<'p> {
             pools,
             num_experts,
             prefetch,
+            eager: std::env::var_os("FLASHPACK_NO_EAGER").is_none(),
             skip_below: None,
             prediction: None,
             last_prediction: None,
-            // Below the gate until predictions have proven themselves.
-            accuracy: PREFETCH_MIN_ACCURACY / 2.0,
+            // Closed until predictions have proven themselves.
+            precision: Vec::new(),
+            room: true,
             stats: StreamStats::default(),
         }
+    }
+
+    /// Turns prefetch off when the pools cannot hold a token's working set (`k` experts in each
+    /// of `sparse_layers` layers) plus one more layer's: a prefetch would then evict experts
+    /// that the same token needs a few layers later (measured: 1.9x the bytes at 25% of a
+    /// 48-layer model).
+    pub fn working_set(mut self, sparse_layers: usize, k: usize) -> Self {
+        self.room = self.min_slots() >= (sparse_layers + 1) * k;
+        self.stats.prefetch_no_room = self.prefetch && !self.room;
+        self
+    }
+
+    /// Whether prefetch may read at all (asked for, and room for it).
+    pub fn prefetching(&self) -> bool {
+        self.prefetch && self.room
     }
 
     /// Skip (and renormalize around) non-resident experts whose routing weight is below
@@ -117,12 +157,16 @@ fn unique(ids: &[u32]) -> Vec<u32> {
 }
 
 impl ExpertStore for StreamingExperts<'_> {
+    fn eager(&self) -> bool {
+        self.eager
+    }
+
     fn wants_prediction(&self) -> bool {
         self.prefetch
     }
 
-    fn predict(&mut self, layer: usize, indices: &Array) -> Result<(), ComputeError> {
-        self.prediction = Some((layer, indices.clone()));
+    fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
+        self.prediction = Some((layer, guess.indices.clone(), guess.scores.clone()));
         Ok(())
     }
 
@@ -163,7 +207,7 @@ impl ExpertStore for StreamingExperts<'_> {
         }
         // A prediction made for this call's layer is moot: the groups load what is needed.
         self.prediction = None;
-        Ok(Some(self.mix_in_groups(layer, x, routing, groups)?))
+        Ok(Some(self.mix_in_groups(layer, x, routing, &ids, groups)?))
     }
 
     fn route_scored(
@@ -190,8 +234,9 @@ impl StreamingExperts<'_> {
         let prediction = self.prediction.take();
         let mut to_eval = vec![indices];
         to_eval.extend(scores);
-        if let Some((_, p)) = &prediction {
+        if let Some((_, p, w)) = &prediction {
             to_eval.push(p);
+            to_eval.push(w);
         }
         let waited = Instant::now();
         mlx::eval(&to_eval)?;
@@ -217,74 +262,124 @@ impl StreamingExperts<'_> {
             _ => (ids.clone(), None),
         };
         let wanted = unique(&needed);
-        if let Some((l, guessed)) = self.last_prediction.take() {
-            if l == layer && !guessed.is_empty() {
-                let correct = guessed
-                    .iter()
-                    .filter(|e| wanted.binary_search(e).is_ok())
-                    .count();
-                self.stats.predicted += guessed.len() as u64;
-                self.stats.predicted_correct += correct as u64;
-                self.accuracy +=
-                    ACCURACY_WEIGHT * (correct as f64 / guessed.len() as f64 - self.accuracy);
+        if let Some(g) = self.last_prediction.take() {
+            if g.layer == layer {
+                self.score(&g, &wanted);
             }
         }
         let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;
-        if let Some((next, p)) = prediction {
-            let guessed: Vec<u32> = unique(&p.to_vec::<u32>()?)
-                .into_iter()
-                .filter(|&e| (e as usize) < self.num_experts)
+        if let Some((next, p, w)) = prediction {
+            let guess = self.guess(next, &p.to_vec::<u32>()?, &w.to_vec_f32()?, p.dim(-1))?;
+            let reads: Vec<u32> = guess
+                .reads
+                .iter()
+                .filter(|&&(_, rank)| self.precision.get(rank).copied().unwrap_or(0.0) >= PREFETCH_MIN_PRECISION)
+                .map(|&(e, _)| e)
                 .collect();
-            if self.accuracy >= PREFETCH_MIN_ACCURACY {
-                self.cache.prefetch(self.pack, next as u32, &guessed)?;
-            } else {
+            if !reads.is_empty() && self.room {
+                self.cache.prefetch(self.pack, next as u32, &reads)?;
+            } else if !guess.reads.is_empty() {
                 self.stats.prefetch_gated += 1;
             }
-            self.last_prediction = Some((next, guessed));
+            self.last_prediction = Some(guess);
         }
         self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
         self.stats.routes += 1;
 
-        let routes = self.routes(&wanted, &placement, indices, false)?;
+        let routes = self.routes(&wanted, &placement, &ids, indices, false)?;
         Ok((routes, new_scores))
     }
 
-    /// Slot tables for router `indices`: `wanted[i]` is at `placement[i]`. With `always_mask`,
-    /// or when several pools serve, each route says which entries it serves; entries of
-    /// experts outside `wanted` point at slot 0 and are served by no route.
+    /// The guessed experts of `layer` from the guess's ids and weights (`[.., k]`), each with
+    /// its best rank in a token (0: heaviest), and those not resident: the would-be reads.
+    fn guess(
+        &self,
+        layer: usize,
+        ids: &[u32],
+        weights: &[f32],
+        k: Option<usize>,
+    ) -> Result<Guess, ComputeError> {
+        let k = k.unwrap_or(1).max(1);
+        let mut best: std::collections::BTreeMap<u32, usize> = Default::default();
+        for (row, w) in ids.chunks(k).zip(weights.chunks(k)) {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
+            for (rank, &j) in order.iter().enumerate() {
+                let e = row[j];
+                if (e as usize) < self.num_experts {
+                    let r = best.entry(e).or_insert(rank);
+                    *r = (*r).min(rank);
+                }
+            }
+        }
+        let experts: Vec<u32> = best.keys().copied().collect();
+        let reads = best
+            .into_iter()
+            .filter(|&(e, _)| !self.cache.is_resident(layer as u32, e))
+            .collect();
+        Ok(Guess {
+            layer,
+            experts,
+            reads,
+        })
+    }
+
+    /// Scores a guess against what the router picked (`wanted`, sorted).
+    fn score(&mut self, g: &Guess, wanted: &[u32]) {
+        let hit = |e: &u32| wanted.binary_search(e).is_ok();
+        self.stats.predicted += g.experts.len() as u64;
+        self.stats.predicted_correct += g.experts.iter().filter(|e| hit(e)).count() as u64;
+        for &(e, rank) in &g.reads {
+            if self.precision.len() <= rank {
+                self.precision.resize(rank + 1, 0.0);
+                self.stats.rank_reads.resize(rank + 1, 0);
+                self.stats.rank_reads_correct.resize(rank + 1, 0);
+            }
+            self.stats.rank_reads[rank] += 1;
+            self.stats.rank_reads_correct[rank] += hit(&e) as u64;
+            let p = &mut self.precision[rank];
+            *p += PRECISION_WEIGHT * (if hit(&e) { 1.0 } else { 0.0 } - *p);
+        }
+    }
+
+    /// Slot arrays for router `indices` (whose values the host holds as `ids`): `wanted[i]`
+    /// is at `placement[i]`. Each entry's slot is looked up here, on the host, and goes to the
+    /// device as one small array shaped like `indices` (no device-side table and gather). With
+    /// `always_mask`, or when several pools serve, each route says which entries it serves;
+    /// entries of experts outside `wanted` point at slot 0 and are served by no route.
     fn routes(
         &self,
         wanted: &[u32],
         placement: &[(usize, u32)],
+        ids: &[u32],
         indices: &Array,
         always_mask: bool,
     ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
-        let n = self.num_experts;
-        let mut tables: Vec<Option<(Vec<u32>, Vec<u8>)>> = vec![None; self.pools.len()];
-        for (&e, &(pool, slot)) in wanted.iter().zip(placement) {
-            let (slots, holds) = tables[pool].get_or_insert_with(|| (vec![0; n], vec![0; n]));
-            slots[e as usize] = slot;
-            holds[e as usize] = 1;
-        }
-        let used = tables.iter().filter(|t| t.is_some()).count();
-        let mut routes = Vec::with_capacity(used);
-        for (pool, table) in tables.into_iter().enumerate() {
-            let Some((slots, holds)) = table else {
-                continue;
-            };
-            let slots = Array::from_slice(&slots, &[n])?.take(indices, 0)?;
-            let serves = if used > 1 || always_mask {
-                Some(
-                    Array::from_slice(&holds, &[n])?
-                        .astype(Dtype::Bool)?
-                        .take(indices, 0)?,
-                )
+        let shape = indices.shape();
+        let at = |e: u32| wanted.binary_search(&e).ok().map(|i| placement[i]);
+        let mut used: Vec<usize> = placement.iter().map(|&(p, _)| p).collect();
+        used.sort_unstable();
+        used.dedup();
+        let mut routes = Vec::with_capacity(used.len());
+        for &pool in &used {
+            let mut slots = vec![0u32; ids.len()];
+            let mut holds = vec![0u8; ids.len()];
+            for (i, &e) in ids.iter().enumerate() {
+                if let Some((p, slot)) = at(e) {
+                    if p == pool {
+                        slots[i] = slot;
+                        holds[i] = 1;
+                    }
+                }
+            }
+            let serves = if used.len() > 1 || always_mask {
+                Some(Array::from_slice(&holds, &shape)?.astype(Dtype::Bool)?)
             } else {
                 None
             };
             routes.push(PoolRoute {
                 pool: &self.pools[pool],
-                slots,
+                slots: Array::from_slice(&slots, &shape)?,
                 serves,
             });
         }
@@ -301,6 +396,7 @@ impl StreamingExperts<'_> {
         layer: usize,
         x: &Array,
         routing: &Routing,
+        ids: &[u32],
         groups: Vec<Vec<u32>>,
     ) -> Result<Array, ComputeError> {
         let mut y: Option<Array> = None;
@@ -310,7 +406,7 @@ impl StreamingExperts<'_> {
             let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;
             self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
             self.stats.routes += 1;
-            let routes = self.routes(&wanted, &placement, &routing.indices, true)?;
+            let routes = self.routes(&wanted, &placement, ids, &routing.indices, true)?;
             let mut acc = y.take();
             for r in routes {
                 let part = switch_glu(x, r.pool, &r.slots)?;
