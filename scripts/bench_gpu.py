@@ -56,9 +56,9 @@ def disk_bw(path):
     return size / (time.time() - t)
 
 
-def run_flashpack(pack, extra, prompt, max_tokens, raw=True):
+def run_flashpack(pack, extra, prompt, max_tokens, raw=True, binary="flashpack"):
     drop_caches()
-    cmd = ["flashpack", "run", pack, "--prompt", prompt, "--max-tokens", str(max_tokens),
+    cmd = [binary, "run", pack, "--prompt", prompt, "--max-tokens", str(max_tokens),
            "--json"] + (["--raw"] if raw else []) + extra
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -110,7 +110,14 @@ def decode_stats(s):
     stall = st["stall_ms"] - first.get("stall_ms", 0.0)
     hits = sum(c["hits_per_layer"].values()) - first.get("hits", 0)
     misses = sum(c["misses_per_layer"].values()) - first.get("misses", 0)
+    evw = st.get("eval_wait_ms", 0.0) - first.get("eval_wait_ms", 0.0)
+    # Loads over the loads the run needed (demand misses plus prefetched experts then used),
+    # whole run: 1.00 means no byte was read that the model did not use.
+    needed = sum(c["misses_per_layer"].values()) + c.get("prefetch_used", 0)
     return {
+        "load_ratio": c["experts_loaded"] / needed if needed else None,
+        "host_only_ms": (g.get("host_build_ms", 0.0) - stall - evw) / max(n - 1, 1),
+        "table_ms": c.get("table_ms", 0.0) / max(n + g["prompt_tokens"], 1),
         "tps": g["decode_tokens_per_s"],
         "prefill_tps": g["prefill_tokens_per_s"],
         "ttft_s": g["time_to_first_token_s"],
@@ -130,6 +137,120 @@ def decode_stats(s):
         "build_ms": g.get("host_build_ms", 0.0) / max(n - 1, 1),
         "wait_ms": g.get("host_wait_ms", 0.0) / max(n - 1, 1),
     }
+
+
+def log_run(log, key, s):
+    if "error" in s:
+        log(f"{key} failed: {s['error'][-300:]}")
+        return
+    d = decode_stats(s)
+    log(f"{key}: {d['tps']:.1f} tok/s, hit {fmt(d['hit'], '{:.2f}')}, "
+        f"{d['mb_per_tok']:.1f} MB/tok, loads/needed {fmt(d['load_ratio'], '{:.2f}')}, "
+        f"stall {d['stall_ms_per_tok']:.1f} ms/tok, build {d['build_ms']:.2f} "
+        f"(host only {d['host_only_ms']:.2f}) wait {d['wait_ms']:.2f} ms/tok")
+
+
+def stream_table(res, keys, bw, mlx_tps=None):
+    """The decode table for runs `keys` ("model:name" or "model:name [base]"). Limits use the
+    resident step of the same model and binary: serial = 1 / (read time + compute time),
+    overlapped = 1 / max(read time, compute time), read time = MB per token / disk speed."""
+    lines = ["| model | run | decode tok/s | vs resident | hit rate | MB read/tok | loads / needed "
+             "| stall ms/tok | host ms/tok (build, no waits) | serial limit | of serial "
+             "| overlapped limit | of overlapped | prefetch acc | RSS GB | MLX peak GB "
+             "| expert budget GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = {}
+    for key in keys:
+        model, name = key.split(":", 1)
+        ds = [decode_stats(s) for s in res.get(key, []) if "error" not in s]
+        if not ds:
+            lines.append(f"| {model} | {name} | failed | | | | | | | | | | | | | | |")
+            continue
+        row = {k: med([d[k] for d in ds]) for k in ds[0] if k not in ("thread_ms", "text")}
+        row["tps_all"] = [round(d["tps"], 1) for d in ds]
+        row["thread_ms"] = ds[0]["thread_ms"]
+        table[key] = row
+        tag = name[name.index(" ["):] if " [" in name else ""
+        base = table.get(f"{model}:resident{tag}")
+        step = 1.0 / base["tps"] if base else None
+        serial = over = None
+        if step and row["mb_per_tok"] and row["budget_gb"]:
+            io = row["mb_per_tok"] * 1e6 / bw
+            serial = 1.0 / (io + step)
+            over = 1.0 / max(io, step)
+        lines.append(
+            f"| {model} | {name} | {'/'.join(fmt(x) for x in row['tps_all'])} | "
+            f"{fmt(row['tps'] / base['tps'] if base else None, '{:.2f}')} | "
+            f"{fmt(row['hit'], '{:.2f}')} | {fmt(row['mb_per_tok'])} | "
+            f"{fmt(row['load_ratio'], '{:.2f}')} | {fmt(row['stall_ms_per_tok'])} | "
+            f"{fmt(row['host_only_ms'], '{:.2f}')} | {fmt(serial)} | "
+            f"{fmt(row['tps'] / serial if serial else None, '{:.2f}')} | {fmt(over)} | "
+            f"{fmt(row['tps'] / over if over else None, '{:.2f}')} | "
+            f"{fmt(row['prefetch_acc'], '{:.2f}')} | {fmt(row['rss_gb'], '{:.2f}')} | "
+            f"{fmt(row['mlx_peak_gb'], '{:.2f}')} | {fmt(row['budget_gb'], '{:.2f}')} |")
+    if mlx_tps:
+        r = table.get("uniform:resident")
+        if r:
+            lines += ["", f"uniform resident vs mlx-lm: {r['tps'] / mlx_tps:.2f}x"]
+    lines += ["", "load-step thread ms (first rep), eval wait and host times per decoded token:"]
+    for k, row in table.items():
+        lines.append(f"- {k}: {row['thread_ms']}, eval wait "
+                     f"{fmt(row['eval_wait_ms_per_tok'], '{:.2f}')} ms, host build "
+                     f"{fmt(row['build_ms'], '{:.2f}')} (of it host only "
+                     f"{fmt(row['host_only_ms'], '{:.2f}')}) / wait {fmt(row['wait_ms'], '{:.2f}')} ms, "
+                     f"slot table {fmt(row['table_ms'], '{:.3f}')} ms per token of the run")
+    return table, lines
+
+
+def deep(a, log):
+    """48 sparse layers of Qwen3-30B-A3B's shape at half the expert width, uniform and skewed:
+    each model is generated, converted and its source deleted before the next (disk)."""
+    w = a.work
+    shape = ["--arch", "qwen3_moe", "--hidden", "2048", "--experts", "128", "--top-k", "8",
+             "--moe-intermediate", "384", "--heads", "32", "--kv-heads", "4", "--head-dim", "128",
+             "--vocab", "8192", "--layers", "48"]
+    packs = {}
+    for name, extra in [("deep-uniform", []), ("deep-skewed", ["--routing-skew", "0.3"])]:
+        pack = f"{w}/{name}.flashpack"
+        if not os.path.exists(pack):
+            sh(["make_fixture", "--out", f"{w}/{name}", "--tokenizer-from", a.tokenizer_from]
+               + shape + extra)
+            sh(["flashpack", "convert", f"{w}/{name}", "-o", pack, "--quiet"])
+            subprocess.run(["rm", "-rf", f"{w}/{name}"])
+            log(f"{name} ready ({os.path.getsize(pack) / 1e9:.1f} GB)")
+        packs[name] = pack
+    bw = disk_bw(packs["deep-uniform"])
+    log(f"disk {bw / 1e9:.2f} GB/s")
+    run_flashpack(packs["deep-uniform"], [], PROMPT, 4)
+    runs = []
+    for model in packs:
+        runs += [(model, "resident", []), (model, "50%", ["--expert-budget", "50%"]),
+                 (model, "25%", ["--expert-budget", "25%"]),
+                 (model, "25% no-prefetch", ["--expert-budget", "25%", "--no-prefetch"]),
+                 (model, "12%", ["--expert-budget", "12%"])]
+    bins = [("", "flashpack")] + ([(" [base]", a.baseline_bin)] if a.baseline_bin else [])
+    res_path = os.path.join(w, "deep-results.json")
+    res = {}
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            res = json.load(f)
+    for rep in range(a.reps):
+        for model, name, extra in runs:
+            for tag, binary in bins:
+                s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
+                res.setdefault(f"{model}:{name}{tag}", []).append(s)
+                log_run(log, f"{model}:{name}{tag}", s)
+        with open(res_path, "w") as f:
+            json.dump(res, f)
+    keys = [f"{m}:{n}{t}" for m, n, _ in runs for t, _ in bins]
+    _, lines = stream_table(res, keys, bw)
+    lines = [f"disk {bw / 1e9:.2f} GB/s; 48 layers, 128 experts top-8, hidden 2048, expert width "
+             f"384 (half of Qwen3-30B-A3B's 768: bytes per expert halve); {a.max_tokens} greedy "
+             f"tokens; medians of {a.reps} reps", ""] + lines
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(a.out, "deep.md"), "w") as f:
+        f.write(text + "\n")
 
 
 def med(xs):
@@ -157,6 +278,14 @@ def main():
     ap.add_argument("--skip-skewed", action="store_true")
     ap.add_argument("--small", action="store_true",
                     help="a small model (hidden 256, 32 experts): a smoke test of the script")
+    ap.add_argument("--baseline-bin", default=None,
+                    help="an older flashpack binary: every flashpack run is repeated with it, "
+                         "interleaved, as rows marked [base]")
+    ap.add_argument("--deep", action="store_true",
+                    help="instead of the 8-layer models: 48 layers of Qwen3-30B-A3B's layer "
+                         "shape with the expert width halved to 384 (the device's 64 GB disk "
+                         "cannot hold the full-width bf16 source), uniform and skewed; resident "
+                         "and 50/25/12%% budgets, flashpack only")
     a = ap.parse_args()
     global SHAPE
     if a.small:
@@ -168,6 +297,9 @@ def main():
     w = a.work
     t0 = time.time()
     log = lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", file=sys.stderr, flush=True)
+    if a.deep:
+        deep(a, log)
+        return
 
     layers = ["--layers", str(a.layers)]
     for name, extra in [("uniform", []), ("skewed", ["--routing-skew", "0.3"])]:
@@ -229,96 +361,68 @@ def main():
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
+    bins = [("", "flashpack")] + ([(" [base]", a.baseline_bin)] if a.baseline_bin else [])
     for rep in range(a.reps):
         res["mlx"].append(run_mlx(f"{w}/uniform-mlx", prompt_file, a.max_tokens, w))
         for model, name, extra in runs:
-            s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens)
-            res.setdefault(f"{model}:{name}", []).append(s)
-            if "error" in s:
-                log(f"{model}:{name} failed: {s['error'][-300:]}")
-            else:
-                d = decode_stats(s)
-                g = s["generation"]
-                log(f"{model}:{name}: {d['tps']:.1f} tok/s, hit {fmt(d['hit'], '{:.2f}')}, "
-                    f"{d['mb_per_tok']:.1f} MB/tok, stall {d['stall_ms_per_tok']:.1f} ms/tok, "
-                    f"build {g.get('host_build_ms', 0) / max(g['generated_tokens'] - 1, 1):.2f} "
-                    f"wait {g.get('host_wait_ms', 0) / max(g['generated_tokens'] - 1, 1):.2f} ms/tok")
+            for tag, binary in bins:
+                s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
+                res.setdefault(f"{model}:{name}{tag}", []).append(s)
+                log_run(log, f"{model}:{name}{tag}", s)
         if a.long_prompt:
             res["mlx_long"].append(run_mlx(f"{w}/uniform-mlx", long_file, 8, w))
             for name, extra in [("resident", []), ("50%", ["--expert-budget", "50%"]),
                                 ("25%", ["--expert-budget", "25%"])]:
-                s = run_flashpack(packs["uniform"], extra, long_text, 8)
-                res["long"].setdefault(name, []).append(s)
+                for tag, binary in bins:
+                    s = run_flashpack(packs["uniform"], extra, long_text, 8, binary=binary)
+                    res["long"].setdefault(f"{name}{tag}", []).append(s)
         with open(res_path, "w") as f:
             json.dump(res, f)
         log(f"rep {rep + 1} done; mlx-lm {res['mlx'][-1].get('decode_tps')} tok/s")
 
     # ---- table ----
     mlx_tps = med([r.get("decode_tps") for r in res["mlx"]])
-    mlx_step = 1.0 / mlx_tps if mlx_tps else None
     reps = len(res["mlx"])
     lines = [f"disk {bw / 1e9:.2f} GB/s (dd iflag=direct); {a.layers} layers; {reps} reps, "
              f"medians; prompt {len(PROMPT)} chars, {a.max_tokens} greedy tokens; page cache "
              f"dropped before each run", ""]
-    lines.append("| model | run | decode tok/s | vs mlx-lm | vs resident | hit rate | MB read/tok "
-                 "| stall ms/tok | limit tok/s | of limit | prefetch acc | RSS GB | MLX peak GB "
-                 "| expert budget GB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines.append(f"| uniform | mlx_lm generate | {fmt(mlx_tps)} | 1.00 | | | | | | | | | "
-                 f"{fmt(med([r.get('peak_gb') for r in res['mlx']]), '{:.2f}')} | |")
-    table = {}
-    for model, name, _ in runs:
-        ds = [decode_stats(s) for s in res[f"{model}:{name}"] if "error" not in s]
-        if not ds:
-            lines.append(f"| {model} | {name} | failed | | | | | | | | | | | |")
-            continue
-        row = {k: med([d[k] for d in ds]) for k in ds[0] if k not in ("thread_ms", "text")}
-        row["tps_all"] = [round(d["tps"], 1) for d in ds]
-        row["thread_ms"] = ds[0]["thread_ms"]
-        table[f"{model}:{name}"] = row
-        base = table.get(f"{model}:resident")
-        limit = None
-        if mlx_step and row["mb_per_tok"] and row["budget_gb"]:
-            limit = 1.0 / (row["mb_per_tok"] * 1e6 / bw + mlx_step)
-        lines.append(
-            f"| {model} | {name} | {'/'.join(fmt(x) for x in row['tps_all'])} | "
-            f"{fmt(row['tps'] / mlx_tps if mlx_tps else None, '{:.2f}')} | "
-            f"{fmt(row['tps'] / base['tps'] if base else None, '{:.2f}')} | "
-            f"{fmt(row['hit'], '{:.2f}')} | {fmt(row['mb_per_tok'])} | "
-            f"{fmt(row['stall_ms_per_tok'])} | {fmt(limit)} | "
-            f"{fmt(row['tps'] / limit if limit else None, '{:.2f}')} | "
-            f"{fmt(row['prefetch_acc'], '{:.2f}')} | {fmt(row['rss_gb'], '{:.2f}')} | "
-            f"{fmt(row['mlx_peak_gb'], '{:.2f}')} | {fmt(row['budget_gb'], '{:.2f}')} |")
-    nc, b50 = table.get("uniform:no-cache"), table.get("uniform:50%")
-    if nc and b50:
-        lines += ["", f"50% vs --no-cache: {b50['tps'] / nc['tps']:.2f}x"]
+    lines.append(f"mlx_lm generate (uniform): {fmt(mlx_tps)} tok/s decode, MLX peak "
+                 f"{fmt(med([r.get('peak_gb') for r in res['mlx']]), '{:.2f}')} GB")
+    lines.append("")
+    keys = [f"{m}:{n}{t}" for m, n, _ in runs for t, _ in bins]
+    table, tlines = stream_table(res, keys, bw, mlx_tps)
+    lines += tlines
+    for tag, _ in bins:
+        nc, b50 = table.get(f"uniform:no-cache{tag}"), table.get(f"uniform:50%{tag}")
+        if nc and b50:
+            lines += ["", f"50% vs --no-cache{tag}: {b50['tps'] / nc['tps']:.2f}x"]
     if a.long_prompt:
         ml = med([r.get("prefill_tps") for r in res["mlx_long"]])
         mlp = med([r.get("prompt_tokens") for r in res["mlx_long"]])
         lines += ["", f"Long prompt ({mlp} tokens), prefill:", "",
-                  "| run | prefill tok/s | vs mlx-lm | first token s | MB read |",
-                  "|---|---|---|---|---|",
-                  f"| mlx_lm | {fmt(ml)} | 1.00 | {fmt(mlp / ml if ml and mlp else None, '{:.2f}')} | |"]
+                  "| run | prefill tok/s | vs mlx-lm | first token s | vs resident | MB read |",
+                  "|---|---|---|---|---|---|",
+                  f"| mlx_lm | {fmt(ml)} | 1.00 | {fmt(mlp / ml if ml and mlp else None, '{:.2f}')} | | |"]
+        ttft_res = {}
         for name, ss in res["long"].items():
             ss = [s for s in ss if "error" not in s]
             if not ss:
-                lines.append(f"| flashpack {name} | failed | | | |")
+                lines.append(f"| flashpack {name} | failed | | | | |")
                 continue
             p = med([s["generation"]["prefill_tokens_per_s"] for s in ss])
             t = med([s["generation"]["time_to_first_token_s"] for s in ss])
+            tag = name[name.index(" ["):] if " [" in name else ""
+            if name.startswith("resident"):
+                ttft_res[tag] = t
             mb = med([(s.get("at_first_token") or {}).get("bytes_read", 0) / 1e6 for s in ss])
+            r = ttft_res.get(tag)
             lines.append(f"| flashpack {name} | {fmt(p)} | {fmt(p / ml if ml else None, '{:.2f}')} "
-                         f"| {fmt(t, '{:.2f}')} | {fmt(mb)} |")
+                         f"| {fmt(t, '{:.2f}')} | {fmt(t / r if r else None, '{:.2f}')} | {fmt(mb)} |")
     # Same text as mlx-lm?
     mt = (res["mlx"][0] or {}).get("text", "") if res["mlx"] else ""
     ft = (res.get("uniform:resident") or [{}])[0].get("text", "")
     lines += ["", f"greedy text equal to mlx-lm's (first 64 chars): "
               f"{mt.strip()[:64] == ft.strip()[:64]}"]
-    lines += ["", "load-step thread ms (first rep) per run:"]
-    for k, row in table.items():
-        lines.append(f"- {k}: {row['thread_ms']}, eval wait "
-                     f"{fmt(row['eval_wait_ms_per_tok'], '{:.2f}')} ms/token, host build "
-                     f"{fmt(row['build_ms'], '{:.2f}')} / wait {fmt(row['wait_ms'], '{:.2f}')} ms/token")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(a.out, "table.md"), "w") as f:

@@ -27,6 +27,34 @@ bench() {
     tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
   fi
 }
+# An older binary to compare against (`--baseline-bin flashpack-base`): prepare-base puts it in
+# .gpu/p2/bin/flashpack_base.bin.zst; here it gets a wrapper on PATH like install.sh's.
+base_wrapper() {
+  [ -f .gpu/p2/bin/flashpack_base.bin.zst ] || return 0
+  SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+  z -dqf .gpu/p2/bin/flashpack_base.bin.zst -o /usr/local/libexec/flashpack_base.bin
+  chmod 755 /usr/local/libexec/flashpack_base.bin
+  printf '#!/bin/sh\nLD_LIBRARY_PATH="%s/mlx/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec /usr/local/libexec/flashpack_base.bin "$@"\n' "$SP" > /usr/local/bin/flashpack-base
+  chmod +x /usr/local/bin/flashpack-base
+}
+# The miss path (issue 25, target 1): `flashpack bench io` on a Huffman and a raw pack of the
+# Qwen3-30B-A3B layer shape (8 layers), into $OUT/io.md.
+io_bench() {
+  w=/root/fpbench; mkdir -p "$w"
+  # The same source as bench_gpu.py's `uniform` model (reused when it is there).
+  if [ ! -f "$w/uniform/config.json" ]; then
+    make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
+      --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
+      --vocab 8192 --layers 8 >/dev/null
+  fi
+  [ -f "$w/io-huffman.flashpack" ] || flashpack convert "$w/uniform" -o "$w/io-huffman.flashpack" --quiet
+  [ -f "$w/io-raw.flashpack" ] || flashpack convert "$w/uniform" -o "$w/io-raw.flashpack" --codec raw --quiet
+  for p in huffman raw; do
+    echo "### $p pack, MLX on the GPU"
+    flashpack bench io "$w/io-$p.flashpack" "$@"
+    echo
+  done | tee "${OUT:-.}/io.md"
+}
 case "${1:-}" in
   prepare)
     bash ../shared/gpu/prepare.sh
@@ -41,12 +69,31 @@ case "${1:-}" in
     bash .gpu/p2/install.sh
     python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
     python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
+    base_wrapper
     bench "$@"
     ;;
   more)
     # Another call on the same warm machine: more repetitions, one table from all of them.
     shift
+    command -v flashpack-base >/dev/null || base_wrapper
     bench "$@"
+    ;;
+  io)
+    # `flashpack bench io` (installs first on a machine not yet set up).
+    shift
+    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
+    io_bench "$@"
+    ;;
+  prepare-base)
+    # The binary of another commit (default: main's first parent of this work) for --baseline-bin.
+    shift
+    rev=${1:-HEAD~1}
+    rm -rf /tmp/fp-base && git worktree add -f /tmp/fp-base "$rev" >/dev/null
+    (cd /tmp/fp-base && CARGO_TARGET_DIR=/tmp/fp-base-target cargo build --release -q)
+    strip -o /tmp/fp-base.bin /tmp/fp-base-target/release/flashpack
+    zstd -q -19 -T0 -f /tmp/fp-base.bin -o .gpu/p2/bin/flashpack_base.bin.zst
+    git worktree remove --force /tmp/fp-base
+    du -sh .gpu/p2
     ;;
   archs)
     # DeepSeek-V3 and GLM-4.5 against mlx-lm (scripts/bench_archs_gpu.py); installs first when
@@ -58,7 +105,7 @@ case "${1:-}" in
     PYTHONUNBUFFERED=1 python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@"
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh prepare | device|more [bench_gpu.py options] | archs" >&2
+    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | archs" >&2
     exit 2
     ;;
 esac

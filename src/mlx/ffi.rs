@@ -13,6 +13,7 @@ extern "C" {
     pub fn fp_last_error() -> *const c_char;
     pub fn fp_version() -> *const c_char;
     pub fn fp_set_cache_limit(limit: usize) -> usize;
+    pub fn fp_set_wired_limit(limit: usize, previous: *mut usize) -> c_int;
     pub fn fp_active_memory() -> usize;
     pub fn fp_unified_prefetch(
         ptrs: *const *const c_void,

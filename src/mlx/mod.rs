@@ -141,6 +141,18 @@ pub fn set_cache_limit(bytes: usize) -> usize {
     unsafe { ffi::fp_set_cache_limit(bytes) }
 }
 
+/// Asks Metal to keep up to `bytes` of MLX's buffers wired (resident, never paged out), as
+/// mlx-lm's `mx.set_wired_limit` does; returns the previous limit. Metal refuses a limit above
+/// the device's recommended working set (an error); other backends ignore it.
+pub fn set_wired_limit(bytes: usize) -> Result<usize> {
+    let mut previous = 0usize;
+    // SAFETY: `previous` outlives the call; the shim writes it only on success.
+    check("set_wired_limit", unsafe {
+        ffi::fp_set_wired_limit(bytes, &mut previous)
+    })?;
+    Ok(previous)
+}
+
 /// Bytes MLX's allocator holds for live arrays now (`mx.get_active_memory`).
 pub fn active_memory() -> usize {
     // SAFETY: plain call into MLX; no pointers cross.

@@ -101,6 +101,10 @@ const char* fp_version(void) { return mx::version(); }
 
 size_t fp_set_cache_limit(size_t limit) { return mx::set_cache_limit(limit); }
 
+int fp_set_wired_limit(size_t limit, size_t* previous) {
+  return guard([&] { *previous = mx::set_wired_limit(limit); });
+}
+
 size_t fp_active_memory(void) { return mx::get_active_memory(); }
 
 size_t fp_peak_memory(void) { return mx::get_peak_memory(); }

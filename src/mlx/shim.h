@@ -30,6 +30,7 @@ enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4 };
 const char* fp_last_error(void);
 const char* fp_version(void);
 size_t fp_set_cache_limit(size_t limit);
+int fp_set_wired_limit(size_t limit, size_t* previous);
 size_t fp_active_memory(void);
 int fp_unified_prefetch(const void* const* ptrs, const size_t* lens, size_t n, int to_gpu);
 int fp_upload(void* const* dsts, const void* const* srcs, const size_t* lens, size_t n);

@@ -214,17 +214,18 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
         .sum();
     let per_expert = stored as f64 / keys[0].len().max(1) as f64;
     let mut rows = Vec::new();
-    let row = |what: String, at_once: usize, times: Vec<f64>, wall: f64, count: usize, bytes: f64| {
-        IoRow {
-            what,
-            at_once,
-            experts: count,
-            median_ms: median(times),
-            ms_per_expert: wall / count.max(1) as f64,
-            gb_per_s: bytes / (wall / 1e3).max(1e-12) / 1e9,
-            steps_ms: None,
-        }
-    };
+    let row =
+        |what: String, at_once: usize, times: Vec<f64>, wall: f64, count: usize, bytes: f64| {
+            IoRow {
+                what,
+                at_once,
+                experts: count,
+                median_ms: median(times),
+                ms_per_expert: wall / count.max(1) as f64,
+                gb_per_s: bytes / (wall / 1e3).max(1e-12) / 1e9,
+                steps_ms: None,
+            }
+        };
     let bytes_of = |ks: &[(u32, u32)]| -> f64 {
         ks.iter()
             .flat_map(|&(l, e)| pack.expert_segments(l, e))
@@ -273,7 +274,12 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
             let ks = &keys[3 + 2 * i + j];
             // Room for one batch in every pool; every key of the phase is a miss.
             let slot = ExpertCache::all_resident_bytes(pack) as f64
-                / pack.experts().iter().filter(|e| e.segment == 0).count().max(1) as f64;
+                / pack
+                    .experts()
+                    .iter()
+                    .filter(|e| e.segment == 0)
+                    .count()
+                    .max(1) as f64;
             let store = StoreOptions {
                 budget_bytes: Some((slot * (batch as f64 + 1.0) * 4.0) as u64),
                 io: IoMode::Pread,

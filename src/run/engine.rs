@@ -131,6 +131,8 @@ pub struct PhaseSnapshot {
     pub hits: u64,
     pub read_decode_ms: f64,
     pub stall_ms: f64,
+    /// Time the forward pass had waited for each layer's routing (see `StreamStats`).
+    pub eval_wait_ms: f64,
 }
 
 /// One request's sampling and length.
@@ -294,6 +296,20 @@ impl<'p> Engine<'p> {
             naive: opts.no_cache,
         };
         let mut cache = ExpertCache::new(pack, &store)?;
+        // Metal (macOS): keep the dense weights, the expert slots and the KV cache wired, as
+        // mlx-lm does, so the OS never pages out what each token reads. Metal refuses more than
+        // the device's recommended working set; the run then goes on unwired (a warning).
+        #[cfg(target_os = "macos")]
+        {
+            let wired = weights.bytes + cache.stats().resident_bytes + margin;
+            if let Err(e) = crate::mlx::set_wired_limit(wired as usize) {
+                progress.warn(&format!(
+                    "could not wire {:.1} GB for MLX ({e}); raise iogpu.wired_limit_mb or lower \
+                     --mem-budget",
+                    wired as f64 / 1e9
+                ));
+            }
+        }
         if expert_budget.is_none() && !opts.no_cache {
             cache.warm_all(pack)?;
         }
@@ -815,6 +831,7 @@ impl PhaseMarker<'_, '_> {
                 hits: c.hits_per_layer.values().sum::<u64>(),
                 read_decode_ms: c.read_decode_ms,
                 stall_ms: self.inner.stats.stall_ms,
+                eval_wait_ms: self.inner.stats.eval_wait_ms,
             });
         }
     }

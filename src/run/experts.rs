@@ -278,6 +278,8 @@ pub struct StoreStats {
     pub prefetch_loaded: u64,
     pub prefetch_used: u64,
     pub prefetch_wait_ms: f64,
+    /// Time spent finding slots (lookups, victims) for the experts asked for.
+    pub table_ms: f64,
     /// Time spent in each step of a load, summed over the threads that ran it.
     pub thread_ms: LoadTimes,
 }
@@ -631,10 +633,11 @@ impl ExpertCache {
         layer: u32,
         stored_ids: &[u32],
     ) -> Result<Vec<(usize, u32)>, ExpertError> {
+        let table_started = Instant::now();
         let mut out = vec![(0usize, 0u32); stored_ids.len()];
         let mut misses: Vec<(usize, u32, u32)> = Vec::new(); // pool, slot, stored expert
-        // Resident experts are asked for first: asking marks them in use, so a miss of this
-        // group can never evict one of them (which would be read again a moment later).
+                                                             // Resident experts are asked for first: asking marks them in use, so a miss of this
+                                                             // group can never evict one of them (which would be read again a moment later).
         let mut order: Vec<usize> = (0..stored_ids.len()).collect();
         order.sort_by_key(|&i| !self.is_stored_resident(layer, stored_ids[i]));
         for i in order {
@@ -667,6 +670,7 @@ impl ExpertCache {
             };
             out[i] = (pool, slot);
         }
+        self.stats.table_ms += table_started.elapsed().as_secs_f64() * 1e3;
         if !misses.is_empty() {
             let started = Instant::now();
             let result = self.load(pack, layer, &misses);
@@ -1075,7 +1079,10 @@ fn whole_expert_ranges(
     let mut out = Vec::with_capacity(SLOT_ARRAYS);
     let mut push = |arr: usize, src: &[u8], at: usize, len: usize| {
         let (base, size) = dst[arr];
-        assert!(len == size && at + len <= src.len(), "a whole segment fills its slot");
+        assert!(
+            len == size && at + len <= src.len(),
+            "a whole segment fills its slot"
+        );
         out.push((base, src.as_ptr() as usize + at, len));
     };
     push(0, weights, 0, gate_w);

@@ -413,13 +413,19 @@ fn read_exact_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Resu
     Ok(())
 }
 
-/// macOS: reads on this descriptor bypass the unified buffer cache.
+/// macOS: reads on this descriptor bypass the unified buffer cache (`F_NOCACHE`, macOS's
+/// nearest to `O_DIRECT`), and the kernel reads no further ahead than asked (`F_RDAHEAD` 0):
+/// expert reads are random, so read-ahead only fetches bytes nobody uses.
 fn no_cache(_f: &File) {
     #[cfg(target_os = "macos")]
     {
         use std::os::fd::AsRawFd;
-        // SAFETY: fcntl on a descriptor we own; failure only means the cache is used.
-        unsafe { libc::fcntl(_f.as_raw_fd(), libc::F_NOCACHE, 1) };
+        // SAFETY: fcntl on a descriptor we own; failure only means the cache or read-ahead is
+        // used.
+        unsafe {
+            libc::fcntl(_f.as_raw_fd(), libc::F_NOCACHE, 1);
+            libc::fcntl(_f.as_raw_fd(), libc::F_RDAHEAD, 0);
+        }
     }
 }
 

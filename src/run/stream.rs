@@ -273,7 +273,9 @@ impl StreamingExperts<'_> {
             let reads: Vec<u32> = guess
                 .reads
                 .iter()
-                .filter(|&&(_, rank)| self.precision.get(rank).copied().unwrap_or(0.0) >= PREFETCH_MIN_PRECISION)
+                .filter(|&&(_, rank)| {
+                    self.precision.get(rank).copied().unwrap_or(0.0) >= PREFETCH_MIN_PRECISION
+                })
                 .map(|&(e, _)| e)
                 .collect();
             if !reads.is_empty() && self.room {
