@@ -178,3 +178,51 @@ fn chat_turns_through_the_template_reuse_the_previous_turn() {
         ids.len()
     );
 }
+
+/// Issue 25: prefetch reads only what it should. Under every expert budget, streaming with
+/// prefetch gives the tokens of streaming without it, loads at most 1.05x the experts the run
+/// needed (demand misses plus prefetched experts the router then picked), and stays off when
+/// the pools cannot hold a token's working set plus one more layer's.
+#[test]
+fn prefetch_reads_at_most_five_percent_more_than_needed_and_changes_no_token() {
+    let path = http::tiny_pack("engine-prefetch");
+    let (pack, cfg, weights) = open::open(path, true).unwrap();
+    let prompt_text = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n";
+    let mut prefetched_somewhere = false;
+    for share in ["50%", "25%", "12%"] {
+        let run = |prefetch: bool| {
+            let opts = EngineOptions {
+                expert_budget: Some(Budget::parse(share).unwrap()),
+                prefetch,
+                positions: 512,
+                ..EngineOptions::default()
+            };
+            let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &Silent).unwrap();
+            let prompt = engine.encode(prompt_text).unwrap();
+            let (out, _) = tokens(&mut engine, &prompt, &greedy(96));
+            (out, engine.cache_stats(), engine.stream_stats().clone())
+        };
+        let (with, c, s) = run(true);
+        let (without, c0, _) = run(false);
+        assert_eq!(with, without, "prefetch changed the tokens at {share}");
+        let misses: u64 = c.misses_per_layer.values().sum();
+        let needed = misses + c.prefetch_used;
+        assert!(
+            c.experts_loaded as f64 <= 1.05 * needed as f64,
+            "{share}: {} loads for {needed} needed ({} prefetched, {} of them used)",
+            c.experts_loaded,
+            c.prefetch_loaded,
+            c.prefetch_used
+        );
+        assert_eq!(c0.prefetch_loaded, 0);
+        assert!(s.predicted > 0, "{share}: predictions are scored");
+        if s.prefetch_no_room {
+            assert_eq!(c.prefetch_loaded, 0, "{share}: no room, no prefetch");
+        }
+        prefetched_somewhere |= c.prefetch_loaded > 0;
+    }
+    assert!(
+        prefetched_somewhere,
+        "the trained model's heaviest guesses are right often enough to open the gate somewhere"
+    );
+}

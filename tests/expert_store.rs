@@ -310,3 +310,65 @@ fn prefetched_experts_are_hits_and_correct() {
     assert_eq!(again.len(), 2);
     assert_eq!(store.stats().hits_per_layer[&0], 2);
 }
+
+/// A layer's resident experts are asked for before its misses: with two slots holding experts 1
+/// and 2 of layer 0 (1 the least recently used), asking for [3, 1] must evict 2, not 1 (which
+/// LRU would pick if 3 were placed first, only for 1 to be read again at once).
+#[test]
+fn a_miss_never_evicts_an_expert_its_own_layer_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pack(dir.path(), 1);
+    let pack = Pack::open(&path).unwrap();
+    let slot_bytes = (3 * I * H * BITS / 8 + 6 * I * (H / G) * 2) as u64;
+    let opts = StoreOptions {
+        budget_bytes: Some(2 * slot_bytes),
+        io: IoMode::Pread,
+        queue_depth: 2,
+        policy: PolicyKind::Lru,
+        verify: true,
+        naive: false,
+    };
+    let mut store = ExpertCache::new(&pack, &opts).unwrap();
+    store.prepare(&pack, 0, &[1]).unwrap();
+    store.prepare(&pack, 0, &[2]).unwrap();
+    assert_eq!(store.stats().experts_loaded, 2);
+    let slots = store.prepare(&pack, 0, &[3, 1]).unwrap();
+    assert_eq!(store.stats().experts_loaded, 3, "only expert 3 is read");
+    assert!(store.is_resident(0, 1) && store.is_resident(0, 3) && !store.is_resident(0, 2));
+    for (&e, &(pool, slot)) in [3u32, 1].iter().zip(&slots) {
+        check_slot(&store, pool, slot, &expert(0, e));
+    }
+}
+
+/// `bench io` measures both ways of reading the same number of experts and reports a ratio for
+/// each split size asked for (its numbers are timings: only their presence is checked here).
+#[test]
+fn bench_io_reports_plain_reads_and_runtime_loads() {
+    use flashpack::run::bench_io::{bench_io, format_report, IoBenchOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_pack(dir.path(), 2);
+    let pack = Pack::open(&path).unwrap();
+    let opts = IoBenchOptions {
+        experts: 6,
+        batch: 3,
+        splits_kib: vec![0, 4],
+        ..IoBenchOptions::default()
+    };
+    let r = bench_io(&pack, &path, &opts).unwrap();
+    let whats: Vec<(&str, usize)> = r.rows.iter().map(|x| (x.what.as_str(), x.at_once)).collect();
+    assert_eq!(
+        whats,
+        [
+            ("plain pread, queue depth 1", 1),
+            ("plain pread, queue depth 3", 3),
+            ("plain pread, queue depth 16", 16),
+            ("runtime load, read split 0 KiB", 1),
+            ("runtime load, read split 0 KiB", 3),
+            ("runtime load, read split 4 KiB", 1),
+            ("runtime load, read split 4 KiB", 3),
+        ]
+    );
+    assert!(r.rows.iter().all(|x| x.experts == 6 && x.ms_per_expert > 0.0));
+    assert_eq!(r.ratios.len(), 2);
+    assert!(format_report(&r).contains("| 4 |"));
+}

@@ -267,8 +267,6 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
         opts.splits_kib.clone()
     };
     for (i, &split) in splits.iter().enumerate() {
-        // The reader takes its split size from the environment when it is built.
-        std::env::set_var("FLASHPACK_READ_SPLIT_KIB", split.to_string());
         let mut loads = [0.0f64; 2];
         for (j, at_once) in [1usize, batch].into_iter().enumerate() {
             let ks = &keys[3 + 2 * i + j];
@@ -287,6 +285,7 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
                 ..StoreOptions::default()
             };
             let mut cache = ExpertCache::new(pack, &store)?;
+            cache.set_read_split(split * 1024);
             let _ = evict_from_page_cache(path);
             let before = cache.stats().thread_ms;
             let started = Instant::now();
@@ -323,7 +322,6 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
         }
         ratios.push((split, loads[0] / plain1, loads[1] / plain_batch));
     }
-    std::env::remove_var("FLASHPACK_READ_SPLIT_KIB");
     Ok(IoReport {
         stored_bytes_per_expert: per_expert,
         rows,

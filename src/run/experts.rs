@@ -454,6 +454,18 @@ impl ExpertCache {
         })
     }
 
+    /// Sets the part size of the reader's split direct reads (`bench io` compares sizes).
+    /// Returns `false` (changing nothing) while a background load shares the reader.
+    pub fn set_read_split(&mut self, bytes: usize) -> bool {
+        match std::sync::Arc::get_mut(&mut self.reader) {
+            Some(r) => {
+                r.set_split(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Bytes the pools would take with every stored expert resident (what `budget_bytes: None`
     /// allocates); budgets given as a share of the experts are shares of this.
     pub fn all_resident_bytes(pack: &Pack) -> u64 {

@@ -143,6 +143,12 @@ impl SegmentReader {
         })
     }
 
+    /// Sets the part size of split direct reads (bytes, rounded up to the direct-I/O
+    /// alignment; 0: never split), overriding `FLASHPACK_READ_SPLIT_KIB`.
+    pub fn set_split(&mut self, bytes: usize) {
+        self.split = bytes.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    }
+
     /// Runs `f` on this reader's I/O threads (`queue_depth` of them): parallel work inside it
     /// keeps that many reads in flight.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
