@@ -270,15 +270,26 @@ impl StreamingExperts<'_> {
         let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;
         if let Some((next, p, w)) = prediction {
             let guess = self.guess(next, &p.to_vec::<u32>()?, &w.to_vec_f32()?, p.dim(-1))?;
+            // A chunk of many tokens (a prompt; on average 4 routed entries per expert or
+            // more) uses nearly every expert its guess names: the whole guess is read while
+            // this layer computes, if both layers' experts fit (time to first token).
+            let chunk = ids.len() >= 4 * self.num_experts;
             let reads: Vec<u32> = guess
                 .reads
                 .iter()
                 .filter(|&&(_, rank)| {
-                    self.precision.get(rank).copied().unwrap_or(0.0) >= PREFETCH_MIN_PRECISION
+                    chunk
+                        || self.precision.get(rank).copied().unwrap_or(0.0)
+                            >= PREFETCH_MIN_PRECISION
                 })
                 .map(|&(e, _)| e)
                 .collect();
-            if !reads.is_empty() && self.room {
+            let room = if chunk {
+                self.min_slots() >= wanted.len() + reads.len()
+            } else {
+                self.room
+            };
+            if !reads.is_empty() && room {
                 self.cache.prefetch(self.pack, next as u32, &reads)?;
             } else if !guess.reads.is_empty() {
                 self.stats.prefetch_gated += 1;
