@@ -274,7 +274,8 @@ def main():
     ap.add_argument("--long-prompt", type=int, default=1900,
                     help="about this many tokens, under the model's 2,048 context (0: skip)")
     ap.add_argument("--runs", default="all",
-                    help="comma list of run names to do (see RUNS), or all")
+                    help="list of run names to do (see RUNS), separated by ';' (or ',' when no "
+                         "name has one), or all")
     ap.add_argument("--skip-skewed", action="store_true")
     ap.add_argument("--small", action="store_true",
                     help="a small model (hidden 256, 32 experts): a smoke test of the script")
@@ -351,7 +352,7 @@ def main():
         ("skewed", "50%", ["--expert-budget", "50%"]),
         ("skewed", "25%", ["--expert-budget", "25%"]),
     ]
-    wanted = None if a.runs == "all" else set(a.runs.split(","))
+    wanted = None if a.runs == "all" else set(a.runs.split(";" if ";" in a.runs else ","))
     runs = [r for r in RUNS if (wanted is None or r[1] in wanted or f"{r[0]}:{r[1]}" in wanted)
             and not (r[0] == "skewed" and a.skip_skewed)]
     # Results accumulate in the work folder across invocations (each call adds --reps), so a
