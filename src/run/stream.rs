@@ -119,11 +119,6 @@ impl<'p> StreamingExperts<'p> {
         self
     }
 
-    /// Whether prefetch may read at all (asked for, and room for it).
-    pub fn prefetching(&self) -> bool {
-        self.prefetch && self.room
-    }
-
     /// Skip (and renormalize around) non-resident experts whose routing weight is below
     /// `threshold` instead of loading them. Off by default.
     pub fn skip_uncached(mut self, threshold: Option<f32>) -> Self {
