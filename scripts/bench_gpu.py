@@ -116,7 +116,9 @@ def decode_stats(s):
     needed = sum(c["misses_per_layer"].values()) + c.get("prefetch_used", 0)
     return {
         "load_ratio": c["experts_loaded"] / needed if needed else None,
-        "host_only_ms": (g.get("host_build_ms", 0.0) - stall - evw) / max(n - 1, 1),
+        # Older binaries do not snapshot the routing wait at the first token: no split there.
+        "host_only_ms": ((g.get("host_build_ms", 0.0) - stall - evw) / max(n - 1, 1)
+                         if "eval_wait_ms" in first or not first else None),
         "table_ms": c.get("table_ms", 0.0) / max(n + g["prompt_tokens"], 1),
         "tps": g["decode_tokens_per_s"],
         "prefill_tps": g["prefill_tokens_per_s"],
@@ -277,6 +279,9 @@ def main():
                     help="list of run names to do (see RUNS), separated by ';' (or ',' when no "
                          "name has one), or all")
     ap.add_argument("--skip-skewed", action="store_true")
+    ap.add_argument("--no-mlx", action="store_true",
+                    help="no mlx-lm runs: the uniform pack is converted from bf16 (limits use "
+                         "flashpack's own resident step anyway)")
     ap.add_argument("--small", action="store_true",
                     help="a small model (hidden 256, 32 experts): a smoke test of the script")
     ap.add_argument("--baseline-bin", default=None,
@@ -310,13 +315,14 @@ def main():
             sh(["make_fixture", "--out", f"{w}/{name}", "--tokenizer-from", a.tokenizer_from]
                + SHAPE + layers + extra)
             log(f"made {name}")
-    if not os.path.exists(f"{w}/uniform-mlx/config.json"):
+    if not a.no_mlx and not os.path.exists(f"{w}/uniform-mlx/config.json"):
         sh([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", f"{w}/uniform",
             "--mlx-path", f"{w}/uniform-mlx", "-q", "--q-bits", "4", "--q-group-size", "64"])
         log("mlx_lm convert done")
     packs = {"uniform": f"{w}/uniform.flashpack", "skewed": f"{w}/skewed.flashpack"}
     if not os.path.exists(packs["uniform"]):
-        sh(["flashpack", "convert", f"{w}/uniform-mlx", "-o", packs["uniform"], "--quiet"])
+        src = f"{w}/uniform" if a.no_mlx else f"{w}/uniform-mlx"
+        sh(["flashpack", "convert", src, "-o", packs["uniform"], "--quiet"])
     if not a.skip_skewed and not os.path.exists(packs["skewed"]):
         sh(["flashpack", "convert", f"{w}/skewed", "-o", packs["skewed"], "--quiet"])
     log("packs ready")
@@ -334,8 +340,9 @@ def main():
     # Warm-up: the first CUDA run compiles kernels (NVRTC); discard it.
     run_flashpack(packs["uniform"], [], PROMPT, 4)
     run_flashpack(packs["uniform"], ["--expert-budget", "25%"], long_text, 2)
-    run_mlx(f"{w}/uniform-mlx", prompt_file, 4, w)
-    run_mlx(f"{w}/uniform-mlx", long_file, 2, w)
+    if not a.no_mlx:
+        run_mlx(f"{w}/uniform-mlx", prompt_file, 4, w)
+        run_mlx(f"{w}/uniform-mlx", long_file, 2, w)
     log("warm-up done")
 
     RUNS = [
@@ -364,14 +371,14 @@ def main():
             res = json.load(f)
     bins = [("", "flashpack")] + ([(" [base]", a.baseline_bin)] if a.baseline_bin else [])
     for rep in range(a.reps):
-        res["mlx"].append(run_mlx(f"{w}/uniform-mlx", prompt_file, a.max_tokens, w))
+        res["mlx"].append({} if a.no_mlx else run_mlx(f"{w}/uniform-mlx", prompt_file, a.max_tokens, w))
         for model, name, extra in runs:
             for tag, binary in bins:
                 s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
                 res.setdefault(f"{model}:{name}{tag}", []).append(s)
                 log_run(log, f"{model}:{name}{tag}", s)
         if a.long_prompt:
-            res["mlx_long"].append(run_mlx(f"{w}/uniform-mlx", long_file, 8, w))
+            res["mlx_long"].append({} if a.no_mlx else run_mlx(f"{w}/uniform-mlx", long_file, 8, w))
             for name, extra in [("resident", []), ("50%", ["--expert-budget", "50%"]),
                                 ("25%", ["--expert-budget", "25%"])]:
                 for tag, binary in bins:
