@@ -377,6 +377,9 @@ def main():
                 s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
                 res.setdefault(f"{model}:{name}{tag}", []).append(s)
                 log_run(log, f"{model}:{name}{tag}", s)
+                # Saved after every run: a call cut short by its time limit keeps what ran.
+                with open(res_path, "w") as f:
+                    json.dump(res, f)
         if a.long_prompt:
             res["mlx_long"].append({} if a.no_mlx else run_mlx(f"{w}/uniform-mlx", long_file, 8, w))
             for name, extra in [("resident", []), ("50%", ["--expert-budget", "50%"]),
