@@ -355,7 +355,11 @@ fn bench_io_reports_plain_reads_and_runtime_loads() {
         ..IoBenchOptions::default()
     };
     let r = bench_io(&pack, &path, &opts).unwrap();
-    let whats: Vec<(&str, usize)> = r.rows.iter().map(|x| (x.what.as_str(), x.at_once)).collect();
+    let whats: Vec<(&str, usize)> = r
+        .rows
+        .iter()
+        .map(|x| (x.what.as_str(), x.at_once))
+        .collect();
     assert_eq!(
         whats,
         [
@@ -368,7 +372,10 @@ fn bench_io_reports_plain_reads_and_runtime_loads() {
             ("runtime load, read split 4 KiB", 3),
         ]
     );
-    assert!(r.rows.iter().all(|x| x.experts == 6 && x.ms_per_expert > 0.0));
+    assert!(r
+        .rows
+        .iter()
+        .all(|x| x.experts == 6 && x.ms_per_expert > 0.0));
     assert_eq!(r.ratios.len(), 2);
     assert!(format_report(&r).contains("| 4 |"));
 }
