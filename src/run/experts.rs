@@ -894,18 +894,21 @@ fn run_jobs(reader: &SegmentReader, ctx: LoadCtx, jobs: Vec<Job>) -> Result<(), 
         .filter(|j| !(ctx.upload && j.segments.len() == 1))
         .flat_map(|j| j.dst)
         .collect();
-    let hinted = !ranges.is_empty() && mlx::unified_prefetch(&ranges, false);
     // On the reader's I/O threads (queue depth), not the global pool (one per core): each
     // task reads and then decodes, so as many reads are in flight as the queue depth allows
-    // even on two cores, and a segment is decoded as soon as its own read is done.
+    // even on two cores, and a segment is decoded as soon as its own read is done. The page
+    // moves run there too: CUDA calls stay on those long-lived threads, each with its own
+    // stream, made once.
     reader.install(|| {
-        tasks
+        let hinted = !ranges.is_empty() && mlx::unified_prefetch(&ranges, false);
+        let done = tasks
             .into_par_iter()
-            .try_for_each(|(job, e)| load_segment(reader, e, ctx, &job.dst))
+            .try_for_each(|(job, e)| load_segment(reader, e, ctx, &job.dst));
+        if hinted {
+            mlx::unified_prefetch(&ranges, true);
+        }
+        done
     })?;
-    if hinted {
-        mlx::unified_prefetch(&ranges, true);
-    }
     Ok(())
 }
 
