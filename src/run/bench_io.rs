@@ -37,7 +37,7 @@ impl Default for IoBenchOptions {
             experts: 64,
             batch: 8,
             seed: 1,
-            splits_kib: vec![super::read::DEFAULT_SPLIT_KIB],
+            splits_kib: vec![0, 512],
             verify: true,
         }
     }

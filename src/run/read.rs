@@ -84,9 +84,11 @@ pub struct SegmentReader {
     split: usize,
 }
 
-/// Default part size of a split direct read (`FLASHPACK_READ_SPLIT_KIB` overrides; 0 turns
-/// splitting off). Measured with `flashpack bench io` (docs/benchmarks.md).
-pub const DEFAULT_SPLIT_KIB: usize = 512;
+/// Default part size of a split direct read (`FLASHPACK_READ_SPLIT_KIB` overrides; 0: off).
+/// Off: on the 2-vCPU VM one 2.46 MB read split into 512 KiB parts side by side was slower
+/// (`flashpack bench io --split-kib 0,512`, docs/benchmarks.md); the GPU machine's disk, which
+/// serves 16 requests in flight faster than one, is not yet measured.
+pub const DEFAULT_SPLIT_KIB: usize = 0;
 
 /// The part size of split reads, from `FLASHPACK_READ_SPLIT_KIB` or the default, in bytes
 /// (a multiple of the direct-I/O alignment).

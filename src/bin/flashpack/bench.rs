@@ -50,7 +50,7 @@ pub struct IoArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Part sizes in KiB of split direct reads to try (0: one request per segment).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![flashpack::run::read::DEFAULT_SPLIT_KIB])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 512])]
     pub split_kib: Vec<usize>,
     /// Skip the checksum of each segment in the runtime phases (`run --no-verify`).
     #[arg(long)]
