@@ -16,6 +16,13 @@ works on the GPU (see scripts/bench_gpu.sh, which sets that up on the device's H
    `--no-cache` baseline; a long-prompt (2,048-token) prefill for both runtimes.
 
 Writes `table.md` and `raw.json` into --out. Ratios are against numbers of the same call.
+
+Options for issue 25 (streaming): `--baseline-bin flashpack-base` repeats every flashpack run with an older
+binary, interleaved (rows marked [base]; `bash scripts/bench_gpu.sh prepare-base REV` stages it); `--no-mlx`
+skips mlx-lm (the uniform pack is then converted from bf16); `--deep` runs 48 layers of Qwen3-30B-A3B's
+layer shape at half the expert width instead (`deep.md`). Columns: loads over needed loads, the host's own
+build time per token (without routing and expert waits), the serial and overlapped limits from the same
+model's resident step and the disk's speed.
 """
 import argparse
 import json
