@@ -156,7 +156,24 @@ def log_run(log, key, s):
     log(f"{key}: {d['tps']:.1f} tok/s, hit {fmt(d['hit'], '{:.2f}')}, "
         f"{d['mb_per_tok']:.1f} MB/tok, loads/needed {fmt(d['load_ratio'], '{:.2f}')}, "
         f"stall {d['stall_ms_per_tok']:.1f} ms/tok, build {d['build_ms']:.2f} "
-        f"(host only {d['host_only_ms']:.2f}) wait {d['wait_ms']:.2f} ms/tok")
+        f"(host only {fmt(d['host_only_ms'], '{:.2f}')}) wait {d['wait_ms']:.2f} ms/tok")
+
+
+def binaries(a):
+    """(row tag, binary) of each flashpack build a run is repeated with."""
+    return [("", "flashpack")] + ([(" [base]", a.baseline_bin)] if a.baseline_bin else [])
+
+
+def run_decode_rows(a, log, packs, runs, res, res_path):
+    """One repetition of `runs` with every binary, interleaved; results saved after every run,
+    so a call cut short by its time limit keeps what ran."""
+    for model, name, extra in runs:
+        for tag, binary in binaries(a):
+            s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
+            res.setdefault(f"{model}:{name}{tag}", []).append(s)
+            log_run(log, f"{model}:{name}{tag}", s)
+            with open(res_path, "w") as f:
+                json.dump(res, f)
 
 
 def stream_table(res, keys, bw, mlx_tps=None):
@@ -237,21 +254,14 @@ def deep(a, log):
                  (model, "25%", ["--expert-budget", "25%"]),
                  (model, "25% no-prefetch", ["--expert-budget", "25%", "--no-prefetch"]),
                  (model, "12%", ["--expert-budget", "12%"])]
-    bins = [("", "flashpack")] + ([(" [base]", a.baseline_bin)] if a.baseline_bin else [])
     res_path = os.path.join(w, "deep-results.json")
     res = {}
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
-    for rep in range(a.reps):
-        for model, name, extra in runs:
-            for tag, binary in bins:
-                s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
-                res.setdefault(f"{model}:{name}{tag}", []).append(s)
-                log_run(log, f"{model}:{name}{tag}", s)
-        with open(res_path, "w") as f:
-            json.dump(res, f)
-    keys = [f"{m}:{n}{t}" for m, n, _ in runs for t, _ in bins]
+    for _ in range(a.reps):
+        run_decode_rows(a, log, packs, runs, res, res_path)
+    keys = [f"{m}:{n}{t}" for m, n, _ in runs for t, _ in binaries(a)]
     _, lines = stream_table(res, keys, bw)
     lines = [f"disk {bw / 1e9:.2f} GB/s; 48 layers, 128 experts top-8, hidden 2048, expert width "
              f"384 (half of Qwen3-30B-A3B's 768: bytes per expert halve); {a.max_tokens} greedy "
@@ -376,17 +386,10 @@ def main():
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
-    bins = [("", "flashpack")] + ([(" [base]", a.baseline_bin)] if a.baseline_bin else [])
+    bins = binaries(a)
     for rep in range(a.reps):
         res["mlx"].append({} if a.no_mlx else run_mlx(f"{w}/uniform-mlx", prompt_file, a.max_tokens, w))
-        for model, name, extra in runs:
-            for tag, binary in bins:
-                s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
-                res.setdefault(f"{model}:{name}{tag}", []).append(s)
-                log_run(log, f"{model}:{name}{tag}", s)
-                # Saved after every run: a call cut short by its time limit keeps what ran.
-                with open(res_path, "w") as f:
-                    json.dump(res, f)
+        run_decode_rows(a, log, packs, runs, res, res_path)
         if a.long_prompt:
             res["mlx_long"].append({} if a.no_mlx else run_mlx(f"{w}/uniform-mlx", long_file, 8, w))
             for name, extra in [("resident", []), ("50%", ["--expert-budget", "50%"]),

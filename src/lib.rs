@@ -23,5 +23,6 @@ pub mod memory;
 pub mod mlx;
 pub mod model;
 pub mod progress;
+pub mod quant_mode;
 pub mod run;
 pub mod serve;

@@ -651,7 +651,7 @@ fn check_expert_entry(
             "must be 32, 64 or 128",
         ));
     }
-    if !e.mode.accepts(e.bits.max(), e.group_size, e.scale_dtype)
+    if !super::mode_accepts(e.mode, e.bits.max(), e.group_size, e.scale_dtype)
         || (e.mode != QuantMode::Affine && !e.bits.is_uniform())
     {
         return Err(bad(

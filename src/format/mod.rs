@@ -144,86 +144,13 @@ impl DType {
     }
 }
 
-/// Quantization modes, formats/flashpack-v1.md §7.3: MLX's `mode` argument.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum QuantMode {
-    /// `scale * q + bias` per group; any bits of [`valid_bits`], scales and biases in a float type.
-    #[default]
-    Affine = 0,
-    /// OCP microscaling: 4-bit E2M1 codes, one E8M0 (power of two) u8 scale per 32 values, no
-    /// biases.
-    Mxfp4 = 1,
-    /// 8-bit E4M3 codes, one E8M0 u8 scale per 32 values, no biases.
-    Mxfp8 = 2,
-}
+pub use crate::quant_mode::QuantMode;
 
-impl QuantMode {
-    pub fn from_code(code: u8) -> Option<QuantMode> {
-        Some(match code {
-            0 => QuantMode::Affine,
-            1 => QuantMode::Mxfp4,
-            2 => QuantMode::Mxfp8,
-            _ => return None,
-        })
-    }
-
-    /// MLX's name for the mode.
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantMode::Affine => "affine",
-            QuantMode::Mxfp4 => "mxfp4",
-            QuantMode::Mxfp8 => "mxfp8",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<QuantMode> {
-        [QuantMode::Affine, QuantMode::Mxfp4, QuantMode::Mxfp8]
-            .into_iter()
-            .find(|m| m.name() == name)
-    }
-
-    /// Whether the mode has a bias per group (only affine).
-    pub fn has_biases(self) -> bool {
-        self == QuantMode::Affine
-    }
-
-    /// The bits and group size a microscaling mode fixes; `None` for affine.
-    pub fn fixed(self) -> Option<(u8, u32)> {
-        match self {
-            QuantMode::Affine => None,
-            QuantMode::Mxfp4 => Some((4, 32)),
-            QuantMode::Mxfp8 => Some((8, 32)),
-        }
-    }
-
-    /// Whether `bits`, `group_size` and the scale type go with this mode.
-    pub fn accepts(self, bits: u8, group_size: u32, scale_dtype: DType) -> bool {
-        match self.fixed() {
-            None => valid_bits(bits) && valid_group_size(group_size) && scale_dtype.is_float(),
-            Some(fixed) => (bits, group_size) == fixed && scale_dtype == DType::U8,
-        }
-    }
-
-    /// Scale-like arrays per quantized matrix: scales and biases (2), or scales alone (1).
-    pub fn aux_arrays(self) -> u64 {
-        if self.has_biases() {
-            2
-        } else {
-            1
-        }
+/// Whether `bits`, `group_size` and the scale type go with `mode` (formats/flashpack-v1.md §7.3).
+pub fn mode_accepts(mode: QuantMode, bits: u8, group_size: u32, scale_dtype: DType) -> bool {
+    match mode.fixed() {
+        None => valid_bits(bits) && valid_group_size(group_size) && scale_dtype.is_float(),
+        Some(fixed) => (bits, group_size) == fixed && scale_dtype == DType::U8,
     }
 }
 

@@ -11,7 +11,7 @@
 
 mod ffi;
 
-pub use crate::format::QuantMode;
+pub use crate::quant_mode::QuantMode;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;

@@ -14,7 +14,8 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::experts::{ExpertCache, ExpertError, StoreOptions};
-use super::read::{evict_from_page_cache, IoMode};
+use super::read::{evict_from_page_cache, open_direct, read_direct, IoMode};
+use super::sample::SplitMix64;
 use crate::format::{ExpertEntry, Pack};
 
 /// What to measure.
@@ -71,18 +72,6 @@ pub struct IoReport {
     pub ratios: Vec<(usize, f64, f64)>,
 }
 
-/// Small deterministic generator (splitmix64), so runs pick the same experts.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// For each phase, up to `n` distinct (layer, stored expert) keys, in runs of `batch` from one
 /// layer (a layer's misses), each phase shuffled anew. Phases may share experts: each runtime
 /// phase starts with an empty cache, and every read bypasses (or first drops) the page cache.
@@ -94,20 +83,20 @@ fn pick(pack: &Pack, n: usize, batch: usize, phases: usize, seed: u64) -> Vec<Ve
     let total: usize = by_layer.values().map(Vec::len).sum();
     let n = n.min(total);
     let layers: Vec<u32> = by_layer.keys().copied().collect();
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut out = Vec::with_capacity(phases);
     for _ in 0..phases {
         let mut pools = by_layer.clone();
         for experts in pools.values_mut() {
             // Fisher-Yates with the seeded generator.
             for i in (1..experts.len()).rev() {
-                let j = (rng.next() % (i as u64 + 1)) as usize;
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
                 experts.swap(i, j);
             }
         }
         let mut keys = Vec::with_capacity(n);
         while keys.len() < n {
-            let layer = layers[(rng.next() % layers.len() as u64) as usize];
+            let layer = layers[(rng.next_u64() % layers.len() as u64) as usize];
             let pool = pools.get_mut(&layer).expect("listed");
             let take = batch.min(n - keys.len()).min(pool.len());
             keys.extend(pool.drain(..take).map(|e| (layer, e)));
@@ -136,7 +125,7 @@ fn plain_reads(
         let t = Instant::now();
         let mut buf = Vec::new();
         for e in segs {
-            aligned_read(&file, e.offset, e.stored_len as usize, &mut buf)?;
+            read_direct(&file, e.offset, e.stored_len as usize, &mut buf)?;
         }
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
@@ -153,39 +142,9 @@ fn plain_reads(
     Ok((times, started.elapsed().as_secs_f64() * 1e3))
 }
 
-#[cfg(target_os = "linux")]
+/// The pack opened for plain reads: `O_DIRECT` where the system has it, else buffered.
 fn open_plain(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .or_else(|_| File::open(path))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_plain(path: &Path) -> std::io::Result<File> {
-    File::open(path)
-}
-
-/// One positional read of the 4 KiB-aligned pages around `offset..offset+len`.
-fn aligned_read(f: &File, offset: u64, len: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    const ALIGN: usize = 4096;
-    let start = offset & !(ALIGN as u64 - 1);
-    let total = ((offset - start) as usize + len).div_ceil(ALIGN) * ALIGN;
-    buf.resize(total + ALIGN, 0);
-    let pad = (ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN;
-    let dst = &mut buf[pad..pad + total];
-    let mut done = 0;
-    let want = (offset - start) as usize + len;
-    while done < want {
-        let n = std::os::unix::fs::FileExt::read_at(f, &mut dst[done..], start + done as u64)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        done += n;
-    }
-    Ok(())
+    open_direct(path).map_or_else(|| File::open(path), Ok)
 }
 
 /// Runs every phase on `pack` (opened from `path`).

@@ -521,14 +521,7 @@ impl ExpertCache {
     /// Whether router expert `e` of `layer` is resident (or being prefetched, which the next
     /// `prepare` joins without a new read); a lookup without side effects.
     pub fn is_resident(&self, layer: u32, e: u32) -> bool {
-        let stored = stored_expert(&self.merge_map, layer, e);
-        let key = ExpertKey {
-            layer,
-            expert: stored,
-        };
-        self.pool_of
-            .get(&(layer, stored))
-            .is_some_and(|&p| self.pools[p].table.contains(key))
+        self.is_stored_resident(layer, stored_expert(&self.merge_map, layer, e))
     }
 
     /// Whether stored expert `stored` of `layer` holds a slot.

@@ -268,11 +268,7 @@ impl SegmentReader {
         if part == 0 || len <= part {
             return read_direct(f, offset, len, buf);
         }
-        let start = offset & !(DIRECT_ALIGN as u64 - 1);
-        let head = (offset - start) as usize;
-        let total = (head + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        buf.resize(total + DIRECT_ALIGN, 0);
-        let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        let (start, head, pad, total) = aligned_pages(offset, len, buf);
         let dst = &mut buf[pad..pad + total];
         let wanted = head + len;
         self.pool.install(|| {
@@ -348,7 +344,7 @@ impl SegmentReader {
 const DIRECT_ALIGN: usize = 4096;
 
 #[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> Option<File> {
+pub(crate) fn open_direct(path: &Path) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -358,24 +354,32 @@ fn open_direct(path: &Path) -> Option<File> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &Path) -> Option<File> {
+pub(crate) fn open_direct(_path: &Path) -> Option<File> {
     None
 }
 
-/// Reads `len` bytes at `offset` through an `O_DIRECT` descriptor: the aligned pages around
-/// them go into an aligned part of `buf`; returns where the bytes are. Reading past the end of
-/// the file stops short there (the last segment's pages may end before the next 4 KiB).
-fn read_direct(
-    f: &File,
-    offset: u64,
-    len: usize,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<std::ops::Range<usize>> {
+/// The aligned pages around `offset..offset+len`: their first byte's offset in the file, the
+/// segment's offset within them, where an aligned run of them starts in `buf` (resized to hold
+/// it), and their length.
+fn aligned_pages(offset: u64, len: usize, buf: &mut Vec<u8>) -> (u64, usize, usize, usize) {
     let start = offset & !(DIRECT_ALIGN as u64 - 1);
     let head = (offset - start) as usize;
     let total = (head + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     buf.resize(total + DIRECT_ALIGN, 0);
     let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+    (start, head, pad, total)
+}
+
+/// Reads `len` bytes at `offset` through an `O_DIRECT` descriptor: the aligned pages around
+/// them go into an aligned part of `buf`; returns where the bytes are. Reading past the end of
+/// the file stops short there (the last segment's pages may end before the next 4 KiB).
+pub(crate) fn read_direct(
+    f: &File,
+    offset: u64,
+    len: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<std::ops::Range<usize>> {
+    let (start, head, pad, total) = aligned_pages(offset, len, buf);
     let dst = &mut buf[pad..pad + total];
     let mut done = 0;
     while done < head + len {
