@@ -176,6 +176,14 @@ def run_decode_rows(a, log, packs, runs, res, res_path):
                 json.dump(res, f)
 
 
+def same_text(row, base):
+    """Whether every repetition generated the resident run's text (greedy: it must)."""
+    if not base or not base["texts"]:
+        return ""
+    want = base["texts"][0]
+    return "yes" if all(t == want for t in row["texts"]) else "**NO**"
+
+
 def stream_table(res, keys, bw, mlx_tps=None):
     """The decode table for runs `keys` ("model:name" or "model:name [base]"). Limits use the
     resident step of the same model and binary: serial = 1 / (read time + compute time),
@@ -183,22 +191,23 @@ def stream_table(res, keys, bw, mlx_tps=None):
     lines = ["| model | run | decode tok/s | vs resident | hit rate | MB read/tok | loads / needed "
              "| stall ms/tok | host ms/tok (build, no waits) | serial limit | of serial "
              "| overlapped limit | of overlapped | prefetch acc | RSS GB | MLX peak GB "
-             "| expert budget GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| expert budget GB | text = resident |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table = {}
     for key in keys:
         model, name = key.split(":", 1)
         ds = [decode_stats(s) for s in res.get(key, []) if "error" not in s]
         if not ds:
-            lines.append(f"| {model} | {name} | failed | | | | | | | | | | | | | | |")
+            lines.append(f"| {model} | {name} | failed | | | | | | | | | | | | | | | |")
             continue
         row = {k: med([d[k] for d in ds]) for k in ds[0] if k not in ("thread_ms", "text")}
         row["tps_all"] = [round(d["tps"], 1) for d in ds]
         row["thread_ms"] = ds[0]["thread_ms"]
+        row["texts"] = [d["text"] for d in ds]
         table[key] = row
         tag = name[name.index(" ["):] if " [" in name else ""
         base = table.get(f"{model}:resident{tag}")
-        step = 1.0 / base["tps"] if base else None
+        step = 1.0 / base["tps"] if base and base["tps"] else None
         serial = over = None
         if step and row["mb_per_tok"] and row["budget_gb"]:
             io = row["mb_per_tok"] * 1e6 / bw
@@ -206,18 +215,24 @@ def stream_table(res, keys, bw, mlx_tps=None):
             over = 1.0 / max(io, step)
         lines.append(
             f"| {model} | {name} | {'/'.join(fmt(x) for x in row['tps_all'])} | "
-            f"{fmt(row['tps'] / base['tps'] if base else None, '{:.2f}')} | "
+            f"{fmt(row['tps'] / base['tps'] if step else None, '{:.2f}')} | "
             f"{fmt(row['hit'], '{:.2f}')} | {fmt(row['mb_per_tok'])} | "
             f"{fmt(row['load_ratio'], '{:.2f}')} | {fmt(row['stall_ms_per_tok'])} | "
             f"{fmt(row['host_only_ms'], '{:.2f}')} | {fmt(serial)} | "
             f"{fmt(row['tps'] / serial if serial else None, '{:.2f}')} | {fmt(over)} | "
             f"{fmt(row['tps'] / over if over else None, '{:.2f}')} | "
             f"{fmt(row['prefetch_acc'], '{:.2f}')} | {fmt(row['rss_gb'], '{:.2f}')} | "
-            f"{fmt(row['mlx_peak_gb'], '{:.2f}')} | {fmt(row['budget_gb'], '{:.2f}')} |")
+            f"{fmt(row['mlx_peak_gb'], '{:.2f}')} | {fmt(row['budget_gb'], '{:.2f}')} | "
+            f"{same_text(row, base)} |")
     if mlx_tps:
         r = table.get("uniform:resident")
         if r:
             lines += ["", f"uniform resident vs mlx-lm: {r['tps'] / mlx_tps:.2f}x"]
+    for key in keys:
+        if key.endswith(":resident [base]") and key[:-len(" [base]")] in table:
+            same = table[key]["texts"][:1] == table[key[:-len(" [base]")]]["texts"][:1]
+            lines += ["", f"{key.split(':')[0]}: resident text equal to the base binary's: "
+                      f"{'yes' if same else '**NO**'}"]
     lines += ["", "load-step thread ms (first rep), eval wait and host times per decoded token:"]
     for k, row in table.items():
         lines.append(f"- {k}: {row['thread_ms']}, eval wait "

@@ -22,10 +22,13 @@ bench() {
   if [ -f .gpu/kcache/kcache.tar.zst ] && [ ! -d /tmp/mlx ]; then
     z -dc .gpu/kcache/kcache.tar.zst | tar -xf - -C / || true
   fi
-  PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@"
+  local rc=0
+  PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@" || rc=$?
+  # Saved even when the run failed: the kernels compiled so far are still good.
   if [ -n "${OUT:-}" ]; then
     tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
   fi
+  return $rc
 }
 # An older binary to compare against (`--baseline-bin flashpack-base`): prepare-base puts it in
 # .gpu/p2/bin/flashpack_base.bin.zst; here it gets a wrapper on PATH like install.sh's.

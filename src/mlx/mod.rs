@@ -206,7 +206,12 @@ pub unsafe fn upload(ranges: &[(usize, usize, usize)]) -> Result<bool> {
         1 => Ok(true),
         _ => Err(Error::Mlx {
             op: "upload",
-            message: "the CUDA driver refused a host-to-device copy into an expert slot".into(),
+            message: format!(
+                "the CUDA driver refused a host-to-device copy into an expert slot ({}); \
+                 FLASHPACK_NO_UPLOAD=1 writes slots from the host instead",
+                // SAFETY: the shim keeps a valid NUL-terminated message per thread.
+                CStr::from_ptr(ffi::fp_last_error()).to_string_lossy()
+            ),
         }),
     }
 }

@@ -529,13 +529,25 @@ int fp_upload(void* const* dsts, const void* const* srcs, const size_t* lens, si
   const CudaDriver& d = cuda_driver();
   if (!d.ok || std::getenv("FLASHPACK_NO_UPLOAD")) return 0;
   void* s = thread_stream(d);
-  if (!s) return -1;
+  if (!s) {
+    last_error = "no CUDA copy stream on this thread (cuCtxSetCurrent or cuStreamCreate failed)";
+    return -1;
+  }
   for (size_t i = 0; i < n; ++i) {
     if (lens[i] == 0) continue;
-    if (d.copy_htod(reinterpret_cast<unsigned long long>(dsts[i]), srcs[i], lens[i], s) != 0)
+    int rc = d.copy_htod(reinterpret_cast<unsigned long long>(dsts[i]), srcs[i], lens[i], s);
+    if (rc != 0) {
+      d.stream_sync(s);
+      last_error = "cuMemcpyHtoDAsync returned CUresult " + std::to_string(rc);
       return -1;
+    }
   }
-  return d.stream_sync(s) == 0 ? 1 : -1;
+  int rc = d.stream_sync(s);
+  if (rc != 0) {
+    last_error = "cuStreamSynchronize after the copies returned CUresult " + std::to_string(rc);
+    return -1;
+  }
+  return 1;
 #else
   (void)dsts;
   (void)srcs;

@@ -8,7 +8,6 @@
 //! is written only between evaluations (the forward pass evaluates a layer before asking for the
 //! next one's experts); a segment whose checksum or decode fails is never used.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -352,9 +351,11 @@ pub struct ExpertCache {
     upload: bool,
 }
 
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
+/// Decode scratches not in use. A load takes one (or makes one) and puts it back; none is ever
+/// dropped, because on CUDA their buffers are page-locked (`sized`), and freeing page-locked
+/// memory while the driver still has it registered lets a later copy read stale pages. There
+/// are at most as many as loads ever ran at once (the I/O threads plus nested decode tasks).
+static SCRATCH: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
 
 /// The stored id computing router expert `e` of `layer` (formats/flashpack-v1.md §4.3).
 fn stored_expert(merge_map: &Option<Vec<Vec<u32>>>, layer: u32, e: u32) -> u32 {
@@ -918,12 +919,15 @@ fn load_segment(
     ctx: LoadCtx,
     dst: &[(usize, usize); SLOT_ARRAYS],
 ) -> Result<(), ExpertError> {
-    // The scratch is taken out of the thread-local for the duration: the parallel decode below
-    // lets this thread run other rayon tasks (other segments) while it waits, and those take a
-    // fresh scratch instead of finding this one borrowed.
-    let mut scratch: Scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    // A scratch of its own for the duration: the parallel decode below lets this thread run
+    // other rayon tasks (other segments) while it waits, and those take another one.
+    let taken = SCRATCH.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let mut scratch: Scratch = taken.unwrap_or_default();
     let result = load_segment_with(&mut scratch, reader, e, ctx, dst);
-    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+    SCRATCH
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(scratch);
     result
 }
 
