@@ -82,6 +82,12 @@ fn expert(layer: u32, e: u32) -> Expert {
 
 /// Writes a pack with every expert split into `segments` vertical segments.
 fn write_pack(dir: &std::path::Path, segments: usize) -> std::path::PathBuf {
+    write_pack_with(dir, segments, Codec::Huffman)
+}
+
+/// [`write_pack`] with the experts' codes stored with `weights` (scales and biases: zstd).
+fn write_pack_with(dir: &std::path::Path, segments: usize, weights: Codec) -> std::path::PathBuf {
+    let weight_choice = weights;
     let path = dir.join("experts.flashpack");
     let mut w = PackWriter::create(&path, 4096, H as u32, I as u32).unwrap();
     let r = I / segments;
@@ -114,7 +120,7 @@ fn write_pack(dir: &std::path::Path, segments: usize) -> std::path::PathBuf {
                     aux.extend(cols(&bytes_bf16(a), I / G * 2, r0 / G * 2, r1 / G * 2));
                 }
                 let mut coded = Vec::new();
-                let wc = codec::encode(Codec::Huffman, BITS as u8, &weights, &mut coded).unwrap();
+                let wc = codec::encode(weight_choice, BITS as u8, &weights, &mut coded).unwrap();
                 let mut aux_coded = Vec::new();
                 let ac = codec::encode(Codec::Zstd { level: 3 }, 16, &aux, &mut aux_coded).unwrap();
                 w.add_expert_segment(
@@ -280,6 +286,46 @@ fn damaged_segment_is_refused_when_verifying() {
     assert!(store.prepare(&pack, 0, &[2]).is_err());
 }
 
+/// A lone miss of a raw expert is read in parts, its checksum fed as they arrive
+/// (`load_segment_pipelined`): the slot holds the expert, row segments included, and a flipped
+/// byte in a late part is refused, naming the segment, and never reaches the slot.
+#[test]
+fn raw_experts_read_in_parts_fill_their_slots_and_are_checked() {
+    for segments in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_pack_with(dir.path(), segments, Codec::Raw);
+        let pack = Pack::open(&path).unwrap();
+        assert!(pack.experts().iter().all(|e| e.weight_codec == 0), "raw");
+        let opts = StoreOptions {
+            budget_bytes: Some(1 << 20),
+            queue_depth: 8,
+            ..StoreOptions::default()
+        };
+        for part in [0, 4096] {
+            let mut store = ExpertCache::new(&pack, &opts).unwrap();
+            assert!(store.set_read_split(part));
+            for (layer, e) in [(0, 1), (1, 3), (0, 2)] {
+                let slots = store.prepare(&pack, layer, &[e]).unwrap();
+                check_slot(&store, slots[0].0, slots[0].1, &expert(layer, e));
+            }
+        }
+        let e = pack.expert_segments(0, 2)[0].clone();
+        drop(pack);
+        let mut b = std::fs::read(&path).unwrap();
+        b[e.offset as usize + e.stored_len as usize - 100] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        let pack = Pack::open(&path).unwrap();
+        let mut store = ExpertCache::new(&pack, &opts).unwrap();
+        store.set_read_split(4096);
+        let err = store.prepare(&pack, 0, &[2]).unwrap_err();
+        assert!(
+            err.to_string().contains("layer 0, expert 2, segment 0"),
+            "{err}"
+        );
+        assert!(store.prepare(&pack, 0, &[2]).is_err());
+    }
+}
+
 #[test]
 fn prefetched_experts_are_hits_and_correct() {
     let dir = tempfile::tempdir().unwrap();
@@ -366,10 +412,10 @@ fn bench_io_reports_plain_reads_and_runtime_loads() {
             ("plain pread, queue depth 1", 1),
             ("plain pread, queue depth 3", 3),
             ("plain pread, queue depth 16", 16),
-            ("runtime load, read split 0 KiB", 1),
-            ("runtime load, read split 0 KiB", 3),
-            ("runtime load, read split 4 KiB", 1),
-            ("runtime load, read split 4 KiB", 3),
+            ("runtime load, read part 0 KiB", 1),
+            ("runtime load, read part 0 KiB", 3),
+            ("runtime load, read part 4 KiB", 1),
+            ("runtime load, read part 4 KiB", 3),
         ]
     );
     assert!(r

@@ -572,7 +572,7 @@ fn run_time_corruption_is_always_caught() {
 #[test]
 fn a_zeroed_page_names_the_segment_with_and_without_verification() {
     let dir = tempfile::tempdir().unwrap();
-    let path = tiny_pack(dir.path());
+    let path = tiny_pack_huffman(dir.path());
     let good = std::fs::read(&path).unwrap();
     let pack = Pack::open(&path).unwrap();
     let seg = pack

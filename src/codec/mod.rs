@@ -136,6 +136,24 @@ pub struct AutoPolicy {
     pub zstd_min_advantage: f64,
 }
 
+/// `auto`'s bar for expert segments: coded experts are kept only when they are at least this
+/// much smaller than raw. Experts are read and decoded on the critical path of a cache miss,
+/// where a decode costs more than the read its saving spares: measured on the H100 machine
+/// (`flashpack bench io`, docs/decisions/0014-raw-experts.md), a 4-bit expert that Huffman
+/// makes 7% smaller loads in 2.5x the time of a plain read of it, the raw one in 1.0x. Dense
+/// tensors, read once at start, keep `min_saving`.
+pub const EXPERT_MIN_SAVING: f64 = 0.25;
+
+impl AutoPolicy {
+    /// This policy for expert segments: `min_saving` raised to [`EXPERT_MIN_SAVING`].
+    pub fn for_experts(self) -> AutoPolicy {
+        AutoPolicy {
+            min_saving: self.min_saving.max(EXPERT_MIN_SAVING),
+            ..self
+        }
+    }
+}
+
 impl Default for AutoPolicy {
     fn default() -> Self {
         Self {
@@ -147,7 +165,7 @@ impl Default for AutoPolicy {
 }
 
 /// Everything that can go wrong encoding or decoding. Messages say what to check.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CodecError {
     #[error("unknown codec id {id} (known: 0 raw, 1 huffman, 2 zstd, 3 lz4); the pack may be newer than this reader")]

@@ -45,8 +45,22 @@ impl Encoder {
         })
     }
 
-    /// Encodes both parts of a segment.
+    /// Encodes both parts of a segment. Under `auto`, with the bar of expert segments
+    /// ([`AutoPolicy::for_experts`]): a miss decodes on the critical path.
     pub fn segment(&mut self, seg: QuantizedExpertSegment) -> Result<EncodedSegment, CodecError> {
+        let choice = self.choice;
+        if let CodecChoice::Auto(policy) = choice {
+            self.choice = CodecChoice::Auto(policy.for_experts());
+        }
+        let out = self.segment_with_choice(seg);
+        self.choice = choice;
+        out
+    }
+
+    fn segment_with_choice(
+        &mut self,
+        seg: QuantizedExpertSegment,
+    ) -> Result<EncodedSegment, CodecError> {
         let (weights_len, aux_len) = (seg.weights.len(), seg.aux.len());
         let aux_bits = match seg.scale_dtype {
             _ if !seg.mode.has_biases() => 8,
@@ -122,5 +136,39 @@ mod tests {
         let mut back = vec![0u8; src.len()];
         Decoder::new().decode_into(id, &stored, &mut back).unwrap();
         assert_eq!(back, src);
+    }
+
+    #[test]
+    fn auto_keeps_expert_codes_raw_unless_coding_saves_a_quarter() {
+        // 4-bit codes of Gaussian-like weights (a bell over 16 levels): Huffman saves a few
+        // percent, which a dense tensor keeps and an expert (decoded on each miss) does not.
+        let mut x = 1u64;
+        let mut nibble = || {
+            let mut sum = 0u64;
+            for _ in 0..5 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                sum += x >> 62;
+            }
+            sum as u8 // 0..=15, a binomial bell with sigma 2.5
+        };
+        let bell: Vec<u8> = (0..65536).map(|_| nibble() | nibble() << 4).collect();
+        let policy = AutoPolicy::default();
+        let mut e = Encoder::new(CodecChoice::Auto(policy));
+        let (dense, dense_id) = e.encode(4, bell.clone()).unwrap();
+        assert_eq!(dense_id, CodecId::Huffman);
+        let saving = 1.0 - dense.len() as f64 / bell.len() as f64;
+        assert!(
+            saving > 0.01 && saving < crate::codec::EXPERT_MIN_SAVING,
+            "{saving}"
+        );
+        let mut ex = Encoder::new(CodecChoice::Auto(policy.for_experts()));
+        assert_eq!(ex.encode(4, bell).unwrap().1, CodecId::Raw);
+        // Codes that Huffman halves are still coded.
+        let skewed: Vec<u8> = (0..65536u32)
+            .map(|i| if i % 7 == 0 { 0x12 } else { 0x88 })
+            .collect();
+        assert_ne!(ex.encode(4, skewed).unwrap().1, CodecId::Raw);
     }
 }

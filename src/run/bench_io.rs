@@ -26,7 +26,7 @@ pub struct IoBenchOptions {
     /// Experts loaded together in the batched phases (a layer's misses).
     pub batch: usize,
     pub seed: u64,
-    /// Part sizes (KiB) of split direct reads to try in the runtime phases; 0 is unsplit.
+    /// Part sizes (KiB) of pipelined loads to try in the runtime phases; 0: one request, then decode.
     pub splits_kib: Vec<usize>,
     /// Check checksums in the runtime phases, as `run` does by default.
     pub verify: bool,
@@ -38,7 +38,7 @@ impl Default for IoBenchOptions {
             experts: 64,
             batch: 8,
             seed: 1,
-            splits_kib: vec![0, 512],
+            splits_kib: vec![0, 256],
             verify: true,
         }
     }
@@ -258,7 +258,7 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
             }
             let wall = started.elapsed().as_secs_f64() * 1e3;
             let r = row(
-                format!("runtime load, read split {split} KiB"),
+                format!("runtime load, read part {split} KiB"),
                 at_once,
                 times,
                 wall,
@@ -309,7 +309,7 @@ pub fn format_report(r: &IoReport) -> String {
             ))
         ));
     }
-    s.push_str("\n| read split KiB | runtime / plain, one at a time (QD1) | runtime batched / plain at the batch's queue depth |\n|---|---|---|\n");
+    s.push_str("\n| read part KiB | runtime / plain, one at a time (QD1) | runtime batched / plain at the batch's queue depth |\n|---|---|---|\n");
     for (split, a, b) in &r.ratios {
         s.push_str(&format!("| {split} | {a:.2}x | {b:.2}x |\n"));
     }

@@ -724,6 +724,7 @@ impl ExpertCache {
             hidden: self.hidden,
             inter: self.inter,
             upload: self.upload,
+            pipeline: 0,
         }
     }
 
@@ -871,7 +872,13 @@ struct LoadCtx {
     /// MLX on CUDA: whole-expert segments go from the decode buffers to the slot in one copy
     /// per array (`mlx::upload`), the slot's pages never visiting the host.
     upload: bool,
+    /// Part size (bytes) of a pipelined load, for a batch small enough to leave I/O threads
+    /// free (`load_segment_pipelined`); 0: read each segment in one request, then decode.
+    pipeline: usize,
 }
+
+/// Reads in flight for one pipelined segment.
+const PIPELINE_LANES: usize = 4;
 
 fn run_jobs(reader: &SegmentReader, ctx: LoadCtx, jobs: Vec<Job>) -> Result<(), ExpertError> {
     // One task per segment, not per expert: a lone miss split into row segments is read and
@@ -893,6 +900,16 @@ fn run_jobs(reader: &SegmentReader, ctx: LoadCtx, jobs: Vec<Job>) -> Result<(), 
     // even on two cores, and a segment is decoded as soon as its own read is done. The page
     // moves run there too: CUDA calls stay on those long-lived threads, each with its own
     // stream, made once.
+    // A lone miss (or a few) leaves I/O threads idle: read it in parts, decoding each part's
+    // streams as they arrive. A larger batch keeps the queue full with whole segments.
+    let ctx = LoadCtx {
+        pipeline: if tasks.len() * PIPELINE_LANES <= reader.threads() {
+            reader.split()
+        } else {
+            0
+        },
+        ..ctx
+    };
     reader.install(|| {
         let hinted = !ranges.is_empty() && mlx::unified_prefetch(&ranges, false);
         let done = tasks
@@ -940,11 +957,21 @@ fn load_segment_with(
 ) -> Result<(), ExpertError> {
     let LoadCtx {
         verify,
-        hidden,
         inter,
         upload,
+        pipeline,
+        ..
     } = ctx;
     let whole = e.row_start == 0 && e.row_count as usize == inter;
+    if pipeline > 0 {
+        let codecs = (
+            CodecId::try_from(e.weight_codec),
+            CodecId::try_from(e.aux_codec),
+        );
+        if let (Ok(CodecId::Raw), Ok(aux_codec)) = codecs {
+            return load_segment_pipelined(scratch, reader, e, ctx, dst, aux_codec);
+        }
+    }
     let (decoder, stored, weights, aux) = scratch;
     // CUDA: whole-expert segments are copied to the device from these buffers (the read
     // buffer too, for raw segments), so they are page-locked.
@@ -1006,30 +1033,51 @@ fn load_segment_with(
         });
     }
     decoded?;
-    let t = Instant::now();
-    let check_len = |got: usize, want: u64| {
-        if got == want as usize {
-            Ok(())
-        } else {
-            Err(decode_err(crate::codec::CodecError::LengthMismatch {
-                expected: want as usize,
-                got,
-            }))
-        }
-    };
     let weights: &[u8] = if weight_codec == CodecId::Raw {
-        check_len(ws.len(), e.weights_decoded_len)?;
         ws
     } else {
         weights
     };
-    let aux: &[u8] = if aux_codec == CodecId::Raw {
-        check_len(auxs.len(), e.aux_decoded_len())?;
-        auxs
-    } else {
-        aux
-    };
-    if pin {
+    let aux: &[u8] = if aux_codec == CodecId::Raw { auxs } else { aux };
+    finish_segment(reader, e, ctx, weights, aux, dst)
+}
+
+/// Writes a checked, decoded segment into its slot: one device copy per array for a
+/// whole-expert segment on CUDA, else a scatter of its rows.
+fn finish_segment(
+    reader: &SegmentReader,
+    e: &ExpertEntry,
+    ctx: LoadCtx,
+    weights: &[u8],
+    aux: &[u8],
+    dst: &[(usize, usize); SLOT_ARRAYS],
+) -> Result<(), ExpertError> {
+    let LoadCtx {
+        hidden,
+        inter,
+        upload,
+        ..
+    } = ctx;
+    let t = Instant::now();
+    for (got, want) in [
+        (weights.len(), e.weights_decoded_len as usize),
+        (aux.len(), e.aux_decoded_len() as usize),
+    ] {
+        if got != want {
+            return Err(ExpertError::Decode {
+                path: reader.path().to_path_buf(),
+                layer: e.layer,
+                expert: e.expert,
+                segment: e.segment,
+                source: crate::codec::CodecError::LengthMismatch {
+                    expected: want,
+                    got,
+                },
+            });
+        }
+    }
+    let whole = e.row_start == 0 && e.row_count as usize == inter;
+    if upload && whole {
         let ranges = whole_expert_ranges(e, hidden, inter, weights, aux, dst);
         // SAFETY: the sources are this thread's buffers, alive for the call; the destinations
         // are the slot's own parts (inside the pool arrays, one job per slot), which no pending
@@ -1042,6 +1090,86 @@ fn load_segment_with(
     }
     step_done(3, t);
     Ok(())
+}
+
+/// [`load_segment_with`] for a lone miss of a raw-stored expert (`--codec auto` stores experts
+/// raw, docs/decisions/0014-raw-experts.md): the segment is read in parts, in order, several in
+/// flight ([`SegmentReader::read_parts`]), and the checksum advances as the parts arrive, so
+/// the load ends about one part's hash after the read instead of a whole segment's. Nothing
+/// reaches the slot before the checksum matched. (Huffman-coded experts are not pipelined:
+/// their streams decode several times faster together than one part at a time, measured in
+/// decision 0014.)
+fn load_segment_pipelined(
+    scratch: &mut Scratch,
+    reader: &SegmentReader,
+    e: &ExpertEntry,
+    ctx: LoadCtx,
+    dst: &[(usize, usize); SLOT_ARRAYS],
+    aux_codec: CodecId,
+) -> Result<(), ExpertError> {
+    let whole = e.row_start == 0 && e.row_count as usize == ctx.inter;
+    let pin = ctx.upload && whole;
+    let (decoder, stored, _, aux) = scratch;
+    sized(stored, e.stored_len as usize + 3 * 4096, pin);
+    let (len, wlen) = (e.stored_len as usize, e.weights_stored_len as usize);
+    if aux_codec != CodecId::Raw {
+        sized(aux, e.aux_decoded_len() as usize, pin);
+    }
+    // The checksum is fed in byte order: a range that arrives before the one in front of it
+    // waits in `pending`, and whoever completes the run hashes it.
+    let hash = std::sync::Mutex::new((blake3::Hasher::new(), 0usize, Vec::<(usize, usize)>::new()));
+    let arrived = |from: usize, to: usize, bytes: &[u8]| {
+        if !ctx.verify {
+            return;
+        }
+        let t = Instant::now();
+        let mut h = hash.lock().unwrap_or_else(|p| p.into_inner());
+        let (hasher, done, pending) = &mut *h;
+        pending.push((from, to));
+        while let Some(i) = pending.iter().position(|&(a, _)| a == *done) {
+            let (a, b) = pending.swap_remove(i);
+            // SAFETY: every range reported so far has arrived and is never written again;
+            // `bytes` starts at the segment's first byte in every call, and `a..b` lies inside
+            // the segment.
+            let run = unsafe { std::slice::from_raw_parts(bytes.as_ptr().add(a), b - a) };
+            hasher.update(run);
+            *done = b;
+        }
+        step_done(1, t);
+    };
+    let t = Instant::now();
+    let range = reader.read_parts(e, stored, ctx.pipeline, PIPELINE_LANES, &arrived)?;
+    step_done(0, t);
+    if ctx.verify {
+        let (hasher, done, _) = &*hash.lock().unwrap_or_else(|p| p.into_inner());
+        if *done != len || hasher.finalize().as_bytes() != &e.blake3 {
+            return Err(ExpertError::Checksum {
+                path: reader.path().to_path_buf(),
+                layer: e.layer,
+                expert: e.expert,
+                segment: e.segment,
+            });
+        }
+    }
+    let stored = &stored[range];
+    let (ws, auxs) = stored.split_at(wlen);
+    let aux: &[u8] = if aux_codec == CodecId::Raw {
+        auxs
+    } else {
+        let t = Instant::now();
+        decoder
+            .decode_into(aux_codec, auxs, aux)
+            .map_err(|source| ExpertError::Decode {
+                path: reader.path().to_path_buf(),
+                layer: e.layer,
+                expert: e.expert,
+                segment: e.segment,
+                source,
+            })?;
+        step_done(2, t);
+        aux
+    };
+    finish_segment(reader, e, ctx, ws, aux, dst)
 }
 
 /// Cores of this machine (cached).

@@ -79,18 +79,17 @@ pub struct SegmentReader {
     bytes: Bytes,
     pool: rayon::ThreadPool,
     bytes_read: AtomicU64,
-    /// Direct reads longer than this are split into parts of this size read in parallel
-    /// (0: never split).
+    /// Part size of a pipelined load ([`SegmentReader::read_parts`]; 0: one request).
     split: usize,
 }
 
-/// Default part size of a split direct read (`FLASHPACK_READ_SPLIT_KIB` overrides; 0: off).
-/// Off: on the 2-vCPU VM one 2.46 MB read split into 512 KiB parts side by side was slower
-/// (`flashpack bench io --split-kib 0,512`, docs/benchmarks.md); the GPU machine's disk, which
-/// serves 16 requests in flight faster than one, is not yet measured.
-pub const DEFAULT_SPLIT_KIB: usize = 0;
+/// Default part size of a pipelined load (`FLASHPACK_READ_SPLIT_KIB` overrides; 0: off): a
+/// lone miss is read in parts of this size, in order, several in flight, and each part's
+/// Huffman streams are decoded as soon as it arrives (docs/decisions/0013-streaming-miss-path.md,
+/// `flashpack bench io --split-kib 0,256` compares).
+pub const DEFAULT_SPLIT_KIB: usize = 256;
 
-/// The part size of split reads, from `FLASHPACK_READ_SPLIT_KIB` or the default, in bytes
+/// The part size of pipelined loads, from `FLASHPACK_READ_SPLIT_KIB` or the default, in bytes
 /// (a multiple of the direct-I/O alignment).
 pub fn split_bytes() -> usize {
     let kib = std::env::var("FLASHPACK_READ_SPLIT_KIB")
@@ -145,10 +144,20 @@ impl SegmentReader {
         })
     }
 
-    /// Sets the part size of split direct reads (bytes, rounded up to the direct-I/O
-    /// alignment; 0: never split), overriding `FLASHPACK_READ_SPLIT_KIB`.
+    /// Sets the part size of pipelined loads (bytes, rounded up to the direct-I/O alignment;
+    /// 0: one request per segment), overriding `FLASHPACK_READ_SPLIT_KIB`.
     pub fn set_split(&mut self, bytes: usize) {
         self.split = bytes.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    }
+
+    /// The part size of pipelined loads ([`Self::read_parts`]; 0: off).
+    pub fn split(&self) -> usize {
+        self.split
+    }
+
+    /// I/O threads (the queue depth).
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
     }
 
     /// Runs `f` on this reader's I/O threads (`queue_depth` of them): parallel work inside it
@@ -221,7 +230,7 @@ impl SegmentReader {
             source,
         };
         let range = match (&self.direct, &self.file) {
-            (Some(d), _) => match self.read_direct_split(d, e.offset, len, buf) {
+            (Some(d), _) => match read_direct(d, e.offset, len, buf) {
                 Ok(range) => range,
                 // A file system may refuse O_DIRECT for some ranges: read it buffered.
                 Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
@@ -254,43 +263,57 @@ impl SegmentReader {
         Ok(range)
     }
 
-    /// [`read_direct`], with a read longer than [`Self::split_bytes`] cut into that many
-    /// aligned parts issued side by side on the I/O threads: one miss keeps several requests in
-    /// flight, as a queue-depth-16 plain read does (docs/decisions/0013-streaming-miss-path.md).
-    fn read_direct_split(
+    /// Reads one segment in aligned parts of about `part` bytes, `lanes` of them in flight, each
+    /// lane reading its parts in order (lane i: parts i, i + lanes, ...), so the bytes arrive
+    /// from the segment's start onward. Each time the run of arrived bytes from the start grows,
+    /// `arrived(from, to, bytes)` is called on the thread whose read grew it, `bytes` being the
+    /// segment's first `to` bytes (they are never written again); every range `from..to` is
+    /// reported exactly once, and together they cover the segment. Calls may overlap in time.
+    /// This is what lets a lone miss decode its first streams while the rest is still on the
+    /// disk (docs/decisions/0013-streaming-miss-path.md). Without direct I/O (or for a short
+    /// segment) the segment is read at once and reported in one call. Returns where the bytes
+    /// are in `buf`, as [`Self::read_into`].
+    pub fn read_parts(
         &self,
-        f: &File,
-        offset: u64,
-        len: usize,
+        e: &ExpertEntry,
         buf: &mut Vec<u8>,
-    ) -> std::io::Result<std::ops::Range<usize>> {
-        let part = self.split;
-        if part == 0 || len <= part {
-            return read_direct(f, offset, len, buf);
+        part: usize,
+        lanes: usize,
+        arrived: &(dyn Fn(usize, usize, &[u8]) + Sync),
+    ) -> Result<std::ops::Range<usize>, ReadError> {
+        let len = e.stored_len as usize;
+        let part = part.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let direct = match &self.direct {
+            Some(d) if part > 0 && len > part => d,
+            _ => {
+                let range = self.read_range(e, buf)?;
+                arrived(0, len, &buf[range.clone()]);
+                return Ok(range);
+            }
+        };
+        let io_err = |source| ReadError::Io {
+            path: self.path.clone(),
+            offset: e.offset,
+            len: e.stored_len,
+            source,
+        };
+        match read_direct_parts(&self.pool, direct, e.offset, len, buf, part, lanes, arrived) {
+            Ok(range) => {
+                self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
+                Ok(range)
+            }
+            // A file system may refuse O_DIRECT for some ranges: read it at once, buffered.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                buf.resize(len, 0);
+                let f = self.file.as_ref().expect("direct implies a file");
+                read_exact_at(f, buf, e.offset).map_err(io_err)?;
+                drop_cached(f, e.offset, e.stored_len);
+                self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
+                arrived(0, len, &buf[..len]);
+                Ok(0..len)
+            }
+            Err(err) => Err(io_err(err)),
         }
-        let (start, head, pad, total) = aligned_pages(offset, len, buf);
-        let dst = &mut buf[pad..pad + total];
-        let wanted = head + len;
-        self.pool.install(|| {
-            dst.par_chunks_mut(part)
-                .enumerate()
-                .try_for_each(|(i, chunk)| {
-                    let at = i * part;
-                    // Bytes of this part that the segment needs; the file may end inside the
-                    // last part's final block.
-                    let need = wanted.saturating_sub(at).min(chunk.len());
-                    let mut done = 0;
-                    while done < need {
-                        let n = read_at(f, &mut chunk[done..], start + (at + done) as u64)?;
-                        if n == 0 || (done + n < need && (done + n) % DIRECT_ALIGN != 0) {
-                            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-                        }
-                        done += n;
-                    }
-                    Ok(())
-                })
-        })?;
-        Ok(pad + head..pad + head + len)
     }
 
     /// Mmap mode: fails if the file no longer holds the segment. Touching a mapped page past the
@@ -393,6 +416,88 @@ pub(crate) fn read_direct(
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
+    Ok(pad + head..pad + head + len)
+}
+
+/// A raw pointer to a buffer whose disjoint parts several threads write at once.
+#[derive(Clone, Copy)]
+struct SharedBuf(*mut u8);
+// SAFETY: only used by `read_direct_parts`, whose threads touch disjoint ranges (each part is
+// written by one lane; arrived bytes are only read, after the lock that orders them).
+unsafe impl Send for SharedBuf {}
+// SAFETY: as above.
+unsafe impl Sync for SharedBuf {}
+
+impl SharedBuf {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the bare pointer).
+    fn at(&self, offset: usize) -> *mut u8 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// [`SegmentReader::read_parts`] through an `O_DIRECT` descriptor, on `pool`.
+#[allow(clippy::too_many_arguments)]
+fn read_direct_parts(
+    pool: &rayon::ThreadPool,
+    f: &File,
+    offset: u64,
+    len: usize,
+    buf: &mut Vec<u8>,
+    part: usize,
+    lanes: usize,
+    arrived: &(dyn Fn(usize, usize, &[u8]) + Sync),
+) -> std::io::Result<std::ops::Range<usize>> {
+    let (start, head, pad, total) = aligned_pages(offset, len, buf);
+    let wanted = head + len;
+    let parts = total.div_ceil(part);
+    let lanes = lanes.clamp(1, parts);
+    // SAFETY: `pad + total <= buf.len()` (aligned_pages sized it); `buf` is not touched again
+    // until the lanes are done.
+    let base = SharedBuf(unsafe { buf.as_mut_ptr().add(pad) });
+    // Which parts have arrived, and how many from the first are all there.
+    let state = std::sync::Mutex::new((vec![false; parts], 0usize));
+    pool.install(|| {
+        (0..lanes).into_par_iter().try_for_each(|lane| {
+            for p in (lane..parts).step_by(lanes) {
+                let at = p * part;
+                let n = part.min(total - at);
+                // SAFETY: part `p` is `at..at + n` of the aligned run, inside `buf`, and only
+                // this lane writes it.
+                let chunk = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
+                // Bytes of this part that the segment needs; the file may end inside the last
+                // part's final block.
+                let need = wanted.saturating_sub(at).min(n);
+                let mut done = 0;
+                while done < need {
+                    let got = read_at(f, &mut chunk[done..], start + (at + done) as u64)?;
+                    if got == 0 || (done + got < need && (done + got) % DIRECT_ALIGN != 0) {
+                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                    }
+                    done += got;
+                }
+                let (from, to) = {
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.0[p] = true;
+                    let from = st.1;
+                    while st.1 < parts && st.0[st.1] {
+                        st.1 += 1;
+                    }
+                    (from, st.1)
+                };
+                if to > from {
+                    let seg = |parts: usize| (parts * part).min(wanted).saturating_sub(head);
+                    let (a, b) = (seg(from), seg(to));
+                    // SAFETY: parts `..to` have all arrived (the lock orders their writes
+                    // before this read) and are never written again.
+                    let bytes = unsafe { std::slice::from_raw_parts(base.at(head), b) };
+                    if b > a {
+                        arrived(a, b, bytes);
+                    }
+                }
+            }
+            Ok(())
+        })
+    })?;
     Ok(pad + head..pad + head + len)
 }
 

@@ -222,6 +222,27 @@ pub fn section_entry_at(bytes: &[u8], kind: SectionKind) -> usize {
 
 /// The bundled trained model (fixtures/qwen3moe-tiny) converted with default options, as
 /// `flashpack convert` writes it: a small pack that `flashpack run` can run. Returns its path.
+/// [`tiny_pack`] with every part Huffman-coded (`--codec huffman`), for tests of that codec's
+/// damage paths (`auto` stores the tiny model's experts raw).
+pub fn tiny_pack_huffman(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    let out = dir.join("tiny-huffman.flashpack");
+    let ck = flashpack::convert::load::Checkpoint::open(&src).unwrap();
+    let opts = flashpack::convert::ConvertOptions {
+        codec: flashpack::codec::CodecChoice::Fixed(flashpack::codec::Codec::Huffman),
+        ..flashpack::convert::ConvertOptions::default()
+    };
+    flashpack::convert::convert_checkpoint(
+        &ck,
+        &out,
+        &opts,
+        &flashpack::progress::Silent,
+        std::time::Instant::now(),
+    )
+    .unwrap();
+    out
+}
+
 pub fn tiny_pack(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
     let out = dir.join("tiny.flashpack");

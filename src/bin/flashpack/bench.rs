@@ -49,8 +49,9 @@ pub struct IoArgs {
     /// Seed of the expert choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Part sizes in KiB of split direct reads to try (0: one request per segment).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 512])]
+    /// Part sizes in KiB of pipelined loads to try: a lone miss read in parts, decoded as they
+    /// arrive (0: one request per segment, then decode).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 256])]
     pub split_kib: Vec<usize>,
     /// Skip the checksum of each segment in the runtime phases (`run --no-verify`).
     #[arg(long)]
