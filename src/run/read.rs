@@ -302,17 +302,20 @@ impl SegmentReader {
                 self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
                 Ok(range)
             }
-            // A file system may refuse O_DIRECT for some ranges: read it at once, buffered.
-            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            // A file system may refuse O_DIRECT for some ranges: read it at once, buffered, and
+            // report what had not been reported yet (the first `reported` bytes had).
+            Err((err, reported)) if err.raw_os_error() == Some(libc::EINVAL) => {
                 buf.resize(len, 0);
                 let f = self.file.as_ref().expect("direct implies a file");
                 read_exact_at(f, buf, e.offset).map_err(io_err)?;
                 drop_cached(f, e.offset, e.stored_len);
                 self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
-                arrived(0, len, &buf[..len]);
+                if reported < len {
+                    arrived(reported, len, &buf[..len]);
+                }
                 Ok(0..len)
             }
-            Err(err) => Err(io_err(err)),
+            Err((err, _)) => Err(io_err(err)),
         }
     }
 
@@ -446,7 +449,7 @@ fn read_direct_parts(
     part: usize,
     lanes: usize,
     arrived: &(dyn Fn(usize, usize, &[u8]) + Sync),
-) -> std::io::Result<std::ops::Range<usize>> {
+) -> Result<std::ops::Range<usize>, (std::io::Error, usize)> {
     let (start, head, pad, total) = aligned_pages(offset, len, buf);
     let wanted = head + len;
     let parts = total.div_ceil(part);
@@ -456,7 +459,9 @@ fn read_direct_parts(
     let base = SharedBuf(unsafe { buf.as_mut_ptr().add(pad) });
     // Which parts have arrived, and how many from the first are all there.
     let state = std::sync::Mutex::new((vec![false; parts], 0usize));
-    pool.install(|| {
+    // Bytes of the segment in its first `parts` parts.
+    let seg = |parts: usize| (parts * part).min(wanted).saturating_sub(head);
+    let done: std::io::Result<()> = pool.install(|| {
         (0..lanes).into_par_iter().try_for_each(|lane| {
             for p in (lane..parts).step_by(lanes) {
                 let at = p * part;
@@ -485,7 +490,6 @@ fn read_direct_parts(
                     (from, st.1)
                 };
                 if to > from {
-                    let seg = |parts: usize| (parts * part).min(wanted).saturating_sub(head);
                     let (a, b) = (seg(from), seg(to));
                     // SAFETY: parts `..to` have all arrived (the lock orders their writes
                     // before this read) and are never written again.
@@ -497,8 +501,12 @@ fn read_direct_parts(
             }
             Ok(())
         })
-    })?;
-    Ok(pad + head..pad + head + len)
+    });
+    match done {
+        Ok(()) => Ok(pad + head..pad + head + len),
+        // How much was reported: the arrived run from the start (reports follow it).
+        Err(err) => Err((err, seg(state.lock().unwrap_or_else(|e| e.into_inner()).1))),
+    }
 }
 
 #[cfg(unix)]
