@@ -3,14 +3,14 @@
 //!
 //! In: safetensors files or folders (float weights, quantized here with MLX's affine rule,
 //! group 64), raw packed-code files (from scripts/dump_codes.py), or a synthetic Gaussian.
-//! Out: a Markdown table (or JSON rows) on stdout. The library does the measuring
-//! (`flashpack::codec::bench`); this file only turns inputs into datasets.
+//! Out: a Markdown table (or JSON rows) on stdout. `bench_codecs.rs` does the measuring;
+//! this file only turns inputs into datasets.
 
 use std::path::{Path, PathBuf};
 
+use crate::bench_codecs::{bench_codecs, default_codecs, format_table, BenchOptions, Dataset};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use flashpack::codec::bench::{bench_codecs, default_codecs, format_table, BenchOptions, Dataset};
 use flashpack::codec::CodecChoice;
 use flashpack::convert::load::safetensors;
 use flashpack::convert::tensor::MatrixView;
