@@ -17,6 +17,7 @@
 extern crate self as flashpack;
 
 pub mod arch;
+pub mod checkpoint;
 pub mod codec;
 pub mod convert;
 pub mod eval;

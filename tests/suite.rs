@@ -14,6 +14,9 @@ mod codec_roundtrip;
 mod format_spec;
 mod hostile;
 
+// The library's layering (docs/architecture.md).
+mod layers;
+
 // The command line and the Hub.
 mod chat;
 mod cli_convert;

@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use safetensors::TensorInfo;
+// Where a checkpoint is: neutral ground shared with the Hub client (docs/architecture.md).
+pub use crate::checkpoint::{LocalResolver, ResolveError, Resolver, SourceSpec};
 
 /// What the loader left out of a checkpoint: its multi-token-prediction layers
 /// ([`safetensors::MtpLayers`]).
@@ -52,7 +54,7 @@ pub struct DroppedMtp {
 #[non_exhaustive]
 pub enum LoadError {
     #[error(transparent)]
-    Hub(#[from] crate::hub::HubError),
+    Resolve(#[from] ResolveError),
     #[error("cannot read {path}: {source}")]
     Io {
         path: String,
@@ -163,15 +165,6 @@ pub enum LoadError {
     #[error("config.json quantization: {detail}")]
     MlxQuantization { detail: String },
     #[error(
-        "{repo}{} is not a local folder and no Hub download is available in this build; \
-         download it (`huggingface-cli download {repo} --local-dir DIR`) and pass DIR",
-        revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default()
-    )]
-    HubUnavailable {
-        repo: String,
-        revision: Option<String>,
-    },
-    #[error(
         "config.json says {field} = {value}, but {tensors}; the config does not describe these \
          weights: use the config.json that came with them"
     )]
@@ -204,107 +197,6 @@ pub enum LoadError {
     Arch(#[from] ArchError),
     #[error(transparent)]
     Quant(#[from] QuantError),
-}
-
-/// What the user named as the source.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceSpec {
-    /// A folder on disk.
-    Local(PathBuf),
-    /// A Hugging Face Hub repository, optionally at a revision (`org/model@rev`).
-    Hub {
-        repo: String,
-        revision: Option<String>,
-    },
-}
-
-impl SourceSpec {
-    /// An existing path is local; otherwise `org/name[@rev]` is a Hub repository; anything else
-    /// is taken as a (missing) local path so the error names it.
-    ///
-    /// A name that exists on disk in any form, a link that leads nowhere or a link loop
-    /// included, is local: opening it then says what is wrong with it, instead of the name
-    /// being tried on the Hub.
-    pub fn parse(s: &str) -> SourceSpec {
-        let path = Path::new(s);
-        if std::fs::symlink_metadata(path).is_ok() {
-            return SourceSpec::Local(path.to_path_buf());
-        }
-        let (repo, revision) = match s.split_once('@') {
-            Some((r, rev)) => (r, Some(rev.to_string())),
-            None => (s, None),
-        };
-        let parts: Vec<&str> = repo.split('/').collect();
-        let is_repo = parts.len() == 2
-            && parts.iter().all(|p| {
-                !p.is_empty()
-                    && p.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                    && !p.starts_with('.')
-            });
-        if is_repo {
-            SourceSpec::Hub {
-                repo: repo.to_string(),
-                revision,
-            }
-        } else {
-            SourceSpec::Local(path.to_path_buf())
-        }
-    }
-}
-
-/// Turns a [`SourceSpec`] into a local folder. A Hub downloader implements this later; the
-/// rest of the pipeline only ever sees folders.
-pub trait Resolver {
-    fn resolve(&self, spec: &SourceSpec) -> Result<PathBuf, LoadError>;
-}
-
-/// Resolves local folders, and Hub repositories only when a snapshot is already in the
-/// Hugging Face cache.
-pub struct LocalResolver {
-    /// The hub cache folder (`models--org--name/snapshots/<commit>/`), if any.
-    pub hub_cache: Option<PathBuf>,
-}
-
-impl LocalResolver {
-    /// Uses `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`, as huggingface_hub.
-    pub fn from_env() -> LocalResolver {
-        let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-        let hub_cache = env("HF_HUB_CACHE")
-            .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
-            .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")));
-        LocalResolver { hub_cache }
-    }
-}
-
-impl Resolver for LocalResolver {
-    fn resolve(&self, spec: &SourceSpec) -> Result<PathBuf, LoadError> {
-        match spec {
-            SourceSpec::Local(p) => Ok(p.clone()),
-            SourceSpec::Hub { repo, revision } => self
-                .hub_cache
-                .as_deref()
-                .and_then(|c| hub_cache_snapshot(c, repo, revision.as_deref()))
-                .ok_or_else(|| LoadError::HubUnavailable {
-                    repo: repo.clone(),
-                    revision: revision.clone(),
-                }),
-        }
-    }
-}
-
-fn hub_cache_snapshot(cache: &Path, repo: &str, revision: Option<&str>) -> Option<PathBuf> {
-    let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
-    let rev = revision.unwrap_or("main");
-    if rev.is_empty() || rev.contains("..") || rev.starts_with('/') {
-        return None;
-    }
-    // refs/<branch> holds the commit hash; a full hash may also be given directly.
-    let commit = std::fs::read_to_string(dir.join("refs").join(rev))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| rev.to_string());
-    let snap = dir.join("snapshots").join(commit);
-    snap.join("config.json").is_file().then_some(snap)
 }
 
 /// MLX quantization recorded in an mlx-lm `config.json`.
@@ -558,14 +450,14 @@ impl Checkpoint {
     pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
         let dir = resolver.resolve(spec).map_err(|e| match (spec, e) {
             // The name was only taken for a Hub id because no local folder has it: say both.
-            (SourceSpec::Hub { repo, revision }, e @ LoadError::Hub(_)) => {
+            (SourceSpec::Hub { repo, revision }, e @ ResolveError::Fetch(_)) => {
                 LoadError::NotLocalNorHub {
                     repo: repo.clone(),
                     revision: revision.clone(),
-                    source: Box::new(e),
+                    source: Box::new(LoadError::Resolve(e)),
                 }
             }
-            (_, e) => e,
+            (_, e) => LoadError::Resolve(e),
         })?;
         let mut ck = Checkpoint::open(&dir)?;
         if let SourceSpec::Hub { repo, .. } = spec {

@@ -362,7 +362,7 @@ fn resolves_hub_repo_from_local_cache_only() {
     assert_eq!(ck.config.arch, Arch::Qwen3Moe);
     let err = r.resolve(&SourceSpec::parse("org/other@v2")).unwrap_err();
     assert!(
-        matches!(&err, LoadError::HubUnavailable { repo, .. } if repo == "org/other"),
+        matches!(&err, ResolveError::HubUnavailable { repo, .. } if repo == "org/other"),
         "{err}"
     );
     assert!(
