@@ -23,8 +23,8 @@ pub use experts::{DenseTensor, ExpertLayout, TensorData};
 use crate::arch::{ArchError, ModelConfig};
 use crate::convert::quantize::{QuantError, QuantParams};
 use crate::convert::tensor::Dtype;
-use crate::format::QuantMode;
 use crate::mapped::Bytes;
+pub use crate::quant_mode::MlxQuantization;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -199,85 +199,13 @@ pub enum LoadError {
     Quant(#[from] QuantError),
 }
 
-/// MLX quantization recorded in an mlx-lm `config.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MlxQuantization {
-    pub group_size: usize,
-    pub bits: u8,
-    pub mode: String,
-    /// Per-module settings keyed by module path (`model.layers.0.mlp.gate`): bits, group size
-    /// and mode, or `None` when the module was left unquantized.
-    pub overrides: BTreeMap<String, Option<(u8, usize, QuantMode)>>,
-}
-
-impl MlxQuantization {
-    fn from_config(v: &Value) -> Result<Option<MlxQuantization>, LoadError> {
-        let Some(q) = v.get("quantization").filter(|q| !q.is_null()) else {
-            return Ok(None);
-        };
-        let bad = |detail: String| LoadError::MlxQuantization { detail };
-        let obj = q
-            .as_object()
-            .ok_or_else(|| bad(format!("{q} is not an object")))?;
-        let num = |o: &serde_json::Map<String, Value>, k: &str| o.get(k).and_then(Value::as_u64);
-        let group_size = num(obj, "group_size").ok_or_else(|| bad("no group_size".into()))?;
-        let bits = num(obj, "bits").ok_or_else(|| bad("no bits".into()))?;
-        let parse_mode = |m: &str, whose: &str| {
-            QuantMode::from_name(m).ok_or_else(|| {
-                bad(format!(
-                    "{whose}mode {m:?} is not supported (affine, mxfp4 and mxfp8 are); convert \
-                     from the float checkpoint"
-                ))
-            })
-        };
-        let mode_name = obj.get("mode").and_then(Value::as_str).unwrap_or("affine");
-        let default_mode = parse_mode(mode_name, "")?;
-        let mode = mode_name.to_string();
-        let mut overrides = BTreeMap::new();
-        for (k, val) in obj {
-            let setting = match val {
-                Value::Bool(false) => None,
-                Value::Bool(true) => Some((bits as u8, group_size as usize, default_mode)),
-                Value::Object(o) => {
-                    // mlx-lm writes a module's own settings whole; a missing mode is affine
-                    // (its quantize default), as for the 8-bit routers of an mxfp4 model.
-                    let m = o.get("mode").and_then(Value::as_str).unwrap_or("affine");
-                    let m = parse_mode(m, &format!("module {k}: "))?;
-                    // A missing or null bits / group_size is the mode's default, as MLX's
-                    // `to_quantized(group_size=None, bits=None, mode)` takes it (mlx-lm writes
-                    // `group_size: null` in mixed recipes over an mxfp4 model).
-                    let (db, dg) = m.fixed().map_or((4, 64), |(b, g)| (b as u64, g as u64));
-                    let b = num(o, "bits").unwrap_or(db);
-                    let g = num(o, "group_size").unwrap_or(dg);
-                    Some((b as u8, g as usize, m))
-                }
-                _ => continue, // group_size, bits, mode
-            };
-            overrides.insert(k.clone(), setting);
-        }
-        Ok(Some(MlxQuantization {
-            group_size: group_size as usize,
-            bits: bits as u8,
-            mode,
-            overrides,
-        }))
-    }
-
-    /// The quantization mode of the whole model (the default of its modules).
-    pub fn default_mode(&self) -> QuantMode {
-        QuantMode::from_name(&self.mode).unwrap_or_default()
-    }
-
-    /// Bits, group size and mode of the quantized module `module` (its path without `.weight`).
-    pub fn params_for(&self, module: &str) -> Result<QuantParams, LoadError> {
-        let (bits, gs, mode) = match self.overrides.get(module) {
-            Some(Some(s)) => *s,
-            Some(None) | None => (self.bits, self.group_size, self.default_mode()),
-        };
-        QuantParams::with_mode(bits, gs, mode).map_err(|e| LoadError::MlxQuantization {
-            detail: format!("module {module}: {e}"),
-        })
-    }
+/// Bits, group size and mode of the quantized module `module` (its path without `.weight`) of
+/// an mlx-lm source, checked as the loader needs them.
+pub fn quant_params(q: &MlxQuantization, module: &str) -> Result<QuantParams, LoadError> {
+    let (bits, gs, mode) = q.setting(module);
+    QuantParams::with_mode(bits, gs, mode).map_err(|e| LoadError::MlxQuantization {
+        detail: format!("module {module}: {e}"),
+    })
 }
 
 /// The weight block size of an FP8 checkpoint: `quantization_config` with `quant_method`
@@ -491,14 +419,16 @@ impl Checkpoint {
             })
         })?;
         let config = ModelConfig::from_json(&raw_config)?;
-        let mlx_quantization = MlxQuantization::from_config(&raw_config)?.map(|mut q| {
-            // Module paths under the names the tensors go by (Qwen3.5's `language_model.`).
-            q.overrides = std::mem::take(&mut q.overrides)
-                .into_iter()
-                .filter_map(|(k, v)| Some((config.arch.text_model_name(&k)?.into_owned(), v)))
-                .collect();
-            q
-        });
+        let mlx_quantization = MlxQuantization::from_config(&raw_config)
+            .map_err(|e| LoadError::MlxQuantization { detail: e.detail })?
+            .map(|mut q| {
+                // Module paths under the names the tensors go by (Qwen3.5's `language_model.`).
+                q.overrides = std::mem::take(&mut q.overrides)
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((config.arch.text_model_name(&k)?.into_owned(), v)))
+                    .collect();
+                q
+            });
         let fp8_block = fp8_block_size(&raw_config)?;
         let mtp = safetensors::MtpLayers::from_config(&raw_config)?;
         let mut dropped_mtp = DroppedMtp {
