@@ -1,13 +1,19 @@
-//! Writes a seeded tiny Hugging Face MoE checkpoint (see `flashpack::convert::fixtures`), for
+//! Writes a seeded tiny Hugging Face MoE checkpoint (see tests/common/fixtures.rs), for
 //! Python scripts and benchmarks:
 //! `cargo run --release --example make_fixture -- --arch qwen3_moe --out DIR [options]`.
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use fixtures::{Dialect, FixtureLayout, FixtureSpec};
 use flashpack::arch::Arch;
-use flashpack::convert::fixtures::{Dialect, FixtureLayout, FixtureSpec};
 use flashpack::convert::tensor::FloatDtype;
 use std::path::PathBuf;
+
+// The test scaffolding, kept out of the library (tests/common/fixtures.rs); this example uses
+// part of it.
+#[allow(dead_code)]
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LayoutArg {

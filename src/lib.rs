@@ -11,7 +11,13 @@
 //! `format` is the spec in code (formats/flashpack-v1.md), shared by writer and reader.
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
+// Test scaffolding shared with the integration tests (tests/common/) names the crate
+// `flashpack`, as they do.
+#[cfg(test)]
+extern crate self as flashpack;
+
 pub mod arch;
+pub mod checkpoint;
 pub mod codec;
 pub mod convert;
 pub mod eval;

@@ -2,8 +2,7 @@
 //! over between turns (cached tokens in `--stats`), `/reset` starts over, `/exit` quits, and
 //! Ctrl-C (SIGINT) stops the answer being written, not the program.
 
-#[path = "common/http.rs"]
-mod http;
+use crate::common::http;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};

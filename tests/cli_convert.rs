@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::common::fixtures::FixtureSpec;
 use flashpack::arch::Arch;
-use flashpack::convert::fixtures::FixtureSpec;
 use flashpack::format::Pack;
 
 fn flashpack(args: &[&str]) -> std::process::Output {

@@ -1,10 +1,8 @@
 //! `flashpack inspect` and `flashpack verify` from the outside: output, exit codes, damage names.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn flashpack(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_flashpack"))

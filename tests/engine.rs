@@ -2,8 +2,7 @@
 //! changes no token, in every store (all resident, streaming through a small cache); stop
 //! strings, logprobs and cancellation at the text level.
 
-#[path = "common/http.rs"]
-mod http;
+use crate::common::http;
 
 use flashpack::progress::Silent;
 use flashpack::run::budget::Budget;

@@ -1,9 +1,7 @@
 //! The spec and the code agree: a pack written by `PackWriter` is checked byte by byte against
 //! the offsets of formats/flashpack-v1.md, and read back by `Pack`.
 
-mod common;
-
-use common::*;
+use crate::common::{self, *};
 use flashpack::format::{required, Pack, PackError, ProjBits, QuantMode, SectionKind, MAGIC};
 use flashpack::mapped::Bytes;
 

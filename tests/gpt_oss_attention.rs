@@ -16,8 +16,7 @@ use flashpack::arch::ModelConfig;
 use flashpack::mlx::{self, Array};
 use flashpack::model::{Attention, LayerCache, LayerKv, MlxLmWeights, RotatingKv};
 
-#[path = "common/mlx_lm.rs"]
-mod mlx_lm;
+use crate::common::mlx_lm;
 use mlx_lm::{max_diff, python_has_mlx_lm, run_ok};
 
 const WINDOW: usize = 8;
@@ -124,7 +123,6 @@ mx.save_safetensors({out:?}, out)
 #[test]
 fn sliding_and_full_attention_with_sinks_match_mlx_lm_call_for_call() {
     if !python_has_mlx_lm() {
-        eprintln!("skipped: python3 cannot import mlx_lm (pip install mlx-lm)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

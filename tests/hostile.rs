@@ -1,9 +1,7 @@
 //! Hostile input: damaged and malicious packs give their own typed error, never a panic
 //! (formats/flashpack-v1.md §8).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use flashpack::format::{Damage, Pack, PackError, SectionKind};
 use flashpack::mapped::Bytes;
 

@@ -3,9 +3,8 @@
 //! cache, reuse and offline use, resume after a dropped connection, errors (bad token, unknown
 //! repo or revision, disk full, corrupt bytes), and publishing with LFS and a model card.
 
-mod common;
-#[path = "common/hub_server.rs"]
-mod hub_server;
+use crate::common;
+use crate::common::hub_server;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,12 +3,17 @@
 //! pack stores the source's bits and group size (as `inspect` and the metadata say), and its
 //! logits equal mlx-lm's on the same folder. Needs python3 with mlx-lm (CI installs it);
 //! skipped with a note otherwise.
+//!
+//! The architecture x recipe matrix grows by ten recipes with every architecture, so each run
+//! checks a sample of it ([`sampled_matrix`]): every recipe on some architecture and every
+//! architecture with two recipes, paired anew each run. `FLASHPACK_FULL_MATRIX=1` checks all of
+//! it; `FLASHPACK_MATRIX_SEED=N` repeats the sample a run printed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::fixtures::{FixtureLayout, FixtureSpec};
 use flashpack::arch::Arch;
-use flashpack::convert::fixtures::{FixtureLayout, FixtureSpec};
 use flashpack::format::{required, DType, Pack, ProjBits, QuantMode};
 use flashpack::mlx;
 use flashpack::model::Model;
@@ -21,10 +26,7 @@ const PROMPT: &[u32] = &[
 ];
 
 fn python_has_mlx_lm() -> bool {
-    Command::new("python3")
-        .args(["-c", "import mlx_lm"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    crate::common::python::python_imports("mlx_lm", "the mlx-lm source checks")
 }
 
 /// `mlx_lm convert -q` of `src` into `dst` at `bits` and `group`.
@@ -164,16 +166,79 @@ const RECIPES: [Recipe; 10] = [
     Recipe::Mode(QuantMode::Mxfp8),
 ];
 
+/// Recipes per architecture in a sampled run: with nine or more architectures, every recipe
+/// is checked on some architecture in each run.
+const SAMPLED_PER_ARCH: usize = 2;
+const _: () = assert!(SAMPLED_PER_ARCH <= RECIPES.len());
+
+/// Which recipes to check on each architecture: all of them under `FLASHPACK_FULL_MATRIX=1`,
+/// else [`sample`] with a seed from `FLASHPACK_MATRIX_SEED` or the clock. The seed is printed,
+/// so a failing sample can be run again.
+fn sampled_matrix() -> Vec<(Arch, Vec<Recipe>)> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let full = Arch::ALL.len() * RECIPES.len();
+    if env("FLASHPACK_FULL_MATRIX").is_some_and(|v| v != "0") {
+        eprintln!("recipe matrix: all {full} (FLASHPACK_FULL_MATRIX)");
+        return Arch::ALL.iter().map(|&a| (a, RECIPES.to_vec())).collect();
+    }
+    let seed = match env("FLASHPACK_MATRIX_SEED") {
+        Some(v) => v
+            .parse::<usize>()
+            .expect("FLASHPACK_MATRIX_SEED is a number"),
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as usize,
+    } % RECIPES.len();
+    eprintln!(
+        "recipe matrix: a sample, FLASHPACK_MATRIX_SEED={seed} repeats it \
+         (FLASHPACK_FULL_MATRIX=1 checks all {full})"
+    );
+    sample(seed)
+}
+
+/// [`SAMPLED_PER_ARCH`] consecutive recipes (wrapping) per architecture, the n-th architecture
+/// starting `SAMPLED_PER_ARCH * n` after `seed`: consecutive architectures take consecutive
+/// recipes, and the pairing moves with the seed.
+fn sample(seed: usize) -> Vec<(Arch, Vec<Recipe>)> {
+    Arch::ALL
+        .iter()
+        .enumerate()
+        .map(|(n, &arch)| {
+            let first = seed + SAMPLED_PER_ARCH * n;
+            let recipes = (first..first + SAMPLED_PER_ARCH)
+                .map(|i| RECIPES[i % RECIPES.len()])
+                .collect();
+            (arch, recipes)
+        })
+        .collect()
+}
+
+/// Whatever the seed, a sample checks every recipe on some architecture and every
+/// architecture with [`SAMPLED_PER_ARCH`] recipes. Needs no mlx-lm.
+#[test]
+fn every_recipe_sample_covers_every_recipe_and_architecture() {
+    for seed in 0..RECIPES.len() {
+        let s = sample(seed);
+        assert_eq!(s.len(), Arch::ALL.len(), "seed {seed}");
+        assert!(s.iter().all(|(_, r)| r.len() == SAMPLED_PER_ARCH));
+        let labels: std::collections::BTreeSet<String> = s
+            .iter()
+            .flat_map(|(_, r)| r.iter().map(|r| r.label()))
+            .collect();
+        assert_eq!(labels.len(), RECIPES.len(), "seed {seed}: {labels:?}");
+    }
+}
+
 #[test]
 fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
     if !python_has_mlx_lm() {
-        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for &arch in Arch::ALL {
+    for (arch, recipes) in sampled_matrix() {
         let src = source(dir.path(), arch);
-        for recipe in RECIPES {
+        for recipe in recipes {
             let what = format!("{} {}", arch.model_type(), recipe.label());
             let mlx_dir = dir
                 .path()
@@ -350,7 +415,6 @@ fn assert_logits_match(pack: &Path, mlx_dir: &Path, what: &str) {
 #[test]
 fn yarn_rope_gives_mlx_lms_logits() {
     if !python_has_mlx_lm() {
-        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -415,7 +479,6 @@ fn yarn_rope_gives_mlx_lms_logits() {
 #[test]
 fn cold_bits_on_an_mlx_lm_source_requantize_and_say_so() {
     if !python_has_mlx_lm() {
-        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
         return;
     }
     // Requantizing happens only when asked for: --cold-bits 2 sends the coldest experts to 2
@@ -487,7 +550,6 @@ fn cold_bits_on_an_mlx_lm_source_requantize_and_say_so() {
 #[test]
 fn greedy_tokens_of_mlx_lm_conversions_of_the_trained_model_through_the_default_cli() {
     if !python_has_mlx_lm() {
-        eprintln!("note: python3 with mlx_lm is not importable; mlx-lm source checks skipped");
         return;
     }
     // scripts/golden_tokens.py: mlx-lm's greedy ids and smallest top-2 log-prob gap per prompt.

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use flashpack::convert::fixtures::FixtureSpec;
+use crate::common::fixtures::FixtureSpec;
 use flashpack::convert::{convert_checkpoint, load::Checkpoint, ConvertOptions};
 use flashpack::format::Pack;
 use flashpack::model::{ExpertStore, Model};

@@ -3,8 +3,7 @@
 //! sockets for queueing, disconnects, limits, idle connections and malformed requests, and a
 //! bounded load test on loopback.
 
-#[path = "common/http.rs"]
-mod http;
+use crate::common::http;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -18,17 +17,9 @@ fn pack() -> &'static std::path::Path {
     tiny_pack("serve-tests")
 }
 
-fn python_has_openai() -> bool {
-    Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn the_openai_python_client_chats_streams_stops_and_gets_logprobs_and_usage() {
-    if !python_has_openai() {
-        eprintln!("note: python3 with the openai package is not importable; the openai client checks skipped (pip install openai)");
+    if !crate::common::python::python_imports("openai", "the openai client checks") {
         return;
     }
     let server = Server::start(pack(), &["--api-key", "sk-test"]);

@@ -26,15 +26,11 @@ pub(super) const UPSTREAM: &[&str] = &[
 ];
 
 pub(super) const NAMES: TensorNames = TensorNames {
-    moe_blocks: &["mlp"],
-    expert_projs: ["gate_proj", "up_proj", "down_proj"],
-    stacked_module: "switch_mlp",
-    router: "gate",
-    keep_full: &[],
     shared: Some(SharedNames {
         mlp: "shared_experts",
         gate: "",
     }),
+    ..TensorNames::DEFAULT
 };
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {

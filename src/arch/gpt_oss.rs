@@ -26,13 +26,10 @@ pub(super) const UPSTREAM: &[&str] = &[
 ];
 
 pub(super) const NAMES: TensorNames = TensorNames {
-    moe_blocks: &["mlp"],
-    expert_projs: ["gate_proj", "up_proj", "down_proj"],
     // mlx-lm stacks them under `experts` (`SwitchGLU` named `experts` in `MLPBlock`).
     stacked_module: "experts",
     router: "router",
-    keep_full: &[],
-    shared: None,
+    ..TensorNames::DEFAULT
 };
 
 /// `SwigluOAI(alpha=1.702, limit=7.0)` (mlx-lm models/activations.py).

@@ -19,10 +19,7 @@ pub(super) const NAMES: TensorNames = TensorNames {
     // WeightRenaming(".block_sparse_moe.", ".mlp.")  (transformers conversion_mapping.py)
     moe_blocks: &["block_sparse_moe", "mlp"],
     expert_projs: ["w1", "w3", "w2"],
-    stacked_module: "switch_mlp",
-    router: "gate",
-    keep_full: &[],
-    shared: None,
+    ..TensorNames::DEFAULT
 };
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {

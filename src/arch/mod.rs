@@ -1210,6 +1210,20 @@ pub struct SharedNames {
 }
 
 impl TensorNames {
+    /// The names most architectures use (Qwen3-MoE's): `mlp` with per-expert `gate_proj`,
+    /// `up_proj`, `down_proj`, mlx-lm's `switch_mlp`, router `gate`, nothing else kept full, no
+    /// shared expert. An architecture writes only where it differs
+    /// (`TensorNames { router: "router", ..TensorNames::DEFAULT }`), so a new field with a default
+    /// here touches no architecture that does not use it.
+    pub const DEFAULT: TensorNames = TensorNames {
+        moe_blocks: &["mlp"],
+        expert_projs: ["gate_proj", "up_proj", "down_proj"],
+        stacked_module: "switch_mlp",
+        router: "gate",
+        keep_full: &[],
+        shared: None,
+    };
+
     /// The on-disk per-expert name of expert `expert`'s `proj` in layer `layer`.
     pub fn expert(&self, layer: usize, expert: usize, proj: Proj, part: Part) -> String {
         format!(

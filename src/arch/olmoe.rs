@@ -14,14 +14,7 @@ pub(super) const UPSTREAM: &[&str] = &[
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/olmoe.py",
 ];
 
-pub(super) const NAMES: TensorNames = TensorNames {
-    moe_blocks: &["mlp"],
-    expert_projs: ["gate_proj", "up_proj", "down_proj"],
-    stacked_module: "switch_mlp",
-    router: "gate",
-    keep_full: &[],
-    shared: None,
-};
+pub(super) const NAMES: TensorNames = TensorNames::DEFAULT;
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     let f = Fields::new(v, Arch::Olmoe);

@@ -17,10 +17,6 @@ pub(super) const UPSTREAM: &[&str] = &[
 ];
 
 pub(super) const NAMES: TensorNames = TensorNames {
-    moe_blocks: &["mlp"],
-    expert_projs: ["gate_proj", "up_proj", "down_proj"],
-    stacked_module: "switch_mlp",
-    router: "gate",
     // mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output  (mlx-lm qwen2_moe.py):
     // a one-row gate that scales a whole branch; quantizing it buys nothing.
     keep_full: &["shared_expert_gate"],
@@ -28,6 +24,7 @@ pub(super) const NAMES: TensorNames = TensorNames {
         mlp: "shared_expert",
         gate: "shared_expert_gate",
     }),
+    ..TensorNames::DEFAULT
 };
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {

@@ -25,16 +25,13 @@ pub(super) const UPSTREAM: &[&str] = &[
 ];
 
 pub(super) const NAMES: TensorNames = TensorNames {
-    moe_blocks: &["mlp"],
-    expert_projs: ["gate_proj", "up_proj", "down_proj"],
-    stacked_module: "switch_mlp",
-    router: "gate",
     // mx.sigmoid(self.shared_expert_gate(x)) * shared_y: a one-row gate, kept full.
     keep_full: &["shared_expert_gate"],
     shared: Some(SharedNames {
         mlp: "shared_expert",
         gate: "shared_expert_gate",
     }),
+    ..TensorNames::DEFAULT
 };
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {

@@ -6,7 +6,6 @@
 //! encoding is deterministic (same input and choice, same bytes); decoding never allocates on
 //! the hot path, never panics, and reports malformed input as a typed `CodecError`.
 
-pub mod bench;
 pub mod entropy;
 pub mod huffman;
 

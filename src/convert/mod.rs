@@ -21,7 +21,14 @@ pub mod quantize;
 pub mod source;
 pub mod write;
 
+/// Seeded tiny checkpoints: test scaffolding, kept out of the library build (the integration
+/// tests and `examples/make_fixture.rs` include the same file).
+#[cfg(test)]
+#[path = "../../tests/common/fixtures.rs"]
 pub mod fixtures;
+#[cfg(test)]
+#[path = "../../tests/common/python.rs"]
+pub(crate) mod python;
 pub mod tensor;
 
 use crate::codec::{AutoPolicy, CodecChoice, CodecError};

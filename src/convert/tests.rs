@@ -3,6 +3,7 @@ use crate::arch::Arch;
 use crate::codec::{Codec, CodecId, Decoder};
 use crate::convert::fixtures::{FixtureLayout, FixtureSpec};
 use crate::convert::load::LocalResolver;
+use crate::convert::python::python_imports;
 use crate::format::{DType, ExpertEntry};
 use crate::progress::Silent;
 use std::path::Path;
@@ -326,12 +327,7 @@ fn converts_the_bundled_trained_model_with_its_tokenizer() {
 
 #[test]
 fn mlx_quantized_source_reuses_codes() {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import mlx_lm"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("note: python3 with mlx_lm is not importable; MLX-source convert check skipped");
+    if !python_imports("mlx_lm", "the MLX-source convert check") {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -498,4 +494,169 @@ fn fp8_checkpoints_profile_as_their_bf16_values() {
         a.metadata()["profile"]["layers"],
         b.metadata()["profile"]["layers"]
     );
+}
+
+/// The fixture generator (tests/common/fixtures.rs) against the config parser it feeds.
+mod fixtures {
+    use crate::arch::{Arch, ClampedSwiglu, ModelConfig, SlidingWindow};
+    use crate::convert::fixtures::{Dialect, FixtureLayout, FixtureSpec, MXFP4_EXPONENTS};
+    use crate::convert::tensor::Dtype;
+    use serde_json::json;
+
+    /// The gpt-oss test model of tests/gpt_oss.rs and scripts/tiny_moe.py.
+    fn gpt_oss(dialect: Dialect) -> FixtureSpec {
+        FixtureSpec {
+            hidden_size: 192,
+            num_layers: 3,
+            num_heads: 3,
+            num_kv_heads: 1,
+            head_dim: 64,
+            moe_intermediate_size: 128,
+            top_k: 3,
+            rope_scaling: Some(
+                json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "original_max_position_embeddings": 16, "truncate": false}),
+            ),
+            dialect,
+            ..FixtureSpec::tiny(Arch::GptOss)
+        }
+    }
+
+    /// The config a gpt-oss fixture writes (upstream's keys) parses, in each dialect, into the
+    /// model the spec describes.
+    #[test]
+    fn gpt_oss_config_parses_into_the_spec() {
+        for dialect in [Dialect::Legacy, Dialect::Transformers5, Dialect::Both] {
+            let spec = gpt_oss(dialect);
+            let c = spec.config();
+            assert_eq!(c["quantization_config"]["quant_method"], "mxfp4");
+            assert_eq!(
+                c["layer_types"],
+                json!(["sliding_attention", "full_attention", "sliding_attention"])
+            );
+            assert!(c.get("bos_token_id").is_none(), "{c}");
+            let cfg = ModelConfig::from_json(&c).unwrap_or_else(|e| panic!("{dialect:?}: {e}"));
+            assert_eq!(cfg.arch, Arch::GptOss);
+            assert_eq!(
+                (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size),
+                (192, 3, 512)
+            );
+            assert_eq!(
+                (
+                    cfg.num_attention_heads,
+                    cfg.num_key_value_heads,
+                    cfg.head_dim
+                ),
+                (3, 1, 64)
+            );
+            assert_eq!((cfg.num_experts, cfg.num_experts_per_tok), (8, 3));
+            assert_eq!(cfg.moe_intermediate_size, 128);
+            assert_eq!(cfg.sparse_layers(), vec![0, 1, 2]);
+            assert_eq!(
+                cfg.sliding_window,
+                Some(SlidingWindow {
+                    size: 8,
+                    layers: vec![0, 2]
+                })
+            );
+            assert_eq!(
+                (cfg.window_of(0), cfg.window_of(1), cfg.window_of(2)),
+                (Some(8), None, Some(8))
+            );
+            assert_eq!(
+                cfg.clamped_swiglu,
+                Some(ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 7.0
+                })
+            );
+            assert!(cfg.attention_sinks && cfg.expert_bias && cfg.attention_bias);
+            assert_eq!(cfg.rope.theta, 150_000.0);
+            assert_eq!(cfg.rope.rope_type, "yarn", "{dialect:?}");
+            let scaling = cfg.rope.scaling.as_ref().expect("YaRN's parameters");
+            assert_eq!(scaling["factor"], 4.0, "{dialect:?}");
+            assert_eq!(scaling["original_max_position_embeddings"], 16);
+            assert_eq!(cfg.max_position_embeddings, Some(64));
+            assert_eq!(cfg.bos_token_id, None);
+            assert!(!cfg.tie_word_embeddings);
+        }
+    }
+
+    /// gpt-oss's experts are written as upstream ships them: U8 MXFP4 codes and E8M0 exponents
+    /// in their ranges, gate and up interleaved in one tensor, biases beside them; the bf16
+    /// attention carries biases and sinks. Whatever `layout` says.
+    #[test]
+    fn gpt_oss_writes_the_upstream_mxfp4_layout() {
+        let spec = FixtureSpec {
+            layout: FixtureLayout::Fused,
+            ..gpt_oss(Dialect::Both)
+        };
+        let t: std::collections::BTreeMap<String, (Dtype, Vec<usize>)> = spec
+            .file_tensors()
+            .into_iter()
+            .map(|(n, d, s, _)| (n, (d, s)))
+            .collect();
+        let x = "model.layers.1.mlp.experts";
+        for (name, dtype, shape) in [
+            (
+                format!("{x}.gate_up_proj_blocks"),
+                Dtype::U8,
+                vec![8, 256, 6, 16],
+            ),
+            (
+                format!("{x}.gate_up_proj_scales"),
+                Dtype::U8,
+                vec![8, 256, 6],
+            ),
+            (format!("{x}.gate_up_proj_bias"), Dtype::Bf16, vec![8, 256]),
+            (
+                format!("{x}.down_proj_blocks"),
+                Dtype::U8,
+                vec![8, 192, 4, 16],
+            ),
+            (format!("{x}.down_proj_scales"), Dtype::U8, vec![8, 192, 4]),
+            (format!("{x}.down_proj_bias"), Dtype::Bf16, vec![8, 192]),
+            (
+                "model.layers.1.mlp.router.weight".into(),
+                Dtype::Bf16,
+                vec![8, 192],
+            ),
+            (
+                "model.layers.1.mlp.router.bias".into(),
+                Dtype::Bf16,
+                vec![8],
+            ),
+            (
+                "model.layers.1.self_attn.o_proj.bias".into(),
+                Dtype::Bf16,
+                vec![192],
+            ),
+            (
+                "model.layers.1.self_attn.sinks".into(),
+                Dtype::Bf16,
+                vec![3],
+            ),
+        ] {
+            assert_eq!(t.get(&name), Some(&(dtype, shape)), "{name}");
+        }
+        assert!(!t
+            .keys()
+            .any(|n| n.contains(".experts.0.") || n.contains("q_norm")));
+        for (proj, range) in MXFP4_EXPONENTS {
+            let name = format!("{x}.{proj}_scales");
+            let n = t[&name].1.iter().product();
+            let e = spec.mxfp4_bytes(&name, n);
+            assert!(e.iter().all(|b| range.contains(b)), "{name}");
+            assert!(
+                range.clone().all(|r| e.contains(&r)),
+                "{name}: every exponent drawn"
+            );
+        }
+        let codes = spec.mxfp4_bytes(&format!("{x}.down_proj_blocks"), 8 * 192 * 64);
+        assert!(codes.iter().any(|&b| b < 16) && codes.iter().any(|&b| b >= 0xF0));
+        assert_ne!(
+            codes,
+            spec.mxfp4_bytes(&format!("{x}.gate_up_proj_blocks"), 8 * 192 * 64)
+        );
+    }
 }

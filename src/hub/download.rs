@@ -22,7 +22,7 @@ use super::error::{io_err, Access};
 use super::fetch::Fetch;
 use super::http::{encode, Body, Ctx, Follow, Method};
 use super::{check_revision, Hub, HubError, RepoId};
-use crate::convert::load::safetensors::{MtpLayers, ShardIndex};
+use crate::checkpoint::{MtpLayers, ShardIndex};
 use crate::progress::Progress;
 
 const CONFIG: &str = "config.json";

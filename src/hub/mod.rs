@@ -219,16 +219,18 @@ pub struct HubResolver<'a> {
     pub progress: &'a dyn Progress,
 }
 
-impl crate::convert::load::Resolver for HubResolver<'_> {
+impl crate::checkpoint::Resolver for HubResolver<'_> {
     fn resolve(
         &self,
-        spec: &crate::convert::load::SourceSpec,
-    ) -> Result<std::path::PathBuf, crate::convert::load::LoadError> {
-        use crate::convert::load::SourceSpec;
+        spec: &crate::checkpoint::SourceSpec,
+    ) -> Result<std::path::PathBuf, crate::checkpoint::ResolveError> {
+        use crate::checkpoint::{ResolveError, SourceSpec};
         match spec {
             SourceSpec::Local(p) => Ok(p.clone()),
             SourceSpec::Hub { repo, revision } => {
-                Ok(download_checkpoint(repo, revision.as_deref(), self.progress)?.dir)
+                download_checkpoint(repo, revision.as_deref(), self.progress)
+                    .map(|snap| snap.dir)
+                    .map_err(|e| ResolveError::Fetch(Box::new(e)))
             }
         }
     }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::ComputeError;
 use crate::arch::ModelConfig;
 use crate::mlx::{self, Array};
+use crate::quant_mode::MlxQuantization;
 
 /// MLX quantization parameters of one module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +68,7 @@ impl MlxLmWeights {
             })?;
         let cfg = ModelConfig::from_json(&json)?;
         let mut weights = MlxLmWeights::default();
-        if let Some(q) = json.get("quantization") {
-            weights.read_quantization(q, &config_path)?;
-        }
+        weights.read_quantization(&json, &config_path)?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| ComputeError::Io {
                 path: dir.to_path_buf(),
@@ -94,48 +93,24 @@ impl MlxLmWeights {
         Ok((cfg, weights))
     }
 
-    /// `"quantization": {"group_size": 64, "bits": 4, "mode": "affine", "<module>": {...}}`.
-    fn read_quantization(&mut self, q: &Value, path: &Path) -> Result<(), ComputeError> {
-        let bad = |what: String| ComputeError::BadConfig {
+    /// `"quantization": {"group_size": 64, "bits": 4, "mode": "affine", "<module>": {...}}`,
+    /// read by the one parser of it ([`MlxQuantization`], shared with convert's loader).
+    fn read_quantization(&mut self, config: &Value, path: &Path) -> Result<(), ComputeError> {
+        let q = MlxQuantization::from_config(config).map_err(|e| ComputeError::BadConfig {
             path: path.to_path_buf(),
-            what,
+            what: format!("quantization: {e}"),
+        })?;
+        let Some(q) = q else { return Ok(()) };
+        let quant = |(bits, group_size, mode): (u8, usize, mlx::QuantMode)| Quant {
+            group_size: group_size as i32,
+            bits: bits.into(),
+            mode,
         };
-        let obj = q
-            .as_object()
-            .ok_or_else(|| bad("`quantization` is not an object".into()))?;
-        let parse = |v: &Value, at: &str| -> Result<Quant, ComputeError> {
-            let field = |k: &str| {
-                v.get(k)
-                    .and_then(Value::as_i64)
-                    .and_then(|n| i32::try_from(n).ok())
-                    .ok_or_else(|| bad(format!("quantization {at}: no integer {k:?}")))
-            };
-            // A module's own settings without a mode are affine (mlx-lm's default).
-            let name = v.get("mode").and_then(Value::as_str).unwrap_or("affine");
-            let mode = mlx::QuantMode::from_name(name).ok_or_else(|| {
-                bad(format!(
-                    "quantization {at}: mode {name:?}; affine, mxfp4 and mxfp8 are supported"
-                ))
-            })?;
-            Ok(Quant {
-                group_size: field("group_size")?,
-                bits: field("bits")?,
-                mode,
-            })
-        };
-        if obj.contains_key("bits") {
-            self.default_quant = Some(parse(q, "default")?);
-        }
-        for (k, v) in obj {
-            if v.is_object() {
-                // mlx-lm's mixed recipes write `"group_size": null` per module: the default's.
-                let mut v = v.clone();
-                if v.get("group_size").is_some_and(Value::is_null) {
-                    if let Some(d) = self.default_quant {
-                        v["group_size"] = d.group_size.into();
-                    }
-                }
-                self.module_quant.insert(k.clone(), parse(&v, k)?);
+        self.default_quant = Some(quant((q.bits, q.group_size, q.default_mode())));
+        for (module, setting) in &q.overrides {
+            // A module left unquantized has no scales, so nothing asks for its setting.
+            if let Some(s) = setting {
+                self.module_quant.insert(module.clone(), quant(*s));
             }
         }
         Ok(())

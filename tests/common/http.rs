@@ -1,38 +1,44 @@
-#![allow(dead_code)] // each test binary uses part of it
+#![allow(dead_code)] // each test file uses part of it
 //! A `flashpack serve` process on the bundled tiny model, and a small HTTP/1.1 client over a
 //! plain socket (so tests can also send what no client library would).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::Duration;
 
-/// The bundled tiny model converted once per test binary, as `target/tmp/NAME.flashpack`
-/// (written anew each time: conversion writes a temporary file and renames it).
+/// The bundled tiny model converted once per run and name, as `target/tmp/NAME.flashpack`
+/// (written anew each run: conversion writes a temporary file and renames it). The name is the
+/// model's name as `serve` reports it.
 pub fn tiny_pack(name: &str) -> &'static Path {
-    static PACK: OnceLock<PathBuf> = OnceLock::new();
-    PACK.get_or_init(|| {
-        let pack = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.flashpack"));
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
-        let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-            .args([
-                "convert",
-                src.to_str().unwrap(),
-                "-o",
-                pack.to_str().unwrap(),
-            ])
-            .arg("--quiet")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        pack
-    })
+    static PACKS: Mutex<BTreeMap<String, &'static Path>> = Mutex::new(BTreeMap::new());
+    let mut packs = PACKS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pack) = packs.get(name) {
+        return pack;
+    }
+    let pack = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.flashpack"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args([
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+        ])
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pack: &'static Path = Box::leak(pack.into_boxed_path());
+    packs.insert(name.to_string(), pack);
+    pack
 }
 
 /// A running server; killed when dropped.

@@ -15,11 +15,9 @@ use flashpack::run::stream::{resident_store, StreamingExperts};
 /// One bf16 step of the largest logit (the golden tests' tolerance).
 pub const LOGIT_TOL_REL: f32 = 1.0 / 256.0;
 
+/// Whether mlx-lm is there to compare against (a CI run without it fails: `python_imports`).
 pub fn python_has_mlx_lm() -> bool {
-    Command::new("python3")
-        .args(["-c", "import mlx_lm"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    super::python::python_imports("mlx_lm", "the mlx-lm checks")
 }
 
 pub fn run_ok(cmd: &mut Command, what: &str) {

@@ -1,5 +1,12 @@
-//! Shared test helpers: small packs built with the real writer, and re-signing of edited bytes.
+//! Shared test helpers: small packs built with the real writer, and re-signing of edited bytes;
+//! the other helpers are submodules.
 #![allow(dead_code)]
+
+pub mod fixtures;
+pub mod http;
+pub mod hub_server;
+pub mod mlx_lm;
+pub mod python;
 
 use std::path::{Path, PathBuf};
 

@@ -3,17 +3,18 @@
 //!
 //! In: safetensors files or folders (float weights, quantized here with MLX's affine rule,
 //! group 64), raw packed-code files (from scripts/dump_codes.py), or a synthetic Gaussian.
-//! Out: a Markdown table (or JSON rows) on stdout. The library does the measuring
-//! (`flashpack::codec::bench`); this file only turns inputs into datasets.
+//! Out: a Markdown table (or JSON rows) on stdout. `bench_codecs.rs` does the measuring;
+//! this file only turns inputs into datasets.
 
 use std::path::{Path, PathBuf};
 
+use crate::bench_codecs::{bench_codecs, default_codecs, format_table, BenchOptions, Dataset};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use flashpack::codec::bench::{bench_codecs, default_codecs, format_table, BenchOptions, Dataset};
 use flashpack::codec::CodecChoice;
 use flashpack::convert::load::safetensors;
-use flashpack::convert::tensor::MatrixView;
+use flashpack::convert::quantize::QuantParams;
+use flashpack::convert::tensor::{FloatDtype, MatrixView};
 use flashpack::mapped::Bytes;
 
 #[derive(Args, Debug)]
@@ -142,7 +143,7 @@ fn codecs(a: CodecsArgs) -> Result<()> {
     }
     if a.synthetic {
         for &bits in &a.bits {
-            let (codes, _) = quantize(&synthetic_weights(8 << 20, 0x5eed), 64, bits, 8 * 64);
+            let (codes, _) = quantize(&synthetic_weights(8 << 20, 0x5eed), 64, bits, 8 * 64)?;
             datasets.push(Dataset::from_bytes(
                 format!("synthetic-gauss-{bits}bit"),
                 bits,
@@ -175,7 +176,7 @@ fn codecs(a: CodecsArgs) -> Result<()> {
             let mut codes = Vec::new();
             let mut aux = Vec::new();
             for t in &tensors {
-                let (c, sb) = quantize(&t.values, 64, bits, t.cols);
+                let (c, sb) = quantize(&t.values, 64, bits, t.cols)?;
                 codes.extend_from_slice(&c);
                 aux.extend_from_slice(&sb);
             }
@@ -314,51 +315,26 @@ fn load_float_tensors(path: &Path, name_contains: Option<&str>) -> Result<Vec<Te
     Ok(out)
 }
 
-/// MLX affine quantization (`mx.quantize(w.astype(float32), group_size, bits)`), packed into
-/// little-endian u32 words with the first code in the lowest bits. Returns (packed code bytes,
-/// scales then biases of each row as bf16 bytes). Only bits 2, 4, 8 (codes do not straddle words).
-///
-/// The rule mirrors mlx/ops.cpp `affine_quantize`: the edge of larger magnitude becomes the
-/// bias and the scale is nudged so that `edge / scale` is an integer, so that edge is exact.
-fn quantize(w: &[f32], group: usize, bits: u8, cols: usize) -> (Vec<u8>, Vec<u8>) {
-    let n_bins = ((1u32 << bits) - 1) as f32;
-    let per_word = 32 / bits as usize;
-    let mut packed = Vec::with_capacity(w.len() * bits as usize / 8);
-    let mut scales = Vec::new();
-    let mut biases = Vec::new();
-    for row in w.chunks_exact(cols) {
-        for g in row.chunks_exact(group) {
-            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-            for &x in g {
-                lo = lo.min(x);
-                hi = hi.max(x);
-            }
-            let min_is_edge = lo.abs() > hi.abs();
-            let mut scale = ((hi - lo) / n_bins).max(1e-7);
-            if !min_is_edge {
-                scale = -scale;
-            }
-            let edge = if min_is_edge { lo } else { hi };
-            let q0 = (edge / scale).round_ties_even();
-            let bias = if q0 == 0.0 { 0.0 } else { edge };
-            if q0 != 0.0 {
-                scale = edge / q0;
-            }
-            scales.extend_from_slice(&half::bf16::from_f32(scale).to_le_bytes());
-            biases.extend_from_slice(&half::bf16::from_f32(bias).to_le_bytes());
-            for word in g.chunks_exact(per_word) {
-                let mut v = 0u32;
-                for (k, &x) in word.iter().enumerate() {
-                    let q = ((x - bias) / scale).round_ties_even().clamp(0.0, n_bins) as u32;
-                    v |= q << (k * bits as usize);
-                }
-                packed.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-    }
-    let mut aux = scales;
-    aux.extend_from_slice(&biases);
-    (packed, aux)
+/// MLX affine quantization (`mx.quantize(w.astype(float32), group_size, bits)`) by the
+/// library's quantizer, the one conversion uses: packed code bytes (little-endian u32 words, the
+/// first code in the lowest bits), and the scales then the biases of each row as bf16 bytes.
+fn quantize(w: &[f32], group: usize, bits: u8, cols: usize) -> Result<(Vec<u8>, Vec<u8>)> {
+    let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let m = MatrixView::new(FloatDtype::F32, w.len() / cols, cols, &bytes)
+        .context("weights are whole rows")?;
+    let p = QuantParams::new(bits, group)?;
+    // f32 scales, as mx.quantize gives them for f32 input, cast to bf16 afterwards.
+    let q = flashpack::convert::quantize::quantize("bench", m, p, FloatDtype::F32)?;
+    let bf16 = |b: &[u8]| -> Vec<u8> {
+        b.chunks_exact(4)
+            .flat_map(|c| {
+                half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+            })
+            .collect()
+    };
+    let mut aux = bf16(&q.scales);
+    aux.extend(bf16(&q.biases));
+    Ok((q.codes, aux))
 }
 
 /// Deterministic standard-normal samples (xorshift64* and Box-Muller), row scales varying like
@@ -459,10 +435,10 @@ mod tests {
     // Expected values printed by mlx 0.32.4:
     //   q, s, b = mx.quantize(mx.array(w), group_size=64, bits=B)
     //   q as u32 words; s and b cast to bfloat16 and viewed as u16.
-    // Exact equality: the bench claims bit-identical codes.
+    // Exact equality: the bench claims bit-identical codes (the library's quantizer's).
     #[test]
     fn matches_mx_quantize_4bit() {
-        let (packed, aux) = quantize(&weights(), 64, 4, 128);
+        let (packed, aux) = quantize(&weights(), 64, 4, 128).unwrap();
         assert_eq!(
             words(&packed),
             [
@@ -482,7 +458,7 @@ mod tests {
 
     #[test]
     fn matches_mx_quantize_2bit() {
-        let (packed, aux) = quantize(&weights(), 64, 2, 128);
+        let (packed, aux) = quantize(&weights(), 64, 2, 128).unwrap();
         assert_eq!(
             words(&packed),
             [

@@ -1,6 +1,7 @@
 //! The `flashpack` command line: one file per subcommand. Exit codes: 0 ok, 1 error, 2 usage.
 
 mod bench;
+mod bench_codecs;
 mod bench_serve;
 mod chat;
 mod convert;

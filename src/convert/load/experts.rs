@@ -576,7 +576,7 @@ impl Checkpoint {
                     "{name} holds U32 codes but config.json has no quantization section"
                 ),
             })?;
-        let p = q.params_for(module)?;
+        let p = super::quant_params(q, module)?;
         // Affine codes have scales and biases in a float type; mxfp4/mxfp8 have u8 (E8M0)
         // scales and no biases.
         let sn = scales.ok_or_else(|| LoadError::MissingTensor {
@@ -830,7 +830,7 @@ impl Checkpoint {
                                 ),
                             }
                         })?;
-                        let p: QuantParams = q.params_for(module)?;
+                        let p: QuantParams = super::quant_params(q, module)?;
                         let cols = words * 32 / p.bits as usize;
                         TensorData::Quantized(self.quantized_view(
                             name,

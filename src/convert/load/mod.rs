@@ -23,8 +23,8 @@ pub use experts::{DenseTensor, ExpertLayout, TensorData};
 use crate::arch::{ArchError, ModelConfig};
 use crate::convert::quantize::{QuantError, QuantParams};
 use crate::convert::tensor::Dtype;
-use crate::format::QuantMode;
 use crate::mapped::Bytes;
+pub use crate::quant_mode::MlxQuantization;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use safetensors::TensorInfo;
+// Where a checkpoint is: neutral ground shared with the Hub client (docs/architecture.md).
+pub use crate::checkpoint::{LocalResolver, ResolveError, Resolver, SourceSpec};
 
 /// What the loader left out of a checkpoint: its multi-token-prediction layers
 /// ([`safetensors::MtpLayers`]).
@@ -52,7 +54,7 @@ pub struct DroppedMtp {
 #[non_exhaustive]
 pub enum LoadError {
     #[error(transparent)]
-    Hub(#[from] crate::hub::HubError),
+    Resolve(#[from] ResolveError),
     #[error("cannot read {path}: {source}")]
     Io {
         path: String,
@@ -163,15 +165,6 @@ pub enum LoadError {
     #[error("config.json quantization: {detail}")]
     MlxQuantization { detail: String },
     #[error(
-        "{repo}{} is not a local folder and no Hub download is available in this build; \
-         download it (`huggingface-cli download {repo} --local-dir DIR`) and pass DIR",
-        revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default()
-    )]
-    HubUnavailable {
-        repo: String,
-        revision: Option<String>,
-    },
-    #[error(
         "config.json says {field} = {value}, but {tensors}; the config does not describe these \
          weights: use the config.json that came with them"
     )]
@@ -206,186 +199,13 @@ pub enum LoadError {
     Quant(#[from] QuantError),
 }
 
-/// What the user named as the source.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceSpec {
-    /// A folder on disk.
-    Local(PathBuf),
-    /// A Hugging Face Hub repository, optionally at a revision (`org/model@rev`).
-    Hub {
-        repo: String,
-        revision: Option<String>,
-    },
-}
-
-impl SourceSpec {
-    /// An existing path is local; otherwise `org/name[@rev]` is a Hub repository; anything else
-    /// is taken as a (missing) local path so the error names it.
-    ///
-    /// A name that exists on disk in any form, a link that leads nowhere or a link loop
-    /// included, is local: opening it then says what is wrong with it, instead of the name
-    /// being tried on the Hub.
-    pub fn parse(s: &str) -> SourceSpec {
-        let path = Path::new(s);
-        if std::fs::symlink_metadata(path).is_ok() {
-            return SourceSpec::Local(path.to_path_buf());
-        }
-        let (repo, revision) = match s.split_once('@') {
-            Some((r, rev)) => (r, Some(rev.to_string())),
-            None => (s, None),
-        };
-        let parts: Vec<&str> = repo.split('/').collect();
-        let is_repo = parts.len() == 2
-            && parts.iter().all(|p| {
-                !p.is_empty()
-                    && p.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                    && !p.starts_with('.')
-            });
-        if is_repo {
-            SourceSpec::Hub {
-                repo: repo.to_string(),
-                revision,
-            }
-        } else {
-            SourceSpec::Local(path.to_path_buf())
-        }
-    }
-}
-
-/// Turns a [`SourceSpec`] into a local folder. A Hub downloader implements this later; the
-/// rest of the pipeline only ever sees folders.
-pub trait Resolver {
-    fn resolve(&self, spec: &SourceSpec) -> Result<PathBuf, LoadError>;
-}
-
-/// Resolves local folders, and Hub repositories only when a snapshot is already in the
-/// Hugging Face cache.
-pub struct LocalResolver {
-    /// The hub cache folder (`models--org--name/snapshots/<commit>/`), if any.
-    pub hub_cache: Option<PathBuf>,
-}
-
-impl LocalResolver {
-    /// Uses `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`, as huggingface_hub.
-    pub fn from_env() -> LocalResolver {
-        let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-        let hub_cache = env("HF_HUB_CACHE")
-            .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
-            .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")));
-        LocalResolver { hub_cache }
-    }
-}
-
-impl Resolver for LocalResolver {
-    fn resolve(&self, spec: &SourceSpec) -> Result<PathBuf, LoadError> {
-        match spec {
-            SourceSpec::Local(p) => Ok(p.clone()),
-            SourceSpec::Hub { repo, revision } => self
-                .hub_cache
-                .as_deref()
-                .and_then(|c| hub_cache_snapshot(c, repo, revision.as_deref()))
-                .ok_or_else(|| LoadError::HubUnavailable {
-                    repo: repo.clone(),
-                    revision: revision.clone(),
-                }),
-        }
-    }
-}
-
-fn hub_cache_snapshot(cache: &Path, repo: &str, revision: Option<&str>) -> Option<PathBuf> {
-    let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
-    let rev = revision.unwrap_or("main");
-    if rev.is_empty() || rev.contains("..") || rev.starts_with('/') {
-        return None;
-    }
-    // refs/<branch> holds the commit hash; a full hash may also be given directly.
-    let commit = std::fs::read_to_string(dir.join("refs").join(rev))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| rev.to_string());
-    let snap = dir.join("snapshots").join(commit);
-    snap.join("config.json").is_file().then_some(snap)
-}
-
-/// MLX quantization recorded in an mlx-lm `config.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MlxQuantization {
-    pub group_size: usize,
-    pub bits: u8,
-    pub mode: String,
-    /// Per-module settings keyed by module path (`model.layers.0.mlp.gate`): bits, group size
-    /// and mode, or `None` when the module was left unquantized.
-    pub overrides: BTreeMap<String, Option<(u8, usize, QuantMode)>>,
-}
-
-impl MlxQuantization {
-    fn from_config(v: &Value) -> Result<Option<MlxQuantization>, LoadError> {
-        let Some(q) = v.get("quantization").filter(|q| !q.is_null()) else {
-            return Ok(None);
-        };
-        let bad = |detail: String| LoadError::MlxQuantization { detail };
-        let obj = q
-            .as_object()
-            .ok_or_else(|| bad(format!("{q} is not an object")))?;
-        let num = |o: &serde_json::Map<String, Value>, k: &str| o.get(k).and_then(Value::as_u64);
-        let group_size = num(obj, "group_size").ok_or_else(|| bad("no group_size".into()))?;
-        let bits = num(obj, "bits").ok_or_else(|| bad("no bits".into()))?;
-        let parse_mode = |m: &str, whose: &str| {
-            QuantMode::from_name(m).ok_or_else(|| {
-                bad(format!(
-                    "{whose}mode {m:?} is not supported (affine, mxfp4 and mxfp8 are); convert \
-                     from the float checkpoint"
-                ))
-            })
-        };
-        let mode_name = obj.get("mode").and_then(Value::as_str).unwrap_or("affine");
-        let default_mode = parse_mode(mode_name, "")?;
-        let mode = mode_name.to_string();
-        let mut overrides = BTreeMap::new();
-        for (k, val) in obj {
-            let setting = match val {
-                Value::Bool(false) => None,
-                Value::Bool(true) => Some((bits as u8, group_size as usize, default_mode)),
-                Value::Object(o) => {
-                    // mlx-lm writes a module's own settings whole; a missing mode is affine
-                    // (its quantize default), as for the 8-bit routers of an mxfp4 model.
-                    let m = o.get("mode").and_then(Value::as_str).unwrap_or("affine");
-                    let m = parse_mode(m, &format!("module {k}: "))?;
-                    // A missing or null bits / group_size is the mode's default, as MLX's
-                    // `to_quantized(group_size=None, bits=None, mode)` takes it (mlx-lm writes
-                    // `group_size: null` in mixed recipes over an mxfp4 model).
-                    let (db, dg) = m.fixed().map_or((4, 64), |(b, g)| (b as u64, g as u64));
-                    let b = num(o, "bits").unwrap_or(db);
-                    let g = num(o, "group_size").unwrap_or(dg);
-                    Some((b as u8, g as usize, m))
-                }
-                _ => continue, // group_size, bits, mode
-            };
-            overrides.insert(k.clone(), setting);
-        }
-        Ok(Some(MlxQuantization {
-            group_size: group_size as usize,
-            bits: bits as u8,
-            mode,
-            overrides,
-        }))
-    }
-
-    /// The quantization mode of the whole model (the default of its modules).
-    pub fn default_mode(&self) -> QuantMode {
-        QuantMode::from_name(&self.mode).unwrap_or_default()
-    }
-
-    /// Bits, group size and mode of the quantized module `module` (its path without `.weight`).
-    pub fn params_for(&self, module: &str) -> Result<QuantParams, LoadError> {
-        let (bits, gs, mode) = match self.overrides.get(module) {
-            Some(Some(s)) => *s,
-            Some(None) | None => (self.bits, self.group_size, self.default_mode()),
-        };
-        QuantParams::with_mode(bits, gs, mode).map_err(|e| LoadError::MlxQuantization {
-            detail: format!("module {module}: {e}"),
-        })
-    }
+/// Bits, group size and mode of the quantized module `module` (its path without `.weight`) of
+/// an mlx-lm source, checked as the loader needs them.
+pub fn quant_params(q: &MlxQuantization, module: &str) -> Result<QuantParams, LoadError> {
+    let (bits, gs, mode) = q.setting(module);
+    QuantParams::with_mode(bits, gs, mode).map_err(|e| LoadError::MlxQuantization {
+        detail: format!("module {module}: {e}"),
+    })
 }
 
 /// The weight block size of an FP8 checkpoint: `quantization_config` with `quant_method`
@@ -558,14 +378,14 @@ impl Checkpoint {
     pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
         let dir = resolver.resolve(spec).map_err(|e| match (spec, e) {
             // The name was only taken for a Hub id because no local folder has it: say both.
-            (SourceSpec::Hub { repo, revision }, e @ LoadError::Hub(_)) => {
+            (SourceSpec::Hub { repo, revision }, e @ ResolveError::Fetch(_)) => {
                 LoadError::NotLocalNorHub {
                     repo: repo.clone(),
                     revision: revision.clone(),
-                    source: Box::new(e),
+                    source: Box::new(LoadError::Resolve(e)),
                 }
             }
-            (_, e) => e,
+            (_, e) => LoadError::Resolve(e),
         })?;
         let mut ck = Checkpoint::open(&dir)?;
         if let SourceSpec::Hub { repo, .. } = spec {
@@ -599,14 +419,16 @@ impl Checkpoint {
             })
         })?;
         let config = ModelConfig::from_json(&raw_config)?;
-        let mlx_quantization = MlxQuantization::from_config(&raw_config)?.map(|mut q| {
-            // Module paths under the names the tensors go by (Qwen3.5's `language_model.`).
-            q.overrides = std::mem::take(&mut q.overrides)
-                .into_iter()
-                .filter_map(|(k, v)| Some((config.arch.text_model_name(&k)?.into_owned(), v)))
-                .collect();
-            q
-        });
+        let mlx_quantization = MlxQuantization::from_config(&raw_config)
+            .map_err(|e| LoadError::MlxQuantization { detail: e.detail })?
+            .map(|mut q| {
+                // Module paths under the names the tensors go by (Qwen3.5's `language_model.`).
+                q.overrides = std::mem::take(&mut q.overrides)
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((config.arch.text_model_name(&k)?.into_owned(), v)))
+                    .collect();
+                q
+            });
         let fp8_block = fp8_block_size(&raw_config)?;
         let mtp = safetensors::MtpLayers::from_config(&raw_config)?;
         let mut dropped_mtp = DroppedMtp {

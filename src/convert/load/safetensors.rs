@@ -1,7 +1,8 @@
 //! safetensors files: headers read with Hugging Face's `safetensors` crate, plus the checks it
-//! does not make; the shard index (`model.safetensors.index.json`) read once for load and hub,
-//! and the one rule both use to leave out multi-token-prediction layers ([`MtpLayers`]) and the
-//! shards that hold nothing else ([`ShardIndex::plan`]).
+//! does not make. The shard index (`model.safetensors.index.json`) and the one rule that leaves
+//! out multi-token-prediction layers ([`MtpLayers`]) and the shards that hold nothing else
+//! ([`ShardIndex::plan`]) live in `crate::checkpoint`, shared with the Hub download; they are
+//! re-exported here.
 //!
 //! In: the bytes of one `.safetensors` file (mapped). Out: its tensors (name, dtype, shape,
 //! absolute byte range). Invariant: the file passed `SafeTensors::read_metadata` (header length
@@ -13,13 +14,10 @@
 //! fault and say what is wrong with it (the crate's own errors often name neither).
 
 use super::LoadError;
-use crate::arch::ArchError;
 use crate::convert::tensor::Dtype;
 use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensorError, SafeTensors};
 use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -297,145 +295,9 @@ fn crate_dtype(d: Dtype) -> StDtype {
     }
 }
 
-/// `model.safetensors.index.json`: which shard holds each tensor (the `metadata` part is not
-/// read). A transformers convention, not part of the safetensors format, so the crate has no
-/// type for it; this one is shared by the loader and the Hub download.
-#[derive(Debug, Deserialize)]
-pub struct ShardIndex {
-    /// Tensor name -> shard file name, relative to the index's folder.
-    pub weight_map: BTreeMap<String, String>,
-}
-
-impl ShardIndex {
-    /// Parses the index text; the error is serde's message (the caller names the file).
-    pub fn parse(text: &str) -> Result<ShardIndex, serde_json::Error> {
-        serde_json::from_str(text)
-    }
-
-    /// The shard file names, sorted and unique.
-    pub fn shards(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.weight_map.values().map(String::as_str).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
-    }
-
-    /// Which shards a conversion reads: a shard is skipped when every tensor the index maps to
-    /// it belongs to a layer of `mtp`; a shard holding any other tensor is needed (its MTP
-    /// tensors, if any, are dropped as the shard is indexed). Pure: no file is opened.
-    pub fn plan(&self, mtp: &MtpLayers) -> ShardPlan<'_> {
-        let mut needed = BTreeSet::new();
-        let mut mtp_tensors: BTreeMap<&str, usize> = BTreeMap::new();
-        for (tensor, shard) in &self.weight_map {
-            if mtp.holds(tensor) {
-                *mtp_tensors.entry(shard.as_str()).or_default() += 1;
-            } else {
-                needed.insert(shard.as_str());
-            }
-        }
-        let mut skipped_tensors = 0;
-        let skipped = mtp_tensors
-            .into_iter()
-            .filter(|(shard, _)| !needed.contains(shard))
-            .map(|(shard, n)| {
-                skipped_tensors += n;
-                shard
-            })
-            .collect();
-        ShardPlan {
-            needed: needed.into_iter().collect(),
-            skipped,
-            skipped_tensors,
-        }
-    }
-}
-
-/// The shards of an index a conversion reads, and those it leaves alone.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShardPlan<'a> {
-    /// Shards holding at least one tensor outside the MTP layers, sorted.
-    pub needed: Vec<&'a str>,
-    /// Shards holding only MTP tensors, sorted: never opened, never downloaded.
-    pub skipped: Vec<&'a str>,
-    /// Tensors the index maps to the skipped shards.
-    pub skipped_tensors: usize,
-}
-
-/// The multi-token-prediction (MTP) layers of a checkpoint: DeepSeek-V3, Kimi-K2 and GLM-4.5
-/// ship `num_nextn_predict_layers` extra decoder layers after their `num_hidden_layers` own,
-/// as `model.layers.{num_hidden_layers..}.*`, for speculative decoding that flashpack does
-/// not run. mlx-lm drops them when it loads such a model (`sanitize` removes
-/// `model.layers.{num_hidden_layers}.*`); so does the loader, and the Hub download does not
-/// fetch a shard that holds nothing else.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MtpLayers {
-    /// The layer indices dropped: `num_hidden_layers .. num_hidden_layers +
-    /// num_nextn_predict_layers` (empty for a model without MTP layers).
-    pub layers: Range<usize>,
-}
-
-impl MtpLayers {
-    /// Reads `num_nextn_predict_layers` (absent or null: none) and, when it is above 0,
-    /// `num_hidden_layers` from a raw `config.json`, whatever its architecture.
-    pub fn from_config(config: &Value) -> Result<MtpLayers, ArchError> {
-        let count = |field: &'static str| -> Result<Option<usize>, ArchError> {
-            match config.get(field) {
-                None | Some(Value::Null) => Ok(None),
-                Some(x) => x
-                    .as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .map(Some)
-                    .ok_or_else(|| ArchError::BadField {
-                        field,
-                        found: x.to_string(),
-                        expected: "a non-negative integer",
-                    }),
-            }
-        };
-        let nextn = count("num_nextn_predict_layers")?.unwrap_or(0);
-        if nextn == 0 {
-            return Ok(MtpLayers::default());
-        }
-        let first = count("num_hidden_layers")?.ok_or_else(|| ArchError::Inconsistent {
-            what: format!(
-                "num_nextn_predict_layers is {nextn} but num_hidden_layers is missing, so the \
-                 multi-token-prediction layers cannot be told from the model's own; add \
-                 num_hidden_layers"
-            ),
-        })?;
-        let end = first
-            .checked_add(nextn)
-            .ok_or_else(|| ArchError::Inconsistent {
-                what: format!(
-                    "num_hidden_layers {first} + num_nextn_predict_layers {nextn} overflows"
-                ),
-            })?;
-        Ok(MtpLayers { layers: first..end })
-    }
-
-    /// Whether `tensor` belongs to one of these layers (`model.layers.{L}.*`, L in range), or
-    /// to a multi-token-prediction module named apart: Qwen3-Next's and Qwen3.5's `mtp.*`
-    /// (mlx-lm qwen3_next.py / qwen3_5.py `sanitize`: keep keys where `"mtp." not in key`), which
-    /// their configs count as `num_nextn_predict_layers` or `mtp_num_hidden_layers`.
-    pub fn holds(&self, tensor: &str) -> bool {
-        layer_of(tensor).is_some_and(|l| self.layers.contains(&l))
-            || tensor.starts_with("mtp.")
-            || tensor.contains(".mtp.")
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
-    }
-}
-
-/// `model.layers.{L}.` -> L.
-pub(crate) fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
+// The shard index and the MTP rule live with the checkpoint files, neutral ground shared with
+// the Hub download.
+pub use crate::checkpoint::{layer_of, MtpLayers, ShardIndex, ShardPlan};
 
 #[cfg(test)]
 mod tests;

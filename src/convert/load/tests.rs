@@ -362,7 +362,7 @@ fn resolves_hub_repo_from_local_cache_only() {
     assert_eq!(ck.config.arch, Arch::Qwen3Moe);
     let err = r.resolve(&SourceSpec::parse("org/other@v2")).unwrap_err();
     assert!(
-        matches!(&err, LoadError::HubUnavailable { repo, .. } if repo == "org/other"),
+        matches!(&err, ResolveError::HubUnavailable { repo, .. } if repo == "org/other"),
         "{err}"
     );
     assert!(
@@ -374,17 +374,13 @@ fn resolves_hub_repo_from_local_cache_only() {
 
 // ---- MLX-quantized folders (live: needs python mlx_lm) ----
 
-fn mlx_lm_available() -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", "import mlx_lm"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+fn mlx_lm_available(skipped: &str) -> bool {
+    crate::convert::python::python_imports("mlx_lm", skipped)
 }
 
 #[test]
 fn mlx_lm_quantized_folder_codes_equal_ours() {
-    if !mlx_lm_available() {
-        eprintln!("note: python3 with mlx_lm is not importable; MLX-quantized load check skipped");
+    if !mlx_lm_available("the MLX-quantized load check") {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -449,8 +445,7 @@ fn mlx_lm_quantized_folder_codes_equal_ours() {
 
 #[test]
 fn mlx_lm_float_folder_stacks_the_same_experts() {
-    if !mlx_lm_available() {
-        eprintln!("note: python3 with mlx_lm is not importable; MLX float-stack check skipped");
+    if !mlx_lm_available("the MLX float-stack check") {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -59,12 +59,7 @@ fn bit_exact_with_committed_mlx_goldens() {
 
 #[test]
 fn bit_exact_with_live_mlx() {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import mlx.core"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("note: python3 with mlx is not importable; live mx.quantize check skipped");
+    if !crate::convert::python::python_imports("mlx.core", "the live mx.quantize check") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

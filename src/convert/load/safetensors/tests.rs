@@ -1,6 +1,7 @@
 //! Hand-made headers: each fault the loader must refuse, by exact variant.
 
 use super::*;
+use crate::arch::ArchError;
 use std::path::Path;
 
 /// A file with header `json` (as written, not re-serialized) and `data_len` data bytes.

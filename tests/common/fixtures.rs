@@ -10,9 +10,9 @@
 //! uniform bytes and their E8M0 exponents uniform in [`MXFP4_EXPONENTS`]), good for exactness
 //! tests only: use the trained `fixtures/qwen3moe-tiny` for quality questions.
 
-use crate::arch::{Arch, Part, Proj};
-use crate::convert::load::safetensors::serialize_header;
-use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
+use flashpack::arch::{Arch, Part, Proj};
+use flashpack::convert::load::safetensors::serialize_header;
+use flashpack::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -267,7 +267,7 @@ impl FixtureSpec {
 
     /// Every tensor as written: (name, dtype, shape, fan_in), with each FP8 weight followed by
     /// its `_scale_inv` (fan_in 0, unused).
-    fn file_tensors(&self) -> Vec<(String, Dtype, Vec<usize>, usize)> {
+    pub fn file_tensors(&self) -> Vec<(String, Dtype, Vec<usize>, usize)> {
         let mut out = Vec::new();
         for (name, shape, fan_in) in self.tensors() {
             match (self.fp8, self.fp8_block(&name, &shape, fan_in)) {
@@ -568,6 +568,9 @@ impl FixtureSpec {
             Arch::Qwen35Moe if self.multimodal => "Qwen3_5MoeForConditionalGeneration",
             Arch::Qwen35Moe => "Qwen3_5MoeForCausalLM",
             Arch::GptOss => "GptOssForCausalLM",
+            // `Arch` is non-exhaustive outside the library (this file is also test code there).
+            #[allow(unreachable_patterns)]
+            a => panic!("no fixture class name for {a:?}; add it here"),
         };
         let theta = match self.arch {
             Arch::Mixtral | Arch::Qwen2Moe => 1_000_000.0,
@@ -913,7 +916,7 @@ impl FixtureSpec {
     /// gpt-oss's MXFP4 codes (`_blocks`: uniform bytes, two E2M1 codes each, the first in the
     /// low nibble) or E8M0 exponents (`_scales`: uniform in the projection's
     /// [`MXFP4_EXPONENTS`] range), drawn per chunk like [`Self::values`].
-    fn mxfp4_bytes(&self, name: &str, n: usize) -> Vec<u8> {
+    pub fn mxfp4_bytes(&self, name: &str, n: usize) -> Vec<u8> {
         const CHUNK: usize = 1 << 16;
         let name_seed = fnv1a(name.as_bytes()) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let range = match name.strip_suffix("_scales") {
@@ -1025,168 +1028,5 @@ impl SplitMix64 {
         let s = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
         // mean 2 * 65535, variance 4 * 65536^2 / 12
         (s as f32 - 131_070.0) * (3.0f32.sqrt() / 65_536.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::arch::{ClampedSwiglu, ModelConfig, SlidingWindow};
-
-    /// The gpt-oss test model of tests/gpt_oss.rs and scripts/tiny_moe.py.
-    fn gpt_oss(dialect: Dialect) -> FixtureSpec {
-        FixtureSpec {
-            hidden_size: 192,
-            num_layers: 3,
-            num_heads: 3,
-            num_kv_heads: 1,
-            head_dim: 64,
-            moe_intermediate_size: 128,
-            top_k: 3,
-            rope_scaling: Some(
-                json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
-                "beta_slow": 1.0, "original_max_position_embeddings": 16, "truncate": false}),
-            ),
-            dialect,
-            ..FixtureSpec::tiny(Arch::GptOss)
-        }
-    }
-
-    /// The config a gpt-oss fixture writes (upstream's keys) parses, in each dialect, into the
-    /// model the spec describes.
-    #[test]
-    fn gpt_oss_config_parses_into_the_spec() {
-        for dialect in [Dialect::Legacy, Dialect::Transformers5, Dialect::Both] {
-            let spec = gpt_oss(dialect);
-            let c = spec.config();
-            assert_eq!(c["quantization_config"]["quant_method"], "mxfp4");
-            assert_eq!(
-                c["layer_types"],
-                json!(["sliding_attention", "full_attention", "sliding_attention"])
-            );
-            assert!(c.get("bos_token_id").is_none(), "{c}");
-            let cfg = ModelConfig::from_json(&c).unwrap_or_else(|e| panic!("{dialect:?}: {e}"));
-            assert_eq!(cfg.arch, Arch::GptOss);
-            assert_eq!(
-                (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size),
-                (192, 3, 512)
-            );
-            assert_eq!(
-                (
-                    cfg.num_attention_heads,
-                    cfg.num_key_value_heads,
-                    cfg.head_dim
-                ),
-                (3, 1, 64)
-            );
-            assert_eq!((cfg.num_experts, cfg.num_experts_per_tok), (8, 3));
-            assert_eq!(cfg.moe_intermediate_size, 128);
-            assert_eq!(cfg.sparse_layers(), vec![0, 1, 2]);
-            assert_eq!(
-                cfg.sliding_window,
-                Some(SlidingWindow {
-                    size: 8,
-                    layers: vec![0, 2]
-                })
-            );
-            assert_eq!(
-                (cfg.window_of(0), cfg.window_of(1), cfg.window_of(2)),
-                (Some(8), None, Some(8))
-            );
-            assert_eq!(
-                cfg.clamped_swiglu,
-                Some(ClampedSwiglu {
-                    alpha: 1.702,
-                    limit: 7.0
-                })
-            );
-            assert!(cfg.attention_sinks && cfg.expert_bias && cfg.attention_bias);
-            assert_eq!(cfg.rope.theta, 150_000.0);
-            assert_eq!(cfg.rope.rope_type, "yarn", "{dialect:?}");
-            let scaling = cfg.rope.scaling.as_ref().expect("YaRN's parameters");
-            assert_eq!(scaling["factor"], 4.0, "{dialect:?}");
-            assert_eq!(scaling["original_max_position_embeddings"], 16);
-            assert_eq!(cfg.max_position_embeddings, Some(64));
-            assert_eq!(cfg.bos_token_id, None);
-            assert!(!cfg.tie_word_embeddings);
-        }
-    }
-
-    /// gpt-oss's experts are written as upstream ships them: U8 MXFP4 codes and E8M0 exponents
-    /// in their ranges, gate and up interleaved in one tensor, biases beside them; the bf16
-    /// attention carries biases and sinks. Whatever `layout` says.
-    #[test]
-    fn gpt_oss_writes_the_upstream_mxfp4_layout() {
-        let spec = FixtureSpec {
-            layout: FixtureLayout::Fused,
-            ..gpt_oss(Dialect::Both)
-        };
-        let t: std::collections::BTreeMap<String, (Dtype, Vec<usize>)> = spec
-            .file_tensors()
-            .into_iter()
-            .map(|(n, d, s, _)| (n, (d, s)))
-            .collect();
-        let x = "model.layers.1.mlp.experts";
-        for (name, dtype, shape) in [
-            (
-                format!("{x}.gate_up_proj_blocks"),
-                Dtype::U8,
-                vec![8, 256, 6, 16],
-            ),
-            (
-                format!("{x}.gate_up_proj_scales"),
-                Dtype::U8,
-                vec![8, 256, 6],
-            ),
-            (format!("{x}.gate_up_proj_bias"), Dtype::Bf16, vec![8, 256]),
-            (
-                format!("{x}.down_proj_blocks"),
-                Dtype::U8,
-                vec![8, 192, 4, 16],
-            ),
-            (format!("{x}.down_proj_scales"), Dtype::U8, vec![8, 192, 4]),
-            (format!("{x}.down_proj_bias"), Dtype::Bf16, vec![8, 192]),
-            (
-                "model.layers.1.mlp.router.weight".into(),
-                Dtype::Bf16,
-                vec![8, 192],
-            ),
-            (
-                "model.layers.1.mlp.router.bias".into(),
-                Dtype::Bf16,
-                vec![8],
-            ),
-            (
-                "model.layers.1.self_attn.o_proj.bias".into(),
-                Dtype::Bf16,
-                vec![192],
-            ),
-            (
-                "model.layers.1.self_attn.sinks".into(),
-                Dtype::Bf16,
-                vec![3],
-            ),
-        ] {
-            assert_eq!(t.get(&name), Some(&(dtype, shape)), "{name}");
-        }
-        assert!(!t
-            .keys()
-            .any(|n| n.contains(".experts.0.") || n.contains("q_norm")));
-        for (proj, range) in MXFP4_EXPONENTS {
-            let name = format!("{x}.{proj}_scales");
-            let n = t[&name].1.iter().product();
-            let e = spec.mxfp4_bytes(&name, n);
-            assert!(e.iter().all(|b| range.contains(b)), "{name}");
-            assert!(
-                range.clone().all(|r| e.contains(&r)),
-                "{name}: every exponent drawn"
-            );
-        }
-        let codes = spec.mxfp4_bytes(&format!("{x}.down_proj_blocks"), 8 * 192 * 64);
-        assert!(codes.iter().any(|&b| b < 16) && codes.iter().any(|&b| b >= 0xF0));
-        assert_ne!(
-            codes,
-            spec.mxfp4_bytes(&format!("{x}.gate_up_proj_blocks"), 8 * 192 * 64)
-        );
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! In: datasets (named lists of segments of packed codes, with their code width). Out: one row
 //! per (dataset, codec) plus a memcpy row, and a Markdown or JSON rendering. Timings are wall
-//! clock, best of several rounds; sizes are exact. Nothing here knows about models: callers
-//! (the `flashpack bench codecs` command) turn checkpoints into datasets.
+//! clock, best of several rounds; sizes are exact. Nothing here knows about models: `bench.rs`
+//! (the `flashpack bench codecs` command) turns checkpoints into datasets. Part of the binary,
+//! not the library: only the command measures codecs.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use rayon::prelude::*;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{
+use flashpack::codec::{
     encode, encode_auto, entropy, AutoPolicy, Codec, CodecChoice, CodecError, CodecId, Decoder,
 };
 
