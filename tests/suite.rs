@@ -1,6 +1,6 @@
 //! The integration tests, one binary: every file of tests/ is a module here, so the library,
 //! MLX, tokenizers and axum are linked once, not once per file, and the test harness runs the
-//! files' tests side by side (docs/decisions/0014-one-test-binary.md). Cargo.toml sets
+//! files' tests side by side (docs/decisions/0015-one-test-binary.md). Cargo.toml sets
 //! `autotests = false`; `every_test_file_is_a_module` fails when a new file is not added below.
 //!
 //! Live tests compare against Python's MLX, mlx-lm and the openai client: without them they
