@@ -1,4 +1,9 @@
-//! Memory budgets from the command line: `8GiB`, `8GB`, `8G`, `512MiB`, `50%`.
+//! Memory budgets: `--mem-budget` / `--expert-budget` as written (`8GiB`, `8GB`, `8G`, `512MiB`,
+//! `50%`), and the plan that divides one among the engine's parts.
+//!
+//! In: the budgets, the machine's RAM and the model's needs in bytes ([`Needs`]). Out: a [`Plan`]
+//! (the expert cache's budget, the prefill chunk, what is set aside for the KV cache and
+//! activations), or a [`BudgetError`] naming the option that is too small. [`plan`] does no I/O.
 //!
 //! A size always carries its unit or a percent sign: a bare number was once read as a fraction
 //! of RAM up to 1 and as bytes above it, so `1` meant all of RAM and `2` meant two bytes. Now it is
@@ -87,6 +92,99 @@ pub fn parse_size(text: &str) -> Result<Size, String> {
     Ok(Size::Bytes(bytes as u64))
 }
 
+/// Most prompt tokens per forward call (mlx-lm's `prefill_step_size`).
+pub const PREFILL_STEP: usize = 2048;
+
+/// Bytes held back beside the KV cache, logits and prefill activations.
+const SLACK: u64 = 2 << 20;
+
+/// What a plan is made from: the machine's RAM and the model's memory needs in bytes.
+pub struct Needs<'a> {
+    /// Physical RAM, the whole of a percentage `--mem-budget`.
+    pub ram: u64,
+    /// The dense weights, resident whatever the budget.
+    pub dense: u64,
+    /// Every stored expert resident, the whole of a percentage `--expert-budget`.
+    pub all_experts: u64,
+    /// One prompt token's activations in a prefill chunk (an f32 upper bound).
+    pub per_token: u64,
+    /// The LM head's logits.
+    pub logits: u64,
+    /// The KV cache (and any recurrent state) for a prefill chunk of this many tokens: a
+    /// sliding-window layer keeps a window and one chunk.
+    pub kv: &'a dyn Fn(u64) -> u64,
+}
+
+/// How the memory is divided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// `--mem-budget` in bytes.
+    pub mem: Option<u64>,
+    /// The expert cache's bytes; `None`: every expert resident.
+    pub experts: Option<u64>,
+    /// Most prompt tokens per forward call.
+    pub prefill_chunk: usize,
+    /// KV cache, logits and one prefill chunk's activations, set aside under a budget.
+    pub margin: u64,
+}
+
+/// Why a budget cannot be planned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BudgetError {
+    #[error(
+        "--mem-budget {text} is too small: the dense weights alone need {:.1} MB (plus {:.1} MB for the KV cache and activations); raise the budget",
+        *.dense as f64 / 1e6,
+        *.margin as f64 / 1e6
+    )]
+    TooSmall {
+        text: String,
+        dense: u64,
+        margin: u64,
+    },
+}
+
+/// Divides `--mem-budget` (`mem`) or takes `--expert-budget` (`expert`, used only without
+/// `mem`). Under `mem` the dense weights stay resident, the KV cache, the logits and one prefill
+/// chunk's activations are set aside, and the experts get the rest; a prefill chunk is up to
+/// [`PREFILL_STEP`] tokens whose activations stay within a tenth of the budget. With neither
+/// budget every expert is resident.
+pub fn plan(
+    mem: Option<&Budget>,
+    expert: Option<&Budget>,
+    needs: &Needs,
+) -> Result<Plan, BudgetError> {
+    let mem_bytes = mem.map(|b| b.size.resolve(needs.ram));
+    let prefill_chunk = match mem_bytes {
+        None => PREFILL_STEP,
+        Some(b) => ((b / 10 / needs.per_token.max(1)) as usize).clamp(16, PREFILL_STEP),
+    };
+    let margin = (needs.kv)(prefill_chunk as u64)
+        + needs.logits
+        + prefill_chunk as u64 * needs.per_token
+        + SLACK;
+    let experts = match (mem, mem_bytes, expert) {
+        (Some(text), Some(b), _) => {
+            let Some(rest) = b.checked_sub(needs.dense + margin) else {
+                return Err(BudgetError::TooSmall {
+                    text: text.text.clone(),
+                    dense: needs.dense,
+                    margin,
+                });
+            };
+            Some(rest)
+        }
+        (_, _, Some(eb)) => Some(eb.size.resolve(needs.all_experts)),
+        _ => None,
+    };
+    Ok(Plan {
+        mem: mem_bytes,
+        experts,
+        prefill_chunk,
+        margin,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +219,105 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    const GB: u64 = 1_000_000_000;
+
+    /// 1 GB of dense weights, 8 GB of experts, 1 kB of activations per prompt token, 100 MB of
+    /// logits, and a KV cache of 4 GB plus 1 MB per chunk token.
+    fn needs(kv: &dyn Fn(u64) -> u64) -> Needs<'_> {
+        Needs {
+            ram: 64 * GB,
+            dense: GB,
+            all_experts: 8 * GB,
+            per_token: 1000,
+            logits: 100_000_000,
+            kv,
+        }
+    }
+
+    fn kv(chunk: u64) -> u64 {
+        4 * GB + chunk * 1_000_000
+    }
+
+    fn budget(text: &str) -> Budget {
+        Budget::parse(text).unwrap()
+    }
+
+    #[test]
+    fn no_budget_keeps_every_expert_resident() {
+        let p = plan(None, None, &needs(&kv)).unwrap();
+        assert_eq!(p.mem, None);
+        assert_eq!(p.experts, None);
+        assert_eq!(p.prefill_chunk, PREFILL_STEP);
+        let chunk = PREFILL_STEP as u64;
+        assert_eq!(p.margin, kv(chunk) + 100_000_000 + chunk * 1000 + SLACK);
+    }
+
+    #[test]
+    fn a_mem_budget_gives_the_experts_what_the_rest_leaves() {
+        let p = plan(Some(&budget("10GB")), None, &needs(&kv)).unwrap();
+        assert_eq!(p.mem, Some(10 * GB));
+        // A tenth of the budget covers far more than 2,048 tokens' activations.
+        assert_eq!(p.prefill_chunk, PREFILL_STEP);
+        assert_eq!(p.experts, Some(10 * GB - GB - p.margin));
+        // A percentage is of RAM; --expert-budget is ignored under --mem-budget.
+        let p = plan(Some(&budget("25%")), Some(&budget("1GB")), &needs(&kv)).unwrap();
+        assert_eq!(p.mem, Some(16 * GB));
+        assert_eq!(p.experts, Some(16 * GB - GB - p.margin));
+    }
+
+    #[test]
+    fn a_small_mem_budget_shrinks_the_prefill_chunk() {
+        let none = |_: u64| 0;
+        let mut n = needs(&none);
+        n.dense = 0;
+        n.logits = 0;
+        n.per_token = 10_000;
+        // A tenth of 100 MB is 1,000 tokens' activations.
+        let p = plan(Some(&budget("100MB")), None, &n).unwrap();
+        assert_eq!(p.prefill_chunk, 1000);
+        assert_eq!(p.margin, 1000 * 10_000 + SLACK);
+        assert_eq!(p.experts, Some(100_000_000 - p.margin));
+        // Never below 16 tokens.
+        n.per_token = 1_000_000;
+        let p = plan(Some(&budget("100MB")), None, &n).unwrap();
+        assert_eq!(p.prefill_chunk, 16);
+    }
+
+    #[test]
+    fn a_mem_budget_below_dense_and_margin_names_the_option_and_the_needs() {
+        let err = plan(Some(&budget("5GB")), None, &needs(&kv)).unwrap_err();
+        let BudgetError::TooSmall {
+            ref text,
+            dense,
+            margin,
+        } = err;
+        assert_eq!((text.as_str(), dense), ("5GB", GB));
+        assert!(margin > 4 * GB, "{margin}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "--mem-budget 5GB is too small: the dense weights alone need 1000.0 MB (plus "
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with("for the KV cache and activations); raise the budget"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_expert_budget_is_bytes_or_a_share_of_all_experts() {
+        let p = plan(None, Some(&budget("2GB")), &needs(&kv)).unwrap();
+        assert_eq!(p.experts, Some(2 * GB));
+        assert_eq!(p.mem, None);
+        assert_eq!(p.prefill_chunk, PREFILL_STEP);
+        let p = plan(None, Some(&budget("25%")), &needs(&kv)).unwrap();
+        assert_eq!(p.experts, Some(2 * GB));
+        // More than every expert: taken as written.
+        let p = plan(None, Some(&budget("20GB")), &needs(&kv)).unwrap();
+        assert_eq!(p.experts, Some(20 * GB));
     }
 }

@@ -20,7 +20,7 @@ use crate::memory::total_ram;
 use crate::mlx::Array;
 use crate::model::{ComputeError, ExpertStore, Model, PoolRoute, ResidentExperts, Routing};
 use crate::progress::Progress;
-use crate::run::budget::Budget;
+use crate::run::budget::{self, Budget, BudgetError, Needs};
 use crate::run::experts::{ExpertCache, ExpertError, PolicyKind, PoolSize, StoreOptions};
 use crate::run::generate::{
     GenerateError, GenerateOptions, GenerateStats, Generation, Prefix, Token,
@@ -33,8 +33,7 @@ use crate::run::stream::{StreamStats, StreamingExperts};
 use crate::run::template::{ChatTemplate, Message, TemplateError};
 use crate::run::text::{Scan, StopScan, TextStream};
 
-/// Most prompt tokens per forward call (mlx-lm's `prefill_step_size`).
-pub const PREFILL_STEP: usize = 2048;
+pub use crate::run::budget::PREFILL_STEP;
 
 /// Why an engine could not be built or a request could not run.
 #[derive(Debug, thiserror::Error)]
@@ -44,16 +43,8 @@ pub enum EngineError {
     Open(#[from] OpenError),
     #[error("loading the model")]
     Model(#[source] ComputeError),
-    #[error(
-        "--mem-budget {text} is too small: the dense weights alone need {:.1} MB (plus {:.1} MB for the KV cache and activations); raise the budget",
-        *.dense as f64 / 1e6,
-        *.margin as f64 / 1e6
-    )]
-    BudgetTooSmall {
-        text: String,
-        dense: u64,
-        margin: u64,
-    },
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
     /// The expert cache has fewer slots than one token routes to; the message says which
     /// option sized it and the least that would do.
     #[error("{0}")]
@@ -235,9 +226,8 @@ impl<'p> Engine<'p> {
         let tokenizer = crate::run::open::tokenizer(pack)?;
         let model = Model::load(cfg, weights).map_err(EngineError::Model)?;
         let ram = total_ram();
-        let budget = opts.mem_budget.as_ref().map(|b| b.size.resolve(ram));
-        if let (Some(b), Some(text)) = (budget, &opts.mem_budget) {
-            warn_over_ram(progress, "--mem-budget", &text.text, b, ram);
+        if let Some(b) = &opts.mem_budget {
+            warn_over_ram(progress, "--mem-budget", &b.text, b.size.resolve(ram), ram);
         }
         // The dense weights stay resident; the KV cache (bf16, up to the longest context this
         // engine plans for) and activations come out of the budget too.
@@ -245,48 +235,35 @@ impl<'p> Engine<'p> {
             .max_position_embeddings
             .unwrap_or(usize::MAX)
             .min(opts.positions) as u64;
-        // Prefill runs the prompt in chunks of up to 2,048 tokens (mlx-lm's prefill step);
-        // under a budget a chunk's activations (f32 upper bound: the residual stream, the k
-        // routed rows in and out of the experts and their hidden width) stay within a tenth of
-        // it.
+        // A prefill chunk's activations, f32 upper bound: the residual stream, the k routed
+        // rows in and out of the experts and their hidden width.
         let per_token = 4
             * (cfg.hidden_size * (2 * cfg.num_experts_per_tok + 8)
                 + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size.max(1))
                 as u64;
-        let prefill_chunk = match budget {
-            None => PREFILL_STEP,
-            Some(b) => ((b / 10 / per_token.max(1)) as usize).clamp(16, PREFILL_STEP),
-        };
         // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), for
         // every position; a sliding-window layer's at most a window and one prefill chunk
         // (gpt-oss); plus the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
-        let kv = cfg.kv_values(positions, prefill_chunk as u64) * 2 + cfg.recurrent_state_bytes();
-        let margin = kv
-            + (cfg.hidden_size * cfg.vocab_size * 4) as u64
-            + prefill_chunk as u64 * per_token
-            + (2 << 20);
+        let kv = |chunk: u64| cfg.kv_values(positions, chunk) * 2 + cfg.recurrent_state_bytes();
         let all_experts = ExpertCache::all_resident_bytes(pack);
-        let expert_budget = match (budget, &opts.expert_budget) {
-            (None, None) => None,
-            (None, Some(eb)) => {
-                let bytes = eb.size.resolve(all_experts);
-                warn_over_ram(progress, "--expert-budget", &eb.text, bytes, ram);
-                Some(bytes)
-            }
-            (Some(b), _) => {
-                let Some(rest) = b.checked_sub(weights.bytes + margin) else {
-                    return Err(EngineError::BudgetTooSmall {
-                        text: opts
-                            .mem_budget
-                            .as_ref()
-                            .map_or(String::new(), |t| t.text.clone()),
-                        dense: weights.bytes,
-                        margin,
-                    });
-                };
-                Some(rest)
-            }
-        };
+        let plan = budget::plan(
+            opts.mem_budget.as_ref(),
+            opts.expert_budget.as_ref(),
+            &Needs {
+                ram,
+                dense: weights.bytes,
+                all_experts,
+                per_token,
+                logits: (cfg.hidden_size * cfg.vocab_size * 4) as u64,
+                kv: &kv,
+            },
+        )?;
+        if let (None, Some(eb), Some(bytes)) = (&opts.mem_budget, &opts.expert_budget, plan.experts)
+        {
+            warn_over_ram(progress, "--expert-budget", &eb.text, bytes, ram);
+        }
+        let (budget, expert_budget, prefill_chunk, margin) =
+            (plan.mem, plan.experts, plan.prefill_chunk, plan.margin);
         let store = StoreOptions {
             budget_bytes: expert_budget,
             io: opts.io,
