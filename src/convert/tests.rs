@@ -1,9 +1,12 @@
 use super::*;
 use crate::arch::Arch;
+use crate::codec::CodecChoice;
 use crate::codec::{Codec, CodecId, Decoder};
 use crate::convert::fixtures::{FixtureLayout, FixtureSpec};
 use crate::convert::load::LocalResolver;
+use crate::convert::load::{ExpertLayout, LoadError};
 use crate::convert::python::python_imports;
+use crate::convert::quantize::QuantError;
 use crate::format::{DType, ExpertEntry};
 use crate::progress::Silent;
 use std::path::Path;

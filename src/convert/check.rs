@@ -1,0 +1,227 @@
+//! The refusals of a conversion: a destination it must not write (before any work), a
+//! tokenizer.json the runtime could not load, non-finite values in the source (as each tensor is
+//! read). Also the note on dropped multi-token-prediction layers.
+
+use super::load::{self, Checkpoint};
+use super::{quantize, tensor, write, ConvertError};
+use crate::progress::Progress;
+use std::path::PathBuf;
+
+/// A `tokenizer.json` that is present must be one the runtime can load: found now, not when
+/// `run` first needs it. A source without one converts, with a warning: its pack takes token
+/// ids only. A dangling link or a link loop in its place is an error, not a missing file.
+pub(super) fn check_tokenizer(
+    ck: &Checkpoint,
+    progress: &dyn Progress,
+) -> Result<(), ConvertError> {
+    let path = ck.root().join("tokenizer.json");
+    if !write::optional_file(&path)? {
+        progress.warn(&format!(
+            "{} has no tokenizer.json: the pack will take token ids only, and `flashpack run \
+             --prompt` will refuse it; copy the model's tokenizer.json into the folder and \
+             convert again to run text prompts",
+            ck.root().display()
+        ));
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| ConvertError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    text.parse::<tokenizers::Tokenizer>()
+        .map(|_| ())
+        .map_err(|e| ConvertError::Tokenizer {
+            what: format!(
+                "{} is not a tokenizer that can be loaded; replace it with the model's own \
+                 tokenizer.json",
+                path.display()
+            ),
+            source: Some(e),
+        })
+}
+
+/// Says once what the loader left out of a checkpoint with multi-token-prediction layers.
+pub(super) fn note_dropped_mtp(ck: &Checkpoint, progress: &dyn Progress) {
+    let d = ck.dropped_mtp();
+    if d.tensors == 0 {
+        return;
+    }
+    let skipped = match d.skipped_shards.len() {
+        0 => String::new(),
+        n => format!(
+            "; {n} shard(s) holding only them were not read ({})",
+            d.skipped_shards.join(", ")
+        ),
+    };
+    progress.note(&format!(
+        "dropped {} tensor(s) of the multi-token-prediction layer(s) {}..={} \
+         (num_nextn_predict_layers in config.json), as mlx-lm does: the pack holds the model's \
+         {} decoder layers{skipped}",
+        d.tensors,
+        d.layers.start,
+        d.layers.end.saturating_sub(1),
+        ck.config.num_hidden_layers
+    ));
+}
+
+/// Refuses a destination the conversion must not write: one ending in a slash (a folder, not a
+/// file name), one in a folder that does not exist, an existing file that is not a regular file
+/// (a device or a pipe, which renaming over would replace), or any file the conversion reads
+/// (`inputs`), through whatever links. Checked before any work, so a bad `-o` costs nothing.
+pub fn check_destination(dest: &std::path::Path, inputs: &[PathBuf]) -> Result<(), ConvertError> {
+    let bad = |why: String| ConvertError::Destination {
+        path: dest.to_path_buf(),
+        why,
+    };
+    let text = dest.as_os_str().to_string_lossy();
+    if text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
+        return Err(bad(
+            "it ends with a slash; give a file name such as DIR/model.flashpack".into(),
+        ));
+    }
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad(format!(
+            "the folder {} does not exist; create it first",
+            parent.display()
+        )));
+    }
+    if let Ok(meta) = std::fs::metadata(dest) {
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(bad(
+                "it exists and is not a regular file (a device, pipe or socket); \
+                 writing the pack would replace it"
+                    .into(),
+            ));
+        }
+        if let Ok(target) = std::fs::canonicalize(dest) {
+            let read = inputs
+                .iter()
+                .filter_map(|p| std::fs::canonicalize(p).ok())
+                .any(|p| p == target);
+            if read {
+                return Err(bad(format!(
+                    "it is a file of the source ({}), which the conversion reads; write the \
+                     pack elsewhere",
+                    target.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses NaN and infinity in float values (weights, or the scales and biases of MLX codes),
+/// naming the tensor and the first bad element: quantizing them would give NaN logits at run.
+fn check_finite(
+    tensor: impl FnOnce() -> String,
+    dtype: tensor::FloatDtype,
+    bytes: &[u8],
+    cols: usize,
+) -> Result<(), ConvertError> {
+    match dtype.first_non_finite(bytes) {
+        None => Ok(()),
+        Some((i, value)) => Err(ConvertError::NonFinite {
+            tensor: tensor(),
+            at: match i.checked_div(cols) {
+                Some(row) => format!("row {row}, column {} (element {i})", i % cols),
+                None => format!("element {i}"),
+            },
+            value,
+        }),
+    }
+}
+
+fn check_finite_quantized(
+    tensor: &dyn Fn(&str) -> String,
+    q: &quantize::QuantizedView<'_>,
+) -> Result<(), ConvertError> {
+    let groups = q.cols / q.params.group_size.max(1);
+    if !q.params.has_biases() {
+        // mxfp4/mxfp8: u8 E8M0 scales, whose only non-finite value is 255 (NaN).
+        return match q.scales.iter().position(|&e| e == 255) {
+            None => Ok(()),
+            Some(i) => Err(ConvertError::NonFinite {
+                tensor: tensor("scales"),
+                at: format!(
+                    "row {}, group {} (element {i})",
+                    i / groups.max(1),
+                    i % groups.max(1)
+                ),
+                value: f32::NAN,
+            }),
+        };
+    }
+    check_finite(|| tensor("scales"), q.scale_dtype, q.scales, groups)?;
+    check_finite(|| tensor("biases"), q.scale_dtype, q.biases, groups)
+}
+
+/// [`check_finite`] of a float or FP8 matrix.
+fn check_finite_matrix(
+    tensor: impl FnOnce() -> String,
+    m: &tensor::MatrixView<'_>,
+) -> Result<(), ConvertError> {
+    match m.first_non_finite() {
+        None => Ok(()),
+        Some((row, col, value)) => Err(ConvertError::NonFinite {
+            tensor: tensor(),
+            at: format!("row {row}, column {col}"),
+            value,
+        }),
+    }
+}
+
+pub(super) fn check_finite_dense(t: &load::DenseTensor<'_>) -> Result<(), ConvertError> {
+    match &t.data {
+        load::TensorData::Float {
+            dtype,
+            shape,
+            bytes,
+        } => {
+            let cols = if shape.len() >= 2 {
+                shape[shape.len() - 1]
+            } else {
+                0
+            };
+            check_finite(|| t.name.clone(), *dtype, bytes, cols)
+        }
+        load::TensorData::Quantized(q) => {
+            let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+            check_finite_quantized(&|part| format!("{module}.{part}"), q)
+        }
+        load::TensorData::Fp8(m) => check_finite_matrix(|| t.name.clone(), m),
+        load::TensorData::Derived(d) => check_finite_matrix(|| t.name.clone(), &d.source()),
+        load::TensorData::Other { .. } => Ok(()),
+    }
+}
+
+pub(super) fn check_finite_expert(
+    ck: &Checkpoint,
+    x: &quantize::ExpertProjections<'_>,
+    l: usize,
+    e: usize,
+) -> Result<(), ConvertError> {
+    let names = ck.config.arch.names();
+    for (proj, p) in crate::arch::Proj::ALL
+        .into_iter()
+        .zip([&x.gate, &x.up, &x.down])
+    {
+        let name = |part: &str| {
+            format!(
+                "layer {l} expert {e} {} ({})",
+                proj.mlx_name(),
+                names.expert(l, e, proj, crate::arch::Part::Weight)
+            )
+            .replace(".weight)", &format!(".{part})"))
+        };
+        match p {
+            quantize::ProjSource::Float(m) => check_finite_matrix(|| name("weight"), m)?,
+            quantize::ProjSource::Quantized(q)
+            | quantize::ProjSource::Interleaved { all: q, .. } => check_finite_quantized(&name, q)?,
+        }
+    }
+    Ok(())
+}
