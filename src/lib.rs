@@ -32,3 +32,4 @@ pub mod progress;
 pub mod quant_mode;
 pub mod run;
 pub mod serve;
+pub mod units;

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::RepoId;
 use crate::inspect::{KindStats, PackReport};
+use crate::units::{self, Style};
 
 /// The Hub repo a pack was converted from, when its provenance says so: an explicit
 /// `base_model` key; a source path inside a hub cache (`.../models--org--name/snapshots/..`);
@@ -42,17 +43,6 @@ pub fn base_model_of(provenance: &Value) -> Option<String> {
     None
 }
 
-fn size(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else {
-        format!("{:.1} KB", b / 1e3)
-    }
-}
-
 /// A value for a Markdown table cell: strings bare, the rest as compact JSON, `|` escaped.
 fn cell(v: &Value) -> String {
     let s = match v {
@@ -72,7 +62,7 @@ fn kind_row(out: &mut String, name: &str, k: &KindStats) {
     let _ = writeln!(
         out,
         "| {name} | {} | {} | {:.3} |",
-        size(k.bytes),
+        units::bytes(k.bytes, Style::PACK),
         k.weights,
         k.bits_per_weight
     );
@@ -134,7 +124,7 @@ pub fn model_card(
     let _ = writeln!(
         out,
         "| file | `{pack_file}`, {} (flashpack format {}) |",
-        size(report.file_bytes),
+        units::bytes(report.file_bytes, Style::PACK),
         report.format_version
     );
     let _ = writeln!(
@@ -175,7 +165,7 @@ pub fn model_card(
         out,
         "| page size, padding | {} B, {} ({:.2}%) |",
         report.page_size,
-        size(report.padding_bytes),
+        units::bytes(report.padding_bytes, Style::PACK),
         report.padding_fraction * 100.0
     );
     let list = |f: &[&str]| {
@@ -202,7 +192,11 @@ pub fn model_card(
 
     out.push_str("\n### Codecs\n\n| part: codec | parts | stored |\n|---|---:|---:|\n");
     for (codec, (n, bytes)) in &report.codecs {
-        let _ = writeln!(out, "| {codec} | {n} | {} |", size(*bytes));
+        let _ = writeln!(
+            out,
+            "| {codec} | {n} | {} |",
+            units::bytes(*bytes, Style::PACK)
+        );
     }
 
     out.push_str("\n### Provenance\n\n");

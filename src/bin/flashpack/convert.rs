@@ -12,6 +12,7 @@ use flashpack::convert::profile::PlanOptions;
 use flashpack::convert::{convert, ConvertOptions, ConvertReport};
 use flashpack::hub::HubResolver;
 use flashpack::progress::Progress;
+use flashpack::units::{self, Style};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(clap::Args)]
@@ -154,10 +155,6 @@ impl Progress for Bars {
     }
 }
 
-fn gb(bytes: u64) -> String {
-    format!("{:.3} GB", bytes as f64 / 1e9)
-}
-
 fn print_report(r: &ConvertReport) {
     let p = &r.pack;
     println!("{} -> {}", r.source, r.output.display());
@@ -211,8 +208,8 @@ fn print_report(r: &ConvertReport) {
     }
     println!(
         "  source {}  ->  pack {}  ({:.1}% of the source)",
-        gb(r.source_bytes),
-        gb(r.pack_bytes),
+        units::bytes(r.source_bytes, Style::GB3),
+        units::bytes(r.pack_bytes, Style::GB3),
         100.0 * r.pack_bytes as f64 / r.source_bytes.max(1) as f64
     );
     for (name, k) in [
@@ -222,7 +219,7 @@ fn print_report(r: &ConvertReport) {
     ] {
         println!(
             "  {name:<8} {:>12}  {:>14} weights  {:.3} bits/weight",
-            gb(k.bytes),
+            units::bytes(k.bytes, Style::GB3),
             k.weights,
             k.bits_per_weight
         );
@@ -230,12 +227,12 @@ fn print_report(r: &ConvertReport) {
     let codecs: Vec<String> = p
         .codecs
         .iter()
-        .map(|(k, (n, b))| format!("{k} {n} parts {}", gb(*b)))
+        .map(|(k, (n, b))| format!("{k} {n} parts {}", units::bytes(*b, Style::GB3)))
         .collect();
     println!("  codecs: {}", codecs.join(", "));
     println!(
         "  padding {} ({:.2}%)",
-        gb(p.padding_bytes),
+        units::bytes(p.padding_bytes, Style::GB3),
         100.0 * p.padding_fraction
     );
     if let Some(q) = &r.quality {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use flashpack::format::Pack;
 use flashpack::inspect::{KindStats, PackReport};
+use flashpack::units::{self, Style};
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
@@ -16,21 +17,10 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-fn gib(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.2} MB", b / 1e6)
-    } else {
-        format!("{:.1} KB", b / 1e3)
-    }
-}
-
 fn kind(name: &str, s: &KindStats) {
     println!(
         "  {name:<10} {:>12}  {:>14} weights  {:.3} bits/weight",
-        gib(s.bytes),
+        units::bytes(s.bytes, Style::PACK),
         s.weights,
         s.bits_per_weight
     );
@@ -60,7 +50,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let kv = r.kv_cache_bytes_per_token;
     // Sliding-window layers: a fixed part, the same at any context past the window.
     let window = if r.kv_cache_window_bytes > 0 {
-        format!(" + {} for the windows", gib(r.kv_cache_window_bytes))
+        format!(
+            " + {} for the windows",
+            units::bytes(r.kv_cache_window_bytes, Style::PACK)
+        )
     } else {
         String::new()
     };
@@ -68,19 +61,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         Some(n) => println!(
             "attention     {}; KV cache {}/token{window}, {} at {n} tokens",
             r.attention,
-            gib(kv),
-            gib(kv * n as u64 + r.kv_cache_window_bytes)
+            units::bytes(kv, Style::PACK),
+            units::bytes(kv * n as u64 + r.kv_cache_window_bytes, Style::PACK)
         ),
         None => println!(
             "attention     {}; KV cache {}/token{window}",
             r.attention,
-            gib(kv)
+            units::bytes(kv, Style::PACK)
         ),
     }
     if r.recurrent_state_bytes > 0 {
         println!(
             "              linear-attention state {} at any context length",
-            gib(r.recurrent_state_bytes)
+            units::bytes(r.recurrent_state_bytes, Style::PACK)
         );
     }
     let counts: Vec<u32> = r.experts_per_layer.values().copied().collect();
@@ -94,9 +87,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "file          {}  page size {} B, padding {} ({:.2}%)",
-        gib(r.file_bytes),
+        units::bytes(r.file_bytes, Style::PACK),
         r.page_size,
-        gib(r.padding_bytes),
+        units::bytes(r.padding_bytes, Style::PACK),
         r.padding_fraction * 100.0
     );
     println!("sizes");
@@ -114,7 +107,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     }
     println!("codecs (parts, stored bytes)");
     for (codec, (n, bytes)) in &r.codecs {
-        println!("  {codec:<22} {n:>8}  {}", gib(*bytes));
+        println!(
+            "  {codec:<22} {n:>8}  {}",
+            units::bytes(*bytes, Style::PACK)
+        );
     }
     println!(
         "features      required [{}]  optional [{}]",

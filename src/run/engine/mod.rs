@@ -43,6 +43,7 @@ use crate::run::generate::{GenerateError, GenerateOptions, Prefix, Token};
 use crate::run::open::{OpenError, PackWeights};
 use crate::run::stream::{StreamStats, StreamingExperts};
 use crate::run::template::{ChatTemplate, Message, TemplateError};
+use crate::units::{self, Style};
 use slots::{too_few_slots, BudgetCause};
 
 pub use crate::run::budget::PREFILL_STEP;
@@ -390,18 +391,9 @@ fn warn_over_ram(progress: &dyn Progress, option: &str, text: &str, bytes: u64, 
     if ram > 0 && bytes > ram {
         progress.warn(&format!(
             "{option} {text} ({}) is more than this machine's memory ({}); the budget cannot hold, and the system may swap",
-            fmt_bytes(bytes),
-            fmt_bytes(ram)
+            units::bytes(bytes, Style::RUN),
+            units::bytes(ram, Style::RUN)
         ));
-    }
-}
-
-/// Bytes for people: MB below a GB, else GB (decimal, as the other reports print them).
-pub fn fmt_bytes(b: u64) -> String {
-    if b >= 1_000_000_000 {
-        format!("{:.2} GB", b as f64 / 1e9)
-    } else {
-        format!("{:.1} MB", b as f64 / 1e6)
     }
 }
 

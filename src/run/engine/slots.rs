@@ -1,7 +1,7 @@
 //! The message when the expert cache holds fewer experts than one token routes to.
 
-use super::fmt_bytes;
 use crate::run::experts::PoolSize;
+use crate::units::{self, Style};
 
 /// Where the expert cache's size came from, for the message when it holds too few experts.
 pub(super) enum BudgetCause {
@@ -40,21 +40,21 @@ pub(super) fn too_few_slots(
         "room for {} of its {}-bit experts ({} each: hidden {hidden} x expert width {inter}, from the pack's expert directory), fewer than the {top_k} one token uses (num_experts_per_tok in the model config)",
         p.slots,
         p.bits,
-        fmt_bytes(p.slot_bytes)
+        units::bytes(p.slot_bytes, Style::RUN)
     );
-    let eb = fmt_bytes(expert_budget.unwrap_or(0));
+    let eb = units::bytes(expert_budget.unwrap_or(0), Style::RUN);
     match cause {
         BudgetCause::Expert { text } => format!(
             "--expert-budget {text} gives the expert cache {eb}: {room}; raise --expert-budget to at least {}",
-            fmt_bytes(need)
+            units::bytes(need, Style::RUN)
         ),
         BudgetCause::Mem {
             text,
             dense_and_margin,
         } => format!(
             "--mem-budget {text} leaves {eb} for experts after {} of dense weights, KV cache and activations: {room}; raise --mem-budget to at least {}",
-            fmt_bytes(*dense_and_margin),
-            fmt_bytes(dense_and_margin + need)
+            units::bytes(*dense_and_margin, Style::RUN),
+            units::bytes(dense_and_margin + need, Style::RUN)
         ),
         BudgetCause::None => format!(
             "the model config routes each token to {top_k} experts (num_experts_per_tok), but the pack stores only {} {}-bit experts; its config and expert directory disagree: re-convert it",
