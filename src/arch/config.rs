@@ -1,0 +1,583 @@
+//! The normalized model configuration every architecture maps its config.json onto
+//! ([`ModelConfig`], stored in a pack's metadata), with its router, shared-expert, attention and
+//! layer-layout records, and the sizes the budget and `inspect` read from it.
+
+use super::{Arch, ArchError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Which q/k normalisation the attention applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// No q/k norm (Mixtral, Qwen2-MoE).
+    None,
+    /// RMSNorm over each head's `head_dim` values (Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over the full projected width, `heads * head_dim` (OLMoE).
+    FullWidth,
+}
+
+/// Rotary position embedding settings, normalized from either dialect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    pub theta: f64,
+    /// MLX's `traditional` flag (interleaved pairs); false for every supported checkpoint
+    /// unless the config says otherwise (`rope_traditional`, mlx-lm's key).
+    pub traditional: bool,
+    /// `rope_type` (5.x) or `rope_scaling.type` (legacy); "default" when unscaled.
+    pub rope_type: String,
+    /// The remaining scaling parameters as written (factor, original_max_position_embeddings,
+    /// ...), `None` when unscaled. Kept verbatim so a runtime can refuse what it cannot do.
+    pub scaling: Option<Value>,
+}
+
+/// How a router turns its logits into expert scores (`scoring_func` in DeepSeek-V3 / GLM-4.5
+/// configs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// `softmax(logits)` over all experts (every architecture before DeepSeek-V3).
+    #[default]
+    Softmax,
+    /// `sigmoid(logits)` per expert, in f32.
+    Sigmoid,
+}
+
+/// Routing beyond softmax top-k with optional renormalisation (`norm_topk_prob`), as DeepSeek-V3
+/// and GLM-4.5 configure it. The default (softmax, no selection bias, one group, factor 1) is what
+/// the other architectures do; a pack's `model` record holds it only when it differs, so packs
+/// written before it existed read as the default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterConfig {
+    pub scoring: Scoring,
+    /// The router has an `e_score_correction_bias` `[E]` (`topk_method: "noaux_tc"`): added to
+    /// the scores to choose experts, never to weight them.
+    pub selection_bias: bool,
+    /// `n_group`: experts fall into this many equal groups, in id order; 1 = no groups.
+    pub n_group: usize,
+    /// `topk_group`: only the best groups (by the sum of their two best scores) may be chosen.
+    pub topk_group: usize,
+    /// `routed_scaling_factor`: the routed weights are multiplied by it, after renormalisation.
+    pub routed_scaling_factor: f64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            scoring: Scoring::Softmax,
+            selection_bias: false,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
+impl RouterConfig {
+    pub fn is_default(&self) -> bool {
+        *self == RouterConfig::default()
+    }
+}
+
+/// The shared expert(s) every token goes through, besides the routed ones. N shared experts
+/// (DeepSeek-V3's `n_shared_experts`, GLM-4.5's) are one SwiGLU MLP N times as wide as a routed
+/// expert, which is how both checkpoints store them ([`SharedExpert::experts`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedExpert {
+    /// The MLP's width: Qwen2-MoE's `shared_expert_intermediate_size`, or N * moe_intermediate_size.
+    pub intermediate_size: usize,
+    /// Whether its output is scaled by `sigmoid(shared_expert_gate(x))`.
+    pub gated: bool,
+}
+
+impl SharedExpert {
+    /// `n` shared experts of `width` each (`n_shared_experts`, `moe_intermediate_size`), ungated;
+    /// `None` for none.
+    pub fn experts(n: usize, width: usize) -> Option<SharedExpert> {
+        (n > 0).then_some(SharedExpert {
+            intermediate_size: n * width,
+            gated: false,
+        })
+    }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): keys and values come from one
+/// compressed latent per token (`kv_lora_rank` wide) plus a `qk_rope_head_dim`-wide rotary key
+/// shared by every head; that pair is all the KV cache holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mla {
+    /// Queries through a low-rank bottleneck (`q_a_proj`, norm, `q_b_proj`) this wide, or a
+    /// plain `q_proj` when `None`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key width with RoPE (the key part is shared by all heads).
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// How a Gated DeltaNet layer names its input projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaProjections {
+    /// Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, grouped per key head.
+    Qkvz,
+    /// Qwen3.5: `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, each contiguous.
+    Split,
+}
+
+/// Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): every layer but each
+/// `full_attention_interval`-th keeps, instead of a KV cache, a convolution state (the last
+/// `conv_kernel_dim - 1` inputs of a depthwise causal convolution) and a recurrent state
+/// `[value_heads, value_head_dim, key_head_dim]`, both of a fixed size whatever the context.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearAttention {
+    /// Layers `L` with `(L + 1) % full_attention_interval == 0` use full attention.
+    pub full_attention_interval: usize,
+    pub num_key_heads: usize,
+    pub num_value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// `linear_conv_kernel_dim`: the convolution's width.
+    pub conv_kernel_dim: usize,
+    pub projections: DeltaProjections,
+}
+
+impl LinearAttention {
+    /// Channels of the convolution: queries, keys and values (`key_dim * 2 + value_dim`).
+    pub fn conv_dim(&self) -> usize {
+        2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+    }
+
+    /// Bytes of one layer's state: the convolution's last inputs in the activations' dtype
+    /// (bf16, 2 bytes) and the recurrent state in f32 (mlx-lm's `gated_delta_update`).
+    pub fn state_bytes_per_layer(&self) -> u64 {
+        let conv = (self.conv_kernel_dim.saturating_sub(1) * self.conv_dim()) as u64 * 2;
+        let recurrent = (self.num_value_heads * self.value_head_dim * self.key_head_dim) as u64 * 4;
+        conv + recurrent
+    }
+}
+
+/// Sliding-window attention (gpt-oss): the listed layers attend to the last `size` positions
+/// only (the query's own included) and keep a rotating KV cache of that many positions; the
+/// others attend to everything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    pub size: usize,
+    /// Layers of `layer_types` `"sliding_attention"`, ascending.
+    pub layers: Vec<usize>,
+}
+
+/// gpt-oss's expert activation (mlx-lm `swiglu_oai`): with `g = min(gate, limit)` and
+/// `u = clip(up, -limit, limit)`, `(u + 1) * g * sigmoid(alpha * g)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClampedSwiglu {
+    pub alpha: f64,
+    pub limit: f64,
+}
+
+/// A model's configuration, normalized across architectures and config dialects.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// Width of the dense MLP (layers that are not sparse). For Mixtral and OLMoE, whose every
+    /// layer is sparse, this equals `moe_intermediate_size`.
+    pub intermediate_size: usize,
+    /// Width of one routed expert (rows of its gate/up projections).
+    pub moe_intermediate_size: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    /// Whether the top-k routing weights are renormalised to sum to 1.
+    pub norm_topk_prob: bool,
+    /// Scoring, selection bias, expert groups and scaling of the router (default: softmax only).
+    #[serde(default, skip_serializing_if = "RouterConfig::is_default")]
+    pub router: RouterConfig,
+    pub rms_norm_eps: f64,
+    pub rope: Rope,
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections carry a bias.
+    pub attention_bias: bool,
+    pub qk_norm: QkNorm,
+    /// The rotated share of each head (GLM-4.5's `partial_rotary_factor`): RoPE turns the
+    /// first `int(head_dim * factor)` values. Written to a pack only when not 1.
+    #[serde(default = "one_f64", skip_serializing_if = "is_one_f64")]
+    pub partial_rotary_factor: f64,
+    /// Multi-head latent attention instead of grouped-query attention (DeepSeek-V3); then
+    /// `head_dim` is the query/key width `qk_nope_head_dim + qk_rope_head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<Mla>,
+    /// Gated DeltaNet linear attention in all layers but every `full_attention_interval`-th
+    /// (Qwen3-Next, Qwen3.5). Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linear_attention: Option<LinearAttention>,
+    /// Full attention's output is scaled by `sigmoid(gate)`, the gate being the second half of
+    /// each head's `q_proj` rows (Qwen3-Next, Qwen3.5). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attn_output_gate: bool,
+    /// Sliding-window layers (gpt-oss). Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<SlidingWindow>,
+    /// Each attention head has a learned sink logit (`self_attn.sinks` `[heads]`) that joins
+    /// the softmax without a value (gpt-oss). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attention_sinks: bool,
+    /// Routed experts add a bias to each projection's output (gpt-oss), stored with the expert
+    /// (formats/flashpack-v1.md §6.4). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub expert_bias: bool,
+    /// The routed experts' activation is gpt-oss's clamped SwiGLU instead of SwiGLU. Written
+    /// to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamped_swiglu: Option<ClampedSwiglu>,
+    /// OLMoE's clamp of q/k/v activations, when set.
+    pub clip_qkv: Option<f64>,
+    pub shared_expert: Option<SharedExpert>,
+    /// With `mlp_only_layers`, `first_k_dense_replace` and `moe_layer_freq`: which layers have
+    /// routed experts ([`ModelConfig::is_sparse_layer`]).
+    pub decoder_sparse_step: usize,
+    pub mlp_only_layers: Vec<usize>,
+    /// The first this-many layers are dense (DeepSeek-V3, GLM-4.5); 0 = none. Written to a pack
+    /// only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_k_dense_replace: usize,
+    /// Only layers `L % moe_layer_freq == 0` are sparse (DeepSeek-V3); 1 = every layer. Written
+    /// to a pack only when not 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub moe_layer_freq: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Whether layer `layer` has routed experts: the one place the dense/MoE layout is decided,
+    /// from every knob the supported configs use (each is a no-op at its default):
+    /// - `(L + 1) % decoder_sparse_step == 0` and L not in `mlp_only_layers` (transformers'
+    ///   Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer);
+    /// - `L >= first_k_dense_replace` and `L % moe_layer_freq == 0` (DeepseekV3DecoderLayer;
+    ///   mlx-lm deepseek_v3.py and glm4_moe.py).
+    pub fn is_sparse_layer(&self, layer: usize) -> bool {
+        self.num_experts > 0
+            && !self.mlp_only_layers.contains(&layer)
+            && (layer + 1) % self.decoder_sparse_step.max(1) == 0
+            && layer >= self.first_k_dense_replace
+            && layer % self.moe_layer_freq.max(1) == 0
+    }
+
+    /// How many of each head's query/key values RoPE rotates: `qk_rope_head_dim` under MLA,
+    /// else `int(head_dim * partial_rotary_factor)` (mlx-lm glm4_moe.py's `nn.RoPE` dims).
+    pub fn rope_dims(&self) -> usize {
+        match &self.mla {
+            Some(m) => m.qk_rope_head_dim,
+            None => (self.head_dim as f64 * self.partial_rotary_factor) as usize,
+        }
+    }
+
+    /// Values the KV cache holds per token, over the layers whose cache grows with the
+    /// context: keys and values of every KV head, or under MLA the latent and the rotary key
+    /// (`kv_lora_rank + qk_rope_head_dim`), which is what makes DeepSeek-V3's cache ~57x smaller
+    /// than its 128 heads would need. Layers of linear attention hold no KV cache (their state is
+    /// [`ModelConfig::recurrent_state_bytes`]); sliding-window layers hold a bounded one
+    /// ([`ModelConfig::window_kv_values`]).
+    pub fn kv_values_per_token(&self) -> u64 {
+        let windowed = self.sliding_window.as_ref().map_or(0, |w| w.layers.len());
+        ((self.full_attention_layers() - windowed) * self.kv_values_per_layer()) as u64
+    }
+
+    /// Values one softmax-attention layer caches per position.
+    fn kv_values_per_layer(&self) -> usize {
+        match &self.mla {
+            Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            None => 2 * self.num_key_value_heads * self.head_dim,
+        }
+    }
+
+    /// Values the sliding-window layers' caches hold at most over a sequence of `positions`
+    /// prefilled in calls of at most `chunk` tokens; 0 without sliding-window layers. A layer
+    /// keeps its last `size - 1` positions and appends a call's tokens (mlx-lm's
+    /// `RotatingKVCache`, `model/rotating.rs`), so it holds at most `size - 1 + chunk`
+    /// positions, and `size` while decoding.
+    pub fn window_kv_values(&self, positions: u64, chunk: u64) -> u64 {
+        let Some(w) = &self.sliding_window else {
+            return 0;
+        };
+        let held = positions.min(w.size as u64 - 1 + chunk.max(1));
+        w.layers.len() as u64 * self.kv_values_per_layer() as u64 * held
+    }
+
+    /// Values the whole KV cache holds at most for a sequence of `positions` prefilled in calls
+    /// of at most `chunk` tokens: what a run's budget sets aside (in bf16, twice this in bytes).
+    pub fn kv_values(&self, positions: u64, chunk: u64) -> u64 {
+        self.kv_values_per_token() * positions + self.window_kv_values(positions, chunk)
+    }
+
+    /// Whether layer `layer` uses linear attention (mlx-lm qwen3_next.py:
+    /// `self.is_linear = (layer_idx + 1) % args.full_attention_interval != 0`).
+    pub fn is_linear_layer(&self, layer: usize) -> bool {
+        self.linear_attention
+            .as_ref()
+            .is_some_and(|la| (layer + 1) % la.full_attention_interval.max(1) != 0)
+    }
+
+    /// Layers with full (softmax) attention and so a KV cache.
+    pub fn full_attention_layers(&self) -> usize {
+        (0..self.num_hidden_layers)
+            .filter(|&l| !self.is_linear_layer(l))
+            .count()
+    }
+
+    /// Bytes of the fixed-size state of the linear-attention layers (convolution and recurrent
+    /// state), whatever the context length; 0 without linear attention.
+    pub fn recurrent_state_bytes(&self) -> u64 {
+        let Some(la) = &self.linear_attention else {
+            return 0;
+        };
+        let linear = (self.num_hidden_layers - self.full_attention_layers()) as u64;
+        linear * la.state_bytes_per_layer()
+    }
+
+    /// The window of layer `layer` when it is a sliding-window layer.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .as_ref()
+            .filter(|w| w.layers.contains(&layer))
+            .map(|w| w.size)
+    }
+
+    /// The sparse layers, ascending.
+    pub fn sparse_layers(&self) -> Vec<usize> {
+        (0..self.num_hidden_layers)
+            .filter(|&l| self.is_sparse_layer(l))
+            .collect()
+    }
+
+    /// The rules every normalized config keeps, whatever its source (formats/flashpack-v1.md
+    /// §4.1, key `model`): positive sizes, a top-k within the experts, heads that group, and a
+    /// norm epsilon and RoPE base that are positive and finite (0 or a negative value gives NaN
+    /// logits). The first broken rule is returned as `BadField` naming the field, or
+    /// `Inconsistent` for a rule between two fields.
+    pub fn validate(&self) -> Result<(), ArchError> {
+        let bad = |field: &'static str, found: String, expected: &'static str| {
+            Err(ArchError::BadField {
+                field,
+                found,
+                expected,
+            })
+        };
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("intermediate_size", self.intermediate_size),
+            ("moe_intermediate_size", self.moe_intermediate_size),
+            ("num_experts", self.num_experts),
+            ("decoder_sparse_step", self.decoder_sparse_step),
+            ("moe_layer_freq", self.moe_layer_freq),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return bad(field, "0".into(), "at least 1");
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            });
+        }
+        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "num_experts_per_tok {} must be in 1..={} (num_experts)",
+                    self.num_experts_per_tok, self.num_experts
+                ),
+            });
+        }
+        let positive_finite = |x: f64| x.is_finite() && x > 0.0;
+        if !positive_finite(self.rms_norm_eps) {
+            return bad(
+                "rms_norm_eps",
+                self.rms_norm_eps.to_string(),
+                "a positive finite number (0 or less gives NaN logits)",
+            );
+        }
+        if !positive_finite(self.rope.theta) {
+            return bad(
+                "rope_theta",
+                self.rope.theta.to_string(),
+                "a positive finite number (0 or less gives NaN logits)",
+            );
+        }
+        if let Some(c) = self.clip_qkv {
+            if !positive_finite(c) {
+                return bad("clip_qkv", c.to_string(), "a positive finite number");
+            }
+        }
+        let r = &self.router;
+        // A group is scored by its two best experts, so a grouped router needs groups of 2 or more.
+        let groups_ok = r.n_group == 1
+            || (r.n_group > 1
+                && self.num_experts % r.n_group == 0
+                && self.num_experts / r.n_group >= 2);
+        if !groups_ok {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "n_group {} must split num_experts {} into equal groups of at least 2",
+                    r.n_group, self.num_experts
+                ),
+            });
+        }
+        if r.topk_group == 0 || r.topk_group > r.n_group {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "topk_group {} must be in 1..={} (n_group)",
+                    r.topk_group, r.n_group
+                ),
+            });
+        }
+        let choosable = r.topk_group * (self.num_experts / r.n_group);
+        if self.num_experts_per_tok > choosable {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "num_experts_per_tok {} is more than the {choosable} experts of topk_group {} groups",
+                    self.num_experts_per_tok, r.topk_group
+                ),
+            });
+        }
+        if !positive_finite(r.routed_scaling_factor) {
+            return bad(
+                "routed_scaling_factor",
+                r.routed_scaling_factor.to_string(),
+                "a positive finite number",
+            );
+        }
+        let f = self.partial_rotary_factor;
+        if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+            return bad("partial_rotary_factor", f.to_string(), "a number in (0, 1]");
+        }
+        let rope = self.rope_dims();
+        if rope < 2 || rope % 2 != 0 {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "RoPE would rotate {rope} values per head (head_dim {} x partial_rotary_factor {f}); it needs an even number of at least 2",
+                    self.head_dim
+                ),
+            });
+        }
+        if let Some(m) = &self.mla {
+            let sizes = [
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_nope_head_dim", m.qk_nope_head_dim),
+                ("qk_rope_head_dim", m.qk_rope_head_dim),
+                ("v_head_dim", m.v_head_dim),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+            ];
+            for (field, v) in sizes {
+                if v == 0 {
+                    return bad(field, "0".into(), "at least 1");
+                }
+            }
+        }
+        if let Some(la) = &self.linear_attention {
+            let sizes = [
+                ("full_attention_interval", la.full_attention_interval),
+                ("linear_num_key_heads", la.num_key_heads),
+                ("linear_num_value_heads", la.num_value_heads),
+                ("linear_key_head_dim", la.key_head_dim),
+                ("linear_value_head_dim", la.value_head_dim),
+            ];
+            for (field, v) in sizes {
+                if v == 0 {
+                    return bad(field, "0".into(), "at least 1");
+                }
+            }
+            // n_keep = conv_kernel_size - 1 must be at least 1: conv_input[:, -0:] would keep
+            // every input instead of none.
+            if la.conv_kernel_dim < 2 {
+                return bad(
+                    "linear_conv_kernel_dim",
+                    la.conv_kernel_dim.to_string(),
+                    "at least 2",
+                );
+            }
+            if la.num_value_heads % la.num_key_heads != 0 {
+                return Err(ArchError::Inconsistent {
+                    what: format!(
+                        "linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
+                        la.num_value_heads, la.num_key_heads
+                    ),
+                });
+            }
+        }
+        if let Some(w) = &self.sliding_window {
+            if w.size == 0 {
+                return bad("sliding_window", "0".into(), "at least 1");
+            }
+            if let Some(&l) = w.layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+                return Err(ArchError::Inconsistent {
+                    what: format!(
+                        "sliding-window layer {l} is past num_hidden_layers {}",
+                        self.num_hidden_layers
+                    ),
+                });
+            }
+        }
+        if let Some(c) = &self.clamped_swiglu {
+            if !positive_finite(c.limit) || !positive_finite(c.alpha) {
+                return bad(
+                    "swiglu_limit",
+                    c.limit.to_string(),
+                    "a positive finite number",
+                );
+            }
+        }
+        if let Some(s) = &self.shared_expert {
+            if s.intermediate_size == 0 {
+                return bad(
+                    "shared_expert_intermediate_size",
+                    "0".into(),
+                    "at least 1 when there is a shared expert",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+fn is_one_f64(x: &f64) -> bool {
+    *x == 1.0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn one() -> usize {
+    1
+}
