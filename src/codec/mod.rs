@@ -164,7 +164,7 @@ impl Default for AutoPolicy {
 }
 
 /// Everything that can go wrong encoding or decoding. Messages say what to check.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CodecError {
     #[error("unknown codec id {id} (known: 0 raw, 1 huffman, 2 zstd, 3 lz4); the pack may be newer than this reader")]

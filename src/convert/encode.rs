@@ -28,11 +28,20 @@ impl Encoder {
     /// Stored bytes of `src` (codes of `bits` bits, or 16/32 for scale and float bytes).
     /// Raw parts are moved, not copied.
     pub fn encode(&mut self, bits: u8, src: Vec<u8>) -> Result<(Vec<u8>, CodecId), CodecError> {
-        if self.choice == CodecChoice::Fixed(Codec::Raw) {
+        self.encode_with(self.choice, bits, src)
+    }
+
+    fn encode_with(
+        &mut self,
+        choice: CodecChoice,
+        bits: u8,
+        src: Vec<u8>,
+    ) -> Result<(Vec<u8>, CodecId), CodecError> {
+        if choice == CodecChoice::Fixed(Codec::Raw) {
             return Ok((src, CodecId::Raw));
         }
         let mut out = Vec::with_capacity(src.len() / 2);
-        let id = match self.choice {
+        let id = match choice {
             CodecChoice::Fixed(c) => encode(c, bits, &src, &mut out)?,
             CodecChoice::Auto(policy) => {
                 encode_auto(bits, &src, &mut out, &policy, &mut self.scratch)?
@@ -46,21 +55,12 @@ impl Encoder {
     }
 
     /// Encodes both parts of a segment. Under `auto`, with the bar of expert segments
-    /// ([`AutoPolicy::for_experts`]): a miss decodes on the critical path.
+    /// ([`crate::codec::AutoPolicy::for_experts`]): a miss decodes on the critical path.
     pub fn segment(&mut self, seg: QuantizedExpertSegment) -> Result<EncodedSegment, CodecError> {
-        let choice = self.choice;
-        if let CodecChoice::Auto(policy) = choice {
-            self.choice = CodecChoice::Auto(policy.for_experts());
-        }
-        let out = self.segment_with_choice(seg);
-        self.choice = choice;
-        out
-    }
-
-    fn segment_with_choice(
-        &mut self,
-        seg: QuantizedExpertSegment,
-    ) -> Result<EncodedSegment, CodecError> {
+        let choice = match self.choice {
+            CodecChoice::Auto(policy) => CodecChoice::Auto(policy.for_experts()),
+            fixed => fixed,
+        };
         let (weights_len, aux_len) = (seg.weights.len(), seg.aux.len());
         let aux_bits = match seg.scale_dtype {
             _ if !seg.mode.has_biases() => 8,
@@ -68,8 +68,8 @@ impl Encoder {
             FloatDtype::F16 | FloatDtype::Bf16 => 16,
         };
         let QuantizedExpertSegment { weights, aux, .. } = seg;
-        let (weights, weight_codec) = self.encode(seg.bits.max(), weights)?;
-        let (aux, aux_codec) = self.encode(aux_bits, aux)?;
+        let (weights, weight_codec) = self.encode_with(choice, seg.bits.max(), weights)?;
+        let (aux, aux_codec) = self.encode_with(choice, aux_bits, aux)?;
         Ok(EncodedSegment {
             layer: seg.layer,
             expert: seg.expert,

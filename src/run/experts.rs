@@ -455,7 +455,7 @@ impl ExpertCache {
         })
     }
 
-    /// Sets the part size of the reader's split direct reads (`bench io` compares sizes).
+    /// Sets the part size of the reader's pipelined loads (`bench io` compares sizes; 0: off).
     /// Returns `false` (changing nothing) while a background load shares the reader.
     pub fn set_read_split(&mut self, bytes: usize) -> bool {
         match std::sync::Arc::get_mut(&mut self.reader) {
@@ -900,8 +900,8 @@ fn run_jobs(reader: &SegmentReader, ctx: LoadCtx, jobs: Vec<Job>) -> Result<(), 
     // even on two cores, and a segment is decoded as soon as its own read is done. The page
     // moves run there too: CUDA calls stay on those long-lived threads, each with its own
     // stream, made once.
-    // A lone miss (or a few) leaves I/O threads idle: read it in parts, decoding each part's
-    // streams as they arrive. A larger batch keeps the queue full with whole segments.
+    // A lone miss (or a few) leaves I/O threads idle: a raw one is read in parts, its checksum
+    // fed as they arrive. A larger batch keeps the queue full with whole segments.
     let ctx = LoadCtx {
         pipeline: if tasks.len() * PIPELINE_LANES <= reader.threads() {
             reader.split()
@@ -980,13 +980,7 @@ fn load_segment_with(
     let t = Instant::now();
     let stored = reader.read_into(e, stored)?;
     step_done(0, t);
-    let decode_err = |source| ExpertError::Decode {
-        path: reader.path().to_path_buf(),
-        layer: e.layer,
-        expert: e.expert,
-        segment: e.segment,
-        source,
-    };
+    let decode_err = |source| decode_error(reader, e, source);
     let codec = |id: u8| CodecId::try_from(id).map_err(decode_err);
     let (weight_codec, aux_codec) = (codec(e.weight_codec)?, codec(e.aux_codec)?);
     let (ws, auxs) = stored.split_at(e.weights_stored_len as usize);
@@ -1042,6 +1036,21 @@ fn load_segment_with(
     finish_segment(reader, e, ctx, weights, aux, dst)
 }
 
+/// A segment of `reader`'s pack that did not decode.
+fn decode_error(
+    reader: &SegmentReader,
+    e: &ExpertEntry,
+    source: crate::codec::CodecError,
+) -> ExpertError {
+    ExpertError::Decode {
+        path: reader.path().to_path_buf(),
+        layer: e.layer,
+        expert: e.expert,
+        segment: e.segment,
+        source,
+    }
+}
+
 /// Writes a checked, decoded segment into its slot: one device copy per array for a
 /// whole-expert segment on CUDA, else a scatter of its rows.
 fn finish_segment(
@@ -1064,16 +1073,11 @@ fn finish_segment(
         (aux.len(), e.aux_decoded_len() as usize),
     ] {
         if got != want {
-            return Err(ExpertError::Decode {
-                path: reader.path().to_path_buf(),
-                layer: e.layer,
-                expert: e.expert,
-                segment: e.segment,
-                source: crate::codec::CodecError::LengthMismatch {
-                    expected: want,
-                    got,
-                },
-            });
+            let source = crate::codec::CodecError::LengthMismatch {
+                expected: want,
+                got,
+            };
+            return Err(decode_error(reader, e, source));
         }
     }
     let whole = e.row_start == 0 && e.row_count as usize == inter;
@@ -1159,13 +1163,7 @@ fn load_segment_pipelined(
         let t = Instant::now();
         decoder
             .decode_into(aux_codec, auxs, aux)
-            .map_err(|source| ExpertError::Decode {
-                path: reader.path().to_path_buf(),
-                layer: e.layer,
-                expert: e.expert,
-                segment: e.segment,
-                source,
-            })?;
+            .map_err(|source| decode_error(reader, e, source))?;
         step_done(2, t);
         aux
     };

@@ -84,8 +84,8 @@ pub struct SegmentReader {
 }
 
 /// Default part size of a pipelined load (`FLASHPACK_READ_SPLIT_KIB` overrides; 0: off): a
-/// lone miss is read in parts of this size, in order, several in flight, and each part's
-/// Huffman streams are decoded as soon as it arrives (docs/decisions/0013-streaming-miss-path.md,
+/// lone miss of a raw expert is read in parts of this size, in order, several in flight, and
+/// its checksum advances as each part arrives (docs/decisions/0014-raw-experts.md;
 /// `flashpack bench io --split-kib 0,256` compares).
 pub const DEFAULT_SPLIT_KIB: usize = 256;
 
@@ -269,8 +269,8 @@ impl SegmentReader {
     /// `arrived(from, to, bytes)` is called on the thread whose read grew it, `bytes` being the
     /// segment's first `to` bytes (they are never written again); every range `from..to` is
     /// reported exactly once, and together they cover the segment. Calls may overlap in time.
-    /// This is what lets a lone miss decode its first streams while the rest is still on the
-    /// disk (docs/decisions/0013-streaming-miss-path.md). Without direct I/O (or for a short
+    /// This is what lets a lone miss hash its first parts while the rest is still on the disk
+    /// (docs/decisions/0014-raw-experts.md). Without direct I/O (or for a short
     /// segment) the segment is read at once and reported in one call. Returns where the bytes
     /// are in `buf`, as [`Self::read_into`].
     pub fn read_parts(

@@ -232,37 +232,33 @@ pub fn section_entry_at(bytes: &[u8], kind: SectionKind) -> usize {
 /// [`tiny_pack`] with every part Huffman-coded (`--codec huffman`), for tests of that codec's
 /// damage paths (`auto` stores the tiny model's experts raw).
 pub fn tiny_pack_huffman(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
-    let out = dir.join("tiny-huffman.flashpack");
-    let ck = flashpack::convert::load::Checkpoint::open(&src).unwrap();
     let opts = flashpack::convert::ConvertOptions {
         codec: flashpack::codec::CodecChoice::Fixed(flashpack::codec::Codec::Huffman),
         ..flashpack::convert::ConvertOptions::default()
     };
-    flashpack::convert::convert_checkpoint(
-        &ck,
-        &out,
-        &opts,
-        &flashpack::progress::Silent,
-        std::time::Instant::now(),
-    )
-    .unwrap();
-    out
+    tiny_pack_with(&dir.join("tiny-huffman.flashpack"), &opts)
 }
 
 pub fn tiny_pack(dir: &Path) -> PathBuf {
+    tiny_pack_with(
+        &dir.join("tiny.flashpack"),
+        &flashpack::convert::ConvertOptions::default(),
+    )
+}
+
+/// The bundled tiny model converted with `opts` to `out`.
+fn tiny_pack_with(out: &Path, opts: &flashpack::convert::ConvertOptions) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
-    let out = dir.join("tiny.flashpack");
     let ck = flashpack::convert::load::Checkpoint::open(&src).unwrap();
     flashpack::convert::convert_checkpoint(
         &ck,
-        &out,
-        &flashpack::convert::ConvertOptions::default(),
+        out,
+        opts,
         &flashpack::progress::Silent,
         std::time::Instant::now(),
     )
     .unwrap();
-    out
+    out.to_path_buf()
 }
 
 /// Runs the `flashpack` binary with `args` (and `envs`).
