@@ -1233,3 +1233,411 @@ fn convert_errors_name_their_kind_and_keep_their_cause_once() {
     assert_no_repeat(&err);
     assert!(!pack.exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Nothing silently wrong (issue 33, items 1-4 and 12's `model_type`): NaN logits are an error on
+// every path; `convert` refuses a config that contradicts the tensors (one rule for every
+// architecture: the runtime's own loader run over the planned tensors), tensors the config
+// never reads, and features the runtime lacks, naming what is wrong, before any expert is
+// written; a config field set to an extreme either converts to a pack with finite logits or is
+// refused by name.
+
+/// A tiny checkpoint of `arch` in `dir` with its config.json edited by `edit`.
+fn arch_fixture(
+    dir: &std::path::Path,
+    arch: flashpack::arch::Arch,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    let spec = fixtures::FixtureSpec::tiny(arch);
+    spec.write(dir).unwrap();
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+}
+
+/// `flashpack convert src` through the CLI: asserts exit 1 and no output file, and returns the
+/// error text.
+fn convert_refused(src: &std::path::Path, what: &str) -> String {
+    let out_path = src.with_extension("flashpack");
+    let out = flashpack_cli(
+        &[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            out_path.to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+    assert!(!out_path.exists(), "{what}: a pack was written");
+    err
+}
+
+/// Dense weights with one tensor's values replaced by NaN.
+struct NanTensor<'a> {
+    inner: &'a dyn flashpack::model::Weights,
+    name: &'static str,
+}
+
+impl flashpack::model::Weights for NanTensor<'_> {
+    fn get(&self, name: &str) -> Option<flashpack::mlx::Array> {
+        let a = self.inner.get(name)?;
+        if name != self.name {
+            return Some(a);
+        }
+        let nan = flashpack::mlx::Array::scalar(f64::NAN, a.dtype()).unwrap();
+        Some(a.mul(&nan).unwrap())
+    }
+    fn quantization(&self, module: &str) -> Option<flashpack::model::Quant> {
+        self.inner.quantization(module)
+    }
+}
+
+#[test]
+fn nan_logits_are_an_error_greedy_and_sampled() {
+    use flashpack::model::Model;
+    use flashpack::run::experts::{ExpertCache, StoreOptions};
+    use flashpack::run::generate::{generate, GenerateError, GenerateOptions};
+    use flashpack::run::sample::{SampleError, SamplerOptions};
+    use flashpack::run::stream::StreamingExperts;
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_pack(dir.path());
+    let (pack, cfg, weights) = flashpack::run::open::open(&path, true).unwrap();
+    let nan = NanTensor {
+        inner: &weights,
+        name: "model.norm.weight",
+    };
+    let model = Model::load(&cfg, &nan).unwrap();
+    for temperature in [0.0, 0.7] {
+        for host_sampling in [false, true] {
+            let cache = ExpertCache::new(&pack, &StoreOptions::default()).unwrap();
+            let mut store = StreamingExperts::new(&pack, cache, cfg.num_experts, false);
+            let opts = GenerateOptions {
+                max_tokens: 4,
+                sampler: SamplerOptions {
+                    temperature,
+                    ..SamplerOptions::default()
+                },
+                prefill_chunk: 64,
+                eos: Vec::new(),
+                host_sampling,
+            };
+            let mut got = 0;
+            let r = generate(&model, &mut store, &[1, 2, 3], &opts, |_| {
+                got += 1;
+                true
+            });
+            let what = format!("temperature {temperature}, host sampling {host_sampling}");
+            match r {
+                Err(GenerateError::NanLogits { position: 0 })
+                | Err(GenerateError::Sample(SampleError::NotANumber { .. })) => {}
+                other => panic!("{what}: wants a NaN error, got {other:?}"),
+            }
+            assert_eq!(got, 0, "{what}: no token is given out of NaN logits");
+            assert!(r.unwrap_err().to_string().contains("NaN"));
+        }
+    }
+}
+
+#[test]
+fn convert_refuses_configs_that_contradict_the_tensors_of_new_architectures() {
+    use flashpack::arch::Arch;
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(Arch, &str, serde_json::Value)] = &[
+        (Arch::Qwen3Next, "full_attention_interval", 1.into()),
+        (Arch::Qwen3Next, "full_attention_interval", 3.into()),
+        (Arch::Qwen3Next, "linear_conv_kernel_dim", 3.into()),
+        (Arch::Qwen3Next, "linear_num_key_heads", 1.into()),
+        (Arch::Qwen3Next, "linear_num_value_heads", 2.into()),
+        (Arch::Qwen3Next, "linear_value_head_dim", 16.into()),
+        (
+            Arch::Qwen3Next,
+            "shared_expert_intermediate_size",
+            64.into(),
+        ),
+        (Arch::Qwen35Moe, "full_attention_interval", 1.into()),
+        (Arch::Qwen35Moe, "linear_num_value_heads", 2.into()),
+        (
+            Arch::Qwen35Moe,
+            "shared_expert_intermediate_size",
+            256.into(),
+        ),
+        (Arch::DeepseekV3, "q_lora_rank", 64.into()),
+        (Arch::DeepseekV3, "n_shared_experts", 2.into()),
+        (Arch::Glm4Moe, "n_shared_experts", 2.into()),
+    ];
+    for (i, (arch, field, value)) in cases.iter().enumerate() {
+        let src = tmp.path().join(format!("src{i}"));
+        arch_fixture(&src, *arch, |c| {
+            let target = match c.get_mut("text_config") {
+                Some(t) => t,
+                None => c,
+            };
+            target[*field] = value.clone();
+        });
+        let err = convert_refused(&src, &format!("{arch:?} {field} = {value}"));
+        assert!(
+            err.contains("does not describe") || err.contains(field),
+            "{arch:?} {field} = {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn convert_refuses_tensors_the_config_never_reads() {
+    use flashpack::arch::Arch;
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(Arch, &str, Option<serde_json::Value>, &str)] = &[
+        (
+            Arch::DeepseekV3,
+            "n_shared_experts",
+            Some(0.into()),
+            "shared_experts",
+        ),
+        (Arch::DeepseekV3, "n_shared_experts", None, "shared_experts"),
+        (Arch::Glm4Moe, "use_qk_norm", Some(false.into()), "norm"),
+        (
+            Arch::Qwen3Next,
+            "shared_expert_intermediate_size",
+            Some(0.into()),
+            "shared_expert",
+        ),
+    ];
+    for (i, (arch, field, value, tensor)) in cases.iter().enumerate() {
+        let src = tmp.path().join(format!("src{i}"));
+        arch_fixture(&src, *arch, |c| match value {
+            Some(v) => c[*field] = v.clone(),
+            None => {
+                c.as_object_mut().unwrap().remove(*field);
+            }
+        });
+        let what = format!("{arch:?} {field} = {value:?}");
+        let err = convert_refused(&src, &what);
+        assert!(
+            err.contains("never") && err.contains(tensor),
+            "{what}: wants the unread tensor named: {err}"
+        );
+    }
+}
+
+#[test]
+fn convert_refuses_what_the_runtime_cannot_run() {
+    use flashpack::arch::Arch;
+    let tmp = tempfile::tempdir().unwrap();
+    let rope = |t: &str, extra: serde_json::Value| {
+        let mut r = serde_json::json!({"rope_type": t, "type": t});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    // (edit, words the error must hold)
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let set = |k: &'static str, v: serde_json::Value| -> Edit {
+        Box::new(move |c: &mut serde_json::Value| {
+            c[k] = v.clone();
+            if k == "rope_scaling" {
+                let mut p = v.clone();
+                p["rope_theta"] = c["rope_theta"].clone();
+                c["rope_parameters"] = p;
+            }
+        })
+    };
+    let cases: Vec<(Edit, &[&str])> = vec![
+        (
+            set(
+                "rope_scaling",
+                rope("dynamic", serde_json::json!({"factor": 2.0})),
+            ),
+            &["rope_type", "dynamic"],
+        ),
+        (
+            set(
+                "rope_scaling",
+                rope(
+                    "llama3",
+                    serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                ),
+            ),
+            &["rope_type", "llama3"],
+        ),
+        (
+            set(
+                "rope_scaling",
+                rope("yarn", serde_json::json!({"factor": 0.0})),
+            ),
+            &["yarn", "factor"],
+        ),
+        (
+            set(
+                "rope_scaling",
+                rope(
+                    "yarn",
+                    serde_json::json!({"factor": 4.0, "mscale": 1e39, "mscale_all_dim": 0.0}),
+                ),
+            ),
+            &["yarn", "mscale"],
+        ),
+        (
+            set(
+                "rope_scaling",
+                rope("linear", serde_json::json!({"factor": -2.0})),
+            ),
+            &["linear", "factor"],
+        ),
+        (
+            set("max_position_embeddings", 0.into()),
+            &["max_position_embeddings", "at least 1"],
+        ),
+        // The two configs of the issue's NaN repro: finite as f64, not as f32.
+        (
+            Box::new(|c: &mut serde_json::Value| {
+                c["rope_theta"] = 1e39.into();
+                c["rope_parameters"]["rope_theta"] = 1e39.into();
+            }),
+            &["rope_theta", "f32"],
+        ),
+        (
+            set("model_type", 5.into()),
+            &["model_type", "is 5", "a string"],
+        ),
+    ];
+    for (i, (edit, expect)) in cases.iter().enumerate() {
+        let src = tmp.path().join(format!("src{i}"));
+        arch_fixture(&src, Arch::Qwen3Moe, |c| edit(c));
+        let err = convert_refused(&src, &format!("case {i}"));
+        for e in expect.iter() {
+            assert!(err.contains(e), "case {i}: wants {e:?} in {err}");
+        }
+    }
+    let src = tmp.path().join("deepseek");
+    arch_fixture(&src, Arch::DeepseekV3, |c| {
+        c["routed_scaling_factor"] = 1e308.into()
+    });
+    let err = convert_refused(&src, "routed_scaling_factor 1e308");
+    assert!(err.contains("routed_scaling_factor"), "{err}");
+}
+
+/// Converts `src` with the library's defaults; the pack's logits for a short prompt, or the
+/// conversion's error text.
+fn convert_and_logits(src: &std::path::Path, out: &std::path::Path) -> Result<Vec<f32>, String> {
+    use flashpack::run::experts::{ExpertCache, StoreOptions};
+    let ck = flashpack::convert::load::Checkpoint::open(src).map_err(|e| e.to_string())?;
+    flashpack::convert::convert_checkpoint(
+        &ck,
+        out,
+        &flashpack::convert::ConvertOptions::default(),
+        &flashpack::progress::Silent,
+        std::time::Instant::now(),
+    )
+    .map_err(|e| e.to_string())?;
+    let (pack, cfg, weights) = flashpack::run::open::open(out, true).unwrap();
+    let model = flashpack::model::Model::load(&cfg, &weights)
+        .unwrap_or_else(|e| panic!("convert accepted a config the runtime refuses: {e}"));
+    let mut cache = ExpertCache::new(&pack, &StoreOptions::default()).unwrap();
+    cache.warm_all(&pack).unwrap();
+    let mut store =
+        flashpack::run::stream::StreamingExperts::new(&pack, cache, cfg.num_experts, false);
+    let mut kv = model.new_cache();
+    Ok(model
+        .forward_ids(&[1, 5, 9, 2], &mut kv, &mut store)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap())
+}
+
+#[test]
+fn extreme_config_values_give_finite_logits_or_are_refused_by_name() {
+    use flashpack::arch::Arch;
+    let seed: u64 = std::env::var("FLASHPACK_HOSTILE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("extreme-config seed {seed} (FLASHPACK_HOSTILE_SEED={seed} repeats it)");
+    let extremes: Vec<serde_json::Value> = vec![
+        0.into(),
+        (-1).into(),
+        1e39.into(),
+        "NaN".into(),
+        u64::MAX.into(),
+        1e-50.into(),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = seed | 1;
+    let mut next = |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let archs = [
+        Arch::Qwen3Moe,
+        Arch::DeepseekV3,
+        Arch::Glm4Moe,
+        Arch::Qwen3Next,
+        Arch::GptOss,
+        Arch::Mixtral,
+    ];
+    let mut refused = 0;
+    let mut ran = 0;
+    for (a, arch) in archs.iter().enumerate() {
+        let spec = fixtures::FixtureSpec::tiny(*arch);
+        let cfg = spec.config();
+        let numeric: Vec<String> = cfg
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_number())
+            .map(|(k, _)| k.clone())
+            .collect();
+        // Six seeded pairs per architecture; FLASHPACK_HOSTILE_ALL=1 tries every pair.
+        let pairs: Vec<(usize, usize)> = if std::env::var_os("FLASHPACK_HOSTILE_ALL").is_some() {
+            (0..numeric.len())
+                .flat_map(|f| (0..extremes.len()).map(move |v| (f, v)))
+                .collect()
+        } else {
+            (0..6)
+                .map(|_| (next(numeric.len()), next(extremes.len())))
+                .collect()
+        };
+        for (case, &(f, v)) in pairs.iter().enumerate() {
+            let field = numeric[f].clone();
+            let value = extremes[v].clone();
+            let src = tmp.path().join(format!("src{a}-{case}"));
+            arch_fixture(&src, *arch, |c| {
+                c[field.as_str()] = value.clone();
+                if field == "rope_theta" && c.get("rope_parameters").is_some() {
+                    c["rope_parameters"]["rope_theta"] = value.clone();
+                }
+            });
+            let what = format!("seed {seed}: {arch:?} {field} = {value}");
+            match convert_and_logits(&src, &src.with_extension("flashpack")) {
+                Ok(logits) => {
+                    ran += 1;
+                    assert!(
+                        logits.iter().all(|x| x.is_finite()),
+                        "{what}: converted, but the logits are not finite"
+                    );
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert!(
+                        e.contains(field.as_str()),
+                        "{what}: refused without naming the field: {e}"
+                    );
+                }
+            }
+        }
+    }
+    println!("{ran} converted with finite logits, {refused} refused by name");
+}

@@ -97,7 +97,8 @@ impl SharedExpert {
     /// `None` for none.
     pub fn experts(n: usize, width: usize) -> Option<SharedExpert> {
         (n > 0).then_some(SharedExpert {
-            intermediate_size: n * width,
+            // Saturating: an absurd `n` is then refused by `validate` as too wide.
+            intermediate_size: n.saturating_mul(width),
             gated: false,
         })
     }
@@ -386,9 +387,14 @@ impl ModelConfig {
             ("decoder_sparse_step", self.decoder_sparse_step),
             ("moe_layer_freq", self.moe_layer_freq),
         ];
+        // MLX's shapes are 32-bit: a size past i32::MAX cannot be a tensor dimension.
+        let max = i32::MAX as usize;
         for (field, v) in positive {
             if v == 0 {
                 return bad(field, "0".into(), "at least 1");
+            }
+            if v > max {
+                return bad(field, v.to_string(), "at most 2147483647 (i32::MAX)");
             }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
@@ -407,24 +413,40 @@ impl ModelConfig {
                 ),
             });
         }
-        let positive_finite = |x: f64| x.is_finite() && x > 0.0;
+        // The runtime computes in f32: 1e39 is finite as f64 but infinite as f32, and 1e-50
+        // rounds to 0.
+        let positive_finite = |x: f64| {
+            let f = x as f32;
+            x.is_finite() && x > 0.0 && f.is_finite() && f > 0.0
+        };
+        if self.max_position_embeddings == Some(0) {
+            return bad(
+                "max_position_embeddings",
+                "0".into(),
+                "at least 1 (or absent for no limit)",
+            );
+        }
         if !positive_finite(self.rms_norm_eps) {
             return bad(
                 "rms_norm_eps",
                 self.rms_norm_eps.to_string(),
-                "a positive finite number (0 or less gives NaN logits)",
+                "a positive finite number, also as f32 (0 or less gives NaN logits)",
             );
         }
         if !positive_finite(self.rope.theta) {
             return bad(
                 "rope_theta",
                 self.rope.theta.to_string(),
-                "a positive finite number (0 or less gives NaN logits)",
+                "a positive finite number, also as f32 (0 or less gives NaN logits)",
             );
         }
         if let Some(c) = self.clip_qkv {
             if !positive_finite(c) {
-                return bad("clip_qkv", c.to_string(), "a positive finite number");
+                return bad(
+                    "clip_qkv",
+                    c.to_string(),
+                    "a positive finite number, also as f32",
+                );
             }
         }
         let r = &self.router;
@@ -462,21 +484,12 @@ impl ModelConfig {
             return bad(
                 "routed_scaling_factor",
                 r.routed_scaling_factor.to_string(),
-                "a positive finite number",
+                "a positive finite number, also as f32",
             );
         }
         let f = self.partial_rotary_factor;
         if !(f.is_finite() && f > 0.0 && f <= 1.0) {
             return bad("partial_rotary_factor", f.to_string(), "a number in (0, 1]");
-        }
-        let rope = self.rope_dims();
-        if rope < 2 || rope % 2 != 0 {
-            return Err(ArchError::Inconsistent {
-                what: format!(
-                    "RoPE would rotate {rope} values per head (head_dim {} x partial_rotary_factor {f}); it needs an even number of at least 2",
-                    self.head_dim
-                ),
-            });
         }
         if let Some(m) = &self.mla {
             let sizes = [
@@ -490,7 +503,22 @@ impl ModelConfig {
                 if v == 0 {
                     return bad(field, "0".into(), "at least 1");
                 }
+                if v > max {
+                    return bad(field, v.to_string(), "at most 2147483647 (i32::MAX)");
+                }
             }
+        }
+        let rope = self.rope_dims();
+        if rope < 2 || rope % 2 != 0 {
+            let from = match &self.mla {
+                Some(m) => format!("qk_rope_head_dim {}", m.qk_rope_head_dim),
+                None => format!("head_dim {} x partial_rotary_factor {f}", self.head_dim),
+            };
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "RoPE would rotate {rope} values per head ({from}); it needs an even number of at least 2"
+                ),
+            });
         }
         if let Some(la) = &self.linear_attention {
             let sizes = [
@@ -503,6 +531,9 @@ impl ModelConfig {
             for (field, v) in sizes {
                 if v == 0 {
                     return bad(field, "0".into(), "at least 1");
+                }
+                if v > max {
+                    return bad(field, v.to_string(), "at most 2147483647 (i32::MAX)");
                 }
             }
             // n_keep = conv_kernel_size - 1 must be at least 1: conv_input[:, -0:] would keep
@@ -541,7 +572,7 @@ impl ModelConfig {
                 return bad(
                     "swiglu_limit",
                     c.limit.to_string(),
-                    "a positive finite number",
+                    "a positive finite number, also as f32",
                 );
             }
         }
@@ -551,6 +582,13 @@ impl ModelConfig {
                     "shared_expert_intermediate_size",
                     "0".into(),
                     "at least 1 when there is a shared expert",
+                );
+            }
+            if s.intermediate_size > max {
+                return bad(
+                    "shared_expert_intermediate_size",
+                    s.intermediate_size.to_string(),
+                    "at most 2147483647 (i32::MAX) in all (n_shared_experts x moe_intermediate_size)",
                 );
             }
         }

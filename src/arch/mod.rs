@@ -221,16 +221,35 @@ pub enum ArchError {
     },
 }
 
+/// Normalized fields that config.json spells several ways (dialects and architectures), with
+/// the keys they are read from: an error names the key the file has.
+const FIELD_ALIASES: &[(&str, &[&str])] = &[
+    (
+        "num_experts",
+        &["num_local_experts", "num_experts", "n_routed_experts"],
+    ),
+    (
+        "shared_expert_intermediate_size",
+        &["shared_expert_intermediate_size", "n_shared_experts"],
+    ),
+];
+
 impl ModelConfig {
     /// Parses a `config.json` value of any supported architecture and either dialect.
     pub fn from_json(v: &Value) -> Result<ModelConfig, ArchError> {
-        let model_type =
-            v.get("model_type")
-                .and_then(Value::as_str)
-                .ok_or(ArchError::MissingField {
+        let model_type = match v.get("model_type") {
+            None | Some(Value::Null) => {
+                return Err(ArchError::MissingField {
                     field: "model_type",
                     arch: "any architecture",
-                })?;
+                })
+            }
+            Some(t) => t.as_str().ok_or_else(|| ArchError::BadField {
+                field: "model_type",
+                found: t.to_string(),
+                expected: "a string naming the architecture, such as \"qwen3_moe\"",
+            })?,
+        };
         let arch = Arch::from_model_type(model_type)?;
         let cfg = match arch {
             Arch::Qwen3Moe => qwen3_moe::parse(v)?,
@@ -243,7 +262,26 @@ impl ModelConfig {
             Arch::Qwen35Moe => qwen3_5_moe::parse(v)?,
             Arch::GptOss => gpt_oss::parse(v)?,
         };
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            // Name the key the config.json has, where the normalized field has aliases.
+            ArchError::BadField {
+                field,
+                found,
+                expected,
+            } => ArchError::BadField {
+                field: FIELD_ALIASES
+                    .iter()
+                    .find(|(f, _)| *f == field)
+                    .and_then(|(_, keys)| {
+                        let text = v.get("text_config").unwrap_or(v);
+                        keys.iter().find(|k| text.get(**k).is_some()).copied()
+                    })
+                    .unwrap_or(field),
+                found,
+                expected,
+            },
+            other => other,
+        })?;
         Ok(cfg)
     }
 

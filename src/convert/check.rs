@@ -225,3 +225,137 @@ pub(super) fn check_finite_expert(
     }
     Ok(())
 }
+
+/// The dense tensors the pack will hold against the model the runtime builds from config.json:
+/// the runtime's own loader ([`crate::model::Model::load`]) is run over their names, shapes and
+/// quantization (lazy zeros, nothing computed), so every tensor the config implies must exist
+/// with its shape, and every tensor present must be one the model reads (issue 33). Tensors
+/// that are dropped on purpose (multi-token prediction, vision towers) never get here. One rule
+/// for every architecture: a new one is checked by its own loader. Runs after the dense tensors
+/// are planned and before any expert is converted (the hours of a large model).
+pub(super) fn check_dense_against_model(
+    c: &crate::arch::ModelConfig,
+    raw_config: &serde_json::Value,
+    planned: &[quantize::DenseOut<'_>],
+) -> Result<(), ConvertError> {
+    use crate::mlx::{Array, Dtype};
+    use crate::model::{Quant, Weights};
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    struct Planned<'p> {
+        tensors: BTreeMap<&'p str, &'p quantize::DenseOut<'p>>,
+        asked: RefCell<BTreeSet<String>>,
+    }
+    impl Weights for Planned<'_> {
+        fn get(&self, name: &str) -> Option<Array> {
+            self.asked.borrow_mut().insert(name.to_string());
+            let t = self.tensors.get(name)?;
+            let dtype = match t.dtype {
+                tensor::Dtype::F32 => Dtype::F32,
+                tensor::Dtype::F16 => Dtype::F16,
+                tensor::Dtype::Bf16 => Dtype::BF16,
+                tensor::Dtype::U32 => Dtype::U32,
+                tensor::Dtype::I32 => Dtype::I32,
+                tensor::Dtype::U8 => Dtype::U8,
+                _ => return None,
+            };
+            Array::zeros(&t.shape, dtype).ok()
+        }
+        fn quantization(&self, module: &str) -> Option<Quant> {
+            let t = self.tensors.get(format!("{module}.weight").as_str())?;
+            (t.bits > 0).then(|| Quant {
+                group_size: t.group_size as i32,
+                bits: t.bits as i32,
+                mode: t.mode,
+            })
+        }
+    }
+    // One tensor may shadow another: `planned` is checked for duplicates before this.
+    let w = Planned {
+        tensors: planned.iter().map(|t| (t.name.as_str(), t)).collect(),
+        asked: RefCell::new(BTreeSet::new()),
+    };
+    crate::model::Model::load(c, &w).map_err(|e| {
+        let fields = match &e {
+            crate::model::ComputeError::BadShape {
+                found, expected, ..
+            } => {
+                let wrong: Vec<usize> = expected
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, d)| found.get(i) != Some(d))
+                    .map(|(_, &d)| d)
+                    .collect();
+                fields_with_values(raw_config, &wrong)
+            }
+            _ => Vec::new(),
+        };
+        let from = match fields.as_slice() {
+            [] => String::new(),
+            f => format!(" (the expected size comes from {})", f.join(", ")),
+        };
+        ConvertError::ConfigDoesNotFit {
+            detail: format!("the model config.json describes cannot be built from them: {e}{from}"),
+        }
+    })?;
+    let asked = w.asked.into_inner();
+    let unused: Vec<&str> = planned
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| !asked.contains(*n))
+        .collect();
+    if let Some(first) = unused.first() {
+        let more = match unused.len() {
+            1 => String::new(),
+            n => format!(
+                " and {} more ({})",
+                n - 1,
+                unused[1..]
+                    .iter()
+                    .take(4)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        return Err(ConvertError::ConfigDoesNotFit {
+            detail: format!(
+                "the checkpoint holds {first}{more}, which the model config.json describes never \
+                 reads (a field such as n_shared_experts, use_qk_norm or \
+                 shared_expert_intermediate_size turns that module off); converting would drop \
+                 weights and change the model's output"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The integer fields of `config` (nested objects too, as `a.b`) whose value is one of
+/// `values`: which fields a size the model expected came from, to name them in an error.
+fn fields_with_values(config: &serde_json::Value, values: &[usize]) -> Vec<String> {
+    fn walk(v: &serde_json::Value, path: &str, values: &[usize], out: &mut Vec<String>) {
+        let Some(map) = v.as_object() else {
+            return;
+        };
+        for (k, x) in map {
+            let p = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            match x {
+                serde_json::Value::Object(_) => walk(x, &p, values, out),
+                _ => {
+                    let n = x.as_u64().and_then(|n| usize::try_from(n).ok());
+                    if n.is_some_and(|n| n > 1 && values.contains(&n)) {
+                        out.push(format!("{p} = {x}"));
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(config, "", values, &mut out);
+    out
+}

@@ -63,6 +63,13 @@ pub enum ConvertError {
     /// Calibration text that cannot profile the model.
     #[error("calibration: {what}")]
     Calibration { what: String },
+    /// config.json and the tensors disagree in a way only the model's own loader sees: a
+    /// tensor the config implies is missing or has another shape, or a tensor is never read.
+    #[error(
+        "config.json does not describe these weights: {detail}; use the config.json that came \
+         with them (nothing was written)"
+    )]
+    ConfigDoesNotFit { detail: String },
     /// Something in the source that the format cannot hold.
     #[error("{what}")]
     Unrepresentable { what: String },

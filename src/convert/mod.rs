@@ -48,7 +48,10 @@ pub use report::{ConvertReport, StageTime};
 use crate::format::{Pack, PackWriter, ProjBits, QuantMode};
 use crate::inspect::PackReport;
 use crate::progress::Progress;
-use check::{check_finite_dense, check_finite_expert, check_tokenizer, note_dropped_mtp};
+use check::{
+    check_dense_against_model, check_finite_dense, check_finite_expert, check_tokenizer,
+    note_dropped_mtp,
+};
 use encode::{EncodedSegment, Encoder};
 use load::{Checkpoint, Resolver, SourceSpec};
 use metadata::StoredQuantization;
@@ -272,6 +275,7 @@ fn write_payload(
             ),
         });
     }
+    check_dense_against_model(c, &ck.raw_config, &planned)?;
     for chunk in planned.chunks(64) {
         let encoded = chunk
             .par_iter()

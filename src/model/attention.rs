@@ -39,6 +39,10 @@ pub struct Yarn {
     freqs: Array,
 }
 
+/// The largest attention scale YaRN may give: real models give 1 to about 1.5, and a scale in
+/// the thousands already overflows bf16 attention scores into NaN.
+const MAX_YARN_MSCALE: f32 = 1e3;
+
 impl Yarn {
     /// mlx-lm's `YarnRoPE(dims, base, scaling_factor, original_max_position_embeddings,
     /// beta_fast, beta_slow, mscale, mscale_all_dim)` (models/rope_utils.py): frequencies
@@ -50,7 +54,10 @@ impl Yarn {
         let bad = |v: f64, min: f64| v.is_nan() || v <= min;
         if bad(factor, 0.0) || bad(base, 1.0) || dims < 2 {
             return Err(ComputeError::Unsupported {
-                what: format!("yarn rope scaling with factor {factor}, base {base}, dims {dims}"),
+                what: format!(
+                    "yarn rope scaling with factor {factor} (rope_scaling.factor, above 0), \
+                     base {base} (rope_theta, above 1), dims {dims}"
+                ),
             });
         }
         let original = num("original_max_position_embeddings", 4096.0);
@@ -83,8 +90,22 @@ impl Yarn {
                 (inter * extra) / (inter * mask + extra * (1.0 - mask))
             })
             .collect();
+        // Extreme `mscale`, `beta_*` or `original_max_position_embeddings` values give an
+        // infinite or NaN scale or frequency, hence NaN logits: refused here, which `convert`
+        // runs too (`Model::check_supported`).
+        let m = (get_mscale(mscale) / get_mscale(mscale_all_dim)) as f32;
+        if !(m > 0.0 && m <= MAX_YARN_MSCALE) || freqs.iter().any(|f| !f.is_finite()) {
+            return Err(ComputeError::Unsupported {
+                what: format!(
+                    "yarn rope scaling with mscale {mscale}, mscale_all_dim {mscale_all_dim}, \
+                     beta_fast {beta_fast}, beta_slow {beta_slow}, \
+                     original_max_position_embeddings {original} (scale {m}: it must be in \
+                     (0, {MAX_YARN_MSCALE}], and every frequency finite)"
+                ),
+            });
+        }
         Ok(Yarn {
-            mscale: (get_mscale(mscale) / get_mscale(mscale_all_dim)) as f32,
+            mscale: m,
             freqs: Array::from_slice(&freqs, &[half])?,
         })
     }
@@ -103,9 +124,11 @@ impl RopeSpec {
                     .as_ref()
                     .and_then(|s| s.get("factor"))
                     .and_then(|f| f.as_f64())
-                    .filter(|f| *f > 0.0)
+                    .filter(|f| *f > 0.0 && (1.0 / *f as f32).is_finite())
                     .ok_or_else(|| ComputeError::Unsupported {
-                        what: "linear rope scaling without a positive `factor`".into(),
+                        what:
+                            "linear rope scaling without a positive `factor` (rope_scaling.factor)"
+                                .into(),
                     })?;
                 (1.0 / factor) as f32
             }

@@ -307,9 +307,10 @@ pub struct Model {
 }
 
 impl Model {
-    /// Build the model from its dense tensors. Experts are not read here: they come through
-    /// the [`ExpertStore`] given to [`Model::forward`].
-    pub fn load(cfg: &ModelConfig, w: &dyn Weights) -> Result<Model> {
+    /// Whether the runtime implements every feature `cfg` asks for, decided from the config
+    /// alone: the same checks [`Model::load`] makes before it reads a tensor. `convert` runs it
+    /// too, so a pack the runtime cannot run is refused before hours of conversion (issue 33).
+    pub fn check_supported(cfg: &ModelConfig) -> Result<()> {
         if let Some(clip) = cfg.clip_qkv {
             // transformers' OLMoE clamps q/k/v; mlx-lm does not, so there is no reference to
             // match yet. Refuse instead of silently computing something else.
@@ -317,6 +318,20 @@ impl Model {
                 what: format!("clip_qkv = {clip}"),
             });
         }
+        // The RoPE type, its scaling and its dimensions (built again per layer at load).
+        attention::RopeSpec::from_config(cfg)?;
+        if cfg.shared_expert.is_some() && cfg.arch.names().shared.is_none() {
+            return Err(ComputeError::Unsupported {
+                what: format!("a shared expert in {}, which names none", cfg.arch),
+            });
+        }
+        Ok(())
+    }
+
+    /// Build the model from its dense tensors. Experts are not read here: they come through
+    /// the [`ExpertStore`] given to [`Model::forward`].
+    pub fn load(cfg: &ModelConfig, w: &dyn Weights) -> Result<Model> {
+        Model::check_supported(cfg)?;
         let h = cfg.hidden_size;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| Block::load(cfg, w, l))

@@ -33,6 +33,13 @@ pub enum GenerateError {
     Compute(#[from] ComputeError),
     #[error(transparent)]
     Sample(#[from] SampleError),
+    /// The device-side greedy pick found NaN among the logits (the host sampler reports the
+    /// same as [`SampleError::NotANumber`]).
+    #[error(
+        "the logits of generated token {position} are NaN: the forward pass produced invalid \
+         values (check the model's config for extreme numbers, and run `flashpack verify`)"
+    )]
+    NanLogits { position: usize },
     #[error(transparent)]
     Mlx(#[from] crate::mlx::Error),
 }
@@ -397,12 +404,14 @@ fn greedy_pipelined(
     mut on_token: impl FnMut(&Token) -> bool,
 ) -> Result<Generation, GenerateError> {
     let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
-    let pick = |logits: &Array| -> Result<Array, GenerateError> {
-        // logits [1, 1, V] -> [1, 1] ids
-        Ok(logits.argmax(-1)?)
+    // logits [1, 1, V] -> ([1, 1] ids, [1, 1] sum). The sum is NaN exactly when a logit is NaN
+    // (or +inf meets -inf), where argmax would silently pick some id: it is read with the id, so
+    // the check costs one reduction on the device and no extra round trip.
+    let pick = |logits: &Array| -> Result<(Array, Array), GenerateError> {
+        Ok((logits.argmax(-1)?, logits.sum(-1, false)?))
     };
     let mut y = pick(&logits)?;
-    crate::mlx::async_eval(&[&y])?;
+    crate::mlx::async_eval(&[&y.0, &y.1])?;
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
         stop_reason: "max_tokens".into(),
@@ -416,15 +425,24 @@ fn greedy_pipelined(
         let more = n < opts.max_tokens && prompt.len() + n < context;
         let built = Instant::now();
         let next = if more {
-            let l = model.forward_last(&y, &mut prefix.kv, experts)?;
+            let l = model.forward_last(&y.0, &mut prefix.kv, experts)?;
             let ny = pick(&l)?;
-            crate::mlx::async_eval(&[&ny])?;
+            crate::mlx::async_eval(&[&ny.0, &ny.1])?;
             Some(ny)
         } else {
             None
         };
         let waited = Instant::now();
-        let token = y.to_vec::<u32>()?[0];
+        let token = y.0.to_vec::<u32>()?[0];
+        if y.1.to_vec_f32()?[0].is_nan() {
+            // Finish the step already scheduled: it reads expert slots a later load may rewrite.
+            if let Some(n) = &next {
+                crate::mlx::eval(&[&n.0])?;
+            }
+            return Err(GenerateError::NanLogits {
+                position: out.len(),
+            });
+        }
         if next.is_some() {
             prefix.ids.push(token);
         }

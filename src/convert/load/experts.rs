@@ -673,20 +673,28 @@ impl Checkpoint {
     /// Checks at open that every sparse layer has all its experts with the config's shapes.
     pub(super) fn check_experts(&self) -> Result<(), LoadError> {
         let sparse = self.config.sparse_layers();
-        for layer in self.index.layers_with_experts() {
+        let with_experts = self.index.layers_with_experts();
+        let fields = format!(
+            "decoder_sparse_step {}, mlp_only_layers {:?}, first_k_dense_replace {}, \
+             moe_layer_freq {}",
+            self.config.decoder_sparse_step,
+            self.config.mlp_only_layers,
+            self.config.first_k_dense_replace,
+            self.config.moe_layer_freq
+        );
+        for &layer in &with_experts {
             if !sparse.contains(&layer) {
                 return Err(LoadError::Experts {
                     layer,
-                    detail: format!(
-                        "has expert tensors but the config makes it dense (decoder_sparse_step \
-                         {}, mlp_only_layers {:?}, first_k_dense_replace {}, moe_layer_freq {})",
-                        self.config.decoder_sparse_step,
-                        self.config.mlp_only_layers,
-                        self.config.first_k_dense_replace,
-                        self.config.moe_layer_freq
-                    ),
+                    detail: format!("has expert tensors but the config makes it dense ({fields})"),
                 });
             }
+        }
+        if let Some(&layer) = sparse.iter().find(|l| !with_experts.contains(l)) {
+            return Err(LoadError::Experts {
+                layer,
+                detail: format!("has no expert tensors but the config makes it sparse ({fields})"),
+            });
         }
         for &layer in &sparse {
             for e in 0..self.config.num_experts {

@@ -60,6 +60,8 @@ pub enum LoadError {
         path: String,
         source: std::io::Error,
     },
+    #[error("config.json asks for what flashpack cannot run: {detail}; nothing was converted")]
+    Unsupported { detail: String },
     #[error("{path} is not a folder; pass the folder that holds config.json and the safetensors")]
     NotAFolder { path: String },
     #[error(
@@ -419,6 +421,9 @@ impl Checkpoint {
             })
         })?;
         let config = ModelConfig::from_json(&raw_config)?;
+        crate::model::Model::check_supported(&config).map_err(|e| LoadError::Unsupported {
+            detail: e.to_string(),
+        })?;
         let mlx_quantization = MlxQuantization::from_config(&raw_config)
             .map_err(|e| LoadError::MlxQuantization { detail: e.detail })?
             .map(|mut q| {
