@@ -1233,3 +1233,246 @@ fn convert_errors_name_their_kind_and_keep_their_cause_once() {
     assert_no_repeat(&err);
     assert!(!pack.exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The server and chat (issue 33, items 5-12: server and chat): a prefill stops when its caller
+// goes (a closed connection, Ctrl-C), logprobs carry each token's own bytes, a bad line does not
+// end a chat, the default server refuses what a web page could send it, a half-closed request is
+// answered, and options and errors say what they mean.
+
+mod server_and_chat {
+    use crate::common::http::{self, post, request, Server};
+
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use flashpack::progress::Progress;
+    use flashpack::run::budget::Budget;
+    use flashpack::run::engine::{Engine, EngineOptions, Request};
+    use flashpack::run::open;
+    use flashpack::run::sample::SamplerOptions;
+    use serde_json::{json, Value};
+
+    fn greedy(max_tokens: usize) -> Request {
+        Request {
+            max_tokens,
+            sampler: SamplerOptions::default(),
+            logprobs: None,
+            stop: Vec::new(),
+        }
+    }
+
+    /// Counts the prefill's chunks, and raises `cancel` once `after` of them are done.
+    struct CancelAfter<'a> {
+        chunks: AtomicU64,
+        after: u64,
+        cancel: &'a AtomicBool,
+    }
+
+    impl Progress for CancelAfter<'_> {
+        fn stage(&self, _: &str, _: Option<u64>, _: &str) {}
+        fn advance(&self, _: u64) {
+            if self.chunks.fetch_add(1, Ordering::SeqCst) + 1 >= self.after {
+                self.cancel.store(true, Ordering::SeqCst);
+            }
+        }
+        fn finish_stage(&self) {}
+        fn warn(&self, _: &str) {}
+    }
+
+    /// A prompt of some 240 tokens: three prefill chunks under an 18 MB budget for 512
+    /// positions.
+    fn long_prompt() -> String {
+        "The history of the Roman empire, from the founding of the city to its fall. ".repeat(12)
+    }
+
+    #[test]
+    fn item6_a_cancelled_prefill_stops_between_chunks_and_the_next_request_runs() {
+        let path = http::tiny_pack("hostile-33-engine");
+        let (pack, cfg, weights) = open::open(path, true).unwrap();
+        let opts = EngineOptions {
+            mem_budget: Some(Budget::parse("18MB").unwrap()),
+            positions: 512,
+            ..EngineOptions::default()
+        };
+        let mut engine =
+            Engine::new(&pack, &cfg, &weights, &opts, &flashpack::progress::Silent).unwrap();
+        let prompt = engine.encode(&long_prompt()).unwrap();
+        // Uncancelled: how many progress steps (chunks, then the last token) the prefill takes.
+        let never = AtomicBool::new(false);
+        let whole = CancelAfter {
+            chunks: AtomicU64::new(0),
+            after: u64::MAX,
+            cancel: &never,
+        };
+        let full = engine
+            .generate_until(&prompt, &greedy(4), &whole, &|| false, |_| true)
+            .unwrap();
+        let steps = whole.chunks.load(Ordering::SeqCst);
+        assert!(
+            steps >= 3,
+            "the prompt must span several chunks: {steps} steps"
+        );
+        assert_eq!(full.generation.tokens.len(), 4);
+        // The caller goes after the first chunk: no further chunk runs, nothing is generated.
+        engine.reset();
+        let cancel = AtomicBool::new(false);
+        let watch = CancelAfter {
+            chunks: AtomicU64::new(0),
+            after: 1,
+            cancel: &cancel,
+        };
+        let mut tokens = 0;
+        let g = engine
+            .generate_until(
+                &prompt,
+                &greedy(4),
+                &watch,
+                &|| cancel.load(Ordering::SeqCst),
+                |_| {
+                    tokens += 1;
+                    true
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            watch.chunks.load(Ordering::SeqCst),
+            1,
+            "chunks after the cancel ran"
+        );
+        assert_eq!(tokens, 0);
+        assert!(g.generation.tokens.is_empty());
+        assert_eq!(g.generation.stats.stop_reason, "stopped");
+        // The text level reports it as cancelled.
+        let c = engine
+            .complete_until(
+                &prompt,
+                &greedy(4),
+                &flashpack::progress::Silent,
+                &|| true,
+                |_| panic!("no text after a cancelled prefill"),
+            )
+            .unwrap();
+        assert_eq!(c.finish, flashpack::run::engine::Finish::Cancelled);
+        assert_eq!(c.completion_tokens, 0);
+        // The engine is free and whole: the next request gives the uncancelled answer.
+        let again = engine.generate(&prompt, &greedy(4), &flashpack::progress::Silent, |_| true);
+        assert_eq!(again.unwrap().generation.tokens, full.generation.tokens);
+    }
+
+    fn chat(args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .arg("chat")
+            .arg(http::tiny_pack("hostile-33-chat"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn json_line(line: &str) -> Option<Value> {
+        line.starts_with('{')
+            .then(|| serde_json::from_str(line).ok())
+            .flatten()
+    }
+
+    #[test]
+    fn item7_ctrl_c_during_the_prefill_of_chat_stops_it_before_the_first_token() {
+        let mut child = chat(&[
+            "--stats",
+            "--mem-budget",
+            "18MB",
+            "--max-context",
+            "512",
+            "--max-tokens",
+            "8",
+        ]);
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", long_prompt()).unwrap();
+        stdin.flush().unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut next = || {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "chat ended");
+            line
+        };
+        // The first prefill chunk is done: the prefill is under way.
+        let first = loop {
+            if let Some(v) = json_line(&next()) {
+                break v;
+            }
+        };
+        let total = first["of"].as_u64().unwrap();
+        assert!(first["prefill_tokens"].as_u64().unwrap() < total, "{first}");
+        // SAFETY: sends SIGINT to the child this test started, by its id.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        }
+        let mut last_done = 0;
+        let turn = loop {
+            let v = json_line(&next()).unwrap_or(Value::Null);
+            if let Some(done) = v["prefill_tokens"].as_u64() {
+                last_done = done;
+            } else if v["finish"].is_string() {
+                break v;
+            }
+        };
+        assert_eq!(turn["finish"], "cancelled", "{turn}");
+        assert_eq!(turn["completion_tokens"], 0, "{turn}");
+        assert!(
+            last_done < total,
+            "the prefill ran to its end: {last_done} of {total}"
+        );
+        // Still running: the next turn is answered.
+        stdin.write_all(b"And then?\n/exit\n").unwrap();
+        drop(stdin);
+        let mut rest = String::new();
+        stderr.read_to_string(&mut rest).unwrap();
+        assert!(child.wait().unwrap().success(), "{rest}");
+        let turns: Vec<Value> = rest
+            .lines()
+            .filter_map(json_line)
+            .filter(|v| v["finish"].is_string())
+            .collect();
+        assert_eq!(turns.len(), 1, "{rest}");
+        assert_ne!(turns[0]["finish"], "cancelled", "{rest}");
+    }
+
+    #[test]
+    fn item9_a_line_of_invalid_utf8_in_chat_is_reported_and_the_next_line_is_answered() {
+        let mut child = chat(&["--stats", "--max-tokens", "3"]);
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"Tell me about Rome.\nbad \xff\xfe line\nAnd Greece?\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("line 2 is not valid UTF-8") && stderr.contains("skipped"),
+            "{stderr}"
+        );
+        let turns = stderr
+            .lines()
+            .filter_map(json_line)
+            .filter(|v| v["finish"].is_string())
+            .count();
+        assert_eq!(turns, 2, "{stderr}");
+    }
+
+    #[test]
+    fn item12_chat_max_context_0_is_a_usage_error() {
+        let out = chat(&["--max-context", "0"]).wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--max-context") && stderr.contains("at least 1"),
+            "{stderr}"
+        );
+    }
+}

@@ -5,7 +5,8 @@
 //! [`Event`]s on the job's own channel: `Started`, `Piece`s, then `Done` or `Error`.
 //! Invariant: one job runs at a time, so two answers never interleave and the KV cache always
 //! holds one conversation; a job whose client has gone (its channel closed) stops at its next
-//! token, and one that went while queued never starts. Why no batching:
+//! token, or during the prefill at the next layer it reaches, and one that went while queued
+//! never starts. Why no batching:
 //! docs/decisions/0009-serve-queue-no-batching.md.
 
 use std::path::PathBuf;
@@ -211,10 +212,16 @@ fn serve_job(
         return Ok(cancelled(ids.len()));
     }
     let events = &job.events;
+    // A client that goes away during the prefill closes its channel: the prefill stops at the
+    // next layer it reaches, not at the first token.
     engine
-        .complete(&ids, &request, |p| {
-            events.send(Event::Piece(p.clone())).is_ok()
-        })
+        .complete_until(
+            &ids,
+            &request,
+            &crate::progress::Silent,
+            &|| events.is_closed(),
+            |p| events.send(Event::Piece(p.clone())).is_ok(),
+        )
         .map_err(|e| ApiError::server(chain(&e)))
 }
 
