@@ -3,7 +3,7 @@
 
 use super::{Completion, Engine, EngineError, Finish, Piece, Request, TokenText};
 use crate::run::harmony::{Harmony, Split};
-use crate::run::text::{Scan, StopScan, TextStream};
+use crate::run::text::{token_bytes, Scan, StopScan, TextStream};
 
 impl Engine<'_> {
     /// Generates text: pieces go to `on_piece` as they become final (never inside a UTF-8
@@ -52,8 +52,13 @@ impl Engine<'_> {
             if let Some(lp) = &t.logprobs {
                 pending.push(TokenText {
                     token: token_text(t.id),
+                    bytes: token_bytes(&tokenizer, t.id),
                     logprob: lp.logprob,
-                    top: lp.top.iter().map(|&(i, p)| (token_text(i), p)).collect(),
+                    top: lp
+                        .top
+                        .iter()
+                        .map(|&(i, p)| (token_text(i), p, token_bytes(&tokenizer, i)))
+                        .collect(),
                 });
             }
             let Some(new) = stream.push(t.id) else {
