@@ -1475,4 +1475,253 @@ mod server_and_chat {
             "{stderr}"
         );
     }
+
+    fn serve_pack() -> &'static std::path::Path {
+        http::tiny_pack("hostile-33-serve")
+    }
+
+    fn serve_cli(args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .arg("serve")
+            .arg(serve_pack())
+            .args(["--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    #[test]
+    fn item10_a_web_page_cannot_make_the_keyless_local_server_generate() {
+        let server = Server::start(serve_pack(), &[]);
+        let body = br#"{"prompt": "The", "max_tokens": 1}"#;
+        let raw = |headers: &str| {
+            let req = format!(
+                "POST /v1/completions HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let mut bytes = req.into_bytes();
+            bytes.extend_from_slice(body);
+            http::send_raw(server.addr, &bytes).unwrap()
+        };
+        let host = format!("Host: {}\r\n", server.addr);
+        let json = "Content-Type: application/json\r\n";
+        // What a page can send with no CORS preflight: text/plain, or no type at all.
+        for ct in [
+            "Content-Type: text/plain\r\n",
+            "",
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+        ] {
+            let r = raw(&format!("{host}{ct}"));
+            assert_eq!(r.status, 415, "{ct:?}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "unsupported_media_type");
+        }
+        // DNS rebinding: the page's own name in Host.
+        let port = server.addr.port();
+        for evil in ["evil.example", "evil.example:80", "127.0.0.1.evil.example"] {
+            let r = raw(&format!("Host: {evil}\r\n{json}"));
+            assert_eq!(r.status, 403, "{evil}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "host_not_allowed");
+        }
+        for good in [
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            "[::1]".into(),
+            "LOCALHOST".into(),
+        ] {
+            let r = raw(&format!("Host: {good}\r\n{json}"));
+            assert_eq!(r.status, 200, "{good}: {}", r.text());
+        }
+        // A cross-origin page, even with JSON.
+        for origin in [
+            "http://evil.example",
+            "null",
+            "http://localhost.evil.example",
+        ] {
+            let r = raw(&format!("{host}{json}Origin: {origin}\r\n"));
+            assert_eq!(r.status, 403, "{origin}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "origin_not_allowed");
+        }
+        let r = raw(&format!("{host}{json}Origin: http://localhost:3000\r\n"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        // With a key, the key decides: a cross-origin request with it is served.
+        let keyed = Server::start(serve_pack(), &["--api-key", "k"]);
+        let r = request(
+            keyed.addr,
+            "POST",
+            "/v1/completions",
+            &[
+                ("Origin", "http://evil.example"),
+                ("Authorization", "Bearer k"),
+            ],
+            body,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    #[test]
+    fn item10_a_non_loopback_host_without_a_key_warns() {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .arg("serve")
+            .arg(serve_pack())
+            .args(["--port", "0", "--host", "0.0.0.0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains("http://") {
+            assert!(err.read_line(&mut seen).unwrap() > 0, "{seen}");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            seen.contains("warning: --host 0.0.0.0 without --api-key"),
+            "{seen}"
+        );
+    }
+
+    #[test]
+    fn item11_a_client_that_half_closes_after_its_request_gets_the_answer() {
+        let server = Server::start(serve_pack(), &[]);
+        for stream in [false, true] {
+            let body =
+                json!({"prompt": "The", "max_tokens": 3, "temperature": 0, "stream": stream})
+                    .to_string();
+            let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+            write!(
+                s,
+                "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                server.addr,
+                body.len()
+            )
+            .unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut all = String::new();
+            s.read_to_string(&mut all).unwrap();
+            assert!(all.starts_with("HTTP/1.1 200"), "stream {stream}: {all:?}");
+            assert!(
+                all.contains("completion_tokens") || all.contains("[DONE]"),
+                "{all:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn item12_api_keys_that_no_request_could_send_are_refused_at_start() {
+        for (key, why) in [
+            ("", "empty key"),
+            (" k ", "spaces around it"),
+            ("clé", "printable ASCII"),
+        ] {
+            let out = serve_cli(&["--api-key", key]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{key:?}: {err}");
+            assert!(
+                err.contains("--api-key") && err.contains(why),
+                "{key:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn item12_the_bearer_scheme_is_case_insensitive() {
+        let server = Server::start(serve_pack(), &["--api-key", "s3cret"]);
+        for auth in ["bearer s3cret", "BEARER s3cret", "Bearer s3cret"] {
+            let r = request(
+                server.addr,
+                "GET",
+                "/v1/models",
+                &[("Authorization", auth)],
+                b"",
+            );
+            assert_eq!(r.status, 200, "{auth}: {}", r.text());
+        }
+        let r = request(
+            server.addr,
+            "GET",
+            "/v1/models",
+            &[("Authorization", "Basic s3cret")],
+            b"",
+        );
+        assert_eq!(r.status, 401);
+    }
+
+    #[test]
+    fn item12_errors_say_what_a_field_should_be_and_which_field_is_too_long() {
+        let server = Server::start(serve_pack(), &["--max-prompt-tokens", "5"]);
+        for (path, body, field) in [
+            (
+                "/v1/completions",
+                json!({"prompt": {"a": 1}}),
+                "`prompt` as a string",
+            ),
+            (
+                "/v1/completions",
+                json!({"prompt": "x", "stop": 5}),
+                "`stop` as a string",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": 5}]}),
+                "`content` as a string",
+            ),
+        ] {
+            let r = post(server.addr, path, &body);
+            assert_eq!(r.status, 400, "{body}: {}", r.text());
+            let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+            assert!(msg.contains(field), "{body}: {msg}");
+            assert!(
+                !msg.contains("enum") && !msg.contains("Field"),
+                "{body}: {msg}"
+            );
+        }
+        let r = post(
+            server.addr,
+            "/v1/completions",
+            &json!({"prompt": "word ".repeat(20)}),
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"]["param"], "prompt");
+        let chat = json!({"messages": [{"role": "user", "content": "word ".repeat(20)}]});
+        let r = post(server.addr, "/v1/chat/completions", &chat);
+        assert_eq!(r.json()["error"]["param"], "messages");
+        // Refusals are the client's: /health counts them apart from server failures.
+        let h = server.health();
+        assert_eq!(h["failed"], 0, "{h}");
+        assert_eq!(h["rejected"], 2, "{h}");
+    }
+
+    #[test]
+    fn item12_a_server_error_does_not_show_where_the_pack_lies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pack = tmp.path().join("p.flashpack");
+        std::fs::copy(serve_pack(), &pack).unwrap();
+        // Experts are read on demand under a budget; the pack then loses its tail.
+        let server = Server::start(&pack, &["--mem-budget", "18MB", "--max-context", "512"]);
+        let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+        f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+        let r = post(
+            server.addr,
+            "/v1/completions",
+            &json!({"prompt": "The history of Rome and Greece and", "max_tokens": 5}),
+        );
+        assert_eq!(r.status, 500, "{}", r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        let dir = tmp.path().to_str().unwrap();
+        assert!(msg.contains("p.flashpack") && !msg.contains(dir), "{msg}");
+        assert_eq!(server.health()["failed"], 1);
+    }
+
+    #[test]
+    fn item12_a_model_id_with_a_slash_is_found() {
+        let server = Server::start(serve_pack(), &["--model-name", "org/tiny-moe"]);
+        let r = request(server.addr, "GET", "/v1/models/org/tiny-moe", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["id"], "org/tiny-moe");
+        let r = request(server.addr, "GET", "/v1/models/org/other", &[], b"");
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
 }

@@ -71,13 +71,14 @@ impl ApiError {
 
 /// `stop`: one string or a list of them.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "`stop` as a string or a list of strings")]
 enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "`stream_options` as an object such as {\"include_usage\": true}")]
 struct StreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
@@ -107,13 +108,17 @@ struct Common {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`content` as a string or a list of parts such as {\"type\": \"text\", \"text\": \"...\"}"
+)]
 enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a content part as an object such as {\"type\": \"text\", \"text\": \"...\"}")]
 struct ContentPart {
     #[serde(rename = "type")]
     kind: String,
@@ -122,6 +127,7 @@ struct ContentPart {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a message as an object such as {\"role\": \"user\", \"content\": \"...\"}")]
 struct ChatMessage {
     role: String,
     #[serde(default)]
@@ -129,6 +135,7 @@ struct ChatMessage {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a JSON object with `messages`")]
 struct ChatBody {
     #[serde(flatten)]
     common: Common,
@@ -142,7 +149,10 @@ struct ChatBody {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`prompt` as a string, a list of one string, or a list of token ids (integers from 0)"
+)]
 enum PromptField {
     Text(String),
     Texts(Vec<String>),
@@ -150,6 +160,7 @@ enum PromptField {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a JSON object with `prompt`")]
 struct CompletionBody {
     #[serde(flatten)]
     common: Common,
