@@ -25,7 +25,7 @@ fn chat(args: &[&str]) -> std::process::Child {
 fn stats(stderr: &str) -> Vec<Value> {
     stderr
         .lines()
-        .filter(|l| l.starts_with('{'))
+        .filter(|l| l.starts_with('{') && !l.contains("prefill_tokens"))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
@@ -79,7 +79,7 @@ fn ctrl_c_stops_the_answer_and_the_next_turn_is_answered() {
     }
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
-    while !first.starts_with('{') {
+    while !first.starts_with('{') || first.contains("prefill_tokens") {
         first.clear();
         assert!(stderr.read_line(&mut first).unwrap() > 0, "chat ended");
     }

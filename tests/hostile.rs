@@ -1641,3 +1641,495 @@ fn extreme_config_values_give_finite_logits_or_are_refused_by_name() {
     }
     println!("{ran} converted with finite logits, {refused} refused by name");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The server and chat (issue 33, items 5-12: server and chat): a prefill stops when its caller
+// goes (a closed connection, Ctrl-C), logprobs carry each token's own bytes, a bad line does not
+// end a chat, the default server refuses what a web page could send it, a half-closed request is
+// answered, and options and errors say what they mean.
+
+mod server_and_chat {
+    use crate::common::http::{self, post, request, Server};
+
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use flashpack::progress::Progress;
+    use flashpack::run::budget::Budget;
+    use flashpack::run::engine::{Engine, EngineOptions, Request};
+    use flashpack::run::open;
+    use flashpack::run::sample::SamplerOptions;
+    use serde_json::{json, Value};
+
+    fn greedy(max_tokens: usize) -> Request {
+        Request {
+            max_tokens,
+            sampler: SamplerOptions::default(),
+            logprobs: None,
+            stop: Vec::new(),
+        }
+    }
+
+    /// Counts the prefill's chunks, and raises `cancel` once `after` of them are done.
+    struct CancelAfter<'a> {
+        chunks: AtomicU64,
+        after: u64,
+        cancel: &'a AtomicBool,
+    }
+
+    impl Progress for CancelAfter<'_> {
+        fn stage(&self, _: &str, _: Option<u64>, _: &str) {}
+        fn advance(&self, _: u64) {
+            if self.chunks.fetch_add(1, Ordering::SeqCst) + 1 >= self.after {
+                self.cancel.store(true, Ordering::SeqCst);
+            }
+        }
+        fn finish_stage(&self) {}
+        fn warn(&self, _: &str) {}
+    }
+
+    /// A prompt of some 240 tokens: three prefill chunks under an 18 MB budget for 512
+    /// positions.
+    fn long_prompt() -> String {
+        "The history of the Roman empire, from the founding of the city to its fall. ".repeat(12)
+    }
+
+    #[test]
+    fn item6_a_cancelled_prefill_stops_between_chunks_and_the_next_request_runs() {
+        let path = http::tiny_pack("hostile-33-engine");
+        let (pack, cfg, weights) = open::open(path, true).unwrap();
+        let opts = EngineOptions {
+            mem_budget: Some(Budget::parse("18MB").unwrap()),
+            positions: 512,
+            ..EngineOptions::default()
+        };
+        let mut engine =
+            Engine::new(&pack, &cfg, &weights, &opts, &flashpack::progress::Silent).unwrap();
+        let prompt = engine.encode(&long_prompt()).unwrap();
+        // Uncancelled: how many progress steps (chunks, then the last token) the prefill takes.
+        let never = AtomicBool::new(false);
+        let whole = CancelAfter {
+            chunks: AtomicU64::new(0),
+            after: u64::MAX,
+            cancel: &never,
+        };
+        let full = engine
+            .generate_until(&prompt, &greedy(4), &whole, &|| false, |_| true)
+            .unwrap();
+        let steps = whole.chunks.load(Ordering::SeqCst);
+        assert!(
+            steps >= 3,
+            "the prompt must span several chunks: {steps} steps"
+        );
+        assert_eq!(full.generation.tokens.len(), 4);
+        // The caller goes after the first chunk: no further chunk runs, nothing is generated.
+        engine.reset();
+        let cancel = AtomicBool::new(false);
+        let watch = CancelAfter {
+            chunks: AtomicU64::new(0),
+            after: 1,
+            cancel: &cancel,
+        };
+        let mut tokens = 0;
+        let g = engine
+            .generate_until(
+                &prompt,
+                &greedy(4),
+                &watch,
+                &|| cancel.load(Ordering::SeqCst),
+                |_| {
+                    tokens += 1;
+                    true
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            watch.chunks.load(Ordering::SeqCst),
+            1,
+            "chunks after the cancel ran"
+        );
+        assert_eq!(tokens, 0);
+        assert!(g.generation.tokens.is_empty());
+        assert_eq!(g.generation.stats.stop_reason, "stopped");
+        // The text level reports it as cancelled.
+        let c = engine
+            .complete_until(
+                &prompt,
+                &greedy(4),
+                &flashpack::progress::Silent,
+                &|| true,
+                |_| panic!("no text after a cancelled prefill"),
+            )
+            .unwrap();
+        assert_eq!(c.finish, flashpack::run::engine::Finish::Cancelled);
+        assert_eq!(c.completion_tokens, 0);
+        // The engine is free and whole: the next request gives the uncancelled answer.
+        let again = engine.generate(&prompt, &greedy(4), &flashpack::progress::Silent, |_| true);
+        assert_eq!(again.unwrap().generation.tokens, full.generation.tokens);
+    }
+
+    fn chat(args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .arg("chat")
+            .arg(http::tiny_pack("hostile-33-chat"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn json_line(line: &str) -> Option<Value> {
+        line.starts_with('{')
+            .then(|| serde_json::from_str(line).ok())
+            .flatten()
+    }
+
+    #[test]
+    fn item7_ctrl_c_during_the_prefill_of_chat_stops_it_before_the_first_token() {
+        let mut child = chat(&[
+            "--stats",
+            "--mem-budget",
+            "18MB",
+            "--max-context",
+            "512",
+            "--max-tokens",
+            "8",
+        ]);
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", long_prompt()).unwrap();
+        stdin.flush().unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut next = || {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "chat ended");
+            line
+        };
+        // The first prefill chunk is done: the prefill is under way.
+        let first = loop {
+            if let Some(v) = json_line(&next()) {
+                break v;
+            }
+        };
+        let total = first["of"].as_u64().unwrap();
+        assert!(first["prefill_tokens"].as_u64().unwrap() < total, "{first}");
+        // SAFETY: sends SIGINT to the child this test started, by its id.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        }
+        let mut last_done = 0;
+        let turn = loop {
+            let v = json_line(&next()).unwrap_or(Value::Null);
+            if let Some(done) = v["prefill_tokens"].as_u64() {
+                last_done = done;
+            } else if v["finish"].is_string() {
+                break v;
+            }
+        };
+        assert_eq!(turn["finish"], "cancelled", "{turn}");
+        assert_eq!(turn["completion_tokens"], 0, "{turn}");
+        assert!(
+            last_done < total,
+            "the prefill ran to its end: {last_done} of {total}"
+        );
+        // Still running: the next turn is answered.
+        stdin.write_all(b"And then?\n/exit\n").unwrap();
+        drop(stdin);
+        let mut rest = String::new();
+        stderr.read_to_string(&mut rest).unwrap();
+        assert!(child.wait().unwrap().success(), "{rest}");
+        let turns: Vec<Value> = rest
+            .lines()
+            .filter_map(json_line)
+            .filter(|v| v["finish"].is_string())
+            .collect();
+        assert_eq!(turns.len(), 1, "{rest}");
+        assert_ne!(turns[0]["finish"], "cancelled", "{rest}");
+    }
+
+    #[test]
+    fn item9_a_line_of_invalid_utf8_in_chat_is_reported_and_the_next_line_is_answered() {
+        let mut child = chat(&["--stats", "--max-tokens", "3"]);
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"Tell me about Rome.\nbad \xff\xfe line\nAnd Greece?\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("line 2 is not valid UTF-8") && stderr.contains("skipped"),
+            "{stderr}"
+        );
+        let turns = stderr
+            .lines()
+            .filter_map(json_line)
+            .filter(|v| v["finish"].is_string())
+            .count();
+        assert_eq!(turns, 2, "{stderr}");
+    }
+
+    #[test]
+    fn item12_chat_max_context_0_is_a_usage_error() {
+        let out = chat(&["--max-context", "0"]).wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--max-context") && stderr.contains("at least 1"),
+            "{stderr}"
+        );
+    }
+
+    fn serve_pack() -> &'static std::path::Path {
+        http::tiny_pack("hostile-33-serve")
+    }
+
+    fn serve_cli(args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .arg("serve")
+            .arg(serve_pack())
+            .args(["--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    #[test]
+    fn item10_a_web_page_cannot_make_the_keyless_local_server_generate() {
+        let server = Server::start(serve_pack(), &[]);
+        let body = br#"{"prompt": "The", "max_tokens": 1}"#;
+        let raw = |headers: &str| {
+            let req = format!(
+                "POST /v1/completions HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let mut bytes = req.into_bytes();
+            bytes.extend_from_slice(body);
+            http::send_raw(server.addr, &bytes).unwrap()
+        };
+        let host = format!("Host: {}\r\n", server.addr);
+        let json = "Content-Type: application/json\r\n";
+        // What a page can send with no CORS preflight: text/plain, or no type at all.
+        for ct in [
+            "Content-Type: text/plain\r\n",
+            "",
+            "Content-Type: application/x-www-form-urlencoded\r\n",
+        ] {
+            let r = raw(&format!("{host}{ct}"));
+            assert_eq!(r.status, 415, "{ct:?}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "unsupported_media_type");
+        }
+        // DNS rebinding: the page's own name in Host.
+        let port = server.addr.port();
+        for evil in ["evil.example", "evil.example:80", "127.0.0.1.evil.example"] {
+            let r = raw(&format!("Host: {evil}\r\n{json}"));
+            assert_eq!(r.status, 403, "{evil}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "host_not_allowed");
+        }
+        for good in [
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            "[::1]".into(),
+            "LOCALHOST".into(),
+        ] {
+            let r = raw(&format!("Host: {good}\r\n{json}"));
+            assert_eq!(r.status, 200, "{good}: {}", r.text());
+        }
+        // A cross-origin page, even with JSON.
+        for origin in [
+            "http://evil.example",
+            "null",
+            "http://localhost.evil.example",
+        ] {
+            let r = raw(&format!("{host}{json}Origin: {origin}\r\n"));
+            assert_eq!(r.status, 403, "{origin}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "origin_not_allowed");
+        }
+        let r = raw(&format!("{host}{json}Origin: http://localhost:3000\r\n"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        // With a key, the key decides: a cross-origin request with it is served.
+        let keyed = Server::start(serve_pack(), &["--api-key", "k"]);
+        let r = request(
+            keyed.addr,
+            "POST",
+            "/v1/completions",
+            &[
+                ("Origin", "http://evil.example"),
+                ("Authorization", "Bearer k"),
+            ],
+            body,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    #[test]
+    fn item10_a_non_loopback_host_without_a_key_warns() {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .arg("serve")
+            .arg(serve_pack())
+            .args(["--port", "0", "--host", "0.0.0.0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains("http://") {
+            assert!(err.read_line(&mut seen).unwrap() > 0, "{seen}");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            seen.contains("warning: --host 0.0.0.0 without --api-key"),
+            "{seen}"
+        );
+    }
+
+    #[test]
+    fn item11_a_client_that_half_closes_after_its_request_gets_the_answer() {
+        let server = Server::start(serve_pack(), &[]);
+        for stream in [false, true] {
+            let body =
+                json!({"prompt": "The", "max_tokens": 3, "temperature": 0, "stream": stream})
+                    .to_string();
+            let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+            write!(
+                s,
+                "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                server.addr,
+                body.len()
+            )
+            .unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut all = String::new();
+            s.read_to_string(&mut all).unwrap();
+            assert!(all.starts_with("HTTP/1.1 200"), "stream {stream}: {all:?}");
+            assert!(
+                all.contains("completion_tokens") || all.contains("[DONE]"),
+                "{all:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn item12_api_keys_that_no_request_could_send_are_refused_at_start() {
+        for (key, why) in [
+            ("", "empty key"),
+            (" k ", "spaces around it"),
+            ("clé", "printable ASCII"),
+        ] {
+            let out = serve_cli(&["--api-key", key]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{key:?}: {err}");
+            assert!(
+                err.contains("--api-key") && err.contains(why),
+                "{key:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn item12_the_bearer_scheme_is_case_insensitive() {
+        let server = Server::start(serve_pack(), &["--api-key", "s3cret"]);
+        for auth in ["bearer s3cret", "BEARER s3cret", "Bearer s3cret"] {
+            let r = request(
+                server.addr,
+                "GET",
+                "/v1/models",
+                &[("Authorization", auth)],
+                b"",
+            );
+            assert_eq!(r.status, 200, "{auth}: {}", r.text());
+        }
+        let r = request(
+            server.addr,
+            "GET",
+            "/v1/models",
+            &[("Authorization", "Basic s3cret")],
+            b"",
+        );
+        assert_eq!(r.status, 401);
+    }
+
+    #[test]
+    fn item12_errors_say_what_a_field_should_be_and_which_field_is_too_long() {
+        let server = Server::start(serve_pack(), &["--max-prompt-tokens", "5"]);
+        for (path, body, field) in [
+            (
+                "/v1/completions",
+                json!({"prompt": {"a": 1}}),
+                "`prompt` as a string",
+            ),
+            (
+                "/v1/completions",
+                json!({"prompt": "x", "stop": 5}),
+                "`stop` as a string",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": 5}]}),
+                "`content` as a string",
+            ),
+        ] {
+            let r = post(server.addr, path, &body);
+            assert_eq!(r.status, 400, "{body}: {}", r.text());
+            let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+            assert!(msg.contains(field), "{body}: {msg}");
+            assert!(
+                !msg.contains("enum") && !msg.contains("Field"),
+                "{body}: {msg}"
+            );
+        }
+        let r = post(
+            server.addr,
+            "/v1/completions",
+            &json!({"prompt": "word ".repeat(20)}),
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"]["param"], "prompt");
+        let chat = json!({"messages": [{"role": "user", "content": "word ".repeat(20)}]});
+        let r = post(server.addr, "/v1/chat/completions", &chat);
+        assert_eq!(r.json()["error"]["param"], "messages");
+        // Refusals are the client's: /health counts them apart from server failures.
+        let h = server.health();
+        assert_eq!(h["failed"], 0, "{h}");
+        assert_eq!(h["rejected"], 2, "{h}");
+    }
+
+    #[test]
+    fn item12_a_server_error_does_not_show_where_the_pack_lies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pack = tmp.path().join("p.flashpack");
+        std::fs::copy(serve_pack(), &pack).unwrap();
+        // Experts are read on demand under a budget; the pack then loses its tail.
+        let server = Server::start(&pack, &["--mem-budget", "18MB", "--max-context", "512"]);
+        let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+        f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+        let r = post(
+            server.addr,
+            "/v1/completions",
+            &json!({"prompt": "The history of Rome and Greece and", "max_tokens": 5}),
+        );
+        assert_eq!(r.status, 500, "{}", r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        let dir = tmp.path().to_str().unwrap();
+        assert!(msg.contains("p.flashpack") && !msg.contains(dir), "{msg}");
+        assert_eq!(server.health()["failed"], 1);
+    }
+
+    #[test]
+    fn item12_a_model_id_with_a_slash_is_found() {
+        let server = Server::start(serve_pack(), &["--model-name", "org/tiny-moe"]);
+        let r = request(server.addr, "GET", "/v1/models/org/tiny-moe", &[], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["id"], "org/tiny-moe");
+        let r = request(server.addr, "GET", "/v1/models/org/other", &[], b"");
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+}

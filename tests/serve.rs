@@ -152,7 +152,8 @@ fn open_stream(server: &Server, max_tokens: u32) -> TcpStream {
     let mut s = TcpStream::connect(server.addr).unwrap();
     write!(
         s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        server.addr,
         body.len()
     )
     .unwrap();
@@ -375,14 +376,14 @@ fn idle_and_stalled_connections_are_closed() {
     // Half a request head: closed too.
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).expect("closed by the server");
     // A body that stalls halfway: 408, in OpenAI's error shape.
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
         .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)
@@ -392,7 +393,7 @@ fn idle_and_stalled_connections_are_closed() {
     // A kept-alive connection that goes quiet after a request is closed as well.
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)
@@ -513,7 +514,7 @@ fn malformed_requests_get_openai_errors_and_never_crash_the_server() {
         b"POST /v1/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
         b"POST /v1/completions HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
         b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n\xff\xfe\xfd",
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\n\xff\xfe\xfd",
         b"GET /../../etc/passwd HTTP/1.1\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 70000\r\n\r\n",
     ] {

@@ -121,9 +121,80 @@ impl StopScan {
     }
 }
 
+/// The raw bytes of one token, as OpenAI's `bytes` field carries them: the bytes of its text,
+/// or for a token that is part of a UTF-8 character (its text alone decodes to U+FFFD), the
+/// bytes it stands for: a byte-level BPE token's characters mapped back through GPT-2's byte
+/// alphabet, or a SentencePiece byte-fallback token `<0xE4>`. Two byte tokens thus never look
+/// the same, and a character's tokens joined give its bytes.
+pub fn token_bytes(tokenizer: &tokenizers::Tokenizer, id: u32) -> Vec<u8> {
+    let text = tokenizer.decode(&[id], false).unwrap_or_default();
+    if !text.contains('\u{FFFD}') {
+        return text.into_bytes();
+    }
+    let Some(piece) = tokenizer.id_to_token(id) else {
+        return text.into_bytes();
+    };
+    if let Some(byte) = piece
+        .strip_prefix("<0x")
+        .and_then(|h| h.strip_suffix('>'))
+        .and_then(|h| u8::from_str_radix(h, 16).ok())
+    {
+        return vec![byte];
+    }
+    piece
+        .chars()
+        .map(byte_level_byte)
+        .collect::<Option<Vec<u8>>>()
+        .unwrap_or_else(|| text.into_bytes())
+}
+
+/// The byte a character of GPT-2's byte-level alphabet stands for (`bytes_to_unicode` in
+/// openai/gpt-2's encoder.py): printable bytes are themselves, the other 68 bytes are the
+/// characters from U+0100 up, in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let c = c as u32;
+    if c < 256 {
+        return printable(c).then_some(c as u8);
+    }
+    (0..256u32)
+        .filter(|&b| !printable(b))
+        .nth((c - 256) as usize)
+        .map(|b| b as u8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Item 5 of issue 33: the three byte tokens of 中 each decode to U+FFFD; their own bytes
+    /// differ and join to the character's.
+    #[test]
+    fn byte_tokens_carry_their_own_bytes() {
+        let tok = tokenizers::Tokenizer::from_file(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/qwen3moe-tiny/tokenizer.json"),
+        )
+        .unwrap();
+        let ids = tok.encode("The 中", false).unwrap().get_ids().to_vec();
+        let bytes: Vec<Vec<u8>> = ids.iter().map(|&i| token_bytes(&tok, i)).collect();
+        assert_eq!(bytes[0], b"The");
+        assert_eq!(bytes[1], b" ");
+        assert_eq!(bytes[2..].concat(), "中".as_bytes());
+        assert_eq!(bytes[2], [0xE4]);
+        // Every byte of the alphabet maps back to itself.
+        for b in 0..=255u8 {
+            let c = if (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174 {
+                b as u32
+            } else {
+                256 + (0..b)
+                    .filter(|&x| !((33..=126).contains(&x) || (161..=172).contains(&x) || x >= 174))
+                    .count() as u32
+            };
+            assert_eq!(byte_level_byte(char::from_u32(c).unwrap()), Some(b));
+        }
+    }
 
     /// "The 中" in the bundled tokenizer is The, Ġ, then the three byte tokens of 中
     /// (0xE4 0xB8 0xAD): the partial character is held back until complete, and a generation

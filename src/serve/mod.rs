@@ -5,11 +5,15 @@
 //! response and error objects.
 //! Invariant: requests queue for the one engine thread (`worker.rs`) in arrival order, at most
 //! `max_queue` waiting (then 429 with Retry-After); a client that goes away stops its
-//! generation at the next token; no request body, however malformed, panics the server: it
+//! generation at the next token (in the prefill, at the next layer); one that half-closes
+//! after its request is answered; no request body, however malformed, panics the server: it
 //! gets a 4xx with OpenAI's error object.
 //!
-//! Safety limits: bound to 127.0.0.1 unless told otherwise; with an API key every request
-//! without it gets 401; bodies over `max_body_bytes` get 413, prompts over the limit 400;
+//! Safety limits: bound to 127.0.0.1 unless told otherwise; bound to loopback, a `Host` that
+//! is not a local name gets 403, and without an API key so does an `Origin` that is not local
+//! (docs/decisions/0017-serve-host-and-origin.md); with an API key every request without it
+//! gets 401; completions must be `application/json` (415); bodies over `max_body_bytes` get
+//! 413, prompts over the limit 400;
 //! a connection that sends no complete request head within `idle_timeout` (a new connection,
 //! or a kept-alive one between requests) is closed, and so is one whose body stalls that long.
 
@@ -166,7 +170,8 @@ pub fn serve(opts: ServeOptions, on_listen: impl FnOnce(SocketAddr)) -> Result<(
             source,
         })?;
         on_listen(local);
-        let app = router(shared);
+        let names = LocalNames::new(&opts.host, local, opts.api_key.is_none());
+        let app = router(shared, Arc::new(names));
         tokio::select! {
             _ = accept_loop(listener, app, opts.idle_timeout) => {}
             _ = shutdown_signal() => {}
@@ -218,8 +223,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router, idle: Durat
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
+            // A client may shut down its sending side once its request is out (`nc -N`, some
+            // proxies): it still reads the answer. A client gone altogether is found when a
+            // write fails: a token, or a stream's keep-alive comment during the prefill.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .half_close(true)
                 .header_read_timeout(idle)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = conn.await;
@@ -228,17 +237,122 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router, idle: Durat
     }
 }
 
-fn router(shared: Arc<Shared>) -> Router {
+fn router(shared: Arc<Shared>, origins: Arc<LocalNames>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        // A catch-all: model ids may hold slashes (`org/model`).
+        .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(origins, local_only))
         .with_state(shared)
+}
+
+/// What a web page must not reach (docs/decisions/0017-serve-host-and-origin.md). `loopback`:
+/// the server listens on a loopback address, so every honest request names it by a local name
+/// (`Host`), and any other name is DNS rebinding. `keyless`: no `--api-key`, so a cross-origin
+/// request from a page that is not local is refused; with a key, the key decides.
+struct LocalNames {
+    loopback: bool,
+    keyless: bool,
+    /// Lower-case host names that mean this server: localhost, 127.0.0.1, [::1], the `--host`
+    /// given and the address bound.
+    names: Vec<String>,
+}
+
+impl LocalNames {
+    fn new(host: &str, bound: SocketAddr, keyless: bool) -> LocalNames {
+        let bracket = |h: &str| {
+            if h.contains(':') && !h.starts_with('[') {
+                format!("[{h}]")
+            } else {
+                h.to_string()
+            }
+        };
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        names.push(bracket(&host.to_ascii_lowercase()));
+        names.push(bracket(&bound.ip().to_string()));
+        LocalNames {
+            loopback: bound.ip().is_loopback(),
+            keyless,
+            names,
+        }
+    }
+
+    /// Whether `authority` (`host`, `host:port`, `[v6]:port`) names this server.
+    fn is_local(&self, authority: &str) -> bool {
+        let authority = authority.trim().to_ascii_lowercase();
+        let host = if authority.starts_with('[') {
+            authority.split_inclusive(']').next().unwrap_or("")
+        } else {
+            authority.split(':').next().unwrap_or("")
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        self.names.iter().any(|n| n == host)
+    }
+}
+
+/// Refuses what a web page could send a local server without its user knowing: a `Host` that
+/// is not a local name while bound to loopback (DNS rebinding), and without an API key an
+/// `Origin` that is not local (a cross-origin page).
+async fn local_only(
+    State(names): State<Arc<LocalNames>>,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    match names.refusal(req.headers()) {
+        Some(refused) => refused,
+        None => next.run(req).await,
+    }
+}
+
+impl LocalNames {
+    fn refusal(&self, headers: &axum::http::HeaderMap) -> Option<Response> {
+        let header = |h: header::HeaderName| {
+            headers
+                .get(h)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        if self.loopback {
+            if let Some(host) = header(header::HOST).filter(|h| !self.is_local(h)) {
+                return Some(forbidden(
+                    format!(
+                        "Host {host:?} is not this server: it listens on a loopback address and answers only to localhost, 127.0.0.1 or [::1] (a page on another site reaching it through DNS rebinding is refused)"
+                    ),
+                    "host_not_allowed",
+                ));
+            }
+        }
+        if self.keyless {
+            let origin = header(header::ORIGIN)?;
+            let local = origin.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https") && self.is_local(rest.trim_end_matches('/'))
+            });
+            if !local {
+                return Some(forbidden(
+                    format!(
+                        "requests from the web page {origin:?} are refused: this server has no --api-key, so only local pages may call it; start it with --api-key to let other origins in"
+                    ),
+                    "origin_not_allowed",
+                ));
+            }
+        }
+        None
+    }
+}
+
+fn forbidden(message: String, code: &'static str) -> Response {
+    ApiError::invalid(None, message)
+        .status(403)
+        .with_code(code)
+        .into_response()
 }
 
 impl IntoResponse for ApiError {
@@ -265,8 +379,10 @@ async fn auth(State(shared): State<Arc<Shared>>, req: HttpRequest, next: Next) -
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(|v| v.trim_start().split_once(' '))
+            // RFC 7235 §2.1: the scheme is case-insensitive.
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return ApiError {
                 status: 401,
@@ -345,6 +461,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
         "completed": c.completed.load(Ordering::Relaxed),
         "cancelled": c.cancelled.load(Ordering::Relaxed),
         "failed": c.failed.load(Ordering::Relaxed),
+        "rejected": c.rejected.load(Ordering::Relaxed),
         "generated_tokens": c.generated_tokens.load(Ordering::Relaxed),
         "prompt_tokens": c.prompt_tokens.load(Ordering::Relaxed),
         "cached_tokens": c.cached_tokens.load(Ordering::Relaxed),
@@ -367,6 +484,32 @@ fn check_model(shared: &Shared, model: Option<&str>) -> Result<(), ApiError> {
         .status(404)
         .with_code("model_not_found")),
     }
+}
+
+/// A completion must say its body is JSON: a browser sends other types (text/plain, forms)
+/// cross-origin without asking first (no CORS preflight), and JSON it does not.
+fn check_json(req: &HttpRequest) -> Result<(), ApiError> {
+    let given = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let json = given.as_deref().is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if json {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        None,
+        format!(
+            "the body must be sent as Content-Type: application/json (it was {})",
+            given.map_or("not given".into(), |t| format!("{t:?}"))
+        ),
+    )
+    .status(415)
+    .with_code("unsupported_media_type"))
 }
 
 /// The request body, within the size limit and the idle timeout.
@@ -429,6 +572,7 @@ async fn respond(
     req: HttpRequest,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
+    check_json(&req)?;
     let body = read_body(&shared, req).await?;
     let parsed: Parsed = match endpoint {
         Endpoint::Chat => openai::parse_chat(&body, &shared.limits)?,
@@ -527,7 +671,11 @@ fn stream_response(
     let done =
         futures_util::stream::iter([Ok::<_, Infallible>(SseEvent::default().data("[DONE]"))]);
     let stream = futures_util::StreamExt::chain(events, done);
-    let mut resp = Sse::new(stream).into_response();
+    // A comment line every second without events (the prefill): a client gone altogether makes
+    // the second one fail, which drops the stream and stops the prefill (half-closed
+    // connections are not taken as gone, so a write is what finds them).
+    let keep_alive = axum::response::sse::KeepAlive::new().interval(Duration::from_secs(1));
+    let mut resp = Sse::new(stream).keep_alive(keep_alive).into_response();
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp

@@ -71,13 +71,14 @@ impl ApiError {
 
 /// `stop`: one string or a list of them.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "`stop` as a string or a list of strings")]
 enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "`stream_options` as an object such as {\"include_usage\": true}")]
 struct StreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
@@ -107,13 +108,17 @@ struct Common {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`content` as a string or a list of parts such as {\"type\": \"text\", \"text\": \"...\"}"
+)]
 enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a content part as an object such as {\"type\": \"text\", \"text\": \"...\"}")]
 struct ContentPart {
     #[serde(rename = "type")]
     kind: String,
@@ -122,6 +127,7 @@ struct ContentPart {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a message as an object such as {\"role\": \"user\", \"content\": \"...\"}")]
 struct ChatMessage {
     role: String,
     #[serde(default)]
@@ -129,6 +135,7 @@ struct ChatMessage {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a JSON object with `messages`")]
 struct ChatBody {
     #[serde(flatten)]
     common: Common,
@@ -142,7 +149,10 @@ struct ChatBody {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`prompt` as a string, a list of one string, or a list of token ids (integers from 0)"
+)]
 enum PromptField {
     Text(String),
     Texts(Vec<String>),
@@ -150,6 +160,7 @@ enum PromptField {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a JSON object with `prompt`")]
 struct CompletionBody {
     #[serde(flatten)]
     common: Common,
@@ -466,10 +477,10 @@ pub fn timings(c: &Completion) -> Value {
 }
 
 fn chat_logprobs(lps: &[TokenText]) -> Value {
-    let entry = |t: &str, lp: f32| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()});
+    let entry = |t: &str, lp: f32, b: &[u8]| json!({"token": t, "logprob": lp, "bytes": b});
     json!({"content": lps.iter().map(|l| {
-        let mut e = entry(&l.token, l.logprob);
-        e["top_logprobs"] = l.top.iter().map(|(t, p)| entry(t, *p)).collect();
+        let mut e = entry(&l.token, l.logprob, &l.bytes);
+        e["top_logprobs"] = l.top.iter().map(|(t, p, b)| entry(t, *p, b)).collect();
         e
     }).collect::<Vec<_>>()})
 }
@@ -484,7 +495,7 @@ fn completion_logprobs(lps: &[TokenText], mut offset: usize) -> Value {
         "tokens": lps.iter().map(|l| &l.token).collect::<Vec<_>>(),
         "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
         "top_logprobs": lps.iter().map(|l| {
-            l.top.iter().map(|(t, p)| (t.clone(), json!(p))).collect::<serde_json::Map<_, _>>()
+            l.top.iter().map(|(t, p, _)| (t.clone(), json!(p))).collect::<serde_json::Map<_, _>>()
         }).collect::<Vec<_>>(),
         "text_offset": offsets,
     })
@@ -781,8 +792,13 @@ mod tests {
             cached_tokens: 7,
             logprobs: vec![TokenText {
                 token: "Hi".into(),
+                bytes: b"Hi".to_vec(),
                 logprob: -0.5,
-                top: vec![("Hi".into(), -0.5), ("Yo".into(), -1.5)],
+                top: vec![
+                    ("Hi".into(), -0.5, b"Hi".to_vec()),
+                    ("\u{FFFD}".into(), -1.5, vec![0xE4]),
+                    ("\u{FFFD}".into(), -2.5, vec![0xB8]),
+                ],
             }],
             stats: Default::default(),
         }
@@ -800,7 +816,10 @@ mod tests {
         let lp = &v["choices"][0]["logprobs"]["content"][0];
         assert_eq!(lp["token"], "Hi");
         assert_eq!(lp["bytes"], json!([72, 105]));
-        assert_eq!(lp["top_logprobs"][1]["token"], "Yo");
+        // Byte tokens that both show U+FFFD carry their own bytes (issue 33, item 5).
+        assert_eq!(lp["top_logprobs"][1]["token"], "\u{FFFD}");
+        assert_eq!(lp["top_logprobs"][1]["bytes"], json!([0xE4]));
+        assert_eq!(lp["top_logprobs"][2]["bytes"], json!([0xB8]));
         let end = r.end_chunks(&completion("Hi", Finish::Length));
         assert_eq!(end[0]["choices"][0]["finish_reason"], "length");
         assert_eq!(end[0]["usage"], Value::Null);
@@ -819,7 +838,7 @@ mod tests {
         );
         assert_eq!(c["object"], "text_completion");
         assert_eq!(c["choices"][0]["text"], "Hi");
-        assert_eq!(c["choices"][0]["logprobs"]["top_logprobs"][0]["Yo"], -1.5);
+        assert_eq!(c["choices"][0]["logprobs"]["top_logprobs"][0]["Hi"], -0.5);
         assert_eq!(c["choices"][0]["logprobs"]["text_offset"], json!([0]));
         assert!(c.get("usage").is_none());
     }

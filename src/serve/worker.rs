@@ -5,7 +5,8 @@
 //! [`Event`]s on the job's own channel: `Started`, `Piece`s, then `Done` or `Error`.
 //! Invariant: one job runs at a time, so two answers never interleave and the KV cache always
 //! holds one conversation; a job whose client has gone (its channel closed) stops at its next
-//! token, and one that went while queued never starts. Why no batching:
+//! token, or during the prefill at the next layer it reaches, and one that went while queued
+//! never starts. Why no batching:
 //! docs/decisions/0009-serve-queue-no-batching.md.
 
 use std::path::PathBuf;
@@ -52,7 +53,10 @@ pub struct Counters {
     pub busy: AtomicBool,
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Requests that failed in the server (5xx).
     pub failed: AtomicU64,
+    /// Requests the engine refused as the client's mistake (4xx: a prompt too long, ...).
+    pub rejected: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
@@ -151,8 +155,13 @@ pub fn run(
                 let _ = job.events.send(Event::Done(c));
             }
             Err(e) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                let _ = job.events.send(Event::Error(e));
+                let counter = if e.status < 500 {
+                    &counters.rejected
+                } else {
+                    &counters.failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Error(without_path(e, &opts.pack)));
             }
         }
         counters.busy.store(false, Ordering::Relaxed);
@@ -185,7 +194,7 @@ fn serve_job(
     }
     if ids.len() > max_prompt {
         return Err(ApiError::invalid(
-            Some("messages"),
+            Some(if job.chat { "messages" } else { "prompt" }),
             format!(
                 "the prompt has {} tokens; this server takes at most {max_prompt}: shorten it",
                 ids.len()
@@ -211,10 +220,16 @@ fn serve_job(
         return Ok(cancelled(ids.len()));
     }
     let events = &job.events;
+    // A client that goes away during the prefill closes its channel: the prefill stops at the
+    // next layer it reaches, not at the first token.
     engine
-        .complete(&ids, &request, |p| {
-            events.send(Event::Piece(p.clone())).is_ok()
-        })
+        .complete_until(
+            &ids,
+            &request,
+            &crate::progress::Silent,
+            &|| events.is_closed(),
+            |p| events.send(Event::Piece(p.clone())).is_ok(),
+        )
         .map_err(|e| ApiError::server(chain(&e)))
 }
 
@@ -229,6 +244,26 @@ fn cancelled(prompt_tokens: usize) -> Completion {
         logprobs: Vec::new(),
         stats: Default::default(),
     }
+}
+
+/// A server error's message names the pack by its file name: where it lies on the server is
+/// none of the client's business.
+fn without_path(mut e: ApiError, pack: &std::path::Path) -> ApiError {
+    let name = pack
+        .file_name()
+        .map_or("the pack".into(), |n| n.to_string_lossy().into_owned());
+    let mut paths = vec![pack.display().to_string()];
+    if let Ok(abs) = std::path::absolute(pack) {
+        paths.push(abs.display().to_string());
+    }
+    if let Ok(real) = pack.canonicalize() {
+        paths.push(real.display().to_string());
+    }
+    paths.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in paths.iter().filter(|p| !p.is_empty()) {
+        e.message = e.message.replace(p.as_str(), &name);
+    }
+    e
 }
 
 /// An error and its causes, joined with ": ".

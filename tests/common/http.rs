@@ -138,7 +138,8 @@ impl Response {
     pub fn events(&self) -> Vec<String> {
         self.text()
             .split("\n\n")
-            .filter(|e| !e.is_empty())
+            // Comment lines (`:`, the server's keep-alive) are not events.
+            .filter(|e| !e.is_empty() && !e.starts_with(':'))
             .map(|e| {
                 e.strip_prefix("data: ")
                     .unwrap_or_else(|| panic!("not an SSE data event: {e:?}"))

@@ -6,7 +6,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Context;
 use flashpack::run::budget::Budget;
@@ -27,7 +27,7 @@ pub struct MemoryArgs {
     pub expert_budget: Option<Budget>,
     /// The longest conversation, in tokens, the KV cache is sized for under --mem-budget
     /// (default: the model's context length).
-    #[arg(long, value_name = "TOKENS")]
+    #[arg(long, value_name = "TOKENS", value_parser = at_least_one_token)]
     pub max_context: Option<usize>,
     /// Do not check blake3 checksums of dense tensors and expert segments.
     #[arg(long)]
@@ -71,9 +71,19 @@ pub struct ChatArgs {
     pub stats: bool,
 }
 
+/// `--max-context`: a count of tokens, at least 1 (0 would leave no room for any prompt).
+fn at_least_one_token(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0 leaves no room for a prompt: give at least 1 token".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}: give a number of tokens")),
+    }
+}
+
 /// Set while an answer is being written: Ctrl-C then stops it instead of the program.
 static ANSWERING: AtomicBool = AtomicBool::new(false);
-/// Set by Ctrl-C during an answer; the token callback sees it and stops.
+/// Set by Ctrl-C during an answer; the engine sees it during the prompt's prefill (between
+/// layers) and the token callback after it, and stops.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
@@ -126,20 +136,34 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let mut messages = opening.clone();
     let mut stdin = std::io::stdin().lock();
-    let mut line = String::new();
+    let mut raw = Vec::new();
+    let mut number = 0u64;
     loop {
         if interactive {
             print!(">>> ");
             let _ = std::io::stdout().flush();
         }
-        line.clear();
+        raw.clear();
         if stdin
-            .read_line(&mut line)
+            .read_until(b'\n', &mut raw)
             .context("reading standard input")?
             == 0
         {
             break;
         }
+        number += 1;
+        // One bad line (piped bytes in another encoding) is that line's problem, not the
+        // session's: it is skipped with a note and the next line is read.
+        let line = match std::str::from_utf8(&raw) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "line {number} is not valid UTF-8 (byte {} is not part of a character): skipped; send text in UTF-8",
+                    e.valid_up_to() + 1
+                );
+                continue;
+            }
+        };
         let input = line.trim_end_matches(['\n', '\r']);
         match input.trim() {
             "" => continue,
@@ -181,17 +205,27 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         INTERRUPTED.store(false, Ordering::SeqCst);
         ANSWERING.store(true, Ordering::SeqCst);
         let mut stdout = std::io::stdout().lock();
-        let answer = engine.complete(&ids, &req, |p| {
-            // A harmony model's reasoning streams on stderr, its answer on stdout
-            // (docs/decisions/0011-harmony-output.md).
-            if !p.reasoning.is_empty() {
-                let _ = std::io::stderr().write_all(p.reasoning.as_bytes());
-                let _ = std::io::stderr().flush();
-            }
-            let _ = stdout.write_all(p.text.as_bytes());
-            let _ = stdout.flush();
-            !INTERRUPTED.load(Ordering::SeqCst)
-        });
+        let prefill = PrefillStats {
+            show: args.stats,
+            ..PrefillStats::default()
+        };
+        let answer = engine.complete_until(
+            &ids,
+            &req,
+            &prefill,
+            &|| INTERRUPTED.load(Ordering::SeqCst),
+            |p| {
+                // A harmony model's reasoning streams on stderr, its answer on stdout
+                // (docs/decisions/0011-harmony-output.md).
+                if !p.reasoning.is_empty() {
+                    let _ = std::io::stderr().write_all(p.reasoning.as_bytes());
+                    let _ = std::io::stderr().flush();
+                }
+                let _ = stdout.write_all(p.text.as_bytes());
+                let _ = stdout.flush();
+                !INTERRUPTED.load(Ordering::SeqCst)
+            },
+        );
         ANSWERING.store(false, Ordering::SeqCst);
         let _ = writeln!(stdout);
         let _ = stdout.flush();
@@ -224,6 +258,35 @@ fn sampler(args: &ChatArgs) -> SamplerOptions {
         top_p: args.top_p,
         top_k: 0,
         seed: args.seed,
+    }
+}
+
+/// With `--stats`, the prompt's progress as JSON lines on stderr, one per prefill chunk:
+/// `{"prefill_tokens": DONE, "of": TOTAL}` (the tokens the KV cache did not hold).
+#[derive(Default)]
+struct PrefillStats {
+    show: bool,
+    done: AtomicU64,
+    of: AtomicU64,
+}
+
+impl flashpack::progress::Progress for PrefillStats {
+    fn stage(&self, _name: &str, total: Option<u64>, _unit: &str) {
+        self.done.store(0, Ordering::Relaxed);
+        self.of.store(total.unwrap_or(0), Ordering::Relaxed);
+    }
+    fn advance(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        if self.show {
+            eprintln!(
+                "{}",
+                serde_json::json!({"prefill_tokens": done, "of": self.of.load(Ordering::Relaxed)})
+            );
+        }
+    }
+    fn finish_stage(&self) {}
+    fn warn(&self, msg: &str) {
+        eprintln!("warning: {msg}");
     }
 }
 

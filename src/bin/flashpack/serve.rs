@@ -20,8 +20,9 @@ pub struct ServeArgs {
     /// Port (0 picks a free one; the address is printed on stderr).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Require `Authorization: Bearer KEY` on every request.
-    #[arg(long, value_name = "KEY")]
+    /// Require `Authorization: Bearer KEY` on every request (printable ASCII, no spaces
+    /// around it). Without one, only local pages and clients may call the server.
+    #[arg(long, value_name = "KEY", value_parser = api_key)]
     pub api_key: Option<String>,
     /// The model id clients use (default: the pack's file name without .flashpack).
     #[arg(long, value_name = "ID")]
@@ -46,7 +47,48 @@ pub struct ServeArgs {
     pub memory: MemoryArgs,
 }
 
+/// `--api-key`: a key a client can send in a header and a user can type: not empty, no spaces
+/// around it (which the header's parsing drops), printable ASCII (what a header carries).
+fn api_key(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("an empty key would let no request in: give a key".into());
+    }
+    if s.trim() != s {
+        return Err("the key has spaces around it, which no request can send: remove them".into());
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(
+            "the key must be printable ASCII (HTTP headers carry nothing else): use letters, digits and punctuation"
+                .into(),
+        );
+    }
+    Ok(s.to_string())
+}
+
+/// Whether `--host` keeps the server to this machine: a loopback address or `localhost`.
+fn loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // A client gone altogether is found by a write to its socket failing (half-closed ones are
+    // answered, docs/decisions/0017-serve-host-and-origin.md): that write must fail with EPIPE,
+    // not end the server, as main's default disposition for piped output would.
+    #[cfg(unix)]
+    // SAFETY: sets the disposition of one signal before any thread of the server starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    if args.api_key.is_none() && !loopback(&args.host) {
+        eprintln!(
+            "warning: --host {} without --api-key: anyone who can reach this address can use the model; set --api-key",
+            args.host
+        );
+    }
     let mut opts = ServeOptions::new(args.pack.clone());
     if let Some(name) = args.model_name {
         opts.model = name;

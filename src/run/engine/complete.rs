@@ -3,7 +3,7 @@
 
 use super::{Completion, Engine, EngineError, Finish, Piece, Request, TokenText};
 use crate::run::harmony::{Harmony, Split};
-use crate::run::text::{Scan, StopScan, TextStream};
+use crate::run::text::{token_bytes, Scan, StopScan, TextStream};
 
 impl Engine<'_> {
     /// Generates text: pieces go to `on_piece` as they become final (never inside a UTF-8
@@ -13,6 +13,20 @@ impl Engine<'_> {
         &mut self,
         prompt: &[u32],
         req: &Request,
+        on_piece: impl FnMut(&Piece) -> bool,
+    ) -> Result<Completion, EngineError> {
+        self.complete_until(prompt, req, &crate::progress::Silent, &|| false, on_piece)
+    }
+
+    /// [`Engine::complete`], reporting the prompt's progress to `progress` and asking
+    /// `cancelled` during the prefill whether to go on ([`Engine::generate_until`]): a prefill
+    /// cut short ends the completion with [`super::Finish::Cancelled`] and no text.
+    pub fn complete_until(
+        &mut self,
+        prompt: &[u32],
+        req: &Request,
+        progress: &dyn crate::progress::Progress,
+        cancelled: &dyn Fn() -> bool,
         mut on_piece: impl FnMut(&Piece) -> bool,
     ) -> Result<Completion, EngineError> {
         let tokenizer = self.tokenizer.clone();
@@ -32,14 +46,19 @@ impl Engine<'_> {
         let mut all_logprobs = Vec::new();
         let mut pending: Vec<TokenText> = Vec::new();
         let mut hit_stop = false;
-        let mut cancelled = false;
+        let mut refused = false;
         let token_text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
-        let g = self.generate(prompt, req, &crate::progress::Silent, |t| {
+        let g = self.generate_until(prompt, req, progress, cancelled, |t| {
             if let Some(lp) = &t.logprobs {
                 pending.push(TokenText {
                     token: token_text(t.id),
+                    bytes: token_bytes(&tokenizer, t.id),
                     logprob: lp.logprob,
-                    top: lp.top.iter().map(|&(i, p)| (token_text(i), p)).collect(),
+                    top: lp
+                        .top
+                        .iter()
+                        .map(|&(i, p)| (token_text(i), p, token_bytes(&tokenizer, i)))
+                        .collect(),
                 });
             }
             let Some(new) = stream.push(t.id) else {
@@ -69,12 +88,12 @@ impl Engine<'_> {
                 return false;
             }
             if !on_piece(&piece) {
-                cancelled = true;
+                refused = true;
                 return false;
             }
             true
         })?;
-        if !hit_stop && !cancelled {
+        if !hit_stop && !refused {
             let mut tail = String::new();
             let mut rest = split(&stream.finish().unwrap_or_default());
             if let Some(h) = harmony.as_mut() {
@@ -107,7 +126,7 @@ impl Engine<'_> {
         let g = g.generation;
         let finish = if hit_stop {
             Finish::Stop
-        } else if cancelled {
+        } else if refused {
             Finish::Cancelled
         } else {
             match g.stats.stop_reason.as_str() {

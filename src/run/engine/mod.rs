@@ -39,7 +39,9 @@ use crate::model::{ComputeError, ExpertStore, Model, PoolRoute, ResidentExperts,
 use crate::progress::Progress;
 use crate::run::budget::{self, BudgetError, Needs};
 use crate::run::experts::{ExpertCache, ExpertError, StoreOptions};
-use crate::run::generate::{GenerateError, GenerateOptions, Prefix, Token};
+use crate::run::generate::{
+    GenerateError, GenerateOptions, GenerateStats, Generation, Prefix, Token,
+};
 use crate::run::open::{OpenError, PackWeights};
 use crate::run::stream::{StreamStats, StreamingExperts};
 use crate::run::template::{ChatTemplate, Message, TemplateError};
@@ -342,6 +344,22 @@ impl<'p> Engine<'p> {
         prompt: &[u32],
         req: &Request,
         progress: &dyn Progress,
+        on_token: impl FnMut(&Token) -> bool,
+    ) -> Result<EngineGeneration, EngineError> {
+        self.generate_until(prompt, req, progress, &|| false, on_token)
+    }
+
+    /// [`Engine::generate`], asking `cancelled` during the prefill, before each sparse layer of
+    /// each chunk, whether the caller still wants the answer (a client that went away, Ctrl-C):
+    /// once it says yes the prefill stops there, nothing is generated, and the result's
+    /// `stop_reason` is `"stopped"`, as when `on_token` stops. A prefill cut short leaves the
+    /// KV cache empty (it may hold part of a chunk). After the first token `on_token` decides.
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        req: &Request,
+        progress: &dyn Progress,
+        cancelled: &dyn Fn() -> bool,
         mut on_token: impl FnMut(&Token) -> bool,
     ) -> Result<EngineGeneration, EngineError> {
         let opts = GenerateOptions {
@@ -365,9 +383,16 @@ impl<'p> Engine<'p> {
             Some(r) => r,
             None => &mut phases,
         };
+        let mut gate = PrefillGate {
+            inner: store,
+            first_token: first_token.clone(),
+            cancelled,
+            stopped: false,
+        };
+        let cached = self.prefix.reusable(prompt);
         let generation = crate::run::generate::generate_with_prefix(
             &self.model,
-            store,
+            &mut gate,
             &mut self.prefix,
             prompt,
             &opts,
@@ -377,7 +402,19 @@ impl<'p> Engine<'p> {
                 first_token.set(true);
                 on_token(t)
             },
-        )?;
+        );
+        let generation = match generation {
+            Err(_) if gate.stopped => Generation {
+                tokens: Vec::new(),
+                stats: GenerateStats {
+                    prompt_tokens: prompt.len(),
+                    stop_reason: "stopped".into(),
+                    ..GenerateStats::default()
+                },
+                cached_tokens: cached,
+            },
+            g => g?,
+        };
         Ok(EngineGeneration {
             generation,
             at_first_token: phases.at_first_token.take(),
@@ -457,5 +494,72 @@ impl PhaseMarker<'_, '_> {
                 eval_wait_ms: self.inner.stats.eval_wait_ms,
             });
         }
+    }
+}
+
+/// Stops a prefill the caller no longer wants: before the first token, every call the forward
+/// pass makes into the store (at each sparse layer of each chunk, so between chunks too) first
+/// asks `cancelled`, and once it says yes fails with [`PrefillCancelled`], which
+/// [`Engine::generate_until`] turns into a stopped generation. The prefill loop itself
+/// (`run::generate`) needs no hook: a store error already ends it and empties the KV cache.
+struct PrefillGate<'a, 's> {
+    inner: &'s mut dyn ExpertStore,
+    first_token: Rc<Cell<bool>>,
+    cancelled: &'a dyn Fn() -> bool,
+    stopped: bool,
+}
+
+/// The error [`PrefillGate`] stops a prefill with.
+#[derive(Debug, thiserror::Error)]
+#[error("the prefill was cancelled by the caller")]
+struct PrefillCancelled;
+
+impl PrefillGate<'_, '_> {
+    fn check(&mut self) -> Result<(), ComputeError> {
+        if !self.stopped && !self.first_token.get() && (self.cancelled)() {
+            self.stopped = true;
+        }
+        if self.stopped {
+            return Err(ComputeError::Store(Box::new(PrefillCancelled)));
+        }
+        Ok(())
+    }
+}
+
+impl ExpertStore for PrefillGate<'_, '_> {
+    fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
+        self.check()?;
+        self.inner.route(layer, indices)
+    }
+
+    fn route_scored(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+    ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
+        self.check()?;
+        self.inner.route_scored(layer, routing)
+    }
+
+    fn mix(
+        &mut self,
+        layer: usize,
+        x: &Array,
+        routing: &Routing,
+    ) -> Result<Option<Array>, ComputeError> {
+        self.check()?;
+        self.inner.mix(layer, x, routing)
+    }
+
+    fn wants_prediction(&self) -> bool {
+        self.inner.wants_prediction()
+    }
+
+    fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
+        self.inner.predict(layer, guess)
+    }
+
+    fn eager(&self) -> bool {
+        self.inner.eager()
     }
 }

@@ -108,8 +108,12 @@ pub enum Finish {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TokenText {
     pub token: String,
+    /// The token's own bytes (`run::text::token_bytes`): for a token that is part of a UTF-8
+    /// character, not the bytes of the U+FFFD its text alone shows.
+    pub bytes: Vec<u8>,
     pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    /// The most likely alternatives: text, log-probability, own bytes.
+    pub top: Vec<(String, f32, Vec<u8>)>,
 }
 
 /// A piece of a completion's text, with the log-probabilities of the tokens it completed.
