@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::progress::Progress;
-use crate::run::engine::{Completion, Engine, EngineOptions, Piece, Request};
+use crate::run::engine::{Completion, Engine, EngineError, EngineOptions, Piece, Request};
 
 use super::openai::{ApiError, Prompt};
 
@@ -173,12 +173,30 @@ fn serve_job(
     job: &Job,
     max_prompt: usize,
 ) -> Result<Completion, ApiError> {
+    let param = if job.chat { "messages" } else { "prompt" };
+    let too_long = |n: String| {
+        ApiError::invalid(
+            Some(param),
+            format!(
+                "the prompt has {n} tokens; this server takes at most {max_prompt}: shorten it"
+            ),
+        )
+        .with_code("context_length_exceeded")
+    };
+    // Tokenized within the server's limit: a long text is refused once counting passes it.
     let ids = match &job.prompt {
-        Prompt::Chat(messages) => engine.encode_chat(messages),
-        Prompt::Text(t) => engine.encode(t),
+        Prompt::Chat(messages) => engine
+            .template()
+            .render(messages)
+            .map_err(EngineError::from)
+            .and_then(|text| engine.encode_within(&text, max_prompt)),
+        Prompt::Text(t) => engine.encode_within(t, max_prompt),
         Prompt::Ids(ids) => Ok(ids.clone()),
     }
-    .map_err(|e| ApiError::server(chain(&e)))?;
+    .map_err(|e| match e {
+        EngineError::PromptTooLong { at_least, .. } => too_long(format!("at least {at_least}")),
+        e => ApiError::server(chain(&e)),
+    })?;
     if ids.is_empty() {
         return Err(ApiError::invalid(
             Some("prompt"),
@@ -193,14 +211,7 @@ fn serve_job(
         ));
     }
     if ids.len() > max_prompt {
-        return Err(ApiError::invalid(
-            Some(if job.chat { "messages" } else { "prompt" }),
-            format!(
-                "the prompt has {} tokens; this server takes at most {max_prompt}: shorten it",
-                ids.len()
-            ),
-        )
-        .with_code("context_length_exceeded"));
+        return Err(too_long(ids.len().to_string()));
     }
     let mut request = job.request.clone();
     // The answer ends where the sequence reaches what the engine was sized for ("length").

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Context;
 use flashpack::run::budget::Budget;
-use flashpack::run::engine::{Engine, EngineOptions, Finish, Request};
+use flashpack::run::engine::{Engine, EngineError, EngineOptions, Finish, Request};
 use flashpack::run::open;
 use flashpack::run::sample::SamplerOptions;
 use flashpack::run::template::Message;
@@ -185,13 +185,22 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
             _ => {}
         }
         messages.push(Message::new("user", input));
-        let ids = engine.encode_chat(&messages)?;
+        // A conversation past the limit is refused while it is counted (issue 33, item 8).
+        let (ids, tokens, fits) = match engine.encode_chat(&messages) {
+            Ok(ids) => {
+                let n = ids.len().to_string();
+                (ids, n, true)
+            }
+            Err(EngineError::PromptTooLong { at_least, .. }) => {
+                (Vec::new(), format!("at least {at_least}"), false)
+            }
+            Err(e) => return Err(e.into()),
+        };
         let room = engine.max_sequence().saturating_sub(ids.len());
-        if room < 2 {
+        if !fits || room < 2 {
             messages.pop();
             eprintln!(
-                "the conversation has {} tokens, and this chat holds at most {} (the model's context, or --max-context): /reset to start a new one",
-                ids.len(),
+                "the conversation has {tokens} tokens, and this chat holds at most {} (the model's context, or --max-context): /reset to start a new one",
                 engine.max_sequence()
             );
             continue;

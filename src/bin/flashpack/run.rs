@@ -318,7 +318,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "prefetch_accuracy": stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
         "stall_ms_per_token": stream.stall_ms / tokens,
         "bytes_read_per_token": cache_stats.bytes_read as f64 / tokens,
-        "read_decode_gb_per_s": cache_stats.bytes_read as f64 / 1e6 / cache_stats.read_decode_ms.max(1e-9),
+        // A rate over no timed reads is unknown (null), not bytes over a clamped 0 ms.
+        "read_decode_gb_per_s": (cache_stats.bytes_read > 0 && cache_stats.read_decode_ms > 0.0)
+            .then(|| cache_stats.bytes_read as f64 / 1e6 / cache_stats.read_decode_ms),
     });
     let report = serde_json::json!({
         "generation": stats,

@@ -76,6 +76,48 @@ pub enum EngineError {
     Template(#[from] TemplateError),
     #[error("tokenizing the prompt: {0}")]
     Tokenize(String),
+    /// The prompt has more tokens than the engine takes (counted in pieces for a long text, so
+    /// `at_least` may be short of the whole count).
+    #[error(
+        "the prompt has at least {at_least} tokens, and at most {limit} fit (the model's \
+         context, or what the memory budget sized): shorten the prompt"
+    )]
+    PromptTooLong { at_least: usize, limit: usize },
+}
+
+/// Bytes of text tokenized at a time when a long prompt is counted.
+pub const COUNT_PIECE: usize = 64 << 10;
+
+/// `text` in pieces of at most about `size` bytes, each cut after a newline or a space near its
+/// end where there is one (tokenizers split words there anyway), else at a character boundary.
+fn pieces_of(text: &str, size: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(size);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end < rest.len() {
+            let window = &rest.as_bytes()[end.saturating_sub(1024)..end];
+            let cut = window
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .or_else(|| window.iter().rposition(|&b| b == b' '));
+            if let Some(i) = cut {
+                end = end.saturating_sub(1024) + i + 1;
+            }
+        }
+        let mut end = end.max(1);
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// An open pack ready to generate: model, expert cache, tokenizer, chat template, KV cache.
@@ -322,14 +364,45 @@ impl<'p> Engine<'p> {
         self.prefix.clear();
     }
 
-    /// Token ids of `text`, as the prompt is tokenized (no special tokens added).
+    /// Token ids of `text`, as the prompt is tokenized (no special tokens added), or
+    /// [`EngineError::PromptTooLong`] when it has more than [`Engine::max_sequence`] tokens.
+    ///
+    /// A tokenizer takes about a hundred bytes of memory per byte of text, so a long text is
+    /// first counted in pieces of [`COUNT_PIECE`] bytes, and refused as soon as the count is
+    /// past the limit (issue 33, item 8): an 87 MB prompt file costs one piece's memory and a
+    /// moment, not gigabytes and minutes. Only a text that may fit is tokenized whole.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        Ok(self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?
-            .get_ids()
-            .to_vec())
+        self.encode_within(text, self.max_sequence())
+    }
+
+    /// [`Engine::encode`] with the limit `limit` tokens (a server's own, for example).
+    pub fn encode_within(&self, text: &str, limit: usize) -> Result<Vec<u32>, EngineError> {
+        let tokens = |t: &str| {
+            self.tokenizer
+                .encode(t, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| EngineError::Tokenize(e.to_string()))
+        };
+        if text.len() > COUNT_PIECE && limit < usize::MAX / 2 {
+            let (mut counted, mut pieces) = (0usize, 0usize);
+            for piece in pieces_of(text, COUNT_PIECE) {
+                counted += tokens(piece)?.len();
+                pieces += 1;
+                // A cut may split what whole text makes one token: allow 2 per cut.
+                let at_least = counted.saturating_sub(2 * pieces);
+                if at_least > limit {
+                    return Err(EngineError::PromptTooLong { at_least, limit });
+                }
+            }
+        }
+        let ids = tokens(text)?;
+        if ids.len() > limit {
+            return Err(EngineError::PromptTooLong {
+                at_least: ids.len(),
+                limit,
+            });
+        }
+        Ok(ids)
     }
 
     /// Token ids of a conversation rendered through the chat template.
