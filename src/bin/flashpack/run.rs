@@ -214,6 +214,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (pack, cfg, weights) = open::open(&args.pack, !args.no_verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let progress = PromptProgress::new(prompt_progress_after(), !args.json);
+    // The text the model reads: the prompt, through the chat template unless --raw.
+    let text = if args.raw {
+        prompt.clone()
+    } else {
+        match ChatTemplate::of_pack(&pack) {
+            Some(template) => template.render(&[Message::new("user", &prompt)])?,
+            None => prompt.clone(),
+        }
+    };
     let opts = EngineOptions {
         mem_budget: args.mem_budget.clone(),
         expert_budget: args.expert_budget.clone(),
@@ -225,19 +234,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         prefetch: !args.no_prefetch,
         skip_uncached: args.skip_uncached,
         sync_baseline: args.sync_baseline,
-        // The prompt's length in bytes bounds its tokens.
-        positions: prompt.len().saturating_add(args.max_tokens),
+        // The text's length in bytes bounds its tokens (the template's text included).
+        positions: text.len().saturating_add(args.max_tokens),
     };
     let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &progress)?;
 
-    let text = if args.raw {
-        prompt.clone()
-    } else {
-        match ChatTemplate::of_pack(&pack) {
-            Some(template) => template.render(&[Message::new("user", &prompt)])?,
-            None => prompt.clone(),
-        }
-    };
     let ids = engine.encode(&text)?;
     let req = Request {
         max_tokens: args.max_tokens,
