@@ -20,7 +20,7 @@ Writes `table.md` and `raw.json` into --out. Ratios are against numbers of the s
 Options for issue 25 (streaming): `--baseline-bin flashpack-base` repeats every flashpack run with an older
 binary, interleaved (rows marked [base]; `bash scripts/bench_gpu.sh prepare-base REV` stages it); `--no-mlx`
 skips mlx-lm (the uniform pack is then converted from bf16); `--deep` runs 48 layers of Qwen3-30B-A3B's
-layer shape at half the expert width instead (`deep.md`). Columns: loads over needed loads, the host's own
+layer shape (FP8 source, expert width 768) instead (`deep.md`). Columns: loads over needed loads, the host's own
 build time per token (without routing and expert waits), the serial and overlapped limits from the same
 model's resident step and the disk's speed.
 """
@@ -244,25 +244,33 @@ def stream_table(res, keys, bw, mlx_tps=None):
 
 
 def deep(a, log):
-    """48 sparse layers of Qwen3-30B-A3B's shape at half the expert width, uniform and skewed:
-    each model is generated, converted and its source deleted before the next (disk)."""
+    """48 sparse layers of Qwen3-30B-A3B's shape (expert width 768), uniform and skewed: each
+    model is generated as FP8 with 128x128 block scales (29 GB; bf16 would be 58 GB, more than the
+    machine's disk), converted to the default 4-bit pack and its source deleted before the next."""
     w = a.work
     shape = ["--arch", "qwen3_moe", "--hidden", "2048", "--experts", "128", "--top-k", "8",
-             "--moe-intermediate", "384", "--heads", "32", "--kv-heads", "4", "--head-dim", "128",
-             "--vocab", "8192", "--layers", "48"]
+             "--moe-intermediate", "768", "--heads", "32", "--kv-heads", "4", "--head-dim", "128",
+             "--vocab", "8192", "--layers", "48", "--fp8-block", "128"]
     packs = {}
-    for name, extra in [("deep-uniform", []), ("deep-skewed", ["--routing-skew", "0.3"])]:
+    models = [("deep-uniform", []), ("deep-skewed", ["--routing-skew", "0.3"])]
+    models = [m for m in models if m[0].removeprefix("deep-") in a.deep_models.split(",")]
+    for name, extra in models:
         pack = f"{w}/{name}.flashpack"
         if not os.path.exists(pack):
+            # The disk holds one 29 GB source beside one pack: other deep packs go first.
+            for other, _ in models + [("deep-uniform", []), ("deep-skewed", [])]:
+                if other != name and os.path.exists(f"{w}/{other}.flashpack") and len(models) == 1:
+                    os.remove(f"{w}/{other}.flashpack")
             sh(["make_fixture", "--out", f"{w}/{name}", "--tokenizer-from", a.tokenizer_from]
                + shape + extra)
             sh(["flashpack", "convert", f"{w}/{name}", "-o", pack, "--quiet"])
             subprocess.run(["rm", "-rf", f"{w}/{name}"])
             log(f"{name} ready ({os.path.getsize(pack) / 1e9:.1f} GB)")
         packs[name] = pack
-    bw = disk_bw(packs["deep-uniform"])
+    first = next(iter(packs.values()))
+    bw = disk_bw(first)
     log(f"disk {bw / 1e9:.2f} GB/s")
-    run_flashpack(packs["deep-uniform"], [], PROMPT, 4)
+    run_flashpack(first, [], PROMPT, 4)
     runs = []
     for model in packs:
         runs += [(model, "resident", []), (model, "50%", ["--expert-budget", "50%"]),
@@ -279,8 +287,8 @@ def deep(a, log):
     keys = [f"{m}:{n}{t}" for m, n, _ in runs for t, _ in binaries(a)]
     _, lines = stream_table(res, keys, bw)
     lines = [f"disk {bw / 1e9:.2f} GB/s; 48 layers, 128 experts top-8, hidden 2048, expert width "
-             f"384 (half of Qwen3-30B-A3B's 768: bytes per expert halve); {a.max_tokens} greedy "
-             f"tokens; medians of {a.reps} reps", ""] + lines
+             f"768, 32 query and 4 KV heads (Qwen3-30B-A3B's shape; FP8 source, 4-bit pack); "
+             f"{a.max_tokens} greedy tokens; medians of {a.reps} reps", ""] + lines
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(a.out, "deep.md"), "w") as f:
@@ -321,9 +329,12 @@ def main():
                          "interleaved, as rows marked [base]")
     ap.add_argument("--deep", action="store_true",
                     help="instead of the 8-layer models: 48 layers of Qwen3-30B-A3B's layer "
-                         "shape with the expert width halved to 384 (the device's 64 GB disk "
-                         "cannot hold the full-width bf16 source), uniform and skewed; resident "
-                         "and 50/25/12%% budgets, flashpack only")
+                         "shape (an FP8 source: the device's 64 GB disk cannot hold the bf16 "
+                         "one), uniform and skewed; resident and 50/25/12%% budgets, flashpack "
+                         "only")
+    ap.add_argument("--deep-models", default="uniform,skewed",
+                    help="which deep models (one per call when the disk cannot hold both packs "
+                         "and a source: the other's pack is then deleted first)")
     a = ap.parse_args()
     global SHAPE
     if a.small:

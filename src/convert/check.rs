@@ -264,7 +264,7 @@ pub(super) fn check_dense_against_model(
         }
         fn quantization(&self, module: &str) -> Option<Quant> {
             let t = self.tensors.get(format!("{module}.weight").as_str())?;
-            (t.bits > 0).then(|| Quant {
+            (t.bits > 0).then_some(Quant {
                 group_size: t.group_size as i32,
                 bits: t.bits as i32,
                 mode: t.mode,
