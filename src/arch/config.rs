@@ -2,7 +2,7 @@
 //! ([`ModelConfig`], stored in a pack's metadata), with its router, shared-expert, attention and
 //! layer-layout records, and the sizes the budget and `inspect` read from it.
 
-use super::{Arch, ArchError};
+use super::{Arch, ArchError, RouterConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -30,55 +30,6 @@ pub struct Rope {
     /// The remaining scaling parameters as written (factor, original_max_position_embeddings,
     /// ...), `None` when unscaled. Kept verbatim so a runtime can refuse what it cannot do.
     pub scaling: Option<Value>,
-}
-
-/// How a router turns its logits into expert scores (`scoring_func` in DeepSeek-V3 / GLM-4.5
-/// configs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Scoring {
-    /// `softmax(logits)` over all experts (every architecture before DeepSeek-V3).
-    #[default]
-    Softmax,
-    /// `sigmoid(logits)` per expert, in f32.
-    Sigmoid,
-}
-
-/// Routing beyond softmax top-k with optional renormalisation (`norm_topk_prob`), as DeepSeek-V3
-/// and GLM-4.5 configure it. The default (softmax, no selection bias, one group, factor 1) is what
-/// the other architectures do; a pack's `model` record holds it only when it differs, so packs
-/// written before it existed read as the default.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RouterConfig {
-    pub scoring: Scoring,
-    /// The router has an `e_score_correction_bias` `[E]` (`topk_method: "noaux_tc"`): added to
-    /// the scores to choose experts, never to weight them.
-    pub selection_bias: bool,
-    /// `n_group`: experts fall into this many equal groups, in id order; 1 = no groups.
-    pub n_group: usize,
-    /// `topk_group`: only the best groups (by the sum of their two best scores) may be chosen.
-    pub topk_group: usize,
-    /// `routed_scaling_factor`: the routed weights are multiplied by it, after renormalisation.
-    pub routed_scaling_factor: f64,
-}
-
-impl Default for RouterConfig {
-    fn default() -> Self {
-        RouterConfig {
-            scoring: Scoring::Softmax,
-            selection_bias: false,
-            n_group: 1,
-            topk_group: 1,
-            routed_scaling_factor: 1.0,
-        }
-    }
-}
-
-impl RouterConfig {
-    pub fn is_default(&self) -> bool {
-        *self == RouterConfig::default()
-    }
 }
 
 /// The shared expert(s) every token goes through, besides the routed ones. N shared experts

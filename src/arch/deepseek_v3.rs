@@ -13,17 +13,47 @@
 //! `mlp.shared_experts.{gate,up,down}_proj.weight`. Attention: `self_attn.q_proj` (or
 //! `q_a_proj`, `q_a_layernorm`, `q_b_proj`), `kv_a_proj_with_mqa`, `kv_a_layernorm`,
 //! `kv_b_proj` (mlx-lm splits it into `embed_q` and `unembed_out`), `o_proj`.
+//!
+//! Forward pass (mlx-lm 0.32.2 `mlx_lm/models/deepseek_v3.py`): multi-head latent attention
+//! (model/mla.rs, chosen by `ModelConfig::mla`), YaRN RoPE on the rotary part. MoE
+//! (`DeepseekV3MoE`): `group_expert_select` (sigmoid in f32, selection bias, group-limited top-k,
+//! renormalisation, `routed_scaling_factor`), the weighted sum cast back to the activations' dtype,
+//! plus the ungated shared experts. Dense first layers use the same SwiGLU MLP. Sanitize: mlx-lm
+//! splits `kv_b_proj` per head into `embed_q` and `unembed_out` ([`Derive::SplitKvB`]).
 
 use super::{
-    Arch, ArchError, Defaults, Fields, Mla, ModelConfig, QkNorm, RouterConfig, Scoring,
-    SharedExpert, SharedNames, TensorNames,
+    Arch, ArchDef, ArchError, Defaults, Derive, Fields, Mla, ModelConfig, QkNorm, RouterConfig,
+    RouterDef, Sanitize, Scoring, SharedExpert, SharedNames, TensorNames, TopKOrder,
 };
 use serde_json::Value;
 
-pub(super) const UPSTREAM: &[&str] = &[
-    "https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/modeling_deepseek.py",
+pub(super) const DEF: ArchDef = ArchDef {
+    model_type: "deepseek_v3",
+    // MODEL_REMAPPING = {"kimi_k2": "deepseek_v3", ...}  (mlx-lm utils.py)
+    aliases: &["kimi_k2"],
+    upstream: &[
+        "https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/modeling_deepseek.py",
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/deepseek_v3.py",
-];
+    ],
+    parse,
+    names: NAMES,
+    router: ROUTER,
+    // y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+    cast_moe_output: true,
+    sanitize: Sanitize {
+        derive: &[Derive::SplitKvB],
+        ..Sanitize::NONE
+    },
+    ..ArchDef::DEFAULT
+};
+
+/// `group_expert_select`, shared with GLM-4.5:
+/// inds = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+/// if top_k > 1 and norm_topk_prob: scores = scores / scores.sum(-1, keepdims=True)
+pub(super) const ROUTER: RouterDef = RouterDef {
+    renormalize_top1: false,
+    ..RouterDef::config(TopKOrder::FirstOfNegated)
+};
 
 pub(super) const NAMES: TensorNames = TensorNames {
     shared: Some(SharedNames {

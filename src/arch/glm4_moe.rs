@@ -9,19 +9,32 @@
 //! `num_hidden_layers` is not part of the model (the loader drops it).
 //! Tensor names are DeepSeek-V3's for the MoE block; attention is `q_proj`, `k_proj`, `v_proj`
 //! (with `.bias`), `o_proj`, `q_norm`, `k_norm`.
+//!
+//! Forward pass (mlx-lm 0.32.2 `mlx_lm/models/glm4_moe.py`): grouped-query attention with q/k/v
+//! biases, per-head q/k RMSNorm when `use_qk_norm`, and `nn.RoPE(int(head_dim *
+//! partial_rotary_factor))` (the shared block in model/attention.rs). MoE: DeepSeek-V3's
+//! `group_expert_select` and shared experts, the weighted sum cast back to the activations' dtype.
 
 use super::{
-    deepseek_v3, Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, SharedExpert, TensorNames,
+    deepseek_v3, Arch, ArchDef, ArchError, Defaults, Fields, ModelConfig, QkNorm, SharedExpert,
 };
 use serde_json::Value;
 
-pub(super) const UPSTREAM: &[&str] = &[
-    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/glm4_moe/modeling_glm4_moe.py",
+pub(super) const DEF: ArchDef = ArchDef {
+    model_type: "glm4_moe",
+    upstream: &[
+        "https://github.com/huggingface/transformers/blob/main/src/transformers/models/glm4_moe/modeling_glm4_moe.py",
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/glm4_moe.py",
-];
+    ],
+    parse,
+    // DeepSeek-V3's MoE block names (`mlp.gate`, `mlp.experts.N`, `mlp.shared_experts`).
+    names: deepseek_v3::NAMES,
+    router: deepseek_v3::ROUTER,
+    // y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+    cast_moe_output: true,
+    ..ArchDef::DEFAULT
+};
 
-/// DeepSeek-V3's MoE block names (`mlp.gate`, `mlp.experts.N`, `mlp.shared_experts`).
-pub(super) const NAMES: TensorNames = deepseek_v3::NAMES;
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     let f = Fields::new(v, Arch::Glm4Moe);

@@ -13,23 +13,52 @@
 //! `down_proj_blocks` `[E, H, I/32, 16]`, `down_proj_scales`, `down_proj_bias` `[E, H]`.
 //! mlx-lm's folders: `mlp.experts.{gate,up,down}_proj.{weight,scales,bias}` stacked `[E, ..]`.
 //! Router: `mlp.router.weight` `[E, H]` and `mlp.router.bias` `[E]`.
+//!
+//! Forward pass (mlx-lm 0.32.2 `mlx_lm/models/gpt_oss.py`). Attention (`AttentionBlock`): q/k/v/o
+//! with biases, YaRN RoPE, a learned sink per head passed to `scaled_dot_product_attention(...,
+//! sinks=self.sinks)`, and a window of `sliding_window` positions on the layers `layer_types` marks
+//! `sliding_attention` (a rotating KV cache there). MoE (`MLPBlock`): `router` is a linear layer
+//! with a bias; `mlx_topk` takes `argpartition(g, kth=-k)[..., -k:]` of the logits, then
+//! `softmax(precise=True)` over the k chosen; experts are `SwitchGLU(..., activation=SwigluOAI(),
+//! bias=True)`: each projection's output gets its expert's bias, and the activation is the clamped
+//! SwiGLU (model/moe.rs); the weighted sum is left in the scores' dtype.
 
 use super::{
-    Arch, ArchError, ClampedSwiglu, Defaults, Fields, ModelConfig, QkNorm, SlidingWindow,
-    TensorNames,
+    Arch, ArchDef, ArchError, ClampedSwiglu, Defaults, ExpertLayout, Fields, ModelConfig, QkNorm,
+    RouterDef, Scoring, SlidingWindow, TensorNames, TopKOrder,
 };
 use serde_json::Value;
 
-pub(super) const UPSTREAM: &[&str] = &[
-    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt_oss/modeling_gpt_oss.py",
+pub(super) const DEF: ArchDef = ArchDef {
+    model_type: "gpt_oss",
+    upstream: &[
+        "https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt_oss/modeling_gpt_oss.py",
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/gpt_oss.py",
-];
-
-pub(super) const NAMES: TensorNames = TensorNames {
-    // mlx-lm stacks them under `experts` (`SwitchGLU` named `experts` in `MLPBlock`).
-    stacked_module: "experts",
-    router: "router",
-    ..TensorNames::DEFAULT
+    ],
+    parse,
+    names: TensorNames {
+        // mlx-lm stacks them under `experts` (`SwitchGLU` named `experts` in `MLPBlock`).
+        stacked_module: "experts",
+        router: "router",
+        ..TensorNames::DEFAULT
+    },
+    // partitioned_indices = mx.argpartition(a, kth=-k, axis=axis); [..., -k:]
+    // expert_weights = mx.softmax(experts, axis=-1, precise=True)
+    router: RouterDef {
+        scoring: Some(Scoring::SoftmaxOfChosen),
+        ..RouterDef::config(TopKOrder::LastOf)
+    },
+    // y = x.sum(axis=-2), no cast
+    cast_moe_output: false,
+    // OpenAI's MXFP4 release, or mlx-lm's conversion of it.
+    expert_layouts: &[ExpertLayout::MxBlocks, ExpertLayout::Stacked],
+    // transformers' bf16 re-export of gpt-oss: gate_up_proj [E, H, 2I], interleaved.
+    layout_refusal: Some(
+        "float experts.gate_up_proj is the bf16 re-export of gpt-oss, which is not read (mlx-lm \
+         does not read it either); convert the original MXFP4 checkpoint (openai/gpt-oss-20b or \
+         -120b) or mlx-lm's conversion of it",
+    ),
+    ..ArchDef::DEFAULT
 };
 
 /// `SwigluOAI(alpha=1.702, limit=7.0)` (mlx-lm models/activations.py).

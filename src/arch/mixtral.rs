@@ -6,21 +6,41 @@
 //! Experts on disk: `model.layers.L.block_sparse_moe.experts.N.w1/w3.weight` (gate/up, [I, H])
 //! and `w2.weight` (down, [H, I]); router `block_sparse_moe.gate.weight` [E, H]. transformers 5.x
 //! renames the block to `mlp` in memory (`mlp.experts.gate_up_proj`), which is accepted too.
+//!
+//! Forward pass (mlx-lm 0.32.2 `mlx_lm/models/mixtral.py`): no q/k norm, no biases. MoE
+//! (`MixtralSparseMoeBlock.__call__`): top-k on the raw router logits, then softmax over the k
+//! chosen (so the weights always sum to 1); experts are `block_sparse_moe.switch_mlp` (w1 = gate,
+//! w3 = up, w2 = down).
 
-use super::{Arch, ArchError, Defaults, Fields, ModelConfig, QkNorm, TensorNames};
+use super::{
+    Arch, ArchDef, ArchError, Defaults, Fields, ModelConfig, QkNorm, RouterDef, Scoring,
+    TensorNames, TopKOrder,
+};
 use serde_json::Value;
 
-pub(super) const UPSTREAM: &[&str] = &[
-    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/mixtral/modeling_mixtral.py",
-    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/mixtral.py",
-];
-
-pub(super) const NAMES: TensorNames = TensorNames {
-    // WeightRenaming(".block_sparse_moe.", ".mlp.")  (transformers conversion_mapping.py)
-    moe_blocks: &["block_sparse_moe", "mlp"],
-    expert_projs: ["w1", "w3", "w2"],
-    ..TensorNames::DEFAULT
+pub(super) const DEF: ArchDef = ArchDef {
+    model_type: "mixtral",
+    upstream: &[
+            "https://github.com/huggingface/transformers/blob/main/src/transformers/models/mixtral/modeling_mixtral.py",
+        "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/mixtral.py",
+    ],
+    parse,
+    names: TensorNames {
+        // WeightRenaming(".block_sparse_moe.", ".mlp.")  (transformers conversion_mapping.py)
+        moe_blocks: &["block_sparse_moe", "mlp"],
+        expert_projs: ["w1", "w3", "w2"],
+        ..TensorNames::DEFAULT
+    },
+    // inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
+    // scores = mx.take_along_axis(gates, inds, axis=-1)
+    // scores = mx.softmax(scores, axis=-1, precise=True)
+    router: RouterDef {
+        scoring: Some(Scoring::SoftmaxOfChosen),
+        ..RouterDef::config(TopKOrder::FirstOfNegated)
+    },
+    ..ArchDef::DEFAULT
 };
+
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     let f = Fields::new(v, Arch::Mixtral);

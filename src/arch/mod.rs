@@ -1,109 +1,105 @@
-//! Supported Mixture-of-Experts architectures: config parsing and tensor names.
+//! Supported Mixture-of-Experts architectures: the table, config parsing and tensor names.
 //!
 //! In: a Hugging Face `config.json` (as a `serde_json::Value`) and tensor names from safetensors.
 //! Out: a normalized [`ModelConfig`] (stored in the pack metadata) and, per tensor name, a
 //! [`TensorRole`] saying whether it is an expert projection (and which), a router, a tensor that
 //! must stay full precision, or a dense tensor quantized by policy.
-//! Invariant: every architecture-specific detail lives in one file per architecture
+//! Invariant: every architecture-specific fact lives in one file per architecture
 //! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`, `deepseek_v3.rs`, `glm4_moe.rs`,
-//! `qwen3_next.rs`, `qwen3_5_moe.rs`, `gpt_oss.rs`);
-//! what they share is split by idea: this file holds the list (`Arch`, its per-architecture
-//! `match`es, parsing a config by its `model_type`) and `ArchError`; `config.rs` the normalized
-//! [`ModelConfig`] and its records; `fields.rs` the config field reader; `names.rs` tensor
-//! naming. Both config dialects are accepted: transformers 5.x (`rope_parameters`,
-//! `num_local_experts`) and legacy (top-level `rope_theta` / `rope_scaling`, `num_experts`).
-
-mod deepseek_v3;
-mod glm4_moe;
-mod gpt_oss;
-mod mixtral;
-mod olmoe;
-mod qwen2_moe;
-mod qwen3_5_moe;
-mod qwen3_moe;
-mod qwen3_next;
+//! `qwen3_next.rs`, `qwen3_5_moe.rs`, `gpt_oss.rs`), as its table entry ([`ArchDef`], `def.rs`):
+//! model_type, upstream files, config parser, tensor names, sanitize rules, router and expert
+//! layouts. This file holds the table (one line per architecture in `architectures!`, which
+//! makes [`Arch`], its module and its entry), parsing a config by its `model_type`, and
+//! `ArchError`; what the entries share is split by idea: `config.rs` the normalized
+//! [`ModelConfig`] and its records; `router.rs` the router (config, architecture rules, the spec
+//! the model runs); `fields.rs` the config field reader; `names.rs` tensor naming. Both config
+//! dialects are accepted: transformers 5.x (`rope_parameters`, `num_local_experts`) and legacy
+//! (top-level `rope_theta` / `rope_scaling`, `num_experts`).
 
 mod config;
+mod def;
 mod fields;
 mod names;
+mod router;
 
 pub use config::{
-    ClampedSwiglu, DeltaProjections, LinearAttention, Mla, ModelConfig, QkNorm, Rope, RouterConfig,
-    Scoring, SharedExpert, SlidingWindow,
+    ClampedSwiglu, DeltaProjections, LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert,
+    SlidingWindow,
 };
+pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};
-pub use names::{Part, Proj, SharedNames, TensorNames, TensorRole};
+pub use names::{ExpertLayout, Part, Proj, SharedNames, TensorNames, TensorRole};
+pub use router::{ExpertGroups, RouterConfig, RouterDef, RouterSpec, Scoring, TopKOrder};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use std::path::Path;
 
-/// Architectures whose experts flashpack can pack and run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Arch {
-    Qwen3Moe,
-    Mixtral,
-    Olmoe,
-    Qwen2Moe,
-    DeepseekV3,
-    Glm4Moe,
-    Qwen3Next,
-    #[serde(rename = "qwen3_5_moe")]
-    Qwen35Moe,
-    GptOss,
+/// The table: one line per architecture, `Variant => module`, in the order shown to users. The
+/// module (`arch/<module>.rs`) defines `pub(super) const DEF: ArchDef`; this makes the
+/// [`Arch`] variant, declares the module, and lists the entry in [`Arch::ALL`] and
+/// [`Arch::def`]. A pack names its architecture by `model_type`, so the order may change.
+macro_rules! architectures {
+    ($($(#[$doc:meta])* $variant:ident => $module:ident,)*) => {
+        $(mod $module;)*
+
+        /// Architectures whose experts flashpack can pack and run: a handle on the table's
+        /// entry ([`Arch::def`]), written in a pack as its `model_type`.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Arch {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Arch {
+            /// Every supported architecture, in the order shown to users.
+            pub const ALL: &'static [Arch] = &[$(Arch::$variant,)*];
+
+            /// Its table entry: everything flashpack knows about it.
+            pub fn def(self) -> &'static ArchDef {
+                match self {
+                    $(Arch::$variant => &$module::DEF,)*
+                }
+            }
+        }
+
+        /// The `model_type` of each entry, in table order (for serde's error message).
+        const MODEL_TYPES: &[&str] = &[$($module::DEF.model_type,)*];
+    };
+}
+
+architectures! {
+    Qwen3Moe => qwen3_moe,
+    Mixtral => mixtral,
+    Olmoe => olmoe,
+    Qwen2Moe => qwen2_moe,
+    /// Also Kimi-K2 (`kimi_k2`).
+    DeepseekV3 => deepseek_v3,
+    Glm4Moe => glm4_moe,
+    Qwen3Next => qwen3_next,
+    Qwen35Moe => qwen3_5_moe,
+    GptOss => gpt_oss,
 }
 
 /// `model_type`s that are recognised but not supported yet; named in the error so users know
 /// the gap is known rather than a typo.
 pub const PLANNED_MODEL_TYPES: &[&str] = &["qwen3_vl_moe", "llama4", "minimax_m2"];
 
-/// Other `model_type`s that are one of the supported architectures under another name (as
-/// mlx-lm's `MODEL_REMAPPING` maps them).
-pub const MODEL_TYPE_ALIASES: &[(&str, Arch)] = &[("kimi_k2", Arch::DeepseekV3)];
-
 impl Arch {
-    /// Every supported architecture, in the order shown to users.
-    pub const ALL: &'static [Arch] = &[
-        Arch::Qwen3Moe,
-        Arch::Mixtral,
-        Arch::Olmoe,
-        Arch::Qwen2Moe,
-        Arch::DeepseekV3,
-        Arch::Glm4Moe,
-        Arch::Qwen3Next,
-        Arch::Qwen35Moe,
-        Arch::GptOss,
-    ];
-
     /// The Hugging Face `model_type` string.
     pub fn model_type(self) -> &'static str {
-        match self {
-            Arch::Qwen3Moe => "qwen3_moe",
-            Arch::Mixtral => "mixtral",
-            Arch::Olmoe => "olmoe",
-            Arch::Qwen2Moe => "qwen2_moe",
-            Arch::DeepseekV3 => "deepseek_v3",
-            Arch::Glm4Moe => "glm4_moe",
-            Arch::Qwen3Next => "qwen3_next",
-            Arch::Qwen35Moe => "qwen3_5_moe",
-            Arch::GptOss => "gpt_oss",
-        }
+        self.def().model_type
     }
 
-    /// Looks up an architecture by `model_type`.
+    /// Looks up an architecture by `model_type`, or one of its aliases.
     pub fn from_model_type(model_type: &str) -> Result<Arch, ArchError> {
+        let by_name = |a: &&Arch| a.model_type() == model_type;
+        let by_alias = |a: &&Arch| a.def().aliases.contains(&model_type);
         Arch::ALL
             .iter()
+            .find(by_name)
+            .or_else(|| Arch::ALL.iter().find(by_alias))
             .copied()
-            .find(|a| a.model_type() == model_type)
-            .or_else(|| {
-                MODEL_TYPE_ALIASES
-                    .iter()
-                    .find(|(alias, _)| *alias == model_type)
-                    .map(|&(_, a)| a)
-            })
             .ok_or_else(|| ArchError::Unsupported {
                 model_type: model_type.to_string(),
                 supported: supported_list(),
@@ -113,60 +109,43 @@ impl Arch {
 
     /// The upstream modelling files this architecture's names and config mirror.
     pub fn upstream(self) -> &'static [&'static str] {
-        match self {
-            Arch::Qwen3Moe => qwen3_moe::UPSTREAM,
-            Arch::Mixtral => mixtral::UPSTREAM,
-            Arch::Olmoe => olmoe::UPSTREAM,
-            Arch::Qwen2Moe => qwen2_moe::UPSTREAM,
-            Arch::DeepseekV3 => deepseek_v3::UPSTREAM,
-            Arch::Glm4Moe => glm4_moe::UPSTREAM,
-            Arch::Qwen3Next => qwen3_next::UPSTREAM,
-            Arch::Qwen35Moe => qwen3_5_moe::UPSTREAM,
-            Arch::GptOss => gpt_oss::UPSTREAM,
-        }
+        self.def().upstream
     }
 
     /// How this architecture names its MoE tensors.
     pub fn names(self) -> &'static TensorNames {
-        match self {
-            Arch::Qwen3Moe => &qwen3_moe::NAMES,
-            Arch::Mixtral => &mixtral::NAMES,
-            Arch::Olmoe => &olmoe::NAMES,
-            Arch::Qwen2Moe => &qwen2_moe::NAMES,
-            Arch::DeepseekV3 => &deepseek_v3::NAMES,
-            Arch::Glm4Moe => &glm4_moe::NAMES,
-            Arch::Qwen3Next => &qwen3_next::NAMES,
-            Arch::Qwen35Moe => &qwen3_5_moe::NAMES,
-            Arch::GptOss => &gpt_oss::NAMES,
-        }
+        &self.def().names
     }
 
     /// The name a source tensor goes by in a pack (mlx-lm's), or `None` for a tensor that is not
-    /// part of the text model. Qwen3.5's multimodal checkpoints hold the language model under
-    /// `model.language_model.*` beside a vision tower (`model.visual.*`), and mlx-lm's folders
-    /// under `language_model.*` (mlx-lm qwen3_5_moe.py `sanitize`); every other name, and every
-    /// name of the other architectures, is its own.
+    /// part of the text model ([`Sanitize::rename`]: Qwen3.5's multimodal checkpoints hold the
+    /// language model under `model.language_model.*` beside a vision tower).
     pub fn text_model_name(self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
-        use std::borrow::Cow;
-        if self != Arch::Qwen35Moe {
-            return Some(Cow::Borrowed(name));
-        }
-        // if key.startswith("vision_tower") or key.startswith("model.visual"): continue
-        if name.starts_with("vision_tower") || name.starts_with("model.visual") {
-            return None;
-        }
-        if let Some(rest) = name.strip_prefix("model.language_model.") {
-            return Some(Cow::Owned(format!("model.{rest}")));
-        }
-        if let Some(rest) = name.strip_prefix("language_model.") {
-            return Some(Cow::Owned(rest.to_string()));
-        }
-        Some(Cow::Borrowed(name))
+        (self.def().sanitize.rename)(name)
     }
 
     /// What the tensor called `name` is (see [`TensorNames::classify`]).
     pub fn classify(self, name: &str) -> TensorRole {
         self.names().classify(name)
+    }
+}
+
+/// Written as the `model_type` (what serde's `snake_case` wrote when `Arch` was a plain enum,
+/// so packs read the same either way).
+impl Serialize for Arch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.model_type())
+    }
+}
+
+impl<'de> Deserialize<'de> for Arch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Arch, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Arch::ALL
+            .iter()
+            .copied()
+            .find(|a| a.model_type() == name)
+            .ok_or_else(|| serde::de::Error::unknown_variant(&name, MODEL_TYPES))
     }
 }
 
@@ -251,17 +230,7 @@ impl ModelConfig {
             })?,
         };
         let arch = Arch::from_model_type(model_type)?;
-        let cfg = match arch {
-            Arch::Qwen3Moe => qwen3_moe::parse(v)?,
-            Arch::Mixtral => mixtral::parse(v)?,
-            Arch::Olmoe => olmoe::parse(v)?,
-            Arch::Qwen2Moe => qwen2_moe::parse(v)?,
-            Arch::DeepseekV3 => deepseek_v3::parse(v)?,
-            Arch::Glm4Moe => glm4_moe::parse(v)?,
-            Arch::Qwen3Next => qwen3_next::parse(v)?,
-            Arch::Qwen35Moe => qwen3_5_moe::parse(v)?,
-            Arch::GptOss => gpt_oss::parse(v)?,
-        };
+        let cfg = (arch.def().parse)(v)?;
         cfg.validate().map_err(|e| match e {
             // Name the key the config.json has, where the normalized field has aliases.
             ArchError::BadField {

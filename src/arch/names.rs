@@ -59,6 +59,21 @@ impl Part {
     }
 }
 
+/// How a checkpoint stores a layer's experts (each architecture's table entry lists those its
+/// loader reads, [`super::ArchDef::expert_layouts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertLayout {
+    /// Hugging Face on disk: `experts.N.gate_proj.weight`, one tensor per expert.
+    PerExpert,
+    /// transformers 5.x in memory: `experts.gate_up_proj` `[E, 2I, H]`, `experts.down_proj`.
+    Fused,
+    /// mlx-lm: `switch_mlp.gate_proj.weight` `[E, I, ..]`, float or quantized.
+    Stacked,
+    /// gpt-oss's upstream MXFP4 blocks, gate and up interleaved.
+    MxBlocks,
+}
+
 /// What a tensor is, as far as packing is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TensorRole {

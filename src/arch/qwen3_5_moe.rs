@@ -10,20 +10,53 @@
 //! `in_proj_b`, `in_proj_a`), every layer sparse, and RoPE settings under `rope_parameters`.
 //! Tensor names: the multimodal checkpoints hold the text model under
 //! `model.language_model.*` and a vision tower under `model.visual.*` (dropped); mlx-lm's
-//! folders hold it under `language_model.*` ([`super::Arch::text_model_name`]). Experts are
+//! folders hold it under `language_model.*` ([`text_model_name`]). Experts are
 //! fused (`mlp.experts.gate_up_proj` `[E, 2I, H]`, `mlp.experts.down_proj` `[E, H, I]`) or
 //! mlx-lm's stacked `switch_mlp`. The multi-token-prediction module (`mtp.*`) is dropped.
+//!
+//! Forward pass (mlx-lm 0.32.2 `mlx_lm/models/qwen3_5.py`, the text model `qwen3_5_moe.py`
+//! wraps): Qwen3-Next's attention, gated norm and sparse block (`qwen3_next.rs`): only the linear
+//! attention's input projections differ (`in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`,
+//! model/gated_delta.rs), and every layer is sparse. `SparseMoeBlock` is
+//! `Qwen3NextSparseMoeBlock`: `y = (y * scores[..., None]).sum(axis=-2)`, no cast.
 
-use super::{qwen3_next, Arch, ArchError, DeltaProjections, Fields, ModelConfig, TensorNames};
+use super::{qwen3_next, Arch, ArchDef, ArchError, DeltaProjections, Fields, ModelConfig, Sanitize};
 use serde_json::Value;
+use std::borrow::Cow;
 
-pub(super) const UPSTREAM: &[&str] = &[
-    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_5_moe/modeling_qwen3_5_moe.py",
+pub(super) const DEF: ArchDef = ArchDef {
+    model_type: "qwen3_5_moe",
+    upstream: &[
+        "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_5_moe/modeling_qwen3_5_moe.py",
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_5_moe.py",
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_5.py",
-];
+    ],
+    parse,
+    names: qwen3_next::NAMES,
+    router: qwen3_next::ROUTER,
+    sanitize: Sanitize {
+        rename: text_model_name,
+        ..qwen3_next::SANITIZE
+    },
+    ..ArchDef::DEFAULT
+};
 
-pub(super) const NAMES: TensorNames = qwen3_next::NAMES;
+/// Multimodal checkpoints hold the language model under `model.language_model.*` beside a
+/// vision tower (`model.visual.*`), and mlx-lm's folders under `language_model.*` (mlx-lm
+/// qwen3_5_moe.py `sanitize`); every other name is its own.
+fn text_model_name(name: &str) -> Option<Cow<'_, str>> {
+    // if key.startswith("vision_tower") or key.startswith("model.visual"): continue
+    if name.starts_with("vision_tower") || name.starts_with("model.visual") {
+        return None;
+    }
+    if let Some(rest) = name.strip_prefix("model.language_model.") {
+        return Some(Cow::Owned(format!("model.{rest}")));
+    }
+    if let Some(rest) = name.strip_prefix("language_model.") {
+        return Some(Cow::Owned(rest.to_string()));
+    }
+    Some(Cow::Borrowed(name))
+}
 
 pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     // if "text_config" not in params: text_config = params

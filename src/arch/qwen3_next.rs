@@ -12,17 +12,57 @@
 //! `mlp.experts.N.{gate,up,down}_proj.weight`, router `mlp.gate.weight`, shared expert
 //! `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`. The multi-token-prediction
 //! module (`mtp.*`) is not part of the model (the loader drops it).
+//!
+//! Forward pass (mlx-lm 0.32.2 `mlx_lm/models/qwen3_next.py`): Gated DeltaNet linear attention
+//! (model/gated_delta.rs, with its convolution and recurrent state in the layer's cache) in every
+//! layer but each `full_attention_interval`-th, which is the gated full attention of
+//! model/attention.rs (`q_proj` also gives a sigmoid output gate; per-head q/k norm; partial
+//! rotary). MoE (`Qwen3NextSparseMoeBlock`): softmax over all experts, top-k by
+//! `argpartition(gates, kth=-k)[..., -k:]`, optional renormalisation, the weighted sum left in the
+//! scores' dtype (no cast), then the shared expert scaled by `sigmoid(shared_expert_gate(x))`
+//! (model/moe.rs). Sanitize: the norms' offset by one is undone at conversion
+//! ([`Derive::NormsPlusOne`]).
 
 use super::{
-    Arch, ArchError, Defaults, DeltaProjections, Fields, LinearAttention, ModelConfig, QkNorm,
-    SharedExpert, SharedNames, TensorNames,
+    Arch, ArchDef, ArchError, Defaults, DeltaProjections, Derive, Fields, LinearAttention,
+    ModelConfig, QkNorm, RouterDef, Sanitize, SharedExpert, SharedNames, TensorNames, TopKOrder,
 };
 use serde_json::Value;
 
-pub(super) const UPSTREAM: &[&str] = &[
-    "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py",
+pub(super) const DEF: ArchDef = ArchDef {
+    model_type: "qwen3_next",
+    upstream: &[
+        "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py",
     "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_next.py",
-];
+    ],
+    parse,
+    names: NAMES,
+    router: ROUTER,
+    // y = (y * scores[..., None]).sum(axis=-2): no cast
+    sanitize: SANITIZE,
+    ..ArchDef::DEFAULT
+};
+
+/// Shared with Qwen3.5:
+/// gates = mx.softmax(gates, axis=-1, precise=True)
+/// inds = mx.argpartition(gates, kth=-k, axis=-1)[..., -k:]
+/// scores = mx.take_along_axis(gates, inds, axis=-1)
+/// if self.norm_topk_prob: scores = scores / scores.sum(axis=-1, keepdims=True)
+pub(super) const ROUTER: RouterDef = RouterDef::config(TopKOrder::LastOf);
+
+/// Shared with Qwen3.5: `weights[k] = v + 1.0` for these norms in a Hugging Face checkpoint
+/// (qwen3_next.py / qwen3_5.py `sanitize`); not the gated norm of the linear attention,
+/// `linear_attn.norm`.
+pub(super) const SANITIZE: Sanitize = Sanitize {
+    derive: &[Derive::NormsPlusOne(&[
+        ".input_layernorm.weight",
+        ".post_attention_layernorm.weight",
+        "model.norm.weight",
+        ".q_norm.weight",
+        ".k_norm.weight",
+    ])],
+    ..Sanitize::NONE
+};
 
 pub(super) const NAMES: TensorNames = TensorNames {
     // mx.sigmoid(self.shared_expert_gate(x)) * shared_y: a one-row gate, kept full.

@@ -858,3 +858,80 @@ fn qwen3_next_refuses_bad_linear_attention_widths() {
         "{e}"
     );
 }
+
+/// A pack names its architecture as serde's `snake_case` of the old enum wrote it: pinned, so
+/// that packs written before the table still load and new packs read the same.
+#[test]
+fn arch_serializes_as_before_the_table() {
+    let written = [
+        (Arch::Qwen3Moe, "qwen3_moe"),
+        (Arch::Mixtral, "mixtral"),
+        (Arch::Olmoe, "olmoe"),
+        (Arch::Qwen2Moe, "qwen2_moe"),
+        (Arch::DeepseekV3, "deepseek_v3"),
+        (Arch::Glm4Moe, "glm4_moe"),
+        (Arch::Qwen3Next, "qwen3_next"),
+        (Arch::Qwen35Moe, "qwen3_5_moe"),
+        (Arch::GptOss, "gpt_oss"),
+    ];
+    assert_eq!(Arch::ALL.len(), written.len());
+    for (arch, name) in written {
+        assert_eq!(serde_json::to_value(arch).unwrap(), json!(name));
+        assert_eq!(serde_json::from_value::<Arch>(json!(name)).unwrap(), arch);
+    }
+    // An alias finds the architecture in a config.json, never in a pack.
+    assert_eq!(Arch::from_model_type("kimi_k2").unwrap(), Arch::DeepseekV3);
+    let err = serde_json::from_value::<Arch>(json!("kimi_k2")).unwrap_err();
+    assert!(err.to_string().contains("unknown variant"), "{err}");
+}
+
+/// Every table entry writes its own name and parser (the default's refuse), and names are
+/// unique across entries and aliases.
+#[test]
+fn every_table_entry_is_its_own() {
+    let mut seen = std::collections::BTreeSet::new();
+    for &arch in Arch::ALL {
+        let def = arch.def();
+        assert!(!def.model_type.is_empty(), "{arch:?}");
+        assert!(!def.expert_layouts.is_empty(), "{arch}");
+        for name in std::iter::once(&def.model_type).chain(def.aliases) {
+            assert!(seen.insert(*name), "{name} twice");
+        }
+        assert!(def.parse as usize != ArchDef::DEFAULT.parse as usize, "{arch}");
+    }
+}
+
+/// The router each architecture runs, as the model files spelled it before the table
+/// (`RouterSpec::from_config` with their overrides): order, scoring and renormalisation.
+#[test]
+fn router_specs_are_the_model_files_of_before() {
+    use TopKOrder::{FirstOfNegated, LastOf};
+    let expect = [
+        (Arch::Qwen3Moe, LastOf, None, true),
+        (Arch::Mixtral, FirstOfNegated, Some(Scoring::SoftmaxOfChosen), true),
+        (Arch::Olmoe, FirstOfNegated, None, true),
+        (Arch::Qwen2Moe, FirstOfNegated, None, true),
+        (Arch::DeepseekV3, FirstOfNegated, None, false),
+        (Arch::Glm4Moe, FirstOfNegated, None, false),
+        (Arch::Qwen3Next, LastOf, None, true),
+        (Arch::Qwen35Moe, LastOf, None, true),
+        (Arch::GptOss, LastOf, Some(Scoring::SoftmaxOfChosen), true),
+    ];
+    for (arch, order, scoring, top1) in expect {
+        let r = arch.def().router;
+        assert_eq!((r.order, r.scoring, r.renormalize_top1), (order, scoring, top1), "{arch}");
+    }
+    let mut cfg = ModelConfig::from_json(&qwen3_5x()).unwrap();
+    for (arch, k, norm, renormalize) in [
+        (Arch::Qwen3Moe, 1, true, true),
+        (Arch::DeepseekV3, 1, true, false),
+        (Arch::DeepseekV3, 2, true, true),
+        (Arch::Mixtral, 2, true, false),
+        (Arch::Olmoe, 2, false, false),
+    ] {
+        cfg.arch = arch;
+        cfg.num_experts_per_tok = k;
+        cfg.norm_topk_prob = norm;
+        assert_eq!(RouterSpec::of(&cfg).renormalize, renormalize, "{arch} k={k}");
+    }
+}

@@ -6,26 +6,17 @@
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
 //! and a [`KvCache`] (a KV cache or a linear-attention state per layer). Out: lazy logits `[B, L, vocab]`; the caller evaluates them.
 //! Invariant: the graph is the one mlx-lm 0.32.2 builds for the same weights (each architecture's
-//! file cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
+//! table entry, `arch/<name>.rs`, cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
 //! `tests.rs` hold that to the tolerance they state.
 //! Both pipelines run it (run on a pack, convert's profile stage on the source checkpoint), so it
 //! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
-mod deepseek_v3;
 mod gated_delta;
-mod glm4_moe;
-mod gpt_oss;
 mod kv_cache;
 mod layers;
-mod mixtral;
 mod mla;
 mod moe;
-mod olmoe;
-mod qwen2_moe;
-mod qwen3_5_moe;
-mod qwen3_moe;
-mod qwen3_next;
 mod rotating;
 mod router;
 mod weights;
@@ -40,14 +31,14 @@ pub use moe::{
     ResidentExperts, SharedExpert,
 };
 pub use rotating::{causal_window, AttnMask, RotatingKv};
-pub use router::{
-    route_logits, ExpertGroups, Router, RouterScoring, RouterSpec, Routing, TopKOrder,
-};
+pub use router::{route_logits, Router, Routing};
+// The router's description is arch's (one for both pipelines); re-exported for the model's users.
+pub use crate::arch::{ExpertGroups, RouterSpec, Scoring, TopKOrder};
 pub use weights::{MlxLmWeights, Quant, Weights};
 
 use std::path::PathBuf;
 
-use crate::arch::{Arch, ArchError, ModelConfig};
+use crate::arch::{ArchError, ModelConfig};
 use crate::mlx::{self, Array, Dtype};
 
 /// Errors of the forward pass and of loading its weights.
@@ -134,30 +125,6 @@ pub enum ComputeError {
 
 type Result<T> = std::result::Result<T, ComputeError>;
 
-/// What differs between architectures once names and config are normalized: each
-/// architecture's file defines one.
-#[derive(Debug)]
-pub(crate) struct Spec {
-    /// The router, from the config (the block is shared: `router.rs`).
-    router: fn(&ModelConfig) -> RouterSpec,
-    /// Cast the weighted expert sum back to the activations' dtype (Qwen3-MoE does).
-    cast_moe_output: bool,
-}
-
-fn spec(arch: Arch) -> &'static Spec {
-    match arch {
-        Arch::Qwen3Moe => &qwen3_moe::SPEC,
-        Arch::Mixtral => &mixtral::SPEC,
-        Arch::Olmoe => &olmoe::SPEC,
-        Arch::Qwen2Moe => &qwen2_moe::SPEC,
-        Arch::DeepseekV3 => &deepseek_v3::SPEC,
-        Arch::Glm4Moe => &glm4_moe::SPEC,
-        Arch::Qwen3Next => &qwen3_next::SPEC,
-        Arch::Qwen35Moe => &qwen3_5_moe::SPEC,
-        Arch::GptOss => &gpt_oss::SPEC,
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Ffn {
     Dense(Mlp),
@@ -240,11 +207,10 @@ impl Block {
     /// Layer `l`'s dense tensors (experts come through an [`ExpertStore`]). Only the tensors of
     /// this layer are read from `w`, so a caller can hold one layer at a time.
     pub fn load(cfg: &ModelConfig, w: &dyn Weights, l: usize) -> Result<Block> {
-        let spec = spec(cfg.arch);
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let p = format!("model.layers.{l}");
         let ffn = if cfg.is_sparse_layer(l) {
-            Ffn::Sparse(MoeBlock::load(w, cfg, spec, l)?)
+            Ffn::Sparse(MoeBlock::load(w, cfg, l)?)
         } else {
             Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
         };

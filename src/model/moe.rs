@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use super::layers::{check_quantized, swiglu, Linear, Mlp};
 use super::router::{Router, Routing};
 use super::weights::Weights;
-use super::{ComputeError, Spec};
-use crate::arch::{ModelConfig, Proj};
+use super::ComputeError;
+use crate::arch::{ModelConfig, Proj, RouterSpec};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ComputeError>;
@@ -426,7 +426,8 @@ pub struct MoeBlock {
     pub(crate) layer: usize,
     router: Router,
     shared: Option<SharedExpert>,
-    spec: &'static Spec,
+    /// The weighted sum is cast back to the activations' dtype ([`crate::arch::ArchDef`]).
+    cast_output: bool,
 }
 
 /// The always-on expert(s) of a sparse block: one SwiGLU MLP (N shared experts are one MLP N
@@ -476,12 +477,7 @@ impl SharedExpert {
 }
 
 impl MoeBlock {
-    pub(crate) fn load(
-        w: &dyn Weights,
-        cfg: &ModelConfig,
-        spec: &'static Spec,
-        layer: usize,
-    ) -> Result<MoeBlock> {
+    pub(crate) fn load(w: &dyn Weights, cfg: &ModelConfig, layer: usize) -> Result<MoeBlock> {
         let names = cfg.arch.names();
         let block = format!("model.layers.{layer}.{}", names.moe_blocks[0]);
         let router = Router::load(
@@ -489,14 +485,14 @@ impl MoeBlock {
             &format!("{block}.{}", names.router),
             cfg.num_experts,
             cfg.hidden_size,
-            (spec.router)(cfg),
+            RouterSpec::of(cfg),
         )?;
         let shared = SharedExpert::load(w, cfg, &block)?;
         Ok(MoeBlock {
             layer,
             router,
             shared,
-            spec,
+            cast_output: cfg.arch.def().cast_moe_output,
         })
     }
 
@@ -508,7 +504,7 @@ impl MoeBlock {
     pub fn forward(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
         let mut routing = self.route(x)?;
         if let Some(mut out) = experts.mix(self.layer, x, &routing)? {
-            if self.spec.cast_moe_output {
+            if self.cast_output {
                 out = out.astype(x.dtype())?;
             }
             if let Some(shared) = &self.shared {
@@ -531,7 +527,7 @@ impl MoeBlock {
         let y = y.ok_or(ComputeError::NoExperts { layer: self.layer })?;
         // y = (y * scores[..., None]).sum(axis=-2)
         let mut out = y.mul(&routing.scores.expand_dims(-1)?)?.sum(-2, false)?;
-        if self.spec.cast_moe_output {
+        if self.cast_output {
             // qwen3_moe.py: .astype(y.dtype)
             out = out.astype(y.dtype())?;
         }

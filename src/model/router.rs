@@ -3,7 +3,8 @@
 //! In: hidden states `[.., H]`, the router's linear layer (`[E, H]`), an optional selection bias
 //! `[E]`, and a [`RouterSpec`] saying how to score and pick. Out: [`Routing`], expert ids (u32)
 //! and weights, both `[.., k]`. Invariant: one implementation for every architecture; an
-//! architecture's forward file only fills in a [`RouterSpec`], so its graph is the op sequence
+//! architecture only describes its router as data (its table entry's `RouterDef`, combined with
+//! the config by `RouterSpec::of` in arch/router.rs), so its graph is the op sequence
 //! its mlx-lm model builds (the golden tests hold that bit for bit). Prefetch prediction runs the
 //! next layer's router through the same block ([`Router::route`]).
 //!
@@ -19,7 +20,7 @@
 
 use super::layers::Linear;
 use super::ComputeError;
-use crate::arch::{ModelConfig, Scoring};
+use crate::arch::{ExpertGroups, RouterSpec, Scoring, TopKOrder};
 use crate::mlx::{self, Array, Dtype};
 
 type Result<T> = std::result::Result<T, ComputeError>;
@@ -29,75 +30,6 @@ type Result<T> = std::result::Result<T, ComputeError>;
 pub struct Routing {
     pub indices: Array,
     pub scores: Array,
-}
-
-/// How the router scores experts before choosing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouterScoring {
-    /// `softmax(logits)` over all experts, then top-k of the probabilities.
-    Softmax,
-    /// Top-k of the raw logits, then softmax over the k chosen logits (Mixtral). The result is
-    /// softmax with renormalisation, computed the way mlx-lm's mixtral.py does (so bit-identical
-    /// to it); `renormalize` is then not applied again.
-    SoftmaxOfChosen,
-    /// `sigmoid(logits)` in f32 (DeepSeek-V3, GLM-4.5).
-    Sigmoid,
-}
-
-/// Which `argpartition` spelling picks the top k. Both pick the same set; the order of the k
-/// entries decides the order of the weighted sum, so each architecture keeps its model's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TopKOrder {
-    /// `argpartition(-x, kth=k-1)[..., :k]` (mixtral.py, olmoe.py, qwen2_moe.py, deepseek_v3.py).
-    FirstOfNegated,
-    /// `argpartition(x, kth=-k)[..., -k:]` (qwen3_moe.py).
-    LastOf,
-}
-
-/// Limit the choice to the best groups of experts (DeepSeek-V3's `n_group` / `topk_group`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExpertGroups {
-    pub n_group: usize,
-    pub topk_group: usize,
-}
-
-/// How a router turns logits into a routing: plain data, filled in by each architecture's
-/// forward file from the config.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RouterSpec {
-    pub scoring: RouterScoring,
-    pub order: TopKOrder,
-    pub top_k: usize,
-    /// Renormalise the k weights to sum to 1.
-    pub renormalize: bool,
-    /// Add `<router>.e_score_correction_bias` to the scores when choosing (not to the weights).
-    pub selection_bias: bool,
-    pub groups: Option<ExpertGroups>,
-    /// Multiply the weights by this (`routed_scaling_factor`); `None` for 1.
-    pub scaling: Option<f64>,
-}
-
-impl RouterSpec {
-    /// The config's router with `order` for top-k: softmax or sigmoid as `cfg.router.scoring`
-    /// says, `norm_topk_prob`, selection bias, groups (when `n_group > 1`) and scaling (when not 1).
-    pub fn from_config(cfg: &ModelConfig, order: TopKOrder) -> RouterSpec {
-        let r = &cfg.router;
-        RouterSpec {
-            scoring: match r.scoring {
-                Scoring::Softmax => RouterScoring::Softmax,
-                Scoring::Sigmoid => RouterScoring::Sigmoid,
-            },
-            order,
-            top_k: cfg.num_experts_per_tok,
-            renormalize: cfg.norm_topk_prob,
-            selection_bias: r.selection_bias,
-            groups: (r.n_group > 1).then_some(ExpertGroups {
-                n_group: r.n_group,
-                topk_group: r.topk_group,
-            }),
-            scaling: (r.routed_scaling_factor != 1.0).then_some(r.routed_scaling_factor),
-        }
-    }
 }
 
 /// A layer's router: its linear layer, its selection bias when the spec has one, and the spec.
@@ -153,7 +85,7 @@ fn compile_router() -> bool {
 
 /// Steps 1-6 of the module header on router logits `[.., E]`.
 pub fn route_logits(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Result<Routing> {
-    if spec.scoring == RouterScoring::Sigmoid && compile_router() {
+    if spec.scoring == Scoring::Sigmoid && compile_router() {
         return route_compiled(logits, bias, spec);
     }
     route_steps(logits, bias, spec)
@@ -202,7 +134,7 @@ fn route_steps(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Resul
     let k = i32::try_from(spec.top_k).map_err(|_| ComputeError::Unsupported {
         what: format!("top-k {}", spec.top_k),
     })?;
-    if spec.scoring == RouterScoring::SoftmaxOfChosen {
+    if spec.scoring == Scoring::SoftmaxOfChosen {
         // inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
         // scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
         let indices = top_k(logits, k, spec.order)?;
@@ -211,7 +143,7 @@ fn route_steps(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Resul
     }
     let scores = match spec.scoring {
         // gates = mx.softmax(gates, axis=-1, precise=True)
-        RouterScoring::Softmax => logits.softmax(-1, true)?,
+        Scoring::Softmax => logits.softmax(-1, true)?,
         // scores = mx.sigmoid(gates.astype(mx.float32))
         _ => logits.astype(Dtype::F32)?.sigmoid()?,
     };

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::arch::Arch;
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 
 fn fixture(name: &str) -> PathBuf {

@@ -4,7 +4,8 @@
 //! In: a source tensor's float view (bf16, or FP8 codes with block scales). Out: the derived
 //! tensor's values on request ([`HeadSplit::values`]); nothing is computed before the quantize
 //! stage asks, so conversion holds one derived tensor at a time.
-//! Two rules ([`Derived`]):
+//! Two rules ([`Derived`]), chosen by an architecture's table entry
+//! ([`crate::arch::Sanitize::derive`], [`crate::arch::Derive`]), never by its name:
 //! - DeepSeek-V3's `self_attn.kv_b_proj.weight` `[heads * (nope + v), kv_lora]` becomes
 //!   `embed_q.weight` `[heads * kv_lora, nope]` (each head's key rows, transposed) and
 //!   `unembed_out.weight` `[heads * v, kv_lora]` (each head's value rows), as mlx-lm 0.32.2's
@@ -12,7 +13,8 @@
 //!   quantizes its `[heads, out, in]` `MultiLinear` weights (groups run along the last axis).
 //! - Qwen3-Next's and Qwen3.5's RMSNorm weights, which Hugging Face checkpoints store offset by
 //!   one (the model computes with `1 + w`), get the one added in their own float type
-//!   (`weights[k] = v + 1.0` in qwen3_next.py / qwen3_5.py `sanitize`; [`offset_norm`]).
+//!   (`weights[k] = v + 1.0` in qwen3_next.py / qwen3_5.py `sanitize`; the norms are those the
+//!   entry's `Derive::NormsPlusOne` lists).
 //!   mlx-lm folders already hold the sums and are read as they are.
 
 use crate::arch::Mla;
@@ -25,21 +27,6 @@ pub enum Derived<'a> {
     HeadSplit(HeadSplit<'a>),
     /// A 1-D norm weight plus one, `source` seen as one row.
     PlusOne(MatrixView<'a>),
-}
-
-/// The suffixes of the norms mlx-lm's qwen3_next.py / qwen3_5.py `sanitize` offsets by one
-/// (not the gated norm of the linear attention, `linear_attn.norm`).
-const OFFSET_NORMS: [&str; 5] = [
-    ".input_layernorm.weight",
-    ".post_attention_layernorm.weight",
-    "model.norm.weight",
-    ".q_norm.weight",
-    ".k_norm.weight",
-];
-
-/// Whether `name` is one of the norm weights stored offset by one.
-pub fn offset_norm(name: &str) -> bool {
-    OFFSET_NORMS.iter().any(|s| name.ends_with(s))
 }
 
 impl<'a> Derived<'a> {

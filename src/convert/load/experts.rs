@@ -13,26 +13,14 @@
 //! (mlx-lm) or `experts.gate_up_proj_bias` / `down_proj_bias` (upstream, interleaved alike).
 //! Invariant: shapes are checked against the config before any view is handed out.
 
-use super::derived::{kv_b_split_names, offset_norm, Derived, HeadSplit, KvPart};
+use super::derived::{kv_b_split_names, Derived, HeadSplit, KvPart};
 use super::{Checkpoint, LoadError, TensorRef};
-use crate::arch::{Arch, Part, Proj, TensorRole};
+use crate::arch::{Arch, Derive, ExpertLayout, Part, Proj, TensorRole};
 use crate::convert::quantize::{
     BiasVector, ExpertBiases, ExpertProjections, ProjSource, QuantParams, QuantizedView,
 };
 use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// How a layer stores its experts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExpertLayout {
-    PerExpert,
-    Fused,
-    Stacked,
-    /// gpt-oss's upstream MXFP4 blocks, gate and up interleaved.
-    MxBlocks,
-}
 
 /// Names of expert tensors, by layer.
 #[derive(Debug, Default)]
@@ -250,17 +238,32 @@ impl Checkpoint {
         })
     }
 
-    /// How layer `layer` stores its experts, or an error if it has none.
+    /// How layer `layer` stores its experts, or an error if it has none or stores them in a
+    /// layout its architecture's checkpoints do not come in ([`crate::arch::ArchDef::expert_layouts`]).
     pub fn expert_layout(&self, layer: usize) -> Result<ExpertLayout, LoadError> {
-        self.index.layout(layer).ok_or_else(|| LoadError::Experts {
+        let arch = self.config.arch;
+        let layout = self.index.layout(layer).ok_or_else(|| LoadError::Experts {
             layer,
             detail: format!(
                 "no expert tensors found (looked for {}, fused experts.gate_up_proj and \
                  switch_mlp); is the config's sparse-layer setting right?",
-                self.config
-                    .arch
-                    .names()
-                    .expert(layer, 0, Proj::Gate, Part::Weight)
+                arch.names().expert(layer, 0, Proj::Gate, Part::Weight)
+            ),
+        })?;
+        let def = arch.def();
+        if def.expert_layouts.contains(&layout) {
+            return Ok(layout);
+        }
+        Err(LoadError::Experts {
+            layer,
+            detail: def.layout_refusal.map_or_else(
+                || {
+                    format!(
+                        "experts stored {layout:?} are not read for {arch} (it reads {:?})",
+                        def.expert_layouts
+                    )
+                },
+                str::to_string,
             ),
         })
     }
@@ -309,15 +312,6 @@ impl Checkpoint {
                     self.proj_source(name, scales, biases, Some((expert, e)), rows, cols)
                 }
                 ExpertLayout::MxBlocks => self.mx_blocks_proj(layer, expert, p, rows, cols),
-                // transformers' bf16 re-export of gpt-oss: gate_up_proj [E, H, 2I], interleaved.
-                ExpertLayout::Fused if c.arch == Arch::GptOss => Err(LoadError::Experts {
-                    layer,
-                    detail:
-                        "float experts.gate_up_proj is the bf16 re-export of gpt-oss, which is \
-                             not read (mlx-lm does not read it either); convert the original MXFP4 \
-                             checkpoint (openai/gpt-oss-20b or -120b) or mlx-lm's conversion of it"
-                            .into(),
-                }),
                 ExpertLayout::Fused => {
                     let (name, per_expert_rows, skip) = match p {
                         Proj::Gate => (ix.fused_gate_up.get(&layer), 2 * i, 0),
@@ -704,16 +698,33 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Whether the norm weights are stored offset by one (Qwen3-Next / Qwen3.5 as Hugging Face
-    /// writes them): mlx-lm's qwen3_5.py tells by the convolution weights still in Hugging
-    /// Face's `[C, 1, K]` layout (`"conv1d.weight" in k and v.shape[-1] != 1`); qwen3_next.py by
-    /// per-expert tensors, which only Hugging Face checkpoints of it have. Both agree on both
-    /// kinds of source; the first rule is used for both.
-    fn norms_offset_by_one(&self) -> bool {
-        self.config.linear_attention.is_some()
-            && self.tensors.iter().any(|(name, e)| {
+    /// The norm suffixes to add one to: those of the architecture's [`Derive::NormsPlusOne`]
+    /// when the source stores them offset by one (Hugging Face, not mlx-lm). mlx-lm's qwen3_5.py
+    /// tells by the convolution weights still in Hugging Face's `[C, 1, K]` layout
+    /// (`"conv1d.weight" in k and v.shape[-1] != 1`); qwen3_next.py by per-expert tensors, which
+    /// only Hugging Face checkpoints of it have. Both agree on both kinds of source; the first
+    /// rule is used for both.
+    fn norms_offset_by_one(&self) -> &'static [&'static str] {
+        let suffixes = self
+            .config
+            .arch
+            .def()
+            .sanitize
+            .derive
+            .iter()
+            .find_map(|d| match d {
+                Derive::NormsPlusOne(s) => Some(*s),
+                _ => None,
+            });
+        let hf_layout = || {
+            self.tensors.iter().any(|(name, e)| {
                 name.ends_with(".conv1d.weight") && e.info.shape.last().is_some_and(|&k| k != 1)
             })
+        };
+        match suffixes {
+            Some(s) if hf_layout() => s,
+            _ => &[],
+        }
     }
 
     /// Every tensor that is not an expert projection, sorted by name, MLX-quantized modules
@@ -721,6 +732,10 @@ impl Checkpoint {
     pub fn dense_tensors(&self) -> Result<Vec<DenseTensor<'_>>, LoadError> {
         let arch = self.config.arch;
         let offset_norms = self.norms_offset_by_one();
+        let split_kv_b = (self.config.arch.def().sanitize.derive)
+            .contains(&Derive::SplitKvB)
+            .then_some(self.config.mla.as_ref())
+            .flatten();
         let mut out = Vec::new();
         for name in self.tensor_names() {
             let role = arch.classify(name);
@@ -758,7 +773,7 @@ impl Checkpoint {
             }
             let t = self.tensor(name)?;
             // mlx-lm's sanitize: kv_b_proj -> embed_q + unembed_out (derived.rs).
-            if let (Some(m), Some((keys, values))) = (&self.config.mla, kv_b_split_names(name)) {
+            if let (Some(m), Some((keys, values))) = (split_kv_b, kv_b_split_names(name)) {
                 if t.shape.len() == 2 && (t.dtype.float().is_some() || t.dtype == Dtype::F8E4M3) {
                     let view = self.float_matrix(t, t.data, t.shape[0], t.shape[1])?;
                     for (n, part) in [(keys, KvPart::Keys), (values, KvPart::Values)] {
@@ -790,7 +805,7 @@ impl Checkpoint {
                 });
             }
             // Qwen3-Next / Qwen3.5 norms stored offset by one: sanitize's `v + 1.0`.
-            if offset_norms && offset_norm(name) && t.shape.len() == 1 {
+            if offset_norms.iter().any(|s| name.ends_with(s)) && t.shape.len() == 1 {
                 if let Some(dtype) = t.dtype.float() {
                     let view = MatrixView::new(dtype, 1, t.shape[0], t.data).ok_or_else(|| {
                         LoadError::Shape {

@@ -18,7 +18,8 @@ pub mod derived;
 mod experts;
 pub mod safetensors;
 
-pub use experts::{DenseTensor, ExpertLayout, TensorData};
+pub use crate::arch::ExpertLayout;
+pub use experts::{DenseTensor, TensorData};
 
 use crate::arch::{ArchError, ModelConfig};
 use crate::convert::quantize::{QuantError, QuantParams};

@@ -25,7 +25,7 @@ impl Rng {
     }
 }
 
-fn spec(scoring: RouterScoring, top_k: usize) -> RouterSpec {
+fn spec(scoring: Scoring, top_k: usize) -> RouterSpec {
     RouterSpec {
         scoring,
         order: TopKOrder::FirstOfNegated,
@@ -42,7 +42,7 @@ fn spec(scoring: RouterScoring, top_k: usize) -> RouterSpec {
 fn reference(logits: &[f32], bias: Option<&[f32]>, s: &RouterSpec) -> (Vec<(u32, f32)>, f32) {
     let e = logits.len();
     let scores: Vec<f32> = match s.scoring {
-        RouterScoring::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+        Scoring::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
         _ => {
             let m = logits.iter().fold(f32::MIN, |a, &b| a.max(b));
             let ex: Vec<f32> = logits.iter().map(|&x| (x - m).exp()).collect();
@@ -147,7 +147,7 @@ fn sigmoid_with_bias_groups_renorm_and_scaling_matches_the_reference() {
             topk_group: 2,
         }),
         scaling: Some(2.5),
-        ..spec(RouterScoring::Sigmoid, 4)
+        ..spec(Scoring::Sigmoid, 4)
     };
     for seed in 0..8 {
         check(s, 16, true, seed);
@@ -162,36 +162,36 @@ fn each_router_step_alone_matches_the_reference() {
     });
     let cases = [
         // sigmoid alone, then with each option
-        (spec(RouterScoring::Sigmoid, 2), false),
-        (spec(RouterScoring::Sigmoid, 2), true),
+        (spec(Scoring::Sigmoid, 2), false),
+        (spec(Scoring::Sigmoid, 2), true),
         (
             RouterSpec {
                 groups,
-                ..spec(RouterScoring::Sigmoid, 6)
+                ..spec(Scoring::Sigmoid, 6)
             },
             false,
         ),
         (
             RouterSpec {
                 renormalize: true,
-                ..spec(RouterScoring::Sigmoid, 3)
+                ..spec(Scoring::Sigmoid, 3)
             },
             false,
         ),
         (
             RouterSpec {
                 scaling: Some(1.8),
-                ..spec(RouterScoring::Sigmoid, 3)
+                ..spec(Scoring::Sigmoid, 3)
             },
             true,
         ),
         // softmax routers (the existing architectures) and softmax with the new options
-        (spec(RouterScoring::Softmax, 2), false),
+        (spec(Scoring::Softmax, 2), false),
         (
             RouterSpec {
                 renormalize: true,
                 order: TopKOrder::LastOf,
-                ..spec(RouterScoring::Softmax, 4)
+                ..spec(Scoring::Softmax, 4)
             },
             false,
         ),
@@ -199,7 +199,7 @@ fn each_router_step_alone_matches_the_reference() {
             RouterSpec {
                 groups,
                 scaling: Some(16.0),
-                ..spec(RouterScoring::Softmax, 4)
+                ..spec(Scoring::Softmax, 4)
             },
             true,
         ),
@@ -220,7 +220,7 @@ fn the_bias_chooses_but_does_not_weigh() {
     let bias = [0.0f32, 0.0, 0.0, 2.0];
     let s = RouterSpec {
         selection_bias: true,
-        ..spec(RouterScoring::Sigmoid, 2)
+        ..spec(Scoring::Sigmoid, 2)
     };
     let r = route_logits(
         &Array::from_slice(&logits, &[1, 4]).unwrap(),
@@ -252,10 +252,10 @@ fn softmax_of_the_chosen_is_softmax_renormalized() {
     let mut rng = Rng(7);
     let logits: Vec<f32> = (0..5 * 8).map(|_| 2.0 * rng.next()).collect();
     let x = Array::from_slice(&logits, &[5, 8]).unwrap();
-    let a = route_logits(&x, None, &spec(RouterScoring::SoftmaxOfChosen, 2)).unwrap();
+    let a = route_logits(&x, None, &spec(Scoring::SoftmaxOfChosen, 2)).unwrap();
     let renorm = RouterSpec {
         renormalize: true,
-        ..spec(RouterScoring::Softmax, 2)
+        ..spec(Scoring::Softmax, 2)
     };
     let b = route_logits(&x, None, &renorm).unwrap();
     assert_eq!(
@@ -296,15 +296,15 @@ fn compiled_sigmoid_router_equals_the_op_by_op_one() {
                 topk_group: 2,
             }),
             scaling: Some(2.5),
-            ..spec(RouterScoring::Sigmoid, 3)
+            ..spec(Scoring::Sigmoid, 3)
         },
         RouterSpec {
             renormalize: true,
             selection_bias: true,
             scaling: Some(1.5),
-            ..spec(RouterScoring::Sigmoid, 4)
+            ..spec(Scoring::Sigmoid, 4)
         },
-        spec(RouterScoring::Sigmoid, 2),
+        spec(Scoring::Sigmoid, 2),
     ];
     for s in &specs {
         // Twice: the second call replays the cached graph.
