@@ -1,4 +1,4 @@
-//! Finding experts and other tensors in a checkpoint, whatever the layout.
+//! Finding experts in a checkpoint, whatever the layout (the other tensors: `dense.rs`).
 //!
 //! In: the tensor names of a checkpoint and its architecture's [`crate::arch::TensorNames`].
 //! Out: for each (layer, expert), borrowed views of its gate `[I, H]`, up `[I, H]` and down
@@ -13,9 +13,8 @@
 //! (mlx-lm) or `experts.gate_up_proj_bias` / `down_proj_bias` (upstream, interleaved alike).
 //! Invariant: shapes are checked against the config before any view is handed out.
 
-use super::derived::{kv_b_split_names, Derived, HeadSplit, KvPart};
 use super::{Checkpoint, LoadError, TensorRef};
-use crate::arch::{Arch, Derive, ExpertLayout, Part, Proj, TensorRole};
+use crate::arch::{Arch, ExpertLayout, Part, Proj, TensorRole};
 use crate::convert::quantize::{
     BiasVector, ExpertBiases, ExpertProjections, ProjSource, QuantParams, QuantizedView,
 };
@@ -129,42 +128,10 @@ impl ExpertIndex {
     }
 }
 
-/// A non-expert tensor's values.
-#[derive(Clone, Copy, Debug)]
-pub enum TensorData<'a> {
-    /// Float values of any shape.
-    Float {
-        dtype: FloatDtype,
-        shape: &'a [usize],
-        bytes: &'a [u8],
-    },
-    /// An MLX-quantized 2-D weight (logical shape `[rows, cols]`).
-    Quantized(QuantizedView<'a>),
-    /// An FP8 2-D weight with block scales, standing for bf16 values.
-    Fp8(MatrixView<'a>),
-    /// A float tensor computed from a source tensor on request (`derived.rs`).
-    Derived(Derived<'a>),
-    /// Anything else (integer buffers): copied as is.
-    Other {
-        dtype: Dtype,
-        shape: &'a [usize],
-        bytes: &'a [u8],
-    },
-}
-
-/// A non-expert tensor, grouped by module for MLX-quantized ones.
-#[derive(Clone, Debug)]
-pub struct DenseTensor<'a> {
-    /// The tensor name (`...weight` for a quantized module).
-    pub name: String,
-    pub role: TensorRole,
-    pub data: TensorData<'a>,
-}
-
 impl Checkpoint {
     /// A float matrix view of `bytes` (all or part of tensor `t`): floats, or for an FP8
     /// checkpoint E4M3 codes with their `weight_scale_inv` block scales (whole tensors only).
-    fn float_matrix<'a>(
+    pub(super) fn float_matrix<'a>(
         &'a self,
         t: TensorRef<'a>,
         bytes: &'a [u8],
@@ -188,7 +155,7 @@ impl Checkpoint {
     }
 
     /// An FP8 weight and its `<name>_scale_inv` block scales.
-    fn fp8_matrix<'a>(
+    pub(super) fn fp8_matrix<'a>(
         &'a self,
         t: TensorRef<'a>,
         bytes: &'a [u8],
@@ -536,7 +503,7 @@ impl Checkpoint {
 
     /// The float type of the model's unquantized tensors (its norms), bf16 when it has none:
     /// what mxfp4/mxfp8 codes dequantize to.
-    fn model_float_dtype(&self) -> FloatDtype {
+    pub(super) fn model_float_dtype(&self) -> FloatDtype {
         self.tensor_names()
             .filter(|n| n.ends_with("norm.weight"))
             .find_map(|n| self.get(n)?.dtype.float())
@@ -544,7 +511,7 @@ impl Checkpoint {
     }
 
     /// An MLX-quantized weight with its scales and biases, whole or expert `k` of `n`.
-    fn quantized_view<'a>(
+    pub(super) fn quantized_view<'a>(
         &'a self,
         name: &str,
         scales: Option<&String>,
@@ -696,187 +663,5 @@ impl Checkpoint {
             }
         }
         Ok(())
-    }
-
-    /// The norm suffixes to add one to: those of the architecture's [`Derive::NormsPlusOne`]
-    /// when the source stores them offset by one (Hugging Face, not mlx-lm). mlx-lm's qwen3_5.py
-    /// tells by the convolution weights still in Hugging Face's `[C, 1, K]` layout
-    /// (`"conv1d.weight" in k and v.shape[-1] != 1`); qwen3_next.py by per-expert tensors, which
-    /// only Hugging Face checkpoints of it have. Both agree on both kinds of source; the first
-    /// rule is used for both.
-    fn norms_offset_by_one(&self) -> &'static [&'static str] {
-        let suffixes = self
-            .config
-            .arch
-            .def()
-            .sanitize
-            .derive
-            .iter()
-            .find_map(|d| match d {
-                Derive::NormsPlusOne(s) => Some(*s),
-                _ => None,
-            });
-        let hf_layout = || {
-            self.tensors.iter().any(|(name, e)| {
-                name.ends_with(".conv1d.weight") && e.info.shape.last().is_some_and(|&k| k != 1)
-            })
-        };
-        match suffixes {
-            Some(s) if hf_layout() => s,
-            _ => &[],
-        }
-    }
-
-    /// Every tensor that is not an expert projection, sorted by name, MLX-quantized modules
-    /// grouped under their `.weight` name.
-    pub fn dense_tensors(&self) -> Result<Vec<DenseTensor<'_>>, LoadError> {
-        let arch = self.config.arch;
-        let offset_norms = self.norms_offset_by_one();
-        let split_kv_b = (self.config.arch.def().sanitize.derive)
-            .contains(&Derive::SplitKvB)
-            .then_some(self.config.mla.as_ref())
-            .flatten();
-        let mut out = Vec::new();
-        for name in self.tensor_names() {
-            let role = arch.classify(name);
-            if matches!(
-                role,
-                TensorRole::Expert { .. }
-                    | TensorRole::FusedGateUp { .. }
-                    | TensorRole::FusedDown { .. }
-                    | TensorRole::Stacked { .. }
-                    | TensorRole::MxBlocks { .. }
-                    | TensorRole::ExpertBias { .. }
-            ) {
-                continue;
-            }
-            // An FP8 weight's block scales travel with it.
-            if self.fp8_block.is_some()
-                && name
-                    .strip_suffix("_scale_inv")
-                    .and_then(|w| self.get(w))
-                    .is_some_and(|w| w.dtype == Dtype::F8E4M3)
-            {
-                continue;
-            }
-            // `.scales` / `.biases` of a quantized module travel with its `.weight`.
-            if let Some(module) = name
-                .strip_suffix(".scales")
-                .or_else(|| name.strip_suffix(".biases"))
-            {
-                if self
-                    .get(&format!("{module}.weight"))
-                    .is_some_and(|w| w.dtype == Dtype::U32)
-                {
-                    continue;
-                }
-            }
-            let t = self.tensor(name)?;
-            // mlx-lm's sanitize: kv_b_proj -> embed_q + unembed_out (derived.rs).
-            if let (Some(m), Some((keys, values))) = (split_kv_b, kv_b_split_names(name)) {
-                if t.shape.len() == 2 && (t.dtype.float().is_some() || t.dtype == Dtype::F8E4M3) {
-                    let view = self.float_matrix(t, t.data, t.shape[0], t.shape[1])?;
-                    for (n, part) in [(keys, KvPart::Keys), (values, KvPart::Values)] {
-                        let split = HeadSplit::new(view, self.config.num_attention_heads, m, part)
-                            .ok_or_else(|| LoadError::Shape {
-                                tensor: name.to_string(),
-                                expected: vec![
-                                    self.config.num_attention_heads
-                                        * (m.qk_nope_head_dim + m.v_head_dim),
-                                    m.kv_lora_rank,
-                                ],
-                                found: t.shape.to_vec(),
-                                why: "num_attention_heads x (qk_nope_head_dim + v_head_dim) rows of kv_lora_rank".into(),
-                            })?;
-                        out.push(DenseTensor {
-                            name: n,
-                            role: TensorRole::Dense,
-                            data: TensorData::Derived(Derived::HeadSplit(split)),
-                        });
-                    }
-                    continue;
-                }
-                return Err(LoadError::Dtype {
-                    tensor: name.to_string(),
-                    found: t.dtype,
-                    expected: "a 2-D BF16, F16, F32 or FP8 (E4M3) weight, which conversion splits into \
-                               embed_q and unembed_out as mlx-lm does; convert the original checkpoint, \
-                               or mlx-lm's conversion of it (which stores the two halves)",
-                });
-            }
-            // Qwen3-Next / Qwen3.5 norms stored offset by one: sanitize's `v + 1.0`.
-            if offset_norms.iter().any(|s| name.ends_with(s)) && t.shape.len() == 1 {
-                if let Some(dtype) = t.dtype.float() {
-                    let view = MatrixView::new(dtype, 1, t.shape[0], t.data).ok_or_else(|| {
-                        LoadError::Shape {
-                            tensor: name.to_string(),
-                            expected: t.shape.to_vec(),
-                            found: t.shape.to_vec(),
-                            why: "its bytes do not match its shape".into(),
-                        }
-                    })?;
-                    out.push(DenseTensor {
-                        name: name.to_string(),
-                        role,
-                        data: TensorData::Derived(Derived::PlusOne(view)),
-                    });
-                    continue;
-                }
-            }
-            let data = match (t.dtype, t.dtype.float()) {
-                (Dtype::F8E4M3, _) if t.shape.len() == 2 => {
-                    TensorData::Fp8(self.fp8_matrix(t, t.data, t.shape[0], t.shape[1])?)
-                }
-                (_, Some(dtype)) => TensorData::Float {
-                    dtype,
-                    shape: t.shape,
-                    bytes: t.data,
-                },
-                // 2-D, or mlx-lm's [heads, out, in] MultiLinear codes (stored as their rows).
-                (Dtype::U32, None) if name.ends_with(".weight") && t.shape.len() >= 2 => {
-                    let rows: usize = t.shape[..t.shape.len() - 1].iter().product();
-                    let words = t.shape[t.shape.len() - 1];
-                    let module = &name[..name.len() - ".weight".len()];
-                    let sn = format!("{module}.scales");
-                    let bn = format!("{module}.biases");
-                    if self.get(&sn).is_none() {
-                        TensorData::Other {
-                            dtype: t.dtype,
-                            shape: t.shape,
-                            bytes: t.data,
-                        }
-                    } else {
-                        let q = self.mlx_quantization.as_ref().ok_or_else(|| {
-                            LoadError::MlxQuantization {
-                                detail: format!(
-                                    "{name} is U32 but config.json has no quantization"
-                                ),
-                            }
-                        })?;
-                        let p: QuantParams = super::quant_params(q, module)?;
-                        let cols = words * 32 / p.bits as usize;
-                        TensorData::Quantized(self.quantized_view(
-                            name,
-                            Some(&sn),
-                            Some(&bn),
-                            None,
-                            rows,
-                            cols,
-                        )?)
-                    }
-                }
-                _ => TensorData::Other {
-                    dtype: t.dtype,
-                    shape: t.shape,
-                    bytes: t.data,
-                },
-            };
-            out.push(DenseTensor {
-                name: name.to_string(),
-                role,
-                data,
-            });
-        }
-        Ok(out)
     }
 }

@@ -2,7 +2,7 @@
 //! dropped at open, their own shards never opened, and the pack the same as without them.
 
 use super::*;
-use crate::arch::Arch;
+use crate::arch::{Arch, ArchError};
 use crate::convert::fixtures::FixtureSpec;
 use crate::convert::{convert, ConvertError, ConvertOptions};
 use crate::format::Pack;

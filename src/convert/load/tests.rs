@@ -1,7 +1,7 @@
 use super::*;
-use crate::arch::Arch;
+use crate::arch::{Arch, ArchError};
 use crate::convert::fixtures::{Dialect, FixtureLayout, FixtureSpec};
-use crate::convert::quantize::{build_segments, ProjSource, SegmentPlan};
+use crate::convert::quantize::{build_segments, ProjSource, QuantParams, SegmentPlan};
 use std::path::Path;
 
 fn write(spec: &FixtureSpec) -> tempfile::TempDir {

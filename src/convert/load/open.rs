@@ -1,0 +1,245 @@
+//! Opening a checkpoint: the folder resolved, `config.json` parsed and checked against what the
+//! runtime can run, the shards the model needs mapped (those of MTP layers only never opened),
+//! every safetensors header checked against its file and the index, and the tensors renamed as
+//! the architecture's sanitize rule says (`ArchDef::sanitize`: Qwen3.5's `model.language_model.*`
+//! is `model.*`, its vision tower left out).
+//! Invariant: a [`Checkpoint`] exists only once every check of `open` has passed.
+
+use super::{
+    experts, io_err, quantization, safetensors, Checkpoint, DroppedMtp, LoadError, ResolveError,
+    Resolver, SourceSpec, TensorInfo,
+};
+use crate::arch::{ArchError, ModelConfig};
+use crate::mapped::Bytes;
+use crate::quant_mode::MlxQuantization;
+use rayon::prelude::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A mapped safetensors shard.
+pub(super) struct Shard {
+    pub(super) name: String,
+    pub(super) path: PathBuf,
+    pub(super) bytes: Bytes,
+}
+
+/// Where a tensor lives.
+#[derive(Clone, Debug)]
+pub(super) struct Entry {
+    pub(super) shard: usize,
+    pub(super) info: TensorInfo,
+}
+
+/// The tensors under the names a pack gives them ([`crate::arch::Arch::text_model_name`]:
+/// Qwen3.5's `model.language_model.*` is `model.*`), those of no text model (a vision tower)
+/// left out.
+fn text_model_tensors(
+    arch: crate::arch::Arch,
+    tensors: BTreeMap<String, Entry>,
+    shards: &[Shard],
+) -> Result<BTreeMap<String, Entry>, LoadError> {
+    let mut out = BTreeMap::new();
+    for (name, mut e) in tensors {
+        let Some(renamed) = arch.text_model_name(&name).map(|n| n.into_owned()) else {
+            continue;
+        };
+        let shard = e.shard;
+        e.info.name = renamed.clone();
+        if let Some(prev) = out.insert(renamed.clone(), e) {
+            return Err(LoadError::DuplicateTensor {
+                tensor: renamed,
+                first: shards[prev.shard].name.clone(),
+                second: format!("{} (as {name})", shards[shard].name),
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl Checkpoint {
+    /// Resolves `spec` with `resolver` and opens the folder.
+    pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
+        let dir = resolver.resolve(spec).map_err(|e| match (spec, e) {
+            // The name was only taken for a Hub id because no local folder has it: say both.
+            (SourceSpec::Hub { repo, revision }, e @ ResolveError::Fetch(_)) => {
+                LoadError::NotLocalNorHub {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    source: Box::new(LoadError::Resolve(e)),
+                }
+            }
+            (_, e) => LoadError::Resolve(e),
+        })?;
+        let mut ck = Checkpoint::open(&dir)?;
+        if let SourceSpec::Hub { repo, .. } = spec {
+            // Hub snapshots live in `snapshots/<commit>`: the folder name is the commit.
+            let commit = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            ck.origin = Some((repo.clone(), commit));
+        }
+        Ok(ck)
+    }
+
+    /// Opens a checkpoint folder: parses `config.json`, maps every shard it needs (all but
+    /// those holding only MTP layers) and checks every safetensors header against its file.
+    pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
+        if let (Ok(_), Err(source)) = (std::fs::symlink_metadata(dir), std::fs::metadata(dir)) {
+            return Err(LoadError::BrokenLink {
+                path: dir.display().to_string(),
+                source,
+            });
+        }
+        if !dir.is_dir() {
+            return Err(LoadError::NotAFolder {
+                path: dir.display().to_string(),
+            });
+        }
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+        let raw_config: Value = serde_json::from_str(&text).map_err(|source| {
+            LoadError::Arch(ArchError::Json {
+                path: cfg_path.display().to_string(),
+                source,
+            })
+        })?;
+        let config = ModelConfig::from_json(&raw_config)?;
+        crate::model::Model::check_supported(&config).map_err(|e| LoadError::Unsupported {
+            detail: e.to_string(),
+        })?;
+        let mlx_quantization = MlxQuantization::from_config(&raw_config)
+            .map_err(|e| LoadError::MlxQuantization { detail: e.detail })?
+            .map(|mut q| {
+                // Module paths under the names the tensors go by (Qwen3.5's `language_model.`).
+                q.overrides = std::mem::take(&mut q.overrides)
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((config.arch.text_model_name(&k)?.into_owned(), v)))
+                    .collect();
+                q
+            });
+        let fp8_block = quantization::fp8_block_size(&raw_config)?;
+        let mtp = safetensors::MtpLayers::from_config(&raw_config)?;
+        let mut dropped_mtp = DroppedMtp {
+            layers: mtp.layers.clone(),
+            ..DroppedMtp::default()
+        };
+
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        // shard name -> tensors the index says it holds (None: single file, no index).
+        let mut listed: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+        if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+            let index =
+                safetensors::ShardIndex::parse(&text).map_err(|e| LoadError::BadHeader {
+                    path: index_path.display().to_string(),
+                    detail: format!(
+                        "not a shard index ({{\"weight_map\": {{tensor: file}}}}): {e}"
+                    ),
+                })?;
+            let plan = index.plan(&mtp);
+            dropped_mtp.tensors = plan.skipped_tensors;
+            dropped_mtp.skipped_shards = plan.skipped.iter().map(|s| s.to_string()).collect();
+            for (tensor, shard) in &index.weight_map {
+                if shard.contains("..") || Path::new(shard).is_absolute() {
+                    return Err(LoadError::BadHeader {
+                        path: index_path.display().to_string(),
+                        detail: format!("shard name {shard:?} leaves the folder"),
+                    });
+                }
+                if plan.skipped.contains(&shard.as_str()) {
+                    continue;
+                }
+                listed
+                    .entry(shard.to_string())
+                    .or_insert_with(|| Some(Vec::new()))
+                    .get_or_insert_with(Vec::new)
+                    .push(tensor.clone());
+            }
+        } else if single.is_file() {
+            listed.insert("model.safetensors".into(), None);
+        } else {
+            return Err(LoadError::NoWeights {
+                dir: dir.display().to_string(),
+            });
+        }
+        for (shard, tensors) in &listed {
+            if !dir.join(shard).is_file() {
+                return Err(LoadError::MissingShard {
+                    shard: shard.clone(),
+                    index: index_path.display().to_string(),
+                    tensors: tensors.as_ref().map_or(0, Vec::len),
+                });
+            }
+        }
+        let shard_names: Vec<&String> = listed.keys().collect();
+        let parsed: Vec<(Shard, Vec<TensorInfo>)> = shard_names
+            .par_iter()
+            .map(|name| {
+                let path = dir.join(name);
+                let bytes = Bytes::map(&path).map_err(io_err(&path))?;
+                let infos = safetensors::parse(&path, &bytes)?;
+                Ok((
+                    Shard {
+                        name: (*name).clone(),
+                        path,
+                        bytes,
+                    },
+                    infos,
+                ))
+            })
+            .collect::<Result<_, LoadError>>()?;
+        let mut shards = Vec::with_capacity(parsed.len());
+        let mut tensors = BTreeMap::new();
+        for (i, (shard, infos)) in parsed.into_iter().enumerate() {
+            for info in infos {
+                if let Some(prev) = tensors.get(&info.name) {
+                    let prev: &Entry = prev;
+                    return Err(LoadError::DuplicateTensor {
+                        tensor: info.name,
+                        first: shards
+                            .get(prev.shard)
+                            .map_or_else(|| shard.name.clone(), |s: &Shard| s.name.clone()),
+                        second: shard.name.clone(),
+                    });
+                }
+                tensors.insert(info.name.clone(), Entry { shard: i, info });
+            }
+            shards.push(shard);
+        }
+        for (shard, names) in &listed {
+            for t in names.iter().flatten() {
+                let found = tensors
+                    .get(t)
+                    .is_some_and(|e| &shards[e.shard].name == shard);
+                if !found {
+                    return Err(LoadError::TensorNotInShard {
+                        tensor: t.clone(),
+                        shard: shard.clone(),
+                        index: index_path.display().to_string(),
+                    });
+                }
+            }
+        }
+        // Dropped only now, so the index's claims about mixed shards were checked like any other.
+        let before = tensors.len();
+        tensors.retain(|name, _| !mtp.holds(name));
+        dropped_mtp.tensors += before - tensors.len();
+        let tensors = text_model_tensors(config.arch, tensors, &shards)?;
+        let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
+        let ckpt = Checkpoint {
+            origin: None,
+            dropped_mtp,
+            index,
+            root: dir.to_path_buf(),
+            raw_config,
+            config,
+            mlx_quantization,
+            fp8_block,
+            shards,
+            tensors,
+        };
+        ckpt.check_config_against_tensors()?;
+        ckpt.check_experts()?;
+        Ok(ckpt)
+    }
+}
