@@ -897,7 +897,10 @@ fn every_table_entry_is_its_own() {
         for name in std::iter::once(&def.model_type).chain(def.aliases) {
             assert!(seen.insert(*name), "{name} twice");
         }
-        assert!(def.parse as usize != ArchDef::DEFAULT.parse as usize, "{arch}");
+        assert!(
+            def.parse as usize != ArchDef::DEFAULT.parse as usize,
+            "{arch}"
+        );
     }
 }
 
@@ -908,7 +911,12 @@ fn router_specs_are_the_model_files_of_before() {
     use TopKOrder::{FirstOfNegated, LastOf};
     let expect = [
         (Arch::Qwen3Moe, LastOf, None, true),
-        (Arch::Mixtral, FirstOfNegated, Some(Scoring::SoftmaxOfChosen), true),
+        (
+            Arch::Mixtral,
+            FirstOfNegated,
+            Some(Scoring::SoftmaxOfChosen),
+            true,
+        ),
         (Arch::Olmoe, FirstOfNegated, None, true),
         (Arch::Qwen2Moe, FirstOfNegated, None, true),
         (Arch::DeepseekV3, FirstOfNegated, None, false),
@@ -919,7 +927,11 @@ fn router_specs_are_the_model_files_of_before() {
     ];
     for (arch, order, scoring, top1) in expect {
         let r = arch.def().router;
-        assert_eq!((r.order, r.scoring, r.renormalize_top1), (order, scoring, top1), "{arch}");
+        assert_eq!(
+            (r.order, r.scoring, r.renormalize_top1),
+            (order, scoring, top1),
+            "{arch}"
+        );
     }
     let mut cfg = ModelConfig::from_json(&qwen3_5x()).unwrap();
     for (arch, k, norm, renormalize) in [
@@ -932,6 +944,10 @@ fn router_specs_are_the_model_files_of_before() {
         cfg.arch = arch;
         cfg.num_experts_per_tok = k;
         cfg.norm_topk_prob = norm;
-        assert_eq!(RouterSpec::of(&cfg).renormalize, renormalize, "{arch} k={k}");
+        assert_eq!(
+            RouterSpec::of(&cfg).renormalize,
+            renormalize,
+            "{arch} k={k}"
+        );
     }
 }
