@@ -4,9 +4,8 @@
 //! Out: a normalized [`ModelConfig`] (stored in the pack metadata) and, per tensor name, a
 //! [`TensorRole`] saying whether it is an expert projection (and which), a router, a tensor that
 //! must stay full precision, or a dense tensor quantized by policy.
-//! Invariant: every architecture-specific fact lives in one file per architecture
-//! (`qwen3_moe.rs`, `mixtral.rs`, `olmoe.rs`, `qwen2_moe.rs`, `deepseek_v3.rs`, `glm4_moe.rs`,
-//! `qwen3_next.rs`, `qwen3_5_moe.rs`, `gpt_oss.rs`), as its table entry ([`ArchDef`], `def.rs`):
+//! Invariant: every architecture-specific fact lives in one file per architecture (`<name>.rs`,
+//! listed once, in `architectures!` below), as its table entry ([`ArchDef`], `def.rs`):
 //! model_type, upstream files, config parser, tensor names, sanitize rules, router and expert
 //! layouts. This file holds the table (one line per architecture in `architectures!`, which
 //! makes [`Arch`], its module and its entry), parsing a config by its `model_type`, and
