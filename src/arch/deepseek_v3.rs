@@ -1,5 +1,5 @@
-//! DeepSeek-V3 / R1 and Kimi-K2 (`model_type` `kimi_k2`, the same network): config fields and
-//! tensor names.
+//! DeepSeek-V3 / R1 and Kimi-K2 (`model_type` `kimi_k2`, the same network): its table entry
+//! (config fields, tensor names, router, sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "deepseek_v3"` or `"kimi_k2"`. Out: a [`ModelConfig`]
 //! with multi-head latent attention ([`Mla`]), YaRN RoPE on the rotary part (interleaved pairs,
@@ -33,7 +33,7 @@ pub(super) const DEF: ArchDef = ArchDef {
     aliases: &["kimi_k2"],
     upstream: &[
         "https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/modeling_deepseek.py",
-    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/deepseek_v3.py",
+        "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/deepseek_v3.py",
     ],
     parse,
     names: NAMES,

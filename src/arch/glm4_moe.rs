@@ -1,4 +1,5 @@
-//! GLM-4.5 / 4.6 / 4.7 (`glm4_moe`): config fields and tensor names.
+//! GLM-4.5 / 4.6 / 4.7 (`glm4_moe`): its table entry (config fields, tensor names, router,
+//! sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "glm4_moe"`. Out: a [`ModelConfig`] with grouped-query
 //! attention whose q/k/v carry a bias (`attention_bias`), optional per-head q/k RMSNorm
@@ -24,7 +25,7 @@ pub(super) const DEF: ArchDef = ArchDef {
     model_type: "glm4_moe",
     upstream: &[
         "https://github.com/huggingface/transformers/blob/main/src/transformers/models/glm4_moe/modeling_glm4_moe.py",
-    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/glm4_moe.py",
+        "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/glm4_moe.py",
     ],
     parse,
     // DeepSeek-V3's MoE block names (`mlp.gate`, `mlp.experts.N`, `mlp.shared_experts`).

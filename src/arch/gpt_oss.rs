@@ -1,4 +1,5 @@
-//! gpt-oss (20B / 120B): config fields and tensor names.
+//! gpt-oss (20B / 120B): its table entry (config fields, tensor names, router,
+//! sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "gpt_oss"`. Out: a [`ModelConfig`] where every layer
 //! is sparse, the expert width is `intermediate_size`, q/k/v/o carry biases, each head has a
@@ -33,7 +34,7 @@ pub(super) const DEF: ArchDef = ArchDef {
     model_type: "gpt_oss",
     upstream: &[
         "https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt_oss/modeling_gpt_oss.py",
-    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/gpt_oss.py",
+        "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/gpt_oss.py",
     ],
     parse,
     names: TensorNames {

@@ -1,4 +1,5 @@
-//! Mixtral: config fields and tensor names.
+//! Mixtral: its table entry (config fields, tensor names, router,
+//! sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "mixtral"`. Out: a [`ModelConfig`] where every layer
 //! is sparse, the expert width is `intermediate_size`, and top-k weights are always

@@ -1,4 +1,5 @@
-//! OLMoE: config fields and tensor names.
+//! OLMoE: its table entry (config fields, tensor names, router,
+//! sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "olmoe"`. Out: a [`ModelConfig`] where every layer is
 //! sparse, the expert width is `intermediate_size`, and q/k RMSNorm spans the full projected

@@ -1,4 +1,5 @@
-//! Qwen2-MoE: config fields and tensor names.
+//! Qwen2-MoE: its table entry (config fields, tensor names, router,
+//! sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "qwen2_moe"`. Out: a [`ModelConfig`] with q/k/v biases,
 //! no q/k norm, and a sigmoid-gated shared expert in every sparse layer.

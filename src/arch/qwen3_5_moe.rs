@@ -1,5 +1,5 @@
-//! Qwen3.5 / Qwen3.6 MoE (`qwen3_5_moe`: Qwen3.5-397B-A17B, Qwen3.6-35B-A3B): config fields and
-//! tensor names.
+//! Qwen3.5 / Qwen3.6 MoE (`qwen3_5_moe`: Qwen3.5-397B-A17B, Qwen3.6-35B-A3B): its table entry
+//! (config fields, tensor names, router, sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "qwen3_5_moe"`, either multimodal (the text model's
 //! fields under `text_config`, beside a `vision_config`) or text-only (the same fields at the
@@ -28,8 +28,8 @@ pub(super) const DEF: ArchDef = ArchDef {
     model_type: "qwen3_5_moe",
     upstream: &[
         "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_5_moe/modeling_qwen3_5_moe.py",
-    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_5_moe.py",
-    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_5.py",
+        "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_5_moe.py",
+        "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_5.py",
     ],
     parse,
     names: qwen3_next::NAMES,

@@ -1,4 +1,5 @@
-//! Qwen3-MoE: config fields and tensor names.
+//! Qwen3-MoE: its table entry (config fields, tensor names, router,
+//! sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "qwen3_moe"`. Out: a [`ModelConfig`] with per-head q/k
 //! RMSNorm, no shared expert, sparse layers chosen by `decoder_sparse_step` / `mlp_only_layers`.

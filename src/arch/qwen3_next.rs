@@ -1,4 +1,5 @@
-//! Qwen3-Next (Qwen3-Next-80B-A3B, Qwen3-Coder-Next): config fields and tensor names.
+//! Qwen3-Next (Qwen3-Next-80B-A3B, Qwen3-Coder-Next): its table entry (config fields, tensor
+//! names, router, sanitize rules, expert layouts).
 //!
 //! In: a `config.json` with `model_type: "qwen3_next"`. Out: a [`ModelConfig`] with Gated
 //! DeltaNet linear attention ([`LinearAttention`], fused `in_proj_qkvz` / `in_proj_ba`) in every
@@ -33,7 +34,7 @@ pub(super) const DEF: ArchDef = ArchDef {
     model_type: "qwen3_next",
     upstream: &[
         "https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py",
-    "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_next.py",
+        "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/qwen3_next.py",
     ],
     parse,
     names: NAMES,
