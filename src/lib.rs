@@ -11,6 +11,8 @@
 //! `format` is the spec in code (formats/flashpack-v1.md), shared by writer and reader.
 //! `codec` holds pure byte codecs. `mapped` is the one place that maps files.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 // Test scaffolding shared with the integration tests (tests/common/) names the crate
 // `flashpack`, as they do.
 #[cfg(test)]

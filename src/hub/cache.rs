@@ -152,8 +152,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HubError> {
 pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into a zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: all-zero bytes are a valid `statvfs` (plain integers).
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is ours, alive for the call.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }

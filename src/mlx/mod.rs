@@ -8,6 +8,30 @@
 //!
 //! Shapes are `usize` on the Rust side and checked to fit MLX's `i32` dimensions; axes are `i32`
 //! so negative axes count from the end as in MLX.
+//!
+//! # The FFI contract
+//!
+//! Every `unsafe` block in this module calls `shim.cpp` (declared in `ffi.rs`, documented in
+//! `shim.h`) and relies on what the shim guarantees and what this module guarantees in turn; a
+//! block's `// SAFETY:` line names only what it adds.
+//!
+//! The shim:
+//! - reads pointer arguments (handles, shapes, data, C strings) only during the call and keeps
+//!   none of them afterwards: MLX copies whatever it needs (`fp_from_data` copies its bytes);
+//! - never lets a C++ exception cross: a failure returns a non-zero status and leaves its message
+//!   in a per-thread buffer that `fp_last_error` returns, NUL-terminated and valid until this
+//!   thread's next shim call ([`check`] copies it at once);
+//! - writes out-parameters (`out` handles, sizes, dtype codes) only on success, and each handle
+//!   it returns is new and owned by the caller, to be released with `fp_free` exactly once;
+//! - writes at most the capacity it is given into caller buffers (`fp_shape`, `fp_read`);
+//! - treats NULL as "absent" for optional inputs (see `opt_ptr`).
+//!
+//! This module:
+//! - passes only live handles: an [`Array`] owns a non-null handle from the shim until `Drop`
+//!   frees it, and `&self` / `&Array` borrows keep it alive for the call;
+//! - passes slices with their true lengths, and shapes already checked to fit `i32` (`dims`);
+//! - takes ownership of returned handles at once (`make`, `Array::from_raw`, which refuses NULL);
+//! - never uses one `Array` from two threads at once (`Array` is `Send`, not `Sync`).
 
 mod ffi;
 
@@ -282,6 +306,7 @@ impl Drop for Array {
 impl Clone for Array {
     /// Another handle to the same node (no copy of the data).
     fn clone(&self) -> Self {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("clone", |out| unsafe { ffi::fp_clone(self.raw(), out) })
             .expect("copying an MLX handle only fails when out of memory")
     }
@@ -328,6 +353,7 @@ impl Array {
             });
         }
         let dims = dims(shape)?;
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("from_slice", |out| unsafe {
             ffi::fp_from_data(
                 data.as_ptr().cast::<c_void>(),
@@ -351,6 +377,7 @@ impl Array {
             });
         }
         let dims = dims(shape)?;
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("from_bytes", |out| unsafe {
             ffi::fp_from_data(
                 bytes.as_ptr().cast::<c_void>(),
@@ -364,6 +391,7 @@ impl Array {
 
     /// A 0-d array holding `value` converted to `dtype`.
     pub fn scalar(value: f64, dtype: Dtype) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("scalar", |out| unsafe {
             ffi::fp_scalar(value, dtype.code(), out)
         })
@@ -372,6 +400,7 @@ impl Array {
     /// Zeros of `shape` (lazy; MLX may store one element broadcast, so never write into it).
     pub fn zeros(shape: &[usize], dtype: Dtype) -> Result<Array> {
         let dims = dims(shape)?;
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("zeros", |out| unsafe {
             ffi::fp_zeros(dims.as_ptr(), dims.len(), dtype.code(), out)
         })
@@ -382,6 +411,7 @@ impl Array {
     pub fn host_buffer(shape: &[usize], dtype: Dtype) -> Result<Array> {
         element_count(shape)?;
         let dims = dims(shape)?;
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("host_buffer", |out| unsafe {
             ffi::fp_host_buffer(dims.as_ptr(), dims.len(), dtype.code(), out)
         })
@@ -423,12 +453,14 @@ impl Array {
     pub fn ndim(&self) -> usize {
         let mut n = 0usize;
         // fp_ndim cannot fail on a valid handle.
+        // SAFETY: FFI contract (module docs); `n` is ours and outlives the call.
         let _ = unsafe { ffi::fp_ndim(self.raw(), &mut n) };
         n
     }
 
     pub fn shape(&self) -> Vec<usize> {
         let mut dims = vec![0i32; self.ndim()];
+        // SAFETY: FFI contract (module docs); `dims` holds `dims.len()` writable slots, the shim writes at most that many.
         let _ = unsafe { ffi::fp_shape(self.raw(), dims.as_mut_ptr(), dims.len()) };
         dims.into_iter().map(|d| d.max(0) as usize).collect()
     }
@@ -451,6 +483,7 @@ impl Array {
 
     pub fn dtype(&self) -> Dtype {
         let mut code = 0;
+        // SAFETY: FFI contract (module docs); `code` is ours and outlives the call.
         let _ = unsafe { ffi::fp_dtype(self.raw(), &mut code) };
         Dtype::from_code(code).unwrap_or(Dtype::Bool)
     }
@@ -471,6 +504,7 @@ impl Array {
         }
         let mut v = vec![T::default(); self.size()];
         let nbytes = std::mem::size_of_val(v.as_slice());
+        // SAFETY: FFI contract (module docs); `v` holds exactly `nbytes` writable bytes, the shim writes at most that many.
         check("read", unsafe {
             ffi::fp_read(self.raw.as_ptr(), v.as_mut_ptr().cast::<c_void>(), nbytes)
         })?;
@@ -483,12 +517,14 @@ impl Array {
     }
 
     fn binary(&self, op: c_int, name: &'static str, other: &Array) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make(name, |out| unsafe {
             ffi::fp_binary(op, self.raw(), other.raw(), out)
         })
     }
 
     fn unary(&self, op: c_int, name: &'static str) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make(name, |out| unsafe { ffi::fp_unary(op, self.raw(), out) })
     }
 
@@ -539,6 +575,7 @@ impl Array {
     }
 
     pub fn matmul(&self, other: &Array) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("matmul", |out| unsafe {
             ffi::fp_matmul(self.raw(), other.raw(), out)
         })
@@ -546,6 +583,7 @@ impl Array {
 
     /// `self + a @ b` in one op (what mlx.nn.Linear computes when it has a bias).
     pub fn addmm(&self, a: &Array, b: &Array) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("addmm", |out| unsafe {
             ffi::fp_addmm(self.raw(), a.raw(), b.raw(), out)
         })
@@ -553,6 +591,7 @@ impl Array {
 
     /// `cond ? x : y` element-wise with broadcasting; `self` is the condition.
     pub fn select(&self, x: &Array, y: &Array) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("where", |out| unsafe {
             ffi::fp_where(self.raw(), x.raw(), y.raw(), out)
         })
@@ -561,12 +600,14 @@ impl Array {
     /// A row-major copy when this is a view (`mx.contiguous`): a slice that should not keep its
     /// whole source buffer alive.
     pub fn contiguous(&self) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("contiguous", |out| unsafe {
             ffi::fp_contiguous(self.raw(), out)
         })
     }
 
     pub fn astype(&self, dtype: Dtype) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("astype", |out| unsafe {
             ffi::fp_astype(self.raw(), dtype.code(), out)
         })
@@ -574,6 +615,7 @@ impl Array {
 
     /// New shape with the same elements; one entry may be -1 (inferred).
     pub fn reshape(&self, shape: &[i32]) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("reshape", |out| unsafe {
             ffi::fp_reshape(self.raw(), shape.as_ptr(), shape.len(), out)
         })
@@ -581,6 +623,7 @@ impl Array {
 
     /// Permute axes (`axes[i]` is the input axis that becomes output axis `i`).
     pub fn transpose(&self, axes: &[i32]) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("transpose", |out| unsafe {
             ffi::fp_transpose(self.raw(), axes.as_ptr(), axes.len(), out)
         })
@@ -609,6 +652,7 @@ impl Array {
                 message: format!("{} starts but {} stops", start.len(), stop.len()),
             });
         }
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("slice", |out| unsafe {
             ffi::fp_slice(self.raw(), start.as_ptr(), stop.as_ptr(), start.len(), out)
         })
@@ -622,6 +666,7 @@ impl Array {
                 message: format!("{} starts but {} stops", start.len(), stop.len()),
             });
         }
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("slice_update", |out| unsafe {
             ffi::fp_slice_update(
                 self.raw(),
@@ -635,6 +680,7 @@ impl Array {
     }
 
     pub fn sum(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("sum", |out| unsafe {
             ffi::fp_sum(self.raw(), axis, keepdims as c_int, out)
         })
@@ -642,6 +688,7 @@ impl Array {
 
     /// Softmax along `axis`; `precise` computes in f32 for half-precision inputs.
     pub fn softmax(&self, axis: i32, precise: bool) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("softmax", |out| unsafe {
             ffi::fp_softmax(self.raw(), axis, precise as c_int, out)
         })
@@ -649,6 +696,7 @@ impl Array {
 
     /// Indices that partition along `axis` so position `kth` holds its sorted element.
     pub fn argpartition(&self, kth: i32, axis: i32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("argpartition", |out| unsafe {
             ffi::fp_argpartition(self.raw(), kth, axis, out)
         })
@@ -656,12 +704,14 @@ impl Array {
 
     /// Index of the largest element along `axis` (the first one on ties), as u32.
     pub fn argmax(&self, axis: i32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("argmax", |out| unsafe {
             ffi::fp_argmax(self.raw(), axis, out)
         })
     }
 
     pub fn argsort(&self, axis: i32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("argsort", |out| unsafe {
             ffi::fp_argsort(self.raw(), axis, out)
         })
@@ -669,12 +719,14 @@ impl Array {
 
     /// Rows of `self` along `axis` at `indices` (an embedding lookup with axis 0).
     pub fn take(&self, indices: &Array, axis: i32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("take", |out| unsafe {
             ffi::fp_take(self.raw(), indices.raw(), axis, out)
         })
     }
 
     pub fn take_along_axis(&self, indices: &Array, axis: i32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("take_along_axis", |out| unsafe {
             ffi::fp_take_along_axis(self.raw(), indices.raw(), axis, out)
         })
@@ -683,6 +735,7 @@ impl Array {
     /// `mx.put_along_axis`: a copy of `self` with `values` (broadcast to `indices`) written at
     /// `indices` along `axis`.
     pub fn put_along_axis(&self, indices: &Array, values: &Array, axis: i32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("put_along_axis", |out| unsafe {
             ffi::fp_put_along_axis(self.raw(), indices.raw(), values.raw(), axis, out)
         })
@@ -690,6 +743,7 @@ impl Array {
 
     /// `mx.topk`: the `k` largest values along `axis`, in no particular order.
     pub fn topk(&self, k: i32, axis: i32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("topk", |out| unsafe {
             ffi::fp_topk(self.raw(), k, axis, out)
         })
@@ -702,6 +756,7 @@ impl Array {
 /// still holds: no host write into an array that a scheduled evaluation may read.
 pub fn async_eval(arrays: &[&Array]) -> Result<()> {
     let raws: Vec<*mut ffi::FpArray> = arrays.iter().map(|a| a.raw.as_ptr()).collect();
+    // SAFETY: FFI contract (module docs); `raws` are live handles borrowed for the call.
     check("async_eval", unsafe {
         ffi::fp_async_eval(raws.as_ptr(), raws.len())
     })
@@ -709,6 +764,7 @@ pub fn async_eval(arrays: &[&Array]) -> Result<()> {
 
 pub fn eval(arrays: &[&Array]) -> Result<()> {
     let raws: Vec<*mut ffi::FpArray> = arrays.iter().map(|a| a.raw.as_ptr()).collect();
+    // SAFETY: FFI contract (module docs); `raws` are live handles borrowed for the call.
     check("eval", unsafe { ffi::fp_eval(raws.as_ptr(), raws.len()) })
 }
 
@@ -722,6 +778,7 @@ pub fn conv1d(
     dilation: i32,
     groups: i32,
 ) -> Result<Array> {
+    // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
     make("conv1d", |out| unsafe {
         ffi::fp_conv1d(x.raw(), w.raw(), stride, padding, dilation, groups, out)
     })
@@ -729,6 +786,7 @@ pub fn conv1d(
 
 pub fn concatenate(arrays: &[&Array], axis: i32) -> Result<Array> {
     let raws: Vec<*const ffi::FpArray> = arrays.iter().map(|a| a.raw()).collect();
+    // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
     make("concatenate", |out| unsafe {
         ffi::fp_concatenate(raws.as_ptr(), raws.len(), axis, out)
     })
@@ -770,6 +828,7 @@ impl QuantizedMatrix {
 /// `mx.quantize(w, group_size, bits)` in affine mode.
 pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<QuantizedMatrix> {
     let (mut q, mut s, mut b) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
+    // SAFETY: FFI contract (module docs); the three out-params are written only on success.
     check("quantize", unsafe {
         ffi::fp_quantize(w.raw(), group_size, bits, &mut q, &mut s, &mut b)
     })?;
@@ -785,6 +844,7 @@ pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<QuantizedMatrix
 
 /// `mx.dequantize`: back to the dtype of the scales.
 pub fn dequantize(m: &QuantizedMatrix) -> Result<Array> {
+    // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
     make("dequantize", |out| unsafe {
         ffi::fp_dequantize(
             m.weight.raw(),
@@ -800,6 +860,7 @@ pub fn dequantize(m: &QuantizedMatrix) -> Result<Array> {
 
 /// `x @ W.T` (`transpose`) or `x @ W` with a quantized `W`, as `mx.quantized_matmul`.
 pub fn quantized_matmul(x: &Array, w: &QuantizedMatrix, transpose: bool) -> Result<Array> {
+    // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
     make("quantized_matmul", |out| unsafe {
         ffi::fp_quantized_matmul(
             x.raw(),
@@ -826,6 +887,7 @@ pub fn gather_qmm(
     transpose: bool,
     sorted_indices: bool,
 ) -> Result<Array> {
+    // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
     make("gather_qmm", |out| unsafe {
         ffi::fp_gather_qmm(
             x.raw(),
@@ -850,6 +912,7 @@ pub mod fast {
 
     /// `x / sqrt(mean(x^2) + eps) * weight` over the last axis.
     pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("rms_norm", |out| unsafe {
             ffi::fp_rms_norm(x.raw(), opt_ptr(weight), eps, out)
         })
@@ -865,6 +928,7 @@ pub mod fast {
         scale: f32,
         offset: i32,
     ) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("rope", |out| unsafe {
             ffi::fp_rope(
                 x.raw(),
@@ -888,6 +952,7 @@ pub mod fast {
         offset: i32,
         freqs: &Array,
     ) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("rope_freqs", |out| unsafe {
             ffi::fp_rope_freqs(
                 x.raw(),
@@ -939,6 +1004,7 @@ pub mod fast {
             Mask::Causal => (c"causal", ptr::null()),
             Mask::Array(a) => (c"array", a.raw()),
         };
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("scaled_dot_product_attention", |out| unsafe {
             ffi::fp_sdpa(
                 q.raw(),
@@ -1024,6 +1090,7 @@ pub fn compiled(
                 // SAFETY: `n_out` and `max_out` output slots are the shim's, valid for the call.
                 unsafe { *n_out = outs.len() };
                 for (i, a) in outs.into_iter().enumerate() {
+                    // SAFETY: as above: slot `i < outs.len() <= max_out` of the shim's output array.
                     unsafe { *outputs.add(i) = a.into_raw() };
                 }
                 return 0;
@@ -1088,6 +1155,7 @@ pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
         // SAFETY: `ctx` is the `map` below, alive and exclusively borrowed for the whole call;
         // `name` is a valid C string for the duration of this callback.
         let map = unsafe { &mut *ctx.cast::<BTreeMap<String, Array>>() };
+        // SAFETY: `name` is a valid C string for the duration of this callback (see above).
         let name = unsafe { CStr::from_ptr(name) }
             .to_string_lossy()
             .into_owned();
@@ -1096,6 +1164,7 @@ pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, Array>> {
         }
     }
 
+    // SAFETY: FFI contract (module docs); `map` outlives the call and `visit` treats `ctx` as it.
     check("load_safetensors", unsafe {
         ffi::fp_load_safetensors(
             c_path.as_ptr(),

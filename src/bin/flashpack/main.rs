@@ -1,5 +1,7 @@
 //! The `flashpack` command line: one file per subcommand. Exit codes: 0 ok, 1 error, 2 usage.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod bench;
 mod bench_codecs;
 mod bench_serve;
