@@ -46,6 +46,62 @@ impl MemoryArgs {
     }
 }
 
+/// The sampling options of `run` and `chat`, and their one conversion to [`SamplerOptions`].
+/// `K` is `--top-k` where a command has it ([`TopKArg`], `run`) and nothing where it has not
+/// ([`NoTopK`], `chat`), so each command's flags stay as they were, in the same order.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs<K: clap::Args + TopK> {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[command(flatten)]
+    pub top_k: K,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl<K: clap::Args + TopK> SamplingArgs<K> {
+    pub fn sampler(&self) -> SamplerOptions {
+        SamplerOptions {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k.top_k(),
+            seed: self.seed,
+        }
+    }
+}
+
+/// The `--top-k` a command gives [`SamplingArgs`] (0 when it has none: every token kept).
+pub trait TopK {
+    fn top_k(&self) -> usize;
+}
+
+/// `--top-k`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TopKArg {
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+}
+
+impl TopK for TopKArg {
+    fn top_k(&self) -> usize {
+        self.top_k
+    }
+}
+
+/// No `--top-k` flag: every token is kept.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NoTopK {}
+
+impl TopK for NoTopK {
+    fn top_k(&self) -> usize {
+        0
+    }
+}
+
 #[derive(clap::Args)]
 pub struct ChatArgs {
     /// The .flashpack file.
@@ -56,13 +112,8 @@ pub struct ChatArgs {
     /// Most tokens per answer.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs<NoTopK>,
     #[command(flatten)]
     pub memory: MemoryArgs,
     /// After each answer, print its counts as one JSON line on stderr (prompt, cached and
@@ -114,7 +165,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
     )?;
     drop(weights);
     // Checked before the first turn, so a bad value is not found after the user has typed.
-    flashpack::run::sample::Sampler::new(sampler(&args))?;
+    flashpack::run::sample::Sampler::new(args.sampling.sampler())?;
     #[cfg(unix)]
     // SAFETY: installs a handler that only touches atomics and calls write/_exit.
     unsafe {
@@ -207,7 +258,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         }
         let req = Request {
             max_tokens: args.max_tokens.min(room - 1),
-            sampler: sampler(&args),
+            sampler: args.sampling.sampler(),
             logprobs: None,
             stop: engine.template().stops(),
         };
@@ -259,15 +310,6 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         messages.push(Message::new("assistant", &answer.text));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn sampler(args: &ChatArgs) -> SamplerOptions {
-    SamplerOptions {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: 0,
-        seed: args.seed,
-    }
 }
 
 /// With `--stats`, the prompt's progress as JSON lines on stderr, one per prefill chunk:

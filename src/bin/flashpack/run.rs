@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::chat::{SamplingArgs, TopKArg};
 use anyhow::{bail, Context};
 use flashpack::memory::peak_rss;
 use flashpack::run::budget::Budget;
@@ -12,7 +13,6 @@ use flashpack::run::experts::PolicyKind;
 use flashpack::run::harmony::{Harmony, Split};
 use flashpack::run::open;
 use flashpack::run::read::IoMode;
-use flashpack::run::sample::SamplerOptions;
 use flashpack::run::template::{ChatTemplate, Message};
 use flashpack::run::text::TextStream;
 
@@ -32,16 +32,8 @@ pub struct RunArgs {
     pub prompt_file: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// 0 keeps all tokens.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs<TopKArg>,
     /// Do not apply the pack's chat template; feed the prompt as is.
     #[arg(long)]
     pub raw: bool,
@@ -242,12 +234,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ids = engine.encode(&text)?;
     let req = Request {
         max_tokens: args.max_tokens,
-        sampler: SamplerOptions {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-        },
+        sampler: args.sampling.sampler(),
         logprobs: None,
         stop: Vec::new(),
     };
