@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-fn chat(args: &[&str]) -> std::process::Child {
+/// `flashpack chat` on the tiny pack, with `--stats` and `args` (hostile.rs uses it too).
+pub(crate) fn chat(args: &[&str]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_flashpack"))
         .arg("chat")
         .arg(http::tiny_pack("chat-tests"))

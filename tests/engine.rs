@@ -11,7 +11,7 @@ use flashpack::run::open;
 use flashpack::run::sample::SamplerOptions;
 use flashpack::run::template::Message;
 
-fn greedy(max_tokens: usize) -> Request {
+pub(crate) fn greedy(max_tokens: usize) -> Request {
     Request {
         max_tokens,
         sampler: SamplerOptions::default(),

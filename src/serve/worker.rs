@@ -185,11 +185,7 @@ fn serve_job(
     };
     // Tokenized within the server's limit: a long text is refused once counting passes it.
     let ids = match &job.prompt {
-        Prompt::Chat(messages) => engine
-            .template()
-            .render(messages)
-            .map_err(EngineError::from)
-            .and_then(|text| engine.encode_within(&text, max_prompt)),
+        Prompt::Chat(messages) => engine.encode_chat_within(messages, max_prompt),
         Prompt::Text(t) => engine.encode_within(t, max_prompt),
         Prompt::Ids(ids) => Ok(ids.clone()),
     }

@@ -407,7 +407,16 @@ impl<'p> Engine<'p> {
 
     /// Token ids of a conversation rendered through the chat template.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
-        self.encode(&self.template.render(messages)?)
+        self.encode_chat_within(messages, self.max_sequence())
+    }
+
+    /// [`Engine::encode_chat`] with the limit `limit` tokens ([`Engine::encode_within`]).
+    pub fn encode_chat_within(
+        &self,
+        messages: &[Message],
+        limit: usize,
+    ) -> Result<Vec<u32>, EngineError> {
+        self.encode_within(&self.template.render(messages)?, limit)
     }
 
     /// Generates from `prompt`, reusing the KV cache's shared prefix; `on_token` gets each
@@ -447,20 +456,15 @@ impl<'p> Engine<'p> {
         };
         let logprobs = req.logprobs.map(|n| n.min(MAX_TOP_LOGPROBS));
         let first_token = Rc::new(Cell::new(false));
-        let mut phases = PhaseMarker {
-            inner: &mut self.experts,
-            first_token: first_token.clone(),
-            at_first_token: None,
-        };
-        let store: &mut dyn ExpertStore = match self.resident.as_mut() {
-            Some(r) => r,
-            None => &mut phases,
-        };
-        let mut gate = PrefillGate {
-            inner: store,
+        let mut gate = Watch {
+            store: match self.resident.as_mut() {
+                Some(r) => Watched::Resident(r),
+                None => Watched::Streaming(&mut self.experts),
+            },
             first_token: first_token.clone(),
             cancelled,
             stopped: false,
+            at_first_token: None,
         };
         let cached = self.prefix.reusable(prompt);
         let generation = crate::run::generate::generate_with_prefix(
@@ -490,7 +494,7 @@ impl<'p> Engine<'p> {
         };
         Ok(EngineGeneration {
             generation,
-            at_first_token: phases.at_first_token.take(),
+            at_first_token: gate.at_first_token.take(),
         })
     }
 }
@@ -507,102 +511,78 @@ fn warn_over_ram(progress: &dyn Progress, option: &str, text: &str, bytes: u64, 
     }
 }
 
-/// Passes routing through, and snapshots the read counters at the first forward call after the
-/// first token (the end of the prefill), so the decode phase can be reported on its own.
-struct PhaseMarker<'a, 'p> {
-    inner: &'a mut StreamingExperts<'p>,
+/// The store the forward pass uses, watched at each call into it before the first token: it
+/// stops a prefill the caller no longer wants, and it snapshots the read counters at the first
+/// call after the first token (the end of the prefill), so the decode phase can be reported on
+/// its own.
+///
+/// Cancelling: every call (at each sparse layer of each chunk, so between chunks too) first asks
+/// `cancelled`, and once it says yes fails with [`PrefillCancelled`], which
+/// [`Engine::generate_until`] turns into a stopped generation. The prefill loop itself
+/// (`run::generate`) needs no hook: a store error already ends it and empties the KV cache.
+struct Watch<'a, 's, 'p> {
+    store: Watched<'s, 'p>,
     first_token: Rc<Cell<bool>>,
+    cancelled: &'a dyn Fn() -> bool,
+    stopped: bool,
     at_first_token: Option<PhaseSnapshot>,
 }
 
-impl ExpertStore for PhaseMarker<'_, '_> {
-    fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
-        self.mark();
-        self.inner.route(layer, indices)
-    }
-
-    fn route_scored(
-        &mut self,
-        layer: usize,
-        routing: &Routing,
-    ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
-        self.mark();
-        self.inner.route_scored(layer, routing)
-    }
-
-    fn mix(
-        &mut self,
-        layer: usize,
-        x: &Array,
-        routing: &Routing,
-    ) -> Result<Option<Array>, ComputeError> {
-        self.mark();
-        self.inner.mix(layer, x, routing)
-    }
-
-    fn wants_prediction(&self) -> bool {
-        self.inner.wants_prediction()
-    }
-
-    fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
-        self.inner.predict(layer, guess)
-    }
-
-    fn eager(&self) -> bool {
-        ExpertStore::eager(&*self.inner)
-    }
+/// The streaming store (whose counters are snapshotted), or the resident one.
+enum Watched<'s, 'p> {
+    Streaming(&'s mut StreamingExperts<'p>),
+    Resident(&'s mut dyn ExpertStore),
 }
 
-impl PhaseMarker<'_, '_> {
-    fn mark(&mut self) {
-        if self.at_first_token.is_none() && self.first_token.get() {
-            let c = self.inner.cache_stats();
+/// The error [`Watch`] stops a prefill with.
+#[derive(Debug, thiserror::Error)]
+#[error("the prefill was cancelled by the caller")]
+struct PrefillCancelled;
+
+impl Watch<'_, '_, '_> {
+    fn inner(&mut self) -> &mut dyn ExpertStore {
+        match &mut self.store {
+            Watched::Streaming(s) => &mut **s,
+            Watched::Resident(r) => &mut **r,
+        }
+    }
+
+    fn inner_ref(&self) -> &dyn ExpertStore {
+        match &self.store {
+            Watched::Streaming(s) => &**s,
+            Watched::Resident(r) => &**r,
+        }
+    }
+
+    /// Before each call into the store: stop a cancelled prefill, else mark the phase.
+    fn check(&mut self) -> Result<(), ComputeError> {
+        let first = self.first_token.get();
+        if !self.stopped && !first && (self.cancelled)() {
+            self.stopped = true;
+        }
+        if self.stopped {
+            return Err(ComputeError::Store(Box::new(PrefillCancelled)));
+        }
+        if let (Watched::Streaming(s), None, true) = (&self.store, &self.at_first_token, first) {
+            let c = s.cache_stats();
             self.at_first_token = Some(PhaseSnapshot {
                 bytes_read: c.bytes_read,
                 experts_loaded: c.experts_loaded,
                 misses: c.misses_per_layer.values().sum::<u64>(),
                 hits: c.hits_per_layer.values().sum::<u64>(),
                 read_decode_ms: c.read_decode_ms,
-                stall_ms: self.inner.stats.stall_ms,
-                eval_wait_ms: self.inner.stats.eval_wait_ms,
+                stall_ms: s.stats.stall_ms,
+                eval_wait_ms: s.stats.eval_wait_ms,
             });
-        }
-    }
-}
-
-/// Stops a prefill the caller no longer wants: before the first token, every call the forward
-/// pass makes into the store (at each sparse layer of each chunk, so between chunks too) first
-/// asks `cancelled`, and once it says yes fails with [`PrefillCancelled`], which
-/// [`Engine::generate_until`] turns into a stopped generation. The prefill loop itself
-/// (`run::generate`) needs no hook: a store error already ends it and empties the KV cache.
-struct PrefillGate<'a, 's> {
-    inner: &'s mut dyn ExpertStore,
-    first_token: Rc<Cell<bool>>,
-    cancelled: &'a dyn Fn() -> bool,
-    stopped: bool,
-}
-
-/// The error [`PrefillGate`] stops a prefill with.
-#[derive(Debug, thiserror::Error)]
-#[error("the prefill was cancelled by the caller")]
-struct PrefillCancelled;
-
-impl PrefillGate<'_, '_> {
-    fn check(&mut self) -> Result<(), ComputeError> {
-        if !self.stopped && !self.first_token.get() && (self.cancelled)() {
-            self.stopped = true;
-        }
-        if self.stopped {
-            return Err(ComputeError::Store(Box::new(PrefillCancelled)));
         }
         Ok(())
     }
 }
 
-impl ExpertStore for PrefillGate<'_, '_> {
+impl ExpertStore for Watch<'_, '_, '_> {
     fn route(&mut self, layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
         self.check()?;
-        self.inner.route(layer, indices)
+        self.inner().route(layer, indices)
     }
 
     fn route_scored(
@@ -611,7 +591,7 @@ impl ExpertStore for PrefillGate<'_, '_> {
         routing: &Routing,
     ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
         self.check()?;
-        self.inner.route_scored(layer, routing)
+        self.inner().route_scored(layer, routing)
     }
 
     fn mix(
@@ -621,18 +601,18 @@ impl ExpertStore for PrefillGate<'_, '_> {
         routing: &Routing,
     ) -> Result<Option<Array>, ComputeError> {
         self.check()?;
-        self.inner.mix(layer, x, routing)
+        self.inner().mix(layer, x, routing)
     }
 
     fn wants_prediction(&self) -> bool {
-        self.inner.wants_prediction()
+        self.inner_ref().wants_prediction()
     }
 
     fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
-        self.inner.predict(layer, guess)
+        self.inner().predict(layer, guess)
     }
 
     fn eager(&self) -> bool {
-        self.inner.eager()
+        self.inner_ref().eager()
     }
 }
