@@ -210,6 +210,7 @@ fn run_store(segments: usize, io: IoMode) {
         policy: PolicyKind::Lru,
         verify: true,
         naive: false,
+        ..StoreOptions::default()
     };
     let mut store = ExpertCache::new(&pack, &opts).unwrap();
     assert_eq!(store.stats().slots, 3);
@@ -373,6 +374,7 @@ fn a_miss_never_evicts_an_expert_its_own_layer_asked_for() {
         policy: PolicyKind::Lru,
         verify: true,
         naive: false,
+        ..StoreOptions::default()
     };
     let mut store = ExpertCache::new(&pack, &opts).unwrap();
     store.prepare(&pack, 0, &[1]).unwrap();

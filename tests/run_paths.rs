@@ -119,6 +119,76 @@ fn device_routed_resident_store_matches_host_routing_on_uniform_mixed_and_merged
     }
 }
 
+/// MLX's CUDA `gather_qmm` addresses a pool's experts with 32-bit element offsets, so the store
+/// splits pools between layers (decision 0020). Forced here with a small cap: one layer per pool,
+/// then each layer cut into two pools; resident (device tables) and under a budget, uniform and
+/// mixed-precision packs, the logits stay those of one pool.
+#[test]
+fn pools_split_between_layers_change_no_logit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mixed = ConvertOptions {
+        cold_bits: Some(2),
+        cold_fraction: Some(0.5),
+        ..ConvertOptions::default()
+    };
+    for (name, opts) in [("uniform", ConvertOptions::default()), ("mixed", mixed)] {
+        let out = dir.path().join(format!("{name}.flashpack"));
+        convert(&fixture("qwen3moe-tiny"), &out, opts);
+        let (pack, cfg, weights) = open::open(&out, true).unwrap();
+        let model = Model::load(&cfg, &weights).unwrap();
+        let one = cache(&pack, None);
+        let shapes = one.pool_count();
+        let mut device = resident_store(&one, &cfg.sparse_layers(), cfg.num_experts)
+            .unwrap()
+            .expect("every expert is resident");
+        let want = logits(&model, &mut device);
+        let per_expert = (cfg.hidden_size * cfg.moe_intermediate_size) as u64;
+        let layers = cfg.sparse_layers().len();
+        let stored = pack.experts().iter().filter(|e| e.segment == 0).count() as u64;
+        // 40 slots a pool: one layer (32 experts) each; 20: each layer in two pools of 16.
+        for (cap, pools_per_layer) in [(40u64, 1), (20, 2)] {
+            let split = |budget: Option<u64>| {
+                let slot = ExpertCache::all_resident_bytes(&pack) / stored;
+                let opts = StoreOptions {
+                    budget_bytes: budget.map(|n| n * slot),
+                    policy: PolicyKind::Lru,
+                    max_pool_elements: cap * per_expert,
+                    ..StoreOptions::default()
+                };
+                let mut c = ExpertCache::new(&pack, &opts).unwrap();
+                if budget.is_none() {
+                    c.warm_all(&pack).unwrap();
+                }
+                c
+            };
+            let c = split(None);
+            if name == "uniform" {
+                assert_eq!(c.pool_count(), layers * pools_per_layer, "{name} cap {cap}");
+            } else {
+                assert!(c.pool_count() > shapes, "{name}: {} pools", c.pool_count());
+            }
+            let mut device = resident_store(&c, &cfg.sparse_layers(), cfg.num_experts)
+                .unwrap()
+                .expect("every expert is resident");
+            assert_eq!(
+                differing(&logits(&model, &mut device), &want),
+                0,
+                "{name} cap {cap}"
+            );
+            // Half the experts: each pool gets half its slots.
+            let half = stored / 2;
+            let mut streaming =
+                StreamingExperts::new(&pack, split(Some(half)), cfg.num_experts, true);
+            assert_eq!(
+                differing(&logits(&model, &mut streaming), &want),
+                0,
+                "{name} cap {cap}, half the experts"
+            );
+            assert!(streaming.cache_stats().experts_loaded > 0);
+        }
+    }
+}
+
 #[test]
 fn a_prefill_chunk_larger_than_the_cache_loads_experts_in_groups_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -114,7 +114,17 @@ pub struct StoreOptions {
     pub verify: bool,
     /// No caching at all: every use reads and decodes again (the naive baseline of benchmarks).
     pub naive: bool,
+    /// Most quantized weights (slots x rows x columns) one pool array may hold; more experts of
+    /// one precision go into several pools, split between layers ([`MAX_POOL_ELEMENTS`]).
+    pub max_pool_elements: u64,
 }
+
+/// Default of [`StoreOptions::max_pool_elements`]: MLX's CUDA `gather_qmm` (the tensor-core
+/// kernel decode and prefill use) offsets the expert batch in 32-bit element counts, so an
+/// expert at a slot past 2^32 weights of its pool reads another slot's codes (measured: a
+/// 48-layer pool of 768 x 2048 experts gave other tokens from slot 2731 on, decision 0020).
+/// Kept under 2^31 for every backend.
+pub const MAX_POOL_ELEMENTS: u64 = (1 << 31) - 1;
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -125,6 +135,7 @@ impl Default for StoreOptions {
             policy: PolicyKind::Profile,
             verify: true,
             naive: false,
+            max_pool_elements: MAX_POOL_ELEMENTS,
         }
     }
 }
@@ -373,8 +384,7 @@ impl ExpertCache {
     pub fn new(pack: &Pack, opts: &StoreOptions) -> Result<ExpertCache, ExpertError> {
         let hidden = pack.hidden_size() as usize;
         let inter = pack.intermediate_size() as usize;
-        let mut pool_of = BTreeMap::new();
-        let mut shapes: BTreeMap<PoolShape, u32> = BTreeMap::new();
+        let mut by_shape: BTreeMap<PoolShape, Vec<(u32, u32)>> = BTreeMap::new();
         for e in pack.experts().iter().filter(|e| e.segment == 0) {
             let shape = PoolShape {
                 bits: e.bits,
@@ -391,20 +401,29 @@ impl ExpertCache {
                     ),
                 });
             }
-            *shapes.entry(shape).or_default() += 1;
-            pool_of.insert((e.layer, e.expert), shape);
+            by_shape.entry(shape).or_default().push((e.layer, e.expert));
         }
-        let shape_list: Vec<PoolShape> = shapes.keys().copied().collect();
-        let total_bytes: u64 = shapes
+        let cap = pool_capacity(opts.max_pool_elements, hidden, inter);
+        // One pool per (precision, run of whole layers that fits `cap`).
+        let mut plan: Vec<(PoolShape, Vec<(u32, u32)>)> = Vec::new();
+        for (shape, mut keys) in by_shape {
+            keys.sort_unstable();
+            for chunk in split_by_layer(&keys, cap) {
+                plan.push((shape, chunk));
+            }
+        }
+        let total_bytes: u64 = plan
             .iter()
-            .map(|(s, &n)| {
-                n as u64 * Pool::slot_bytes(*s, hidden, inter).iter().sum::<usize>() as u64
+            .map(|(s, keys)| {
+                keys.len() as u64 * Pool::slot_bytes(*s, hidden, inter).iter().sum::<usize>() as u64
             })
             .sum();
         let layers = pack.experts().last().map_or(1, |e| e.layer + 1);
         let prior = profile_prior(pack.meta());
         let mut pools = Vec::new();
-        for (shape, &count) in &shapes {
+        let mut pool_of = BTreeMap::new();
+        for (shape, keys) in &plan {
+            let count = keys.len() as u32;
             let slot_bytes: u64 = Pool::slot_bytes(*shape, hidden, inter)
                 .iter()
                 .sum::<usize>() as u64;
@@ -422,12 +441,11 @@ impl ExpertCache {
                 PolicyKind::Lfu => Box::new(Lfu::new(256)),
                 PolicyKind::Profile => Box::new(ProfileWeighted::new(prior.clone(), layers, 256)),
             };
+            for &k in keys {
+                pool_of.insert(k, pools.len());
+            }
             pools.push(Pool::new(*shape, slots, hidden, inter, policy)?);
         }
-        let pool_of = pool_of
-            .into_iter()
-            .map(|(k, s)| (k, shape_list.iter().position(|x| *x == s).expect("listed")))
-            .collect();
         let merge_map = pack.meta().merge_map.clone();
         let reader = std::sync::Arc::new(SegmentReader::new(pack, opts.io, opts.queue_depth)?);
         let mut stats = StoreStats::default();
@@ -514,9 +532,22 @@ impl ExpertCache {
             .collect()
     }
 
-    /// Number of pools (distinct expert precisions).
+    /// Number of pools (one per expert precision and run of layers, see
+    /// [`StoreOptions::max_pool_elements`]).
     pub fn pool_count(&self) -> usize {
         self.pools.len()
+    }
+
+    /// Distinct layers whose experts pool `pool` holds.
+    pub fn pool_layers(&self, pool: usize) -> usize {
+        let mut layers: Vec<u32> = self
+            .pool_of
+            .iter()
+            .filter(|&(_, &p)| p == pool)
+            .map(|(&(layer, _), _)| layer)
+            .collect();
+        layers.dedup();
+        layers.len()
     }
 
     /// Whether router expert `e` of `layer` is resident (or being prefetched, which the next
@@ -1331,6 +1362,80 @@ fn scatter(
 }
 
 /// Routing-mass shares per (layer, expert) from the pack's profile, when it has one.
+/// Slots one pool may have so that each of its arrays holds at most `max_elements` weights
+/// (every projection of an expert has `hidden * inter` of them); at least one.
+fn pool_capacity(max_elements: u64, hidden: usize, inter: usize) -> usize {
+    (max_elements / (hidden as u64 * inter as u64).max(1)).max(1) as usize
+}
+
+#[cfg(test)]
+mod pool_split_tests {
+    use super::*;
+
+    fn keys(layers: u32, experts: u32) -> Vec<(u32, u32)> {
+        (0..layers)
+            .flat_map(|l| (0..experts).map(move |e| (l, e)))
+            .collect()
+    }
+
+    #[test]
+    fn whole_layers_share_a_pool_up_to_the_cap() {
+        // Qwen3-30B-A3B: 48 layers of 128 experts of 768 x 2048 weights.
+        let cap = pool_capacity(MAX_POOL_ELEMENTS, 2048, 768);
+        assert_eq!(cap, 1365);
+        let pools = split_by_layer(&keys(48, 128), cap);
+        assert!(pools.iter().all(|p| p.len() <= cap));
+        assert_eq!(pools.len(), 5); // 10 layers a pool, 8 in the last
+        assert!(pools.iter().all(|p| p.len() % 128 == 0), "no layer is cut");
+        assert_eq!(pools.concat(), keys(48, 128), "every expert once, in order");
+    }
+
+    #[test]
+    fn a_layer_larger_than_the_cap_is_cut_evenly() {
+        // DeepSeek-V3: 256 experts of 7168 x 2048 weights.
+        let cap = pool_capacity(MAX_POOL_ELEMENTS, 7168, 2048);
+        assert_eq!(cap, 146);
+        let pools = split_by_layer(&keys(3, 256), cap);
+        let sizes: Vec<usize> = pools.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [128; 6]);
+        assert_eq!(pools.concat(), keys(3, 256));
+        // One pool when everything fits (every test model).
+        assert_eq!(
+            split_by_layer(&keys(6, 32), MAX_POOL_ELEMENTS as usize).len(),
+            1
+        );
+        assert_eq!(
+            split_by_layer(&keys(2, 5), 0).len(),
+            10,
+            "a cap of 0 acts as 1"
+        );
+    }
+}
+
+/// Splits `keys` (sorted (layer, expert) pairs) into runs of at most `cap`, each run made of whole
+/// layers where a layer fits, so that a layer's experts share one pool (one `gather_qmm` per
+/// projection); a layer larger than `cap` alone is cut into the fewest pieces of equal size.
+fn split_by_layer(keys: &[(u32, u32)], cap: usize) -> Vec<Vec<(u32, u32)>> {
+    let cap = cap.max(1);
+    let mut out: Vec<Vec<(u32, u32)>> = Vec::new();
+    let mut current: Vec<(u32, u32)> = Vec::new();
+    for layer in keys.chunk_by(|a, b| a.0 == b.0) {
+        if current.len() + layer.len() > cap && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+        }
+        if layer.len() > cap {
+            let size = layer.len().div_ceil(layer.len().div_ceil(cap));
+            out.extend(layer.chunks(size).map(<[_]>::to_vec));
+        } else {
+            current.extend_from_slice(layer);
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 fn profile_prior(meta: &crate::format::Metadata) -> std::collections::HashMap<ExpertKey, f64> {
     let mut prior = std::collections::HashMap::new();
     for (layer, mass) in meta.profile_mass().into_iter().enumerate() {

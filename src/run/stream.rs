@@ -113,8 +113,13 @@ impl<'p> StreamingExperts<'p> {
     /// of `sparse_layers` layers) plus one more layer's: a prefetch would then evict experts
     /// that the same token needs a few layers later (measured: 1.9x the bytes at 25% of a
     /// 48-layer model).
+    /// With several pools (long models), each must hold the working set of its own layers.
     pub fn working_set(mut self, sparse_layers: usize, k: usize) -> Self {
-        self.room = self.min_slots() >= (sparse_layers + 1) * k;
+        self.room = self
+            .pools
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.slots() >= (self.cache.pool_layers(i).min(sparse_layers) + 1) * k);
         self.stats.prefetch_no_room = self.prefetch && !self.room;
         self
     }

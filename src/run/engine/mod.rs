@@ -198,6 +198,11 @@ impl<'p> Engine<'p> {
             policy: opts.policy,
             verify: opts.verify,
             naive: opts.no_cache,
+            // FLASHPACK_MAX_POOL_ELEMENTS: smaller pools, to show the split on small models.
+            max_pool_elements: std::env::var("FLASHPACK_MAX_POOL_ELEMENTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(crate::run::experts::MAX_POOL_ELEMENTS),
         };
         let mut cache = ExpertCache::new(pack, &store)?;
         // Metal (macOS): keep the dense weights, the expert slots and the KV cache wired, as
@@ -231,7 +236,15 @@ impl<'p> Engine<'p> {
         )
         .skip_uncached(opts.skip_uncached)
         .working_set(cfg.sparse_layers().len(), cfg.num_experts_per_tok);
-        if experts.min_slots() < cfg.num_experts_per_tok {
+        let k = cfg.num_experts_per_tok;
+        let pools = experts.cache().pool_sizes();
+        // A pool needs room for one token's experts, or for all it holds (a layer cut in pieces).
+        let stored: usize = pools.iter().map(|p| p.stored as usize).sum();
+        if stored < k
+            || pools
+                .iter()
+                .any(|p| (p.slots as usize) < k.min(p.stored as usize))
+        {
             let cause = match (&opts.mem_budget, &opts.expert_budget) {
                 (Some(b), _) => BudgetCause::Mem {
                     text: b.text.clone(),
@@ -245,8 +258,8 @@ impl<'p> Engine<'p> {
             return Err(EngineError::TooFewSlots(too_few_slots(
                 &cause,
                 expert_budget,
-                &experts.cache().pool_sizes(),
-                cfg.num_experts_per_tok,
+                &pools,
+                k,
                 (pack.hidden_size(), pack.intermediate_size()),
             )));
         }

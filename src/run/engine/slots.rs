@@ -23,7 +23,10 @@ pub(super) fn too_few_slots(
     top_k: usize,
     (hidden, inter): (u32, u32),
 ) -> String {
-    let Some(p) = pools.iter().min_by_key(|p| p.slots) else {
+    let Some(p) = pools
+        .iter()
+        .min_by_key(|p| p.slots as i64 - top_k.min(p.stored as usize) as i64)
+    else {
         return format!(
             "the pack stores no experts, but the model config routes each token to {top_k} (num_experts_per_tok); the pack is damaged or was written by a broken tool: re-convert it"
         );
@@ -33,7 +36,7 @@ pub(super) fn too_few_slots(
     let total: u64 = pools.iter().map(|q| q.stored as u64 * q.slot_bytes).sum();
     let need = pools
         .iter()
-        .map(|q| (top_k as u64 * total).div_ceil(q.stored.max(1) as u64))
+        .map(|q| (top_k.min(q.stored as usize) as u64 * total).div_ceil(q.stored.max(1) as u64))
         .max()
         .unwrap_or(0);
     let room = format!(
