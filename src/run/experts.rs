@@ -1368,6 +1368,48 @@ fn pool_capacity(max_elements: u64, hidden: usize, inter: usize) -> usize {
     (max_elements / (hidden as u64 * inter as u64).max(1)).max(1) as usize
 }
 
+/// Splits `keys` (sorted (layer, expert) pairs) into runs of at most `cap`, each run made of whole
+/// layers where a layer fits, so that a layer's experts share one pool (one `gather_qmm` per
+/// projection); a layer larger than `cap` alone is cut into the fewest pieces of equal size.
+fn split_by_layer(keys: &[(u32, u32)], cap: usize) -> Vec<Vec<(u32, u32)>> {
+    let cap = cap.max(1);
+    let mut out: Vec<Vec<(u32, u32)>> = Vec::new();
+    let mut current: Vec<(u32, u32)> = Vec::new();
+    for layer in keys.chunk_by(|a, b| a.0 == b.0) {
+        if current.len() + layer.len() > cap && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+        }
+        if layer.len() > cap {
+            let size = layer.len().div_ceil(layer.len().div_ceil(cap));
+            out.extend(layer.chunks(size).map(<[_]>::to_vec));
+        } else {
+            current.extend_from_slice(layer);
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+fn profile_prior(meta: &crate::format::Metadata) -> std::collections::HashMap<ExpertKey, f64> {
+    let mut prior = std::collections::HashMap::new();
+    for (layer, mass) in meta.profile_mass().into_iter().enumerate() {
+        let Some(mass) = mass else { continue };
+        let total: f64 = mass.iter().sum();
+        for (expert, m) in mass.into_iter().enumerate() {
+            prior.insert(
+                ExpertKey {
+                    layer: layer as u32,
+                    expert: expert as u32,
+                },
+                m / total.max(f64::MIN_POSITIVE),
+            );
+        }
+    }
+    prior
+}
+
 #[cfg(test)]
 mod pool_split_tests {
     use super::*;
@@ -1410,46 +1452,4 @@ mod pool_split_tests {
             "a cap of 0 acts as 1"
         );
     }
-}
-
-/// Splits `keys` (sorted (layer, expert) pairs) into runs of at most `cap`, each run made of whole
-/// layers where a layer fits, so that a layer's experts share one pool (one `gather_qmm` per
-/// projection); a layer larger than `cap` alone is cut into the fewest pieces of equal size.
-fn split_by_layer(keys: &[(u32, u32)], cap: usize) -> Vec<Vec<(u32, u32)>> {
-    let cap = cap.max(1);
-    let mut out: Vec<Vec<(u32, u32)>> = Vec::new();
-    let mut current: Vec<(u32, u32)> = Vec::new();
-    for layer in keys.chunk_by(|a, b| a.0 == b.0) {
-        if current.len() + layer.len() > cap && !current.is_empty() {
-            out.push(std::mem::take(&mut current));
-        }
-        if layer.len() > cap {
-            let size = layer.len().div_ceil(layer.len().div_ceil(cap));
-            out.extend(layer.chunks(size).map(<[_]>::to_vec));
-        } else {
-            current.extend_from_slice(layer);
-        }
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
-}
-
-fn profile_prior(meta: &crate::format::Metadata) -> std::collections::HashMap<ExpertKey, f64> {
-    let mut prior = std::collections::HashMap::new();
-    for (layer, mass) in meta.profile_mass().into_iter().enumerate() {
-        let Some(mass) = mass else { continue };
-        let total: f64 = mass.iter().sum();
-        for (expert, m) in mass.into_iter().enumerate() {
-            prior.insert(
-                ExpertKey {
-                    layer: layer as u32,
-                    expert: expert as u32,
-                },
-                m / total.max(f64::MIN_POSITIVE),
-            );
-        }
-    }
-    prior
 }
