@@ -63,11 +63,19 @@ def disk_bw(path):
     return size / (time.time() - t)
 
 
-def run_flashpack(pack, extra, prompt, max_tokens, raw=True, binary="flashpack"):
+# Run names whose process gets extra environment variables.
+RUN_ENV = {
+    # The store before decision 0020: one pool for all 48 layers (6,144 slots of 768 x 2048
+    # weights), past the 2^32-weight offsets of MLX's CUDA gather_qmm.
+    "resident one pool": {"FLASHPACK_MAX_POOL_ELEMENTS": str(1 << 40)},
+}
+
+
+def run_flashpack(pack, extra, prompt, max_tokens, raw=True, binary="flashpack", env=None):
     drop_caches()
     cmd = [binary, "run", pack, "--prompt", prompt, "--max-tokens", str(max_tokens),
            "--json"] + (["--raw"] if raw else []) + extra
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         return {"error": p.stderr[-2000:], "cmd": " ".join(cmd)}
     stats = json.loads(p.stderr.strip().splitlines()[-1])
@@ -164,12 +172,16 @@ def binaries(a):
     return [("", "flashpack")] + ([(" [base]", a.baseline_bin)] if a.baseline_bin else [])
 
 
-def run_decode_rows(a, log, packs, runs, res, res_path):
+def run_decode_rows(a, log, packs, runs, res, res_path, rep=None):
     """One repetition of `runs` with every binary, interleaved; results saved after every run,
-    so a call cut short by its time limit keeps what ran."""
+    so a call cut short by its time limit keeps what ran. With `rep`, runs that already have
+    that many repetitions are skipped (a later call resumes)."""
     for model, name, extra in runs:
         for tag, binary in binaries(a):
-            s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary)
+            if rep is not None and len(res.get(f"{model}:{name}{tag}", [])) > rep:
+                continue
+            s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary,
+                              env=RUN_ENV.get(name))
             res.setdefault(f"{model}:{name}{tag}", []).append(s)
             log_run(log, f"{model}:{name}{tag}", s)
             with open(res_path, "w") as f:
@@ -273,7 +285,8 @@ def deep(a, log):
     run_flashpack(first, [], PROMPT, 4)
     runs = []
     for model in packs:
-        runs += [(model, "resident", []), (model, "50%", ["--expert-budget", "50%"]),
+        runs += [(model, "resident", []), (model, "resident one pool", []),
+                 (model, "50%", ["--expert-budget", "50%"]),
                  (model, "25%", ["--expert-budget", "25%"]),
                  (model, "25% no-prefetch", ["--expert-budget", "25%", "--no-prefetch"]),
                  (model, "12%", ["--expert-budget", "12%"])]
@@ -282,8 +295,8 @@ def deep(a, log):
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
-    for _ in range(a.reps):
-        run_decode_rows(a, log, packs, runs, res, res_path)
+    for rep in range(a.reps):
+        run_decode_rows(a, log, packs, runs, res, res_path, rep)
     keys = [f"{m}:{n}{t}" for m, n, _ in runs for t, _ in binaries(a)]
     _, lines = stream_table(res, keys, bw)
     lines = [f"disk {bw / 1e9:.2f} GB/s; 48 layers, 128 experts top-8, hidden 2048, expert width "

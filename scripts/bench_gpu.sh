@@ -5,7 +5,8 @@
 #   bash scripts/bench_gpu.sh prepare
 #   mv fixtures/qwen3moe-tiny /tmp/     # the tree must travel under 64 MiB; move it back after
 # Then two device calls, back to back (a machine stays warm 30 s):
-#   1. carry [".gpu/p1"], command: mkdir -p /root/stash && cp .gpu/p1/part.00 /root/stash/
+#   1. carry [".gpu/p1", ".gpu/kcache"], command:
+#      mkdir -p /root/stash && cp .gpu/p1/part.00 .gpu/kcache/kcache.tar.zst /root/stash/
 #   2. carry [".gpu/p2"], command: bash scripts/bench_gpu.sh device [bench_gpu.py options]
 #   3. (optional, at once, same machine) command: bash scripts/bench_gpu.sh more --reps 1
 # The table comes back as $OUT/table.md (raw numbers in $OUT/raw.json), built from every
@@ -19,9 +20,12 @@ z() { LD_LIBRARY_PATH=.gpu/p2/bin .gpu/p2/bin/zstd "$@"; }
 # .gpu/kcache.tar.zst when carried, saved to $OUT after each call, so a fresh machine does not
 # spend minutes compiling kernels again.
 bench() {
-  if [ -f .gpu/kcache/kcache.tar.zst ] && [ ! -d /tmp/mlx ]; then
-    z -dc .gpu/kcache/kcache.tar.zst | tar -xf - -C / || true
-  fi
+  # (call 1 may leave it in /root/stash: p1 and the cache fit one call, p2 and the cache do not)
+  for k in .gpu/kcache/kcache.tar.zst /root/stash/kcache.tar.zst; do
+    if [ -f "$k" ] && [ ! -d /tmp/mlx ]; then
+      z -dc "$k" | tar -xf - -C / || true
+    fi
+  done
   local rc=0
   PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@" || rc=$?
   # Saved even when the run failed: the kernels compiled so far are still good.
