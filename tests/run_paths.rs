@@ -356,7 +356,7 @@ fn skewed_pack(dir: &Path, skew: f32) -> PathBuf {
 }
 
 /// Greedy tokens through a quarter of the experts, prefetch on; returns (hit rate, store).
-fn hit_rate_at_a_quarter(path: &Path) -> (f64, u64, u64) {
+fn hit_rate_at_a_quarter(path: &Path) -> (f64, u64, u64, u64) {
     let (pack, cfg, weights) = open::open(path, true).unwrap();
     let model = Model::load(&cfg, &weights).unwrap();
     let c = cache(&pack, Some((cfg.num_experts * 3 / 4) as u64));
@@ -376,14 +376,15 @@ fn hit_rate_at_a_quarter(path: &Path) -> (f64, u64, u64) {
         hits as f64 / (hits + misses) as f64,
         s.stats.prefetch_gated,
         st.prefetch_issued,
+        s.stats.guesses_skipped,
     )
 }
 
 #[test]
 fn skewed_fixture_routing_is_skewed_and_the_prefetch_gate_closes_on_uniform_routing() {
     let dir = tempfile::tempdir().unwrap();
-    let (uniform, gated, issued) = hit_rate_at_a_quarter(&skewed_pack(dir.path(), 0.0));
-    let (skewed, _, _) = hit_rate_at_a_quarter(&skewed_pack(dir.path(), 0.3));
+    let (uniform, gated, issued, skipped) = hit_rate_at_a_quarter(&skewed_pack(dir.path(), 0.0));
+    let (skewed, _, _, _) = hit_rate_at_a_quarter(&skewed_pack(dir.path(), 0.3));
     assert!(
         skewed > uniform + 0.15,
         "skewed {skewed:.3} vs uniform {uniform:.3}"
@@ -392,6 +393,11 @@ fn skewed_fixture_routing_is_skewed_and_the_prefetch_gate_closes_on_uniform_rout
     assert!(
         gated > 0 && issued < gated,
         "gated {gated}, issued {issued}"
+    );
+    // A shut gate evaluates only the probes: most guesses are dropped unevaluated.
+    assert!(
+        skipped > 0 && skipped <= gated,
+        "skipped {skipped}, gated {gated}"
     );
 }
 
