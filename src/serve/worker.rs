@@ -35,7 +35,7 @@ pub struct Job {
 pub enum Event {
     Started { prompt_tokens: usize },
     Piece(Piece),
-    Done(Completion),
+    Done(Box<Completion>),
     Error(ApiError),
 }
 
@@ -152,7 +152,7 @@ pub fn run(
                 counters
                     .cached_tokens
                     .fetch_add(c.cached_tokens as u64, Ordering::Relaxed);
-                let _ = job.events.send(Event::Done(c));
+                let _ = job.events.send(Event::Done(Box::new(c)));
             }
             Err(e) => {
                 let counter = if e.status < 500 {
@@ -250,6 +250,9 @@ fn cancelled(prompt_tokens: usize) -> Completion {
         cached_tokens: 0,
         logprobs: Vec::new(),
         stats: Default::default(),
+        tokens: Vec::new(),
+        at_first_token: None,
+        cpu_s: Default::default(),
     }
 }
 

@@ -275,14 +275,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
             &prefill,
             &|| INTERRUPTED.load(Ordering::SeqCst),
             |p| {
-                // A harmony model's reasoning streams on stderr, its answer on stdout
-                // (docs/decisions/0011-harmony-output.md).
-                if !p.reasoning.is_empty() {
-                    let _ = std::io::stderr().write_all(p.reasoning.as_bytes());
-                    let _ = std::io::stderr().flush();
-                }
-                let _ = stdout.write_all(p.text.as_bytes());
-                let _ = stdout.flush();
+                crate::run::show(p, &mut stdout);
                 !INTERRUPTED.load(Ordering::SeqCst)
             },
         );
