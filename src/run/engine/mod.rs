@@ -15,7 +15,7 @@
 //!
 //! Files: this one builds the engine and generates token ids; `complete.rs` turns them into text
 //! (stop strings, harmony channels, log-probabilities with token texts); `report.rs` a
-//! completion and the engine's counters as one typed report;
+//! completion and the engine's counters as one typed report, and the batched-step benchmark;
 //! `request.rs` holds the options, requests and reports; `stop.rs` the end-of-sequence ids;
 //! `slots.rs` the message for a cache too small for one token.
 

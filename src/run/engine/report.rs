@@ -1,12 +1,16 @@
 //! What the engine measures. In: a finished [`Completion`] and the engine that produced it.
 //! Out: [`RunReport`] ([`Engine::report`]; `flashpack run` prints it, `--json` serializes it).
 //! Invariant: every rate is over a count of at least one, except the read rate, unknown (`None`)
-//! without timed reads.
+//! without timed reads. Also a decode step of several sequences at once ([`Engine::batch_step_ms`],
+//! what `flashpack bench serve` times).
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
-use super::{Completion, CpuSeconds, Engine, EngineSizes, PhaseSnapshot};
+use super::{Completion, CpuSeconds, Engine, EngineError, EngineSizes, PhaseSnapshot};
 use crate::memory::peak_rss;
+use crate::mlx::Array;
+use crate::model::{ComputeError, ExpertStore};
 use crate::run::experts::{PolicyKind, StoreStats};
 use crate::run::generate::GenerateStats;
 use crate::run::read::IoMode;
@@ -98,5 +102,32 @@ impl Engine<'_> {
             io: self.io,
             policy: self.policy,
         }
+    }
+
+    /// Milliseconds per greedy decode step of `batch` sequences at once (`[batch, 1]` through
+    /// the model), over `steps` steps after a 64-token prefill of each, through this engine's
+    /// model and expert store: what a batched server could gain
+    /// (docs/decisions/0009-serve-queue-no-batching.md). The sequences have their own KV cache;
+    /// the engine's is left as it was.
+    pub fn batch_step_ms(&mut self, batch: usize, steps: usize) -> Result<f64, EngineError> {
+        let store: &mut dyn ExpertStore = match self.resident.as_mut() {
+            Some(r) => r,
+            None => &mut self.experts,
+        };
+        let model = &self.model;
+        let mut time = || -> Result<f64, ComputeError> {
+            let mut kv = model.new_cache();
+            let prompt: Vec<u32> = (0..64 * batch as u32).map(|i| 10 + i % 64).collect();
+            model.prefill(&Array::from_slice(&prompt, &[batch, 64])?, &mut kv, store)?;
+            let mut y = Array::from_slice(&vec![11u32; batch], &[batch, 1])?;
+            let started = Instant::now();
+            for _ in 0..steps {
+                let logits = model.forward(&y, &mut kv, store)?;
+                y = logits.argmax(-1)?;
+                crate::mlx::eval(&[&y])?;
+            }
+            Ok(started.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64)
+        };
+        Ok(time()?)
     }
 }
