@@ -193,7 +193,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     let (pack, cfg, weights) = flashpack::run::open::open(&args.pack, true)
         .with_context(|| format!("cannot open {}", args.pack.display()))?;
     let opts = EngineOptions::default();
-    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &crate::chat::Warnings)?;
+    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &flashpack::progress::Warnings)?;
     // ms per decode step of one sequence and of two, all experts resident.
     let (mut one, mut two) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {

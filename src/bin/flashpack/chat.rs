@@ -161,7 +161,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         &cfg,
         &weights,
         &args.memory.engine_options(),
-        &Warnings,
+        &flashpack::progress::Warnings,
     )?;
     drop(weights);
     // Checked before the first turn, so a bad value is not found after the user has typed.
@@ -328,18 +328,6 @@ impl flashpack::progress::Progress for PrefillStats {
             );
         }
     }
-    fn finish_stage(&self) {}
-    fn warn(&self, msg: &str) {
-        eprintln!("warning: {msg}");
-    }
-}
-
-/// Budget warnings on stderr.
-pub struct Warnings;
-
-impl flashpack::progress::Progress for Warnings {
-    fn stage(&self, _name: &str, _total: Option<u64>, _unit: &str) {}
-    fn advance(&self, _n: u64) {}
     fn finish_stage(&self) {}
     fn warn(&self, msg: &str) {
         eprintln!("warning: {msg}");
