@@ -1,7 +1,9 @@
-//! What the process holds and the machine has: physical RAM and peak resident set size.
+//! What the process holds and the machine has: physical RAM, peak resident set size, and the
+//! process's CPU time.
 //!
-//! Shared by run (budgets as a share of RAM, the run's peak in its stats) and convert (each
-//! stage's peak with `FLASHPACK_STAGE_PEAKS=1`), so neither pipeline reaches into the other for it.
+//! Shared by run (budgets as a share of RAM, the run's peak and CPU seconds in its stats) and
+//! convert (each stage's peak with `FLASHPACK_STAGE_PEAKS=1`), so neither pipeline reaches into
+//! the other for it.
 
 /// Physical memory of this machine, in bytes (0 when unknown).
 pub fn total_ram() -> u64 {
@@ -40,6 +42,22 @@ pub fn peak_rss() -> u64 {
         }
     }
     0
+}
+
+/// CPU time of this process (all threads), in seconds; 0 where unknown.
+pub fn process_cpu_s() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the pointer we give it.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } == 0 {
+            return t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9;
+        }
+    }
+    0.0
 }
 
 /// Peak resident set size since the last call (the first call: since the process started),

@@ -25,3 +25,16 @@ impl Progress for Silent {
     fn advance(&self, _n: u64) {}
     fn finish_stage(&self) {}
 }
+
+/// Progress that shows only warnings, on stderr (an engine built for `chat`, `serve` or a
+/// benchmark: a budget above the machine's memory).
+pub struct Warnings;
+
+impl Progress for Warnings {
+    fn stage(&self, _name: &str, _total: Option<u64>, _unit: &str) {}
+    fn advance(&self, _n: u64) {}
+    fn finish_stage(&self) {}
+    fn warn(&self, msg: &str) {
+        eprintln!("warning: {msg}");
+    }
+}

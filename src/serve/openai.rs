@@ -801,6 +801,9 @@ mod tests {
                 ],
             }],
             stats: Default::default(),
+            tokens: vec![1, 2, 3],
+            at_first_token: None,
+            cpu_s: Default::default(),
         }
     }
 

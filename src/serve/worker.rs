@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::progress::Progress;
+use crate::progress::Warnings;
 use crate::run::engine::{Completion, Engine, EngineError, EngineOptions, Piece, Request};
 
 use super::openai::{ApiError, Prompt};
@@ -35,7 +35,7 @@ pub struct Job {
 pub enum Event {
     Started { prompt_tokens: usize },
     Piece(Piece),
-    Done(Completion),
+    Done(Box<Completion>),
     Error(ApiError),
 }
 
@@ -70,18 +70,6 @@ pub struct WorkerOptions {
     pub max_prompt_tokens: usize,
 }
 
-/// Warnings go to stderr.
-struct Stderr;
-
-impl Progress for Stderr {
-    fn stage(&self, _name: &str, _total: Option<u64>, _unit: &str) {}
-    fn advance(&self, _n: u64) {}
-    fn finish_stage(&self) {}
-    fn warn(&self, msg: &str) {
-        eprintln!("warning: {msg}");
-    }
-}
-
 /// Runs on its own thread until the queue's senders are gone: opens the pack, reports through
 /// `ready`, then serves jobs. An error before it is ready goes to `ready` as text.
 pub fn run(
@@ -102,7 +90,7 @@ pub fn run(
             return;
         }
     };
-    let mut engine = match Engine::new(&pack, &cfg, &weights, &opts.engine, &Stderr) {
+    let mut engine = match Engine::new(&pack, &cfg, &weights, &opts.engine, &Warnings) {
         Ok(e) => e,
         Err(e) => {
             let _ = ready.send(Err(chain(&e)));
@@ -152,7 +140,7 @@ pub fn run(
                 counters
                     .cached_tokens
                     .fetch_add(c.cached_tokens as u64, Ordering::Relaxed);
-                let _ = job.events.send(Event::Done(c));
+                let _ = job.events.send(Event::Done(Box::new(c)));
             }
             Err(e) => {
                 let counter = if e.status < 500 {
@@ -250,6 +238,9 @@ fn cancelled(prompt_tokens: usize) -> Completion {
         cached_tokens: 0,
         logprobs: Vec::new(),
         stats: Default::default(),
+        tokens: Vec::new(),
+        at_first_token: None,
+        cpu_s: Default::default(),
     }
 }
 

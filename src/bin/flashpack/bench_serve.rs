@@ -189,53 +189,18 @@ fn stream_once(addr: SocketAddr, prompt: &str, tokens: usize) -> Result<(f64, f6
     ))
 }
 
-/// (ms per decode step of one sequence, of two sequences), all experts resident.
-fn batch_steps(
-    pack: &flashpack::format::Pack,
-    cfg: &flashpack::arch::ModelConfig,
-    weights: &flashpack::run::open::PackWeights,
-    reps: usize,
-) -> Result<(f64, f64)> {
-    use flashpack::mlx::Array;
-    use flashpack::run::experts::{ExpertCache, StoreOptions};
-    let model = flashpack::model::Model::load(cfg, weights)?;
-    let mut cache = ExpertCache::new(pack, &StoreOptions::default())?;
-    cache.warm_all(pack)?;
-    let mut store =
-        flashpack::run::stream::resident_store(&cache, &cfg.sparse_layers(), cfg.num_experts)?
-            .context("not every expert is resident")?;
-    let steps = 32;
-    let mut time = |batch: usize| -> Result<f64> {
-        let mut kv = model.new_cache();
-        let prompt: Vec<u32> = (0..64u32 * batch as u32).map(|i| 10 + i % 64).collect();
-        model.prefill(
-            &Array::from_slice(&prompt, &[batch, 64])?,
-            &mut kv,
-            &mut store,
-        )?;
-        let mut y = Array::from_slice(&vec![11u32; batch], &[batch, 1])?;
-        let started = Instant::now();
-        for _ in 0..steps {
-            let logits = model.forward(&y, &mut kv, &mut store)?;
-            y = logits.argmax(-1)?;
-            flashpack::mlx::eval(&[&y])?;
-        }
-        Ok(started.elapsed().as_secs_f64() * 1e3 / steps as f64)
-    };
-    let (mut one, mut two) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
-        one.push(time(1)?);
-        two.push(time(2)?);
-    }
-    Ok((median(one), median(two)))
-}
-
 pub fn run(args: ServeBenchArgs) -> Result<()> {
     let (pack, cfg, weights) = flashpack::run::open::open(&args.pack, true)
         .with_context(|| format!("cannot open {}", args.pack.display()))?;
-    let (one, two) = batch_steps(&pack, &cfg, &weights, args.reps)?;
     let opts = EngineOptions::default();
-    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &crate::chat::Warnings)?;
+    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &flashpack::progress::Warnings)?;
+    // ms per decode step of one sequence and of two, all experts resident.
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..args.reps {
+        one.push(engine.batch_step_ms(1, 32)?);
+        two.push(engine.batch_step_ms(2, 32)?);
+    }
+    let (one, two) = (median(one), median(two));
     let prefix = prefix_reuse(&mut engine, &args)?;
     drop(engine);
 

@@ -161,7 +161,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         &cfg,
         &weights,
         &args.memory.engine_options(),
-        &Warnings,
+        &flashpack::progress::Warnings,
     )?;
     drop(weights);
     // Checked before the first turn, so a bad value is not found after the user has typed.
@@ -275,14 +275,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
             &prefill,
             &|| INTERRUPTED.load(Ordering::SeqCst),
             |p| {
-                // A harmony model's reasoning streams on stderr, its answer on stdout
-                // (docs/decisions/0011-harmony-output.md).
-                if !p.reasoning.is_empty() {
-                    let _ = std::io::stderr().write_all(p.reasoning.as_bytes());
-                    let _ = std::io::stderr().flush();
-                }
-                let _ = stdout.write_all(p.text.as_bytes());
-                let _ = stdout.flush();
+                crate::run::show(p, &mut stdout);
                 !INTERRUPTED.load(Ordering::SeqCst)
             },
         );
@@ -335,18 +328,6 @@ impl flashpack::progress::Progress for PrefillStats {
             );
         }
     }
-    fn finish_stage(&self) {}
-    fn warn(&self, msg: &str) {
-        eprintln!("warning: {msg}");
-    }
-}
-
-/// Budget warnings on stderr.
-pub struct Warnings;
-
-impl flashpack::progress::Progress for Warnings {
-    fn stage(&self, _name: &str, _total: Option<u64>, _unit: &str) {}
-    fn advance(&self, _n: u64) {}
     fn finish_stage(&self) {}
     fn warn(&self, msg: &str) {
         eprintln!("warning: {msg}");

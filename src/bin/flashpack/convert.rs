@@ -2,8 +2,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::Context;
 use flashpack::codec::CodecChoice;
@@ -11,9 +9,9 @@ use flashpack::convert::load::{ExpertLayout, SourceSpec};
 use flashpack::convert::profile::PlanOptions;
 use flashpack::convert::{convert, ConvertOptions, ConvertReport};
 use flashpack::hub::HubResolver;
-use flashpack::progress::Progress;
 use flashpack::units::{self, Style};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::bars::Bars;
 
 #[derive(clap::Args)]
 pub struct ConvertArgs {
@@ -81,78 +79,6 @@ pub struct ConvertArgs {
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-/// indicatif bars behind the library's [`Progress`] trait: one bar per stage.
-struct Bars {
-    target_hidden: bool,
-    bar: Mutex<Option<ProgressBar>>,
-}
-
-impl Bars {
-    fn new(hidden: bool) -> Bars {
-        Bars {
-            target_hidden: hidden,
-            bar: Mutex::new(None),
-        }
-    }
-}
-
-impl Progress for Bars {
-    fn stage(&self, name: &str, total: Option<u64>, unit: &str) {
-        let bar = match total {
-            Some(t) if unit == "B" => ProgressBar::new(t).with_style(
-                ProgressStyle::with_template(
-                    "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            ),
-            Some(t) => ProgressBar::new(t),
-            None => {
-                let b = ProgressBar::new_spinner();
-                b.enable_steady_tick(Duration::from_millis(120));
-                b
-            }
-        };
-        if self.target_hidden {
-            bar.set_draw_target(ProgressDrawTarget::hidden());
-        }
-        bar.set_prefix(name.to_string());
-        bar.set_message(name.to_string());
-        if let Ok(mut b) = self.bar.lock() {
-            *b = Some(bar);
-        }
-    }
-
-    fn advance(&self, n: u64) {
-        if let Ok(b) = self.bar.lock() {
-            if let Some(b) = b.as_ref() {
-                b.inc(n);
-            }
-        }
-    }
-
-    fn finish_stage(&self) {
-        if let Ok(mut b) = self.bar.lock() {
-            if let Some(b) = b.take() {
-                b.finish_and_clear();
-            }
-        }
-    }
-
-    fn note(&self, msg: &str) {
-        if !self.target_hidden {
-            eprintln!("note: {msg}");
-        }
-    }
-
-    fn warn(&self, msg: &str) {
-        match self.bar.lock().ok().as_deref() {
-            Some(Some(bar)) => bar.suspend(|| eprintln!("warning: {msg}")),
-            _ => eprintln!("warning: {msg}"),
-        }
-    }
 }
 
 fn print_report(r: &ConvertReport) {

@@ -1,7 +1,9 @@
-//! The `flashpack` command line: one file per subcommand. Exit codes: 0 ok, 1 error, 2 usage.
+//! The `flashpack` command line: one file per subcommand, and `bars.rs`, the progress bars of
+//! `convert` and `publish`. Exit codes: 0 ok, 1 error, 2 usage.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod bars;
 mod bench;
 mod bench_codecs;
 mod bench_serve;

@@ -4,14 +4,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Mutex;
 
 use anyhow::Context;
 use flashpack::format::Pack;
 use flashpack::hub::{model_card, Hub, HubConfig, PublishOptions};
 use flashpack::inspect::PackReport;
-use flashpack::progress::Progress;
-use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bars::Bars;
 
 #[derive(clap::Args)]
 pub struct PublishArgs {
@@ -35,55 +34,6 @@ pub struct PublishArgs {
     /// Print the model card that would be uploaded, and upload nothing.
     #[arg(long)]
     pub card: bool,
-}
-
-/// Progress bars on stderr (hidden when stderr is not a terminal).
-struct Bars {
-    bar: Mutex<Option<ProgressBar>>,
-}
-
-impl Progress for Bars {
-    fn stage(&self, name: &str, total: Option<u64>, unit: &str) {
-        let bar = match total {
-            Some(t) => ProgressBar::new(t),
-            None => ProgressBar::new_spinner(),
-        };
-        let template = if unit == "B" {
-            "{msg:28} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-        } else {
-            "{msg:28} [{bar:30}] {pos}/{len}"
-        };
-        if let Ok(style) = ProgressStyle::with_template(template) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_message(name.to_string());
-        if let Ok(mut b) = self.bar.lock() {
-            *b = Some(bar);
-        }
-    }
-
-    fn advance(&self, n: u64) {
-        if let Ok(b) = self.bar.lock() {
-            if let Some(bar) = b.as_ref() {
-                bar.inc(n);
-            }
-        }
-    }
-
-    fn finish_stage(&self) {
-        if let Ok(mut b) = self.bar.lock() {
-            if let Some(bar) = b.take() {
-                bar.finish_and_clear();
-            }
-        }
-    }
-
-    fn note(&self, msg: &str) {
-        match self.bar.lock().ok().and_then(|b| b.clone()) {
-            Some(bar) => bar.println(format!("note: {msg}")),
-            None => eprintln!("note: {msg}"),
-        }
-    }
 }
 
 pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
@@ -122,9 +72,8 @@ pub fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         revision: args.revision.clone(),
         message: args.message.clone(),
     };
-    let bars = Bars {
-        bar: Mutex::new(None),
-    };
+    // Notes show even where stderr is not a terminal (a log): which bytes the Hub had, retries.
+    let bars = Bars::new(false);
     let out = hub
         .publish(&opts, &bars)
         .with_context(|| format!("publishing {} to {}", args.pack.display(), args.repo))?;

@@ -6,15 +6,12 @@ use std::process::ExitCode;
 
 use crate::chat::{SamplingArgs, TopKArg};
 use anyhow::{bail, Context};
-use flashpack::memory::peak_rss;
 use flashpack::run::budget::Budget;
-use flashpack::run::engine::{Engine, EngineOptions, Request};
+use flashpack::run::engine::{Engine, EngineOptions, Piece, Request};
 use flashpack::run::experts::PolicyKind;
-use flashpack::run::harmony::{Harmony, Split};
 use flashpack::run::open;
 use flashpack::run::read::IoMode;
 use flashpack::run::template::{ChatTemplate, Message};
-use flashpack::run::text::TextStream;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -80,6 +77,18 @@ pub struct RunArgs {
     /// Print stats as JSON (on stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// A piece of the answer: the text on stdout; a harmony model's reasoning (gpt-oss) on stderr
+/// (docs/decisions/0011-harmony-output.md). Shared with `chat`.
+pub fn show(piece: &Piece, stdout: &mut impl Write) {
+    if !piece.reasoning.is_empty() {
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr.write_all(piece.reasoning.as_bytes());
+        let _ = stderr.flush();
+    }
+    let _ = stdout.write_all(piece.text.as_bytes());
+    let _ = stdout.flush();
 }
 
 /// Draws the prompt's progress on stderr (`prompt: 4096/16384 tokens`) once the prompt has
@@ -238,106 +247,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         logprobs: None,
         stop: Vec::new(),
     };
-    let tokenizer = engine.tokenizer().clone();
     let mut stdout = std::io::stdout().lock();
-    let mut text = TextStream::new(&tokenizer);
-    // A harmony model (gpt-oss): the final channel on stdout, its reasoning on stderr
-    // (docs/decisions/0011-harmony-output.md).
-    let mut harmony = engine.answers_in_channels(&ids).then(Harmony::new);
-    let mut out_piece = |piece: &str, stdout: &mut std::io::StdoutLock| match harmony.as_mut() {
-        Some(h) => show(h.push(piece), stdout),
-        None => {
-            let _ = stdout.write_all(piece.as_bytes());
-        }
-    };
-    // Process CPU seconds at the start, at the first token and at the end: under load from
-    // other processes they measure the work of each phase more steadily than wall time.
-    let cpu_start = process_cpu_s();
-    let mut cpu_first = None;
-    let out = engine.generate(&ids, &req, &progress, |t| {
-        if cpu_first.is_none() {
-            cpu_first = Some(process_cpu_s());
-        }
-        if let Some(piece) = text.push(t.id) {
-            out_piece(&piece, &mut stdout);
-            let _ = stdout.flush();
-        }
+    let done = engine.complete_until(&ids, &req, &progress, &|| false, |p| {
+        show(p, &mut stdout);
         true
     })?;
-    if let Some(rest) = text.finish() {
-        out_piece(&rest, &mut stdout);
-    }
-    if let Some(h) = harmony.as_mut() {
-        show(h.finish(), &mut stdout);
-    }
-    let generated = text.ids().to_vec();
     let _ = writeln!(stdout);
     let _ = stdout.flush();
-    let cpu_end = process_cpu_s();
-    let stats = out.generation.stats;
+    let report = engine.report(&done);
+    let stats = &report.generation;
     if stats.stop_reason == "context" {
         eprintln!(
             "note: generation stopped at the model's context length ({} tokens)",
             cfg.max_position_embeddings.unwrap_or(0)
         );
     }
-    let at_first_token = out.at_first_token;
-    let sizes = engine.sizes();
-    let cache_stats = engine.cache_stats();
-    let stream = engine.stream_stats().clone();
-    let hits: u64 = cache_stats.hits_per_layer.values().sum();
-    let misses: u64 = cache_stats.misses_per_layer.values().sum();
-    let hit_rate_per_layer: std::collections::BTreeMap<u32, f64> = cache_stats
-        .hits_per_layer
-        .keys()
-        .chain(cache_stats.misses_per_layer.keys())
-        .map(|l| {
-            let h = cache_stats.hits_per_layer.get(l).copied().unwrap_or(0);
-            let m = cache_stats.misses_per_layer.get(l).copied().unwrap_or(0);
-            (*l, h as f64 / (h + m).max(1) as f64)
-        })
-        .collect();
-    let tokens = (stats.prompt_tokens + stats.generated_tokens).max(1) as f64;
-    let derived = serde_json::json!({
-        "hit_rate": hits as f64 / (hits + misses).max(1) as f64,
-        "hit_rate_per_layer": hit_rate_per_layer,
-        // Of the loads the router needed, the share prefetch had already done.
-        "misses_hidden_by_prefetch": cache_stats.prefetch_used as f64 / (cache_stats.prefetch_used + misses).max(1) as f64,
-        "prefetch_accuracy": stream.predicted_correct as f64 / stream.predicted.max(1) as f64,
-        "stall_ms_per_token": stream.stall_ms / tokens,
-        "bytes_read_per_token": cache_stats.bytes_read as f64 / tokens,
-        // A rate over no timed reads is unknown (null), not bytes over a clamped 0 ms.
-        "read_decode_gb_per_s": (cache_stats.bytes_read > 0 && cache_stats.read_decode_ms > 0.0)
-            .then(|| cache_stats.bytes_read as f64 / 1e6 / cache_stats.read_decode_ms),
-    });
-    let report = serde_json::json!({
-        "generation": stats,
-        // The generated token ids, in order (the text on stdout is their decoding).
-        "token_ids": generated,
-        "peak_rss_bytes": peak_rss(),
-        // MLX's allocator: live array bytes at the end and at most (device memory on a GPU).
-        "mlx_active_bytes": flashpack::mlx::active_memory(),
-        "mlx_peak_bytes": flashpack::mlx::peak_memory(),
-        "dense_bytes": sizes.dense_bytes,
-        "expert_cache": cache_stats,
-        "stream": stream,
-        "derived": derived,
-        "budget_bytes": sizes.budget_bytes,
-        "expert_budget_bytes": sizes.expert_budget_bytes,
-        "all_experts_bytes": sizes.all_experts_bytes,
-        "margin_bytes": sizes.margin_bytes,
-        // Counters as they stood when the first token came out (end of prefill): subtract
-        // them for the decode phase alone.
-        "at_first_token": at_first_token,
-        "cpu_s": {
-            "prefill": cpu_first.map(|c| c - cpu_start),
-            "decode": cpu_first.map(|c| cpu_end - c),
-        },
-        "io": args.io,
-        "policy": args.policy,
-    });
     if args.json {
-        eprintln!("{}", serde_json::to_string(&report)?);
+        // Through a `Value`, whose objects keep their keys sorted, as this line always had them.
+        eprintln!("{}", serde_json::to_value(&report)?);
     } else {
         eprintln!(
             "prompt {} tokens at {:.1} tok/s, first token after {:.2} s; generated {} tokens at {:.1} tok/s; peak RSS {:.0} MB",
@@ -346,17 +273,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             stats.time_to_first_token_s,
             stats.generated_tokens,
             stats.decode_tokens_per_s,
-            peak_rss() as f64 / 1e6
+            report.peak_rss_bytes as f64 / 1e6
         );
         if engine.streaming() {
+            let (cache, stream, derived) = (&report.expert_cache, &report.stream, &report.derived);
             eprintln!(
                 "experts: {} slots, hit rate {:.1}%, {:.1} MB read, prefetch accuracy {:.1}% (hid {:.1}% of misses), stall {:.1} ms/token",
-                cache_stats.slots,
-                100.0 * derived["hit_rate"].as_f64().unwrap_or(0.0),
-                cache_stats.bytes_read as f64 / 1e6,
-                100.0 * derived["prefetch_accuracy"].as_f64().unwrap_or(0.0),
-                100.0 * derived["misses_hidden_by_prefetch"].as_f64().unwrap_or(0.0),
-                derived["stall_ms_per_token"].as_f64().unwrap_or(0.0)
+                cache.slots,
+                100.0 * derived.hit_rate,
+                cache.bytes_read as f64 / 1e6,
+                100.0 * derived.prefetch_accuracy,
+                100.0 * derived.misses_hidden_by_prefetch,
+                derived.stall_ms_per_token
             );
             if args.skip_uncached.is_some() {
                 eprintln!(
@@ -367,30 +295,4 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// CPU time of this process (all threads), in seconds; 0 where unknown.
-fn process_cpu_s() -> f64 {
-    #[cfg(unix)]
-    {
-        let mut t = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec into the pointer we give it.
-        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } == 0 {
-            return t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9;
-        }
-    }
-    0.0
-}
-
-/// A harmony piece: the answer on stdout, the reasoning on stderr.
-fn show(split: Split, stdout: &mut std::io::StdoutLock) {
-    if !split.reasoning.is_empty() {
-        let mut stderr = std::io::stderr().lock();
-        let _ = stderr.write_all(split.reasoning.as_bytes());
-        let _ = stderr.flush();
-    }
-    let _ = stdout.write_all(split.answer.as_bytes());
 }

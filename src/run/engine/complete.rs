@@ -1,5 +1,6 @@
 //! Text from the engine: token ids -> text pieces, stop strings, harmony channels and
-//! log-probabilities with token texts ([`Engine::complete`], what `chat` and `serve` use).
+//! log-probabilities with token texts ([`Engine::complete`], what `run`, `chat` and `serve`
+//! use).
 
 use super::{Completion, Engine, EngineError, Finish, Piece, Request, TokenText};
 use crate::run::harmony::{Harmony, Split};
@@ -123,7 +124,7 @@ impl Engine<'_> {
                 on_piece(&piece);
             }
         }
-        let g = g.generation;
+        let (g, at_first_token, cpu_s) = (g.generation, g.at_first_token, g.cpu_s);
         let finish = if hit_stop {
             Finish::Stop
         } else if refused {
@@ -144,6 +145,9 @@ impl Engine<'_> {
             cached_tokens: g.cached_tokens,
             logprobs: all_logprobs,
             stats: g.stats,
+            tokens: g.tokens,
+            at_first_token,
+            cpu_s,
         })
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! In: an opened pack (config, dense weights), memory options, then prompts as token ids or as
 //! conversations. Out: generated tokens streamed to a callback (with text pieces, stop strings
-//! and log-probabilities in [`Engine::complete`]), and the counters `run` reports.
+//! and log-probabilities in [`Engine::complete`]), and the report `run` prints
+//! ([`Engine::report`]).
 //! Invariant: the engine owns one KV cache with the ids it holds ([`Prefix`]); every request
 //! starts from the longest prefix it shares with them and computes only the rest. One request
 //! runs at a time (`&mut self`): callers queue.
@@ -13,18 +14,21 @@
 //! (`budget::plan`).
 //!
 //! Files: this one builds the engine and generates token ids; `complete.rs` turns them into text
-//! (stop strings, harmony channels, log-probabilities with token texts); `request.rs` holds the
-//! options, requests and reports; `stop.rs` the end-of-sequence ids; `slots.rs` the message for
-//! a cache too small for one token.
+//! (stop strings, harmony channels, log-probabilities with token texts); `report.rs` a
+//! completion and the engine's counters as one typed report, and the batched-step benchmark;
+//! `request.rs` holds the options, requests and reports; `stop.rs` the end-of-sequence ids;
+//! `slots.rs` the message for a cache too small for one token.
 
 mod complete;
+mod report;
 mod request;
 mod slots;
 mod stop;
 
+pub use report::{Derived, RunReport};
 pub use request::{
-    Completion, EngineGeneration, EngineOptions, EngineSizes, Finish, PhaseSnapshot, Piece,
-    Request, TokenText, MAX_TOP_LOGPROBS,
+    Completion, CpuSeconds, EngineGeneration, EngineOptions, EngineSizes, Finish, PhaseSnapshot,
+    Piece, Request, TokenText, MAX_TOP_LOGPROBS,
 };
 pub use stop::stop_ids;
 
@@ -33,16 +37,17 @@ use std::rc::Rc;
 
 use crate::arch::ModelConfig;
 use crate::format::Pack;
-use crate::memory::total_ram;
+use crate::memory::{process_cpu_s, total_ram};
 use crate::mlx::Array;
 use crate::model::{ComputeError, ExpertStore, Model, PoolRoute, ResidentExperts, Routing};
 use crate::progress::Progress;
 use crate::run::budget::{self, BudgetError, Needs};
-use crate::run::experts::{ExpertCache, ExpertError, StoreOptions};
+use crate::run::experts::{ExpertCache, ExpertError, PolicyKind, StoreOptions};
 use crate::run::generate::{
     GenerateError, GenerateOptions, GenerateStats, Generation, Prefix, Token,
 };
 use crate::run::open::{OpenError, PackWeights};
+use crate::run::read::IoMode;
 use crate::run::stream::{StreamStats, StreamingExperts};
 use crate::run::template::{ChatTemplate, Message, TemplateError};
 use crate::units::{self, Style};
@@ -138,6 +143,9 @@ pub struct Engine<'p> {
     eos: Vec<u32>,
     /// The longest sequence this engine was sized for (`positions`, within the context).
     max_sequence: usize,
+    /// How experts come off the disk and leave the cache, for the report.
+    io: IoMode,
+    policy: PolicyKind,
 }
 
 impl<'p> Engine<'p> {
@@ -294,6 +302,8 @@ impl<'p> Engine<'p> {
             template,
             eos,
             max_sequence: positions as usize,
+            io: opts.io,
+            policy: opts.policy,
         })
     }
 
@@ -334,10 +344,6 @@ impl<'p> Engine<'p> {
     /// Whether experts stream through a budgeted cache (else all are resident).
     pub fn streaming(&self) -> bool {
         self.streaming
-    }
-
-    pub fn sizes(&self) -> EngineSizes {
-        self.sizes
     }
 
     pub fn cache_stats(&self) -> crate::run::experts::StoreStats {
@@ -480,6 +486,8 @@ impl<'p> Engine<'p> {
             at_first_token: None,
         };
         let cached = self.prefix.reusable(prompt);
+        let cpu_start = process_cpu_s();
+        let mut cpu_first = None;
         let generation = crate::run::generate::generate_with_prefix(
             &self.model,
             &mut gate,
@@ -490,9 +498,11 @@ impl<'p> Engine<'p> {
             progress,
             |t| {
                 first_token.set(true);
+                cpu_first.get_or_insert_with(process_cpu_s);
                 on_token(t)
             },
         );
+        let cpu_end = process_cpu_s();
         let generation = match generation {
             Err(_) if gate.stopped => Generation {
                 tokens: Vec::new(),
@@ -508,6 +518,10 @@ impl<'p> Engine<'p> {
         Ok(EngineGeneration {
             generation,
             at_first_token: gate.at_first_token.take(),
+            cpu_s: CpuSeconds {
+                prefill: cpu_first.map(|c| c - cpu_start),
+                decode: cpu_first.map(|c| cpu_end - c),
+            },
         })
     }
 }

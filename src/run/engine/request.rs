@@ -90,6 +90,16 @@ pub const MAX_TOP_LOGPROBS: usize = 10;
 pub struct EngineGeneration {
     pub generation: Generation,
     pub at_first_token: Option<PhaseSnapshot>,
+    pub cpu_s: CpuSeconds,
+}
+
+/// Process CPU seconds (all threads) of a generation's prefill (up to the first token) and
+/// decode: under load from other processes they measure each phase's work more steadily than
+/// wall time. `None` when no token came out.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct CpuSeconds {
+    pub prefill: Option<f64>,
+    pub decode: Option<f64>,
 }
 
 /// Why a completion ended.
@@ -139,4 +149,8 @@ pub struct Completion {
     pub cached_tokens: usize,
     pub logprobs: Vec<TokenText>,
     pub stats: GenerateStats,
+    /// The generated token ids, in order (the text is their decoding).
+    pub tokens: Vec<u32>,
+    pub at_first_token: Option<PhaseSnapshot>,
+    pub cpu_s: CpuSeconds,
 }
