@@ -235,6 +235,18 @@ impl SlotTable {
         self.in_use.clear();
     }
 
+    /// Moves the logical clock forward to `now` (never back). Tables that split one cache
+    /// between layers share the store's clock, so a policy's ages and half-lives count every
+    /// request of the store, as one table's would (decision 0020).
+    pub fn advance_clock(&mut self, now: u64) {
+        self.clock = self.clock.max(now);
+    }
+
+    /// The logical clock: requests (and unrequested insertions) so far.
+    pub fn clock(&self) -> u64 {
+        self.clock
+    }
+
     /// A slot for `key`, protected from eviction until the next [`Self::begin_group`].
     pub fn request(&mut self, key: ExpertKey) -> Result<Lookup, CacheError> {
         self.clock += 1;

@@ -360,6 +360,8 @@ pub struct ExpertCache {
     prefetched: std::collections::HashSet<ExpertKey>,
     /// Whether slots are written by device copies (`mlx::upload_available`).
     upload: bool,
+    /// The logical clock every pool's table shares (see `SlotTable::advance_clock`).
+    clock: u64,
 }
 
 /// Decode scratches not in use. A load takes one (or makes one) and puts it back; none is ever
@@ -404,7 +406,7 @@ impl ExpertCache {
             by_shape.entry(shape).or_default().push((e.layer, e.expert));
         }
         let cap = pool_capacity(opts.max_pool_elements, hidden, inter);
-        // One pool per (precision, run of whole layers that fits `cap`).
+        // One pool per precision and group of whole layers that fits `cap`.
         let mut plan: Vec<(PoolShape, Vec<(u32, u32)>)> = Vec::new();
         for (shape, mut keys) in by_shape {
             keys.sort_unstable();
@@ -470,6 +472,7 @@ impl ExpertCache {
             pending: None,
             prefetched: Default::default(),
             upload: mlx::upload_available(),
+            clock: 0,
         })
     }
 
@@ -690,7 +693,11 @@ impl ExpertCache {
                 layer,
                 expert: stored,
             };
-            let slot = match self.pools[pool].table.request(key)? {
+            let table = &mut self.pools[pool].table;
+            table.advance_clock(self.clock);
+            let lookup = table.request(key);
+            self.clock = table.clock();
+            let slot = match lookup? {
                 Lookup::Hit(slot) => {
                     *self.stats.hits_per_layer.entry(layer).or_default() += 1;
                     if self.prefetched.remove(&key) {
@@ -830,8 +837,11 @@ impl ExpertCache {
                 layer,
                 expert: stored,
             };
-            if let Some(Lookup::Miss { slot, .. }) = self.pools[pool].table.insert_unrequested(key)
-            {
+            let table = &mut self.pools[pool].table;
+            table.advance_clock(self.clock);
+            let lookup = table.insert_unrequested(key);
+            self.clock = table.clock();
+            if let Some(Lookup::Miss { slot, .. }) = lookup {
                 misses.push((pool, slot, stored));
             }
         }
@@ -1368,26 +1378,38 @@ fn pool_capacity(max_elements: u64, hidden: usize, inter: usize) -> usize {
     (max_elements / (hidden as u64 * inter as u64).max(1)).max(1) as usize
 }
 
-/// Splits `keys` (sorted (layer, expert) pairs) into runs of at most `cap`, each run made of whole
+/// Splits `keys` (sorted (layer, expert) pairs) into pools of at most `cap` experts: whole
 /// layers where a layer fits, so that a layer's experts share one pool (one `gather_qmm` per
-/// projection); a layer larger than `cap` alone is cut into the fewest pieces of equal size.
+/// projection), dealt round-robin so each pool spans the model's depth; a layer larger than
+/// `cap` alone is cut into the fewest pieces of equal size.
 fn split_by_layer(keys: &[(u32, u32)], cap: usize) -> Vec<Vec<(u32, u32)>> {
     let cap = cap.max(1);
     let mut out: Vec<Vec<(u32, u32)>> = Vec::new();
-    let mut current: Vec<(u32, u32)> = Vec::new();
-    for layer in keys.chunk_by(|a, b| a.0 == b.0) {
-        if current.len() + layer.len() > cap && !current.is_empty() {
-            out.push(std::mem::take(&mut current));
-        }
-        if layer.len() > cap {
-            let size = layer.len().div_ceil(layer.len().div_ceil(cap));
-            out.extend(layer.chunks(size).map(<[_]>::to_vec));
-        } else {
-            current.extend_from_slice(layer);
-        }
+    let layers: Vec<&[(u32, u32)]> = keys.chunk_by(|a, b| a.0 == b.0).collect();
+    let (big, small): (Vec<&[(u32, u32)]>, Vec<&[(u32, u32)]>) =
+        layers.into_iter().partition(|l| l.len() > cap);
+    for layer in big {
+        let size = layer.len().div_ceil(layer.len().div_ceil(cap));
+        out.extend(layer.chunks(size).map(<[_]>::to_vec));
     }
-    if !current.is_empty() {
-        out.push(current);
+    // Whole layers, dealt round-robin over the fewest pools that hold them: each pool then spans
+    // the model's whole depth, so the layers that share a pool's slots are far apart.
+    let total: usize = small.iter().map(|l| l.len()).sum();
+    let mut n = total.div_ceil(cap).max(1);
+    'deal: loop {
+        let mut pools: Vec<Vec<(u32, u32)>> = vec![Vec::new(); n];
+        for (i, layer) in small.iter().enumerate() {
+            let Some(p) = (0..n)
+                .map(|j| (i + j) % n)
+                .find(|&p| pools[p].len() + layer.len() <= cap)
+            else {
+                n += 1;
+                continue 'deal;
+            };
+            pools[p].extend_from_slice(layer);
+        }
+        out.extend(pools.into_iter().filter(|p| !p.is_empty()));
+        break;
     }
     out
 }
@@ -1427,9 +1449,18 @@ mod pool_split_tests {
         assert_eq!(cap, 1365);
         let pools = split_by_layer(&keys(48, 128), cap);
         assert!(pools.iter().all(|p| p.len() <= cap));
-        assert_eq!(pools.len(), 5); // 10 layers a pool, 8 in the last
+        assert_eq!(pools.len(), 5);
         assert!(pools.iter().all(|p| p.len() % 128 == 0), "no layer is cut");
-        assert_eq!(pools.concat(), keys(48, 128), "every expert once, in order");
+        // Layers are dealt round-robin: pool p holds layers p, p + 5, p + 10, ...
+        for (p, pool) in pools.iter().enumerate() {
+            assert!(
+                pool.iter().all(|&(layer, _)| layer as usize % 5 == p),
+                "pool {p}"
+            );
+        }
+        let mut all = pools.concat();
+        all.sort_unstable();
+        assert_eq!(all, keys(48, 128), "every expert once");
     }
 
     #[test]
