@@ -1385,9 +1385,9 @@ fn pool_capacity(max_elements: u64, hidden: usize, inter: usize) -> usize {
 fn split_by_layer(keys: &[(u32, u32)], cap: usize) -> Vec<Vec<(u32, u32)>> {
     let cap = cap.max(1);
     let mut out: Vec<Vec<(u32, u32)>> = Vec::new();
-    let layers: Vec<&[(u32, u32)]> = keys.chunk_by(|a, b| a.0 == b.0).collect();
-    let (big, small): (Vec<&[(u32, u32)]>, Vec<&[(u32, u32)]>) =
-        layers.into_iter().partition(|l| l.len() > cap);
+    type Layer<'a> = &'a [(u32, u32)];
+    let layers: Vec<Layer> = keys.chunk_by(|a, b| a.0 == b.0).collect();
+    let (big, small): (Vec<Layer>, Vec<Layer>) = layers.into_iter().partition(|l| l.len() > cap);
     for layer in big {
         let size = layer.len().div_ceil(layer.len().div_ceil(cap));
         out.extend(layer.chunks(size).map(<[_]>::to_vec));
