@@ -11,6 +11,7 @@
 //! dropped. Odd widths (hidden 192, 3 heads), no BOS token. Needs python3 with mlx-lm (CI
 //! installs it); skipped with a note otherwise.
 
+use crate::common::text_head;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -197,18 +198,10 @@ fn qwen3_next_and_qwen3_5_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
 #[test]
 fn every_stage_runs_on_qwen3_next_and_qwen3_5_moe() {
     let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // The first 1,200 bytes of each text: the linear attention runs one position at a time on
-    // the CPU (as mlx-lm's ops path does), so whole files would take minutes here.
-    let head = |from: &str, to: &str| {
-        let t = std::fs::read_to_string(root.join(from)).unwrap();
-        let cut = t.char_indices().nth(1200).map_or(t.len(), |(i, _)| i);
-        let path = dir.path().join(to);
-        std::fs::write(&path, &t[..cut]).unwrap();
-        path
-    };
-    let calib = head("fixtures/calibration/prose.txt", "calibration.txt");
-    let text = head("fixtures/eval/prose.txt", "eval.txt");
+    // The first 1,200 characters of each text: the linear attention runs one position at a time
+    // on the CPU (as mlx-lm's ops path does), so whole files would take minutes here.
+    let calib = text_head(dir.path(), "fixtures/calibration/prose.txt", "calibration.txt", 1200);
+    let text = text_head(dir.path(), "fixtures/eval/prose.txt", "eval.txt", 1200);
     for arch in [Arch::Qwen3Next, Arch::Qwen35Moe] {
         let name = arch.model_type();
         let s = FixtureSpec {

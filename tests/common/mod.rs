@@ -269,3 +269,15 @@ pub fn flashpack_cli(args: &[&str], envs: &[(&str, &str)]) -> std::process::Outp
         .output()
         .unwrap()
 }
+
+/// The first `chars` characters of the repository's text file `from`, written to `dir/to`: the
+/// `every_stage` tests profile and evaluate tiny models on the CPU, where a whole file costs
+/// tens of seconds of MLX's bf16 quantized matmuls and checks nothing more.
+pub fn text_head(dir: &Path, from: &str, to: &str, chars: usize) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let t = std::fs::read_to_string(root.join(from)).unwrap();
+    let cut = t.char_indices().nth(chars).map_or(t.len(), |(i, _)| i);
+    let path = dir.join(to);
+    std::fs::write(&path, &t[..cut]).unwrap();
+    path
+}
