@@ -288,7 +288,12 @@ fn gpt_oss_gives_mlx_lms_logits_from_hf_mxfp4_and_mlx_lm_sources() {
 #[test]
 fn every_stage_runs_on_gpt_oss() {
     let dir = tempfile::tempdir().unwrap();
-    let calib = text_head(dir.path(), "fixtures/calibration/prose.txt", "calibration.txt", 1200);
+    let calib = text_head(
+        dir.path(),
+        "fixtures/calibration/prose.txt",
+        "calibration.txt",
+        1200,
+    );
     let text = text_head(dir.path(), "fixtures/eval/prose.txt", "eval.txt", 1200);
     let s = FixtureSpec {
         routing_skew: 0.2,

@@ -200,7 +200,12 @@ fn every_stage_runs_on_qwen3_next_and_qwen3_5_moe() {
     let dir = tempfile::tempdir().unwrap();
     // The first 1,200 characters of each text: the linear attention runs one position at a time
     // on the CPU (as mlx-lm's ops path does), so whole files would take minutes here.
-    let calib = text_head(dir.path(), "fixtures/calibration/prose.txt", "calibration.txt", 1200);
+    let calib = text_head(
+        dir.path(),
+        "fixtures/calibration/prose.txt",
+        "calibration.txt",
+        1200,
+    );
     let text = text_head(dir.path(), "fixtures/eval/prose.txt", "eval.txt", 1200);
     for arch in [Arch::Qwen3Next, Arch::Qwen35Moe] {
         let name = arch.model_type();
