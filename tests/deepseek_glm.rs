@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::fixtures::FixtureSpec;
-use crate::common::text_head;
+use crate::common::short_texts;
 use flashpack::arch::Arch;
 use flashpack::format::Pack;
 
@@ -145,13 +145,7 @@ fn deepseek_v3_and_glm4_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
 #[test]
 fn every_stage_runs_on_deepseek_v3_and_glm4_moe() {
     let dir = tempfile::tempdir().unwrap();
-    let calib = text_head(
-        dir.path(),
-        "fixtures/calibration/prose.txt",
-        "calibration.txt",
-        1200,
-    );
-    let text = text_head(dir.path(), "fixtures/eval/prose.txt", "eval.txt", 1200);
+    let (calib, text) = short_texts(dir.path());
     for arch in [Arch::DeepseekV3, Arch::Glm4Moe] {
         let name = arch.model_type();
         let s = FixtureSpec {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::fixtures::FixtureSpec;
-use crate::common::text_head;
+use crate::common::short_texts;
 use flashpack::arch::{Arch, ClampedSwiglu};
 use flashpack::codec::{CodecId, Decoder};
 use flashpack::format::{DType, Pack, QuantMode};
@@ -288,13 +288,7 @@ fn gpt_oss_gives_mlx_lms_logits_from_hf_mxfp4_and_mlx_lm_sources() {
 #[test]
 fn every_stage_runs_on_gpt_oss() {
     let dir = tempfile::tempdir().unwrap();
-    let calib = text_head(
-        dir.path(),
-        "fixtures/calibration/prose.txt",
-        "calibration.txt",
-        1200,
-    );
-    let text = text_head(dir.path(), "fixtures/eval/prose.txt", "eval.txt", 1200);
+    let (calib, text) = short_texts(dir.path());
     let s = FixtureSpec {
         routing_skew: 0.2,
         ..spec(0)

@@ -11,7 +11,7 @@
 //! dropped. Odd widths (hidden 192, 3 heads), no BOS token. Needs python3 with mlx-lm (CI
 //! installs it); skipped with a note otherwise.
 
-use crate::common::text_head;
+use crate::common::short_texts;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -200,13 +200,7 @@ fn every_stage_runs_on_qwen3_next_and_qwen3_5_moe() {
     let dir = tempfile::tempdir().unwrap();
     // The first 1,200 characters of each text: the linear attention runs one position at a time
     // on the CPU (as mlx-lm's ops path does), so whole files would take minutes here.
-    let calib = text_head(
-        dir.path(),
-        "fixtures/calibration/prose.txt",
-        "calibration.txt",
-        1200,
-    );
-    let text = text_head(dir.path(), "fixtures/eval/prose.txt", "eval.txt", 1200);
+    let (calib, text) = short_texts(dir.path());
     for arch in [Arch::Qwen3Next, Arch::Qwen35Moe] {
         let name = arch.model_type();
         let s = FixtureSpec {

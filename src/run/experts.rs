@@ -541,6 +541,15 @@ impl ExpertCache {
         self.pools.len()
     }
 
+    /// `f` on pool `pool`'s slot table, on the clock every table shares.
+    fn on_table<R>(&mut self, pool: usize, f: impl FnOnce(&mut SlotTable) -> R) -> R {
+        let table = &mut self.pools[pool].table;
+        table.advance_clock(self.clock);
+        let r = f(table);
+        self.clock = table.clock();
+        r
+    }
+
     /// Distinct layers whose experts pool `pool` holds.
     pub fn pool_layers(&self, pool: usize) -> usize {
         let mut layers: Vec<u32> = self
@@ -693,11 +702,7 @@ impl ExpertCache {
                 layer,
                 expert: stored,
             };
-            let table = &mut self.pools[pool].table;
-            table.advance_clock(self.clock);
-            let lookup = table.request(key);
-            self.clock = table.clock();
-            let slot = match lookup? {
+            let slot = match self.on_table(pool, |t| t.request(key))? {
                 Lookup::Hit(slot) => {
                     *self.stats.hits_per_layer.entry(layer).or_default() += 1;
                     if self.prefetched.remove(&key) {
@@ -837,11 +842,9 @@ impl ExpertCache {
                 layer,
                 expert: stored,
             };
-            let table = &mut self.pools[pool].table;
-            table.advance_clock(self.clock);
-            let lookup = table.insert_unrequested(key);
-            self.clock = table.clock();
-            if let Some(Lookup::Miss { slot, .. }) = lookup {
+            if let Some(Lookup::Miss { slot, .. }) =
+                self.on_table(pool, |t| t.insert_unrequested(key))
+            {
                 misses.push((pool, slot, stored));
             }
         }
@@ -1371,7 +1374,6 @@ fn scatter(
     }
 }
 
-/// Routing-mass shares per (layer, expert) from the pack's profile, when it has one.
 /// Slots one pool may have so that each of its arrays holds at most `max_elements` weights
 /// (every projection of an expert has `hidden * inter` of them); at least one.
 fn pool_capacity(max_elements: u64, hidden: usize, inter: usize) -> usize {
@@ -1414,6 +1416,7 @@ fn split_by_layer(keys: &[(u32, u32)], cap: usize) -> Vec<Vec<(u32, u32)>> {
     out
 }
 
+/// Routing-mass shares per (layer, expert) from the pack's profile, when it has one.
 fn profile_prior(meta: &crate::format::Metadata) -> std::collections::HashMap<ExpertKey, f64> {
     let mut prior = std::collections::HashMap::new();
     for (layer, mass) in meta.profile_mass().into_iter().enumerate() {

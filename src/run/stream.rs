@@ -153,6 +153,12 @@ impl<'p> StreamingExperts<'p> {
         self.cache.stats()
     }
 
+    /// Whether `entries` routed entries are a chunk of many tokens (a prompt: on average 4 or
+    /// more per expert), which uses nearly every expert its guess names.
+    fn is_chunk(&self, entries: usize) -> bool {
+        entries >= 4 * self.num_experts
+    }
+
     /// Fewest slots of any pool: bounds how many distinct experts one call may need.
     pub fn min_slots(&self) -> usize {
         self.pools.iter().map(ExpertPool::slots).min().unwrap_or(0)
@@ -181,10 +187,10 @@ impl ExpertStore for StreamingExperts<'_> {
         // ranks are right often enough) for a chunk of many tokens, which reads the whole
         // guess, while some rank's precision opens the gate, and every PREDICTION_PROBE-th
         // guess while the gate is shut (or the pools have no room for prefetches), so the
-        // precision can still rise and be reported. Evaluating every
-        // guess of a shut gate cost 10% of decode at 25% of a 48-layer model on the GPU.
-        let entries: usize = guess.indices.shape().iter().product();
-        let chunk = entries >= 4 * self.num_experts;
+        // precision can still rise and be reported. Evaluating every guess of a shut gate was
+        // the likeliest cost behind prefetch running 10% behind `--no-prefetch` at 25% of a
+        // 48-layer model on the GPU (issue 25, target 2).
+        let chunk = self.is_chunk(guess.indices.shape().iter().product());
         let open = self.precision.iter().any(|&p| p >= PREFETCH_MIN_PRECISION);
         self.guesses += 1;
         let probe = self.guesses % PREDICTION_PROBE == 1;
@@ -301,7 +307,7 @@ impl StreamingExperts<'_> {
             // A chunk of many tokens (a prompt; on average 4 routed entries per expert or
             // more) uses nearly every expert its guess names: the whole guess is read while
             // this layer computes, if both layers' experts fit (time to first token).
-            let chunk = ids.len() >= 4 * self.num_experts;
+            let chunk = self.is_chunk(ids.len());
             let reads: Vec<u32> = guess
                 .reads
                 .iter()

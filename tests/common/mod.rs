@@ -270,14 +270,21 @@ pub fn flashpack_cli(args: &[&str], envs: &[(&str, &str)]) -> std::process::Outp
         .unwrap()
 }
 
-/// The first `chars` characters of the repository's text file `from`, written to `dir/to`: the
-/// `every_stage` tests profile and evaluate tiny models on the CPU, where a whole file costs
-/// tens of seconds of MLX's bf16 quantized matmuls and checks nothing more.
-pub fn text_head(dir: &Path, from: &str, to: &str, chars: usize) -> PathBuf {
+/// The calibration and evaluation texts of the `every_stage` tests, cut to their first 1,200
+/// characters and written into `dir`: those tests profile and evaluate tiny models on the CPU,
+/// where whole files cost tens of seconds of MLX's bf16 quantized matmuls and check nothing
+/// more. Returns (calibration, evaluation).
+pub fn short_texts(dir: &Path) -> (PathBuf, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let t = std::fs::read_to_string(root.join(from)).unwrap();
-    let cut = t.char_indices().nth(chars).map_or(t.len(), |(i, _)| i);
-    let path = dir.join(to);
-    std::fs::write(&path, &t[..cut]).unwrap();
-    path
+    let head = |from: &str, to: &str| {
+        let t = std::fs::read_to_string(root.join(from)).unwrap();
+        let cut = t.char_indices().nth(1200).map_or(t.len(), |(i, _)| i);
+        let path = dir.join(to);
+        std::fs::write(&path, &t[..cut]).unwrap();
+        path
+    };
+    (
+        head("fixtures/calibration/prose.txt", "calibration.txt"),
+        head("fixtures/eval/prose.txt", "eval.txt"),
+    )
 }
