@@ -91,6 +91,28 @@ case "${1:-}" in
     command -v flashpack >/dev/null || bash .gpu/p2/install.sh
     io_bench "$@"
     ;;
+  trace)
+    # Where a streamed token's time goes, per layer (scripts/trace_stream.py) on the 8-layer
+    # uniform model of the Qwen3-30B-A3B layer shape, convert's default pack; installs first on
+    # a machine not yet set up. Options go to trace_stream.py (--variants, --max-tokens).
+    shift
+    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
+    for k in .gpu/kcache/kcache.tar.zst /root/stash/kcache.tar.zst; do
+      if [ -f "$k" ] && [ ! -d /tmp/mlx ]; then z -dc "$k" | tar -xf - -C / || true; fi
+    done
+    w=/root/fpbench; mkdir -p "$w"
+    if [ ! -f "$w/uniform/config.json" ]; then
+      make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
+        --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
+        --vocab 8192 --layers 8 >/dev/null
+    fi
+    [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
+    flashpack run "$w/trace.flashpack" --prompt warm --max-tokens 4 >/dev/null 2>&1 || true
+    PYTHONUNBUFFERED=1 python3 scripts/trace_stream.py "$w/trace.flashpack" --out "${OUT:-.}" "$@"
+    if [ -n "${OUT:-}" ]; then
+      tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
+    fi
+    ;;
   prepare-base)
     # The binary of another commit (default: main's first parent of this work) for --baseline-bin.
     shift
@@ -103,16 +125,27 @@ case "${1:-}" in
     du -sh .gpu/p2
     ;;
   archs)
-    # DeepSeek-V3 and GLM-4.5 against mlx-lm (scripts/bench_archs_gpu.py); installs first when
-    # this machine has not been set up (call 2 of the recipe).
+    # Every architecture against mlx-lm, 8 and 32 layers (scripts/bench_archs_gpu.py, issue 26);
+    # installs first when this machine has not been set up (call 2 of the recipe). Resumable:
+    # repeat the same command (e.g. with --budget-s 500) on the same warm machine until the
+    # table has no "Incomplete" line; each call adds what fits. Restores the compiled-kernel
+    # cache when carried and saves it to $OUT, as `device` does.
     shift
     command -v flashpack >/dev/null || bash .gpu/p2/install.sh
     python3 -c 'import mlx_lm' 2>/dev/null ||
       python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
-    PYTHONUNBUFFERED=1 python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@"
+    for k in .gpu/kcache/kcache.tar.zst /root/stash/kcache.tar.zst; do
+      if [ -f "$k" ] && [ ! -d /tmp/mlx ]; then z -dc "$k" | tar -xf - -C / || true; fi
+    done
+    rc=0
+    PYTHONUNBUFFERED=1 python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@" || rc=$?
+    if [ -n "${OUT:-}" ]; then
+      tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
+    fi
+    exit $rc
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | archs" >&2
+    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | trace [trace_stream.py options] | archs [bench_archs_gpu.py options]" >&2
     exit 2
     ;;
 esac

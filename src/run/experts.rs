@@ -321,7 +321,7 @@ fn step_done(step: usize, since: Instant) -> Instant {
     now
 }
 
-fn load_times() -> LoadTimes {
+pub(crate) fn load_times() -> LoadTimes {
     let ms = |i: usize| STEP_NS[i].load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
     LoadTimes {
         read: ms(0),
@@ -509,6 +509,11 @@ impl ExpertCache {
                 Pool::slot_bytes(shape, hidden, inter).iter().sum::<usize>() as u64
             })
             .sum()
+    }
+
+    /// The counters as they stand, without the per-step thread times ([`load_times`]).
+    pub fn stats_ref(&self) -> &StoreStats {
+        &self.stats
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -1077,7 +1082,7 @@ fn load_segment_with(
         weights
     };
     let aux: &[u8] = if aux_codec == CodecId::Raw { auxs } else { aux };
-    finish_segment(reader, e, ctx, weights, aux, dst)
+    finish_segment(reader, e, ctx, weights, aux, dst, None)
 }
 
 /// A segment of `reader`'s pack that did not decode.
@@ -1097,6 +1102,8 @@ fn decode_error(
 
 /// Writes a checked, decoded segment into its slot: one device copy per array for a
 /// whole-expert segment on CUDA, else a scatter of its rows.
+/// `sent`: pieces the load already copied into the slot as their bytes arrived (CUDA, a
+/// whole raw expert: see `load_segment_pipelined`); only the others are copied here.
 fn finish_segment(
     reader: &SegmentReader,
     e: &ExpertEntry,
@@ -1104,6 +1111,7 @@ fn finish_segment(
     weights: &[u8],
     aux: &[u8],
     dst: &[(usize, usize); SLOT_ARRAYS],
+    sent: Option<&dyn Fn(&Piece) -> bool>,
 ) -> Result<(), ExpertError> {
     let LoadCtx {
         hidden,
@@ -1126,7 +1134,19 @@ fn finish_segment(
     }
     let whole = e.row_start == 0 && e.row_count as usize == inter;
     if upload && whole {
-        let ranges = whole_expert_ranges(e, hidden, inter, weights, aux, dst);
+        let mut ranges = whole_expert_ranges(e, hidden, inter, weights, aux, dst);
+        if let Some(sent) = sent {
+            let pieces = whole_expert_pieces(e, hidden, inter);
+            let mut i = 0;
+            ranges.retain(|_| {
+                i += 1;
+                !sent(&pieces[i - 1])
+            });
+            if ranges.is_empty() {
+                step_done(3, t);
+                return Ok(());
+            }
+        }
         // SAFETY: the sources are this thread's buffers, alive for the call; the destinations
         // are the slot's own parts (inside the pool arrays, one job per slot), which no pending
         // evaluation reads (module invariants).
@@ -1143,8 +1163,10 @@ fn finish_segment(
 /// [`load_segment_with`] for a lone miss of a raw-stored expert (`--codec auto` stores experts
 /// raw, docs/decisions/0014-raw-experts.md): the segment is read in parts, in order, several in
 /// flight ([`SegmentReader::read_parts`]), and the checksum advances as the parts arrive, so
-/// the load ends about one part's hash after the read instead of a whole segment's. Nothing
-/// reaches the slot before the checksum matched. (Huffman-coded experts are not pipelined:
+/// the load ends about one part's hash after the read instead of a whole segment's. On CUDA a
+/// whole expert's raw pieces are copied into the slot as they arrive (the slot is freed unused
+/// if the checksum then fails); elsewhere nothing reaches the slot before the checksum matched.
+/// (Huffman-coded experts are not pipelined:
 /// their streams decode several times faster together than one part at a time, measured in
 /// decision 0014.)
 fn load_segment_pipelined(
@@ -1163,10 +1185,62 @@ fn load_segment_pipelined(
     if aux_codec != CodecId::Raw {
         sized(aux, e.aux_decoded_len() as usize, pin);
     }
+    // CUDA, a whole expert: each piece stored raw goes to its slot array as its bytes arrive
+    // (one copy per arrived run and array), so the upload ends with the read instead of one
+    // whole expert's copy after it (0.53 ms of a 2.1 ms load on the H100 machine, decision
+    // 0021). Until the checksum below matches, the slot holds unchecked bytes; no evaluation
+    // reads it before this load returns, and a failed load's slot is freed first
+    // (`prepare_stored_ids`, `join_prefetch`), so a damaged segment is still never used.
+    let raw_aux = aux_codec == CodecId::Raw;
+    let early: Vec<(Piece, usize)> = if ctx.upload && whole && upload_parts() {
+        whole_expert_pieces(e, ctx.hidden, ctx.inter)
+            .into_iter()
+            .filter(|p| !p.aux || raw_aux)
+            .map(|p| (p, if p.aux { wlen + p.at } else { p.at }))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // Ok(false): the copies are not available (the slot is then written after the checksum).
+    let sent = std::sync::Mutex::new(Ok::<bool, ExpertError>(!early.is_empty()));
+    let send = |from: usize, to: usize, bytes: &[u8]| {
+        let copies: Vec<(usize, usize, usize)> = early
+            .iter()
+            .filter_map(|&(p, at)| {
+                let (lo, hi) = (from.max(at), to.min(at + p.len));
+                (lo < hi).then(|| {
+                    (
+                        dst[p.arr].0 + (lo - at),
+                        bytes.as_ptr() as usize + lo,
+                        hi - lo,
+                    )
+                })
+            })
+            .collect();
+        let mut state = sent.lock().unwrap_or_else(|p| p.into_inner());
+        if copies.is_empty() || !matches!(*state, Ok(true)) {
+            return;
+        }
+        drop(state);
+        let t = Instant::now();
+        // SAFETY: `bytes[from..to]` has arrived and is never written again; the destinations
+        // lie inside this job's slot (one job per slot), which no pending evaluation reads.
+        let r = unsafe { mlx::upload(&copies) };
+        step_done(3, t);
+        state = sent.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(true) => {}
+            Ok(false) => *state = Ok(false),
+            Err(err) => *state = Err(err.into()),
+        }
+    };
     // The checksum is fed in byte order: a range that arrives before the one in front of it
     // waits in `pending`, and whoever completes the run hashes it.
     let hash = std::sync::Mutex::new((blake3::Hasher::new(), 0usize, Vec::<(usize, usize)>::new()));
     let arrived = |from: usize, to: usize, bytes: &[u8]| {
+        if !early.is_empty() {
+            send(from, to, bytes);
+        }
         if !ctx.verify {
             return;
         }
@@ -1211,7 +1285,16 @@ fn load_segment_pipelined(
         step_done(2, t);
         aux
     };
-    finish_segment(reader, e, ctx, ws, aux, dst)
+    let sent = sent.into_inner().unwrap_or_else(|p| p.into_inner())?;
+    let in_slot = |p: &Piece| sent && (!p.aux || raw_aux);
+    finish_segment(reader, e, ctx, ws, aux, dst, Some(&in_slot))
+}
+
+/// Whether whole raw experts are copied to the GPU part by part as they arrive
+/// (`FLASHPACK_UPLOAD_PARTS=0`: after the whole read, for A/B runs).
+fn upload_parts() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHPACK_UPLOAD_PARTS").map_or(true, |v| v != "0"))
 }
 
 /// Cores of this machine (cached).
@@ -1240,16 +1323,20 @@ fn sized(buf: &mut Vec<u8>, len: usize, pin: bool) {
     buf.resize(len, 0);
 }
 
+/// One array's bytes of a whole-expert segment: slot array `arr`, found at `at..at + len` of the
+/// segment's decoded weights (`aux: false`) or decoded scales, biases and expert biases
+/// (`aux: true`).
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    arr: usize,
+    aux: bool,
+    at: usize,
+    len: usize,
+}
+
 /// A whole-expert segment (one segment holds every row): its decoded parts are laid out as
-/// the slot's arrays are, so each array is one contiguous copy. Returns (dst, src, len) triples.
-fn whole_expert_ranges(
-    e: &ExpertEntry,
-    hidden: usize,
-    inter: usize,
-    weights: &[u8],
-    aux: &[u8],
-    dst: &[(usize, usize); SLOT_ARRAYS],
-) -> Vec<(usize, usize, usize)> {
+/// the slot's arrays are, so each array is one contiguous piece of them.
+fn whole_expert_pieces(e: &ExpertEntry, hidden: usize, inter: usize) -> Vec<Piece> {
     let bits = |p: usize| e.bits.get(p) as usize;
     let g = e.group_size as usize;
     let ss = e.scale_dtype.size() as usize;
@@ -1259,17 +1346,17 @@ fn whole_expert_ranges(
     let up_gate_s = inter * (hidden / g) * ss;
     let down_s = hidden * (inter / g) * ss;
     let mut out = Vec::with_capacity(SLOT_ARRAYS);
-    let mut push = |arr: usize, src: &[u8], at: usize, len: usize| {
-        let (base, size) = dst[arr];
-        assert!(
-            len == size && at + len <= src.len(),
-            "a whole segment fills its slot"
-        );
-        out.push((base, src.as_ptr() as usize + at, len));
+    let w = |arr, at, len| Piece {
+        arr,
+        aux: false,
+        at,
+        len,
     };
-    push(0, weights, 0, gate_w);
-    push(3, weights, gate_w, up_w);
-    push(6, weights, gate_w + up_w, down_w);
+    out.extend([
+        w(0, 0, gate_w),
+        w(3, gate_w, up_w),
+        w(6, gate_w + up_w, down_w),
+    ]);
     let up_gate_aux: &[usize] = if e.mode.has_biases() {
         &[1, 2, 4, 5]
     } else {
@@ -1277,22 +1364,51 @@ fn whole_expert_ranges(
     };
     let down_aux: &[usize] = if e.mode.has_biases() { &[7, 8] } else { &[7] };
     let mut at = 0;
+    let mut aux = |arr: usize, len: usize| {
+        out.push(Piece {
+            arr,
+            aux: true,
+            at,
+            len,
+        });
+        at += len;
+    };
     for &arr in up_gate_aux {
-        push(arr, aux, at, up_gate_s);
-        at += up_gate_s;
+        aux(arr, up_gate_s);
     }
     for &arr in down_aux {
-        push(arr, aux, at, down_s);
-        at += down_s;
+        aux(arr, down_s);
     }
     if let Some(t) = e.bias_dtype {
         let bs = t.size() as usize;
         for (arr, n) in [(9, inter), (10, inter), (11, hidden)] {
-            push(arr, aux, at, n * bs);
-            at += n * bs;
+            aux(arr, n * bs);
         }
     }
     out
+}
+
+/// [`whole_expert_pieces`] as (dst, src, len) copies from the decoded `weights` and `aux`.
+fn whole_expert_ranges(
+    e: &ExpertEntry,
+    hidden: usize,
+    inter: usize,
+    weights: &[u8],
+    aux: &[u8],
+    dst: &[(usize, usize); SLOT_ARRAYS],
+) -> Vec<(usize, usize, usize)> {
+    whole_expert_pieces(e, hidden, inter)
+        .into_iter()
+        .map(|p| {
+            let (base, size) = dst[p.arr];
+            let src = if p.aux { aux } else { weights };
+            assert!(
+                p.len == size && p.at + p.len <= src.len(),
+                "a whole segment fills its slot"
+            );
+            (base, src.as_ptr() as usize + p.at, p.len)
+        })
+        .collect()
 }
 
 /// Copies a decoded segment (formats/flashpack-v1.md §6.2) into the slot's nine arrays, given

@@ -66,7 +66,59 @@ pub struct StreamingExperts<'p> {
     room: bool,
     /// Guesses offered so far (see [`PREDICTION_PROBE`]).
     guesses: u64,
+    /// `FLASHPACK_TRACE=FILE`: one line of timings per routed layer (profiling; off by default).
+    trace: Option<Trace>,
     pub stats: StreamStats,
+}
+
+/// Per-route timings, one CSV line per routed layer, for profiling the streaming path on a
+/// machine where only files come back (the GPU device). Columns: layer, routed entries, host
+/// time since the previous route ended (building this layer's graph), the routing's eval wait,
+/// (including the previous layer's slot arrays), misses loaded, the load's wall time, slot-table
+/// time, the rest of the stall (guesses, prefetch), and the load steps' thread times (read,
+/// verify, decode, scatter), all in microseconds.
+struct Trace {
+    out: std::io::BufWriter<std::fs::File>,
+    last_end: Option<Instant>,
+}
+
+impl Trace {
+    fn open() -> Option<Trace> {
+        let path = std::env::var_os("FLASHPACK_TRACE")?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path).ok()?);
+        use std::io::Write;
+        writeln!(
+            out,
+            "layer,entries,host_us,eval_us,misses,load_us,table_us,other_us,read_us,verify_us,decode_us,scatter_us"
+        )
+        .ok()?;
+        Some(Trace {
+            out,
+            last_end: None,
+        })
+    }
+}
+
+/// What the trace needs from the cache's counters before and after a route.
+#[derive(Clone, Copy, Default)]
+struct TracePoint {
+    misses: u64,
+    load_ms: f64,
+    table_ms: f64,
+    steps: [f64; 4],
+}
+
+impl TracePoint {
+    fn of(cache: &ExpertCache) -> TracePoint {
+        let s = cache.stats_ref();
+        let t = crate::run::experts::load_times();
+        TracePoint {
+            misses: s.misses_per_layer.values().sum(),
+            load_ms: s.read_decode_ms,
+            table_ms: s.table_ms,
+            steps: [t.read, t.verify, t.decode, t.scatter],
+        }
+    }
 }
 
 /// A guess of one layer's routing, kept until that layer routes.
@@ -115,6 +167,7 @@ impl<'p> StreamingExperts<'p> {
             precision: Vec::new(),
             room: true,
             guesses: 0,
+            trace: Trace::open(),
             stats: StreamStats::default(),
         }
     }
@@ -265,6 +318,8 @@ impl StreamingExperts<'_> {
         indices: &Array,
         scores: Option<&Array>,
     ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
+        let entered = Instant::now();
+        let before = self.trace.as_ref().map(|_| TracePoint::of(&self.cache));
         let prediction = self.prediction.take();
         let mut to_eval = vec![indices];
         to_eval.extend(scores);
@@ -330,9 +385,32 @@ impl StreamingExperts<'_> {
             }
             self.last_prediction = Some(guess);
         }
-        self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
+        let stalled = started.elapsed();
+        self.stats.stall_ms += stalled.as_secs_f64() * 1e3;
         self.stats.routes += 1;
 
+        if let (Some(t), Some(b)) = (self.trace.as_mut(), before) {
+            let a = TracePoint::of(&self.cache);
+            let end = Instant::now();
+            let us = |ms: f64| (ms * 1e3).round() as i64;
+            let load = us(a.load_ms - b.load_ms);
+            let table = us(a.table_ms - b.table_ms);
+            let host = t.last_end.map_or(0, |e| (entered - e).as_micros() as i64);
+            use std::io::Write;
+            let _ = writeln!(
+                t.out,
+                "{layer},{},{host},{},{},{load},{table},{},{},{},{},{}",
+                ids.len(),
+                (started - entered).as_micros(),
+                a.misses - b.misses,
+                stalled.as_micros() as i64 - load - table,
+                us(a.steps[0] - b.steps[0]),
+                us(a.steps[1] - b.steps[1]),
+                us(a.steps[2] - b.steps[2]),
+                us(a.steps[3] - b.steps[3]),
+            );
+            t.last_end = Some(end);
+        }
         let routes = self.routes(&wanted, &placement, &ids, indices, false)?;
         Ok((routes, new_scores))
     }

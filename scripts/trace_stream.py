@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Where a streamed token's time goes, layer by layer (issue 25's profiling, on the GPU device).
+
+Runs `flashpack run --json` on one pack under several variants (an expert budget, environment
+switches), each after dropping the page cache and with `FLASHPACK_TRACE` set, so the runtime
+writes one CSV line per routed layer (src/run/stream.rs, `Trace`): host time building the layer,
+the routing's eval wait, misses and the load's wall time, the slot table, the rest of the stall,
+and the load steps' thread times. Prints, per variant, decode tok/s and the per-layer means for
+layers without and with misses; writes the CSVs and `trace.json` into --out.
+
+  python3 scripts/trace_stream.py PACK --out DIR [--max-tokens 64] [--variants NAME,...]
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu import PROMPT, drop_caches  # noqa: E402
+
+# name -> (run arguments, environment)
+VARIANTS = {
+    "resident": ([], {}),
+    "50%": (["--expert-budget", "50%"], {}),
+    "50% no-eager": (["--expert-budget", "50%"], {"FLASHPACK_NO_EAGER": "1"}),
+    "50% no-graphs": (["--expert-budget", "50%"], {"MLX_USE_CUDA_GRAPHS": "0"}),
+    "resident no-graphs": ([], {"MLX_USE_CUDA_GRAPHS": "0"}),
+    "50% one-read": (["--expert-budget", "50%"], {"FLASHPACK_READ_SPLIT_KIB": "0"}),
+    "50% upload-after": (["--expert-budget", "50%"], {"FLASHPACK_UPLOAD_PARTS": "0"}),
+    "25%": (["--expert-budget", "25%"], {}),
+    "12%": (["--expert-budget", "12%"], {}),
+}
+
+
+def summarize(path, tokens):
+    with open(path) as f:
+        rows = [{k: int(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    # The prompt's layers come first; decode layers route one token's k entries.
+    k = min(r["entries"] for r in rows) if rows else 0
+    dec = [r for r in rows if r["entries"] == k]
+    out = {"layers_routed": len(dec)}
+    for name, sel in [("hit", [r for r in dec if r["misses"] == 0]),
+                      ("miss", [r for r in dec if r["misses"] > 0])]:
+        if not sel:
+            continue
+        mean = lambda c: statistics.fmean(r[c] for r in sel)
+        out[name] = {c: round(mean(c), 1) for c in sel[0] if c not in ("layer", "entries")}
+        out[name]["count"] = len(sel)
+        if name == "miss":
+            m = sum(r["misses"] for r in sel)
+            out[name]["load_us_per_miss"] = round(sum(r["load_us"] for r in sel) / m, 1)
+    per_tok = lambda c: sum(r[c] for r in dec) / max(tokens, 1) / 1e3
+    out["per_token_ms"] = {c: round(per_tok(c), 2)
+                           for c in ("host_us", "eval_us", "load_us", "table_us", "other_us")}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pack")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--binary", default="flashpack")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    results = {}
+    for name in a.variants.split(","):
+        args, env = VARIANTS[name]
+        trace = os.path.join(a.out, "trace-" + name.replace(" ", "_").replace("%", "pct") + ".csv")
+        drop_caches()
+        cmd = [a.binary, "run", a.pack, "--prompt", PROMPT, "--max-tokens", str(a.max_tokens),
+               "--raw", "--json"] + args
+        p = subprocess.run(cmd, capture_output=True, text=True,
+                           env={**os.environ, **env, "FLASHPACK_TRACE": trace})
+        if p.returncode != 0:
+            results[name] = {"error": p.stderr[-1500:]}
+            print(f"{name}: failed: {p.stderr[-300:]}", flush=True)
+            continue
+        s = json.loads(p.stderr.strip().splitlines()[-1])
+        g = s["generation"]
+        n = g["generated_tokens"]
+        r = {"tps": g["decode_tokens_per_s"], "ttft_s": g["time_to_first_token_s"],
+             "build_ms": g.get("host_build_ms", 0) / max(n - 1, 1),
+             "text": p.stdout[:120]}
+        if os.path.exists(trace) and os.path.getsize(trace) > 200:
+            r["trace"] = summarize(trace, n)
+        results[name] = r
+        print(f"{name}: {r['tps']:.1f} tok/s, build {r['build_ms']:.2f} ms/tok; "
+              f"{json.dumps(r.get('trace', {}))}", flush=True)
+    with open(os.path.join(a.out, "trace.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
