@@ -180,8 +180,12 @@ def run_decode_rows(a, log, packs, runs, res, res_path, rep=None):
         for tag, binary in binaries(a):
             if rep is not None and len(res.get(f"{model}:{name}{tag}", [])) > rep:
                 continue
-            s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary,
-                              env=RUN_ENV.get(name))
+            env = dict(RUN_ENV.get(name, {}))
+            if getattr(a, "trace", False):
+                # One CSV line per routed layer (scripts/trace_stream.py reads them).
+                tag_name = f"{model}-{name}{tag}".replace(" ", "_").replace("%", "pct")
+                env["FLASHPACK_TRACE"] = os.path.join(a.out, f"trace-{tag_name}-{rep or 0}.csv")
+            s = run_flashpack(packs[model], extra, PROMPT, a.max_tokens, binary=binary, env=env)
             res.setdefault(f"{model}:{name}{tag}", []).append(s)
             log_run(log, f"{model}:{name}{tag}", s)
             with open(res_path, "w") as f:
@@ -285,7 +289,8 @@ def deep(a, log):
     run_flashpack(first, [], PROMPT, 4)
     runs = []
     for model in packs:
-        runs += [(model, "resident", []), (model, "resident one pool", []),
+        runs += [(model, "resident", [])] + (
+            [(model, "resident one pool", [])] if a.one_pool else []) + [
                  (model, "50%", ["--expert-budget", "50%"]),
                  (model, "25%", ["--expert-budget", "25%"]),
                  (model, "25% no-prefetch", ["--expert-budget", "25%", "--no-prefetch"]),
@@ -345,6 +350,11 @@ def main():
                          "shape (an FP8 source: the device's 64 GB disk cannot hold the bf16 "
                          "one), uniform and skewed; resident and 50/25/12%% budgets, flashpack "
                          "only")
+    ap.add_argument("--trace", action="store_true",
+                    help="write each run's per-layer trace (FLASHPACK_TRACE) into --out")
+    ap.add_argument("--one-pool", action="store_true",
+                    help="with --deep: also the store before decision 0020 (one pool for all "
+                         "layers, wrong on CUDA), as the row `resident one pool`")
     ap.add_argument("--deep-models", default="uniform,skewed",
                     help="which deep models (one per call when the disk cannot hold both packs "
                          "and a source: the other's pack is then deleted first)")

@@ -19,7 +19,10 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import PROMPT, drop_caches  # noqa: E402
+from bench_gpu import PARAGRAPH, PROMPT, drop_caches  # noqa: E402
+
+# A prompt of about 1,900 tokens (bench_gpu.py's long prompt): time to first token.
+LONG = PARAGRAPH * (1900 // 34)
 
 # name -> (run arguments, environment)
 VARIANTS = {
@@ -32,6 +35,10 @@ VARIANTS = {
     "50% upload-after": (["--expert-budget", "50%"], {"FLASHPACK_UPLOAD_PARTS": "0"}),
     "25%": (["--expert-budget", "25%"], {}),
     "12%": (["--expert-budget", "12%"], {}),
+    # Time to first token on the long prompt (2 tokens generated).
+    "resident long": ([], {}),
+    "50% long": (["--expert-budget", "50%"], {}),
+    "25% long": (["--expert-budget", "25%"], {}),
 }
 
 
@@ -72,8 +79,9 @@ def main():
         args, env = VARIANTS[name]
         trace = os.path.join(a.out, "trace-" + name.replace(" ", "_").replace("%", "pct") + ".csv")
         drop_caches()
-        cmd = [a.binary, "run", a.pack, "--prompt", PROMPT, "--max-tokens", str(a.max_tokens),
-               "--raw", "--json"] + args
+        long = name.endswith(" long")
+        cmd = [a.binary, "run", a.pack, "--prompt", LONG if long else PROMPT,
+               "--max-tokens", "2" if long else str(a.max_tokens), "--raw", "--json"] + args
         p = subprocess.run(cmd, capture_output=True, text=True,
                            env={**os.environ, **env, "FLASHPACK_TRACE": trace})
         if p.returncode != 0:
@@ -86,11 +94,18 @@ def main():
         r = {"tps": g["decode_tokens_per_s"], "ttft_s": g["time_to_first_token_s"],
              "build_ms": g.get("host_build_ms", 0) / max(n - 1, 1),
              "text": p.stdout[:120]}
-        if os.path.exists(trace) and os.path.getsize(trace) > 200:
+        if long:
+            first = s.get("at_first_token") or {}
+            r["prompt_tokens"] = g["prompt_tokens"]
+            r["mb_read_prompt"] = first.get("bytes_read", 0) / 1e6
+            r["stall_ms_prompt"] = first.get("stall_ms", 0.0)
+            r["eval_wait_ms_prompt"] = first.get("eval_wait_ms", 0.0)
+        elif os.path.exists(trace) and os.path.getsize(trace) > 200:
             r["trace"] = summarize(trace, n)
         results[name] = r
-        print(f"{name}: {r['tps']:.1f} tok/s, build {r['build_ms']:.2f} ms/tok; "
-              f"{json.dumps(r.get('trace', {}))}", flush=True)
+        print(f"{name}: {r['tps']:.1f} tok/s, first token {r['ttft_s']:.3f} s, build "
+              f"{r['build_ms']:.2f} ms/tok; "
+              f"{json.dumps({k: v for k, v in r.items() if k not in ('text', 'tps')})}", flush=True)
     with open(os.path.join(a.out, "trace.json"), "w") as f:
         json.dump(results, f, indent=1)
 
