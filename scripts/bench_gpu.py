@@ -68,6 +68,10 @@ RUN_ENV = {
     # The store before decision 0020: one pool for all 48 layers (6,144 slots of 768 x 2048
     # weights), past the 2^32-weight offsets of MLX's CUDA gather_qmm.
     "resident one pool": {"FLASHPACK_MAX_POOL_ELEMENTS": str(1 << 40)},
+    # Decode running ahead of the routing checks (issue 25; src/model/mod.rs, layers_ahead).
+    "50% ahead": {"FLASHPACK_AHEAD": "1"},
+    "25% ahead": {"FLASHPACK_AHEAD": "1"},
+    "12% ahead": {"FLASHPACK_AHEAD": "1"},
 }
 
 
@@ -292,9 +296,12 @@ def deep(a, log):
         runs += [(model, "resident", [])] + (
             [(model, "resident one pool", [])] if a.one_pool else []) + [
                  (model, "50%", ["--expert-budget", "50%"]),
+                 (model, "50% ahead", ["--expert-budget", "50%"]),
                  (model, "25%", ["--expert-budget", "25%"]),
+                 (model, "25% ahead", ["--expert-budget", "25%"]),
                  (model, "25% no-prefetch", ["--expert-budget", "25%", "--no-prefetch"]),
-                 (model, "12%", ["--expert-budget", "12%"])]
+                 (model, "12%", ["--expert-budget", "12%"]),
+                 (model, "12% ahead", ["--expert-budget", "12%"])]
     res_path = os.path.join(w, "deep-results.json")
     res = {}
     if os.path.exists(res_path):

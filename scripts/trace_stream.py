@@ -33,6 +33,9 @@ VARIANTS = {
     "resident no-graphs": ([], {"MLX_USE_CUDA_GRAPHS": "0"}),
     "50% one-read": (["--expert-budget", "50%"], {"FLASHPACK_READ_SPLIT_KIB": "0"}),
     "50% upload-after": (["--expert-budget", "50%"], {"FLASHPACK_UPLOAD_PARTS": "0"}),
+    "50% ahead": (["--expert-budget", "50%"], {"FLASHPACK_AHEAD": "1"}),
+    "25% ahead": (["--expert-budget", "25%"], {"FLASHPACK_AHEAD": "1"}),
+    "12% ahead": (["--expert-budget", "12%"], {"FLASHPACK_AHEAD": "1"}),
     "25%": (["--expert-budget", "25%"], {}),
     "12%": (["--expert-budget", "12%"], {}),
     # Time to first token on the long prompt (2 tokens generated).

@@ -506,3 +506,72 @@ fn prefill_reports_progress_per_chunk() {
         ]
     );
 }
+
+/// Decode that runs ahead of the routing checks (`StreamingExperts::run_ahead`,
+/// `FLASHPACK_AHEAD=1`: each layer is scheduled with the slots the store last gave its experts,
+/// and a layer whose experts were not all there is routed again with every layer after it)
+/// gives the usual path's logits bit for bit, on every kind of layer cache: plain KV
+/// (qwen3_moe), MLA with a dense first layer and shared experts (deepseek_v3), sliding windows
+/// with sinks (gpt_oss) and linear attention (qwen3_next). All experts resident, half of them,
+/// and a few slots more than one token's experts, where most layers are routed again.
+#[test]
+fn running_ahead_changes_no_logit() {
+    let dir = tempfile::tempdir().unwrap();
+    for src in [
+        "qwen3moe-tiny",
+        "golden/deepseek_v3-q4",
+        "golden/gpt_oss-q4",
+        "golden/qwen3_next-q4",
+    ] {
+        let out = dir
+            .path()
+            .join(format!("{}.flashpack", src.replace('/', "-")));
+        convert(&fixture(src), &out, ConvertOptions::default());
+        let (pack, cfg, weights) = open::open(&out, true).unwrap();
+        let model = Model::load(&cfg, &weights).unwrap();
+        let vocab = cfg.vocab_size as u32;
+        let prompt: Vec<u32> = PROMPT.iter().map(|t| t % vocab).collect();
+        let steps: Vec<u32> = [11u32, 279, 1879, 13, 7, 100]
+            .iter()
+            .map(|t| t % vocab)
+            .collect();
+        let run = |store: &mut dyn ExpertStore| {
+            let mut kv = model.new_cache();
+            let mut all = model
+                .forward_ids(&prompt, &mut kv, store)
+                .unwrap()
+                .to_vec_f32()
+                .unwrap();
+            for &t in &steps {
+                let l = model.forward_ids(&[t], &mut kv, store).unwrap();
+                all.extend(l.to_vec_f32().unwrap());
+            }
+            all
+        };
+        let mut usual = StreamingExperts::new(&pack, cache(&pack, None), cfg.num_experts, false);
+        let want = run(&mut usual);
+        let stored = pack.experts().iter().filter(|e| e.segment == 0).count() as u64;
+        let k = cfg.num_experts_per_tok as u64;
+        for budget in [None, Some(stored / 2), Some(k + 2)] {
+            let mut ahead =
+                StreamingExperts::new(&pack, cache(&pack, budget), cfg.num_experts, false)
+                    .run_ahead(true);
+            assert_eq!(differing(&run(&mut ahead), &want), 0, "{src} {budget:?}");
+            let s = &ahead.stats;
+            assert!(
+                s.ahead_confirmed + s.ahead_redone > 0,
+                "{src}: not run ahead"
+            );
+            if budget.is_none() {
+                // Every expert resident: only a layer's first use is routed again.
+                assert!(s.ahead_confirmed > s.ahead_redone, "{src}: {s:?}");
+            }
+            if budget == Some(k + 2) {
+                assert!(
+                    s.ahead_redone > 0,
+                    "{src}: nothing routed again at {budget:?}"
+                );
+            }
+        }
+    }
+}

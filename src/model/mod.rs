@@ -261,6 +261,41 @@ impl Block {
     }
 }
 
+/// A sparse layer of [`Model::layers_ahead`] whose routing is not confirmed yet: its attention
+/// output and its feed-forward input, to route it again from.
+struct Open {
+    layer: usize,
+    h_attn: Array,
+    x: Array,
+}
+
+/// How [`Model::layers_ahead`] puts a layer's cache back to before a call wrote it: a KV cache
+/// is cut back to its position (what was written past it is written again), a fixed-size one
+/// (sliding window, linear-attention state) is kept as it was.
+enum Rewind {
+    Cut(usize),
+    Keep(LayerCache),
+}
+
+impl Rewind {
+    fn of(c: &LayerCache) -> Rewind {
+        match c {
+            LayerCache::Kv(kv) => Rewind::Cut(kv.offset()),
+            other => Rewind::Keep(other.clone()),
+        }
+    }
+
+    fn restore(self, c: &mut LayerCache) -> Result<()> {
+        match self {
+            Rewind::Cut(position) => c.truncate(position),
+            Rewind::Keep(kept) => {
+                *c = kept;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The dense part of a model (everything but the routed experts) and how to run it.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -356,6 +391,12 @@ impl Model {
         // One mask per kind of layer, made before any layer updates its cache.
         let masks = cache.masks(len)?;
         let mut h = self.embed.forward(tokens)?;
+        if experts.runs_ahead(tokens.shape().iter().product()) {
+            experts.set_ahead(true);
+            let out = self.layers_ahead(h, &masks, cache, experts, cache_only);
+            experts.set_ahead(false);
+            return out;
+        }
         for (l, ((layer, kv), mask)) in self
             .layers
             .iter()
@@ -383,6 +424,80 @@ impl Model {
             h = h.add(&layer.ffn(&x, experts)?)?;
             if layer.moe().is_some() && experts.eager() && !last {
                 mlx::async_eval(&[&h])?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The layers of [`Model::hidden`] for a store that runs ahead (`ExpertStore::runs_ahead`):
+    /// each layer is built and scheduled with the experts the store last placed, and a sparse
+    /// layer's routing is confirmed only after the next layer is scheduled, so the device never
+    /// waits for the host to learn a routing it had to compute first. A layer whose experts
+    /// were not all in place is routed again the usual way (loading what it misses) from its
+    /// kept input, and every layer after it is computed again: their cache positions are cut
+    /// back (or, for fixed-size caches, put back as they were) and written anew. Same results
+    /// as the loop of `hidden`, bit for bit: a layer's output only stands once its experts are
+    /// confirmed to be the ones it read.
+    fn layers_ahead(
+        &self,
+        mut h: Array,
+        masks: &[AttnMask],
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+        cache_only: bool,
+    ) -> Result<Array> {
+        let n = self.layers.len();
+        let mut open: Option<Open> = None;
+        // How to put back each layer scheduled after the open one.
+        let mut undo: Vec<(usize, Rewind)> = Vec::new();
+        let mut l = 0;
+        while l < n || open.is_some() {
+            let mut opened = None;
+            if l < n {
+                let layer = &self.layers[l];
+                undo.push((l, Rewind::of(&cache.layers[l])));
+                let h_attn = layer.attend(&h, masks[l].as_mask(), &mut cache.layers[l])?;
+                let last = l + 1 == n;
+                if cache_only && last {
+                    h = h_attn;
+                } else {
+                    let x = layer.ffn_input(&h_attn)?;
+                    h = h_attn.add(&layer.ffn(&x, experts)?)?;
+                    if layer.moe().is_some() {
+                        if !last {
+                            mlx::async_eval(&[&h])?;
+                        }
+                        opened = Some(Open {
+                            layer: l,
+                            h_attn,
+                            x,
+                        });
+                    }
+                }
+                l += 1;
+            }
+            // The open layer is confirmed once the next one is scheduled (or at the end).
+            if let Some(o) = open.take() {
+                if !experts.confirm(o.layer)? {
+                    for (i, r) in undo.drain(..) {
+                        if i > o.layer {
+                            r.restore(&mut cache.layers[i])?;
+                        }
+                    }
+                    experts.set_ahead(false);
+                    let y = self.layers[o.layer].ffn(&o.x, experts);
+                    experts.set_ahead(true);
+                    h = o.h_attn.add(&y?)?;
+                    l = o.layer + 1;
+                    if l < n {
+                        mlx::async_eval(&[&h])?;
+                    }
+                    continue;
+                }
+            }
+            if opened.is_some() {
+                open = opened;
+                undo.clear();
             }
         }
         Ok(h)

@@ -181,6 +181,27 @@ pub trait ExpertStore {
         false
     }
 
+    /// Whether the forward pass of a call of `tokens` positions may run ahead of the routing
+    /// checks ([`Model::hidden`](super::Model) then builds and schedules each layer before
+    /// the previous sparse layer's experts are confirmed, see `ExpertStore::confirm`). A store
+    /// that must learn each layer's routing on the host (the streaming cache) can answer yes
+    /// to save the device a round trip per layer. Default: no.
+    fn runs_ahead(&self, _tokens: usize) -> bool {
+        false
+    }
+
+    /// While on, [`ExpertStore::route_scored`] answers without waiting for the routing: from
+    /// where the store last put each expert, to be confirmed by [`ExpertStore::confirm`].
+    fn set_ahead(&mut self, _on: bool) {}
+
+    /// For a layer routed ahead: whether every expert its routing picked was resident, where
+    /// the answer said, and untouched since, so that the layer's output stands. On `false`
+    /// nothing changed: the caller routes the layer again with this mode off, and recomputes
+    /// every layer after it.
+    fn confirm(&mut self, _layer: usize) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Whether the store wants a guess of the next sparse layer's routing (for prefetch).
     fn wants_prediction(&self) -> bool {
         false

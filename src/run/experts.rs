@@ -586,6 +586,27 @@ impl ExpertCache {
 
     /// Where each router expert `0..num_experts` of `layer` is resident: its (pool, slot), or
     /// `None` if any of them is not resident (after [`Self::warm_all`] with no budget, all are).
+    /// Where router expert `e` of `layer` is resident now: (pool, slot).
+    pub fn resident_slot(&self, layer: u32, e: u32) -> Option<(usize, u32)> {
+        let stored = stored_expert(&self.merge_map, layer, e);
+        let pool = *self.pool_of.get(&(layer, stored))?;
+        let slot = self.pools[pool].table.slot_of(ExpertKey {
+            layer,
+            expert: stored,
+        })?;
+        Some((pool, slot))
+    }
+
+    /// The one pool that holds every stored expert of `layer`, if one does.
+    pub fn layer_pool(&self, layer: u32) -> Option<usize> {
+        let mut pools = self
+            .pool_of
+            .range((layer, 0)..=(layer, u32::MAX))
+            .map(|(_, &p)| p);
+        let first = pools.next()?;
+        pools.all(|p| p == first).then_some(first)
+    }
+
     pub fn placement(&self, layer: u32, num_experts: usize) -> Option<Vec<(usize, u32)>> {
         (0..num_experts as u32)
             .map(|e| {
@@ -871,6 +892,12 @@ impl ExpertCache {
             })?;
         self.pending = Some((keys, handle, Instant::now()));
         Ok(())
+    }
+
+    /// Waits for a background load, if one runs (its experts then count as loaded).
+    pub fn settle(&mut self) {
+        // A failed prefetch only drops its experts; nothing to report here.
+        let _ = self.join_prefetch();
     }
 
     /// Waits for the background load, if any; drops experts whose load failed.

@@ -40,6 +40,9 @@ pub struct StreamStats {
     /// Guesses not evaluated at all: the gate was shut (or there was no room) and they were not
     /// a probe (see `StreamingExperts::predict`).
     pub guesses_skipped: u64,
+    /// Layers routed ahead (`FLASHPACK_AHEAD`) whose result stood, and those routed again.
+    pub ahead_confirmed: u64,
+    pub ahead_redone: u64,
 }
 
 /// Experts streamed from a pack through a budgeted cache.
@@ -68,7 +71,27 @@ pub struct StreamingExperts<'p> {
     guesses: u64,
     /// `FLASHPACK_TRACE=FILE`: one line of timings per routed layer (profiling; off by default).
     trace: Option<Trace>,
+    /// Whether decode runs ahead of the routing checks (`ExpertStore::runs_ahead`).
+    ahead_enabled: bool,
+    /// Whether `route_scored` answers ahead now (`ExpertStore::set_ahead`).
+    ahead: bool,
+    /// Per sparse layer routed ahead: the device-side table it is routed through.
+    tables: std::collections::BTreeMap<usize, AheadTable>,
+    /// Layers routed ahead and not confirmed yet: their routing, and the store's load count
+    /// when they were routed (a load since may have moved any expert).
+    unconfirmed: std::collections::BTreeMap<usize, (Array, u64)>,
     pub stats: StreamStats,
+}
+
+/// A layer's router expert -> slot table on the device, for routing ahead: written in place
+/// whenever the layer is routed the usual way (where its experts are is then known), read by
+/// the device when a later call routes the layer ahead. `written` mirrors it on the host
+/// (`u32::MAX`: never written); a layer routed ahead stands only if each of its experts is
+/// resident at the slot `written` names and nothing was loaded since it was routed.
+struct AheadTable {
+    pool: usize,
+    slots: Array,
+    written: Vec<u32>,
 }
 
 /// Per-route timings, one CSV line per routed layer, for profiling the streaming path on a
@@ -168,6 +191,10 @@ impl<'p> StreamingExperts<'p> {
             room: true,
             guesses: 0,
             trace: Trace::open(),
+            ahead_enabled: std::env::var("FLASHPACK_AHEAD").is_ok_and(|v| v != "0"),
+            ahead: false,
+            tables: Default::default(),
+            unconfirmed: Default::default(),
             stats: StreamStats::default(),
         }
     }
@@ -184,6 +211,13 @@ impl<'p> StreamingExperts<'p> {
             .enumerate()
             .all(|(i, p)| p.slots() >= (self.cache.pool_layers(i).min(sparse_layers) + 1) * k);
         self.stats.prefetch_no_room = self.prefetch && !self.room;
+        self
+    }
+
+    /// Whether decode runs ahead of the routing checks (see `ExpertStore::runs_ahead`; off by
+    /// default, `FLASHPACK_AHEAD=1` turns it on).
+    pub fn run_ahead(mut self, on: bool) -> Self {
+        self.ahead_enabled = on;
         self
     }
 
@@ -232,6 +266,52 @@ impl ExpertStore for StreamingExperts<'_> {
 
     fn wants_prediction(&self) -> bool {
         self.prefetch
+    }
+
+    fn runs_ahead(&self, tokens: usize) -> bool {
+        // Decode steps (a few positions): a prompt chunk needs most experts of every layer,
+        // and would be computed again at nearly every layer.
+        self.ahead_enabled && self.skip_below.is_none() && tokens <= AHEAD_MAX_TOKENS
+    }
+
+    fn set_ahead(&mut self, on: bool) {
+        if on {
+            // A prefetch still writing slots would make a layer read one while it changes
+            // (and count as loaded only once joined, after the layer's check).
+            self.cache.settle();
+        } else {
+            self.unconfirmed.clear();
+        }
+        self.ahead = on;
+    }
+
+    fn confirm(&mut self, layer: usize) -> Result<bool, ComputeError> {
+        let Some((indices, loads)) = self.unconfirmed.remove(&layer) else {
+            return Ok(true);
+        };
+        let waited = Instant::now();
+        mlx::eval(&[&indices])?;
+        self.stats.eval_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
+        let started = Instant::now();
+        let ids = indices.to_vec::<u32>()?;
+        let wanted = unique(&ids);
+        let table = &self.tables[&layer];
+        let stands = self.cache.stats_ref().experts_loaded == loads
+            && wanted.iter().all(|&e| {
+                (e as usize) < self.num_experts
+                    && self.cache.resident_slot(layer as u32, e)
+                        == Some((table.pool, table.written[e as usize]))
+            });
+        if stands {
+            // Everything is in place: the usual bookkeeping (recency, hit counts), no load.
+            self.cache.prepare(self.pack, layer as u32, &wanted)?;
+            self.stats.routes += 1;
+            self.stats.ahead_confirmed += 1;
+        } else {
+            self.stats.ahead_redone += 1;
+        }
+        self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
+        Ok(stands)
     }
 
     fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
@@ -302,10 +382,104 @@ impl ExpertStore for StreamingExperts<'_> {
         layer: usize,
         routing: &Routing,
     ) -> Result<(Vec<PoolRoute<'_>>, Option<Array>), ComputeError> {
+        if self.ahead {
+            if let Some(pool) = self.cache.layer_pool(layer as u32) {
+                return Ok((self.route_ahead(layer, pool, &routing.indices)?, None));
+            }
+        }
         if self.skip_below.is_none() {
             return Ok((self.route(layer, &routing.indices)?, None));
         }
         self.route_inner(layer, &routing.indices, Some(&routing.scores))
+    }
+}
+
+/// Positions of a call up to which decode runs ahead (a decode step, or a few).
+const AHEAD_MAX_TOKENS: usize = 8;
+
+impl StreamingExperts<'_> {
+    /// Routes `layer` ahead: each entry through the layer's device-side table, without waiting
+    /// for the routing; `confirm` decides later whether the result stands.
+    fn route_ahead(
+        &mut self,
+        layer: usize,
+        pool: usize,
+        indices: &Array,
+    ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
+        self.make_table(layer, pool)?;
+        let loads = self.cache.stats_ref().experts_loaded;
+        self.unconfirmed.insert(layer, (indices.clone(), loads));
+        let t = &self.tables[&layer];
+        Ok(vec![PoolRoute {
+            pool: &self.pools[t.pool],
+            slots: t.slots.take(indices, 0)?,
+            serves: None,
+        }])
+    }
+
+    /// Makes `layer`'s table if it has none: where each of its experts is resident now.
+    fn make_table(&mut self, layer: usize, pool: usize) -> Result<(), ComputeError> {
+        if self.tables.contains_key(&layer) {
+            return Ok(());
+        }
+        let written: Vec<u32> = (0..self.num_experts as u32)
+            .map(|e| match self.cache.resident_slot(layer as u32, e) {
+                Some((p, slot)) if p == pool => slot,
+                _ => u32::MAX,
+            })
+            .collect();
+        let values: Vec<u32> = written
+            .iter()
+            .map(|&s| if s == u32::MAX { 0 } else { s })
+            .collect();
+        let table = AheadTable {
+            pool,
+            slots: Array::from_slice(&values, &[self.num_experts])?,
+            written,
+        };
+        self.tables.insert(layer, table);
+        Ok(())
+    }
+
+    /// After `layer` was routed the usual way: its table learns where the experts it used are.
+    fn learn(
+        &mut self,
+        layer: usize,
+        wanted: &[u32],
+        placement: &[(usize, u32)],
+    ) -> Result<(), ComputeError> {
+        let Some(pool) = self.cache.layer_pool(layer as u32) else {
+            return Ok(());
+        };
+        self.make_table(layer, pool)?;
+        let t = self.tables.get_mut(&layer).expect("made above");
+        let stale: Vec<(usize, u32)> = wanted
+            .iter()
+            .zip(placement)
+            .filter(|&(&e, &(p, slot))| p == t.pool && t.written[e as usize] != slot)
+            .map(|(&e, &(_, slot))| (e as usize, slot))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the table was made by `from_slice` (evaluated, contiguous, owning its
+        // elements). A computation scheduled earlier may read it while it is written; its
+        // result stands only if nothing was loaded since it was scheduled (`confirm`), and a
+        // table is written only after a usual route, whose loads make every such result fail.
+        let bytes = unsafe { t.slots.data_mut()? };
+        for (e, slot) in stale {
+            let at = e * 4;
+            // SAFETY: `at + 4 <= bytes.len()` (`e < num_experts`, four bytes each); a volatile
+            // write, as the device or MLX's CPU stream may read the table at the same time.
+            unsafe {
+                std::ptr::write_volatile(
+                    bytes[at..at + 4].as_mut_ptr().cast::<[u8; 4]>(),
+                    slot.to_le_bytes(),
+                )
+            };
+            t.written[e] = slot;
+        }
+        Ok(())
     }
 }
 
@@ -410,6 +584,9 @@ impl StreamingExperts<'_> {
                 us(a.steps[3] - b.steps[3]),
             );
             t.last_end = Some(end);
+        }
+        if self.ahead_enabled {
+            self.learn(layer, &wanted, &placement)?;
         }
         let routes = self.routes(&wanted, &placement, &ids, indices, false)?;
         Ok((routes, new_scores))
