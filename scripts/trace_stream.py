@@ -52,12 +52,16 @@ def summarize(path, tokens):
     k = min(r["entries"] for r in rows) if rows else 0
     dec = [r for r in rows if r["entries"] == k]
     out = {"layers_routed": len(dec)}
-    for name, sel in [("hit", [r for r in dec if r["misses"] == 0]),
-                      ("miss", [r for r in dec if r["misses"] > 0])]:
+    for name, sel in [("hit", [r for r in dec if r["misses"] == 0 and r.get("ahead", 0) == 0]),
+                      ("miss", [r for r in dec if r["misses"] > 0]),
+                      ("ahead stood", [r for r in dec if r.get("ahead") == 1]),
+                      ("ahead redone", [r for r in dec if r.get("ahead") == 2])]:
         if not sel:
             continue
         mean = lambda c: statistics.fmean(r[c] for r in sel)
-        out[name] = {c: round(mean(c), 1) for c in sel[0] if c not in ("layer", "entries")}
+        out[name] = {c: round(mean(c), 1) for c in sel[0]
+                     if c not in ("layer", "entries", "ahead", "read_us", "verify_us", "decode_us",
+                                  "scatter_us")}
         out[name]["count"] = len(sel)
         if name == "miss":
             m = sum(r["misses"] for r in sel)

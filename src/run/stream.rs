@@ -112,7 +112,7 @@ impl Trace {
         use std::io::Write;
         writeln!(
             out,
-            "layer,entries,host_us,eval_us,misses,load_us,table_us,other_us,read_us,verify_us,decode_us,scatter_us"
+            "layer,entries,host_us,eval_us,misses,load_us,table_us,other_us,read_us,verify_us,decode_us,scatter_us,ahead"
         )
         .ok()?;
         Some(Trace {
@@ -290,10 +290,10 @@ impl ExpertStore for StreamingExperts<'_> {
             return Ok(true);
         };
         let waited = Instant::now();
-        mlx::eval(&[&indices])?;
+        // (Reading it waits for the device: the layer was scheduled with `async_eval`.)
+        let ids = indices.to_vec::<u32>()?;
         self.stats.eval_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
-        let ids = indices.to_vec::<u32>()?;
         let wanted = unique(&ids);
         let table = &self.tables[&layer];
         let stands = self.cache.stats_ref().experts_loaded == loads
@@ -311,6 +311,21 @@ impl ExpertStore for StreamingExperts<'_> {
             self.stats.ahead_redone += 1;
         }
         self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
+        if let Some(t) = self.trace.as_mut() {
+            // Column `ahead`: 1 a layer routed ahead that stood, 2 one routed again.
+            let end = Instant::now();
+            let host = t.last_end.map_or(0, |e| (waited - e).as_micros() as i64);
+            use std::io::Write;
+            let _ = writeln!(
+                t.out,
+                "{layer},{},{host},{},0,0,0,{},0,0,0,0,{}",
+                ids.len(),
+                (started - waited).as_micros(),
+                (end - started).as_micros(),
+                if stands { 1 } else { 2 }
+            );
+            t.last_end = Some(end);
+        }
         Ok(stands)
     }
 
@@ -573,7 +588,7 @@ impl StreamingExperts<'_> {
             use std::io::Write;
             let _ = writeln!(
                 t.out,
-                "{layer},{},{host},{},{},{load},{table},{},{},{},{},{}",
+                "{layer},{},{host},{},{},{load},{table},{},{},{},{},{},0",
                 ids.len(),
                 (started - entered).as_micros(),
                 a.misses - b.misses,

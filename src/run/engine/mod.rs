@@ -642,4 +642,17 @@ impl ExpertStore for Watch<'_, '_, '_> {
     fn eager(&self) -> bool {
         self.inner_ref().eager()
     }
+
+    fn runs_ahead(&self, tokens: usize) -> bool {
+        self.inner_ref().runs_ahead(tokens)
+    }
+
+    fn set_ahead(&mut self, on: bool) {
+        self.inner().set_ahead(on)
+    }
+
+    fn confirm(&mut self, layer: usize) -> Result<bool, ComputeError> {
+        self.check()?;
+        self.inner().confirm(layer)
+    }
 }
