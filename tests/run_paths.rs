@@ -575,3 +575,48 @@ fn running_ahead_changes_no_logit() {
         }
     }
 }
+
+/// The same through the CLI (the engine's store wrapper must pass running ahead on): greedy text
+/// under 25% and 12% budgets with `FLASHPACK_AHEAD=1` equals the resident run's, and the report
+/// counts layers that stood and layers routed again.
+#[test]
+fn running_ahead_through_the_cli_keeps_the_resident_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = crate::common::tiny_pack(dir.path());
+    let pack = pack.to_str().unwrap();
+    let args = |budget: Option<&'static str>| {
+        let mut a = vec![
+            "run",
+            pack,
+            "--prompt",
+            "The history of the city",
+            "--max-tokens",
+            "12",
+            "--json",
+        ];
+        if let Some(b) = budget {
+            a.extend(["--expert-budget", b]);
+        }
+        a
+    };
+    let resident = crate::common::flashpack_cli(&args(None), &[]);
+    assert!(resident.status.success());
+    for budget in ["25%", "12%"] {
+        let out = crate::common::flashpack_cli(&args(Some(budget)), &[("FLASHPACK_AHEAD", "1")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, resident.stdout, "{budget}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let report: serde_json::Value =
+            serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+        let stood = report["stream"]["ahead_confirmed"].as_u64().unwrap();
+        let redone = report["stream"]["ahead_redone"].as_u64().unwrap();
+        assert!(
+            stood > 0 && redone > 0,
+            "{budget}: {stood} stood, {redone} redone"
+        );
+    }
+}
