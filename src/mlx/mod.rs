@@ -321,8 +321,18 @@ impl std::fmt::Debug for Array {
     }
 }
 
+/// Arrays made through the shim so far (op outputs and constants), process-wide.
+static ARRAYS_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many arrays this process has made through the shim: the host's graph building, counted
+/// (each op output and constant is one; a step's count is what the host built for it).
+pub fn arrays_made() -> u64 {
+    ARRAYS_MADE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Array {
     fn from_raw(op: &'static str, raw: *mut ffi::FpArray) -> Result<Array> {
+        ARRAYS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         NonNull::new(raw)
             .map(|raw| Array { raw })
             .ok_or(Error::Mlx {

@@ -75,6 +75,9 @@ pub struct GenerateStats {
     /// the device's step time means the host is the bottleneck.
     pub host_build_ms: f64,
     pub host_wait_ms: f64,
+    /// Arrays the host made while building those steps (`mlx::arrays_made`): graph nodes and
+    /// constants, a count that does not depend on the machine.
+    pub host_arrays: u64,
 }
 
 /// Logits of the last position of `[1, L, V]`, on the host.
@@ -424,6 +427,7 @@ fn greedy_pipelined(
         let n = out.len() + 1;
         let more = n < opts.max_tokens && prompt.len() + n < context;
         let built = Instant::now();
+        let made = crate::mlx::arrays_made();
         let next = if more {
             let l = model.forward_last(&y.0, &mut prefix.kv, experts)?;
             let ny = pick(&l)?;
@@ -433,6 +437,7 @@ fn greedy_pipelined(
             None
         };
         let waited = Instant::now();
+        let made = crate::mlx::arrays_made() - made;
         let token = y.0.to_vec::<u32>()?[0];
         if y.1.to_vec_f32()?[0].is_nan() {
             // Finish the step already scheduled: it reads expert slots a later load may rewrite.
@@ -449,6 +454,7 @@ fn greedy_pipelined(
         if !out.is_empty() {
             stats.host_build_ms += (waited - built).as_secs_f64() * 1e3;
             stats.host_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
+            stats.host_arrays += made;
         }
         if out.is_empty() {
             let prefill_s = started.elapsed().as_secs_f64();
