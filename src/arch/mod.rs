@@ -23,8 +23,7 @@ mod router;
 
 pub use config::{
     ClampedSwiglu, DeltaProjections, Indexer, LinearAttention, Mla, ModelConfig, QkNorm, Rope,
-    SharedExpert,
-    SlidingWindow,
+    SharedExpert, SlidingWindow,
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};

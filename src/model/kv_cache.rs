@@ -92,7 +92,12 @@ fn write_at(buf: Option<Array>, new: &Array, prev: usize) -> Result<Array> {
     };
     // self.keys[..., prev : self.offset, :] = keys
     let start = [0, 0, to_i32(prev)?, 0];
-    let end = [to_i32(b)?, to_i32(heads)?, to_i32(prev + len)?, to_i32(dim)?];
+    let end = [
+        to_i32(b)?,
+        to_i32(heads)?,
+        to_i32(prev + len)?,
+        to_i32(dim)?,
+    ];
     Ok(buf.slice_update(new, &start, &end)?)
 }
 

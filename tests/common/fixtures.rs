@@ -589,7 +589,11 @@ impl FixtureSpec {
         }
         if self.arch == Arch::KimiK25 {
             // The vision tower and projector, which the loader drops.
-            t.push(("vision_tower.patch_embed.proj.weight".into(), vec![h, 48], 48));
+            t.push((
+                "vision_tower.patch_embed.proj.weight".into(),
+                vec![h, 48],
+                48,
+            ));
             t.push(("mm_projector.proj.0.weight".into(), vec![h, h], h));
         }
         if self.multimodal {
