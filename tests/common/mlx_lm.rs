@@ -93,25 +93,26 @@ pub fn mlx_lm_logits(mlx_dir: &Path, prompt: &[u32], decode: &[u32]) {
 /// when they are there: a lone last token takes MLA's absorbed path and, under sparse
 /// attention, a gather of the chosen positions, which round otherwise than the one-call prefill.
 pub fn mlx_lm_logits_chunked(mlx_dir: &Path, prompt: &[u32], decode: &[u32], chunk: usize) {
-    mlx_lm_logits(mlx_dir, prompt, decode);
     let list = |ids: &[u32]| {
         ids.iter()
             .map(|t| t.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let path = mlx_dir.join("logits.safetensors").display().to_string();
+    // One Python process for both passes: mlx-lm's start-up is most of the cost.
     let script = format!(
         "import mlx.core as mx\nfrom mlx_lm import load\nfrom mlx_lm.models.cache import make_prompt_cache\n\
-         m, _ = load({dir:?})\nc = make_prompt_cache(m)\np = [{prompt}]\n\
+         m, _ = load({dir:?})\np = [{prompt}]\nd = [{decode}]\n\
+         def steps(c):\n    return mx.stack([m(mx.array([[t]]), cache=c)[0, -1].astype(mx.float32) for t in d])\n\
+         c = make_prompt_cache(m)\ng = {{'prefill': m(mx.array([p]), cache=c)[0].astype(mx.float32)}}\n\
+         g['decode'] = steps(c)\nc = make_prompt_cache(m)\n\
          for i in range(0, len(p) - 1, {chunk}):\n    mx.eval(m(mx.array([p[i:min(i + {chunk}, len(p) - 1)]]), cache=c))\n\
-         last = m(mx.array([p[-1:]]), cache=c)[0].astype(mx.float32)\nsteps = []\n\
-         for t in [{decode}]:\n    steps.append(m(mx.array([[t]]), cache=c)[0, -1].astype(mx.float32))\n\
-         g = dict(mx.load({path:?}))\ng['chunked_last'] = last\ng['chunked_decode'] = mx.stack(steps)\n\
-         mx.save_safetensors({path:?}, g)\n",
+         g['chunked_last'] = m(mx.array([p[-1:]]), cache=c)[0].astype(mx.float32)\n\
+         g['chunked_decode'] = steps(c)\nmx.save_safetensors({out:?}, g)\n",
         dir = mlx_dir.display().to_string(),
         prompt = list(prompt),
         decode = list(decode),
+        out = mlx_dir.join("logits.safetensors").display().to_string(),
     );
     run_ok(
         Command::new("python3").args(["-c", &script]),
