@@ -5,8 +5,8 @@
 //! (`deepseek_v32.rs`: MLA with DeepSeek Sparse Attention's indexer, the grouped sigmoid router,
 //! shared experts, dense first layers), read from GLM's config fields: RoPE from
 //! `rope_parameters` (mlx-lm's `__post_init__`: `rope_scaling = rope_parameters`,
-//! `rope_theta = rope_parameters["rope_theta"]`), and `indexer_rope_interleave` True unless
-//! written. Tensor names are DeepSeek-V3.2's.
+//! `rope_theta = rope_parameters["rope_theta"]`; a legacy `rope_theta` is read too), and
+//! `indexer_rope_interleave` True unless written. Tensor names are DeepSeek-V3.2's.
 //!
 //! Forward pass (mlx-lm 0.32.2 `mlx_lm/models/glm_moe_dsa.py`): `class Model(DSV32Model)`, the
 //! model of deepseek_v32.py unchanged.
@@ -26,14 +26,8 @@ pub(super) const DEF: ArchDef = ArchDef {
 };
 
 fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
-    // rope_parameters: Dict (required): rope_theta = rope_parameters["rope_theta"]
-    let theta = v.get("rope_parameters").and_then(|p| p.get("rope_theta"));
-    if theta.is_none() {
-        return Err(ArchError::MissingField {
-            field: "rope_parameters.rope_theta",
-            arch: "glm_moe_dsa",
-        });
-    }
+    // rope_scaling = rope_parameters; rope_theta = rope_parameters["rope_theta"]: the shared
+    // reader takes rope_parameters first (and, unlike mlx-lm, a legacy rope_theta without it).
     // indexer_rope_interleave: bool = True
     deepseek_v32::parse_as(v, Arch::GlmMoeDsa, true)
 }

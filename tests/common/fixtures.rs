@@ -782,7 +782,10 @@ impl FixtureSpec {
             // KimiK25Config: a Kimi-K2 (DeepSeek-V3) text config beside a vision config.
             let mut text = c.clone();
             text["model_type"] = json!("kimi_k2");
-            return json!({
+            let quant = text
+                .as_object_mut()
+                .and_then(|t| t.remove("quantization_config"));
+            let mut wrapped = json!({
                 "architectures": c["architectures"].clone(),
                 "model_type": "kimi_k25",
                 "text_config": text,
@@ -791,6 +794,11 @@ impl FixtureSpec {
                 "bos_token_id": c["bos_token_id"].clone(),
                 "eos_token_id": c["eos_token_id"].clone(),
             });
+            // The loader reads an FP8 checkpoint's quantization_config at the top level.
+            if let Some(q) = quant {
+                wrapped["quantization_config"] = q;
+            }
+            return wrapped;
         }
         if self.multimodal {
             // Qwen3_5MoeConfig: the text model's fields under text_config.
