@@ -109,7 +109,7 @@ pub struct MlaAttention {
     rope: RopeSpec,
     /// DeepSeek Sparse Attention's indexer (DeepSeek-V3.2, GLM-5), which picks the positions
     /// each query attends to once the context outgrows its top-k.
-    indexer: Option<DsaIndexer>,
+    indexer: Option<Box<DsaIndexer>>,
 }
 
 impl MlaAttention {
@@ -180,13 +180,13 @@ impl MlaAttention {
             scale,
             rope: RopeSpec::from_config(cfg)?,
             indexer: match (&cfg.indexer, m.q_lora_rank) {
-                (Some(ix), Some(r)) => Some(DsaIndexer::load(
+                (Some(ix), Some(r)) => Some(Box::new(DsaIndexer::load(
                     w,
                     &format!("{module}.indexer"),
                     cfg,
                     ix,
                     r,
-                )?),
+                )?)),
                 (Some(_), None) => {
                     return Err(ComputeError::Unsupported {
                         what: "a sparse-attention indexer without a query bottleneck \
