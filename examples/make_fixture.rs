@@ -88,6 +88,31 @@ struct Args {
     /// Qwen3-30B-A3B's shape fits the GPU machine's disk beside its pack.
     #[arg(long)]
     fp8_block: Option<usize>,
+    /// Width of the dense MLPs (the dense first layers of the DeepSeek-V3 family).
+    #[arg(long, default_value_t = 256)]
+    intermediate: usize,
+    /// MLA (DeepSeek-V3 family): the query bottleneck (0: a plain q_proj), the latent and the
+    /// rotary widths; `--head-dim` is the per-head width without RoPE and of the values.
+    #[arg(long, default_value_t = 128)]
+    q_lora_rank: usize,
+    #[arg(long, default_value_t = 128)]
+    kv_lora_rank: usize,
+    #[arg(long, default_value_t = 32)]
+    qk_rope_head_dim: usize,
+    /// DeepSeek-V3 family, GLM-4.5: the first this-many layers are dense.
+    #[arg(long, default_value_t = 1)]
+    first_k_dense: usize,
+    /// DeepSeek-V3.2 / GLM-5: the sparse-attention indexer's heads, head width and top-k (a
+    /// top-k below the prompt's length makes the sparse attention drop positions).
+    #[arg(long, default_value_t = 2)]
+    index_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    index_head_dim: usize,
+    #[arg(long, default_value_t = 8)]
+    index_topk: usize,
+    /// Leave the BOS token out of config.json.
+    #[arg(long)]
+    no_bos: bool,
 }
 
 fn main() -> Result<()> {
@@ -123,12 +148,31 @@ fn main() -> Result<()> {
         routing_skew: a.routing_skew,
         sliding_window: a.sliding_window,
         fp8: a.fp8_block.map_or(Fp8Fixture::Off, Fp8Fixture::Blocks),
+        intermediate_size: a.intermediate,
+        q_lora_rank: (a.q_lora_rank > 0).then_some(a.q_lora_rank),
+        kv_lora_rank: a.kv_lora_rank,
+        qk_rope_head_dim: a.qk_rope_head_dim,
+        first_k_dense_replace: a.first_k_dense,
+        index_heads: a.index_heads,
+        index_head_dim: a.index_head_dim,
+        index_topk: a.index_topk,
         ..FixtureSpec::tiny(arch)
     };
     let t = std::time::Instant::now();
     let bytes = spec
         .write(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
+    if a.no_bos {
+        let path = a.out.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        if let Some(t) = c.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+            t.remove("bos_token_id");
+        }
+        if let Some(o) = c.as_object_mut() {
+            o.remove("bos_token_id");
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&c)?)?;
+    }
     eprintln!(
         "wrote {} ({:.3} GB of weights) in {:.1} s",
         a.out.display(),

@@ -51,7 +51,8 @@ pub struct PackReport {
     /// DeltaNet layers'.
     pub attention: String,
     /// Bytes the KV cache takes per token over the layers whose cache grows with the context, in
-    /// bf16: every KV head's key and value, or under MLA one latent and one rotary key (what the
+    /// bf16: every KV head's key and value, or under MLA one latent and one rotary key, plus the
+    /// DSA indexer's key under sparse attention (what the
     /// run's budget reserves per position). Layers of linear attention have none; sliding-window
     /// layers are counted in `kv_cache_window_bytes` instead.
     pub kv_cache_bytes_per_token: u64,
@@ -106,12 +107,16 @@ const OPTIONAL_NAMES: [(u64, &str); 2] = [
 fn attention_label(m: &crate::arch::ModelConfig) -> String {
     match &m.mla {
         Some(a) => format!(
-            "MLA, {} heads, latent {} + rotary {}{}",
+            "MLA, {} heads, latent {} + rotary {}{}{}",
             m.num_attention_heads,
             a.kv_lora_rank,
             a.qk_rope_head_dim,
             a.q_lora_rank
-                .map_or(String::new(), |r| format!(", query rank {r}"))
+                .map_or(String::new(), |r| format!(", query rank {r}")),
+            m.indexer.as_ref().map_or(String::new(), |i| format!(
+                "; sparse (DSA indexer: {} heads of {}, key {} cached, top {})",
+                i.n_heads, i.head_dim, i.head_dim, i.topk
+            ))
         ),
         None => {
             let rope = m.rope_dims();

@@ -35,6 +35,7 @@ mod run_paths;
 mod deepseek_glm;
 mod gpt_oss;
 mod gpt_oss_attention;
+mod kimi_dsa;
 mod mlx_sources;
 mod qwen_hybrid;
 

@@ -71,6 +71,22 @@ pub struct Mla {
     pub v_head_dim: usize,
 }
 
+/// DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5), on top of [`Mla`]:
+/// per query, `n_heads` small heads score every cached position (ReLU of a dot product with one
+/// shared, layer-normed, partly rotated key per position, weighted per head), and the query
+/// attends to the `topk` best only. The indexer caches its key: `head_dim` values per token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Indexer {
+    /// `index_n_heads`.
+    pub n_heads: usize,
+    /// `index_head_dim`: the width of a query head and of the cached key.
+    pub head_dim: usize,
+    /// `index_topk`: positions each query keeps once the context is longer.
+    pub topk: usize,
+    /// MLX's `traditional` flag of the indexer's RoPE (`indexer_rope_interleave`).
+    pub rope_traditional: bool,
+}
+
 /// How a Gated DeltaNet layer names its input projections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -168,6 +184,10 @@ pub struct ModelConfig {
     /// `head_dim` is the query/key width `qk_nope_head_dim + qk_rope_head_dim`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<Mla>,
+    /// DeepSeek Sparse Attention's indexer on top of `mla` (DeepSeek-V3.2, GLM-5). Written to a
+    /// pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub indexer: Option<Indexer>,
     /// Gated DeltaNet linear attention in all layers but every `full_attention_interval`-th
     /// (Qwen3-Next, Qwen3.5). Written to a pack only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,10 +265,13 @@ impl ModelConfig {
         ((self.full_attention_layers() - windowed) * self.kv_values_per_layer()) as u64
     }
 
-    /// Values one softmax-attention layer caches per position.
+    /// Values one softmax-attention layer caches per position; under DSA the indexer's key
+    /// besides MLA's latent and rotary key (mlx-lm's `CacheList(KVCache(), KVCache())`; mlx-lm
+    /// also keeps an equal array of zeros as the indexer's "values", which flashpack does not).
     fn kv_values_per_layer(&self) -> usize {
+        let index = self.indexer.as_ref().map_or(0, |i| i.head_dim);
         match &self.mla {
-            Some(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            Some(m) => m.kv_lora_rank + m.qk_rope_head_dim + index,
             None => 2 * self.num_key_value_heads * self.head_dim,
         }
     }

@@ -36,6 +36,13 @@ pub(super) const DEF: ArchDef = ArchDef {
         "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/deepseek_v3.py",
     ],
     parse,
+    ..DEF_BODY
+};
+
+/// What the entries built on DeepSeek-V3's model share (Kimi K2.5, DeepSeek-V3.2, GLM-5): its
+/// names, router, cast and sanitize rules; each writes its own `model_type`, `upstream` and
+/// `parse`.
+pub(super) const DEF_BODY: ArchDef = ArchDef {
     names: NAMES,
     router: ROUTER,
     // y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
@@ -95,7 +102,7 @@ pub(super) fn router(f: &Fields<'_>) -> Result<RouterConfig, ArchError> {
     })
 }
 
-fn parse_as(v: &Value, arch: Arch) -> Result<ModelConfig, ArchError> {
+pub(super) fn parse_as(v: &Value, arch: Arch) -> Result<ModelConfig, ArchError> {
     let f = Fields::new(v, arch);
     // Defaults of mlx-lm's deepseek_v3 ModelArgs where a config may omit a field.
     let d = Defaults {

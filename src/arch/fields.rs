@@ -230,6 +230,7 @@ impl<'a> Fields<'a> {
             qk_norm: d.qk_norm,
             partial_rotary_factor: 1.0,
             mla: None,
+            indexer: None,
             linear_attention: None,
             attn_output_gate: false,
             sliding_window: None,

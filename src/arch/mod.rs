@@ -22,8 +22,8 @@ mod names;
 mod router;
 
 pub use config::{
-    ClampedSwiglu, DeltaProjections, LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert,
-    SlidingWindow,
+    ClampedSwiglu, DeltaProjections, Indexer, LinearAttention, Mla, ModelConfig, QkNorm, Rope,
+    SharedExpert, SlidingWindow,
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};
@@ -78,6 +78,12 @@ architectures! {
     Qwen3Next => qwen3_next,
     Qwen35Moe => qwen3_5_moe,
     GptOss => gpt_oss,
+    /// Kimi K2.5 / K2.6: DeepSeek-V3's text model in a multimodal wrapper.
+    KimiK25 => kimi_k25,
+    /// DeepSeek-V3.2: MLA with DeepSeek Sparse Attention's indexer.
+    DeepseekV32 => deepseek_v32,
+    /// GLM-5: DeepSeek-V3.2's model with GLM's config fields.
+    GlmMoeDsa => glm_moe_dsa,
 }
 
 /// `model_type`s that are recognised but not supported yet; named in the error so users know

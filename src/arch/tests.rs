@@ -873,6 +873,9 @@ fn arch_serializes_as_before_the_table() {
         (Arch::Qwen3Next, "qwen3_next"),
         (Arch::Qwen35Moe, "qwen3_5_moe"),
         (Arch::GptOss, "gpt_oss"),
+        (Arch::KimiK25, "kimi_k25"),
+        (Arch::DeepseekV32, "deepseek_v32"),
+        (Arch::GlmMoeDsa, "glm_moe_dsa"),
     ];
     assert_eq!(Arch::ALL.len(), written.len());
     for (arch, name) in written {

@@ -209,6 +209,13 @@ extern "C" {
         eps: f32,
         out: *mut *mut FpArray,
     ) -> c_int;
+    pub fn fp_layer_norm(
+        x: *const FpArray,
+        weight: *const FpArray,
+        bias: *const FpArray,
+        eps: f32,
+        out: *mut *mut FpArray,
+    ) -> c_int;
     pub fn fp_rope_freqs(
         x: *const FpArray,
         dims: c_int,

@@ -928,6 +928,19 @@ pub mod fast {
         })
     }
 
+    /// `(x - mean(x)) / sqrt(var(x) + eps) * weight + bias` over the last axis (`nn.LayerNorm`).
+    pub fn layer_norm(
+        x: &Array,
+        weight: Option<&Array>,
+        bias: Option<&Array>,
+        eps: f32,
+    ) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("layer_norm", |out| unsafe {
+            ffi::fp_layer_norm(x.raw(), opt_ptr(weight), opt_ptr(bias), eps, out)
+        })
+    }
+
     /// Rotary position embedding over the first `dims` features of the last axis, positions
     /// starting at `offset`. `traditional` rotates adjacent pairs; otherwise the two halves.
     pub fn rope(

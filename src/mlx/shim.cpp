@@ -378,6 +378,11 @@ int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array**
   return guard([&] { *out = wrap(mx::fast::rms_norm(x->a, opt(weight), eps)); });
 }
 
+int fp_layer_norm(const fp_array* x, const fp_array* weight, const fp_array* bias, float eps,
+                  fp_array** out) {
+  return guard([&] { *out = wrap(mx::fast::layer_norm(x->a, opt(weight), opt(bias), eps)); });
+}
+
 int fp_rope_freqs(const fp_array* x, int dims, int traditional, float scale, int offset,
                   const fp_array* freqs, fp_array** out) {
   return guard([&] {

@@ -97,6 +97,9 @@ int fp_conv1d(const fp_array* x, const fp_array* w, int stride, int padding, int
               int groups, fp_array** out);
 
 int fp_rms_norm(const fp_array* x, const fp_array* weight, float eps, fp_array** out);
+// mx.fast.layer_norm (nn.LayerNorm): weight and bias may be NULL.
+int fp_layer_norm(const fp_array* x, const fp_array* weight, const fp_array* bias, float eps,
+                  fp_array** out);
 // mx.fast.rope with explicit frequencies (base unused), as YaRN gives them.
 int fp_rope_freqs(const fp_array* x, int dims, int traditional, float scale, int offset,
                   const fp_array* freqs, fp_array** out);

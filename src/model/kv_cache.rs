@@ -6,6 +6,8 @@
 //!   `[B, kv_heads, L, D]`. Out: all valid positions so far. Invariant: capacity grows in whole
 //!   steps of 256 positions and position `p` of the cache always holds what the caller wrote for
 //!   position `p` (keys after RoPE, so never rotated twice).
+//!   Under DeepSeek Sparse Attention it also holds the indexer's keys ([`IndexKeys`]), cut back
+//!   with it.
 //! - [`RotatingKv`] (`rotating.rs`): a sliding-window layer's keys and values, at most the
 //!   window's worth once the window is full, in mlx-lm's rotated order (gpt-oss).
 //! - [`LinearState`]: Gated DeltaNet's convolution state (the last `conv_kernel_dim - 1` inputs)
@@ -40,20 +42,98 @@ use crate::mlx::{concatenate, Array};
 type Result<T> = std::result::Result<T, ComputeError>;
 
 /// One layer's cached keys and values, `[B, kv_heads, capacity, head_dim]`, of which the first
-/// `offset` positions are valid.
+/// `offset` positions are valid; under DeepSeek Sparse Attention also the indexer's keys.
 #[derive(Debug, Default, Clone)]
 pub struct LayerKv {
     keys: Option<Array>,
     values: Option<Array>,
+    offset: usize,
+    /// The DSA indexer's keys (mlx-lm's second `KVCache` of the layer's `CacheList`).
+    index: Option<IndexKeys>,
+}
+
+/// The DSA indexer's cached keys, `[B, 1, capacity, index_head_dim]`, of which the first
+/// `offset` positions are valid. mlx-lm's cache also holds "values", zeros as large as the keys,
+/// which nothing reads: they are not kept here.
+#[derive(Debug, Default, Clone)]
+pub struct IndexKeys {
+    keys: Option<Array>,
     offset: usize,
 }
 
 /// mlx-lm's `KVCache.step`: capacity grows in chunks of this many positions.
 const KV_STEP: usize = 256;
 
+/// Writes `new` `[B, H, L, D]` at positions `prev ..` of `buf`, growing it by whole steps first
+/// when it is too short (mlx-lm `KVCache.update_and_fetch`); returns the buffer.
+fn write_at(buf: Option<Array>, new: &Array, prev: usize) -> Result<Array> {
+    let s = new.shape();
+    if s.len() != 4 {
+        return Err(ComputeError::BadShape {
+            name: "kv cache update".into(),
+            found: s,
+            expected: vec![0; 4],
+        });
+    }
+    let (b, heads, len, dim) = (s[0], s[1], s[2], s[3]);
+    let buf = match buf {
+        Some(k) if prev + len <= k.shape()[2] => k,
+        old => {
+            // n_steps = (step + L - 1) // step: grow by whole steps, enough for this call.
+            let grow = len.div_ceil(KV_STEP) * KV_STEP;
+            let fresh = Array::zeros(&[b, heads, grow, dim], new.dtype())?;
+            match old {
+                // if prev % step != 0: keys = keys[..., :prev, :] (drop the unused tail)
+                Some(k) if prev % KV_STEP != 0 => concatenate(&[&trim(&k, prev)?, &fresh], 2)?,
+                Some(k) => concatenate(&[&k, &fresh], 2)?,
+                None => fresh,
+            }
+        }
+    };
+    // self.keys[..., prev : self.offset, :] = keys
+    let start = [0, 0, to_i32(prev)?, 0];
+    let end = [
+        to_i32(b)?,
+        to_i32(heads)?,
+        to_i32(prev + len)?,
+        to_i32(dim)?,
+    ];
+    Ok(buf.slice_update(new, &start, &end)?)
+}
+
+/// The first `offset` positions of `buf`.
+fn valid(buf: &Array, offset: usize) -> Result<Array> {
+    if offset < buf.shape()[2] {
+        trim(buf, offset)
+    } else {
+        Ok(buf.clone())
+    }
+}
+
 impl LayerKv {
+    /// A layer's cache with room for the DSA indexer's keys.
+    pub fn with_index() -> LayerKv {
+        LayerKv {
+            index: Some(IndexKeys::default()),
+            ..LayerKv::default()
+        }
+    }
+
     pub fn offset(&self) -> usize {
         self.offset
+    }
+
+    /// The indexer's keys, in a layer of DeepSeek Sparse Attention.
+    pub(super) fn index_mut(&mut self) -> Option<&mut IndexKeys> {
+        self.index.as_mut()
+    }
+
+    /// Forgets every position from `position` on, the indexer's keys' included.
+    fn truncate(&mut self, position: usize) {
+        self.offset = position;
+        if let Some(i) = &mut self.index {
+            i.offset = position;
+        }
     }
 
     /// Append `keys`/`values` `[B, kv_heads, L, D]` and return all valid positions
@@ -67,47 +147,30 @@ impl LayerKv {
                 expected: ks,
             });
         }
-        let (b, heads, len, k_dim, v_dim) = (ks[0], ks[1], ks[2], ks[3], vs[3]);
         let prev = self.offset;
-        let (mut all_k, mut all_v) = match (self.keys.take(), self.values.take()) {
-            (Some(k), Some(v)) if prev + len <= k.shape()[2] => (k, v),
-            old => {
-                // n_steps = (step + L - 1) // step: grow by whole steps, enough for this call.
-                let grow = len.div_ceil(KV_STEP) * KV_STEP;
-                let new_k = Array::zeros(&[b, heads, grow, k_dim], keys.dtype())?;
-                let new_v = Array::zeros(&[b, heads, grow, v_dim], values.dtype())?;
-                match old {
-                    (Some(k), Some(v)) => {
-                        // if prev % step != 0: keys = keys[..., :prev, :] (drop the unused tail)
-                        let (k, v) = if prev % KV_STEP != 0 {
-                            (trim(&k, prev)?, trim(&v, prev)?)
-                        } else {
-                            (k, v)
-                        };
-                        (
-                            concatenate(&[&k, &new_k], 2)?,
-                            concatenate(&[&v, &new_v], 2)?,
-                        )
-                    }
-                    _ => (new_k, new_v),
-                }
-            }
-        };
-        self.offset = prev + len;
-        // self.keys[..., prev : self.offset, :] = keys
-        let start = [0, 0, to_i32(prev)?, 0];
-        let end = |d| -> Result<[i32; 4]> {
-            Ok([to_i32(b)?, to_i32(heads)?, to_i32(self.offset)?, to_i32(d)?])
-        };
-        all_k = all_k.slice_update(keys, &start, &end(k_dim)?)?;
-        all_v = all_v.slice_update(values, &start, &end(v_dim)?)?;
-        let fetched = if self.offset < all_k.shape()[2] {
-            (trim(&all_k, self.offset)?, trim(&all_v, self.offset)?)
-        } else {
-            (all_k.clone(), all_v.clone())
-        };
+        let all_k = write_at(self.keys.take(), keys, prev)?;
+        let all_v = write_at(self.values.take(), values, prev)?;
+        self.offset = prev + ks[2];
+        let fetched = (valid(&all_k, self.offset)?, valid(&all_v, self.offset)?);
         self.keys = Some(all_k);
         self.values = Some(all_v);
+        Ok(fetched)
+    }
+}
+
+impl IndexKeys {
+    /// Positions held (before this call's).
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Append `keys` `[B, 1, L, D]` and return all valid positions
+    /// (`k, _ = cache.update_and_fetch(k, k)` in mlx-lm's `Indexer`).
+    pub fn update_and_fetch(&mut self, keys: &Array) -> Result<Array> {
+        let all = write_at(self.keys.take(), keys, self.offset)?;
+        self.offset += keys.shape()[2];
+        let fetched = valid(&all, self.offset)?;
+        self.keys = Some(all);
         Ok(fetched)
     }
 }
@@ -210,10 +273,14 @@ impl LayerCache {
     /// The arrays to evaluate to materialize the cache.
     pub fn arrays(&self) -> Vec<&Array> {
         match self {
-            LayerCache::Kv(kv) => [kv.keys.as_ref(), kv.values.as_ref()]
-                .into_iter()
-                .flatten()
-                .collect(),
+            LayerCache::Kv(kv) => [
+                kv.keys.as_ref(),
+                kv.values.as_ref(),
+                kv.index.as_ref().and_then(|i| i.keys.as_ref()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             LayerCache::Rotating(r) => r.arrays().collect(),
             LayerCache::Linear(s) => [s.conv.as_ref(), s.recurrent.as_ref()]
                 .into_iter()
@@ -261,7 +328,7 @@ impl LayerCache {
             return Err(self.cannot_truncate(position));
         }
         match self {
-            LayerCache::Kv(kv) => kv.offset = position,
+            LayerCache::Kv(kv) => kv.truncate(position),
             LayerCache::Rotating(r) => r.truncate_unchecked(position),
             LayerCache::Linear(_) => {}
         }

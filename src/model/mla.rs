@@ -1,4 +1,5 @@
-//! Multi-head latent attention (DeepSeek-V3, Kimi-K2), in mlx-lm's absorbed form.
+//! Multi-head latent attention (DeepSeek-V3, Kimi-K2), in mlx-lm's absorbed form; with
+//! DeepSeek Sparse Attention's indexer (dsa.rs) for DeepSeek-V3.2 and GLM-5.
 //!
 //! In: hidden states `[B, L, H]` and the layer's cache. Out: `[B, L, H]`; the cache grows by `L`
 //! positions of `(latent [B, 1, L, kv_lora_rank], rotary key [B, 1, L, qk_rope_head_dim])`:
@@ -8,9 +9,13 @@
 //! (keys, used transposed) and `unembed_out` `[heads, v, kv_lora]` (values); a single new token
 //! attends in latent space (queries absorbed through `embed_q`, the output through
 //! `unembed_out`), a prompt chunk expands keys and values per head. The rotary part is scored
-//! separately and enters the attention as its additive mask.
+//! separately and enters the attention as its additive mask. Under DSA (mlx-lm's
+//! `DeepseekV32Attention`), once the context outgrows `index_topk`, a chunk's mask also drops
+//! the positions the indexer did not choose, and a lone token attends to the chosen latents
+//! and rotary keys only, gathered in the indexer's order.
 
 use super::attention::RopeSpec;
+use super::dsa::{sparse_mask, DsaIndexer};
 use super::kv_cache::{to_i32, LayerKv};
 use super::layers::{load_matrix, Linear, Matrix, RmsNorm};
 use super::weights::{Quant, Weights};
@@ -102,6 +107,9 @@ pub struct MlaAttention {
     dims: Mla,
     scale: f64,
     rope: RopeSpec,
+    /// DeepSeek Sparse Attention's indexer (DeepSeek-V3.2, GLM-5), which picks the positions
+    /// each query attends to once the context outgrows its top-k.
+    indexer: Option<Box<DsaIndexer>>,
 }
 
 impl MlaAttention {
@@ -171,7 +179,29 @@ impl MlaAttention {
             dims: m.clone(),
             scale,
             rope: RopeSpec::from_config(cfg)?,
+            indexer: match (&cfg.indexer, m.q_lora_rank) {
+                (Some(ix), Some(r)) => Some(Box::new(DsaIndexer::load(
+                    w,
+                    &format!("{module}.indexer"),
+                    cfg,
+                    ix,
+                    r,
+                )?)),
+                (Some(_), None) => {
+                    return Err(ComputeError::Unsupported {
+                        what: "a sparse-attention indexer without a query bottleneck \
+                               (q_lora_rank)"
+                            .into(),
+                    })
+                }
+                (None, _) => None,
+            },
         })
+    }
+
+    /// Whether its cache keeps the indexer's keys too.
+    pub fn has_indexer(&self) -> bool {
+        self.indexer.is_some()
     }
 
     /// `x` `[B, L, H]` -> `[B, L, H]`, reading and extending `cache`. `mask` is
@@ -186,9 +216,13 @@ impl MlaAttention {
             to_i32(m.kv_lora_rank)?,
         );
         let heads = to_i32(self.heads)?;
-        let q = match &self.q {
-            QueryProj::Plain(p) => p.forward(x)?,
-            QueryProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        // qr = q_a_layernorm(q_a_proj(x)); q = q_b_proj(qr)  (qr also feeds the indexer)
+        let (q, qr) = match &self.q {
+            QueryProj::Plain(p) => (p.forward(x)?, None),
+            QueryProj::LowRank { a, norm, b } => {
+                let qr = norm.forward(&a.forward(x)?)?;
+                (b.forward(&qr)?, Some(qr))
+            }
         };
         // q = q.reshape(B, L, heads, q_head_dim).transpose(0, 2, 1, 3)
         let q = q
@@ -211,16 +245,37 @@ impl MlaAttention {
         let k_pe = self.rope.apply(&k_pe, offset)?;
         // kv_latent = mx.expand_dims(kv_latent, axis=1); then the cache.
         let latent = latent.expand_dims(1)?;
-        let (latent, k_pe) = cache.update_and_fetch(&latent, &k_pe)?;
+        let (mut latent, mut k_pe) = cache.update_and_fetch(&latent, &k_pe)?;
+        // mask = create_causal_mask(L, offset) for a chunk, None for one token
+        let mut keep = match mask {
+            Mask::Causal => Some(causal_mask(s[1], offset)?),
+            _ => None,
+        };
+        if let (Some(ix), Some(qr)) = (&self.indexer, &qr) {
+            let index = cache.index_mut().ok_or_else(|| ComputeError::CacheKind {
+                module: "self_attn.indexer".into(),
+                wanted: "a KV cache with the indexer's keys",
+            })?;
+            if let Some(topk) = ix.select(x, qr, keep.as_ref(), index)? {
+                if s[1] == 1 {
+                    // idx = topk_indices[:, :, 0, :, None]: gather the chosen latents and keys
+                    let n = to_i32(topk.shape()[3])?;
+                    let idx = topk.reshape(&[b, 1, n, 1])?;
+                    latent = latent.take_along_axis(&idx, 2)?;
+                    k_pe = k_pe.take_along_axis(&idx, 2)?;
+                } else if let Some(k) = &keep {
+                    keep = Some(sparse_mask(&topk, k)?);
+                }
+            }
+        }
 
         // pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
         let dtype = q_pe.dtype();
         let mut pe_scores = q_pe
             .mul(&Array::scalar(self.scale, dtype)?)?
             .matmul(&k_pe.transpose(&[0, 1, 3, 2])?)?;
-        if let Mask::Causal = mask {
-            // mx.where(mask, pe_scores, finfo(dtype).min), mask = create_causal_mask(L, offset)
-            let keep = causal_mask(s[1], offset)?;
+        if let Some(keep) = &keep {
+            // mx.where(mask, pe_scores, finfo(dtype).min)
             pe_scores = keep.select(&pe_scores, &Array::scalar(lowest(dtype), dtype)?)?;
         }
         let scale = self.scale as f32;

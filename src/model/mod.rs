@@ -1,6 +1,6 @@
 //! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
-//! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2, GLM-4.5, Qwen3-Next, Qwen3.5
-//! MoE).
+//! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2 / Kimi K2.5, GLM-4.5,
+//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5).
 //!
 //! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
@@ -12,6 +12,7 @@
 //! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
+mod dsa;
 mod gated_delta;
 mod kv_cache;
 mod layers;
@@ -175,6 +176,8 @@ impl SelfAttention {
                 Some(w) => LayerCache::Rotating(RotatingKv::new(w)),
                 None => LayerCache::Kv(LayerKv::default()),
             },
+            // make_cache: CacheList(KVCache(), KVCache()) under DSA (deepseek_v32.py)
+            SelfAttention::Mla(a) if a.has_indexer() => LayerCache::Kv(LayerKv::with_index()),
             SelfAttention::Mla(_) => LayerCache::Kv(LayerKv::default()),
         }
     }

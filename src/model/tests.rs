@@ -182,6 +182,43 @@ fn every_architecture_matches_mlx_lm() {
     }
 }
 
+/// DeepSeek Sparse Attention is exercised by the goldens (DeepSeek-V3.2, GLM-5): their
+/// `index_topk` of 8 is below the 40-token prompt, and raised past the context (every query then
+/// attends to every position) the logits move far from mlx-lm's, which
+/// `every_architecture_matches_mlx_lm` matches exactly with the top-k the checkpoint has.
+#[test]
+fn raising_index_topk_past_the_context_changes_the_logits() {
+    for name in ["deepseek_v32-q4", "glm_moe_dsa-q4"] {
+        let (mut cfg, w) = MlxLmWeights::open(&fixture(&format!("golden/{name}"))).unwrap();
+        assert_eq!(cfg.indexer.as_ref().map(|i| i.topk), Some(8), "{name}");
+        if let Some(i) = &mut cfg.indexer {
+            i.topk = 1 << 20;
+        }
+        let model = Model::load(&cfg, &w).unwrap();
+        let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+        let g = golden(name);
+        let prompt = ids(&g["prompt"]);
+        let mut cache = model.new_cache();
+        let logits = model
+            .forward_ids(&prompt, &mut cache, &mut experts)
+            .unwrap()
+            .reshape(&[prompt.len() as i32, -1])
+            .unwrap();
+        // The first 8 positions see at most 8 positions either way; only later ones move.
+        let (early, _) = max_diff(&rows(&logits, 0, 8), &rows(&g["prefill_logits"], 0, 8));
+        let (late, scale) = max_diff(&logits, &g["prefill_logits"]);
+        assert_eq!(
+            early, 0.0,
+            "{name}: the first 8 positions keep every position"
+        );
+        assert!(
+            late > 0.1 * scale,
+            "{name}: index_topk changes nothing ({late} at scale {scale})"
+        );
+        eprintln!("{name}: dense attention moves the logits by {late} (scale {scale})");
+    }
+}
+
 /// The transformers 5.x spelling of a config (`rope_parameters`, `num_local_experts`, no legacy
 /// keys) must give the same model as the legacy one mlx-lm reads.
 #[test]

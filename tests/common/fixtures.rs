@@ -101,6 +101,10 @@ pub struct FixtureSpec {
     /// clamp of its experts' SwiGLU (`swiglu_limit`).
     pub sliding_window: usize,
     pub swiglu_limit: f64,
+    /// DeepSeek-V3.2 / GLM-5: the sparse-attention indexer's heads, head width and top-k.
+    pub index_heads: usize,
+    pub index_head_dim: usize,
+    pub index_topk: usize,
 }
 
 /// gpt-oss's MXFP4 experts: the E8M0 exponents drawn for each 32-value block, uniform in these
@@ -163,6 +167,9 @@ impl FixtureSpec {
             multimodal: false,
             sliding_window: 8,
             swiglu_limit: 7.0,
+            index_heads: 2,
+            index_head_dim: 64,
+            index_topk: 8,
         }
     }
 
@@ -213,6 +220,10 @@ impl FixtureSpec {
     /// The name a tensor has on disk: Qwen3.5's multimodal layout holds the text model under
     /// `model.language_model.`.
     fn disk_name(&self, name: &str) -> String {
+        if self.arch == Arch::KimiK25 && !self.is_vision(name) {
+            // Kimi K2.5: the text model under `language_model.` (model.* and lm_head.*).
+            return format!("language_model.{name}");
+        }
         match name.strip_prefix("model.") {
             Some(rest) if self.multimodal && !rest.starts_with("visual.") => {
                 format!("model.language_model.{rest}")
@@ -221,17 +232,36 @@ impl FixtureSpec {
         }
     }
 
-    /// DeepSeek-V3 and GLM-4.5: sigmoid router with a selection bias, ungated shared experts,
+    /// DeepSeek-V3 and GLM-4.5 (and the models built on DeepSeek-V3's: Kimi K2.5,
+    /// DeepSeek-V3.2, GLM-5): sigmoid router with a selection bias, ungated shared experts,
     /// dense first layers.
     fn deepseek_moe(&self) -> bool {
-        matches!(self.arch, Arch::DeepseekV3 | Arch::Glm4Moe)
+        self.mla() || self.arch == Arch::Glm4Moe
+    }
+
+    /// Multi-head latent attention: DeepSeek-V3 and the models built on it.
+    fn mla(&self) -> bool {
+        matches!(
+            self.arch,
+            Arch::DeepseekV3 | Arch::KimiK25 | Arch::DeepseekV32 | Arch::GlmMoeDsa
+        )
+    }
+
+    /// DeepSeek Sparse Attention's indexer on MLA: DeepSeek-V3.2 and GLM-5.
+    fn dsa(&self) -> bool {
+        matches!(self.arch, Arch::DeepseekV32 | Arch::GlmMoeDsa)
+    }
+
+    /// Kimi K2.5's vision modules, which the loader drops.
+    fn is_vision(&self, name: &str) -> bool {
+        name.starts_with("vision_tower.") || name.starts_with("mm_projector.")
     }
 
     /// `n_group` and `topk_group` of a DeepSeek-V3 fixture: 4 groups, the best 2, when the
     /// experts split so and top-k fits; else no groups.
     fn groups(&self) -> (usize, usize) {
         let e = self.num_experts;
-        if self.arch == Arch::DeepseekV3 && e % 4 == 0 && e / 4 >= 2 && self.top_k <= e / 2 {
+        if self.mla() && e % 4 == 0 && e / 4 >= 2 && self.top_k <= e / 2 {
             (4, 2)
         } else {
             (1, 1)
@@ -380,7 +410,7 @@ impl FixtureSpec {
                     0,
                 );
                 add(format!("{la}.out_proj.weight"), vec![h, vd], vd);
-            } else if self.arch == Arch::DeepseekV3 {
+            } else if self.mla() {
                 let (d, rope, lora) = (self.head_dim, self.qk_rope_head_dim, self.kv_lora_rank);
                 let heads = self.num_heads;
                 match self.q_lora_rank {
@@ -407,6 +437,15 @@ impl FixtureSpec {
                     lora,
                 );
                 add(format!("{a}.o_proj.weight"), vec![h, heads * d], heads * d);
+                if let (true, Some(r)) = (self.dsa(), self.q_lora_rank) {
+                    let (ih, id) = (self.index_heads, self.index_head_dim);
+                    let x = format!("{a}.indexer");
+                    add(format!("{x}.wq_b.weight"), vec![ih * id, r], r);
+                    add(format!("{x}.wk.weight"), vec![id, h], h);
+                    add(format!("{x}.k_norm.weight"), vec![id], 0);
+                    add(format!("{x}.k_norm.bias"), vec![id], 4);
+                    add(format!("{x}.weights_proj.weight"), vec![ih, h], h);
+                }
             } else {
                 // Qwen3-Next's q_proj also gives the output gate.
                 let q_rows = if self.hybrid() { 2 * q } else { q };
@@ -548,6 +587,15 @@ impl FixtureSpec {
             // The multi-token-prediction module, which the loader drops.
             t.push(("mtp.fc.weight".into(), vec![h, 2 * h], 2 * h));
         }
+        if self.arch == Arch::KimiK25 {
+            // The vision tower and projector, which the loader drops.
+            t.push((
+                "vision_tower.patch_embed.proj.weight".into(),
+                vec![h, 48],
+                48,
+            ));
+            t.push(("mm_projector.proj.0.weight".into(), vec![h, h], h));
+        }
         if self.multimodal {
             // A vision tower tensor, which the loader drops.
             t.push(("model.visual.merger.mlp.0.weight".into(), vec![h, h], h));
@@ -568,6 +616,9 @@ impl FixtureSpec {
             Arch::Qwen35Moe if self.multimodal => "Qwen3_5MoeForConditionalGeneration",
             Arch::Qwen35Moe => "Qwen3_5MoeForCausalLM",
             Arch::GptOss => "GptOssForCausalLM",
+            Arch::KimiK25 => "KimiK25ForConditionalGeneration",
+            Arch::DeepseekV32 => "DeepseekV32ForCausalLM",
+            Arch::GlmMoeDsa => "GlmMoeDsaForCausalLM",
             // `Arch` is non-exhaustive outside the library (this file is also test code there).
             #[allow(unreachable_patterns)]
             a => panic!("no fixture class name for {a:?}; add it here"),
@@ -658,7 +709,7 @@ impl FixtureSpec {
                 c[k] = v;
             }
         }
-        if self.arch == Arch::DeepseekV3 {
+        if self.mla() {
             c["num_key_value_heads"] = json!(self.num_heads);
             c["q_lora_rank"] = json!(self.q_lora_rank);
             c["kv_lora_rank"] = json!(self.kv_lora_rank);
@@ -666,6 +717,11 @@ impl FixtureSpec {
             c["qk_nope_head_dim"] = json!(self.head_dim);
             c["v_head_dim"] = json!(self.head_dim);
             c["moe_layer_freq"] = json!(1);
+        }
+        if self.dsa() {
+            c["index_n_heads"] = json!(self.index_heads);
+            c["index_head_dim"] = json!(self.index_head_dim);
+            c["index_topk"] = json!(self.index_topk);
         }
         if self.arch == Arch::Glm4Moe {
             c["partial_rotary_factor"] = json!(0.5);
@@ -679,12 +735,20 @@ impl FixtureSpec {
         // num_experts for OLMoE and Qwen2-MoE; Mixtral's legacy key is num_local_experts too.
         let five_x_key = match self.arch {
             Arch::Qwen3Moe | Arch::Mixtral | Arch::GptOss => "num_local_experts",
-            Arch::DeepseekV3 | Arch::Glm4Moe => "n_routed_experts",
+            Arch::DeepseekV3
+            | Arch::Glm4Moe
+            | Arch::KimiK25
+            | Arch::DeepseekV32
+            | Arch::GlmMoeDsa => "n_routed_experts",
             _ => "num_experts",
         };
         let legacy_key = match self.arch {
             Arch::Mixtral | Arch::GptOss => "num_local_experts",
-            Arch::DeepseekV3 | Arch::Glm4Moe => "n_routed_experts",
+            Arch::DeepseekV3
+            | Arch::Glm4Moe
+            | Arch::KimiK25
+            | Arch::DeepseekV32
+            | Arch::GlmMoeDsa => "n_routed_experts",
             _ => "num_experts",
         };
         if let Fp8Fixture::Blocks(b) = self.fp8 {
@@ -713,6 +777,28 @@ impl FixtureSpec {
             c["rope_theta"] = json!(theta);
             c["rope_scaling"] = self.rope_scaling.clone().unwrap_or(Value::Null);
             c[legacy_key] = json!(self.num_experts);
+        }
+        if self.arch == Arch::KimiK25 {
+            // KimiK25Config: a Kimi-K2 (DeepSeek-V3) text config beside a vision config.
+            let mut text = c.clone();
+            text["model_type"] = json!("kimi_k2");
+            let quant = text
+                .as_object_mut()
+                .and_then(|t| t.remove("quantization_config"));
+            let mut wrapped = json!({
+                "architectures": c["architectures"].clone(),
+                "model_type": "kimi_k25",
+                "text_config": text,
+                "vision_config": {"model_type": "moonvit", "hidden_size": self.hidden_size},
+                "tie_word_embeddings": false,
+                "bos_token_id": c["bos_token_id"].clone(),
+                "eos_token_id": c["eos_token_id"].clone(),
+            });
+            // The loader reads an FP8 checkpoint's quantization_config at the top level.
+            if let Some(q) = quant {
+                wrapped["quantization_config"] = q;
+            }
+            return wrapped;
         }
         if self.multimodal {
             // Qwen3_5MoeConfig: the text model's fields under text_config.

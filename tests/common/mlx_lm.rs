@@ -87,6 +87,39 @@ pub fn mlx_lm_logits(mlx_dir: &Path, prompt: &[u32], decode: &[u32]) {
     );
 }
 
+/// [`mlx_lm_logits`], plus mlx-lm's logits along generation's path: all but the last prompt
+/// token in calls of `chunk` tokens, then the last alone (`chunked_last` [1, V]), then each
+/// `decode` token (`chunked_decode` [S, V]). [`check`] compares a chunked pass against these
+/// when they are there: a lone last token takes MLA's absorbed path and, under sparse
+/// attention, a gather of the chosen positions, which round otherwise than the one-call prefill.
+pub fn mlx_lm_logits_chunked(mlx_dir: &Path, prompt: &[u32], decode: &[u32], chunk: usize) {
+    let list = |ids: &[u32]| {
+        ids.iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // One Python process for both passes: mlx-lm's start-up is most of the cost.
+    let script = format!(
+        "import mlx.core as mx\nfrom mlx_lm import load\nfrom mlx_lm.models.cache import make_prompt_cache\n\
+         m, _ = load({dir:?})\np = [{prompt}]\nd = [{decode}]\n\
+         def steps(c):\n    return mx.stack([m(mx.array([[t]]), cache=c)[0, -1].astype(mx.float32) for t in d])\n\
+         c = make_prompt_cache(m)\ng = {{'prefill': m(mx.array([p]), cache=c)[0].astype(mx.float32)}}\n\
+         g['decode'] = steps(c)\nc = make_prompt_cache(m)\n\
+         for i in range(0, len(p) - 1, {chunk}):\n    mx.eval(m(mx.array([p[i:min(i + {chunk}, len(p) - 1)]]), cache=c))\n\
+         g['chunked_last'] = m(mx.array([p[-1:]]), cache=c)[0].astype(mx.float32)\n\
+         g['chunked_decode'] = steps(c)\nmx.save_safetensors({out:?}, g)\n",
+        dir = mlx_dir.display().to_string(),
+        prompt = list(prompt),
+        decode = list(decode),
+        out = mlx_dir.join("logits.safetensors").display().to_string(),
+    );
+    run_ok(
+        Command::new("python3").args(["-c", &script]),
+        "mlx-lm chunked logits",
+    );
+}
+
 /// The largest |got - want| and the largest |want|.
 pub fn max_diff(got: &Array, want: &Array) -> (f32, f32) {
     let (a, b) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
@@ -117,7 +150,7 @@ pub fn check(
     budget: Option<u64>,
     (prompt, decode, chunk): (&[u32], &[u32], Option<usize>),
     what: &str,
-) {
+) -> f32 {
     let (pack, cfg, weights) = open::open(pack, true).unwrap();
     let model = Model::load(&cfg, &weights).unwrap();
     let g = mlx::load_safetensors(&mlx_dir.join("logits.safetensors")).unwrap();
@@ -168,7 +201,11 @@ pub fn check(
             let last = model
                 .forward_last_ids(&prompt[n - 1..], &mut kv, store)
                 .unwrap();
-            (last, row(&g["prefill"], n - 1))
+            let want = match g.get("chunked_last") {
+                Some(l) => l.clone(),
+                None => row(&g["prefill"], n - 1),
+            };
+            (last, want)
         } else {
             let all = model.forward_ids(prompt, &mut kv, store).unwrap();
             (all, g["prefill"].clone())
@@ -181,7 +218,11 @@ pub fn check(
         worst = worst.max(d);
         for (step, &t) in decode.iter().enumerate() {
             let logits = model.forward_ids(&[t], &mut kv, store).unwrap();
-            let (d, s) = max_diff(&logits, &row(&g["decode"], step));
+            let steps = match g.get("chunked_decode") {
+                Some(c) if chunked => c,
+                _ => &g["decode"],
+            };
+            let (d, s) = max_diff(&logits, &row(steps, step));
             assert!(
                 d <= LOGIT_TOL_REL * s,
                 "{what} decode {step} (chunked: {chunked}): {d} at scale {s}"
@@ -191,6 +232,7 @@ pub fn check(
         assert_eq!(kv.offset(), n + decode.len());
     }
     eprintln!("{what}: max |logit diff| {worst}");
+    worst
 }
 
 /// `flashpack run ... --json` (ARGS include `run` and `--json`), which must succeed: its report,

@@ -56,11 +56,13 @@ fn opens_every_arch_layout_dialect_and_sharding() {
                     }
                     _ => panic!("{arch}: unexpected expert sources"),
                 }
-                // All but the multi-token-prediction module (Qwen3-Next, Qwen3.5), dropped.
+                // All but the multi-token-prediction module (Qwen3-Next, Qwen3.5) and Kimi
+                // K2.5's vision modules, dropped.
+                let dropped = ["mtp.", "vision_tower.", "mm_projector."];
                 let kept = spec
                     .tensors()
                     .iter()
-                    .filter(|t| !t.0.starts_with("mtp."))
+                    .filter(|t| !dropped.iter().any(|d| t.0.starts_with(d)))
                     .count();
                 assert_eq!(ck.tensor_count(), kept, "{arch}");
                 // Everything that is not an expert is in the dense set, routers included.
@@ -524,15 +526,21 @@ fn rejects_config_counts_that_disagree_with_the_tensors() {
             ];
             for (keys, value, field) in edits {
                 let mut c = cfg.clone();
+                // A multimodal wrapper (Kimi K2.5) holds the text model's fields in text_config.
+                let text = if c.get("text_config").is_some() {
+                    &mut c["text_config"]
+                } else {
+                    &mut c
+                };
                 for k in keys {
-                    if c.get(*k).is_some() {
-                        c[*k] = value.into();
+                    if text.get(*k).is_some() {
+                        text[*k] = value.into();
                     }
                 }
-                if field == "num_experts" && c.get("n_group").is_some() {
+                if field == "num_experts" && text.get("n_group").is_some() {
                     // Half the experts no longer split into DeepSeek-V3's 4 groups of 2.
-                    c["n_group"] = 1.into();
-                    c["topk_group"] = 1.into();
+                    text["n_group"] = 1.into();
+                    text["topk_group"] = 1.into();
                 }
                 std::fs::write(&cfg_path, c.to_string()).unwrap();
                 let err = Checkpoint::open(dir.path()).err().unwrap();

@@ -1,0 +1,303 @@
+//! Kimi K2.5 (DeepSeek-V3's text model in a multimodal wrapper: `text_config`,
+//! `language_model.*` names, a vision tower and projector dropped), DeepSeek-V3.2 and GLM-5
+//! (MLA with DeepSeek Sparse Attention's lightning indexer) through the default CLI:
+//! `flashpack convert SRC -o P` of a Hugging Face bf16 folder and of mlx-lm's 4-bit conversion
+//! of it give mlx-lm's logits for a 24-token prompt, in one call and in chunks of 5, plus 8
+//! cached decode steps, every expert resident and streaming through 4 slots for 12 experts top-3.
+//! The configs have odd widths (hidden 192, 3 heads, 3 indexer heads), no BOS token, an
+//! `index_topk` of 8, far below the prompt, so the sparse attention drops positions in the
+//! prefill, in every chunk past the eighth position and in every decode step, and DeepSeek-V3.2
+//! has YaRN (the indexer's RoPE is scaled too). Then greedy tokens through `flashpack run`, every
+//! stage (profile, cold experts, merge, inspect with the indexer's keys counted, eval, run under
+//! budgets). The sparse attention's effect (index_topk raised past the context changes the
+//! logits) is checked on the goldens, src/model/tests.rs. Needs python3 with mlx-lm (CI installs it); skipped with a note otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::fixtures::FixtureSpec;
+use crate::common::short_texts;
+use flashpack::arch::Arch;
+use flashpack::format::Pack;
+
+use crate::common::mlx_lm;
+use mlx_lm::{
+    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits_chunked,
+    python_has_mlx_lm, run_report,
+};
+
+const PROMPT: &[u32] = &[
+    785, 3840, 315, 279, 1879, 374, 264, 3364, 911, 1246, 11, 323, 13, 5112, 42, 977, 8000, 12, 1,
+    2048, 333, 4444, 5, 6001,
+];
+const DECODE: &[u32] = &[17, 4093, 220, 7, 8191, 300, 1500, 64];
+/// Prefill chunk of the chunked pass: the 23 prefilled positions cross four chunk boundaries,
+/// and the indexer starts choosing in the second chunk.
+const CHUNK: usize = 5;
+const ARCHS: [Arch; 3] = [Arch::KimiK25, Arch::DeepseekV32, Arch::GlmMoeDsa];
+
+/// The test model of `arch`: 3 layers of which the first is dense, 3 heads of 64 (rotary 32,
+/// latent 192, query rank 128), 12 experts top-3 of width 128 in 4 groups, 3 indexer heads of 64
+/// choosing 8 positions; DeepSeek-V3.2 with YaRN.
+fn spec(arch: Arch) -> FixtureSpec {
+    let yarn = serde_json::json!({"type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 0.8});
+    FixtureSpec {
+        hidden_size: 192,
+        num_layers: 3,
+        num_experts: 12,
+        top_k: 3,
+        moe_intermediate_size: 128,
+        intermediate_size: 320,
+        num_heads: 3,
+        num_kv_heads: 3,
+        head_dim: 64,
+        vocab_size: 8192,
+        q_lora_rank: Some(128),
+        kv_lora_rank: 192,
+        qk_rope_head_dim: 32,
+        first_k_dense_replace: 1,
+        index_heads: 3,
+        index_head_dim: 64,
+        index_topk: 8,
+        rope_scaling: (arch == Arch::DeepseekV32).then_some(yarn),
+        tokenizer_from: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny")),
+        ..FixtureSpec::tiny(arch)
+    }
+}
+
+/// Writes `spec` into `dir` without a BOS token.
+fn write(spec: &FixtureSpec, dir: &Path) -> PathBuf {
+    spec.write(dir).unwrap();
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c.as_object_mut().unwrap().remove("bos_token_id");
+    if let Some(t) = c.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+        t.remove("bos_token_id");
+    }
+    std::fs::write(&path, c.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// `flashpack convert SRC -o PACK --quiet`.
+fn convert(src: &Path, pack: &Path) {
+    flashpack(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--quiet",
+    ]);
+}
+
+#[test]
+fn kimi_k25_deepseek_v32_and_glm_moe_dsa_give_mlx_lms_logits_and_greedy_tokens() {
+    if !python_has_mlx_lm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut worst = Vec::new();
+    for (k, arch) in ARCHS.into_iter().enumerate() {
+        let what = arch.model_type();
+        let hf = write(&spec(arch), &d.join(format!("hf-{k}")));
+        let mlx_dir = d.join(format!("mlx-{k}"));
+        mlx_lm_convert_q4(&hf, &mlx_dir);
+        mlx_lm_logits_chunked(&mlx_dir, PROMPT, DECODE, CHUNK);
+        for (src, label) in [(&hf, "hf bf16"), (&mlx_dir, "mlx-lm 4-bit")] {
+            let pack = d.join(format!("{k}-{}.flashpack", label.replace(' ', "-")));
+            convert(src, &pack);
+            if src == &hf {
+                greedy_tokens_equal_mlx_lms(&pack, &mlx_dir, what);
+            }
+            let meta = Pack::open(&pack).unwrap().meta().model.clone();
+            assert_eq!(meta.arch, arch);
+            assert_eq!(meta.bos_token_id, None, "{what}: no BOS");
+            assert!(meta.mla.is_some(), "{what}");
+            assert_eq!(meta.router.n_group, 4, "{what}");
+            match arch {
+                Arch::KimiK25 => assert!(meta.indexer.is_none()),
+                _ => assert_eq!(meta.indexer.as_ref().map(|i| i.topk), Some(8), "{what}"),
+            }
+            let mut w = 0f32;
+            for budget in [None, Some(4)] {
+                w = w.max(check(
+                    &pack,
+                    &mlx_dir,
+                    budget,
+                    (PROMPT, DECODE, Some(CHUNK)),
+                    &format!("{what} {label} {budget:?} slots"),
+                ));
+            }
+            worst.push(format!("{what} {label}: {w}"));
+        }
+    }
+    eprintln!("max |logit diff| against mlx-lm: {worst:?}");
+}
+
+/// Greedy tokens through the default CLI (`flashpack run P`, after `flashpack convert SRC -o P`
+/// of the bf16 folder) equal mlx-lm's on `mlx_dir` on 3 prompts, along generation's path (all
+/// but the last prompt token in one call, then the last alone, then one token at a time).
+fn greedy_tokens_equal_mlx_lms(pack: &Path, mlx_dir: &Path, what: &str) {
+    let prompts = [
+        "The history of",
+        "Once upon a time, in a small village by the sea, there lived",
+        "def fibonacci(n):",
+    ];
+    let script = format!(
+        r#"import json, mlx.core as mx
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
+m, tok = load({dir:?})
+ids = []
+for text in {prompts:?}:
+    c = make_prompt_cache(m)
+    p = tok.encode(text, add_special_tokens=False)
+    mx.eval(m(mx.array([p[:-1]]), cache=c))
+    x = m(mx.array([p[-1:]]), cache=c)
+    out = []
+    for _ in range(8):
+        t = int(mx.argmax(x[0, -1]).item())
+        out.append(t)
+        x = m(mx.array([[t]]), cache=c)
+    ids.append(out)
+print(json.dumps(ids))
+"#,
+        dir = mlx_dir.display().to_string(),
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for (prompt, want) in prompts.iter().zip(want) {
+        let r = run_report(&[
+            "run",
+            pack.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--json",
+        ]);
+        assert_eq!(r["token_ids"], want, "{what} {prompt:?}");
+    }
+}
+
+/// Every stage through the CLI: convert with profiling, cold 2-bit experts and merging,
+/// `inspect` (MLA's latent and the indexer's keys counted in the KV cache), `eval` against the
+/// bf16 source, and `run` under budgets that stream the experts, giving the resident tokens.
+#[test]
+fn every_stage_runs_on_kimi_k25_deepseek_v32_and_glm_moe_dsa() {
+    let dir = tempfile::tempdir().unwrap();
+    let (calib, text) = short_texts(dir.path());
+    // 400 characters of each (profiling and eval cost about 1 s per 200 here, per model).
+    for path in [&calib, &text] {
+        let t = std::fs::read_to_string(path).unwrap();
+        let cut = t.char_indices().nth(400).map_or(t.len(), |(i, _)| i);
+        std::fs::write(path, &t[..cut]).unwrap();
+    }
+    for arch in ARCHS {
+        let name = arch.model_type();
+        let s = FixtureSpec {
+            routing_skew: 0.2,
+            ..spec(arch)
+        };
+        let src = write(&s, &dir.path().join(format!("src-{name}")));
+        let pack = dir.path().join(format!("{name}.flashpack"));
+        let (src_s, pack_s) = (src.to_str().unwrap(), pack.to_str().unwrap());
+        let out = flashpack_out(&[
+            "convert",
+            src_s,
+            "-o",
+            pack_s,
+            "--cold-bits",
+            "2",
+            "--cold-fraction",
+            "0.5",
+            "--merge-threshold",
+            "0.1",
+            "--calibration",
+            calib.to_str().unwrap(),
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let p = Pack::open(&pack).unwrap();
+        let bits: Vec<u8> = p.experts().iter().map(|e| e.bits.max()).collect();
+        assert!(
+            bits.contains(&2) && bits.contains(&4),
+            "{name}: {bits:?} {report}"
+        );
+        assert!(p.metadata()["profile"].is_object(), "{name}");
+        // Kimi K2.5's vision modules are no part of the pack.
+        assert!(
+            p.tensors()
+                .iter()
+                .all(|t| !t.name.starts_with("vision_tower") && !t.name.starts_with("mm_")),
+            "{name}"
+        );
+        let verify = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+            .args(["verify", pack_s])
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{name}: verify");
+
+        let inspect = flashpack_out(&["inspect", pack_s, "--json"]);
+        let r: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+        let kv = r["kv_cache_bytes_per_token"].as_u64().unwrap();
+        let attention = r["attention"].as_str().unwrap();
+        match arch {
+            // 3 layers x (latent 192 + rotary 32) values x 2 bytes.
+            Arch::KimiK25 => assert_eq!(kv, 3 * (192 + 32) * 2),
+            // ... + the indexer's key of 64.
+            _ => {
+                assert_eq!(kv, 3 * (192 + 32 + 64) * 2);
+                assert!(attention.contains("indexer"), "{r}");
+            }
+        }
+        assert!(attention.starts_with("MLA"), "{r}");
+
+        let (kl, top1, e) = eval_against(pack_s, &text, src_s);
+        assert!(kl > 0.0 && kl < 2.0, "{name}: {e}");
+        assert!((0.0..=1.0).contains(&top1), "{name}: {e}");
+
+        let run = |budget: &[&str]| -> serde_json::Value {
+            let mut args = vec![
+                "run",
+                pack_s,
+                "--prompt",
+                "The history of the sparse attention, told in full",
+                "--max-tokens",
+                "8",
+                "--json",
+            ];
+            args.extend_from_slice(budget);
+            run_report(&args)
+        };
+        let n = |j: &serde_json::Value, k: &str| j[k].as_u64().unwrap();
+        let ample = run(&["--mem-budget", "1GiB"]);
+        let j = run(&["--expert-budget", "25%"]);
+        assert_eq!(
+            j["token_ids"].as_array().map(Vec::len),
+            Some(8),
+            "{name}: {j}"
+        );
+        assert_eq!(
+            j["token_ids"], ample["token_ids"],
+            "{name}: streaming changes nothing"
+        );
+        let c = &j["expert_cache"];
+        assert!(n(c, "slots") < p.experts().len() as u64, "{name}: {c}");
+        assert!(n(c, "experts_loaded") > n(c, "slots"), "{name}: {c}");
+    }
+}
