@@ -381,7 +381,9 @@ class Bench:
                        "generated": g["generated_tokens"], "prompt_tokens": g["prompt_tokens"],
                        "stop_reason": g.get("stop_reason"), "prefill_tps": d["prefill_tps"],
                        "ttft_s": d["ttft_s"], "rss_gb": d["rss_gb"],
-                       "mlx_peak_gb": d["mlx_peak_gb"], "text": s["text"]}
+                       "mlx_peak_gb": d["mlx_peak_gb"], "text": s["text"],
+                       # Arrays the host made per decode step (graph nodes and constants).
+                       "arrays": g.get("host_arrays", 0) / max(g["generated_tokens"] - 1, 1)}
         else:
             drop_caches()
             try:
@@ -521,6 +523,7 @@ class Bench:
                     "build_ms": med([x.get("build_ms") for x in good]),
                     "async_eval_ms": med([x.get("async_eval_ms") for x in good]),
                     "wait_ms": med([x.get("wait_ms") for x in good]),
+                    "arrays": med([x.get("arrays") for x in good]),
                     "prompt_tokens": good[0].get("prompt_tokens"),
                     "generated": [x.get("generated") for x in good],
                     "devices": sorted({x.get("device", "?") for x in good}),
@@ -599,10 +602,10 @@ class Bench:
             "",
             "| arch | layers | experts | mlx-lm tok/s med (min-max, spread) | flashpack tok/s "
             "med (min-max, spread) | ratio of medians | median per-rep ratio (min-max) | fp "
-            "build ms/tok | fp wait ms/tok | mlx build ms/tok (of it async_eval) | mlx wait "
-            "ms/tok | MB read/tok | HBM bound tok/s | fp of bound | same greedy text (common "
-            "prefix chars) | reps mlx/fp |",
-            "|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            "build ms/tok | fp wait ms/tok | fp arrays/tok | mlx build ms/tok (of it async_eval) "
+            "| mlx wait ms/tok | MB read/tok | HBM bound tok/s | fp of bound | same greedy text "
+            "(common prefix chars) | reps mlx/fp |",
+            "|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for row in rows.values():
             m, f = row.get("mlx"), row.get("fp")
@@ -626,6 +629,7 @@ class Bench:
                 f"| {row['arch']} | {row['layers']} | {row['experts']} top-{row['top_k']} | "
                 f"{'n/a' if only else tps(m)} | {tps(f)} | {ratio} | {prr} | "
                 f"{f2(f and f['build_ms'])} | {f2(f and f['wait_ms'])} | "
+                f"{f0(f and f.get('arrays'))} | "
                 f"{mlx_build(m)} | {f2(m and m['wait_ms'])} | "
                 f"{f1(row['bytes_per_token'] / 1e6 if row.get('bytes_per_token') else None)} | "
                 f"{f0(row.get('hbm_bound_tps'))} | "
