@@ -27,6 +27,10 @@ LONG = PARAGRAPH * (1900 // 34)
 # name -> (run arguments, environment)
 VARIANTS = {
     "resident": ([], {}),
+    # Host reads through a contiguous copy, queued behind everything scheduled (before 2026-12-07).
+    "resident copy-read": ([], {"FLASHPACK_READ_COPY": "1"}),
+    "50% copy-read": (["--expert-budget", "50%"], {"FLASHPACK_READ_COPY": "1"}),
+    "25% copy-read": (["--expert-budget", "25%"], {"FLASHPACK_READ_COPY": "1"}),
     "50%": (["--expert-budget", "50%"], {}),
     "50% no-eager": (["--expert-budget", "50%"], {"FLASHPACK_NO_EAGER": "1"}),
     "50% no-graphs": (["--expert-budget", "50%"], {"MLX_USE_CUDA_GRAPHS": "0"}),

@@ -182,15 +182,45 @@ int fp_dtype(const fp_array* a, int* out) {
 
 int fp_read(fp_array* a, void* out, size_t nbytes) {
   return guard([&] {
-    // Views (transposes, slices, broadcasts) are made dense first so bytes come out in
-    // row-major order.
-    mx::array c = mx::contiguous(a->a);
-    c.eval();
-    if (c.nbytes() != nbytes) {
+    mx::array& x = a->a;
+    if (x.nbytes() != nbytes) {
       throw std::invalid_argument("read: buffer has " + std::to_string(nbytes) +
-                                  " bytes, array has " + std::to_string(c.nbytes()));
+                                  " bytes, array has " + std::to_string(x.nbytes()));
     }
-    if (nbytes > 0) std::memcpy(out, c.data<void>(), nbytes);
+    // Waits for this array alone: an array already scheduled (async_eval) is waited on through
+    // its own event. An op made here (a contiguous copy) would instead be queued behind all the
+    // work scheduled since, and on a GPU the read would wait for that too (the next decode step,
+    // the next layer).
+    // FLASHPACK_READ_COPY=1: the old way, through a contiguous copy (A/B runs).
+    static const bool copy = std::getenv("FLASHPACK_READ_COPY") != nullptr;
+    if (copy) {
+      mx::array c = mx::contiguous(x);
+      c.eval();
+      if (nbytes > 0) std::memcpy(out, c.data<void>(), nbytes);
+      return;
+    }
+    x.eval();
+    if (nbytes == 0) return;
+    const char* base = x.data<char>();
+    if (x.flags().row_contiguous) {
+      std::memcpy(out, base, nbytes);
+      return;
+    }
+    // A view (transpose, slice, broadcast): gathered on the host in row-major order.
+    const auto& shape = x.shape();
+    const auto& strides = x.strides();
+    const size_t item = x.itemsize(), n = x.size(), dims = shape.size();
+    std::vector<int64_t> idx(dims, 0);
+    char* dst = static_cast<char*>(out);
+    for (size_t i = 0; i < n; ++i) {
+      int64_t at = 0;
+      for (size_t d = 0; d < dims; ++d) at += idx[d] * static_cast<int64_t>(strides[d]);
+      std::memcpy(dst + i * item, base + at * static_cast<int64_t>(item), item);
+      for (size_t d = dims; d-- > 0;) {
+        if (++idx[d] < shape[d]) break;
+        idx[d] = 0;
+      }
+    }
   });
 }
 

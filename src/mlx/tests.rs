@@ -498,3 +498,30 @@ fn loads_safetensors_lazily_by_name() {
         }
     ));
 }
+
+/// Reading views copies them on the host in row-major order (a 3-D transpose of a slice, of
+/// integers), and reading an array already scheduled with `async_eval` waits for that array.
+#[test]
+fn reads_of_views_and_of_scheduled_arrays() {
+    let v: Vec<u32> = (0..24).collect();
+    let a = Array::from_slice(&v, &[2, 3, 4]).unwrap();
+    let t = a
+        .slice(&[0, 1, 1], &[2, 3, 4])
+        .unwrap()
+        .transpose(&[2, 0, 1])
+        .unwrap();
+    let mut want = Vec::new();
+    for k in 1..4u32 {
+        for i in 0..2u32 {
+            for j in 1..3u32 {
+                want.push(i * 12 + j * 4 + k);
+            }
+        }
+    }
+    assert_eq!(t.shape(), vec![3, 2, 2]);
+    assert_eq!(t.to_vec::<u32>().unwrap(), want);
+    let b = arr(&[1.0, 2.0, 3.0], &[3]);
+    let s = b.mul(&b).unwrap();
+    async_eval(&[&s]).unwrap();
+    assert_eq!(s.to_vec_f32().unwrap(), [1.0, 4.0, 9.0]);
+}
