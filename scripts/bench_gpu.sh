@@ -19,19 +19,25 @@ z() { LD_LIBRARY_PATH=.gpu/p2/bin .gpu/p2/bin/zstd "$@"; }
 # The compiled-kernel caches (MLX's PTX in /tmp/mlx, the driver's in ~/.nv): restored from
 # .gpu/kcache.tar.zst when carried, saved to $OUT after each call, so a fresh machine does not
 # spend minutes compiling kernels again.
-bench() {
+kcache_restore() {
   # (call 1 may leave it in /root/stash: p1 and the cache fit one call, p2 and the cache do not)
   for k in .gpu/kcache/kcache.tar.zst /root/stash/kcache.tar.zst; do
     if [ -f "$k" ] && [ ! -d /tmp/mlx ]; then
       z -dc "$k" | tar -xf - -C / || true
     fi
   done
-  local rc=0
-  PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@" || rc=$?
-  # Saved even when the run failed: the kernels compiled so far are still good.
+}
+kcache_save() {
+  # Saved even when a run failed: the kernels compiled so far are still good.
   if [ -n "${OUT:-}" ]; then
     tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
   fi
+}
+bench() {
+  kcache_restore
+  local rc=0
+  PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@" || rc=$?
+  kcache_save
   return $rc
 }
 # An older binary to compare against (`--baseline-bin flashpack-base`): prepare-base puts it in
@@ -97,9 +103,7 @@ case "${1:-}" in
     # a machine not yet set up. Options go to trace_stream.py (--variants, --max-tokens).
     shift
     command -v flashpack >/dev/null || bash .gpu/p2/install.sh
-    for k in .gpu/kcache/kcache.tar.zst /root/stash/kcache.tar.zst; do
-      if [ -f "$k" ] && [ ! -d /tmp/mlx ]; then z -dc "$k" | tar -xf - -C / || true; fi
-    done
+    kcache_restore
     w=/root/fpbench; mkdir -p "$w"
     if [ ! -f "$w/uniform/config.json" ]; then
       make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
@@ -109,9 +113,7 @@ case "${1:-}" in
     [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
     flashpack run "$w/trace.flashpack" --prompt warm --max-tokens 4 >/dev/null 2>&1 || true
     PYTHONUNBUFFERED=1 python3 scripts/trace_stream.py "$w/trace.flashpack" --out "${OUT:-.}" "$@"
-    if [ -n "${OUT:-}" ]; then
-      tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
-    fi
+    kcache_save
     ;;
   prepare-base)
     # The binary of another commit (default: main's first parent of this work) for --baseline-bin.
@@ -134,14 +136,10 @@ case "${1:-}" in
     command -v flashpack >/dev/null || bash .gpu/p2/install.sh
     python3 -c 'import mlx_lm' 2>/dev/null ||
       python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
-    for k in .gpu/kcache/kcache.tar.zst /root/stash/kcache.tar.zst; do
-      if [ -f "$k" ] && [ ! -d /tmp/mlx ]; then z -dc "$k" | tar -xf - -C / || true; fi
-    done
+    kcache_restore
     rc=0
     PYTHONUNBUFFERED=1 python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --out "${OUT:-.}" "$@" || rc=$?
-    if [ -n "${OUT:-}" ]; then
-      tar -cf - -C / tmp/mlx root/.nv 2>/dev/null | z -q -19 -T0 -o "$OUT/kcache.tar.zst" || true
-    fi
+    kcache_save
     exit $rc
     ;;
   *)

@@ -17,7 +17,7 @@ use flashpack::format::Pack;
 use crate::common::mlx_lm;
 use mlx_lm::{
     check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits,
-    python_has_mlx_lm, run_report,
+    python_has_mlx_lm, streaming_keeps_the_tokens,
 };
 
 const PROMPT: &[u32] = &[
@@ -220,34 +220,12 @@ fn every_stage_runs_on_deepseek_v3_and_glm4_moe() {
 
         // Under an ample budget every expert stays; under an expert budget of 45% of them
         // they stream, and greedy decoding gives the same tokens.
-        let run = |budget: &[&str]| -> serde_json::Value {
-            let mut args = vec![
-                "run",
-                pack_s,
-                "--prompt",
-                "The history of",
-                "--max-tokens",
-                "8",
-                "--json",
-            ];
-            args.extend_from_slice(budget);
-            run_report(&args)
-        };
-        let n = |j: &serde_json::Value, k: &str| j[k].as_u64().unwrap();
-        let ample = run(&["--mem-budget", "1GiB"]);
-        let j = run(&["--expert-budget", "45%"]);
-        assert_eq!(
-            j["token_ids"].as_array().map(Vec::len),
-            Some(8),
-            "{name}: {j}"
+        streaming_keeps_the_tokens(
+            pack_s,
+            "The history of",
+            "45%",
+            p.experts().len() as u64,
+            name,
         );
-        assert_eq!(
-            j["token_ids"], ample["token_ids"],
-            "{name}: streaming changes nothing"
-        );
-        let c = &j["expert_cache"];
-        let stored = p.experts().len() as u64;
-        assert!(n(c, "slots") < stored, "{name}: {stored} experts, {c}");
-        assert!(n(c, "experts_loaded") > n(c, "slots"), "{name}: {c}");
     }
 }

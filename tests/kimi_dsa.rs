@@ -23,7 +23,7 @@ use flashpack::format::Pack;
 use crate::common::mlx_lm;
 use mlx_lm::{
     check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits_chunked,
-    python_has_mlx_lm, run_report,
+    python_has_mlx_lm, run_report, streaming_keeps_the_tokens,
 };
 
 const PROMPT: &[u32] = &[
@@ -271,33 +271,12 @@ fn every_stage_runs_on_kimi_k25_deepseek_v32_and_glm_moe_dsa() {
         assert!(kl > 0.0 && kl < 2.0, "{name}: {e}");
         assert!((0.0..=1.0).contains(&top1), "{name}: {e}");
 
-        let run = |budget: &[&str]| -> serde_json::Value {
-            let mut args = vec![
-                "run",
-                pack_s,
-                "--prompt",
-                "The history of the sparse attention, told in full",
-                "--max-tokens",
-                "8",
-                "--json",
-            ];
-            args.extend_from_slice(budget);
-            run_report(&args)
-        };
-        let n = |j: &serde_json::Value, k: &str| j[k].as_u64().unwrap();
-        let ample = run(&["--mem-budget", "1GiB"]);
-        let j = run(&["--expert-budget", "25%"]);
-        assert_eq!(
-            j["token_ids"].as_array().map(Vec::len),
-            Some(8),
-            "{name}: {j}"
+        streaming_keeps_the_tokens(
+            pack_s,
+            "The history of the sparse attention, told in full",
+            "25%",
+            p.experts().len() as u64,
+            name,
         );
-        assert_eq!(
-            j["token_ids"], ample["token_ids"],
-            "{name}: streaming changes nothing"
-        );
-        let c = &j["expert_cache"];
-        assert!(n(c, "slots") < p.experts().len() as u64, "{name}: {c}");
-        assert!(n(c, "experts_loaded") > n(c, "slots"), "{name}: {c}");
     }
 }

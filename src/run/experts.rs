@@ -584,8 +584,6 @@ impl ExpertCache {
             .is_some_and(|&p| self.pools[p].table.contains(key))
     }
 
-    /// Where each router expert `0..num_experts` of `layer` is resident: its (pool, slot), or
-    /// `None` if any of them is not resident (after [`Self::warm_all`] with no budget, all are).
     /// Where router expert `e` of `layer` is resident now: (pool, slot).
     pub fn resident_slot(&self, layer: u32, e: u32) -> Option<(usize, u32)> {
         let stored = stored_expert(&self.merge_map, layer, e);
@@ -607,17 +605,11 @@ impl ExpertCache {
         pools.all(|p| p == first).then_some(first)
     }
 
+    /// Where each router expert `0..num_experts` of `layer` is resident: its (pool, slot), or
+    /// `None` if any of them is not resident (after [`Self::warm_all`] with no budget, all are).
     pub fn placement(&self, layer: u32, num_experts: usize) -> Option<Vec<(usize, u32)>> {
         (0..num_experts as u32)
-            .map(|e| {
-                let stored = stored_expert(&self.merge_map, layer, e);
-                let pool = *self.pool_of.get(&(layer, stored))?;
-                let slot = self.pools[pool].table.slot_of(ExpertKey {
-                    layer,
-                    expert: stored,
-                })?;
-                Some((pool, slot))
-            })
+            .map(|e| self.resident_slot(layer, e))
             .collect()
     }
 

@@ -61,15 +61,17 @@ pub fn mlx_lm_convert_q4(src: &Path, dst: &Path) {
     );
 }
 
+/// Token ids as a Python list's items: `1, 2, 3`.
+fn list(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// mlx-lm's logits on `mlx_dir`: `prompt` in one call, then each `decode` token through the
 /// cache, saved as `mlx_dir/logits.safetensors` (`prefill` [L, V], `decode` [S, V], f32).
 pub fn mlx_lm_logits(mlx_dir: &Path, prompt: &[u32], decode: &[u32]) {
-    let list = |ids: &[u32]| {
-        ids.iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let script = format!(
         "import mlx.core as mx\nfrom mlx_lm import load\nfrom mlx_lm.models.cache import make_prompt_cache\n\
          m, _ = load({dir:?})\nc = make_prompt_cache(m)\n\
@@ -93,12 +95,6 @@ pub fn mlx_lm_logits(mlx_dir: &Path, prompt: &[u32], decode: &[u32]) {
 /// when they are there: a lone last token takes MLA's absorbed path and, under sparse
 /// attention, a gather of the chosen positions, which round otherwise than the one-call prefill.
 pub fn mlx_lm_logits_chunked(mlx_dir: &Path, prompt: &[u32], decode: &[u32], chunk: usize) {
-    let list = |ids: &[u32]| {
-        ids.iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     // One Python process for both passes: mlx-lm's start-up is most of the cost.
     let script = format!(
         "import mlx.core as mx\nfrom mlx_lm import load\nfrom mlx_lm.models.cache import make_prompt_cache\n\
@@ -245,6 +241,48 @@ pub fn run_report(args: &[&str]) -> serde_json::Value {
 
 /// `flashpack eval PACK --text TEXT --reference SRC --window 64 --json`: the KL and top-1
 /// agreement against the reference (NaN when absent), and the whole report.
+/// `flashpack run PACK --prompt PROMPT --max-tokens 8 --json` under an ample memory budget and
+/// under `--expert-budget BUDGET`: both give 8 tokens, the same (streaming changes nothing), and
+/// the budgeted run streams (fewer slots than `stored` experts, more loads than slots). Returns
+/// the budgeted run's report.
+pub fn streaming_keeps_the_tokens(
+    pack: &str,
+    prompt: &str,
+    budget: &str,
+    stored: u64,
+    name: &str,
+) -> serde_json::Value {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            pack,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run_report(&args)
+    };
+    let ample = run(&["--mem-budget", "1GiB"]);
+    let j = run(&["--expert-budget", budget]);
+    assert_eq!(
+        j["token_ids"].as_array().map(Vec::len),
+        Some(8),
+        "{name}: {j}"
+    );
+    assert_eq!(
+        j["token_ids"], ample["token_ids"],
+        "{name}: streaming changes nothing"
+    );
+    let c = &j["expert_cache"];
+    let n = |k: &str| c[k].as_u64().unwrap();
+    assert!(n("slots") < stored, "{name}: {stored} experts, {c}");
+    assert!(n("experts_loaded") > n("slots"), "{name}: {c}");
+    j
+}
+
 pub fn eval_against(pack: &str, text: &Path, src: &str) -> (f64, f64, serde_json::Value) {
     let out = flashpack_out(&[
         "eval",
