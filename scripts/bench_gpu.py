@@ -294,14 +294,11 @@ def deep(a, log):
     runs = []
     for model in packs:
         runs += [(model, "resident", [])] + (
-            [(model, "resident one pool", [])] if a.one_pool else []) + [
-                 (model, "50%", ["--expert-budget", "50%"]),
-                 (model, "50% ahead", ["--expert-budget", "50%"]),
-                 (model, "25%", ["--expert-budget", "25%"]),
-                 (model, "25% ahead", ["--expert-budget", "25%"]),
-                 (model, "25% no-prefetch", ["--expert-budget", "25%", "--no-prefetch"]),
-                 (model, "12%", ["--expert-budget", "12%"]),
-                 (model, "12% ahead", ["--expert-budget", "12%"])]
+            [(model, "resident one pool", [])] if a.one_pool else [])
+        for b in ("50%", "25%", "12%"):
+            runs += [(model, b, ["--expert-budget", b]),
+                     (model, f"{b} no-prefetch", ["--expert-budget", b, "--no-prefetch"])] + (
+                [(model, f"{b} ahead", ["--expert-budget", b])] if a.ahead else [])
     res_path = os.path.join(w, "deep-results.json")
     res = {}
     if os.path.exists(res_path):
@@ -362,6 +359,8 @@ def main():
     ap.add_argument("--one-pool", action="store_true",
                     help="with --deep: also the store before decision 0020 (one pool for all "
                          "layers, wrong on CUDA), as the row `resident one pool`")
+    ap.add_argument("--ahead", action="store_true",
+                    help="with --deep: also each budget with FLASHPACK_AHEAD=1 (rows `N% ahead`)")
     ap.add_argument("--deep-models", default="uniform,skewed",
                     help="which deep models (one per call when the disk cannot hold both packs "
                          "and a source: the other's pack is then deleted first)")
