@@ -214,10 +214,68 @@ impl RmsNorm {
     }
 }
 
+/// Whether hot elementwise chains (the router's steps, the experts' activations) run through
+/// [`mlx::compiled`], which fuses each chain into one kernel: where kernel launches cost (a
+/// GPU) unless `FLASHPACK_COMPILE=0`, and anywhere with `FLASHPACK_COMPILE=1`. mlx-lm compiles
+/// the same functions (`group_expert_select`, `swiglu`, gpt-oss's `swiglu`). Decided once per
+/// process.
+pub(super) fn compiling() -> bool {
+    static COMPILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *COMPILE.get_or_init(|| match std::env::var("FLASHPACK_COMPILE").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => mlx::default_device_is_gpu(),
+    })
+}
+
+/// `f(a, b)` of two arrays to one: through [`fused`] when [`compiling`], else op by op.
+pub(super) fn elementwise2(
+    id: &'static mlx::CompileId,
+    constants: &[u64],
+    a: &Array,
+    b: &Array,
+    f: &dyn Fn(&Array, &Array) -> std::result::Result<Array, mlx::Error>,
+) -> Result<Array> {
+    if compiling() {
+        fused(id, constants, a, b, f)
+    } else {
+        Ok(f(a, b)?)
+    }
+}
+
+/// `f(a, b)` through [`mlx::compiled`] under `id`: traced once per shapes, types and
+/// `constants` (everything else that shapes `f`'s graph), then replayed as fused kernels.
+pub(super) fn fused(
+    id: &'static mlx::CompileId,
+    constants: &[u64],
+    a: &Array,
+    b: &Array,
+    f: &dyn Fn(&Array, &Array) -> std::result::Result<Array, mlx::Error>,
+) -> Result<Array> {
+    let traced = |xs: &[Array]| -> std::result::Result<Vec<Array>, mlx::Error> {
+        Ok(vec![f(&xs[0], &xs[1])?])
+    };
+    mlx::compiled(id, constants, &[a, b], 1, &traced)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ComputeError::Unsupported {
+            what: "a compiled activation returned no array".into(),
+        })
+}
+
 /// `silu(gate) * x`, as mlx-lm's `swiglu(gate, x)` (models/activations.py) spells it, with
-/// mlx.nn.silu being `x * sigmoid(x)`.
+/// mlx.nn.silu being `x * sigmoid(x)`; one fused kernel where [`compiling`], as mlx-lm's
+/// `@mx.compile`d `swiglu`.
 pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
-    Ok(gate.silu()?.mul(x)?)
+    elementwise2(&SWIGLU, &[], gate, x, &swiglu_ops)
+}
+
+/// [`swiglu`]'s compile id.
+pub(super) static SWIGLU: mlx::CompileId = mlx::CompileId::new();
+
+/// [`swiglu`] op by op.
+pub(super) fn swiglu_ops(gate: &Array, x: &Array) -> std::result::Result<Array, mlx::Error> {
+    gate.silu()?.mul(x)
 }
 
 /// A dense SwiGLU MLP: `down(swiglu(gate(x), up(x)))` (the `MLP` class of mlx-lm's

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use super::layers::{check_quantized, swiglu, Linear, Mlp};
+use super::layers::{check_quantized, compiling, fused, swiglu_ops, Linear, Mlp, SWIGLU};
 use super::router::{Router, Routing};
 use super::weights::Weights;
 use super::ComputeError;
@@ -45,11 +45,18 @@ impl ExpertAct {
         }
     }
 
-    /// `self.activation(x_up, x_gate)` of mlx-lm's `SwitchGLU`.
+    /// `self.activation(x_up, x_gate)` of mlx-lm's `SwitchGLU`: one fused kernel where
+    /// compiling (a GPU), as mlx-lm `@mx.compile`s both activations.
     pub fn apply(&self, gate: &Array, up: &Array) -> Result<Array> {
-        match *self {
-            ExpertAct::Swiglu => swiglu(gate, up),
-            ExpertAct::Clamped { alpha, limit } => {
+        self.apply_as(gate, up, compiling())
+    }
+
+    /// [`Self::apply`], fused through one compiled function (`fuse`) or op by op.
+    pub(super) fn apply_as(&self, gate: &Array, up: &Array, fuse: bool) -> Result<Array> {
+        // gpt-oss's clamped SwiGLU, compiled once per (alpha, limit).
+        static CLAMPED: mlx::CompileId = mlx::CompileId::new();
+        let clamped = |alpha: f64, limit: f64| {
+            move |gate: &Array, up: &Array| -> std::result::Result<Array, mlx::Error> {
                 let dt = gate.dtype();
                 let s = |v: f64| Array::scalar(v, dt);
                 // gate = mx.minimum(gate, limit); x = mx.clip(x, -limit, limit)
@@ -57,8 +64,20 @@ impl ExpertAct {
                 let u = up.maximum(&s(-limit)?)?.minimum(&s(limit)?)?;
                 // (x + 1.0) * (gate * mx.sigmoid(alpha * gate))
                 let glu = g.mul(&g.mul(&s(alpha)?)?.sigmoid()?)?;
-                Ok(u.add(&s(1.0)?)?.mul(&glu)?)
+                u.add(&s(1.0)?)?.mul(&glu)
             }
+        };
+        match (*self, fuse) {
+            (ExpertAct::Swiglu, true) => fused(&SWIGLU, &[], gate, up, &swiglu_ops),
+            (ExpertAct::Swiglu, false) => Ok(swiglu_ops(gate, up)?),
+            (ExpertAct::Clamped { alpha, limit }, true) => fused(
+                &CLAMPED,
+                &[alpha.to_bits(), limit.to_bits()],
+                gate,
+                up,
+                &clamped(alpha, limit),
+            ),
+            (ExpertAct::Clamped { alpha, limit }, false) => Ok(clamped(alpha, limit)(gate, up)?),
         }
     }
 }

@@ -18,7 +18,7 @@
 //! 5. renormalise the k weights to sum to 1 (`norm_topk_prob`);
 //! 6. multiply by `routed_scaling_factor`.
 
-use super::layers::Linear;
+use super::layers::{compiling, Linear};
 use super::ComputeError;
 use crate::arch::{ExpertGroups, RouterSpec, Scoring, TopKOrder};
 use crate::mlx::{self, Array, Dtype};
@@ -69,23 +69,12 @@ impl Router {
 }
 
 /// The sigmoid router's steps as one compiled MLX function (mlx-lm compiles its
-/// `group_expert_select` with `@mx.compile`); used where kernel launches cost (a GPU) unless
-/// `FLASHPACK_COMPILE=0`, and anywhere with `FLASHPACK_COMPILE=1`.
+/// `group_expert_select` with `@mx.compile`), where [`compiling`].
 static SIGMOID_ROUTER: mlx::CompileId = mlx::CompileId::new();
-
-fn compile_router() -> bool {
-    // Decided once per process: the router runs for every sparse layer of every step.
-    static COMPILE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *COMPILE.get_or_init(|| match std::env::var("FLASHPACK_COMPILE").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => mlx::default_device_is_gpu(),
-    })
-}
 
 /// Steps 1-6 of the module header on router logits `[.., E]`.
 pub fn route_logits(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Result<Routing> {
-    if spec.scoring == Scoring::Sigmoid && compile_router() {
+    if spec.scoring == Scoring::Sigmoid && compiling() {
         return route_compiled(logits, bias, spec);
     }
     route_steps(logits, bias, spec)

@@ -741,3 +741,55 @@ fn prefix_reuse_truncates_kv_and_restores_linear_state_from_a_snapshot() {
         assert_eq!(resumed.offset(), n);
     }
 }
+
+/// The experts' activations fused into one compiled function (what a GPU runs, as mlx-lm
+/// `@mx.compile`s its `swiglu`s) give the op-by-op values, for both activations, two dtypes,
+/// the decode and a prompt shape, inputs past gpt-oss's clamp, and two (alpha, limit) pairs:
+/// the compile cache keys on the constants, so one pair never replays another's graph.
+#[test]
+fn fused_activations_equal_the_op_by_op_ones() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // [-12, 12): past the clamp limits below on both sides.
+        (seed >> 40) as f32 / (1u64 << 24) as f32 * 24.0 - 12.0
+    };
+    let acts = [
+        ExpertAct::Swiglu,
+        ExpertAct::Clamped {
+            alpha: 1.702,
+            limit: 7.0,
+        },
+        ExpertAct::Clamped {
+            alpha: 1.5,
+            limit: 3.0,
+        },
+    ];
+    for shape in [[1usize, 1, 4, 24], [1, 5, 4, 24]] {
+        let n: usize = shape.iter().product();
+        for dtype in [Dtype::BF16, Dtype::F32] {
+            let mk = |v: Vec<f32>| {
+                Array::from_slice(&v, &shape)
+                    .unwrap()
+                    .astype(dtype)
+                    .unwrap()
+            };
+            let gate = mk((0..n).map(|_| next()).collect());
+            let up = mk((0..n).map(|_| next()).collect());
+            for act in &acts {
+                // Twice: the second call replays the cached graph.
+                for _ in 0..2 {
+                    let a = act.apply_as(&gate, &up, false).unwrap();
+                    let f = act.apply_as(&gate, &up, true).unwrap();
+                    assert_eq!(a.shape(), f.shape());
+                    assert_eq!(a.dtype(), f.dtype());
+                    let (a, f) = (a.to_vec_f32().unwrap(), f.to_vec_f32().unwrap());
+                    assert!(a.iter().any(|&x| x != 0.0), "{act:?}: all zero");
+                    assert_eq!(a, f, "{act:?} {dtype:?} {shape:?}");
+                }
+            }
+        }
+    }
+}
