@@ -190,6 +190,76 @@ fn qwen3_next_and_qwen3_5_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
     }
 }
 
+/// Qwen3-Next as transformers 5 writes its config: `layer_types` and no
+/// `full_attention_interval`, here with full attention every 2nd layer (not the default 4th).
+/// The pack runs the layers `layer_types` names: its logits, resident and streaming, in one
+/// call and in chunks, are mlx-lm's on the same weights with the interval spelled out (mlx-lm
+/// reads only the interval).
+#[test]
+fn qwen3_next_layer_types_without_an_interval_give_mlx_lms_logits() {
+    if !python_has_mlx_lm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = FixtureSpec {
+        full_attention_interval: 2,
+        ..spec(Arch::Qwen3Next)
+    };
+    // The reference folder: the interval spelled out, as mlx-lm reads it.
+    let with_interval = write(&s, &d.join("interval"));
+    let hf = write(&s, &d.join("hf"));
+    let path = hf.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(c["full_attention_interval"], 2, "the fixture writes the interval");
+    c["full_attention_interval"] = serde_json::Value::Null;
+    c["layer_types"] = serde_json::json!([
+        "linear_attention",
+        "full_attention",
+        "linear_attention",
+        "full_attention"
+    ]);
+    std::fs::write(&path, c.to_string()).unwrap();
+    let reference = d.join("ref");
+    run_ok(
+        Command::new("python3").args([
+            "-c",
+            &format!(
+                "from mlx_lm import convert\nkeep = ('mlp.gate', 'shared_expert_gate')\n\
+                 convert({hf:?}, mlx_path={out:?}, quantize=True, q_group_size=64, \
+                 q_bits=4, quant_predicate=lambda p, m: not p.endswith(keep))\n",
+                hf = with_interval.display().to_string(),
+                out = reference.display().to_string(),
+            ),
+        ]),
+        "mlx-lm convert with bf16 routers",
+    );
+    mlx_lm_logits(&reference, PROMPT, DECODE);
+    let pack = d.join("layer-types.flashpack");
+    flashpack(&[
+        "convert",
+        hf.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let meta = Pack::open(&pack).unwrap().meta().model.clone();
+    assert_eq!(
+        (0..4).map(|l| meta.is_linear_layer(l)).collect::<Vec<_>>(),
+        [true, false, true, false]
+    );
+    for (slots, what) in [(None, "resident"), (Some(4), "streaming")] {
+        check(
+            &pack,
+            &reference,
+            slots,
+            (PROMPT, DECODE, Some(CHUNK)),
+            &format!("qwen3_next layer_types {what}"),
+        );
+    }
+}
+
 /// Every stage on both architectures through the CLI: convert with profiling (the source run
 /// layer by layer, each linear-attention layer with its own state), cold 2-bit experts and
 /// merging, `inspect` (only the full-attention layers' KV cache per token, the linear state

@@ -103,8 +103,14 @@ pub enum DeltaProjections {
 /// `[value_heads, value_head_dim, key_head_dim]`, both of a fixed size whatever the context.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LinearAttention {
-    /// Layers `L` with `(L + 1) % full_attention_interval == 0` use full attention.
+    /// Layers `L` with `(L + 1) % full_attention_interval == 0` use full attention, unless
+    /// `full_attention_layers` lists them.
     pub full_attention_interval: usize,
+    /// The full-attention layers, ascending, when `layer_types` gives a pattern that no
+    /// interval describes. The interval is then 0, which a binary without this field refuses
+    /// ("at least 1") instead of running the wrong layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_attention_layers: Option<Vec<usize>>,
     pub num_key_heads: usize,
     pub num_value_heads: usize,
     pub key_head_dim: usize,
@@ -296,11 +302,15 @@ impl ModelConfig {
     }
 
     /// Whether layer `layer` uses linear attention (mlx-lm qwen3_next.py:
-    /// `self.is_linear = (layer_idx + 1) % args.full_attention_interval != 0`).
+    /// `self.is_linear = (layer_idx + 1) % args.full_attention_interval != 0`, or the layers
+    /// `layer_types` lists).
     pub fn is_linear_layer(&self, layer: usize) -> bool {
         self.linear_attention
             .as_ref()
-            .is_some_and(|la| (layer + 1) % la.full_attention_interval.max(1) != 0)
+            .is_some_and(|la| match &la.full_attention_layers {
+                Some(full) => full.binary_search(&layer).is_err(),
+                None => (layer + 1) % la.full_attention_interval.max(1) != 0,
+            })
     }
 
     /// Layers with full (softmax) attention and so a KV cache.
@@ -495,8 +505,26 @@ impl ModelConfig {
             });
         }
         if let Some(la) = &self.linear_attention {
+            if let Some(full) = &la.full_attention_layers {
+                if let Some(&l) = full
+                    .iter()
+                    .find(|&&l| l >= self.num_hidden_layers)
+                    .or_else(|| full.windows(2).find(|w| w[0] >= w[1]).map(|w| &w[1]))
+                {
+                    return bad(
+                        "layer_types",
+                        format!("full attention at layer {l}"),
+                        "ascending layers below num_hidden_layers",
+                    );
+                }
+            }
+            let interval = match la.full_attention_layers {
+                // Set to 0 with a list, on purpose (see the field).
+                Some(_) => 1,
+                None => la.full_attention_interval,
+            };
             let sizes = [
-                ("full_attention_interval", la.full_attention_interval),
+                ("full_attention_interval", interval),
                 ("linear_num_key_heads", la.num_key_heads),
                 ("linear_num_value_heads", la.num_value_heads),
                 ("linear_key_head_dim", la.key_head_dim),

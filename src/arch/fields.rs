@@ -103,6 +103,34 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// `layer_types` (transformers' name for each layer's attention), when the config has it:
+    /// one string per layer, at least `layers` of them (those past `layers` are ignored).
+    pub(crate) fn layer_types(&self, layers: usize) -> Result<Option<Vec<&'a str>>, ArchError> {
+        let Some(x) = self.raw("layer_types") else {
+            return Ok(None);
+        };
+        let bad = || ArchError::BadField {
+            field: "layer_types",
+            found: x.to_string(),
+            expected: "a list of layer types such as \"full_attention\"",
+        };
+        let types = x
+            .as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|t| t.as_str().ok_or_else(bad))
+            .collect::<Result<Vec<_>, _>>()?;
+        if types.len() < layers {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "layer_types lists {} layers, num_hidden_layers is {layers}",
+                    types.len()
+                ),
+            });
+        }
+        Ok(Some(types.into_iter().take(layers).collect()))
+    }
+
     /// A token id field that may be absent, an integer, or a list of integers.
     pub(crate) fn token_ids(&self, key: &'static str) -> Result<Vec<u32>, ArchError> {
         let bad = |x: &Value| ArchError::BadField {

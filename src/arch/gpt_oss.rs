@@ -92,7 +92,8 @@ pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     let size = f.usize_any(&["sliding_window"])?.unwrap_or(128);
     let n = cfg.num_hidden_layers;
     // layer_types or ["sliding_attention", "full_attention"] * (num_hidden_layers // 2)
-    let types: Vec<String> = match v.get("layer_types").filter(|x| !x.is_null()) {
+    let types: Vec<&str> = match f.layer_types(n)? {
+        Some(t) => t,
         None => (0..n)
             .map(|l| {
                 if l % 2 == 0 {
@@ -100,38 +101,12 @@ pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
                 } else {
                     "full_attention"
                 }
-                .to_string()
             })
             .collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|t| {
-                t.as_str().map(str::to_string).ok_or(ArchError::BadField {
-                    field: "layer_types",
-                    found: t.to_string(),
-                    expected: "a list of \"sliding_attention\" / \"full_attention\"",
-                })
-            })
-            .collect::<Result<_, _>>()?,
-        Some(x) => {
-            return Err(ArchError::BadField {
-                field: "layer_types",
-                found: x.to_string(),
-                expected: "a list of \"sliding_attention\" / \"full_attention\"",
-            })
-        }
     };
-    if types.len() < n {
-        return Err(ArchError::Inconsistent {
-            what: format!(
-                "layer_types lists {} layers, num_hidden_layers is {n}",
-                types.len()
-            ),
-        });
-    }
     let mut layers = Vec::new();
-    for (l, t) in types.iter().take(n).enumerate() {
-        match t.as_str() {
+    for (l, t) in types.iter().enumerate() {
+        match *t {
             "sliding_attention" => layers.push(l),
             "full_attention" => {}
             other => {

@@ -86,6 +86,41 @@ architectures! {
     GlmMoeDsa => glm_moe_dsa,
 }
 
+/// `layer_types`, where a config gives it, is the truth about each layer's attention: every
+/// layer must run the type it names (an architecture that reads it has set its config from
+/// it; one that does not must find only the type it runs), else the pack would compute
+/// another model than the checkpoint's.
+fn layer_types_agree(v: &Value, cfg: &ModelConfig) -> Result<(), ArchError> {
+    let text = v.get("text_config").filter(|t| t.is_object()).unwrap_or(v);
+    let Some(types) = fields::Fields::new(text, cfg.arch).layer_types(cfg.num_hidden_layers)?
+    else {
+        return Ok(());
+    };
+    for (l, &t) in types.iter().enumerate() {
+        let runs = if cfg.is_linear_layer(l) {
+            "linear_attention"
+        } else if cfg
+            .sliding_window
+            .as_ref()
+            .is_some_and(|w| w.layers.contains(&l))
+        {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        };
+        if t != runs {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "layer_types marks layer {l} as {t:?}, but flashpack runs {} layer {l} as \
+                     {runs:?}: it does not support this layer pattern for this model type",
+                    cfg.arch.model_type()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `model_type`s that are recognised but not supported yet; named in the error so users know
 /// the gap is known rather than a typo.
 pub const PLANNED_MODEL_TYPES: &[&str] = &["qwen3_vl_moe", "llama4", "minimax_m2"];
@@ -256,6 +291,7 @@ impl ModelConfig {
             },
             other => other,
         })?;
+        layer_types_agree(v, &cfg)?;
         Ok(cfg)
     }
 

@@ -105,8 +105,19 @@ pub(super) fn parse_text(
     });
     cfg.partial_rotary_factor = f.f64_opt("partial_rotary_factor")?.unwrap_or(0.25);
     cfg.attn_output_gate = true;
+    // layer_types, where given, says which layers are full attention (transformers 5 writes
+    // it and no full_attention_interval); else every full_attention_interval-th layer.
+    let (full_attention_interval, full_attention_layers) =
+        match f.layer_types(cfg.num_hidden_layers)? {
+            Some(types) => full_attention_from(&types)?,
+            None => (
+                f.usize_any(&["full_attention_interval"])?.unwrap_or(4),
+                None,
+            ),
+        };
     cfg.linear_attention = Some(LinearAttention {
-        full_attention_interval: f.usize_any(&["full_attention_interval"])?.unwrap_or(4),
+        full_attention_interval,
+        full_attention_layers,
         num_key_heads: f.usize_req(&["linear_num_key_heads"])?,
         num_value_heads: f.usize_req(&["linear_num_value_heads"])?,
         key_head_dim: f.usize_req(&["linear_key_head_dim"])?,
@@ -115,4 +126,27 @@ pub(super) fn parse_text(
         projections,
     });
     Ok(cfg)
+}
+
+/// The full-attention layers `layer_types` names (each entry `"linear_attention"` or
+/// `"full_attention"`): as an interval when every `n`-th layer and only those are full
+/// attention (what mlx-lm's `full_attention_interval` can say), else as a list with interval 0.
+fn full_attention_from(types: &[&str]) -> Result<(usize, Option<Vec<usize>>), ArchError> {
+    let mut full = Vec::new();
+    for (l, t) in types.iter().enumerate() {
+        match *t {
+            "full_attention" => full.push(l),
+            "linear_attention" => {}
+            other => {
+                return Err(ArchError::BadField {
+                    field: "layer_types",
+                    found: format!("{other:?} (layer {l})"),
+                    expected: "\"linear_attention\" or \"full_attention\"",
+                })
+            }
+        }
+    }
+    let n = full.first().map_or(0, |&l| l + 1);
+    let periodic = n > 0 && (0..types.len()).all(|l| ((l + 1) % n == 0) == full.contains(&l));
+    Ok(if periodic { (n, None) } else { (0, Some(full)) })
 }

@@ -954,3 +954,94 @@ fn router_specs_are_the_model_files_of_before() {
         );
     }
 }
+
+/// Qwen3-Next as transformers 5 writes it: `layer_types` and `full_attention_interval: null`.
+/// `layer_types` is the truth: a periodic pattern becomes its interval (2 here, not the
+/// default 4), one that no interval describes becomes a list (interval 0, which binaries
+/// without the list refuse), it wins over an interval that disagrees, and the config survives
+/// a pack's round trip.
+#[test]
+fn qwen3_next_layer_types_say_which_layers_are_full_attention() {
+    let with = |types: &[&str], interval: Value| {
+        let mut v = qwen3_next_published();
+        v["num_hidden_layers"] = json!(types.len());
+        v["layer_types"] = json!(types);
+        v["full_attention_interval"] = interval;
+        ModelConfig::from_json(&v)
+    };
+    let (lin, full) = ("linear_attention", "full_attention");
+    let linear = |c: &ModelConfig| {
+        (0..c.num_hidden_layers)
+            .map(|l| c.is_linear_layer(l))
+            .collect::<Vec<_>>()
+    };
+
+    let c = with(&[lin, full, lin, full, lin, full], Value::Null).unwrap();
+    let la = c.linear_attention.clone().unwrap();
+    assert_eq!(
+        (la.full_attention_interval, la.full_attention_layers.clone()),
+        (2, None)
+    );
+    assert_eq!(linear(&c), [true, false, true, false, true, false]);
+    assert_eq!(c.full_attention_layers(), 3);
+
+    // No interval fits: the list, interval 0; it also wins over a given interval of 4.
+    for interval in [Value::Null, json!(4)] {
+        let c = with(&[full, lin, lin, full, lin], interval).unwrap();
+        let la = c.linear_attention.clone().unwrap();
+        assert_eq!(la.full_attention_interval, 0);
+        assert_eq!(la.full_attention_layers, Some(vec![0, 3]));
+        assert_eq!(linear(&c), [false, true, true, false, true]);
+        let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        back.validate().unwrap();
+    }
+    // The published pattern (every 4th) as layer_types alone gives the published config.
+    let every4: Vec<&str> = (0..48)
+        .map(|l| if l % 4 == 3 { full } else { lin })
+        .collect();
+    let c = with(&every4, Value::Null).unwrap();
+    assert_eq!(c, ModelConfig::from_json(&qwen3_next_published()).unwrap());
+
+    // A type qwen3_next does not have, or too few entries: clear errors naming the field.
+    let e = with(&[lin, "sliding_attention"], Value::Null)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("layer_types") && e.contains("sliding_attention"),
+        "{e}"
+    );
+    let mut v = qwen3_next_published();
+    v["layer_types"] = json!([lin, full]);
+    let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+    assert!(e.contains("layer_types lists 2 layers"), "{e}");
+}
+
+/// An architecture that does not read `layer_types` must find in it only the attention it
+/// runs: a sliding-window layer in a Qwen3-MoE config is refused (it would run full
+/// attention there), while all-full `layer_types` (what transformers writes without sliding
+/// windows) is accepted.
+#[test]
+fn layer_types_an_architecture_cannot_run_are_refused() {
+    let mut v = qwen3_5x();
+    let n = v["num_hidden_layers"].as_u64().unwrap() as usize;
+    v["layer_types"] = json!(vec!["full_attention"; n]);
+    ModelConfig::from_json(&v).unwrap();
+    let mut types = vec!["full_attention"; n];
+    types[2] = "sliding_attention";
+    v["layer_types"] = json!(types);
+    let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+    assert!(
+        e.contains("layer 2") && e.contains("sliding_attention") && e.contains("qwen3_moe"),
+        "{e}"
+    );
+    // gpt-oss reads them: its published alternation parses, and a linear layer does not.
+    let mut g = gpt_oss_20b_published();
+    ModelConfig::from_json(&g).unwrap();
+    g["layer_types"][5] = json!("linear_attention");
+    let e = ModelConfig::from_json(&g).unwrap_err().to_string();
+    assert!(
+        e.contains("layer_types") && e.contains("linear_attention"),
+        "{e}"
+    );
+}
