@@ -212,7 +212,10 @@ fn qwen3_next_layer_types_without_an_interval_give_mlx_lms_logits() {
     let path = hf.join("config.json");
     let mut c: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    assert_eq!(c["full_attention_interval"], 2, "the fixture writes the interval");
+    assert_eq!(
+        c["full_attention_interval"], 2,
+        "the fixture writes the interval"
+    );
     c["full_attention_interval"] = serde_json::Value::Null;
     c["layer_types"] = serde_json::json!([
         "linear_attention",
