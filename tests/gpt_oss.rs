@@ -281,6 +281,122 @@ fn gpt_oss_gives_mlx_lms_logits_from_hf_mxfp4_and_mlx_lm_sources() {
     }
 }
 
+/// Splits an MXFP4 gpt-oss folder into two float ones holding the same expert values in bf16:
+/// mlx-lm's own layout (`experts.{gate,up,down}_proj.{weight,bias}`, which its `sanitize`
+/// keeps as is) and transformers' (`experts.gate_up_proj` `[E, H, 2I]` with gate and up
+/// interleaved along the last axis, `gate_up_proj_bias`, `down_proj` `[E, I, H]`,
+/// `down_proj_bias`: what transformers saves for every bf16 gpt-oss fine-tune).
+const SPLIT_MXFP4: &str = r#"
+import json, os, shutil, sys
+import mlx.core as mx
+src, mlx_dir, tf_dir = sys.argv[1:4]
+w = mx.load(os.path.join(src, "model.safetensors"))
+cfg = json.load(open(os.path.join(src, "config.json")))
+cfg.pop("quantization_config")
+ours, tf = {}, {}
+for k, v in w.items():
+    if ".mlp.experts." not in k:
+        ours[k] = tf[k] = v
+        continue
+    pre, name = k.split(".mlp.experts.")
+    pre += ".mlp.experts."
+    if name.endswith("_blocks"):
+        base = name[: -len("_blocks")]
+        full = mx.dequantize(v.view(mx.uint32).flatten(-2), w[pre + base + "_scales"],
+                             group_size=32, bits=4, mode="mxfp4").astype(mx.bfloat16)
+        if base == "gate_up_proj":
+            ours[pre + "gate_proj.weight"] = full[:, ::2, :]
+            ours[pre + "up_proj.weight"] = full[:, 1::2, :]
+        else:
+            ours[pre + "down_proj.weight"] = full
+        tf[pre + base] = full.transpose(0, 2, 1)
+    elif name == "gate_up_proj_bias":
+        ours[pre + "gate_proj.bias"] = v[..., ::2]
+        ours[pre + "up_proj.bias"] = v[..., 1::2]
+        tf[k] = v
+    elif name == "down_proj_bias":
+        ours[pre + "down_proj.bias"] = tf[k] = v
+for d, t in ((mlx_dir, ours), (tf_dir, tf)):
+    os.makedirs(d)
+    mx.save_safetensors(os.path.join(d, "model.safetensors"),
+                        {k: mx.contiguous(x) for k, x in t.items()})
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    for f in os.listdir(src):
+        if f.startswith("tokenizer"):
+            shutil.copy(os.path.join(src, f), d)
+"#;
+
+/// gpt-oss in transformers' float layout (issue 29: every fine-tune transformers saves), which
+/// convert refused before: `flashpack convert SRC -o P` with no options reads it and gives the
+/// logits mlx-lm gives for the same bf16 weights in its own layout, resident and streaming, in
+/// one call and in chunks.
+#[test]
+fn gpt_oss_in_transformers_float_layout_gives_mlx_lms_logits() {
+    if !python_has_mlx_lm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hf = write(&spec(3), &d.join("mxfp4"));
+    let (ours, tf) = (d.join("mlx-layout"), d.join("transformers"));
+    run_ok(
+        Command::new("python3").args([
+            "-c",
+            SPLIT_MXFP4,
+            hf.to_str().unwrap(),
+            ours.to_str().unwrap(),
+            tf.to_str().unwrap(),
+        ]),
+        "split the MXFP4 experts into bf16 layouts",
+    );
+    // mlx-lm's 4-bit conversion of the same weights, the router kept in bf16 as flashpack's
+    // dense policy keeps it.
+    let reference = d.join("ref");
+    run_ok(
+        Command::new("python3").args([
+            "-c",
+            &format!(
+                "from mlx_lm import convert\n\
+                 convert({src:?}, mlx_path={out:?}, quantize=True, q_group_size=64, q_bits=4, \
+                 quant_predicate=lambda p, m: not p.endswith('mlp.router'))\n",
+                src = ours.display().to_string(),
+                out = reference.display().to_string(),
+            ),
+        ]),
+        "mlx-lm convert with a bf16 router",
+    );
+    mlx_lm_logits(&reference, PROMPT, DECODE);
+    let pack = d.join("transformers.flashpack");
+    flashpack(&[
+        "convert",
+        tf.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let p = Pack::open(&pack).unwrap();
+    assert_eq!(p.meta().model.arch, Arch::GptOss);
+    let e = p
+        .experts()
+        .iter()
+        .find(|e| e.layer == 1 && e.expert == 5)
+        .expect("expert 5 of layer 1");
+    assert_eq!(
+        (e.bits.0, e.mode, e.group_size, e.bias_dtype.is_some()),
+        ([4; 3], QuantMode::Affine, 64, true),
+        "bf16 experts quantized as convert's default, with their biases"
+    );
+    for (slots, what) in [(None, "resident"), (Some(3), "streaming")] {
+        check(
+            &pack,
+            &reference,
+            slots,
+            (PROMPT, DECODE, Some(CHUNK)),
+            &format!("gpt_oss transformers layout {what}"),
+        );
+    }
+}
+
 /// Every stage through the CLI: convert with profiling (the source run layer by layer with its
 /// sinks, windows and clamped experts), cold 2-bit experts (requantized from MXFP4, the hot ones
 /// keep their codes) and merging, `inspect`, `verify`, `eval` against the MXFP4 source, and

@@ -39,6 +39,10 @@ pub struct ArchDef {
     pub expert_layouts: &'static [ExpertLayout],
     /// Why, in the refusal of a layout not in `expert_layouts`, and what to convert instead.
     pub layout_refusal: Option<&'static str>,
+    /// What transformers' fused `experts.gate_up_proj` and `experts.down_proj` hold for it:
+    /// [`ExpertLayout::Fused`] (`[E, 2I, H]`, gate rows first), or gpt-oss's
+    /// [`ExpertLayout::FusedColumns`].
+    pub fused_layout: ExpertLayout,
 }
 
 /// The part of mlx-lm's `sanitize` a conversion applies: source names a pack renames or
@@ -105,5 +109,6 @@ impl ArchDef {
             ExpertLayout::Stacked,
         ],
         layout_refusal: None,
+        fused_layout: ExpertLayout::Fused,
     };
 }

@@ -51,14 +51,14 @@ pub(super) const DEF: ArchDef = ArchDef {
     },
     // y = x.sum(axis=-2), no cast
     cast_moe_output: false,
-    // OpenAI's MXFP4 release, or mlx-lm's conversion of it.
-    expert_layouts: &[ExpertLayout::MxBlocks, ExpertLayout::Stacked],
-    // transformers' bf16 re-export of gpt-oss: gate_up_proj [E, H, 2I], interleaved.
-    layout_refusal: Some(
-        "float experts.gate_up_proj is the bf16 re-export of gpt-oss, which is not read (mlx-lm \
-         does not read it either); convert the original MXFP4 checkpoint (openai/gpt-oss-20b or \
-         -120b) or mlx-lm's conversion of it",
-    ),
+    // OpenAI's MXFP4 release, mlx-lm's conversion of it, or transformers' float layout (its
+    // bf16 re-export and every fine-tune it saves).
+    expert_layouts: &[
+        ExpertLayout::MxBlocks,
+        ExpertLayout::Stacked,
+        ExpertLayout::FusedColumns,
+    ],
+    fused_layout: ExpertLayout::FusedColumns,
     ..ArchDef::DEFAULT
 };
 

@@ -72,6 +72,10 @@ pub enum ExpertLayout {
     Stacked,
     /// gpt-oss's upstream MXFP4 blocks, gate and up interleaved.
     MxBlocks,
+    /// transformers' gpt-oss in floats (every bf16 fine-tune it saves): `experts.gate_up_proj`
+    /// `[E, H, 2I]` with gate and up interleaved along the last axis and `experts.down_proj`
+    /// `[E, I, H]`, both applied as `x @ W` (so each projection is a transposed view).
+    FusedColumns,
 }
 
 /// What a tensor is, as far as packing is concerned.

@@ -231,8 +231,9 @@ pub struct Fp8Blocks<'a> {
     pub block_cols: usize,
 }
 
-/// A row-major float matrix borrowed from a file or buffer: floats of `dtype`, or FP8 codes with
-/// block scales that stand for `dtype` (bf16) values.
+/// A float matrix borrowed from a file or buffer: row-major floats of `dtype`, FP8 codes with
+/// block scales that stand for `dtype` (bf16) values, or floats at any element strides (a
+/// transposed or interleaved part of a larger tensor).
 #[derive(Clone, Copy, Debug)]
 pub struct MatrixView<'a> {
     pub dtype: FloatDtype,
@@ -240,6 +241,8 @@ pub struct MatrixView<'a> {
     pub cols: usize,
     data: &'a [u8],
     fp8: Option<Fp8Blocks<'a>>,
+    /// Element strides (row, column) of a strided view; `None`: row-major.
+    strides: Option<(usize, usize)>,
 }
 
 impl<'a> MatrixView<'a> {
@@ -252,6 +255,36 @@ impl<'a> MatrixView<'a> {
             cols,
             data,
             fp8: None,
+            strides: None,
+        })
+    }
+
+    /// Element `(r, c)` is the value at element `r * row_stride + c * col_stride` of `data`
+    /// (floats of `dtype`), which must reach the last element and may hold more (the values of
+    /// other views of the same tensor). `None` when it does not reach.
+    pub fn strided(
+        dtype: FloatDtype,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Option<Self> {
+        let last = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1)
+                .checked_mul(row_stride)?
+                .checked_add((cols - 1).checked_mul(col_stride)?)?
+                .checked_add(1)?
+        };
+        (data.len() >= last.checked_mul(dtype.size())?).then_some(MatrixView {
+            dtype,
+            rows,
+            cols,
+            data,
+            fp8: None,
+            strides: Some((row_stride, col_stride)),
         })
     }
 
@@ -270,6 +303,7 @@ impl<'a> MatrixView<'a> {
             cols,
             data,
             fp8: Some(blocks),
+            strides: None,
         })
     }
 
@@ -281,6 +315,14 @@ impl<'a> MatrixView<'a> {
     /// The first NaN or infinity among the values, as (row, column, value). For FP8, a NaN code
     /// or a non-finite block scale.
     pub fn first_non_finite(&self) -> Option<(usize, usize, f32)> {
+        if self.strides.is_some() {
+            let mut row = vec![0f32; self.cols];
+            return (0..self.rows).find_map(|r| {
+                self.row_f32(r, &mut row);
+                let c = row.iter().position(|x| !x.is_finite())?;
+                Some((r, c, row[c]))
+            });
+        }
         let Some(b) = self.fp8 else {
             let (i, v) = self.dtype.first_non_finite(self.data)?;
             return Some((i / self.cols.max(1), i % self.cols.max(1), v));
@@ -297,7 +339,7 @@ impl<'a> MatrixView<'a> {
         ))
     }
 
-    /// The raw little-endian bytes.
+    /// The raw little-endian bytes (of a strided view: the span its elements lie in).
     pub fn bytes(&self) -> &'a [u8] {
         self.data
     }
@@ -311,14 +353,23 @@ impl<'a> MatrixView<'a> {
         }
     }
 
-    /// Bytes of row `r` (panics if `r >= rows`; callers iterate `0..rows`).
-    pub fn row_bytes(&self, r: usize) -> &'a [u8] {
+    /// Bytes of row `r` of a row-major view (panics if `r >= rows`; callers iterate
+    /// `0..rows`).
+    fn row_bytes(&self, r: usize) -> &'a [u8] {
         let w = self.cols * self.elem_size();
         &self.data[r * w..(r + 1) * w]
     }
 
     /// Row `r` widened to f32 into `out` (`out.len() == cols`).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        if let Some((rs, cs)) = self.strides {
+            let es = self.dtype.size();
+            for (c, o) in out.iter_mut().enumerate() {
+                let at = (r * rs + c * cs) * es;
+                *o = self.dtype.read(&self.data[at..at + es]);
+            }
+            return;
+        }
         let Some(b) = self.fp8 else {
             self.dtype.read_into(self.row_bytes(r), out);
             return;

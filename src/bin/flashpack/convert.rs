@@ -92,6 +92,7 @@ fn print_report(r: &ConvertReport) {
             Some(ExpertLayout::Fused) => "fused",
             Some(ExpertLayout::Stacked) => "stacked",
             Some(ExpertLayout::MxBlocks) => "MXFP4-block",
+            Some(ExpertLayout::FusedColumns) => "fused (gpt-oss columns)",
             None => "no",
         },
         if r.source_mlx_quantized {

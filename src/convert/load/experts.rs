@@ -218,6 +218,10 @@ impl Checkpoint {
             ),
         })?;
         let def = arch.def();
+        let layout = match layout {
+            ExpertLayout::Fused => def.fused_layout,
+            other => other,
+        };
         if def.expert_layouts.contains(&layout) {
             return Ok(layout);
         }
@@ -279,6 +283,7 @@ impl Checkpoint {
                     self.proj_source(name, scales, biases, Some((expert, e)), rows, cols)
                 }
                 ExpertLayout::MxBlocks => self.mx_blocks_proj(layer, expert, p, rows, cols),
+                ExpertLayout::FusedColumns => self.fused_columns_proj(layer, expert, p, rows, cols),
                 ExpertLayout::Fused => {
                     let (name, per_expert_rows, skip) = match p {
                         Proj::Gate => (ix.fused_gate_up.get(&layer), 2 * i, 0),
@@ -316,6 +321,74 @@ impl Checkpoint {
                 None
             },
         })
+    }
+
+    /// transformers' float gpt-oss ([`ExpertLayout::FusedColumns`]): `proj` `[rows, cols]` of
+    /// expert `expert` as a strided view, gate `[i, h]` = `gate_up_proj[e, h, 2i]`, up the odd
+    /// columns, down `[h, i]` = `down_proj[e, i, h]` (its forward: `x @ gate_up_proj`, then
+    /// `gate_up[..., ::2]` and `gate_up[..., 1::2]`; `(..) @ down_proj`).
+    fn fused_columns_proj(
+        &self,
+        layer: usize,
+        expert: usize,
+        proj: Proj,
+        rows: usize,
+        cols: usize,
+    ) -> Result<ProjSource<'_>, LoadError> {
+        let c = &self.config;
+        let (h, i, e) = (c.hidden_size, c.moe_intermediate_size, c.num_experts);
+        let ix = &self.index;
+        // (tensor, its [E, a, b] shape, first element, row stride, column stride)
+        let (name, full, first, rs, cs, tensor) = match proj {
+            Proj::Gate => (
+                ix.fused_gate_up.get(&layer),
+                [e, h, 2 * i],
+                0,
+                2,
+                2 * i,
+                "gate_up_proj",
+            ),
+            Proj::Up => (
+                ix.fused_gate_up.get(&layer),
+                [e, h, 2 * i],
+                1,
+                2,
+                2 * i,
+                "gate_up_proj",
+            ),
+            Proj::Down => (ix.fused_down.get(&layer), [e, i, h], 0, 1, h, "down_proj"),
+        };
+        let name = name.ok_or_else(|| LoadError::MissingTensor {
+            tensor: format!("model.layers.{layer}.mlp.experts.{tensor}"),
+            hint: " (transformers' gpt-oss layout needs gate_up_proj and down_proj)".into(),
+        })?;
+        let t = self.tensor(name)?;
+        if t.shape != full {
+            return Err(LoadError::Shape {
+                tensor: name.clone(),
+                expected: full.to_vec(),
+                found: t.shape.to_vec(),
+                why: "transformers' gpt-oss experts: gate_up_proj [E, H, 2I], down_proj [E, I, H]"
+                    .into(),
+            });
+        }
+        let dtype = t.dtype.float().ok_or(LoadError::Dtype {
+            tensor: name.clone(),
+            found: t.dtype,
+            expected: "BF16, F16 or F32",
+        })?;
+        let es = dtype.size();
+        let per_expert = full[1] * full[2];
+        let bytes = &t.data[(expert * per_expert + first) * es..(expert + 1) * per_expert * es];
+        let view = MatrixView::strided(dtype, rows, cols, bytes, rs, cs).ok_or_else(|| {
+            LoadError::Shape {
+                tensor: name.clone(),
+                expected: full.to_vec(),
+                found: t.shape.to_vec(),
+                why: "strided view past the tensor".into(),
+            }
+        })?;
+        Ok(ProjSource::Float(view))
     }
 
     /// gpt-oss's upstream MXFP4 codes of `proj` of expert `expert`: gate and up are the even
