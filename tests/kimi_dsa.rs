@@ -22,8 +22,8 @@ use flashpack::format::Pack;
 
 use crate::common::mlx_lm;
 use mlx_lm::{
-    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits_chunked,
-    python_has_mlx_lm, run_report, streaming_keeps_the_tokens,
+    check, eval_against, flashpack, flashpack_out, greedy_tokens_equal_mlx_lms, mlx_lm_convert_q4,
+    mlx_lm_logits_chunked, python_has_mlx_lm, streaming_keeps_the_tokens,
 };
 
 const PROMPT: &[u32] = &[
@@ -135,63 +135,6 @@ fn kimi_k25_deepseek_v32_and_glm_moe_dsa_give_mlx_lms_logits_and_greedy_tokens()
         }
     }
     eprintln!("max |logit diff| against mlx-lm: {worst:?}");
-}
-
-/// Greedy tokens through the default CLI (`flashpack run P`, after `flashpack convert SRC -o P`
-/// of the bf16 folder) equal mlx-lm's on `mlx_dir` on 3 prompts, along generation's path (all
-/// but the last prompt token in one call, then the last alone, then one token at a time).
-fn greedy_tokens_equal_mlx_lms(pack: &Path, mlx_dir: &Path, what: &str) {
-    let prompts = [
-        "The history of",
-        "Once upon a time, in a small village by the sea, there lived",
-        "def fibonacci(n):",
-    ];
-    let script = format!(
-        r#"import json, mlx.core as mx
-from mlx_lm import load
-from mlx_lm.models.cache import make_prompt_cache
-m, tok = load({dir:?})
-ids = []
-for text in {prompts:?}:
-    c = make_prompt_cache(m)
-    p = tok.encode(text, add_special_tokens=False)
-    mx.eval(m(mx.array([p[:-1]]), cache=c))
-    x = m(mx.array([p[-1:]]), cache=c)
-    out = []
-    for _ in range(8):
-        t = int(mx.argmax(x[0, -1]).item())
-        out.append(t)
-        x = m(mx.array([[t]]), cache=c)
-    ids.append(out)
-print(json.dumps(ids))
-"#,
-        dir = mlx_dir.display().to_string(),
-    );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let want: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    for (prompt, want) in prompts.iter().zip(want) {
-        let r = run_report(&[
-            "run",
-            pack.to_str().unwrap(),
-            "--prompt",
-            prompt,
-            "--raw",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "8",
-            "--json",
-        ]);
-        assert_eq!(r["token_ids"], want, "{what} {prompt:?}");
-    }
 }
 
 /// Every stage through the CLI: convert with profiling, cold 2-bit experts and merging,

@@ -36,6 +36,7 @@ mod deepseek_glm;
 mod gpt_oss;
 mod gpt_oss_attention;
 mod kimi_dsa;
+mod minimax;
 mod mlx_sources;
 mod qwen_hybrid;
 

@@ -84,6 +84,8 @@ architectures! {
     DeepseekV32 => deepseek_v32,
     /// GLM-5: DeepSeek-V3.2's model with GLM's config fields.
     GlmMoeDsa => glm_moe_dsa,
+    /// MiniMax-M2 (`minimax_m2`).
+    Minimax => minimax,
 }
 
 /// `layer_types`, where a config gives it, is the truth about each layer's attention: every
@@ -123,7 +125,7 @@ fn layer_types_agree(v: &Value, cfg: &ModelConfig) -> Result<(), ArchError> {
 
 /// `model_type`s that are recognised but not supported yet; named in the error so users know
 /// the gap is known rather than a typo.
-pub const PLANNED_MODEL_TYPES: &[&str] = &["qwen3_vl_moe", "llama4", "minimax_m2"];
+pub const PLANNED_MODEL_TYPES: &[&str] = &["qwen3_vl_moe", "llama4"];
 
 impl Arch {
     /// The Hugging Face `model_type` string.

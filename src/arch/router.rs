@@ -79,6 +79,12 @@ pub struct RouterDef {
     /// `norm_topk_prob` renormalises a top-1 choice too; false where the model writes
     /// `if top_k > 1 and norm_topk_prob` (DeepSeek-V3's `group_expert_select`).
     pub renormalize_top1: bool,
+    /// The router's linear layer runs on the input cast to f32 (MiniMax:
+    /// `self.gate(x.astype(mx.float32))`).
+    pub f32_input: bool,
+    /// The weights are cast to the input's type before they weight the experts (MiniMax:
+    /// `scores.astype(x.dtype)`).
+    pub weights_in_input_dtype: bool,
 }
 
 impl RouterDef {
@@ -88,6 +94,8 @@ impl RouterDef {
             order,
             scoring: None,
             renormalize_top1: true,
+            f32_input: false,
+            weights_in_input_dtype: false,
         }
     }
 }
@@ -114,6 +122,10 @@ pub struct RouterSpec {
     pub groups: Option<ExpertGroups>,
     /// Multiply the weights by this (`routed_scaling_factor`); `None` for 1.
     pub scaling: Option<f64>,
+    /// [`RouterDef::f32_input`].
+    pub f32_input: bool,
+    /// [`RouterDef::weights_in_input_dtype`].
+    pub weights_in_input_dtype: bool,
 }
 
 impl RouterSpec {
@@ -138,6 +150,8 @@ impl RouterSpec {
                 topk_group: r.topk_group,
             }),
             scaling: (r.routed_scaling_factor != 1.0).then_some(r.routed_scaling_factor),
+            f32_input: def.f32_input,
+            weights_in_input_dtype: def.weights_in_input_dtype,
         }
     }
 }

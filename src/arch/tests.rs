@@ -876,6 +876,7 @@ fn arch_serializes_as_before_the_table() {
         (Arch::KimiK25, "kimi_k25"),
         (Arch::DeepseekV32, "deepseek_v32"),
         (Arch::GlmMoeDsa, "glm_moe_dsa"),
+        (Arch::Minimax, "minimax"),
     ];
     assert_eq!(Arch::ALL.len(), written.len());
     for (arch, name) in written {
@@ -1044,4 +1045,51 @@ fn layer_types_an_architecture_cannot_run_are_refused() {
         e.contains("layer_types") && e.contains("linear_attention"),
         "{e}"
     );
+}
+
+/// MiniMax-M2's published config.json (its FP8 `quantization_config` left out): `minimax_m2`
+/// is read as `minimax`; every layer sparse with 1,536-wide experts; q/k norms over the full
+/// width; 64 of each head's 128 values rotated; the sigmoid router with a selection bias, run on
+/// an f32 copy of its input and casting its weights back.
+#[test]
+fn minimax_m2_config_parses() {
+    let v = json!({
+        "architectures": ["MiniMaxM2ForCausalLM"], "attn_type_list": vec![1; 62],
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 1536,
+        "max_position_embeddings": 196608, "model_type": "minimax_m2",
+        "num_attention_heads": 48, "num_experts_per_tok": 8, "num_hidden_layers": 62,
+        "num_key_value_heads": 8, "num_local_experts": 256, "qk_norm_type": "per_layer",
+        "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64,
+        "scoring_func": "sigmoid", "shared_intermediate_size": 0, "tie_word_embeddings": false,
+        "use_qk_norm": true, "use_routing_bias": true, "vocab_size": 200064
+    });
+    let c = ModelConfig::from_json(&v).unwrap();
+    assert_eq!(c.arch, Arch::Minimax);
+    assert_eq!(c.arch.model_type(), "minimax");
+    assert_eq!((c.num_experts, c.num_experts_per_tok), (256, 8));
+    assert_eq!(c.moe_intermediate_size, 1536);
+    assert!((0..62).all(|l| c.is_sparse_layer(l)));
+    assert_eq!(c.qk_norm, QkNorm::FullWidth);
+    assert_eq!(c.rope_dims(), 64);
+    assert_eq!(c.rope.theta, 5_000_000.0);
+    let s = RouterSpec::of(&c);
+    assert_eq!(
+        (
+            s.scoring,
+            s.selection_bias,
+            s.renormalize,
+            s.f32_input,
+            s.weights_in_input_dtype
+        ),
+        (Scoring::Sigmoid, true, true, true, true)
+    );
+    // 62 layers x keys and values of 8 heads of 128, in bf16: 248 KiB per token.
+    assert_eq!(c.kv_values_per_token() * 2, 62 * 2 * 8 * 128 * 2);
+    // Without q/k norms; a rotary width past the head is refused by name.
+    let mut w = v.clone();
+    w["use_qk_norm"] = json!(false);
+    assert_eq!(ModelConfig::from_json(&w).unwrap().qk_norm, QkNorm::None);
+    w["rotary_dim"] = json!(256);
+    let e = ModelConfig::from_json(&w).unwrap_err().to_string();
+    assert!(e.contains("rotary_dim"), "{e}");
 }

@@ -64,7 +64,18 @@ impl Router {
 
     /// The routing of `x` `[.., H]`.
     pub fn route(&self, x: &Array) -> Result<Routing> {
-        route_logits(&self.gate.forward(x)?, self.bias.as_ref(), &self.spec)
+        let logits = if self.spec.f32_input {
+            // gates = self.gate(x.astype(mx.float32))
+            self.gate.forward(&x.astype(Dtype::F32)?)?
+        } else {
+            self.gate.forward(x)?
+        };
+        let mut r = route_logits(&logits, self.bias.as_ref(), &self.spec)?;
+        if self.spec.weights_in_input_dtype {
+            // scores = scores.astype(x.dtype)
+            r.scores = r.scores.astype(x.dtype())?;
+        }
+        Ok(r)
     }
 }
 

@@ -476,7 +476,7 @@ impl FixtureSpec {
                         0,
                     );
                 }
-                Arch::Olmoe => {
+                Arch::Olmoe | Arch::Minimax => {
                     add(format!("{p}.self_attn.q_norm.weight"), vec![q], 0);
                     add(format!("{p}.self_attn.k_norm.weight"), vec![kv], 0);
                 }
@@ -490,6 +490,14 @@ impl FixtureSpec {
                 continue;
             }
             add(names.router(l), vec![e, h], h);
+            if self.arch == Arch::Minimax {
+                // On the block, not the gate (MiniMaxSparseMoeBlock.e_score_correction_bias).
+                add(
+                    format!("{p}.block_sparse_moe.e_score_correction_bias"),
+                    vec![e],
+                    100,
+                );
+            }
             if self.arch == Arch::GptOss {
                 assert!(
                     h % 32 == 0 && i % 32 == 0,
@@ -619,6 +627,7 @@ impl FixtureSpec {
             Arch::KimiK25 => "KimiK25ForConditionalGeneration",
             Arch::DeepseekV32 => "DeepseekV32ForCausalLM",
             Arch::GlmMoeDsa => "GlmMoeDsaForCausalLM",
+            Arch::Minimax => "MiniMaxM2ForCausalLM",
             // `Arch` is non-exhaustive outside the library (this file is also test code there).
             #[allow(unreachable_patterns)]
             a => panic!("no fixture class name for {a:?}; add it here"),
@@ -630,7 +639,7 @@ impl FixtureSpec {
         };
         // Mixtral, OLMoE and gpt-oss have one `intermediate_size`, the experts' width.
         let intermediate = match self.arch {
-            Arch::Mixtral | Arch::Olmoe | Arch::GptOss => self.expert_width(),
+            Arch::Mixtral | Arch::Olmoe | Arch::GptOss | Arch::Minimax => self.expert_width(),
             _ => self.intermediate_size,
         };
         let dtype = match self.dtype {
@@ -731,10 +740,25 @@ impl FixtureSpec {
         if self.arch == Arch::GptOss {
             self.gpt_oss_config(&mut c);
         }
+        if self.arch == Arch::Minimax {
+            // MiniMax-M2's config.json: model_type minimax_m2 (mlx-lm maps it to minimax), half
+            // of each head rotated, q/k norms over the full width, a sigmoid router with a bias.
+            for (k, v) in [
+                ("model_type", json!("minimax_m2")),
+                ("rotary_dim", json!(self.head_dim / 2)),
+                ("use_qk_norm", json!(true)),
+                ("qk_norm_type", json!("per_layer")),
+                ("scoring_func", json!("sigmoid")),
+                ("use_routing_bias", json!(true)),
+                ("shared_intermediate_size", json!(0)),
+            ] {
+                c[k] = v;
+            }
+        }
         // transformers 5.x writes num_local_experts for Qwen3-MoE and Mixtral (attribute_map),
         // num_experts for OLMoE and Qwen2-MoE; Mixtral's legacy key is num_local_experts too.
         let five_x_key = match self.arch {
-            Arch::Qwen3Moe | Arch::Mixtral | Arch::GptOss => "num_local_experts",
+            Arch::Qwen3Moe | Arch::Mixtral | Arch::GptOss | Arch::Minimax => "num_local_experts",
             Arch::DeepseekV3
             | Arch::Glm4Moe
             | Arch::KimiK25
@@ -743,7 +767,7 @@ impl FixtureSpec {
             _ => "num_experts",
         };
         let legacy_key = match self.arch {
-            Arch::Mixtral | Arch::GptOss => "num_local_experts",
+            Arch::Mixtral | Arch::GptOss | Arch::Minimax => "num_local_experts",
             Arch::DeepseekV3
             | Arch::Glm4Moe
             | Arch::KimiK25

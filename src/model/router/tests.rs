@@ -34,6 +34,8 @@ fn spec(scoring: Scoring, top_k: usize) -> RouterSpec {
         selection_bias: false,
         groups: None,
         scaling: None,
+        f32_input: false,
+        weights_in_input_dtype: false,
     }
 }
 
