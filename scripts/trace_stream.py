@@ -36,6 +36,8 @@ VARIANTS = {
     "50% no-eager": (["--expert-budget", "50%"], {"FLASHPACK_NO_EAGER": "1"}),
     "50% no-graphs": (["--expert-budget", "50%"], {"MLX_USE_CUDA_GRAPHS": "0"}),
     "resident no-graphs": ([], {"MLX_USE_CUDA_GRAPHS": "0"}),
+    # Issue 26: the router and activations op by op instead of compiled (fused) kernels.
+    "resident no-compile": ([], {"FLASHPACK_COMPILE": "0"}),
     "50% one-read": (["--expert-budget", "50%"], {"FLASHPACK_READ_SPLIT_KIB": "0"}),
     "50% upload-after": (["--expert-budget", "50%"], {"FLASHPACK_UPLOAD_PARTS": "0"}),
     "50% ahead": (["--expert-budget", "50%"], {"FLASHPACK_AHEAD": "1"}),
