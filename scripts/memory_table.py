@@ -32,6 +32,11 @@ MODELS = {
                     moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=1,
                     num_experts_per_tok=8, first_k_dense_replace=3, num_attention_heads=96,
                     num_key_value_heads=8, head_dim=128, vocab_size=151552, tie_word_embeddings=False),
+    # https://huggingface.co/MiniMaxAI/MiniMax-M2/blob/main/config.json (every layer sparse, no shared expert)
+    "MiniMax-M2": dict(model_type="minimax", hidden_size=3072, num_hidden_layers=62, intermediate_size=1536,
+                       moe_intermediate_size=1536, n_routed_experts=256, n_shared_experts=0,
+                       num_experts_per_tok=8, first_k_dense_replace=0, num_attention_heads=48,
+                       num_key_value_heads=8, head_dim=128, vocab_size=200064, tie_word_embeddings=False),
 }
 
 BITS4 = 4 + 2 * 16 / 64   # codes + bf16 scale and bias per group of 64
