@@ -87,7 +87,7 @@ pub struct PackReport {
     pub quantization: Value,
 }
 
-const REQUIRED_NAMES: [(u64, &str); 9] = [
+const REQUIRED_NAMES: [(u64, &str); 10] = [
     (required::CODEC_HUFFMAN, "CODEC_HUFFMAN"),
     (required::CODEC_ZSTD, "CODEC_ZSTD"),
     (required::CODEC_LZ4, "CODEC_LZ4"),
@@ -96,6 +96,7 @@ const REQUIRED_NAMES: [(u64, &str); 9] = [
     (required::MIXED_EXPERT_BITS, "MIXED_EXPERT_BITS"),
     (required::PROJECTION_BITS, "PROJECTION_BITS"),
     (required::MX_MODES, "MX_MODES"),
+    (required::NVFP4, "NVFP4"),
     (required::EXPERT_BIASES, "EXPERT_BIASES"),
 ];
 const OPTIONAL_NAMES: [(u64, &str); 2] = [

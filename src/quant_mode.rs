@@ -32,6 +32,9 @@ pub enum QuantMode {
     Mxfp4 = 1,
     /// 8-bit E4M3 codes, one E8M0 u8 scale per 32 values, no biases.
     Mxfp8 = 2,
+    /// NVIDIA's FP4: 4-bit E2M1 codes, one E4M3 u8 scale per 16 values, no biases (without
+    /// the optional per-tensor `global_scale`).
+    Nvfp4 = 3,
 }
 
 impl QuantMode {
@@ -40,6 +43,7 @@ impl QuantMode {
             0 => QuantMode::Affine,
             1 => QuantMode::Mxfp4,
             2 => QuantMode::Mxfp8,
+            3 => QuantMode::Nvfp4,
             _ => return None,
         })
     }
@@ -50,13 +54,19 @@ impl QuantMode {
             QuantMode::Affine => "affine",
             QuantMode::Mxfp4 => "mxfp4",
             QuantMode::Mxfp8 => "mxfp8",
+            QuantMode::Nvfp4 => "nvfp4",
         }
     }
 
     pub fn from_name(name: &str) -> Option<QuantMode> {
-        [QuantMode::Affine, QuantMode::Mxfp4, QuantMode::Mxfp8]
-            .into_iter()
-            .find(|m| m.name() == name)
+        [
+            QuantMode::Affine,
+            QuantMode::Mxfp4,
+            QuantMode::Mxfp8,
+            QuantMode::Nvfp4,
+        ]
+        .into_iter()
+        .find(|m| m.name() == name)
     }
 
     /// Whether the mode has a bias per group (only affine).
@@ -70,6 +80,7 @@ impl QuantMode {
             QuantMode::Affine => None,
             QuantMode::Mxfp4 => Some((4, 32)),
             QuantMode::Mxfp8 => Some((8, 32)),
+            QuantMode::Nvfp4 => Some((4, 16)),
         }
     }
 
@@ -111,7 +122,7 @@ impl MlxQuantization {
     /// and a module's missing or null one is its mode's default, and a module's missing mode is
     /// affine, as `nn.Module.to_quantized(group_size=None, bits=None, mode="affine")` takes them
     /// (mlx/nn/layers/quantized.py `_defaults_for_mode`: affine 64 and 4 bits, mxfp4 32 and 4,
-    /// mxfp8 32 and 8).
+    /// mxfp8 32 and 8, nvfp4 16 and 4).
     pub fn from_config(config: &Value) -> Result<Option<MlxQuantization>, MlxQuantizationError> {
         let Some(q) = config.get("quantization").filter(|q| !q.is_null()) else {
             return Ok(None);
@@ -123,8 +134,8 @@ impl MlxQuantization {
         let parse_mode = |m: &str, whose: &str| {
             QuantMode::from_name(m).ok_or_else(|| {
                 bad(format!(
-                    "{whose}mode {m:?} is not supported (affine, mxfp4 and mxfp8 are); convert \
-                     from the float checkpoint"
+                    "{whose}mode {m:?} is not supported (affine, mxfp4, mxfp8 and nvfp4 are); \
+                     convert from the float checkpoint"
                 ))
             })
         };
@@ -249,9 +260,15 @@ mod tests {
             assert!(!e.detail.is_empty());
         }
         let e = MlxQuantization::from_config(&json!({"quantization": {"group_size": 64,
-            "bits": 4, "mode": "nvfp4"}}))
+            "bits": 4, "mode": "fp4x"}}))
         .unwrap_err();
-        assert!(e.detail.contains("nvfp4"), "{e}");
+        assert!(e.detail.contains("fp4x"), "{e}");
+        // nvfp4 with null sizes takes its own: 4 bits in groups of 16.
+        let q = parse(json!({"group_size": null, "bits": null, "mode": "nvfp4"}));
+        assert_eq!(
+            (q.bits, q.group_size, q.default_mode()),
+            (4, 16, QuantMode::Nvfp4)
+        );
         assert_eq!(MlxQuantization::from_config(&json!({})).unwrap(), None);
         assert_eq!(
             MlxQuantization::from_config(&json!({"quantization": null})).unwrap(),

@@ -42,7 +42,7 @@ fn bytes_follow_the_spec_offsets() {
     assert_eq!(&b[0..8], &MAGIC);
     assert_eq!(&b[0..8], b"\x89FPACK\r\n");
     assert_eq!(u16_at(&b, 8), 1);
-    assert_eq!(u16_at(&b, 10), 2);
+    assert_eq!(u16_at(&b, 10), flashpack::format::MINOR_VERSION);
     assert_eq!(u32_at(&b, 12), 64);
     assert_eq!(
         u64_at(&b, 16),
@@ -367,7 +367,7 @@ fn expert_biases_round_trip_and_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::write_small_pack_with_biases(dir.path(), flashpack::format::DType::BF16);
     let pack = Pack::open(&path).unwrap();
-    assert_eq!(pack.header().minor, 2);
+    assert_eq!(pack.header().minor, flashpack::format::MINOR_VERSION);
     for e in pack.experts() {
         assert_eq!(e.bias_dtype, Some(flashpack::format::DType::BF16));
         let down = if e.segment == 0 { HIDDEN as u64 } else { 0 };

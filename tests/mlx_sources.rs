@@ -131,7 +131,8 @@ enum Recipe {
     /// first and last eighth of the layers and every third one between (group 64).
     Mixed(&'static str, u8, u8),
     /// `--q-mode NAME`: microscaling float codes (mxfp4: 4 bits, mxfp8: 8 bits; groups of 32
-    /// with power-of-two u8 scales, no biases).
+    /// with power-of-two u8 scales; nvfp4: 4 bits in groups of 16 with E4M3 u8 scales; no
+    /// biases).
     Mode(QuantMode),
 }
 
@@ -153,7 +154,7 @@ impl Recipe {
     }
 }
 
-const RECIPES: [Recipe; 10] = [
+const RECIPES: [Recipe; 11] = [
     Recipe::Uniform(2, 64),
     Recipe::Uniform(3, 64),
     Recipe::Uniform(6, 64),
@@ -164,6 +165,7 @@ const RECIPES: [Recipe; 10] = [
     Recipe::Mixed("mixed_3_4", 3, 4),
     Recipe::Mode(QuantMode::Mxfp4),
     Recipe::Mode(QuantMode::Mxfp8),
+    Recipe::Mode(QuantMode::Nvfp4),
 ];
 
 /// Recipes per architecture in a sampled run: with nine or more architectures, every recipe
@@ -351,6 +353,11 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                         "{what}: experts requantized"
                     );
                     assert_ne!(p.header().required_features & required::MX_MODES, 0);
+                    assert_eq!(
+                        p.header().required_features & required::NVFP4 != 0,
+                        m == QuantMode::Nvfp4,
+                        "{what}: the NVFP4 flag"
+                    );
                     assert_eq!(q["mode"], m.name(), "{what}: {q}");
                     assert_eq!(kinds, vec![m.name()], "{what}");
                     // Dense layers keep their codes too (scales but no biases): the o_proj of
@@ -488,6 +495,8 @@ fn cold_bits_on_an_mlx_lm_source_requantize_and_say_so() {
     for (arch, recipe) in [
         (Arch::Mixtral, Recipe::Mixed("mixed_3_4", 3, 4)),
         (Arch::Qwen3Moe, Recipe::Mode(QuantMode::Mxfp4)),
+        // nvfp4's E4M3 scales decoded for the requantization.
+        (Arch::Olmoe, Recipe::Mode(QuantMode::Nvfp4)),
     ] {
         let what = format!("{} {}", arch.model_type(), recipe.label());
         let src = source(dir.path(), arch);
@@ -635,4 +644,46 @@ fn greedy_tokens_of_mlx_lm_conversions_of_the_trained_model_through_the_default_
     }
     assert!(compared >= 25, "only {compared} prompts had clear gaps");
     eprintln!("{compared} (recipe, prompt) pairs gave mlx-lm's 20 greedy token ids");
+}
+
+/// mlx-lm's nvfp4 conversions with `global_scale=True` carry a per-tensor f32 scale
+/// (`<module>.global_scale`) that no pack field holds: convert refuses such a folder by the
+/// tensor's name, exits 1 and leaves nothing at the destination, instead of dropping the scale
+/// and computing another model.
+#[test]
+fn nvfp4_global_scales_are_refused_by_name() {
+    if !python_has_mlx_lm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), Arch::Qwen3Moe);
+    let mlx_dir = dir.path().join("nvfp4");
+    Recipe::Mode(QuantMode::Nvfp4).convert(&src, &mlx_dir);
+    let st = mlx_dir.join("model.safetensors");
+    let script = format!(
+        "import mlx.core as mx\nw = mx.load({st:?})\n\
+         w['model.layers.1.mlp.switch_mlp.up_proj.global_scale'] = mx.ones((12,))\n\
+         mx.save_safetensors({st:?}, w, metadata={{'format': 'mlx'}})\n",
+        st = st.display().to_string()
+    );
+    let ok = Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let pack = dir.path().join("refused.flashpack");
+    let out = flashpack(&[
+        "convert",
+        mlx_dir.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("model.layers.1.mlp.switch_mlp.up_proj.global_scale")
+            && err.contains("global scale"),
+        "{err}"
+    );
+    assert!(!pack.exists());
 }

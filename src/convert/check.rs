@@ -141,8 +141,13 @@ fn check_finite_quantized(
 ) -> Result<(), ConvertError> {
     let groups = q.cols / q.params.group_size.max(1);
     if !q.params.has_biases() {
-        // mxfp4/mxfp8: u8 E8M0 scales, whose only non-finite value is 255 (NaN).
-        return match q.scales.iter().position(|&e| e == 255) {
+        // mxfp4/mxfp8: u8 E8M0 scales, whose only non-finite value is 255 (NaN); nvfp4: E4M3
+        // scales, NaN at S.1111.111.
+        let nan = |e: u8| match q.params.mode {
+            crate::format::QuantMode::Nvfp4 => e & 0x7f == 0x7f,
+            _ => e == 255,
+        };
+        return match q.scales.iter().position(|&e| nan(e)) {
             None => Ok(()),
             Some(i) => Err(ConvertError::NonFinite {
                 tensor: tensor("scales"),

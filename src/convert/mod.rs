@@ -410,7 +410,8 @@ fn write_payload(
 /// The bits and group size expert `e` of layer `l` is stored with. A source that holds the
 /// expert as MLX codes keeps them (each projection's own bits, and their common group size) when
 /// `keep_source_codes`, unless the bit plan sends the expert to other bits (then every projection
-/// at the planned bits and the source's group size). mlx-lm's mixed recipes give `down_proj` more
+/// at the planned bits and the source's group size, or `--group-size` where affine codes cannot
+/// have the source's). mlx-lm's mixed recipes give `down_proj` more
 /// bits than gate and up in some layers; the pack keeps that (formats/flashpack-v1.md §6.1).
 fn expert_target(
     opts: &ConvertOptions,
@@ -438,7 +439,13 @@ fn expert_target(
     let planned = bit_plan.as_ref().map(|b| b[l][e]);
     Ok(match (source, planned) {
         (Some(sq), Some(bits)) if bits != opts.expert_bits => {
-            QuantParams::new(bits, sq.group_size)?.into()
+            // The source's group size, where affine codes can have it (nvfp4's 16 cannot).
+            let group = if crate::format::valid_group_size(sq.group_size as u32) {
+                sq.group_size
+            } else {
+                opts.group_size
+            };
+            QuantParams::new(bits, group)?.into()
         }
         (Some(sq), _) => sq,
         (None, Some(bits)) => QuantParams::new(bits, opts.group_size)?.into(),

@@ -153,7 +153,7 @@ fn mlx_codes(
     let groups = q.cols / q.params.group_size;
     let words = q.cols * q.params.bits as usize / 32;
     let shape = |last: usize| [lead, &[q.rows, last]].concat();
-    // mxfp4/mxfp8: u8 (E8M0) scales and no biases.
+    // mxfp4/mxfp8/nvfp4: u8 (E8M0 or E4M3) scales and no biases.
     let (sd, biases) = if q.params.has_biases() {
         let sd = float_dtype(q.scale_dtype);
         (sd, Some(Array::from_bytes(q.biases, &shape(groups), sd)?))

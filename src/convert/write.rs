@@ -87,7 +87,7 @@ pub fn add_segment(w: &mut PackWriter, s: &EncodedSegment) -> Result<(), Convert
             row_count: n(s.row_count, "rows")?,
             bits: s.bits,
             group_size: n(s.group_size, "group size")?,
-            // mxfp4/mxfp8 scales are E8M0 bytes.
+            // mxfp4/mxfp8 scales are E8M0 bytes, nvfp4's E4M3.
             scale_dtype: if s.mode.has_biases() {
                 scale_dtype(s.scale_dtype)
             } else {

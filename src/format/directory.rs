@@ -9,8 +9,7 @@ use std::ops::Range;
 
 use super::header::{hex, le_u16, le_u32, le_u64};
 use super::{
-    codec_id, expert_bias_len, segment_part_lens, valid_bits, valid_group_size, DType, PackError,
-    QuantMode,
+    codec_id, expert_bias_len, segment_part_lens, valid_bits, DType, PackError, QuantMode,
 };
 
 /// formats/flashpack-v1.md §5
@@ -395,7 +394,7 @@ pub(crate) fn decode_tensor_dir(
                     i,
                     "mode",
                     b[104],
-                    "0 (affine), 1 (mxfp4) or 2 (mxfp8); 0 for plain tensors",
+                    "0 (affine), 1 (mxfp4), 2 (mxfp8) or 3 (nvfp4); 0 for plain tensors",
                 )
             })?;
         if b[105..112].iter().any(|&x| x != 0) {
@@ -413,7 +412,8 @@ pub(crate) fn decode_tensor_dir(
                 i,
                 "mode",
                 mode.name(),
-                "mxfp4 codes are 4 bits and mxfp8 codes 8 bits, in groups of 32",
+                "mxfp4 codes are 4 bits and mxfp8 codes 8 bits, in groups of 32; nvfp4 4 bits in \
+                 groups of 16",
             ));
         }
         if bits != 0 {
@@ -426,8 +426,14 @@ pub(crate) fn decode_tensor_dir(
                     "packed codes need bits in {2,3,4,5,6,8} and dtype u32",
                 ));
             }
-            if !valid_group_size(group_size) {
-                return Err(bad(s, i, "group_size", group_size, "must be 32, 64 or 128"));
+            if !super::valid_group_size_in(mode, group_size) {
+                return Err(bad(
+                    s,
+                    i,
+                    "group_size",
+                    group_size,
+                    "must be 32, 64 or 128 (16 in nvfp4)",
+                ));
             }
         } else if group_size != 0 {
             return Err(bad(
@@ -642,13 +648,13 @@ fn check_expert_entry(
     if !e.bits.0.iter().all(|&b| valid_bits(b)) {
         return Err(bad(s, i, "bits", e.bits, "must be 2, 3, 4, 5, 6 or 8"));
     }
-    if !valid_group_size(e.group_size) {
+    if !super::valid_group_size_in(e.mode, e.group_size) {
         return Err(bad(
             s,
             i,
             "group_size",
             e.group_size,
-            "must be 32, 64 or 128",
+            "must be 32, 64 or 128 (16 in nvfp4)",
         ));
     }
     if !super::mode_accepts(e.mode, e.bits.max(), e.group_size, e.scale_dtype)

@@ -14,7 +14,7 @@ use serde_json::{Map as JsonMap, Value};
 
 type Map = JsonMap<String, Value>;
 
-use super::{valid_bits, valid_group_size, ExpertEntry, PackError, TensorEntry};
+use super::{valid_bits, ExpertEntry, PackError, TensorEntry};
 use crate::arch::{ArchError, ModelConfig};
 
 /// The pack metadata (formats/flashpack-v1.md §4), parsed once at open. The small records are
@@ -455,11 +455,12 @@ impl QuantizationRecord {
     /// §4.1: bits and group sizes a v1 reader accepts.
     fn validate(&self) -> Result<(), PackError> {
         const BITS: &str = "must be 2, 3, 4, 5, 6 or 8";
-        if !valid_group_size(self.group_size) {
+        let mode = super::QuantMode::from_name(&self.mode).unwrap_or_default();
+        if !super::valid_group_size_in(mode, self.group_size) {
             return Err(bad(
                 "quantization.group_size",
                 self.group_size,
-                "must be 32, 64 or 128",
+                "must be 32, 64 or 128 (16 in nvfp4)",
             ));
         }
         if !valid_bits(self.expert_bits) {

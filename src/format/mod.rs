@@ -26,7 +26,7 @@ pub const MAGIC: [u8; 8] = *b"\x89FPACK\r\n";
 /// formats/flashpack-v1.md §2.1
 pub const MAJOR_VERSION: u16 = 1;
 /// formats/flashpack-v1.md §2.1
-pub const MINOR_VERSION: u16 = 2;
+pub const MINOR_VERSION: u16 = 3;
 /// formats/flashpack-v1.md §2.1: the Apple Silicon page.
 pub const DEFAULT_PAGE_SIZE: u32 = 16 * 1024;
 /// formats/flashpack-v1.md §2.1
@@ -55,8 +55,11 @@ pub mod required {
     pub const MX_MODES: u64 = 1 << 7;
     /// formats/flashpack-v1.md §6.4, format 1.2: some expert carries biases on its projections.
     pub const EXPERT_BIASES: u64 = 1 << 8;
+    /// formats/flashpack-v1.md §7.3, format 1.3: some tensor or expert uses nvfp4 (a 1.2
+    /// reader knows `MX_MODES` but not its mode code).
+    pub const NVFP4: u64 = 1 << 9;
     /// Every required flag this reader implements.
-    pub const KNOWN: u64 = (1 << 9) - 1;
+    pub const KNOWN: u64 = (1 << 10) - 1;
 }
 
 /// Optional feature flags, formats/flashpack-v1.md §2.2.
@@ -162,6 +165,13 @@ pub fn valid_bits(bits: u8) -> bool {
 /// Quantization group sizes a v1 reader accepts, formats/flashpack-v1.md §6.1.
 pub fn valid_group_size(group_size: u32) -> bool {
     matches!(group_size, 32 | 64 | 128)
+}
+
+/// Whether `group_size` may appear with `mode`: affine's sizes, or the one a fixed mode has (16
+/// for nvfp4, §7.3). Whether a fixed mode's bits and group size match is `mode_accepts`'s
+/// check, reported as the mode's.
+pub fn valid_group_size_in(mode: QuantMode, group_size: u32) -> bool {
+    valid_group_size(group_size) || mode.fixed().is_some_and(|(_, g)| g == group_size)
 }
 
 /// Whether `page_size` is allowed, formats/flashpack-v1.md §2.1.

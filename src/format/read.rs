@@ -267,6 +267,7 @@ fn feature_name(bits: u64) -> &'static str {
         required::MIXED_EXPERT_BITS => "mixed expert bits in a layer (flag MIXED_EXPERT_BITS)",
         required::PROJECTION_BITS => "per-projection expert bits (flag PROJECTION_BITS)",
         required::EXPERT_BIASES => "expert biases (flag EXPERT_BIASES)",
+        required::NVFP4 => "nvfp4 quantization (flag NVFP4)",
         _ => "mxfp4/mxfp8 quantization (flag MX_MODES)",
     }
 }

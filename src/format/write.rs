@@ -490,6 +490,11 @@ pub(crate) fn features(
     {
         req |= required::MX_MODES;
     }
+    if experts.iter().any(|e| e.mode == QuantMode::Nvfp4)
+        || tensors.iter().any(|t| t.mode == QuantMode::Nvfp4)
+    {
+        req |= required::NVFP4;
+    }
     if metadata.merges_experts() {
         req |= required::MERGED_EXPERTS;
     }

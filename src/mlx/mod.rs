@@ -824,6 +824,7 @@ fn mode_name(mode: QuantMode) -> &'static CStr {
         QuantMode::Affine => c"affine",
         QuantMode::Mxfp4 => c"mxfp4",
         QuantMode::Mxfp8 => c"mxfp8",
+        QuantMode::Nvfp4 => c"nvfp4",
     }
 }
 

@@ -611,8 +611,8 @@ impl Checkpoint {
                 ),
             })?;
         let p = super::quant_params(q, module)?;
-        // Affine codes have scales and biases in a float type; mxfp4/mxfp8 have u8 (E8M0)
-        // scales and no biases.
+        // Affine codes have scales and biases in a float type; mxfp4/mxfp8 (E8M0) and nvfp4
+        // (E4M3) have u8 scales and no biases.
         let sn = scales.ok_or_else(|| LoadError::MissingTensor {
             tensor: format!("{module}.scales"),
             hint: format!(" ({name} is quantized)"),
@@ -639,7 +639,7 @@ impl Checkpoint {
                 return Err(LoadError::Dtype {
                     tensor: sn.clone(),
                     found: st.dtype,
-                    expected: "U8 (E8M0) scales of mxfp4/mxfp8 codes",
+                    expected: "U8 scales of mxfp4/mxfp8/nvfp4 codes",
                 });
             }
             // The float type the codes stand for: the model's (mlx-lm keeps norms in it).

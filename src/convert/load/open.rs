@@ -225,6 +225,16 @@ impl Checkpoint {
         tensors.retain(|name, _| !mtp.holds(name));
         dropped_mtp.tensors += before - tensors.len();
         let tensors = text_model_tensors(config.arch, tensors, &shards)?;
+        // mlx-lm's nvfp4 with `global_scale=True`: a per-tensor scale no pack field carries.
+        if let Some(name) = tensors.keys().find(|n| n.ends_with(".global_scale")) {
+            return Err(LoadError::MlxQuantization {
+                detail: format!(
+                    "{name} is an nvfp4 per-tensor global scale (mlx-lm's conversion with \
+                     global_scale=True), which a pack cannot carry; convert the float \
+                     checkpoint, or an nvfp4 conversion without global scales"
+                ),
+            });
+        }
         let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
         let ckpt = Checkpoint {
             origin: None,

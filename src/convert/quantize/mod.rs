@@ -109,8 +109,8 @@ impl QuantParams {
         })
     }
 
-    /// Parameters of a source's codes in `mode`: affine as [`QuantParams::new`]; mxfp4 and
-    /// mxfp8 only at their own bits and group size (4 or 8 bits, groups of 32).
+    /// Parameters of a source's codes in `mode`: affine as [`QuantParams::new`]; mxfp4, mxfp8
+    /// and nvfp4 only at their own bits and group size (4 or 8 bits in groups of 32; 4 in 16).
     pub fn with_mode(
         bits: u8,
         group_size: usize,
@@ -134,7 +134,7 @@ impl QuantParams {
     }
 
     /// Bytes of one scale (and one bias): the float type's size for affine, 1 for the u8
-    /// (E8M0) scales of mxfp4 and mxfp8.
+    /// scales of mxfp4 and mxfp8 (E8M0) and nvfp4 (E4M3).
     pub fn scale_size(self, scale_dtype: FloatDtype) -> usize {
         if self.mode == QuantMode::Affine {
             scale_dtype.size()
@@ -506,7 +506,8 @@ impl<'a> QuantizedView<'a> {
 
     /// Row `r` back to f32: `scale * q + bias` (for requantizing; not bit-exact with
     /// `mx.dequantize`, which computes in the scale type). mxfp4 and mxfp8 codes are exact:
-    /// the code's float value times the group's power of two.
+    /// the code's float value times the group's power of two; nvfp4 the E2M1 value times the
+    /// group's E4M3 scale.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let p = self.params;
         let wpr = p.words_per_row(self.cols);
@@ -514,10 +515,14 @@ impl<'a> QuantizedView<'a> {
         let row = &self.codes[r * wpr * 4..(r + 1) * wpr * 4];
         if p.mode != QuantMode::Affine {
             for (j, o) in out.iter_mut().enumerate().take(self.cols) {
-                let scale = e8m0(self.scales[r * gpr + j / p.group_size]);
+                let s = self.scales[r * gpr + j / p.group_size];
+                let scale = match p.mode {
+                    QuantMode::Nvfp4 => super::tensor::e4m3_to_f32(s),
+                    _ => e8m0(s),
+                };
                 let code = unpack_code(row, p.bits, j) as u8;
                 let v = match p.mode {
-                    QuantMode::Mxfp4 => e2m1(code),
+                    QuantMode::Mxfp4 | QuantMode::Nvfp4 => e2m1(code),
                     _ => super::tensor::e4m3_to_f32(code),
                 };
                 *o = v * scale;
