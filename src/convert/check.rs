@@ -40,10 +40,27 @@ pub(super) fn check_tokenizer(
         })
 }
 
-/// Says once what the loader left out of a checkpoint with multi-token-prediction layers.
+/// Says once what the loader left out of a checkpoint: multi-token-prediction layers, a
+/// vision tower, and the shards holding nothing else.
 pub(super) fn note_dropped_mtp(ck: &Checkpoint, progress: &dyn Progress) {
     let d = ck.dropped_mtp();
-    if d.tensors == 0 {
+    let mut parts = Vec::new();
+    if d.tensors > 0 {
+        parts.push(format!(
+            "{} tensor(s) of the multi-token-prediction layer(s) {}..={} \
+             (num_nextn_predict_layers in config.json)",
+            d.tensors,
+            d.layers.start,
+            d.layers.end.saturating_sub(1),
+        ));
+    }
+    if d.other_tensors > 0 {
+        parts.push(format!(
+            "{} tensor(s) of no text model (vision tower and projector)",
+            d.other_tensors
+        ));
+    }
+    if parts.is_empty() {
         return;
     }
     let skipped = match d.skipped_shards.len() {
@@ -54,12 +71,8 @@ pub(super) fn note_dropped_mtp(ck: &Checkpoint, progress: &dyn Progress) {
         ),
     };
     progress.note(&format!(
-        "dropped {} tensor(s) of the multi-token-prediction layer(s) {}..={} \
-         (num_nextn_predict_layers in config.json), as mlx-lm does: the pack holds the model's \
-         {} decoder layers{skipped}",
-        d.tensors,
-        d.layers.start,
-        d.layers.end.saturating_sub(1),
+        "dropped {}, as mlx-lm does: the pack holds the text model's {} decoder layers{skipped}",
+        parts.join(" and "),
         ck.config.num_hidden_layers
     ));
 }

@@ -50,7 +50,8 @@ pub use safetensors::TensorInfo;
 pub use crate::checkpoint::{LocalResolver, ResolveError, Resolver, SourceSpec};
 
 /// What the loader left out of a checkpoint: its multi-token-prediction layers
-/// ([`safetensors::MtpLayers`]).
+/// ([`safetensors::MtpLayers`]), and the modules of no text model (a vision tower,
+/// [`safetensors::TensorFilter`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DroppedMtp {
     /// The layers dropped (`num_hidden_layers ..`); empty when config.json names none.
@@ -58,7 +59,11 @@ pub struct DroppedMtp {
     /// Tensors of those layers left out: those in the shards read, and those the index lists
     /// for the shards skipped.
     pub tensors: usize,
-    /// Shards the index lists only for such tensors: never opened, so they may be absent.
+    /// Tensors of no text model left out (a vision tower and projector), counted as
+    /// `tensors` is.
+    pub other_tensors: usize,
+    /// Shards the index lists only for tensors left out (of MTP layers or of no text model):
+    /// never opened, so they may be absent.
     pub skipped_shards: Vec<String>,
 }
 

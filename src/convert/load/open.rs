@@ -1,5 +1,6 @@
 //! Opening a checkpoint: the folder resolved, `config.json` parsed and checked against what the
-//! runtime can run, the shards the model needs mapped (those of MTP layers only never opened),
+//! runtime can run, the shards the model needs mapped (those holding only MTP layers or a
+//! vision tower never opened: `TensorFilter`, the Hub download's rule too),
 //! every safetensors header checked against its file and the index, and the tensors renamed as
 //! the architecture's sanitize rule says (`ArchDef::sanitize`: Qwen3.5's `model.language_model.*`
 //! is `model.*`, its vision tower left out).
@@ -117,7 +118,11 @@ impl Checkpoint {
                 q
             });
         let fp8_block = quantization::fp8_block_size(&raw_config)?;
-        let mtp = safetensors::MtpLayers::from_config(&raw_config)?;
+        let filter = safetensors::TensorFilter {
+            arch: Some(config.arch),
+            ..safetensors::TensorFilter::from_config(&raw_config)?
+        };
+        let mtp = &filter.mtp;
         let mut dropped_mtp = DroppedMtp {
             layers: mtp.layers.clone(),
             ..DroppedMtp::default()
@@ -136,8 +141,9 @@ impl Checkpoint {
                         "not a shard index ({{\"weight_map\": {{tensor: file}}}}): {e}"
                     ),
                 })?;
-            let plan = index.plan(&mtp);
-            dropped_mtp.tensors = plan.skipped_tensors;
+            let plan = index.plan(&filter);
+            dropped_mtp.tensors = plan.skipped_mtp_tensors;
+            dropped_mtp.other_tensors = plan.skipped_other_tensors;
             dropped_mtp.skipped_shards = plan.skipped.iter().map(|s| s.to_string()).collect();
             for (tensor, shard) in &index.weight_map {
                 if shard.contains("..") || Path::new(shard).is_absolute() {
@@ -222,9 +228,11 @@ impl Checkpoint {
         }
         // Dropped only now, so the index's claims about mixed shards were checked like any other.
         let before = tensors.len();
+        let mut tensors = text_model_tensors(config.arch, tensors, &shards)?;
+        dropped_mtp.other_tensors += before - tensors.len();
+        let before = tensors.len();
         tensors.retain(|name, _| !mtp.holds(name));
         dropped_mtp.tensors += before - tensors.len();
-        let tensors = text_model_tensors(config.arch, tensors, &shards)?;
         let index = experts::ExpertIndex::build(config.arch, tensors.keys().map(String::as_str));
         let ckpt = Checkpoint {
             origin: None,
