@@ -19,6 +19,7 @@ mod layers;
 
 // The command line and the Hub.
 mod chat;
+mod chat_templates;
 mod cli_convert;
 mod cli_inspect_verify;
 mod hub;

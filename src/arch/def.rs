@@ -39,6 +39,10 @@ pub struct ArchDef {
     pub expert_layouts: &'static [ExpertLayout],
     /// Why, in the refusal of a layout not in `expert_layouts`, and what to convert instead.
     pub layout_refusal: Option<&'static str>,
+    /// The prompt format chat and serve use when a pack carries no chat template: a Jinja
+    /// template written here from the format upstream documents, for a model whose repository
+    /// ships none (DeepSeek-V3.2's Python `encoding` module). A pack's own template wins.
+    pub chat_template: Option<&'static str>,
 }
 
 /// The part of mlx-lm's `sanitize` a conversion applies: source names a pack renames or
@@ -105,5 +109,6 @@ impl ArchDef {
             ExpertLayout::Stacked,
         ],
         layout_refusal: None,
+        chat_template: None,
     };
 }

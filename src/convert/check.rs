@@ -14,8 +14,23 @@ pub(super) fn check_tokenizer(
     ck: &Checkpoint,
     progress: &dyn Progress,
 ) -> Result<(), ConvertError> {
+    // A template transformers could not use is refused now, not after the experts.
+    write::chat_template(ck)?;
     let path = ck.root().join("tokenizer.json");
     if !write::optional_file(&path)? {
+        if let Some(why) = tiktoken_source(ck) {
+            progress.warn(&format!(
+                "{} has no tokenizer.json but {why}, which flashpack does not read \
+                 (docs/decisions/0022-tiktoken-tokenizers.md): the pack will take token ids \
+                 only, and `flashpack run`, `chat` and `serve` will refuse text. To chat with \
+                 it, put a tokenizer.json converted from tiktoken.model beside config.json \
+                 (transformers' TikTokenConverter with the pat_str of the repository's \
+                 tokenization_*.py and the special tokens of tokenizer_config.json) and \
+                 convert again",
+                ck.root().display()
+            ));
+            return Ok(());
+        }
         progress.warn(&format!(
             "{} has no tokenizer.json: the pack will take token ids only, and `flashpack run \
              --prompt` will refuse it; copy the model's tokenizer.json into the folder and \
@@ -38,6 +53,22 @@ pub(super) fn check_tokenizer(
             ),
             source: Some(e),
         })
+}
+
+/// Whether the source's tokenizer is tiktoken's (Kimi K2 / K2.5 ship `tiktoken.model` and
+/// `tokenization_kimi.py`, `tokenizer_class: "TikTokenTokenizer"`, and no tokenizer.json): what
+/// says so, for the warning. A Hub snapshot holds only the files conversion reads, so the
+/// class in tokenizer_config.json counts as much as the file.
+fn tiktoken_source(ck: &Checkpoint) -> Option<String> {
+    if ck.root().join("tiktoken.model").is_file() {
+        return Some("it ships a tiktoken tokenizer (tiktoken.model)".into());
+    }
+    let text = std::fs::read_to_string(ck.root().join("tokenizer_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let class = config.get("tokenizer_class")?.as_str()?;
+    class.contains("TikToken").then(|| {
+        format!("its tokenizer_config.json names a tiktoken tokenizer ({class}, read from tiktoken.model)")
+    })
 }
 
 /// Says once what the loader left out of a checkpoint: multi-token-prediction layers, a

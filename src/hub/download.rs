@@ -29,11 +29,12 @@ const CONFIG: &str = "config.json";
 const SINGLE_WEIGHTS: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 /// Files conversion reads when the repo has them (tokenizer, chat template, defaults).
-pub const OPTIONAL_FILES: [&str; 4] = [
+pub const OPTIONAL_FILES: [&str; 5] = [
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
+    "chat_template.json",
 ];
 /// Largest JSON answer read (the revision listing of a repo with many files).
 const JSON_LIMIT: u64 = 64 << 20;
