@@ -22,6 +22,7 @@ mod chat;
 mod chat_templates;
 mod cli_convert;
 mod cli_inspect_verify;
+mod compressed_tensors;
 mod hub;
 mod serve;
 

@@ -33,7 +33,7 @@ pub use crate::arch::ExpertLayout;
 pub use dense::{DenseTensor, TensorData};
 pub use error::LoadError;
 pub use provenance::{Provenance, SourceFile};
-pub use quantization::quant_params;
+pub use quantization::{quant_params, PackedInt};
 
 use crate::arch::ModelConfig;
 use crate::convert::tensor::Dtype;
@@ -78,6 +78,13 @@ pub struct Checkpoint {
     /// Block size (rows, columns) of an FP8 checkpoint's weight scales
     /// (`quantization_config.quant_method = "fp8"`, as DeepSeek-V3 and Qwen3 FP8 ship).
     pub fp8_block: Option<[usize; 2]>,
+    /// Bits and group size of a compressed-tensors `pack-quantized` checkpoint's integer codes
+    /// (`quantization_config.quant_method = "compressed-tensors"`, as Kimi K2 Thinking and K2.5
+    /// ship their experts), read as the floats they stand for.
+    pub packed_int: Option<quantization::PackedInt>,
+    /// The unpacked column count of each packed weight (its `weight_shape`), by the name it is
+    /// read under (`W.weight`).
+    packed_cols: BTreeMap<String, usize>,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, Entry>,
     index: experts::ExpertIndex,

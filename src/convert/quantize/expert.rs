@@ -70,7 +70,7 @@ impl<'a> ProjSource<'a> {
         match self {
             ProjSource::Float(m) => {
                 let mut v = vec![m.bytes()];
-                v.extend(m.fp8_blocks().map(|b| b.scales));
+                v.extend(m.scale_bytes());
                 v
             }
             ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => {
