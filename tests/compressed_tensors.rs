@@ -188,7 +188,8 @@ fn int4_pack_quantized_experts_convert_as_the_bf16_values_they_stand_for() {
 
 #[test]
 fn unsupported_compressed_tensors_settings_are_refused_by_name() {
-    let cases: [(&str, fn(&mut Value)); 4] = [
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit); 4] = [
         ("symmetric", |q| {
             q["config_groups"]["group_0"]["weights"]["symmetric"] = json!(false)
         }),

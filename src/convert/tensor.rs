@@ -451,6 +451,64 @@ impl<'a> MatrixView<'a> {
 mod tests {
     use super::FloatDtype;
 
+    /// compressed-tensors' own example (`pack_to_int32`'s docstring, 8 bits): [1, 2] is stored
+    /// as [129, 130, 0, 0], the word 33409; and 4 bits, eight codes to a word, lowest first.
+    #[test]
+    fn packed_int_rows_read_as_compressed_tensors_packs_them() {
+        use super::{FloatDtype, MatrixView, PackedIntGroups};
+        let half = half::bf16::from_f32(0.5).to_le_bytes();
+        let view = |bits, cols, words: &[u32], scales: &'static [u8]| {
+            let data: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let data: &'static [u8] = Box::leak(data.into_boxed_slice());
+            let groups = PackedIntGroups {
+                scales,
+                scale_dtype: FloatDtype::Bf16,
+                bits,
+                group_size: 32,
+            };
+            MatrixView::packed_int(1, cols, data, groups).unwrap()
+        };
+        let scales: &'static [u8] = Box::leak(Box::new(half));
+        let mut out = [0f32; 2];
+        view(8, 2, &[33409], scales).row_f32(0, &mut out);
+        assert_eq!(out, [0.5, 1.0]);
+        // q = -8, -1, 0, 1, 7, 3, -4, 2 stored as q + 8, the first in bits 0..4.
+        let q = [-8i32, -1, 0, 1, 7, 3, -4, 2];
+        let word = q
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (i, &q)| w | (((q + 8) as u32) << (4 * i)));
+        let mut out = [0f32; 8];
+        view(4, 8, &[word], scales).row_f32(0, &mut out);
+        assert_eq!(out, q.map(|q| q as f32 * 0.5));
+        // Sizes that disagree are refused; a non-finite scale is found.
+        let groups = PackedIntGroups {
+            scales,
+            scale_dtype: FloatDtype::Bf16,
+            bits: 4,
+            group_size: 32,
+        };
+        assert!(MatrixView::packed_int(1, 9, &[0u8; 4], groups).is_none());
+        assert!(
+            MatrixView::packed_int(1, 8, &[0u8; 4], PackedIntGroups { bits: 3, ..groups })
+                .is_none()
+        );
+        let nan: &'static [u8] = Box::leak(Box::new(half::bf16::NAN.to_le_bytes()));
+        let m = MatrixView::packed_int(
+            1,
+            8,
+            &[0u8; 4],
+            PackedIntGroups {
+                scales: nan,
+                ..groups
+            },
+        );
+        assert_eq!(
+            m.unwrap().first_non_finite().map(|(r, c, _)| (r, c)),
+            Some((0, 0))
+        );
+    }
+
     #[test]
     fn finds_the_first_non_finite_value_in_every_float_type() {
         for dtype in [FloatDtype::F32, FloatDtype::F16, FloatDtype::Bf16] {

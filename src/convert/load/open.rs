@@ -64,13 +64,15 @@ fn text_model_tensors(
 /// travels with it (one scale per group of a row); `W.weight_shape`, the unpacked `[rows, cols]`,
 /// is checked against the two and left out. A packed weight without its scales, or with shapes
 /// that disagree, is refused here.
-/// Returns the tensors, and each packed weight's unpacked column count by its new name.
-#[allow(clippy::type_complexity)]
+/// The tensors, and each packed weight's unpacked column count by its new name.
+type PackedTensors = (BTreeMap<String, Entry>, BTreeMap<String, usize>);
+
+/// Returns [`PackedTensors`].
 fn packed_int_tensors(
     mut tensors: BTreeMap<String, Entry>,
     p: quantization::PackedInt,
     shards: &[Shard],
-) -> Result<(BTreeMap<String, Entry>, BTreeMap<String, usize>), LoadError> {
+) -> Result<PackedTensors, LoadError> {
     let mut packed_cols = BTreeMap::new();
     let stems: Vec<String> = tensors
         .keys()
