@@ -59,15 +59,15 @@ fn text_model_tensors(
     Ok(out)
 }
 
+/// The tensors, and each packed weight's unpacked column count by its new name.
+type PackedTensors = (BTreeMap<String, Entry>, BTreeMap<String, usize>);
+
 /// compressed-tensors' names ([`quantization::PackedInt`]): `W.weight_packed` (int32 words) is
 /// read as `W.weight`, dequantized as it is read (`Checkpoint::float_matrix`); `W.weight_scale`
 /// travels with it (one scale per group of a row); `W.weight_shape`, the unpacked `[rows, cols]`,
 /// is checked against the two and left out. A packed weight without its scales, or with shapes
 /// that disagree, is refused here.
-/// The tensors, and each packed weight's unpacked column count by its new name.
-type PackedTensors = (BTreeMap<String, Entry>, BTreeMap<String, usize>);
-
-/// Returns [`PackedTensors`].
+/// Returns the renamed tensors and the column counts ([`PackedTensors`]).
 fn packed_int_tensors(
     mut tensors: BTreeMap<String, Entry>,
     p: quantization::PackedInt,
