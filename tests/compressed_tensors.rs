@@ -3,7 +3,11 @@
 //! first, `weight_scale` bf16, `weight_shape`). A tiny Kimi K2.5 checkpoint written in that
 //! layout converts to the very pack its bf16 twin converts to, the twin holding the values the
 //! codes stand for (`(u - 8) * scale` in bf16, compressed-tensors' `dequantize`): same tensors,
-//! same expert bytes, so the same logits. Unsupported settings are refused, naming them.
+//! same expert bytes, so the same logits. With the default group size of 64 the INT4 values are
+//! quantized again as the twin's are; with `--group-size 32` the codes are copied (the twin's
+//! groups span the whole grid, so quantizing its values finds the same codes: the copy is checked
+//! against MLX's quantizer; src/convert/quantize/tests.rs checks it on codes that do not).
+//! Unsupported settings are refused, naming them.
 
 use std::path::Path;
 use std::process::Command;
@@ -40,11 +44,16 @@ fn is_expert_weight(name: &str) -> bool {
     name.contains(".mlp.experts.") && name.ends_with("_proj.weight")
 }
 
-/// `w` ([rows, cols] bf16) quantized as compressed-tensors does for symmetric INT4 groups:
-/// scale = max|w| / 7 per group (in bf16), q = clamp(round(w / scale), -8, 7). Returns the packed
-/// int32 words (`q + 8`, eight to a word, lowest bits first), the bf16 scales, and the bf16 values
-/// the codes stand for.
-fn int4(w: &[u8], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+/// `w` ([rows, cols] bf16) quantized to symmetric INT4 groups: q = clamp(round(w / scale), -8, 7)
+/// with a power-of-two scale near max|w| / 7, and each group's first two codes set to -8 and 7.
+/// So every group spans the whole grid and its values `q * scale` are exact in bf16: MLX's affine
+/// quantization of those values at 4 bits and groups of 32 finds the very codes, the scale and a
+/// bias of -8 x scale, which is what copying the codes gives (`--group-size 32`). Returns the
+/// packed int32 words (`q + 8`, eight to a word, lowest bits first), the bf16 scales, and the
+/// bf16 values the codes stand for.
+/// With `aligned` false: scale = max|w| / 7 rounded to bf16, no code forced, as
+/// compressed-tensors' minmax observer gives them.
+fn int4(w: &[u8], rows: usize, cols: usize, aligned: bool) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let vals: Vec<f32> = w
         .chunks_exact(2)
         .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -54,11 +63,19 @@ fn int4(w: &[u8], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let row = &vals[r * cols..(r + 1) * cols];
         let mut codes = Vec::with_capacity(cols);
         for g in row.chunks(GROUP) {
-            let amax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let scale = bf16::from_f32(if amax > 0.0 { amax / 7.0 } else { 1.0 });
+            let amax = g.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let scale = bf16::from_f32(if aligned {
+                (amax / 7.0).log2().floor().exp2()
+            } else {
+                amax / 7.0
+            });
             scales.extend_from_slice(&scale.to_le_bytes());
-            for &x in g {
-                let q = (x / scale.to_f32()).round().clamp(-8.0, 7.0) as i32;
+            for (i, &x) in g.iter().enumerate() {
+                let q = match i {
+                    0 if aligned => -8,
+                    1 if aligned => 7,
+                    _ => (x / scale.to_f32()).round().clamp(-8.0, 7.0) as i32,
+                };
                 codes.push((q + 8) as u32);
                 deq.extend_from_slice(&bf16::from_f32(q as f32 * scale.to_f32()).to_le_bytes());
             }
@@ -76,7 +93,13 @@ fn int4(w: &[u8], rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
 
 /// Writes the tiny Kimi K2.5 checkpoint twice: `int4` in compressed-tensors' layout, `bf16` with
 /// the values its codes stand for. `edit` changes the INT4 config's `quantization_config`.
-fn write_pair(int4_dir: &Path, bf16_dir: &Path, edit: impl Fn(&mut Value)) {
+/// Returns the packed words of every expert weight, by the weight's name.
+fn write_pair(
+    int4_dir: &Path,
+    bf16_dir: &Path,
+    aligned: bool,
+    edit: impl Fn(&mut Value),
+) -> Vec<(String, Vec<u8>)> {
     let spec = FixtureSpec::tiny(Arch::KimiK25);
     spec.write(bf16_dir).unwrap();
     let path = bf16_dir.join("model.safetensors");
@@ -86,6 +109,7 @@ fn write_pair(int4_dir: &Path, bf16_dir: &Path, edit: impl Fn(&mut Value)) {
     let mut plain: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut packed: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut experts = 0;
+    let mut all_words = Vec::new();
     for (name, view) in st.tensors() {
         if !is_expert_weight(&name) {
             let t = (
@@ -104,7 +128,8 @@ fn write_pair(int4_dir: &Path, bf16_dir: &Path, edit: impl Fn(&mut Value)) {
             panic!("{name}")
         };
         let (rows, cols) = (*rows, *cols);
-        let (words, scales, deq) = int4(view.data(), rows, cols);
+        let (words, scales, deq) = int4(view.data(), rows, cols, aligned);
+        all_words.push((name.clone(), words.clone()));
         plain.push((name.clone(), Dtype::BF16, vec![rows, cols], deq));
         let stem = name.strip_suffix(".weight").unwrap();
         packed.push((
@@ -143,6 +168,7 @@ fn write_pair(int4_dir: &Path, bf16_dir: &Path, edit: impl Fn(&mut Value)) {
     config["quantization_config"] = quantization_config();
     edit(&mut config["quantization_config"]);
     std::fs::write(int4_dir.join("config.json"), config.to_string()).unwrap();
+    all_words
 }
 
 fn convert(src: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
@@ -163,7 +189,7 @@ fn convert(src: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 fn int4_pack_quantized_experts_convert_as_the_bf16_values_they_stand_for() {
     let dir = tempfile::tempdir().unwrap();
     let (int4_dir, bf16_dir) = (dir.path().join("int4"), dir.path().join("bf16"));
-    write_pair(&int4_dir, &bf16_dir, |_| {});
+    write_pair(&int4_dir, &bf16_dir, true, |_| {});
     for (i, extra) in [&[][..], &["--group-size", "32"][..]].iter().enumerate() {
         let (a, b) = (
             dir.path().join(format!("int4-{i}.flashpack")),
@@ -186,6 +212,43 @@ fn int4_pack_quantized_experts_convert_as_the_bf16_values_they_stand_for() {
     }
 }
 
+/// Codes as a minmax observer leaves them (groups that do not span the grid): at 4 bits and
+/// groups of 32 every expert's packed words are in the pack as they are (raw experts, decision
+/// 0014), where quantizing the values again would have found other codes.
+#[test]
+fn int4_codes_are_kept_at_their_own_bits_and_group_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (int4_dir, bf16_dir) = (dir.path().join("int4"), dir.path().join("bf16"));
+    let words = write_pair(&int4_dir, &bf16_dir, false, |_| {});
+    let (a, b) = (
+        dir.path().join("a.flashpack"),
+        dir.path().join("b.flashpack"),
+    );
+    for (src, out) in [(&int4_dir, &a), (&bf16_dir, &b)] {
+        let o = convert(src, out, &["--group-size", "32", "--codec", "raw"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (Pack::open(&a).unwrap(), Pack::open(&b).unwrap());
+    let stored = |p: &Pack| -> Vec<u8> {
+        p.experts()
+            .iter()
+            .flat_map(|x| p.segment_stored(x).to_vec())
+            .collect()
+    };
+    let (kept, requantized) = (stored(&a), stored(&b));
+    let found = |hay: &[u8], w: &[u8]| hay.windows(w.len()).any(|x| x == w);
+    for (name, w) in &words {
+        assert!(
+            found(&kept, w),
+            "{name}: the source's codes are not in the pack"
+        );
+    }
+    assert!(
+        words.iter().any(|(_, w)| !found(&requantized, w)),
+        "quantizing the values again gives the same codes: the check proves nothing"
+    );
+}
+
 #[test]
 fn unsupported_compressed_tensors_settings_are_refused_by_name() {
     type Edit = fn(&mut Value);
@@ -204,7 +267,7 @@ fn unsupported_compressed_tensors_settings_are_refused_by_name() {
     for (what, edit) in cases {
         let dir = tempfile::tempdir().unwrap();
         let (int4_dir, bf16_dir) = (dir.path().join("int4"), dir.path().join("bf16"));
-        write_pair(&int4_dir, &bf16_dir, edit);
+        write_pair(&int4_dir, &bf16_dir, true, edit);
         let out = dir.path().join("p.flashpack");
         let o = convert(&int4_dir, &out, &[]);
         let stderr = String::from_utf8_lossy(&o.stderr);
@@ -219,7 +282,7 @@ fn unsupported_compressed_tensors_settings_are_refused_by_name() {
     // A packed weight without its scales.
     let dir = tempfile::tempdir().unwrap();
     let (int4_dir, bf16_dir) = (dir.path().join("int4"), dir.path().join("bf16"));
-    write_pair(&int4_dir, &bf16_dir, |_| {});
+    write_pair(&int4_dir, &bf16_dir, true, |_| {});
     let path = int4_dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

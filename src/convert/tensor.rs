@@ -341,6 +341,14 @@ impl<'a> MatrixView<'a> {
         }
     }
 
+    /// The group scales and layout, for a packed integer matrix.
+    pub fn packed_int_groups(&self) -> Option<PackedIntGroups<'a>> {
+        match self.coded {
+            Coded::PackedInt(g) => Some(g),
+            _ => None,
+        }
+    }
+
     /// The scales that travel with the codes (FP8 blocks, integer groups), if any: source bytes
     /// read with [`MatrixView::bytes`].
     pub fn scale_bytes(&self) -> Option<&'a [u8]> {
