@@ -15,6 +15,10 @@ use std::process::Command;
 use crate::common::fixtures::FixtureSpec;
 use flashpack::arch::Arch;
 use flashpack::format::Pack;
+use flashpack::model::Model;
+use flashpack::run::experts::{ExpertCache, StoreOptions};
+use flashpack::run::open;
+use flashpack::run::stream::resident_store;
 use half::bf16;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -185,6 +189,20 @@ fn convert(src: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The logits of every position of `ids` through the pack, every expert resident.
+fn logits(pack: &Path, ids: &[u32]) -> Vec<f32> {
+    let (pack, cfg, weights) = open::open(pack, true).unwrap();
+    let model = Model::load(&cfg, &weights).unwrap();
+    let mut cache = ExpertCache::new(&pack, &StoreOptions::default()).unwrap();
+    cache.warm_all(&pack).unwrap();
+    let mut store = resident_store(&cache, &cfg.sparse_layers(), cfg.num_experts)
+        .unwrap()
+        .unwrap();
+    let mut kv = model.new_cache();
+    let out = model.forward_ids(ids, &mut kv, &mut store).unwrap();
+    out.to_vec_f32().unwrap()
+}
+
 #[test]
 fn int4_pack_quantized_experts_convert_as_the_bf16_values_they_stand_for() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,6 +217,9 @@ fn int4_pack_quantized_experts_convert_as_the_bf16_values_they_stand_for() {
             let o = convert(src, out, extra);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
+        // The same logits, exactly: the same pack but for the source's record.
+        let ids = [1, 17, 200, 33, 5, 480, 2, 64];
+        assert_eq!(logits(&a, &ids), logits(&b, &ids), "{extra:?}");
         let (a, b) = (Pack::open(&a).unwrap(), Pack::open(&b).unwrap());
         assert_eq!(a.tensors(), b.tensors());
         for (x, y) in a.tensors().iter().zip(b.tensors()) {
