@@ -3,10 +3,11 @@
 //! first, `weight_scale` bf16, `weight_shape`). A tiny Kimi K2.5 checkpoint written in that
 //! layout converts to the very pack its bf16 twin converts to, the twin holding the values the
 //! codes stand for (`(u - 8) * scale` in bf16, compressed-tensors' `dequantize`): same tensors,
-//! same expert bytes, so the same logits. With the default group size of 64 the INT4 values are
-//! quantized again as the twin's are; with `--group-size 32` the codes are copied (the twin's
-//! groups span the whole grid, so quantizing its values finds the same codes: the copy is checked
-//! against MLX's quantizer; src/convert/quantize/tests.rs checks it on codes that do not).
+//! same expert bytes, so the same logits. By default (and with `--group-size 32`) the INT4 codes
+//! are kept, copied into MLX's affine layout (the twin's groups span the whole grid, so quantizing
+//! its values at groups of 32 finds the same codes: the copy is checked against MLX's quantizer;
+//! a second test checks it on codes that do not); with `--group-size 64` the INT4 values are
+//! quantized again, as the twin's are.
 //! Unsupported settings are refused, naming them.
 
 use std::path::Path;
@@ -203,71 +204,106 @@ fn logits(pack: &Path, ids: &[u32]) -> Vec<f32> {
     out.to_vec_f32().unwrap()
 }
 
+/// The experts of two packs are stored alike: the same segments, bits, checksums and bytes
+/// (where the segments start may differ, with the dense tensors before them).
+fn same_experts(a: &Pack, b: &Pack) {
+    assert_eq!(a.experts().len(), b.experts().len());
+    for (x, y) in a.experts().iter().zip(b.experts()) {
+        assert_eq!(
+            (x.key(), x.bits, x.group_size, x.blake3),
+            (y.key(), y.bits, y.group_size, y.blake3)
+        );
+        assert!(a.segment_stored(x) == b.segment_stored(y), "{:?}", x.key());
+    }
+}
+
 #[test]
 fn int4_pack_quantized_experts_convert_as_the_bf16_values_they_stand_for() {
     let dir = tempfile::tempdir().unwrap();
     let (int4_dir, bf16_dir) = (dir.path().join("int4"), dir.path().join("bf16"));
     write_pair(&int4_dir, &bf16_dir, true, |_| {});
-    for (i, extra) in [&[][..], &["--group-size", "32"][..]].iter().enumerate() {
-        let (a, b) = (
-            dir.path().join(format!("int4-{i}.flashpack")),
-            dir.path().join(format!("bf16-{i}.flashpack")),
-        );
-        for (src, out) in [(&int4_dir, &a), (&bf16_dir, &b)] {
-            let o = convert(src, out, extra);
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        }
+    let pack = |name: &str| dir.path().join(format!("{name}.flashpack"));
+    let report = |src: &Path, name: &str, extra: &[&str]| -> Value {
+        let o = convert(src, &pack(name), &[extra, &["--json"][..]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    // By default the INT4 codes are kept at their own bits and group size (4, 32)...
+    let r = report(&int4_dir, "int4", &[]);
+    assert_eq!(
+        r["source_packed_int"],
+        json!({"bits": 4, "group_size": GROUP}),
+        "{r}"
+    );
+    assert_eq!(r["requantized_source"], false, "{r}");
+    // ... asked for explicitly too; and at another group size they are quantized again.
+    report(&int4_dir, "int4-32", &["--group-size", "32"]);
+    let r = report(&int4_dir, "int4-64", &["--group-size", "64"]);
+    assert_eq!(r["requantized_source"], true, "{r}");
+    report(&bf16_dir, "bf16-32", &["--group-size", "32"]);
+    report(&bf16_dir, "bf16-64", &["--group-size", "64"]);
+
+    let ids = [1, 17, 200, 33, 5, 480, 2, 64];
+    for (int4, bf16) in [("int4-32", "bf16-32"), ("int4-64", "bf16-64")] {
         // The same logits, exactly: the same pack but for the source's record.
-        let ids = [1, 17, 200, 33, 5, 480, 2, 64];
-        assert_eq!(logits(&a, &ids), logits(&b, &ids), "{extra:?}");
-        let (a, b) = (Pack::open(&a).unwrap(), Pack::open(&b).unwrap());
+        assert_eq!(
+            logits(&pack(int4), &ids),
+            logits(&pack(bf16), &ids),
+            "{int4}"
+        );
+        let (a, b) = (
+            Pack::open(&pack(int4)).unwrap(),
+            Pack::open(&pack(bf16)).unwrap(),
+        );
         assert_eq!(a.tensors(), b.tensors());
         for (x, y) in a.tensors().iter().zip(b.tensors()) {
             assert!(a.tensor_stored(x) == b.tensor_stored(y), "{}", x.name);
         }
-        assert_eq!(a.experts(), b.experts());
-        for (x, y) in a.experts().iter().zip(b.experts()) {
-            assert!(a.segment_stored(x) == b.segment_stored(y), "{:?}", x.key());
-        }
+        same_experts(&a, &b);
         assert!(!a.tensors().iter().any(|t| t.name.contains("weight_")));
     }
+    // The default's experts are those of groups of 32 (its dense tensors use the default 64).
+    same_experts(
+        &Pack::open(&pack("int4")).unwrap(),
+        &Pack::open(&pack("bf16-32")).unwrap(),
+    );
 }
 
-/// Codes as a minmax observer leaves them (groups that do not span the grid): at 4 bits and
-/// groups of 32 every expert's packed words are in the pack as they are (raw experts, decision
-/// 0014), where quantizing the values again would have found other codes.
+/// Codes as a minmax observer leaves them (groups that do not span the grid): by default, and
+/// at 4 bits and groups of 32 asked for, every expert's packed words are in the pack as they are
+/// (raw experts, decision 0014), where quantizing the values again finds other codes.
 #[test]
 fn int4_codes_are_kept_at_their_own_bits_and_group_size() {
     let dir = tempfile::tempdir().unwrap();
     let (int4_dir, bf16_dir) = (dir.path().join("int4"), dir.path().join("bf16"));
     let words = write_pair(&int4_dir, &bf16_dir, false, |_| {});
-    let (a, b) = (
-        dir.path().join("a.flashpack"),
-        dir.path().join("b.flashpack"),
-    );
-    for (src, out) in [(&int4_dir, &a), (&bf16_dir, &b)] {
-        let o = convert(src, out, &["--group-size", "32", "--codec", "raw"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-    let (a, b) = (Pack::open(&a).unwrap(), Pack::open(&b).unwrap());
     let stored = |p: &Pack| -> Vec<u8> {
         p.experts()
             .iter()
             .flat_map(|x| p.segment_stored(x).to_vec())
             .collect()
     };
-    let (kept, requantized) = (stored(&a), stored(&b));
     let found = |hay: &[u8], w: &[u8]| hay.windows(w.len()).any(|x| x == w);
-    for (name, w) in &words {
-        assert!(
-            found(&kept, w),
-            "{name}: the source's codes are not in the pack"
-        );
-    }
+    let converted = |src: &Path, name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let o = convert(src, &out, &[extra, &["--codec", "raw"][..]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        stored(&Pack::open(&out).unwrap())
+    };
+    let requantized = converted(&bf16_dir, "b.flashpack", &["--group-size", "32"]);
     assert!(
         words.iter().any(|(_, w)| !found(&requantized, w)),
         "quantizing the values again gives the same codes: the check proves nothing"
     );
+    for (name, extra) in [("default", &[][..]), ("gs32", &["--group-size", "32"][..])] {
+        let kept = converted(&int4_dir, name, extra);
+        for (tensor, w) in &words {
+            assert!(
+                found(&kept, w),
+                "{name}: {tensor}'s codes are not in the pack"
+            );
+        }
+    }
 }
 
 #[test]

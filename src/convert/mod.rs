@@ -209,7 +209,8 @@ pub fn convert_checkpoint(
             .first()
             .and_then(|&l| ck.expert_layout(l).ok()),
         source_mlx_quantized: ck.mlx_quantization.is_some(),
-        requantized_source: ck.mlx_quantization.is_some()
+        source_packed_int: ck.packed_int,
+        requantized_source: (ck.mlx_quantization.is_some() || ck.packed_int.is_some())
             && (!opts.keep_source_codes || stored_quant.requantized_experts > 0),
         requantized_experts: stored_quant.requantized_experts,
         removed_stale_temp_files: summary.removed_stale_temp_files.clone(),
