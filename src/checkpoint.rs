@@ -1,5 +1,6 @@
 //! A Hugging Face checkpoint as files: where it is ([`SourceSpec`], turned into a folder by a
-//! [`Resolver`]) and which of its shards hold the model ([`ShardIndex`], [`MtpLayers`]).
+//! [`Resolver`]) and which of its shards hold the model ([`ShardIndex`], [`TensorFilter`]: not
+//! the multi-token-prediction layers, [`MtpLayers`], nor a vision tower).
 //!
 //! In: what the user named, `config.json` and `model.safetensors.index.json` texts. Out: a
 //! folder, and the shards a conversion reads. Invariant: one rule decides which shards are
@@ -7,9 +8,10 @@
 //! imports neither (docs/architecture.md, "Who may import whom"), so they do not import each
 //! other.
 
-use crate::arch::ArchError;
+use crate::arch::{Arch, ArchError};
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -147,31 +149,42 @@ impl ShardIndex {
     }
 
     /// Which shards a conversion reads: a shard is skipped when every tensor the index maps to
-    /// it belongs to a layer of `mtp`; a shard holding any other tensor is needed (its MTP
-    /// tensors, if any, are dropped as the shard is indexed). Pure: no file is opened.
-    pub fn plan(&self, mtp: &MtpLayers) -> ShardPlan<'_> {
+    /// it is one that `filter` drops (a multi-token-prediction layer, a vision tower); a shard
+    /// holding any other tensor is needed (what it holds of the dropped ones is dropped as the
+    /// shard is indexed). Pure: no file is opened.
+    pub fn plan(&self, filter: &TensorFilter) -> ShardPlan<'_> {
         let mut needed = BTreeSet::new();
-        let mut mtp_tensors: BTreeMap<&str, usize> = BTreeMap::new();
+        // shard -> (MTP tensors, other dropped tensors)
+        let mut dropped: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
         for (tensor, shard) in &self.weight_map {
-            if mtp.holds(tensor) {
-                *mtp_tensors.entry(shard.as_str()).or_default() += 1;
-            } else {
-                needed.insert(shard.as_str());
+            match filter.drops(tensor) {
+                None => {
+                    needed.insert(shard.as_str());
+                }
+                Some(why) => {
+                    let n = dropped.entry(shard.as_str()).or_default();
+                    match why {
+                        Dropped::Mtp => n.0 += 1,
+                        Dropped::NotText => n.1 += 1,
+                    }
+                }
             }
         }
-        let mut skipped_tensors = 0;
-        let skipped = mtp_tensors
+        let (mut skipped_mtp_tensors, mut skipped_other_tensors) = (0, 0);
+        let skipped = dropped
             .into_iter()
             .filter(|(shard, _)| !needed.contains(shard))
-            .map(|(shard, n)| {
-                skipped_tensors += n;
+            .map(|(shard, (mtp, other))| {
+                skipped_mtp_tensors += mtp;
+                skipped_other_tensors += other;
                 shard
             })
             .collect();
         ShardPlan {
             needed: needed.into_iter().collect(),
             skipped,
-            skipped_tensors,
+            skipped_mtp_tensors,
+            skipped_other_tensors,
         }
     }
 }
@@ -179,12 +192,68 @@ impl ShardIndex {
 /// The shards of an index a conversion reads, and those it leaves alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardPlan<'a> {
-    /// Shards holding at least one tensor outside the MTP layers, sorted.
+    /// Shards holding at least one tensor the conversion keeps, sorted.
     pub needed: Vec<&'a str>,
-    /// Shards holding only MTP tensors, sorted: never opened, never downloaded.
+    /// Shards holding only tensors it drops, sorted: never opened, never downloaded.
     pub skipped: Vec<&'a str>,
-    /// Tensors the index maps to the skipped shards.
-    pub skipped_tensors: usize,
+    /// Tensors of MTP layers the index maps to the skipped shards.
+    pub skipped_mtp_tensors: usize,
+    /// Other dropped tensors (a vision tower) the index maps to the skipped shards.
+    pub skipped_other_tensors: usize,
+}
+
+/// Why a conversion leaves a source tensor out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// A tensor of a multi-token-prediction layer ([`MtpLayers`]).
+    Mtp,
+    /// A tensor of no text model: the vision tower or projector of a multimodal checkpoint,
+    /// which the architecture's sanitize rule leaves out (`Arch::text_model_name`).
+    NotText,
+}
+
+/// Which tensors of a checkpoint a conversion keeps, by name alone: the architecture's rename
+/// first (a multimodal checkpoint's vision modules have no name in the text model), then the
+/// MTP layers among the renamed names (Kimi K2.5's `language_model.model.layers.{N}.*` is layer
+/// N). The one rule the loader and the Hub download apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TensorFilter {
+    pub mtp: MtpLayers,
+    /// `None` (a `model_type` flashpack does not know): every name is its own; the loader
+    /// refuses such a checkpoint anyway, naming its `model_type`.
+    pub arch: Option<Arch>,
+}
+
+impl TensorFilter {
+    /// From a raw `config.json`: the architecture by `model_type`, the MTP layers as
+    /// [`MtpLayers::from_config`] reads them.
+    pub fn from_config(config: &Value) -> Result<TensorFilter, ArchError> {
+        let arch = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .and_then(|t| Arch::from_model_type(t).ok());
+        Ok(TensorFilter {
+            mtp: MtpLayers::from_config(config)?,
+            arch,
+        })
+    }
+
+    /// The name a pack gives `tensor` (`None`: no part of the text model).
+    pub fn text_name<'a>(&self, tensor: &'a str) -> Option<Cow<'a, str>> {
+        match self.arch {
+            Some(a) => a.text_model_name(tensor),
+            None => Some(Cow::Borrowed(tensor)),
+        }
+    }
+
+    /// Why `tensor` (a source name) is left out, or `None` when it is kept.
+    pub fn drops(&self, tensor: &str) -> Option<Dropped> {
+        match self.text_name(tensor) {
+            None => Some(Dropped::NotText),
+            Some(n) if self.mtp.holds(&n) => Some(Dropped::Mtp),
+            Some(_) => None,
+        }
+    }
 }
 
 /// The multi-token-prediction (MTP) layers of a checkpoint: DeepSeek-V3, Kimi-K2 and GLM-4.5
@@ -202,8 +271,14 @@ pub struct MtpLayers {
 
 impl MtpLayers {
     /// Reads `num_nextn_predict_layers` (absent or null: none) and, when it is above 0,
-    /// `num_hidden_layers` from a raw `config.json`, whatever its architecture.
+    /// `num_hidden_layers` from a raw `config.json`, whatever its architecture; from its
+    /// `text_config` when the top level has no `num_nextn_predict_layers` (Kimi K2.5's and
+    /// Qwen3.5's multimodal configs keep the text model's fields there).
     pub fn from_config(config: &Value) -> Result<MtpLayers, ArchError> {
+        let config = match config.get("text_config") {
+            Some(t @ Value::Object(_)) if config.get("num_nextn_predict_layers").is_none() => t,
+            _ => config,
+        };
         let count = |field: &'static str| -> Result<Option<usize>, ArchError> {
             match config.get(field) {
                 None | Some(Value::Null) => Ok(None),

@@ -999,3 +999,137 @@ fn cli_publish_uploads_and_reports_the_commit() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "--repo is required");
 }
+
+const KIMI_SHARDS: [&str; 3] = [
+    "model-00001-of-00003.safetensors",
+    "model-00002-of-00003.safetensors",
+    "model-00003-of-00003.safetensors",
+];
+
+/// Kimi K2.5's tiny checkpoint (tests/common/fixtures.rs) laid out as its Hub repo would be: the
+/// text model in the first shard, the vision tower and projector alone in the second, a
+/// multi-token-prediction layer (counted in `text_config`) alone in the third. Returns the
+/// single-file source it was cut from, to convert locally for comparison.
+fn kimi_repo(s: &HubServer, repo: &str) -> tempfile::TempDir {
+    use safetensors::tensor::TensorView;
+    let spec = common::fixtures::FixtureSpec::tiny(flashpack::arch::Arch::KimiK25);
+    let src = tempfile::tempdir().unwrap();
+    spec.write(src.path()).unwrap();
+    let single = std::fs::read(src.path().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&single).unwrap();
+    let mut text = Vec::new();
+    let mut vision = Vec::new();
+    for (name, view) in st.tensors() {
+        if name.starts_with("vision_tower.") || name.starts_with("mm_projector.") {
+            vision.push((name, view));
+        } else {
+            text.push((name, view));
+        }
+    }
+    assert!(!vision.is_empty());
+    let layers = spec.num_layers;
+    let h = spec.hidden_size;
+    let mtp_bytes = vec![0u8; h * 2 * h * 2];
+    let norm_bytes = vec![0u8; h * 2];
+    let mtp = vec![
+        (
+            format!("language_model.model.layers.{layers}.eh_proj.weight"),
+            TensorView::new(safetensors::Dtype::BF16, vec![h, 2 * h], &mtp_bytes).unwrap(),
+        ),
+        (
+            format!("language_model.model.layers.{layers}.enorm.weight"),
+            TensorView::new(safetensors::Dtype::BF16, vec![h], &norm_bytes).unwrap(),
+        ),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    let mut files = Vec::new();
+    for (shard, tensors) in KIMI_SHARDS.iter().zip([text, vision, mtp]) {
+        for (name, _) in &tensors {
+            weight_map.insert(name.clone(), json!(shard));
+        }
+        files.push((*shard, safetensors::serialize(tensors, None).unwrap(), true));
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.path().join("config.json")).unwrap())
+            .unwrap();
+    config["text_config"]["num_nextn_predict_layers"] = json!(1);
+    let index = json!({"weight_map": weight_map}).to_string().into_bytes();
+    files.push(("model.safetensors.index.json", index, false));
+    files.push(("config.json", config.to_string().into_bytes(), false));
+    s.add_repo(repo, false, &files);
+    src
+}
+
+#[test]
+fn shards_of_a_vision_tower_or_mtp_layer_alone_are_never_downloaded() {
+    let s = server();
+    let src = kimi_repo(&s, "org/kimi");
+    let home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let pack = out_dir.path().join("hub.flashpack");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args([
+            "convert",
+            "org/kimi",
+            "-o",
+            pack.to_str().unwrap(),
+            "--json",
+        ])
+        .env("HF_ENDPOINT", &s.endpoint)
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let log = s.take_log();
+    for skipped in &KIMI_SHARDS[1..] {
+        assert!(!log.iter().any(|r| r.path.contains(skipped)), "{log:?}");
+    }
+    assert!(
+        log.iter().any(|r| r.path.contains(KIMI_SHARDS[0])),
+        "{log:?}"
+    );
+    // The loader names them: never opened, their tensors counted as dropped.
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dropped = &report["dropped_mtp"];
+    assert_eq!(
+        dropped["skipped_shards"],
+        json!(KIMI_SHARDS[1..]),
+        "{report}"
+    );
+    assert_eq!(dropped["tensors"], 2, "{report}");
+    assert_eq!(dropped["other_tensors"], 2, "{report}");
+
+    // The pack holds what the whole single-file checkpoint converts to.
+    let local = out_dir.path().join("local.flashpack");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args([
+            "convert",
+            src.path().to_str().unwrap(),
+            "-o",
+            local.to_str().unwrap(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (
+        flashpack::format::Pack::open(&pack).unwrap(),
+        flashpack::format::Pack::open(&local).unwrap(),
+    );
+    assert_eq!(a.tensors(), b.tensors());
+    for (x, y) in a.tensors().iter().zip(b.tensors()) {
+        assert!(a.tensor_stored(x) == b.tensor_stored(y), "{}", x.name);
+    }
+    assert_eq!(a.experts(), b.experts());
+    for (x, y) in a.experts().iter().zip(b.experts()) {
+        assert!(a.segment_stored(x) == b.segment_stored(y), "{:?}", x.key());
+    }
+}

@@ -19,8 +19,10 @@ mod layers;
 
 // The command line and the Hub.
 mod chat;
+mod chat_templates;
 mod cli_convert;
 mod cli_inspect_verify;
+mod compressed_tensors;
 mod hub;
 mod serve;
 

@@ -14,6 +14,9 @@
 //! `ModelConfig::indexer`); its cache is `CacheList(KVCache(), KVCache())`, the second holding the
 //! indexer's keys. The MoE block, its router and sanitize (`kv_b_proj` split, experts stacked,
 //! MTP layers dropped, FP8 dequantized) are DeepSeek-V3's.
+//!
+//! Prompt format: the repository ships no Jinja template, only a Python module
+//! (`encoding/encoding_dsv32.py`, `encode_messages`); [`CHAT_TEMPLATE`] writes its chat mode.
 
 use super::{deepseek_v3, Arch, ArchDef, ArchError, Fields, Indexer, ModelConfig};
 use serde_json::Value;
@@ -25,8 +28,28 @@ pub(super) const DEF: ArchDef = ArchDef {
         "https://github.com/ml-explore/mlx-lm/blob/main/mlx_lm/models/deepseek_v32.py",
     ],
     parse,
+    chat_template: Some(CHAT_TEMPLATE),
     ..deepseek_v3::DEF_BODY
 };
+
+/// DeepSeek-V3.2's prompt format in chat mode (no reasoning), written from the format its
+/// repository documents (https://huggingface.co/deepseek-ai/DeepSeek-V3.2, `encoding/`,
+/// `encode_messages(messages, thinking_mode="chat")`, and the release notes' example): the BOS
+/// token; a system message's text as it is; a user message as `<｜User｜>{text}<｜Assistant｜>`
+/// followed by `</think>` (chat mode closes the reasoning block every turn; thinking mode would
+/// open it, `<think>`, after the last user message); an assistant message as
+/// `{text}<｜end▁of▁sentence｜>`. So the prompt ends with the assistant's turn and `</think>`,
+/// and the model answers and then writes the end-of-sentence token. Tool calls, tool results and
+/// the `developer` role (DSML, search agents) are not rendered: such a message is refused.
+pub(super) const CHAT_TEMPLATE: &str = "<｜begin▁of▁sentence｜>\
+{%- for m in messages -%}\
+{%- if m.role == 'system' -%}{{ m.content }}\
+{%- elif m.role == 'user' -%}<｜User｜>{{ m.content }}<｜Assistant｜></think>\
+{%- elif m.role == 'assistant' -%}{{ m.content }}<｜end▁of▁sentence｜>\
+{%- else -%}{{ raise_exception('DeepSeek-V3.2 prompts take system, user and assistant \
+messages; flashpack does not render a ' ~ m.role ~ ' message') }}\
+{%- endif -%}\
+{%- endfor -%}";
 
 fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     parse_as(v, Arch::DeepseekV32, false)

@@ -43,6 +43,10 @@ pub struct ArchDef {
     /// [`ExpertLayout::Fused`] (`[E, 2I, H]`, gate rows first), or gpt-oss's
     /// [`ExpertLayout::FusedColumns`].
     pub fused_layout: ExpertLayout,
+    /// The prompt format chat and serve use when a pack carries no chat template: a Jinja
+    /// template written here from the format upstream documents, for a model whose repository
+    /// ships none (DeepSeek-V3.2's Python `encoding` module). A pack's own template wins.
+    pub chat_template: Option<&'static str>,
 }
 
 /// The part of mlx-lm's `sanitize` a conversion applies: source names a pack renames or
@@ -110,5 +114,6 @@ impl ArchDef {
         ],
         layout_refusal: None,
         fused_layout: ExpertLayout::Fused,
+        chat_template: None,
     };
 }

@@ -14,8 +14,23 @@ pub(super) fn check_tokenizer(
     ck: &Checkpoint,
     progress: &dyn Progress,
 ) -> Result<(), ConvertError> {
+    // A template transformers could not use is refused now, not after the experts.
+    write::chat_template(ck)?;
     let path = ck.root().join("tokenizer.json");
     if !write::optional_file(&path)? {
+        if let Some(why) = tiktoken_source(ck) {
+            progress.warn(&format!(
+                "{} has no tokenizer.json but {why}, which flashpack does not read \
+                 (docs/decisions/0022-tiktoken-tokenizers.md): the pack will take token ids \
+                 only, and `flashpack run`, `chat` and `serve` will refuse text. To chat with \
+                 it, put a tokenizer.json converted from tiktoken.model beside config.json \
+                 (transformers' TikTokenConverter with the pat_str of the repository's \
+                 tokenization_*.py and the special tokens of tokenizer_config.json) and \
+                 convert again",
+                ck.root().display()
+            ));
+            return Ok(());
+        }
         progress.warn(&format!(
             "{} has no tokenizer.json: the pack will take token ids only, and `flashpack run \
              --prompt` will refuse it; copy the model's tokenizer.json into the folder and \
@@ -40,10 +55,43 @@ pub(super) fn check_tokenizer(
         })
 }
 
-/// Says once what the loader left out of a checkpoint with multi-token-prediction layers.
+/// Whether the source's tokenizer is tiktoken's (Kimi K2 / K2.5 ship `tiktoken.model` and
+/// `tokenization_kimi.py`, `tokenizer_class: "TikTokenTokenizer"`, and no tokenizer.json): what
+/// says so, for the warning. A Hub snapshot holds only the files conversion reads, so the
+/// class in tokenizer_config.json counts as much as the file.
+fn tiktoken_source(ck: &Checkpoint) -> Option<String> {
+    if ck.root().join("tiktoken.model").is_file() {
+        return Some("it ships a tiktoken tokenizer (tiktoken.model)".into());
+    }
+    let text = std::fs::read_to_string(ck.root().join("tokenizer_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let class = config.get("tokenizer_class")?.as_str()?;
+    class.contains("TikToken").then(|| {
+        format!("its tokenizer_config.json names a tiktoken tokenizer ({class}, read from tiktoken.model)")
+    })
+}
+
+/// Says once what the loader left out of a checkpoint: multi-token-prediction layers, a
+/// vision tower, and the shards holding nothing else.
 pub(super) fn note_dropped_mtp(ck: &Checkpoint, progress: &dyn Progress) {
     let d = ck.dropped_mtp();
-    if d.tensors == 0 {
+    let mut parts = Vec::new();
+    if d.tensors > 0 {
+        parts.push(format!(
+            "{} tensor(s) of the multi-token-prediction layer(s) {}..={} \
+             (num_nextn_predict_layers in config.json)",
+            d.tensors,
+            d.layers.start,
+            d.layers.end.saturating_sub(1),
+        ));
+    }
+    if d.other_tensors > 0 {
+        parts.push(format!(
+            "{} tensor(s) of no text model (vision tower and projector)",
+            d.other_tensors
+        ));
+    }
+    if parts.is_empty() {
         return;
     }
     let skipped = match d.skipped_shards.len() {
@@ -54,12 +102,8 @@ pub(super) fn note_dropped_mtp(ck: &Checkpoint, progress: &dyn Progress) {
         ),
     };
     progress.note(&format!(
-        "dropped {} tensor(s) of the multi-token-prediction layer(s) {}..={} \
-         (num_nextn_predict_layers in config.json), as mlx-lm does: the pack holds the model's \
-         {} decoder layers{skipped}",
-        d.tensors,
-        d.layers.start,
-        d.layers.end.saturating_sub(1),
+        "dropped {}, as mlx-lm does: the pack holds the text model's {} decoder layers{skipped}",
+        parts.join(" and "),
         ck.config.num_hidden_layers
     ));
 }

@@ -209,7 +209,8 @@ pub fn convert_checkpoint(
             .first()
             .and_then(|&l| ck.expert_layout(l).ok()),
         source_mlx_quantized: ck.mlx_quantization.is_some(),
-        requantized_source: ck.mlx_quantization.is_some()
+        source_packed_int: ck.packed_int,
+        requantized_source: (ck.mlx_quantization.is_some() || ck.packed_int.is_some())
             && (!opts.keep_source_codes || stored_quant.requantized_experts > 0),
         requantized_experts: stored_quant.requantized_experts,
         removed_stale_temp_files: summary.removed_stale_temp_files.clone(),
@@ -306,15 +307,15 @@ fn write_payload(
                 .for_each(|b| ck.release(b)),
             load::TensorData::Fp8(m) => {
                 ck.release(m.bytes());
-                if let Some(b) = m.fp8_blocks() {
-                    ck.release(b.scales);
+                if let Some(b) = m.scale_bytes() {
+                    ck.release(b);
                 }
             }
             load::TensorData::Derived(d) => {
                 let m = d.source();
                 ck.release(m.bytes());
-                if let Some(b) = m.fp8_blocks() {
-                    ck.release(b.scales);
+                if let Some(b) = m.scale_bytes() {
+                    ck.release(b);
                 }
             }
         }
@@ -468,12 +469,12 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
         }
         load::TensorData::Quantized(q) => (q.codes.len() + q.scales.len() + q.biases.len()) as u64,
         load::TensorData::Fp8(m) => {
-            (m.bytes().len() + m.fp8_blocks().map_or(0, |b| b.scales.len())) as u64
+            (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64
         }
         // A head split is half of its source (the two halves of one tensor).
         load::TensorData::Derived(d) => {
             let m = d.source();
-            let n = (m.bytes().len() + m.fp8_blocks().map_or(0, |b| b.scales.len())) as u64;
+            let n = (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64;
             match d {
                 load::derived::Derived::HeadSplit(_) => n / 2,
                 load::derived::Derived::PlusOne(_) => n,

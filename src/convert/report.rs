@@ -51,8 +51,11 @@ pub struct ConvertReport {
     pub expert_layout: Option<ExpertLayout>,
     /// Whether the source was MLX-quantized.
     pub source_mlx_quantized: bool,
-    /// Whether some of the source's MLX codes were requantized to other bits or group size
-    /// (only when asked for: explicit bits or group size, or a cold-expert plan).
+    /// The integer groups of a compressed-tensors `pack-quantized` source (Kimi's INT4 experts),
+    /// whose codes are kept like MLX codes when they fit MLX's affine layout.
+    pub source_packed_int: Option<load::PackedInt>,
+    /// Whether some of the source's MLX (or packed integer) codes were requantized to other bits
+    /// or group size (only when asked for: explicit bits or group size, or a cold-expert plan).
     pub requantized_source: bool,
     /// Stored experts among them.
     pub requantized_experts: usize,

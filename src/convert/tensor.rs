@@ -231,18 +231,51 @@ pub struct Fp8Blocks<'a> {
     pub block_cols: usize,
 }
 
-/// A float matrix borrowed from a file or buffer: row-major floats of `dtype`, FP8 codes with
-/// block scales that stand for `dtype` (bf16) values, or floats at any element strides (a
-/// transposed or interleaved part of a larger tensor).
+/// Group scales of a compressed-tensors `pack-quantized` weight, as Kimi K2 Thinking and K2.5
+/// ship their experts (`quantization_config.quant_method = "compressed-tensors"`, `format =
+/// "pack-quantized"`, symmetric integer groups): `W.weight_packed` holds `bits`-bit codes,
+/// `32 / bits` to an int32 word, the first in the lowest bits (compressed-tensors
+/// `pack_to_int32`: `packed |= value[:, i::pack_factor] << num_bits * i`), each stored as
+/// `q + 2^(bits-1)` so that it is unsigned, a row's last word padded with zeros; `W.weight_scale`
+/// holds one float per `group_size` columns of a row. So `w[r, c] = (u[r, c] - 2^(bits-1)) *
+/// scale[r, c / group_size]` (`unpack_from_int32`, then `dequantize`: `x_q * scale`).
+#[derive(Clone, Copy, Debug)]
+pub struct PackedIntGroups<'a> {
+    pub scales: &'a [u8],
+    pub scale_dtype: FloatDtype,
+    pub bits: usize,
+    pub group_size: usize,
+}
+
+impl PackedIntGroups<'_> {
+    /// Codes per int32 word.
+    pub fn per_word(&self) -> usize {
+        32 / self.bits
+    }
+}
+
+/// How the stored elements stand for the matrix's float values.
+#[derive(Clone, Copy, Debug)]
+enum Coded<'a> {
+    /// Floats of the matrix's `dtype`.
+    Plain,
+    Fp8(Fp8Blocks<'a>),
+    PackedInt(PackedIntGroups<'a>),
+    /// Floats of `dtype` at element strides (row, column): a transposed or interleaved part of
+    /// a larger tensor (transformers' gpt-oss experts).
+    Strided(usize, usize),
+}
+
+/// A float matrix borrowed from a file or buffer: row-major floats of `dtype`, codes with scales
+/// that stand for `dtype` values (FP8 with block scales, packed integers with group scales), or
+/// floats at any element strides.
 #[derive(Clone, Copy, Debug)]
 pub struct MatrixView<'a> {
     pub dtype: FloatDtype,
     pub rows: usize,
     pub cols: usize,
     data: &'a [u8],
-    fp8: Option<Fp8Blocks<'a>>,
-    /// Element strides (row, column) of a strided view; `None`: row-major.
-    strides: Option<(usize, usize)>,
+    coded: Coded<'a>,
 }
 
 impl<'a> MatrixView<'a> {
@@ -254,8 +287,7 @@ impl<'a> MatrixView<'a> {
             rows,
             cols,
             data,
-            fp8: None,
-            strides: None,
+            coded: Coded::Plain,
         })
     }
 
@@ -283,8 +315,7 @@ impl<'a> MatrixView<'a> {
             rows,
             cols,
             data,
-            fp8: None,
-            strides: Some((row_stride, col_stride)),
+            coded: Coded::Strided(row_stride, col_stride),
         })
     }
 
@@ -302,41 +333,97 @@ impl<'a> MatrixView<'a> {
             rows,
             cols,
             data,
-            fp8: Some(blocks),
-            strides: None,
+            coded: Coded::Fp8(blocks),
+        })
+    }
+
+    /// Packed integer codes `data` (`rows` rows of `cols.div_ceil(32 / bits)` little-endian
+    /// int32 words) with their group scales ([`PackedIntGroups`]); the values it gives are
+    /// `(u - 2^(bits-1)) * scale` rounded to the scales' type, as compressed-tensors'
+    /// `dequantize` computes them in that type. `None` when the sizes disagree or `bits` does not
+    /// divide 32.
+    pub fn packed_int(
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+        groups: PackedIntGroups<'a>,
+    ) -> Option<Self> {
+        if !matches!(groups.bits, 1 | 2 | 4 | 8) || groups.group_size == 0 {
+            return None;
+        }
+        let words = rows.checked_mul(cols.div_ceil(groups.per_word()))?;
+        let scales = rows.checked_mul(cols.div_ceil(groups.group_size))?;
+        (data.len() == words.checked_mul(4)?
+            && groups.scales.len() == scales.checked_mul(groups.scale_dtype.size())?)
+        .then_some(MatrixView {
+            dtype: groups.scale_dtype,
+            rows,
+            cols,
+            data,
+            coded: Coded::PackedInt(groups),
         })
     }
 
     /// The block scales, for an FP8 matrix.
     pub fn fp8_blocks(&self) -> Option<Fp8Blocks<'a>> {
-        self.fp8
+        match self.coded {
+            Coded::Fp8(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The group scales and layout, for a packed integer matrix.
+    pub fn packed_int_groups(&self) -> Option<PackedIntGroups<'a>> {
+        match self.coded {
+            Coded::PackedInt(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The scales that travel with the codes (FP8 blocks, integer groups), if any: source bytes
+    /// read with [`MatrixView::bytes`].
+    pub fn scale_bytes(&self) -> Option<&'a [u8]> {
+        match self.coded {
+            Coded::Plain | Coded::Strided(..) => None,
+            Coded::Fp8(b) => Some(b.scales),
+            Coded::PackedInt(g) => Some(g.scales),
+        }
     }
 
     /// The first NaN or infinity among the values, as (row, column, value). For FP8, a NaN code
-    /// or a non-finite block scale.
+    /// or a non-finite block scale; for packed integers, a non-finite group scale.
     pub fn first_non_finite(&self) -> Option<(usize, usize, f32)> {
-        if self.strides.is_some() {
-            let mut row = vec![0f32; self.cols];
-            return (0..self.rows).find_map(|r| {
-                self.row_f32(r, &mut row);
-                let c = row.iter().position(|x| !x.is_finite())?;
-                Some((r, c, row[c]))
-            });
+        match self.coded {
+            Coded::Plain => {
+                let (i, v) = self.dtype.first_non_finite(self.data)?;
+                Some((i / self.cols.max(1), i % self.cols.max(1), v))
+            }
+            Coded::Fp8(b) => {
+                if let Some(i) = self.data.iter().position(|&c| c & 0x7f == 0x7f) {
+                    return Some((i / self.cols, i % self.cols, f32::NAN));
+                }
+                let (k, v) = b.scale_dtype.first_non_finite(b.scales)?;
+                let per_row = self.cols.div_ceil(b.block_cols);
+                Some((
+                    (k / per_row) * b.block_rows,
+                    (k % per_row) * b.block_cols,
+                    v,
+                ))
+            }
+            Coded::PackedInt(g) => {
+                let (k, v) = g.scale_dtype.first_non_finite(g.scales)?;
+                let per_row = self.cols.div_ceil(g.group_size);
+                Some((k / per_row, (k % per_row) * g.group_size, v))
+            }
+            Coded::Strided(..) => {
+                let mut row = vec![0f32; self.cols];
+                (0..self.rows).find_map(|r| {
+                    self.row_f32(r, &mut row);
+                    let c = row.iter().position(|x| !x.is_finite())?;
+                    Some((r, c, row[c]))
+                })
+            }
         }
-        let Some(b) = self.fp8 else {
-            let (i, v) = self.dtype.first_non_finite(self.data)?;
-            return Some((i / self.cols.max(1), i % self.cols.max(1), v));
-        };
-        if let Some(i) = self.data.iter().position(|&c| c & 0x7f == 0x7f) {
-            return Some((i / self.cols, i % self.cols, f32::NAN));
-        }
-        let (k, v) = b.scale_dtype.first_non_finite(b.scales)?;
-        let per_row = self.cols.div_ceil(b.block_cols);
-        Some((
-            (k / per_row) * b.block_rows,
-            (k % per_row) * b.block_cols,
-            v,
-        ))
     }
 
     /// The raw little-endian bytes (of a strided view: the span its elements lie in).
@@ -344,48 +431,72 @@ impl<'a> MatrixView<'a> {
         self.data
     }
 
-    /// Bytes per stored element: 1 for FP8, else the float type's size.
-    fn elem_size(&self) -> usize {
-        if self.fp8.is_some() {
-            1
-        } else {
-            self.dtype.size()
+    /// Bytes of one stored row (a strided view's rows are not stored apart; it never asks).
+    fn row_width(&self) -> usize {
+        match self.coded {
+            Coded::Plain | Coded::Strided(..) => self.cols * self.dtype.size(),
+            Coded::Fp8(_) => self.cols,
+            Coded::PackedInt(g) => self.cols.div_ceil(g.per_word()) * 4,
         }
     }
 
-    /// Bytes of row `r` of a row-major view (panics if `r >= rows`; callers iterate
+    /// Bytes of stored row `r`, not of a strided view (panics if `r >= rows`; callers iterate
     /// `0..rows`).
     fn row_bytes(&self, r: usize) -> &'a [u8] {
-        let w = self.cols * self.elem_size();
+        let w = self.row_width();
         &self.data[r * w..(r + 1) * w]
     }
 
     /// Row `r` widened to f32 into `out` (`out.len() == cols`).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        if let Some((rs, cs)) = self.strides {
-            let es = self.dtype.size();
-            for (c, o) in out.iter_mut().enumerate() {
-                let at = (r * rs + c * cs) * es;
-                *o = self.dtype.read(&self.data[at..at + es]);
+        match self.coded {
+            Coded::Plain => self.dtype.read_into(self.row_bytes(r), out),
+            Coded::Strided(rs, cs) => {
+                let es = self.dtype.size();
+                for (c, o) in out.iter_mut().enumerate() {
+                    let at = (r * rs + c * cs) * es;
+                    *o = self.dtype.read(&self.data[at..at + es]);
+                }
             }
-            return;
-        }
-        let Some(b) = self.fp8 else {
-            self.dtype.read_into(self.row_bytes(r), out);
-            return;
-        };
-        let per_row = self.cols.div_ceil(b.block_cols);
-        let ss = b.scale_dtype.size();
-        let srow = (r / b.block_rows) * per_row;
-        for (c0, (o, codes)) in out
-            .chunks_mut(b.block_cols)
-            .zip(self.row_bytes(r).chunks(b.block_cols))
-            .enumerate()
-        {
-            let k = srow + c0;
-            let scale = b.scale_dtype.read(&b.scales[k * ss..(k + 1) * ss]);
-            for (o, &code) in o.iter_mut().zip(codes) {
-                *o = half::bf16::from_f32(e4m3_to_f32(code) * scale).to_f32();
+            Coded::Fp8(b) => {
+                let per_row = self.cols.div_ceil(b.block_cols);
+                let ss = b.scale_dtype.size();
+                let srow = (r / b.block_rows) * per_row;
+                for (c0, (o, codes)) in out
+                    .chunks_mut(b.block_cols)
+                    .zip(self.row_bytes(r).chunks(b.block_cols))
+                    .enumerate()
+                {
+                    let k = srow + c0;
+                    let scale = b.scale_dtype.read(&b.scales[k * ss..(k + 1) * ss]);
+                    for (o, &code) in o.iter_mut().zip(codes) {
+                        *o = half::bf16::from_f32(e4m3_to_f32(code) * scale).to_f32();
+                    }
+                }
+            }
+            Coded::PackedInt(g) => {
+                let (pf, ss) = (g.per_word(), g.scale_dtype.size());
+                let per_row = self.cols.div_ceil(g.group_size);
+                let words = self.row_bytes(r);
+                let mask = (1u32 << g.bits) - 1;
+                let offset = 1i32 << (g.bits - 1);
+                let mut rounded = [0u8; 4];
+                for (c, o) in out.iter_mut().enumerate().take(self.cols) {
+                    let w = c / pf;
+                    let word = u32::from_le_bytes([
+                        words[4 * w],
+                        words[4 * w + 1],
+                        words[4 * w + 2],
+                        words[4 * w + 3],
+                    ]);
+                    let u = ((word >> (g.bits * (c % pf))) & mask) as i32;
+                    let k = r * per_row + c / g.group_size;
+                    let scale = g.scale_dtype.read(&g.scales[k * ss..(k + 1) * ss]);
+                    // x_q.to(scale.dtype) * scale: the product rounded to the scales' type.
+                    g.scale_dtype
+                        .write((u - offset) as f32 * scale, &mut rounded[..ss]);
+                    *o = g.scale_dtype.read(&rounded[..ss]);
+                }
             }
         }
     }
@@ -394,6 +505,64 @@ impl<'a> MatrixView<'a> {
 #[cfg(test)]
 mod tests {
     use super::FloatDtype;
+
+    /// compressed-tensors' own example (`pack_to_int32`'s docstring, 8 bits): [1, 2] is stored
+    /// as [129, 130, 0, 0], the word 33409; and 4 bits, eight codes to a word, lowest first.
+    #[test]
+    fn packed_int_rows_read_as_compressed_tensors_packs_them() {
+        use super::{FloatDtype, MatrixView, PackedIntGroups};
+        let half = half::bf16::from_f32(0.5).to_le_bytes();
+        let view = |bits, cols, words: &[u32], scales: &'static [u8]| {
+            let data: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let data: &'static [u8] = Box::leak(data.into_boxed_slice());
+            let groups = PackedIntGroups {
+                scales,
+                scale_dtype: FloatDtype::Bf16,
+                bits,
+                group_size: 32,
+            };
+            MatrixView::packed_int(1, cols, data, groups).unwrap()
+        };
+        let scales: &'static [u8] = Box::leak(Box::new(half));
+        let mut out = [0f32; 2];
+        view(8, 2, &[33409], scales).row_f32(0, &mut out);
+        assert_eq!(out, [0.5, 1.0]);
+        // q = -8, -1, 0, 1, 7, 3, -4, 2 stored as q + 8, the first in bits 0..4.
+        let q = [-8i32, -1, 0, 1, 7, 3, -4, 2];
+        let word = q
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (i, &q)| w | (((q + 8) as u32) << (4 * i)));
+        let mut out = [0f32; 8];
+        view(4, 8, &[word], scales).row_f32(0, &mut out);
+        assert_eq!(out, q.map(|q| q as f32 * 0.5));
+        // Sizes that disagree are refused; a non-finite scale is found.
+        let groups = PackedIntGroups {
+            scales,
+            scale_dtype: FloatDtype::Bf16,
+            bits: 4,
+            group_size: 32,
+        };
+        assert!(MatrixView::packed_int(1, 9, &[0u8; 4], groups).is_none());
+        assert!(
+            MatrixView::packed_int(1, 8, &[0u8; 4], PackedIntGroups { bits: 3, ..groups })
+                .is_none()
+        );
+        let nan: &'static [u8] = Box::leak(Box::new(half::bf16::NAN.to_le_bytes()));
+        let m = MatrixView::packed_int(
+            1,
+            8,
+            &[0u8; 4],
+            PackedIntGroups {
+                scales: nan,
+                ..groups
+            },
+        );
+        assert_eq!(
+            m.unwrap().first_non_finite().map(|(r, c, _)| (r, c)),
+            Some((0, 0))
+        );
+    }
 
     #[test]
     fn finds_the_first_non_finite_value_in_every_float_type() {

@@ -145,6 +145,67 @@ fn json_file(ck: &Checkpoint, name: &str) -> Result<Value, ConvertError> {
     })
 }
 
+/// The source's chat template, where transformers finds it (`PreTrainedTokenizerBase.
+/// from_pretrained`, 4.43 and later): `chat_template.jinja` first (it overrides the config's),
+/// else `tokenizer_config.json`'s `chat_template`, a string or a list of named templates
+/// (`[{"name": ..., "template": ...}]`, of which `apply_chat_template` uses `default`), else a
+/// processor's `chat_template.json` (`{"chat_template": ...}`, multimodal repositories).
+/// `None` when there is none: chat and serve then use the architecture's built-in format, if
+/// it has one (`ArchDef::chat_template`), or a plain transcript. A template in a shape
+/// transformers could not use either is refused, naming what to do.
+pub(crate) fn chat_template(ck: &Checkpoint) -> Result<Option<String>, ConvertError> {
+    let jinja = ck.root().join("chat_template.jinja");
+    if optional_file(&jinja)? {
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|source| ConvertError::Io {
+                path: jinja.display().to_string(),
+                source,
+            });
+    }
+    for file in ["tokenizer_config.json", "chat_template.json"] {
+        let bad = |why: String| ConvertError::Tokenizer {
+            what: format!(
+                "{}'s chat_template {why}; write the template the model should chat with to \
+                 chat_template.jinja beside config.json (it takes precedence) and convert again",
+                ck.root().join(file).display()
+            ),
+            source: None,
+        };
+        match json_file(ck, file)?.get("chat_template") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(t)) => return Ok(Some(t.clone())),
+            Some(Value::Array(named)) => {
+                let mut names = Vec::new();
+                for entry in named {
+                    let name = entry.get("name").and_then(Value::as_str);
+                    let template = entry.get("template").and_then(Value::as_str);
+                    let (Some(name), Some(template)) = (name, template) else {
+                        return Err(bad(format!(
+                            "is a list whose entry {entry} is not {{\"name\": ..., \"template\": ...}}"
+                        )));
+                    };
+                    if name == "default" {
+                        return Ok(Some(template.to_string()));
+                    }
+                    names.push(name);
+                }
+                return Err(bad(format!(
+                    "lists named templates ({}) but none named \"default\", the one \
+                     transformers chats with",
+                    names.join(", ")
+                )));
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "is neither a string nor a list of named templates ({other})"
+                )))
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// The pack metadata (formats/flashpack-v1.md §4).
 pub fn metadata(
     ck: &Checkpoint,
@@ -152,16 +213,7 @@ pub fn metadata(
     opts: &ConvertOptions,
 ) -> Result<Value, ConvertError> {
     let tokenizer_config = json_file(ck, "tokenizer_config.json")?;
-    // transformers >= 4.43 may keep the template in its own file.
-    let chat_template = match tokenizer_config
-        .get("chat_template")
-        .and_then(Value::as_str)
-    {
-        Some(t) => Value::String(t.to_string()),
-        None => std::fs::read_to_string(ck.root().join("chat_template.jinja"))
-            .map(Value::String)
-            .unwrap_or(Value::Null),
-    };
+    let chat_template = chat_template(ck)?.map_or(Value::Null, Value::String);
     let mut m = json!({
         "format": "flashpack",
         "architecture": ck.config.arch.model_type(),

@@ -4,8 +4,8 @@
 //! Order: resolve the revision to a commit (`GET /api/models/{repo}/revision/{rev}`, or
 //! `refs/` when offline) -> plan the files (`config.json`, tokenizer and generation files when
 //! present, then `model.safetensors`, or `config.json` and the index first and every shard the
-//! index lists except those holding only multi-token-prediction layers, which conversion drops:
-//! [`ShardIndex::plan`], the loader's own rule) -> fetch what the snapshot lacks (fetch.rs:
+//! index lists except those holding only tensors conversion drops, multi-token-prediction layers
+//! or a vision tower: [`ShardIndex::plan`] with [`TensorFilter`], the loader's own rule) -> fetch what the snapshot lacks (fetch.rs:
 //! etag by `HEAD`, resumable `GET`, checks, link).
 //! Invariant: a snapshot entry exists only for a complete, checked blob. No request is made
 //! when `HF_HUB_OFFLINE` is set, or when the revision is a commit hash whose snapshot already
@@ -22,18 +22,19 @@ use super::error::{io_err, Access};
 use super::fetch::Fetch;
 use super::http::{encode, Body, Ctx, Follow, Method};
 use super::{check_revision, Hub, HubError, RepoId};
-use crate::checkpoint::{MtpLayers, ShardIndex};
+use crate::checkpoint::{ShardIndex, TensorFilter};
 use crate::progress::Progress;
 
 const CONFIG: &str = "config.json";
 const SINGLE_WEIGHTS: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 /// Files conversion reads when the repo has them (tokenizer, chat template, defaults).
-pub const OPTIONAL_FILES: [&str; 4] = [
+pub const OPTIONAL_FILES: [&str; 5] = [
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
+    "chat_template.json",
 ];
 /// Largest JSON answer read (the revision listing of a repo with many files).
 const JSON_LIMIT: u64 = 64 << 20;
@@ -50,8 +51,8 @@ pub struct Snapshot {
     pub commit: String,
     /// The files conversion uses, relative to `dir`, in download order.
     pub files: Vec<String>,
-    /// Shards the index lists that were left out: they hold only multi-token-prediction
-    /// layers, which conversion drops.
+    /// Shards the index lists that were left out: they hold only tensors conversion drops
+    /// (multi-token-prediction layers, a vision tower).
     pub skipped_shards: Vec<String>,
     /// Bytes received over the network by this call.
     pub downloaded_bytes: u64,
@@ -88,14 +89,17 @@ pub(super) fn safe_repo_path(p: &str) -> bool {
 struct ShardsNeeded {
     /// Sorted and unique.
     needed: Vec<String>,
-    /// Shards holding only multi-token-prediction layers, sorted.
+    /// Shards holding only tensors conversion drops, sorted.
     skipped: Vec<String>,
+    /// What those shards hold, for the note: (MTP tensors, vision tensors).
+    dropped: (usize, usize),
 }
 
 /// Plans the shards from the texts of `config.json` and the index: every shard the index
-/// lists must be a path inside the repo; those holding only tensors of the MTP layers that
-/// `config.json` declares (`num_nextn_predict_layers`) are skipped, by the loader's own rule
-/// ([`ShardIndex::plan`]). Pure: the caller reads the files.
+/// lists must be a path inside the repo; those holding only tensors conversion drops (of the
+/// MTP layers that `config.json` declares, `num_nextn_predict_layers`, or of no text model, as
+/// the architecture's sanitize rule names them: a vision tower) are skipped, by the loader's
+/// own rule ([`ShardIndex::plan`], [`TensorFilter`]). Pure: the caller reads the files.
 fn plan_shards(config: &str, index: &str) -> Result<ShardsNeeded, String> {
     let index = ShardIndex::parse(index).map_err(|e| format!("{INDEX}: {e}"))?;
     let shards = index.shards();
@@ -109,12 +113,13 @@ fn plan_shards(config: &str, index: &str) -> Result<ShardsNeeded, String> {
     }
     let config: Value =
         serde_json::from_str(config).map_err(|e| format!("{CONFIG} is not JSON: {e}"))?;
-    let mtp = MtpLayers::from_config(&config).map_err(|e| e.to_string())?;
-    let plan = index.plan(&mtp);
+    let filter = TensorFilter::from_config(&config).map_err(|e| e.to_string())?;
+    let plan = index.plan(&filter);
     let owned = |v: Vec<&str>| v.into_iter().map(str::to_string).collect();
     Ok(ShardsNeeded {
         needed: owned(plan.needed),
         skipped: owned(plan.skipped),
+        dropped: (plan.skipped_mtp_tensors, plan.skipped_other_tensors),
     })
 }
 
@@ -279,9 +284,17 @@ impl Hub {
                 )));
             }
             if !plan.skipped.is_empty() {
+                let (mtp, vision) = plan.dropped;
+                let what = match (mtp > 0, vision > 0) {
+                    (true, false) => "multi-token-prediction layers (num_nextn_predict_layers)",
+                    (false, true) => "a vision tower",
+                    _ => {
+                        "multi-token-prediction layers (num_nextn_predict_layers) or a vision tower"
+                    }
+                };
                 progress.note(&format!(
-                    "not downloading {} shard(s) of {repo} that hold only multi-token-prediction \
-                     layers (num_nextn_predict_layers), which conversion drops: {}",
+                    "not downloading {} shard(s) of {repo} that hold only {what}, which \
+                     conversion drops: {}",
                     plan.skipped.len(),
                     plan.skipped.join(", ")
                 ));
@@ -385,6 +398,7 @@ mod tests {
             ShardsNeeded {
                 needed: vec!["m-1.safetensors".into(), "m-2.safetensors".into()],
                 skipped: vec![],
+                dropped: (0, 0),
             }
         );
         assert!(plan_shards(cfg, r#"{"weight_map": {"a": "../x"}}"#).is_err());
@@ -416,5 +430,32 @@ mod tests {
         let e = plan(r#"{"num_nextn_predict_layers": 1}"#).unwrap_err();
         assert!(e.contains("num_hidden_layers"), "{e}");
         assert!(plan("not json").unwrap_err().contains(CONFIG));
+    }
+
+    #[test]
+    fn shards_of_a_vision_tower_alone_are_skipped() {
+        // Kimi K2.5: the text model under `language_model.`, its MTP layer counted in
+        // text_config, the vision tower and projector beside it.
+        let cfg = r#"{"model_type": "kimi_k25", "text_config": {"num_hidden_layers": 2,
+            "num_nextn_predict_layers": 1}}"#;
+        let index = r#"{"weight_map": {
+            "language_model.model.embed_tokens.weight": "m-1.safetensors",
+            "language_model.model.layers.1.mlp.gate.weight": "m-1.safetensors",
+            "vision_tower.blocks.0.mlp.fc0.weight": "m-1.safetensors",
+            "vision_tower.patch_embed.proj.weight": "m-2.safetensors",
+            "mm_projector.proj.0.weight": "m-2.safetensors",
+            "language_model.model.layers.2.eh_proj.weight": "m-3.safetensors",
+            "language_model.model.layers.2.mlp.gate.weight": "m-4.safetensors",
+            "mm_projector.proj.2.weight": "m-4.safetensors"}}"#;
+        let plan = plan_shards(cfg, index).unwrap();
+        assert_eq!(plan.needed, ["m-1.safetensors"]);
+        assert_eq!(
+            plan.skipped,
+            ["m-2.safetensors", "m-3.safetensors", "m-4.safetensors"]
+        );
+        assert_eq!(plan.dropped, (2, 3));
+        // An unknown model_type keeps every shard (convert then names the model_type).
+        let plan = plan_shards(r#"{"model_type": "nope"}"#, index).unwrap();
+        assert_eq!(plan.needed.len(), 4);
     }
 }

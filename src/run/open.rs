@@ -40,6 +40,14 @@ pub enum OpenError {
     Mlx(#[from] crate::mlx::Error),
     #[error("the pack has no tokenizer: it cannot take text prompts (re-convert from a folder with tokenizer.json)")]
     NoTokenizer,
+    /// The source's tokenizer was tiktoken's (Kimi K2 / K2.5), which flashpack does not read.
+    #[error(
+        "the pack has no tokenizer: its source's is a tiktoken tokenizer ({class}, \
+         tiktoken.model), which flashpack does not read (docs/decisions/0022-tiktoken-tokenizers.md); \
+         put a tokenizer.json converted from tiktoken.model beside the source's config.json and \
+         convert again"
+    )]
+    TiktokenTokenizer { class: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 }
@@ -138,15 +146,38 @@ pub fn model_config(pack: &Pack) -> Result<ModelConfig, OpenError> {
 
 /// The tokenizer a pack carries (metadata key `tokenizer`).
 pub fn tokenizer(pack: &Pack) -> Result<tokenizers::Tokenizer, OpenError> {
-    let tok = pack.meta().tokenizer().ok_or(OpenError::NoTokenizer)?;
+    let Some(tok) = pack.meta().tokenizer() else {
+        let class = pack
+            .metadata()
+            .get("tokenizer_config")
+            .and_then(|c| c.get("tokenizer_class"))
+            .and_then(serde_json::Value::as_str)
+            .filter(|c| c.contains("TikToken"));
+        return Err(match class {
+            Some(class) => OpenError::TiktokenTokenizer {
+                class: class.to_string(),
+            },
+            None => OpenError::NoTokenizer,
+        });
+    };
     let text = serde_json::to_string(tok).map_err(|e| OpenError::Tokenizer(e.to_string()))?;
     text.parse::<tokenizers::Tokenizer>()
         .map_err(|e| OpenError::Tokenizer(e.to_string()))
 }
 
-/// The chat template: metadata `chat_template`, else `tokenizer_config.chat_template`.
+/// The chat template: metadata `chat_template`, else `tokenizer_config.chat_template`, else
+/// the architecture's built-in format (`ArchDef::chat_template`: DeepSeek-V3.2, whose repository
+/// ships its prompt format as Python code, not as a template).
 pub fn chat_template(pack: &Pack) -> Option<String> {
-    pack.meta().chat_template().map(str::to_string)
+    pack.meta()
+        .chat_template()
+        .or_else(|| {
+            crate::arch::Arch::from_model_type(&pack.meta().architecture)
+                .ok()?
+                .def()
+                .chat_template
+        })
+        .map(str::to_string)
 }
 
 /// Opens a pack from a path: the file, its config and dense weights.

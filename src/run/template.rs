@@ -372,6 +372,111 @@ mod tests {
             }));
     }
 
+    /// System, user, assistant, user: the conversation each model's format is checked on.
+    fn four_turns() -> [Message; 4] {
+        [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+        ]
+    }
+
+    fn fixture_template(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/fixtures/templates/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    /// Renders `t` on the first two and on all four turns: the expected texts, and the first a
+    /// prefix of the second (the KV cache carries over).
+    fn check_turns(t: &ChatTemplate, first: &str, second: &str) {
+        let turns = four_turns();
+        assert_eq!(t.render(&turns[..2]).unwrap(), first);
+        assert_eq!(t.render(&turns).unwrap(), second);
+        assert!(second.starts_with(first));
+    }
+
+    /// Kimi K2's template (moonshotai/Kimi-K2-Instruct's `chat_template.jinja`, as llama.cpp keeps
+    /// it; Kimi K2.5's frames turns alike): every turn `<|im_{role}|>{role}<|im_middle|>...<|im_end|>`,
+    /// the prompt ending with the assistant's header. The expected texts are jinja2's with
+    /// transformers' settings.
+    #[test]
+    fn kimi_k2_template_renders_as_transformers_does() {
+        let t = ChatTemplate::from_source(
+            &fixture_template("moonshotai-Kimi-K2-chat_template.jinja"),
+            "[BOS]",
+            "[EOS]",
+        );
+        let first = "<|im_system|>system<|im_middle|>Be brief.<|im_end|>\
+                     <|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>";
+        check_turns(
+            &t,
+            first,
+            &format!(
+                "{first}Hello!<|im_end|><|im_user|>user<|im_middle|>Bye<|im_end|>\
+                 <|im_assistant|>assistant<|im_middle|>"
+            ),
+        );
+    }
+
+    /// GLM-4.6's template (zai-org/GLM-4.6's `chat_template.jinja`, as llama.cpp keeps it; GLM-5's
+    /// frames turns alike): `[gMASK]<sop>`, `<|{role}|>\n{text}`, an earlier answer with an empty
+    /// reasoning block. The next turn's text does not extend the first (the answer is rendered
+    /// back as `\n<think></think>\n{text}`), as upstream's does not.
+    #[test]
+    fn glm_template_renders_as_transformers_does() {
+        let t = ChatTemplate::from_source(
+            &fixture_template("zai-org-GLM-4.6-chat_template.jinja"),
+            "",
+            "",
+        );
+        let turns = four_turns();
+        assert_eq!(
+            t.render(&turns[..2]).unwrap(),
+            "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>"
+        );
+        assert_eq!(
+            t.render(&turns).unwrap(),
+            "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\n<think></think>\nHello!\
+             <|user|>\nBye<|assistant|>"
+        );
+    }
+
+    /// DeepSeek-V3.2's built-in format (its repository ships Python, not a template): what
+    /// `encode_messages(messages, thinking_mode="chat")` writes, per the format it documents.
+    #[test]
+    fn deepseek_v32_built_in_format_is_upstreams_chat_mode() {
+        let source = crate::arch::Arch::DeepseekV32.def().chat_template.unwrap();
+        // The pack's own tokens do not matter: the format writes its own BOS.
+        let t = ChatTemplate::from_source(source, "", "");
+        let first = "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜></think>";
+        check_turns(
+            &t,
+            first,
+            &format!("{first}Hello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜></think>"),
+        );
+        assert_eq!(
+            t.render(&[Message::new("user", "Hi")]).unwrap(),
+            "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>"
+        );
+        let err = t
+            .render(&[Message::new("tool", "42"), Message::new("user", "Hi")])
+            .unwrap_err();
+        assert!(matches!(err, TemplateError::Render(_)), "{err}");
+        assert!(format!("{:?}", err).contains("tool message"), "{err:?}");
+        // Only DeepSeek-V3.2 has one.
+        for arch in crate::arch::Arch::ALL {
+            assert_eq!(
+                arch.def().chat_template.is_some(),
+                *arch == crate::arch::Arch::DeepseekV32,
+                "{arch}"
+            );
+        }
+    }
+
     /// `tojson` writes what Python's `json.dumps` writes; `.items()` works on mappings.
     #[test]
     fn tojson_and_dict_methods_follow_python() {

@@ -132,6 +132,12 @@ fn print_report(r: &ConvertReport) {
         );
     } else if r.source_mlx_quantized {
         println!("  the source's MLX codes are kept as they are (its bits and group size)");
+    } else if let Some(p) = r.source_packed_int {
+        println!(
+            "  the source's packed {}-bit codes are kept as they are (groups of {}), in MLX's \
+             affine layout",
+            p.bits, p.group_size
+        );
     }
     println!(
         "  source {}  ->  pack {}  ({:.1}% of the source)",

@@ -23,7 +23,8 @@ pub enum TensorData<'a> {
     },
     /// An MLX-quantized 2-D weight (logical shape `[rows, cols]`).
     Quantized(QuantizedView<'a>),
-    /// An FP8 2-D weight with block scales, standing for bf16 values.
+    /// A 2-D weight of codes with their scales, standing for float values: FP8 with block scales
+    /// (bf16 values), or a compressed-tensors packed integer weight with group scales.
     Fp8(MatrixView<'a>),
     /// A float tensor computed from a source tensor on request (`derived.rs`).
     Derived(Derived<'a>),
@@ -106,6 +107,13 @@ impl Checkpoint {
             {
                 continue;
             }
+            // A packed weight's group scales travel with it (compressed-tensors).
+            if name
+                .strip_suffix("_scale")
+                .is_some_and(|w| self.packed_cols(w).is_some())
+            {
+                continue;
+            }
             // `.scales` / `.biases` of a quantized module travel with its `.weight`.
             if let Some(module) = name
                 .strip_suffix(".scales")
@@ -173,6 +181,10 @@ impl Checkpoint {
             let data = match (t.dtype, t.dtype.float()) {
                 (Dtype::F8E4M3, _) if t.shape.len() == 2 => {
                     TensorData::Fp8(self.fp8_matrix(t, t.data, t.shape[0], t.shape[1])?)
+                }
+                (Dtype::I32, _) if t.shape.len() == 2 && self.packed_cols(name).is_some() => {
+                    let cols = self.packed_cols(name).unwrap_or(0);
+                    TensorData::Fp8(self.packed_matrix(t, t.data, t.shape[0], cols)?)
                 }
                 (_, Some(dtype)) => TensorData::Float {
                     dtype,

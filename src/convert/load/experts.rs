@@ -18,7 +18,7 @@ use crate::arch::{Arch, ExpertLayout, Part, Proj, TensorRole};
 use crate::convert::quantize::{
     BiasVector, ExpertBiases, ExpertProjections, ProjSource, QuantParams, QuantizedView,
 };
-use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
+use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView, PackedIntGroups};
 use std::collections::BTreeMap;
 
 /// Names of expert tensors, by layer.
@@ -141,6 +141,9 @@ impl Checkpoint {
         if t.dtype == Dtype::F8E4M3 {
             return self.fp8_matrix(t, bytes, rows, cols);
         }
+        if t.dtype == Dtype::I32 && self.packed_int.is_some() {
+            return self.packed_matrix(t, bytes, rows, cols);
+        }
         let dtype = t.dtype.float().ok_or(LoadError::Dtype {
             tensor: t.name.to_string(),
             found: t.dtype,
@@ -151,6 +154,62 @@ impl Checkpoint {
             expected: vec![rows, cols],
             found: t.shape.to_vec(),
             why: "slice size".into(),
+        })
+    }
+
+    /// The unpacked column count of packed weight `name` (compressed-tensors), if it is one.
+    pub(super) fn packed_cols(&self, name: &str) -> Option<usize> {
+        self.packed_cols.get(name).copied()
+    }
+
+    /// A compressed-tensors packed weight (`W.weight`, read from `W.weight_packed`) and its
+    /// `W.weight_scale` group scales, whole tensors only: the floats they stand for
+    /// ([`PackedIntGroups`]), as `rows x cols`.
+    pub(super) fn packed_matrix<'a>(
+        &'a self,
+        t: TensorRef<'a>,
+        bytes: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<MatrixView<'a>, LoadError> {
+        let p = self.packed_int.ok_or_else(|| LoadError::MlxQuantization {
+            detail: format!(
+                "{} is I32 but quantization_config does not say compressed-tensors",
+                t.name
+            ),
+        })?;
+        let stem = t.name.strip_suffix(".weight").unwrap_or(t.name);
+        let sn = format!("{stem}.weight_scale");
+        let st = self.get(&sn).ok_or_else(|| LoadError::MissingTensor {
+            tensor: sn.clone(),
+            hint: format!(" ({stem}.weight_packed is pack-quantized and needs its scales)"),
+        })?;
+        let sd = st.dtype.float().ok_or(LoadError::Dtype {
+            tensor: sn.clone(),
+            found: st.dtype,
+            expected: "F32, BF16 or F16 group scales",
+        })?;
+        let unpacked = self.packed_cols(t.name);
+        if unpacked != Some(cols) || t.shape.first() != Some(&rows) || bytes.len() != t.data.len() {
+            return Err(LoadError::Shape {
+                tensor: format!("{stem}.weight_packed"),
+                expected: vec![rows, cols],
+                found: vec![t.shape.first().copied().unwrap_or(0), unpacked.unwrap_or(0)],
+                why: "the unpacked shape (weight_shape) against config.json, whole tensors only"
+                    .into(),
+            });
+        }
+        let groups = PackedIntGroups {
+            scales: st.data,
+            scale_dtype: sd,
+            bits: p.bits,
+            group_size: p.group_size,
+        };
+        MatrixView::packed_int(rows, cols, bytes, groups).ok_or_else(|| LoadError::Shape {
+            tensor: sn,
+            expected: vec![rows, cols.div_ceil(p.group_size)],
+            found: st.shape.to_vec(),
+            why: format!("{} bits in int32 words, groups of {}", p.bits, p.group_size),
         })
     }
 
@@ -552,6 +611,11 @@ impl Checkpoint {
                 None => t.data,
             }
         };
+        if t.dtype == Dtype::I32 && self.packed_int.is_some() && stack.is_none() {
+            return Ok(ProjSource::Float(
+                self.packed_matrix(t, t.data, rows, cols)?,
+            ));
+        }
         if t.dtype != Dtype::U32 {
             let shape = [lead.clone(), vec![rows, cols]].concat();
             if t.shape != shape.as_slice() {

@@ -33,7 +33,7 @@ pub use crate::arch::ExpertLayout;
 pub use dense::{DenseTensor, TensorData};
 pub use error::LoadError;
 pub use provenance::{Provenance, SourceFile};
-pub use quantization::quant_params;
+pub use quantization::{quant_params, PackedInt};
 
 use crate::arch::ModelConfig;
 use crate::convert::tensor::Dtype;
@@ -50,7 +50,8 @@ pub use safetensors::TensorInfo;
 pub use crate::checkpoint::{LocalResolver, ResolveError, Resolver, SourceSpec};
 
 /// What the loader left out of a checkpoint: its multi-token-prediction layers
-/// ([`safetensors::MtpLayers`]).
+/// ([`safetensors::MtpLayers`]), and the modules of no text model (a vision tower,
+/// [`safetensors::TensorFilter`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DroppedMtp {
     /// The layers dropped (`num_hidden_layers ..`); empty when config.json names none.
@@ -58,7 +59,11 @@ pub struct DroppedMtp {
     /// Tensors of those layers left out: those in the shards read, and those the index lists
     /// for the shards skipped.
     pub tensors: usize,
-    /// Shards the index lists only for such tensors: never opened, so they may be absent.
+    /// Tensors of no text model left out (a vision tower and projector), counted as
+    /// `tensors` is.
+    pub other_tensors: usize,
+    /// Shards the index lists only for tensors left out (of MTP layers or of no text model):
+    /// never opened, so they may be absent.
     pub skipped_shards: Vec<String>,
 }
 
@@ -73,6 +78,13 @@ pub struct Checkpoint {
     /// Block size (rows, columns) of an FP8 checkpoint's weight scales
     /// (`quantization_config.quant_method = "fp8"`, as DeepSeek-V3 and Qwen3 FP8 ship).
     pub fp8_block: Option<[usize; 2]>,
+    /// Bits and group size of a compressed-tensors `pack-quantized` checkpoint's integer codes
+    /// (`quantization_config.quant_method = "compressed-tensors"`, as Kimi K2 Thinking and K2.5
+    /// ship their experts), read as the floats they stand for.
+    pub packed_int: Option<quantization::PackedInt>,
+    /// The unpacked column count of each packed weight (its `weight_shape`), by the name it is
+    /// read under (`W.weight`).
+    packed_cols: BTreeMap<String, usize>,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, Entry>,
     index: experts::ExpertIndex,

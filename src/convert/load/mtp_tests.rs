@@ -143,6 +143,7 @@ fn mtp_layer_is_dropped_and_its_own_shard_never_opened() {
         &DroppedMtp {
             layers: 2..3,
             tensors: n_mtp,
+            other_tensors: 0,
             skipped_shards: vec![MTP_SHARD.to_string()],
         }
     );

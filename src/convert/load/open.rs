@@ -1,5 +1,6 @@
 //! Opening a checkpoint: the folder resolved, `config.json` parsed and checked against what the
-//! runtime can run, the shards the model needs mapped (those of MTP layers only never opened),
+//! runtime can run, the shards the model needs mapped (those holding only MTP layers or a
+//! vision tower never opened: `TensorFilter`, the Hub download's rule too),
 //! every safetensors header checked against its file and the index, and the tensors renamed as
 //! the architecture's sanitize rule says (`ArchDef::sanitize`: Qwen3.5's `model.language_model.*`
 //! is `model.*`, its vision tower left out).
@@ -10,6 +11,7 @@ use super::{
     Resolver, SourceSpec, TensorInfo,
 };
 use crate::arch::{ArchError, ModelConfig};
+use crate::convert::tensor::Dtype;
 use crate::mapped::Bytes;
 use crate::quant_mode::MlxQuantization;
 use rayon::prelude::*;
@@ -55,6 +57,111 @@ fn text_model_tensors(
         }
     }
     Ok(out)
+}
+
+/// The tensors, and each packed weight's unpacked column count by its new name.
+type PackedTensors = (BTreeMap<String, Entry>, BTreeMap<String, usize>);
+
+/// compressed-tensors' names ([`quantization::PackedInt`]): `W.weight_packed` (int32 words) is
+/// read as `W.weight`, dequantized as it is read (`Checkpoint::float_matrix`); `W.weight_scale`
+/// travels with it (one scale per group of a row); `W.weight_shape`, the unpacked `[rows, cols]`,
+/// is checked against the two and left out. A packed weight without its scales, or with shapes
+/// that disagree, is refused here.
+/// Returns the renamed tensors and the column counts ([`PackedTensors`]).
+fn packed_int_tensors(
+    mut tensors: BTreeMap<String, Entry>,
+    p: quantization::PackedInt,
+    shards: &[Shard],
+) -> Result<PackedTensors, LoadError> {
+    let mut packed_cols = BTreeMap::new();
+    let stems: Vec<String> = tensors
+        .keys()
+        .filter_map(|n| n.strip_suffix(".weight_packed"))
+        .map(str::to_string)
+        .collect();
+    for stem in stems {
+        let packed_name = format!("{stem}.weight_packed");
+        let scale_name = format!("{stem}.weight_scale");
+        let shape_name = format!("{stem}.weight_shape");
+        let Some(mut e) = tensors.remove(&packed_name) else {
+            continue;
+        };
+        if e.info.dtype != Dtype::I32 || e.info.shape.len() != 2 {
+            return Err(LoadError::Dtype {
+                tensor: packed_name,
+                found: e.info.dtype,
+                expected: "a 2-D I32 tensor of packed codes (compressed-tensors pack-quantized)",
+            });
+        }
+        let scale_shape = tensors
+            .get(&scale_name)
+            .map(|s| s.info.shape.clone())
+            .ok_or_else(|| LoadError::MissingTensor {
+                tensor: scale_name.clone(),
+                hint: format!(" ({packed_name} is pack-quantized and needs its group scales)"),
+            })?;
+        let (rows, words) = (e.info.shape[0], e.info.shape[1]);
+        let per_word = 32 / p.bits;
+        // Columns: weight_shape's, else as many as the groups of scales allow.
+        let cols = match tensors.remove(&shape_name) {
+            Some(se) => {
+                let bytes = &shards[se.shard].bytes[se.info.range.clone()];
+                let dims: Option<Vec<usize>> = match (se.info.dtype, se.info.shape.as_slice()) {
+                    (Dtype::I32, [2]) => Some(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                            .collect(),
+                    ),
+                    (Dtype::I64, [2]) => Some(
+                        bytes
+                            .chunks_exact(8)
+                            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+                            .collect(),
+                    ),
+                    _ => None,
+                };
+                match dims.as_deref() {
+                    Some(&[r, c]) if r == rows => c,
+                    _ => {
+                        return Err(LoadError::Shape {
+                            tensor: shape_name,
+                            expected: vec![rows, words * per_word],
+                            found: se.info.shape.clone(),
+                            why: format!(
+                                "two I32 or I64 numbers, the unpacked shape of {packed_name}"
+                            ),
+                        })
+                    }
+                }
+            }
+            None => scale_shape.get(1).copied().unwrap_or(0) * p.group_size,
+        };
+        let want_scales = [rows, cols.div_ceil(p.group_size)];
+        if cols == 0 || words != cols.div_ceil(per_word) || scale_shape != want_scales {
+            return Err(LoadError::Shape {
+                tensor: scale_name,
+                expected: want_scales.to_vec(),
+                found: scale_shape.clone(),
+                why: format!(
+                    "one scale per {} columns of {packed_name} {:?} ({} bits, {per_word} to a word, \
+                     {cols} columns)",
+                    p.group_size, e.info.shape, p.bits
+                ),
+            });
+        }
+        let weight_name = format!("{stem}.weight");
+        e.info.name = weight_name.clone();
+        packed_cols.insert(weight_name.clone(), cols);
+        if tensors.insert(weight_name.clone(), e).is_some() {
+            return Err(LoadError::DuplicateTensor {
+                tensor: weight_name,
+                first: "the checkpoint".into(),
+                second: format!("{packed_name} read as it"),
+            });
+        }
+    }
+    Ok((tensors, packed_cols))
 }
 
 impl Checkpoint {
@@ -117,7 +224,12 @@ impl Checkpoint {
                 q
             });
         let fp8_block = quantization::fp8_block_size(&raw_config)?;
-        let mtp = safetensors::MtpLayers::from_config(&raw_config)?;
+        let packed_int = quantization::packed_int(&raw_config)?;
+        let filter = safetensors::TensorFilter {
+            arch: Some(config.arch),
+            ..safetensors::TensorFilter::from_config(&raw_config)?
+        };
+        let mtp = &filter.mtp;
         let mut dropped_mtp = DroppedMtp {
             layers: mtp.layers.clone(),
             ..DroppedMtp::default()
@@ -136,8 +248,9 @@ impl Checkpoint {
                         "not a shard index ({{\"weight_map\": {{tensor: file}}}}): {e}"
                     ),
                 })?;
-            let plan = index.plan(&mtp);
-            dropped_mtp.tensors = plan.skipped_tensors;
+            let plan = index.plan(&filter);
+            dropped_mtp.tensors = plan.skipped_mtp_tensors;
+            dropped_mtp.other_tensors = plan.skipped_other_tensors;
             dropped_mtp.skipped_shards = plan.skipped.iter().map(|s| s.to_string()).collect();
             for (tensor, shard) in &index.weight_map {
                 if shard.contains("..") || Path::new(shard).is_absolute() {
@@ -222,9 +335,15 @@ impl Checkpoint {
         }
         // Dropped only now, so the index's claims about mixed shards were checked like any other.
         let before = tensors.len();
+        let mut tensors = text_model_tensors(config.arch, tensors, &shards)?;
+        dropped_mtp.other_tensors += before - tensors.len();
+        let before = tensors.len();
         tensors.retain(|name, _| !mtp.holds(name));
         dropped_mtp.tensors += before - tensors.len();
-        let tensors = text_model_tensors(config.arch, tensors, &shards)?;
+        let mut packed_cols = BTreeMap::new();
+        if let Some(p) = packed_int {
+            (tensors, packed_cols) = packed_int_tensors(tensors, p, &shards)?;
+        }
         // mlx-lm's nvfp4 with `global_scale=True`: a per-tensor scale no pack field carries.
         if let Some(name) = tensors.keys().find(|n| n.ends_with(".global_scale")) {
             return Err(LoadError::MlxQuantization {
@@ -245,6 +364,8 @@ impl Checkpoint {
             config,
             mlx_quantization,
             fp8_block,
+            packed_int,
+            packed_cols,
             shards,
             tensors,
         };

@@ -117,6 +117,7 @@ impl Checkpoint {
             "tokenizer_config.json",
             "generation_config.json",
             "chat_template.jinja",
+            "chat_template.json",
         ] {
             files.push(self.root.join(name));
         }

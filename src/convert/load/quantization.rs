@@ -1,6 +1,7 @@
 //! How a source is already quantized, read from its `config.json`: mlx-lm's `quantization`
-//! block (one parser, [`MlxQuantization`]; checked per module by [`quant_params`]) and an FP8
-//! checkpoint's weight block size (`quantization_config`, [`fp8_block_size`]).
+//! block (one parser, [`MlxQuantization`]; checked per module by [`quant_params`]), an FP8
+//! checkpoint's weight block size (`quantization_config`, [`fp8_block_size`]) and a
+//! compressed-tensors `pack-quantized` checkpoint's integer groups ([`packed_int`]).
 
 use super::LoadError;
 use crate::convert::quantize::QuantParams;
@@ -51,4 +52,95 @@ pub(super) fn fp8_block_size(config: &Value) -> Result<Option<[usize; 2]>, LoadE
             }
         }
     }
+}
+
+/// The integer groups of a compressed-tensors `pack-quantized` checkpoint (Kimi K2 Thinking and
+/// K2.5 ship their experts so: INT4, symmetric, group size 32), read from `quantization_config`
+/// (at the top level, or in a multimodal config's `text_config`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PackedInt {
+    pub bits: usize,
+    pub group_size: usize,
+}
+
+/// [`PackedInt`] from `quantization_config` with `quant_method` `"compressed-tensors"`: `None` for
+/// any other checkpoint. Every config group's `weights` must be what the loader dequantizes:
+/// `type` `"int"`, `symmetric`, `strategy` `"group"` with a `group_size`, `num_bits` 2, 4 or 8,
+/// no activation ordering, one setting for all groups; anything else is refused, naming the
+/// field, before a tensor is read.
+pub(super) fn packed_int(config: &Value) -> Result<Option<PackedInt>, LoadError> {
+    let q = match config.get("quantization_config") {
+        Some(q) => q,
+        None => match config
+            .get("text_config")
+            .and_then(|t| t.get("quantization_config"))
+        {
+            Some(q) => q,
+            None => return Ok(None),
+        },
+    };
+    if q.get("quant_method").and_then(Value::as_str) != Some("compressed-tensors") {
+        return Ok(None);
+    }
+    let bad = |detail: String| LoadError::MlxQuantization {
+        detail: format!(
+            "compressed-tensors: {detail}; flashpack reads symmetric integer groups in the \
+             pack-quantized format (as Kimi K2 Thinking and K2.5 ship them): convert from the \
+             bf16 checkpoint instead"
+        ),
+    };
+    let format = q.get("format").and_then(Value::as_str).unwrap_or("");
+    if format != "pack-quantized" {
+        return Err(bad(format!("format {format:?} is not read")));
+    }
+    let groups = q
+        .get("config_groups")
+        .and_then(Value::as_object)
+        .filter(|g| !g.is_empty())
+        .ok_or_else(|| bad("config_groups is missing or empty".into()))?;
+    let mut found: Option<PackedInt> = None;
+    for (name, group) in groups {
+        let w = group
+            .get("weights")
+            .filter(|w| !w.is_null())
+            .ok_or_else(|| bad(format!("config group {name} quantizes no weights")))?;
+        let field = |f: &str| w.get(f).cloned().unwrap_or(Value::Null);
+        let want = |f: &str, ok: bool, expected: &str| -> Result<(), LoadError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(bad(format!(
+                    "config group {name} has weights.{f} = {}, not {expected}",
+                    field(f)
+                )))
+            }
+        };
+        want("type", field("type") == "int", "\"int\"")?;
+        want(
+            "symmetric",
+            field("symmetric") == true,
+            "true (zero points are not read)",
+        )?;
+        want("strategy", field("strategy") == "group", "\"group\"")?;
+        let actorder = field("actorder");
+        want(
+            "actorder",
+            actorder.is_null() || actorder == false,
+            "null (activation order, g_idx, is not read)",
+        )?;
+        let bits = field("num_bits").as_u64().unwrap_or(0) as usize;
+        want("num_bits", matches!(bits, 2 | 4 | 8), "2, 4 or 8")?;
+        let group_size = field("group_size").as_u64().unwrap_or(0) as usize;
+        want("group_size", group_size > 0, "a positive integer")?;
+        let this = PackedInt { bits, group_size };
+        match found {
+            Some(other) if other != this => {
+                return Err(bad(format!(
+                    "config groups differ ({other:?} and {this:?} in {name})"
+                )))
+            }
+            _ => found = Some(this),
+        }
+    }
+    Ok(found)
 }

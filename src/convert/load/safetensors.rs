@@ -297,7 +297,7 @@ fn crate_dtype(d: Dtype) -> StDtype {
 
 // The shard index and the MTP rule live with the checkpoint files, neutral ground shared with
 // the Hub download.
-pub use crate::checkpoint::{layer_of, MtpLayers, ShardIndex, ShardPlan};
+pub use crate::checkpoint::{layer_of, Dropped, MtpLayers, ShardIndex, ShardPlan, TensorFilter};
 
 #[cfg(test)]
 mod tests;

@@ -70,7 +70,7 @@ impl<'a> ProjSource<'a> {
         match self {
             ProjSource::Float(m) => {
                 let mut v = vec![m.bytes()];
-                v.extend(m.fp8_blocks().map(|b| b.scales));
+                v.extend(m.scale_bytes());
                 v
             }
             ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => {
@@ -79,10 +79,16 @@ impl<'a> ProjSource<'a> {
         }
     }
 
-    /// The parameters of the source's codes, for a quantized source.
+    /// The parameters of the source's codes, for a quantized source: MLX codes, or
+    /// compressed-tensors packed integers that MLX's affine layout holds as they are
+    /// (`copy_packed_codes`), so that they are kept unless the options ask for others.
     pub fn quant_params(&self) -> Option<QuantParams> {
         match self {
-            ProjSource::Float(_) => None,
+            ProjSource::Float(m) => {
+                let g = m.packed_int_groups()?;
+                let p = QuantParams::new(u8::try_from(g.bits).ok()?, g.group_size).ok()?;
+                (p.fits(m.cols) && m.cols % g.per_word() == 0).then_some(p)
+            }
             ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => Some(q.params),
         }
     }

@@ -616,6 +616,53 @@ pub fn quantize(
     })
 }
 
+/// A compressed-tensors packed integer matrix (`tensor::PackedIntGroups`) asked for at its own
+/// bits and group size is MLX's affine layout already, so its codes are copied, not quantized
+/// again: both store the codes of a row `32 / bits` to a little-endian 32-bit word, the first in
+/// the lowest bits, as `q + 2^(bits-1)`; MLX's `w = scale * u + bias` with `bias =
+/// -2^(bits-1) * scale` is `(u - 2^(bits-1)) * scale`, the value the codes stand for (computed
+/// exactly in f32, where compressed-tensors rounds it to the scales' type). So the scales are
+/// copied and the biases are the scales times `-2^(bits-1)`, exact in any float type (a power of
+/// two) unless it overflows, which falls back to quantizing. Returns whether it copied; the
+/// buffers have been checked to be the sizes `quantize_into` needs.
+fn copy_packed_codes(
+    m: MatrixView<'_>,
+    p: QuantParams,
+    scale_dtype: FloatDtype,
+    codes: &mut [u8],
+    scales: &mut [u8],
+    biases: &mut [u8],
+) -> bool {
+    let Some(g) = m.packed_int_groups() else {
+        return false;
+    };
+    // Rows without padding words: MLX's words per row are the packed ones.
+    if g.bits != p.bits as usize
+        || g.group_size != p.group_size
+        || g.scale_dtype != scale_dtype
+        || m.cols % g.per_word() != 0
+        || codes.len() != m.bytes().len()
+        || scales.len() != g.scales.len()
+    {
+        return false;
+    }
+    let ss = scale_dtype.size();
+    let offset = -((1i32 << (g.bits - 1)) as f32);
+    for (b, s) in biases.chunks_exact_mut(ss).zip(g.scales.chunks_exact(ss)) {
+        let bias = offset * scale_dtype.read(s);
+        if !bias.is_finite() {
+            return false;
+        }
+        scale_dtype.write(bias, b);
+        if scale_dtype.read(b) != bias {
+            return false;
+        }
+    }
+    codes.copy_from_slice(m.bytes());
+    scales.copy_from_slice(g.scales);
+    true
+}
+
 /// [`quantize`] into caller-provided buffers of exactly the right sizes (codes
 /// `rows * cols * bits / 8` bytes, scales and biases `rows * cols / group_size` values), so a
 /// segment can be assembled without copying.
@@ -659,6 +706,9 @@ pub fn quantize_into(
                 m.cols
             ),
         });
+    }
+    if copy_packed_codes(m, p, scale_dtype, codes, scales, biases) {
+        return Ok(());
     }
     codes
         .par_chunks_mut(wpr * ROWS_PER_TASK)

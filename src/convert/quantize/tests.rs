@@ -493,3 +493,76 @@ fn microscaling_codes_dequantize_exactly() {
     let m = MatrixView::new(FloatDtype::F32, 1, 32, &[0u8; 128]).unwrap();
     assert!(quantize("w", m, p, FloatDtype::Bf16).is_err());
 }
+
+/// A compressed-tensors packed INT4 matrix asked for at 4 bits, groups of 32 is copied into
+/// MLX's layout, not quantized again: the same words, the same scales, biases of -8 x scale, so
+/// it dequantizes to exactly `(u - 8) * scale`; at another group size it is quantized from the
+/// values it stands for.
+#[test]
+fn packed_int4_codes_are_copied_at_their_own_bits_and_group_size() {
+    use crate::convert::tensor::{MatrixView, PackedIntGroups};
+    let (rows, cols) = (3, 64);
+    let mut state = 0x9e37_79b9_u32;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    let words: Vec<u8> = (0..rows * cols / 8)
+        .flat_map(|_| next().to_le_bytes())
+        .collect();
+    let scales: Vec<u8> = (0..rows * cols / 32)
+        .flat_map(|i| half::bf16::from_f32(0.013 + 0.007 * i as f32).to_le_bytes())
+        .collect();
+    let groups = PackedIntGroups {
+        scales: &scales,
+        scale_dtype: FloatDtype::Bf16,
+        bits: 4,
+        group_size: 32,
+    };
+    let m = MatrixView::packed_int(rows, cols, &words, groups).unwrap();
+    let q = quantize(
+        "packed",
+        m,
+        QuantParams::new(4, 32).unwrap(),
+        FloatDtype::Bf16,
+    )
+    .unwrap();
+    assert_eq!(q.codes, words);
+    assert_eq!(q.scales, scales);
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        q.view().dequantize_row(r, &mut row);
+        for (c, &x) in row.iter().enumerate() {
+            let word = u32::from_le_bytes(words[(r * cols + c) / 8 * 4..][..4].try_into().unwrap());
+            let u = ((word >> (4 * (c % 8))) & 15) as f32;
+            let k = r * 2 + c / 32;
+            let s = half::bf16::from_le_bytes([scales[2 * k], scales[2 * k + 1]]).to_f32();
+            assert_eq!(x, (u - 8.0) * s, "row {r} column {c}");
+        }
+    }
+    // Group 64: quantized again from the bf16 values, as for any float source.
+    let q64 = quantize(
+        "packed",
+        m,
+        QuantParams::new(4, 64).unwrap(),
+        FloatDtype::Bf16,
+    )
+    .unwrap();
+    let mut floats = vec![0f32; rows * cols];
+    for (r, out) in floats.chunks_exact_mut(cols).enumerate() {
+        m.row_f32(r, out);
+    }
+    let mut bytes = vec![0u8; floats.len() * 2];
+    FloatDtype::Bf16.write_all(&floats, &mut bytes);
+    let plain = MatrixView::new(FloatDtype::Bf16, rows, cols, &bytes).unwrap();
+    let want = quantize(
+        "plain",
+        plain,
+        QuantParams::new(4, 64).unwrap(),
+        FloatDtype::Bf16,
+    )
+    .unwrap();
+    assert_eq!(q64, want);
+}

@@ -242,17 +242,21 @@ fn shard_plan_skips_only_shards_of_mtp_tensors_alone() {
         "model.layers.3.hnorm.weight": "m-4.safetensors",
         "lm_head.weight": "m-5.safetensors"}}"#;
     let index = ShardIndex::parse(text).unwrap();
-    let mtp = MtpLayers { layers: 2..4 };
+    let mtp = TensorFilter {
+        mtp: MtpLayers { layers: 2..4 },
+        arch: None,
+    };
     assert_eq!(
         index.plan(&mtp),
         ShardPlan {
             // m-2 holds layer 1 too: needed, its layer-2 tensor dropped when it is indexed.
             needed: vec!["m-1.safetensors", "m-2.safetensors", "m-5.safetensors"],
             skipped: vec!["m-3.safetensors", "m-4.safetensors"],
-            skipped_tensors: 3,
+            skipped_mtp_tensors: 3,
+            skipped_other_tensors: 0,
         }
     );
-    let all = index.plan(&MtpLayers::default());
+    let all = index.plan(&TensorFilter::default());
     assert_eq!(all.needed, index.shards());
-    assert!(all.skipped.is_empty() && all.skipped_tensors == 0);
+    assert!(all.skipped.is_empty() && all.skipped_mtp_tensors == 0);
 }
