@@ -622,3 +622,46 @@ fn running_ahead_through_the_cli_keeps_the_resident_text() {
         );
     }
 }
+
+/// `FLASHPACK_TRACE=FILE` writes one CSV line per routed layer of a streamed run, with the
+/// header its readers (scripts/trace_stream.py) expect; a path that cannot be written is said on
+/// stderr and the run goes on untraced, with the same text.
+#[test]
+fn the_per_layer_trace_is_written_or_its_failure_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = crate::common::tiny_pack(dir.path());
+    let trace = dir.path().join("trace.csv");
+    let args = [
+        "run",
+        pack.to_str().unwrap(),
+        "--prompt",
+        "The history of",
+        "--max-tokens",
+        "4",
+        "--expert-budget",
+        "25%",
+    ];
+    let traced =
+        crate::common::flashpack_cli(&args, &[("FLASHPACK_TRACE", trace.to_str().unwrap())]);
+    assert!(traced.status.success());
+    let csv = std::fs::read_to_string(&trace).unwrap();
+    let mut lines = csv.lines();
+    assert!(lines
+        .next()
+        .unwrap()
+        .starts_with("layer,entries,host_us,eval_us,misses,"));
+    let rows: Vec<&str> = lines.collect();
+    assert!(!rows.is_empty(), "no routed layer traced");
+    assert!(rows.iter().all(|r| r.split(',').count() == 13), "{csv}");
+
+    let bad = dir.path().join("no-such-dir").join("trace.csv");
+    let untraced =
+        crate::common::flashpack_cli(&args, &[("FLASHPACK_TRACE", bad.to_str().unwrap())]);
+    let err = String::from_utf8_lossy(&untraced.stderr);
+    assert!(untraced.status.success(), "{err}");
+    assert!(
+        err.contains("FLASHPACK_TRACE") && err.contains("without the trace"),
+        "{err}"
+    );
+    assert_eq!(untraced.stdout, traced.stdout, "the trace changes no token");
+}

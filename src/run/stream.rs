@@ -108,12 +108,20 @@ struct Trace {
 impl Trace {
     fn open() -> Option<Trace> {
         let path = std::env::var_os("FLASHPACK_TRACE")?;
-        let mut out = std::io::BufWriter::new(std::fs::File::create(path).ok()?);
+        // A diagnostic: one that cannot be written is said once and the run goes on untraced.
+        let said = |e: std::io::Error| {
+            eprintln!(
+                "warning: FLASHPACK_TRACE={}: {e}; running without the trace",
+                std::path::Path::new(&path).display()
+            );
+        };
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).map_err(said).ok()?);
         use std::io::Write;
         writeln!(
             out,
             "layer,entries,host_us,eval_us,misses,load_us,table_us,other_us,read_us,verify_us,decode_us,scatter_us,ahead"
         )
+        .map_err(said)
         .ok()?;
         Some(Trace {
             out,
