@@ -11,7 +11,7 @@
 //! of one call over the whole prompt.
 
 use super::kv_cache::{to_i32, LinearState};
-use super::layers::{check_shape, require, Linear, RmsNorm};
+use super::layers::{check_shape, compiling, elementwise2, require, Linear, RmsNorm};
 use super::weights::Weights;
 use super::ComputeError;
 use crate::arch::{DeltaProjections, LinearAttention, ModelConfig};
@@ -73,10 +73,15 @@ impl GatedDeltaNet {
         let conv_dim = la.conv_dim();
         let m = |n: &str| format!("{module}.{n}");
         let proj = match la.projections {
-            DeltaProjections::Qkvz => Projections::Qkvz {
-                qkvz: Linear::load(w, &m("in_proj_qkvz"), 2 * key_dim + 2 * value_dim, h)?,
-                ba: Linear::load(w, &m("in_proj_ba"), 2 * nv, h)?,
-            },
+            DeltaProjections::Qkvz => {
+                let r = nv / nk;
+                let qkvz = Linear::load(w, &m("in_proj_qkvz"), 2 * key_dim + 2 * value_dim, h)?;
+                let ba = Linear::load(w, &m("in_proj_ba"), 2 * nv, h)?;
+                Projections::Qkvz {
+                    qkvz: qkvz.permute_rows(&qkvz_rows(nk, &[dk, dk, r * dv, r * dv]))?,
+                    ba: ba.permute_rows(&qkvz_rows(nk, &[r, r]))?,
+                }
+            }
             DeltaProjections::Split => Projections::Split {
                 qkv: Linear::load(w, &m("in_proj_qkv"), conv_dim, h)?,
                 z: Linear::load(w, &m("in_proj_z"), value_dim, h)?,
@@ -128,24 +133,18 @@ impl GatedDeltaNet {
         );
         let (mixed, z, beta_in, a) = match &self.proj {
             Projections::Qkvz { qkvz, ba } => {
-                // fix_query_key_value_ordering: per key head [q | k | v | z] and [b | a].
-                let r = nv / nk;
-                let qkvz = qkvz.forward(x)?.reshape(&[b, sl, nk, -1])?;
-                let ba = ba.forward(x)?.reshape(&[b, sl, nk, -1])?;
+                // fix_query_key_value_ordering gives per key head [q | k | v | z] and [b | a];
+                // the rows were reordered at load ([`qkvz_rows`]), so mixed_qkv = concat(q, k,
+                // v), z, b and a are contiguous ranges of the outputs.
+                let (kd, vd) = (nk * dk, nv * dv);
+                let qkvz = qkvz.forward(x)?;
+                let ba = ba.forward(x)?;
                 let cut = |t: &Array, from: i32, to: i32| -> Result<Array> {
-                    Ok(t.slice(&[0, 0, 0, from], &[b, sl, nk, to])?)
+                    Ok(t.slice(&[0, 0, from], &[b, sl, to])?)
                 };
-                let q = cut(&qkvz, 0, dk)?;
-                let k = cut(&qkvz, dk, 2 * dk)?;
-                let v = cut(&qkvz, 2 * dk, 2 * dk + r * dv)?;
-                let z = cut(&qkvz, 2 * dk + r * dv, 2 * dk + 2 * r * dv)?;
-                let beta_in = cut(&ba, 0, r)?.reshape(&[b, sl, nv])?;
-                let a = cut(&ba, r, 2 * r)?.reshape(&[b, sl, nv])?;
-                let z = z.reshape(&[b, sl, -1, dv])?;
-                // mixed_qkv = concat([q.reshape(B, S, -1), k..., v...], axis=-1)
-                let flat = |t: &Array| t.reshape(&[b, sl, -1]);
-                let mixed = mlx::concatenate(&[&flat(&q)?, &flat(&k)?, &flat(&v)?], -1)?;
-                (mixed, z, beta_in, a)
+                let mixed = cut(&qkvz, 0, 2 * kd + vd)?;
+                let z = cut(&qkvz, 2 * kd + vd, 2 * kd + 2 * vd)?.reshape(&[b, sl, nv, dv])?;
+                (mixed, z, cut(&ba, 0, nv)?, cut(&ba, nv, 2 * nv)?)
             }
             Projections::Split { qkv, z, b: pb, a } => (
                 qkv.forward(x)?,
@@ -187,19 +186,7 @@ impl GatedDeltaNet {
         let q = Array::scalar(inv2, q.dtype())?.mul(&fast::rms_norm(&q, None, rms_eps)?)?;
         let k = Array::scalar(inv_scale, k.dtype())?.mul(&fast::rms_norm(&k, None, rms_eps)?)?;
 
-        // gated_delta_update: beta = sigmoid(b); g = compute_g(A_log, a, dt_bias)
-        let beta = beta_in.sigmoid()?;
-        // softplus(a + dt_bias) = logaddexp(a + dt_bias, 0)
-        let ad = a.add(&self.dt_bias)?;
-        let softplus = ad.logaddexp(&Array::scalar(0.0, ad.dtype())?)?;
-        // mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
-        let g = self
-            .a_log
-            .astype(Dtype::F32)?
-            .exp()?
-            .neg()?
-            .mul(&softplus)?
-            .exp()?;
+        let (g, beta) = self.gates(&a, &beta_in, compiling())?;
         let state = match &cache.recurrent {
             Some(st) => st.clone(),
             None => Array::zeros(&[s[0], self.nv, self.dv, self.dk], Dtype::F32)?,
@@ -210,12 +197,54 @@ impl GatedDeltaNet {
 
         // out = self.norm(out, z): precise_swiglu(out, z, rms_norm(out, w, eps))
         let normed = self.norm.forward(&y)?;
-        let out = z
-            .astype(Dtype::F32)?
-            .silu()?
-            .mul(&normed.astype(Dtype::F32)?)?
-            .astype(y.dtype())?;
+        // silu(z) * norm(y) in f32, back in y's type: one kernel where compiling.
+        static GATE_OUT: mlx::CompileId = mlx::CompileId::new();
+        let dt = y.dtype();
+        let out = elementwise2(&GATE_OUT, &[dt as u64], &z, &normed, &|z, n| {
+            z.astype(Dtype::F32)?
+                .silu()?
+                .mul(&n.astype(Dtype::F32)?)?
+                .astype(dt)
+        })?;
         self.out_proj.forward(&out.reshape(&[b, sl, -1])?)
+    }
+
+    /// `g = exp(-exp(A_log) * softplus(a + dt_bias))` (in f32) and `beta = sigmoid(b)`: one
+    /// compiled function where `fuse` (mlx-lm `@mx.compile`s its `compute_g`), else op by op.
+    fn gates(&self, a: &Array, b: &Array, fuse: bool) -> Result<(Array, Array)> {
+        static GATES: mlx::CompileId = mlx::CompileId::new();
+        let ops = |a_log: &Array,
+                   a: &Array,
+                   dt_bias: &Array,
+                   b: &Array|
+         -> std::result::Result<Vec<Array>, mlx::Error> {
+            // gated_delta_update: beta = sigmoid(b); g = compute_g(A_log, a, dt_bias)
+            let beta = b.sigmoid()?;
+            // softplus(a + dt_bias) = logaddexp(a + dt_bias, 0)
+            let ad = a.add(dt_bias)?;
+            let softplus = ad.logaddexp(&Array::scalar(0.0, ad.dtype())?)?;
+            // mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
+            let g = a_log
+                .astype(Dtype::F32)?
+                .exp()?
+                .neg()?
+                .mul(&softplus)?
+                .exp()?;
+            Ok(vec![g, beta])
+        };
+        let out = if fuse {
+            let f = |xs: &[Array]| ops(&xs[0], &xs[1], &xs[2], &xs[3]);
+            mlx::compiled(&GATES, &[], &[&self.a_log, a, &self.dt_bias, b], 2, &f)?
+        } else {
+            ops(&self.a_log, a, &self.dt_bias, b)?
+        };
+        let mut out = out.into_iter();
+        match (out.next(), out.next()) {
+            (Some(g), Some(beta)) => Ok((g, beta)),
+            _ => Err(ComputeError::Unsupported {
+                what: "the gated-delta gates gave fewer than 2 arrays".into(),
+            }),
+        }
     }
 
     /// `gated_delta_ops`: q, k `[B, T, Hk, Dk]`, v `[B, T, Hv, Dv]`, g and beta `[B, T, Hv]`,
@@ -258,8 +287,29 @@ impl GatedDeltaNet {
             stop[1] = t + 1;
             let mut to = vec![b];
             to.extend_from_slice(tail);
+            // A decode step's one position is all of it: no slice to take.
+            if t_len == 1 {
+                return Ok(x.reshape(&to)?);
+            }
             Ok(x.slice(&start, &stop)?.reshape(&to)?)
         };
+        // One position: mlx-lm's `_gated_delta_step_ops`, which it `@mx.compile`s; one compiled
+        // function where compiling.
+        let ops = move |[qt, kt, vt, decay, bt, state]: [&Array; 6]|
+         -> std::result::Result<Vec<Array>, mlx::Error> {
+            let state = state.mul(decay)?;
+            // kv_mem = (state * k[..., None, :]).sum(axis=-1)
+            let kv_mem = state.mul(kt)?.sum(-1, false)?;
+            // delta = (v - kv_mem) * beta[..., None]
+            let delta = vt.sub(&kv_mem)?.mul(bt)?;
+            // state = state + k[..., None, :] * delta[..., None]
+            let state = state.add(&kt.mul(&delta.expand_dims(-1)?)?)?;
+            // y = (state * q[..., None, :]).sum(axis=-1)
+            let y = state.mul(qt)?.sum(-1, false)?.astype(dtype)?;
+            Ok(vec![y.expand_dims(1)?, state])
+        };
+        static STEP: mlx::CompileId = mlx::CompileId::new();
+        let fuse = compiling();
         let mut ys = Vec::with_capacity(s[1]);
         for t in 0..t_len {
             // _gated_delta_step_ops, scalar gating: decay = g[..., None, None]
@@ -268,16 +318,21 @@ impl GatedDeltaNet {
             let vt = at(v, t, &[hv, dv])?;
             let decay = at(g, t, &[hv, 1, 1])?;
             let bt = at(beta, t, &[hv, 1])?;
-            state = state.mul(&decay)?;
-            // kv_mem = (state * k[..., None, :]).sum(axis=-1)
-            let kv_mem = state.mul(&kt)?.sum(-1, false)?;
-            // delta = (v - kv_mem) * beta[..., None]
-            let delta = vt.sub(&kv_mem)?.mul(&bt)?;
-            // state = state + k[..., None, :] * delta[..., None]
-            state = state.add(&kt.mul(&delta.expand_dims(-1)?)?)?;
-            // y = (state * q[..., None, :]).sum(axis=-1)
-            let y = state.mul(&qt)?.sum(-1, false)?.astype(dtype)?;
-            ys.push(y.expand_dims(1)?);
+            let inputs = [&qt, &kt, &vt, &decay, &bt, &state];
+            let out = if fuse {
+                let f = |xs: &[Array]| ops([&xs[0], &xs[1], &xs[2], &xs[3], &xs[4], &xs[5]]);
+                mlx::compiled(&STEP, &[], &inputs, 2, &f)?
+            } else {
+                ops(inputs)?
+            };
+            let mut out = out.into_iter();
+            let (Some(y), Some(next)) = (out.next(), out.next()) else {
+                return Err(ComputeError::Unsupported {
+                    what: "the gated-delta step gave fewer than 2 arrays".into(),
+                });
+            };
+            state = next;
+            ys.push(y);
         }
         let refs: Vec<&Array> = ys.iter().collect();
         // y = mx.stack(ys, axis=1)
@@ -288,5 +343,37 @@ impl GatedDeltaNet {
     /// The module name (`model.layers.L.linear_attn`), for errors.
     pub fn module(&self) -> &str {
         &self.module
+    }
+}
+
+/// The row order that turns a projection stored per key head as `[part 0 | part 1 | ..]`
+/// (`in_proj_qkvz`: q, k, v, z; `in_proj_ba`: b, a; `groups` key heads) into each part for all
+/// heads in a row: part 0 of head 0, of head 1, .., then part 1 of every head, and so on.
+fn qkvz_rows(groups: usize, parts: &[usize]) -> Vec<u32> {
+    let group: usize = parts.iter().sum();
+    let mut rows = Vec::with_capacity(groups * group);
+    let mut offset = 0;
+    for &len in parts {
+        for g in 0..groups {
+            let start = g * group + offset;
+            rows.extend((start..start + len).map(|r| r as u32));
+        }
+        offset += len;
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qkvz_rows;
+
+    /// Two key heads of `[q q | k | v v v]`: every head's q first, then the k's, then the v's.
+    #[test]
+    fn qkvz_rows_gather_each_part_of_every_head() {
+        assert_eq!(
+            qkvz_rows(2, &[2, 1, 3]),
+            [0, 1, 6, 7, 2, 8, 3, 4, 5, 9, 10, 11]
+        );
+        assert_eq!(qkvz_rows(3, &[1, 1]), [0, 2, 4, 1, 3, 5]);
     }
 }

@@ -133,6 +133,34 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// The same layer with its outputs reordered: output `i` is this layer's output `rows[i]`
+    /// (rows of the weight, its scales and biases, and the bias, taken and evaluated once). Each
+    /// output is computed from its own row alone, so the values do not change.
+    pub fn permute_rows(&self, rows: &[u32]) -> Result<Linear> {
+        let idx = Array::from_slice(rows, &[rows.len()])?;
+        let take = |a: &Array| -> Result<Array> { Ok(a.take(&idx, 0)?) };
+        let weight = match &self.weight {
+            Matrix::Plain(w) => Matrix::Plain(take(w)?),
+            Matrix::Quantized(q) => Matrix::Quantized(QuantizedMatrix {
+                weight: take(&q.weight)?,
+                scales: take(&q.scales)?,
+                biases: q.biases.as_ref().map(take).transpose()?,
+                ..q.clone()
+            }),
+        };
+        let bias = self.bias.as_ref().map(take).transpose()?;
+        let mut made: Vec<&Array> = match &weight {
+            Matrix::Plain(w) => vec![w],
+            Matrix::Quantized(q) => [Some(&q.weight), Some(&q.scales), q.biases.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+        };
+        made.extend(bias.as_ref());
+        mlx::eval(&made)?;
+        Ok(Linear { weight, bias })
+    }
+
     pub fn forward(&self, x: &Array) -> Result<Array> {
         Ok(match (&self.weight, &self.bias) {
             // mlx/nn/layers/quantized.py QuantizedLinear.__call__: quantized_matmul, then + bias.
