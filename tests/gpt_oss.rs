@@ -20,8 +20,8 @@ use flashpack::format::{DType, Pack, QuantMode};
 
 use crate::common::mlx_lm;
 use mlx_lm::{
-    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits,
-    python_has_mlx_lm, run_ok, run_report,
+    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_convert_q4_keeping,
+    mlx_lm_logits, python_has_mlx_lm, run_ok, run_report,
 };
 
 /// The sliding layers' window: the prompt is more than three windows long.
@@ -228,19 +228,7 @@ fn gpt_oss_gives_mlx_lms_logits_from_hf_mxfp4_and_mlx_lm_sources() {
     // it at 8 bits; a pack of its folder keeps those codes). The experts keep their MXFP4 codes
     // either way.
     let hf_ref = d.join("ref");
-    run_ok(
-        Command::new("python3").args([
-            "-c",
-            &format!(
-                "from mlx_lm import convert\n\
-                 convert({hf:?}, mlx_path={out:?}, quantize=True, q_group_size=64, q_bits=4, \
-                 quant_predicate=lambda p, m: not p.endswith('mlp.router'))\n",
-                hf = hf.display().to_string(),
-                out = hf_ref.display().to_string(),
-            ),
-        ]),
-        "mlx-lm convert with a bf16 router",
-    );
+    mlx_lm_convert_q4_keeping(&hf, &hf_ref, &["mlp.router"]);
     mlx_lm_logits(&hf_ref, PROMPT, DECODE);
     for (src, reference, label) in [
         (&hf, &hf_ref, "hf mxfp4"),
@@ -352,19 +340,7 @@ fn gpt_oss_in_transformers_float_layout_gives_mlx_lms_logits() {
     // mlx-lm's 4-bit conversion of the same weights, the router kept in bf16 as flashpack's
     // dense policy keeps it.
     let reference = d.join("ref");
-    run_ok(
-        Command::new("python3").args([
-            "-c",
-            &format!(
-                "from mlx_lm import convert\n\
-                 convert({src:?}, mlx_path={out:?}, quantize=True, q_group_size=64, q_bits=4, \
-                 quant_predicate=lambda p, m: not p.endswith('mlp.router'))\n",
-                src = ours.display().to_string(),
-                out = reference.display().to_string(),
-            ),
-        ]),
-        "mlx-lm convert with a bf16 router",
-    );
+    mlx_lm_convert_q4_keeping(&ours, &reference, &["mlp.router"]);
     mlx_lm_logits(&reference, PROMPT, DECODE);
     let pack = d.join("transformers.flashpack");
     flashpack(&[

@@ -23,7 +23,8 @@ use flashpack::format::Pack;
 use crate::common::mlx_lm;
 use mlx_lm::{
     check, eval_against, flashpack, flashpack_out, greedy_tokens_equal_mlx_lms, mlx_lm_convert_q4,
-    mlx_lm_logits_chunked, python_has_mlx_lm, run_ok, streaming_keeps_the_tokens,
+    mlx_lm_convert_q4_keeping, mlx_lm_logits_chunked, python_has_mlx_lm,
+    streaming_keeps_the_tokens,
 };
 
 const PROMPT: &[u32] = &[
@@ -63,19 +64,7 @@ fn write(spec: &FixtureSpec, dir: &Path) -> PathBuf {
 
 /// mlx-lm's 4-bit conversion of `src` with the router kept in bf16, and its logits.
 fn reference_with_a_bf16_router(src: &Path, out: &Path) {
-    run_ok(
-        Command::new("python3").args([
-            "-c",
-            &format!(
-                "from mlx_lm import convert\n\
-                 convert({src:?}, mlx_path={out:?}, quantize=True, q_group_size=64, q_bits=4, \
-                 quant_predicate=lambda p, m: not p.endswith('block_sparse_moe.gate'))\n",
-                src = src.display().to_string(),
-                out = out.display().to_string(),
-            ),
-        ]),
-        "mlx-lm convert with a bf16 router",
-    );
+    mlx_lm_convert_q4_keeping(src, out, &["block_sparse_moe.gate"]);
     mlx_lm_logits_chunked(out, PROMPT, DECODE, CHUNK);
 }
 

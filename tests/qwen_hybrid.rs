@@ -13,7 +13,6 @@
 
 use crate::common::short_texts;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::common::fixtures::{FixtureLayout, FixtureSpec};
 use flashpack::arch::Arch;
@@ -21,8 +20,8 @@ use flashpack::format::Pack;
 
 use crate::common::mlx_lm;
 use mlx_lm::{
-    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_logits,
-    python_has_mlx_lm, run_ok, run_report,
+    check, eval_against, flashpack, flashpack_out, mlx_lm_convert_q4, mlx_lm_convert_q4_keeping,
+    mlx_lm_logits, python_has_mlx_lm, run_report,
 };
 
 const PROMPT: &[u32] = &[
@@ -113,19 +112,7 @@ fn qwen3_next_and_qwen3_5_moe_give_mlx_lms_logits_from_hf_and_mlx_lm_sources() {
         // shared-expert gate left in bf16, as flashpack's dense policy keeps them (mlx-lm's own
         // recipe stores them at 8 bits; a pack of its folder keeps those codes).
         let hf_ref = d.join(format!("ref-{k}"));
-        run_ok(
-            Command::new("python3").args([
-                "-c",
-                &format!(
-                    "from mlx_lm import convert\nkeep = ('mlp.gate', 'shared_expert_gate')\n\
-                     convert({hf:?}, mlx_path={out:?}, quantize=True, q_group_size=64, \
-                     q_bits=4, quant_predicate=lambda p, m: not p.endswith(keep))\n",
-                    hf = hf.display().to_string(),
-                    out = hf_ref.display().to_string(),
-                ),
-            ]),
-            "mlx-lm convert with bf16 routers",
-        );
+        mlx_lm_convert_q4_keeping(&hf, &hf_ref, &["mlp.gate", "shared_expert_gate"]);
         mlx_lm_logits(&hf_ref, PROMPT, DECODE);
         for (src, reference, label) in [
             (&hf, &hf_ref, "hf bf16"),
@@ -225,18 +212,10 @@ fn qwen3_next_layer_types_without_an_interval_give_mlx_lms_logits() {
     ]);
     std::fs::write(&path, c.to_string()).unwrap();
     let reference = d.join("ref");
-    run_ok(
-        Command::new("python3").args([
-            "-c",
-            &format!(
-                "from mlx_lm import convert\nkeep = ('mlp.gate', 'shared_expert_gate')\n\
-                 convert({hf:?}, mlx_path={out:?}, quantize=True, q_group_size=64, \
-                 q_bits=4, quant_predicate=lambda p, m: not p.endswith(keep))\n",
-                hf = with_interval.display().to_string(),
-                out = reference.display().to_string(),
-            ),
-        ]),
-        "mlx-lm convert with bf16 routers",
+    mlx_lm_convert_q4_keeping(
+        &with_interval,
+        &reference,
+        &["mlp.gate", "shared_expert_gate"],
     );
     mlx_lm_logits(&reference, PROMPT, DECODE);
     let pack = d.join("layer-types.flashpack");

@@ -61,6 +61,31 @@ pub fn mlx_lm_convert_q4(src: &Path, dst: &Path) {
     );
 }
 
+/// mlx-lm's 4-bit conversion (group 64) of `src` into `dst` with the modules whose path ends
+/// with one of `keep` left in bf16: the reference for a Hugging Face source, whose routers (and
+/// other such one-row gates) flashpack's dense policy keeps in full precision where mlx-lm's own
+/// recipe stores them at 8 bits.
+pub fn mlx_lm_convert_q4_keeping(src: &Path, dst: &Path, keep: &[&str]) {
+    let keep = keep
+        .iter()
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    run_ok(
+        Command::new("python3").args([
+            "-c",
+            &format!(
+                "from mlx_lm import convert\nkeep = ({keep},)\n\
+                 convert({src:?}, mlx_path={dst:?}, quantize=True, q_group_size=64, q_bits=4, \
+                 quant_predicate=lambda p, m: not p.endswith(keep))\n",
+                src = src.display().to_string(),
+                dst = dst.display().to_string(),
+            ),
+        ]),
+        "mlx-lm convert with bf16 routers",
+    );
+}
+
 /// Token ids as a Python list's items: `1, 2, 3`.
 fn list(ids: &[u32]) -> String {
     ids.iter()
