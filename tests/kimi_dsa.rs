@@ -13,17 +13,17 @@
 //! logits) is checked on the goldens, src/model/tests.rs. Needs python3 with mlx-lm (CI installs it); skipped with a note otherwise.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::common::fixtures::FixtureSpec;
-use crate::common::short_texts;
+use crate::common::texts_of;
 use flashpack::arch::Arch;
 use flashpack::format::Pack;
 
 use crate::common::mlx_lm;
 use mlx_lm::{
-    check, eval_against, flashpack, flashpack_out, greedy_tokens_equal_mlx_lms, mlx_lm_convert_q4,
-    mlx_lm_logits_chunked, python_has_mlx_lm, streaming_keeps_the_tokens,
+    check, convert_every_stage, eval_against, flashpack, flashpack_out,
+    greedy_tokens_equal_mlx_lms, mlx_lm_convert_q4, mlx_lm_logits_chunked, python_has_mlx_lm,
+    streaming_keeps_the_tokens,
 };
 
 const PROMPT: &[u32] = &[
@@ -143,13 +143,8 @@ fn kimi_k25_deepseek_v32_and_glm_moe_dsa_give_mlx_lms_logits_and_greedy_tokens()
 #[test]
 fn every_stage_runs_on_kimi_k25_deepseek_v32_and_glm_moe_dsa() {
     let dir = tempfile::tempdir().unwrap();
-    let (calib, text) = short_texts(dir.path());
     // 400 characters of each (profiling and eval cost about 1 s per 200 here, per model).
-    for path in [&calib, &text] {
-        let t = std::fs::read_to_string(path).unwrap();
-        let cut = t.char_indices().nth(400).map_or(t.len(), |(i, _)| i);
-        std::fs::write(path, &t[..cut]).unwrap();
-    }
+    let (calib, text) = texts_of(dir.path(), 400);
     for arch in ARCHS {
         let name = arch.model_type();
         let s = FixtureSpec {
@@ -159,29 +154,7 @@ fn every_stage_runs_on_kimi_k25_deepseek_v32_and_glm_moe_dsa() {
         let src = write(&s, &dir.path().join(format!("src-{name}")));
         let pack = dir.path().join(format!("{name}.flashpack"));
         let (src_s, pack_s) = (src.to_str().unwrap(), pack.to_str().unwrap());
-        let out = flashpack_out(&[
-            "convert",
-            src_s,
-            "-o",
-            pack_s,
-            "--cold-bits",
-            "2",
-            "--cold-fraction",
-            "0.5",
-            "--merge-threshold",
-            "0.1",
-            "--calibration",
-            calib.to_str().unwrap(),
-            "--json",
-        ]);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let p = Pack::open(&pack).unwrap();
-        let bits: Vec<u8> = p.experts().iter().map(|e| e.bits.max()).collect();
-        assert!(
-            bits.contains(&2) && bits.contains(&4),
-            "{name}: {bits:?} {report}"
-        );
-        assert!(p.metadata()["profile"].is_object(), "{name}");
+        let (_, p) = convert_every_stage(&src, &pack, &calib, name);
         // Kimi K2.5's vision modules are no part of the pack.
         assert!(
             p.tensors()
@@ -189,11 +162,6 @@ fn every_stage_runs_on_kimi_k25_deepseek_v32_and_glm_moe_dsa() {
                 .all(|t| !t.name.starts_with("vision_tower") && !t.name.starts_with("mm_")),
             "{name}"
         );
-        let verify = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-            .args(["verify", pack_s])
-            .output()
-            .unwrap();
-        assert!(verify.status.success(), "{name}: verify");
 
         let inspect = flashpack_out(&["inspect", pack_s, "--json"]);
         let r: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();

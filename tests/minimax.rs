@@ -13,18 +13,17 @@
 //! otherwise.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::common::fixtures::{FixtureSpec, Fp8Fixture};
-use crate::common::short_texts;
+use crate::common::texts_of;
 use flashpack::arch::{Arch, QkNorm, Scoring};
 use flashpack::format::Pack;
 
 use crate::common::mlx_lm;
 use mlx_lm::{
-    check, eval_against, flashpack, flashpack_out, greedy_tokens_equal_mlx_lms, mlx_lm_convert_q4,
-    mlx_lm_convert_q4_keeping, mlx_lm_logits_chunked, python_has_mlx_lm,
-    streaming_keeps_the_tokens,
+    check, convert_every_stage, eval_against, flashpack, flashpack_out,
+    greedy_tokens_equal_mlx_lms, mlx_lm_convert_q4, mlx_lm_convert_q4_keeping,
+    mlx_lm_logits_chunked, python_has_mlx_lm, streaming_keeps_the_tokens,
 };
 
 const PROMPT: &[u32] = &[
@@ -143,12 +142,7 @@ fn minimax_gives_mlx_lms_logits_and_greedy_tokens_from_bf16_fp8_and_mlx_lm_sourc
 #[test]
 fn every_stage_runs_on_minimax() {
     let dir = tempfile::tempdir().unwrap();
-    let (calib, text) = short_texts(dir.path());
-    for path in [&calib, &text] {
-        let t = std::fs::read_to_string(path).unwrap();
-        let cut = t.char_indices().nth(400).map_or(t.len(), |(i, _)| i);
-        std::fs::write(path, &t[..cut]).unwrap();
-    }
+    let (calib, text) = texts_of(dir.path(), 400);
     let s = FixtureSpec {
         routing_skew: 0.2,
         ..spec()
@@ -156,31 +150,7 @@ fn every_stage_runs_on_minimax() {
     let src = write(&s, &dir.path().join("src"));
     let pack = dir.path().join("minimax.flashpack");
     let (src_s, pack_s) = (src.to_str().unwrap(), pack.to_str().unwrap());
-    let out = flashpack_out(&[
-        "convert",
-        src_s,
-        "-o",
-        pack_s,
-        "--cold-bits",
-        "2",
-        "--cold-fraction",
-        "0.5",
-        "--merge-threshold",
-        "0.1",
-        "--calibration",
-        calib.to_str().unwrap(),
-        "--json",
-    ]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let p = Pack::open(&pack).unwrap();
-    let bits: Vec<u8> = p.experts().iter().map(|e| e.bits.max()).collect();
-    assert!(bits.contains(&2) && bits.contains(&4), "{bits:?} {report}");
-    assert!(p.metadata()["profile"].is_object());
-    let verify = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-        .args(["verify", pack_s])
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "verify");
+    let (_, p) = convert_every_stage(&src, &pack, &calib, "minimax");
     let inspect = flashpack_out(&["inspect", pack_s, "--json"]);
     let r: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     // 3 layers x keys and values of one KV head of 64 x 2 bytes.

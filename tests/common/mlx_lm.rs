@@ -48,6 +48,43 @@ pub fn flashpack(args: &[&str]) {
     flashpack_out(args);
 }
 
+/// `flashpack convert SRC -o PACK` with every quality stage (profiling on `calib`, the coldest
+/// half of the experts at 2 bits, merging at 0.1) and `--json`: some experts end at 2 bits and
+/// some at 4, the profile is in the metadata, and `flashpack verify` passes. Returns the report
+/// and the pack.
+pub fn convert_every_stage(
+    src: &Path,
+    pack: &Path,
+    calib: &Path,
+    name: &str,
+) -> (serde_json::Value, flashpack::format::Pack) {
+    let out = flashpack_out(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--cold-bits",
+        "2",
+        "--cold-fraction",
+        "0.5",
+        "--merge-threshold",
+        "0.1",
+        "--calibration",
+        calib.to_str().unwrap(),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = flashpack::format::Pack::open(pack).unwrap();
+    let bits: Vec<u8> = p.experts().iter().map(|e| e.bits.max()).collect();
+    assert!(
+        bits.contains(&2) && bits.contains(&4),
+        "{name}: {bits:?} {report}"
+    );
+    assert!(p.metadata()["profile"].is_object(), "{name}: no profile");
+    flashpack(&["verify", pack.to_str().unwrap()]);
+    (report, p)
+}
+
 /// `mlx_lm convert -q` at 4 bits, group 64, of `src` into `dst`.
 pub fn mlx_lm_convert_q4(src: &Path, dst: &Path) {
     run_ok(

@@ -275,10 +275,15 @@ pub fn flashpack_cli(args: &[&str], envs: &[(&str, &str)]) -> std::process::Outp
 /// where whole files cost tens of seconds of MLX's bf16 quantized matmuls and check nothing
 /// more. Returns (calibration, evaluation).
 pub fn short_texts(dir: &Path) -> (PathBuf, PathBuf) {
+    texts_of(dir, 1200)
+}
+
+/// [`short_texts`] cut to their first `chars` characters.
+pub fn texts_of(dir: &Path, chars: usize) -> (PathBuf, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let head = |from: &str, to: &str| {
         let t = std::fs::read_to_string(root.join(from)).unwrap();
-        let cut = t.char_indices().nth(1200).map_or(t.len(), |(i, _)| i);
+        let cut = t.char_indices().nth(chars).map_or(t.len(), |(i, _)| i);
         let path = dir.join(to);
         std::fs::write(&path, &t[..cut]).unwrap();
         path
