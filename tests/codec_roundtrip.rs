@@ -401,3 +401,78 @@ fn parallel_stream_decode_gives_the_lock_step_bytes_and_errors() {
         }
     });
 }
+
+/// A segment decoded while its parts arrive in any order (`HuffmanDecoder::advance`, then
+/// `finish`) gives `decode_into`'s bytes, with every symbol decoded before `finish` already
+/// right; damaged segments fail `finish` where `decode_into` fails.
+#[test]
+fn progressive_decode_in_any_arrival_order_gives_the_whole_decode() {
+    let mut rng = Rng(7);
+    for streams in [1, 3, 4, 7, 8] {
+        for len in [5_000, 300 << 10, 700_001] {
+            let data = skewed(len, rng.next(), 1 + rng.below(40) as u32);
+            let mut seg = Vec::new();
+            huffman::encode(&data, streams, &mut seg).unwrap();
+            for part in [512usize, 4096, 65536] {
+                // Parts arrive in a random order; after each, the decoder goes as far as it can.
+                let parts = seg.len().div_ceil(part);
+                let mut order: Vec<usize> = (0..parts).collect();
+                for i in (1..parts).rev() {
+                    order.swap(i, rng.below(i + 1));
+                }
+                let first = order.iter().position(|&p| p == 0).unwrap();
+                order.swap(0, first); // the header first, as the runtime's order has it
+                let mut arrived = vec![false; parts];
+                let mut dec = huffman::HuffmanDecoder::new();
+                let head = &seg[..part.min(seg.len())];
+                let mut prog = dec.start(head, seg.len()).unwrap();
+                let q = prog.quota();
+                let mut dst = vec![0u8; len];
+                let mut last = 0;
+                for &p in &order {
+                    arrived[p] = true;
+                    let to = |pos: usize| {
+                        let mut i = pos / part;
+                        while i < parts && arrived[i] {
+                            i += 1;
+                        }
+                        (i * part).min(seg.len()).max(pos)
+                    };
+                    // SAFETY: `seg` is whole; `to` reports only parts marked arrived.
+                    let done = unsafe { dec.advance(&mut prog, seg.as_ptr(), &to, &mut dst) };
+                    assert!(done >= last);
+                    last = done;
+                    for (s, out) in dst.chunks(q).enumerate() {
+                        let n = done.min(out.len());
+                        assert_eq!(&out[..n], &data[s * q..s * q + n], "stream {s}");
+                    }
+                }
+                dec.finish(prog, &seg, &mut dst).unwrap();
+                assert_eq!(dst, data, "{streams} streams, {len} bytes, parts of {part}");
+            }
+            // Damage: `finish` fails exactly when the whole decode does, else the same bytes.
+            for _ in 0..10 {
+                let mut bad = seg.clone();
+                let at = 200 + rng.below(bad.len() - 200); // past the header
+                bad[at] ^= 1 << rng.below(8);
+                let mut want = vec![0u8; len];
+                let whole = Decoder::new().decode_into(CodecId::Huffman, &bad, &mut want);
+                let mut dec = huffman::HuffmanDecoder::new();
+                let mut got = vec![0u8; len];
+                let mut prog = dec.start(&bad, bad.len()).unwrap();
+                let n = bad.len();
+                // SAFETY: all of `bad` is there.
+                unsafe { dec.advance(&mut prog, bad.as_ptr(), &|_| n, &mut got) };
+                let fin = dec.finish(prog, &bad, &mut got);
+                assert_eq!(
+                    whole.is_ok(),
+                    fin.is_ok(),
+                    "flip at {at}: {whole:?} vs {fin:?}"
+                );
+                if fin.is_ok() {
+                    assert_eq!(got, want);
+                }
+            }
+        }
+    }
+}

@@ -16,15 +16,19 @@ const BITS: usize = 4;
 const LAYERS: u32 = 2;
 const EXPERTS: u32 = 4;
 
+/// Bell-shaped values in (-1, 1) (the mean of three uniform draws), so that their 4-bit codes
+/// are skewed as trained weights' are and Huffman coding pays: uniform codes would be stored
+/// raw whatever codec the pack asks for.
 fn noise(seed: u64, n: usize) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    };
     (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
+        .map(|_| ((uniform() + uniform() + uniform()) / 3.0) as f32)
         .collect()
 }
 
@@ -323,6 +327,68 @@ fn raw_experts_read_in_parts_fill_their_slots_and_are_checked() {
             err.to_string().contains("layer 0, expert 2, segment 0"),
             "{err}"
         );
+        assert!(store.prepare(&pack, 0, &[2]).is_err());
+    }
+}
+
+/// A lone miss of a Huffman-coded expert is read in decoder order and decoded as its parts
+/// arrive (`run::experts::huffman`): the slot holds the expert, row segments included, for
+/// every part size; a flipped byte in a late part is refused by the checksum, naming the
+/// segment; and with checksums off, a damaged stream is still refused by the decoder.
+#[test]
+fn huffman_experts_decoded_as_they_arrive_fill_their_slots_and_are_checked() {
+    for segments in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_pack_with(dir.path(), segments, Codec::Huffman);
+        let pack = Pack::open(&path).unwrap();
+        assert!(
+            pack.experts().iter().all(|e| e.weight_codec == 1),
+            "Huffman"
+        );
+        let opts = StoreOptions {
+            budget_bytes: Some(1 << 20),
+            queue_depth: 8,
+            ..StoreOptions::default()
+        };
+        for part in [0, 4096, 8192, 1 << 20] {
+            let mut store = ExpertCache::new(&pack, &opts).unwrap();
+            assert!(store.set_read_split(4096));
+            assert!(store.set_huffman_part(part));
+            for (layer, e) in [(0, 1), (1, 3), (0, 2), (1, 0)] {
+                let slots = store.prepare(&pack, layer, &[e]).unwrap();
+                check_slot(&store, slots[0].0, slots[0].1, &expert(layer, e));
+            }
+        }
+        let e = pack.expert_segments(0, 2)[0].clone();
+        drop(pack);
+        let clean = std::fs::read(&path).unwrap();
+        // A byte inside the last stream of the weights (its last part to arrive).
+        let at = e.offset as usize + e.weights_stored_len as usize - 50;
+        let mut b = clean.clone();
+        b[at] ^= 0x5a;
+        std::fs::write(&path, &b).unwrap();
+        let pack = Pack::open(&path).unwrap();
+        let mut store = ExpertCache::new(&pack, &opts).unwrap();
+        store.set_read_split(4096);
+        store.set_huffman_part(4096);
+        let err = store.prepare(&pack, 0, &[2]).unwrap_err();
+        assert!(
+            err.to_string().contains("layer 0, expert 2, segment 0"),
+            "{err}"
+        );
+        assert!(store.prepare(&pack, 0, &[2]).is_err());
+        // Checksums off: the header's stream sizes no longer add up, so the decode fails.
+        let mut b = clean;
+        b[e.offset as usize + 140] ^= 0xff;
+        std::fs::write(&path, &b).unwrap();
+        let pack = Pack::open(&path).unwrap();
+        let opts = StoreOptions {
+            verify: false,
+            ..opts.clone()
+        };
+        let mut store = ExpertCache::new(&pack, &opts).unwrap();
+        store.set_read_split(4096);
+        store.set_huffman_part(4096);
         assert!(store.prepare(&pack, 0, &[2]).is_err());
     }
 }

@@ -313,6 +313,12 @@ impl Decoder {
         Self::default()
     }
 
+    /// The Huffman decoder, for decoding a segment while it arrives
+    /// ([`huffman::HuffmanDecoder::start`]).
+    pub fn huffman(&mut self) -> &mut HuffmanDecoder {
+        &mut self.huffman
+    }
+
     /// [`Self::decode_into`], spreading one large Huffman segment's streams over the rayon
     /// pool's threads (see [`huffman::HuffmanDecoder::decode_into_parallel`]); same bytes out.
     pub fn decode_into_parallel(

@@ -13,6 +13,7 @@ pub mod experts;
 pub mod generate;
 pub mod harmony;
 pub mod open;
+pub mod part_hash;
 pub mod read;
 pub mod sample;
 pub mod stream;

@@ -81,6 +81,9 @@ pub struct SegmentReader {
     bytes_read: AtomicU64,
     /// Part size of a pipelined load ([`SegmentReader::read_parts`]; 0: one request).
     split: usize,
+    /// Part size of a pipelined Huffman-coded load ([`SegmentReader::read_parts_ordered`]; 0:
+    /// read whole, then decoded).
+    huffman_part: usize,
 }
 
 /// Default part size of a pipelined load (`FLASHPACK_READ_SPLIT_KIB` overrides; 0: off): a
@@ -97,6 +100,31 @@ pub fn split_bytes() -> usize {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(DEFAULT_SPLIT_KIB);
     (kib * 1024).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+}
+
+/// Default part size of a lone Huffman-coded miss (`FLASHPACK_HUFFMAN_PART_KIB` overrides; 0:
+/// read whole, then decoded): a fraction of one stream (a 2.5 MB expert has 7 streams of about
+/// 350 KB), so the decoder's rows are fine enough to follow the read, and a power of two, so
+/// each part is a BLAKE3 subtree (`run::experts::huffman`, decision 0024).
+pub const DEFAULT_HUFFMAN_PART_KIB: usize = 64;
+
+/// The part size of pipelined Huffman-coded loads, from `FLASHPACK_HUFFMAN_PART_KIB` or the
+/// default, in bytes.
+pub fn huffman_part_bytes() -> usize {
+    let kib = std::env::var("FLASHPACK_HUFFMAN_PART_KIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(DEFAULT_HUFFMAN_PART_KIB);
+    huffman_part_of(kib * 1024)
+}
+
+/// `bytes` rounded up to a power of two of at least the direct-I/O alignment (0 stays 0).
+fn huffman_part_of(bytes: usize) -> usize {
+    if bytes == 0 {
+        0
+    } else {
+        bytes.max(DIRECT_ALIGN).next_power_of_two()
+    }
 }
 
 impl SegmentReader {
@@ -141,7 +169,20 @@ impl SegmentReader {
             pool,
             bytes_read: AtomicU64::new(0),
             split: split_bytes(),
+            huffman_part: huffman_part_bytes(),
         })
+    }
+
+    /// Sets the part size of pipelined Huffman-coded loads (bytes, rounded up to a power of two
+    /// of at least the direct-I/O alignment; 0: read whole, then decoded), overriding
+    /// `FLASHPACK_HUFFMAN_PART_KIB`.
+    pub fn set_huffman_part(&mut self, bytes: usize) {
+        self.huffman_part = huffman_part_of(bytes);
+    }
+
+    /// The part size of pipelined Huffman-coded loads (0: off).
+    pub fn huffman_part(&self) -> usize {
+        self.huffman_part
     }
 
     /// Sets the part size of pipelined loads (bytes, rounded up to the direct-I/O alignment;
@@ -316,6 +357,71 @@ impl SegmentReader {
                 Ok(0..len)
             }
             Err((err, _)) => Err(io_err(err)),
+        }
+    }
+
+    /// Reads one segment in aligned parts of about `part` bytes, `lanes` in flight, the parts
+    /// taken in ascending `key(from, to)` (their ranges in the segment; ties in segment order)
+    /// rather than front to back. Each part is reported once as it arrives, with
+    /// `arrived(from, to, bytes)` on the thread that read it, `bytes` giving the whole
+    /// segment's buffer (only reported ranges may be read from it). Calls may overlap in time.
+    /// A lone Huffman miss reads its streams side by side this way so its decoder can run
+    /// behind the read (`run::experts`). Without direct I/O (or for a short segment) the
+    /// segment is read at once and reported in one call; after a direct read that the file
+    /// system refused part-way, the whole segment is reported again (reports are idempotent
+    /// for the callers). Returns where the bytes are in `buf`, as [`Self::read_into`].
+    pub fn read_parts_ordered(
+        &self,
+        e: &ExpertEntry,
+        buf: &mut Vec<u8>,
+        part: usize,
+        lanes: usize,
+        key: &(dyn Fn(usize, usize) -> u64 + Sync),
+        arrived: &(dyn Fn(usize, usize, Arriving) + Sync),
+    ) -> Result<std::ops::Range<usize>, ReadError> {
+        let len = e.stored_len as usize;
+        let part = part.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let whole = |buf: &mut Vec<u8>, range: std::ops::Range<usize>| {
+            let bytes = Arriving {
+                base: buf[range.clone()].as_ptr(),
+                len,
+            };
+            arrived(0, len, bytes);
+            range
+        };
+        let direct = match &self.direct {
+            Some(d) if part > 0 && len > part => d,
+            _ => {
+                let range = self.read_range(e, buf)?;
+                return Ok(whole(buf, range));
+            }
+        };
+        let io_err = |source| ReadError::Io {
+            path: self.path.clone(),
+            offset: e.offset,
+            len: e.stored_len,
+            source,
+        };
+        let parts = Parts {
+            offset: e.offset,
+            len,
+            part,
+            lanes,
+        };
+        match read_direct_ordered(&self.pool, direct, parts, buf, key, arrived) {
+            Ok(range) => {
+                self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
+                Ok(range)
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                buf.resize(len, 0);
+                let f = self.file.as_ref().expect("direct implies a file");
+                read_exact_at(f, buf, e.offset).map_err(io_err)?;
+                drop_cached(f, e.offset, e.stored_len);
+                self.bytes_read.fetch_add(e.stored_len, Ordering::Relaxed);
+                Ok(whole(buf, 0..len))
+            }
+            Err(err) => Err(io_err(err)),
         }
     }
 
@@ -507,6 +613,123 @@ fn read_direct_parts(
         // How much was reported: the arrived run from the start (reports follow it).
         Err(err) => Err((err, seg(state.lock().unwrap_or_else(|e| e.into_inner()).1))),
     }
+}
+
+/// A segment's buffer while its parts are still arriving ([`SegmentReader::read_parts_ordered`]):
+/// its first byte and its length. Only ranges reported as arrived may be read through it.
+#[derive(Clone, Copy)]
+pub struct Arriving {
+    base: *const u8,
+    len: usize,
+}
+// SAFETY: a read-only view; the ranges it is read at have arrived and are never written again
+// (the contract of `range` and `ptr`), so threads may share it.
+unsafe impl Send for Arriving {}
+// SAFETY: as above.
+unsafe impl Sync for Arriving {}
+
+impl Arriving {
+    /// The segment's first byte.
+    pub fn ptr(&self) -> *const u8 {
+        self.base
+    }
+
+    /// The segment's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `from..to` of the segment.
+    ///
+    /// # Safety
+    /// The range lies inside the segment and has been reported as arrived.
+    pub unsafe fn range(&self, from: usize, to: usize) -> &[u8] {
+        debug_assert!(from <= to && to <= self.len);
+        // SAFETY: forwarded from this function's contract; the buffer outlives every report.
+        unsafe { std::slice::from_raw_parts(self.base.add(from), to - from) }
+    }
+}
+
+/// Where and how one segment is read in parts.
+struct Parts {
+    offset: u64,
+    len: usize,
+    part: usize,
+    lanes: usize,
+}
+
+/// [`SegmentReader::read_parts_ordered`] through an `O_DIRECT` descriptor, on `pool`.
+fn read_direct_ordered(
+    pool: &rayon::ThreadPool,
+    f: &File,
+    Parts {
+        offset,
+        len,
+        part,
+        lanes,
+    }: Parts,
+    buf: &mut Vec<u8>,
+    key: &(dyn Fn(usize, usize) -> u64 + Sync),
+    arrived: &(dyn Fn(usize, usize, Arriving) + Sync),
+) -> std::io::Result<std::ops::Range<usize>> {
+    let (start, head, pad, total) = aligned_pages(offset, len, buf);
+    let wanted = head + len;
+    let parts = total.div_ceil(part);
+    // Part p's bytes of the segment (the first part starts at the segment's first byte).
+    let range = |p: usize| {
+        (
+            (p * part).max(head) - head,
+            ((p + 1) * part).min(wanted) - head,
+        )
+    };
+    let mut order: Vec<usize> = (0..parts).collect();
+    order.sort_by_key(|&p| {
+        let (a, b) = range(p);
+        (key(a, b), p)
+    });
+    let lanes = lanes.clamp(1, parts);
+    // SAFETY: `pad + total <= buf.len()` (aligned_pages sized it); `buf` is not touched again
+    // until the lanes are done.
+    let base = SharedBuf(unsafe { buf.as_mut_ptr().add(pad) });
+    let seg = Arriving {
+        base: base.at(head),
+        len,
+    };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    pool.install(|| {
+        (0..lanes).into_par_iter().try_for_each(|_| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&p) = order.get(i) else {
+                return Ok(());
+            };
+            let at = p * part;
+            let n = part.min(total - at);
+            // SAFETY: part `p` is `at..at + n` of the aligned run, inside `buf`, and only the
+            // lane that took its index writes it.
+            let chunk = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
+            // Bytes of this part that the segment needs; the file may end inside the last
+            // part's final block.
+            let need = wanted.saturating_sub(at).min(n);
+            let mut done = 0;
+            while done < need {
+                let got = read_at(f, &mut chunk[done..], start + (at + done) as u64)?;
+                if got == 0 || (done + got < need && (done + got) % DIRECT_ALIGN != 0) {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                done += got;
+            }
+            let (a, b) = range(p);
+            if b > a {
+                arrived(a, b, seg);
+            }
+        })
+    })?;
+    Ok(pad + head..pad + head + len)
 }
 
 #[cfg(unix)]

@@ -13,7 +13,9 @@
 //! advances by the whole bytes consumed and reloads, leaving at least 56 fresh bits: enough for
 //! five codes of at most 11 bits. No per-symbol bit counter is kept.
 
-use super::{parse_header, stream_quota, Header, MAX_CODE_LEN, SYMBOLS};
+use super::{
+    parse_header, parse_header_of, stream_quota, Header, MAX_CODE_LEN, MAX_STREAMS, SYMBOLS,
+};
 use crate::codec::CodecError;
 
 const TABLE_BITS: u32 = MAX_CODE_LEN as u32;
@@ -110,6 +112,179 @@ impl HuffmanDecoder {
     }
 }
 
+/// A segment decoded while its bytes are still arriving (a lone cache miss read in parts,
+/// out of order): the streams advance in lock step as far as every stream's arrived bytes
+/// allow ([`HuffmanDecoder::advance`]), and [`HuffmanDecoder::finish`] decodes the rest once
+/// the whole segment is there. Same bytes out as [`HuffmanDecoder::decode_into`], and the
+/// same errors: a damaged stream is found by `finish`, and nothing decoded before it is
+/// usable until `finish` returned `Ok`.
+pub struct Progressive {
+    h: Header,
+    starts: [usize; MAX_STREAMS + 1],
+    rs: [Reader; MAX_STREAMS],
+    /// Symbols decoded so far by every stream (lock step).
+    done: usize,
+    total: usize,
+}
+
+impl Progressive {
+    /// Bytes the segment decodes to.
+    pub fn decoded_len(&self) -> usize {
+        self.h.decoded_len
+    }
+
+    /// Streams of the segment.
+    pub fn streams(&self) -> usize {
+        self.h.streams
+    }
+
+    /// Where stream `s` starts in the segment (`s == streams()`: where the last one ends).
+    pub fn stream_start(&self, s: usize) -> usize {
+        self.starts[s]
+    }
+
+    /// Symbols every stream has decoded so far: stream `s`'s output is
+    /// `dst[s * q..s * q + done]` with `q = ceil(decoded_len / streams)` (clipped at its end).
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    /// Output bytes each stream produces (the last one may produce fewer).
+    pub fn quota(&self) -> usize {
+        stream_quota(self.h.decoded_len, self.h.streams).max(1)
+    }
+}
+
+impl HuffmanDecoder {
+    /// Starts a progressive decode of a segment of `total` bytes from its first bytes `head`,
+    /// which must hold its header (a few hundred bytes at most). Builds this decoder's table, so
+    /// the same decoder must advance and finish it, with no other segment in between.
+    pub fn start(&mut self, head: &[u8], total: usize) -> Result<Progressive, CodecError> {
+        let h = parse_header_of(head, total)?;
+        build_table(&h.lens, &mut self.table);
+        let starts = stream_starts(&h);
+        let rs = std::array::from_fn(|s| Reader::new(starts[s]));
+        Ok(Progressive {
+            h,
+            starts,
+            rs,
+            done: 0,
+            total,
+        })
+    }
+
+    /// Decodes in lock step as far as the arrived bytes allow: `arrived_to(pos)` is the end of
+    /// the run of arrived bytes that holds `pos` (`pos` itself when it has not arrived), at most
+    /// the segment's length. Writes stream outputs into `dst` (the decoded length). Returns the
+    /// symbols each stream has decoded so far ([`Progressive::done`]). Stream counts other
+    /// than the encoder's usual ones do nothing here; `finish` decodes them.
+    ///
+    /// # Safety
+    /// `src` points at the segment's first byte; every byte `arrived_to` reports as arrived is
+    /// readable there and is no longer written.
+    pub unsafe fn advance(
+        &self,
+        p: &mut Progressive,
+        src: *const u8,
+        arrived_to: &dyn Fn(usize) -> usize,
+        dst: &mut [u8],
+    ) -> usize {
+        if dst.len() != p.h.decoded_len {
+            return p.done;
+        }
+        let t = &*self.table;
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            match p.h.streams {
+                4 => lock_step::<4>(t, src, p, arrived_to, dst),
+                5 => lock_step::<5>(t, src, p, arrived_to, dst),
+                6 => lock_step::<6>(t, src, p, arrived_to, dst),
+                7 => lock_step::<7>(t, src, p, arrived_to, dst),
+                8 => lock_step::<8>(t, src, p, arrived_to, dst),
+                _ => {}
+            }
+        }
+        p.done
+    }
+
+    /// Finishes a progressive decode once the whole segment `src` has arrived: the lock step
+    /// to its end, then each stream's last symbols on the checked reader, and the check that
+    /// every stream ends where its stored length says.
+    pub fn finish(&self, mut p: Progressive, src: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
+        if src.len() != p.total {
+            return Err(CodecError::Truncated {
+                needed: p.total,
+                available: src.len(),
+            });
+        }
+        if dst.len() != p.h.decoded_len {
+            return Err(CodecError::LengthMismatch {
+                expected: dst.len(),
+                got: p.h.decoded_len,
+            });
+        }
+        let len = src.len();
+        // SAFETY: the whole segment is `src`, all of it readable.
+        unsafe { self.advance(&mut p, src.as_ptr(), &|_| len, dst) };
+        let t = &*self.table;
+        let q = p.quota();
+        for (s, out) in dst.chunks_mut(q).enumerate().take(p.h.streams) {
+            let done = p.done.min(out.len());
+            finish_stream(
+                t,
+                src,
+                p.rs[s],
+                out,
+                done,
+                (p.starts[s], p.h.stream_lens[s], s),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// [`HuffmanDecoder::advance`] for `N` streams.
+///
+/// # Safety
+/// As `advance`.
+unsafe fn lock_step<const N: usize>(
+    table: &[u16; TABLE_SIZE],
+    src: *const u8,
+    p: &mut Progressive,
+    arrived_to: &dyn Fn(usize) -> usize,
+    dst: &mut [u8],
+) {
+    let q = p.quota();
+    let mut outs: [&mut [u8]; N] = std::array::from_fn(|_| &mut [][..]);
+    for (o, chunk) in outs.iter_mut().zip(dst.chunks_mut(q)) {
+        *o = chunk;
+    }
+    let shortest = outs.iter().map(|o| o.len()).min().unwrap_or(0);
+    let mut rs: [Reader; N] = std::array::from_fn(|s| p.rs[s]);
+    loop {
+        let by_out = (shortest - p.done.min(shortest)) / SYMS_PER_REFILL;
+        // A stream may read into the next one's bytes (its last refill), so the bound is the
+        // arrived run from its position, whatever stream those bytes belong to.
+        let by_in = rs
+            .iter()
+            .map(|r| {
+                let to = arrived_to(r.pos).min(p.total);
+                to.saturating_sub(r.pos + 8) / MAX_ADVANCE
+            })
+            .min()
+            .unwrap_or(0);
+        let k = by_out.min(by_in);
+        if k == 0 {
+            break;
+        }
+        // SAFETY: k <= by_in gives every stream pos + 8 + k * MAX_ADVANCE <= the end of the
+        // arrived run it reads (the caller's contract), and k <= by_out keeps every write
+        // inside the shortest output.
+        p.done = unsafe { fast_loop(table, src, &mut rs, &mut outs, p.done, k) };
+    }
+    p.rs[..N].copy_from_slice(&rs);
+}
+
 /// Below this many decoded bytes a segment is decoded on one thread.
 const PARALLEL_MIN_BYTES: usize = 256 << 10;
 
@@ -154,7 +329,7 @@ fn finish_stream(
         }
         // SAFETY: k <= by_in keeps every refill load inside `src`, and done + 5k <= the
         // output's length keeps every store inside it (as in `decode_streams`).
-        done = unsafe { fast_loop(table, src, &mut one, &mut outs, done, k) };
+        done = unsafe { fast_loop(table, src.as_ptr(), &mut one, &mut outs, done, k) };
     }
     let r = &mut one[0];
     for o in outs[0][done..].iter_mut() {
@@ -207,15 +382,16 @@ impl Reader {
     /// Refill from a position known to have 8 readable bytes.
     ///
     /// # Safety
-    /// `self.pos + MAX_ADVANCE + 8 <= src.len()`: the fast loop's iteration bound guarantees it.
+    /// `src` points at the segment's first byte, and the 8 bytes at `self.pos + MAX_ADVANCE`
+    /// are readable (inside the segment, and arrived where it is still being read): the fast
+    /// loop's iteration bound guarantees it.
     #[inline(always)]
-    unsafe fn refill_fast(&mut self, src: &[u8]) {
+    unsafe fn refill_fast(&mut self, src: *const u8) {
         let c = self.consumed();
         self.pos += (c >> 3) as usize;
-        debug_assert!(self.pos + 8 <= src.len());
         // SAFETY: c <= 62 bits were consumed since the last refill, so pos advanced by at most
         // MAX_ADVANCE bytes, and the caller guarantees 8 readable bytes from there.
-        let w = unsafe { src.as_ptr().add(self.pos).cast::<u64>().read_unaligned() };
+        let w = unsafe { src.add(self.pos).cast::<u64>().read_unaligned() };
         self.buf = (u64::from_le(w) | MARK) >> (c & 7);
     }
 
@@ -300,7 +476,7 @@ fn decode_streams<const N: usize>(
             break;
         }
         // SAFETY: k <= by_in gives every stream pos + 8 + k * MAX_ADVANCE <= src.len().
-        i = unsafe { fast_loop(table, src, &mut rs, &mut outs, i, k) };
+        i = unsafe { fast_loop(table, src.as_ptr(), &mut rs, &mut outs, i, k) };
     }
     // The lock step stops when the most constrained stream (the last one, which ends at the
     // segment's end) nears the end of its input; the others finish alone, still on the fast
@@ -331,7 +507,7 @@ fn decode_streams<const N: usize>(
 #[inline(always)]
 unsafe fn fast_loop_body<const N: usize>(
     table: &[u16; TABLE_SIZE],
-    src: &[u8],
+    src: *const u8,
     rs: &mut [Reader; N],
     outs: &mut [&mut [u8]; N],
     mut i: usize,
@@ -375,7 +551,7 @@ unsafe fn fast_loop_body<const N: usize>(
 #[target_feature(enable = "bmi1,bmi2,lzcnt")]
 unsafe fn fast_loop_bmi2<const N: usize>(
     table: &[u16; TABLE_SIZE],
-    src: &[u8],
+    src: *const u8,
     rs: &mut [Reader; N],
     outs: &mut [&mut [u8]; N],
     i: usize,
@@ -389,7 +565,7 @@ unsafe fn fast_loop_bmi2<const N: usize>(
 /// As `fast_loop_body`.
 unsafe fn fast_loop<const N: usize>(
     table: &[u16; TABLE_SIZE],
-    src: &[u8],
+    src: *const u8,
     rs: &mut [Reader; N],
     outs: &mut [&mut [u8]; N],
     i: usize,

@@ -13,7 +13,7 @@ mod decode;
 mod encode;
 mod lengths;
 
-pub use decode::HuffmanDecoder;
+pub use decode::{HuffmanDecoder, Progressive};
 pub use encode::encode;
 pub use lengths::{canonical_codes_reversed, code_lengths};
 
@@ -53,6 +53,12 @@ pub fn stream_quota(decoded_len: usize, streams: usize) -> usize {
 /// `MAX_CODE_LEN`), decoded length, stream count and stream sizes (which must add up to the
 /// segment's remaining bytes exactly).
 pub fn parse_header(src: &[u8]) -> Result<Header, CodecError> {
+    parse_header_of(src, src.len())
+}
+
+/// [`parse_header`] of a segment of `seg_len` bytes of which only the first `src.len()` (at
+/// least the header) are at hand: a segment still being read.
+pub fn parse_header_of(src: &[u8], seg_len: usize) -> Result<Header, CodecError> {
     let need = |needed: usize| -> Result<(), CodecError> {
         if src.len() < needed {
             Err(CodecError::Truncated {
@@ -105,16 +111,16 @@ pub fn parse_header(src: &[u8]) -> Result<Header, CodecError> {
         field: "stream_len",
         value: total as u64,
     })?;
-    if end > src.len() {
+    if end > seg_len {
         return Err(CodecError::Truncated {
             needed: end,
-            available: src.len(),
+            available: seg_len,
         });
     }
-    if end < src.len() {
+    if end < seg_len {
         return Err(CodecError::TrailingBytes {
             used: end,
-            len: src.len(),
+            len: seg_len,
         });
     }
     Ok(Header {

@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+mod huffman;
+
 use super::cache::{
     CacheError, EvictionPolicy, ExpertKey, Lfu, Lookup, Lru, ProfileWeighted, SlotTable,
 };
@@ -482,6 +484,19 @@ impl ExpertCache {
         match std::sync::Arc::get_mut(&mut self.reader) {
             Some(r) => {
                 r.set_split(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets the part size of lone Huffman-coded misses read as they decode (0: read whole,
+    /// then decoded). Returns `false` (changing nothing) while a background load shares the
+    /// reader.
+    pub fn set_huffman_part(&mut self, bytes: usize) -> bool {
+        match std::sync::Arc::get_mut(&mut self.reader) {
+            Some(r) => {
+                r.set_huffman_part(bytes);
                 true
             }
             None => false,
@@ -1036,8 +1051,14 @@ fn load_segment_with(
             CodecId::try_from(e.weight_codec),
             CodecId::try_from(e.aux_codec),
         );
-        if let (Ok(CodecId::Raw), Ok(aux_codec)) = codecs {
-            return load_segment_pipelined(scratch, reader, e, ctx, dst, aux_codec);
+        match codecs {
+            (Ok(CodecId::Raw), Ok(aux_codec)) => {
+                return load_segment_pipelined(scratch, reader, e, ctx, dst, aux_codec);
+            }
+            (Ok(CodecId::Huffman), Ok(aux_codec)) if reader.huffman_part() > 0 => {
+                return huffman::load(scratch, reader, e, ctx, dst, aux_codec);
+            }
+            _ => {}
         }
     }
     let (decoder, stored, weights, aux) = scratch;

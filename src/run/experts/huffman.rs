@@ -1,0 +1,356 @@
+//! A lone miss of a Huffman-coded expert, decoded while it is read.
+//!
+//! Read whole and then decoded, such a miss costs the read plus the decode plus the copy into
+//! its slot (2.3x a plain read of its bytes on two cores, docs/benchmarks.md). Its streams are
+//! independent and laid out one after the other, so read front to back the decoder could only
+//! start once the last stream began to arrive. Here the segment is read in small parts taken in
+//! the order the lock-step decoder consumes them (every stream's first part, then every
+//! stream's second, ...), and whichever read thread brings a part in advances the decoder as
+//! far as every stream's arrived bytes allow, then copies what it decoded into the slot. Each
+//! part is hashed as it arrives (a BLAKE3 subtree, `run::part_hash`). What is left after the
+//! last read is the decode of one row of parts, the checks, and the small scales part.
+//! docs/decisions/0024-huffman-miss-pipeline.md has the measurements.
+//!
+//! Nothing here is usable before the checks pass: on a checksum or decode failure the load
+//! fails and its slot is freed unused (`ExpertCache::prepare_stored_ids`, `join_prefetch`),
+//! as for raw experts copied part by part.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::{
+    decode_error, finish_segment, sized, step_done, whole_expert_pieces, ExpertError, LoadCtx,
+    Piece, Scratch, SLOT_ARRAYS,
+};
+use crate::codec::huffman::{HuffmanDecoder, Progressive, DEFAULT_STREAMS, MAX_STREAMS};
+use crate::codec::CodecId;
+use crate::format::ExpertEntry;
+use crate::mlx;
+use crate::run::part_hash::PartHash;
+use crate::run::read::{Arriving, SegmentReader};
+
+/// Reads in flight for one Huffman-coded lone miss.
+const LANES: usize = 4;
+
+/// CUDA: decoded bytes are copied to the slot in batches of at least this many (each copy is a
+/// call into the driver); on the host they are copied after every advance.
+const UPLOAD_BATCH: usize = 512 << 10;
+
+/// The decoder's side, held by whichever read thread advances it.
+struct Decode<'h, 'a> {
+    huff: &'h mut HuffmanDecoder,
+    weights: &'a mut [u8],
+    prog: Option<Progressive>,
+    /// Output bytes per stream and streams, once the header is read.
+    layout: Option<(usize, usize)>,
+    /// The header did not parse: the whole segment is decoded at the end (which reports why).
+    failed: bool,
+    /// Decoded bytes of each stream already in the slot.
+    copied: [usize; MAX_STREAMS],
+    /// Where decoded weights go as they are decoded: whole experts only.
+    slot: Option<SlotCopy<'a>>,
+    err: Option<ExpertError>,
+}
+
+/// The slot's weight arrays, as pieces of the decoded weights.
+struct SlotCopy<'a> {
+    pieces: Vec<Piece>,
+    dst: &'a [(usize, usize); SLOT_ARRAYS],
+    /// MLX on CUDA: the slot is device memory, written by `mlx::upload` in batches.
+    upload: bool,
+}
+
+impl Decode<'_, '_> {
+    /// Advances the decode over the arrived runs `runs` of `seg`, then copies what it decoded.
+    fn advance(&mut self, seg: Arriving, wlen: usize, runs: &[(usize, usize)]) {
+        if self.failed || self.err.is_some() {
+            return;
+        }
+        let arrived_to = |pos: usize| -> usize {
+            let mut at = pos;
+            while let Some(&(_, b)) = runs.iter().find(|&&(a, b)| a <= at && at < b) {
+                at = b;
+            }
+            at.min(wlen)
+        };
+        let t = Instant::now();
+        if self.prog.is_none() {
+            let head = arrived_to(0);
+            if head == 0 {
+                return;
+            }
+            // SAFETY: `0..head` has arrived.
+            match self.huff.start(unsafe { seg.range(0, head) }, wlen) {
+                Ok(p) if p.decoded_len() == self.weights.len() => {
+                    self.layout = Some((p.quota(), p.streams()));
+                    self.prog = Some(p);
+                }
+                // The header may need more than the first run when that run is short.
+                Err(crate::codec::CodecError::Truncated { .. }) if head < wlen => return,
+                _ => {
+                    self.failed = true;
+                    return;
+                }
+            }
+        }
+        let prog = self.prog.as_mut().expect("started above");
+        // SAFETY: `seg` points at the segment's first byte, and `arrived_to` reports only
+        // arrived bytes, which the reader never writes again.
+        let done = unsafe {
+            self.huff
+                .advance(prog, seg.ptr(), &arrived_to, self.weights)
+        };
+        step_done(2, t);
+        self.copy(Some(done));
+    }
+
+    /// Copies newly decoded bytes into the slot, `done` of each stream (`None`: all of them,
+    /// the decode being finished), only when there are enough for one batch unless all.
+    fn copy(&mut self, done: Option<usize>) {
+        let (Some(slot), Some((q, streams))) = (&self.slot, self.layout) else {
+            return;
+        };
+        let t = Instant::now();
+        let all = done.is_none();
+        let n = self.weights.len();
+        let mut runs = Vec::new();
+        let mut bytes = 0;
+        for s in 0..streams {
+            let (lo, hi) = (s * q, ((s + 1) * q).min(n));
+            let upto = done.map_or(hi, |d| (lo + d).min(hi));
+            if upto > lo + self.copied[s] {
+                runs.push((s, lo + self.copied[s], upto));
+                bytes += upto - lo - self.copied[s];
+            }
+        }
+        let batch = if slot.upload && !all { UPLOAD_BATCH } else { 1 };
+        if bytes < batch {
+            return;
+        }
+        let base = self.weights.as_ptr() as usize;
+        let mut copies = Vec::new();
+        for &(_, from, to) in &runs {
+            for p in &slot.pieces {
+                let (lo, hi) = (from.max(p.at), to.min(p.at + p.len));
+                if lo < hi {
+                    copies.push((slot.dst[p.arr].0 + (lo - p.at), base + lo, hi - lo));
+                }
+            }
+        }
+        if slot.upload {
+            // SAFETY: the sources are decoded bytes of this load's buffer, never written again;
+            // the destinations lie inside this job's slot (one job per slot), which no pending
+            // evaluation reads.
+            match unsafe { mlx::upload(&copies) } {
+                Ok(true) => {}
+                Ok(false) => {
+                    // No device copies here: the slot is written at the end instead.
+                    self.slot = None;
+                    return;
+                }
+                Err(err) => {
+                    self.err = Some(err.into());
+                    return;
+                }
+            }
+        } else {
+            for &(to, from, len) in &copies {
+                // SAFETY: as above; on the host the slot's arrays are plain memory, and each
+                // piece lies inside its array (whole_expert_pieces matches the slot's layout).
+                unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) };
+            }
+        }
+        for (s, from, to) in runs {
+            self.copied[s] += to - from;
+        }
+        step_done(3, t);
+    }
+}
+
+/// The read order's key of the part at `from..to` of a segment whose weights are its first
+/// `wlen` bytes: the fraction of its stream where the lock-step decoder first needs it, in
+/// 1/1024ths, with streams estimated as equal (the header is not read yet). A part holding a
+/// stream's start is needed at once; the scales after the weights come last.
+fn read_key(from: usize, to: usize, wlen: usize) -> u64 {
+    if from >= wlen {
+        return 1 << 20;
+    }
+    let streams = DEFAULT_STREAMS;
+    // The header: stream count, symbol count, 256 4-bit lengths, decoded length, stream sizes.
+    let head = 2 + 128 + 4 + 4 * streams;
+    if from < head {
+        return 0;
+    }
+    let per = ((wlen - head) / streams).max(1);
+    let stream = |at: usize| ((at - head) / per).min(streams - 1);
+    let (first, last) = (stream(from), stream(to.min(wlen).max(from + 1) - 1));
+    if last > first {
+        return 0;
+    }
+    ((from - head - first * per) * 1024 / per) as u64
+}
+
+/// Loads one Huffman-coded segment read in decoder order (see the module's text).
+pub(super) fn load(
+    scratch: &mut Scratch,
+    reader: &SegmentReader,
+    e: &ExpertEntry,
+    ctx: LoadCtx,
+    dst: &[(usize, usize); SLOT_ARRAYS],
+    aux_codec: CodecId,
+) -> Result<(), ExpertError> {
+    let (len, wlen) = (e.stored_len as usize, e.weights_stored_len as usize);
+    let whole = e.row_start == 0 && e.row_count as usize == ctx.inter;
+    let pin = ctx.upload && whole;
+    let (decoder, stored, weights, aux) = scratch;
+    sized(stored, len + 3 * 4096, pin);
+    sized(weights, e.weights_decoded_len as usize, pin);
+    if aux_codec != CodecId::Raw {
+        sized(aux, e.aux_decoded_len() as usize, pin);
+    }
+    let part = reader.huffman_part();
+    let hash = if ctx.verify {
+        PartHash::new(len, part)
+    } else {
+        None
+    };
+    // Parts off the subtree grid (a segment not aligned in the file): hashed whole at the end.
+    let hash_whole = AtomicBool::new(ctx.verify && hash.is_none());
+    let runs = Mutex::new(Vec::<(usize, usize)>::new());
+    let reported = AtomicU64::new(0);
+    let slot = whole.then(|| SlotCopy {
+        pieces: whole_expert_pieces(e, ctx.hidden, ctx.inter)
+            .into_iter()
+            .filter(|p| !p.aux)
+            .collect(),
+        dst,
+        upload: ctx.upload,
+    });
+    let state = Mutex::new(Decode {
+        huff: decoder.huffman(),
+        weights: &mut weights[..],
+        prog: None,
+        layout: None,
+        failed: false,
+        copied: [0; MAX_STREAMS],
+        slot,
+        err: None,
+    });
+    let key = |from: usize, to: usize| read_key(from, to, wlen);
+    let arrived = |from: usize, to: usize, seg: Arriving| {
+        if let Some(h) = &hash {
+            let t = Instant::now();
+            // SAFETY: `from..to` has just arrived.
+            if !h.add(from, to, unsafe { seg.range(from, to) }) {
+                hash_whole.store(true, Ordering::Relaxed);
+            }
+            step_done(1, t);
+        }
+        runs.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((from, to));
+        reported.fetch_add(1, Ordering::SeqCst);
+        // Whoever holds the decoder takes this part too: it looks again after letting go.
+        loop {
+            let Ok(mut d) = state.try_lock() else {
+                return;
+            };
+            let seen = reported.load(Ordering::SeqCst);
+            let now = runs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            d.advance(seg, wlen, &now);
+            drop(d);
+            if reported.load(Ordering::SeqCst) == seen {
+                return;
+            }
+        }
+    };
+    let t = Instant::now();
+    let range = reader.read_parts_ordered(e, stored, part, LANES, &key, &arrived)?;
+    step_done(0, t);
+    let d = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(err) = d.err {
+        return Err(err);
+    }
+    let stored = &stored[range];
+    if ctx.verify {
+        let t = Instant::now();
+        let digest = if hash_whole.load(Ordering::Relaxed) {
+            Some(blake3::hash(stored))
+        } else {
+            hash.as_ref().and_then(PartHash::finalize)
+        };
+        step_done(1, t);
+        if digest.as_ref().map(|h| h.as_bytes()) != Some(&e.blake3) {
+            return Err(ExpertError::Checksum {
+                path: reader.path().to_path_buf(),
+                layer: e.layer,
+                expert: e.expert,
+                segment: e.segment,
+            });
+        }
+    }
+    let (ws, auxs) = stored.split_at(wlen);
+    let mut d = d;
+    let t = Instant::now();
+    let decoded = match d.prog.take() {
+        Some(p) if !d.failed => d.huff.finish(p, ws, d.weights),
+        _ => {
+            // Never started (a damaged header): decoded whole, which says what is wrong, and
+            // copied to the slot by `finish_segment`.
+            d.layout = None;
+            d.huff.decode_into_parallel(ws, d.weights).map(|_| ())
+        }
+    };
+    decoded.map_err(|source| decode_error(reader, e, source))?;
+    step_done(2, t);
+    // The rest of the weights into the slot: what the last advances and `finish` decoded.
+    d.copy(None);
+    if let Some(err) = d.err.take() {
+        return Err(err);
+    }
+    let in_slot = d.slot.is_some() && d.layout.is_some();
+    let Decode { weights, .. } = d;
+    let weights: &[u8] = weights;
+    let aux: &[u8] = if aux_codec == CodecId::Raw {
+        auxs
+    } else {
+        let t = Instant::now();
+        decoder
+            .decode_into(aux_codec, auxs, aux)
+            .map_err(|source| decode_error(reader, e, source))?;
+        step_done(2, t);
+        aux
+    };
+    let sent = |p: &Piece| in_slot && !p.aux;
+    finish_segment(reader, e, ctx, weights, aux, dst, Some(&sent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_key;
+
+    #[test]
+    fn parts_are_read_in_the_order_the_streams_need_them() {
+        // A 7-stream weights part of 7 x 100 KiB after its header, in 16 KiB parts.
+        let head: usize = 2 + 128 + 4 + 4 * 7;
+        let wlen = head + 7 * 100 * 1024;
+        let part = 16 * 1024;
+        let keys: Vec<u64> = (0..wlen.div_ceil(part))
+            .map(|p| read_key(p * part, ((p + 1) * part).min(wlen), wlen))
+            .collect();
+        // Parts holding a stream's start come first; then each stream's parts by depth.
+        assert_eq!(keys[0], 0);
+        let per = (wlen - head) / 7;
+        for s in 1..7 {
+            let p = (head + s * per) / part;
+            assert_eq!(keys[p], 0, "the part holding stream {s}'s start");
+        }
+        let deep = (head + per - part) / part; // the last whole part of stream 0
+        assert!(keys[deep] > 800 && keys[deep] < 1024, "{}", keys[deep]);
+        let mid = (head + 3 * per + per / 2) / part; // the middle of stream 3
+        assert!(keys[mid] > 300 && keys[mid] < 600, "{}", keys[mid]);
+        // The scales after the weights come after every weights part.
+        assert!(read_key(wlen, wlen + 4096, wlen) > *keys.iter().max().unwrap());
+    }
+}
