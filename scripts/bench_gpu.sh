@@ -60,7 +60,7 @@ io_bench() {
       --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
       --vocab 8192 --layers 8 >/dev/null
   fi
-  [ -f "$w/io-huffman.flashpack" ] || flashpack convert "$w/uniform" -o "$w/io-huffman.flashpack" --quiet
+  [ -f "$w/io-huffman.flashpack" ] || flashpack convert "$w/uniform" -o "$w/io-huffman.flashpack" --codec huffman --quiet
   [ -f "$w/io-raw.flashpack" ] || flashpack convert "$w/uniform" -o "$w/io-raw.flashpack" --codec raw --quiet
   for p in huffman raw; do
     echo "### $p pack, MLX on the GPU"

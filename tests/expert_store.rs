@@ -482,14 +482,20 @@ fn bench_io_reports_plain_reads_and_runtime_loads() {
             ("plain pread, queue depth 16", 16),
             ("runtime load, read part 0 KiB", 1),
             ("runtime load, read part 0 KiB", 3),
-            ("runtime load, read part 4 KiB", 1),
-            ("runtime load, read part 4 KiB", 3),
+            ("runtime load, read part 4 KiB, Huffman read whole", 1),
+            ("runtime load, read part 4 KiB, Huffman read whole", 3),
+            ("runtime load, read part 4 KiB, Huffman parts 64 KiB", 1),
+            ("runtime load, read part 4 KiB, Huffman parts 64 KiB", 3),
         ]
     );
     assert!(r
         .rows
         .iter()
         .all(|x| x.experts == 6 && x.ms_per_expert > 0.0));
-    assert_eq!(r.ratios.len(), 2);
-    assert!(format_report(&r).contains("| 4 |"));
+    assert!(
+        pack.experts().iter().all(|e| e.weight_codec == 1),
+        "Huffman"
+    );
+    assert_eq!(r.ratios.len(), 3);
+    assert!(format_report(&r).contains("| read part 4 KiB, Huffman parts 64 KiB |"));
 }

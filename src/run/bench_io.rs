@@ -28,6 +28,10 @@ pub struct IoBenchOptions {
     pub seed: u64,
     /// Part sizes (KiB) of pipelined loads to try in the runtime phases; 0: one request, then decode.
     pub splits_kib: Vec<usize>,
+    /// For packs with Huffman-coded experts: part sizes (KiB) of lone misses read in decoder
+    /// order and decoded as they arrive, tried with each nonzero split; 0: read whole, then
+    /// decoded.
+    pub huffman_parts_kib: Vec<usize>,
     /// Check checksums in the runtime phases, as `run` does by default.
     pub verify: bool,
 }
@@ -39,6 +43,7 @@ impl Default for IoBenchOptions {
             batch: 8,
             seed: 1,
             splits_kib: vec![0, 256],
+            huffman_parts_kib: vec![0, super::read::DEFAULT_HUFFMAN_PART_KIB],
             verify: true,
         }
     }
@@ -67,9 +72,9 @@ pub struct IoReport {
     pub stored_bytes_per_expert: f64,
     pub rows: Vec<IoRow>,
     /// Runtime load per expert over the plain read per expert, one at a time (against queue
-    /// depth 1) and `batch` at a time (against queue depth `batch`), for each split size:
-    /// (split KiB, ratio alone, ratio batched).
-    pub ratios: Vec<(usize, f64, f64)>,
+    /// depth 1) and `batch` at a time (against queue depth `batch`), for each way of loading
+    /// (read part and Huffman part sizes): (way, ratio alone, ratio batched).
+    pub ratios: Vec<(String, f64, f64)>,
 }
 
 /// For each phase, up to `n` distinct (layer, stored expert) keys, in runs of `batch` from one
@@ -147,11 +152,36 @@ fn open_plain(path: &Path) -> std::io::Result<File> {
     open_direct(path).map_or_else(|| File::open(path), Ok)
 }
 
+/// The ways of loading to time: each read part size, and for a pack with Huffman-coded experts
+/// each Huffman part size with every nonzero read part (Huffman-coded lone misses are pipelined
+/// only when loads are: `Some(h)`; `None`: not a Huffman pack, or no pipelining).
+fn ways(pack: &Pack, opts: &IoBenchOptions) -> Vec<(usize, Option<usize>)> {
+    let splits = if opts.splits_kib.is_empty() {
+        vec![super::read::DEFAULT_SPLIT_KIB]
+    } else {
+        opts.splits_kib.clone()
+    };
+    let huffman = pack
+        .experts()
+        .iter()
+        .any(|e| e.weight_codec == crate::codec::CodecId::Huffman as u8);
+    let mut out = Vec::new();
+    for split in splits {
+        if split == 0 || !huffman || opts.huffman_parts_kib.is_empty() {
+            out.push((split, None));
+        } else {
+            out.extend(opts.huffman_parts_kib.iter().map(|&h| (split, Some(h))));
+        }
+    }
+    out
+}
+
 /// Runs every phase on `pack` (opened from `path`).
 pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoReport, ExpertError> {
     let n = opts.experts.max(1);
     let batch = opts.batch.max(1);
-    let phases = 3 + 2 * opts.splits_kib.len().max(1);
+    let ways = ways(pack, opts);
+    let phases = 3 + 2 * ways.len();
     let keys = pick(pack, n, batch, phases, opts.seed);
     let io = |e: std::io::Error| {
         ExpertError::Read(super::read::ReadError::Io {
@@ -220,12 +250,12 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
     let plain1 = rows[0].ms_per_expert;
     let plain_batch = rows[1].ms_per_expert;
     let mut ratios = Vec::new();
-    let splits = if opts.splits_kib.is_empty() {
-        vec![super::read::DEFAULT_SPLIT_KIB]
-    } else {
-        opts.splits_kib.clone()
-    };
-    for (i, &split) in splits.iter().enumerate() {
+    for (i, &(split, huffman)) in ways.iter().enumerate() {
+        let way = match huffman {
+            Some(0) => format!("read part {split} KiB, Huffman read whole"),
+            Some(h) => format!("read part {split} KiB, Huffman parts {h} KiB"),
+            None => format!("read part {split} KiB"),
+        };
         let mut loads = [0.0f64; 2];
         for (j, at_once) in [1usize, batch].into_iter().enumerate() {
             let ks = &keys[3 + 2 * i + j];
@@ -245,6 +275,7 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
             };
             let mut cache = ExpertCache::new(pack, &store)?;
             cache.set_read_split(split * 1024);
+            cache.set_huffman_part(huffman.unwrap_or(0) * 1024);
             let _ = evict_from_page_cache(path);
             let before = cache.stats().thread_ms;
             let started = Instant::now();
@@ -258,7 +289,7 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
             }
             let wall = started.elapsed().as_secs_f64() * 1e3;
             let r = row(
-                format!("runtime load, read part {split} KiB"),
+                format!("runtime load, {way}"),
                 at_once,
                 times,
                 wall,
@@ -279,7 +310,7 @@ pub fn bench_io(pack: &Pack, path: &Path, opts: &IoBenchOptions) -> Result<IoRep
             loads[j] = r.ms_per_expert;
             rows.push(r);
         }
-        ratios.push((split, loads[0] / plain1, loads[1] / plain_batch));
+        ratios.push((way, loads[0] / plain1, loads[1] / plain_batch));
     }
     Ok(IoReport {
         stored_bytes_per_expert: per_expert,
@@ -309,9 +340,9 @@ pub fn format_report(r: &IoReport) -> String {
             ))
         ));
     }
-    s.push_str("\n| read part KiB | runtime / plain, one at a time (QD1) | runtime batched / plain at the batch's queue depth |\n|---|---|---|\n");
-    for (split, a, b) in &r.ratios {
-        s.push_str(&format!("| {split} | {a:.2}x | {b:.2}x |\n"));
+    s.push_str("\n| load | runtime / plain, one at a time (QD1) | runtime batched / plain at the batch's queue depth |\n|---|---|---|\n");
+    for (way, a, b) in &r.ratios {
+        s.push_str(&format!("| {way} | {a:.2}x | {b:.2}x |\n"));
     }
     s
 }

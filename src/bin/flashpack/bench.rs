@@ -54,6 +54,11 @@ pub struct IoArgs {
     /// arrive (0: one request per segment, then decode).
     #[arg(long, value_delimiter = ',', default_values_t = vec![0, 256])]
     pub split_kib: Vec<usize>,
+    /// For packs with Huffman-coded experts: part sizes in KiB of a lone miss read in the order
+    /// its decoder needs and decoded as it arrives, tried with each nonzero split (0: read
+    /// whole, then decoded).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 64])]
+    pub huffman_part_kib: Vec<usize>,
     /// Skip the checksum of each segment in the runtime phases (`run --no-verify`).
     #[arg(long)]
     pub no_verify: bool,
@@ -124,6 +129,7 @@ fn io(a: IoArgs) -> Result<()> {
         batch: a.batch,
         seed: a.seed,
         splits_kib: a.split_kib,
+        huffman_parts_kib: a.huffman_part_kib,
         verify: !a.no_verify,
     };
     let report = bench_io(&pack, &a.pack, &opts)?;

@@ -15,7 +15,7 @@
 //! fails and its slot is freed unused (`ExpertCache::prepare_stored_ids`, `join_prefetch`),
 //! as for raw experts copied part by part.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -24,7 +24,7 @@ use super::{
     Piece, Scratch, SLOT_ARRAYS,
 };
 use crate::codec::huffman::{HuffmanDecoder, Progressive, DEFAULT_STREAMS, MAX_STREAMS};
-use crate::codec::CodecId;
+use crate::codec::{CodecError, CodecId, Decoder};
 use crate::format::ExpertEntry;
 use crate::mlx;
 use crate::run::part_hash::PartHash;
@@ -171,10 +171,11 @@ impl Decode<'_, '_> {
 /// The read order's key of the part at `from..to` of a segment whose weights are its first
 /// `wlen` bytes: the fraction of its stream where the lock-step decoder first needs it, in
 /// 1/1024ths, with streams estimated as equal (the header is not read yet). A part holding a
-/// stream's start is needed at once; the scales after the weights come last.
+/// stream's start is needed at once, and so are the scales after the weights: they are decoded
+/// while the weights are still arriving.
 fn read_key(from: usize, to: usize, wlen: usize) -> u64 {
     if from >= wlen {
-        return 1 << 20;
+        return 0;
     }
     let streams = DEFAULT_STREAMS;
     // The header: stream count, symbol count, 256 4-bit lengths, decoded length, stream sizes.
@@ -238,7 +239,27 @@ pub(super) fn load(
         err: None,
     });
     let key = |from: usize, to: usize| read_key(from, to, wlen);
+    // The scales part (small) is decoded by the read thread that completes it, on a decoder
+    // of its own, while the weights are still arriving.
+    let aux_len = len - wlen;
+    let aux_arrived = AtomicUsize::new(0);
+    let aux_state: Mutex<(&mut [u8], Option<Result<usize, CodecError>>)> =
+        Mutex::new((&mut aux[..], None));
     let arrived = |from: usize, to: usize, seg: Arriving| {
+        let in_aux = to.saturating_sub(from.max(wlen));
+        if aux_codec != CodecId::Raw && in_aux > 0 {
+            let before = aux_arrived.fetch_add(in_aux, Ordering::SeqCst);
+            if before < aux_len && before + in_aux >= aux_len {
+                let t = Instant::now();
+                let mut a = aux_state.lock().unwrap_or_else(|p| p.into_inner());
+                // SAFETY: every byte of `wlen..len` has arrived (each part is reported once
+                // before the read ends).
+                let src = unsafe { seg.range(wlen, len) };
+                let (out, result) = &mut *a;
+                *result = Some(Decoder::new().decode_into(aux_codec, src, out));
+                step_done(2, t);
+            }
+        }
         if let Some(h) = &hash {
             let t = Instant::now();
             // SAFETY: `from..to` has just arrived.
@@ -312,15 +333,23 @@ pub(super) fn load(
     let in_slot = d.slot.is_some() && d.layout.is_some();
     let Decode { weights, .. } = d;
     let weights: &[u8] = weights;
+    let (aux_out, aux_result) = aux_state.into_inner().unwrap_or_else(|p| p.into_inner());
     let aux: &[u8] = if aux_codec == CodecId::Raw {
         auxs
     } else {
-        let t = Instant::now();
-        decoder
-            .decode_into(aux_codec, auxs, aux)
-            .map_err(|source| decode_error(reader, e, source))?;
-        step_done(2, t);
-        aux
+        // Decoded during the read, unless the read was reported again after a fallback (the
+        // count then passed the length in one step) or never completed it.
+        let result = match aux_result {
+            Some(r) => r,
+            None => {
+                let t = Instant::now();
+                let r = decoder.decode_into(aux_codec, auxs, aux_out);
+                step_done(2, t);
+                r
+            }
+        };
+        result.map_err(|source| decode_error(reader, e, source))?;
+        aux_out
     };
     let sent = |p: &Piece| in_slot && !p.aux;
     finish_segment(reader, e, ctx, weights, aux, dst, Some(&sent))
@@ -350,7 +379,7 @@ mod tests {
         assert!(keys[deep] > 800 && keys[deep] < 1024, "{}", keys[deep]);
         let mid = (head + 3 * per + per / 2) / part; // the middle of stream 3
         assert!(keys[mid] > 300 && keys[mid] < 600, "{}", keys[mid]);
-        // The scales after the weights come after every weights part.
-        assert!(read_key(wlen, wlen + 4096, wlen) > *keys.iter().max().unwrap());
+        // The scales after the weights come first too (decoded while the weights arrive).
+        assert_eq!(read_key(wlen, wlen + 4096, wlen), 0);
     }
 }
