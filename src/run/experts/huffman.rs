@@ -192,6 +192,9 @@ fn read_key(from: usize, to: usize, wlen: usize) -> u64 {
     ((from - head - first * per) * 1024 / per) as u64
 }
 
+/// What decoding the scales part gave.
+type Decoded = Result<usize, CodecError>;
+
 /// Loads one Huffman-coded segment read in decoder order (see the module's text).
 pub(super) fn load(
     scratch: &mut Scratch,
@@ -243,8 +246,7 @@ pub(super) fn load(
     // of its own, while the weights are still arriving.
     let aux_len = len - wlen;
     let aux_arrived = AtomicUsize::new(0);
-    let aux_state: Mutex<(&mut [u8], Option<Result<usize, CodecError>>)> =
-        Mutex::new((&mut aux[..], None));
+    let aux_state: Mutex<(&mut [u8], Option<Decoded>)> = Mutex::new((&mut aux[..], None));
     let arrived = |from: usize, to: usize, seg: Arriving| {
         let in_aux = to.saturating_sub(from.max(wlen));
         if aux_codec != CodecId::Raw && in_aux > 0 {

@@ -1206,9 +1206,8 @@ fn finish_segment(
 /// the load ends about one part's hash after the read instead of a whole segment's. On CUDA a
 /// whole expert's raw pieces are copied into the slot as they arrive (the slot is freed unused
 /// if the checksum then fails); elsewhere nothing reaches the slot before the checksum matched.
-/// (Huffman-coded experts are not pipelined:
-/// their streams decode several times faster together than one part at a time, measured in
-/// decision 0014.)
+/// (Huffman-coded experts take `huffman::load`: read in this order, their streams could only
+/// be decoded one at a time, several times slower than in lock step, decision 0014.)
 fn load_segment_pipelined(
     scratch: &mut Scratch,
     reader: &SegmentReader,
