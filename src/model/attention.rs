@@ -300,8 +300,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Layer `layer`'s attention, `module` its name (`model.layers.L.self_attn`).
-    pub fn load(
+    /// An attention of the config's head width and KV heads (`module`:
+    /// `model.layers.L.self_attn`); [`Attention::load_layer`] for a given layer's.
+    pub fn load(w: &dyn Weights, module: &str, cfg: &ModelConfig) -> Result<Attention> {
+        Attention::load_as(w, module, cfg, None)
+    }
+
+    /// Layer `layer`'s attention: under Gemma 4 a full-attention layer has its own geometry.
+    pub fn load_layer(
         w: &dyn Weights,
         module: &str,
         cfg: &ModelConfig,
@@ -313,6 +319,15 @@ impl Attention {
             .gemma4
             .as_ref()
             .filter(|_| cfg.window_of(layer).is_none());
+        Attention::load_as(w, module, cfg, global)
+    }
+
+    fn load_as(
+        w: &dyn Weights,
+        module: &str,
+        cfg: &ModelConfig,
+        global: Option<&Gemma4>,
+    ) -> Result<Attention> {
         let (d, kv_heads) = match global {
             Some(g) => (g.global_head_dim, g.global_kv_heads),
             None => (cfg.head_dim, cfg.num_key_value_heads),

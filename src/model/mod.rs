@@ -220,9 +220,9 @@ impl SelfAttention {
         let module = format!("{p}.self_attn");
         Ok(match &cfg.mla {
             Some(m) => SelfAttention::Mla(MlaAttention::load(w, &module, cfg, m)?),
-            None => {
-                SelfAttention::Gqa(Attention::load(w, &module, cfg, l)?.windowed(cfg.window_of(l)))
-            }
+            None => SelfAttention::Gqa(
+                Attention::load_layer(w, &module, cfg, l)?.windowed(cfg.window_of(l)),
+            ),
         })
     }
 
