@@ -129,16 +129,17 @@ type Result<T> = std::result::Result<T, ComputeError>;
 #[derive(Debug, Clone)]
 enum Ffn {
     Dense(Mlp),
-    Sparse(MoeBlock),
+    Sparse(Box<MoeBlock>),
     /// Gemma 4's feed-forward ([`Sandwich`]).
     Sandwich(Box<Sandwich>),
 }
 
-/// Gemma 4's feed-forward (mlx-lm gemma4_text.py `DecoderLayer.__call__`) on the residual `h`:
-/// `post_feedforward_layernorm(post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(h)))
-/// + post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(h), router(h))))` in a
-/// sparse layer, `post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))` in a dense one;
-/// the MLP and the experts are GeGLU.
+/// Gemma 4's feed-forward (mlx-lm gemma4_text.py `DecoderLayer.__call__`) on the residual `h`.
+/// In a sparse layer, `post_feedforward_layernorm(h1 + h2)` with
+/// `h1 = post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(h)))` and
+/// `h2 = post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(h), router(h)))`; in a
+/// dense one, `post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`. The MLP and the
+/// experts are GeGLU.
 #[derive(Debug, Clone)]
 struct Sandwich {
     pre: RmsNorm,
@@ -278,7 +279,7 @@ impl Block {
         let ffn = if cfg.gemma4.is_some() {
             Ffn::Sandwich(Box::new(Sandwich::load(cfg, w, l)?))
         } else if cfg.is_sparse_layer(l) {
-            Ffn::Sparse(MoeBlock::load(w, cfg, l)?)
+            Ffn::Sparse(Box::new(MoeBlock::load(w, cfg, l)?))
         } else {
             Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
         };
@@ -353,7 +354,7 @@ impl Block {
     /// The sparse block, for a sparse layer.
     pub fn moe(&self) -> Option<&MoeBlock> {
         match &self.ffn {
-            Ffn::Sparse(moe) => Some(moe),
+            Ffn::Sparse(moe) => Some(moe.as_ref()),
             Ffn::Sandwich(s) => s.experts.as_ref().map(|(_, moe, _)| moe),
             Ffn::Dense(_) => None,
         }
