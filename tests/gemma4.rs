@@ -137,17 +137,20 @@ fn gemma4_gives_mlx_lms_logits_and_greedy_tokens_from_bf16_and_mlx_lm_sources() 
 }
 
 /// The checkpoint's config.json is what transformers' own `Gemma4Config` reads (no torch
-/// needed), with the text model's fields as flashpack reads them.
+/// needed), with the text model's fields as flashpack reads them; and the config transformers
+/// writes back (`save_pretrained`: the full-attention layers' widths as `per_layer_config`, with
+/// `global_head_dim` and `num_global_key_value_heads` null) is read as the same model.
 #[test]
 fn gemma4_fixture_config_is_transformers_own() {
     let dir = tempfile::tempdir().unwrap();
     let src = write(&spec(), &dir.path().join("src"));
     let script = format!(
         "import json\nfrom transformers import AutoConfig\nc = AutoConfig.from_pretrained({src:?})\n\
-         t = c.text_config\nprint(json.dumps([type(c).__name__, t.layer_types, t.sliding_window, \
+         c.save_pretrained({resaved:?})\nt = c.text_config\nprint(json.dumps([type(c).__name__, t.layer_types, t.sliding_window, \
          t.num_experts, t.top_k_experts, t.moe_intermediate_size, t.enable_moe_block, \
          t.attention_k_eq_v, t.hidden_size_per_layer_input, t.num_kv_shared_layers]))\n",
         src = src.display().to_string(),
+        resaved = dir.path().join("resaved").display().to_string(),
     );
     if !crate::common::python::python_imports("transformers", "the config's round trip") {
         return;
@@ -179,7 +182,17 @@ fn gemma4_fixture_config_is_transformers_own() {
         ])
     );
     let c = flashpack::arch::ModelConfig::from_file(&src.join("config.json")).unwrap();
-    assert_eq!(c.sliding_window.unwrap().layers, vec![0, 1]);
+    assert_eq!(c.sliding_window.as_ref().unwrap().layers, vec![0, 1]);
+    let path = dir.path().join("resaved/config.json");
+    let resaved: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let t = &resaved["text_config"];
+    assert!(t["global_head_dim"].is_null(), "{t}");
+    assert_eq!(
+        t["per_layer_config"],
+        json!({"2": {"head_dim": 64, "num_key_value_heads": 1}})
+    );
+    let again = flashpack::arch::ModelConfig::from_file(&path).unwrap();
+    assert_eq!(again, c);
 }
 
 /// Every stage through the CLI: convert with profiling, cold 2-bit experts and merging,

@@ -154,6 +154,66 @@ fn under_the_moe_block(name: &str) -> Option<String> {
     None
 }
 
+/// The full-attention layers' `(head_dim, num_key_value_heads)` from transformers'
+/// `per_layer_config` (`None` when it lists no layer): each listed layer must be a full-attention
+/// one, and every full-attention layer must have the same widths (`base` for one not listed).
+fn per_layer_widths(
+    p: &Value,
+    types: &[&str],
+    base: (usize, usize),
+) -> Result<Option<(usize, usize)>, ArchError> {
+    let bad = |found: String| ArchError::BadField {
+        field: "per_layer_config",
+        found,
+        expected: "an object of full-attention layers' head_dim and num_key_value_heads",
+    };
+    let o = p.as_object().ok_or_else(|| bad(p.to_string()))?;
+    let mut listed = std::collections::BTreeMap::new();
+    for (key, entry) in o {
+        let l: usize = key.parse().map_err(|_| bad(format!("layer {key:?}")))?;
+        if types.get(l) != Some(&"full_attention") {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "per_layer_config lists layer {l}, which layer_types does not mark as \
+                     full attention: only full-attention layers may have widths of their own"
+                ),
+            });
+        }
+        let width = |k: &str, default: usize| -> Result<usize, ArchError> {
+            match entry.get(k) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| bad(format!("layer {l}: {k} {v}"))),
+            }
+        };
+        listed.insert(
+            l,
+            (
+                width("head_dim", base.0)?,
+                width("num_key_value_heads", base.1)?,
+            ),
+        );
+    }
+    let Some(&first) = listed.values().next() else {
+        return Ok(None);
+    };
+    for (l, t) in types.iter().enumerate() {
+        let w = listed.get(&l).copied().unwrap_or(base);
+        if *t == "full_attention" && w != first {
+            return Err(ArchError::Inconsistent {
+                what: format!(
+                    "per_layer_config gives full-attention layers different widths ({first:?} and \
+                     {w:?} as (head_dim, num_key_value_heads) at layer {l}); flashpack runs one \
+                     geometry for them all"
+                ),
+            });
+        }
+    }
+    Ok(Some(first))
+}
+
 /// Defaults of mlx-lm's `gemma4_text.ModelArgs` where a config may omit a field.
 const SLIDING_WINDOW_PATTERN: usize = 5;
 
@@ -284,31 +344,6 @@ pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     cfg.decoder_sparse_step = 1;
     cfg.mlp_only_layers.clear();
     cfg.moe_intermediate_size = f.usize_req(&["moe_intermediate_size"])?;
-    let k_eq_v = f.bool_or("attention_k_eq_v", false)?;
-    // self.n_kv_heads = num_global_key_value_heads if use_k_eq_v (and given), else
-    // num_key_value_heads
-    let global_kv_heads = match (k_eq_v, f.usize_any(&["num_global_key_value_heads"])?) {
-        (true, Some(n)) => n,
-        _ => cfg.num_key_value_heads,
-    };
-    // config.global_head_dim if set (and not 0), else head_dim; 512 when the key is absent
-    let global_head_dim = match f.usize_any(&["global_head_dim"])? {
-        Some(n) if n > 0 => n,
-        _ if f.has("global_head_dim") => cfg.head_dim,
-        _ => 512,
-    };
-    let final_logit_softcapping = match text.get("final_logit_softcapping") {
-        None => Some(30.0),
-        Some(Value::Null) => None,
-        Some(_) => f.f64_opt("final_logit_softcapping")?,
-    };
-    cfg.gemma4 = Some(Gemma4 {
-        global_head_dim,
-        global_kv_heads,
-        k_eq_v,
-        global_rope,
-        final_logit_softcapping,
-    });
     let n = cfg.num_hidden_layers;
     let types: Vec<&str> = match f.layer_types(n)? {
         Some(t) => t,
@@ -329,6 +364,40 @@ pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
                 .collect()
         }
     };
+    let k_eq_v = f.bool_or("attention_k_eq_v", false)?;
+    // self.n_kv_heads = num_global_key_value_heads if use_k_eq_v (and given), else
+    // num_key_value_heads
+    let global_kv_heads = match (k_eq_v, f.usize_any(&["num_global_key_value_heads"])?) {
+        (true, Some(n)) => n,
+        _ => cfg.num_key_value_heads,
+    };
+    // config.global_head_dim if set (and not 0), else head_dim; 512 when the key is absent
+    let global_head_dim = match f.usize_any(&["global_head_dim"])? {
+        Some(n) if n > 0 => n,
+        _ if f.has("global_head_dim") => cfg.head_dim,
+        _ => 512,
+    };
+    // transformers 5.x writes the full-attention layers' widths as `per_layer_config`
+    // (`{"L": {"head_dim": .., "num_key_value_heads": ..}}`) instead of `global_head_dim` and
+    // `num_global_key_value_heads`: where it is present it is the truth (mlx-lm 0.32.2 reads only
+    // the two keys).
+    let (global_head_dim, global_kv_heads) = match text.get("per_layer_config") {
+        None | Some(Value::Null) => (global_head_dim, global_kv_heads),
+        Some(p) => per_layer_widths(p, &types, (cfg.head_dim, cfg.num_key_value_heads))?
+            .unwrap_or((global_head_dim, global_kv_heads)),
+    };
+    let final_logit_softcapping = match text.get("final_logit_softcapping") {
+        None => Some(30.0),
+        Some(Value::Null) => None,
+        Some(_) => f.f64_opt("final_logit_softcapping")?,
+    };
+    cfg.gemma4 = Some(Gemma4 {
+        global_head_dim,
+        global_kv_heads,
+        k_eq_v,
+        global_rope,
+        final_logit_softcapping,
+    });
     let mut layers = Vec::new();
     for (l, t) in types.iter().enumerate() {
         match *t {

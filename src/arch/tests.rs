@@ -1207,6 +1207,31 @@ fn gemma4_config_parses() {
         let e = ModelConfig::from_json(&t).unwrap_err().to_string();
         assert!(e.contains(named), "{key}: {e}");
     }
+    // transformers 5.x's spelling of the full layers' widths: `per_layer_config`, the truth
+    // where it is there; a sliding layer in it, or full layers of two widths, are refused.
+    let mut t = v.clone();
+    let o = t["text_config"].as_object_mut().unwrap();
+    o.insert("global_head_dim".into(), json!(null));
+    o.insert("num_global_key_value_heads".into(), json!(null));
+    let per_layer: serde_json::Map<String, serde_json::Value> = (0..30)
+        .filter(|l| (l + 1) % 6 == 0)
+        .map(|l| {
+            (
+                l.to_string(),
+                json!({"head_dim": 512, "num_key_value_heads": 2}),
+            )
+        })
+        .collect();
+    o.insert("per_layer_config".into(), json!(per_layer));
+    assert_eq!(ModelConfig::from_json(&t).unwrap().gemma4, c.gemma4);
+    let mut u = t.clone();
+    u["text_config"]["per_layer_config"]["0"] = json!({"head_dim": 512});
+    let e = ModelConfig::from_json(&u).unwrap_err().to_string();
+    assert!(e.contains("per_layer_config lists layer 0"), "{e}");
+    let mut u = t.clone();
+    u["text_config"]["per_layer_config"]["11"] = json!({"head_dim": 256});
+    let e = ModelConfig::from_json(&u).unwrap_err().to_string();
+    assert!(e.contains("different widths"), "{e}");
     // Without layer_types: mlx-lm's pattern, four sliding layers then one full.
     let mut t = v.clone();
     t["text_config"]
