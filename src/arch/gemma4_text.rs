@@ -339,6 +339,15 @@ pub(super) fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
     };
     let mut cfg = f.common(&d)?;
     cfg.rope = sliding_rope;
+    // The wrapper's own `eos_token_id` (mlx-lm's load gives the tokenizer the top-level ids;
+    // Gemma 4 ends a turn with `<turn|>` there) joins the text model's.
+    if v.get("text_config").is_some_and(|t| t.is_object()) {
+        for id in Fields::new(v, Arch::Gemma4Text).token_ids("eos_token_id")? {
+            if !cfg.eos_token_ids.contains(&id) {
+                cfg.eos_token_ids.push(id);
+            }
+        }
+    }
     cfg.tie_word_embeddings = f.bool_or("tie_word_embeddings", true)?;
     cfg.attention_bias = false;
     cfg.decoder_sparse_step = 1;

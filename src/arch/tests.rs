@@ -1163,7 +1163,8 @@ fn gemma4_config_parses() {
         (c.rope.rope_type.as_str(), c.rope.theta),
         ("default", 10_000.0)
     );
-    assert_eq!(c.eos_token_ids, vec![1]);
+    // The text model's end of sequence and the wrapper's end of turn.
+    assert_eq!(c.eos_token_ids, vec![1, 106]);
     let s = RouterSpec::of(&c);
     assert_eq!(
         (
@@ -1191,6 +1192,7 @@ fn gemma4_config_parses() {
     // The text model alone reads the same.
     let alone = ModelConfig::from_json(&v["text_config"]).unwrap();
     assert_eq!(alone.gemma4, c.gemma4);
+    assert_eq!(alone.eos_token_ids, vec![1]);
     assert_eq!(alone.sliding_window, c.sliding_window);
     // Dense Gemma 4, per-layer inputs and shared KV layers are refused by name.
     for (key, value, named) in [
