@@ -226,6 +226,15 @@ fn every_stage_runs_on_gemma4() {
         Some(2 * 2 * 2 * 32 * 8 * 2),
         "{r}"
     );
+    let text_report =
+        String::from_utf8_lossy(&flashpack_out(&["inspect", pack_s]).stdout).into_owned();
+    assert!(
+        text_report.contains(
+            "2 of 3 layers a sliding window of 8; the others 1 KV heads of 64, values = keys, \
+             16 rotated"
+        ),
+        "{text_report}"
+    );
     let (kl, top1, e) = eval_against(pack_s, &text, src_s);
     assert!(kl > 0.0 && kl < 2.0, "{e}");
     assert!((0.0..=1.0).contains(&top1), "{e}");
