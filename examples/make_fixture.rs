@@ -110,6 +110,15 @@ struct Args {
     index_head_dim: usize,
     #[arg(long, default_value_t = 8)]
     index_topk: usize,
+    /// Gemma 4: the full-attention layers' head width and KV heads.
+    #[arg(long, default_value_t = 64)]
+    global_head_dim: usize,
+    #[arg(long, default_value_t = 1)]
+    global_kv_heads: usize,
+    /// Qwen3.5, Gemma 4: the multimodal layout (`text_config`, the text model under
+    /// `model.language_model.`, vision tensors).
+    #[arg(long)]
+    multimodal: bool,
     /// Leave the BOS token out of config.json.
     #[arg(long)]
     no_bos: bool,
@@ -156,6 +165,9 @@ fn main() -> Result<()> {
         index_heads: a.index_heads,
         index_head_dim: a.index_head_dim,
         index_topk: a.index_topk,
+        global_head_dim: a.global_head_dim,
+        global_kv_heads: a.global_kv_heads,
+        multimodal: a.multimodal,
         ..FixtureSpec::tiny(arch)
     };
     let t = std::time::Instant::now();

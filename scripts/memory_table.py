@@ -37,6 +37,16 @@ MODELS = {
                        moe_intermediate_size=1536, n_routed_experts=256, n_shared_experts=0,
                        num_experts_per_tok=8, first_k_dense_replace=0, num_attention_heads=48,
                        num_key_value_heads=8, head_dim=128, vocab_size=200064, tie_word_embeddings=False),
+    # google/gemma-4-26b-a4b's text model (Gemma4TextConfig; 25.2 B parameters, 3.8 B active): 25 sliding
+    # layers (window 1,024) of 8 KV heads of 256 and 5 full-attention layers of 2 KV heads of 512 whose
+    # values are their keys; a dense GeGLU MLP of 2,112 beside 128 experts of 704 in every layer, tied head.
+    "Gemma 4 26B-A4B": dict(model_type="gemma4_text", hidden_size=2816, num_hidden_layers=30,
+                            intermediate_size=2112, moe_intermediate_size=704, n_routed_experts=128,
+                            n_shared_experts=0, num_experts_per_tok=8, first_k_dense_replace=0,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                            global_layers=5, global_head_dim=512, num_global_key_value_heads=2,
+                            sliding_window=1024, dense_mlp_beside_experts=True, vocab_size=262144,
+                            tie_word_embeddings=True),
 }
 
 BITS4 = 4 + 2 * 16 / 64   # codes + bf16 scale and bias per group of 64
@@ -54,12 +64,21 @@ def params(c):
             + c["kv_lora_rank"] * nh * (c["qk_nope_head_dim"] + c["v_head_dim"])
         attn = q + kv + nh * c["v_head_dim"] * h
         kv_per_token = L * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 2
+    elif c.get("global_layers"):
+        # Gemma 4: sliding layers with q/k/v/o; full layers of their own head width with keys as values
+        # (no v_proj). Only the full layers' cache grows with the context.
+        nh, nkv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        g, gkv, gd = c["global_layers"], c["num_global_key_value_heads"], c["global_head_dim"]
+        sliding = h * nh * d + 2 * h * nkv * d + nh * d * h
+        full = h * nh * gd + h * gkv * gd + nh * gd * h
+        attn = ((L - g) * sliding + g * full) / L
+        kv_per_token = g * 2 * gkv * gd * 2
     else:
         nh, nkv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
         attn = h * nh * d + 2 * h * nkv * d + nh * d * h
         kv_per_token = L * 2 * nkv * d * 2
-    dense_layers = c["first_k_dense_replace"]
-    moe_layers = L - dense_layers
+    dense_layers = L if c.get("dense_mlp_beside_experts") else c["first_k_dense_replace"]
+    moe_layers = L - c["first_k_dense_replace"]
     expert = 3 * h * c["moe_intermediate_size"]
     out = {
         "attention": L * attn,

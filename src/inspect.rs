@@ -148,6 +148,22 @@ fn attention_label(m: &crate::arch::ModelConfig) -> String {
                     w.size
                 ))
             );
+            // Gemma 4: "; the others 2 KV heads of 512, values = keys, 128 rotated"
+            let gqa = match &m.gemma4 {
+                None => gqa,
+                Some(g) => format!(
+                    "{gqa}; the others {} KV heads of {}{}, {} rotated",
+                    g.global_kv_heads,
+                    g.global_head_dim,
+                    if g.k_eq_v { ", values = keys" } else { "" },
+                    match g.global_rope.rope_type.as_str() {
+                        "proportional" => {
+                            (g.global_head_dim as f64 * g.global_rotary_factor()) as usize
+                        }
+                        _ => g.global_head_dim,
+                    }
+                ),
+            };
             match &m.linear_attention {
                 None => gqa,
                 Some(la) => {

@@ -153,6 +153,42 @@ pub struct ClampedSwiglu {
     pub limit: f64,
 }
 
+/// Gemma 4's decoder (`gemma4_text`, mlx-lm 0.32.2 gemma4_text.py), beyond the sliding-window
+/// layout ([`ModelConfig::sliding_window`]) and the sliding layers' attention (`head_dim`,
+/// `num_key_value_heads`, [`ModelConfig::rope`]): the full-attention layers' own geometry and
+/// RoPE, and the final logit soft cap. Where set, the model also scales the embeddings by
+/// `sqrt(hidden_size)`, attends with scale 1, normalizes values per head without a weight, wraps
+/// attention and feed-forward in their own norms ("sandwich" norms), runs a dense GeGLU MLP beside
+/// GeGLU experts in a sparse layer, and multiplies each layer's output by its `layer_scalar`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gemma4 {
+    /// The full-attention layers' head width (`global_head_dim`).
+    pub global_head_dim: usize,
+    /// The full-attention layers' KV heads (`num_global_key_value_heads` when keys are values,
+    /// else `num_key_value_heads`).
+    pub global_kv_heads: usize,
+    /// The full-attention layers' values are their keys before `k_norm` (`attention_k_eq_v`):
+    /// they have no `v_proj`.
+    pub k_eq_v: bool,
+    /// The full-attention layers' RoPE (`rope_parameters.full_attention`; "proportional"
+    /// rotates the first `partial_rotary_factor` of each half-head pair).
+    pub global_rope: Rope,
+    /// `final_logit_softcapping`: logits become `tanh(logits / c) * c`.
+    pub final_logit_softcapping: Option<f64>,
+}
+
+impl Gemma4 {
+    /// The `partial_rotary_factor` of the full-attention layers' RoPE (1 when not given).
+    pub fn global_rotary_factor(&self) -> f64 {
+        self.global_rope
+            .scaling
+            .as_ref()
+            .and_then(|s| s.get("partial_rotary_factor"))
+            .and_then(|f| f.as_f64())
+            .unwrap_or(1.0)
+    }
+}
+
 /// A model's configuration, normalized across architectures and config dialects.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -217,6 +253,9 @@ pub struct ModelConfig {
     /// to a pack only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamped_swiglu: Option<ClampedSwiglu>,
+    /// Gemma 4's decoder ([`Gemma4`]). Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma4: Option<Gemma4>,
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
@@ -267,8 +306,20 @@ impl ModelConfig {
     /// [`ModelConfig::recurrent_state_bytes`]); sliding-window layers hold a bounded one
     /// ([`ModelConfig::window_kv_values`]).
     pub fn kv_values_per_token(&self) -> u64 {
-        let windowed = self.sliding_window.as_ref().map_or(0, |w| w.layers.len());
-        ((self.full_attention_layers() - windowed) * self.kv_values_per_layer()) as u64
+        (0..self.num_hidden_layers)
+            .filter(|&l| !self.is_linear_layer(l) && self.window_of(l).is_none())
+            .map(|l| self.kv_values_of_layer(l) as u64)
+            .sum()
+    }
+
+    /// Values softmax-attention layer `layer` caches per position: Gemma 4's full-attention
+    /// layers have their own head width and KV heads (keys and values both cached, also where
+    /// the values are the keys), every other layer [`ModelConfig::kv_values_per_layer`]'s.
+    fn kv_values_of_layer(&self, layer: usize) -> usize {
+        match (&self.gemma4, self.window_of(layer)) {
+            (Some(g), None) => 2 * g.global_kv_heads * g.global_head_dim,
+            _ => self.kv_values_per_layer(),
+        }
     }
 
     /// Values one softmax-attention layer caches per position; under DSA the indexer's key
@@ -292,7 +343,12 @@ impl ModelConfig {
             return 0;
         };
         let held = positions.min(w.size as u64 - 1 + chunk.max(1));
-        w.layers.len() as u64 * self.kv_values_per_layer() as u64 * held
+        let per_position: u64 = w
+            .layers
+            .iter()
+            .map(|&l| self.kv_values_of_layer(l) as u64)
+            .sum();
+        per_position * held
     }
 
     /// Values the whole KV cache holds at most for a sequence of `positions` prefilled in calls
@@ -567,6 +623,46 @@ impl ModelConfig {
                         self.num_hidden_layers
                     ),
                 });
+            }
+        }
+        if let Some(g) = &self.gemma4 {
+            for (field, v) in [
+                ("global_head_dim", g.global_head_dim),
+                ("num_global_key_value_heads", g.global_kv_heads),
+            ] {
+                if v == 0 {
+                    return bad(field, "0".into(), "at least 1");
+                }
+                if v > max {
+                    return bad(field, v.to_string(), "at most 2147483647 (i32::MAX)");
+                }
+            }
+            if self.num_attention_heads % g.global_kv_heads != 0 {
+                return Err(ArchError::Inconsistent {
+                    what: format!(
+                        "num_attention_heads {} is not a multiple of the full-attention layers' \
+                         {} KV heads",
+                        self.num_attention_heads, g.global_kv_heads
+                    ),
+                });
+            }
+            let f = g.global_rotary_factor();
+            let rotated = (g.global_head_dim as f64 * f) as usize;
+            if !(f.is_finite() && f > 0.0 && f <= 1.0) || rotated < 2 || rotated % 2 != 0 {
+                return bad(
+                    "rope_parameters.full_attention.partial_rotary_factor",
+                    f.to_string(),
+                    "a factor in (0, 1] that rotates an even number of at least 2 values",
+                );
+            }
+            if let Some(c) = g.final_logit_softcapping {
+                if !positive_finite(c) {
+                    return bad(
+                        "final_logit_softcapping",
+                        c.to_string(),
+                        "a positive finite number, also as f32 (or null)",
+                    );
+                }
             }
         }
         if let Some(c) = &self.clamped_swiglu {

@@ -265,6 +265,7 @@ impl<'a> Fields<'a> {
             attention_sinks: false,
             expert_bias: false,
             clamped_swiglu: None,
+            gemma4: None,
             clip_qkv: None,
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),

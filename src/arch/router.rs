@@ -85,6 +85,15 @@ pub struct RouterDef {
     /// The weights are cast to the input's type before they weight the experts (MiniMax:
     /// `scores.astype(x.dtype)`).
     pub weights_in_input_dtype: bool,
+    /// The router normalizes its input first, with its own weight `<router>.scale` `[H]` times
+    /// `hidden_size^-0.5` (Gemma 4: `mx.fast.rms_norm(x, self.scale * self._root_size, eps)`).
+    pub input_norm: bool,
+    /// Each chosen expert's weight is multiplied by its `<router>.per_expert_scale` `[E]`
+    /// (Gemma 4), last.
+    pub per_expert_scale: bool,
+    /// Softmax in f32 whatever the logits' type (`precise=True`); false where the model calls
+    /// `mx.softmax(x, axis=-1)` (Gemma 4).
+    pub precise_softmax: bool,
 }
 
 impl RouterDef {
@@ -96,6 +105,9 @@ impl RouterDef {
             renormalize_top1: true,
             f32_input: false,
             weights_in_input_dtype: false,
+            input_norm: false,
+            per_expert_scale: false,
+            precise_softmax: true,
         }
     }
 }
@@ -126,6 +138,12 @@ pub struct RouterSpec {
     pub f32_input: bool,
     /// [`RouterDef::weights_in_input_dtype`].
     pub weights_in_input_dtype: bool,
+    /// [`RouterDef::input_norm`], with the norm's epsilon (`rms_norm_eps`) when set.
+    pub input_norm: Option<f64>,
+    /// [`RouterDef::per_expert_scale`].
+    pub per_expert_scale: bool,
+    /// [`RouterDef::precise_softmax`].
+    pub precise_softmax: bool,
 }
 
 impl RouterSpec {
@@ -152,6 +170,9 @@ impl RouterSpec {
             scaling: (r.routed_scaling_factor != 1.0).then_some(r.routed_scaling_factor),
             f32_input: def.f32_input,
             weights_in_input_dtype: def.weights_in_input_dtype,
+            input_norm: def.input_norm.then_some(cfg.rms_norm_eps),
+            per_expert_scale: def.per_expert_scale,
+            precise_softmax: def.precise_softmax,
         }
     }
 }

@@ -877,6 +877,7 @@ fn arch_serializes_as_before_the_table() {
         (Arch::DeepseekV32, "deepseek_v32"),
         (Arch::GlmMoeDsa, "glm_moe_dsa"),
         (Arch::Minimax, "minimax"),
+        (Arch::Gemma4Text, "gemma4_text"),
     ];
     assert_eq!(Arch::ALL.len(), written.len());
     for (arch, name) in written {
@@ -1092,4 +1093,229 @@ fn minimax_m2_config_parses() {
     w["rotary_dim"] = json!(256);
     let e = ModelConfig::from_json(&w).unwrap_err().to_string();
     assert!(e.contains("rotary_dim"), "{e}");
+}
+
+/// A Gemma 4 MoE config of gemma-4-26b-a4b's shape, as transformers' `Gemma4Config` writes it
+/// (the text model under `text_config`, `model_type` `gemma4`): read as `gemma4_text`; every
+/// layer sparse (128 experts of 704, top-8, beside a dense MLP of 2112); sliding layers of 8 KV
+/// heads of 256 with a window of 1024, every sixth layer full attention with 2 KV heads of 512
+/// whose values are their keys, a quarter of each half-head pair rotated (proportional RoPE,
+/// theta 1e6); the router with its own norm and per-expert scale, softmax of the chosen logits
+/// (not precise), the last k of `argpartition`; the KV cache counted per layer kind.
+#[test]
+fn gemma4_config_parses() {
+    let types: Vec<&str> = (0..30)
+        .map(|l| {
+            if (l + 1) % 6 == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect();
+    let text = json!({
+        "model_type": "gemma4_text", "attention_k_eq_v": true, "enable_moe_block": true,
+        "final_logit_softcapping": 30.0, "global_head_dim": 512, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2816,
+        "hidden_size_per_layer_input": 0, "intermediate_size": 2112, "layer_types": types,
+        "max_position_embeddings": 262144, "moe_intermediate_size": 704,
+        "num_attention_heads": 16, "num_experts": 128, "num_global_key_value_heads": 2,
+        "num_hidden_layers": 30, "num_key_value_heads": 8, "num_kv_shared_layers": 0,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {
+            "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
+                               "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}
+        },
+        "sliding_window": 1024, "tie_word_embeddings": true, "top_k_experts": 8,
+        "use_double_wide_mlp": false, "vocab_size": 262144, "bos_token_id": 2,
+        "eos_token_id": 1
+    });
+    let v = json!({
+        "architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
+        "text_config": text, "vision_config": {"model_type": "gemma4_vision"},
+        "eos_token_id": [1, 106], "tie_word_embeddings": true
+    });
+    let c = ModelConfig::from_json(&v).unwrap();
+    assert_eq!(c.arch, Arch::Gemma4Text);
+    // Without a top-level vocab_size mlx-lm's wrapper takes 262144, the model's anyway.
+    assert_eq!(c.vocab_size, 262_144);
+    assert_eq!((c.num_experts, c.num_experts_per_tok), (128, 8));
+    assert_eq!((c.moe_intermediate_size, c.intermediate_size), (704, 2112));
+    assert!((0..30).all(|l| c.is_sparse_layer(l)));
+    assert!(c.tie_word_embeddings);
+    assert_eq!(c.qk_norm, QkNorm::PerHead);
+    let w = c.sliding_window.clone().unwrap();
+    assert_eq!(w.size, 1024);
+    assert_eq!(w.layers.len(), 25);
+    assert_eq!(c.window_of(5), None);
+    assert_eq!(c.window_of(4), Some(1024));
+    let g = c.gemma4.clone().unwrap();
+    assert_eq!(
+        (g.global_head_dim, g.global_kv_heads, g.k_eq_v),
+        (512, 2, true)
+    );
+    assert_eq!(g.global_rope.rope_type, "proportional");
+    assert_eq!(g.global_rope.theta, 1_000_000.0);
+    assert_eq!(g.global_rotary_factor(), 0.25);
+    assert_eq!(g.final_logit_softcapping, Some(30.0));
+    assert_eq!(
+        (c.rope.rope_type.as_str(), c.rope.theta),
+        ("default", 10_000.0)
+    );
+    // The text model's end of sequence and the wrapper's end of turn.
+    assert_eq!(c.eos_token_ids, vec![1, 106]);
+    let s = RouterSpec::of(&c);
+    assert_eq!(
+        (
+            s.scoring,
+            s.order,
+            s.renormalize,
+            s.input_norm,
+            s.per_expert_scale,
+            s.precise_softmax
+        ),
+        (
+            Scoring::SoftmaxOfChosen,
+            TopKOrder::LastOf,
+            false,
+            Some(1e-6),
+            true,
+            false
+        )
+    );
+    // 5 full-attention layers x keys and values of 2 heads of 512 per token; 25 sliding layers
+    // x keys and values of 8 heads of 256 over at most the window.
+    assert_eq!(c.kv_values_per_token(), 5 * 2 * 2 * 512);
+    assert_eq!(c.window_kv_values(100_000, 1), 25 * 2 * 8 * 256 * 1024);
+    assert_eq!(c.window_kv_values(10, 2048), 25 * 2 * 8 * 256 * 10);
+    // The text model alone reads the same.
+    let alone = ModelConfig::from_json(&v["text_config"]).unwrap();
+    assert_eq!(alone.gemma4, c.gemma4);
+    assert_eq!(alone.eos_token_ids, vec![1]);
+    assert_eq!(alone.sliding_window, c.sliding_window);
+    // Dense Gemma 4, per-layer inputs and shared KV layers are refused by name.
+    for (key, value, named) in [
+        ("enable_moe_block", json!(false), "enable_moe_block"),
+        (
+            "hidden_size_per_layer_input",
+            json!(256),
+            "hidden_size_per_layer_input",
+        ),
+        ("num_kv_shared_layers", json!(20), "num_kv_shared_layers"),
+    ] {
+        let mut t = v.clone();
+        t["text_config"][key] = value;
+        let e = ModelConfig::from_json(&t).unwrap_err().to_string();
+        assert!(e.contains(named), "{key}: {e}");
+    }
+    // transformers 5.x's spelling of the full layers' widths: `per_layer_config`, the truth
+    // where it is there; a sliding layer in it, or full layers of two widths, are refused.
+    let mut t = v.clone();
+    let o = t["text_config"].as_object_mut().unwrap();
+    o.insert("global_head_dim".into(), json!(null));
+    o.insert("num_global_key_value_heads".into(), json!(null));
+    let per_layer: serde_json::Map<String, serde_json::Value> = (0..30)
+        .filter(|l| (l + 1) % 6 == 0)
+        .map(|l| {
+            (
+                l.to_string(),
+                json!({"head_dim": 512, "num_key_value_heads": 2}),
+            )
+        })
+        .collect();
+    o.insert("per_layer_config".into(), json!(per_layer));
+    assert_eq!(ModelConfig::from_json(&t).unwrap().gemma4, c.gemma4);
+    let mut u = t.clone();
+    u["text_config"]["per_layer_config"]["0"] = json!({"head_dim": 512});
+    let e = ModelConfig::from_json(&u).unwrap_err().to_string();
+    assert!(e.contains("per_layer_config lists layer 0"), "{e}");
+    let mut u = t.clone();
+    u["text_config"]["per_layer_config"]["11"] = json!({"head_dim": 256});
+    let e = ModelConfig::from_json(&u).unwrap_err().to_string();
+    assert!(e.contains("different widths"), "{e}");
+    // Without layer_types: mlx-lm's pattern, four sliding layers then one full.
+    let mut t = v.clone();
+    t["text_config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("layer_types");
+    let c = ModelConfig::from_json(&t).unwrap();
+    assert_eq!(c.sliding_window.unwrap().layers.len(), 24);
+}
+
+/// Gemma 4's names in a pack: the text model of the multimodal checkpoints and of mlx-lm's
+/// folders under `model.*`, the vision and audio towers dropped, each layer's router and
+/// experts under its `moe` block, where the shared blocks classify them.
+#[test]
+fn gemma4_names_move_under_the_moe_block() {
+    let a = Arch::Gemma4Text;
+    let name = |n: &str| a.text_model_name(n).map(|c| c.into_owned());
+    for (source, pack) in [
+        (
+            "model.language_model.layers.3.experts.gate_up_proj",
+            Some("model.layers.3.moe.experts.gate_up_proj"),
+        ),
+        (
+            "model.layers.3.experts.down_proj",
+            Some("model.layers.3.moe.experts.down_proj"),
+        ),
+        (
+            "model.language_model.layers.3.router.proj.weight",
+            Some("model.layers.3.moe.router.weight"),
+        ),
+        (
+            "language_model.model.layers.3.router.proj",
+            Some("model.layers.3.moe.router"),
+        ),
+        (
+            "language_model.model.layers.3.router.proj.scales",
+            Some("model.layers.3.moe.router.scales"),
+        ),
+        (
+            "model.language_model.layers.3.router.per_expert_scale",
+            Some("model.layers.3.moe.router.per_expert_scale"),
+        ),
+        (
+            "language_model.model.layers.3.experts.switch_glu.up_proj.weight",
+            Some("model.layers.3.moe.switch_glu.up_proj.weight"),
+        ),
+        (
+            "model.language_model.layers.3.mlp.gate_proj.weight",
+            Some("model.layers.3.mlp.gate_proj.weight"),
+        ),
+        (
+            "model.language_model.embed_tokens.weight",
+            Some("model.embed_tokens.weight"),
+        ),
+        ("model.vision_tower.encoder.layers.0.mlp.w", None),
+        ("model.embed_vision.embedding_projection.weight", None),
+        ("model.audio_tower.layers.0.w", None),
+        (
+            "model.language_model.layers.0.self_attn.rotary_emb.inv_freq",
+            None,
+        ),
+    ] {
+        assert_eq!(name(source).as_deref(), pack, "{source}");
+    }
+    assert_eq!(
+        a.classify("model.layers.3.moe.experts.gate_up_proj"),
+        TensorRole::FusedGateUp { layer: 3 }
+    );
+    assert_eq!(
+        a.classify("model.layers.3.moe.router.weight"),
+        TensorRole::Router { layer: 3 }
+    );
+    assert_eq!(
+        a.classify("model.layers.3.moe.switch_glu.down_proj.scales"),
+        TensorRole::Stacked {
+            layer: 3,
+            proj: Proj::Down,
+            part: Part::Scales
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.3.pre_feedforward_layernorm_2.weight"),
+        TensorRole::KeepFull
+    );
 }

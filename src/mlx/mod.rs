@@ -579,6 +579,13 @@ impl Array {
     pub fn log(&self) -> Result<Array> {
         self.unary(4, "log")
     }
+    pub fn tanh(&self) -> Result<Array> {
+        self.unary(5, "tanh")
+    }
+    /// `self ** other`, element-wise with broadcasting (`mx.power`).
+    pub fn power(&self, other: &Array) -> Result<Array> {
+        self.binary(8, "power", other)
+    }
     /// `x * sigmoid(x)`, spelled as mlx.nn.silu spells it.
     pub fn silu(&self) -> Result<Array> {
         self.mul(&self.sigmoid()?)

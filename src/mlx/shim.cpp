@@ -254,6 +254,7 @@ int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out) {
       case FP_MAXIMUM: *out = wrap(mx::maximum(x, y)); return;
       case FP_LOGADDEXP: *out = wrap(mx::logaddexp(x, y)); return;
       case FP_MINIMUM: *out = wrap(mx::minimum(x, y)); return;
+      case FP_POWER: *out = wrap(mx::power(x, y)); return;
     }
     throw std::invalid_argument("unknown binary op " + std::to_string(op));
   });
@@ -268,6 +269,7 @@ int fp_unary(int op, const fp_array* a, fp_array** out) {
       case FP_NEG: *out = wrap(mx::negative(x)); return;
       case FP_SQRT: *out = wrap(mx::sqrt(x)); return;
       case FP_LOG: *out = wrap(mx::log(x)); return;
+      case FP_TANH: *out = wrap(mx::tanh(x)); return;
     }
     throw std::invalid_argument("unknown unary op " + std::to_string(op));
   });

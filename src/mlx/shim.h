@@ -23,9 +23,9 @@ enum {
 // Element-wise op codes (`BinaryOp` / `UnaryOp` in mod.rs).
 enum {
   FP_ADD = 0, FP_SUB = 1, FP_MUL = 2, FP_DIV = 3, FP_FLOOR_DIV = 4, FP_MAXIMUM = 5,
-  FP_LOGADDEXP = 6, FP_MINIMUM = 7
+  FP_LOGADDEXP = 6, FP_MINIMUM = 7, FP_POWER = 8
 };
-enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4 };
+enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4, FP_TANH = 5 };
 
 const char* fp_last_error(void);
 const char* fp_version(void);

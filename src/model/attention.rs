@@ -14,7 +14,7 @@ use super::kv_cache::{to_i32, LayerCache};
 use super::layers::{check_shape, require, Linear, RmsNorm};
 use super::weights::Weights;
 use super::ComputeError;
-use crate::arch::{ModelConfig, QkNorm};
+use crate::arch::{Gemma4, ModelConfig, QkNorm};
 use crate::mlx::fast::{self, Mask};
 use crate::mlx::Array;
 
@@ -31,7 +31,8 @@ pub struct RopeSpec {
     pub yarn: Option<Yarn>,
 }
 
-/// YaRN's frequencies (one per rotated pair) and input scale.
+/// Explicit frequencies (one per rotated pair) and an input scale: YaRN's, or Gemma 4's
+/// proportional RoPE (scale 1).
 #[derive(Debug, Clone)]
 pub struct Yarn {
     pub mscale: f32,
@@ -112,6 +113,69 @@ impl Yarn {
 }
 
 impl RopeSpec {
+    /// The RoPE of Gemma 4's full-attention layers (`rope_parameters.full_attention`) over heads
+    /// of `dims` values, as mlx-lm's `initialize_rope(dims=head_dim, ...)` builds it:
+    /// "proportional" is `ProportionalRoPE` (models/rope_utils.py): frequencies
+    /// `factor * base^(i / dims)` for `i = 0, 2, .. < int(dims * partial_rotary_factor)` and
+    /// infinite (no rotation) for the rest of the half-head pairs, through `mx.fast.rope(x, dims,
+    /// freqs=...)`; "default" is `nn.RoPE(dims, base)` over the whole head.
+    pub fn gemma4_global(g: &Gemma4, dims: usize, traditional: bool) -> Result<RopeSpec> {
+        let rope = &g.global_rope;
+        let num = |k: &str, default: f64| {
+            rope.scaling
+                .as_ref()
+                .and_then(|s| s.get(k))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(default)
+        };
+        let d = i32::try_from(dims).map_err(|_| ComputeError::Unsupported {
+            what: format!("RoPE over {dims} values"),
+        })?;
+        let yarn = match rope.rope_type.as_str() {
+            "default" => None,
+            "proportional" => {
+                let factor = num("factor", 1.0) as f32;
+                let rotated = (dims as f64 * num("partial_rotary_factor", 1.0)) as usize;
+                if rotated > dims || !(factor.is_finite() && factor > 0.0) {
+                    return Err(ComputeError::Unsupported {
+                        what: format!(
+                            "proportional rope with factor {factor} rotating {rotated} of {dims} \
+                             values"
+                        ),
+                    });
+                }
+                // exponents = mx.arange(0, rotated_dims, 2, dtype=mx.float32) / dims
+                // freqs = concat([factor * base**exponents, full((dims - rotated) // 2, inf)])
+                let base = rope.theta as f32;
+                let mut freqs: Vec<f32> = (0..rotated)
+                    .step_by(2)
+                    .map(|i| factor * base.powf(i as f32 / dims as f32))
+                    .collect();
+                freqs.resize(freqs.len() + (dims - rotated) / 2, f32::INFINITY);
+                let n = freqs.len();
+                Some(Yarn {
+                    mscale: 1.0,
+                    freqs: Array::from_slice(&freqs, &[n])?,
+                })
+            }
+            other => {
+                return Err(ComputeError::Unsupported {
+                    what: format!(
+                        "rope_type {other:?} in rope_parameters.full_attention (the runtime \
+                         implements \"proportional\" and \"default\" there)"
+                    ),
+                })
+            }
+        };
+        Ok(RopeSpec {
+            dims: d,
+            traditional,
+            base: rope.theta as f32,
+            scale: 1.0,
+            yarn,
+        })
+    }
+
     /// mlx-lm's `initialize_rope` (models/rope_utils.py) for the types the runtime supports:
     /// "default" (scale 1) and "linear" (scale 1 / factor).
     pub fn from_config(cfg: &ModelConfig) -> Result<RopeSpec> {
@@ -216,8 +280,11 @@ impl RopeSpec {
 pub struct Attention {
     q_proj: Linear,
     k_proj: Linear,
-    v_proj: Linear,
+    /// `None`: the values are the keys before their norm (Gemma 4's `attention_k_eq_v`).
+    v_proj: Option<Linear>,
     o_proj: Linear,
+    /// Gemma 4: values are RMS-normed per head without a weight, with this epsilon.
+    value_norm: Option<f32>,
     /// q/k RMSNorm and where it applies (per head for Qwen3-MoE, full width for OLMoE).
     qk_norm: Option<(QkNorm, RmsNorm, RmsNorm)>,
     heads: usize,
@@ -233,9 +300,41 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// An attention of the config's head width and KV heads (`module`:
+    /// `model.layers.L.self_attn`); [`Attention::load_layer`] for a given layer's.
     pub fn load(w: &dyn Weights, module: &str, cfg: &ModelConfig) -> Result<Attention> {
-        let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        Attention::load_as(w, module, cfg, None)
+    }
+
+    /// Layer `layer`'s attention: under Gemma 4 a full-attention layer has its own geometry.
+    pub fn load_layer(
+        w: &dyn Weights,
+        module: &str,
+        cfg: &ModelConfig,
+        layer: usize,
+    ) -> Result<Attention> {
+        // Gemma 4's full-attention layers: their own head width, KV heads and RoPE, and values
+        // that may be the keys.
+        let global = cfg
+            .gemma4
+            .as_ref()
+            .filter(|_| cfg.window_of(layer).is_none());
+        Attention::load_as(w, module, cfg, global)
+    }
+
+    fn load_as(
+        w: &dyn Weights,
+        module: &str,
+        cfg: &ModelConfig,
+        global: Option<&Gemma4>,
+    ) -> Result<Attention> {
+        let (d, kv_heads) = match global {
+            Some(g) => (g.global_head_dim, g.global_kv_heads),
+            None => (cfg.head_dim, cfg.num_key_value_heads),
+        };
+        let k_eq_v = global.is_some_and(|g| g.k_eq_v);
+        let h = cfg.hidden_size;
+        let (q_out, kv_out) = (cfg.num_attention_heads * d, kv_heads * d);
         let qk_norm = match cfg.qk_norm {
             QkNorm::None => None,
             // self.q_norm = nn.RMSNorm(head_dim, eps)                  (qwen3_moe.py)
@@ -266,17 +365,31 @@ impl Attention {
         } else {
             None
         };
+        let rope = match global {
+            Some(g) => RopeSpec::gemma4_global(g, d, cfg.rope.traditional)?,
+            None => RopeSpec::from_config(cfg)?,
+        };
         Ok(Attention {
             q_proj: Linear::load(w, &format!("{module}.q_proj"), q_rows, h)?,
             k_proj: Linear::load(w, &format!("{module}.k_proj"), kv_out, h)?,
-            v_proj: Linear::load(w, &format!("{module}.v_proj"), kv_out, h)?,
+            v_proj: if k_eq_v {
+                None
+            } else {
+                Some(Linear::load(w, &format!("{module}.v_proj"), kv_out, h)?)
+            },
             o_proj: Linear::load(w, &format!("{module}.o_proj"), h, q_out)?,
+            // self.v_norm = RMSNormNoScale(self.head_dim, eps=config.rms_norm_eps)
+            value_norm: cfg.gemma4.as_ref().map(|_| cfg.rms_norm_eps as f32),
             qk_norm,
             heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-            // self.scale = head_dim**-0.5 (a Python float, passed to MLX as float)
-            scale: (d as f64).powf(-0.5) as f32,
-            rope: RopeSpec::from_config(cfg)?,
+            kv_heads,
+            scale: match cfg.gemma4 {
+                // self.scale = 1.0 (gemma4_text.py)
+                Some(_) => 1.0,
+                // self.scale = head_dim**-0.5 (a Python float, passed to MLX as float)
+                None => (d as f64).powf(-0.5) as f32,
+            },
+            rope,
             output_gate: cfg.attn_output_gate,
             sinks,
             window: None,
@@ -313,7 +426,11 @@ impl Attention {
                     .reshape(&[b, l, -1])?,
             );
         }
-        let v = self.v_proj.forward(x)?;
+        // values = keys (gemma4_text.py with attention_k_eq_v: before k_norm)
+        let v = match &self.v_proj {
+            Some(v_proj) => v_proj.forward(x)?,
+            None => k.clone(),
+        };
         // OLMoE: queries = self.q_norm(queries); keys = self.k_norm(keys)  (before the reshape)
         if let Some((QkNorm::FullWidth, qn, kn)) = &self.qk_norm {
             q = qn.forward(&q)?;
@@ -328,7 +445,12 @@ impl Attention {
         }
         let q = q.transpose(&[0, 2, 1, 3])?;
         let k = k.transpose(&[0, 2, 1, 3])?;
-        let v = v.reshape(&[b, l, hkv, -1])?.transpose(&[0, 2, 1, 3])?;
+        let mut v = v.reshape(&[b, l, hkv, -1])?;
+        if let Some(eps) = self.value_norm {
+            // values = self.v_norm(values)
+            v = fast::rms_norm(&v, None, eps)?;
+        }
+        let v = v.transpose(&[0, 2, 1, 3])?;
 
         // queries = self.rope(queries, offset=cache.offset); keys likewise; then the cache.
         let q = self.rope.apply(&q, cache.offset())?;

@@ -306,13 +306,46 @@ pub(super) fn swiglu_ops(gate: &Array, x: &Array) -> std::result::Result<Array, 
     gate.silu()?.mul(x)
 }
 
-/// A dense SwiGLU MLP: `down(swiglu(gate(x), up(x)))` (the `MLP` class of mlx-lm's
-/// qwen3_moe.py / qwen2_moe.py; also Qwen2-MoE's shared expert).
+/// `gelu_approx(gate) * x` (mlx-lm gemma4_text.py's `geglu`), with mlx.nn.gelu_approx spelt
+/// out: `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))`, each Python float a
+/// scalar of the input's type; one fused kernel where [`compiling`], as both are
+/// `@mx.compile`d.
+pub fn geglu(gate: &Array, x: &Array) -> Result<Array> {
+    elementwise2(&GEGLU, &[], gate, x, &geglu_ops)
+}
+
+/// [`geglu`]'s compile id.
+pub(super) static GEGLU: mlx::CompileId = mlx::CompileId::new();
+
+/// [`geglu`] op by op.
+pub(super) fn geglu_ops(gate: &Array, x: &Array) -> std::result::Result<Array, mlx::Error> {
+    let s = |v: f64| Array::scalar(v, gate.dtype());
+    let inner = gate.add(&s(0.044715)?.mul(&gate.power(&s(3.0)?)?)?)?;
+    let t = s((2.0 / std::f64::consts::PI).sqrt())?
+        .mul(&inner)?
+        .tanh()?;
+    let gelu = s(0.5)?.mul(gate)?.mul(&s(1.0)?.add(&t)?)?;
+    gelu.mul(x)
+}
+
+/// How a gated MLP combines its gate and up projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GateAct {
+    /// `silu(gate) * up`.
+    #[default]
+    Swiglu,
+    /// `gelu_approx(gate) * up` (Gemma 4).
+    Geglu,
+}
+
+/// A dense gated MLP: `down(swiglu(gate(x), up(x)))` (the `MLP` class of mlx-lm's
+/// qwen3_moe.py / qwen2_moe.py; also Qwen2-MoE's shared expert), or with GeGLU (Gemma 4).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    pub act: GateAct,
 }
 
 impl Mlp {
@@ -321,12 +354,23 @@ impl Mlp {
             gate: Linear::load(w, &format!("{module}.gate_proj"), width, hidden)?,
             up: Linear::load(w, &format!("{module}.up_proj"), width, hidden)?,
             down: Linear::load(w, &format!("{module}.down_proj"), hidden, width)?,
+            act: GateAct::Swiglu,
         })
+    }
+
+    /// The same MLP with activation `act`.
+    pub fn with_act(self, act: GateAct) -> Mlp {
+        Mlp { act, ..self }
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
         // return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        let h = swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?;
+        // (gemma4_text.py: self.down_proj(geglu(self.gate_proj(x), self.up_proj(x))))
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let h = match self.act {
+            GateAct::Swiglu => swiglu(&g, &u)?,
+            GateAct::Geglu => geglu(&g, &u)?,
+        };
         self.down.forward(&h)
     }
 }

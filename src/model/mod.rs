@@ -25,7 +25,7 @@ mod weights;
 pub use attention::{mask_for, Attention, RopeSpec};
 pub use gated_delta::GatedDeltaNet;
 pub use kv_cache::{KvCache, KvCheckpoint, LayerCache, LayerKv, LinearState};
-pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
+pub use layers::{geglu, swiglu, Embedding, GateAct, Linear, Matrix, Mlp, RmsNorm};
 pub use mla::{MlaAttention, MultiLinear};
 pub use moe::{
     switch_glu, ExpertAct, ExpertBias, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute,
@@ -129,7 +129,67 @@ type Result<T> = std::result::Result<T, ComputeError>;
 #[derive(Debug, Clone)]
 enum Ffn {
     Dense(Mlp),
-    Sparse(MoeBlock),
+    Sparse(Box<MoeBlock>),
+    /// Gemma 4's feed-forward ([`Sandwich`]).
+    Sandwich(Box<Sandwich>),
+}
+
+/// Gemma 4's feed-forward (mlx-lm gemma4_text.py `DecoderLayer.__call__`) on the residual `h`.
+/// In a sparse layer, `post_feedforward_layernorm(h1 + h2)` with
+/// `h1 = post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(h)))` and
+/// `h2 = post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(h), router(h)))`; in a
+/// dense one, `post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`. The MLP and the
+/// experts are GeGLU.
+#[derive(Debug, Clone)]
+struct Sandwich {
+    pre: RmsNorm,
+    mlp: Mlp,
+    post: RmsNorm,
+    /// `post_feedforward_layernorm_1`, the experts (their input norm
+    /// `pre_feedforward_layernorm_2` inside) and `post_feedforward_layernorm_2`.
+    experts: Option<(RmsNorm, MoeBlock, RmsNorm)>,
+}
+
+impl Sandwich {
+    fn load(cfg: &ModelConfig, w: &dyn Weights, l: usize) -> Result<Sandwich> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let p = format!("model.layers.{l}");
+        let norm = |name: &str| RmsNorm::load(w, &format!("{p}.{name}"), h, eps);
+        let experts = if cfg.is_sparse_layer(l) {
+            let moe =
+                MoeBlock::load(w, cfg, l)?.with_expert_norm(norm("pre_feedforward_layernorm_2")?);
+            Some((
+                norm("post_feedforward_layernorm_1")?,
+                moe,
+                norm("post_feedforward_layernorm_2")?,
+            ))
+        } else {
+            None
+        };
+        Ok(Sandwich {
+            pre: norm("pre_feedforward_layernorm")?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?
+                .with_act(GateAct::Geglu),
+            post: norm("post_feedforward_layernorm")?,
+            experts,
+        })
+    }
+
+    fn forward(&self, h: &Array, store: &mut dyn ExpertStore) -> Result<Array> {
+        let dense = self.mlp.forward(&self.pre.forward(h)?)?;
+        let y = match &self.experts {
+            Some((post_1, moe, post_2)) => {
+                // h1 = post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(h)))
+                // h2 = post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(h), ..))
+                let h1 = post_1.forward(&dense)?;
+                let h2 = post_2.forward(&moe.forward(h, store)?)?;
+                h1.add(&h2)?
+            }
+            None => dense,
+        };
+        // h = self.post_feedforward_layernorm(h)
+        self.post.forward(&y)
+    }
 }
 
 /// A layer's attention: grouped-query (with its options), multi-head latent, or Gated
@@ -161,9 +221,9 @@ impl SelfAttention {
         let module = format!("{p}.self_attn");
         Ok(match &cfg.mla {
             Some(m) => SelfAttention::Mla(MlaAttention::load(w, &module, cfg, m)?),
-            None => {
-                SelfAttention::Gqa(Attention::load(w, &module, cfg)?.windowed(cfg.window_of(l)))
-            }
+            None => SelfAttention::Gqa(
+                Attention::load_layer(w, &module, cfg, l)?.windowed(cfg.window_of(l)),
+            ),
         })
     }
 
@@ -202,8 +262,12 @@ impl SelfAttention {
 pub struct Block {
     input_norm: RmsNorm,
     attn: SelfAttention,
+    /// `post_attention_layernorm`: the feed-forward's input norm, or under Gemma 4 the
+    /// attention output's norm.
     post_norm: RmsNorm,
     ffn: Ffn,
+    /// Gemma 4: the layer's output is `(h + ffn) * layer_scalar` (`[1]`).
+    layer_scalar: Option<Array>,
 }
 
 impl Block {
@@ -212,16 +276,28 @@ impl Block {
     pub fn load(cfg: &ModelConfig, w: &dyn Weights, l: usize) -> Result<Block> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let p = format!("model.layers.{l}");
-        let ffn = if cfg.is_sparse_layer(l) {
-            Ffn::Sparse(MoeBlock::load(w, cfg, l)?)
+        let ffn = if cfg.gemma4.is_some() {
+            Ffn::Sandwich(Box::new(Sandwich::load(cfg, w, l)?))
+        } else if cfg.is_sparse_layer(l) {
+            Ffn::Sparse(Box::new(MoeBlock::load(w, cfg, l)?))
         } else {
             Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+        };
+        let layer_scalar = match cfg.gemma4 {
+            Some(_) => {
+                let name = format!("{p}.layer_scalar");
+                let s = layers::require(w, &name)?;
+                layers::check_shape(&name, &s, &[1])?;
+                Some(s)
+            }
+            None => None,
         };
         Ok(Block {
             input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
             attn: SelfAttention::load(w, l, cfg)?,
             post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
             ffn,
+            layer_scalar,
         })
     }
 
@@ -238,27 +314,48 @@ impl Block {
         mask: mlx::fast::Mask<'_>,
         kv: &mut LayerCache,
     ) -> Result<Array> {
-        let r = self.attn.forward(&self.input_norm.forward(h)?, mask, kv)?;
+        let mut r = self.attn.forward(&self.input_norm.forward(h)?, mask, kv)?;
+        if let Ffn::Sandwich(_) = self.ffn {
+            // h = self.post_attention_layernorm(h); h = residual + h   (gemma4_text.py)
+            r = self.post_norm.forward(&r)?;
+        }
         Ok(h.add(&r)?)
     }
 
-    /// The feed-forward's input, `post_attention_layernorm(h)`.
+    /// The feed-forward's input, `post_attention_layernorm(h)` (under Gemma 4 `h` itself, which
+    /// the router sees and the feed-forward's own norms take).
     pub fn ffn_input(&self, h: &Array) -> Result<Array> {
-        self.post_norm.forward(h)
+        match self.ffn {
+            Ffn::Sandwich(_) => Ok(h.clone()),
+            _ => self.post_norm.forward(h),
+        }
     }
 
-    /// The feed-forward's output on `x` (= [`Block::ffn_input`]); add it to `h`.
+    /// The feed-forward's output on `x` (= [`Block::ffn_input`]); [`Block::residual`] adds it
+    /// to `h`.
     pub fn ffn(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
         match &self.ffn {
             Ffn::Dense(mlp) => mlp.forward(x),
             Ffn::Sparse(moe) => moe.forward(x, experts),
+            Ffn::Sandwich(s) => s.forward(x, experts),
         }
+    }
+
+    /// The layer's output: `h + y` for the feed-forward's output `y`, times `layer_scalar`
+    /// under Gemma 4 (`h = h * self.layer_scalar`).
+    pub fn residual(&self, h: &Array, y: &Array) -> Result<Array> {
+        let out = h.add(y)?;
+        Ok(match &self.layer_scalar {
+            Some(s) => out.mul(s)?,
+            None => out,
+        })
     }
 
     /// The sparse block, for a sparse layer.
     pub fn moe(&self) -> Option<&MoeBlock> {
         match &self.ffn {
-            Ffn::Sparse(moe) => Some(moe),
+            Ffn::Sparse(moe) => Some(moe.as_ref()),
+            Ffn::Sandwich(s) => s.experts.as_ref().map(|(_, moe, _)| moe),
             Ffn::Dense(_) => None,
         }
     }
@@ -299,6 +396,9 @@ impl Rewind {
     }
 }
 
+/// Gemma 4's final logit soft cap, compiled once per cap where compiling.
+static SOFTCAP: mlx::CompileId = mlx::CompileId::new();
+
 /// The dense part of a model (everything but the routed experts) and how to run it.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -324,6 +424,9 @@ impl Model {
         }
         // The RoPE type, its scaling and its dimensions (built again per layer at load).
         attention::RopeSpec::from_config(cfg)?;
+        if let Some(g) = &cfg.gemma4 {
+            attention::RopeSpec::gemma4_global(g, g.global_head_dim, cfg.rope.traditional)?;
+        }
         if cfg.shared_expert.is_some() && cfg.arch.names().shared.is_none() {
             return Err(ComputeError::Unsupported {
                 what: format!("a shared expert in {}, which names none", cfg.arch),
@@ -394,6 +497,11 @@ impl Model {
         // One mask per kind of layer, made before any layer updates its cache.
         let masks = cache.masks(len)?;
         let mut h = self.embed.forward(tokens)?;
+        if self.cfg.gemma4.is_some() {
+            // h = h * self.embed_scale (hidden_size**0.5, a Python float: h's dtype)
+            let scale = Array::scalar((self.cfg.hidden_size as f64).sqrt(), h.dtype())?;
+            h = h.mul(&scale)?;
+        }
         if experts.runs_ahead(tokens.shape().iter().product()) {
             experts.set_ahead(true);
             let out = self.layers_ahead(h, &masks, cache, experts, cache_only);
@@ -424,7 +532,7 @@ impl Model {
                     }
                 }
             }
-            h = h.add(&layer.ffn(&x, experts)?)?;
+            h = layer.residual(&h, &layer.ffn(&x, experts)?)?;
             if layer.moe().is_some() && experts.eager() && !last {
                 mlx::async_eval(&[&h])?;
             }
@@ -465,7 +573,7 @@ impl Model {
                     h = h_attn;
                 } else {
                     let x = layer.ffn_input(&h_attn)?;
-                    h = h_attn.add(&layer.ffn(&x, experts)?)?;
+                    h = layer.residual(&h_attn, &layer.ffn(&x, experts)?)?;
                     if layer.moe().is_some() {
                         if !last {
                             mlx::async_eval(&[&h])?;
@@ -490,7 +598,7 @@ impl Model {
                     experts.set_ahead(false);
                     let y = self.layers[o.layer].ffn(&o.x, experts);
                     experts.set_ahead(true);
-                    h = o.h_attn.add(&y?)?;
+                    h = self.layers[o.layer].residual(&o.h_attn, &y?)?;
                     l = o.layer + 1;
                     if l < n {
                         mlx::async_eval(&[&h])?;
@@ -509,9 +617,25 @@ impl Model {
     /// The final norm and the LM head on hidden states `[B, L, H]`.
     fn head(&self, h: &Array) -> Result<Array> {
         let h = self.norm.forward(h)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed.as_linear(&h),
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&h)?,
+            None => self.embed.as_linear(&h)?,
+        };
+        match self
+            .cfg
+            .gemma4
+            .as_ref()
+            .and_then(|g| g.final_logit_softcapping)
+        {
+            // logit_softcap(c, x) = mx.tanh(x / c) * c   (gemma4_text.py, compiled)
+            Some(c) => Ok(layers::elementwise2(
+                &SOFTCAP,
+                &[c.to_bits()],
+                &logits,
+                &Array::scalar(c, logits.dtype())?,
+                &|x, c| x.div(c)?.tanh()?.mul(c),
+            )?),
+            None => Ok(logits),
         }
     }
 

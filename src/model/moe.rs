@@ -14,7 +14,9 @@
 
 use std::collections::BTreeMap;
 
-use super::layers::{check_quantized, compiling, fused, swiglu_ops, Linear, Mlp, SWIGLU};
+use super::layers::{
+    check_quantized, compiling, fused, geglu_ops, swiglu_ops, Linear, Mlp, RmsNorm, GEGLU, SWIGLU,
+};
 use super::router::{Router, Routing};
 use super::weights::Weights;
 use super::ComputeError;
@@ -32,6 +34,8 @@ pub enum ExpertAct {
     /// gpt-oss's `swiglu_oai(gate, up, alpha, limit)`: `g = min(gate, limit)`,
     /// `u = clip(up, -limit, limit)`, `(u + 1) * (g * sigmoid(alpha * g))`.
     Clamped { alpha: f64, limit: f64 },
+    /// `gelu_approx(gate) * up` (Gemma 4's `GeGLU`).
+    Geglu,
 }
 
 impl ExpertAct {
@@ -41,6 +45,7 @@ impl ExpertAct {
                 alpha: c.alpha,
                 limit: c.limit,
             },
+            None if cfg.gemma4.is_some() => ExpertAct::Geglu,
             None => ExpertAct::Swiglu,
         }
     }
@@ -70,6 +75,8 @@ impl ExpertAct {
         match (*self, fuse) {
             (ExpertAct::Swiglu, true) => fused(&SWIGLU, &[], gate, up, &swiglu_ops),
             (ExpertAct::Swiglu, false) => Ok(swiglu_ops(gate, up)?),
+            (ExpertAct::Geglu, true) => fused(&GEGLU, &[], gate, up, &geglu_ops),
+            (ExpertAct::Geglu, false) => Ok(geglu_ops(gate, up)?),
             (ExpertAct::Clamped { alpha, limit }, true) => fused(
                 &CLAMPED,
                 &[alpha.to_bits(), limit.to_bits()],
@@ -468,6 +475,9 @@ pub struct MoeBlock {
     shared: Option<SharedExpert>,
     /// The weighted sum is cast back to the activations' dtype ([`crate::arch::ArchDef`]).
     cast_output: bool,
+    /// The experts' input is this norm of the block's input, which the router sees as it is
+    /// (Gemma 4's `pre_feedforward_layernorm_2`).
+    expert_norm: Option<RmsNorm>,
 }
 
 /// The always-on expert(s) of a sparse block: one SwiGLU MLP (N shared experts are one MLP N
@@ -533,7 +543,16 @@ impl MoeBlock {
             router,
             shared,
             cast_output: cfg.arch.def().cast_moe_output,
+            expert_norm: None,
         })
+    }
+
+    /// The same block with the experts' input normed by `norm` (the router's is not).
+    pub(crate) fn with_expert_norm(self, norm: RmsNorm) -> MoeBlock {
+        MoeBlock {
+            expert_norm: Some(norm),
+            ..self
+        }
     }
 
     /// The router's decision for `x` (exposed for the cache's prefetch and for tests).
@@ -543,6 +562,15 @@ impl MoeBlock {
 
     pub fn forward(&self, x: &Array, experts: &mut dyn ExpertStore) -> Result<Array> {
         let mut routing = self.route(x)?;
+        let normed;
+        let x = match &self.expert_norm {
+            // h2 = self.pre_feedforward_layernorm_2(h); self.experts(h2, ...)
+            Some(norm) => {
+                normed = norm.forward(x)?;
+                &normed
+            }
+            None => x,
+        };
         if let Some(mut out) = experts.mix(self.layer, x, &routing)? {
             if self.cast_output {
                 out = out.astype(x.dtype())?;

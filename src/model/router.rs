@@ -38,6 +38,10 @@ pub struct Router {
     pub gate: Linear,
     pub bias: Option<Array>,
     pub spec: RouterSpec,
+    /// [`RouterSpec::input_norm`]: the norm's weight (`scale * hidden^-0.5`) and epsilon.
+    pub input_norm: Option<(Array, f32)>,
+    /// [`RouterSpec::per_expert_scale`]: `[E]`.
+    pub expert_scale: Option<Array>,
 }
 
 impl Router {
@@ -51,19 +55,51 @@ impl Router {
         spec: RouterSpec,
     ) -> Result<Router> {
         let gate = Linear::load(w, module, experts, hidden)?;
-        let bias = if spec.selection_bias {
-            let name = format!("{module}.e_score_correction_bias");
+        let vector = |suffix: &str, len: usize| -> Result<Array> {
+            let name = format!("{module}.{suffix}");
             let b = super::layers::require(w, &name)?;
-            super::layers::check_shape(&name, &b, &[experts])?;
-            Some(b)
+            super::layers::check_shape(&name, &b, &[len])?;
+            Ok(b)
+        };
+        let bias = if spec.selection_bias {
+            Some(vector("e_score_correction_bias", experts)?)
         } else {
             None
         };
-        Ok(Router { gate, bias, spec })
+        let input_norm = match spec.input_norm {
+            Some(eps) => {
+                // self.scale * self._root_size (a Python float: the scale's dtype)
+                let scale = vector("scale", hidden)?;
+                let root = Array::scalar((hidden as f64).powf(-0.5), scale.dtype())?;
+                Some((scale.mul(&root)?, eps as f32))
+            }
+            None => None,
+        };
+        let expert_scale = if spec.per_expert_scale {
+            Some(vector("per_expert_scale", experts)?)
+        } else {
+            None
+        };
+        Ok(Router {
+            gate,
+            bias,
+            spec,
+            input_norm,
+            expert_scale,
+        })
     }
 
     /// The routing of `x` `[.., H]`.
     pub fn route(&self, x: &Array) -> Result<Routing> {
+        let normed;
+        let x = match &self.input_norm {
+            Some((weight, eps)) => {
+                // x = mx.fast.rms_norm(x, self.scale * self._root_size, self.eps)
+                normed = mlx::fast::rms_norm(x, Some(weight), *eps)?;
+                &normed
+            }
+            None => x,
+        };
         let logits = if self.spec.f32_input {
             // gates = self.gate(x.astype(mx.float32))
             self.gate.forward(&x.astype(Dtype::F32)?)?
@@ -74,6 +110,10 @@ impl Router {
         if self.spec.weights_in_input_dtype {
             // scores = scores.astype(x.dtype)
             r.scores = r.scores.astype(x.dtype())?;
+        }
+        if let Some(scale) = &self.expert_scale {
+            // top_k_weights = top_k_weights * self.per_expert_scale[top_k_indices]
+            r.scores = r.scores.mul(&scale.take(&r.indices, 0)?)?;
         }
         Ok(r)
     }
@@ -137,8 +177,11 @@ fn route_steps(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Resul
     if spec.scoring == Scoring::SoftmaxOfChosen {
         // inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k]
         // scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
+        // (Gemma 4: argpartition(gates, kth=-k)[..., -k:], softmax without precise)
         let indices = top_k(logits, k, spec.order)?;
-        let scores = logits.take_along_axis(&indices, -1)?.softmax(-1, true)?;
+        let scores = logits
+            .take_along_axis(&indices, -1)?
+            .softmax(-1, spec.precise_softmax)?;
         return Ok(Routing { indices, scores });
     }
     let scores = match spec.scoring {

@@ -105,6 +105,11 @@ pub struct FixtureSpec {
     pub index_heads: usize,
     pub index_head_dim: usize,
     pub index_topk: usize,
+    /// Gemma 4: the full-attention layers' head width and KV heads (their values are their
+    /// keys, `attention_k_eq_v`); its sliding layers use `head_dim`, `num_kv_heads` and
+    /// `sliding_window`.
+    pub global_head_dim: usize,
+    pub global_kv_heads: usize,
 }
 
 /// gpt-oss's MXFP4 experts: the E8M0 exponents drawn for each 32-value block, uniform in these
@@ -170,6 +175,30 @@ impl FixtureSpec {
             index_heads: 2,
             index_head_dim: 64,
             index_topk: 8,
+            global_head_dim: 64,
+            global_kv_heads: 1,
+        }
+    }
+
+    /// Gemma 4's `layer_types`: full attention on every third layer and the last (transformers
+    /// makes the last layer full), sliding attention on the others.
+    pub fn gemma4_layer_types(&self) -> Vec<&'static str> {
+        (0..self.num_layers)
+            .map(|l| {
+                if (l + 1) % 3 == 0 || l + 1 == self.num_layers {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect()
+    }
+
+    /// The on-disk (before [`Self::disk_name`]) name of layer `l`'s router weight.
+    pub fn router_name(&self, l: usize) -> String {
+        match self.arch {
+            Arch::Gemma4Text => format!("model.layers.{l}.router.proj.weight"),
+            _ => self.arch.names().router(l),
         }
     }
 
@@ -225,6 +254,7 @@ impl FixtureSpec {
             return format!("language_model.{name}");
         }
         match name.strip_prefix("model.") {
+            Some(_) if self.arch == Arch::Gemma4Text && self.is_vision(name) => name.to_string(),
             Some(rest) if self.multimodal && !rest.starts_with("visual.") => {
                 format!("model.language_model.{rest}")
             }
@@ -254,7 +284,10 @@ impl FixtureSpec {
 
     /// Kimi K2.5's vision modules, which the loader drops.
     fn is_vision(&self, name: &str) -> bool {
-        name.starts_with("vision_tower.") || name.starts_with("mm_projector.")
+        name.starts_with("vision_tower.")
+            || name.starts_with("mm_projector.")
+            || name.starts_with("model.vision_tower.")
+            || name.starts_with("model.embed_vision.")
     }
 
     /// `n_group` and `topk_group` of a DeepSeek-V3 fixture: 4 groups, the best 2, when the
@@ -291,7 +324,7 @@ impl FixtureSpec {
             && !name.contains("embed_tokens")
             && !name.starts_with("lm_head")
             && !name.ends_with("shared_expert_gate.weight")
-            && !(0..self.num_layers).any(|l| self.arch.names().router(l) == name);
+            && !(0..self.num_layers).any(|l| self.router_name(l) == name);
         linear.then_some(block)
     }
 
@@ -360,6 +393,9 @@ impl FixtureSpec {
 
     /// Every tensor as (name, shape, fan_in for the value scale; 0 means a norm weight).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
+        if self.arch == Arch::Gemma4Text {
+            return self.gemma4_tensors();
+        }
         let (h, e, i) = (self.hidden_size, self.num_experts, self.expert_width());
         let (q, kv) = (
             self.num_heads * self.head_dim,
@@ -611,8 +647,167 @@ impl FixtureSpec {
         t
     }
 
+    /// Gemma 4's tensors as transformers' `Gemma4ForCausalLM` names them (the multimodal
+    /// layout puts them under `model.language_model.`, [`Self::disk_name`]): every layer has a
+    /// dense GeGLU MLP, the fused experts `experts.gate_up_proj` `[E, 2I, H]` (gate rows first)
+    /// and `experts.down_proj` `[E, H, I]`, a router `router.proj` with its `scale` and
+    /// `per_expert_scale`, seven norms and a `layer_scalar`; the full-attention layers have
+    /// `global_head_dim`-wide heads over `global_kv_heads` and no `v_proj`; tied embeddings.
+    /// The layout ([`FixtureLayout`]) is ignored: upstream only writes fused experts.
+    fn gemma4_tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
+        let (h, e, i) = (self.hidden_size, self.num_experts, self.expert_width());
+        let types = self.gemma4_layer_types();
+        let mut t = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+            4,
+        )];
+        for (l, ty) in types.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let mut add = |n: String, s: Vec<usize>, fan: usize| t.push((n, s, fan));
+            for norm in [
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+                "post_feedforward_layernorm_1",
+                "pre_feedforward_layernorm_2",
+                "post_feedforward_layernorm_2",
+            ] {
+                add(format!("{p}.{norm}.weight"), vec![h], 0);
+            }
+            let full = *ty == "full_attention";
+            let (d, kvh) = if full {
+                (self.global_head_dim, self.global_kv_heads)
+            } else {
+                (self.head_dim, self.num_kv_heads)
+            };
+            let a = format!("{p}.self_attn");
+            let q = self.num_heads * d;
+            add(format!("{a}.q_proj.weight"), vec![q, h], h);
+            add(format!("{a}.k_proj.weight"), vec![kvh * d, h], h);
+            if !full {
+                add(format!("{a}.v_proj.weight"), vec![kvh * d, h], h);
+            }
+            add(format!("{a}.o_proj.weight"), vec![h, q], q);
+            add(format!("{a}.q_norm.weight"), vec![d], 0);
+            add(format!("{a}.k_norm.weight"), vec![d], 0);
+            let m = self.intermediate_size;
+            add(format!("{p}.mlp.gate_proj.weight"), vec![m, h], h);
+            add(format!("{p}.mlp.up_proj.weight"), vec![m, h], h);
+            add(format!("{p}.mlp.down_proj.weight"), vec![h, m], m);
+            add(format!("{p}.router.proj.weight"), vec![e, h], h);
+            add(format!("{p}.router.scale"), vec![h], 0);
+            add(format!("{p}.router.per_expert_scale"), vec![e], 0);
+            add(format!("{p}.experts.gate_up_proj"), vec![e, 2 * i, h], h);
+            add(format!("{p}.experts.down_proj"), vec![e, h, i], i);
+            add(format!("{p}.layer_scalar"), vec![1], 0);
+        }
+        t.push(("model.norm.weight".into(), vec![h], 0));
+        if self.multimodal {
+            // Vision modules, which the loader drops.
+            t.push((
+                "model.vision_tower.encoder.layers.0.mlp.gate_proj.linear.weight".into(),
+                vec![h, h],
+                h,
+            ));
+            t.push((
+                "model.embed_vision.embedding_projection.weight".into(),
+                vec![h, h],
+                h,
+            ));
+        }
+        t
+    }
+
+    /// Gemma 4's `config.json`, every key transformers' `Gemma4TextConfig` writes that the model
+    /// reads: text-only (`gemma4_text`) or, with `multimodal`, `Gemma4Config`'s wrapper
+    /// (`gemma4`, the text model under `text_config`, a vision config, and the top-level
+    /// `vocab_size` mlx-lm's wrapper reads).
+    fn gemma4_config(&self) -> Value {
+        let dtype = match self.dtype {
+            FloatDtype::Bf16 => "bfloat16",
+            FloatDtype::F16 => "float16",
+            FloatDtype::F32 => "float32",
+        };
+        let mut text = json!({
+            "architectures": ["Gemma4ForCausalLM"],
+            "model_type": "gemma4_text",
+            "vocab_size": self.vocab_size,
+            "vocab_size_per_layer_input": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "global_head_dim": self.global_head_dim,
+            "num_global_key_value_heads": self.global_kv_heads,
+            "attention_k_eq_v": true,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": true,
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "sliding_window": self.sliding_window,
+            "layer_types": self.gemma4_layer_types(),
+            "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 0,
+            "num_kv_shared_layers": 0,
+            "use_double_wide_mlp": false,
+            "enable_moe_block": true,
+            "num_experts": self.num_experts,
+            "top_k_experts": self.top_k,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "rope_parameters": {
+                "full_attention": {
+                    "partial_rotary_factor": 0.25,
+                    "rope_theta": 1_000_000.0,
+                    "rope_type": "proportional",
+                },
+                "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"},
+            },
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+            "dtype": dtype,
+        });
+        if let Fp8Fixture::Blocks(b) = self.fp8 {
+            text["quantization_config"] = json!({
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [b, b],
+            });
+        }
+        if !self.multimodal {
+            return text;
+        }
+        let quant = text
+            .as_object_mut()
+            .and_then(|t| t.remove("quantization_config"));
+        let mut wrapped = json!({
+            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": "gemma4",
+            "text_config": text,
+            "vision_config": {"model_type": "gemma4_vision", "hidden_size": self.hidden_size},
+            "audio_config": null,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": true,
+            "dtype": dtype,
+        });
+        if let Some(q) = quant {
+            wrapped["quantization_config"] = q;
+        }
+        wrapped
+    }
+
     /// The `config.json` this spec describes.
     pub fn config(&self) -> Value {
+        if self.arch == Arch::Gemma4Text {
+            return self.gemma4_config();
+        }
         let class = match self.arch {
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
             Arch::Mixtral => "MixtralForCausalLM",
@@ -628,6 +823,7 @@ impl FixtureSpec {
             Arch::DeepseekV32 => "DeepseekV32ForCausalLM",
             Arch::GlmMoeDsa => "GlmMoeDsaForCausalLM",
             Arch::Minimax => "MiniMaxM2ForCausalLM",
+            Arch::Gemma4Text => "Gemma4ForCausalLM",
             // `Arch` is non-exhaustive outside the library (this file is also test code there).
             #[allow(unreachable_patterns)]
             a => panic!("no fixture class name for {a:?}; add it here"),
@@ -996,7 +1192,7 @@ impl FixtureSpec {
             .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)));
         let names = self.arch.names();
         match fused {
-            Some((l, "mlp.experts.gate_up_proj")) => (0..shape[0])
+            Some((l, "mlp.experts.gate_up_proj" | "experts.gate_up_proj")) => (0..shape[0])
                 .flat_map(|e| {
                     let piece = [shape[1] / 2, shape[2]];
                     let g = self.values(
@@ -1009,7 +1205,7 @@ impl FixtureSpec {
                     [g, u].concat()
                 })
                 .collect(),
-            Some((l, "mlp.experts.down_proj")) => (0..shape[0])
+            Some((l, "mlp.experts.down_proj" | "experts.down_proj")) => (0..shape[0])
                 .flat_map(|e| {
                     let piece = [shape[1], shape[2]];
                     self.values(
@@ -1101,8 +1297,8 @@ impl FixtureSpec {
                 normals("skew.u", h),
             ));
         }
-        let names = self.arch.names();
-        let layer = (0..self.num_layers).find(|&l| self.is_sparse(l) && names.router(l) == name)?;
+        let layer =
+            (0..self.num_layers).find(|&l| self.is_sparse(l) && self.router_name(l) == name)?;
         let gain = normals(&format!("skew.z.{layer}"), self.num_experts)
             .into_iter()
             .map(|z| 2.0 * z / h as f32)

@@ -99,9 +99,10 @@ impl Checkpoint {
             }
         }
         // Attention widths from the first layer of full attention (every supported architecture
-        // names them so); Qwen3-Next's q_proj also holds the output gate.
+        // names them so); Qwen3-Next's q_proj also holds the output gate. Gemma 4's
+        // full-attention layers have widths of their own: a sliding layer's are these.
         let first = (0..c.num_hidden_layers)
-            .find(|&l| !c.is_linear_layer(l))
+            .find(|&l| !c.is_linear_layer(l) && (c.gemma4.is_none() || c.window_of(l).is_some()))
             .unwrap_or(0);
         let q = format!("model.layers.{first}.self_attn.q_proj.weight");
         let k = format!("model.layers.{first}.self_attn.k_proj.weight");

@@ -39,6 +39,8 @@ fn opens_every_arch_layout_dialect_and_sharding() {
                 let want = match layout {
                     // gpt-oss ships MXFP4 blocks whatever the layout asked for.
                     _ if arch == Arch::GptOss => ExpertLayout::MxBlocks,
+                    // Gemma 4 ships fused experts only.
+                    _ if arch == Arch::Gemma4Text => ExpertLayout::Fused,
                     FixtureLayout::PerExpert => ExpertLayout::PerExpert,
                     FixtureLayout::Fused => ExpertLayout::Fused,
                 };

@@ -36,6 +36,9 @@ fn spec(scoring: Scoring, top_k: usize) -> RouterSpec {
         scaling: None,
         f32_input: false,
         weights_in_input_dtype: false,
+        input_norm: None,
+        per_expert_scale: false,
+        precise_softmax: true,
     }
 }
 

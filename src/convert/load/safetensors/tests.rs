@@ -260,3 +260,32 @@ fn shard_plan_skips_only_shards_of_mtp_tensors_alone() {
     assert_eq!(all.needed, index.shards());
     assert!(all.skipped.is_empty() && all.skipped_mtp_tensors == 0);
 }
+
+/// Gemma 4's multimodal checkpoints: a shard of vision and audio towers alone is never opened
+/// (nor downloaded); a shard holding the text model beside a tower is read and the tower
+/// dropped from it.
+#[test]
+fn shard_plan_skips_gemma4_vision_and_audio_shards() {
+    let text = r#"{"weight_map": {
+        "model.language_model.embed_tokens.weight": "m-1.safetensors",
+        "model.language_model.layers.0.experts.gate_up_proj": "m-1.safetensors",
+        "model.embed_vision.embedding_projection.weight": "m-1.safetensors",
+        "model.language_model.layers.0.router.proj.weight": "m-2.safetensors",
+        "model.vision_tower.encoder.layers.0.mlp.gate_proj.linear.weight": "m-3.safetensors",
+        "model.audio_tower.layers.0.feed_forward1.ffw_layer_1.linear.weight": "m-3.safetensors",
+        "model.embed_audio.embedding_projection.weight": "m-3.safetensors"}}"#;
+    let index = ShardIndex::parse(text).unwrap();
+    let filter = TensorFilter {
+        mtp: MtpLayers::default(),
+        arch: Some(crate::arch::Arch::Gemma4Text),
+    };
+    assert_eq!(
+        index.plan(&filter),
+        ShardPlan {
+            needed: vec!["m-1.safetensors", "m-2.safetensors"],
+            skipped: vec!["m-3.safetensors"],
+            skipped_mtp_tensors: 0,
+            skipped_other_tensors: 3,
+        }
+    );
+}
