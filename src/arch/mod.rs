@@ -22,8 +22,8 @@ mod names;
 mod router;
 
 pub use config::{
-    ClampedSwiglu, DeltaProjections, Indexer, LinearAttention, Mla, ModelConfig, QkNorm, Rope,
-    SharedExpert, SlidingWindow,
+    ClampedSwiglu, CompressedAttention, DeltaProjections, HyperConnections, Indexer,
+    LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert, SlidingWindow,
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};
@@ -86,6 +86,8 @@ architectures! {
     GlmMoeDsa => glm_moe_dsa,
     /// MiniMax-M2 (`minimax_m2`).
     Minimax => minimax,
+    /// DeepSeek-V4.1: hyper-connections, windowed and compressed attention with an indexer.
+    DeepseekV41 => deepseek_v41,
 }
 
 /// `layer_types`, where a config gives it, is the truth about each layer's attention: every

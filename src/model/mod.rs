@@ -12,6 +12,7 @@
 //! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
+mod deepseek_v41;
 mod dsa;
 mod gated_delta;
 mod kv_cache;
@@ -23,6 +24,7 @@ mod router;
 mod weights;
 
 pub use attention::{mask_for, Attention, RopeSpec};
+pub use deepseek_v41::{CompressedAttentionLayer, CompressedCache, HyperConnection};
 pub use gated_delta::GatedDeltaNet;
 pub use kv_cache::{KvCache, KvCheckpoint, LayerCache, LayerKv, LinearState};
 pub use layers::{swiglu, Embedding, Linear, Matrix, Mlp, RmsNorm};
@@ -139,6 +141,8 @@ enum SelfAttention {
     Gqa(Attention),
     Mla(MlaAttention),
     Linear(GatedDeltaNet),
+    /// DeepSeek-V4.1's window plus compressed latents (run by `Model::hidden_hc`).
+    Compressed(Box<CompressedAttentionLayer>),
 }
 
 impl SelfAttention {
@@ -159,6 +163,11 @@ impl SelfAttention {
             )?));
         }
         let module = format!("{p}.self_attn");
+        if cfg.compressed_attention.is_some() {
+            return Ok(SelfAttention::Compressed(Box::new(
+                CompressedAttentionLayer::load(w, &module, l, cfg)?,
+            )));
+        }
         Ok(match &cfg.mla {
             Some(m) => SelfAttention::Mla(MlaAttention::load(w, &module, cfg, m)?),
             None => {
@@ -179,6 +188,9 @@ impl SelfAttention {
             // make_cache: CacheList(KVCache(), KVCache()) under DSA (deepseek_v32.py)
             SelfAttention::Mla(a) if a.has_indexer() => LayerCache::Kv(LayerKv::with_index()),
             SelfAttention::Mla(_) => LayerCache::Kv(LayerKv::default()),
+            SelfAttention::Compressed(a) => {
+                LayerCache::Compressed(CompressedCache::new(a.window()))
+            }
         }
     }
 
@@ -193,6 +205,9 @@ impl SelfAttention {
             SelfAttention::Mla(a) => a.forward(x, mask, cache.kv("self_attn")?),
             // No mask: one sequence without padding (mlx-lm's create_ssm_mask gives None).
             SelfAttention::Linear(a) => a.forward(x, cache.linear(a.module())?),
+            SelfAttention::Compressed(_) => Err(ComputeError::Unsupported {
+                what: "a compressed-attention layer outside its hyper-connections".into(),
+            }),
         }
     }
 }
@@ -204,6 +219,8 @@ pub struct Block {
     attn: SelfAttention,
     post_norm: RmsNorm,
     ffn: Ffn,
+    /// DeepSeek-V4.1's hyper-connections around the attention and the feed-forward.
+    hc: Option<Box<(HyperConnection, HyperConnection)>>,
 }
 
 impl Block {
@@ -217,11 +234,20 @@ impl Block {
         } else {
             Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
         };
+        let hc = if cfg.hyper_connections.is_some() {
+            Some(Box::new((
+                HyperConnection::load(w, &format!("{p}.attn_hc"), cfg)?,
+                HyperConnection::load(w, &format!("{p}.ffn_hc"), cfg)?,
+            )))
+        } else {
+            None
+        };
         Ok(Block {
             input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
             attn: SelfAttention::load(w, l, cfg)?,
             post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
             ffn,
+            hc,
         })
     }
 
@@ -390,6 +416,9 @@ impl Model {
                 model: self.layers.len(),
             });
         }
+        if self.cfg.hyper_connections.is_some() {
+            return self.hidden_hc(tokens, cache, experts, cache_only);
+        }
         let len = tokens.dim(-1).unwrap_or(0);
         // One mask per kind of layer, made before any layer updates its cache.
         let masks = cache.masks(len)?;
@@ -504,6 +533,79 @@ impl Model {
             }
         }
         Ok(h)
+    }
+
+    /// [`Model::hidden`] for DeepSeek-V4.1 (mlx-lm deepseek_v41.py `TextModel.__call__` and
+    /// `DecoderLayer.__call__`): the embedding as `hc` equal streams, each layer's attention
+    /// and feed-forward read a collapse of the streams and are expanded back into them by its
+    /// hyper-connections, and the last pre-mix collapses the streams into the hidden state.
+    fn hidden_hc(
+        &self,
+        tokens: &Array,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+        cache_only: bool,
+    ) -> Result<Array> {
+        let hc = self.cfg.hyper_connections.as_ref().map_or(1, |h| h.mult);
+        let shape = tokens.shape();
+        let (batch, len) = (
+            shape.first().copied().unwrap_or(1),
+            shape.last().copied().unwrap_or(0),
+        );
+        let h = self.embed.forward(tokens)?;
+        let start =
+            deepseek_v41::CallStart::of(cache.layers[0].compressed("model.layers.0")?, batch, len)?;
+        let (mut streams, mut pre_mix) = deepseek_v41::initial_streams(&h, hc)?;
+        let mut shared = deepseek_v41::Shared::default();
+        let n = self.layers.len();
+        for (l, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let module = format!("model.layers.{l}");
+            let (SelfAttention::Compressed(attn), Some(pair)) = (&layer.attn, &layer.hc) else {
+                return Err(ComputeError::Unsupported {
+                    what: format!("{module} has no hyper-connections or compressed attention"),
+                });
+            };
+            let (attn_hc, ffn_hc) = (&pair.0, &pair.1);
+            // attn_pre, attn_post, attn_comb = self.attn_hc(streams)
+            let (attn_pre, attn_post, attn_comb) = attn_hc.forward(&streams)?;
+            // h = self.input_layernorm(_collapse(streams, pre_mix))
+            let x = layer
+                .input_norm
+                .forward(&deepseek_v41::collapse(&streams, &pre_mix)?)?;
+            let y = attn.forward(
+                &x,
+                start.start_pos,
+                &start.window_idx,
+                lc.compressed(&module)?,
+                &mut shared,
+            )?;
+            streams = deepseek_v41::expand(&y, &streams, &attn_post, &attn_comb)?;
+            let last = l + 1 == n;
+            if cache_only && last {
+                break;
+            }
+            let (ffn_pre, ffn_post, ffn_comb) = ffn_hc.forward(&streams)?;
+            // h = self.mlp(self.post_attention_layernorm(_collapse(streams, attn_pre)))
+            let x = layer
+                .post_norm
+                .forward(&deepseek_v41::collapse(&streams, &attn_pre)?)?;
+            if layer.moe().is_some() && experts.wants_prediction() {
+                if let Some(next) = self.next_sparse(l) {
+                    let skipped = cache_only && next.layer + 1 == n;
+                    if !skipped {
+                        experts.predict(next.layer, &next.route(&x)?)?;
+                    }
+                }
+            }
+            let y = layer.ffn(&x, experts)?;
+            streams = deepseek_v41::expand(&y, &streams, &ffn_post, &ffn_comb)?;
+            pre_mix = ffn_pre;
+            if layer.moe().is_some() && experts.eager() && !last {
+                mlx::async_eval(&[&streams])?;
+            }
+        }
+        // out = _collapse(streams, pre_mix); the final norm is the head's.
+        deepseek_v41::collapse(&streams, &pre_mix)
     }
 
     /// The final norm and the LM head on hidden states `[B, L, H]`.

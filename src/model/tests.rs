@@ -182,6 +182,15 @@ fn every_architecture_matches_mlx_lm() {
     }
 }
 
+/// DeepSeek-V4.1 (hyper-connections, a window of 8, layer 1's compressed latents, indexers
+/// keeping 3 of them) against mlx-lm, prefill in one call and 8 cached decode steps: max |diff| 0.
+#[test]
+fn deepseek_v41_matches_mlx_lm_exactly() {
+    for name in goldens_of(Arch::DeepseekV41) {
+        assert_eq!(check_golden(&name), 0.0, "{name}");
+    }
+}
+
 /// DeepSeek Sparse Attention is exercised by the goldens (DeepSeek-V3.2, GLM-5): their
 /// `index_topk` of 8 is below the 40-token prompt, and raised past the context (every query then
 /// attends to every position) the logits move far from mlx-lm's, which
