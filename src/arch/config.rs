@@ -718,17 +718,6 @@ impl ModelConfig {
                     ),
                 });
             }
-            let layers = self.num_hidden_layers;
-            if let Some(&l) = c
-                .kv_source_layers
-                .iter()
-                .chain(&c.index_source_layers)
-                .find(|&&l| l >= layers)
-            {
-                return Err(ArchError::Inconsistent {
-                    what: format!("source layer {l} is past num_hidden_layers {layers}"),
-                });
-            }
         }
         if let Some(h) = &self.hyper_connections {
             if h.mult == 0 || h.mult > 64 {

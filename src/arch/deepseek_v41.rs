@@ -198,6 +198,9 @@ fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
             expected: "-1: the indexer's candidate blocks are not implemented yet",
         });
     }
+    let layers = cfg.num_hidden_layers;
+    // An id past the layers matches no layer (mlx-lm's `layer_id in ...`).
+    let below = |ids: Vec<usize>| ids.into_iter().filter(|&l| l < layers).collect();
     let c = CompressedAttention {
         q_lora_rank: f.usize_any(&["q_lora_rank"])?.unwrap_or(1280),
         rope_dim: f.usize_any(&["qk_rope_head_dim"])?.unwrap_or(64),
@@ -205,8 +208,8 @@ fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
         o_lora_rank: f.usize_any(&["o_lora_rank"])?.unwrap_or(1024),
         sliding_window: f.usize_any(&["sliding_window"])?.unwrap_or(128),
         compress_ratios: f.usize_list("compress_ratios")?,
-        kv_source_layers: f.usize_list("kv_source_layer_ids")?,
-        index_source_layers: f.usize_list("index_source_layer_ids")?,
+        kv_source_layers: below(f.usize_list("kv_source_layer_ids")?),
+        index_source_layers: below(f.usize_list("index_source_layer_ids")?),
         compress_rope_theta: f.f64_opt("compress_rope_theta")?.unwrap_or(160_000.0),
         index_n_heads: f.usize_any(&["index_n_heads"])?.unwrap_or(32),
         index_head_dim: f.usize_any(&["index_head_dim"])?.unwrap_or(128),

@@ -854,20 +854,11 @@ fn gather_rows(values: &Array, indices: &Array) -> Result<Array> {
 }
 
 /// The per-call inputs every layer of one call shares: where it starts and which window rows
-/// each query sees.
+/// each query sees (from the first layer's cache before the call: every layer's window holds
+/// the same rows).
 pub struct CallStart {
     pub start_pos: usize,
     pub window_idx: Array,
-}
-
-impl CallStart {
-    /// From the first layer's cache, before the call (every layer's window holds the same rows).
-    pub fn of(first: &CompressedCache, batch: usize, length: usize) -> Result<CallStart> {
-        Ok(CallStart {
-            start_pos: first.offset(),
-            window_idx: window_indices(first.window_rows(), length, first.window_size, batch)?,
-        })
-    }
 }
 
 /// The streams at the embedding (`broadcast_to(h[:, :, None, :], (B, L, hc, H))`) and the first

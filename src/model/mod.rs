@@ -281,12 +281,120 @@ impl Block {
         }
     }
 
+    /// DeepSeek-V4.1's attention step on the streams of `st` (`DecoderLayer.__call__`'s first
+    /// half): `attn_hc(streams)`, `input_layernorm(_collapse(streams, pre_mix))` through the
+    /// attention, expanded back into the streams; layer `l`'s cache grows by the call.
+    pub fn hc_attend(&self, st: &mut HcState, cache: &mut LayerCache, l: usize) -> Result<()> {
+        let module = format!("model.layers.{l}");
+        let (SelfAttention::Compressed(attn), Some(pair)) = (&self.attn, &self.hc) else {
+            return Err(ComputeError::Unsupported {
+                what: format!("{module} has no hyper-connections or compressed attention"),
+            });
+        };
+        let (pre, post, comb) = pair.0.forward(&st.streams)?;
+        let x = self
+            .input_norm
+            .forward(&deepseek_v41::collapse(&st.streams, &st.pre_mix)?)?;
+        let y = attn.forward(
+            &x,
+            st.start.start_pos,
+            &st.start.window_idx,
+            cache.compressed(&module)?,
+            &mut st.shared,
+        )?;
+        st.streams = deepseek_v41::expand(&y, &st.streams, &post, &comb)?;
+        st.attn_pre = Some(pre);
+        Ok(())
+    }
+
+    /// The feed-forward's input after [`Block::hc_attend`]:
+    /// `post_attention_layernorm(_collapse(streams, attn_pre))`, with `ffn_hc(streams)` kept for
+    /// [`Block::hc_ffn_done`].
+    pub fn hc_ffn_input(&self, st: &mut HcState) -> Result<Array> {
+        let (Some(pair), Some(attn_pre)) = (&self.hc, st.attn_pre.take()) else {
+            return Err(ComputeError::Unsupported {
+                what: "a feed-forward input before its hyper-connected attention".into(),
+            });
+        };
+        let mix = pair.1.forward(&st.streams)?;
+        let x = self
+            .post_norm
+            .forward(&deepseek_v41::collapse(&st.streams, &attn_pre)?)?;
+        st.ffn_mix = Some(mix);
+        Ok(x)
+    }
+
+    /// The feed-forward's output `y` (on [`Block::hc_ffn_input`]) expanded into the streams;
+    /// the layer's `ffn_pre` becomes the next layer's pre-mix.
+    pub fn hc_ffn_done(&self, st: &mut HcState, y: &Array) -> Result<()> {
+        let Some((pre, post, comb)) = st.ffn_mix.take() else {
+            return Err(ComputeError::Unsupported {
+                what: "a feed-forward output before its input".into(),
+            });
+        };
+        st.streams = deepseek_v41::expand(y, &st.streams, &post, &comb)?;
+        st.pre_mix = pre;
+        Ok(())
+    }
+
     /// The sparse block, for a sparse layer.
     pub fn moe(&self) -> Option<&MoeBlock> {
         match &self.ffn {
             Ffn::Sparse(moe) => Some(moe),
             Ffn::Dense(_) => None,
         }
+    }
+}
+
+/// DeepSeek-V4.1's residual state through the layers of one call: the streams, the pre-mix of
+/// the next attention, what the layers share (latents, index keys, the indexer's choice), where
+/// the call starts, and the mixes a layer keeps between its steps.
+pub struct HcState {
+    streams: Array,
+    pre_mix: Array,
+    shared: deepseek_v41::Shared,
+    start: deepseek_v41::CallStart,
+    attn_pre: Option<Array>,
+    ffn_mix: Option<(Array, Array, Array)>,
+}
+
+impl HcState {
+    /// The state at the embedding `h` `[B, L, H]` of a call that starts after `offset`
+    /// positions, the windows holding `window_rows` of them.
+    pub fn new(cfg: &ModelConfig, h: &Array, offset: usize, window_rows: usize) -> Result<HcState> {
+        let (Some(hc), Some(c)) = (&cfg.hyper_connections, &cfg.compressed_attention) else {
+            return Err(ComputeError::Unsupported {
+                what: "hyper-connections without their config".into(),
+            });
+        };
+        let s = h.shape();
+        let (streams, pre_mix) = deepseek_v41::initial_streams(h, hc.mult)?;
+        Ok(HcState {
+            streams,
+            pre_mix,
+            shared: deepseek_v41::Shared::default(),
+            start: deepseek_v41::CallStart {
+                start_pos: offset,
+                window_idx: deepseek_v41::window_indices(
+                    window_rows,
+                    s.get(1).copied().unwrap_or(0),
+                    c.sliding_window,
+                    s.first().copied().unwrap_or(1),
+                )?,
+            },
+            attn_pre: None,
+            ffn_mix: None,
+        })
+    }
+
+    /// The streams `[B, L, hc, H]`.
+    pub fn streams(&self) -> &Array {
+        &self.streams
+    }
+
+    /// `_collapse(streams, pre_mix)`: the hidden state before the final norm.
+    pub fn output(&self) -> Result<Array> {
+        deepseek_v41::collapse(&self.streams, &self.pre_mix)
     }
 }
 
@@ -535,10 +643,10 @@ impl Model {
         Ok(h)
     }
 
-    /// [`Model::hidden`] for DeepSeek-V4.1 (mlx-lm deepseek_v41.py `TextModel.__call__` and
-    /// `DecoderLayer.__call__`): the embedding as `hc` equal streams, each layer's attention
-    /// and feed-forward read a collapse of the streams and are expanded back into them by its
-    /// hyper-connections, and the last pre-mix collapses the streams into the hidden state.
+    /// [`Model::hidden`] for DeepSeek-V4.1 (mlx-lm deepseek_v41.py `TextModel.__call__`): the
+    /// embedding as `hc` equal streams through each layer's [`Block::hc_attend`],
+    /// [`Block::hc_ffn_input`] and [`Block::hc_ffn_done`], then the last pre-mix collapses the
+    /// streams into the hidden state.
     fn hidden_hc(
         &self,
         tokens: &Array,
@@ -546,49 +654,17 @@ impl Model {
         experts: &mut dyn ExpertStore,
         cache_only: bool,
     ) -> Result<Array> {
-        let hc = self.cfg.hyper_connections.as_ref().map_or(1, |h| h.mult);
-        let shape = tokens.shape();
-        let (batch, len) = (
-            shape.first().copied().unwrap_or(1),
-            shape.last().copied().unwrap_or(0),
-        );
         let h = self.embed.forward(tokens)?;
-        let start =
-            deepseek_v41::CallStart::of(cache.layers[0].compressed("model.layers.0")?, batch, len)?;
-        let (mut streams, mut pre_mix) = deepseek_v41::initial_streams(&h, hc)?;
-        let mut shared = deepseek_v41::Shared::default();
+        let first = cache.layers[0].compressed("model.layers.0")?;
+        let mut st = HcState::new(&self.cfg, &h, first.offset(), first.window_rows())?;
         let n = self.layers.len();
         for (l, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let module = format!("model.layers.{l}");
-            let (SelfAttention::Compressed(attn), Some(pair)) = (&layer.attn, &layer.hc) else {
-                return Err(ComputeError::Unsupported {
-                    what: format!("{module} has no hyper-connections or compressed attention"),
-                });
-            };
-            let (attn_hc, ffn_hc) = (&pair.0, &pair.1);
-            // attn_pre, attn_post, attn_comb = self.attn_hc(streams)
-            let (attn_pre, attn_post, attn_comb) = attn_hc.forward(&streams)?;
-            // h = self.input_layernorm(_collapse(streams, pre_mix))
-            let x = layer
-                .input_norm
-                .forward(&deepseek_v41::collapse(&streams, &pre_mix)?)?;
-            let y = attn.forward(
-                &x,
-                start.start_pos,
-                &start.window_idx,
-                lc.compressed(&module)?,
-                &mut shared,
-            )?;
-            streams = deepseek_v41::expand(&y, &streams, &attn_post, &attn_comb)?;
+            layer.hc_attend(&mut st, lc, l)?;
             let last = l + 1 == n;
             if cache_only && last {
                 break;
             }
-            let (ffn_pre, ffn_post, ffn_comb) = ffn_hc.forward(&streams)?;
-            // h = self.mlp(self.post_attention_layernorm(_collapse(streams, attn_pre)))
-            let x = layer
-                .post_norm
-                .forward(&deepseek_v41::collapse(&streams, &attn_pre)?)?;
+            let x = layer.hc_ffn_input(&mut st)?;
             if layer.moe().is_some() && experts.wants_prediction() {
                 if let Some(next) = self.next_sparse(l) {
                     let skipped = cache_only && next.layer + 1 == n;
@@ -598,14 +674,12 @@ impl Model {
                 }
             }
             let y = layer.ffn(&x, experts)?;
-            streams = deepseek_v41::expand(&y, &streams, &ffn_post, &ffn_comb)?;
-            pre_mix = ffn_pre;
+            layer.hc_ffn_done(&mut st, &y)?;
             if layer.moe().is_some() && experts.eager() && !last {
-                mlx::async_eval(&[&streams])?;
+                mlx::async_eval(&[st.streams()])?;
             }
         }
-        // out = _collapse(streams, pre_mix); the final norm is the head's.
-        deepseek_v41::collapse(&streams, &pre_mix)
+        st.output()
     }
 
     /// The final norm and the LM head on hidden states `[B, L, H]`.
