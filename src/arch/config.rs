@@ -208,6 +208,21 @@ impl CompressedAttention {
         self.index_source_layers.contains(&l)
     }
 
+    /// Layer `l`'s values per closed group, when it is a KV source with a ratio: its latent
+    /// (`head_dim`) and, where it is also an index source, its index key (`index_head_dim`).
+    fn group_values(&self, l: usize, head_dim: usize) -> Option<(u64, u64)> {
+        let ratio = self.ratio(l) as u64;
+        if ratio == 0 || !self.is_kv_source(l) {
+            return None;
+        }
+        let index = if self.is_index_source(l) {
+            self.index_head_dim
+        } else {
+            0
+        };
+        Some(((head_dim + index) as u64, ratio))
+    }
+
     /// Values the compressed caches hold after `positions` tokens: per KV source layer with a
     /// ratio, one latent (`head_dim`) per `ratio` positions, plus an index key
     /// (`index_head_dim`) where it is also an index source; the open group's rows (`ratio - 1`
@@ -215,23 +230,24 @@ impl CompressedAttention {
     pub fn compressed_values(&self, head_dim: usize, positions: u64) -> u64 {
         self.kv_source_layers
             .iter()
-            .map(|&l| {
-                let ratio = self.ratio(l) as u64;
-                if ratio == 0 {
-                    return 0;
-                }
-                let index = if self.is_index_source(l) {
-                    self.index_head_dim as u64
-                } else {
-                    0
-                };
+            .filter_map(|&l| self.group_values(l, head_dim))
+            .map(|(per_group, ratio)| {
                 let pending = if ratio > 1 {
                     (ratio - 1).min(positions) * 2 * head_dim as u64 * 2
                 } else {
                     0
                 };
-                positions / ratio * (head_dim as u64 + index) + pending
+                positions / ratio * per_group + pending
             })
+            .sum()
+    }
+
+    /// What grows per token: each KV source's group values over its ratio, rounded up.
+    pub fn values_per_token(&self, head_dim: usize) -> u64 {
+        self.kv_source_layers
+            .iter()
+            .filter_map(|&l| self.group_values(l, head_dim))
+            .map(|(per_group, ratio)| per_group.div_ceil(ratio))
             .sum()
     }
 }
@@ -367,8 +383,7 @@ impl ModelConfig {
     pub fn kv_values_per_token(&self) -> u64 {
         if let Some(c) = &self.compressed_attention {
             // What grows with the context: the compressed caches (the windows are bounded).
-            let per = 1 << 16;
-            return c.compressed_values(self.head_dim, per).div_ceil(per);
+            return c.values_per_token(self.head_dim);
         }
         let windowed = self.sliding_window.as_ref().map_or(0, |w| w.layers.len());
         ((self.full_attention_layers() - windowed) * self.kv_values_per_layer()) as u64
@@ -391,6 +406,12 @@ impl ModelConfig {
     /// `RotatingKVCache`, `model/rotating.rs`), so it holds at most `size - 1 + chunk`
     /// positions, and `size` while decoding.
     pub fn window_kv_values(&self, positions: u64, chunk: u64) -> u64 {
+        if let Some(c) = &self.compressed_attention {
+            // Every layer's window: one key of `head_dim` per row (mlx-lm's `LayerCache`
+            // keeps the last `sliding_window` rows and appends a call's before trimming).
+            let held = positions.min(c.sliding_window as u64 + chunk.max(1));
+            return self.num_hidden_layers as u64 * self.head_dim as u64 * held;
+        }
         let Some(w) = &self.sliding_window else {
             return 0;
         };
@@ -411,9 +432,7 @@ impl ModelConfig {
     /// last `sliding_window` positions of one `head_dim`-wide key, plus a call's new rows while
     /// it runs) and the compressed latents and index keys of the KV source layers.
     fn compressed_kv_values(&self, c: &CompressedAttention, positions: u64, chunk: u64) -> u64 {
-        let held = positions.min(c.sliding_window as u64 + chunk.max(1));
-        let window = self.num_hidden_layers as u64 * self.head_dim as u64 * held;
-        window + c.compressed_values(self.head_dim, positions)
+        self.window_kv_values(positions, chunk) + c.compressed_values(self.head_dim, positions)
     }
 
     /// Whether layer `layer` uses linear attention (mlx-lm qwen3_next.py:

@@ -24,6 +24,11 @@
 //! `argpartition(-biased, k-1)[..., :k]`, weights renormalized when `top_k > 1` and times
 //! `routed_scaling_factor`; experts and shared expert with `DeepseekV41SwiGLU`; their sum in f32,
 //! cast to the input's type after the shared expert is added).
+//!
+//! Prompt format: DeepSeek-V4's `encoding/encoding_dsv4.py` (`encode_messages`) writes chat mode
+//! as DeepSeek-V3.2's does (`<｜begin▁of▁sentence｜>{system}<｜User｜>{text}<｜Assistant｜></think>`,
+//! an answer closed by `<｜end▁of▁sentence｜>`), so a repository without a Jinja template gets
+//! V3.2's built-in one ([`super::deepseek_v32::CHAT_TEMPLATE`]); a pack's own template wins.
 
 use super::{
     Arch, ArchDef, ArchError, CompressedAttention, Defaults, Fields, HyperConnections,
@@ -62,6 +67,7 @@ pub(super) const DEF: ArchDef = ArchDef {
         rename,
         ..Sanitize::NONE
     },
+    chat_template: Some(super::deepseek_v32::CHAT_TEMPLATE),
     ..ArchDef::DEFAULT
 };
 

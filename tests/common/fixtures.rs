@@ -367,7 +367,7 @@ impl FixtureSpec {
         self.moe_intermediate_size
     }
 
-    /// DeepSeek-V4.1's layers (`dsv41_config`): 2 output groups of rank `head_dim`, 2
+    /// DeepSeek-V4.1's layers (`dsv41_config`): output groups of rank `head_dim`, 2
     /// hyper-connection streams; layer 0 attends to its window only, every later one also to
     /// layer 1's compressed latents (groups of 4), chosen by the indexers of layers 1 and 2
     /// (layer 3 on reuses layer 2's choice).
@@ -380,6 +380,16 @@ impl FixtureSpec {
         (ratios, kv, index)
     }
 
+    /// DeepSeek-V4.1's output groups: the fewest (2 or more) whose heads' width per group is a
+    /// multiple of 64, so mlx-lm quantizes `o_a_proj` at group 64 (an unquantized one would run
+    /// MLX's `gather_mm`, float32 only on the CPU); 2 when none is.
+    fn dsv41_groups(&self) -> usize {
+        let width = self.num_heads * self.head_dim;
+        (2..=self.num_heads)
+            .find(|g| self.num_heads % g == 0 && (width / g) % 64 == 0)
+            .unwrap_or(2)
+    }
+
     /// DeepSeek-V4.1's tensors under mlx-lm's names (written under upstream's: `disk_name`),
     /// `wo_a` as upstream stores it (`[o_groups * o_lora_rank, in]`), and one MTP tensor.
     fn dsv41_tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
@@ -389,7 +399,12 @@ impl FixtureSpec {
             self.expert_width(),
             self.head_dim,
         );
-        let (heads, qr, groups, hc) = (self.num_heads, self.q_lora_rank.unwrap_or(64), 2, 2);
+        let (heads, qr, groups, hc) = (
+            self.num_heads,
+            self.q_lora_rank.unwrap_or(64),
+            self.dsv41_groups(),
+            2,
+        );
         let (ih, id) = (self.index_heads, self.index_head_dim);
         let (ratios, kv_src, index_src) = self.dsv41_layers();
         let names = self.arch.names();
@@ -500,8 +515,9 @@ impl FixtureSpec {
             "num_attention_heads": self.num_heads,
             "head_dim": self.head_dim,
             "q_lora_rank": self.q_lora_rank.unwrap_or(64),
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "o_groups": 2,
+            // A rotated tail narrower than the head (the tiny spec's 32 is its whole head).
+            "qk_rope_head_dim": self.qk_rope_head_dim.min(self.head_dim / 2),
+            "o_groups": self.dsv41_groups(),
             "o_lora_rank": self.head_dim,
             "moe_intermediate_size": self.expert_width(),
             "n_routed_experts": self.num_experts,
