@@ -413,7 +413,7 @@ impl FixtureSpec {
             vec![self.vocab_size, h],
             4,
         )];
-        for l in 0..self.num_layers {
+        for (l, &ratio) in ratios.iter().enumerate() {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
             let mut add = |n: String, shape: Vec<usize>, fan_in: usize| t.push((n, shape, fan_in));
@@ -436,7 +436,7 @@ impl FixtureSpec {
             add(format!("{a}.sinks"), vec![heads], 0);
             if kv_src.contains(&l) {
                 add(format!("{a}.compressor.kv_proj.weight"), vec![d, h], h);
-                if ratios[l] > 1 {
+                if ratio > 1 {
                     add(format!("{a}.compressor.gate_proj.weight"), vec![d, h], h);
                 }
                 add(format!("{a}.compressor.kv_norm.weight"), vec![d], 0);
