@@ -19,6 +19,7 @@ parameters, sinks, the router's bias and the compressor are f32 (what the refere
 the rest bf16. One `mtp.*` tensor, which every loader drops.
 
     python scripts/tiny_dsv41.py /tmp/tiny-dsv41 --seed 0
+    python scripts/tiny_dsv41.py fixtures/golden/deepseek_v41-yarn-q2 --yarn-golden 2
 """
 import argparse
 import json
@@ -154,12 +155,74 @@ def write(out, seed=0, index_topk=None, candidates=None):
     return out
 
 
+# YaRN on the compressed layers (what V4.1's configs ask for): factor 4 over 16 original positions.
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+        "beta_slow": 1}
+
+
+def golden_yarn(out, bits):
+    """The checkpoint with `rope_scaling` = YARN, quantized and run by mlx-lm without its
+    tokenizer (transformers cannot load it for this config): `load_model`, the dtype cast and
+    `quantize_model` of `mlx_lm convert -q --q-bits BITS --q-group-size 64`, then the golden
+    logits of scripts/golden_logits.py (the same prompt and decode tokens)."""
+    import tempfile
+
+    import mlx.nn as nn
+    from mlx.utils import tree_map_with_path
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    import golden_logits
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = write(Path(tmp) / "hf", 0)
+        cfg = json.loads((hf / "config.json").read_text())
+        cfg["rope_scaling"] = YARN
+        (hf / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        model, config = load_model(hf, lazy=True)
+        keep = getattr(model, "cast_predicate", lambda _: True)
+        model.update(tree_map_with_path(
+            lambda k, v: v.astype(mx.bfloat16)
+            if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+            model.parameters()))
+        model, config = quantize_model(model, config, 64, bits)
+        q = Path(tmp) / "q"
+        save_model(q, model)
+        save_config(config, q / "config.json")
+        model, _ = load_model(q)
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(0, cfg["vocab_size"], golden_logits.PROMPT_LEN).tolist()
+        decode = rng.integers(0, cfg["vocab_size"], golden_logits.DECODE_STEPS).tolist()
+        prefill, steps, _ = golden_logits.run(model, prompt, decode=decode)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        for name in ["model.safetensors", "config.json"]:
+            shutil.copy(q / name, out / name)
+    mx.save_safetensors(str(out / "golden.safetensors"), {
+        "prompt": mx.array(prompt, dtype=mx.int32),
+        "decode_tokens": mx.array(decode, dtype=mx.int32),
+        "prefill_logits": prefill,
+        "decode_logits": steps,
+    }, metadata=golden_logits.metadata({"bits": bits, "group_size": 64, "recipe": "uniform",
+                                        "source": "scripts/tiny_dsv41.py --yarn-golden"}))
+    print(f"{out}: prefill {tuple(prefill.shape)}, decode {tuple(steps.shape)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index-topk", type=int)
+    ap.add_argument("--yarn-golden", type=int, metavar="BITS",
+                    help="write OUT as a golden folder of the YaRN variant at BITS bits")
     args = ap.parse_args()
+    if args.yarn_golden:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        golden_yarn(args.out, args.yarn_golden)
+        return
     print(write(args.out, args.seed, args.index_topk))
 
 

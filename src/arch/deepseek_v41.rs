@@ -77,7 +77,12 @@ const NOT_TEXT: &[&str] = &["vision.", "aligner.", "image_"];
 /// Upstream's name -> mlx-lm's (`_rename` of deepseek_v41.py); `None` for what the text model
 /// does not hold. A name already in mlx-lm's form (`model.*`, `lm_head.*`) is its own.
 fn rename(name: &str) -> Option<Cow<'_, str>> {
-    if name.starts_with("model.") || name.starts_with("lm_head.") || name.starts_with("mtp.") {
+    // (A quantization override names a module: `lm_head` too.)
+    if name.starts_with("model.")
+        || name == "lm_head"
+        || name.starts_with("lm_head.")
+        || name.starts_with("mtp.")
+    {
         return Some(Cow::Borrowed(name));
     }
     if NOT_TEXT.iter().any(|p| name.starts_with(p))

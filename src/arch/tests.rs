@@ -1208,6 +1208,12 @@ fn deepseek_v41_config_parses() {
             "model.layers.3.mlp.gate.weight",
             Some("model.layers.3.mlp.gate.weight"),
         ),
+        // Modules of an mlx-lm folder's per-module quantization.
+        ("lm_head", Some("lm_head")),
+        (
+            "model.layers.3.self_attn.o_a_proj",
+            Some("model.layers.3.self_attn.o_a_proj"),
+        ),
         ("layers.3.ffn.gate.bias_vl", None),
         ("vision.blocks.0.weight", None),
     ] {

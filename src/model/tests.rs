@@ -183,7 +183,8 @@ fn every_architecture_matches_mlx_lm() {
 }
 
 /// DeepSeek-V4.1 (hyper-connections, a window of 8, layer 1's compressed latents, indexers
-/// keeping 3 of them) against mlx-lm, prefill in one call and 8 cached decode steps: max |diff| 0.
+/// keeping 3 of them; at 4 and 2 bits, and with YaRN on the compressed layers) against mlx-lm,
+/// prefill in one call and 8 cached decode steps: max |diff| 0.
 #[test]
 fn deepseek_v41_matches_mlx_lm_exactly() {
     for name in goldens_of(Arch::DeepseekV41) {
