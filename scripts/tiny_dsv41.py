@@ -19,7 +19,7 @@ parameters, sinks, the router's bias and the compressor are f32 (what the refere
 the rest bf16. One `mtp.*` tensor, which every loader drops.
 
     python scripts/tiny_dsv41.py /tmp/tiny-dsv41 --seed 0
-    python scripts/tiny_dsv41.py fixtures/golden/deepseek_v41-yarn-q2 --yarn-golden 2
+    python scripts/tiny_dsv41.py fixtures/golden/deepseek_v41-yarn-candidates-q2 --yarn-golden 2
 """
 import argparse
 import json
@@ -160,8 +160,14 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "
         "beta_slow": 1}
 
 
+# Candidate blocks: layer 1's indexer picks, per query, its best 2 blocks of 2 latents (the
+# newest always one of them); layer 2's indexer chooses its 3 within them.
+CANDIDATES = (1, 2, 2)
+
+
 def golden_yarn(out, bits):
-    """The checkpoint with `rope_scaling` = YARN, quantized and run by mlx-lm without its
+    """The checkpoint with `rope_scaling` = YARN and the CANDIDATES blocks, quantized and run by
+    mlx-lm without its
     tokenizer (transformers cannot load it for this config): `load_model`, the dtype cast and
     `quantize_model` of `mlx_lm convert -q --q-bits BITS --q-group-size 64`, then the golden
     logits of scripts/golden_logits.py (the same prompt and decode tokens)."""
@@ -175,7 +181,7 @@ def golden_yarn(out, bits):
 
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        hf = write(Path(tmp) / "hf", 0)
+        hf = write(Path(tmp) / "hf", 0, candidates=CANDIDATES)
         cfg = json.loads((hf / "config.json").read_text())
         cfg["rope_scaling"] = YARN
         (hf / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -205,7 +211,7 @@ def golden_yarn(out, bits):
         "prefill_logits": prefill,
         "decode_logits": steps,
     }, metadata=golden_logits.metadata({"bits": bits, "group_size": 64, "recipe": "uniform",
-                                        "source": "scripts/tiny_dsv41.py --yarn-golden"}))
+                                        "source": "scripts/tiny_dsv41.py --yarn-golden (YaRN, candidate blocks)"}))
     print(f"{out}: prefill {tuple(prefill.shape)}, decode {tuple(steps.shape)}")
 
 
@@ -215,7 +221,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index-topk", type=int)
     ap.add_argument("--yarn-golden", type=int, metavar="BITS",
-                    help="write OUT as a golden folder of the YaRN variant at BITS bits")
+                    help="write OUT as a golden folder of the YaRN and candidate-blocks variant")
     args = ap.parse_args()
     if args.yarn_golden:
         import sys

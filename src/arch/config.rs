@@ -192,6 +192,23 @@ pub struct CompressedAttention {
     pub index_n_heads: usize,
     pub index_head_dim: usize,
     pub index_topk: usize,
+    /// `candidate_source_layer_id` (with `candidate_topk_blocks > 0`): this layer's indexer also
+    /// picks, per query, its best `candidate_topk_blocks` blocks of `candidate_block_size`
+    /// latents (the newest always), and later indexers choose within them. Written to a pack
+    /// only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<CandidateBlocks>,
+}
+
+/// DeepSeek-V4.1's candidate blocks (see [`CompressedAttention::candidates`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateBlocks {
+    /// `candidate_source_layer_id`.
+    pub source_layer: usize,
+    /// `candidate_topk_blocks`.
+    pub topk_blocks: usize,
+    /// `candidate_block_size`.
+    pub block_size: usize,
 }
 
 impl CompressedAttention {
@@ -736,6 +753,19 @@ impl ModelConfig {
                         c.rope_dim, self.head_dim, c.index_head_dim
                     ),
                 });
+            }
+        }
+        if let Some(b) = self
+            .compressed_attention
+            .as_ref()
+            .and_then(|c| c.candidates.as_ref())
+        {
+            if b.block_size == 0 || b.block_size > max || b.topk_blocks > max {
+                return bad(
+                    "candidate_block_size",
+                    b.block_size.to_string(),
+                    "at least 1, and sizes at most 2147483647 (i32::MAX)",
+                );
             }
         }
         if let Some(h) = &self.hyper_connections {

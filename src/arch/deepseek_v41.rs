@@ -31,7 +31,7 @@
 //! V3.2's built-in one ([`super::deepseek_v32::CHAT_TEMPLATE`]); a pack's own template wins.
 
 use super::{
-    Arch, ArchDef, ArchError, CompressedAttention, Defaults, Fields, HyperConnections,
+    Arch, ArchDef, ArchError, CandidateBlocks, CompressedAttention, Defaults, Fields, HyperConnections,
     ModelConfig, QkNorm, RouterConfig, RouterDef, Sanitize, Scoring, SharedExpert, SharedNames,
     TensorNames, TopKOrder,
 };
@@ -202,13 +202,20 @@ fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
             expected: "an integer layer index, or -1 for none",
         })?,
     };
-    if candidate >= 0 && f.usize_any(&["candidate_topk_blocks"])?.unwrap_or(2048) > 0 {
-        return Err(ArchError::BadField {
-            field: "candidate_source_layer_id",
-            found: candidate.to_string(),
-            expected: "-1: the indexer's candidate blocks are not implemented yet",
-        });
-    }
+    let topk_blocks = f.usize_any(&["candidate_topk_blocks"])?.unwrap_or(2048);
+    // `is_candidate_source and candidate_topk_blocks > 0`: off for -1, a layer past the model
+    // or no blocks, as in mlx-lm.
+    let candidates = usize::try_from(candidate)
+        .ok()
+        .filter(|&l| l < cfg.num_hidden_layers && topk_blocks > 0)
+        .map(|source_layer| -> Result<CandidateBlocks, ArchError> {
+            Ok(CandidateBlocks {
+                source_layer,
+                topk_blocks,
+                block_size: f.usize_any(&["candidate_block_size"])?.unwrap_or(8),
+            })
+        })
+        .transpose()?;
     let layers = cfg.num_hidden_layers;
     // An id past the layers matches no layer (mlx-lm's `layer_id in ...`).
     let below = |ids: Vec<usize>| ids.into_iter().filter(|&l| l < layers).collect();
@@ -225,6 +232,7 @@ fn parse(v: &Value) -> Result<ModelConfig, ArchError> {
         index_n_heads: f.usize_any(&["index_n_heads"])?.unwrap_or(32),
         index_head_dim: f.usize_any(&["index_head_dim"])?.unwrap_or(128),
         index_topk: f.usize_any(&["index_topk"])?.unwrap_or(512),
+        candidates,
     };
     // A layer with a ratio above 1 pools groups of that many positions; a source layer must
     // have a ratio to be one (mlx-lm builds `Compressor(args, layer)` from its ratio).

@@ -22,8 +22,8 @@ mod names;
 mod router;
 
 pub use config::{
-    ClampedSwiglu, CompressedAttention, DeltaProjections, HyperConnections, Indexer,
-    LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert, SlidingWindow,
+    CandidateBlocks, ClampedSwiglu, CompressedAttention, DeltaProjections, HyperConnections,
+    Indexer, LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert, SlidingWindow,
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};

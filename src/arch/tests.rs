@@ -1099,7 +1099,8 @@ fn minimax_m2_config_parses() {
 /// default): one shared key/value head of `head_dim`, every layer sparse with one shared expert
 /// as wide as a routed one, the `sqrtsoftplus` router with a selection bias on an f32 input,
 /// hyper-connections and the compressed attention's layers; `deepseek_v41_text` and a
-/// `text_config` read the same; engram layers, candidate blocks, another router temperature or
+/// `text_config` read the same; the candidate blocks' source layer (none for -1, a layer past the
+/// model, or no blocks); engram layers, another router temperature or
 /// scoring, and a KV source without a ratio are refused by name.
 #[test]
 fn deepseek_v41_config_parses() {
@@ -1153,10 +1154,37 @@ fn deepseek_v41_config_parses() {
     assert_eq!(ModelConfig::from_json(&t).unwrap(), c);
     let wrapped = json!({"model_type": "deepseek_v41", "text_config": v.clone()});
     assert_eq!(ModelConfig::from_json(&wrapped).unwrap(), c);
+    // Candidate blocks: mlx-lm's block size by default; off for -1, past the layers, or 0 blocks.
+    assert_eq!(a.candidates, None);
+    let mut w = v.clone();
+    w["candidate_source_layer_id"] = json!(1);
+    w["candidate_topk_blocks"] = json!(16);
+    let b = ModelConfig::from_json(&w)
+        .unwrap()
+        .compressed_attention
+        .unwrap()
+        .candidates;
+    assert_eq!(
+        b,
+        Some(CandidateBlocks {
+            source_layer: 1,
+            topk_blocks: 16,
+            block_size: 8
+        })
+    );
+    for (id, blocks) in [(-1, 16), (9, 16), (1, 0)] {
+        w["candidate_source_layer_id"] = json!(id);
+        w["candidate_topk_blocks"] = json!(blocks);
+        let c = ModelConfig::from_json(&w).unwrap();
+        assert_eq!(
+            c.compressed_attention.unwrap().candidates,
+            None,
+            "{id} {blocks}"
+        );
+    }
     // Refusals, by field.
     for (field, value) in [
         ("engram_layer_ids", json!([2])),
-        ("candidate_source_layer_id", json!(1)),
         ("gate_temp", json!(0.5)),
         ("scoring_func", json!("softmax")),
         ("o_groups", json!(3)),

@@ -8,7 +8,7 @@
 //! choice). Out: new streams, or the attention's output `[B, L, H]`.
 //! Invariant: the op sequence of mlx-lm 0.32.2's `models/deepseek_v41.py` (`HyperConnection`,
 //! `_sinkhorn`'s loop, `_collapse`, `_expand`, `Attention.__call__`, `Compressor`, `Indexer`
-//! without candidate blocks, `_sparse_attention`, `_fake_quant_fp8`, `_fake_quant_fp4`,
+//! with its candidate blocks, `_sparse_attention`, `_fake_quant_fp8`, `_fake_quant_fp4`,
 //! `_apply_rope`), so logits are mlx-lm's bit for bit. The positions each query may see (window
 //! rows, visible compressed groups) depend on positions alone and are built on the host as
 //! mlx-lm builds them with `mx.arange` (int32).
@@ -132,6 +132,8 @@ pub struct Shared {
     compress_kv: Option<Array>,
     index_k: Option<Array>,
     topk_idx: Option<Array>,
+    /// The candidate source's mask of the latents later indexers may choose, `[B, L, K]`.
+    candidates: Option<Array>,
 }
 
 /// `_window_indices(previous, length, window)`, broadcast to `batch`: `[B, L, width]` int32,
@@ -454,23 +456,27 @@ struct LatentIndexer {
     head_dim: usize,
     topk: usize,
     ratio: usize,
+    /// In the candidate source layer: `(candidate_topk_blocks, candidate_block_size)`.
+    candidate_source: Option<(usize, usize)>,
 }
 
 impl LatentIndexer {
-    /// The top-k compressed entries of each query, `[B, L, k]` int32, -1 for none.
+    /// The top-k compressed entries of each query, `[B, L, k]` int32, -1 for none, and the
+    /// candidate mask: the one this layer selects (the candidate source), else `candidates`.
     fn select(
         &self,
         x: &Array,
         q_residual: &Array,
         index_k: Option<&Array>,
+        candidates: Option<&Array>,
         rope: &Rotary,
         start_pos: usize,
-    ) -> Result<Array> {
+    ) -> Result<(Array, Option<Array>)> {
         let s = x.shape();
         let (b, l) = (s[0], s[1]);
         let entries = index_k.and_then(|k| k.dim(1)).unwrap_or(0);
         let Some(index_k) = index_k.filter(|_| entries > 0) else {
-            return Ok(Array::zeros(&[b, l, 0], Dtype::I32)?);
+            return Ok((Array::zeros(&[b, l, 0], Dtype::I32)?, candidates.cloned()));
         };
         let (bi, li) = (i32_of(b)?, i32_of(l)?);
         let q = self.q_b_proj.forward(q_residual)?.reshape(&[
@@ -506,13 +512,73 @@ impl LatentIndexer {
         }
         let visible = Array::from_slice(&visible, &[1, l, entries])?.astype(Dtype::Bool)?;
         let scores = visible.select(&scores, &f32s(f64::NEG_INFINITY)?)?;
+        let (scores, candidates) = match (self.candidate_source, candidates) {
+            (Some((topk_blocks, block)), _) => {
+                let mask = self.candidate_blocks(&scores, &lens, topk_blocks, block)?;
+                (scores, Some(mask))
+            }
+            // scores = mx.where(candidates, scores, -mx.inf)
+            (None, Some(c)) => (
+                c.select(&scores, &f32s(f64::NEG_INFINITY)?)?,
+                Some(c.clone()),
+            ),
+            (None, None) => (scores, None),
+        };
         let k = self.topk.min(entries);
         let ki = i32_of(k)?;
         let part = scores.neg()?.argpartition(ki - 1, -1)?;
         let chosen = last_axis(&part, 0, ki)?.astype(Dtype::I32)?;
         let lens = Array::from_slice(&lens, &[1, l, 1])?;
         let none = Array::scalar(-1.0, Dtype::I32)?;
-        Ok(chosen.less(&lens)?.select(&chosen, &none)?)
+        Ok((chosen.less(&lens)?.select(&chosen, &none)?, candidates))
+    }
+
+    /// The candidate source's mask `[B, L, K]`: per query, the latents of its best
+    /// `topk_blocks` blocks of `block` by their best score, the newest (partly full) block
+    /// always among them, blocks no latent of which is visible never.
+    fn candidate_blocks(
+        &self,
+        scores: &Array,
+        lens: &[i32],
+        topk_blocks: usize,
+        block: usize,
+    ) -> Result<Array> {
+        let s = scores.shape();
+        let (b, l, k) = (s[0], s[1], s[2]);
+        let neg_inf = f32s(f64::NEG_INFINITY)?;
+        // padded = mx.pad(scores, [.., (0, pad)], constant_values=-mx.inf)
+        let pad = (block - k % block) % block;
+        let padded = if pad > 0 {
+            let fill = Array::zeros(&[b, l, pad], Dtype::F32)?.add(&neg_inf)?;
+            concatenate(&[scores, &fill], -1)?
+        } else {
+            scores.clone()
+        };
+        let nb = (k + pad) / block;
+        let (bi, li, nbi, blocki) = (i32_of(b)?, i32_of(l)?, i32_of(nb)?, i32_of(block)?);
+        let block_scores = padded.reshape(&[bi, li, nbi, blocki])?.max(-1, false)?;
+        // last = where(lens > 0, (lens - 1) // block, -1); the newest block scores inf
+        let mut newest = Vec::with_capacity(l * nb);
+        for &n in lens {
+            let last = if n > 0 { (n - 1) / block as i32 } else { -1 };
+            newest.extend((0..nb).map(|j| u8::from(j as i32 == last)));
+        }
+        let newest = Array::from_slice(&newest, &[1, l, nb])?.astype(Dtype::Bool)?;
+        let block_scores = newest.select(&f32s(f64::INFINITY)?, &block_scores)?;
+        let kb = i32_of(topk_blocks.min(nb))?;
+        let part = block_scores.neg()?.argpartition(kb - 1, -1)?;
+        let chosen = last_axis(&part, 0, kb)?;
+        // reachable = take_along_axis(block_scores, chosen) > -inf
+        let reachable = block_scores
+            .take_along_axis(&chosen, -1)?
+            .greater(&neg_inf)?;
+        let picked =
+            Array::zeros(&[b, l, nb], Dtype::Bool)?.put_along_axis(&chosen, &reachable, -1)?;
+        // mx.repeat(candidates, block, axis=-1)[..., :K]
+        let one = picked.expand_dims(-1)?;
+        let copies: Vec<&Array> = (0..block).map(|_| &one).collect();
+        let repeated = concatenate(&copies, -1)?.reshape(&[bi, li, nbi * blocki])?;
+        last_axis(&repeated, 0, i32_of(k)?)
     }
 }
 
@@ -660,6 +726,11 @@ impl CompressedAttentionLayer {
                 head_dim: id,
                 topk: c.index_topk,
                 ratio,
+                candidate_source: c
+                    .candidates
+                    .as_ref()
+                    .filter(|b| b.source_layer == layer)
+                    .map(|b| (b.topk_blocks, b.block_size)),
             })
         } else {
             None
@@ -754,13 +825,18 @@ impl CompressedAttentionLayer {
                 self.compress(comp, x, start_pos, cache, shared)?;
             }
             if let Some(ix) = &self.indexer {
-                shared.topk_idx = Some(ix.select(
+                let (topk, candidates) = ix.select(
                     x,
                     &q_residual,
                     shared.index_k.as_ref(),
+                    shared.candidates.as_ref(),
                     &self.rope,
                     start_pos,
-                )?);
+                )?;
+                shared.topk_idx = Some(topk);
+                if ix.candidate_source.is_some() {
+                    shared.candidates = candidates;
+                }
             }
             if let (Some(compressed), Some(topk)) = (&shared.compress_kv, &shared.topk_idx) {
                 if topk.dim(-1).unwrap_or(0) > 0 {
