@@ -1,6 +1,6 @@
 //! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
 //! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2 / Kimi K2.5, GLM-4.5,
-//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5).
+//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5, MiniMax-M2, DeepSeek-V4.1).
 //!
 //! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
