@@ -54,10 +54,13 @@ pub struct PackReport {
     /// bf16: every KV head's key and value, or under MLA one latent and one rotary key, plus the
     /// DSA indexer's key under sparse attention (what the
     /// run's budget reserves per position). Layers of linear attention have none; sliding-window
-    /// layers are counted in `kv_cache_window_bytes` instead.
+    /// layers are counted in `kv_cache_window_bytes` instead. DeepSeek-V4.1: its KV source
+    /// layers' compressed latents and index keys, one of each per `ratio` tokens (rounded up
+    /// per token); its windows are in `kv_cache_window_bytes`.
     pub kv_cache_bytes_per_token: u64,
-    /// Bytes the sliding-window layers' caches take once their windows are full (gpt-oss), the
-    /// same at any longer context; 0 without sliding-window layers. A prefill chunk adds up to
+    /// Bytes the sliding-window layers' caches take once their windows are full (gpt-oss, and
+    /// every DeepSeek-V4.1 layer's window), the same at any longer context; 0 without
+    /// sliding-window layers. A prefill chunk adds up to
     /// its own length to each while it runs; the run's budget counts that too.
     pub kv_cache_window_bytes: u64,
     /// Bytes of the linear-attention layers' state (convolution state in bf16, recurrent state
@@ -106,6 +109,34 @@ const OPTIONAL_NAMES: [(u64, &str); 2] = [
 
 /// The attention kind and its widths, for [`PackReport::attention`].
 fn attention_label(m: &crate::arch::ModelConfig) -> String {
+    if let Some(c) = &m.compressed_attention {
+        let compressed: Vec<String> = c
+            .kv_source_layers
+            .iter()
+            .map(|&l| format!("layer {l} / {}", c.ratio(l)))
+            .collect();
+        return format!(
+            "window {} + compressed latents ({}) of one KV head of {} ({} rotated), {} heads, \
+             query rank {}, {} output groups of rank {}; indexer {} heads of {}, top {}{}",
+            c.sliding_window,
+            compressed.join(", "),
+            m.head_dim,
+            c.rope_dim,
+            m.num_attention_heads,
+            c.q_lora_rank,
+            c.o_groups,
+            c.o_lora_rank,
+            c.index_n_heads,
+            c.index_head_dim,
+            c.index_topk,
+            m.hyper_connections
+                .as_ref()
+                .map_or(String::new(), |h| format!(
+                    "; {} hyper-connection streams",
+                    h.mult
+                )),
+        );
+    }
     match &m.mla {
         Some(a) => format!(
             "MLA, {} heads, latent {} + rotary {}{}{}",
@@ -304,10 +335,16 @@ impl PackReport {
             intermediate_size: pack.intermediate_size(),
             attention: attention_label(&typed.model),
             kv_cache_bytes_per_token: typed.model.kv_values_per_token() * 2,
-            kv_cache_window_bytes: typed.model.sliding_window.as_ref().map_or(0, |w| {
+            kv_cache_window_bytes: {
+                let m = &typed.model;
                 // Decoding: `size` positions per layer (the prefill's extra chunk is transient).
-                typed.model.window_kv_values(w.size as u64, 1) * 2
-            }),
+                let size = m
+                    .sliding_window
+                    .as_ref()
+                    .map(|w| w.size)
+                    .or(m.compressed_attention.as_ref().map(|c| c.sliding_window));
+                size.map_or(0, |n| m.window_kv_values(n as u64, 1) * 2)
+            },
             recurrent_state_bytes: typed.model.recurrent_state_bytes(),
             max_position_embeddings: typed.model.max_position_embeddings,
             file_bytes,

@@ -47,7 +47,8 @@ fn expected(arch: Arch) -> (&'static str, &'static str) {
             "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\n<think></think>\n\
              Hello!<|user|>\nBye<|assistant|>",
         ),
-        Arch::DeepseekV32 => (
+        // DeepSeek-V4.1 ships no Jinja template either; its chat mode is V3.2's.
+        Arch::DeepseekV32 | Arch::DeepseekV41 => (
             "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜></think>",
             "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜></think>Hello!\
              <｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜></think>",
@@ -111,7 +112,12 @@ fn tokens(text: &str) -> u64 {
 
 #[test]
 fn each_model_chats_and_serves_with_its_own_format() {
-    for arch in [Arch::KimiK25, Arch::GlmMoeDsa, Arch::DeepseekV32] {
+    for arch in [
+        Arch::KimiK25,
+        Arch::GlmMoeDsa,
+        Arch::DeepseekV32,
+        Arch::DeepseekV41,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         source(arch, &src);

@@ -366,7 +366,13 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
                     let l = (0..cfg.num_hidden_layers)
                         .find(|&l| !cfg.is_linear_layer(l))
                         .unwrap();
-                    let q = format!("model.layers.{l}.self_attn.o_proj");
+                    // (DeepSeek-V4.1's low-rank output ends in `o_b_proj`.)
+                    let o = if arch == Arch::DeepseekV41 {
+                        "o_b_proj"
+                    } else {
+                        "o_proj"
+                    };
+                    let q = format!("model.layers.{l}.self_attn.{o}");
                     let t = p
                         .tensors()
                         .iter()

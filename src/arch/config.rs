@@ -188,6 +188,121 @@ impl Gemma4 {
             .unwrap_or(1.0)
     }
 }
+/// DeepSeek-V4.1's residual: `mult` parallel streams of the hidden state instead of one, mixed
+/// before and after each attention and feed-forward by weights computed from the streams
+/// themselves (`hc_attn_*` / `hc_ffn_*`: a sigmoid "pre" collapse, a "post" expansion and a
+/// doubly stochastic "comb" mix normalized by `sinkhorn_iters` Sinkhorn steps).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HyperConnections {
+    /// `hc_mult`: the number of streams.
+    pub mult: usize,
+    /// `hc_sinkhorn_iters`.
+    pub sinkhorn_iters: usize,
+    /// `hc_eps`.
+    pub eps: f64,
+}
+
+/// DeepSeek-V4.1's attention: one shared key/value head (`head_dim` wide, its last
+/// `rope_dim` values rotated) attended over a sliding window of the last `sliding_window`
+/// positions plus, in layers with a compression ratio, latents that pool each `ratio`
+/// positions (a `Compressor` in the KV source layers), of which an indexer picks the `index_topk`
+/// best per query; queries through a `q_lora_rank` bottleneck, a sink logit per head, and a
+/// grouped low-rank output (`o_groups` groups of heads, each to `o_lora_rank` values).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompressedAttention {
+    pub q_lora_rank: usize,
+    /// `qk_rope_head_dim`: the rotated tail of each head.
+    pub rope_dim: usize,
+    pub o_groups: usize,
+    pub o_lora_rank: usize,
+    pub sliding_window: usize,
+    /// `compress_ratios`, one per layer (0: the window only); missing layers are 0.
+    pub compress_ratios: Vec<usize>,
+    /// `kv_source_layer_ids`: layers with a `Compressor`, whose latents later layers share.
+    pub kv_source_layers: Vec<usize>,
+    /// `index_source_layer_ids`: layers with an indexer, whose choice later layers share.
+    pub index_source_layers: Vec<usize>,
+    /// `compress_rope_theta`: the RoPE base of the layers with a compression ratio.
+    pub compress_rope_theta: f64,
+    pub index_n_heads: usize,
+    pub index_head_dim: usize,
+    pub index_topk: usize,
+    /// `candidate_source_layer_id` (with `candidate_topk_blocks > 0`): this layer's indexer also
+    /// picks, per query, its best `candidate_topk_blocks` blocks of `candidate_block_size`
+    /// latents (the newest always), and later indexers choose within them. Written to a pack
+    /// only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<CandidateBlocks>,
+}
+
+/// DeepSeek-V4.1's candidate blocks (see [`CompressedAttention::candidates`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateBlocks {
+    /// `candidate_source_layer_id`.
+    pub source_layer: usize,
+    /// `candidate_topk_blocks`.
+    pub topk_blocks: usize,
+    /// `candidate_block_size`.
+    pub block_size: usize,
+}
+
+impl CompressedAttention {
+    /// Layer `l`'s compression ratio (0: the window only).
+    pub fn ratio(&self, l: usize) -> usize {
+        self.compress_ratios.get(l).copied().unwrap_or(0)
+    }
+
+    pub fn is_kv_source(&self, l: usize) -> bool {
+        self.kv_source_layers.contains(&l)
+    }
+
+    pub fn is_index_source(&self, l: usize) -> bool {
+        self.index_source_layers.contains(&l)
+    }
+
+    /// Layer `l`'s values per closed group, when it is a KV source with a ratio: its latent
+    /// (`head_dim`) and, where it is also an index source, its index key (`index_head_dim`).
+    fn group_values(&self, l: usize, head_dim: usize) -> Option<(u64, u64)> {
+        let ratio = self.ratio(l) as u64;
+        if ratio == 0 || !self.is_kv_source(l) {
+            return None;
+        }
+        let index = if self.is_index_source(l) {
+            self.index_head_dim
+        } else {
+            0
+        };
+        Some(((head_dim + index) as u64, ratio))
+    }
+
+    /// Values the compressed caches hold after `positions` tokens: per KV source layer with a
+    /// ratio, one latent (`head_dim`) per `ratio` positions, plus an index key
+    /// (`index_head_dim`) where it is also an index source; the open group's rows (`ratio - 1`
+    /// at most, key and gate, f32: counted as two values each) besides.
+    pub fn compressed_values(&self, head_dim: usize, positions: u64) -> u64 {
+        self.kv_source_layers
+            .iter()
+            .filter_map(|&l| self.group_values(l, head_dim))
+            .map(|(per_group, ratio)| {
+                let pending = if ratio > 1 {
+                    (ratio - 1).min(positions) * 2 * head_dim as u64 * 2
+                } else {
+                    0
+                };
+                positions / ratio * per_group + pending
+            })
+            .sum()
+    }
+
+    /// What grows per token: each KV source's group values over its ratio, rounded up.
+    pub fn values_per_token(&self, head_dim: usize) -> u64 {
+        self.kv_source_layers
+            .iter()
+            .filter_map(|&l| self.group_values(l, head_dim))
+            .map(|(per_group, ratio)| per_group.div_ceil(ratio))
+            .sum()
+    }
+}
 
 /// A model's configuration, normalized across architectures and config dialects.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -256,6 +371,18 @@ pub struct ModelConfig {
     /// Gemma 4's decoder ([`Gemma4`]). Written to a pack only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gemma4: Option<Gemma4>,
+    /// DeepSeek-V4.1's expert activation, in f32: `silu(min(gate, limit)) * clip(up, -limit,
+    /// limit)` (no clamp when the limit is 0), for routed and shared experts. Written to a pack
+    /// only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f32_swiglu_limit: Option<f64>,
+    /// DeepSeek-V4.1's hyper-connections. Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyper_connections: Option<HyperConnections>,
+    /// DeepSeek-V4.1's windowed and compressed attention (then `head_dim` is the shared key
+    /// and value head's width). Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed_attention: Option<CompressedAttention>,
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
@@ -293,6 +420,9 @@ impl ModelConfig {
     /// How many of each head's query/key values RoPE rotates: `qk_rope_head_dim` under MLA,
     /// else `int(head_dim * partial_rotary_factor)` (mlx-lm glm4_moe.py's `nn.RoPE` dims).
     pub fn rope_dims(&self) -> usize {
+        if let Some(c) = &self.compressed_attention {
+            return c.rope_dim;
+        }
         match &self.mla {
             Some(m) => m.qk_rope_head_dim,
             None => (self.head_dim as f64 * self.partial_rotary_factor) as usize,
@@ -306,6 +436,10 @@ impl ModelConfig {
     /// [`ModelConfig::recurrent_state_bytes`]); sliding-window layers hold a bounded one
     /// ([`ModelConfig::window_kv_values`]).
     pub fn kv_values_per_token(&self) -> u64 {
+        if let Some(c) = &self.compressed_attention {
+            // What grows with the context: the compressed caches (the windows are bounded).
+            return c.values_per_token(self.head_dim);
+        }
         (0..self.num_hidden_layers)
             .filter(|&l| !self.is_linear_layer(l) && self.window_of(l).is_none())
             .map(|l| self.kv_values_of_layer(l) as u64)
@@ -339,6 +473,12 @@ impl ModelConfig {
     /// `RotatingKVCache`, `model/rotating.rs`), so it holds at most `size - 1 + chunk`
     /// positions, and `size` while decoding.
     pub fn window_kv_values(&self, positions: u64, chunk: u64) -> u64 {
+        if let Some(c) = &self.compressed_attention {
+            // Every layer's window: one key of `head_dim` per row (mlx-lm's `LayerCache`
+            // keeps the last `sliding_window` rows and appends a call's before trimming).
+            let held = positions.min(c.sliding_window as u64 + chunk.max(1));
+            return self.num_hidden_layers as u64 * self.head_dim as u64 * held;
+        }
         let Some(w) = &self.sliding_window else {
             return 0;
         };
@@ -354,7 +494,17 @@ impl ModelConfig {
     /// Values the whole KV cache holds at most for a sequence of `positions` prefilled in calls
     /// of at most `chunk` tokens: what a run's budget sets aside (in bf16, twice this in bytes).
     pub fn kv_values(&self, positions: u64, chunk: u64) -> u64 {
+        if let Some(c) = &self.compressed_attention {
+            return self.compressed_kv_values(c, positions, chunk);
+        }
         self.kv_values_per_token() * positions + self.window_kv_values(positions, chunk)
+    }
+
+    /// [`ModelConfig::kv_values`] under DeepSeek-V4.1's attention: every layer's window (the
+    /// last `sliding_window` positions of one `head_dim`-wide key, plus a call's new rows while
+    /// it runs) and the compressed latents and index keys of the KV source layers.
+    fn compressed_kv_values(&self, c: &CompressedAttention, positions: u64, chunk: u64) -> u64 {
+        self.window_kv_values(positions, chunk) + c.compressed_values(self.head_dim, positions)
     }
 
     /// Whether layer `layer` uses linear attention (mlx-lm qwen3_next.py:
@@ -663,6 +813,71 @@ impl ModelConfig {
                         "a positive finite number, also as f32 (or null)",
                     );
                 }
+            }
+        }
+        if let Some(c) = &self.compressed_attention {
+            let sizes = [
+                ("q_lora_rank", c.q_lora_rank),
+                ("o_groups", c.o_groups),
+                ("o_lora_rank", c.o_lora_rank),
+                ("sliding_window", c.sliding_window),
+                ("index_n_heads", c.index_n_heads),
+                ("index_head_dim", c.index_head_dim),
+                ("index_topk", c.index_topk),
+            ];
+            for (field, v) in sizes {
+                if v == 0 {
+                    return bad(field, "0".into(), "at least 1");
+                }
+                if v > max {
+                    return bad(field, v.to_string(), "at most 2147483647 (i32::MAX)");
+                }
+            }
+            if (self.num_attention_heads * self.head_dim) % c.o_groups != 0 {
+                return Err(ArchError::Inconsistent {
+                    what: format!(
+                        "o_groups {} does not divide the {} heads of {} values",
+                        c.o_groups, self.num_attention_heads, self.head_dim
+                    ),
+                });
+            }
+            if c.rope_dim > self.head_dim || c.rope_dim > c.index_head_dim {
+                return Err(ArchError::Inconsistent {
+                    what: format!(
+                        "qk_rope_head_dim {} is wider than head_dim {} or index_head_dim {}",
+                        c.rope_dim, self.head_dim, c.index_head_dim
+                    ),
+                });
+            }
+        }
+        if let Some(b) = self
+            .compressed_attention
+            .as_ref()
+            .and_then(|c| c.candidates.as_ref())
+        {
+            if b.block_size == 0 || b.block_size > max || b.topk_blocks > max {
+                return bad(
+                    "candidate_block_size",
+                    b.block_size.to_string(),
+                    "at least 1, and sizes at most 2147483647 (i32::MAX)",
+                );
+            }
+        }
+        if let Some(h) = &self.hyper_connections {
+            if h.mult == 0 || h.mult > 64 {
+                return bad("hc_mult", h.mult.to_string(), "between 1 and 64");
+            }
+            if !(h.eps.is_finite() && h.eps >= 0.0) {
+                return bad("hc_eps", h.eps.to_string(), "a finite number, 0 or more");
+            }
+        }
+        if let Some(limit) = self.f32_swiglu_limit {
+            if !(limit.is_finite() && limit >= 0.0 && (limit as f32).is_finite()) {
+                return bad(
+                    "swiglu_limit",
+                    limit.to_string(),
+                    "a finite number, 0 or more, also as f32",
+                );
             }
         }
         if let Some(c) = &self.clamped_swiglu {

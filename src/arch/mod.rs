@@ -22,8 +22,9 @@ mod names;
 mod router;
 
 pub use config::{
-    ClampedSwiglu, DeltaProjections, Gemma4, Indexer, LinearAttention, Mla, ModelConfig, QkNorm,
-    Rope, SharedExpert, SlidingWindow,
+    CandidateBlocks, ClampedSwiglu, CompressedAttention, DeltaProjections, Gemma4,
+    HyperConnections, Indexer, LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert,
+    SlidingWindow,
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};
@@ -88,6 +89,8 @@ architectures! {
     Minimax => minimax,
     /// Gemma 4 with experts (gemma-4-26b-a4b; also its multimodal `gemma4`).
     Gemma4Text => gemma4_text,
+    /// DeepSeek-V4.1: hyper-connections, windowed and compressed attention with an indexer.
+    DeepseekV41 => deepseek_v41,
 }
 
 /// `layer_types`, where a config gives it, is the truth about each layer's attention: every

@@ -16,6 +16,8 @@ pub enum Scoring {
     Softmax,
     /// `sigmoid(logits)` per expert, in f32 (`scoring_func` in DeepSeek-V3 / GLM-4.5 configs).
     Sigmoid,
+    /// `sqrt(softplus(logits))` per expert, in f32 (DeepSeek-V4.1's `sqrtsoftplus`).
+    SqrtSoftplus,
     /// Top-k of the raw logits, then softmax over the k chosen (Mixtral, gpt-oss): softmax with
     /// renormalisation, computed the way their mlx-lm models do (so bit-identical to them).
     /// Never read from a config: an architecture's [`RouterDef::scoring`] sets it.

@@ -878,6 +878,7 @@ fn arch_serializes_as_before_the_table() {
         (Arch::GlmMoeDsa, "glm_moe_dsa"),
         (Arch::Minimax, "minimax"),
         (Arch::Gemma4Text, "gemma4_text"),
+        (Arch::DeepseekV41, "deepseek_v41"),
     ];
     assert_eq!(Arch::ALL.len(), written.len());
     for (arch, name) in written {
@@ -1317,5 +1318,179 @@ fn gemma4_names_move_under_the_moe_block() {
     assert_eq!(
         a.classify("model.layers.3.pre_feedforward_layernorm_2.weight"),
         TensorRole::KeepFull
+    );
+}
+/// DeepSeek-V4.1's config (mlx-lm's `ModelArgs` fields; what a field leaves out is mlx-lm's
+/// default): one shared key/value head of `head_dim`, every layer sparse with one shared expert
+/// as wide as a routed one, the `sqrtsoftplus` router with a selection bias on an f32 input,
+/// hyper-connections and the compressed attention's layers; `deepseek_v41_text` and a
+/// `text_config` read the same; the candidate blocks' source layer (none for -1, a layer past the
+/// model, or no blocks); engram layers, another router temperature or
+/// scoring, and a KV source without a ratio are refused by name.
+#[test]
+fn deepseek_v41_config_parses() {
+    let v = json!({
+        "model_type": "deepseek_v41", "vocab_size": 129280, "hidden_size": 4096,
+        "num_hidden_layers": 4, "num_attention_heads": 64, "head_dim": 512,
+        "q_lora_rank": 1024, "qk_rope_head_dim": 64, "o_groups": 8, "o_lora_rank": 1024,
+        "moe_intermediate_size": 2048, "n_routed_experts": 256, "num_experts_per_tok": 6,
+        "routed_scaling_factor": 1.5, "swiglu_limit": 10.0, "rms_norm_eps": 1e-6,
+        "sliding_window": 128, "compress_ratios": [0, 4, 128, 4],
+        "kv_source_layer_ids": [1, 2, 3], "index_source_layer_ids": [1, 3],
+        "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512, "hc_mult": 4
+    });
+    let c = ModelConfig::from_json(&v).unwrap();
+    assert_eq!(c.arch, Arch::DeepseekV41);
+    assert_eq!((c.num_key_value_heads, c.head_dim), (1, 512));
+    assert_eq!(c.moe_intermediate_size, 2048);
+    assert!((0..4).all(|l| c.is_sparse_layer(l)));
+    assert_eq!(
+        c.shared_expert.as_ref().map(|s| s.intermediate_size),
+        Some(2048)
+    );
+    assert_eq!(c.f32_swiglu_limit, Some(10.0));
+    assert_eq!(c.rope_dims(), 64);
+    assert!(c.rope.traditional);
+    let s = RouterSpec::of(&c);
+    assert_eq!(
+        (
+            s.scoring,
+            s.selection_bias,
+            s.renormalize,
+            s.f32_input,
+            s.scaling
+        ),
+        (Scoring::SqrtSoftplus, true, true, true, Some(1.5))
+    );
+    let h = c.hyper_connections.as_ref().unwrap();
+    assert_eq!((h.mult, h.sinkhorn_iters, h.eps), (4, 20, 1e-6));
+    let a = c.compressed_attention.as_ref().unwrap();
+    assert_eq!((a.ratio(0), a.ratio(2), a.ratio(9)), (0, 128, 0));
+    assert!(a.is_kv_source(2) && !a.is_index_source(2) && a.is_index_source(3));
+    assert_eq!((a.o_groups, a.o_lora_rank, a.index_topk), (8, 1024, 512));
+    // The windows are bounded; what grows is layer 1's (ratio 4, with index keys), layer 2's
+    // (ratio 128) and layer 3's (ratio 4, with index keys) latents.
+    let grown = c.kv_values(1 << 20, 2048) - c.kv_values(1 << 19, 2048);
+    let per = (1u64 << 19) / 4 * (512 + 128) * 2 + (1u64 << 19) / 128 * 512;
+    assert_eq!(grown, per);
+    // The same model under its text alias and inside a text_config.
+    let mut t = v.clone();
+    t["model_type"] = json!("deepseek_v41_text");
+    assert_eq!(ModelConfig::from_json(&t).unwrap(), c);
+    let wrapped = json!({"model_type": "deepseek_v41", "text_config": v.clone()});
+    assert_eq!(ModelConfig::from_json(&wrapped).unwrap(), c);
+    // Candidate blocks: mlx-lm's block size by default; off for -1, past the layers, or 0 blocks.
+    assert_eq!(a.candidates, None);
+    let mut w = v.clone();
+    w["candidate_source_layer_id"] = json!(1);
+    w["candidate_topk_blocks"] = json!(16);
+    let b = ModelConfig::from_json(&w)
+        .unwrap()
+        .compressed_attention
+        .unwrap()
+        .candidates;
+    assert_eq!(
+        b,
+        Some(CandidateBlocks {
+            source_layer: 1,
+            topk_blocks: 16,
+            block_size: 8
+        })
+    );
+    for (id, blocks) in [(-1, 16), (9, 16), (1, 0)] {
+        w["candidate_source_layer_id"] = json!(id);
+        w["candidate_topk_blocks"] = json!(blocks);
+        let c = ModelConfig::from_json(&w).unwrap();
+        assert_eq!(
+            c.compressed_attention.unwrap().candidates,
+            None,
+            "{id} {blocks}"
+        );
+    }
+    // Refusals, by field.
+    for (field, value) in [
+        ("engram_layer_ids", json!([2])),
+        ("gate_temp", json!(0.5)),
+        ("scoring_func", json!("softmax")),
+        ("o_groups", json!(3)),
+    ] {
+        let mut w = v.clone();
+        w[field] = value;
+        let e = ModelConfig::from_json(&w).unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
+    let mut w = v.clone();
+    w["kv_source_layer_ids"] = json!([0]);
+    let e = ModelConfig::from_json(&w).unwrap_err().to_string();
+    assert!(e.contains("kv_source_layer_ids"), "{e}");
+    // Upstream names become mlx-lm's; what is not the text model is left out.
+    let a = Arch::DeepseekV41;
+    for (from, to) in [
+        ("embed.weight", Some("model.embed_tokens.weight")),
+        ("head.weight", Some("lm_head.weight")),
+        (
+            "layers.3.attn.wq_a.weight",
+            Some("model.layers.3.self_attn.q_a_proj.weight"),
+        ),
+        (
+            "layers.3.attn.compressor.norm.weight",
+            Some("model.layers.3.self_attn.compressor.kv_norm.weight"),
+        ),
+        (
+            "layers.3.attn.indexer.wk.weight",
+            Some("model.layers.3.self_attn.indexer.k_proj.weight"),
+        ),
+        (
+            "layers.3.attn.attn_sink",
+            Some("model.layers.3.self_attn.sinks"),
+        ),
+        ("layers.3.hc_attn_fn", Some("model.layers.3.attn_hc.fn")),
+        (
+            "layers.3.ffn.gate.bias",
+            Some("model.layers.3.mlp.gate.e_score_correction_bias"),
+        ),
+        (
+            "layers.3.ffn.experts.7.w2.weight",
+            Some("model.layers.3.mlp.experts.7.w2.weight"),
+        ),
+        (
+            "layers.3.ffn.shared_experts.w3.weight",
+            Some("model.layers.3.mlp.shared_experts.up_proj.weight"),
+        ),
+        (
+            "model.layers.3.mlp.gate.weight",
+            Some("model.layers.3.mlp.gate.weight"),
+        ),
+        // Modules of an mlx-lm folder's per-module quantization.
+        ("lm_head", Some("lm_head")),
+        (
+            "model.layers.3.self_attn.o_a_proj",
+            Some("model.layers.3.self_attn.o_a_proj"),
+        ),
+        ("layers.3.ffn.gate.bias_vl", None),
+        ("vision.blocks.0.weight", None),
+    ] {
+        assert_eq!(a.text_model_name(from).as_deref(), to, "{from}");
+    }
+    assert_eq!(
+        a.classify("model.layers.3.mlp.experts.7.w2.weight"),
+        TensorRole::Expert {
+            layer: 3,
+            expert: 7,
+            proj: Proj::Down,
+            part: Part::Weight
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.3.mlp.experts.switch_mlp.up_proj.scales"),
+        TensorRole::Stacked {
+            layer: 3,
+            proj: Proj::Up,
+            part: Part::Scales
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.3.mlp.gate.weight"),
+        TensorRole::Router { layer: 3 }
     );
 }

@@ -31,7 +31,7 @@ use super::load::Checkpoint;
 use super::ConvertError;
 use crate::convert::source::{embed_windows, SourceWeights, StreamedExperts};
 use crate::mlx::{self, Array};
-use crate::model::{Block, ComputeError, ExpertStore, PoolRoute, Routing};
+use crate::model::{Block, ComputeError, ExpertStore, HcState, PoolRoute, Routing};
 
 /// One task's calibration text.
 #[derive(Clone, Debug)]
@@ -401,6 +401,15 @@ pub fn profile(
     // The residual stream of every window, [1, len, H], evaluated.
     let ws: Vec<&[u32]> = windows.iter().map(|(_, w)| w.as_slice()).collect();
     let mut hs = embed_windows(ck, &ws).map_err(compute_err)?;
+    // DeepSeek-V4.1: each window's streams and what its layers share, carried layer to layer.
+    let mut hcs: Vec<HcState> = if c.hyper_connections.is_some() {
+        hs.iter()
+            .map(|x| HcState::new(c, x, 0, 0))
+            .collect::<Result<_, _>>()
+            .map_err(compute_err)?
+    } else {
+        Vec::new()
+    };
     let mut experts = StreamedExperts::new(ck);
     let mut rec = Recorder {
         inner: &mut experts,
@@ -458,7 +467,49 @@ pub fn profile(
             }
             Ok(())
         };
-        layer(&mut hs, &mut rec).map_err(compute_err)?;
+        // The same steps on hyper-connected streams: attention per window (a fresh cache, the
+        // shared state kept in its `HcState`), then the feed-forward over chunks of windows.
+        let hc_layer = |sts: &mut [HcState], rec: &mut Recorder| -> Result<(), ComputeError> {
+            for st in sts.iter_mut() {
+                let mut kv = block.new_cache();
+                block.hc_attend(st, &mut kv, l)?;
+                mlx::eval(&[st.streams()])?;
+            }
+            for range in &chunks {
+                let part = &mut sts[range.clone()];
+                let mut lens = Vec::with_capacity(part.len());
+                let xs = part
+                    .iter_mut()
+                    .map(|st| {
+                        let x = block.hc_ffn_input(st)?;
+                        lens.push(x.dim(1).unwrap_or(0) as i32);
+                        Ok(x.reshape(&[-1, h as i32])?)
+                    })
+                    .collect::<Result<Vec<Array>, ComputeError>>()?;
+                let refs: Vec<&Array> = xs.iter().collect();
+                let x = mlx::concatenate(&refs, 0)?;
+                x.eval()?;
+                let y = block.ffn(&x, rec)?;
+                drop(x);
+                y.eval()?;
+                let mut at = 0i32;
+                for (st, len) in part.iter_mut().zip(lens) {
+                    let r = y
+                        .slice(&[at, 0], &[at + len, h as i32])?
+                        .reshape(&[1, len, h as i32])?
+                        .astype(xs[0].dtype())?;
+                    block.hc_ffn_done(st, &r)?;
+                    mlx::eval(&[st.streams()])?;
+                    at += len;
+                }
+            }
+            Ok(())
+        };
+        if hcs.is_empty() {
+            layer(&mut hs, &mut rec).map_err(compute_err)?;
+        } else {
+            hc_layer(&mut hcs, &mut rec).map_err(compute_err)?;
+        }
         rec.next_layer(c.is_sparse_layer(l).then_some(l));
     }
     drop(rec);

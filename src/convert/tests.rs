@@ -185,8 +185,14 @@ fn every_architecture_converts_and_verifies() {
             let l = (0..cfg.num_hidden_layers)
                 .find(|&l| !cfg.is_linear_layer(l))
                 .unwrap();
+            // DeepSeek-V4.1's output projection is low-rank: `o_b_proj` after the groups' `o_a_proj`.
+            let o = if arch == Arch::DeepseekV41 {
+                "o_b_proj"
+            } else {
+                "o_proj"
+            };
             let q = pack
-                .tensor(&format!("model.layers.{l}.self_attn.o_proj.weight"))
+                .tensor(&format!("model.layers.{l}.self_attn.{o}.weight"))
                 .unwrap();
             match dense_bits {
                 16 => assert_eq!((q.dtype, q.bits), (DType::BF16, 0)),

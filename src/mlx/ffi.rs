@@ -113,6 +113,16 @@ extern "C" {
     ) -> c_int;
     pub fn fp_sum(a: *const FpArray, axis: c_int, keepdims: c_int, out: *mut *mut FpArray)
         -> c_int;
+    pub fn fp_max(a: *const FpArray, axis: c_int, keepdims: c_int, out: *mut *mut FpArray)
+        -> c_int;
+    pub fn fp_gather_mm(
+        a: *const FpArray,
+        b: *const FpArray,
+        lhs_indices: *const FpArray,
+        rhs_indices: *const FpArray,
+        sorted_indices: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
     pub fn fp_softmax(
         a: *const FpArray,
         axis: c_int,

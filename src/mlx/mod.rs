@@ -564,8 +564,44 @@ impl Array {
     pub fn logaddexp(&self, other: &Array) -> Result<Array> {
         self.binary(6, "logaddexp", other)
     }
+    /// `mx.power(self, other)`.
+    pub fn power(&self, other: &Array) -> Result<Array> {
+        self.binary(8, "power", other)
+    }
+    /// `self > other` (bool).
+    pub fn greater(&self, other: &Array) -> Result<Array> {
+        self.binary(9, "greater", other)
+    }
+    /// `self >= other` (bool).
+    pub fn greater_equal(&self, other: &Array) -> Result<Array> {
+        self.binary(10, "greater_equal", other)
+    }
+    /// `self < other` (bool).
+    pub fn less(&self, other: &Array) -> Result<Array> {
+        self.binary(11, "less", other)
+    }
     pub fn exp(&self) -> Result<Array> {
         self.unary(0, "exp")
+    }
+    pub fn abs(&self) -> Result<Array> {
+        self.unary(5, "abs")
+    }
+    pub fn ceil(&self) -> Result<Array> {
+        self.unary(6, "ceil")
+    }
+    pub fn log2(&self) -> Result<Array> {
+        self.unary(7, "log2")
+    }
+    pub fn sign(&self) -> Result<Array> {
+        self.unary(8, "sign")
+    }
+    /// `mx.to_fp8`: float values rounded to FP8 E4M3 codes (u8).
+    pub fn to_fp8(&self) -> Result<Array> {
+        self.unary(9, "to_fp8")
+    }
+    /// `mx.from_fp8(self, mx.float32)`: FP8 E4M3 codes (u8) as f32 values.
+    pub fn from_fp8_f32(&self) -> Result<Array> {
+        self.unary(10, "from_fp8")
     }
     pub fn sigmoid(&self) -> Result<Array> {
         self.unary(1, "sigmoid")
@@ -580,11 +616,7 @@ impl Array {
         self.unary(4, "log")
     }
     pub fn tanh(&self) -> Result<Array> {
-        self.unary(5, "tanh")
-    }
-    /// `self ** other`, element-wise with broadcasting (`mx.power`).
-    pub fn power(&self, other: &Array) -> Result<Array> {
-        self.binary(8, "power", other)
+        self.unary(11, "tanh")
     }
     /// `x * sigmoid(x)`, spelled as mlx.nn.silu spells it.
     pub fn silu(&self) -> Result<Array> {
@@ -700,6 +732,14 @@ impl Array {
         // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("sum", |out| unsafe {
             ffi::fp_sum(self.raw(), axis, keepdims as c_int, out)
+        })
+    }
+
+    /// `mx.max(self, axis, keepdims)`.
+    pub fn max(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("max", |out| unsafe {
+            ffi::fp_max(self.raw(), axis, keepdims as c_int, out)
         })
     }
 
@@ -918,6 +958,28 @@ pub fn gather_qmm(
             w.group_size,
             w.bits,
             mode_name(w.mode).as_ptr(),
+            sorted_indices as c_int,
+            out,
+        )
+    })
+}
+
+/// `mx.gather_mm(a, b, lhs_indices, rhs_indices, sorted_indices)`: plain (unquantized)
+/// matrices picked per batch entry (mlx.nn's `SwitchLinear`).
+pub fn gather_mm(
+    a: &Array,
+    b: &Array,
+    lhs_indices: Option<&Array>,
+    rhs_indices: Option<&Array>,
+    sorted_indices: bool,
+) -> Result<Array> {
+    // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+    make("gather_mm", |out| unsafe {
+        ffi::fp_gather_mm(
+            a.raw(),
+            b.raw(),
+            opt_ptr(lhs_indices),
+            opt_ptr(rhs_indices),
             sorted_indices as c_int,
             out,
         )

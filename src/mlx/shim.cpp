@@ -255,6 +255,9 @@ int fp_binary(int op, const fp_array* a, const fp_array* b, fp_array** out) {
       case FP_LOGADDEXP: *out = wrap(mx::logaddexp(x, y)); return;
       case FP_MINIMUM: *out = wrap(mx::minimum(x, y)); return;
       case FP_POWER: *out = wrap(mx::power(x, y)); return;
+      case FP_GREATER: *out = wrap(mx::greater(x, y)); return;
+      case FP_GREATER_EQUAL: *out = wrap(mx::greater_equal(x, y)); return;
+      case FP_LESS: *out = wrap(mx::less(x, y)); return;
     }
     throw std::invalid_argument("unknown binary op " + std::to_string(op));
   });
@@ -269,6 +272,12 @@ int fp_unary(int op, const fp_array* a, fp_array** out) {
       case FP_NEG: *out = wrap(mx::negative(x)); return;
       case FP_SQRT: *out = wrap(mx::sqrt(x)); return;
       case FP_LOG: *out = wrap(mx::log(x)); return;
+      case FP_ABS: *out = wrap(mx::abs(x)); return;
+      case FP_CEIL: *out = wrap(mx::ceil(x)); return;
+      case FP_LOG2: *out = wrap(mx::log2(x)); return;
+      case FP_SIGN: *out = wrap(mx::sign(x)); return;
+      case FP_TO_FP8: *out = wrap(mx::to_fp8(x)); return;
+      case FP_FROM_FP8_F32: *out = wrap(mx::from_fp8(x, mx::float32)); return;
       case FP_TANH: *out = wrap(mx::tanh(x)); return;
     }
     throw std::invalid_argument("unknown unary op " + std::to_string(op));
@@ -326,6 +335,18 @@ int fp_slice_update(const fp_array* src, const fp_array* update, const int32_t* 
 
 int fp_sum(const fp_array* a, int axis, int keepdims, fp_array** out) {
   return guard([&] { *out = wrap(mx::sum(a->a, axis, keepdims != 0)); });
+}
+
+int fp_max(const fp_array* a, int axis, int keepdims, fp_array** out) {
+  return guard([&] { *out = wrap(mx::max(a->a, axis, keepdims != 0)); });
+}
+
+int fp_gather_mm(const fp_array* a, const fp_array* b, const fp_array* lhs_indices,
+                 const fp_array* rhs_indices, int sorted_indices, fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::gather_mm(a->a, b->a, opt(lhs_indices), opt(rhs_indices),
+                              sorted_indices != 0));
+  });
 }
 
 int fp_softmax(const fp_array* a, int axis, int precise, fp_array** out) {

@@ -23,9 +23,13 @@ enum {
 // Element-wise op codes (`BinaryOp` / `UnaryOp` in mod.rs).
 enum {
   FP_ADD = 0, FP_SUB = 1, FP_MUL = 2, FP_DIV = 3, FP_FLOOR_DIV = 4, FP_MAXIMUM = 5,
-  FP_LOGADDEXP = 6, FP_MINIMUM = 7, FP_POWER = 8
+  FP_LOGADDEXP = 6, FP_MINIMUM = 7, FP_POWER = 8, FP_GREATER = 9, FP_GREATER_EQUAL = 10,
+  FP_LESS = 11
 };
-enum { FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4, FP_TANH = 5 };
+enum {
+  FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4, FP_ABS = 5, FP_CEIL = 6,
+  FP_LOG2 = 7, FP_SIGN = 8, FP_TO_FP8 = 9, FP_FROM_FP8_F32 = 10, FP_TANH = 11
+};
 
 const char* fp_last_error(void);
 const char* fp_version(void);
@@ -69,6 +73,9 @@ int fp_slice(const fp_array* a, const int32_t* start, const int32_t* stop, size_
 int fp_slice_update(const fp_array* src, const fp_array* update, const int32_t* start,
                     const int32_t* stop, size_t n, fp_array** out);
 int fp_sum(const fp_array* a, int axis, int keepdims, fp_array** out);
+int fp_max(const fp_array* a, int axis, int keepdims, fp_array** out);
+int fp_gather_mm(const fp_array* a, const fp_array* b, const fp_array* lhs_indices,
+                 const fp_array* rhs_indices, int sorted_indices, fp_array** out);
 int fp_softmax(const fp_array* a, int axis, int precise, fp_array** out);
 int fp_argpartition(const fp_array* a, int kth, int axis, fp_array** out);
 int fp_argmax(const fp_array* a, int axis, fp_array** out);

@@ -45,6 +45,11 @@ pub struct Yarn {
 const MAX_YARN_MSCALE: f32 = 1e3;
 
 impl Yarn {
+    /// One frequency per rotated pair.
+    pub(super) fn freqs(&self) -> &Array {
+        &self.freqs
+    }
+
     /// mlx-lm's `YarnRoPE(dims, base, scaling_factor, original_max_position_embeddings,
     /// beta_fast, beta_slow, mscale, mscale_all_dim)` (models/rope_utils.py): frequencies
     /// interpolated by `factor` below the correction range, kept above it, mixed linearly within.

@@ -35,6 +35,7 @@
 //! keeping one never doubles the growing KV cache. `run::generate::Prefix` takes one at the end
 //! of every prompt.
 
+use super::deepseek_v41::CompressedCache;
 use super::rotating::{AttnMask, RotatingKv};
 use super::ComputeError;
 use crate::mlx::{concatenate, Array};
@@ -221,6 +222,9 @@ pub enum LayerCache {
     Rotating(RotatingKv),
     /// Gated DeltaNet linear attention: a fixed-size state.
     Linear(LinearState),
+    /// DeepSeek-V4.1: a sliding window plus compressed latents (model/deepseek_v41.rs); it
+    /// keeps no position apart once the window has moved, so it is never cut back.
+    Compressed(CompressedCache),
 }
 
 impl Default for LayerCache {
@@ -236,6 +240,7 @@ impl LayerCache {
             LayerCache::Kv(kv) => kv.offset(),
             LayerCache::Rotating(r) => r.offset(),
             LayerCache::Linear(s) => s.offset(),
+            LayerCache::Compressed(c) => c.offset(),
         }
     }
 
@@ -249,6 +254,8 @@ impl LayerCache {
             LayerCache::Kv(_) | LayerCache::Linear(_) if len > 1 => Ok(AttnMask::Causal),
             LayerCache::Kv(_) | LayerCache::Linear(_) => Ok(AttnMask::None),
             LayerCache::Rotating(r) => r.mask(len),
+            // Its attention builds its own row indices (model/deepseek_v41.rs).
+            LayerCache::Compressed(_) => Ok(AttnMask::None),
         }
     }
 
@@ -263,7 +270,7 @@ impl LayerCache {
         match self {
             LayerCache::Kv(kv) => kv.update_and_fetch(keys, values),
             LayerCache::Rotating(r) => r.update_and_fetch(keys, values),
-            LayerCache::Linear(_) => Err(ComputeError::CacheKind {
+            LayerCache::Linear(_) | LayerCache::Compressed(_) => Err(ComputeError::CacheKind {
                 module: layer.to_string(),
                 wanted: "a KV cache",
             }),
@@ -286,6 +293,7 @@ impl LayerCache {
                 .into_iter()
                 .flatten()
                 .collect(),
+            LayerCache::Compressed(c) => c.arrays(),
         }
     }
 
@@ -293,9 +301,22 @@ impl LayerCache {
     pub(super) fn kv(&mut self, layer: &str) -> Result<&mut LayerKv> {
         match self {
             LayerCache::Kv(kv) => Ok(kv),
-            LayerCache::Rotating(_) | LayerCache::Linear(_) => Err(ComputeError::CacheKind {
+            LayerCache::Rotating(_) | LayerCache::Linear(_) | LayerCache::Compressed(_) => {
+                Err(ComputeError::CacheKind {
+                    module: layer.to_string(),
+                    wanted: "a KV cache",
+                })
+            }
+        }
+    }
+
+    /// The cache of a DeepSeek-V4.1 layer; `layer` names it in the error.
+    pub(super) fn compressed(&mut self, layer: &str) -> Result<&mut CompressedCache> {
+        match self {
+            LayerCache::Compressed(c) => Ok(c),
+            _ => Err(ComputeError::CacheKind {
                 module: layer.to_string(),
-                wanted: "a KV cache",
+                wanted: "a window-and-compressed cache",
             }),
         }
     }
@@ -304,10 +325,12 @@ impl LayerCache {
     pub(super) fn linear(&mut self, layer: &str) -> Result<&mut LinearState> {
         match self {
             LayerCache::Linear(s) => Ok(s),
-            LayerCache::Kv(_) | LayerCache::Rotating(_) => Err(ComputeError::CacheKind {
-                module: layer.to_string(),
-                wanted: "a linear-attention state",
-            }),
+            LayerCache::Kv(_) | LayerCache::Rotating(_) | LayerCache::Compressed(_) => {
+                Err(ComputeError::CacheKind {
+                    module: layer.to_string(),
+                    wanted: "a linear-attention state",
+                })
+            }
         }
     }
 
@@ -317,6 +340,7 @@ impl LayerCache {
             LayerCache::Kv(kv) => position <= kv.offset(),
             LayerCache::Rotating(r) => r.can_truncate(position),
             LayerCache::Linear(s) => position == s.offset(),
+            LayerCache::Compressed(c) => position == c.offset(),
         }
     }
 
@@ -330,7 +354,7 @@ impl LayerCache {
         match self {
             LayerCache::Kv(kv) => kv.truncate(position),
             LayerCache::Rotating(r) => r.truncate_unchecked(position),
-            LayerCache::Linear(_) => {}
+            LayerCache::Linear(_) | LayerCache::Compressed(_) => {}
         }
         Ok(())
     }
@@ -339,7 +363,7 @@ impl LayerCache {
         ComputeError::CannotTruncate {
             offset: self.offset(),
             position,
-            linear: matches!(self, LayerCache::Linear(_)),
+            linear: matches!(self, LayerCache::Linear(_) | LayerCache::Compressed(_)),
             window: match self {
                 LayerCache::Rotating(r) => Some(r.max_size()),
                 _ => None,

@@ -1,6 +1,6 @@
 //! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
 //! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2 / Kimi K2.5, GLM-4.5,
-//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5).
+//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5, MiniMax-M2, DeepSeek-V4.1).
 //!
 //! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
@@ -12,6 +12,7 @@
 //! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
+mod deepseek_v41;
 mod dsa;
 mod gated_delta;
 mod kv_cache;
@@ -23,6 +24,7 @@ mod router;
 mod weights;
 
 pub use attention::{mask_for, Attention, RopeSpec};
+pub use deepseek_v41::{CompressedAttentionLayer, CompressedCache, HyperConnection};
 pub use gated_delta::GatedDeltaNet;
 pub use kv_cache::{KvCache, KvCheckpoint, LayerCache, LayerKv, LinearState};
 pub use layers::{geglu, swiglu, Embedding, GateAct, Linear, Matrix, Mlp, RmsNorm};
@@ -199,6 +201,8 @@ enum SelfAttention {
     Gqa(Attention),
     Mla(MlaAttention),
     Linear(GatedDeltaNet),
+    /// DeepSeek-V4.1's window plus compressed latents (run by `Model::hidden_hc`).
+    Compressed(Box<CompressedAttentionLayer>),
 }
 
 impl SelfAttention {
@@ -219,6 +223,11 @@ impl SelfAttention {
             )?));
         }
         let module = format!("{p}.self_attn");
+        if cfg.compressed_attention.is_some() {
+            return Ok(SelfAttention::Compressed(Box::new(
+                CompressedAttentionLayer::load(w, &module, l, cfg)?,
+            )));
+        }
         Ok(match &cfg.mla {
             Some(m) => SelfAttention::Mla(MlaAttention::load(w, &module, cfg, m)?),
             None => SelfAttention::Gqa(
@@ -239,6 +248,9 @@ impl SelfAttention {
             // make_cache: CacheList(KVCache(), KVCache()) under DSA (deepseek_v32.py)
             SelfAttention::Mla(a) if a.has_indexer() => LayerCache::Kv(LayerKv::with_index()),
             SelfAttention::Mla(_) => LayerCache::Kv(LayerKv::default()),
+            SelfAttention::Compressed(a) => {
+                LayerCache::Compressed(CompressedCache::new(a.window()))
+            }
         }
     }
 
@@ -253,6 +265,9 @@ impl SelfAttention {
             SelfAttention::Mla(a) => a.forward(x, mask, cache.kv("self_attn")?),
             // No mask: one sequence without padding (mlx-lm's create_ssm_mask gives None).
             SelfAttention::Linear(a) => a.forward(x, cache.linear(a.module())?),
+            SelfAttention::Compressed(_) => Err(ComputeError::Unsupported {
+                what: "a compressed-attention layer outside its hyper-connections".into(),
+            }),
         }
     }
 }
@@ -268,6 +283,8 @@ pub struct Block {
     ffn: Ffn,
     /// Gemma 4: the layer's output is `(h + ffn) * layer_scalar` (`[1]`).
     layer_scalar: Option<Array>,
+    /// DeepSeek-V4.1's hyper-connections around the attention and the feed-forward.
+    hc: Option<Box<(HyperConnection, HyperConnection)>>,
 }
 
 impl Block {
@@ -292,12 +309,21 @@ impl Block {
             }
             None => None,
         };
+        let hc = if cfg.hyper_connections.is_some() {
+            Some(Box::new((
+                HyperConnection::load(w, &format!("{p}.attn_hc"), cfg)?,
+                HyperConnection::load(w, &format!("{p}.ffn_hc"), cfg)?,
+            )))
+        } else {
+            None
+        };
         Ok(Block {
             input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
             attn: SelfAttention::load(w, l, cfg)?,
             post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
             ffn,
             layer_scalar,
+            hc,
         })
     }
 
@@ -350,6 +376,61 @@ impl Block {
             None => out,
         })
     }
+    /// DeepSeek-V4.1's attention step on the streams of `st` (`DecoderLayer.__call__`'s first
+    /// half): `attn_hc(streams)`, `input_layernorm(_collapse(streams, pre_mix))` through the
+    /// attention, expanded back into the streams; layer `l`'s cache grows by the call.
+    pub fn hc_attend(&self, st: &mut HcState, cache: &mut LayerCache, l: usize) -> Result<()> {
+        let module = format!("model.layers.{l}");
+        let (SelfAttention::Compressed(attn), Some(pair)) = (&self.attn, &self.hc) else {
+            return Err(ComputeError::Unsupported {
+                what: format!("{module} has no hyper-connections or compressed attention"),
+            });
+        };
+        let (pre, post, comb) = pair.0.forward(&st.streams)?;
+        let x = self
+            .input_norm
+            .forward(&deepseek_v41::collapse(&st.streams, &st.pre_mix)?)?;
+        let y = attn.forward(
+            &x,
+            st.start.start_pos,
+            &st.start.window_idx,
+            cache.compressed(&module)?,
+            &mut st.shared,
+        )?;
+        st.streams = deepseek_v41::expand(&y, &st.streams, &post, &comb)?;
+        st.attn_pre = Some(pre);
+        Ok(())
+    }
+
+    /// The feed-forward's input after [`Block::hc_attend`]:
+    /// `post_attention_layernorm(_collapse(streams, attn_pre))`, with `ffn_hc(streams)` kept for
+    /// [`Block::hc_ffn_done`].
+    pub fn hc_ffn_input(&self, st: &mut HcState) -> Result<Array> {
+        let (Some(pair), Some(attn_pre)) = (&self.hc, st.attn_pre.take()) else {
+            return Err(ComputeError::Unsupported {
+                what: "a feed-forward input before its hyper-connected attention".into(),
+            });
+        };
+        let mix = pair.1.forward(&st.streams)?;
+        let x = self
+            .post_norm
+            .forward(&deepseek_v41::collapse(&st.streams, &attn_pre)?)?;
+        st.ffn_mix = Some(mix);
+        Ok(x)
+    }
+
+    /// The feed-forward's output `y` (on [`Block::hc_ffn_input`]) expanded into the streams;
+    /// the layer's `ffn_pre` becomes the next layer's pre-mix.
+    pub fn hc_ffn_done(&self, st: &mut HcState, y: &Array) -> Result<()> {
+        let Some((pre, post, comb)) = st.ffn_mix.take() else {
+            return Err(ComputeError::Unsupported {
+                what: "a feed-forward output before its input".into(),
+            });
+        };
+        st.streams = deepseek_v41::expand(y, &st.streams, &post, &comb)?;
+        st.pre_mix = pre;
+        Ok(())
+    }
 
     /// The sparse block, for a sparse layer.
     pub fn moe(&self) -> Option<&MoeBlock> {
@@ -358,6 +439,58 @@ impl Block {
             Ffn::Sandwich(s) => s.experts.as_ref().map(|(_, moe, _)| moe),
             Ffn::Dense(_) => None,
         }
+    }
+}
+
+/// DeepSeek-V4.1's residual state through the layers of one call: the streams, the pre-mix of
+/// the next attention, what the layers share (latents, index keys, the indexer's choice), where
+/// the call starts, and the mixes a layer keeps between its steps.
+pub struct HcState {
+    streams: Array,
+    pre_mix: Array,
+    shared: deepseek_v41::Shared,
+    start: deepseek_v41::CallStart,
+    attn_pre: Option<Array>,
+    ffn_mix: Option<(Array, Array, Array)>,
+}
+
+impl HcState {
+    /// The state at the embedding `h` `[B, L, H]` of a call that starts after `offset`
+    /// positions, the windows holding `window_rows` of them.
+    pub fn new(cfg: &ModelConfig, h: &Array, offset: usize, window_rows: usize) -> Result<HcState> {
+        let (Some(hc), Some(c)) = (&cfg.hyper_connections, &cfg.compressed_attention) else {
+            return Err(ComputeError::Unsupported {
+                what: "hyper-connections without their config".into(),
+            });
+        };
+        let s = h.shape();
+        let (streams, pre_mix) = deepseek_v41::initial_streams(h, hc.mult)?;
+        Ok(HcState {
+            streams,
+            pre_mix,
+            shared: deepseek_v41::Shared::default(),
+            start: deepseek_v41::CallStart {
+                start_pos: offset,
+                window_idx: deepseek_v41::window_indices(
+                    window_rows,
+                    s.get(1).copied().unwrap_or(0),
+                    c.sliding_window,
+                    s.first().copied().unwrap_or(1),
+                )?,
+            },
+            attn_pre: None,
+            ffn_mix: None,
+        })
+    }
+
+    /// The streams `[B, L, hc, H]`.
+    pub fn streams(&self) -> &Array {
+        &self.streams
+    }
+
+    /// `_collapse(streams, pre_mix)`: the hidden state before the final norm.
+    pub fn output(&self) -> Result<Array> {
+        deepseek_v41::collapse(&self.streams, &self.pre_mix)
     }
 }
 
@@ -493,6 +626,9 @@ impl Model {
                 model: self.layers.len(),
             });
         }
+        if self.cfg.hyper_connections.is_some() {
+            return self.hidden_hc(tokens, cache, experts, cache_only);
+        }
         let len = tokens.dim(-1).unwrap_or(0);
         // One mask per kind of layer, made before any layer updates its cache.
         let masks = cache.masks(len)?;
@@ -612,6 +748,45 @@ impl Model {
             }
         }
         Ok(h)
+    }
+
+    /// [`Model::hidden`] for DeepSeek-V4.1 (mlx-lm deepseek_v41.py `TextModel.__call__`): the
+    /// embedding as `hc` equal streams through each layer's [`Block::hc_attend`],
+    /// [`Block::hc_ffn_input`] and [`Block::hc_ffn_done`], then the last pre-mix collapses the
+    /// streams into the hidden state.
+    fn hidden_hc(
+        &self,
+        tokens: &Array,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+        cache_only: bool,
+    ) -> Result<Array> {
+        let h = self.embed.forward(tokens)?;
+        let first = cache.layers[0].compressed("model.layers.0")?;
+        let mut st = HcState::new(&self.cfg, &h, first.offset(), first.window_rows())?;
+        let n = self.layers.len();
+        for (l, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            layer.hc_attend(&mut st, lc, l)?;
+            let last = l + 1 == n;
+            if cache_only && last {
+                break;
+            }
+            let x = layer.hc_ffn_input(&mut st)?;
+            if layer.moe().is_some() && experts.wants_prediction() {
+                if let Some(next) = self.next_sparse(l) {
+                    let skipped = cache_only && next.layer + 1 == n;
+                    if !skipped {
+                        experts.predict(next.layer, &next.route(&x)?)?;
+                    }
+                }
+            }
+            let y = layer.ffn(&x, experts)?;
+            layer.hc_ffn_done(&mut st, &y)?;
+            if layer.moe().is_some() && experts.eager() && !last {
+                mlx::async_eval(&[st.streams()])?;
+            }
+        }
+        st.output()
     }
 
     /// The final norm and the LM head on hidden states `[B, L, H]`.

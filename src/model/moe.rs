@@ -36,10 +36,17 @@ pub enum ExpertAct {
     Clamped { alpha: f64, limit: f64 },
     /// `gelu_approx(gate) * up` (Gemma 4's `GeGLU`).
     Geglu,
+    /// DeepSeek-V4.1's `DeepseekV41SwiGLU(limit)`: gate and up cast to f32, `gate =
+    /// min(gate, limit)` and `up = clip(up, -limit, limit)` when `limit > 0`, then
+    /// `silu(gate) * up`, cast back to the input's dtype.
+    F32Clamped { limit: f64 },
 }
 
 impl ExpertAct {
     pub fn of(cfg: &ModelConfig) -> ExpertAct {
+        if let Some(limit) = cfg.f32_swiglu_limit {
+            return ExpertAct::F32Clamped { limit };
+        }
         match cfg.clamped_swiglu {
             Some(c) => ExpertAct::Clamped {
                 alpha: c.alpha,
@@ -72,7 +79,22 @@ impl ExpertAct {
                 u.add(&s(1.0)?)?.mul(&glu)
             }
         };
+        // DeepseekV41SwiGLU.__call__(up, gate)
+        let f32_clamped = |limit: f64| {
+            move |gate: &Array, up: &Array| -> std::result::Result<Array, mlx::Error> {
+                let dt = up.dtype();
+                let mut g = gate.astype(Dtype::F32)?;
+                let mut u = up.astype(Dtype::F32)?;
+                if limit > 0.0 {
+                    let s = |v: f64| Array::scalar(v, Dtype::F32);
+                    g = g.minimum(&s(limit)?)?;
+                    u = u.maximum(&s(-limit)?)?.minimum(&s(limit)?)?;
+                }
+                swiglu_ops(&g, &u)?.astype(dt)
+            }
+        };
         match (*self, fuse) {
+            (ExpertAct::F32Clamped { limit }, _) => Ok(f32_clamped(limit)(gate, up)?),
             (ExpertAct::Swiglu, true) => fused(&SWIGLU, &[], gate, up, &swiglu_ops),
             (ExpertAct::Swiglu, false) => Ok(swiglu_ops(gate, up)?),
             (ExpertAct::Geglu, true) => fused(&GEGLU, &[], gate, up, &geglu_ops),
@@ -478,6 +500,9 @@ pub struct MoeBlock {
     /// The experts' input is this norm of the block's input, which the router sees as it is
     /// (Gemma 4's `pre_feedforward_layernorm_2`).
     expert_norm: Option<RmsNorm>,
+    /// The sum and the shared expert's output are added in f32 and cast to the activations'
+    /// dtype after (DeepSeek-V4.1: `(routed + shared(x).astype(f32)).astype(x.dtype)`).
+    cast_after_shared: bool,
 }
 
 /// The always-on expert(s) of a sparse block: one SwiGLU MLP (N shared experts are one MLP N
@@ -486,6 +511,9 @@ pub struct MoeBlock {
 pub struct SharedExpert {
     pub mlp: Mlp,
     pub gate: Option<Linear>,
+    /// The activation when not SwiGLU (DeepSeek-V4.1's `SharedMLP`:
+    /// `down(activation(up, gate).astype(x.dtype))`).
+    pub act: Option<ExpertAct>,
 }
 
 impl SharedExpert {
@@ -510,6 +538,9 @@ impl SharedExpert {
                 .gated
                 .then(|| Linear::load(w, &format!("{block}.{}", names.gate), 1, h))
                 .transpose()?,
+            act: cfg
+                .f32_swiglu_limit
+                .map(|limit| ExpertAct::F32Clamped { limit }),
         }))
     }
 
@@ -518,7 +549,14 @@ impl SharedExpert {
         // shared_expert_output = self.shared_expert(x)                  (qwen2_moe.py)
         // shared_expert_output = mx.sigmoid(self.shared_expert_gate(x)) * shared_expert_output
         // return y + shared_expert_output         (deepseek_v3.py: y = y + self.shared_experts(x))
-        let mut s = self.mlp.forward(x)?;
+        let mut s = match &self.act {
+            Some(act) => {
+                let m = &self.mlp;
+                let a = act.apply(&m.gate.forward(x)?, &m.up.forward(x)?)?;
+                m.down.forward(&a.astype(x.dtype())?)?
+            }
+            None => self.mlp.forward(x)?,
+        };
         if let Some(gate) = &self.gate {
             s = gate.forward(x)?.sigmoid()?.mul(&s)?;
         }
@@ -544,6 +582,7 @@ impl MoeBlock {
             shared,
             cast_output: cfg.arch.def().cast_moe_output,
             expert_norm: None,
+            cast_after_shared: cfg.f32_swiglu_limit.is_some(),
         })
     }
 
@@ -578,6 +617,9 @@ impl MoeBlock {
             if let Some(shared) = &self.shared {
                 out = shared.add_to(&out, x)?;
             }
+            if self.cast_after_shared {
+                out = out.astype(x.dtype())?;
+            }
             return Ok(out);
         }
         let (routes, scores) = experts.route_scored(self.layer, &routing)?;
@@ -601,6 +643,9 @@ impl MoeBlock {
         }
         if let Some(shared) = &self.shared {
             out = shared.add_to(&out, x)?;
+        }
+        if self.cast_after_shared {
+            out = out.astype(x.dtype())?;
         }
         Ok(out)
     }

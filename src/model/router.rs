@@ -187,6 +187,11 @@ fn route_steps(logits: &Array, bias: Option<&Array>, spec: &RouterSpec) -> Resul
     let scores = match spec.scoring {
         // gates = mx.softmax(gates, axis=-1, precise=True)
         Scoring::Softmax => logits.softmax(-1, true)?,
+        // scores = mx.sqrt(nn.softplus(logits)), nn.softplus being mx.logaddexp(x, 0)
+        Scoring::SqrtSoftplus => logits
+            .astype(Dtype::F32)?
+            .logaddexp(&Array::scalar(0.0, Dtype::F32)?)?
+            .sqrt()?,
         // scores = mx.sigmoid(gates.astype(mx.float32))
         _ => logits.astype(Dtype::F32)?.sigmoid()?,
     };

@@ -182,6 +182,95 @@ fn every_architecture_matches_mlx_lm() {
     }
 }
 
+/// DeepSeek-V4.1 (hyper-connections, a window of 8, layer 1's compressed latents, indexers
+/// keeping 3 of them; at 4 and 2 bits, and with YaRN on the compressed layers) against mlx-lm,
+/// prefill in one call and 8 cached decode steps: max |diff| 0.
+#[test]
+fn deepseek_v41_matches_mlx_lm_exactly() {
+    for name in goldens_of(Arch::DeepseekV41) {
+        assert_eq!(check_golden(&name), 0.0, "{name}");
+    }
+}
+
+/// DeepSeek-V4.1's prompt in chunks (5, 11 and 24 tokens: across the window of 8 and the
+/// compressor's groups of 4, whose open rows carry from one call to the next), then 8 decode
+/// steps, and generation's path (all but the last token filling the cache, then the last):
+/// mlx-lm's one-call logits, max |diff| 0.
+#[test]
+fn deepseek_v41_chunked_prefill_matches_mlx_lm() {
+    for name in goldens_of(Arch::DeepseekV41) {
+        let (cfg, w) = MlxLmWeights::open(&fixture(&format!("golden/{name}"))).unwrap();
+        let model = Model::load(&cfg, &w).unwrap();
+        let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+        let g = golden(&name);
+        let prompt = ids(&g["prompt"]);
+        let mut cache = model.new_cache();
+        let mut worst = 0f32;
+        let mut at = 0;
+        for len in [5, 11, 24] {
+            let logits = model
+                .forward_ids(&prompt[at..at + len], &mut cache, &mut experts)
+                .unwrap()
+                .reshape(&[len as i32, -1])
+                .unwrap();
+            let (d, _) = max_diff(&logits, &rows(&g["prefill_logits"], at, at + len));
+            worst = worst.max(d);
+            at += len;
+        }
+        assert_eq!(at, prompt.len());
+        for (step, &t) in ids(&g["decode_tokens"]).iter().enumerate() {
+            let logits = model.forward_ids(&[t], &mut cache, &mut experts).unwrap();
+            let logits = logits.reshape(&[1, -1]).unwrap();
+            let (d, _) = max_diff(&logits, &rows(&g["decode_logits"], step, step + 1));
+            worst = worst.max(d);
+        }
+        let n = prompt.len();
+        let mut cache = model.new_cache();
+        model
+            .prefill_ids(&prompt[..n - 1], &mut cache, &mut experts)
+            .unwrap();
+        let last = model
+            .forward_last_ids(&prompt[n - 1..], &mut cache, &mut experts)
+            .unwrap()
+            .reshape(&[1, -1])
+            .unwrap();
+        let (d, _) = max_diff(&last, &rows(&g["prefill_logits"], n - 1, n));
+        worst = worst.max(d);
+        eprintln!("{name}: chunks, decode, prefill + last: max |diff| {worst}");
+        assert_eq!(worst, 0.0, "{name}");
+    }
+}
+
+/// DeepSeek-V4.1's indexers really drop compressed latents in the goldens: with `index_topk`
+/// raised past the context every query attends to every closed group, and the logits move;
+/// the first 15 positions (at most 3 closed groups of 4) keep all of them either way.
+#[test]
+fn deepseek_v41_raising_index_topk_changes_the_logits() {
+    let name = "deepseek_v41-q4";
+    let (mut cfg, w) = MlxLmWeights::open(&fixture(&format!("golden/{name}"))).unwrap();
+    let c = cfg.compressed_attention.as_mut().unwrap();
+    assert_eq!(c.index_topk, 3);
+    c.index_topk = 1 << 20;
+    let model = Model::load(&cfg, &w).unwrap();
+    let mut experts = ResidentExperts::load(&cfg, &w).unwrap();
+    let g = golden(name);
+    let prompt = ids(&g["prompt"]);
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward_ids(&prompt, &mut cache, &mut experts)
+        .unwrap()
+        .reshape(&[prompt.len() as i32, -1])
+        .unwrap();
+    let (early, _) = max_diff(&rows(&logits, 0, 15), &rows(&g["prefill_logits"], 0, 15));
+    let (late, scale) = max_diff(&logits, &g["prefill_logits"]);
+    assert_eq!(early, 0.0, "the first 15 positions keep every latent");
+    assert!(
+        late > 0.05 * scale,
+        "index_topk changes nothing ({late} at scale {scale})"
+    );
+    eprintln!("{name}: every latent kept moves the logits by {late} (scale {scale})");
+}
+
 /// DeepSeek Sparse Attention is exercised by the goldens (DeepSeek-V3.2, GLM-5): their
 /// `index_topk` of 8 is below the 40-token prompt, and raised past the context (every query then
 /// attends to every position) the logits move far from mlx-lm's, which

@@ -467,14 +467,19 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, TemplateError::Render(_)), "{err}");
         assert!(format!("{:?}", err).contains("tool message"), "{err:?}");
-        // Only DeepSeek-V3.2 has one.
-        for arch in crate::arch::Arch::ALL {
+        // Only DeepSeek-V3.2 has one, and DeepSeek-V4.1, whose chat mode is the same.
+        use crate::arch::Arch;
+        for arch in Arch::ALL {
             assert_eq!(
                 arch.def().chat_template.is_some(),
-                *arch == crate::arch::Arch::DeepseekV32,
+                matches!(arch, Arch::DeepseekV32 | Arch::DeepseekV41),
                 "{arch}"
             );
         }
+        assert_eq!(
+            Arch::DeepseekV41.def().chat_template,
+            Arch::DeepseekV32.def().chat_template
+        );
     }
 
     /// `tojson` writes what Python's `json.dumps` writes; `.items()` works on mappings.

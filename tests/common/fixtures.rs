@@ -249,6 +249,9 @@ impl FixtureSpec {
     /// The name a tensor has on disk: Qwen3.5's multimodal layout holds the text model under
     /// `model.language_model.`.
     fn disk_name(&self, name: &str) -> String {
+        if self.arch == Arch::DeepseekV41 {
+            return dsv41_upstream_name(name);
+        }
         if self.arch == Arch::KimiK25 && !self.is_vision(name) {
             // Kimi K2.5: the text model under `language_model.` (model.* and lm_head.*).
             return format!("language_model.{name}");
@@ -304,7 +307,11 @@ impl FixtureSpec {
     /// The float type a tensor is written in: the fixture's, but f32 for DeepSeek's
     /// `e_score_correction_bias` (as the checkpoints ship it).
     fn tensor_dtype(&self, name: &str) -> FloatDtype {
-        if name.ends_with("e_score_correction_bias") {
+        let v41_f32 = self.arch == Arch::DeepseekV41
+            && [".attn_hc.", ".ffn_hc.", ".sinks", ".compressor."]
+                .iter()
+                .any(|k| name.contains(k));
+        if name.ends_with("e_score_correction_bias") || v41_f32 {
             FloatDtype::F32
         } else {
             self.dtype
@@ -324,6 +331,8 @@ impl FixtureSpec {
             && !name.contains("embed_tokens")
             && !name.starts_with("lm_head")
             && !name.ends_with("shared_expert_gate.weight")
+            // DeepSeek-V4.1's f32 compressor stays f32.
+            && self.tensor_dtype(name) == self.dtype
             && !(0..self.num_layers).any(|l| self.router_name(l) == name);
         linear.then_some(block)
     }
@@ -391,10 +400,203 @@ impl FixtureSpec {
         self.moe_intermediate_size
     }
 
+    /// DeepSeek-V4.1's layers (`dsv41_config`): output groups of rank `head_dim`, 2
+    /// hyper-connection streams; layer 0 attends to its window only, every later one also to
+    /// layer 1's compressed latents (groups of 4), chosen by the indexers of layers 1 and 2
+    /// (layer 3 on reuses layer 2's choice).
+    fn dsv41_layers(&self) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+        let ratios = (0..self.num_layers)
+            .map(|l| if l == 0 { 0 } else { 4 })
+            .collect();
+        let kv = (1..self.num_layers.min(2)).collect();
+        let index = (1..self.num_layers.min(3)).collect();
+        (ratios, kv, index)
+    }
+
+    /// DeepSeek-V4.1's output groups: the fewest (2 or more) whose heads' width per group is a
+    /// multiple of 64, so mlx-lm quantizes `o_a_proj` at group 64 (an unquantized one would run
+    /// MLX's `gather_mm`, float32 only on the CPU); 2 when none is.
+    fn dsv41_groups(&self) -> usize {
+        let width = self.num_heads * self.head_dim;
+        (2..=self.num_heads)
+            .find(|g| self.num_heads % g == 0 && (width / g) % 64 == 0)
+            .unwrap_or(2)
+    }
+
+    /// DeepSeek-V4.1's tensors under mlx-lm's names (written under upstream's: `disk_name`),
+    /// `wo_a` as upstream stores it (`[o_groups * o_lora_rank, in]`), and one MTP tensor.
+    fn dsv41_tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
+        let (h, e, i, d) = (
+            self.hidden_size,
+            self.num_experts,
+            self.expert_width(),
+            self.head_dim,
+        );
+        let (heads, qr, groups, hc) = (
+            self.num_heads,
+            self.q_lora_rank.unwrap_or(64),
+            self.dsv41_groups(),
+            2,
+        );
+        let (ih, id) = (self.index_heads, self.index_head_dim);
+        let (ratios, kv_src, index_src) = self.dsv41_layers();
+        let names = self.arch.names();
+        let mut t = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+            4,
+        )];
+        for (l, &ratio) in ratios.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let mut add = |n: String, shape: Vec<usize>, fan_in: usize| t.push((n, shape, fan_in));
+            add(format!("{a}.q_a_proj.weight"), vec![qr, h], h);
+            add(format!("{a}.q_a_norm.weight"), vec![qr], 0);
+            add(format!("{a}.q_b_proj.weight"), vec![heads * d, qr], qr);
+            add(format!("{a}.kv_proj.weight"), vec![d, h], h);
+            add(format!("{a}.kv_norm.weight"), vec![d], 0);
+            let per_group = heads * d / groups;
+            add(
+                format!("{a}.o_a_proj.weight"),
+                vec![groups * d, per_group],
+                per_group,
+            );
+            add(
+                format!("{a}.o_b_proj.weight"),
+                vec![h, groups * d],
+                groups * d,
+            );
+            add(format!("{a}.sinks"), vec![heads], 0);
+            if kv_src.contains(&l) {
+                add(format!("{a}.compressor.kv_proj.weight"), vec![d, h], h);
+                if ratio > 1 {
+                    add(format!("{a}.compressor.gate_proj.weight"), vec![d, h], h);
+                }
+                add(format!("{a}.compressor.kv_norm.weight"), vec![d], 0);
+            }
+            if index_src.contains(&l) {
+                add(
+                    format!("{a}.indexer.q_b_proj.weight"),
+                    vec![ih * id, qr],
+                    qr,
+                );
+                add(format!("{a}.indexer.weights_proj.weight"), vec![ih, h], h);
+                if kv_src.contains(&l) {
+                    add(format!("{a}.indexer.k_proj.weight"), vec![id, d], d);
+                    add(format!("{a}.indexer.k_norm.weight"), vec![id], 0);
+                }
+            }
+            add(format!("{p}.input_layernorm.weight"), vec![h], 0);
+            add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0);
+            let mix = (2 + hc) * hc;
+            for kind in ["attn_hc", "ffn_hc"] {
+                add(format!("{p}.{kind}.fn"), vec![mix, hc * h], hc * h);
+                add(format!("{p}.{kind}.base"), vec![mix], 0);
+                add(format!("{p}.{kind}.scale"), vec![3], 0);
+            }
+            add(names.router(l), vec![e, h], h);
+            add(
+                format!("{p}.mlp.gate.e_score_correction_bias"),
+                vec![e],
+                100,
+            );
+            if self.layout == FixtureLayout::Fused {
+                add(
+                    format!("{p}.mlp.experts.gate_up_proj"),
+                    vec![e, 2 * i, h],
+                    h,
+                );
+                add(format!("{p}.mlp.experts.down_proj"), vec![e, h, i], i);
+            } else {
+                for x in 0..e {
+                    for (proj, shape, fan_in) in [
+                        (Proj::Gate, vec![i, h], h),
+                        (Proj::Up, vec![i, h], h),
+                        (Proj::Down, vec![h, i], i),
+                    ] {
+                        add(names.expert(l, x, proj, Part::Weight), shape, fan_in);
+                    }
+                }
+            }
+            for (proj, shape, fan_in) in [
+                ("gate_proj", vec![i, h], h),
+                ("up_proj", vec![i, h], h),
+                ("down_proj", vec![h, i], i),
+            ] {
+                add(
+                    format!("{p}.mlp.shared_experts.{proj}.weight"),
+                    shape,
+                    fan_in,
+                );
+            }
+        }
+        t.push(("model.norm.weight".into(), vec![h], 0));
+        t.push(("lm_head.weight".into(), vec![self.vocab_size, h], h));
+        t.push(("mtp.0.e_proj.weight".into(), vec![h, h], h));
+        t
+    }
+
+    /// DeepSeek-V4.1's `config.json` (the fields of mlx-lm's `ModelArgs`).
+    fn dsv41_config(&self) -> Value {
+        let (ratios, kv, index) = self.dsv41_layers();
+        let mut c = json!({
+            "architectures": ["DeepseekV41ForCausalLM"],
+            "model_type": "deepseek_v41",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "q_lora_rank": self.q_lora_rank.unwrap_or(64),
+            // A rotated tail narrower than the head (the tiny spec's 32 is its whole head).
+            "qk_rope_head_dim": self.qk_rope_head_dim.min(self.head_dim / 2),
+            "o_groups": self.dsv41_groups(),
+            "o_lora_rank": self.head_dim,
+            "moe_intermediate_size": self.expert_width(),
+            "n_routed_experts": self.num_experts,
+            "num_experts_per_tok": self.top_k,
+            "scoring_func": "sqrtsoftplus",
+            "norm_topk_prob": true,
+            "routed_scaling_factor": 1.5,
+            "swiglu_limit": self.swiglu_limit,
+            "rms_norm_eps": 1e-6,
+            "sliding_window": self.sliding_window,
+            "compress_ratios": ratios,
+            "kv_source_layer_ids": kv,
+            "index_source_layer_ids": index,
+            "compress_rope_theta": 160000.0,
+            "candidate_source_layer_id": -1,
+            "index_n_heads": self.index_heads,
+            "index_head_dim": self.index_head_dim,
+            "index_topk": self.index_topk,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 4096,
+            "hc_mult": 2,
+            "hc_sinkhorn_iters": 20,
+            "hc_eps": 1e-6,
+            "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        });
+        if let Fp8Fixture::Blocks(b) = self.fp8 {
+            c["quantization_config"] = json!({
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [b, b],
+            });
+        }
+        c
+    }
+
     /// Every tensor as (name, shape, fan_in for the value scale; 0 means a norm weight).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
         if self.arch == Arch::Gemma4Text {
             return self.gemma4_tensors();
+        }
+        if self.arch == Arch::DeepseekV41 {
+            return self.dsv41_tensors();
         }
         let (h, e, i) = (self.hidden_size, self.num_experts, self.expert_width());
         let (q, kv) = (
@@ -808,6 +1010,9 @@ impl FixtureSpec {
         if self.arch == Arch::Gemma4Text {
             return self.gemma4_config();
         }
+        if self.arch == Arch::DeepseekV41 {
+            return self.dsv41_config();
+        }
         let class = match self.arch {
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
             Arch::Mixtral => "MixtralForCausalLM",
@@ -824,6 +1029,7 @@ impl FixtureSpec {
             Arch::GlmMoeDsa => "GlmMoeDsaForCausalLM",
             Arch::Minimax => "MiniMaxM2ForCausalLM",
             Arch::Gemma4Text => "Gemma4ForCausalLM",
+            Arch::DeepseekV41 => "DeepseekV41ForCausalLM",
             // `Arch` is non-exhaustive outside the library (this file is also test code there).
             #[allow(unreachable_patterns)]
             a => panic!("no fixture class name for {a:?}; add it here"),
@@ -1335,4 +1541,43 @@ impl SplitMix64 {
         // mean 2 * 65535, variance 4 * 65536^2 / 12
         (s as f32 - 131_070.0) * (3.0f32.sqrt() / 65_536.0)
     }
+}
+
+/// DeepSeek-V4.1's upstream name of an mlx-lm name: the inverse of the renames of mlx-lm's
+/// `deepseek_v41.py` `_rename` (and of flashpack's table entry).
+pub fn dsv41_upstream_name(name: &str) -> String {
+    match name {
+        "model.embed_tokens.weight" => return "embed.weight".into(),
+        "lm_head.weight" => return "head.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = name.strip_prefix("model.") else {
+        return name.to_string();
+    };
+    let mut key = format!(".{rest}");
+    for (from, to) in [
+        (".shared_experts.gate_proj.", ".shared_experts.w1."),
+        (".shared_experts.down_proj.", ".shared_experts.w2."),
+        (".shared_experts.up_proj.", ".shared_experts.w3."),
+        (".gate.e_score_correction_bias", ".gate.bias"),
+        (".indexer.k_proj.", ".indexer.wk."),
+        (".compressor.kv_norm.", ".compressor.norm."),
+        (".q_a_norm.", ".q_norm."),
+        (".o_b_proj.", ".wo_b."),
+        (".o_a_proj.", ".wo_a."),
+        (".gate_proj.", ".wgate."),
+        (".kv_proj.", ".wkv."),
+        (".q_b_proj.", ".wq_b."),
+        (".q_a_proj.", ".wq_a."),
+        (".sinks", ".attn_sink"),
+        (".ffn_hc.", ".hc_ffn_"),
+        (".attn_hc.", ".hc_attn_"),
+        (".post_attention_layernorm.", ".ffn_norm."),
+        (".input_layernorm.", ".attn_norm."),
+        (".mlp.", ".ffn."),
+        (".self_attn.", ".attn."),
+    ] {
+        key = key.replace(from, to);
+    }
+    key[1..].to_string()
 }

@@ -289,3 +289,34 @@ fn shard_plan_skips_gemma4_vision_and_audio_shards() {
         }
     );
 }
+
+/// DeepSeek-V4.1's upstream layout: a shard of `mtp.*` tensors alone, and one of its vision
+/// modules alone, are skipped (the Hub download never fetches them); the text model's shards,
+/// under upstream names, are needed.
+#[test]
+fn deepseek_v41_shard_plan_skips_its_mtp_and_vision_shards() {
+    let text = r#"{"weight_map": {
+        "embed.weight": "m-1.safetensors",
+        "layers.0.attn.wq_a.weight": "m-1.safetensors",
+        "layers.0.hc_attn_fn": "m-1.safetensors",
+        "layers.0.ffn.experts.3.w1.weight": "m-2.safetensors",
+        "head.weight": "m-2.safetensors",
+        "mtp.0.e_proj.weight": "m-3.safetensors",
+        "mtp.0.ffn.experts.0.w1.weight": "m-3.safetensors",
+        "vision.blocks.0.weight": "m-4.safetensors",
+        "aligner.proj.weight": "m-4.safetensors"}}"#;
+    let index = ShardIndex::parse(text).unwrap();
+    let config = serde_json::json!({
+        "model_type": "deepseek_v41", "num_hidden_layers": 1, "num_nextn_predict_layers": 1
+    });
+    let filter = TensorFilter::from_config(&config).unwrap();
+    assert_eq!(
+        index.plan(&filter),
+        ShardPlan {
+            needed: vec!["m-1.safetensors", "m-2.safetensors"],
+            skipped: vec!["m-3.safetensors", "m-4.safetensors"],
+            skipped_mtp_tensors: 2,
+            skipped_other_tensors: 2,
+        }
+    );
+}
