@@ -439,7 +439,8 @@ fn progressive_decode_in_any_arrival_order_gives_the_whole_decode() {
                         (i * part).min(seg.len()).max(pos)
                     };
                     // SAFETY: `seg` is whole; `to` reports only parts marked arrived.
-                    let done = unsafe { dec.advance(&mut prog, seg.as_ptr(), &to, &mut dst) };
+                    let done =
+                        unsafe { dec.advance(&mut prog, seg.as_ptr(), &to, dst.as_mut_ptr()) };
                     assert!(done >= last);
                     last = done;
                     for (s, out) in dst.chunks(q).enumerate() {
@@ -462,7 +463,7 @@ fn progressive_decode_in_any_arrival_order_gives_the_whole_decode() {
                 let mut prog = dec.start(&bad, bad.len()).unwrap();
                 let n = bad.len();
                 // SAFETY: all of `bad` is there.
-                unsafe { dec.advance(&mut prog, bad.as_ptr(), &|_| n, &mut got) };
+                unsafe { dec.advance(&mut prog, bad.as_ptr(), &|_| n, got.as_mut_ptr()) };
                 let fin = dec.finish(prog, &bad, &mut got);
                 assert_eq!(
                     whole.is_ok(),

@@ -43,7 +43,7 @@ impl Default for IoBenchOptions {
             batch: 8,
             seed: 1,
             splits_kib: vec![0, 256],
-            huffman_parts_kib: vec![0, super::read::DEFAULT_HUFFMAN_PART_KIB],
+            huffman_parts_kib: vec![0, super::read::TRIED_HUFFMAN_PART_KIB],
             verify: true,
         }
     }

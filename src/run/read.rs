@@ -102,11 +102,15 @@ pub fn split_bytes() -> usize {
     (kib * 1024).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
 }
 
-/// Default part size of a lone Huffman-coded miss (`FLASHPACK_HUFFMAN_PART_KIB` overrides; 0:
-/// read whole, then decoded): a fraction of one stream (a 2.5 MB expert has 7 streams of about
-/// 350 KB), so the decoder's rows are fine enough to follow the read, and a power of two, so
-/// each part is a BLAKE3 subtree (`run::experts::huffman`, decision 0024).
-pub const DEFAULT_HUFFMAN_PART_KIB: usize = 64;
+/// Default part size of a lone Huffman-coded miss read in decoder order and decoded as it
+/// arrives (`FLASHPACK_HUFFMAN_PART_KIB` sets it; 0: read whole, then decoded). Off by default:
+/// measured no faster than reading whole on the 2-core VM and within one run's noise on the
+/// H100 host (decision 0024), where the decoder thread, not the disk, ends the load. 64 KiB (a
+/// fraction of one stream, a power of two so each part is a BLAKE3 subtree) is the size to try.
+pub const DEFAULT_HUFFMAN_PART_KIB: usize = 0;
+
+/// The Huffman part size `bench io` tries beside reading whole.
+pub const TRIED_HUFFMAN_PART_KIB: usize = 64;
 
 /// The part size of pipelined Huffman-coded loads, from `FLASHPACK_HUFFMAN_PART_KIB` or the
 /// default, in bytes.

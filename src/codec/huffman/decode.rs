@@ -175,23 +175,24 @@ impl HuffmanDecoder {
 
     /// Decodes in lock step as far as the arrived bytes allow: `arrived_to(pos)` is the end of
     /// the run of arrived bytes that holds `pos` (`pos` itself when it has not arrived), at most
-    /// the segment's length. Writes stream outputs into `dst` (the decoded length). Returns the
-    /// symbols each stream has decoded so far ([`Progressive::done`]). Stream counts other
-    /// than the encoder's usual ones do nothing here; `finish` decodes them.
+    /// the segment's length. Writes stream outputs into the decoded buffer at `dst`, only past
+    /// what each stream had decoded before the call: the decoded part of each stream
+    /// (`dst[s * q..s * q + done]`) is never written again, so other threads may read it while
+    /// this runs. Returns the symbols each stream has decoded so far ([`Progressive::done`]).
+    /// Stream counts other than the encoder's usual ones do nothing here; `finish` decodes them.
     ///
     /// # Safety
     /// `src` points at the segment's first byte; every byte `arrived_to` reports as arrived is
-    /// readable there and is no longer written.
+    /// readable there and is no longer written. `dst` points at `decoded_len()` writable bytes,
+    /// of which nothing past each stream's decoded part is read or written by anyone else
+    /// during the call.
     pub unsafe fn advance(
         &self,
         p: &mut Progressive,
         src: *const u8,
         arrived_to: &dyn Fn(usize) -> usize,
-        dst: &mut [u8],
+        dst: *mut u8,
     ) -> usize {
-        if dst.len() != p.h.decoded_len {
-            return p.done;
-        }
         let t = &*self.table;
         // SAFETY: forwarded from this function's contract.
         unsafe {
@@ -224,8 +225,9 @@ impl HuffmanDecoder {
             });
         }
         let len = src.len();
-        // SAFETY: the whole segment is `src`, all of it readable.
-        unsafe { self.advance(&mut p, src.as_ptr(), &|_| len, dst) };
+        // SAFETY: the whole segment is `src`, all of it readable; `dst` is this call's own,
+        // `decoded_len()` long (checked above).
+        unsafe { self.advance(&mut p, src.as_ptr(), &|_| len, dst.as_mut_ptr()) };
         let t = &*self.table;
         let q = p.quota();
         for (s, out) in dst.chunks_mut(q).enumerate().take(p.h.streams) {
@@ -252,17 +254,23 @@ unsafe fn lock_step<const N: usize>(
     src: *const u8,
     p: &mut Progressive,
     arrived_to: &dyn Fn(usize) -> usize,
-    dst: &mut [u8],
+    dst: *mut u8,
 ) {
-    let q = p.quota();
-    let mut outs: [&mut [u8]; N] = std::array::from_fn(|_| &mut [][..]);
-    for (o, chunk) in outs.iter_mut().zip(dst.chunks_mut(q)) {
-        *o = chunk;
-    }
+    let (q, n) = (p.quota(), p.h.decoded_len);
+    // Each stream's output past what it has decoded: the only bytes this call writes.
+    let start = p.done;
+    let mut outs: [&mut [u8]; N] = std::array::from_fn(|s| {
+        let (lo, hi) = (s * q, ((s + 1) * q).min(n));
+        let from = (lo + start).min(hi);
+        // SAFETY: `from..hi` lies inside the `n` bytes at `dst` (the caller's contract), the
+        // streams' ranges are disjoint, and nobody else touches a stream's undecoded part.
+        unsafe { std::slice::from_raw_parts_mut(dst.add(from), hi - from) }
+    });
     let shortest = outs.iter().map(|o| o.len()).min().unwrap_or(0);
     let mut rs: [Reader; N] = std::array::from_fn(|s| p.rs[s]);
+    let mut i = 0;
     loop {
-        let by_out = (shortest - p.done.min(shortest)) / SYMS_PER_REFILL;
+        let by_out = (shortest - i) / SYMS_PER_REFILL;
         // A stream may read into the next one's bytes (its last refill), so the bound is the
         // arrived run from its position, whatever stream those bytes belong to.
         let by_in = rs
@@ -280,8 +288,9 @@ unsafe fn lock_step<const N: usize>(
         // SAFETY: k <= by_in gives every stream pos + 8 + k * MAX_ADVANCE <= the end of the
         // arrived run it reads (the caller's contract), and k <= by_out keeps every write
         // inside the shortest output.
-        p.done = unsafe { fast_loop(table, src, &mut rs, &mut outs, p.done, k) };
+        i = unsafe { fast_loop(table, src, &mut rs, &mut outs, i, k) };
     }
+    p.done = start + i;
     p.rs[..N].copy_from_slice(&rs);
 }
 

@@ -6,10 +6,12 @@
 //! start once the last stream began to arrive. Here the segment is read in small parts taken in
 //! the order the lock-step decoder consumes them (every stream's first part, then every
 //! stream's second, ...), and whichever read thread brings a part in advances the decoder as
-//! far as every stream's arrived bytes allow, then copies what it decoded into the slot. Each
+//! far as every stream's arrived bytes allow, then queues the copies of what it decoded into the
+//! slot, which the read threads that find the decoder busy do. Each
 //! part is hashed as it arrives (a BLAKE3 subtree, `run::part_hash`). What is left after the
 //! last read is the decode of one row of parts, the checks, and the small scales part.
-//! docs/decisions/0024-huffman-miss-pipeline.md has the measurements.
+//! docs/decisions/0024-huffman-miss-pipeline.md has the measurements; it is off unless
+//! `FLASHPACK_HUFFMAN_PART_KIB` is set, not being faster yet than reading whole.
 //!
 //! Nothing here is usable before the checks pass: on a checksum or decode failure the load
 //! fails and its slot is freed unused (`ExpertCache::prepare_stored_ids`, `join_prefetch`),
@@ -37,34 +39,94 @@ const LANES: usize = 4;
 /// call into the driver); on the host they are copied after every advance.
 const UPLOAD_BATCH: usize = 512 << 10;
 
+/// The decoded weights buffer, shared by the decoder (which writes each stream past what it
+/// has decoded) and the threads copying decoded bytes into the slot (which read only what is
+/// decoded): [`HuffmanDecoder::advance`]'s contract keeps the two apart.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut u8,
+    len: usize,
+}
+// SAFETY: see the type's text: writers and readers touch disjoint bytes, ordered by the locks
+// that hand decoded ranges from the decoder to the copies.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
 /// The decoder's side, held by whichever read thread advances it.
-struct Decode<'h, 'a> {
+struct Decode<'h> {
     huff: &'h mut HuffmanDecoder,
-    weights: &'a mut [u8],
+    weights: Out,
     prog: Option<Progressive>,
     /// Output bytes per stream and streams, once the header is read.
     layout: Option<(usize, usize)>,
     /// The header did not parse: the whole segment is decoded at the end (which reports why).
     failed: bool,
-    /// Decoded bytes of each stream already in the slot.
-    copied: [usize; MAX_STREAMS],
-    /// Where decoded weights go as they are decoded: whole experts only.
-    slot: Option<SlotCopy<'a>>,
-    err: Option<ExpertError>,
+    /// Decoded bytes of each stream already handed to the copies.
+    queued: [usize; MAX_STREAMS],
 }
 
-/// The slot's weight arrays, as pieces of the decoded weights.
-struct SlotCopy<'a> {
+/// Copies of decoded weights into the slot (whole experts only), queued by the decoder and
+/// done by whichever read thread is free, so the decoder only decodes.
+struct SlotCopies<'a> {
     pieces: Vec<Piece>,
     dst: &'a [(usize, usize); SLOT_ARRAYS],
     /// MLX on CUDA: the slot is device memory, written by `mlx::upload` in batches.
     upload: bool,
+    /// (slot address, decoded-buffer address, bytes) not yet done.
+    queue: Mutex<Vec<(usize, usize, usize)>>,
+    /// `mlx::upload` has no device copies here: the slot is written at the end instead.
+    off: AtomicBool,
+    err: Mutex<Option<ExpertError>>,
 }
 
-impl Decode<'_, '_> {
-    /// Advances the decode over the arrived runs `runs` of `seg`, then copies what it decoded.
-    fn advance(&mut self, seg: Arriving, wlen: usize, runs: &[(usize, usize)]) {
-        if self.failed || self.err.is_some() {
+impl SlotCopies<'_> {
+    /// Does the queued copies (all of them, whatever their size, with `all`).
+    fn drain(&self, all: bool) {
+        let copies = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes: usize = q.iter().map(|c| c.2).sum();
+            let batch = if self.upload && !all { UPLOAD_BATCH } else { 1 };
+            if bytes < batch || self.off.load(Ordering::Relaxed) {
+                return;
+            }
+            std::mem::take(&mut *q)
+        };
+        let t = Instant::now();
+        if self.upload {
+            // SAFETY: the sources are decoded bytes of this load's buffer, never written again
+            // (they were queued after the decoder finished them); the destinations lie inside
+            // this job's slot (one job per slot), which no pending evaluation reads.
+            match unsafe { mlx::upload(&copies) } {
+                Ok(true) => {}
+                Ok(false) => self.off.store(true, Ordering::Relaxed),
+                Err(err) => {
+                    *self.err.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.into());
+                    self.off.store(true, Ordering::Relaxed);
+                }
+            }
+        } else {
+            for &(to, from, len) in &copies {
+                // SAFETY: as above; on the host the slot's arrays are plain memory, and each
+                // piece lies inside its array (whole_expert_pieces matches the slot's layout).
+                unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) };
+            }
+        }
+        step_done(3, t);
+    }
+}
+
+impl Decode<'_> {
+    /// Advances the decode over the arrived runs `runs` of `seg`, then queues the copies of
+    /// what it decoded.
+    fn advance(
+        &mut self,
+        seg: Arriving,
+        wlen: usize,
+        runs: &[(usize, usize)],
+        slot: Option<&SlotCopies>,
+    ) {
+        if self.failed {
             return;
         }
         let arrived_to = |pos: usize| -> usize {
@@ -82,7 +144,7 @@ impl Decode<'_, '_> {
             }
             // SAFETY: `0..head` has arrived.
             match self.huff.start(unsafe { seg.range(0, head) }, wlen) {
-                Ok(p) if p.decoded_len() == self.weights.len() => {
+                Ok(p) if p.decoded_len() == self.weights.len => {
                     self.layout = Some((p.quota(), p.streams()));
                     self.prog = Some(p);
                 }
@@ -96,75 +158,44 @@ impl Decode<'_, '_> {
         }
         let prog = self.prog.as_mut().expect("started above");
         // SAFETY: `seg` points at the segment's first byte, and `arrived_to` reports only
-        // arrived bytes, which the reader never writes again.
+        // arrived bytes, which the reader never writes again; the buffer is `decoded_len()`
+        // long, and the copies read only what is already decoded.
         let done = unsafe {
             self.huff
-                .advance(prog, seg.ptr(), &arrived_to, self.weights)
+                .advance(prog, seg.ptr(), &arrived_to, self.weights.ptr)
         };
         step_done(2, t);
-        self.copy(Some(done));
+        self.queue(Some(done), slot);
     }
 
-    /// Copies newly decoded bytes into the slot, `done` of each stream (`None`: all of them,
-    /// the decode being finished), only when there are enough for one batch unless all.
-    fn copy(&mut self, done: Option<usize>) {
-        let (Some(slot), Some((q, streams))) = (&self.slot, self.layout) else {
+    /// Queues the copies of newly decoded bytes into the slot, `done` of each stream (`None`:
+    /// all of them, the decode being finished).
+    fn queue(&mut self, done: Option<usize>, slot: Option<&SlotCopies>) {
+        let (Some(slot), Some((q, streams))) = (slot, self.layout) else {
             return;
         };
-        let t = Instant::now();
-        let all = done.is_none();
-        let n = self.weights.len();
-        let mut runs = Vec::new();
-        let mut bytes = 0;
+        let n = self.weights.len;
+        let base = self.weights.ptr as usize;
+        let mut copies = Vec::new();
         for s in 0..streams {
             let (lo, hi) = (s * q, ((s + 1) * q).min(n));
             let upto = done.map_or(hi, |d| (lo + d).min(hi));
-            if upto > lo + self.copied[s] {
-                runs.push((s, lo + self.copied[s], upto));
-                bytes += upto - lo - self.copied[s];
+            let from = lo + self.queued[s];
+            if upto <= from {
+                continue;
             }
-        }
-        let batch = if slot.upload && !all { UPLOAD_BATCH } else { 1 };
-        if bytes < batch {
-            return;
-        }
-        let base = self.weights.as_ptr() as usize;
-        let mut copies = Vec::new();
-        for &(_, from, to) in &runs {
             for p in &slot.pieces {
-                let (lo, hi) = (from.max(p.at), to.min(p.at + p.len));
-                if lo < hi {
-                    copies.push((slot.dst[p.arr].0 + (lo - p.at), base + lo, hi - lo));
+                let (a, b) = (from.max(p.at), upto.min(p.at + p.len));
+                if a < b {
+                    copies.push((slot.dst[p.arr].0 + (a - p.at), base + a, b - a));
                 }
             }
+            self.queued[s] = upto - lo;
         }
-        if slot.upload {
-            // SAFETY: the sources are decoded bytes of this load's buffer, never written again;
-            // the destinations lie inside this job's slot (one job per slot), which no pending
-            // evaluation reads.
-            match unsafe { mlx::upload(&copies) } {
-                Ok(true) => {}
-                Ok(false) => {
-                    // No device copies here: the slot is written at the end instead.
-                    self.slot = None;
-                    return;
-                }
-                Err(err) => {
-                    self.err = Some(err.into());
-                    return;
-                }
-            }
-        } else {
-            for &(to, from, len) in &copies {
-                // SAFETY: as above; on the host the slot's arrays are plain memory, and each
-                // piece lies inside its array (whole_expert_pieces matches the slot's layout).
-                unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) };
-            }
-        }
-        for (s, from, to) in runs {
-            self.copied[s] += to - from;
-        }
-        step_done(3, t);
+        slot.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(copies);
     }
 }
 
@@ -223,23 +254,29 @@ pub(super) fn load(
     let hash_whole = AtomicBool::new(ctx.verify && hash.is_none());
     let runs = Mutex::new(Vec::<(usize, usize)>::new());
     let reported = AtomicU64::new(0);
-    let slot = whole.then(|| SlotCopy {
+    let slot = whole.then(|| SlotCopies {
         pieces: whole_expert_pieces(e, ctx.hidden, ctx.inter)
             .into_iter()
             .filter(|p| !p.aux)
             .collect(),
         dst,
         upload: ctx.upload,
+        queue: Mutex::new(Vec::new()),
+        off: AtomicBool::new(false),
+        err: Mutex::new(None),
     });
+    let slot = slot.as_ref();
+    let out = Out {
+        ptr: weights.as_mut_ptr(),
+        len: weights.len(),
+    };
     let state = Mutex::new(Decode {
         huff: decoder.huffman(),
-        weights: &mut weights[..],
+        weights: out,
         prog: None,
         layout: None,
         failed: false,
-        copied: [0; MAX_STREAMS],
-        slot,
-        err: None,
+        queued: [0; MAX_STREAMS],
     });
     let key = |from: usize, to: usize| read_key(from, to, wlen);
     // The scales part (small) is decoded by the read thread that completes it, on a decoder
@@ -274,14 +311,18 @@ pub(super) fn load(
             .unwrap_or_else(|p| p.into_inner())
             .push((from, to));
         reported.fetch_add(1, Ordering::SeqCst);
-        // Whoever holds the decoder takes this part too: it looks again after letting go.
+        // Whoever holds the decoder takes this part too: it looks again after letting go. A
+        // thread that finds the decoder taken does the copies it queued instead.
         loop {
             let Ok(mut d) = state.try_lock() else {
+                if let Some(slot) = slot {
+                    slot.drain(false);
+                }
                 return;
             };
             let seen = reported.load(Ordering::SeqCst);
             let now = runs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            d.advance(seg, wlen, &now);
+            d.advance(seg, wlen, &now, slot);
             drop(d);
             if reported.load(Ordering::SeqCst) == seen {
                 return;
@@ -291,10 +332,7 @@ pub(super) fn load(
     let t = Instant::now();
     let range = reader.read_parts_ordered(e, stored, part, LANES, &key, &arrived)?;
     step_done(0, t);
-    let d = state.into_inner().unwrap_or_else(|p| p.into_inner());
-    if let Some(err) = d.err {
-        return Err(err);
-    }
+    let mut d = state.into_inner().unwrap_or_else(|p| p.into_inner());
     let stored = &stored[range];
     if ctx.verify {
         let t = Instant::now();
@@ -314,26 +352,33 @@ pub(super) fn load(
         }
     }
     let (ws, auxs) = stored.split_at(wlen);
-    let mut d = d;
     let t = Instant::now();
+    // SAFETY: the read is over, so no copy runs beside this: the buffer is this thread's.
+    let whole_out = unsafe { std::slice::from_raw_parts_mut(out.ptr, out.len) };
     let decoded = match d.prog.take() {
-        Some(p) if !d.failed => d.huff.finish(p, ws, d.weights),
+        Some(p) if !d.failed => d.huff.finish(p, ws, whole_out),
         _ => {
             // Never started (a damaged header): decoded whole, which says what is wrong, and
             // copied to the slot by `finish_segment`.
             d.layout = None;
-            d.huff.decode_into_parallel(ws, d.weights).map(|_| ())
+            d.huff.decode_into_parallel(ws, whole_out).map(|_| ())
         }
     };
     decoded.map_err(|source| decode_error(reader, e, source))?;
     step_done(2, t);
     // The rest of the weights into the slot: what the last advances and `finish` decoded.
-    d.copy(None);
-    if let Some(err) = d.err.take() {
-        return Err(err);
+    d.queue(None, slot);
+    let mut in_slot = d.layout.is_some();
+    if let Some(slot) = slot {
+        slot.drain(true);
+        if let Some(err) = slot.err.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(err);
+        }
+        in_slot &= !slot.off.load(Ordering::Relaxed);
+    } else {
+        in_slot = false;
     }
-    let in_slot = d.slot.is_some() && d.layout.is_some();
-    let Decode { weights, .. } = d;
+    drop(d);
     let weights: &[u8] = weights;
     let (aux_out, aux_result) = aux_state.into_inner().unwrap_or_else(|p| p.into_inner());
     let aux: &[u8] = if aux_codec == CodecId::Raw {
