@@ -378,7 +378,6 @@ pub(super) fn load(
     } else {
         in_slot = false;
     }
-    drop(d);
     let weights: &[u8] = weights;
     let (aux_out, aux_result) = aux_state.into_inner().unwrap_or_else(|p| p.into_inner());
     let aux: &[u8] = if aux_codec == CodecId::Raw {
