@@ -42,7 +42,12 @@ PARAGRAPH = ("The committee met again in the spring to discuss the harbour, the 
 
 
 def sh(cmd, **kw):
-    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
+    p = subprocess.run(cmd, text=True, capture_output=True, **kw)
+    if p.returncode != 0:
+        # Say why before failing: a convert that ran out of disk otherwise shows only its exit code.
+        sys.stderr.write(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-4000:]}\n")
+        p.check_returncode()
+    return p
 
 
 def drop_caches():
@@ -277,10 +282,14 @@ def deep(a, log):
     for name, extra in models:
         pack = f"{w}/{name}.flashpack"
         if not os.path.exists(pack):
-            # The disk holds one 29 GB source beside one pack: other deep packs go first.
+            # The disk holds one 29 GB source beside one pack: other deep packs go first, and
+            # so do the 8-layer sources and packs of `io` and `trace` (about 15 GB; 2026-12-07
+            # a deep convert ran out of disk beside them).
             for other, _ in models + [("deep-uniform", []), ("deep-skewed", [])]:
                 if other != name and os.path.exists(f"{w}/{other}.flashpack") and len(models) == 1:
                     os.remove(f"{w}/{other}.flashpack")
+            for small in ("uniform", "io-huffman.flashpack", "io-raw.flashpack", "trace.flashpack"):
+                subprocess.run(["rm", "-rf", f"{w}/{small}"])
             sh(["make_fixture", "--out", f"{w}/{name}", "--tokenizer-from", a.tokenizer_from]
                + shape + extra)
             sh(["flashpack", "convert", f"{w}/{name}", "-o", pack, "--quiet"])
