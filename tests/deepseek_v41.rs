@@ -19,7 +19,7 @@ use flashpack::format::Pack;
 
 use crate::common::mlx_lm;
 use mlx_lm::{
-    check, convert_every_stage, eval_against, flashpack, flashpack_out,
+    check_resident_and_streaming, convert_every_stage, eval_against, flashpack, flashpack_out,
     greedy_tokens_equal_mlx_lms, mlx_lm_convert_q4, mlx_lm_logits_chunked, python_has_mlx_lm,
     streaming_keeps_the_tokens,
 };
@@ -115,16 +115,13 @@ fn deepseek_v41_gives_mlx_lms_logits_and_greedy_tokens_from_upstream_and_mlx_lm_
         if src == &bf16 {
             greedy_tokens_equal_mlx_lms(&pack, &mlx_dir, label);
         }
-        let mut w = 0f32;
-        for budget in [None, Some(3)] {
-            w = w.max(check(
-                &pack,
-                &mlx_dir,
-                budget,
-                (PROMPT, DECODE, Some(CHUNK)),
-                &format!("deepseek_v41 {label} {budget:?} slots"),
-            ));
-        }
+        let w = check_resident_and_streaming(
+            &pack,
+            &mlx_dir,
+            3,
+            (PROMPT, DECODE, Some(CHUNK)),
+            &format!("deepseek_v41 {label}"),
+        );
         worst.push(format!("{label}: {w}"));
     }
     eprintln!("max |logit diff| against mlx-lm: {worst:?}");

@@ -535,8 +535,9 @@ pub(crate) fn read_direct(
 /// A raw pointer to a buffer whose disjoint parts several threads write at once.
 #[derive(Clone, Copy)]
 struct SharedBuf(*mut u8);
-// SAFETY: only used by `read_direct_parts`, whose threads touch disjoint ranges (each part is
-// written by one lane; arrived bytes are only read, after the lock that orders them).
+// SAFETY: only used by `read_direct_parts` and `read_direct_ordered`, whose threads touch
+// disjoint ranges (each part is written by one lane; arrived bytes are only read, after the
+// lock or report that orders them).
 unsafe impl Send for SharedBuf {}
 // SAFETY: as above.
 unsafe impl Sync for SharedBuf {}
@@ -546,6 +547,22 @@ impl SharedBuf {
     fn at(&self, offset: usize) -> *mut u8 {
         self.0.wrapping_add(offset)
     }
+}
+
+/// Reads one aligned part of a pipelined load into `chunk` from file offset `at`: the first
+/// `wanted` bytes of it at least (the segment's; the file may end inside the last part's final
+/// block, so a short read is an error only off a block boundary before `wanted`).
+fn read_part(f: &File, chunk: &mut [u8], at: u64, wanted: usize) -> std::io::Result<()> {
+    let need = wanted.min(chunk.len());
+    let mut done = 0;
+    while done < need {
+        let got = read_at(f, &mut chunk[done..], at + done as u64)?;
+        if got == 0 || (done + got < need && (done + got) % DIRECT_ALIGN != 0) {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        done += got;
+    }
+    Ok(())
 }
 
 /// [`SegmentReader::read_parts`] through an `O_DIRECT` descriptor, on `pool`.
@@ -579,17 +596,7 @@ fn read_direct_parts(
                 // SAFETY: part `p` is `at..at + n` of the aligned run, inside `buf`, and only
                 // this lane writes it.
                 let chunk = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
-                // Bytes of this part that the segment needs; the file may end inside the last
-                // part's final block.
-                let need = wanted.saturating_sub(at).min(n);
-                let mut done = 0;
-                while done < need {
-                    let got = read_at(f, &mut chunk[done..], start + (at + done) as u64)?;
-                    if got == 0 || (done + got < need && (done + got) % DIRECT_ALIGN != 0) {
-                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-                    }
-                    done += got;
-                }
+                read_part(f, chunk, start + at as u64, wanted.saturating_sub(at))?;
                 let (from, to) = {
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                     st.0[p] = true;
@@ -709,24 +716,14 @@ fn read_direct_ordered(
         (0..lanes).into_par_iter().try_for_each(|_| loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(&p) = order.get(i) else {
-                return Ok(());
+                return Ok::<(), std::io::Error>(());
             };
             let at = p * part;
             let n = part.min(total - at);
             // SAFETY: part `p` is `at..at + n` of the aligned run, inside `buf`, and only the
             // lane that took its index writes it.
             let chunk = unsafe { std::slice::from_raw_parts_mut(base.at(at), n) };
-            // Bytes of this part that the segment needs; the file may end inside the last
-            // part's final block.
-            let need = wanted.saturating_sub(at).min(n);
-            let mut done = 0;
-            while done < need {
-                let got = read_at(f, &mut chunk[done..], start + (at + done) as u64)?;
-                if got == 0 || (done + got < need && (done + got) % DIRECT_ALIGN != 0) {
-                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-                }
-                done += got;
-            }
+            read_part(f, chunk, start + at as u64, wanted.saturating_sub(at))?;
             let (a, b) = range(p);
             if b > a {
                 arrived(a, b, seg);

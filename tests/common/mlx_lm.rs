@@ -189,6 +189,29 @@ pub fn max_diff(got: &Array, want: &Array) -> (f32, f32) {
     (d, b.iter().fold(0f32, |m, y| m.max(y.abs())))
 }
 
+/// [`check`] with every expert resident, then streaming through `slots` expert slots (fewer
+/// than a layer's experts): the larger of the two max |diff|s.
+pub fn check_resident_and_streaming(
+    pack: &Path,
+    mlx_dir: &Path,
+    slots: u64,
+    case: (&[u32], &[u32], Option<usize>),
+    what: &str,
+) -> f32 {
+    [None, Some(slots)]
+        .into_iter()
+        .map(|budget| {
+            check(
+                pack,
+                mlx_dir,
+                budget,
+                case,
+                &format!("{what} {budget:?} slots"),
+            )
+        })
+        .fold(0f32, f32::max)
+}
+
 /// Row `r` of a 2-D array.
 fn row(a: &Array, r: usize) -> Array {
     let v = a.dim(-1).unwrap() as i32;
