@@ -5,10 +5,10 @@
 //! built-in rendering of its documented format. The tiny models borrow the bundled model's
 //! tokenizer, so the prompt's token count says which text the model read.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use crate::common::chat_two_turns;
 use crate::common::fixtures::FixtureSpec;
 use crate::common::http::{post, Server};
 use flashpack::arch::Arch;
@@ -144,34 +144,7 @@ fn each_model_chats_and_serves_with_its_own_format() {
         drop(p);
 
         // chat: two turns; the first prompt is exactly that text, the second reuses it.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-            .args([
-                "chat",
-                pack.to_str().unwrap(),
-                "--stats",
-                "--max-tokens",
-                "3",
-            ])
-            .args(["--temperature", "0", "--system", SYSTEM])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"Hi\nBye\n/exit\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{arch}: {stderr}");
-        let turns_stats: Vec<Value> = stderr
-            .lines()
-            .filter(|l| l.starts_with('{') && !l.contains("prefill_tokens"))
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let (turns_stats, stderr) = chat_two_turns(&pack, &["--system", SYSTEM]);
         assert_eq!(turns_stats.len(), 2, "{arch}: {stderr}");
         assert_eq!(turns_stats[0]["prompt_tokens"], tokens(first), "{arch}");
         // At most a token or two at the seam between the prompt and the answer is recomputed.

@@ -14,13 +14,12 @@
 //! sliding layers drop positions and their rotating caches wrap in prefill and decode). Needs
 //! python3 with mlx-lm (CI installs it); skipped with a note otherwise.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::common::fixtures::FixtureSpec;
 use crate::common::http::{post, Server};
-use crate::common::texts_of;
+use crate::common::{chat_two_turns, texts_of};
 use flashpack::arch::Arch;
 use flashpack::format::Pack;
 use serde_json::{json, Value};
@@ -330,34 +329,7 @@ fn gemma4_chats_and_serves_with_its_turn_format() {
     );
 
     // chat: two turns; the first prompt is exactly that text.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-        .args([
-            "chat",
-            pack.to_str().unwrap(),
-            "--stats",
-            "--max-tokens",
-            "3",
-        ])
-        .args(["--temperature", "0"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hi\nBye\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let turns: Vec<Value> = stderr
-        .lines()
-        .filter(|l| l.starts_with('{') && !l.contains("prefill_tokens"))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (turns, stderr) = chat_two_turns(&pack, &[]);
     assert_eq!(turns.len(), 2, "{stderr}");
     assert_eq!(turns[0]["prompt_tokens"], tokens(&first), "{stderr}");
 

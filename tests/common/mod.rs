@@ -16,6 +16,44 @@ use flashpack::format::{
 };
 use serde_json::json;
 
+/// `flashpack chat PACK --stats --max-tokens 3 --temperature 0 EXTRA...` over two turns ("Hi",
+/// then "Bye", then `/exit`): each turn's stats line as JSON, and the whole stderr. The chat must
+/// succeed.
+pub fn chat_two_turns(pack: &Path, extra: &[&str]) -> (Vec<serde_json::Value>, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
+        .args([
+            "chat",
+            pack.to_str().unwrap(),
+            "--stats",
+            "--max-tokens",
+            "3",
+        ])
+        .args(["--temperature", "0"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hi\nBye\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}: {stderr}", pack.display());
+    let turns = stderr
+        .lines()
+        .filter(|l| l.starts_with('{') && !l.contains("prefill_tokens"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (turns, stderr)
+}
+
 pub const HIDDEN: u32 = 128;
 pub const INTER: u32 = 128;
 
