@@ -52,10 +52,23 @@ VARIANTS = {
     # Time to first token on the long prompt (4 tokens generated: the phase snapshot comes at the second). `warm long` goes first: the
     # first long prompt on a machine compiles the prefill's kernels, so it is not a measurement.
     "warm long": ([], {}),
+    # A budgeted run's expert pools have other shapes than resident's: their kernels compile on
+    # the first budgeted long prompt of a machine (as on a user's first run, not later ones).
+    "warm 50% long": (["--expert-budget", "50%"], {}),
     "resident long": ([], {}),
     "50% long": (["--expert-budget", "50%"], {}),
     "25% long": (["--expert-budget", "25%"], {}),
     "12% long": (["--expert-budget", "12%"], {}),
+    "50% no-prefetch long": (["--expert-budget", "50%", "--no-prefetch"], {}),
+    # Reading ahead within a chunk: every guessed expert (divisor 0 off, 1 only those named for
+    # an expert's average share of the entries, the default 4 a quarter of it).
+    "50% chunk-votes-0 long": (["--expert-budget", "50%"], {"FLASHPACK_CHUNK_VOTES": "0"}),
+    "50% chunk-votes-1 long": (["--expert-budget", "50%"], {"FLASHPACK_CHUNK_VOTES": "1"}),
+    "25% no-prefetch long": (["--expert-budget", "25%", "--no-prefetch"], {}),
+    # How many sparse layers a chunk reads before its first routing (default 3).
+    "50% pass-ahead-1 long": (["--expert-budget", "50%"], {"FLASHPACK_PASS_AHEAD": "1"}),
+    "50% pass-ahead-0 long": (["--expert-budget", "50%"], {"FLASHPACK_PASS_AHEAD": "0"}),
+    "50% chunk-votes-16 long": (["--expert-budget", "50%"], {"FLASHPACK_CHUNK_VOTES": "16"}),
 }
 
 

@@ -225,3 +225,48 @@ fn prefetch_reads_at_most_five_percent_more_than_needed_and_changes_no_token() {
         "the trained model's heaviest guesses are right often enough to open the gate somewhere"
     );
 }
+
+/// Issue 25, target 6: a long prompt under a budget reads its first sparse layer's experts
+/// while the device computes up to that layer's routing, so the routing finds them resident;
+/// the later layers read ahead only the experts their guess names for many of the prompt's
+/// entries. Tokens are those of the run without prefetch. Up to the first token, layer 0
+/// misses at most the experts of the last prompt position (which runs alone, after the chunk
+/// has moved on), where without reading ahead it misses every expert the chunk used there.
+#[test]
+fn a_long_prompt_reads_its_first_layer_before_routing_it_and_changes_no_token() {
+    let path = http::tiny_pack("engine-prompt-reads");
+    let (pack, cfg, weights) = open::open(path, true).unwrap();
+    // Enough positions for a chunk (4 or more routed entries per expert on average).
+    let prompt_text = "The river runs past the old mill, and the miller counts the sacks. ".repeat(12);
+    let run = |prefetch: bool, n: usize| {
+        let opts = EngineOptions {
+            expert_budget: Some(Budget::parse("50%").unwrap()),
+            prefetch,
+            positions: 512,
+            ..EngineOptions::default()
+        };
+        let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &Silent).unwrap();
+        let prompt = engine.encode(&prompt_text).unwrap();
+        assert!(
+            prompt.len() * cfg.num_experts_per_tok >= 4 * cfg.num_experts,
+            "{} tokens are no chunk",
+            prompt.len()
+        );
+        let (out, _) = tokens(&mut engine, &prompt, &greedy(n));
+        (out, engine.cache_stats())
+    };
+    assert_eq!(run(true, 8).0, run(false, 8).0, "reading ahead changed the tokens");
+    let ((_, c), (_, c0)) = (run(true, 1), run(false, 1));
+    let first = |c: &flashpack::run::experts::StoreStats| {
+        c.misses_per_layer.get(&0).copied().unwrap_or(0)
+    };
+    let k = cfg.num_experts_per_tok as u64;
+    assert!(first(&c0) > k, "without reading ahead layer 0 misses {}", first(&c0));
+    assert!(
+        first(&c) <= k,
+        "layer 0 missed {} experts after {} were read before its routing",
+        first(&c),
+        c.prefetch_loaded
+    );
+    assert!(c.prefetch_used > 0 && c.prefetch_loaded >= c.prefetch_used);
+}

@@ -626,6 +626,10 @@ impl Model {
                 model: self.layers.len(),
             });
         }
+        if let Some(first) = self.layers.iter().find_map(Block::moe) {
+            let positions: usize = tokens.shape().iter().product();
+            experts.begin_pass(first.layer, positions * self.cfg.num_experts_per_tok)?;
+        }
         if self.cfg.hyper_connections.is_some() {
             return self.hidden_hc(tokens, cache, experts, cache_only);
         }

@@ -250,6 +250,14 @@ pub trait ExpertStore {
         Ok(true)
     }
 
+    /// A forward pass of `entries` routed entries per sparse layer (positions x top-k) starts;
+    /// `first` is its first sparse layer. Called before anything of the pass is evaluated, so a
+    /// store can start reading what the pass will need while the device computes up to the
+    /// first routing (a long prompt's first layer). Default: nothing.
+    fn begin_pass(&mut self, _first: usize, _entries: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether the store wants a guess of the next sparse layer's routing (for prefetch).
     fn wants_prediction(&self) -> bool {
         false

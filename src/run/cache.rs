@@ -181,6 +181,9 @@ pub struct SlotTable {
     in_use: Vec<ExpertKey>,
     policy: Box<dyn EvictionPolicy>,
     clock: u64,
+    /// While a prompt chunk passes through the layers: the layer it has reached. Experts of
+    /// layers up to it are evicted before those of later layers (see [`Self::set_passed`]).
+    passed: Option<u32>,
     pub counters: CacheCounters,
 }
 
@@ -202,6 +205,7 @@ impl SlotTable {
             in_use: Vec::new(),
             policy,
             clock: 0,
+            passed: None,
             counters: CacheCounters::default(),
         }
     }
@@ -242,6 +246,17 @@ impl SlotTable {
         self.clock = self.clock.max(now);
     }
 
+    /// A prompt chunk has reached `layer` (`None`: a decode step, or no chunk). A chunk visits
+    /// each layer once, in order, and uses nearly every expert of each: the experts of the
+    /// layers it has passed are not needed again before the next step, while those of the
+    /// layers ahead are needed within this chunk. So while it passes, victims come from layers
+    /// up to `layer` first (the policy choosing among them), and from the layers ahead only when
+    /// there is nothing else. Without this, a depth-biased or recency policy evicts the experts
+    /// of the layers ahead first, and the chunk reads them again a few layers later.
+    pub fn set_passed(&mut self, layer: Option<u32>) {
+        self.passed = layer;
+    }
+
     /// The logical clock: requests (and unrequested insertions) so far.
     pub fn clock(&self) -> u64 {
         self.clock
@@ -263,8 +278,19 @@ impl SlotTable {
             Some(slot) => (slot, None),
             None => {
                 let in_use = &self.in_use;
-                let mut candidates = self.slots.keys().copied().filter(|k| !in_use.contains(k));
-                let victim = self.policy.victim(&mut candidates, self.clock);
+                let free = |k: &ExpertKey| !in_use.contains(k);
+                let behind = self.passed.and_then(|p| {
+                    let mut c = self
+                        .slots
+                        .keys()
+                        .copied()
+                        .filter(|k| free(k) && k.layer <= p);
+                    self.policy.victim(&mut c, self.clock)
+                });
+                let victim = behind.or_else(|| {
+                    let mut c = self.slots.keys().copied().filter(free);
+                    self.policy.victim(&mut c, self.clock)
+                });
                 let Some(victim) = victim else {
                     self.in_use.retain(|k| *k != key);
                     return Err(CacheError::TooSmall {
@@ -433,6 +459,33 @@ mod tests {
         };
         assert_ne!(slot(a), slot(b));
         assert!(t.contains(k(1, 5)) && t.contains(k(1, 6)) && t.contains(k(0, 1)));
+    }
+
+    #[test]
+    fn a_chunk_evicts_the_layers_it_passed_before_the_layers_ahead() {
+        // The depth-biased policy alone would evict layer 3's experts (the deepest) first;
+        // a chunk at layer 1 needs them soon, and layers 0 and 1 not again in this chunk.
+        let prior = HashMap::new();
+        let mut t = SlotTable::new(4, Box::new(ProfileWeighted::new(prior, 4, 100)));
+        for key in [k(0, 0), k(1, 0), k(3, 0), k(3, 1)] {
+            t.begin_group();
+            t.request(key).unwrap();
+        }
+        t.begin_group();
+        t.set_passed(Some(1));
+        t.request(k(1, 1)).unwrap();
+        t.request(k(1, 2)).unwrap();
+        assert!(t.contains(k(3, 0)) && t.contains(k(3, 1)));
+        assert!(!t.contains(k(0, 0)) && !t.contains(k(1, 0)));
+        // Nothing passed is left to evict (layer 1's are in use): a layer ahead goes.
+        let third = t.request(k(1, 3)).unwrap();
+        assert!(matches!(third, Lookup::Miss { evicted: Some(e), .. } if e.layer == 3));
+        // Off again (a decode step): the policy alone, which takes the deepest layer's.
+        t.begin_group();
+        t.set_passed(None);
+        t.request(k(0, 5)).unwrap();
+        assert_eq!(t.len(), 4);
+        assert!(!t.contains(k(3, 0)) && !t.contains(k(3, 1)));
     }
 
     #[test]

@@ -157,6 +157,44 @@ struct Guess {
     layer: usize,
     experts: Vec<u32>,
     reads: Vec<(u32, usize)>,
+    /// For each of `reads`: how many of the guess's entries name it.
+    votes: Vec<usize>,
+}
+
+/// A prompt chunk reads the next layer's guessed experts while this layer computes, but only
+/// those the guess names for at least 1/`CHUNK_VOTE_DIVISOR` of an expert's average share of
+/// the chunk's entries: a guess over many tokens names nearly every expert somewhere, and on
+/// the GPU table (8 layers, 1,871-token prompt, 50%) reading every guessed one read 1.28x the
+/// bytes the chunk needed and came later to its first token than not reading ahead at all.
+/// `FLASHPACK_CHUNK_VOTES` sets the divisor (0: no reading ahead within a chunk).
+pub const CHUNK_VOTE_DIVISOR: usize = 4;
+
+/// Most sparse layers a prompt chunk reads before its first routing (`begin_pass`). On the GPU
+/// table (8 layers of Qwen3-30B-A3B's shape, 1,871-token prompt, 50%), the first routing waits
+/// 0.6-1.0 s (the first attention over the prompt, and a process's first kernels): one layer
+/// read in that time took the first token from 1.68-1.81x of resident's time to 1.55x; three
+/// layers were no better (1.52-1.73x), since reading them slowed that first wait by a quarter,
+/// and they read each layer's unused experts too. docs/decisions/0025-prompt-reads.md.
+pub const PASS_AHEAD_LAYERS: usize = 1;
+
+fn pass_ahead_layers() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("FLASHPACK_PASS_AHEAD")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(PASS_AHEAD_LAYERS)
+    })
+}
+
+fn chunk_vote_divisor() -> usize {
+    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("FLASHPACK_CHUNK_VOTES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(CHUNK_VOTE_DIVISOR)
+    })
 }
 
 /// A prefetched read that the router does not then use costs its bytes and delays the next
@@ -254,6 +292,13 @@ impl<'p> StreamingExperts<'p> {
         entries >= 4 * self.num_experts
     }
 
+    /// Tells the cache where a chunk of `entries` routed entries has reached (`layer`), or that
+    /// this is no chunk: a chunk evicts the experts of the layers it passed first.
+    fn pass_at(&mut self, layer: usize, entries: usize) {
+        let chunk = self.is_chunk(entries);
+        self.cache.set_passed(chunk.then_some(layer as u32));
+    }
+
     /// Fewest slots of any pool: bounds how many distinct experts one call may need.
     pub fn min_slots(&self) -> usize {
         self.pools.iter().map(ExpertPool::slots).min().unwrap_or(0)
@@ -274,6 +319,42 @@ impl ExpertStore for StreamingExperts<'_> {
 
     fn wants_prediction(&self) -> bool {
         self.prefetch
+    }
+
+    /// A prompt chunk (on average 4 or more routed entries per expert) uses nearly every expert
+    /// of every layer. The first sparse layers' experts are read while the device computes up
+    /// to the first routing (the embedding and the first attention: the longest wait of a
+    /// chunk, and of a process's first prompt most of all), instead of one layer at a time
+    /// after it: as many whole layers as fit beside one more layer's experts (the first
+    /// routing's own misses), at most [`PASS_AHEAD_LAYERS`]. Later layers are read one layer
+    /// ahead by the guesses (`route_inner`).
+    fn begin_pass(&mut self, first: usize, entries: usize) -> Result<(), ComputeError> {
+        if !self.prefetch || self.skip_below.is_some() || !self.is_chunk(entries) {
+            return Ok(());
+        }
+        // Whole layers beside one more: below two, the chunk's layers are computed in groups
+        // of experts (`mix_in_groups`) or its first routing would evict these again.
+        let layers = (self.min_slots() / self.num_experts.max(1)).saturating_sub(1);
+        // Not the last sparse layer: a prompt chunk skips its experts (only the last prompt
+        // position, which runs alone, needs them).
+        let mut ahead = self.cache.sparse_layers_from(first as u32);
+        ahead.pop();
+        ahead.truncate(layers.min(pass_ahead_layers()));
+        let wanted: Vec<(u32, Vec<u32>)> = ahead
+            .into_iter()
+            .map(|layer| {
+                let reads = (0..self.num_experts as u32)
+                    .filter(|&e| !self.cache.is_resident(layer, e))
+                    .collect();
+                (layer, reads)
+            })
+            .collect();
+        if wanted.iter().all(|(_, r)| r.is_empty()) {
+            return Ok(());
+        }
+        self.cache.set_passed(None);
+        self.cache.prefetch_layers(self.pack, &wanted)?;
+        Ok(())
     }
 
     fn runs_ahead(&self, tokens: usize) -> bool {
@@ -312,6 +393,7 @@ impl ExpertStore for StreamingExperts<'_> {
             });
         if stands {
             // Everything is in place: the usual bookkeeping (recency, hit counts), no load.
+            self.pass_at(layer, ids.len());
             self.cache.prepare(self.pack, layer as u32, &wanted)?;
             self.stats.routes += 1;
             self.stats.ahead_confirmed += 1;
@@ -553,6 +635,7 @@ impl StreamingExperts<'_> {
                 self.score(&g, &wanted);
             }
         }
+        self.pass_at(layer, ids.len());
         let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;
         if let Some((next, p, w)) = prediction {
             let guess = self.guess(next, &p.to_vec::<u32>()?, &w.to_vec_f32()?, p.dim(-1))?;
@@ -560,15 +643,19 @@ impl StreamingExperts<'_> {
             // more) uses nearly every expert its guess names: the whole guess is read while
             // this layer computes, if both layers' experts fit (time to first token).
             let chunk = self.is_chunk(ids.len());
+            let div = chunk_vote_divisor();
             let reads: Vec<u32> = guess
                 .reads
                 .iter()
-                .filter(|&&(_, rank)| {
-                    chunk
-                        || self.precision.get(rank).copied().unwrap_or(0.0)
-                            >= PREFETCH_MIN_PRECISION
+                .zip(&guess.votes)
+                .filter(|&(&(_, rank), &votes)| {
+                    if chunk {
+                        div > 0 && votes * self.num_experts * div >= ids.len()
+                    } else {
+                        self.precision.get(rank).copied().unwrap_or(0.0) >= PREFETCH_MIN_PRECISION
+                    }
                 })
-                .map(|&(e, _)| e)
+                .map(|(&(e, _), _)| e)
                 .collect();
             let room = if chunk {
                 self.min_slots() >= wanted.len() + reads.len()
@@ -625,27 +712,31 @@ impl StreamingExperts<'_> {
         k: Option<usize>,
     ) -> Result<Guess, ComputeError> {
         let k = k.unwrap_or(1).max(1);
-        let mut best: std::collections::BTreeMap<u32, usize> = Default::default();
+        // Per guessed expert: its best rank in a token, and how many entries name it.
+        let mut best: std::collections::BTreeMap<u32, (usize, usize)> = Default::default();
         for (row, w) in ids.chunks(k).zip(weights.chunks(k)) {
             let mut order: Vec<usize> = (0..row.len()).collect();
             order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
             for (rank, &j) in order.iter().enumerate() {
                 let e = row[j];
                 if (e as usize) < self.num_experts {
-                    let r = best.entry(e).or_insert(rank);
-                    *r = (*r).min(rank);
+                    let r = best.entry(e).or_insert((rank, 0));
+                    r.0 = r.0.min(rank);
+                    r.1 += 1;
                 }
             }
         }
         let experts: Vec<u32> = best.keys().copied().collect();
-        let reads = best
+        let (reads, votes) = best
             .into_iter()
             .filter(|&(e, _)| !self.cache.is_resident(layer as u32, e))
-            .collect();
+            .map(|(e, (rank, votes))| ((e, rank), votes))
+            .unzip();
         Ok(Guess {
             layer,
             experts,
             reads,
+            votes,
         })
     }
 
@@ -728,6 +819,7 @@ impl StreamingExperts<'_> {
         for group in groups {
             let started = Instant::now();
             let wanted = unique(&group);
+            self.pass_at(layer, ids.len());
             let placement = self.cache.prepare(self.pack, layer as u32, &wanted)?;
             self.stats.stall_ms += started.elapsed().as_secs_f64() * 1e3;
             self.stats.routes += 1;

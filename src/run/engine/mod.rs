@@ -635,6 +635,10 @@ impl ExpertStore for Watch<'_, '_, '_> {
         self.inner_ref().wants_prediction()
     }
 
+    fn begin_pass(&mut self, first: usize, entries: usize) -> Result<(), ComputeError> {
+        self.inner().begin_pass(first, entries)
+    }
+
     fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
         self.inner().predict(layer, guess)
     }

@@ -570,6 +570,15 @@ impl ExpertCache {
         r
     }
 
+    /// A prompt chunk has reached `layer` (`None`: not in a chunk): every pool then evicts the
+    /// experts of the layers the chunk has passed before those of the layers ahead
+    /// ([`SlotTable::set_passed`]).
+    pub fn set_passed(&mut self, layer: Option<u32>) {
+        for p in &mut self.pools {
+            p.table.set_passed(layer);
+        }
+    }
+
     /// Distinct layers whose experts pool `pool` holds.
     pub fn pool_layers(&self, pool: usize) -> usize {
         let mut layers: Vec<u32> = self
@@ -618,6 +627,17 @@ impl ExpertCache {
             .map(|(_, &p)| p);
         let first = pools.next()?;
         pools.all(|p| p == first).then_some(first)
+    }
+
+    /// The layers with experts, from `first` on, in order.
+    pub fn sparse_layers_from(&self, first: u32) -> Vec<u32> {
+        let mut layers: Vec<u32> = self
+            .pool_of
+            .range((first, 0)..)
+            .map(|(&(layer, _), _)| layer)
+            .collect();
+        layers.dedup();
+        layers
     }
 
     /// Where each router expert `0..num_experts` of `layer` is resident: its (pool, slot), or
@@ -863,32 +883,49 @@ impl ExpertCache {
         layer: u32,
         router_experts: &[u32],
     ) -> Result<(), ExpertError> {
+        self.prefetch_layers(pack, &[(layer, router_experts.to_vec())])
+    }
+
+    /// [`Self::prefetch`] of several layers' experts in one background load (a prompt's first
+    /// layers, read while the device computes up to the first routing). The insertions are one
+    /// batch: none evicts another.
+    pub fn prefetch_layers(
+        &mut self,
+        pack: &Pack,
+        wanted: &[(u32, Vec<u32>)],
+    ) -> Result<(), ExpertError> {
         self.join_prefetch()?;
-        self.stats.prefetch_issued += router_experts.len() as u64;
-        let mut misses = Vec::new();
-        for &e in router_experts {
-            let stored = stored_expert(&self.merge_map, layer, e);
-            let Some(&pool) = self.pool_of.get(&(layer, stored)) else {
-                continue;
-            };
-            let key = ExpertKey {
-                layer,
-                expert: stored,
-            };
-            if let Some(Lookup::Miss { slot, .. }) =
-                self.on_table(pool, |t| t.insert_unrequested(key))
-            {
-                misses.push((pool, slot, stored));
+        let mut jobs = Vec::new();
+        let mut keys: Vec<(usize, ExpertKey)> = Vec::new();
+        for (layer, router_experts) in wanted {
+            let layer = *layer;
+            self.stats.prefetch_issued += router_experts.len() as u64;
+            let mut misses = Vec::new();
+            for &e in router_experts {
+                let stored = stored_expert(&self.merge_map, layer, e);
+                let Some(&pool) = self.pool_of.get(&(layer, stored)) else {
+                    continue;
+                };
+                let key = ExpertKey {
+                    layer,
+                    expert: stored,
+                };
+                if let Some(Lookup::Miss { slot, .. }) =
+                    self.on_table(pool, |t| t.insert_unrequested(key))
+                {
+                    misses.push((pool, slot, stored));
+                }
             }
+            jobs.extend(self.jobs(pack, layer, &misses)?);
+            keys.extend(
+                misses
+                    .iter()
+                    .map(|&(pool, _, expert)| (pool, ExpertKey { layer, expert })),
+            );
         }
-        if misses.is_empty() {
+        if jobs.is_empty() {
             return Ok(());
         }
-        let jobs = self.jobs(pack, layer, &misses)?;
-        let keys: Vec<(usize, ExpertKey)> = misses
-            .iter()
-            .map(|&(pool, _, expert)| (pool, ExpertKey { layer, expert }))
-            .collect();
         let reader = self.reader.clone();
         let ctx = self.load_ctx();
         let handle = std::thread::Builder::new()
