@@ -413,8 +413,10 @@ fn progressive_decode_in_any_arrival_order_gives_the_whole_decode() {
             let data = skewed(len, rng.next(), 1 + rng.below(40) as u32);
             let mut seg = Vec::new();
             huffman::encode(&data, streams, &mut seg).unwrap();
-            for part in [512usize, 4096, 65536] {
+            for (part, groups) in [(512usize, 1), (4096, 2), (65536, 3), (4096, 1), (512, 2)] {
                 // Parts arrive in a random order; after each, the decoder goes as far as it can.
+                // With several stream groups (one per thread in the runtime), each group is
+                // advanced or not at random after each part, as lagging threads would.
                 let parts = seg.len().div_ceil(part);
                 let mut order: Vec<usize> = (0..parts).collect();
                 for i in (1..parts).rev() {
@@ -425,10 +427,14 @@ fn progressive_decode_in_any_arrival_order_gives_the_whole_decode() {
                 let mut arrived = vec![false; parts];
                 let mut dec = huffman::HuffmanDecoder::new();
                 let head = &seg[..part.min(seg.len())];
-                let mut prog = dec.start(head, seg.len()).unwrap();
+                let prog = dec.start(head, seg.len()).unwrap();
                 let q = prog.quota();
+                let mut progs = prog.split(groups);
+                assert_eq!(progs.len(), groups.min(streams));
+                assert_eq!(progs[0].stream_range().start, 0);
+                assert_eq!(progs.last().unwrap().stream_range().end, streams);
                 let mut dst = vec![0u8; len];
-                let mut last = 0;
+                let mut last = vec![0; progs.len()];
                 for &p in &order {
                     arrived[p] = true;
                     let to = |pos: usize| {
@@ -438,18 +444,31 @@ fn progressive_decode_in_any_arrival_order_gives_the_whole_decode() {
                         }
                         (i * part).min(seg.len()).max(pos)
                     };
-                    // SAFETY: `seg` is whole; `to` reports only parts marked arrived.
-                    let done =
-                        unsafe { dec.advance(&mut prog, seg.as_ptr(), &to, dst.as_mut_ptr()) };
-                    assert!(done >= last);
-                    last = done;
-                    for (s, out) in dst.chunks(q).enumerate() {
-                        let n = done.min(out.len());
-                        assert_eq!(&out[..n], &data[s * q..s * q + n], "stream {s}");
+                    for (g, prog) in progs.iter_mut().enumerate() {
+                        if groups > 1 && rng.below(2) == 0 {
+                            continue;
+                        }
+                        // SAFETY: `seg` is whole; `to` reports only parts marked arrived.
+                        let done =
+                            unsafe { dec.advance(prog, seg.as_ptr(), &to, dst.as_mut_ptr()) };
+                        assert!(done >= last[g]);
+                        last[g] = done;
+                        for s in prog.stream_range() {
+                            let (lo, hi) = ((s * q).min(len), ((s + 1) * q).min(len));
+                            let n = done.min(hi - lo);
+                            assert_eq!(&dst[lo..lo + n], &data[lo..lo + n], "stream {s}");
+                        }
                     }
                 }
-                dec.finish(prog, &seg, &mut dst).unwrap();
-                assert_eq!(dst, data, "{streams} streams, {len} bytes, parts of {part}");
+                // The groups finish in reverse order, each writing only its own streams.
+                for prog in progs.into_iter().rev() {
+                    // SAFETY: `dst` is `len` bytes, and no other group runs beside this one.
+                    unsafe { dec.finish_streams(prog, &seg, dst.as_mut_ptr()) }.unwrap();
+                }
+                assert_eq!(
+                    dst, data,
+                    "{streams} streams in {groups} groups, {len} bytes, parts of {part}"
+                );
             }
             // Damage: `finish` fails exactly when the whole decode does, else the same bytes.
             for _ in 0..10 {
@@ -460,11 +479,16 @@ fn progressive_decode_in_any_arrival_order_gives_the_whole_decode() {
                 let whole = Decoder::new().decode_into(CodecId::Huffman, &bad, &mut want);
                 let mut dec = huffman::HuffmanDecoder::new();
                 let mut got = vec![0u8; len];
-                let mut prog = dec.start(&bad, bad.len()).unwrap();
+                let prog = dec.start(&bad, bad.len()).unwrap();
                 let n = bad.len();
-                // SAFETY: all of `bad` is there.
-                unsafe { dec.advance(&mut prog, bad.as_ptr(), &|_| n, got.as_mut_ptr()) };
-                let fin = dec.finish(prog, &bad, &mut got);
+                // In two groups: the decode fails if either group's does.
+                let mut fin = Ok(());
+                for mut prog in prog.split(2) {
+                    // SAFETY: all of `bad` is there; `got` is `len` bytes, one group at a time.
+                    unsafe { dec.advance(&mut prog, bad.as_ptr(), &|_| n, got.as_mut_ptr()) };
+                    let r = unsafe { dec.finish_streams(prog, &bad, got.as_mut_ptr()) };
+                    fin = fin.and(r);
+                }
                 assert_eq!(
                     whole.is_ok(),
                     fin.is_ok(),

@@ -103,11 +103,13 @@ pub fn split_bytes() -> usize {
 }
 
 /// Default part size of a lone Huffman-coded miss read in decoder order and decoded as it
-/// arrives (`FLASHPACK_HUFFMAN_PART_KIB` sets it; 0: read whole, then decoded). Off by default:
-/// measured no faster than reading whole on the 2-core VM and within one run's noise on the
-/// H100 host (decision 0024), where the decoder thread, not the disk, ends the load. 64 KiB (a
-/// fraction of one stream, a power of two so each part is a BLAKE3 subtree) is the size to try.
-pub const DEFAULT_HUFFMAN_PART_KIB: usize = 0;
+/// arrives (`FLASHPACK_HUFFMAN_PART_KIB` sets it; 0: read whole, then decoded), on machines of
+/// 4 cores or more: 64 KiB (a fraction of one stream, a power of two so each part is a BLAKE3
+/// subtree). There, decoded in two stream groups at once, a lone miss costs 1.32-1.50x a plain
+/// read against 1.63-1.73x read whole, and 8 at a time 1.64-1.72x against 1.75-1.80x (the H100
+/// host, decision 0024). Machines of fewer cores read whole: with one group it measured no
+/// faster on the 2-core VM.
+pub const DEFAULT_HUFFMAN_PART_KIB: usize = 64;
 
 /// The Huffman part size `bench io` tries beside reading whole.
 pub const TRIED_HUFFMAN_PART_KIB: usize = 64;
@@ -115,10 +117,16 @@ pub const TRIED_HUFFMAN_PART_KIB: usize = 64;
 /// The part size of pipelined Huffman-coded loads, from `FLASHPACK_HUFFMAN_PART_KIB` or the
 /// default, in bytes.
 pub fn huffman_part_bytes() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = if cores >= 4 {
+        DEFAULT_HUFFMAN_PART_KIB
+    } else {
+        0
+    };
     let kib = std::env::var("FLASHPACK_HUFFMAN_PART_KIB")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(DEFAULT_HUFFMAN_PART_KIB);
+        .unwrap_or(default);
     huffman_part_of(kib * 1024)
 }
 

@@ -118,11 +118,15 @@ impl HuffmanDecoder {
 /// the whole segment is there. Same bytes out as [`HuffmanDecoder::decode_into`], and the
 /// same errors: a damaged stream is found by `finish`, and nothing decoded before it is
 /// usable until `finish` returned `Ok`.
+#[derive(Clone)]
 pub struct Progressive {
     h: Header,
     starts: [usize; MAX_STREAMS + 1],
     rs: [Reader; MAX_STREAMS],
-    /// Symbols decoded so far by every stream (lock step).
+    /// The streams this decode covers: `lo..hi` (all of them unless [`Progressive::split`]).
+    lo: usize,
+    hi: usize,
+    /// Symbols decoded so far by each of its streams (lock step).
     done: usize,
     total: usize,
 }
@@ -143,7 +147,28 @@ impl Progressive {
         self.starts[s]
     }
 
-    /// Symbols every stream has decoded so far: stream `s`'s output is
+    /// The streams this decode covers.
+    pub fn stream_range(&self) -> std::ops::Range<usize> {
+        self.lo..self.hi
+    }
+
+    /// Splits the decode into `groups` decodes of consecutive streams (as equal as can be; at
+    /// most one per stream), each advanced and finished on its own, by different threads at
+    /// once if wanted: they write disjoint parts of the output. Their outputs together are the
+    /// whole decode's.
+    pub fn split(self, groups: usize) -> Vec<Progressive> {
+        let n = self.hi - self.lo;
+        let groups = groups.clamp(1, n.max(1));
+        (0..groups)
+            .map(|g| Progressive {
+                lo: self.lo + g * n / groups,
+                hi: self.lo + (g + 1) * n / groups,
+                ..self.clone()
+            })
+            .collect()
+    }
+
+    /// Symbols each of its streams has decoded so far: stream `s`'s output is
     /// `dst[s * q..s * q + done]` with `q = ceil(decoded_len / streams)` (clipped at its end).
     pub fn done(&self) -> usize {
         self.done
@@ -164,10 +189,13 @@ impl HuffmanDecoder {
         build_table(&h.lens, &mut self.table);
         let starts = stream_starts(&h);
         let rs = std::array::from_fn(|s| Reader::new(starts[s]));
+        let hi = h.streams;
         Ok(Progressive {
             h,
             starts,
             rs,
+            lo: 0,
+            hi,
             done: 0,
             total,
         })
@@ -179,7 +207,7 @@ impl HuffmanDecoder {
     /// what each stream had decoded before the call: the decoded part of each stream
     /// (`dst[s * q..s * q + done]`) is never written again, so other threads may read it while
     /// this runs. Returns the symbols each stream has decoded so far ([`Progressive::done`]).
-    /// Stream counts other than the encoder's usual ones do nothing here; `finish` decodes them.
+    /// Groups of more than 8 streams do nothing here; `finish` decodes them.
     ///
     /// # Safety
     /// `src` points at the segment's first byte; every byte `arrived_to` reports as arrived is
@@ -196,7 +224,10 @@ impl HuffmanDecoder {
         let t = &*self.table;
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            match p.h.streams {
+            match p.hi - p.lo {
+                1 => lock_step::<1>(t, src, p, arrived_to, dst),
+                2 => lock_step::<2>(t, src, p, arrived_to, dst),
+                3 => lock_step::<3>(t, src, p, arrived_to, dst),
                 4 => lock_step::<4>(t, src, p, arrived_to, dst),
                 5 => lock_step::<5>(t, src, p, arrived_to, dst),
                 6 => lock_step::<6>(t, src, p, arrived_to, dst),
@@ -211,26 +242,46 @@ impl HuffmanDecoder {
     /// Finishes a progressive decode once the whole segment `src` has arrived: the lock step
     /// to its end, then each stream's last symbols on the checked reader, and the check that
     /// every stream ends where its stored length says.
-    pub fn finish(&self, mut p: Progressive, src: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
-        if src.len() != p.total {
-            return Err(CodecError::Truncated {
-                needed: p.total,
-                available: src.len(),
-            });
-        }
+    pub fn finish(&self, p: Progressive, src: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
         if dst.len() != p.h.decoded_len {
             return Err(CodecError::LengthMismatch {
                 expected: dst.len(),
                 got: p.h.decoded_len,
             });
         }
+        // SAFETY: `dst` is this call's own and `decoded_len()` long (checked above).
+        unsafe { self.finish_streams(p, src, dst.as_mut_ptr()) }
+    }
+
+    /// [`Self::finish`] of a decode's own streams only (one of [`Progressive::split`]'s), into
+    /// the whole decoded buffer at `dst`: writes only those streams' outputs, so the other
+    /// groups may be finished at the same time on other threads.
+    ///
+    /// # Safety
+    /// `dst` points at `decoded_len()` writable bytes, of which nobody else reads or writes
+    /// this decode's streams' outputs during the call.
+    pub unsafe fn finish_streams(
+        &self,
+        mut p: Progressive,
+        src: &[u8],
+        dst: *mut u8,
+    ) -> Result<(), CodecError> {
+        if src.len() != p.total {
+            return Err(CodecError::Truncated {
+                needed: p.total,
+                available: src.len(),
+            });
+        }
         let len = src.len();
-        // SAFETY: the whole segment is `src`, all of it readable; `dst` is this call's own,
-        // `decoded_len()` long (checked above).
-        unsafe { self.advance(&mut p, src.as_ptr(), &|_| len, dst.as_mut_ptr()) };
+        // SAFETY: the whole segment is `src`, all of it readable; `dst` as this function's
+        // contract says.
+        unsafe { self.advance(&mut p, src.as_ptr(), &|_| len, dst) };
         let t = &*self.table;
-        let q = p.quota();
-        for (s, out) in dst.chunks_mut(q).enumerate().take(p.h.streams) {
+        let (q, n) = (p.quota(), p.h.decoded_len);
+        for s in p.lo..p.hi {
+            let (lo, hi) = ((s * q).min(n), ((s + 1) * q).min(n));
+            // SAFETY: stream `s`'s output, inside the `n` bytes at `dst`, this call's alone.
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.add(lo), hi - lo) };
             let done = p.done.min(out.len());
             finish_stream(
                 t,
@@ -256,18 +307,19 @@ unsafe fn lock_step<const N: usize>(
     arrived_to: &dyn Fn(usize) -> usize,
     dst: *mut u8,
 ) {
-    let (q, n) = (p.quota(), p.h.decoded_len);
+    let (q, n, first) = (p.quota(), p.h.decoded_len, p.lo);
     // Each stream's output past what it has decoded: the only bytes this call writes.
     let start = p.done;
-    let mut outs: [&mut [u8]; N] = std::array::from_fn(|s| {
-        let (lo, hi) = (s * q, ((s + 1) * q).min(n));
+    let mut outs: [&mut [u8]; N] = std::array::from_fn(|i| {
+        let s = first + i;
+        let (lo, hi) = ((s * q).min(n), ((s + 1) * q).min(n));
         let from = (lo + start).min(hi);
         // SAFETY: `from..hi` lies inside the `n` bytes at `dst` (the caller's contract), the
         // streams' ranges are disjoint, and nobody else touches a stream's undecoded part.
         unsafe { std::slice::from_raw_parts_mut(dst.add(from), hi - from) }
     });
     let shortest = outs.iter().map(|o| o.len()).min().unwrap_or(0);
-    let mut rs: [Reader; N] = std::array::from_fn(|s| p.rs[s]);
+    let mut rs: [Reader; N] = std::array::from_fn(|i| p.rs[first + i]);
     let mut i = 0;
     loop {
         let by_out = (shortest - i) / SYMS_PER_REFILL;
@@ -291,7 +343,7 @@ unsafe fn lock_step<const N: usize>(
         i = unsafe { fast_loop(table, src, &mut rs, &mut outs, i, k) };
     }
     p.done = start + i;
-    p.rs[..N].copy_from_slice(&rs);
+    p.rs[first..first + N].copy_from_slice(&rs);
 }
 
 /// Below this many decoded bytes a segment is decoded on one thread.

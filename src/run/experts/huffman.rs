@@ -5,20 +5,21 @@
 //! independent and laid out one after the other, so read front to back the decoder could only
 //! start once the last stream began to arrive. Here the segment is read in small parts taken in
 //! the order the lock-step decoder consumes them (every stream's first part, then every
-//! stream's second, ...), and whichever read thread brings a part in advances the decoder as
-//! far as every stream's arrived bytes allow, then queues the copies of what it decoded into the
-//! slot, which the read threads that find the decoder busy do. Each
-//! part is hashed as it arrives (a BLAKE3 subtree, `run::part_hash`). What is left after the
-//! last read is the decode of one row of parts, the checks, and the small scales part.
-//! docs/decisions/0024-huffman-miss-pipeline.md has the measurements; it is off unless
-//! `FLASHPACK_HUFFMAN_PART_KIB` is set, not being faster yet than reading whole.
+//! stream's second, ...). The streams are decoded in two groups ([`DECODE_GROUPS`]), each in
+//! lock step: whichever read thread brings a part in advances each group it can take as far as
+//! its streams' arrived bytes allow, then queues the copies of what it decoded into the slot,
+//! which the read threads that find the groups busy do. Each part is hashed as it arrives (a
+//! BLAKE3 subtree, `run::part_hash`). What is left after the last read is the decode of one row
+//! of parts (both groups at once), the checks, and the small scales part.
+//! docs/decisions/0024-huffman-miss-pipeline.md has the measurements; on by default on machines
+//! of 4 cores or more (`run::read::huffman_part_bytes`).
 //!
 //! Nothing here is usable before the checks pass: on a checksum or decode failure the load
 //! fails and its slot is freed unused (`ExpertCache::prepare_stored_ids`, `join_prefetch`),
 //! as for raw experts copied part by part.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use super::{
@@ -53,17 +54,56 @@ unsafe impl Send for Out {}
 // SAFETY: as above.
 unsafe impl Sync for Out {}
 
-/// The decoder's side, held by whichever read thread advances it.
-struct Decode<'h> {
-    huff: &'h mut HuffmanDecoder,
-    weights: Out,
-    prog: Option<Progressive>,
-    /// Output bytes per stream and streams, once the header is read.
-    layout: Option<(usize, usize)>,
-    /// The header did not parse: the whole segment is decoded at the end (which reports why).
-    failed: bool,
-    /// Decoded bytes of each stream already handed to the copies.
+impl Out {
+    /// The buffer's address (a method, so closures capture the `Sync` whole, not the field).
+    fn at(&self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+/// One group of the segment's streams, decoded in lock step by whichever read thread holds it
+/// ([`DECODE_GROUPS`] of them, so two threads decode at once).
+struct Group {
+    prog: Progressive,
+    /// Decoded bytes of each of its streams already handed to the copies.
     queued: [usize; MAX_STREAMS],
+}
+
+/// Stream groups a lone Huffman miss is decoded in, each on the thread that holds it: one lock
+/// step decodes about as fast as the disk reads (1.8 ms against 1.85 ms for 2.65 MB on the H100
+/// host, decision 0024), so with one group any slack ends the load after the read. Two groups
+/// of the 7 streams (4 and 3) decode at about 2.5 GB/s together. Machines of fewer than 4
+/// cores keep one: the reads, hashes and copies need the other core. `FLASHPACK_DECODE_GROUPS`
+/// sets it (measurements).
+pub const DECODE_GROUPS: usize = 2;
+
+fn decode_groups() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        if let Some(n) = std::env::var("FLASHPACK_DECODE_GROUPS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            return n.max(1);
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores >= 4 {
+            DECODE_GROUPS
+        } else {
+            1
+        }
+    })
+}
+
+/// Whether the decode started (the header parsed), and the decoder that then serves every
+/// group (its table built by `start`), or why not.
+enum Setup {
+    /// Not yet: the header has not all arrived. Holds the decoder to start.
+    Waiting(HuffmanDecoder),
+    /// The header did not parse (the segment is decoded whole at the end, which reports why),
+    /// or another decode's table would be needed: no progressive decode.
+    Failed(HuffmanDecoder),
+    Started,
 }
 
 /// Copies of decoded weights into the slot (whole experts only), queued by the decoder and
@@ -116,69 +156,49 @@ impl SlotCopies<'_> {
     }
 }
 
-impl Decode<'_> {
-    /// Advances the decode over the arrived runs `runs` of `seg`, then queues the copies of
-    /// what it decoded.
+/// The end of the run of arrived bytes that holds `pos` (`pos` itself when it has not
+/// arrived), at most `wlen`.
+fn arrived_to(runs: &[(usize, usize)], wlen: usize, pos: usize) -> usize {
+    let mut at = pos;
+    while let Some(&(_, b)) = runs.iter().find(|&&(a, b)| a <= at && at < b) {
+        at = b;
+    }
+    at.min(wlen)
+}
+
+impl Group {
+    /// Advances this group's streams over the arrived runs `runs` of `seg`, then queues the
+    /// copies of what it decoded.
     fn advance(
         &mut self,
+        huff: &HuffmanDecoder,
         seg: Arriving,
-        wlen: usize,
+        (wlen, weights): (usize, Out),
         runs: &[(usize, usize)],
         slot: Option<&SlotCopies>,
     ) {
-        if self.failed {
-            return;
-        }
-        let arrived_to = |pos: usize| -> usize {
-            let mut at = pos;
-            while let Some(&(_, b)) = runs.iter().find(|&&(a, b)| a <= at && at < b) {
-                at = b;
-            }
-            at.min(wlen)
-        };
         let t = Instant::now();
-        if self.prog.is_none() {
-            let head = arrived_to(0);
-            if head == 0 {
-                return;
-            }
-            // SAFETY: `0..head` has arrived.
-            match self.huff.start(unsafe { seg.range(0, head) }, wlen) {
-                Ok(p) if p.decoded_len() == self.weights.len => {
-                    self.layout = Some((p.quota(), p.streams()));
-                    self.prog = Some(p);
-                }
-                // The header may need more than the first run when that run is short.
-                Err(crate::codec::CodecError::Truncated { .. }) if head < wlen => return,
-                _ => {
-                    self.failed = true;
-                    return;
-                }
-            }
-        }
-        let prog = self.prog.as_mut().expect("started above");
-        // SAFETY: `seg` points at the segment's first byte, and `arrived_to` reports only
-        // arrived bytes, which the reader never writes again; the buffer is `decoded_len()`
-        // long, and the copies read only what is already decoded.
-        let done = unsafe {
-            self.huff
-                .advance(prog, seg.ptr(), &arrived_to, self.weights.ptr)
-        };
+        let to = |pos: usize| arrived_to(runs, wlen, pos);
+        // SAFETY: `seg` points at the segment's first byte, and `to` reports only arrived
+        // bytes, which the reader never writes again; the buffer is `decoded_len()` long, this
+        // group writes only its own streams past what they decoded, and the copies read only
+        // what is already decoded.
+        let done = unsafe { huff.advance(&mut self.prog, seg.ptr(), &to, weights.ptr) };
         step_done(2, t);
-        self.queue(Some(done), slot);
+        self.queue(Some(done), weights, slot);
     }
 
-    /// Queues the copies of newly decoded bytes into the slot, `done` of each stream (`None`:
-    /// all of them, the decode being finished).
-    fn queue(&mut self, done: Option<usize>, slot: Option<&SlotCopies>) {
-        let (Some(slot), Some((q, streams))) = (slot, self.layout) else {
+    /// Queues the copies of this group's newly decoded bytes into the slot, `done` of each
+    /// stream (`None`: all of them, the decode being finished).
+    fn queue(&mut self, done: Option<usize>, weights: Out, slot: Option<&SlotCopies>) {
+        let Some(slot) = slot else {
             return;
         };
-        let n = self.weights.len;
-        let base = self.weights.ptr as usize;
+        let (q, n) = (self.prog.quota(), weights.len);
+        let base = weights.ptr as usize;
         let mut copies = Vec::new();
-        for s in 0..streams {
-            let (lo, hi) = (s * q, ((s + 1) * q).min(n));
+        for s in self.prog.stream_range() {
+            let (lo, hi) = ((s * q).min(n), ((s + 1) * q).min(n));
             let upto = done.map_or(hi, |d| (lo + d).min(hi));
             let from = lo + self.queued[s];
             if upto <= from {
@@ -270,20 +290,56 @@ pub(super) fn load(
         ptr: weights.as_mut_ptr(),
         len: weights.len(),
     };
-    let state = Mutex::new(Decode {
-        huff: decoder.huffman(),
-        weights: out,
-        prog: None,
-        layout: None,
-        failed: false,
-        queued: [0; MAX_STREAMS],
-    });
+    // The decoder moves out of the scratch while the read runs: once started, every group reads
+    // its table at once. It goes back at the end.
+    let setup = Mutex::new(Setup::Waiting(std::mem::take(decoder.huffman())));
+    let table: OnceLock<HuffmanDecoder> = OnceLock::new();
+    let groups: OnceLock<Vec<Mutex<Group>>> = OnceLock::new();
     let key = |from: usize, to: usize| read_key(from, to, wlen);
     // The scales part (small) is decoded by the read thread that completes it, on a decoder
     // of its own, while the weights are still arriving.
     let aux_len = len - wlen;
     let aux_arrived = AtomicUsize::new(0);
     let aux_state: Mutex<(&mut [u8], Option<Decoded>)> = Mutex::new((&mut aux[..], None));
+    let snapshot = || runs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // Starts the decode once the header has arrived: the table, then the stream groups.
+    let try_start = |seg: Arriving| {
+        let Ok(mut st) = setup.try_lock() else {
+            return; // another thread is starting it
+        };
+        let Setup::Waiting(huff) = &mut *st else {
+            return;
+        };
+        let head = arrived_to(&snapshot(), wlen, 0);
+        if head == 0 {
+            return;
+        }
+        // SAFETY: `0..head` has arrived.
+        match huff.start(unsafe { seg.range(0, head) }, wlen) {
+            Ok(p) if p.decoded_len() == out.len => {
+                let split = p
+                    .split(decode_groups())
+                    .into_iter()
+                    .map(|prog| {
+                        Mutex::new(Group {
+                            prog,
+                            queued: [0; MAX_STREAMS],
+                        })
+                    })
+                    .collect();
+                let _ = groups.set(split);
+                let huff = std::mem::take(huff);
+                let _ = table.set(huff);
+                *st = Setup::Started;
+            }
+            // The header may need more than the first run when that run is short.
+            Err(CodecError::Truncated { .. }) if head < wlen => {}
+            _ => {
+                let huff = std::mem::take(huff);
+                *st = Setup::Failed(huff);
+            }
+        }
+    };
     let arrived = |from: usize, to: usize, seg: Arriving| {
         let in_aux = to.saturating_sub(from.max(wlen));
         if aux_codec != CodecId::Raw && in_aux > 0 {
@@ -311,28 +367,45 @@ pub(super) fn load(
             .unwrap_or_else(|p| p.into_inner())
             .push((from, to));
         reported.fetch_add(1, Ordering::SeqCst);
-        // Whoever holds the decoder takes this part too: it looks again after letting go. A
-        // thread that finds the decoder taken does the copies it queued instead.
-        loop {
-            let Ok(mut d) = state.try_lock() else {
-                if let Some(slot) = slot {
-                    slot.drain(false);
+        if table.get().is_none() {
+            try_start(seg);
+        }
+        let (Some(huff), Some(groups)) = (table.get(), groups.get()) else {
+            return;
+        };
+        // Each group: whoever holds it takes this part too, as it looks again after letting
+        // go. A thread that finds every group taken does the copies they queued instead.
+        let n = groups.len();
+        let first = (from / part.max(1)) % n;
+        for g in (0..n).map(|i| (first + i) % n) {
+            loop {
+                let Ok(mut d) = groups[g].try_lock() else {
+                    break;
+                };
+                let seen = reported.load(Ordering::SeqCst);
+                d.advance(huff, seg, (wlen, out), &snapshot(), slot);
+                drop(d);
+                if reported.load(Ordering::SeqCst) == seen {
+                    break;
                 }
-                return;
-            };
-            let seen = reported.load(Ordering::SeqCst);
-            let now = runs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            d.advance(seg, wlen, &now, slot);
-            drop(d);
-            if reported.load(Ordering::SeqCst) == seen {
-                return;
             }
+        }
+        if let Some(slot) = slot {
+            slot.drain(false);
         }
     };
     let t = Instant::now();
-    let range = reader.read_parts_ordered(e, stored, part, LANES, &key, &arrived)?;
+    let read = reader.read_parts_ordered(e, stored, part, LANES, &key, &arrived);
     step_done(0, t);
-    let mut d = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    // The decoder goes back to the scratch whatever happened.
+    let groups = groups.into_inner();
+    let (huff, started) = match (table.into_inner(), setup.into_inner()) {
+        (Some(h), _) => (h, true),
+        (None, Ok(Setup::Waiting(h) | Setup::Failed(h))) => (h, false),
+        (None, _) => (HuffmanDecoder::new(), false),
+    };
+    *decoder.huffman() = huff;
+    let range = read?;
     let stored = &stored[range];
     if ctx.verify {
         let t = Instant::now();
@@ -353,22 +426,43 @@ pub(super) fn load(
     }
     let (ws, auxs) = stored.split_at(wlen);
     let t = Instant::now();
-    // SAFETY: the read is over, so no copy runs beside this: the buffer is this thread's.
-    let whole_out = unsafe { std::slice::from_raw_parts_mut(out.ptr, out.len) };
-    let decoded = match d.prog.take() {
-        Some(p) if !d.failed => d.huff.finish(p, ws, whole_out),
-        _ => {
-            // Never started (a damaged header): decoded whole, which says what is wrong, and
-            // copied to the slot by `finish_segment`.
-            d.layout = None;
-            d.huff.decode_into_parallel(ws, whole_out).map(|_| ())
-        }
+    let huff = decoder.huffman();
+    let mut groups: Vec<Group> = groups
+        .filter(|_| started)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect();
+    let decoded = if groups.is_empty() {
+        // Never started (a damaged header): decoded whole, which says what is wrong, and
+        // copied to the slot by `finish_segment`.
+        // SAFETY: the read is over, so no copy runs beside this: the buffer is this thread's.
+        let whole_out = unsafe { std::slice::from_raw_parts_mut(out.ptr, out.len) };
+        huff.decode_into_parallel(ws, whole_out).map(|_| ())
+    } else {
+        // Each group's tail on its own thread, as their decodes ran.
+        let huff: &HuffmanDecoder = huff;
+        let finish = |g: &Group| {
+            // SAFETY: the read is over, so no copy runs beside this; each group writes only its
+            // own streams' outputs of the `out.len` bytes at `out.ptr`.
+            unsafe { huff.finish_streams(g.prog.clone(), ws, out.at()) }
+        };
+        let results: Vec<Result<(), CodecError>> = match groups.as_slice() {
+            [a, b] => {
+                let (x, y) = rayon::join(|| finish(a), || finish(b));
+                vec![x, y]
+            }
+            gs => gs.iter().map(finish).collect(),
+        };
+        results.into_iter().collect()
     };
     decoded.map_err(|source| decode_error(reader, e, source))?;
     step_done(2, t);
-    // The rest of the weights into the slot: what the last advances and `finish` decoded.
-    d.queue(None, slot);
-    let mut in_slot = d.layout.is_some();
+    // The rest of the weights into the slot: what the last advances and the finishes decoded.
+    for g in &mut groups {
+        g.queue(None, out, slot);
+    }
+    let mut in_slot = !groups.is_empty();
     if let Some(slot) = slot {
         slot.drain(true);
         if let Some(err) = slot.err.lock().unwrap_or_else(|p| p.into_inner()).take() {
