@@ -626,12 +626,13 @@ impl Model {
                 model: self.layers.len(),
             });
         }
+        // Routed entries per sparse layer: positions x top-k.
+        let entries = tokens.shape().iter().product::<usize>() * self.cfg.num_experts_per_tok;
         if let Some(first) = self.layers.iter().find_map(Block::moe) {
-            let positions: usize = tokens.shape().iter().product();
-            experts.begin_pass(first.layer, positions * self.cfg.num_experts_per_tok)?;
+            experts.begin_pass(first.layer, entries)?;
         }
         if self.cfg.hyper_connections.is_some() {
-            return self.hidden_hc(tokens, cache, experts, cache_only);
+            return self.hidden_hc(tokens, cache, experts, cache_only, entries);
         }
         let len = tokens.dim(-1).unwrap_or(0);
         // One mask per kind of layer, made before any layer updates its cache.
@@ -667,7 +668,7 @@ impl Model {
                 if let Some(next) = self.next_sparse(l) {
                     // Nothing to prefetch for a block that will be skipped.
                     let skipped = cache_only && next.layer + 1 == self.layers.len();
-                    if !skipped {
+                    if !skipped && experts.wants_guess(next.layer, entries) {
                         experts.predict(next.layer, &next.route(&x)?)?;
                     }
                 }
@@ -764,6 +765,7 @@ impl Model {
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
         cache_only: bool,
+        entries: usize,
     ) -> Result<Array> {
         let h = self.embed.forward(tokens)?;
         let first = cache.layers[0].compressed("model.layers.0")?;
@@ -779,7 +781,7 @@ impl Model {
             if layer.moe().is_some() && experts.wants_prediction() {
                 if let Some(next) = self.next_sparse(l) {
                     let skipped = cache_only && next.layer + 1 == n;
-                    if !skipped {
+                    if !skipped && experts.wants_guess(next.layer, entries) {
                         experts.predict(next.layer, &next.route(&x)?)?;
                     }
                 }

@@ -263,6 +263,14 @@ pub trait ExpertStore {
         false
     }
 
+    /// Whether to build a guess of `layer`'s routing now (for a pass of `entries` routed
+    /// entries per sparse layer), asked before the guess's graph is built, which costs the
+    /// host a few graph nodes per layer (3.5 ms per token at 48 layers on the GPU). Default:
+    /// [`ExpertStore::wants_prediction`].
+    fn wants_guess(&mut self, _layer: usize, _entries: usize) -> bool {
+        self.wants_prediction()
+    }
+
     /// A guess of what `layer`'s router will pick (lazy ids and weights, `[.., k]`): its router
     /// applied to the current layer's input. Called before the current layer's
     /// [`ExpertStore::route`].

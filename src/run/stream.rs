@@ -419,26 +419,36 @@ impl ExpertStore for StreamingExperts<'_> {
         Ok(stands)
     }
 
-    fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
-        // A guess is lazy: one that is dropped here costs the host a few graph nodes and the
-        // device nothing. It is kept (evaluated with the layer's routing, and read from if its
-        // ranks are right often enough) for a chunk of many tokens, which reads the whole
-        // guess, while some rank's precision opens the gate, and every PREDICTION_PROBE-th
-        // guess while the gate is shut (or the pools have no room for prefetches), so the
-        // precision can still rise and be reported. Evaluating every guess of a shut gate was
-        // the likeliest cost behind prefetch running 10% behind `--no-prefetch` at 25% of a
-        // 48-layer model on the GPU (issue 25, target 2).
-        let chunk = self.is_chunk(guess.indices.shape().iter().product());
+    /// A guess costs the host its graph (the next router on this layer's input, a few graph
+    /// nodes) whether or not it is then used, so the decision comes before it is built. It is
+    /// built for a chunk of many tokens (which reads its well-named experts); while some rank's
+    /// precision opens the gate and the pools have room; and every PREDICTION_PROBE-th time
+    /// otherwise, so the precision can still rise and be reported. Building every guess and
+    /// dropping 7 in 8 unevaluated (the shut gate, before) cost 3.5 ms of host per token at 48
+    /// layers and made prefetch 16% slower than `--no-prefetch` there (docs/benchmarks.md,
+    /// fifth session).
+    fn wants_guess(&mut self, _layer: usize, entries: usize) -> bool {
+        if !self.prefetch {
+            return false;
+        }
+        if self.is_chunk(entries) {
+            return true;
+        }
         let open = self.precision.iter().any(|&p| p >= PREFETCH_MIN_PRECISION);
         self.guesses += 1;
         let probe = self.guesses % PREDICTION_PROBE == 1;
-        if chunk || probe || (open && self.room) {
-            self.prediction = Some((layer, guess.indices.clone(), guess.scores.clone()));
+        if probe || (open && self.room) {
+            true
         } else {
-            self.prediction = None;
             self.stats.prefetch_gated += 1;
             self.stats.guesses_skipped += 1;
+            false
         }
+    }
+
+    fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
+        // Kept lazy, evaluated with the layer's routing (`route_inner`).
+        self.prediction = Some((layer, guess.indices.clone(), guess.scores.clone()));
         Ok(())
     }
 

@@ -639,6 +639,10 @@ impl ExpertStore for Watch<'_, '_, '_> {
         self.inner().begin_pass(first, entries)
     }
 
+    fn wants_guess(&mut self, layer: usize, entries: usize) -> bool {
+        self.inner().wants_guess(layer, entries)
+    }
+
     fn predict(&mut self, layer: usize, guess: &Routing) -> Result<(), ComputeError> {
         self.inner().predict(layer, guess)
     }
