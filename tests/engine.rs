@@ -237,7 +237,8 @@ fn a_long_prompt_reads_its_first_layer_before_routing_it_and_changes_no_token() 
     let path = http::tiny_pack("engine-prompt-reads");
     let (pack, cfg, weights) = open::open(path, true).unwrap();
     // Enough positions for a chunk (4 or more routed entries per expert on average).
-    let prompt_text = "The river runs past the old mill, and the miller counts the sacks. ".repeat(12);
+    let prompt_text =
+        "The river runs past the old mill, and the miller counts the sacks. ".repeat(12);
     let run = |prefetch: bool, n: usize| {
         let opts = EngineOptions {
             expert_budget: Some(Budget::parse("50%").unwrap()),
@@ -255,13 +256,20 @@ fn a_long_prompt_reads_its_first_layer_before_routing_it_and_changes_no_token() 
         let (out, _) = tokens(&mut engine, &prompt, &greedy(n));
         (out, engine.cache_stats())
     };
-    assert_eq!(run(true, 8).0, run(false, 8).0, "reading ahead changed the tokens");
+    assert_eq!(
+        run(true, 8).0,
+        run(false, 8).0,
+        "reading ahead changed the tokens"
+    );
     let ((_, c), (_, c0)) = (run(true, 1), run(false, 1));
-    let first = |c: &flashpack::run::experts::StoreStats| {
-        c.misses_per_layer.get(&0).copied().unwrap_or(0)
-    };
+    let first =
+        |c: &flashpack::run::experts::StoreStats| c.misses_per_layer.get(&0).copied().unwrap_or(0);
     let k = cfg.num_experts_per_tok as u64;
-    assert!(first(&c0) > k, "without reading ahead layer 0 misses {}", first(&c0));
+    assert!(
+        first(&c0) > k,
+        "without reading ahead layer 0 misses {}",
+        first(&c0)
+    );
     assert!(
         first(&c) <= k,
         "layer 0 missed {} experts after {} were read before its routing",
