@@ -312,10 +312,11 @@ fn write_payload(
                 }
             }
             load::TensorData::Derived(d) => {
-                let m = d.source();
-                ck.release(m.bytes());
-                if let Some(b) = m.scale_bytes() {
-                    ck.release(b);
+                for m in d.sources() {
+                    ck.release(m.bytes());
+                    if let Some(b) = m.scale_bytes() {
+                        ck.release(b);
+                    }
                 }
             }
         }
@@ -473,11 +474,14 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
         }
         // A head split is half of its source (the two halves of one tensor).
         load::TensorData::Derived(d) => {
-            let m = d.source();
-            let n = (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64;
+            let n: u64 = d
+                .sources()
+                .iter()
+                .map(|m| (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64)
+                .sum();
             match d {
                 load::derived::Derived::HeadSplit(_) => n / 2,
-                load::derived::Derived::PlusOne(_) => n,
+                _ => n,
             }
         }
     }

@@ -15,12 +15,13 @@
 use std::collections::BTreeMap;
 
 use super::layers::{
-    check_quantized, compiling, fused, geglu_ops, swiglu_ops, Linear, Mlp, RmsNorm, GEGLU, SWIGLU,
+    check_quantized, compiling, fused, geglu_ops, situ_as, swiglu_ops, GateAct, Linear, Mlp,
+    RmsNorm, GEGLU, SWIGLU,
 };
 use super::router::{Router, Routing};
 use super::weights::Weights;
 use super::ComputeError;
-use crate::arch::{ModelConfig, Proj, RouterSpec};
+use crate::arch::{ModelConfig, Proj, RouterSpec, Situ};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ComputeError>;
@@ -40,12 +41,17 @@ pub enum ExpertAct {
     /// min(gate, limit)` and `up = clip(up, -limit, limit)` when `limit > 0`, then
     /// `silu(gate) * up`, cast back to the input's dtype.
     F32Clamped { limit: f64 },
+    /// Kimi-K3's SiTU (`SiTU(beta, linear_beta)`, [`super::layers::situ`]).
+    Situ(Situ),
 }
 
 impl ExpertAct {
     pub fn of(cfg: &ModelConfig) -> ExpertAct {
         if let Some(limit) = cfg.f32_swiglu_limit {
             return ExpertAct::F32Clamped { limit };
+        }
+        if let Some(s) = cfg.situ {
+            return ExpertAct::Situ(s);
         }
         match cfg.clamped_swiglu {
             Some(c) => ExpertAct::Clamped {
@@ -95,6 +101,8 @@ impl ExpertAct {
         };
         match (*self, fuse) {
             (ExpertAct::F32Clamped { limit }, _) => Ok(f32_clamped(limit)(gate, up)?),
+            // SiTU(x, gate) = _situ(x, gate, ...) with x the up projection
+            (ExpertAct::Situ(s), fuse) => situ_as(gate, up, s, fuse),
             (ExpertAct::Swiglu, true) => fused(&SWIGLU, &[], gate, up, &swiglu_ops),
             (ExpertAct::Swiglu, false) => Ok(swiglu_ops(gate, up)?),
             (ExpertAct::Geglu, true) => fused(&GEGLU, &[], gate, up, &geglu_ops),
@@ -532,8 +540,13 @@ impl SharedExpert {
                 what: format!("a shared expert in {}, which names none", cfg.arch),
             })?;
         let h = cfg.hidden_size;
+        let mut mlp = Mlp::load(w, &format!("{block}.{}", names.mlp), h, s.intermediate_size)?;
+        if let Some(situ) = cfg.situ {
+            // self.shared_experts = KimiK3MLP(args, intermediate_size=shared_hidden)
+            mlp = mlp.with_act(GateAct::Situ(situ));
+        }
         Ok(Some(SharedExpert {
-            mlp: Mlp::load(w, &format!("{block}.{}", names.mlp), h, s.intermediate_size)?,
+            mlp,
             gate: s
                 .gated
                 .then(|| Linear::load(w, &format!("{block}.{}", names.gate), 1, h))
