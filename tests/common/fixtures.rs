@@ -352,6 +352,8 @@ impl FixtureSpec {
             && !name.contains("embed_tokens")
             && !name.starts_with("lm_head")
             && !name.ends_with("shared_expert_gate.weight")
+            // Kimi-K3's one-row residual projections stay bf16.
+            && !name.contains("_res_proj.")
             // DeepSeek-V4.1's f32 compressor stays f32.
             && self.tensor_dtype(name) == self.dtype
             && !(0..self.num_layers).any(|l| self.router_name(l) == name);
