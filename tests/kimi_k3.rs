@@ -188,3 +188,178 @@ fn kimi_k3_gives_mlx_lms_logits_and_greedy_tokens_from_upstream_and_mlx_lm_sourc
     }
     eprintln!("max |logit diff| against mlx-lm: {worst:?}");
 }
+
+/// The layer's other variants against mlx-lm's 4-bit conversion, resident and streaming through
+/// 2 slots, in one call and in chunks: the text-only layout (the selection bias on the block),
+/// 4 layers alternating KDA and MLA from a sparse first layer, a full-rank KDA output gate, the
+/// decay without a lower bound (`compute_g`), plain residuals, a plain `q_proj`, top-1 routing
+/// (weights not renormalised).
+#[test]
+fn kimi_k3_variants_give_mlx_lms_logits() {
+    if !python_has_mlx_lm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = FixtureSpec {
+        num_layers: 4,
+        full_attention_interval: 2,
+        first_k_dense_replace: 0,
+        top_k: 1,
+        q_lora_rank: None,
+        attn_res_block_size: 0,
+        full_rank_gate: true,
+        gate_lower_bound: None,
+        multimodal: false,
+        ..spec()
+    };
+    let src = write(&s, &d.join("hf"));
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    assert!(c.get("text_config").is_none(), "{c}");
+    let mlx_dir = d.join("mlx");
+    mlx_lm_convert_q4(&src, &mlx_dir);
+    mlx_lm_logits_chunked(&mlx_dir, PROMPT, DECODE, CHUNK);
+    let pack = d.join("p.flashpack");
+    let p = convert(&mlx_dir, &pack);
+    let meta = &p.meta().model;
+    let la = meta.linear_attention.as_ref().unwrap();
+    assert!(la.full_rank_gate && la.gate_lower_bound.is_none());
+    assert_eq!(
+        (meta.attn_res_block_size, meta.situ.is_some()),
+        (None, true)
+    );
+    assert_eq!(meta.sparse_layers(), [0, 1, 2, 3]);
+    assert!(p.tensor("model.layers.0.self_attn.g_proj.weight").is_some());
+    assert!(p.tensor("model.layers.1.self_attn.q_proj.weight").is_some());
+    let w = check_resident_and_streaming(
+        &pack,
+        &mlx_dir,
+        2,
+        (PROMPT, DECODE, Some(CHUNK)),
+        "kimi_k3 variants",
+    );
+    // The upstream folder converts to the same layer kinds, its bias read from the block.
+    let q = convert(&src, &d.join("hf.flashpack"));
+    assert!(q
+        .tensor("model.layers.2.mlp.gate.e_score_correction_bias")
+        .is_some());
+    eprintln!("max |logit diff| against mlx-lm: {w}");
+}
+
+/// Every stage through the CLI: convert with profiling (each calibration window's residual
+/// blocks carried layer to layer), cold 2-bit experts and merging, `verify`, `inspect` (the MLA
+/// layer's latent and key per token, the KDA layers' fixed state, both layer kinds named),
+/// `eval` against the bf16 source, and `run` under a budget that streams the experts, giving
+/// the resident tokens.
+#[test]
+fn every_stage_runs_on_kimi_k3() {
+    let dir = tempfile::tempdir().unwrap();
+    let (calib, text) = texts_of(dir.path(), 400);
+    let s = FixtureSpec {
+        routing_skew: 0.2,
+        ..spec()
+    };
+    let src = write(&s, &dir.path().join("src"));
+    let pack = dir.path().join("kimi_k3.flashpack");
+    let (src_s, pack_s) = (src.to_str().unwrap(), pack.to_str().unwrap());
+    let (_, p) = convert_every_stage(&src, &pack, &calib, "kimi_k3");
+    assert_eq!(p.meta().model.arch, Arch::KimiK3);
+    let inspect = flashpack_out(&["inspect", pack_s, "--json"]);
+    let r: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    // The MLA layer: a latent of 64 and an unrotated key of 32 per token, x 2 bytes.
+    assert_eq!(
+        r["kv_cache_bytes_per_token"].as_u64(),
+        Some((64 + 32) * 2),
+        "{r}"
+    );
+    // 2 KDA layers: the last 3 inputs of the 3 x 128-channel convolution (bf16) and 2 heads'
+    // 64 x 64 state (f32).
+    assert_eq!(
+        r["recurrent_state_bytes"].as_u64(),
+        Some(2 * (3 * 384 * 2 + 2 * 64 * 64 * 4)),
+        "{r}"
+    );
+    let report = String::from_utf8_lossy(&flashpack_out(&["inspect", pack_s]).stdout).into_owned();
+    assert!(
+        report.contains(
+            "1 of 3 layers MLA, 3 heads, latent 64 + unrotated 32, query rank 64, output gate; \
+             2 Kimi Delta Attention (2 heads of 64, conv 4)"
+        ),
+        "{report}"
+    );
+    let (kl, top1, e) = eval_against(pack_s, &text, src_s);
+    assert!(kl > 0.0 && kl < 2.0, "{e}");
+    assert!((0.0..=1.0).contains(&top1), "{e}");
+    streaming_keeps_the_tokens(
+        pack_s,
+        "The history of the lighthouse, told in full",
+        "25%",
+        p.experts().len() as u64,
+        "kimi_k3",
+    );
+}
+
+/// A prompt format in Kimi's turns (`<|im_user|>user<|im_middle|>...<|im_end|>`, a default
+/// system turn when the conversation has none, the model's turn opened by
+/// `<|im_assistant|>assistant<|im_middle|>`), as Kimi's repositories ship it in
+/// `chat_template.jinja`: `chat` and `serve` render it, and the prompt's token count says the
+/// model read that text.
+const TEMPLATE: &str = "{%- for message in messages -%}\
+{%- if loop.first and messages[0]['role'] != 'system' -%}\
+<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>\
+{%- endif -%}\
+{%- if message['role'] == 'system' -%}<|im_system|>system<|im_middle|>\
+{%- elif message['role'] == 'user' -%}<|im_user|>user<|im_middle|>\
+{%- elif message['role'] == 'assistant' -%}<|im_assistant|>assistant<|im_middle|>\
+{%- endif -%}\
+{{ message['content'] }}<|im_end|>\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}";
+
+#[test]
+fn kimi_k3_chats_and_serves_with_its_turn_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(&spec(), &dir.path().join("src"));
+    std::fs::write(src.join("chat_template.jinja"), TEMPLATE).unwrap();
+    let path = src.join("tokenizer_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let pack = dir.path().join("p.flashpack");
+    convert(&src, &pack);
+    let tokens = |text: &str| -> u64 {
+        let tok =
+            tokenizers::Tokenizer::from_file(tiny_tokenizer().join("tokenizer.json")).unwrap();
+        tok.encode(text, false).unwrap().get_ids().len() as u64
+    };
+    let system =
+        "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>";
+    let first = format!(
+        "{system}<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    );
+    let second = format!(
+        "{system}<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>\
+         Hello!<|im_end|><|im_user|>user<|im_middle|>Bye<|im_end|>\
+         <|im_assistant|>assistant<|im_middle|>"
+    );
+
+    // chat: two turns; the first prompt is exactly that text.
+    let (turns, stderr) = chat_two_turns(&pack, &[]);
+    assert_eq!(turns.len(), 2, "{stderr}");
+    assert_eq!(turns[0]["prompt_tokens"], tokens(&first), "{stderr}");
+
+    // serve: the whole conversation in one request.
+    let server = Server::start(&pack, &[]);
+    let body = json!({
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ],
+        "max_tokens": 2, "temperature": 0,
+    });
+    let r = post(server.addr, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["prompt_tokens"], tokens(&second));
+}

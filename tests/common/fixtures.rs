@@ -633,6 +633,11 @@ impl FixtureSpec {
                     &format!("layers.{l}.block_sparse_moe."),
                 );
             }
+            // Upstream puts the selection bias on the gate or on the block: the multimodal
+            // layout on the gate, the text-only one on the block, so that both are read.
+            if !self.multimodal {
+                n = n.replace(".gate.e_score_correction_bias", ".e_score_correction_bias");
+            }
         }
         for src in ["self_attention_res", "mlp_res", "output_attn_res"] {
             for part in ["proj", "norm"] {
