@@ -563,6 +563,15 @@ impl ModelConfig {
             })
     }
 
+    /// Values Kimi-K3's attention residuals keep per position of one forward call (nothing
+    /// between calls): the starting state of each block of `attn_res_block_size` layers,
+    /// `hidden_size` values each; 0 without attention residuals.
+    pub fn attn_res_values_per_token(&self) -> u64 {
+        self.attn_res_block_size.map_or(0, |size| {
+            (self.num_hidden_layers.div_ceil(size.max(1)) * self.hidden_size) as u64
+        })
+    }
+
     /// Layers with full (softmax) attention and so a KV cache.
     pub fn full_attention_layers(&self) -> usize {
         (0..self.num_hidden_layers)

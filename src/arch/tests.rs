@@ -1598,6 +1598,8 @@ fn kimi_k3_config_parses() {
         c.recurrent_state_bytes(),
         4 * (3 * 3 * 64 * 128 * 2 + 64 * 128 * 128 * 4)
     );
+    // 2 blocks of 3 layers: two starting states of 7168 per position of a call.
+    assert_eq!(c.attn_res_values_per_token(), 2 * 7168);
     let back: ModelConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
     assert_eq!(back, c);
 
