@@ -1,10 +1,12 @@
 //! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
 //! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2 / Kimi K2.5, GLM-4.5,
-//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5, MiniMax-M2, DeepSeek-V4.1).
+//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5, MiniMax-M2, DeepSeek-V4.1, Kimi-K3).
 //!
 //! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
 //! and a [`KvCache`] (a KV cache or a linear-attention state per layer). Out: lazy logits `[B, L, vocab]`; the caller evaluates them.
+//! Under Kimi-K3's attention residuals the layers' residual is a block's partial sum, and each call carries
+//! its [`ResidualBlocks`] from layer to layer (`attn_res.rs`).
 //! Invariant: the graph is the one mlx-lm 0.32.2 builds for the same weights (each architecture's
 //! table entry, `arch/<name>.rs`, cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
 //! `tests.rs` hold that to the tolerance they state.

@@ -1,10 +1,10 @@
 //! Tensors the pack stores under other names than the source: mlx-lm's `sanitize` done at
 //! conversion, so a pack holds what mlx-lm's model reads and the runtime needs no source names.
 //!
-//! In: a source tensor's float view (bf16, or FP8 codes with block scales). Out: the derived
+//! In: source tensors' float views (bf16, or FP8 codes with block scales). Out: the derived
 //! tensor's values on request ([`HeadSplit::values`]); nothing is computed before the quantize
 //! stage asks, so conversion holds one derived tensor at a time.
-//! Two rules ([`Derived`]), chosen by an architecture's table entry
+//! Four rules ([`Derived`]), chosen by an architecture's table entry
 //! ([`crate::arch::Sanitize::derive`], [`crate::arch::Derive`]), never by its name:
 //! - DeepSeek-V3's `self_attn.kv_b_proj.weight` `[heads * (nope + v), kv_lora]` becomes
 //!   `embed_q.weight` `[heads * kv_lora, nope]` (each head's key rows, transposed) and
