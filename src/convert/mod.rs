@@ -311,7 +311,7 @@ fn write_payload(
                     ck.release(b);
                 }
             }
-            load::TensorData::Derived(d) => {
+            load::TensorData::Derived(ref d) => {
                 for m in d.sources() {
                     ck.release(m.bytes());
                     if let Some(b) = m.scale_bytes() {
@@ -473,7 +473,7 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
             (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64
         }
         // A head split is half of its source (the two halves of one tensor).
-        load::TensorData::Derived(d) => {
+        load::TensorData::Derived(ref d) => {
             let n: u64 = d
                 .sources()
                 .iter()

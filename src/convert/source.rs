@@ -92,7 +92,7 @@ impl SourceWeights {
                     }
                     tensors.insert(t.name.clone(), a);
                 }
-                TensorData::Derived(d) => {
+                TensorData::Derived(ref d) => {
                     let a = Array::from_slice(&d.values(), &d.shape())?;
                     a.eval()?;
                     tensors.insert(t.name.clone(), a);

@@ -13,7 +13,7 @@ use crate::convert::quantize::{QuantParams, QuantizedView};
 use crate::convert::tensor::{Dtype, FloatDtype, MatrixView};
 
 /// A non-expert tensor's values.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum TensorData<'a> {
     /// Float values of any shape.
     Float {
@@ -154,11 +154,11 @@ impl Checkpoint {
             return Ok(Joined::Whole(DenseTensor {
                 role: self.config.arch.classify(&joined),
                 name: joined,
-                data: TensorData::Derived(Derived::Concat(Concat {
+                data: TensorData::Derived(Derived::Concat(Box::new(Concat {
                     parts: views,
                     shape,
                     ndim,
-                })),
+                }))),
             }));
         }
         Ok(Joined::No)

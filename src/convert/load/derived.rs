@@ -25,14 +25,14 @@ use crate::arch::Mla;
 use crate::convert::tensor::{FloatDtype, MatrixView};
 
 /// A tensor computed from a source tensor at conversion.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Derived<'a> {
     /// One half of DeepSeek-V3's `kv_b_proj`.
     HeadSplit(HeadSplit<'a>),
     /// A 1-D norm weight plus one, `source` seen as one row.
     PlusOne(MatrixView<'a>),
-    /// Weights joined along their first axis.
-    Concat(Concat<'a>),
+    /// Weights joined along their first axis (boxed: three views are large beside the others).
+    Concat(Box<Concat<'a>>),
     /// A tensor seen as one row, flattened to its first `len` values.
     Flat { source: MatrixView<'a>, len: usize },
 }
