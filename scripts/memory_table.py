@@ -63,8 +63,6 @@ def kimi_k3(c):
     t["num_experts_per_tok"] = t.get("num_experts_per_token", 16)
     t.setdefault("first_k_dense_replace", 0)
     t.setdefault("tie_word_embeddings", False)
-    if t.get("routed_expert_hidden_size"):
-        raise SystemExit("kimi_k3 with routed_expert_hidden_size (the latent MoE) is not supported")
     return t
 
 
@@ -125,12 +123,15 @@ def params(c):
         kv_per_token = L * 2 * nkv * d * 2
     dense_layers = L if c.get("dense_mlp_beside_experts") else c["first_k_dense_replace"]
     moe_layers = L - c["first_k_dense_replace"]
-    expert = 3 * h * c["moe_intermediate_size"]
+    # Kimi-K3's latent MoE: experts on routed_expert_hidden_size values, beside a down and an up
+    # projection per MoE layer (counted with the routers, resident).
+    latent = c.get("routed_expert_hidden_size") or 0
+    expert = 3 * (latent or h) * c["moe_intermediate_size"]
     out = {
         "attention": L * attn,
         "dense MLPs": dense_layers * 3 * h * c["intermediate_size"],
         "shared experts": moe_layers * c["n_shared_experts"] * expert,
-        "routers": moe_layers * c["n_routed_experts"] * h,
+        "routers": moe_layers * (c["n_routed_experts"] * h + 2 * latent * h),
         "embeddings + head": (1 if c["tie_word_embeddings"] else 2) * c["vocab_size"] * h,
         "routed experts": moe_layers * c["n_routed_experts"] * expert,
     }

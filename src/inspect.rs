@@ -45,6 +45,8 @@ pub struct PackReport {
     pub experts_per_layer: BTreeMap<u32, u32>,
     pub segments: usize,
     pub hidden_size: u32,
+    /// The routed experts' input width: `hidden_size`, or under Kimi-K3's latent MoE its own.
+    pub expert_hidden_size: u32,
     pub intermediate_size: u32,
     /// "GQA, 32 heads / 4 KV heads of 128" or "MLA, 128 heads, latent 512 + rotary 64"; for a
     /// hybrid model (Qwen3-Next, Qwen3.5) the full-attention layers' kind, then the Gated
@@ -363,7 +365,8 @@ impl PackReport {
             layers: typed.model.num_hidden_layers as u64,
             experts_per_layer: per_layer,
             segments: pack.experts().len(),
-            hidden_size: pack.hidden_size(),
+            hidden_size: typed.model.hidden_size as u32,
+            expert_hidden_size: pack.hidden_size(),
             intermediate_size: pack.intermediate_size(),
             attention: attention_label(&typed.model),
             kv_cache_bytes_per_token: typed.model.kv_values_per_token() * 2,

@@ -193,7 +193,8 @@ fn kimi_k3_gives_mlx_lms_logits_and_greedy_tokens_from_upstream_and_mlx_lm_sourc
 /// 2 slots, in one call and in chunks: the text-only layout (the selection bias on the block),
 /// 4 layers alternating KDA and MLA from a sparse first layer, a full-rank KDA output gate, the
 /// decay without a lower bound (`compute_g`), plain residuals, a plain `q_proj`, top-1 routing
-/// (weights not renormalised).
+/// (weights not renormalised), and the latent MoE (experts of 128 on a down-projected input of
+/// 128, their sum normed and projected back up).
 #[test]
 fn kimi_k3_variants_give_mlx_lms_logits() {
     if !python_has_mlx_lm() {
@@ -211,6 +212,8 @@ fn kimi_k3_variants_give_mlx_lms_logits() {
         full_rank_gate: true,
         gate_lower_bound: None,
         multimodal: false,
+        latent_size: 128,
+        latent_norm: true,
         ..spec()
     };
     let src = write(&s, &d.join("hf"));
@@ -230,6 +233,15 @@ fn kimi_k3_variants_give_mlx_lms_logits() {
         (None, true)
     );
     assert_eq!(meta.sparse_layers(), [0, 1, 2, 3]);
+    assert_eq!(meta.expert_hidden_size(), 128);
+    assert_eq!(
+        p.hidden_size(),
+        128,
+        "the expert directory's width is the latent's"
+    );
+    assert!(p
+        .tensor("model.layers.1.mlp.routed_expert_norm.weight")
+        .is_some());
     assert!(p.tensor("model.layers.0.self_attn.g_proj.weight").is_some());
     assert!(p.tensor("model.layers.1.self_attn.q_proj.weight").is_some());
     let w = check_resident_and_streaming(
@@ -247,17 +259,20 @@ fn kimi_k3_variants_give_mlx_lms_logits() {
     eprintln!("max |logit diff| against mlx-lm: {w}");
 }
 
-/// Every stage through the CLI: convert with profiling (each calibration window's residual
-/// blocks carried layer to layer), cold 2-bit experts and merging, `verify`, `inspect` (the MLA
-/// layer's latent and key per token, the KDA layers' fixed state, both layer kinds named),
-/// `eval` against the bf16 source, and `run` under a budget that streams the experts, giving
-/// the resident tokens.
+/// Every stage through the CLI, with the latent MoE (experts of width 64 on a latent of 128):
+/// convert with profiling (each calibration window's residual blocks carried layer to layer, the
+/// experts streamed at the latent's width), cold 2-bit experts and merging, `verify`, `inspect`
+/// (the MLA layer's latent and key per token, the KDA layers' fixed state, both layer kinds and
+/// the experts' latent named), `eval` against the bf16 source, and `run` under a budget that
+/// streams the experts, giving the resident tokens.
 #[test]
 fn every_stage_runs_on_kimi_k3() {
     let dir = tempfile::tempdir().unwrap();
     let (calib, text) = texts_of(dir.path(), 400);
     let s = FixtureSpec {
         routing_skew: 0.2,
+        latent_size: 128,
+        latent_norm: true,
         ..spec()
     };
     let src = write(&s, &dir.path().join("src"));
@@ -286,6 +301,10 @@ fn every_stage_runs_on_kimi_k3() {
             "1 of 3 layers MLA, 3 heads, latent 64 + unrotated 32, query rank 64, output gate; \
              2 Kimi Delta Attention (2 heads of 64, conv 4)"
         ),
+        "{report}"
+    );
+    assert!(
+        report.contains("(hidden 192, experts on a latent of 128, expert rows 64)"),
         "{report}"
     );
     let (kl, top1, e) = eval_against(pack_s, &text, src_s);

@@ -222,6 +222,19 @@ pub struct Situ {
     pub linear_beta: Option<f64>,
 }
 
+/// Kimi-K3's latent MoE (`routed_expert_hidden_size`): the routed experts work on
+/// `routed_expert_down_proj(x)`, `hidden_size` values wide, and their weighted sum is brought
+/// back by `routed_expert_up_proj` (after `routed_expert_norm` when `norm`); the router and the
+/// shared experts see `x` itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatentMoe {
+    /// `routed_expert_hidden_size`: the experts' input and output width.
+    pub hidden_size: usize,
+    /// `latent_moe_use_norm`. Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub norm: bool,
+}
+
 /// DeepSeek-V4.1's residual: `mult` parallel streams of the hidden state instead of one, mixed
 /// before and after each attention and feed-forward by weights computed from the streams
 /// themselves (`hc_attn_*` / `hc_ffn_*`: a sigmoid "pre" collapse, a "post" expansion and a
@@ -427,6 +440,10 @@ pub struct ModelConfig {
     /// plain residual stream. Written to a pack only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attn_res_block_size: Option<usize>,
+    /// Kimi-K3's latent MoE ([`LatentMoe`]): the routed experts' width is its `hidden_size`.
+    /// Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent_moe: Option<LatentMoe>,
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
@@ -561,6 +578,12 @@ impl ModelConfig {
                 Some(full) => full.binary_search(&layer).is_err(),
                 None => (layer + 1) % la.full_attention_interval.max(1) != 0,
             })
+    }
+
+    /// The routed experts' input and output width: the model's `hidden_size`, or under Kimi-K3's
+    /// latent MoE its `routed_expert_hidden_size`.
+    pub fn expert_hidden_size(&self) -> usize {
+        self.latent_moe.map_or(self.hidden_size, |l| l.hidden_size)
     }
 
     /// Values Kimi-K3's attention residuals keep per position of one forward call (nothing
@@ -841,6 +864,15 @@ impl ModelConfig {
                     "activation_situ_linear_beta",
                     lb.to_string(),
                     "a positive finite number, also as f32 (or null)",
+                );
+            }
+        }
+        if let Some(l) = &self.latent_moe {
+            if l.hidden_size == 0 || l.hidden_size > max {
+                return bad(
+                    "routed_expert_hidden_size",
+                    l.hidden_size.to_string(),
+                    "at least 1 and at most 2147483647 (i32::MAX)",
                 );
             }
         }

@@ -273,6 +273,7 @@ impl<'a> Fields<'a> {
             compressed_attention: None,
             situ: None,
             attn_res_block_size: None,
+            latent_moe: None,
             clip_qkv: None,
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),

@@ -32,11 +32,13 @@
 //! (`KimiK3SparseMoE`: `_group_expert_select`, `SwitchGLU` with SiTU, `(y * weights).sum(-2)` in
 //! the weights' type (the input's), plus the shared experts; model/moe.rs and model/router.rs),
 //! and the decoder layer's attention residuals (`ResidualBlocks`, `_attn_res_combine`;
-//! model/attn_res.rs). Not supported: the latent MoE (`routed_expert_hidden_size`), refused.
+//! model/attn_res.rs). With `routed_expert_hidden_size` the experts work on
+//! `routed_expert_down_proj(x)` and their sum goes back through `routed_expert_norm` (with
+//! `latent_moe_use_norm`) and `routed_expert_up_proj` ([`LatentMoe`], model/moe.rs).
 
 use super::{
     kimi_k25, qwen3_next, Arch, ArchDef, ArchError, Defaults, DeltaProjections,
-    Derive, Fields, LinearAttention, Mla, ModelConfig, QkNorm, Rope, RouterConfig, RouterDef, Sanitize,
+    Derive, Fields, LatentMoe, LinearAttention, Mla, ModelConfig, QkNorm, Rope, RouterConfig, RouterDef, Sanitize,
     Scoring, SharedExpert, SharedNames, Situ, TensorNames, TopKOrder,
 };
 use serde_json::Value;
@@ -179,14 +181,6 @@ fn parse_text(f: &Fields<'_>, text: &Value) -> Result<ModelConfig, ArchError> {
             expected: "true (mlx-lm runs MLA without RoPE only)",
         });
     }
-    if f.usize_any(&["routed_expert_hidden_size"])?.is_some() {
-        return Err(ArchError::BadField {
-            field: "routed_expert_hidden_size",
-            found: text["routed_expert_hidden_size"].to_string(),
-            expected: "null: the latent MoE (experts on a down-projected input) is not \
-                       supported yet",
-        });
-    }
     let d = Defaults {
         // No RoPE anywhere: never used.
         rope_theta: 10_000.0,
@@ -252,6 +246,16 @@ fn parse_text(f: &Fields<'_>, text: &Value) -> Result<ModelConfig, ArchError> {
         linear_beta: f.f64_opt("activation_situ_linear_beta")?,
     });
     cfg.attn_res_block_size = f.usize_any(&["attn_res_block_size"])?;
+    // self.latent_size = args.routed_expert_hidden_size; the norm only with latent_moe_use_norm
+    cfg.latent_moe = f
+        .usize_any(&["routed_expert_hidden_size"])?
+        .map(|hidden_size| -> Result<LatentMoe, ArchError> {
+            Ok(LatentMoe {
+                hidden_size,
+                norm: f.bool_or("latent_moe_use_norm", false)?,
+            })
+        })
+        .transpose()?;
     cfg.linear_attention = linear_attention(text, cfg.num_hidden_layers)?;
     Ok(cfg)
 }

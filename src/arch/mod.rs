@@ -23,8 +23,8 @@ mod router;
 
 pub use config::{
     CandidateBlocks, ClampedSwiglu, CompressedAttention, DeltaProjections, Gemma4,
-    HyperConnections, Indexer, LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert, Situ,
-    SlidingWindow,
+    HyperConnections, Indexer, LatentMoe, LinearAttention, Mla, ModelConfig, QkNorm, Rope,
+    SharedExpert, Situ, SlidingWindow,
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};

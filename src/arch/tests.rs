@@ -1527,8 +1527,9 @@ fn kimi_k3_text() -> Value {
 /// residuals, the sigmoid router in groups with its bias and scale, one shared expert as wide
 /// as a routed one, the first layer dense; mlx-lm's defaults (`rms_norm_eps` 1e-5, beta 1 also
 /// for a beta of 0, `moe_renormalize`); RoPE fields change nothing; the pack's record round-trips.
-/// Another activation or router, RoPE on MLA, the latent MoE, KDA layers out of range and a
-/// missing `linear_attn_config` are refused by name.
+/// The latent MoE's width and norm (the experts' width is then the latent's). Another
+/// activation or router, RoPE on MLA, a latent of 0, KDA layers out of range and a missing
+/// `linear_attn_config` are refused by name.
 #[test]
 fn kimi_k3_config_parses() {
     let c = ModelConfig::from_json(&kimi_k3_text()).unwrap();
@@ -1648,6 +1649,26 @@ fn kimi_k3_config_parses() {
     // Every layer KDA: no MLA layer, no KV cache.
     assert_eq!(d.full_attention_layers(), 0);
     assert_eq!(d.kv_values_per_token(), 0);
+    assert_eq!((d.latent_moe, d.expert_hidden_size()), (None, 7168));
+    // The latent MoE: experts on 2048 values, their sum normed only with latent_moe_use_norm.
+    let mut l = kimi_k3_text();
+    l["routed_expert_hidden_size"] = json!(2048);
+    let c = ModelConfig::from_json(&l).unwrap();
+    assert_eq!(
+        (c.latent_moe, c.expert_hidden_size()),
+        (
+            Some(LatentMoe {
+                hidden_size: 2048,
+                norm: false
+            }),
+            2048
+        )
+    );
+    l["latent_moe_use_norm"] = json!(true);
+    let c = ModelConfig::from_json(&l).unwrap();
+    assert!(c.latent_moe.unwrap().norm);
+    let back: ModelConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
     // No KDA layer at all: plain MLA.
     v["linear_attn_config"]["kda_layers"] = json!([]);
     assert!(ModelConfig::from_json(&v)
@@ -1668,7 +1689,11 @@ fn kimi_k3_config_parses() {
             "moe_router_activation_func",
         ),
         ("mla_use_nope", json!(false), "mla_use_nope"),
-        ("routed_expert_hidden_size", json!(1024), "latent MoE"),
+        (
+            "routed_expert_hidden_size",
+            json!(0),
+            "routed_expert_hidden_size",
+        ),
         (
             "activation_situ_linear_beta",
             json!(-1.0),

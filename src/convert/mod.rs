@@ -113,7 +113,8 @@ pub fn convert_checkpoint(
     let writer = PackWriter::create(
         output,
         opts.page_size,
-        c.hidden_size as u32,
+        // The experts' width: the model's, or its latent MoE's (Kimi-K3).
+        c.expert_hidden_size() as u32,
         c.moe_intermediate_size as u32,
     )?;
     // load (cont.): the source's fingerprint for the provenance record is computed on a thread

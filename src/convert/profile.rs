@@ -539,7 +539,7 @@ pub fn profile(
 /// alone, never on the machine, so the profile (and the pack) does not either.
 fn chunk_tokens(ck: &Checkpoint) -> usize {
     let c = &ck.config;
-    let expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2;
+    let expert_bytes = 3 * c.expert_hidden_size() * c.moe_intermediate_size * 2;
     let per_token = 4 * c.hidden_size * 4;
     (8 * expert_bytes / per_token.max(1)).max(256)
 }
@@ -723,7 +723,11 @@ pub fn bit_plan(
             | super::quantize::ProjSource::Interleaved { all: q, .. } => q.scale_dtype.size(),
         })
         .unwrap_or(2);
-    let (h, i, g) = (c.hidden_size, c.moe_intermediate_size, opts.group_size);
+    let (h, i, g) = (
+        c.expert_hidden_size(),
+        c.moe_intermediate_size,
+        opts.group_size,
+    );
     plan_bits(
         p,
         &c.sparse_layers(),

@@ -306,7 +306,7 @@ impl<'c> SourceExperts<'c> {
         pool.check(
             &format!("layer {layer} experts"),
             n,
-            c.hidden_size,
+            c.expert_hidden_size(),
             c.moe_intermediate_size,
         )?;
         Ok(LayerExperts::resident(pool))

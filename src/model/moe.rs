@@ -417,7 +417,7 @@ impl ResidentExperts {
             pool.check(
                 &module,
                 cfg.num_experts,
-                cfg.hidden_size,
+                cfg.expert_hidden_size(),
                 cfg.moe_intermediate_size,
             )?;
             layers.insert(layer, LayerExperts::resident(pool));
@@ -511,6 +511,50 @@ pub struct MoeBlock {
     /// The sum and the shared expert's output are added in f32 and cast to the activations'
     /// dtype after (DeepSeek-V4.1: `(routed + shared(x).astype(f32)).astype(x.dtype)`).
     cast_after_shared: bool,
+    /// Kimi-K3's latent MoE around the routed experts.
+    latent: Option<Box<Latent>>,
+}
+
+/// Kimi-K3's latent MoE (`KimiK3SparseMoE` with `routed_expert_hidden_size`): the experts see
+/// `down(x)`, and their weighted sum goes back through `norm` (when set) and `up` before the
+/// shared experts' output, which sees `x`, is added.
+#[derive(Debug, Clone)]
+struct Latent {
+    down: Linear,
+    norm: Option<RmsNorm>,
+    up: Linear,
+}
+
+impl Latent {
+    fn load(w: &dyn Weights, cfg: &ModelConfig, block: &str) -> Result<Option<Box<Latent>>> {
+        let Some(l) = cfg.latent_moe else {
+            return Ok(None);
+        };
+        let (h, d) = (cfg.hidden_size, l.hidden_size);
+        Ok(Some(Box::new(Latent {
+            down: Linear::load(w, &format!("{block}.routed_expert_down_proj"), d, h)?,
+            norm: l
+                .norm
+                .then(|| {
+                    RmsNorm::load(
+                        w,
+                        &format!("{block}.routed_expert_norm"),
+                        d,
+                        cfg.rms_norm_eps,
+                    )
+                })
+                .transpose()?,
+            up: Linear::load(w, &format!("{block}.routed_expert_up_proj"), h, d)?,
+        })))
+    }
+
+    /// `y = self.routed_expert_norm(y)` (when there is one); `y = self.routed_expert_up_proj(y)`.
+    fn back(&self, y: &Array) -> Result<Array> {
+        match &self.norm {
+            Some(n) => self.up.forward(&n.forward(y)?),
+            None => self.up.forward(y),
+        }
+    }
 }
 
 /// The always-on expert(s) of a sparse block: one SwiGLU MLP (N shared experts are one MLP N
@@ -596,6 +640,7 @@ impl MoeBlock {
             cast_output: cfg.arch.def().cast_moe_output,
             expert_norm: None,
             cast_after_shared: cfg.f32_swiglu_limit.is_some(),
+            latent: Latent::load(w, cfg, &block)?,
         })
     }
 
@@ -623,9 +668,21 @@ impl MoeBlock {
             }
             None => x,
         };
-        if let Some(mut out) = experts.mix(self.layer, x, &routing)? {
+        // y = self.routed_expert_down_proj(x) if self.latent_size is not None else x
+        let down;
+        let ex = match &self.latent {
+            Some(l) => {
+                down = l.down.forward(x)?;
+                &down
+            }
+            None => x,
+        };
+        if let Some(mut out) = experts.mix(self.layer, ex, &routing)? {
             if self.cast_output {
                 out = out.astype(x.dtype())?;
+            }
+            if let Some(l) = &self.latent {
+                out = l.back(&out)?;
             }
             if let Some(shared) = &self.shared {
                 out = shared.add_to(&out, x)?;
@@ -641,7 +698,7 @@ impl MoeBlock {
         }
         let mut y: Option<Array> = None;
         for r in routes {
-            let part = switch_glu(x, r.pool, &r.slots)?;
+            let part = switch_glu(ex, r.pool, &r.slots)?;
             y = Some(match (y, r.serves) {
                 (None, _) | (Some(_), None) => part,
                 (Some(acc), Some(serves)) => serves.expand_dims(-1)?.select(&part, &acc)?,
@@ -653,6 +710,9 @@ impl MoeBlock {
         if self.cast_output {
             // qwen3_moe.py: .astype(y.dtype)
             out = out.astype(y.dtype())?;
+        }
+        if let Some(l) = &self.latent {
+            out = l.back(&out)?;
         }
         if let Some(shared) = &self.shared {
             out = shared.add_to(&out, x)?;

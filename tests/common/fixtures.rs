@@ -117,6 +117,10 @@ pub struct FixtureSpec {
     pub attn_res_block_size: usize,
     pub full_rank_gate: bool,
     pub gate_lower_bound: Option<f64>,
+    /// Kimi-K3's latent MoE: the experts' width (0: none, the experts on the hidden state), and
+    /// whether their sum is normed before it goes back up.
+    pub latent_size: usize,
+    pub latent_norm: bool,
 }
 
 /// gpt-oss's MXFP4 experts: the E8M0 exponents drawn for each 32-value block, uniform in these
@@ -187,6 +191,8 @@ impl FixtureSpec {
             attn_res_block_size: 2,
             full_rank_gate: false,
             gate_lower_bound: Some(-5.0),
+            latent_size: 0,
+            latent_norm: false,
         }
     }
 
@@ -762,10 +768,42 @@ impl FixtureSpec {
                     fan_in,
                 );
             }
+            // The experts' width: the latent MoE's, around which a down and an up projection.
+            let x_w = if self.latent_size > 0 {
+                let d = self.latent_size;
+                add(
+                    format!("{p}.mlp.routed_expert_down_proj.weight"),
+                    vec![d, h],
+                    h,
+                );
+                add(
+                    format!("{p}.mlp.routed_expert_up_proj.weight"),
+                    vec![h, d],
+                    d,
+                );
+                if self.latent_norm {
+                    add(format!("{p}.mlp.routed_expert_norm.weight"), vec![d], 0);
+                }
+                d
+            } else {
+                h
+            };
             for x in 0..e {
-                add(names.expert(l, x, Proj::Gate, Part::Weight), vec![i, h], h);
-                add(names.expert(l, x, Proj::Up, Part::Weight), vec![i, h], h);
-                add(names.expert(l, x, Proj::Down, Part::Weight), vec![h, i], i);
+                add(
+                    names.expert(l, x, Proj::Gate, Part::Weight),
+                    vec![i, x_w],
+                    x_w,
+                );
+                add(
+                    names.expert(l, x, Proj::Up, Part::Weight),
+                    vec![i, x_w],
+                    x_w,
+                );
+                add(
+                    names.expert(l, x, Proj::Down, Part::Weight),
+                    vec![x_w, i],
+                    i,
+                );
             }
         }
         if self.attn_res_block_size > 0 {
@@ -838,6 +876,8 @@ impl FixtureSpec {
                 "gate_lower_bound": self.gate_lower_bound,
                 "use_full_rank_gate": self.full_rank_gate,
             },
+            "routed_expert_hidden_size": (self.latent_size > 0).then_some(self.latent_size),
+            "latent_moe_use_norm": self.latent_norm,
             "bos_token_id": 0,
             "eos_token_id": 1,
             "torch_dtype": "bfloat16",
