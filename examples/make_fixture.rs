@@ -122,6 +122,27 @@ struct Args {
     /// Leave the BOS token out of config.json.
     #[arg(long)]
     no_bos: bool,
+    /// Qwen3-Next, Qwen3.5, Kimi-K3: every this-many-th layer has full attention (MLA in
+    /// Kimi-K3), the others linear attention.
+    #[arg(long, default_value_t = 2)]
+    full_attention_interval: usize,
+    /// Linear attention's key and value heads (Kimi-K3's KDA heads: the value heads) and their
+    /// width.
+    #[arg(long, default_value_t = 2)]
+    linear_key_heads: usize,
+    #[arg(long, default_value_t = 4)]
+    linear_value_heads: usize,
+    #[arg(long, default_value_t = 32)]
+    linear_head_dim: usize,
+    /// Kimi-K3: layers per attention-residual block (0: plain residuals).
+    #[arg(long, default_value_t = 2)]
+    attn_res_block_size: usize,
+    /// Kimi-K3: KDA's output gate as one full-rank `g_proj`.
+    #[arg(long)]
+    full_rank_gate: bool,
+    /// Kimi-K3: no `gate_lower_bound` (the decay of `compute_g` instead).
+    #[arg(long)]
+    no_gate_lower_bound: bool,
 }
 
 fn main() -> Result<()> {
@@ -168,6 +189,14 @@ fn main() -> Result<()> {
         global_head_dim: a.global_head_dim,
         global_kv_heads: a.global_kv_heads,
         multimodal: a.multimodal,
+        full_attention_interval: a.full_attention_interval,
+        linear_key_heads: a.linear_key_heads,
+        linear_value_heads: a.linear_value_heads,
+        linear_key_head_dim: a.linear_head_dim,
+        linear_value_head_dim: a.linear_head_dim,
+        attn_res_block_size: a.attn_res_block_size,
+        full_rank_gate: a.full_rank_gate,
+        gate_lower_bound: (!a.no_gate_lower_bound).then_some(-5.0),
         ..FixtureSpec::tiny(arch)
     };
     let t = std::time::Instant::now();

@@ -4,7 +4,8 @@
 No download: the shapes are those of the models' published config.json (or pass --config FILE).
 For each model: parameters by kind; pack sizes at 4-bit affine (group 64, bf16 scales and biases: 4.5 bits
 per weight) with every expert at 4 bits, and with the coldest experts at 2 bits; the KV cache per token
-(MLA's compressed latent for deepseek_v3 / kimi_k2, GQA keys and values otherwise); and, for budgets of common
+(MLA's compressed latent for deepseek_v3 / kimi_k2 and kimi_k3's MLA layers, GQA keys and values otherwise;
+kimi_k3's Kimi Delta Attention layers hold a fixed-size state instead); and, for budgets of common
 machines, how much of the experts stays resident and how many expert bytes a token reads from disk when
 routing is uniform (hit rate = resident share; real routing is skewed, so real hit rates are higher).
 
@@ -54,9 +55,52 @@ BITS2 = 2 + 2 * 16 / 64
 BUDGETS_GB = [32, 64, 96, 128, 192, 256, 512]
 
 
+def kimi_k3(c):
+    """A Kimi-K3 config.json (flat or under text_config) in this script's keys: KDA layers beside MLA ones."""
+    t = dict(c.get("text_config") or c)
+    t["n_routed_experts"] = t.get("num_experts") or 0
+    t["n_shared_experts"] = t.get("num_shared_experts", 0)
+    t["num_experts_per_tok"] = t.get("num_experts_per_token", 16)
+    t.setdefault("first_k_dense_replace", 0)
+    t.setdefault("tie_word_embeddings", False)
+    return t
+
+
+def kda_layer(c):
+    """Kimi Delta Attention: (weights of one layer, bytes of its state at any context)."""
+    h, la = c["hidden_size"], c["linear_attn_config"]
+    nh, d, k = la["num_heads"], la["head_dim"], la["short_conv_kernel_size"]
+    p = nh * d
+    gate = h * p if la.get("use_full_rank_gate") else h * d + d * p
+    # qkv_proj, its depthwise conv, f_a/f_b (the decay), b_proj, the output gate, o_proj
+    weights = 3 * p * h + 3 * p * k + h * d + d * p + h * nh + gate + p * h
+    # the convolution's last k - 1 inputs in bf16, the recurrent state [heads, d, d] in f32
+    state = (k - 1) * 3 * p * 2 + nh * d * d * 4
+    return weights, state
+
+
 def params(c):
+    if c.get("model_type") == "kimi_k3":
+        c = kimi_k3(c)
     h, L = c["hidden_size"], c["num_hidden_layers"]
-    if c.get("kv_lora_rank"):
+    state = 0
+    if c.get("linear_attn_config"):
+        # Kimi-K3: KDA on the 1-based kda_layers, MLA without RoPE (and optionally gated) on the others;
+        # only the MLA layers' latent and key grow with the context. The attention residuals' weights
+        # (two [H] vectors per mix) are too small to show.
+        kda = len(c["linear_attn_config"]["kda_layers"])
+        nh = c["num_attention_heads"]
+        qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+        q = (h * c["q_lora_rank"] + c["q_lora_rank"] * nh * qk) if c.get("q_lora_rank") else h * nh * qk
+        kv = h * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) \
+            + c["kv_lora_rank"] * nh * (c["qk_nope_head_dim"] + c["v_head_dim"])
+        gate = h * nh * c["v_head_dim"] if c.get("mla_use_output_gate") else 0
+        mla = q + kv + gate + nh * c["v_head_dim"] * h
+        kda_weights, kda_state = kda_layer(c)
+        attn = ((L - kda) * mla + kda * kda_weights) / L
+        kv_per_token = (L - kda) * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 2
+        state = kda * kda_state
+    elif c.get("kv_lora_rank"):
         nh = c["num_attention_heads"]
         qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
         q = (h * c["q_lora_rank"] + c["q_lora_rank"] * nh * qk) if c.get("q_lora_rank") else h * nh * qk
@@ -79,16 +123,19 @@ def params(c):
         kv_per_token = L * 2 * nkv * d * 2
     dense_layers = L if c.get("dense_mlp_beside_experts") else c["first_k_dense_replace"]
     moe_layers = L - c["first_k_dense_replace"]
-    expert = 3 * h * c["moe_intermediate_size"]
+    # Kimi-K3's latent MoE: experts on routed_expert_hidden_size values, beside a down and an up
+    # projection per MoE layer (counted with the routers, resident).
+    latent = c.get("routed_expert_hidden_size") or 0
+    expert = 3 * (latent or h) * c["moe_intermediate_size"]
     out = {
         "attention": L * attn,
         "dense MLPs": dense_layers * 3 * h * c["intermediate_size"],
         "shared experts": moe_layers * c["n_shared_experts"] * expert,
-        "routers": moe_layers * c["n_routed_experts"] * h,
+        "routers": moe_layers * (c["n_routed_experts"] * h + 2 * latent * h),
         "embeddings + head": (1 if c["tie_word_embeddings"] else 2) * c["vocab_size"] * h,
         "routed experts": moe_layers * c["n_routed_experts"] * expert,
     }
-    return out, expert, moe_layers, kv_per_token
+    return out, expert, moe_layers, kv_per_token, state
 
 
 def main():
@@ -101,7 +148,9 @@ def main():
     for f in a.config:
         models[f] = json.load(open(f))
     for name, c in models.items():
-        p, expert, moe_layers, kv_tok = params(c)
+        if c.get("model_type") == "kimi_k3":
+            c = kimi_k3(c)
+        p, expert, moe_layers, kv_tok, state = params(c)
         dense = sum(v for k, v in p.items() if k != "routed experts")
         experts = p["routed experts"]
         dense_gb = dense * BITS4 / 8 / 1e9
@@ -117,13 +166,14 @@ def main():
         print(f"\nOne routed expert: {expert / 1e6:.1f} M weights, {expert_mb:.1f} MB at 4 bits; "
               f"{k} per token in each of {moe_layers} MoE layers = {k * moe_layers} expert reads per token "
               f"when nothing is cached ({k * moe_layers * expert_mb / 1e3:.1f} GB). KV cache: "
-              f"{kv_tok / 1e3:.1f} KB per token, {kv_gb:.2f} GB at {a.context} tokens. "
-              f"With the coldest half of the experts at 2 bits the experts take "
-              f"{experts * (BITS4 + BITS2) / 2 / 8 / 1e9:.0f} GB.\n")
+              f"{kv_tok / 1e3:.1f} KB per token, {kv_gb:.2f} GB at {a.context} tokens"
+              + (f", plus {state / 1e6:.1f} MB of linear-attention state at any context. " if state else ". ")
+              + "With the coldest half of the experts at 2 bits the experts take "
+              + f"{experts * (BITS4 + BITS2) / 2 / 8 / 1e9:.0f} GB.\n")
         print(f"| --mem-budget | experts resident | share | expert GB read per token at that hit rate "
               f"| tokens/s bound at {a.disk_gbs:g} GB/s |\n|---:|---:|---:|---:|---:|")
         for b in BUDGETS_GB:
-            room = b - dense_gb - kv_gb
+            room = b - dense_gb - kv_gb - state / 1e9
             if room <= k * moe_layers * expert_mb / 1e3 / moe_layers:
                 print(f"| {b} GB | does not fit (dense {dense_gb:.1f} GB + KV {kv_gb:.2f} GB) | | | |")
                 continue

@@ -45,6 +45,8 @@ pub struct PackReport {
     pub experts_per_layer: BTreeMap<u32, u32>,
     pub segments: usize,
     pub hidden_size: u32,
+    /// The routed experts' input width: `hidden_size`, or under Kimi-K3's latent MoE its own.
+    pub expert_hidden_size: u32,
     pub intermediate_size: u32,
     /// "GQA, 32 heads / 4 KV heads of 128" or "MLA, 128 heads, latent 512 + rotary 64"; for a
     /// hybrid model (Qwen3-Next, Qwen3.5) the full-attention layers' kind, then the Gated
@@ -138,18 +140,36 @@ fn attention_label(m: &crate::arch::ModelConfig) -> String {
         );
     }
     match &m.mla {
-        Some(a) => format!(
-            "MLA, {} heads, latent {} + rotary {}{}{}",
-            m.num_attention_heads,
-            a.kv_lora_rank,
-            a.qk_rope_head_dim,
-            a.q_lora_rank
-                .map_or(String::new(), |r| format!(", query rank {r}")),
-            m.indexer.as_ref().map_or(String::new(), |i| format!(
-                "; sparse (DSA indexer: {} heads of {}, key {} cached, top {})",
-                i.n_heads, i.head_dim, i.head_dim, i.topk
-            ))
-        ),
+        Some(a) => {
+            // Kimi-K3: "1 of 3 layers MLA, 3 heads, latent 64 + unrotated 32, query rank 64,
+            // output gate; 2 Kimi Delta Attention (2 heads of 64, conv 4)"
+            let mla = format!(
+                "MLA, {} heads, latent {} + {} {}{}{}{}",
+                m.num_attention_heads,
+                a.kv_lora_rank,
+                if a.no_rope { "unrotated" } else { "rotary" },
+                a.qk_rope_head_dim,
+                a.q_lora_rank
+                    .map_or(String::new(), |r| format!(", query rank {r}")),
+                if a.output_gate { ", output gate" } else { "" },
+                m.indexer.as_ref().map_or(String::new(), |i| format!(
+                    "; sparse (DSA indexer: {} heads of {}, key {} cached, top {})",
+                    i.n_heads, i.head_dim, i.head_dim, i.topk
+                ))
+            );
+            match &m.linear_attention {
+                None => mla,
+                Some(la) => {
+                    let full = m.full_attention_layers();
+                    format!(
+                        "{full} of {} layers {mla}; {} {}",
+                        m.num_hidden_layers,
+                        m.num_hidden_layers - full,
+                        linear_label(la)
+                    )
+                }
+            }
+        }
         None => {
             let rope = m.rope_dims();
             let gqa = format!(
@@ -200,19 +220,33 @@ fn attention_label(m: &crate::arch::ModelConfig) -> String {
                 Some(la) => {
                     let full = m.full_attention_layers();
                     format!(
-                        "{full} of {} layers {gqa}; {} Gated DeltaNet ({} key heads of {}, {} value \
-                         heads of {}, conv {})",
+                        "{full} of {} layers {gqa}; {} {}",
                         m.num_hidden_layers,
                         m.num_hidden_layers - full,
-                        la.num_key_heads,
-                        la.key_head_dim,
-                        la.num_value_heads,
-                        la.value_head_dim,
-                        la.conv_kernel_dim
+                        linear_label(la)
                     )
                 }
             }
         }
+    }
+}
+
+/// The linear-attention layers' kind and widths: "Gated DeltaNet (2 key heads of 32, 4 value
+/// heads of 32, conv 4)" or "Kimi Delta Attention (2 heads of 64, conv 4)".
+fn linear_label(la: &crate::arch::LinearAttention) -> String {
+    match la.projections {
+        crate::arch::DeltaProjections::Kda => format!(
+            "Kimi Delta Attention ({} heads of {}, conv {})",
+            la.num_value_heads, la.value_head_dim, la.conv_kernel_dim
+        ),
+        _ => format!(
+            "Gated DeltaNet ({} key heads of {}, {} value heads of {}, conv {})",
+            la.num_key_heads,
+            la.key_head_dim,
+            la.num_value_heads,
+            la.value_head_dim,
+            la.conv_kernel_dim
+        ),
     }
 }
 
@@ -331,7 +365,8 @@ impl PackReport {
             layers: typed.model.num_hidden_layers as u64,
             experts_per_layer: per_layer,
             segments: pack.experts().len(),
-            hidden_size: pack.hidden_size(),
+            hidden_size: typed.model.hidden_size as u32,
+            expert_hidden_size: pack.hidden_size(),
             intermediate_size: pack.intermediate_size(),
             attention: attention_label(&typed.model),
             kv_cache_bytes_per_token: typed.model.kv_values_per_token() * 2,

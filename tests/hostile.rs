@@ -803,6 +803,23 @@ fn rejects_model_dimensions_the_directories_contradict() {
     }
 }
 
+/// Kimi-K3's latent MoE: the expert directory's `hidden_size` is the latent's (§4.4 rule 3), so
+/// a latent the directory contradicts is refused by name, and one it matches opens.
+#[test]
+fn rejects_a_latent_moe_width_the_directory_contradicts() {
+    let b = with_metadata(|m| {
+        m["model"]["latent_moe"] = serde_json::json!({"hidden_size": 1u64 << 30})
+    });
+    let msg = refused_on(&b, "model.latent_moe.hidden_size");
+    assert!(msg.contains(&(1u64 << 30).to_string()), "{msg}");
+    let b = with_metadata(|m| {
+        let h = m["model"]["hidden_size"].clone();
+        m["model"]["latent_moe"] = serde_json::json!({"hidden_size": h, "norm": true});
+    });
+    let p = open(&b).unwrap();
+    assert!(p.meta().model.latent_moe.is_some_and(|l| l.norm));
+}
+
 #[test]
 fn rejects_an_expert_directory_layer_past_the_model() {
     // The last stored expert (layer 1, expert 1: entries 4 and 5) moved to layer 0xFFFFFFF0;

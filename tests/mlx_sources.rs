@@ -242,6 +242,14 @@ fn mlx_lm_sources_keep_their_bits_and_logits_through_the_default_cli() {
         let src = source(dir.path(), arch);
         for recipe in recipes {
             let what = format!("{} {}", arch.model_type(), recipe.label());
+            if arch == Arch::KimiK3 && matches!(recipe, Recipe::Mixed(..)) {
+                // mlx-lm's mixed recipes replace the model's own quant_predicate, so they
+                // quantize Kimi-K3's one-row `*_res_proj` too, whose weight kimi_k3.py then
+                // reads as floats: mlx-lm 0.32.2 cannot run the folder it writes
+                // ("[broadcast_shapes] Shapes (192) and (12)"). Nothing to compare with.
+                eprintln!("{what}: skipped, mlx-lm cannot run its own conversion");
+                continue;
+            }
             let mlx_dir = dir
                 .path()
                 .join(format!("{}-{}", arch.model_type(), recipe.label()));

@@ -513,8 +513,10 @@ fn prefill_reports_progress_per_chunk() {
 /// gives the usual path's logits bit for bit, on every kind of layer cache: plain KV
 /// (qwen3_moe), MLA with a dense first layer and shared experts (deepseek_v3), sliding windows
 /// with sinks (gpt_oss), linear attention (qwen3_next), MLA with the sparse attention's
-/// indexer keys (deepseek_v32), and Gemma 4's sandwich layers (a sliding and a full layer, the
-/// layer scalar on the residual, gemma4_text). All experts resident, half of them,
+/// indexer keys (deepseek_v32), Gemma 4's sandwich layers (a sliding and a full layer, the
+/// layer scalar on the residual, gemma4_text), and Kimi-K3's attention residuals over KDA and
+/// MLA layers (the blocks a layer routed again had when it was scheduled, kimi_k3). All experts
+/// resident, half of them,
 /// and a few slots more than one token's experts, where most layers are routed again.
 #[test]
 fn running_ahead_changes_no_logit() {
@@ -526,6 +528,7 @@ fn running_ahead_changes_no_logit() {
         "golden/qwen3_next-q4",
         "golden/deepseek_v32-q4",
         "golden/gemma4_text-q4",
+        "golden/kimi_k3-q4",
     ] {
         let out = dir
             .path()

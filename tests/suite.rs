@@ -40,6 +40,7 @@ mod gemma4;
 mod gpt_oss;
 mod gpt_oss_attention;
 mod kimi_dsa;
+mod kimi_k3;
 mod minimax;
 mod mlx_sources;
 mod qwen_hybrid;

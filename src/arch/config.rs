@@ -69,6 +69,14 @@ pub struct Mla {
     /// Per-head query/key width with RoPE (the key part is shared by all heads).
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
+    /// The `qk_rope_head_dim` part is not rotated (Kimi-K3's `mla_use_nope`): it is scored as
+    /// it is. Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_rope: bool,
+    /// The heads' output is scaled by `sigmoid(g_proj(x))` before `o_proj` (Kimi-K3's
+    /// `mla_use_output_gate`). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub output_gate: bool,
 }
 
 /// DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5), on top of [`Mla`]:
@@ -95,6 +103,10 @@ pub enum DeltaProjections {
     Qkvz,
     /// Qwen3.5: `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, each contiguous.
     Split,
+    /// Kimi Delta Attention (Kimi-K3, under `self_attn`): `qkv_proj` and its own convolution
+    /// `qkv_conv`, a per-channel decay from `f_a_proj` / `f_b_proj`, `b_proj`, and an output
+    /// gate from `g_a_proj` / `g_b_proj` (or `g_proj`) on `o_norm`.
+    Kda,
 }
 
 /// Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5): every layer but each
@@ -118,6 +130,15 @@ pub struct LinearAttention {
     /// `linear_conv_kernel_dim`: the convolution's width.
     pub conv_kernel_dim: usize,
     pub projections: DeltaProjections,
+    /// Kimi Delta Attention's `gate_lower_bound`: the decay is
+    /// `exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)))` instead of
+    /// `exp(-exp(A_log) * softplus(a + dt_bias))`. Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_lower_bound: Option<f64>,
+    /// Kimi Delta Attention's output gate is one full-rank `g_proj` instead of `g_a_proj` then
+    /// `g_b_proj` (`use_full_rank_gate`). Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub full_rank_gate: bool,
 }
 
 impl LinearAttention {
@@ -188,6 +209,32 @@ impl Gemma4 {
             .unwrap_or(1.0)
     }
 }
+/// Kimi-K3's activation, SiTU (mlx-lm kimi_k3.py `_situ`), of the dense MLPs, the shared
+/// experts and the routed experts: in f32, `beta * tanh(gate / beta) * sigmoid(gate)` times the
+/// up projection (itself `linear_beta * tanh(up / linear_beta)` when `linear_beta` is set),
+/// cast back to the input's type.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Situ {
+    /// `activation_situ_beta` (1 when the config has none).
+    pub beta: f64,
+    /// `activation_situ_linear_beta`. Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linear_beta: Option<f64>,
+}
+
+/// Kimi-K3's latent MoE (`routed_expert_hidden_size`): the routed experts work on
+/// `routed_expert_down_proj(x)`, `hidden_size` values wide, and their weighted sum is brought
+/// back by `routed_expert_up_proj` (after `routed_expert_norm` when `norm`); the router and the
+/// shared experts see `x` itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatentMoe {
+    /// `routed_expert_hidden_size`: the experts' input and output width.
+    pub hidden_size: usize,
+    /// `latent_moe_use_norm`. Written to a pack only when true.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub norm: bool,
+}
+
 /// DeepSeek-V4.1's residual: `mult` parallel streams of the hidden state instead of one, mixed
 /// before and after each attention and feed-forward by weights computed from the streams
 /// themselves (`hc_attn_*` / `hc_ffn_*`: a sigmoid "pre" collapse, a "post" expansion and a
@@ -383,6 +430,20 @@ pub struct ModelConfig {
     /// and value head's width). Written to a pack only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compressed_attention: Option<CompressedAttention>,
+    /// Kimi-K3's SiTU activation of every MLP and expert instead of SwiGLU. Written to a pack
+    /// only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub situ: Option<Situ>,
+    /// Kimi-K3's attention residuals (`attn_res_block_size`): layers are grouped in blocks of
+    /// this many, and each attention, feed-forward and the final norm read a softmax-weighted
+    /// mix of the blocks' starting states and the current block's partial sum instead of the
+    /// plain residual stream. Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_res_block_size: Option<usize>,
+    /// Kimi-K3's latent MoE ([`LatentMoe`]): the routed experts' width is its `hidden_size`.
+    /// Written to a pack only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent_moe: Option<LatentMoe>,
     /// OLMoE's clamp of q/k/v activations, when set.
     pub clip_qkv: Option<f64>,
     pub shared_expert: Option<SharedExpert>,
@@ -517,6 +578,21 @@ impl ModelConfig {
                 Some(full) => full.binary_search(&layer).is_err(),
                 None => (layer + 1) % la.full_attention_interval.max(1) != 0,
             })
+    }
+
+    /// The routed experts' input and output width: the model's `hidden_size`, or under Kimi-K3's
+    /// latent MoE its `routed_expert_hidden_size`.
+    pub fn expert_hidden_size(&self) -> usize {
+        self.latent_moe.map_or(self.hidden_size, |l| l.hidden_size)
+    }
+
+    /// Values Kimi-K3's attention residuals keep per position of one forward call (nothing
+    /// between calls): the starting state of each block of `attn_res_block_size` layers,
+    /// `hidden_size` values each; 0 without attention residuals.
+    pub fn attn_res_values_per_token(&self) -> u64 {
+        self.attn_res_block_size.map_or(0, |size| {
+            (self.num_hidden_layers.div_ceil(size.max(1)) * self.hidden_size) as u64
+        })
     }
 
     /// Layers with full (softmax) attention and so a KV cache.
@@ -760,6 +836,53 @@ impl ModelConfig {
                         la.num_value_heads, la.num_key_heads
                     ),
                 });
+            }
+        }
+        if let Some(b) = self
+            .linear_attention
+            .as_ref()
+            .and_then(|la| la.gate_lower_bound)
+        {
+            if !(b.is_finite() && (b as f32).is_finite()) {
+                return bad(
+                    "gate_lower_bound",
+                    b.to_string(),
+                    "a finite number, also as f32",
+                );
+            }
+        }
+        if let Some(s) = &self.situ {
+            if !positive_finite(s.beta) {
+                return bad(
+                    "activation_situ_beta",
+                    s.beta.to_string(),
+                    "a positive finite number, also as f32",
+                );
+            }
+            if let Some(lb) = s.linear_beta.filter(|&lb| !positive_finite(lb)) {
+                return bad(
+                    "activation_situ_linear_beta",
+                    lb.to_string(),
+                    "a positive finite number, also as f32 (or null)",
+                );
+            }
+        }
+        if let Some(l) = &self.latent_moe {
+            if l.hidden_size == 0 || l.hidden_size > max {
+                return bad(
+                    "routed_expert_hidden_size",
+                    l.hidden_size.to_string(),
+                    "at least 1 and at most 2147483647 (i32::MAX)",
+                );
+            }
+        }
+        if let Some(n) = self.attn_res_block_size {
+            if n == 0 || n > max {
+                return bad(
+                    "attn_res_block_size",
+                    n.to_string(),
+                    "at least 1 (or null for plain residuals)",
+                );
             }
         }
         if let Some(w) = &self.sliding_window {

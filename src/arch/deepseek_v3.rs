@@ -128,6 +128,8 @@ pub(super) fn parse_as(v: &Value, arch: Arch) -> Result<ModelConfig, ArchError> 
         qk_nope_head_dim: f.usize_req(&["qk_nope_head_dim"])?,
         qk_rope_head_dim: f.usize_req(&["qk_rope_head_dim"])?,
         v_head_dim: f.usize_req(&["v_head_dim"])?,
+        no_rope: false,
+        output_gate: false,
     };
     // self.q_head_dim = qk_nope_head_dim + qk_rope_head_dim; every head is a query head.
     cfg.head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim;

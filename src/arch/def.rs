@@ -71,6 +71,26 @@ pub enum Derive {
     /// by one, get the one added (`weights[k] = v + 1.0`; Qwen3-Next, Qwen3.5). mlx-lm folders
     /// already hold the sums: the loader tells them apart by the convolution weights' layout.
     NormsPlusOne(&'static [&'static str]),
+    /// A module's weights stored apart, joined along the first axis into one weight of the same
+    /// module (Kimi-K3's `self_attn.{q,k,v}_proj.weight` -> `self_attn.qkv_proj.weight`, as
+    /// mlx-lm's `sanitize` concatenates them): `parts` and `into` are name suffixes after the
+    /// module; a module holding every part gets `into`, and its parts are not kept. With
+    /// `conv`, each part is a Hugging Face depthwise convolution `[C, 1, K]` and the result is
+    /// mlx.nn.Conv1d's `[C, K, 1]` (mlx-lm's `w.moveaxis(2, 1)`: the same values in the same
+    /// order).
+    Concat {
+        parts: &'static [&'static str],
+        into: &'static str,
+        conv: bool,
+    },
+    /// Tensors ending in one of these suffixes stored with more than one axis (Kimi's
+    /// `A_log` `[1, 1, heads, 1]`, `dt_bias`) become 1-D (`mx.reshape(w, (-1,))`); those ending
+    /// in a `per_head` suffix keep only their first linear-attention heads' values (mlx-lm's
+    /// `weights[a_log_key][:num_heads]`).
+    Flatten {
+        suffixes: &'static [&'static str],
+        per_head: &'static [&'static str],
+    },
 }
 
 /// A name as it is: the rename of every architecture whose pack names are its source's.

@@ -247,7 +247,9 @@ impl<'a> Fields<'a> {
                 "num_experts",
                 "n_routed_experts",
             ])?,
-            num_experts_per_tok: self.usize_req(&["num_experts_per_tok"])?,
+            // Kimi-K3 spells it num_experts_per_token.
+            num_experts_per_tok: self
+                .usize_req(&["num_experts_per_tok", "num_experts_per_token"])?,
             norm_topk_prob: self.bool_or("norm_topk_prob", d.norm_topk_prob)?,
             router: RouterConfig::default(),
             rms_norm_eps: self.f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
@@ -269,6 +271,9 @@ impl<'a> Fields<'a> {
             f32_swiglu_limit: None,
             hyper_connections: None,
             compressed_attention: None,
+            situ: None,
+            attn_res_block_size: None,
+            latent_moe: None,
             clip_qkv: None,
             shared_expert: None,
             decoder_sparse_step: self.usize_any(&["decoder_sparse_step"])?.unwrap_or(1),

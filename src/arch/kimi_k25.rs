@@ -43,7 +43,7 @@ const VISION: [&str; 4] = [
 ];
 
 /// `language_model.X` is the text model's `X`; the vision modules are no part of it.
-fn text_model_name(name: &str) -> Option<Cow<'_, str>> {
+pub(super) fn text_model_name(name: &str) -> Option<Cow<'_, str>> {
     if VISION.iter().any(|v| name.starts_with(v)) {
         return None;
     }

@@ -23,8 +23,8 @@ mod router;
 
 pub use config::{
     CandidateBlocks, ClampedSwiglu, CompressedAttention, DeltaProjections, Gemma4,
-    HyperConnections, Indexer, LinearAttention, Mla, ModelConfig, QkNorm, Rope, SharedExpert,
-    SlidingWindow,
+    HyperConnections, Indexer, LatentMoe, LinearAttention, Mla, ModelConfig, QkNorm, Rope,
+    SharedExpert, Situ, SlidingWindow,
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};
@@ -91,6 +91,8 @@ architectures! {
     Gemma4Text => gemma4_text,
     /// DeepSeek-V4.1: hyper-connections, windowed and compressed attention with an indexer.
     DeepseekV41 => deepseek_v41,
+    /// Kimi-K3: Kimi Delta Attention and MLA layers, attention residuals, SiTU.
+    KimiK3 => kimi_k3,
 }
 
 /// `layer_types`, where a config gives it, is the truth about each layer's attention: every

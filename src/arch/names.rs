@@ -140,6 +140,9 @@ pub struct TensorNames {
     pub keep_full: &'static [&'static str],
     /// The always-on expert(s) under the block, for an architecture that has them.
     pub shared: Option<SharedNames>,
+    /// Modules kept at full precision wherever they are, by their last name (Kimi-K3's
+    /// `self_attention_res_proj`, `[1, H]` one-row projections that mlx-lm never quantizes).
+    pub keep_full_modules: &'static [&'static str],
 }
 
 /// Module names of a block's shared expert(s): Qwen2-MoE `shared_expert` with its gate
@@ -166,6 +169,7 @@ impl TensorNames {
         router: "gate",
         keep_full: &[],
         shared: None,
+        keep_full_modules: &[],
     };
 
     /// The on-disk per-expert name of expert `expert`'s `proj` in layer `layer`.
@@ -204,6 +208,11 @@ impl TensorNames {
 
     /// Classifies one tensor name.
     pub fn classify(&self, name: &str) -> TensorRole {
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        let last = module.rsplit('.').next().unwrap_or(module);
+        if self.keep_full_modules.contains(&last) {
+            return TensorRole::KeepFull;
+        }
         let Some((layer, block_rest)) = split_layer(name) else {
             return if is_keep_full_leaf(name) {
                 TensorRole::KeepFull

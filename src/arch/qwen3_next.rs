@@ -124,6 +124,8 @@ pub(super) fn parse_text(
         value_head_dim: f.usize_req(&["linear_value_head_dim"])?,
         conv_kernel_dim: f.usize_req(&["linear_conv_kernel_dim"])?,
         projections,
+        gate_lower_bound: None,
+        full_rank_gate: false,
     });
     Ok(cfg)
 }
@@ -131,7 +133,7 @@ pub(super) fn parse_text(
 /// The full-attention layers `layer_types` names (each entry `"linear_attention"` or
 /// `"full_attention"`): as an interval when every `n`-th layer and only those are full
 /// attention (what mlx-lm's `full_attention_interval` can say), else as a list with interval 0.
-fn full_attention_from(types: &[&str]) -> Result<(usize, Option<Vec<usize>>), ArchError> {
+pub(super) fn full_attention_from(types: &[&str]) -> Result<(usize, Option<Vec<usize>>), ArchError> {
     let mut full = Vec::new();
     for (l, t) in types.iter().enumerate() {
         match *t {

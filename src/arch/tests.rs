@@ -879,6 +879,7 @@ fn arch_serializes_as_before_the_table() {
         (Arch::Minimax, "minimax"),
         (Arch::Gemma4Text, "gemma4_text"),
         (Arch::DeepseekV41, "deepseek_v41"),
+        (Arch::KimiK3, "kimi_k3"),
     ];
     assert_eq!(Arch::ALL.len(), written.len());
     for (arch, name) in written {
@@ -1492,5 +1493,346 @@ fn deepseek_v41_config_parses() {
     assert_eq!(
         a.classify("model.layers.3.mlp.gate.weight"),
         TensorRole::Router { layer: 3 }
+    );
+}
+
+/// A Kimi-K3 text config with mlx-lm's `TextArgs` fields (its defaults where a field is left
+/// out), 6 layers of which 1-based `kda_layers` [1, 2, 4, 5] are Kimi Delta Attention.
+fn kimi_k3_text() -> Value {
+    json!({
+        "model_type": "kimi_k3", "vocab_size": 163840, "hidden_size": 7168,
+        "num_hidden_layers": 6, "num_attention_heads": 64, "num_key_value_heads": 64,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "hidden_act": "situ", "activation_situ_beta": 2.0, "activation_situ_linear_beta": 8.0,
+        "attn_res_block_size": 3,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "mla_use_nope": true,
+        "mla_use_output_gate": true,
+        "num_experts": 384, "num_experts_per_token": 8, "num_shared_experts": 1,
+        "moe_router_activation_func": "sigmoid", "moe_renormalize": true,
+        "routed_scaling_factor": 2.827, "first_k_dense_replace": 1,
+        "use_grouped_topk": true, "num_expert_group": 8, "topk_group": 4,
+        "rope_theta": 50000.0,
+        "rope_scaling": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096},
+        "linear_attn_config": {
+            "kda_layers": [1, 2, 4, 5], "num_heads": 64, "head_dim": 128,
+            "short_conv_kernel_size": 4, "gate_lower_bound": -5.0
+        },
+        "eos_token_id": 163586
+    })
+}
+
+/// Kimi-K3's config, flat or under `text_config` (token ids at the top level): KDA on the
+/// 1-based `kda_layers` (the others MLA without RoPE, gated), SiTU with both betas, attention
+/// residuals, the sigmoid router in groups with its bias and scale, one shared expert as wide
+/// as a routed one, the first layer dense; mlx-lm's defaults (`rms_norm_eps` 1e-5, beta 1 also
+/// for a beta of 0, `moe_renormalize`); RoPE fields change nothing; the pack's record round-trips.
+/// The latent MoE's width and norm (the experts' width is then the latent's). Another
+/// activation or router, RoPE on MLA, a latent of 0, KDA layers out of range and a missing
+/// `linear_attn_config` are refused by name.
+#[test]
+fn kimi_k3_config_parses() {
+    let c = ModelConfig::from_json(&kimi_k3_text()).unwrap();
+    assert_eq!(c.arch, Arch::KimiK3);
+    assert_eq!((c.num_key_value_heads, c.head_dim), (64, 192));
+    let m = c.mla.as_ref().unwrap();
+    assert_eq!(
+        (m.q_lora_rank, m.kv_lora_rank, m.no_rope, m.output_gate),
+        (Some(1536), 512, true, true)
+    );
+    let linear: Vec<usize> = (0..6).filter(|&l| c.is_linear_layer(l)).collect();
+    assert_eq!(linear, [0, 1, 3, 4]);
+    let la = c.linear_attention.as_ref().unwrap();
+    assert_eq!(la.projections, DeltaProjections::Kda);
+    assert_eq!(
+        (
+            la.num_key_heads,
+            la.num_value_heads,
+            la.key_head_dim,
+            la.value_head_dim
+        ),
+        (64, 64, 128, 128)
+    );
+    assert_eq!(
+        (la.conv_kernel_dim, la.gate_lower_bound, la.full_rank_gate),
+        (4, Some(-5.0), false)
+    );
+    // Every third layer is MLA: an interval.
+    assert_eq!(
+        (la.full_attention_interval, &la.full_attention_layers),
+        (3, &None)
+    );
+    assert_eq!(
+        c.situ,
+        Some(Situ {
+            beta: 2.0,
+            linear_beta: Some(8.0)
+        })
+    );
+    assert_eq!(c.attn_res_block_size, Some(3));
+    assert_eq!(c.rms_norm_eps, 1e-5);
+    assert_eq!((c.num_experts, c.num_experts_per_tok), (384, 8));
+    assert_eq!(c.router.scoring, Scoring::Sigmoid);
+    assert!(c.router.selection_bias && c.norm_topk_prob);
+    assert_eq!(
+        (
+            c.router.n_group,
+            c.router.topk_group,
+            c.router.routed_scaling_factor
+        ),
+        (8, 4, 2.827)
+    );
+    assert_eq!(
+        c.shared_expert,
+        Some(SharedExpert {
+            intermediate_size: 2048,
+            gated: false
+        })
+    );
+    assert_eq!(c.sparse_layers(), [1, 2, 3, 4, 5]);
+    assert_eq!(c.rope.rope_type, "default");
+    assert_eq!(c.rope.scaling, None);
+    assert_eq!(c.eos_token_ids, [163586]);
+    // MLA's latent and key per token on the 2 MLA layers; KDA's state on the other 4.
+    assert_eq!(c.kv_values_per_token(), 2 * (512 + 64));
+    assert_eq!(
+        c.recurrent_state_bytes(),
+        4 * (3 * 3 * 64 * 128 * 2 + 64 * 128 * 128 * 4)
+    );
+    // 2 blocks of 3 layers: two starting states of 7168 per position of a call.
+    assert_eq!(c.attn_res_values_per_token(), 2 * 7168);
+    let back: ModelConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+
+    // The multimodal wrapper: the text model under text_config, ids at the top level.
+    let mut text = kimi_k3_text();
+    text.as_object_mut().unwrap().remove("eos_token_id");
+    let wrapped = json!({
+        "model_type": "kimi_k3", "text_config": text, "vision_config": {"hidden_size": 8},
+        "eos_token_id": 163586
+    });
+    assert_eq!(ModelConfig::from_json(&wrapped).unwrap(), c);
+
+    // mlx-lm's defaults: beta `or 1.0`, no linear beta, renormalised, one group, no residual
+    // blocks, a low-rank KDA gate.
+    let mut v = kimi_k3_text();
+    let o = v.as_object_mut().unwrap();
+    for k in [
+        "activation_situ_linear_beta",
+        "attn_res_block_size",
+        "moe_renormalize",
+        "num_expert_group",
+        "topk_group",
+        "rms_norm_eps",
+    ] {
+        o.remove(k);
+    }
+    o.insert("activation_situ_beta".into(), json!(0.0));
+    o.insert(
+        "linear_attn_config".into(),
+        json!({"kda_layers": [1, 2, 3, 4, 5, 6], "num_heads": 8, "head_dim": 128,
+               "short_conv_kernel_size": 4, "use_full_rank_gate": true}),
+    );
+    let d = ModelConfig::from_json(&v).unwrap();
+    assert_eq!(
+        d.situ,
+        Some(Situ {
+            beta: 1.0,
+            linear_beta: None
+        })
+    );
+    assert_eq!(d.attn_res_block_size, None);
+    assert!(d.norm_topk_prob);
+    assert_eq!((d.router.n_group, d.router.topk_group), (1, 1));
+    let la = d.linear_attention.as_ref().unwrap();
+    assert_eq!((la.gate_lower_bound, la.full_rank_gate), (None, true));
+    // Every layer KDA: no MLA layer, no KV cache.
+    assert_eq!(d.full_attention_layers(), 0);
+    assert_eq!(d.kv_values_per_token(), 0);
+    assert_eq!((d.latent_moe, d.expert_hidden_size()), (None, 7168));
+    // The latent MoE: experts on 2048 values, their sum normed only with latent_moe_use_norm.
+    let mut l = kimi_k3_text();
+    l["routed_expert_hidden_size"] = json!(2048);
+    let c = ModelConfig::from_json(&l).unwrap();
+    assert_eq!(
+        (c.latent_moe, c.expert_hidden_size()),
+        (
+            Some(LatentMoe {
+                hidden_size: 2048,
+                norm: false
+            }),
+            2048
+        )
+    );
+    l["latent_moe_use_norm"] = json!(true);
+    let c = ModelConfig::from_json(&l).unwrap();
+    assert!(c.latent_moe.unwrap().norm);
+    let back: ModelConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    // No KDA layer at all: plain MLA.
+    v["linear_attn_config"]["kda_layers"] = json!([]);
+    assert!(ModelConfig::from_json(&v)
+        .unwrap()
+        .linear_attention
+        .is_none());
+
+    let refused = |key: &str, value: Value| {
+        let mut v = kimi_k3_text();
+        v[key] = value;
+        ModelConfig::from_json(&v).unwrap_err().to_string()
+    };
+    for (key, value, says) in [
+        ("hidden_act", json!("silu"), "hidden_act"),
+        (
+            "moe_router_activation_func",
+            json!("softmax"),
+            "moe_router_activation_func",
+        ),
+        ("mla_use_nope", json!(false), "mla_use_nope"),
+        (
+            "routed_expert_hidden_size",
+            json!(0),
+            "routed_expert_hidden_size",
+        ),
+        (
+            "activation_situ_linear_beta",
+            json!(-1.0),
+            "activation_situ_linear_beta",
+        ),
+        ("attn_res_block_size", json!(0), "attn_res_block_size"),
+        ("linear_attn_config", Value::Null, "linear_attn_config"),
+        (
+            "linear_attn_config",
+            json!({"kda_layers": [0], "num_heads": 8, "head_dim": 128, "short_conv_kernel_size": 4}),
+            "kda_layers",
+        ),
+        (
+            "linear_attn_config",
+            json!({"kda_layers": [7], "num_heads": 8, "head_dim": 128, "short_conv_kernel_size": 4}),
+            "kda_layers",
+        ),
+        (
+            "linear_attn_config",
+            json!({"kda_layers": [1], "num_heads": 8, "head_dim": 128}),
+            "short_conv_kernel_size",
+        ),
+    ] {
+        let e = refused(key, value);
+        assert!(e.contains(says), "{key}: {e}");
+    }
+}
+
+/// Kimi-K3's names as mlx-lm's `sanitize` gives them: the multimodal prefix and the vision
+/// tower, `block_sparse_moe` -> `mlp`, the selection bias under the gate wherever upstream or
+/// mlx-lm put it, the residual modules' `proj_weight` / `norm_weight`; the experts'
+/// `w1`/`w3`/`w2`, mlx-lm's `switch_mlp`, the router, and the residual projections kept in
+/// floats wherever they are.
+#[test]
+fn kimi_k3_names_are_mlx_lms() {
+    let a = Arch::KimiK3;
+    for (from, to) in [
+        (
+            "language_model.model.layers.3.block_sparse_moe.experts.7.w2.weight",
+            Some("model.layers.3.mlp.experts.7.w2.weight"),
+        ),
+        (
+            "model.layers.3.block_sparse_moe.gate.e_score_correction_bias",
+            Some("model.layers.3.mlp.gate.e_score_correction_bias"),
+        ),
+        (
+            "model.layers.3.block_sparse_moe.e_score_correction_bias",
+            Some("model.layers.3.mlp.gate.e_score_correction_bias"),
+        ),
+        (
+            "language_model.model.layers.3.mlp.e_score_correction_bias",
+            Some("model.layers.3.mlp.gate.e_score_correction_bias"),
+        ),
+        (
+            "model.layers.3.block_sparse_moe.shared_experts.up_proj.weight",
+            Some("model.layers.3.mlp.shared_experts.up_proj.weight"),
+        ),
+        (
+            "language_model.model.layers.0.self_attention_res.proj_weight",
+            Some("model.layers.0.self_attention_res_proj.weight"),
+        ),
+        (
+            "model.layers.0.mlp_res.norm_weight",
+            Some("model.layers.0.mlp_res_norm.weight"),
+        ),
+        (
+            "language_model.model.output_attn_res.proj_weight",
+            Some("model.output_attn_res_proj.weight"),
+        ),
+        (
+            "language_model.model.layers.0.self_attention_res_proj.weight",
+            Some("model.layers.0.self_attention_res_proj.weight"),
+        ),
+        (
+            "model.layers.0.self_attn.q_conv1d.weight",
+            Some("model.layers.0.self_attn.q_conv1d.weight"),
+        ),
+        ("language_model.lm_head.weight", Some("lm_head.weight")),
+        ("vision_tower.patch_embed.proj.weight", None),
+        ("mm_projector.proj.0.weight", None),
+    ] {
+        assert_eq!(a.text_model_name(from).as_deref(), to, "{from}");
+    }
+    assert_eq!(
+        a.classify("model.layers.3.mlp.experts.7.w3.weight"),
+        TensorRole::Expert {
+            layer: 3,
+            expert: 7,
+            proj: Proj::Up,
+            part: Part::Weight
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.3.mlp.switch_mlp.gate_proj.biases"),
+        TensorRole::Stacked {
+            layer: 3,
+            proj: Proj::Gate,
+            part: Part::Biases
+        }
+    );
+    assert_eq!(
+        a.classify("model.layers.3.mlp.gate.weight"),
+        TensorRole::Router { layer: 3 }
+    );
+    for keep in [
+        "model.layers.3.self_attention_res_proj.weight",
+        "model.layers.3.mlp_res_proj.weight",
+        "model.output_attn_res_proj.weight",
+        "model.layers.3.mlp_res_norm.weight",
+        "model.layers.3.self_attn.o_norm.weight",
+    ] {
+        assert_eq!(a.classify(keep), TensorRole::KeepFull, "{keep}");
+    }
+    for dense in [
+        "model.layers.3.self_attn.qkv_proj.weight",
+        "model.layers.3.self_attn.g_proj.weight",
+        "model.layers.3.mlp.shared_experts.gate_proj.weight",
+    ] {
+        assert_eq!(a.classify(dense), TensorRole::Dense, "{dense}");
+    }
+    // Another architecture's module of that name is not kept.
+    assert_eq!(
+        Arch::Qwen3Moe.classify("model.layers.3.mlp_res_proj.weight"),
+        TensorRole::Dense
+    );
+    // _group_expert_select: renormalised only above top-1, weights in the input's type.
+    let r = a.def().router;
+    assert_eq!(
+        (
+            r.order,
+            r.scoring,
+            r.renormalize_top1,
+            r.weights_in_input_dtype
+        ),
+        (
+            TopKOrder::FirstOfNegated,
+            Some(Scoring::Sigmoid),
+            false,
+            true
+        )
     );
 }

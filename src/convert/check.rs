@@ -242,7 +242,10 @@ pub(super) fn check_finite_dense(t: &load::DenseTensor<'_>) -> Result<(), Conver
             check_finite_quantized(&|part| format!("{module}.{part}"), q)
         }
         load::TensorData::Fp8(m) => check_finite_matrix(|| t.name.clone(), m),
-        load::TensorData::Derived(d) => check_finite_matrix(|| t.name.clone(), &d.source()),
+        load::TensorData::Derived(ref d) => d
+            .sources()
+            .iter()
+            .try_for_each(|m| check_finite_matrix(|| t.name.clone(), m)),
         load::TensorData::Other { .. } => Ok(()),
     }
 }

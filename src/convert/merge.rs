@@ -277,7 +277,7 @@ pub fn merged_expert(
         return Ok(None);
     }
     let c = &ck.config;
-    let (i, h) = (c.moe_intermediate_size, c.hidden_size);
+    let (i, h) = (c.moe_intermediate_size, c.expert_hidden_size());
     let first = ck.expert(l, e).map_err(io)?;
     let dtype = match first.gate {
         ProjSource::Float(m) => m.dtype,

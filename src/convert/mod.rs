@@ -113,7 +113,8 @@ pub fn convert_checkpoint(
     let writer = PackWriter::create(
         output,
         opts.page_size,
-        c.hidden_size as u32,
+        // The experts' width: the model's, or its latent MoE's (Kimi-K3).
+        c.expert_hidden_size() as u32,
         c.moe_intermediate_size as u32,
     )?;
     // load (cont.): the source's fingerprint for the provenance record is computed on a thread
@@ -311,11 +312,12 @@ fn write_payload(
                     ck.release(b);
                 }
             }
-            load::TensorData::Derived(d) => {
-                let m = d.source();
-                ck.release(m.bytes());
-                if let Some(b) = m.scale_bytes() {
-                    ck.release(b);
+            load::TensorData::Derived(ref d) => {
+                for m in d.sources() {
+                    ck.release(m.bytes());
+                    if let Some(b) = m.scale_bytes() {
+                        ck.release(b);
+                    }
                 }
             }
         }
@@ -472,12 +474,15 @@ fn dense_bytes(d: &load::TensorData<'_>) -> u64 {
             (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64
         }
         // A head split is half of its source (the two halves of one tensor).
-        load::TensorData::Derived(d) => {
-            let m = d.source();
-            let n = (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64;
+        load::TensorData::Derived(ref d) => {
+            let n: u64 = d
+                .sources()
+                .iter()
+                .map(|m| (m.bytes().len() + m.scale_bytes().map_or(0, <[u8]>::len)) as u64)
+                .sum();
             match d {
                 load::derived::Derived::HeadSplit(_) => n / 2,
-                load::derived::Derived::PlusOne(_) => n,
+                _ => n,
             }
         }
     }

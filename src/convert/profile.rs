@@ -31,7 +31,7 @@ use super::load::Checkpoint;
 use super::ConvertError;
 use crate::convert::source::{embed_windows, SourceWeights, StreamedExperts};
 use crate::mlx::{self, Array};
-use crate::model::{Block, ComputeError, ExpertStore, HcState, PoolRoute, Routing};
+use crate::model::{Block, ComputeError, ExpertStore, HcState, PoolRoute, ResidualBlocks, Routing};
 
 /// One task's calibration text.
 #[derive(Clone, Debug)]
@@ -410,6 +410,14 @@ pub fn profile(
     } else {
         Vec::new()
     };
+    // Kimi-K3: each window's attention-residual blocks, carried layer to layer.
+    let mut blocks: Vec<Option<ResidualBlocks>> = hs
+        .iter()
+        .map(|_| {
+            c.attn_res_block_size
+                .map(|_| ResidualBlocks::new(c.rms_norm_eps))
+        })
+        .collect();
     let mut experts = StreamedExperts::new(ck);
     let mut rec = Recorder {
         inner: &mut experts,
@@ -427,22 +435,29 @@ pub fn profile(
         let weights =
             SourceWeights::load_where(ck, &|n| n.starts_with(&prefix)).map_err(compute_err)?;
         let block = Block::load(c, &weights, l).map_err(compute_err)?;
-        let layer = |hs: &mut [Array], rec: &mut Recorder| -> Result<(), ComputeError> {
-            for x in hs.iter_mut() {
+        let layer = |hs: &mut [Array],
+                     blocks: &mut [Option<ResidualBlocks>],
+                     rec: &mut Recorder|
+         -> Result<(), ComputeError> {
+            for (x, b) in hs.iter_mut().zip(blocks.iter_mut()) {
                 let len = x.dim(1).unwrap_or(0);
                 let mut kv = block.new_cache();
                 // A sliding-window layer's mask depends on its cache (a window past its size).
                 let mask = kv.mask(len)?;
-                let y = block.attend(x, mask.as_mask(), &mut kv)?;
+                let y = block.attend(x, mask.as_mask(), &mut kv, b.as_mut())?;
                 y.eval()?;
                 *x = y;
             }
             for range in &chunks {
                 let part = &mut hs[range.clone()];
+                let part_blocks = &blocks[range.clone()];
                 let x = {
                     let xs = part
                         .iter()
-                        .map(|x| Ok(block.ffn_input(x)?.reshape(&[-1, h as i32])?))
+                        .zip(part_blocks)
+                        .map(|(x, b)| {
+                            Ok(block.ffn_input(x, b.as_ref())?.reshape(&[-1, h as i32])?)
+                        })
                         .collect::<Result<Vec<Array>, ComputeError>>()?;
                     let refs: Vec<&Array> = xs.iter().collect();
                     let x = mlx::concatenate(&refs, 0)?;
@@ -506,7 +521,7 @@ pub fn profile(
             Ok(())
         };
         if hcs.is_empty() {
-            layer(&mut hs, &mut rec).map_err(compute_err)?;
+            layer(&mut hs, &mut blocks, &mut rec).map_err(compute_err)?;
         } else {
             hc_layer(&mut hcs, &mut rec).map_err(compute_err)?;
         }
@@ -524,7 +539,7 @@ pub fn profile(
 /// alone, never on the machine, so the profile (and the pack) does not either.
 fn chunk_tokens(ck: &Checkpoint) -> usize {
     let c = &ck.config;
-    let expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2;
+    let expert_bytes = 3 * c.expert_hidden_size() * c.moe_intermediate_size * 2;
     let per_token = 4 * c.hidden_size * 4;
     (8 * expert_bytes / per_token.max(1)).max(256)
 }
@@ -708,7 +723,11 @@ pub fn bit_plan(
             | super::quantize::ProjSource::Interleaved { all: q, .. } => q.scale_dtype.size(),
         })
         .unwrap_or(2);
-    let (h, i, g) = (c.hidden_size, c.moe_intermediate_size, opts.group_size);
+    let (h, i, g) = (
+        c.expert_hidden_size(),
+        c.moe_intermediate_size,
+        opts.group_size,
+    );
     plan_bits(
         p,
         &c.sparse_layers(),

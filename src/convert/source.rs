@@ -92,7 +92,7 @@ impl SourceWeights {
                     }
                     tensors.insert(t.name.clone(), a);
                 }
-                TensorData::Derived(d) => {
+                TensorData::Derived(ref d) => {
                     let a = Array::from_slice(&d.values(), &d.shape())?;
                     a.eval()?;
                     tensors.insert(t.name.clone(), a);
@@ -306,7 +306,7 @@ impl<'c> SourceExperts<'c> {
         pool.check(
             &format!("layer {layer} experts"),
             n,
-            c.hidden_size,
+            c.expert_hidden_size(),
             c.moe_intermediate_size,
         )?;
         Ok(LayerExperts::resident(pool))

@@ -247,10 +247,15 @@ impl Metadata {
                 ),
             ));
         }
-        if dir.hidden_size as usize != m.hidden_size {
+        // The experts' width: the model's, or under Kimi-K3's latent MoE its own.
+        if dir.hidden_size as usize != m.expert_hidden_size() {
+            let (field, value) = match &m.latent_moe {
+                Some(l) => ("model.latent_moe.hidden_size", l.hidden_size),
+                None => ("model.hidden_size", m.hidden_size),
+            };
             return Err(bad(
-                "model.hidden_size",
-                m.hidden_size,
+                field,
+                value,
                 format!(
                     "must equal the expert directory's hidden_size ({})",
                     dir.hidden_size

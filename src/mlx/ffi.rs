@@ -115,6 +115,12 @@ extern "C" {
         -> c_int;
     pub fn fp_max(a: *const FpArray, axis: c_int, keepdims: c_int, out: *mut *mut FpArray)
         -> c_int;
+    pub fn fp_mean(
+        a: *const FpArray,
+        axis: c_int,
+        keepdims: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
     pub fn fp_gather_mm(
         a: *const FpArray,
         b: *const FpArray,

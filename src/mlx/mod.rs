@@ -618,6 +618,10 @@ impl Array {
     pub fn tanh(&self) -> Result<Array> {
         self.unary(11, "tanh")
     }
+    /// `mx.rsqrt(self)`: `1 / sqrt(x)`, one op (not `sqrt` then a division).
+    pub fn rsqrt(&self) -> Result<Array> {
+        self.unary(12, "rsqrt")
+    }
     /// `x * sigmoid(x)`, spelled as mlx.nn.silu spells it.
     pub fn silu(&self) -> Result<Array> {
         self.mul(&self.sigmoid()?)
@@ -740,6 +744,14 @@ impl Array {
         // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
         make("max", |out| unsafe {
             ffi::fp_max(self.raw(), axis, keepdims as c_int, out)
+        })
+    }
+
+    /// `mx.mean(self, axis, keepdims)`, as MLX computes it (its own op, so the same rounding).
+    pub fn mean(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("mean", |out| unsafe {
+            ffi::fp_mean(self.raw(), axis, keepdims as c_int, out)
         })
     }
 

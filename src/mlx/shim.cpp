@@ -279,6 +279,7 @@ int fp_unary(int op, const fp_array* a, fp_array** out) {
       case FP_TO_FP8: *out = wrap(mx::to_fp8(x)); return;
       case FP_FROM_FP8_F32: *out = wrap(mx::from_fp8(x, mx::float32)); return;
       case FP_TANH: *out = wrap(mx::tanh(x)); return;
+      case FP_RSQRT: *out = wrap(mx::rsqrt(x)); return;
     }
     throw std::invalid_argument("unknown unary op " + std::to_string(op));
   });
@@ -339,6 +340,10 @@ int fp_sum(const fp_array* a, int axis, int keepdims, fp_array** out) {
 
 int fp_max(const fp_array* a, int axis, int keepdims, fp_array** out) {
   return guard([&] { *out = wrap(mx::max(a->a, axis, keepdims != 0)); });
+}
+
+int fp_mean(const fp_array* a, int axis, int keepdims, fp_array** out) {
+  return guard([&] { *out = wrap(mx::mean(a->a, axis, keepdims != 0)); });
 }
 
 int fp_gather_mm(const fp_array* a, const fp_array* b, const fp_array* lhs_indices,

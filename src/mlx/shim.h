@@ -28,7 +28,7 @@ enum {
 };
 enum {
   FP_EXP = 0, FP_SIGMOID = 1, FP_NEG = 2, FP_SQRT = 3, FP_LOG = 4, FP_ABS = 5, FP_CEIL = 6,
-  FP_LOG2 = 7, FP_SIGN = 8, FP_TO_FP8 = 9, FP_FROM_FP8_F32 = 10, FP_TANH = 11
+  FP_LOG2 = 7, FP_SIGN = 8, FP_TO_FP8 = 9, FP_FROM_FP8_F32 = 10, FP_TANH = 11, FP_RSQRT = 12
 };
 
 const char* fp_last_error(void);
@@ -74,6 +74,7 @@ int fp_slice_update(const fp_array* src, const fp_array* update, const int32_t* 
                     const int32_t* stop, size_t n, fp_array** out);
 int fp_sum(const fp_array* a, int axis, int keepdims, fp_array** out);
 int fp_max(const fp_array* a, int axis, int keepdims, fp_array** out);
+int fp_mean(const fp_array* a, int axis, int keepdims, fp_array** out);
 int fp_gather_mm(const fp_array* a, const fp_array* b, const fp_array* lhs_indices,
                  const fp_array* rhs_indices, int sorted_indices, fp_array** out);
 int fp_softmax(const fp_array* a, int axis, int precise, fp_array** out);

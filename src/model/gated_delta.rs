@@ -1,7 +1,12 @@
-//! Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5), as mlx-lm 0.32.2 computes it on the
-//! CPU: `Qwen3NextGatedDeltaNet` (models/qwen3_next.py), `GatedDeltaNet` (models/qwen3_5.py)
-//! and the ops path of `gated_delta_update` (models/gated_delta.py: `compute_g`,
-//! `normalize_qk`, `gated_delta_ops`, `_gated_delta_step_ops`).
+//! Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5) and Kimi Delta Attention (Kimi-K3), as
+//! mlx-lm 0.32.2 computes them on the CPU: `Qwen3NextGatedDeltaNet` (models/qwen3_next.py),
+//! `GatedDeltaNet` (models/qwen3_5.py), `KimiK3DeltaAttention` (models/kimi_k3.py, with
+//! kimi_linear.py's `ShortConv1d`) and the ops path of `gated_delta_update` (models/gated_delta.py:
+//! `compute_g`, `compute_lower_bound_g`, `normalize_qk`, `gated_delta_ops`,
+//! `_gated_delta_step_ops`). Kimi's variant differs in its projections (one `qkv_proj`, a decay
+//! per channel from `f_b_proj(f_a_proj(x))` instead of one per head, `b_proj`) and its output
+//! (`o_norm(y) * sigmoid(g_b_proj(g_a_proj(x)))` instead of `norm(y) * silu(z)`); the convolution
+//! and the recurrence are the same, with the decay applied per key channel.
 //!
 //! In: hidden states `[B, S, H]` and the layer's [`LinearState`]. Out: `[B, S, H]`, and the
 //! state advanced by `S` positions: the convolution state holds the last `conv_kernel_dim - 1`
@@ -33,6 +38,32 @@ enum Projections {
         b: Linear,
         a: Linear,
     },
+    /// Kimi-K3: `qkv_proj` `[3 h d, H]`, the decay's `f_a_proj` `[d, H]` and `f_b_proj`
+    /// `[h d, d]`, `b_proj` `[h, H]`, and the output gate.
+    Kda {
+        qkv: Linear,
+        f_a: Linear,
+        f_b: Linear,
+        b: Linear,
+        gate: KdaGate,
+    },
+}
+
+/// Kimi Delta Attention's output gate: `g_b_proj(g_a_proj(x))`, or `g_proj(x)` with
+/// `use_full_rank_gate`.
+#[derive(Debug, Clone)]
+enum KdaGate {
+    LowRank { a: Linear, b: Linear },
+    Full(Linear),
+}
+
+impl KdaGate {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        match self {
+            KdaGate::LowRank { a, b } => b.forward(&a.forward(x)?),
+            KdaGate::Full(g) => g.forward(x),
+        }
+    }
 }
 
 /// One linear-attention layer.
@@ -43,16 +74,22 @@ pub struct GatedDeltaNet {
     /// Depthwise `[conv_dim, K, 1]` (mlx.nn.Conv1d's layout; a Hugging Face `[conv_dim, 1, K]`
     /// holds the same values in the same order).
     conv: Array,
+    /// `[nv]`, or Kimi's `[h, d]` (one per channel).
     dt_bias: Array,
+    /// `[nv]`, or Kimi's `[h, 1]`.
     a_log: Array,
-    /// `Qwen3NextRMSNormGated` over each value head (its weight is not offset by one).
+    /// `Qwen3NextRMSNormGated` over each value head (its weight is not offset by one), or
+    /// Kimi's `o_norm`.
     norm: RmsNorm,
+    /// `out_proj`, or Kimi's `o_proj`.
     out_proj: Linear,
     nk: usize,
     nv: usize,
     dk: usize,
     dv: usize,
     kernel: usize,
+    /// Kimi's `gate_lower_bound` (`compute_lower_bound_g`).
+    lower_bound: Option<f64>,
 }
 
 impl GatedDeltaNet {
@@ -88,8 +125,28 @@ impl GatedDeltaNet {
                 b: Linear::load(w, &m("in_proj_b"), nv, h)?,
                 a: Linear::load(w, &m("in_proj_a"), nv, h)?,
             },
+            DeltaProjections::Kda => Projections::Kda {
+                qkv: Linear::load(w, &m("qkv_proj"), conv_dim, h)?,
+                f_a: Linear::load(w, &m("f_a_proj"), dk, h)?,
+                f_b: Linear::load(w, &m("f_b_proj"), key_dim, dk)?,
+                b: Linear::load(w, &m("b_proj"), nv, h)?,
+                gate: if la.full_rank_gate {
+                    KdaGate::Full(Linear::load(w, &m("g_proj"), value_dim, h)?)
+                } else {
+                    KdaGate::LowRank {
+                        a: Linear::load(w, &m("g_a_proj"), dv, h)?,
+                        b: Linear::load(w, &m("g_b_proj"), value_dim, dv)?,
+                    }
+                },
+            },
         };
-        let conv_name = m("conv1d.weight");
+        let kda = la.projections == DeltaProjections::Kda;
+        // self.qkv_conv = ShortConv1d(3 * projection_dim, kernel): its conv under `conv`.
+        let conv_name = if kda {
+            m("qkv_conv.conv.weight")
+        } else {
+            m("conv1d.weight")
+        };
         let conv = require(w, &conv_name)?;
         let k = la.conv_kernel_dim;
         // sanitize: if "conv1d.weight" in k and v.shape[-1] != 1: v.moveaxis(2, 1)
@@ -99,25 +156,41 @@ impl GatedDeltaNet {
             check_shape(&conv_name, &conv, &[conv_dim, k, 1])?;
             conv
         };
-        let vector = |n: &str| -> Result<Array> {
+        let vector = |n: &str, len: usize| -> Result<Array> {
             let name = m(n);
             let a = require(w, &name)?;
-            check_shape(&name, &a, &[nv])?;
+            check_shape(&name, &a, &[len])?;
             Ok(a)
+        };
+        let (dt_bias, a_log) = if kda {
+            // self.A_log.reshape(self.num_heads, 1), self.dt_bias.reshape(num_heads, head_dim)
+            let (heads, d) = (to_i32(nv)?, to_i32(dk)?);
+            (
+                vector("dt_bias", key_dim)?.reshape(&[heads, d])?,
+                vector("A_log", nv)?.reshape(&[heads, 1])?,
+            )
+        } else {
+            (vector("dt_bias", nv)?, vector("A_log", nv)?)
+        };
+        let (norm, out_proj) = if kda {
+            ("o_norm", "o_proj")
+        } else {
+            ("norm", "out_proj")
         };
         Ok(GatedDeltaNet {
             module: module.to_string(),
             proj,
             conv,
-            dt_bias: vector("dt_bias")?,
-            a_log: vector("A_log")?,
-            norm: RmsNorm::load(w, &m("norm"), dv, cfg.rms_norm_eps)?,
-            out_proj: Linear::load(w, &m("out_proj"), h, value_dim)?,
+            dt_bias,
+            a_log,
+            norm: RmsNorm::load(w, &m(norm), dv, cfg.rms_norm_eps)?,
+            out_proj: Linear::load(w, &m(out_proj), h, value_dim)?,
             nk,
             nv,
             dk,
             dv,
             kernel: k,
+            lower_bound: la.gate_lower_bound,
         })
     }
 
@@ -151,6 +224,21 @@ impl GatedDeltaNet {
                 z.forward(x)?.reshape(&[b, sl, nv, dv])?,
                 pb.forward(x)?,
                 a.forward(x)?,
+            ),
+            // a_logits = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, num_heads, head_dim)
+            // b_logits = self.b_proj(x).reshape(B, T, num_heads)
+            // gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, num_heads, head_dim)
+            Projections::Kda {
+                qkv,
+                f_a,
+                f_b,
+                b: pb,
+                gate,
+            } => (
+                qkv.forward(x)?,
+                gate.forward(x)?.reshape(&[b, sl, nv, dv])?,
+                pb.forward(x)?.reshape(&[b, sl, nv])?,
+                f_b.forward(&f_a.forward(x)?)?.reshape(&[b, sl, nv, dk])?,
             ),
         };
         let conv_dim = to_i32(self.conv.shape()[0])?;
@@ -195,6 +283,11 @@ impl GatedDeltaNet {
         cache.recurrent = Some(state);
         cache.advance(s[1]);
 
+        if let Projections::Kda { .. } = self.proj {
+            // out = (self.o_norm(out.reshape(B, T, H, D)) * mx.sigmoid(gate)).reshape(B, T, -1)
+            let out = self.norm.forward(&y)?.mul(&z.sigmoid()?)?;
+            return self.out_proj.forward(&out.reshape(&[b, sl, -1])?);
+        }
         // out = self.norm(out, z): precise_swiglu(out, z, rms_norm(out, w, eps))
         let normed = self.norm.forward(&y)?;
         // silu(z) * norm(y) in f32, back in y's type: one kernel where compiling.
@@ -209,10 +302,13 @@ impl GatedDeltaNet {
         self.out_proj.forward(&out.reshape(&[b, sl, -1])?)
     }
 
-    /// `g = exp(-exp(A_log) * softplus(a + dt_bias))` (in f32) and `beta = sigmoid(b)`: one
+    /// `g = exp(-exp(A_log) * softplus(a + dt_bias))` (in f32), or under a lower bound
+    /// `exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)))`, and `beta = sigmoid(b)`: one
     /// compiled function where `fuse` (mlx-lm `@mx.compile`s its `compute_g`), else op by op.
+    /// Kimi's `a` and `dt_bias` are per channel, its `A_log` per head (`[h, 1]`), so `g` is.
     fn gates(&self, a: &Array, b: &Array, fuse: bool) -> Result<(Array, Array)> {
         static GATES: mlx::CompileId = mlx::CompileId::new();
+        let lower_bound = self.lower_bound;
         let ops = |a_log: &Array,
                    a: &Array,
                    dt_bias: &Array,
@@ -220,21 +316,33 @@ impl GatedDeltaNet {
          -> std::result::Result<Vec<Array>, mlx::Error> {
             // gated_delta_update: beta = sigmoid(b); g = compute_g(A_log, a, dt_bias)
             let beta = b.sigmoid()?;
-            // softplus(a + dt_bias) = logaddexp(a + dt_bias, 0)
-            let ad = a.add(dt_bias)?;
-            let softplus = ad.logaddexp(&Array::scalar(0.0, ad.dtype())?)?;
-            // mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
-            let g = a_log
-                .astype(Dtype::F32)?
-                .exp()?
-                .neg()?
-                .mul(&softplus)?
-                .exp()?;
+            let decay = a_log.astype(Dtype::F32)?.exp()?;
+            let g = match lower_bound {
+                // compute_lower_bound_g: mx.exp(lower_bound * mx.sigmoid(
+                //     mx.exp(A_log.astype(mx.float32)) * (a.astype(mx.float32) + dt_bias)))
+                Some(lb) => {
+                    let ad = a.astype(Dtype::F32)?.add(dt_bias)?;
+                    let s = decay.mul(&ad)?.sigmoid()?;
+                    Array::scalar(lb, Dtype::F32)?.mul(&s)?.exp()?
+                }
+                None => {
+                    // softplus(a + dt_bias) = logaddexp(a + dt_bias, 0)
+                    let ad = a.add(dt_bias)?;
+                    let softplus = ad.logaddexp(&Array::scalar(0.0, ad.dtype())?)?;
+                    // mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
+                    decay.neg()?.mul(&softplus)?.exp()?
+                }
+            };
             Ok(vec![g, beta])
         };
         let out = if fuse {
             let f = |xs: &[Array]| ops(&xs[0], &xs[1], &xs[2], &xs[3]);
-            mlx::compiled(&GATES, &[], &[&self.a_log, a, &self.dt_bias, b], 2, &f)?
+            let constants = [
+                lower_bound.is_some() as u64,
+                lower_bound.map_or(0, f64::to_bits),
+            ];
+            let inputs = [&self.a_log, a, &self.dt_bias, b];
+            mlx::compiled(&GATES, &constants, &inputs, 2, &f)?
         } else {
             ops(&self.a_log, a, &self.dt_bias, b)?
         };
@@ -310,13 +418,15 @@ impl GatedDeltaNet {
         };
         static STEP: mlx::CompileId = mlx::CompileId::new();
         let fuse = compiling();
+        // Scalar gating (g [B, T, Hv]): decay = g[..., None, None]; a gate per key channel
+        // (Kimi's g [B, T, Hv, Dk]): decay = g[..., None, :].
+        let decay_tail = if g.ndim() == 4 { dk } else { 1 };
         let mut ys = Vec::with_capacity(s[1]);
         for t in 0..t_len {
-            // _gated_delta_step_ops, scalar gating: decay = g[..., None, None]
             let qt = at(&q, t, &[hv, 1, dk])?;
             let kt = at(&k, t, &[hv, 1, dk])?;
             let vt = at(v, t, &[hv, dv])?;
-            let decay = at(g, t, &[hv, 1, 1])?;
+            let decay = at(g, t, &[hv, 1, decay_tail])?;
             let bt = at(beta, t, &[hv, 1])?;
             let inputs = [&qt, &kt, &vt, &decay, &bt, &state];
             let out = if fuse {

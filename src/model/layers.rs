@@ -7,6 +7,7 @@
 
 use super::weights::Weights;
 use super::ComputeError;
+use crate::arch::Situ;
 use crate::mlx::{self, fast, Array, Dtype, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ComputeError>;
@@ -328,14 +329,63 @@ pub(super) fn geglu_ops(gate: &Array, x: &Array) -> std::result::Result<Array, m
     gelu.mul(x)
 }
 
+/// Kimi-K3's SiTU (mlx-lm kimi_k3.py `_situ(x, gate, beta, linear_beta)`, `@mx.compile`d
+/// shapeless) of the up projection `up` and the gate `gate`: in f32,
+/// `beta * tanh(gate / beta) * sigmoid(gate)` times `up` (or, with `linear_beta`,
+/// `linear_beta * tanh(up / linear_beta)`), cast back to `up`'s type; each Python float a
+/// scalar of f32. One fused kernel where [`compiling`].
+pub fn situ(gate: &Array, up: &Array, s: Situ) -> Result<Array> {
+    situ_as(gate, up, s, compiling())
+}
+
+/// [`situ`], fused through one compiled function (`fuse`) or op by op.
+pub(super) fn situ_as(gate: &Array, up: &Array, s: Situ, fuse: bool) -> Result<Array> {
+    if !fuse {
+        return Ok(situ_ops(gate, up, s)?);
+    }
+    // Traced once per beta and linear beta (constants of mlx-lm's compiled function).
+    static SITU: mlx::CompileId = mlx::CompileId::new();
+    let constants = [
+        s.beta.to_bits(),
+        s.linear_beta.map_or(0, |b| b.to_bits()),
+        s.linear_beta.is_some() as u64,
+    ];
+    fused(&SITU, &constants, gate, up, &|g, u| situ_ops(g, u, s))
+}
+
+/// [`situ`] op by op.
+pub(super) fn situ_ops(
+    gate: &Array,
+    up: &Array,
+    s: Situ,
+) -> std::result::Result<Array, mlx::Error> {
+    let dtype = up.dtype();
+    let f = |v: f64| Array::scalar(v, Dtype::F32);
+    // gate = gate.astype(mx.float32); x = x.astype(mx.float32)
+    let g = gate.astype(Dtype::F32)?;
+    let mut x = up.astype(Dtype::F32)?;
+    // a = beta * mx.tanh(gate / beta) * mx.sigmoid(gate)
+    let beta = f(s.beta)?;
+    let a = beta.mul(&g.div(&beta)?.tanh()?)?.mul(&g.sigmoid()?)?;
+    if let Some(lb) = s.linear_beta {
+        // x = linear_beta * mx.tanh(x / linear_beta)
+        let lb = f(lb)?;
+        x = lb.mul(&x.div(&lb)?.tanh()?)?;
+    }
+    // return (a * x).astype(dtype)
+    a.mul(&x)?.astype(dtype)
+}
+
 /// How a gated MLP combines its gate and up projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum GateAct {
     /// `silu(gate) * up`.
     #[default]
     Swiglu,
     /// `gelu_approx(gate) * up` (Gemma 4).
     Geglu,
+    /// Kimi-K3's [`situ`].
+    Situ(Situ),
 }
 
 /// A dense gated MLP: `down(swiglu(gate(x), up(x)))` (the `MLP` class of mlx-lm's
@@ -367,9 +417,11 @@ impl Mlp {
         // return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         // (gemma4_text.py: self.down_proj(geglu(self.gate_proj(x), self.up_proj(x))))
         let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        // (kimi_k3.py: self.down_proj(_situ(self.up_proj(x), self.gate_proj(x), ...)))
         let h = match self.act {
             GateAct::Swiglu => swiglu(&g, &u)?,
             GateAct::Geglu => geglu(&g, &u)?,
+            GateAct::Situ(s) => situ(&g, &u, s)?,
         };
         self.down.forward(&h)
     }

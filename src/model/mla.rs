@@ -1,5 +1,7 @@
 //! Multi-head latent attention (DeepSeek-V3, Kimi-K2), in mlx-lm's absorbed form; with
-//! DeepSeek Sparse Attention's indexer (dsa.rs) for DeepSeek-V3.2 and GLM-5.
+//! DeepSeek Sparse Attention's indexer (dsa.rs) for DeepSeek-V3.2 and GLM-5; without RoPE and
+//! with an output gate for Kimi-K3 (`KimiK3MLAAttention`, models/kimi_k3.py: the same op
+//! sequence, the rotary part left unrotated, `output * sigmoid(g_proj(x))` before `o_proj`).
 //!
 //! In: hidden states `[B, L, H]` and the layer's cache. Out: `[B, L, H]`; the cache grows by `L`
 //! positions of `(latent [B, 1, L, kv_lora_rank], rotary key [B, 1, L, qk_rope_head_dim])`:
@@ -103,6 +105,8 @@ pub struct MlaAttention {
     embed_q: MultiLinear,
     unembed_out: MultiLinear,
     o_proj: Linear,
+    /// Kimi-K3's output gate `g_proj` (`mla_use_output_gate`).
+    gate: Option<Linear>,
     heads: usize,
     dims: Mla,
     scale: f64,
@@ -175,6 +179,10 @@ impl MlaAttention {
                 m.kv_lora_rank,
             )?,
             o_proj: Linear::load(w, &format!("{module}.o_proj"), h, heads * m.v_head_dim)?,
+            gate: m
+                .output_gate
+                .then(|| Linear::load(w, &format!("{module}.g_proj"), heads * m.v_head_dim, h))
+                .transpose()?,
             heads,
             dims: m.clone(),
             scale,
@@ -241,8 +249,15 @@ impl MlaAttention {
         let latent = self.kv_a_norm.forward(&latent)?;
 
         let offset = cache.offset();
-        let q_pe = self.rope.apply(&q_pe, offset)?;
-        let k_pe = self.rope.apply(&k_pe, offset)?;
+        // Kimi-K3 (mla_use_nope): the rotary part is scored as it is.
+        let (q_pe, k_pe) = if m.no_rope {
+            (q_pe, k_pe)
+        } else {
+            (
+                self.rope.apply(&q_pe, offset)?,
+                self.rope.apply(&k_pe, offset)?,
+            )
+        };
         // kv_latent = mx.expand_dims(kv_latent, axis=1); then the cache.
         let latent = latent.expand_dims(1)?;
         let (mut latent, mut k_pe) = cache.update_and_fetch(&latent, &k_pe)?;
@@ -295,7 +310,11 @@ impl MlaAttention {
             let v = self.unembed_out.forward(&latent, true)?;
             fast::scaled_dot_product_attention(&q_nope, &k, &v, scale, Mask::Array(&pe_scores))?
         };
-        let out = out.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        let mut out = out.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        if let Some(g) = &self.gate {
+            // output = output * mx.sigmoid(self.g_proj(x))   (kimi_k3.py)
+            out = out.mul(&g.forward(x)?.sigmoid()?)?;
+        }
         self.o_proj.forward(&out)
     }
 }

@@ -1,10 +1,12 @@
 //! The forward pass: token ids -> logits, on MLX, for every architecture the converter supports
 //! (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3 / Kimi-K2 / Kimi K2.5, GLM-4.5,
-//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5, MiniMax-M2, DeepSeek-V4.1).
+//! Qwen3-Next, Qwen3.5 MoE, gpt-oss, DeepSeek-V3.2, GLM-5, MiniMax-M2, DeepSeek-V4.1, Kimi-K3).
 //!
 //! In: a normalized [`ModelConfig`], dense tensors through [`Weights`] (mlx-lm names, quantized or
 //! plain), experts through an [`ExpertStore`] (stacked quantized pools + an expert -> slot table),
 //! and a [`KvCache`] (a KV cache or a linear-attention state per layer). Out: lazy logits `[B, L, vocab]`; the caller evaluates them.
+//! Under Kimi-K3's attention residuals the layers' residual is a block's partial sum, and each call carries
+//! its [`ResidualBlocks`] from layer to layer (`attn_res.rs`).
 //! Invariant: the graph is the one mlx-lm 0.32.2 builds for the same weights (each architecture's
 //! table entry, `arch/<name>.rs`, cites the lines it mirrors), so logits agree with mlx-lm's; the golden tests in
 //! `tests.rs` hold that to the tolerance they state.
@@ -12,6 +14,7 @@
 //! imports neither; see docs/architecture.md, "Who may import whom".
 
 mod attention;
+mod attn_res;
 mod deepseek_v41;
 mod dsa;
 mod gated_delta;
@@ -24,10 +27,11 @@ mod router;
 mod weights;
 
 pub use attention::{mask_for, Attention, RopeSpec};
+pub use attn_res::{LayerMix, ResidualBlocks};
 pub use deepseek_v41::{CompressedAttentionLayer, CompressedCache, HyperConnection};
 pub use gated_delta::GatedDeltaNet;
 pub use kv_cache::{KvCache, KvCheckpoint, LayerCache, LayerKv, LinearState};
-pub use layers::{geglu, swiglu, Embedding, GateAct, Linear, Matrix, Mlp, RmsNorm};
+pub use layers::{geglu, situ, swiglu, Embedding, GateAct, Linear, Matrix, Mlp, RmsNorm};
 pub use mla::{MlaAttention, MultiLinear};
 pub use moe::{
     switch_glu, ExpertAct, ExpertBias, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute,
@@ -41,7 +45,7 @@ pub use weights::{MlxLmWeights, Quant, Weights};
 
 use std::path::PathBuf;
 
-use crate::arch::{ArchError, ModelConfig};
+use crate::arch::{ArchError, DeltaProjections, ModelConfig};
 use crate::mlx::{self, Array, Dtype};
 
 /// Errors of the forward pass and of loading its weights.
@@ -215,9 +219,14 @@ impl SelfAttention {
             .as_ref()
             .filter(|_| cfg.is_linear_layer(l))
         {
+            // Kimi's KDA layers keep mlx-lm's `self_attn` name.
+            let name = match la.projections {
+                DeltaProjections::Kda => "self_attn",
+                _ => "linear_attn",
+            };
             return Ok(SelfAttention::Linear(GatedDeltaNet::load(
                 w,
-                &format!("{p}.linear_attn"),
+                &format!("{p}.{name}"),
                 cfg,
                 la,
             )?));
@@ -285,6 +294,8 @@ pub struct Block {
     layer_scalar: Option<Array>,
     /// DeepSeek-V4.1's hyper-connections around the attention and the feed-forward.
     hc: Option<Box<(HyperConnection, HyperConnection)>>,
+    /// Kimi-K3's attention residuals: the mixes before the attention and the feed-forward.
+    attn_res: Option<LayerMix>,
 }
 
 impl Block {
@@ -298,7 +309,12 @@ impl Block {
         } else if cfg.is_sparse_layer(l) {
             Ffn::Sparse(Box::new(MoeBlock::load(w, cfg, l)?))
         } else {
-            Ffn::Dense(Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+            let mlp = Mlp::load(w, &format!("{p}.mlp"), h, cfg.intermediate_size)?;
+            // self.mlp = KimiK3MLP(args): SiTU
+            Ffn::Dense(match cfg.situ {
+                Some(s) => mlp.with_act(GateAct::Situ(s)),
+                None => mlp,
+            })
         };
         let layer_scalar = match cfg.gemma4 {
             Some(_) => {
@@ -324,6 +340,7 @@ impl Block {
             ffn,
             layer_scalar,
             hc,
+            attn_res: LayerMix::load(w, cfg, l)?,
         })
     }
 
@@ -333,13 +350,33 @@ impl Block {
     }
 
     /// `h + self_attn(input_layernorm(h))` (or `linear_attn`): the residual stream after
-    /// attention.
+    /// attention. Under attention residuals (`blocks`, the call's [`ResidualBlocks`], which a
+    /// model with them must pass and any other must not), `h` is the block's partial sum: the
+    /// attention reads the blocks' mix, a layer that starts a block appends `h` to the blocks
+    /// and starts its partial sum again from the attention's output (`KimiK3DecoderLayer`).
     pub fn attend(
         &self,
         h: &Array,
         mask: mlx::fast::Mask<'_>,
         kv: &mut LayerCache,
+        blocks: Option<&mut ResidualBlocks>,
     ) -> Result<Array> {
+        match (&self.attn_res, blocks) {
+            (None, None) => {}
+            (Some(mix), Some(blocks)) => {
+                // h = _attn_res_mix(blocks, partial_sum, self._attn_res_w_eff, self.eps)
+                let x = blocks.mix(h, &mix.attn)?;
+                if mix.block_start {
+                    // blocks.append(partial_sum); partial_sum = None
+                    blocks.append(h)?;
+                }
+                // y = self.self_attn(self.input_layernorm(h), mask, cache)
+                let y = self.attn.forward(&self.input_norm.forward(&x)?, mask, kv)?;
+                // partial_sum = y if partial_sum is None else partial_sum + y
+                return Ok(if mix.block_start { y } else { h.add(&y)? });
+            }
+            (mix, _) => return Err(residual_blocks_mismatch(mix.is_some())),
+        }
         let mut r = self.attn.forward(&self.input_norm.forward(h)?, mask, kv)?;
         if let Ffn::Sandwich(_) = self.ffn {
             // h = self.post_attention_layernorm(h); h = residual + h   (gemma4_text.py)
@@ -349,8 +386,16 @@ impl Block {
     }
 
     /// The feed-forward's input, `post_attention_layernorm(h)` (under Gemma 4 `h` itself, which
-    /// the router sees and the feed-forward's own norms take).
-    pub fn ffn_input(&self, h: &Array) -> Result<Array> {
+    /// the router sees and the feed-forward's own norms take; under attention residuals the
+    /// norm of the blocks' mix with the partial sum `h`).
+    pub fn ffn_input(&self, h: &Array, blocks: Option<&ResidualBlocks>) -> Result<Array> {
+        match (&self.attn_res, blocks) {
+            (None, None) => {}
+            // h = _attn_res_mix(blocks, partial_sum, self._mlp_res_w_eff, self.eps)
+            // self.mlp(self.post_attention_layernorm(h))
+            (Some(mix), Some(blocks)) => return self.post_norm.forward(&blocks.mix(h, &mix.mlp)?),
+            (mix, _) => return Err(residual_blocks_mismatch(mix.is_some())),
+        }
         match self.ffn {
             Ffn::Sandwich(_) => Ok(h.clone()),
             _ => self.post_norm.forward(h),
@@ -500,6 +545,8 @@ struct Open {
     layer: usize,
     h_attn: Array,
     x: Array,
+    /// The attention residuals' blocks after its attention (they change only there).
+    blocks: Option<ResidualBlocks>,
 }
 
 /// How [`Model::layers_ahead`] puts a layer's cache back to before a call wrote it: a KV cache
@@ -529,6 +576,17 @@ impl Rewind {
     }
 }
 
+/// A layer called with attention residuals' blocks it has none of, or without those it has.
+fn residual_blocks_mismatch(layer_has_them: bool) -> ComputeError {
+    ComputeError::Unsupported {
+        what: if layer_has_them {
+            "a layer with attention residuals called without the call's residual blocks".into()
+        } else {
+            "residual blocks given to a layer without attention residuals".into()
+        },
+    }
+}
+
 /// Gemma 4's final logit soft cap, compiled once per cap where compiling.
 static SOFTCAP: mlx::CompileId = mlx::CompileId::new();
 
@@ -541,6 +599,9 @@ pub struct Model {
     norm: RmsNorm,
     /// `None`: tied to the embeddings.
     lm_head: Option<Linear>,
+    /// Kimi-K3's attention residuals: the final norm's input is the blocks' mix with this
+    /// `w_eff` (`output_attn_res`).
+    output_res: Option<Array>,
 }
 
 impl Model {
@@ -586,7 +647,28 @@ impl Model {
             } else {
                 Some(Linear::load(w, "lm_head", cfg.vocab_size, h)?)
             },
+            output_res: cfg
+                .attn_res_block_size
+                .map(|_| attn_res::w_eff(w, "model.output_attn_res", h))
+                .transpose()?,
         })
+    }
+
+    /// The call's residual blocks, for a model with attention residuals (mlx-lm
+    /// `ResidualBlocks(self.args.rms_norm_eps) if self.use_attn_res else None`).
+    fn residual_blocks(&self) -> Option<ResidualBlocks> {
+        self.output_res
+            .as_ref()
+            .map(|_| ResidualBlocks::new(self.cfg.rms_norm_eps))
+    }
+
+    /// The last layer's output `h` as the final norm reads it: under attention residuals the
+    /// blocks' mix (`_attn_res_mix(blocks, h, self._output_res_w_eff, eps)`), else `h`.
+    fn output_of(&self, h: Array, blocks: Option<&ResidualBlocks>) -> Result<Array> {
+        match (&self.output_res, blocks) {
+            (Some(w), Some(b)) => b.mix(&h, w),
+            _ => Ok(h),
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -643,9 +725,10 @@ impl Model {
             let scale = Array::scalar((self.cfg.hidden_size as f64).sqrt(), h.dtype())?;
             h = h.mul(&scale)?;
         }
+        let mut blocks = self.residual_blocks();
         if experts.runs_ahead(tokens.shape().iter().product()) {
             experts.set_ahead(true);
-            let out = self.layers_ahead(h, &masks, cache, experts, cache_only);
+            let out = self.layers_ahead(h, &masks, cache, experts, cache_only, blocks);
             experts.set_ahead(false);
             return out;
         }
@@ -657,13 +740,13 @@ impl Model {
             .enumerate()
         {
             // r = self.self_attn(self.input_layernorm(x), mask, cache); h = x + r
-            h = layer.attend(&h, mask.as_mask(), kv)?;
+            h = layer.attend(&h, mask.as_mask(), kv, blocks.as_mut())?;
             let last = l + 1 == self.layers.len();
             if cache_only && last {
                 break;
             }
             // r = self.mlp(self.post_attention_layernorm(h)); out = h + r
-            let x = layer.ffn_input(&h)?;
+            let x = layer.ffn_input(&h, blocks.as_ref())?;
             if layer.moe().is_some() && experts.wants_prediction() {
                 if let Some(next) = self.next_sparse(l) {
                     // Nothing to prefetch for a block that will be skipped.
@@ -678,7 +761,7 @@ impl Model {
                 mlx::async_eval(&[&h])?;
             }
         }
-        Ok(h)
+        self.output_of(h, blocks.as_ref())
     }
 
     /// The layers of [`Model::hidden`] for a store that runs ahead (`ExpertStore::runs_ahead`):
@@ -697,6 +780,7 @@ impl Model {
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
         cache_only: bool,
+        mut blocks: Option<ResidualBlocks>,
     ) -> Result<Array> {
         let n = self.layers.len();
         let mut open: Option<Open> = None;
@@ -708,12 +792,17 @@ impl Model {
             if l < n {
                 let layer = &self.layers[l];
                 undo.push((l, Rewind::of(&cache.layers[l])));
-                let h_attn = layer.attend(&h, masks[l].as_mask(), &mut cache.layers[l])?;
+                let h_attn = layer.attend(
+                    &h,
+                    masks[l].as_mask(),
+                    &mut cache.layers[l],
+                    blocks.as_mut(),
+                )?;
                 let last = l + 1 == n;
                 if cache_only && last {
                     h = h_attn;
                 } else {
-                    let x = layer.ffn_input(&h_attn)?;
+                    let x = layer.ffn_input(&h_attn, blocks.as_ref())?;
                     h = layer.residual(&h_attn, &layer.ffn(&x, experts)?)?;
                     if layer.moe().is_some() {
                         if !last {
@@ -723,6 +812,7 @@ impl Model {
                             layer: l,
                             h_attn,
                             x,
+                            blocks: blocks.clone(),
                         });
                     }
                 }
@@ -740,6 +830,8 @@ impl Model {
                     let y = self.layers[o.layer].ffn(&o.x, experts);
                     experts.set_ahead(true);
                     h = self.layers[o.layer].residual(&o.h_attn, &y?)?;
+                    // The blocks as the open layer left them.
+                    blocks = o.blocks;
                     l = o.layer + 1;
                     if l < n {
                         mlx::async_eval(&[&h])?;
@@ -752,7 +844,7 @@ impl Model {
                 undo.clear();
             }
         }
-        Ok(h)
+        self.output_of(h, blocks.as_ref())
     }
 
     /// [`Model::hidden`] for DeepSeek-V4.1 (mlx-lm deepseek_v41.py `TextModel.__call__`): the

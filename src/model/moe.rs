@@ -15,12 +15,13 @@
 use std::collections::BTreeMap;
 
 use super::layers::{
-    check_quantized, compiling, fused, geglu_ops, swiglu_ops, Linear, Mlp, RmsNorm, GEGLU, SWIGLU,
+    check_quantized, compiling, fused, geglu_ops, situ_as, swiglu_ops, GateAct, Linear, Mlp,
+    RmsNorm, GEGLU, SWIGLU,
 };
 use super::router::{Router, Routing};
 use super::weights::Weights;
 use super::ComputeError;
-use crate::arch::{ModelConfig, Proj, RouterSpec};
+use crate::arch::{ModelConfig, Proj, RouterSpec, Situ};
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ComputeError>;
@@ -40,12 +41,17 @@ pub enum ExpertAct {
     /// min(gate, limit)` and `up = clip(up, -limit, limit)` when `limit > 0`, then
     /// `silu(gate) * up`, cast back to the input's dtype.
     F32Clamped { limit: f64 },
+    /// Kimi-K3's SiTU (`SiTU(beta, linear_beta)`, [`super::layers::situ`]).
+    Situ(Situ),
 }
 
 impl ExpertAct {
     pub fn of(cfg: &ModelConfig) -> ExpertAct {
         if let Some(limit) = cfg.f32_swiglu_limit {
             return ExpertAct::F32Clamped { limit };
+        }
+        if let Some(s) = cfg.situ {
+            return ExpertAct::Situ(s);
         }
         match cfg.clamped_swiglu {
             Some(c) => ExpertAct::Clamped {
@@ -95,6 +101,8 @@ impl ExpertAct {
         };
         match (*self, fuse) {
             (ExpertAct::F32Clamped { limit }, _) => Ok(f32_clamped(limit)(gate, up)?),
+            // SiTU(x, gate) = _situ(x, gate, ...) with x the up projection
+            (ExpertAct::Situ(s), fuse) => situ_as(gate, up, s, fuse),
             (ExpertAct::Swiglu, true) => fused(&SWIGLU, &[], gate, up, &swiglu_ops),
             (ExpertAct::Swiglu, false) => Ok(swiglu_ops(gate, up)?),
             (ExpertAct::Geglu, true) => fused(&GEGLU, &[], gate, up, &geglu_ops),
@@ -425,7 +433,7 @@ impl ResidentExperts {
             pool.check(
                 &module,
                 cfg.num_experts,
-                cfg.hidden_size,
+                cfg.expert_hidden_size(),
                 cfg.moe_intermediate_size,
             )?;
             layers.insert(layer, LayerExperts::resident(pool));
@@ -519,6 +527,50 @@ pub struct MoeBlock {
     /// The sum and the shared expert's output are added in f32 and cast to the activations'
     /// dtype after (DeepSeek-V4.1: `(routed + shared(x).astype(f32)).astype(x.dtype)`).
     cast_after_shared: bool,
+    /// Kimi-K3's latent MoE around the routed experts.
+    latent: Option<Box<Latent>>,
+}
+
+/// Kimi-K3's latent MoE (`KimiK3SparseMoE` with `routed_expert_hidden_size`): the experts see
+/// `down(x)`, and their weighted sum goes back through `norm` (when set) and `up` before the
+/// shared experts' output, which sees `x`, is added.
+#[derive(Debug, Clone)]
+struct Latent {
+    down: Linear,
+    norm: Option<RmsNorm>,
+    up: Linear,
+}
+
+impl Latent {
+    fn load(w: &dyn Weights, cfg: &ModelConfig, block: &str) -> Result<Option<Box<Latent>>> {
+        let Some(l) = cfg.latent_moe else {
+            return Ok(None);
+        };
+        let (h, d) = (cfg.hidden_size, l.hidden_size);
+        Ok(Some(Box::new(Latent {
+            down: Linear::load(w, &format!("{block}.routed_expert_down_proj"), d, h)?,
+            norm: l
+                .norm
+                .then(|| {
+                    RmsNorm::load(
+                        w,
+                        &format!("{block}.routed_expert_norm"),
+                        d,
+                        cfg.rms_norm_eps,
+                    )
+                })
+                .transpose()?,
+            up: Linear::load(w, &format!("{block}.routed_expert_up_proj"), h, d)?,
+        })))
+    }
+
+    /// `y = self.routed_expert_norm(y)` (when there is one); `y = self.routed_expert_up_proj(y)`.
+    fn back(&self, y: &Array) -> Result<Array> {
+        match &self.norm {
+            Some(n) => self.up.forward(&n.forward(y)?),
+            None => self.up.forward(y),
+        }
+    }
 }
 
 /// The always-on expert(s) of a sparse block: one SwiGLU MLP (N shared experts are one MLP N
@@ -548,8 +600,13 @@ impl SharedExpert {
                 what: format!("a shared expert in {}, which names none", cfg.arch),
             })?;
         let h = cfg.hidden_size;
+        let mut mlp = Mlp::load(w, &format!("{block}.{}", names.mlp), h, s.intermediate_size)?;
+        if let Some(situ) = cfg.situ {
+            // self.shared_experts = KimiK3MLP(args, intermediate_size=shared_hidden)
+            mlp = mlp.with_act(GateAct::Situ(situ));
+        }
         Ok(Some(SharedExpert {
-            mlp: Mlp::load(w, &format!("{block}.{}", names.mlp), h, s.intermediate_size)?,
+            mlp,
             gate: s
                 .gated
                 .then(|| Linear::load(w, &format!("{block}.{}", names.gate), 1, h))
@@ -599,6 +656,7 @@ impl MoeBlock {
             cast_output: cfg.arch.def().cast_moe_output,
             expert_norm: None,
             cast_after_shared: cfg.f32_swiglu_limit.is_some(),
+            latent: Latent::load(w, cfg, &block)?,
         })
     }
 
@@ -626,9 +684,21 @@ impl MoeBlock {
             }
             None => x,
         };
-        if let Some(mut out) = experts.mix(self.layer, x, &routing)? {
+        // y = self.routed_expert_down_proj(x) if self.latent_size is not None else x
+        let down;
+        let ex = match &self.latent {
+            Some(l) => {
+                down = l.down.forward(x)?;
+                &down
+            }
+            None => x,
+        };
+        if let Some(mut out) = experts.mix(self.layer, ex, &routing)? {
             if self.cast_output {
                 out = out.astype(x.dtype())?;
+            }
+            if let Some(l) = &self.latent {
+                out = l.back(&out)?;
             }
             if let Some(shared) = &self.shared {
                 out = shared.add_to(&out, x)?;
@@ -644,7 +714,7 @@ impl MoeBlock {
         }
         let mut y: Option<Array> = None;
         for r in routes {
-            let part = switch_glu(x, r.pool, &r.slots)?;
+            let part = switch_glu(ex, r.pool, &r.slots)?;
             y = Some(match (y, r.serves) {
                 (None, _) | (Some(_), None) => part,
                 (Some(acc), Some(serves)) => serves.expand_dims(-1)?.select(&part, &acc)?,
@@ -656,6 +726,9 @@ impl MoeBlock {
         if self.cast_output {
             // qwen3_moe.py: .astype(y.dtype)
             out = out.astype(y.dtype())?;
+        }
+        if let Some(l) = &self.latent {
+            out = l.back(&out)?;
         }
         if let Some(shared) = &self.shared {
             out = shared.add_to(&out, x)?;

@@ -110,6 +110,17 @@ pub struct FixtureSpec {
     /// `sliding_window`.
     pub global_head_dim: usize,
     pub global_kv_heads: usize,
+    /// Kimi-K3: layers per attention-residual block (0: plain residuals), its Kimi Delta
+    /// Attention's full-rank output gate and decay lower bound (its KDA layers are those of
+    /// `full_attention_interval`, with `linear_value_heads` heads of `linear_key_head_dim`;
+    /// its MLA is DeepSeek-V3's fields').
+    pub attn_res_block_size: usize,
+    pub full_rank_gate: bool,
+    pub gate_lower_bound: Option<f64>,
+    /// Kimi-K3's latent MoE: the experts' width (0: none, the experts on the hidden state), and
+    /// whether their sum is normed before it goes back up.
+    pub latent_size: usize,
+    pub latent_norm: bool,
 }
 
 /// gpt-oss's MXFP4 experts: the E8M0 exponents drawn for each 32-value block, uniform in these
@@ -177,6 +188,11 @@ impl FixtureSpec {
             index_topk: 8,
             global_head_dim: 64,
             global_kv_heads: 1,
+            attn_res_block_size: 2,
+            full_rank_gate: false,
+            gate_lower_bound: Some(-5.0),
+            latent_size: 0,
+            latent_norm: false,
         }
     }
 
@@ -226,9 +242,10 @@ impl FixtureSpec {
         matches!(self.arch, Arch::Qwen3Next | Arch::Qwen35Moe)
     }
 
-    /// Whether layer `l` has linear attention.
+    /// Whether layer `l` has linear attention (Kimi-K3's: Kimi Delta Attention).
     fn is_linear(&self, l: usize) -> bool {
-        self.hybrid() && (l + 1) % self.full_attention_interval.max(1) != 0
+        (self.hybrid() || self.arch == Arch::KimiK3)
+            && (l + 1) % self.full_attention_interval.max(1) != 0
     }
 
     /// Norm weights the checkpoint stores offset by one (mlx-lm's `sanitize` adds the one):
@@ -251,6 +268,9 @@ impl FixtureSpec {
     fn disk_name(&self, name: &str) -> String {
         if self.arch == Arch::DeepseekV41 {
             return dsv41_upstream_name(name);
+        }
+        if self.arch == Arch::KimiK3 {
+            return self.kimi_k3_upstream_name(name);
         }
         if self.arch == Arch::KimiK25 && !self.is_vision(name) {
             // Kimi K2.5: the text model under `language_model.` (model.* and lm_head.*).
@@ -297,7 +317,11 @@ impl FixtureSpec {
     /// experts split so and top-k fits; else no groups.
     fn groups(&self) -> (usize, usize) {
         let e = self.num_experts;
-        if self.mla() && e % 4 == 0 && e / 4 >= 2 && self.top_k <= e / 2 {
+        if (self.mla() || self.arch == Arch::KimiK3)
+            && e % 4 == 0
+            && e / 4 >= 2
+            && self.top_k <= e / 2
+        {
             (4, 2)
         } else {
             (1, 1)
@@ -311,7 +335,10 @@ impl FixtureSpec {
             && [".attn_hc.", ".ffn_hc.", ".sinks", ".compressor."]
                 .iter()
                 .any(|k| name.contains(k));
-        if name.ends_with("e_score_correction_bias") || v41_f32 {
+        // Kimi's linear attention keeps its decay parameters in f32.
+        let kda_f32 =
+            self.arch == Arch::KimiK3 && (name.ends_with(".A_log") || name.ends_with(".dt_bias"));
+        if name.ends_with("e_score_correction_bias") || v41_f32 || kda_f32 {
             FloatDtype::F32
         } else {
             self.dtype
@@ -331,6 +358,8 @@ impl FixtureSpec {
             && !name.contains("embed_tokens")
             && !name.starts_with("lm_head")
             && !name.ends_with("shared_expert_gate.weight")
+            // Kimi-K3's one-row residual projections stay bf16.
+            && !name.contains("_res_proj.")
             // DeepSeek-V4.1's f32 compressor stays f32.
             && self.tensor_dtype(name) == self.dtype
             && !(0..self.num_layers).any(|l| self.router_name(l) == name);
@@ -390,7 +419,7 @@ impl FixtureSpec {
     }
 
     fn is_sparse(&self, layer: usize) -> bool {
-        if self.deepseek_moe() {
+        if self.deepseek_moe() || self.arch == Arch::KimiK3 {
             return layer >= self.first_k_dense_replace;
         }
         (layer + 1) % self.decoder_sparse_step.max(1) == 0
@@ -590,10 +619,305 @@ impl FixtureSpec {
         c
     }
 
+    /// Kimi-K3's upstream name of a name as the fixture lists it (mlx-lm's block and residual
+    /// names, the attention's parts apart): a sparse layer's `mlp` is `block_sparse_moe`, a
+    /// residual's `<src>_proj.weight` is `<src>.proj_weight`, and in the multimodal layout the
+    /// text model is under `language_model.` (the inverse of the table entry's rename).
+    fn kimi_k3_upstream_name(&self, name: &str) -> String {
+        if self.is_vision(name) {
+            return name.to_string();
+        }
+        let mut n = name.to_string();
+        if let Some(l) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse::<usize>().ok())
+        {
+            if self.is_sparse(l) {
+                n = n.replace(
+                    &format!("layers.{l}.mlp."),
+                    &format!("layers.{l}.block_sparse_moe."),
+                );
+            }
+            // Upstream puts the selection bias on the gate or on the block: the multimodal
+            // layout on the gate, the text-only one on the block, so that both are read.
+            if !self.multimodal {
+                n = n.replace(".gate.e_score_correction_bias", ".e_score_correction_bias");
+            }
+        }
+        for src in ["self_attention_res", "mlp_res", "output_attn_res"] {
+            for part in ["proj", "norm"] {
+                n = n.replace(
+                    &format!(".{src}_{part}.weight"),
+                    &format!(".{src}.{part}_weight"),
+                );
+            }
+        }
+        if self.multimodal {
+            n = format!("language_model.{n}");
+        }
+        n
+    }
+
+    /// Kimi-K3's tensors (see [`Self::kimi_k3_upstream_name`] for their names on disk): Kimi
+    /// Delta Attention with its parts apart (`q/k/v_proj`, `q/k/v_conv1d` `[P, 1, K]`, `A_log`
+    /// `[1, 1, heads, 1]` and `dt_bias` in f32) on the linear layers, MLA with its output gate and
+    /// `kv_b_proj` on the others, SiTU MLPs, 4 expert groups when the experts split so, one
+    /// shared expert, the attention residuals' projections and norms, an MTP tensor, and in the
+    /// multimodal layout a vision tower and projector.
+    fn kimi_k3_tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
+        let (h, e, i) = (self.hidden_size, self.num_experts, self.expert_width());
+        let names = self.arch.names();
+        let mut t = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+            4,
+        )];
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let mut add = |n: String, s: Vec<usize>, fan: usize| t.push((n, s, fan));
+            add(format!("{p}.input_layernorm.weight"), vec![h], 0);
+            add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0);
+            if self.attn_res_block_size > 0 {
+                for src in ["self_attention_res", "mlp_res"] {
+                    add(format!("{p}.{src}_proj.weight"), vec![1, h], h);
+                    add(format!("{p}.{src}_norm.weight"), vec![h], 0);
+                }
+            }
+            if self.is_linear(l) {
+                let (heads, d, k) = (
+                    self.linear_value_heads,
+                    self.linear_key_head_dim,
+                    self.conv_kernel,
+                );
+                let pd = heads * d;
+                for x in ["q", "k", "v"] {
+                    add(format!("{a}.{x}_proj.weight"), vec![pd, h], h);
+                    add(format!("{a}.{x}_conv1d.weight"), vec![pd, 1, k], k);
+                }
+                add(format!("{a}.f_a_proj.weight"), vec![d, h], h);
+                add(format!("{a}.f_b_proj.weight"), vec![pd, d], d);
+                add(format!("{a}.b_proj.weight"), vec![heads, h], h);
+                if self.full_rank_gate {
+                    add(format!("{a}.g_proj.weight"), vec![pd, h], h);
+                } else {
+                    add(format!("{a}.g_a_proj.weight"), vec![d, h], h);
+                    add(format!("{a}.g_b_proj.weight"), vec![pd, d], d);
+                }
+                // Small, like log(uniform(1, 16)) shrunk: decays near exp(-softplus(.)).
+                add(format!("{a}.A_log"), vec![1, 1, heads, 1], 100);
+                add(format!("{a}.dt_bias"), vec![pd], 100);
+                add(format!("{a}.o_norm.weight"), vec![d], 0);
+                add(format!("{a}.o_proj.weight"), vec![h, pd], pd);
+            } else {
+                let (d, rope, lora, heads) = (
+                    self.head_dim,
+                    self.qk_rope_head_dim,
+                    self.kv_lora_rank,
+                    self.num_heads,
+                );
+                match self.q_lora_rank {
+                    None => add(format!("{a}.q_proj.weight"), vec![heads * (d + rope), h], h),
+                    Some(r) => {
+                        add(format!("{a}.q_a_proj.weight"), vec![r, h], h);
+                        add(format!("{a}.q_a_layernorm.weight"), vec![r], 0);
+                        add(
+                            format!("{a}.q_b_proj.weight"),
+                            vec![heads * (d + rope), r],
+                            r,
+                        );
+                    }
+                }
+                add(
+                    format!("{a}.kv_a_proj_with_mqa.weight"),
+                    vec![lora + rope, h],
+                    h,
+                );
+                add(format!("{a}.kv_a_layernorm.weight"), vec![lora], 0);
+                add(
+                    format!("{a}.kv_b_proj.weight"),
+                    vec![heads * 2 * d, lora],
+                    lora,
+                );
+                add(format!("{a}.g_proj.weight"), vec![heads * d, h], h);
+                add(format!("{a}.o_proj.weight"), vec![h, heads * d], heads * d);
+            }
+            if !self.is_sparse(l) {
+                let m = self.intermediate_size;
+                add(format!("{p}.mlp.gate_proj.weight"), vec![m, h], h);
+                add(format!("{p}.mlp.up_proj.weight"), vec![m, h], h);
+                add(format!("{p}.mlp.down_proj.weight"), vec![h, m], m);
+                continue;
+            }
+            add(names.router(l), vec![e, h], h);
+            // Small, like a trained bias: values near 0.1 (fan_in 100), f32.
+            add(
+                format!("{p}.mlp.gate.e_score_correction_bias"),
+                vec![e],
+                100,
+            );
+            for (proj, shape, fan_in) in [
+                ("gate_proj", vec![i, h], h),
+                ("up_proj", vec![i, h], h),
+                ("down_proj", vec![h, i], i),
+            ] {
+                add(
+                    format!("{p}.mlp.shared_experts.{proj}.weight"),
+                    shape,
+                    fan_in,
+                );
+            }
+            // The experts' width: the latent MoE's, around which a down and an up projection.
+            let x_w = if self.latent_size > 0 {
+                let d = self.latent_size;
+                add(
+                    format!("{p}.mlp.routed_expert_down_proj.weight"),
+                    vec![d, h],
+                    h,
+                );
+                add(
+                    format!("{p}.mlp.routed_expert_up_proj.weight"),
+                    vec![h, d],
+                    d,
+                );
+                if self.latent_norm {
+                    add(format!("{p}.mlp.routed_expert_norm.weight"), vec![d], 0);
+                }
+                d
+            } else {
+                h
+            };
+            for x in 0..e {
+                add(
+                    names.expert(l, x, Proj::Gate, Part::Weight),
+                    vec![i, x_w],
+                    x_w,
+                );
+                add(
+                    names.expert(l, x, Proj::Up, Part::Weight),
+                    vec![i, x_w],
+                    x_w,
+                );
+                add(
+                    names.expert(l, x, Proj::Down, Part::Weight),
+                    vec![x_w, i],
+                    i,
+                );
+            }
+        }
+        if self.attn_res_block_size > 0 {
+            t.push(("model.output_attn_res_proj.weight".into(), vec![1, h], h));
+            t.push(("model.output_attn_res_norm.weight".into(), vec![h], 0));
+        }
+        t.push(("model.norm.weight".into(), vec![h], 0));
+        t.push(("lm_head.weight".into(), vec![self.vocab_size, h], h));
+        // The multi-token-prediction module, which the loader drops.
+        t.push(("model.mtp.0.e_proj.weight".into(), vec![h, h], h));
+        if self.multimodal {
+            t.push((
+                "vision_tower.patch_embed.proj.weight".into(),
+                vec![h, 48],
+                48,
+            ));
+            t.push(("mm_projector.proj.0.weight".into(), vec![h, h], h));
+        }
+        t
+    }
+
+    /// Kimi-K3's `config.json` (the fields of mlx-lm's `TextArgs`), under `text_config` beside
+    /// a vision config in the multimodal layout.
+    fn kimi_k3_config(&self) -> Value {
+        let kda: Vec<usize> = (0..self.num_layers)
+            .filter(|&l| self.is_linear(l))
+            .map(|l| l + 1)
+            .collect();
+        let (n_group, topk_group) = self.groups();
+        let mut text = json!({
+            "architectures": ["KimiK3ForCausalLM"],
+            "model_type": "kimi_k3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": false,
+            "hidden_act": "situ",
+            "activation_situ_beta": 1.5,
+            "activation_situ_linear_beta": 3.0,
+            "attn_res_block_size": (self.attn_res_block_size > 0).then_some(self.attn_res_block_size),
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.head_dim,
+            "mla_use_nope": true,
+            "mla_use_output_gate": true,
+            "num_experts": self.num_experts,
+            "num_experts_per_token": self.top_k,
+            "num_shared_experts": 1,
+            "moe_router_activation_func": "sigmoid",
+            "moe_renormalize": true,
+            "routed_scaling_factor": 2.5,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "moe_layer_freq": 1,
+            "use_grouped_topk": true,
+            "num_expert_group": n_group,
+            "topk_group": topk_group,
+            "linear_attn_config": {
+                "kda_layers": kda,
+                "num_heads": self.linear_value_heads,
+                "head_dim": self.linear_key_head_dim,
+                "short_conv_kernel_size": self.conv_kernel,
+                "gate_lower_bound": self.gate_lower_bound,
+                "use_full_rank_gate": self.full_rank_gate,
+            },
+            "routed_expert_hidden_size": (self.latent_size > 0).then_some(self.latent_size),
+            "latent_moe_use_norm": self.latent_norm,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "torch_dtype": "bfloat16",
+        });
+        if let Fp8Fixture::Blocks(b) = self.fp8 {
+            text["quantization_config"] = json!({
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [b, b],
+            });
+        }
+        if !self.multimodal {
+            return text;
+        }
+        let quant = text
+            .as_object_mut()
+            .and_then(|t| t.remove("quantization_config"));
+        let mut wrapped = json!({
+            "architectures": ["KimiK3ForConditionalGeneration"],
+            "model_type": "kimi_k3",
+            "text_config": text,
+            "vision_config": {"model_type": "moonvit", "hidden_size": self.hidden_size},
+            "tie_word_embeddings": false,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        });
+        if let Some(q) = quant {
+            wrapped["quantization_config"] = q;
+        }
+        wrapped
+    }
+
     /// Every tensor as (name, shape, fan_in for the value scale; 0 means a norm weight).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
         if self.arch == Arch::Gemma4Text {
             return self.gemma4_tensors();
+        }
+        if self.arch == Arch::KimiK3 {
+            return self.kimi_k3_tensors();
         }
         if self.arch == Arch::DeepseekV41 {
             return self.dsv41_tensors();
@@ -1009,6 +1333,9 @@ impl FixtureSpec {
     pub fn config(&self) -> Value {
         if self.arch == Arch::Gemma4Text {
             return self.gemma4_config();
+        }
+        if self.arch == Arch::KimiK3 {
+            return self.kimi_k3_config();
         }
         if self.arch == Arch::DeepseekV41 {
             return self.dsv41_config();

@@ -43,8 +43,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         r.format_version
     );
     println!("architecture  {}", clean(&r.architecture));
+    // Kimi-K3's latent MoE: "(hidden 7168, experts on a latent of 2048, expert rows 1024)".
+    let latent = if r.expert_hidden_size != r.hidden_size {
+        format!(", experts on a latent of {}", r.expert_hidden_size)
+    } else {
+        String::new()
+    };
     println!(
-        "layers        {}  (hidden {}, expert rows {})",
+        "layers        {}  (hidden {}{latent}, expert rows {})",
         r.layers, r.hidden_size, r.intermediate_size
     );
     let kv = r.kv_cache_bytes_per_token;

@@ -6,14 +6,14 @@
 //! travels with another (`.scales` / `.biases` of a quantized module, an FP8 weight's
 //! `weight_scale_inv`) is not listed on its own.
 
-use super::derived::{kv_b_split_names, Derived, HeadSplit, KvPart};
+use super::derived::{kv_b_split_names, Concat, Derived, HeadSplit, KvPart};
 use super::{Checkpoint, LoadError};
 use crate::arch::{Derive, TensorRole};
 use crate::convert::quantize::{QuantParams, QuantizedView};
 use crate::convert::tensor::{Dtype, FloatDtype, MatrixView};
 
 /// A non-expert tensor's values.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum TensorData<'a> {
     /// Float values of any shape.
     Float {
@@ -34,6 +34,16 @@ pub enum TensorData<'a> {
         shape: &'a [usize],
         bytes: &'a [u8],
     },
+}
+
+/// What a [`Derive::Concat`] rule makes of a tensor.
+enum Joined<'a> {
+    /// No rule joins it.
+    No,
+    /// A later part of a joined weight: stored in the first part's place.
+    Part,
+    /// The joined weight, in the first part's place.
+    Whole(DenseTensor<'a>),
 }
 
 /// A non-expert tensor, grouped by module for MLX-quantized ones.
@@ -73,6 +83,130 @@ impl Checkpoint {
             Some(s) if hf_layout() => s,
             _ => &[],
         }
+    }
+
+    /// What the architecture's [`Derive::Concat`] rules make of `name`: the first part of a
+    /// module that holds them all becomes the joined weight, the others are left out.
+    fn joined(&self, name: &str) -> Result<Joined<'_>, LoadError> {
+        for d in self.config.arch.def().sanitize.derive {
+            let Derive::Concat { parts, into, conv } = *d else {
+                continue;
+            };
+            let Some((at, module)) = parts
+                .iter()
+                .enumerate()
+                .find_map(|(i, p)| Some((i, name.strip_suffix(p)?)))
+            else {
+                continue;
+            };
+            let names: Vec<String> = parts.iter().map(|p| format!("{module}{p}")).collect();
+            if parts.len() > 3 || names.iter().any(|n| self.get(n).is_none()) {
+                continue;
+            }
+            if at > 0 {
+                return Ok(Joined::Part);
+            }
+            let mut views = [None; 3];
+            let mut rows = 0usize;
+            let mut rest: Option<Vec<usize>> = None;
+            for (slot, n) in views.iter_mut().zip(&names) {
+                let t = self.tensor(n)?;
+                let bad = |why: &str| LoadError::Shape {
+                    tensor: n.clone(),
+                    expected: rest.clone().unwrap_or_default(),
+                    found: t.shape.to_vec(),
+                    why: why.into(),
+                };
+                let want_ndim = if conv { 3 } else { 2 };
+                if t.shape.len() != want_ndim || (conv && t.shape[1] != 1) {
+                    return Err(bad(if conv {
+                        "a depthwise convolution [channels, 1, kernel], joined with the others                          as mlx-lm's sanitize joins them"
+                    } else {
+                        "a 2-D weight, joined with the module's other parts as mlx-lm's                          sanitize joins them"
+                    }));
+                }
+                let tail = t.shape[1..].to_vec();
+                if rest.as_ref().is_some_and(|r| *r != tail) {
+                    return Err(bad("the same trailing shape as the module's other parts"));
+                }
+                let cols: usize = tail.iter().product();
+                *slot = Some(self.float_matrix(t, t.data, t.shape[0], cols)?);
+                rows += t.shape[0];
+                rest = Some(tail);
+            }
+            let rest = rest.unwrap_or_default();
+            let (shape, ndim) = if conv {
+                // w.moveaxis(2, 1): [C, 1, K] -> [C, K, 1], the values in the same order
+                ([rows, rest[1], 1], 3)
+            } else {
+                ([rows, rest[0], 0], 2)
+            };
+            let dtypes: Vec<_> = views.iter().flatten().map(|m| m.dtype).collect();
+            if dtypes.windows(2).any(|w| w[0] != w[1]) {
+                return Err(LoadError::Dtype {
+                    tensor: names[1].clone(),
+                    found: self.tensor(&names[1])?.dtype,
+                    expected:
+                        "the float type of the module's other parts, which are joined into one",
+                });
+            }
+            let joined = format!("{module}{into}");
+            return Ok(Joined::Whole(DenseTensor {
+                role: self.config.arch.classify(&joined),
+                name: joined,
+                data: TensorData::Derived(Derived::Concat(Box::new(Concat {
+                    parts: views,
+                    shape,
+                    ndim,
+                }))),
+            }));
+        }
+        Ok(Joined::No)
+    }
+
+    /// What the architecture's [`Derive::Flatten`] rules make of `name`: a float tensor of
+    /// more than one axis flattened (mlx-lm's `mx.reshape(w, (-1,))`), one of the `per_head`
+    /// suffixes cut to the linear-attention heads (`w[:num_heads]`); `None` when no rule applies
+    /// or the tensor is already so.
+    fn flattened(&self, name: &str) -> Result<Option<DenseTensor<'_>>, LoadError> {
+        for d in self.config.arch.def().sanitize.derive {
+            let Derive::Flatten { suffixes, per_head } = *d else {
+                continue;
+            };
+            if !suffixes.iter().any(|sfx| name.ends_with(sfx)) {
+                continue;
+            }
+            let t = self.tensor(name)?;
+            let Some(dtype) = t.dtype.float() else {
+                continue;
+            };
+            let n: usize = t.shape.iter().product();
+            let heads = self
+                .config
+                .linear_attention
+                .as_ref()
+                .map_or(n, |la| la.num_value_heads);
+            let len = if per_head.iter().any(|sfx| name.ends_with(sfx)) {
+                n.min(heads)
+            } else {
+                n
+            };
+            if t.shape.len() == 1 && len == n {
+                return Ok(None);
+            }
+            let source = MatrixView::new(dtype, 1, n, t.data).ok_or_else(|| LoadError::Shape {
+                tensor: name.to_string(),
+                expected: t.shape.to_vec(),
+                found: t.shape.to_vec(),
+                why: "its bytes do not match its shape".into(),
+            })?;
+            return Ok(Some(DenseTensor {
+                name: name.to_string(),
+                role: self.config.arch.classify(name),
+                data: TensorData::Derived(Derived::Flat { source, len }),
+            }));
+        }
+        Ok(None)
     }
 
     /// Every tensor that is not an expert projection, sorted by name, MLX-quantized modules
@@ -125,6 +259,19 @@ impl Checkpoint {
                 {
                     continue;
                 }
+            }
+            // Kimi-K3's parts joined into one weight (derived.rs), and flattened vectors.
+            match self.joined(name)? {
+                Joined::Part => continue,
+                Joined::Whole(t) => {
+                    out.push(t);
+                    continue;
+                }
+                Joined::No => {}
+            }
+            if let Some(t) = self.flattened(name)? {
+                out.push(t);
+                continue;
             }
             let t = self.tensor(name)?;
             // mlx-lm's sanitize: kv_b_proj -> embed_q + unembed_out (derived.rs).

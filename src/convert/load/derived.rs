@@ -1,10 +1,10 @@
 //! Tensors the pack stores under other names than the source: mlx-lm's `sanitize` done at
 //! conversion, so a pack holds what mlx-lm's model reads and the runtime needs no source names.
 //!
-//! In: a source tensor's float view (bf16, or FP8 codes with block scales). Out: the derived
+//! In: source tensors' float views (bf16, or FP8 codes with block scales). Out: the derived
 //! tensor's values on request ([`HeadSplit::values`]); nothing is computed before the quantize
 //! stage asks, so conversion holds one derived tensor at a time.
-//! Two rules ([`Derived`]), chosen by an architecture's table entry
+//! Four rules ([`Derived`]), chosen by an architecture's table entry
 //! ([`crate::arch::Sanitize::derive`], [`crate::arch::Derive`]), never by its name:
 //! - DeepSeek-V3's `self_attn.kv_b_proj.weight` `[heads * (nope + v), kv_lora]` becomes
 //!   `embed_q.weight` `[heads * kv_lora, nope]` (each head's key rows, transposed) and
@@ -16,30 +16,57 @@
 //!   (`weights[k] = v + 1.0` in qwen3_next.py / qwen3_5.py `sanitize`; the norms are those the
 //!   entry's `Derive::NormsPlusOne` lists).
 //!   mlx-lm folders already hold the sums and are read as they are.
+//! - Kimi-K3's weights stored apart and joined along the first axis (`self_attn.{q,k,v}_proj`
+//!   -> `qkv_proj`, the three depthwise convolutions -> `qkv_conv.conv.weight` in mlx.nn.Conv1d's
+//!   `[C, K, 1]`; the entry's `Derive::Concat`), and its `A_log` / `dt_bias` flattened to 1-D,
+//!   `A_log` cut to the linear-attention heads (`Derive::Flatten`): the source's values, moved.
 
 use crate::arch::Mla;
 use crate::convert::tensor::{FloatDtype, MatrixView};
 
 /// A tensor computed from a source tensor at conversion.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Derived<'a> {
     /// One half of DeepSeek-V3's `kv_b_proj`.
     HeadSplit(HeadSplit<'a>),
     /// A 1-D norm weight plus one, `source` seen as one row.
     PlusOne(MatrixView<'a>),
+    /// Weights joined along their first axis (boxed: three views are large beside the others).
+    Concat(Box<Concat<'a>>),
+    /// A tensor seen as one row, flattened to its first `len` values.
+    Flat { source: MatrixView<'a>, len: usize },
+}
+
+/// Up to three weights, each seen as `[rows, rest]`, joined along their first axis into
+/// `shape` (`ndim` axes).
+#[derive(Clone, Copy, Debug)]
+pub struct Concat<'a> {
+    pub parts: [Option<MatrixView<'a>>; 3],
+    pub shape: [usize; 3],
+    pub ndim: usize,
 }
 
 impl<'a> Derived<'a> {
-    /// The source tensor's view (to release its pages once read).
-    pub fn source(&self) -> MatrixView<'a> {
+    /// The source tensors' views (to release their pages once read).
+    pub fn sources(&self) -> Vec<MatrixView<'a>> {
         match self {
-            Derived::HeadSplit(h) => h.source,
-            Derived::PlusOne(m) => *m,
+            Derived::HeadSplit(h) => vec![h.source],
+            Derived::PlusOne(m) | Derived::Flat { source: m, .. } => vec![*m],
+            Derived::Concat(c) => c.parts.iter().flatten().copied().collect(),
         }
     }
 
     pub fn dtype(&self) -> FloatDtype {
-        self.source().dtype
+        match self {
+            Derived::HeadSplit(h) => h.source.dtype,
+            Derived::PlusOne(m) | Derived::Flat { source: m, .. } => m.dtype,
+            Derived::Concat(c) => c
+                .parts
+                .iter()
+                .flatten()
+                .next()
+                .map_or(FloatDtype::F32, |m| m.dtype),
+        }
     }
 
     /// The shape as stored.
@@ -47,6 +74,8 @@ impl<'a> Derived<'a> {
         match self {
             Derived::HeadSplit(h) => h.shape().to_vec(),
             Derived::PlusOne(m) => vec![m.cols],
+            Derived::Flat { len, .. } => vec![*len],
+            Derived::Concat(c) => c.shape[..c.ndim].to_vec(),
         }
     }
 
@@ -55,6 +84,23 @@ impl<'a> Derived<'a> {
     pub fn values(&self) -> Vec<f32> {
         match self {
             Derived::HeadSplit(h) => h.values(),
+            Derived::Flat { source, len } => {
+                let mut row = vec![0f32; source.cols];
+                source.row_f32(0, &mut row);
+                row.truncate(*len);
+                row
+            }
+            Derived::Concat(c) => {
+                let mut out = Vec::new();
+                for m in c.parts.iter().flatten() {
+                    let mut row = vec![0f32; m.cols];
+                    for r in 0..m.rows {
+                        m.row_f32(r, &mut row);
+                        out.extend_from_slice(&row);
+                    }
+                }
+                out
+            }
             Derived::PlusOne(m) => {
                 let mut row = vec![0f32; m.cols];
                 m.row_f32(0, &mut row);

@@ -301,7 +301,11 @@ impl Checkpoint {
     /// Views of expert `expert`'s projections in layer `layer`. Cheap: no data is read.
     pub fn expert(&self, layer: usize, expert: usize) -> Result<ExpertProjections<'_>, LoadError> {
         let c = &self.config;
-        let (h, i, e) = (c.hidden_size, c.moe_intermediate_size, c.num_experts);
+        let (h, i, e) = (
+            c.expert_hidden_size(),
+            c.moe_intermediate_size,
+            c.num_experts,
+        );
         if expert >= e {
             return Err(LoadError::Experts {
                 layer,
@@ -395,7 +399,11 @@ impl Checkpoint {
         cols: usize,
     ) -> Result<ProjSource<'_>, LoadError> {
         let c = &self.config;
-        let (h, i, e) = (c.hidden_size, c.moe_intermediate_size, c.num_experts);
+        let (h, i, e) = (
+            c.expert_hidden_size(),
+            c.moe_intermediate_size,
+            c.num_experts,
+        );
         let ix = &self.index;
         // (tensor, its [E, a, b] shape, first element, row stride, column stride)
         let (name, full, first, rs, cs, tensor) = match proj {
@@ -537,7 +545,11 @@ impl Checkpoint {
     /// and `down_proj_bias` `[E, H]`.
     fn expert_biases(&self, layer: usize, expert: usize) -> Result<ExpertBiases<'_>, LoadError> {
         let c = &self.config;
-        let (e, h, i) = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
+        let (e, h, i) = (
+            c.num_experts,
+            c.expert_hidden_size(),
+            c.moe_intermediate_size,
+        );
         let vector = |key: Option<Proj>, len: usize, step: usize, first: usize| {
             let name =
                 self.index

@@ -41,6 +41,8 @@ fn opens_every_arch_layout_dialect_and_sharding() {
                     _ if arch == Arch::GptOss => ExpertLayout::MxBlocks,
                     // Gemma 4 ships fused experts only.
                     _ if arch == Arch::Gemma4Text => ExpertLayout::Fused,
+                    // Kimi-K3 ships per-expert `w1`/`w3`/`w2` only.
+                    _ if arch == Arch::KimiK3 => ExpertLayout::PerExpert,
                     FixtureLayout::PerExpert => ExpertLayout::PerExpert,
                     FixtureLayout::Fused => ExpertLayout::Fused,
                 };
@@ -58,9 +60,9 @@ fn opens_every_arch_layout_dialect_and_sharding() {
                     }
                     _ => panic!("{arch}: unexpected expert sources"),
                 }
-                // All but the multi-token-prediction module (Qwen3-Next, Qwen3.5) and Kimi
-                // K2.5's vision modules, dropped.
-                let dropped = ["mtp.", "vision_tower.", "mm_projector."];
+                // All but the multi-token-prediction module (Qwen3-Next, Qwen3.5, Kimi-K3) and
+                // Kimi K2.5's vision modules, dropped.
+                let dropped = ["mtp.", "model.mtp.", "vision_tower.", "mm_projector."];
                 let kept = spec
                     .tensors()
                     .iter()
@@ -542,6 +544,11 @@ fn rejects_config_counts_that_disagree_with_the_tensors() {
                 if field == "num_experts" && text.get("n_group").is_some() {
                     // Half the experts no longer split into DeepSeek-V3's 4 groups of 2.
                     text["n_group"] = 1.into();
+                    text["topk_group"] = 1.into();
+                }
+                if field == "num_experts" && text.get("num_expert_group").is_some() {
+                    // Kimi-K3's spelling of them.
+                    text["num_expert_group"] = 1.into();
                     text["topk_group"] = 1.into();
                 }
                 std::fs::write(&cfg_path, c.to_string()).unwrap();

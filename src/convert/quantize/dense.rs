@@ -222,7 +222,7 @@ pub fn plan_dense<'a>(
             }
         }
         // Derived tensors (load/derived.rs): computed now, then as a float tensor.
-        TensorData::Derived(d) => {
+        TensorData::Derived(ref d) => {
             let shape = d.shape();
             let bytes = d.bytes();
             let dtype = d.dtype();

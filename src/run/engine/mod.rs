@@ -172,10 +172,13 @@ impl<'p> Engine<'p> {
             .min(opts.positions) as u64;
         // A prefill chunk's activations, f32 upper bound: the residual stream, the k routed
         // rows in and out of the experts and their hidden width.
+        // Under attention residuals (Kimi-K3) also every block's starting state, which a mix
+        // reads as an f32 copy and weighs into a product of the same size.
         let per_token = 4
             * (cfg.hidden_size * (2 * cfg.num_experts_per_tok + 8)
                 + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size.max(1))
-                as u64;
+                as u64
+            + 4 * 3 * cfg.attn_res_values_per_token();
         // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), for
         // every position; a sliding-window layer's at most a window and one prefill chunk
         // (gpt-oss); plus the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).

@@ -320,3 +320,35 @@ fn deepseek_v41_shard_plan_skips_its_mtp_and_vision_shards() {
         }
     );
 }
+
+/// Kimi-K3's multimodal layout: a shard of the vision tower and projector alone, and one of the
+/// multi-token-prediction module (`language_model.model.mtp.*`, which mlx-lm's `sanitize`
+/// drops) alone, are skipped; the text model's shards are needed, a vision tensor beside them
+/// dropped as its shard is read.
+#[test]
+fn kimi_k3_shard_plan_skips_its_vision_and_mtp_shards() {
+    let text = r#"{"weight_map": {
+        "language_model.model.embed_tokens.weight": "m-1.safetensors",
+        "language_model.model.layers.0.self_attn.q_conv1d.weight": "m-1.safetensors",
+        "mm_projector.proj.0.weight": "m-1.safetensors",
+        "language_model.model.layers.1.block_sparse_moe.experts.0.w1.weight": "m-2.safetensors",
+        "language_model.model.output_attn_res.proj_weight": "m-2.safetensors",
+        "language_model.model.mtp.0.e_proj.weight": "m-3.safetensors",
+        "language_model.model.mtp.0.block_sparse_moe.experts.0.w1.weight": "m-3.safetensors",
+        "vision_tower.encoder.blocks.0.wqkv.weight": "m-4.safetensors",
+        "vision_tower.patch_embed.proj.weight": "m-4.safetensors"}}"#;
+    let index = ShardIndex::parse(text).unwrap();
+    let config = serde_json::json!({
+        "model_type": "kimi_k3", "text_config": {"num_hidden_layers": 2}
+    });
+    let filter = TensorFilter::from_config(&config).unwrap();
+    assert_eq!(
+        index.plan(&filter),
+        ShardPlan {
+            needed: vec!["m-1.safetensors", "m-2.safetensors"],
+            skipped: vec!["m-3.safetensors", "m-4.safetensors"],
+            skipped_mtp_tensors: 2,
+            skipped_other_tensors: 2,
+        }
+    );
+}
