@@ -22,6 +22,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod codec;
 pub mod convert;
+pub mod env;
 pub mod eval;
 pub mod format;
 pub mod hub;

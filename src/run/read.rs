@@ -95,10 +95,7 @@ pub const DEFAULT_SPLIT_KIB: usize = 256;
 /// The part size of pipelined loads, from `FLASHPACK_READ_SPLIT_KIB` or the default, in bytes
 /// (a multiple of the direct-I/O alignment).
 pub fn split_bytes() -> usize {
-    let kib = std::env::var("FLASHPACK_READ_SPLIT_KIB")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(DEFAULT_SPLIT_KIB);
+    let kib = crate::env::number("FLASHPACK_READ_SPLIT_KIB").unwrap_or(DEFAULT_SPLIT_KIB);
     (kib * 1024).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
 }
 
@@ -117,16 +114,12 @@ pub const TRIED_HUFFMAN_PART_KIB: usize = 64;
 /// The part size of pipelined Huffman-coded loads, from `FLASHPACK_HUFFMAN_PART_KIB` or the
 /// default, in bytes.
 pub fn huffman_part_bytes() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let default = if cores >= 4 {
+    let default = if crate::env::cores() >= 4 {
         DEFAULT_HUFFMAN_PART_KIB
     } else {
         0
     };
-    let kib = std::env::var("FLASHPACK_HUFFMAN_PART_KIB")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(default);
+    let kib = crate::env::number("FLASHPACK_HUFFMAN_PART_KIB").unwrap_or(default);
     huffman_part_of(kib * 1024)
 }
 

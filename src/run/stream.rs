@@ -179,22 +179,12 @@ pub const PASS_AHEAD_LAYERS: usize = 1;
 
 fn pass_ahead_layers() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("FLASHPACK_PASS_AHEAD")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(PASS_AHEAD_LAYERS)
-    })
+    *N.get_or_init(|| crate::env::number("FLASHPACK_PASS_AHEAD").unwrap_or(PASS_AHEAD_LAYERS))
 }
 
 fn chunk_vote_divisor() -> usize {
     static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *D.get_or_init(|| {
-        std::env::var("FLASHPACK_CHUNK_VOTES")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(CHUNK_VOTE_DIVISOR)
-    })
+    *D.get_or_init(|| crate::env::number("FLASHPACK_CHUNK_VOTES").unwrap_or(CHUNK_VOTE_DIVISOR))
 }
 
 /// A prefetched read that the router does not then use costs its bytes and delays the next

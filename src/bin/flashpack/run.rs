@@ -173,10 +173,7 @@ impl flashpack::progress::Progress for PromptProgress {
 /// After how long the prompt's progress shows: a second, or `FLASHPACK_PROGRESS_AFTER_MS`
 /// (tests set 0 to see every chunk without depending on the machine's speed).
 fn prompt_progress_after() -> std::time::Duration {
-    let ms = std::env::var("FLASHPACK_PROGRESS_AFTER_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let ms = flashpack::env::number("FLASHPACK_PROGRESS_AFTER_MS").unwrap_or(1000);
     std::time::Duration::from_millis(ms)
 }
 

@@ -670,8 +670,4 @@ fn decode_any(
     Ok(())
 }
 
-/// Cores of this machine (cached).
-fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
+use crate::env::cores;

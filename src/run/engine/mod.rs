@@ -210,9 +210,7 @@ impl<'p> Engine<'p> {
             verify: opts.verify,
             naive: opts.no_cache,
             // FLASHPACK_MAX_POOL_ELEMENTS: smaller pools, to show the split on small models.
-            max_pool_elements: std::env::var("FLASHPACK_MAX_POOL_ELEMENTS")
-                .ok()
-                .and_then(|v| v.parse().ok())
+            max_pool_elements: crate::env::number("FLASHPACK_MAX_POOL_ELEMENTS")
                 .unwrap_or(crate::run::experts::MAX_POOL_ELEMENTS),
         };
         let mut cache = ExpertCache::new(pack, &store)?;

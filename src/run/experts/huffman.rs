@@ -80,14 +80,10 @@ pub const DECODE_GROUPS: usize = 2;
 fn decode_groups() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| {
-        if let Some(n) = std::env::var("FLASHPACK_DECODE_GROUPS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-        {
+        if let Some(n) = crate::env::number::<usize>("FLASHPACK_DECODE_GROUPS") {
             return n.max(1);
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cores >= 4 {
+        if crate::env::cores() >= 4 {
             DECODE_GROUPS
         } else {
             1

@@ -1373,11 +1373,7 @@ fn upload_parts() -> bool {
     *ON.get_or_init(|| std::env::var("FLASHPACK_UPLOAD_PARTS").map_or(true, |v| v != "0"))
 }
 
-/// Cores of this machine (cached).
-fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
+use crate::env::cores;
 
 /// Resizes a decode buffer to `len`. With `pin` (CUDA uploads), the buffer is page-locked once
 /// so uploads from it run at the bus's speed; growing it past its pinned capacity moves to a
