@@ -43,6 +43,12 @@ VARIANTS = {
     "50% ahead": (["--expert-budget", "50%"], {"FLASHPACK_AHEAD": "1"}),
     "25% ahead": (["--expert-budget", "25%"], {"FLASHPACK_AHEAD": "1"}),
     "12% ahead": (["--expert-budget", "12%"], {"FLASHPACK_AHEAD": "1"}),
+    # Waits for the device that sleep at once instead of polling first (the shim's spin_us).
+    "resident no-spin": ([], {"FLASHPACK_SPIN_US": "0"}),
+    "50% no-spin": (["--expert-budget", "50%"], {"FLASHPACK_SPIN_US": "0"}),
+    "50% ahead no-spin": (["--expert-budget", "50%"], {"FLASHPACK_AHEAD": "1", "FLASHPACK_SPIN_US": "0"}),
+    "50% ahead no-graphs": (["--expert-budget", "50%"],
+                            {"FLASHPACK_AHEAD": "1", "MLX_USE_CUDA_GRAPHS": "0"}),
     "25%": (["--expert-budget", "25%"], {}),
     "12%": (["--expert-budget", "12%"], {}),
     # Target 2: prefetch against none at each budget.
