@@ -7,7 +7,9 @@
 //! in chunks of 5, plus 8 cached decode steps, every expert resident and streaming through 3
 //! slots for 8 experts top-2. The window (8) and `index_topk` (3 of the prompt's 6 latents)
 //! drop positions. Then greedy tokens through `flashpack run` on 3 prompts, and every stage.
-//! Odd widths (hidden 192, 4 heads of 64 in 2 output groups). Needs python3 with mlx-lm (CI
+//! Odd widths (hidden 192, 4 heads of 64 in 2 output groups). DeepSeek's own release layout (FP8
+//! weights with E8M0 `.scale` blocks, FP4 experts) converts as the bf16 values it stands for, and its
+//! bad scales are refused (decision 0027). Needs python3 with mlx-lm (CI
 //! installs it) for the mlx-lm comparisons; skipped with a note otherwise.
 
 use std::path::{Path, PathBuf};
@@ -252,6 +254,12 @@ fn deepseek_v41_release_layout_converts_as_its_dequantized_values() {
             vec![192, 64],
         ),
         ("mtp.0.e_proj.scale", "F8_E8M0", vec![6, 6]),
+        // 3 rows: one partial block.
+        (
+            "layers.1.attn.indexer.weights_proj.scale",
+            "F8_E8M0",
+            vec![1, 6],
+        ),
         ("embed.weight", "BF16", vec![8192, 192]),
     ] {
         assert_eq!(
