@@ -16,6 +16,8 @@ pub enum Dtype {
     I8,
     F8E4M3,
     F8E5M2,
+    /// OCP MX E8M0: a power-of-two scale, `2^(code - 127)` (255 is NaN).
+    F8E8M0,
     I16,
     U16,
     F16,
@@ -37,6 +39,7 @@ impl Dtype {
             "I8" => Dtype::I8,
             "F8_E4M3" => Dtype::F8E4M3,
             "F8_E5M2" => Dtype::F8E5M2,
+            "F8_E8M0" => Dtype::F8E8M0,
             "I16" => Dtype::I16,
             "U16" => Dtype::U16,
             "F16" => Dtype::F16,
@@ -59,6 +62,7 @@ impl Dtype {
             Dtype::I8 => "I8",
             Dtype::F8E4M3 => "F8_E4M3",
             Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::F8E8M0 => "F8_E8M0",
             Dtype::I16 => "I16",
             Dtype::U16 => "U16",
             Dtype::F16 => "F16",
@@ -75,7 +79,9 @@ impl Dtype {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E8M0 => {
+                1
+            }
             Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::Bf16 => 2,
             Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
             Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
@@ -219,14 +225,99 @@ pub fn e4m3_to_f32(code: u8) -> f32 {
     sign * v
 }
 
-/// Block scales of an FP8 weight as DeepSeek-V3 and Qwen3 FP8 checkpoints ship them
-/// (`quantization_config.quant_method = "fp8"`): `W.weight` holds E4M3 codes and
-/// `W.weight_scale_inv` one float per `block_rows x block_cols` block (the last blocks partial),
-/// so `w[r, c] = e4m3(code[r, c]) * scale[r / block_rows, c / block_cols]`.
+/// An FP4 E2M1 value (1 sign, 2 exponent, 1 mantissa bit): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and
+/// their negatives (OCP MX's element type; DeepSeek's `FP4_TABLE`).
+pub fn e2m1_to_f32(code: u8) -> f32 {
+    const MAGNITUDE: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    let v = MAGNITUDE[(code & 7) as usize];
+    if code & 8 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// An E8M0 scale: `2^(code - 127)`, 255 NaN (OCP MX's scale type, DeepSeek's `ue8m0`).
+pub fn e8m0_to_f32(code: u8) -> f32 {
+    if code == 255 {
+        f32::NAN
+    } else {
+        // 2^-127 is below f32's normals: built from its bits (exact, as a subnormal).
+        f32::from_bits(if code == 0 {
+            1 << 22
+        } else {
+            (code as u32) << 23
+        })
+    }
+}
+
+/// How the scales of block-scaled codes are stored: floats that are the scale (DeepSeek-V3's
+/// and Qwen3 FP8's `weight_scale_inv`), or E8M0 exponents (DeepSeek's own `ue8m0` `.scale`,
+/// as `F8_E8M0` or `U8`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockScale {
+    Float(FloatDtype),
+    E8m0,
+}
+
+impl BlockScale {
+    /// Bytes per scale.
+    pub fn size(self) -> usize {
+        match self {
+            BlockScale::Float(d) => d.size(),
+            BlockScale::E8m0 => 1,
+        }
+    }
+
+    /// Scale `k` of `scales`.
+    #[inline]
+    fn read(self, scales: &[u8], k: usize) -> f32 {
+        match self {
+            BlockScale::Float(d) => d.read(&scales[k * d.size()..(k + 1) * d.size()]),
+            BlockScale::E8m0 => e8m0_to_f32(scales[k]),
+        }
+    }
+
+    /// The index of the first NaN or infinite scale, and its value.
+    fn first_non_finite(self, scales: &[u8]) -> Option<(usize, f32)> {
+        match self {
+            BlockScale::Float(d) => d.first_non_finite(scales),
+            BlockScale::E8m0 => scales.iter().position(|&c| c == 255).map(|k| (k, f32::NAN)),
+        }
+    }
+}
+
+/// The element codes of block-scaled weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockCodes {
+    /// FP8 E4M3, one byte each.
+    E4m3,
+    /// FP4 E2M1, two to a byte, the first in the low nibble (DeepSeek's `float4_e2m1fn_x2`,
+    /// and MLX's mxfp4 words read as bytes).
+    E2m1,
+}
+
+impl BlockCodes {
+    /// Bytes of a row of `cols` codes.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            BlockCodes::E4m3 => cols,
+            BlockCodes::E2m1 => cols.div_ceil(2),
+        }
+    }
+}
+
+/// Block scales of FP8 or FP4 codes, as DeepSeek-V3 and Qwen3 FP8 checkpoints ship them
+/// (`quantization_config.quant_method = "fp8"`: `W.weight` E4M3 codes, `W.weight_scale_inv` one
+/// float per `block_rows x block_cols` block, the last blocks partial) and as DeepSeek's own
+/// releases (V4.1) do (`W.weight` E4M3 or packed E2M1, `W.scale` E8M0 exponents, per block of
+/// the config's `weight_block_size`, or per 32 columns of a row for FP4 experts), so
+/// `w[r, c] = code[r, c] * scale[r / block_rows, c / block_cols]`.
 #[derive(Clone, Copy, Debug)]
 pub struct Fp8Blocks<'a> {
     pub scales: &'a [u8],
-    pub scale_dtype: FloatDtype,
+    pub scale: BlockScale,
+    pub codes: BlockCodes,
     pub block_rows: usize,
     pub block_cols: usize,
 }
@@ -319,15 +410,16 @@ impl<'a> MatrixView<'a> {
         })
     }
 
-    /// FP8 codes `data` (`rows * cols` bytes) with their block scales; the values it gives are
-    /// `e4m3 * scale` computed in f32 and rounded to bf16, as DeepSeek's own dequantization
-    /// (`weight_dequant`, then `.to(bfloat16)`) gives them. `None` when the sizes disagree.
+    /// FP8 (or FP4) codes `data` (`rows` rows of [`BlockCodes::row_bytes`]) with their block
+    /// scales; the values it gives are `code * scale` computed in f32 and rounded to bf16, as
+    /// DeepSeek's own dequantization (`weight_dequant`, then `.to(bfloat16)`) gives them (exact
+    /// for E8M0 scales: a power of two times a code fits bf16). `None` when the sizes disagree.
     pub fn fp8(rows: usize, cols: usize, data: &'a [u8], blocks: Fp8Blocks<'a>) -> Option<Self> {
         let (br, bc) = (blocks.block_rows, blocks.block_cols);
-        if br == 0 || bc == 0 || data.len() != rows.checked_mul(cols)? {
+        if br == 0 || bc == 0 || data.len() != rows.checked_mul(blocks.codes.row_bytes(cols))? {
             return None;
         }
-        let want = rows.div_ceil(br) * cols.div_ceil(bc) * blocks.scale_dtype.size();
+        let want = rows.div_ceil(br) * cols.div_ceil(bc) * blocks.scale.size();
         (blocks.scales.len() == want).then_some(MatrixView {
             dtype: FloatDtype::Bf16,
             rows,
@@ -399,10 +491,13 @@ impl<'a> MatrixView<'a> {
                 Some((i / self.cols.max(1), i % self.cols.max(1), v))
             }
             Coded::Fp8(b) => {
-                if let Some(i) = self.data.iter().position(|&c| c & 0x7f == 0x7f) {
-                    return Some((i / self.cols, i % self.cols, f32::NAN));
+                // E2M1 has no NaN; E4M3's is S.1111.111.
+                if b.codes == BlockCodes::E4m3 {
+                    if let Some(i) = self.data.iter().position(|&c| c & 0x7f == 0x7f) {
+                        return Some((i / self.cols, i % self.cols, f32::NAN));
+                    }
                 }
-                let (k, v) = b.scale_dtype.first_non_finite(b.scales)?;
+                let (k, v) = b.scale.first_non_finite(b.scales)?;
                 let per_row = self.cols.div_ceil(b.block_cols);
                 Some((
                     (k / per_row) * b.block_rows,
@@ -435,7 +530,7 @@ impl<'a> MatrixView<'a> {
     fn row_width(&self) -> usize {
         match self.coded {
             Coded::Plain | Coded::Strided(..) => self.cols * self.dtype.size(),
-            Coded::Fp8(_) => self.cols,
+            Coded::Fp8(b) => b.codes.row_bytes(self.cols),
             Coded::PackedInt(g) => self.cols.div_ceil(g.per_word()) * 4,
         }
     }
@@ -460,17 +555,17 @@ impl<'a> MatrixView<'a> {
             }
             Coded::Fp8(b) => {
                 let per_row = self.cols.div_ceil(b.block_cols);
-                let ss = b.scale_dtype.size();
                 let srow = (r / b.block_rows) * per_row;
-                for (c0, (o, codes)) in out
-                    .chunks_mut(b.block_cols)
-                    .zip(self.row_bytes(r).chunks(b.block_cols))
-                    .enumerate()
-                {
-                    let k = srow + c0;
-                    let scale = b.scale_dtype.read(&b.scales[k * ss..(k + 1) * ss]);
-                    for (o, &code) in o.iter_mut().zip(codes) {
-                        *o = half::bf16::from_f32(e4m3_to_f32(code) * scale).to_f32();
+                let codes = self.row_bytes(r);
+                for (c0, o) in out.chunks_mut(b.block_cols).enumerate() {
+                    let scale = b.scale.read(b.scales, srow + c0);
+                    for (j, o) in o.iter_mut().enumerate() {
+                        let c = c0 * b.block_cols + j;
+                        let v = match b.codes {
+                            BlockCodes::E4m3 => e4m3_to_f32(codes[c]),
+                            BlockCodes::E2m1 => e2m1_to_f32(codes[c / 2] >> (4 * (c % 2))),
+                        };
+                        *o = half::bf16::from_f32(v * scale).to_f32();
                     }
                 }
             }

@@ -12,7 +12,9 @@
 
 use flashpack::arch::{Arch, Part, Proj};
 use flashpack::convert::load::safetensors::serialize_header;
-use flashpack::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView};
+use flashpack::convert::tensor::{
+    BlockCodes, BlockScale, Dtype, FloatDtype, Fp8Blocks, MatrixView,
+};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -142,6 +144,13 @@ pub enum Fp8Fixture {
     Off,
     Blocks(usize),
     Dequantized(usize),
+    /// DeepSeek's own release layout (DeepSeek-V4.1): the FP8 weights' scales are `W.scale`,
+    /// E8M0 exponents (`F8_E8M0`) per `block x block`, and the routed experts are FP4 (E2M1
+    /// codes two to a byte, `I8` `[out, in / 2]`, with an E8M0 `W.scale` per 32 values of a
+    /// row); `quantization_config` says `scale_fmt: "ue8m0"` and the config `expert_dtype: "fp4"`.
+    Release(usize),
+    /// The same model in the fixture's float type: the values the release's codes stand for.
+    ReleaseDequantized(usize),
 }
 
 impl FixtureSpec {
@@ -350,7 +359,10 @@ impl FixtureSpec {
         let block = match self.fp8 {
             _ if self.arch == Arch::GptOss => return None,
             Fp8Fixture::Off => return None,
-            Fp8Fixture::Blocks(b) | Fp8Fixture::Dequantized(b) => b,
+            Fp8Fixture::Blocks(b)
+            | Fp8Fixture::Dequantized(b)
+            | Fp8Fixture::Release(b)
+            | Fp8Fixture::ReleaseDequantized(b) => b,
         };
         let linear = shape.len() == 2
             && fan_in > 0
@@ -377,6 +389,19 @@ impl FixtureSpec {
                     out.push((name.clone(), Dtype::F8E4M3, shape, fan_in));
                     out.push((format!("{name}_scale_inv"), Dtype::F32, scales, 0));
                 }
+                (Fp8Fixture::Release(b), Some(_)) => {
+                    let stem = name.strip_suffix(".weight").unwrap_or(&name);
+                    let scale = format!("{stem}.scale");
+                    let (rows, cols) = (shape[0], shape[1]);
+                    if self.is_routed_expert(&name) {
+                        out.push((name.clone(), Dtype::I8, vec![rows, cols / 2], fan_in));
+                        out.push((scale, Dtype::F8E8M0, vec![rows, cols / 32], 0));
+                    } else {
+                        let scales = vec![rows.div_ceil(b), cols.div_ceil(b)];
+                        out.push((name.clone(), Dtype::F8E4M3, shape, fan_in));
+                        out.push((scale, Dtype::F8E8M0, scales, 0));
+                    }
+                }
                 _ if self.is_mxfp4(&name) => out.push((name, Dtype::U8, shape, fan_in)),
                 _ => {
                     let dtype = self.tensor_dtype(&name).dtype();
@@ -385,6 +410,83 @@ impl FixtureSpec {
             }
         }
         out
+    }
+
+    /// A routed expert's projection weight (FP4 in DeepSeek's release layout).
+    fn is_routed_expert(&self, name: &str) -> bool {
+        matches!(
+            self.arch.classify(name),
+            flashpack::arch::TensorRole::Expert { .. }
+        )
+    }
+
+    /// DeepSeek's release layout ([`Fp8Fixture::Release`]): the bytes of an FP8 or FP4 weight,
+    /// of its `.scale`, or (`ReleaseDequantized`) of the float values they stand for; `None` for
+    /// every other tensor. FP8 weights get [`Self::fp8_draw`]'s codes with its scales rounded down
+    /// to powers of two; FP4 experts uniform codes and the exponents of gpt-oss's fixture
+    /// ([`MXFP4_EXPONENTS`]: gate and up as `gate_up_proj`, down as `down_proj`).
+    fn release_bytes(&self, name: &str) -> Option<Vec<u8>> {
+        let (Fp8Fixture::Release(b) | Fp8Fixture::ReleaseDequantized(b)) = self.fp8 else {
+            return None;
+        };
+        let dequantized = matches!(self.fp8, Fp8Fixture::ReleaseDequantized(_));
+        let (weight, want_scale) = match name.strip_suffix(".scale") {
+            Some(stem) => (format!("{stem}.weight"), true),
+            None => (name.to_string(), false),
+        };
+        let (wshape, wfan) = self
+            .tensors()
+            .into_iter()
+            .find(|t| t.0 == weight)
+            .map(|t| (t.1, t.2))?;
+        self.fp8_block(&weight, &wshape, wfan)?;
+        let (rows, cols) = (wshape[0], wshape[1]);
+        // (codes: one E4M3 or two E2M1 to a byte; E8M0 exponents; value of a code, its scale)
+        let (codes, exps, per_row, block_rows): (Vec<u8>, Vec<u8>, usize, usize) =
+            if self.is_routed_expert(&weight) {
+                let codes = self.mxfp4_bytes(&weight, rows * cols / 2);
+                let proj = if weight.ends_with(".w2.weight") {
+                    "down_proj"
+                } else {
+                    "gate_up_proj"
+                };
+                let exps = self.mxfp4_bytes(&format!("{weight}/{proj}_scales"), rows * cols / 32);
+                (codes, exps, cols / 32, 1)
+            } else {
+                let (codes, scales) = self.fp8_draw(&weight, &wshape, wfan, b);
+                let exps = scales
+                    .iter()
+                    .map(|s| (s.log2().floor() as i32 + 127).clamp(1, 254) as u8)
+                    .collect();
+                (codes, exps, cols.div_ceil(b), b)
+            };
+        if want_scale {
+            return Some(exps);
+        }
+        if !dequantized {
+            return Some(codes);
+        }
+        // code * 2^(e - 127), computed apart from the loader's views: E2M1 by its table.
+        const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        let fp4 = self.is_routed_expert(&weight);
+        let es = self.dtype.size();
+        let mut out = vec![0u8; rows * cols * es];
+        for r in 0..rows {
+            for c in 0..cols {
+                let (v, k) = if fp4 {
+                    let nibble = codes[(r * cols + c) / 2] >> (4 * (c % 2)) & 15;
+                    let v = E2M1[(nibble & 7) as usize];
+                    (if nibble & 8 != 0 { -v } else { v }, r * per_row + c / 32)
+                } else {
+                    let v = flashpack::convert::tensor::e4m3_to_f32(codes[r * cols + c]);
+                    (v, (r / block_rows) * per_row + c / b)
+                };
+                let x = v * (exps[k] as f32 - 127.0).exp2();
+                self.dtype
+                    .write(x, &mut out[(r * cols + c) * es..(r * cols + c + 1) * es]);
+            }
+        }
+        Some(out)
     }
 
     /// FP8 codes and block scales of a weight: codes of magnitude 2^-6 .. 3.75 with a random
@@ -615,6 +717,16 @@ impl FixtureSpec {
                 "activation_scheme": "dynamic",
                 "weight_block_size": [b, b],
             });
+        }
+        if let Fp8Fixture::Release(b) = self.fp8 {
+            c["quantization_config"] = json!({
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "scale_fmt": "ue8m0",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [b, b],
+            });
+            c["expert_dtype"] = json!("fp4");
         }
         c
     }
@@ -1682,6 +1794,9 @@ impl FixtureSpec {
         if self.is_mxfp4(name) {
             return self.mxfp4_bytes(name, shape.iter().product());
         }
+        if let Some(bytes) = self.release_bytes(name) {
+            return bytes;
+        }
         if let Some(weight) = name.strip_suffix("_scale_inv") {
             let (wshape, wfan) = self
                 .tensors()
@@ -1704,7 +1819,8 @@ impl FixtureSpec {
             let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
             let blocks = Fp8Blocks {
                 scales: &scale_bytes,
-                scale_dtype: FloatDtype::F32,
+                scale: BlockScale::Float(FloatDtype::F32),
+                codes: BlockCodes::E4m3,
                 block_rows: b,
                 block_cols: b,
             };

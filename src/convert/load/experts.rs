@@ -18,7 +18,9 @@ use crate::arch::{Arch, ExpertLayout, Part, Proj, TensorRole};
 use crate::convert::quantize::{
     BiasVector, ExpertBiases, ExpertProjections, ProjSource, QuantParams, QuantizedView,
 };
-use crate::convert::tensor::{Dtype, FloatDtype, Fp8Blocks, MatrixView, PackedIntGroups};
+use crate::convert::tensor::{
+    BlockCodes, BlockScale, Dtype, FloatDtype, Fp8Blocks, MatrixView, PackedIntGroups,
+};
 use std::collections::BTreeMap;
 
 /// Names of expert tensors, by layer.
@@ -213,7 +215,8 @@ impl Checkpoint {
         })
     }
 
-    /// An FP8 weight and its `<name>_scale_inv` block scales.
+    /// An FP8 weight and its `<name>_scale_inv` block scales (DeepSeek's `.scale`, renamed at
+    /// open: `open.rs`'s `scale_companions`).
     pub(super) fn fp8_matrix<'a>(
         &'a self,
         t: TensorRef<'a>,
@@ -231,13 +234,14 @@ impl Checkpoint {
         let sn = format!("{}_scale_inv", t.name);
         let st = self.get(&sn).ok_or_else(|| LoadError::MissingTensor {
             tensor: sn.clone(),
-            hint: format!(" ({} is FP8 and needs its block scales)", t.name),
+            hint: format!(
+                " ({} is FP8 and needs its block scales: {sn}, or {}.scale in DeepSeek's own \
+                 layout)",
+                t.name,
+                t.name.strip_suffix(".weight").unwrap_or(t.name)
+            ),
         })?;
-        let sd = st.dtype.float().ok_or(LoadError::Dtype {
-            tensor: sn.clone(),
-            found: st.dtype,
-            expected: "F32, BF16 or F16 block scales",
-        })?;
+        let scale = block_scale(st)?;
         let want = [rows.div_ceil(br), cols.div_ceil(bc)];
         if bytes.len() != t.data.len() || st.shape != want {
             return Err(LoadError::Shape {
@@ -252,7 +256,8 @@ impl Checkpoint {
         }
         let blocks = Fp8Blocks {
             scales: st.data,
-            scale_dtype: sd,
+            scale,
+            codes: BlockCodes::E4m3,
             block_rows: br,
             block_cols: bc,
         };
@@ -262,6 +267,86 @@ impl Checkpoint {
             found: t.shape.to_vec(),
             why: "FP8 codes".into(),
         })
+    }
+
+    /// An expert's FP4 weight (DeepSeek's release: E2M1 codes two to a byte, I8 or U8, `[rows,
+    /// cols / 2]`) and its scales (`W.scales`, renamed from `W.scale` at open), one per 32
+    /// values of a row. E8M0 scales make it MXFP4, whose codes a pack keeps as they are
+    /// (decision 0012, as gpt-oss's); float scales are read as the values they give.
+    fn fp4_proj<'a>(
+        &'a self,
+        t: TensorRef<'a>,
+        scales: Option<&String>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<ProjSource<'a>, LoadError> {
+        let stem = t.name.strip_suffix(".weight").unwrap_or(t.name);
+        let sn = scales.ok_or_else(|| LoadError::MissingTensor {
+            tensor: format!("{stem}.scale"),
+            hint: format!(
+                " ({} is {} and is read as FP4 codes, two to a byte, which need their scales)",
+                t.name, t.dtype
+            ),
+        })?;
+        let st = self.tensor(sn)?;
+        let groups = cols.div_ceil(32);
+        if t.shape != [rows, cols.div_ceil(2)] || cols % 32 != 0 {
+            return Err(LoadError::Shape {
+                tensor: t.name.to_string(),
+                expected: vec![rows, cols / 2],
+                found: t.shape.to_vec(),
+                why: format!(
+                    "FP4 codes two to a byte of a [{rows}, {cols}] projection \
+                     (hidden_size / moe_intermediate_size in config.json, whole groups of 32)"
+                ),
+            });
+        }
+        if st.shape != [rows, groups] {
+            return Err(LoadError::Shape {
+                tensor: sn.clone(),
+                expected: vec![rows, groups],
+                found: st.shape.to_vec(),
+                why: format!("one scale per 32 values of a row of {}", t.name),
+            });
+        }
+        match block_scale(st)? {
+            BlockScale::E8m0 => {
+                let params = QuantParams::with_mode(4, 32, crate::format::QuantMode::Mxfp4)
+                    .map_err(|e| LoadError::MlxQuantization {
+                        detail: e.to_string(),
+                    })?;
+                Ok(ProjSource::Quantized(
+                    QuantizedView {
+                        rows,
+                        cols,
+                        params,
+                        scale_dtype: self.model_float_dtype(),
+                        codes: t.data,
+                        scales: st.data,
+                        biases: &[],
+                    }
+                    .checked(t.name)?,
+                ))
+            }
+            scale @ BlockScale::Float(_) => {
+                let blocks = Fp8Blocks {
+                    scales: st.data,
+                    scale,
+                    codes: BlockCodes::E2m1,
+                    block_rows: 1,
+                    block_cols: 32,
+                };
+                let m = MatrixView::fp8(rows, cols, t.data, blocks).ok_or_else(|| {
+                    LoadError::Shape {
+                        tensor: t.name.to_string(),
+                        expected: vec![rows, cols / 2],
+                        found: t.shape.to_vec(),
+                        why: "FP4 codes".into(),
+                    }
+                })?;
+                Ok(ProjSource::Float(m))
+            }
+        }
     }
 
     /// How layer `layer` stores its experts, or an error if it has none or stores them in a
@@ -628,6 +713,9 @@ impl Checkpoint {
                 self.packed_matrix(t, t.data, rows, cols)?,
             ));
         }
+        if matches!(t.dtype, Dtype::I8 | Dtype::U8) && stack.is_none() {
+            return self.fp4_proj(t, scales, rows, cols);
+        }
         if t.dtype != Dtype::U32 {
             let shape = [lead.clone(), vec![rows, cols]].concat();
             if t.shape != shape.as_slice() {
@@ -812,5 +900,19 @@ impl Checkpoint {
             }
         }
         Ok(())
+    }
+}
+
+/// How block scale tensor `st` stores its scales: E8M0 exponents (`F8_E8M0`, or `U8` as
+/// mlx-lm reads DeepSeek's `ue8m0`), or floats that are the scales.
+fn block_scale(st: TensorRef<'_>) -> Result<BlockScale, LoadError> {
+    match (st.dtype, st.dtype.float()) {
+        (Dtype::F8E8M0 | Dtype::U8, _) => Ok(BlockScale::E8m0),
+        (_, Some(d)) => Ok(BlockScale::Float(d)),
+        _ => Err(LoadError::Dtype {
+            tensor: st.name.to_string(),
+            found: st.dtype,
+            expected: "F8_E8M0 or U8 exponents (ue8m0), or F32, BF16 or F16 block scales",
+        }),
     }
 }

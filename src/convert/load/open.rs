@@ -164,6 +164,118 @@ fn packed_int_tensors(
     Ok((tensors, packed_cols))
 }
 
+/// DeepSeek's own names for block scales (its V4.1 release: `W.scale`, E8M0 exponents beside
+/// E4M3 or packed E2M1 codes in `W.weight`), renamed to those the loader reads: beside FP8
+/// codes, `W.weight_scale_inv` (the FP8 blocks of `quantization_config`'s `weight_block_size`,
+/// read by `Checkpoint::fp8_matrix` as DeepSeek-V3's are); beside FP4 codes (I8 or U8, two to
+/// a byte), `W.scales` (one per 32 values of a row: MXFP4, read by `experts.rs`). A `W.scale`
+/// beside a float weight is some other tensor and stays. Every pair is checked here, so a
+/// scale of the wrong type or shape is refused, naming it, before anything is converted.
+fn scale_companions(
+    mut tensors: BTreeMap<String, Entry>,
+    fp8_block: Option<[usize; 2]>,
+) -> Result<BTreeMap<String, Entry>, LoadError> {
+    let stems: Vec<String> = tensors
+        .keys()
+        .filter_map(|n| n.strip_suffix(".scale"))
+        .filter(|stem| {
+            tensors
+                .get(&format!("{stem}.weight"))
+                .is_some_and(|w| matches!(w.info.dtype, Dtype::F8E4M3 | Dtype::I8 | Dtype::U8))
+        })
+        .map(str::to_string)
+        .collect();
+    for stem in stems {
+        let (wn, sn) = (format!("{stem}.weight"), format!("{stem}.scale"));
+        let (wd, ws) = {
+            let w = &tensors[&wn].info;
+            (w.dtype, w.shape.clone())
+        };
+        let Some(mut e) = tensors.remove(&sn) else {
+            continue;
+        };
+        let sd = e.info.dtype;
+        if !(matches!(sd, Dtype::F8E8M0 | Dtype::U8) || sd.float().is_some()) {
+            return Err(LoadError::Dtype {
+                tensor: sn,
+                found: sd,
+                expected: "F8_E8M0 or U8 exponents (ue8m0), or F32, BF16 or F16 scales",
+            });
+        }
+        let [rows, cols] = ws[..] else {
+            return Err(LoadError::Shape {
+                tensor: wn,
+                expected: vec![0, 0],
+                found: ws,
+                why: "a 2-D weight of codes, which its .scale goes with".into(),
+            });
+        };
+        let (new, want, why) = if wd == Dtype::F8E4M3 {
+            let [br, bc] = fp8_block.ok_or_else(|| LoadError::MlxQuantization {
+                detail: format!(
+                    "{wn} is F8_E4M3 with block scales ({sn}), but config.json has no \
+                     quantization_config with quant_method \"fp8\" and its weight_block_size; \
+                     add the release's quantization_config back"
+                ),
+            })?;
+            (
+                format!("{wn}_scale_inv"),
+                vec![rows.div_ceil(br), cols.div_ceil(bc)],
+                format!(
+                    "one scale per {br} x {bc} block (quantization_config.weight_block_size) \
+                     of the FP8 codes {wn} {ws:?}"
+                ),
+            )
+        } else {
+            (
+                format!("{stem}.scales"),
+                vec![rows, (2 * cols).div_ceil(32)],
+                format!(
+                    "one scale per 32 values of a row of the FP4 codes {wn} {ws:?} (two to a \
+                     byte: {} values a row)",
+                    2 * cols
+                ),
+            )
+        };
+        if e.info.shape != want || (wd != Dtype::F8E4M3 && (2 * cols) % 32 != 0) {
+            return Err(LoadError::Shape {
+                tensor: sn,
+                expected: want,
+                found: e.info.shape.clone(),
+                why: format!(
+                    "{why}; the checkpoint is damaged or its config.json is not the one it \
+                     was released with"
+                ),
+            });
+        }
+        e.info.name = new.clone();
+        if tensors.insert(new.clone(), e).is_some() {
+            return Err(LoadError::DuplicateTensor {
+                tensor: new,
+                first: "the checkpoint".into(),
+                second: format!("{sn} read as it"),
+            });
+        }
+    }
+    // An FP8 weight without its scales stands for no values.
+    if let Some(w) = tensors.iter().find_map(|(n, e)| {
+        (e.info.dtype == Dtype::F8E4M3
+            && n.ends_with(".weight")
+            && !tensors.contains_key(&format!("{n}_scale_inv")))
+        .then_some(n)
+    }) {
+        let stem = w.strip_suffix(".weight").unwrap_or(w);
+        return Err(LoadError::MissingTensor {
+            tensor: format!("{w}_scale_inv"),
+            hint: format!(
+                " ({w} is FP8 and needs its block scales: {w}_scale_inv, or {stem}.scale in \
+                 DeepSeek's own layout; the checkpoint is incomplete)"
+            ),
+        });
+    }
+    Ok(tensors)
+}
+
 impl Checkpoint {
     /// Resolves `spec` with `resolver` and opens the folder.
     pub fn open_spec(spec: &SourceSpec, resolver: &dyn Resolver) -> Result<Checkpoint, LoadError> {
@@ -340,6 +452,7 @@ impl Checkpoint {
         let before = tensors.len();
         tensors.retain(|name, _| !mtp.holds(name));
         dropped_mtp.tensors += before - tensors.len();
+        let mut tensors = scale_companions(tensors, fp8_block)?;
         let mut packed_cols = BTreeMap::new();
         if let Some(p) = packed_int {
             (tensors, packed_cols) = packed_int_tensors(tensors, p, &shards)?;

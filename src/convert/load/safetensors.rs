@@ -282,6 +282,7 @@ fn crate_dtype(d: Dtype) -> StDtype {
         Dtype::I8 => StDtype::I8,
         Dtype::F8E4M3 => StDtype::F8_E4M3,
         Dtype::F8E5M2 => StDtype::F8_E5M2,
+        Dtype::F8E8M0 => StDtype::F8_E8M0,
         Dtype::I16 => StDtype::I16,
         Dtype::U16 => StDtype::U16,
         Dtype::F16 => StDtype::F16,

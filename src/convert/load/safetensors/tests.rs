@@ -123,10 +123,10 @@ fn names_the_tensor_of_a_malformed_entry() {
 
 #[test]
 fn rejects_a_dtype_flashpack_does_not_read() {
-    let json = r#"{"a":{"dtype":"F8_E8M0","shape":[4],"data_offsets":[0,4]}}"#;
+    let json = r#"{"a":{"dtype":"F8_E4M3FNUZ","shape":[4],"data_offsets":[0,4]}}"#;
     let e = err(json, 4);
     assert!(
-        matches!(&e, LoadError::UnsupportedDtype { tensor, dtype, .. } if tensor == "a" && dtype == "F8_E8M0"),
+        matches!(&e, LoadError::UnsupportedDtype { tensor, dtype, .. } if tensor == "a" && dtype == "F8_E4M3FNUZ"),
         "{e}"
     );
 }
