@@ -43,7 +43,11 @@ VARIANTS = {
     "50% ahead": (["--expert-budget", "50%"], {"FLASHPACK_AHEAD": "1"}),
     "25% ahead": (["--expert-budget", "25%"], {"FLASHPACK_AHEAD": "1"}),
     "12% ahead": (["--expert-budget", "12%"], {"FLASHPACK_AHEAD": "1"}),
-    # Waits for the device that sleep at once instead of polling first (the shim's spin_us).
+    # Waits for the device that poll for up to 2 ms before they sleep, against sleeping at once
+    # (the shim's spin_us, FLASHPACK_SPIN_US).
+    "resident spin": ([], {"FLASHPACK_SPIN_US": "2000"}),
+    "50% spin": (["--expert-budget", "50%"], {"FLASHPACK_SPIN_US": "2000"}),
+    "50% ahead spin": (["--expert-budget", "50%"], {"FLASHPACK_AHEAD": "1", "FLASHPACK_SPIN_US": "2000"}),
     "resident no-spin": ([], {"FLASHPACK_SPIN_US": "0"}),
     "50% no-spin": (["--expert-budget", "50%"], {"FLASHPACK_SPIN_US": "0"}),
     "50% ahead no-spin": (["--expert-budget", "50%"], {"FLASHPACK_AHEAD": "1", "FLASHPACK_SPIN_US": "0"}),

@@ -7,6 +7,8 @@
 #include "shim.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -43,6 +45,41 @@ int guard(F&& f) {
 }
 
 fp_array* wrap(mx::array a) { return new fp_array{std::move(a)}; }
+
+// How long a wait for the device polls before it sleeps, in microseconds. MLX's CUDA events
+// are made with `cudaEventBlockingSync`: a waiting thread sleeps and wakes some tens of
+// microseconds after the event, and a streamed decode waits for the device once per sparse
+// layer (its routing). Polling the array's event first (`is_available`) wakes at once.
+// `FLASHPACK_SPIN_US` sets it; off (0: sleep at once) until measured on a GPU, and never
+// where the default device is the CPU, whose backend's kernels need the core a polling
+// thread would take.
+long spin_us() {
+  static const long us = [] {
+    if (mx::default_device() != mx::Device::gpu) return 0L;
+    const char* v = std::getenv("FLASHPACK_SPIN_US");
+    return v ? std::max(0L, std::atol(v)) : 0L;
+  }();
+  return us;
+}
+
+// Waits for arrays already scheduled (or evaluated), polling first (see `spin_us`).
+void wait_all(const std::vector<mx::array>& v) {
+  const long limit = spin_us();
+  if (limit > 0) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(limit);
+    for (const auto& x : v) {
+      while (!x.is_available() && std::chrono::steady_clock::now() < until) {
+      }
+    }
+  }
+  for (auto x : v) x.wait();
+}
+
+// `mx::eval`, with the wait of `wait_all`.
+void eval_and_wait(std::vector<mx::array> v) {
+  mx::async_eval(v);
+  wait_all(v);
+}
 
 mx::Dtype to_dtype(int code) {
   switch (code) {
@@ -199,7 +236,7 @@ int fp_read(fp_array* a, void* out, size_t nbytes) {
       if (nbytes > 0) std::memcpy(out, c.data<void>(), nbytes);
       return;
     }
-    x.eval();
+    eval_and_wait({x});
     if (nbytes == 0) return;
     const char* base = x.data<char>();
     if (x.flags().row_contiguous) {
@@ -238,7 +275,7 @@ int fp_eval(fp_array* const* arrays, size_t n) {
     std::vector<mx::array> v;
     v.reserve(n);
     for (size_t i = 0; i < n; ++i) v.push_back(arrays[i]->a);
-    mx::eval(std::move(v));
+    eval_and_wait(std::move(v));
   });
 }
 
