@@ -115,8 +115,9 @@ fn the_anthropic_and_openai_sdks_use_messages_tools_and_keys() {
     }
 }
 
-/// Anthropic's error objects on what no SDK sends: broken JSON, a wrong content type, an
-/// unknown path, a missing or wrong key (401 `authentication_error`), the body too large.
+/// Anthropic's error objects on what no SDK sends: broken JSON, fields of the wrong type, an
+/// unknown path, a missing or wrong key (401 `authentication_error`), the body too large; the key
+/// as a bearer token and on OpenAI's endpoints; a request shaped as Claude Code sends them.
 #[test]
 fn malformed_requests_to_messages_get_anthropic_error_objects() {
     let server = Server::start(
@@ -187,6 +188,35 @@ fn malformed_requests_to_messages_get_anthropic_error_objects() {
     assert_eq!(v["type"], "message");
     let r = request(server.addr, "GET", "/v1/models", &key, b"");
     assert_eq!(r.status, 200, "{}", r.text());
+    // What Claude Code sends as a matter of course: a query string, its headers, system blocks
+    // with cache_control, metadata, a server tool beside its own, another model's name.
+    let claude = json!({
+        "model": "claude-sonnet-4-5", "max_tokens": 2, "stream": false,
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                  {"name": "Bash", "description": "Runs a command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": false},
+        "metadata": {"user_id": "user_x"},
+    });
+    let headers = [
+        ("x-api-key", "k1"),
+        ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "claude-code-20250219"),
+    ];
+    let r = request(
+        server.addr,
+        "POST",
+        "/v1/messages?beta=true",
+        &headers,
+        claude.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["model"].as_str(), v["usage"]["output_tokens"].as_u64()),
+        (Some("agents"), Some(2))
+    );
     // OpenAI's endpoints keep OpenAI's error shape.
     let r = request(server.addr, "GET", "/v1/models", &[], b"");
     assert_eq!(r.status, 401);

@@ -264,12 +264,11 @@ pub fn parse_messages(
         convert(i, m, &mut messages)?;
     }
     let mut tools = Vec::new();
-    for (i, t) in b.tools.iter().flatten().enumerate() {
+    for t in b.tools.iter().flatten() {
+        // Anthropic's server tools (`web_search_20250305`, ...) run on Anthropic's side; this
+        // server has none, so they are left out rather than failing an agent's request.
         if t.kind.as_deref().is_some_and(|k| k != "custom") {
-            return Err(invalid(
-                "tools",
-                format!("tools.{i}: {:?} is a server tool, which this server does not run; give client tools (name, description, input_schema)", t.kind.as_deref().unwrap_or("")),
-            ));
+            continue;
         }
         let mut f = json!({"name": t.name, "parameters": t.input_schema.clone().unwrap_or(json!({"type": "object", "properties": {}}))});
         if let Some(d) = &t.description {
@@ -315,16 +314,9 @@ pub fn parse_messages(
                 "max_tokens: ask for at least 1 token",
             ))
         }
-        Some(n) if n > limits.max_tokens as u64 => {
-            return Err(invalid(
-                "max_tokens",
-                format!(
-                    "max_tokens: {n} > {}, which is the maximum allowed by this server",
-                    limits.max_tokens
-                ),
-            ))
-        }
-        Some(n) => n as usize,
+        // Agents send a fixed budget (Claude Code 32,000 and more): the server's limit caps it,
+        // as the context caps every answer, rather than refusing the request.
+        Some(n) => n.min(limits.max_tokens as u64) as usize,
     };
     let temperature = b.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=1.0).contains(&temperature)) {

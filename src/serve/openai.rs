@@ -5,7 +5,9 @@
 //! chunks and usage from engine [`Completion`]s and [`Piece`]s.
 //! Invariant: nothing a client sends can panic here; every refusal names the field and the
 //! accepted values. Unknown fields are ignored, as OpenAI's own server and mlx-lm's do, since
-//! clients send options (penalties, user, tools) that do not change what a local model does.
+//! clients send options (penalties, user) that do not change what a local model does. Tools,
+//! `tool_choice`, assistant `tool_calls` and `tool` messages go to the template; calls in the
+//! answer come back as `tool_calls` (`tools.rs` reads them).
 
 use serde::Deserialize;
 use serde_json::{json, Value};

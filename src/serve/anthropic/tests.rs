@@ -74,6 +74,11 @@ fn a_messages_request_becomes_the_templates_conversation() {
     // count_tokens takes the body without max_tokens.
     let count = r#"{"messages":[{"role":"user","content":"x"}]}"#;
     assert!(parse_messages(count.as_bytes(), &LIMITS, PACK, true).is_ok());
+    // A budget past the server's limit is capped; server tools are left out.
+    let big = r#"{"max_tokens":100000,"messages":[{"role":"user","content":"x"}],"tools":[{"type":"web_search_20250305","name":"web_search"},{"type":"custom","name":"f","input_schema":{}}]}"#;
+    let b = parse(big).unwrap();
+    assert_eq!(b.request.max_tokens, LIMITS.max_tokens);
+    assert_eq!(b.render.tools.unwrap()[0]["function"]["name"], "f");
     let none = r#"{"max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[{"name":"f","input_schema":{}}],"tool_choice":{"type":"none"}}"#;
     assert!(!parse(none).unwrap().parse_tools);
 }
@@ -89,7 +94,6 @@ fn bad_messages_requests_are_invalid_request_errors() {
         r#"{"max_tokens":5,"messages":[{"role":"assistant","content":[{"type":"tool_use","name":"f"}]}]}"#,
         r#"{"max_tokens":5,"messages":[{"role":"user","content":"x"}],"temperature":1.5}"#,
         r#"{"max_tokens":5,"messages":[{"role":"user","content":"x"}],"tool_choice":{"type":"tool","name":"g"},"tools":[{"name":"f"}]}"#,
-        r#"{"max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
         r#"{"max_tokens":5,"messages":[{"role":"user","content":"x"}],"thinking":{"type":"maybe"}}"#,
         r#"{"max_tokens":0,"messages":[{"role":"user","content":"x"}]}"#,
         r#"{"max_tokens":"5","messages":[{"role":"user","content":"x"}]}"#,
