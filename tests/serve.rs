@@ -448,13 +448,25 @@ fn malformed_requests_get_openai_errors_and_never_crash_the_server() {
     });
     let good_completion =
         json!({"model": "serve-tests", "prompt": "The", "max_tokens": 2, "logprobs": 1});
+    // Anthropic's endpoint, with tools and a tool round trip: its errors have the same
+    // `error.type` and `error.message`.
+    let good_messages = json!({
+        "model": "serve-tests", "max_tokens": 2, "system": "Be brief.",
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "2"}]},
+        ],
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "auto"}, "stop_sequences": ["\n"], "temperature": 0.5,
+    });
     let mut rng = Rng(0x5EED_F00D);
     let mut statuses = std::collections::BTreeMap::new();
     for case in 0..300 {
-        let (path, good) = if case % 2 == 0 {
-            ("/v1/chat/completions", &good_chat)
-        } else {
-            ("/v1/completions", &good_completion)
+        let (path, good) = match case % 3 {
+            0 => ("/v1/chat/completions", &good_chat),
+            1 => ("/v1/completions", &good_completion),
+            _ => ("/v1/messages", &good_messages),
         };
         let body: Vec<u8> = match rng.below(5) {
             // A field of the wrong type (or a nested one).

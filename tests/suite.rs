@@ -25,6 +25,7 @@ mod cli_inspect_verify;
 mod compressed_tensors;
 mod hub;
 mod serve;
+mod serve_agents;
 
 // The runtime and quality on the bundled model.
 mod engine;

@@ -6,10 +6,14 @@
 //! with `<|start|>`; a header names the channel after `<|channel|>` (`analysis`, `commentary`,
 //! `final`), and may name a recipient (` to=functions.x`) or a format (`<|constrain|>json`).
 //! Out: per piece of text, what belongs to the `final` channel (the answer) and what belongs to
-//! the others (reasoning, tool-call preambles). Invariant: no text is dropped but the framing
+//! the others (reasoning, tool-call preambles); a message to a function (a tool call) goes to the
+//! answer whole, as `<|start|>assistant{header}<|message|>{body}<|call|>`, for `serve` to parse. Invariant: no text is dropped but the framing
 //! (headers and markers); a body never ends inside a marker that a later piece completes;
 //! what was given out is never taken back. docs/decisions/0011-harmony-output.md says how
 //! `run`, `chat` and `serve` show the two parts.
+
+/// What ends a message to a function, in the answer given out for it.
+const CALL_END: &str = "<|call|>";
 
 /// Tokens that end a message's body.
 const BODY_ENDS: [&str; 3] = ["<|end|>", "<|return|>", "<|call|>"];
@@ -27,8 +31,10 @@ pub struct Split {
 enum State {
     /// Reading a header, up to `<|message|>`.
     Header,
-    /// Reading a body of the `final` channel (true) or of another.
-    Body { answer: bool },
+    /// Reading a body of the `final` channel (true) or of another; `call`: a message to a
+    /// function (` to=functions.x`), which goes to the answer framed as harmony writes it, for
+    /// a server to parse into a tool call (`serve/tools.rs`).
+    Body { answer: bool, call: bool },
 }
 
 /// Splits streamed harmony text into channels.
@@ -66,11 +72,18 @@ impl Harmony {
                         return out;
                     };
                     let header = &self.held[..at];
-                    let answer = channel(header) == Some("final");
+                    let call = header.contains("to=functions.");
+                    let answer = call || channel(header) == Some("final");
+                    if call {
+                        // After `<|end|><|start|>` the header begins with the role.
+                        let header = header.strip_prefix("assistant").unwrap_or(header);
+                        out.answer
+                            .push_str(&format!("<|start|>assistant{header}<|message|>"));
+                    }
                     self.held.drain(..at + "<|message|>".len());
-                    self.state = State::Body { answer };
+                    self.state = State::Body { answer, call };
                 }
-                State::Body { answer } => {
+                State::Body { answer, call } => {
                     let end = BODY_ENDS
                         .iter()
                         .filter_map(|m| self.held.find(m).map(|at| (at, m.len())))
@@ -97,6 +110,9 @@ impl Harmony {
                     };
                     if answer {
                         out.answer.push_str(&body);
+                        if call && rest {
+                            out.answer.push_str(CALL_END);
+                        }
                     } else {
                         out.reasoning.push_str(&body);
                     }
@@ -115,7 +131,11 @@ impl Harmony {
     pub fn finish(&mut self) -> Split {
         let rest = std::mem::take(&mut self.held);
         match self.state {
-            State::Body { answer: false } => Split {
+            State::Body { call: true, .. } => Split {
+                answer: format!("{rest}{CALL_END}"),
+                reasoning: String::new(),
+            },
+            State::Body { answer: false, .. } => Split {
                 answer: String::new(),
                 reasoning: rest,
             },
@@ -216,17 +236,32 @@ mod tests {
         assert_eq!(h.finish(), Split::default());
     }
 
-    /// A tool call goes to the commentary channel: not the answer. Text with no harmony
-    /// framing at all is the answer.
+    /// A tool call (a message to `functions.x`) goes to the answer framed as harmony writes
+    /// it, ended by `<|call|>` whether or not the text has it (it is an end-of-sequence token);
+    /// a preamble in the commentary channel stays reasoning. Text with no harmony framing at
+    /// all is the answer.
     #[test]
-    fn tool_calls_are_not_the_answer_and_plain_text_is() {
-        let call = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>\
-                    {\"city\": \"Paris\"}<|call|>";
+    fn tool_calls_go_to_the_answer_framed_and_plain_text_is_the_answer() {
+        let header = "<|channel|>commentary to=functions.get_weather <|constrain|>json";
+        let call = format!("{header}<|message|>{{\"city\": \"Paris\"}}");
+        let framed = format!("<|start|>assistant{call}<|call|>");
+        for text in [call.clone(), format!("{call}<|call|>")] {
+            let pieces: Vec<String> = text.chars().map(String::from).collect();
+            let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            assert_eq!(
+                split_all(&pieces),
+                Split {
+                    answer: framed.clone(),
+                    reasoning: String::new(),
+                }
+            );
+        }
+        let preamble = "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant";
         assert_eq!(
-            split_all(&[call]),
+            split_all(&[preamble, &call]),
             Split {
-                answer: String::new(),
-                reasoning: "{\"city\": \"Paris\"}".into(),
+                answer: framed,
+                reasoning: "Checking.".into(),
             }
         );
         assert_eq!(split_all(&["just text"]).answer, "just text");

@@ -20,11 +20,21 @@ use minijinja::{Error, ErrorKind};
 
 use crate::format::Pack;
 
-/// One message of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// One message of a conversation, as Hugging Face templates read it: `role` and `content`,
+/// and for tool use (absent otherwise, so a template's `message.tool_calls is defined` is false)
+/// an assistant's `tool_calls` (`[{"id", "type": "function", "function": {"name",
+/// "arguments"}}]`, the arguments an object where they are one: GLM's and Qwen3-Coder's
+/// templates iterate them) and a tool result's `tool_call_id` and `name`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -32,8 +42,19 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            ..Message::default()
         }
     }
+}
+
+/// What a template is rendered with beyond the messages: the tools a model may call (OpenAI's
+/// `[{"type": "function", "function": {"name", "description", "parameters"}}]`, the shape
+/// transformers passes as `tools`), and the reasoning switch (`enable_thinking`, Qwen3's and
+/// GLM's name for it), passed only when set, since templates test `enable_thinking is defined`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderOptions {
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub enable_thinking: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +71,18 @@ pub enum TemplateError {
 /// rendered trimmed after `Assistant: `, which is the text the model generated after
 /// `Assistant:` (its first token carries the space), so the next turn's prompt starts with the
 /// tokens already in the KV cache.
-/// [`PLAIN_STOP`] ends an answer where the model starts the user's next line.
-pub const PLAIN_TEMPLATE: &str = "{% for m in messages %}\
+/// [`PLAIN_STOP`] ends an answer where the model starts the user's next line. Tools, an
+/// answer's tool calls and tool results get a line each (`Tools: a b`, `[call NAME {...}]`,
+/// `Tool result: ...`), so a conversation with tools still shows the model what happened.
+pub const PLAIN_TEMPLATE: &str = "{% if tools %}Tools:{% for t in tools %} \
+{{ t.function.name }}{% endfor %}{{ '\\n\\n' }}{% endif %}{% for m in messages %}\
 {% if m.role == 'system' %}{{ m.content }}\n\n\
 {% elif m.role == 'user' %}User: {{ m.content }}\n\
-{% else %}Assistant: {{ m.content | trim }}\n{% endif %}\
+{% elif m.role == 'tool' %}Tool result: {{ m.content }}\n\
+{% else %}Assistant: {{ m.content | trim }}\
+{% for c in m.tool_calls or [] %}{% if m.content | trim or not loop.first %} {% endif %}\
+[call {{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}{{ '\\n' }}\
+{% endif %}\
 {% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}";
 
 /// The stop string that goes with [`PLAIN_TEMPLATE`].
@@ -139,8 +167,27 @@ impl ChatTemplate {
         }
     }
 
+    /// Whether the template has a reasoning switch (`enable_thinking`: Qwen3, GLM-4.5).
+    pub fn has_thinking_switch(&self) -> bool {
+        !self.plain && self.source.contains("enable_thinking")
+    }
+
+    /// The template's text (the plain transcript's for a pack without one).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The prompt text for `messages`, ending with the assistant's turn.
     pub fn render(&self, messages: &[Message]) -> Result<String, TemplateError> {
+        self.render_with(messages, &RenderOptions::default())
+    }
+
+    /// [`ChatTemplate::render`] with tools and the reasoning switch.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        opts: &RenderOptions,
+    ) -> Result<String, TemplateError> {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -153,12 +200,17 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template("chat", &self.source)
             .map_err(TemplateError::Parse)?;
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        };
+        let mut ctx = std::collections::BTreeMap::new();
+        ctx.insert("messages", Value::from_serialize(messages));
+        ctx.insert("add_generation_prompt", Value::from(true));
+        ctx.insert("bos_token", Value::from(self.bos.as_str()));
+        ctx.insert("eos_token", Value::from(self.eos.as_str()));
+        if let Some(tools) = opts.tools.as_ref().filter(|t| !t.is_empty()) {
+            ctx.insert("tools", Value::from_serialize(tools));
+        }
+        if let Some(on) = opts.enable_thinking {
+            ctx.insert("enable_thinking", Value::from(on));
+        }
         env.get_template("chat")
             .and_then(|t| t.render(ctx))
             .map_err(TemplateError::Render)
@@ -481,6 +533,59 @@ mod tests {
             Arch::DeepseekV32.def().chat_template
         );
     }
+
+    /// Qwen3's template (fixtures/templates/Qwen-Qwen3-chat_template.jinja) with tools, an
+    /// answer's tool call, the tool's result and `enable_thinking` false renders as transformers
+    /// renders it (the expected text is jinja2's with transformers' settings; the tools' keys in
+    /// serde_json's sorted order, which is the order flashpack passes them in).
+    #[test]
+    fn qwen3_template_renders_tools_calls_results_and_the_thinking_switch() {
+        let t =
+            ChatTemplate::from_source(&fixture_template("Qwen-Qwen3-chat_template.jinja"), "", "");
+        assert!(t.has_thinking_switch() && !plain().has_thinking_switch());
+        let tools = vec![serde_json::json!({"type": "function", "function": {
+            "name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }})];
+        let mut call = Message::new("assistant", "");
+        call.tool_calls = Some(vec![serde_json::json!({"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}})]);
+        let mut result = Message::new("tool", "20 C");
+        result.tool_call_id = Some("call_1".into());
+        let messages = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Weather in Zürich?"),
+            call,
+            result,
+        ];
+        let opts = RenderOptions {
+            tools: Some(tools),
+            enable_thinking: Some(false),
+        };
+        assert_eq!(t.render_with(&messages, &opts).unwrap(), EXPECTED);
+        // Without options the template sees neither (`enable_thinking is defined` is false).
+        assert!(t
+            .render(&messages[..2])
+            .unwrap()
+            .ends_with("<|im_start|>assistant\n"));
+        // The plain transcript shows tools, calls and results as lines.
+        let plain_text = plain()
+            .render_with(
+                &messages,
+                &RenderOptions {
+                    tools: opts.tools.clone(),
+                    enable_thinking: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            plain_text,
+            "Tools: get_weather\n\nBe brief.\n\nUser: Weather in Zürich?\nAssistant: \
+             [call get_weather {\"city\": \"Zürich\"}]\nTool result: 20 C\nAssistant:"
+        );
+    }
+
+    const EXPECTED: &str = "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{\"function\": {\"description\": \"Weather\", \"name\": \"get_weather\", \"parameters\": {\"properties\": {\"city\": {\"type\": \"string\"}}, \"type\": \"object\"}}, \"type\": \"function\"}\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nWeather in Zürich?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n20 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n";
 
     /// `tojson` writes what Python's `json.dumps` writes; `.items()` works on mappings.
     #[test]

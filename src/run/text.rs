@@ -70,6 +70,8 @@ pub struct StopScan {
     stops: Vec<String>,
     text: String,
     sent: usize,
+    /// The stop string that ended the text, once one has.
+    matched: Option<String>,
 }
 
 impl StopScan {
@@ -79,7 +81,13 @@ impl StopScan {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             text: String::new(),
             sent: 0,
+            matched: None,
         }
+    }
+
+    /// The stop string that ended the text (Anthropic's `stop_sequence`), if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     pub fn push(&mut self, piece: &str) -> Scan {
@@ -94,7 +102,8 @@ impl StopScan {
                     .map(|i| (i, std::cmp::Reverse(s.len())))
             })
             .min();
-        if let Some((i, _)) = hit {
+        if let Some((i, std::cmp::Reverse(len))) = hit {
+            self.matched = Some(rest[i..i + len].to_string());
             let out = rest[..i].to_string();
             self.sent = self.text.len();
             return Scan::Stop(out);

@@ -1,8 +1,10 @@
 //! `flashpack serve`: an OpenAI-compatible HTTP server over one [`crate::run::engine::Engine`].
 //!
 //! In: HTTP requests on `/v1/chat/completions`, `/v1/completions` (both streaming as
-//! server-sent events, ending `data: [DONE]`, or not), `/v1/models` and `/health`. Out: OpenAI's
-//! response and error objects.
+//! server-sent events, ending `data: [DONE]`, or not), `/v1/models` and `/health`, and
+//! Anthropic's `/v1/messages` (streamed as its named events) and `/v1/messages/count_tokens`.
+//! Out: OpenAI's response and error objects, and Anthropic's on its paths (`anthropic.rs`);
+//! tool calls read from the answer in the pack's format (`tools.rs`).
 //! Invariant: requests queue for the one engine thread (`worker.rs`) in arrival order, at most
 //! `max_queue` waiting (then 429 with Retry-After); a client that goes away stops its
 //! generation at the next token (in the prefill, at the next layer); one that half-closes
@@ -12,12 +14,14 @@
 //! Safety limits: bound to 127.0.0.1 unless told otherwise; bound to loopback, a `Host` that
 //! is not a local name gets 403, and without an API key so does an `Origin` that is not local
 //! (docs/decisions/0017-serve-host-and-origin.md); with an API key every request without it
-//! gets 401; completions must be `application/json` (415); bodies over `max_body_bytes` get
+//! (`Authorization: Bearer KEY` or Anthropic's `x-api-key: KEY`) gets 401; completions must be `application/json` (415); bodies over `max_body_bytes` get
 //! 413, prompts over the limit 400;
 //! a connection that sends no complete request head within `idle_timeout` (a new connection,
 //! or a kept-alive one between requests) is closed, and so is one whose body stalls that long.
 
+pub mod anthropic;
 pub mod openai;
+pub mod tools;
 pub mod worker;
 
 use std::convert::Infallible;
@@ -38,7 +42,9 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::run::engine::EngineOptions;
+use anthropic::{MessageResponder, PackTraits};
 use openai::{ApiError, Endpoint, Limits, Parsed, Responder};
+use tools::ToolFormat;
 use worker::{Counters, Event, Job, WorkerOptions};
 
 /// Why the server could not start.
@@ -108,6 +114,8 @@ const MAX_CONNECTIONS: usize = 512;
 struct Shared {
     opts: ServeOptions,
     limits: Limits,
+    tool_format: ToolFormat,
+    pack: PackTraits,
     jobs: mpsc::Sender<Job>,
     counters: Arc<Counters>,
     requests: AtomicU64,
@@ -152,6 +160,10 @@ pub fn serve(opts: ServeOptions, on_listen: impl FnOnce(SocketAddr)) -> Result<(
     let shared = Arc::new(Shared {
         opts: opts.clone(),
         limits,
+        tool_format: ready.tool_format,
+        pack: PackTraits {
+            thinking_switch: ready.thinking_switch,
+        },
         jobs: jobs_tx,
         counters,
         requests: AtomicU64::new(0),
@@ -241,6 +253,8 @@ fn router(shared: Arc<Shared>, origins: Arc<LocalNames>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         // A catch-all: model ids may hold slashes (`org/model`).
         .route("/v1/models/{*id}", get(model))
@@ -307,9 +321,59 @@ async fn local_only(
     req: HttpRequest,
     next: Next,
 ) -> Response {
+    let anthropic = is_anthropic(&req);
     match names.refusal(req.headers()) {
+        Some(refused) if anthropic => reshape(refused).await,
         Some(refused) => refused,
         None => next.run(req).await,
+    }
+}
+
+/// Whether a request is for Anthropic's API, whose errors take its shape.
+fn is_anthropic(req: &HttpRequest) -> bool {
+    req.uri().path().starts_with("/v1/messages")
+}
+
+/// An error response in OpenAI's shape, rewritten in Anthropic's (same status).
+async fn reshape(resp: Response) -> Response {
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let e = ApiError::invalid(None, message).status(parts.status.as_u16());
+    let mut out = (parts.status, axum::Json(anthropic::error_body(&e))).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// An error of the Anthropic endpoints.
+struct AnthropicError(ApiError);
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (status, axum::Json(anthropic::error_body(&e))).into_response();
+        if let Some(s) = e.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> AnthropicError {
+        AnthropicError(e)
     }
 }
 
@@ -372,27 +436,38 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// With `--api-key`, every request must carry `Authorization: Bearer KEY`.
+/// With `--api-key`, every request must carry the key: `Authorization: Bearer KEY` (OpenAI's
+/// clients) or `x-api-key: KEY` (Anthropic's), on every endpoint.
 async fn auth(State(shared): State<Arc<Shared>>, req: HttpRequest, next: Next) -> Response {
     if let Some(key) = &shared.opts.api_key {
-        let given = req
-            .headers()
+        let headers = req.headers();
+        let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim_start().split_once(' '))
             // RFC 7235 §2.1: the scheme is case-insensitive.
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-            return ApiError {
+        let x_api_key = headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim);
+        let right =
+            |g: Option<&str>| g.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
+        if !(right(bearer) | right(x_api_key)) {
+            let e = ApiError {
                 status: 401,
-                message: "a valid API key is needed: send `Authorization: Bearer KEY` with the server's --api-key".into(),
+                message: "a valid API key is needed: send `Authorization: Bearer KEY` or `x-api-key: KEY` with the server's --api-key".into(),
                 kind: "invalid_request_error",
                 param: None,
                 code: Some("invalid_api_key"),
                 retry_after_s: None,
-            }
-            .into_response();
+            };
+            return if is_anthropic(&req) {
+                AnthropicError(e).into_response()
+            } else {
+                e.into_response()
+            };
         }
     }
     next.run(req).await
@@ -403,29 +478,40 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn not_found(req: HttpRequest) -> ApiError {
-    ApiError::invalid(
+async fn not_found(req: HttpRequest) -> Response {
+    let e = ApiError::invalid(
         None,
         format!(
-            "no endpoint {} {}: this server has /v1/chat/completions, /v1/completions, /v1/models and /health",
+            "no endpoint {} {}: this server has /v1/chat/completions, /v1/completions, /v1/messages, /v1/messages/count_tokens, /v1/models and /health",
             req.method(),
             req.uri().path()
         ),
     )
     .status(404)
-    .with_code("unknown_url")
+    .with_code("unknown_url");
+    in_shape_of(&req, e)
 }
 
-async fn method_not_allowed(req: HttpRequest) -> ApiError {
-    ApiError::invalid(
+async fn method_not_allowed(req: HttpRequest) -> Response {
+    let e = ApiError::invalid(
         None,
         format!(
-            "{} is not allowed on {}: completions take POST, models and health GET",
+            "{} is not allowed on {}: completions and messages take POST, models and health GET",
             req.method(),
             req.uri().path()
         ),
     )
-    .status(405)
+    .status(405);
+    in_shape_of(&req, e)
+}
+
+/// `e` in the shape of the API `req` was for.
+fn in_shape_of(req: &HttpRequest, e: ApiError) -> Response {
+    if is_anthropic(req) {
+        AnthropicError(e).into_response()
+    } else {
+        e.into_response()
+    }
 }
 
 fn model_object(shared: &Shared) -> Value {
@@ -579,11 +665,56 @@ async fn respond(
         Endpoint::Completion => openai::parse_completion(&body, &shared.limits)?,
     };
     check_model(&shared, parsed.model.as_deref())?;
+    let chat = endpoint == Endpoint::Chat;
+    let (n, rx, _) = submit(&shared, &parsed, chat, false).await?;
+    let mut responder = Responder::new(endpoint, n, &shared.opts.model, parsed.include_usage);
+    if chat && parsed.parse_tools {
+        let tools = parsed.render.tools.clone().unwrap_or_default();
+        responder = responder.with_tools(shared.tool_format, tools);
+    }
+    let logprobs = parsed.request.logprobs.is_some();
+    if parsed.stream {
+        Ok(stream_response(rx, responder, logprobs))
+    } else {
+        let mut rx = rx;
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Piece(p) => text.push_str(&p.text),
+                Event::Done(c) => {
+                    debug_assert_eq!(text, c.text);
+                    return Ok(axum::Json(responder.full(&c, logprobs)).into_response());
+                }
+                Event::Error(e) => return Err(e),
+                Event::Started { .. } => {}
+            }
+        }
+        Err(ApiError::server("the engine stopped before finishing"))
+    }
+}
+
+/// The prompt's size, and how much of it the KV cache gives, once the engine has taken it.
+struct Taken {
+    prompt_tokens: usize,
+    cached_tokens: usize,
+}
+
+/// Queues a job for `parsed` and waits for the engine to take its prompt (or refuse it): the
+/// request's number, its event channel, and the prompt's size. Refusals are plain 4xx
+/// responses, not a stream that starts and fails.
+async fn submit(
+    shared: &Shared,
+    parsed: &Parsed,
+    chat: bool,
+    count_only: bool,
+) -> Result<(u64, mpsc::UnboundedReceiver<Event>, Taken), ApiError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let job = Job {
         prompt: parsed.prompt.clone(),
         request: parsed.request.clone(),
-        chat: endpoint == Endpoint::Chat,
+        chat,
+        render: parsed.render.clone(),
+        count_only,
         events: tx,
     };
     shared.counters.queued.fetch_add(1, Ordering::Relaxed);
@@ -607,32 +738,125 @@ async fn respond(
         });
     }
     let n = shared.requests.fetch_add(1, Ordering::Relaxed);
-    let responder = Responder::new(endpoint, n, &shared.opts.model, parsed.include_usage);
-    let logprobs = parsed.request.logprobs.is_some();
-    // The first event says whether the prompt was taken: refusals are plain 4xx responses,
-    // not a stream that starts and fails.
     match rx.recv().await {
-        Some(Event::Started { .. }) => {}
-        Some(Event::Error(e)) => return Err(e),
-        Some(_) | None => return Err(ApiError::server("the engine stopped before answering")),
+        Some(Event::Started {
+            prompt_tokens,
+            cached_tokens,
+        }) => Ok((
+            n,
+            rx,
+            Taken {
+                prompt_tokens,
+                cached_tokens,
+            },
+        )),
+        Some(Event::Error(e)) => Err(e),
+        Some(_) | None => Err(ApiError::server("the engine stopped before answering")),
     }
+}
+
+/// Anthropic's `/v1/messages`.
+async fn messages(State(shared): State<Arc<Shared>>, req: HttpRequest) -> Response {
+    anthropic_messages(shared, req, false)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Anthropic's `/v1/messages/count_tokens`: the rendered prompt's tokens, `{"input_tokens"}`.
+async fn count_tokens(State(shared): State<Arc<Shared>>, req: HttpRequest) -> Response {
+    anthropic_messages(shared, req, true)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn anthropic_messages(
+    shared: Arc<Shared>,
+    req: HttpRequest,
+    count: bool,
+) -> Result<Response, AnthropicError> {
+    check_json(&req)?;
+    let body = read_body(&shared, req).await?;
+    // Any `model` is served by the one pack: Claude Code names Claude models (its main and its
+    // small fast one) unless told otherwise, and the answer names the model that gave it.
+    let parsed = anthropic::parse_messages(&body, &shared.limits, shared.pack, count)?;
+    let (n, mut rx, taken) =
+        submit(&shared, &parsed, true, count)
+            .await
+            .map_err(|e| match e.code {
+                // Anthropic's word for a server that cannot take more now.
+                Some("queue_full") => e.status(529),
+                _ => e,
+            })?;
+    if count {
+        return Ok(axum::Json(json!({"input_tokens": taken.prompt_tokens})).into_response());
+    }
+    let responder = MessageResponder::new(n, &shared.opts.model, &parsed, shared.tool_format);
     if parsed.stream {
-        Ok(stream_response(rx, responder, logprobs))
-    } else {
-        let mut text = String::new();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Piece(p) => text.push_str(&p.text),
-                Event::Done(c) => {
-                    debug_assert_eq!(text, c.text);
-                    return Ok(axum::Json(responder.full(&c, logprobs)).into_response());
-                }
-                Event::Error(e) => return Err(e),
-                Event::Started { .. } => {}
-            }
-        }
-        Err(ApiError::server("the engine stopped before finishing"))
+        let first = responder.start(taken.prompt_tokens, taken.cached_tokens);
+        return Ok(anthropic_stream(rx, responder, first));
     }
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Done(c) => return Ok(axum::Json(responder.full(&c)).into_response()),
+            Event::Error(e) => return Err(e.into()),
+            Event::Piece(_) | Event::Started { .. } => {}
+        }
+    }
+    Err(ApiError::server("the engine stopped before finishing").into())
+}
+
+/// Anthropic's stream: named events (`event: NAME` then `data: JSON`), from `message_start`
+/// to `message_stop`; an error after the start is an `error` event. As with OpenAI's stream,
+/// a comment every second during the prefill finds a client that went away.
+fn anthropic_stream(
+    rx: mpsc::UnboundedReceiver<Event>,
+    responder: MessageResponder,
+    first: Vec<(&'static str, Value)>,
+) -> Response {
+    let mut queued = first;
+    queued.reverse();
+    let state = (rx, responder, queued, false);
+    let events =
+        futures_util::stream::unfold(state, |(mut rx, mut r, mut queued, done)| async move {
+            loop {
+                if let Some((name, v)) = queued.pop() {
+                    let ev = SseEvent::default().event(name).data(v.to_string());
+                    return Some((Ok::<_, Infallible>(ev), (rx, r, queued, done)));
+                }
+                if done {
+                    return None;
+                }
+                let mut next = match rx.recv().await {
+                    Some(Event::Piece(p)) => r.piece(&p),
+                    Some(Event::Done(c)) => {
+                        let end = r.end(&c);
+                        queued = end;
+                        queued.reverse();
+                        return queued.pop().map(|(name, v)| {
+                            let ev = SseEvent::default().event(name).data(v.to_string());
+                            (Ok(ev), (rx, r, queued, true))
+                        });
+                    }
+                    Some(Event::Error(e)) => {
+                        vec![("error", anthropic::error_body(&e))]
+                    }
+                    Some(Event::Started { .. }) | None => return None,
+                };
+                let is_error = next.first().is_some_and(|(n, _)| *n == "error");
+                next.reverse();
+                queued = next;
+                if is_error {
+                    let (name, v) = queued.pop()?;
+                    let ev = SseEvent::default().event(name).data(v.to_string());
+                    return Some((Ok(ev), (rx, r, Vec::new(), true)));
+                }
+            }
+        });
+    let keep_alive = axum::response::sse::KeepAlive::new().interval(Duration::from_secs(1));
+    let mut resp = Sse::new(events).keep_alive(keep_alive).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 /// Server-sent events: a role chunk (chat), one chunk per text piece, the finish chunk, usage
@@ -647,25 +871,28 @@ fn stream_response(
     let state = (rx, responder, first, false);
     let events =
         futures_util::stream::unfold(state, move |(mut rx, mut r, mut queued, done)| async move {
-            if let Some(v) = queued.pop() {
-                return Some((data(&v), (rx, r, queued, done)));
-            }
-            if done {
-                return None;
-            }
-            match rx.recv().await {
-                Some(Event::Piece(p)) => {
-                    let v = r.piece_chunk(&p, logprobs);
-                    Some((data(&v), (rx, r, queued, false)))
+            loop {
+                if let Some(v) = queued.pop() {
+                    return Some((data(&v), (rx, r, queued, done)));
                 }
-                Some(Event::Done(c)) => {
-                    let mut end = r.end_chunks(&c);
-                    end.reverse();
-                    let first = end.pop().unwrap_or(Value::Null);
-                    Some((data(&first), (rx, r, end, true)))
+                if done {
+                    return None;
                 }
-                Some(Event::Error(e)) => Some((data(&e.body()), (rx, r, queued, true))),
-                Some(Event::Started { .. }) | None => None,
+                match rx.recv().await {
+                    // A piece whose text is all held (it may open a tool call) sends nothing.
+                    Some(Event::Piece(p)) => {
+                        queued = r.piece_chunks(&p, logprobs);
+                        queued.reverse();
+                    }
+                    Some(Event::Done(c)) => {
+                        let mut end = r.end_chunks(&c);
+                        end.reverse();
+                        let first = end.pop().unwrap_or(Value::Null);
+                        return Some((data(&first), (rx, r, end, true)));
+                    }
+                    Some(Event::Error(e)) => return Some((data(&e.body()), (rx, r, queued, true))),
+                    Some(Event::Started { .. }) | None => return None,
+                }
             }
         });
     let done =

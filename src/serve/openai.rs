@@ -5,14 +5,18 @@
 //! chunks and usage from engine [`Completion`]s and [`Piece`]s.
 //! Invariant: nothing a client sends can panic here; every refusal names the field and the
 //! accepted values. Unknown fields are ignored, as OpenAI's own server and mlx-lm's do, since
-//! clients send options (penalties, user, tools) that do not change what a local model does.
+//! clients send options (penalties, user) that do not change what a local model does. Tools,
+//! `tool_choice`, assistant `tool_calls` and `tool` messages go to the template; calls in the
+//! answer come back as `tool_calls` (`tools.rs` reads them).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::run::engine::{Completion, Finish, Piece, Request, TokenText, MAX_TOP_LOGPROBS};
 use crate::run::sample::SamplerOptions;
-use crate::run::template::Message;
+use crate::run::template::{Message, RenderOptions};
+
+use super::tools::{self, Out, ToolCall, ToolFormat, ToolScan};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with its HTTP
 /// status (and, for 429, the seconds to wait).
@@ -132,6 +136,98 @@ struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<Vec<CallIn>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// An assistant message's earlier call: `{"id", "type": "function", "function": {"name",
+/// "arguments": "<JSON text>"}}`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    expecting = "a tool call as {\"id\": ..., \"type\": \"function\", \"function\": {\"name\": ..., \"arguments\": \"{...}\"}}"
+)]
+struct CallIn {
+    #[serde(default)]
+    id: Option<String>,
+    function: FunctionIn,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a function as {\"name\": ..., \"arguments\": \"{...}\"}")]
+struct FunctionIn {
+    name: String,
+    #[serde(default)]
+    arguments: Option<Value>,
+}
+
+/// A tool the model may call: `{"type": "function", "function": {"name", "description",
+/// "parameters"}}`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    expecting = "a tool as {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}"
+)]
+struct ToolIn {
+    #[serde(rename = "type")]
+    kind: String,
+    function: Value,
+}
+
+/// The template's shape of an earlier call (what transformers' templates read): the arguments
+/// as an object where the JSON text is one, since GLM's and Qwen3-Coder's templates iterate
+/// them; Qwen3's writes either.
+pub fn template_call(id: Option<&str>, name: &str, arguments: Value) -> Value {
+    let arguments = match arguments {
+        Value::String(s) => match serde_json::from_str::<Value>(&s) {
+            Ok(o @ Value::Object(_)) => o,
+            _ => Value::String(s),
+        },
+        Value::Null => json!({}),
+        v => v,
+    };
+    let mut call = json!({"type": "function", "function": {"name": name, "arguments": arguments}});
+    if let Some(id) = id {
+        call["id"] = json!(id);
+    }
+    call
+}
+
+/// Whether the model's output is read for calls: tools were given and `tool_choice` is not
+/// `none`. `required` and a named function are taken, and not enforced: nothing constrains
+/// the sampling (decision 0028).
+fn parses_tools(tools: &[Value], choice: Option<&Value>) -> Result<bool, ApiError> {
+    let bad = |v: &Value| {
+        ApiError::invalid(
+            Some("tool_choice"),
+            format!("tool_choice {v} is not one of \"auto\", \"required\", \"none\" or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"),
+        )
+    };
+    let on = match choice {
+        None => true,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" | "required" => true,
+            "none" => false,
+            _ => return Err(bad(choice.unwrap_or(&Value::Null))),
+        },
+        Some(v @ Value::Object(_)) => {
+            let name = v.pointer("/function/name").and_then(Value::as_str);
+            match name {
+                Some(n) if tools.iter().any(|t| t["function"]["name"] == n) => true,
+                Some(n) => {
+                    return Err(ApiError::invalid(
+                        Some("tool_choice"),
+                        format!("tool_choice names the function {n:?}, which is not in tools"),
+                    ))
+                }
+                None => return Err(bad(v)),
+            }
+        }
+        Some(v) => return Err(bad(v)),
+    };
+    Ok(on && !tools.is_empty())
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +242,10 @@ struct ChatBody {
     logprobs: Option<bool>,
     #[serde(default)]
     top_logprobs: Option<u64>,
+    #[serde(default)]
+    tools: Option<Vec<ToolIn>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +288,10 @@ pub struct Parsed {
     pub model: Option<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Tools and the reasoning switch, for the template.
+    pub render: RenderOptions,
+    /// Whether the output is read for tool calls (tools given, `tool_choice` not `none`).
+    pub parse_tools: bool,
 }
 
 /// Server-side defaults and limits a request is checked against.
@@ -237,6 +341,8 @@ impl Common {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            render: RenderOptions::default(),
+            parse_tools: false,
         }
     }
 
@@ -312,7 +418,7 @@ impl Common {
     }
 }
 
-fn fresh_seed() -> u64 {
+pub(crate) fn fresh_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -349,10 +455,11 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            "tool" => "tool",
             other => {
                 return Err(ApiError::invalid(
                     Some("messages"),
-                    format!("messages[{i}].role {other:?} is not supported: use system, developer, user or assistant"),
+                    format!("messages[{i}].role {other:?} is not supported: use system, developer, user, assistant or tool"),
                 ))
             }
         };
@@ -375,8 +482,44 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
                 text
             }
         };
-        messages.push(Message::new(role, &content));
+        let mut message = Message::new(role, &content);
+        if let Some(calls) = &m.tool_calls {
+            if role != "assistant" {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    format!("messages[{i}] has tool_calls: only an assistant message may"),
+                ));
+            }
+            message.tool_calls = Some(
+                calls
+                    .iter()
+                    .map(|c| {
+                        template_call(
+                            c.id.as_deref(),
+                            &c.function.name,
+                            c.function.arguments.clone().unwrap_or(Value::Null),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        if role == "tool" {
+            message.tool_call_id = m.tool_call_id.clone();
+            message.name = m.name.clone();
+        }
+        messages.push(message);
     }
+    let mut tools = Vec::new();
+    for (i, t) in b.tools.iter().flatten().enumerate() {
+        if t.kind != "function" || !t.function.get("name").is_some_and(Value::is_string) {
+            return Err(ApiError::invalid(
+                Some("tools"),
+                format!("tools[{i}] is not {{\"type\": \"function\", \"function\": {{\"name\": ..., \"parameters\": {{...}}}}}}"),
+            ));
+        }
+        tools.push(json!({"type": "function", "function": t.function}));
+    }
+    let parse_tools = parses_tools(&tools, b.tool_choice.as_ref())?;
     let mut request = b
         .common
         .check(b.max_completion_tokens.or(b.common.max_tokens), limits)?;
@@ -385,7 +528,10 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
     } else if let Some(n) = b.top_logprobs {
         check_top(n, "top_logprobs")?;
     }
-    Ok(b.common.parsed(Prompt::Chat(messages), request))
+    let mut parsed = b.common.parsed(Prompt::Chat(messages), request);
+    parsed.render.tools = (!tools.is_empty()).then_some(tools);
+    parsed.parse_tools = parse_tools;
+    Ok(parsed)
 }
 
 /// Parses and checks a `/v1/completions` body. `max_tokens` defaults to 16, as OpenAI's.
@@ -439,14 +585,35 @@ pub struct Responder {
     pub include_usage: bool,
     /// Characters of text sent so far (the legacy logprobs' `text_offset`).
     offset: usize,
+    /// Reads tool calls out of the answer, when the request gave tools.
+    scan: Option<ToolScan>,
+    /// Calls streamed so far.
+    calls_streamed: usize,
 }
 
-/// `finish_reason` of a finished completion.
-fn finish_reason(f: Finish) -> &'static str {
+/// `finish_reason` of a finished completion (`tool_calls` when it made calls and was not cut
+/// short).
+fn finish_reason(f: Finish, calls: usize) -> &'static str {
     match f {
+        Finish::Stop if calls > 0 => "tool_calls",
         Finish::Stop => "stop",
         Finish::Length | Finish::Cancelled => "length",
     }
+}
+
+/// OpenAI's `tool_calls` entry for call `k` of the response `id`.
+fn call_object(id: &str, k: usize, call: &ToolCall) -> Value {
+    json!({
+        "id": call_id(id, k),
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments.to_string()},
+    })
+}
+
+/// A call's id: unique within the server's run (the response's id and the call's index).
+pub fn call_id(response_id: &str, k: usize) -> String {
+    let tail = response_id.rsplit('-').next().unwrap_or(response_id);
+    format!("call_{tail}{k:02}")
 }
 
 /// Usage counts, with the prompt tokens the KV cache gave.
@@ -515,7 +682,15 @@ impl Responder {
             model: model.to_string(),
             include_usage,
             offset: 0,
+            scan: None,
+            calls_streamed: 0,
         }
+    }
+
+    /// Reads the answer for calls in `format` (a chat request that gave tools).
+    pub fn with_tools(mut self, format: ToolFormat, tools: Vec<Value>) -> Responder {
+        self.scan = Some(ToolScan::new(format, tools));
+        self
     }
 
     fn object(&self, stream: bool) -> &'static str {
@@ -542,6 +717,26 @@ impl Responder {
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut message = json!({"role": "assistant", "content": c.text});
+                let mut calls = Vec::new();
+                if let Some(scan) = &self.scan {
+                    let mut text = String::new();
+                    for o in tools::parse(scan.format(), scan.tools(), &c.text) {
+                        match o {
+                            Out::Text(t) => text.push_str(&t),
+                            Out::Call(call) => {
+                                calls.push(call_object(&self.id, calls.len(), &call))
+                            }
+                        }
+                    }
+                    message["content"] = if text.is_empty() && !calls.is_empty() {
+                        Value::Null
+                    } else {
+                        json!(text)
+                    };
+                    if !calls.is_empty() {
+                        message["tool_calls"] = json!(calls);
+                    }
+                }
                 if !c.reasoning.is_empty() {
                     message["reasoning_content"] = json!(c.reasoning);
                 }
@@ -549,14 +744,14 @@ impl Responder {
                     "index": 0,
                     "message": message,
                     "logprobs": lp,
-                    "finish_reason": finish_reason(c.finish),
+                    "finish_reason": finish_reason(c.finish, calls.len()),
                 })
             }
             Endpoint::Completion => json!({
                 "index": 0,
                 "text": c.text,
                 "logprobs": lp,
-                "finish_reason": finish_reason(c.finish),
+                "finish_reason": finish_reason(c.finish, 0),
             }),
         };
         json!({
@@ -597,53 +792,109 @@ impl Responder {
         })
     }
 
-    /// A chunk with a piece of text.
-    pub fn piece_chunk(&mut self, p: &Piece, logprobs: bool) -> Value {
+    /// The chunks of a piece of text: one, or with tools, one per text and two per call read
+    /// from it (the call's id, type and name, then its arguments), possibly none while text that
+    /// may open a call is held.
+    pub fn piece_chunks(&mut self, p: &Piece, logprobs: bool) -> Vec<Value> {
         let lp = self.logprobs(&p.logprobs, logprobs, self.offset);
         self.offset += p.text.chars().count();
         match self.endpoint {
             Endpoint::Chat => {
+                let outs = match self.scan.as_mut() {
+                    Some(scan) => scan.push(&p.text),
+                    None => vec![Out::Text(p.text.clone())],
+                };
+                let mut chunks = self.chat_deltas(outs);
                 // A harmony model's reasoning as `reasoning_content` (DeepSeek's and vLLM's
-                // field), beside the answer's `content`.
-                let mut delta = json!({"content": p.text});
-                if !p.reasoning.is_empty() {
-                    delta["reasoning_content"] = json!(p.reasoning);
+                // field), and the logprobs, on the first chunk (an empty one if all is held).
+                if chunks.is_empty() && (!p.reasoning.is_empty() || !p.logprobs.is_empty()) {
+                    chunks.push(json!({"content": ""}));
                 }
-                self.chunk(json!({
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": lp,
-                    "finish_reason": Value::Null,
-                }))
+                if let Some(first) = chunks.first_mut() {
+                    if !p.reasoning.is_empty() {
+                        first["reasoning_content"] = json!(p.reasoning);
+                    }
+                }
+                chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, delta)| {
+                        self.chunk(json!({
+                            "index": 0,
+                            "delta": delta,
+                            "logprobs": if i == 0 { lp.clone() } else { Value::Null },
+                            "finish_reason": Value::Null,
+                        }))
+                    })
+                    .collect()
             }
-            Endpoint::Completion => self.chunk(json!({
+            Endpoint::Completion => vec![self.chunk(json!({
                 "index": 0,
                 "text": p.text,
                 "logprobs": lp,
                 "finish_reason": Value::Null,
-            })),
+            }))],
         }
     }
 
-    /// The last chunks: the finish reason, then (when asked for) usage with no choices.
-    pub fn end_chunks(&self, c: &Completion) -> Vec<Value> {
+    /// Chat deltas for text and calls, as OpenAI streams calls: a first delta with the call's
+    /// index, id, type and name (empty arguments), then its arguments.
+    fn chat_deltas(&mut self, outs: Vec<Out>) -> Vec<Value> {
+        let mut deltas = Vec::new();
+        for o in outs {
+            match o {
+                Out::Text(t) => deltas.push(json!({"content": t})),
+                Out::Call(call) => {
+                    deltas.push(json!({"tool_calls": [{
+                        "index": self.calls_streamed,
+                        "id": call_id(&self.id, self.calls_streamed),
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }]}));
+                    deltas.push(json!({"tool_calls": [{
+                        "index": self.calls_streamed,
+                        "function": {"arguments": call.arguments.to_string()},
+                    }]}));
+                    self.calls_streamed += 1;
+                }
+            }
+        }
+        deltas
+    }
+
+    /// The last chunks: what the tool scan still held, the finish reason, then (when asked
+    /// for) usage with no choices.
+    pub fn end_chunks(&mut self, c: &Completion) -> Vec<Value> {
+        let held = self.scan.as_mut().map(ToolScan::finish).unwrap_or_default();
+        let mut out: Vec<Value> = self
+            .chat_deltas(held)
+            .into_iter()
+            .map(|delta| {
+                self.chunk(json!({
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": Value::Null,
+                    "finish_reason": Value::Null,
+                }))
+            })
+            .collect();
         let finish = match self.endpoint {
             Endpoint::Chat => json!({
                 "index": 0,
                 "delta": {},
                 "logprobs": Value::Null,
-                "finish_reason": finish_reason(c.finish),
+                "finish_reason": finish_reason(c.finish, self.calls_streamed),
             }),
             Endpoint::Completion => json!({
                 "index": 0,
                 "text": "",
                 "logprobs": Value::Null,
-                "finish_reason": finish_reason(c.finish),
+                "finish_reason": finish_reason(c.finish, 0),
             }),
         };
         let mut end = self.chunk(finish);
         end["timings"] = timings(c);
-        let mut out = vec![end];
+        out.push(end);
         if self.include_usage {
             let mut u = self.chunk(Value::Null);
             u["choices"] = json!([]);
@@ -703,7 +954,7 @@ mod tests {
         for (body, param) in [
             (r#"{"messages":[]}"#, Some("messages")),
             (
-                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                r#"{"messages":[{"role":"robot","content":"x"}]}"#,
                 Some("messages"),
             ),
             (
@@ -787,6 +1038,7 @@ mod tests {
             reasoning: String::new(),
             text: text.into(),
             finish,
+            stop_string: None,
             prompt_tokens: 10,
             completion_tokens: 3,
             cached_tokens: 7,
@@ -809,7 +1061,7 @@ mod tests {
 
     #[test]
     fn responses_have_openais_shapes() {
-        let r = Responder::new(Endpoint::Chat, 1, "tiny", true);
+        let mut r = Responder::new(Endpoint::Chat, 1, "tiny", true);
         let v = r.full(&completion("Hi", Finish::Stop), true);
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["content"], "Hi");
@@ -831,18 +1083,125 @@ mod tests {
 
         let mut r = Responder::new(Endpoint::Completion, 2, "tiny", false);
         assert!(r.role_chunk().is_none());
-        let c = r.piece_chunk(
-            &Piece {
-                text: "Hi".into(),
-                reasoning: String::new(),
-                logprobs: completion("", Finish::Stop).logprobs,
-            },
-            true,
-        );
+        let c = r
+            .piece_chunks(
+                &Piece {
+                    text: "Hi".into(),
+                    reasoning: String::new(),
+                    logprobs: completion("", Finish::Stop).logprobs,
+                },
+                true,
+            )
+            .remove(0);
         assert_eq!(c["object"], "text_completion");
         assert_eq!(c["choices"][0]["text"], "Hi");
         assert_eq!(c["choices"][0]["logprobs"]["top_logprobs"][0]["Hi"], -0.5);
         assert_eq!(c["choices"][0]["logprobs"]["text_offset"], json!([0]));
         assert!(c.get("usage").is_none());
+    }
+
+    #[test]
+    fn chat_tools_tool_calls_and_tool_messages_are_parsed_for_the_template() {
+        let p = chat(
+            r#"{"messages":[{"role":"user","content":"Weather?"},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+              "function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"20 C"}],
+            "tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}],
+            "tool_choice":"required"}"#,
+        )
+        .unwrap();
+        let Prompt::Chat(m) = &p.prompt else { panic!() };
+        assert_eq!(
+            m[1].tool_calls.as_ref().unwrap()[0],
+            json!({"id": "call_1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": {"city": "Paris"}}})
+        );
+        assert_eq!(
+            (m[2].role.as_str(), m[2].tool_call_id.as_deref()),
+            ("tool", Some("call_1"))
+        );
+        assert_eq!(p.render.tools.as_ref().unwrap().len(), 1);
+        assert!(p.parse_tools);
+        for (choice, parse) in [
+            (r#""auto""#, true),
+            (r#""none""#, false),
+            (
+                r#"{"type":"function","function":{"name":"get_weather"}}"#,
+                true,
+            ),
+        ] {
+            let body = format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],"tool_choice":{choice},
+                "tools":[{{"type":"function","function":{{"name":"get_weather"}}}}]}}"#
+            );
+            assert_eq!(chat(&body).unwrap().parse_tools, parse, "{choice}");
+        }
+        for body in [
+            r#"{"messages":[{"role":"user","content":"x"}],"tool_choice":"sometimes","tools":[{"type":"function","function":{"name":"f"}}]}"#,
+            r#"{"messages":[{"role":"user","content":"x"}],"tool_choice":{"type":"function","function":{"name":"g"}},"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+            r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"retrieval","function":{"name":"f"}}]}"#,
+        ] {
+            let err = chat(body).unwrap_err();
+            assert_eq!(err.status, 400, "{body}");
+        }
+    }
+
+    /// A streamed answer holding a Qwen3 call: text deltas, then the call as OpenAI streams
+    /// it (index, id, type and name; then the arguments), then `finish_reason: tool_calls`; the
+    /// same text not streamed gives the same call in `message.tool_calls`.
+    #[test]
+    fn tool_calls_stream_as_openai_streams_them() {
+        let text = "Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}\n</tool_call>";
+        let tools = vec![json!({"type": "function", "function": {"name": "get_weather"}})];
+        let mut r = Responder::new(Endpoint::Chat, 9, "tiny", false)
+            .with_tools(ToolFormat::QwenJson, tools.clone());
+        let mut chunks = Vec::new();
+        for piece in text.split_inclusive(['\n', ' ']) {
+            let p = Piece {
+                text: piece.into(),
+                reasoning: String::new(),
+                logprobs: Vec::new(),
+            };
+            chunks.extend(r.piece_chunks(&p, false));
+        }
+        chunks.extend(r.end_chunks(&completion(text, Finish::Stop)));
+        let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+        let content: String = deltas
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        assert_eq!(content, "Checking.\n");
+        let calls: Vec<&Value> = deltas.iter().filter_map(|d| d.get("tool_calls")).collect();
+        assert_eq!(calls.len(), 2, "{chunks:?}");
+        assert_eq!(calls[0][0]["index"], 0);
+        assert_eq!(calls[0][0]["type"], "function");
+        assert_eq!(calls[0][0]["function"]["name"], "get_weather");
+        assert_eq!(calls[0][0]["function"]["arguments"], "");
+        let id = calls[0][0]["id"].as_str().unwrap();
+        assert!(id.starts_with("call_"), "{id}");
+        assert_eq!(
+            calls[1][0]["function"]["arguments"],
+            "{\"city\":\"Zürich\"}"
+        );
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+
+        let r = Responder::new(Endpoint::Chat, 9, "tiny", false)
+            .with_tools(ToolFormat::QwenJson, tools);
+        let v = r.full(&completion(text, Finish::Stop), false);
+        let m = &v["choices"][0]["message"];
+        assert_eq!(m["content"], "Checking.\n");
+        assert!(m["tool_calls"][0]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("call_"));
+        assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        // Without tools the same text is text.
+        let r = Responder::new(Endpoint::Chat, 9, "tiny", false);
+        let v = r.full(&completion(text, Finish::Stop), false);
+        assert_eq!(v["choices"][0]["message"]["content"], text);
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
     }
 }

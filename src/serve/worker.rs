@@ -19,6 +19,8 @@ use crate::progress::Warnings;
 use crate::run::engine::{Completion, Engine, EngineError, EngineOptions, Piece, Request};
 
 use super::openai::{ApiError, Prompt};
+use super::tools::ToolFormat;
+use crate::run::template::RenderOptions;
 
 /// One request for the engine.
 pub struct Job {
@@ -26,6 +28,10 @@ pub struct Job {
     pub request: Request,
     /// Chat requests add the template's own stop strings (the plain transcript's `\nUser:`).
     pub chat: bool,
+    /// Tools and the reasoning switch for the template (chat requests).
+    pub render: RenderOptions,
+    /// Only count the prompt's tokens (`/v1/messages/count_tokens`): `Started` and no more.
+    pub count_only: bool,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -33,7 +39,11 @@ pub struct Job {
 /// `Error`).
 #[derive(Debug)]
 pub enum Event {
-    Started { prompt_tokens: usize },
+    /// The prompt was taken: its length, and how much of it the KV cache gives.
+    Started {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
     Piece(Piece),
     Done(Box<Completion>),
     Error(ApiError),
@@ -44,6 +54,10 @@ pub enum Event {
 pub struct Ready {
     /// The longest sequence a request may reach (`Engine::max_sequence`).
     pub context: usize,
+    /// How the model writes tool calls (from the model type and the template).
+    pub tool_format: ToolFormat,
+    /// Whether the template has a reasoning switch (`enable_thinking`).
+    pub thinking_switch: bool,
 }
 
 /// Counters `/health` shows.
@@ -99,7 +113,20 @@ pub fn run(
     };
     drop(weights);
     let context = engine.max_sequence();
-    if ready.send(Ok(Ready { context })).is_err() {
+    let tool_format = ToolFormat::detect(
+        engine.config().arch.model_type(),
+        engine.template().source(),
+        engine.harmony(),
+    );
+    let thinking_switch = engine.template().has_thinking_switch();
+    if ready
+        .send(Ok(Ready {
+            context,
+            tool_format,
+            thinking_switch,
+        }))
+        .is_err()
+    {
         return;
     }
     let max_sequence = engine.max_sequence();
@@ -123,6 +150,9 @@ pub fn run(
             ))
         });
         match outcome {
+            Ok(_) if job.count_only => {
+                counters.completed.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(c) if c.finish == crate::run::engine::Finish::Cancelled => {
                 counters.cancelled.fetch_add(1, Ordering::Relaxed);
                 counters
@@ -173,12 +203,15 @@ fn serve_job(
     };
     // Tokenized within the server's limit: a long text is refused once counting passes it.
     let ids = match &job.prompt {
-        Prompt::Chat(messages) => engine.encode_chat_within(messages, max_prompt),
+        Prompt::Chat(messages) => engine.encode_chat_with(messages, &job.render, max_prompt),
         Prompt::Text(t) => engine.encode_within(t, max_prompt),
         Prompt::Ids(ids) => Ok(ids.clone()),
     }
     .map_err(|e| match e {
         EngineError::PromptTooLong { at_least, .. } => too_long(format!("at least {at_least}")),
+        // The template refused the conversation (`raise_exception`, a role it does not take):
+        // the client's to change.
+        e @ EngineError::Template(_) => ApiError::invalid(Some(param), chain(&e)),
         e => ApiError::server(chain(&e)),
     })?;
     if ids.is_empty() {
@@ -209,8 +242,10 @@ fn serve_job(
         .events
         .send(Event::Started {
             prompt_tokens: ids.len(),
+            cached_tokens: engine.shared_prefix(&ids),
         })
         .is_err()
+        || job.count_only
     {
         return Ok(cancelled(ids.len()));
     }
@@ -233,6 +268,7 @@ fn cancelled(prompt_tokens: usize) -> Completion {
         reasoning: String::new(),
         text: String::new(),
         finish: crate::run::engine::Finish::Cancelled,
+        stop_string: None,
         prompt_tokens,
         completion_tokens: 0,
         cached_tokens: 0,

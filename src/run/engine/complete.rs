@@ -140,6 +140,7 @@ impl Engine<'_> {
             text,
             reasoning,
             finish,
+            stop_string: scan.matched().map(str::to_string),
             prompt_tokens: prompt.len(),
             completion_tokens: g.tokens.len(),
             cached_tokens: g.cached_tokens,

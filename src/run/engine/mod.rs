@@ -439,6 +439,16 @@ impl<'p> Engine<'p> {
         self.encode_within(&self.template.render(messages)?, limit)
     }
 
+    /// [`Engine::encode_chat_within`] with tools and the reasoning switch passed to the template.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[Message],
+        opts: &crate::run::template::RenderOptions,
+        limit: usize,
+    ) -> Result<Vec<u32>, EngineError> {
+        self.encode_within(&self.template.render_with(messages, opts)?, limit)
+    }
+
     /// Generates from `prompt`, reusing the KV cache's shared prefix; `on_token` gets each
     /// token and returns `false` to stop. Ignores `req.stop` (text is [`Engine::complete`]'s).
     pub fn generate(

@@ -144,6 +144,8 @@ pub struct Completion {
     /// A harmony model's reasoning (`analysis` and `commentary` channels); empty otherwise.
     pub reasoning: String,
     pub finish: Finish,
+    /// The stop string of [`Request::stop`] that ended the text, when one did.
+    pub stop_string: Option<String>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub cached_tokens: usize,
