@@ -278,3 +278,94 @@ fn a_long_prompt_reads_its_first_layer_before_routing_it_and_changes_no_token() 
     );
     assert!(c.prefetch_used > 0 && c.prefetch_loaded >= c.prefetch_used);
 }
+
+/// Several cached prompts (issue 27, item 4): two conversations that alternate each go on from
+/// their own KV cache, with the tokens a cold engine gives; without the store, each switch
+/// computes the other conversation again; a store too small for two keeps the most recent.
+#[test]
+fn alternating_conversations_each_reuse_their_own_prefix() {
+    let path = http::tiny_pack("engine-tests");
+    let (pack, cfg, weights) = open::open(path, true).unwrap();
+    let with = |store: u64, expert_budget: Option<&str>| EngineOptions {
+        prompt_cache_bytes: store,
+        expert_budget: expert_budget.map(|b| Budget::parse(b).unwrap()),
+        ..options(None)
+    };
+    let system = "You are a careful assistant who answers in plain words. ";
+    let starts = [
+        format!("{system}Tell me about the history of the Roman empire"),
+        format!("{system}Tell me how rivers shape valleys over time"),
+    ];
+    for expert_budget in [None, Some("50%")] {
+        let opts = with(64 << 20, expert_budget);
+        let mut warm = Engine::new(&pack, &cfg, &weights, &opts, &Silent).unwrap();
+        let mut cold =
+            Engine::new(&pack, &cfg, &weights, &with(0, expert_budget), &Silent).unwrap();
+        let mut talks: Vec<Vec<u32>> = starts.iter().map(|s| warm.encode(s).unwrap()).collect();
+        for round in 0..3 {
+            for (i, talk) in talks.iter_mut().enumerate() {
+                // The conversation so far (the new question not counted).
+                let history = talk.len();
+                if round > 0 {
+                    talk.extend(warm.encode(" And then what happened next?").unwrap());
+                }
+                let (answer, cached) = tokens(&mut warm, talk, &greedy(8));
+                if round > 0 {
+                    // All of it but the last answer token (never fed back).
+                    assert!(
+                        cached * 10 >= history * 9,
+                        "conversation {i}, round {round}: {cached} of {history} cached ({expert_budget:?})"
+                    );
+                }
+                cold.reset();
+                let (fresh, _) = tokens(&mut cold, talk, &greedy(8));
+                assert_eq!(
+                    answer, fresh,
+                    "conversation {i}, round {round} ({expert_budget:?})"
+                );
+                talk.extend(&answer);
+            }
+        }
+        // Both conversations were kept: one held, the other in the store.
+        assert_eq!(warm.kept_prompts().0, 1);
+        assert!(warm.kept_prompts().1 > 0);
+    }
+
+    // Without the store, a switch keeps only the shared system prompt.
+    let mut one = Engine::new(&pack, &cfg, &weights, &with(0, None), &Silent).unwrap();
+    let a = one.encode(&starts[0]).unwrap();
+    let b = one.encode(&starts[1]).unwrap();
+    let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    tokens(&mut one, &a, &greedy(4));
+    tokens(&mut one, &b, &greedy(4));
+    let (_, cached) = tokens(&mut one, &a, &greedy(4));
+    assert_eq!(cached, shared);
+    assert_eq!(one.kept_prompts(), (0, 0));
+
+    // A store that holds one conversation keeps the most recently left one.
+    let mut warm = Engine::new(&pack, &cfg, &weights, &with(64 << 20, None), &Silent).unwrap();
+    tokens(&mut warm, &a, &greedy(4));
+    let one_bytes = warm.kept_prompts().1;
+    assert_eq!(one_bytes, 0);
+    tokens(&mut warm, &b, &greedy(4));
+    let (_, bytes_one) = warm.kept_prompts();
+    let mut small = Engine::new(
+        &pack,
+        &cfg,
+        &weights,
+        &with(bytes_one + bytes_one / 2, None),
+        &Silent,
+    )
+    .unwrap();
+    let c = small
+        .encode("An entirely different question about the tides")
+        .unwrap();
+    tokens(&mut small, &a, &greedy(4));
+    tokens(&mut small, &b, &greedy(4)); // a kept
+    tokens(&mut small, &c, &greedy(4)); // b kept, a dropped
+    assert_eq!(small.kept_prompts().0, 1);
+    let (_, cached) = tokens(&mut small, &b, &greedy(4));
+    assert_eq!(cached, b.len() - 1, "the most recent conversation was kept");
+    let (_, cached) = tokens(&mut small, &a, &greedy(4));
+    assert_eq!(cached, shared, "the least recent one was dropped");
+}

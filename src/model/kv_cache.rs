@@ -391,6 +391,15 @@ impl KvCheckpoint {
     pub fn offset(&self) -> usize {
         self.offset
     }
+
+    /// The arrays it keeps (the fixed-size layers' state).
+    pub fn arrays(&self) -> Vec<&Array> {
+        self.layers
+            .iter()
+            .flatten()
+            .flat_map(|l| l.arrays())
+            .collect()
+    }
 }
 
 impl KvCache {

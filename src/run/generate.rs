@@ -98,6 +98,8 @@ pub struct Prefix {
     ids: Vec<u32>,
     /// The cache at the end of the last prompt: it holds `ids[..checkpoint.offset()]`.
     checkpoint: Option<KvCheckpoint>,
+    /// How many of `ids` the last prompt gave (the rest were generated after it).
+    prompt_end: usize,
 }
 
 impl Prefix {
@@ -109,6 +111,40 @@ impl Prefix {
     /// Forget everything (the buffers go too).
     pub fn clear(&mut self) {
         *self = Prefix::default();
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Whether `prompt` starts with the whole of the last prompt: it goes on from this
+    /// conversation (a chat's next turn), so nothing here is worth keeping apart from it.
+    pub fn extended_by(&self, prompt: &[u32]) -> bool {
+        let end = self.prompt_end.min(self.ids.len());
+        prompt.len() >= end && prompt[..end] == self.ids[..end]
+    }
+
+    /// The bytes of the cache's buffers (its capacity, as allocated), the checkpoint's included.
+    pub fn bytes(&self) -> u64 {
+        let arrays = self.kv.state().into_iter().chain(
+            self.checkpoint
+                .as_ref()
+                .map(KvCheckpoint::arrays)
+                .unwrap_or_default(),
+        );
+        arrays.map(|a| (a.size() * a.dtype().size()) as u64).sum()
+    }
+
+    /// A second prefix holding the same positions, sharing the buffers until one is written
+    /// ([`KvCache::snapshot`]).
+    pub fn snapshot(&self) -> Prefix {
+        Prefix {
+            kv: self.kv.snapshot(),
+            ids: self.ids.clone(),
+            checkpoint: self.checkpoint.clone(),
+            prompt_end: self.prompt_end,
+        }
     }
 
     /// How many positions of `prompt` [`Prefix::keep_shared`] would keep, without changing
@@ -326,6 +362,7 @@ fn generate_inner(
     }
     let logits = model.forward_last_ids(last, &mut prefix.kv, experts)?;
     prefix.ids.extend_from_slice(last);
+    prefix.prompt_end = prefix.ids.len();
     // The cache now holds exactly the prompt: the next turn may start here.
     prefix.checkpoint = prefix.kv.checkpoint();
     progress.advance(1);

@@ -234,6 +234,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         sync_baseline: args.sync_baseline,
         // The text's length in bytes bounds its tokens (the template's text included).
         positions: text.len().saturating_add(args.max_tokens),
+        // One prompt: no other conversation to keep.
+        prompt_cache_bytes: 0,
     };
     let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &progress)?;
 

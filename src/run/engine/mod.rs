@@ -47,6 +47,7 @@ use crate::run::generate::{
     GenerateError, GenerateOptions, GenerateStats, Generation, Prefix, Token,
 };
 use crate::run::open::{OpenError, PackWeights};
+use crate::run::prompt_cache::PromptCache;
 use crate::run::read::IoMode;
 use crate::run::stream::{StreamStats, StreamingExperts};
 use crate::run::template::{ChatTemplate, Message, TemplateError};
@@ -134,6 +135,8 @@ pub struct Engine<'p> {
     /// Every expert resident: the device-routed store (no host round trip per layer).
     resident: Option<ResidentExperts>,
     prefix: Prefix,
+    /// The KV caches of other conversations (`EngineOptions::prompt_cache_bytes`).
+    prompts: PromptCache,
     prefill_chunk: usize,
     streaming: bool,
     host_sampling: bool,
@@ -182,7 +185,12 @@ impl<'p> Engine<'p> {
         // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), for
         // every position; a sliding-window layer's at most a window and one prefill chunk
         // (gpt-oss); plus the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
-        let kv = |chunk: u64| cfg.kv_values(positions, chunk) * 2 + cfg.recurrent_state_bytes();
+        // Other conversations' KV caches (several cached prompts) come on top.
+        let kv = |chunk: u64| {
+            cfg.kv_values(positions, chunk) * 2
+                + cfg.recurrent_state_bytes()
+                + opts.prompt_cache_bytes
+        };
         let all_experts = ExpertCache::all_resident_bytes(pack);
         let plan = budget::plan(
             opts.mem_budget.as_ref(),
@@ -290,6 +298,7 @@ impl<'p> Engine<'p> {
             experts,
             resident,
             prefix: Prefix::default(),
+            prompts: PromptCache::new(opts.prompt_cache_bytes),
             prefill_chunk,
             streaming,
             host_sampling: opts.sync_baseline,
@@ -376,12 +385,19 @@ impl<'p> Engine<'p> {
     /// not compute): the shared prefix, short of the prompt's last token, or for a cache that
     /// cannot be cut back there, its checkpoint at the end of the last prompt.
     pub fn shared_prefix(&self, prompt: &[u32]) -> usize {
-        self.prefix.reusable(prompt)
+        self.prompts.reusable(&self.prefix, prompt)
     }
 
-    /// Empties the KV cache (the next request computes its whole prompt).
+    /// Empties the KV cache and the other conversations' (the next request computes its whole
+    /// prompt).
     pub fn reset(&mut self) {
         self.prefix.clear();
+        self.prompts.clear();
+    }
+
+    /// How many other conversations' KV caches are kept, and their bytes.
+    pub fn kept_prompts(&self) -> (usize, u64) {
+        (self.prompts.len(), self.prompts.bytes())
     }
 
     /// Token ids of `text`, as the prompt is tokenized (no special tokens added), or
@@ -496,6 +512,7 @@ impl<'p> Engine<'p> {
             stopped: false,
             at_first_token: None,
         };
+        self.prompts.choose(&mut self.prefix, prompt);
         let cached = self.prefix.reusable(prompt);
         let cpu_start = process_cpu_s();
         let mut cpu_first = None;

@@ -25,6 +25,9 @@ pub struct EngineOptions {
     /// The longest sequence (prompt and generated tokens) the KV cache is budgeted for; the
     /// model's context length caps it.
     pub positions: usize,
+    /// Bytes of KV caches kept for conversations other than the current one
+    /// (`run::prompt_cache`; 0: one conversation). Under `--mem-budget` they come out of it.
+    pub prompt_cache_bytes: u64,
 }
 
 impl Default for EngineOptions {
@@ -41,6 +44,7 @@ impl Default for EngineOptions {
             skip_uncached: None,
             sync_baseline: false,
             positions: usize::MAX,
+            prompt_cache_bytes: 0,
         }
     }
 }
