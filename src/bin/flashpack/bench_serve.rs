@@ -1,7 +1,8 @@
 //! `flashpack bench serve PACK`: what the engine and the server cost, as ratios.
 //!
 //! - Prefix reuse: the time to first token of an agent's second turn (a long history, the
-//!   model's answer, a new question) with the first turn in the KV cache, against a cold cache.
+//!   model's answer, a new question) with the first turn in the KV cache, against a cold cache;
+//!   and the same for one of two conversations that alternate (the other's turn in between).
 //! - Server overhead: the time per streamed token a client sees (gaps between SSE chunks of a
 //!   greedy `/v1/completions` stream on loopback) against the engine's own decode time per token
 //!   in the same request (its `timings`).
@@ -69,11 +70,17 @@ const TOPICS: [&str; 8] = [
 
 /// A conversation of at least `tokens` tokens: a system prompt, then question/answer turns.
 fn history(engine: &Engine<'_>, tokens: usize) -> Result<Vec<Message>> {
+    history_from(engine, tokens, 0)
+}
+
+/// [`history`] whose questions start at topic `first` (another conversation with the same
+/// system prompt).
+fn history_from(engine: &Engine<'_>, tokens: usize, first: usize) -> Result<Vec<Message>> {
     let mut messages = vec![Message::new(
         "system",
         "You are a patient teacher who answers questions about history and nature.",
     )];
-    let mut i = 0;
+    let mut i = first;
     while engine.encode_chat(&messages)?.len() < tokens {
         let topic = TOPICS[i % TOPICS.len()];
         messages.push(Message::new("user", &format!("Tell me about {topic}.")));
@@ -110,6 +117,43 @@ fn prefix_reuse(engine: &mut Engine<'_>, args: &ServeBenchArgs) -> Result<Prefix
         history_tokens = ids.len();
         let answer = engine.complete(&ids, &greedy(16, stops.clone()), |_| true)?;
         let mut second = first.clone();
+        second.push(Message::new("assistant", &answer.text));
+        second.push(Message::new("user", "And what happened next?"));
+        let ids2 = engine.encode_chat(&second)?;
+        let w = engine.generate(&ids2, &greedy(1, Vec::new()), &Silent, |_| true)?;
+        warm.push(w.generation.stats.time_to_first_token_s);
+        cached = w.generation.cached_tokens;
+        prompt = ids2.len();
+        engine.reset();
+        let c = engine.generate(&ids2, &greedy(1, Vec::new()), &Silent, |_| true)?;
+        cold.push(c.generation.stats.time_to_first_token_s);
+    }
+    Ok(Prefix {
+        cold_s: median(cold),
+        warm_s: median(warm),
+        history_tokens,
+        cached,
+        prompt,
+    })
+}
+
+/// Two conversations that alternate (issue 27, item 4): conversation A's first turn, then B's,
+/// then A's second turn, whose time to first token is measured with the other conversations'
+/// store (`--prompt-cache-bytes`, serve's default) and after a reset (cold).
+fn alternating(engine: &mut Engine<'_>, args: &ServeBenchArgs) -> Result<Prefix> {
+    let a = history_from(engine, args.history, 0)?;
+    let b = history_from(engine, args.history, TOPICS.len() / 2)?;
+    let stops = engine.template().stops();
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let (mut cached, mut prompt, mut history_tokens) = (0, 0, 0);
+    for _ in 0..args.reps {
+        engine.reset();
+        let ids = engine.encode_chat(&a)?;
+        history_tokens = ids.len();
+        let answer = engine.complete(&ids, &greedy(16, stops.clone()), |_| true)?;
+        let other = engine.encode_chat(&b)?;
+        engine.complete(&other, &greedy(16, stops.clone()), |_| true)?;
+        let mut second = a.clone();
         second.push(Message::new("assistant", &answer.text));
         second.push(Message::new("user", "And what happened next?"));
         let ids2 = engine.encode_chat(&second)?;
@@ -192,7 +236,11 @@ fn stream_once(addr: SocketAddr, prompt: &str, tokens: usize) -> Result<(f64, f6
 pub fn run(args: ServeBenchArgs) -> Result<()> {
     let (pack, cfg, weights) = flashpack::run::open::open(&args.pack, true)
         .with_context(|| format!("cannot open {}", args.pack.display()))?;
-    let opts = EngineOptions::default();
+    let opts = EngineOptions {
+        // serve's default store of other conversations (`--prompt-cache-bytes`).
+        prompt_cache_bytes: 2 << 30,
+        ..EngineOptions::default()
+    };
     let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &flashpack::progress::Warnings)?;
     // ms per decode step of one sequence and of two, all experts resident.
     let (mut one, mut two) = (Vec::new(), Vec::new());
@@ -202,6 +250,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     }
     let (one, two) = (median(one), median(two));
     let prefix = prefix_reuse(&mut engine, &args)?;
+    let alt = alternating(&mut engine, &args)?;
     drop(engine);
 
     // The server, on loopback, in this process (its engine on its own thread).
@@ -240,6 +289,14 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             "ttft_warm_s": prefix.warm_s,
             "speedup": speedup,
         },
+        "alternating": {
+            "history_tokens": alt.history_tokens,
+            "second_turn_prompt_tokens": alt.prompt,
+            "cached_tokens": alt.cached,
+            "ttft_cold_s": alt.cold_s,
+            "ttft_warm_s": alt.warm_s,
+            "speedup": alt.cold_s / alt.warm_s,
+        },
         "server": {
             "streamed_tokens": streamed,
             "client_ms_per_token": client_ms,
@@ -268,6 +325,18 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         prefix.cached, prefix.prompt, prefix.warm_s
     );
     println!("| prefix reuse speedup | {speedup:.1}x |");
+    println!(
+        "| two alternating conversations, A's second turn after B's first: cold ({} prompt tokens) | {:.3} s |",
+        alt.prompt, alt.cold_s
+    );
+    println!(
+        "| the same, from the kept prompts ({} of {} cached) | {:.3} s |",
+        alt.cached, alt.prompt, alt.warm_s
+    );
+    println!(
+        "| alternating conversations speedup | {:.1}x |",
+        alt.cold_s / alt.warm_s
+    );
     println!("| decode per token, engine | {engine_ms:.2} ms |");
     println!("| decode per token, seen by an SSE client | {client_ms:.2} ms |");
     println!(

@@ -45,23 +45,26 @@ pub struct ServeArgs {
     pub idle_timeout: u64,
     /// KV caches kept for conversations other than the current one, so that agents and
     /// clients that alternate each reuse their own prefix (least recently used dropped first;
-    /// 0: one conversation). Under --mem-budget it comes out of the budget.
-    #[arg(long, value_name = "SIZE", default_value = "2GiB", value_parser = prompt_cache_size)]
-    pub prompt_cache_bytes: u64,
+    /// 0: one conversation). Default 2GiB; under --mem-budget none unless given, and then it
+    /// comes out of the budget.
+    #[arg(long, value_name = "SIZE", value_parser = prompt_cache_size)]
+    pub prompt_cache_bytes: Option<u64>,
     #[command(flatten)]
     pub memory: MemoryArgs,
 }
+
+/// `--prompt-cache-bytes` without `--mem-budget`: 2 GiB of other conversations' KV caches.
+const DEFAULT_PROMPT_CACHE_BYTES: u64 = 2 << 30;
 
 /// `--prompt-cache-bytes`: a size with its unit (`2GiB`, `512MB`), or `0` for none.
 fn prompt_cache_size(s: &str) -> Result<u64, String> {
     if s.trim() == "0" {
         return Ok(0);
     }
-    match flashpack::run::budget::parse_size(s)? {
-        flashpack::run::budget::Size::Bytes(b) => Ok(b),
-        flashpack::run::budget::Size::Percent(_) => {
-            Err("give a size such as 2GiB or 512MB (a percentage of what?), or 0 for none".into())
-        }
+    let forms = "give a size with its unit, such as 2GiB, 512MB or 512M, or 0 for none";
+    match flashpack::run::budget::parse_size(s) {
+        Ok(flashpack::run::budget::Size::Bytes(b)) => Ok(b),
+        _ => Err(format!("bad size {s:?}: {forms}")),
     }
 }
 
@@ -115,7 +118,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     opts.port = args.port;
     opts.api_key = args.api_key;
     opts.engine = args.memory.engine_options();
-    opts.engine.prompt_cache_bytes = args.prompt_cache_bytes;
+    // A budget the user sized stays as it was unless they make room for other conversations.
+    opts.engine.prompt_cache_bytes =
+        args.prompt_cache_bytes
+            .unwrap_or(if args.memory.mem_budget.is_some() {
+                0
+            } else {
+                DEFAULT_PROMPT_CACHE_BYTES
+            });
     opts.max_queue = args.max_queue as usize;
     opts.max_body_bytes = args.max_body_bytes;
     opts.max_prompt_tokens = args.max_prompt_tokens.unwrap_or(usize::MAX);
