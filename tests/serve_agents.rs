@@ -33,21 +33,7 @@ fn qwen3_pack() -> &'static Path {
             .join("fixtures/templates/Qwen-Qwen3-chat_template.jinja");
         std::fs::copy(template, src.join("chat_template.jinja")).unwrap();
         let pack = tmp.join("agents.flashpack");
-        let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
-            .args([
-                "convert",
-                src.to_str().unwrap(),
-                "-o",
-                pack.to_str().unwrap(),
-            ])
-            .arg("--quiet")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        http::convert_quiet(&src, &pack);
         pack
     })
 }

@@ -355,6 +355,41 @@ impl FixtureSpec {
     }
 
     /// The FP8 block size, when `name` (of `shape`, `fan_in`) is one of the FP8 weights.
+    /// MLA's query and key/value projections of attention `a` (DeepSeek-V3's names): the query
+    /// whole or through its low-rank pair, then the compressed key/value and its expansion.
+    fn mla_projections(&self, a: &str, add: &mut impl FnMut(String, Vec<usize>, usize)) {
+        let h = self.hidden_size;
+        let (d, rope, lora, heads) = (
+            self.head_dim,
+            self.qk_rope_head_dim,
+            self.kv_lora_rank,
+            self.num_heads,
+        );
+        match self.q_lora_rank {
+            None => add(format!("{a}.q_proj.weight"), vec![heads * (d + rope), h], h),
+            Some(r) => {
+                add(format!("{a}.q_a_proj.weight"), vec![r, h], h);
+                add(format!("{a}.q_a_layernorm.weight"), vec![r], 0);
+                add(
+                    format!("{a}.q_b_proj.weight"),
+                    vec![heads * (d + rope), r],
+                    r,
+                );
+            }
+        }
+        add(
+            format!("{a}.kv_a_proj_with_mqa.weight"),
+            vec![lora + rope, h],
+            h,
+        );
+        add(format!("{a}.kv_a_layernorm.weight"), vec![lora], 0);
+        add(
+            format!("{a}.kv_b_proj.weight"),
+            vec![heads * 2 * d, lora],
+            lora,
+        );
+    }
+
     fn fp8_block(&self, name: &str, shape: &[usize], fan_in: usize) -> Option<usize> {
         let block = match self.fp8 {
             _ if self.arch == Arch::GptOss => return None,
@@ -823,35 +858,8 @@ impl FixtureSpec {
                 add(format!("{a}.o_norm.weight"), vec![d], 0);
                 add(format!("{a}.o_proj.weight"), vec![h, pd], pd);
             } else {
-                let (d, rope, lora, heads) = (
-                    self.head_dim,
-                    self.qk_rope_head_dim,
-                    self.kv_lora_rank,
-                    self.num_heads,
-                );
-                match self.q_lora_rank {
-                    None => add(format!("{a}.q_proj.weight"), vec![heads * (d + rope), h], h),
-                    Some(r) => {
-                        add(format!("{a}.q_a_proj.weight"), vec![r, h], h);
-                        add(format!("{a}.q_a_layernorm.weight"), vec![r], 0);
-                        add(
-                            format!("{a}.q_b_proj.weight"),
-                            vec![heads * (d + rope), r],
-                            r,
-                        );
-                    }
-                }
-                add(
-                    format!("{a}.kv_a_proj_with_mqa.weight"),
-                    vec![lora + rope, h],
-                    h,
-                );
-                add(format!("{a}.kv_a_layernorm.weight"), vec![lora], 0);
-                add(
-                    format!("{a}.kv_b_proj.weight"),
-                    vec![heads * 2 * d, lora],
-                    lora,
-                );
+                let (d, heads) = (self.head_dim, self.num_heads);
+                self.mla_projections(&a, &mut add);
                 add(format!("{a}.g_proj.weight"), vec![heads * d, h], h);
                 add(format!("{a}.o_proj.weight"), vec![h, heads * d], heads * d);
             }
@@ -1085,31 +1093,8 @@ impl FixtureSpec {
                 );
                 add(format!("{la}.out_proj.weight"), vec![h, vd], vd);
             } else if self.mla() {
-                let (d, rope, lora) = (self.head_dim, self.qk_rope_head_dim, self.kv_lora_rank);
-                let heads = self.num_heads;
-                match self.q_lora_rank {
-                    None => add(format!("{a}.q_proj.weight"), vec![heads * (d + rope), h], h),
-                    Some(r) => {
-                        add(format!("{a}.q_a_proj.weight"), vec![r, h], h);
-                        add(format!("{a}.q_a_layernorm.weight"), vec![r], 0);
-                        add(
-                            format!("{a}.q_b_proj.weight"),
-                            vec![heads * (d + rope), r],
-                            r,
-                        );
-                    }
-                }
-                add(
-                    format!("{a}.kv_a_proj_with_mqa.weight"),
-                    vec![lora + rope, h],
-                    h,
-                );
-                add(format!("{a}.kv_a_layernorm.weight"), vec![lora], 0);
-                add(
-                    format!("{a}.kv_b_proj.weight"),
-                    vec![heads * 2 * d, lora],
-                    lora,
-                );
+                let (d, heads) = (self.head_dim, self.num_heads);
+                self.mla_projections(&a, &mut add);
                 add(format!("{a}.o_proj.weight"), vec![h, heads * d], heads * d);
                 if let (true, Some(r)) = (self.dsa(), self.q_lora_rank) {
                     let (ih, id) = (self.index_heads, self.index_head_dim);

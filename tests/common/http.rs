@@ -20,7 +20,17 @@ pub fn tiny_pack(name: &str) -> &'static Path {
         return pack;
     }
     let pack = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.flashpack"));
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny");
+    convert_quiet(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny"),
+        &pack,
+    );
+    let pack: &'static Path = Box::leak(pack.into_boxed_path());
+    packs.insert(name.to_string(), pack);
+    pack
+}
+
+/// `flashpack convert SRC -o PACK --quiet`, which must succeed.
+pub fn convert_quiet(src: &Path, pack: &Path) {
     let out = Command::new(env!("CARGO_BIN_EXE_flashpack"))
         .args([
             "convert",
@@ -36,9 +46,6 @@ pub fn tiny_pack(name: &str) -> &'static Path {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pack: &'static Path = Box::leak(pack.into_boxed_path());
-    packs.insert(name.to_string(), pack);
-    pack
 }
 
 /// A running server; killed when dropped.

@@ -107,34 +107,7 @@ struct Prefix {
 
 fn prefix_reuse(engine: &mut Engine<'_>, args: &ServeBenchArgs) -> Result<Prefix> {
     let first = history(engine, args.history)?;
-    let stops = engine.template().stops();
-    let (mut cold, mut warm) = (Vec::new(), Vec::new());
-    let (mut cached, mut prompt, mut history_tokens) = (0, 0, 0);
-    for _ in 0..args.reps {
-        // Turn one fills the cache; turn two is the history, the answer and a new question.
-        engine.reset();
-        let ids = engine.encode_chat(&first)?;
-        history_tokens = ids.len();
-        let answer = engine.complete(&ids, &greedy(16, stops.clone()), |_| true)?;
-        let mut second = first.clone();
-        second.push(Message::new("assistant", &answer.text));
-        second.push(Message::new("user", "And what happened next?"));
-        let ids2 = engine.encode_chat(&second)?;
-        let w = engine.generate(&ids2, &greedy(1, Vec::new()), &Silent, |_| true)?;
-        warm.push(w.generation.stats.time_to_first_token_s);
-        cached = w.generation.cached_tokens;
-        prompt = ids2.len();
-        engine.reset();
-        let c = engine.generate(&ids2, &greedy(1, Vec::new()), &Silent, |_| true)?;
-        cold.push(c.generation.stats.time_to_first_token_s);
-    }
-    Ok(Prefix {
-        cold_s: median(cold),
-        warm_s: median(warm),
-        history_tokens,
-        cached,
-        prompt,
-    })
+    second_turn(engine, args, &first, None)
 }
 
 /// Two conversations that alternate (issue 27, item 4): conversation A's first turn, then B's,
@@ -143,17 +116,31 @@ fn prefix_reuse(engine: &mut Engine<'_>, args: &ServeBenchArgs) -> Result<Prefix
 fn alternating(engine: &mut Engine<'_>, args: &ServeBenchArgs) -> Result<Prefix> {
     let a = history_from(engine, args.history, 0)?;
     let b = history_from(engine, args.history, TOPICS.len() / 2)?;
+    second_turn(engine, args, &a, Some(&b))
+}
+
+/// The time to first token of `first`'s second turn (the history, the answer and a new
+/// question) after its first turn (and `between`'s, when given), against a reset engine.
+fn second_turn(
+    engine: &mut Engine<'_>,
+    args: &ServeBenchArgs,
+    first: &[Message],
+    between: Option<&[Message]>,
+) -> Result<Prefix> {
     let stops = engine.template().stops();
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
     let (mut cached, mut prompt, mut history_tokens) = (0, 0, 0);
     for _ in 0..args.reps {
+        // Turn one fills the cache; turn two is the history, the answer and a new question.
         engine.reset();
-        let ids = engine.encode_chat(&a)?;
+        let ids = engine.encode_chat(first)?;
         history_tokens = ids.len();
         let answer = engine.complete(&ids, &greedy(16, stops.clone()), |_| true)?;
-        let other = engine.encode_chat(&b)?;
-        engine.complete(&other, &greedy(16, stops.clone()), |_| true)?;
-        let mut second = a.clone();
+        if let Some(other) = between {
+            let ids = engine.encode_chat(other)?;
+            engine.complete(&ids, &greedy(16, stops.clone()), |_| true)?;
+        }
+        let mut second = first.to_vec();
         second.push(Message::new("assistant", &answer.text));
         second.push(Message::new("user", "And what happened next?"));
         let ids2 = engine.encode_chat(&second)?;
