@@ -38,7 +38,8 @@ first token to the last, as flashpack's report counts it; stream_generate's own 
 counts N tokens over N-1 intervals, N/(N-1) higher). The first repetition of each model also runs
 `stream_generate` in the same process, after the timed loop, and checks that its tokens are the
 loop's. flashpack's numbers come from its `--json` report (decode_tokens_per_s, host_build_ms and
-host_wait_ms per token after the first).
+host_wait_ms per token after the first). --uncompiled adds flashpack with `mx.compile` off
+(FLASHPACK_COMPILE=0) as a third runtime of the same repetitions, with its own table.
 
 Resumable: every run is saved into --work/results.json at once; a later call with the same --work
 skips what already has --reps repetitions (and models already built), so the whole benchmark can be
@@ -76,7 +77,13 @@ from bench_gpu import PROMPT, decode_stats, drop_caches, med, run_flashpack, sh 
 ARCHS = "deepseek_v3,glm4_moe,gpt_oss,qwen3_moe,mixtral,qwen3_next,qwen3_5_moe"
 # mlx-lm 0.32.2 cannot run these on MLX's CUDA backend: flashpack only.
 FLASHPACK_ONLY = {"qwen3_next", "qwen3_5_moe"}
+MLA_ARCHS = {"deepseek_v3", "deepseek_v32", "glm_moe_dsa", "kimi_k25", "kimi_k3"}
 RUNTIMES = ("mlx", "fp")
+# Variants of flashpack, each one more runtime of the same interleaved repetitions, run with
+# extra environment: --uncompiled (`mx.compile` off, FLASHPACK_COMPILE=0: the A/B of compiled
+# activations and routers, issue 26) and --fp-variant NAME:KEY=VALUE[,KEY=VALUE] (e.g.
+# fp_spin:FLASHPACK_SPIN_US=2000). Filled in by main().
+RUNTIME_ENV = {}
 
 # mlx-lm's decode, timed from inside: generate_step's pipeline (mlx_lm/generate.py, 0.32.2) with
 # clocks around the graph building and around the wait for each token; stream_generate's token
@@ -223,7 +230,8 @@ def shape(a, arch, layers):
     if layers > 8:
         s["experts"] = deep
     s["layers"] = layers
-    kv = s["heads"] if arch == "deepseek_v3" else s["kv_heads"]
+    # MLA (the DeepSeek-V3 family, Kimi-K3's full-attention layers): a key and value per head.
+    kv = s["heads"] if arch in MLA_ARCHS else s["kv_heads"]
     args = ["--arch", arch, "--hidden", str(s["hidden"]), "--layers", str(layers),
             "--experts", str(s["experts"]), "--top-k", str(s["top_k"]),
             "--moe-intermediate", str(s["width"]), "--heads", str(s["heads"]),
@@ -261,8 +269,8 @@ class Bench:
                     self.state["models"].setdefault(m, {})["inspect"] = v["inspect"]
         if a.retry_errors:
             for r in self.state["runs"].values():
-                for rt in RUNTIMES:
-                    r[rt] = [x for x in r.get(rt, []) if "error" not in x]
+                for rt in r:
+                    r[rt] = [x for x in r[rt] if "error" not in x]
         self.prompt_file = os.path.join(a.work, "prompt.txt")
         with open(self.prompt_file, "w") as f:
             f.write(PROMPT)
@@ -370,8 +378,8 @@ class Bench:
     def run_one(self, arch, layers, rt, tokens, check=False):
         name, _, q, pack = self.names(arch, layers)
         t = time.time()
-        if rt == "fp":
-            s = run_flashpack(pack, [], PROMPT, tokens)
+        if rt.startswith("fp"):
+            s = run_flashpack(pack, [], PROMPT, tokens, env=RUNTIME_ENV.get(rt))
             if "error" in s:
                 rec = {"error": s["error"]}
             else:
@@ -406,7 +414,8 @@ class Bench:
         return f"{self.names(arch, layers)[0]}:T{self.a.max_tokens}"
 
     def runtimes(self, arch):
-        return ("fp",) if arch in FLASHPACK_ONLY or self.a.no_mlx else RUNTIMES
+        fp = ("fp",) + tuple(RUNTIME_ENV)
+        return fp if arch in FLASHPACK_ONLY or self.a.no_mlx else ("mlx",) + fp
 
     def log_run(self, key, rt, rec, tag=""):
         if "error" in rec:
@@ -547,6 +556,17 @@ class Bench:
                 row["same_text"] = a_t == b_t
                 row["common_prefix_chars"] = common
                 row["chars"] = max(len(a_t), len(b_t))
+            for v in RUNTIME_ENV:
+                if not (ok.get(v) and ok.get("fp")):
+                    continue
+                tv = row[v]["tps_median"]
+                row[v]["vs_fp"] = tv / row["fp"]["tps_median"]
+                if ok.get("mlx"):
+                    row[v]["vs_mlx"] = tv / row["mlx"]["tps_median"]
+                row[v]["per_rep_vs_fp"] = [
+                    n["tps"] / f["tps"] for n, f in zip(r[v], r["fp"])
+                    if "error" not in n and "error" not in f]
+                row[v]["text_equals_fp"] = ok[v][0]["text"] == ok["fp"][0]["text"]
             if ok.get("fp"):
                 f = ok["fp"][0]
                 ctx = (f.get("prompt_tokens") or 0) + (f.get("generated") or 0) / 2
@@ -567,7 +587,7 @@ class Bench:
     def table(self, models):
         a = self.a
         rows = self.rows(models)
-        devices = sorted({d for r in rows.values() for rt in RUNTIMES if rt in r
+        devices = sorted({d for r in rows.values() for rt in RUNTIMES + tuple(RUNTIME_ENV) if rt in r
                           for d in r[rt]["devices"]})
         f1 = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         f2 = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
@@ -648,6 +668,28 @@ class Bench:
                     f"**{f2(r.get('build_vs_qwen3_moe'))}x**; "
                     f"{f1(r['fp']['tps_median'] if 'fp' in r else None)} tok/s, "
                     f"{f0(r.get('hbm_bound_tps'))} tok/s bound by the bytes read")
+        for v, env in RUNTIME_ENV.items():
+            have = [r for r in rows.values() if r.get(v)]
+            if not have:
+                continue
+            spelt = " ".join(f"{k}={x}" for k, x in env.items())
+            lines += ["", f"flashpack with `{spelt}` ({v}), in the same interleaved repetitions:",
+                      "",
+                      f"| arch | layers | {v} tok/s med (min-max, spread) | against fp (ratio of "
+                      "medians) | per-rep (min-max) | against mlx-lm | build / wait ms/tok | "
+                      "arrays/tok | same text as fp |",
+                      "|---|---:|---|---:|---|---:|---|---:|---|"]
+            for r in have:
+                n = r[v]
+                per = n.get("per_rep_vs_fp") or []
+                prr = (f"{statistics.median(per):.3f}x ({min(per):.3f}-{max(per):.3f})"
+                       if per else "-")
+                vs_fp = f"**{n['vs_fp']:.3f}x**" if n.get("vs_fp") else "-"
+                vs_mlx = f"{n['vs_mlx']:.3f}x" if n.get("vs_mlx") else "-"
+                same = {True: "yes", False: "**no**", None: "-"}[n.get("text_equals_fp")]
+                lines.append(f"| {r['arch']} | {r['layers']} | {tps(n)} | {vs_fp} | {prr} | "
+                             f"{vs_mlx} | {f2(n['build_ms'])} / {f2(n['wait_ms'])} | "
+                             f"{f0(n.get('arrays'))} | {same} |")
         notes = []
         for r in rows.values():
             m = r.get("mlx")
@@ -656,7 +698,7 @@ class Bench:
                              f"stream_generate after it in the same process "
                              f"{m['stream_tps']:.1f} tok/s, same tokens: "
                              f"{'yes' if m['stream_tokens_equal'] else '**NO**'}")
-            for rt in RUNTIMES:
+            for rt in RUNTIMES + tuple(RUNTIME_ENV):
                 if r.get(rt) and not r[rt]["texts_agree"]:
                     notes.append(f"- {r['model']}: {rt} texts differ between repetitions")
         if notes:
@@ -703,6 +745,12 @@ def main():
     ap.add_argument("--retry-errors", action="store_true",
                     help="drop failed runs from the results, so they run again")
     ap.add_argument("--no-mlx", action="store_true", help="flashpack only")
+    ap.add_argument("--uncompiled", action="store_true",
+                    help="also flashpack with mx.compile off (FLASHPACK_COMPILE=0), a third "
+                         "runtime in the same interleaved repetitions")
+    ap.add_argument("--fp-variant", action="append", default=[],
+                    help="NAME:KEY=VALUE[,KEY=VALUE]: flashpack run with that environment as "
+                         "one more runtime of the same repetitions (may be repeated)")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--small", action="store_true",
                     help="a smoke test: hidden 256, 8 experts top-2 of width 128, 4 heads of 64, "
@@ -711,6 +759,13 @@ def main():
     a.layers = a.layers or ("2" if a.small else "8,32")
     a.reps = a.reps if a.reps is not None else (2 if a.small else 5)
     a.max_tokens = a.max_tokens if a.max_tokens is not None else (16 if a.small else 256)
+    if a.uncompiled:
+        RUNTIME_ENV["fp_nc"] = {"FLASHPACK_COMPILE": "0"}
+    for spec in a.fp_variant:
+        name, _, env = spec.partition(":")
+        if not name.startswith("fp_") or not env:
+            ap.error(f"--fp-variant {spec!r}: give NAME:KEY=VALUE with NAME starting fp_")
+        RUNTIME_ENV[name] = dict(kv.split("=", 1) for kv in env.split(","))
     a.work = os.path.abspath(a.work)
     os.makedirs(a.work, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)

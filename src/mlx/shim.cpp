@@ -50,7 +50,8 @@ fp_array* wrap(mx::array a) { return new fp_array{std::move(a)}; }
 // are made with `cudaEventBlockingSync`: a waiting thread sleeps and wakes some tens of
 // microseconds after the event, and a streamed decode waits for the device once per sparse
 // layer (its routing). Polling the array's event first (`is_available`) wakes at once.
-// `FLASHPACK_SPIN_US` sets it; off (0: sleep at once) until measured on a GPU, and never
+// `FLASHPACK_SPIN_US` sets it; off (0: sleep at once) by default, as measured on the H100
+// (decision 0030: about 24 us saved a wait, within noise per token), and never
 // where the default device is the CPU, whose backend's kernels need the core a polling
 // thread would take.
 long spin_us() {
