@@ -859,7 +859,12 @@ fn named_stream(
     responder: impl NamedEvents,
     first: Vec<NamedEvent>,
 ) -> Response {
-    let state = (rx, responder, std::collections::VecDeque::from(first), false);
+    let state = (
+        rx,
+        responder,
+        std::collections::VecDeque::from(first),
+        false,
+    );
     let events =
         futures_util::stream::unfold(state, |(mut rx, mut r, mut queued, mut done)| async move {
             loop {
@@ -975,4 +980,24 @@ fn stream_response(
 
 fn data(v: &Value) -> Result<SseEvent, Infallible> {
     Ok(SseEvent::default().data(v.to_string()))
+}
+
+/// A finished completion of `text` for the endpoints' tests: 10 prompt tokens, 6 of them from
+/// the KV cache, and 4 generated.
+#[cfg(test)]
+pub(crate) fn completion_for_tests(text: &str, finish: crate::run::engine::Finish) -> Completion {
+    Completion {
+        text: text.into(),
+        reasoning: String::new(),
+        finish,
+        stop_string: None,
+        prompt_tokens: 10,
+        completion_tokens: 4,
+        cached_tokens: 6,
+        logprobs: Vec::new(),
+        stats: Default::default(),
+        tokens: Vec::new(),
+        at_first_token: None,
+        cpu_s: Default::default(),
+    }
 }

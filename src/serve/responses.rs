@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::run::engine::{Completion, Finish, Piece};
-use crate::run::template::{Message, RenderOptions};
+use crate::run::template::Message;
 
 use super::anthropic::PackTraits;
 use super::openai::{parse_json, parses_tools, sampling, template_call, ApiError, Limits};
@@ -360,11 +360,11 @@ pub fn parse_responses(
         r#"{"type": "function", "name": ...}"#,
     )?;
     let enable_thinking = thinking(b.reasoning.as_ref())?;
-    if b.metadata.as_ref().is_some_and(|m| !m.is_object() && !m.is_null()) {
-        return Err(invalid(
-            "metadata",
-            "metadata must be an object of strings",
-        ));
+    if b.metadata
+        .as_ref()
+        .is_some_and(|m| !m.is_object() && !m.is_null())
+    {
+        return Err(invalid("metadata", "metadata must be an object of strings"));
     }
     // Agents send a fixed budget: the server's limit caps it, as the context caps every answer.
     let max_output_tokens = b.max_output_tokens.map(|n| n.min(limits.max_tokens as u64));
@@ -403,11 +403,7 @@ pub fn parse_responses(
             model: b.model,
             stream: b.stream.unwrap_or(false),
             include_usage: false,
-            render: RenderOptions {
-                tools: (!tools.is_empty()).then_some(tools),
-                // Only where the template has the switch; elsewhere accepted and ignored.
-                enable_thinking: enable_thinking.filter(|_| pack.thinking_switch),
-            },
+            render: pack.render(tools, enable_thinking),
             parse_tools,
         },
         history,

@@ -97,8 +97,7 @@ impl ResponseStore {
             }
         }
         kept.bytes += bytes;
-        kept
-            .entries
+        kept.entries
             .push_back((id.to_string(), Arc::new(conversation), bytes));
         true
     }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::serve::completion_for_tests as completion;
 
 const LIMITS: Limits = Limits {
     default_max_tokens: 512,
@@ -50,7 +51,15 @@ fn input_items_become_the_templates_conversation() {
     let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(
         roles,
-        ["system", "user", "assistant", "tool", "assistant", "tool", "user"]
+        [
+            "system",
+            "user",
+            "assistant",
+            "tool",
+            "assistant",
+            "tool",
+            "user"
+        ]
     );
     // The instructions and the developer message that opens the input: one system message.
     assert_eq!(m[0].content, "Be brief.\n\nSandbox: on.");
@@ -107,7 +116,10 @@ fn a_string_input_is_a_user_message_and_defaults_apply() {
     let r = parse(r#"{"input":"Hi","max_output_tokens":1000000}"#).unwrap();
     assert_eq!(messages(&r), [Message::new("user", "Hi")]);
     assert!(r.store && !r.parsed.stream && !r.parsed.parse_tools);
-    assert_eq!(r.parsed.render, RenderOptions::default());
+    assert_eq!(
+        r.parsed.render,
+        crate::run::template::RenderOptions::default()
+    );
     assert_eq!(r.parsed.request.max_tokens, 4096, "capped to the server's");
     assert_eq!(r.echo["tool_choice"], "auto");
     assert_eq!(r.echo["parallel_tool_calls"], true);
@@ -234,8 +246,16 @@ fn bad_requests_name_the_field() {
             Some("reasoning"),
             "extreme",
         ),
-        (r#"{"input":"x","reasoning":"high"}"#, Some("reasoning"), "object"),
-        (r#"{"input":"x","metadata":[1]}"#, Some("metadata"), "object"),
+        (
+            r#"{"input":"x","reasoning":"high"}"#,
+            Some("reasoning"),
+            "object",
+        ),
+        (
+            r#"{"input":"x","metadata":[1]}"#,
+            Some("metadata"),
+            "object",
+        ),
         (
             r#"{"input":"x","background":true}"#,
             Some("background"),
@@ -257,23 +277,6 @@ fn bad_requests_name_the_field() {
         assert_eq!(err.param, param, "{body}: {}", err.message);
         assert!(err.message.contains(says), "{body}: {}", err.message);
         assert_eq!(err.body()["error"]["type"], "invalid_request_error");
-    }
-}
-
-fn completion(text: &str, finish: Finish) -> Completion {
-    Completion {
-        text: text.into(),
-        reasoning: String::new(),
-        finish,
-        stop_string: None,
-        prompt_tokens: 10,
-        completion_tokens: 4,
-        cached_tokens: 6,
-        logprobs: Vec::new(),
-        stats: Default::default(),
-        tokens: Vec::new(),
-        at_first_token: None,
-        cpu_s: Default::default(),
     }
 }
 
