@@ -367,13 +367,19 @@ pub fn parse_responses(
         return Err(invalid("metadata", "metadata must be an object of strings"));
     }
     // Agents send a fixed budget: the server's limit caps it, as the context caps every answer.
+    // Without one the answer may run to that limit (OpenAI's has none but the context's): Codex
+    // sends none, and takes an answer cut short (`incomplete`) as a failed turn.
     let max_output_tokens = b.max_output_tokens.map(|n| n.min(limits.max_tokens as u64));
+    let limits = Limits {
+        default_max_tokens: limits.max_tokens,
+        ..*limits
+    };
     let request = sampling(
         b.temperature,
         b.top_p,
         (max_output_tokens, "max_output_tokens"),
         None,
-        limits,
+        &limits,
     )?;
     let store = b.store.unwrap_or(true);
     let prompt = prompt_messages(b.instructions.as_deref(), &history);

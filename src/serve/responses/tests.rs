@@ -126,7 +126,10 @@ fn a_string_input_is_a_user_message_and_defaults_apply() {
     assert_eq!(r.echo["temperature"], 1.0);
     let r = parse(r#"{"input":"Hi","reasoning":{"effort":"high"}}"#).unwrap();
     assert_eq!(r.parsed.render.enable_thinking, Some(true));
-    assert_eq!(r.parsed.request.max_tokens, 512);
+    assert_eq!(
+        r.parsed.request.max_tokens, 4096,
+        "without max_output_tokens, up to the server's limit"
+    );
     let no_switch = PackTraits {
         thinking_switch: false,
     };
