@@ -442,9 +442,20 @@ fn any_value(rng: &mut Rng) -> Value {
 
 #[test]
 fn malformed_requests_get_openai_errors_and_never_crash_the_server() {
+    // A short context bounds every answer: a fuzzed length that the server caps (Anthropic's
+    // `max_tokens`, the Responses API's `max_output_tokens`) or leaves out (the Responses API's
+    // default is the limit) would otherwise run to the model's 2,048 positions, minutes on a
+    // busy machine.
     let mut server = Server::start(
         pack(),
-        &["--max-body-bytes", "65536", "--idle-timeout", "2"],
+        &[
+            "--max-body-bytes",
+            "65536",
+            "--idle-timeout",
+            "2",
+            "--max-context",
+            "256",
+        ],
     );
     let good_chat = json!({
         "model": "serve-tests",
