@@ -99,9 +99,10 @@ fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
 }
 
 /// The text of a content list: `input_text` / `output_text` parts (and an assistant's
-/// `refusal`), joined as chat joins text parts; images, files and audio are refused.
+/// `refusal`), joined by a blank line as Anthropic's text blocks are (Codex sends separate
+/// blocks of instructions as parts of one message); images, files and audio are refused.
 fn parts_text(parts: &[Value], at: &str) -> Result<String, ApiError> {
-    let mut text = String::new();
+    let mut text: Vec<&str> = Vec::new();
     for (j, p) in parts.iter().enumerate() {
         let kind = p.get("type").and_then(Value::as_str).unwrap_or("(none)");
         let field = match kind {
@@ -121,7 +122,7 @@ fn parts_text(parts: &[Value], at: &str) -> Result<String, ApiError> {
             }
         };
         match p.get(field).and_then(Value::as_str) {
-            Some(t) => text.push_str(t),
+            Some(t) => text.push(t),
             None => {
                 return Err(invalid(
                     "input",
@@ -130,7 +131,7 @@ fn parts_text(parts: &[Value], at: &str) -> Result<String, ApiError> {
             }
         }
     }
-    Ok(text)
+    Ok(text.join("\n\n"))
 }
 
 /// A string or a content list, as message content and function outputs take it.

@@ -39,7 +39,7 @@ fn input_items_become_the_templates_conversation() {
           {{"type":"function_call","call_id":"call_1","name":"get_weather","arguments":"{{\"city\": \"Paris\"}}"}},
           {{"type":"function_call_output","call_id":"call_1","output":"20 C"}},
           {{"type":"function_call","call_id":"call_2","name":"get_weather","arguments":"{{}}"}},
-          {{"type":"function_call_output","call_id":"call_2","output":[{{"type":"input_text","text":"21 "}},{{"type":"input_text","text":"C"}}]}},
+          {{"type":"function_call_output","call_id":"call_2","output":[{{"type":"input_text","text":"21 C"}},{{"type":"input_text","text":"sunny"}}]}},
           {{"type":"message","role":"user","content":[{{"type":"input_text","text":"Thanks"}}]}}],
         "tools":[{WEATHER},{{"type":"web_search"}},{{"type":"local_shell"}}],
         "tool_choice":"required","max_output_tokens":50,"temperature":0.5,"top_p":0.9,
@@ -81,7 +81,7 @@ fn input_items_become_the_templates_conversation() {
     // A call after a tool's output opens a new assistant turn.
     assert_eq!(m[4].content, "");
     assert_eq!(m[4].tool_calls.as_ref().unwrap().len(), 1);
-    assert_eq!(m[5].content, "21 C");
+    assert_eq!(m[5].content, "21 C\n\nsunny");
     assert_eq!(m[6].content, "Thanks");
     // The history keeps the developer message apart (it is stored as sent) and has no
     // instructions (OpenAI does not carry them over to a follow-up).
@@ -422,4 +422,40 @@ fn a_failure_after_the_start_is_an_error_event_then_response_failed() {
     assert_eq!(ev[1].1["response"]["status"], "failed");
     assert_eq!(ev[1].1["response"]["error"]["code"], "server_error");
     assert_eq!(store.usage().0, 0);
+}
+
+/// What Codex CLI 0.169 sends (its request captured, texts cut short): no `instructions` but
+/// developer messages, parts that are separate blocks, function tools beside a `namespace` of
+/// sub-agent tools and `web_search`, `reasoning` with a summary and no effort, metadata of its
+/// own.
+#[test]
+fn a_request_as_codex_sends_it_is_taken() {
+    let r = parse(
+        r#"{"model":"agents","stream":true,"input":[
+          {"type":"message","id":"msg_1","role":"developer","content":[{"type":"input_text","text":"You are a coding agent."}]},
+          {"type":"message","id":"msg_2","role":"developer","content":[{"type":"input_text","text":"<permissions instructions>read-only</permissions instructions>"},{"type":"input_text","text":"<collaboration_mode>default</collaboration_mode>"}]},
+          {"type":"message","id":"msg_3","role":"user","content":[{"type":"input_text","text":"<environment_context><cwd>/tmp</cwd></environment_context>"}]},
+          {"type":"message","id":"msg_4","role":"user","content":[{"type":"input_text","text":"Say hello"}]}],
+        "tools":[{"type":"function","name":"exec_command","description":"Runs a command.","strict":false,
+                  "parameters":{"type":"object","properties":{"cmd":{"type":"string"}},"required":["cmd"],"additionalProperties":false}},
+                 {"type":"namespace","name":"multi_agent_v1","description":"Sub-agents.",
+                  "tools":[{"type":"function","name":"close_agent","parameters":{"type":"object"}}]},
+                 {"type":"web_search","external_web_access":false}],
+        "tool_choice":"auto","parallel_tool_calls":true,"reasoning":{"summary":"auto"},"store":false,
+        "include":["reasoning.encrypted_content"],"prompt_cache_key":"01a2","client_metadata":{"turn_id":"01a2"}}"#,
+    )
+    .unwrap();
+    let m = messages(&r);
+    let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["system", "user", "user"]);
+    assert_eq!(
+        m[0].content,
+        "You are a coding agent.\n\n<permissions instructions>read-only</permissions instructions>\n\n<collaboration_mode>default</collaboration_mode>"
+    );
+    assert_eq!(m[2].content, "Say hello");
+    let tools = r.parsed.render.tools.as_ref().unwrap();
+    let names: Vec<&Value> = tools.iter().map(|t| &t["function"]["name"]).collect();
+    assert_eq!(names, [&json!("exec_command")]);
+    assert!(r.parsed.parse_tools && r.parsed.stream && !r.store);
+    assert_eq!(r.parsed.render.enable_thinking, None);
 }
