@@ -1,6 +1,7 @@
 //! `flashpack serve` on the bundled tiny model, driven as clients drive it: the `openai` Python
 //! package (skipped with a note where it is not installed), curl for the SSE framing, raw
-//! sockets for queueing, disconnects, limits, idle connections and malformed requests, and a
+//! sockets for queueing, disconnects, limits, idle connections and malformed requests (to every
+//! completion endpoint: chat, completions, Anthropic's messages, OpenAI's responses), and a
 //! bounded load test on loopback.
 
 use crate::common::http;
@@ -235,6 +236,11 @@ fn an_api_key_is_required_on_every_endpoint() {
             "/v1/completions",
             r#"{"prompt":"x","max_tokens":1}"#,
         ),
+        (
+            "POST",
+            "/v1/responses",
+            r#"{"input":"x","max_output_tokens":1}"#,
+        ),
         ("GET", "/nowhere", ""),
     ] {
         for auth in [
@@ -436,9 +442,20 @@ fn any_value(rng: &mut Rng) -> Value {
 
 #[test]
 fn malformed_requests_get_openai_errors_and_never_crash_the_server() {
+    // A short context bounds every answer: a fuzzed length that the server caps (Anthropic's
+    // `max_tokens`, the Responses API's `max_output_tokens`) or leaves out (the Responses API's
+    // default is the limit) would otherwise run to the model's 2,048 positions, minutes on a
+    // busy machine.
     let mut server = Server::start(
         pack(),
-        &["--max-body-bytes", "65536", "--idle-timeout", "2"],
+        &[
+            "--max-body-bytes",
+            "65536",
+            "--idle-timeout",
+            "2",
+            "--max-context",
+            "256",
+        ],
     );
     let good_chat = json!({
         "model": "serve-tests",
@@ -460,13 +477,26 @@ fn malformed_requests_get_openai_errors_and_never_crash_the_server() {
         "tools": [{"name": "f", "input_schema": {"type": "object"}}],
         "tool_choice": {"type": "auto"}, "stop_sequences": ["\n"], "temperature": 0.5,
     });
+    // OpenAI's Responses API, with a function tool and a call's round trip in its items.
+    let good_responses = json!({
+        "model": "serve-tests", "max_output_tokens": 2, "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{\"a\": 1}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "2"},
+        ],
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        "tool_choice": "auto", "temperature": 0.5, "top_p": 0.9, "store": true,
+        "reasoning": {"effort": "low"}, "metadata": {"k": "v"},
+    });
     let mut rng = Rng(0x5EED_F00D);
     let mut statuses = std::collections::BTreeMap::new();
     for case in 0..300 {
-        let (path, good) = match case % 3 {
+        let (path, good) = match case % 4 {
             0 => ("/v1/chat/completions", &good_chat),
             1 => ("/v1/completions", &good_completion),
-            _ => ("/v1/messages", &good_messages),
+            2 => ("/v1/messages", &good_messages),
+            _ => ("/v1/responses", &good_responses),
         };
         let body: Vec<u8> = match rng.below(5) {
             // A field of the wrong type (or a nested one).
@@ -476,7 +506,12 @@ fn malformed_requests_get_openai_errors_and_never_crash_the_server() {
                 let k = &keys[rng.below(keys.len())];
                 v[k] = any_value(&mut rng);
                 if rng.below(3) == 0 {
-                    v["messages"] = json!([{"role": "user", "content": any_value(&mut rng)}]);
+                    let list = if path == "/v1/responses" {
+                        "input"
+                    } else {
+                        "messages"
+                    };
+                    v[list] = json!([{"role": "user", "content": any_value(&mut rng)}]);
                 }
                 v.to_string().into_bytes()
             }

@@ -1,11 +1,12 @@
-//! `flashpack serve` for agents (issue 27, items 1 and 2): Anthropic's Messages API driven by
-//! the `anthropic` Python SDK, and OpenAI chat with tools driven by the `openai` SDK (each
-//! skipped with a note where its module is missing, a failure under `FLASHPACK_CI=1`), plus
-//! Anthropic's error objects on raw requests. The pack is the bundled tiny model converted with
+//! `flashpack serve` for agents (issue 27, items 1 to 3): Anthropic's Messages API driven by
+//! the `anthropic` Python SDK, OpenAI chat with tools and OpenAI's Responses API driven by the
+//! `openai` SDK (each skipped with a note where its module is missing, a failure under
+//! `FLASHPACK_CI=1`), plus Anthropic's error objects and the Responses API's events and errors
+//! on raw requests. The pack is the bundled tiny model converted with
 //! Qwen3's chat template (fixtures/templates/Qwen-Qwen3-chat_template.jinja), so tools, tool
 //! calls, tool results and `enable_thinking` go through a real template; the tiny model does
 //! not call tools by itself, so the parse path of calls is checked on known text by the unit
-//! tests of `serve::tools`, `serve::openai` and `serve::anthropic`.
+//! tests of `serve::tools`, `serve::openai`, `serve::anthropic` and `serve::responses`.
 
 use crate::common::http;
 
@@ -207,4 +208,121 @@ fn malformed_requests_to_messages_get_anthropic_error_objects() {
     let r = request(server.addr, "GET", "/v1/models", &[], b"");
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+}
+
+/// OpenAI's Responses API (what Codex CLI speaks) through the `openai` SDK: plain and streamed
+/// responses (the SDK's stream helper too), function tools and a round trip rendered through
+/// the template, `previous_response_id` served from the prompt cache with the tokens of the
+/// whole conversation, unknown and unstored ids, malformed requests.
+#[test]
+fn the_openai_sdk_uses_the_responses_api() {
+    if !crate::common::python::python_imports("openai", "the Responses API checks") {
+        return;
+    }
+    let server = Server::start(qwen3_pack(), &["--api-key", "sk-agents"]);
+    run_script(
+        "openai_responses_client.py",
+        &server,
+        &server.url("/v1"),
+        &[
+            "response ok",
+            "stream ok",
+            "tools ok",
+            "round trip ok",
+            "previous_response_id ok",
+            "unknown id ok",
+            "errors ok",
+        ],
+    );
+}
+
+/// The Responses API's stream as no SDK shows it (each event named as its data's `type`, no
+/// `[DONE]`), and OpenAI's error objects for what no SDK sends: broken JSON, a body that is
+/// not an object, bytes that are not UTF-8, a tool in chat's shape, an unknown
+/// `previous_response_id`, another model, no key, another content type.
+#[test]
+fn responses_stream_named_events_and_malformed_bodies_get_openai_errors() {
+    let server = Server::start(qwen3_pack(), &["--api-key", "k1"]);
+    let key = [("Authorization", "Bearer k1")];
+    let body = json!({"input": "Tell me about Rome.", "max_output_tokens": 4, "temperature": 0,
+                      "stream": true});
+    let r = request(
+        server.addr,
+        "POST",
+        "/v1/responses",
+        &key,
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream")));
+    let text = r.text();
+    let mut names = Vec::new();
+    for block in text
+        .split("\n\n")
+        .filter(|b| !b.is_empty() && !b.starts_with(':'))
+    {
+        let (event, data) = block.split_once('\n').expect("event: and data: lines");
+        let name = event.strip_prefix("event: ").expect(block);
+        let v: Value = serde_json::from_str(data.strip_prefix("data: ").expect(block)).unwrap();
+        assert_eq!(v["type"], name, "{block}");
+        assert_eq!(v["sequence_number"], names.len(), "{block}");
+        names.push(name.to_string());
+    }
+    assert_eq!(names[..2], ["response.created", "response.in_progress"]);
+    assert!(
+        ["response.completed", "response.incomplete"].contains(&names.last().unwrap().as_str()),
+        "{names:?}"
+    );
+    assert!(!text.contains("[DONE]"));
+
+    let check = |r: &http::Response, status: u16, param: Option<&str>| {
+        assert_eq!(r.status, status, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["error"]["param"].as_str(), param, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        assert!(v["error"]["type"].is_string(), "{v}");
+    };
+    for (body, status, param) in [
+        (&b"{\"input\": "[..], 400, None),
+        (b"[]", 400, None),
+        (b"\xff\xfe", 400, None),
+        (
+            b"{\"input\": \"x\", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]}",
+            400,
+            Some("tools"),
+        ),
+        (
+            b"{\"input\": \"x\", \"previous_response_id\": \"resp_x\"}",
+            404,
+            Some("previous_response_id"),
+        ),
+        (b"{\"input\": \"x\", \"model\": \"gpt-5\"}", 404, Some("model")),
+    ] {
+        let r = request(server.addr, "POST", "/v1/responses", &key, body);
+        check(&r, status, param);
+    }
+    let ok = json!({"input": "Hi", "max_output_tokens": 1}).to_string();
+    let r = request(server.addr, "POST", "/v1/responses", &[], ok.as_bytes());
+    check(&r, 401, None);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let raw = format!(
+        "POST /v1/responses HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer k1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ok}",
+        server.addr,
+        ok.len()
+    );
+    let r = http::send_raw(server.addr, raw.as_bytes()).unwrap();
+    check(&r, 415, None);
+    let r = request(server.addr, "GET", "/v1/responses", &key, b"");
+    check(&r, 405, None);
+    // And the server still answers.
+    let r = request(server.addr, "POST", "/v1/responses", &key, ok.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "response");
 }

@@ -49,6 +49,17 @@ pub struct PackTraits {
     pub thinking_switch: bool,
 }
 
+impl PackTraits {
+    /// What the template renders a conversation with: the tools (none when empty), and the
+    /// reasoning switch only where the template has one (elsewhere it is accepted and ignored).
+    pub fn render(self, tools: Vec<Value>, enable_thinking: Option<bool>) -> RenderOptions {
+        RenderOptions {
+            tools: (!tools.is_empty()).then_some(tools),
+            enable_thinking: enable_thinking.filter(|_| self.thinking_switch),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged, expecting = "a string or a list of content blocks")]
 enum Content {
@@ -349,11 +360,7 @@ pub fn parse_messages(
         model: b.model,
         stream: b.stream.unwrap_or(false),
         include_usage: false,
-        render: RenderOptions {
-            tools: (!tools.is_empty()).then_some(tools),
-            // Only where the template has the switch; elsewhere accepted and ignored.
-            enable_thinking: enable_thinking.filter(|_| pack.thinking_switch),
-        },
+        render: pack.render(tools, enable_thinking),
         parse_tools,
     })
 }

@@ -1,10 +1,12 @@
 //! `flashpack serve`: an OpenAI-compatible HTTP server over one [`crate::run::engine::Engine`].
 //!
 //! In: HTTP requests on `/v1/chat/completions`, `/v1/completions` (both streaming as
-//! server-sent events, ending `data: [DONE]`, or not), `/v1/models` and `/health`, and
-//! Anthropic's `/v1/messages` (streamed as its named events) and `/v1/messages/count_tokens`.
+//! server-sent events, ending `data: [DONE]`, or not), OpenAI's Responses API `/v1/responses`
+//! (streamed as its named events), `/v1/models` and `/health`, and Anthropic's `/v1/messages`
+//! (streamed as its named events) and `/v1/messages/count_tokens`.
 //! Out: OpenAI's response and error objects, and Anthropic's on its paths (`anthropic.rs`);
-//! tool calls read from the answer in the pack's format (`tools.rs`).
+//! `response` objects (`responses.rs`, which keeps stored responses' conversations for
+//! `previous_response_id`); tool calls read from the answer in the pack's format (`tools.rs`).
 //! Invariant: requests queue for the one engine thread (`worker.rs`) in arrival order, at most
 //! `max_queue` waiting (then 429 with Retry-After); a client that goes away stops its
 //! generation at the next token (in the prefill, at the next layer); one that half-closes
@@ -21,6 +23,7 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod responses;
 pub mod tools;
 pub mod worker;
 
@@ -42,8 +45,10 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::run::engine::EngineOptions;
+use crate::run::engine::{Completion, Piece};
 use anthropic::{MessageResponder, PackTraits};
 use openai::{ApiError, Endpoint, Limits, Parsed, Responder};
+use responses::{NamedEvent, ResponseStore, ResponsesResponder};
 use tools::ToolFormat;
 use worker::{Counters, Event, Job, WorkerOptions};
 
@@ -82,11 +87,14 @@ pub struct ServeOptions {
     pub default_max_tokens: usize,
     pub max_tokens: usize,
     pub idle_timeout: Duration,
+    /// Bytes of conversations kept for the Responses API's `previous_response_id`.
+    pub response_store_bytes: u64,
 }
 
 impl ServeOptions {
     /// Defaults for `pack`: 127.0.0.1:8080, no key, 64 queued, 1 MiB bodies, prompts up to the
-    /// model's context, 512 tokens per answer by default and at most 32768, 30 s idle timeout.
+    /// model's context, 512 tokens per answer by default and at most 32768, 30 s idle timeout,
+    /// 64 MiB of stored responses.
     pub fn new(pack: PathBuf) -> ServeOptions {
         let model = pack
             .file_stem()
@@ -104,6 +112,7 @@ impl ServeOptions {
             default_max_tokens: 512,
             max_tokens: 32768,
             idle_timeout: Duration::from_secs(30),
+            response_store_bytes: 64 << 20,
         }
     }
 }
@@ -118,6 +127,8 @@ struct Shared {
     pack: PackTraits,
     jobs: mpsc::Sender<Job>,
     counters: Arc<Counters>,
+    /// Conversations of stored responses, for `previous_response_id`.
+    responses: Arc<ResponseStore>,
     requests: AtomicU64,
     started: u64,
 }
@@ -166,6 +177,7 @@ pub fn serve(opts: ServeOptions, on_listen: impl FnOnce(SocketAddr)) -> Result<(
         },
         jobs: jobs_tx,
         counters,
+        responses: Arc::new(ResponseStore::new(opts.response_store_bytes)),
         requests: AtomicU64::new(0),
         started: openai::now_s(),
     });
@@ -255,6 +267,7 @@ fn router(shared: Arc<Shared>, origins: Arc<LocalNames>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
+        .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         // A catch-all: model ids may hold slashes (`org/model`).
         .route("/v1/models/{*id}", get(model))
@@ -482,7 +495,7 @@ async fn not_found(req: HttpRequest) -> Response {
     let e = ApiError::invalid(
         None,
         format!(
-            "no endpoint {} {}: this server has /v1/chat/completions, /v1/completions, /v1/messages, /v1/messages/count_tokens, /v1/models and /health",
+            "no endpoint {} {}: this server has /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/messages/count_tokens, /v1/models and /health",
             req.method(),
             req.uri().path()
         ),
@@ -496,7 +509,7 @@ async fn method_not_allowed(req: HttpRequest) -> Response {
     let e = ApiError::invalid(
         None,
         format!(
-            "{} is not allowed on {}: completions and messages take POST, models and health GET",
+            "{} is not allowed on {}: completions, responses and messages take POST, models and health GET",
             req.method(),
             req.uri().path()
         ),
@@ -793,7 +806,7 @@ async fn anthropic_messages(
     let responder = MessageResponder::new(n, &shared.opts.model, &parsed, shared.tool_format);
     if parsed.stream {
         let first = responder.start(taken.prompt_tokens, taken.cached_tokens);
-        return Ok(anthropic_stream(rx, responder, first));
+        return Ok(named_stream(rx, responder, first));
     }
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -805,51 +818,71 @@ async fn anthropic_messages(
     Err(ApiError::server("the engine stopped before finishing").into())
 }
 
-/// Anthropic's stream: named events (`event: NAME` then `data: JSON`), from `message_start`
-/// to `message_stop`; an error after the start is an `error` event. As with OpenAI's stream,
-/// a comment every second during the prefill finds a client that went away.
-fn anthropic_stream(
+/// A responder whose stream is named events (`event: NAME` then `data: JSON`): Anthropic's
+/// messages and OpenAI's Responses API.
+trait NamedEvents: Send + 'static {
+    fn piece(&mut self, p: &Piece) -> Vec<NamedEvent>;
+    fn end(&mut self, c: &Completion) -> Vec<NamedEvent>;
+    /// A failure after the stream started: its last events.
+    fn error(&mut self, e: &ApiError) -> Vec<NamedEvent>;
+}
+
+impl NamedEvents for MessageResponder {
+    fn piece(&mut self, p: &Piece) -> Vec<NamedEvent> {
+        MessageResponder::piece(self, p)
+    }
+    fn end(&mut self, c: &Completion) -> Vec<NamedEvent> {
+        MessageResponder::end(self, c)
+    }
+    fn error(&mut self, e: &ApiError) -> Vec<NamedEvent> {
+        vec![("error", anthropic::error_body(e))]
+    }
+}
+
+impl NamedEvents for ResponsesResponder {
+    fn piece(&mut self, p: &Piece) -> Vec<NamedEvent> {
+        ResponsesResponder::piece(self, p)
+    }
+    fn end(&mut self, c: &Completion) -> Vec<NamedEvent> {
+        ResponsesResponder::end(self, c)
+    }
+    fn error(&mut self, e: &ApiError) -> Vec<NamedEvent> {
+        ResponsesResponder::error(self, e)
+    }
+}
+
+/// A stream of named events: `first`, then the responder's events for each piece, then its
+/// end (or its error, after which the stream ends). As with OpenAI's chat stream, a comment
+/// every second during the prefill finds a client that went away.
+fn named_stream(
     rx: mpsc::UnboundedReceiver<Event>,
-    responder: MessageResponder,
-    first: Vec<(&'static str, Value)>,
+    responder: impl NamedEvents,
+    first: Vec<NamedEvent>,
 ) -> Response {
-    let mut queued = first;
-    queued.reverse();
-    let state = (rx, responder, queued, false);
+    let state = (
+        rx,
+        responder,
+        std::collections::VecDeque::from(first),
+        false,
+    );
     let events =
-        futures_util::stream::unfold(state, |(mut rx, mut r, mut queued, done)| async move {
+        futures_util::stream::unfold(state, |(mut rx, mut r, mut queued, mut done)| async move {
             loop {
-                if let Some((name, v)) = queued.pop() {
+                if let Some((name, v)) = queued.pop_front() {
                     let ev = SseEvent::default().event(name).data(v.to_string());
                     return Some((Ok::<_, Infallible>(ev), (rx, r, queued, done)));
                 }
                 if done {
                     return None;
                 }
-                let mut next = match rx.recv().await {
-                    Some(Event::Piece(p)) => r.piece(&p),
-                    Some(Event::Done(c)) => {
-                        let end = r.end(&c);
-                        queued = end;
-                        queued.reverse();
-                        return queued.pop().map(|(name, v)| {
-                            let ev = SseEvent::default().event(name).data(v.to_string());
-                            (Ok(ev), (rx, r, queued, true))
-                        });
-                    }
-                    Some(Event::Error(e)) => {
-                        vec![("error", anthropic::error_body(&e))]
-                    }
+                let (next, last) = match rx.recv().await {
+                    Some(Event::Piece(p)) => (r.piece(&p), false),
+                    Some(Event::Done(c)) => (r.end(&c), true),
+                    Some(Event::Error(e)) => (r.error(&e), true),
                     Some(Event::Started { .. }) | None => return None,
                 };
-                let is_error = next.first().is_some_and(|(n, _)| *n == "error");
-                next.reverse();
-                queued = next;
-                if is_error {
-                    let (name, v) = queued.pop()?;
-                    let ev = SseEvent::default().event(name).data(v.to_string());
-                    return Some((Ok(ev), (rx, r, Vec::new(), true)));
-                }
+                queued.extend(next);
+                done = last;
             }
         });
     let keep_alive = axum::response::sse::KeepAlive::new().interval(Duration::from_secs(1));
@@ -857,6 +890,43 @@ fn anthropic_stream(
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+/// OpenAI's `/v1/responses`.
+async fn responses(State(shared): State<Arc<Shared>>, req: HttpRequest) -> Response {
+    openai_responses(shared, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn openai_responses(shared: Arc<Shared>, req: HttpRequest) -> Result<Response, ApiError> {
+    check_json(&req)?;
+    let body = read_body(&shared, req).await?;
+    let store = &shared.responses;
+    let parsed =
+        responses::parse_responses(&body, &shared.limits, shared.pack, &|id| store.get(id))?;
+    check_model(&shared, parsed.parsed.model.as_deref())?;
+    let (n, mut rx, _) = submit(&shared, &parsed.parsed, true, false).await?;
+    let stream = parsed.parsed.stream;
+    let mut responder = ResponsesResponder::new(
+        n,
+        &shared.opts.model,
+        parsed,
+        shared.tool_format,
+        &shared.responses,
+    );
+    if stream {
+        let first = responder.start();
+        return Ok(named_stream(rx, responder, first));
+    }
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Done(c) => return Ok(axum::Json(responder.full(&c)).into_response()),
+            Event::Error(e) => return Err(e),
+            Event::Piece(_) | Event::Started { .. } => {}
+        }
+    }
+    Err(ApiError::server("the engine stopped before finishing"))
 }
 
 /// Server-sent events: a role chunk (chat), one chunk per text piece, the finish chunk, usage
@@ -910,4 +980,24 @@ fn stream_response(
 
 fn data(v: &Value) -> Result<SseEvent, Infallible> {
     Ok(SseEvent::default().data(v.to_string()))
+}
+
+/// A finished completion of `text` for the endpoints' tests: 10 prompt tokens, 6 of them from
+/// the KV cache, and 4 generated.
+#[cfg(test)]
+pub(crate) fn completion_for_tests(text: &str, finish: crate::run::engine::Finish) -> Completion {
+    Completion {
+        text: text.into(),
+        reasoning: String::new(),
+        finish,
+        stop_string: None,
+        prompt_tokens: 10,
+        completion_tokens: 4,
+        cached_tokens: 6,
+        logprobs: Vec::new(),
+        stats: Default::default(),
+        tokens: Vec::new(),
+        at_first_token: None,
+        cpu_s: Default::default(),
+    }
 }

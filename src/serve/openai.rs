@@ -197,12 +197,18 @@ pub fn template_call(id: Option<&str>, name: &str, arguments: Value) -> Value {
 
 /// Whether the model's output is read for calls: tools were given and `tool_choice` is not
 /// `none`. `required` and a named function are taken, and not enforced: nothing constrains
-/// the sampling (decision 0028).
-fn parses_tools(tools: &[Value], choice: Option<&Value>) -> Result<bool, ApiError> {
+/// the sampling (decision 0028). A function is named as chat names it (`{"type": "function",
+/// "function": {"name"}}`) or as the Responses API does (`{"type": "function", "name"}`);
+/// `shape` is the one the endpoint's errors show.
+pub(super) fn parses_tools(
+    tools: &[Value],
+    choice: Option<&Value>,
+    shape: &str,
+) -> Result<bool, ApiError> {
     let bad = |v: &Value| {
         ApiError::invalid(
             Some("tool_choice"),
-            format!("tool_choice {v} is not one of \"auto\", \"required\", \"none\" or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"),
+            format!("tool_choice {v} is not one of \"auto\", \"required\", \"none\" or {shape}"),
         )
     };
     let on = match choice {
@@ -213,8 +219,11 @@ fn parses_tools(tools: &[Value], choice: Option<&Value>) -> Result<bool, ApiErro
             _ => return Err(bad(choice.unwrap_or(&Value::Null))),
         },
         Some(v @ Value::Object(_)) => {
-            let name = v.pointer("/function/name").and_then(Value::as_str);
-            match name {
+            let name = v.pointer("/function/name").or_else(|| {
+                v.get("name")
+                    .filter(|_| v.get("type").and_then(Value::as_str) == Some("function"))
+            });
+            match name.and_then(Value::as_str) {
                 Some(n) if tools.iter().any(|t| t["function"]["name"] == n) => true,
                 Some(n) => {
                     return Err(ApiError::invalid(
@@ -303,7 +312,7 @@ pub struct Limits {
     pub max_tokens: usize,
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid(
             None,
@@ -355,39 +364,6 @@ impl Common {
                 ));
             }
         }
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-            return Err(ApiError::invalid(
-                Some("temperature"),
-                format!("temperature {temperature} is out of range: use 0 (greedy) to 2"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid(
-                Some("top_p"),
-                format!("top_p {top_p} is out of range: use a value above 0 and at most 1"),
-            ));
-        }
-        let max_tokens = match max_tokens {
-            None => limits.default_max_tokens,
-            Some(0) => {
-                return Err(ApiError::invalid(
-                    Some("max_tokens"),
-                    "max_tokens 0: ask for at least 1 token",
-                ))
-            }
-            Some(n) if n > limits.max_tokens as u64 => {
-                return Err(ApiError::invalid(
-                    Some("max_tokens"),
-                    format!(
-                        "max_tokens {n} is more than this server allows ({}); ask for fewer",
-                        limits.max_tokens
-                    ),
-                ))
-            }
-            Some(n) => n as usize,
-        };
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -399,23 +375,78 @@ impl Common {
                 format!("{} stop sequences: give at most 4", stop.len()),
             ));
         }
-        // A request without a seed samples differently each time, as OpenAI's does.
-        let seed = match self.seed {
-            Some(s) => s as u64,
-            None => fresh_seed(),
-        };
-        Ok(Request {
-            max_tokens,
-            sampler: SamplerOptions {
-                temperature,
-                top_p,
-                top_k: 0,
-                seed,
-            },
-            logprobs: None,
-            stop,
-        })
+        let mut request = sampling(
+            self.temperature,
+            self.top_p,
+            (max_tokens, "max_tokens"),
+            self.seed,
+            limits,
+        )?;
+        request.stop = stop;
+        Ok(request)
     }
+}
+
+/// The sampler and length every OpenAI endpoint checks alike: `temperature` 0 to 2 and
+/// `top_p` in (0, 1] (both 1 by default), the answer's length (`max`: the value and the name of
+/// its field) from 1 to the server's limit, its default when absent; a request without a seed
+/// samples differently each time, as OpenAI's does.
+pub(super) fn sampling(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    max: (Option<u64>, &'static str),
+    seed: Option<i64>,
+    limits: &Limits,
+) -> Result<Request, ApiError> {
+    let temperature = temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("temperature {temperature} is out of range: use 0 (greedy) to 2"),
+        ));
+    }
+    let top_p = top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            Some("top_p"),
+            format!("top_p {top_p} is out of range: use a value above 0 and at most 1"),
+        ));
+    }
+    let (max_tokens, field) = max;
+    let max_tokens = match max_tokens {
+        None => limits.default_max_tokens,
+        Some(0) => {
+            return Err(ApiError::invalid(
+                Some(field),
+                format!("{field} 0: ask for at least 1 token"),
+            ))
+        }
+        Some(n) if n > limits.max_tokens as u64 => {
+            return Err(ApiError::invalid(
+                Some(field),
+                format!(
+                    "{field} {n} is more than this server allows ({}); ask for fewer",
+                    limits.max_tokens
+                ),
+            ))
+        }
+        Some(n) => n as usize,
+    };
+    let seed = match seed {
+        Some(s) => s as u64,
+        None => fresh_seed(),
+    };
+    Ok(Request {
+        max_tokens,
+        sampler: SamplerOptions {
+            temperature,
+            top_p,
+            top_k: 0,
+            seed,
+        },
+        logprobs: None,
+        stop: Vec::new(),
+    })
 }
 
 pub(crate) fn fresh_seed() -> u64 {
@@ -519,7 +550,11 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
         }
         tools.push(json!({"type": "function", "function": t.function}));
     }
-    let parse_tools = parses_tools(&tools, b.tool_choice.as_ref())?;
+    let parse_tools = parses_tools(
+        &tools,
+        b.tool_choice.as_ref(),
+        r#"{"type": "function", "function": {"name": ...}}"#,
+    )?;
     let mut request = b
         .common
         .check(b.max_completion_tokens.or(b.common.max_tokens), limits)?;

@@ -1,5 +1,6 @@
 //! `flashpack serve PACK`: an OpenAI-compatible server (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/models`, `/health`) on 127.0.0.1:8080 by default.
+//! `/v1/completions`, `/v1/responses`, `/v1/models`, `/health`) with Anthropic's
+//! `/v1/messages`, on 127.0.0.1:8080 by default.
 
 use std::io::Write;
 use std::path::PathBuf;

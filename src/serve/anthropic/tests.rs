@@ -123,20 +123,9 @@ fn bad_messages_requests_are_invalid_request_errors() {
 }
 
 fn completion(text: &str, finish: Finish, stop: Option<&str>) -> Completion {
-    Completion {
-        text: text.into(),
-        reasoning: String::new(),
-        finish,
-        stop_string: stop.map(str::to_string),
-        prompt_tokens: 10,
-        completion_tokens: 4,
-        cached_tokens: 6,
-        logprobs: Vec::new(),
-        stats: Default::default(),
-        tokens: Vec::new(),
-        at_first_token: None,
-        cpu_s: Default::default(),
-    }
+    let mut c = crate::serve::completion_for_tests(text, finish);
+    c.stop_string = stop.map(str::to_string);
+    c
 }
 
 fn with_tools() -> Parsed {
