@@ -258,3 +258,79 @@ fn with_sinks(scores: &Array, sinks: &Array, hkv: usize, repeats: usize) -> Resu
     let column = Array::zeros(&shape, scores.dtype())?.add(&sinks)?;
     Ok(crate::mlx::concatenate(&[&column, scores], -1)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::kv_cache::LayerCache;
+    use super::*;
+    use crate::mlx::dequantize;
+
+    /// `[1, 2, len, 64]` rows (two heads) whose values depend on head, position and a tag.
+    fn rows(first: usize, len: usize, tag: f32) -> Array {
+        let v: Vec<f32> = (0..2)
+            .flat_map(|h| {
+                (first..first + len).flat_map(move |p| {
+                    (0..64).map(move |i| ((p * 31 + h * 17 + i * 7) % 97) as f32 / 97.0 - tag)
+                })
+            })
+            .collect();
+        Array::from_slice(&v, &[1, 2, len, 64]).unwrap()
+    }
+
+    fn fetch(c: &mut LayerCache, first: usize, len: usize, tag: f32) -> (Vec<f32>, Vec<f32>) {
+        let (k, v) = c
+            .quantized()
+            .unwrap()
+            .update_and_fetch(&rows(first, len, tag), &rows(first, len, tag + 1.0))
+            .unwrap();
+        assert_eq!(k.weight.shape()[2], v.scales.shape()[2]);
+        (
+            dequantize(&k).unwrap().to_vec_f32().unwrap(),
+            dequantize(&v).unwrap().to_vec_f32().unwrap(),
+        )
+    }
+
+    /// As [`LayerKv`](super::super::LayerKv)'s test: truncating and writing again gives exactly
+    /// the codes a cache holding only the kept positions and the new ones gives (a position's
+    /// codes depend on its own values alone: groups run along the head), also across a capacity
+    /// step (300 > 256) and back below it; a position past the held ones is refused.
+    #[test]
+    fn a_truncated_quantized_cache_equals_one_built_from_the_kept_positions() {
+        for bits in [8, 4] {
+            for (held, keep, more) in [(5, 3, 2), (300, 10, 4), (200, 200, 100), (260, 0, 3)] {
+                let mut c = LayerCache::Quantized(QuantizedKv::new(bits, 64));
+                fetch(&mut c, 0, held, 1.0);
+                c.truncate(keep).unwrap();
+                assert_eq!(c.offset(), keep);
+                let got = fetch(&mut c, keep, more, 2.0);
+                let mut fresh = LayerCache::Quantized(QuantizedKv::new(bits, 64));
+                if keep > 0 {
+                    fetch(&mut fresh, 0, keep, 1.0);
+                }
+                assert_eq!(got, fetch(&mut fresh, keep, more, 2.0), "{bits} bits");
+                assert_eq!(got.0.len(), 2 * (keep + more) * 64);
+            }
+            let mut c = LayerCache::Quantized(QuantizedKv::new(bits, 64));
+            fetch(&mut c, 0, 4, 1.0);
+            assert!(c.truncate(10).is_err());
+            assert_eq!(c.offset(), 4);
+        }
+    }
+
+    /// A snapshot keeps what it held after the cache it came from is cut back and written over
+    /// (MLX arrays are immutable: the write copies the shared buffer).
+    #[test]
+    fn a_snapshot_keeps_its_positions_when_the_original_is_written_over() {
+        let mut c = LayerCache::Quantized(QuantizedKv::new(8, 64));
+        let held = fetch(&mut c, 0, 6, 1.0);
+        let mut snap = c.clone();
+        c.truncate(2).unwrap();
+        fetch(&mut c, 2, 4, 5.0);
+        let again = fetch(&mut snap, 6, 1, 1.0);
+        // `[1, 2, positions, 64]`: head 0's positions, then head 1's.
+        for h in 0..2 {
+            let (a, b) = (h * 7 * 64, h * 6 * 64);
+            assert_eq!(again.0[a..a + 6 * 64], held.0[b..b + 6 * 64]);
+        }
+    }
+}

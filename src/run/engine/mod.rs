@@ -394,6 +394,11 @@ impl<'p> Engine<'p> {
         self.max_sequence
     }
 
+    /// How the memory was divided (the KV cache's bytes per token under `--kv-bits` too).
+    pub fn sizes(&self) -> EngineSizes {
+        self.sizes
+    }
+
     /// The ids whose keys and values the KV cache holds.
     pub fn cached_ids(&self) -> &[u32] {
         self.prefix.ids()
