@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::arch::{KvBits, ModelConfig};
 use crate::convert::load::{Checkpoint, LoadError};
 use crate::convert::source::{SourceExperts, SourceWeights};
 use crate::format::PackError;
@@ -155,16 +156,24 @@ impl Source {
     }
 }
 
-/// Loads `src` with all experts resident and hands the model and its expert store to `f`.
+/// Loads `src` with all experts resident, its KV caches quantized to `kv_bits` where
+/// `--kv-bits` quantizes them (`Model::set_kv_bits`), and hands the model and its expert store
+/// to `f`.
 pub fn with_model<T>(
     src: &Source,
+    kv_bits: Option<KvBits>,
     f: impl FnOnce(&Model, &mut dyn ExpertStore) -> Result<T>,
 ) -> Result<T> {
+    let load = |cfg: &ModelConfig, w: &dyn crate::model::Weights| -> Result<Model> {
+        let mut model = Model::load(cfg, w)?;
+        model.set_kv_bits(kv_bits);
+        Ok(model)
+    };
     match src {
         Source::Pack(path) => {
             // Checked as `run` checks by default: a damaged byte is an error, not a score.
             let (pack, cfg, weights) = open::open(path, true)?;
-            let model = Model::load(&cfg, &weights)?;
+            let model = load(&cfg, &weights)?;
             let mut cache = ExpertCache::new(&pack, &StoreOptions::default())?;
             cache.warm_all(&pack)?;
             let mut store = StreamingExperts::new(&pack, cache, cfg.num_experts, false);
@@ -172,14 +181,14 @@ pub fn with_model<T>(
         }
         Source::MlxLm(path) => {
             let (cfg, weights) = MlxLmWeights::open(path)?;
-            let model = Model::load(&cfg, &weights)?;
+            let model = load(&cfg, &weights)?;
             let mut store = ResidentExperts::load(&cfg, &weights)?;
             f(&model, &mut store)
         }
         Source::Checkpoint(path) => {
             let ck = Checkpoint::open(path)?;
             let weights = SourceWeights::load(&ck)?;
-            let model = Model::load(&ck.config, &weights)?;
+            let model = load(&ck.config, &weights)?;
             let mut store = SourceExperts::new(&ck, usize::MAX);
             f(&model, &mut store)
         }
@@ -197,6 +206,35 @@ pub struct EvalReport {
     pub nll: f64,
     pub perplexity: f64,
     pub reference: Option<Comparison>,
+    /// The candidate's quantized KV cache, when `--kv-bits` asked for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<KvCacheReport>,
+}
+
+/// What `--kv-bits` changed in the candidate's KV cache.
+#[derive(Clone, Debug, Serialize)]
+pub struct KvCacheReport {
+    pub bits: KvBits,
+    /// Layers whose keys and values are quantized, of `layers`.
+    pub quantized_layers: usize,
+    pub layers: usize,
+    /// Bytes per token of the layers whose cache grows with the context, quantized and in bf16.
+    pub bytes_per_token: u64,
+    pub bf16_bytes_per_token: u64,
+}
+
+impl KvCacheReport {
+    /// The cache `model` makes ([`Model::set_kv_bits`]); `None` for a bf16 one.
+    pub fn of(model: &Model) -> Option<KvCacheReport> {
+        let cfg = model.config();
+        model.kv_bits().map(|bits| KvCacheReport {
+            bits,
+            quantized_layers: cfg.kv_quantized_layers().len(),
+            layers: cfg.num_hidden_layers,
+            bytes_per_token: cfg.kv_bytes_per_token(Some(bits)),
+            bf16_bytes_per_token: cfg.kv_bytes_per_token(None),
+        })
+    }
 }
 
 /// Candidate against reference on the same positions.
@@ -317,15 +355,18 @@ pub fn evaluate(
             kl_mean: kl / nf,
             top1_agreement: agree as f64 / nf,
         }),
+        kv_cache: KvCacheReport::of(cm),
     })
 }
 
-/// Reads `text` (a file), tokenizes it with `candidate`'s tokenizer and evaluates.
+/// Reads `text` (a file), tokenizes it with `candidate`'s tokenizer and evaluates; the
+/// candidate's KV cache at `kv_bits` (`None`: bf16), the reference's always in bf16.
 pub fn evaluate_text(
     candidate: &Source,
     reference: Option<&Source>,
     text: &Path,
     window: usize,
+    kv_bits: Option<KvBits>,
 ) -> Result<EvalReport> {
     let body = std::fs::read_to_string(text).map_err(|source| EvalError::Io {
         path: text.to_path_buf(),
@@ -340,8 +381,10 @@ pub fn evaluate_text(
     if ids.len() < 2 {
         return Err(EvalError::TooShort { tokens: ids.len() });
     }
-    with_model(candidate, |cm, cs| match reference {
+    with_model(candidate, kv_bits, |cm, cs| match reference {
         None => evaluate(&ids, window, (cm, cs), None),
-        Some(r) => with_model(r, |rm, rs| evaluate(&ids, window, (cm, cs), Some((rm, rs)))),
+        Some(r) => with_model(r, None, |rm, rs| {
+            evaluate(&ids, window, (cm, cs), Some((rm, rs)))
+        }),
     })
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::arch::KvBits;
 use crate::format::{codec_id, optional, required, Pack, QuantMode, SectionKind};
 
 /// Sizes and bits of one kind of weight.
@@ -65,6 +66,8 @@ pub struct PackReport {
     /// sliding-window layers. A prefill chunk adds up to
     /// its own length to each while it runs; the run's budget counts that too.
     pub kv_cache_window_bytes: u64,
+    /// What `--kv-bits` would make of `kv_cache_bytes_per_token`.
+    pub kv_bits: KvBitsReport,
     /// Bytes of the linear-attention layers' state (convolution state in bf16, recurrent state
     /// in f32), the same at any context length; 0 without linear attention.
     pub recurrent_state_bytes: u64,
@@ -90,6 +93,31 @@ pub struct PackReport {
     pub optional_features: Vec<&'static str>,
     pub provenance: Value,
     pub quantization: Value,
+}
+
+/// The KV cache under `run --kv-bits` (`arch::ModelConfig::kv_group`): the layers it
+/// quantizes and the bytes per token at each width.
+#[derive(Clone, Debug, Serialize)]
+pub struct KvBitsReport {
+    /// Layers whose keys and values `--kv-bits` quantizes (groups of 64, or 32 on a 32-wide
+    /// head), of `layers`.
+    pub quantized_layers: usize,
+    /// What the other layers keep as they are: "sliding-window cache", "MLA latent cache", ...
+    pub kept: Vec<&'static str>,
+    /// `kv_cache_bytes_per_token` at `--kv-bits 8` and `--kv-bits 4`.
+    pub bytes_per_token_8bit: u64,
+    pub bytes_per_token_4bit: u64,
+}
+
+impl KvBitsReport {
+    pub fn of(m: &crate::arch::ModelConfig) -> KvBitsReport {
+        KvBitsReport {
+            quantized_layers: m.kv_quantized_layers().len(),
+            kept: m.kv_kept().iter().map(|k| k.describe()).collect(),
+            bytes_per_token_8bit: m.kv_bytes_per_token(Some(KvBits::EIGHT)),
+            bytes_per_token_4bit: m.kv_bytes_per_token(Some(KvBits::FOUR)),
+        }
+    }
 }
 
 const REQUIRED_NAMES: [(u64, &str); 10] = [
@@ -380,6 +408,7 @@ impl PackReport {
                     .or(m.compressed_attention.as_ref().map(|c| c.sliding_window));
                 size.map_or(0, |n| m.window_kv_values(n as u64, 1) * 2)
             },
+            kv_bits: KvBitsReport::of(&typed.model),
             recurrent_state_bytes: typed.model.recurrent_state_bytes(),
             max_position_embeddings: typed.model.max_position_embeddings,
             file_bytes,

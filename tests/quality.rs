@@ -267,7 +267,7 @@ fn eval_of_a_pack_against_itself_and_its_errors() {
     let src = Source::detect(&path).unwrap();
     assert_eq!(src, Source::Pack(path.clone()));
     // Windows of 48 tokens: the text is longer, so it is cut.
-    let r = evaluate_text(&src, Some(&src), &text, 48).unwrap();
+    let r = evaluate_text(&src, Some(&src), &text, 48, None).unwrap();
     assert!(r.windows > 1, "{r:?}");
     assert_eq!(r.window, 48);
     let c = r.reference.unwrap();
@@ -280,7 +280,7 @@ fn eval_of_a_pack_against_itself_and_its_errors() {
     // Against the bf16 source: the 4-bit pack is close but not identical.
     let source = Source::detect(&trained()).unwrap();
     assert_eq!(source, Source::Checkpoint(trained()));
-    let r = evaluate_text(&src, Some(&source), &text, 512).unwrap();
+    let r = evaluate_text(&src, Some(&source), &text, 512, None).unwrap();
     let c = r.reference.unwrap();
     assert!(c.kl_mean > 0.0 && c.kl_mean < 0.5, "{}", c.kl_mean);
     assert!(c.top1_agreement > 0.5, "{}", c.top1_agreement);
@@ -288,11 +288,11 @@ fn eval_of_a_pack_against_itself_and_its_errors() {
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
     assert!(matches!(
-        evaluate_text(&src, None, &empty, 512),
+        evaluate_text(&src, None, &empty, 512, None),
         Err(EvalError::TooShort { tokens: 0 })
     ));
     assert!(matches!(
-        evaluate_text(&src, None, &dir.path().join("missing.txt"), 512),
+        evaluate_text(&src, None, &dir.path().join("missing.txt"), 512, None),
         Err(EvalError::Io { .. })
     ));
     assert!(matches!(

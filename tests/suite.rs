@@ -30,6 +30,7 @@ mod serve_agents;
 // The runtime and quality on the bundled model.
 mod engine;
 mod expert_store;
+mod kv_bits;
 mod quality;
 mod run_pack;
 mod run_paths;

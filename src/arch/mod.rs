@@ -11,13 +11,15 @@
 //! makes [`Arch`], its module and its entry), parsing a config by its `model_type`, and
 //! `ArchError`; what the entries share is split by idea: `config.rs` the normalized
 //! [`ModelConfig`] and its records; `router.rs` the router (config, architecture rules, the spec
-//! the model runs); `fields.rs` the config field reader; `names.rs` tensor naming. Both config
+//! the model runs); `fields.rs` the config field reader; `names.rs` tensor naming; `kv.rs` which layers
+//! `--kv-bits` quantizes and the KV bytes per token that follow. Both config
 //! dialects are accepted: transformers 5.x (`rope_parameters`, `num_local_experts`) and legacy
 //! (top-level `rope_theta` / `rope_scaling`, `num_experts`).
 
 mod config;
 mod def;
 mod fields;
+mod kv;
 mod names;
 mod router;
 
@@ -28,6 +30,7 @@ pub use config::{
 };
 pub use def::{same_name, ArchDef, Derive, Sanitize};
 pub(crate) use fields::{Defaults, Fields};
+pub use kv::{kv_group_for, quantized_vector_bytes, KvBits, KvKept, KV_GROUP_SIZE};
 pub use names::{ExpertLayout, Part, Proj, SharedNames, TensorNames, TensorRole};
 pub use router::{ExpertGroups, RouterConfig, RouterDef, RouterSpec, Scoring, TopKOrder};
 

@@ -1836,3 +1836,70 @@ fn kimi_k3_names_are_mlx_lms() {
         )
     );
 }
+
+/// `--kv-bits` (kv.rs): the layers of a plain KV cache are quantized, at group 64, and their
+/// bytes per token are the codes plus a bf16 scale and bias per 64 values; windows, linear
+/// states and MLA's latent stay as they are, and the budget's total moves by exactly the saving.
+#[test]
+fn kv_bits_quantize_plain_kv_layers_and_count_their_bytes() {
+    assert_eq!(KvBits::new(3), None);
+    assert_eq!(KvBits::new(8), Some(KvBits::EIGHT));
+    assert_eq!(kv_group_for(128), Some(64));
+    assert_eq!(kv_group_for(32), Some(32));
+    assert_eq!(kv_group_for(48), None);
+
+    // The bundled model: 6 layers, 2 KV heads of 64.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen3moe-tiny/config.json");
+    let tiny = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(tiny.kv_bytes_per_token(None), 6 * 2 * 2 * 64 * 2);
+    // (8 + 2 * 16 / 64) / 16 = 0.53 of bf16; (4 + 0.5) / 16 = 0.28.
+    assert_eq!(
+        tiny.kv_bytes_per_token(Some(KvBits::EIGHT)),
+        6 * 2 * 2 * (64 + 4)
+    );
+    assert_eq!(
+        tiny.kv_bytes_per_token(Some(KvBits::FOUR)),
+        6 * 2 * 2 * (32 + 4)
+    );
+    assert_eq!(tiny.kv_quantized_layers(), (0..6).collect::<Vec<_>>());
+    assert!(tiny.kv_kept().is_empty());
+    let saved = 6 * 2 * 2 * (128 - 68);
+    assert_eq!(
+        tiny.kv_bytes(4096, 512, Some(KvBits::EIGHT)),
+        tiny.kv_values(4096, 512) * 2 - saved * 4096
+    );
+
+    // gpt-oss: the 12 full-attention layers (8 KV heads of 64) are quantized, the 12 sliding
+    // windows stay bf16 and bounded.
+    let g = ModelConfig::from_json(&gpt_oss_20b_published()).unwrap();
+    assert_eq!(g.kv_quantized_layers().len(), 12);
+    assert_eq!(g.kv_kept(), vec![KvKept::SlidingWindow]);
+    assert_eq!(
+        g.kv_bytes_per_token(Some(KvBits::EIGHT)),
+        12 * 2 * 8 * (64 + 4)
+    );
+    assert_eq!(
+        g.kv_bytes(4096, 512, Some(KvBits::EIGHT)),
+        12 * 2 * 8 * (64 + 4) * 4096 + g.window_kv_values(4096, 512) * 2
+    );
+
+    // Qwen3-Next: the full-attention layers' heads of 256, groups of 64; linear states kept.
+    let n = ModelConfig::from_json(&qwen3_next_published()).unwrap();
+    assert_eq!(n.kv_quantized_layers().len(), 12);
+    assert_eq!(n.kv_kept(), vec![KvKept::LinearState]);
+    assert_eq!(n.kv_group(3), Ok(64));
+    assert_eq!(n.kv_group(0), Err(KvKept::LinearState));
+
+    // DeepSeek-V3: MLA's latent is not per-head keys and values: nothing changes.
+    let ds = ModelConfig::from_json(&deepseek_v3_published()).unwrap();
+    assert!(ds.kv_quantized_layers().is_empty());
+    assert_eq!(ds.kv_kept(), vec![KvKept::Latent]);
+    assert_eq!(
+        ds.kv_bytes_per_token(Some(KvBits::FOUR)),
+        ds.kv_bytes_per_token(None)
+    );
+    assert_eq!(
+        ds.kv_bytes(4096, 512, Some(KvBits::FOUR)),
+        ds.kv_values(4096, 512) * 2
+    );
+}

@@ -187,6 +187,7 @@ pub fn convert_checkpoint(
                 Some(&Source::Checkpoint(ck.root().to_path_buf())),
                 text,
                 512,
+                None,
             )
             .map_err(|e| ConvertError::Compute {
                 stage: format!("the quality report on {}", text.display()),

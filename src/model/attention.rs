@@ -1,8 +1,8 @@
 //! Self-attention with RoPE, grouped-query heads, optional q/k RMSNorm, attention sinks and a
 //! sliding window.
 //!
-//! In: hidden states `[B, L, H]` and the layer's cache (`kv_cache.rs`, or `rotating.rs` for a
-//! sliding-window layer). Out: `[B, L, H]` and the cache grown by `L` positions. Invariant: keys
+//! In: hidden states `[B, L, H]` and the layer's cache (`kv_cache.rs`, `rotating.rs` for a
+//! sliding-window layer, or `quantized_kv.rs` under `--kv-bits`). Out: `[B, L, H]` and the cache grown by `L` positions. Invariant: keys
 //! are cached after RoPE, so a cached key is always the key rotated for its own position; the
 //! queries of a call sit at positions `offset .. offset + L`. Mirrors the `Attention` classes of
 //! mlx-lm 0.32.2 (models/qwen3_moe.py, mixtral.py, olmoe.py, qwen2_moe.py, glm4_moe.py,
@@ -12,6 +12,7 @@
 
 use super::kv_cache::{to_i32, LayerCache};
 use super::layers::{check_shape, require, Linear, RmsNorm};
+use super::quantized_kv::quantized_attention;
 use super::weights::Weights;
 use super::ComputeError;
 use crate::arch::{Gemma4, ModelConfig, QkNorm};
@@ -460,17 +461,23 @@ impl Attention {
         // queries = self.rope(queries, offset=cache.offset); keys likewise; then the cache.
         let q = self.rope.apply(&q, cache.offset())?;
         let k = self.rope.apply(&k, cache.offset())?;
-        let (k, v) = cache.update_and_fetch("self_attn", &k, &v)?;
 
-        // scaled_dot_product_attention(q, k, v, cache, scale, mask=mask, sinks=self.sinks)
-        let out = fast::scaled_dot_product_attention_sinks(
-            &q,
-            &k,
-            &v,
-            self.scale,
-            mask,
-            self.sinks.as_ref(),
-        )?;
+        // scaled_dot_product_attention(q, k, v, cache, scale, mask=mask, sinks=self.sinks):
+        // over quantized keys and values when the cache has `bits` (base.py).
+        let out = if let Some(quantized) = cache.quantized() {
+            let (k, v) = quantized.update_and_fetch(&k, &v)?;
+            quantized_attention(&q, &k, &v, self.scale, mask, self.sinks.as_ref())?
+        } else {
+            let (k, v) = cache.update_and_fetch("self_attn", &k, &v)?;
+            fast::scaled_dot_product_attention_sinks(
+                &q,
+                &k,
+                &v,
+                self.scale,
+                mask,
+                self.sinks.as_ref(),
+            )?
+        };
         let mut out = out.transpose(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         if let Some(gate) = gate {
             // self.o_proj(output * mx.sigmoid(gate))

@@ -10,6 +10,8 @@
 //!   with it.
 //! - [`RotatingKv`] (`rotating.rs`): a sliding-window layer's keys and values, at most the
 //!   window's worth once the window is full, in mlx-lm's rotated order (gpt-oss).
+//! - [`QuantizedKv`] (`quantized_kv.rs`, `--kv-bits`): a plain KV layer's keys and values as
+//!   MLX affine codes, with [`LayerKv`]'s invariant (steps of 256, position `p` holds `p`).
 //! - [`LinearState`]: Gated DeltaNet's convolution state (the last `conv_kernel_dim - 1` inputs)
 //!   and recurrent state, of a fixed size; each call replaces both. Invariant: they are the state
 //!   after exactly `offset` positions, so prefill in chunks carries them exactly.
@@ -36,6 +38,7 @@
 //! of every prompt.
 
 use super::deepseek_v41::CompressedCache;
+use super::quantized_kv::QuantizedKv;
 use super::rotating::{AttnMask, RotatingKv};
 use super::ComputeError;
 use crate::mlx::{concatenate, Array};
@@ -67,7 +70,7 @@ const KV_STEP: usize = 256;
 
 /// Writes `new` `[B, H, L, D]` at positions `prev ..` of `buf`, growing it by whole steps first
 /// when it is too short (mlx-lm `KVCache.update_and_fetch`); returns the buffer.
-fn write_at(buf: Option<Array>, new: &Array, prev: usize) -> Result<Array> {
+pub(super) fn write_at(buf: Option<Array>, new: &Array, prev: usize) -> Result<Array> {
     let s = new.shape();
     if s.len() != 4 {
         return Err(ComputeError::BadShape {
@@ -103,7 +106,7 @@ fn write_at(buf: Option<Array>, new: &Array, prev: usize) -> Result<Array> {
 }
 
 /// The first `offset` positions of `buf`.
-fn valid(buf: &Array, offset: usize) -> Result<Array> {
+pub(super) fn valid(buf: &Array, offset: usize) -> Result<Array> {
     if offset < buf.shape()[2] {
         trim(buf, offset)
     } else {
@@ -218,6 +221,8 @@ impl LinearState {
 pub enum LayerCache {
     /// Softmax attention (grouped-query or latent): keys and values per position.
     Kv(LayerKv),
+    /// Grouped-query softmax attention under `--kv-bits`: keys and values as affine codes.
+    Quantized(QuantizedKv),
     /// Sliding-window attention: keys and values of the last positions only.
     Rotating(RotatingKv),
     /// Gated DeltaNet linear attention: a fixed-size state.
@@ -238,6 +243,7 @@ impl LayerCache {
     pub fn offset(&self) -> usize {
         match self {
             LayerCache::Kv(kv) => kv.offset(),
+            LayerCache::Quantized(q) => q.offset(),
             LayerCache::Rotating(r) => r.offset(),
             LayerCache::Linear(s) => s.offset(),
             LayerCache::Compressed(c) => c.offset(),
@@ -251,8 +257,12 @@ impl LayerCache {
         match self {
             // KVCache.make_mask: "causal" for several tokens, None for one. (A linear layer
             // ignores its mask; it gets the same, so one mask serves both kinds of a hybrid.)
-            LayerCache::Kv(_) | LayerCache::Linear(_) if len > 1 => Ok(AttnMask::Causal),
-            LayerCache::Kv(_) | LayerCache::Linear(_) => Ok(AttnMask::None),
+            LayerCache::Kv(_) | LayerCache::Quantized(_) | LayerCache::Linear(_) if len > 1 => {
+                Ok(AttnMask::Causal)
+            }
+            LayerCache::Kv(_) | LayerCache::Quantized(_) | LayerCache::Linear(_) => {
+                Ok(AttnMask::None)
+            }
             LayerCache::Rotating(r) => r.mask(len),
             // Its attention builds its own row indices (model/deepseek_v41.rs).
             LayerCache::Compressed(_) => Ok(AttnMask::None),
@@ -260,7 +270,8 @@ impl LayerCache {
     }
 
     /// Stores a softmax-attention layer's new `keys`/`values` and returns the keys and values
-    /// the call attends to; `layer` names it in the error.
+    /// the call attends to; `layer` names it in the error. A quantized cache is read through
+    /// [`LayerCache::quantized`] instead.
     pub(super) fn update_and_fetch(
         &mut self,
         layer: &str,
@@ -270,10 +281,12 @@ impl LayerCache {
         match self {
             LayerCache::Kv(kv) => kv.update_and_fetch(keys, values),
             LayerCache::Rotating(r) => r.update_and_fetch(keys, values),
-            LayerCache::Linear(_) | LayerCache::Compressed(_) => Err(ComputeError::CacheKind {
-                module: layer.to_string(),
-                wanted: "a KV cache",
-            }),
+            LayerCache::Quantized(_) | LayerCache::Linear(_) | LayerCache::Compressed(_) => {
+                Err(ComputeError::CacheKind {
+                    module: layer.to_string(),
+                    wanted: "a KV cache",
+                })
+            }
         }
     }
 
@@ -288,6 +301,7 @@ impl LayerCache {
             .into_iter()
             .flatten()
             .collect(),
+            LayerCache::Quantized(q) => q.arrays().collect(),
             LayerCache::Rotating(r) => r.arrays().collect(),
             LayerCache::Linear(s) => [s.conv.as_ref(), s.recurrent.as_ref()]
                 .into_iter()
@@ -301,12 +315,21 @@ impl LayerCache {
     pub(super) fn kv(&mut self, layer: &str) -> Result<&mut LayerKv> {
         match self {
             LayerCache::Kv(kv) => Ok(kv),
-            LayerCache::Rotating(_) | LayerCache::Linear(_) | LayerCache::Compressed(_) => {
-                Err(ComputeError::CacheKind {
-                    module: layer.to_string(),
-                    wanted: "a KV cache",
-                })
-            }
+            LayerCache::Quantized(_)
+            | LayerCache::Rotating(_)
+            | LayerCache::Linear(_)
+            | LayerCache::Compressed(_) => Err(ComputeError::CacheKind {
+                module: layer.to_string(),
+                wanted: "a KV cache",
+            }),
+        }
+    }
+
+    /// The quantized keys and values of a layer under `--kv-bits`, when it has them.
+    pub(super) fn quantized(&mut self) -> Option<&mut QuantizedKv> {
+        match self {
+            LayerCache::Quantized(q) => Some(q),
+            _ => None,
         }
     }
 
@@ -325,12 +348,13 @@ impl LayerCache {
     pub(super) fn linear(&mut self, layer: &str) -> Result<&mut LinearState> {
         match self {
             LayerCache::Linear(s) => Ok(s),
-            LayerCache::Kv(_) | LayerCache::Rotating(_) | LayerCache::Compressed(_) => {
-                Err(ComputeError::CacheKind {
-                    module: layer.to_string(),
-                    wanted: "a linear-attention state",
-                })
-            }
+            LayerCache::Kv(_)
+            | LayerCache::Quantized(_)
+            | LayerCache::Rotating(_)
+            | LayerCache::Compressed(_) => Err(ComputeError::CacheKind {
+                module: layer.to_string(),
+                wanted: "a linear-attention state",
+            }),
         }
     }
 
@@ -338,6 +362,7 @@ impl LayerCache {
     pub fn can_truncate(&self, position: usize) -> bool {
         match self {
             LayerCache::Kv(kv) => position <= kv.offset(),
+            LayerCache::Quantized(q) => position <= q.offset(),
             LayerCache::Rotating(r) => r.can_truncate(position),
             LayerCache::Linear(s) => position == s.offset(),
             LayerCache::Compressed(c) => position == c.offset(),
@@ -353,6 +378,7 @@ impl LayerCache {
         }
         match self {
             LayerCache::Kv(kv) => kv.truncate(position),
+            LayerCache::Quantized(q) => q.truncate(position),
             LayerCache::Rotating(r) => r.truncate_unchecked(position),
             LayerCache::Linear(_) | LayerCache::Compressed(_) => {}
         }
@@ -458,7 +484,7 @@ impl KvCache {
     /// never a second copy of the growing KV cache; `None` for a model of plain KV caches,
     /// which [`KvCache::truncate`] brings back to any position.
     pub fn checkpoint(&self) -> Option<KvCheckpoint> {
-        let fixed = |l: &LayerCache| !matches!(l, LayerCache::Kv(_));
+        let fixed = |l: &LayerCache| !matches!(l, LayerCache::Kv(_) | LayerCache::Quantized(_));
         if !self.layers.iter().any(fixed) {
             return None;
         }

@@ -345,7 +345,7 @@ fn causal_mask(len: usize, offset: usize) -> Result<Array> {
 }
 
 /// `mx.finfo(dtype).min`.
-fn lowest(dtype: Dtype) -> f64 {
+pub(super) fn lowest(dtype: Dtype) -> f64 {
     match dtype {
         Dtype::BF16 => -3.389_531_389_251_535_5e38,
         Dtype::F16 => -65_504.0,

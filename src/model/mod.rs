@@ -22,6 +22,7 @@ mod kv_cache;
 mod layers;
 mod mla;
 mod moe;
+mod quantized_kv;
 mod rotating;
 mod router;
 mod weights;
@@ -37,6 +38,7 @@ pub use moe::{
     switch_glu, ExpertAct, ExpertBias, ExpertPool, ExpertStore, LayerExperts, MoeBlock, PoolRoute,
     ResidentExperts, SharedExpert,
 };
+pub use quantized_kv::{quantized_attention, QuantizedKv};
 pub use rotating::{causal_window, AttnMask, RotatingKv};
 pub use router::{route_logits, Router, Routing};
 // The router's description is arch's (one for both pipelines); re-exported for the model's users.
@@ -45,7 +47,7 @@ pub use weights::{MlxLmWeights, Quant, Weights};
 
 use std::path::PathBuf;
 
-use crate::arch::{ArchError, DeltaProjections, ModelConfig};
+use crate::arch::{ArchError, DeltaProjections, KvBits, ModelConfig};
 use crate::mlx::{self, Array, Dtype};
 
 /// Errors of the forward pass and of loading its weights.
@@ -261,6 +263,12 @@ impl SelfAttention {
                 LayerCache::Compressed(CompressedCache::new(a.window()))
             }
         }
+    }
+
+    /// Whether it keeps a plain `KVCache` of keys and values per head (grouped-query attention
+    /// without a window), which `--kv-bits` may quantize.
+    fn plain_kv(&self) -> bool {
+        matches!(self, SelfAttention::Gqa(a) if a.window().is_none())
     }
 
     fn forward(
@@ -560,7 +568,7 @@ enum Rewind {
 impl Rewind {
     fn of(c: &LayerCache) -> Rewind {
         match c {
-            LayerCache::Kv(kv) => Rewind::Cut(kv.offset()),
+            LayerCache::Kv(_) | LayerCache::Quantized(_) => Rewind::Cut(c.offset()),
             other => Rewind::Keep(other.clone()),
         }
     }
@@ -602,6 +610,8 @@ pub struct Model {
     /// Kimi-K3's attention residuals: the final norm's input is the blocks' mix with this
     /// `w_eff` (`output_attn_res`).
     output_res: Option<Array>,
+    /// `--kv-bits`: the plain KV layers' caches hold affine codes ([`Model::new_cache`]).
+    kv_bits: Option<KvBits>,
 }
 
 impl Model {
@@ -651,6 +661,7 @@ impl Model {
                 .attn_res_block_size
                 .map(|_| attn_res::w_eff(w, "model.output_attn_res", h))
                 .transpose()?,
+            kv_bits: None,
         })
     }
 
@@ -680,11 +691,32 @@ impl Model {
         self.layers[l + 1..].iter().find_map(Block::moe)
     }
 
-    /// A fresh cache for this model: per layer, a KV cache or a linear-attention state (mlx-lm's
-    /// `make_cache`).
+    /// Quantize the KV caches [`Model::new_cache`] makes from now on to `bits` (`None`: bf16),
+    /// on the layers `ModelConfig::kv_group` names (mlx-lm's `QuantizedKVCache`); the other
+    /// layers keep their kind. A cache made before keeps its own kind.
+    pub fn set_kv_bits(&mut self, bits: Option<KvBits>) {
+        self.kv_bits = bits;
+    }
+
+    pub fn kv_bits(&self) -> Option<KvBits> {
+        self.kv_bits
+    }
+
+    /// A fresh cache for this model: per layer, a KV cache (quantized under
+    /// [`Model::set_kv_bits`]) or a linear-attention state (mlx-lm's `make_cache`).
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: self.layers.iter().map(Block::new_cache).collect(),
+            layers: self
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(l, block)| match (self.kv_bits, self.cfg.kv_group(l)) {
+                    (Some(bits), Ok(group)) if block.attn.plain_kv() => {
+                        LayerCache::Quantized(QuantizedKv::new(bits.bits(), group))
+                    }
+                    _ => block.new_cache(),
+                })
+                .collect(),
         }
     }
 

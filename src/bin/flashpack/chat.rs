@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Context;
+use flashpack::arch::KvBits;
 use flashpack::run::budget::Budget;
 use flashpack::run::engine::{Engine, EngineError, EngineOptions, Finish, Request};
 use flashpack::run::open;
@@ -29,6 +30,10 @@ pub struct MemoryArgs {
     /// (default: the model's context length).
     #[arg(long, value_name = "TOKENS", value_parser = at_least_one_token)]
     pub max_context: Option<usize>,
+    /// Keep the KV cache's keys and values as 8- or 4-bit codes (groups of 64) from the first
+    /// token, on the layers with a plain KV cache; the budget counts the smaller cache.
+    #[arg(long, value_name = "BITS", value_parser = kv_bits)]
+    pub kv_bits: Option<KvBits>,
     /// Do not check blake3 checksums of dense tensors and expert segments.
     #[arg(long)]
     pub no_verify: bool,
@@ -41,6 +46,7 @@ impl MemoryArgs {
             expert_budget: self.expert_budget.clone(),
             verify: !self.no_verify,
             positions: self.max_context.unwrap_or(usize::MAX),
+            kv_bits: self.kv_bits,
             ..EngineOptions::default()
         }
     }
@@ -120,6 +126,16 @@ pub struct ChatArgs {
     /// generated tokens, time to first token).
     #[arg(long)]
     pub stats: bool,
+}
+
+/// `--kv-bits` (`run`, `chat`, `serve`, `eval`): 8 or 4.
+pub fn kv_bits(s: &str) -> Result<KvBits, String> {
+    s.parse::<u8>().ok().and_then(KvBits::new).ok_or_else(|| {
+        format!(
+            "{s:?}: the KV cache is quantized to 8 or 4 bits (MLX's affine codes in groups of \
+                 64); give 8 or 4, or leave the flag out for bf16"
+        )
+    })
 }
 
 /// `--max-context`: a count of tokens, at least 1 (0 would leave no room for any prompt).

@@ -1,4 +1,5 @@
-//! `flashpack eval PACK --text FILE [--reference SOURCE_OR_PACK] [--window N] [--json]`:
+//! `flashpack eval PACK --text FILE [--reference SOURCE_OR_PACK] [--window N] [--kv-bits 8|4]
+//! [--json]`:
 //! perplexity of a pack (or an mlx-lm / Hugging Face folder) on a text, and against a
 //! reference the mean KL divergence and top-1 agreement.
 
@@ -6,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use flashpack::arch::KvBits;
 use flashpack::eval::{evaluate_text, Source};
 
 #[derive(clap::Args)]
@@ -22,6 +24,10 @@ pub struct EvalArgs {
     /// Tokens per window (capped by the model's context length).
     #[arg(long, default_value_t = 512)]
     pub window: usize,
+    /// Score the model with its KV cache quantized to 8 or 4 bits, as `run --kv-bits` runs it
+    /// (the reference keeps bf16).
+    #[arg(long, value_name = "BITS", value_parser = crate::chat::kv_bits)]
+    pub kv_bits: Option<KvBits>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -30,14 +36,20 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let cand = Source::detect(&args.pack)?;
     let reference = args.reference.as_deref().map(Source::detect).transpose()?;
-    let report =
-        evaluate_text(&cand, reference.as_ref(), &args.text, args.window).with_context(|| {
-            format!(
-                "evaluating {} on {}",
-                args.pack.display(),
-                args.text.display()
-            )
-        })?;
+    let report = evaluate_text(
+        &cand,
+        reference.as_ref(),
+        &args.text,
+        args.window,
+        args.kv_bits,
+    )
+    .with_context(|| {
+        format!(
+            "evaluating {} on {}",
+            args.pack.display(),
+            args.text.display()
+        )
+    })?;
     let bytes = cand.weight_bytes()?;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
@@ -68,6 +80,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         "  perplexity        {:.4}  ({:.4} nats/token)",
         report.perplexity, report.nll
     );
+    if let Some(kv) = &report.kv_cache {
+        println!(
+            "  KV cache          {}-bit on {} of {} layers, {} bytes/token (bf16: {}, {:.3}x)",
+            kv.bits,
+            kv.quantized_layers,
+            kv.layers,
+            kv.bytes_per_token,
+            kv.bf16_bytes_per_token,
+            kv.bytes_per_token as f64 / kv.bf16_bytes_per_token.max(1) as f64
+        );
+    }
     if let (Some(c), Some(r)) = (&report.reference, &reference) {
         println!(
             "  reference         {:.4}  ({}, {})",

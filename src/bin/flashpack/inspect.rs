@@ -76,6 +76,26 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             units::bytes(kv, Style::PACK)
         ),
     }
+    let q = &r.kv_bits;
+    if q.quantized_layers > 0 {
+        let kept = if q.kept.is_empty() {
+            String::new()
+        } else {
+            format!("; {} kept as it is", q.kept.join(", "))
+        };
+        println!(
+            "              --kv-bits 8: {}/token, 4: {}/token ({} of {} layers quantized{kept})",
+            units::bytes(q.bytes_per_token_8bit, Style::PACK),
+            units::bytes(q.bytes_per_token_4bit, Style::PACK),
+            q.quantized_layers,
+            r.layers
+        );
+    } else {
+        println!(
+            "              --kv-bits quantizes no layer ({} kept as it is)",
+            q.kept.join(", ")
+        );
+    }
     if r.recurrent_state_bytes > 0 {
         println!(
             "              linear-attention state {} at any context length",

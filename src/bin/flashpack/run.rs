@@ -6,12 +6,14 @@ use std::process::ExitCode;
 
 use crate::chat::{SamplingArgs, TopKArg};
 use anyhow::{bail, Context};
+use flashpack::arch::KvBits;
 use flashpack::run::budget::Budget;
 use flashpack::run::engine::{Engine, EngineOptions, Piece, Request};
 use flashpack::run::experts::PolicyKind;
 use flashpack::run::open;
 use flashpack::run::read::IoMode;
 use flashpack::run::template::{ChatTemplate, Message};
+use flashpack::units::{self, Style};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -43,6 +45,10 @@ pub struct RunArgs {
     /// top.
     #[arg(long, value_name = "SIZE", value_parser = Budget::parse, conflicts_with = "mem_budget")]
     pub expert_budget: Option<Budget>,
+    /// Keep the KV cache's keys and values as 8- or 4-bit codes (groups of 64) from the first
+    /// token, on the layers with a plain KV cache; the budget counts the smaller cache.
+    #[arg(long, value_name = "BITS", value_parser = crate::chat::kv_bits)]
+    pub kv_bits: Option<KvBits>,
     /// How experts come off the disk.
     #[arg(long, default_value = "pread")]
     pub io: IoMode,
@@ -236,6 +242,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         positions: text.len().saturating_add(args.max_tokens),
         // One prompt: no other conversation to keep.
         prompt_cache_bytes: 0,
+        kv_bits: args.kv_bits,
     };
     let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &progress)?;
 
@@ -274,6 +281,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             stats.decode_tokens_per_s,
             report.peak_rss_bytes as f64 / 1e6
         );
+        if let Some(bits) = report.sizes.kv_bits {
+            eprintln!(
+                "KV cache: {bits}-bit on {} of {} layers, {}/token (bf16: {})",
+                report.sizes.kv_quantized_layers,
+                cfg.num_hidden_layers,
+                units::bytes(report.sizes.kv_bytes_per_token, Style::PACK),
+                units::bytes(cfg.kv_bytes_per_token(None), Style::PACK)
+            );
+        }
         if engine.streaming() {
             let (cache, stream, derived) = (&report.expert_cache, &report.stream, &report.derived);
             eprintln!(

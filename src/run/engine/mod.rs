@@ -8,8 +8,9 @@
 //! starts from the longest prefix it shares with them and computes only the rest. One request
 //! runs at a time (`&mut self`): callers queue.
 //!
-//! Sizing under `--mem-budget`: the dense weights stay resident; the KV cache (bf16, for the
-//! longest sequence the caller plans for, [`EngineOptions::positions`]), the LM head's logits and
+//! Sizing under `--mem-budget`: the dense weights stay resident; the KV cache (bf16, or the
+//! codes of `--kv-bits` where it quantizes, for the longest sequence the caller plans for,
+//! [`EngineOptions::positions`]), the LM head's logits and
 //! one prefill chunk's activations are set aside; the experts' slot pools get the rest
 //! (`budget::plan`).
 //!
@@ -162,13 +163,26 @@ impl<'p> Engine<'p> {
         progress: &dyn Progress,
     ) -> Result<Engine<'p>, EngineError> {
         let tokenizer = crate::run::open::tokenizer(pack)?;
-        let model = Model::load(cfg, weights).map_err(EngineError::Model)?;
+        let mut model = Model::load(cfg, weights).map_err(EngineError::Model)?;
+        model.set_kv_bits(opts.kv_bits);
+        let kv_quantized_layers = match opts.kv_bits {
+            Some(_) => cfg.kv_quantized_layers().len(),
+            None => 0,
+        };
+        if let (Some(bits), 0) = (opts.kv_bits, kv_quantized_layers) {
+            let kept: Vec<_> = cfg.kv_kept().iter().map(|k| k.describe()).collect();
+            progress.warn(&format!(
+                "--kv-bits {bits} quantizes no layer of {}: each keeps its {} as it is",
+                cfg.arch,
+                kept.join(" and ")
+            ));
+        }
         let ram = total_ram();
         if let Some(b) = &opts.mem_budget {
             warn_over_ram(progress, "--mem-budget", &b.text, b.size.resolve(ram), ram);
         }
-        // The dense weights stay resident; the KV cache (bf16, up to the longest context this
-        // engine plans for) and activations come out of the budget too.
+        // The dense weights stay resident; the KV cache (up to the longest context this engine
+        // plans for) and activations come out of the budget too.
         let positions = cfg
             .max_position_embeddings
             .unwrap_or(usize::MAX)
@@ -183,11 +197,12 @@ impl<'p> Engine<'p> {
                 as u64
             + 4 * 3 * cfg.attn_res_values_per_token();
         // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), for
-        // every position; a sliding-window layer's at most a window and one prefill chunk
-        // (gpt-oss); plus the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5).
-        // Other conversations' KV caches (several cached prompts) come on top.
+        // every position, as codes where `--kv-bits` quantizes them; a sliding-window layer's
+        // at most a window and one prefill chunk (gpt-oss); plus the fixed-size state of
+        // linear-attention layers (Qwen3-Next, Qwen3.5). Other conversations' KV caches
+        // (several cached prompts) come on top.
         let kv = |chunk: u64| {
-            cfg.kv_values(positions, chunk) * 2
+            cfg.kv_bytes(positions, chunk, opts.kv_bits)
                 + cfg.recurrent_state_bytes()
                 + opts.prompt_cache_bytes
         };
@@ -308,6 +323,9 @@ impl<'p> Engine<'p> {
                 expert_budget_bytes: expert_budget,
                 all_experts_bytes: all_experts,
                 margin_bytes: margin,
+                kv_bits: opts.kv_bits,
+                kv_bytes_per_token: cfg.kv_bytes_per_token(opts.kv_bits),
+                kv_quantized_layers,
             },
             template,
             eos,
@@ -374,6 +392,11 @@ impl<'p> Engine<'p> {
     /// would take more memory than was set aside for its KV cache; callers keep within it.
     pub fn max_sequence(&self) -> usize {
         self.max_sequence
+    }
+
+    /// How the memory was divided (the KV cache's bytes per token under `--kv-bits` too).
+    pub fn sizes(&self) -> EngineSizes {
+        self.sizes
     }
 
     /// The ids whose keys and values the KV cache holds.

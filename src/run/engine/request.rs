@@ -1,6 +1,7 @@
 //! The engine's options, requests and reports: what callers hand [`super::Engine`] and what it
 //! hands back (plain data, no MLX).
 
+use crate::arch::KvBits;
 use crate::run::budget::Budget;
 use crate::run::experts::PolicyKind;
 use crate::run::generate::{GenerateStats, Generation};
@@ -28,6 +29,8 @@ pub struct EngineOptions {
     /// Bytes of KV caches kept for conversations other than the current one
     /// (`run::prompt_cache`; 0: one conversation). Under `--mem-budget` they come out of it.
     pub prompt_cache_bytes: u64,
+    /// `--kv-bits`: the plain KV layers' keys and values as 8- or 4-bit codes (`None`: bf16).
+    pub kv_bits: Option<KvBits>,
 }
 
 impl Default for EngineOptions {
@@ -45,6 +48,7 @@ impl Default for EngineOptions {
             sync_baseline: false,
             positions: usize::MAX,
             prompt_cache_bytes: 0,
+            kv_bits: None,
         }
     }
 }
@@ -58,6 +62,13 @@ pub struct EngineSizes {
     pub all_experts_bytes: u64,
     /// KV cache, logits and one prefill chunk's activations, set aside under a budget.
     pub margin_bytes: u64,
+    /// `--kv-bits`, when given.
+    pub kv_bits: Option<KvBits>,
+    /// Bytes the KV cache takes per token (the layers whose cache grows with the context), at
+    /// `kv_bits` where they quantize it (`ModelConfig::kv_bytes_per_token`).
+    pub kv_bytes_per_token: u64,
+    /// The layers whose keys and values are quantized (none without `kv_bits`).
+    pub kv_quantized_layers: usize,
 }
 
 /// The expert cache's counters when the first token came out (the end of the prefill):
