@@ -164,14 +164,14 @@ pub fn quantized_attention(
     let s = q.shape();
     let (b, hq, l, d) = (to_i32(s[0])?, s[1], to_i32(s[2])?, to_i32(s[3])?);
     let hkv = k.weight.shape()[1];
-    let repeats = hq / hkv.max(1);
-    if repeats == 0 || hq % hkv != 0 {
+    if hkv == 0 || hq % hkv != 0 {
         return Err(ComputeError::BadShape {
             name: "quantized attention heads".into(),
             found: vec![hq],
             expected: vec![hkv],
         });
     }
+    let repeats = hq / hkv;
     // queries *= scale
     let mut queries = q.mul(&Array::scalar(scale as f64, q.dtype())?)?;
     let (mut k, mut v) = (k.clone(), v.clone());
@@ -212,13 +212,15 @@ pub fn quantized_attention(
     let mut weights = scores.softmax(-1, true)?;
     if sinks.is_some() {
         // the sink column carries no value: drop it after the softmax
-        let sh = weights.shape();
-        let start: Vec<i32> = sh
-            .iter()
-            .enumerate()
-            .map(|(i, _)| i32::from(i + 1 == sh.len()))
-            .collect();
-        let stop = sh.iter().map(|&n| to_i32(n)).collect::<Result<Vec<_>>>()?;
+        let stop = weights
+            .shape()
+            .into_iter()
+            .map(to_i32)
+            .collect::<Result<Vec<_>>>()?;
+        let mut start = vec![0; stop.len()];
+        if let Some(first) = start.last_mut() {
+            *first = 1;
+        }
         weights = weights.slice(&start, &stop)?;
     }
     // out = mx.quantized_matmul(scores, *q_values, transpose=False, ...)
