@@ -28,6 +28,14 @@ LONG = PARAGRAPH * (1900 // 34)
 # name -> (run arguments, environment)
 VARIANTS = {
     "resident": ([], {}),
+    # Issue 26 (eighth session): a layer in one run of a multi-layer pool computes on a view of
+    # its rows (the default) or through the whole pool and a slot table (views-off, before);
+    # MLX's per-graph byte limit (MLX_MAX_MB_PER_BUFFER) raised so big pools close no graph.
+    "resident views-off": ([], {"FLASHPACK_POOL_VIEWS": "0"}),
+    "resident bigmb": ([], {"MLX_MAX_MB_PER_BUFFER": "1000000"}),
+    "90%": (["--expert-budget", "90%"], {}),
+    "90% bigmb": (["--expert-budget", "90%"], {"MLX_MAX_MB_PER_BUFFER": "1000000"}),
+    "50% bigmb": (["--expert-budget", "50%"], {"MLX_MAX_MB_PER_BUFFER": "1000000"}),
     # Host reads through a contiguous copy, queued behind everything scheduled (before 2026-12-07).
     "resident copy-read": ([], {"FLASHPACK_READ_COPY": "1"}),
     "50% copy-read": (["--expert-budget", "50%"], {"FLASHPACK_READ_COPY": "1"}),

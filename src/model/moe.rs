@@ -156,6 +156,57 @@ impl ExpertPool {
         self.gate.weight.dim(0).unwrap_or(0)
     }
 
+    /// Slots `start..start + n` as a pool of their own: views of the same memory (no copy),
+    /// evaluated here so a forward pass reads them as plain arrays. A resident layer whose experts
+    /// sit in one run of a larger pool computes on its own rows: MLX's CUDA backend counts every
+    /// input's bytes towards a command graph's limit (`MLX_MAX_MB_PER_BUFFER`, 1000 MB on an
+    /// H100), so a multi-layer pool made each expert matmul close a graph of its own (docs/
+    /// benchmarks.md, "Issue 26 ... eighth session").
+    pub fn slots_view(&self, start: usize, n: usize) -> Result<ExpertPool> {
+        let (a, b) = (start as i32, (start + n) as i32);
+        let rows = |x: &Array| -> Result<Array> {
+            let nd = x.ndim();
+            let mut lo = vec![0i32; nd];
+            let mut hi: Vec<i32> = x.shape().iter().map(|&d| d as i32).collect();
+            lo[0] = a;
+            hi[0] = b;
+            Ok(x.slice(&lo, &hi)?)
+        };
+        let matrix = |m: &QuantizedMatrix| -> Result<QuantizedMatrix> {
+            Ok(QuantizedMatrix {
+                weight: rows(&m.weight)?,
+                scales: rows(&m.scales)?,
+                biases: m.biases.as_ref().map(rows).transpose()?,
+                ..m.clone()
+            })
+        };
+        let view = ExpertPool {
+            gate: matrix(&self.gate)?,
+            up: matrix(&self.up)?,
+            down: matrix(&self.down)?,
+            bias: match &self.bias {
+                Some(b) => Some(ExpertBias {
+                    gate: rows(&b.gate)?,
+                    up: rows(&b.up)?,
+                    down: rows(&b.down)?,
+                }),
+                None => None,
+            },
+            act: self.act,
+        };
+        let mut all: Vec<&Array> = Vec::new();
+        for m in [&view.gate, &view.up, &view.down] {
+            all.push(&m.weight);
+            all.push(&m.scales);
+            all.extend(m.biases.as_ref());
+        }
+        if let Some(b) = &view.bias {
+            all.extend([&b.gate, &b.up, &b.down]);
+        }
+        mlx::eval(&all)?;
+        Ok(view)
+    }
+
     pub fn bits(&self) -> i32 {
         self.gate.bits
     }
@@ -347,6 +398,11 @@ impl LayerExperts {
             });
         }
         Ok(LayerExperts { pools: tables })
+    }
+
+    /// Whether routing looks up a device table (expert id -> slot) before the experts' matmuls.
+    pub fn uses_table(&self) -> bool {
+        self.pools.iter().any(|t| t.slot_of.is_some())
     }
 
     /// Pools and slots for router `indices` (u32, any shape).

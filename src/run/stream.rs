@@ -889,6 +889,13 @@ impl StreamingExperts<'_> {
     }
 }
 
+/// Whether [`resident_store`] gives a layer in one run of a larger pool a view of its own rows
+/// (the default). `FLASHPACK_POOL_VIEWS=0` routes it through the whole pool with a slot table,
+/// as before: the benchmarks' baseline.
+fn pool_views() -> bool {
+    crate::env::number::<u64>("FLASHPACK_POOL_VIEWS").is_none_or(|v| v != 0)
+}
+
 /// The forward pass's store when every expert is resident: per sparse layer, a device-side
 /// table from router expert to (pool, slot), so routing never leaves the device and a forward
 /// pass needs no host round trip. `None` if some expert of `layers` is not resident.
@@ -912,11 +919,23 @@ pub fn resident_store(
             .map(|&(p, s)| (used.binary_search(&p).unwrap_or(0), s))
             .collect();
         let pools: Vec<ExpertPool> = used.iter().map(|&p| cache.expert_pool(p)).collect();
-        let identity = pools.len() == 1
-            && pools[0].slots() == num_experts
-            && local.iter().enumerate().all(|(e, &(_, s))| s as usize == e);
-        let experts = if identity {
-            LayerExperts::resident(pools.into_iter().next().expect("one pool"))
+        // One pool holding the layer's experts in order, in one run of its slots (what warming
+        // every expert with no budget leaves): the layer computes on a view of that run, routed
+        // by expert id, with no table lookup and no other layer's bytes as input.
+        let base = local.first().map_or(0, |&(_, s)| s as usize);
+        let one_run = pools.len() == 1
+            && base + num_experts <= pools[0].slots()
+            && local
+                .iter()
+                .enumerate()
+                .all(|(e, &(_, s))| s as usize == base + e);
+        let experts = if one_run && pool_views() {
+            let pool = pools.into_iter().next().expect("one pool");
+            if base == 0 && pool.slots() == num_experts {
+                LayerExperts::resident(pool)
+            } else {
+                LayerExperts::resident(pool.slots_view(base, num_experts)?)
+            }
         } else {
             LayerExperts::placed(pools, &local)?
         };
