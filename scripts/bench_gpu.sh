@@ -115,6 +115,24 @@ case "${1:-}" in
     PYTHONUNBUFFERED=1 python3 scripts/trace_stream.py "$w/trace.flashpack" --out "${OUT:-.}" "$@"
     kcache_save
     ;;
+  batch)
+    # Issue 27, item 6: decode throughput of 1, 2, 4 and 8 sequences at once, all experts
+    # resident (`flashpack bench serve --batch-only`), on the 8-layer uniform model of the
+    # Qwen3-30B-A3B layer shape, convert's default pack; installs first on a machine not yet set
+    # up. Options go to `bench serve` (e.g. --reps 5). Out: $OUT/batch.md.
+    shift
+    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
+    kcache_restore
+    w=/root/fpbench; mkdir -p "$w"
+    if [ ! -f "$w/uniform/config.json" ]; then
+      make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
+        --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
+        --vocab 8192 --layers 8 >/dev/null
+    fi
+    [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
+    flashpack bench serve "$w/trace.flashpack" --batch-only --batch-sizes 1,2,4,8 "$@" | tee "${OUT:-.}/batch.md"
+    kcache_save
+    ;;
   prepare-base)
     # The binary of another commit (default: main's first parent of this work) for --baseline-bin.
     shift
@@ -163,7 +181,7 @@ case "${1:-}" in
     exit $rc
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | trace [trace_stream.py options] | archs [bench_archs_gpu.py options] | kernels [--arch A] [kernel_profile.py options]" >&2
+    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | trace [trace_stream.py options] | batch [bench serve options] | archs [bench_archs_gpu.py options] | kernels [--arch A] [kernel_profile.py options]" >&2
     exit 2
     ;;
 esac

@@ -191,3 +191,47 @@ fn inspect_escapes_control_characters_from_the_metadata() {
     );
     assert!(text.contains("\\u{1b}[2J\\nsource"), "{text}");
 }
+
+/// `bench serve --batch-only` (what `scripts/bench_gpu.sh batch` runs on the GPU, issue 27 item
+/// 6): one row per batch size, batch 1 always first as the reference, and no other section.
+#[test]
+fn bench_serve_times_the_batch_sizes_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = tiny_pack(dir.path());
+    let p = pack.to_str().unwrap();
+    let args = [
+        "bench",
+        "serve",
+        p,
+        "--batch-only",
+        "--batch-sizes",
+        "3",
+        "--reps",
+        "1",
+        "--json",
+    ];
+    let out = flashpack(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["batch"].as_array().unwrap();
+    let sizes: Vec<u64> = rows
+        .iter()
+        .map(|r| r["sequences"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [1, 3], "{report}");
+    assert_eq!(rows[0]["throughput_vs_1"].as_f64(), Some(1.0), "{report}");
+    for r in rows {
+        let ms = r["step_ms"].as_f64().unwrap();
+        let tps = r["tokens_per_s"].as_f64().unwrap();
+        let b = r["sequences"].as_f64().unwrap();
+        assert!(ms > 0.0, "{report}");
+        assert!((tps - b * 1e3 / ms).abs() < 1e-6 * tps, "{report}");
+    }
+    assert!(report.get("prefix_reuse").is_none(), "{report}");
+    let out = flashpack(&["bench", "serve", p, "--batch-only", "--batch-sizes", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -6,8 +6,9 @@
 //! - Server overhead: the time per streamed token a client sees (gaps between SSE chunks of a
 //!   greedy `/v1/completions` stream on loopback) against the engine's own decode time per token
 //!   in the same request (its `timings`).
-//! - Batching: one decode step of two sequences against one, all experts resident (what a
-//!   batched server could gain; docs/decisions/0009-serve-queue-no-batching.md).
+//! - Batching: one pipelined decode step of 2, 4, ... sequences against one, through the engine's
+//!   store (what a batched server could gain; docs/decisions/0009-serve-queue-no-batching.md).
+//!   `--batch-only` times just that (`scripts/bench_gpu.sh batch`, on the GPU).
 //!
 //! Medians of `--reps` runs; a Markdown table (or JSON) on stdout.
 
@@ -40,6 +41,65 @@ pub struct ServeBenchArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     pub json: bool,
+    /// Batch sizes whose pipelined decode step is timed (comma-separated; 1 is always timed, as
+    /// the reference of the throughput ratios).
+    #[arg(long, value_delimiter = ',', default_value = "1,2",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_sizes: Vec<u64>,
+    /// Only the batching rows (no prefix reuse, no server): what `scripts/bench_gpu.sh batch`
+    /// runs on the GPU.
+    #[arg(long)]
+    pub batch_only: bool,
+}
+
+/// Decode step times per batch size (ms, medians of `reps`), batch 1 first.
+fn batch_steps(engine: &mut Engine, args: &ServeBenchArgs) -> Result<Vec<(usize, f64)>> {
+    let mut sizes: Vec<usize> = std::iter::once(1)
+        .chain(args.batch_sizes.iter().map(|&b| b as usize))
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    // Interleaved: each repetition times every size once.
+    for _ in 0..args.reps.max(1) {
+        for (i, &b) in sizes.iter().enumerate() {
+            times[i].push(engine.batch_step_ms(b, 32)?);
+        }
+    }
+    Ok(sizes
+        .into_iter()
+        .zip(times.into_iter().map(median))
+        .collect())
+}
+
+fn batch_json(steps: &[(usize, f64)]) -> serde_json::Value {
+    let one = steps[0].1;
+    serde_json::Value::Array(
+        steps
+            .iter()
+            .map(|&(b, ms)| {
+                serde_json::json!({
+                    "sequences": b,
+                    "step_ms": ms,
+                    "tokens_per_s": b as f64 * 1e3 / ms,
+                    "throughput_vs_1": b as f64 * one / ms,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn print_batch_rows(steps: &[(usize, f64)]) {
+    let one = steps[0].1;
+    for &(b, ms) in steps {
+        println!("| decode step, {b} sequence(s) at once | {ms:.2} ms |");
+    }
+    for &(b, ms) in steps.iter().skip(1) {
+        println!(
+            "| throughput of {b} batched sequences vs 1 | {:.2}x |",
+            b as f64 * one / ms
+        );
+    }
 }
 
 fn greedy(max_tokens: usize, stop: Vec<String>) -> Request {
@@ -229,13 +289,21 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         ..EngineOptions::default()
     };
     let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &flashpack::progress::Warnings)?;
-    // ms per decode step of one sequence and of two, all experts resident.
-    let (mut one, mut two) = (Vec::new(), Vec::new());
-    for _ in 0..args.reps {
-        one.push(engine.batch_step_ms(1, 32)?);
-        two.push(engine.batch_step_ms(2, 32)?);
+    // ms per decode step of 1, 2, ... sequences at once, through the engine's store.
+    let steps = batch_steps(&mut engine, &args)?;
+    if args.batch_only {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"batch": batch_json(&steps), "reps": args.reps})
+            );
+        } else {
+            println!("| measure | value |");
+            println!("|---|---|");
+            print_batch_rows(&steps);
+        }
+        return Ok(());
     }
-    let (one, two) = (median(one), median(two));
     let prefix = prefix_reuse(&mut engine, &args)?;
     let alt = alternating(&mut engine, &args)?;
     drop(engine);
@@ -290,11 +358,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
             "engine_ms_per_token": engine_ms,
             "overhead": overhead,
         },
-        "batch": {
-            "step_ms_1_sequence": one,
-            "step_ms_2_sequences": two,
-            "throughput_gain_2": 2.0 * one / two,
-        },
+        "batch": batch_json(&steps),
         "reps": args.reps,
     });
     if args.json {
@@ -330,11 +394,6 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         "| server overhead per streamed token | {:.2}% |",
         overhead * 100.0
     );
-    println!("| decode step, 1 sequence | {one:.2} ms |");
-    println!("| decode step, 2 sequences batched | {two:.2} ms |");
-    println!(
-        "| throughput of 2 batched sequences vs 1 | {:.2}x |",
-        2.0 * one / two
-    );
+    print_batch_rows(&steps);
     Ok(())
 }

@@ -107,7 +107,9 @@ impl Engine<'_> {
     /// Milliseconds per greedy decode step of `batch` sequences at once (`[batch, 1]` through
     /// the model), over `steps` steps after a 64-token prefill of each, through this engine's
     /// model and expert store: what a batched server could gain
-    /// (docs/decisions/0009-serve-queue-no-batching.md). The sequences have their own KV cache;
+    /// (docs/decisions/0009-serve-queue-no-batching.md). The steps are pipelined as `run`'s
+    /// greedy decoding is (step `t + 1` built and scheduled before the host waits for step `t`),
+    /// so one sequence is timed as `run` decodes it. The sequences have their own KV cache;
     /// the engine's is left as it was.
     pub fn batch_step_ms(&mut self, batch: usize, steps: usize) -> Result<f64, EngineError> {
         let store: &mut dyn ExpertStore = match self.resident.as_mut() {
@@ -119,13 +121,17 @@ impl Engine<'_> {
             let mut kv = model.new_cache();
             let prompt: Vec<u32> = (0..64 * batch as u32).map(|i| 10 + i % 64).collect();
             model.prefill(&Array::from_slice(&prompt, &[batch, 64])?, &mut kv, store)?;
-            let mut y = Array::from_slice(&vec![11u32; batch], &[batch, 1])?;
+            let first = Array::from_slice(&vec![11u32; batch], &[batch, 1])?;
+            let mut y = model.forward(&first, &mut kv, store)?.argmax(-1)?;
+            crate::mlx::eval(&[&y])?;
             let started = Instant::now();
             for _ in 0..steps {
-                let logits = model.forward(&y, &mut kv, store)?;
-                y = logits.argmax(-1)?;
+                let next = model.forward(&y, &mut kv, store)?.argmax(-1)?;
+                crate::mlx::async_eval(&[&next])?;
                 crate::mlx::eval(&[&y])?;
+                y = next;
             }
+            crate::mlx::eval(&[&y])?;
             Ok(started.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64)
         };
         Ok(time()?)
