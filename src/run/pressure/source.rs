@@ -223,6 +223,9 @@ impl ScriptedSource {
                     .split_once('=')
                     .ok_or_else(|| bad(format!("{field:?} is not KEY=VALUE")))?;
                 let size = || -> Result<u64, PressureError> {
+                    if value == "0" {
+                        return Ok(0); // nothing left: no unit needed
+                    }
                     match crate::run::budget::parse_size(value).map_err(&bad)? {
                         crate::run::budget::Size::Bytes(b) => Ok(b),
                         crate::run::budget::Size::Percent(_) => {
@@ -308,7 +311,7 @@ mod tests {
 
     #[test]
     fn a_script_gives_a_reading_per_poll_and_repeats_its_last() {
-        let text = "# a test\ntotal=100MiB available=50MiB repeat=2\navailable=4MiB stall=20\n\nlevel=warn # macOS\n";
+        let text = "# a test\ntotal=100MiB available=50MiB repeat=2\navailable=4MiB stall=20\n\nlevel=warn # macOS\navailable=0\n";
         let mut s = ScriptedSource::parse(text, Path::new("t")).unwrap();
         let r: Vec<Reading> = (0..6).map(|_| s.read().unwrap()).collect();
         assert_eq!(r[0], r[1]);
@@ -318,7 +321,8 @@ mod tests {
         assert_eq!(r[2].total_bytes, Some(100 << 20), "kept from the line before");
         assert_eq!(r[2].stall_pct, Some(20.0));
         assert_eq!(r[3].level, Some(Level::Warn));
-        assert_eq!(r[3], r[5], "the last reading repeats");
+        assert_eq!(r[4].available_bytes, Some(0));
+        assert_eq!(r[4], r[5], "the last reading repeats");
         let mut empty = ScriptedSource::parse("# nothing\n", Path::new("t")).unwrap();
         assert_eq!(empty.read(), None);
     }
