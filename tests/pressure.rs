@@ -12,10 +12,12 @@ use crate::common::http::{self, post, Server};
 use crate::engine::greedy;
 
 use flashpack::progress::Progress;
+use flashpack::mlx::Dtype;
 use flashpack::run::budget::Budget;
+use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::engine::{Engine, EngineOptions};
 use flashpack::run::open;
-use flashpack::run::pressure::{Policy, PressureStatus, PressureWatch, ScriptedSource};
+use flashpack::run::pressure::{Policy, PressureStatus, PressureWatch, Sample, ScriptedSource};
 use serde_json::{json, Value};
 
 const PROMPT: &str = "The history of the Roman empire";
@@ -132,19 +134,15 @@ fn a_scripted_drop_takes_the_cache_to_its_floor_and_back_with_the_same_tokens() 
         let warnings = warned.0.lock().unwrap();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
-            warnings[0].contains("at its floor") && warnings[0].contains("0 B available"),
+            warnings[0].contains("at its floor") && warnings[0].contains("0.0 MB available"),
             "{}",
             warnings[0]
         );
         // The pools really have the sizes reported.
         let cache = engine.cache_stats();
         assert_eq!(cache.resident_bytes, p.expert_budget_bytes);
-        match budget {
-            // Prefetches were read (the pools are resized only once they are joined).
-            Some(_) => assert!(cache.prefetch_issued > 0, "{cache:?}"),
-            // Every expert resident again: the device-routed store is back.
-            None => assert!(!engine.streaming(), "the resident store is back"),
-        }
+        // All resident again: the device-routed store is back.
+        assert_eq!(engine.streaming(), budget.is_some());
         // The next answer, with the cache back at its budget, is the calm engine's too.
         let again = engine
             .generate(&prompt, &greedy(8), &warned, |_| true)
@@ -155,8 +153,78 @@ fn a_scripted_drop_takes_the_cache_to_its_floor_and_back_with_the_same_tokens() 
     }
 }
 
-/// A pressure source that reports nothing (no reading) never changes the cache, and a cache
-/// already at its floor under a reading that wants less says so once and generates on.
+/// A resize with a prefetch in flight joins it first; after a shrink, and after growing back
+/// to every expert, each expert the cache calls resident holds, in every array of its pool, the
+/// bytes an all-resident cache holds for it.
+#[test]
+fn a_resize_joins_a_prefetch_in_flight_and_every_resident_expert_keeps_its_bytes() {
+    let path = http::tiny_pack("pressure-tests");
+    let (pack, _, _) = open::open(path, true).unwrap();
+    let all = ExpertCache::all_resident_bytes(&pack);
+    let mut reference = ExpertCache::new(&pack, &StoreOptions::default()).unwrap();
+    reference.warm_all(&pack).unwrap();
+    let mut cache = ExpertCache::new(
+        &pack,
+        &StoreOptions {
+            budget_bytes: Some(all),
+            policy: PolicyKind::Lru,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    for layer in 0..6 {
+        let wanted: Vec<u32> = (0..12).map(|e| (e * 5 + layer) % 32).collect();
+        cache.prepare(&pack, layer, &wanted).unwrap();
+    }
+    let in_flight: Vec<u32> = (16..32).collect();
+    cache.prefetch(&pack, 3, &in_flight).unwrap();
+    let shrunk = cache.resize(all / 4, 4).unwrap();
+    assert!(shrunk.to_bytes < shrunk.from_bytes && shrunk.evicted > 0, "{shrunk:?}");
+    assert_same_bytes(&cache, &reference);
+    assert!(!cache.is_whole());
+    let grown = cache.resize(all, 4).unwrap();
+    assert_eq!(grown.to_bytes, all);
+    cache.warm_all(&pack).unwrap();
+    assert!(cache.is_whole(), "every expert at the slot warming gives it");
+    assert_same_bytes(&cache, &reference);
+}
+
+/// Every resident expert of `cache` has `reference`'s bytes in each array of its pool.
+fn assert_same_bytes(cache: &ExpertCache, reference: &ExpertCache) {
+    let rows = |c: &ExpertCache, pool: usize, slot: u32| -> Vec<Vec<f32>> {
+        let mut out = Vec::new();
+        for m in c.matrices(pool) {
+            for a in [Some(m.weight), Some(m.scales), m.biases].into_iter().flatten() {
+                let v: Vec<f32> = match a.dtype() {
+                    Dtype::U32 => a.to_vec::<u32>().unwrap().iter().map(|&w| f32::from_bits(w)).collect(),
+                    _ => a.astype(Dtype::F32).unwrap().to_vec_f32().unwrap(),
+                };
+                let per = v.len() / a.dim(0).unwrap();
+                out.push(v[slot as usize * per..(slot as usize + 1) * per].to_vec());
+            }
+        }
+        out
+    };
+    let mut resident = 0;
+    for layer in 0..6 {
+        for e in 0..32 {
+            let Some((pool, slot)) = cache.resident_slot(layer, e) else {
+                continue;
+            };
+            let (rp, rs) = reference.resident_slot(layer, e).unwrap();
+            let (a, b) = (rows(cache, pool, slot), rows(reference, rp, rs));
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())),
+                "layer {layer} expert {e}: slot {slot} differs"
+            );
+            resident += 1;
+        }
+    }
+    assert!(resident > 0);
+}
+
+/// A cache at its floor under readings that want less says so once and generates on, with the
+/// calm engine's tokens, answer after answer.
 #[test]
 fn the_floor_holds_under_lasting_pressure_and_is_said_once() {
     let path = http::tiny_pack("pressure-tests");
@@ -255,20 +323,21 @@ fn run_reports_the_pressure_and_memory_follows_the_script() {
     let changes = r["pressure"]["changes"].as_array().unwrap();
     let mlx: Vec<i64> = changes
         .iter()
-        .map(|c| c["mlx_active_bytes"].as_i64().unwrap())
+        .map(|c| c["after"]["mlx_active_bytes"].as_i64().unwrap())
         .collect();
     let to: Vec<i64> = changes
         .iter()
         .map(|c| c["to_bytes"].as_i64().unwrap())
         .collect();
-    for i in 1..changes.len() {
-        let (dm, db) = (mlx[i] - mlx[i - 1], to[i] - to[i - 1]);
+    for (i, c) in changes.iter().enumerate() {
+        let before = c["before"]["mlx_active_bytes"].as_i64().unwrap();
+        let (dm, db) = (mlx[i] - before, to[i] - c["from_bytes"].as_i64().unwrap());
         assert!(
             dm.signum() == db.signum() && dm.abs() >= db.abs() / 2,
             "resize {i}: budget {db:+}, MLX {dm:+} ({changes:#?})"
         );
     }
-    assert!(changes.iter().all(|c| c["rss_bytes"].as_u64().is_some()));
+    assert!(changes.iter().all(|c| c["after"]["rss_bytes"].as_u64().is_some()));
 
     // FLASHPACK_PRESSURE=0: no watch, no `pressure` in the report.
     let off = crate::common::flashpack_cli(&args, &[("FLASHPACK_PRESSURE", "0")]);
@@ -308,8 +377,8 @@ fn status_of(v: &Value) -> PressureStatus {
                 to_bytes: c["to_bytes"].as_u64().unwrap(),
                 wanted_bytes: c["wanted_bytes"].as_u64().unwrap(),
                 evicted: c["evicted"].as_u64().unwrap() as usize,
-                rss_bytes: c["rss_bytes"].as_u64(),
-                mlx_active_bytes: c["mlx_active_bytes"].as_u64().unwrap(),
+                before: Sample::default(),
+                after: Sample::default(),
             })
             .collect(),
         ..PressureStatus::default()

@@ -158,7 +158,7 @@ pub fn run(
         .filter(|_| engine.pressure_status().is_some());
     loop {
         let job = match &idle {
-            Some(rt) => match rt.block_on(tokio::time::timeout(IDLE_POLL, jobs.recv())) {
+            Some(rt) => match rt.block_on(async { tokio::time::timeout(IDLE_POLL, jobs.recv()).await }) {
                 Ok(Some(job)) => job,
                 Ok(None) => break,
                 Err(_) => {

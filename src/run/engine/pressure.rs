@@ -12,7 +12,7 @@
 use crate::mlx;
 use crate::model::{ComputeError, ResidentExperts};
 use crate::progress::Progress;
-use crate::run::pressure::PressureWatch;
+use crate::run::pressure::{PressureWatch, Sample};
 use crate::run::stream::{resident_store, StreamingExperts};
 use crate::units::{self, Style};
 
@@ -60,6 +60,7 @@ pub(super) fn relieve(
     }
     // The last step may still be computing on the pools (greedy decoding schedules it ahead).
     mlx::synchronize()?;
+    let sample = Sample::now();
     if resident.take().is_some() {
         *streaming = true;
         experts.set_prefetch(layout.prefetch);
@@ -87,6 +88,6 @@ pub(super) fn relieve(
             }
         }
     }
-    watch.resized(&verdict, &done, experts.bounds());
+    watch.resized(&verdict, &done, experts.bounds(), sample);
     Ok(())
 }

@@ -32,6 +32,24 @@ pub const SWITCH_ENV: &str = "FLASHPACK_PRESSURE";
 /// Changes [`PressureStatus::changes`] keeps (the latest).
 pub const KEPT_CHANGES: usize = 64;
 
+/// The process's memory at one moment: its resident set (`None` where the platform does not
+/// say) and MLX's active memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Sample {
+    pub rss_bytes: Option<u64>,
+    pub mlx_active_bytes: u64,
+}
+
+impl Sample {
+    /// Now (a file read on Linux, a call on macOS: once per resize, never per token).
+    pub fn now() -> Sample {
+        Sample {
+            rss_bytes: crate::memory::current_rss(),
+            mlx_active_bytes: crate::mlx::active_memory() as u64,
+        }
+    }
+}
+
 /// One resize, for the report.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Change {
@@ -42,9 +60,9 @@ pub struct Change {
     /// What the reading asked for (below `to_bytes` when the floor held).
     pub wanted_bytes: u64,
     pub evicted: usize,
-    /// The process's resident memory and MLX's active memory just after it.
-    pub rss_bytes: Option<u64>,
-    pub mlx_active_bytes: u64,
+    /// The process's memory just before and just after it.
+    pub before: Sample,
+    pub after: Sample,
 }
 
 /// What the watch has seen and done: `run --json`'s `pressure`, `serve`'s `/health`.
@@ -172,18 +190,19 @@ impl PressureWatch {
         Some((v, warning))
     }
 
-    /// Records a resize the engine made for `v`, and the cache's size after it.
-    pub fn resized(&self, v: &Verdict, done: &Resize, after: CacheBounds) {
+    /// Records a resize the engine made for `v` (the process's memory `before` it, and now),
+    /// and the cache's size after it.
+    pub fn resized(&self, v: &Verdict, done: &Resize, bounds: CacheBounds, before: Sample) {
         let change = Change {
             reading: 0,
             from_bytes: done.from_bytes,
             to_bytes: done.to_bytes,
             wanted_bytes: v.wanted,
             evicted: done.evicted,
-            rss_bytes: crate::memory::current_rss(),
-            mlx_active_bytes: crate::mlx::active_memory() as u64,
+            before,
+            after: Sample::now(),
         };
-        self.set_bounds(after);
+        self.set_bounds(bounds);
         self.update(|s| {
             if done.to_bytes < done.from_bytes {
                 s.shrinks += 1;
