@@ -1,5 +1,5 @@
-//! What the process holds and the machine has: physical RAM, peak resident set size, and the
-//! process's CPU time.
+//! What the process holds and the machine has: physical RAM, resident set size (now and at its
+//! peak), and the process's CPU time.
 //!
 //! Shared by run (budgets as a share of RAM, the run's peak and CPU seconds in its stats) and
 //! convert (each stage's peak with `FLASHPACK_STAGE_PEAKS=1`), so neither pipeline reaches into
@@ -44,6 +44,39 @@ pub fn peak_rss() -> u64 {
     0
 }
 
+/// Resident set size of this process now, in bytes (`None` where unknown): Linux from
+/// `/proc/self/statm`, macOS from `proc_pidinfo`. One file read or one call; for reports and
+/// the memory-pressure log, not for every token.
+pub fn current_rss() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        // SAFETY: sysconf reads a system constant and has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        (page > 0).then(|| pages * page as u64)
+    }
+    #[cfg(target_os = "macos")]
+    {
+        let mut info = std::mem::MaybeUninit::<libc::proc_taskinfo>::zeroed();
+        let size = std::mem::size_of::<libc::proc_taskinfo>() as libc::c_int;
+        // SAFETY: proc_pidinfo writes at most `size` bytes into `info`, which has that many.
+        let n = unsafe {
+            libc::proc_pidinfo(
+                libc::getpid(),
+                libc::PROC_PIDTASKINFO,
+                0,
+                info.as_mut_ptr().cast(),
+                size,
+            )
+        };
+        // SAFETY: a full answer (n == size) initialised the struct.
+        (n == size).then(|| unsafe { info.assume_init() }.pti_resident_size)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    None
+}
+
 /// CPU time of this process (all threads), in seconds; 0 where unknown.
 pub fn process_cpu_s() -> f64 {
     #[cfg(unix)]
@@ -85,6 +118,19 @@ pub fn take_peak_rss() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn current_rss_follows_a_touched_buffer() {
+        let before = current_rss().expect("statm on Linux");
+        let v = vec![1u8; 64 << 20];
+        std::hint::black_box(&v);
+        let during = current_rss().unwrap();
+        drop(v);
+        let after = current_rss().unwrap();
+        assert!(during >= before + (48 << 20), "{before} -> {during}");
+        assert!(during >= after + (48 << 20), "{during} -> {after}");
+    }
 
     #[test]
     #[cfg(target_os = "linux")]

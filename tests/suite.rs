@@ -31,6 +31,7 @@ mod serve_agents;
 mod engine;
 mod expert_store;
 mod kv_bits;
+mod pressure;
 mod quality;
 mod run_pack;
 mod run_paths;

@@ -30,6 +30,8 @@ extern "C" {
     pub fn fp_pin_host(p: *mut c_void, len: usize) -> c_int;
     pub fn fp_upload_available() -> c_int;
     pub fn fp_peak_memory() -> usize;
+    pub fn fp_synchronize() -> c_int;
+    pub fn fp_clear_cache();
     pub fn fp_free(a: *mut FpArray);
     pub fn fp_clone(a: *const FpArray, out: *mut *mut FpArray) -> c_int;
 

@@ -189,6 +189,21 @@ pub fn peak_memory() -> usize {
     unsafe { ffi::fp_peak_memory() }
 }
 
+/// `mx.synchronize()`: waits until everything scheduled on the default stream (an
+/// `async_eval` in flight) has run. The expert cache calls it before it replaces slot pools
+/// that a scheduled step may still read (a resize under memory pressure), never per token.
+pub fn synchronize() -> Result<()> {
+    // SAFETY: plain call into MLX; no pointers cross.
+    check("synchronize", unsafe { ffi::fp_synchronize() })
+}
+
+/// `mx.clear_cache()`: gives the buffers MLX keeps for reuse back to the system (Metal and CUDA
+/// keep freed buffers; the CPU backend frees at once, so this does nothing there).
+pub fn clear_cache() {
+    // SAFETY: plain call into MLX; no pointers cross.
+    unsafe { ffi::fp_clear_cache() }
+}
+
 /// Moves the pages of these ranges of MLX host-allocated arrays (addresses and lengths from
 /// [`Array::data_mut`]) in bulk: to the GPU (`to_gpu`) or to the host. Only MLX's CUDA backend
 /// keeps such arrays in managed memory that pages between the two; there a host write into

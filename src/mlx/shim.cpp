@@ -147,6 +147,12 @@ size_t fp_active_memory(void) { return mx::get_active_memory(); }
 
 size_t fp_peak_memory(void) { return mx::get_peak_memory(); }
 
+int fp_synchronize(void) {
+  return guard([&] { mx::synchronize(); });
+}
+
+void fp_clear_cache(void) { mx::clear_cache(); }
+
 void fp_free(fp_array* a) { delete a; }
 
 int fp_clone(const fp_array* a, fp_array** out) {

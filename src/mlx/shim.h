@@ -41,6 +41,10 @@ int fp_upload(void* const* dsts, const void* const* srcs, const size_t* lens, si
 int fp_pin_host(void* p, size_t len);
 int fp_upload_available(void);
 size_t fp_peak_memory(void);
+// mx::synchronize(): waits for everything scheduled on the default stream (async_eval).
+int fp_synchronize(void);
+// mx::clear_cache(): returns MLX's cached (freed) buffers to the system.
+void fp_clear_cache(void);
 void fp_free(fp_array* a);
 int fp_clone(const fp_array* a, fp_array** out);
 

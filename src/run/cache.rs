@@ -28,6 +28,19 @@ pub trait EvictionPolicy: Send {
         candidates: &mut dyn Iterator<Item = ExpertKey>,
         now: u64,
     ) -> Option<ExpertKey>;
+    /// `keys` in the order this policy would evict them (first: the first victim), for a
+    /// cache that gives back many slots at once ([`SlotTable::resize`]). By default `victim`
+    /// asked again for each (quadratic); the policies here sort by their score instead.
+    fn eviction_order(&mut self, keys: &[ExpertKey], now: u64) -> Vec<ExpertKey> {
+        let mut left = keys.to_vec();
+        let mut out = Vec::with_capacity(left.len());
+        while let Some(v) = self.victim(&mut left.iter().copied(), now) {
+            left.retain(|k| *k != v);
+            out.push(v);
+        }
+        out.extend(left);
+        out
+    }
 }
 
 /// Least recently used.
@@ -52,6 +65,11 @@ impl EvictionPolicy for Lru {
         _now: u64,
     ) -> Option<ExpertKey> {
         candidates.min_by_key(|k| (self.last.get(k).copied().unwrap_or(0), *k))
+    }
+    fn eviction_order(&mut self, keys: &[ExpertKey], _now: u64) -> Vec<ExpertKey> {
+        let mut out = keys.to_vec();
+        out.sort_by_key(|k| (self.last.get(k).copied().unwrap_or(0), *k));
+        out
     }
 }
 
@@ -97,6 +115,12 @@ impl EvictionPolicy for Lfu {
                 .total_cmp(&self.score(b, now))
                 .then(a.cmp(b))
         })
+    }
+    fn eviction_order(&mut self, keys: &[ExpertKey], now: u64) -> Vec<ExpertKey> {
+        let mut scored: Vec<(f64, ExpertKey)> =
+            keys.iter().map(|k| (self.score(k, now), *k)).collect();
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        scored.into_iter().map(|(_, k)| k).collect()
     }
 }
 
@@ -150,6 +174,12 @@ impl EvictionPolicy for ProfileWeighted {
                 .then(a.cmp(b))
         })
     }
+    fn eviction_order(&mut self, keys: &[ExpertKey], now: u64) -> Vec<ExpertKey> {
+        let mut scored: Vec<(f64, ExpertKey)> =
+            keys.iter().map(|k| (self.worth(k, now), *k)).collect();
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        scored.into_iter().map(|(_, k)| k).collect()
+    }
 }
 
 /// The result of asking for a key.
@@ -193,6 +223,15 @@ pub struct SlotTable {
 pub enum CacheError {
     #[error("the expert cache has {capacity} slots, fewer than the {needed} experts one layer uses at once; raise --mem-budget (or --expert-budget)")]
     TooSmall { capacity: u32, needed: usize },
+}
+
+/// What [`SlotTable::resize`] did: the keys it evicted, and where each key it kept was and is
+/// now (`(from, to)`, one pair per kept key, `from == to` for a key that stayed), so the caller
+/// can copy the kept experts' bytes into slot memory of the new size.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resized {
+    pub evicted: Vec<ExpertKey>,
+    pub kept: Vec<(u32, u32)>,
 }
 
 impl SlotTable {
@@ -332,6 +371,87 @@ impl SlotTable {
             self.remove(k);
         }
         self.in_use.clear();
+    }
+
+    /// Changes the number of slots to `capacity` (memory pressure, `run::pressure`). Shrinking
+    /// evicts, in the policy's order, as many keys as no longer fit; the keys kept in slots
+    /// past the new end move to freed slots below it. With `canonical`, every kept key goes to
+    /// the slot it names instead (distinct, below `capacity`): an all-resident cache grown back
+    /// to every expert puts each at the slot warming it would have given. Called between
+    /// groups: nothing is in use.
+    pub fn resize(
+        &mut self,
+        capacity: u32,
+        canonical: Option<&dyn Fn(ExpertKey) -> u32>,
+    ) -> Resized {
+        self.in_use.clear();
+        let mut keys: Vec<ExpertKey> = self.slots.keys().copied().collect();
+        keys.sort_unstable();
+        let excess = keys.len().saturating_sub(capacity as usize);
+        let evicted: Vec<ExpertKey> = if excess > 0 {
+            let order = self.policy.eviction_order(&keys, self.clock);
+            order.into_iter().take(excess).collect()
+        } else {
+            Vec::new()
+        };
+        for &k in &evicted {
+            self.slots.remove(&k);
+            self.policy.forget(k);
+            self.counters.evictions += 1;
+        }
+        let old: Vec<(ExpertKey, u32)> = {
+            let mut v: Vec<(ExpertKey, u32)> = self.slots.iter().map(|(&k, &s)| (k, s)).collect();
+            v.sort_unstable_by_key(|&(_, s)| s);
+            v
+        };
+        let mut owners: Vec<Option<ExpertKey>> = vec![None; capacity as usize];
+        let mut kept = Vec::with_capacity(old.len());
+        match canonical {
+            Some(place) => {
+                for &(k, from) in &old {
+                    let to = place(k);
+                    assert!(
+                        (to as usize) < owners.len() && owners[to as usize].is_none(),
+                        "canonical slots are distinct and below the capacity"
+                    );
+                    owners[to as usize] = Some(k);
+                    kept.push((from, to));
+                }
+            }
+            None => {
+                // Keys already below the new end stay; the others fill the free slots.
+                let mut movers = Vec::new();
+                for &(k, from) in &old {
+                    if from < capacity {
+                        owners[from as usize] = Some(k);
+                        kept.push((from, from));
+                    } else {
+                        movers.push((k, from));
+                    }
+                }
+                let free: Vec<u32> = (0..capacity)
+                    .filter(|&s| owners[s as usize].is_none())
+                    .collect();
+                let mut free = free.into_iter();
+                for (k, from) in movers {
+                    let to = free.next().expect("no more kept keys than slots");
+                    owners[to as usize] = Some(k);
+                    kept.push((from, to));
+                }
+            }
+        }
+        self.slots = owners
+            .iter()
+            .enumerate()
+            .filter_map(|(s, k)| k.map(|k| (k, s as u32)))
+            .collect();
+        self.free = (0..capacity)
+            .rev()
+            .filter(|&s| owners[s as usize].is_none())
+            .collect();
+        self.owners = owners;
+        self.capacity = capacity;
+        Resized { evicted, kept }
     }
 
     /// Removes `key` (a load failed); its slot becomes free.
@@ -486,6 +606,79 @@ mod tests {
         t.request(k(0, 5)).unwrap();
         assert_eq!(t.len(), 4);
         assert!(!t.contains(k(3, 0)) && !t.contains(k(3, 1)));
+    }
+
+    #[test]
+    fn resize_keeps_the_policys_best_below_the_new_end_and_grows_without_evicting() {
+        let mut t = SlotTable::new(6, Box::new(Lru::default()));
+        for e in 0..6 {
+            t.begin_group();
+            t.request(k(0, e)).unwrap();
+        }
+        t.begin_group();
+        t.request(k(0, 0)).unwrap();
+        t.request(k(0, 1)).unwrap();
+        // Least recent first: 2, 3, 4 go; 5 (slot 5) moves to the first freed slot.
+        let r = t.resize(3, None);
+        assert_eq!(r.evicted, vec![k(0, 2), k(0, 3), k(0, 4)]);
+        let mut kept = r.kept.clone();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![(0, 0), (1, 1), (5, 2)]);
+        assert_eq!((t.capacity(), t.len()), (3, 3));
+        assert_eq!(t.slot_of(k(0, 5)), Some(2));
+        assert_eq!(t.counters.evictions, 3);
+        // Full at the new size: a miss evicts, never past the end.
+        t.begin_group();
+        assert_eq!(
+            t.request(k(1, 0)),
+            Ok(Lookup::Miss {
+                slot: 2,
+                evicted: Some(k(0, 5))
+            })
+        );
+        // Growing frees slots and evicts nothing.
+        let r = t.resize(5, None);
+        assert!(r.evicted.is_empty());
+        assert_eq!(r.kept.len(), 3);
+        t.begin_group();
+        assert_eq!(
+            t.request(k(1, 1)),
+            Ok(Lookup::Miss {
+                slot: 3,
+                evicted: None
+            })
+        );
+        // The profile policy orders by worth, as its victims: the hot prior stays.
+        let prior = [(k(0, 1), 0.9)].into_iter().collect();
+        let mut p = SlotTable::new(3, Box::new(ProfileWeighted::new(prior, 1, 100)));
+        for e in [1, 2, 3] {
+            p.begin_group();
+            p.request(k(0, e)).unwrap();
+        }
+        let r = p.resize(1, None);
+        assert_eq!(r.evicted.len(), 2);
+        assert!(p.contains(k(0, 1)));
+        assert_eq!(p.slot_of(k(0, 1)), Some(0));
+    }
+
+    #[test]
+    fn resize_to_canonical_slots_and_to_nothing() {
+        let mut t = SlotTable::new(2, Box::new(Lfu::new(100)));
+        t.begin_group();
+        t.request(k(0, 3)).unwrap(); // slot 0
+        t.request(k(0, 1)).unwrap(); // slot 1
+        let r = t.resize(4, Some(&|key: ExpertKey| key.expert));
+        let mut kept = r.kept.clone();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![(0, 3), (1, 1)]);
+        assert_eq!(t.slot_of(k(0, 3)), Some(3));
+        assert_eq!(t.slot_of(k(0, 1)), Some(1));
+        t.begin_group();
+        assert!(matches!(t.request(k(0, 0)), Ok(Lookup::Miss { slot: 0, .. })));
+        assert!(matches!(t.request(k(0, 2)), Ok(Lookup::Miss { slot: 2, .. })));
+        let r = t.resize(0, None);
+        assert_eq!(r.evicted.len(), 4);
+        assert!(t.is_empty() && t.capacity() == 0);
     }
 
     #[test]

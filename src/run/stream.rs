@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::format::Pack;
 use crate::mlx::{self, Array, Dtype};
 use crate::model::{switch_glu, ComputeError, ExpertPool, ExpertStore, PoolRoute, Routing};
-use crate::run::experts::{ExpertCache, StoreStats};
+use crate::run::experts::{ExpertCache, ExpertError, StoreStats};
 
 /// Prediction and stall counters.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -69,6 +69,8 @@ pub struct StreamingExperts<'p> {
     room: bool,
     /// Guesses offered so far (see [`PREDICTION_PROBE`]).
     guesses: u64,
+    /// Sparse layers and experts per token, for `room` ([`Self::working_set`]) after a resize.
+    working: (usize, usize),
     /// `FLASHPACK_TRACE=FILE`: one line of timings per routed layer (profiling; off by default).
     trace: Option<Trace>,
     /// Whether decode runs ahead of the routing checks (`ExpertStore::runs_ahead`).
@@ -226,6 +228,7 @@ impl<'p> StreamingExperts<'p> {
             precision: Vec::new(),
             room: true,
             guesses: 0,
+            working: (0, 0),
             trace: Trace::open(),
             ahead_enabled: std::env::var("FLASHPACK_AHEAD").is_ok_and(|v| v != "0"),
             ahead: false,
@@ -241,13 +244,60 @@ impl<'p> StreamingExperts<'p> {
     /// 48-layer model).
     /// With several pools (long models), each must hold the working set of its own layers.
     pub fn working_set(mut self, sparse_layers: usize, k: usize) -> Self {
+        self.working = (sparse_layers, k);
+        self.measure_room();
+        self
+    }
+
+    /// Whether the pools have room to prefetch (see [`Self::working_set`]), as they are now.
+    fn measure_room(&mut self) {
+        let (sparse_layers, k) = self.working;
         self.room = self
             .pools
             .iter()
             .enumerate()
-            .all(|(i, p)| p.slots() >= (self.cache.pool_layers(i).min(sparse_layers) + 1) * k);
+            .all(|(i, _)| self.cache.capacity(i) >= (self.cache.pool_layers(i).min(sparse_layers) + 1) * k);
         self.stats.prefetch_no_room = self.prefetch && !self.room;
-        self
+    }
+
+    /// Turns prefetch on or off (an all-resident engine that starts streaming under memory
+    /// pressure turns it on).
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
+        self.measure_room();
+    }
+
+    /// The experts one token needs in one layer: the floor of a resize. With
+    /// `--skip-uncached` a prompt chunk's layer is not loaded in groups, so there it is every
+    /// expert of a layer.
+    pub fn floor_experts(&self) -> usize {
+        if self.skip_below.is_some() {
+            self.num_experts
+        } else {
+            self.working.1.max(1)
+        }
+    }
+
+    /// The cache's size and the bounds a resize keeps to.
+    pub fn bounds(&self) -> crate::run::experts::CacheBounds {
+        self.cache.bounds(self.floor_experts())
+    }
+
+    /// Resizes the cache to an expert budget of `bytes` (memory pressure): the forward pass's
+    /// handles to the pools are dropped first so the old arrays are freed as they are replaced,
+    /// and the tables of layers routed ahead are forgotten (their slots moved). Between forward
+    /// passes only, with nothing scheduled still reading the pools (`mlx::synchronize`).
+    pub fn resize(&mut self, bytes: u64) -> Result<crate::run::experts::Resize, ExpertError> {
+        self.pools.clear();
+        self.tables.clear();
+        self.unconfirmed.clear();
+        let floor = self.floor_experts();
+        let done = self.cache.resize(bytes, floor);
+        self.pools = (0..self.cache.pool_count())
+            .map(|i| self.cache.expert_pool(i))
+            .collect();
+        self.measure_room();
+        done
     }
 
     /// Whether decode runs ahead of the routing checks (see `ExpertStore::runs_ahead`; off by
@@ -266,6 +316,12 @@ impl<'p> StreamingExperts<'p> {
 
     pub fn cache(&self) -> &ExpertCache {
         &self.cache
+    }
+
+    /// Loads every stored expert that is not resident (an all-resident engine grown back to
+    /// its whole cache after memory pressure).
+    pub fn warm_all(&mut self) -> Result<(), ExpertError> {
+        self.cache.warm_all(self.pack)
     }
 
     pub fn cache_mut(&mut self) -> &mut ExpertCache {
@@ -289,9 +345,14 @@ impl<'p> StreamingExperts<'p> {
         self.cache.set_passed(chunk.then_some(layer as u32));
     }
 
-    /// Fewest slots of any pool: bounds how many distinct experts one call may need.
+    /// Fewest slots of any pool: bounds how many distinct experts one call may need. The
+    /// tables' counts: after a resize that could not reallocate every array, an array may be
+    /// larger than its table.
     pub fn min_slots(&self) -> usize {
-        self.pools.iter().map(ExpertPool::slots).min().unwrap_or(0)
+        (0..self.pools.len())
+            .map(|i| self.cache.capacity(i))
+            .min()
+            .unwrap_or(0)
     }
 }
 

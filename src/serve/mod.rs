@@ -564,8 +564,20 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
         "generated_tokens": c.generated_tokens.load(Ordering::Relaxed),
         "prompt_tokens": c.prompt_tokens.load(Ordering::Relaxed),
         "cached_tokens": c.cached_tokens.load(Ordering::Relaxed),
+        "memory_pressure": c.pressure.get().map(|p| pressure_json(&p.lock().unwrap_or_else(|e| e.into_inner()))),
     }))
     .into_response()
+}
+
+/// The memory-pressure status as `/health` shows it: the status without its list of resizes,
+/// and the last resize.
+fn pressure_json(p: &crate::run::pressure::PressureStatus) -> serde_json::Value {
+    let mut v = serde_json::to_value(p).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("changes");
+        o.insert("last_change".into(), json!(p.changes.last()));
+    }
+    v
 }
 
 fn check_model(shared: &Shared, model: Option<&str>) -> Result<(), ApiError> {

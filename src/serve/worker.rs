@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::progress::Warnings;
 use crate::run::engine::{Completion, Engine, EngineError, EngineOptions, Piece, Request};
+use crate::run::pressure::{PressureStatus, PressureWatch};
 
 use super::openai::{ApiError, Prompt};
 use super::tools::ToolFormat;
@@ -74,7 +75,14 @@ pub struct Counters {
     pub generated_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
+    /// The engine's memory-pressure status, as it updates it (set once the engine is built,
+    /// when it watches).
+    pub pressure: std::sync::OnceLock<Arc<std::sync::Mutex<PressureStatus>>>,
 }
+
+/// How often an idle engine looks at the system's memory (it looks once per forward pass
+/// while it works).
+pub const IDLE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How the engine is built, and the prompt limit.
 pub struct WorkerOptions {
@@ -112,6 +120,16 @@ pub fn run(
         }
     };
     drop(weights);
+    match PressureWatch::from_env() {
+        Ok(watch) => engine.watch_pressure(watch),
+        Err(e) => {
+            let _ = ready.send(Err(chain(&e)));
+            return;
+        }
+    }
+    if let Some(handle) = engine.pressure_handle() {
+        let _ = counters.pressure.set(handle);
+    }
     let context = engine.max_sequence();
     let tool_format = ToolFormat::detect(
         engine.config().arch.model_type(),
@@ -131,7 +149,30 @@ pub fn run(
     }
     let max_sequence = engine.max_sequence();
     let max_prompt = opts.max_prompt_tokens.min(max_sequence.saturating_sub(1));
-    while let Some(job) = jobs.blocking_recv() {
+    // Waiting for a job, a watching engine looks at the system's memory every IDLE_POLL: a
+    // server left idle gives memory back while other programs need it.
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .ok()
+        .filter(|_| engine.pressure_status().is_some());
+    loop {
+        let job = match &idle {
+            Some(rt) => match rt.block_on(async { tokio::time::timeout(IDLE_POLL, jobs.recv()).await }) {
+                Ok(Some(job)) => job,
+                Ok(None) => break,
+                Err(_) => {
+                    if let Err(e) = engine.relieve_pressure(&Warnings) {
+                        eprintln!("warning: memory pressure: {}", chain(&e));
+                    }
+                    continue;
+                }
+            },
+            None => match jobs.blocking_recv() {
+                Some(job) => job,
+                None => break,
+            },
+        };
         counters.queued.fetch_sub(1, Ordering::Relaxed);
         if job.events.is_closed() {
             counters.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -256,7 +297,8 @@ fn serve_job(
         .complete_until(
             &ids,
             &request,
-            &crate::progress::Silent,
+            // Warnings only: the memory-pressure floor is said on the server's stderr.
+            &Warnings,
             &|| events.is_closed(),
             |p| events.send(Event::Piece(p.clone())).is_ok(),
         )

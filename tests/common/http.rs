@@ -57,9 +57,15 @@ pub struct Server {
 impl Server {
     /// `flashpack serve PACK --port 0 ARGS`, once it listens.
     pub fn start(pack: &Path, args: &[&str]) -> Server {
+        Server::start_with_env(pack, args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set.
+    pub fn start_with_env(pack: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_flashpack"))
             .args(["serve", pack.to_str().unwrap(), "--port", "0"])
             .args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

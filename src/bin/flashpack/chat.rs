@@ -180,6 +180,9 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
         &flashpack::progress::Warnings,
     )?;
     drop(weights);
+    // Memory pressure shrinks the expert cache while the system is short (checked during
+    // answers, once per token), and grows it back.
+    engine.watch_pressure(flashpack::run::pressure::PressureWatch::from_env()?);
     // Checked before the first turn, so a bad value is not found after the user has typed.
     flashpack::run::sample::Sampler::new(args.sampling.sampler())?;
     #[cfg(unix)]

@@ -11,6 +11,7 @@ use flashpack::run::budget::Budget;
 use flashpack::run::engine::{Engine, EngineOptions, Piece, Request};
 use flashpack::run::experts::PolicyKind;
 use flashpack::run::open;
+use flashpack::run::pressure::PressureWatch;
 use flashpack::run::read::IoMode;
 use flashpack::run::template::{ChatTemplate, Message};
 use flashpack::units::{self, Style};
@@ -245,6 +246,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         kv_bits: args.kv_bits,
     };
     let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &progress)?;
+    // Memory pressure shrinks the expert cache while the system is short (and grows it back).
+    engine.watch_pressure(PressureWatch::from_env()?);
 
     let ids = engine.encode(&text)?;
     let req = Request {
@@ -307,6 +310,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     stream.skipped, stream.routed
                 );
             }
+        }
+    }
+    if !args.json {
+        if let Some(p) = report.pressure.as_ref().filter(|p| p.shrinks + p.grows > 0) {
+            eprintln!(
+                "memory pressure: expert cache shrunk {} and grown {} times, now {} of {} (floor {})",
+                p.shrinks,
+                p.grows,
+                units::bytes(p.expert_budget_bytes, Style::RUN),
+                units::bytes(p.max_expert_budget_bytes, Style::RUN),
+                units::bytes(p.floor_bytes, Style::RUN)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -18,9 +18,11 @@
 //! (stop strings, harmony channels, log-probabilities with token texts); `report.rs` a
 //! completion and the engine's counters as one typed report, and the batched-step benchmark;
 //! `request.rs` holds the options, requests and reports; `stop.rs` the end-of-sequence ids;
-//! `slots.rs` the message for a cache too small for one token.
+//! `slots.rs` the message for a cache too small for one token; `pressure.rs` the resize of the
+//! expert cache under memory pressure ([`Engine::watch_pressure`], `run::pressure`).
 
 mod complete;
+mod pressure;
 mod report;
 mod request;
 mod slots;
@@ -48,6 +50,7 @@ use crate::run::generate::{
     GenerateError, GenerateOptions, GenerateStats, Generation, Prefix, Token,
 };
 use crate::run::open::{OpenError, PackWeights};
+use crate::run::pressure::{PressureStatus, PressureWatch};
 use crate::run::prompt_cache::PromptCache;
 use crate::run::read::IoMode;
 use crate::run::stream::{StreamStats, StreamingExperts};
@@ -150,6 +153,10 @@ pub struct Engine<'p> {
     /// How experts come off the disk and leave the cache, for the report.
     io: IoMode,
     policy: PolicyKind,
+    /// The memory-pressure watch, when one is set ([`Engine::watch_pressure`]).
+    pressure: Option<PressureWatch>,
+    /// What a resize under pressure needs to know of the stores.
+    layout: pressure::Layout,
 }
 
 impl<'p> Engine<'p> {
@@ -304,6 +311,12 @@ impl<'p> Engine<'p> {
                 cfg.num_experts,
             )?
         };
+        let layout = pressure::Layout {
+            all_resident: resident.is_some(),
+            prefetch: opts.prefetch && !opts.no_cache,
+            sparse_layers: cfg.sparse_layers(),
+            num_experts: cfg.num_experts,
+        };
         let template = ChatTemplate::of_pack_or_plain(pack);
         let eos = stop_ids(pack, cfg, &tokenizer, template.is_harmony());
         Ok(Engine {
@@ -332,7 +345,49 @@ impl<'p> Engine<'p> {
             max_sequence: positions as usize,
             io: opts.io,
             policy: opts.policy,
+            pressure: None,
+            layout,
         })
+    }
+
+    /// Watches the system's memory with `watch` (`None`: no watch, the default): between
+    /// forward passes the engine polls it, and resizes the expert cache to its verdict, within
+    /// the budget it was built with and one token's experts of one layer (`run::pressure`).
+    /// `run`, `chat` and `serve` set [`PressureWatch::from_env`].
+    pub fn watch_pressure(&mut self, watch: Option<PressureWatch>) {
+        if let Some(w) = &watch {
+            w.set_bounds(self.experts.bounds());
+        }
+        self.pressure = watch;
+    }
+
+    /// What the memory-pressure watch has seen and done, when there is one.
+    pub fn pressure_status(&self) -> Option<PressureStatus> {
+        self.pressure.as_ref().map(PressureWatch::status)
+    }
+
+    /// The watch's status as it updates it, for another thread (`serve`'s `/health`).
+    pub fn pressure_handle(&self) -> Option<std::sync::Arc<std::sync::Mutex<PressureStatus>>> {
+        self.pressure.as_ref().map(PressureWatch::status_handle)
+    }
+
+    /// Polls the memory-pressure watch now and resizes the expert cache to its verdict (an idle
+    /// server, between requests; during a generation the engine polls once per forward pass).
+    pub fn relieve_pressure(&mut self, progress: &dyn Progress) -> Result<(), EngineError> {
+        let Some(watch) = self.pressure.as_mut() else {
+            return Ok(());
+        };
+        pressure::relieve(
+            watch,
+            pressure::Stores {
+                experts: &mut self.experts,
+                resident: &mut self.resident,
+                streaming: &mut self.streaming,
+            },
+            &self.layout,
+            progress,
+        )?;
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -526,10 +581,12 @@ impl<'p> Engine<'p> {
         let logprobs = req.logprobs.map(|n| n.min(MAX_TOP_LOGPROBS));
         let first_token = Rc::new(Cell::new(false));
         let mut gate = Watch {
-            store: match self.resident.as_mut() {
-                Some(r) => Watched::Resident(r),
-                None => Watched::Streaming(&mut self.experts),
-            },
+            streaming: &mut self.experts,
+            resident: &mut self.resident,
+            engine_streaming: &mut self.streaming,
+            pressure: self.pressure.as_mut(),
+            layout: &self.layout,
+            progress,
             first_token: first_token.clone(),
             cancelled,
             stopped: false,
@@ -598,18 +655,23 @@ fn warn_over_ram(progress: &dyn Progress, option: &str, text: &str, bytes: u64, 
 /// `cancelled`, and once it says yes fails with [`PrefillCancelled`], which
 /// [`Engine::generate_until`] turns into a stopped generation. The prefill loop itself
 /// (`run::generate`) needs no hook: a store error already ends it and empties the KV cache.
+///
+/// Memory pressure: at the start of each forward pass (a decode step, a prompt chunk) it polls
+/// the engine's watch, which may resize the cache and move an all-resident engine to the
+/// streaming store and back (`pressure.rs`); the forward pass then goes on through whichever
+/// store serves.
 struct Watch<'a, 's, 'p> {
-    store: Watched<'s, 'p>,
+    /// The streaming store (whose counters are snapshotted), serving unless `resident` is set.
+    streaming: &'s mut StreamingExperts<'p>,
+    resident: &'s mut Option<ResidentExperts>,
+    engine_streaming: &'s mut bool,
+    pressure: Option<&'s mut PressureWatch>,
+    layout: &'s pressure::Layout,
+    progress: &'a dyn Progress,
     first_token: Rc<Cell<bool>>,
     cancelled: &'a dyn Fn() -> bool,
     stopped: bool,
     at_first_token: Option<PhaseSnapshot>,
-}
-
-/// The streaming store (whose counters are snapshotted), or the resident one.
-enum Watched<'s, 'p> {
-    Streaming(&'s mut StreamingExperts<'p>),
-    Resident(&'s mut dyn ExpertStore),
 }
 
 /// The error [`Watch`] stops a prefill with.
@@ -619,16 +681,16 @@ struct PrefillCancelled;
 
 impl Watch<'_, '_, '_> {
     fn inner(&mut self) -> &mut dyn ExpertStore {
-        match &mut self.store {
-            Watched::Streaming(s) => &mut **s,
-            Watched::Resident(r) => &mut **r,
+        match self.resident {
+            Some(ref mut r) => r,
+            None => &mut *self.streaming,
         }
     }
 
     fn inner_ref(&self) -> &dyn ExpertStore {
-        match &self.store {
-            Watched::Streaming(s) => &**s,
-            Watched::Resident(r) => &**r,
+        match self.resident {
+            Some(ref r) => r,
+            None => &*self.streaming,
         }
     }
 
@@ -641,7 +703,8 @@ impl Watch<'_, '_, '_> {
         if self.stopped {
             return Err(ComputeError::Store(Box::new(PrefillCancelled)));
         }
-        if let (Watched::Streaming(s), None, true) = (&self.store, &self.at_first_token, first) {
+        if let (None, None, true) = (&*self.resident, &self.at_first_token, first) {
+            let s = &self.streaming;
             let c = s.cache_stats();
             self.at_first_token = Some(PhaseSnapshot {
                 bytes_read: c.bytes_read,
@@ -687,6 +750,18 @@ impl ExpertStore for Watch<'_, '_, '_> {
     }
 
     fn begin_pass(&mut self, first: usize, entries: usize) -> Result<(), ComputeError> {
+        if let Some(watch) = self.pressure.as_deref_mut() {
+            pressure::relieve(
+                watch,
+                pressure::Stores {
+                    experts: &mut *self.streaming,
+                    resident: &mut *self.resident,
+                    streaming: &mut *self.engine_streaming,
+                },
+                self.layout,
+                self.progress,
+            )?;
+        }
         self.inner().begin_pass(first, entries)
     }
 

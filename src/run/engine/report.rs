@@ -13,6 +13,7 @@ use crate::mlx::Array;
 use crate::model::{ComputeError, ExpertStore};
 use crate::run::experts::{PolicyKind, StoreStats};
 use crate::run::generate::GenerateStats;
+use crate::run::pressure::PressureStatus;
 use crate::run::read::IoMode;
 use crate::run::stream::StreamStats;
 
@@ -38,6 +39,8 @@ pub struct RunReport {
     pub cpu_s: CpuSeconds,
     pub io: IoMode,
     pub policy: PolicyKind,
+    /// The memory-pressure watch's readings and resizes (`None`: not watched).
+    pub pressure: Option<PressureStatus>,
 }
 
 /// Rates derived from the expert cache's and the stream's counters.
@@ -101,6 +104,7 @@ impl Engine<'_> {
             cpu_s: done.cpu_s,
             io: self.io,
             policy: self.policy,
+            pressure: self.pressure_status(),
         }
     }
 

@@ -15,6 +15,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 mod huffman;
+mod resize;
+
+pub use resize::{CacheBounds, Resize};
 
 use super::cache::{
     CacheError, EvictionPolicy, ExpertKey, Lfu, Lookup, Lru, ProfileWeighted, SlotTable,
@@ -364,6 +367,9 @@ pub struct ExpertCache {
     upload: bool,
     /// The logical clock every pool's table shares (see `SlotTable::advance_clock`).
     clock: u64,
+    /// Each pool's slots as sized at construction: the most a resize gives it back
+    /// (`--mem-budget` stays the upper bound, `resize.rs`).
+    max_slots: Vec<u32>,
 }
 
 /// Decode scratches not in use. A load takes one (or makes one) and puts it back; none is ever
@@ -460,8 +466,10 @@ impl ExpertCache {
                     .iter()
                     .sum::<usize>() as u64;
         }
+        let max_slots = pools.iter().map(|p| p.table.capacity()).collect();
         Ok(ExpertCache {
             act: ExpertAct::of(&pack.meta().model),
+            max_slots,
             pools,
             pool_of,
             merge_map,
