@@ -14,7 +14,9 @@ use super::load::Checkpoint;
 use super::profile::BitPlan;
 use super::quantize::{stored_shapes, StoredShape};
 use super::{expert_target, ConvertError, ConvertOptions};
-use crate::format::{dir_len, layout, ProjBits, QuantMode, EXPERT_ENTRY_SIZE, TENSOR_ENTRY_SIZE};
+use crate::format::{
+    dir_len, layout, DType, ProjBits, QuantMode, EXPERT_ENTRY_SIZE, TENSOR_ENTRY_SIZE,
+};
 
 /// One stored expert as a conversion would write it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub struct ExpertSize {
     pub bits: ProjBits,
     pub group_size: usize,
     pub mode: QuantMode,
+    /// The type of its scales (and biases): the source's float type, u8 for mxfp4/mxfp8.
+    pub scale_dtype: DType,
     /// Decoded bytes of all its segments: what one resident expert takes in the cache.
     pub decoded: u64,
     /// Bytes a miss reads: its segments' whole pages (segments start on page boundaries).
@@ -94,6 +98,11 @@ pub fn pack_sizes(
                 bits: q.bits,
                 group_size: q.group_size,
                 mode: q.mode,
+                scale_dtype: if q.mode.has_biases() {
+                    super::write::scale_dtype(x.gate.scale_dtype())
+                } else {
+                    DType::U8
+                },
                 decoded: lens.iter().sum(),
                 read: lens.iter().map(|&n| n.div_ceil(page) * page).sum(),
             });

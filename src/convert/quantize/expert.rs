@@ -129,7 +129,7 @@ impl<'a> ProjSource<'a> {
 
     /// The type scales are stored in: the float input's own type (as MLX does), or the
     /// scale type of existing codes.
-    fn scale_dtype(&self) -> FloatDtype {
+    pub fn scale_dtype(&self) -> FloatDtype {
         match self {
             ProjSource::Float(m) => m.dtype,
             ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => q.scale_dtype,
