@@ -31,6 +31,7 @@ pub mod mapped;
 pub mod memory;
 pub mod mlx;
 pub mod model;
+pub mod plan;
 pub mod progress;
 pub mod quant_mode;
 pub mod run;

@@ -24,6 +24,7 @@ mod cli_convert;
 mod cli_inspect_verify;
 mod compressed_tensors;
 mod hub;
+mod plan;
 mod serve;
 mod serve_agents;
 

@@ -21,6 +21,7 @@ pub mod load;
 pub mod merge;
 pub mod profile;
 pub mod quantize;
+pub mod size;
 pub mod source;
 pub mod write;
 

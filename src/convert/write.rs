@@ -35,7 +35,7 @@ pub fn pack_dtype(name: &str, d: Dtype) -> Result<DType, ConvertError> {
     })
 }
 
-fn scale_dtype(d: FloatDtype) -> DType {
+pub(super) fn scale_dtype(d: FloatDtype) -> DType {
     match d {
         FloatDtype::F32 => DType::F32,
         FloatDtype::F16 => DType::F16,

@@ -162,6 +162,13 @@ impl ExpertEntry {
     }
 }
 
+/// Bytes of a directory of `entries` entries of `entry_size` bytes and `strings_len` bytes of
+/// names (§5-6): what [`encode_tensor_dir`] and [`encode_expert_dir`] write, for a layout
+/// planned before them.
+pub fn dir_len(entries: usize, entry_size: usize, strings_len: u64) -> u64 {
+    (DIR_HEADER_SIZE + entries * entry_size) as u64 + strings_len
+}
+
 /// Encodes a tensor directory; `tensors` must already be sorted by name.
 pub(crate) fn encode_tensor_dir(tensors: &[TensorEntry]) -> Vec<u8> {
     let strings_len: usize = tensors.iter().map(|t| t.name.len()).sum();

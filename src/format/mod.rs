@@ -13,7 +13,9 @@ pub mod tempfiles;
 mod verify;
 mod write;
 
-pub use directory::{ExpertEntry, ProjBits, TensorEntry, EXPERT_ENTRY_SIZE, TENSOR_ENTRY_SIZE};
+pub use directory::{
+    dir_len, ExpertEntry, ProjBits, TensorEntry, EXPERT_ENTRY_SIZE, TENSOR_ENTRY_SIZE,
+};
 pub use error::PackError;
 pub use header::{Header, SectionEntry, SectionKind, HEADER_SIZE, SECTION_ENTRY_SIZE};
 pub use metadata::Metadata;

@@ -63,15 +63,15 @@ pub struct Snapshot {
 }
 
 #[derive(Deserialize)]
-struct RepoInfo {
-    sha: String,
+pub(super) struct RepoInfo {
+    pub(super) sha: String,
     #[serde(default)]
-    siblings: Vec<Sibling>,
+    pub(super) siblings: Vec<Sibling>,
 }
 
 #[derive(Deserialize)]
-struct Sibling {
-    rfilename: String,
+pub(super) struct Sibling {
+    pub(super) rfilename: String,
 }
 
 /// A relative path inside a repo: no absolute path, no `..`, no empty segment; it names a
@@ -352,7 +352,7 @@ impl Hub {
     }
 
     /// `GET /api/models/{repo}/revision/{rev}`: the commit and the file list.
-    fn repo_info(&self, repo: &RepoId, revision: &str) -> Result<RepoInfo, HubError> {
+    pub(super) fn repo_info(&self, repo: &RepoId, revision: &str) -> Result<RepoInfo, HubError> {
         let url = self.revision_url(repo, revision);
         let reply = self
             .client

@@ -11,7 +11,8 @@
 //!
 //! Pipelines: download: resolve revision -> plan files (download.rs) -> fetch blobs -> link
 //! snapshot (fetch.rs, cache.rs); publish: card -> hash -> create repo -> LFS transfer -> commit
-//! (card.rs, upload.rs). http.rs is the one place that speaks HTTP.
+//! (card.rs, upload.rs); ranges of files without a download (ranges.rs, for `flashpack plan`).
+//! http.rs is the one place that speaks HTTP.
 
 mod cache;
 mod card;
@@ -19,6 +20,7 @@ mod download;
 mod error;
 mod fetch;
 mod http;
+mod ranges;
 mod upload;
 
 use std::path::PathBuf;
@@ -28,6 +30,7 @@ use crate::progress::Progress;
 pub use card::{base_model_of, model_card};
 pub use download::{Snapshot, OPTIONAL_FILES};
 pub use error::HubError;
+pub use ranges::RemoteFiles;
 pub use upload::{PublishOptions, Published};
 
 /// The public Hub; `HF_ENDPOINT` overrides it.

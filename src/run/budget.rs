@@ -9,6 +9,8 @@
 //! of RAM up to 1 and as bytes above it, so `1` meant all of RAM and `2` meant two bytes. Now it is
 //! refused, with the accepted forms in the message.
 
+use crate::arch::{KvBits, ModelConfig};
+
 /// A budget as written: bytes, or a percentage of a whole the caller knows (RAM for
 /// `--mem-budget`, all experts resident for `--expert-budget`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,6 +96,62 @@ pub fn parse_size(text: &str) -> Result<Size, String> {
 
 /// Most prompt tokens per forward call (mlx-lm's `prefill_step_size`).
 pub const PREFILL_STEP: usize = 2048;
+
+/// The positions the KV cache is sized for: `positions` within the model's context.
+pub fn planned_positions(cfg: &ModelConfig, positions: usize) -> u64 {
+    cfg.max_position_embeddings
+        .unwrap_or(usize::MAX)
+        .min(positions) as u64
+}
+
+/// One prompt token's activations in a prefill chunk, an f32 upper bound: the residual stream,
+/// the k routed rows in and out of the experts and their hidden width. Under attention
+/// residuals (Kimi-K3) also every block's starting state, which a mix reads as an f32 copy and
+/// weighs into a product of the same size.
+pub fn activation_bytes_per_token(cfg: &ModelConfig) -> u64 {
+    4 * (cfg.hidden_size * (2 * cfg.num_experts_per_tok + 8)
+        + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size.max(1)) as u64
+        + 4 * 3 * cfg.attn_res_values_per_token()
+}
+
+/// The LM head's logits for one position, f32.
+pub fn logits_bytes(cfg: &ModelConfig) -> u64 {
+    (cfg.hidden_size * cfg.vocab_size * 4) as u64
+}
+
+/// What [`Needs::kv`] answers for a prefill chunk of `chunk` tokens: keys and values of every KV
+/// head, or MLA's latent and rotary key (`ModelConfig`), for `positions` positions, as codes
+/// where `kv_bits` quantizes them; a sliding-window layer's at most a window and one chunk
+/// (gpt-oss); the fixed-size state of linear-attention layers (Qwen3-Next, Qwen3.5); and the
+/// other conversations' KV caches (`prompt_cache` bytes, several cached prompts) on top.
+pub fn kv_bytes_for_chunk(
+    cfg: &ModelConfig,
+    positions: u64,
+    kv_bits: Option<KvBits>,
+    prompt_cache: u64,
+    chunk: u64,
+) -> u64 {
+    cfg.kv_bytes(positions, chunk, kv_bits) + cfg.recurrent_state_bytes() + prompt_cache
+}
+
+/// Slots of each expert pool under an expert budget of `budget` bytes (`None`: every stored
+/// expert). `pools` holds each pool's stored experts and the bytes one resident expert takes;
+/// each pool gets the budget's share of its bytes, whole slots, at most its experts. The one
+/// rule the expert cache sizes its pools by and `flashpack plan` predicts with.
+pub fn pool_slots(budget: Option<u64>, pools: &[(u32, u64)]) -> Vec<u32> {
+    let total: u64 = pools.iter().map(|&(n, b)| n as u64 * b).sum();
+    pools
+        .iter()
+        .map(|&(count, slot_bytes)| match budget {
+            None => count,
+            Some(budget) => {
+                let share = budget as f64 * (count as u64 * slot_bytes) as f64
+                    / total.max(1) as f64;
+                ((share / slot_bytes.max(1) as f64) as u32).min(count)
+            }
+        })
+        .collect()
+}
 
 /// Bytes held back beside the KV cache, logits and prefill activations.
 const SLACK: u64 = 2 << 20;

@@ -83,6 +83,8 @@ pub struct State {
     pub lfs: BTreeMap<String, Vec<u8>>,
     pub requests: Vec<Logged>,
     pub commits: Vec<CommitRecord>,
+    /// Body bytes sent, per request path (`/{repo}/resolve/{rev}/{file}`, `/lfs/{oid}`).
+    pub served: BTreeMap<String, u64>,
     /// Drops applied to `GET /lfs/{oid}` on the CDN.
     pub drop_download: Drop,
     /// Drops applied to `PUT /upload/...` on the CDN.
@@ -273,20 +275,27 @@ fn can_write(state: &State, req: &Request) -> Result<String, Resp> {
     }
 }
 
-/// Serves `bytes` honouring `Range: bytes=N-`.
+/// Serves `bytes` honouring `Range: bytes=N-` and `Range: bytes=N-M`.
 fn ranged(req: &Request, bytes: &[u8]) -> Resp {
     let len = bytes.len() as u64;
-    let start = req
+    let range = req
         .header("range")
         .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse::<u64>().ok());
-    match start {
-        None => Resp::new(200).body(bytes.to_vec()),
-        Some(s) if s >= len => Resp::new(416).header("content-range", format!("bytes */{len}")),
-        Some(s) => Resp::new(206)
-            .header("content-range", format!("bytes {s}-{}/{len}", len - 1))
-            .body(bytes[s as usize..].to_vec()),
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            let start = a.parse::<u64>().ok()?;
+            let end = match b {
+                "" => len.checked_sub(1)?,
+                b => b.parse::<u64>().ok()?.min(len.checked_sub(1)?),
+            };
+            Some((start, end))
+        });
+    match (req.header("range"), range) {
+        (None, _) => Resp::new(200).body(bytes.to_vec()),
+        (Some(_), Some((s, e))) if s <= e && s < len => Resp::new(206)
+            .header("content-range", format!("bytes {s}-{e}/{len}"))
+            .body(bytes[s as usize..=e as usize].to_vec()),
+        (Some(_), _) => Resp::new(416).header("content-range", format!("bytes */{len}")),
     }
 }
 
@@ -438,6 +447,13 @@ fn serve(stream: TcpStream, origin: &'static str, state: &Mutex<State>) {
     let resp = {
         let mut s = state.lock().unwrap();
         let resp = route(&mut s, &req, origin, &body);
+        let sent = match resp.cut_after {
+            Some(n) => (resp.body.len() as u64).min(n),
+            None => resp.body.len() as u64,
+        };
+        if req.method != "HEAD" {
+            *s.served.entry(req.path.clone()).or_default() += sent;
+        }
         s.requests.push(Logged {
             method: req.method.clone(),
             path: req.path.clone(),

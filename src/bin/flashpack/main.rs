@@ -11,6 +11,7 @@ mod chat;
 mod convert;
 mod eval;
 mod inspect;
+mod plan;
 mod publish;
 mod run;
 mod serve;
@@ -43,6 +44,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Show what a pack holds: model, sizes, bits per weight, codecs, layout, provenance.
     Inspect(inspect::InspectArgs),
+    /// What fits this machine and how fast it will run, from a checkpoint's or pack's headers.
+    Plan(plan::PlanArgs),
     /// Generate text from a pack; experts stream from disk within --mem-budget.
     Run(run::RunArgs),
     /// Upload a pack and a generated model card to the Hugging Face Hub.
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args).map(|()| ExitCode::SUCCESS),
         Command::Eval(args) => eval::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Run(args) => run::run(args),
         Command::Publish(args) => publish::run(args),
         Command::Serve(args) => serve::run(args),

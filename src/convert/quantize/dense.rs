@@ -96,40 +96,55 @@ impl<'a> DenseOut<'a> {
     }
 }
 
-/// The tensors of a quantized linear layer named `weight_name` (`P.weight`): codes, scales
-/// and (affine only) biases, borrowed from an MLX source or owned after quantizing. mxfp4 and
-/// mxfp8 scales are u8.
-fn quantized_outs<'a>(weight_name: &str, q: Quantized<'a>) -> Vec<DenseOut<'a>> {
+/// Names, types, shapes and bits of the tensors of a quantized linear layer named
+/// `weight_name` (`P.weight`), in the order [`quantized_outs`] gives them: biases (affine only),
+/// scales, codes. mxfp4 and mxfp8 scales are u8.
+fn quantized_layout(
+    weight_name: &str,
+    rows: usize,
+    cols: usize,
+    p: QuantParams,
+    sd: FloatDtype,
+) -> Vec<(String, Dtype, Vec<usize>, u8)> {
     let module = weight_name.strip_suffix(".weight").unwrap_or(weight_name);
-    let (rows, cols, p, sd) = q.shape;
     let sshape = vec![rows, p.groups_per_row(cols)];
-    let sd = if p.has_biases() {
-        sd.dtype()
-    } else {
-        Dtype::U8
-    };
-    let mk = |suffix: &str, dtype, shape: Vec<usize>, bits, bytes| DenseOut {
-        name: format!("{module}.{suffix}"),
-        dtype,
-        shape,
-        bits,
-        group_size: if bits > 0 { p.group_size } else { 0 },
-        mode: if bits > 0 { p.mode } else { QuantMode::Affine },
-        bytes,
-    };
+    let sd = if p.has_biases() { sd.dtype() } else { Dtype::U8 };
     let mut out = Vec::with_capacity(3);
     if p.has_biases() {
-        out.push(mk("biases", sd, sshape.clone(), 0, q.biases));
+        out.push((format!("{module}.biases"), sd, sshape.clone(), 0));
     }
-    out.push(mk("scales", sd, sshape, 0, q.scales));
-    out.push(mk(
-        "weight",
+    out.push((format!("{module}.scales"), sd, sshape, 0));
+    out.push((
+        format!("{module}.weight"),
         Dtype::U32,
         vec![rows, p.words_per_row(cols)],
         p.bits,
-        q.codes,
     ));
     out
+}
+
+/// The tensors of a quantized linear layer named `weight_name` (`P.weight`): codes, scales
+/// and (affine only) biases, borrowed from an MLX source or owned after quantizing.
+fn quantized_outs<'a>(weight_name: &str, q: Quantized<'a>) -> Vec<DenseOut<'a>> {
+    let (rows, cols, p, sd) = q.shape;
+    let mut bytes = Vec::with_capacity(3);
+    if p.has_biases() {
+        bytes.push(q.biases);
+    }
+    bytes.extend([q.scales, q.codes]);
+    quantized_layout(weight_name, rows, cols, p, sd)
+        .into_iter()
+        .zip(bytes)
+        .map(|((name, dtype, shape, bits), bytes)| DenseOut {
+            name,
+            dtype,
+            shape,
+            bits,
+            group_size: if bits > 0 { p.group_size } else { 0 },
+            mode: if bits > 0 { p.mode } else { QuantMode::Affine },
+            bytes,
+        })
+        .collect()
 }
 
 /// Codes, scales and biases with their shape (rows, cols, params, scale type).
@@ -180,67 +195,178 @@ fn dequantized(name: &str, q: &QuantizedView<'_>, out: FloatDtype) -> DenseOut<'
     }
 }
 
+/// What is stored for one tensor, decided from its kind, role and shape alone (never its
+/// values): [`plan_dense`] stores it, [`stored_shapes`] sizes it without reading a weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// Stored as it is: the source's bytes, or the floats an FP8 or derived tensor stands for.
+    Keep,
+    /// Quantized (floats) or requantized (MLX codes) to these parameters.
+    Quantize(QuantParams),
+    /// The source's MLX codes, copied.
+    Codes,
+    /// The source's MLX codes, dequantized to their scale type.
+    Dequantize,
+}
+
+/// The [`Target`] of `t` under `policy`, with the logical shape and the float type of what is
+/// stored (the scale type of quantized codes).
+fn target(t: &DenseTensor<'_>, policy: DensePolicy) -> (Target, Vec<usize>, Option<FloatDtype>) {
+    let full_precision = matches!(t.role, TensorRole::Router { .. } | TensorRole::KeepFull);
+    let name = t.name.as_str();
+    // A 2-D `.weight` of whole groups that is not kept at full precision is quantized.
+    let quantize = |shape: &[usize]| {
+        policy
+            .params()
+            .filter(|p| {
+                !full_precision && shape.len() == 2 && p.fits(shape[1]) && name.ends_with(".weight")
+            })
+            .map_or(Target::Keep, Target::Quantize)
+    };
+    match t.data {
+        TensorData::Other { shape, .. } => (Target::Keep, shape.to_vec(), None),
+        TensorData::Fp8(m) => {
+            let shape = vec![m.rows, m.cols];
+            (quantize(&shape), shape, Some(m.dtype))
+        }
+        TensorData::Derived(ref d) => {
+            let shape = d.shape();
+            (quantize(&shape), shape, Some(d.dtype()))
+        }
+        TensorData::Float { dtype, shape, .. } => (quantize(shape), shape.to_vec(), Some(dtype)),
+        TensorData::Quantized(q) => {
+            let target = if full_precision || policy.keep_source_codes {
+                // The source already quantized it (mlx-lm keeps routers at 8 bits): dequantizing
+                // restores no precision and would change the router's arithmetic, so the pack
+                // would no longer compute what the source computes. Keep its codes.
+                Target::Codes
+            } else {
+                match policy.params() {
+                    None => Target::Dequantize,
+                    Some(p) if p == q.params => Target::Codes,
+                    Some(p) => Target::Quantize(p),
+                }
+            };
+            (target, vec![q.rows, q.cols], Some(q.scale_dtype))
+        }
+    }
+}
+
+/// One tensor as [`plan_dense`] would store it: name, type, shape, codes and bytes, without
+/// its contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredShape {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Bits per code of U32 packed codes, else 0.
+    pub bits: u8,
+    /// Group size of packed codes, else 0.
+    pub group_size: usize,
+    pub mode: QuantMode,
+    pub bytes: u64,
+}
+
+/// What [`plan_dense`] stores for `t` under `policy`, sized from its kind, role and shape alone:
+/// no weight is read (`flashpack plan` sizes a pack from the safetensors headers with it).
+/// Sorted by name, as [`plan_dense`]'s outputs are.
+pub fn stored_shapes(t: &DenseTensor<'_>, policy: DensePolicy) -> Vec<StoredShape> {
+    let (target, shape, float) = target(t, policy);
+    let elements: usize = shape.iter().product();
+    let kept = |dtype: Dtype| {
+        vec![StoredShape {
+            name: t.name.clone(),
+            dtype,
+            bytes: (elements * dtype.size()) as u64,
+            shape: shape.clone(),
+            bits: 0,
+            group_size: 0,
+            mode: QuantMode::Affine,
+        }]
+    };
+    let quantized = |p: QuantParams, sd: FloatDtype| {
+        quantized_layout(&t.name, shape[0], shape[1], p, sd)
+            .into_iter()
+            .map(|(name, dtype, shape, bits)| StoredShape {
+                bytes: (shape.iter().product::<usize>() * dtype.size()) as u64,
+                name,
+                dtype,
+                shape,
+                bits,
+                group_size: if bits > 0 { p.group_size } else { 0 },
+                mode: if bits > 0 { p.mode } else { QuantMode::Affine },
+            })
+            .collect()
+    };
+    match (target, &t.data, float) {
+        (Target::Keep, TensorData::Other { dtype, bytes, .. }, _) => {
+            let mut out = kept(*dtype);
+            out[0].bytes = bytes.len() as u64;
+            out
+        }
+        (Target::Keep | Target::Dequantize, _, Some(f)) => kept(f.dtype()),
+        (Target::Codes, TensorData::Quantized(q), _) => quantized(q.params, q.scale_dtype),
+        (Target::Quantize(p), _, Some(f)) => quantized(p, f),
+        // `target` gives every other kind a float type.
+        _ => kept(Dtype::U8),
+    }
+}
+
 /// What to store for `t` under `policy`. Outputs are sorted by name.
 pub fn plan_dense<'a>(
     t: &DenseTensor<'a>,
     policy: DensePolicy,
 ) -> Result<Vec<DenseOut<'a>>, QuantError> {
-    let full_precision = matches!(t.role, TensorRole::Router { .. } | TensorRole::KeepFull);
     let name = t.name.as_str();
-    Ok(match t.data {
-        TensorData::Other {
-            dtype,
-            shape,
-            bytes,
-        } => vec![DenseOut::kept(name, dtype, shape, bytes)],
+    let (target, _, _) = target(t, policy);
+    let size = || QuantError::Invalid {
+        what: name.to_string(),
+        detail: "size".into(),
+    };
+    Ok(match (&t.data, target) {
+        (
+            &TensorData::Other {
+                dtype,
+                shape,
+                bytes,
+            },
+            _,
+        ) => vec![DenseOut::kept(name, dtype, shape, bytes)],
         // FP8 with block scales: the bf16 values it stands for, quantized as a bf16 weight would
         // be, or kept as bf16 (routers, and whatever the policy keeps in floats).
-        TensorData::Fp8(m) => {
-            let target = policy
-                .params()
-                .filter(|p| !full_precision && p.fits(m.cols) && name.ends_with(".weight"));
-            match target {
-                Some(p) => quantized_outs(name, Quantized::owned(quantize(name, m, p, m.dtype)?)),
-                None => {
-                    let mut bytes = vec![0u8; m.rows * m.cols * m.dtype.size()];
-                    let mut row = vec![0f32; m.cols];
-                    let w = m.cols * m.dtype.size();
-                    for r in 0..m.rows {
-                        m.row_f32(r, &mut row);
-                        m.dtype.write_all(&row, &mut bytes[r * w..(r + 1) * w]);
-                    }
-                    vec![DenseOut {
-                        name: name.to_string(),
-                        dtype: m.dtype.dtype(),
-                        shape: vec![m.rows, m.cols],
-                        bits: 0,
-                        group_size: 0,
-                        mode: QuantMode::Affine,
-                        bytes: Cow::Owned(bytes),
-                    }]
-                }
+        (&TensorData::Fp8(m), Target::Quantize(p)) => {
+            quantized_outs(name, Quantized::owned(quantize(name, m, p, m.dtype)?))
+        }
+        (&TensorData::Fp8(m), _) => {
+            let mut bytes = vec![0u8; m.rows * m.cols * m.dtype.size()];
+            let mut row = vec![0f32; m.cols];
+            let w = m.cols * m.dtype.size();
+            for r in 0..m.rows {
+                m.row_f32(r, &mut row);
+                m.dtype.write_all(&row, &mut bytes[r * w..(r + 1) * w]);
             }
+            vec![DenseOut {
+                name: name.to_string(),
+                dtype: m.dtype.dtype(),
+                shape: vec![m.rows, m.cols],
+                bits: 0,
+                group_size: 0,
+                mode: QuantMode::Affine,
+                bytes: Cow::Owned(bytes),
+            }]
         }
         // Derived tensors (load/derived.rs): computed now, then as a float tensor.
-        TensorData::Derived(ref d) => {
+        (TensorData::Derived(d), target) => {
             let shape = d.shape();
             let bytes = d.bytes();
             let dtype = d.dtype();
-            let target = policy.params().filter(|p| {
-                !full_precision && shape.len() == 2 && p.fits(shape[1]) && name.ends_with(".weight")
-            });
             match target {
-                Some(p) => {
+                Target::Quantize(p) => {
                     let m =
-                        MatrixView::new(dtype, shape[0], shape[1], &bytes).ok_or_else(|| {
-                            QuantError::Invalid {
-                                what: name.to_string(),
-                                detail: "size".into(),
-                            }
-                        })?;
+                        MatrixView::new(dtype, shape[0], shape[1], &bytes).ok_or_else(size)?;
                     quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?))
                 }
-                None => vec![DenseOut {
+                _ => vec![DenseOut {
                     name: name.to_string(),
                     dtype: dtype.dtype(),
                     shape,
@@ -251,40 +377,26 @@ pub fn plan_dense<'a>(
                 }],
             }
         }
-        TensorData::Float {
-            dtype,
-            shape,
-            bytes,
-        } => {
-            let target = policy.params().filter(|p| {
-                !full_precision && shape.len() == 2 && p.fits(shape[1]) && name.ends_with(".weight")
-            });
-            match target {
-                None => vec![DenseOut::kept(name, dtype.dtype(), shape, bytes)],
-                Some(p) => {
-                    let m = MatrixView::new(dtype, shape[0], shape[1], bytes).ok_or_else(|| {
-                        QuantError::Invalid {
-                            what: name.to_string(),
-                            detail: "size".into(),
-                        }
-                    })?;
-                    quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?))
-                }
+        (
+            &TensorData::Float {
+                dtype,
+                shape,
+                bytes,
+            },
+            target,
+        ) => match target {
+            Target::Quantize(p) => {
+                let m = MatrixView::new(dtype, shape[0], shape[1], bytes).ok_or_else(size)?;
+                quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?))
             }
+            _ => vec![DenseOut::kept(name, dtype.dtype(), shape, bytes)],
+        },
+        (&TensorData::Quantized(q), Target::Dequantize) => {
+            vec![dequantized(name, &q, q.scale_dtype)]
         }
-        TensorData::Quantized(q) => {
-            if full_precision || policy.keep_source_codes {
-                // The source already quantized it (mlx-lm keeps routers at 8 bits): dequantizing
-                // restores no precision and would change the router's arithmetic, so the pack
-                // would no longer compute what the source computes. Keep its codes.
-                quantized_outs(name, Quantized::borrowed(q))
-            } else {
-                match policy.params() {
-                    None => vec![dequantized(name, &q, q.scale_dtype)],
-                    Some(p) if p == q.params => quantized_outs(name, Quantized::borrowed(q)),
-                    Some(p) => quantized_outs(name, Quantized::owned(requantize(name, q, p)?)),
-                }
-            }
+        (&TensorData::Quantized(q), Target::Quantize(p)) => {
+            quantized_outs(name, Quantized::owned(requantize(name, q, p)?))
         }
+        (&TensorData::Quantized(q), _) => quantized_outs(name, Quantized::borrowed(q)),
     })
 }

@@ -129,7 +129,7 @@ impl<'a> ProjSource<'a> {
 
     /// The type scales are stored in: the float input's own type (as MLX does), or the
     /// scale type of existing codes.
-    fn scale_dtype(&self) -> FloatDtype {
+    pub fn scale_dtype(&self) -> FloatDtype {
         match self {
             ProjSource::Float(m) => m.dtype,
             ProjSource::Quantized(q) | ProjSource::Interleaved { all: q, .. } => q.scale_dtype,
@@ -237,6 +237,31 @@ pub struct ExpertProjections<'a> {
     pub down: ProjSource<'a>,
     /// The projections' biases, for experts that have them (gpt-oss).
     pub bias: Option<ExpertBiases<'a>>,
+}
+
+impl ExpertProjections<'_> {
+    /// Decoded bytes of each of the `n` segments [`build_segments`] cuts this expert into when
+    /// stored as `q` (codes, scales and biases, and the expert's own biases), from the shapes
+    /// and types alone: no weight is read. `None` when the rows do not cut into `n` segments of
+    /// whole groups (which `build_segments` refuses).
+    pub fn segment_lens(&self, q: ExpertQuant, n: usize) -> Option<Vec<u64>> {
+        let [i, h] = self.gate.shape();
+        if n == 0 || i % (n * q.group_size) != 0 {
+            return None;
+        }
+        let rows = i / n;
+        let parts = SegmentParts::new(h, rows, q, self.gate.scale_dtype());
+        Some(
+            (0..n)
+                .map(|seg| {
+                    let bias = self.bias.map_or(0, |b| {
+                        (2 * rows + if seg == 0 { h } else { 0 }) * b.gate.dtype.size()
+                    });
+                    (parts.weights_len() + parts.aux_len() + bias) as u64
+                })
+                .collect(),
+        )
+    }
 }
 
 /// How an expert's intermediate rows are cut. One segment (all rows) is the default; more

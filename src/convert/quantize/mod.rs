@@ -25,7 +25,7 @@
 mod dense;
 mod expert;
 
-pub use dense::{plan_dense, DenseOut, DensePolicy};
+pub use dense::{plan_dense, stored_shapes, DenseOut, DensePolicy, StoredShape};
 
 pub use expert::{
     build_segments, BiasVector, ExpertBiases, ExpertProjections, ExpertQuant, ProjSource,

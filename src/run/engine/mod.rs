@@ -189,29 +189,12 @@ impl<'p> Engine<'p> {
             warn_over_ram(progress, "--mem-budget", &b.text, b.size.resolve(ram), ram);
         }
         // The dense weights stay resident; the KV cache (up to the longest context this engine
-        // plans for) and activations come out of the budget too.
-        let positions = cfg
-            .max_position_embeddings
-            .unwrap_or(usize::MAX)
-            .min(opts.positions) as u64;
-        // A prefill chunk's activations, f32 upper bound: the residual stream, the k routed
-        // rows in and out of the experts and their hidden width.
-        // Under attention residuals (Kimi-K3) also every block's starting state, which a mix
-        // reads as an f32 copy and weighs into a product of the same size.
-        let per_token = 4
-            * (cfg.hidden_size * (2 * cfg.num_experts_per_tok + 8)
-                + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size.max(1))
-                as u64
-            + 4 * 3 * cfg.attn_res_values_per_token();
-        // Keys and values of every KV head, or MLA's latent and rotary key (ModelConfig), for
-        // every position, as codes where `--kv-bits` quantizes them; a sliding-window layer's
-        // at most a window and one prefill chunk (gpt-oss); plus the fixed-size state of
-        // linear-attention layers (Qwen3-Next, Qwen3.5). Other conversations' KV caches
-        // (several cached prompts) come on top.
+        // plans for) and activations come out of the budget too (`budget`'s sizes, which
+        // `flashpack plan` predicts with).
+        let positions = budget::planned_positions(cfg, opts.positions);
+        let per_token = budget::activation_bytes_per_token(cfg);
         let kv = |chunk: u64| {
-            cfg.kv_bytes(positions, chunk, opts.kv_bits)
-                + cfg.recurrent_state_bytes()
-                + opts.prompt_cache_bytes
+            budget::kv_bytes_for_chunk(cfg, positions, opts.kv_bits, opts.prompt_cache_bytes, chunk)
         };
         let all_experts = ExpertCache::all_resident_bytes(pack);
         let plan = budget::plan(
@@ -222,7 +205,7 @@ impl<'p> Engine<'p> {
                 dense: weights.bytes,
                 all_experts,
                 per_token,
-                logits: (cfg.hidden_size * cfg.vocab_size * 4) as u64,
+                logits: budget::logits_bytes(cfg),
                 kv: &kv,
             },
         )?;

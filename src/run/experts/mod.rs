@@ -174,6 +174,11 @@ struct Pool {
 
 impl Pool {
     /// Bytes one slot takes in each of the nine arrays.
+    /// Bytes one resident expert of `shape` takes (all of [`Pool::slot_bytes`]).
+    fn expert_bytes(shape: PoolShape, hidden: usize, inter: usize) -> u64 {
+        Pool::slot_bytes(shape, hidden, inter).iter().sum::<usize>() as u64
+    }
+
     fn slot_bytes(shape: PoolShape, hidden: usize, inter: usize) -> [usize; SLOT_ARRAYS] {
         let w = |p: usize| inter * hidden * shape.bits.get(p) as usize / 8;
         let g = shape.group_size as usize;
@@ -422,30 +427,18 @@ impl ExpertCache {
                 plan.push((shape, chunk));
             }
         }
-        let total_bytes: u64 = plan
-            .iter()
-            .map(|(s, keys)| {
-                keys.len() as u64 * Pool::slot_bytes(*s, hidden, inter).iter().sum::<usize>() as u64
-            })
-            .sum();
+        let slots = crate::run::budget::pool_slots(
+            opts.budget_bytes,
+            &plan
+                .iter()
+                .map(|(s, keys)| (keys.len() as u32, Pool::expert_bytes(*s, hidden, inter)))
+                .collect::<Vec<_>>(),
+        );
         let layers = pack.experts().last().map_or(1, |e| e.layer + 1);
         let prior = profile_prior(pack.meta());
         let mut pools = Vec::new();
         let mut pool_of = BTreeMap::new();
-        for (shape, keys) in &plan {
-            let count = keys.len() as u32;
-            let slot_bytes: u64 = Pool::slot_bytes(*shape, hidden, inter)
-                .iter()
-                .sum::<usize>() as u64;
-            let slots = match opts.budget_bytes {
-                None => count,
-                // Each pool gets the budget share of its bytes.
-                Some(budget) => {
-                    let share = budget as f64 * (count as u64 * slot_bytes) as f64
-                        / total_bytes.max(1) as f64;
-                    ((share / slot_bytes as f64) as u32).min(count)
-                }
-            };
+        for ((shape, keys), &slots) in plan.iter().zip(&slots) {
             let policy: Box<dyn EvictionPolicy> = match opts.policy {
                 PolicyKind::Lru => Box::new(Lru::default()),
                 PolicyKind::Lfu => Box::new(Lfu::new(256)),
