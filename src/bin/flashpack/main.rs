@@ -12,6 +12,7 @@ mod convert;
 mod eval;
 mod inspect;
 mod publish;
+mod rank;
 mod run;
 mod serve;
 mod verify;

@@ -127,6 +127,14 @@ fn pieces_of(text: &str, size: usize) -> impl Iterator<Item = &str> {
     })
 }
 
+/// One stage of a pipeline: the layers an engine holds and the stages after them
+/// ([`Engine::new_stage`]).
+pub struct Stage {
+    pub layers: std::ops::Range<usize>,
+    /// `None` on the last stage.
+    pub downstream: Option<std::sync::Arc<dyn crate::model::Downstream>>,
+}
+
 /// An open pack ready to generate: model, expert cache, tokenizer, chat template, KV cache.
 pub struct Engine<'p> {
     cfg: ModelConfig,
@@ -162,8 +170,37 @@ impl<'p> Engine<'p> {
         opts: &EngineOptions,
         progress: &dyn Progress,
     ) -> Result<Engine<'p>, EngineError> {
+        Engine::new_stage(pack, cfg, weights, opts, progress, None)
+    }
+
+    /// [`Engine::new`] for one stage of a pipeline (`run::pipeline`): the model's layers
+    /// `stage.layers` alone, with the experts of those layers alone in its cache (sized from
+    /// this process's budget), and `stage.downstream` for the layers after them. `weights`
+    /// need hold only the stage's tensors (`pipeline::stage_tensors`).
+    pub fn new_stage(
+        pack: &'p Pack,
+        cfg: &ModelConfig,
+        weights: &PackWeights,
+        opts: &EngineOptions,
+        progress: &dyn Progress,
+        stage: Option<Stage>,
+    ) -> Result<Engine<'p>, EngineError> {
         let tokenizer = crate::run::open::tokenizer(pack)?;
-        let mut model = Model::load(cfg, weights).map_err(EngineError::Model)?;
+        let layers = stage
+            .as_ref()
+            .map_or(0..cfg.num_hidden_layers, |s| s.layers.clone());
+        let expert_layers = stage
+            .as_ref()
+            .map(|s| s.layers.start as u32..s.layers.end as u32);
+        let sparse: Vec<usize> = cfg
+            .sparse_layers()
+            .into_iter()
+            .filter(|l| layers.contains(l))
+            .collect();
+        let mut model = Model::load_range(cfg, weights, layers).map_err(EngineError::Model)?;
+        if let Some(d) = stage.and_then(|s| s.downstream) {
+            model.set_downstream(d);
+        }
         model.set_kv_bits(opts.kv_bits);
         let kv_quantized_layers = match opts.kv_bits {
             Some(_) => cfg.kv_quantized_layers().len(),
@@ -206,7 +243,7 @@ impl<'p> Engine<'p> {
                 + cfg.recurrent_state_bytes()
                 + opts.prompt_cache_bytes
         };
-        let all_experts = ExpertCache::all_resident_bytes(pack);
+        let all_experts = ExpertCache::resident_bytes_of(pack, expert_layers.clone());
         let plan = budget::plan(
             opts.mem_budget.as_ref(),
             opts.expert_budget.as_ref(),
@@ -236,7 +273,7 @@ impl<'p> Engine<'p> {
             max_pool_elements: crate::env::number("FLASHPACK_MAX_POOL_ELEMENTS")
                 .unwrap_or(crate::run::experts::MAX_POOL_ELEMENTS),
         };
-        let mut cache = ExpertCache::new(pack, &store)?;
+        let mut cache = ExpertCache::of_layers(pack, &store, expert_layers)?;
         // Metal (macOS): keep the dense weights, the expert slots and the KV cache wired, as
         // mlx-lm does, so the OS never pages out what each token reads. Metal refuses more than
         // the device's recommended working set; the run then goes on unwired (a warning).
@@ -267,7 +304,7 @@ impl<'p> Engine<'p> {
             opts.prefetch && !opts.no_cache && streaming,
         )
         .skip_uncached(opts.skip_uncached)
-        .working_set(cfg.sparse_layers().len(), cfg.num_experts_per_tok);
+        .working_set(sparse.len(), cfg.num_experts_per_tok);
         let k = cfg.num_experts_per_tok;
         let pools = experts.cache().pool_sizes();
         // A pool needs room for one token's experts, or for all it holds (a layer cut in pieces).
@@ -298,11 +335,7 @@ impl<'p> Engine<'p> {
         let resident = if streaming || opts.sync_baseline {
             None
         } else {
-            crate::run::stream::resident_store(
-                experts.cache(),
-                &cfg.sparse_layers(),
-                cfg.num_experts,
-            )?
+            crate::run::stream::resident_store(experts.cache(), &sparse, cfg.num_experts)?
         };
         let template = ChatTemplate::of_pack_or_plain(pack);
         let eos = stop_ids(pack, cfg, &tokenizer, template.is_harmony());
@@ -337,6 +370,21 @@ impl<'p> Engine<'p> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The model this engine runs (a pipeline stage's layers alone, `Model::range`).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Runs `f` on the model and its expert store: a pipeline stage after the first computes
+    /// its layers this way, on a KV cache of its own (`run::pipeline::serve_stage`).
+    pub fn with_parts<T>(&mut self, f: impl FnOnce(&Model, &mut dyn ExpertStore) -> T) -> T {
+        let store: &mut dyn ExpertStore = match self.resident.as_mut() {
+            Some(r) => r,
+            None => &mut self.experts,
+        };
+        f(&self.model, store)
     }
 
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
