@@ -1064,7 +1064,9 @@ pub mod dist {
     /// The element-wise sum of `x` over every rank.
     pub fn all_sum(x: &Array) -> Result<Array> {
         // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
-        make("all_sum", |out| unsafe { ffi::fp_dist_all_sum(x.raw(), out) })
+        make("all_sum", |out| unsafe {
+            ffi::fp_dist_all_sum(x.raw(), out)
+        })
     }
 
     /// Every rank's `x`, concatenated along the first axis in rank order.

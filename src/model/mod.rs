@@ -797,12 +797,14 @@ impl Model {
                 .layers
                 .iter()
                 .enumerate()
-                .map(|(i, block)| match (self.kv_bits, self.cfg.kv_group(self.first + i)) {
-                    (Some(bits), Ok(group)) if block.attn.plain_kv() => {
-                        LayerCache::Quantized(QuantizedKv::new(bits.bits(), group))
-                    }
-                    _ => block.new_cache(),
-                })
+                .map(
+                    |(i, block)| match (self.kv_bits, self.cfg.kv_group(self.first + i)) {
+                        (Some(bits), Ok(group)) if block.attn.plain_kv() => {
+                            LayerCache::Quantized(QuantizedKv::new(bits.bits(), group))
+                        }
+                        _ => block.new_cache(),
+                    },
+                )
                 .collect(),
         }
     }
@@ -1031,9 +1033,15 @@ impl Model {
 
     /// The embedding of `tokens` (scaled as Gemma 4 scales it).
     fn embed(&self, tokens: &Array) -> Result<Array> {
-        let embed = self.embed.as_ref().ok_or_else(|| ComputeError::Unsupported {
-            what: format!("token ids into a pipeline stage of layers {:?}", self.range()),
-        })?;
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| ComputeError::Unsupported {
+                what: format!(
+                    "token ids into a pipeline stage of layers {:?}",
+                    self.range()
+                ),
+            })?;
         let mut h = embed.forward(tokens)?;
         if self.cfg.gemma4.is_some() {
             // h = h * self.embed_scale (hidden_size**0.5, a Python float: h's dtype)
@@ -1057,7 +1065,10 @@ impl Model {
     fn head(&self, h: &Array) -> Result<Array> {
         let (Some(norm), true) = (&self.norm, self.ends()) else {
             return Err(ComputeError::Unsupported {
-                what: format!("the LM head on a pipeline stage of layers {:?}", self.range()),
+                what: format!(
+                    "the LM head on a pipeline stage of layers {:?}",
+                    self.range()
+                ),
             });
         };
         let h = norm.forward(h)?;
@@ -1105,11 +1116,12 @@ impl Model {
     /// stages after this one.
     fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Array> {
         match &self.downstream {
-            Some(d) if !self.ends() => d.finish(h, offset, want)?.ok_or_else(|| {
-                ComputeError::Unsupported {
-                    what: "a pipeline stage that gave no logits".into(),
-                }
-            }),
+            Some(d) if !self.ends() => {
+                d.finish(h, offset, want)?
+                    .ok_or_else(|| ComputeError::Unsupported {
+                        what: "a pipeline stage that gave no logits".into(),
+                    })
+            }
             _ => self.logits_of(h, want),
         }
     }

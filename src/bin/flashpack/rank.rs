@@ -16,8 +16,7 @@ use flashpack::run::pipeline::{self, JoinOptions, Pipeline};
 use flashpack::units::{self, Style};
 
 use crate::run::{
-    answer, engine_options, model_text, prompt_progress_after, prompt_text, PromptProgress,
-    RunArgs,
+    answer, engine_options, model_text, prompt_progress_after, prompt_text, PromptProgress, RunArgs,
 };
 
 pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {

@@ -260,8 +260,13 @@ impl<'p> Engine<'p> {
         {
             warn_over_ram(progress, "--expert-budget", &eb.text, bytes, ram);
         }
-        let (budget, expert_budget, prefill_chunk, margin) =
+        let (budget, expert_budget, mut prefill_chunk, margin) =
             (plan.mem, plan.experts, plan.prefill_chunk, plan.margin);
+        // FLASHPACK_PREFILL_CHUNK: smaller prefill chunks (tests show several chunks on short
+        // prompts); never larger than the plan's, which sized the memory for it.
+        if let Some(c) = crate::env::number::<usize>("FLASHPACK_PREFILL_CHUNK") {
+            prefill_chunk = c.clamp(1, prefill_chunk);
+        }
         let store = StoreOptions {
             budget_bytes: expert_budget,
             io: opts.io,

@@ -87,12 +87,7 @@ fn compute(e: PipelineError) -> ComputeError {
 }
 
 impl Downstream for Link {
-    fn finish(
-        &self,
-        h: &Array,
-        offset: usize,
-        want: Want,
-    ) -> Result<Option<Array>, ComputeError> {
+    fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Option<Array>, ComputeError> {
         let shape = h.shape();
         let [b, l, _] = shape[..] else {
             return Err(compute(PipelineError::Protocol(format!(

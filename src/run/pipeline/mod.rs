@@ -344,47 +344,12 @@ impl Pipeline {
         pack: &Pack,
         cfg: &ModelConfig,
     ) -> Result<Pipeline, PipelineError> {
-        let hostfile = Hostfile::read(opts.hostfile)?;
+        let (hostfile, watch) = form_ring(opts.hostfile, opts.rank, opts.connect_timeout)?;
         let size = hostfile.ranks.len();
-        if opts.rank >= size {
-            return Err(PipelineError::RankOutOfRange {
-                rank: opts.rank,
-                size,
-            });
-        }
-        if !mlx::dist::is_available("ring") {
-            return Err(PipelineError::NoRing);
-        }
-        let watch = Watch::start(&hostfile, opts.rank, opts.connect_timeout)?;
         let fail = |e: PipelineError| {
             watch.disarm();
             e
         };
-        // The ring backend reads its configuration from the environment (ring.cpp `init`).
-        let ring = std::env::temp_dir().join(format!(
-            "flashpack-ring-{}-{}.json",
-            std::process::id(),
-            opts.rank
-        ));
-        std::fs::write(&ring, hostfile.ring_json()).map_err(|e| fail(e.into()))?;
-        std::env::set_var("MLX_HOSTFILE", &ring);
-        std::env::set_var("MLX_RANK", opts.rank.to_string());
-        mlx::dist::exit_on_backend_failure(3000);
-        let group = mlx::dist::init("ring").map_err(|source| {
-            fail(PipelineError::Init {
-                rank: opts.rank,
-                size,
-                source,
-            })
-        });
-        let _ = std::fs::remove_file(&ring);
-        let group = group?;
-        if group.size != size || group.rank != opts.rank {
-            return Err(fail(PipelineError::Protocol(format!(
-                "MLX formed rank {} of {}, the hostfile says rank {} of {size}",
-                group.rank, group.size, opts.rank
-            ))));
-        }
         let hello = Hello {
             hash: pack_hash(pack),
             budget_mib: (opts.budget >> 20).clamp(1, i32::MAX as u64) as u32,
@@ -439,6 +404,92 @@ impl Pipeline {
     pub fn disarm(&self) {
         self.watch.disarm();
     }
+}
+
+/// Reads the hostfile, starts the watchdog and forms MLX's ring as rank `rank`.
+pub fn form_ring(
+    path: &Path,
+    rank: usize,
+    connect_timeout: Duration,
+) -> Result<(Hostfile, Watch), PipelineError> {
+    let hostfile = Hostfile::read(path)?;
+    let size = hostfile.ranks.len();
+    if rank >= size {
+        return Err(PipelineError::RankOutOfRange { rank, size });
+    }
+    if !mlx::dist::is_available("ring") {
+        return Err(PipelineError::NoRing);
+    }
+    let watch = Watch::start(&hostfile, rank, connect_timeout)?;
+    let fail = |e: PipelineError| {
+        watch.disarm();
+        e
+    };
+    // The ring backend reads its configuration from the environment (ring.cpp `init`).
+    let ring =
+        std::env::temp_dir().join(format!("flashpack-ring-{}-{rank}.json", std::process::id()));
+    std::fs::write(&ring, hostfile.ring_json()).map_err(|e| fail(e.into()))?;
+    std::env::set_var("MLX_HOSTFILE", &ring);
+    std::env::set_var("MLX_RANK", rank.to_string());
+    mlx::dist::exit_on_backend_failure(3000);
+    let group = mlx::dist::init("ring");
+    let _ = std::fs::remove_file(&ring);
+    let group = group.map_err(|source| fail(PipelineError::Init { rank, size, source }))?;
+    if group.size != size || group.rank != rank {
+        return Err(fail(PipelineError::Protocol(format!(
+            "MLX formed rank {} of {}, the hostfile says rank {rank} of {size}",
+            group.rank, group.size
+        ))));
+    }
+    Ok((hostfile, watch))
+}
+
+/// One row of [`ping_pong`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PingPong {
+    pub bytes: usize,
+    /// Median round trip (rank 0 -> rank 1 -> rank 0), microseconds.
+    pub round_trip_us: f64,
+    /// One-way bytes per second at that size: `bytes / (round_trip / 2)`.
+    pub gb_per_s: f64,
+}
+
+/// The ring's ping-pong between ranks 0 and 1 through MLX's `send`/`recv` (each message a
+/// header-free f32 array evaluated alone, as a pipeline hop sends it): rank 0 returns the
+/// median round trip of `reps` per size; rank 1 echoes and returns nothing.
+pub fn ping_pong(
+    rank: usize,
+    sizes: &[usize],
+    reps: usize,
+) -> Result<Vec<PingPong>, PipelineError> {
+    let mut rows = Vec::new();
+    for &bytes in sizes {
+        let n = (bytes / 4).max(1);
+        let x = Array::zeros(&[n], mlx::Dtype::F32)?;
+        x.eval()?;
+        let mut times = Vec::with_capacity(reps);
+        for i in 0..reps + 2 {
+            let t = std::time::Instant::now();
+            if rank == 0 {
+                mlx::dist::send(&x, 1)?.eval()?;
+                mlx::dist::recv(&[n], mlx::Dtype::F32, 1)?.eval()?;
+            } else if rank == 1 {
+                let y = mlx::dist::recv(&[n], mlx::Dtype::F32, 0)?;
+                mlx::dist::send(&y, 0)?.eval()?;
+            }
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let rt = times.get(times.len() / 2).copied().unwrap_or(0.0);
+        rows.push(PingPong {
+            bytes: n * 4,
+            round_trip_us: rt * 1e6,
+            gb_per_s: (n * 4) as f64 / (rt / 2.0).max(1e-12) / 1e9,
+        });
+    }
+    Ok(rows)
 }
 
 fn gather_hellos(hello: &Hello, size: usize) -> Result<Vec<Hello>, PipelineError> {
@@ -515,10 +566,25 @@ mod tests {
     #[test]
     fn stage_tensors() {
         let n = 4;
-        assert!(stage_tensor("model.layers.1.mlp.gate.weight", &(0..2), n, false));
-        assert!(!stage_tensor("model.layers.2.mlp.gate.weight", &(0..2), n, false));
+        assert!(stage_tensor(
+            "model.layers.1.mlp.gate.weight",
+            &(0..2),
+            n,
+            false
+        ));
+        assert!(!stage_tensor(
+            "model.layers.2.mlp.gate.weight",
+            &(0..2),
+            n,
+            false
+        ));
         assert!(stage_tensor("model.embed_tokens.weight", &(0..2), n, false));
-        assert!(!stage_tensor("model.embed_tokens.weight", &(2..4), n, false));
+        assert!(!stage_tensor(
+            "model.embed_tokens.weight",
+            &(2..4),
+            n,
+            false
+        ));
         assert!(stage_tensor("model.embed_tokens.weight", &(2..4), n, true));
         assert!(stage_tensor("model.norm.weight", &(2..4), n, false));
         assert!(!stage_tensor("lm_head.weight", &(0..2), n, false));
