@@ -314,7 +314,8 @@ impl<'p> Engine<'p> {
         let pools = experts.cache().pool_sizes();
         // A pool needs room for one token's experts, or for all it holds (a layer cut in pieces).
         let stored: usize = pools.iter().map(|p| p.stored as usize).sum();
-        if stored < k
+        // A pipeline stage of dense layers alone holds no experts, and needs none.
+        if (!sparse.is_empty() && stored < k)
             || pools
                 .iter()
                 .any(|p| (p.slots as usize) < k.min(p.stored as usize))
