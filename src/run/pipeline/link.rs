@@ -163,9 +163,8 @@ pub fn serve_stage(
             }
         }
         let started = Instant::now();
-        let [b, l] = dims(&header[1..3])?[..] else {
-            unreachable!("two words")
-        };
+        let bl = dims(&header[1..3])?;
+        let (b, l) = (bl[0], bl[1]);
         let want = want_of(header[3])?;
         let offset = dims(&header[4..5])?[0];
         let dtype = Dtype::from_code(header[5])?;
