@@ -40,6 +40,7 @@ mod run_paths;
 // Architectures against a live mlx-lm.
 mod deepseek_glm;
 mod deepseek_v41;
+mod distributed;
 mod gemma4;
 mod gpt_oss;
 mod gpt_oss_attention;

@@ -279,6 +279,20 @@ extern "C" {
         max_out: usize,
         n_out: *mut usize,
     ) -> c_int;
+    pub fn fp_dist_init(backend: *const c_char, rank: *mut c_int, size: *mut c_int) -> c_int;
+    pub fn fp_dist_is_available(backend: *const c_char) -> c_int;
+    pub fn fp_dist_send(x: *const FpArray, dst: c_int, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_dist_recv(
+        shape: *const i32,
+        ndim: usize,
+        dtype: c_int,
+        src: c_int,
+        out: *mut *mut FpArray,
+    ) -> c_int;
+    pub fn fp_dist_all_sum(x: *const FpArray, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_dist_all_gather(x: *const FpArray, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_depends(x: *const FpArray, dep: *const FpArray, out: *mut *mut FpArray) -> c_int;
+    pub fn fp_dist_terminate_handler(grace_ms: c_int);
 }
 
 /// `fp_traced_fn`: see shim.h.

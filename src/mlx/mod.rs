@@ -109,11 +109,13 @@ impl Dtype {
         Dtype::C64,
     ];
 
-    fn code(self) -> c_int {
+    /// The code `shim.h` gives this dtype (the wire form of a pipeline's arrays too).
+    pub fn code(self) -> c_int {
         Self::ALL.iter().position(|&d| d == self).unwrap_or(0) as c_int
     }
 
-    fn from_code(code: c_int) -> Result<Dtype> {
+    /// The dtype of a `shim.h` code.
+    pub fn from_code(code: c_int) -> Result<Dtype> {
         usize::try_from(code)
             .ok()
             .and_then(|i| Self::ALL.get(i).copied())
@@ -1011,6 +1013,100 @@ pub fn gather_mm(
             out,
         )
     })
+}
+
+/// MLX's distributed module (`mlx::core::distributed`) on one group per process: [`dist::init`]
+/// starts a backend (the ring backend reads `MLX_HOSTFILE` and `MLX_RANK`, as `mlx.launch`
+/// sets them) and every op after it runs on that group. Ops are lazy like every other: a
+/// [`dist::send`]'s array must be evaluated for its bytes to leave. The ring backend sends only
+/// to a rank's two neighbours in the ring, and a receive waits for its bytes with no timeout:
+/// callers keep their own watchdog (`run::pipeline`).
+pub mod dist {
+    use super::*;
+
+    /// The process's place in the group.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Group {
+        pub rank: usize,
+        pub size: usize,
+    }
+
+    /// Whether this libmlx was built with `backend` ("ring", "jaccl", "mpi", "nccl", "any").
+    pub fn is_available(backend: &str) -> bool {
+        let Ok(name) = CString::new(backend) else {
+            return false;
+        };
+        // SAFETY: `name` is a NUL-terminated string borrowed for the call.
+        unsafe { ffi::fp_dist_is_available(name.as_ptr()) == 1 }
+    }
+
+    /// Starts `backend` strictly (MLX throws, and this returns the message, when its
+    /// configuration is missing or a peer cannot be reached). Blocks until every rank of the
+    /// ring has connected: the ring backend accepts its left neighbour with no timeout.
+    pub fn init(backend: &str) -> Result<Group> {
+        let name = CString::new(backend).map_err(|_| Error::Mlx {
+            op: "distributed init",
+            message: "backend name with a NUL byte".into(),
+        })?;
+        let (mut rank, mut size): (c_int, c_int) = (0, 0);
+        // SAFETY: `name` borrowed for the call; `rank` and `size` written on success.
+        check("distributed init", unsafe {
+            ffi::fp_dist_init(name.as_ptr(), &mut rank, &mut size)
+        })?;
+        Ok(Group {
+            rank: rank as usize,
+            size: size as usize,
+        })
+    }
+
+    /// Sends `x` to rank `dst` (a ring neighbour); evaluate the result to send.
+    pub fn send(x: &Array, dst: usize) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("send", |out| unsafe {
+            ffi::fp_dist_send(x.raw(), dst as c_int, out)
+        })
+    }
+
+    /// Receives an array of `shape` and `dtype` from rank `src` (a ring neighbour).
+    pub fn recv(shape: &[usize], dtype: Dtype, src: usize) -> Result<Array> {
+        let dims = dims(shape)?;
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("recv", |out| unsafe {
+            ffi::fp_dist_recv(dims.as_ptr(), dims.len(), dtype.code(), src as c_int, out)
+        })
+    }
+
+    /// The element-wise sum of `x` over every rank.
+    pub fn all_sum(x: &Array) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("all_sum", |out| unsafe {
+            ffi::fp_dist_all_sum(x.raw(), out)
+        })
+    }
+
+    /// Every rank's `x`, concatenated along the first axis in rank order.
+    pub fn all_gather(x: &Array) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("all_gather", |out| unsafe {
+            ffi::fp_dist_all_gather(x.raw(), out)
+        })
+    }
+
+    /// `x`, computed only after `dep` (`mx.depends`).
+    pub fn depends(x: &Array, dep: &Array) -> Result<Array> {
+        // SAFETY: FFI contract (module docs); inputs borrowed for the call, `out` set on success.
+        make("depends", |out| unsafe {
+            ffi::fp_depends(x.raw(), dep.raw(), out)
+        })
+    }
+
+    /// An exception that escapes one of MLX's threads (the ring backend's "connection to a
+    /// peer was lost") then ends the process with exit status 1 and the message after
+    /// `grace_ms`, instead of aborting, leaving a watchdog time to name the peer first.
+    pub fn exit_on_backend_failure(grace_ms: u32) {
+        // SAFETY: installs a process-wide terminate handler; no pointers cross.
+        unsafe { ffi::fp_dist_terminate_handler(grace_ms.min(i32::MAX as u32) as c_int) }
+    }
 }
 
 /// MLX's fused kernels (`mx.fast`).

@@ -708,3 +708,87 @@ int fp_unified_prefetch(const void* const* ptrs, const size_t* lens, size_t n, i
   return 0;
 #endif
 }
+
+// ---- distributed (issue 32, docs/decisions/0034-pipeline-ranks.md) ----
+
+#include <iostream>
+#include <optional>
+#include <thread>
+
+#include "mlx/distributed/distributed.h"
+#include "mlx/distributed/ops.h"
+
+namespace {
+
+// The process's group, set once by fp_dist_init. The ring backend's send/recv and collectives
+// run on the CPU stream whatever the default device is (they dispatch on its command encoder).
+std::optional<mx::distributed::Group> dist_group;
+
+mx::distributed::Group& group() {
+  if (!dist_group) throw std::runtime_error("distributed: fp_dist_init was not called");
+  return *dist_group;
+}
+
+int terminate_grace_ms = 0;
+
+[[noreturn]] void on_terminate() {
+  std::string what = "unknown exception";
+  if (auto e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      what = x.what();
+    } catch (...) {
+    }
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(terminate_grace_ms));
+  std::cerr << "error: the pipeline's connection failed inside MLX: " << what << std::endl;
+  std::_Exit(1);
+}
+
+}  // namespace
+
+int fp_dist_is_available(const char* backend) {
+  try {
+    return mx::distributed::is_available(backend) ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+int fp_dist_init(const char* backend, int* rank, int* size) {
+  return guard([&] {
+    auto g = mx::distributed::init(true, backend);
+    *rank = g.rank();
+    *size = g.size();
+    dist_group = g;
+  });
+}
+
+int fp_dist_send(const fp_array* x, int dst, fp_array** out) {
+  return guard([&] { *out = wrap(mx::distributed::send(x->a, dst, group(), mx::Device::cpu)); });
+}
+
+int fp_dist_recv(const int32_t* shape, size_t ndim, int dtype, int src, fp_array** out) {
+  return guard([&] {
+    *out = wrap(mx::distributed::recv(to_shape(shape, ndim), to_dtype(dtype), src, group(),
+                                      mx::Device::cpu));
+  });
+}
+
+int fp_dist_all_sum(const fp_array* x, fp_array** out) {
+  return guard([&] { *out = wrap(mx::distributed::all_sum(x->a, group(), mx::Device::cpu)); });
+}
+
+int fp_dist_all_gather(const fp_array* x, fp_array** out) {
+  return guard([&] { *out = wrap(mx::distributed::all_gather(x->a, group(), mx::Device::cpu)); });
+}
+
+int fp_depends(const fp_array* x, const fp_array* dep, fp_array** out) {
+  return guard([&] { *out = wrap(mx::depends({x->a}, {dep->a})[0]); });
+}
+
+void fp_dist_terminate_handler(int grace_ms) {
+  terminate_grace_ms = grace_ms;
+  std::set_terminate(on_terminate);
+}

@@ -140,6 +140,24 @@ int fp_compiled_call(uintptr_t fun_id, const uint64_t* constants, size_t n_const
 typedef void (*fp_visit)(void* ctx, const char* name, fp_array* a);
 int fp_load_safetensors(const char* path, void* ctx, fp_visit visit);
 
+// MLX's distributed module (mlx::core::distributed) on one process-wide group: `init` starts
+// the named backend ("ring": MLX_HOSTFILE and MLX_RANK from the environment, as mlx.launch
+// sets them) and keeps the group; the ops below run on it. Each op returns a lazy array, as
+// MLX's own do: a send's array must be evaluated for the bytes to go.
+int fp_dist_init(const char* backend, int* rank, int* size);
+int fp_dist_is_available(const char* backend);
+int fp_dist_send(const fp_array* x, int dst, fp_array** out);
+int fp_dist_recv(const int32_t* shape, size_t ndim, int dtype, int src, fp_array** out);
+int fp_dist_all_sum(const fp_array* x, fp_array** out);
+int fp_dist_all_gather(const fp_array* x, fp_array** out);
+// A copy of `x` that is computed only after `dep` (mx::depends).
+int fp_depends(const fp_array* x, const fp_array* dep, fp_array** out);
+// Prints MLX's exception and ends the process (exit 1) after `grace_ms`, instead of
+// std::terminate's abort, when an exception escapes one of MLX's own threads (the ring
+// backend throws "connection to a peer was lost" there). The grace lets a watchdog name the
+// peer first.
+void fp_dist_terminate_handler(int grace_ms);
+
 #ifdef __cplusplus
 }
 #endif

@@ -598,13 +598,47 @@ fn residual_blocks_mismatch(layer_has_them: bool) -> ComputeError {
 /// Gemma 4's final logit soft cap, compiled once per cap where compiling.
 static SOFTCAP: mlx::CompileId = mlx::CompileId::new();
 
+/// What a model holding only some of the layers ([`Model::load_range`]) wants back from the
+/// layers after its own ([`Downstream::finish`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Only their KV caches filled (a prompt chunk before the last position).
+    Cache,
+    /// The logits of the last position `[B, 1, vocab]`.
+    Last,
+    /// The logits of every position `[B, L, vocab]`.
+    All,
+}
+
+/// The layers after a model's own, on other processes (`run::pipeline`): the first stage of a
+/// pipeline hands them its last layer's output and gets the logits back.
+pub trait Downstream: std::fmt::Debug + Send + Sync {
+    /// Runs the following layers (and the head) on `h` `[B, L, H]`, whose first position is
+    /// cache position `offset`; `None` exactly when `want` is [`Want::Cache`].
+    fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Option<Array>>;
+}
+
+/// The input of a model's first layer: token ids (the model embeds them), or the hidden state
+/// a previous stage of a pipeline computed.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Tokens(&'a Array),
+    Hidden(&'a Array),
+}
+
 /// The dense part of a model (everything but the routed experts) and how to run it.
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: ModelConfig,
-    embed: Embedding,
+    /// `None` on a stage of a pipeline that does not embed ([`Model::load_range`]).
+    embed: Option<Embedding>,
+    /// The layers this model holds: `first..first + layers.len()` of the config's.
     layers: Vec<Block>,
-    norm: RmsNorm,
+    first: usize,
+    /// `None` on a stage of a pipeline that does not end it.
+    norm: Option<RmsNorm>,
+    /// The stages after this one, where this model does not end the pipeline.
+    downstream: Option<std::sync::Arc<dyn Downstream>>,
     /// `None`: tied to the embeddings.
     lm_head: Option<Linear>,
     /// Kimi-K3's attention residuals: the final norm's input is the blocks' mix with this
@@ -642,17 +676,54 @@ impl Model {
     /// Build the model from its dense tensors. Experts are not read here: they come through
     /// the [`ExpertStore`] given to [`Model::forward`].
     pub fn load(cfg: &ModelConfig, w: &dyn Weights) -> Result<Model> {
+        Model::load_range(cfg, w, 0..cfg.num_hidden_layers)
+    }
+
+    /// The layers `range` of the model, as one stage of a pipeline (docs/decisions/
+    /// 0034-pipeline-ranks.md): the embedding only where the range starts at layer 0, the final
+    /// norm and the LM head only where it ends at the last layer (with tied embeddings the
+    /// embedding too, as the head). `w` needs only those tensors. A stage that does not start
+    /// at layer 0 takes [`Input::Hidden`]; one that does not end the model needs a
+    /// [`Downstream`] ([`Model::set_downstream`]) to give logits.
+    pub fn load_range(
+        cfg: &ModelConfig,
+        w: &dyn Weights,
+        range: std::ops::Range<usize>,
+    ) -> Result<Model> {
         Model::check_supported(cfg)?;
+        let n = cfg.num_hidden_layers;
+        if range.start >= range.end || range.end > n {
+            return Err(ComputeError::Unsupported {
+                what: format!("layers {}..{} of a model of {n}", range.start, range.end),
+            });
+        }
+        let whole = range.start == 0 && range.end == n;
+        if !whole && (cfg.hyper_connections.is_some() || cfg.attn_res_block_size.is_some()) {
+            // Their layers pass more than one hidden state (hyper-connection streams, the
+            // attention residuals' blocks): a stage boundary would have to carry them.
+            return Err(ComputeError::Unsupported {
+                what: format!("{} split across pipeline stages", cfg.arch),
+            });
+        }
         let h = cfg.hidden_size;
-        let layers = (0..cfg.num_hidden_layers)
+        let layers = range
+            .clone()
             .map(|l| Block::load(cfg, w, l))
             .collect::<Result<Vec<_>>>()?;
+        let ends = range.end == n;
+        let embeds = range.start == 0 || (ends && cfg.tie_word_embeddings);
         Ok(Model {
             cfg: cfg.clone(),
-            embed: Embedding::load(w, "model.embed_tokens", cfg.vocab_size, h)?,
+            embed: embeds
+                .then(|| Embedding::load(w, "model.embed_tokens", cfg.vocab_size, h))
+                .transpose()?,
             layers,
-            norm: RmsNorm::load(w, "model.norm", h, cfg.rms_norm_eps)?,
-            lm_head: if cfg.tie_word_embeddings {
+            first: range.start,
+            norm: ends
+                .then(|| RmsNorm::load(w, "model.norm", h, cfg.rms_norm_eps))
+                .transpose()?,
+            downstream: None,
+            lm_head: if cfg.tie_word_embeddings || !ends {
                 None
             } else {
                 Some(Linear::load(w, "lm_head", cfg.vocab_size, h)?)
@@ -663,6 +734,21 @@ impl Model {
                 .transpose()?,
             kv_bits: None,
         })
+    }
+
+    /// The layers this model holds.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.layers.len()
+    }
+
+    /// Whether this model holds the last layer (and so the final norm and the head).
+    pub fn ends(&self) -> bool {
+        self.first + self.layers.len() == self.cfg.num_hidden_layers
+    }
+
+    /// Sends this model's last layer's output to `d` for the logits (a pipeline's first stage).
+    pub fn set_downstream(&mut self, d: std::sync::Arc<dyn Downstream>) {
+        self.downstream = Some(d);
     }
 
     /// The call's residual blocks, for a model with attention residuals (mlx-lm
@@ -688,6 +774,7 @@ impl Model {
 
     /// The first sparse block after layer `l`.
     fn next_sparse(&self, l: usize) -> Option<&MoeBlock> {
+        // `l` counts this model's layers (from `first`).
         self.layers[l + 1..].iter().find_map(Block::moe)
     }
 
@@ -710,12 +797,14 @@ impl Model {
                 .layers
                 .iter()
                 .enumerate()
-                .map(|(l, block)| match (self.kv_bits, self.cfg.kv_group(l)) {
-                    (Some(bits), Ok(group)) if block.attn.plain_kv() => {
-                        LayerCache::Quantized(QuantizedKv::new(bits.bits(), group))
-                    }
-                    _ => block.new_cache(),
-                })
+                .map(
+                    |(i, block)| match (self.kv_bits, self.cfg.kv_group(self.first + i)) {
+                        (Some(bits), Ok(group)) if block.attn.plain_kv() => {
+                            LayerCache::Quantized(QuantizedKv::new(bits.bits(), group))
+                        }
+                        _ => block.new_cache(),
+                    },
+                )
                 .collect(),
         }
     }
@@ -732,6 +821,20 @@ impl Model {
         experts: &mut dyn ExpertStore,
         cache_only: bool,
     ) -> Result<Array> {
+        self.layers_of(Input::Tokens(tokens), cache, experts, cache_only)
+    }
+
+    /// This model's layers on `input` (embedded first where it is token ids): the hidden
+    /// states `[B, L, H]` after its last layer. `cache_only` skips work only where this model
+    /// holds the model's last layer (see [`Model::hidden`]).
+    pub fn layers_of(
+        &self,
+        input: Input<'_>,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+        cache_only: bool,
+    ) -> Result<Array> {
+        let cache_only = cache_only && self.ends();
         if cache.layers.is_empty() {
             *cache = self.new_cache();
         } else if cache.layers.len() != self.layers.len() {
@@ -741,24 +844,32 @@ impl Model {
             });
         }
         // Routed entries per sparse layer: positions x top-k.
-        let entries = tokens.shape().iter().product::<usize>() * self.cfg.num_experts_per_tok;
+        let positions: usize = match input {
+            Input::Tokens(t) => t.shape().iter().product(),
+            Input::Hidden(h) => h.shape()[..h.ndim().saturating_sub(1)].iter().product(),
+        };
+        let entries = positions * self.cfg.num_experts_per_tok;
         if let Some(first) = self.layers.iter().find_map(Block::moe) {
             experts.begin_pass(first.layer, entries)?;
         }
         if self.cfg.hyper_connections.is_some() {
+            let Input::Tokens(tokens) = input else {
+                return Err(ComputeError::Unsupported {
+                    what: "hyper-connections from a hidden state".into(),
+                });
+            };
             return self.hidden_hc(tokens, cache, experts, cache_only, entries);
         }
-        let len = tokens.dim(-1).unwrap_or(0);
+        let (mut h, len) = match input {
+            Input::Tokens(tokens) => (self.embed(tokens)?, tokens.dim(-1).unwrap_or(0)),
+            Input::Hidden(h) => (h.clone(), h.dim(-2).unwrap_or(0)),
+        };
         // One mask per kind of layer, made before any layer updates its cache.
         let masks = cache.masks(len)?;
-        let mut h = self.embed.forward(tokens)?;
-        if self.cfg.gemma4.is_some() {
-            // h = h * self.embed_scale (hidden_size**0.5, a Python float: h's dtype)
-            let scale = Array::scalar((self.cfg.hidden_size as f64).sqrt(), h.dtype())?;
-            h = h.mul(&scale)?;
-        }
         let mut blocks = self.residual_blocks();
-        if experts.runs_ahead(tokens.shape().iter().product()) {
+        // Running ahead confirms layers by their index in `self.layers`: whole models only.
+        let whole = self.first == 0 && self.ends();
+        if whole && experts.runs_ahead(positions) {
             experts.set_ahead(true);
             let out = self.layers_ahead(h, &masks, cache, experts, cache_only, blocks);
             experts.set_ahead(false);
@@ -773,7 +884,8 @@ impl Model {
         {
             // r = self.self_attn(self.input_layernorm(x), mask, cache); h = x + r
             h = layer.attend(&h, mask.as_mask(), kv, blocks.as_mut())?;
-            let last = l + 1 == self.layers.len();
+            // The model's last layer, which only this model's last can be when it ends it.
+            let last = l + 1 == self.layers.len() && self.ends();
             if cache_only && last {
                 break;
             }
@@ -782,7 +894,7 @@ impl Model {
             if layer.moe().is_some() && experts.wants_prediction() {
                 if let Some(next) = self.next_sparse(l) {
                     // Nothing to prefetch for a block that will be skipped.
-                    let skipped = cache_only && next.layer + 1 == self.layers.len();
+                    let skipped = cache_only && next.layer + 1 == self.cfg.num_hidden_layers;
                     if !skipped && experts.wants_guess(next.layer, entries) {
                         experts.predict(next.layer, &next.route(&x)?)?;
                     }
@@ -830,7 +942,7 @@ impl Model {
                     &mut cache.layers[l],
                     blocks.as_mut(),
                 )?;
-                let last = l + 1 == n;
+                let last = l + 1 == n && self.ends();
                 if cache_only && last {
                     h = h_attn;
                 } else {
@@ -891,7 +1003,7 @@ impl Model {
         cache_only: bool,
         entries: usize,
     ) -> Result<Array> {
-        let h = self.embed.forward(tokens)?;
+        let h = self.embed(tokens)?;
         let first = cache.layers[0].compressed("model.layers.0")?;
         let mut st = HcState::new(&self.cfg, &h, first.offset(), first.window_rows())?;
         let n = self.layers.len();
@@ -919,12 +1031,55 @@ impl Model {
         st.output()
     }
 
+    /// The embedding of `tokens` (scaled as Gemma 4 scales it).
+    fn embed(&self, tokens: &Array) -> Result<Array> {
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| ComputeError::Unsupported {
+                what: format!(
+                    "token ids into a pipeline stage of layers {:?}",
+                    self.range()
+                ),
+            })?;
+        let mut h = embed.forward(tokens)?;
+        if self.cfg.gemma4.is_some() {
+            // h = h * self.embed_scale (hidden_size**0.5, a Python float: h's dtype)
+            let scale = Array::scalar((self.cfg.hidden_size as f64).sqrt(), h.dtype())?;
+            h = h.mul(&scale)?;
+        }
+        Ok(h)
+    }
+
+    /// The logits of `h` `[B, L, H]`, the output of the model's last layer: of the last
+    /// position only ([`Want::Last`]) or of all ([`Want::All`]). A pipeline's last stage
+    /// calls this.
+    pub fn logits_of(&self, h: &Array, want: Want) -> Result<Array> {
+        match want {
+            Want::Last => self.head(&last_position(h)?),
+            _ => self.head(h),
+        }
+    }
+
     /// The final norm and the LM head on hidden states `[B, L, H]`.
     fn head(&self, h: &Array) -> Result<Array> {
-        let h = self.norm.forward(h)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&h)?,
-            None => self.embed.as_linear(&h)?,
+        let (Some(norm), true) = (&self.norm, self.ends()) else {
+            return Err(ComputeError::Unsupported {
+                what: format!(
+                    "the LM head on a pipeline stage of layers {:?}",
+                    self.range()
+                ),
+            });
+        };
+        let h = norm.forward(h)?;
+        let logits = match (&self.lm_head, &self.embed) {
+            (Some(head), _) => head.forward(&h)?,
+            (None, Some(embed)) => embed.as_linear(&h)?,
+            (None, None) => {
+                return Err(ComputeError::Unsupported {
+                    what: "tied embeddings without the embedding".into(),
+                })
+            }
         };
         match self
             .cfg
@@ -952,8 +1107,23 @@ impl Model {
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
     ) -> Result<Array> {
+        let offset = cache.offset();
         let h = self.hidden(tokens, cache, experts, false)?;
-        self.head(&h)
+        self.finish(&h, offset, Want::All)
+    }
+
+    /// What `want` asks of `h`, this model's last layer's output: the head here, or the
+    /// stages after this one.
+    fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Array> {
+        match &self.downstream {
+            Some(d) if !self.ends() => {
+                d.finish(h, offset, want)?
+                    .ok_or_else(|| ComputeError::Unsupported {
+                        what: "a pipeline stage that gave no logits".into(),
+                    })
+            }
+            _ => self.logits_of(h, want),
+        }
     }
 
     /// Logits `[B, 1, vocab]` of the last position only. Generation needs no more, and on a
@@ -966,15 +1136,9 @@ impl Model {
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
     ) -> Result<Array> {
+        let offset = cache.offset();
         let h = self.hidden(tokens, cache, experts, false)?;
-        // h[..., -1:, :]
-        let stop: Vec<i32> = h.shape().iter().map(|&d| d as i32).collect();
-        let mut start = vec![0i32; stop.len()];
-        if stop.len() >= 2 {
-            let at = stop.len() - 2;
-            start[at] = (stop[at] - 1).max(0);
-        }
-        self.head(&h.slice(&start, &stop)?)
+        self.finish(&h, offset, Want::Last)
     }
 
     /// [`Model::forward`] for one sequence given as ids; checks them against the vocabulary.
@@ -1003,7 +1167,11 @@ impl Model {
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
     ) -> Result<()> {
-        self.hidden(tokens, cache, experts, true)?;
+        let offset = cache.offset();
+        let h = self.hidden(tokens, cache, experts, true)?;
+        if let (Some(d), false) = (&self.downstream, self.ends()) {
+            d.finish(&h, offset, Want::Cache)?;
+        }
         Ok(mlx::eval(&cache.state())?)
     }
 
@@ -1037,6 +1205,17 @@ impl Model {
     ) -> Result<Array> {
         self.forward_last(&self.ids_array(ids)?, cache, experts)
     }
+}
+
+/// `h[..., -1:, :]`: the last position of hidden states `[B, L, H]`.
+fn last_position(h: &Array) -> Result<Array> {
+    let stop: Vec<i32> = h.shape().iter().map(|&d| d as i32).collect();
+    let mut start = vec![0i32; stop.len()];
+    if stop.len() >= 2 {
+        let at = stop.len() - 2;
+        start[at] = (stop[at] - 1).max(0);
+    }
+    Ok(h.slice(&start, &stop)?)
 }
 
 #[cfg(test)]

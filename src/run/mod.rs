@@ -14,6 +14,7 @@ pub mod generate;
 pub mod harmony;
 pub mod open;
 pub mod part_hash;
+pub mod pipeline;
 pub mod pressure;
 pub mod prompt_cache;
 pub mod read;

@@ -75,13 +75,23 @@ impl PackWeights {
     /// Decodes every dense tensor; with `verify`, checks each one's blake3 first (they stay
     /// resident for the whole run, so this one pass covers every dense byte the model uses).
     pub fn load(pack: &Pack, verify: bool) -> Result<PackWeights, OpenError> {
+        PackWeights::load_where(pack, verify, |_| true)
+    }
+
+    /// [`PackWeights::load`] of the tensors `keep` names alone: a pipeline stage reads (and
+    /// checks) only its layers' tensors' bytes of the mapped pack.
+    pub fn load_where(
+        pack: &Pack,
+        verify: bool,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<PackWeights, OpenError> {
         let mut decoder = Decoder::new();
         let mut buf = Vec::new();
         let mut tensors = BTreeMap::new();
         let mut quant = BTreeMap::new();
         let mut bytes = 0;
         let path = pack.path().map(Path::to_path_buf).unwrap_or_default();
-        for t in pack.tensors() {
+        for t in pack.tensors().iter().filter(|t| keep(&t.name)) {
             if verify && pack.check_tensor(t).is_err() {
                 return Err(OpenError::TensorChecksum {
                     path,

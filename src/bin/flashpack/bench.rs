@@ -35,6 +35,29 @@ pub enum BenchWhat {
     /// bytes (queue depth 1, the batch's and 16) against the runtime's load of the same number
     /// of experts, from "needed" to "usable in its slot".
     Io(IoArgs),
+    /// The pipeline's link: a ping-pong between ranks 0 and 1 of a hostfile through MLX's ring
+    /// backend (`send`/`recv`), median round trip and one-way bandwidth per message size. Start
+    /// it on every rank of the hostfile; rank 0 prints the table.
+    Ring(RingArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RingArgs {
+    /// A hostfile in mlx's JSON form (as `run --hostfile`).
+    #[arg(long, value_name = "FILE")]
+    pub hostfile: PathBuf,
+    /// This process's rank in it.
+    #[arg(long)]
+    pub rank: usize,
+    /// Message sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4, 4096, 8192, 65536, 1 << 20, 16 << 20])]
+    pub sizes: Vec<usize>,
+    /// Round trips per size (the median is reported).
+    #[arg(long, default_value_t = 200)]
+    pub reps: usize,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -117,7 +140,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchWhat::Codecs(a) => codecs(a),
         BenchWhat::Serve(a) => crate::bench_serve::run(a),
         BenchWhat::Io(a) => io(a),
+        BenchWhat::Ring(a) => ring(a),
     }
+}
+
+fn ring(a: RingArgs) -> Result<()> {
+    use flashpack::run::pipeline;
+    let (_, watch) =
+        pipeline::form_ring(&a.hostfile, a.rank, std::time::Duration::from_secs(60))
+            .with_context(|| format!("cannot start rank {} of {}", a.rank, a.hostfile.display()))?;
+    watch.formed();
+    let rows = pipeline::ping_pong(a.rank, &a.sizes, a.reps)?;
+    watch.disarm();
+    watch.done();
+    if a.rank != 0 {
+        return Ok(());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!("| bytes | round trip (us) | one-way GB/s |");
+    println!("|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.1} | {:.3} |",
+            r.bytes, r.round_trip_us, r.gb_per_s
+        );
+    }
+    Ok(())
 }
 
 fn io(a: IoArgs) -> Result<()> {

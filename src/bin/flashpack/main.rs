@@ -13,6 +13,7 @@ mod eval;
 mod inspect;
 mod plan;
 mod publish;
+mod rank;
 mod run;
 mod serve;
 mod verify;

@@ -84,6 +84,25 @@ pub struct RunArgs {
     /// Print stats as JSON (on stderr).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+}
+
+/// One model across several processes (docs/decisions/0034-pipeline-ranks.md): every rank runs
+/// the same command with its own `--rank`.
+#[derive(clap::Args, Clone)]
+pub struct RankArgs {
+    /// Run as one rank of a pipeline over MLX's ring backend: a hostfile in mlx's JSON form
+    /// (`[["ip:port"], ["ip:port"]]` as mlx.launch writes it, or mlx.distributed_config's host
+    /// list). Each rank holds a share of the layers that follows its --mem-budget.
+    #[arg(long, value_name = "FILE")]
+    pub hostfile: Option<PathBuf>,
+    /// This process's rank in the hostfile (default: MLX_RANK from the environment).
+    #[arg(long, requires = "hostfile")]
+    pub rank: Option<usize>,
+    /// Seconds the ranks may take to find each other before every rank gives up.
+    #[arg(long, default_value_t = 60, requires = "hostfile", value_name = "SECS")]
+    pub connect_timeout: u64,
 }
 
 /// A piece of the answer: the text on stdout; a harmony model's reasoning (gpt-oss) on stderr
@@ -101,7 +120,7 @@ pub fn show(piece: &Piece, stdout: &mut impl Write) {
 /// Draws the prompt's progress on stderr (`prompt: 4096/16384 tokens`) once the prompt has
 /// taken longer than `after`, then at most once per `after`; a short prompt draws nothing.
 /// On a terminal the line is redrawn in place.
-struct PromptProgress {
+pub struct PromptProgress {
     after: std::time::Duration,
     enabled: bool,
     state: std::sync::Mutex<PromptState>,
@@ -116,7 +135,7 @@ struct PromptState {
 }
 
 impl PromptProgress {
-    fn new(after: std::time::Duration, enabled: bool) -> PromptProgress {
+    pub fn new(after: std::time::Duration, enabled: bool) -> PromptProgress {
         PromptProgress {
             after,
             enabled,
@@ -179,7 +198,7 @@ impl flashpack::progress::Progress for PromptProgress {
 
 /// After how long the prompt's progress shows: a second, or `FLASHPACK_PROGRESS_AFTER_MS`
 /// (tests set 0 to see every chunk without depending on the machine's speed).
-fn prompt_progress_after() -> std::time::Duration {
+pub fn prompt_progress_after() -> std::time::Duration {
     let ms = flashpack::env::number("FLASHPACK_PROGRESS_AFTER_MS").unwrap_or(1000);
     std::time::Duration::from_millis(ms)
 }
@@ -196,7 +215,7 @@ fn parse_queue_depth(text: &str) -> Result<usize, String> {
 const MAX_QUEUE_DEPTH: usize = 256;
 
 /// The prompt from `--prompt`, or from `--prompt-file` (`-`: standard input).
-fn prompt_text(args: &RunArgs) -> anyhow::Result<String> {
+pub fn prompt_text(args: &RunArgs) -> anyhow::Result<String> {
     use std::io::Read;
     match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => Ok(p.clone()),
@@ -215,20 +234,40 @@ fn prompt_text(args: &RunArgs) -> anyhow::Result<String> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = args.verify; // checking is the default; the flag stays for old scripts
+    if let Some(hostfile) = args.ranks.hostfile.clone() {
+        return crate::rank::run(args, &hostfile);
+    }
     let prompt = prompt_text(&args)?;
     let (pack, cfg, weights) = open::open(&args.pack, !args.no_verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let progress = PromptProgress::new(prompt_progress_after(), !args.json);
-    // The text the model reads: the prompt, through the chat template unless --raw.
-    let text = if args.raw {
-        prompt.clone()
+    let text = model_text(&args, &pack, &prompt)?;
+    let opts = engine_options(&args, text.len().saturating_add(args.max_tokens));
+    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &progress)?;
+    // Memory pressure shrinks the expert cache while the system is short (and grows it back).
+    engine.watch_pressure(PressureWatch::from_env()?);
+    answer(&args, &mut engine, &cfg, &text, &progress)
+}
+
+/// The text the model reads: the prompt, through the chat template unless --raw.
+pub fn model_text(
+    args: &RunArgs,
+    pack: &flashpack::format::Pack,
+    prompt: &str,
+) -> anyhow::Result<String> {
+    Ok(if args.raw {
+        prompt.to_string()
     } else {
-        match ChatTemplate::of_pack(&pack) {
-            Some(template) => template.render(&[Message::new("user", &prompt)])?,
-            None => prompt.clone(),
+        match ChatTemplate::of_pack(pack) {
+            Some(template) => template.render(&[Message::new("user", prompt)])?,
+            None => prompt.to_string(),
         }
-    };
-    let opts = EngineOptions {
+    })
+}
+
+/// The engine's options from the command line, sized for `positions` tokens.
+pub fn engine_options(args: &RunArgs, positions: usize) -> EngineOptions {
+    EngineOptions {
         mem_budget: args.mem_budget.clone(),
         expert_budget: args.expert_budget.clone(),
         io: args.io,
@@ -240,16 +279,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         skip_uncached: args.skip_uncached,
         sync_baseline: args.sync_baseline,
         // The text's length in bytes bounds its tokens (the template's text included).
-        positions: text.len().saturating_add(args.max_tokens),
+        positions,
         // One prompt: no other conversation to keep.
         prompt_cache_bytes: 0,
         kv_bits: args.kv_bits,
-    };
-    let mut engine = Engine::new(&pack, &cfg, &weights, &opts, &progress)?;
-    // Memory pressure shrinks the expert cache while the system is short (and grows it back).
-    engine.watch_pressure(PressureWatch::from_env()?);
+    }
+}
 
-    let ids = engine.encode(&text)?;
+/// Generates the answer to `text`: the text on stdout, the stats on stderr.
+pub fn answer(
+    args: &RunArgs,
+    engine: &mut Engine,
+    cfg: &flashpack::arch::ModelConfig,
+    text: &str,
+    progress: &PromptProgress,
+) -> anyhow::Result<ExitCode> {
+    let ids = engine.encode(text)?;
     let req = Request {
         max_tokens: args.max_tokens,
         sampler: args.sampling.sampler(),
@@ -257,7 +302,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         stop: Vec::new(),
     };
     let mut stdout = std::io::stdout().lock();
-    let done = engine.complete_until(&ids, &req, &progress, &|| false, |p| {
+    let done = engine.complete_until(&ids, &req, progress, &|| false, |p| {
         show(p, &mut stdout);
         true
     })?;

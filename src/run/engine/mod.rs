@@ -130,6 +130,14 @@ fn pieces_of(text: &str, size: usize) -> impl Iterator<Item = &str> {
     })
 }
 
+/// One stage of a pipeline: the layers an engine holds and the stages after them
+/// ([`Engine::new_stage`]).
+pub struct Stage {
+    pub layers: std::ops::Range<usize>,
+    /// `None` on the last stage.
+    pub downstream: Option<std::sync::Arc<dyn crate::model::Downstream>>,
+}
+
 /// An open pack ready to generate: model, expert cache, tokenizer, chat template, KV cache.
 pub struct Engine<'p> {
     cfg: ModelConfig,
@@ -169,8 +177,37 @@ impl<'p> Engine<'p> {
         opts: &EngineOptions,
         progress: &dyn Progress,
     ) -> Result<Engine<'p>, EngineError> {
+        Engine::new_stage(pack, cfg, weights, opts, progress, None)
+    }
+
+    /// [`Engine::new`] for one stage of a pipeline (`run::pipeline`): the model's layers
+    /// `stage.layers` alone, with the experts of those layers alone in its cache (sized from
+    /// this process's budget), and `stage.downstream` for the layers after them. `weights`
+    /// need hold only the stage's tensors (`pipeline::stage_tensors`).
+    pub fn new_stage(
+        pack: &'p Pack,
+        cfg: &ModelConfig,
+        weights: &PackWeights,
+        opts: &EngineOptions,
+        progress: &dyn Progress,
+        stage: Option<Stage>,
+    ) -> Result<Engine<'p>, EngineError> {
         let tokenizer = crate::run::open::tokenizer(pack)?;
-        let mut model = Model::load(cfg, weights).map_err(EngineError::Model)?;
+        let layers = stage
+            .as_ref()
+            .map_or(0..cfg.num_hidden_layers, |s| s.layers.clone());
+        let expert_layers = stage
+            .as_ref()
+            .map(|s| s.layers.start as u32..s.layers.end as u32);
+        let sparse: Vec<usize> = cfg
+            .sparse_layers()
+            .into_iter()
+            .filter(|l| layers.contains(l))
+            .collect();
+        let mut model = Model::load_range(cfg, weights, layers).map_err(EngineError::Model)?;
+        if let Some(d) = stage.and_then(|s| s.downstream) {
+            model.set_downstream(d);
+        }
         model.set_kv_bits(opts.kv_bits);
         let kv_quantized_layers = match opts.kv_bits {
             Some(_) => cfg.kv_quantized_layers().len(),
@@ -196,7 +233,7 @@ impl<'p> Engine<'p> {
         let kv = |chunk: u64| {
             budget::kv_bytes_for_chunk(cfg, positions, opts.kv_bits, opts.prompt_cache_bytes, chunk)
         };
-        let all_experts = ExpertCache::all_resident_bytes(pack);
+        let all_experts = ExpertCache::resident_bytes_of(pack, expert_layers.clone());
         let plan = budget::plan(
             opts.mem_budget.as_ref(),
             opts.expert_budget.as_ref(),
@@ -213,8 +250,13 @@ impl<'p> Engine<'p> {
         {
             warn_over_ram(progress, "--expert-budget", &eb.text, bytes, ram);
         }
-        let (budget, expert_budget, prefill_chunk, margin) =
+        let (budget, expert_budget, mut prefill_chunk, margin) =
             (plan.mem, plan.experts, plan.prefill_chunk, plan.margin);
+        // FLASHPACK_PREFILL_CHUNK: smaller prefill chunks (tests show several chunks on short
+        // prompts); never larger than the plan's, which sized the memory for it.
+        if let Some(c) = crate::env::number::<usize>("FLASHPACK_PREFILL_CHUNK") {
+            prefill_chunk = c.clamp(1, prefill_chunk);
+        }
         let store = StoreOptions {
             budget_bytes: expert_budget,
             io: opts.io,
@@ -226,7 +268,7 @@ impl<'p> Engine<'p> {
             max_pool_elements: crate::env::number("FLASHPACK_MAX_POOL_ELEMENTS")
                 .unwrap_or(crate::run::experts::MAX_POOL_ELEMENTS),
         };
-        let mut cache = ExpertCache::new(pack, &store)?;
+        let mut cache = ExpertCache::of_layers(pack, &store, expert_layers)?;
         // Metal (macOS): keep the dense weights, the expert slots and the KV cache wired, as
         // mlx-lm does, so the OS never pages out what each token reads. Metal refuses more than
         // the device's recommended working set; the run then goes on unwired (a warning).
@@ -257,12 +299,13 @@ impl<'p> Engine<'p> {
             opts.prefetch && !opts.no_cache && streaming,
         )
         .skip_uncached(opts.skip_uncached)
-        .working_set(cfg.sparse_layers().len(), cfg.num_experts_per_tok);
+        .working_set(sparse.len(), cfg.num_experts_per_tok);
         let k = cfg.num_experts_per_tok;
         let pools = experts.cache().pool_sizes();
         // A pool needs room for one token's experts, or for all it holds (a layer cut in pieces).
         let stored: usize = pools.iter().map(|p| p.stored as usize).sum();
-        if stored < k
+        // A pipeline stage of dense layers alone holds no experts, and needs none.
+        if (!sparse.is_empty() && stored < k)
             || pools
                 .iter()
                 .any(|p| (p.slots as usize) < k.min(p.stored as usize))
@@ -288,11 +331,7 @@ impl<'p> Engine<'p> {
         let resident = if streaming || opts.sync_baseline {
             None
         } else {
-            crate::run::stream::resident_store(
-                experts.cache(),
-                &cfg.sparse_layers(),
-                cfg.num_experts,
-            )?
+            crate::run::stream::resident_store(experts.cache(), &sparse, cfg.num_experts)?
         };
         let layout = pressure::Layout {
             all_resident: resident.is_some(),
@@ -375,6 +414,21 @@ impl<'p> Engine<'p> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The model this engine runs (a pipeline stage's layers alone, `Model::range`).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Runs `f` on the model and its expert store: a pipeline stage after the first computes
+    /// its layers this way, on a KV cache of its own (`run::pipeline::serve_stage`).
+    pub fn with_parts<T>(&mut self, f: impl FnOnce(&Model, &mut dyn ExpertStore) -> T) -> T {
+        let store: &mut dyn ExpertStore = match self.resident.as_mut() {
+            Some(r) => r,
+            None => &mut self.experts,
+        };
+        f(&self.model, store)
     }
 
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {

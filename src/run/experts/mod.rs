@@ -397,10 +397,25 @@ impl ExpertCache {
     /// Sizes the pools from the budget and the pack's experts. With no budget, every stored
     /// expert gets a slot (all resident).
     pub fn new(pack: &Pack, opts: &StoreOptions) -> Result<ExpertCache, ExpertError> {
+        ExpertCache::of_layers(pack, opts, None)
+    }
+
+    /// [`ExpertCache::new`] over the experts of `layers` alone (all with `None`): a pipeline
+    /// stage's share (docs/decisions/0034-pipeline-ranks.md). No other layer's expert is
+    /// sized, read or counted.
+    pub fn of_layers(
+        pack: &Pack,
+        opts: &StoreOptions,
+        layers: Option<std::ops::Range<u32>>,
+    ) -> Result<ExpertCache, ExpertError> {
         let hidden = pack.hidden_size() as usize;
         let inter = pack.intermediate_size() as usize;
         let mut by_shape: BTreeMap<PoolShape, Vec<(u32, u32)>> = BTreeMap::new();
-        for e in pack.experts().iter().filter(|e| e.segment == 0) {
+        for e in pack
+            .experts()
+            .iter()
+            .filter(|e| e.segment == 0 && layers.as_ref().is_none_or(|r| r.contains(&e.layer)))
+        {
             let shape = PoolShape {
                 bits: e.bits,
                 group_size: e.group_size,
@@ -507,13 +522,18 @@ impl ExpertCache {
     /// Bytes the pools would take with every stored expert resident (what `budget_bytes: None`
     /// allocates); budgets given as a share of the experts are shares of this.
     pub fn all_resident_bytes(pack: &Pack) -> u64 {
+        ExpertCache::resident_bytes_of(pack, None)
+    }
+
+    /// [`ExpertCache::all_resident_bytes`] of the experts of `layers` alone.
+    pub fn resident_bytes_of(pack: &Pack, layers: Option<std::ops::Range<u32>>) -> u64 {
         let (hidden, inter) = (
             pack.hidden_size() as usize,
             pack.intermediate_size() as usize,
         );
         pack.experts()
             .iter()
-            .filter(|e| e.segment == 0)
+            .filter(|e| e.segment == 0 && layers.as_ref().is_none_or(|r| r.contains(&e.layer)))
             .map(|e| {
                 let shape = PoolShape {
                     bits: e.bits,

@@ -1,0 +1,135 @@
+//! `flashpack run PACK --hostfile hosts.json --rank N`: one rank of a pipeline
+//! (docs/decisions/0034-pipeline-ranks.md). Rank 0 reads the prompt, prints the answer and the
+//! stats, as `run` does; the other ranks run their layers and print one stats line each.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flashpack::format::Pack;
+use flashpack::memory::{peak_rss, total_ram};
+use flashpack::run::engine::{Engine, Stage};
+use flashpack::run::open::{self, PackWeights};
+use flashpack::run::pipeline::{self, JoinOptions, Pipeline};
+use flashpack::units::{self, Style};
+
+use crate::run::{
+    answer, engine_options, model_text, prompt_progress_after, prompt_text, PromptProgress, RunArgs,
+};
+
+pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
+    let from_env = std::env::var("MLX_RANK").ok();
+    let rank = match (args.ranks.rank, from_env) {
+        (Some(r), _) => r,
+        (None, Some(v)) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("MLX_RANK={v:?} is not a rank number"))?,
+        (None, None) => anyhow::bail!(
+            "give this process's rank with --rank N (or MLX_RANK=N), in the hostfile's order"
+        ),
+    };
+    let pack =
+        Pack::open(&args.pack).with_context(|| format!("cannot run {}", args.pack.display()))?;
+    let cfg = open::model_config(&pack)?;
+    // Rank 0 alone reads the prompt; it tells the others how long a sequence to plan for.
+    let (text, positions) = if rank == 0 {
+        let prompt = prompt_text(&args)?;
+        let text = model_text(&args, &pack, &prompt)?;
+        let positions = text.len().saturating_add(args.max_tokens);
+        (Some(text), positions)
+    } else {
+        (None, 0)
+    };
+    let ram = total_ram();
+    let budget = args
+        .mem_budget
+        .as_ref()
+        .map_or(ram, |b| b.size.resolve(ram));
+    let p = Pipeline::join(
+        &JoinOptions {
+            hostfile,
+            rank,
+            budget,
+            positions,
+            connect_timeout: Duration::from_secs(args.ranks.connect_timeout),
+        },
+        &pack,
+        &cfg,
+    )
+    .with_context(|| format!("cannot start rank {rank} of {}", hostfile.display()));
+    let p = p?;
+    let result = run_rank(&args, &p, &pack, &cfg, text.as_deref());
+    if result.is_err() {
+        p.disarm();
+    }
+    result
+}
+
+fn run_rank(
+    args: &RunArgs,
+    p: &Pipeline,
+    pack: &Pack,
+    cfg: &flashpack::arch::ModelConfig,
+    text: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let n = cfg.num_hidden_layers;
+    let layers = p.layers.clone();
+    let weights = PackWeights::load_where(pack, !args.no_verify, |name| {
+        pipeline::stage_tensor(name, &layers, n, cfg.tie_word_embeddings)
+    })
+    .with_context(|| format!("cannot run {}", args.pack.display()))?;
+    let progress = PromptProgress::new(prompt_progress_after(), !args.json);
+    let opts = engine_options(args, p.positions.max(1));
+    let stage = Stage {
+        layers: layers.clone(),
+        downstream: (p.rank == 0).then(|| Arc::new(p.link()) as Arc<_>),
+    };
+    let mut engine = Engine::new_stage(pack, cfg, &weights, &opts, &progress, Some(stage))
+        .with_context(|| format!("rank {}: layers {layers:?}", p.rank))?;
+    let dense = weights.bytes;
+    let experts = engine.cache_stats().resident_bytes;
+    drop(weights);
+    if p.rank == 0 {
+        eprintln!(
+            "pipeline: {} ranks, layers {}",
+            p.size,
+            p.split
+                .iter()
+                .enumerate()
+                .map(|(r, l)| format!("{r}: {}..{}", l.start, l.end))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let code = answer(args, &mut engine, cfg, text.unwrap_or_default(), &progress)?;
+        p.finish()?;
+        stage_line(p, dense, experts, None);
+        return Ok(code);
+    }
+    let report = pipeline::serve_stage(&mut engine, p.rank, p.size)
+        .with_context(|| format!("rank {} (layers {layers:?})", p.rank))?;
+    p.finish()?;
+    stage_line(p, dense, experts, Some(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line per rank on stderr: its layers, what it holds, its peak memory.
+fn stage_line(p: &Pipeline, dense: u64, experts: u64, report: Option<&pipeline::StageReport>) {
+    let busy = report.map_or(String::new(), |r| {
+        format!(
+            ", {} passes ({} positions) in {:.2} s",
+            r.forwards, r.positions, r.busy_s
+        )
+    });
+    eprintln!(
+        "rank {}: layers {}..{}, dense {}, experts {}{busy}; peak RSS {}",
+        p.rank,
+        p.layers.start,
+        p.layers.end,
+        units::bytes(dense, Style::RUN),
+        units::bytes(experts, Style::RUN),
+        units::bytes(peak_rss(), Style::RUN),
+    );
+}

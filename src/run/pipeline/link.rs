@@ -1,0 +1,210 @@
+//! The messages of a pipelined forward pass, over MLX's `send`/`recv` to ring neighbours.
+//!
+//! In: rank 0's last layer's output and what it wants back; on the other ranks, the messages
+//! from their left neighbour. Out: the logits at rank 0. Invariant: messages go only to the
+//! right neighbour (rank r to r + 1, the last rank to rank 0), in the order the forward passes
+//! run, each a fixed header of [`HEADER`] words and then its array, evaluated before the
+//! next message is built, so no message can overtake another.
+//!
+//! Header words, forward: `[FORWARD, B, L, want, offset, dtype, 0, 0]` then the hidden state
+//! `[B, L, H]`; stop: `[STOP, 0, ...]`; the reply to rank 0: `[LOGITS, B, L, vocab, dtype, ...]`
+//! then the logits.
+
+use std::time::Instant;
+
+use crate::mlx::{self, Array, Dtype};
+use crate::model::{ComputeError, Downstream, Input, KvCache, Want};
+use crate::run::engine::Engine;
+
+use super::PipelineError;
+
+const HEADER: usize = 8;
+const FORWARD: i32 = 1;
+const STOP: i32 = 2;
+const LOGITS: i32 = 3;
+
+fn want_code(w: Want) -> i32 {
+    match w {
+        Want::Cache => 0,
+        Want::Last => 1,
+        Want::All => 2,
+    }
+}
+
+fn want_of(code: i32) -> Result<Want, PipelineError> {
+    match code {
+        0 => Ok(Want::Cache),
+        1 => Ok(Want::Last),
+        2 => Ok(Want::All),
+        _ => Err(PipelineError::Protocol(format!("unknown request {code}"))),
+    }
+}
+
+fn send_header(words: [i32; HEADER], dst: usize) -> Result<(), mlx::Error> {
+    let h = Array::from_slice(&words, &[HEADER])?;
+    mlx::dist::send(&h, dst)?.eval()
+}
+
+fn recv_header(src: usize) -> Result<[i32; HEADER], PipelineError> {
+    let h = mlx::dist::recv(&[HEADER], Dtype::I32, src)?.to_vec::<i32>()?;
+    h.try_into()
+        .map_err(|_| PipelineError::Protocol("a short header".into()))
+}
+
+/// `x` as one contiguous buffer, then sent: the ring backend sends an array's bytes as they lie.
+fn send_array(x: &Array, dst: usize) -> Result<(), mlx::Error> {
+    mlx::dist::send(&x.contiguous()?, dst)?.eval()
+}
+
+fn dims(words: &[i32]) -> Result<Vec<usize>, PipelineError> {
+    words
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| PipelineError::Protocol(format!("size {d}"))))
+        .collect()
+}
+
+/// Tells rank `to` (the next stage) to stop; each stage passes it on before it ends.
+pub(super) fn send_stop(to: usize) -> Result<(), PipelineError> {
+    Ok(send_header([STOP, 0, 0, 0, 0, 0, 0, 0], to)?)
+}
+
+/// Rank 0's way to the stages after it: the [`Downstream`] of its model.
+#[derive(Debug)]
+pub struct Link {
+    size: usize,
+}
+
+impl Link {
+    pub fn new(size: usize) -> Link {
+        Link { size }
+    }
+}
+
+fn compute(e: PipelineError) -> ComputeError {
+    ComputeError::Unsupported {
+        what: format!("the pipeline failed: {e}"),
+    }
+}
+
+impl Downstream for Link {
+    fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Option<Array>, ComputeError> {
+        let shape = h.shape();
+        let [b, l, _] = shape[..] else {
+            return Err(compute(PipelineError::Protocol(format!(
+                "a hidden state of shape {shape:?}"
+            ))));
+        };
+        let header = [
+            FORWARD,
+            b as i32,
+            l as i32,
+            want_code(want),
+            offset as i32,
+            h.dtype().code(),
+            0,
+            0,
+        ];
+        send_header(header, 1)?;
+        send_array(h, 1)?;
+        if want == Want::Cache {
+            return Ok(None);
+        }
+        // The last rank's reply: rank 0 is its right neighbour.
+        let last = self.size - 1;
+        let reply = recv_header(last).map_err(compute)?;
+        if reply[0] != LOGITS {
+            return Err(compute(PipelineError::Protocol(format!(
+                "expected logits, got message {}",
+                reply[0]
+            ))));
+        }
+        let shape = dims(&reply[1..4]).map_err(compute)?;
+        let dtype = Dtype::from_code(reply[4])?;
+        let logits = mlx::dist::recv(&shape, dtype, last)?;
+        logits.eval()?;
+        Ok(Some(logits))
+    }
+}
+
+/// What a stage after the first did, for its stats line.
+#[derive(Debug, Default, Clone)]
+pub struct StageReport {
+    pub forwards: usize,
+    pub positions: usize,
+    pub busy_s: f64,
+}
+
+/// A stage after the first: takes forward passes from the left neighbour until told to stop,
+/// runs its layers on each on its own KV cache, and sends the result on (the last stage: the
+/// logits back to rank 0). A pass at cache position `offset` first cuts the cache back to
+/// `offset` (rank 0 reused a shorter prefix) or starts a fresh one (`offset` 0).
+pub fn serve_stage(
+    engine: &mut Engine,
+    rank: usize,
+    size: usize,
+) -> Result<StageReport, PipelineError> {
+    let (left, right) = ((rank + size - 1) % size, (rank + 1) % size);
+    let last = rank + 1 == size;
+    let hidden = engine.config().hidden_size;
+    let mut kv = KvCache::default();
+    let mut report = StageReport::default();
+    loop {
+        let header = recv_header(left)?;
+        match header[0] {
+            STOP => {
+                if !last {
+                    send_stop(right)?;
+                }
+                return Ok(report);
+            }
+            FORWARD => {}
+            other => {
+                return Err(PipelineError::Protocol(format!("unknown message {other}")));
+            }
+        }
+        let started = Instant::now();
+        let bl = dims(&header[1..3])?;
+        let (b, l) = (bl[0], bl[1]);
+        let want = want_of(header[3])?;
+        let offset = dims(&header[4..5])?[0];
+        let dtype = Dtype::from_code(header[5])?;
+        let h = mlx::dist::recv(&[b, l, hidden], dtype, left)?;
+        if offset == 0 {
+            kv = KvCache::default();
+        } else if kv.offset() > offset {
+            kv.truncate(offset)?;
+        } else if kv.offset() < offset {
+            return Err(PipelineError::Protocol(format!(
+                "rank 0 is at position {offset} and this stage's cache at {}",
+                kv.offset()
+            )));
+        }
+        let out = engine.with_parts(|model, store| {
+            model.layers_of(Input::Hidden(&h), &mut kv, store, want == Want::Cache)
+        })?;
+        if !last {
+            send_header(header, right)?;
+            send_array(&out, right)?;
+        } else if want == Want::Cache {
+            mlx::eval(&kv.state())?;
+        } else {
+            let logits = engine.model().logits_of(&out, want)?;
+            let s = logits.shape();
+            let reply = [
+                LOGITS,
+                s[0] as i32,
+                s[1] as i32,
+                s[2] as i32,
+                logits.dtype().code(),
+                0,
+                0,
+                0,
+            ];
+            send_header(reply, right)?;
+            send_array(&logits, right)?;
+        }
+        report.forwards += 1;
+        report.positions += b * l;
+        report.busy_s += started.elapsed().as_secs_f64();
+    }
+}
