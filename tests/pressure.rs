@@ -3,7 +3,8 @@
 //! the tokens are the unpressured run's, through the library (a streaming engine, and an
 //! all-resident one that streams while shrunk), `run --json` (the report follows the script;
 //! MLX's memory follows the budget) and `serve` (`/health` shows the pressure; an idle server
-//! gives memory back).
+//! gives memory back). A resize with a prefetch in flight keeps every resident expert's bytes;
+//! the floor holds, and is said once. The policy's own tests are in `src/run/pressure/`.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -11,11 +12,11 @@ use std::sync::Mutex;
 use crate::common::http::{self, post, Server};
 use crate::engine::greedy;
 
-use flashpack::progress::Progress;
 use flashpack::mlx::Dtype;
+use flashpack::progress::Progress;
 use flashpack::run::budget::Budget;
-use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::engine::{Engine, EngineOptions};
+use flashpack::run::experts::{ExpertCache, PolicyKind, StoreOptions};
 use flashpack::run::open;
 use flashpack::run::pressure::{Policy, PressureStatus, PressureWatch, Sample, ScriptedSource};
 use serde_json::{json, Value};
@@ -102,8 +103,8 @@ fn a_scripted_drop_takes_the_cache_to_its_floor_and_back_with_the_same_tokens() 
     let path = http::tiny_pack("pressure-tests");
     let (pack, cfg, weights) = open::open(path, true).unwrap();
     for budget in [Some("50%"), None] {
-        let mut calm = Engine::new(&pack, &cfg, &weights, &options(budget), &Warned::default())
-            .unwrap();
+        let mut calm =
+            Engine::new(&pack, &cfg, &weights, &options(budget), &Warned::default()).unwrap();
         let prompt = calm.encode(PROMPT).unwrap();
         let expected = calm
             .generate(&prompt, &greedy(TOKENS), &Warned::default(), |_| true)
@@ -179,13 +180,19 @@ fn a_resize_joins_a_prefetch_in_flight_and_every_resident_expert_keeps_its_bytes
     let in_flight: Vec<u32> = (16..32).collect();
     cache.prefetch(&pack, 3, &in_flight).unwrap();
     let shrunk = cache.resize(all / 4, 4).unwrap();
-    assert!(shrunk.to_bytes < shrunk.from_bytes && shrunk.evicted > 0, "{shrunk:?}");
+    assert!(
+        shrunk.to_bytes < shrunk.from_bytes && shrunk.evicted > 0,
+        "{shrunk:?}"
+    );
     assert_same_bytes(&cache, &reference);
     assert!(!cache.is_whole());
     let grown = cache.resize(all, 4).unwrap();
     assert_eq!(grown.to_bytes, all);
     cache.warm_all(&pack).unwrap();
-    assert!(cache.is_whole(), "every expert at the slot warming gives it");
+    assert!(
+        cache.is_whole(),
+        "every expert at the slot warming gives it"
+    );
     assert_same_bytes(&cache, &reference);
 }
 
@@ -194,9 +201,17 @@ fn assert_same_bytes(cache: &ExpertCache, reference: &ExpertCache) {
     let rows = |c: &ExpertCache, pool: usize, slot: u32| -> Vec<Vec<f32>> {
         let mut out = Vec::new();
         for m in c.matrices(pool) {
-            for a in [Some(m.weight), Some(m.scales), m.biases].into_iter().flatten() {
+            for a in [Some(m.weight), Some(m.scales), m.biases]
+                .into_iter()
+                .flatten()
+            {
                 let v: Vec<f32> = match a.dtype() {
-                    Dtype::U32 => a.to_vec::<u32>().unwrap().iter().map(|&w| f32::from_bits(w)).collect(),
+                    Dtype::U32 => a
+                        .to_vec::<u32>()
+                        .unwrap()
+                        .iter()
+                        .map(|&w| f32::from_bits(w))
+                        .collect(),
                     _ => a.astype(Dtype::F32).unwrap().to_vec_f32().unwrap(),
                 };
                 let per = v.len() / a.dim(0).unwrap();
@@ -214,7 +229,9 @@ fn assert_same_bytes(cache: &ExpertCache, reference: &ExpertCache) {
             let (rp, rs) = reference.resident_slot(layer, e).unwrap();
             let (a, b) = (rows(cache, pool, slot), rows(reference, rp, rs));
             assert!(
-                a.iter().zip(&b).all(|(x, y)| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())),
+                a.iter()
+                    .zip(&b)
+                    .all(|(x, y)| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())),
                 "layer {layer} expert {e}: slot {slot} differs"
             );
             resident += 1;
@@ -229,18 +246,33 @@ fn assert_same_bytes(cache: &ExpertCache, reference: &ExpertCache) {
 fn the_floor_holds_under_lasting_pressure_and_is_said_once() {
     let path = http::tiny_pack("pressure-tests");
     let (pack, cfg, weights) = open::open(path, true).unwrap();
-    let mut calm =
-        Engine::new(&pack, &cfg, &weights, &options(Some("25%")), &Warned::default()).unwrap();
+    let mut calm = Engine::new(
+        &pack,
+        &cfg,
+        &weights,
+        &options(Some("25%")),
+        &Warned::default(),
+    )
+    .unwrap();
     let prompt = calm.encode(PROMPT).unwrap();
     let expected = calm
         .generate(&prompt, &greedy(16), &Warned::default(), |_| true)
         .unwrap()
         .generation
         .tokens;
-    let mut engine =
-        Engine::new(&pack, &cfg, &weights, &options(Some("25%")), &Warned::default()).unwrap();
+    let mut engine = Engine::new(
+        &pack,
+        &cfg,
+        &weights,
+        &options(Some("25%")),
+        &Warned::default(),
+    )
+    .unwrap();
     let script = ScriptedSource::parse("total=1GiB available=0", Path::new("test")).unwrap();
-    engine.watch_pressure(Some(PressureWatch::new(Box::new(script), Policy::default())));
+    engine.watch_pressure(Some(PressureWatch::new(
+        Box::new(script),
+        Policy::default(),
+    )));
     let warned = Warned::default();
     for _ in 0..2 {
         let got = engine
@@ -294,18 +326,27 @@ fn run_reports_the_pressure_and_memory_follows_the_script() {
     // A calm script: nothing changes, and the report gives the bounds.
     let calm = crate::common::flashpack_cli(
         &args,
-        &[("FLASHPACK_PRESSURE_SCRIPT", &script("calm.txt", "total=1TiB available=1TiB"))],
+        &[(
+            "FLASHPACK_PRESSURE_SCRIPT",
+            &script("calm.txt", "total=1TiB available=1TiB"),
+        )],
     );
     let calm_report = report(&calm);
     let p = &calm_report["pressure"];
     assert_eq!(p["source"], "script");
-    assert_eq!((p["shrinks"].as_u64(), p["grows"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (p["shrinks"].as_u64(), p["grows"].as_u64()),
+        (Some(0), Some(0))
+    );
     let max = p["max_expert_budget_bytes"].as_u64().unwrap();
     assert_eq!(p["expert_budget_bytes"].as_u64(), Some(max));
 
     let out = crate::common::flashpack_cli(
         &args,
-        &[("FLASHPACK_PRESSURE_SCRIPT", &script("down-up.txt", &down_and_up(max)))],
+        &[(
+            "FLASHPACK_PRESSURE_SCRIPT",
+            &script("down-up.txt", &down_and_up(max)),
+        )],
     );
     let r = report(&out);
     assert_eq!(out.stdout, calm.stdout, "pressure changed the text");
@@ -337,7 +378,9 @@ fn run_reports_the_pressure_and_memory_follows_the_script() {
             "resize {i}: budget {db:+}, MLX {dm:+} ({changes:#?})"
         );
     }
-    assert!(changes.iter().all(|c| c["after"]["rss_bytes"].as_u64().is_some()));
+    assert!(changes
+        .iter()
+        .all(|c| c["after"]["rss_bytes"].as_u64().is_some()));
 
     // FLASHPACK_PRESSURE=0: no watch, no `pressure` in the report.
     let off = crate::common::flashpack_cli(&args, &[("FLASHPACK_PRESSURE", "0")]);
@@ -346,11 +389,17 @@ fn run_reports_the_pressure_and_memory_follows_the_script() {
 
     let bad = crate::common::flashpack_cli(
         &args,
-        &[("FLASHPACK_PRESSURE_SCRIPT", &script("bad.txt", "total=1GiB\nfree=3"))],
+        &[(
+            "FLASHPACK_PRESSURE_SCRIPT",
+            &script("bad.txt", "total=1GiB\nfree=3"),
+        )],
     );
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success());
-    assert!(err.contains("bad.txt, line 2") && err.contains("free"), "{err}");
+    assert!(
+        err.contains("bad.txt, line 2") && err.contains("free"),
+        "{err}"
+    );
 }
 
 /// The fields of a report's `pressure` that `check_down_and_up` reads.
@@ -379,6 +428,7 @@ fn status_of(v: &Value) -> PressureStatus {
                 evicted: c["evicted"].as_u64().unwrap() as usize,
                 before: Sample::default(),
                 after: Sample::default(),
+                ms: c["ms"].as_f64().unwrap(),
             })
             .collect(),
         ..PressureStatus::default()

@@ -674,8 +674,14 @@ mod tests {
         assert_eq!(t.slot_of(k(0, 3)), Some(3));
         assert_eq!(t.slot_of(k(0, 1)), Some(1));
         t.begin_group();
-        assert!(matches!(t.request(k(0, 0)), Ok(Lookup::Miss { slot: 0, .. })));
-        assert!(matches!(t.request(k(0, 2)), Ok(Lookup::Miss { slot: 2, .. })));
+        assert!(matches!(
+            t.request(k(0, 0)),
+            Ok(Lookup::Miss { slot: 0, .. })
+        ));
+        assert!(matches!(
+            t.request(k(0, 2)),
+            Ok(Lookup::Miss { slot: 2, .. })
+        ));
         let r = t.resize(0, None);
         assert_eq!(r.evicted.len(), 4);
         assert!(t.is_empty() && t.capacity() == 0);

@@ -252,11 +252,9 @@ impl<'p> StreamingExperts<'p> {
     /// Whether the pools have room to prefetch (see [`Self::working_set`]), as they are now.
     fn measure_room(&mut self) {
         let (sparse_layers, k) = self.working;
-        self.room = self
-            .pools
-            .iter()
-            .enumerate()
-            .all(|(i, _)| self.cache.capacity(i) >= (self.cache.pool_layers(i).min(sparse_layers) + 1) * k);
+        self.room = self.pools.iter().enumerate().all(|(i, _)| {
+            self.cache.capacity(i) >= (self.cache.pool_layers(i).min(sparse_layers) + 1) * k
+        });
         self.stats.prefetch_no_room = self.prefetch && !self.room;
     }
 

@@ -158,16 +158,18 @@ pub fn run(
         .filter(|_| engine.pressure_status().is_some());
     loop {
         let job = match &idle {
-            Some(rt) => match rt.block_on(async { tokio::time::timeout(IDLE_POLL, jobs.recv()).await }) {
-                Ok(Some(job)) => job,
-                Ok(None) => break,
-                Err(_) => {
-                    if let Err(e) = engine.relieve_pressure(&Warnings) {
-                        eprintln!("warning: memory pressure: {}", chain(&e));
+            Some(rt) => {
+                match rt.block_on(async { tokio::time::timeout(IDLE_POLL, jobs.recv()).await }) {
+                    Ok(Some(job)) => job,
+                    Ok(None) => break,
+                    Err(_) => {
+                        if let Err(e) = engine.relieve_pressure(&Warnings) {
+                            eprintln!("warning: memory pressure: {}", chain(&e));
+                        }
+                        continue;
                     }
-                    continue;
                 }
-            },
+            }
             None => match jobs.blocking_recv() {
                 Some(job) => job,
                 None => break,

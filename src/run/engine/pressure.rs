@@ -58,6 +58,7 @@ pub(super) fn relieve(
     if verdict.target == before.bytes {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     // The last step may still be computing on the pools (greedy decoding schedules it ahead).
     mlx::synchronize()?;
     let sample = Sample::now();
@@ -88,6 +89,6 @@ pub(super) fn relieve(
             }
         }
     }
-    watch.resized(&verdict, &done, experts.bounds(), sample);
+    watch.resized(&verdict, &done, experts.bounds(), sample, started);
     Ok(())
 }

@@ -81,9 +81,7 @@ impl ExpertCache {
                     let part = bytes as f64 * mine as f64 / max.max(1) as f64;
                     (part / self.pool_slot_bytes(i).max(1) as f64) as u32
                 };
-                share
-                    .min(self.max_slots[i])
-                    .max(self.floor_slots(i, floor))
+                share.min(self.max_slots[i]).max(self.floor_slots(i, floor))
             })
             .collect()
     }
@@ -162,9 +160,10 @@ impl ExpertCache {
                 let keys = self.pool_keys(i);
                 let whole = slots as usize == keys.len();
                 let canonical = move |k: ExpertKey| keys.binary_search(&k).unwrap_or(0) as u32;
-                let resized = self.pools[i]
-                    .table
-                    .resize(slots, whole.then_some(&canonical as &dyn Fn(ExpertKey) -> u32));
+                let resized = self.pools[i].table.resize(
+                    slots,
+                    whole.then_some(&canonical as &dyn Fn(ExpertKey) -> u32),
+                );
                 self.pools[i].move_slots(&resized.kept)?;
             }
             if result.is_err() {

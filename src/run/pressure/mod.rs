@@ -63,6 +63,9 @@ pub struct Change {
     /// The process's memory just before and just after it.
     pub before: Sample,
     pub after: Sample,
+    /// How long it took: waiting for the step in flight, copying the kept experts, and on
+    /// growing back to every expert, reading the others.
+    pub ms: f64,
 }
 
 /// What the watch has seen and done: `run --json`'s `pressure`, `serve`'s `/health`.
@@ -135,7 +138,10 @@ impl PressureWatch {
 
     /// What the watch has seen and done, now.
     pub fn status(&self) -> PressureStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The status as the watch updates it (for a server's `/health`, on another thread).
@@ -192,7 +198,14 @@ impl PressureWatch {
 
     /// Records a resize the engine made for `v` (the process's memory `before` it, and now),
     /// and the cache's size after it.
-    pub fn resized(&self, v: &Verdict, done: &Resize, bounds: CacheBounds, before: Sample) {
+    pub fn resized(
+        &self,
+        v: &Verdict,
+        done: &Resize,
+        bounds: CacheBounds,
+        before: Sample,
+        started: std::time::Instant,
+    ) {
         let change = Change {
             reading: 0,
             from_bytes: done.from_bytes,
@@ -201,6 +214,7 @@ impl PressureWatch {
             evicted: done.evicted,
             before,
             after: Sample::now(),
+            ms: started.elapsed().as_secs_f64() * 1e3,
         };
         self.set_bounds(bounds);
         self.update(|s| {

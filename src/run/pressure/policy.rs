@@ -284,11 +284,7 @@ mod tests {
         let mut budget = 4 * GIB;
         let mut changes = 0;
         for i in 0..60u64 {
-            let av = if i % 2 == 0 {
-                high - MIB
-            } else {
-                low + MIB
-            };
+            let av = if i % 2 == 0 { high - MIB } else { low + MIB };
             let v = p.decide(&mut s, &bytes(av, total), bounds(budget));
             changes += (v.target != budget) as u32;
             budget = v.target;

@@ -298,7 +298,8 @@ mod tests {
 
     #[test]
     fn meminfo_and_psi_parse() {
-        let meminfo = "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   12288000 kB\n";
+        let meminfo =
+            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   12288000 kB\n";
         assert_eq!(
             parse_meminfo(meminfo),
             (Some(24576000 * 1024), Some(12288000 * 1024))
@@ -318,7 +319,11 @@ mod tests {
         assert_eq!(r[0].available_bytes, Some(50 << 20));
         assert_eq!(r[0].total_bytes, Some(100 << 20));
         assert_eq!(r[2].available_bytes, Some(4 << 20));
-        assert_eq!(r[2].total_bytes, Some(100 << 20), "kept from the line before");
+        assert_eq!(
+            r[2].total_bytes,
+            Some(100 << 20),
+            "kept from the line before"
+        );
         assert_eq!(r[2].stall_pct, Some(20.0));
         assert_eq!(r[3].level, Some(Level::Warn));
         assert_eq!(r[4].available_bytes, Some(0));
