@@ -133,7 +133,9 @@ pub fn measure(dir: &Path, read_bytes: u64, batch: usize) -> std::io::Result<Dis
         let range = match &direct {
             Some(f) => match crate::run::read::read_direct(f, offset, read_bytes as usize, buf) {
                 Ok(r) => r,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => buffered_read(&buffered, offset, read_bytes, buf)?,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    buffered_read(&buffered, offset, read_bytes, buf)?
+                }
                 Err(e) => return Err(e),
             },
             None => buffered_read(&buffered, offset, read_bytes, buf)?,

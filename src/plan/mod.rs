@@ -214,7 +214,13 @@ pub fn plan(opts: &PlanOptions, hub: &Hub) -> Result<PlanReport, PlanError> {
     };
     let rates = Rates { disk, compute };
     let mut all = vec![main];
-    all.extend(options::mixes(&opened, &shadow, &all[0], &machine, opts.context)?);
+    all.extend(options::mixes(
+        &opened,
+        &shadow,
+        &all[0],
+        &machine,
+        opts.context,
+    )?);
     let planned = all
         .into_iter()
         .map(|o| report::plan_option(o, &machine, opts.context, &rates))

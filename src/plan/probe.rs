@@ -22,8 +22,7 @@ use super::model::{DenseShape, Facts};
 use super::speed::Compute;
 use crate::mlx::{self, Array, Dtype, QuantizedMatrix};
 use crate::model::{
-    ComputeError, ExpertAct, ExpertBias, ExpertPool, ExpertStore, Model, PoolRoute, Quant,
-    Weights,
+    ComputeError, ExpertAct, ExpertBias, ExpertPool, ExpertStore, Model, PoolRoute, Quant, Weights,
 };
 
 /// Prompt tokens of the probe's prefill (its decode runs right after them).
@@ -35,10 +34,13 @@ const STEPS: usize = 12;
 /// Stop adding steps once this much time went by.
 const STEP_BUDGET_S: f64 = 1.5;
 
+/// A probe tensor's key: its name without the layer, its shape, its dtype code.
+type ProbeKey = (String, Vec<usize>, u8);
+
 /// Zeros of the pack's tensors, shared between layers whose tensors match.
 struct ProbeWeights<'f> {
     by_name: HashMap<&'f str, &'f DenseShape>,
-    made: RefCell<HashMap<(String, Vec<usize>, u8), Array>>,
+    made: RefCell<HashMap<ProbeKey, Array>>,
 }
 
 /// `model.layers.12.mlp.gate.weight` -> `mlp.gate.weight`: tensors that differ only in their
@@ -138,7 +140,11 @@ impl ProbeStore {
 }
 
 impl ExpertStore for ProbeStore {
-    fn route(&mut self, _layer: usize, indices: &Array) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
+    fn route(
+        &mut self,
+        _layer: usize,
+        indices: &Array,
+    ) -> Result<Vec<PoolRoute<'_>>, ComputeError> {
         if self.streamed {
             // The streaming store's one sync point per sparse layer: the routing on the host.
             mlx::eval(&[indices])?;
@@ -178,8 +184,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Seconds of one prompt chunk and of one decoded token through `store`.
-fn time_passes(model: &Model, store: &mut ProbeStore, vocab: usize) -> Result<(f64, f64), ComputeError> {
-    let prompt: Vec<u32> = (0..CHUNK).map(|i| (i * 7919 % vocab.max(1)) as u32).collect();
+fn time_passes(
+    model: &Model,
+    store: &mut ProbeStore,
+    vocab: usize,
+) -> Result<(f64, f64), ComputeError> {
+    let prompt: Vec<u32> = (0..CHUNK)
+        .map(|i| (i * 7919 % vocab.max(1)) as u32)
+        .collect();
     let run_prefill = |store: &mut ProbeStore,
                        n: usize|
      -> Result<(crate::model::KvCache, Array, f64), ComputeError> {

@@ -145,8 +145,8 @@ pub fn pool_slots(budget: Option<u64>, pools: &[(u32, u64)]) -> Vec<u32> {
         .map(|&(count, slot_bytes)| match budget {
             None => count,
             Some(budget) => {
-                let share = budget as f64 * (count as u64 * slot_bytes) as f64
-                    / total.max(1) as f64;
+                let share =
+                    budget as f64 * (count as u64 * slot_bytes) as f64 / total.max(1) as f64;
                 ((share / slot_bytes.max(1) as f64) as u32).min(count)
             }
         })
