@@ -100,7 +100,9 @@ impl Files for Recorded {
         self.inner.len(file)
     }
     fn read(&self, file: &str, range: Range<u64>) -> Result<Vec<u8>, PlanError> {
-        self.reads.borrow_mut().push((file.to_string(), range.clone()));
+        self.reads
+            .borrow_mut()
+            .push((file.to_string(), range.clone()));
         self.inner.read(file, range)
     }
 }
@@ -151,7 +153,11 @@ fn plans_the_bundled_checkpoint_folder() {
     assert_eq!(report.kind, "checkpoint");
     assert_eq!(report.model.architecture, "qwen3_moe");
     assert_eq!(
-        (report.model.layers, report.model.experts, report.model.experts_per_token),
+        (
+            report.model.layers,
+            report.model.experts,
+            report.model.experts_per_token
+        ),
         (6, 32, 4)
     );
     // What plan read: the config, the index and each shard's header, nothing else.
@@ -212,7 +218,11 @@ fn a_folder_and_its_conversion_plan_the_same_sizes() {
     let off = (f.pack_bytes as f64 - real as f64).abs() / real as f64;
     assert!(off < 0.03, "estimated {} for {real}", f.pack_bytes);
     for (a, b) in f.budgets.iter().zip(&p.budgets) {
-        assert_eq!(a.row.resident_experts, b.row.resident_experts, "{}", a.row.label);
+        assert_eq!(
+            a.row.resident_experts, b.row.resident_experts,
+            "{}",
+            a.row.label
+        );
         assert_eq!(a.row.memory_bytes, b.row.memory_bytes, "{}", a.row.label);
     }
 }
@@ -231,13 +241,20 @@ fn a_pack_is_read_only_in_its_header_directories_and_metadata() {
     let bytes = std::fs::read(&pack).unwrap();
     let header = Header::decode(&bytes).unwrap();
     let allowed: Vec<Range<u64>> = std::iter::once(0..header.region_len())
-        .chain(header.sections.iter().filter_map(|s| {
-            matches!(
-                s.known_kind(),
-                Some(SectionKind::TensorDir | SectionKind::ExpertDir | SectionKind::Metadata)
-            )
-            .then(|| s.offset..s.offset + s.stored_len)
-        }))
+        .chain(
+            header
+                .sections
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s.known_kind(),
+                        Some(
+                            SectionKind::TensorDir | SectionKind::ExpertDir | SectionKind::Metadata
+                        )
+                    )
+                })
+                .map(|s| s.offset..s.offset + s.stored_len),
+        )
         .collect();
     let (dense, experts) = {
         let p = Pack::open(&pack).unwrap();
@@ -254,11 +271,18 @@ fn a_pack_is_read_only_in_its_header_directories_and_metadata() {
             assert!(allowed.contains(r), "read {r:?}");
         }
         for weights in [&dense, &experts] {
-            assert!(r.end <= weights.start || r.start >= weights.end, "{r:?} in {weights:?}");
+            assert!(
+                r.end <= weights.start || r.start >= weights.end,
+                "{r:?} in {weights:?}"
+            );
         }
         total += r.end - r.start;
     }
-    assert!(total < bytes.len() as u64 / 10, "{total} of {}", bytes.len());
+    assert!(
+        total < bytes.len() as u64 / 10,
+        "{total} of {}",
+        bytes.len()
+    );
     // The copy opens as the pack it stands for.
     let Some(copy) = (match &shadow.kind {
         flashpack::plan::read::ShadowKind::Pack(p) => Some(p.clone()),
@@ -300,9 +324,17 @@ fn plan_and_run_agree_on_what_a_budget_holds() {
         }
         let engine = Engine::new(&pack, &cfg, &weights, &eo, &Silent).unwrap();
         let sizes = engine.sizes();
-        assert_eq!(sizes.expert_budget_bytes, b.row.expert_budget_bytes, "{}", b.row.label);
+        assert_eq!(
+            sizes.expert_budget_bytes, b.row.expert_budget_bytes,
+            "{}",
+            b.row.label
+        );
         let stats = engine.cache_stats();
-        assert_eq!(stats.slots as u64, b.row.resident_experts, "{}", b.row.label);
+        assert_eq!(
+            stats.slots as u64, b.row.resident_experts,
+            "{}",
+            b.row.label
+        );
         assert_eq!(
             sizes.dense_bytes + stats.resident_bytes + sizes.margin_bytes,
             b.row.memory_bytes,
@@ -334,10 +366,11 @@ fn a_machine_that_holds_part_of_the_experts_gets_a_mem_budget() {
         report.recommendation.command
     );
     // Mixes are listed, sized by convert's planning.
-    let mix = report
-        .options
-        .iter()
-        .find(|o| o.convert.as_deref().is_some_and(|c| c.starts_with("--target-size")));
+    let mix = report.options.iter().find(|o| {
+        o.convert
+            .as_deref()
+            .is_some_and(|c| c.starts_with("--target-size"))
+    });
     let mix = mix.expect("a mix");
     assert!(mix.cold_experts > 0 && mix.cold_bits == Some(2));
     assert!(mix.pack_bytes < o.pack_bytes);
@@ -404,7 +437,10 @@ fn plans_a_hub_checkpoint_from_ranges_of_its_files() {
     // The same numbers as the folder.
     let folder = plan(&options(tiny().to_str().unwrap()), &hub).unwrap();
     assert_eq!(report.options[0].dense_bytes, folder.options[0].dense_bytes);
-    assert_eq!(report.options[0].expert_bytes, folder.options[0].expert_bytes);
+    assert_eq!(
+        report.options[0].expert_bytes,
+        folder.options[0].expert_bytes
+    );
     assert_eq!(report.read.files, folder.read.files);
 }
 
@@ -439,7 +475,11 @@ fn the_cli_prints_the_options_the_budgets_and_one_command() {
     let cache = tempfile::tempdir().unwrap();
     let out = cli(&[tiny().to_str().unwrap()], cache.path(), &[]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].contains("qwen3_moe, 6 layers (6 sparse), 32 experts, 4 per token"));
     assert!(lines[1].starts_with("read: ") && lines[1].contains("no weights"));
@@ -449,11 +489,21 @@ fn the_cli_prints_the_options_the_budgets_and_one_command() {
     assert!(text.contains(
         "| experts | run option | resident | memory | fits | hit rate | read per token | decode tok/s | prefill tok/s |"
     ));
-    for label in ["| 100% | (none) |", "| 50% | `--expert-budget 50%` |", "| 12% |"] {
+    for label in [
+        "| 100% | (none) |",
+        "| 50% | `--expert-budget 50%` |",
+        "| 12% |",
+    ] {
         assert!(text.contains(label), "{label}\n{text}");
     }
-    let rec = lines.iter().position(|l| l.starts_with("recommended")).unwrap();
-    assert!(lines[rec + 1].trim().starts_with("flashpack convert "), "{text}");
+    let rec = lines
+        .iter()
+        .position(|l| l.starts_with("recommended"))
+        .unwrap();
+    assert!(
+        lines[rec + 1].trim().starts_with("flashpack convert "),
+        "{text}"
+    );
     assert!(!text.contains("iogpu") || cfg!(target_os = "macos"));
     let mac = cli(&[tiny().to_str().unwrap(), "--mac"], cache.path(), &[]);
     assert!(String::from_utf8_lossy(&mac.stdout).contains("sudo sysctl iogpu.wired_limit_mb="));
@@ -464,7 +514,11 @@ fn the_json_is_one_stable_object() {
     let cache = tempfile::tempdir().unwrap();
     let run = || {
         let out = cli(&[tiny().to_str().unwrap(), "--json"], cache.path(), &[]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
     let v = run();
@@ -488,7 +542,13 @@ fn the_json_is_one_stable_object() {
             "wired_limit"
         ]
     );
-    for k in ["architecture", "layers", "sparse_layers", "experts", "experts_per_token"] {
+    for k in [
+        "architecture",
+        "layers",
+        "sparse_layers",
+        "experts",
+        "experts_per_token",
+    ] {
         assert!(v["model"][k].is_string() || v["model"][k].is_u64(), "{k}");
     }
     for k in ["ram_bytes", "usable_bytes", "context"] {
@@ -498,7 +558,14 @@ fn the_json_is_one_stable_object() {
     assert_eq!(v["rates"]["disk_origin"], "given");
     assert_eq!(v["rates"]["compute"]["decode_s"], 0.010);
     let o = &v["options"][0];
-    for k in ["name", "pack_bytes", "dense_bytes", "expert_bytes", "experts", "quality"] {
+    for k in [
+        "name",
+        "pack_bytes",
+        "dense_bytes",
+        "expert_bytes",
+        "experts",
+        "quality",
+    ] {
         assert!(!o[k].is_null(), "{k}");
     }
     for b in o["budgets"].as_array().unwrap() {
@@ -534,7 +601,11 @@ fn the_cli_plans_a_hub_id_and_a_pack() {
         cache.path(),
         &[("HF_ENDPOINT", s.endpoint.as_str())],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["kind"], "checkpoint");
     assert!(v["recommendation"]["command"]
@@ -544,7 +615,11 @@ fn the_cli_plans_a_hub_id_and_a_pack() {
     let dir = tempfile::tempdir().unwrap();
     let pack = common::tiny_pack(dir.path());
     let out = cli(&[pack.to_str().unwrap(), "--json"], cache.path(), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["kind"], "pack");
     assert_eq!(v["options"].as_array().unwrap().len(), 1);
@@ -562,7 +637,11 @@ fn the_default_path_measures_this_machine_once_per_disk() {
             &["plan", pack.to_str().unwrap(), "--json"],
             &[("XDG_CACHE_HOME", cache.path().to_str().unwrap())],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
     let first = go();
@@ -575,7 +654,7 @@ fn the_default_path_measures_this_machine_once_per_disk() {
     assert!(cache.path().join("flashpack/disks.json").is_file());
     // The scratch file is gone.
     let left: Vec<_> = walk(dir.path());
-    assert_eq!(left, [pack.clone()]);
+    assert_eq!(left, std::slice::from_ref(&pack));
     assert_eq!(go()["rates"]["disk_origin"], "cached");
 }
 
@@ -660,7 +739,8 @@ fn usage_errors_exit_2() {
         vec!["plan", "x", "--context", "0"],
         vec!["plan", "x", "--disk-speed", "fast"],
     ] {
-        let out = common::flashpack_cli(&args, &[("XDG_CACHE_HOME", cache.path().to_str().unwrap())]);
+        let out =
+            common::flashpack_cli(&args, &[("XDG_CACHE_HOME", cache.path().to_str().unwrap())]);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }

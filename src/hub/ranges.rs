@@ -42,7 +42,10 @@ impl Hub {
         let info = self.repo_info(&repo, revision)?;
         if !is_commit_hash(&info.sha) {
             return Err(HubError::BadResponse {
-                url: format!("{}/api/models/{repo}/revision/{revision}", self.cfg.endpoint),
+                url: format!(
+                    "{}/api/models/{repo}/revision/{revision}",
+                    self.cfg.endpoint
+                ),
                 detail: format!("sha {:?} is not a commit hash", info.sha),
             });
         }

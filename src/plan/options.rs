@@ -25,7 +25,7 @@ use crate::format::Pack;
 
 /// What `plan` opened.
 pub enum Opened {
-    Pack(Pack),
+    Pack(Box<Pack>),
     Checkpoint(Box<Checkpoint>),
 }
 
@@ -83,10 +83,7 @@ fn pack_cold(pack: &Pack, facts: &Facts) -> (u64, Option<u8>, Option<f64>) {
             }
         }
     }
-    let mass = facts
-        .profile
-        .as_ref()
-        .map(|_| mass / layers.max(1) as f64);
+    let mass = facts.profile.as_ref().map(|_| mass / layers.max(1) as f64);
     (cold, bits, mass)
 }
 
@@ -171,11 +168,7 @@ pub fn mixes(
         .map(|p| p.margin)
         .unwrap_or(0);
     let fit = machine.usable.saturating_sub(margin);
-    let mut targets: Vec<u64> = vec![
-        fit,
-        faithful_bytes * 3 / 4,
-        faithful_bytes * 3 / 5,
-    ];
+    let mut targets: Vec<u64> = vec![fit, faithful_bytes * 3 / 4, faithful_bytes * 3 / 5];
     targets.retain(|&t| t > floor && t < faithful_bytes * 97 / 100);
     targets.sort_unstable_by(|a, b| b.cmp(a));
     targets.dedup_by(|a, b| (*b as f64) < *a as f64 * 1.05);

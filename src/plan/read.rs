@@ -261,8 +261,8 @@ pub fn checkpoint_shadow(files: &dyn Files) -> Result<Shadow, PlanError> {
         };
         let index = ShardIndex::parse(&String::from_utf8_lossy(&text))
             .map_err(|e| bad(format!("not a shard index: {e}")))?;
-        let config: serde_json::Value = serde_json::from_slice(&config)
-            .map_err(|e| PlanError::NotACheckpoint {
+        let config: serde_json::Value =
+            serde_json::from_slice(&config).map_err(|e| PlanError::NotACheckpoint {
                 detail: format!("{CONFIG} is not JSON: {e}"),
             })?;
         // The loader's own rule: shards holding only what it drops are never opened.
@@ -363,9 +363,10 @@ pub fn pack_shadow(files: &dyn Files, file: &str) -> Result<Shadow, PlanError> {
         .prefix("flashpack-plan-")
         .tempdir()
         .map_err(|e| PlanError::io(&std::env::temp_dir(), e))?;
-    let name = Path::new(file)
-        .file_name()
-        .map_or_else(|| "pack.flashpack".into(), |n| n.to_string_lossy().into_owned());
+    let name = Path::new(file).file_name().map_or_else(
+        || "pack.flashpack".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     write_sparse(dir.path(), &name, len, &parts)?;
     Ok(Shadow {
         kind: ShadowKind::Pack(dir.path().join(&name)),
@@ -409,18 +410,18 @@ pub fn shadow_of(source: &Source, hub: &Hub) -> Result<(Shadow, ReadLog), PlanEr
         Source::Hub { repo, revision } => {
             if hub.config().offline {
                 // No request may be made: a complete snapshot in the cache is planned as a folder.
-                let snap = hub.download_checkpoint(
-                    repo,
-                    revision.as_deref(),
-                    &crate::progress::Silent,
-                )?;
+                let snap =
+                    hub.download_checkpoint(repo, revision.as_deref(), &crate::progress::Silent)?;
                 return shadow_of(&Source::Folder(snap.dir), hub);
             }
             let remote = HubFiles(hub.remote_files(repo, revision.as_deref())?);
             let commit = remote.0.commit().to_string();
             let listed = remote.0.files().to_vec();
             let counted = Counted::new(&remote);
-            let packs: Vec<&String> = listed.iter().filter(|f| f.ends_with(".flashpack")).collect();
+            let packs: Vec<&String> = listed
+                .iter()
+                .filter(|f| f.ends_with(".flashpack"))
+                .collect();
             let mut shadow = match (listed.iter().any(|f| f == CONFIG), packs.as_slice()) {
                 (false, [one]) => pack_shadow(&counted, one)?,
                 _ => checkpoint_shadow(&counted)?,

@@ -153,12 +153,7 @@ pub fn plan_option(
     context: usize,
     rates: &Rates,
 ) -> Result<PlannedOption, BudgetError> {
-    let rows = budgets::rows(
-        &choice.facts,
-        machine,
-        context,
-        rates.compute.chunk_tokens,
-    )?;
+    let rows = budgets::rows(&choice.facts, machine, context, rates.compute.chunk_tokens)?;
     let budgets = rows
         .into_iter()
         .map(|row| {
@@ -276,8 +271,7 @@ fn pack_name(source: &str) -> String {
 /// A shell word: quoted unless plain.
 fn shell(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./@:%+=".contains(c))
     {
         s.to_string()
@@ -329,10 +323,7 @@ fn recommend(
             }
             // A mix alone runs: `check_working_set` guarantees one option does.
             _ => {
-                let o = options
-                    .iter()
-                    .find(|o| o.best().is_some())
-                    .unwrap_or(first);
+                let o = options.iter().find(|o| o.best().is_some()).unwrap_or(first);
                 let row = o.best().unwrap_or(&o.budgets[0]);
                 (
                     o,
@@ -581,7 +572,10 @@ impl PlanReport {
             rec.option, rec.why, rec.command
         ));
         if let Some(w) = &self.wired_limit {
-            out.push_str(&format!("on a Mac, first:\n  {}\n  ({})\n", w.command, w.why));
+            out.push_str(&format!(
+                "on a Mac, first:\n  {}\n  ({})\n",
+                w.command, w.why
+            ));
         }
         out
     }

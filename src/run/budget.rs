@@ -145,8 +145,8 @@ pub fn pool_slots(budget: Option<u64>, pools: &[(u32, u64)]) -> Vec<u32> {
         .map(|&(count, slot_bytes)| match budget {
             None => count,
             Some(budget) => {
-                let share = budget as f64 * (count as u64 * slot_bytes) as f64
-                    / total.max(1) as f64;
+                let share =
+                    budget as f64 * (count as u64 * slot_bytes) as f64 / total.max(1) as f64;
                 ((share / slot_bytes.max(1) as f64) as u32).min(count)
             }
         })
@@ -364,6 +364,21 @@ mod tests {
             msg.ends_with("for the KV cache and activations); raise the budget"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn pools_share_the_expert_budget_by_their_bytes() {
+        // No budget: every stored expert. A budget: each pool its share of the bytes, whole
+        // slots, never more than it stores.
+        let pools = [(100, 1000), (50, 4000)];
+        assert_eq!(pool_slots(None, &pools), [100, 50]);
+        // 300 kB of 300 kB stored: all; of the half, half of each.
+        assert_eq!(pool_slots(Some(300_000), &pools), [100, 50]);
+        assert_eq!(pool_slots(Some(150_000), &pools), [50, 25]);
+        assert_eq!(pool_slots(Some(10_000_000), &pools), [100, 50]);
+        // A share under one slot rounds down to none.
+        assert_eq!(pool_slots(Some(2_000), &pools), [0, 0]);
+        assert_eq!(pool_slots(Some(1), &[]), Vec::<u32>::new());
     }
 
     #[test]

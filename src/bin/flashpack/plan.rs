@@ -35,7 +35,9 @@ pub struct PlanArgs {
 fn parse_ram(s: &str) -> Result<u64, String> {
     match parse_size(s)? {
         Size::Bytes(b) => Ok(b),
-        Size::Percent(_) => Err(format!("--ram {s}: give a size (64GB, 512GiB), not a share")),
+        Size::Percent(_) => Err(format!(
+            "--ram {s}: give a size (64GB, 512GiB), not a share"
+        )),
     }
 }
 

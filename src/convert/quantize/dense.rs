@@ -108,7 +108,11 @@ fn quantized_layout(
 ) -> Vec<(String, Dtype, Vec<usize>, u8)> {
     let module = weight_name.strip_suffix(".weight").unwrap_or(weight_name);
     let sshape = vec![rows, p.groups_per_row(cols)];
-    let sd = if p.has_biases() { sd.dtype() } else { Dtype::U8 };
+    let sd = if p.has_biases() {
+        sd.dtype()
+    } else {
+        Dtype::U8
+    };
     let mut out = Vec::with_capacity(3);
     if p.has_biases() {
         out.push((format!("{module}.biases"), sd, sshape.clone(), 0));
@@ -362,8 +366,7 @@ pub fn plan_dense<'a>(
             let dtype = d.dtype();
             match target {
                 Target::Quantize(p) => {
-                    let m =
-                        MatrixView::new(dtype, shape[0], shape[1], &bytes).ok_or_else(size)?;
+                    let m = MatrixView::new(dtype, shape[0], shape[1], &bytes).ok_or_else(size)?;
                     quantized_outs(name, Quantized::owned(quantize(name, m, p, dtype)?))
                 }
                 _ => vec![DenseOut {
