@@ -623,6 +623,36 @@ fn the_cli_plans_a_hub_id_and_a_pack() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["kind"], "pack");
     assert_eq!(v["options"].as_array().unwrap().len(), 1);
+    // A pack published on the Hub (`flashpack publish`): its header region, directories and
+    // metadata are fetched by range, not the pack.
+    let bytes = std::fs::read(&pack).unwrap();
+    s.add_repo(
+        "org/tiny-pack",
+        false,
+        &[
+            ("README.md", b"# a pack".to_vec(), false),
+            ("tiny.flashpack", bytes.clone(), true),
+        ],
+    );
+    let out = cli(
+        &["org/tiny-pack", "--json"],
+        cache.path(),
+        &[("HF_ENDPOINT", s.endpoint.as_str())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "pack");
+    assert_eq!(
+        v["recommendation"]["command"],
+        "flashpack chat tiny.flashpack --max-context 4096"
+    );
+    let sent = s.state().served[&format!("/lfs/{}", sha256_hex(&bytes))];
+    assert_eq!(sent, v["read"]["total_bytes"].as_u64().unwrap());
+    assert!(sent < bytes.len() as u64 / 10, "{sent} of {}", bytes.len());
 }
 
 #[test]

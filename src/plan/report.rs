@@ -283,6 +283,7 @@ fn shell(s: &str) -> String {
 fn recommend(
     source: &str,
     kind: &ShadowKind,
+    hub_pack: Option<&str>,
     options: &[PlannedOption],
     context: usize,
 ) -> Recommendation {
@@ -333,9 +334,11 @@ fn recommend(
             }
         }
     };
-    let pack = match kind {
-        ShadowKind::Pack(_) => source.to_string(),
-        ShadowKind::Checkpoint => pack_name(source),
+    // A pack on the Hub runs once downloaded: by its file name.
+    let pack = match (kind, hub_pack) {
+        (ShadowKind::Pack(_), Some(file)) => file.rsplit('/').next().unwrap_or(file).to_string(),
+        (ShadowKind::Pack(_), None) => source.to_string(),
+        (ShadowKind::Checkpoint, _) => pack_name(source),
     };
     let mut run = format!("flashpack chat {}", shell(&pack));
     if !row.row.flag.is_empty() {
@@ -353,6 +356,10 @@ fn recommend(
             }
             format!("{c} && {run}")
         }
+    };
+    let why = match hub_pack {
+        Some(file) => format!("{why} (download {file} from {source} first)"),
+        None => why,
     };
     Recommendation {
         command,
@@ -404,7 +411,11 @@ pub struct Inputs<'a> {
 
 pub fn assemble(i: Inputs<'_>) -> PlanReport {
     let cfg = i.cfg;
-    let recommendation = recommend(i.source, i.kind, &i.options, i.context);
+    let hub_pack = match i.kind {
+        ShadowKind::Pack(_) if i.commit.is_some() => i.log.per_file().keys().next().cloned(),
+        _ => None,
+    };
+    let recommendation = recommend(i.source, i.kind, hub_pack.as_deref(), &i.options, i.context);
     let wired = i
         .mac
         .then(|| wired_limit(&i.options, &recommendation, &i.machine));
