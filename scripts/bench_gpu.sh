@@ -133,6 +133,30 @@ case "${1:-}" in
     flashpack bench serve "$w/trace.flashpack" --batch-only --batch-sizes 1,2,4,8 "$@" | tee "${OUT:-.}/batch.md"
     kcache_save
     ;;
+  plan)
+    # Issue 31: `flashpack plan`'s predicted decode tok/s against `flashpack run`'s measured ones at
+    # 100/50/25/12% of the experts (scripts/bench_plan.py), on the 8-layer uniform model of the
+    # Qwen3-30B-A3B layer shape, convert's default pack (the trace model); installs first on a
+    # machine not yet set up. Options go to bench_plan.py (--reps, --tokens, --budgets). The table
+    # comes back as $OUT/plan.md, every plan and run as $OUT/plan-bench.json.
+    shift
+    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
+    kcache_restore
+    w=/root/fpbench; mkdir -p "$w"
+    if [ ! -f "$w/uniform/config.json" ]; then
+      make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
+        --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
+        --vocab 8192 --layers 8 >/dev/null
+    fi
+    [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
+    flashpack run "$w/trace.flashpack" --prompt warm --max-tokens 4 >/dev/null 2>&1 || true
+    rc=0
+    PYTHONUNBUFFERED=1 python3 scripts/bench_plan.py --pack "$w/trace.flashpack" \
+      --flashpack "$(command -v flashpack)" --measure --out "${OUT:-.}" "$@" \
+      | tee "${OUT:-.}/plan.md" || rc=$?
+    kcache_save
+    exit $rc
+    ;;
   prepare-base)
     # The binary of another commit (default: main's first parent of this work) for --baseline-bin.
     shift
@@ -181,7 +205,7 @@ case "${1:-}" in
     exit $rc
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | trace [trace_stream.py options] | batch [bench serve options] | archs [bench_archs_gpu.py options] | kernels [--arch A] [kernel_profile.py options]" >&2
+    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | trace [trace_stream.py options] | batch [bench serve options] | plan [bench_plan.py options] | archs [bench_archs_gpu.py options] | kernels [--arch A] [kernel_profile.py options]" >&2
     exit 2
     ;;
 esac

@@ -2,12 +2,13 @@
 """`flashpack plan`'s predicted decode speed against `flashpack run`'s measured one (issue 31).
 
     python3 scripts/bench_plan.py --pack PACK [--flashpack BIN] [--reps 3] [--tokens 64]
-                                  [--budgets 50,25,12] [--measure] [--out DIR]
+                                  [--budgets 50,25,12] [--prompt-chars 600] [--measure] [--out DIR]
 
 Each repetition runs `flashpack plan PACK --json` (its compute probe times this machine then,
 under the same load as the runs beside it; the disk's numbers come from plan's cache unless
 --measure) and then `flashpack run PACK --expert-budget B%` at each budget (and with every expert
-resident, the 100% row), greedy, on the first 600 characters of README.md as a raw prompt, each
+resident, the 100% row), greedy, on the first 600 characters of README.md (--prompt-chars) as a
+raw prompt, each
 in a fresh process with the pack dropped from the page cache first (Linux). Budgets run in a
 rotated order each repetition, so load from other work hits them alike.
 
@@ -81,7 +82,8 @@ def run(a, budget, prompt):
         "prefill_tok_s": g["prefill_tokens_per_s"],
         "prompt_tokens": g["prompt_tokens"],
         "hit_rate": hits / max(hits + misses, 1) if budget != "100%" else 1.0,
-        "mb_per_token": (c["bytes_read"] - first.get("bytes_read", 0)) / decoded / 1e6,
+        "mb_per_token": (c["bytes_read"] - first.get("bytes_read", 0)) / decoded / 1e6
+        if first or budget != "100%" else 0.0,
         "cpu_ms_per_token": s["cpu_s"]["decode"] * 1e3 / decoded,
         "wall_s": wall,
     }
@@ -106,11 +108,13 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--budgets", default="50,25,12", help="expert budgets in percent")
+    ap.add_argument("--prompt-chars", type=int, default=600,
+                    help="characters of README.md in the prompt (a slow model: fewer)")
     ap.add_argument("--no-resident", action="store_true", help="leave out the 100%% row")
     ap.add_argument("--measure", action="store_true", help="measure the disk again (first plan)")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
-    prompt = (REPO / "README.md").read_text()[:600]
+    prompt = (REPO / "README.md").read_text()[:a.prompt_chars]
     budgets = [f"{b.strip()}%" for b in a.budgets.split(",") if b.strip()]
     if not a.no_resident:
         budgets = ["100%"] + budgets
@@ -138,8 +142,9 @@ def main():
           f"{rates['compute']['streamed_decode_s'] * 1e3:.1f} ms streamed")
     print()
     print("| experts resident | predicted decode tok/s | measured decode tok/s | measured / predicted "
-          "| within 25% | hit rate predicted / measured | MB read per token predicted / measured |")
-    print("|---|---:|---:|---:|---|---|---|")
+          "| within 25% | hit rate predicted / measured | MB read per token predicted / measured "
+          "| prefill tok/s predicted / measured |")
+    print("|---|---:|---:|---:|---|---|---|---|")
     out = []
     for b in budgets:
         p = statistics.median(x["decode_tokens_per_s"] for x in predicted[b])
@@ -150,8 +155,10 @@ def main():
         mh = statistics.median(x["hit_rate"] for x in measured[b])
         pb = statistics.median(x["bytes_read_per_token"] for x in predicted[b]) / 1e6
         mbt = statistics.median(x["mb_per_token"] for x in measured[b])
+        pp = statistics.median(x["prefill_tokens_per_s"] for x in predicted[b])
+        mp = statistics.median(x["prefill_tok_s"] for x in measured[b])
         print(f"| {b} | {p:.1f} | {cell(m)} | {ratio:.2f} | {'met' if ok else 'missed'} | "
-              f"{ph:.2f} / {mh:.2f} | {pb:.3f} / {mbt:.3f} |")
+              f"{ph:.2f} / {mh:.2f} | {pb:.3f} / {mbt:.3f} | {pp:.1f} / {mp:.1f} |")
         out.append({"budget": b, "predicted": predicted[b], "measured": measured[b],
                     "ratio": ratio})
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -361,3 +361,48 @@ fn unsupported_compressed_tensors_settings_are_refused_by_name() {
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("weight_scale"), "{stderr}");
 }
+
+#[test]
+fn plan_reads_a_packed_checkpoint_s_headers_and_weight_shapes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (int4_dir, bf16_dir) = (dir.path().join("int4"), dir.path().join("bf16"));
+    write_pair(&int4_dir, &bf16_dir, true, |_| {});
+    let opts = flashpack::plan::PlanOptions {
+        source: int4_dir.to_str().unwrap().to_string(),
+        ram: Some(64 << 30),
+        context: 256,
+        mac: false,
+        remeasure: false,
+        disk_speed: None,
+        rates: Some(
+            flashpack::plan::GivenRates::parse(
+                r#"{"disk": {"latency_s": 1e-4, "bytes_per_s": 1e9},
+                    "compute": {"decode_s": 0.01, "streamed_decode_s": 0.01, "prefill_s": 0.1,
+                                "streamed_prefill_s": 0.1, "chunk_tokens": 8}}"#,
+            )
+            .unwrap(),
+        ),
+    };
+    let hub = flashpack::hub::Hub::new(flashpack::hub::HubConfig {
+        endpoint: "http://127.0.0.1:9".into(),
+        token: None,
+        cache_dir: dir.path().join("cache"),
+        offline: false,
+    });
+    let report = flashpack::plan::plan(&opts, &hub).unwrap();
+    let shard = int4_dir.join("model.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let shapes = st
+        .tensors()
+        .iter()
+        .filter(|(n, _)| n.ends_with(".weight_shape"))
+        .count() as u64;
+    assert!(shapes > 0);
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    // The header and 8 bytes (two i32) per weight_shape: no code or scale.
+    assert_eq!(report.read.files["model.safetensors"], header + 8 * shapes);
+    // Sized as convert keeps them: 4-bit codes in groups of 32.
+    let o = &report.options[0];
+    assert!(o.expert_bytes > 0 && o.experts > 0);
+}

@@ -129,3 +129,88 @@ pub fn pack_sizes(
         file_size,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Arch;
+    use crate::codec::{Codec, CodecChoice};
+    use crate::convert::fixtures::FixtureSpec;
+    use crate::convert::quantize::plan_dense;
+    use crate::format::Pack;
+    use crate::progress::Silent;
+
+    /// What convert writes with `--codec raw`, every architecture, three dense widths, uniform
+    /// and mixed experts: the sizes planned from the headers are the bytes in the pack.
+    #[test]
+    fn the_sizes_planned_from_headers_are_the_bytes_convert_writes() {
+        for arch in Arch::ALL.iter().copied() {
+            for dense_bits in [4, 8, 16] {
+                let src = tempfile::tempdir().unwrap();
+                FixtureSpec::tiny(arch).write(src.path()).unwrap();
+                let ck = Checkpoint::open(src.path()).unwrap();
+                let opts = ConvertOptions {
+                    codec: CodecChoice::Fixed(Codec::Raw),
+                    dense_bits,
+                    expert_bits: 4,
+                    keep_source_codes: false,
+                    ..Default::default()
+                };
+                // The dense decision without the values is the one `plan_dense` executes.
+                let (_, policy) = opts.check().unwrap();
+                for t in ck.dense_tensors().unwrap() {
+                    let planned: Vec<(String, u64)> = plan_dense(&t, policy)
+                        .unwrap()
+                        .iter()
+                        .map(|o| (o.name.clone(), o.bytes.len() as u64))
+                        .collect();
+                    let sized: Vec<(String, u64)> = stored_shapes(&t, policy)
+                        .into_iter()
+                        .map(|s| (s.name, s.bytes))
+                        .collect();
+                    assert_eq!(sized, planned, "{arch} {dense_bits}: {}", t.name);
+                }
+                let sizes = pack_sizes(&ck, &opts, None, 0).unwrap();
+                let out = tempfile::tempdir().unwrap();
+                let dest = out.path().join("m.flashpack");
+                crate::convert::convert_checkpoint(
+                    &ck,
+                    &dest,
+                    &opts,
+                    &Silent,
+                    std::time::Instant::now(),
+                )
+                .unwrap_or_else(|e| panic!("{arch}: {e}"));
+                let pack = Pack::open(&dest).unwrap();
+                let stored: Vec<(String, u64)> = pack
+                    .tensors()
+                    .iter()
+                    .map(|t| (t.name.clone(), t.stored_len))
+                    .collect();
+                let planned: Vec<(String, u64)> = sizes
+                    .dense
+                    .iter()
+                    .map(|t| (t.name.clone(), t.bytes))
+                    .collect();
+                assert_eq!(planned, stored, "{arch} {dense_bits}");
+                let page = pack.page_size() as u64;
+                for e in &sizes.experts {
+                    let segs = pack.expert_segments(e.layer as u32, e.expert as u32);
+                    let decoded: u64 = segs.iter().map(|s| s.decoded_len).sum();
+                    let read: u64 = segs
+                        .iter()
+                        .map(|s| s.stored_len.div_ceil(page) * page)
+                        .sum();
+                    assert_eq!((e.decoded, e.read), (decoded, read), "{arch} {e:?}");
+                    assert_eq!(e.bits, segs[0].bits, "{arch}");
+                }
+                assert_eq!(sizes.experts.len(), {
+                    let mut k: Vec<_> =
+                        pack.experts().iter().map(|e| (e.layer, e.expert)).collect();
+                    k.dedup();
+                    k.len()
+                });
+            }
+        }
+    }
+}

@@ -110,6 +110,7 @@ pub fn measure(dir: &Path, read_bytes: u64, batch: usize) -> std::io::Result<Dis
     let scratch = Scratch(path.clone());
     {
         let mut f = std::fs::File::create(&path)?;
+        no_cache(&f);
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut block = vec![0u8; 1 << 20];
         let mut left = len;
@@ -125,9 +126,11 @@ pub fn measure(dir: &Path, read_bytes: u64, batch: usize) -> std::io::Result<Dis
             left -= n as u64;
         }
         f.sync_all()?;
+        drop_cached(&f);
     }
     let direct = crate::run::read::open_direct(&path);
     let buffered = std::fs::File::open(&path)?;
+    no_cache(&buffered);
     // What one load does: read the pages, hash them, copy them into a slot.
     let load = |offset: u64, buf: &mut Vec<u8>, slot: &mut Vec<u8>| -> std::io::Result<()> {
         let range = match &direct {
@@ -184,13 +187,11 @@ pub fn measure(dir: &Path, read_bytes: u64, batch: usize) -> std::io::Result<Dis
         }
     }
     drop(scratch);
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let t1 = median(one);
+    // Means, not medians: what a run pays over many tokens, throttling and bursts included.
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let t1 = mean(one);
     let (latency_s, bytes_per_s) = if batch > 1 {
-        let tk = median(many);
+        let tk = mean(many);
         // t(k) = latency + k x bytes / rate, t(1) = latency + bytes / rate.
         let per = ((tk - t1) / (batch - 1) as f64).max(t1 / batch as f64);
         ((t1 - per).max(0.0), read_bytes as f64 / per)
@@ -214,4 +215,34 @@ fn buffered_read(
     buf.resize(len as usize, 0);
     f.read_exact_at(&mut buf[..len as usize], offset)?;
     Ok(0..len as usize)
+}
+
+/// macOS: reads and writes of `f` bypass the unified buffer cache (`F_NOCACHE`, as `run`'s
+/// reader sets it), so the scratch file is read from the disk.
+fn no_cache(f: &std::fs::File) {
+    #[cfg(target_os = "macos")]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: fcntl on a descriptor this function borrows; no memory is passed.
+        unsafe {
+            libc::fcntl(f.as_raw_fd(), libc::F_NOCACHE, 1);
+        }
+    }
+    #[cfg(not(target_os = "macos"))]
+    let _ = f;
+}
+
+/// Linux: drops the scratch file's pages from the page cache, for a file system that refuses
+/// `O_DIRECT` (buffered reads then come from the disk too).
+fn drop_cached(f: &std::fs::File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: posix_fadvise on a descriptor this function borrows; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
 }

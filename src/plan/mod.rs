@@ -162,7 +162,7 @@ pub fn plan(opts: &PlanOptions, hub: &Hub) -> Result<PlanReport, PlanError> {
         })
     };
     let opened = match &shadow.kind {
-        read::ShadowKind::Pack(path) => options::Opened::Pack(Pack::open(path)?),
+        read::ShadowKind::Pack(path) => options::Opened::Pack(Box::new(Pack::open(path)?)),
         read::ShadowKind::Checkpoint => {
             let path = shadow.dir().join("config.json");
             let text = std::fs::read(&path).map_err(|e| PlanError::io(&path, e))?;

@@ -26,7 +26,7 @@ use crate::format::Pack;
 /// What `plan` opened. One value per command, moved once: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Opened {
-    Pack(Pack),
+    Pack(Box<Pack>),
     Checkpoint(Box<Checkpoint>),
 }
 

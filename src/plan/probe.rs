@@ -25,22 +25,26 @@ use crate::model::{
     ComputeError, ExpertAct, ExpertBias, ExpertPool, ExpertStore, Model, PoolRoute, Quant, Weights,
 };
 
-/// Prompt tokens of the probe's prefill (its decode runs right after them).
+/// Most prompt tokens of the timed prompt chunk.
 pub const CHUNK: usize = 64;
-/// Prompt tokens of the untimed first pass.
-const WARM: usize = 16;
-/// Decode steps timed (after a warm-up), fewer when a step is slow.
+/// Fewest.
+pub const MIN_CHUNK: usize = 8;
+/// The timed chunk is sized to take about this long.
+const PREFILL_BUDGET_S: f64 = 1.5;
+/// Prompt tokens before the decode steps.
+const WARM: usize = 4;
+/// Decode steps timed (after two that are not), fewer when a step is slow.
 const STEPS: usize = 12;
-/// Stop adding steps once this much time went by.
-const STEP_BUDGET_S: f64 = 1.5;
+/// Stop adding steps once this much time went by (at least three are timed).
+const STEP_BUDGET_S: f64 = 1.0;
 
-/// A probe tensor's key: its name without the layer, its shape, its dtype code.
-type ProbeKey = (String, Vec<usize>, u8);
+/// A tensor's layer suffix, shape and type: tensors of one key share an array.
+type ShareKey = (String, Vec<usize>, u8);
 
 /// Zeros of the pack's tensors, shared between layers whose tensors match.
 struct ProbeWeights<'f> {
     by_name: HashMap<&'f str, &'f DenseShape>,
-    made: RefCell<HashMap<ProbeKey, Array>>,
+    made: RefCell<HashMap<ShareKey, Array>>,
 }
 
 /// `model.layers.12.mlp.gate.weight` -> `mlp.gate.weight`: tensors that differ only in their
@@ -183,29 +187,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Seconds of one prompt chunk and of one decoded token through `store`.
-fn time_passes(
+/// A prompt of `n` token ids.
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| (i * 7919 % vocab.max(1)) as u32).collect()
+}
+
+/// Prefills `ids` on a fresh cache and picks the next token: the cache, the token (lazy) and
+/// the seconds it took.
+fn prefill(
     model: &Model,
     store: &mut ProbeStore,
-    vocab: usize,
-) -> Result<(f64, f64), ComputeError> {
-    let prompt: Vec<u32> = (0..CHUNK)
-        .map(|i| (i * 7919 % vocab.max(1)) as u32)
-        .collect();
-    let run_prefill = |store: &mut ProbeStore,
-                       n: usize|
-     -> Result<(crate::model::KvCache, Array, f64), ComputeError> {
-        let mut kv = model.new_cache();
-        let t = Instant::now();
-        model.prefill_ids(&prompt[..n - 1], &mut kv, store)?;
-        let logits = model.forward_last_ids(&prompt[n - 1..n], &mut kv, store)?;
-        let y = logits.argmax(-1)?;
-        y.to_vec::<u32>()?;
-        Ok((kv, y, t.elapsed().as_secs_f64()))
-    };
-    // A short first pass pays the one-time costs (allocations, kernels); the next is timed.
-    run_prefill(store, WARM.min(CHUNK))?;
-    let (mut kv, mut y, prefill) = run_prefill(store, CHUNK)?;
+    ids: &[u32],
+) -> Result<(crate::model::KvCache, Array, f64), ComputeError> {
+    let mut kv = model.new_cache();
+    let t = Instant::now();
+    if ids.len() > 1 {
+        model.prefill_ids(&ids[..ids.len() - 1], &mut kv, store)?;
+    }
+    let logits = model.forward_last_ids(&ids[ids.len() - 1..], &mut kv, store)?;
+    let y = logits.argmax(-1)?;
+    y.to_vec::<u32>()?;
+    Ok((kv, y, t.elapsed().as_secs_f64()))
+}
+
+/// Seconds of one decoded token through `store`, `generate`'s pipelined greedy loop: step
+/// `t + 1` is scheduled before token `t` is read. The first two steps are not timed.
+fn decode_step(model: &Model, store: &mut ProbeStore, vocab: usize) -> Result<f64, ComputeError> {
+    let (mut kv, mut y, _) = prefill(model, store, &prompt(WARM, vocab))?;
     let mut steps = Vec::new();
     let started = Instant::now();
     for step in 0..STEPS + 2 {
@@ -217,16 +225,19 @@ fn time_passes(
         y = next;
         if step >= 2 {
             steps.push(t.elapsed().as_secs_f64());
-        }
-        if started.elapsed().as_secs_f64() > STEP_BUDGET_S && steps.len() >= 3 {
-            break;
+            if started.elapsed().as_secs_f64() > STEP_BUDGET_S && steps.len() >= 3 {
+                break;
+            }
         }
     }
     y.to_vec::<u32>()?;
-    Ok((prefill, median(steps)))
+    Ok(median(steps))
 }
 
-/// Times the model of `facts` on this machine (see the module doc).
+/// Times the model of `facts` on this machine (see the module doc). The prompt chunk is as
+/// long as [`PREFILL_BUDGET_S`] allows at the decode speed (between [`MIN_CHUNK`] and
+/// [`CHUNK`] tokens). A streamed prompt chunk is taken to cost what a resident one does plus
+/// what streaming adds to a decoded token (one routing read per sparse layer and call).
 pub fn measure(facts: &Facts) -> Result<Compute, ComputeError> {
     let weights = ProbeWeights {
         by_name: facts.dense.iter().map(|t| (t.name.as_str(), t)).collect(),
@@ -235,15 +246,17 @@ pub fn measure(facts: &Facts) -> Result<Compute, ComputeError> {
     let model = Model::load(&facts.cfg, &weights)?;
     let vocab = facts.cfg.vocab_size;
     let mut resident = ProbeStore::new(facts, false)?;
-    let (prefill_s, decode_s) = time_passes(&model, &mut resident, vocab)?;
+    let decode_s = decode_step(&model, &mut resident, vocab)?;
+    let chunk = ((PREFILL_BUDGET_S / decode_s.max(1e-6)) as usize).clamp(MIN_CHUNK, CHUNK);
+    let (_, _, prefill_s) = prefill(&model, &mut resident, &prompt(chunk, vocab))?;
     drop(resident);
     let mut streamed = ProbeStore::new(facts, true)?;
-    let (streamed_prefill_s, streamed_decode_s) = time_passes(&model, &mut streamed, vocab)?;
+    let streamed_decode_s = decode_step(&model, &mut streamed, vocab)?;
     Ok(Compute {
         decode_s,
         streamed_decode_s,
         prefill_s,
-        streamed_prefill_s,
-        chunk_tokens: CHUNK,
+        streamed_prefill_s: prefill_s + (streamed_decode_s - decode_s).max(0.0),
+        chunk_tokens: chunk,
     })
 }

@@ -7,8 +7,9 @@
 //! written bytes are its safetensors header; for a pack, one sparse file of the pack's length
 //! holding its header region, directories and metadata. And a [`ReadLog`] of every range read.
 //! Invariant: the source is read only through [`Files::read`], and only `config.json`, the
-//! index, each shard's 8-byte length and header, or a pack's header region, directories and
-//! metadata: no weight byte enters the process. The loader (`Checkpoint::open`) and the pack
+//! index, each shard's 8-byte length and header (and the few bytes of compressed-tensors'
+//! `*.weight_shape` integers, which the loader reads to size packed weights), or a pack's header
+//! region, directories and metadata: no weight byte enters the process. The loader (`Checkpoint::open`) and the pack
 //! reader (`Pack::open`) then run unchanged on the shadow, whose weights are holes.
 
 use std::cell::RefCell;
@@ -235,6 +236,27 @@ fn read_small(files: &dyn Files, file: &str) -> Result<(u64, Vec<u8>), PlanError
     Ok((len, files.read(file, 0..len)?))
 }
 
+/// File ranges of the `*.weight_shape` tensors a safetensors header lists (`data` starts at
+/// `base`; ranges past `len` or larger than a few integers are left out, for the loader to
+/// refuse).
+fn shape_tensors(header: &[u8], base: u64, len: u64) -> Vec<Range<u64>> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(header) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Range<u64>> = map
+        .iter()
+        .filter(|(name, _)| name.ends_with(".weight_shape"))
+        .filter_map(|(_, v)| {
+            let o = v.get("data_offsets")?.as_array()?;
+            let (a, b) = (o.first()?.as_u64()?, o.get(1)?.as_u64()?);
+            let r = base.checked_add(a)?..base.checked_add(b)?;
+            (a <= b && b - a <= 64 && r.end <= len).then_some(r)
+        })
+        .collect();
+    out.sort_by_key(|r| r.start);
+    out
+}
+
 /// The shadow of a checkpoint whose files `files` lists.
 pub fn checkpoint_shadow(files: &dyn Files) -> Result<Shadow, PlanError> {
     let listed = files.list()?;
@@ -306,9 +328,14 @@ pub fn checkpoint_shadow(files: &dyn Files) -> Result<Shadow, PlanError> {
             )));
         }
         let header = files.read(shard, 8..8 + n)?;
-        let mut first = n.to_le_bytes().to_vec();
-        first.extend(header);
-        write_sparse(dir.path(), shard, len, &[(0, first)])?;
+        let mut parts = vec![(0, n.to_le_bytes().to_vec())];
+        // compressed-tensors' `W.weight_shape`: two integers the loader reads to size a packed
+        // weight (the unpacked columns), metadata stored as a tensor, not a weight.
+        for range in shape_tensors(&header, 8 + n, len) {
+            parts.push((range.start, files.read(shard, range)?));
+        }
+        parts.insert(1, (8, header));
+        write_sparse(dir.path(), shard, len, &parts)?;
         copied.insert(shard.clone(), len);
     }
     let tokenizer_bytes = if has("tokenizer.json") {

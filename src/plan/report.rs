@@ -283,6 +283,7 @@ fn shell(s: &str) -> String {
 fn recommend(
     source: &str,
     kind: &ShadowKind,
+    hub_pack: Option<&str>,
     options: &[PlannedOption],
     context: usize,
 ) -> Recommendation {
@@ -333,9 +334,11 @@ fn recommend(
             }
         }
     };
-    let pack = match kind {
-        ShadowKind::Pack(_) => source.to_string(),
-        ShadowKind::Checkpoint => pack_name(source),
+    // A pack on the Hub runs once downloaded: by its file name.
+    let pack = match (kind, hub_pack) {
+        (ShadowKind::Pack(_), Some(file)) => file.rsplit('/').next().unwrap_or(file).to_string(),
+        (ShadowKind::Pack(_), None) => source.to_string(),
+        (ShadowKind::Checkpoint, _) => pack_name(source),
     };
     let mut run = format!("flashpack chat {}", shell(&pack));
     if !row.row.flag.is_empty() {
@@ -354,6 +357,10 @@ fn recommend(
             format!("{c} && {run}")
         }
     };
+    let why = match hub_pack {
+        Some(file) => format!("{why} (download {file} from {source} first)"),
+        None => why,
+    };
     Recommendation {
         command,
         option: opt.name.clone(),
@@ -369,22 +376,48 @@ fn wired_limit(options: &[PlannedOption], rec: &Recommendation, machine: &Machin
         .iter()
         .find(|o| o.name == rec.option)
         .and_then(|o| o.budgets.iter().find(|b| b.row.label == rec.budget));
-    let wired = row.map_or(machine.usable, |b| b.row.memory_bytes);
+    wired_limit_for(
+        row.map_or(machine.usable, |b| b.row.memory_bytes),
+        machine.ram,
+    )
+}
+
+/// The limit `wired` bytes need on a Mac of `ram` bytes: nothing to set within
+/// [`DEFAULT_WIRED_SHARE`] of RAM, which Metal's default allows on every Mac.
+fn wired_limit_for(wired: u64, ram: u64) -> WiredLimit {
     let megabytes = wired.div_ceil(1 << 20);
+    let within = wired as f64 <= ram as f64 * DEFAULT_WIRED_SHARE;
+    let what = format!(
+        "the run keeps {} wired (dense weights, expert slots, KV cache and activations: \
+         Engine::new asks MLX to wire them, as mlx-lm does)",
+        bytes(wired, Style::RUN)
+    );
+    if within {
+        return WiredLimit {
+            megabytes,
+            command: String::new(),
+            why: format!(
+                "{what}, within Metal's default limit (two thirds to three quarters of RAM): \
+                 nothing to set"
+            ),
+        };
+    }
     WiredLimit {
         megabytes,
         command: format!("sudo sysctl iogpu.wired_limit_mb={megabytes}"),
         why: format!(
-            "the run keeps {} wired (dense weights, expert slots, KV cache and activations: \
-             Engine::new asks MLX to wire them, as mlx-lm does); Metal refuses to wire more than \
-             iogpu.wired_limit_mb, about three quarters of RAM by default, and the run then goes \
-             on unwired, paging under pressure. The setting lasts until reboot; {} stays for \
-             macOS",
-            bytes(wired, Style::RUN),
-            bytes(machine.ram.saturating_sub(wired), Style::RUN)
+            "{what}; Metal refuses to wire more than iogpu.wired_limit_mb, about three quarters \
+             of RAM by default, and the run then goes on unwired, paging under pressure. The \
+             setting lasts until reboot (0 restores the default); {} stays for macOS",
+            bytes(ram.saturating_sub(wired), Style::RUN)
         ),
     }
 }
+
+/// The share of RAM Metal lets a process wire by default on every Mac (its
+/// `recommendedMaxWorkingSetSize` is about two thirds of RAM on small Macs, three quarters on
+/// larger ones).
+pub const DEFAULT_WIRED_SHARE: f64 = 2.0 / 3.0;
 
 /// Everything [`assemble`] puts together.
 pub struct Inputs<'a> {
@@ -404,7 +437,11 @@ pub struct Inputs<'a> {
 
 pub fn assemble(i: Inputs<'_>) -> PlanReport {
     let cfg = i.cfg;
-    let recommendation = recommend(i.source, i.kind, &i.options, i.context);
+    let hub_pack = match i.kind {
+        ShadowKind::Pack(_) if i.commit.is_some() => i.log.per_file().keys().next().cloned(),
+        _ => None,
+    };
+    let recommendation = recommend(i.source, i.kind, hub_pack.as_deref(), &i.options, i.context);
     let wired = i
         .mac
         .then(|| wired_limit(&i.options, &recommendation, &i.machine));
@@ -571,12 +608,37 @@ impl PlanReport {
             "\nrecommended ({}; {}):\n  {}\n",
             rec.option, rec.why, rec.command
         ));
-        if let Some(w) = &self.wired_limit {
-            out.push_str(&format!(
+        match &self.wired_limit {
+            Some(w) if !w.command.is_empty() => out.push_str(&format!(
                 "on a Mac, first:\n  {}\n  ({})\n",
                 w.command, w.why
-            ));
+            )),
+            Some(w) => out.push_str(&format!("on a Mac: {}\n", w.why)),
+            None => {}
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_mac_raises_its_wired_limit_only_past_the_default() {
+        // 56 GB of a 64 GB Mac: past two thirds, so the limit is raised to exactly that.
+        let w = wired_limit_for(56 * GB, 64 * GB);
+        assert_eq!(w.megabytes, (56 * GB).div_ceil(1 << 20));
+        assert_eq!(
+            w.command,
+            format!("sudo sysctl iogpu.wired_limit_mb={}", w.megabytes)
+        );
+        assert!(w.why.contains("stays for macOS"), "{}", w.why);
+        // 20 GB of 64: the default allows it; lowering the limit would only hurt.
+        let w = wired_limit_for(20 * GB, 64 * GB);
+        assert!(w.command.is_empty());
+        assert!(w.why.contains("nothing to set"), "{}", w.why);
     }
 }

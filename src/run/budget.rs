@@ -367,6 +367,21 @@ mod tests {
     }
 
     #[test]
+    fn pools_share_the_expert_budget_by_their_bytes() {
+        // No budget: every stored expert. A budget: each pool its share of the bytes, whole
+        // slots, never more than it stores.
+        let pools = [(100, 1000), (50, 4000)];
+        assert_eq!(pool_slots(None, &pools), [100, 50]);
+        // 300 kB of 300 kB stored: all; of the half, half of each.
+        assert_eq!(pool_slots(Some(300_000), &pools), [100, 50]);
+        assert_eq!(pool_slots(Some(150_000), &pools), [50, 25]);
+        assert_eq!(pool_slots(Some(10_000_000), &pools), [100, 50]);
+        // A share under one slot rounds down to none.
+        assert_eq!(pool_slots(Some(2_000), &pools), [0, 0]);
+        assert_eq!(pool_slots(Some(1), &[]), Vec::<u32>::new());
+    }
+
+    #[test]
     fn an_expert_budget_is_bytes_or_a_share_of_all_experts() {
         let p = plan(None, Some(&budget("2GB")), &needs(&kv)).unwrap();
         assert_eq!(p.experts, Some(2 * GB));
