@@ -197,7 +197,7 @@ fn byte_tokenizer() -> Value {
 /// a byte tokenizer. The config loses its end-of-sequence id, so every answer runs to its
 /// length, and gets a context of at least 512 positions: a byte per token, a chat template's
 /// text alone may pass the 64 that gpt-oss's and DeepSeek-V4.1's goldens have.
-fn golden_pack(arch: Arch, dir: &Path) -> PathBuf {
+pub(crate) fn golden_pack(arch: Arch, dir: &Path) -> PathBuf {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/golden")
         .join(format!("{}-q4", arch.model_type()));

@@ -27,6 +27,7 @@ mod hub;
 mod plan;
 mod serve;
 mod serve_agents;
+mod serve_batch;
 
 // The runtime and quality on the bundled model.
 mod engine;

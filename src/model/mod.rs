@@ -860,7 +860,7 @@ impl Model {
             };
             return self.hidden_hc(tokens, cache, experts, cache_only, entries);
         }
-        let (mut h, len) = match input {
+        let (h, len) = match input {
             Input::Tokens(tokens) => (self.embed(tokens)?, tokens.dim(-1).unwrap_or(0)),
             Input::Hidden(h) => (h.clone(), h.dim(-2).unwrap_or(0)),
         };
@@ -875,22 +875,43 @@ impl Model {
             experts.set_ahead(false);
             return out;
         }
-        for (l, ((layer, kv), mask)) in self
-            .layers
-            .iter()
-            .zip(cache.layers.iter_mut())
-            .zip(&masks)
-            .enumerate()
-        {
+        let h = self.run_layers(
+            h,
+            &mut |l, layer, h, blocks| {
+                layer.attend(h, masks[l].as_mask(), &mut cache.layers[l], blocks)
+            },
+            experts,
+            cache_only,
+            entries,
+            blocks.as_mut(),
+        )?;
+        self.output_of(h, blocks.as_ref())
+    }
+
+    /// Each layer of this model on `h`: `attend(l, layer, h, blocks)` runs layer `l`'s
+    /// attention step against the caller's cache(s) ([`Block::attend`] on one cache, or one
+    /// per row in [`Model::forward_rows`]), then the feed-forward through `experts` (with the
+    /// next sparse layer's guess, when the store wants one).
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(
+        &self,
+        mut h: Array,
+        attend: &mut dyn FnMut(usize, &Block, &Array, Option<&mut ResidualBlocks>) -> Result<Array>,
+        experts: &mut dyn ExpertStore,
+        cache_only: bool,
+        entries: usize,
+        mut blocks: Option<&mut ResidualBlocks>,
+    ) -> Result<Array> {
+        for (l, layer) in self.layers.iter().enumerate() {
             // r = self.self_attn(self.input_layernorm(x), mask, cache); h = x + r
-            h = layer.attend(&h, mask.as_mask(), kv, blocks.as_mut())?;
+            h = attend(l, layer, &h, blocks.as_deref_mut())?;
             // The model's last layer, which only this model's last can be when it ends it.
             let last = l + 1 == self.layers.len() && self.ends();
             if cache_only && last {
                 break;
             }
             // r = self.mlp(self.post_attention_layernorm(h)); out = h + r
-            let x = layer.ffn_input(&h, blocks.as_ref())?;
+            let x = layer.ffn_input(&h, blocks.as_deref())?;
             if layer.moe().is_some() && experts.wants_prediction() {
                 if let Some(next) = self.next_sparse(l) {
                     // Nothing to prefetch for a block that will be skipped.
@@ -905,7 +926,91 @@ impl Model {
                 mlx::async_eval(&[&h])?;
             }
         }
-        self.output_of(h, blocks.as_ref())
+        Ok(h)
+    }
+
+    /// Whether [`Model::forward_rows`] can run several sequences of this model at once: a
+    /// whole model (not a pipeline stage) whose layers pass one hidden state (not
+    /// DeepSeek-V4.1's hyper-connections or Kimi-K3's attention residuals, whose per-call
+    /// state is not split by row).
+    pub fn batches_rows(&self) -> bool {
+        self.first == 0
+            && self.ends()
+            && self.downstream.is_none()
+            && self.cfg.hyper_connections.is_none()
+            && self.output_res.is_none()
+    }
+
+    /// One decode step of several sequences at once: `tokens` `[B, 1]`, row `i` placed after
+    /// what `caches[i]` holds (each cache grows by one position). Each row's attention runs on
+    /// its own cache, at its own position; the rest of each layer (the feed-forward, the
+    /// routed experts, read once for every row routed to them) runs on the `[B, 1, H]` batch.
+    /// Logits `[B, 1, vocab]`; row `i` is what [`Model::forward_last`] gives for that sequence
+    /// alone (one row is exactly that call). Refused where [`Model::batches_rows`] says no.
+    pub fn forward_rows(
+        &self,
+        tokens: &Array,
+        caches: &mut [&mut KvCache],
+        experts: &mut dyn ExpertStore,
+    ) -> Result<Array> {
+        let rows = caches.len();
+        if tokens.shape() != [rows, 1] {
+            return Err(ComputeError::Unsupported {
+                what: format!(
+                    "a batched decode step of tokens {:?} for {rows} caches (one token per row)",
+                    tokens.shape()
+                ),
+            });
+        }
+        if rows == 1 {
+            return self.forward_last(tokens, caches[0], experts);
+        }
+        if !self.batches_rows() {
+            return Err(ComputeError::Unsupported {
+                what: format!("several sequences at once on {}", self.cfg.arch),
+            });
+        }
+        for cache in caches.iter_mut() {
+            if cache.layers.is_empty() {
+                **cache = self.new_cache();
+            } else if cache.layers.len() != self.layers.len() {
+                return Err(ComputeError::CacheMismatch {
+                    layers: cache.layers.len(),
+                    model: self.layers.len(),
+                });
+            }
+        }
+        let entries = rows * self.cfg.num_experts_per_tok;
+        if let Some(first) = self.layers.iter().find_map(Block::moe) {
+            experts.begin_pass(first.layer, entries)?;
+        }
+        let h = self.embed(tokens)?;
+        let masks = caches
+            .iter()
+            .map(|c| c.masks(1))
+            .collect::<Result<Vec<_>>>()?;
+        let hidden = h.dim(-1).unwrap_or(0) as i32;
+        let h = self.run_layers(
+            h,
+            &mut |l, layer, h, _| {
+                let mut out = Vec::with_capacity(rows);
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    let row = h.slice(&[i as i32, 0, 0], &[i as i32 + 1, 1, hidden])?;
+                    out.push(layer.attend(
+                        &row,
+                        masks[i][l].as_mask(),
+                        &mut cache.layers[l],
+                        None,
+                    )?);
+                }
+                Ok(mlx::concatenate(&out.iter().collect::<Vec<_>>(), 0)?)
+            },
+            experts,
+            false,
+            entries,
+            None,
+        )?;
+        self.logits_of(&h, Want::Last)
     }
 
     /// The layers of [`Model::hidden`] for a store that runs ahead (`ExpertStore::runs_ahead`):

@@ -108,6 +108,23 @@ impl Prefix {
         &self.ids
     }
 
+    /// The KV cache, for a decode step that feeds it one token ([`Prefix::push_fed`] records
+    /// the token).
+    pub(crate) fn kv_mut(&mut self) -> &mut KvCache {
+        &mut self.kv
+    }
+
+    /// Records that token `id` was fed to the cache after what it held.
+    pub(crate) fn push_fed(&mut self, id: u32) {
+        self.ids.push(id);
+    }
+
+    /// Whether the cache holds exactly the recorded ids (a step that failed may have left it
+    /// otherwise, and then nothing in it can be reused).
+    pub(crate) fn consistent(&self) -> bool {
+        self.kv.offset() == self.ids.len()
+    }
+
     /// Forget everything (the buffers go too).
     pub fn clear(&mut self) {
         *self = Prefix::default();
@@ -327,17 +344,8 @@ pub fn generate_with_prefix(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-fn generate_inner(
-    model: &Model,
-    experts: &mut dyn ExpertStore,
-    prefix: &mut Prefix,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-    logprobs: Option<usize>,
-    progress: &dyn Progress,
-    mut on_token: impl FnMut(&Token) -> bool,
-) -> Result<Generation, GenerateError> {
+/// The model's context, once `prompt` is known to fit in it with room for a token.
+pub(crate) fn check_prompt(model: &Model, prompt: &[u32]) -> Result<usize, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
@@ -348,9 +356,22 @@ fn generate_inner(
             context,
         });
     }
-    let mut sampler = Sampler::new(opts.sampler)?;
+    Ok(context)
+}
+
+/// Runs `prompt` after the longest prefix it shares with `prefix` (which then holds the whole
+/// prompt, its checkpoint at the prompt's end): every position but the last only fills the KV
+/// cache, in chunks of `opts.prefill_chunk`, and the last gives the logits `[1, 1, vocab]` of
+/// the first token. Also how many positions the prefix gave. The prompt is not checked here.
+pub(crate) fn prefill_prompt(
+    model: &Model,
+    experts: &mut dyn ExpertStore,
+    prefix: &mut Prefix,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    progress: &dyn Progress,
+) -> Result<(Array, usize), GenerateError> {
     let cached = prefix.keep_shared(prompt);
-    let started = Instant::now();
     // As mlx-lm: every prompt position but the last only fills the KV cache; the last one
     // runs alone and gives the first token's logits.
     let (body, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
@@ -367,6 +388,24 @@ fn generate_inner(
     prefix.checkpoint = prefix.kv.checkpoint();
     progress.advance(1);
     progress.finish_stage();
+    Ok((logits, cached))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_inner(
+    model: &Model,
+    experts: &mut dyn ExpertStore,
+    prefix: &mut Prefix,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    logprobs: Option<usize>,
+    progress: &dyn Progress,
+    mut on_token: impl FnMut(&Token) -> bool,
+) -> Result<Generation, GenerateError> {
+    let context = check_prompt(model, prompt)?;
+    let mut sampler = Sampler::new(opts.sampler)?;
+    let started = Instant::now();
+    let (logits, cached) = prefill_prompt(model, experts, prefix, prompt, opts, progress)?;
     if opts.sampler.temperature == 0.0 && !opts.host_sampling && logprobs.is_none() {
         return greedy_pipelined(
             model, experts, prefix, prompt, cached, opts, logits, started, on_token,

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod experts;
 pub mod generate;
 pub mod harmony;
+pub mod lanes;
 pub mod open;
 pub mod part_hash;
 pub mod pipeline;

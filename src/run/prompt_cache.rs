@@ -75,7 +75,7 @@ impl PromptCache {
 
     /// Keeps `p` as the most recently used (unless it is empty, or alone over the limit), then
     /// drops the least recently used until the rest fits.
-    fn keep(&mut self, p: Prefix) {
+    pub fn keep(&mut self, p: Prefix) {
         let bytes = p.bytes();
         if p.is_empty() || bytes > self.limit {
             return;

@@ -10,14 +10,14 @@
 /// last piece, holding back a trailing incomplete UTF-8 sequence (which decodes to U+FFFD) until
 /// its next byte arrives; [`TextStream::finish`] gives what is left, a final incomplete sequence
 /// as U+FFFD. All pieces together equal `tokenizer.decode(ids)`, as mlx-lm prints.
-pub struct TextStream<'a> {
-    tokenizer: &'a tokenizers::Tokenizer,
+pub struct TextStream {
+    tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
     ids: Vec<u32>,
     printed: usize,
 }
 
-impl<'a> TextStream<'a> {
-    pub fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
+impl TextStream {
+    pub fn new(tokenizer: std::sync::Arc<tokenizers::Tokenizer>) -> Self {
         TextStream {
             tokenizer,
             ids: Vec::new(),
@@ -187,6 +187,7 @@ mod tests {
         )
         .unwrap();
         let ids = tok.encode("The 中", false).unwrap().get_ids().to_vec();
+        let tok = std::sync::Arc::new(tok);
         let bytes: Vec<Vec<u8>> = ids.iter().map(|&i| token_bytes(&tok, i)).collect();
         assert_eq!(bytes[0], b"The");
         assert_eq!(bytes[1], b" ");
@@ -216,8 +217,9 @@ mod tests {
         )
         .unwrap();
         let ids = tok.encode("The 中", false).unwrap().get_ids().to_vec();
+        let tok = std::sync::Arc::new(tok);
         assert_eq!(ids.len(), 5, "{ids:?}");
-        let mut s = TextStream::new(&tok);
+        let mut s = TextStream::new(tok.clone());
         let pieces: Vec<Option<String>> = ids.iter().map(|&i| s.push(i)).collect();
         assert_eq!(pieces[0].as_deref(), Some("The"));
         assert_eq!(pieces[1].as_deref(), Some(" "));
@@ -225,7 +227,7 @@ mod tests {
         assert_eq!(pieces[4].as_deref(), Some("中"));
         assert_eq!(s.finish(), None);
         // Stopped after the first byte of the character: the tail is flushed as U+FFFD.
-        let mut s = TextStream::new(&tok);
+        let mut s = TextStream::new(tok.clone());
         let mut out = String::new();
         for &i in &ids[..3] {
             out.extend(s.push(i));

@@ -89,6 +89,9 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Bytes of conversations kept for the Responses API's `previous_response_id`.
     pub response_store_bytes: u64,
+    /// Requests decoded at once (continuous batching; 1: one at a time). Set
+    /// `engine.sequences` to the same under a memory budget.
+    pub decode_concurrency: usize,
 }
 
 impl ServeOptions {
@@ -113,6 +116,7 @@ impl ServeOptions {
             max_tokens: 32768,
             idle_timeout: Duration::from_secs(30),
             response_store_bytes: 64 << 20,
+            decode_concurrency: 1,
         }
     }
 }
@@ -148,6 +152,7 @@ pub fn serve(opts: ServeOptions, on_listen: impl FnOnce(SocketAddr)) -> Result<(
         pack: opts.pack.clone(),
         engine: opts.engine.clone(),
         max_prompt_tokens: opts.max_prompt_tokens,
+        decode_concurrency: opts.decode_concurrency,
     };
     let worker_counters = counters.clone();
     let worker = std::thread::Builder::new()
@@ -557,6 +562,8 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
         "model": shared.opts.model,
         "queued": c.queued.load(Ordering::Relaxed),
         "busy": c.busy.load(Ordering::Relaxed),
+        "running": c.running.load(Ordering::Relaxed),
+        "decode_concurrency": shared.opts.decode_concurrency,
         "completed": c.completed.load(Ordering::Relaxed),
         "cancelled": c.cancelled.load(Ordering::Relaxed),
         "failed": c.failed.load(Ordering::Relaxed),

@@ -1,12 +1,14 @@
-//! The engine's thread: it owns the pack and the [`Engine`], and runs queued jobs one at a
-//! time, in arrival order.
+//! The engine's thread: it owns the pack and the [`Engine`], and runs queued jobs in arrival
+//! order: one at a time, or up to `--decode-concurrency` at once (continuous batching: a job
+//! is prefilled alone, then joins the running ones between decode steps, and leaves when it
+//! ends).
 //!
 //! In: [`Job`]s from a bounded queue (the HTTP side answers 429 when it is full). Out: per job,
 //! [`Event`]s on the job's own channel: `Started`, `Piece`s, then `Done` or `Error`.
-//! Invariant: one job runs at a time, so two answers never interleave and the KV cache always
-//! holds one conversation; a job whose client has gone (its channel closed) stops at its next
-//! token, or during the prefill at the next layer it reaches, and one that went while queued
-//! never starts. Why no batching:
+//! Invariant: each job's events come in order on its own channel, and its tokens are those it
+//! gets alone (each sequence attends over its own KV cache); a job whose client has gone (its
+//! channel closed) stops at its next token, or during the prefill at the next layer it
+//! reaches, and one that went while queued never starts. Why and when to batch:
 //! docs/decisions/0009-serve-queue-no-batching.md.
 
 use std::path::PathBuf;
@@ -16,7 +18,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::progress::Warnings;
-use crate::run::engine::{Completion, Engine, EngineError, EngineOptions, Piece, Request};
+use crate::run::engine::{
+    Completion, Engine, EngineError, EngineLane, EngineOptions, Piece, Request,
+};
 use crate::run::pressure::{PressureStatus, PressureWatch};
 
 use super::openai::{ApiError, Prompt};
@@ -66,6 +70,8 @@ pub struct Ready {
 pub struct Counters {
     pub queued: AtomicU64,
     pub busy: AtomicBool,
+    /// Requests being decoded now (at most `--decode-concurrency`).
+    pub running: AtomicU64,
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
     /// Requests that failed in the server (5xx).
@@ -90,6 +96,8 @@ pub struct WorkerOptions {
     pub engine: EngineOptions,
     /// Longest prompt in tokens (within the model's context).
     pub max_prompt_tokens: usize,
+    /// Jobs decoded at once (1: one at a time).
+    pub decode_concurrency: usize,
 }
 
 /// Runs on its own thread until the queue's senders are gone: opens the pack, reports through
@@ -149,6 +157,16 @@ pub fn run(
     }
     let max_sequence = engine.max_sequence();
     let max_prompt = opts.max_prompt_tokens.min(max_sequence.saturating_sub(1));
+    let concurrency = if opts.decode_concurrency > 1 && !engine.batches() {
+        eprintln!(
+            "note: {} decodes one request at a time (--decode-concurrency {} needs a model whose layers pass one hidden state)",
+            engine.config().arch,
+            opts.decode_concurrency
+        );
+        1
+    } else {
+        opts.decode_concurrency.max(1)
+    };
     // Waiting for a job, a watching engine looks at the system's memory every IDLE_POLL: a
     // server left idle gives memory back while other programs need it.
     let idle = tokio::runtime::Builder::new_current_thread()
@@ -156,31 +174,57 @@ pub fn run(
         .build()
         .ok()
         .filter(|_| engine.pressure_status().is_some());
-    loop {
-        let job = match &idle {
+    let next_job = |engine: &mut Engine<'_>, jobs: &mut mpsc::Receiver<Job>| loop {
+        match &idle {
             Some(rt) => {
                 match rt.block_on(async { tokio::time::timeout(IDLE_POLL, jobs.recv()).await }) {
-                    Ok(Some(job)) => job,
-                    Ok(None) => break,
+                    Ok(job) => return job,
                     Err(_) => {
                         if let Err(e) = engine.relieve_pressure(&Warnings) {
                             eprintln!("warning: memory pressure: {}", chain(&e));
                         }
-                        continue;
                     }
                 }
             }
-            None => match jobs.blocking_recv() {
-                Some(job) => job,
-                None => break,
-            },
-        };
-        counters.queued.fetch_sub(1, Ordering::Relaxed);
-        if job.events.is_closed() {
-            counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            None => return jobs.blocking_recv(),
+        }
+    };
+    let serving = Serving {
+        counters: &counters,
+        pack: &opts.pack,
+        max_prompt,
+    };
+    if concurrency > 1 {
+        // Jobs that came while others run join them between steps.
+        let mut running: Vec<Running> = Vec::new();
+        let mut open = true;
+        while open || !running.is_empty() {
+            while open && running.len() < concurrency {
+                let job = if running.is_empty() {
+                    next_job(&mut engine, &mut jobs)
+                } else {
+                    match jobs.try_recv() {
+                        Ok(job) => Some(job),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    }
+                };
+                let Some(job) = job else {
+                    open = false;
+                    break;
+                };
+                if let Some(r) = serving.admit(&mut engine, job) {
+                    running.push(r);
+                }
+            }
+            serving.step(&mut engine, &mut running);
+        }
+        return;
+    }
+    while let Some(job) = next_job(&mut engine, &mut jobs) {
+        if !serving.take(&job) {
             continue;
         }
-        counters.busy.store(true, Ordering::Relaxed);
         // A panic is a bug, but it must not take the server down: the job fails, the KV cache
         // is dropped (it may hold half a step), and the next job runs.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -188,10 +232,49 @@ pub fn run(
         }));
         let outcome = outcome.unwrap_or_else(|_| {
             engine.reset();
-            Err(ApiError::server(
-                "the engine failed on this request (a bug: please report it with the request)",
-            ))
+            Err(engine_bug())
         });
+        serving.account(&job, outcome);
+        counters.running.fetch_sub(1, Ordering::Relaxed);
+        counters.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A job being decoded beside others.
+struct Running {
+    job: Job,
+    lane: EngineLane,
+}
+
+/// What the loops share: the counters, and how an outcome is told.
+struct Serving<'a> {
+    counters: &'a Counters,
+    pack: &'a std::path::Path,
+    max_prompt: usize,
+}
+
+/// What a panic in the engine tells the client.
+fn engine_bug() -> ApiError {
+    ApiError::server("the engine failed on this request (a bug: please report it with the request)")
+}
+
+impl Serving<'_> {
+    /// Takes `job` off the queue; `false` when its client went away while it waited.
+    fn take(&self, job: &Job) -> bool {
+        let c = self.counters;
+        c.queued.fetch_sub(1, Ordering::Relaxed);
+        if job.events.is_closed() {
+            c.cancelled.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        c.running.fetch_add(1, Ordering::Relaxed);
+        c.busy.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Counts `outcome` and tells the client (a cancelled job's client is gone).
+    fn account(&self, job: &Job, outcome: Result<Completion, ApiError>) {
+        let counters = self.counters;
         match outcome {
             Ok(_) if job.count_only => {
                 counters.completed.fetch_add(1, Ordering::Relaxed);
@@ -222,18 +305,133 @@ pub fn run(
                     &counters.failed
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                let _ = job.events.send(Event::Error(without_path(e, &opts.pack)));
+                let _ = job.events.send(Event::Error(without_path(e, self.pack)));
             }
         }
-        counters.busy.store(false, Ordering::Relaxed);
+    }
+
+    /// Ends a job that is not running: counts and tells its outcome.
+    fn end(&self, job: &Job, outcome: Result<Completion, ApiError>) {
+        self.account(job, outcome);
+        self.counters.running.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Takes `job`, checks it and prefills it into a lane; `None` when it is already over
+    /// (refused, counted only, cancelled, or failed: told to its client).
+    fn admit(&self, engine: &mut Engine<'_>, job: Job) -> Option<Running> {
+        if !self.take(&job) {
+            return None;
+        }
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (ids, request) = match prepare(engine, &job, self.max_prompt)? {
+                Prepared::Ready(ids, request) => (ids, request),
+                Prepared::Over(c) => return Ok(Err(c)),
+            };
+            let events = &job.events;
+            match engine.start_lane(&ids, &request, &|| events.is_closed()) {
+                Ok(Some(lane)) => Ok(Ok(lane)),
+                Ok(None) => Ok(Err(cancelled(ids.len()))),
+                Err(e) => Err(ApiError::server(chain(&e))),
+            }
+        }));
+        match started {
+            Ok(Ok(Ok(lane))) => Some(Running { job, lane }),
+            Ok(Ok(Err(c))) => {
+                self.end(&job, Ok(c));
+                None
+            }
+            Ok(Err(e)) => {
+                self.end(&job, Err(e));
+                None
+            }
+            Err(_) => {
+                // The lane's cache went with the panic; the other lanes hold their own.
+                engine.reset();
+                self.end(&job, Err(engine_bug()));
+                None
+            }
+        }
+    }
+
+    /// One decode step of the running jobs, then each one that ended is told and leaves.
+    /// A failed step fails every running job (their caches may hold half a step).
+    fn step(&self, engine: &mut Engine<'_>, running: &mut Vec<Running>) {
+        if running.is_empty() {
+            self.counters.busy.store(false, Ordering::Relaxed);
+            return;
+        }
+        // A client gone while its text was held back (a possible stop string) is found here.
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].job.events.is_closed() {
+                let r = running.remove(i);
+                let outcome = engine
+                    .end_lane(r.lane, &mut |_| false)
+                    .map(|mut c| {
+                        c.finish = crate::run::engine::Finish::Cancelled;
+                        c
+                    })
+                    .map_err(|e| ApiError::server(chain(&e)));
+                self.end(&r.job, outcome);
+            } else {
+                i += 1;
+            }
+        }
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (mut lanes, events): (Vec<&mut EngineLane>, Vec<&mpsc::UnboundedSender<Event>>) =
+                running
+                    .iter_mut()
+                    .map(|r| (&mut r.lane, &r.job.events))
+                    .unzip();
+            engine.step_lanes(&mut lanes, &mut |i, p| {
+                events[i].send(Event::Piece(p.clone())).is_ok()
+            })
+        }));
+        let failed = match stepped {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(ApiError::server(chain(&e))),
+            Err(_) => {
+                engine.reset();
+                Some(engine_bug())
+            }
+        };
+        if let Some(e) = failed {
+            for r in running.drain(..) {
+                self.end(&r.job, Err(e.clone()));
+            }
+            self.counters.busy.store(false, Ordering::Relaxed);
+            return;
+        }
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].lane.done() {
+                let r = running.remove(i);
+                let events = &r.job.events;
+                let outcome = engine
+                    .end_lane(r.lane, &mut |p| {
+                        events.send(Event::Piece(p.clone())).is_ok()
+                    })
+                    .map_err(|e| ApiError::server(chain(&e)));
+                self.end(&r.job, outcome);
+            } else {
+                i += 1;
+            }
+        }
+        if running.is_empty() {
+            self.counters.busy.store(false, Ordering::Relaxed);
+        }
     }
 }
 
-fn serve_job(
-    engine: &mut Engine<'_>,
-    job: &Job,
-    max_prompt: usize,
-) -> Result<Completion, ApiError> {
+/// A job checked and its prompt tokenized: ready to run, or already over.
+enum Prepared {
+    Ready(Vec<u32>, Request),
+    Over(Completion),
+}
+
+/// Tokenizes and checks `job`'s prompt within `max_prompt` tokens, and tells the client it
+/// started (how much of it the prompt cache gives).
+fn prepare(engine: &mut Engine<'_>, job: &Job, max_prompt: usize) -> Result<Prepared, ApiError> {
     let param = if job.chat { "messages" } else { "prompt" };
     let too_long = |n: String| {
         ApiError::invalid(
@@ -290,8 +488,20 @@ fn serve_job(
         .is_err()
         || job.count_only
     {
-        return Ok(cancelled(ids.len()));
+        return Ok(Prepared::Over(cancelled(ids.len())));
     }
+    Ok(Prepared::Ready(ids, request))
+}
+
+fn serve_job(
+    engine: &mut Engine<'_>,
+    job: &Job,
+    max_prompt: usize,
+) -> Result<Completion, ApiError> {
+    let (ids, request) = match prepare(engine, job, max_prompt)? {
+        Prepared::Ready(ids, request) => (ids, request),
+        Prepared::Over(c) => return Ok(c),
+    };
     let events = &job.events;
     // A client that goes away during the prefill closes its channel: the prefill stops at the
     // next layer it reaches, not at the first token.

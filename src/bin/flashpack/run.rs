@@ -283,6 +283,7 @@ pub fn engine_options(args: &RunArgs, positions: usize) -> EngineOptions {
         // One prompt: no other conversation to keep.
         prompt_cache_bytes: 0,
         kv_bits: args.kv_bits,
+        sequences: 1,
     }
 }
 

@@ -22,12 +22,14 @@
 //! expert cache under memory pressure ([`Engine::watch_pressure`], `run::pressure`).
 
 mod complete;
+mod lanes;
 mod pressure;
 mod report;
 mod request;
 mod slots;
 mod stop;
 
+pub use lanes::EngineLane;
 pub use report::{Derived, RunReport};
 pub use request::{
     Completion, CpuSeconds, EngineGeneration, EngineOptions, EngineSizes, Finish, PhaseSnapshot,
@@ -142,7 +144,7 @@ pub struct Stage {
 pub struct Engine<'p> {
     cfg: ModelConfig,
     model: Model,
-    tokenizer: tokenizers::Tokenizer,
+    tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
     experts: StreamingExperts<'p>,
     /// Every expert resident: the device-routed store (no host round trip per layer).
     resident: Option<ResidentExperts>,
@@ -230,8 +232,18 @@ impl<'p> Engine<'p> {
         // `flashpack plan` predicts with).
         let positions = budget::planned_positions(cfg, opts.positions);
         let per_token = budget::activation_bytes_per_token(cfg);
+        // Each sequence decoded beside the first has a KV cache of its own (one position a
+        // step: no chunk's working space), set aside as the prompt cache is.
+        let lanes = (opts.sequences.max(1) as u64 - 1)
+            * (cfg.kv_bytes(positions, 1, opts.kv_bits) + cfg.recurrent_state_bytes());
         let kv = |chunk: u64| {
-            budget::kv_bytes_for_chunk(cfg, positions, opts.kv_bits, opts.prompt_cache_bytes, chunk)
+            budget::kv_bytes_for_chunk(
+                cfg,
+                positions,
+                opts.kv_bits,
+                opts.prompt_cache_bytes + lanes,
+                chunk,
+            )
         };
         let all_experts = ExpertCache::resident_bytes_of(pack, expert_layers.clone());
         let plan = budget::plan(
@@ -344,7 +356,7 @@ impl<'p> Engine<'p> {
         Ok(Engine {
             cfg: cfg.clone(),
             model,
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             experts,
             resident,
             prefix: Prefix::default(),

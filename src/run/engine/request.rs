@@ -31,6 +31,9 @@ pub struct EngineOptions {
     pub prompt_cache_bytes: u64,
     /// `--kv-bits`: the plain KV layers' keys and values as 8- or 4-bit codes (`None`: bf16).
     pub kv_bits: Option<KvBits>,
+    /// Sequences decoded at once (`serve --decode-concurrency`): under `--mem-budget` each one
+    /// past the first sets aside a KV cache of `positions` too.
+    pub sequences: usize,
 }
 
 impl Default for EngineOptions {
@@ -49,6 +52,7 @@ impl Default for EngineOptions {
             positions: usize::MAX,
             prompt_cache_bytes: 0,
             kv_bits: None,
+            sequences: 1,
         }
     }
 }
