@@ -136,7 +136,7 @@ case "${1:-}" in
   plan)
     # Issue 31: `flashpack plan`'s predicted decode tok/s against `flashpack run`'s measured ones at
     # 100/50/25/12% of the experts (scripts/bench_plan.py), on the 8-layer uniform model of the
-    # Qwen3-30B-A3B layer shape, convert's default pack (the trace model); installs first on a
+    # Qwen3-30B-A3B layer shape, converted with --profile; installs first on a
     # machine not yet set up. Options go to bench_plan.py (--reps, --tokens, --budgets). The table
     # comes back as $OUT/plan.md, every plan and run as $OUT/plan-bench.json.
     shift
@@ -149,9 +149,13 @@ case "${1:-}" in
         --vocab 8192 --layers 8 >/dev/null
     fi
     [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
-    flashpack run "$w/trace.flashpack" --prompt warm --max-tokens 4 >/dev/null 2>&1 || true
+    # With a routing profile (the built-in calibration text), plan's hit rates come from the routing
+    # the model has instead of the uniform floor (the ninth session's run without one: the floor held,
+    # 2.3-5.2x below the measured speed under a budget).
+    [ -f "$w/plan.flashpack" ] || flashpack convert "$w/uniform" -o "$w/plan.flashpack" --profile --quiet
+    flashpack run "$w/plan.flashpack" --prompt warm --max-tokens 4 >/dev/null 2>&1 || true
     rc=0
-    PYTHONUNBUFFERED=1 python3 scripts/bench_plan.py --pack "$w/trace.flashpack" \
+    PYTHONUNBUFFERED=1 python3 scripts/bench_plan.py --pack "$w/plan.flashpack" \
       --flashpack "$(command -v flashpack)" --measure --out "${OUT:-.}" "$@" \
       | tee "${OUT:-.}/plan.md" || rc=$?
     kcache_save

@@ -38,13 +38,18 @@ fn batched(engine: &mut Engine<'_>, jobs: &[(Vec<u32>, Request, usize)]) -> Vec<
     while out.iter().any(Option::is_none) {
         for (j, (prompt, req, at)) in jobs.iter().enumerate() {
             if *at == step {
-                let lane = engine.start_lane(prompt, req, &|| false).unwrap().unwrap();
+                let lane = engine
+                    .start_lane(prompt, req, &Silent, &|| false)
+                    .unwrap()
+                    .unwrap();
                 running.push((j, lane));
             }
         }
         if !running.is_empty() {
             let mut lanes: Vec<&mut EngineLane> = running.iter_mut().map(|(_, l)| l).collect();
-            engine.step_lanes(&mut lanes, &mut |_, _| true).unwrap();
+            engine
+                .step_lanes(&mut lanes, &Silent, &mut |_, _| true)
+                .unwrap();
         }
         let mut i = 0;
         while i < running.len() {

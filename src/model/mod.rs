@@ -896,7 +896,7 @@ impl Model {
     fn run_layers(
         &self,
         mut h: Array,
-        attend: &mut dyn FnMut(usize, &Block, &Array, Option<&mut ResidualBlocks>) -> Result<Array>,
+        attend: &mut AttendStep<'_>,
         experts: &mut dyn ExpertStore,
         cache_only: bool,
         entries: usize,
@@ -1311,6 +1311,10 @@ impl Model {
         self.forward_last(&self.ids_array(ids)?, cache, experts)
     }
 }
+
+/// Layer `l`'s attention step on `h` against the caller's cache(s) ([`Model::run_layers`]).
+type AttendStep<'a> =
+    dyn FnMut(usize, &Block, &Array, Option<&mut ResidualBlocks>) -> Result<Array> + 'a;
 
 /// `h[..., -1:, :]`: the last position of hidden states `[B, L, H]`.
 fn last_position(h: &Array) -> Result<Array> {

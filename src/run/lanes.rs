@@ -148,6 +148,10 @@ impl Lane {
     }
 }
 
+/// A fed lane's next pick: `[1, 1]` ids (lazy, on the device) and its logits row's sum, or
+/// (sampling on the host) its logits row and then that row on the host.
+type Pick = (Array, Option<Array>, Option<Vec<f32>>);
+
 /// One step of every lane in `lanes` not yet done: feeds each its next token where a token
 /// after it is wanted (one `Model::forward_rows` for all of them) and picks the token after it,
 /// then reports each lane's next token to `on_token(lane index, token)`, which returns `false`
@@ -165,8 +169,7 @@ pub fn step(
         .collect();
     // The step after: each fed lane's next pick ([1, 1] ids, lazy on the device), its logits
     // row's sum there, and the host's logits row for a lane that samples.
-    let mut picks: Vec<Option<(Array, Option<Array>, Option<Vec<f32>>)>> =
-        (0..lanes.len()).map(|_| None).collect();
+    let mut picks: Vec<Option<Pick>> = (0..lanes.len()).map(|_| None).collect();
     if !fed.is_empty() {
         let tokens: Vec<&Array> = fed.iter().map(|&i| &lanes[i].next.0).collect();
         let tokens = mlx::concatenate(&tokens, 0)?;

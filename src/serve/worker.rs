@@ -325,10 +325,10 @@ impl Serving<'_> {
         let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let (ids, request) = match prepare(engine, &job, self.max_prompt)? {
                 Prepared::Ready(ids, request) => (ids, request),
-                Prepared::Over(c) => return Ok(Err(c)),
+                Prepared::Over(c) => return Ok(Err(*c)),
             };
             let events = &job.events;
-            match engine.start_lane(&ids, &request, &|| events.is_closed()) {
+            match engine.start_lane(&ids, &request, &Warnings, &|| events.is_closed()) {
                 Ok(Some(lane)) => Ok(Ok(lane)),
                 Ok(None) => Ok(Err(cancelled(ids.len()))),
                 Err(e) => Err(ApiError::server(chain(&e))),
@@ -383,7 +383,7 @@ impl Serving<'_> {
                     .iter_mut()
                     .map(|r| (&mut r.lane, &r.job.events))
                     .unzip();
-            engine.step_lanes(&mut lanes, &mut |i, p| {
+            engine.step_lanes(&mut lanes, &Warnings, &mut |i, p| {
                 events[i].send(Event::Piece(p.clone())).is_ok()
             })
         }));
@@ -426,7 +426,7 @@ impl Serving<'_> {
 /// A job checked and its prompt tokenized: ready to run, or already over.
 enum Prepared {
     Ready(Vec<u32>, Request),
-    Over(Completion),
+    Over(Box<Completion>),
 }
 
 /// Tokenizes and checks `job`'s prompt within `max_prompt` tokens, and tells the client it
@@ -488,7 +488,7 @@ fn prepare(engine: &mut Engine<'_>, job: &Job, max_prompt: usize) -> Result<Prep
         .is_err()
         || job.count_only
     {
-        return Ok(Prepared::Over(cancelled(ids.len())));
+        return Ok(Prepared::Over(Box::new(cancelled(ids.len()))));
     }
     Ok(Prepared::Ready(ids, request))
 }
@@ -500,7 +500,7 @@ fn serve_job(
 ) -> Result<Completion, ApiError> {
     let (ids, request) = match prepare(engine, job, max_prompt)? {
         Prepared::Ready(ids, request) => (ids, request),
-        Prepared::Over(c) => return Ok(c),
+        Prepared::Over(c) => return Ok(*c),
     };
     let events = &job.events;
     // A client that goes away during the prefill closes its channel: the prefill stops at the

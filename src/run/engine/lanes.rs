@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use super::complete::TextPipe;
 use super::{Completion, CpuSeconds, Engine, EngineError, Piece, Request, Watch};
-use crate::progress::Silent;
+use crate::progress::{Progress, Silent};
 use crate::run::generate::{GenerateOptions, Prefix};
 use crate::run::lanes::{self, Lane};
 
@@ -49,11 +49,13 @@ impl Engine<'_> {
 
     /// Prefills `prompt` from the best prefix the prompt cache holds (as
     /// [`Engine::generate_until`] does) into a new lane; `None` when `cancelled` said so during
-    /// the prefill. Its first token comes with the next [`Engine::step_lanes`].
+    /// the prefill. Its first token comes with the next [`Engine::step_lanes`]. Warnings (the
+    /// memory-pressure floor) go to `progress`.
     pub fn start_lane(
         &mut self,
         prompt: &[u32],
         req: &Request,
+        progress: &dyn Progress,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Option<EngineLane>, EngineError> {
         let opts = self.options(req);
@@ -71,7 +73,7 @@ impl Engine<'_> {
             engine_streaming: &mut self.streaming,
             pressure: self.pressure.as_mut(),
             layout: &self.layout,
-            progress: &Silent,
+            progress,
             first_token: Rc::new(Cell::new(false)),
             cancelled,
             stopped: false,
@@ -97,10 +99,12 @@ impl Engine<'_> {
     }
 
     /// One decode step of every lane not yet done (`run::lanes::step`): each one's new text
-    /// goes to `on_piece(lane index, piece)`, which returns `false` to end that lane.
+    /// goes to `on_piece(lane index, piece)`, which returns `false` to end that lane. Warnings
+    /// go to `progress`.
     pub fn step_lanes(
         &mut self,
         lanes: &mut [&mut EngineLane],
+        progress: &dyn Progress,
         on_piece: &mut dyn FnMut(usize, &Piece) -> bool,
     ) -> Result<(), EngineError> {
         let mut gate = Watch {
@@ -109,7 +113,7 @@ impl Engine<'_> {
             engine_streaming: &mut self.streaming,
             pressure: self.pressure.as_mut(),
             layout: &self.layout,
-            progress: &Silent,
+            progress,
             first_token: Rc::new(Cell::new(true)),
             cancelled: &|| false,
             stopped: false,
