@@ -462,3 +462,84 @@ fn mismatched_packs_are_refused() {
         assert!(err.contains("another pack"), "rank {r}: {err}");
     }
 }
+
+/// `serve` across two ranks: rank 0 listens, answers an OpenAI request with the text a
+/// single-process server gives, twice (each request starts from an empty cache on every rank);
+/// stopped (SIGTERM), it tells rank 1, and both exit 0.
+#[test]
+fn serve_on_two_ranks_answers_as_one_process() {
+    use crate::common::http::{post, Server};
+    use std::io::{BufRead, BufReader};
+    let pack = tiny_pack();
+    let body = serde_json::json!({"model": "tiny", "prompt": "The history of", "max_tokens": 12,
+        "temperature": 0});
+    let single = Server::start(pack, &[]);
+    let r = post(single.addr, "/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expected = r.json()["choices"][0]["text"].clone();
+    drop(single);
+
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(3);
+    let hosts: Vec<Vec<String>> = ports[..2]
+        .iter()
+        .map(|p| vec![format!("127.0.0.1:{p}")])
+        .collect();
+    let hostfile = dir.path().join("hosts.json");
+    std::fs::write(&hostfile, serde_json::to_string(&hosts).unwrap()).unwrap();
+    let mut ranks: Vec<Child> = (0..2)
+        .map(|rank| {
+            Command::new(bin())
+                .args(["serve", pack.to_str().unwrap(), "--port", "0", "--hostfile"])
+                .arg(&hostfile)
+                .args(["--rank", &rank.to_string()])
+                .env("FLASHPACK_CONTROL_PORT", ports[2].to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut err = BufReader::new(ranks[0].stderr.take().unwrap());
+    let mut seen = String::new();
+    let addr: std::net::SocketAddr = loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            for c in &mut ranks {
+                let _ = c.kill();
+            }
+            panic!("rank 0 exited before listening: {seen}");
+        }
+        seen.push_str(&line);
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.split('/').next().unwrap().parse().unwrap();
+        }
+    };
+    assert!(seen.contains("pipeline: 2 ranks"), "{seen}");
+    for _ in 0..2 {
+        let r = post(addr, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["choices"][0]["text"], expected);
+    }
+    // SAFETY: a signal to a child this test started and has not reaped.
+    unsafe {
+        libc::kill(ranks[0].id() as i32, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    while !ranks.iter_mut().all(|c| c.try_wait().unwrap().is_some()) {
+        if start.elapsed() > HANG_GUARD {
+            for c in &mut ranks {
+                let _ = c.kill();
+            }
+            panic!("the ranks did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    for (rank, c) in ranks.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "rank {rank}: {stderr}{rest}");
+    }
+}

@@ -92,6 +92,10 @@ pub struct ServeOptions {
     /// Requests decoded at once (continuous batching; 1: one at a time). Set
     /// `engine.sequences` to the same under a memory budget.
     pub decode_concurrency: usize,
+    /// Rank 0 of a pipeline (`serve --hostfile`): the engine holds these layers and sends its
+    /// last one's output down the pipeline; every request then starts from an empty KV cache
+    /// (the other ranks' caches follow rank 0's positions, not its prompt cache).
+    pub stage: Option<crate::run::engine::Stage>,
 }
 
 impl ServeOptions {
@@ -117,6 +121,7 @@ impl ServeOptions {
             idle_timeout: Duration::from_secs(30),
             response_store_bytes: 64 << 20,
             decode_concurrency: 1,
+            stage: None,
         }
     }
 }
@@ -153,6 +158,7 @@ pub fn serve(opts: ServeOptions, on_listen: impl FnOnce(SocketAddr)) -> Result<(
         engine: opts.engine.clone(),
         max_prompt_tokens: opts.max_prompt_tokens,
         decode_concurrency: opts.decode_concurrency,
+        stage: opts.stage.clone(),
     };
     let worker_counters = counters.clone();
     let worker = std::thread::Builder::new()
@@ -205,8 +211,14 @@ pub fn serve(opts: ServeOptions, on_listen: impl FnOnce(SocketAddr)) -> Result<(
             _ = accept_loop(listener, app, opts.idle_timeout) => {}
             _ = shutdown_signal() => {}
         }
-        Ok(())
-    })
+        Ok::<(), ServeError>(())
+    })?;
+    // Dropping the connections closes every job's channel and the queue: the engine stops at
+    // its next token and its thread ends, so nothing runs once this returns (a pipeline's rank
+    // 0 then tells the other ranks to stop).
+    drop(runtime);
+    let _ = worker.join();
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -98,6 +98,8 @@ pub struct WorkerOptions {
     pub max_prompt_tokens: usize,
     /// Jobs decoded at once (1: one at a time).
     pub decode_concurrency: usize,
+    /// Rank 0 of a pipeline: this stage's layers alone, and a fresh KV cache per job.
+    pub stage: Option<crate::run::engine::Stage>,
 }
 
 /// Runs on its own thread until the queue's senders are gone: opens the pack, reports through
@@ -108,7 +110,10 @@ pub fn run(
     counters: Arc<Counters>,
     ready: oneshot::Sender<Result<Ready, String>>,
 ) {
-    let opened = crate::run::open::open(&opts.pack, opts.engine.verify);
+    let opened = match &opts.stage {
+        None => crate::run::open::open(&opts.pack, opts.engine.verify),
+        Some(stage) => open_stage(&opts.pack, opts.engine.verify, &stage.layers),
+    };
     let (pack, cfg, weights) = match opened {
         Ok(o) => o,
         Err(e) => {
@@ -120,7 +125,15 @@ pub fn run(
             return;
         }
     };
-    let mut engine = match Engine::new(&pack, &cfg, &weights, &opts.engine, &Warnings) {
+    let built = Engine::new_stage(
+        &pack,
+        &cfg,
+        &weights,
+        &opts.engine,
+        &Warnings,
+        opts.stage.clone(),
+    );
+    let mut engine = match built {
         Ok(e) => e,
         Err(e) => {
             let _ = ready.send(Err(chain(&e)));
@@ -228,6 +241,9 @@ pub fn run(
         // A panic is a bug, but it must not take the server down: the job fails, the KV cache
         // is dropped (it may hold half a step), and the next job runs.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if opts.stage.is_some() {
+                engine.reset();
+            }
             serve_job(&mut engine, &job, max_prompt)
         }));
         let outcome = outcome.unwrap_or_else(|_| {
@@ -238,6 +254,28 @@ pub fn run(
         counters.running.fetch_sub(1, Ordering::Relaxed);
         counters.busy.store(false, Ordering::Relaxed);
     }
+}
+
+/// The pack, its config, and the tensors of a pipeline stage's `layers` alone.
+fn open_stage(
+    path: &std::path::Path,
+    verify: bool,
+    layers: &std::ops::Range<usize>,
+) -> Result<
+    (
+        crate::format::Pack,
+        crate::arch::ModelConfig,
+        crate::run::open::PackWeights,
+    ),
+    crate::run::open::OpenError,
+> {
+    let pack = crate::format::Pack::open(path)?;
+    let cfg = crate::run::open::model_config(&pack)?;
+    let n = cfg.num_hidden_layers;
+    let weights = crate::run::open::PackWeights::load_where(&pack, verify, |name| {
+        crate::run::pipeline::stage_tensor(name, layers, n, cfg.tie_word_embeddings)
+    })?;
+    Ok((pack, cfg, weights))
 }
 
 /// A job being decoded beside others.

@@ -10,18 +10,21 @@ use std::time::Duration;
 use anyhow::Context;
 use flashpack::format::Pack;
 use flashpack::memory::{peak_rss, total_ram};
-use flashpack::run::engine::{Engine, Stage};
+use flashpack::progress::Warnings;
+use flashpack::run::engine::{Engine, EngineOptions, Stage};
 use flashpack::run::open::{self, PackWeights};
 use flashpack::run::pipeline::{self, JoinOptions, Pipeline};
 use flashpack::units::{self, Style};
 
 use crate::run::{
-    answer, engine_options, model_text, prompt_progress_after, prompt_text, PromptProgress, RunArgs,
+    answer, engine_options, model_text, prompt_progress_after, prompt_text, PromptProgress,
+    RankArgs, RunArgs,
 };
 
-pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
+/// This process's rank: `--rank`, else `MLX_RANK`.
+pub fn rank_of(ranks: &RankArgs) -> anyhow::Result<usize> {
     let from_env = std::env::var("MLX_RANK").ok();
-    let rank = match (args.ranks.rank, from_env) {
+    Ok(match (ranks.rank, from_env) {
         (Some(r), _) => r,
         (None, Some(v)) => v
             .trim()
@@ -30,7 +33,46 @@ pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!(
             "give this process's rank with --rank N (or MLX_RANK=N), in the hostfile's order"
         ),
+    })
+}
+
+/// A rank after the first (of `run` or `serve`): loads its layers, runs the forward passes
+/// rank 0 sends until rank 0 stops, and prints its stats line.
+pub fn follow(
+    p: &Pipeline,
+    pack: &Pack,
+    cfg: &flashpack::arch::ModelConfig,
+    opts: &EngineOptions,
+) -> anyhow::Result<ExitCode> {
+    let n = cfg.num_hidden_layers;
+    let layers = p.layers.clone();
+    let weights = PackWeights::load_where(pack, opts.verify, |name| {
+        pipeline::stage_tensor(name, &layers, n, cfg.tie_word_embeddings)
+    })
+    .with_context(|| {
+        let name = pack
+            .path()
+            .map_or("the pack".into(), |p| p.display().to_string());
+        format!("cannot run {name}")
+    })?;
+    let stage = Stage {
+        layers: layers.clone(),
+        downstream: None,
     };
+    let mut engine = Engine::new_stage(pack, cfg, &weights, opts, &Warnings, Some(stage))
+        .with_context(|| format!("rank {}: layers {layers:?}", p.rank))?;
+    let dense = weights.bytes;
+    let experts = engine.cache_stats().resident_bytes;
+    drop(weights);
+    let report = pipeline::serve_stage(&mut engine, p.rank, p.size)
+        .with_context(|| format!("rank {} (layers {layers:?})", p.rank))?;
+    p.finish()?;
+    stage_line(p, dense, experts, Some(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
+    let rank = rank_of(&args.ranks)?;
     let pack =
         Pack::open(&args.pack).with_context(|| format!("cannot run {}", args.pack.display()))?;
     let cfg = open::model_config(&pack)?;
@@ -75,6 +117,9 @@ fn run_rank(
     cfg: &flashpack::arch::ModelConfig,
     text: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
+    if p.rank != 0 {
+        return follow(p, pack, cfg, &engine_options(args, p.positions.max(1)));
+    }
     let n = cfg.num_hidden_layers;
     let layers = p.layers.clone();
     let weights = PackWeights::load_where(pack, !args.no_verify, |name| {
@@ -85,14 +130,14 @@ fn run_rank(
     let opts = engine_options(args, p.positions.max(1));
     let stage = Stage {
         layers: layers.clone(),
-        downstream: (p.rank == 0).then(|| Arc::new(p.link()) as Arc<_>),
+        downstream: Some(Arc::new(p.link()) as Arc<_>),
     };
     let mut engine = Engine::new_stage(pack, cfg, &weights, &opts, &progress, Some(stage))
         .with_context(|| format!("rank {}: layers {layers:?}", p.rank))?;
     let dense = weights.bytes;
     let experts = engine.cache_stats().resident_bytes;
     drop(weights);
-    if p.rank == 0 {
+    {
         eprintln!(
             "pipeline: {} ranks, layers {}",
             p.size,
@@ -106,17 +151,12 @@ fn run_rank(
         let code = answer(args, &mut engine, cfg, text.unwrap_or_default(), &progress)?;
         p.finish()?;
         stage_line(p, dense, experts, None);
-        return Ok(code);
+        Ok(code)
     }
-    let report = pipeline::serve_stage(&mut engine, p.rank, p.size)
-        .with_context(|| format!("rank {} (layers {layers:?})", p.rank))?;
-    p.finish()?;
-    stage_line(p, dense, experts, Some(&report));
-    Ok(ExitCode::SUCCESS)
 }
 
 /// One line per rank on stderr: its layers, what it holds, its peak memory.
-fn stage_line(p: &Pipeline, dense: u64, experts: u64, report: Option<&pipeline::StageReport>) {
+pub fn stage_line(p: &Pipeline, dense: u64, experts: u64, report: Option<&pipeline::StageReport>) {
     let busy = report.map_or(String::new(), |r| {
         format!(
             ", {} passes ({} positions) in {:.2} s",

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     pub decode_concurrency: Option<u32>,
     #[command(flatten)]
     pub memory: MemoryArgs,
+    /// One model across several processes: every rank runs this same command with its own
+    /// --rank; rank 0 serves HTTP (docs/decisions/0034-pipeline-ranks.md).
+    #[command(flatten)]
+    pub ranks: crate::run::RankArgs,
 }
 
 /// `--decode-concurrency` without `--mem-budget` (docs/decisions/0009-serve-queue-no-batching.md:
@@ -153,9 +157,82 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     opts.default_max_tokens = args.default_max_tokens;
     opts.idle_timeout = Duration::from_secs(args.idle_timeout);
     let model = opts.model.clone();
-    serve(opts, |addr| {
+    let listening = |addr| {
         eprintln!("serving {model} on http://{addr}/v1 (OpenAI API); Ctrl-C stops");
         let _ = std::io::stderr().flush();
-    })?;
+    };
+    if let Some(hostfile) = args.ranks.hostfile.clone() {
+        return serve_ranks(opts, &args.ranks, &hostfile, listening);
+    }
+    serve(opts, listening)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `serve --hostfile H --rank N`: rank 0 serves HTTP with the first layers and sends the rest
+/// down the pipeline; the other ranks run their layers until rank 0 stops. A pipeline serves one
+/// request at a time, each from an empty KV cache (the other ranks' caches follow rank 0's
+/// positions, not its prompt cache).
+fn serve_ranks(
+    mut opts: flashpack::serve::ServeOptions,
+    ranks: &crate::run::RankArgs,
+    hostfile: &std::path::Path,
+    listening: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    use flashpack::run::pipeline::{JoinOptions, Pipeline};
+    let rank = crate::rank::rank_of(ranks)?;
+    let pack = flashpack::format::Pack::open(&opts.pack)
+        .with_context(|| format!("cannot serve {}", opts.pack.display()))?;
+    let cfg = flashpack::run::open::model_config(&pack)?;
+    let ram = flashpack::memory::total_ram();
+    let budget = opts
+        .engine
+        .mem_budget
+        .as_ref()
+        .map_or(ram, |b| b.size.resolve(ram));
+    let context = cfg.max_position_embeddings.unwrap_or(usize::MAX);
+    let p = Pipeline::join(
+        &JoinOptions {
+            hostfile,
+            rank,
+            budget,
+            positions: opts.engine.positions.min(context),
+            connect_timeout: Duration::from_secs(ranks.connect_timeout),
+        },
+        &pack,
+        &cfg,
+    )
+    .with_context(|| format!("cannot start rank {rank} of {}", hostfile.display()))?;
+    opts.engine.positions = p.positions.max(1);
+    if rank != 0 {
+        let done = crate::rank::follow(&p, &pack, &cfg, &opts.engine);
+        if done.is_err() {
+            p.disarm();
+        }
+        return done;
+    }
+    drop(pack);
+    opts.engine.prompt_cache_bytes = 0;
+    opts.engine.sequences = 1;
+    opts.decode_concurrency = 1;
+    opts.stage = Some(flashpack::run::engine::Stage {
+        layers: p.layers.clone(),
+        downstream: Some(std::sync::Arc::new(p.link())),
+    });
+    eprintln!(
+        "pipeline: {} ranks, layers {}",
+        p.size,
+        p.split
+            .iter()
+            .enumerate()
+            .map(|(r, l)| format!("{r}: {}..{}", l.start, l.end))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Err(e) = serve(opts, listening) {
+        p.disarm();
+        return Err(e.into());
+    }
+    p.finish()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -134,6 +134,7 @@ fn pieces_of(text: &str, size: usize) -> impl Iterator<Item = &str> {
 
 /// One stage of a pipeline: the layers an engine holds and the stages after them
 /// ([`Engine::new_stage`]).
+#[derive(Clone, Debug)]
 pub struct Stage {
     pub layers: std::ops::Range<usize>,
     /// `None` on the last stage.
