@@ -1,12 +1,127 @@
-//! What the process holds and the machine has: physical RAM, resident set size (now and at its
-//! peak), and the process's CPU time.
+//! What the process holds and the machine has: physical RAM (within a container's cgroup memory
+//! limit), resident set size (now and at its peak), and the process's CPU time.
 //!
 //! Shared by run (budgets as a share of RAM, the run's peak and CPU seconds in its stats) and
 //! convert (each stage's peak with `FLASHPACK_STAGE_PEAKS=1`), so neither pipeline reaches into
 //! the other for it.
 
-/// Physical memory of this machine, in bytes (0 when unknown).
+/// Memory this process may use, in bytes (0 when unknown): the machine's physical memory, or
+/// the memory limit of its cgroup (a container's `--memory`) when that is less.
 pub fn total_ram() -> u64 {
+    let physical = physical_ram();
+    match cgroup_memory() {
+        Some(cg) if physical == 0 || cg.limit < physical => cg.limit,
+        _ => physical,
+    }
+}
+
+/// A cgroup's memory limit and what its processes use of it, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupMemory {
+    /// The tightest `memory.max` (v2) or `memory.limit_in_bytes` (v1) on the way to the root.
+    pub limit: u64,
+    /// What the cgroup uses (`memory.current`, `memory.usage_in_bytes`), less its inactive
+    /// file pages, which the kernel reclaims before it would kill (as `docker stats` counts).
+    pub used: u64,
+}
+
+impl CgroupMemory {
+    /// What may still be allocated under the limit.
+    pub fn available(&self) -> u64 {
+        self.limit.saturating_sub(self.used)
+    }
+}
+
+/// This process's cgroup memory limit, when one is set (Linux; `None` elsewhere or unlimited).
+pub fn cgroup_memory() -> Option<CgroupMemory> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_memory_at(std::path::Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// [`cgroup_memory`] with the cgroup file system at `root` and `/proc/self/cgroup`'s text
+/// `own`. v2 (`0::/path`): the least `memory.max` of the cgroup and its parents, its
+/// `memory.current` and `memory.stat`'s `inactive_file`. v1 (`N:memory:/path` or
+/// `N:...,memory,...:/path`): `memory/path/memory.limit_in_bytes` (values near 2^63 mean none),
+/// `memory.usage_in_bytes` and `total_inactive_file`. Inside a container the path may not exist
+/// under `root` (the namespace's root is the cgroup itself): the root's files are read then.
+pub fn cgroup_memory_at(root: &std::path::Path, own: &str) -> Option<CgroupMemory> {
+    let read_u64 = |p: &std::path::Path| -> Option<u64> {
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    };
+    let stat_field = |p: &std::path::Path, key: &str| -> u64 {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    let mut w = l.split_whitespace();
+                    (w.next() == Some(key)).then(|| w.next()?.parse().ok())?
+                })
+            })
+            .unwrap_or(0)
+    };
+    let dir_of = |base: &std::path::Path, path: &str| {
+        let d = base.join(path.trim_start_matches('/'));
+        if d.is_dir() {
+            d
+        } else {
+            base.to_path_buf()
+        }
+    };
+    // v1 first: a hybrid system lists both, and the memory controller is then v1's.
+    let v1 = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    });
+    if let Some(path) = v1 {
+        let dir = dir_of(&root.join("memory"), path);
+        let limit = read_u64(&dir.join("memory.limit_in_bytes"))?;
+        if limit >= 1 << 62 {
+            return None;
+        }
+        let usage = read_u64(&dir.join("memory.usage_in_bytes")).unwrap_or(0);
+        let inactive = stat_field(&dir.join("memory.stat"), "total_inactive_file");
+        return Some(CgroupMemory {
+            limit,
+            used: usage.saturating_sub(inactive),
+        });
+    }
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = dir_of(root, path);
+    // The tightest limit from the cgroup up to the root of the mount.
+    let mut limit: Option<u64> = None;
+    let mut d = dir.as_path();
+    loop {
+        if let Ok(t) = std::fs::read_to_string(d.join("memory.max")) {
+            if let Ok(v) = t.trim().parse::<u64>() {
+                limit = Some(limit.map_or(v, |l| l.min(v)));
+            }
+        }
+        if d == root {
+            break;
+        }
+        match d.parent() {
+            Some(p) if p.starts_with(root) => d = p,
+            _ => break,
+        }
+    }
+    let limit = limit?;
+    let usage = read_u64(&dir.join("memory.current")).unwrap_or(0);
+    let inactive = stat_field(&dir.join("memory.stat"), "inactive_file");
+    Some(CgroupMemory {
+        limit,
+        used: usage.saturating_sub(inactive),
+    })
+}
+
+/// Physical memory of this machine, in bytes (0 when unknown).
+fn physical_ram() -> u64 {
     #[cfg(unix)]
     {
         // SAFETY: sysconf reads system constants and has no memory effects.
@@ -117,6 +232,71 @@ pub fn take_peak_rss() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cgroup_v2_limits_take_the_tightest_and_leave_inactive_files_out() {
+        let root = tempfile::tempdir().unwrap();
+        let leaf = root.path().join("system.slice/box.scope");
+        std::fs::create_dir_all(&leaf).unwrap();
+        std::fs::write(root.path().join("system.slice/memory.max"), "8000000\n").unwrap();
+        std::fs::write(leaf.join("memory.max"), "max\n").unwrap();
+        std::fs::write(leaf.join("memory.current"), "5000000\n").unwrap();
+        std::fs::write(
+            leaf.join("memory.stat"),
+            "anon 3000000\ninactive_file 1000000\n",
+        )
+        .unwrap();
+        let own = "0::/system.slice/box.scope\n";
+        let cg = cgroup_memory_at(root.path(), own).unwrap();
+        assert_eq!(
+            cg,
+            CgroupMemory {
+                limit: 8_000_000,
+                used: 4_000_000
+            }
+        );
+        assert_eq!(cg.available(), 4_000_000);
+        // No limit anywhere: none.
+        std::fs::write(root.path().join("system.slice/memory.max"), "max\n").unwrap();
+        assert_eq!(cgroup_memory_at(root.path(), own), None);
+        // Inside a container the namespace's root is the cgroup: its own files.
+        std::fs::write(root.path().join("memory.max"), "2000000\n").unwrap();
+        std::fs::write(root.path().join("memory.current"), "500000\n").unwrap();
+        let cg = cgroup_memory_at(root.path(), "0::/\n").unwrap();
+        assert_eq!(
+            cg,
+            CgroupMemory {
+                limit: 2_000_000,
+                used: 500_000
+            }
+        );
+    }
+
+    #[test]
+    fn cgroup_v1_limits_are_read_and_an_unlimited_one_is_none() {
+        let root = tempfile::tempdir().unwrap();
+        let mem = root.path().join("memory/docker/abc");
+        std::fs::create_dir_all(&mem).unwrap();
+        std::fs::write(mem.join("memory.limit_in_bytes"), "4000000\n").unwrap();
+        std::fs::write(mem.join("memory.usage_in_bytes"), "3000000\n").unwrap();
+        std::fs::write(
+            mem.join("memory.stat"),
+            "cache 10\ntotal_inactive_file 500000\n",
+        )
+        .unwrap();
+        let own = "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n";
+        let cg = cgroup_memory_at(root.path(), own).unwrap();
+        assert_eq!(
+            cg,
+            CgroupMemory {
+                limit: 4_000_000,
+                used: 2_500_000
+            }
+        );
+        std::fs::write(mem.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        assert_eq!(cgroup_memory_at(root.path(), own), None);
+        assert_eq!(cgroup_memory_at(root.path(), "garbage"), None);
+    }
+
     use super::*;
 
     #[test]

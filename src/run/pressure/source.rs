@@ -73,9 +73,16 @@ impl SystemSource {
 
     #[cfg(target_os = "linux")]
     fn read_now(&mut self) -> Reading {
-        let (total_bytes, available_bytes) = std::fs::read_to_string("/proc/meminfo")
+        let (mut total_bytes, mut available_bytes) = std::fs::read_to_string("/proc/meminfo")
             .map(|t| parse_meminfo(&t))
             .unwrap_or((None, None));
+        // In a container with a memory limit, the limit is the machine: its cgroup runs out
+        // (and is killed) while the host's MemAvailable still looks ample.
+        if let Some(cg) = crate::memory::cgroup_memory() {
+            let min = |a: Option<u64>, b: u64| Some(a.map_or(b, |a| a.min(b)));
+            total_bytes = min(total_bytes, cg.limit);
+            available_bytes = min(available_bytes, cg.available());
+        }
         let stall_pct = if self.psi {
             std::fs::read_to_string("/proc/pressure/memory")
                 .ok()
