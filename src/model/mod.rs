@@ -608,6 +608,10 @@ pub enum Want {
     Last,
     /// The logits of every position `[B, L, vocab]`.
     All,
+    /// The greedy pick of the last position, as `[B, 1, 2]` f32: the argmax's id (exact below
+    /// 2^24) and the logits' sum (NaN exactly when a logit is): what the last stage of a
+    /// pipeline sends back for greedy decoding instead of the logits ([`Model::forward_pick`]).
+    Pick,
 }
 
 /// The layers after a model's own, on other processes (`run::pipeline`): the first stage of a
@@ -1162,7 +1166,52 @@ impl Model {
     pub fn logits_of(&self, h: &Array, want: Want) -> Result<Array> {
         match want {
             Want::Last => self.head(&last_position(h)?),
+            Want::Pick => {
+                let logits = self.head(&last_position(h)?)?;
+                let b = logits.dim(0).unwrap_or(1) as i32;
+                let ids = logits.argmax(-1)?.astype(mlx::Dtype::F32)?;
+                let sum = logits.sum(-1, false)?.astype(mlx::Dtype::F32)?;
+                Ok(mlx::concatenate(
+                    &[&ids.reshape(&[b, 1, 1])?, &sum.reshape(&[b, 1, 1])?],
+                    2,
+                )?)
+            }
             _ => self.head(h),
+        }
+    }
+
+    /// The greedy pick after `tokens` `[B, 1]`: the ids `[B, 1]` of the last position's
+    /// largest logits and the logits' sums `[B, 1]` (NaN exactly when a logit is), as
+    /// `argmax` and `sum` of [`Model::forward_last`]'s logits. A pipeline's first stage gets
+    /// them from the last stage ([`Want::Pick`]): two numbers a row cross the ring instead of
+    /// the vocabulary's logits.
+    pub fn forward_pick(
+        &self,
+        tokens: &Array,
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+    ) -> Result<(Array, Array)> {
+        match &self.downstream {
+            Some(d) if !self.ends() && self.cfg.vocab_size < 1 << 24 => {
+                let offset = cache.offset();
+                let h = self.hidden(tokens, cache, experts, false)?;
+                let both =
+                    d.finish(&h, offset, Want::Pick)?
+                        .ok_or_else(|| ComputeError::Unsupported {
+                            what: "a pipeline stage that gave no pick".into(),
+                        })?;
+                let b = both.dim(0).unwrap_or(1) as i32;
+                let ids = both
+                    .slice(&[0, 0, 0], &[b, 1, 1])?
+                    .reshape(&[b, 1])?
+                    .astype(mlx::Dtype::U32)?;
+                let sum = both.slice(&[0, 0, 1], &[b, 1, 2])?.reshape(&[b, 1])?;
+                Ok((ids, sum))
+            }
+            _ => {
+                let logits = self.forward_last(tokens, cache, experts)?;
+                Ok((logits.argmax(-1)?, logits.sum(-1, false)?))
+            }
         }
     }
 

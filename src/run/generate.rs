@@ -505,8 +505,7 @@ fn greedy_pipelined(
         let built = Instant::now();
         let made = crate::mlx::arrays_made();
         let next = if more {
-            let l = model.forward_last(&y.0, &mut prefix.kv, experts)?;
-            let ny = pick(&l)?;
+            let ny = model.forward_pick(&y.0, &mut prefix.kv, experts)?;
             crate::mlx::async_eval(&[&ny.0, &ny.1])?;
             Some(ny)
         } else {

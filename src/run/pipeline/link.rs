@@ -8,7 +8,8 @@
 //!
 //! Header words, forward: `[FORWARD, B, L, want, offset, dtype, 0, 0]` then the hidden state
 //! `[B, L, H]`; stop: `[STOP, 0, ...]`; the reply to rank 0: `[LOGITS, B, L, vocab, dtype, ...]`
-//! then the logits.
+//! then the logits, or for greedy decoding (`Want::Pick`) `[LOGITS, B, 1, 2, f32, ...]` then each
+//! row's pick and logits' sum: the last rank picks the token, and 8 bytes a row come back.
 
 use std::time::Instant;
 
@@ -28,6 +29,7 @@ fn want_code(w: Want) -> i32 {
         Want::Cache => 0,
         Want::Last => 1,
         Want::All => 2,
+        Want::Pick => 3,
     }
 }
 
@@ -36,6 +38,7 @@ fn want_of(code: i32) -> Result<Want, PipelineError> {
         0 => Ok(Want::Cache),
         1 => Ok(Want::Last),
         2 => Ok(Want::All),
+        3 => Ok(Want::Pick),
         _ => Err(PipelineError::Protocol(format!("unknown request {code}"))),
     }
 }
