@@ -1192,7 +1192,7 @@ impl Model {
         experts: &mut dyn ExpertStore,
     ) -> Result<(Array, Array)> {
         match &self.downstream {
-            Some(d) if !self.ends() && self.cfg.vocab_size < 1 << 24 => {
+            Some(d) if !self.ends() && self.cfg.vocab_size < 1 << 24 && pick_downstream() => {
                 let offset = cache.offset();
                 let h = self.hidden(tokens, cache, experts, false)?;
                 let both =
@@ -1364,6 +1364,13 @@ impl Model {
 /// Layer `l`'s attention step on `h` against the caller's cache(s) ([`Model::run_layers`]).
 type AttendStep<'a> =
     dyn FnMut(usize, &Block, &Array, Option<&mut ResidualBlocks>) -> Result<Array> + 'a;
+
+/// Whether a pipeline's last stage picks greedy tokens ([`Want::Pick`]); `FLASHPACK_PIPELINE_PICK=0`
+/// brings the logits back instead, for A/B runs (decision 0034).
+fn pick_downstream() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHPACK_PIPELINE_PICK").map_or(true, |v| v != "0"))
+}
 
 /// `h[..., -1:, :]`: the last position of hidden states `[B, L, H]`.
 fn last_position(h: &Array) -> Result<Array> {
