@@ -197,3 +197,19 @@ pub fn open(path: &Path, verify: bool) -> Result<(Pack, ModelConfig, PackWeights
     let weights = PackWeights::load(&pack, verify)?;
     Ok((pack, cfg, weights))
 }
+
+/// [`open`] for one stage of a pipeline: the tensors of `layers` alone (and the embedding or
+/// the head where the stage holds the first or the last layer, `pipeline::stage_tensor`).
+pub fn open_stage(
+    path: &Path,
+    verify: bool,
+    layers: &std::ops::Range<usize>,
+) -> Result<(Pack, ModelConfig, PackWeights), OpenError> {
+    let pack = Pack::open(path)?;
+    let cfg = model_config(&pack)?;
+    let n = cfg.num_hidden_layers;
+    let weights = PackWeights::load_where(&pack, verify, |name| {
+        crate::run::pipeline::stage_tensor(name, layers, n, cfg.tie_word_embeddings)
+    })?;
+    Ok((pack, cfg, weights))
+}

@@ -112,7 +112,7 @@ pub fn run(
 ) {
     let opened = match &opts.stage {
         None => crate::run::open::open(&opts.pack, opts.engine.verify),
-        Some(stage) => open_stage(&opts.pack, opts.engine.verify, &stage.layers),
+        Some(stage) => crate::run::open::open_stage(&opts.pack, opts.engine.verify, &stage.layers),
     };
     let (pack, cfg, weights) = match opened {
         Ok(o) => o,
@@ -254,28 +254,6 @@ pub fn run(
         counters.running.fetch_sub(1, Ordering::Relaxed);
         counters.busy.store(false, Ordering::Relaxed);
     }
-}
-
-/// The pack, its config, and the tensors of a pipeline stage's `layers` alone.
-fn open_stage(
-    path: &std::path::Path,
-    verify: bool,
-    layers: &std::ops::Range<usize>,
-) -> Result<
-    (
-        crate::format::Pack,
-        crate::arch::ModelConfig,
-        crate::run::open::PackWeights,
-    ),
-    crate::run::open::OpenError,
-> {
-    let pack = crate::format::Pack::open(path)?;
-    let cfg = crate::run::open::model_config(&pack)?;
-    let n = cfg.num_hidden_layers;
-    let weights = crate::run::open::PackWeights::load_where(&pack, verify, |name| {
-        crate::run::pipeline::stage_tensor(name, layers, n, cfg.tie_word_embeddings)
-    })?;
-    Ok((pack, cfg, weights))
 }
 
 /// A job being decoded beside others.
