@@ -27,6 +27,20 @@ kcache_restore() {
     fi
   done
 }
+# Installs on a machine not yet set up, restores the kernel cache, and makes the 8-layer uniform
+# model of the Qwen3-30B-A3B layer shape ($w/uniform) and convert's default pack of it
+# ($w/trace.flashpack) unless they are there (trace, batch and plan use them).
+trace_model() {
+  command -v flashpack >/dev/null || bash .gpu/p2/install.sh
+  kcache_restore
+  w=/root/fpbench; mkdir -p "$w"
+  if [ ! -f "$w/uniform/config.json" ]; then
+    make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
+      --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
+      --vocab 8192 --layers 8 >/dev/null
+  fi
+  [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
+}
 kcache_save() {
   # Saved even when a run failed: the kernels compiled so far are still good.
   if [ -n "${OUT:-}" ]; then
@@ -102,15 +116,7 @@ case "${1:-}" in
     # uniform model of the Qwen3-30B-A3B layer shape, convert's default pack; installs first on
     # a machine not yet set up. Options go to trace_stream.py (--variants, --max-tokens).
     shift
-    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
-    kcache_restore
-    w=/root/fpbench; mkdir -p "$w"
-    if [ ! -f "$w/uniform/config.json" ]; then
-      make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
-        --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
-        --vocab 8192 --layers 8 >/dev/null
-    fi
-    [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
+    trace_model
     flashpack run "$w/trace.flashpack" --prompt warm --max-tokens 4 >/dev/null 2>&1 || true
     PYTHONUNBUFFERED=1 python3 scripts/trace_stream.py "$w/trace.flashpack" --out "${OUT:-.}" "$@"
     kcache_save
@@ -121,15 +127,7 @@ case "${1:-}" in
     # Qwen3-30B-A3B layer shape, convert's default pack; installs first on a machine not yet set
     # up. Options go to `bench serve` (e.g. --reps 5). Out: $OUT/batch.md.
     shift
-    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
-    kcache_restore
-    w=/root/fpbench; mkdir -p "$w"
-    if [ ! -f "$w/uniform/config.json" ]; then
-      make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
-        --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
-        --vocab 8192 --layers 8 >/dev/null
-    fi
-    [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
+    trace_model
     flashpack bench serve "$w/trace.flashpack" --batch-only --batch-sizes 1,2,4,8 "$@" | tee "${OUT:-.}/batch.md"
     kcache_save
     ;;
@@ -140,15 +138,7 @@ case "${1:-}" in
     # machine not yet set up. Options go to bench_plan.py (--reps, --tokens, --budgets). The table
     # comes back as $OUT/plan.md, every plan and run as $OUT/plan-bench.json.
     shift
-    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
-    kcache_restore
-    w=/root/fpbench; mkdir -p "$w"
-    if [ ! -f "$w/uniform/config.json" ]; then
-      make_fixture --out "$w/uniform" --tokenizer-from .gpu/p2/tok --arch qwen3_moe --hidden 2048 \
-        --experts 128 --top-k 8 --moe-intermediate 768 --heads 16 --kv-heads 4 --head-dim 128 \
-        --vocab 8192 --layers 8 >/dev/null
-    fi
-    [ -f "$w/trace.flashpack" ] || flashpack convert "$w/uniform" -o "$w/trace.flashpack" --quiet
+    trace_model
     # With a routing profile (the built-in calibration text), plan's hit rates come from the routing
     # the model has instead of the uniform floor (the ninth session's run without one: the floor held,
     # 2.3-5.2x below the measured speed under a budget).

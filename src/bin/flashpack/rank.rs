@@ -137,22 +137,22 @@ fn run_rank(
     let dense = weights.bytes;
     let experts = engine.cache_stats().resident_bytes;
     drop(weights);
-    {
-        eprintln!(
-            "pipeline: {} ranks, layers {}",
-            p.size,
-            p.split
-                .iter()
-                .enumerate()
-                .map(|(r, l)| format!("{r}: {}..{}", l.start, l.end))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let code = answer(args, &mut engine, cfg, text.unwrap_or_default(), &progress)?;
-        p.finish()?;
-        stage_line(p, dense, experts, None);
-        Ok(code)
-    }
+    eprintln!("{}", split_line(p));
+    let code = answer(args, &mut engine, cfg, text.unwrap_or_default(), &progress)?;
+    p.finish()?;
+    stage_line(p, dense, experts, None);
+    Ok(code)
+}
+
+/// Rank 0's line on stderr: how the layers were split.
+pub fn split_line(p: &Pipeline) -> String {
+    let split: Vec<String> = p
+        .split
+        .iter()
+        .enumerate()
+        .map(|(r, l)| format!("{r}: {}..{}", l.start, l.end))
+        .collect();
+    format!("pipeline: {} ranks, layers {}", p.size, split.join(", "))
 }
 
 /// One line per rank on stderr: its layers, what it holds, its peak memory.

@@ -219,16 +219,7 @@ fn serve_ranks(
         layers: p.layers.clone(),
         downstream: Some(std::sync::Arc::new(p.link())),
     });
-    eprintln!(
-        "pipeline: {} ranks, layers {}",
-        p.size,
-        p.split
-            .iter()
-            .enumerate()
-            .map(|(r, l)| format!("{r}: {}..{}", l.start, l.end))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    eprintln!("{}", crate::rank::split_line(&p));
     if let Err(e) = serve(opts, listening) {
         p.disarm();
         return Err(e.into());

@@ -37,10 +37,14 @@ impl Engine<'_> {
         self.model.batches_rows()
     }
 
-    fn options(&self, req: &Request) -> GenerateOptions {
+    /// How `req` generates on this engine (one request, or one lane).
+    pub(super) fn options(&self, req: &Request) -> GenerateOptions {
         GenerateOptions {
             max_tokens: req.max_tokens,
             sampler: req.sampler,
+            // One chunk must not route to more distinct experts than the smallest pool holds.
+            // Under a budget a chunk may route to more experts than fit: the store then loads
+            // and runs them group by group, each expert read at most once per chunk.
             prefill_chunk: self.prefill_chunk,
             eos: self.eos.clone(),
             host_sampling: self.host_sampling,

@@ -48,9 +48,7 @@ use crate::model::{ComputeError, ExpertStore, Model, PoolRoute, ResidentExperts,
 use crate::progress::Progress;
 use crate::run::budget::{self, BudgetError, Needs};
 use crate::run::experts::{ExpertCache, ExpertError, PolicyKind, StoreOptions};
-use crate::run::generate::{
-    GenerateError, GenerateOptions, GenerateStats, Generation, Prefix, Token,
-};
+use crate::run::generate::{GenerateError, GenerateStats, Generation, Prefix, Token};
 use crate::run::open::{OpenError, PackWeights};
 use crate::run::pressure::{PressureStatus, PressureWatch};
 use crate::run::prompt_cache::PromptCache;
@@ -618,16 +616,7 @@ impl<'p> Engine<'p> {
         cancelled: &dyn Fn() -> bool,
         mut on_token: impl FnMut(&Token) -> bool,
     ) -> Result<EngineGeneration, EngineError> {
-        let opts = GenerateOptions {
-            max_tokens: req.max_tokens,
-            sampler: req.sampler,
-            // One chunk must not route to more distinct experts than the smallest pool holds.
-            // Under a budget a chunk may route to more experts than fit: the store then loads
-            // and runs them group by group, each expert read at most once per chunk.
-            prefill_chunk: self.prefill_chunk,
-            eos: self.eos.clone(),
-            host_sampling: self.host_sampling,
-        };
+        let opts = self.options(req);
         let logprobs = req.logprobs.map(|n| n.min(MAX_TOP_LOGPROBS));
         let first_token = Rc::new(Cell::new(false));
         let mut gate = Watch {
