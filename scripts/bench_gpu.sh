@@ -198,8 +198,28 @@ case "${1:-}" in
       --mlx "$w/$arch-L8-q4" --out "${OUT:-.}" "$@" || rc=$?
     exit $rc
     ;;
+  graphs)
+    # CUDA graphs per decoded token, flashpack against mlx-lm (scripts/graph_profile.py, issue 26),
+    # on the archs benchmark's 8-layer model of --arch (default qwen3_moe), built first when
+    # /root/fparch does not have it. Options after --arch go to graph_profile.py.
+    shift
+    arch=qwen3_moe
+    if [ "${1:-}" = "--arch" ]; then arch=$2; shift 2; fi
+    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
+    python3 -c 'import mlx_lm' 2>/dev/null ||
+      python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
+    kcache_restore
+    w=/root/fparch
+    [ -f "$w/$arch-L8.flashpack" ] ||
+      python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --work "$w" --out /tmp/archs-out \
+        --archs "$arch" --layers 8 --build-only >&2
+    rc=0
+    PYTHONUNBUFFERED=1 python3 scripts/graph_profile.py --pack "$w/$arch-L8.flashpack" \
+      --mlx "$w/$arch-L8-q4" --out "${OUT:-.}" "$@" || rc=$?
+    exit $rc
+    ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | trace [trace_stream.py options] | batch [bench serve options] | plan [bench_plan.py options] | archs [bench_archs_gpu.py options] | kernels [--arch A] [kernel_profile.py options]" >&2
+    echo "usage: bash scripts/bench_gpu.sh prepare | prepare-base [REV] | device|more [bench_gpu.py options] | io [bench io options] | trace [trace_stream.py options] | batch [bench serve options] | plan [bench_plan.py options] | archs [bench_archs_gpu.py options] | kernels|graphs [--arch A] [kernel_profile.py|graph_profile.py options]" >&2
     exit 2
     ;;
 esac

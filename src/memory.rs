@@ -120,6 +120,41 @@ pub fn cgroup_memory_at(root: &std::path::Path, own: &str) -> Option<CgroupMemor
     })
 }
 
+/// The `memory.pressure` file (PSI, the format of `/proc/pressure/memory`) of this process's v2
+/// cgroup, when there is one: it counts the stalls of this cgroup's tasks alone, such as reclaim
+/// forced by the cgroup's own `memory.high` or `memory.max`, which the system-wide file dilutes
+/// among every other task of the host (Linux; `None` elsewhere, on v1, or without the file).
+pub fn cgroup_pressure_file() -> Option<std::path::PathBuf> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_pressure_file_at(std::path::Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// [`cgroup_pressure_file`] with the cgroup file system at `root` and `/proc/self/cgroup`'s
+/// text `own`: the v2 cgroup's `memory.pressure` (or the root's, inside a container whose
+/// namespace root is the cgroup), `None` when the memory controller is v1's.
+pub fn cgroup_pressure_file_at(root: &std::path::Path, own: &str) -> Option<std::path::PathBuf> {
+    let v1 = own.lines().any(|l| {
+        l.splitn(3, ':')
+            .nth(1)
+            .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+    });
+    if v1 {
+        return None;
+    }
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = root.join(path.trim().trim_start_matches('/'));
+    let dir = if dir.is_dir() {
+        dir
+    } else {
+        root.to_path_buf()
+    };
+    let file = dir.join("memory.pressure");
+    file.is_file().then_some(file)
+}
+
 /// Physical memory of this machine, in bytes (0 when unknown).
 fn physical_ram() -> u64 {
     #[cfg(unix)]
@@ -295,6 +330,35 @@ mod tests {
         std::fs::write(mem.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
         assert_eq!(cgroup_memory_at(root.path(), own), None);
         assert_eq!(cgroup_memory_at(root.path(), "garbage"), None);
+    }
+
+    #[test]
+    fn the_cgroups_own_pressure_file_is_found_on_v2_only() {
+        let root = tempfile::tempdir().unwrap();
+        let leaf = root.path().join("user.slice/app.scope");
+        std::fs::create_dir_all(&leaf).unwrap();
+        let own = "0::/user.slice/app.scope\n";
+        assert_eq!(cgroup_pressure_file_at(root.path(), own), None);
+        std::fs::write(
+            leaf.join("memory.pressure"),
+            "some avg10=1.00 avg60=0 avg300=0 total=1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cgroup_pressure_file_at(root.path(), own),
+            Some(leaf.join("memory.pressure"))
+        );
+        // A namespace's root is the cgroup: the root's own file.
+        std::fs::write(root.path().join("memory.pressure"), "some avg10=0.00\n").unwrap();
+        assert_eq!(
+            cgroup_pressure_file_at(root.path(), "0::/\n"),
+            Some(root.path().join("memory.pressure"))
+        );
+        // The memory controller on v1: v1 has no per-cgroup PSI file.
+        assert_eq!(
+            cgroup_pressure_file_at(root.path(), "4:memory:/docker/abc\n0::/\n"),
+            None
+        );
     }
 
     use super::*;

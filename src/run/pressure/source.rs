@@ -42,8 +42,12 @@ pub enum PressureError {
 /// The system's own readings.
 pub struct SystemSource {
     last: Option<Instant>,
+    /// `/proc/pressure/memory`, when the kernel has PSI.
     #[cfg(target_os = "linux")]
     psi: bool,
+    /// The process's own cgroup's `memory.pressure` (v2), when it has one.
+    #[cfg(target_os = "linux")]
+    cgroup_psi: Option<PathBuf>,
 }
 
 impl SystemSource {
@@ -58,6 +62,7 @@ impl SystemSource {
             let src = SystemSource {
                 last: None,
                 psi: Path::new("/proc/pressure/memory").exists(),
+                cgroup_psi: crate::memory::cgroup_pressure_file(),
             };
             std::fs::metadata("/proc/meminfo").ok().map(|_| src)
         }
@@ -83,12 +88,18 @@ impl SystemSource {
             total_bytes = min(total_bytes, cg.limit);
             available_bytes = min(available_bytes, cg.available());
         }
-        let stall_pct = if self.psi {
-            std::fs::read_to_string("/proc/pressure/memory")
-                .ok()
-                .and_then(|t| parse_psi(&t))
+        // The larger of the system's stall share and the cgroup's own: a container that
+        // reclaims against its own limit stalls while the host's average stays low.
+        let psi_of = |p: &Path| std::fs::read_to_string(p).ok().and_then(|t| parse_psi(&t));
+        let system = if self.psi {
+            psi_of(Path::new("/proc/pressure/memory"))
         } else {
             None
+        };
+        let own = self.cgroup_psi.as_deref().and_then(psi_of);
+        let stall_pct = match (system, own) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
         };
         Reading {
             available_bytes,
