@@ -253,36 +253,42 @@ fn three_ranks_streaming_match_one_process() {
     same_as_single(tiny_pack(), 3, &args, &[("FLASHPACK_PREFILL_CHUNK", "4")]);
 }
 
-/// Golden packs of several architectures (their attention, caches and routing differ), two
-/// ranks, prompt in chunks then decode; one streaming through a small expert budget.
+/// Every architecture's golden pack (their attention, caches, routing and what their layers
+/// pass on differ: DeepSeek-V4.1's hyper-connection streams and shared latents, Kimi-K3's
+/// attention residuals' blocks), two ranks, prompt in chunks then decode; every other one
+/// streaming through a small expert budget.
 #[test]
 fn golden_architectures_two_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let prompt = "t1 t7 t42 t9 t200 t13 t77 t5 t64 t31 t2 t99";
     let env = [("FLASHPACK_PREFILL_CHUNK", "3")];
-    for (name, budget) in [
-        ("qwen3_moe-q4", None),
-        ("mixtral-q4", Some("50%")),
-        ("deepseek_v3-q4", None),
-        ("gpt_oss-q4", None),
-        ("qwen3_next-q4", None),
-        ("gemma4_text-q4", None),
-    ] {
+    let mut names: Vec<String> = std::fs::read_dir(fixture("golden"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-q4") && n != "qwen3moe-tiny-q4")
+        .collect();
+    names.sort();
+    assert!(names.len() >= 16, "golden packs: {names:?}");
+    for (i, name) in names.iter().enumerate() {
         let pack = golden_pack(name, dir.path());
         let mut args = vec!["--prompt", prompt, "--max-tokens", "8", "--raw"];
-        if let Some(b) = budget {
-            args.extend(["--expert-budget", b]);
+        if i % 2 == 1 {
+            args.extend(["--expert-budget", "50%"]);
         }
         same_as_single(&pack, 2, &args, &env);
     }
 }
 
+/// Three ranks: every layer boundary of these small models is a stage boundary, including
+/// those that carry more than a hidden state.
 #[test]
 fn golden_three_ranks() {
     let dir = tempfile::tempdir().unwrap();
-    let pack = golden_pack("deepseek_v3-q4", dir.path());
-    let args = ["--prompt", "t3 t1 t4 t1 t5 t9 t2 t6", "--max-tokens", "6"];
-    same_as_single(&pack, 3, &args, &[("FLASHPACK_PREFILL_CHUNK", "3")]);
+    for name in ["deepseek_v3-q4", "deepseek_v41-q4", "kimi_k3-q4"] {
+        let pack = golden_pack(name, dir.path());
+        let args = ["--prompt", "t3 t1 t4 t1 t5 t9 t2 t6", "--max-tokens", "6"];
+        same_as_single(&pack, 3, &args, &[("FLASHPACK_PREFILL_CHUNK", "3")]);
+    }
 }
 
 #[test]

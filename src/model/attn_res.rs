@@ -87,6 +87,30 @@ impl ResidualBlocks {
         }
     }
 
+    /// The blocks and their inverse RMS (both absent before the first block): what a pipeline
+    /// stage hands on.
+    pub fn into_parts(self) -> Vec<Option<Array>> {
+        vec![self.raw, self.inv_rms]
+    }
+
+    /// [`ResidualBlocks::into_parts`] back, with `eps` (`rms_norm_eps`).
+    pub fn from_parts(parts: &[Option<Array>], eps: f64) -> Result<ResidualBlocks> {
+        match parts {
+            [raw, inv_rms] if raw.is_some() == inv_rms.is_some() => Ok(ResidualBlocks {
+                raw: raw.clone(),
+                inv_rms: inv_rms.clone(),
+                eps,
+            }),
+            _ => Err(ComputeError::Unsupported {
+                what: format!(
+                    "attention residuals' blocks given as {} parts (want the blocks and their \
+                     inverse RMS, both or neither)",
+                    parts.len()
+                ),
+            }),
+        }
+    }
+
     /// `ResidualBlocks.append(x)`: `x` `[B, L, H]` and its inverse RMS join the blocks.
     pub fn append(&mut self, x: &Array) -> Result<()> {
         // xf = x.astype(mx.float32)

@@ -136,6 +136,32 @@ pub struct Shared {
     candidates: Option<Array>,
 }
 
+impl Shared {
+    /// The four arrays in a fixed order (latents, index keys, the indexer's choice, its
+    /// candidates), each present or not: what a pipeline stage hands on.
+    pub fn into_parts(self) -> [Option<Array>; 4] {
+        [
+            self.compress_kv,
+            self.index_k,
+            self.topk_idx,
+            self.candidates,
+        ]
+    }
+
+    /// [`Shared::into_parts`] back; `None` unless exactly four parts.
+    pub fn from_parts(parts: &[Option<Array>]) -> Option<Shared> {
+        let [compress_kv, index_k, topk_idx, candidates] = parts else {
+            return None;
+        };
+        Some(Shared {
+            compress_kv: compress_kv.clone(),
+            index_k: index_k.clone(),
+            topk_idx: topk_idx.clone(),
+            candidates: candidates.clone(),
+        })
+    }
+}
+
 /// `_window_indices(previous, length, window)`, broadcast to `batch`: `[B, L, width]` int32,
 /// -1 for none.
 pub fn window_indices(

@@ -536,6 +536,60 @@ impl HcState {
         })
     }
 
+    /// The state a previous pipeline stage handed on ([`HcState::into_carry`]), for a call that
+    /// starts after `offset` positions, the windows holding `window_rows` of them.
+    pub fn resume(
+        cfg: &ModelConfig,
+        carry: &Carry,
+        offset: usize,
+        window_rows: usize,
+    ) -> Result<HcState> {
+        let Some(c) = &cfg.compressed_attention else {
+            return Err(ComputeError::Unsupported {
+                what: "hyper-connections without their config".into(),
+            });
+        };
+        let bad = || ComputeError::Unsupported {
+            what: format!(
+                "a hyper-connected stage's input of {} parts (want the pre-mix and 4 shared)",
+                carry.parts.len()
+            ),
+        };
+        let [pre_mix, rest @ ..] = &carry.parts[..] else {
+            return Err(bad());
+        };
+        let pre_mix = pre_mix.clone().ok_or_else(bad)?;
+        let shared = deepseek_v41::Shared::from_parts(rest).ok_or_else(bad)?;
+        let s = carry.h.shape();
+        Ok(HcState {
+            streams: carry.h.clone(),
+            pre_mix,
+            shared,
+            start: deepseek_v41::CallStart {
+                start_pos: offset,
+                window_idx: deepseek_v41::window_indices(
+                    window_rows,
+                    s.get(1).copied().unwrap_or(0),
+                    c.sliding_window,
+                    s.first().copied().unwrap_or(1),
+                )?,
+            },
+            attn_pre: None,
+            ffn_mix: None,
+        })
+    }
+
+    /// What the next stage's first layer needs: the streams, the pre-mix and the shared parts
+    /// ([`HcState::resume`]).
+    pub fn into_carry(self) -> Carry {
+        let mut parts = vec![Some(self.pre_mix)];
+        parts.extend(self.shared.into_parts());
+        Carry {
+            h: self.streams,
+            parts,
+        }
+    }
+
     /// The streams `[B, L, hc, H]`.
     pub fn streams(&self) -> &Array {
         &self.streams
@@ -617,17 +671,49 @@ pub enum Want {
 /// The layers after a model's own, on other processes (`run::pipeline`): the first stage of a
 /// pipeline hands them its last layer's output and gets the logits back.
 pub trait Downstream: std::fmt::Debug + Send + Sync {
-    /// Runs the following layers (and the head) on `h` `[B, L, H]`, whose first position is
-    /// cache position `offset`; `None` exactly when `want` is [`Want::Cache`].
-    fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Option<Array>>;
+    /// Runs the following layers (and the head) on `carry` (the state after this model's last
+    /// layer), whose first position is cache position `offset`; `None` exactly when `want` is
+    /// [`Want::Cache`].
+    fn finish(&self, carry: &Carry, offset: usize, want: Want) -> Result<Option<Array>>;
 }
 
-/// The input of a model's first layer: token ids (the model embeds them), or the hidden state
-/// a previous stage of a pipeline computed.
+/// The input of a model's first layer: token ids (the model embeds them), or the state a
+/// previous stage of a pipeline handed on ([`Carry`]).
 #[derive(Clone, Copy)]
 pub enum Input<'a> {
     Tokens(&'a Array),
-    Hidden(&'a Array),
+    Carried(&'a Carry),
+}
+
+/// What passes from one layer to the next, and so across a pipeline's stage boundary: the hidden
+/// state `h` `[B, L, H]` and, for the architectures whose layers pass more than one, the rest
+/// (`parts`, each present or not):
+/// - DeepSeek-V4.1's hyper-connections: `h` is the streams `[B, L, hc, H]`, and the parts are the
+///   next attention's pre-mix and what the call's layers share (the latest KV source's latents
+///   and index keys, the latest indexer's choice and candidates: [`HcState`]).
+/// - Kimi-K3's attention residuals: the parts are the blocks' starting states and their inverse
+///   RMS ([`ResidualBlocks`]), absent before the first block.
+///
+/// Where a model ends the model, `h` is the final norm's input and there are no parts.
+#[derive(Debug, Clone)]
+pub struct Carry {
+    pub h: Array,
+    pub parts: Vec<Option<Array>>,
+}
+
+impl Carry {
+    /// A hidden state alone.
+    pub fn plain(h: Array) -> Carry {
+        Carry {
+            h,
+            parts: Vec::new(),
+        }
+    }
+
+    /// Positions `B x L` of the call (the first two axes of `h`).
+    fn positions(&self) -> usize {
+        self.h.shape().iter().take(2).product()
+    }
 }
 
 /// The dense part of a model (everything but the routed experts) and how to run it.
@@ -687,7 +773,7 @@ impl Model {
     /// 0034-pipeline-ranks.md): the embedding only where the range starts at layer 0, the final
     /// norm and the LM head only where it ends at the last layer (with tied embeddings the
     /// embedding too, as the head). `w` needs only those tensors. A stage that does not start
-    /// at layer 0 takes [`Input::Hidden`]; one that does not end the model needs a
+    /// at layer 0 takes [`Input::Carried`]; one that does not end the model needs a
     /// [`Downstream`] ([`Model::set_downstream`]) to give logits.
     pub fn load_range(
         cfg: &ModelConfig,
@@ -701,14 +787,8 @@ impl Model {
                 what: format!("layers {}..{} of a model of {n}", range.start, range.end),
             });
         }
-        let whole = range.start == 0 && range.end == n;
-        if !whole && (cfg.hyper_connections.is_some() || cfg.attn_res_block_size.is_some()) {
-            // Their layers pass more than one hidden state (hyper-connection streams, the
-            // attention residuals' blocks): a stage boundary would have to carry them.
-            return Err(ComputeError::Unsupported {
-                what: format!("{} split across pipeline stages", cfg.arch),
-            });
-        }
+        // Hyper-connections and attention residuals pass more than one hidden state between
+        // layers: a stage boundary carries them all ([`Carry`]).
         let h = cfg.hidden_size;
         let layers = range
             .clone()
@@ -732,8 +812,10 @@ impl Model {
             } else {
                 Some(Linear::load(w, "lm_head", cfg.vocab_size, h)?)
             },
+            // The final norm's mix: where the final norm is.
             output_res: cfg
                 .attn_res_block_size
+                .filter(|_| ends)
                 .map(|_| attn_res::w_eff(w, "model.output_attn_res", h))
                 .transpose()?,
             kv_bits: None,
@@ -758,8 +840,8 @@ impl Model {
     /// The call's residual blocks, for a model with attention residuals (mlx-lm
     /// `ResidualBlocks(self.args.rms_norm_eps) if self.use_attn_res else None`).
     fn residual_blocks(&self) -> Option<ResidualBlocks> {
-        self.output_res
-            .as_ref()
+        self.cfg
+            .attn_res_block_size
             .map(|_| ResidualBlocks::new(self.cfg.rms_norm_eps))
     }
 
@@ -813,31 +895,34 @@ impl Model {
         }
     }
 
-    /// Hidden states `[B, L, H]` after the last layer (before the final norm).
+    /// The state after this model's last layer ([`Model::layers_of`] on token ids): where it
+    /// ends the model, the hidden states `[B, L, H]` before the final norm.
     /// With `cache_only`, stops after the last layer's attention has written the cache: its
     /// feed-forward only feeds the logits, which a prompt position before the last never needs
     /// (mlx-lm's prefill evaluates only the cache state and so skips the same work). The
-    /// returned array is then not the final hidden state and must not be used.
+    /// returned state is then not the final hidden state and must not be used.
     fn hidden(
         &self,
         tokens: &Array,
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
         cache_only: bool,
-    ) -> Result<Array> {
+    ) -> Result<Carry> {
         self.layers_of(Input::Tokens(tokens), cache, experts, cache_only)
     }
 
-    /// This model's layers on `input` (embedded first where it is token ids): the hidden
-    /// states `[B, L, H]` after its last layer. `cache_only` skips work only where this model
-    /// holds the model's last layer (see [`Model::hidden`]).
+    /// This model's layers on `input` (embedded first where it is token ids): the state after
+    /// its last layer. Where this model ends the model, that is the hidden states `[B, L, H]`
+    /// before the final norm (no parts); else whatever the next stage's first layer takes
+    /// ([`Carry`]). `cache_only` skips work only where this model holds the model's last layer
+    /// (see [`Model::hidden`]).
     pub fn layers_of(
         &self,
         input: Input<'_>,
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
         cache_only: bool,
-    ) -> Result<Array> {
+    ) -> Result<Carry> {
         let cache_only = cache_only && self.ends();
         if cache.layers.is_empty() {
             *cache = self.new_cache();
@@ -850,34 +935,39 @@ impl Model {
         // Routed entries per sparse layer: positions x top-k.
         let positions: usize = match input {
             Input::Tokens(t) => t.shape().iter().product(),
-            Input::Hidden(h) => h.shape()[..h.ndim().saturating_sub(1)].iter().product(),
+            Input::Carried(c) => c.positions(),
         };
         let entries = positions * self.cfg.num_experts_per_tok;
         if let Some(first) = self.layers.iter().find_map(Block::moe) {
             experts.begin_pass(first.layer, entries)?;
         }
         if self.cfg.hyper_connections.is_some() {
-            let Input::Tokens(tokens) = input else {
-                return Err(ComputeError::Unsupported {
-                    what: "hyper-connections from a hidden state".into(),
-                });
-            };
-            return self.hidden_hc(tokens, cache, experts, cache_only, entries);
+            return self.hidden_hc(input, cache, experts, cache_only, entries);
         }
-        let (h, len) = match input {
-            Input::Tokens(tokens) => (self.embed(tokens)?, tokens.dim(-1).unwrap_or(0)),
-            Input::Hidden(h) => (h.clone(), h.dim(-2).unwrap_or(0)),
+        let (h, len, mut blocks) = match input {
+            Input::Tokens(tokens) => (
+                self.embed(tokens)?,
+                tokens.dim(-1).unwrap_or(0),
+                self.residual_blocks(),
+            ),
+            Input::Carried(c) => (
+                c.h.clone(),
+                c.h.dim(1).unwrap_or(0),
+                self.cfg
+                    .attn_res_block_size
+                    .map(|_| ResidualBlocks::from_parts(&c.parts, self.cfg.rms_norm_eps))
+                    .transpose()?,
+            ),
         };
         // One mask per kind of layer, made before any layer updates its cache.
         let masks = cache.masks(len)?;
-        let mut blocks = self.residual_blocks();
         // Running ahead confirms layers by their index in `self.layers`: whole models only.
         let whole = self.first == 0 && self.ends();
         if whole && experts.runs_ahead(positions) {
             experts.set_ahead(true);
             let out = self.layers_ahead(h, &masks, cache, experts, cache_only, blocks);
             experts.set_ahead(false);
-            return out;
+            return out.map(Carry::plain);
         }
         let h = self.run_layers(
             h,
@@ -889,7 +979,13 @@ impl Model {
             entries,
             blocks.as_mut(),
         )?;
-        self.output_of(h, blocks.as_ref())
+        if !self.ends() {
+            return Ok(Carry {
+                h,
+                parts: blocks.map(ResidualBlocks::into_parts).unwrap_or_default(),
+            });
+        }
+        Ok(Carry::plain(self.output_of(h, blocks.as_ref())?))
     }
 
     /// Each layer of this model on `h`: `attend(l, layer, h, blocks)` runs layer `l`'s
@@ -942,7 +1038,7 @@ impl Model {
             && self.ends()
             && self.downstream.is_none()
             && self.cfg.hyper_connections.is_none()
-            && self.output_res.is_none()
+            && self.cfg.attn_res_block_size.is_none()
     }
 
     /// One decode step of several sequences at once: `tokens` `[B, 1]`, row `i` placed after
@@ -1106,15 +1202,20 @@ impl Model {
     /// streams into the hidden state.
     fn hidden_hc(
         &self,
-        tokens: &Array,
+        input: Input<'_>,
         cache: &mut KvCache,
         experts: &mut dyn ExpertStore,
         cache_only: bool,
         entries: usize,
-    ) -> Result<Array> {
-        let h = self.embed(tokens)?;
-        let first = cache.layers[0].compressed("model.layers.0")?;
-        let mut st = HcState::new(&self.cfg, &h, first.offset(), first.window_rows())?;
+    ) -> Result<Carry> {
+        let first = cache.layers[0].compressed(&format!("model.layers.{}", self.first))?;
+        let (offset, window_rows) = (first.offset(), first.window_rows());
+        let mut st = match input {
+            Input::Tokens(tokens) => {
+                HcState::new(&self.cfg, &self.embed(tokens)?, offset, window_rows)?
+            }
+            Input::Carried(c) => HcState::resume(&self.cfg, c, offset, window_rows)?,
+        };
         let n = self.layers.len();
         for (l, (layer, lc)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             layer.hc_attend(&mut st, lc, l)?;
@@ -1137,7 +1238,10 @@ impl Model {
                 mlx::async_eval(&[st.streams()])?;
             }
         }
-        st.output()
+        if !self.ends() {
+            return Ok(st.into_carry());
+        }
+        Ok(Carry::plain(st.output()?))
     }
 
     /// The embedding of `tokens` (scaled as Gemma 4 scales it).
@@ -1194,12 +1298,12 @@ impl Model {
         match &self.downstream {
             Some(d) if !self.ends() && self.cfg.vocab_size < 1 << 24 && pick_downstream() => {
                 let offset = cache.offset();
-                let h = self.hidden(tokens, cache, experts, false)?;
-                let both =
-                    d.finish(&h, offset, Want::Pick)?
-                        .ok_or_else(|| ComputeError::Unsupported {
-                            what: "a pipeline stage that gave no pick".into(),
-                        })?;
+                let carry = self.hidden(tokens, cache, experts, false)?;
+                let both = d.finish(&carry, offset, Want::Pick)?.ok_or_else(|| {
+                    ComputeError::Unsupported {
+                        what: "a pipeline stage that gave no pick".into(),
+                    }
+                })?;
                 let b = both.dim(0).unwrap_or(1) as i32;
                 let ids = both
                     .slice(&[0, 0, 0], &[b, 1, 1])?
@@ -1262,21 +1366,21 @@ impl Model {
         experts: &mut dyn ExpertStore,
     ) -> Result<Array> {
         let offset = cache.offset();
-        let h = self.hidden(tokens, cache, experts, false)?;
-        self.finish(&h, offset, Want::All)
+        let carry = self.hidden(tokens, cache, experts, false)?;
+        self.finish(&carry, offset, Want::All)
     }
 
-    /// What `want` asks of `h`, this model's last layer's output: the head here, or the
+    /// What `want` asks of `carry`, this model's last layer's output: the head here, or the
     /// stages after this one.
-    fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Array> {
+    fn finish(&self, carry: &Carry, offset: usize, want: Want) -> Result<Array> {
         match &self.downstream {
             Some(d) if !self.ends() => {
-                d.finish(h, offset, want)?
+                d.finish(carry, offset, want)?
                     .ok_or_else(|| ComputeError::Unsupported {
                         what: "a pipeline stage that gave no logits".into(),
                     })
             }
-            _ => self.logits_of(h, want),
+            _ => self.logits_of(&carry.h, want),
         }
     }
 
@@ -1291,8 +1395,8 @@ impl Model {
         experts: &mut dyn ExpertStore,
     ) -> Result<Array> {
         let offset = cache.offset();
-        let h = self.hidden(tokens, cache, experts, false)?;
-        self.finish(&h, offset, Want::Last)
+        let carry = self.hidden(tokens, cache, experts, false)?;
+        self.finish(&carry, offset, Want::Last)
     }
 
     /// [`Model::forward`] for one sequence given as ids; checks them against the vocabulary.
@@ -1322,9 +1426,9 @@ impl Model {
         experts: &mut dyn ExpertStore,
     ) -> Result<()> {
         let offset = cache.offset();
-        let h = self.hidden(tokens, cache, experts, true)?;
+        let carry = self.hidden(tokens, cache, experts, true)?;
         if let (Some(d), false) = (&self.downstream, self.ends()) {
-            d.finish(&h, offset, Want::Cache)?;
+            d.finish(&carry, offset, Want::Cache)?;
         }
         Ok(mlx::eval(&cache.state())?)
     }

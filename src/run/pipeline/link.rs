@@ -6,15 +6,19 @@
 //! run, each a fixed header of [`HEADER`] words and then its array, evaluated before the
 //! next message is built, so no message can overtake another.
 //!
-//! Header words, forward: `[FORWARD, B, L, want, offset, dtype, 0, 0]` then the hidden state
-//! `[B, L, H]`; stop: `[STOP, 0, ...]`; the reply to rank 0: `[LOGITS, B, L, vocab, dtype, ...]`
-//! then the logits, or for greedy decoding (`Want::Pick`) `[LOGITS, B, 1, 2, f32, ...]` then each
-//! row's pick and logits' sum: the last rank picks the token, and 8 bytes a row come back.
+//! Header words, forward: `[FORWARD, B, L, want, offset, dtype, parts, 0]` then the hidden state
+//! `[B, L, H]`. Where the layers pass more than a hidden state ([`Carry`]: DeepSeek-V4.1's
+//! hyper-connections, Kimi-K3's attention residuals), `parts` > 0: one more header of
+//! [`HEADER`] words per array (the hidden state's first, then each part's: `[present, dtype,
+//! ndim, d0, d1, d2, d3, d4]`) follows as one message, then each present array. Stop:
+//! `[STOP, 0, ...]`; the reply to rank 0: `[LOGITS, B, L, vocab, dtype, ...]` then the logits,
+//! or for greedy decoding (`Want::Pick`) `[LOGITS, B, 1, 2, f32, ...]` then each row's pick and
+//! logits' sum: the last rank picks the token, and 8 bytes a row come back.
 
 use std::time::Instant;
 
 use crate::mlx::{self, Array, Dtype};
-use crate::model::{ComputeError, Downstream, Input, KvCache, Want};
+use crate::model::{Carry, ComputeError, Downstream, Input, KvCache, Want};
 use crate::run::engine::Engine;
 
 use super::PipelineError;
@@ -66,6 +70,104 @@ fn dims(words: &[i32]) -> Result<Vec<usize>, PipelineError> {
         .collect()
 }
 
+/// At most this many axes in an array of a [`Carry`]'s header.
+const MAX_AXES: usize = HEADER - 3;
+
+/// Sends `carry` to `dst` after a forward header `header` (`[FORWARD, B, L, want, offset, ..]`):
+/// a plain hidden state as it is, else the shapes of every array first (module header).
+fn send_carry(mut header: [i32; HEADER], carry: &Carry, dst: usize) -> Result<(), ComputeError> {
+    header[5] = carry.h.dtype().code();
+    header[6] = carry.parts.len() as i32;
+    send_header(header, dst)?;
+    if !carry.parts.is_empty() {
+        let mut words = Vec::with_capacity(HEADER * (1 + carry.parts.len()));
+        for a in std::iter::once(Some(&carry.h)).chain(carry.parts.iter().map(Option::as_ref)) {
+            let mut w = [0i32; HEADER];
+            if let Some(a) = a {
+                let shape = a.shape();
+                if shape.len() > MAX_AXES {
+                    return Err(compute(PipelineError::Protocol(format!(
+                        "an array of {} axes between stages (at most {MAX_AXES})",
+                        shape.len()
+                    ))));
+                }
+                w[0] = 1;
+                w[1] = a.dtype().code();
+                w[2] = shape.len() as i32;
+                for (i, &d) in shape.iter().enumerate() {
+                    w[3 + i] = d as i32;
+                }
+            }
+            words.extend_from_slice(&w);
+        }
+        let n = words.len();
+        mlx::dist::send(&Array::from_slice(&words, &[n])?, dst)?.eval()?;
+    }
+    send_array(&carry.h, dst)?;
+    // An empty array (an indexer that chose nothing yet) has no bytes to send: the shapes
+    // message is all the receiver needs for it.
+    for p in carry.parts.iter().flatten().filter(|p| p.size() > 0) {
+        send_array(p, dst)?;
+    }
+    Ok(())
+}
+
+/// The [`Carry`] after forward header `header` from `src`, whose hidden state is `[B, L,
+/// hidden]` when it comes alone.
+fn recv_carry(header: &[i32; HEADER], hidden: usize, src: usize) -> Result<Carry, PipelineError> {
+    let bl = dims(&header[1..3])?;
+    let dtype = Dtype::from_code(header[5])?;
+    let parts = dims(&header[6..7])?[0];
+    if parts == 0 {
+        return Ok(Carry::plain(mlx::dist::recv(
+            &[bl[0], bl[1], hidden],
+            dtype,
+            src,
+        )?));
+    }
+    let n = HEADER * (1 + parts);
+    let words = mlx::dist::recv(&[n], Dtype::I32, src)?.to_vec::<i32>()?;
+    let mut arrays = Vec::with_capacity(1 + parts);
+    for w in words.chunks(HEADER) {
+        if w[0] == 0 {
+            arrays.push(None);
+            continue;
+        }
+        let axes = dims(&w[2..3])?[0];
+        if axes > MAX_AXES {
+            return Err(PipelineError::Protocol(format!("an array of {axes} axes")));
+        }
+        let shape = dims(&w[3..3 + axes])?;
+        arrays.push(Some((shape, Dtype::from_code(w[1])?)));
+    }
+    let mut got = arrays
+        .into_iter()
+        .map(|a| {
+            a.map(|(shape, dtype): (Vec<usize>, Dtype)| {
+                if shape.iter().product::<usize>() == 0 {
+                    Array::zeros(&shape, dtype)
+                } else {
+                    // Each receive is evaluated now: lazy ones would run in the order the
+                    // layers use them, not the order they were sent in.
+                    let a = mlx::dist::recv(&shape, dtype, src)?;
+                    a.eval()?;
+                    Ok(a)
+                }
+            })
+            .transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter();
+    let h = got
+        .next()
+        .flatten()
+        .ok_or_else(|| PipelineError::Protocol("a forward pass without its hidden state".into()))?;
+    Ok(Carry {
+        h,
+        parts: got.collect(),
+    })
+}
+
 /// Tells rank `to` (the next stage) to stop; each stage passes it on before it ends.
 pub(super) fn send_stop(to: usize) -> Result<(), PipelineError> {
     Ok(send_header([STOP, 0, 0, 0, 0, 0, 0, 0], to)?)
@@ -90,25 +192,29 @@ fn compute(e: PipelineError) -> ComputeError {
 }
 
 impl Downstream for Link {
-    fn finish(&self, h: &Array, offset: usize, want: Want) -> Result<Option<Array>, ComputeError> {
-        let shape = h.shape();
-        let [b, l, _] = shape[..] else {
+    fn finish(
+        &self,
+        carry: &Carry,
+        offset: usize,
+        want: Want,
+    ) -> Result<Option<Array>, ComputeError> {
+        let shape = carry.h.shape();
+        if shape.len() < 3 {
             return Err(compute(PipelineError::Protocol(format!(
                 "a hidden state of shape {shape:?}"
             ))));
-        };
+        }
         let header = [
             FORWARD,
-            b as i32,
-            l as i32,
+            shape[0] as i32,
+            shape[1] as i32,
             want_code(want),
             offset as i32,
-            h.dtype().code(),
+            0,
             0,
             0,
         ];
-        send_header(header, 1)?;
-        send_array(h, 1)?;
+        send_carry(header, carry, 1)?;
         if want == Want::Cache {
             return Ok(None);
         }
@@ -162,7 +268,10 @@ pub fn serve_stage(
             }
             FORWARD => {}
             other => {
-                return Err(PipelineError::Protocol(format!("unknown message {other}")));
+                return Err(PipelineError::Protocol(format!(
+                    "unknown message {other} (header {header:?}, after {} passes)",
+                    report.forwards
+                )));
             }
         }
         let started = Instant::now();
@@ -170,8 +279,7 @@ pub fn serve_stage(
         let (b, l) = (bl[0], bl[1]);
         let want = want_of(header[3])?;
         let offset = dims(&header[4..5])?[0];
-        let dtype = Dtype::from_code(header[5])?;
-        let h = mlx::dist::recv(&[b, l, hidden], dtype, left)?;
+        let carry = recv_carry(&header, hidden, left)?;
         if offset == 0 {
             kv = KvCache::default();
         } else if kv.offset() > offset {
@@ -183,15 +291,14 @@ pub fn serve_stage(
             )));
         }
         let out = engine.with_parts(|model, store| {
-            model.layers_of(Input::Hidden(&h), &mut kv, store, want == Want::Cache)
+            model.layers_of(Input::Carried(&carry), &mut kv, store, want == Want::Cache)
         })?;
         if !last {
-            send_header(header, right)?;
-            send_array(&out, right)?;
+            send_carry(header, &out, right)?;
         } else if want == Want::Cache {
             mlx::eval(&kv.state())?;
         } else {
-            let logits = engine.model().logits_of(&out, want)?;
+            let logits = engine.model().logits_of(&out.h, want)?;
             let s = logits.shape();
             let reply = [
                 LOGITS,
