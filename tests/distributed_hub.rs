@@ -89,6 +89,7 @@ fn two_ranks_download_only_their_ranges_from_the_hub() {
             "rank {r} received {got} of {size}: {err}"
         );
         assert!(got > 0);
+        eprintln!("rank {r} received {got} of {size} bytes");
         total += got;
     }
     assert_eq!(served(&s), total, "the server sent what the ranks counted");
@@ -236,4 +237,68 @@ fn hub_ids_without_one_pack_are_refused() {
     // A named one of several runs.
     let o = run_hub(&s, cache.path(), "org/two:b.flashpack", false);
     assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+#[test]
+fn two_ranks_on_one_machine_share_one_cache() {
+    let pack = std::fs::read(tiny_pack()).unwrap();
+    let size = pack.len() as u64;
+    let s = serve_pack(pack);
+    let (_, want_ids) = single(tiny_pack(), &ARGS, &[]);
+    let cache = tempfile::tempdir().unwrap();
+    let mut args = ARGS.to_vec();
+    args.push("--json");
+    let env_of = |_| hub_env(&s, cache.path(), false);
+    let outs = wait_all(launch_each(Path::new("org/tiny"), 2, &args, &[], &env_of));
+    let mut total = 0;
+    for o in &outs {
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        total += received(&err).0;
+    }
+    // The header and directories came once, under the copy's lock: no byte twice.
+    assert!(total <= size, "{total} of {size}");
+    assert_eq!(token_ids(&text(&outs[0].stderr)), want_ids);
+}
+
+#[test]
+fn an_interrupted_download_resumes_where_it_stopped() {
+    use crate::common::hub_server::Drop as Cut;
+    use flashpack::hub::{Fetched, Hub, HubConfig, PackAt, PackRef};
+
+    let bytes = std::fs::read(tiny_pack()).unwrap();
+    let s = serve_pack(bytes.clone());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub::new(HubConfig {
+        endpoint: s.endpoint.clone(),
+        token: None,
+        cache_dir: cache.path().to_path_buf(),
+        offline: false,
+    });
+    let r = PackRef::parse("org/tiny").unwrap();
+    let open = || match hub.pack_ranges(&r).unwrap() {
+        PackAt::Ranges(remote) => remote,
+        PackAt::Whole(p) => panic!("a whole pack at {}", p.display()),
+    };
+    let mut remote = open();
+    // The copy opens as a pack at once: header, directories and metadata are in.
+    let pack = flashpack::format::Pack::open(remote.path()).unwrap();
+    let all = pack.pieces_where(|_| true, |_| true);
+    let half = &all[..all.len() / 2];
+    assert_eq!(remote.fetch(half).unwrap().pieces, half.len());
+    drop(remote);
+
+    // Cut off there; the next process asks only for the rest, and a transfer that breaks
+    // once is asked again.
+    s.state().drop_download = Cut {
+        bytes: 100,
+        times: 1,
+    };
+    let mut remote = open();
+    let got = remote.fetch(&all).unwrap();
+    assert_eq!(got.pieces, all.len() - half.len());
+    // Every piece, the header and the sections are in; the rest is zero padding: the copy is
+    // the pack, byte for byte.
+    assert_eq!(std::fs::read(remote.path()).unwrap(), bytes);
+    assert_eq!(remote.fetch(&all).unwrap(), Fetched::default());
 }

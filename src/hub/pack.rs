@@ -328,8 +328,7 @@ impl RemotePack<'_> {
                 let Some(remote) = &self.remote else {
                     return Err(self.not_in_cache(vec!["the pack header".into()]));
                 };
-                let bytes = remote.read(&self.file, head)?;
-                self.requests += 1;
+                let bytes = read_retrying(remote, &self.file, head, &mut self.requests)?;
                 let header = Header::decode(&bytes).map_err(|source| HubError::NotAPack {
                     repo: self.repo.clone(),
                     file: self.file.clone(),
@@ -416,8 +415,7 @@ impl RemotePack<'_> {
             }
         }
         for q in &requests {
-            let got = remote.read(&self.file, q.range.clone())?;
-            self.requests += 1;
+            let got = read_retrying(remote, &self.file, q.range.clone(), &mut self.requests)?;
             let mut parts = Vec::with_capacity(q.pieces.len());
             for &i in &q.pieces {
                 let p = &pieces[i];
@@ -435,6 +433,29 @@ impl RemotePack<'_> {
             sparse.commit(&parts)?;
         }
         Ok(fetched)
+    }
+}
+
+/// Attempts at one range request before its error is reported: a connection that breaks
+/// (or closes early) is asked again, as fetch.rs resumes a whole file.
+const MAX_ATTEMPTS: u32 = 4;
+
+/// [`RemoteFiles::read`], asked again when the transfer breaks; `requests` counts each try.
+fn read_retrying(
+    remote: &RemoteFiles<'_>,
+    file: &str,
+    range: std::ops::Range<u64>,
+    requests: &mut usize,
+) -> Result<Vec<u8>, HubError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        *requests += 1;
+        match remote.read(file, range.clone()) {
+            Err(HubError::Transport { .. } | HubError::BadResponse { .. })
+                if attempt < MAX_ATTEMPTS => {}
+            other => return other,
+        }
     }
 }
 
