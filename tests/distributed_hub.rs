@@ -165,6 +165,20 @@ fn one_process_runs_a_hub_pack_downloaded_whole() {
         assert_eq!(text(&o.stdout), want_text);
     }
     assert_eq!(served(&s), size, "downloaded once, whole");
+    // The Hub unreachable: the cached pack runs, with a note.
+    let mut env = hub_env(&s, cache.path(), false);
+    env[0].1 = "http://127.0.0.1:1".into();
+    let o = Command::new(bin())
+        .arg("run")
+        .arg("org/tiny")
+        .args(ARGS)
+        .arg("--json")
+        .envs(env)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(token_ids(&err), want_ids);
     let snap = cache.path().join("models--org--tiny/snapshots");
     assert!(walk(&snap).iter().any(|p| p.ends_with("tiny.flashpack")));
 }

@@ -172,7 +172,19 @@ impl Hub {
             let (commit, file) = self.cached_pack(&cache, r, |c| cache.snapshot_dir(c))?;
             return Ok(cache.snapshot_dir(&commit).join(file));
         }
-        let info = self.repo_info(&repo, revision)?;
+        let info = match self.repo_info(&repo, revision) {
+            Ok(info) => info,
+            Err(e @ HubError::Transport { .. }) => {
+                // The Hub is unreachable: a pack downloaded before will do.
+                let Ok((commit, file)) = self.cached_pack(&cache, r, |c| cache.snapshot_dir(c))
+                else {
+                    return Err(e);
+                };
+                progress.note(&format!("{e}; using the cached {file} of {r}"));
+                return Ok(cache.snapshot_dir(&commit).join(file));
+            }
+            Err(e) => return Err(e),
+        };
         let remote_commit = info.sha.clone();
         if !super::cache::is_commit_hash(&remote_commit) {
             return Err(HubError::BadResponse {
@@ -210,6 +222,13 @@ impl Hub {
             .ok_or_else(|| missing(format!("refs/{revision}")))?;
         let dir = dir(&commit);
         let file = match &r.file {
+            Some(f) if !safe_repo_path(f) => {
+                return Err(HubError::FileNotFound {
+                    repo: r.repo.clone(),
+                    revision: revision.to_string(),
+                    file: f.clone(),
+                })
+            }
             Some(f) if dir.join(f).is_file() => f.clone(),
             Some(f) => return Err(missing(f.clone())),
             None => match packs_in(&dir).as_slice() {
@@ -228,7 +247,29 @@ impl Hub {
         let revision = r.revision();
         check_revision(revision)?;
         let cache = RepoCache::new(&self.cfg.cache_dir, &repo);
-        let mut pack = if self.cfg.offline {
+        // Unreachable, the Hub's error says to set HF_HUB_OFFLINE=1 to run from the cache.
+        let remote = match self.cfg.offline {
+            true => None,
+            false => Some(self.remote_files(&r.repo, Some(revision))?),
+        };
+        let mut pack = if let Some(remote) = remote {
+            let commit = remote.commit().to_string();
+            cache.write_ref(revision, &commit)?;
+            let file = choose_pack(remote.files(), r.file.as_deref(), r)?;
+            if cache.has_file(&commit, &file) {
+                return Ok(PackAt::Whole(cache.snapshot_dir(&commit).join(file)));
+            }
+            let size = remote.size(&file)?;
+            RemotePack {
+                remote: Some(remote),
+                name: format!("{}@{revision}:{file}", r.repo),
+                repo: r.repo.clone(),
+                path: cache.sparse_dir(&commit).join(&file),
+                file,
+                size,
+                requests: 0,
+            }
+        } else {
             if let Ok((commit, file)) = self.cached_pack(&cache, r, |c| cache.snapshot_dir(c)) {
                 return Ok(PackAt::Whole(cache.snapshot_dir(&commit).join(file)));
             }
@@ -251,24 +292,6 @@ impl Hub {
                 repo: r.repo.clone(),
                 file,
                 path,
-                size,
-                requests: 0,
-            }
-        } else {
-            let remote = self.remote_files(&r.repo, Some(revision))?;
-            let commit = remote.commit().to_string();
-            cache.write_ref(revision, &commit)?;
-            let file = choose_pack(remote.files(), r.file.as_deref(), r)?;
-            if cache.has_file(&commit, &file) {
-                return Ok(PackAt::Whole(cache.snapshot_dir(&commit).join(file)));
-            }
-            let size = remote.size(&file)?;
-            RemotePack {
-                remote: Some(remote),
-                name: format!("{}@{revision}:{file}", r.repo),
-                repo: r.repo.clone(),
-                path: cache.sparse_dir(&commit).join(&file),
-                file,
                 size,
                 requests: 0,
             }
