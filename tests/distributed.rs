@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
+pub(crate) fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_flashpack")
 }
 
@@ -26,7 +26,7 @@ fn fixture(rel: &str) -> PathBuf {
 const HANG_GUARD: Duration = Duration::from_secs(240);
 
 /// The bundled model's pack, converted once per test binary.
-fn tiny_pack() -> &'static Path {
+pub(crate) fn tiny_pack() -> &'static Path {
     static PACK: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, p) = PACK.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -98,13 +98,24 @@ fn free_ports(n: usize) -> Vec<u16> {
     ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
-struct Ranks {
+pub(crate) struct Ranks {
     children: Vec<Child>,
     _dir: tempfile::TempDir,
 }
 
 /// Starts `n` ranks of `flashpack run PACK ARGS` on loopback.
 fn launch(pack: &Path, n: usize, args: &[&str], env: &[(&str, &str)]) -> Ranks {
+    launch_each(pack, n, args, env, &|_| Vec::new())
+}
+
+/// [`launch`], with `each(rank)`'s variables set on that rank alone (its own Hub cache).
+pub(crate) fn launch_each(
+    pack: &Path,
+    n: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+    each: &dyn Fn(usize) -> Vec<(String, String)>,
+) -> Ranks {
     let dir = tempfile::tempdir().unwrap();
     let ports = free_ports(n + 1);
     let hosts: Vec<Vec<String>> = ports[..n]
@@ -124,6 +135,7 @@ fn launch(pack: &Path, n: usize, args: &[&str], env: &[(&str, &str)]) -> Ranks {
                 .args(["--rank", &rank.to_string()])
                 .env("FLASHPACK_CONTROL_PORT", ports[n].to_string())
                 .envs(env.iter().copied())
+                .envs(each(rank))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -137,7 +149,7 @@ fn launch(pack: &Path, n: usize, args: &[&str], env: &[(&str, &str)]) -> Ranks {
 }
 
 /// Waits for every rank (killing all past the hang guard) and returns their outputs.
-fn wait_all(mut r: Ranks) -> Vec<Output> {
+pub(crate) fn wait_all(mut r: Ranks) -> Vec<Output> {
     let start = Instant::now();
     loop {
         let done = r
@@ -169,12 +181,12 @@ fn wait_all(mut r: Ranks) -> Vec<Output> {
         .collect()
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 /// The generated ids from `run --json`'s stats line.
-fn token_ids(stderr: &str) -> Vec<u64> {
+pub(crate) fn token_ids(stderr: &str) -> Vec<u64> {
     let line = stderr
         .lines()
         .find(|l| l.starts_with('{') && l.contains("token_ids"))
@@ -188,7 +200,7 @@ fn token_ids(stderr: &str) -> Vec<u64> {
         .collect()
 }
 
-fn single(pack: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, Vec<u64>) {
+pub(crate) fn single(pack: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, Vec<u64>) {
     let o = Command::new(bin())
         .arg("run")
         .arg(pack)
@@ -230,7 +242,7 @@ fn same_as_single(pack: &Path, n: usize, args: &[&str], env: &[(&str, &str)]) {
     }
 }
 
-const PROMPT: &str =
+pub(crate) const PROMPT: &str =
     "The history of the world is a long story of people, places and the things they made";
 
 #[test]

@@ -442,3 +442,46 @@ fn opened_with(b: &[u8], at: usize, bytes: &[u8]) -> Result<Pack, PackError> {
     resign(&mut c);
     Pack::from_bytes(flashpack::mapped::Bytes::from_vec(c))
 }
+
+#[test]
+fn pieces_check_their_bytes_and_cover_every_byte_but_padding() {
+    use flashpack::format::{open_pieces, Check, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_small_pack(dir.path(), 4096);
+    let bytes = std::fs::read(&path).unwrap();
+    let pack = Pack::open(&path).unwrap();
+    let header = Header::decode(&bytes).unwrap();
+    let mut pieces = open_pieces(&header).unwrap();
+    assert_eq!(pieces[0].check, Check::Header);
+    assert_eq!(pieces.len(), 4, "header, metadata and the two directories");
+    pieces.extend(pack.pieces_where(|_| true, |_| true));
+    assert_eq!(
+        pieces.len(),
+        4 + pack.tensors().len() + pack.experts().len()
+    );
+    pieces.sort_by_key(|p| p.range.start);
+    let mut covered = vec![false; bytes.len()];
+    for (a, b) in pieces.iter().zip(pieces.iter().skip(1)) {
+        assert!(
+            a.range.end <= b.range.start,
+            "{} overlaps {}",
+            a.what,
+            b.what
+        );
+    }
+    for p in &pieces {
+        let (s, e) = (p.range.start as usize, p.range.end as usize);
+        assert!(p.checks(&bytes[s..e]), "{}", p.what);
+        let mut bad = bytes[s..e].to_vec();
+        bad[(e - s) / 2] ^= 1;
+        assert!(!p.checks(&bad), "{} passes with a flipped byte", p.what);
+        covered[s..e].iter_mut().for_each(|c| *c = true);
+    }
+    // What no piece holds is padding: zeros.
+    assert!(bytes.iter().zip(&covered).all(|(&b, &c)| c || b == 0));
+    // A layer's filter keeps its segments alone, and the named tensors.
+    let one = pack.pieces_where(|n| n == "model.norm.weight", |l| l == 1);
+    let segments = pack.experts().iter().filter(|e| e.layer == 1).count();
+    assert_eq!(one.len(), 1 + segments);
+    assert!(one.iter().any(|p| p.what == "tensor model.norm.weight"));
+}

@@ -42,6 +42,7 @@ mod run_paths;
 mod deepseek_glm;
 mod deepseek_v41;
 mod distributed;
+mod distributed_hub;
 mod gemma4;
 mod gpt_oss;
 mod gpt_oss_attention;

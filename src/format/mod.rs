@@ -8,6 +8,7 @@ mod error;
 mod header;
 pub mod layout;
 pub mod metadata;
+mod pieces;
 mod read;
 pub mod tempfiles;
 mod verify;
@@ -19,6 +20,7 @@ pub use directory::{
 pub use error::PackError;
 pub use header::{Header, SectionEntry, SectionKind, HEADER_SIZE, SECTION_ENTRY_SIZE};
 pub use metadata::Metadata;
+pub use pieces::{open_pieces, Check, Piece, MAX_HEADER_LEN};
 pub use read::Pack;
 pub use verify::{Damage, VerifyReport};
 pub use write::{ExpertSegmentDesc, PackSummary, PackWriter, TensorDesc};

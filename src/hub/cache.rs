@@ -67,6 +67,13 @@ impl RepoCache {
         self.snapshot_dir(commit).join(file).is_file()
     }
 
+    /// Where a pipeline rank keeps its sparse copy of `file` of `commit` (its own ranges of
+    /// the pack, holes elsewhere), beside its record `<file>.ranges`: not a blob, since it is
+    /// not complete, and never linked into the snapshot.
+    pub(crate) fn sparse_dir(&self, commit: &str) -> PathBuf {
+        self.root.join("flashpack-ranges").join(commit)
+    }
+
     pub(crate) fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs")
     }

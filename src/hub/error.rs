@@ -126,6 +126,42 @@ pub enum HubError {
         #[source]
         source: PackError,
     },
+    #[error(
+        "{repo}@{revision} holds no .flashpack file ({detail}); give the repo of a pack \
+         (`flashpack publish` writes one) or a local .flashpack path"
+    )]
+    NoPack {
+        repo: String,
+        revision: String,
+        detail: String,
+    },
+    #[error(
+        "{repo}@{revision} holds several packs ({}); name one as {repo}@{revision}:FILE, e.g. \
+         `flashpack run {repo}@{revision}:{}`",
+        packs.join(", "),
+        packs.first().map_or("", String::as_str)
+    )]
+    SeveralPacks {
+        repo: String,
+        revision: String,
+        packs: Vec<String>,
+    },
+    #[error("{repo}:{file} is not a pack flashpack can read: {source}")]
+    NotAPack {
+        repo: String,
+        file: String,
+        #[source]
+        source: Box<PackError>,
+    },
+    #[error(
+        "{what} of {repo}:{file}, as downloaded, does not match its checksum in the pack; the \
+         Hub's copy or the transfer is damaged: run again, or publish the pack again"
+    )]
+    DamagedRange {
+        repo: String,
+        file: String,
+        what: String,
+    },
     #[error("the Hub refused LFS object {oid} ({size} bytes): error {code}: {message}")]
     LfsRefused {
         oid: String,

@@ -448,16 +448,21 @@ impl<'a> Fetch<'a> {
     }
 
     fn write_error(&self, partial: &Path, e: std::io::Error, needed: u64) -> HubError {
-        if is_disk_full(&e) {
-            let dir = partial.parent().unwrap_or(partial);
-            return HubError::DiskFull {
-                path: partial.to_path_buf(),
-                needed,
-                available: free_bytes(dir).unwrap_or(0),
-            };
-        }
-        io_err(partial)(e)
+        write_error(partial, e, needed)
     }
+}
+
+/// A failed write to a download: `DiskFull` when the disk (or quota) is full.
+pub(super) fn write_error(partial: &Path, e: std::io::Error, needed: u64) -> HubError {
+    if is_disk_full(&e) {
+        let dir = partial.parent().unwrap_or(partial);
+        return HubError::DiskFull {
+            path: partial.to_path_buf(),
+            needed,
+            available: free_bytes(dir).unwrap_or(0),
+        };
+    }
+    io_err(partial)(e)
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 //!
 //! Pipelines: download: resolve revision -> plan files (download.rs) -> fetch blobs -> link
 //! snapshot (fetch.rs, cache.rs); publish: card -> hash -> create repo -> LFS transfer -> commit
-//! (card.rs, upload.rs); ranges of files without a download (ranges.rs, for `flashpack plan`).
+//! (card.rs, upload.rs); ranges of files without a download (ranges.rs, for `flashpack plan`);
+//! a pack for `flashpack run org/name`: whole, or a pipeline rank's ranges into a sparse copy
+//! (pack.rs, sparse.rs).
 //! http.rs is the one place that speaks HTTP.
 
 mod cache;
@@ -20,7 +22,9 @@ mod download;
 mod error;
 mod fetch;
 mod http;
+mod pack;
 mod ranges;
+pub mod sparse;
 mod upload;
 
 use std::path::PathBuf;
@@ -30,6 +34,7 @@ use crate::progress::Progress;
 pub use card::{base_model_of, model_card};
 pub use download::{Snapshot, OPTIONAL_FILES};
 pub use error::HubError;
+pub use pack::{Fetched, PackAt, PackRef, RemotePack};
 pub use ranges::RemoteFiles;
 pub use upload::{PublishOptions, Published};
 

@@ -1,6 +1,8 @@
 //! `flashpack run PACK --hostfile hosts.json --rank N`: one rank of a pipeline
 //! (docs/decisions/0034-pipeline-ranks.md). Rank 0 reads the prompt, prints the answer and the
 //! stats, as `run` does; the other ranks run their layers and print one stats line each.
+//! A Hub pack (`org/name[@revision][:FILE]`) is read by ranges: the header, directories and
+//! metadata before the start handshake, this rank's layers after the split (`hub::RemotePack`).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -9,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flashpack::format::Pack;
+use flashpack::hub::{Hub, PackAt, PackRef, RemotePack};
 use flashpack::memory::{peak_rss, total_ram};
 use flashpack::progress::Warnings;
 use flashpack::run::engine::{Engine, EngineOptions, Stage};
@@ -73,8 +76,21 @@ pub fn follow(
 
 pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
     let rank = rank_of(&args.ranks)?;
-    let pack =
-        Pack::open(&args.pack).with_context(|| format!("cannot run {}", args.pack.display()))?;
+    // A Hub pack: its header, directories and metadata now, the rank's layers after the split.
+    let hub = Hub::from_env();
+    let at = match args.pack.to_str().and_then(PackRef::parse) {
+        None => None,
+        Some(r) => Some(
+            hub.pack_ranges(&r)
+                .with_context(|| format!("cannot run {r} as rank {rank}"))?,
+        ),
+    };
+    let (path, mut remote) = match at {
+        None => (args.pack.clone(), None),
+        Some(PackAt::Whole(path)) => (path, None),
+        Some(PackAt::Ranges(remote)) => (remote.path().to_path_buf(), Some(remote)),
+    };
+    let pack = Pack::open(&path).with_context(|| format!("cannot run {}", args.pack.display()))?;
     let cfg = open::model_config(&pack)?;
     // Rank 0 alone reads the prompt; it tells the others how long a sequence to plan for.
     let (text, positions) = if rank == 0 {
@@ -103,11 +119,52 @@ pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("cannot start rank {rank} of {}", hostfile.display()));
     let p = p?;
-    let result = run_rank(&args, &p, &pack, &cfg, text.as_deref());
+    let result = match remote.as_mut() {
+        Some(remote) => fetch_stage(remote, &pack, &p, &cfg).and_then(|()| {
+            // Opened again: the copy now holds this rank's pieces.
+            let pack =
+                Pack::open(&path).with_context(|| format!("cannot run {}", remote.name()))?;
+            run_rank(&args, &p, &pack, &cfg, text.as_deref())
+        }),
+        None => run_rank(&args, &p, &pack, &cfg, text.as_deref()),
+    };
     if result.is_err() {
         p.disarm();
     }
     result
+}
+
+/// Downloads the byte ranges of this rank's layers into the sparse copy (nothing when a run
+/// before brought them) and says what it received.
+fn fetch_stage(
+    remote: &mut RemotePack<'_>,
+    pack: &Pack,
+    p: &Pipeline,
+    cfg: &flashpack::arch::ModelConfig,
+) -> anyhow::Result<()> {
+    let pieces = pipeline::stage_pieces(pack, &p.layers, cfg);
+    let fetched = remote.fetch(&pieces).with_context(|| {
+        format!(
+            "rank {}: downloading layers {}..{} of {}",
+            p.rank,
+            p.layers.start,
+            p.layers.end,
+            remote.name()
+        )
+    })?;
+    eprintln!(
+        "rank {}: {}: received {} of {} bytes in {} range requests ({} of this rank's {} pieces \
+         were missing, {})",
+        p.rank,
+        remote.name(),
+        remote.received(),
+        remote.size(),
+        remote.requests(),
+        fetched.pieces,
+        pieces.len(),
+        units::bytes(fetched.bytes, Style::RUN),
+    );
+    Ok(())
 }
 
 fn run_rank(

@@ -1,12 +1,13 @@
 //! `flashpack run PACK --prompt TEXT`: generated text alone on stdout, stats on stderr.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::chat::{SamplingArgs, TopKArg};
 use anyhow::{bail, Context};
 use flashpack::arch::KvBits;
+use flashpack::hub::{Hub, PackRef};
 use flashpack::run::budget::Budget;
 use flashpack::run::engine::{Engine, EngineOptions, Piece, Request};
 use flashpack::run::experts::PolicyKind;
@@ -18,7 +19,9 @@ use flashpack::units::{self, Style};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// The .flashpack file.
+    /// The .flashpack file, or a pack on the Hub: org/name[@revision][:FILE] (FILE: which
+    /// .flashpack of the repo, when it holds several). One process downloads the whole pack
+    /// into the Hub cache; a pipeline rank (--hostfile) only the byte ranges of its layers.
     pub pack: PathBuf,
     /// The prompt text.
     #[arg(
@@ -238,7 +241,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return crate::rank::run(args, &hostfile);
     }
     let prompt = prompt_text(&args)?;
-    let (pack, cfg, weights) = open::open(&args.pack, !args.no_verify)
+    let path = local_pack(&args.pack)?;
+    let (pack, cfg, weights) = open::open(&path, !args.no_verify)
         .with_context(|| format!("cannot run {}", args.pack.display()))?;
     let progress = PromptProgress::new(prompt_progress_after(), !args.json);
     let text = model_text(&args, &pack, &prompt)?;
@@ -247,6 +251,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Memory pressure shrinks the expert cache while the system is short (and grows it back).
     engine.watch_pressure(PressureWatch::from_env()?);
     answer(&args, &mut engine, &cfg, &text, &progress)
+}
+
+/// The pack's local path: `pack` itself, or for a Hub id (`org/name[@revision][:FILE]`, told
+/// apart as `convert` and `plan` tell one) the whole pack downloaded into the Hub cache.
+pub fn local_pack(pack: &Path) -> anyhow::Result<PathBuf> {
+    let Some(r) = pack.to_str().and_then(PackRef::parse) else {
+        return Ok(pack.to_path_buf());
+    };
+    Hub::from_env()
+        .download_pack(&r, &crate::bars::Bars::new(false))
+        .with_context(|| format!("cannot run {r}"))
 }
 
 /// The text the model reads: the prompt, through the chat template unless --raw.

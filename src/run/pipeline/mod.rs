@@ -266,6 +266,21 @@ pub fn stage_tensor(name: &str, layers: &Range<usize>, n: usize, tied: bool) -> 
     }
 }
 
+/// The byte ranges of `pack` the stage of `layers` reads, with their checksums: the tensors
+/// [`stage_tensor`] keeps and its layers' expert segments (what a rank downloads from the Hub,
+/// `hub::RemotePack::fetch`). The header, directories and metadata are read at open, apart.
+pub fn stage_pieces(
+    pack: &Pack,
+    layers: &Range<usize>,
+    cfg: &ModelConfig,
+) -> Vec<crate::format::Piece> {
+    let n = cfg.num_hidden_layers;
+    pack.pieces_where(
+        |name| stage_tensor(name, layers, n, cfg.tie_word_embeddings),
+        |l| layers.contains(&(l as usize)),
+    )
+}
+
 /// The pack's identity every rank compares: the blake3 of its header, which covers the section
 /// table and so the checksums of every directory, tensor and segment.
 pub fn pack_hash(pack: &Pack) -> [u8; 32] {
