@@ -199,6 +199,13 @@ impl Pack {
         &self.bytes[t.stored_range()]
     }
 
+    /// Drops `t`'s stored bytes from this process's resident set once they were copied out
+    /// (mapped packs only: they stay in the page cache and fault back in if read again).
+    pub fn release_tensor(&self, t: &TensorEntry) {
+        let r = t.stored_range();
+        self.bytes.release(r.start, r.end - r.start);
+    }
+
     /// Expert segments, sorted by (layer, expert, segment).
     pub fn experts(&self) -> &[ExpertEntry] {
         &self.experts

@@ -116,6 +116,9 @@ impl PackWeights {
             };
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
             let array = Array::from_bytes(data, &shape, mlx_dtype(t.dtype))?;
+            // The array holds its own copy: the mapped pages need not stay in this process's
+            // resident set beside it (they would count twice in its peak).
+            pack.release_tensor(t);
             bytes += t.decoded_len;
             if t.bits > 0 {
                 if let Some(module) = t.name.strip_suffix(".weight") {

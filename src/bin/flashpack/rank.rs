@@ -214,12 +214,20 @@ pub fn split_line(p: &Pipeline) -> String {
 
 /// One line per rank on stderr: its layers, what it holds, its peak memory.
 pub fn stage_line(p: &Pipeline, dense: u64, experts: u64, report: Option<&pipeline::StageReport>) {
-    let busy = report.map_or(String::new(), |r| {
-        format!(
-            ", {} passes ({} positions) in {:.2} s",
+    let busy = match report {
+        Some(r) => format!(
+            ", {} passes ({} positions) in {:.4} s",
             r.forwards, r.positions, r.busy_s
-        )
-    });
+        ),
+        // Rank 0: its passes down the pipeline, first message sent to reply received.
+        None => {
+            let d = p.downstream_report();
+            format!(
+                ", {} passes down ({} answered) in {:.4} s",
+                d.passes, d.replies, d.round_trip_s
+            )
+        }
+    };
     eprintln!(
         "rank {}: layers {}..{}, dense {}, experts {}{busy}; peak RSS {}",
         p.rank,

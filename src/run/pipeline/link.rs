@@ -15,6 +15,7 @@
 //! or for greedy decoding (`Want::Pick`) `[LOGITS, B, 1, 2, f32, ...]` then each row's pick and
 //! logits' sum: the last rank picks the token, and 8 bytes a row come back.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::mlx::{self, Array, Dtype};
@@ -177,11 +178,30 @@ pub(super) fn send_stop(to: usize) -> Result<(), PipelineError> {
 #[derive(Debug)]
 pub struct Link {
     size: usize,
+    report: Arc<Mutex<LinkReport>>,
+}
+
+/// Rank 0's passes down the pipeline: how many, and the time from each pass's first message
+/// sent to its reply received (a prompt chunk that wants no reply: to its last message sent).
+/// Less the other ranks' own busy time ([`StageReport::busy_s`]), what is left is the hops'.
+#[derive(Debug, Default, Clone)]
+pub struct LinkReport {
+    pub passes: usize,
+    pub replies: usize,
+    pub round_trip_s: f64,
 }
 
 impl Link {
-    pub fn new(size: usize) -> Link {
-        Link { size }
+    pub fn new(size: usize, report: Arc<Mutex<LinkReport>>) -> Link {
+        Link { size, report }
+    }
+
+    fn count(&self, started: Instant, replied: bool) {
+        if let Ok(mut r) = self.report.lock() {
+            r.passes += 1;
+            r.replies += replied as usize;
+            r.round_trip_s += started.elapsed().as_secs_f64();
+        }
     }
 }
 
@@ -214,8 +234,12 @@ impl Downstream for Link {
             0,
             0,
         ];
+        // The round trip starts once this rank's own layers are computed.
+        eval_carry(carry).map_err(ComputeError::from)?;
+        let started = Instant::now();
         send_carry(header, carry, 1)?;
         if want == Want::Cache {
+            self.count(started, false);
             return Ok(None);
         }
         // The last rank's reply: rank 0 is its right neighbour.
@@ -231,6 +255,7 @@ impl Downstream for Link {
         let dtype = Dtype::from_code(reply[4])?;
         let logits = mlx::dist::recv(&shape, dtype, last)?;
         logits.eval()?;
+        self.count(started, true);
         Ok(Some(logits))
     }
 }
@@ -274,12 +299,14 @@ pub fn serve_stage(
                 )));
             }
         }
-        let started = Instant::now();
         let bl = dims(&header[1..3])?;
         let (b, l) = (bl[0], bl[1]);
         let want = want_of(header[3])?;
         let offset = dims(&header[4..5])?[0];
         let carry = recv_carry(&header, hidden, left)?;
+        // Busy from the pass's arrival to its result, neither hop counted.
+        eval_carry(&carry)?;
+        let started = Instant::now();
         if offset == 0 {
             kv = KvCache::default();
         } else if kv.offset() > offset {
@@ -294,11 +321,16 @@ pub fn serve_stage(
             model.layers_of(Input::Carried(&carry), &mut kv, store, want == Want::Cache)
         })?;
         if !last {
+            eval_carry(&out)?;
+            report.busy_s += started.elapsed().as_secs_f64();
             send_carry(header, &out, right)?;
         } else if want == Want::Cache {
             mlx::eval(&kv.state())?;
+            report.busy_s += started.elapsed().as_secs_f64();
         } else {
             let logits = engine.model().logits_of(&out.h, want)?;
+            logits.eval()?;
+            report.busy_s += started.elapsed().as_secs_f64();
             let s = logits.shape();
             let reply = [
                 LOGITS,
@@ -315,6 +347,12 @@ pub fn serve_stage(
         }
         report.forwards += 1;
         report.positions += b * l;
-        report.busy_s += started.elapsed().as_secs_f64();
     }
+}
+
+/// Evaluates every array of `c` (a pass's input as it arrives, or its output before it goes).
+fn eval_carry(c: &Carry) -> Result<(), mlx::Error> {
+    let mut all = vec![&c.h];
+    all.extend(c.parts.iter().flatten());
+    mlx::eval(&all)
 }

@@ -16,7 +16,7 @@
 mod link;
 mod watch;
 
-pub use link::{serve_stage, Link, StageReport};
+pub use link::{serve_stage, Link, LinkReport, StageReport};
 pub use watch::Watch;
 
 use std::net::SocketAddr;
@@ -335,6 +335,8 @@ pub struct Pipeline {
     pub positions: usize,
     pub hostfile: Hostfile,
     watch: Watch,
+    /// Rank 0's time in the stages after it, shared with its [`Link`]s.
+    downstream: std::sync::Arc<std::sync::Mutex<LinkReport>>,
 }
 
 /// How to join a pipeline.
@@ -391,7 +393,17 @@ impl Pipeline {
             positions: all[0].positions as usize,
             hostfile,
             watch,
+            downstream: Default::default(),
         })
+    }
+
+    /// Rank 0: its passes down the pipeline so far, and the time each took from its first
+    /// message sent to its reply received.
+    pub fn downstream_report(&self) -> LinkReport {
+        self.downstream
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// Whether this rank ends the pipeline (applies the head).
@@ -401,7 +413,7 @@ impl Pipeline {
 
     /// Rank 0's link to the stages after it.
     pub fn link(&self) -> Link {
-        Link::new(self.size)
+        Link::new(self.size, self.downstream.clone())
     }
 
     /// Ends the run on every rank: rank 0 tells the next stage to stop (it tells the one after
