@@ -486,12 +486,18 @@ fn mismatched_packs_are_refused() {
 /// stopped (SIGTERM), it tells rank 1, and both exit 0.
 #[test]
 fn serve_on_two_ranks_answers_as_one_process() {
+    serve_two_ranks(tiny_pack().to_str().unwrap(), &[]);
+}
+
+/// `serve PACK` on two ranks (each with environment `env`; `pack` a path or a Hub id) answers
+/// an OpenAI completion twice as one process on the bundled pack does, and both ranks exit 0
+/// on SIGTERM to rank 0. Rank 0's stderr is returned.
+pub(crate) fn serve_two_ranks(pack: &str, env: &[(String, String)]) -> String {
     use crate::common::http::{post, Server};
     use std::io::{BufRead, BufReader};
-    let pack = tiny_pack();
     let body = serde_json::json!({"model": "tiny", "prompt": "The history of", "max_tokens": 12,
         "temperature": 0});
-    let single = Server::start(pack, &[]);
+    let single = Server::start(tiny_pack(), &[]);
     let r = post(single.addr, "/v1/completions", &body);
     assert_eq!(r.status, 200, "{}", r.text());
     let expected = r.json()["choices"][0]["text"].clone();
@@ -508,10 +514,19 @@ fn serve_on_two_ranks_answers_as_one_process() {
     let mut ranks: Vec<Child> = (0..2)
         .map(|rank| {
             Command::new(bin())
-                .args(["serve", pack.to_str().unwrap(), "--port", "0", "--hostfile"])
+                .args([
+                    "serve",
+                    pack,
+                    "--model-name",
+                    "tiny",
+                    "--port",
+                    "0",
+                    "--hostfile",
+                ])
                 .arg(&hostfile)
                 .args(["--rank", &rank.to_string()])
                 .env("FLASHPACK_CONTROL_PORT", ports[2].to_string())
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -560,4 +575,5 @@ fn serve_on_two_ranks_answers_as_one_process() {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "rank {rank}: {stderr}{rest}");
     }
+    seen + &rest
 }

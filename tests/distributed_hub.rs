@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::common::hub_server::HubServer;
-use crate::distributed::{bin, launch_each, single, text, tiny_pack, token_ids, wait_all, PROMPT};
+use crate::distributed::{
+    bin, launch_each, serve_two_ranks, single, text, tiny_pack, token_ids, wait_all, PROMPT,
+};
 
 const ARGS: [&str; 5] = ["--prompt", PROMPT, "--max-tokens", "16", "--raw"];
 
@@ -315,4 +317,19 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     // the pack, byte for byte.
     assert_eq!(std::fs::read(remote.path()).unwrap(), bytes);
     assert_eq!(remote.fetch(&all).unwrap(), Fetched::default());
+}
+
+/// `serve org/tiny --hostfile H --rank N`: each rank reads its own ranges from the Hub, and the
+/// pipeline answers as one process on the local pack.
+#[test]
+fn serve_on_two_ranks_from_the_hub() {
+    let s = serve_pack(std::fs::read(tiny_pack()).unwrap());
+    let cache = tempfile::tempdir().unwrap();
+    let env = hub_env(&s, cache.path(), false);
+    let rank0 = serve_two_ranks("org/tiny", &env);
+    let (got, size) = received(&rank0);
+    assert!(
+        got > 0 && got < size,
+        "rank 0 received {got} of {size}: {rank0}"
+    );
 }

@@ -4,7 +4,7 @@
 //! A Hub pack (`org/name[@revision][:FILE]`) is read by ranges: the header, directories and
 //! metadata before the start handshake, this rank's layers after the split (`hub::RemotePack`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,20 +76,8 @@ pub fn follow(
 
 pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
     let rank = rank_of(&args.ranks)?;
-    // A Hub pack: its header, directories and metadata now, the rank's layers after the split.
     let hub = Hub::from_env();
-    let at = match args.pack.to_str().and_then(PackRef::parse) {
-        None => None,
-        Some(r) => Some(
-            hub.pack_ranges(&r)
-                .with_context(|| format!("cannot run {r} as rank {rank}"))?,
-        ),
-    };
-    let (path, mut remote) = match at {
-        None => (args.pack.clone(), None),
-        Some(PackAt::Whole(path)) => (path, None),
-        Some(PackAt::Ranges(remote)) => (remote.path().to_path_buf(), Some(remote)),
-    };
+    let (path, mut remote) = resolve_pack(&hub, &args.pack, rank)?;
     let pack = Pack::open(&path).with_context(|| format!("cannot run {}", args.pack.display()))?;
     let cfg = open::model_config(&pack)?;
     // Rank 0 alone reads the prompt; it tells the others how long a sequence to plan for.
@@ -134,9 +122,30 @@ pub fn run(args: RunArgs, hostfile: &Path) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// A rank's pack: `pack` itself, or for a Hub pack (`org/name[@revision][:FILE]`) its header,
+/// directories and metadata now, read by ranges into a sparse copy whose path is returned with
+/// it (this rank's layers come after the split: [`fetch_stage`]), or the whole pack where the
+/// Hub cache already holds it.
+pub fn resolve_pack<'h>(
+    hub: &'h Hub,
+    pack: &Path,
+    rank: usize,
+) -> anyhow::Result<(PathBuf, Option<RemotePack<'h>>)> {
+    let at = match pack.to_str().and_then(PackRef::parse) {
+        None => return Ok((pack.to_path_buf(), None)),
+        Some(r) => hub
+            .pack_ranges(&r)
+            .with_context(|| format!("cannot open {r} as rank {rank}"))?,
+    };
+    Ok(match at {
+        PackAt::Whole(path) => (path, None),
+        PackAt::Ranges(remote) => (remote.path().to_path_buf(), Some(*remote)),
+    })
+}
+
 /// Downloads the byte ranges of this rank's layers into the sparse copy (nothing when a run
 /// before brought them) and says what it received.
-fn fetch_stage(
+pub fn fetch_stage(
     remote: &mut RemotePack<'_>,
     pack: &Pack,
     p: &Pipeline,

@@ -25,7 +25,7 @@ pub struct ServeArgs {
     /// around it). Without one, only local pages and clients may call the server.
     #[arg(long, value_name = "KEY", value_parser = api_key)]
     pub api_key: Option<String>,
-    /// The model id clients use (default: the pack's file name without .flashpack).
+    /// The model id clients use (default: the pack's file name without .flashpack, or the Hub id).
     #[arg(long, value_name = "ID")]
     pub model_name: Option<String>,
     /// Requests that may wait while one runs; more get 429 with Retry-After.
@@ -125,7 +125,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.host
         );
     }
-    let mut opts = ServeOptions::new(args.pack.clone());
+    // A Hub pack (org/name[@revision][:FILE]): one process downloads it whole into the Hub
+    // cache; a pipeline rank reads only its layers' ranges (serve_ranks).
+    let hub_id = args
+        .pack
+        .to_str()
+        .filter(|s| flashpack::hub::PackRef::parse(s).is_some())
+        .map(str::to_string);
+    let path = if hub_id.is_some() && args.ranks.hostfile.is_none() {
+        crate::run::local_pack(&args.pack)?
+    } else {
+        args.pack.clone()
+    };
+    let mut opts = ServeOptions::new(path);
+    if let Some(id) = hub_id {
+        opts.model = id;
+    }
     if let Some(name) = args.model_name {
         opts.model = name;
     }
@@ -181,7 +196,9 @@ fn serve_ranks(
     use anyhow::Context;
     use flashpack::run::pipeline::{JoinOptions, Pipeline};
     let rank = crate::rank::rank_of(ranks)?;
-    let pack = flashpack::format::Pack::open(&opts.pack)
+    let hub = flashpack::hub::Hub::from_env();
+    let (path, mut remote) = crate::rank::resolve_pack(&hub, &opts.pack, rank)?;
+    let mut pack = flashpack::format::Pack::open(&path)
         .with_context(|| format!("cannot serve {}", opts.pack.display()))?;
     let cfg = flashpack::run::open::model_config(&pack)?;
     let ram = flashpack::memory::total_ram();
@@ -204,6 +221,21 @@ fn serve_ranks(
     )
     .with_context(|| format!("cannot start rank {rank} of {}", hostfile.display()))?;
     opts.engine.positions = p.positions.max(1);
+    if let Some(remote) = remote.as_mut() {
+        // This rank's layers, then the copy opened again with them.
+        let fetched = crate::rank::fetch_stage(remote, &pack, &p, &cfg).and_then(|()| {
+            flashpack::format::Pack::open(&path)
+                .with_context(|| format!("cannot serve {}", remote.name()))
+        });
+        match fetched {
+            Ok(opened) => pack = opened,
+            Err(e) => {
+                p.disarm();
+                return Err(e);
+            }
+        }
+    }
+    opts.pack = path;
     if rank != 0 {
         let done = crate::rank::follow(&p, &pack, &cfg, &opts.engine);
         if done.is_err() {
