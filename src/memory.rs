@@ -137,7 +137,7 @@ pub fn cgroup_pressure_file() -> Option<std::path::PathBuf> {
 /// namespace root is the cgroup), `None` when the memory controller is v1's.
 pub fn cgroup_pressure_file_at(root: &std::path::Path, own: &str) -> Option<std::path::PathBuf> {
     let v1 = own.lines().any(|l| {
-        l.splitn(3, ':')
+        l.split(':')
             .nth(1)
             .is_some_and(|c| c.split(',').any(|c| c == "memory"))
     });
