@@ -265,15 +265,8 @@ fn three_ranks_streaming_match_one_process() {
     same_as_single(tiny_pack(), 3, &args, &[("FLASHPACK_PREFILL_CHUNK", "4")]);
 }
 
-/// Every architecture's golden pack (their attention, caches, routing and what their layers
-/// pass on differ: DeepSeek-V4.1's hyper-connection streams and shared latents, Kimi-K3's
-/// attention residuals' blocks), two ranks, prompt in chunks then decode; every other one
-/// streaming through a small expert budget.
-#[test]
-fn golden_architectures_two_ranks() {
-    let dir = tempfile::tempdir().unwrap();
-    let prompt = "t1 t7 t42 t9 t200 t13 t77 t5 t64 t31 t2 t99";
-    let env = [("FLASHPACK_PREFILL_CHUNK", "3")];
+/// Every architecture's golden pack, by name (the quantized-source goldens of each type).
+fn golden_names() -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(fixture("golden"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -281,25 +274,63 @@ fn golden_architectures_two_ranks() {
         .collect();
     names.sort();
     assert!(names.len() >= 16, "golden packs: {names:?}");
-    for (i, name) in names.iter().enumerate() {
-        let pack = golden_pack(name, dir.path());
-        let mut args = vec!["--prompt", prompt, "--max-tokens", "8", "--raw"];
-        if i % 2 == 1 {
-            args.extend(["--expert-budget", "50%"]);
-        }
+    names
+}
+
+/// A golden's layer count (its text model's, for the multimodal ones).
+fn golden_layers(name: &str) -> usize {
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("golden/{name}/config.json"))).unwrap(),
+    )
+    .unwrap();
+    let t = c.get("text_config").unwrap_or(&c);
+    t["num_hidden_layers"].as_u64().unwrap() as usize
+}
+
+/// Every architecture's golden pack (their attention, caches, routing and what their layers
+/// pass on differ: DeepSeek-V4.1's hyper-connection streams and shared latents, Kimi-K3's
+/// attention residuals' blocks), two ranks, prompt in chunks then decode, every expert
+/// resident and streaming through a small expert budget.
+#[test]
+fn golden_architectures_two_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "t1 t7 t42 t9 t200 t13 t77 t5 t64 t31 t2 t99";
+    let env = [("FLASHPACK_PREFILL_CHUNK", "3")];
+    for name in golden_names() {
+        let pack = golden_pack(&name, dir.path());
+        let args = ["--prompt", prompt, "--max-tokens", "8", "--raw"];
         same_as_single(&pack, 2, &args, &env);
+        let streaming = [&args[..], &["--expert-budget", "50%"]].concat();
+        same_as_single(&pack, 2, &streaming, &env);
     }
 }
 
-/// Three ranks: every layer boundary of these small models is a stage boundary, including
-/// those that carry more than a hidden state.
+/// Three ranks on every golden of three layers or more (every rank holds at least one): each
+/// layer boundary of the smallest is a stage boundary, including those that carry more than a
+/// hidden state; one of them streaming.
 #[test]
 fn golden_three_ranks() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["deepseek_v3-q4", "deepseek_v41-q4", "kimi_k3-q4"] {
+    let names: Vec<String> = golden_names()
+        .into_iter()
+        .filter(|n| golden_layers(n) >= 3)
+        .collect();
+    for n in [
+        "deepseek_v3-q4",
+        "deepseek_v41-q4",
+        "kimi_k3-q4",
+        "qwen3_next-q4",
+    ] {
+        assert!(names.iter().any(|m| m == n), "{n} not among {names:?}");
+    }
+    let env = [("FLASHPACK_PREFILL_CHUNK", "3")];
+    for (i, name) in names.iter().enumerate() {
         let pack = golden_pack(name, dir.path());
-        let args = ["--prompt", "t3 t1 t4 t1 t5 t9 t2 t6", "--max-tokens", "6"];
-        same_as_single(&pack, 3, &args, &[("FLASHPACK_PREFILL_CHUNK", "3")]);
+        let mut args = vec!["--prompt", "t3 t1 t4 t1 t5 t9 t2 t6", "--max-tokens", "6"];
+        if i % 2 == 1 {
+            args.extend(["--expert-budget", "50%"]);
+        }
+        same_as_single(&pack, 3, &args, &env);
     }
 }
 
