@@ -75,7 +75,7 @@ def pipeline_run(binary, pack, n, tokens):
     outs = ranks(binary, n, ["run", pack, "--prompt", PROMPT, "--max-tokens", str(tokens),
                              "--raw", "--json"])
     text = outs[0][0]
-    down = re.search(r"rank 0: .*, (\d+) passes down \((\d+) answered\) in ([0-9.]+) s", outs[0][1])
+    down = re.search(r"rank 0: .*, (\d+) passes down \((\d+) answered, \d+ sampled there\) in ([0-9.]+) s", outs[0][1])
     busy = [re.search(r"rank \d+: .*, (\d+) passes \((\d+) positions\) in ([0-9.]+) s", e)
             for _, e in outs[1:]]
     if not down or not all(busy):

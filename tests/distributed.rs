@@ -252,6 +252,40 @@ fn two_ranks_resident_match_one_process() {
     same_as_single(tiny_pack(), 2, &args, &[("FLASHPACK_PREFILL_CHUNK", "5")]);
 }
 
+/// Sampling at a temperature: the last rank samples with rank 0's draws, so the tokens are the
+/// single process's for the same seed, top-p and top-k (bundled model, and a model whose
+/// layers pass more than a hidden state, on three ranks).
+#[test]
+fn sampled_tokens_on_the_last_rank_match_one_process() {
+    let args = [
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "24",
+        "--raw",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "11",
+    ];
+    same_as_single(tiny_pack(), 2, &args, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pack = golden_pack("kimi_k3-q4", dir.path());
+    let args = [
+        "--prompt",
+        "t3 t1 t4 t1 t5 t9 t2 t6",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "1.5",
+        "--seed",
+        "3",
+    ];
+    same_as_single(&pack, 3, &args, &[]);
+}
+
 #[test]
 fn three_ranks_streaming_match_one_process() {
     let args = [

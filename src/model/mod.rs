@@ -666,6 +666,21 @@ pub enum Want {
     /// 2^24) and the logits' sum (NaN exactly when a logit is): what the last stage of a
     /// pipeline sends back for greedy decoding instead of the logits ([`Model::forward_pick`]).
     Pick,
+    /// The last position's token sampled as `run::sample::pick` samples with these options and
+    /// draw, in the [`Want::Pick`] form (the id, and a NaN sum exactly when a logit is NaN):
+    /// what the last stage sends back for sampling at a temperature ([`Model::forward_sampled`]).
+    Sample(SampleSpec),
+}
+
+/// A sampling step for a pipeline's last stage: the sampler's options as bits and the step's
+/// uniform draw in [0, 1) (`f64` bits), taken from rank 0's seeded sampler so the token is the
+/// one rank 0 would draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleSpec {
+    pub temperature: u32,
+    pub top_p: u32,
+    pub top_k: u32,
+    pub u: u64,
 }
 
 /// The layers after a model's own, on other processes (`run::pipeline`): the first stage of a
@@ -1269,7 +1284,7 @@ impl Model {
     /// calls this.
     pub fn logits_of(&self, h: &Array, want: Want) -> Result<Array> {
         match want {
-            Want::Last => self.head(&last_position(h)?),
+            Want::Last | Want::Sample(_) => self.head(&last_position(h)?),
             Want::Pick => {
                 let logits = self.head(&last_position(h)?)?;
                 let b = logits.dim(0).unwrap_or(1) as i32;
@@ -1317,6 +1332,41 @@ impl Model {
                 Ok((logits.argmax(-1)?, logits.sum(-1, false)?))
             }
         }
+    }
+
+    /// Whether [`Model::forward_sampled`] applies: this model hands its last layer's output to
+    /// a pipeline's later stages, whose last samples and sends back the id (exact in f32 below
+    /// 2^24).
+    pub fn samples_downstream(&self) -> bool {
+        self.downstream.is_some() && !self.ends() && self.cfg.vocab_size < 1 << 24
+    }
+
+    /// The last position's token for `ids` (one sequence), sampled by the pipeline's last stage
+    /// with `spec` ([`Want::Sample`]): `[1, 1, 2]` f32, the id and the logits' sum (NaN exactly
+    /// when a logit is). Only where [`Model::samples_downstream`].
+    pub fn forward_sampled(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        experts: &mut dyn ExpertStore,
+        spec: SampleSpec,
+    ) -> Result<Array> {
+        let Some(d) = self
+            .downstream
+            .as_ref()
+            .filter(|_| self.samples_downstream())
+        else {
+            return Err(ComputeError::Unsupported {
+                what: "sampling on a later pipeline stage without one".into(),
+            });
+        };
+        let tokens = self.ids_array(ids)?;
+        let offset = cache.offset();
+        let carry = self.hidden(&tokens, cache, experts, false)?;
+        d.finish(&carry, offset, Want::Sample(spec))?
+            .ok_or_else(|| ComputeError::Unsupported {
+                what: "a pipeline stage that gave no sample".into(),
+            })
     }
 
     /// The final norm and the LM head on hidden states `[B, L, H]`.

@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::mlx::Array;
 use crate::model::{ComputeError, ExpertStore, KvCache, KvCheckpoint, Model};
 use crate::progress::{Progress, Silent};
-use crate::run::sample::{SampleError, Sampler, SamplerOptions};
+use crate::run::sample::{SampleError, SampleSpec, Sampler, SamplerOptions};
 
 /// Why generation stopped early or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -370,6 +370,7 @@ pub(crate) fn prefill_prompt(
     prompt: &[u32],
     opts: &GenerateOptions,
     progress: &dyn Progress,
+    sample: Option<SampleSpec>,
 ) -> Result<(Array, usize), GenerateError> {
     let cached = prefix.keep_shared(prompt);
     // As mlx-lm: every prompt position but the last only fills the KV cache; the last one
@@ -381,7 +382,12 @@ pub(crate) fn prefill_prompt(
         prefix.ids.extend_from_slice(chunk);
         progress.advance(chunk.len() as u64);
     }
-    let logits = model.forward_last_ids(last, &mut prefix.kv, experts)?;
+    // With `sample`, a pipeline's last stage samples the first token: `[1, 1, 2]` comes back
+    // (`Model::forward_sampled`) instead of the logits.
+    let logits = match sample {
+        Some(spec) => model.forward_sampled(last, &mut prefix.kv, experts, spec)?,
+        None => model.forward_last_ids(last, &mut prefix.kv, experts)?,
+    };
     prefix.ids.extend_from_slice(last);
     prefix.prompt_end = prefix.ids.len();
     // The cache now holds exactly the prompt: the next turn may start here.
@@ -405,16 +411,32 @@ fn generate_inner(
     let context = check_prompt(model, prompt)?;
     let mut sampler = Sampler::new(opts.sampler)?;
     let started = Instant::now();
-    let (logits, cached) = prefill_prompt(model, experts, prefix, prompt, opts, progress)?;
-    if opts.sampler.temperature == 0.0 && !opts.host_sampling && logprobs.is_none() {
+    let greedy = opts.sampler.temperature == 0.0 && !opts.host_sampling && logprobs.is_none();
+    // On a pipeline, the last stage samples at a temperature too (rank 0's sampler gives each
+    // step's draw), so one id a step comes back instead of the logits; log-probabilities still
+    // need the logits here.
+    let remote = !greedy
+        && opts.sampler.temperature != 0.0
+        && logprobs.is_none()
+        && model.samples_downstream();
+    let first = remote.then(|| sampler.next_spec());
+    let (logits, cached) = prefill_prompt(model, experts, prefix, prompt, opts, progress, first)?;
+    if greedy {
         return greedy_pipelined(
             model, experts, prefix, prompt, cached, opts, logits, started, on_token,
         );
     }
     let computed = prompt.len() - cached;
-    let host_logits = last_logits(&logits)?;
-    let mut next = sampler.sample(&host_logits)?;
-    let mut next_lp = logprobs.map(|n| TokenLogprobs::of(&host_logits, next, n));
+    let (mut next, mut next_lp) = if remote {
+        (remote_token(&logits, 0)?, None)
+    } else {
+        let host_logits = last_logits(&logits)?;
+        let next = sampler.sample(&host_logits)?;
+        (
+            next,
+            logprobs.map(|n| TokenLogprobs::of(&host_logits, next, n)),
+        )
+    };
     let prefill_s = started.elapsed().as_secs_f64();
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
@@ -446,6 +468,13 @@ fn generate_inner(
             stats.stop_reason = "context".into();
             break;
         }
+        if remote {
+            let spec = sampler.next_spec();
+            let picked = model.forward_sampled(&[next], &mut prefix.kv, experts, spec)?;
+            prefix.ids.push(next);
+            next = remote_token(&picked, out.len())?;
+            continue;
+        }
         let logits = model.forward_last_ids(&[next], &mut prefix.kv, experts)?;
         prefix.ids.push(next);
         let host_logits = last_logits(&logits)?;
@@ -462,6 +491,16 @@ fn generate_inner(
         stats,
         cached_tokens: cached,
     })
+}
+
+/// The token a pipeline's last stage sampled (`[1, 1, 2]`: the id and the logits' sum, NaN
+/// exactly when a logit was), at generated position `position`.
+fn remote_token(picked: &Array, position: usize) -> Result<u32, GenerateError> {
+    let v = picked.to_vec_f32()?;
+    match v[..] {
+        [id, sum, ..] if !sum.is_nan() => Ok(id as u32),
+        _ => Err(GenerateError::NanLogits { position }),
+    }
 }
 
 /// Greedy decoding, pipelined as mlx-lm's `generate_step`: the argmax stays on the device, and

@@ -66,7 +66,8 @@ impl Lane {
         let mut sampler = Sampler::new(opts.sampler)?;
         let started = Instant::now();
         // On an error the prefix goes with the lane: what it held may be half written.
-        let (logits, cached) = prefill_prompt(model, experts, &mut prefix, prompt, opts, progress)?;
+        let (logits, cached) =
+            prefill_prompt(model, experts, &mut prefix, prompt, opts, progress, None)?;
         let device = opts.sampler.temperature == 0.0 && !opts.host_sampling && logprobs.is_none();
         let (next, next_lp) = if device {
             let (ids, sum) = (logits.argmax(-1)?, logits.sum(-1, false)?);

@@ -71,59 +71,98 @@ impl Sampler {
 
     /// The next token for `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32, SampleError> {
-        if logits.is_empty() {
-            return Err(SampleError::Empty);
-        }
-        if let Some(index) = logits.iter().position(|x| x.is_nan()) {
-            return Err(SampleError::NotANumber { index });
-        }
-        if self.opts.temperature == 0.0 {
-            return Ok(argmax(logits));
-        }
-        // Candidates sorted by logit, descending; ties by id so the order is deterministic.
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        if self.opts.top_k > 0 {
-            order.truncate(self.opts.top_k);
-        }
-        // Softmax of logits / T over the candidates, in f64, shifted by the max for stability.
-        let inv_t = 1.0 / self.opts.temperature as f64;
-        let max = logits[order[0] as usize] as f64;
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.opts.top_p < 1.0 {
-            // Keep the prefix whose mass first reaches top_p (at least one token).
-            let mut mass = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                mass += p;
-                if mass >= self.opts.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            order.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
-        let mut r = self.rng.next_f64() * total;
-        for (&id, &p) in order.iter().zip(&probs) {
-            if r < p {
-                return Ok(id);
-            }
-            r -= p;
-        }
-        // Rounding can leave r a hair above the last bucket.
-        Ok(*order.last().unwrap_or(&0))
+        let u = self.draw();
+        pick(logits, &self.opts, u)
     }
+
+    /// The next step's uniform draw in [0, 1) (none at temperature 0): what [`Sampler::sample`]
+    /// draws, for a [`pick`] made elsewhere (a pipeline's last rank).
+    pub fn draw(&mut self) -> f64 {
+        if self.opts.temperature == 0.0 {
+            return 0.0;
+        }
+        self.rng.next_f64()
+    }
+
+    /// The next step's [`SampleSpec`] (this sampler's options and its next draw).
+    pub fn next_spec(&mut self) -> SampleSpec {
+        let u = self.draw();
+        SampleSpec {
+            temperature: self.opts.temperature.to_bits(),
+            top_p: self.opts.top_p.to_bits(),
+            top_k: self.opts.top_k.min(u32::MAX as usize) as u32,
+            u: u.to_bits(),
+        }
+    }
+}
+
+pub use crate::model::SampleSpec;
+
+/// The options a [`SampleSpec`] carries (the seed is spent: its draw is in the spec).
+pub fn spec_options(spec: &SampleSpec) -> SamplerOptions {
+    SamplerOptions {
+        temperature: f32::from_bits(spec.temperature),
+        top_p: f32::from_bits(spec.top_p),
+        top_k: spec.top_k as usize,
+        seed: 0,
+    }
+}
+
+/// The token for `logits` under `opts` with the uniform draw `u` in [0, 1): the whole of
+/// [`Sampler::sample`] but its random state, so another process given `u` picks the same id.
+pub fn pick(logits: &[f32], opts: &SamplerOptions, u: f64) -> Result<u32, SampleError> {
+    if logits.is_empty() {
+        return Err(SampleError::Empty);
+    }
+    if let Some(index) = logits.iter().position(|x| x.is_nan()) {
+        return Err(SampleError::NotANumber { index });
+    }
+    if opts.temperature == 0.0 {
+        return Ok(argmax(logits));
+    }
+    // Candidates sorted by logit, descending; ties by id so the order is deterministic.
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    order.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    if opts.top_k > 0 {
+        order.truncate(opts.top_k);
+    }
+    // Softmax of logits / T over the candidates, in f64, shifted by the max for stability.
+    let inv_t = 1.0 / opts.temperature as f64;
+    let max = logits[order[0] as usize] as f64;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if opts.top_p < 1.0 {
+        // Keep the prefix whose mass first reaches top_p (at least one token).
+        let mut mass = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            mass += p;
+            if mass >= opts.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        order.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut r = u * total;
+    for (&id, &p) in order.iter().zip(&probs) {
+        if r < p {
+            return Ok(id);
+        }
+        r -= p;
+    }
+    // Rounding can leave r a hair above the last bucket.
+    Ok(*order.last().unwrap_or(&0))
 }
 
 /// Index of the largest logit; the lowest index wins ties.

@@ -232,8 +232,8 @@ pub fn stage_line(p: &Pipeline, dense: u64, experts: u64, report: Option<&pipeli
         None => {
             let d = p.downstream_report();
             format!(
-                ", {} passes down ({} answered) in {:.4} s",
-                d.passes, d.replies, d.round_trip_s
+                ", {} passes down ({} answered, {} sampled there) in {:.4} s",
+                d.passes, d.replies, d.sampled, d.round_trip_s
             )
         }
     };

@@ -6,46 +6,86 @@
 //! run, each a fixed header of [`HEADER`] words and then its array, evaluated before the
 //! next message is built, so no message can overtake another.
 //!
-//! Header words, forward: `[FORWARD, B, L, want, offset, dtype, parts, 0]` then the hidden state
+//! Header words, forward: `[FORWARD, B, L, want, offset, dtype, parts, ...]` then the hidden state
 //! `[B, L, H]`. Where the layers pass more than a hidden state ([`Carry`]: DeepSeek-V4.1's
 //! hyper-connections, Kimi-K3's attention residuals), `parts` > 0: one more header of
 //! [`HEADER`] words per array (the hidden state's first, then each part's: `[present, dtype,
 //! ndim, d0, d1, d2, d3, d4]`) follows as one message, then each present array. Stop:
 //! `[STOP, 0, ...]`; the reply to rank 0: `[LOGITS, B, L, vocab, dtype, ...]` then the logits,
-//! or for greedy decoding (`Want::Pick`) `[LOGITS, B, 1, 2, f32, ...]` then each row's pick and
-//! logits' sum: the last rank picks the token, and 8 bytes a row come back.
+//! or for greedy decoding (`Want::Pick`) and for sampling at a temperature (`Want::Sample`, whose
+//! options and rank 0's draw for the step are header words 7-11) `[LOGITS, B, 1, 2, f32, ...]`
+//! then each row's token and logits' sum: the last rank picks or samples the token, and 8 bytes
+//! a row come back. Headers are [`HEADER`] words.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::mlx::{self, Array, Dtype};
-use crate::model::{Carry, ComputeError, Downstream, Input, KvCache, Want};
+use crate::model::{Carry, ComputeError, Downstream, Input, KvCache, SampleSpec, Want};
 use crate::run::engine::Engine;
+use crate::run::sample;
 
 use super::PipelineError;
 
-const HEADER: usize = 8;
+const HEADER: usize = 13;
 const FORWARD: i32 = 1;
 const STOP: i32 = 2;
 const LOGITS: i32 = 3;
 
-fn want_code(w: Want) -> i32 {
-    match w {
+/// `want`'s code (word 3 of a forward header) and, for a sample, its spec in words 7-11.
+fn want_words(w: Want, header: &mut [i32; HEADER]) {
+    header[3] = match w {
         Want::Cache => 0,
         Want::Last => 1,
         Want::All => 2,
         Want::Pick => 3,
-    }
+        Want::Sample(spec) => {
+            header[7] = spec.temperature as i32;
+            header[8] = spec.top_p as i32;
+            header[9] = spec.top_k as i32;
+            header[10] = spec.u as u32 as i32;
+            header[11] = (spec.u >> 32) as u32 as i32;
+            4
+        }
+    };
 }
 
-fn want_of(code: i32) -> Result<Want, PipelineError> {
-    match code {
+fn want_of(header: &[i32; HEADER]) -> Result<Want, PipelineError> {
+    match header[3] {
         0 => Ok(Want::Cache),
         1 => Ok(Want::Last),
         2 => Ok(Want::All),
         3 => Ok(Want::Pick),
-        _ => Err(PipelineError::Protocol(format!("unknown request {code}"))),
+        4 => Ok(Want::Sample(SampleSpec {
+            temperature: header[7] as u32,
+            top_p: header[8] as u32,
+            top_k: header[9] as u32,
+            u: header[10] as u32 as u64 | (header[11] as u32 as u64) << 32,
+        })),
+        code => Err(PipelineError::Protocol(format!("unknown request {code}"))),
     }
+}
+
+/// A forward header, `[FORWARD, B, L, want, offset, ..]` (dtype and parts: [`send_carry`]).
+fn forward_header(b: usize, l: usize, want: Want, offset: usize) -> [i32; HEADER] {
+    let mut h = [0i32; HEADER];
+    h[0] = FORWARD;
+    h[1] = b as i32;
+    h[2] = l as i32;
+    h[4] = offset as i32;
+    want_words(want, &mut h);
+    h
+}
+
+/// A reply to rank 0, `[LOGITS, B, L, vocab, dtype, ..]`.
+fn reply_header(shape: &[usize], dtype: Dtype) -> [i32; HEADER] {
+    let mut h = [0i32; HEADER];
+    h[0] = LOGITS;
+    for (i, &d) in shape.iter().take(3).enumerate() {
+        h[1 + i] = d as i32;
+    }
+    h[4] = dtype.code();
+    h
 }
 
 fn send_header(words: [i32; HEADER], dst: usize) -> Result<(), mlx::Error> {
@@ -171,7 +211,9 @@ fn recv_carry(header: &[i32; HEADER], hidden: usize, src: usize) -> Result<Carry
 
 /// Tells rank `to` (the next stage) to stop; each stage passes it on before it ends.
 pub(super) fn send_stop(to: usize) -> Result<(), PipelineError> {
-    Ok(send_header([STOP, 0, 0, 0, 0, 0, 0, 0], to)?)
+    let mut h = [0i32; HEADER];
+    h[0] = STOP;
+    Ok(send_header(h, to)?)
 }
 
 /// Rank 0's way to the stages after it: the [`Downstream`] of its model.
@@ -188,6 +230,8 @@ pub struct Link {
 pub struct LinkReport {
     pub passes: usize,
     pub replies: usize,
+    /// Replies that were a token the last rank sampled at a temperature ([`Want::Sample`]).
+    pub sampled: usize,
     pub round_trip_s: f64,
 }
 
@@ -196,10 +240,11 @@ impl Link {
         Link { size, report }
     }
 
-    fn count(&self, started: Instant, replied: bool) {
+    fn count(&self, started: Instant, replied: bool, sampled: bool) {
         if let Ok(mut r) = self.report.lock() {
             r.passes += 1;
             r.replies += replied as usize;
+            r.sampled += sampled as usize;
             r.round_trip_s += started.elapsed().as_secs_f64();
         }
     }
@@ -224,22 +269,13 @@ impl Downstream for Link {
                 "a hidden state of shape {shape:?}"
             ))));
         }
-        let header = [
-            FORWARD,
-            shape[0] as i32,
-            shape[1] as i32,
-            want_code(want),
-            offset as i32,
-            0,
-            0,
-            0,
-        ];
+        let header = forward_header(shape[0], shape[1], want, offset);
         // The round trip starts once this rank's own layers are computed.
         eval_carry(carry).map_err(ComputeError::from)?;
         let started = Instant::now();
         send_carry(header, carry, 1)?;
         if want == Want::Cache {
-            self.count(started, false);
+            self.count(started, false, false);
             return Ok(None);
         }
         // The last rank's reply: rank 0 is its right neighbour.
@@ -255,7 +291,7 @@ impl Downstream for Link {
         let dtype = Dtype::from_code(reply[4])?;
         let logits = mlx::dist::recv(&shape, dtype, last)?;
         logits.eval()?;
-        self.count(started, true);
+        self.count(started, true, matches!(want, Want::Sample(_)));
         Ok(Some(logits))
     }
 }
@@ -301,7 +337,7 @@ pub fn serve_stage(
         }
         let bl = dims(&header[1..3])?;
         let (b, l) = (bl[0], bl[1]);
-        let want = want_of(header[3])?;
+        let want = want_of(&header)?;
         let offset = dims(&header[4..5])?[0];
         let carry = recv_carry(&header, hidden, left)?;
         // Busy from the pass's arrival to its result, neither hop counted.
@@ -328,26 +364,37 @@ pub fn serve_stage(
             mlx::eval(&kv.state())?;
             report.busy_s += started.elapsed().as_secs_f64();
         } else {
-            let logits = engine.model().logits_of(&out.h, want)?;
+            let mut logits = engine.model().logits_of(&out.h, want)?;
+            if let Want::Sample(spec) = want {
+                logits = sampled(&logits, &spec)?;
+            }
             logits.eval()?;
             report.busy_s += started.elapsed().as_secs_f64();
-            let s = logits.shape();
-            let reply = [
-                LOGITS,
-                s[0] as i32,
-                s[1] as i32,
-                s[2] as i32,
-                logits.dtype().code(),
-                0,
-                0,
-                0,
-            ];
-            send_header(reply, right)?;
+            send_header(reply_header(&logits.shape(), logits.dtype()), right)?;
             send_array(&logits, right)?;
         }
         report.forwards += 1;
         report.positions += b * l;
     }
+}
+
+/// The last position's token of `logits` `[B, 1, vocab]` sampled as rank 0's sampler would
+/// with `spec` (`sample::pick`, on the host), in the [`Want::Pick`] form `[B, 1, 2]` f32: the
+/// id, and the logits' sum (NaN exactly when a logit is NaN: rank 0 then reports it).
+fn sampled(logits: &Array, spec: &SampleSpec) -> Result<Array, PipelineError> {
+    let s = logits.shape();
+    let (b, v) = (s[0], s[s.len() - 1]);
+    let host = logits.astype(Dtype::F32)?.to_vec_f32()?;
+    let opts = sample::spec_options(spec);
+    let u = f64::from_bits(spec.u);
+    let mut out = Vec::with_capacity(2 * b);
+    for row in host.chunks(v.max(1)) {
+        match sample::pick(row, &opts, u) {
+            Ok(id) => out.extend([id as f32, 0.0]),
+            Err(_) => out.extend([0.0, f32::NAN]),
+        }
+    }
+    Ok(Array::from_slice(&out, &[b, 1, 2])?)
 }
 
 /// Evaluates every array of `c` (a pass's input as it arrives, or its output before it goes).
