@@ -178,10 +178,12 @@ case "${1:-}" in
     kcache_save
     exit $rc
     ;;
-  kernels)
-    # Device kernels per decoded token, flashpack against mlx-lm (scripts/kernel_profile.py,
-    # issue 26), on the archs benchmark's 8-layer model of --arch (default qwen3_moe), built
-    # first when /root/fparch does not have it. Options after --arch go to kernel_profile.py.
+  kernels|graphs)
+    # flashpack against mlx-lm per decoded token (issue 26), on the archs benchmark's 8-layer
+    # model of --arch (default qwen3_moe), built first when /root/fparch does not have it:
+    # `kernels` kernel by kernel under ncu (scripts/kernel_profile.py), `graphs` the CUDA graphs
+    # MLX launches (scripts/graph_profile.py). Options after --arch go to that script.
+    mode=$1
     shift
     arch=qwen3_moe
     if [ "${1:-}" = "--arch" ]; then arch=$2; shift 2; fi
@@ -193,28 +195,10 @@ case "${1:-}" in
     [ -f "$w/$arch-L8.flashpack" ] ||
       python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --work "$w" --out /tmp/archs-out \
         --archs "$arch" --layers 8 --build-only >&2
+    script=scripts/kernel_profile.py
+    [ "$mode" = graphs ] && script=scripts/graph_profile.py
     rc=0
-    PYTHONUNBUFFERED=1 python3 scripts/kernel_profile.py --pack "$w/$arch-L8.flashpack" \
-      --mlx "$w/$arch-L8-q4" --out "${OUT:-.}" "$@" || rc=$?
-    exit $rc
-    ;;
-  graphs)
-    # CUDA graphs per decoded token, flashpack against mlx-lm (scripts/graph_profile.py, issue 26),
-    # on the archs benchmark's 8-layer model of --arch (default qwen3_moe), built first when
-    # /root/fparch does not have it. Options after --arch go to graph_profile.py.
-    shift
-    arch=qwen3_moe
-    if [ "${1:-}" = "--arch" ]; then arch=$2; shift 2; fi
-    command -v flashpack >/dev/null || bash .gpu/p2/install.sh
-    python3 -c 'import mlx_lm' 2>/dev/null ||
-      python3 -m pip install -q --no-deps --no-index --disable-pip-version-check .gpu/p2/whl/*.whl
-    kcache_restore
-    w=/root/fparch
-    [ -f "$w/$arch-L8.flashpack" ] ||
-      python3 scripts/bench_archs_gpu.py --tokenizer-from .gpu/p2/tok --work "$w" --out /tmp/archs-out \
-        --archs "$arch" --layers 8 --build-only >&2
-    rc=0
-    PYTHONUNBUFFERED=1 python3 scripts/graph_profile.py --pack "$w/$arch-L8.flashpack" \
+    PYTHONUNBUFFERED=1 python3 "$script" --pack "$w/$arch-L8.flashpack" \
       --mlx "$w/$arch-L8-q4" --out "${OUT:-.}" "$@" || rc=$?
     exit $rc
     ;;

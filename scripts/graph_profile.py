@@ -20,7 +20,6 @@ runs over the extra tokens):
 (`bash scripts/bench_gpu.sh graphs --arch mixtral` builds the archs benchmark's 8-layer model first
 when it is missing.) Out: graphs.md, graphs.json and dots.tar (the long runs' last graphs) in --out.
 """
-import argparse
 import collections
 import glob
 import hashlib
@@ -32,7 +31,7 @@ import subprocess
 import sys
 import tarfile
 
-from kernel_profile import MLX_GEN, PROMPT
+from kernel_profile import command, parse_args
 
 NODE = re.compile(r'^\s*"([^"]+)"\s*\[(.*)$')
 EDGE = re.compile(r'^\s*"([^"]+)"\s*->\s*"([^"]+)"')
@@ -141,24 +140,7 @@ def totals(graphs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pack", required=True)
-    ap.add_argument("--mlx", required=True, help="the mlx-lm folder the pack was converted from")
-    ap.add_argument("--short", type=int, default=4)
-    ap.add_argument("--long", type=int, default=12)
-    ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--binary", default="flashpack")
-    ap.add_argument("--fp-env", action="append", default=[],
-                    help="NAME:K=V[,K=V]: flashpack with this environment, as one more runtime")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--work", default="/tmp/gprof")
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    os.makedirs(a.work, exist_ok=True)
-    gen = os.path.join(a.work, "mlx_gen.py")
-    with open(gen, "w") as f:
-        f.write(MLX_GEN)
+    a = parse_args(__doc__, "/tmp/gprof")
     runtimes = [("fp", {}), ("mlx", {})]
     for spec in a.fp_env:
         name, _, kv = spec.partition(":")
@@ -169,10 +151,7 @@ def main():
     for rt, env in runtimes:
         got = []
         for n in (a.short, a.long):
-            if rt == "mlx":
-                cmd = [sys.executable, gen, a.mlx, a.prompt, str(n)]
-            else:
-                cmd = [a.binary, "run", a.pack, "--prompt", a.prompt, "--raw", "--max-tokens", str(n)]
+            cmd = command(a, "mlx" if rt == "mlx" else "fp", n)
             print(f"{rt}, {n} tokens", file=sys.stderr, flush=True)
             files, graphs = run(cmd, os.path.join(a.work, f"{rt}-{n}"), env)
             got.append(graphs)

@@ -85,8 +85,10 @@ def per_token(short_run, long_run, tokens):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__,
+def parse_args(doc, work):
+    """The options both profilers take (this one and graph_profile.py), parsed; the output and
+    work folders made, and mlx-lm's generator written as `a.gen`."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pack", required=True)
     ap.add_argument("--mlx", required=True, help="the mlx-lm folder the pack was converted from")
@@ -94,22 +96,34 @@ def main():
     ap.add_argument("--long", type=int, default=12)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--binary", default="flashpack")
+    ap.add_argument("--fp-env", action="append", default=[],
+                    help="NAME:K=V[,K=V]: flashpack with this environment, as one more runtime "
+                    "(graph_profile.py)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--work", default="/tmp/kprof", help="ncu's logs (large) go here")
+    ap.add_argument("--work", default=work)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.work, exist_ok=True)
-    gen = os.path.join(a.work, "mlx_gen.py")
-    with open(gen, "w") as f:
+    a.gen = os.path.join(a.work, "mlx_gen.py")
+    with open(a.gen, "w") as f:
         f.write(MLX_GEN)
+    return a
+
+
+def command(a, rt, n):
+    """Runtime `rt`'s command for `n` greedy tokens: mlx-lm's generator, else flashpack."""
+    if rt == "mlx":
+        return [sys.executable, a.gen, a.mlx, a.prompt, str(n)]
+    return [a.binary, "run", a.pack, "--prompt", a.prompt, "--raw", "--max-tokens", str(n)]
+
+
+def main():
+    a = parse_args(__doc__, "/tmp/kprof")
     runs = {}
     for rt in ("fp", "mlx"):
         got = []
         for n in (a.short, a.long):
-            if rt == "fp":
-                cmd = [a.binary, "run", a.pack, "--prompt", a.prompt, "--raw", "--max-tokens", str(n)]
-            else:
-                cmd = [sys.executable, gen, a.mlx, a.prompt, str(n)]
+            cmd = command(a, rt, n)
             log = os.path.join(a.work, f"ncu-{rt}-{n}.csv")
             print(f"{rt}, {n} tokens: {' '.join(cmd)}", file=sys.stderr, flush=True)
             got.append(ncu(cmd, log))

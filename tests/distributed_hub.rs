@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::common::hub_server::HubServer;
+use crate::common::walk;
 use crate::distributed::{
     bin, launch_each, serve_two_ranks, single, text, tiny_pack, token_ids, wait_all, PROMPT,
 };
@@ -126,19 +127,6 @@ fn two_ranks_download_only_their_ranges_from_the_hub() {
         assert_eq!(received(&text(&o.stderr)).0, 0);
     }
     assert!(s.take_log().iter().all(|l| !l.path.starts_with("/lfs/")));
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn run_hub(s: &HubServer, cache: &Path, id: &str, offline: bool) -> Output {

@@ -8,6 +8,7 @@
 
 use crate::common;
 use crate::common::hub_server::{sha256_hex, HubServer};
+use crate::common::walk;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -441,19 +442,6 @@ fn plans_a_hub_checkpoint_from_ranges_of_its_files() {
         folder.options[0].expert_bytes
     );
     assert_eq!(report.read.files, folder.read.files);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// `flashpack plan ARGS` with the given rates and a private cache folder.

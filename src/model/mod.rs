@@ -511,29 +511,18 @@ impl HcState {
     /// The state at the embedding `h` `[B, L, H]` of a call that starts after `offset`
     /// positions, the windows holding `window_rows` of them.
     pub fn new(cfg: &ModelConfig, h: &Array, offset: usize, window_rows: usize) -> Result<HcState> {
-        let (Some(hc), Some(c)) = (&cfg.hyper_connections, &cfg.compressed_attention) else {
-            return Err(ComputeError::Unsupported {
-                what: "hyper-connections without their config".into(),
-            });
+        let Some(hc) = &cfg.hyper_connections else {
+            return Err(no_hc_config());
         };
-        let s = h.shape();
         let (streams, pre_mix) = deepseek_v41::initial_streams(h, hc.mult)?;
-        Ok(HcState {
+        HcState::at(
+            cfg,
             streams,
             pre_mix,
-            shared: deepseek_v41::Shared::default(),
-            start: deepseek_v41::CallStart {
-                start_pos: offset,
-                window_idx: deepseek_v41::window_indices(
-                    window_rows,
-                    s.get(1).copied().unwrap_or(0),
-                    c.sliding_window,
-                    s.first().copied().unwrap_or(1),
-                )?,
-            },
-            attn_pre: None,
-            ffn_mix: None,
-        })
+            Default::default(),
+            offset,
+            window_rows,
+        )
     }
 
     /// The state a previous pipeline stage handed on ([`HcState::into_carry`]), for a call that
@@ -544,11 +533,6 @@ impl HcState {
         offset: usize,
         window_rows: usize,
     ) -> Result<HcState> {
-        let Some(c) = &cfg.compressed_attention else {
-            return Err(ComputeError::Unsupported {
-                what: "hyper-connections without their config".into(),
-            });
-        };
         let bad = || ComputeError::Unsupported {
             what: format!(
                 "a hyper-connected stage's input of {} parts (want the pre-mix and 4 shared)",
@@ -560,19 +544,36 @@ impl HcState {
         };
         let pre_mix = pre_mix.clone().ok_or_else(bad)?;
         let shared = deepseek_v41::Shared::from_parts(rest).ok_or_else(bad)?;
-        let s = carry.h.shape();
+        HcState::at(cfg, carry.h.clone(), pre_mix, shared, offset, window_rows)
+    }
+
+    /// The state of `streams` `[B, L, hc, H]` before a layer, in a call that starts after
+    /// `offset` positions, the windows holding `window_rows` of them.
+    fn at(
+        cfg: &ModelConfig,
+        streams: Array,
+        pre_mix: Array,
+        shared: deepseek_v41::Shared,
+        offset: usize,
+        window_rows: usize,
+    ) -> Result<HcState> {
+        let Some(c) = &cfg.compressed_attention else {
+            return Err(no_hc_config());
+        };
+        let s = streams.shape();
+        let window_idx = deepseek_v41::window_indices(
+            window_rows,
+            s.get(1).copied().unwrap_or(0),
+            c.sliding_window,
+            s.first().copied().unwrap_or(1),
+        )?;
         Ok(HcState {
-            streams: carry.h.clone(),
+            streams,
             pre_mix,
             shared,
             start: deepseek_v41::CallStart {
                 start_pos: offset,
-                window_idx: deepseek_v41::window_indices(
-                    window_rows,
-                    s.get(1).copied().unwrap_or(0),
-                    c.sliding_window,
-                    s.first().copied().unwrap_or(1),
-                )?,
+                window_idx,
             },
             attn_pre: None,
             ffn_mix: None,
@@ -598,6 +599,13 @@ impl HcState {
     /// `_collapse(streams, pre_mix)`: the hidden state before the final norm.
     pub fn output(&self) -> Result<Array> {
         deepseek_v41::collapse(&self.streams, &self.pre_mix)
+    }
+}
+
+/// DeepSeek-V4.1's state asked of a config without its hyper-connections or compressed attention.
+fn no_hc_config() -> ComputeError {
+    ComputeError::Unsupported {
+        what: "hyper-connections without their config".into(),
     }
 }
 

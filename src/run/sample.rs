@@ -4,7 +4,11 @@
 //! In: one row of logits (f32, one per vocabulary entry) and [`SamplerOptions`]. Out: a token id.
 //! Invariant: same options (seed included) and same logits -> same tokens; no randomness is
 //! drawn at temperature 0. Filtering order is the common one (as in transformers and mlx-lm):
-//! top-k, then temperature, then top-p over the tempered distribution.
+//! top-k, then temperature, then top-p over the tempered distribution. [`pick`] is the same
+//! choice given the draw, for a pipeline's last rank sampling with rank 0's draws
+//! ([`SampleSpec`]).
+
+pub use crate::model::SampleSpec;
 
 /// Errors from sampling.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -95,8 +99,6 @@ impl Sampler {
         }
     }
 }
-
-pub use crate::model::SampleSpec;
 
 /// The options a [`SampleSpec`] carries (the seed is spent: its draw is in the spec).
 pub fn spec_options(spec: &SampleSpec) -> SamplerOptions {

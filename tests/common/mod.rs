@@ -16,6 +16,20 @@ use flashpack::format::{
 };
 use serde_json::json;
 
+/// Every file under `dir`, at any depth.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// `flashpack chat PACK --stats --max-tokens 3 --temperature 0 EXTRA...` over two turns ("Hi",
 /// then "Bye", then `/exit`): each turn's stats line as JSON, and the whole stderr. The chat must
 /// succeed.
