@@ -188,6 +188,45 @@ fn usage_based_mixed_precision_runs_like_a_single_pool_reference() {
     for e in pack.experts() {
         assert_eq!(e.bits, plan[e.layer as usize][e.expert as usize]);
     }
+    // The routing trace: every calibration token's top-4 of every layer, in text order, and so
+    // exactly the profile's counts.
+    let trace = pack
+        .meta()
+        .profile_trace()
+        .expect("the profile stores its routing trace");
+    assert_eq!((trace.k, trace.layers.len()), (4, 6));
+    assert_eq!(
+        trace.tokens as u64,
+        meta["profile"]["tokens"].as_u64().unwrap()
+    );
+    for (l, ids) in &trace.layers {
+        let counts: Vec<u64> =
+            serde_json::from_value(meta["profile"]["layers"][*l]["counts"].clone()).unwrap();
+        let mut seen = vec![0u64; 32];
+        for &e in ids {
+            seen[e as usize] += 1;
+        }
+        assert_eq!(seen, counts, "layer {l}");
+        // Each token's four experts are distinct.
+        assert!(ids
+            .chunks(4)
+            .all(|t| (1..4).all(|i| !t[..i].contains(&t[i]))));
+    }
+    // `plan` replays it through the runtime's cache for each expert budget.
+    let facts = flashpack::plan::model::of_pack(&pack);
+    let machine = flashpack::plan::budgets::Machine::with_ram(64 << 30);
+    let rows = flashpack::plan::budgets::rows(&facts, &machine, 4096, 64).unwrap();
+    for row in &rows {
+        let want = if row.expert_budget_bytes.is_some() {
+            flashpack::plan::budgets::HitModel::Trace
+        } else {
+            flashpack::plan::budgets::HitModel::Profile
+        };
+        assert_eq!(row.hit_model, want, "{}", row.label);
+        assert!(row.hit_rate > 0.0 && row.hit_rate <= 1.0, "{}", row.label);
+    }
+    // Fewer slots, fewer hits.
+    assert!(rows[1].hit_rate > rows[2].hit_rate && rows[2].hit_rate > rows[3].hit_rate);
 
     let got = pack_logits(&mixed, PROMPT);
     let (_, cfg, weights) = open::open(&mixed, true).unwrap();

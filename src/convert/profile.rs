@@ -6,7 +6,8 @@
 //! Out: a [`Profile`]: per sparse layer, how often each expert is selected (`counts`), the
 //! routing weight it receives (`mass`), which experts are selected together for one token
 //! (`coactivation`) and which expert of the next sparse layer follows (`transitions`), overall
-//! and per task; stored in the pack as metadata `profile` (formats/flashpack-v1.md §4.3).
+//! and per task, and every token's top-k in text order (`trace`); stored in the pack as
+//! metadata `profile` (formats/flashpack-v1.md §4.3).
 //! [`plan_bits`] turns it into bits per (layer, expert): the experts with the least routing
 //! mass go cold.
 //!
@@ -126,6 +127,11 @@ pub struct Profile {
     pub method: String,
     pub layers: Vec<LayerProfile>,
     pub tasks: BTreeMap<String, TaskProfile>,
+    /// Per sparse layer, the router's top-k ids of every calibration token in text order (`k`
+    /// per token): the routing trace `flashpack plan` replays through the runtime's expert
+    /// cache (metadata `profile.trace`, formats/flashpack-v1.md §4.3).
+    #[serde(skip)]
+    pub trace: BTreeMap<usize, Vec<u32>>,
 }
 
 impl Profile {
@@ -156,7 +162,28 @@ impl Profile {
     }
 
     pub fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let Some(trace) = self.trace_json() {
+            v["trace"] = trace;
+        }
+        v
+    }
+
+    /// `{k, tokens, ids: "u16le", layers: {layer: base64 of the ids}}`; `None` without a
+    /// trace, or where an id does not fit 16 bits.
+    fn trace_json(&self) -> Option<Value> {
+        use base64::Engine;
+        let tokens = self.trace.values().next()?.len() / self.top_k.max(1);
+        let mut layers = serde_json::Map::new();
+        for (l, ids) in &self.trace {
+            let mut bytes = Vec::with_capacity(ids.len() * 2);
+            for &id in ids {
+                bytes.extend_from_slice(&u16::try_from(id).ok()?.to_le_bytes());
+            }
+            let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+            layers.insert(l.to_string(), Value::String(text));
+        }
+        Some(json!({"k": self.top_k, "tokens": tokens, "ids": "u16le", "layers": layers}))
     }
 }
 
@@ -247,6 +274,11 @@ impl Recorder<'_, '_> {
             self.profile.tokens += rows as u64;
         }
         self.cur.extend_from_slice(ids);
+        self.profile
+            .trace
+            .entry(layer)
+            .or_default()
+            .extend_from_slice(ids);
         self.row0 += rows;
     }
 }

@@ -17,6 +17,17 @@ type Map = JsonMap<String, Value>;
 use super::{valid_bits, ExpertEntry, PackError, TensorEntry};
 use crate::arch::{ArchError, ModelConfig};
 
+/// A profile's routing trace ([`Metadata::profile_trace`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingTrace {
+    /// Experts per token.
+    pub k: usize,
+    /// Calibration tokens.
+    pub tokens: usize,
+    /// Sparse layer -> `k` router expert ids per token, token after token.
+    pub layers: std::collections::BTreeMap<usize, Vec<u32>>,
+}
+
 /// The pack metadata (formats/flashpack-v1.md §4), parsed once at open. The small records are
 /// typed fields; the large verbatim ones (source config, tokenizer, profile) are read from the
 /// JSON through methods, after their types were checked, so opening copies none of them.
@@ -408,6 +419,47 @@ impl Metadata {
             .and_then(|row| row.get(e as usize))
             .copied()
             .unwrap_or(e)
+    }
+
+    /// The profile's routing trace (`profile.trace`, §4.3): per sparse layer, the top-k router
+    /// expert ids of each calibration token in text order. Read leniently: `None` when absent
+    /// or malformed (an id encoding other than `u16le`, bad base64, layers of different
+    /// lengths, a length that is not `k` ids per token, an id at or past `num_experts`).
+    pub fn profile_trace(&self) -> Option<RoutingTrace> {
+        use base64::Engine;
+        let t = self.profile()?.get("trace")?;
+        let k = usize::try_from(t.get("k")?.as_u64()?).ok()?;
+        if k == 0 || t.get("ids")?.as_str()? != "u16le" {
+            return None;
+        }
+        let mut layers = std::collections::BTreeMap::new();
+        let mut tokens = None;
+        for (l, text) in t.get("layers")?.as_object()? {
+            let layer: usize = l.parse().ok()?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.as_str()?)
+                .ok()?;
+            if bytes.len() % (2 * k) != 0
+                || *tokens.get_or_insert(bytes.len() / (2 * k)) != bytes.len() / (2 * k)
+            {
+                return None;
+            }
+            let ids: Vec<u32> = bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+                .collect();
+            if layer >= self.model.num_hidden_layers
+                || ids.iter().any(|&e| e as usize >= self.model.num_experts)
+            {
+                return None;
+            }
+            layers.insert(layer, ids);
+        }
+        Some(RoutingTrace {
+            k,
+            tokens: tokens?,
+            layers,
+        })
     }
 
     /// The profile's routing mass per layer (`profile.layers[l].mass`), read leniently: a layer

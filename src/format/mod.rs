@@ -19,7 +19,7 @@ pub use directory::{
 };
 pub use error::PackError;
 pub use header::{Header, SectionEntry, SectionKind, HEADER_SIZE, SECTION_ENTRY_SIZE};
-pub use metadata::Metadata;
+pub use metadata::{Metadata, RoutingTrace};
 pub use pieces::{open_pieces, Check, Piece, MAX_HEADER_LEN};
 pub use read::Pack;
 pub use verify::{Damage, VerifyReport};

@@ -15,6 +15,9 @@
 //! a cache of the most-used experts then hits more). The cache is taken to hold the experts of
 //! highest `p` (what the profile-weighted policy aims at); a routed expert outside them misses.
 //! A prompt chunk of `C` tokens needs expert `e` with probability `1 - (1 - p)^C`.
+//! Where the pack's profile has a routing trace, decode's figures (hit rate, misses, bytes and
+//! layers with a miss per token) come from replaying it through the runtime's cache instead
+//! ([`super::replay`]); prompt chunks keep the model above.
 
 use super::model::Facts;
 use crate::run::budget::{self, Budget, BudgetError, Needs, Plan, Size};
@@ -52,6 +55,8 @@ pub enum HitModel {
     Profile,
     /// Every expert of a layer equally likely.
     Uniform,
+    /// The profile's routing trace replayed through the runtime's cache (`plan::replay`).
+    Trace,
 }
 
 /// One expert budget.
@@ -211,6 +216,23 @@ fn row(
         .iter()
         .zip(&slots)
         .all(|(p, &n)| n as usize >= k.min(p.stored as usize));
+    // With a routing trace, decode's figures are the runtime's cache replaying it.
+    let replayed = experts
+        .and(facts.trace.as_ref())
+        .and_then(|t| super::replay::replay(facts, &slots, t));
+    let (hit_rate, hit_model) = match &replayed {
+        Some(r) => {
+            missed = r.misses_per_token;
+            bytes = r.bytes_read_per_token;
+            (r.hit_rate, HitModel::Trace)
+        }
+        None if wanted > 0.0 => (1.0 - missed / wanted, hit_model),
+        None => (1.0, hit_model),
+    };
+    let layers_missing_per_token = match &replayed {
+        Some(r) => r.layers_missing_per_token,
+        None => layer_miss.values().map(|m| any(m.0)).sum(),
+    };
     Row {
         label: label.to_string(),
         flag,
@@ -220,16 +242,12 @@ fn row(
         memory_bytes,
         fits: memory_bytes <= machine.usable,
         runnable,
-        hit_rate: if wanted > 0.0 {
-            1.0 - missed / wanted
-        } else {
-            1.0
-        },
+        hit_rate,
         hit_model,
         misses_per_token: missed,
         bytes_read_per_token: bytes,
         sparse_layers: layer_miss.len(),
-        layers_missing_per_token: layer_miss.values().map(|m| any(m.0)).sum(),
+        layers_missing_per_token,
         chunk_tokens: chunk,
         misses_per_chunk: chunk_missed,
         bytes_read_per_chunk: chunk_bytes,

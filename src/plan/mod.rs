@@ -19,6 +19,7 @@ pub mod model;
 pub mod options;
 pub mod probe;
 pub mod read;
+pub mod replay;
 pub mod report;
 pub mod speed;
 

@@ -59,6 +59,8 @@ pub struct Facts {
     pub profile: Option<BTreeMap<usize, Vec<f64>>>,
     /// Router expert -> stored expert, for a pack with merged experts.
     pub merge_map: Option<Vec<Vec<u32>>>,
+    /// The profile's routing trace (`plan::replay`); `None` without one.
+    pub trace: Option<crate::format::RoutingTrace>,
     pub file_bytes: u64,
 }
 
@@ -194,6 +196,7 @@ pub fn of_pack(pack: &Pack) -> Facts {
         experts,
         profile: shares(meta.profile_mass()),
         merge_map: meta.merge_map.clone(),
+        trace: meta.profile_trace(),
         file_bytes: pack.header().file_size,
     }
 }
@@ -282,6 +285,7 @@ pub fn of_conversion(cfg: &ModelConfig, sizes: &PackSizes) -> Facts {
         experts,
         profile: None,
         merge_map: None,
+        trace: None,
         file_bytes: sizes.file_size,
     }
 }

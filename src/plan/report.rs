@@ -597,6 +597,7 @@ impl PlanReport {
                     match row.hit_model {
                         budgets::HitModel::Profile => "profile",
                         budgets::HitModel::Uniform => "uniform",
+                        budgets::HitModel::Trace => "trace",
                     },
                     b(row.bytes_read_per_token as u64),
                     tok_s(x.decode_tokens_per_s),

@@ -43,6 +43,10 @@ pub trait EvictionPolicy: Send {
     }
 }
 
+/// The half-life, in requests, of the runtime's recency scores (`Lfu`, and `ProfileWeighted`'s
+/// recent part); `flashpack plan` replays traces with it (`plan::replay`).
+pub const PROFILE_HALF_LIFE: u64 = 256;
+
 /// Least recently used.
 #[derive(Default)]
 pub struct Lru {

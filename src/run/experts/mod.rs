@@ -21,6 +21,7 @@ pub use resize::{CacheBounds, Resize};
 
 use super::cache::{
     CacheError, EvictionPolicy, ExpertKey, Lfu, Lookup, Lru, ProfileWeighted, SlotTable,
+    PROFILE_HALF_LIFE,
 };
 use super::read::{IoMode, ReadError, SegmentReader};
 use crate::codec::{CodecId, Decoder};
@@ -456,8 +457,12 @@ impl ExpertCache {
         for ((shape, keys), &slots) in plan.iter().zip(&slots) {
             let policy: Box<dyn EvictionPolicy> = match opts.policy {
                 PolicyKind::Lru => Box::new(Lru::default()),
-                PolicyKind::Lfu => Box::new(Lfu::new(256)),
-                PolicyKind::Profile => Box::new(ProfileWeighted::new(prior.clone(), layers, 256)),
+                PolicyKind::Lfu => Box::new(Lfu::new(PROFILE_HALF_LIFE)),
+                PolicyKind::Profile => Box::new(ProfileWeighted::new(
+                    prior.clone(),
+                    layers,
+                    PROFILE_HALF_LIFE,
+                )),
             };
             for &k in keys {
                 pool_of.insert(k, pools.len());
