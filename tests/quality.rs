@@ -212,6 +212,19 @@ fn usage_based_mixed_precision_runs_like_a_single_pool_reference() {
             .chunks(4)
             .all(|t| (1..4).all(|i| !t[..i].contains(&t[i]))));
     }
+    // A damaged trace is ignored, not misread.
+    let damaged = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut m = meta.clone();
+        f(&mut m["profile"]["trace"]);
+        flashpack::format::Metadata::parse(m)
+            .unwrap()
+            .profile_trace()
+    };
+    assert!(damaged(&|t| t["ids"] = "u32le".into()).is_none());
+    assert!(damaged(&|t| t["layers"]["3"] = "AAAA".into()).is_none());
+    assert!(damaged(&|t| t["layers"]["3"] = "not base64!".into()).is_none());
+    assert!(damaged(&|t| t["k"] = 0.into()).is_none());
+    assert!(damaged(&|t| *t = serde_json::Value::Null).is_none());
     // `plan` replays it through the runtime's cache for each expert budget.
     let facts = flashpack::plan::model::of_pack(&pack);
     let machine = flashpack::plan::budgets::Machine::with_ram(64 << 30);
