@@ -147,7 +147,7 @@ pub const MAX_TRACE_TOKENS: usize = 4096;
 /// on) spread evenly over the text, `max` tokens in all.
 pub fn trace_spans(total: usize, block: usize, max: usize) -> Vec<std::ops::Range<usize>> {
     if total <= max {
-        return vec![0..total];
+        return std::iter::once(0..total).collect();
     }
     let block = block.clamp(1, max.max(1));
     let runs = (max / block).max(1);
@@ -895,14 +895,16 @@ mod tests {
 
     #[test]
     fn a_long_calibration_text_keeps_whole_windows_spread_over_it() {
-        assert_eq!(trace_spans(1150, 256, 4096), vec![0..1150]);
+        let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..1150).collect();
+        assert_eq!(trace_spans(1150, 256, 4096), whole);
         // 10,000 tokens, windows of 256, at most 1,024: four windows, a quarter apart.
         assert_eq!(
             trace_spans(10_000, 256, 1024),
             vec![0..256, 2500..2756, 5000..5256, 7500..7756]
         );
         // A window longer than the cap: one run of the cap.
-        assert_eq!(trace_spans(10_000, 5000, 1024), vec![0..1024]);
+        let one: Vec<std::ops::Range<usize>> = std::iter::once(0..1024).collect();
+        assert_eq!(trace_spans(10_000, 5000, 1024), one);
         let kept: usize = trace_spans(1_000_000, 256, MAX_TRACE_TOKENS)
             .iter()
             .map(|r| r.len())
